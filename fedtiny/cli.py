@@ -1,0 +1,9 @@
+"""The `fedtiny` command."""
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fedtiny")
+def main() -> None:
+    """Federated on-device training for microcontrollers."""

@@ -1,0 +1,1 @@
+"""The Flower coordinator that reaches devices over MQTT."""

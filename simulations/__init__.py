@@ -1,0 +1,1 @@
+"""Scenarios, data, the simulate driver and its reports."""
