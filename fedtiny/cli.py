@@ -1,4 +1,4 @@
-"""The `fedtiny` command."""
+"""The `fedtiny` command: one subcommand per stage of the data flow."""
 
 import click
 
