@@ -1,0 +1,14 @@
+"""fedtiny's wire protocol as a sans-IO core: bytes in, bytes out, no sockets (see docs/protocol.md).
+
+    topics     topic tree and numeric ids of names
+    messages   message types and their fixed-layout bodies
+    delta      sparse quantized delta encoding
+    envelope   header, Ed25519 signature, ChaCha20-Poly1305 encryption, replay protection
+    chunking   split payloads into MQTT-sized chunks and reassemble them
+    keys       provisioning of identities, TLS certificates, mosquitto password and ACL files
+    brokers    (transport plumbing, not core) start amqtt in-process or mosquitto as a subprocess
+"""
+
+from fedtiny.protocol.errors import ProtocolError
+
+__all__ = ["ProtocolError"]

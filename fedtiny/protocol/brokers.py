@@ -1,0 +1,199 @@
+"""Start and stop MQTT brokers on loopback: the embedded amqtt broker (in-process, used by `fedtiny simulate`
+and tests) and a mosquitto subprocess configured for a provisioned fleet (TLS, client certificates, ACL).
+
+This is transport plumbing, kept out of the sans-IO protocol core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s") from None
+            time.sleep(0.02)
+
+
+class EmbeddedBroker:
+    """An amqtt broker (MQTT 3.1.1, anonymous) on its own event-loop thread, bound to loopback only.
+
+    amqtt's default bind is 0.0.0.0:1883, so the address is always given explicitly here.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker = None
+
+    def start(self, timeout: float = 10.0) -> EmbeddedBroker:
+        from amqtt.broker import Broker
+
+        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+
+            async def boot() -> None:
+                self._broker = Broker(config)
+                await self._broker.start()
+
+            try:
+                loop.run_until_complete(boot())
+            except BaseException as exc:  # reported to the starting thread
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout):
+            raise TimeoutError("amqtt broker did not start")
+        if failure:
+            raise RuntimeError("amqtt broker failed to start") from failure[0]
+        wait_for_port(self.host, self.port, timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is None or self._broker is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
+        try:
+            future.result(timeout)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            self._loop = self._broker = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def mosquitto_config(
+    fleet_dir: str | Path,
+    port: int,
+    password_port: int | None = None,
+    host: str = "127.0.0.1",
+    run_as_root: bool = False,
+    max_packet_size: int = 0,
+) -> str:
+    """A mosquitto 2.0 config for a fleet provisioned by keys.provision_fleet.
+
+    `port`: TLS with required client certificates, the certificate CN is the username (devices, coordinator).
+    `password_port`: optional TLS listener that authenticates with the password file instead.
+    Both listeners share the ACL. Mosquitto started as root drops to user `mosquitto`, which cannot read the
+    0600 key files; run_as_root keeps it root (tests only).
+    """
+    d = Path(fleet_dir).resolve()
+    tls = [
+        f"cafile {d / 'ca/ca.crt'}",
+        f"certfile {d / 'broker/broker.crt'}",
+        f"keyfile {d / 'broker/broker.key'}",
+        "tls_version tlsv1.2",
+    ]
+    lines = [
+        "# written by fedtiny.protocol.brokers.mosquitto_config",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {d / 'broker/passwd'}",
+        f"acl_file {d / 'broker/acl'}",
+        "set_tcp_nodelay true",
+        "persistence false",
+        # A coordinator reading every uplink must not lose messages to the default queue limit of 1000.
+        "max_queued_messages 100000",
+        "max_inflight_messages 0",
+        *(["user root"] if run_as_root else []),
+        *([f"max_packet_size {max_packet_size}"] if max_packet_size else []),
+        "",
+        f"listener {port} {host}",
+        *tls,
+        "require_certificate true",
+        "use_identity_as_username true",
+    ]
+    if password_port:
+        lines += ["", f"listener {password_port} {host}", *tls]
+    return "\n".join(lines) + "\n"
+
+
+class MosquittoProcess:
+    """mosquitto -c CONFIG as a child process; its log goes to log_path."""
+
+    def __init__(self, config_path: str | Path, port: int, host: str = "127.0.0.1", log_path: str | Path | None = None):
+        self.config_path = Path(config_path)
+        self.host = host
+        self.port = port
+        self.log_path = Path(log_path) if log_path else self.config_path.with_suffix(".log")
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen([binary, "-c", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"mosquitto exited: {self.log_path.read_text(errors='replace')}")
+                try:
+                    wait_for_port(self.host, self.port, 0.1)
+                    return self
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> MosquittoProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

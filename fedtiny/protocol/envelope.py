@@ -1,0 +1,370 @@
+"""Signed, end-to-end encrypted envelopes around message bodies, and replay protection. Sans-IO.
+
+    envelope = header (32 bytes) | payload (payload_len bytes) | Ed25519 signature (64 bytes)
+
+The signature covers header + payload and is made by the sender's identity key (the device's for uplinks, the
+coordinator's for downlinks), so a broker that can rewrite topics cannot forge or alter a message. DELTA and
+GLOBAL_UPDATE payloads are ChaCha20-Poly1305 ciphertext (plaintext + 16-byte tag) under a per-direction key:
+
+    key   = HKDF-SHA256(X25519(own kex key, peer kex key), salt="fedtiny/v1", length=32,
+                        info="fedtiny/v1/e2e" | fleet_id u32 | device_id u32 | direction u8)
+    nonce = round u32 | seq u32 | direction u8 | 3 zero bytes          (direction 0 = up, 1 = down)
+    aad   = the 32 header bytes
+
+A sender never reuses (round, seq) for a direction, so a nonce never repeats under a key; the receiver's
+ReplayGuard holds it to that. Every rejection raises ProtocolError and leaves the endpoint's state untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import IntFlag
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedtiny.protocol.errors import ProtocolError
+from fedtiny.protocol.messages import Body, MessageType, decode_body
+
+MAGIC = b"FT"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<2sBBHHIIIIII")
+HEADER_SIZE = HEADER.size  # 32
+SIGNATURE_SIZE = 64
+TAG_SIZE = 16
+DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+UP, DOWN = 0, 1
+
+
+class Flags(IntFlag):
+    DOWNLINK = 0x0001  # sent by the coordinator
+    ENCRYPTED = 0x0002  # payload is ChaCha20-Poly1305 ciphertext
+    MASKED = 0x0004  # DELTA values carry secure-aggregation masks (meaningful only in the sum)
+    LAST_WILL = 0x0008  # STATUS pre-signed at connect and published by the broker when the device vanishes
+
+
+KNOWN_FLAGS = int(Flags.DOWNLINK | Flags.ENCRYPTED | Flags.MASKED | Flags.LAST_WILL)
+ENCRYPTED_TYPES = {MessageType.DELTA, MessageType.GLOBAL_UPDATE}
+UPLINK_TYPES = {MessageType.JOIN, MessageType.DELTA, MessageType.ACK, MessageType.STATUS, MessageType.LEAVE}
+DOWNLINK_TYPES = {MessageType.TASK, MessageType.GLOBAL_UPDATE, MessageType.ACK}
+
+
+@dataclass(frozen=True)
+class Header:
+    type: int
+    flags: int
+    fleet_id: int
+    device_id: int  # the device sending an uplink or addressed by a downlink (0 = broadcast)
+    round: int
+    model_version: int
+    seq: int
+    payload_len: int
+
+    def pack(self) -> bytes:
+        return HEADER.pack(
+            MAGIC, PROTOCOL_VERSION, self.type, self.flags, 0, self.fleet_id, self.device_id,
+            self.round, self.model_version, self.seq, self.payload_len,
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Header:
+        if len(raw) < HEADER_SIZE:
+            raise ProtocolError("truncated", "header")
+        magic, version, msg_type, flags, reserved, *rest = HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise ProtocolError("bad-magic", "not a fedtiny message")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError("bad-version", f"protocol version {version}")
+        if flags & ~KNOWN_FLAGS or reserved:
+            raise ProtocolError("bad-flags", f"flags {flags:#x}")
+        if msg_type not in MessageType._value2member_map_:
+            raise ProtocolError("bad-type", f"message type {msg_type}")
+        return cls(msg_type, flags, *rest)
+
+    @property
+    def direction(self) -> int:
+        return DOWN if self.flags & Flags.DOWNLINK else UP
+
+
+@dataclass(frozen=True)
+class PublicIdentity:
+    """What a peer publishes: Ed25519 verify key and X25519 key, 32 raw bytes each."""
+
+    sign: bytes
+    kex: bytes
+
+    def to_bytes(self) -> bytes:
+        return self.sign + self.kex
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> PublicIdentity:
+        if len(raw) != 64:
+            raise ValueError("a public identity is 64 bytes")
+        return cls(bytes(raw[:32]), bytes(raw[32:]))
+
+
+class Identity:
+    """A private identity: Ed25519 signing key + X25519 key agreement key."""
+
+    def __init__(self, sign_key: Ed25519PrivateKey, kex_key: X25519PrivateKey) -> None:
+        self.sign_key = sign_key
+        self.kex_key = kex_key
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        """Deterministic identity for tests and fixtures only; provisioning uses generate()."""
+        return cls.from_bytes(hashlib.sha256(b"ed25519:" + seed).digest() + hashlib.sha256(b"x25519:" + seed).digest())
+
+    def to_bytes(self) -> bytes:
+        """64 raw bytes, Ed25519 seed then X25519 scalar: what a device stores in its key slot."""
+        raw = serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        return self.sign_key.private_bytes(*raw) + self.kex_key.private_bytes(*raw)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Identity:
+        if len(raw) != 64:
+            raise ValueError("a private identity is 64 bytes")
+        return cls(Ed25519PrivateKey.from_private_bytes(raw[:32]), X25519PrivateKey.from_private_bytes(raw[32:]))
+
+    @property
+    def public(self) -> PublicIdentity:
+        raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        return PublicIdentity(self.sign_key.public_key().public_bytes(*raw), self.kex_key.public_key().public_bytes(*raw))
+
+
+def derive_key(own: Identity, peer: PublicIdentity, fleet_id: int, device_id: int, direction: int) -> bytes:
+    shared = own.kex_key.exchange(X25519PublicKey.from_public_bytes(peer.kex))
+    info = b"fedtiny/v1/e2e" + struct.pack("<IIB", fleet_id, device_id, direction)
+    return HKDF(hashes.SHA256(), 32, b"fedtiny/v1", info).derive(shared)
+
+
+def nonce(round_: int, seq: int, direction: int) -> bytes:
+    return struct.pack("<IIB3x", round_, seq, direction)
+
+
+@dataclass(frozen=True)
+class Received:
+    header: Header
+    body: Body
+
+
+class ReplayGuard:
+    """Per (device, direction, stream) the last accepted (round, seq), and digests of the last `window` messages.
+
+    A message must be strictly newer than the last accepted one; an older (round, seq) whose bytes equal a
+    recently accepted message is a QoS 1 duplicate (dropped quietly), anything else older is a replay or stale.
+    Streams keep heartbeats and last wills, which travel on other topics, from reordering against data.
+    """
+
+    def __init__(self, window: int = 16) -> None:
+        self.window = window
+        self._last: dict[tuple, tuple[int, int]] = {}
+        self._recent: dict[tuple, OrderedDict] = {}
+
+    @staticmethod
+    def stream_key(header: Header) -> tuple:
+        if header.type == MessageType.STATUS:
+            stream = 2 if header.flags & Flags.LAST_WILL else 1
+        else:
+            stream = 0
+        return header.device_id, header.direction, stream
+
+    def is_duplicate(self, header: Header, digest: bytes) -> bool:
+        """True for a duplicate; raises ProtocolError for a replay; False for a new message. Changes nothing."""
+        key = self.stream_key(header)
+        last = self._last.get(key)
+        position = (header.round, header.seq)
+        if last is None or position > last:
+            return False
+        seen = self._recent.get(key, {}).get(position)
+        if seen == digest:
+            return True
+        if seen is not None:
+            raise ProtocolError("replay", f"different message with the same (round, seq) {position}")
+        raise ProtocolError("stale", f"(round, seq) {position} is not newer than {last}")
+
+    def commit(self, header: Header, digest: bytes) -> None:
+        key = self.stream_key(header)
+        self._last[key] = (header.round, header.seq)
+        recent = self._recent.setdefault(key, OrderedDict())
+        recent[(header.round, header.seq)] = digest
+        while len(recent) > self.window:
+            recent.popitem(last=False)
+
+
+class _Endpoint:
+    direction: int  # the direction this endpoint sends in
+
+    def __init__(self, fleet_id: int, identity: Identity, max_message_bytes: int) -> None:
+        self.fleet_id = fleet_id
+        self.identity = identity
+        self.max_message_bytes = max_message_bytes
+        self.replay = ReplayGuard()
+        self.next_seq: dict[int, int] = {}  # per addressed device id; persist across reboots
+        self._keys: dict[tuple, bytes] = {}
+
+    def _peer(self, device_id: int) -> PublicIdentity:
+        raise NotImplementedError
+
+    def _key(self, device_id: int, direction: int) -> bytes:
+        cache_key = (device_id, direction)
+        if cache_key not in self._keys:
+            peer = self._peer(device_id)
+            self._keys[cache_key] = derive_key(self.identity, peer, self.fleet_id, device_id, direction)
+        return self._keys[cache_key]
+
+    def _seal(self, body: Body, device_id: int, round_: int, model_version: int, seq: int | None, flags: int) -> bytes:
+        msg_type = body.TYPE
+        allowed = DOWNLINK_TYPES if self.direction == DOWN else UPLINK_TYPES
+        if msg_type not in allowed:
+            raise ValueError(f"{msg_type.name} is not sent in this direction")
+        if flags & ~int(Flags.MASKED | Flags.LAST_WILL):
+            raise ValueError("only MASKED and LAST_WILL may be passed; the rest follows from type and role")
+        if seq is None:
+            seq = self.next_seq.get(device_id, 0)
+        self.next_seq[device_id] = max(self.next_seq.get(device_id, 0), seq + 1)
+        plaintext = body.encode()
+        flags |= Flags.DOWNLINK if self.direction == DOWN else 0
+        if msg_type in ENCRYPTED_TYPES:
+            if device_id == 0:
+                raise ValueError("encrypted messages are per device, never broadcast")
+            flags |= Flags.ENCRYPTED
+        payload_len = len(plaintext) + (TAG_SIZE if flags & Flags.ENCRYPTED else 0)
+        header = Header(msg_type, int(flags), self.fleet_id, device_id, round_, model_version, seq, payload_len).pack()
+        if flags & Flags.ENCRYPTED:
+            aead = ChaCha20Poly1305(self._key(device_id, self.direction))
+            payload = aead.encrypt(nonce(round_, seq, self.direction), plaintext, header)
+        else:
+            payload = plaintext
+        signed = header + payload
+        if len(signed) + SIGNATURE_SIZE > self.max_message_bytes:
+            raise ValueError("message larger than max_message_bytes")
+        return signed + self.identity.sign_key.sign(signed)
+
+    def _accepts(self, header: Header) -> None:
+        raise NotImplementedError
+
+    def open(self, raw: bytes) -> Received | None:
+        """Verify, decrypt and decode one envelope; None for a QoS 1 duplicate. Raises only ProtocolError."""
+        raw = bytes(raw)
+        if len(raw) > self.max_message_bytes:
+            raise ProtocolError("oversized", f"{len(raw)} bytes")
+        header = Header.unpack(raw)
+        if header.fleet_id != self.fleet_id:
+            raise ProtocolError("wrong-fleet", f"fleet id {header.fleet_id:#010x}")
+        expected = HEADER_SIZE + header.payload_len + SIGNATURE_SIZE
+        if len(raw) != expected:
+            raise ProtocolError("truncated" if len(raw) < expected else "trailing-bytes", "envelope length")
+        self._accepts(header)
+        msg_type = MessageType(header.type)
+        allowed = DOWNLINK_TYPES if header.direction == DOWN else UPLINK_TYPES
+        if msg_type not in allowed:
+            raise ProtocolError("bad-direction", f"{msg_type.name} in this direction")
+        encrypted = bool(header.flags & Flags.ENCRYPTED)
+        if encrypted != (msg_type in ENCRYPTED_TYPES):
+            raise ProtocolError("bad-flags", f"{msg_type.name} must {'' if not encrypted else 'not '}be encrypted")
+        if header.flags & Flags.MASKED and msg_type != MessageType.DELTA:
+            raise ProtocolError("bad-flags", "MASKED only on DELTA")
+        if header.flags & Flags.LAST_WILL and msg_type != MessageType.STATUS:
+            raise ProtocolError("bad-flags", "LAST_WILL only on STATUS")
+        if encrypted and header.device_id == 0:
+            raise ProtocolError("bad-flags", "encrypted broadcast")
+
+        signed, signature = raw[:-SIGNATURE_SIZE], raw[-SIGNATURE_SIZE:]
+        sender = self._sender(header)
+        try:
+            Ed25519PublicKey.from_public_bytes(sender.sign).verify(signature, signed)
+        except InvalidSignature:
+            raise ProtocolError("bad-signature", "signature does not verify") from None
+        digest = hashlib.sha256(raw).digest()
+        if self.replay.is_duplicate(header, digest):
+            return None
+        payload = signed[HEADER_SIZE:]
+        if encrypted:
+            aead = ChaCha20Poly1305(self._key(header.device_id, header.direction))
+            try:
+                payload = aead.decrypt(nonce(header.round, header.seq, header.direction), payload, signed[:HEADER_SIZE])
+            except InvalidTag:
+                raise ProtocolError("bad-ciphertext", "authentication tag does not verify") from None
+        body = decode_body(header.type, payload)
+        self.replay.commit(header, digest)
+        return Received(header, body)
+
+    def _sender(self, header: Header) -> PublicIdentity:
+        raise NotImplementedError
+
+
+class DeviceEndpoint(_Endpoint):
+    """A device's side: seals uplinks, opens downlinks addressed to it or broadcast."""
+
+    direction = UP
+
+    def __init__(
+        self, fleet_id: int, device_id: int, identity: Identity, coordinator: PublicIdentity,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        super().__init__(fleet_id, identity, max_message_bytes)
+        self.device_id = device_id
+        self.coordinator = coordinator
+
+    def _peer(self, device_id: int) -> PublicIdentity:
+        return self.coordinator
+
+    def _sender(self, header: Header) -> PublicIdentity:
+        return self.coordinator
+
+    def _accepts(self, header: Header) -> None:
+        if header.direction != DOWN:
+            raise ProtocolError("bad-direction", "a device only accepts downlinks")
+        if header.device_id not in (self.device_id, 0):
+            raise ProtocolError("wrong-device", f"addressed to {header.device_id:#010x}")
+
+    def seal(self, body: Body, *, round: int, model_version: int, seq: int | None = None, flags: int = 0) -> bytes:
+        return self._seal(body, self.device_id, round, model_version, seq, flags)
+
+
+class CoordinatorEndpoint(_Endpoint):
+    """The coordinator's side: seals downlinks (device_id 0 = broadcast), opens uplinks of enrolled devices."""
+
+    direction = DOWN
+
+    def __init__(
+        self, fleet_id: int, identity: Identity, devices: dict[int, PublicIdentity],
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        super().__init__(fleet_id, identity, max_message_bytes)
+        self.devices = dict(devices)
+
+    def revoke(self, device_id: int) -> None:
+        self.devices.pop(device_id, None)
+        self._keys = {k: v for k, v in self._keys.items() if k[0] != device_id}
+
+    def _peer(self, device_id: int) -> PublicIdentity:
+        if device_id not in self.devices:
+            raise ProtocolError("unknown-device", f"device {device_id:#010x} is not enrolled")
+        return self.devices[device_id]
+
+    def _sender(self, header: Header) -> PublicIdentity:
+        return self._peer(header.device_id)
+
+    def _accepts(self, header: Header) -> None:
+        if header.direction != UP:
+            raise ProtocolError("bad-direction", "the coordinator only accepts uplinks")
+
+    def seal(
+        self, body: Body, *, device_id: int, round: int, model_version: int, seq: int | None = None, flags: int = 0
+    ) -> bytes:
+        if device_id != 0:
+            self._peer(device_id)  # refuse to address a device that is not enrolled
+        return self._seal(body, device_id, round, model_version, seq, flags)
