@@ -1,0 +1,171 @@
+"""The one IR: an int8 graph of integer ops, shared by the quantizer, the compiler, the interpreter and codegen.
+
+Layout is channels-last and batch-free, as on the device: every activation is (H, W, C). A 1D signal of
+length L is (1, L, C); a vector of F features is (1, 1, F). So one `conv2d` op covers conv1d, conv2d,
+depthwise, pointwise and linear (a 1x1 conv on a 1x1 map), and `reshape` (flatten) never moves data.
+
+Ops and their attributes (all ints or lists of ints, so the graph serializes to JSON as it is):
+  conv2d    inputs (x, weight, bias) -> y. weight (Cout, KH, KW, Cin/groups) int8, symmetric per output channel;
+            bias int32 at scale s_x * s_w. attrs: stride [sh, sw], padding [top, left, bottom, right], groups,
+            multiplier [Cout], shift [Cout] (requantization s_x*s_w/s_y), act_min, act_max (fused ReLU/ReLU6).
+  add       inputs (a, b) -> y. TFLite's ADD: attrs left_shift, a_multiplier, a_shift, b_multiplier, b_shift,
+            out_multiplier, out_shift, act_min, act_max.
+  avgpool2d inputs (x,) -> y, same quantization as x. attrs kernel [kh, kw], stride, padding.
+  maxpool2d inputs (x,) -> y, same quantization as x. attrs kernel, stride, padding.
+  reshape   inputs (x,) -> y, same quantization and bytes (flatten of an HWC map).
+  clamp     inputs (x,) -> y, same quantization; attrs act_min, act_max (a ReLU that could not be fused).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# op kind -> (number of inputs, attributes it must carry)
+OP_SIGNATURES = {
+    "conv2d": (3, ("stride", "padding", "groups", "multiplier", "shift", "act_min", "act_max")),
+    "add": (2, ("left_shift", "a_multiplier", "a_shift", "b_multiplier", "b_shift", "out_multiplier", "out_shift",
+                "act_min", "act_max")),
+    "avgpool2d": (1, ("kernel", "stride", "padding")),
+    "maxpool2d": (1, ("kernel", "stride", "padding")),
+    "reshape": (1, ()),
+    "clamp": (1, ("act_min", "act_max")),
+}
+OP_KINDS = tuple(OP_SIGNATURES)
+DTYPES = {"int8": np.int8, "int16": np.int16, "int32": np.int32, "uint8": np.uint8}
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: np.ndarray  # float64, one value per tensor or one per output channel (axis 0)
+    zero_point: int = 0
+    data: np.ndarray | None = None  # set for constants (weights, biases), None for activations
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(DTYPES[self.dtype]).itemsize
+
+    @property
+    def is_constant(self) -> bool:
+        return self.data is not None
+
+
+@dataclass
+class Op:
+    kind: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    origin: str = ""  # the PyTorch module path this op came from, for errors and `fedtiny inspect`
+
+
+@dataclass
+class Graph:
+    tensors: dict[str, Tensor]
+    ops: list[Op]
+    inputs: list[str]
+    outputs: list[str]
+    meta: dict = field(default_factory=dict)
+
+    def producer(self, name: str) -> Op | None:
+        return next((op for op in self.ops if name in op.outputs), None)
+
+    def consumers(self, name: str) -> list[Op]:
+        return [op for op in self.ops if name in op.inputs]
+
+    @property
+    def constants(self) -> list[Tensor]:
+        return [t for t in self.tensors.values() if t.is_constant]
+
+    @property
+    def activations(self) -> list[Tensor]:
+        return [t for t in self.tensors.values() if not t.is_constant]
+
+
+def to_hwc(x: np.ndarray) -> np.ndarray:
+    """Samples in PyTorch layout (N, F) / (N, C, L) / (N, C, H, W) -> the device's (N, H, W, C)."""
+    x = np.asarray(x)
+    if x.ndim == 2:
+        return x[:, None, None, :]
+    if x.ndim == 3:
+        return x.transpose(0, 2, 1)[:, None]
+    if x.ndim == 4:
+        return x.transpose(0, 2, 3, 1)
+    raise ValueError(f"samples must have shape (N, F), (N, C, L) or (N, C, H, W), got {x.shape}")
+
+
+class GraphError(ValueError):
+    """A graph that breaks the IR's rules (unknown op, dangling tensor, bad shape)."""
+
+
+def validate(graph: Graph) -> None:
+    """Check that ops are known, in topological order, and that every tensor is defined once and used sanely."""
+    defined = set(graph.inputs) | {t.name for t in graph.constants}
+    for name in graph.inputs + graph.outputs:
+        if name not in graph.tensors:
+            raise GraphError(f"graph input/output {name!r} has no tensor")
+    for op in graph.ops:
+        if op.kind not in OP_KINDS:
+            raise GraphError(f"unknown op {op.kind!r} (from {op.origin or 'unknown module'})")
+        arity, required = OP_SIGNATURES[op.kind]
+        if len(op.inputs) != arity or len(op.outputs) != 1:
+            raise GraphError(f"op {op.kind} ({op.origin}) takes {arity} inputs and 1 output, "
+                             f"got {len(op.inputs)} and {len(op.outputs)}")
+        missing = [a for a in required if a not in op.attrs]
+        if missing:
+            raise GraphError(f"op {op.kind} ({op.origin}) lacks attributes {missing}")
+        for name in op.inputs:
+            if name not in graph.tensors:
+                raise GraphError(f"op {op.kind} ({op.origin}) reads undefined tensor {name!r}")
+            if name not in defined:
+                raise GraphError(f"op {op.kind} ({op.origin}) reads {name!r} before it is computed")
+        for name in op.outputs:
+            if name not in graph.tensors:
+                raise GraphError(f"op {op.kind} ({op.origin}) writes undefined tensor {name!r}")
+            if name in defined:
+                raise GraphError(f"tensor {name!r} is written twice")
+            defined.add(name)
+    for name in graph.outputs:
+        if name not in defined:
+            raise GraphError(f"graph output {name!r} is never computed")
+    for op in graph.ops:
+        _check_shapes(graph, op)
+    for t in graph.tensors.values():
+        if t.dtype not in DTYPES:
+            raise GraphError(f"tensor {t.name!r} has unknown dtype {t.dtype!r}")
+        if t.data is not None and tuple(t.data.shape) != tuple(t.shape):
+            raise GraphError(f"tensor {t.name!r} data shape {t.data.shape} does not match {t.shape}")
+
+
+def output_shape(graph: Graph, op: Op) -> tuple[int, ...]:
+    """The (H, W, C) shape an op produces from its inputs' shapes and attributes."""
+    h, w, c = graph.tensors[op.inputs[0]].shape
+    if op.kind in ("conv2d", "avgpool2d", "maxpool2d"):
+        kh, kw = graph.tensors[op.inputs[1]].shape[1:3] if op.kind == "conv2d" else op.attrs["kernel"]
+        (sh, sw), (pt, pl, pb, pr) = op.attrs["stride"], op.attrs["padding"]
+        c = graph.tensors[op.inputs[1]].shape[0] if op.kind == "conv2d" else c
+        return ((h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, c)
+    if op.kind == "reshape":
+        return (1, 1, h * w * c)
+    return (h, w, c)
+
+
+def _check_shapes(graph: Graph, op: Op) -> None:
+    t = graph.tensors
+    if op.kind == "conv2d":
+        x, weight, bias = (t[n] for n in op.inputs)
+        cout, _, _, cin_g = weight.shape if len(weight.shape) == 4 else (0, 0, 0, 0)
+        groups = op.attrs["groups"]
+        if (len(weight.shape) != 4 or weight.dtype != "int8" or bias.dtype != "int32" or bias.shape != (cout,)
+                or groups < 1 or x.shape[2] != cin_g * groups or cout % groups
+                or len(op.attrs["multiplier"]) != cout or len(op.attrs["shift"]) != cout):
+            raise GraphError(f"conv2d ({op.origin}): weight {weight.shape}, bias {bias.shape}, groups {groups} "
+                             f"do not fit input {x.shape}")
+    if op.kind == "add" and t[op.inputs[0]].shape != t[op.inputs[1]].shape:
+        raise GraphError(f"add ({op.origin}): input shapes {t[op.inputs[0]].shape} and {t[op.inputs[1]].shape} differ")
+    expected = output_shape(graph, op)
+    if tuple(t[op.outputs[0]].shape) != expected or min(expected) < 1:
+        raise GraphError(f"{op.kind} ({op.origin}) produces {expected}, but its output tensor is "
+                         f"{t[op.outputs[0]].shape}")

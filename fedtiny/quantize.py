@@ -1,0 +1,319 @@
+"""Post-training quantization: a float PyTorch module -> an int8 integer-only `Graph`.
+
+Three passes, each a plain loop:
+  lower      trace the module with torch.fx, fold BatchNorm into the conv before it, fuse ReLU/ReLU6 into
+             the op before it, and turn every supported module into a float op in the IR's HWC layout;
+  calibrate  run the float ops on calibration samples and record each activation's range;
+  quantize   weights int8 symmetric per output channel, activations int8 asymmetric per tensor, biases int32
+             at s_x * s_w, requantization as a Q31 multiplier + shift (TFLite's semantics).
+An op outside the supported set is refused with its name and module path.
+"""
+
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fedtiny_device.arith import quantize_multiplier
+from fedtiny_device.kernels import _windows, conv_output_size
+
+from .ir import Graph, Op, Tensor, to_hwc, validate
+
+ADD_LEFT_SHIFT = 20  # TFLite's headroom for rescaling both ADD inputs onto a common grid
+
+
+class UnsupportedOpError(ValueError):
+    """The model uses an op (or an op setting) that fedtiny cannot run on a device."""
+
+
+@dataclass
+class FloatOp:
+    kind: str
+    inputs: list[str]
+    output: str
+    origin: str
+    attrs: dict = field(default_factory=dict)
+    weight: np.ndarray | None = None  # (Cout, KH, KW, Cin/groups), float64
+    bias: np.ndarray | None = None
+    act: tuple[float, float] | None = None  # fused clamp in real units: ReLU (0, inf), ReLU6 (0, 6)
+
+
+@dataclass
+class FloatGraph:
+    ops: list[FloatOp]
+    shapes: dict[str, tuple[int, ...]]  # HWC shape of every activation
+    input: str
+    output: str
+    input_shape: tuple[int, ...]  # the PyTorch model's sample shape, without batch
+
+
+def _hwc(shape: torch.Size) -> tuple[int, ...]:
+    """A PyTorch activation shape (N, C, L) / (N, C, H, W) / (N, F) -> the device's (H, W, C)."""
+    s = tuple(shape[1:])
+    if len(s) == 1:
+        return (1, 1, s[0])
+    if len(s) == 2:
+        return (1, s[1], s[0])
+    if len(s) == 3:
+        return (s[1], s[2], s[0])
+    raise UnsupportedOpError(f"activations of rank {len(shape)} are not supported (shape {tuple(shape)})")
+
+
+def _pair(v, one_d: bool, unit: int = 1) -> tuple[int, int]:
+    """A PyTorch size/stride/padding as (H, W); a 1D op's H is a unit (1 for sizes and strides, 0 for padding)."""
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    return (unit, v[0]) if one_d else (v[0], v[-1])
+
+
+def _describe(node: fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
+    """Trace `model` on samples of `input_shape` (no batch axis) into float ops with BN folded, ReLU fused."""
+    model = model.eval()
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many types for data-dependent control flow
+        raise UnsupportedOpError(f"cannot trace the model with torch.fx: {err}") from err
+    ShapeProp(traced).propagate(torch.zeros((1,) + tuple(input_shape)))
+    modules = dict(traced.named_modules())
+    ops: list[FloatOp] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    tensor_of: dict[str, str] = {}  # fx node name -> IR tensor name (aliases for folded/fused nodes)
+    last_node: dict[str, fx.Node] = {}  # IR tensor name -> the fx node that currently stands for it
+    producer: dict[str, FloatOp] = {}
+    flattened_from: dict[str, tuple[int, ...]] = {}
+    graph_input = graph_output = None
+
+    def origin(node):
+        return node.target if node.op == "call_module" else f"{node.name} ({_describe(node, modules)})"
+
+    def emit(op: FloatOp, node: fx.Node):
+        ops.append(op)
+        shapes[op.output] = _hwc(node.meta["tensor_meta"].shape)
+        tensor_of[node.name] = op.output
+        last_node[op.output] = node
+        producer[op.output] = op
+
+    def alias(node: fx.Node, src: str):
+        tensor_of[node.name] = src
+        last_node[src] = node
+
+    def sole_user(name: str) -> bool:
+        return len(last_node[name].users) == 1
+
+    def fuse_act(node: fx.Node, src: str, lo: float, hi: float):
+        prev = producer.get(src)
+        if prev is not None and prev.kind in ("conv2d", "add") and prev.act is None and sole_user(src):
+            prev.act = (lo, hi)
+            alias(node, src)
+        else:
+            emit(FloatOp("clamp", [src], node.name, origin(node), act=(lo, hi)), node)
+
+    for node in traced.graph.nodes:
+        args = [tensor_of[a.name] if isinstance(a, fx.Node) else a for a in node.args]
+        if node.op == "placeholder":
+            if graph_input is not None:
+                raise UnsupportedOpError("models with more than one input are not supported")
+            graph_input = node.name
+            tensor_of[node.name] = node.name
+            last_node[node.name] = node
+            shapes[node.name] = _hwc(node.meta["tensor_meta"].shape)
+            continue
+        if node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                raise UnsupportedOpError("models must return exactly one tensor")
+            graph_output = tensor_of[node.args[0].name]
+            continue
+        if node.op == "get_attr":
+            raise UnsupportedOpError(f"parameters used directly in forward() are not supported ({node.target})")
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        fn = node.target
+
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            one_d = isinstance(mod, nn.Conv1d)
+            if mod.padding_mode != "zeros" or any(d != 1 for d in mod.dilation):
+                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: only zero padding and dilation 1")
+            if isinstance(mod.padding, str):
+                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: give padding as numbers, not {mod.padding!r}")
+            w = mod.weight.detach().double().numpy()
+            w = w[:, :, None, :].transpose(0, 2, 3, 1) if one_d else w.transpose(0, 2, 3, 1)
+            ph, pw = _pair(mod.padding, one_d, unit=0)
+            b = mod.bias.detach().double().numpy() if mod.bias is not None else np.zeros(w.shape[0])
+            emit(FloatOp("conv2d", [args[0]], node.name, node.target, dict(stride=list(_pair(mod.stride, one_d)),
+                 padding=[ph, pw, ph, pw], groups=mod.groups), weight=w, bias=b), node)
+        elif isinstance(mod, nn.Linear):
+            src = args[0]
+            h, w_, c = shapes[src]
+            if (h, w_) != (1, 1):
+                raise UnsupportedOpError(f"Linear at {node.target} needs a flattened input, got a {h}x{w_}x{c} map")
+            w = mod.weight.detach().double().numpy()
+            if src in flattened_from:  # PyTorch flattened (C, H, W); the device's bytes are in (H, W, C) order
+                fh, fw, fc = flattened_from[src]
+                w = w.reshape(-1, fc, fh, fw).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+            b = mod.bias.detach().double().numpy() if mod.bias is not None else np.zeros(w.shape[0])
+            emit(FloatOp("conv2d", [src], node.name, node.target, dict(stride=[1, 1], padding=[0, 0, 0, 0], groups=1),
+                 weight=w[:, None, None, :], bias=b), node)
+        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            src = args[0]
+            prev = producer.get(src)
+            if prev is None or prev.kind != "conv2d" or prev.act is not None or not sole_user(src):
+                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target} must directly follow a conv or "
+                                         "linear layer whose output nothing else reads, so that it can be folded")
+            scale = (mod.weight.detach().double() / torch.sqrt(mod.running_var.double() + mod.eps)).numpy()
+            prev.weight = prev.weight * scale[:, None, None, None]
+            prev.bias = (prev.bias - mod.running_mean.double().numpy()) * scale + mod.bias.detach().double().numpy()
+            prev.origin = f"{prev.origin}+{node.target}"
+            alias(node, src)
+        elif isinstance(mod, nn.ReLU) or fn in (F.relu, torch.relu):
+            fuse_act(node, args[0], 0.0, float("inf"))
+        elif isinstance(mod, nn.ReLU6) or fn is F.relu6:
+            fuse_act(node, args[0], 0.0, 6.0)
+        elif isinstance(mod, (nn.Identity, nn.Dropout)):
+            alias(node, args[0])
+        elif isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            size = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size,)
+            if any(s != 1 for s in size):
+                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: only output size 1 (global pooling)")
+            h, w_, _ = shapes[args[0]]
+            emit(FloatOp("avgpool2d", [args[0]], node.name, node.target,
+                         dict(kernel=[h, w_], stride=[h, w_], padding=[0, 0, 0, 0])), node)
+        elif isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d)):
+            one_d = isinstance(mod, (nn.AvgPool1d, nn.MaxPool1d))
+            is_max = isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d))
+            if mod.ceil_mode or (is_max and _pair(mod.dilation, one_d) != (1, 1)):
+                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: ceil_mode and dilation are not supported")
+            ph, pw = _pair(mod.padding, one_d, unit=0)
+            if not is_max and (ph or pw) and mod.count_include_pad:
+                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: padded average pooling must set "
+                                         "count_include_pad=False (the device averages valid elements only)")
+            stride = mod.stride if mod.stride is not None else mod.kernel_size
+            emit(FloatOp("maxpool2d" if is_max else "avgpool2d", [args[0]], node.name, node.target,
+                         dict(kernel=list(_pair(mod.kernel_size, one_d)), stride=list(_pair(stride, one_d)),
+                              padding=[ph, pw, ph, pw])), node)
+        elif isinstance(mod, nn.Flatten) or fn is torch.flatten or (node.op == "call_method" and fn == "flatten"):
+            start = mod.start_dim if mod is not None else (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
+            if start != 1:
+                raise UnsupportedOpError(f"flatten at {origin(node)} must keep the batch axis (start_dim=1)")
+            src = args[0]
+            if shapes[src][:2] == (1, 1):
+                alias(node, src)
+            else:
+                emit(FloatOp("reshape", [src], node.name, origin(node)), node)
+                flattened_from[node.name] = shapes[src]
+        elif fn in (operator.add, torch.add) or (node.op == "call_method" and fn == "add"):
+            if len(args) != 2 or not all(isinstance(a, str) for a in args) or node.kwargs:
+                raise UnsupportedOpError(f"add at {origin(node)}: only the sum of two tensors is supported")
+            if shapes[args[0]] != shapes[args[1]]:
+                raise UnsupportedOpError(f"add at {origin(node)}: broadcasting {shapes[args[0]]} + {shapes[args[1]]}")
+            emit(FloatOp("add", list(args), node.name, origin(node)), node)
+        else:
+            where = node.target if node.op == "call_module" else node.name
+            raise UnsupportedOpError(f"unsupported op {_describe(node, modules)} at {where}; supported: conv1d/conv2d "
+                                     "(incl. depthwise), linear, batch norm after conv, ReLU/ReLU6, add, avg/max pool, "
+                                     "global avg pool, flatten")
+    return FloatGraph(ops, shapes, graph_input, graph_output, tuple(input_shape))
+
+
+def _float_forward_op(op: FloatOp, x: list[np.ndarray]) -> np.ndarray:
+    """Float reference of each lowered op on (N, H, W, C) float64 arrays (used for calibration and tests)."""
+    if op.kind == "conv2d":
+        cout, kh, kw, cin_g = op.weight.shape
+        g = op.attrs["groups"]
+        patches = _windows(x[0], (kh, kw), op.attrs["stride"], op.attrs["padding"], 0.0)
+        n, oh, ow = patches.shape[:3]
+        patches = patches.reshape(n, oh, ow, kh, kw, g, cin_g)
+        y = np.einsum("nhwijgc,goijc->nhwgo", patches, op.weight.reshape(g, cout // g, kh, kw, cin_g),
+                      optimize=True).reshape(n, oh, ow, cout) + op.bias
+    elif op.kind == "add":
+        y = x[0] + x[1]
+    elif op.kind == "avgpool2d":
+        sums = _windows(x[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"], 0.0).sum(axis=(3, 4))
+        ones = np.ones((1,) + x[0].shape[1:3] + (1,))
+        y = sums / _windows(ones, op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"], 0.0).sum(axis=(3, 4))
+    elif op.kind == "maxpool2d":
+        y = _windows(x[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"], -np.inf).max(axis=(3, 4))
+    elif op.kind == "reshape":
+        y = x[0].reshape(len(x[0]), 1, 1, -1)
+    else:  # clamp
+        y = x[0]
+    if op.act is not None:
+        y = np.clip(y, *op.act)
+    return y
+
+
+def float_forward(fg: FloatGraph, x_hwc: np.ndarray) -> dict[str, np.ndarray]:
+    values = {fg.input: x_hwc.astype(np.float64)}
+    for op in fg.ops:
+        values[op.output] = _float_forward_op(op, [values[i] for i in op.inputs])
+    return values
+
+
+def _asymmetric(lo: float, hi: float) -> tuple[float, int]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero_point = int(np.clip(np.round(-128 - lo / scale), -128, 127))
+    return scale, zero_point
+
+
+def _act_bounds(act, scale, zero_point) -> tuple[int, int]:
+    if act is None:
+        return -128, 127
+    lo = max(-128, zero_point + int(np.round(act[0] / scale)))
+    hi = 127 if np.isinf(act[1]) else min(127, zero_point + int(np.round(act[1] / scale)))
+    return lo, hi
+
+
+def quantize(model: nn.Module, calibration: np.ndarray, *, name: str = "model", classes=None) -> Graph:
+    """Quantize `model` with float calibration samples in its own layout (N, ...) into an int8 Graph."""
+    calibration = np.asarray(calibration, dtype=np.float32)
+    fg = lower(model, calibration.shape[1:])
+    values = float_forward(fg, to_hwc(calibration))
+    qparams: dict[str, tuple[float, int]] = {fg.input: _asymmetric(values[fg.input].min(), values[fg.input].max())}
+    tensors = {fg.input: Tensor(fg.input, fg.shapes[fg.input], "int8", np.array([qparams[fg.input][0]]),
+                                qparams[fg.input][1])}
+    ops: list[Op] = []
+    for fop in fg.ops:
+        y = fop.output
+        if fop.kind in ("avgpool2d", "maxpool2d", "reshape", "clamp"):
+            qparams[y] = qparams[fop.inputs[0]]  # these ops move or select values: the grid stays the same
+        else:
+            qparams[y] = _asymmetric(values[y].min(), values[y].max())
+        s_y, z_y = qparams[y]
+        tensors[y] = Tensor(y, fg.shapes[y], "int8", np.array([s_y]), z_y)
+        act_min, act_max = _act_bounds(fop.act, s_y, z_y)
+        attrs = dict(fop.attrs)
+        inputs = list(fop.inputs)
+        if fop.kind == "conv2d":
+            s_x = qparams[fop.inputs[0]][0]
+            w_max = np.abs(fop.weight).reshape(len(fop.weight), -1).max(axis=1)
+            s_w = np.where(w_max > 0, w_max / 127.0, 1.0 / 127.0)
+            w_q = np.clip(np.round(fop.weight / s_w[:, None, None, None]), -127, 127).astype(np.int8)
+            b_q = np.clip(np.round(fop.bias / (s_x * s_w)), -(2**31), 2**31 - 1).astype(np.int32)
+            mult, shift = zip(*(quantize_multiplier(s_x * s / s_y) for s in s_w))
+            tensors[f"{y}.weight"] = Tensor(f"{y}.weight", w_q.shape, "int8", s_w, 0, w_q)
+            tensors[f"{y}.bias"] = Tensor(f"{y}.bias", b_q.shape, "int32", s_x * s_w, 0, b_q)
+            inputs += [f"{y}.weight", f"{y}.bias"]
+            attrs.update(multiplier=list(mult), shift=list(shift), act_min=act_min, act_max=act_max)
+        elif fop.kind == "add":
+            s_a, s_b = qparams[fop.inputs[0]][0], qparams[fop.inputs[1]][0]
+            twice_max = 2 * max(s_a, s_b)
+            (am, ash), (bm, bsh) = quantize_multiplier(s_a / twice_max), quantize_multiplier(s_b / twice_max)
+            om, osh = quantize_multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * s_y))
+            attrs = dict(left_shift=ADD_LEFT_SHIFT, a_multiplier=am, a_shift=ash, b_multiplier=bm, b_shift=bsh,
+                         out_multiplier=om, out_shift=osh, act_min=act_min, act_max=act_max)
+        elif fop.kind == "clamp":
+            attrs = dict(act_min=act_min, act_max=act_max)
+        ops.append(Op(fop.kind, inputs, [y], attrs, str(fop.origin)))
+    meta = dict(name=name, input_shape=list(fg.input_shape),
+                classes=[str(c) for c in classes] if classes is not None else None)
+    graph = Graph(tensors, ops, [fg.input], [fg.output], meta)
+    validate(graph)
+    return graph
