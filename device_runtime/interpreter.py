@@ -33,7 +33,8 @@ def _reshape(graph: Graph, op: Op, x):
 FORWARD = {
     "conv2d": _conv2d,
     "add": _add,
-    "avgpool2d": lambda graph, op, x: kernels.avgpool2d(x, **op.attrs),
+    "avgpool2d": lambda graph, op, x: kernels.avgpool2d(x, zero_point=graph.tensors[op.inputs[0]].zero_point,
+                                                        **op.attrs),
     "maxpool2d": lambda graph, op, x: kernels.maxpool2d(x, **op.attrs),
     "reshape": _reshape,
     "clamp": lambda graph, op, x: kernels.clamp(x, **op.attrs),

@@ -57,20 +57,20 @@ def add(a, b, *, a_zero_point, b_zero_point, y_zero_point, left_shift, a_multipl
     return requantize(a_scaled + b_scaled, out_multiplier, out_shift, y_zero_point, act_min, act_max)
 
 
-def avgpool2d(x, *, kernel, stride, padding):
+def avgpool2d(x, *, zero_point, kernel, stride, padding):
     """Mean over each window's valid (unpadded) elements, quantization unchanged.
 
-    Windows of 2^k elements hit exact halves often, so ties round to even (unbiased, and what ONNX's
-    QuantizeLinear does); the integer form: q = floor(s / n), r = s - q * n, round up if 2r > n or (2r == n
-    and q is odd). Sums are of raw int8 values, which is exact because input and output share a zero point.
+    Windows of 2^k elements hit exact halves often, so ties round to even in real units (unbiased, and what
+    dequantize-average-quantize does in ONNX): with s = sum(x - zero_point) over n elements,
+    q = floor(s / n), r = s - q * n, round up if 2r > n or (2r == n and q is odd), then add the zero point.
     """
-    sums = _windows(x.astype(np.int64), kernel, stride, padding, 0).sum(axis=(3, 4))
+    sums = _windows(x.astype(np.int64) - zero_point, kernel, stride, padding, 0).sum(axis=(3, 4))
     ones = np.ones((1,) + x.shape[1:3] + (1,), dtype=np.int64)
     counts = _windows(ones, kernel, stride, padding, 0).sum(axis=(3, 4))
     q = sums // counts
     twice_r = 2 * (sums - q * counts)
     q = q + ((twice_r > counts) | ((twice_r == counts) & (q % 2 == 1)))
-    return np.clip(q, -128, 127).astype(np.int8)
+    return np.clip(q + zero_point, -128, 127).astype(np.int8)
 
 
 def maxpool2d(x, *, kernel, stride, padding):

@@ -1,0 +1,67 @@
+"""Fixed-point arithmetic against exact big-integer definitions (TFLite / gemmlowp semantics)."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from fedtiny_device.arith import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier, quantize_multiplier,
+                                  rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
+
+
+def round_half_away(fr: Fraction) -> int:
+    return int(fr + Fraction(1, 2)) if fr >= 0 else -int(-fr + Fraction(1, 2))
+
+
+def test_doubling_high_mul_matches_exact_rounding():
+    rng = np.random.default_rng(0)
+    a = rng.integers(INT32_MIN, INT32_MAX, 2000, endpoint=True)
+    b = rng.integers(1 << 30, INT32_MAX, 2000, endpoint=True)
+    got = saturating_rounding_doubling_high_mul(a, b)
+    want = [round_half_away(Fraction(int(x) * int(y), 1 << 31)) for x, y in zip(a, b)]
+    assert got.tolist() == want
+
+
+def test_doubling_high_mul_saturates_the_one_overflow():
+    assert saturating_rounding_doubling_high_mul(INT32_MIN, INT32_MIN) == INT32_MAX
+
+
+@pytest.mark.parametrize("exponent", [0, 1, 2, 7, 20, 31])
+def test_rounding_divide_by_pot_rounds_half_away_from_zero(exponent):
+    x = np.arange(-3000, 3000) * 997 + 13
+    got = rounding_divide_by_pot(x, exponent)
+    assert got.tolist() == [round_half_away(Fraction(int(v), 1 << exponent)) for v in x]
+
+
+def test_ties_go_away_from_zero():
+    assert rounding_divide_by_pot(np.array([5, -5, 6, -6, 7, -7]), 1).tolist() == [3, -3, 3, -3, 4, -4]
+
+
+@pytest.mark.parametrize("real", [1e-6, 0.0007, 0.25, 0.5, 0.999999999, 1.0, 3.7, 1234.5])
+def test_quantize_multiplier_represents_the_real_value(real):
+    q, shift = quantize_multiplier(real)
+    assert (1 << 30) <= q < (1 << 31)
+    assert abs(q * 2.0 ** (shift - 31) - real) <= real * 2**-30
+
+
+def test_quantize_multiplier_edges():
+    assert quantize_multiplier(0.0) == (0, 0)
+    assert quantize_multiplier(1e-12) == (0, 0)  # below 2^-31: the product is always 0
+    with pytest.raises(ValueError):
+        quantize_multiplier(-1.0)
+    with pytest.raises(ValueError):
+        quantize_multiplier(2.0**40)
+
+
+def test_multiply_by_quantized_multiplier_is_close_to_real_product():
+    rng = np.random.default_rng(1)
+    x = rng.integers(-(1 << 20), 1 << 20, 5000)
+    for real in (0.001, 0.37, 1.5):
+        q, shift = quantize_multiplier(real)
+        got = multiply_by_quantized_multiplier(x, q, shift)
+        assert np.abs(got - x * real).max() <= 1.0
+
+
+def test_left_shift_saturates_instead_of_wrapping():
+    q, shift = quantize_multiplier(4.0)
+    assert multiply_by_quantized_multiplier(np.array([INT32_MAX]), q, shift)[0] == INT32_MAX

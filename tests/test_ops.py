@@ -1,0 +1,104 @@
+"""Every supported op, through the quantizer and the interpreter: shapes, padding, strides, depthwise.
+
+Each case is checked twice: against onnxruntime running the same int8 graph (an implementation nobody here
+wrote; exact but for rare 1-LSB rounding ties), and against PyTorch's float module within quantization error.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_agrees_with_onnxruntime
+from fedtiny.quantize import quantize
+from fedtiny_device.interpreter import dequantize, quantize_input, run
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return torch.relu(self.a(x) + self.b(x))
+
+
+class PoolThenRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(self.pool(y)) + self.pool(y)  # the pooled map is read twice: the ReLU cannot fuse
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+CASES = {
+    "conv1d k3 s2 p1": (nn.Sequential(nn.Conv1d(3, 8, 3, stride=2, padding=1), nn.ReLU()), (3, 33)),
+    "conv1d k7 s1 p0 no bias + bn": (nn.Sequential(nn.Conv1d(2, 5, 7, bias=False), nn.BatchNorm1d(5)), (2, 40)),
+    "depthwise conv1d k5 s2": (nn.Sequential(nn.Conv1d(6, 6, 5, stride=2, padding=2, groups=6), nn.ReLU6()), (6, 31)),
+    "conv2d k3 s1 p0": (nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU()), (3, 9, 9)),
+    "conv2d k3 s2 p1 asymmetric input": (nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1)), (2, 10, 7)),
+    "conv2d k(2,3) s(1,2)": (nn.Sequential(nn.Conv2d(2, 4, (2, 3), stride=(1, 2), padding=(1, 0))), (2, 6, 9)),
+    "grouped conv2d": (nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2)), (4, 6, 6)),
+    "depthwise conv2d s2": (nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, groups=8), nn.BatchNorm2d(8), nn.ReLU6()), (8, 9, 9)),
+    "pointwise conv2d": (nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU()), (8, 5, 5)),
+    "linear + relu": (nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3)), (20,)),
+    "flatten map then linear": (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 5, 6)), (2, 6, 7)),
+    "maxpool2d k2 s2": (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.MaxPool2d(2)), (2, 8, 8)),
+    "maxpool1d k3 s2 p1": (nn.Sequential(nn.Conv1d(2, 4, 3), nn.MaxPool1d(3, 2, 1)), (2, 20)),
+    "avgpool2d k3 s2 p1": (nn.Sequential(nn.Conv2d(2, 4, 1), nn.AvgPool2d(3, 2, 1, count_include_pad=False)), (2, 9, 9)),
+    "avgpool1d k4": (nn.Sequential(nn.Conv1d(2, 4, 1), nn.AvgPool1d(4)), (2, 16)),
+    "global avgpool": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), (2, 7, 7)),
+    "residual add + relu": (Residual(4), (4, 6, 6)),
+    "unfusable relu (clamp)": (PoolThenRelu(), (2, 8, 8)),
+}
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def case(request):
+    torch.manual_seed(0)
+    model, shape = CASES[request.param]
+    model = _randomize_bn(model)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64,) + shape).astype(np.float32)
+    return model, x
+
+
+def test_op_agrees_with_onnxruntime(case):
+    model, x = case
+    graph = quantize(model, x[:48])
+    assert_agrees_with_onnxruntime(graph, quantize_input(graph, x))
+
+
+def test_op_output_shape_and_value_match_pytorch(case):
+    model, x = case
+    graph = quantize(model, x)  # calibrated on what it runs: no saturation, only rounding noise
+    q = run(graph, quantize_input(graph, x))
+    with torch.no_grad():
+        ref = model(torch.as_tensor(x)).numpy()
+    got = dequantize(graph, graph.outputs[0], q)
+    # back to PyTorch's layout: (N, H, W, C) -> (N, C, H, W) / (N, C, L) / (N, F)
+    if ref.ndim == 4:
+        got = got.transpose(0, 3, 1, 2)
+    elif ref.ndim == 3:
+        got = got[:, 0].transpose(0, 2, 1)
+    else:
+        got = got.reshape(len(got), -1)
+    assert got.shape == ref.shape
+    out_scale = graph.tensors[graph.outputs[0]].scale[0]
+    err = np.abs(got - ref) / out_scale  # in output LSB
+    # rounding noise of input, weights and output through one or two layers
+    assert err.mean() <= 1.5 and err.max() <= 0.03 * 255, (err.mean(), err.max())
