@@ -65,3 +65,62 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     if exponent > 30:
         raise ValueError(f"multiplier {real} is too large for the int32 fixed-point format")
     return q, int(exponent)
+
+
+# --- training arithmetic -------------------------------------------------------------------------------------
+# Gradients are int16 values g with one power-of-two exponent e per tensor: real value = g * 2^e.
+# Every sum is an exact integer (int64), so any summation order gives the same bits; see docs/numerics.md.
+
+GRAD_MAX = 32767
+
+
+def narrow_to_int16(acc) -> tuple[np.ndarray, int]:
+    """Exact int64 accumulators -> (int16 values, extra exponent s): the smallest s >= 0 with |round(acc / 2^s)|
+    <= 32767 (ties away from zero; a value rounding to 32768 saturates)."""
+    acc = np.asarray(acc, dtype=np.int64)
+    peak = int(np.abs(acc).max(initial=0))
+    shift = max(0, peak.bit_length() - 15)
+    out = rounding_divide_by_pot(acc, shift) if shift else acc
+    return np.clip(out, -GRAD_MAX, GRAD_MAX).astype(np.int16), shift
+
+
+def quantize_multiplier_q15(real: float) -> tuple[int, int]:
+    """A positive real as (m, shift), m in [2^14, 2^15): real ~= m * 2^(shift - 15). 15 bits keep
+    gradient-sum * m inside int64 (see docs/numerics.md); the learning-rate factor needs no more precision."""
+    if real <= 0:
+        raise ValueError(f"update factor must be positive, got {real}")
+    mantissa, exponent = np.frexp(real)
+    m = int(np.floor(float(mantissa) * (1 << 15) + 0.5))
+    if m == 1 << 15:
+        m //= 2
+        exponent += 1
+    return m, int(exponent)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(counter: int, count: int) -> np.ndarray:
+    """Outputs counter+1 ... counter+count of SplitMix64 (Steele, Lea, Flood 2014), a counter-based generator:
+    output i = mix(seed + i * golden), so a device and the simulator draw the same bits without shared state."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(counter) * _GOLDEN + (np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def stochastic_update(total, m: np.ndarray, shift, exponent: int, random_bits: np.ndarray) -> np.ndarray:
+    """delta = total * m * 2^(shift - 15 + exponent), rounded stochastically: floor((P + r) / 2^k) with r uniform
+    in [0, 2^k), so an update smaller than one LSB still moves the weight with the right probability.
+
+    total: exact int64 gradient sums (broadcast against per-channel m, shift); random_bits: uint64, one per element.
+    """
+    product = np.asarray(total, dtype=np.int64) * np.asarray(m, dtype=np.int64)
+    k = 15 - np.asarray(shift, dtype=np.int64) - exponent
+    k = np.broadcast_to(k, product.shape)
+    right = np.clip(k, 0, 62)
+    r = (random_bits.reshape(product.shape) & ((np.uint64(1) << right.astype(np.uint64)) - np.uint64(1))).astype(np.int64)
+    down = (product + r) >> right
+    up = np.clip(product, -(2**31), 2**31 - 1) << np.clip(-k, 0, 31)
+    return np.where(k > 0, down, np.clip(up, -(2**31), 2**31 - 1))

@@ -1,0 +1,192 @@
+"""Reference trainer: executes a training plan's steps, batch 1, inside one fixed-size arena.
+
+Every plan buffer (activations, saved masks, gradients, the SRAM copies of trainable rows) is a view into
+`self.arena` at the offset the compiler chose, so a planning mistake corrupts values here exactly as it would
+on the device. The state a node keeps between steps is the trainable buffers plus the random counter.
+"""
+
+import numpy as np
+
+from fedtiny.compiler import Plan, train_name
+from fedtiny.ir import DTYPES, Graph, Tensor
+
+from . import kernels
+from .interpreter import FORWARD
+from .arith import narrow_to_int16, splitmix64, stochastic_update
+
+
+class Trainer:
+    def __init__(self, plan: Plan, seed: int = 0):
+        self.plan = plan
+        self.graph = plan.graph
+        self.arena = np.zeros(plan.arena_size, dtype=np.uint8)
+        # A node's random stream: counter-based, so node `seed` never overlaps another's for 2^40 draws.
+        self.rng_counter = (seed & 0xFFFFFF) << 40
+        self.exponent: dict[str, int] = {}  # power-of-two exponent of each gradient buffer
+        self.record: dict[str, np.ndarray] | None = None  # set to a dict to collect real-valued gradients (tests)
+        self.last_label_probability = 0.0
+        for name in plan.trainable_buffers():  # initial trainable rows come from the model
+            self.view(name)[...] = self._constant(name)[: self.plan.buffers[name].shape[0]]
+
+    # --- memory -------------------------------------------------------------------------------------------
+    def view(self, name: str, shape=None) -> np.ndarray:
+        name = self.plan.storage.get(name, name)
+        spec = self.plan.buffers[name]
+        offset = self.plan.offsets[name]
+        arr = self.arena[offset: offset + spec.nbytes].view(DTYPES[spec.dtype])
+        return arr.reshape(shape if shape is not None else spec.shape)
+
+    def _constant(self, train_buffer: str) -> np.ndarray:
+        return self.graph.tensors[train_buffer[len("train:"):]].data
+
+    def _param(self, name: str) -> np.ndarray:
+        """A weight or bias as the device sees it: trainable rows from SRAM, the rest from flash."""
+        data = self.graph.tensors[name].data
+        if train_name(name) not in self.plan.buffers:
+            return data
+        rows = self.view(train_name(name))
+        return np.concatenate([rows, data[len(rows):]]) if len(rows) < len(data) else rows
+
+    def _act(self, name: str) -> np.ndarray:
+        return self.view(name, (1,) + tuple(self.graph.tensors[name].shape))
+
+    def _grad(self, buffer: str, tensor: str) -> np.ndarray:
+        return self.view(buffer, (1,) + tuple(self.graph.tensors[tensor].shape))
+
+    def _store_grad(self, buffer: str, acc: np.ndarray, exponent: int) -> None:
+        g, extra = narrow_to_int16(acc)
+        self.view(buffer)[...] = g.reshape(self.plan.buffers[buffer].shape)
+        self.exponent[buffer] = exponent + extra
+
+    def _random(self, count: int) -> np.ndarray:
+        bits = splitmix64(self.rng_counter, count)
+        self.rng_counter += count
+        return bits
+
+    # --- one training step --------------------------------------------------------------------------------
+    def step(self, x: np.ndarray, label: int) -> float:
+        """Train on one int8 sample (H, W, C) with its class label; returns the loss (from the Q15 probability)."""
+        (input_name,) = self.graph.inputs
+        self.view(input_name)[...] = x.reshape(self.graph.tensors[input_name].shape)
+        self.label = int(label)
+        for s in self.plan.steps:
+            getattr(self, f"_{s.kind}")(s)
+        return float(-np.log(max(self.last_label_probability, 2.0**-15)))
+
+    def _forward(self, s):
+        op = self.graph.ops[s.attrs["op"]]
+        args = [self._param(n) if self.graph.tensors[n].is_constant else self._act(n) for n in op.inputs]
+        self._act(op.outputs[0])[...] = FORWARD[op.kind](self.graph, op, *args)
+
+    def _mask_bits(self, s):
+        op = self.graph.ops[s.attrs["op"]]
+        y = self._act(op.outputs[0])
+        mask = kernels.activation_mask(y, op.attrs["act_min"], op.attrs["act_max"])
+        self.view(s.writes[0])[...] = np.packbits(mask.reshape(-1), bitorder="little")
+
+    def _loss_grad(self, s):
+        logits = self._act(s.reads[0])
+        g, e = kernels.softmax_cross_entropy_grad(logits, self.label, self.plan.exp_table)
+        self.last_label_probability = (int(g.reshape(-1)[self.label]) + 32768) / 32768
+        self.view(s.writes[0])[...] = g.reshape(self.plan.buffers[s.writes[0]].shape)
+        self.exponent[s.writes[0]] = e
+        self._note(s.writes[0], s.reads[0])
+
+    def _grad_add(self, s):
+        tensor = self._tensor_of(s.writes[0])
+        g, e = self._grad(s.reads[0], tensor), self.exponent[s.reads[0]]
+        for other in s.reads[1:]:
+            g, e = kernels.add_grads(g, e, self._grad(other, tensor), self.exponent[other])
+        self._grad(s.writes[0], tensor)[...] = g
+        self.exponent[s.writes[0]] = e
+
+    def _grad_mask(self, s):
+        op = self.graph.ops[s.attrs["op"]]
+        y = op.outputs[0]
+        if s.attrs.get("bits"):
+            n = int(np.prod(self.graph.tensors[y].shape))
+            mask = np.unpackbits(self.view(s.reads[1]), count=n, bitorder="little").astype(bool)
+        else:
+            mask = kernels.activation_mask(self._act(y), op.attrs["act_min"], op.attrs["act_max"])
+        g = self._grad(s.reads[0], y)
+        self._grad(s.writes[0], y)[...] = np.where(mask.reshape(g.shape), g, 0)
+        self.exponent[s.writes[0]] = self.exponent[s.reads[0]]
+
+    def _conv2d_input_grad(self, s):
+        i = s.attrs["op"]
+        op = self.graph.ops[i]
+        ws, k = self.plan.backprop_scale[i]
+        x = self.graph.tensors[op.inputs[0]]
+        acc = kernels.conv2d_input_grad(self._grad(s.reads[0], op.outputs[0]), self._param(op.inputs[1]), ws, x.shape,
+                                        op.attrs["stride"], op.attrs["padding"], op.attrs["groups"])
+        self._store_grad(s.writes[0], acc, self.exponent[s.reads[0]] - k)
+        self._note(s.writes[0], x.name)
+
+    def _conv2d_weight_update(self, s):
+        i = s.attrs["op"]
+        op, upd = self.graph.ops[i], self.plan.updates[i]
+        x = self.graph.tensors[op.inputs[0]]
+        w = self.graph.tensors[op.inputs[1]]
+        g_y, e = self._grad(s.reads[0], op.outputs[0]), self.exponent[s.reads[0]]
+        sums = kernels.conv2d_weight_grad(g_y, self._act(x.name), x.zero_point, w.shape[1:3], op.attrs["stride"],
+                                          op.attrs["padding"], op.attrs["groups"], upd.channels)
+        if self.record is not None:
+            self.record[w.name] = sums * 2.0**e * float(x.scale[0])
+        per_channel = (slice(None),) + (None,) * 3
+        delta = stochastic_update(sums, np.asarray(upd.weight_m)[per_channel], np.asarray(upd.weight_shift)[per_channel],
+                                  e, self._random(sums.size))
+        rows = self.view(train_name(w.name))
+        rows[...] = np.clip(rows.astype(np.int64) - delta, -127, 127)
+
+    def _conv2d_bias_update(self, s):
+        i = s.attrs["op"]
+        op, upd = self.graph.ops[i], self.plan.updates[i]
+        b = self.graph.tensors[op.inputs[2]]
+        g_y, e = self._grad(s.reads[0], op.outputs[0]), self.exponent[s.reads[0]]
+        sums = kernels.conv2d_bias_grad(g_y, len(b.data))
+        if self.record is not None:
+            self.record[b.name] = sums * 2.0**e
+        delta = stochastic_update(sums, np.asarray(upd.bias_m), np.asarray(upd.bias_shift), e, self._random(sums.size))
+        bias = self.view(train_name(b.name))
+        bias[...] = np.clip(bias.astype(np.int64) - delta, -(2**31), 2**31 - 1)
+
+    def _avgpool2d_input_grad(self, s):
+        op = self.graph.ops[s.attrs["op"]]
+        x = self.graph.tensors[op.inputs[0]]
+        acc = kernels.avgpool2d_input_grad(self._grad(s.reads[0], op.outputs[0]), x.shape, op.attrs["kernel"],
+                                           op.attrs["stride"], op.attrs["padding"])
+        self._store_grad(s.writes[0], acc, self.exponent[s.reads[0]] - 15)
+        self._note(s.writes[0], x.name)
+
+    def _maxpool2d_input_grad(self, s):
+        op = self.graph.ops[s.attrs["op"]]
+        x = op.inputs[0]
+        acc = kernels.maxpool2d_input_grad(self._grad(s.reads[0], op.outputs[0]), self._act(x), op.attrs["kernel"],
+                                           op.attrs["stride"], op.attrs["padding"])
+        self._store_grad(s.writes[0], acc, self.exponent[s.reads[0]])
+        self._note(s.writes[0], x)
+
+    # --- helpers ------------------------------------------------------------------------------------------
+    def _tensor_of(self, buffer: str) -> str:
+        return buffer[len("grad:"):].split("@")[0].split("~")[0]
+
+    def _note(self, buffer: str, tensor: str) -> None:
+        if self.record is not None:
+            self.record[buffer] = self._grad(buffer, tensor).astype(np.float64) * 2.0 ** self.exponent[buffer]
+
+    # --- state a node keeps and exchanges -----------------------------------------------------------------
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """The trainable rows/biases (buffer name -> copy), the only values a round changes."""
+        return {name: self.view(name).copy() for name in self.plan.trainable_buffers()}
+
+    def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        for name in self.plan.trainable_buffers():
+            self.view(name)[...] = state[name]
+
+    def export_graph(self) -> Graph:
+        """The model with the trained values in place of the original weights and biases."""
+        tensors = dict(self.graph.tensors)
+        for name in self.plan.trainable_buffers():
+            t = self.graph.tensors[name[len("train:"):]]
+            tensors[t.name] = Tensor(t.name, t.shape, t.dtype, t.scale, t.zero_point, self._param(t.name).copy())
+        return Graph(tensors, self.graph.ops, self.graph.inputs, self.graph.outputs, dict(self.graph.meta))

@@ -1,0 +1,287 @@
+"""The training compiler: int8 graph + update scheme -> a training plan that fits the device's memory.
+
+Passes, in order:
+  1. trainable  which layers update which weight rows and biases (the scheme), and the SRAM copies of those;
+  2. autodiff   walk the graph backwards applying one rule per op (BACKWARD below); a gradient is made only
+                for tensors that lie between a trainable tensor and the loss, so frozen paths are pruned;
+  3. saving     a forward activation stays alive only if a backward step reads it; where a backward step
+                needs only where a ReLU/clamp let values through, one bit per element is saved instead;
+  4. updates    each weight/bias update is placed right after its gradient sums, in place, so no gradient
+                buffer of a parameter ever exists; QAS factors and learning rate are folded into integers;
+  5. planning   every buffer of the step (forward, backward, update) gets an offset in one arena by lifetime,
+                and the arena must fit the budget, or compilation fails naming what is alive at the peak.
+The plan's steps are what the reference trainer (fedtiny_device.trainer) and the C runtime execute.
+"""
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedtiny_device.arith import quantize_multiplier_q15
+
+from .arena import ArenaPlan, Buffer, check_plan, plan_arena
+from .ir import DTYPES, Graph
+from .scheme import Scheme, layers
+
+LOSSES = ("cross_entropy",)
+DEFAULT_BUDGET = 256 * 1024
+DEFAULT_RESERVE = 64 * 1024  # network stack (MQTT client, TLS/PSK, ChaCha20-Poly1305) and firmware stack
+
+
+class BudgetError(ValueError):
+    """The plan does not fit the device's memory budget."""
+
+
+@dataclass
+class Step:
+    kind: str
+    reads: list[str]
+    writes: list[str]
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class BufferSpec:
+    shape: tuple[int, ...]
+    dtype: str
+    persistent: bool = False  # trainable copies live across steps
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(DTYPES[self.dtype]).itemsize
+
+
+@dataclass
+class LayerUpdate:
+    """Integer constants of one trainable layer (graph op index `op`)."""
+    op: int
+    channels: int  # weight rows [0, channels) train
+    bias: bool
+    weight_m: list[int]  # per output channel: weight delta = S_w * m * 2^(shift - 15 + e_grad)
+    weight_shift: list[int]
+    bias_m: list[int]
+    bias_shift: list[int]
+
+
+@dataclass
+class Plan:
+    graph: Graph
+    scheme: str
+    steps: list[Step]
+    buffers: dict[str, BufferSpec]
+    storage: dict[str, str]  # activation -> the buffer holding its bytes (a reshape's output is its input's)
+    offsets: dict[str, int]
+    arena_size: int
+    updates: dict[int, LayerUpdate]
+    backprop_scale: dict[int, tuple[list[int], int]]  # conv op -> (ws[o] = round(s_w[o] * 2^K), K)
+    exp_table: list[int]  # round(2^15 * exp(-s_logits * i)), i = 0..255, for the softmax gradient
+    lr: float
+    qas: bool
+    budget: int
+    reserve: int
+
+    def trainable_buffers(self) -> list[str]:
+        return [name for name, spec in self.buffers.items() if spec.persistent]
+
+    def memory_report(self) -> dict:
+        trainable = sum(self.buffers[b].nbytes for b in self.trainable_buffers())
+        frozen = sum(t.nbytes for t in self.graph.constants) - trainable
+        params = sum(8 * len(op.attrs["multiplier"]) for op in self.graph.ops if op.kind == "conv2d")
+        update_consts = sum(4 * (len(u.weight_m) + len(u.bias_m)) * 2 for u in self.updates.values())
+        return dict(arena_bytes=self.arena_size, trainable_sram_bytes=trainable,
+                    activation_and_gradient_bytes=self.arena_size - trainable,
+                    flash_bytes=frozen + params + update_consts + 2 * len(self.exp_table),
+                    budget_bytes=self.budget, reserve_bytes=self.reserve)
+
+
+def grad_name(tensor: str) -> str:
+    return f"grad:{tensor}"
+
+
+def train_name(tensor: str) -> str:
+    return f"train:{tensor}"
+
+
+def _trainable(graph: Graph, scheme: Scheme) -> dict[int, tuple[int, bool]]:
+    """graph op index -> (trainable weight rows, bias trains) for every layer that trains anything."""
+    layer_ops = layers(graph)
+    result = {}
+    for layer, i in enumerate(layer_ops):
+        cout = graph.tensors[graph.ops[i].inputs[1]].shape[0]
+        rows, bias = scheme.weight_channels(layer, cout), scheme.trains_bias(layer, len(layer_ops))
+        if rows or bias:
+            result[i] = (rows, bias)
+    return result
+
+
+def _update_constants(graph: Graph, i: int, rows: int, bias: bool, lr: float, qas: bool) -> LayerUpdate:
+    """QAS: delta_Wq = lr * G_W / s_w and delta_bq = lr * G_b / (s_x s_w): the fp32 SGD step in integer units,
+    which is the paper's G_W * s_w^-2 and G_b * (s_w s_x)^-2 on the int tensors' own gradients. Without QAS
+    the int tensors take their raw gradients (G_Wq = s_w G_W, G_bq = s_x s_w G_b), as naive int8 SGD does."""
+    op = graph.ops[i]
+    s_x = float(graph.tensors[op.inputs[0]].scale[0])
+    s_w = graph.tensors[op.inputs[1]].scale
+    # Weight sums are S_w = sum g * (x - zx) at scale 2^e * s_x; bias sums S_b = sum g at scale 2^e.
+    w_factor = lr * s_x / s_w if qas else lr * s_x * s_w * s_w
+    b_factor = lr / (s_x * s_w) if qas else lr * s_x * s_w
+    wq = [quantize_multiplier_q15(float(f)) for f in w_factor[:rows]]
+    bq = [quantize_multiplier_q15(float(f)) for f in b_factor] if bias else []
+    return LayerUpdate(i, rows, bias, [m for m, _ in wq], [s for _, s in wq], [m for m, _ in bq], [s for _, s in bq])
+
+
+def _backprop_scale(s_w: np.ndarray) -> tuple[list[int], int]:
+    """s_w as integers with 15 bits for the largest: ws[o] = round(s_w[o] * 2^K)."""
+    _, exponent = np.frexp(float(s_w.max()))
+    k = 15 - int(exponent)
+    return [int(v) for v in np.round(s_w * 2.0**k).astype(np.int64)], k
+
+
+def _autodiff(graph: Graph, trainable: dict[int, tuple[int, bool]]) -> tuple[list[Step], set[str]]:
+    """Backward steps for the tensors between trainable tensors and the loss. Returns (steps, masked outputs)."""
+    needs_grad: set[str] = set()
+    for i, op in enumerate(graph.ops):
+        if i in trainable or any(name in needs_grad for name in op.inputs):
+            needs_grad.add(op.outputs[0])
+    contributions: dict[str, list[str]] = defaultdict(list)
+    shared: dict[str, int] = defaultdict(int)  # a gradient buffer handed to several tensors must not be masked in place
+    steps: list[Step] = []
+    out = graph.outputs[0]
+    steps.append(Step("loss_grad", [out], [grad_name(out)]))
+    contributions[out].append(grad_name(out))
+
+    def hand_on(tensor: str, buffer: str):
+        if tensor in needs_grad:
+            contributions[tensor].append(buffer)
+            shared[buffer] += 1
+
+    for i in reversed(range(len(graph.ops))):
+        op = graph.ops[i]
+        y = op.outputs[0]
+        if y not in needs_grad:
+            continue
+        parts = contributions.pop(y)
+        g_y = parts[0]
+        if len(parts) > 1:  # a fan-out: sum what each reader sent back
+            g_y = grad_name(y)
+            steps.append(Step("grad_add", parts, [g_y]))
+        if "act_min" in op.attrs:
+            masked = g_y if shared[g_y] <= 1 else f"{grad_name(y)}~masked"
+            steps.append(Step("grad_mask", [g_y, y], [masked], dict(op=i)))
+            g_y = masked
+        x = op.inputs[0]
+        if op.kind == "conv2d":
+            rows, bias = trainable.get(i, (0, False))
+            w_train = [train_name(op.inputs[1])] if rows else []
+            if x in needs_grad:
+                g_x = f"{grad_name(x)}@{i}"
+                steps.append(Step("conv2d_input_grad", [g_y] + w_train, [g_x], dict(op=i)))
+                hand_on(x, g_x)
+            if rows:
+                steps.append(Step("conv2d_weight_update", [g_y, x] + w_train, w_train, dict(op=i, channels=rows)))
+            if bias:
+                b_train = [train_name(op.inputs[2])]
+                steps.append(Step("conv2d_bias_update", [g_y] + b_train, b_train, dict(op=i)))
+        elif op.kind in ("avgpool2d", "maxpool2d"):
+            g_x = f"{grad_name(x)}@{i}"
+            reads = [g_y, x] if op.kind == "maxpool2d" else [g_y]
+            steps.append(Step(f"{op.kind}_input_grad", reads, [g_x], dict(op=i)))
+            hand_on(x, g_x)
+        else:  # add, clamp, reshape: the (masked) gradient passes on unchanged to every input
+            for name in op.inputs:
+                hand_on(name, g_y)
+    return steps, needs_grad
+
+
+def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = True, budget: int = DEFAULT_BUDGET,
+                 reserve: int = DEFAULT_RESERVE) -> Plan:
+    out = graph.tensors[graph.outputs[0]]
+    if out.shape[:2] != (1, 1):
+        raise ValueError(f"cross-entropy training needs logits of shape (1, 1, K), got {out.shape}")
+    trainable = _trainable(graph, scheme)
+    backward, _ = _autodiff(graph, trainable)
+
+    # Saving: the mask of an op's clamp is read from its int8 output if a backward step keeps that output
+    # anyway (a weight update's input, the logits); otherwise one bit per element is saved in the forward pass.
+    kept_by_backward = {name for s in backward if s.kind != "grad_mask" for name in s.reads
+                        if name in graph.tensors}
+    bit_masked = set()
+    for s in backward:
+        if s.kind == "grad_mask" and s.reads[1] not in kept_by_backward:
+            y = s.reads[1]
+            s.reads[1] = f"{y}.mask"
+            s.attrs["bits"] = True
+            bit_masked.add(y)
+
+    alias = {n: n for n in graph.inputs}
+    forward = []
+    for i, op in enumerate(graph.ops):
+        y = op.outputs[0]
+        if op.kind == "reshape":
+            alias[y] = alias[op.inputs[0]]  # same bytes, new shape: no step, no buffer
+            continue
+        alias[y] = y
+        rows, _ = trainable.get(i, (0, False))
+        train_reads = [train_name(n) for n, used in ((op.inputs[1], rows), (op.inputs[2], trainable.get(i, (0, False))[1]))
+                       if used] if op.kind == "conv2d" else []
+        forward.append(Step("forward", [n for n in op.inputs if n in alias] + train_reads, [y], dict(op=i)))
+        if y in bit_masked:
+            forward.append(Step("mask_bits", [y], [f"{y}.mask"], dict(op=i)))
+    steps = forward + backward
+    for s in steps:  # every name a step touches, resolved to the buffer that holds its bytes
+        s.reads = [alias.get(n, n) for n in s.reads]
+        s.writes = [alias.get(n, n) for n in s.writes]
+
+    buffers: dict[str, BufferSpec] = {}
+    for name in alias.values():
+        buffers[name] = BufferSpec(graph.tensors[name].shape, "int8")
+    for y in bit_masked:
+        buffers[f"{y}.mask"] = BufferSpec((math.ceil(int(np.prod(graph.tensors[y].shape)) / 8),), "uint8")
+    for s in backward:
+        for name in s.writes:
+            if name.startswith("grad:"):
+                tensor = name[len("grad:"):].split("@")[0].split("~")[0]
+                buffers.setdefault(name, BufferSpec(graph.tensors[tensor].shape, "int16"))
+    updates, backprop_scale = {}, {}
+    for i, (rows, bias) in trainable.items():
+        op = graph.ops[i]
+        w, b = graph.tensors[op.inputs[1]], graph.tensors[op.inputs[2]]
+        if rows:
+            buffers[train_name(w.name)] = BufferSpec((rows,) + tuple(w.shape[1:]), "int8", persistent=True)
+        if bias:
+            buffers[train_name(b.name)] = BufferSpec(tuple(b.shape), "int32", persistent=True)
+        updates[i] = _update_constants(graph, i, rows, bias, lr, qas)
+    for s in backward:
+        if s.kind == "conv2d_input_grad":
+            op = graph.ops[s.attrs["op"]]
+            backprop_scale[s.attrs["op"]] = _backprop_scale(graph.tensors[op.inputs[1]].scale)
+
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, s in enumerate(steps):
+        for name in s.writes + s.reads:
+            first.setdefault(name, index)
+            last[name] = index
+    end = len(steps) - 1
+    arena_buffers = [Buffer(name, spec.nbytes, 0 if spec.persistent else first[name],
+                            end if spec.persistent else last[name]) for name, spec in buffers.items()]
+    arena = plan_arena(arena_buffers)
+    check_plan(arena)
+    s_logits = float(out.scale[0])
+    exp_table = [int(v) for v in np.round(32768 * np.exp(-s_logits * np.arange(256)))]
+    plan = Plan(graph, scheme.name, steps, buffers, alias, arena.offsets, arena.size, updates, backprop_scale, exp_table,
+                lr, qas, budget, reserve)
+    if arena.size > budget - reserve:
+        raise BudgetError(_over_budget_message(plan, arena))
+    return plan
+
+
+def _over_budget_message(plan: Plan, arena: ArenaPlan) -> str:
+    peak = arena.peak_step()
+    live = sorted(arena.live_at(peak), key=lambda b: -b.size)[:5]
+    step = plan.steps[peak]
+    names = ", ".join(f"{b.name} ({b.size} B)" for b in live)
+    return (f"the training plan needs {arena.size} bytes of SRAM but the budget leaves {plan.budget - plan.reserve} "
+            f"({plan.budget} minus {plan.reserve} reserved for the network stack); at the peak (step {peak}, "
+            f"{step.kind}) the largest live tensors are {names}. Train fewer layers or channels, or raise --budget.")

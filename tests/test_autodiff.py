@@ -1,0 +1,132 @@
+"""Compiled gradients against PyTorch autograd on the dequantized graph.
+
+The mirror runs each op in float on dequantized weights; its values are forced to the trainer's own int8
+forward values (straight-through), and the gradient passes where the op's clamp let values through, so
+autograd differentiates exactly the function the device computes. Every gradient the plan makes, of
+activations and of parameters, must have cosine similarity >= 0.99 with autograd's.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtiny.compiler import compile_plan
+from fedtiny.quantize import quantize
+from fedtiny.scheme import parse
+from fedtiny_device.interpreter import quantize_input, run
+from fedtiny_device.trainer import Trainer
+
+from test_ops import CASES, _randomize_bn
+
+
+def nchw(a):  # (1, H, W, C) -> (1, C, H, W)
+    return a.permute(0, 3, 1, 2)
+
+
+def autograd_mirror(graph, x_int8, label: int):
+    """(parameter grads by tensor name, activation grads by tensor name) from autograd on the dequantized graph."""
+    ints = run(graph, x_int8[None], keep=True)  # the int8 forward values, as the trainer computes them
+    deq = lambda name, q: torch.tensor((q.astype(np.float64) - graph.tensors[name].zero_point) * graph.tensors[name].scale[0])
+    values, params = {}, {}
+    (x_name,) = graph.inputs
+    values[x_name] = deq(x_name, ints[x_name])
+    for op in graph.ops:
+        y_name = op.outputs[0]
+        xs = [values[n] for n in op.inputs if n in values]
+        if op.kind == "conv2d":
+            w, b = graph.tensors[op.inputs[1]], graph.tensors[op.inputs[2]]
+            w_real = torch.tensor(w.data * w.scale[:, None, None, None], requires_grad=True)
+            b_real = torch.tensor(b.data * b.scale, requires_grad=True)
+            params[w.name], params[b.name] = w_real, b_real
+            pt, pl, pb, pr = op.attrs["padding"]
+            xin = F.pad(nchw(xs[0]), (pl, pr, pt, pb))
+            y = F.conv2d(xin, w_real.permute(0, 3, 1, 2), b_real, stride=op.attrs["stride"], groups=op.attrs["groups"])
+            y = y.permute(0, 2, 3, 1)
+        elif op.kind == "add":
+            y = xs[0] + xs[1]
+        elif op.kind in ("avgpool2d", "maxpool2d"):
+            pt, pl, _, _ = op.attrs["padding"]
+            if op.kind == "avgpool2d":
+                y = F.avg_pool2d(nchw(xs[0]), op.attrs["kernel"], op.attrs["stride"], (pt, pl), count_include_pad=False)
+            else:
+                y = F.max_pool2d(nchw(xs[0]), op.attrs["kernel"], op.attrs["stride"], (pt, pl))
+            y = y.permute(0, 2, 3, 1)
+        elif op.kind == "reshape":
+            y = xs[0].reshape(1, 1, 1, -1)
+        else:  # clamp
+            y = xs[0]
+        ours = ints[y_name]
+        passes = torch.ones(y.shape, dtype=torch.float64)
+        if "act_min" in op.attrs:
+            passes = torch.tensor(((ours > op.attrs["act_min"]) & (ours < op.attrs["act_max"])).astype(np.float64))
+        value = deq(y_name, ours) + (y - y.detach()) * passes
+        value.retain_grad()
+        values[y_name] = value
+    logits = values[graph.outputs[0]].reshape(1, -1)
+    F.cross_entropy(logits, torch.tensor([label])).backward()
+    return ({n: p.grad.numpy() for n, p in params.items()},
+            {n: v.grad.numpy() for n, v in values.items() if v.grad is not None})
+
+
+def cosine(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    return float(a @ b / (na * nb)) if na and nb else 0.0
+
+
+def check_step(graph, x_int8, label, scheme="full"):
+    trainer = Trainer(compile_plan(graph, parse(scheme, graph)), seed=0)
+    trainer.record = {}
+    trainer.step(x_int8, label)
+    param_grads, act_grads = autograd_mirror(graph, x_int8, label)
+    compared = {}
+    for name, ours in trainer.record.items():
+        if name.startswith("grad:"):
+            if "@" not in name:
+                continue  # loss/mask buffers: checked through what they feed
+            tensor = name[len("grad:"):].split("@")[0]
+            if len(graph.consumers(tensor)) > 1:
+                continue  # one reader's share of a fan-out; the sum is checked where it is used
+            theirs = act_grads[tensor]
+        else:
+            theirs = param_grads[name][: len(ours)]
+        compared[name] = cosine(ours, theirs)
+    assert compared, "the plan computed no gradient"
+    bad = {n: c for n, c in compared.items() if c < 0.99}
+    assert not bad, f"gradients off from autograd (cosine): {bad}"
+    return compared
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "unfusable" not in c])
+def test_every_op_gradient_matches_autograd(case):
+    torch.manual_seed(0)
+    body, shape = CASES[case]
+    body = _randomize_bn(body)
+    with torch.no_grad():
+        features = body(torch.zeros((1,) + shape)).numel()
+    model = nn.Sequential(body, nn.Flatten(), nn.Linear(features, 5)).eval()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32,) + shape).astype(np.float32)
+    graph = quantize(model, x)
+    xq = quantize_input(graph, x)
+    for i in range(3):
+        check_step(graph, xq[i], label=i % 5)
+
+
+@pytest.mark.parametrize("name,shape,classes", [("sensor_cnn", (1, 256), 4), ("mobilenet", (1, 8, 8), 10),
+                                                ("mlp", (30,), 2)])
+def test_zoo_gradients_match_autograd(name, shape, classes):
+    from fedtiny import zoo
+
+    torch.manual_seed(0)
+    model = _randomize_bn(zoo.build(name, shape, classes))
+    x = np.random.default_rng(2).normal(size=(32,) + shape).astype(np.float32)
+    graph = quantize(model, x)
+    xq = quantize_input(graph, x)
+    for i in range(3):
+        compared = check_step(graph, xq[i], label=i % classes)
+    assert len(compared) >= 3
