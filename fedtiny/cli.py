@@ -25,9 +25,11 @@ def inspect(model_file: str) -> None:
 
 
 def _register() -> None:
+    from .codegen import codegen_command
     from .protocol.keys import keys_command
 
     main.add_command(keys_command, "keys")
+    main.add_command(codegen_command, "codegen")
 
 
 _register()

@@ -1,0 +1,64 @@
+/* Integer fixed-point arithmetic shared by every kernel: the C form of device_runtime/arith.py.
+ *
+ * TFLite / gemmlowp semantics: a real multiplier M in (0, 2^31) is a Q31 int32 `multiplier` and a
+ * power-of-two `shift` (positive = left). Every function here must match arith.py bit for bit.
+ */
+#ifndef FEDTINY_ARITH_H
+#define FEDTINY_ARITH_H
+
+#include <stdint.h>
+
+/* (a * b * 2 + 2^31) >> 32, rounded half away from zero; the one overflow case saturates. */
+static inline int32_t fedtiny_saturating_rounding_doubling_high_mul(int32_t a, int32_t b)
+{
+    int64_t ab;
+    int64_t nudge;
+    if (a == INT32_MIN && b == INT32_MIN) {
+        return INT32_MAX;
+    }
+    ab = (int64_t)a * (int64_t)b;
+    nudge = ab >= 0 ? (int64_t)(1 << 30) : (int64_t)(1 - (1 << 30));
+    /* C's division truncates toward zero, as arith.py spells out. */
+    return (int32_t)((ab + nudge) / ((int64_t)1 << 31));
+}
+
+/* x / 2^exponent rounded to nearest, ties away from zero; exponent in [0, 31]. */
+static inline int32_t fedtiny_rounding_divide_by_pot(int32_t x, int32_t exponent)
+{
+    const uint32_t mask = (uint32_t)(((uint64_t)1 << exponent) - 1u);
+    const uint32_t remainder = (uint32_t)x & mask;
+    const uint32_t threshold = (mask >> 1) + (uint32_t)(x < 0);
+    return (x >> exponent) + (int32_t)(remainder > threshold); /* >> of a negative int is arithmetic on gcc */
+}
+
+/* Apply a quantized multiplier to x. x is int64 so that sums of two int32 terms saturate as in arith.py
+ * (which clips x << left to int32) instead of wrapping. */
+static inline int32_t fedtiny_multiply_by_quantized_multiplier(int64_t x, int32_t multiplier, int32_t shift)
+{
+    const int32_t left = shift > 0 ? shift : 0;
+    const int32_t right = shift > 0 ? 0 : -shift;
+    int64_t shifted = x * ((int64_t)1 << left);
+    if (shifted > INT32_MAX) {
+        shifted = INT32_MAX;
+    } else if (shifted < INT32_MIN) {
+        shifted = INT32_MIN;
+    }
+    return fedtiny_rounding_divide_by_pot(
+        fedtiny_saturating_rounding_doubling_high_mul((int32_t)shifted, multiplier), right);
+}
+
+/* int32/int64 accumulator -> int8: fixed-point multiply, add the output zero point, clamp (kernels.requantize). */
+static inline int8_t fedtiny_requantize(int64_t acc, int32_t multiplier, int32_t shift, int32_t zero_point,
+                                        int32_t act_min, int32_t act_max)
+{
+    int64_t y = (int64_t)fedtiny_multiply_by_quantized_multiplier(acc, multiplier, shift) + zero_point;
+    if (y < act_min) {
+        y = act_min;
+    }
+    if (y > act_max) {
+        y = act_max;
+    }
+    return (int8_t)y;
+}
+
+#endif /* FEDTINY_ARITH_H */

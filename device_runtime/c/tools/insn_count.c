@@ -1,0 +1,136 @@
+/* A QEMU TCG plugin (plugin API version 1, QEMU 7.2) that counts executed guest instructions.
+ *
+ *   qemu-system-arm ... -plugin ./libinsn.so[,begin=0xADDR,end=0xADDR][,out=FILE]
+ *
+ * Every instruction adds 1 to a counter (inline, so counts are exact and identical across runs). With
+ * begin/end addresses (the firmware's fedtiny_mark_begin / fedtiny_mark_end), it also sums the instructions
+ * executed from each begin to the next end ("region") and how many such regions ran. At exit it writes
+ * one line "insns total=T region=R regions=N" to FILE, or through qemu_plugin_outs (shown with -d plugin).
+ *
+ * Debian ships no qemu-plugin.h, so the few types and functions used are declared below as documented in
+ * QEMU's include/qemu/qemu-plugin.h. Built with: gcc -shared -fPIC -O2 -o libinsn.so insn_count.c
+ */
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the subset of qemu-plugin.h this plugin uses ---- */
+typedef uint64_t qemu_plugin_id_t;
+typedef struct qemu_info_t {
+    const char *target_name;
+    struct {
+        int min;
+        int cur;
+    } version;
+    bool system_emulation;
+    union {
+        struct {
+            int smp_vcpus;
+            int max_vcpus;
+        } system;
+    };
+} qemu_info_t;
+struct qemu_plugin_tb;
+struct qemu_plugin_insn;
+enum qemu_plugin_cb_flags { QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_CB_R_REGS, QEMU_PLUGIN_CB_RW_REGS };
+enum qemu_plugin_op { QEMU_PLUGIN_INLINE_ADD_U64 };
+typedef void (*qemu_plugin_vcpu_tb_trans_cb_t)(qemu_plugin_id_t id, struct qemu_plugin_tb *tb);
+typedef void (*qemu_plugin_vcpu_udata_cb_t)(unsigned int vcpu_index, void *userdata);
+typedef void (*qemu_plugin_udata_cb_t)(qemu_plugin_id_t id, void *userdata);
+
+void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t id, qemu_plugin_vcpu_tb_trans_cb_t cb);
+size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
+struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
+uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *insn);
+void qemu_plugin_register_vcpu_insn_exec_inline(struct qemu_plugin_insn *insn, enum qemu_plugin_op op,
+                                                void *ptr, uint64_t imm);
+void qemu_plugin_register_vcpu_insn_exec_cb(struct qemu_plugin_insn *insn, qemu_plugin_vcpu_udata_cb_t cb,
+                                            enum qemu_plugin_cb_flags flags, void *userdata);
+void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, qemu_plugin_udata_cb_t cb, void *userdata);
+void qemu_plugin_outs(const char *string);
+
+__attribute__((visibility("default"))) int qemu_plugin_version = 1;
+
+/* ---- the plugin ---- */
+static uint64_t total;      /* instructions executed (one vCPU on Cortex-M) */
+static uint64_t region;     /* instructions between begin and end markers, summed */
+static uint64_t regions;    /* completed begin..end regions */
+static uint64_t started_at; /* total when the current region began */
+static uint64_t begin_addr = UINT64_MAX, end_addr = UINT64_MAX;
+static char out_path[1024];
+
+static void on_begin(unsigned int vcpu_index, void *userdata)
+{
+    (void)vcpu_index;
+    (void)userdata;
+    started_at = total;
+}
+
+static void on_end(unsigned int vcpu_index, void *userdata)
+{
+    (void)vcpu_index;
+    (void)userdata;
+    region += total - started_at;
+    regions++;
+}
+
+static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    size_t i, n = qemu_plugin_tb_n_insns(tb);
+    (void)id;
+    for (i = 0; i < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        uint64_t pc = qemu_plugin_insn_vaddr(insn);
+        if (pc == begin_addr) {
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_begin, QEMU_PLUGIN_CB_NO_REGS, NULL);
+        }
+        if (pc == end_addr) {
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_end, QEMU_PLUGIN_CB_NO_REGS, NULL);
+        }
+        qemu_plugin_register_vcpu_insn_exec_inline(insn, QEMU_PLUGIN_INLINE_ADD_U64, &total, 1);
+    }
+}
+
+static void on_qemu_exit(qemu_plugin_id_t id, void *userdata)
+{
+    char line[160];
+    (void)id;
+    (void)userdata;
+    snprintf(line, sizeof line, "insns total=%" PRIu64 " region=%" PRIu64 " regions=%" PRIu64 "\n", total,
+             region, regions);
+    if (out_path[0]) {
+        FILE *f = fopen(out_path, "w");
+        if (f) {
+            fputs(line, f);
+            fclose(f);
+        }
+    } else {
+        qemu_plugin_outs(line);
+    }
+}
+
+__attribute__((visibility("default"))) int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
+                                                               int argc, char **argv)
+{
+    int i;
+    (void)info;
+    for (i = 0; i < argc; i++) {
+        if (strncmp(argv[i], "begin=", 6) == 0) {
+            begin_addr = strtoull(argv[i] + 6, NULL, 0) & ~(uint64_t)1; /* Thumb symbols have bit 0 set */
+        } else if (strncmp(argv[i], "end=", 4) == 0) {
+            end_addr = strtoull(argv[i] + 4, NULL, 0) & ~(uint64_t)1;
+        } else if (strncmp(argv[i], "out=", 4) == 0) {
+            snprintf(out_path, sizeof out_path, "%s", argv[i] + 4);
+        } else {
+            fprintf(stderr, "insn_count: unknown argument %s\n", argv[i]);
+            return -1;
+        }
+    }
+    qemu_plugin_register_vcpu_tb_trans_cb(id, on_translate);
+    qemu_plugin_register_atexit_cb(id, on_qemu_exit, NULL);
+    return 0;
+}

@@ -1,0 +1,229 @@
+"""C runtime: generated C on the host == the Python interpreter (exact int8), fast kernels == reference kernels,
+the Cortex-M4 firmware under QEMU prints the interpreter's digests, an over-budget model fails to link, and the
+instruction-counting plugin is deterministic.
+
+Tests that need gcc / arm-none-eabi-gcc / qemu-system-arm skip when a tool is missing, unless CI=true.
+"""
+
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from fedtiny import codegen, zoo
+from fedtiny.inspect import inference_arena
+from fedtiny.modelfile import save_model
+from fedtiny.quantize import quantize
+from fedtiny_device import cruntime, interpreter, kernels
+
+ZOO_CASES = {"sensor_cnn": ((3, 128), 5), "mobilenet": ((3, 16, 16), 10), "mlp": ((30,), 2)}
+
+
+def need(*tools):
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {', '.join(missing)} is missing")
+        pytest.skip(f"needs {', '.join(missing)}")
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cruntime_cache")
+
+
+def randomize_bn(model: nn.Module, rng: np.random.Generator) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters, so folding is exercised (fresh BN is an identity)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = m.num_features
+                m.running_mean.copy_(torch.from_numpy(rng.normal(0.0, 0.5, n)))
+                m.running_var.copy_(torch.from_numpy(rng.uniform(0.3, 2.0, n)))
+                m.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, n)))
+                m.bias.copy_(torch.from_numpy(rng.normal(0.0, 0.3, n)))
+    return model.eval()
+
+
+class Mixed(nn.Module):
+    """Ops the zoo does not use: grouped conv, padded max/avg pooling, an unfused ReLU (clamp), a real reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, stride=1, padding=1)
+        self.grouped = nn.Conv2d(8, 8, (3, 2), stride=(2, 1), padding=(1, 0), groups=2)
+        self.maxpool = nn.MaxPool2d(3, stride=1, padding=1)
+        self.avgpool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        self.fc = nn.Linear(8 * 3 * 3, 6)
+
+    def forward(self, x):
+        y = torch.relu(self.maxpool(self.grouped(self.conv(x))))
+        return self.fc(torch.flatten(self.avgpool(y), 1))
+
+
+def make_case(name: str, seed: int = 0):
+    """(graph, int8 test inputs) for a zoo model or "mixed", quantized with random calibration data."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    if name == "mixed":
+        shape, model = (4, 10, 7), Mixed().eval()
+    else:
+        shape, classes = ZOO_CASES[name]
+        model = randomize_bn(zoo.build(name, shape, classes), rng)
+    calib = rng.normal(0.0, 1.0, (64,) + shape).astype(np.float32)
+    graph = quantize(model, calib, name=name)
+    x = interpreter.quantize_input(graph, rng.normal(0.0, 1.0, (16,) + shape).astype(np.float32))
+    return graph, x
+
+
+def assert_equal_int8(actual, expected, what):
+    if not np.array_equal(actual, expected):
+        bad = np.argwhere(actual != expected)
+        lines = [f"{tuple(i)}: C {actual[tuple(i)]} != Python {expected[tuple(i)]}" for i in bad[:20]]
+        pytest.fail(f"{what}: {len(bad)} of {actual.size} values differ\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+@pytest.mark.parametrize("name", [*ZOO_CASES, "mixed"])
+def test_host_c_matches_interpreter(name, fast, cache):
+    need("gcc", "make")
+    graph, x = make_case(name)
+    expected = interpreter.run(graph, x)
+    actual = cruntime.CModel(graph, fast=fast, cache_dir=cache).run(x)
+    assert_equal_int8(actual, expected, f"{name} ({'fast' if fast else 'reference'} kernels)")
+
+
+def test_mixed_model_uses_every_kernel_kind():
+    graph, _ = make_case("mixed")
+    header, source = codegen.render_model(graph)
+    for kind in ("FEDTINY_OP_CONV2D,", "FEDTINY_OP_CONV2D_1X1", "FEDTINY_OP_MAXPOOL2D", "FEDTINY_OP_CLAMP",
+                 "FEDTINY_OP_AVGPOOL2D"):
+        assert kind in source, kind
+    mobilenet, _ = make_case("mobilenet")
+    assert "FEDTINY_OP_ADD" in codegen.render_model(mobilenet)[1]
+    assert "FEDTINY_OP_CONV2D_DEPTHWISE" in codegen.render_model(mobilenet)[1]
+
+
+def random_conv_case(rng, depthwise=False, pointwise=False):
+    h, w = rng.integers(1, 9, 2)
+    if depthwise:
+        cin = int(rng.integers(1, 12))
+        groups, cout = cin, cin
+        kh, kw = (int(k) for k in rng.integers(1, 6, 2))
+    elif pointwise:
+        cin, cout, groups, kh, kw = int(rng.integers(1, 40)), int(rng.integers(1, 20)), 1, 1, 1
+    else:
+        groups = int(rng.integers(1, 4))
+        cin, cout = groups * int(rng.integers(1, 5)), groups * int(rng.integers(1, 5))
+        kh, kw = (int(k) for k in rng.integers(1, 5, 2))
+    stride = [int(s) for s in rng.integers(1, 4, 2)]
+    padding = [0, 0, 0, 0] if pointwise else [int(p) for p in rng.integers(0, 3, 4)]
+    h, w = max(int(h), kh - padding[0] - padding[2]), max(int(w), kw - padding[1] - padding[3])
+    n = 3
+    x = rng.integers(-128, 128, (n, h, w, cin), dtype=np.int8)
+    weight = rng.integers(-127, 128, (cout, kh, kw, cin // groups), dtype=np.int8)
+    bias = rng.integers(-20000, 20000, cout).astype(np.int32)
+    bias[0] = rng.choice([2**31 - 1, -(2**31), 5])  # saturation of the int64 accumulator path
+    attrs = dict(x_zero_point=int(rng.integers(-128, 128)), y_zero_point=int(rng.integers(-128, 128)),
+                 stride=stride, padding=padding, groups=groups,
+                 multiplier=[int(m) for m in rng.integers(2**30, 2**31, cout)],
+                 shift=[int(s) for s in rng.integers(-31, 8, cout)],
+                 act_min=int(rng.integers(-128, 0)), act_max=int(rng.integers(0, 128)))
+    return x, weight, bias, attrs
+
+
+def test_fast_kernels_match_reference_kernels(cache):
+    need("gcc", "make")
+    lib = cruntime.KernelLibrary(cache)
+    rng = np.random.default_rng(1)
+    for i in range(300):
+        kind = ("general", "depthwise", "pointwise")[i % 3]
+        x, weight, bias, attrs = random_conv_case(rng, depthwise=kind == "depthwise", pointwise=kind == "pointwise")
+        expected = kernels.conv2d(x, weight, bias, **attrs)
+        what = f"case {i} {kind}: x {x.shape} w {weight.shape} {attrs['stride']} {attrs['padding']}"
+        assert_equal_int8(lib.conv2d("reference", x, weight, bias, **attrs), expected, f"reference, {what}")
+        if kind == "depthwise":
+            assert_equal_int8(lib.conv2d("depthwise", x, weight, bias, **attrs), expected, f"depthwise, {what}")
+        if kind == "pointwise":
+            assert_equal_int8(lib.conv2d("1x1", x, weight, bias, **attrs), expected, f"1x1, {what}")
+
+
+def test_fast_kernel_refuses_wrong_shape(cache):
+    need("gcc", "make")
+    lib = cruntime.KernelLibrary(cache)
+    x, weight, bias, attrs = random_conv_case(np.random.default_rng(2))
+    weight = np.zeros((2, 3, 3, x.shape[3]), dtype=np.int8)
+    attrs.update(groups=1, multiplier=[1 << 30] * 2, shift=[0, 0])
+    with pytest.raises(RuntimeError, match="status 1"):
+        lib.conv2d("1x1", x, weight, bias[:2], **attrs)
+
+
+def test_codegen_writes_arena_and_flash_tables(tmp_path):
+    graph, x = make_case("sensor_cnn")
+    out = codegen.generate(graph, tmp_path / "gen", x[:2])
+    for name in codegen.RUNTIME_FILES + codegen.GENERATED_FILES:
+        assert (out / name).exists(), name
+    header = (out / "model.h").read_text()
+    source = (out / "model.c").read_text()
+    assert f"#define FEDTINY_MODEL_ARENA_BYTES {inference_arena(graph).size}\n" in header
+    assert f"#define FEDTINY_MODEL_MACS {codegen.count_macs(graph)}UL" in header
+    assert "static const int8_t op0_weight[" in source and "static union" in source
+    assert "reshape" not in re.sub(r"/\*.*?\*/", "", source)  # aliases emit no op
+    assert "const uint32_t fedtiny_n_samples = 2;" in (out / "samples.c").read_text()
+
+
+def test_codegen_command(tmp_path):
+    graph, x = make_case("mlp")
+    save_model(graph, tmp_path / "m.ftm")
+    np.save(tmp_path / "s.npy", x[:3])
+    result = CliRunner().invoke(codegen.codegen_command, [str(tmp_path / "m.ftm"), "-o", str(tmp_path / "out"),
+                                                          "--samples", str(tmp_path / "s.npy")])
+    assert result.exit_code == 0, result.output
+    assert "arena" in result.output and (tmp_path / "out" / "Makefile").exists()
+    assert "fedtiny_n_samples = 3;" in (tmp_path / "out" / "samples.c").read_text()
+
+
+def test_m4_firmware_under_qemu_prints_interpreter_digests(cache):
+    need("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm", "make")
+    graph, x = make_case("sensor_cnn")
+    samples = x[:5]
+    elf = cruntime.build_firmware(graph, samples, cache_dir=cache)
+    result = cruntime.run_qemu(elf, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert cruntime.parse_digests(result.stdout) == cruntime.digests(interpreter.run(graph, samples))
+    usage = cruntime.memory_usage(elf)
+    arena = inference_arena(graph).size
+    assert arena <= usage[".bss"] and usage["ram"] <= 256 * 1024
+    print(f"\nsensor_cnn on M4: RAM {usage['ram']} B (arena {arena} B), flash {usage['flash']} B")
+
+
+def test_over_budget_arena_fails_to_link(cache):
+    need("arm-none-eabi-gcc", "make")
+    model = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1)).eval()
+    calib = np.random.default_rng(3).normal(size=(4, 1, 40000)).astype(np.float32)
+    graph = quantize(model, calib, name="too_big")
+    assert inference_arena(graph).size > 256 * 1024
+    with pytest.raises(cruntime.BuildError, match=r"region .RAM. overflowed"):
+        cruntime.build_firmware(graph, cache_dir=cache)
+
+
+def test_plugin_instruction_count_is_deterministic(cache):
+    need("gcc", "arm-none-eabi-gcc", "qemu-system-arm", "make")
+    graph, x = make_case("sensor_cnn")
+    macs = codegen.count_macs(graph)
+    counts = {}
+    for fast in (True, False):
+        elf = cruntime.build_firmware(graph, x[:2], fast=fast, cache_dir=cache)
+        first = cruntime.count_instructions(elf, timeout=60, cache_dir=cache)
+        second = cruntime.count_instructions(elf, timeout=60, cache_dir=cache)
+        assert first == second
+        assert first["regions"] == 2 and 0 < first["region"] < first["total"]
+        counts[fast] = first["region"] / first["regions"]
+    print(f"\nsensor_cnn: {macs} MACs/inference; fast {counts[True]:.0f} insns/inference "
+          f"({counts[True] / macs:.2f}/MAC), reference {counts[False]:.0f} ({counts[False] / macs:.2f}/MAC)")
+    assert counts[True] < counts[False]
