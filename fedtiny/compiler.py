@@ -257,24 +257,28 @@ def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = 
             op = graph.ops[s.attrs["op"]]
             backprop_scale[s.attrs["op"]] = _backprop_scale(graph.tensors[op.inputs[1]].scale)
 
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for index, s in enumerate(steps):
-        for name in s.writes + s.reads:
-            first.setdefault(name, index)
-            last[name] = index
-    end = len(steps) - 1
-    arena_buffers = [Buffer(name, spec.nbytes, 0 if spec.persistent else first[name],
-                            end if spec.persistent else last[name]) for name, spec in buffers.items()]
-    arena = plan_arena(arena_buffers)
-    check_plan(arena)
     s_logits = float(out.scale[0])
     exp_table = [int(v) for v in np.round(32768 * np.exp(-s_logits * np.arange(256)))]
-    plan = Plan(graph, scheme.name, steps, buffers, alias, arena.offsets, arena.size, updates, backprop_scale, exp_table,
+    plan = Plan(graph, scheme.name, steps, buffers, alias, {}, 0, updates, backprop_scale, exp_table,
                 lr, qas, budget, reserve)
+    arena = plan_arena(buffer_lifetimes(plan))
+    check_plan(arena)
+    plan.offsets, plan.arena_size = arena.offsets, arena.size
     if arena.size > budget - reserve:
         raise BudgetError(_over_budget_message(plan, arena))
     return plan
+
+
+def buffer_lifetimes(plan: Plan) -> list[Buffer]:
+    """Each buffer's [first, last] step; trainable copies live through the whole step (and between steps)."""
+    first, last = {}, {}
+    for index, step in enumerate(plan.steps):
+        for name in step.writes + step.reads:
+            first.setdefault(name, index)
+            last[name] = index
+    end = len(plan.steps) - 1
+    return [Buffer(n, b.nbytes, 0 if b.persistent else first.get(n, 0), end if b.persistent else last.get(n, 0))
+            for n, b in plan.buffers.items()]
 
 
 def _over_budget_message(plan: Plan, arena: ArenaPlan) -> str:
