@@ -33,3 +33,90 @@ def _register() -> None:
 
 
 _register()
+
+
+def parse_bytes(text: str) -> int:
+    """'256KB', '256K', '1MB', '262144' -> bytes (K = 1024)."""
+    units = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2}
+    s = text.strip().upper()
+    number = s.rstrip("KMGIB")
+    unit = s[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 256KB or 262144") from None
+    if unit not in units or value < 0:
+        raise click.BadParameter(f"{text!r} is not a size like 256KB or 262144")
+    return int(value * units[unit])
+
+
+def _model_for(model: str, data: str | None, seed: int):
+    """A quantized model from a .ftm file, or a zoo model pretrained on --data and quantized."""
+    from pathlib import Path
+
+    from .fileformat import FileFormatError
+    from .modelfile import load_model
+    from .zoo import ZOO
+
+    if Path(model).suffix == ".ftm" or Path(model).exists():
+        try:
+            return load_model(model)
+        except FileFormatError as err:
+            raise click.ClickException(str(err)) from err
+    if model not in ZOO:
+        raise click.ClickException(f"{model!r} is neither a model file nor a zoo model ({', '.join(ZOO)})")
+    from fedtiny_sim.scenarios import SCENARIOS, load_task, pretrained_graph
+
+    if data is None:
+        raise click.ClickException("a zoo model needs --data: a scenario (industrial, vision, medical) or a .npz/.csv")
+    is_file = data not in SCENARIOS
+    task = load_task(data, n_nodes=2, seed=seed, data_file=data if is_file else None)
+    task.model = model
+    return pretrained_graph(task, seed)
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="Zoo model: sensor_cnn, mobilenet or mlp.")
+@click.option("--data", required=True, help="Scenario (industrial, vision, medical) or a .npz/.csv file.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.ftm).")
+@click.option("--seed", default=0, show_default=True)
+def quantize(model_name: str, data: str, output: str, seed: int) -> None:
+    """Pretrain a zoo model in float on the host part of DATA, quantize it to int8 and save it."""
+    from .inspect import describe
+    from .modelfile import save_model
+
+    graph = _model_for(model_name, data, seed)
+    save_model(graph, output)
+    click.echo(describe(graph))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", default=None, help="With a zoo model name: scenario or .npz/.csv to pretrain and calibrate on.")
+@click.option("--scheme", default="sparse:3:-2@1/2", show_default=True,
+              help="classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme).")
+@click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
+@click.option("--reserve", default="64KB", show_default=True, help="SRAM kept for the network stack and firmware.")
+@click.option("--lr", default=0.05, show_default=True, type=float, help="SGD learning rate (QAS-scaled).")
+@click.option("--no-qas", is_flag=True, help="Naive int8 SGD without quantization-aware scaling (for ablations).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Plan file to write (.ftp).")
+@click.option("--seed", default=0, show_default=True)
+def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float, no_qas: bool, output, seed: int):
+    """Compile MODEL (a .ftm file or a zoo name) into a training plan and print its memory report."""
+    from .compiler import BudgetError, compile_plan
+    from .planfile import save_plan
+    from .scheme import SchemeError, parse
+
+    graph = _model_for(model, data, seed)
+    try:
+        plan = compile_plan(graph, parse(scheme, graph), lr=lr, qas=not no_qas, budget=parse_bytes(budget),
+                            reserve=parse_bytes(reserve))
+    except (SchemeError, BudgetError) as err:
+        raise click.ClickException(str(err)) from err
+    report = plan.memory_report()
+    click.echo(f"plan: scheme {scheme}, {len(plan.steps)} steps, lr {lr}, QAS {'off' if no_qas else 'on'}")
+    for key, value in report.items():
+        click.echo(f"  {key.replace('_', ' ')}: {value}")
+    if output:
+        save_plan(plan, output)
+        click.echo(f"wrote {output}")

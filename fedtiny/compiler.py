@@ -196,6 +196,8 @@ def _autodiff(graph: Graph, trainable: dict[int, tuple[int, bool]]) -> tuple[lis
 
 def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = True, budget: int = DEFAULT_BUDGET,
                  reserve: int = DEFAULT_RESERVE) -> Plan:
+    if not 0 <= reserve < budget:
+        raise BudgetError(f"the reserve ({reserve} bytes) must be smaller than the budget ({budget} bytes)")
     out = graph.tensors[graph.outputs[0]]
     if out.shape[:2] != (1, 1):
         raise ValueError(f"cross-entropy training needs logits of shape (1, 1, K), got {out.shape}")

@@ -1,0 +1,97 @@
+"""Scenarios: a task's data split into pretraining (the host), nodes (each device's own data) and a held-out test.
+
+  industrial  bearing vibration (the embedded default): sensor_cnn pretrained on machines 0..19, each node is
+              another machine with its own speed, load, resonance and noise (naturally non-IID)
+  vision      sklearn digits (8x8 images): mobilenet, nodes by a Dirichlet label split
+  medical     sklearn breast cancer (30 features): mlp, nodes by a Dirichlet label split
+  a file      .npz / .csv of the user's: mlp, nodes by its group column if it has one, else Dirichlet
+"""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .data import Dataset
+
+SCENARIOS = ("industrial", "vision", "medical")
+
+
+@dataclass
+class Task:
+    name: str
+    model: str  # zoo name
+    pretrain: Dataset
+    nodes: list[Dataset]
+    test: Dataset
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.pretrain.X.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.pretrain.classes)
+
+
+def _split_nodes(ds: Dataset, n_nodes: int, seed: int, alpha: float = 1.0) -> tuple[Dataset, list[Dataset], Dataset]:
+    rest, test = data.train_test_split(ds, 0.2, seed)
+    pretrain, fleet = data.train_test_split(rest, 0.7, seed + 1)  # 30% of the rest pretrains on the host
+    return pretrain, data.partition_dirichlet(fleet, n_nodes, alpha, seed), test
+
+
+def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None = None) -> Task:
+    if data_file is not None:
+        ds = data.load_user_data(data_file)
+        if len(np.unique(ds.group)) >= n_nodes:
+            rest, test = data.train_test_split(ds, 0.2, seed)
+            by_group = data.partition_by_group(rest)
+            groups = sorted(by_group)
+            pretrain = by_group[groups[0]]
+            nodes = [by_group[g] for g in groups[1:n_nodes + 1]] or [pretrain]
+        else:
+            pretrain, nodes, test = _split_nodes(ds, n_nodes, seed)
+        if ds.X.ndim == 2:
+            pretrain, test, *nodes = data.standardize(pretrain, test, *nodes)
+        model = "mlp" if ds.X.ndim == 2 else ("sensor_cnn" if ds.X.ndim == 3 else "mobilenet")
+        return Task(Path(data_file).stem, model, pretrain, list(nodes), test)
+    if scenario == "industrial":
+        pretrain = data.bearing_dataset(range(20), 40, seed=seed)
+        machines = [data.bearing_dataset([100 + i], 25, seed=seed) for i in range(n_nodes)]
+        splits = [data.train_test_split(m, 0.2, seed) for m in machines]
+        test = data.bearing_dataset(range(100, 100 + n_nodes), 5, seed=seed + 7)
+        return Task("industrial", "sensor_cnn", pretrain, [s[0] for s in splits], test)
+    if scenario == "vision":
+        pretrain, nodes, test = _split_nodes(data.load_digits(), n_nodes, seed)
+        return Task("vision", "mobilenet", pretrain, nodes, test)
+    if scenario == "medical":
+        pretrain, nodes, test = _split_nodes(data.load_breast_cancer(), n_nodes, seed)
+        pretrain, test, *nodes = data.standardize(pretrain, test, *nodes)
+        return Task("medical", "mlp", pretrain, list(nodes), test)
+    raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)} or give a data file")
+
+
+def pretrained_graph(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Path | None = None):
+    """Pretrain the float zoo model on the task's host data and quantize it; cached on disk by content."""
+    import torch
+
+    from fedtiny import zoo
+    from fedtiny.modelfile import load_model, save_model
+    from fedtiny.quantize import quantize
+    from fedtiny.train import fit
+
+    key = hashlib.sha256(task.pretrain.X.tobytes() + task.pretrain.y.tobytes()
+                         + f"{task.model}/{seed}/{epochs}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "fedtiny"
+    path = cache / f"{task.name}-{task.model}-{key}.ftm"
+    if path.exists():
+        return load_model(path)
+    torch.manual_seed(seed)
+    model = zoo.build(task.model, task.input_shape, task.num_classes)
+    fit(model, task.pretrain.X, task.pretrain.y, epochs=epochs, seed=seed)
+    graph = quantize(model, task.pretrain.X[:512], name=f"{task.name}-{task.model}", classes=task.pretrain.classes)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_model(graph, path)
+    return graph
