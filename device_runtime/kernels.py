@@ -166,9 +166,13 @@ def clamp(x, *, act_min, act_max):
     return np.clip(x, act_min, act_max).astype(np.int8)
 
 
-def activation_mask(y, act_min, act_max):
-    """Where the fused clamp (ReLU, ReLU6, int8 saturation) let the value through: the gradient passes there only."""
-    return (y > act_min) & (y < act_max)
+def activation_mask(y, mask_min, mask_max):
+    """Where the fused activation let the value through (mask_min < y < mask_max): the gradient passes there only.
+
+    The compiler sets the bounds from the activation (ReLU: its real-zero bound; ReLU6: also its upper bound) and
+    puts -129 / 128 where there is none, so int8 saturation passes gradients straight through: masking it
+    would freeze a saturated wrong logit forever."""
+    return (y > mask_min) & (y < mask_max)
 
 
 def add_grads(g_a, e_a: int, g_b, e_b: int) -> tuple[np.ndarray, int]:

@@ -81,7 +81,7 @@ class Trainer:
     def _mask_bits(self, s):
         op = self.graph.ops[s.attrs["op"]]
         y = self._act(op.outputs[0])
-        mask = kernels.activation_mask(y, op.attrs["act_min"], op.attrs["act_max"])
+        mask = kernels.activation_mask(y, s.attrs["mask_min"], s.attrs["mask_max"])
         self.view(s.writes[0])[...] = np.packbits(mask.reshape(-1), bitorder="little")
 
     def _loss_grad(self, s):
@@ -107,7 +107,7 @@ class Trainer:
             n = int(np.prod(self.graph.tensors[y].shape))
             mask = np.unpackbits(self.view(s.reads[1]), count=n, bitorder="little").astype(bool)
         else:
-            mask = kernels.activation_mask(self._act(y), op.attrs["act_min"], op.attrs["act_max"])
+            mask = kernels.activation_mask(self._act(y), s.attrs["mask_min"], s.attrs["mask_max"])
         g = self._grad(s.reads[0], y)
         self._grad(s.writes[0], y)[...] = np.where(mask.reshape(g.shape), g, 0)
         self.exponent[s.writes[0]] = self.exponent[s.reads[0]]

@@ -138,6 +138,15 @@ def _backprop_scale(s_w: np.ndarray) -> tuple[list[int], int]:
     return [int(v) for v in np.round(s_w * 2.0**k).astype(np.int64)], k
 
 
+def mask_bounds(op) -> tuple[int, int] | None:
+    """Exclusive int8 bounds inside which the op's activation passes gradients, or None if it has no activation.
+    ReLU clips at real zero (act_min); ReLU6 also at real six (act_max); int8 saturation is straight-through."""
+    activation = op.attrs.get("activation", "none")
+    if activation == "none":
+        return None
+    return op.attrs["act_min"], op.attrs["act_max"] if activation == "relu6" else 128
+
+
 def _autodiff(graph: Graph, trainable: dict[int, tuple[int, bool]]) -> tuple[list[Step], set[str]]:
     """Backward steps for the tensors between trainable tensors and the loss. Returns (steps, masked outputs)."""
     needs_grad: set[str] = set()
@@ -166,9 +175,10 @@ def _autodiff(graph: Graph, trainable: dict[int, tuple[int, bool]]) -> tuple[lis
         if len(parts) > 1:  # a fan-out: sum what each reader sent back
             g_y = grad_name(y)
             steps.append(Step("grad_add", parts, [g_y]))
-        if "act_min" in op.attrs:
+        bounds = mask_bounds(op)
+        if bounds is not None:
             masked = g_y if shared[g_y] <= 1 else f"{grad_name(y)}~masked"
-            steps.append(Step("grad_mask", [g_y, y], [masked], dict(op=i)))
+            steps.append(Step("grad_mask", [g_y, y], [masked], dict(op=i, mask_min=bounds[0], mask_max=bounds[1])))
             g_y = masked
         x = op.inputs[0]
         if op.kind == "conv2d":
@@ -229,7 +239,8 @@ def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = 
                        if used] if op.kind == "conv2d" else []
         forward.append(Step("forward", [n for n in op.inputs if n in alias] + train_reads, [y], dict(op=i)))
         if y in bit_masked:
-            forward.append(Step("mask_bits", [y], [f"{y}.mask"], dict(op=i)))
+            lo, hi = mask_bounds(op)
+            forward.append(Step("mask_bits", [y], [f"{y}.mask"], dict(op=i, mask_min=lo, mask_max=hi)))
     steps = forward + backward
     for s in steps:  # every name a step touches, resolved to the buffer that holds its bytes
         s.reads = [alias.get(n, n) for n in s.reads]

@@ -8,6 +8,7 @@ Ops and their attributes (all ints or lists of ints, so the graph serializes to 
   conv2d    inputs (x, weight, bias) -> y. weight (Cout, KH, KW, Cin/groups) int8, symmetric per output channel;
             bias int32 at scale s_x * s_w. attrs: stride [sh, sw], padding [top, left, bottom, right], groups,
             multiplier [Cout], shift [Cout] (requantization s_x*s_w/s_y), act_min, act_max (fused ReLU/ReLU6).
+            activation: "none" | "relu" | "relu6", the fused function act_min/act_max implement.
   add       inputs (a, b) -> y. TFLite's ADD: attrs left_shift, a_multiplier, a_shift, b_multiplier, b_shift,
             out_multiplier, out_shift, act_min, act_max.
   avgpool2d inputs (x,) -> y, same quantization as x. attrs kernel [kh, kw], stride, padding.
@@ -22,14 +23,15 @@ import numpy as np
 
 # op kind -> (number of inputs, attributes it must carry)
 OP_SIGNATURES = {
-    "conv2d": (3, ("stride", "padding", "groups", "multiplier", "shift", "act_min", "act_max")),
+    "conv2d": (3, ("stride", "padding", "groups", "multiplier", "shift", "act_min", "act_max", "activation")),
     "add": (2, ("left_shift", "a_multiplier", "a_shift", "b_multiplier", "b_shift", "out_multiplier", "out_shift",
-                "act_min", "act_max")),
+                "act_min", "act_max", "activation")),
     "avgpool2d": (1, ("kernel", "stride", "padding")),
     "maxpool2d": (1, ("kernel", "stride", "padding")),
     "reshape": (1, ()),
-    "clamp": (1, ("act_min", "act_max")),
+    "clamp": (1, ("act_min", "act_max", "activation")),
 }
+ACTIVATIONS = ("none", "relu", "relu6")  # the fused function; act_min/act_max are its int8 bounds
 OP_KINDS = tuple(OP_SIGNATURES)
 DTYPES = {"int8": np.int8, "int16": np.int16, "int32": np.int32, "uint8": np.uint8}
 
@@ -116,6 +118,8 @@ def validate(graph: Graph) -> None:
         missing = [a for a in required if a not in op.attrs]
         if missing:
             raise GraphError(f"op {op.kind} ({op.origin}) lacks attributes {missing}")
+        if op.attrs.get("activation", "none") not in ACTIVATIONS:
+            raise GraphError(f"op {op.kind} ({op.origin}) has unknown activation {op.attrs['activation']!r}")
         for name in op.inputs:
             if name not in graph.tensors:
                 raise GraphError(f"op {op.kind} ({op.origin}) reads undefined tensor {name!r}")

@@ -263,6 +263,13 @@ def _asymmetric(lo: float, hi: float) -> tuple[float, int]:
     return scale, zero_point
 
 
+def _activation(act) -> str:
+    """The fused activation's name; training masks its bounds, not plain int8 saturation."""
+    if act is None:
+        return "none"
+    return "relu" if np.isinf(act[1]) else "relu6"
+
+
 def _act_bounds(act, scale, zero_point) -> tuple[int, int]:
     if act is None:
         return -128, 127
@@ -301,16 +308,18 @@ def quantize(model: nn.Module, calibration: np.ndarray, *, name: str = "model", 
             tensors[f"{y}.weight"] = Tensor(f"{y}.weight", w_q.shape, "int8", s_w, 0, w_q)
             tensors[f"{y}.bias"] = Tensor(f"{y}.bias", b_q.shape, "int32", s_x * s_w, 0, b_q)
             inputs += [f"{y}.weight", f"{y}.bias"]
-            attrs.update(multiplier=list(mult), shift=list(shift), act_min=act_min, act_max=act_max)
+            attrs.update(multiplier=list(mult), shift=list(shift), act_min=act_min, act_max=act_max,
+                         activation=_activation(fop.act))
         elif fop.kind == "add":
             s_a, s_b = qparams[fop.inputs[0]][0], qparams[fop.inputs[1]][0]
             twice_max = 2 * max(s_a, s_b)
             (am, ash), (bm, bsh) = quantize_multiplier(s_a / twice_max), quantize_multiplier(s_b / twice_max)
             om, osh = quantize_multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * s_y))
             attrs = dict(left_shift=ADD_LEFT_SHIFT, a_multiplier=am, a_shift=ash, b_multiplier=bm, b_shift=bsh,
-                         out_multiplier=om, out_shift=osh, act_min=act_min, act_max=act_max)
+                         out_multiplier=om, out_shift=osh, act_min=act_min, act_max=act_max,
+                         activation=_activation(fop.act))
         elif fop.kind == "clamp":
-            attrs = dict(act_min=act_min, act_max=act_max)
+            attrs = dict(act_min=act_min, act_max=act_max, activation=_activation(fop.act))
         ops.append(Op(fop.kind, inputs, [y], attrs, str(fop.origin)))
     meta = dict(name=name, input_shape=list(fg.input_shape),
                 classes=[str(c) for c in classes] if classes is not None else None)

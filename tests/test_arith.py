@@ -63,5 +63,28 @@ def test_multiply_by_quantized_multiplier_is_close_to_real_product():
 
 
 def test_left_shift_saturates_instead_of_wrapping():
+    # x << left is clamped to int32 before the Q31 multiply (the C runtime does the same), so an overflowing
+    # accumulator never wraps to the other sign: INT32_MAX * 4.0 gives INT32_MAX * 0.5, not a negative number.
     q, shift = quantize_multiplier(4.0)
-    assert multiply_by_quantized_multiplier(np.array([INT32_MAX]), q, shift)[0] == INT32_MAX
+    assert multiply_by_quantized_multiplier(np.array([INT32_MAX, INT32_MIN]), q, shift).tolist() == [2**30, -(2**30)]
+
+
+def test_stochastic_update_is_unbiased_and_exact_when_whole():
+    from fedtiny_device.arith import splitmix64, stochastic_update
+
+    n = 20000
+    # S * m * 2^(shift - 15 + e) = 3 * 16384 * 2^(0 - 15 - 2) = 0.375 LSB per element
+    delta = stochastic_update(np.full(n, 3), np.array([16384]), np.array([0]), -2, splitmix64(7, n))
+    assert set(np.unique(delta)) == {0, 1}
+    assert abs(delta.mean() - 0.375) < 0.02
+    negative = stochastic_update(np.full(n, -3), np.array([16384]), np.array([0]), -2, splitmix64(8, n))
+    assert abs(negative.mean() + 0.375) < 0.02
+    whole = stochastic_update(np.array([5, -5]), np.array([16384]), np.array([1]), 0, splitmix64(9, 2))
+    assert whole.tolist() == [5, -5]  # 5 * 2^14 * 2^(1 - 15) = 5: no rounding, no randomness
+
+
+def test_splitmix64_matches_the_published_sequence():
+    from fedtiny_device.arith import splitmix64
+
+    # SplitMix64 seeded with 0: the reference implementation's first outputs
+    assert splitmix64(0, 2).tolist() == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]

@@ -58,9 +58,12 @@ def autograd_mirror(graph, x_int8, label: int):
         else:  # clamp
             y = xs[0]
         ours = ints[y_name]
+        # the activation's derivative: 0 where ReLU / ReLU6 clipped; int8 saturation is straight-through
         passes = torch.ones(y.shape, dtype=torch.float64)
-        if "act_min" in op.attrs:
-            passes = torch.tensor(((ours > op.attrs["act_min"]) & (ours < op.attrs["act_max"])).astype(np.float64))
+        activation = op.attrs.get("activation", "none")
+        if activation != "none":
+            upper = op.attrs["act_max"] if activation == "relu6" else 128
+            passes = torch.tensor(((ours > op.attrs["act_min"]) & (ours < upper)).astype(np.float64))
         value = deq(y_name, ours) + (y - y.detach()) * passes
         value.retain_grad()
         values[y_name] = value
