@@ -23,7 +23,8 @@ def _conv2d(graph: Graph, op: Op, x, weight, bias):
 def _add(graph: Graph, op: Op, a, b):
     t = graph.tensors
     return kernels.add(a, b, a_zero_point=t[op.inputs[0]].zero_point, b_zero_point=t[op.inputs[1]].zero_point,
-                       y_zero_point=t[op.outputs[0]].zero_point, **op.attrs)
+                       y_zero_point=t[op.outputs[0]].zero_point,
+                       **{k: v for k, v in op.attrs.items() if k != "activation"})
 
 
 def _reshape(graph: Graph, op: Op, x):
@@ -37,7 +38,7 @@ FORWARD = {
                                                         **op.attrs),
     "maxpool2d": lambda graph, op, x: kernels.maxpool2d(x, **op.attrs),
     "reshape": _reshape,
-    "clamp": lambda graph, op, x: kernels.clamp(x, **op.attrs),
+    "clamp": lambda graph, op, x: kernels.clamp(x, act_min=op.attrs["act_min"], act_max=op.attrs["act_max"]),
 }
 
 

@@ -54,20 +54,24 @@ def loads(data: bytes, kind: bytes, source: str = "<bytes>") -> tuple[dict, dict
     magic, version, got_kind, head_len, blob_len = _FIXED.unpack_from(data)
     if magic != MAGIC:
         fail(f"not a fedtiny file (magic {magic!r}, expected {MAGIC!r})")
+    newer = f"format version {version} is newer than this fedtiny reads ({FORMAT_VERSION}); upgrade fedtiny"
+    expected = _FIXED.size + head_len + blob_len + _DIGEST
+    if len(data) != expected:  # the lengths do not add up: cut short, padded, or a header we cannot trust
+        if version > FORMAT_VERSION:
+            fail(f"{newer} (or the file is corrupted)")
+        if len(data) < expected:
+            fail(f"truncated: {len(data)} bytes of {expected}")
+        fail(f"corrupted: {len(data) - expected} unexpected bytes after the checksum")
+    # Only a verified header is believed: a flipped version or kind byte must read as damage, not as news.
+    body = data[: expected - _DIGEST]
+    if hashlib.sha256(body).digest() != data[expected - _DIGEST:]:
+        fail("checksum mismatch: the file is corrupted")
     if version > FORMAT_VERSION:
-        fail(f"format version {version} is newer than this fedtiny reads ({FORMAT_VERSION}); upgrade fedtiny")
+        fail(newer)
     if version < 1:
         fail(f"invalid format version {version}")
     if got_kind != kind:
         fail(f"holds a {got_kind.decode(errors='replace')!r} where a {kind.decode()!r} file was expected")
-    expected = _FIXED.size + head_len + blob_len + _DIGEST
-    if len(data) < expected:
-        fail(f"truncated: {len(data)} bytes of {expected}")
-    if len(data) > expected:
-        fail(f"{len(data) - expected} unexpected bytes after the checksum")
-    body = data[: expected - _DIGEST]
-    if hashlib.sha256(body).digest() != data[expected - _DIGEST:]:
-        fail("checksum mismatch: the file is corrupted")
     try:
         header = json.loads(body[_FIXED.size: _FIXED.size + head_len])
         blob = memoryview(body)[_FIXED.size + head_len:]

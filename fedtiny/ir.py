@@ -135,12 +135,26 @@ def validate(graph: Graph) -> None:
         if name not in defined:
             raise GraphError(f"graph output {name!r} is never computed")
     for op in graph.ops:
+        for key in ("stride", "kernel"):
+            if key in op.attrs and (len(op.attrs[key]) != 2 or min(op.attrs[key]) < 1):
+                raise GraphError(f"op {op.kind} ({op.origin}) has invalid {key} {op.attrs[key]}")
+        if "padding" in op.attrs and (len(op.attrs["padding"]) != 4 or min(op.attrs["padding"]) < 0):
+            raise GraphError(f"op {op.kind} ({op.origin}) has invalid padding {op.attrs['padding']}")
         _check_shapes(graph, op)
     for t in graph.tensors.values():
         if t.dtype not in DTYPES:
             raise GraphError(f"tensor {t.name!r} has unknown dtype {t.dtype!r}")
         if t.data is not None and tuple(t.data.shape) != tuple(t.shape):
             raise GraphError(f"tensor {t.name!r} data shape {t.data.shape} does not match {t.shape}")
+        if t.data is not None and t.data.dtype != np.dtype(DTYPES[t.dtype]):
+            raise GraphError(f"tensor {t.name!r} stores {t.data.dtype} but declares {t.dtype}")
+        if t.data is None and (len(t.shape) != 3 or min(t.shape) < 1 or t.dtype != "int8"):
+            raise GraphError(f"activation {t.name!r} must be int8 of shape (H, W, C), got {t.dtype} {t.shape}")
+        if t.dtype == "int8" and not -128 <= t.zero_point <= 127:
+            raise GraphError(f"tensor {t.name!r} has zero point {t.zero_point} outside int8")
+        scale = np.asarray(t.scale)
+        if scale.ndim != 1 or len(scale) not in (1, t.shape[0]) or not np.all(np.isfinite(scale) & (scale > 0)):
+            raise GraphError(f"tensor {t.name!r} needs one positive scale or one per channel, got {scale.tolist()}")
 
 
 def output_shape(graph: Graph, op: Op) -> tuple[int, ...]:

@@ -43,7 +43,7 @@ def graph_from(header: dict, arrays: dict[str, np.ndarray], source: str) -> Grap
         validate(graph)
     except FileFormatError:
         raise
-    except (GraphError, KeyError, TypeError, ValueError) as err:
+    except (GraphError, KeyError, TypeError, ValueError, IndexError, ArithmeticError) as err:
         raise FileFormatError(f"{source}: invalid model: {err}") from err
     return graph
 

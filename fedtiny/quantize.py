@@ -82,6 +82,8 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
         traced = fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for data-dependent control flow
         raise UnsupportedOpError(f"cannot trace the model with torch.fx: {err}") from err
+    if sum(node.op == "placeholder" for node in traced.graph.nodes) != 1:
+        raise UnsupportedOpError("models with more than one input are not supported")
     ShapeProp(traced).propagate(torch.zeros((1,) + tuple(input_shape)))
     modules = dict(traced.named_modules())
     ops: list[FloatOp] = []
@@ -167,12 +169,17 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             if prev is None or prev.kind != "conv2d" or prev.act is not None or not sole_user(src):
                 raise UnsupportedOpError(f"{type(mod).__name__} at {node.target} must directly follow a conv or "
                                          "linear layer whose output nothing else reads, so that it can be folded")
-            scale = (mod.weight.detach().double() / torch.sqrt(mod.running_var.double() + mod.eps)).numpy()
+            if mod.running_mean is None or mod.running_var is None:
+                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target} has no running statistics "
+                                         "(track_running_stats=False); only inference-mode batch norm can be folded")
+            gamma = mod.weight.detach().double() if mod.weight is not None else torch.ones_like(mod.running_var).double()
+            beta = mod.bias.detach().double().numpy() if mod.bias is not None else 0.0
+            scale = (gamma / torch.sqrt(mod.running_var.double() + mod.eps)).numpy()
             prev.weight = prev.weight * scale[:, None, None, None]
-            prev.bias = (prev.bias - mod.running_mean.double().numpy()) * scale + mod.bias.detach().double().numpy()
+            prev.bias = (prev.bias - mod.running_mean.double().numpy()) * scale + beta
             prev.origin = f"{prev.origin}+{node.target}"
             alias(node, src)
-        elif isinstance(mod, nn.ReLU) or fn in (F.relu, torch.relu):
+        elif isinstance(mod, nn.ReLU) or fn in (F.relu, torch.relu) or (node.op == "call_method" and fn == "relu"):
             fuse_act(node, args[0], 0.0, float("inf"))
         elif isinstance(mod, nn.ReLU6) or fn is F.relu6:
             fuse_act(node, args[0], 0.0, 6.0)
@@ -191,6 +198,8 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             if mod.ceil_mode or (is_max and _pair(mod.dilation, one_d) != (1, 1)):
                 raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: ceil_mode and dilation are not supported")
             ph, pw = _pair(mod.padding, one_d, unit=0)
+            if not is_max and getattr(mod, "divisor_override", None) is not None:
+                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: divisor_override is not supported")
             if not is_max and (ph or pw) and mod.count_include_pad:
                 raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: padded average pooling must set "
                                          "count_include_pad=False (the device averages valid elements only)")
@@ -199,9 +208,14 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
                          dict(kernel=list(_pair(mod.kernel_size, one_d)), stride=list(_pair(stride, one_d)),
                               padding=[ph, pw, ph, pw])), node)
         elif isinstance(mod, nn.Flatten) or fn is torch.flatten or (node.op == "call_method" and fn == "flatten"):
-            start = mod.start_dim if mod is not None else (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
-            if start != 1:
-                raise UnsupportedOpError(f"flatten at {origin(node)} must keep the batch axis (start_dim=1)")
+            if mod is not None:
+                start, end = mod.start_dim, mod.end_dim
+            else:
+                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+                end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            if start != 1 or end != -1:
+                raise UnsupportedOpError(f"flatten at {origin(node)} must flatten everything but the batch axis "
+                                         f"(start_dim=1, end_dim=-1), got {start}, {end}")
             src = args[0]
             if shapes[src][:2] == (1, 1):
                 alias(node, src)

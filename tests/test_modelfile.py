@@ -118,10 +118,6 @@ def test_every_flipped_byte_is_refused(data):
             from_bytes(bytes(damaged))
 
 
-_FIXED_HEADER_BUG = pytest.mark.xfail(strict=True, reason=(
-    "bug: fileformat.loads interprets version, kind and lengths before it verifies the SHA-256, so a damaged "
-    "fixed header is reported as a newer version ('upgrade fedtiny'), another kind, or trailing bytes"))
-
 
 def _flip(data, offset):
     damaged = bytearray(data)
@@ -140,12 +136,12 @@ def _shrink_field(data, offset):
 
 
 DAMAGE = [
-    pytest.param(lambda d: _flip(d, 4), id="version byte", marks=_FIXED_HEADER_BUG),
-    pytest.param(lambda d: _flip(d, 7), id="kind byte", marks=_FIXED_HEADER_BUG),
+    pytest.param(lambda d: _flip(d, 4), id="version byte"),
+    pytest.param(lambda d: _flip(d, 7), id="kind byte"),
     pytest.param(lambda d: _grow_field(d, 10), id="header length grown"),
-    pytest.param(lambda d: _shrink_field(d, 10), id="header length shrunk", marks=_FIXED_HEADER_BUG),
+    pytest.param(lambda d: _shrink_field(d, 10), id="header length shrunk"),
     pytest.param(lambda d: _grow_field(d, 14), id="blob length grown"),
-    pytest.param(lambda d: _shrink_field(d, 14), id="blob length shrunk", marks=_FIXED_HEADER_BUG),
+    pytest.param(lambda d: _shrink_field(d, 14), id="blob length shrunk"),
     pytest.param(lambda d: _flip(d, FIXED.size + 1), id="header first bytes"),
     pytest.param(lambda d: _flip(d, FIXED.size + FIXED.unpack_from(d)[3] // 2), id="header middle"),
     pytest.param(lambda d: _flip(d, len(d) - 40), id="blob"),
@@ -276,7 +272,7 @@ INVALID = {
     "attrs not an object": _set(["ops", 0, "attrs"], [1]),
 }
 
-# Invalid models that do not yet give a FileFormatError: strict xfails, so a fix turns them into XPASS.
+# Invalid models that once escaped as other exceptions or loaded without complaint.
 INVALID_GAPS = {
     "stride 0 (ZeroDivisionError in ir.output_shape)": _set(["ops", 0, "attrs", "stride"], [0, 1]),
     "activation of rank 2 (IndexError in ir._check_shapes)": _set(["tensors", 0, "shape"], [6, 12]),
@@ -300,8 +296,6 @@ def test_invalid_graph_with_valid_checksum_is_a_file_format_error(graph, case):
         from_bytes(_edited(graph, INVALID[case]))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: modelfile.graph_from/ir.validate let this invalid model through or "
-                                       "let a non-FileFormatError escape")
 @pytest.mark.parametrize("case", list(INVALID_GAPS), ids=list(INVALID_GAPS))
 def test_invalid_graph_gaps(graph, case):
     with pytest.raises(FileFormatError, match="invalid model"):

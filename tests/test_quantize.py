@@ -142,19 +142,14 @@ def test_unsupported_op_is_refused_with_op_and_module_path(case):
         assert word in str(err.value), (word, str(err.value))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "bug: quantize.lower runs ShapeProp with one sample before it checks the number of placeholders, so a "
-    "two-input model fails with torch.fx's RuntimeError instead of UnsupportedOpError"))
 def test_model_with_two_inputs_is_refused():
     with pytest.raises(UnsupportedOpError, match="more than one input"):
         quantize(TwoInputs().eval(), _samples((6,), n=8))
 
 
-# Settings that are neither supported nor refused today: another exception type escapes. Each should work or be
-# an UnsupportedOpError; strict xfails, so that a fix shows up as XPASS and its marker is removed.
+# Settings that once let another exception type escape: each must work or be an UnsupportedOpError.
 def _gap(model, shape, raises, what):
-    return pytest.param(model, shape, id=what, marks=pytest.mark.xfail(strict=True, raises=raises, reason=(
-        f"bug: quantize() lets {raises.__name__} escape for {what}")))
+    return pytest.param(model, shape, id=what)
 
 
 GAPS = [
@@ -180,8 +175,6 @@ def test_batchnorm_and_flatten_variants_work_or_are_refused(model, shape):
     np.testing.assert_allclose(_to_torch_layout(float_forward(fg, to_hwc(x))[fg.output], ref), ref, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: AvgPool2d(divisor_override=...) is accepted and silently lowered "
-                                       "as a plain average, so the int8 model computes a different function")
 def test_avgpool_divisor_override_is_refused():
     model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.AvgPool2d(2, divisor_override=3)).eval()
     with pytest.raises(UnsupportedOpError, match="AvgPool2d"):
