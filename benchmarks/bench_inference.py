@@ -10,13 +10,8 @@ Prints a Markdown table and writes it into BENCHMARKS.md under "## Inference: zo
 """
 
 import argparse
-import datetime
-import platform
-import re
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +22,8 @@ from fedtiny.quantize import quantize
 from fedtiny_device.interpreter import predict, quantize_input, run
 from fedtiny_sim import data
 
-ROOT = Path(__file__).resolve().parent.parent
+from report import provenance, single_thread, write_section
+
 SECTION = "## Inference: zoo models (issue 2)"
 CALIBRATION_SAMPLES = 256
 
@@ -109,24 +105,11 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = re.search(r"^Model name:\s*(.+)$", lscpu, re.M).group(1).strip()
-        cpus = re.search(r"^CPU\(s\):\s*(\d+)$", lscpu, re.M).group(1)
-    except (OSError, subprocess.CalledProcessError, AttributeError):
-        model, cpus = platform.processor() or "unknown CPU", "?"
-    return f"{model}, {cpus} logical CPUs"
-
-
 def section(rows, descriptions, args) -> str:
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     tasks_text = "\n".join(f"- `{name}`: {text}" for name, text in descriptions.items())
     return f"""{SECTION}
 
-Command: `python benchmarks/bench_inference.py` (repeats {args.repeats}, {args.timed} timed test samples per model).
-Machine: {machine()}; Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__};
-{date} (UTC).
+{provenance(f"python benchmarks/bench_inference.py --repeats {args.repeats} --timed {args.timed}")}
 
 Tasks (float training with Adam, calibration on {CALIBRATION_SAMPLES} training samples):
 {tasks_text}
@@ -145,19 +128,6 @@ Tasks (float training with Adam, calibration on {CALIBRATION_SAMPLES} training s
 """
 
 
-def write_section(text: str, path: Path) -> None:
-    """Replace our section of BENCHMARKS.md (up to the next "## " heading), or append it; others' sections stay."""
-    intro = ("# Benchmarks\n\nMeasured results of fedtiny, each section written by the benchmark named in it. "
-             "Rerun the command of a section to refresh it.\n")
-    old = path.read_text() if path.exists() else intro
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text.rstrip() + "\n\n", old, count=1)
-    else:
-        new = old.rstrip() + "\n\n" + text
-    path.write_text(new.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed passes; the median is reported")
@@ -165,12 +135,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="only print, do not update BENCHMARKS.md")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
-        threadpool_limits(1)
-    except ImportError:
-        pass
+    single_thread()
     rows, descriptions = [], {}
     for name, (train_set, test_set, epochs, text) in tasks().items():
         descriptions[name] = text
@@ -178,8 +143,8 @@ def main() -> None:
         print(f"{name}: done", flush=True)
     print(table(rows))
     if not args.no_write:
-        write_section(section(rows, descriptions, args), ROOT / "BENCHMARKS.md")
-        print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+        write_section(SECTION, section(rows, descriptions, args))
+        print("wrote BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .arith import multiply_by_quantized_multiplier, narrow_to_int16
 
 
-def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int) -> int:
-    return (size + pad_before + pad_after - kernel) // stride + 1
-
-
 def _windows(x, kernel, stride, padding, pad_value):
     """(N, H, W, C) -> (N, OH, OW, KH, KW, C) views of each receptive field, padding filled with pad_value."""
     top, left, bottom, right = padding

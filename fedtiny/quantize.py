@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fedtiny_device.arith import quantize_multiplier
-from fedtiny_device.kernels import _windows, conv_output_size
+from fedtiny_device.kernels import _windows
 
 from .ir import Graph, Op, Tensor, to_hwc, validate
 

@@ -4,7 +4,6 @@ import os
 import queue
 import shutil
 import socket
-import ssl
 import time
 
 import numpy as np

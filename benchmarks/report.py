@@ -1,0 +1,53 @@
+"""What every benchmark here prints with its numbers: the machine, and its own section of BENCHMARKS.md."""
+
+import datetime
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = re.search(r"^Model name:\s*(.+)$", lscpu, re.M).group(1).strip()
+        cpus = re.search(r"^CPU\(s\):\s*(\d+)$", lscpu, re.M).group(1)
+    except (OSError, subprocess.CalledProcessError, AttributeError):
+        model, cpus = platform.processor() or "unknown CPU", "?"
+    return f"{model}, {cpus} logical CPUs"
+
+
+def provenance(command: str) -> str:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return (f"Command: `{command}`.\nMachine: {machine()}; Python {platform.python_version()}, torch {torch.__version__},"
+            f" numpy {np.__version__}; {date} (UTC).")
+
+
+def write_section(heading: str, text: str, path: Path = BENCHMARKS) -> None:
+    """Replace the section under `heading` (up to the next "## " heading), or append it; others' sections stay."""
+    intro = ("# Benchmarks\n\nMeasured results of fedtiny, each section written by the benchmark named in it. "
+             "Rerun the command of a section to refresh it.\n")
+    old = path.read_text() if path.exists() else intro
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: text.rstrip() + "\n\n", old, count=1)
+    else:
+        new = old.rstrip() + "\n\n" + text
+    path.write_text(new.rstrip() + "\n")
+
+
+def single_thread() -> None:
+    """One thread for torch and numpy's BLAS, so speeds compare one core with one core."""
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
