@@ -5,6 +5,10 @@
 - `build_firmware(graph, samples)` -> the Cortex-M4 ELF; `run_qemu(elf)` runs it on mps2-an386 (semihosting);
   `memory_usage(elf)` reads `arm-none-eabi-size -A`; `count_instructions(elf)` runs it under our QEMU TCG
   plugin (c/tools/insn_count.c) and returns exact executed-instruction counts.
+- `CTrainer(plan, seed)`: the generated C of a training plan on the host, with the API of the Python
+  `fedtiny_device.trainer.Trainer` (step, trainable_state, load_trainable_state, rng_counter), so the simulator
+  can swap it in; `build_train_firmware(plan, samples, labels, seed, steps)` -> the training firmware ELF, which
+  prints `trainable_digest(state)` of its final state.
 - `KernelLibrary` calls single kernels (reference and fast conv paths) for the kernel tests.
 Cache: $FEDTINY_CACHE or ~/.cache/fedtiny, subfolder cruntime/<sha256 of the sources>-<target>.
 """
@@ -26,6 +30,7 @@ from fedtiny.ir import Graph
 
 QEMU_MACHINE = "mps2-an386"
 ELF_NAME = "fedtiny_model.elf"
+TRAIN_ELF_NAME = "fedtiny_train.elf"
 HOST_LIB = "libfedtiny_model.so"
 
 
@@ -121,6 +126,160 @@ class CModel:
         return y
 
 
+# ---- training plans -------------------------------------------------------------------------------------------
+
+def plan_sources(plan, samples: np.ndarray | None = None, labels: np.ndarray | None = None, seed: int = 0,
+                 steps: int | None = None, fast: bool = True, with_samples: bool = True) -> dict[str, str | bytes]:
+    """Every file of a generated training build folder, by name (what `codegen.generate_plan` writes)."""
+    header, source = codegen.render_plan(plan, fast)
+    files: dict[str, str | bytes] = {"model.h": header, "model.c": source}
+    if with_samples:
+        files["samples.c"] = codegen.render_train_samples(plan, samples, labels, seed, steps)
+    rt = codegen.runtime_dir()
+    for name in codegen.RUNTIME_FILES:
+        files[name] = (rt / name).read_bytes()
+    return files
+
+
+def build_plan_host(plan, fast: bool = True, cache_dir: Path | None = None) -> Path:
+    return _make(plan_sources(plan, fast=fast, with_samples=False), "host", HOST_LIB, cache_dir)
+
+
+def build_train_firmware(plan, samples: np.ndarray | None = None, labels: np.ndarray | None = None, seed: int = 0,
+                         steps: int | None = None, fast: bool = True, cache_dir: Path | None = None) -> Path:
+    """The Cortex-M4 training firmware: `steps` steps on samples/labels in flash, then one line
+    `trained N steps digest XXXXXXXX rng HHHHHHHHLLLLLLLL`. Raises BuildError if it does not fit."""
+    return _make(plan_sources(plan, samples, labels, seed, steps, fast), "m4-train", TRAIN_ELF_NAME, cache_dir)
+
+
+def trainable_digest(plan, state: dict[str, np.ndarray]) -> str:
+    """FNV-1a 32 of the trainable buffers' bytes (little-endian) in the plan's buffer order, as the firmware
+    prints it."""
+    data = b"".join(np.ascontiguousarray(state[name]).astype(state[name].dtype.newbyteorder("<")).tobytes()
+                    for name in plan.trainable_buffers())
+    return f"{fnv1a(data):08x}"
+
+
+def parse_train_result(stdout: str) -> tuple[int, str, int] | None:
+    """(steps, digest, rng counter) from the training firmware's last line, or None."""
+    m = re.search(r"^trained (\d+) steps digest ([0-9a-f]{8}) rng ([0-9a-f]{16})$", stdout, flags=re.M)
+    return (int(m[1]), m[2], int(m[3], 16)) if m else None
+
+
+# One shared library per distinct plan source; its arena is the trainable state of whichever CTrainer stepped
+# last. Each CTrainer keeps its own state (trainable bytes + counter) and loads it into the library before it
+# steps when another trainer of the same plan used it in between, so any number of nodes can share one build.
+_LIBRARIES: dict[str, ctypes.CDLL] = {}
+_OWNER: dict[str, "CTrainer"] = {}
+
+
+class CTrainer:
+    """The generated C training step on the host (ctypes), a drop-in for fedtiny_device.trainer.Trainer."""
+
+    def __init__(self, plan, seed: int = 0, fast: bool = True, cache_dir: Path | None = None):
+        self.plan = plan
+        self.graph = plan.graph
+        self.path = str(build_plan_host(plan, fast, cache_dir))
+        if self.path not in _LIBRARIES:
+            lib = ctypes.CDLL(self.path)
+            lib.fedtiny_model_train_init.argtypes = [ctypes.c_uint32]
+            lib.fedtiny_model_train_init.restype = None
+            lib.fedtiny_model_train_batch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32,
+                                                      ctypes.c_void_p]
+            lib.fedtiny_model_train_batch.restype = ctypes.c_int
+            lib.fedtiny_model_arena.restype = ctypes.c_void_p
+            lib.fedtiny_model_rng_counter.restype = ctypes.c_uint64
+            lib.fedtiny_model_set_rng_counter.argtypes = [ctypes.c_uint64]
+            lib.fedtiny_model_set_rng_counter.restype = None
+            _LIBRARIES[self.path] = lib
+        self.lib = _LIBRARIES[self.path]
+        size = plan.arena_size
+        self._arena = np.ctypeslib.as_array((ctypes.c_uint8 * max(1, size)).from_address(self.lib.fedtiny_model_arena()))
+        self.input_shape = tuple(self.graph.tensors[self.graph.inputs[0]].shape)
+        self.last_label_probability = 0.0
+        if _OWNER.get(self.path) is not None:
+            _OWNER[self.path]._sync()  # init below overwrites the library's arena
+        self.lib.fedtiny_model_train_init(seed & 0xFFFFFF)
+        self._counter = (seed & 0xFFFFFF) << 40
+        self._state = self._read_state()
+        _OWNER[self.path] = self
+
+    # --- the library's arena <-> this trainer's state ---------------------------------------------------------
+    def _view(self, name: str) -> np.ndarray:
+        spec = self.plan.buffers[name]
+        offset = self.plan.offsets[name]
+        return self._arena[offset: offset + spec.nbytes].view(np.dtype(spec.dtype)).reshape(spec.shape)
+
+    def _read_state(self) -> dict[str, np.ndarray]:
+        return {name: self._view(name).copy() for name in self.plan.trainable_buffers()}
+
+    def _own(self) -> None:
+        owner = _OWNER.get(self.path)
+        if owner is not self:
+            if owner is not None:
+                owner._sync()
+            for name, values in self._state.items():
+                self._view(name)[...] = values
+            self.lib.fedtiny_model_set_rng_counter(self._counter)
+            _OWNER[self.path] = self
+
+    def _sync(self) -> None:
+        if _OWNER.get(self.path) is self:
+            self._state = self._read_state()
+            self._counter = int(self.lib.fedtiny_model_rng_counter())
+
+    # --- the Trainer API --------------------------------------------------------------------------------------
+    @property
+    def rng_counter(self) -> int:
+        self._sync()
+        return self._counter
+
+    @rng_counter.setter
+    def rng_counter(self, value: int) -> None:
+        self._own()
+        self.lib.fedtiny_model_set_rng_counter(int(value) & (2**64 - 1))
+        self._counter = int(value)
+
+    def step(self, x: np.ndarray, label: int) -> float:
+        """One training step on an int8 sample (H, W, C); returns the loss from the Q15 label probability."""
+        return self.steps(np.asarray(x).reshape((1,) + self.input_shape), np.asarray([label]))[-1]
+
+    def steps(self, xs: np.ndarray, labels: np.ndarray) -> list[float]:
+        """len(xs) steps in one C call (same result as calling step on each); returns each step's loss."""
+        xs = np.ascontiguousarray(xs, dtype=np.int8)
+        if xs.dtype != np.int8 or tuple(xs.shape[1:]) != self.input_shape:
+            raise ValueError(f"samples must be int8 of shape (N, {', '.join(map(str, self.input_shape))})")
+        labels = np.ascontiguousarray(labels, dtype=np.int32)
+        q15 = np.zeros(len(xs), dtype=np.int32)
+        self._own()
+        status = self.lib.fedtiny_model_train_batch(xs.ctypes.data, labels.ctypes.data, len(xs), q15.ctypes.data)
+        if status != 0:
+            raise RuntimeError(f"fedtiny_model_train_batch failed with status {status}")
+        self.last_label_probability = int(q15[-1]) / 32768
+        return [float(-np.log(max(int(q) / 32768, 2.0**-15))) for q in q15]
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        self._sync()
+        return {name: values.copy() for name, values in self._state.items()}
+
+    def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        self._own()
+        for name in self.plan.trainable_buffers():
+            self._view(name)[...] = state[name]
+        self._state = self._read_state()
+
+    def export_graph(self):
+        """The model with the trained values in place of the original weights and biases."""
+        from fedtiny.ir import Graph, Tensor
+
+        tensors = dict(self.graph.tensors)
+        for name, rows in self.trainable_state().items():
+            t = self.graph.tensors[name[len("train:"):]]
+            data = np.concatenate([rows, t.data[len(rows):]]) if len(rows) < len(t.data) else rows
+            tensors[t.name] = Tensor(t.name, t.shape, t.dtype, t.scale, t.zero_point, data.copy())
+        return Graph(tensors, self.graph.ops, self.graph.inputs, self.graph.outputs, dict(self.graph.meta))
+
+
 # ---- firmware: QEMU, memory, digests, instruction counts ---------------------------------------------------
 
 @dataclass
@@ -199,7 +358,8 @@ class Conv2dParams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in (
         "in_h", "in_w", "in_c", "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h", "stride_w",
         "pad_top", "pad_left", "groups", "in_zero_point", "out_zero_point", "act_min", "act_max")] + [
-        (n, ctypes.c_void_p) for n in ("weight", "bias", "multiplier", "shift")]
+        (n, ctypes.c_void_p) for n in ("weight", "bias", "multiplier", "shift", "weight_sram", "bias_sram")] + [
+        ("sram_rows", ctypes.c_int32)]
 
 
 class KernelLibrary:

@@ -18,7 +18,7 @@ from .inspect import inference_arena, storage_of
 from .ir import Graph, Op
 
 RUNTIME_FILES = ("fedtiny_arith.h", "fedtiny_kernels.h", "fedtiny_kernels.c", "fedtiny_runtime.h",
-                 "fedtiny_runtime.c", "firmware_main.c", "fedtiny_m4.ld", "Makefile")
+                 "fedtiny_runtime.c", "firmware_main.c", "firmware_train.c", "fedtiny_m4.ld", "Makefile")
 GENERATED_FILES = ("model.h", "model.c", "samples.c")
 
 
@@ -97,7 +97,7 @@ def _struct(ctype: str, name: str, fields: dict) -> str:
     return f"static const {ctype} {name} = {{\n{body}}};\n"
 
 
-def _render_conv2d(graph: Graph, op: Op, name: str) -> str:
+def _render_conv2d(graph: Graph, op: Op, name: str, extra: dict | None = None) -> str:
     t, a = graph.tensors, op.attrs
     x, w, b, y = t[op.inputs[0]], t[op.inputs[1]], t[op.inputs[2]], t[op.outputs[0]]
     cout, kh, kw, _ = w.shape
@@ -110,6 +110,7 @@ def _render_conv2d(graph: Graph, op: Op, name: str) -> str:
                   in_zero_point=x.zero_point, out_zero_point=y.zero_point, act_min=a["act_min"],
                   act_max=a["act_max"], weight=f"{name}_weight", bias=f"{name}_bias",
                   multiplier=f"{name}_multiplier", shift=f"{name}_shift")
+    fields.update(extra or {})
     return decls + _struct("fedtiny_conv2d_params", f"{name}_params", fields)
 
 
@@ -190,7 +191,8 @@ def render_model(graph: Graph, fast: bool = True) -> tuple[str, str]:
         f"static union {{ uint64_t align; uint8_t bytes[{max(1, scratch)}]; }} scratch;\n\n"
         "const fedtiny_graph fedtiny_model_graph = {\n"
         f"    ops, {len(rows)}, arena.bytes, {plan.size}, scratch.bytes, {scratch},\n"
-        f"    {offset[graph.inputs[0]]}, {x.nbytes}, {offset[graph.outputs[0]]}, {y.nbytes},\n}};\n\n"
+        f"    {offset[graph.inputs[0]]}, {x.nbytes}, {offset[graph.outputs[0]]}, {y.nbytes},\n"
+        "    0, 0, 0, /* no exponent table or train state: inference only */\n};\n\n"
         "fedtiny_status fedtiny_model_run(const int8_t *input, int8_t *output)\n{\n"
         "    return fedtiny_run(&fedtiny_model_graph, input, output);\n}\n\n"
         "fedtiny_status fedtiny_model_run_batch(const int8_t *inputs, int8_t *outputs, uint32_t n)\n{\n"
@@ -230,20 +232,339 @@ def generate(graph: Graph, out_dir: str | Path, samples: np.ndarray | None = Non
     return out
 
 
+# ---- training plans -----------------------------------------------------------------------------------------
+# A plan (fedtiny.compiler) becomes the same kind of op table: its forward ops, then one row per training step.
+# Frozen weights stay `const` (flash); the trainable rows and biases live in the arena at the plan's offsets and
+# the forward conv reads them there (params.weight_sram / bias_sram). Gradient exponents sit in a static int32
+# table, one per gradient buffer; each training step's fedtiny_train_step_params holds their indexes.
+
+# plan step kind -> C op kind (forward steps take the inference kernel choice)
+TRAIN_STEP_KIND = {
+    "mask_bits": "FEDTINY_OP_MASK_BITS",
+    "loss_grad": "FEDTINY_OP_LOSS_GRAD",
+    "grad_add": "FEDTINY_OP_GRAD_ADD",
+    "grad_mask": "FEDTINY_OP_GRAD_MASK",  # FEDTINY_OP_GRAD_MASK_BITS when the plan saved a bit mask
+    "conv2d_input_grad": "FEDTINY_OP_CONV2D_INPUT_GRAD",
+    "conv2d_weight_update": "FEDTINY_OP_CONV2D_WEIGHT_UPDATE",
+    "conv2d_bias_update": "FEDTINY_OP_CONV2D_BIAS_UPDATE",
+    "avgpool2d_input_grad": "FEDTINY_OP_AVGPOOL2D_INPUT_GRAD",
+    "maxpool2d_input_grad": "FEDTINY_OP_MAXPOOL2D_INPUT_GRAD",
+}
+
+# plan step kind -> scratch bytes, mirroring the backward kernels' _scratch_bytes() (an int64 per input element)
+TRAIN_SCRATCH_BYTES = {
+    "conv2d_input_grad": lambda graph, op: 8 * int(np.prod(graph.tensors[op.inputs[0]].shape)),
+    "avgpool2d_input_grad": lambda graph, op: 8 * int(np.prod(graph.tensors[op.inputs[0]].shape)),
+    "maxpool2d_input_grad": lambda graph, op: 8 * int(np.prod(graph.tensors[op.inputs[0]].shape)),
+}
+
+
+def plan_scratch_bytes(plan, fast: bool = True) -> int:
+    graph = plan.graph
+    forward = scratch_bytes(graph, fast)
+    backward = [TRAIN_SCRATCH_BYTES[s.kind](graph, graph.ops[s.attrs["op"]]) for s in plan.steps
+                if s.kind in TRAIN_SCRATCH_BYTES]
+    return max([forward] + backward)
+
+
+def gradient_buffers(plan) -> list[str]:
+    """The plan's gradient buffers in order of first write: index i is entry i of the C exponent table."""
+    names: list[str] = []
+    for s in plan.steps:
+        for name in s.writes:
+            if name.startswith("grad:") and name not in names:
+                names.append(name)
+    return names
+
+
+def count_train_macs(plan) -> dict[str, int]:
+    """Multiply-accumulates of one training step, counted from the plan: forward (every conv), input gradients
+    (a transposed conv costs what its forward conv does), weight-gradient sums (trainable rows x window x
+    positions) and bias sums (out_c x positions, additions). The per-element update (one multiply) is left out."""
+    graph = plan.graph
+    forward = count_macs(graph)
+    input_grad = weight_grad = bias_grad = 0
+    for s in plan.steps:
+        if s.kind not in ("conv2d_input_grad", "conv2d_weight_update", "conv2d_bias_update"):
+            continue
+        op = graph.ops[s.attrs["op"]]
+        oh, ow, cout = graph.tensors[op.outputs[0]].shape
+        _, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
+        if s.kind == "conv2d_input_grad":
+            input_grad += oh * ow * cout * kh * kw * cin_g
+        elif s.kind == "conv2d_weight_update":
+            weight_grad += oh * ow * s.attrs["channels"] * kh * kw * cin_g
+        else:
+            bias_grad += oh * ow * cout
+    return dict(forward=forward, input_grad=input_grad, weight_grad=weight_grad, bias_grad=bias_grad,
+                total=forward + input_grad + weight_grad + bias_grad)
+
+
+def _mask_bounds(step, op) -> dict:
+    """The exclusive int8 bounds inside which a mask lets gradients pass: the step's own (mask_min, mask_max)
+    when the compiler set them, else the op's clamp bounds."""
+    return dict(act_min=step.attrs.get("mask_min", op.attrs["act_min"]),
+                act_max=step.attrs.get("mask_max", op.attrs["act_max"]))
+
+
+def _arena_ptr(ctype: str, offset: int) -> str:
+    return f"(const {ctype} *)(const void *)&arena.bytes[{offset}]"
+
+
+def _step_params(name: str, kernel: str, size: int = 0, grad_in=(), grad_out: int = 0) -> str:
+    fields = dict(kernel=kernel, size=size, grad_in="{" + ", ".join(str(i) for i in grad_in or (0,)) + "}",
+                  grad_out=grad_out)
+    return _struct("fedtiny_train_step_params", name, fields)
+
+
+def render_plan(plan, fast: bool = True) -> tuple[str, str]:
+    """(model.h, model.c) for a training plan: fedtiny_model_train_init / _train_step / _train_batch."""
+    graph = plan.graph
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ValueError("codegen needs a graph with exactly one input and one output")
+    t, off, storage = graph.tensors, plan.offsets, plan.storage
+    buf_off = lambda name: off[storage.get(name, name)]
+    grads = gradient_buffers(plan)
+    gi = {name: i for i, name in enumerate(grads)}
+    if len(grads) > 255:
+        raise ValueError("more than 255 gradient buffers")
+    x, y = t[graph.inputs[0]], t[graph.outputs[0]]
+    scratch = plan_scratch_bytes(plan, fast)
+    trainable = plan.trainable_buffers()
+
+    decls = []
+    for i, op in enumerate(graph.ops):
+        if op.kind == "reshape":
+            continue
+        name = f"op{i}"
+        extra = {}
+        if op.kind == "conv2d":
+            w_train, b_train = f"train:{op.inputs[1]}", f"train:{op.inputs[2]}"
+            if w_train in plan.buffers:
+                extra.update(weight_sram=_arena_ptr("int8_t", off[w_train]), sram_rows=plan.buffers[w_train].shape[0])
+            if b_train in plan.buffers:
+                extra["bias_sram"] = _arena_ptr("int32_t", off[b_train])
+        shapes = " + ".join(str(tuple(t[n].shape)) for n in op.inputs if not t[n].is_constant)
+        decls.append(f"/* op {i}: {op.kind} {op.origin}: {shapes} -> {tuple(t[op.outputs[0]].shape)} */\n"
+                     + (_render_conv2d(graph, op, name, extra) if op.kind == "conv2d" else RENDER[op.kind](graph, op, name)))
+
+    rows = []
+    for j, s in enumerate(plan.steps):
+        name = f"step{j}"
+        op = graph.ops[s.attrs["op"]] if "op" in s.attrs else None
+        i = s.attrs.get("op")
+        note = f"/* step {j}: {s.kind} {', '.join(s.reads)} -> {', '.join(s.writes)} */\n"
+        if s.kind == "forward":
+            kind = kernel_of(graph, op, fast)
+            ins = [n for n in op.inputs if not t[n].is_constant]
+            operands, params = [buf_off(n) for n in ins] + [buf_off(op.outputs[0])], f"op{i}_params"
+            n_in = len(ins)
+        else:
+            kind = TRAIN_STEP_KIND[s.kind]
+            text = ""
+            size = 0
+            g_in = [gi[n] for n in s.reads if n in gi]
+            g_out = gi.get(s.writes[0], 0)
+            if s.kind == "mask_bits":
+                text = _struct("fedtiny_grad_mask_params", f"{name}_mask", dict(
+                    size=int(np.prod(t[op.outputs[0]].shape)), **_mask_bounds(s, op)))
+                kernel, ins = f"&{name}_mask", s.reads
+            elif s.kind == "grad_mask":
+                kind = "FEDTINY_OP_GRAD_MASK_BITS" if s.attrs.get("bits") else "FEDTINY_OP_GRAD_MASK"
+                size = int(np.prod(t[op.outputs[0]].shape))
+                text = _struct("fedtiny_grad_mask_params", f"{name}_mask", dict(size=size, **_mask_bounds(s, op)))
+                kernel, ins = f"&{name}_mask", s.reads
+            elif s.kind == "loss_grad":
+                text = (_c_array("uint16_t", "exp_table", plan.exp_table)
+                        + _struct("fedtiny_loss_params", f"{name}_loss",
+                                  dict(classes=int(np.prod(y.shape)), exp_table="exp_table")))
+                kernel, ins = f"&{name}_loss", s.reads
+            elif s.kind == "grad_add":
+                if len(s.reads) > 5:
+                    raise ValueError(f"grad_add of {len(s.reads)} gradients: the C runtime sums at most 5")
+                tensor = s.writes[0][len("grad:"):].split("@")[0].split("~")[0]
+                size = int(np.prod(t[tensor].shape))
+                kernel, ins = "0", s.reads
+            elif s.kind == "conv2d_input_grad":
+                ws, k = plan.backprop_scale[i]
+                text = (_c_array("int32_t", f"{name}_ws", ws)
+                        + _struct("fedtiny_conv2d_input_grad_params", f"{name}_grad",
+                                  dict(conv=f"&op{i}_params", ws=f"{name}_ws", k=k)))
+                kernel, ins = f"&{name}_grad", s.reads[:1]
+            elif s.kind in ("conv2d_weight_update", "conv2d_bias_update"):
+                upd = plan.updates[i]
+                weights = s.kind == "conv2d_weight_update"
+                m, sh = (upd.weight_m, upd.weight_shift) if weights else (upd.bias_m, upd.bias_shift)
+                text = (_c_array("int32_t", f"{name}_m", m) + _c_array("int32_t", f"{name}_shift", sh)
+                        + _struct("fedtiny_conv2d_update_params", f"{name}_update", dict(
+                            conv=f"&op{i}_params", channels=upd.channels if weights else len(m),
+                            m=f"{name}_m", shift=f"{name}_shift")))
+                kernel, ins = f"&{name}_update", s.reads[:2] if weights else s.reads[:1]
+            elif s.kind == "avgpool2d_input_grad":
+                kernel, ins = f"&op{i}_params", s.reads[:1]
+            elif s.kind == "maxpool2d_input_grad":
+                kernel, ins = f"&op{i}_params", s.reads[:2]
+            else:
+                raise ValueError(f"unknown plan step {s.kind!r}")
+            decls.append(note + text + _step_params(f"{name}_params", kernel, size, g_in, g_out))
+            note = ""
+            operands, params, n_in = [off[n] for n in ins] + [off[s.writes[0]]], f"{name}_params", len(ins)
+        if len(operands) > 6:
+            raise ValueError(f"step {j} ({s.kind}) has {len(operands)} operands; the runtime takes at most 6")
+        rows.append(f"    {{{kind}, {n_in}, 1, {{{', '.join(map(str, operands))}}}, &{params}}}, /* {j}: {s.kind} */")
+
+    init = []
+    for b in trainable:
+        tensor = b[len("train:"):]
+        i = next(k for k, op in enumerate(graph.ops) if tensor in op.inputs and op.kind == "conv2d")
+        src = f"op{i}_weight" if graph.ops[i].inputs[1] == tensor else f"op{i}_bias"
+        init.append(f"    {{{off[b]}, {plan.buffers[b].nbytes}, (const void *){src}}}, /* {b} */")
+    macs = count_train_macs(plan)
+    trainable_bytes = sum(plan.buffers[b].nbytes for b in trainable)
+    guard = "FEDTINY_MODEL_H"
+    banner = _banner(graph).replace(". Do not edit.", f", training plan '{plan.scheme}'. Do not edit.")
+    header = (
+        banner + f"#ifndef {guard}\n#define {guard}\n\n#include <stdint.h>\n\n#include \"fedtiny_runtime.h\"\n\n"
+        "#define FEDTINY_MODEL_TRAINING 1\n"
+        f"#define FEDTINY_MODEL_INPUT_H {x.shape[0]}\n#define FEDTINY_MODEL_INPUT_W {x.shape[1]}\n"
+        f"#define FEDTINY_MODEL_INPUT_C {x.shape[2]}\n#define FEDTINY_MODEL_INPUT_BYTES {x.nbytes}\n"
+        f"#define FEDTINY_MODEL_OUTPUT_BYTES {y.nbytes}\n#define FEDTINY_MODEL_ARENA_BYTES {plan.arena_size}\n"
+        f"#define FEDTINY_MODEL_SCRATCH_BYTES {scratch}\n#define FEDTINY_MODEL_N_OPS {len(rows)}\n"
+        f"#define FEDTINY_MODEL_N_GRADIENTS {len(grads)}\n#define FEDTINY_MODEL_N_TRAINABLE {len(trainable)}\n"
+        f"#define FEDTINY_MODEL_TRAINABLE_BYTES {trainable_bytes}\n"
+        f"#define FEDTINY_MODEL_MACS {macs['forward']}UL\n#define FEDTINY_MODEL_TRAIN_MACS {macs['total']}UL\n\n"
+        "extern const fedtiny_graph fedtiny_model_graph;\n\n"
+        "/* Copy the trainable rows and biases from flash into the arena; counter = (seed mod 2^24) << 40. */\n"
+        "void fedtiny_model_train_init(uint32_t seed);\n"
+        "/* One training step on one sample: input (H, W, C) int8 and its class label. */\n"
+        "fedtiny_status fedtiny_model_train_step(const int8_t *input, int32_t label);\n"
+        "/* n steps back to back (the host binding's entry point); label_q15[i] gets each step's Q15 label\n"
+        " * probability when not NULL. */\n"
+        "fedtiny_status fedtiny_model_train_batch(const int8_t *inputs, const int32_t *labels, uint32_t n,\n"
+        "                                         int32_t *label_q15);\n"
+        "uint8_t *fedtiny_model_arena(void);\n"
+        "uint64_t fedtiny_model_rng_counter(void);\n"
+        "void fedtiny_model_set_rng_counter(uint64_t counter);\n"
+        "/* FNV-1a 32 over the trainable buffers' bytes, in the plan's buffer order. */\n"
+        "uint32_t fedtiny_model_trainable_digest(void);\n\n"
+        f"#endif /* {guard} */\n")
+    source = (
+        banner + "#include \"model.h\"\n\n#include <string.h>\n\n"
+        "/* the union aligns the arena and scratch to 8 bytes, as the planner assumes */\n"
+        f"static union {{ uint64_t align; uint8_t bytes[{max(1, plan.arena_size)}]; }} arena;\n"
+        f"static union {{ uint64_t align; uint8_t bytes[{max(1, scratch)}]; }} scratch;\n"
+        f"static int32_t exponents[{max(1, len(grads))}]; /* "
+        + ", ".join(f"{k}: {n}" for k, n in enumerate(grads)) + " */\n"
+        "static fedtiny_train_state state;\n\n"
+        + "\n".join(decls) + "\n"
+        f"static const fedtiny_op ops[{len(rows)}] = {{\n" + "\n".join(rows) + "\n};\n\n"
+        "const fedtiny_graph fedtiny_model_graph = {\n"
+        f"    ops, {len(rows)}, arena.bytes, {plan.arena_size}, scratch.bytes, {scratch},\n"
+        f"    {buf_off(graph.inputs[0])}, {x.nbytes}, {buf_off(graph.outputs[0])}, {y.nbytes},\n"
+        f"    exponents, {max(1, len(grads))}, &state,\n}};\n\n"
+        "/* trainable buffers: arena offset, bytes, initial values in flash */\n"
+        "static const struct { uint32_t offset, bytes; const void *initial; } trainables["
+        f"{max(1, len(init))}] = {{\n" + ("\n".join(init) or "    {0, 0, 0},") + "\n};\n\n"
+        "void fedtiny_model_train_init(uint32_t seed)\n{\n    uint32_t i;\n"
+        f"    for (i = 0; i < {len(init)}u; i++) {{\n"
+        "        memcpy(arena.bytes + trainables[i].offset, trainables[i].initial, trainables[i].bytes);\n    }\n"
+        "    state.rng_counter = (uint64_t)(seed & 0xFFFFFFu) << 40;\n}\n\n"
+        "fedtiny_status fedtiny_model_train_step(const int8_t *input, int32_t label)\n{\n"
+        "    return fedtiny_train_step(&fedtiny_model_graph, input, label);\n}\n\n"
+        "fedtiny_status fedtiny_model_train_batch(const int8_t *inputs, const int32_t *labels, uint32_t n,\n"
+        "                                         int32_t *label_q15)\n{\n"
+        "    uint32_t i;\n    for (i = 0; i < n; i++) {\n"
+        "        fedtiny_status status = fedtiny_model_train_step(inputs + i * FEDTINY_MODEL_INPUT_BYTES, labels[i]);\n"
+        "        if (status != FEDTINY_OK) {\n            return status;\n        }\n"
+        "        if (label_q15 != 0) {\n            label_q15[i] = state.label_q15;\n        }\n    }\n"
+        "    return FEDTINY_OK;\n}\n\n"
+        "uint8_t *fedtiny_model_arena(void) { return arena.bytes; }\n"
+        "uint64_t fedtiny_model_rng_counter(void) { return state.rng_counter; }\n"
+        "void fedtiny_model_set_rng_counter(uint64_t counter) { state.rng_counter = counter; }\n\n"
+        "uint32_t fedtiny_model_trainable_digest(void)\n{\n    uint32_t h = 2166136261u, i, j;\n"
+        f"    for (i = 0; i < {len(init)}u; i++) {{\n"
+        "        for (j = 0; j < trainables[i].bytes; j++) {\n"
+        "            h = (h ^ arena.bytes[trainables[i].offset + j]) * 16777619u;\n        }\n    }\n"
+        "    return h;\n}\n")
+    return header, source
+
+
+def render_train_samples(plan, samples: np.ndarray | None, labels: np.ndarray | None, seed: int = 0,
+                         steps: int | None = None) -> str:
+    """samples.c for the training firmware: int8 samples (N, H, W, C) and labels (N,) in flash; step i trains on
+    sample i mod N. None -> one sample of input zero points with label 0."""
+    graph = plan.graph
+    x = graph.tensors[graph.inputs[0]]
+    if samples is None:
+        samples = np.full((1,) + tuple(x.shape), x.zero_point, dtype=np.int8)
+    samples = np.asarray(samples)
+    if samples.dtype != np.int8 or tuple(samples.shape[1:]) != tuple(x.shape) or len(samples) == 0:
+        raise ValueError(f"samples must be int8 of shape (N, {', '.join(map(str, x.shape))}), "
+                         f"got {samples.dtype} {samples.shape}")
+    labels = np.zeros(len(samples), dtype=np.int32) if labels is None else np.asarray(labels).astype(np.int32)
+    classes = int(np.prod(graph.tensors[graph.outputs[0]].shape))
+    if labels.shape != (len(samples),) or labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"labels must be {len(samples)} class indexes in 0..{classes - 1}")
+    steps = len(samples) if steps is None else int(steps)
+    return (_banner(graph) + "#include <stdint.h>\n\n"
+            f"const uint32_t fedtiny_n_samples = {len(samples)};\n"
+            f"const uint32_t fedtiny_train_steps = {steps};\n"
+            f"const uint32_t fedtiny_train_seed = {int(seed) & 0xFFFFFF};\n"
+            + _c_array("int8_t", "fedtiny_samples", samples).replace("static const", "const")
+            + _c_array("int32_t", "fedtiny_labels", labels).replace("static const", "const"))
+
+
+def generate_plan(plan, out_dir: str | Path, samples: np.ndarray | None = None, labels: np.ndarray | None = None,
+                  seed: int = 0, steps: int | None = None, fast: bool = True) -> Path:
+    """Write a training plan's model.c, model.h, samples.c (samples + labels), the runtime and the Makefile
+    (targets host and m4-train)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header, source = render_plan(plan, fast)
+    (out / "model.h").write_text(header)
+    (out / "model.c").write_text(source)
+    (out / "samples.c").write_text(render_train_samples(plan, samples, labels, seed, steps))
+    src = runtime_dir()
+    for name in RUNTIME_FILES:
+        shutil.copyfile(src / name, out / name)
+    return out
+
+
+def file_kind(path: str | Path) -> bytes:
+    """The container kind of a fedtiny file (b"MODL", b"PLAN"), from its fixed header."""
+    from .fileformat import MAGIC, FileFormatError
+
+    with open(path, "rb") as f:
+        head = f.read(10)
+    if len(head) < 10 or head[:4] != MAGIC:
+        raise FileFormatError(f"{path}: not a fedtiny file")
+    return head[6:10]
+
+
 @click.command("codegen")
 @click.argument("model_file", type=click.Path(dir_okay=False, exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for model.c, model.h, samples.c, the runtime sources and the Makefile.")
 @click.option("--samples", "samples_file", type=click.Path(dir_okay=False, exists=True),
               help="A .npy of samples for the firmware: int8 (N, H, W, C), or float in the model's own layout.")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False, exists=True),
+              help="Training plans: a .npy of class labels (N,) for the samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training plans: the node's random seed.")
+@click.option("--steps", type=int, default=None, help="Training plans: steps the firmware runs (default: N).")
 @click.option("--reference", is_flag=True, help="Use the reference conv kernel everywhere (no fast paths).")
-def codegen_command(model_file: str, out_dir: str, samples_file: str | None, reference: bool) -> None:
-    """Generate C sources and a Makefile (targets host, m4) for a quantized model."""
+def codegen_command(model_file: str, out_dir: str, samples_file: str | None, labels_file: str | None, seed: int,
+                    steps: int | None, reference: bool) -> None:
+    """Generate C sources and a Makefile for a quantized model (targets host, m4) or a training plan
+    (targets host, m4-train); the file's container kind decides which."""
     from .fileformat import FileFormatError
     from .modelfile import load_model
+    from .planfile import KIND as PLAN_KIND
+    from .planfile import load_plan
 
     try:
-        graph = load_model(model_file)
+        is_plan = file_kind(model_file) == PLAN_KIND
+        plan = load_plan(model_file) if is_plan else None
+        graph = plan.graph if is_plan else load_model(model_file)
     except FileFormatError as err:
         raise click.ClickException(str(err)) from err
     samples = None
@@ -253,11 +574,21 @@ def codegen_command(model_file: str, out_dir: str, samples_file: str | None, ref
             from fedtiny_device.interpreter import quantize_input
 
             samples = quantize_input(graph, samples)
+    labels = np.load(labels_file) if labels_file else None
     try:
-        out = generate(graph, out_dir, samples, fast=not reference)
+        if is_plan:
+            out = generate_plan(plan, out_dir, samples, labels, seed, steps, fast=not reference)
+        else:
+            out = generate(graph, out_dir, samples, fast=not reference)
     except ValueError as err:
         raise click.ClickException(str(err)) from err
-    plan = inference_arena(graph)
-    click.echo(f"wrote {out}: {len(graph.ops)} ops, arena {plan.size} bytes, scratch "
+    if is_plan:
+        macs = count_train_macs(plan)
+        click.echo(f"wrote {out}: training plan '{plan.scheme}', {len(plan.steps)} steps, arena {plan.arena_size} "
+                   f"bytes, scratch {plan_scratch_bytes(plan, not reference)} bytes, {macs['total']} MACs per "
+                   f"step; run `make -C {out} host` or `make -C {out} m4-train`")
+        return
+    arena = inference_arena(graph)
+    click.echo(f"wrote {out}: {len(graph.ops)} ops, arena {arena.size} bytes, scratch "
                f"{scratch_bytes(graph, not reference)} bytes, {count_macs(graph)} MACs; "
                f"run `make -C {out} host` or `make -C {out} m4`")

@@ -7,6 +7,41 @@
 static int32_t min_i32(int32_t a, int32_t b) { return a < b ? a : b; }
 static int32_t max_i32(int32_t a, int32_t b) { return a > b ? a : b; }
 
+/* Weight row oc (row_len int8 values): the trainable SRAM copy for rows [0, sram_rows), else flash. */
+static const int8_t *weight_row(const fedtiny_conv2d_params *p, int32_t oc, int32_t row_len)
+{
+    return oc < p->sram_rows ? p->weight_sram + oc * row_len : p->weight + oc * row_len;
+}
+
+static int32_t bias_of(const fedtiny_conv2d_params *p, int32_t oc)
+{
+    return p->bias_sram != NULL ? p->bias_sram[oc] : p->bias[oc];
+}
+
+/* Narrow a whole tensor of exact sums to int16 (arith.narrow_to_int16); returns the extra exponent. */
+static int32_t narrow_tensor(const int64_t *acc, int32_t n, int16_t *g)
+{
+    uint64_t peak = 0;
+    int32_t i, shift;
+    for (i = 0; i < n; i++) {
+        const uint64_t a = fedtiny_abs64(acc[i]);
+        peak = a > peak ? a : peak;
+    }
+    shift = fedtiny_narrow_shift(peak);
+    for (i = 0; i < n; i++) {
+        g[i] = fedtiny_narrow_one(acc[i], shift);
+    }
+    return shift;
+}
+
+static void zero_i64(int64_t *a, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; i++) {
+        a[i] = 0;
+    }
+}
+
 /* ---- conv2d, reference: any groups, strides, padding ------------------------------------------------ */
 
 size_t fedtiny_conv2d_scratch_bytes(const fedtiny_conv2d_params *p)
@@ -43,18 +78,156 @@ fedtiny_status fedtiny_conv2d(const fedtiny_conv2d_params *p, const int8_t *x, i
                             continue;
                         }
                         xp = x + (iy * p->in_w + ix) * p->in_c + g * cin_g;
-                        wp = p->weight + ((oc * p->kernel_h + ky) * p->kernel_w + kx) * cin_g;
+                        wp = weight_row(p, oc, p->kernel_h * p->kernel_w * cin_g) + (ky * p->kernel_w + kx) * cin_g;
                         for (ic = 0; ic < cin_g; ic++) {
                             acc += ((int32_t)xp[ic] - p->in_zero_point) * (int32_t)wp[ic];
                         }
                     }
                 }
                 y[(oy * p->out_w + ox) * p->out_c + oc] =
-                    fedtiny_requantize((int64_t)acc + p->bias[oc], p->multiplier[oc], p->shift[oc],
+                    fedtiny_requantize((int64_t)acc + bias_of(p, oc), p->multiplier[oc], p->shift[oc],
                                        p->out_zero_point, p->act_min, p->act_max);
             }
         }
     }
+    return FEDTINY_OK;
+}
+
+/* ---- conv2d backward: input gradient, weight and bias updates -------------------------------------------- */
+
+size_t fedtiny_conv2d_input_grad_scratch_bytes(const fedtiny_conv2d_input_grad_params *p)
+{
+    return (size_t)p->conv->in_h * (size_t)p->conv->in_w * (size_t)p->conv->in_c * sizeof(int64_t);
+}
+
+/* g_y (out_h, out_w, out_c) -> g_x (in_h, in_w, in_c): acc[iy, ix, c] += g_y[o] ws[o] W[o, ky, kx, c] over the
+ * window of every output (a transposed conv, scattered into the int64 scratch), then narrowed. */
+fedtiny_status fedtiny_conv2d_input_grad(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y, int32_t e_y,
+                                         int16_t *g_x, int32_t *e_x, void *scratch)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t cin_g = c->in_c / c->groups;
+    const int32_t cout_g = c->out_c / c->groups;
+    const int32_t row_len = c->kernel_h * c->kernel_w * cin_g;
+    const int32_t n = c->in_h * c->in_w * c->in_c;
+    int64_t *acc = (int64_t *)scratch;
+    int32_t oy, ox, oc, ky, kx, ic;
+    if (c->groups < 1 || cin_g * c->groups != c->in_c || cout_g * c->groups != c->out_c || scratch == NULL) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    zero_i64(acc, n);
+    for (oy = 0; oy < c->out_h; oy++) {
+        for (ox = 0; ox < c->out_w; ox++) {
+            const int16_t *gp = g_y + (oy * c->out_w + ox) * c->out_c;
+            for (oc = 0; oc < c->out_c; oc++) {
+                const int32_t t = (int32_t)gp[oc] * p->ws[oc]; /* |t| < 2^30 */
+                const int8_t *wrow;
+                if (t == 0) {
+                    continue;
+                }
+                wrow = weight_row(c, oc, row_len);
+                for (ky = 0; ky < c->kernel_h; ky++) {
+                    const int32_t iy = oy * c->stride_h - c->pad_top + ky;
+                    if (iy < 0 || iy >= c->in_h) {
+                        continue; /* padding: its gradient is dropped */
+                    }
+                    for (kx = 0; kx < c->kernel_w; kx++) {
+                        const int32_t ix = ox * c->stride_w - c->pad_left + kx;
+                        int64_t *ap;
+                        const int8_t *wp;
+                        if (ix < 0 || ix >= c->in_w) {
+                            continue;
+                        }
+                        ap = acc + (iy * c->in_w + ix) * c->in_c + (oc / cout_g) * cin_g;
+                        wp = wrow + (ky * c->kernel_w + kx) * cin_g;
+                        for (ic = 0; ic < cin_g; ic++) {
+                            ap[ic] += (int64_t)t * wp[ic];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    *e_x = e_y - p->k + narrow_tensor(acc, n, g_x);
+    return FEDTINY_OK;
+}
+
+size_t fedtiny_conv2d_weight_update_scratch_bytes(const fedtiny_conv2d_update_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+/* rows (channels, kernel_h, kernel_w, in_c / groups) in the arena, updated in place; x (in_h, in_w, in_c). Each
+ * weight's sum is finished before its update, so no gradient of a parameter is ever stored. */
+fedtiny_status fedtiny_conv2d_weight_update(const fedtiny_conv2d_update_params *p, const int16_t *g_y, int32_t e_y,
+                                            const int8_t *x, int8_t *rows, uint64_t *rng_counter)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t cin_g = c->in_c / c->groups;
+    const int32_t cout_g = c->out_c / c->groups;
+    uint64_t counter = *rng_counter;
+    int32_t o, ky, kx, ic, oy, ox;
+    if (c->groups < 1 || cin_g * c->groups != c->in_c || cout_g * c->groups != c->out_c || p->channels > c->out_c) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    for (o = 0; o < p->channels; o++) {
+        const int32_t k = 15 - p->shift[o] - e_y;
+        const int8_t *xg = x + (o / cout_g) * cin_g;
+        for (ky = 0; ky < c->kernel_h; ky++) {
+            for (kx = 0; kx < c->kernel_w; kx++) {
+                for (ic = 0; ic < cin_g; ic++) {
+                    int64_t sum = 0;
+                    int64_t w;
+                    for (oy = 0; oy < c->out_h; oy++) {
+                        const int32_t iy = oy * c->stride_h - c->pad_top + ky;
+                        if (iy < 0 || iy >= c->in_h) {
+                            continue;
+                        }
+                        for (ox = 0; ox < c->out_w; ox++) {
+                            const int32_t ix = ox * c->stride_w - c->pad_left + kx;
+                            if (ix < 0 || ix >= c->in_w) {
+                                continue;
+                            }
+                            sum += (int64_t)g_y[(oy * c->out_w + ox) * c->out_c + o] * /* SMLAL */
+                                   ((int32_t)xg[(iy * c->in_w + ix) * c->in_c + ic] - c->in_zero_point);
+                        }
+                    }
+                    counter++;
+                    w = (int64_t)*rows - fedtiny_stochastic_delta(sum, p->m[o], k, fedtiny_splitmix64(counter));
+                    *rows++ = (int8_t)(w > 127 ? 127 : (w < -127 ? -127 : w));
+                }
+            }
+        }
+    }
+    *rng_counter = counter;
+    return FEDTINY_OK;
+}
+
+size_t fedtiny_conv2d_bias_update_scratch_bytes(const fedtiny_conv2d_update_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+/* bias (out_c) int32 in the arena, updated in place. */
+fedtiny_status fedtiny_conv2d_bias_update(const fedtiny_conv2d_update_params *p, const int16_t *g_y, int32_t e_y,
+                                          int32_t *bias, uint64_t *rng_counter)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t positions = c->out_h * c->out_w;
+    uint64_t counter = *rng_counter;
+    int32_t o, i;
+    for (o = 0; o < c->out_c; o++) {
+        int64_t sum = 0;
+        for (i = 0; i < positions; i++) {
+            sum += g_y[i * c->out_c + o]; /* |sum| < 2^15 * positions */
+        }
+        counter++;
+        bias[o] = (int32_t)fedtiny_clamp_i32_64(
+            (int64_t)bias[o] - fedtiny_stochastic_delta(sum, p->m[o], 15 - p->shift[o] - e_y, fedtiny_splitmix64(counter)));
+    }
+    *rng_counter = counter;
     return FEDTINY_OK;
 }
 
@@ -78,7 +251,7 @@ static void load_pixel(const fedtiny_conv2d_params *p, const int8_t *x, int32_t 
 
 static int8_t requantize_channel(const fedtiny_conv2d_params *p, int32_t acc, int32_t oc)
 {
-    return fedtiny_requantize((int64_t)acc + p->bias[oc], p->multiplier[oc], p->shift[oc], p->out_zero_point,
+    return fedtiny_requantize((int64_t)acc + bias_of(p, oc), p->multiplier[oc], p->shift[oc], p->out_zero_point,
                               p->act_min, p->act_max);
 }
 
@@ -102,8 +275,8 @@ fedtiny_status fedtiny_conv2d_1x1(const fedtiny_conv2d_params *p, const int8_t *
         load_pixel(p, x, pixel, col0);
         load_pixel(p, x, two ? pixel + 1 : pixel, col1);
         for (oc = 0; oc + 2 <= cout; oc += 2) {
-            const int8_t *w0 = p->weight + oc * cin;
-            const int8_t *w1 = w0 + cin;
+            const int8_t *w0 = weight_row(p, oc, cin);
+            const int8_t *w1 = weight_row(p, oc + 1, cin);
             int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0; /* a<pixel><channel> */
             for (i = 0; i < cin; i++) {
                 const int32_t x0 = col0[i], x1 = col1[i];
@@ -121,7 +294,7 @@ fedtiny_status fedtiny_conv2d_1x1(const fedtiny_conv2d_params *p, const int8_t *
             }
         }
         if (oc < cout) { /* odd last channel */
-            const int8_t *w0 = p->weight + oc * cin;
+            const int8_t *w0 = weight_row(p, oc, cin);
             int32_t a0 = 0, a1 = 0;
             for (i = 0; i < cin; i++) {
                 a0 += (int32_t)col0[i] * w0[i];
@@ -166,7 +339,7 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
             const int32_t kx_hi = min_i32(p->kernel_w, p->in_w - ix0);
             int8_t *yp = y + (oy * p->out_w + ox) * c_n;
             for (c = 0; c < c_n; c++) {
-                const int8_t *wc = p->weight + c * taps;
+                const int8_t *wc = weight_row(p, c, taps);
                 int32_t acc = 0;
                 for (ky = ky_lo; ky < ky_hi; ky++) {
                     const int8_t *xp = x + (iy0 + ky) * row + (ix0 + kx_lo) * c_n + c;
@@ -204,6 +377,63 @@ fedtiny_status fedtiny_add(const fedtiny_add_params *p, const int8_t *a, const i
         y[i] = fedtiny_requantize((int64_t)a_scaled + b_scaled, p->out_multiplier, p->out_shift,
                                   p->out_zero_point, p->act_min, p->act_max);
     }
+    return FEDTINY_OK;
+}
+
+/* A fan-out's gradients (kernels.add_grads, folded left to right): align to the smaller exponent, add exactly,
+ * narrow; a term more than 40 binary orders below the other is dropped. Two passes per fold (peak, then store),
+ * so no scratch; g may be any of the parts' buffers or another. */
+size_t fedtiny_grad_add_scratch_bytes(int32_t size)
+{
+    (void)size;
+    return 0;
+}
+
+fedtiny_status fedtiny_grad_add(int32_t size, int32_t n, const int16_t *const *parts, const int32_t *exponents,
+                                int16_t *g, int32_t *e)
+{
+    const int16_t *cur;
+    int32_t cur_e, j, i;
+    if (n < 1) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    cur = parts[0];
+    cur_e = exponents[0];
+    for (j = 1; j < n; j++) {
+        const int16_t *a = cur, *b = parts[j];
+        int32_t ea = cur_e, eb = exponents[j], d, shift;
+        uint64_t peak = 0;
+        if (ea < eb) { /* a has the larger exponent */
+            const int16_t *t = a;
+            const int32_t te = ea;
+            a = b;
+            b = t;
+            ea = eb;
+            eb = te;
+        }
+        d = ea - eb;
+        if (d > 40) {
+            cur = a;
+            cur_e = ea;
+            continue;
+        }
+        for (i = 0; i < size; i++) {
+            const uint64_t v = fedtiny_abs64((int64_t)a[i] * ((int64_t)1 << d) + b[i]);
+            peak = v > peak ? v : peak;
+        }
+        shift = fedtiny_narrow_shift(peak);
+        for (i = 0; i < size; i++) {
+            g[i] = fedtiny_narrow_one((int64_t)a[i] * ((int64_t)1 << d) + b[i], shift);
+        }
+        cur = g;
+        cur_e = eb + shift;
+    }
+    if (cur != g) {
+        for (i = 0; i < size; i++) {
+            g[i] = cur[i];
+        }
+    }
+    *e = cur_e;
     return FEDTINY_OK;
 }
 
@@ -259,6 +489,46 @@ fedtiny_status fedtiny_avgpool2d(const fedtiny_pool2d_params *p, const int8_t *x
     return FEDTINY_OK;
 }
 
+size_t fedtiny_avgpool2d_input_grad_scratch_bytes(const fedtiny_pool2d_params *p)
+{
+    return (size_t)p->in_h * (size_t)p->in_w * (size_t)p->channels * sizeof(int64_t);
+}
+
+/* g_y (out_h, out_w, c) -> g_x (in_h, in_w, c): each output's g * round(2^15 / count) added to its window's
+ * valid inputs, narrowed with exponent e_y - 15. */
+fedtiny_status fedtiny_avgpool2d_input_grad(const fedtiny_pool2d_params *p, const int16_t *g_y, int32_t e_y,
+                                            int16_t *g_x, int32_t *e_x, void *scratch)
+{
+    const int32_t n = p->in_h * p->in_w * p->channels;
+    int64_t *acc = (int64_t *)scratch;
+    int32_t oy, ox, c, iy, ix;
+    if (scratch == NULL) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    zero_i64(acc, n);
+    for (oy = 0; oy < p->out_h; oy++) {
+        const int32_t iy0 = oy * p->stride_h - p->pad_top;
+        const int32_t iy_lo = max_i32(0, iy0), iy_hi = min_i32(p->in_h, iy0 + p->kernel_h);
+        for (ox = 0; ox < p->out_w; ox++) {
+            const int32_t ix0 = ox * p->stride_w - p->pad_left;
+            const int32_t ix_lo = max_i32(0, ix0), ix_hi = min_i32(p->in_w, ix0 + p->kernel_w);
+            const int32_t count = max_i32(0, iy_hi - iy_lo) * max_i32(0, ix_hi - ix_lo);
+            const int32_t recip = count ? (32768 + count / 2) / count : 0;
+            const int16_t *gp = g_y + (oy * p->out_w + ox) * p->channels;
+            for (iy = iy_lo; iy < iy_hi; iy++) {
+                for (ix = ix_lo; ix < ix_hi; ix++) {
+                    int64_t *ap = acc + (iy * p->in_w + ix) * p->channels;
+                    for (c = 0; c < p->channels; c++) {
+                        ap[c] += (int64_t)((int32_t)gp[c] * recip);
+                    }
+                }
+            }
+        }
+    }
+    *e_x = e_y - 15 + narrow_tensor(acc, n, g_x);
+    return FEDTINY_OK;
+}
+
 size_t fedtiny_maxpool2d_scratch_bytes(const fedtiny_pool2d_params *p)
 {
     (void)p;
@@ -289,6 +559,49 @@ fedtiny_status fedtiny_maxpool2d(const fedtiny_pool2d_params *p, const int8_t *x
     return FEDTINY_OK;
 }
 
+size_t fedtiny_maxpool2d_input_grad_scratch_bytes(const fedtiny_pool2d_params *p)
+{
+    return (size_t)p->in_h * (size_t)p->in_w * (size_t)p->channels * sizeof(int64_t);
+}
+
+/* Each output's g goes to the first maximum of its window's valid inputs in row-major order; exponent e_y. */
+fedtiny_status fedtiny_maxpool2d_input_grad(const fedtiny_pool2d_params *p, const int16_t *g_y, int32_t e_y,
+                                            const int8_t *x, int16_t *g_x, int32_t *e_x, void *scratch)
+{
+    const int32_t n = p->in_h * p->in_w * p->channels;
+    int64_t *acc = (int64_t *)scratch;
+    int32_t oy, ox, c, iy, ix;
+    if (scratch == NULL) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    zero_i64(acc, n);
+    for (oy = 0; oy < p->out_h; oy++) {
+        const int32_t iy0 = oy * p->stride_h - p->pad_top;
+        const int32_t iy_lo = max_i32(0, iy0), iy_hi = min_i32(p->in_h, iy0 + p->kernel_h);
+        for (ox = 0; ox < p->out_w; ox++) {
+            const int32_t ix0 = ox * p->stride_w - p->pad_left;
+            const int32_t ix_lo = max_i32(0, ix0), ix_hi = min_i32(p->in_w, ix0 + p->kernel_w);
+            for (c = 0; c < p->channels; c++) {
+                int32_t best = -129, at = -1;
+                for (iy = iy_lo; iy < iy_hi; iy++) {
+                    for (ix = ix_lo; ix < ix_hi; ix++) {
+                        const int32_t i = (iy * p->in_w + ix) * p->channels + c;
+                        if (x[i] > best) {
+                            best = x[i];
+                            at = i;
+                        }
+                    }
+                }
+                if (at >= 0) {
+                    acc[at] += g_y[(oy * p->out_w + ox) * p->channels + c];
+                }
+            }
+        }
+    }
+    *e_x = e_y + narrow_tensor(acc, n, g_x);
+    return FEDTINY_OK;
+}
+
 /* ---- clamp -------------------------------------------------------------------------------------------- */
 
 size_t fedtiny_clamp_scratch_bytes(const fedtiny_clamp_params *p)
@@ -303,5 +616,88 @@ fedtiny_status fedtiny_clamp(const fedtiny_clamp_params *p, const int8_t *x, int
     for (i = 0; i < p->size; i++) {
         y[i] = (int8_t)max_i32(p->act_min, min_i32(p->act_max, x[i]));
     }
+    return FEDTINY_OK;
+}
+
+/* ---- clamp masks and the loss (training) ------------------------------------------------------------------ */
+
+size_t fedtiny_activation_mask_scratch_bytes(const fedtiny_grad_mask_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+/* y (size) int8 -> bits (ceil(size / 8)), bit i of byte i/8, LSB first; unused high bits are 0. */
+fedtiny_status fedtiny_activation_mask(const fedtiny_grad_mask_params *p, const int8_t *y, uint8_t *bits)
+{
+    int32_t i;
+    for (i = 0; i < p->size; i += 8) {
+        const int32_t n = min_i32(8, p->size - i);
+        uint32_t byte = 0;
+        int32_t b;
+        for (b = 0; b < n; b++) {
+            byte |= (uint32_t)(y[i + b] > p->act_min && y[i + b] < p->act_max) << b;
+        }
+        bits[i >> 3] = (uint8_t)byte;
+    }
+    return FEDTINY_OK;
+}
+
+size_t fedtiny_grad_mask_scratch_bytes(const fedtiny_grad_mask_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+fedtiny_status fedtiny_grad_mask_bits(const fedtiny_grad_mask_params *p, const int16_t *g, const uint8_t *bits,
+                                      int16_t *out)
+{
+    int32_t i;
+    for (i = 0; i < p->size; i++) {
+        out[i] = ((bits[i >> 3] >> (i & 7)) & 1u) ? g[i] : (int16_t)0;
+    }
+    return FEDTINY_OK;
+}
+
+fedtiny_status fedtiny_grad_mask(const fedtiny_grad_mask_params *p, const int16_t *g, const int8_t *y, int16_t *out)
+{
+    int32_t i;
+    for (i = 0; i < p->size; i++) {
+        out[i] = (y[i] > p->act_min && y[i] < p->act_max) ? g[i] : (int16_t)0;
+    }
+    return FEDTINY_OK;
+}
+
+size_t fedtiny_softmax_cross_entropy_grad_scratch_bytes(const fedtiny_loss_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+/* d_k = max(q) - q_k, E_k = T[d_k], Z = sum E_k, p_k = floor((E_k 2^15 + floor(Z / 2)) / Z),
+ * g_k = clamp(p_k - 2^15 [k == label], -32767, 32767), exponent -15. */
+fedtiny_status fedtiny_softmax_cross_entropy_grad(const fedtiny_loss_params *p, const int8_t *logits, int32_t label,
+                                                  int16_t *g, int32_t *e, int32_t *label_q15)
+{
+    int32_t k, top = -128;
+    int64_t total = 0;
+    if (label < 0 || label >= p->classes) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    for (k = 0; k < p->classes; k++) {
+        top = max_i32(top, logits[k]);
+    }
+    for (k = 0; k < p->classes; k++) {
+        total += p->exp_table[top - logits[k]];
+    }
+    for (k = 0; k < p->classes; k++) {
+        int64_t v = ((int64_t)p->exp_table[top - logits[k]] * 32768 + total / 2) / total;
+        if (k == label) {
+            v -= 32768;
+        }
+        g[k] = (int16_t)(v > FEDTINY_GRAD_MAX ? FEDTINY_GRAD_MAX : (v < -FEDTINY_GRAD_MAX ? -FEDTINY_GRAD_MAX : v));
+    }
+    *label_q15 = (int32_t)g[label] + 32768;
+    *e = -15;
     return FEDTINY_OK;
 }

@@ -33,6 +33,11 @@ typedef struct {
     const int32_t *bias;       /* (out_c), at scale s_x * s_w */
     const int32_t *multiplier; /* (out_c), Q31 */
     const int32_t *shift;      /* (out_c) */
+    /* Training: rows [0, sram_rows) of the weight are read from weight_sram (the trainable copy in the arena),
+     * the rest from `weight` (flash); a non-NULL bias_sram replaces `bias`. Inference leaves these zero. */
+    const int8_t *weight_sram;
+    const int32_t *bias_sram;
+    int32_t sram_rows;
 } fedtiny_conv2d_params;
 
 /* add: TFLite's quantized ADD of two tensors of the same shape. */
@@ -55,7 +60,7 @@ typedef struct {
     int32_t zero_point; /* of input and output (avgpool averages x - zero_point; maxpool ignores it) */
 } fedtiny_pool2d_params;
 
-/* clamp: a ReLU that could not be fused. */
+/* clamp: a ReLU that could not be fused. Also the params of the activation mask (training). */
 typedef struct {
     int32_t size;
     int32_t act_min, act_max;
@@ -87,5 +92,85 @@ size_t fedtiny_maxpool2d_scratch_bytes(const fedtiny_pool2d_params *p);
 
 fedtiny_status fedtiny_clamp(const fedtiny_clamp_params *p, const int8_t *x, int8_t *y);
 size_t fedtiny_clamp_scratch_bytes(const fedtiny_clamp_params *p);
+
+/* ==== training: backward kernels and updates (docs/numerics.md) ==========================================
+ * A gradient is int16 values g plus one power-of-two exponent e (real = g * 2^e). Kernels take the exponent
+ * of their input gradient and return the one of their output; the executor keeps exponents in a table. Every
+ * sum is exact in int64; kernels whose result must be narrowed (max |acc| over the whole tensor first) sum
+ * into an int64 scratch of one value per output element (their _scratch_bytes()). Updates draw random numbers
+ * from the SplitMix64 counter *rng_counter, one per updated element in C order, and advance it. */
+
+/* Gradient mask of an op with a fused clamp: g passes where act_min < y < act_max. In place allowed. */
+typedef struct {
+    int32_t size;
+    int32_t act_min, act_max;
+} fedtiny_grad_mask_params;
+
+/* Softmax cross-entropy gradient from int8 logits: exp_table[i] = round(2^15 exp(-s_y i)), i = 0..255. */
+typedef struct {
+    int32_t classes;
+    const uint16_t *exp_table;
+} fedtiny_loss_params;
+
+/* conv2d input gradient (transposed conv): ws[o] = round(s_w[o] 2^k); weights as the forward pass reads them. */
+typedef struct {
+    const fedtiny_conv2d_params *conv;
+    const int32_t *ws; /* (out_c) */
+    int32_t k;
+} fedtiny_conv2d_input_grad_params;
+
+/* In-place QAS update of weight rows [0, channels) or of the whole bias: per output channel (m, shift). */
+typedef struct {
+    const fedtiny_conv2d_params *conv;
+    int32_t channels;
+    const int32_t *m;     /* (channels) for weights, (out_c) for biases */
+    const int32_t *shift;
+} fedtiny_conv2d_update_params;
+
+/* softmax cross-entropy: logits (classes) int8 -> g (classes) int16, exponent -15; *label_q15 = the label's
+ * Q15 probability (for the host's loss). */
+fedtiny_status fedtiny_softmax_cross_entropy_grad(const fedtiny_loss_params *p, const int8_t *logits, int32_t label,
+                                                  int16_t *g, int32_t *e, int32_t *label_q15);
+size_t fedtiny_softmax_cross_entropy_grad_scratch_bytes(const fedtiny_loss_params *p);
+
+/* conv2d backward: g_y (out_h, out_w, out_c) int16 -> g_x (in_h, in_w, in_c) int16. */
+fedtiny_status fedtiny_conv2d_input_grad(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y, int32_t e_y,
+                                         int16_t *g_x, int32_t *e_x, void *scratch);
+size_t fedtiny_conv2d_input_grad_scratch_bytes(const fedtiny_conv2d_input_grad_params *p);
+
+/* Weight sums S[o, kh, kw, c] = sum g_y[o] (x - zx), then rows = clamp(rows - delta(S), -127, 127). */
+fedtiny_status fedtiny_conv2d_weight_update(const fedtiny_conv2d_update_params *p, const int16_t *g_y, int32_t e_y,
+                                            const int8_t *x, int8_t *rows, uint64_t *rng_counter);
+size_t fedtiny_conv2d_weight_update_scratch_bytes(const fedtiny_conv2d_update_params *p);
+
+/* Bias sums S[o] = sum g_y[o], then bias = clamp(bias - delta(S), int32). */
+fedtiny_status fedtiny_conv2d_bias_update(const fedtiny_conv2d_update_params *p, const int16_t *g_y, int32_t e_y,
+                                          int32_t *bias, uint64_t *rng_counter);
+size_t fedtiny_conv2d_bias_update_scratch_bytes(const fedtiny_conv2d_update_params *p);
+
+/* Sum of a fan-out's gradients, folded left to right as kernels.add_grads: n parts of `size` elements. */
+fedtiny_status fedtiny_grad_add(int32_t size, int32_t n, const int16_t *const *parts, const int32_t *exponents,
+                                int16_t *g, int32_t *e);
+size_t fedtiny_grad_add_scratch_bytes(int32_t size);
+
+/* avgpool2d backward: g_y (out_h, out_w, c) -> g_x (in_h, in_w, c), exponent e_y - 15 + narrowing. */
+fedtiny_status fedtiny_avgpool2d_input_grad(const fedtiny_pool2d_params *p, const int16_t *g_y, int32_t e_y,
+                                            int16_t *g_x, int32_t *e_x, void *scratch);
+size_t fedtiny_avgpool2d_input_grad_scratch_bytes(const fedtiny_pool2d_params *p);
+
+/* maxpool2d backward: each output's g to the first maximum of its window (row-major). */
+fedtiny_status fedtiny_maxpool2d_input_grad(const fedtiny_pool2d_params *p, const int16_t *g_y, int32_t e_y,
+                                            const int8_t *x, int16_t *g_x, int32_t *e_x, void *scratch);
+size_t fedtiny_maxpool2d_input_grad_scratch_bytes(const fedtiny_pool2d_params *p);
+
+/* Bit i of mask byte i/8 (LSB first) = act_min < y[i] < act_max. */
+fedtiny_status fedtiny_activation_mask(const fedtiny_grad_mask_params *p, const int8_t *y, uint8_t *bits);
+size_t fedtiny_activation_mask_scratch_bytes(const fedtiny_grad_mask_params *p);
+
+/* g passes where the saved bit (or the kept output y) says the clamp let the value through. */
+fedtiny_status fedtiny_grad_mask_bits(const fedtiny_grad_mask_params *p, const int16_t *g, const uint8_t *bits,
+                                      int16_t *out);
+fedtiny_status fedtiny_grad_mask(const fedtiny_grad_mask_params *p, const int16_t *g, const int8_t *y, int16_t *out);
+size_t fedtiny_grad_mask_scratch_bytes(const fedtiny_grad_mask_params *p);
 
 #endif /* FEDTINY_KERNELS_H */

@@ -3,8 +3,8 @@
  * Each op is a kind, a pointer to its kind's const params struct, and the arena offsets of its operands
  * (inputs first, then outputs). The code generator (fedtiny/codegen.py) emits the table, the params and the
  * arena; it picks the concrete kernel per op (reference conv, fast 1x1, fast depthwise), so nothing is decided
- * at run time but which function to call. New op kinds (training) slot in as a new enum value plus a row in
- * the kind table in fedtiny_runtime.c.
+ * at run time but which function to call. A training plan is the same kind of table: forward ops, then the
+ * training steps (kinds 7..), whose params are fedtiny_train_step_params.
  */
 #ifndef FEDTINY_RUNTIME_H
 #define FEDTINY_RUNTIME_H
@@ -22,6 +22,18 @@ typedef enum {
     FEDTINY_OP_AVGPOOL2D = 4,        /* fedtiny_pool2d_params */
     FEDTINY_OP_MAXPOOL2D = 5,        /* fedtiny_pool2d_params */
     FEDTINY_OP_CLAMP = 6,            /* fedtiny_clamp_params */
+    /* training steps (a plan's step kinds); operands are arena offsets, gradient exponents live in the
+     * graph's exponent table, indexed by the step's fedtiny_train_step_params */
+    FEDTINY_OP_MASK_BITS = 7,              /* y -> mask */
+    FEDTINY_OP_LOSS_GRAD = 8,              /* logits -> g */
+    FEDTINY_OP_GRAD_ADD = 9,               /* parts... -> g */
+    FEDTINY_OP_GRAD_MASK = 10,             /* g, y -> g' */
+    FEDTINY_OP_GRAD_MASK_BITS = 11,        /* g, mask -> g' */
+    FEDTINY_OP_CONV2D_INPUT_GRAD = 12,     /* g_y -> g_x */
+    FEDTINY_OP_CONV2D_WEIGHT_UPDATE = 13,  /* g_y, x -> rows (in place) */
+    FEDTINY_OP_CONV2D_BIAS_UPDATE = 14,    /* g_y -> bias (in place) */
+    FEDTINY_OP_AVGPOOL2D_INPUT_GRAD = 15,  /* g_y -> g_x */
+    FEDTINY_OP_MAXPOOL2D_INPUT_GRAD = 16,  /* g_y, x -> g_x */
     FEDTINY_OP_KIND_COUNT
 } fedtiny_op_kind;                   /* reshape has no kind: its output aliases its input's bytes */
 
@@ -34,6 +46,21 @@ typedef struct {
     const void *params;                      /* the kind's params struct */
 } fedtiny_op;
 
+/* A training step: the kernel's params plus where its gradient exponents sit in the exponent table. */
+typedef struct {
+    const void *kernel;                          /* the kernel's params struct (NULL for grad_add) */
+    int32_t size;                                /* elements (grad_add, grad masks) */
+    uint8_t grad_in[FEDTINY_MAX_OPERANDS - 1];   /* exponent index of each input gradient */
+    uint8_t grad_out;                            /* exponent index of the output gradient */
+} fedtiny_train_step_params;
+
+/* What a node keeps between steps besides the trainable rows (which live in the arena). */
+typedef struct {
+    uint64_t rng_counter; /* SplitMix64 counter: (seed mod 2^24) << 40 at start */
+    int32_t label;        /* the current sample's class */
+    int32_t label_q15;    /* the label's Q15 probability after the last step (for the loss) */
+} fedtiny_train_state;
+
 typedef struct {
     const fedtiny_op *ops;
     uint32_t n_ops;
@@ -43,6 +70,9 @@ typedef struct {
     uint32_t scratch_bytes;
     uint32_t input_offset, input_bytes;
     uint32_t output_offset, output_bytes;
+    int32_t *exponents;          /* training: one exponent per gradient buffer (NULL for inference) */
+    uint32_t n_exponents;
+    fedtiny_train_state *state;  /* training: random counter and label (NULL for inference) */
 } fedtiny_graph;
 
 /* Scratch bytes op needs (0 if none), from its kernel's _scratch_bytes() companion. */
@@ -56,5 +86,8 @@ fedtiny_status fedtiny_invoke(const fedtiny_graph *g);
 
 /* Copy one sample in, invoke, copy the output out. */
 fedtiny_status fedtiny_run(const fedtiny_graph *g, const int8_t *input, int8_t *output);
+
+/* One training step of a plan: copy the sample in, set the label, run forward, loss, backward and updates. */
+fedtiny_status fedtiny_train_step(const fedtiny_graph *g, const int8_t *input, int32_t label);
 
 #endif /* FEDTINY_RUNTIME_H */

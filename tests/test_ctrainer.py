@@ -1,0 +1,169 @@
+"""C training runtime: the generated C of a training plan == the Python reference Trainer, bit for bit.
+
+- host C (ctypes CTrainer) vs Trainer after 100 steps, every zoo model x every scheme kind: identical trainable
+  state (every buffer) and random counter;
+- the Cortex-M4 firmware under QEMU (mps2-an386) runs the same 100 steps on samples in flash and prints the
+  digest of the Python Trainer's final state, within the 256 KB RAM / 1 MB flash budget;
+- CTrainer instances sharing one build keep separate states; `fedtiny codegen` takes a plan file.
+
+Tests that need gcc / arm-none-eabi-gcc / qemu-system-arm skip when a tool is missing, unless CI=true.
+"""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fedtiny import codegen, zoo
+from fedtiny.compiler import compile_plan
+from fedtiny.planfile import save_plan
+from fedtiny.quantize import quantize
+from fedtiny.scheme import parse
+from fedtiny_device import cruntime
+from fedtiny_device.interpreter import quantize_input
+from fedtiny_device.trainer import Trainer
+
+from test_cruntime import need, randomize_bn
+
+STEPS = 100
+MODELS = {"sensor_cnn": ((1, 256), 4), "mobilenet": ((1, 8, 8), 10), "mlp": ((30,), 2)}
+SPARSE = {"sensor_cnn": "sparse:3:-2@1/2", "mobilenet": "sparse:4:-3@1/4", "mlp": "sparse:2:-2@1/2"}
+SCHEMES = ("classifier", "bias", "last:2", "full", "sparse")
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("ctrainer_cache")
+
+
+_CASES = {}
+
+
+def make_case(name: str, seed: int = 0):
+    """(graph, int8 samples, labels): random-init model with random BN statistics, quantized on random calibration
+    data; STEPS samples from the same distribution with random labels."""
+    if name not in _CASES:
+        shape, classes = MODELS[name]
+        rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        model = randomize_bn(zoo.build(name, shape, classes), rng)
+        graph = quantize(model, rng.normal(0.0, 1.0, (64,) + shape).astype(np.float32), name=name)
+        x = quantize_input(graph, rng.normal(0.0, 1.0, (STEPS,) + shape).astype(np.float32))
+        _CASES[name] = graph, x, rng.integers(0, classes, STEPS)
+    return _CASES[name]
+
+
+def scheme_spec(name: str, scheme: str) -> str:
+    return SPARSE[name] if scheme == "sparse" else scheme
+
+
+def python_reference(plan, x, labels, seed):
+    trainer = Trainer(plan, seed)
+    for xi, yi in zip(x, labels):
+        trainer.step(xi, int(yi))
+    return trainer
+
+
+def assert_same_state(actual: dict, expected: dict, what: str):
+    assert list(actual) == list(expected), what
+    for name in expected:
+        a, e = actual[name], expected[name]
+        if not np.array_equal(a, e):
+            bad = np.argwhere(a != e)
+            lines = [f"{tuple(i)}: C {a[tuple(i)]} != Python {e[tuple(i)]}" for i in bad[:10]]
+            pytest.fail(f"{what}, {name}: {len(bad)} of {e.size} values differ\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_host_c_training_matches_python_trainer(name, scheme, cache):
+    need("gcc", "make")
+    graph, x, labels = make_case(name)
+    plan = compile_plan(graph, parse(scheme_spec(name, scheme), graph))
+    expected = python_reference(plan, x, labels, seed=7)
+    trainer = cruntime.CTrainer(plan, seed=7, cache_dir=cache)
+    losses = [trainer.step(xi, int(yi)) for xi, yi in zip(x, labels)]
+    assert_same_state(trainer.trainable_state(), expected.trainable_state(), f"{name} {scheme}")
+    assert trainer.rng_counter == expected.rng_counter
+    assert trainer.last_label_probability == expected.last_label_probability
+    assert np.isfinite(losses).all()
+    changed = any(not np.array_equal(v, Trainer(plan, 7).trainable_state()[k])
+                  for k, v in trainer.trainable_state().items())
+    assert changed, "100 steps changed nothing: the test would not see a wrong update"
+
+
+def test_ctrainers_sharing_a_build_keep_their_own_state(cache):
+    """Two nodes on one plan (one shared library) interleaved == two Python trainers; state loads round-trip."""
+    need("gcc", "make")
+    graph, x, labels = make_case("sensor_cnn")
+    plan = compile_plan(graph, parse("last:2", graph))
+    py = [Trainer(plan, 1), Trainer(plan, 2)]
+    c = [cruntime.CTrainer(plan, 1, cache_dir=cache), cruntime.CTrainer(plan, 2, cache_dir=cache)]
+    for i in range(20):
+        for node in (0, 1):
+            xi, yi = x[(i + 7 * node) % len(x)], int(labels[(i + 3 * node) % len(x)])
+            assert c[node].step(xi, yi) == py[node].step(xi, yi)
+    for node in (0, 1):
+        assert_same_state(c[node].trainable_state(), py[node].trainable_state(), f"node {node}")
+        assert c[node].rng_counter == py[node].rng_counter
+    c[0].load_trainable_state(py[1].trainable_state())
+    c[0].rng_counter = py[1].rng_counter
+    py[0].load_trainable_state(py[1].trainable_state())
+    py[0].rng_counter = py[1].rng_counter
+    c[0].steps(x[:5], labels[:5])
+    for xi, yi in zip(x[:5], labels[:5]):
+        py[0].step(xi, int(yi))
+    assert_same_state(c[0].trainable_state(), py[0].trainable_state(), "after load")
+    assert c[0].rng_counter == py[0].rng_counter
+    assert_same_state(c[1].trainable_state(), py[1].trainable_state(), "untouched node")
+
+
+@pytest.mark.parametrize("scheme", ["sparse:3:-2@1/2", "full"])
+def test_m4_firmware_trains_like_python_under_qemu(scheme, cache):
+    need("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm", "make")
+    graph, x, labels = make_case("sensor_cnn")
+    plan = compile_plan(graph, parse(scheme, graph))
+    expected = python_reference(plan, x, labels, seed=11)
+    elf = cruntime.build_train_firmware(plan, x, labels, seed=11, steps=STEPS, cache_dir=cache)
+    result = cruntime.run_qemu(elf, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert cruntime.parse_train_result(result.stdout) == (
+        STEPS, cruntime.trainable_digest(plan, expected.trainable_state()), expected.rng_counter)
+    usage = cruntime.memory_usage(elf)
+    assert plan.arena_size <= usage[".bss"]
+    assert usage["ram"] <= 256 * 1024 and usage["flash"] <= 1024 * 1024
+    print(f"\nsensor_cnn {scheme} on M4: RAM {usage['ram']} B (arena {plan.arena_size} B, scratch "
+          f"{codegen.plan_scratch_bytes(plan)} B), flash {usage['flash']} B")
+
+
+def test_firmware_digest_changes_with_state(cache):
+    """The digest covers every trainable byte: a one-LSB change in the last buffer changes it."""
+    graph, _, _ = make_case("mlp")
+    plan = compile_plan(graph, parse("classifier", graph))
+    state = Trainer(plan, 0).trainable_state()
+    before = cruntime.trainable_digest(plan, state)
+    last = plan.trainable_buffers()[-1]
+    state[last].reshape(-1)[-1] += 1
+    assert cruntime.trainable_digest(plan, state) != before
+
+
+def test_codegen_command_takes_a_plan_file(tmp_path):
+    graph, x, labels = make_case("mlp")
+    plan = compile_plan(graph, parse("bias", graph))
+    save_plan(plan, tmp_path / "p.ftp")
+    np.save(tmp_path / "x.npy", x[:4])
+    np.save(tmp_path / "y.npy", labels[:4])
+    result = CliRunner().invoke(codegen.codegen_command, [
+        str(tmp_path / "p.ftp"), "-o", str(tmp_path / "out"), "--samples", str(tmp_path / "x.npy"),
+        "--labels", str(tmp_path / "y.npy"), "--steps", "9", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "training plan 'bias'" in result.output
+    header = (tmp_path / "out" / "model.h").read_text()
+    assert f"#define FEDTINY_MODEL_ARENA_BYTES {plan.arena_size}\n" in header
+    assert f"#define FEDTINY_MODEL_TRAIN_MACS {codegen.count_train_macs(plan)['total']}UL" in header
+    samples = (tmp_path / "out" / "samples.c").read_text()
+    assert "fedtiny_train_steps = 9;" in samples and "fedtiny_train_seed = 3;" in samples
+    source = (tmp_path / "out" / "model.c").read_text()
+    assert "static const int8_t op0_weight[" in source  # frozen weights stay in flash
+    assert "weight_sram = (const int8_t *)(const void *)&arena.bytes[" in source  # trainable rows in the arena
+    assert (tmp_path / "out" / "firmware_train.c").exists()
