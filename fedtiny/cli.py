@@ -93,8 +93,9 @@ def quantize(model_name: str, data: str, output: str, seed: int) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--data", default=None, help="With a zoo model name: scenario or .npz/.csv to pretrain and calibrate on.")
-@click.option("--scheme", default="sparse:3:-2@1/2", show_default=True,
-              help="classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme).")
+@click.option("--scheme", default=None,
+              help="classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme); default: the zoo "
+                   "model's (fedtiny.scheme.DEFAULT_SCHEMES), else last:2.")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default="64KB", show_default=True, help="SRAM kept for the network stack and firmware.")
 @click.option("--lr", default=0.05, show_default=True, type=float, help="SGD learning rate (QAS-scaled).")
@@ -105,9 +106,10 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
     """Compile MODEL (a .ftm file or a zoo name) into a training plan and print its memory report."""
     from .compiler import BudgetError, compile_plan
     from .planfile import save_plan
-    from .scheme import SchemeError, parse
+    from .scheme import DEFAULT_SCHEMES, SchemeError, parse
 
     graph = _model_for(model, data, seed)
+    scheme = scheme or DEFAULT_SCHEMES.get(graph.meta.get("model", model), "last:2")
     try:
         plan = compile_plan(graph, parse(scheme, graph), lr=lr, qas=not no_qas, budget=parse_bytes(budget),
                             reserve=parse_bytes(reserve))
@@ -120,3 +122,41 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
     if output:
         save_plan(plan, output)
         click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.option("--nodes", default=50, show_default=True, help="Node agents (devices), each with its own data.")
+@click.option("--rounds", default=10, show_default=True)
+@click.option("--scenario", default="industrial", show_default=True, type=click.Choice(["industrial", "vision", "medical"]),
+              help="industrial: bearing vibration; vision: sklearn digits; medical: breast cancer.")
+@click.option("--data", "data_file", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Your own .npz (X, y, optional group) or .csv (label/y, optional group) instead of a scenario.")
+@click.option("--model", default=None, help="Zoo model (sensor_cnn, mobilenet, mlp); default: the scenario's.")
+@click.option("--strategy", default="fedavg", show_default=True, help="A Flower strategy by name, or fedbuff.")
+@click.option("--scheme", default=None, help="Update scheme; default: the model's sparse default.")
+@click.option("--budget", default="256KB", show_default=True)
+@click.option("--reserve", default="64KB", show_default=True)
+@click.option("--lr", default=0.003, show_default=True, type=float)
+@click.option("--epochs", default=1, show_default=True, help="Local epochs per round.")
+@click.option("--chunk-size", default=1024, show_default=True, help="Maximum MQTT payload per message (256 B..256 KB).")
+@click.option("--dropout", default=0.0, show_default=True, help="Fraction of nodes that fail each round.")
+@click.option("--stragglers", default=0.0, show_default=True, help="Fraction of nodes that are slow.")
+@click.option("--deadline", default=20.0, show_default=True, help="Seconds a round waits at most.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--broker", default=None, help="mqtt(s)://HOST:PORT of a running broker; default: embedded amqtt.")
+@click.option("--fleet-dir", default=None, help="With --broker: the `fedtiny keys` folder the broker trusts.")
+@click.option("--out", default="runs/latest", show_default=True, help="Report folder.")
+def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget, reserve, lr, epochs, chunk_size,
+             dropout, stragglers, deadline, seed, broker, fleet_dir, out) -> None:
+    """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT."""
+    from fedtiny_sim.simulate import SimulationConfig, print_row
+    from fedtiny_sim.simulate import simulate as run_simulation
+
+    config = SimulationConfig(nodes=nodes, rounds=rounds, scenario=scenario, data=data_file, model=model,
+                              strategy=strategy, scheme=scheme, budget=parse_bytes(budget),
+                              reserve=parse_bytes(reserve), lr=lr, epochs=epochs, chunk_size=chunk_size,
+                              dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
+                              fleet_dir=fleet_dir, out=out)
+    result = run_simulation(config, progress=print_row)
+    click.echo(f"report: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
+               f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")

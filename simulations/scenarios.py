@@ -92,6 +92,7 @@ def pretrained_graph(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str
     model = zoo.build(task.model, task.input_shape, task.num_classes)
     fit(model, task.pretrain.X, task.pretrain.y, epochs=epochs, seed=seed)
     graph = quantize(model, task.pretrain.X[:512], name=f"{task.name}-{task.model}", classes=task.pretrain.classes)
+    graph.meta["model"] = task.model  # the zoo name: picks the default update scheme
     cache.mkdir(parents=True, exist_ok=True)
     save_model(graph, path)
     return graph
