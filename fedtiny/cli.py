@@ -65,14 +65,14 @@ def _model_for(model: str, data: str | None, seed: int):
             raise click.ClickException(str(err)) from err
     if model not in ZOO:
         raise click.ClickException(f"{model!r} is neither a model file nor a zoo model ({', '.join(ZOO)})")
-    from fedtiny_sim.scenarios import SCENARIOS, load_task, pretrained_graph
+    from fedtiny_sim.scenarios import SCENARIOS, load_task, pretrained
 
     if data is None:
         raise click.ClickException("a zoo model needs --data: a scenario (industrial, vision, medical) or a .npz/.csv")
     is_file = data not in SCENARIOS
     task = load_task(data, n_nodes=2, seed=seed, data_file=data if is_file else None)
     task.model = model
-    return pretrained_graph(task, seed)
+    return pretrained(task, seed)[1]
 
 
 @main.command()
@@ -146,8 +146,9 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--broker", default=None, help="mqtt(s)://HOST:PORT of a running broker; default: embedded amqtt.")
 @click.option("--fleet-dir", default=None, help="With --broker: the `fedtiny keys` folder the broker trusts.")
 @click.option("--out", default="runs/latest", show_default=True, help="Report folder.")
+@click.option("--baseline", is_flag=True, help="Also train the same task with plain Flower FedAvg + PyTorch fp32.")
 def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget, reserve, lr, epochs, chunk_size,
-             dropout, stragglers, deadline, seed, broker, fleet_dir, out) -> None:
+             dropout, stragglers, deadline, seed, broker, fleet_dir, out, baseline) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT."""
     from fedtiny_sim.simulate import SimulationConfig, print_row
     from fedtiny_sim.simulate import simulate as run_simulation
@@ -156,7 +157,11 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
                               strategy=strategy, scheme=scheme, budget=parse_bytes(budget),
                               reserve=parse_bytes(reserve), lr=lr, epochs=epochs, chunk_size=chunk_size,
                               dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
-                              fleet_dir=fleet_dir, out=out)
+                              fleet_dir=fleet_dir, out=out, baseline=baseline)
     result = run_simulation(config, progress=print_row)
     click.echo(f"report: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
                f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")
+    if result["baseline"]:
+        b = result["baseline"]
+        click.echo(f"baseline (Flower FedAvg + PyTorch fp32): accuracy {100 * b['rounds'][-1]['accuracy']:.1f} %, "
+                   f"{b['bytes_per_node_per_round']:,.0f} B per node per round, {b['wall_seconds']:.1f} s")

@@ -73,8 +73,11 @@ def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None 
     raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)} or give a data file")
 
 
-def pretrained_graph(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Path | None = None):
-    """Pretrain the float zoo model on the task's host data and quantize it; cached on disk by content."""
+def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Path | None = None):
+    """(float PyTorch model, int8 graph): the zoo model pretrained on the task's host data and quantized.
+
+    Cached on disk by content (the .ftm model file and the float weights beside it), so a second run with the
+    same task and seed starts at once."""
     import torch
 
     from fedtiny import zoo
@@ -86,13 +89,15 @@ def pretrained_graph(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str
                          + f"{task.model}/{seed}/{epochs}".encode()).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "fedtiny"
     path = cache / f"{task.name}-{task.model}-{key}.ftm"
-    if path.exists():
-        return load_model(path)
     torch.manual_seed(seed)
     model = zoo.build(task.model, task.input_shape, task.num_classes)
+    if path.exists() and path.with_suffix(".pt").exists():
+        model.load_state_dict(torch.load(path.with_suffix(".pt")))
+        return model.eval(), load_model(path)
     fit(model, task.pretrain.X, task.pretrain.y, epochs=epochs, seed=seed)
     graph = quantize(model, task.pretrain.X[:512], name=f"{task.name}-{task.model}", classes=task.pretrain.classes)
     graph.meta["model"] = task.model  # the zoo name: picks the default update scheme
     cache.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path.with_suffix(".pt"))
     save_model(graph, path)
-    return graph
+    return model.eval(), graph

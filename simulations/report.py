@@ -1,0 +1,119 @@
+"""The report folder a simulation leaves behind: metrics as JSON and CSV, PNG plots, a one-page summary."""
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a server or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROUND_FIELDS = ("round", "accuracy", "loss", "participants", "uplink_bytes", "downlink_bytes", "seconds")
+
+
+def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dict, baseline: dict | None = None) -> Path:
+    """run: settings and totals; rounds: one dict per round (ROUND_FIELDS); memory: the plan's memory report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(dict(run=run, rounds=rounds, memory=memory, baseline=baseline),
+                                                 indent=2, default=float))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROUND_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rounds)
+    _plot_accuracy(out / "accuracy_loss.png", rounds, baseline)
+    _plot_bytes(out / "bytes_per_round.png", rounds, baseline)
+    _plot_memory(out / "device_memory.png", memory)
+    (out / "summary.md").write_text(summary(run, rounds, memory, baseline))
+    return out
+
+
+def _plot_accuracy(path, rounds, baseline):
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    r = [x["round"] for x in rounds]
+    acc_ax.plot(r, [100 * x["accuracy"] for x in rounds], marker="o", label="fedtiny int8 (devices)")
+    loss_ax.plot(r, [x["loss"] for x in rounds], marker="o", label="fedtiny int8 (devices)")
+    if baseline:
+        br = [x["round"] for x in baseline["rounds"]]
+        acc_ax.plot(br, [100 * x["accuracy"] for x in baseline["rounds"]], marker="s", label="Flower + PyTorch fp32")
+        loss_ax.plot(br, [x["loss"] for x in baseline["rounds"]], marker="s", label="Flower + PyTorch fp32")
+    acc_ax.set(xlabel="round", ylabel="held-out accuracy (%)", title="Accuracy")
+    loss_ax.set(xlabel="round", ylabel="held-out loss", title="Loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_bytes(path, rounds, baseline):
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    r = [x["round"] for x in rounds]
+    n = [max(1, x["participants"]) for x in rounds]
+    ax.plot(r, [x["uplink_bytes"] / k for x, k in zip(rounds, n)], marker="o", label="fedtiny uplink / node")
+    ax.plot(r, [x["downlink_bytes"] / k for x, k in zip(rounds, n)], marker="o", label="fedtiny downlink / node")
+    if baseline:
+        ax.axhline(baseline["bytes_per_node_per_round"], color="C3", ls="--", label="Flower fp32 full model / node")
+    ax.set(xlabel="round", ylabel="bytes", yscale="log", title="Bytes per node per round")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_memory(path, memory):
+    parts = {"trainable copies": memory["trainable_sram_bytes"],
+             "activations, masks, gradients": memory["activation_and_gradient_bytes"],
+             "reserved (network stack)": memory["reserve_bytes"],
+             "free": max(0, memory["budget_bytes"] - memory["reserve_bytes"] - memory["arena_bytes"])}
+    fig, ax = plt.subplots(figsize=(7, 1.8))
+    left = 0
+    for i, (label, value) in enumerate(parts.items()):
+        ax.barh(0, value / 1024, left=left / 1024, color=f"C{i}", label=f"{label}: {value / 1024:.1f} KB")
+        left += value
+    ax.set(xlabel="device SRAM (KB)", yticks=[], title=f"Training step in {memory['budget_bytes'] // 1024} KB")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None) -> str:
+    last = rounds[-1] if rounds else {}
+    up = sum(x["uplink_bytes"] for x in rounds) / max(1, sum(x["participants"] for x in rounds))
+    lines = [
+        f"# fedtiny simulation: {run['scenario']}, {run['nodes']} nodes, {len(rounds)} rounds", "",
+        f"Model `{run['model']}`, scheme `{run['scheme']}`, strategy `{run['strategy']}`, broker {run['broker']}, "
+        f"seed {run['seed']}, dropout {run.get('dropout', 0)}. Wall time {run['wall_seconds']:.1f} s.", "",
+        "| | value |", "|---|---:|",
+        f"| held-out accuracy before / after | {100 * run['initial_accuracy']:.1f} % / "
+        f"{100 * last.get('accuracy', float('nan')):.1f} % |",
+        f"| uplink bytes per node per round (mean) | {up:,.0f} |",
+        f"| training memory per device (whole step, planned arena) | {memory['arena_bytes']:,} B of "
+        f"{memory['budget_bytes'] - memory['reserve_bytes']:,} B available |",
+        f"| flash for the model and plan | {memory['flash_bytes']:,} B |", "",
+        "What left each device: per round one DELTA (the trainable tensors' integer changes, signed with the device's",
+        "Ed25519 key and encrypted end to end with ChaCha20-Poly1305), its example count, loss and accuracy;",
+        "heartbeats and a JOIN. No sample, feature or label left any device (see docs/security.md).", "",
+    ]
+    if baseline:
+        b_last = baseline["rounds"][-1]
+        lines += ["## Against plain Flower + PyTorch fp32 (same task, data, rounds)", "",
+                  "| | fedtiny | Flower + PyTorch fp32 |", "|---|---:|---:|",
+                  f"| final accuracy | {100 * last.get('accuracy', 0):.1f} % | {100 * b_last['accuracy']:.1f} % |",
+                  f"| rounds to {100 * run['target_accuracy']:.0f} % | {run.get('rounds_to_target', '-')} | "
+                  f"{baseline.get('rounds_to_target', '-')} |",
+                  f"| bytes per node per round (uplink) | {up:,.0f} | {baseline['bytes_per_node_per_round']:,.0f} |",
+                  f"| device memory for training | {memory['arena_bytes']:,} B | "
+                  f"at least {baseline['training_memory_bytes']:,} B (fp32 weights + gradients) |",
+                  f"| wall time | {run['wall_seconds']:.1f} s | {baseline['wall_seconds']:.1f} s |", ""]
+    lines += ["## Rounds", "", "| round | accuracy | loss | participants | uplink B | downlink B | seconds |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in rounds:
+        lines.append(f"| {x['round']} | {100 * x['accuracy']:.1f} % | {x['loss']:.3f} | {x['participants']} | "
+                     f"{x['uplink_bytes']:,} | {x['downlink_bytes']:,} | {x['seconds']:.2f} |")
+    lines += ["", "Plots: accuracy_loss.png, bytes_per_round.png, device_memory.png. Data: metrics.json, metrics.csv."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,226 @@
+"""`fedtiny simulate`: the whole system on one machine, with the parts a plant would run.
+
+The host pretrains (or loads a cached) float model, quantizes and compiles it for the budget, provisions the
+fleet's keys, starts a broker (the embedded amqtt on loopback, or --broker), the Flower coordinator (server/)
+in this process, and the node agents (device_runtime/agent.py) in worker processes, each agent with its own
+data and the C trainer when a compiler is present. Rounds run over MQTT exactly as on devices; a round's
+progress, accuracy and bytes are printed live, and a report folder is written at the end.
+"""
+
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .scenarios import load_task, pretrained
+
+
+@dataclass
+class SimulationConfig:
+    nodes: int = 50
+    rounds: int = 10
+    scenario: str = "industrial"
+    data: str | None = None
+    model: str | None = None  # zoo name; default: the scenario's
+    strategy: str = "fedavg"
+    scheme: str | None = None  # default: DEFAULT_SCHEMES[model]
+    budget: int = 256 * 1024
+    reserve: int = 64 * 1024
+    lr: float = 0.003
+    epochs: int = 1
+    chunk_size: int = 1024
+    dropout: float = 0.0
+    stragglers: float = 0.0
+    deadline: float = 20.0
+    seed: int = 0
+    broker: str | None = None
+    fleet_dir: str | None = None  # an existing `fedtiny keys` folder (needed with --broker)
+    out: str = "runs/latest"
+    engine: str = "c"  # "c" when a compiler is present, else "python"
+    baseline: bool = False  # also run plain Flower FedAvg with PyTorch fp32 clients on the same task
+    workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+
+
+def _fails(seed: int, device: str, round_: int, fraction: float) -> bool:
+    """Whether `device` drops out in `round_`: deterministic per seed, so runs are reproducible."""
+    if fraction <= 0:
+        return False
+    key = np.frombuffer(device.encode(), dtype=np.uint8).astype(np.uint64).sum()
+    return bool(np.random.default_rng([seed, int(key), round_, 1]).random() < fraction)
+
+
+def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -> None:
+    """A worker process: hosts the node agents of `devices` until `stop` is set."""
+    from fedtiny.planfile import load_plan
+    from fedtiny_device.agent import NodeAgent
+
+    run = Path(run_dir)
+    plan = load_plan(run / "plan.ftp")
+    factory = None
+    if config["engine"] == "c":
+        from fedtiny_device.cruntime import CTrainer as factory
+    agents = []
+    for device in devices:
+        samples = np.load(run / "nodes" / f"{device}.npz")
+        agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
+                          state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
+                          trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0)
+        _inject_faults(agent, device, config)
+        agents.append(agent.start())
+    stop.wait()
+    for agent in agents:
+        agent.stop(leave=False)
+
+
+def _inject_faults(agent, device: str, config: dict) -> None:
+    """--dropout: the node fails the round (answers only after the deadline, so its reply is stale);
+    --stragglers: the node is slow (a random delay of up to the deadline), and may or may not make the round."""
+    run = agent.training.run
+    rng = np.random.default_rng([config["seed"], len(device), sum(device.encode())])
+    straggler = rng.random() < config["stragglers"]
+
+    def training(job):
+        if _fails(config["seed"], device, job.round, config["dropout"]):
+            time.sleep(config["deadline"] * 1.2)
+        elif straggler:
+            time.sleep(rng.random() * config["deadline"])
+        return run(job)
+
+    agent.training.run = training
+
+
+def _prepare(config: SimulationConfig, run: Path):
+    """Task, pretrained int8 model, plan and per-node data files."""
+    from fedtiny.compiler import compile_plan
+    from fedtiny.planfile import save_plan
+    from fedtiny.scheme import DEFAULT_SCHEMES, parse
+    from fedtiny_device.interpreter import quantize_input
+
+    task = load_task(config.scenario, config.nodes, config.seed, config.data)
+    if config.model:
+        task.model = config.model
+    model, graph = pretrained(task, config.seed)
+    scheme = config.scheme or DEFAULT_SCHEMES[task.model]
+    plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
+    save_plan(plan, run / "plan.ftp")
+    (run / "nodes").mkdir()
+    devices = [f"node{i:03d}" for i in range(config.nodes)]
+    for i, (device, ds) in enumerate(zip(devices, task.nodes)):
+        np.savez(run / "nodes" / f"{device}.npz", x=quantize_input(graph, ds.X), y=ds.y, seed=config.seed * 1000 + i)
+    return task, model, graph, plan, scheme, devices
+
+
+def simulate(config: SimulationConfig, progress=None) -> dict:
+    """Run a simulation; returns the run summary (also written into config.out)."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from fedtiny.protocol.brokers import EmbeddedBroker
+    from fedtiny.protocol.fleet import CoordinatorLink
+    from fedtiny.protocol.keys import provision_fleet
+    from fedtiny_device.interpreter import predict
+    from fedtiny_server.grid import RoundPolicy
+    from fedtiny_server.rounds import Coordinator, CoordinatorConfig
+    from fedtiny_server.state import StateStore
+
+    from .report import write_report
+
+    started = time.perf_counter()
+    run = Path(config.out)
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    if config.engine == "c" and shutil.which("gcc") is None:
+        config.engine = "python"
+    task, model, graph, plan, scheme, devices = _prepare(config, run)
+    if config.fleet_dir:
+        shutil.copytree(config.fleet_dir, run / "fleet")
+    else:
+        provision_fleet(run / "fleet", "sim", devices)
+    broker = EmbeddedBroker().start() if config.broker is None else None
+    url = config.broker or f"mqtt://127.0.0.1:{broker.port}"
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    shares = [devices[i::config.workers] for i in range(config.workers)]
+    workers = [ctx.Process(target=_worker, args=(str(run), share, url, asdict(config), stop), daemon=True)
+               for share in shares if share]
+    link = CoordinatorLink(url, run / "fleet", plan, fleet="sim", chunk_size=config.chunk_size).start()
+    try:
+        for w in workers:
+            w.start()
+        _wait_for_devices(link, len(devices), timeout=120)
+        quorum = 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
+        policy = RoundPolicy(quorum=quorum, deadline=config.deadline)
+        coordinator = Coordinator(link, plan, StateStore(run / "state.db"),
+                                  CoordinatorConfig(rounds=config.rounds, strategy=config.strategy, policy=policy,
+                                                    train_config={"epochs": config.epochs}),
+                                  heldout=(task.test.X, task.test.y))
+        initial = float((predict(graph, task.test.X) == task.test.y).mean())
+        rounds = []
+        for r in range(1, config.rounds + 1):
+            up0, down0 = _bytes(coordinator)
+            t0 = time.perf_counter()
+            result = coordinator.run_round(r)
+            up1, down1 = _bytes(coordinator)
+            row = dict(round=r, accuracy=float(result.eval_metrics.get("accuracy", float("nan"))),
+                       loss=float(result.eval_metrics.get("loss", float("nan"))), participants=result.replies,
+                       uplink_bytes=int(up1 - up0), downlink_bytes=int(down1 - down0),
+                       seconds=time.perf_counter() - t0, peak_device_memory=plan.arena_size)
+            rounds.append(row)
+            if progress:
+                progress(row)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(30)
+            if w.is_alive():
+                w.terminate()
+        link.close()
+        if broker is not None:
+            broker.stop()
+    target = 0.9 * max(r["accuracy"] for r in rounds) if rounds else 0.0
+    summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
+                   broker=config.broker or "embedded amqtt (loopback)", seed=config.seed, dropout=config.dropout,
+                   engine=config.engine, initial_accuracy=initial, wall_seconds=time.perf_counter() - started,
+                   target_accuracy=target,
+                   rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
+    baseline = None
+    if config.baseline:
+        import logging
+
+        from .baseline import run_baseline
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.lr,
+                                epochs=config.epochs, seed=config.seed)
+        baseline["rounds_to_target"] = next((r["round"] for r in baseline["rounds"] if r["accuracy"] >= target), None)
+    write_report(run, summary, rounds, plan.memory_report(), baseline)
+    return dict(summary, rounds=rounds, baseline=baseline)
+
+
+def _bytes(coordinator) -> tuple[float, float]:
+    m = coordinator.metrics
+    return m.get("fedtiny_uplink_bytes_total"), m.get("fedtiny_downlink_bytes_total")
+
+
+def _wait_for_devices(link, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(link.devices()) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(link.devices())} of {n} node agents joined within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def print_row(row: dict) -> None:
+    print(f"round {row['round']:>3}  accuracy {100 * row['accuracy']:5.1f} %  loss {row['loss']:.3f}  "
+          f"nodes {row['participants']:>3}  up {row['uplink_bytes']:>8,} B  down {row['downlink_bytes']:>8,} B  "
+          f"device memory {row['peak_device_memory']:,} B  {row['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    print(json.dumps(simulate(SimulationConfig(nodes=4, rounds=2), print_row), indent=1, default=float))
