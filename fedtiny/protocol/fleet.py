@@ -1,0 +1,697 @@
+"""The coordinator's MQTT end of the fleet link (docs/fleet_link.md), the state/delta helpers both ends share,
+and the thin paho transport both ends use.
+
+    state helpers   state_delta / apply_delta, plan state <-> protocol DeltaEntries, plan_hash
+    update codec    encode_update / decode_update: the only way a DELTA body is built (plan buffers + floats)
+    task codec      task_body / task_settings: TASK body <-> the coordinator's config dict
+    MqttTransport   paho in its own thread: TLS, MQTT 5 persistent session, TCP_NODELAY, reconnect with backoff
+    CoordinatorLink one connection to the whole fleet: registry, reassembly, verified replies, TASK downlinks
+
+Tensor ids on the wire are indexes into plan.trainable_buffers(). A device state is dict[buffer name, array]
+(int8 weight rows, int32 biases). A delta is int16 for weight rows (the difference of two int8 values spans
+[-255, 255]) and int32 for biases, where it wraps modulo 2^32 so that apply_delta(base, state_delta(new, base))
+== new always holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import numpy as np
+
+from fedtiny.compiler import Plan
+from fedtiny.protocol import chunking, topics
+from fedtiny.protocol.delta import DeltaEntry, encode_delta
+from fedtiny.protocol.envelope import (
+    CoordinatorEndpoint, Header, Identity, PublicIdentity, Flags,
+)
+from fedtiny.protocol.errors import ProtocolError
+from fedtiny.protocol.messages import (
+    Ack, AckStatus, Delta, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
+)
+
+log = logging.getLogger("fedtiny.fleet")
+
+FULL_STATE = 0xFFFFFFFF  # GLOBAL_UPDATE.base_model_version: the entries replace every trainable buffer whole
+METRICS_TENSOR_ID = 0xFFFF  # DELTA entry carrying device metrics: metric i = values[i] * scales[i]
+METRIC_NAMES = ("accuracy",)  # channel order of the metrics entry (loss travels in DELTA.train_loss)
+PLAN_VERSION = 1
+TASK_CONFIG = struct.Struct("<HH")  # TASK.config: epochs u16 | reserved u16
+_SEQ_EPOCH = 1_704_067_200  # 2024-01-01: downlink seqs start at 16 per second since then (see CoordinatorLink)
+
+
+# --- state and deltas -------------------------------------------------------------------------------------
+
+def _delta_dtype(state_dtype: np.dtype) -> np.dtype:
+    if state_dtype == np.int8:
+        return np.dtype(np.int16)
+    if state_dtype == np.int32:
+        return np.dtype(np.int32)
+    raise ValueError(f"trainable buffers are int8 or int32, not {state_dtype}")
+
+
+def state_delta(new: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """new - base per buffer: int16 for int8 buffers, int32 (modulo 2^32) for int32 buffers."""
+    if set(new) != set(base):
+        raise ValueError("states hold different buffers")
+    out = {}
+    for name, b in base.items():
+        n = np.asarray(new[name])
+        b = np.asarray(b)
+        if n.shape != b.shape or n.dtype != b.dtype:
+            raise ValueError(f"{name}: {n.dtype}{n.shape} vs {b.dtype}{b.shape}")
+        if b.dtype == np.int32:
+            out[name] = (n.view(np.uint32) - b.view(np.uint32)).view(np.int32)
+        else:
+            out[name] = n.astype(_delta_dtype(b.dtype)) - b.astype(_delta_dtype(b.dtype))
+    return out
+
+
+def apply_delta(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """base + delta per buffer, in the base's dtype; an int8 result outside [-128, 127] raises ValueError."""
+    if set(delta) != set(base):
+        raise ValueError("state and delta hold different buffers")
+    out = {}
+    for name, b in base.items():
+        b = np.asarray(b)
+        d = np.asarray(delta[name])
+        if d.shape != b.shape:
+            raise ValueError(f"{name}: delta shape {d.shape} vs {b.shape}")
+        if b.dtype == np.int32:
+            out[name] = (b.view(np.uint32) + d.astype(np.int32).view(np.uint32)).view(np.int32)
+        else:
+            wide = b.astype(np.int32) + d.astype(np.int32)
+            if wide.min(initial=0) < -128 or wide.max(initial=0) > 127:
+                raise ValueError(f"{name}: base + delta leaves the int8 range")
+            out[name] = wide.astype(np.int8)
+    return out
+
+
+def initial_state(plan: Plan) -> dict[str, np.ndarray]:
+    """The plan's starting trainable state (model version 0): the model's own rows and biases."""
+    out = {}
+    for name in plan.trainable_buffers():
+        spec = plan.buffers[name]
+        data = plan.graph.tensors[name[len("train:"):]].data
+        out[name] = np.array(data[: spec.shape[0]], dtype=np.int8 if spec.dtype == "int8" else np.int32).reshape(spec.shape)
+    return out
+
+
+def _scales(plan: Plan, name: str, start: int, count: int) -> np.ndarray:
+    scale = np.asarray(plan.graph.tensors[name[len("train:"):]].scale, dtype=np.float32).reshape(-1)
+    return scale[:1] if scale.size == 1 else scale[start : start + count]
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, count) of the runs of True in a 1-D mask."""
+    runs, start = [], None
+    for i, flag in enumerate(mask.tolist() + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if values.size == 0 or (values.min() >= info.min and values.max() <= info.max):
+            return values.astype(dtype) if values.dtype != dtype else values
+    raise ValueError("values exceed int32")
+
+
+def state_entries(plan: Plan, state: dict[str, np.ndarray], *, changed_from: dict[str, np.ndarray] | None = None,
+                  skip_zero: bool = False, narrow: bool = False) -> list[DeltaEntry]:
+    """Protocol entries for a state or delta dict over the plan's trainable buffers (tensor id = buffer index).
+
+    changed_from: only channels (axis 0) that differ from this state. skip_zero: only channels with a nonzero
+    value (for deltas). narrow: each entry in the smallest integer dtype that holds it. Scales are the graph
+    tensor's quantization scales. Without any option every buffer is sent whole, which under secure aggregation
+    (a fixed coordinate set) is the only allowed form.
+    """
+    names = plan.trainable_buffers()
+    if set(state) != set(names):
+        raise ValueError("the state must hold exactly the plan's trainable buffers")
+    entries = []
+    for tensor_id, name in enumerate(names):
+        values = np.asarray(state[name])
+        if values.shape != tuple(plan.buffers[name].shape):
+            raise ValueError(f"{name}: shape {values.shape}, plan has {plan.buffers[name].shape}")
+        rows = values.reshape(values.shape[0], -1)
+        keep = np.ones(rows.shape[0], bool)
+        if changed_from is not None:
+            keep &= (rows != np.asarray(changed_from[name]).reshape(rows.shape)).any(axis=1)
+        if skip_zero:
+            keep &= (rows != 0).any(axis=1)
+        for start, count in _runs(keep):
+            block = rows[start : start + count]
+            entries.append(DeltaEntry(tensor_id, start, _narrow(block) if narrow else block,
+                                      _scales(plan, name, start, count)))
+    return entries
+
+
+def entries_to_state(plan: Plan, entries: list[DeltaEntry], base: dict[str, np.ndarray], *,
+                     dtypes: dict[str, np.dtype] | None = None, require_all: bool = False) -> dict[str, np.ndarray]:
+    """Overlay entries onto a copy of base (entries hold values for the channels they cover).
+
+    dtypes: the dtype each buffer must end in (values are range-checked, never wrapped); defaults to base's.
+    require_all: every channel of every buffer must be covered. Raises ProtocolError on any mismatch.
+    """
+    names = plan.trainable_buffers()
+    out = {n: np.array(base[n], copy=True) for n in names}
+    covered = {n: np.zeros(out[n].shape[0], bool) for n in names}
+    for e in entries:
+        if e.tensor_id == METRICS_TENSOR_ID:
+            continue
+        if e.tensor_id >= len(names):
+            raise ProtocolError("bad-entry", f"tensor id {e.tensor_id} not in the plan")
+        name = names[e.tensor_id]
+        target = out[name]
+        rows = target.reshape(target.shape[0], -1)
+        if e.start + e.count > rows.shape[0] or e.values.shape[1] != rows.shape[1]:
+            raise ProtocolError("bad-entry", f"{name}: entry [{e.start}, +{e.count}) x {e.values.shape[1]} "
+                                             f"does not fit {target.shape}")
+        dtype = np.dtype((dtypes or {}).get(name, target.dtype))
+        info = np.iinfo(dtype)
+        if e.values.size and (e.values.min() < info.min or e.values.max() > info.max):
+            raise ProtocolError("bad-entry", f"{name}: values exceed {dtype}")
+        if covered[name][e.start : e.start + e.count].any():
+            raise ProtocolError("bad-entry", f"{name}: channels covered twice")
+        covered[name][e.start : e.start + e.count] = True
+        rows[e.start : e.start + e.count] = e.values.astype(dtype)
+    if require_all and not all(c.all() for c in covered.values()):
+        raise ProtocolError("bad-entry", "entries do not cover every trainable channel")
+    return out
+
+
+def zero_delta(plan: Plan) -> dict[str, np.ndarray]:
+    return {n: np.zeros(plan.buffers[n].shape, _delta_dtype(np.dtype(plan.buffers[n].dtype)))
+            for n in plan.trainable_buffers()}
+
+
+def plan_hash(plan: Plan) -> bytes:
+    """SHA-256 of the plan as `fedtiny plan` saves it (the PLAN container), the identity both ends compare."""
+    from fedtiny.fileformat import dumps
+    from fedtiny.planfile import KIND, _header
+
+    return hashlib.sha256(dumps(KIND, _header(plan), {t.name: t.data for t in plan.graph.constants})).digest()
+
+
+# --- the DELTA body: the only thing a device uploads ------------------------------------------------------
+
+def encode_update(plan: Plan, delta: dict[str, np.ndarray], num_examples: int, loss: float,
+                  accuracy: float) -> Delta:
+    """The DELTA body from a delta over the plan's trainable buffers and three numbers, and nothing else.
+
+    This is the device's only way to build an uplink carrying model content: it accepts a dict keyed by exactly
+    the plan's trainable buffer names, each of the delta dtype and shape of that buffer, plus plain numbers,
+    so raw samples (int8 inputs of another shape, labels) cannot be passed in. Channels whose delta is zero
+    are left out and each entry is sent in its narrowest integer type (the coordinator widens again).
+    """
+    expected = zero_delta(plan)
+    if set(delta) != set(expected):
+        raise TypeError("a DELTA carries exactly the plan's trainable buffers")
+    for name, ref in expected.items():
+        value = delta[name]
+        if not isinstance(value, np.ndarray) or value.dtype != ref.dtype or value.shape != ref.shape:
+            raise TypeError(f"{name}: expected a {ref.dtype} array of shape {ref.shape}")
+    if not isinstance(num_examples, int) or not 0 <= num_examples <= 0xFFFFFFFF:
+        raise TypeError("num_examples must be an int in u32")
+    loss, accuracy = float(loss), float(accuracy)
+    metrics = DeltaEntry(METRICS_TENSOR_ID, 0, np.ones((len(METRIC_NAMES), 1), np.int8),
+                         np.array([accuracy], np.float32))
+    entries = []
+    for name in plan.trainable_buffers():  # per buffer, the smaller of: nonzero channel runs, or the whole buffer
+        only = {n: (delta[n] if n == name else np.zeros_like(delta[n])) for n in delta}
+        sparse = state_entries(plan, only, skip_zero=True, narrow=True)
+        whole = [e for e in state_entries(plan, only, narrow=True) if plan.trainable_buffers()[e.tensor_id] == name]
+        entries += min(sparse, whole, key=lambda es: len(encode_delta(es, compress=False))) if sparse else []
+    return Delta(num_examples, loss, entries + [metrics])
+
+
+def decode_update(plan: Plan, body: Delta) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """(delta dict in int16/int32, metrics) of a verified DELTA body; ProtocolError if it does not fit the plan."""
+    expected = zero_delta(plan)
+    delta = entries_to_state(plan, body.entries, expected, dtypes={n: v.dtype for n, v in expected.items()})
+    metrics = {"loss": float(body.train_loss)}
+    for e in body.entries:
+        if e.tensor_id == METRICS_TENSOR_ID:
+            if e.start != 0 or e.count > len(METRIC_NAMES) or e.values.shape[1] != 1:
+                raise ProtocolError("bad-entry", "metrics entry")
+            scales = np.broadcast_to(e.scales, (e.count,))
+            for i in range(e.count):
+                metrics[METRIC_NAMES[i]] = float(e.values[i, 0]) * float(scales[i])
+    return delta, metrics
+
+
+# --- TASK --------------------------------------------------------------------------------------------------
+
+TASK_KEYS = {"epochs", "steps", "local_steps", "batch_size", "lr", "learning_rate", "lr_scale", "clip_norm",
+             "deadline_s"}
+
+
+def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_payload: int) -> Task:
+    """TASK from the coordinator's config: epochs (default 1), steps (0 = epochs over the device's data),
+    lr or lr_scale (x plan.lr), batch_size, clip_norm, deadline_s. Unknown keys are ignored with a warning."""
+    unknown = set(config) - TASK_KEYS
+    if unknown:
+        log.warning("TASK config keys not carried on the wire: %s", sorted(unknown))
+    steps = int(config.get("steps", config.get("local_steps", 0)))
+    lr = float(config.get("lr", config.get("learning_rate", plan.lr)) * float(config.get("lr_scale", 1.0)))
+    epochs = int(config.get("epochs", 1))
+    if not 0 <= steps <= 0xFFFF or not 0 <= epochs <= 0xFFFF:
+        raise ValueError("steps and epochs must fit u16")
+    return Task(PLAN_VERSION, phash, steps, int(config.get("batch_size", 1)), lr,
+                float(config.get("clip_norm", 0.0)), int(config.get("deadline_s", 0)), max_mqtt_payload, 0,
+                TASK_CONFIG.pack(epochs, 0))
+
+
+def task_settings(task: Task) -> dict[str, float]:
+    """The config a device reads back from a TASK."""
+    epochs = 1
+    if len(task.config) == TASK_CONFIG.size:
+        epochs, reserved = TASK_CONFIG.unpack(task.config)
+        if reserved:
+            raise ProtocolError("bad-flags", "TASK config reserved field set")
+    elif task.config:
+        raise ProtocolError("bad-task", "TASK config is not 4 bytes")
+    return {"epochs": epochs, "steps": task.local_steps, "batch_size": task.batch_size, "lr": task.learning_rate,
+            "clip_norm": task.clip_norm, "deadline_s": task.deadline_s}
+
+
+# --- transport ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Publish:
+    """One MQTT publish an end wants made (QoS 1 always)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+def load_fleet(fleet_dir: str | Path) -> dict:
+    return json.loads((Path(fleet_dir) / "fleet.json").read_text())
+
+
+class MqttTransport:
+    """A paho client in its own thread, nothing more: no protocol logic.
+
+    mqtt://HOST:PORT is plain MQTT 3.1.1 (the embedded amqtt broker speaks only that), mqtts://HOST:PORT is
+    TLS with the fleet CA and the identity's client certificate, MQTT 5. Both use a persistent session
+    (MQTT 5 clean_start=False + Session Expiry; 3.1.1 clean_session=False), QoS 1, TCP_NODELAY after every
+    connect, and paho's reconnect with exponential backoff. `will()` returns the last will to register before
+    each (re)connect. Callbacks run in paho's thread.
+    """
+
+    def __init__(self, broker_url: str, fleet_dir: str | Path, name: str, client_id: str, *,
+                 on_connect: Callable[[], None], on_message: Callable[[str, bytes], None],
+                 will: Callable[[], Publish] | None = None, session_expiry: int = 24 * 3600,
+                 keepalive: int = 30, backoff: tuple[float, float] = (0.2, 10.0)) -> None:
+        import paho.mqtt.client as mqtt
+
+        self._mqtt = mqtt
+        url = urlparse(broker_url)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname or not url.port:
+            raise ValueError(f"broker_url must be mqtt://HOST:PORT or mqtts://HOST:PORT, not {broker_url!r}")
+        self.host, self.port, self.tls = url.hostname, url.port, url.scheme == "mqtts"
+        self.v5 = self.tls
+        self.keepalive = keepalive
+        self._on_connect_cb, self._on_message_cb, self._will = on_connect, on_message, will
+        self.connected = threading.Event()
+        self.connects = 0
+        self.publish_results: dict[int, object] = {}  # mid -> reason code (MQTT 5 tells "Not authorized")
+        self._published = threading.Condition()
+        if self.v5:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                                 clean_session=False)
+        if self.tls:
+            folder = Path(fleet_dir) / ("coordinator" if name == topics.COORDINATOR_NAME else f"devices/{name}")
+            client.tls_set(str(Path(fleet_dir) / "ca/ca.crt"), str(folder / "client.crt"), str(folder / "client.key"),
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.reconnect_delay_set(*backoff)
+        client.max_inflight_messages_set(100)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = lambda c, u, m: self._on_message_cb(m.topic, bytes(m.payload))
+        client.on_publish = self._handle_publish
+        self.session_expiry = session_expiry
+        self.client = client
+
+    def _set_will(self) -> None:
+        if self._will is not None:
+            will = self._will()
+            self.client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+
+    def start(self, timeout: float = 10.0) -> MqttTransport:
+        self._set_will()
+        kwargs = {}
+        if self.v5:
+            props = self._mqtt.Properties(self._mqtt.PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry
+            kwargs = {"clean_start": False, "properties": props}
+        self.client.connect_async(self.host, self.port, self.keepalive, **kwargs)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.client.loop_stop()
+            raise TimeoutError(f"could not connect to {self.host}:{self.port}")
+        return self
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("connect refused: %s", reason_code)
+            return
+        sock = client.socket()
+        if sock is not None and hasattr(sock, "setsockopt"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connects += 1
+        self.connected.set()
+        self._on_connect_cb()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        self._set_will()  # the next connect registers a fresh (round, seq) will
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._published:
+            self.publish_results[mid] = reason_code
+            self._published.notify_all()
+
+    def subscribe(self, *topic_filters: str) -> None:
+        self.client.subscribe([(t, 1) for t in topic_filters])
+
+    def publish(self, message: Publish) -> int:
+        """Queue a QoS 1 publish (paho sends it now, or after the reconnect); returns the message id."""
+        return self.client.publish(message.topic, message.payload, qos=1, retain=message.retain).mid
+
+    def wait_published(self, mid: int, timeout: float = 10.0):
+        """The broker's PUBACK reason code for `mid` (None on timeout)."""
+        with self._published:
+            self._published.wait_for(lambda: mid in self.publish_results, timeout)
+            return self.publish_results.get(mid)
+
+    def drop_connection(self) -> None:
+        """Tests: cut the TCP connection as a network failure would (paho then reconnects)."""
+        sock = self.client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def kill(self) -> None:
+        """Tests: vanish without DISCONNECT (the broker then publishes the last will)."""
+        sock = self.client.socket()
+        self.client.loop_stop()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+        self.connected.clear()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+
+# --- the coordinator side ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: str  # device name (certificate CN / broker username)
+    device_id: int  # topics.name_id(device)
+    memory_budget: int
+    plan_hash: bytes
+    last_seen: float  # time.monotonic() of the last message from it
+    online: bool  # False after its last will or LEAVE
+
+
+@dataclass(frozen=True)
+class DeviceReply:
+    device: str
+    round: int
+    model_version: int  # the global version the device trained from
+    delta: dict[str, np.ndarray]  # trainable buffer name -> integer delta
+    num_examples: int
+    metrics: dict[str, float]  # device-reported, e.g. {"loss": ..., "accuracy": ...}
+    uplink_bytes: int  # MQTT payload bytes of the whole DELTA transfer (all chunks)
+
+
+class CoordinatorLink:
+    """The coordinator's single MQTT connection to the fleet (see docs/fleet_link.md). Thread-safe.
+
+    Uplinks are reassembled, verified (signature, replay, decryption, topic ids) and turned into registry
+    updates and DeviceReplies; a rejected message is logged with its reason, counted in `stats`, and changes
+    nothing. Each (device, round) yields at most one reply. After a device reconnects (JOIN) or goes quiet
+    mid-transfer, the link asks it for the missing chunks of its open uploads (ACK MISSING_CHUNKS).
+
+    Downlink seqs start at 16 x the seconds since 2024 so that a restarted coordinator does not reuse a
+    (round, seq) nonce (persisting the counter would be stronger; see docs/protocol.md).
+    """
+
+    RESUME_IDLE_S = 0.5  # an open upload idle this long is asked for its missing chunks on the next STATUS
+
+    def __init__(self, broker_url: str, fleet_dir: str | Path, plan: Plan, *, fleet: str,
+                 chunk_size: int = 4096, client_id: str = "coordinator") -> None:
+        if not chunking.MIN_CHUNK_PAYLOAD <= chunk_size <= chunking.MAX_CHUNK_PAYLOAD:
+            raise ValueError(f"chunk_size is the MQTT payload per chunk: {chunking.MIN_CHUNK_PAYLOAD}.."
+                             f"{chunking.MAX_CHUNK_PAYLOAD}")
+        self.fleet_dir = Path(fleet_dir)
+        self.plan = plan
+        self.fleet = topics.check_name(fleet)
+        self.chunk_size = chunk_size
+        manifest = load_fleet(fleet_dir)
+        if manifest["fleet"] != fleet:
+            raise ValueError(f"{fleet_dir} holds fleet {manifest['fleet']!r}, not {fleet!r}")
+        self._names = {v["id"]: name for name, v in manifest["devices"].items()}
+        peers = {v["id"]: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for v in manifest["devices"].values()}
+        identity = Identity.from_bytes((self.fleet_dir / "coordinator/identity.key").read_bytes())
+        self._endpoint = CoordinatorEndpoint(manifest["fleet_id"], identity, peers)
+        seq0 = max(0, int((time.time() - _SEQ_EPOCH) * 16)) & 0xFFFFFFFF
+        self._endpoint.next_seq.update({device_id: seq0 for device_id in peers})
+        self._reassembler = chunking.Reassembler(max_transfers=4 * len(peers) + 16, max_bytes=256 << 20, ttl=600.0)
+        self._transfer_seen: dict[tuple, float] = {}
+        self._lock = threading.RLock()
+        self._replies_ready = threading.Condition(self._lock)
+        self._registry: dict[str, DeviceInfo] = {}
+        self._device_payload: dict[str, int] = {}  # the device's max MQTT payload from its JOIN
+        self._versions: dict[str, int] = {}  # model version each device last said it holds
+        self._states: dict[int, dict[str, np.ndarray]] = {}  # global states sent, by version (bounded)
+        self._replies: list[DeviceReply] = []
+        self._answered: set[tuple[str, int]] = set()
+        self._acks: dict[tuple[str, int, int], list[Publish]] = {}  # (device, round, seq) -> ACK sent for a DELTA
+        self._completed: dict[tuple[str, int], list[Publish]] = {}  # (device, transfer id) of finished uploads
+        self._plan_hash = plan_hash(plan)
+        self.stats: Counter = Counter()  # rejected:<reason>, duplicate_chunks, duplicate_messages, replies, ...
+        self._transport = MqttTransport(broker_url, fleet_dir, topics.COORDINATOR_NAME, client_id,
+                                        on_connect=self._connected, on_message=self._on_message)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> CoordinatorLink:
+        self._transport.start()
+        return self
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def _connected(self) -> None:
+        self._transport.subscribe(f"{topics.ROOT}/{self.fleet}/up/+", f"{topics.ROOT}/{self.fleet}/status/+")
+
+    # --- the interface -----------------------------------------------------------------------------------
+    def devices(self, seen_within: float | None = None) -> list[DeviceInfo]:
+        now = time.monotonic()
+        with self._lock:
+            infos = list(self._registry.values())
+        if seen_within is not None:
+            infos = [d for d in infos if now - d.last_seen <= seen_within]
+        return sorted(infos, key=lambda d: d.device)
+
+    def send_task(self, device: str, round: int, model_version: int,
+                  global_state: dict[str, np.ndarray] | None, config: dict[str, float]) -> int:
+        """TASK (and, if the device's version is not model_version, a GLOBAL_UPDATE of the changed channels
+        before it) to one device; returns the downlink MQTT payload bytes."""
+        device_id = topics.name_id(device)
+        if device_id not in self._names:
+            raise ValueError(f"{device} is not enrolled in fleet {self.fleet}")
+        with self._lock:
+            size = min(self.chunk_size, self._device_payload.get(device, self.chunk_size))
+            messages = []
+            if global_state is not None:
+                global_state = {k: np.asarray(v).copy() for k, v in global_state.items()}
+                self._remember(model_version, global_state)
+                held = self._versions.get(device)
+                if held != model_version:
+                    base = self._states.get(held) if held is not None else None
+                    if base is not None:
+                        update = GlobalUpdate(held, state_entries(self.plan, global_state, changed_from=base))
+                    else:
+                        update = GlobalUpdate(FULL_STATE, state_entries(self.plan, global_state))
+                    messages.append(self._endpoint.seal(update, device_id=device_id, round=round,
+                                                        model_version=model_version))
+            task = task_body(self.plan, self._plan_hash, config, size)
+            messages.append(self._endpoint.seal(task, device_id=device_id, round=round, model_version=model_version))
+            frames = [f for env in messages for f in chunking.split(env, self._transfer_id(env), size)]
+            for frame in frames:
+                self._transport.publish(Publish(topics.downlink(self.fleet, device), frame))
+            self.stats["downlink_bytes"] += sum(map(len, frames))
+            return sum(map(len, frames))
+
+    def replies(self, timeout: float) -> list[DeviceReply]:
+        """Replies verified since the last call; waits up to `timeout` s for the first one if there is none."""
+        with self._replies_ready:
+            self._replies_ready.wait_for(lambda: self._replies, timeout)
+            out, self._replies = self._replies, []
+            return out
+
+    # --- internals ---------------------------------------------------------------------------------------
+    def _remember(self, version: int, state: dict[str, np.ndarray]) -> None:
+        self._states[version] = state
+        for old in sorted(self._states)[:-8]:
+            del self._states[old]
+
+    @staticmethod
+    def _transfer_id(envelope: bytes) -> int:
+        return Header.unpack(envelope).seq  # unique per device and direction
+
+    def _on_message(self, topic: str, frame: bytes) -> None:
+        with self._lock:
+            try:
+                self._handle(topic, frame, time.monotonic())
+            except ProtocolError as exc:
+                self.stats[f"rejected:{exc.reason}"] += 1
+                log.warning("rejected message on %s: %s", topic, exc)
+            except Exception:  # a bug here must not kill paho's thread
+                self.stats["rejected:internal-error"] += 1
+                log.exception("error handling a message on %s", topic)
+
+    def _handle(self, topic: str, frame: bytes, now: float) -> None:
+        fleet, kind, device = topics.parse(topic)
+        if fleet != self.fleet or kind not in ("up", "status"):
+            raise ProtocolError("bad-topic", topic)
+        if not frame:  # a cleared retained message
+            return
+        chunk = chunking.parse_chunk(frame)
+        done = self._completed.get((device, chunk.transfer_id)) if chunk.count > 1 else None
+        if done is not None:  # a chunk of an upload already complete: resent after a reconnect or a lost ACK
+            self.stats["duplicate_chunks"] += 1
+            if chunk.index == chunk.count - 1:
+                for ack in done:
+                    self._transport.publish(ack)
+            return
+        result = self._reassembler.accept(frame, now, device)
+        if result.duplicate:
+            self.stats["duplicate_chunks"] += 1
+        if result.payload is None:
+            if result.key in self._reassembler.open_transfers():
+                self._transfer_seen[result.key] = now
+            return
+        self._transfer_seen.pop(result.key, None)
+        envelope = result.payload
+        header = Header.unpack(envelope)
+        topics.check_topic_matches(topic, header.fleet_id, header.device_id)
+        expected_kind = "status" if header.type == MessageType.STATUS else "up"
+        if kind != expected_kind:
+            raise ProtocolError("wrong-topic", f"{MessageType(header.type).name} on a {kind} topic")
+        received = self._endpoint.open(envelope)
+        if received is None:
+            self.stats["duplicate_messages"] += 1
+            for ack in self._acks.get((device, header.round, header.seq), []):
+                self._transport.publish(ack)  # the device did not get our ACK: send it again
+            return
+        header, body = received.header, received.body
+        self._touch(device, header, now)
+        if header.type == MessageType.JOIN:
+            self._registry[device] = DeviceInfo(device, header.device_id, body.memory_budget_bytes, body.plan_hash,
+                                                now, True)
+            self._device_payload[device] = body.max_mqtt_payload
+            if body.plan_hash != self._plan_hash:
+                log.warning("%s runs a different training plan", device)
+            self._request_missing(device, header, idle=0.0, now=now)
+        elif header.type == MessageType.STATUS:
+            online = body.state != DeviceState.OFFLINE
+            self._registry[device] = _replace(self._registry[device], online=online)
+            if online:
+                self._request_missing(device, header, idle=self.RESUME_IDLE_S, now=now)
+        elif header.type == MessageType.LEAVE:
+            self._registry[device] = _replace(self._registry[device], online=False)
+        elif header.type == MessageType.ACK:
+            if body.status == AckStatus.REJECTED:
+                self._versions.pop(device, None)  # it could not apply our update: next time send it whole
+                log.warning("%s rejected %s (round %d)", device, MessageType(body.acked_type).name, header.round)
+        elif header.type == MessageType.DELTA:
+            self._delta(device, header, body, len(envelope) + chunk.count * chunking.CHUNK_HEADER_SIZE)
+
+    def _touch(self, device: str, header: Header, now: float) -> None:
+        info = self._registry.get(device)
+        if info is None:
+            info = DeviceInfo(device, header.device_id, 0, b"", now, True)
+        last_will = header.type == MessageType.STATUS and header.flags & Flags.LAST_WILL
+        self._registry[device] = _replace(info, last_seen=now, online=info.online if last_will else True)
+        if header.type != MessageType.DELTA:
+            self._versions[device] = header.model_version
+
+    def _delta(self, device: str, header: Header, body: Delta, uplink_bytes: int) -> None:
+        delta, metrics = decode_update(self.plan, body)  # raises (before any state change) if it does not fit
+        env = self._endpoint.seal(Ack(MessageType.DELTA, AckStatus.OK, header.seq), device_id=header.device_id,
+                                  round=header.round, model_version=header.model_version)
+        acks = self._downlink(device, env)
+        self._acks[(device, header.round, header.seq)] = acks
+        self._completed[(device, header.seq)] = acks  # device transfer ids are their envelope seqs
+        if len(self._completed) > 4096:
+            del self._completed[next(iter(self._completed))]
+        if len(self._acks) > 4096:
+            del self._acks[next(iter(self._acks))]
+        if (device, header.round) in self._answered:
+            self.stats["duplicate_rounds"] += 1
+            log.warning("%s sent a second DELTA for round %d; keeping the first", device, header.round)
+            return
+        self._answered.add((device, header.round))
+        self.stats["replies"] += 1
+        self._replies.append(DeviceReply(device, header.round, header.model_version, delta, body.num_examples,
+                                         metrics, uplink_bytes))
+        self._replies_ready.notify_all()
+
+    def _request_missing(self, device: str, header: Header, idle: float, now: float) -> None:
+        for source, transfer_id in self._reassembler.open_transfers():
+            if source != device or now - self._transfer_seen.get((source, transfer_id), now) < idle:
+                continue
+            missing = self._reassembler.missing(source, transfer_id) or []
+            for i in range(0, len(missing), 64):
+                ack = Ack(MessageType.DELTA, AckStatus.MISSING_CHUNKS, 0, transfer_id, tuple(missing[i : i + 64]))
+                env = self._endpoint.seal(ack, device_id=header.device_id, round=header.round,
+                                          model_version=header.model_version)
+                self._downlink(device, env)
+                self.stats["missing_requests"] += 1
+
+    def _downlink(self, device: str, envelope: bytes) -> list[Publish]:
+        size = min(self.chunk_size, self._device_payload.get(device, self.chunk_size))
+        out = [Publish(topics.downlink(self.fleet, device), f)
+               for f in chunking.split(envelope, self._transfer_id(envelope), size)]
+        for message in out:
+            self._transport.publish(message)
+        return out
+
+
+def _replace(info: DeviceInfo, **changes) -> DeviceInfo:
+    from dataclasses import replace
+
+    return replace(info, **changes)
