@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,17 @@ def parse_train_result(stdout: str) -> tuple[int, str, int] | None:
 # steps when another trainer of the same plan used it in between, so any number of nodes can share one build.
 _LIBRARIES: dict[str, ctypes.CDLL] = {}
 _OWNER: dict[str, "CTrainer"] = {}
+_LOCKS: dict[str, threading.RLock] = {}
+
+
+def _locked(method):
+    """Trainers of one plan share the library's static arena: one of them touches it at a time, across threads
+    (node agents train in threads, and ctypes releases the GIL during a C call)."""
+    def wrapper(self, *args, **kwargs):
+        with _LOCKS[self.path]:
+            return method(self, *args, **kwargs)
+    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
+    return wrapper
 
 
 class CTrainer:
@@ -193,6 +205,11 @@ class CTrainer:
             lib.fedtiny_model_set_rng_counter.restype = None
             _LIBRARIES[self.path] = lib
         self.lib = _LIBRARIES[self.path]
+        _LOCKS.setdefault(self.path, threading.RLock())
+        with _LOCKS[self.path]:
+            self._attach(plan, seed)
+
+    def _attach(self, plan, seed: int) -> None:
         size = plan.arena_size
         self._arena = np.ctypeslib.as_array((ctypes.c_uint8 * max(1, size)).from_address(self.lib.fedtiny_model_arena()))
         self.input_shape = tuple(self.graph.tensors[self.graph.inputs[0]].shape)
@@ -230,11 +247,13 @@ class CTrainer:
 
     # --- the Trainer API --------------------------------------------------------------------------------------
     @property
+    @_locked
     def rng_counter(self) -> int:
         self._sync()
         return self._counter
 
     @rng_counter.setter
+    @_locked
     def rng_counter(self, value: int) -> None:
         self._own()
         self.lib.fedtiny_model_set_rng_counter(int(value) & (2**64 - 1))
@@ -244,6 +263,7 @@ class CTrainer:
         """One training step on an int8 sample (H, W, C); returns the loss from the Q15 label probability."""
         return self.steps(np.asarray(x).reshape((1,) + self.input_shape), np.asarray([label]))[-1]
 
+    @_locked
     def steps(self, xs: np.ndarray, labels: np.ndarray) -> list[float]:
         """len(xs) steps in one C call (same result as calling step on each); returns each step's loss."""
         xs = np.ascontiguousarray(xs, dtype=np.int8)
@@ -258,10 +278,12 @@ class CTrainer:
         self.last_label_probability = int(q15[-1]) / 32768
         return [float(-np.log(max(int(q) / 32768, 2.0**-15))) for q in q15]
 
+    @_locked
     def trainable_state(self) -> dict[str, np.ndarray]:
         self._sync()
         return {name: values.copy() for name, values in self._state.items()}
 
+    @_locked
     def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         self._own()
         for name in self.plan.trainable_buffers():

@@ -118,6 +118,30 @@ def test_ctrainers_sharing_a_build_keep_their_own_state(cache):
     assert_same_state(c[1].trainable_state(), py[1].trainable_state(), "untouched node")
 
 
+def test_ctrainers_training_in_threads_keep_their_own_state(cache):
+    """Node agents train in threads and ctypes releases the GIL: eight trainers of one build, trained at once,
+    end exactly where eight Python trainers do one after another."""
+    import threading
+
+    need("gcc", "make")
+    graph, x, labels = make_case("sensor_cnn")
+    plan = compile_plan(graph, parse("sparse:8:-2@1/2", graph))
+    trainers = [cruntime.CTrainer(plan, seed, cache_dir=cache) for seed in range(8)]
+
+    def train(trainer):
+        for xi, yi in zip(x[:40], labels[:40]):
+            trainer.step(xi, int(yi))
+
+    threads = [threading.Thread(target=train, args=(t,)) for t in trainers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed, trainer in enumerate(trainers):
+        assert_same_state(trainer.trainable_state(), python_reference(plan, x[:40], labels[:40], seed).trainable_state(),
+                          f"thread {seed}")
+
+
 @pytest.mark.parametrize("scheme", ["sparse:3:-2@1/2", "full"])
 def test_m4_firmware_trains_like_python_under_qemu(scheme, cache):
     need("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm", "make")

@@ -267,7 +267,7 @@ TASK_KEYS = {"epochs", "steps", "local_steps", "batch_size", "lr", "learning_rat
 def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_payload: int) -> Task:
     """TASK from the coordinator's config: epochs (default 1), steps (0 = epochs over the device's data),
     lr or lr_scale (x plan.lr), batch_size, clip_norm, deadline_s. Unknown keys are ignored with a warning."""
-    unknown = set(config) - TASK_KEYS
+    unknown = set(config) - TASK_KEYS - {"server-round"}  # Flower's own key: the round is in the header
     if unknown:
         log.warning("TASK config keys not carried on the wire: %s", sorted(unknown))
     steps = int(config.get("steps", config.get("local_steps", 0)))
