@@ -136,8 +136,8 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--scheme", default=None, help="Update scheme; default: the model's sparse default.")
 @click.option("--budget", default="256KB", show_default=True)
 @click.option("--reserve", default="64KB", show_default=True)
-@click.option("--lr", default=0.003, show_default=True, type=float)
-@click.option("--epochs", default=1, show_default=True, help="Local epochs per round.")
+@click.option("--lr", default=0.01, show_default=True, type=float, help="Devices' SGD learning rate (QAS-scaled).")
+@click.option("--epochs", default=2, show_default=True, help="Local epochs per round.")
 @click.option("--chunk-size", default=1024, show_default=True, help="Maximum MQTT payload per message (256 B..256 KB).")
 @click.option("--dropout", default=0.0, show_default=True, help="Fraction of nodes that fail each round.")
 @click.option("--stragglers", default=0.0, show_default=True, help="Fraction of nodes that are slow.")
@@ -147,8 +147,10 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--fleet-dir", default=None, help="With --broker: the `fedtiny keys` folder the broker trusts.")
 @click.option("--out", default="runs/latest", show_default=True, help="Report folder.")
 @click.option("--baseline", is_flag=True, help="Also train the same task with plain Flower FedAvg + PyTorch fp32.")
+@click.option("--baseline-lr", default=0.003, show_default=True, type=float,
+              help="The baseline's fp32 SGD learning rate (0.01 diverges on some bearing machines).")
 def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget, reserve, lr, epochs, chunk_size,
-             dropout, stragglers, deadline, seed, broker, fleet_dir, out, baseline) -> None:
+             dropout, stragglers, deadline, seed, broker, fleet_dir, out, baseline, baseline_lr) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT."""
     from fedtiny_sim.simulate import SimulationConfig, print_row
     from fedtiny_sim.simulate import simulate as run_simulation
@@ -157,7 +159,8 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
                               strategy=strategy, scheme=scheme, budget=parse_bytes(budget),
                               reserve=parse_bytes(reserve), lr=lr, epochs=epochs, chunk_size=chunk_size,
                               dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
-                              fleet_dir=fleet_dir, out=out, baseline=baseline)
+                              fleet_dir=fleet_dir, out=out, baseline=baseline,
+                              baseline_lr=baseline_lr)
     result = run_simulation(config, progress=print_row)
     click.echo(f"report: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
                f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")
