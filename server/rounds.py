@@ -1,0 +1,261 @@
+"""The coordinator's round loop: Flower's strategies, unchanged, driven over a FleetGrid.
+
+It is `Strategy.start`'s loop (configure_train -> send_and_receive -> aggregate_train -> evaluate), made
+resumable: it starts at the round after the last checkpoint, restores the strategy's own state (server
+momentum, Adam moments, the FedBuff buffer), and ends every round with one SQLite transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import strategy as flwr_strategies
+from flwr.serverapp.exception import InconsistentMessageReplies
+
+from fedtiny.compiler import Plan
+from fedtiny.ir import Graph, Tensor
+
+from . import ops
+from .fedbuff import FedBuff
+from .grid import FleetGrid, GlobalModel, RoundPolicy
+from .requantize import dequantize_state, initial_state, tensor_specs
+from .state import StateStore
+
+STRATEGIES = {
+    "fedavg": flwr_strategies.FedAvg,
+    "fedavgm": flwr_strategies.FedAvgM,
+    "fedprox": flwr_strategies.FedProx,
+    "fedadam": flwr_strategies.FedAdam,
+    "fedyogi": flwr_strategies.FedYogi,
+    "fedadagrad": flwr_strategies.FedAdagrad,
+    "fedmedian": flwr_strategies.FedMedian,
+    "fedtrimmedavg": flwr_strategies.FedTrimmedAvg,
+    "krum": flwr_strategies.Krum,
+    "multikrum": flwr_strategies.MultiKrum,
+    "fedbuff": FedBuff,
+}
+
+
+def make_strategy(name: str, **options):
+    """A strategy by (case-insensitive) name. Options the strategy's constructor does not take are refused.
+
+    Defaults suit a fleet: any number of devices may train (min 1), and devices are not asked to evaluate on
+    request (fraction_evaluate 0): they report loss/accuracy with every DELTA, aggregated by examples.
+    """
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[key]
+    params = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    if cls is FedBuff:
+        params |= set(inspect.signature(flwr_strategies.FedAvg.__init__).parameters) - {"self"}
+    unknown = set(options) - params
+    if unknown:
+        raise ValueError(f"{cls.__name__} takes no option(s) {sorted(unknown)}")
+    settings = {k: v for k, v in FLEET_DEFAULTS.items() if k in params}
+    settings.update(options)
+    return cls(**settings)
+
+
+FLEET_DEFAULTS = dict(fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=1)
+
+
+def strategy_state(strategy) -> dict[str, np.ndarray]:
+    """The server-side optimizer state a strategy keeps between rounds, as named arrays."""
+    out = {}
+    if isinstance(strategy, FedBuff):
+        out.update(strategy.state_arrays())
+    for attr in ("m_t", "v_t"):
+        value = getattr(strategy, attr, None)
+        if value:
+            out.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
+    momentum = getattr(strategy, "momentum_vector", None)
+    if momentum is not None:
+        out.update({f"momentum_vector/{i}": np.asarray(v) for i, v in enumerate(momentum)})
+    return out
+
+
+def load_strategy_state(strategy, arrays: dict[str, np.ndarray] | None) -> None:
+    if not arrays:
+        return
+    if isinstance(strategy, FedBuff):
+        strategy.load_state_arrays(arrays)
+    for attr in ("m_t", "v_t"):
+        part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(attr + "/")}
+        if part:
+            setattr(strategy, attr, part)
+    momentum = sorted((int(k.split("/")[1]), v) for k, v in arrays.items() if k.startswith("momentum_vector/"))
+    if momentum:
+        strategy.momentum_vector = [v for _, v in momentum]
+
+
+# --- server-side evaluation -----------------------------------------------------------------------------------
+
+def graph_with_state(plan: Plan, ints: dict[str, np.ndarray]) -> Graph:
+    """The int8 model with the global trainable rows in place (the rows a scheme leaves frozen stay)."""
+    tensors = dict(plan.graph.tensors)
+    for name, value in ints.items():
+        t = plan.graph.tensors[name[len("train:"):]]
+        data = t.data.copy()
+        data[: value.shape[0]] = value
+        tensors[t.name] = Tensor(t.name, t.shape, t.dtype, t.scale, t.zero_point, data)
+    g = plan.graph
+    return Graph(tensors, g.ops, g.inputs, g.outputs, dict(g.meta))
+
+
+def heldout_evaluator(plan: Plan, model: GlobalModel, x: np.ndarray, y: np.ndarray, batch: int = 256
+                      ) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """evaluate_fn(round, arrays): accuracy and cross-entropy of the int8 graph with the global integers,
+    run by the reference interpreter on a held-out set (x in the float model's layout)."""
+    from fedtiny_device.interpreter import dequantize, quantize_input, run
+
+    y = np.asarray(y)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        graph = graph_with_state(plan, model.ints)
+        out = graph.outputs[0]
+        logits = np.concatenate([dequantize(graph, out, run(graph, quantize_input(graph, x[i:i + batch])))
+                                 for i in range(0, len(x), batch)]).reshape(len(x), -1)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return MetricRecord({"accuracy": float((logits.argmax(1) == y).mean()),
+                             "loss": float(-log_p[np.arange(len(y)), y].mean()), "examples": int(len(y))})
+
+    return evaluate
+
+
+def plan_hash(plan: Plan) -> str:
+    h = hashlib.sha256()
+    for name in plan.trainable_buffers():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(plan.graph.tensors[name[len("train:"):]].data).tobytes())
+    return h.hexdigest()
+
+
+def _wire_plan_hash(plan: Plan) -> bytes | None:
+    """The plan hash devices put in JOIN (fleet.plan_hash), when the fleet link is installed."""
+    try:
+        from fedtiny.protocol.fleet import plan_hash as wire_hash
+    except ImportError:
+        return None
+    return wire_hash(plan)
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+@dataclass
+class CoordinatorConfig:
+    rounds: int = 10
+    strategy: str = "fedavg"
+    strategy_options: dict = field(default_factory=dict)
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
+    train_config: dict = field(default_factory=dict)  # extra ConfigRecord entries for every train message
+
+
+@dataclass
+class RoundResult:
+    round: int
+    model_version: int
+    replies: int
+    train_metrics: dict
+    eval_metrics: dict
+    aggregation_seconds: float
+    seconds: float
+
+
+class Coordinator:
+    def __init__(self, link, plan: Plan, store: StateStore, config: CoordinatorConfig | None = None, *,
+                 metrics: ops.Metrics | None = None, clock: Callable[[], float] = time.monotonic,
+                 heldout: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        self.plan = plan
+        self.config = config or CoordinatorConfig()
+        self.store = store
+        self.metrics = metrics or ops.Metrics()
+        specs = tensor_specs(plan)
+        ints = initial_state(plan)
+        store.initialize(dequantize_state(specs, ints), ints, plan_hash(plan))
+        if store.meta("plan_hash") not in ("", plan_hash(plan)):
+            raise ValueError(f"{store.path} holds a run of another training plan; use a new --state-db")
+        ckpt = store.load()
+        self.model = GlobalModel(specs, ckpt.master, ckpt.ints, ckpt.model_version, store)
+        self.strategy = make_strategy(self.config.strategy, **self.config.strategy_options)
+        load_strategy_state(self.strategy, ckpt.strategy)
+        policy = self.config.policy
+        if isinstance(self.strategy, FedBuff):
+            policy.max_staleness = max(policy.max_staleness, 1)
+            policy.buffer_size = policy.buffer_size or self.strategy.buffer_size
+        self.grid = FleetGrid(link, self.model, store, policy, devices=ckpt.devices, metrics=self.metrics,
+                              clock=clock, plan_hash=_wire_plan_hash(plan))
+        self.grid.recover(ckpt.pending)
+        self.round = ckpt.round
+        self.evaluate_fn = heldout_evaluator(plan, self.model, *heldout) if heldout is not None else None
+        self.history: list[RoundResult] = []
+        self.metrics.set("fedtiny_round", self.round)
+        self.metrics.set("fedtiny_model_version", self.model.version)
+        ops.event("coordinator_started", round=self.round, model_version=self.model.version,
+                  strategy=type(self.strategy).__name__, recovered_replies=len(ckpt.pending),
+                  devices=len(ckpt.devices))
+
+    def run(self, rounds: int | None = None) -> list[RoundResult]:
+        """Run rounds until `rounds` (default: the configured total) are complete, counting restored ones."""
+        total = self.config.rounds if rounds is None else rounds
+        if self.round == 0 and self.evaluate_fn is not None:
+            res = self.evaluate_fn(0, self.model.arrays())
+            self._eval_metrics(res)
+            ops.event("initial_evaluation", **dict(res))
+        while self.round < total:
+            self.history.append(self.run_round(self.round + 1))
+        return self.history
+
+    def run_round(self, rnd: int) -> RoundResult:
+        start = time.perf_counter()
+        self.grid._new_round(rnd)
+        arrays = self.model.arrays()
+        config = ConfigRecord(dict(self.config.train_config))
+        messages = self.strategy.configure_train(rnd, arrays, config, self.grid)
+        # In node order, not arrival order: float sums then do not depend on network timing, so a seed
+        # reproduces a run bit for bit.
+        replies = sorted(self.grid.send_and_receive(messages, timeout=self.config.policy.deadline),
+                         key=lambda m: m.metadata.src_node_id)
+        with ops.Stopwatch() as watch:
+            try:
+                new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+            except InconsistentMessageReplies as exc:
+                ops.event("aggregation_skipped", round=rnd, reason=str(exc))
+                new_arrays, train_metrics = None, None
+        if new_arrays is not None:
+            self.model.advance({k: v.numpy() for k, v in new_arrays.items()})
+        eval_metrics = self.evaluate_fn(rnd, self.model.arrays()) if self.evaluate_fn else None
+        train = dict(train_metrics or {})
+        evaluation = dict(eval_metrics or {})
+        for record in self.grid.registry.values():
+            record.replay_round = max(record.replay_round, record.last_round)
+        self.store.commit_round(rnd, self.model.version, self.model.master, self.model.ints,
+                                strategy_state(self.strategy), self.grid.registry,
+                                {"train": train, "eval": evaluation, "replies": len(replies)})
+        self.round = rnd
+        seconds = time.perf_counter() - start
+        self.metrics.inc("fedtiny_rounds_total")
+        self.metrics.set("fedtiny_round", rnd)
+        self.metrics.set("fedtiny_model_version", self.model.version)
+        self.metrics.observe("fedtiny_aggregation_seconds", watch.seconds)
+        self.metrics.observe("fedtiny_round_seconds", seconds)
+        self._eval_metrics(eval_metrics)
+        result = RoundResult(rnd, self.model.version, len(replies), train, evaluation, watch.seconds, seconds)
+        ops.event("round_completed", round=rnd, model_version=self.model.version, replies=len(replies),
+                  train=train, eval=evaluation, aggregation_seconds=round(watch.seconds, 6),
+                  seconds=round(seconds, 3))
+        return result
+
+    def _eval_metrics(self, res) -> None:
+        if res:
+            if "accuracy" in res:
+                self.metrics.set("fedtiny_eval_accuracy", res["accuracy"])
+            if "loss" in res:
+                self.metrics.set("fedtiny_eval_loss", res["loss"])
