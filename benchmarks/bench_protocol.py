@@ -10,13 +10,12 @@
 2. Encode+encrypt (encode_update + seal) and decrypt+decode (open + decode_update) of that DELTA on one core.
 3. Round-trip latency of a small DELTA -> ACK between a device transport and a CoordinatorLink through a
    mosquitto on loopback (TLS, client certificates, MQTT 5, TCP_NODELAY on both ends).
-Prints Markdown; writes nothing.
+Prints Markdown and writes it into BENCHMARKS.md.
 """
 
 import argparse
 import os
 import shutil
-import statistics
 import tempfile
 import threading
 import time
@@ -38,12 +37,16 @@ from fedtiny.protocol.fleet import (
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.messages import Ack, Delta
 from fedtiny.quantize import quantize
-from fedtiny.scheme import parse
+from fedtiny.scheme import DEFAULT_SCHEMES, parse
 from fedtiny_device.interpreter import quantize_input
 from fedtiny_device.trainer import Trainer
 from fedtiny_sim import data
 
-SCHEMES = ["sparse:3:-2@1/2", "classifier", "bias", "last:2", "full"]
+from report import capture, provenance, write_section
+
+SECTION = "## Protocol: uplink bytes, codec throughput, round-trip latency (issue 5)"
+
+SCHEMES = [DEFAULT_SCHEMES["sensor_cnn"], "sparse:3:-2@1/2", "classifier", "bias", "last:2", "full"]
 CHUNK = 4096
 
 
@@ -154,7 +157,7 @@ def main():
     parser.add_argument("--rounds-latency", type=int, default=300)
     args = parser.parse_args()
     rows, cases, n_params = uplink_table()
-    print("## Protocol: uplink bytes, codec throughput, round-trip latency\n")
+    print(f"{SECTION}\n\n{provenance('python benchmarks/bench_protocol.py')}\n")
     print(f"sensor_cnn, input (1, 256), 4 classes: {n_params} parameters in the int8 graph; fp32 dense full model "
           f"= 4 x {n_params} = {dense_fp32_bytes(n_params)} B. One local epoch on 32 bearing windows, DELTA in "
           f"{CHUNK}-byte MQTT chunks (all overheads counted).\n")
@@ -181,4 +184,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with capture() as out:
+        main()
+    write_section(SECTION, out.getvalue())

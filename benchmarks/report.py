@@ -1,9 +1,12 @@
 """What every benchmark here prints with its numbers: the machine, and its own section of BENCHMARKS.md."""
 
+import contextlib
 import datetime
+import io
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +54,17 @@ def single_thread() -> None:
         threadpool_limits(1)
     except ImportError:
         pass
+
+
+@contextlib.contextmanager
+def capture():
+    """Print as usual and keep a copy of what was printed (for the BENCHMARKS.md section)."""
+    buffer = io.StringIO()
+
+    class Tee(io.TextIOBase):
+        def write(self, text):
+            buffer.write(text)
+            return sys.__stdout__.write(text)
+
+    with contextlib.redirect_stdout(Tee()):
+        yield buffer
