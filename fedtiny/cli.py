@@ -25,11 +25,15 @@ def inspect(model_file: str) -> None:
 
 
 def _register() -> None:
+    from fedtiny_server.cli import broker_config_command, coordinator_command
+
     from .codegen import codegen_command
     from .protocol.keys import keys_command
 
     main.add_command(keys_command, "keys")
     main.add_command(codegen_command, "codegen")
+    main.add_command(coordinator_command, "coordinator")
+    main.add_command(broker_config_command, "broker-config")
 
 
 _register()

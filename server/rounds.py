@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ STRATEGIES = {
 }
 
 
+FLEET_DEFAULTS = dict(fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=1)
+
+
 def make_strategy(name: str, **options):
     """A strategy by (case-insensitive) name. Options the strategy's constructor does not take are refused.
 
@@ -61,9 +65,6 @@ def make_strategy(name: str, **options):
     settings = {k: v for k, v in FLEET_DEFAULTS.items() if k in params}
     settings.update(options)
     return cls(**settings)
-
-
-FLEET_DEFAULTS = dict(fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=1)
 
 
 def strategy_state(strategy) -> dict[str, np.ndarray]:
@@ -193,6 +194,12 @@ class Coordinator:
         self.grid = FleetGrid(link, self.model, store, policy, devices=ckpt.devices, metrics=self.metrics,
                               clock=clock, plan_hash=_wire_plan_hash(plan))
         self.grid.recover(ckpt.pending)
+        # Uplink replay counters live in the link's envelope layer; a link that can export them has them
+        # checkpointed with each round (the accepted-reply ids in the store refuse old replies either way).
+        self.link = link
+        saved = store.meta("link_replay")
+        if saved and hasattr(link, "load_replay_state"):
+            link.load_replay_state(json.loads(saved))
         self.round = ckpt.round
         self.evaluate_fn = heldout_evaluator(plan, self.model, *heldout) if heldout is not None else None
         self.history: list[RoundResult] = []
@@ -215,7 +222,7 @@ class Coordinator:
 
     def run_round(self, rnd: int) -> RoundResult:
         start = time.perf_counter()
-        self.grid._new_round(rnd)
+        self.grid.begin_round(rnd)
         arrays = self.model.arrays()
         config = ConfigRecord(dict(self.config.train_config))
         messages = self.strategy.configure_train(rnd, arrays, config, self.grid)
@@ -234,11 +241,11 @@ class Coordinator:
         eval_metrics = self.evaluate_fn(rnd, self.model.arrays()) if self.evaluate_fn else None
         train = dict(train_metrics or {})
         evaluation = dict(eval_metrics or {})
-        for record in self.grid.registry.values():
-            record.replay_round = max(record.replay_round, record.last_round)
+        replay = self.link.replay_state() if hasattr(self.link, "replay_state") else None
         self.store.commit_round(rnd, self.model.version, self.model.master, self.model.ints,
                                 strategy_state(self.strategy), self.grid.registry,
-                                {"train": train, "eval": evaluation, "replies": len(replies)})
+                                {"train": train, "eval": evaluation, "replies": len(replies)},
+                                extra_meta={"link_replay": json.dumps(replay)} if replay is not None else None)
         self.round = rnd
         seconds = time.perf_counter() - start
         self.metrics.inc("fedtiny_rounds_total")

@@ -1,0 +1,143 @@
+"""The Flower ServerApp: `flwr run` starts the same resumable round loop as `fedtiny coordinator`.
+
+The devices are not SuperNodes (a SuperNode per microcontroller would cost ~250 MB and a gRPC stack each):
+they are the nodes of a FleetGrid over MQTT, which this app builds from the run config. The Grid Flower hands
+to `main` is not used for training; with a gateway deployment (docs/deployment.md) it is the SuperLink's.
+
+Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config 'key=value ...'`):
+
+    broker             mqtts://HOST:PORT            fleet-dir        directory from `fedtiny keys`
+    fleet              fleet name                   plan             training plan file
+    state-db           SQLite checkpoint path       num-server-rounds  rounds (default 10)
+    strategy           fedavg | fedavgm | ... | fedbuff           strategy-options  "beta=0.2,num_malicious_nodes=1"
+    fraction-train     default 1.0                  quorum           default 0.8
+    deadline           seconds, default 120         seen-within      seconds, default 600
+    max-examples       default 10000                max-staleness    default 0 (synchronous)
+    local-steps        default 0 (one epoch)        lr-scale         default 1.0
+    heldout            .npz/.csv for server-side evaluation ("" = none)
+    metrics-port       Prometheus port, 0 = off     metrics-host     default 127.0.0.1
+    chunk-size         MQTT payload per chunk, default 4096
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a plant network has no internet
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+from flwr.app import Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from . import ops  # noqa: E402
+
+
+@dataclass
+class Settings:
+    broker: str
+    fleet_dir: str
+    fleet: str
+    plan: str
+    state_db: str
+    num_server_rounds: int = 10
+    strategy: str = "fedavg"
+    strategy_options: str = ""
+    fraction_train: float = 1.0
+    quorum: float = 0.8
+    deadline: float = 120.0
+    seen_within: float = 600.0
+    max_examples: int = 10_000
+    max_staleness: int = 0
+    local_steps: int = 0
+    lr_scale: float = 1.0
+    heldout: str = ""
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    chunk_size: int = 4096
+
+    @classmethod
+    def from_run_config(cls, config: dict) -> Settings:
+        """Keys with dashes (Flower style) or underscores; unknown keys are refused, types converted."""
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown run-config key {key!r}; known: {', '.join(sorted(known))}")
+            kind = {"int": int, "float": float, "str": str}[known[name].type]
+            values[name] = kind(value)
+        missing = [n for n in ("broker", "fleet_dir", "fleet", "plan", "state_db") if n not in values]
+        if missing:
+            raise ValueError(f"run config lacks {', '.join(k.replace('_', '-') for k in missing)}")
+        return cls(**values)
+
+
+def parse_options(text: str) -> dict:
+    """"beta=0.2,num_malicious_nodes=1" -> {"beta": 0.2, "num_malicious_nodes": 1}."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"strategy option {item!r} must read KEY=VALUE")
+        value: object = {"true": True, "false": False}.get(raw.lower(), raw)
+        for parse in (int, float):
+            try:
+                value = parse(raw)
+                break
+            except ValueError:
+                continue
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None = None):
+    """Build link, store and coordinator from settings, run every round, close everything; returns the history.
+    `link` replaces the MQTT CoordinatorLink (tests)."""
+    from fedtiny.planfile import load_plan
+
+    from .grid import RoundPolicy
+    from .rounds import Coordinator, CoordinatorConfig
+    from .state import StateStore
+
+    plan = load_plan(settings.plan)
+    policy = RoundPolicy(quorum=settings.quorum, deadline=settings.deadline, seen_within=settings.seen_within,
+                         max_examples=settings.max_examples, max_staleness=settings.max_staleness,
+                         task={"local_steps": settings.local_steps, "lr_scale": settings.lr_scale})
+    options = {"fraction_train": settings.fraction_train, **parse_options(settings.strategy_options)}
+    config = CoordinatorConfig(settings.num_server_rounds, settings.strategy, options, policy)
+    metrics = metrics or ops.Metrics()
+    heldout = None
+    if settings.heldout:
+        from fedtiny_sim.data import load_user_data
+
+        ds = load_user_data(settings.heldout)
+        heldout = (ds.X, ds.y)
+    server = ops.MetricsServer(metrics, settings.metrics_port, settings.metrics_host).start() \
+        if settings.metrics_port else None
+    if link is None:
+        from fedtiny.protocol.fleet import CoordinatorLink
+
+        link = CoordinatorLink(settings.broker, Path(settings.fleet_dir), plan, fleet=settings.fleet,
+                               chunk_size=settings.chunk_size)
+    link.start()
+    store = StateStore(settings.state_db)
+    try:
+        return Coordinator(link, plan, store, config, metrics=metrics, heldout=heldout).run()
+    finally:
+        link.close()
+        store.close()
+        if server is not None:
+            server.stop()
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = Settings.from_run_config(dict(context.run_config))
+    ops.event("serverapp_started", run_id=context.run_id, fleet=settings.fleet, broker=settings.broker,
+              rounds=settings.num_server_rounds, strategy=settings.strategy)
+    run_coordinator(settings)
