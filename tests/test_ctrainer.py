@@ -2,8 +2,8 @@
 
 - host C (ctypes CTrainer) vs Trainer after 100 steps, every zoo model x every scheme kind: identical trainable
   state (every buffer) and random counter;
-- the Cortex-M4 firmware under QEMU (mps2-an386) runs the same 100 steps on samples in flash and prints the
-  digest of the Python Trainer's final state, within the 256 KB RAM / 1 MB flash budget;
+- the Cortex-M4 firmware under QEMU (mps2-an386), every zoo model x every scheme kind, runs the same 100 steps
+  on samples in flash and prints the digest of the Python Trainer's final state, within 256 KB RAM / 1 MB flash;
 - CTrainer instances sharing one build keep separate states; `fedtiny codegen` takes a plan file.
 
 Tests that need gcc / arm-none-eabi-gcc / qemu-system-arm skip when a tool is missing, unless CI=true.
@@ -142,11 +142,12 @@ def test_ctrainers_training_in_threads_keep_their_own_state(cache):
                           f"thread {seed}")
 
 
-@pytest.mark.parametrize("scheme", ["sparse:3:-2@1/2", "full"])
-def test_m4_firmware_trains_like_python_under_qemu(scheme, cache):
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_m4_firmware_trains_like_python_under_qemu(name, scheme, cache):
     need("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm", "make")
-    graph, x, labels = make_case("sensor_cnn")
-    plan = compile_plan(graph, parse(scheme, graph))
+    graph, x, labels = make_case(name)
+    plan = compile_plan(graph, parse(scheme_spec(name, scheme), graph))
     expected = python_reference(plan, x, labels, seed=11)
     elf = cruntime.build_train_firmware(plan, x, labels, seed=11, steps=STEPS, cache_dir=cache)
     result = cruntime.run_qemu(elf, timeout=60)
@@ -156,7 +157,7 @@ def test_m4_firmware_trains_like_python_under_qemu(scheme, cache):
     usage = cruntime.memory_usage(elf)
     assert plan.arena_size <= usage[".bss"]
     assert usage["ram"] <= 256 * 1024 and usage["flash"] <= 1024 * 1024
-    print(f"\nsensor_cnn {scheme} on M4: RAM {usage['ram']} B (arena {plan.arena_size} B, scratch "
+    print(f"\n{name} {scheme} on M4: RAM {usage['ram']} B (arena {plan.arena_size} B, scratch "
           f"{codegen.plan_scratch_bytes(plan)} B), flash {usage['flash']} B")
 
 
