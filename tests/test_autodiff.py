@@ -133,3 +133,20 @@ def test_zoo_gradients_match_autograd(name, shape, classes):
     for i in range(3):
         compared = check_step(graph, xq[i], label=i % classes)
     assert len(compared) >= 3
+
+
+@pytest.mark.parametrize("name", ["sensor_cnn", "mobilenet"])
+def test_gradients_on_real_data_match_autograd(name):
+    """Real inputs (bearing windows, digit images) through a model trained on them: real activation statistics."""
+    from fedtiny import zoo
+    from fedtiny.train import fit
+    from fedtiny_sim import data
+
+    torch.manual_seed(0)
+    ds = data.bearing_dataset(range(4), 16, seed=0) if name == "sensor_cnn" else data.load_digits()
+    model = zoo.build(name, ds.X.shape[1:], len(ds.classes))
+    fit(model, ds.X[:256], ds.y[:256], epochs=2)
+    graph = quantize(model, ds.X[:256])
+    xq = quantize_input(graph, ds.X[-4:])
+    for i in range(4):
+        check_step(graph, xq[i], int(ds.y[-4 + i]), scheme="full")
