@@ -135,7 +135,8 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
               help="industrial: bearing vibration; vision: sklearn digits; medical: breast cancer.")
 @click.option("--data", "data_file", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Your own .npz (X, y, optional group) or .csv (label/y, optional group) instead of a scenario.")
-@click.option("--model", default=None, help="Zoo model (sensor_cnn, mobilenet, mlp); default: the scenario's.")
+@click.option("--model", default=None, help="Zoo model (sensor_cnn, mobilenet, mlp) or your module as "
+              "FILE.py:FACTORY, FACTORY(input_shape, num_classes) -> nn.Module; default: the scenario's.")
 @click.option("--strategy", default="fedavg", show_default=True, help="A Flower strategy by name, or fedbuff.")
 @click.option("--scheme", default=None, help="Update scheme; default: the model's sparse default.")
 @click.option("--budget", default="256KB", show_default=True)
@@ -156,7 +157,7 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget, reserve, lr, epochs, chunk_size,
              dropout, stragglers, deadline, seed, broker, fleet_dir, out, baseline, baseline_lr) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT."""
-    from fedtiny_sim.simulate import SimulationConfig, print_row
+    from fedtiny_sim.simulate import LiveTable, SimulationConfig
     from fedtiny_sim.simulate import simulate as run_simulation
 
     config = SimulationConfig(nodes=nodes, rounds=rounds, scenario=scenario, data=data_file, model=model,
@@ -165,8 +166,9 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
                               dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
                               fleet_dir=fleet_dir, out=out, baseline=baseline,
                               baseline_lr=baseline_lr)
-    result = run_simulation(config, progress=print_row)
-    click.echo(f"report: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
+    with LiveTable(rounds) as live:
+        result = run_simulation(config, progress=live)
+    click.echo(f"\nreport: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
                f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")
     if result["baseline"]:
         b = result["baseline"]

@@ -8,6 +8,7 @@
 """
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,30 +74,52 @@ def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None 
     raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)} or give a data file")
 
 
-def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Path | None = None):
-    """(float PyTorch model, int8 graph): the zoo model pretrained on the task's host data and quantized.
+def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int):
+    """A zoo name, or a user's module as FILE.py:FACTORY where FACTORY(input_shape, num_classes) returns an
+    nn.Module built from the ops fedtiny supports."""
+    from fedtiny import zoo
 
-    Cached on disk by content (the .ftm model file and the float weights beside it), so a second run with the
-    same task and seed starts at once."""
+    if spec in zoo.ZOO:
+        return zoo.build(spec, input_shape, num_classes)
+    file, colon, factory = spec.partition(":")
+    if not colon or not file.endswith(".py"):
+        raise ValueError(f"model {spec!r} is neither a zoo model ({', '.join(zoo.ZOO)}) nor FILE.py:FACTORY")
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+    if module_spec is None or not Path(file).exists():
+        raise ValueError(f"cannot load the model file {file!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, factory):
+        raise ValueError(f"{file} has no {factory!r}")
+    return getattr(module, factory)(tuple(input_shape), num_classes)
+
+
+def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Path | None = None):
+    """(float PyTorch model, int8 graph): the task's model pretrained on its host data and quantized.
+
+    Cached on disk by content (the .ftm model file and the float weights beside it; in $FEDTINY_CACHE, default
+    ~/.cache/fedtiny), so a second run with the same task and seed starts at once."""
     import torch
 
-    from fedtiny import zoo
     from fedtiny.modelfile import load_model, save_model
     from fedtiny.quantize import quantize
     from fedtiny.train import fit
 
-    key = hashlib.sha256(task.pretrain.X.tobytes() + task.pretrain.y.tobytes()
-                         + f"{task.model}/{seed}/{epochs}".encode()).hexdigest()[:16]
-    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "fedtiny"
-    path = cache / f"{task.name}-{task.model}-{key}.ftm"
     torch.manual_seed(seed)
-    model = zoo.build(task.model, task.input_shape, task.num_classes)
+    model = build_model(task.model, task.input_shape, task.num_classes)
+    # keyed by the data, the settings and the module's structure (a user's file may change under the same name)
+    key = hashlib.sha256(task.pretrain.X.tobytes() + task.pretrain.y.tobytes()
+                         + f"{task.model}/{seed}/{epochs}/{model!r}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir or os.environ.get("FEDTINY_CACHE") or Path.home() / ".cache" / "fedtiny")
+    path = cache / f"{task.name}-{Path(task.model.partition(':')[0]).stem}-{key}.ftm"
     if path.exists() and path.with_suffix(".pt").exists():
         model.load_state_dict(torch.load(path.with_suffix(".pt")))
         return model.eval(), load_model(path)
     fit(model, task.pretrain.X, task.pretrain.y, epochs=epochs, seed=seed)
     graph = quantize(model, task.pretrain.X[:512], name=f"{task.name}-{task.model}", classes=task.pretrain.classes)
-    graph.meta["model"] = task.model  # the zoo name: picks the default update scheme
+    graph.meta["model"] = task.model  # the zoo name (or FILE.py:FACTORY): picks the default update scheme
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path.with_suffix(".pt"))
     save_model(graph, path)

@@ -11,7 +11,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,7 +119,7 @@ def _prepare(config: SimulationConfig, run: Path):
     if config.model:
         task.model = config.model
     model, graph = pretrained(task, config.seed)
-    scheme = config.scheme or DEFAULT_SCHEMES[task.model]
+    scheme = config.scheme or DEFAULT_SCHEMES.get(task.model, "last:2")
     plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
@@ -154,7 +153,7 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
 
     setup_json_logging(open(run / "coordinator.jsonl", "w"))  # the coordinator's structured log
     _log_to(run / "link.log", "fedtiny.fleet", "amqtt", "transitions", "paho")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
     if config.engine == "c" and shutil.which("gcc") is None:
         config.engine = "python"
     task, model, graph, plan, scheme, devices = _prepare(config, run)
@@ -236,11 +235,37 @@ def _wait_for_devices(link, n: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def print_row(row: dict) -> None:
-    print(f"round {row['round']:>3}  accuracy {100 * row['accuracy']:5.1f} %  loss {row['loss']:.3f}  "
-          f"nodes {row['participants']:>3}  up {row['uplink_bytes']:>8,} B  down {row['downlink_bytes']:>8,} B  "
-          f"device memory {row['peak_device_memory']:,} B  {row['seconds']:.1f} s", file=sys.stderr, flush=True)
+class LiveTable:
+    """The live view of `fedtiny simulate` on the terminal: a progress bar over rounds and a row per round."""
+
+    COLUMNS = ("round", "accuracy", "loss", "nodes", "uplink B", "downlink B", "device memory B", "seconds")
+
+    def __init__(self, rounds: int):
+        from rich.console import Console, Group
+        from rich.live import Live
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        self.table = Table(*self.COLUMNS, title="fedtiny simulate")
+        self.progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.task = self.progress.add_task("rounds", total=rounds)
+        self.live = Live(Group(self.table, self.progress), console=Console(stderr=True), refresh_per_second=4)
+
+    def __enter__(self):
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.live.stop()
+
+    def __call__(self, row: dict) -> None:
+        self.table.add_row(str(row["round"]), f"{100 * row['accuracy']:.1f} %", f"{row['loss']:.3f}",
+                           str(row["participants"]), f"{row['uplink_bytes']:,}", f"{row['downlink_bytes']:,}",
+                           f"{row['peak_device_memory']:,}", f"{row['seconds']:.1f}")
+        self.progress.advance(self.task)
 
 
 if __name__ == "__main__":
-    print(json.dumps(simulate(SimulationConfig(nodes=4, rounds=2), print_row), indent=1, default=float))
+    with LiveTable(2) as live:
+        result = simulate(SimulationConfig(nodes=4, rounds=2), live)
+    print(json.dumps(result, indent=1, default=float))

@@ -80,3 +80,15 @@ def test_real_mosquitto_gives_the_embedded_brokers_result(medical, tmp_path):
     keys = ("accuracy", "loss", "participants")
     assert [[r[k] for k in keys] for r in real["rounds"]] == [[r[k] for k in keys] for r in result["rounds"]]
     assert "mqtts://" in real["broker"]
+
+
+def test_users_own_module(tmp_path):
+    (tmp_path / "mymodel.py").write_text(
+        "from torch import nn\n"
+        "def make(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Linear(input_shape[0], 16), nn.ReLU(), nn.Linear(16, num_classes))\n")
+    result = simulate(SimulationConfig(nodes=3, rounds=1, scenario="medical", model=f"{tmp_path}/mymodel.py:make",
+                                       out=str(tmp_path / "run")))
+    assert result["rounds"][0]["participants"] == 3 and result["rounds"][0]["accuracy"] > 0.8
+    with pytest.raises(ValueError, match="FILE.py:FACTORY"):
+        simulate(SimulationConfig(nodes=2, rounds=1, scenario="medical", model="resnet50", out=str(tmp_path / "x")))
