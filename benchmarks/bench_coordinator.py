@@ -47,7 +47,7 @@ from fedtiny.protocol.messages import Join, Status  # noqa: E402
 from fedtiny.quantize import quantize  # noqa: E402
 from fedtiny.scheme import DEFAULT_SCHEMES, parse  # noqa: E402
 from fedtiny_server.grid import FleetGrid, GlobalModel, RoundPolicy, ensure_task_identity  # noqa: E402
-from fedtiny_server.requantize import dequantize_state, initial_state, rebuild, tensor_specs  # noqa: E402
+from fedtiny_server.requantize import dequantize_state, rebuild, tensor_specs  # noqa: E402
 from fedtiny_server.state import StateStore, StoredReply  # noqa: E402
 from fedtiny_server.testing import FakeLink  # noqa: E402
 from fedtiny_sim import data  # noqa: E402
@@ -98,10 +98,10 @@ def coordinator_endpoint(keys: Path) -> CoordinatorEndpoint:
 
 def throughput(plan, keys, updates, repeats):
     specs = tensor_specs(plan)
-    master = dequantize_state(specs, initial_state(plan))
+    master = dequantize_state(specs, plan.initial_state())
     endpoint = coordinator_endpoint(keys)
     ensure_task_identity()
-    grid = FleetGrid(FakeLink(), GlobalModel(specs, master, initial_state(plan), 0), None, RoundPolicy())
+    grid = FleetGrid(FakeLink(), GlobalModel(specs, master, plan.initial_state(), 0), None, RoundPolicy())
     for _, frames, _ in updates:  # derive and cache every device's keys (once per device in a real run)
         r = chunking.Reassembler(max_transfers=8, max_bytes=1 << 24)
         for f in frames:
@@ -147,7 +147,7 @@ def memory_per_device(plan, keys, updates):
     with tempfile.TemporaryDirectory() as tmp:
         specs = tensor_specs(plan)
         store = StateStore(Path(tmp) / "s.db")
-        grid = FleetGrid(link, GlobalModel(specs, dequantize_state(specs, initial_state(plan)), initial_state(plan),
+        grid = FleetGrid(link, GlobalModel(specs, dequantize_state(specs, plan.initial_state()), plan.initial_state(),
                                            0, store), store, RoundPolicy())
         after_construct = tracemalloc.get_traced_memory()[0]
         seq = 1000

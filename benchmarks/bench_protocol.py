@@ -31,7 +31,7 @@ from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_conf
 from fedtiny.protocol.delta import dense_fp32_bytes
 from fedtiny.protocol.envelope import CoordinatorEndpoint, DeviceEndpoint, Identity
 from fedtiny.protocol.fleet import (
-    CoordinatorLink, MqttTransport, Publish, decode_update, encode_update, initial_state, state_delta,
+    CoordinatorLink, MqttTransport, Publish, decode_update, encode_update, state_delta,
     state_entries,
 )
 from fedtiny.protocol.keys import provision_fleet
@@ -73,7 +73,7 @@ def uplink_table():
     for spec in SCHEMES:
         plan = compile_plan(graph, parse(spec, graph))
         trainer = Trainer(plan, 1)
-        base = initial_state(plan)
+        base = plan.initial_state()
         for i in np.random.default_rng(0).permutation(len(x)):
             trainer.step(x[i], int(train.y[i]))
         delta = state_delta(trainer.trainable_state(), base)
@@ -124,7 +124,7 @@ def latency(plan, count):
         received.append(device.open(chunking.parse_chunk(payload).data).body)
         got.set()
 
-    small = {k: np.zeros_like(v) for k, v in state_delta(initial_state(plan), initial_state(plan)).items()}
+    small = {k: np.zeros_like(v) for k, v in state_delta(plan.initial_state(), plan.initial_state()).items()}
     first = next(iter(small))
     small[first].reshape(-1)[:8] = 1
     times = []

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,13 +28,13 @@ from typing import Callable
 import numpy as np
 
 from fedtiny.compiler import Plan
+from fedtiny.planfile import plan_hash
 from fedtiny.fileformat import dumps, loads
-from fedtiny.ir import Graph, Tensor
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.envelope import DeviceEndpoint, Flags, Header, Identity, PublicIdentity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.fleet import (
-    FULL_STATE, MqttTransport, Publish, encode_update, entries_to_state, initial_state, load_fleet, plan_hash,
+    FULL_STATE, MqttTransport, Publish, encode_update, entries_to_state, load_fleet,
     state_delta, task_settings,
 )
 from fedtiny.protocol.messages import (
@@ -85,18 +84,6 @@ def training_order(seed: int, round_: int, n: int, epochs: int = 1, steps: int =
     return np.asarray(order[:total], dtype=np.int64)
 
 
-def graph_with_state(plan: Plan, state: dict[str, np.ndarray]) -> Graph:
-    """The plan's graph with trainable rows and biases taken from `state` (for evaluation)."""
-    g = plan.graph
-    tensors = dict(g.tensors)
-    for name, value in state.items():
-        t = g.tensors[name[len("train:"):]]
-        data = t.data.copy()
-        data[: value.shape[0]] = value
-        tensors[t.name] = Tensor(t.name, t.shape, t.dtype, t.scale, t.zero_point, data)
-    return Graph(tensors, g.ops, g.inputs, g.outputs, dict(g.meta))
-
-
 class LocalTraining:
     """Holds the samples and the trainer; the protocol side gets TrainResults only."""
 
@@ -123,7 +110,7 @@ class LocalTraining:
         order = training_order(self.seed, job.round, len(self._x), job.epochs, job.steps)
         losses = [self.trainer.step(self._x[i], int(self._y[i])) for i in order]
         state = self.trainer.trainable_state()
-        predictions = run(graph_with_state(self.plan, state), self._x).reshape(len(self._x), -1).argmax(axis=1)
+        predictions = run(self.plan.graph_with(state), self._x).reshape(len(self._x), -1).argmax(axis=1)
         accuracy = float((predictions == self._y).mean()) if len(self._x) else 0.0
         return TrainResult(state, int(len(set(order.tolist()))), float(np.mean(losses)) if losses else 0.0,
                            accuracy, self.rng_counter)
@@ -388,7 +375,7 @@ class NodeAgent:
             state = load_state(self.state_path, plan)
             self.restored = True
         else:
-            state = NodeState(0, initial_state(plan), 0)
+            state = NodeState(0, plan.initial_state(), 0)
             self.restored = False
         self.training = LocalTraining(plan, x_int8, y, seed, trainer_factory,
                                       state.rng_counter if self.restored else None)

@@ -292,14 +292,7 @@ class CTrainer:
 
     def export_graph(self):
         """The model with the trained values in place of the original weights and biases."""
-        from fedtiny.ir import Graph, Tensor
-
-        tensors = dict(self.graph.tensors)
-        for name, rows in self.trainable_state().items():
-            t = self.graph.tensors[name[len("train:"):]]
-            data = np.concatenate([rows, t.data[len(rows):]]) if len(rows) < len(t.data) else rows
-            tensors[t.name] = Tensor(t.name, t.shape, t.dtype, t.scale, t.zero_point, data.copy())
-        return Graph(tensors, self.graph.ops, self.graph.inputs, self.graph.outputs, dict(self.graph.meta))
+        return self.plan.graph_with(self.trainable_state())
 
 
 # ---- firmware: QEMU, memory, digests, instruction counts ---------------------------------------------------

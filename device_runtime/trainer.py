@@ -8,7 +8,7 @@ on the device. The state a node keeps between steps is the trainable buffers plu
 import numpy as np
 
 from fedtiny.compiler import Plan, train_name
-from fedtiny.ir import DTYPES, Graph, Tensor
+from fedtiny.ir import DTYPES, Graph
 
 from . import kernels
 from .interpreter import FORWARD
@@ -185,8 +185,4 @@ class Trainer:
 
     def export_graph(self) -> Graph:
         """The model with the trained values in place of the original weights and biases."""
-        tensors = dict(self.graph.tensors)
-        for name in self.plan.trainable_buffers():
-            t = self.graph.tensors[name[len("train:"):]]
-            tensors[t.name] = Tensor(t.name, t.shape, t.dtype, t.scale, t.zero_point, self._param(t.name).copy())
-        return Graph(tensors, self.graph.ops, self.graph.inputs, self.graph.outputs, dict(self.graph.meta))
+        return self.plan.graph_with(self.trainable_state())

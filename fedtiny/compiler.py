@@ -22,7 +22,7 @@ import numpy as np
 from fedtiny_device.arith import quantize_multiplier_q15
 
 from .arena import ArenaPlan, Buffer, check_plan, plan_arena
-from .ir import DTYPES, Graph
+from .ir import DTYPES, Graph, Tensor
 from .scheme import Scheme, layers
 
 LOSSES = ("cross_entropy",)
@@ -84,6 +84,22 @@ class Plan:
 
     def trainable_buffers(self) -> list[str]:
         return [name for name, spec in self.buffers.items() if spec.persistent]
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """The trainable state a freshly flashed device starts from (model version 0): the model's own values."""
+        return {name: np.array(self.graph.tensors[name[len("train:"):]].data[: self.buffers[name].shape[0]],
+                               dtype=DTYPES[self.buffers[name].dtype]) for name in self.trainable_buffers()}
+
+    def graph_with(self, state: dict[str, np.ndarray]) -> Graph:
+        """The model with trainable rows and biases taken from `state` (the rest stays as flashed)."""
+        tensors = dict(self.graph.tensors)
+        for name, rows in state.items():
+            t = self.graph.tensors[name[len("train:"):]]
+            data = t.data.copy()
+            data[: len(rows)] = rows
+            tensors[t.name] = Tensor(t.name, t.shape, t.dtype, t.scale, t.zero_point, data)
+        g = self.graph
+        return Graph(tensors, g.ops, g.inputs, g.outputs, dict(g.meta))
 
     def memory_report(self) -> dict:
         trainable = sum(self.buffers[b].nbytes for b in self.trainable_buffers())

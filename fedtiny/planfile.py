@@ -2,12 +2,13 @@
 (kind PLAN). Loading re-checks the plan as the compiler left it: known steps, every buffer placed, and no two
 buffers alive at once sharing a byte, so a damaged or hand-edited plan cannot corrupt a device's memory."""
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
 from .arena import ArenaPlan, check_plan
 from .compiler import BufferSpec, LayerUpdate, Plan, Step, buffer_lifetimes
-from .fileformat import FileFormatError, load, save
+from .fileformat import FileFormatError, dumps, load, save
 from .modelfile import _header as model_header
 from .modelfile import graph_from
 
@@ -30,6 +31,11 @@ def _header(plan: Plan) -> dict:
 
 def save_plan(plan: Plan, path: str | Path) -> None:
     save(path, KIND, _header(plan), {t.name: t.data for t in plan.graph.constants})
+
+
+def plan_hash(plan: Plan) -> bytes:
+    """SHA-256 of the plan's file bytes: the identity a device announces in JOIN and the coordinator checks."""
+    return hashlib.sha256(dumps(KIND, _header(plan), {t.name: t.data for t in plan.graph.constants})).digest()
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from . import ops  # noqa: E402
 from .app import Settings  # noqa: E402
 from .grid import FleetGrid, GlobalModel, RoundPolicy  # noqa: E402
-from .requantize import dequantize_state, initial_state, tensor_specs  # noqa: E402
+from .requantize import dequantize_state, tensor_specs  # noqa: E402
 from .state import StateStore  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=
     """One round over the site's devices from the global `arrays`; returns (site average, metrics)."""
     from fedtiny.planfile import load_plan
 
-    from .rounds import _wire_plan_hash, plan_hash
+    from fedtiny.planfile import plan_hash
 
     plan = load_plan(settings.plan)
     specs = tensor_specs(plan)
@@ -54,14 +54,14 @@ def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=
     link.start()
     store = StateStore(settings.state_db)
     try:
-        ints = initial_state(plan)
-        store.initialize(dequantize_state(specs, ints), ints, plan_hash(plan))
+        ints = plan.initial_state()
+        store.initialize(dequantize_state(specs, ints), ints, plan_hash(plan).hex())
         ckpt = store.load()
         model = GlobalModel(specs, ckpt.master, ckpt.ints, ckpt.model_version, store)
         policy = RoundPolicy(quorum=settings.quorum, deadline=settings.deadline, seen_within=settings.seen_within,
                              max_examples=settings.max_examples,
                              task={"local_steps": settings.local_steps, "lr_scale": settings.lr_scale})
-        grid = FleetGrid(link, model, store, policy, devices=ckpt.devices, clock=clock, plan_hash=_wire_plan_hash(plan))
+        grid = FleetGrid(link, model, store, policy, devices=ckpt.devices, clock=clock, plan_hash=plan_hash(plan))
         grid.recover([r for r in ckpt.pending if r.round == server_round])
         strategy = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
                           min_evaluate_nodes=0, min_available_nodes=1)

@@ -60,15 +60,6 @@ def tensor_specs(plan: Plan) -> dict[str, TensorSpec]:
     return specs
 
 
-def initial_state(plan: Plan) -> dict[str, np.ndarray]:
-    """The integer trainable state a freshly flashed device starts from (the model's own values)."""
-    state = {}
-    for name in plan.trainable_buffers():
-        rows = plan.buffers[name].shape[0]
-        state[name] = plan.graph.tensors[name[len("train:"):]].data[:rows].copy()
-    return state
-
-
 def dequantize_state(specs: dict[str, TensorSpec], state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {n: specs[n].dequantize(state[n]) for n in specs}
 

@@ -7,7 +7,6 @@ momentum, Adam moments, the FedBuff buffer), and ends every round with one SQLit
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import time
@@ -20,12 +19,12 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.exception import InconsistentMessageReplies
 
 from fedtiny.compiler import Plan
-from fedtiny.ir import Graph, Tensor
+from fedtiny.planfile import plan_hash
 
 from . import ops
 from .fedbuff import FedBuff
 from .grid import FleetGrid, GlobalModel, RoundPolicy
-from .requantize import dequantize_state, initial_state, tensor_specs
+from .requantize import dequantize_state, tensor_specs
 from .state import StateStore
 
 STRATEGIES = {
@@ -98,18 +97,6 @@ def load_strategy_state(strategy, arrays: dict[str, np.ndarray] | None) -> None:
 
 # --- server-side evaluation -----------------------------------------------------------------------------------
 
-def graph_with_state(plan: Plan, ints: dict[str, np.ndarray]) -> Graph:
-    """The int8 model with the global trainable rows in place (the rows a scheme leaves frozen stay)."""
-    tensors = dict(plan.graph.tensors)
-    for name, value in ints.items():
-        t = plan.graph.tensors[name[len("train:"):]]
-        data = t.data.copy()
-        data[: value.shape[0]] = value
-        tensors[t.name] = Tensor(t.name, t.shape, t.dtype, t.scale, t.zero_point, data)
-    g = plan.graph
-    return Graph(tensors, g.ops, g.inputs, g.outputs, dict(g.meta))
-
-
 def heldout_evaluator(plan: Plan, model: GlobalModel, x: np.ndarray, y: np.ndarray, batch: int = 256
                       ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """evaluate_fn(round, arrays): accuracy and cross-entropy of the int8 graph with the global integers,
@@ -119,7 +106,7 @@ def heldout_evaluator(plan: Plan, model: GlobalModel, x: np.ndarray, y: np.ndarr
     y = np.asarray(y)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        graph = graph_with_state(plan, model.ints)
+        graph = plan.graph_with(model.ints)
         out = graph.outputs[0]
         logits = np.concatenate([dequantize(graph, out, run(graph, quantize_input(graph, x[i:i + batch])))
                                  for i in range(0, len(x), batch)]).reshape(len(x), -1)
@@ -129,23 +116,6 @@ def heldout_evaluator(plan: Plan, model: GlobalModel, x: np.ndarray, y: np.ndarr
                              "loss": float(-log_p[np.arange(len(y)), y].mean()), "examples": int(len(y))})
 
     return evaluate
-
-
-def plan_hash(plan: Plan) -> str:
-    h = hashlib.sha256()
-    for name in plan.trainable_buffers():
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(plan.graph.tensors[name[len("train:"):]].data).tobytes())
-    return h.hexdigest()
-
-
-def _wire_plan_hash(plan: Plan) -> bytes | None:
-    """The plan hash devices put in JOIN (fleet.plan_hash), when the fleet link is installed."""
-    try:
-        from fedtiny.protocol.fleet import plan_hash as wire_hash
-    except ImportError:
-        return None
-    return wire_hash(plan)
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
@@ -179,9 +149,9 @@ class Coordinator:
         self.store = store
         self.metrics = metrics or ops.Metrics()
         specs = tensor_specs(plan)
-        ints = initial_state(plan)
-        store.initialize(dequantize_state(specs, ints), ints, plan_hash(plan))
-        if store.meta("plan_hash") not in ("", plan_hash(plan)):
+        ints = plan.initial_state()
+        store.initialize(dequantize_state(specs, ints), ints, plan_hash(plan).hex())
+        if store.meta("plan_hash") not in ("", plan_hash(plan).hex()):
             raise ValueError(f"{store.path} holds a run of another training plan; use a new --state-db")
         ckpt = store.load()
         self.model = GlobalModel(specs, ckpt.master, ckpt.ints, ckpt.model_version, store)
@@ -192,7 +162,7 @@ class Coordinator:
             policy.max_staleness = max(policy.max_staleness, 1)
             policy.buffer_size = policy.buffer_size or self.strategy.buffer_size
         self.grid = FleetGrid(link, self.model, store, policy, devices=ckpt.devices, metrics=self.metrics,
-                              clock=clock, plan_hash=_wire_plan_hash(plan))
+                              clock=clock, plan_hash=plan_hash(plan))
         self.grid.recover(ckpt.pending)
         # Uplink replay counters live in the link's envelope layer; a link that can export them has them
         # checkpointed with each round (the accepted-reply ids in the store refuse old replies either way).

@@ -92,20 +92,29 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
 
 
 def _inject_faults(agent, device: str, config: dict) -> None:
-    """--dropout: the node fails the round (answers only after the deadline, so its reply is stale);
-    --stragglers: the node is slow (a random delay of up to the deadline), and may or may not make the round."""
-    run = agent.training.run
+    """--dropout: the node fails the round: it does not train and answers nothing, then takes the next task as
+    a rebooted device would. --stragglers: the node is slow (a random delay of up to the deadline), and may or
+    may not make the round."""
+    run, complete = agent.training.run, agent.session.complete
     rng = np.random.default_rng([config["seed"], len(device), sum(device.encode())])
     straggler = rng.random() < config["stragglers"]
 
     def training(job):
         if _fails(config["seed"], device, job.round, config["dropout"]):
-            time.sleep(config["deadline"] * 1.2)
-        elif straggler:
+            return None
+        if straggler:
             time.sleep(rng.random() * config["deadline"])
         return run(job)
 
+    def completing(job, result, now):
+        if result is None:  # failed this round: no DELTA; the next TASK finds the node ready
+            agent.session.state.trained_round = job.round
+            agent.session.state.pending_task = None
+            return []
+        return complete(job, result, now)
+
     agent.training.run = training
+    agent.session.complete = completing
 
 
 def _prepare(config: SimulationConfig, run: Path):

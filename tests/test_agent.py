@@ -9,7 +9,7 @@ import pytest
 
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.envelope import CoordinatorEndpoint, ProtocolError, Identity, PublicIdentity
-from fedtiny.protocol.fleet import initial_state, load_fleet, state_delta
+from fedtiny.protocol.fleet import load_fleet, state_delta
 from fedtiny.protocol.messages import Delta
 from fedtiny_device.agent import DeviceSession, NodeAgent, NodeState, load_state
 from test_fleet_link import (  # noqa: F401  (fixtures)

@@ -18,7 +18,7 @@ from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.brokers import EmbeddedBroker, MosquittoProcess, free_port, mosquitto_config
 from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, DeviceEndpoint, Header, Identity, PublicIdentity
 from fedtiny.protocol.fleet import (
-    CoordinatorLink, Publish, apply_delta, decode_update, encode_update, entries_to_state, initial_state,
+    CoordinatorLink, Publish, apply_delta, decode_update, encode_update, entries_to_state,
     load_fleet, state_delta, state_entries,
 )
 from fedtiny.protocol.keys import provision_fleet
@@ -128,7 +128,7 @@ def expected_delta(model, index, round_, global_state, rng_counter=None, epochs=
 def shifted_state(plan, rng):
     """A plausible new global state: the initial one with small integer steps."""
     out = {}
-    for name, value in initial_state(plan).items():
+    for name, value in plan.initial_state().items():
         step = rng.integers(-3, 4, value.shape)
         out[name] = np.clip(value.astype(np.int64) + step, -127, 127).astype(value.dtype) \
             if value.dtype == np.int8 else (value + step).astype(np.int32)
@@ -260,13 +260,13 @@ def test_duplicates_replay_and_tampering_change_nothing(amqtt_broker, fleet_dir,
         endpoint = device_endpoint(fleet_dir, name)
         seq = agent.session.state.seq
         used = Header.unpack(envelope)
-        forged = endpoint.seal(encode_update(plan, state_delta(initial_state(plan), initial_state(plan)), 1, 0.0, 0.0),
+        forged = endpoint.seal(encode_update(plan, state_delta(plan.initial_state(), plan.initial_state()), 1, 0.0, 0.0),
                                round=used.round, model_version=used.model_version, seq=used.seq)
         inject(chunking.split(forged, 901, 256))
         wait_for(lambda: link.stats["rejected:replay"] == 1, what="replay rejection")
 
         # tampered ciphertext: the signature fails; re-signed by the key holder: the AEAD tag fails
-        fresh = bytearray(endpoint.seal(encode_update(plan, state_delta(initial_state(plan), initial_state(plan)),
+        fresh = bytearray(endpoint.seal(encode_update(plan, state_delta(plan.initial_state(), plan.initial_state()),
                                                       1, 0.0, 0.0), round=5, model_version=0, seq=seq + 100))
         fresh[HEADER_SIZE + 20] ^= 0x01
         inject(chunking.split(bytes(fresh), 902, 256))
@@ -384,7 +384,7 @@ def test_delta_encoding_round_trip(small_plan, data, num, loss, accuracy):
 
 def test_encoder_takes_only_plan_buffers(small_plan):
     x = np.zeros((1, 1, 6), np.int8)
-    delta = state_delta(initial_state(small_plan), initial_state(small_plan))
+    delta = state_delta(small_plan.initial_state(), small_plan.initial_state())
     with pytest.raises(TypeError):
         encode_update(small_plan, {**delta, "sample": x}, 1, 0.0, 0.0)
     with pytest.raises(TypeError):

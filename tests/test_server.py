@@ -18,9 +18,9 @@ from fedtiny.zoo import MLP
 from fedtiny_server import ops
 from fedtiny_server.fedbuff import FedBuff, staleness_weight
 from fedtiny_server.grid import RoundPolicy, ensure_task_identity
-from fedtiny_server.requantize import (DeltaError, changed, dequantize_state, initial_state, rebuild,
+from fedtiny_server.requantize import (DeltaError, changed, dequantize_state, rebuild,
                                        requantize_state, tensor_specs)
-from fedtiny_server.rounds import (STRATEGIES, Coordinator, CoordinatorConfig, graph_with_state, heldout_evaluator,
+from fedtiny_server.rounds import (STRATEGIES, Coordinator, CoordinatorConfig, heldout_evaluator,
                                    make_strategy)
 from fedtiny_server.state import StateStore
 from fedtiny_server.testing import FakeClock, FakeLink, make_reply
@@ -145,7 +145,7 @@ def test_link_replay_counters_are_checkpointed(plan, tmp_path):
 
 def test_requantize_round_trip(plan):
     specs = tensor_specs(plan)
-    ints = initial_state(plan)
+    ints = plan.initial_state()
     assert ints[W].dtype == np.int8 and ints[B].dtype == np.int32
     back = requantize_state(specs, dequantize_state(specs, ints))
     for name in ints:
@@ -167,7 +167,7 @@ def test_requantize_round_trip(plan):
 
 def test_rebuild_is_master_plus_dequantized_delta(plan):
     specs = tensor_specs(plan)
-    master = dequantize_state(specs, initial_state(plan))
+    master = dequantize_state(specs, plan.initial_state())
     delta = zero_delta(plan)
     delta[W][1] = 3
     full = rebuild(specs, master, {W: delta[W]})  # buffers not sent did not change
@@ -197,12 +197,12 @@ def test_downlink_sends_only_changed_tensors_requantized(plan, tmp_path):
         # the link gets the whole requantized state; the GLOBAL_UPDATE carries the changed tensor only
         assert t.model_version == 1 and set(t.global_state) == set(plan.trainable_buffers())
         assert set(t.update) == {B} and t.update[B].dtype == np.int32
-        np.testing.assert_array_equal(t.update[B], initial_state(plan)[B] + 2)
+        np.testing.assert_array_equal(t.update[B], plan.initial_state()[B] + 2)
         assert t.global_state[W].dtype == np.int8
-        np.testing.assert_array_equal(t.global_state[W], initial_state(plan)[W])
+        np.testing.assert_array_equal(t.global_state[W], plan.initial_state()[W])
     # the real link's encoder puts only changed channels on the wire
     from fedtiny.protocol.fleet import state_entries
-    entries = state_entries(plan, second[0].global_state, changed_from=initial_state(plan))
+    entries = state_entries(plan, second[0].global_state, changed_from=plan.initial_state())
     assert {plan.trainable_buffers()[e.tensor_id] for e in entries} == {B}
     # round 3: weights move by one LSB (requantized from the float master, clamped to +-127)
     coord.model.advance({**coord.model.master, W: coord.model.master[W] + coord.model.specs[W].dequantize(
@@ -213,7 +213,7 @@ def test_downlink_sends_only_changed_tensors_requantized(plan, tmp_path):
     t = link.sent[0]
     assert set(t.update) == {W}  # version 1 -> 3: the bias did not change since
     assert t.update[W].dtype == np.int8 and np.abs(t.update[W].astype(int)).max() <= 127
-    np.testing.assert_array_equal(t.update[W], np.clip(initial_state(plan)[W].astype(int) + 1, -127, 127))
+    np.testing.assert_array_equal(t.update[W], np.clip(plan.initial_state()[W].astype(int) + 1, -127, 127))
 
 
 # --- rounds: quorum, deadline, stale replies -------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_stale_and_foreign_replies_are_discarded_with_reason(plan, tmp_path, cap
     assert m.get("fedtiny_replies_rejected_total", reason="late") + \
         m.get("fedtiny_replies_rejected_total", reason="wrong-round") >= 1
     assert m.get("fedtiny_replies_accepted_total") == 4
-    init = dequantize_state(coord.model.specs, initial_state(plan))[B]
+    init = dequantize_state(coord.model.specs, plan.initial_state())[B]
     # round 1 +1 LSB; round 2: a (+1), b's stale +50 discarded -> version 1 + ... only accepted replies count
     assert coord.model.version == 2
     reasons = [r.fields["reason"] for r in caplog.records if getattr(r, "event", "") == "reply_rejected"]
@@ -432,7 +432,7 @@ def test_server_side_evaluation_runs_the_int8_graph(plan, tmp_path):
     assert res["accuracy"] == 1.0 and res["loss"] > 0
     ints = dict(coord.model.ints)
     ints[B] = ints[B] + 10**6 * (np.arange(len(ints[B])) == 0)  # push class 0 hard
-    assert (predict(graph_with_state(plan, ints), x) == 0).all()
+    assert (predict(plan.graph_with(ints), x) == 0).all()
 
 
 def test_prometheus_text_format(plan, tmp_path):
@@ -532,7 +532,7 @@ def test_site_gateway_pre_aggregates_for_the_superlink(plan, tmp_path):
     assert isinstance(gateway, ClientApp)
     save_plan(plan, tmp_path / "p.plan")
     specs = tensor_specs(plan)
-    master = dequantize_state(specs, initial_state(plan))
+    master = dequantize_state(specs, plan.initial_state())
     arrays = ArrayRecord({k: Array(v) for k, v in master.items()})
     steps = {"a": 1, "b": 3, "c": 5, "d": 7}
     examples = {"a": 10, "b": 30, "c": 20, "d": 40}

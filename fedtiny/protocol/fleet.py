@@ -1,7 +1,7 @@
 """The coordinator's MQTT end of the fleet link (docs/fleet_link.md), the state/delta helpers both ends share,
 and the thin paho transport both ends use.
 
-    state helpers   state_delta / apply_delta, plan state <-> protocol DeltaEntries, plan_hash
+    state helpers   state_delta / apply_delta, plan state <-> protocol DeltaEntries
     update codec    encode_update / decode_update: the only way a DELTA body is built (plan buffers + floats)
     task codec      task_body / task_settings: TASK body <-> the coordinator's config dict
     MqttTransport   paho in its own thread: TLS, MQTT 5 persistent session, TCP_NODELAY, reconnect with backoff
@@ -15,7 +15,6 @@ Tensor ids on the wire are indexes into plan.trainable_buffers(). A device state
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import socket
@@ -32,6 +31,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from fedtiny.compiler import Plan
+from fedtiny.planfile import plan_hash
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.delta import DeltaEntry, encode_delta
 from fedtiny.protocol.envelope import (
@@ -39,7 +39,7 @@ from fedtiny.protocol.envelope import (
 )
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import (
-    Ack, AckStatus, Delta, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
+    Ack, AckStatus, Delta, DeviceState, GlobalUpdate, MessageType, Task,
 )
 
 log = logging.getLogger("fedtiny.fleet")
@@ -96,16 +96,6 @@ def apply_delta(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> di
             if wide.min(initial=0) < -128 or wide.max(initial=0) > 127:
                 raise ValueError(f"{name}: base + delta leaves the int8 range")
             out[name] = wide.astype(np.int8)
-    return out
-
-
-def initial_state(plan: Plan) -> dict[str, np.ndarray]:
-    """The plan's starting trainable state (model version 0): the model's own rows and biases."""
-    out = {}
-    for name in plan.trainable_buffers():
-        spec = plan.buffers[name]
-        data = plan.graph.tensors[name[len("train:"):]].data
-        out[name] = np.array(data[: spec.shape[0]], dtype=np.int8 if spec.dtype == "int8" else np.int32).reshape(spec.shape)
     return out
 
 
@@ -201,14 +191,6 @@ def entries_to_state(plan: Plan, entries: list[DeltaEntry], base: dict[str, np.n
 def zero_delta(plan: Plan) -> dict[str, np.ndarray]:
     return {n: np.zeros(plan.buffers[n].shape, _delta_dtype(np.dtype(plan.buffers[n].dtype)))
             for n in plan.trainable_buffers()}
-
-
-def plan_hash(plan: Plan) -> bytes:
-    """SHA-256 of the plan as `fedtiny plan` saves it (the PLAN container), the identity both ends compare."""
-    from fedtiny.fileformat import dumps
-    from fedtiny.planfile import KIND, _header
-
-    return hashlib.sha256(dumps(KIND, _header(plan), {t.name: t.data for t in plan.graph.constants})).digest()
 
 
 # --- the DELTA body: the only thing a device uploads ------------------------------------------------------
