@@ -29,6 +29,8 @@ import numpy as np
 from fedtiny import codegen
 from fedtiny.ir import Graph
 
+from .trainer import mse_loss, mse_target
+
 QEMU_MACHINE = "mps2-an386"
 ELF_NAME = "fedtiny_model.elf"
 TRAIN_ELF_NAME = "fedtiny_train.elf"
@@ -148,7 +150,8 @@ def build_plan_host(plan, fast: bool = True, cache_dir: Path | None = None) -> P
 
 def build_train_firmware(plan, samples: np.ndarray | None = None, labels: np.ndarray | None = None, seed: int = 0,
                          steps: int | None = None, fast: bool = True, cache_dir: Path | None = None) -> Path:
-    """The Cortex-M4 training firmware: `steps` steps on samples/labels in flash, then one line
+    """The Cortex-M4 training firmware: `steps` steps on samples/labels in flash (for an MSE plan, labels are the
+    int8 targets (N, K)), then one line
     `trained N steps digest XXXXXXXX rng HHHHHHHHLLLLLLLL`. Raises BuildError if it does not fit."""
     return _make(plan_sources(plan, samples, labels, seed, steps, fast), "m4-train", TRAIN_ELF_NAME, cache_dir)
 
@@ -214,6 +217,7 @@ class CTrainer:
         self._arena = np.ctypeslib.as_array((ctypes.c_uint8 * max(1, size)).from_address(self.lib.fedtiny_model_arena()))
         self.input_shape = tuple(self.graph.tensors[self.graph.inputs[0]].shape)
         self.last_label_probability = 0.0
+        self.last_loss = 0.0  # MSE plans: the last step's loss
         if _OWNER.get(self.path) is not None:
             _OWNER[self.path]._sync()  # init below overwrites the library's arena
         self.lib.fedtiny_model_train_init(seed & 0xFFFFFF)
@@ -259,16 +263,35 @@ class CTrainer:
         self.lib.fedtiny_model_set_rng_counter(int(value) & (2**64 - 1))
         self._counter = int(value)
 
-    def step(self, x: np.ndarray, label: int) -> float:
-        """One training step on an int8 sample (H, W, C); returns the loss from the Q15 label probability."""
-        return self.steps(np.asarray(x).reshape((1,) + self.input_shape), np.asarray([label]))[-1]
+    def step(self, x: np.ndarray, label) -> float:
+        """One training step on an int8 sample (H, W, C) with its class label, or its int8 target (MSE plans);
+        returns the loss as Trainer.step does."""
+        label = mse_target(self.plan, label)[None] if self.plan.loss == "mse" else np.asarray([label])
+        return self.steps(np.asarray(x).reshape((1,) + self.input_shape), label)[-1]
 
     @_locked
     def steps(self, xs: np.ndarray, labels: np.ndarray) -> list[float]:
-        """len(xs) steps in one C call (same result as calling step on each); returns each step's loss."""
+        """len(xs) steps in one C call (same result as calling step on each); returns each step's loss. labels:
+        class indexes (N,), or for an MSE plan int8 targets (N, K)."""
         xs = np.ascontiguousarray(xs, dtype=np.int8)
         if xs.dtype != np.int8 or tuple(xs.shape[1:]) != self.input_shape:
             raise ValueError(f"samples must be int8 of shape (N, {', '.join(map(str, self.input_shape))})")
+        if self.plan.loss == "mse":
+            k = int(np.prod(self.graph.tensors[self.graph.outputs[0]].shape))
+            targets = np.asarray(labels)
+            if targets.dtype != np.int8 or targets.size != len(xs) * k:
+                raise ValueError(f"MSE targets must be int8 of shape ({len(xs)}, {k}), got {targets.dtype} "
+                                 f"{targets.shape}")
+            targets = np.ascontiguousarray(targets.reshape(len(xs), k))
+            squared = np.zeros(len(xs), dtype=np.int64)
+            self._own()
+            status = self.lib.fedtiny_model_train_batch(xs.ctypes.data, targets.ctypes.data, len(xs),
+                                                        squared.ctypes.data)
+            if status != 0:
+                raise RuntimeError(f"fedtiny_model_train_batch failed with status {status}")
+            losses = [mse_loss(self.plan, int(v)) for v in squared]
+            self.last_loss = losses[-1] if losses else self.last_loss
+            return losses
         labels = np.ascontiguousarray(labels, dtype=np.int32)
         q15 = np.zeros(len(xs), dtype=np.int32)
         self._own()

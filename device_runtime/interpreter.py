@@ -66,6 +66,18 @@ def quantize_input(graph: Graph, x_float: np.ndarray) -> np.ndarray:
     return np.clip(q, -128, 127).astype(np.int8)
 
 
+def quantize_target(graph: Graph, t_float: np.ndarray) -> np.ndarray:
+    """Float regression targets in the PyTorch model's output layout (N, F) / (N, C, L) / (N, C, H, W) -> int8
+    (N, K) in the output's quantization, K = the output's values in (H, W, C) order: the MSE loss's targets.
+    Rounds half to even as quantize_input; targets beyond the output's int8 range saturate."""
+    t = graph.tensors[graph.outputs[0]]
+    values = to_hwc(np.asarray(t_float, dtype=np.float64))
+    if tuple(values.shape[1:]) != tuple(t.shape):
+        raise ValueError(f"targets of shape {np.shape(t_float)} do not fit the model's output {t.shape} (H, W, C)")
+    q = np.round(values / float(t.scale[0])) + t.zero_point
+    return np.clip(q, -128, 127).astype(np.int8).reshape(len(values), -1)
+
+
 def dequantize(graph: Graph, name: str, q: np.ndarray) -> np.ndarray:
     t = graph.tensors[name]
     return (q.astype(np.float64) - t.zero_point) * t.scale

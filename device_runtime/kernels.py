@@ -193,3 +193,12 @@ def softmax_cross_entropy_grad(logits, label: int, exp_table) -> tuple[np.ndarra
     p = (e * 32768 + total // 2) // total
     p[label] -= 32768
     return np.clip(p, -32767, 32767).astype(np.int16).reshape(logits.shape), -15
+
+
+def mse_grad(y, target, m: int, exponent: int) -> tuple[np.ndarray, int]:
+    """dL/dy = 2 (y - t) / K of the mean squared error, from the int8 output and the int8 target in the output's
+    quantization: d = y_q - t_q exactly, times the compile-time constant 2 s_y / K = m * 2^(exponent - 15),
+    narrowed like every backward sum. Returns (g, exponent) with g shaped like y."""
+    d = y.reshape(-1).astype(np.int64) - np.asarray(target).reshape(-1).astype(np.int64)
+    g, s = narrow_to_int16(d * m)
+    return g.reshape(y.shape), exponent - 15 + s

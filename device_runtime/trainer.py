@@ -15,6 +15,24 @@ from .interpreter import FORWARD
 from .arith import narrow_to_int16, splitmix64, stochastic_update
 
 
+def mse_target(plan: Plan, target) -> np.ndarray:
+    """One MSE target as the flat int8 K values the device reads (the output's shape or flat K accepted)."""
+    out = plan.graph.tensors[plan.graph.outputs[0]]
+    t = np.asarray(target)
+    if t.dtype != np.int8 or t.size != int(np.prod(out.shape)):
+        raise ValueError(f"an MSE target must be int8 with the output's {int(np.prod(out.shape))} values "
+                         f"(shape {out.shape} or flat), got {t.dtype} {t.shape}; see quantize_target")
+    return t.reshape(-1)
+
+
+def mse_loss(plan: Plan, squared_error: int) -> float:
+    """mean((s_y d)^2) on the host from the exact sum of d^2 (d = y_q - t_q): the same float operations for the
+    Python and the C trainer, which reports only that sum."""
+    out = plan.graph.tensors[plan.graph.outputs[0]]
+    s_y = float(out.scale[0])
+    return s_y * s_y * squared_error / int(np.prod(out.shape))
+
+
 class Trainer:
     def __init__(self, plan: Plan, seed: int = 0):
         self.plan = plan
@@ -25,6 +43,7 @@ class Trainer:
         self.exponent: dict[str, int] = {}  # power-of-two exponent of each gradient buffer
         self.record: dict[str, np.ndarray] | None = None  # set to a dict to collect real-valued gradients (tests)
         self.last_label_probability = 0.0
+        self.last_loss = 0.0  # MSE plans: the last step's loss
         for name in plan.trainable_buffers():  # initial trainable rows come from the model
             self.view(name)[...] = self._constant(name)[: self.plan.buffers[name].shape[0]]
 
@@ -64,13 +83,20 @@ class Trainer:
         return bits
 
     # --- one training step --------------------------------------------------------------------------------
-    def step(self, x: np.ndarray, label: int) -> float:
-        """Train on one int8 sample (H, W, C) with its class label; returns the loss (from the Q15 probability)."""
+    def step(self, x: np.ndarray, label) -> float:
+        """Train on one int8 sample (H, W, C) with its class label (cross-entropy), or with its int8 target of the
+        output's K values (MSE: the output's shape or flat). Returns the loss: -ln of the label's Q15 probability,
+        or mean((s_y * (y_q - t_q))^2)."""
         (input_name,) = self.graph.inputs
         self.view(input_name)[...] = x.reshape(self.graph.tensors[input_name].shape)
-        self.label = int(label)
+        if self.plan.loss == "mse":
+            self.target = mse_target(self.plan, label)
+        else:
+            self.label = int(label)
         for s in self.plan.steps:
             getattr(self, f"_{s.kind}")(s)
+        if self.plan.loss == "mse":
+            return self.last_loss
         return float(-np.log(max(self.last_label_probability, 2.0**-15)))
 
     def _forward(self, s):
@@ -85,6 +111,15 @@ class Trainer:
         self.view(s.writes[0])[...] = np.packbits(mask.reshape(-1), bitorder="little")
 
     def _loss_grad(self, s):
+        if s.attrs.get("loss", "cross_entropy") == "mse":
+            y = self._act(s.reads[0])
+            g, e = kernels.mse_grad(y, self.target, s.attrs["m"], s.attrs["exponent"])
+            d = y.reshape(-1).astype(np.int64) - self.target.astype(np.int64)
+            self.last_loss = mse_loss(self.plan, int((d * d).sum()))
+            self.view(s.writes[0])[...] = g.reshape(self.plan.buffers[s.writes[0]].shape)
+            self.exponent[s.writes[0]] = e
+            self._note(s.writes[0], s.reads[0])
+            return
         logits = self._act(s.reads[0])
         g, e = kernels.softmax_cross_entropy_grad(logits, self.label, self.plan.exp_table)
         self.last_label_probability = (int(g.reshape(-1)[self.label]) + 32768) / 32768

@@ -104,9 +104,12 @@ def quantize(model_name: str, data: str, output: str, seed: int) -> None:
 @click.option("--reserve", default="64KB", show_default=True, help="SRAM kept for the network stack and firmware.")
 @click.option("--lr", default=0.05, show_default=True, type=float, help="SGD learning rate (QAS-scaled).")
 @click.option("--no-qas", is_flag=True, help="Naive int8 SGD without quantization-aware scaling (for ablations).")
+@click.option("--loss", default="cross_entropy", show_default=True, type=click.Choice(["cross_entropy", "mse"]),
+              help="cross_entropy (class labels) or mse (regression / reconstruction targets, any output shape).")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Plan file to write (.ftp).")
 @click.option("--seed", default=0, show_default=True)
-def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float, no_qas: bool, output, seed: int):
+def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float, no_qas: bool, loss: str, output,
+            seed: int):
     """Compile MODEL (a .ftm file or a zoo name) into a training plan and print its memory report."""
     from .compiler import BudgetError, compile_plan
     from .planfile import save_plan
@@ -116,11 +119,12 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
     scheme = scheme or DEFAULT_SCHEMES.get(graph.meta.get("model", model), "last:2")
     try:
         plan = compile_plan(graph, parse(scheme, graph), lr=lr, qas=not no_qas, budget=parse_bytes(budget),
-                            reserve=parse_bytes(reserve))
-    except (SchemeError, BudgetError) as err:
+                            reserve=parse_bytes(reserve), loss=loss)
+    except (SchemeError, BudgetError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     report = plan.memory_report()
-    click.echo(f"plan: scheme {scheme}, {len(plan.steps)} steps, lr {lr}, QAS {'off' if no_qas else 'on'}")
+    click.echo(f"plan: scheme {scheme}, loss {loss}, {len(plan.steps)} steps, lr {lr}, "
+               f"QAS {'off' if no_qas else 'on'}")
     for key, value in report.items():
         click.echo(f"  {key.replace('_', ' ')}: {value}")
     if output:

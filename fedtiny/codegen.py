@@ -241,7 +241,7 @@ def generate(graph: Graph, out_dir: str | Path, samples: np.ndarray | None = Non
 # plan step kind -> C op kind (forward steps take the inference kernel choice)
 TRAIN_STEP_KIND = {
     "mask_bits": "FEDTINY_OP_MASK_BITS",
-    "loss_grad": "FEDTINY_OP_LOSS_GRAD",
+    "loss_grad": "FEDTINY_OP_LOSS_GRAD",  # FEDTINY_OP_MSE_GRAD for an MSE plan
     "grad_add": "FEDTINY_OP_GRAD_ADD",
     "grad_mask": "FEDTINY_OP_GRAD_MASK",  # FEDTINY_OP_GRAD_MASK_BITS when the plan saved a bit mask
     "conv2d_input_grad": "FEDTINY_OP_CONV2D_INPUT_GRAD",
@@ -374,6 +374,11 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                 size = int(np.prod(t[op.outputs[0]].shape))
                 text = _struct("fedtiny_grad_mask_params", f"{name}_mask", dict(size=size, **_mask_bounds(s, op)))
                 kernel, ins = f"&{name}_mask", s.reads
+            elif s.kind == "loss_grad" and plan.loss == "mse":
+                kind = "FEDTINY_OP_MSE_GRAD"
+                text = _struct("fedtiny_mse_params", f"{name}_mse", dict(
+                    size=int(np.prod(y.shape)), m=s.attrs["m"], exponent=s.attrs["exponent"]))
+                kernel, ins = f"&{name}_mse", s.reads
             elif s.kind == "loss_grad":
                 text = (_c_array("uint16_t", "exp_table", plan.exp_table)
                         + _struct("fedtiny_loss_params", f"{name}_loss",
@@ -419,6 +424,45 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         i = next(k for k, op in enumerate(graph.ops) if tensor in op.inputs and op.kind == "conv2d")
         src = f"op{i}_weight" if graph.ops[i].inputs[1] == tensor else f"op{i}_bias"
         init.append(f"    {{{off[b]}, {plan.buffers[b].nbytes}, (const void *){src}}}, /* {b} */")
+    mse = plan.loss == "mse"
+    if mse:  # a target of the output's K values per sample instead of a class label
+        step_decl = (
+            "/* One training step on one sample: input (H, W, C) int8 and its int8 target (the output's values in\n"
+            " * (H, W, C) order, in the output's quantization). */\n"
+            "fedtiny_status fedtiny_model_train_step(const int8_t *input, const int8_t *target);\n"
+            "/* n steps back to back (the host binding's entry point); squared_error[i] gets each step's sum of\n"
+            " * (y - t)^2 when not NULL. */\n"
+            "fedtiny_status fedtiny_model_train_batch(const int8_t *inputs, const int8_t *targets, uint32_t n,\n"
+            "                                         int64_t *squared_error);\n")
+        step_def = (
+            "fedtiny_status fedtiny_model_train_step(const int8_t *input, const int8_t *target)\n{\n"
+            "    return fedtiny_train_step_target(&fedtiny_model_graph, input, target);\n}\n\n"
+            "fedtiny_status fedtiny_model_train_batch(const int8_t *inputs, const int8_t *targets, uint32_t n,\n"
+            "                                         int64_t *squared_error)\n{\n"
+            "    uint32_t i;\n    for (i = 0; i < n; i++) {\n"
+            "        fedtiny_status status = fedtiny_model_train_step(inputs + i * FEDTINY_MODEL_INPUT_BYTES,\n"
+            "                                                         targets + i * FEDTINY_MODEL_OUTPUT_BYTES);\n"
+            "        if (status != FEDTINY_OK) {\n            return status;\n        }\n"
+            "        if (squared_error != 0) {\n            squared_error[i] = state.squared_error;\n        }\n"
+            "    }\n    return FEDTINY_OK;\n}\n\n")
+    else:
+        step_decl = (
+            "/* One training step on one sample: input (H, W, C) int8 and its class label. */\n"
+            "fedtiny_status fedtiny_model_train_step(const int8_t *input, int32_t label);\n"
+            "/* n steps back to back (the host binding's entry point); label_q15[i] gets each step's Q15 label\n"
+            " * probability when not NULL. */\n"
+            "fedtiny_status fedtiny_model_train_batch(const int8_t *inputs, const int32_t *labels, uint32_t n,\n"
+            "                                         int32_t *label_q15);\n")
+        step_def = (
+            "fedtiny_status fedtiny_model_train_step(const int8_t *input, int32_t label)\n{\n"
+            "    return fedtiny_train_step(&fedtiny_model_graph, input, label);\n}\n\n"
+            "fedtiny_status fedtiny_model_train_batch(const int8_t *inputs, const int32_t *labels, uint32_t n,\n"
+            "                                         int32_t *label_q15)\n{\n"
+            "    uint32_t i;\n    for (i = 0; i < n; i++) {\n"
+            "        fedtiny_status status = fedtiny_model_train_step(inputs + i * FEDTINY_MODEL_INPUT_BYTES, labels[i]);\n"
+            "        if (status != FEDTINY_OK) {\n            return status;\n        }\n"
+            "        if (label_q15 != 0) {\n            label_q15[i] = state.label_q15;\n        }\n    }\n"
+            "    return FEDTINY_OK;\n}\n\n")
     macs = count_train_macs(plan)
     trainable_bytes = sum(plan.buffers[b].nbytes for b in trainable)
     guard = "FEDTINY_MODEL_H"
@@ -426,6 +470,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
     header = (
         banner + f"#ifndef {guard}\n#define {guard}\n\n#include <stdint.h>\n\n#include \"fedtiny_runtime.h\"\n\n"
         "#define FEDTINY_MODEL_TRAINING 1\n"
+        f"#define FEDTINY_MODEL_LOSS_MSE {int(mse)}\n"
         f"#define FEDTINY_MODEL_INPUT_H {x.shape[0]}\n#define FEDTINY_MODEL_INPUT_W {x.shape[1]}\n"
         f"#define FEDTINY_MODEL_INPUT_C {x.shape[2]}\n#define FEDTINY_MODEL_INPUT_BYTES {x.nbytes}\n"
         f"#define FEDTINY_MODEL_OUTPUT_BYTES {y.nbytes}\n#define FEDTINY_MODEL_ARENA_BYTES {plan.arena_size}\n"
@@ -436,12 +481,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         "extern const fedtiny_graph fedtiny_model_graph;\n\n"
         "/* Copy the trainable rows and biases from flash into the arena; counter = (seed mod 2^24) << 40. */\n"
         "void fedtiny_model_train_init(uint32_t seed);\n"
-        "/* One training step on one sample: input (H, W, C) int8 and its class label. */\n"
-        "fedtiny_status fedtiny_model_train_step(const int8_t *input, int32_t label);\n"
-        "/* n steps back to back (the host binding's entry point); label_q15[i] gets each step's Q15 label\n"
-        " * probability when not NULL. */\n"
-        "fedtiny_status fedtiny_model_train_batch(const int8_t *inputs, const int32_t *labels, uint32_t n,\n"
-        "                                         int32_t *label_q15);\n"
+        + step_decl +
         "uint8_t *fedtiny_model_arena(void);\n"
         "uint64_t fedtiny_model_rng_counter(void);\n"
         "void fedtiny_model_set_rng_counter(uint64_t counter);\n"
@@ -469,15 +509,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         f"    for (i = 0; i < {len(init)}u; i++) {{\n"
         "        memcpy(arena.bytes + trainables[i].offset, trainables[i].initial, trainables[i].bytes);\n    }\n"
         "    state.rng_counter = (uint64_t)(seed & 0xFFFFFFu) << 40;\n}\n\n"
-        "fedtiny_status fedtiny_model_train_step(const int8_t *input, int32_t label)\n{\n"
-        "    return fedtiny_train_step(&fedtiny_model_graph, input, label);\n}\n\n"
-        "fedtiny_status fedtiny_model_train_batch(const int8_t *inputs, const int32_t *labels, uint32_t n,\n"
-        "                                         int32_t *label_q15)\n{\n"
-        "    uint32_t i;\n    for (i = 0; i < n; i++) {\n"
-        "        fedtiny_status status = fedtiny_model_train_step(inputs + i * FEDTINY_MODEL_INPUT_BYTES, labels[i]);\n"
-        "        if (status != FEDTINY_OK) {\n            return status;\n        }\n"
-        "        if (label_q15 != 0) {\n            label_q15[i] = state.label_q15;\n        }\n    }\n"
-        "    return FEDTINY_OK;\n}\n\n"
+        + step_def +
         "uint8_t *fedtiny_model_arena(void) { return arena.bytes; }\n"
         "uint64_t fedtiny_model_rng_counter(void) { return state.rng_counter; }\n"
         "void fedtiny_model_set_rng_counter(uint64_t counter) { state.rng_counter = counter; }\n\n"
@@ -492,7 +524,8 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
 def render_train_samples(plan, samples: np.ndarray | None, labels: np.ndarray | None, seed: int = 0,
                          steps: int | None = None) -> str:
     """samples.c for the training firmware: int8 samples (N, H, W, C) and labels (N,) in flash; step i trains on
-    sample i mod N. None -> one sample of input zero points with label 0."""
+    sample i mod N. None -> one sample of input zero points with label 0. For an MSE plan `labels` are the int8
+    targets (N, K) (or (N, *output shape)), emitted as fedtiny_targets; None -> targets of output zero points."""
     graph = plan.graph
     x = graph.tensors[graph.inputs[0]]
     if samples is None:
@@ -501,17 +534,27 @@ def render_train_samples(plan, samples: np.ndarray | None, labels: np.ndarray | 
     if samples.dtype != np.int8 or tuple(samples.shape[1:]) != tuple(x.shape) or len(samples) == 0:
         raise ValueError(f"samples must be int8 of shape (N, {', '.join(map(str, x.shape))}), "
                          f"got {samples.dtype} {samples.shape}")
-    labels = np.zeros(len(samples), dtype=np.int32) if labels is None else np.asarray(labels).astype(np.int32)
-    classes = int(np.prod(graph.tensors[graph.outputs[0]].shape))
-    if labels.shape != (len(samples),) or labels.min() < 0 or labels.max() >= classes:
-        raise ValueError(f"labels must be {len(samples)} class indexes in 0..{classes - 1}")
+    out = graph.tensors[graph.outputs[0]]
+    classes = int(np.prod(out.shape))
+    if plan.loss == "mse":
+        targets = np.full((len(samples), classes), out.zero_point, dtype=np.int8) if labels is None else \
+            np.asarray(labels)
+        if targets.dtype != np.int8 or targets.size != len(samples) * classes:
+            raise ValueError(f"targets must be int8 of shape ({len(samples)}, {classes}), got {targets.dtype} "
+                             f"{targets.shape}")
+        labels_c = _c_array("int8_t", "fedtiny_targets", targets)
+    else:
+        labels = np.zeros(len(samples), dtype=np.int32) if labels is None else np.asarray(labels).astype(np.int32)
+        if labels.shape != (len(samples),) or labels.min() < 0 or labels.max() >= classes:
+            raise ValueError(f"labels must be {len(samples)} class indexes in 0..{classes - 1}")
+        labels_c = _c_array("int32_t", "fedtiny_labels", labels)
     steps = len(samples) if steps is None else int(steps)
     return (_banner(graph) + "#include <stdint.h>\n\n"
             f"const uint32_t fedtiny_n_samples = {len(samples)};\n"
             f"const uint32_t fedtiny_train_steps = {steps};\n"
             f"const uint32_t fedtiny_train_seed = {int(seed) & 0xFFFFFF};\n"
             + _c_array("int8_t", "fedtiny_samples", samples).replace("static const", "const")
-            + _c_array("int32_t", "fedtiny_labels", labels).replace("static const", "const"))
+            + labels_c.replace("static const", "const"))
 
 
 def generate_plan(plan, out_dir: str | Path, samples: np.ndarray | None = None, labels: np.ndarray | None = None,
@@ -548,7 +591,8 @@ def file_kind(path: str | Path) -> bytes:
 @click.option("--samples", "samples_file", type=click.Path(dir_okay=False, exists=True),
               help="A .npy of samples for the firmware: int8 (N, H, W, C), or float in the model's own layout.")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False, exists=True),
-              help="Training plans: a .npy of class labels (N,) for the samples.")
+              help="Training plans: a .npy of class labels (N,) for the samples; for an MSE plan, targets: int8 "
+                   "(N, K), or float in the model's own output layout.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training plans: the node's random seed.")
 @click.option("--steps", type=int, default=None, help="Training plans: steps the firmware runs (default: N).")
 @click.option("--reference", is_flag=True, help="Use the reference conv kernel everywhere (no fast paths).")
@@ -575,6 +619,10 @@ def codegen_command(model_file: str, out_dir: str, samples_file: str | None, lab
 
             samples = quantize_input(graph, samples)
     labels = np.load(labels_file) if labels_file else None
+    if is_plan and plan.loss == "mse" and labels is not None and labels.dtype != np.int8:
+        from fedtiny_device.interpreter import quantize_target
+
+        labels = quantize_target(graph, labels)
     try:
         if is_plan:
             out = generate_plan(plan, out_dir, samples, labels, seed, steps, fast=not reference)

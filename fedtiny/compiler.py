@@ -25,7 +25,7 @@ from .arena import ArenaPlan, Buffer, check_plan, plan_arena
 from .ir import DTYPES, Graph, Tensor
 from .scheme import Scheme, layers
 
-LOSSES = ("cross_entropy",)
+LOSSES = ("cross_entropy", "mse")
 DEFAULT_BUDGET = 256 * 1024
 DEFAULT_RESERVE = 64 * 1024  # network stack (MQTT client, TLS/PSK, ChaCha20-Poly1305) and firmware stack
 
@@ -76,11 +76,17 @@ class Plan:
     arena_size: int
     updates: dict[int, LayerUpdate]
     backprop_scale: dict[int, tuple[list[int], int]]  # conv op -> (ws[o] = round(s_w[o] * 2^K), K)
-    exp_table: list[int]  # round(2^15 * exp(-s_logits * i)), i = 0..255, for the softmax gradient
+    exp_table: list[int]  # round(2^15 * exp(-s_logits * i)), i = 0..255, for the softmax gradient (empty for MSE)
     lr: float
     qas: bool
     budget: int
     reserve: int
+
+    @property
+    def loss(self) -> str:
+        """The loss the plan trains with, from its loss_grad step (plans from before MSE mean cross-entropy)."""
+        step = next(s for s in self.steps if s.kind == "loss_grad")
+        return step.attrs.get("loss", "cross_entropy")
 
     def trainable_buffers(self) -> list[str]:
         return [name for name, spec in self.buffers.items() if spec.persistent]
@@ -154,6 +160,12 @@ def _backprop_scale(s_w: np.ndarray) -> tuple[list[int], int]:
     return [int(v) for v in np.round(s_w * 2.0**k).astype(np.int64)], k
 
 
+def mse_constant(s_y: float, k: int) -> tuple[int, int]:
+    """dL/dy_k = 2 (y_k - t_k) / K = c d_k with c = 2 s_y / K and d_k = y_q - t_q: c as (m, exponent) with m in
+    [2^14, 2^15) and c ~= m 2^(exponent - 15), the same 15-bit form as the update factors."""
+    return quantize_multiplier_q15(2.0 * s_y / k)
+
+
 def mask_bounds(op) -> tuple[int, int] | None:
     """Exclusive int8 bounds inside which the op's activation passes gradients, or None if it has no activation.
     ReLU clips at real zero (act_min); ReLU6 also at real six (act_max); int8 saturation is straight-through."""
@@ -221,14 +233,26 @@ def _autodiff(graph: Graph, trainable: dict[int, tuple[int, bool]]) -> tuple[lis
 
 
 def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = True, budget: int = DEFAULT_BUDGET,
-                 reserve: int = DEFAULT_RESERVE) -> Plan:
+                 reserve: int = DEFAULT_RESERVE, loss: str = "cross_entropy") -> Plan:
+    """loss: "cross_entropy" (class labels, logits of shape (1, 1, K)) or "mse" (int8 targets in the output's
+    quantization, any output shape: the flattened output is the K values)."""
     if not 0 <= reserve < budget:
         raise BudgetError(f"the reserve ({reserve} bytes) must be smaller than the budget ({budget} bytes)")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     out = graph.tensors[graph.outputs[0]]
-    if out.shape[:2] != (1, 1):
+    if loss == "cross_entropy" and out.shape[:2] != (1, 1):
         raise ValueError(f"cross-entropy training needs logits of shape (1, 1, K), got {out.shape}")
     trainable = _trainable(graph, scheme)
     backward, _ = _autodiff(graph, trainable)
+    s_y = float(out.scale[0])
+    if loss == "mse":  # backward[0] is the loss_grad step; its attrs carry the loss and its constants
+        m, exponent = mse_constant(s_y, int(np.prod(out.shape)))
+        backward[0].attrs.update(loss="mse", m=m, exponent=exponent)
+        exp_table = []  # the softmax table is only for cross-entropy
+    else:
+        backward[0].attrs["loss"] = "cross_entropy"
+        exp_table = [int(v) for v in np.round(32768 * np.exp(-s_y * np.arange(256)))]
 
     # Saving: the mask of an op's clamp is read from its int8 output if a backward step keeps that output
     # anyway (a weight update's input, the logits); otherwise one bit per element is saved in the forward pass.
@@ -286,8 +310,6 @@ def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = 
             op = graph.ops[s.attrs["op"]]
             backprop_scale[s.attrs["op"]] = _backprop_scale(graph.tensors[op.inputs[1]].scale)
 
-    s_logits = float(out.scale[0])
-    exp_table = [int(v) for v in np.round(32768 * np.exp(-s_logits * np.arange(256)))]
     plan = Plan(graph, scheme.name, steps, buffers, alias, {}, 0, updates, backprop_scale, exp_table,
                 lr, qas, budget, reserve)
     arena = plan_arena(buffer_lifetimes(plan))

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .arena import ArenaPlan, check_plan
-from .compiler import BufferSpec, LayerUpdate, Plan, Step, buffer_lifetimes
+from .compiler import LOSSES, BufferSpec, LayerUpdate, Plan, Step, buffer_lifetimes
 from .fileformat import FileFormatError, dumps, load, save
 from .modelfile import _header as model_header
 from .modelfile import graph_from
@@ -62,7 +62,17 @@ def load_plan(path: str | Path) -> Plan:
                 raise ValueError(f"step {s.kind} names op {s.attrs['op']}, which does not exist")
         if set(buffers) - set(plan.offsets):
             raise ValueError(f"buffers without an arena offset: {sorted(set(buffers) - set(plan.offsets))}")
-        if len(plan.exp_table) != 256:
+        loss_steps = [s for s in steps if s.kind == "loss_grad"]
+        if len(loss_steps) != 1:
+            raise ValueError(f"a plan needs exactly one loss_grad step, found {len(loss_steps)}")
+        if plan.loss not in LOSSES:
+            raise ValueError(f"unknown loss {plan.loss!r}")
+        if plan.loss == "mse":
+            m, exponent = loss_steps[0].attrs["m"], loss_steps[0].attrs["exponent"]
+            if not (isinstance(m, int) and isinstance(exponent, int) and 2**14 <= m < 2**15):
+                raise ValueError(f"the MSE constant must be m in [2^14, 2^15) and an integer exponent, "
+                                 f"got {m}, {exponent}")
+        elif len(plan.exp_table) != 256:
             raise ValueError("the softmax table must have 256 entries")
         check_plan(ArenaPlan(plan.offsets, plan.arena_size, buffer_lifetimes(plan)))
     except FileFormatError:

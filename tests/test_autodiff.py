@@ -3,7 +3,8 @@
 The mirror runs each op in float on dequantized weights; its values are forced to the trainer's own int8
 forward values (straight-through), and the gradient passes where the op's clamp let values through, so
 autograd differentiates exactly the function the device computes. Every gradient the plan makes, of
-activations and of parameters, must have cosine similarity >= 0.99 with autograd's.
+activations and of parameters, must have cosine similarity >= 0.99 with autograd's. The same holds for the
+MSE loss against torch's mse_loss on the dequantized output and the dequantized int8 target.
 """
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 from fedtiny.compiler import compile_plan
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
-from fedtiny_device.interpreter import quantize_input, run
+from fedtiny_device.interpreter import quantize_input, quantize_target, run
 from fedtiny_device.trainer import Trainer
 
 from test_ops import CASES, _randomize_bn
@@ -25,8 +26,9 @@ def nchw(a):  # (1, H, W, C) -> (1, C, H, W)
     return a.permute(0, 3, 1, 2)
 
 
-def autograd_mirror(graph, x_int8, label: int):
-    """(parameter grads by tensor name, activation grads by tensor name) from autograd on the dequantized graph."""
+def autograd_mirror(graph, x_int8, label):
+    """(parameter grads by tensor name, activation grads by tensor name) from autograd on the dequantized graph.
+    label: a class index (cross-entropy), or an int8 target array of the output's values (MSE)."""
     ints = run(graph, x_int8[None], keep=True)  # the int8 forward values, as the trainer computes them
     deq = lambda name, q: torch.tensor((q.astype(np.float64) - graph.tensors[name].zero_point) * graph.tensors[name].scale[0])
     values, params = {}, {}
@@ -67,8 +69,11 @@ def autograd_mirror(graph, x_int8, label: int):
         value = deq(y_name, ours) + (y - y.detach()) * passes
         value.retain_grad()
         values[y_name] = value
-    logits = values[graph.outputs[0]].reshape(1, -1)
-    F.cross_entropy(logits, torch.tensor([label])).backward()
+    out = values[graph.outputs[0]].reshape(1, -1)
+    if np.ndim(label) == 0:
+        F.cross_entropy(out, torch.tensor([label])).backward()
+    else:  # MSE against the target the device sees: the int8 target, dequantized
+        F.mse_loss(out, deq(graph.outputs[0], np.asarray(label)).reshape(1, -1)).backward()
     return ({n: p.grad.numpy() for n, p in params.items()},
             {n: v.grad.numpy() for n, v in values.items() if v.grad is not None})
 
@@ -81,8 +86,8 @@ def cosine(a, b):
     return float(a @ b / (na * nb)) if na and nb else 0.0
 
 
-def check_step(graph, x_int8, label, scheme="full"):
-    trainer = Trainer(compile_plan(graph, parse(scheme, graph)), seed=0)
+def check_step(graph, x_int8, label, scheme="full", loss="cross_entropy"):
+    trainer = Trainer(compile_plan(graph, parse(scheme, graph), loss=loss), seed=0)
     trainer.record = {}
     trainer.step(x_int8, label)
     param_grads, act_grads = autograd_mirror(graph, x_int8, label)
@@ -150,3 +155,45 @@ def test_gradients_on_real_data_match_autograd(name):
     xq = quantize_input(graph, ds.X[-4:])
     for i in range(4):
         check_step(graph, xq[i], int(ds.y[-4 + i]), scheme="full")
+
+
+def _regression_model(name):
+    """(model, input shape): an mlp with 3 outputs, and conv models whose output is a (3, L) / (2, H, W) map."""
+    if name == "mlp":
+        from fedtiny import zoo
+
+        return zoo.build("mlp", (8,), 3), (8,)
+    if name == "conv1d":
+        return nn.Sequential(nn.Conv1d(2, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2),
+                             nn.Conv1d(8, 3, 3, padding=1)), (2, 32)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU6(), nn.AvgPool2d(2),
+                         nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1)), (1, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv1d", "conv2d"])
+@pytest.mark.parametrize("scheme", ["full", "last:2"])
+def test_mse_gradients_match_autograd(name, scheme):
+    """MSE plans against torch's mse_loss on the dequantized graph, targets in the output's quantization."""
+    torch.manual_seed(0)
+    model, shape = _regression_model(name)
+    model = _randomize_bn(model).eval()
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(32,) + shape).astype(np.float32)
+    graph = quantize(model, x)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).numpy()
+    # targets near the model's outputs, as in a regression task (saturated targets would be a weaker check)
+    targets = quantize_target(graph, y + rng.normal(size=y.shape) * y.std())
+    xq = quantize_input(graph, x)
+    for i in range(3):
+        compared = check_step(graph, xq[i], targets[i], scheme=scheme, loss="mse")
+        assert any(not n.startswith("grad:") for n in compared)  # a parameter gradient was compared
+
+    # cosine cannot see the scale: the loss gradient itself must be 2 (y - t) / K to the constant's 15 bits
+    out = graph.outputs[0]
+    trainer = Trainer(compile_plan(graph, parse(scheme, graph), loss="mse"))
+    trainer.record = {}
+    trainer.step(xq[0], targets[0])
+    _, act_grads = autograd_mirror(graph, xq[0], targets[0])
+    ours, theirs = trainer.record[f"grad:{out}"].ravel(), act_grads[out].ravel()
+    assert np.abs(ours - theirs).max() <= 2e-4 * np.abs(theirs).max(), (ours, theirs)

@@ -229,3 +229,133 @@ def test_compile_cli(sensor, tmp_path):
     assert over.exit_code == 1 and "largest live tensors" in over.output and "Traceback" not in over.output
     bad = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "sparse:3:-2@1/3"])
     assert bad.exit_code == 1 and "1/8, 1/4, 1/2, 1" in bad.output
+
+
+# ---- MSE (regression / reconstruction) ------------------------------------------------------------------------
+
+def _feature_map_graph():
+    """A conv model whose output is a (4, 4, 2) map, as a reconstruction model's would be."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 2, 3, padding=1))
+    return quantize(model.eval(), np.random.default_rng(0).normal(size=(32, 1, 8, 8)).astype(np.float32))
+
+
+def test_mse_constant_and_kernel_follow_the_numerics():
+    from fedtiny.compiler import mse_constant
+    from fedtiny_device.kernels import mse_grad
+
+    for s_y, k in ((0.0247, 3), (0.5, 1), (1e-3, 1000), (2.0**-7, 64), (0.99999999, 1)):
+        m, e = mse_constant(s_y, k)
+        f, exponent = np.frexp(2 * s_y / k)
+        expected = int(np.floor(f * 2**15 + 0.5)), int(exponent)
+        if expected[0] == 2**15:  # the mantissa rounded up to 1.0
+            expected = 2**14, int(exponent) + 1
+        assert (m, e) == expected and 2**14 <= m < 2**15
+        assert abs(m * 2.0 ** (e - 15) - 2 * s_y / k) <= 2.0 ** (e - 16)
+    y = np.array([[[127, -128, 5, 0]]], dtype=np.int8)
+    t = np.array([-128, 127, 5, 3], dtype=np.int8)
+    m, e = mse_constant(0.1, 4)
+    g, ge = mse_grad(y, t, m, e)
+    d = np.array([255, -255, 0, -3])
+    # |d m| needs 23 bits: narrowed by 8, rounded half away from zero
+    assert ge == e - 15 + 8 and g.shape == y.shape
+    assert np.array_equal(g.ravel(), np.sign(d) * ((np.abs(d) * m + 128) >> 8))
+    assert np.allclose(g.ravel() * 2.0**ge, 2 * 0.1 * d / 4, rtol=1e-3, atol=2.0**ge)
+
+
+def test_mse_plans_take_any_output_shape_and_carry_the_loss(sensor):
+    from fedtiny.compiler import mse_constant
+
+    graph = _feature_map_graph()
+    with pytest.raises(ValueError, match="cross-entropy training needs logits"):
+        compile_plan(graph, parse("full", graph))
+    with pytest.raises(ValueError, match="unknown loss"):
+        compile_plan(graph, parse("full", graph), loss="huber")
+    plan = compile_plan(graph, parse("full", graph), loss="mse")
+    (step,) = [s for s in plan.steps if s.kind == "loss_grad"]
+    assert plan.loss == "mse" and step.attrs["loss"] == "mse" and plan.exp_table == []
+    assert (step.attrs["m"], step.attrs["exponent"]) == mse_constant(float(graph.tensors[graph.outputs[0]].scale[0]),
+                                                                      4 * 4 * 2)
+    ce = compile_plan(sensor[0], parse("bias", sensor[0]))
+    assert ce.loss == "cross_entropy"
+    assert [s.attrs["loss"] for s in ce.steps if s.kind == "loss_grad"] == ["cross_entropy"]
+
+
+def test_mse_plan_file_round_trip_and_old_plans(sensor, tmp_path):
+    from fedtiny_device.interpreter import quantize_target
+
+    graph = _feature_map_graph()
+    plan = compile_plan(graph, parse("last:2", graph), loss="mse")
+    save_plan(plan, tmp_path / "p.ftp")
+    loaded = load_plan(tmp_path / "p.ftp")
+    assert loaded.loss == "mse"
+    rng = np.random.default_rng(2)
+    x = quantize_input(graph, rng.normal(size=(8, 1, 8, 8)).astype(np.float32))
+    t = quantize_target(graph, rng.normal(size=(8, 2, 4, 4)))
+    a, b = Trainer(plan, 1), Trainer(loaded, 1)
+    assert [a.step(xi, ti) for xi, ti in zip(x, t)] == [b.step(xi, ti) for xi, ti in zip(x, t)]
+    assert digest(a) == digest(b)
+    # a damaged constant is refused
+    _rewrite(tmp_path / "p.ftp", lambda p: next(s for s in p["steps"] if s["kind"] == "loss_grad")["attrs"].update(m=7))
+    with pytest.raises(FileFormatError, match="MSE constant"):
+        load_plan(tmp_path / "p.ftp")
+    # plans written before the loss attr existed are cross-entropy plans
+    save_plan(compile_plan(sensor[0], parse("bias", sensor[0])), tmp_path / "old.ftp")
+    _rewrite(tmp_path / "old.ftp",
+             lambda p: next(s for s in p["steps"] if s["kind"] == "loss_grad")["attrs"].pop("loss"))
+    old = load_plan(tmp_path / "old.ftp")
+    assert old.loss == "cross_entropy"
+    assert digest(train(old, sensor[1][:8], sensor[2][:8])) == digest(
+        train(compile_plan(sensor[0], parse("bias", sensor[0])), sensor[1][:8], sensor[2][:8]))
+
+
+def test_mse_training_learns_a_new_regression_task():
+    """A regressor pretrained on t = A x adapts on the device to a changed mapping and offset, t = B x + b."""
+    import torch.nn.functional as F
+
+    from fedtiny_device.interpreter import dequantize, quantize_target, run
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 8)) / np.sqrt(8)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    torch.manual_seed(0)
+    model = zoo.build("mlp", (8,), 3)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        F.mse_loss(model(torch.from_numpy(x)), torch.from_numpy((x @ a.T).astype(np.float32))).backward()
+        opt.step()
+    graph = quantize(model.eval(), x[:256])
+    b = a + rng.normal(size=a.shape) * 0.3
+    local, test = x[:300], x[300:]
+    t_local, t_test = local @ b.T + [0.5, -0.4, 0.3], test @ b.T + [0.5, -0.4, 0.3]
+
+    def test_mse(g):
+        y = dequantize(g, g.outputs[0], run(g, quantize_input(g, test))).reshape(len(test), -1)
+        return float(((y - t_test) ** 2).mean())
+
+    trainer = Trainer(compile_plan(graph, parse("last:2", graph), lr=0.01, loss="mse"))
+    xq, tq = quantize_input(graph, local), quantize_target(graph, t_local)
+    epoch_loss = []
+    for epoch in range(3):
+        epoch_loss.append(np.mean([trainer.step(xq[j], tq[j]) for j in np.random.default_rng(epoch).permutation(300)]))
+    before, after = test_mse(graph), test_mse(trainer.export_graph())
+    assert epoch_loss[-1] < 0.5 * epoch_loss[0], epoch_loss
+    assert after < 0.25 * before, (before, after)
+
+
+def test_compile_cli_mse(tmp_path):
+    graph = _feature_map_graph()
+    save_model(graph, tmp_path / "m.ftm")
+    runner = CliRunner()
+    ce = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "full"])
+    assert ce.exit_code == 1 and "cross-entropy training needs logits" in ce.output and "Traceback" not in ce.output
+    ok = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "full", "--loss", "mse",
+                              "-o", str(tmp_path / "p.ftp")])
+    assert ok.exit_code == 0, ok.output
+    assert "loss mse" in ok.output and "arena bytes" in ok.output
+    assert load_plan(tmp_path / "p.ftp").loss == "mse"
+    bad = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--loss", "huber"])
+    assert bad.exit_code == 2 and "huber" in bad.output

@@ -192,3 +192,104 @@ def test_codegen_command_takes_a_plan_file(tmp_path):
     assert "static const int8_t op0_weight[" in source  # frozen weights stay in flash
     assert "weight_sram = (const int8_t *)(const void *)&arena.bytes[" in source  # trainable rows in the arena
     assert (tmp_path / "out" / "firmware_train.c").exists()
+
+
+# ---- MSE (regression / reconstruction) ------------------------------------------------------------------------
+REGRESSION = {"sensor_cnn": (1, 256), "mlp": (30,)}
+MSE_SCHEMES = ("full", "sparse")
+_MSE_CASES = {}
+
+
+def make_mse_case(name: str, seed: int = 0):
+    """(graph, int8 samples, int8 targets (STEPS, K)): a zoo model with 3 regression outputs, targets spread
+    around its outputs (a few saturate), quantized in the output's quantization."""
+    from fedtiny_device.interpreter import quantize_target
+
+    if name not in _MSE_CASES:
+        shape = REGRESSION[name]
+        rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        model = randomize_bn(zoo.build(name, shape, 3), rng)
+        graph = quantize(model, rng.normal(0.0, 1.0, (64,) + shape).astype(np.float32), name=name)
+        xf = rng.normal(0.0, 1.0, (STEPS,) + shape).astype(np.float32)
+        with torch.no_grad():
+            y = model(torch.from_numpy(xf)).numpy()
+        targets = quantize_target(graph, y + rng.normal(0.0, 2.0 * y.std(), y.shape))
+        _MSE_CASES[name] = graph, quantize_input(graph, xf), targets
+    return _MSE_CASES[name]
+
+
+@pytest.mark.parametrize("scheme", MSE_SCHEMES)
+@pytest.mark.parametrize("name", list(REGRESSION))
+def test_host_c_mse_training_matches_python_trainer(name, scheme, cache):
+    need("gcc", "make")
+    graph, x, targets = make_mse_case(name)
+    plan = compile_plan(graph, parse(scheme_spec(name, scheme), graph), loss="mse")
+    py = Trainer(plan, 7)
+    expected_losses = [py.step(xi, ti) for xi, ti in zip(x, targets)]
+    trainer = cruntime.CTrainer(plan, seed=7, cache_dir=cache)
+    losses = [trainer.step(xi, ti) for xi, ti in zip(x[:50], targets[:50])]
+    losses += trainer.steps(x[50:], targets[50:])  # the batch entry point too
+    assert_same_state(trainer.trainable_state(), py.trainable_state(), f"{name} {scheme} mse")
+    assert trainer.rng_counter == py.rng_counter
+    assert losses == expected_losses and trainer.last_loss == py.last_loss
+    changed = any(not np.array_equal(v, Trainer(plan, 7).trainable_state()[k])
+                  for k, v in trainer.trainable_state().items())
+    assert changed, "100 steps changed nothing: the test would not see a wrong update"
+
+
+def test_host_c_mse_training_of_a_feature_map_matches_python(cache):
+    """MSE on an output of any shape (a reconstruction-style (H, W, C) map), with ReLU6 / avgpool in between."""
+    from torch import nn
+
+    from fedtiny_device.interpreter import quantize_target
+
+    need("gcc", "make")
+    rng = np.random.default_rng(5)
+    torch.manual_seed(5)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU6(),
+                                       nn.AvgPool2d(2), nn.Conv2d(6, 2, 3, padding=1)), rng)
+    xf = rng.normal(0.0, 1.0, (40, 1, 8, 8)).astype(np.float32)
+    graph = quantize(model, xf)
+    assert graph.tensors[graph.outputs[0]].shape == (4, 4, 2)
+    with torch.no_grad():
+        y = model(torch.from_numpy(xf)).numpy()
+    x, targets = quantize_input(graph, xf), quantize_target(graph, y + rng.normal(0.0, y.std(), y.shape))
+    plan = compile_plan(graph, parse("full", graph), loss="mse")
+    py = Trainer(plan, 3)
+    expected = [py.step(xi, ti.reshape(4, 4, 2)) for xi, ti in zip(x, targets)]  # the output's shape works too
+    trainer = cruntime.CTrainer(plan, seed=3, cache_dir=cache)
+    assert trainer.steps(x, targets) == expected
+    assert_same_state(trainer.trainable_state(), py.trainable_state(), "feature map mse")
+    assert trainer.rng_counter == py.rng_counter
+
+
+def test_m4_firmware_trains_mse_like_python_under_qemu(cache):
+    need("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm", "make")
+    graph, x, targets = make_mse_case("sensor_cnn")
+    plan = compile_plan(graph, parse(scheme_spec("sensor_cnn", "sparse"), graph), loss="mse")
+    expected = Trainer(plan, 11)
+    for xi, ti in zip(x, targets):
+        expected.step(xi, ti)
+    elf = cruntime.build_train_firmware(plan, x, targets, seed=11, steps=STEPS, cache_dir=cache)
+    result = cruntime.run_qemu(elf, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert cruntime.parse_train_result(result.stdout) == (
+        STEPS, cruntime.trainable_digest(plan, expected.trainable_state()), expected.rng_counter)
+    initial = cruntime.trainable_digest(plan, Trainer(plan, 11).trainable_state())
+    assert cruntime.trainable_digest(plan, expected.trainable_state()) != initial, "MSE training changed nothing"
+    source = "".join(v for k, v in cruntime.plan_sources(plan, x, targets, 11, STEPS).items() if k == "samples.c")
+    assert "const int8_t fedtiny_targets[" in source and "fedtiny_labels" not in source
+
+
+def test_mse_plans_refuse_wrong_targets(cache):
+    need("gcc", "make")
+    graph, x, targets = make_mse_case("mlp")
+    plan = compile_plan(graph, parse("bias", graph), loss="mse")
+    trainer = cruntime.CTrainer(plan, cache_dir=cache)
+    with pytest.raises(ValueError, match="int8"):
+        trainer.steps(x[:2], targets[:2].astype(np.int32))
+    with pytest.raises(ValueError, match="int8"):
+        Trainer(plan).step(x[0], 1)  # a class label is not a target
+    with pytest.raises(ValueError, match="targets must be int8"):
+        codegen.render_train_samples(plan, x[:2], targets[:1])

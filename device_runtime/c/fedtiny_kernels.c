@@ -701,3 +701,35 @@ fedtiny_status fedtiny_softmax_cross_entropy_grad(const fedtiny_loss_params *p, 
     *e = -15;
     return FEDTINY_OK;
 }
+
+size_t fedtiny_mse_grad_scratch_bytes(const fedtiny_mse_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+/* d_k = y_k - t_k, acc_k = d_k m, narrowed to int16 with exponent exponent - 15 + shift. Two passes (peak, then
+ * store) recompute the products instead of keeping them, so no scratch. */
+fedtiny_status fedtiny_mse_grad(const fedtiny_mse_params *p, const int8_t *y, const int8_t *target, int16_t *g,
+                                int32_t *e, int64_t *squared_error)
+{
+    int32_t k, shift;
+    uint64_t peak = 0;
+    int64_t sum = 0;
+    if (target == NULL) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    for (k = 0; k < p->size; k++) {
+        const int64_t d = (int64_t)y[k] - target[k];
+        const uint64_t v = fedtiny_abs64(d * p->m);
+        peak = v > peak ? v : peak;
+        sum += d * d;
+    }
+    shift = fedtiny_narrow_shift(peak);
+    for (k = 0; k < p->size; k++) {
+        g[k] = fedtiny_narrow_one(((int64_t)y[k] - target[k]) * p->m, shift);
+    }
+    *squared_error = sum;
+    *e = p->exponent - 15 + shift;
+    return FEDTINY_OK;
+}

@@ -112,6 +112,13 @@ typedef struct {
     const uint16_t *exp_table;
 } fedtiny_loss_params;
 
+/* Mean-squared-error gradient: dL/dy_k = c (y_q,k - t_q,k) with c = 2 s_y / K = m 2^(exponent - 15). */
+typedef struct {
+    int32_t size;     /* K, the output's values */
+    int32_t m;        /* in [2^14, 2^15) */
+    int32_t exponent;
+} fedtiny_mse_params;
+
 /* conv2d input gradient (transposed conv): ws[o] = round(s_w[o] 2^k); weights as the forward pass reads them. */
 typedef struct {
     const fedtiny_conv2d_params *conv;
@@ -132,6 +139,12 @@ typedef struct {
 fedtiny_status fedtiny_softmax_cross_entropy_grad(const fedtiny_loss_params *p, const int8_t *logits, int32_t label,
                                                   int16_t *g, int32_t *e, int32_t *label_q15);
 size_t fedtiny_softmax_cross_entropy_grad_scratch_bytes(const fedtiny_loss_params *p);
+
+/* mean squared error: y (size) int8 and target (size) int8 in y's quantization -> g (size) int16, exponent
+ * exponent - 15 + narrowing; *squared_error = sum (y - t)^2 (for the host's loss). */
+fedtiny_status fedtiny_mse_grad(const fedtiny_mse_params *p, const int8_t *y, const int8_t *target, int16_t *g,
+                                int32_t *e, int64_t *squared_error);
+size_t fedtiny_mse_grad_scratch_bytes(const fedtiny_mse_params *p);
 
 /* conv2d backward: g_y (out_h, out_w, out_c) int16 -> g_x (in_h, in_w, in_c) int16. */
 fedtiny_status fedtiny_conv2d_input_grad(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y, int32_t e_y,

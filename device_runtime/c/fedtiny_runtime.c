@@ -68,6 +68,12 @@ static fedtiny_status invoke_loss_grad(const fedtiny_op *op, const fedtiny_graph
                                               E_OUT, &g->state->label_q15);
 }
 
+static fedtiny_status invoke_mse_grad(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_mse_grad((const fedtiny_mse_params *)TP->kernel, IN(0), g->state->target, GOUT(0), E_OUT,
+                            &g->state->squared_error);
+}
+
 static fedtiny_status invoke_grad_add(const fedtiny_op *op, const fedtiny_graph *g)
 {
     const int16_t *parts[FEDTINY_MAX_OPERANDS - 1];
@@ -141,6 +147,7 @@ static size_t scratch_none(const void *p) { (void)p; return 0; }
 static size_t scratch_conv2d_input_grad(const void *p) { return fedtiny_conv2d_input_grad_scratch_bytes(TK(p)); }
 static size_t scratch_avgpool2d_input_grad(const void *p) { return fedtiny_avgpool2d_input_grad_scratch_bytes(TK(p)); }
 static size_t scratch_maxpool2d_input_grad(const void *p) { return fedtiny_maxpool2d_input_grad_scratch_bytes(TK(p)); }
+static size_t scratch_mse_grad(const void *p) { return fedtiny_mse_grad_scratch_bytes(TK(p)); }
 
 static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_conv2d, scratch_conv2d, 0},                     /* FEDTINY_OP_CONV2D */
@@ -160,6 +167,7 @@ static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_conv2d_bias_update, scratch_none, 1},                 /* FEDTINY_OP_CONV2D_BIAS_UPDATE */
     {invoke_avgpool2d_input_grad, scratch_avgpool2d_input_grad, 1}, /* FEDTINY_OP_AVGPOOL2D_INPUT_GRAD */
     {invoke_maxpool2d_input_grad, scratch_maxpool2d_input_grad, 1}, /* FEDTINY_OP_MAXPOOL2D_INPUT_GRAD */
+    {invoke_mse_grad, scratch_mse_grad, 1},                         /* FEDTINY_OP_MSE_GRAD */
 };
 
 size_t fedtiny_op_scratch_bytes(const fedtiny_op *op)
@@ -222,4 +230,17 @@ fedtiny_status fedtiny_train_step(const fedtiny_graph *g, const int8_t *input, i
     memcpy(g->arena + g->input_offset, input, g->input_bytes);
     g->state->label = label;
     return fedtiny_invoke(g);
+}
+
+fedtiny_status fedtiny_train_step_target(const fedtiny_graph *g, const int8_t *input, const int8_t *target)
+{
+    fedtiny_status status;
+    if (g->state == NULL || target == NULL) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    memcpy(g->arena + g->input_offset, input, g->input_bytes);
+    g->state->target = target;
+    status = fedtiny_invoke(g);
+    g->state->target = NULL; /* the caller's buffer is not ours to keep */
+    return status;
 }

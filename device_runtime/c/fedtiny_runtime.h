@@ -34,6 +34,7 @@ typedef enum {
     FEDTINY_OP_CONV2D_BIAS_UPDATE = 14,    /* g_y -> bias (in place) */
     FEDTINY_OP_AVGPOOL2D_INPUT_GRAD = 15,  /* g_y -> g_x */
     FEDTINY_OP_MAXPOOL2D_INPUT_GRAD = 16,  /* g_y, x -> g_x */
+    FEDTINY_OP_MSE_GRAD = 17,              /* y -> g (the target comes from the train state) */
     FEDTINY_OP_KIND_COUNT
 } fedtiny_op_kind;                   /* reshape has no kind: its output aliases its input's bytes */
 
@@ -59,6 +60,8 @@ typedef struct {
     uint64_t rng_counter; /* SplitMix64 counter: (seed mod 2^24) << 40 at start */
     int32_t label;        /* the current sample's class */
     int32_t label_q15;    /* the label's Q15 probability after the last step (for the loss) */
+    const int8_t *target; /* MSE: the current sample's int8 target (K values in the output's quantization) */
+    int64_t squared_error; /* MSE: sum of (y - t)^2 of the last step (for the loss) */
 } fedtiny_train_state;
 
 typedef struct {
@@ -89,5 +92,8 @@ fedtiny_status fedtiny_run(const fedtiny_graph *g, const int8_t *input, int8_t *
 
 /* One training step of a plan: copy the sample in, set the label, run forward, loss, backward and updates. */
 fedtiny_status fedtiny_train_step(const fedtiny_graph *g, const int8_t *input, int32_t label);
+
+/* The same for an MSE plan: the target (output_bytes int8 values) must stay valid for the whole step. */
+fedtiny_status fedtiny_train_step_target(const fedtiny_graph *g, const int8_t *input, const int8_t *target);
 
 #endif /* FEDTINY_RUNTIME_H */

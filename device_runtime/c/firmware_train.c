@@ -1,8 +1,9 @@
 /* Bare-metal training firmware for Cortex-M (QEMU mps2-an386): runs fedtiny_train_steps training steps of the
- * generated plan on the int8 samples and labels in flash (step i uses sample i mod N), then prints the FNV-1a
- * digest of the trainable bytes and the random counter over semihosting and exits QEMU with status 0 (1 if a
- * kernel failed). The reset handler, vectors and markers are those of firmware_main.c's build, repeated here
- * because each firmware links one main. Built by the Makefile's `m4-train` target. */
+ * generated plan on the int8 samples and labels (int8 targets for an MSE plan) in flash (step i uses sample
+ * i mod N), then prints the FNV-1a digest of the trainable bytes and the random counter over semihosting and
+ * exits QEMU with status 0 (1 if a kernel failed). The reset handler, vectors and markers are those of
+ * firmware_main.c's build, repeated here because each firmware links one main. Built by the Makefile's
+ * `m4-train` target. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +12,11 @@
 
 extern const uint32_t fedtiny_n_samples, fedtiny_train_steps, fedtiny_train_seed;
 extern const int8_t fedtiny_samples[];
+#if FEDTINY_MODEL_LOSS_MSE
+extern const int8_t fedtiny_targets[];
+#else
 extern const int32_t fedtiny_labels[];
+#endif
 
 extern uint32_t __data_start, __data_end, __data_load, __bss_start, __bss_end, __stack_top;
 extern void initialise_monitor_handles(void);
@@ -34,7 +39,12 @@ int main(void)
         const uint32_t k = i % fedtiny_n_samples;
         fedtiny_status status;
         fedtiny_mark_begin();
+#if FEDTINY_MODEL_LOSS_MSE
+        status = fedtiny_model_train_step(fedtiny_samples + k * FEDTINY_MODEL_INPUT_BYTES,
+                                          fedtiny_targets + k * FEDTINY_MODEL_OUTPUT_BYTES);
+#else
         status = fedtiny_model_train_step(fedtiny_samples + k * FEDTINY_MODEL_INPUT_BYTES, fedtiny_labels[k]);
+#endif
         fedtiny_mark_end();
         if (status != FEDTINY_OK) {
             printf("step %lu failed: status %d\n", (unsigned long)i, (int)status);
