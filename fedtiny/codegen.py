@@ -18,7 +18,8 @@ from .inspect import inference_arena, storage_of
 from .ir import Graph, Op
 
 RUNTIME_FILES = ("fedtiny_arith.h", "fedtiny_kernels.h", "fedtiny_kernels.c", "fedtiny_runtime.h",
-                 "fedtiny_runtime.c", "firmware_main.c", "firmware_train.c", "fedtiny_m4.ld", "Makefile")
+                 "fedtiny_runtime.c", "fedtiny_boot.h", "fedtiny_boot.c", "firmware_main.c", "firmware_train.c",
+                 "fedtiny_m4.ld", "Makefile")
 GENERATED_FILES = ("model.h", "model.c", "samples.c")
 
 

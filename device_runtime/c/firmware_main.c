@@ -1,25 +1,16 @@
 /* Bare-metal firmware for Cortex-M (QEMU mps2-an386): runs the generated model on the int8 samples embedded
  * in flash (samples.c), prints one FNV-1a digest per sample over semihosting, and exits QEMU with status 0
- * (1 if a kernel failed). Built by the generated Makefile's `m4` target with -nostartfiles: the reset
- * handler below copies .data, zeroes .bss, enables the FPU and sets up semihosting before main. */
+ * (1 if a kernel failed). Built by the generated Makefile's `m4` target with fedtiny_boot.c. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "fedtiny_boot.h"
 #include "model.h"
 
 extern const uint32_t fedtiny_n_samples;
 extern const int8_t fedtiny_samples[];
-
-extern uint32_t __data_start, __data_end, __data_load, __bss_start, __bss_end, __stack_top;
-extern void initialise_monitor_handles(void);
-
-/* Instruction-count markers: tools/insn_count.c counts what runs between them. Distinct bodies keep the
- * compiler from merging the two functions. */
-volatile uint32_t fedtiny_marker;
-__attribute__((noinline)) void fedtiny_mark_begin(void) { fedtiny_marker = 1u; }
-__attribute__((noinline)) void fedtiny_mark_end(void) { fedtiny_marker = 2u; }
 
 static uint32_t fnv1a(const int8_t *bytes, uint32_t n)
 {
@@ -53,30 +44,3 @@ int main(void)
     printf("done %lu\n", (unsigned long)fedtiny_n_samples);
     return failed;
 }
-
-void fedtiny_reset_handler(void)
-{
-    uint32_t *src = &__data_load, *dst = &__data_start;
-    while (dst < &__data_end) {
-        *dst++ = *src++;
-    }
-    for (dst = &__bss_start; dst < &__bss_end; dst++) {
-        *dst = 0u;
-    }
-    *(volatile uint32_t *)0xE000ED88u |= 0xFu << 20; /* CPACR: full access to CP10/CP11 (the FPU) */
-    __asm__ volatile("dsb\n\tisb" ::: "memory");
-    initialise_monitor_handles();
-    exit(main());
-}
-
-static void fedtiny_fault_handler(void)
-{
-    printf("fedtiny: fault\n");
-    exit(3);
-}
-
-/* Cortex-M vector table: initial stack pointer, reset, then NMI, HardFault, MemManage, BusFault, UsageFault. */
-__attribute__((section(".isr_vector"), used)) static void (*const vectors[])(void) = {
-    (void (*)(void))&__stack_top, fedtiny_reset_handler, fedtiny_fault_handler, fedtiny_fault_handler,
-    fedtiny_fault_handler, fedtiny_fault_handler, fedtiny_fault_handler,
-};

@@ -1,13 +1,13 @@
 /* Bare-metal training firmware for Cortex-M (QEMU mps2-an386): runs fedtiny_train_steps training steps of the
  * generated plan on the int8 samples and labels (int8 targets for an MSE plan) in flash (step i uses sample
  * i mod N), then prints the FNV-1a digest of the trainable bytes and the random counter over semihosting and
- * exits QEMU with status 0 (1 if a kernel failed). The reset handler, vectors and markers are those of
- * firmware_main.c's build, repeated here because each firmware links one main. Built by the Makefile's
- * `m4-train` target. */
+ * exits QEMU with status 0 (1 if a kernel failed). Built by the Makefile's `m4-train` target with
+ * fedtiny_boot.c. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "fedtiny_boot.h"
 #include "model.h"
 
 extern const uint32_t fedtiny_n_samples, fedtiny_train_steps, fedtiny_train_seed;
@@ -17,14 +17,6 @@ extern const int8_t fedtiny_targets[];
 #else
 extern const int32_t fedtiny_labels[];
 #endif
-
-extern uint32_t __data_start, __data_end, __data_load, __bss_start, __bss_end, __stack_top;
-extern void initialise_monitor_handles(void);
-
-/* Instruction-count markers around each training step (tools/insn_count.c). */
-volatile uint32_t fedtiny_marker;
-__attribute__((noinline)) void fedtiny_mark_begin(void) { fedtiny_marker = 1u; }
-__attribute__((noinline)) void fedtiny_mark_end(void) { fedtiny_marker = 2u; }
 
 int main(void)
 {
@@ -57,29 +49,3 @@ int main(void)
            (unsigned long)(uint32_t)counter);
     return failed;
 }
-
-void fedtiny_reset_handler(void)
-{
-    uint32_t *src = &__data_load, *dst = &__data_start;
-    while (dst < &__data_end) {
-        *dst++ = *src++;
-    }
-    for (dst = &__bss_start; dst < &__bss_end; dst++) {
-        *dst = 0u;
-    }
-    *(volatile uint32_t *)0xE000ED88u |= 0xFu << 20; /* CPACR: full access to CP10/CP11 (the FPU) */
-    __asm__ volatile("dsb\n\tisb" ::: "memory");
-    initialise_monitor_handles();
-    exit(main());
-}
-
-static void fedtiny_fault_handler(void)
-{
-    printf("fedtiny: fault\n");
-    exit(3);
-}
-
-__attribute__((section(".isr_vector"), used)) static void (*const vectors[])(void) = {
-    (void (*)(void))&__stack_top, fedtiny_reset_handler, fedtiny_fault_handler, fedtiny_fault_handler,
-    fedtiny_fault_handler, fedtiny_fault_handler, fedtiny_fault_handler,
-};
