@@ -93,8 +93,8 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
 
 def _inject_faults(agent, device: str, config: dict) -> None:
     """--dropout: the node fails the round: it does not train and answers nothing, then takes the next task as
-    a rebooted device would. --stragglers: the node is slow (a random delay of up to the deadline), and may or
-    may not make the round."""
+    a rebooted device would. --stragglers: the node is slow (a random delay of up to twice the deadline), so it
+    makes some rounds and misses others."""
     run, complete = agent.training.run, agent.session.complete
     rng = np.random.default_rng([config["seed"], len(device), sum(device.encode())])
     straggler = rng.random() < config["stragglers"]
@@ -103,7 +103,7 @@ def _inject_faults(agent, device: str, config: dict) -> None:
         if _fails(config["seed"], device, job.round, config["dropout"]):
             return None
         if straggler:
-            time.sleep(rng.random() * config["deadline"])
+            time.sleep(2 * rng.random() * config["deadline"])
         return run(job)
 
     def completing(job, result, now):

@@ -92,3 +92,12 @@ def test_users_own_module(tmp_path):
     assert result["rounds"][0]["participants"] == 3 and result["rounds"][0]["accuracy"] > 0.8
     with pytest.raises(ValueError, match="FILE.py:FACTORY"):
         simulate(SimulationConfig(nodes=2, rounds=1, scenario="medical", model="resnet50", out=str(tmp_path / "x")))
+
+
+def test_stragglers_are_waited_for_until_the_deadline_only(tmp_path):
+    """Slow nodes (delays up to twice the deadline) miss some rounds; a round never waits past its deadline."""
+    result = simulate(SimulationConfig(nodes=4, rounds=3, scenario="medical", stragglers=1.0, deadline=2.0,
+                                       out=str(tmp_path / "slow"), seed=2))
+    assert all(r["seconds"] < 2.0 + 1.5 for r in result["rounds"])  # the deadline, plus evaluation and bookkeeping
+    participants = [r["participants"] for r in result["rounds"]]
+    assert min(participants) < 4 and sum(participants) >= 1, participants
