@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedtiny import codegen, zoo
+from fedtiny.zoo import randomize_batchnorm
 from fedtiny.compiler import compile_plan
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
@@ -38,23 +39,11 @@ CLOCK_HZ = 216e6
 PAPER_CYCLES_PER_MAC = 0.546 * 216e6 / 23e6  # 5.13: MCUNet, 546 ms per training image, 23M MACs, 216 MHz M7
 
 
-def randomize_bn(model: nn.Module, rng: np.random.Generator) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                n = m.num_features
-                m.running_mean.copy_(torch.from_numpy(rng.normal(0.0, 0.5, n)))
-                m.running_var.copy_(torch.from_numpy(rng.uniform(0.3, 2.0, n)))
-                m.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, n)))
-                m.bias.copy_(torch.from_numpy(rng.normal(0.0, 0.3, n)))
-    return model.eval()
-
-
 def case(name: str, n: int = 200):
     shape, classes = MODELS[name]
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    model = randomize_bn(zoo.build(name, shape, classes), rng)
+    model = randomize_batchnorm(zoo.build(name, shape, classes), rng)
     graph = quantize(model, rng.normal(0.0, 1.0, (64,) + shape).astype(np.float32), name=name)
     x_float = rng.normal(0.0, 1.0, (n,) + shape).astype(np.float32)
     return model, graph, x_float, quantize_input(graph, x_float), rng.integers(0, classes, n)

@@ -205,8 +205,8 @@ def render_model(graph: Graph, fast: bool = True) -> tuple[str, str]:
     return header, source
 
 
-def render_samples(graph: Graph, samples: np.ndarray | None) -> str:
-    """samples.c: int8 samples (N, H, W, C) in flash for the firmware; None -> one sample of zero points."""
+def _checked_samples(graph: Graph, samples: np.ndarray | None) -> np.ndarray:
+    """int8 samples (N, H, W, C) for the firmware's flash; None -> one sample of input zero points."""
     x = graph.tensors[graph.inputs[0]]
     if samples is None:
         samples = np.full((1,) + tuple(x.shape), x.zero_point, dtype=np.int8)
@@ -214,6 +214,12 @@ def render_samples(graph: Graph, samples: np.ndarray | None) -> str:
     if samples.dtype != np.int8 or tuple(samples.shape[1:]) != tuple(x.shape) or len(samples) == 0:
         raise ValueError(f"samples must be int8 of shape (N, {', '.join(map(str, x.shape))}), "
                          f"got {samples.dtype} {samples.shape}")
+    return samples
+
+
+def render_samples(graph: Graph, samples: np.ndarray | None) -> str:
+    """samples.c: int8 samples (N, H, W, C) in flash for the firmware; None -> one sample of zero points."""
+    samples = _checked_samples(graph, samples)
     return (_banner(graph) + "#include <stdint.h>\n\n"
             f"const uint32_t fedtiny_n_samples = {len(samples)};\n"
             + _c_array("int8_t", "fedtiny_samples", samples).replace("static const", "const"))
@@ -528,13 +534,7 @@ def render_train_samples(plan, samples: np.ndarray | None, labels: np.ndarray | 
     sample i mod N. None -> one sample of input zero points with label 0. For an MSE plan `labels` are the int8
     targets (N, K) (or (N, *output shape)), emitted as fedtiny_targets; None -> targets of output zero points."""
     graph = plan.graph
-    x = graph.tensors[graph.inputs[0]]
-    if samples is None:
-        samples = np.full((1,) + tuple(x.shape), x.zero_point, dtype=np.int8)
-    samples = np.asarray(samples)
-    if samples.dtype != np.int8 or tuple(samples.shape[1:]) != tuple(x.shape) or len(samples) == 0:
-        raise ValueError(f"samples must be int8 of shape (N, {', '.join(map(str, x.shape))}), "
-                         f"got {samples.dtype} {samples.shape}")
+    samples = _checked_samples(graph, samples)
     out = graph.tensors[graph.outputs[0]]
     classes = int(np.prod(out.shape))
     if plan.loss == "mse":

@@ -3,6 +3,7 @@
 Users may bring their own `torch.nn.Module` built from the ops `fedtiny.quantize` supports.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -92,3 +93,19 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Modul
             raise ValueError(f"the mlp takes feature vectors (F,), not inputs of shape {input_shape}")
         return MLP(input_shape[0], num_classes)
     return ZOO[name](in_channels=input_shape[0], num_classes=num_classes)
+
+
+def randomize_batchnorm(model: nn.Module, rng: np.random.Generator | int = 0) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters, in eval mode. A fresh BatchNorm is an identity, so
+    tests and benchmarks of folding and quantization use this to make it do something."""
+    rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = m.num_features
+                m.running_mean.copy_(torch.from_numpy(rng.normal(0.0, 0.5, n)))
+                m.running_var.copy_(torch.from_numpy(rng.uniform(0.3, 2.0, n)))
+                if m.affine:
+                    m.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, n)))
+                    m.bias.copy_(torch.from_numpy(rng.normal(0.0, 0.3, n)))
+    return model.eval()

@@ -19,7 +19,9 @@ from fedtiny.scheme import parse
 from fedtiny_device.interpreter import quantize_input, quantize_target, run
 from fedtiny_device.trainer import Trainer
 
-from test_ops import CASES, _randomize_bn
+from fedtiny.zoo import randomize_batchnorm
+
+from test_ops import CASES
 
 
 def nchw(a):  # (1, H, W, C) -> (1, C, H, W)
@@ -113,7 +115,7 @@ def check_step(graph, x_int8, label, scheme="full", loss="cross_entropy"):
 def test_every_op_gradient_matches_autograd(case):
     torch.manual_seed(0)
     body, shape = CASES[case]
-    body = _randomize_bn(body)
+    body = randomize_batchnorm(body)
     with torch.no_grad():
         features = body(torch.zeros((1,) + shape)).numel()
     model = nn.Sequential(body, nn.Flatten(), nn.Linear(features, 5)).eval()
@@ -131,7 +133,7 @@ def test_zoo_gradients_match_autograd(name, shape, classes):
     from fedtiny import zoo
 
     torch.manual_seed(0)
-    model = _randomize_bn(zoo.build(name, shape, classes))
+    model = randomize_batchnorm(zoo.build(name, shape, classes))
     x = np.random.default_rng(2).normal(size=(32,) + shape).astype(np.float32)
     graph = quantize(model, x)
     xq = quantize_input(graph, x)
@@ -176,7 +178,7 @@ def test_mse_gradients_match_autograd(name, scheme):
     """MSE plans against torch's mse_loss on the dequantized graph, targets in the output's quantization."""
     torch.manual_seed(0)
     model, shape = _regression_model(name)
-    model = _randomize_bn(model).eval()
+    model = randomize_batchnorm(model).eval()
     rng = np.random.default_rng(3)
     x = rng.normal(size=(32,) + shape).astype(np.float32)
     graph = quantize(model, x)

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from fedtiny import codegen, zoo
+from fedtiny.zoo import randomize_batchnorm
 from fedtiny.inspect import inference_arena
 from fedtiny.modelfile import save_model
 from fedtiny.quantize import quantize
@@ -35,19 +36,6 @@ def need(*tools):
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cruntime_cache")
-
-
-def randomize_bn(model: nn.Module, rng: np.random.Generator) -> nn.Module:
-    """Random BatchNorm statistics and affine parameters, so folding is exercised (fresh BN is an identity)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                n = m.num_features
-                m.running_mean.copy_(torch.from_numpy(rng.normal(0.0, 0.5, n)))
-                m.running_var.copy_(torch.from_numpy(rng.uniform(0.3, 2.0, n)))
-                m.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, n)))
-                m.bias.copy_(torch.from_numpy(rng.normal(0.0, 0.3, n)))
-    return model.eval()
 
 
 class Mixed(nn.Module):
@@ -74,7 +62,7 @@ def make_case(name: str, seed: int = 0):
         shape, model = (4, 10, 7), Mixed().eval()
     else:
         shape, classes = ZOO_CASES[name]
-        model = randomize_bn(zoo.build(name, shape, classes), rng)
+        model = randomize_batchnorm(zoo.build(name, shape, classes), rng)
     calib = rng.normal(0.0, 1.0, (64,) + shape).astype(np.float32)
     graph = quantize(model, calib, name=name)
     x = interpreter.quantize_input(graph, rng.normal(0.0, 1.0, (16,) + shape).astype(np.float32))

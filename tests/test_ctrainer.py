@@ -23,7 +23,9 @@ from fedtiny_device import cruntime
 from fedtiny_device.interpreter import quantize_input
 from fedtiny_device.trainer import Trainer
 
-from test_cruntime import need, randomize_bn
+from fedtiny.zoo import randomize_batchnorm
+
+from test_cruntime import need
 
 STEPS = 100
 MODELS = {"sensor_cnn": ((1, 256), 4), "mobilenet": ((1, 8, 8), 10), "mlp": ((30,), 2)}
@@ -46,7 +48,7 @@ def make_case(name: str, seed: int = 0):
         shape, classes = MODELS[name]
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        model = randomize_bn(zoo.build(name, shape, classes), rng)
+        model = randomize_batchnorm(zoo.build(name, shape, classes), rng)
         graph = quantize(model, rng.normal(0.0, 1.0, (64,) + shape).astype(np.float32), name=name)
         x = quantize_input(graph, rng.normal(0.0, 1.0, (STEPS,) + shape).astype(np.float32))
         _CASES[name] = graph, x, rng.integers(0, classes, STEPS)
@@ -209,7 +211,7 @@ def make_mse_case(name: str, seed: int = 0):
         shape = REGRESSION[name]
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        model = randomize_bn(zoo.build(name, shape, 3), rng)
+        model = randomize_batchnorm(zoo.build(name, shape, 3), rng)
         graph = quantize(model, rng.normal(0.0, 1.0, (64,) + shape).astype(np.float32), name=name)
         xf = rng.normal(0.0, 1.0, (STEPS,) + shape).astype(np.float32)
         with torch.no_grad():
@@ -247,7 +249,7 @@ def test_host_c_mse_training_of_a_feature_map_matches_python(cache):
     need("gcc", "make")
     rng = np.random.default_rng(5)
     torch.manual_seed(5)
-    model = randomize_bn(nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU6(),
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU6(),
                                        nn.AvgPool2d(2), nn.Conv2d(6, 2, 3, padding=1)), rng)
     xf = rng.normal(0.0, 1.0, (40, 1, 8, 8)).astype(np.float32)
     graph = quantize(model, xf)

@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import assert_agrees_with_onnxruntime
 from fedtiny.quantize import quantize
+from fedtiny.zoo import randomize_batchnorm
 from fedtiny_device.interpreter import dequantize, quantize_input, run
 
 
@@ -33,16 +34,6 @@ class PoolThenRelu(nn.Module):
     def forward(self, x):
         y = self.conv(x)
         return torch.relu(self.pool(y)) + self.pool(y)  # the pooled map is read twice: the ReLU cannot fuse
-
-
-def _randomize_bn(model):
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 CASES = {
@@ -71,7 +62,7 @@ CASES = {
 def case(request):
     torch.manual_seed(0)
     model, shape = CASES[request.param]
-    model = _randomize_bn(model)
+    model = randomize_batchnorm(model)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64,) + shape).astype(np.float32)
     return model, x

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedtiny.ir import GraphError, to_hwc
+from fedtiny.zoo import randomize_batchnorm
 from fedtiny.quantize import UnsupportedOpError, float_forward, lower, quantize
 from fedtiny.zoo import build
 from fedtiny_device.interpreter import dequantize, quantize_input, run
@@ -18,17 +19,6 @@ from fedtiny_device.interpreter import dequantize, quantize_input, run
 
 def _samples(shape, n=64, seed=0, scale=1.0):
     return (scale * np.random.default_rng(seed).normal(size=(n,) + tuple(shape))).astype(np.float32)
-
-
-def _randomize_bn(model):
-    torch.manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.3, 3.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-    return model.eval()
 
 
 def _to_torch_layout(hwc, like):
@@ -253,7 +243,7 @@ def test_activation_qparams_are_asymmetric_and_cover_the_calibration_range():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 6, 5, padding=2), nn.BatchNorm1d(6), nn.ReLU(), nn.Conv1d(6, 4, 3),
                           nn.Flatten(), nn.Linear(4 * 30, 5))
-    model = _randomize_bn(model)
+    model = randomize_batchnorm(model)
     x = _samples((2, 32), n=128) + 0.7  # an input whose range is not centred on zero
     graph = quantize(model, x)
     fg = lower(model, x.shape[1:])
@@ -347,7 +337,7 @@ FOLDS = {
 @pytest.mark.parametrize("case", list(FOLDS), ids=list(FOLDS))
 def test_batchnorm_folding_preserves_the_float_function(case):
     model, shape = FOLDS[case]
-    model = _randomize_bn(model)
+    model = randomize_batchnorm(model)
     fg = lower(model, shape)
     n_bn = sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
     n_conv = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in model.modules())
@@ -424,7 +414,7 @@ def test_user_module_from_supported_ops_quantizes_and_runs():
             return self.out(self.drop(torch.flatten(x, 1)))
 
     torch.manual_seed(0)
-    model = _randomize_bn(UserNet())
+    model = randomize_batchnorm(UserNet())
     x = _samples((3, 32), n=128)
     graph = quantize(model, x, name="user", classes=["a", "b", "c", "d"])
     assert [op.kind for op in graph.ops] == ["conv2d", "conv2d", "add", "maxpool2d", "reshape", "conv2d"]
