@@ -214,3 +214,68 @@ def test_coordinator_killed_and_restarted_resumes(fleet, task, tmp_path):
             proc.kill()
         for a in agents:
             a.stop()
+
+
+def _poison(agent, factor=100):
+    """A compromised device: its update is its honest change scaled x100 (then clipped to what it can hold)."""
+    import dataclasses
+
+    honest = agent.training.run
+
+    def run(job):
+        result = honest(job)
+        state = {}
+        for name, trained in result.state.items():
+            info = np.iinfo(trained.dtype)
+            scaled = job.base[name].astype(np.int64) + factor * (trained.astype(np.int64) - job.base[name])
+            state[name] = np.clip(scaled, -127 if trained.dtype == np.int8 else info.min, info.max).astype(trained.dtype)
+        return dataclasses.replace(result, state=state)
+
+    agent.training.run = run
+
+
+def _one_round_shift(task, tmp_path, strategy, options, poisoned):
+    """How far one round moves the global float master (L2 over every trainable value), in a fleet of its own:
+    reusing a device identity with fresh counters would rightly be refused as a replay."""
+    plan, _, _ = task
+    run = tmp_path / f"{strategy}-{poisoned}"
+    names = [f"n{i}" for i in range(NODES)]
+    provision_fleet(run / "keys", FLEET, names)
+    port = free_port()
+    (run / "mosquitto.conf").write_text(mosquitto_config(run / "keys", port, run_as_root=os.geteuid() == 0))
+    with MosquittoProcess(run / "mosquitto.conf", port):
+        return _shift_through(f"mqtts://127.0.0.1:{port}", run / "keys", names, task, run, strategy, options, poisoned)
+
+
+def _shift_through(url, keys, names, task, run, strategy, options, poisoned):
+    plan, _, _ = task
+    agents = start_agents(url, keys, names, task, run / "nodes")
+    if poisoned:
+        _poison(agents[-1])
+    link = CoordinatorLink(url, keys, plan, fleet=FLEET).start()
+    try:
+        wait_online(link, NODES)
+        pol = RoundPolicy(quorum=1.0, deadline=30.0, poll=0.05)
+        coord = Coordinator(link, plan, StateStore(run / "state.db"),
+                            CoordinatorConfig(1, strategy, options, pol))
+        before = {n: v.copy() for n, v in coord.model.master.items()}
+        (result,) = coord.run()
+        assert result.replies == NODES
+        return float(np.sqrt(sum(((coord.model.master[n] - before[n]) ** 2).sum() for n in before)))
+    finally:
+        link.close()
+        for a in agents:
+            a.stop()
+
+
+def test_poisoned_delta_moves_fedavg_but_not_trimmed_mean_or_krum(task, tmp_path):
+    """Through a real mosquitto and real agents: one of four devices sends its change x100."""
+    require_tool("mosquitto")
+    shifts = {}
+    for strategy, options in (("fedavg", {}), ("fedtrimmedavg", {"beta": 0.25}), ("krum", {"num_malicious_nodes": 1})):
+        honest = _one_round_shift(task, tmp_path, strategy, options, poisoned=False)
+        poisoned = _one_round_shift(task, tmp_path, strategy, options, poisoned=True)
+        shifts[strategy] = poisoned / honest
+    print(f"\npoisoned / honest shift of the global model: {shifts}")
+    assert shifts["fedavg"] > 5, shifts
+    assert shifts["fedtrimmedavg"] < 2 and shifts["krum"] < 2, shifts
