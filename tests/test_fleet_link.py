@@ -1,6 +1,7 @@
 """CoordinatorLink and NodeAgents through real brokers (embedded amqtt; mosquitto with TLS, client certificates,
 ACL and password file from provision_fleet), and property tests of the state/delta helpers."""
 
+import json
 import os
 import time
 import uuid
@@ -390,3 +391,35 @@ def test_encoder_takes_only_plan_buffers(small_plan):
     with pytest.raises(TypeError):
         first = small_plan.trainable_buffers()[0]
         encode_update(small_plan, {**delta, first: np.zeros(delta[first].shape, np.int8)}, 1, 0.0, 0.0)
+
+
+def test_replay_state_survives_a_coordinator_restart(fleet_dir, model):
+    """An uplink accepted before a restart is refused after it, once the link's replay state is restored;
+    without it, the new link would take the old message again."""
+    from fedtiny.protocol.envelope import DeviceEndpoint, Identity, PublicIdentity
+    from fedtiny.protocol.fleet import CoordinatorLink, encode_update, load_fleet, state_delta
+
+    plan = model[0]
+    manifest = load_fleet(fleet_dir)
+    name = DEVICES[0]
+    folder = fleet_dir / "devices" / name
+    device = DeviceEndpoint(manifest["fleet_id"], manifest["devices"][name]["id"],
+                            Identity.from_bytes((folder / "identity.key").read_bytes()),
+                            PublicIdentity.from_bytes((folder / "coordinator.pub").read_bytes()))
+    body = encode_update(plan, state_delta(plan.initial_state(), plan.initial_state()), 1, 0.0, 0.0)
+    frame = chunking.split(device.seal(body, round=3, model_version=0), 1, 4096)[0]
+    topic = topics.uplink(FLEET, name)
+
+    first = CoordinatorLink("mqtt://127.0.0.1:1", fleet_dir, plan, fleet=FLEET)  # never started: no broker needed
+    first._on_message(topic, frame)
+    assert not any(k.startswith("rejected") for k in first.stats), first.stats
+    saved = json.loads(json.dumps(first.replay_state()))  # as the coordinator checkpoints it
+
+    restored = CoordinatorLink("mqtt://127.0.0.1:1", fleet_dir, plan, fleet=FLEET)
+    restored.load_replay_state(saved)
+    restored._on_message(topic, frame)
+    assert restored.stats["rejected:stale"] == 1, restored.stats
+
+    forgetful = CoordinatorLink("mqtt://127.0.0.1:1", fleet_dir, plan, fleet=FLEET)
+    forgetful._on_message(topic, frame)
+    assert not any(k.startswith("rejected") for k in forgetful.stats), forgetful.stats

@@ -194,6 +194,17 @@ class ReplayGuard:
             raise ProtocolError("replay", f"different message with the same (round, seq) {position}")
         raise ProtocolError("stale", f"(round, seq) {position} is not newer than {last}")
 
+    def export(self) -> list[list[int]]:
+        """The last accepted (round, seq) of every stream, as JSON-able rows, for a checkpoint. The recent digests
+        are left out: after a restore an old QoS 1 duplicate reads as stale instead of duplicate, still refused."""
+        return [[*key, *position] for key, position in sorted(self._last.items())]
+
+    def restore(self, rows: list[list[int]]) -> None:
+        """Take back an export, never moving a stream backwards."""
+        for device_id, direction, stream, round_, seq in rows:
+            key = (int(device_id), int(direction), int(stream))
+            self._last[key] = max(self._last.get(key, (0, 0)), (int(round_), int(seq)))
+
     def commit(self, header: Header, digest: bytes) -> None:
         key = self.stream_key(header)
         self._last[key] = (header.round, header.seq)

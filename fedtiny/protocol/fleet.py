@@ -446,8 +446,10 @@ class CoordinatorLink:
     nothing. Each (device, round) yields at most one reply. After a device reconnects (JOIN) or goes quiet
     mid-transfer, the link asks it for the missing chunks of its open uploads (ACK MISSING_CHUNKS).
 
-    Downlink seqs start at 16 x the seconds since 2024 so that a restarted coordinator does not reuse a
-    (round, seq) nonce (persisting the counter would be stronger; see docs/protocol.md).
+    A restarted coordinator must neither reuse a downlink (round, seq) nonce nor accept an uplink it had seen:
+    `replay_state()` / `load_replay_state()` carry both across a restart (the coordinator checkpoints them
+    with each round), and downlink seqs also start at 16 x the seconds since 2024, which covers messages sent
+    after the last checkpoint.
     """
 
     RESUME_IDLE_S = 0.5  # an open upload idle this long is asked for its missing chunks on the next STATUS
@@ -499,6 +501,20 @@ class CoordinatorLink:
         self._transport.subscribe(f"{topics.ROOT}/{self.fleet}/up/+", f"{topics.ROOT}/{self.fleet}/status/+")
 
     # --- the interface -----------------------------------------------------------------------------------
+    def replay_state(self) -> dict:
+        """What a restarted coordinator must not forget: the last (round, seq) accepted from every device stream,
+        and the next downlink seq per device (so no nonce is reused). JSON-able; the coordinator checkpoints it."""
+        with self._lock:
+            return dict(replay=self._endpoint.replay.export(),
+                        next_seq={str(k): v for k, v in self._endpoint.next_seq.items()})
+
+    def load_replay_state(self, state: dict) -> None:
+        with self._lock:
+            self._endpoint.replay.restore(state.get("replay", []))
+            for device_id, seq in state.get("next_seq", {}).items():
+                current = self._endpoint.next_seq.get(int(device_id), 0)
+                self._endpoint.next_seq[int(device_id)] = max(current, int(seq))
+
     def devices(self, seen_within: float | None = None) -> list[DeviceInfo]:
         now = time.monotonic()
         with self._lock:
