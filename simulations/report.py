@@ -67,15 +67,16 @@ def _plot_bytes(path, rounds, baseline):
 def _plot_memory(path, memory):
     parts = {"trainable copies": memory["trainable_sram_bytes"],
              "activations, masks, gradients": memory["activation_and_gradient_bytes"],
-             "reserved (network stack)": memory["reserve_bytes"],
-             "free": max(0, memory["budget_bytes"] - memory["reserve_bytes"] - memory["arena_bytes"])}
-    fig, ax = plt.subplots(figsize=(7, 1.8))
+             "kernel scratch (C runtime)": memory["scratch_bytes"],
+             "reserved (network stack)": memory["reserve_bytes"]}
+    parts["free"] = max(0, memory["budget_bytes"] - sum(parts.values()))
+    fig, ax = plt.subplots(figsize=(7, 2.4))
     left = 0
     for i, (label, value) in enumerate(parts.items()):
         ax.barh(0, value / 1024, left=left / 1024, color=f"C{i}", label=f"{label}: {value / 1024:.1f} KB")
         left += value
-    ax.set(xlabel="device SRAM (KB)", yticks=[], title=f"Training step in {memory['budget_bytes'] // 1024} KB")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, fontsize=8)
+    ax.set(yticks=[], title=f"Device SRAM for one training step (KB of {memory['budget_bytes'] // 1024} KB)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -92,8 +93,8 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None) 
         f"| held-out accuracy before / after | {100 * run['initial_accuracy']:.1f} % / "
         f"{100 * last.get('accuracy', float('nan')):.1f} % |",
         f"| uplink bytes per node per round (mean) | {up:,.0f} |",
-        f"| training memory per device (whole step, planned arena) | {memory['arena_bytes']:,} B of "
-        f"{memory['budget_bytes'] - memory['reserve_bytes']:,} B available |",
+        f"| training memory per device (whole step: planned arena + kernel scratch) | {memory['arena_bytes']:,} B + "
+        f"{memory['scratch_bytes']:,} B of {memory['budget_bytes'] - memory['reserve_bytes']:,} B available |",
         f"| flash for the model and plan | {memory['flash_bytes']:,} B |", "",
         "What left each device: per round one DELTA (the trainable tensors' integer changes, signed with the device's",
         "Ed25519 key and encrypted end to end with ChaCha20-Poly1305), its example count, loss and accuracy;",

@@ -227,7 +227,10 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
         baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
                                 epochs=config.epochs, seed=config.seed)
         baseline["rounds_to_target"] = next((r["round"] for r in baseline["rounds"] if r["accuracy"] >= target), None)
-    write_report(run, summary, rounds, plan.memory_report(), baseline)
+    from fedtiny.codegen import plan_scratch_bytes
+
+    memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
+    write_report(run, summary, rounds, memory, baseline)
     return dict(summary, rounds=rounds, baseline=baseline)
 
 
