@@ -1,0 +1,267 @@
+"""Scale-out end to end on one machine: two sites, each with its own mosquitto (TLS, client certificates, ACL),
+its own fleet of NodeAgents and a SuperNode whose ClientApp is the site gateway (fedtiny_server.gateway), under
+one Flower SuperLink. The run is submitted the way `flwr run` does it (flwr.cli.run.run.run, the function
+behind the CLI, whose typer front end does not start beside amqtt's typer pin), and its ServerApp is FedAvg
+over the sites (docs/deployment.md, "Scale-out")."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import require_tool
+from fedtiny import zoo
+from fedtiny.compiler import compile_plan
+from fedtiny.planfile import save_plan
+from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
+from fedtiny.protocol.keys import provision_fleet
+from fedtiny.quantize import quantize
+from fedtiny.scheme import parse
+from fedtiny_device.agent import NodeAgent
+from fedtiny_device.interpreter import quantize_input
+from fedtiny_server.requantize import dequantize_state, tensor_specs
+from fedtiny_sim import data
+
+ROUNDS = 2
+SITES = {"sitea": 2, "siteb": 3}  # fleet name -> devices; different sizes tell the sites' reports apart
+BIN = Path(sys.executable).parent  # flower-superlink / flower-supernode of this interpreter
+FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+SERVER_APP = '''
+"""FedAvg over site gateways; writes what it saw (per-reply metrics, initial and final arrays) to `result`."""
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedtiny.planfile import load_plan
+from fedtiny_server.requantize import dequantize_state, tensor_specs
+
+app = ServerApp()
+
+
+class RecordingFedAvg(FedAvg):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.reports = []
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        for m in replies:
+            if m.has_error():
+                self.reports.append({"round": server_round, "node": m.metadata.src_node_id,
+                                     "error": str(m.error)})
+            else:
+                metrics = next(iter(m.content.metric_records.values()))
+                self.reports.append({"round": server_round, "node": m.metadata.src_node_id, **dict(metrics)})
+        return super().aggregate_train(server_round, replies)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    sites = int(cfg["sites"])
+    plan = load_plan(str(cfg["plan"]))
+    master = dequantize_state(tensor_specs(plan), plan.initial_state())
+    initial = ArrayRecord({k: Array(np.asarray(v, np.float64)) for k, v in master.items()})
+    strategy = RecordingFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites,
+                               min_evaluate_nodes=0, min_available_nodes=sites)
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg["num-server-rounds"]),
+                            timeout=float(cfg["round-timeout"]))
+    final = {k: v.numpy() for k, v in result.arrays.items()}
+    np.savez(str(cfg["result"]) + ".npz", **{f"initial/{k}": v for k, v in master.items()},
+             **{f"final/{k}": v for k, v in final.items()})
+    with open(str(cfg["result"]), "w") as f:
+        json.dump({"reports": strategy.reports}, f)
+'''
+
+
+@pytest.fixture(scope="module")
+def task():
+    """Untrained mlp (int8) on breast cancer, every weight and bias trains; a shard per device."""
+    train, _ = data.standardize(*data.train_test_split(data.load_breast_cancer(), 0.25, seed=0))
+    torch.manual_seed(0)
+    graph = quantize(zoo.build("mlp", (30,), 2), train.X[:256])
+    plan = compile_plan(graph, parse("full", graph), lr=0.01)
+    n = sum(SITES.values())
+    parts = np.array_split(np.random.default_rng(1).permutation(len(train.X)), n)
+    shards = [(quantize_input(graph, train.X[p]), train.y[p]) for p in parts]
+    return plan, shards
+
+
+def _write_app(app_dir: Path, plan_path: Path, result: Path) -> None:
+    (app_dir / "scaleout_app").mkdir(parents=True)
+    (app_dir / "scaleout_app" / "__init__.py").write_text("")
+    (app_dir / "scaleout_app" / "server.py").write_text(SERVER_APP)
+    (app_dir / "pyproject.toml").write_text(textwrap.dedent(f'''\
+        [project]
+        name = "fedtiny-scaleout-test"
+        version = "0.1.0"
+        description = "fedtiny scale-out test: FedAvg over site gateways"
+        license = "Apache-2.0"
+        dependencies = ["fedtiny", "flwr==1.42.*"]
+
+        [tool.flwr.app]
+        publisher = "fedtiny"
+
+        [tool.flwr.app.components]
+        serverapp = "scaleout_app.server:app"
+        clientapp = "fedtiny_server.gateway:gateway"
+
+        [tool.flwr.app.config]
+        sites = {len(SITES)}
+        num-server-rounds = {ROUNDS}
+        round-timeout = 60.0
+        plan = "{plan_path}"
+        result = "{result}"
+        '''))
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"port {port} not listening:\n{log.read_text()[-3000:]}")
+
+
+def _node_config(settings: dict) -> str:
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+
+
+def test_two_sites_under_one_superlink(task, tmp_path):
+    require_tool("mosquitto")
+    plan, shards = task
+    plan_path = tmp_path / "mlp.plan"
+    save_plan(plan, plan_path)
+    result = tmp_path / "result.json"
+    app_dir = tmp_path / "app"
+    _write_app(app_dir, plan_path, result)
+    base_env = {**os.environ, **FLWR_ENV, "PYTHONUNBUFFERED": "1"}
+
+    procs: list[tuple[subprocess.Popen, object]] = []
+    brokers, agents = [], []
+    examples = {}
+    try:
+        # --- sites: a fleet, its broker, its devices ---------------------------------------------------------
+        sites, shard = {}, 0
+        for fleet, count in SITES.items():
+            site = tmp_path / fleet
+            names = [f"{fleet}-n{i}" for i in range(count)]
+            provision_fleet(site / "keys", fleet, names)
+            port = free_port()
+            (site / "mosquitto.conf").write_text(
+                mosquitto_config(site / "keys", port, run_as_root=os.geteuid() == 0))
+            brokers.append(MosquittoProcess(site / "mosquitto.conf", port).start())
+            url = f"mqtts://127.0.0.1:{port}"
+            for i, name in enumerate(names):
+                X, y = shards[shard]
+                agent = NodeAgent(name, url, site / "keys", plan, X, y, fleet=fleet, state_dir=site / "nodes",
+                                  seed=100 + shard, heartbeat_s=1.0, ack_timeout_s=2.0)
+                agent.start()
+                agents.append(agent)
+                shard += 1
+            examples[fleet] = sum(len(shards[j][1]) for j in range(shard - count, shard))
+            sites[fleet] = {"broker": url, "fleet-dir": str(site / "keys"), "fleet": fleet,
+                            "plan": str(plan_path), "state-db": str(site / "gateway.db"), "quorum": 1.0,
+                            "deadline": 30.0, "seen-within": 60.0}
+        deadline = time.monotonic() + 20
+        while not all(a.transport.connected.is_set() for a in agents):  # their retained STATUS is on the broker
+            assert time.monotonic() < deadline, "devices did not connect to their brokers"
+            time.sleep(0.05)
+
+        # --- SuperLink and one SuperNode (gateway) per site --------------------------------------------------
+        link_port = free_port()
+        home = tmp_path / "flwr-superlink"
+        log = tmp_path / "superlink.log"
+        out = log.open("wb")
+        procs.append((subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+             "--port", str(link_port), "--database", str(tmp_path / "superlink.db"),
+             "--disable-runtime-dependency-installation"],
+            env={**base_env, "FLWR_HOME": str(home)}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True), out))
+        _wait_port(link_port, procs[-1][0], log)
+        for fleet, settings in sites.items():
+            log = tmp_path / f"supernode-{fleet}.log"
+            out = log.open("wb")
+            procs.append((subprocess.Popen(
+                [str(BIN / "flower-supernode"), "--insecure",
+                 "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
+                 "--node-config", _node_config(settings)],
+                env={**base_env, "FLWR_HOME": str(tmp_path / f"flwr-{fleet}")}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True), out))
+
+        # --- submit the run as `flwr run app local` would ---------------------------------------------------
+        cli_home = tmp_path / "flwr-cli"
+        cli_home.mkdir()
+        (cli_home / "config.toml").write_text(textwrap.dedent(f'''\
+            [superlink]
+            default = "local"
+
+            [superlink.local]
+            address = "127.0.0.1:{link_port}"
+            insecure = true
+            '''))
+        submit = subprocess.run(
+            [sys.executable, "-c", "import sys; from flwr.cli.run.run import run; "
+             "run(app=sys.argv[1], superlink='local')", str(app_dir)], env={**base_env, "FLWR_HOME": str(cli_home)}, capture_output=True, text=True,
+            timeout=60)
+        assert submit.returncode == 0 and "Successfully started run" in submit.stdout, \
+            submit.stdout + submit.stderr
+
+        deadline = time.monotonic() + 90
+        while not result.exists():
+            for proc, _ in procs:
+                assert proc.poll() is None, _logs(tmp_path)
+            assert time.monotonic() < deadline, "the run did not finish:\n" + _logs(tmp_path)
+            time.sleep(0.2)
+        time.sleep(0.2)  # the json is written after the npz
+        reports = json.loads(result.read_text())["reports"]
+        arrays = np.load(str(result) + ".npz")
+    finally:
+        for proc, out in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait(10)
+            out.close()
+        for a in agents:
+            a.stop()
+        for b in brokers:
+            b.stop()
+
+    print(f"\nsite reports: {reports}")
+    assert not [r for r in reports if "error" in r], reports
+    for rnd in range(1, ROUNDS + 1):
+        got = sorted((int(r["site-replies"]), int(r["num-examples"])) for r in reports if r["round"] == rnd)
+        assert got == sorted((SITES[f], examples[f]) for f in SITES), (rnd, reports)
+        assert len({r["node"] for r in reports if r["round"] == rnd}) == len(SITES)
+    specs = tensor_specs(plan)
+    initial = dequantize_state(specs, plan.initial_state())
+    for name in specs:
+        np.testing.assert_array_equal(arrays[f"initial/{name}"], initial[name])
+    shift = np.sqrt(sum(((arrays[f"final/{n}"] - initial[n]) ** 2).sum() for n in specs))
+    print(f"global model shift (L2): {shift:.4f}")
+    assert shift > 0, "the global model did not change"
+
+
+def _logs(tmp_path: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(tmp_path.rglob("*.log")))
