@@ -74,7 +74,7 @@ def test_real_mosquitto_gives_the_embedded_brokers_result(medical, tmp_path):
     port = free_port()
     config = tmp_path / "mosquitto.conf"
     config.write_text(mosquitto_config(fleet, port, run_as_root=os.geteuid() == 0))
-    with MosquittoProcess(config, port).start():
+    with MosquittoProcess(config, port):
         real = simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", seed=3, out=str(tmp_path / "run"),
                                          broker=f"mqtts://127.0.0.1:{port}", fleet_dir=str(fleet)))
     keys = ("accuracy", "loss", "participants")

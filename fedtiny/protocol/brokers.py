@@ -161,6 +161,8 @@ class MosquittoProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        if self.process is not None and self.process.poll() is None:
+            return self  # already running: `with MosquittoProcess(...).start():` must not start a second one
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen([binary, "-c", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT)
