@@ -214,7 +214,7 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
     target = 0.9 * max(r["accuracy"] for r in rounds) if rounds else 0.0
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
                    broker=config.broker or "embedded amqtt (loopback)", seed=config.seed, dropout=config.dropout,
-                   engine=config.engine, initial_accuracy=initial, wall_seconds=time.perf_counter() - started,
+                   engine=config.engine, initial_accuracy=initial, trainable=plan.trainable_buffers(), wall_seconds=time.perf_counter() - started,
                    target_accuracy=target,
                    rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
     baseline = None

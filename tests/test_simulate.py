@@ -1,5 +1,6 @@
 """`fedtiny simulate` end to end on small configurations: the real broker, coordinator and node agents."""
 
+import csv
 import json
 
 import numpy as np
@@ -19,7 +20,7 @@ def medical(tmp_path_factory):
 def test_small_run_writes_every_report_file(medical):
     result, out = medical
     for name in ("metrics.json", "metrics.csv", "accuracy_loss.png", "bytes_per_round.png", "device_memory.png",
-                 "summary.md", "plan.ftp", "coordinator.jsonl"):
+                 "summary.md", "plan.ftp", "coordinator.jsonl", "data_flow.csv"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
@@ -27,6 +28,11 @@ def test_small_run_writes_every_report_file(medical):
     assert (out / "accuracy_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
     assert "No sample, feature or label left any device" in summary and "| 2 |" in summary
+    flows = list(csv.DictReader(open(out / "data_flow.csv")))
+    deltas = [f for f in flows if f["message"] == "DELTA"]
+    assert len(deltas) == 8 and {f["device"] for f in deltas} == {f"node{i:03d}" for i in range(4)}
+    assert sum(int(f["bytes"]) for f in deltas) == sum(r["uplink_bytes"] for r in metrics["rounds"])
+    assert all("train:" in f["contents"] for f in deltas)
 
 
 def test_same_seed_same_result(medical, tmp_path):
