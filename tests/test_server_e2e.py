@@ -34,16 +34,21 @@ FLEET = "plant"
 NODES = 4
 
 
-@pytest.fixture(scope="module")
-def task():
-    """Untrained mlp (int8), every weight and bias trains (lr 0.01): held-out accuracy starts near chance."""
+def breast_cancer_task(n_shards: int):
+    """Untrained mlp (int8), every weight and bias trains (lr 0.01): held-out accuracy starts near chance.
+    Returns (plan, one (x_int8, y) shard per device, held-out (x, y))."""
     train, test = data.standardize(*data.train_test_split(data.load_breast_cancer(), 0.25, seed=0))
     torch.manual_seed(0)
     graph = quantize(zoo.build("mlp", (30,), 2), train.X[:256])
     plan = compile_plan(graph, parse("full", graph), lr=0.01)
-    parts = np.array_split(np.random.default_rng(1).permutation(len(train.X)), NODES)
+    parts = np.array_split(np.random.default_rng(1).permutation(len(train.X)), n_shards)
     shards = [(quantize_input(graph, train.X[p]), train.y[p]) for p in parts]
     return plan, shards, (test.X, test.y)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return breast_cancer_task(NODES)
 
 
 @pytest.fixture

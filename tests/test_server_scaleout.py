@@ -15,20 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import require_tool
-from fedtiny import zoo
-from fedtiny.compiler import compile_plan
+from test_server_e2e import breast_cancer_task
 from fedtiny.planfile import save_plan
 from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
 from fedtiny.protocol.keys import provision_fleet
-from fedtiny.quantize import quantize
-from fedtiny.scheme import parse
 from fedtiny_device.agent import NodeAgent
-from fedtiny_device.interpreter import quantize_input
 from fedtiny_server.requantize import dequantize_state, tensor_specs
-from fedtiny_sim import data
 
 ROUNDS = 2
 SITES = {"sitea": 2, "siteb": 3}  # fleet name -> devices; different sizes tell the sites' reports apart
@@ -88,14 +82,8 @@ def main(grid: Grid, context: Context) -> None:
 
 @pytest.fixture(scope="module")
 def task():
-    """Untrained mlp (int8) on breast cancer, every weight and bias trains; a shard per device."""
-    train, _ = data.standardize(*data.train_test_split(data.load_breast_cancer(), 0.25, seed=0))
-    torch.manual_seed(0)
-    graph = quantize(zoo.build("mlp", (30,), 2), train.X[:256])
-    plan = compile_plan(graph, parse("full", graph), lr=0.01)
-    n = sum(SITES.values())
-    parts = np.array_split(np.random.default_rng(1).permutation(len(train.X)), n)
-    shards = [(quantize_input(graph, train.X[p]), train.y[p]) for p in parts]
+    """The end-to-end tests' breast-cancer mlp, a shard per device of every site."""
+    plan, shards, _ = breast_cancer_task(sum(SITES.values()))
     return plan, shards
 
 
