@@ -43,6 +43,9 @@ def sample_entries():
         delta.DeltaEntry(0, 4, rng.integers(-128, 128, (3, 2, 2), dtype=np.int8), np.array([0.5, 0.25, 0.125])),
         delta.DeltaEntry(1, 0, rng.integers(-300, 300, (5,), dtype=np.int16), np.array([0.01])),
         delta.DeltaEntry(7, 2, np.array([[70000, -70000]], dtype=np.int32), np.array([1e-6])),
+        # a trainable tensor as devices send it: the plan's scales, a bitmap of the nonzero elements
+        delta.DeltaEntry(2, 0, np.array([[0, 3, 0], [0, 0, 0], [-1, 0, 2]], np.int8),
+                         mask=np.array([[0, 1, 0], [0, 0, 0], [1, 0, 1]], bool)),
     ]
 
 
@@ -228,15 +231,19 @@ def test_mutated_valid_messages_are_rejected_with_protocol_error(data):
     assert state_of(endpoint) == before
 
 
+def random_entry(tid, start, dtype, count, inner, scales, bitmap, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, (count, inner), dtype=dtype, endpoint=True)
+    n_scales = {"plan": 0, "tensor": 1, "channel": count}[scales]
+    return delta.DeltaEntry(tid, start, values, rng.random(n_scales).astype(np.float32) if n_scales else None,
+                            rng.random((count, inner)) < 0.3 if bitmap else None)
+
+
 entry_strategy = st.builds(
-    lambda tid, start, dtype, count, inner, per_channel, seed: delta.DeltaEntry(
-        tid, start,
-        np.random.default_rng(seed).integers(np.iinfo(dtype).min, np.iinfo(dtype).max, (count, inner), dtype=dtype,
-                                             endpoint=True),
-        np.random.default_rng(seed + 1).random(count if per_channel else 1).astype(np.float32),
-    ),
+    random_entry,
     st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1), st.sampled_from([np.int8, np.int16, np.int32]),
-    st.integers(1, 12), st.integers(1, 9), st.booleans(), st.integers(0, 2**20),
+    st.integers(1, 12), st.integers(1, 40), st.sampled_from(["plan", "tensor", "channel"]), st.booleans(),
+    st.integers(0, 2**20),
 )
 
 
@@ -263,6 +270,46 @@ def test_delta_compression_only_where_it_pays_and_bombs_are_bounded():
 def test_delta_entry_dequantize():
     e = delta.DeltaEntry(0, 0, np.array([[2, -4], [6, 8]], np.int8), [0.5, 0.25])
     assert np.allclose(e.dequantize(), [[1, -2], [1.5, 2]])
+    planned = delta.DeltaEntry(0, 0, e.values)
+    assert np.allclose(planned.dequantize([0.5, 0.25]), e.dequantize())
+    with pytest.raises(ValueError, match="plan's scales"):
+        planned.dequantize()
+
+
+def test_bitmap_entry_carries_one_bit_per_element_and_one_value_per_change():
+    values = np.zeros((48, 32), np.int8)
+    values[3, 5], values[40, 31], values[41, 0] = 100, -2, 1
+    dense = delta.encode_delta([delta.DeltaEntry(0, 0, values)], compress=False)
+    sparse = delta.encode_delta([delta.DeltaEntry(0, 0, values, mask=values != 0)], compress=False)
+    assert len(dense) == 12 + 16 + 48 * 32
+    assert len(sparse) == 12 + 16 + 48 * 32 // 8 + 4  # bitmap, then 3 values padded to 4
+    (back,) = delta.decode_delta(sparse)
+    assert back.scales is None and np.array_equal(back.values, values) and back.mask.sum() == 3
+
+
+def test_small_int8_values_travel_as_nibbles_and_decode_to_int8():
+    values = np.arange(-8, 7, dtype=np.int8).reshape(3, 5)  # 15 values: odd, so a padding nibble
+    blob = delta.encode_delta([delta.DeltaEntry(0, 0, values)], compress=False)
+    assert blob[12 + 2] == delta.INT4 and len(blob) == 12 + 16 + 8
+    (back,) = delta.decode_delta(blob)
+    assert back.values.dtype == np.int8 and np.array_equal(back.values, values)
+    bad = bytearray(blob)
+    bad[12 + 16 + 7] |= 0x10  # the padding nibble
+    with pytest.raises(ProtocolError, match="padding nibble"):
+        delta.decode_delta(bytes(bad))
+
+
+def test_bitmap_entries_reject_stray_bits_and_contradictory_flags():
+    blob = bytearray(delta.encode_delta([delta.DeltaEntry(0, 0, np.ones((1, 3), np.int8), mask=[[1, 0, 1]])],
+                                        compress=False))
+    stray = bytearray(blob)
+    stray[12 + 16] |= 0x80  # bit 7 of a 3-element entry
+    flags = bytearray(blob)
+    flags[12 + 3] |= delta.ENTRY_PER_CHANNEL  # per-channel scales and plan scales at once
+    for bad, reason in ((stray, "bad-entry"), (flags, "bad-flags")):
+        with pytest.raises(ProtocolError) as info:
+            delta.decode_delta(bytes(bad))
+        assert info.value.reason == reason
 
 
 def reassemble(frames, reassembler, now=0.0):

@@ -1,4 +1,4 @@
-"""Sparse delta encoding: which channels of which tensors changed, as quantized integers with float32 scales.
+"""Sparse delta encoding: which elements of which tensors changed, as quantized integers.
 
 The caller decides the content (the training plan's trainable tensors and channel ranges); this module only
 defines the bytes. Layout (all little-endian, every section 4-byte aligned so a C decoder can cast in place):
@@ -6,10 +6,20 @@ defines the bytes. Layout (all little-endian, every section 4-byte aligned so a 
     blob   = magic "FD" | version u8 | flags u8 | n_entries u16 | reserved u16 | body_len u32 | body
     body   = entry * n_entries            (zlib-deflated when flags & FLAG_ZLIB; body_len is the inflated size)
     entry  = tensor_id u16 | dtype u8 | entry_flags u8 | start u32 | count u32 | inner u32
-             | scales f32 * (count if per-channel else 1) | values dtype * (count * inner) | zero pad to 4
+             | scales f32 * n_scales      n_scales = 0 if PLAN_SCALES, count if PER_CHANNEL, else 1
+             | bitmap                     only if BITMAP: count * inner bits, LSB first, zero pad to 4 bytes
+             | values dtype * n_values    n_values = popcount(bitmap) if BITMAP, else count * inner
+             | zero pad to 4
+    dtype  = 1 int8 | 2 int16 | 3 int32 | 4 int4: two's-complement nibbles, low nibble first, decoded to int8
 
-Value of element [c, k] of the entry = values[c, k] * scales[c or 0]; it applies to channel `start + c` along
-axis 0 of tensor `tensor_id`, `inner` being the product of the tensor's other dimensions.
+Element [c, k] of an entry applies to channel `start + c` along axis 0 of tensor `tensor_id`, `inner` being
+the product of the tensor's other dimensions. Its real value is value * scale of channel c.
+
+- PLAN_SCALES: the entry carries no scales; both ends know them from the training plan (whose hash every TASK
+  and JOIN carries), so a trainable tensor's scales never need to cross the network.
+- BITMAP: only the elements whose bit is set are carried, in row-major order; the others are not part of the
+  entry (a receiver keeps its base value there: zero for a delta, the current value for a state). One bit per
+  element is what makes a sparse int8 delta small: 1/8 byte per trainable element plus 1 byte per change.
 """
 
 from __future__ import annotations
@@ -23,9 +33,12 @@ import numpy as np
 from fedtiny.protocol.errors import ProtocolError
 
 MAGIC = b"FD"
-VERSION = 1
+VERSION = 2
 FLAG_ZLIB = 0x01
 ENTRY_PER_CHANNEL = 0x01
+ENTRY_PLAN_SCALES = 0x02
+ENTRY_BITMAP = 0x04
+ENTRY_FLAGS = ENTRY_PER_CHANNEL | ENTRY_PLAN_SCALES | ENTRY_BITMAP
 
 BLOB_HEADER = struct.Struct("<2sBBHHI")  # 12 bytes
 ENTRY_HEADER = struct.Struct("<HBBIII")  # 16 bytes
@@ -33,6 +46,9 @@ ENTRY_HEADER = struct.Struct("<HBBIII")  # 16 bytes
 # dtype codes on the wire; the C runtime uses the same numbers.
 DTYPE_CODES = {np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3}
 CODE_DTYPES = {code: dt.newbyteorder("<") for dt, code in DTYPE_CODES.items()}
+# int8 values that all fit [-8, 7] travel as packed nibbles and decode to int8 again: most of a round's weight
+# deltas are a few LSB, so this halves them losslessly, and a nibble costs a Cortex-M one shift to unpack.
+INT4 = 4
 
 # A 1 KiB deflate window: a microcontroller inflater (uzlib, miniz tinfl) then needs only a 1 KiB dictionary.
 ZLIB_WBITS = 10
@@ -42,15 +58,18 @@ DEFAULT_MAX_ENTRIES = 4096
 
 @dataclass(frozen=True, eq=False)
 class DeltaEntry:
-    """Changed channels [start, start+count) along axis 0 of one tensor.
+    """Channels [start, start+count) along axis 0 of one tensor.
 
-    `values` is stored as shape (count, inner); `scales` has shape (count,) (per channel) or (1,) (per tensor).
+    `values` is stored as shape (count, inner). `scales` has shape (count,) (per channel) or (1,) (per tensor),
+    or is None: the plan's scales. `mask` (bool, shape of values) marks the elements the entry carries; None
+    means all of them. Elements outside the mask hold 0 in `values`.
     """
 
     tensor_id: int
     start: int
     values: np.ndarray
-    scales: np.ndarray
+    scales: np.ndarray | None = None
+    mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         values = np.asarray(self.values)
@@ -59,13 +78,20 @@ class DeltaEntry:
         if values.ndim == 0 or values.shape[0] == 0:
             raise ValueError("values need at least one channel along axis 0")
         values = values.reshape(values.shape[0], -1)
-        scales = np.asarray(self.scales, dtype=np.float32).reshape(-1)
-        if scales.shape[0] not in (1, values.shape[0]):
-            raise ValueError("scales must hold one value per channel or one per tensor")
+        scales = self.scales
+        if scales is not None:
+            scales = np.asarray(scales, dtype=np.float32).reshape(-1)
+            if scales.shape[0] not in (1, values.shape[0]):
+                raise ValueError("scales must hold one value per channel or one per tensor")
+        mask = self.mask
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool).reshape(values.shape)
+            values = np.where(mask, values, 0).astype(values.dtype)
         if not 0 <= self.tensor_id <= 0xFFFF or not 0 <= self.start <= 0xFFFFFFFF:
             raise ValueError("tensor_id must fit u16 and start u32")
         object.__setattr__(self, "values", values)
         object.__setattr__(self, "scales", scales)
+        object.__setattr__(self, "mask", mask)
 
     @property
     def count(self) -> int:
@@ -74,20 +100,31 @@ class DeltaEntry:
     @property
     def per_channel(self) -> bool:
         # A one-channel entry has one scale either way; it is sent as per-tensor.
-        return self.scales.shape[0] == self.count and self.count > 1
+        return self.scales is not None and self.scales.shape[0] == self.count and self.count > 1
 
-    def dequantize(self) -> np.ndarray:
-        """float32 values of shape (count, inner)."""
-        scales = self.scales.reshape(-1, 1)
-        return self.values.astype(np.float32) * scales
+    @property
+    def carried(self) -> np.ndarray:
+        """bool (count, inner): the elements this entry sets."""
+        return np.ones(self.values.shape, bool) if self.mask is None else self.mask
+
+    def dequantize(self, scales: np.ndarray | None = None) -> np.ndarray:
+        """float32 values of shape (count, inner); `scales` (the plan's) is needed for a PLAN_SCALES entry."""
+        scales = self.scales if self.scales is not None else scales
+        if scales is None:
+            raise ValueError("a PLAN_SCALES entry needs the plan's scales to dequantize")
+        return self.values.astype(np.float32) * np.asarray(scales, np.float32).reshape(-1, 1)
 
     def __eq__(self, other: object) -> bool:
+        def bits(scales):
+            return None if scales is None else scales.view(np.uint32).tolist()
+
         return (
             isinstance(other, DeltaEntry)
             and (self.tensor_id, self.start) == (other.tensor_id, other.start)
             and self.values.dtype == other.values.dtype
             and np.array_equal(self.values, other.values)
-            and np.array_equal(self.scales.view(np.uint32), other.scales.view(np.uint32))
+            and bits(self.scales) == bits(other.scales)
+            and np.array_equal(self.carried, other.carried)
         )
 
 
@@ -96,18 +133,28 @@ def _pad4(n: int) -> int:
 
 
 def _encode_entry(entry: DeltaEntry) -> bytes:
-    per_channel = entry.per_channel
-    values = entry.values.astype(entry.values.dtype.newbyteorder("<"), copy=False).tobytes()
-    head = ENTRY_HEADER.pack(
-        entry.tensor_id,
-        DTYPE_CODES[entry.values.dtype],
-        ENTRY_PER_CHANNEL if per_channel else 0,
-        entry.start,
-        entry.count,
-        entry.values.shape[1],
-    )
-    scales = entry.scales.astype("<f4").tobytes()
-    return head + scales + values + b"\0" * _pad4(len(values))
+    flags = ENTRY_PER_CHANNEL if entry.per_channel else 0
+    scales = b""
+    if entry.scales is None:
+        flags |= ENTRY_PLAN_SCALES
+    else:
+        scales = entry.scales.astype("<f4").tobytes()
+    bitmap = b""
+    values = entry.values
+    if entry.mask is not None:
+        flags |= ENTRY_BITMAP
+        bitmap = np.packbits(entry.mask.reshape(-1), bitorder="little").tobytes()
+        bitmap += b"\0" * _pad4(len(bitmap))
+        values = values[entry.mask]
+    code = DTYPE_CODES[entry.values.dtype]
+    if code == DTYPE_CODES[np.dtype(np.int8)] and values.size and values.min() >= -8 and values.max() <= 7:
+        code, nibbles = INT4, values.astype(np.uint8).reshape(-1) & 0x0F
+        values = np.pad(nibbles, (0, nibbles.size % 2))
+        values = (values[0::2] | (values[1::2] << 4)).tobytes()
+    else:
+        values = values.astype(entry.values.dtype.newbyteorder("<"), copy=False).tobytes()
+    head = ENTRY_HEADER.pack(entry.tensor_id, code, flags, entry.start, entry.count, entry.values.shape[1])
+    return head + scales + bitmap + values + b"\0" * _pad4(len(values))
 
 
 def encode_delta(entries: list[DeltaEntry], compress: bool | None = None) -> bytes:
@@ -140,6 +187,55 @@ def _inflate(data: bytes, body_len: int) -> bytes:
     return body
 
 
+def _decode_entry(body: bytes, offset: int) -> tuple[DeltaEntry, int]:
+    if offset + ENTRY_HEADER.size > len(body):
+        raise ProtocolError("truncated", "delta entry header")
+    tensor_id, code, eflags, start, count, inner = ENTRY_HEADER.unpack_from(body, offset)
+    offset += ENTRY_HEADER.size
+    if code not in CODE_DTYPES and code != INT4:
+        raise ProtocolError("bad-dtype", f"dtype code {code}")
+    if eflags & ~ENTRY_FLAGS or (eflags & ENTRY_PLAN_SCALES and eflags & ENTRY_PER_CHANNEL):
+        raise ProtocolError("bad-flags", "unknown or contradictory entry flags")
+    if count == 0 or inner == 0:
+        raise ProtocolError("bad-entry", "empty entry")
+    if count * inner > 8 * len(body):  # no entry can carry more elements than its body has bits
+        raise ProtocolError("oversized", f"entry of {count} x {inner} elements")
+    n_scales = 0 if eflags & ENTRY_PLAN_SCALES else count if eflags & ENTRY_PER_CHANNEL else 1
+    if offset + 4 * n_scales > len(body):
+        raise ProtocolError("truncated", "delta entry scales")
+    scales = np.frombuffer(body, "<f4", n_scales, offset).astype(np.float32) if n_scales else None
+    offset += 4 * n_scales
+    mask, n_values = None, count * inner
+    if eflags & ENTRY_BITMAP:
+        n_bitmap = (count * inner + 7) // 8
+        if offset + n_bitmap > len(body):
+            raise ProtocolError("truncated", "delta entry bitmap")
+        bits = np.unpackbits(np.frombuffer(body, np.uint8, n_bitmap, offset), bitorder="little")
+        if bits[count * inner :].any() or any(body[offset + n_bitmap : offset + n_bitmap + _pad4(n_bitmap)]):
+            raise ProtocolError("bad-entry", "bitmap bits set past the entry's elements")
+        mask = bits[: count * inner].astype(bool).reshape(count, inner)
+        n_values = int(mask.sum())
+        offset += n_bitmap + _pad4(n_bitmap)
+    n_value_bytes = (n_values + 1) // 2 if code == INT4 else n_values * CODE_DTYPES[code].itemsize
+    end = offset + n_value_bytes + _pad4(n_value_bytes)
+    if end > len(body):
+        raise ProtocolError("truncated", "delta entry values")
+    if code == INT4:
+        packed = np.frombuffer(body, np.uint8, n_value_bytes, offset)
+        nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[:n_values]
+        if n_values % 2 and packed[-1] >> 4:
+            raise ProtocolError("bad-entry", "int4 padding nibble is not zero")
+        flat = ((nibbles.astype(np.int8) ^ 8) - 8).astype(np.int8)  # sign-extend the nibble
+    else:
+        flat = np.frombuffer(body, CODE_DTYPES[code], n_values, offset).astype(CODE_DTYPES[code].newbyteorder("="))
+    if mask is None:
+        values = flat.reshape(count, inner)
+    else:
+        values = np.zeros((count, inner), flat.dtype)
+        values[mask] = flat
+    return DeltaEntry(tensor_id, start, values, scales, mask), end
+
+
 def decode_delta(
     blob: bytes, max_body: int = DEFAULT_MAX_BODY, max_entries: int = DEFAULT_MAX_ENTRIES
 ) -> list[DeltaEntry]:
@@ -166,26 +262,8 @@ def decode_delta(
 
     entries, offset = [], 0
     for _ in range(n_entries):
-        if offset + ENTRY_HEADER.size > len(body):
-            raise ProtocolError("truncated", "delta entry header")
-        tensor_id, code, eflags, start, count, inner = ENTRY_HEADER.unpack_from(body, offset)
-        offset += ENTRY_HEADER.size
-        if code not in CODE_DTYPES:
-            raise ProtocolError("bad-dtype", f"dtype code {code}")
-        if eflags & ~ENTRY_PER_CHANNEL:
-            raise ProtocolError("bad-flags", "unknown entry flags")
-        if count == 0 or inner == 0:
-            raise ProtocolError("bad-entry", "empty entry")
-        n_scales = count if eflags & ENTRY_PER_CHANNEL else 1
-        dtype = CODE_DTYPES[code]
-        n_value_bytes = count * inner * dtype.itemsize
-        end = offset + 4 * n_scales + n_value_bytes + _pad4(n_value_bytes)
-        if end > len(body):
-            raise ProtocolError("truncated", "delta entry data")
-        scales = np.frombuffer(body, "<f4", n_scales, offset).astype(np.float32)
-        values = np.frombuffer(body, dtype, count * inner, offset + 4 * n_scales)
-        entries.append(DeltaEntry(tensor_id, start, values.astype(dtype.newbyteorder("=")).reshape(count, inner), scales))
-        offset = end
+        entry, offset = _decode_entry(body, offset)
+        entries.append(entry)
     if offset != len(body):
         raise ProtocolError("trailing-bytes", "delta body longer than its entries")
     return entries

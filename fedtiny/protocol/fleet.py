@@ -99,23 +99,6 @@ def apply_delta(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> di
     return out
 
 
-def _scales(plan: Plan, name: str, start: int, count: int) -> np.ndarray:
-    scale = np.asarray(plan.graph.tensors[name[len("train:"):]].scale, dtype=np.float32).reshape(-1)
-    return scale[:1] if scale.size == 1 else scale[start : start + count]
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, count) of the runs of True in a 1-D mask."""
-    runs, start = [], None
-    for i, flag in enumerate(mask.tolist() + [False]):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            runs.append((start, i - start))
-            start = None
-    return runs
-
-
 def _narrow(values: np.ndarray) -> np.ndarray:
     for dtype in (np.int8, np.int16, np.int32):
         info = np.iinfo(dtype)
@@ -124,14 +107,20 @@ def _narrow(values: np.ndarray) -> np.ndarray:
     raise ValueError("values exceed int32")
 
 
+def _smallest(candidates: list[DeltaEntry]) -> DeltaEntry:
+    return min(candidates, key=lambda e: len(encode_delta([e], compress=False)))
+
+
 def state_entries(plan: Plan, state: dict[str, np.ndarray], *, changed_from: dict[str, np.ndarray] | None = None,
                   skip_zero: bool = False, narrow: bool = False) -> list[DeltaEntry]:
-    """Protocol entries for a state or delta dict over the plan's trainable buffers (tensor id = buffer index).
+    """Protocol entries for a state or delta dict over the plan's trainable buffers (tensor id = buffer index),
+    one entry per buffer, with the plan's scales (none on the wire).
 
-    changed_from: only channels (axis 0) that differ from this state. skip_zero: only channels with a nonzero
-    value (for deltas). narrow: each entry in the smallest integer dtype that holds it. Scales are the graph
-    tensor's quantization scales. Without any option every buffer is sent whole, which under secure aggregation
-    (a fixed coordinate set) is the only allowed form.
+    changed_from: only the elements that differ from this state. skip_zero: only the nonzero elements (for
+    deltas). Either one sends each buffer as a bitmap entry or whole, whichever is smaller, and leaves out a
+    buffer with nothing to send. narrow: each entry in the smallest integer dtype that holds it. Without
+    changed_from or skip_zero every buffer is sent whole, which under secure aggregation (a fixed coordinate
+    set) is the only allowed form.
     """
     names = plan.trainable_buffers()
     if set(state) != set(names):
@@ -142,21 +131,25 @@ def state_entries(plan: Plan, state: dict[str, np.ndarray], *, changed_from: dic
         if values.shape != tuple(plan.buffers[name].shape):
             raise ValueError(f"{name}: shape {values.shape}, plan has {plan.buffers[name].shape}")
         rows = values.reshape(values.shape[0], -1)
-        keep = np.ones(rows.shape[0], bool)
+        whole = DeltaEntry(tensor_id, 0, _narrow(rows) if narrow else rows)
+        if changed_from is None and not skip_zero:
+            entries.append(whole)
+            continue
+        send = np.ones(rows.shape, bool)
         if changed_from is not None:
-            keep &= (rows != np.asarray(changed_from[name]).reshape(rows.shape)).any(axis=1)
+            send &= rows != np.asarray(changed_from[name]).reshape(rows.shape)
         if skip_zero:
-            keep &= (rows != 0).any(axis=1)
-        for start, count in _runs(keep):
-            block = rows[start : start + count]
-            entries.append(DeltaEntry(tensor_id, start, _narrow(block) if narrow else block,
-                                      _scales(plan, name, start, count)))
+            send &= rows != 0
+        if send.any():
+            dtype = _narrow(rows[send]).dtype if narrow else rows.dtype  # narrowest over the sent elements
+            sparse = DeltaEntry(tensor_id, 0, np.where(send, rows, 0).astype(dtype), mask=send)
+            entries.append(_smallest([sparse, whole]))
     return entries
 
 
 def entries_to_state(plan: Plan, entries: list[DeltaEntry], base: dict[str, np.ndarray], *,
                      dtypes: dict[str, np.dtype] | None = None, require_all: bool = False) -> dict[str, np.ndarray]:
-    """Overlay entries onto a copy of base (entries hold values for the channels they cover).
+    """Overlay entries onto a copy of base (entries hold values for the elements they carry).
 
     dtypes: the dtype each buffer must end in (values are range-checked, never wrapped); defaults to base's.
     require_all: every channel of every buffer must be covered. Raises ProtocolError on any mismatch.
@@ -181,8 +174,11 @@ def entries_to_state(plan: Plan, entries: list[DeltaEntry], base: dict[str, np.n
             raise ProtocolError("bad-entry", f"{name}: values exceed {dtype}")
         if covered[name][e.start : e.start + e.count].any():
             raise ProtocolError("bad-entry", f"{name}: channels covered twice")
+        if e.mask is not None and require_all:
+            raise ProtocolError("bad-entry", f"{name}: a full state cannot be a bitmap entry")
         covered[name][e.start : e.start + e.count] = True
-        rows[e.start : e.start + e.count] = e.values.astype(dtype)
+        block = rows[e.start : e.start + e.count]
+        block[e.carried] = e.values[e.carried].astype(dtype)
     if require_all and not all(c.all() for c in covered.values()):
         raise ProtocolError("bad-entry", "entries do not cover every trainable channel")
     return out
@@ -201,8 +197,9 @@ def encode_update(plan: Plan, delta: dict[str, np.ndarray], num_examples: int, l
 
     This is the device's only way to build an uplink carrying model content: it accepts a dict keyed by exactly
     the plan's trainable buffer names, each of the delta dtype and shape of that buffer, plus plain numbers,
-    so raw samples (int8 inputs of another shape, labels) cannot be passed in. Channels whose delta is zero
-    are left out and each entry is sent in its narrowest integer type (the coordinator widens again).
+    so raw samples (int8 inputs of another shape, labels) cannot be passed in. Elements whose delta is zero
+    are left out (a bitmap marks the rest) and each entry is sent in its narrowest integer type (the
+    coordinator widens again).
     """
     expected = zero_delta(plan)
     if set(delta) != set(expected):
@@ -216,12 +213,7 @@ def encode_update(plan: Plan, delta: dict[str, np.ndarray], num_examples: int, l
     loss, accuracy = float(loss), float(accuracy)
     metrics = DeltaEntry(METRICS_TENSOR_ID, 0, np.ones((len(METRIC_NAMES), 1), np.int8),
                          np.array([accuracy], np.float32))
-    entries = []
-    for name in plan.trainable_buffers():  # per buffer, the smaller of: nonzero channel runs, or the whole buffer
-        only = {n: (delta[n] if n == name else np.zeros_like(delta[n])) for n in delta}
-        sparse = state_entries(plan, only, skip_zero=True, narrow=True)
-        whole = [e for e in state_entries(plan, only, narrow=True) if plan.trainable_buffers()[e.tensor_id] == name]
-        entries += min(sparse, whole, key=lambda es: len(encode_delta(es, compress=False))) if sparse else []
+    entries = state_entries(plan, delta, skip_zero=True, narrow=True)
     return Delta(num_examples, loss, entries + [metrics])
 
 
