@@ -8,6 +8,7 @@
    rounds and local epochs; side by side: final accuracy, rounds to 90 % of the best, bytes per node per round,
    device memory for training, wall time.
 3. `--dropout 0.3`: 30 % of the nodes fail each round.
+4. `--engine flower`: the same nodes as ClientApps in Flower's simulation engine on Ray (warm model cache).
 """
 
 import json
@@ -37,6 +38,8 @@ def main():
     warm, default = fedtiny("--nodes", "50", cache=cache)
     _, compared = fedtiny("--nodes", "50", "--baseline", cache=cache)
     _, dropout = fedtiny("--nodes", "50", "--dropout", "0.3", cache=cache)
+    flower_wall, flower = fedtiny("--nodes", "50", "--engine", "flower", cache=cache)
+    same = [r["accuracy"] for r in flower["rounds"]] == [r["accuracy"] for r in default["rounds"]]
     run, rounds, memory, base = compared["run"], compared["rounds"], compared["memory"], compared["baseline"]
     up = sum(r["uplink_bytes"] for r in rounds) / sum(r["participants"] for r in rounds)
     down = sum(r["downlink_bytes"] for r in rounds) / sum(r["participants"] for r in rounds)
@@ -50,7 +53,11 @@ def main():
              f"| `fedtiny simulate --nodes 50 --dropout 0.3` | - | {100 * dropout['run']['initial_accuracy']:.1f} % -> "
              f"{100 * dropout['rounds'][-1]['accuracy']:.1f} % (participants per round: "
              f"{min(r['participants'] for r in dropout['rounds'])}-{max(r['participants'] for r in dropout['rounds'])})"
-             f" | {len(dropout['rounds'])} |", "",
+             f" | {len(dropout['rounds'])} |",
+             f"| `fedtiny simulate --nodes 50 --engine flower` (warm; Ray) | {flower_wall:.1f} s | "
+             f"{100 * flower['run']['initial_accuracy']:.1f} % -> {100 * flower['rounds'][-1]['accuracy']:.1f} % "
+             f"(every round {'identical to' if same else 'DIFFERENT from'} the MQTT engine's) | "
+             f"{len(flower['rounds'])} |", "",
              f"Same task the usual way (`--baseline`; scenario {run['scenario']}, model {run['model']}, scheme "
              f"{run['scheme']}):", "",
              "| | fedtiny (int8, sparse, MQTT) | Flower FedAvg + PyTorch fp32 | ratio |", "|---|---:|---:|---:|",

@@ -150,17 +150,23 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--chunk-size", default=1024, show_default=True, help="Maximum MQTT payload per message (256 B..256 KB).")
 @click.option("--dropout", default=0.0, show_default=True, help="Fraction of nodes that fail each round.")
 @click.option("--stragglers", default=0.0, show_default=True, help="Fraction of nodes that are slow.")
-@click.option("--deadline", default=20.0, show_default=True, help="Seconds a round waits at most.")
+@click.option("--deadline", default=20.0, show_default=True,
+              help="Seconds a round waits at most (with --engine flower: virtual seconds once every node answered).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--broker", default=None, help="mqtt(s)://HOST:PORT of a running broker; default: embedded amqtt.")
 @click.option("--fleet-dir", default=None, help="With --broker: the `fedtiny keys` folder the broker trusts.")
 @click.option("--out", default="runs/latest", show_default=True, help="Report folder.")
+@click.option("--engine", default="mqtt", show_default=True, type=click.Choice(["mqtt", "flower"]),
+              help="mqtt: a broker and node agents in worker processes; flower: the same node logic as ClientApps in "
+              "Flower's simulation engine on Ray, for thousands of nodes or a cluster (pip install "
+              "'fedtiny[simulation]').")
 @click.option("--baseline", is_flag=True, help="Also train the same task with plain Flower FedAvg + PyTorch fp32.")
 @click.option("--baseline-lr", default=0.003, show_default=True, type=float,
               help="The baseline's fp32 SGD learning rate (0.01 diverges on some bearing machines).")
 def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget, reserve, lr, epochs, chunk_size,
-             dropout, stragglers, deadline, seed, broker, fleet_dir, out, baseline, baseline_lr) -> None:
-    """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT."""
+             dropout, stragglers, deadline, seed, broker, fleet_dir, out, engine, baseline, baseline_lr) -> None:
+    """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
+    --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
     from fedtiny_sim.simulate import LiveTable, SimulationConfig
     from fedtiny_sim.simulate import simulate as run_simulation
 
@@ -168,8 +174,15 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
                               strategy=strategy, scheme=scheme, budget=parse_bytes(budget),
                               reserve=parse_bytes(reserve), lr=lr, epochs=epochs, chunk_size=chunk_size,
                               dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
-                              fleet_dir=fleet_dir, out=out, baseline=baseline,
+                              fleet_dir=fleet_dir, out=out, engine=engine, baseline=baseline,
                               baseline_lr=baseline_lr)
+    if engine == "flower":
+        from fedtiny_sim.flower_engine import check_config
+
+        try:
+            check_config(config)
+        except (RuntimeError, ValueError) as err:
+            raise click.ClickException(str(err)) from err
     with LiveTable(rounds) as live:
         result = run_simulation(config, progress=live)
     click.echo(f"\nreport: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "

@@ -112,20 +112,35 @@ def _plot_memory(path, memory):
 def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, flows: list[dict]) -> str:
     last = rounds[-1] if rounds else {}
     up = sum(x["uplink_bytes"] for x in rounds) / max(1, sum(x["participants"] for x in rounds))
+    flower = run.get("engine") == "flower"
+    where = "Flower's simulation engine on Ray (no MQTT link)" if flower else f"broker {run['broker']}"
     lines = [
         f"# fedtiny simulation: {run['scenario']}, {run['nodes']} nodes, {len(rounds)} rounds", "",
-        f"Model `{run['model']}`, scheme `{run['scheme']}`, strategy `{run['strategy']}`, broker {run['broker']}, "
+        f"Model `{run['model']}`, scheme `{run['scheme']}`, strategy `{run['strategy']}`, {where}, "
         f"seed {run['seed']}, dropout {run.get('dropout', 0)}. Wall time {run['wall_seconds']:.1f} s.", "",
         "| | value |", "|---|---:|",
         f"| held-out accuracy before / after | {100 * run['initial_accuracy']:.1f} % / "
         f"{100 * last.get('accuracy', float('nan')):.1f} % |",
-        f"| uplink bytes per node per round (mean) | {up:,.0f} |",
+        f"| uplink bytes per node per round (mean{', DELTA bodies' if flower else ''}) | {up:,.0f} |",
         f"| training memory per device (whole step: planned arena + kernel scratch) | {memory['arena_bytes']:,} B + "
         f"{memory['scratch_bytes']:,} B of {memory['budget_bytes'] - memory['reserve_bytes']:,} B available |",
         f"| flash for the model and plan | {memory['flash_bytes']:,} B |", "",
-        "What left each device: per round one DELTA (the trainable tensors' integer changes, signed with the device's",
-        "Ed25519 key and encrypted end to end with ChaCha20-Poly1305), its example count, loss and accuracy;",
-        "heartbeats and a JOIN. No sample, feature or label left any device (see docs/security.md).",
+    ]
+    if flower:
+        lines += [
+            "What left each device: per round one DELTA body (the trainable tensors' integer changes, its example",
+            "count, loss and accuracy), built by the devices' own code, and a JOIN. No sample, feature or label left",
+            "any device. This engine has no MQTT link: nothing was signed, encrypted or chunked, so every byte count",
+            "here is of the encoded DELTA and TASK + GLOBAL_UPDATE bodies alone; over MQTT the envelope (header,",
+            "Ed25519 signature, AEAD tag) and chunk headers come on top (`--engine mqtt` counts them).",
+        ]
+    else:
+        lines += [
+            "What left each device: per round one DELTA (the trainable tensors' integer changes, signed with the device's",
+            "Ed25519 key and encrypted end to end with ChaCha20-Poly1305), its example count, loss and accuracy;",
+            "heartbeats and a JOIN. No sample, feature or label left any device (see docs/security.md).",
+        ]
+    lines += [
         f"data_flow.csv lists every transfer: {sum(f['message'] == 'DELTA' for f in flows)} DELTAs from "
         f"{len({f['device'] for f in flows if f['message'] == 'DELTA'})} devices, "
         f"{sum(f['bytes'] for f in flows if f['message'] == 'DELTA'):,} bytes in all.", "",

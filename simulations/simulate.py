@@ -1,10 +1,16 @@
 """`fedtiny simulate`: the whole system on one machine, with the parts a plant would run.
 
-The host pretrains (or loads a cached) float model, quantizes and compiles it for the budget, provisions the
-fleet's keys, starts a broker (the embedded amqtt on loopback, or --broker), the Flower coordinator (server/)
-in this process, and the node agents (device_runtime/agent.py) in worker processes, each agent with its own
-data and the C trainer when a compiler is present. Rounds run over MQTT exactly as on devices; a round's
-progress, accuracy and bytes are printed live, and a report folder is written at the end.
+The host pretrains (or loads a cached) float model, quantizes and compiles it for the budget, and writes each
+node's data. Then one of two engines runs the rounds; both drive the same coordinator (server/: Coordinator,
+FleetGrid, the Flower strategy) and the same node logic (device_runtime/agent.py: LocalTraining with the C
+trainer when a compiler is present, the DELTA from fleet.encode_update):
+
+    mqtt    (default) the fleet's keys, a broker (the embedded amqtt on loopback, or --broker), the coordinator
+            in this process and the node agents in worker processes: rounds over MQTT exactly as on devices.
+    flower  the devices as ClientApps in Flower's simulation engine on Ray (flower_engine.py), for thousands
+            of nodes or a Ray cluster; no MQTT link, so no envelopes.
+
+A round's progress, accuracy and bytes are printed live, and a report folder is written at the end.
 """
 
 import json
@@ -41,10 +47,14 @@ class SimulationConfig:
     broker: str | None = None
     fleet_dir: str | None = None  # an existing `fedtiny keys` folder (needed with --broker)
     out: str = "runs/latest"
-    engine: str = "c"  # "c" when a compiler is present, else "python"
+    engine: str = "mqtt"  # "mqtt" (broker and node agents) or "flower" (ClientApps in Flower's engine on Ray)
+    trainer: str = "c"  # "c" when a compiler is present, else "python"
     baseline: bool = False  # also run plain Flower FedAvg with PyTorch fp32 clients on the same task
     baseline_lr: float = 0.003  # fp32 SGD at batch 1 diverges to NaN at 0.01 on some bearing machines
-    workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))  # processes, or Ray CPUs
+
+
+ENGINES = ("mqtt", "flower")
 
 
 def _fails(seed: int, device: str, round_: int, fraction: float) -> bool:
@@ -76,7 +86,7 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
     _log_to(run / "agents.log", "fedtiny.agent", "fedtiny.fleet", "paho", "amqtt")
     plan = load_plan(run / "plan.ftp")
     factory = None
-    if config["engine"] == "c":
+    if config["trainer"] == "c":
         from fedtiny_device.cruntime import CTrainer as factory
     agents = []
     for device in devices:
@@ -117,6 +127,10 @@ def _inject_faults(agent, device: str, config: dict) -> None:
     agent.session.complete = completing
 
 
+def device_name(index: int) -> str:
+    return f"node{index:03d}"
+
+
 def _prepare(config: SimulationConfig, run: Path):
     """Task, pretrained int8 model, plan and per-node data files."""
     from fedtiny.compiler import compile_plan
@@ -132,7 +146,7 @@ def _prepare(config: SimulationConfig, run: Path):
     plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
-    devices = [f"node{i:03d}" for i in range(config.nodes)]
+    devices = [device_name(i) for i in range(config.nodes)]
     for i, (device, ds) in enumerate(zip(devices, task.nodes)):
         np.savez(run / "nodes" / f"{device}.npz", x=quantize_input(graph, ds.X), y=ds.y, seed=config.seed * 1000 + i)
     return task, model, graph, plan, scheme, devices
@@ -142,17 +156,18 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
     """Run a simulation; returns the run summary (also written into config.out)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    from fedtiny.protocol.brokers import EmbeddedBroker
-    from fedtiny.protocol.fleet import CoordinatorLink
-    from fedtiny.protocol.keys import provision_fleet
     from fedtiny_device.interpreter import predict
-    from fedtiny_server.grid import RoundPolicy
-    from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.ops import setup_json_logging
-    from fedtiny_server.state import StateStore
+    import flwr  # noqa: F401  (importing it sets its logger's level: before we quiet that logger below)
 
     from .report import write_report
 
+    if config.engine not in ENGINES:
+        raise ValueError(f"unknown engine {config.engine!r}; choose one of {', '.join(ENGINES)}")
+    if config.engine == "flower":
+        from .flower_engine import check_config
+
+        check_config(config)  # before any work: Ray installed, no MQTT-only option
     started = time.perf_counter()
     run = Path(config.out)
     if run.exists():
@@ -163,9 +178,48 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
     setup_json_logging(open(run / "coordinator.jsonl", "w"))  # the coordinator's structured log
     _log_to(run / "link.log", "fedtiny.fleet", "amqtt", "transitions", "paho")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
-    if config.engine == "c" and shutil.which("gcc") is None:
-        config.engine = "python"
+    if config.trainer == "c" and shutil.which("gcc") is None:
+        config.trainer = "python"
     task, model, graph, plan, scheme, devices = _prepare(config, run)
+    initial = float((predict(graph, task.test.X) == task.test.y).mean())
+
+    def coordinate(link, clock=time.monotonic) -> list[dict]:
+        return _rounds(config, link, plan, task, run, progress, clock)
+
+    if config.engine == "flower":
+        from .flower_engine import run_engine
+
+        rounds = run_engine(config, run, plan, devices, coordinate)
+    else:
+        rounds = _run_mqtt(config, run, plan, devices, coordinate)
+    target = 0.9 * max(r["accuracy"] for r in rounds) if rounds else 0.0
+    broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
+    summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
+                   broker=broker, seed=config.seed, dropout=config.dropout, engine=config.engine,
+                   trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
+                   wall_seconds=time.perf_counter() - started, target_accuracy=target,
+                   rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
+    baseline = None
+    if config.baseline:
+        from .baseline import run_baseline
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
+                                epochs=config.epochs, seed=config.seed)
+        baseline["rounds_to_target"] = next((r["round"] for r in baseline["rounds"] if r["accuracy"] >= target), None)
+    from fedtiny.codegen import plan_scratch_bytes
+
+    memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
+    write_report(run, summary, rounds, memory, baseline)
+    return dict(summary, rounds=rounds, baseline=baseline)
+
+
+def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coordinate) -> list[dict]:
+    """The fleet's keys, a broker, the coordinator's link and the node agents in worker processes; then rounds."""
+    from fedtiny.protocol.brokers import EmbeddedBroker
+    from fedtiny.protocol.fleet import CoordinatorLink
+    from fedtiny.protocol.keys import provision_fleet
+
     if config.fleet_dir:
         shutil.copytree(config.fleet_dir, run / "fleet")
     else:
@@ -182,13 +236,32 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
         for w in workers:
             w.start()
         _wait_for_devices(link, len(devices), timeout=120)
-        quorum = 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
-        policy = RoundPolicy(quorum=quorum, deadline=config.deadline)
-        coordinator = Coordinator(link, plan, StateStore(run / "state.db"),
+        return coordinate(link)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(30)
+            if w.is_alive():
+                w.terminate()
+        link.close()
+        if broker is not None:
+            broker.stop()
+
+
+def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clock) -> list[dict]:
+    """The coordinator over `link` for config.rounds rounds; one row per round (the live table's and report's)."""
+    from fedtiny_server.grid import RoundPolicy
+    from fedtiny_server.rounds import Coordinator, CoordinatorConfig
+    from fedtiny_server.state import StateStore
+
+    quorum = 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
+    policy = RoundPolicy(quorum=quorum, deadline=config.deadline)
+    store = StateStore(run / "state.db")
+    try:
+        coordinator = Coordinator(link, plan, store,
                                   CoordinatorConfig(rounds=config.rounds, strategy=config.strategy, policy=policy,
                                                     train_config={"epochs": config.epochs}),
-                                  heldout=(task.test.X, task.test.y))
-        initial = float((predict(graph, task.test.X) == task.test.y).mean())
+                                  heldout=(task.test.X, task.test.y), clock=clock)
         rounds = []
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)
@@ -202,36 +275,9 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
             rounds.append(row)
             if progress:
                 progress(row)
+        return rounds
     finally:
-        stop.set()
-        for w in workers:
-            w.join(30)
-            if w.is_alive():
-                w.terminate()
-        link.close()
-        if broker is not None:
-            broker.stop()
-    target = 0.9 * max(r["accuracy"] for r in rounds) if rounds else 0.0
-    summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
-                   broker=config.broker or "embedded amqtt (loopback)", seed=config.seed, dropout=config.dropout,
-                   engine=config.engine, initial_accuracy=initial, trainable=plan.trainable_buffers(), wall_seconds=time.perf_counter() - started,
-                   target_accuracy=target,
-                   rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
-    baseline = None
-    if config.baseline:
-        import logging
-
-        from .baseline import run_baseline
-
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
-                                epochs=config.epochs, seed=config.seed)
-        baseline["rounds_to_target"] = next((r["round"] for r in baseline["rounds"] if r["accuracy"] >= target), None)
-    from fedtiny.codegen import plan_scratch_bytes
-
-    memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
-    write_report(run, summary, rounds, memory, baseline)
-    return dict(summary, rounds=rounds, baseline=baseline)
+        store.close()
 
 
 def _bytes(coordinator) -> tuple[float, float]:

@@ -1,5 +1,7 @@
-"""Shared test helpers: system parts that must exist in CI, and the independent ONNX Runtime check."""
+"""Shared test helpers: system parts and optional extras that must exist in CI, and the independent ONNX Runtime
+check."""
 
+import importlib.util
 import os
 import shutil
 
@@ -17,6 +19,14 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is not installed, and CI must have it (see .ci/run)")
         pytest.skip(f"{name} is not installed")
     return path
+
+
+def require_module(name: str, extra: str) -> None:
+    """Skip without an optional Python package on a user's machine; fail in CI, whose `.[dev]` installs `extra`."""
+    if importlib.util.find_spec(name) is None:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed, and CI must have it (the `{extra}` extra, part of `dev`)")
+        pytest.skip(f"{name} is not installed (pip install -e '.[{extra}]')")
 
 
 def onnxruntime_agreement(graph, x_int8) -> dict[str, tuple[float, int]]:

@@ -107,3 +107,100 @@ def test_stragglers_are_waited_for_until_the_deadline_only(tmp_path):
     assert all(r["seconds"] < 2.0 + 1.5 for r in result["rounds"])  # the deadline, plus evaluation and bookkeeping
     participants = [r["participants"] for r in result["rounds"]]
     assert min(participants) < 4 and sum(participants) >= 1, participants
+
+
+# --- --engine flower: the same node logic as ClientApps in Flower's simulation engine on Ray ------------------
+
+@pytest.fixture(scope="module")
+def medical_flower(tmp_path_factory):
+    """`medical`'s run (same seed and config) with the flower engine."""
+    from conftest import require_module
+
+    require_module("ray", "simulation")
+    out = tmp_path_factory.mktemp("sim") / "medical_flower"
+    config = SimulationConfig(nodes=4, rounds=2, scenario="medical", out=str(out), seed=3, engine="flower")
+    return simulate(config), out
+
+
+def _stored(out):
+    """Every global version and every accepted reply of a run, from the coordinator's SQLite checkpoints."""
+    from fedtiny_server.state import StateStore
+
+    store = StateStore(out / "state.db")
+    try:
+        version = store.load().model_version
+        globals_ = [(store.global_ints(v), store.global_master(v)) for v in range(version + 1)]
+        rows = store.db.execute("SELECT round, device, model_version, num_examples, metrics, delta, uplink_bytes "
+                                "FROM replies ORDER BY round, device").fetchall()
+        return globals_, [StateStore._reply(row) for row in rows]
+    finally:
+        store.close()
+
+
+def test_flower_engine_computes_the_mqtt_engines_global_model(medical, medical_flower):
+    """No faults, same seed and config: each device's delta and each round's global model bit for bit, and the
+    same accuracies: the simulator computes what the devices compute."""
+    (mqtt, mqtt_out), (flower, flower_out) = medical, medical_flower
+    mqtt_globals, mqtt_replies = _stored(mqtt_out)
+    flower_globals, flower_replies = _stored(flower_out)
+    assert len(flower_globals) == len(mqtt_globals) == 3  # the initial state and one version per round
+    for (ints_a, master_a), (ints_b, master_b) in zip(mqtt_globals, flower_globals):
+        for name in ints_a:
+            assert ints_b[name].dtype == ints_a[name].dtype
+            np.testing.assert_array_equal(ints_b[name], ints_a[name], err_msg=name)
+            np.testing.assert_array_equal(master_b[name], master_a[name], err_msg=name)
+    assert [(r.round, r.device, r.num_examples, r.metrics) for r in flower_replies] == \
+        [(r.round, r.device, r.num_examples, r.metrics) for r in mqtt_replies]
+    for a, b in zip(mqtt_replies, flower_replies):
+        for name in a.delta:
+            np.testing.assert_array_equal(b.delta[name], a.delta[name])
+    keys = ("accuracy", "loss", "participants")
+    assert [[r[k] for k in keys] for r in flower["rounds"]] == [[r[k] for k in keys] for r in mqtt["rounds"]]
+    assert flower["initial_accuracy"] == mqtt["initial_accuracy"]
+
+
+def test_flower_engine_counts_the_encoded_delta_bodies(medical, medical_flower):
+    """Its bytes are the DELTA bodies a device encodes (no envelope: no MQTT link), and the report says so."""
+    from fedtiny.planfile import load_plan
+    from fedtiny.protocol.fleet import encode_update
+
+    (mqtt, mqtt_out), (flower, flower_out) = medical, medical_flower
+    plan = load_plan(flower_out / "plan.ftp")
+    _, replies = _stored(flower_out)
+    for r in replies:
+        body = encode_update(plan, r.delta, r.num_examples, r.metrics["loss"], r.metrics["accuracy"])
+        assert r.uplink_bytes == len(body.encode())
+    _, mqtt_replies = _stored(mqtt_out)
+    assert all(a.uplink_bytes > b.uplink_bytes for a, b in zip(mqtt_replies, replies))  # envelopes, chunk headers
+    assert sum(r["uplink_bytes"] for r in flower["rounds"]) == sum(r.uplink_bytes for r in replies)
+    assert all(r["downlink_bytes"] > 0 for r in flower["rounds"])
+    flows = list(csv.DictReader(open(flower_out / "data_flow.csv")))
+    assert len([f for f in flows if f["message"] == "DELTA"]) == 8
+    metrics = json.loads((flower_out / "metrics.json").read_text())
+    assert metrics["run"]["engine"] == "flower" and metrics["run"]["broker"] is None
+    assert "no MQTT link" in (flower_out / "summary.md").read_text()
+
+
+def test_flower_engine_dropout_closes_rounds_without_waiting_for_the_deadline(tmp_path):
+    """Dropped devices never answer; once every other device has, the deadline passes in virtual time."""
+    from conftest import require_module
+
+    require_module("ray", "simulation")
+    result = simulate(SimulationConfig(nodes=6, rounds=3, scenario="medical", dropout=0.3, deadline=60.0, seed=1,
+                                       out=str(tmp_path / "dropout"), engine="flower"))
+    participants = [r["participants"] for r in result["rounds"]]
+    assert min(participants) < 6, "some node must have dropped out in some round"
+    assert all(r["seconds"] < 30 for r in result["rounds"])
+    assert result["rounds"][-1]["accuracy"] >= result["initial_accuracy"] - 0.02
+
+
+def test_flower_engine_without_ray_names_the_extra(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"fedtiny\[simulation\]"):
+        simulate(SimulationConfig(nodes=2, rounds=1, scenario="medical", out=str(tmp_path / "x"), engine="flower"))
+    result = CliRunner().invoke(main, ["simulate", "--engine", "flower", "--nodes", "2", "--out", str(tmp_path / "y")])
+    assert result.exit_code != 0 and "simulation" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any work

@@ -1,0 +1,324 @@
+"""`fedtiny simulate --engine flower`: the same devices as ClientApps in Flower's simulation engine on Ray.
+
+    ServerApp  the coordinator of `--engine mqtt`, unchanged (server/: Coordinator, FleetGrid, the strategy of
+               make_strategy, held-out evaluation, SQLite checkpoints). Only its link differs: GridLink carries
+               each TASK and GLOBAL_UPDATE body to a device through the Grid Flower hands the ServerApp, and
+               brings back the device's DELTA body, which it decodes with fleet.decode_update.
+    ClientApp  one simulated device per SuperNode, with the node agent's logic: it applies the GLOBAL_UPDATE as
+               DeviceSession does, trains the TASK with LocalTraining (its own data and seed, training_order,
+               the C trainer when built) and answers with the DELTA body fleet.encode_update builds. Between
+               rounds its Context keeps what a device keeps in flash: model version, global state, rng counter.
+
+The bodies are the plaintexts a device would seal. There is no MQTT link, so there is no envelope (header,
+Ed25519 signature, AEAD tag) and no chunk header: the report's bytes are the bodies alone. A JOIN query first
+maps Flower's node ids to device names (Flower does not tell a ServerApp which partition a node holds).
+
+Deadlines run in virtual time (`GridLink.clock`): the clock stands still while any device has a message
+outstanding in Ray, and moves only when every device has answered or dropped out. A round therefore closes on
+its quorum or, at the latest, once nothing more can come; never because Ray was slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedtiny.compiler import Plan
+from fedtiny.planfile import plan_hash
+from fedtiny.protocol import topics
+from fedtiny.protocol.fleet import (
+    FULL_STATE, DeviceInfo, DeviceReply, decode_update, state_entries, task_body,
+)
+from fedtiny.protocol.messages import Delta, GlobalUpdate
+
+log = logging.getLogger("fedtiny.flower_engine")
+
+EXTRA = "simulation"
+MISSING_RAY = (f"--engine flower needs Ray: install fedtiny's `{EXTRA}` extra (pip install 'fedtiny[{EXTRA}]', "
+               f"or pip install -e '.[{EXTRA}]' in a checkout; it adds flwr[simulation]==1.42.*)")
+
+
+def ray_available() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def check_config(config) -> None:
+    """Refuse, before any work, what this engine cannot do."""
+    if not ray_available():
+        raise RuntimeError(MISSING_RAY)
+    if config.broker or config.fleet_dir:
+        raise ValueError("--broker and --fleet-dir are for --engine mqtt: the flower engine has no MQTT link")
+    if config.stragglers:
+        raise ValueError("--stragglers needs real time (--engine mqtt): the flower engine runs rounds in "
+                         "virtual time")
+
+
+# --- the coordinator's side: a link over Flower's Grid ------------------------------------------------------
+
+class GridLink:
+    """CoordinatorLink's interface (devices, send_task, replies) over the Grid of a Flower run.
+
+    `strict`: a ClientApp that fails (Flower's error reply) ends the simulation with its reason; otherwise
+    (fault injection) it counts as a device that dropped out.
+    """
+
+    def __init__(self, grid, plan: Plan, *, chunk_size: int, strict: bool = True, poll: float = 0.02) -> None:
+        self.grid = grid
+        self.plan = plan
+        self.chunk_size = chunk_size
+        self.strict = strict
+        self.poll = poll
+        self.now = 0.0  # virtual seconds (see the module's docstring)
+        self._plan_hash = plan_hash(plan)
+        self._registry: dict[str, DeviceInfo] = {}
+        self._nodes: dict[str, int] = {}  # device name -> Flower node id
+        self._versions: dict[str, int] = {}  # the model version each device said it holds
+        self._states: dict[int, dict[str, np.ndarray]] = {}  # global states sent, by version (bounded)
+        self._outstanding: dict[str, str] = {}  # Flower message id -> device
+        self.failures: list[tuple[str, str]] = []  # (device, reason) of ClientApps that failed
+
+    def clock(self) -> float:
+        return self.now
+
+    def start(self) -> GridLink:
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def join(self, expected: int, timeout: float = 600.0) -> None:
+        """Ask every SuperNode which device it is (the JOIN of the MQTT link: name, plan hash, model version)."""
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        end = time.monotonic() + timeout
+        while len(nodes := list(self.grid.get_node_ids())) < expected:  # the engine registers them meanwhile
+            if time.monotonic() > end:
+                raise RuntimeError(f"Flower registered {len(nodes)} of {expected} SuperNodes in {timeout:.0f} s")
+            time.sleep(0.05)
+        asks = [Message(RecordDict({"join": ConfigRecord({})}), node, MessageType.QUERY) for node in nodes]
+        replies = list(self.grid.send_and_receive(asks, timeout=timeout))
+        failed = [m.error.reason for m in replies if m.has_error()]
+        if failed or len(replies) != expected:
+            raise RuntimeError(f"{expected - len(replies) + len(failed)} of {expected} simulated devices did not "
+                               f"join: {failed[:1] or 'no reply'}")
+        for m in replies:
+            c = m.content["join"]
+            device = str(c["device"])
+            info = DeviceInfo(device, topics.name_id(device), int(c["memory-budget"]), bytes(c["plan-hash"]),
+                              self.now, True)
+            if any(d.device_id == info.device_id for d in self._registry.values()):
+                raise RuntimeError(f"device id of {device} collides with another device's: rename the devices")
+            self._registry[device] = info
+            self._nodes[device] = m.metadata.src_node_id
+            self._versions[device] = int(c["model-version"])
+
+    def devices(self, seen_within: float | None = None) -> list[DeviceInfo]:
+        return sorted(self._registry.values(), key=lambda d: d.device)
+
+    def send_task(self, device: str, round: int, model_version: int,
+                  global_state: dict[str, np.ndarray] | None, config: dict[str, float]) -> int:
+        """TASK (and, unless the device holds model_version, a GLOBAL_UPDATE of the channels changed since the
+        version it holds, as CoordinatorLink sends) to one device; returns the bytes of the two bodies."""
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        if device not in self._nodes:
+            raise ValueError(f"{device} did not join")
+        update = b""
+        if global_state is not None:
+            global_state = {k: np.asarray(v).copy() for k, v in global_state.items()}
+            self._states[model_version] = global_state
+            for old in sorted(self._states)[:-8]:
+                del self._states[old]
+            held = self._versions.get(device)
+            if held != model_version:
+                base = self._states.get(held) if held is not None else None
+                if base is not None:
+                    body = GlobalUpdate(held, state_entries(self.plan, global_state, changed_from=base))
+                else:
+                    body = GlobalUpdate(FULL_STATE, state_entries(self.plan, global_state))
+                update = body.encode()
+        task = task_body(self.plan, self._plan_hash, config, self.chunk_size).encode()
+        content = ConfigRecord({"round": int(round), "model-version": int(model_version), "global-update": update,
+                                "task": task})
+        message = Message(RecordDict({"task": content}), self._nodes[device], MessageType.TRAIN)
+        (message_id,) = self.grid.push_messages([message])
+        self._outstanding[message_id] = device
+        return len(update) + len(task)
+
+    def replies(self, timeout: float) -> list[DeviceReply]:
+        """Replies that arrived; waits up to `timeout` real seconds for one while any device is busy. With none
+        busy nothing can come: `timeout` virtual seconds pass at once (as they would for silent devices)."""
+        end = time.monotonic() + timeout
+        while True:
+            out = self._pull()
+            if out or not self._outstanding or time.monotonic() >= end:
+                break
+            time.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+        if not out and not self._outstanding:
+            self.now += timeout
+        return out
+
+    def _pull(self) -> list[DeviceReply]:
+        if not self._outstanding:
+            return []
+        out = []
+        for m in self.grid.pull_messages(list(self._outstanding)):
+            device = self._outstanding.pop(m.metadata.reply_to_message_id)
+            if m.has_error():
+                self.failures.append((device, m.error.reason))
+                if self.strict:
+                    raise RuntimeError(f"the ClientApp of {device} failed: {m.error.reason}")
+                log.warning("the ClientApp of %s failed: %s", device, m.error.reason)
+                continue
+            c = m.content["delta"]
+            self._versions[device] = int(c["held-version"])
+            body = bytes(c["delta"])
+            if not body:  # it dropped out of the round (fault injection): a device that never answers
+                continue
+            delta = Delta.decode(body)
+            values, metrics = decode_update(self.plan, delta)
+            out.append(DeviceReply(device, int(c["round"]), int(c["model-version"]), values, delta.num_examples,
+                                   metrics, len(body)))
+        return out
+
+
+# --- the device's side: a ClientApp per simulated device ----------------------------------------------------
+
+def device_app(run_dir: str, trainer: str, seed: int, dropout: float):
+    """The ClientApp of every simulated device: its plan and data are the files of `run_dir` (plan.ftp,
+    nodes/<device>.npz), as a device has them in flash."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.query()
+    def join(msg: Message, context: Context) -> Message:
+        device = _Device(Path(run_dir), context)
+        reply = ConfigRecord({"device": device.name, "model-version": device.model_version,
+                              "plan-hash": plan_hash(device.plan), "memory-budget": int(device.plan.arena_size)})
+        return Message(RecordDict({"join": reply}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        device = _Device(Path(run_dir), context)
+        reply = device.train(msg.content["task"], trainer, seed, dropout)
+        device.save()
+        return Message(RecordDict({"delta": ConfigRecord(reply)}), reply_to=msg)
+
+    return app
+
+
+class _Device:
+    """One device's state between rounds (kept in its Flower Context) and its part of a round."""
+
+    def __init__(self, run: Path, context) -> None:
+        from fedtiny.planfile import load_plan
+
+        from .simulate import device_name
+
+        self.run = run
+        self.context = context
+        self.plan = load_plan(run / "plan.ftp")
+        self.name = device_name(int(context.node_config["partition-id"]))
+        saved = context.state.config_records.get("device")
+        if saved is None:  # as flashed: version 0, the plan's initial state, a fresh random stream
+            self.model_version, self.rng_counter = 0, None
+            self.global_state = self.plan.initial_state()
+        else:
+            self.model_version = int(saved["model-version"])
+            self.rng_counter = int(saved["rng-counter"]) if saved["rng-counter"] else None  # "": never trained
+            self.global_state = {k: v.numpy() for k, v in context.state.array_records["global"].items()}
+
+    def save(self) -> None:
+        from flwr.app import Array, ArrayRecord, ConfigRecord
+
+        counter = "" if self.rng_counter is None else str(self.rng_counter)  # a u64: more than a ConfigRecord int
+        self.context.state["device"] = ConfigRecord({"model-version": self.model_version, "rng-counter": counter})
+        self.context.state["global"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in self.global_state.items()})
+
+    def train(self, content, trainer: str, seed: int, dropout: float) -> dict:
+        from fedtiny.protocol.fleet import encode_update, entries_to_state, state_delta, task_settings
+        from fedtiny.protocol.messages import Task
+        from fedtiny_device.agent import LocalTraining, TrainJob
+
+        round_, version = int(content["round"]), int(content["model-version"])
+        update = bytes(content["global-update"])
+        if update:  # as DeviceSession._apply_update
+            body = GlobalUpdate.decode(update)
+            if body.base_model_version not in (FULL_STATE, self.model_version):
+                raise RuntimeError(f"{self.name}: GLOBAL_UPDATE from version {body.base_model_version}, but it "
+                                   f"holds {self.model_version}")
+            self.global_state = entries_to_state(self.plan, body.entries, self.global_state,
+                                                 require_all=body.base_model_version == FULL_STATE)
+            self.model_version = version
+        task = Task.decode(bytes(content["task"]))
+        if task.plan_hash != plan_hash(self.plan):
+            raise RuntimeError(f"{self.name}: TASK for another training plan")
+        if version != self.model_version:
+            raise RuntimeError(f"{self.name}: TASK for version {version} without its GLOBAL_UPDATE")
+        reply = {"round": round_, "model-version": version, "held-version": self.model_version, "delta": b""}
+        if dropout > 0:
+            from .simulate import _fails
+
+            if _fails(seed, self.name, round_, dropout):
+                return reply  # failed this round: no DELTA
+        settings = task_settings(task)
+        job = TrainJob(round_, version, int(settings["epochs"]), int(settings["steps"]),
+                       {k: v.copy() for k, v in self.global_state.items()})
+        samples = np.load(self.run / "nodes" / f"{self.name}.npz")
+        factory = None
+        if trainer == "c":
+            from fedtiny_device.cruntime import CTrainer as factory
+        training = LocalTraining(self.plan, samples["x"], samples["y"], int(samples["seed"]), factory,
+                                 self.rng_counter)
+        result = training.run(job)
+        self.rng_counter = result.rng_counter
+        body = encode_update(self.plan, state_delta(result.state, job.base), result.num_examples, result.loss,
+                             result.accuracy)
+        reply["delta"] = body.encode()
+        return reply
+
+
+# --- running it ---------------------------------------------------------------------------------------------
+
+def backend_config(cpus: int, address: str | None = None) -> dict:
+    """Ray kept light: `cpus` CPUs, one per ClientApp (so `cpus` devices train at once), a small object store,
+    no dashboard, workers' output kept out of the terminal's live table. With `address` (RAY_ADDRESS), the
+    ClientApps run on that cluster's CPUs instead: its nodes need fedtiny installed and the run folder at the
+    same path (a shared filesystem), where each device finds its plan and data."""
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+    local = {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False, "object_store_memory": 100 * 2**20}
+    return {"init_args": dict(quiet, address=address) if address else dict(quiet, **local),
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+
+
+def run_engine(config, run: Path, plan: Plan, devices: list[str], coordinate) -> list[dict]:
+    """Start Flower's simulation engine with a SuperNode per device; its ServerApp joins the devices and calls
+    `coordinate(link, clock)` (the coordinator's rounds); returns what that returns."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a plant network has no internet
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here: and no FutureWarning about it
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    server = ServerApp()
+    result: dict = {}
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        link = GridLink(grid, plan, chunk_size=config.chunk_size, strict=config.dropout == 0)
+        link.join(len(devices))
+        result["rounds"] = coordinate(link, link.clock)
+
+    run_simulation(server, device_app(str(run.resolve()), config.trainer, config.seed, config.dropout),
+                   num_supernodes=len(devices),
+                   backend_config=backend_config(config.workers, os.environ.get("RAY_ADDRESS") or None))
+    if "rounds" not in result:
+        raise RuntimeError("Flower's simulation ended before its rounds did (see the log above)")
+    return result["rounds"]
