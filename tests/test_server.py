@@ -17,7 +17,7 @@ from fedtiny.scheme import parse
 from fedtiny.zoo import MLP
 from fedtiny_server import ops
 from fedtiny_server.fedbuff import FedBuff, staleness_weight
-from fedtiny_server.grid import RoundPolicy, ensure_task_identity
+from fedtiny_server.grid import GlobalModel, RoundPolicy, ensure_task_identity
 from fedtiny_server.requantize import (DeltaError, changed, dequantize_state, rebuild,
                                        requantize_state, tensor_specs)
 from fedtiny_server.rounds import (STRATEGIES, Coordinator, CoordinatorConfig, heldout_evaluator,
@@ -180,6 +180,19 @@ def test_rebuild_is_master_plus_dequantized_delta(plan):
         rebuild(specs, master, {W: np.zeros(3, np.int16)})
     with pytest.raises(DeltaError):
         rebuild(specs, master, {W: np.full(delta[W].shape, 300, np.int16)})
+
+
+def test_arrays_beyond_the_integers_are_adopted_as_one_version(plan):
+    """A strategy's arrays (a site gateway's global model) that the integers cannot hold are clamped into one new
+    version: every train message of the round carries them, and each must give the same version."""
+    specs = tensor_specs(plan)
+    ints = plan.initial_state()
+    model = GlobalModel(specs, dequantize_state(specs, ints), ints, 0)
+    arrays = {k: v.numpy() for k, v in model.arrays().items()}
+    arrays[W] = np.full(specs[W].shape, 1e6)
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    assert [model.adopt(record) for _ in range(3)] == [1, 1, 1]
+    assert model.ints[W].max() == 127
 
 
 def test_downlink_sends_only_changed_tensors_requantized(plan, tmp_path):
