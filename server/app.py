@@ -22,6 +22,7 @@ Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config '
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -92,6 +93,19 @@ def parse_options(text: str) -> dict:
     return out
 
 
+REGISTRY_SETTLE_S = 3.0
+
+
+def await_registry(link, enrolled: set[str], clock=time.monotonic, settle: float = REGISTRY_SETTLE_S) -> None:
+    """A fresh link learns the fleet's devices from their retained STATUS messages, which the broker delivers
+    just after the subscription. A strategy samples from the devices known when it configures the round, so wait
+    until every enrolled device has been heard of (online or not), or `settle` seconds for a device that never
+    connected: otherwise the first round would go to whichever devices' STATUS happened to arrive first."""
+    end = clock() + settle
+    while enrolled and not enrolled <= {d.device for d in link.devices()} and clock() < end:
+        time.sleep(0.02)
+
+
 def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None = None):
     """Build link, store and coordinator from settings, run every round, close everything; returns the history.
     `link` replaces the MQTT CoordinatorLink (tests)."""
@@ -116,12 +130,15 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
         heldout = (ds.X, ds.y)
     server = ops.MetricsServer(metrics, settings.metrics_port, settings.metrics_host).start() \
         if settings.metrics_port else None
+    enrolled: set[str] = set()
     if link is None:
-        from fedtiny.protocol.fleet import CoordinatorLink
+        from fedtiny.protocol.fleet import CoordinatorLink, load_fleet
 
         link = CoordinatorLink(settings.broker, Path(settings.fleet_dir), plan, fleet=settings.fleet,
                                chunk_size=settings.chunk_size)
+        enrolled = set(load_fleet(settings.fleet_dir)["devices"])
     link.start()
+    await_registry(link, enrolled)
     store = StateStore(settings.state_db)
     try:
         return Coordinator(link, plan, store, config, metrics=metrics, heldout=heldout).run()

@@ -31,23 +31,10 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 from . import ops  # noqa: E402
-from .app import Settings  # noqa: E402
+from .app import Settings, await_registry  # noqa: E402
 from .grid import FleetGrid, GlobalModel, RoundPolicy  # noqa: E402
 from .requantize import dequantize_state, tensor_specs  # noqa: E402
 from .state import StateStore  # noqa: E402
-
-
-REGISTRY_SETTLE_S = 3.0
-
-
-def _await_registry(link, enrolled: set[str], clock, settle: float = REGISTRY_SETTLE_S) -> None:
-    """A fresh link learns the site's devices from their retained STATUS messages, which the broker delivers
-    just after the subscription. FedAvg samples from the devices known when it configures the round, so wait
-    until every enrolled device has been heard of (online or not), or `settle` seconds for a device that never
-    connected: otherwise a round would go to whichever devices' STATUS happened to arrive first."""
-    end = clock() + settle
-    while enrolled and not enrolled <= {d.device for d in link.devices()} and clock() < end:
-        time.sleep(0.02)
 
 
 def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=None, clock=time.monotonic
@@ -67,7 +54,7 @@ def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=
                                chunk_size=settings.chunk_size)
         enrolled = set(load_fleet(settings.fleet_dir)["devices"])
     link.start()
-    _await_registry(link, enrolled, clock)
+    await_registry(link, enrolled, clock)
     store = StateStore(settings.state_db)
     try:
         ints = plan.initial_state()
