@@ -137,10 +137,11 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
         link = CoordinatorLink(settings.broker, Path(settings.fleet_dir), plan, fleet=settings.fleet,
                                chunk_size=settings.chunk_size)
         enrolled = set(load_fleet(settings.fleet_dir)["devices"])
-    link.start()
-    await_registry(link, enrolled)
     store = StateStore(settings.state_db)
     try:
+        store.restore_link(link, status_streams=False)  # before it connects (StateStore.restore_link)
+        link.start()
+        await_registry(link, enrolled)
         return Coordinator(link, plan, store, config, metrics=metrics, heldout=heldout).run()
     finally:
         link.close()

@@ -64,10 +64,10 @@ def fleet(tmp_path):
         yield f"mqtts://127.0.0.1:{port}", tmp_path / "keys", names
 
 
-def start_agents(url, keys, names, task, state_dir, **kwargs):
+def start_agents(url, keys, names, task, state_dir, heartbeat_s=1.0, **kwargs):
     plan, shards, _ = task
     agents = [NodeAgent(name, url, keys, plan, *shards[i], fleet=FLEET, state_dir=state_dir, seed=100 + i,
-                        heartbeat_s=1.0, ack_timeout_s=2.0, **kwargs) for i, name in enumerate(names)]
+                        heartbeat_s=heartbeat_s, ack_timeout_s=2.0, **kwargs) for i, name in enumerate(names)]
     for a in agents:
         a.start()
     return agents
