@@ -1,15 +1,12 @@
 """Scale-out end to end on one machine: two sites, each with its own mosquitto (TLS, client certificates, ACL),
 its own fleet of NodeAgents and a SuperNode whose ClientApp is the site gateway (fedtiny_server.gateway), under
-one Flower SuperLink. The run is submitted the way `flwr run` does it (flwr.cli.run.run.run, the function
-behind the CLI, whose typer front end does not start beside amqtt's typer pin), and its ServerApp is FedAvg
-over the sites (docs/deployment.md, "Scale-out")."""
+one Flower SuperLink. The run is submitted the way `flwr run` does it (tests/flower_deploy.py), and its
+ServerApp is FedAvg over the sites (docs/deployment.md, "Scale-out"). Then a site gateway restarted between
+rounds, over a real mosquitto."""
 
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +16,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from conftest import require_tool
+from flower_deploy import FlowerDeployment
 from test_server_e2e import FLEET, NODES, breast_cancer_task, fleet, start_agents  # noqa: F401 (fixture)
 from fedtiny.planfile import save_plan
 from fedtiny.protocol import chunking
@@ -34,8 +32,6 @@ from fedtiny_server.requantize import dequantize_state, tensor_specs
 
 ROUNDS = 2
 SITES = {"sitea": 2, "siteb": 3}  # fleet name -> devices; different sizes tell the sites' reports apart
-BIN = Path(sys.executable).parent  # flower-superlink / flower-supernode of this interpreter
-FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 SERVER_APP = '''
 """FedAvg over site gateways; writes what it saw (per-reply metrics, initial and final arrays) to `result`."""
@@ -122,22 +118,6 @@ def _write_app(app_dir: Path, plan_path: Path, result: Path) -> None:
         '''))
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"port {port} not listening:\n{log.read_text()[-3000:]}")
-
-
-def _node_config(settings: dict) -> str:
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
-
-
 def test_two_sites_under_one_superlink(task, tmp_path):
     require_tool("mosquitto")
     plan, shards, _ = task
@@ -146,9 +126,7 @@ def test_two_sites_under_one_superlink(task, tmp_path):
     result = tmp_path / "result.json"
     app_dir = tmp_path / "app"
     _write_app(app_dir, plan_path, result)
-    base_env = {**os.environ, **FLWR_ENV, "PYTHONUNBUFFERED": "1"}
 
-    procs: list[tuple[subprocess.Popen, object]] = []
     brokers, agents = [], []
     examples = {}
     try:
@@ -174,70 +152,19 @@ def test_two_sites_under_one_superlink(task, tmp_path):
             sites[fleet_name] = {"broker": url, "fleet-dir": str(site / "keys"), "fleet": fleet_name,
                                  "plan": str(plan_path), "state-db": str(site / "gateway.db"), "quorum": 1.0,
                                  "deadline": 30.0, "seen-within": 60.0}
-        deadline = time.monotonic() + 20
-        while not all(a.transport.connected.is_set() for a in agents):  # their retained STATUS is on the broker
-            assert time.monotonic() < deadline, "devices did not connect to their brokers"
-            time.sleep(0.05)
-
-        # --- SuperLink and one SuperNode (gateway) per site --------------------------------------------------
-        link_port = free_port()
-        home = tmp_path / "flwr-superlink"
-        log = tmp_path / "superlink.log"
-        out = log.open("wb")
-        procs.append((subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-             "--port", str(link_port), "--database", str(tmp_path / "superlink.db"),
-             "--disable-runtime-dependency-installation"],
-            env={**base_env, "FLWR_HOME": str(home)}, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True), out))
-        _wait_port(link_port, procs[-1][0], log)
-        for fleet_name, settings in sites.items():
-            log = tmp_path / f"supernode-{fleet_name}.log"
-            out = log.open("wb")
-            procs.append((subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--insecure",
-                 "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                 "--node-config", _node_config(settings)],
-                env={**base_env, "FLWR_HOME": str(tmp_path / f"flwr-{fleet_name}")}, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True), out))
-
-        # --- submit the run as `flwr run app local` would ---------------------------------------------------
-        cli_home = tmp_path / "flwr-cli"
-        cli_home.mkdir()
-        (cli_home / "config.toml").write_text(textwrap.dedent(f'''\
-            [superlink]
-            default = "local"
-
-            [superlink.local]
-            address = "127.0.0.1:{link_port}"
-            insecure = true
-            '''))
-        submit = subprocess.run(
-            [sys.executable, "-c", "import sys; from flwr.cli.run.run import run; "
-             "run(app=sys.argv[1], superlink='local')", str(app_dir)], env={**base_env, "FLWR_HOME": str(cli_home)}, capture_output=True, text=True,
-            timeout=60)
-        assert submit.returncode == 0 and "Successfully started run" in submit.stdout, \
-            submit.stdout + submit.stderr
-
-        deadline = time.monotonic() + 90
-        while not result.exists():
-            for proc, _ in procs:
-                assert proc.poll() is None, _logs(tmp_path)
-            assert time.monotonic() < deadline, "the run did not finish:\n" + _logs(tmp_path)
-            time.sleep(0.2)
-        time.sleep(0.2)  # the json is written after the npz
-        reports = json.loads(result.read_text())["reports"]
-        arrays = np.load(str(result) + ".npz")
+        with FlowerDeployment(tmp_path / "flower") as flower:
+            # their retained STATUS is on the broker
+            flower.wait(lambda: all(a.transport.connected.is_set() for a in agents), "devices to connect")
+            # --- SuperLink and one SuperNode (gateway) per site; the run as `flwr run app local` -------------
+            flower.superlink()
+            for fleet_name, settings in sites.items():
+                flower.supernode(fleet_name, settings)
+            flower.submit(app_dir)
+            flower.wait(result.exists, "the run to finish")
+            time.sleep(0.2)  # the json is written after the npz
+            reports = json.loads(result.read_text())["reports"]
+            arrays = np.load(str(result) + ".npz")
     finally:
-        for proc, out in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait(10)
-            out.close()
         for a in agents:
             a.stop()
         for b in brokers:
@@ -256,10 +183,6 @@ def test_two_sites_under_one_superlink(task, tmp_path):
     shift = np.sqrt(sum(((arrays[f"final/{n}"] - initial[n]) ** 2).sum() for n in specs))
     print(f"global model shift (L2): {shift:.4f}")
     assert shift > 0, "the global model did not change"
-
-
-def _logs(tmp_path: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(tmp_path.rglob("*.log")))
 
 
 def test_gateway_restarted_between_rounds_refuses_an_uplink_from_before(  # noqa: F811 (fixture)
