@@ -2,7 +2,8 @@
 
 The devices are not SuperNodes (a SuperNode per microcontroller would cost ~250 MB and a gRPC stack each):
 they are the nodes of a FleetGrid over MQTT, which this app builds from the run config. The Grid Flower hands
-to `main` is not used for training; with a gateway deployment (docs/deployment.md) it is the SuperLink's.
+to `main` is not used for training, so under a SuperLink the run needs no SuperNode. The JSON-lines events go
+to stderr, which Flower keeps as the run's log (`flwr log RUN`).
 
 Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config 'key=value ...'`):
 
@@ -22,6 +23,7 @@ Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config '
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -155,7 +157,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = Settings.from_run_config(dict(context.run_config))
-    ops.event("serverapp_started", run_id=context.run_id, fleet=settings.fleet, broker=settings.broker,
-              rounds=settings.num_server_rounds, strategy=settings.strategy)
-    run_coordinator(settings)
+    # JSON lines on stderr, which Flower keeps as the run's log (`flwr log RUN`), for this run only
+    handler = None if ops.LOG.handlers else ops.setup_json_logging(sys.stderr)
+    try:
+        settings = Settings.from_run_config(dict(context.run_config))
+        ops.event("serverapp_started", run_id=context.run_id, fleet=settings.fleet, broker=settings.broker,
+                  rounds=settings.num_server_rounds, strategy=settings.strategy)
+        run_coordinator(settings)
+    finally:
+        if handler is not None:
+            ops.LOG.removeHandler(handler)
+            ops.LOG.propagate = True
