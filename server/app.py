@@ -2,7 +2,8 @@
 
 The devices are not SuperNodes (a SuperNode per microcontroller would cost ~250 MB and a gRPC stack each):
 they are the nodes of a FleetGrid over MQTT, which this app builds from the run config. The Grid Flower hands
-to `main` is not used for training; with a gateway deployment (docs/deployment.md) it is the SuperLink's.
+to `main` is not used for training, so under a SuperLink the run needs no SuperNode. The JSON-lines events go
+to stderr, which Flower keeps as the run's log (`flwr log RUN`).
 
 Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config 'key=value ...'`):
 
@@ -22,6 +23,8 @@ Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config '
 from __future__ import annotations
 
 import os
+import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -92,6 +95,19 @@ def parse_options(text: str) -> dict:
     return out
 
 
+REGISTRY_SETTLE_S = 3.0
+
+
+def await_registry(link, enrolled: set[str], clock=time.monotonic, settle: float = REGISTRY_SETTLE_S) -> None:
+    """A fresh link learns the fleet's devices from their retained STATUS messages, which the broker delivers
+    just after the subscription. A strategy samples from the devices known when it configures the round, so wait
+    until every enrolled device has been heard of (online or not), or `settle` seconds for a device that never
+    connected: otherwise the first round would go to whichever devices' STATUS happened to arrive first."""
+    end = clock() + settle
+    while enrolled and not enrolled <= {d.device for d in link.devices()} and clock() < end:
+        time.sleep(0.02)
+
+
 def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None = None):
     """Build link, store and coordinator from settings, run every round, close everything; returns the history.
     `link` replaces the MQTT CoordinatorLink (tests)."""
@@ -116,14 +132,18 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
         heldout = (ds.X, ds.y)
     server = ops.MetricsServer(metrics, settings.metrics_port, settings.metrics_host).start() \
         if settings.metrics_port else None
+    enrolled: set[str] = set()
     if link is None:
-        from fedtiny.protocol.fleet import CoordinatorLink
+        from fedtiny.protocol.fleet import CoordinatorLink, load_fleet
 
         link = CoordinatorLink(settings.broker, Path(settings.fleet_dir), plan, fleet=settings.fleet,
                                chunk_size=settings.chunk_size)
-    link.start()
+        enrolled = set(load_fleet(settings.fleet_dir)["devices"])
     store = StateStore(settings.state_db)
     try:
+        store.restore_link(link, status_streams=False)  # before it connects (StateStore.restore_link)
+        link.start()
+        await_registry(link, enrolled)
         return Coordinator(link, plan, store, config, metrics=metrics, heldout=heldout).run()
     finally:
         link.close()
@@ -137,7 +157,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = Settings.from_run_config(dict(context.run_config))
-    ops.event("serverapp_started", run_id=context.run_id, fleet=settings.fleet, broker=settings.broker,
-              rounds=settings.num_server_rounds, strategy=settings.strategy)
-    run_coordinator(settings)
+    # JSON lines on stderr, which Flower keeps as the run's log (`flwr log RUN`), for this run only
+    handler = None if ops.LOG.handlers else ops.setup_json_logging(sys.stderr)
+    try:
+        settings = Settings.from_run_config(dict(context.run_config))
+        ops.event("serverapp_started", run_id=context.run_id, fleet=settings.fleet, broker=settings.broker,
+                  rounds=settings.num_server_rounds, strategy=settings.strategy)
+        run_coordinator(settings)
+    finally:
+        if handler is not None:
+            ops.LOG.removeHandler(handler)
+            ops.LOG.propagate = True

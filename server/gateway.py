@@ -12,7 +12,9 @@ changed tensors) to the site's devices through a FleetGrid, waits for a quorum o
 the replies with FedAvg (weights: clamped num-examples). Its reply carries the site average and
 "num-examples" = the sum of the site's clamped examples, so FedAvg over sites equals FedAvg over all devices.
 Robust strategies (median, trimmed mean, Krum) then act per site. The site's state (versions, registry,
-accepted replies) is in its own SQLite file, so a gateway restart loses no accepted reply either.
+accepted replies, the link's uplink replay counters) is in its own SQLite file, committed with every round, so
+a gateway restart loses no accepted reply and takes no uplink it had accepted before. Each round opens the
+site's link afresh from that file, as a restarted gateway does.
 
 Per-site settings come from the SuperNode's node config, with the same keys as the ServerApp's run config
 (broker, fleet-dir, fleet, plan, state-db, quorum, deadline, ...).
@@ -31,23 +33,10 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 from . import ops  # noqa: E402
-from .app import Settings  # noqa: E402
+from .app import Settings, await_registry  # noqa: E402
 from .grid import FleetGrid, GlobalModel, RoundPolicy  # noqa: E402
 from .requantize import dequantize_state, tensor_specs  # noqa: E402
-from .state import StateStore  # noqa: E402
-
-
-REGISTRY_SETTLE_S = 3.0
-
-
-def _await_registry(link, enrolled: set[str], clock, settle: float = REGISTRY_SETTLE_S) -> None:
-    """A fresh link learns the site's devices from their retained STATUS messages, which the broker delivers
-    just after the subscription. FedAvg samples from the devices known when it configures the round, so wait
-    until every enrolled device has been heard of (online or not), or `settle` seconds for a device that never
-    connected: otherwise a round would go to whichever devices' STATUS happened to arrive first."""
-    end = clock() + settle
-    while enrolled and not enrolled <= {d.device for d in link.devices()} and clock() < end:
-        time.sleep(0.02)
+from .state import StateStore, link_meta  # noqa: E402
 
 
 def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=None, clock=time.monotonic
@@ -66,10 +55,12 @@ def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=
         link = CoordinatorLink(settings.broker, settings.fleet_dir, plan, fleet=settings.fleet,
                                chunk_size=settings.chunk_size)
         enrolled = set(load_fleet(settings.fleet_dir)["devices"])
-    link.start()
-    _await_registry(link, enrolled, clock)
     store = StateStore(settings.state_db)
     try:
+        store.restore_link(link, status_streams=False)  # a DELTA accepted before stays refused
+        link.start()
+        await_registry(link, enrolled, clock)
+        store.restore_link(link)
         ints = plan.initial_state()
         store.initialize(dequantize_state(specs, ints), ints, plan_hash(plan).hex())
         ckpt = store.load()
@@ -89,7 +80,7 @@ def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=
         site_arrays, site_metrics = strategy.aggregate_train(server_round, replies)
         examples = sum(int(next(iter(m.content.metric_records.values()))["num-examples"]) for m in replies)
         store.commit_round(server_round, model.version, model.master, model.ints, None, grid.registry,
-                           {"train": dict(site_metrics or {}), "replies": len(replies)})
+                           {"train": dict(site_metrics or {}), "replies": len(replies)}, link_meta(link))
         metrics = MetricRecord({**dict(site_metrics or {}), "num-examples": examples, "site-replies": len(replies)})
         ops.event("site_round_completed", fleet=settings.fleet, round=server_round, replies=len(replies),
                   num_examples=examples)

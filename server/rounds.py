@@ -8,7 +8,6 @@ momentum, Adam moments, the FedBuff buffer), and ends every round with one SQLit
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from . import ops
 from .fedbuff import FedBuff
 from .grid import FleetGrid, GlobalModel, RoundPolicy
 from .requantize import dequantize_state, tensor_specs
-from .state import StateStore
+from .state import StateStore, link_meta
 
 STRATEGIES = {
     "fedavg": flwr_strategies.FedAvg,
@@ -167,9 +166,7 @@ class Coordinator:
         # Uplink replay counters live in the link's envelope layer; a link that can export them has them
         # checkpointed with each round (the accepted-reply ids in the store refuse old replies either way).
         self.link = link
-        saved = store.meta("link_replay")
-        if saved and hasattr(link, "load_replay_state"):
-            link.load_replay_state(json.loads(saved))
+        store.restore_link(link)
         self.round = ckpt.round
         self.evaluate_fn = heldout_evaluator(plan, self.model, *heldout) if heldout is not None else None
         self.history: list[RoundResult] = []
@@ -211,11 +208,10 @@ class Coordinator:
         eval_metrics = self.evaluate_fn(rnd, self.model.arrays()) if self.evaluate_fn else None
         train = dict(train_metrics or {})
         evaluation = dict(eval_metrics or {})
-        replay = self.link.replay_state() if hasattr(self.link, "replay_state") else None
         self.store.commit_round(rnd, self.model.version, self.model.master, self.model.ints,
                                 strategy_state(self.strategy), self.grid.registry,
                                 {"train": train, "eval": evaluation, "replies": len(replies)},
-                                extra_meta={"link_replay": json.dumps(replay)} if replay is not None else None)
+                                extra_meta=link_meta(self.link))
         self.round = rnd
         seconds = time.perf_counter() - start
         self.metrics.inc("fedtiny_rounds_total")

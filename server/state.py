@@ -139,6 +139,23 @@ class StateStore:
             row = self.db.execute("SELECT master FROM globals WHERE version = ?", (version,)).fetchone()
         return unpack_arrays(row[0]) if row else None
 
+    def restore_link(self, link, status_streams: bool = True) -> None:
+        """Give a fleet link the uplink replay counters checkpointed with the last round (for a link that exports
+        them); restoring never moves a counter back, so it may be called twice.
+
+        A restarted link restores in two steps. Before it connects, without the STATUS streams
+        (`status_streams=False`): its persistent MQTT session delivers the uplinks queued meanwhile at once, and
+        an old DELTA among them must be refused. After the retained STATUS messages arrived, everything: a
+        retained STATUS the link had accepted before is not newer than its counter and would be refused as
+        stale, leaving the device unknown until its next heartbeat."""
+        saved = self.meta("link_replay")
+        if not saved or not hasattr(link, "load_replay_state"):
+            return
+        state = json.loads(saved)
+        if not status_streams:  # rows of ReplayGuard.export: device id, direction, stream (0 = data), round, seq
+            state = {**state, "replay": [row for row in state.get("replay", []) if row[2] == 0]}
+        link.load_replay_state(state)
+
     def accepted_ids(self, round_: int) -> set[str]:
         with self._lock:
             return {r[0] for r in self.db.execute("SELECT device FROM replies WHERE round = ?", (round_,))}
@@ -184,3 +201,9 @@ class StateStore:
                 [(d.device, d.device_id, d.model_version, d.last_round, d.accepted, d.rejected)
                  for d in devices.values()])
             self.db.execute("UPDATE replies SET aggregated = 1 WHERE aggregated = 0")
+
+
+def link_meta(link) -> dict[str, str] | None:
+    """commit_round's extra_meta for a fleet link's replay counters (None for a link that does not export them)."""
+    replay = link.replay_state() if hasattr(link, "replay_state") else None
+    return {"link_replay": json.dumps(replay)} if replay is not None else None

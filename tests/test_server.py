@@ -17,7 +17,7 @@ from fedtiny.scheme import parse
 from fedtiny.zoo import MLP
 from fedtiny_server import ops
 from fedtiny_server.fedbuff import FedBuff, staleness_weight
-from fedtiny_server.grid import RoundPolicy, ensure_task_identity
+from fedtiny_server.grid import GlobalModel, RoundPolicy, ensure_task_identity
 from fedtiny_server.requantize import (DeltaError, changed, dequantize_state, rebuild,
                                        requantize_state, tensor_specs)
 from fedtiny_server.rounds import (STRATEGIES, Coordinator, CoordinatorConfig, heldout_evaluator,
@@ -141,6 +141,38 @@ def test_link_replay_counters_are_checkpointed(plan, tmp_path):
     assert again.loaded == {"dev": [3, 17]}
 
 
+def test_a_restarted_link_gets_its_data_counters_before_it_connects(plan, tmp_path):
+    """run_coordinator restores the data stream's replay counters before the link connects (uplinks queued for
+    its session arrive at once) and the STATUS streams' once the registry settled (a retained STATUS the link
+    had accepted would read as stale, and its device stay unknown until the next heartbeat)."""
+    from fedtiny.planfile import save_plan
+    from fedtiny_server.app import Settings, run_coordinator
+
+    rows = [[7, 0, 0, 3, 17], [7, 0, 1, 3, 18], [7, 0, 2, 1, 2]]  # device 7: data, heartbeat, last will
+    calls = []
+
+    class ReplayLink(FakeLink):
+        def start(self):
+            calls.append("start")
+            return self
+
+        def replay_state(self):
+            return {"replay": rows, "next_seq": {"7": 40}}
+
+        def load_replay_state(self, state):
+            calls.append(state)
+
+    save_plan(plan, tmp_path / "p.plan")
+    clock = FakeClock()
+    for rounds in (1, 2):
+        link = ReplayLink(clock, responder(lambda t: zero_delta(plan)))
+        link.add_device("a")
+        run_coordinator(Settings("mqtt://127.0.0.1:1", str(tmp_path), "lab", str(tmp_path / "p.plan"),
+                                 str(tmp_path / "s.db"), num_server_rounds=rounds), link=link)
+    assert calls == ["start", {"replay": rows[:1], "next_seq": {"7": 40}}, "start",
+                     {"replay": rows, "next_seq": {"7": 40}}]
+
+
 # --- requantization --------------------------------------------------------------------------------------------
 
 def test_requantize_round_trip(plan):
@@ -180,6 +212,19 @@ def test_rebuild_is_master_plus_dequantized_delta(plan):
         rebuild(specs, master, {W: np.zeros(3, np.int16)})
     with pytest.raises(DeltaError):
         rebuild(specs, master, {W: np.full(delta[W].shape, 300, np.int16)})
+
+
+def test_arrays_beyond_the_integers_are_adopted_as_one_version(plan):
+    """A strategy's arrays (a site gateway's global model) that the integers cannot hold are clamped into one new
+    version: every train message of the round carries them, and each must give the same version."""
+    specs = tensor_specs(plan)
+    ints = plan.initial_state()
+    model = GlobalModel(specs, dequantize_state(specs, ints), ints, 0)
+    arrays = {k: v.numpy() for k, v in model.arrays().items()}
+    arrays[W] = np.full(specs[W].shape, 1e6)
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    assert [model.adopt(record) for _ in range(3)] == [1, 1, 1]
+    assert model.ints[W].max() == 127
 
 
 def test_downlink_sends_only_changed_tensors_requantized(plan, tmp_path):

@@ -64,10 +64,10 @@ def fleet(tmp_path):
         yield f"mqtts://127.0.0.1:{port}", tmp_path / "keys", names
 
 
-def start_agents(url, keys, names, task, state_dir, **kwargs):
+def start_agents(url, keys, names, task, state_dir, heartbeat_s=1.0, **kwargs):
     plan, shards, _ = task
     agents = [NodeAgent(name, url, keys, plan, *shards[i], fleet=FLEET, state_dir=state_dir, seed=100 + i,
-                        heartbeat_s=1.0, ack_timeout_s=2.0, **kwargs) for i, name in enumerate(names)]
+                        heartbeat_s=heartbeat_s, ack_timeout_s=2.0, **kwargs) for i, name in enumerate(names)]
     for a in agents:
         a.start()
     return agents
@@ -156,6 +156,15 @@ def _db(path, sql):
         return db.execute(sql).fetchall()
 
 
+def _committed_round(path) -> str | None:
+    """The last committed round of a checkpoint that may not exist yet, or whose tables are being created."""
+    try:
+        rows = _db(path, "SELECT value FROM meta WHERE key = 'round'") if path.exists() else []
+    except sqlite3.OperationalError:  # the file exists, its tables not yet
+        return None
+    return rows[0][0] if rows else None
+
+
 def test_coordinator_killed_and_restarted_resumes(fleet, task, tmp_path):
     """The coordinator (the CLI, in a subprocess) is SIGKILLed in round 2 after two replies were accepted and
     while a third node's upload is held back; a new coordinator resumes round 2 with the two stored replies
@@ -183,7 +192,7 @@ def test_coordinator_killed_and_restarted_resumes(fleet, task, tmp_path):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         # round 1 completes; in round 2 the slow node's DELTA is held back
         deadline = time.monotonic() + 60
-        while not (db.exists() and _db(db, "SELECT value FROM meta WHERE key = 'round'") == [("1",)]):
+        while _committed_round(db) != "1":
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "round 1 did not complete"
             time.sleep(0.05)

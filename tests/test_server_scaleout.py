@@ -1,33 +1,37 @@
 """Scale-out end to end on one machine: two sites, each with its own mosquitto (TLS, client certificates, ACL),
 its own fleet of NodeAgents and a SuperNode whose ClientApp is the site gateway (fedtiny_server.gateway), under
-one Flower SuperLink. The run is submitted the way `flwr run` does it (flwr.cli.run.run.run, the function
-behind the CLI, whose typer front end does not start beside amqtt's typer pin), and its ServerApp is FedAvg
-over the sites (docs/deployment.md, "Scale-out")."""
+one Flower SuperLink. The run is submitted the way `flwr run` does it (tests/flower_deploy.py), and its
+ServerApp is FedAvg over the sites (docs/deployment.md, "Scale-out"). Then a site gateway restarted between
+rounds, over a real mosquitto."""
 
 import json
+import logging
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 
 from conftest import require_tool
-from test_server_e2e import breast_cancer_task
+from flower_deploy import FlowerDeployment
+from test_server_e2e import FLEET, NODES, breast_cancer_task, fleet, start_agents  # noqa: F401 (fixture)
 from fedtiny.planfile import save_plan
+from fedtiny.protocol import chunking
+from fedtiny.protocol import fleet as fleet_link
 from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
+from fedtiny.protocol.envelope import Header
 from fedtiny.protocol.keys import provision_fleet
+from fedtiny.protocol.messages import MessageType
 from fedtiny_device.agent import NodeAgent
+from fedtiny_server.app import Settings
+from fedtiny_server.gateway import site_round
 from fedtiny_server.requantize import dequantize_state, tensor_specs
 
 ROUNDS = 2
 SITES = {"sitea": 2, "siteb": 3}  # fleet name -> devices; different sizes tell the sites' reports apart
-BIN = Path(sys.executable).parent  # flower-superlink / flower-supernode of this interpreter
-FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 SERVER_APP = '''
 """FedAvg over site gateways; writes what it saw (per-reply metrics, initial and final arrays) to `result`."""
@@ -83,8 +87,7 @@ def main(grid: Grid, context: Context) -> None:
 @pytest.fixture(scope="module")
 def task():
     """The end-to-end tests' breast-cancer mlp, a shard per device of every site."""
-    plan, shards, _ = breast_cancer_task(sum(SITES.values()))
-    return plan, shards
+    return breast_cancer_task(sum(SITES.values()))
 
 
 def _write_app(app_dir: Path, plan_path: Path, result: Path) -> None:
@@ -115,42 +118,24 @@ def _write_app(app_dir: Path, plan_path: Path, result: Path) -> None:
         '''))
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"port {port} not listening:\n{log.read_text()[-3000:]}")
-
-
-def _node_config(settings: dict) -> str:
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
-
-
 def test_two_sites_under_one_superlink(task, tmp_path):
     require_tool("mosquitto")
-    plan, shards = task
+    plan, shards, _ = task
     plan_path = tmp_path / "mlp.plan"
     save_plan(plan, plan_path)
     result = tmp_path / "result.json"
     app_dir = tmp_path / "app"
     _write_app(app_dir, plan_path, result)
-    base_env = {**os.environ, **FLWR_ENV, "PYTHONUNBUFFERED": "1"}
 
-    procs: list[tuple[subprocess.Popen, object]] = []
     brokers, agents = [], []
     examples = {}
     try:
         # --- sites: a fleet, its broker, its devices ---------------------------------------------------------
         sites, shard = {}, 0
-        for fleet, count in SITES.items():
-            site = tmp_path / fleet
-            names = [f"{fleet}-n{i}" for i in range(count)]
-            provision_fleet(site / "keys", fleet, names)
+        for fleet_name, count in SITES.items():
+            site = tmp_path / fleet_name
+            names = [f"{fleet_name}-n{i}" for i in range(count)]
+            provision_fleet(site / "keys", fleet_name, names)
             port = free_port()
             (site / "mosquitto.conf").write_text(
                 mosquitto_config(site / "keys", port, run_as_root=os.geteuid() == 0))
@@ -158,79 +143,28 @@ def test_two_sites_under_one_superlink(task, tmp_path):
             url = f"mqtts://127.0.0.1:{port}"
             for i, name in enumerate(names):
                 X, y = shards[shard]
-                agent = NodeAgent(name, url, site / "keys", plan, X, y, fleet=fleet, state_dir=site / "nodes",
-                                  seed=100 + shard, heartbeat_s=1.0, ack_timeout_s=2.0)
+                agent = NodeAgent(name, url, site / "keys", plan, X, y, fleet=fleet_name,
+                                  state_dir=site / "nodes", seed=100 + shard, heartbeat_s=1.0, ack_timeout_s=2.0)
                 agent.start()
                 agents.append(agent)
                 shard += 1
-            examples[fleet] = sum(len(shards[j][1]) for j in range(shard - count, shard))
-            sites[fleet] = {"broker": url, "fleet-dir": str(site / "keys"), "fleet": fleet,
-                            "plan": str(plan_path), "state-db": str(site / "gateway.db"), "quorum": 1.0,
-                            "deadline": 30.0, "seen-within": 60.0}
-        deadline = time.monotonic() + 20
-        while not all(a.transport.connected.is_set() for a in agents):  # their retained STATUS is on the broker
-            assert time.monotonic() < deadline, "devices did not connect to their brokers"
-            time.sleep(0.05)
-
-        # --- SuperLink and one SuperNode (gateway) per site --------------------------------------------------
-        link_port = free_port()
-        home = tmp_path / "flwr-superlink"
-        log = tmp_path / "superlink.log"
-        out = log.open("wb")
-        procs.append((subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-             "--port", str(link_port), "--database", str(tmp_path / "superlink.db"),
-             "--disable-runtime-dependency-installation"],
-            env={**base_env, "FLWR_HOME": str(home)}, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True), out))
-        _wait_port(link_port, procs[-1][0], log)
-        for fleet, settings in sites.items():
-            log = tmp_path / f"supernode-{fleet}.log"
-            out = log.open("wb")
-            procs.append((subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--insecure",
-                 "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                 "--node-config", _node_config(settings)],
-                env={**base_env, "FLWR_HOME": str(tmp_path / f"flwr-{fleet}")}, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True), out))
-
-        # --- submit the run as `flwr run app local` would ---------------------------------------------------
-        cli_home = tmp_path / "flwr-cli"
-        cli_home.mkdir()
-        (cli_home / "config.toml").write_text(textwrap.dedent(f'''\
-            [superlink]
-            default = "local"
-
-            [superlink.local]
-            address = "127.0.0.1:{link_port}"
-            insecure = true
-            '''))
-        submit = subprocess.run(
-            [sys.executable, "-c", "import sys; from flwr.cli.run.run import run; "
-             "run(app=sys.argv[1], superlink='local')", str(app_dir)], env={**base_env, "FLWR_HOME": str(cli_home)}, capture_output=True, text=True,
-            timeout=60)
-        assert submit.returncode == 0 and "Successfully started run" in submit.stdout, \
-            submit.stdout + submit.stderr
-
-        deadline = time.monotonic() + 90
-        while not result.exists():
-            for proc, _ in procs:
-                assert proc.poll() is None, _logs(tmp_path)
-            assert time.monotonic() < deadline, "the run did not finish:\n" + _logs(tmp_path)
-            time.sleep(0.2)
-        time.sleep(0.2)  # the json is written after the npz
-        reports = json.loads(result.read_text())["reports"]
-        arrays = np.load(str(result) + ".npz")
+            examples[fleet_name] = sum(len(shards[j][1]) for j in range(shard - count, shard))
+            sites[fleet_name] = {"broker": url, "fleet-dir": str(site / "keys"), "fleet": fleet_name,
+                                 "plan": str(plan_path), "state-db": str(site / "gateway.db"), "quorum": 1.0,
+                                 "deadline": 30.0, "seen-within": 60.0}
+        with FlowerDeployment(tmp_path / "flower") as flower:
+            # their retained STATUS is on the broker
+            flower.wait(lambda: all(a.transport.connected.is_set() for a in agents), "devices to connect")
+            # --- SuperLink and one SuperNode (gateway) per site; the run as `flwr run app local` -------------
+            flower.superlink()
+            for fleet_name, settings in sites.items():
+                flower.supernode(fleet_name, settings)
+            flower.submit(app_dir)
+            flower.wait(result.exists, "the run to finish")
+            time.sleep(0.2)  # the json is written after the npz
+            reports = json.loads(result.read_text())["reports"]
+            arrays = np.load(str(result) + ".npz")
     finally:
-        for proc, out in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait(10)
-            out.close()
         for a in agents:
             a.stop()
         for b in brokers:
@@ -251,5 +185,67 @@ def test_two_sites_under_one_superlink(task, tmp_path):
     assert shift > 0, "the global model did not change"
 
 
-def _logs(tmp_path: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(tmp_path.rglob("*.log")))
+def test_gateway_restarted_between_rounds_refuses_an_uplink_from_before(  # noqa: F811 (fixture)
+        fleet, task, tmp_path, monkeypatch, caplog):
+    """Each site_round builds its link, store and grid from the node config and the site's SQLite file, as a
+    restarted gateway process does. A device's round-1 DELTA, published again while the gateway is down (the
+    broker queues it for the gateway's persistent session and delivers it as the next gateway connects), is
+    refused by the round-2 gateway: its link starts from the replay counters checkpointed with round 1.
+
+    The device's JOIN after its round-1 ACK (newer in the same replay stream) is held until the replay is out,
+    so that nothing but the restored counters can tell the new gateway that the DELTA is old. Heartbeats are
+    30 s apart, as on a real device: the new gateway must know every device from the STATUS messages the broker
+    retained, which its predecessor had already accepted."""
+    url, keys, names = fleet
+    plan = task[0]
+    plan_path = tmp_path / "mlp.plan"
+    save_plan(plan, plan_path)
+    settings = Settings(broker=url, fleet_dir=str(keys), fleet=FLEET, plan=str(plan_path),
+                        state_db=str(tmp_path / "gateway.db"), quorum=1.0, deadline=30.0, seen_within=60.0)
+    links = []
+
+    class RecordedLink(fleet_link.CoordinatorLink):
+        def start(self):
+            links.append(self)
+            return super().start()
+
+    monkeypatch.setattr(fleet_link, "CoordinatorLink", RecordedLink)  # what site_round builds
+    caplog.set_level(logging.WARNING, logger="fedtiny.fleet")
+    agents = start_agents(url, keys, names, task, tmp_path / "nodes", heartbeat_s=30.0)
+    device = agents[0]
+    deltas, held, transfers = [], [], set()
+
+    def uplink(p) -> bool:
+        chunk = chunking.parse_chunk(p.payload)
+        header = Header.unpack(chunk.data) if chunk.index == 0 else None
+        if header is not None and header.type == MessageType.DELTA and header.round == 1:
+            transfers.add(chunk.transfer_id)
+        if "/up/" in p.topic and chunk.transfer_id in transfers:
+            deltas.append(p)
+        if header is not None and header.type == MessageType.JOIN and header.round == 1:
+            held.append(p)
+            return False
+        return True
+
+    device.uplink_filter = uplink
+    try:
+        deadline = time.monotonic() + 20
+        while not all(a.transport.connected.is_set() for a in agents):
+            assert time.monotonic() < deadline, "devices did not connect"
+            time.sleep(0.05)
+        master = dequantize_state(tensor_specs(plan), plan.initial_state())
+        arrays, first = site_round(settings, 1, ArrayRecord({k: Array(np.asarray(v)) for k, v in master.items()}))
+        assert len(transfers) == 1 and held, "the device sent one DELTA in round 1, then a JOIN"
+        # the gateway is down: the device's old DELTA goes out again, then its held JOIN
+        for p in deltas + held:
+            assert device.transport.wait_published(device.transport.publish(p)) is not None
+        device.uplink_filter = None
+        _, second = site_round(settings, 2, arrays)
+    finally:
+        for a in agents:
+            a.stop()
+    assert first["site-replies"] == second["site-replies"] == NODES
+    up = f"on fedtiny/{FLEET}/up/{names[0]}: "
+    refused = [r.getMessage() for r in caplog.records if up in r.getMessage()]
+    assert len(refused) == 1 and "stale" in refused[0], refused
+    assert links[1].stats["replies"] == NODES, links[1].stats  # round 2's own replies, nothing from round 1
