@@ -35,10 +35,10 @@ from fedtiny.protocol.envelope import DeviceEndpoint, Flags, Header, Identity, P
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.fleet import (
     FULL_STATE, MqttTransport, Publish, encode_update, entries_to_state, load_fleet,
-    state_delta, task_settings,
+    split_uplink, state_delta, task_settings,
 )
 from fedtiny.protocol.messages import (
-    FEATURE_MQTT5, Ack, AckStatus, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
+    FEATURE_MQTT5, Ack, AckStatus, Delta, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
 )
 
 from .interpreter import run
@@ -59,6 +59,7 @@ class TrainJob:
     epochs: int
     steps: int
     base: dict[str, np.ndarray]
+    uplink_keep: float = 1.0  # the fraction of each buffer's changes the DELTA carries (fleet.split_uplink)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,14 @@ class LocalTraining:
                            accuracy, self.rng_counter)
 
 
+def round_update(plan: Plan, job: TrainJob, result: TrainResult, carry: dict[str, np.ndarray] | None
+                 ) -> tuple[Delta, dict[str, np.ndarray]]:
+    """The round's DELTA body and the change kept back for the next round (error feedback), from what training
+    returned: every engine's device builds its uplink here."""
+    sent, carry = split_uplink(state_delta(result.state, job.base), carry, job.uplink_keep)
+    return encode_update(plan, sent, result.num_examples, result.loss, result.accuracy), carry
+
+
 # --- persisted state ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -130,6 +139,7 @@ class NodeState:
     pending_task: dict | None = None  # round, model_version, epochs, steps of a TASK not yet answered
     upload: bytes | None = None  # the sealed DELTA until ACKed
     upload_chunk: int = 0
+    carry: dict | None = None  # per trainable buffer, the change not yet sent (split_uplink)
 
 
 def save_state(path: Path, state: NodeState) -> None:
@@ -138,6 +148,7 @@ def save_state(path: Path, state: NodeState) -> None:
                   seq=state.seq, trained_round=state.trained_round, replay=state.replay,
                   pending_task=state.pending_task, upload_chunk=state.upload_chunk)
     arrays = dict(state.global_state)
+    arrays.update({f"carry:{k}": v for k, v in (state.carry or {}).items()})
     if state.upload is not None:
         arrays["upload"] = np.frombuffer(state.upload, np.uint8)
     data = dumps(STATE_KIND, header, arrays)
@@ -159,12 +170,14 @@ def save_state(path: Path, state: NodeState) -> None:
 def load_state(path: Path, plan: Plan) -> NodeState:
     header, arrays = loads(path.read_bytes(), STATE_KIND, str(path))
     upload = arrays.pop("upload", None)
+    carry = {k[len("carry:"):]: np.array(arrays.pop(k)) for k in list(arrays) if k.startswith("carry:")}
     names = plan.trainable_buffers()
-    if set(arrays) != set(names):
+    if set(arrays) != set(names) or (carry and set(carry) != set(names)):
         raise ValueError(f"{path} holds state for another plan")
     return NodeState(header["model_version"], {n: np.array(arrays[n]) for n in names}, header["rng_counter"],
                      header["round"], header["seq"], header["trained_round"], header["replay"],
-                     header["pending_task"], None if upload is None else upload.tobytes(), header["upload_chunk"])
+                     header["pending_task"], None if upload is None else upload.tobytes(), header["upload_chunk"],
+                     carry or None)
 
 
 # --- the protocol state machine ----------------------------------------------------------------------------
@@ -289,7 +302,8 @@ class DeviceSession:
                 if settings["clip_norm"]:
                     log.warning("%s: clip_norm is not applied by this agent", self.device)
                 self.state.pending_task = dict(round=header.round, model_version=header.model_version,
-                                               epochs=int(settings["epochs"]), steps=int(settings["steps"]))
+                                               epochs=int(settings["epochs"]), steps=int(settings["steps"]),
+                                               uplink_keep=settings["uplink_keep"])
         elif isinstance(body, Ack):
             out += self._on_ack(body, now)
         self._persist()
@@ -329,7 +343,7 @@ class DeviceSession:
         if task is None or self.state.upload is not None or task["model_version"] != self.state.model_version:
             return None  # nothing to do, an upload still in flight, or waiting for the GLOBAL_UPDATE
         return TrainJob(task["round"], task["model_version"], task["epochs"], task["steps"],
-                        {k: v.copy() for k, v in self.state.global_state.items()})
+                        {k: v.copy() for k, v in self.state.global_state.items()}, task.get("uplink_keep", 1.0))
 
     def pending_job(self) -> TrainJob | None:
         """A task received before a restart and never answered."""
@@ -337,8 +351,7 @@ class DeviceSession:
 
     def complete(self, job: TrainJob, result: TrainResult, now: float) -> list[Publish]:
         """Seal the round's DELTA (the delta of the trained state from the job's base, and the metrics)."""
-        body = encode_update(self.plan, state_delta(result.state, job.base), result.num_examples, result.loss,
-                             result.accuracy)
+        body, self.state.carry = round_update(self.plan, job, result, self.state.carry)
         self.state.rng_counter = result.rng_counter
         self.state.trained_round = job.round
         self.state.pending_task = None

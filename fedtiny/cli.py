@@ -148,6 +148,9 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--lr", default=0.01, show_default=True, type=float, help="Devices' SGD learning rate (QAS-scaled).")
 @click.option("--epochs", default=2, show_default=True, help="Local epochs per round.")
 @click.option("--chunk-size", default=1024, show_default=True, help="Maximum MQTT payload per message (256 B..256 KB).")
+@click.option("--uplink-keep", default=0.5, show_default=True, type=float,
+              help="Fraction of each tensor's changes a node sends per round, largest first; the rest stays on the "
+                   "node and is added to its next round's change (error feedback). 1 sends everything.")
 @click.option("--dropout", default=0.0, show_default=True, help="Fraction of nodes that fail each round.")
 @click.option("--stragglers", default=0.0, show_default=True, help="Fraction of nodes that are slow.")
 @click.option("--deadline", default=20.0, show_default=True,
@@ -164,7 +167,7 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--baseline-lr", default=0.003, show_default=True, type=float,
               help="The baseline's fp32 SGD learning rate (0.01 diverges on some bearing machines).")
 def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget, reserve, lr, epochs, chunk_size,
-             dropout, stragglers, deadline, seed, broker, fleet_dir, out, engine, baseline, baseline_lr) -> None:
+             uplink_keep, dropout, stragglers, deadline, seed, broker, fleet_dir, out, engine, baseline, baseline_lr) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
     from fedtiny_sim.simulate import LiveTable, SimulationConfig
@@ -173,6 +176,7 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
     config = SimulationConfig(nodes=nodes, rounds=rounds, scenario=scenario, data=data_file, model=model,
                               strategy=strategy, scheme=scheme, budget=parse_bytes(budget),
                               reserve=parse_bytes(reserve), lr=lr, epochs=epochs, chunk_size=chunk_size,
+                              uplink_keep=uplink_keep,
                               dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
                               fleet_dir=fleet_dir, out=out, engine=engine, baseline=baseline,
                               baseline_lr=baseline_lr)

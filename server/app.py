@@ -59,6 +59,7 @@ class Settings:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     chunk_size: int = 4096
+    uplink_keep: float = 1.0  # fraction of each buffer's changes a DELTA carries; the rest waits (fleet.split_uplink)
 
     @classmethod
     def from_run_config(cls, config: dict) -> Settings:
@@ -120,7 +121,8 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
     plan = load_plan(settings.plan)
     policy = RoundPolicy(quorum=settings.quorum, deadline=settings.deadline, seen_within=settings.seen_within,
                          max_examples=settings.max_examples, max_staleness=settings.max_staleness,
-                         task={"local_steps": settings.local_steps, "lr_scale": settings.lr_scale})
+                         task={"local_steps": settings.local_steps, "lr_scale": settings.lr_scale,
+                               "uplink_keep": settings.uplink_keep})
     options = {"fraction_train": settings.fraction_train, **parse_options(settings.strategy_options)}
     config = CoordinatorConfig(settings.num_server_rounds, settings.strategy, options, policy)
     metrics = metrics or ops.Metrics()

@@ -45,9 +45,12 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 @click.option("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0: off).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @click.option("--chunk-size", type=int, default=4096, show_default=True)
+@click.option("--uplink-keep", type=float, default=1.0, show_default=True,
+              help="Fraction of each tensor's changes a device sends per round (largest first); the rest is kept "
+                   "on the device and sent later.")
 def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, strategy_options, fraction, quorum,
                         deadline, seen_within, max_examples, max_staleness, local_steps, lr_scale, state_db,
-                        heldout, metrics_port, metrics_host, chunk_size) -> None:
+                        heldout, metrics_port, metrics_host, chunk_size, uplink_keep) -> None:
     """Run federated rounds over a fleet of microcontrollers with a Flower strategy; resumable."""
     from . import ops
     from .app import Settings, run_coordinator
@@ -55,7 +58,7 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
     ops.setup_json_logging(sys.stderr)
     settings = Settings(broker, fleet_dir, fleet, plan_path, state_db, rounds, strategy, ",".join(strategy_options),
                         fraction, quorum, deadline, seen_within, max_examples, max_staleness, local_steps, lr_scale,
-                        heldout or "", metrics_port, metrics_host, chunk_size)
+                        heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep)
     try:
         run_coordinator(settings)
     except ValueError as exc:

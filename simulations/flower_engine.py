@@ -32,7 +32,7 @@ from fedtiny.compiler import Plan
 from fedtiny.planfile import plan_hash
 from fedtiny.protocol import topics
 from fedtiny.protocol.fleet import (
-    FULL_STATE, DeviceInfo, DeviceReply, decode_update, state_entries, task_body,
+    FULL_STATE, DeviceInfo, DeviceReply, decode_update, global_update, task_body,
 )
 from fedtiny.protocol.messages import Delta, GlobalUpdate
 
@@ -137,11 +137,7 @@ class GridLink:
             held = self._versions.get(device)
             if held != model_version:
                 base = self._states.get(held) if held is not None else None
-                if base is not None:
-                    body = GlobalUpdate(held, state_entries(self.plan, global_state, changed_from=base))
-                else:
-                    body = GlobalUpdate(FULL_STATE, state_entries(self.plan, global_state))
-                update = body.encode()
+                update = global_update(self.plan, global_state, held, base).encode()
         task = task_body(self.plan, self._plan_hash, config, self.chunk_size).encode()
         content = ConfigRecord({"round": int(round), "model-version": int(model_version), "global-update": update,
                                 "task": task})
@@ -234,6 +230,8 @@ class _Device:
             self.model_version = int(saved["model-version"])
             self.rng_counter = int(saved["rng-counter"]) if saved["rng-counter"] else None  # "": never trained
             self.global_state = {k: v.numpy() for k, v in context.state.array_records["global"].items()}
+        kept = context.state.array_records.get("carry")  # the change kept back from the last DELTA
+        self.carry = {k: v.numpy() for k, v in kept.items()} if kept is not None else None
 
     def save(self) -> None:
         from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -241,11 +239,13 @@ class _Device:
         counter = "" if self.rng_counter is None else str(self.rng_counter)  # a u64: more than a ConfigRecord int
         self.context.state["device"] = ConfigRecord({"model-version": self.model_version, "rng-counter": counter})
         self.context.state["global"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in self.global_state.items()})
+        if self.carry is not None:
+            self.context.state["carry"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in self.carry.items()})
 
     def train(self, content, trainer: str, seed: int, dropout: float) -> dict:
-        from fedtiny.protocol.fleet import encode_update, entries_to_state, state_delta, task_settings
+        from fedtiny.protocol.fleet import entries_to_state, task_settings
         from fedtiny.protocol.messages import Task
-        from fedtiny_device.agent import LocalTraining, TrainJob
+        from fedtiny_device.agent import LocalTraining, TrainJob, round_update
 
         round_, version = int(content["round"]), int(content["model-version"])
         update = bytes(content["global-update"])
@@ -270,7 +270,7 @@ class _Device:
                 return reply  # failed this round: no DELTA
         settings = task_settings(task)
         job = TrainJob(round_, version, int(settings["epochs"]), int(settings["steps"]),
-                       {k: v.copy() for k, v in self.global_state.items()})
+                       {k: v.copy() for k, v in self.global_state.items()}, settings["uplink_keep"])
         samples = np.load(self.run / "nodes" / f"{self.name}.npz")
         factory = None
         if trainer == "c":
@@ -279,8 +279,7 @@ class _Device:
                                  self.rng_counter)
         result = training.run(job)
         self.rng_counter = result.rng_counter
-        body = encode_update(self.plan, state_delta(result.state, job.base), result.num_examples, result.loss,
-                             result.accuracy)
+        body, self.carry = round_update(self.plan, job, result, self.carry)
         reply["delta"] = body.encode()
         return reply
 

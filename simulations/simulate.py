@@ -39,6 +39,7 @@ class SimulationConfig:
     reserve: int = 64 * 1024
     lr: float = 0.01
     epochs: int = 2
+    uplink_keep: float = 0.5  # each DELTA carries the larger half of each tensor's changes; the rest waits a round
     chunk_size: int = 1024
     dropout: float = 0.0
     stragglers: float = 0.0
@@ -260,7 +261,8 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
     try:
         coordinator = Coordinator(link, plan, store,
                                   CoordinatorConfig(rounds=config.rounds, strategy=config.strategy, policy=policy,
-                                                    train_config={"epochs": config.epochs}),
+                                                    train_config={"epochs": config.epochs,
+                                                                  "uplink_keep": config.uplink_keep}),
                                   heldout=(task.test.X, task.test.y), clock=clock)
         rounds = []
         for r in range(1, config.rounds + 1):

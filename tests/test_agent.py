@@ -9,9 +9,9 @@ import pytest
 
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.envelope import CoordinatorEndpoint, ProtocolError, Identity, PublicIdentity
-from fedtiny.protocol.fleet import load_fleet, state_delta
+from fedtiny.protocol.fleet import decode_update, load_fleet, state_delta
 from fedtiny.protocol.messages import Delta
-from fedtiny_device.agent import DeviceSession, NodeAgent, NodeState, load_state
+from fedtiny_device.agent import NodeAgent, load_state
 from test_fleet_link import (  # noqa: F401  (fixtures)
     FLEET, SAMPLES, Recorder, amqtt_broker, broker, collect, counter_of, expected_delta, fleet_dir,
     is_multi_chunk, make_agent, make_link, model, mosquitto, shifted_state, wait_for,
@@ -36,19 +36,26 @@ def test_session_is_sans_io_and_holds_no_samples(fleet_dir, model, tmp_path):
     from fedtiny.protocol.fleet import plan_hash, task_body
 
     device_id = topics.name_id("raw-2")
-    task = coordinator.seal(task_body(plan, plan_hash(plan), {"epochs": 2}, 256), device_id=device_id, round=3,
-                            model_version=0)
+    task = coordinator.seal(task_body(plan, plan_hash(plan), {"epochs": 2, "uplink_keep": 0.25}, 256),
+                            device_id=device_id, round=3, model_version=0)
     down = topics.downlink(FLEET, "raw-2")
     out, job = session.receive(down, chunking.split(task, 1, 256)[0], 0.0)
-    assert out == [] and job.round == 3 and job.epochs == 2
+    assert out == [] and job.round == 3 and job.epochs == 2 and job.uplink_keep == 0.25
     result = agent.training.run(job)
     frames = session.complete(job, result, 0.0)
+    # error feedback: what the DELTA leaves out is kept, persisted with the upload, for the next round
+    change = state_delta(result.state, job.base)
+    carry = load_state(agent.state_path, plan).carry
+    assert sum(np.count_nonzero(v) for v in carry.values()) > 0
+    assert sum(np.count_nonzero(v) for v in carry.values()) < sum(np.count_nonzero(v) for v in change.values())
     assert len(frames) > 1 and all(len(f.payload) <= 256 for f in frames)
     reassembler = chunking.Reassembler()
     for f in frames:
         done = reassembler.accept(f.payload, 0.0, "raw-2").payload
     received = coordinator.open(done)
     assert received.header.round == 3 and received.body.num_examples == 4
+    sent, _ = decode_update(plan, received.body)
+    assert all(np.array_equal(sent[n].astype(np.int64) + carry[n], change[n]) for n in change)
     # a QoS 1 duplicate is dropped quietly; a forged downlink is rejected; neither changes anything
     seq = session.state.seq
     assert session.receive(down, chunking.split(task, 2, 256)[0], 0.0) == ([], None)

@@ -3,7 +3,9 @@ ACL and password file from provision_fleet), and property tests of the state/del
 
 import json
 import os
+import struct
 import time
+from dataclasses import replace
 import uuid
 
 import numpy as np
@@ -20,9 +22,10 @@ from fedtiny.protocol.brokers import EmbeddedBroker, MosquittoProcess, free_port
 from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, DeviceEndpoint, Header, Identity, PublicIdentity
 from fedtiny.protocol.fleet import (
     CoordinatorLink, Publish, apply_delta, decode_update, encode_update, entries_to_state,
-    load_fleet, state_delta, state_entries,
+    load_fleet, split_uplink, state_delta, state_entries, task_body, task_settings,
 )
 from fedtiny.protocol.keys import provision_fleet
+from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import Delta, GlobalUpdate, Leave
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
@@ -381,6 +384,51 @@ def test_delta_encoding_round_trip(small_plan, data, num, loss, accuracy):
     update = GlobalUpdate.decode(GlobalUpdate(3, state_entries(small_plan, new, changed_from=base)).encode())
     rebuilt = entries_to_state(small_plan, update.entries, base)
     assert all(np.array_equal(rebuilt[n], new[n]) for n in new)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), keep=st.sampled_from([0.1, 0.5, 1.0]))
+def test_split_uplink_sends_the_largest_changes_and_loses_none(small_plan, data, keep):
+    """Error feedback over three rounds: each round sends the largest `keep` of each buffer's changes (with what
+    was kept back before), and everything sent plus what is still kept back is exactly every change made."""
+    def random_delta():
+        out = {}
+        for name in small_plan.trainable_buffers():
+            spec = small_plan.buffers[name]
+            dtype, bound = (np.int16, 255) if spec.dtype == "int8" else (np.int32, 10**6)
+            values = data.draw(hnp.arrays(dtype, spec.shape, elements=st.integers(-bound, bound)))
+            values[data.draw(hnp.arrays(bool, spec.shape))] = 0
+            out[name] = values
+        return out
+
+    carry, made, sent_total = None, {}, {}
+    for _ in range(3):
+        delta = random_delta()
+        before = {n: delta[n].astype(np.int64) + (0 if carry is None else carry[n]) for n in delta}
+        sent, carry = split_uplink(delta, carry, keep)
+        for name in delta:
+            assert sent[name].dtype == carry[name].dtype == delta[name].dtype
+            assert np.array_equal(sent[name].astype(np.int64) + carry[name], before[name])
+            nonzero = np.count_nonzero(before[name])
+            assert np.count_nonzero(sent[name]) == int(np.ceil(keep * nonzero))
+            if np.count_nonzero(carry[name]):
+                assert np.abs(sent[name][sent[name] != 0]).min() >= np.abs(carry[name]).max()
+            made[name] = made.get(name, 0) + delta[name].astype(np.int64)
+            sent_total[name] = sent_total.get(name, 0) + sent[name].astype(np.int64)
+    assert all(np.array_equal(sent_total[n] + carry[n], made[n]) for n in made)
+
+
+def test_task_carries_uplink_keep_and_refuses_nonsense(small_plan):
+    phash = bytes(32)
+    assert task_settings(task_body(small_plan, phash, {}, 256))["uplink_keep"] == 1.0
+    assert task_settings(task_body(small_plan, phash, {"uplink_keep": 0.25}, 256))["uplink_keep"] == 0.25
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="uplink_keep"):
+            task_body(small_plan, phash, {"uplink_keep": bad}, 256)
+    task = task_body(small_plan, phash, {}, 256)
+    forged = replace(task, config=struct.pack("<HH", 1, 100))
+    with pytest.raises(ProtocolError, match="uplink_keep_pct"):
+        task_settings(forged)
 
 
 def test_encoder_takes_only_plan_buffers(small_plan):

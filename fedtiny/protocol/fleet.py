@@ -48,7 +48,7 @@ FULL_STATE = 0xFFFFFFFF  # GLOBAL_UPDATE.base_model_version: the entries replace
 METRICS_TENSOR_ID = 0xFFFF  # DELTA entry carrying device metrics: metric i = values[i] * scales[i]
 METRIC_NAMES = ("accuracy",)  # channel order of the metrics entry (loss travels in DELTA.train_loss)
 PLAN_VERSION = 1
-TASK_CONFIG = struct.Struct("<HH")  # TASK.config: epochs u16 | reserved u16
+TASK_CONFIG = struct.Struct("<HH")  # TASK.config: epochs u16 | uplink_keep_pct u16 (0 = 100: send every change)
 _SEQ_EPOCH = 1_704_067_200  # 2024-01-01: downlink seqs start at 16 per second since then (see CoordinatorLink)
 
 
@@ -77,6 +77,41 @@ def state_delta(new: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> dict
         else:
             out[name] = n.astype(_delta_dtype(b.dtype)) - b.astype(_delta_dtype(b.dtype))
     return out
+
+
+def split_uplink(delta: dict[str, np.ndarray], carry: dict[str, np.ndarray] | None, keep: float
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Error feedback: (sent, carry). This round's delta plus the change kept back last round; of each buffer
+    the largest `keep` fraction of its nonzero elements is sent (ties: lower index first) and the rest is kept
+    back for the next round, so what a device learned is delayed, never lost. keep = 1 sends everything.
+
+    Most of a round's changes are +-1 LSB; sending the larger half halves a DELTA at no cost in accuracy
+    (BENCHMARKS.md, simulate section), as in sparsified FL with error feedback (Sattler et al. 2019)."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"uplink keep fraction {keep} is not in (0, 1]")
+    sent, kept = {}, {}
+    for name, d in delta.items():
+        d = np.asarray(d)
+        total = d.copy()
+        if carry is not None:
+            c = np.asarray(carry[name])
+            if d.dtype == np.int32:  # biases: modulo 2^32, as state_delta makes them
+                total = (d.view(np.uint32) + c.astype(np.int32).view(np.uint32)).view(np.int32)
+            else:
+                wide = d.astype(np.int32) + c.astype(np.int32)
+                if wide.min(initial=0) < np.iinfo(d.dtype).min or wide.max(initial=0) > np.iinfo(d.dtype).max:
+                    raise ValueError(f"{name}: delta plus carry leaves {d.dtype}")
+                total = wide.astype(d.dtype)
+        flat = total.reshape(-1)
+        nonzero = np.flatnonzero(flat)
+        chosen = nonzero[np.argsort(-np.abs(flat[nonzero].astype(np.int64)), kind="stable")]
+        chosen = chosen[: int(np.ceil(keep * nonzero.size))]
+        out = np.zeros_like(flat)
+        out[chosen] = flat[chosen]
+        rest = flat.copy()
+        rest[chosen] = 0
+        sent[name], kept[name] = out.reshape(d.shape), rest.reshape(d.shape)
+    return sent, kept
 
 
 def apply_delta(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,6 +224,15 @@ def zero_delta(plan: Plan) -> dict[str, np.ndarray]:
             for n in plan.trainable_buffers()}
 
 
+def global_update(plan: Plan, global_state: dict[str, np.ndarray], held: int | None,
+                  base: dict[str, np.ndarray] | None) -> GlobalUpdate:
+    """The GLOBAL_UPDATE that brings a device holding version `held` (whose state is `base`) to global_state:
+    the changed elements, or every buffer whole (FULL_STATE) when that version's state is not known."""
+    if held is None or base is None:
+        return GlobalUpdate(FULL_STATE, state_entries(plan, global_state))
+    return GlobalUpdate(held, state_entries(plan, global_state, changed_from=base))
+
+
 # --- the DELTA body: the only thing a device uploads ------------------------------------------------------
 
 def encode_update(plan: Plan, delta: dict[str, np.ndarray], num_examples: int, loss: float,
@@ -235,36 +279,40 @@ def decode_update(plan: Plan, body: Delta) -> tuple[dict[str, np.ndarray], dict[
 # --- TASK --------------------------------------------------------------------------------------------------
 
 TASK_KEYS = {"epochs", "steps", "local_steps", "batch_size", "lr", "learning_rate", "lr_scale", "clip_norm",
-             "deadline_s"}
+             "deadline_s", "uplink_keep"}
 
 
 def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_payload: int) -> Task:
     """TASK from the coordinator's config: epochs (default 1), steps (0 = epochs over the device's data),
-    lr or lr_scale (x plan.lr), batch_size, clip_norm, deadline_s. Unknown keys are ignored with a warning."""
+    lr or lr_scale (x plan.lr), batch_size, clip_norm, deadline_s, uplink_keep (the fraction of each buffer's
+    changes a DELTA carries, see split_uplink; default 1). Unknown keys are ignored with a warning."""
     unknown = set(config) - TASK_KEYS - {"server-round"}  # Flower's own key: the round is in the header
     if unknown:
         log.warning("TASK config keys not carried on the wire: %s", sorted(unknown))
     steps = int(config.get("steps", config.get("local_steps", 0)))
     lr = float(config.get("lr", config.get("learning_rate", plan.lr)) * float(config.get("lr_scale", 1.0)))
     epochs = int(config.get("epochs", 1))
+    keep_pct = round(100 * float(config.get("uplink_keep", 1.0)))
     if not 0 <= steps <= 0xFFFF or not 0 <= epochs <= 0xFFFF:
         raise ValueError("steps and epochs must fit u16")
+    if not 1 <= keep_pct <= 100:
+        raise ValueError(f"uplink_keep {config['uplink_keep']} is not a fraction in [0.01, 1]")
     return Task(PLAN_VERSION, phash, steps, int(config.get("batch_size", 1)), lr,
                 float(config.get("clip_norm", 0.0)), int(config.get("deadline_s", 0)), max_mqtt_payload, 0,
-                TASK_CONFIG.pack(epochs, 0))
+                TASK_CONFIG.pack(epochs, keep_pct % 100))
 
 
 def task_settings(task: Task) -> dict[str, float]:
     """The config a device reads back from a TASK."""
-    epochs = 1
+    epochs, keep_pct = 1, 0
     if len(task.config) == TASK_CONFIG.size:
-        epochs, reserved = TASK_CONFIG.unpack(task.config)
-        if reserved:
-            raise ProtocolError("bad-flags", "TASK config reserved field set")
+        epochs, keep_pct = TASK_CONFIG.unpack(task.config)
+        if keep_pct >= 100:
+            raise ProtocolError("bad-task", f"TASK uplink_keep_pct {keep_pct} is not below 100")
     elif task.config:
         raise ProtocolError("bad-task", "TASK config is not 4 bytes")
     return {"epochs": epochs, "steps": task.local_steps, "batch_size": task.batch_size, "lr": task.learning_rate,
-            "clip_norm": task.clip_norm, "deadline_s": task.deadline_s}
+            "clip_norm": task.clip_norm, "deadline_s": task.deadline_s, "uplink_keep": (keep_pct or 100) / 100}
 
 
 # --- transport ---------------------------------------------------------------------------------------------
@@ -531,10 +579,7 @@ class CoordinatorLink:
                 held = self._versions.get(device)
                 if held != model_version:
                     base = self._states.get(held) if held is not None else None
-                    if base is not None:
-                        update = GlobalUpdate(held, state_entries(self.plan, global_state, changed_from=base))
-                    else:
-                        update = GlobalUpdate(FULL_STATE, state_entries(self.plan, global_state))
+                    update = global_update(self.plan, global_state, held, base)
                     messages.append(self._endpoint.seal(update, device_id=device_id, round=round,
                                                         model_version=model_version))
             task = task_body(self.plan, self._plan_hash, config, size)
