@@ -2,14 +2,19 @@
 
 import copy
 import os
+import platform
 import random
+import shutil
 import stat
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import require_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -310,6 +315,20 @@ def test_bitmap_entries_reject_stray_bits_and_contradictory_flags():
         with pytest.raises(ProtocolError) as info:
             delta.decode_delta(bytes(bad))
         assert info.value.reason == reason
+
+
+def test_atheris_finds_no_decoder_raising_anything_but_protocol_error(tmp_path):
+    """Coverage-guided fuzzing (tests/fuzz/fuzz_decoders.py) from the golden fixtures, 200,000 inputs: libFuzzer
+    exits nonzero and leaves the input in tmp_path if any decoder raises another exception or crashes."""
+    if not (sys.platform == "linux" and platform.machine() == "x86_64"):
+        pytest.skip("atheris has wheels for Linux x86-64 only")
+    require_module("atheris", "dev")
+    corpus = tmp_path / "corpus"
+    shutil.copytree(FIXTURES, corpus)
+    fuzzer = Path(__file__).parent / "fuzz" / "fuzz_decoders.py"
+    run = subprocess.run([sys.executable, str(fuzzer), "-runs=200000", "-max_len=1024", "-seed=1",
+                          f"-artifact_prefix={tmp_path}/", str(corpus)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "Done 200000 runs" in run.stderr, run.stderr[-4000:]
 
 
 def reassemble(frames, reassembler, now=0.0):
