@@ -2,7 +2,7 @@
 
     python benchmarks/bench_coordinator.py [--devices 200] [--repeats 3]
 
-The default sensor_cnn plan (bearing windows 1 x 256, 4 classes, scheme sparse:3:-2@1/2). Every device's DELTA
+The default sensor_cnn plan (bearing windows 1 x 256, 4 classes, its default scheme). Every device's DELTA
 is sealed beforehand exactly as a NodeAgent seals it (fleet.encode_update -> DeviceEndpoint.seal: signed,
 ChaCha20-Poly1305 encrypted) and cut into 4 KiB MQTT chunks. Timed, on one thread, per update:
 
