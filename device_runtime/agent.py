@@ -34,8 +34,8 @@ from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.envelope import DeviceEndpoint, Flags, Header, Identity, PublicIdentity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.fleet import (
-    FULL_STATE, MqttTransport, Publish, encode_update, entries_to_state, load_fleet,
-    split_uplink, state_delta, task_settings,
+    FULL_STATE, MqttTransport, Publish, clip_delta, encode_update, entries_to_state, load_fleet,
+    row_scales, split_uplink, state_delta, task_settings,
 )
 from fedtiny.protocol.messages import (
     FEATURE_MQTT5, Ack, AckStatus, Delta, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
@@ -60,6 +60,7 @@ class TrainJob:
     steps: int
     base: dict[str, np.ndarray]
     uplink_keep: float = 1.0  # the fraction of each buffer's changes the DELTA carries (fleet.split_uplink)
+    clip_norm: float = 0.0  # the DELTA's L2 norm in real units is at most this (0: no clipping)
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,10 @@ class LocalTraining:
 def round_update(plan: Plan, job: TrainJob, result: TrainResult, carry: dict[str, np.ndarray] | None
                  ) -> tuple[Delta, dict[str, np.ndarray]]:
     """The round's DELTA body and the change kept back for the next round (error feedback), from what training
-    returned: every engine's device builds its uplink here."""
+    returned: every engine's device builds its uplink here. Clipping applies to what is sent; the part it cuts
+    is dropped, not carried, so no round's upload exceeds clip_norm."""
     sent, carry = split_uplink(state_delta(result.state, job.base), carry, job.uplink_keep)
+    sent = clip_delta(sent, row_scales(plan), job.clip_norm)
     return encode_update(plan, sent, result.num_examples, result.loss, result.accuracy), carry
 
 
@@ -299,11 +302,9 @@ class DeviceSession:
                 log.info("%s: TASK for round %d already answered", self.device, header.round)
             else:
                 settings = task_settings(body)
-                if settings["clip_norm"]:
-                    log.warning("%s: clip_norm is not applied by this agent", self.device)
                 self.state.pending_task = dict(round=header.round, model_version=header.model_version,
                                                epochs=int(settings["epochs"]), steps=int(settings["steps"]),
-                                               uplink_keep=settings["uplink_keep"])
+                                               uplink_keep=settings["uplink_keep"], clip_norm=settings["clip_norm"])
         elif isinstance(body, Ack):
             out += self._on_ack(body, now)
         self._persist()
@@ -343,7 +344,8 @@ class DeviceSession:
         if task is None or self.state.upload is not None or task["model_version"] != self.state.model_version:
             return None  # nothing to do, an upload still in flight, or waiting for the GLOBAL_UPDATE
         return TrainJob(task["round"], task["model_version"], task["epochs"], task["steps"],
-                        {k: v.copy() for k, v in self.state.global_state.items()}, task.get("uplink_keep", 1.0))
+                        {k: v.copy() for k, v in self.state.global_state.items()}, task.get("uplink_keep", 1.0),
+                        task.get("clip_norm", 0.0))
 
     def pending_job(self) -> TrainJob | None:
         """A task received before a restart and never answered."""

@@ -60,6 +60,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     chunk_size: int = 4096
     uplink_keep: float = 1.0  # fraction of each buffer's changes a DELTA carries; the rest waits (fleet.split_uplink)
+    clip_norm: float = 0.0  # devices clip their DELTA to this L2 norm (real units), and the coordinator again
 
     @classmethod
     def from_run_config(cls, config: dict) -> Settings:
@@ -122,7 +123,7 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
     policy = RoundPolicy(quorum=settings.quorum, deadline=settings.deadline, seen_within=settings.seen_within,
                          max_examples=settings.max_examples, max_staleness=settings.max_staleness,
                          task={"local_steps": settings.local_steps, "lr_scale": settings.lr_scale,
-                               "uplink_keep": settings.uplink_keep})
+                               "uplink_keep": settings.uplink_keep, "clip_norm": settings.clip_norm})
     options = {"fraction_train": settings.fraction_train, **parse_options(settings.strategy_options)}
     config = CoordinatorConfig(settings.num_server_rounds, settings.strategy, options, policy)
     metrics = metrics or ops.Metrics()

@@ -48,9 +48,11 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 @click.option("--uplink-keep", type=float, default=1.0, show_default=True,
               help="Fraction of each tensor's changes a device sends per round (largest first); the rest is kept "
                    "on the device and sent later.")
+@click.option("--clip-norm", type=float, default=0.0, show_default=True,
+              help="L2 norm (real units) every device update is clipped to, on the device and again here; 0: off.")
 def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, strategy_options, fraction, quorum,
                         deadline, seen_within, max_examples, max_staleness, local_steps, lr_scale, state_db,
-                        heldout, metrics_port, metrics_host, chunk_size, uplink_keep) -> None:
+                        heldout, metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm) -> None:
     """Run federated rounds over a fleet of microcontrollers with a Flower strategy; resumable."""
     from . import ops
     from .app import Settings, run_coordinator
@@ -58,7 +60,7 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
     ops.setup_json_logging(sys.stderr)
     settings = Settings(broker, fleet_dir, fleet, plan_path, state_db, rounds, strategy, ",".join(strategy_options),
                         fraction, quorum, deadline, seen_within, max_examples, max_staleness, local_steps, lr_scale,
-                        heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep)
+                        heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm)
     try:
         run_coordinator(settings)
     except ValueError as exc:

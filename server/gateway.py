@@ -68,7 +68,7 @@ def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=
         policy = RoundPolicy(quorum=settings.quorum, deadline=settings.deadline, seen_within=settings.seen_within,
                              max_examples=settings.max_examples,
                              task={"local_steps": settings.local_steps, "lr_scale": settings.lr_scale,
-                               "uplink_keep": settings.uplink_keep})
+                               "uplink_keep": settings.uplink_keep, "clip_norm": settings.clip_norm})
         grid = FleetGrid(link, model, store, policy, devices=ckpt.devices, clock=clock, plan_hash=plan_hash(plan))
         grid.recover([r for r in ckpt.pending if r.round == server_round])
         strategy = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,

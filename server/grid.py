@@ -34,6 +34,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from . import ops
+from fedtiny.protocol.fleet import clip_delta
+
 from .requantize import DeltaError, TensorSpec, changed, rebuild, requantize_state
 from .state import DeviceRecord, StateStore, StoredReply
 
@@ -121,6 +123,7 @@ class Pending:
     reply: Message | None = None
     open: bool = True
     recovered: bool = False
+    clip_norm: float = 0.0  # the TASK's: the coordinator clips the reply again (a device may not have)
 
 
 def ensure_task_identity(run_id: int = 1) -> None:
@@ -247,7 +250,8 @@ class FleetGrid(Grid):
         nbytes = self.link.send_task(device, round_, version, self.model.ints, task)
         self.metrics.inc("fedtiny_downlink_bytes_total", nbytes)
         record.model_version = version  # what it holds once the update lands; a stale reply corrects this
-        self._pending[msg.metadata.message_id] = Pending(msg, device, round_, version)
+        self._pending[msg.metadata.message_id] = Pending(msg, device, round_, version,
+                                                         clip_norm=float(task.get("clip_norm", 0.0)))
         ops.event("task_sent", device=device, round=round_, model_version=version, downlink_bytes=nbytes,
                   changed_buffers=moved)
 
@@ -308,12 +312,15 @@ class FleetGrid(Grid):
             return self._reject(reply, "no-examples")
         base = self.model.master if self.policy.max_staleness else self.model.master_of(reply.model_version)
         try:
-            full = rebuild(self.model.specs, base, reply.delta)
-        except DeltaError as exc:
+            delta = reply.delta
+            if task.clip_norm > 0:
+                delta = clip_delta(delta, {n: s.scale for n, s in self.model.specs.items()}, task.clip_norm)
+            full = rebuild(self.model.specs, base, delta)
+        except (DeltaError, KeyError, ValueError) as exc:
             return self._reject(reply, "bad-delta", detail=str(exc))
         stored = StoredReply(reply.round, reply.device, reply.model_version, int(reply.num_examples),
                              {k: float(v) for k, v in reply.metrics.items()},
-                             {k: np.asarray(v) for k, v in reply.delta.items()}, int(reply.uplink_bytes))
+                             {k: np.asarray(v) for k, v in delta.items()}, int(reply.uplink_bytes))
         if not self.store.accept_reply(stored):
             return self._reject(reply, "duplicate")
         self._accepted_in(reply.round).add(reply.device)

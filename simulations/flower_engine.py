@@ -270,7 +270,8 @@ class _Device:
                 return reply  # failed this round: no DELTA
         settings = task_settings(task)
         job = TrainJob(round_, version, int(settings["epochs"]), int(settings["steps"]),
-                       {k: v.copy() for k, v in self.global_state.items()}, settings["uplink_keep"])
+                       {k: v.copy() for k, v in self.global_state.items()}, settings["uplink_keep"],
+                       settings["clip_norm"])
         samples = np.load(self.run / "nodes" / f"{self.name}.npz")
         factory = None
         if trainer == "c":

@@ -22,7 +22,7 @@ from fedtiny.protocol.brokers import EmbeddedBroker, MosquittoProcess, free_port
 from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, DeviceEndpoint, Header, Identity, PublicIdentity
 from fedtiny.protocol.fleet import (
     CoordinatorLink, Publish, apply_delta, decode_update, encode_update, entries_to_state,
-    load_fleet, split_uplink, state_delta, state_entries, task_body, task_settings,
+    clip_delta, load_fleet, row_scales, split_uplink, state_delta, state_entries, task_body, task_settings,
 )
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.errors import ProtocolError
@@ -416,6 +416,39 @@ def test_split_uplink_sends_the_largest_changes_and_loses_none(small_plan, data,
             made[name] = made.get(name, 0) + delta[name].astype(np.int64)
             sent_total[name] = sent_total.get(name, 0) + sent[name].astype(np.int64)
     assert all(np.array_equal(sent_total[n] + carry[n], made[n]) for n in made)
+
+
+def test_clip_delta_bounds_the_real_norm_and_keeps_small_updates(small_plan):
+    scales = row_scales(small_plan)
+    rng = np.random.default_rng(0)
+    delta = {n: rng.integers(-200, 200, small_plan.buffers[n].shape).astype(
+        np.int16 if small_plan.buffers[n].dtype == "int8" else np.int32) for n in small_plan.trainable_buffers()}
+
+    def norm(d):
+        return np.sqrt(sum(np.sum((d[n].reshape(len(scales[n]), -1) * scales[n][:, None]) ** 2) for n in d))
+
+    full = norm(delta)
+    clipped = clip_delta(delta, scales, full / 4)
+    assert norm(clipped) <= full / 4 and norm(clipped) > 0.9 * full / 4
+    assert all(clipped[n].dtype == delta[n].dtype for n in delta)
+    assert clip_delta(delta, scales, 2 * full) is delta and clip_delta(delta, scales, 0.0) is delta
+
+
+def test_device_clips_what_it_sends(small_plan):
+    from fedtiny_device.agent import TrainJob, TrainResult, round_update
+
+    base = small_plan.initial_state()
+    trained = {n: np.clip(v.astype(np.int64) + 40, np.iinfo(v.dtype).min, np.iinfo(v.dtype).max).astype(v.dtype)
+               for n, v in base.items()}
+    scales = row_scales(small_plan)
+    change = state_delta(trained, base)
+    full = np.sqrt(sum(np.sum((change[n].reshape(len(scales[n]), -1) * scales[n][:, None]) ** 2) for n in change))
+    job = TrainJob(1, 0, 1, 0, base, uplink_keep=1.0, clip_norm=full / 3)
+    body, carry = round_update(small_plan, job, TrainResult(trained, 8, 0.5, 0.5, 0), None)
+    sent, _ = decode_update(small_plan, Delta.decode(body.encode()))
+    norm = np.sqrt(sum(np.sum((sent[n].reshape(len(scales[n]), -1) * scales[n][:, None]) ** 2) for n in sent))
+    assert full / 3 * 0.9 < norm <= full / 3
+    assert not any(v.any() for v in carry.values())  # what clipping cuts is dropped, not carried
 
 
 def test_task_carries_uplink_keep_and_refuses_nonsense(small_plan):

@@ -104,6 +104,27 @@ def test_poisoned_delta_moves_fedavg_only(plan, tmp_path, strategy, options, mov
     assert coord.model.version == 1
 
 
+def test_coordinator_clips_an_update_the_device_did_not(plan, tmp_path):
+    """clip_norm in the TASK: the same x100 poisoner as above, but the coordinator clips every reply to the
+    honest devices' norm, so FedAvg moves by at most (9 * 1 + 1) / 10 LSB per bias."""
+    clock = FakeClock()
+    names = [f"dev-{i}" for i in range(10)]
+    deltas = {}
+    for i, name in enumerate(names):
+        deltas[name] = zero_delta(plan)
+        deltas[name][B][:] = 100 if i == 3 else 1
+    honest_norm = float(np.linalg.norm(tensor_specs(plan)[B].scale))  # +1 LSB on every bias, in real units
+    link = FakeLink(clock, responder(deltas))
+    for name in names:
+        link.add_device(name)
+    coord = coordinator(plan, tmp_path, link, clock, task={"clip_norm": honest_norm * 1.0001})
+    before = coord.model.master[B].copy()
+    [result] = coord.run()
+    assert result.replies == 10 and all(t.config["clip_norm"] > 0 for t in link.sent)
+    step = (coord.model.master[B] - before) / coord.model.specs[B].scale
+    assert np.all(step <= 1.0 + 1e-6) and np.all(step >= 0.9 - 1e-6)
+
+
 def test_fedavg_weights_by_clamped_examples(plan, tmp_path):
     """A device claiming 10^6 examples is clamped to max_examples: (1*10 + 4*20)/30 = 3 LSB."""
     clock = FakeClock()

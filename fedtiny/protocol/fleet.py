@@ -114,6 +114,33 @@ def split_uplink(delta: dict[str, np.ndarray], carry: dict[str, np.ndarray] | No
     return sent, kept
 
 
+def row_scales(plan: Plan) -> dict[str, np.ndarray]:
+    """Per trainable buffer, the real value of one LSB of each row (axis 0): the graph tensor's scales."""
+    out = {}
+    for name in plan.trainable_buffers():
+        rows = plan.buffers[name].shape[0]
+        scale = np.asarray(plan.graph.tensors[name[len("train:"):]].scale, np.float64).reshape(-1)
+        out[name] = np.full(rows, scale[0]) if scale.size == 1 else scale[:rows]
+    return out
+
+
+def clip_delta(delta: dict[str, np.ndarray], scales: dict[str, np.ndarray], clip_norm: float
+               ) -> dict[str, np.ndarray]:
+    """The delta scaled down so that its L2 norm in real units is at most clip_norm (unchanged if already).
+
+    Bounds what one device can move the model in a round (poisoning, and the sensitivity DP noise is
+    calibrated to). Integers are truncated toward zero, so the clipped norm never exceeds clip_norm."""
+    if clip_norm <= 0:
+        return delta
+    squares = sum(float(np.sum((np.asarray(d, np.float64).reshape(len(scales[n]), -1)
+                                * scales[n].reshape(-1, 1)) ** 2)) for n, d in delta.items())
+    norm = float(np.sqrt(squares))
+    if norm <= clip_norm:
+        return delta
+    factor = clip_norm / norm
+    return {n: np.trunc(np.asarray(d, np.float64) * factor).astype(np.asarray(d).dtype) for n, d in delta.items()}
+
+
 def apply_delta(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """base + delta per buffer, in the base's dtype; an int8 result outside [-128, 127] raises ValueError."""
     if set(delta) != set(base):
