@@ -14,10 +14,10 @@ Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config '
     fraction-train     default 1.0                  quorum           default 0.8
     deadline           seconds, default 120         seen-within      seconds, default 600
     max-examples       default 10000                max-staleness    default 0 (synchronous)
-    local-steps        default 0 (one epoch)        lr-scale         default 1.0
-    heldout            .npz/.csv for server-side evaluation ("" = none)
+    local-steps        default 0 (one epoch)        heldout          .npz/.csv for evaluation ("" = none)
     metrics-port       Prometheus port, 0 = off     metrics-host     default 127.0.0.1
-    chunk-size         MQTT payload per chunk, default 4096
+    chunk-size         MQTT payload per chunk, 4096 uplink-keep      default 1.0 (send every change)
+    clip-norm          update L2 norm, 0 = off
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ class Settings:
     max_examples: int = 10_000
     max_staleness: int = 0
     local_steps: int = 0
-    lr_scale: float = 1.0
     heldout: str = ""
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -122,7 +121,7 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
     plan = load_plan(settings.plan)
     policy = RoundPolicy(quorum=settings.quorum, deadline=settings.deadline, seen_within=settings.seen_within,
                          max_examples=settings.max_examples, max_staleness=settings.max_staleness,
-                         task={"local_steps": settings.local_steps, "lr_scale": settings.lr_scale,
+                         task={"local_steps": settings.local_steps,
                                "uplink_keep": settings.uplink_keep, "clip_norm": settings.clip_norm})
     options = {"fraction_train": settings.fraction_train, **parse_options(settings.strategy_options)}
     config = CoordinatorConfig(settings.num_server_rounds, settings.strategy, options, policy)

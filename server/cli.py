@@ -37,7 +37,6 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 @click.option("--max-staleness", type=int, default=0, show_default=True,
               help="Semi-asynchronous: accept replies up to this many versions old (fedbuff).")
 @click.option("--local-steps", type=int, default=0, show_default=True, help="Steps per round (0: one epoch).")
-@click.option("--lr-scale", type=float, default=1.0, show_default=True)
 @click.option("--state-db", type=click.Path(dir_okay=False), required=True,
               help="SQLite checkpoint; an existing one resumes its run.")
 @click.option("--heldout", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -51,7 +50,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 @click.option("--clip-norm", type=float, default=0.0, show_default=True,
               help="L2 norm (real units) every device update is clipped to, on the device and again here; 0: off.")
 def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, strategy_options, fraction, quorum,
-                        deadline, seen_within, max_examples, max_staleness, local_steps, lr_scale, state_db,
+                        deadline, seen_within, max_examples, max_staleness, local_steps, state_db,
                         heldout, metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm) -> None:
     """Run federated rounds over a fleet of microcontrollers with a Flower strategy; resumable."""
     from . import ops
@@ -59,7 +58,7 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
 
     ops.setup_json_logging(sys.stderr)
     settings = Settings(broker, fleet_dir, fleet, plan_path, state_db, rounds, strategy, ",".join(strategy_options),
-                        fraction, quorum, deadline, seen_within, max_examples, max_staleness, local_steps, lr_scale,
+                        fraction, quorum, deadline, seen_within, max_examples, max_staleness, local_steps,
                         heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm)
     try:
         run_coordinator(settings)

@@ -67,7 +67,7 @@ def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=
         model = GlobalModel(specs, ckpt.master, ckpt.ints, ckpt.model_version, store)
         policy = RoundPolicy(quorum=settings.quorum, deadline=settings.deadline, seen_within=settings.seen_within,
                              max_examples=settings.max_examples,
-                             task={"local_steps": settings.local_steps, "lr_scale": settings.lr_scale,
+                             task={"local_steps": settings.local_steps,
                                "uplink_keep": settings.uplink_keep, "clip_norm": settings.clip_norm})
         grid = FleetGrid(link, model, store, policy, devices=ckpt.devices, clock=clock, plan_hash=plan_hash(plan))
         grid.recover([r for r in ckpt.pending if r.round == server_round])

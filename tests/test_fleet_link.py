@@ -458,6 +458,11 @@ def test_task_carries_uplink_keep_and_refuses_nonsense(small_plan):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="uplink_keep"):
             task_body(small_plan, phash, {"uplink_keep": bad}, 256)
+    # the learning rate and batch size are compiled into the plan: a TASK cannot ask for others
+    assert task_body(small_plan, phash, {"lr": small_plan.lr, "batch_size": 1}, 256).learning_rate == small_plan.lr
+    for key, value in (("lr", 2 * small_plan.lr), ("batch_size", 8)):
+        with pytest.raises(ValueError, match=f"plan's {key}"):
+            task_body(small_plan, phash, {key: value}, 256)
     task = task_body(small_plan, phash, {}, 256)
     forged = replace(task, config=struct.pack("<HH", 1, 100))
     with pytest.raises(ProtocolError, match="uplink_keep_pct"):

@@ -305,26 +305,33 @@ def decode_update(plan: Plan, body: Delta) -> tuple[dict[str, np.ndarray], dict[
 
 # --- TASK --------------------------------------------------------------------------------------------------
 
-TASK_KEYS = {"epochs", "steps", "local_steps", "batch_size", "lr", "learning_rate", "lr_scale", "clip_norm",
-             "deadline_s", "uplink_keep"}
+TASK_KEYS = {"epochs", "steps", "local_steps", "batch_size", "lr", "learning_rate", "clip_norm", "deadline_s",
+             "uplink_keep"}
 
 
 def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_payload: int) -> Task:
     """TASK from the coordinator's config: epochs (default 1), steps (0 = epochs over the device's data),
-    lr or lr_scale (x plan.lr), batch_size, clip_norm, deadline_s, uplink_keep (the fraction of each buffer's
-    changes a DELTA carries, see split_uplink; default 1). Unknown keys are ignored with a warning."""
+    clip_norm, deadline_s, uplink_keep (the fraction of each buffer's changes a DELTA carries, see
+    split_uplink; default 1). Unknown keys are ignored with a warning.
+
+    The learning rate and batch size are compiled into the plan (QAS update constants, batch-1 buffers), so a
+    TASK states the plan's and a config asking for others (lr, learning_rate, batch_size) is refused: the
+    devices could not honour it. Change them by compiling and flashing a new plan."""
     unknown = set(config) - TASK_KEYS - {"server-round"}  # Flower's own key: the round is in the header
     if unknown:
         log.warning("TASK config keys not carried on the wire: %s", sorted(unknown))
     steps = int(config.get("steps", config.get("local_steps", 0)))
-    lr = float(config.get("lr", config.get("learning_rate", plan.lr)) * float(config.get("lr_scale", 1.0)))
+    for key, compiled in (("lr", plan.lr), ("learning_rate", plan.lr), ("batch_size", 1)):
+        if key in config and float(config[key]) != float(compiled):
+            raise ValueError(f"TASK {key}={config[key]}: devices train with the plan's {key} ({compiled}); "
+                             f"compile a plan with the one you want")
     epochs = int(config.get("epochs", 1))
     keep_pct = round(100 * float(config.get("uplink_keep", 1.0)))
     if not 0 <= steps <= 0xFFFF or not 0 <= epochs <= 0xFFFF:
         raise ValueError("steps and epochs must fit u16")
     if not 1 <= keep_pct <= 100:
         raise ValueError(f"uplink_keep {config['uplink_keep']} is not a fraction in [0.01, 1]")
-    return Task(PLAN_VERSION, phash, steps, int(config.get("batch_size", 1)), lr,
+    return Task(PLAN_VERSION, phash, steps, 1, plan.lr,
                 float(config.get("clip_norm", 0.0)), int(config.get("deadline_s", 0)), max_mqtt_payload, 0,
                 TASK_CONFIG.pack(epochs, keep_pct % 100))
 
