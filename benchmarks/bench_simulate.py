@@ -8,7 +8,7 @@
    rounds and local epochs; side by side: final accuracy, rounds to 90 % of the best, bytes per node per round,
    device memory for training, wall time.
 3. `--dropout 0.3`: 30 % of the nodes fail each round; `--stragglers 0.2`: a fifth of the nodes are slow (each
-   round they take up to twice the 20 s deadline), so rounds close at the deadline without them.
+   round they take up to twice the 20 s deadline), so rounds close once the quorum (90 %) has answered.
 4. `--engine flower`: the same nodes as ClientApps in Flower's simulation engine on Ray (warm model cache).
 """
 

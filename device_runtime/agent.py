@@ -34,8 +34,8 @@ from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.envelope import DeviceEndpoint, Flags, Header, Identity, PublicIdentity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.fleet import (
-    FULL_STATE, MqttTransport, Publish, clip_delta, encode_update, entries_to_state, load_fleet,
-    row_scales, split_uplink, state_delta, task_settings,
+    MqttTransport, Publish, apply_global_update, clip_delta, encode_update, load_fleet, row_scales,
+    split_uplink, state_delta, task_settings,
 )
 from fedtiny.protocol.messages import (
     FEATURE_MQTT5, Ack, AckStatus, Delta, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
@@ -311,12 +311,13 @@ class DeviceSession:
         return out, self._next_job()
 
     def _apply_update(self, header: Header, body: GlobalUpdate) -> None:
-        if body.base_model_version not in (FULL_STATE, self.state.model_version):
-            log.warning("%s: GLOBAL_UPDATE from version %d, but it holds %d", self.device,
-                        body.base_model_version, self.state.model_version)
+        try:
+            new = apply_global_update(self.plan, self.state.global_state, self.state.model_version, body)
+        except ProtocolError as exc:
+            if exc.reason != "wrong-version":
+                raise
+            log.warning("%s: %s", self.device, exc)
             return
-        new = entries_to_state(self.plan, body.entries, self.state.global_state,
-                               require_all=body.base_model_version == FULL_STATE)
         self.state.global_state = new
         self.state.model_version = header.model_version
 

@@ -32,7 +32,7 @@ from fedtiny.compiler import Plan
 from fedtiny.planfile import plan_hash
 from fedtiny.protocol import topics
 from fedtiny.protocol.fleet import (
-    FULL_STATE, DeviceInfo, DeviceReply, decode_update, global_update, task_body,
+    DeviceInfo, DeviceReply, decode_update, global_update, task_body,
 )
 from fedtiny.protocol.messages import Delta, GlobalUpdate
 
@@ -243,19 +243,15 @@ class _Device:
             self.context.state["carry"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in self.carry.items()})
 
     def train(self, content, trainer: str, seed: int, dropout: float) -> dict:
-        from fedtiny.protocol.fleet import entries_to_state, task_settings
+        from fedtiny.protocol.fleet import apply_global_update, task_settings
         from fedtiny.protocol.messages import Task
         from fedtiny_device.agent import LocalTraining, TrainJob, round_update
 
         round_, version = int(content["round"]), int(content["model-version"])
         update = bytes(content["global-update"])
         if update:  # as DeviceSession._apply_update
-            body = GlobalUpdate.decode(update)
-            if body.base_model_version not in (FULL_STATE, self.model_version):
-                raise RuntimeError(f"{self.name}: GLOBAL_UPDATE from version {body.base_model_version}, but it "
-                                   f"holds {self.model_version}")
-            self.global_state = entries_to_state(self.plan, body.entries, self.global_state,
-                                                 require_all=body.base_model_version == FULL_STATE)
+            self.global_state = apply_global_update(self.plan, self.global_state, self.model_version,
+                                                    GlobalUpdate.decode(update))
             self.model_version = version
         task = Task.decode(bytes(content["task"]))
         if task.plan_hash != plan_hash(self.plan):

@@ -22,7 +22,8 @@ from fedtiny.protocol.brokers import EmbeddedBroker, MosquittoProcess, free_port
 from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, DeviceEndpoint, Header, Identity, PublicIdentity
 from fedtiny.protocol.fleet import (
     CoordinatorLink, Publish, apply_delta, decode_update, encode_update, entries_to_state,
-    clip_delta, load_fleet, row_scales, split_uplink, state_delta, state_entries, task_body, task_settings,
+    apply_global_update, clip_delta, global_update, load_fleet, row_scales, split_uplink, state_delta,
+    state_entries, task_body, task_settings,
 )
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.errors import ProtocolError
@@ -380,10 +381,13 @@ def test_delta_encoding_round_trip(small_plan, data, num, loss, accuracy):
     decoded, metrics = decode_update(small_plan, body)
     assert body.num_examples == num and metrics == {"loss": loss, "accuracy": accuracy}
     assert all(decoded[n].dtype == delta[n].dtype and np.array_equal(decoded[n], delta[n]) for n in delta)
-    # the downlink form: the channels of `new` that differ from `base`, overlaid on `base`
-    update = GlobalUpdate.decode(GlobalUpdate(3, state_entries(small_plan, new, changed_from=base)).encode())
-    rebuilt = entries_to_state(small_plan, update.entries, base)
-    assert all(np.array_equal(rebuilt[n], new[n]) for n in new)
+    # the downlink: the differences of the elements that changed since the device's version, or every value
+    for held, known in ((3, base), (None, None)):
+        update = GlobalUpdate.decode(global_update(small_plan, new, held, known).encode())
+        rebuilt = apply_global_update(small_plan, base, 3, update)
+        assert all(rebuilt[n].dtype == new[n].dtype and np.array_equal(rebuilt[n], new[n]) for n in new)
+    with pytest.raises(ProtocolError, match="wrong-version"):
+        apply_global_update(small_plan, base, 2, global_update(small_plan, new, 3, base))
 
 
 @settings(max_examples=40, deadline=None)

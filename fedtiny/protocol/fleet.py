@@ -254,10 +254,29 @@ def zero_delta(plan: Plan) -> dict[str, np.ndarray]:
 def global_update(plan: Plan, global_state: dict[str, np.ndarray], held: int | None,
                   base: dict[str, np.ndarray] | None) -> GlobalUpdate:
     """The GLOBAL_UPDATE that brings a device holding version `held` (whose state is `base`) to global_state:
-    the changed elements, or every buffer whole (FULL_STATE) when that version's state is not known."""
+    the differences of the changed elements, or every buffer's values whole (FULL_STATE) when that version's
+    state is not known. Differences, not new values: a round moves most weights by a few LSB (int4 on the
+    wire) and biases by far less than their int32 range, so this halves the downlink."""
     if held is None or base is None:
         return GlobalUpdate(FULL_STATE, state_entries(plan, global_state))
-    return GlobalUpdate(held, state_entries(plan, global_state, changed_from=base))
+    return GlobalUpdate(held, state_entries(plan, state_delta(global_state, base), skip_zero=True, narrow=True))
+
+
+def apply_global_update(plan: Plan, state: dict[str, np.ndarray], held: int, body: GlobalUpdate
+                        ) -> dict[str, np.ndarray]:
+    """The new global state of a device holding version `held` whose state is `state`; ProtocolError if the
+    update is from another version or does not fit the plan (the state is then unchanged)."""
+    if body.base_model_version == FULL_STATE:
+        return entries_to_state(plan, body.entries, state, require_all=True)
+    if body.base_model_version != held:
+        raise ProtocolError("wrong-version", f"GLOBAL_UPDATE from version {body.base_model_version}, but the "
+                                             f"device holds {held}")
+    expected = zero_delta(plan)
+    change = entries_to_state(plan, body.entries, expected, dtypes={n: v.dtype for n, v in expected.items()})
+    try:
+        return apply_delta(state, change)
+    except ValueError as exc:
+        raise ProtocolError("bad-entry", str(exc)) from None
 
 
 # --- the DELTA body: the only thing a device uploads ------------------------------------------------------
