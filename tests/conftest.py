@@ -29,6 +29,20 @@ def require_module(name: str, extra: str) -> None:
         pytest.skip(f"{name} is not installed (pip install -e '.[{extra}]')")
 
 
+@pytest.fixture(scope="session")
+def flwr_cli(tmp_path_factory):
+    """The python of an environment where the `flwr` command runs (tests/flower_deploy.py): skip when it cannot
+    be made on a user's machine (no package index), fail in CI."""
+    from flower_deploy import cli_environment
+
+    try:
+        return cli_environment(tmp_path_factory.mktemp("flwr-cli"))
+    except RuntimeError as err:
+        if IN_CI:
+            pytest.fail(str(err))
+        pytest.skip(str(err))
+
+
 def onnxruntime_agreement(graph, x_int8) -> dict[str, tuple[float, int]]:
     """Per op: (fraction of int8 outputs identical to onnxruntime's, largest difference in LSB).
 

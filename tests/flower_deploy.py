@@ -5,9 +5,11 @@ ClientApp processes by command name (flower-superexec, flwr-serverapp, flwr-clie
 starts with copies of Flower's console scripts bound to sys.executable: a test run from a venv would otherwise
 run the apps with whatever fedtiny another interpreter on PATH has installed.
 
-The `flwr` CLI does not start beside amqtt's typer pin (docs/deployment.md), so runs are submitted and listed by
-calling the functions behind it (flwr.cli.run.run.run, flwr.cli.ls.ls) in a subprocess whose FLWR_HOME names
-the SuperLink connection "local".
+Runs are submitted, listed and their logs read with the real `flwr` command (`flwr run`, `flwr ls`, `flwr log`)
+from a CLI environment of its own, as docs/deployment.md tells operators to: the environment fedtiny is
+installed in has typer 0.15.4 (amqtt pins it), whose parser cannot read flwr 1.42's CLI. The CLI environment is
+a venv that sees this interpreter's packages but has its own typer (`cli_environment`); FLWR_HOME names the
+SuperLink connection "local".
 """
 
 import json
@@ -24,6 +26,21 @@ from pathlib import Path
 from fedtiny.protocol.brokers import free_port
 
 FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+CLI_TYPER = "typer>=0.16,<0.21"  # flwr 1.42's range, from the first release that parses its Literal options
+
+
+def cli_environment(folder: Path) -> Path:
+    """The python of a venv in `folder` that sees this interpreter's packages (flwr among them) but has its own
+    typer. Raises RuntimeError when typer cannot be installed (no package index)."""
+    python = folder / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True,
+                       capture_output=True, timeout=120)
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", CLI_TYPER], capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot install {CLI_TYPER} for the flwr CLI:\n{done.stderr[-2000:]}")
+    return python
 
 
 def config_args(values: dict) -> str:
@@ -61,8 +78,9 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30
 class FlowerDeployment:
     """A SuperLink and SuperNodes in `folder` (their logs are folder/*.log); stop them with close()."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, cli_python: Path) -> None:
         self.folder = folder
+        self.cli_python = cli_python
         self.bin = folder / "bin"
         _console_scripts(self.bin)
         self.env = {**os.environ, **FLWR_ENV, "PYTHONUNBUFFERED": "1",
@@ -109,33 +127,29 @@ class FlowerDeployment:
             "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
             "--node-config", config_args(node_config)])
 
-    def _cli(self, code: str, *args: str) -> str:
-        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
+    def flwr(self, *args: str) -> str:
+        """The `flwr` command with these arguments, in the CLI environment; its stdout."""
+        done = subprocess.run([str(self.cli_python), "-c", "import sys; from flwr.cli.app import app; sys.exit(app())",
+                               *args], capture_output=True, text=True, timeout=60,
                               env={**self.env, "FLWR_HOME": str(self.folder / "home-cli")})
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
     def submit(self, app_dir: Path, run_config: dict | None = None) -> int:
         """`flwr run APP local [--run-config ...]`; returns the run id."""
-        out = self._cli("import sys; from flwr.cli.run.run import run; "
-                        "run(app=sys.argv[1], superlink='local', run_config_overrides=sys.argv[2:] or None)",
-                        str(app_dir), *([config_args(run_config)] if run_config else []))
+        out = self.flwr("run", str(app_dir), "local", *(["--run-config", config_args(run_config)] if run_config else []))
         found = re.search(r"Successfully started run (\d+)", out)
         assert found, out
         return int(found.group(1))
 
     def run_status(self, run_id: int) -> tuple[str, str]:
-        """(status, details) as `flwr ls --run-id RUN --format json` shows them, e.g. ("finished:completed", "")."""
-        out = self._cli("import sys, types; from flwr.cli.ls import ls; "
-                        "ls(types.SimpleNamespace(args=[]), superlink='local', run_id=int(sys.argv[1]), "
-                        "output_format='json')", str(run_id))
-        (run,) = json.loads(out)["runs"]
+        """(status, details) from `flwr ls local --run-id RUN --format json`, e.g. ("finished:completed", "")."""
+        (run,) = json.loads(self.flwr("ls", "local", "--run-id", str(run_id), "--format", "json"))["runs"]
         return run["status"], run["status-details"]
 
     def run_log(self, run_id: int) -> str:
-        """What `flwr log RUN local --show` prints: the ServerApp's stdout and stderr, as Flower collected them."""
-        return self._cli("import sys, types; from flwr.cli.log import log; "
-                         "log(types.SimpleNamespace(args=[]), int(sys.argv[1]), 'local', stream=False)", str(run_id))
+        """`flwr log RUN local --show`: the ServerApp's stdout and stderr, as Flower collected them."""
+        return self.flwr("log", str(run_id), "local", "--show")
 
     def wait(self, done, what: str, timeout: float = 90.0, every: float = 0.2) -> None:
         """Until done() is true; fails with the logs if a process died or the time ran out."""

@@ -1,6 +1,6 @@
 """Scale-out end to end on one machine: two sites, each with its own mosquitto (TLS, client certificates, ACL),
 its own fleet of NodeAgents and a SuperNode whose ClientApp is the site gateway (fedtiny_server.gateway), under
-one Flower SuperLink. The run is submitted the way `flwr run` does it (tests/flower_deploy.py), and its
+one Flower SuperLink. The run is submitted with the real `flwr run` (tests/flower_deploy.py), and its
 ServerApp is FedAvg over the sites (docs/deployment.md, "Scale-out"). Then a site gateway restarted between
 rounds, over a real mosquitto."""
 
@@ -118,7 +118,7 @@ def _write_app(app_dir: Path, plan_path: Path, result: Path) -> None:
         '''))
 
 
-def test_two_sites_under_one_superlink(task, tmp_path):
+def test_two_sites_under_one_superlink(task, tmp_path, flwr_cli):
     require_tool("mosquitto")
     plan, shards, _ = task
     plan_path = tmp_path / "mlp.plan"
@@ -152,7 +152,7 @@ def test_two_sites_under_one_superlink(task, tmp_path):
             sites[fleet_name] = {"broker": url, "fleet-dir": str(site / "keys"), "fleet": fleet_name,
                                  "plan": str(plan_path), "state-db": str(site / "gateway.db"), "quorum": 1.0,
                                  "deadline": 30.0, "seen-within": 60.0}
-        with FlowerDeployment(tmp_path / "flower") as flower:
+        with FlowerDeployment(tmp_path / "flower", flwr_cli) as flower:
             # their retained STATUS is on the broker
             flower.wait(lambda: all(a.transport.connected.is_set() for a in agents), "devices to connect")
             # --- SuperLink and one SuperNode (gateway) per site; the run as `flwr run app local` -------------

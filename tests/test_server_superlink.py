@@ -1,5 +1,6 @@
-"""The coordinator's own ServerApp (fedtiny_server.app:app) under a real Flower SuperLink, submitted as `flwr run`
-does, reaching real NodeAgents through a real mosquitto (TLS, client certificates, ACL) with its FleetGrid.
+"""The coordinator's own ServerApp (fedtiny_server.app:app) under a real Flower SuperLink, submitted with the real
+`flwr run` from its own environment, reaching real NodeAgents through a real mosquitto (TLS, client
+certificates, ACL) with its FleetGrid.
 
 The app project is the one docs/deployment.md shows (its pyproject block), with this test's run config. The
 devices are not SuperNodes and the app does not use the Grid Flower hands it, so no SuperNode is started: the
@@ -47,7 +48,7 @@ def _db(path, sql):
         return db.execute(sql).fetchall()
 
 
-def test_serverapp_under_a_superlink(fleet, task, tmp_path):  # noqa: F811
+def test_serverapp_under_a_superlink(fleet, task, tmp_path, flwr_cli):  # noqa: F811
     url, keys, names = fleet
     plan, _, (hx, hy) = task
     plan_path, db, heldout = tmp_path / "mlp.plan", tmp_path / "coordinator.db", tmp_path / "heldout.npz"
@@ -59,7 +60,7 @@ def test_serverapp_under_a_superlink(fleet, task, tmp_path):  # noqa: F811
         "metrics-port": 0})
     agents = start_agents(url, keys, names, task, tmp_path / "nodes")
     try:
-        with FlowerDeployment(tmp_path / "flower") as flower:
+        with FlowerDeployment(tmp_path / "flower", flwr_cli) as flower:
             flower.wait(lambda: all(a.transport.connected.is_set() for a in agents), "devices to connect")
             flower.superlink()  # and no SuperNode
             run_id = flower.submit(tmp_path / "app", {"num-server-rounds": ROUNDS})  # flwr run --run-config
