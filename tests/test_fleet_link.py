@@ -27,7 +27,7 @@ from fedtiny.protocol.fleet import (
 )
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import Delta, GlobalUpdate, Leave
+from fedtiny.protocol.messages import AckStatus, Delta, GlobalUpdate, Leave, MessageType
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
 from fedtiny_device.agent import NodeAgent, training_order
@@ -507,8 +507,14 @@ def test_replay_state_survives_a_coordinator_restart(fleet_dir, model):
 
     restored = CoordinatorLink("mqtt://127.0.0.1:1", fleet_dir, plan, fleet=FLEET)
     restored.load_replay_state(saved)
+    sent = []
+    restored._transport.publish = sent.append
     restored._on_message(topic, frame)
-    assert restored.stats["rejected:stale"] == 1, restored.stats
+    assert restored.stats["rejected:stale"] == 1 and restored.stats["replies"] == 0, restored.stats
+    # ...but the device, whose ACK the restart lost, is ACKed again: else it would hold its upload forever
+    reassembler = chunking.Reassembler()
+    (ack,) = [device.open(p).body for f in sent if (p := reassembler.accept(f.payload, 0.0, "c").payload)]
+    assert (ack.acked_type, ack.status, ack.acked_seq) == (MessageType.DELTA, AckStatus.OK, 0)
 
     forgetful = CoordinatorLink("mqtt://127.0.0.1:1", fleet_dir, plan, fleet=FLEET)
     forgetful._on_message(topic, frame)

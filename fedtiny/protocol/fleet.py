@@ -699,11 +699,22 @@ class CoordinatorLink:
         expected_kind = "status" if header.type == MessageType.STATUS else "up"
         if kind != expected_kind:
             raise ProtocolError("wrong-topic", f"{MessageType(header.type).name} on a {kind} topic")
-        received = self._endpoint.open(envelope)
+        try:
+            received = self._endpoint.open(envelope)
+        except ProtocolError as exc:
+            if exc.reason == "stale" and header.type == MessageType.DELTA:
+                # open() verified the signature before it found the position old: this is the device's own DELTA,
+                # accepted before a restart that lost its ACK. Without an ACK it would hold the upload forever.
+                self._ack_delta(device, header)
+            raise
         if received is None:
             self.stats["duplicate_messages"] += 1
-            for ack in self._acks.get((device, header.round, header.seq), []):
-                self._transport.publish(ack)  # the device did not get our ACK: send it again
+            acks = self._acks.get((device, header.round, header.seq))
+            if acks is not None:
+                for ack in acks:
+                    self._transport.publish(ack)  # the device did not get our ACK: send it again
+            elif header.type == MessageType.DELTA:
+                self._ack_delta(device, header)
             return
         header, body = received.header, received.body
         self._touch(device, header, now)
@@ -737,8 +748,8 @@ class CoordinatorLink:
         if header.type != MessageType.DELTA:
             self._versions[device] = header.model_version
 
-    def _delta(self, device: str, header: Header, body: Delta, uplink_bytes: int) -> None:
-        delta, metrics = decode_update(self.plan, body)  # raises (before any state change) if it does not fit
+    def _ack_delta(self, device: str, header: Header) -> None:
+        """ACK OK for the DELTA at (round, seq), remembered so that a resend of it or of its chunks is ACKed again."""
         env = self._endpoint.seal(Ack(MessageType.DELTA, AckStatus.OK, header.seq), device_id=header.device_id,
                                   round=header.round, model_version=header.model_version)
         acks = self._downlink(device, env)
@@ -748,6 +759,10 @@ class CoordinatorLink:
             del self._completed[next(iter(self._completed))]
         if len(self._acks) > 4096:
             del self._acks[next(iter(self._acks))]
+
+    def _delta(self, device: str, header: Header, body: Delta, uplink_bytes: int) -> None:
+        delta, metrics = decode_update(self.plan, body)  # raises (before any state change) if it does not fit
+        self._ack_delta(device, header)
         if (device, header.round) in self._answered:
             self.stats["duplicate_rounds"] += 1
             log.warning("%s sent a second DELTA for round %d; keeping the first", device, header.round)
