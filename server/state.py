@@ -151,10 +151,7 @@ class StateStore:
         saved = self.meta("link_replay")
         if not saved or not hasattr(link, "load_replay_state"):
             return
-        state = json.loads(saved)
-        if not status_streams:  # rows of ReplayGuard.export: device id, direction, stream (0 = data), round, seq
-            state = {**state, "replay": [row for row in state.get("replay", []) if row[2] == 0]}
-        link.load_replay_state(state)
+        link.load_replay_state(json.loads(saved), status_streams=status_streams)
 
     def accepted_ids(self, round_: int) -> set[str]:
         with self._lock:

@@ -149,7 +149,7 @@ def test_link_replay_counters_are_checkpointed(plan, tmp_path):
         def replay_state(self):
             return self.state
 
-        def load_replay_state(self, state):
+        def load_replay_state(self, state, status_streams=True):
             self.loaded = state
 
     clock = FakeClock()
@@ -180,8 +180,8 @@ def test_a_restarted_link_gets_its_data_counters_before_it_connects(plan, tmp_pa
         def replay_state(self):
             return {"replay": rows, "next_seq": {"7": 40}}
 
-        def load_replay_state(self, state):
-            calls.append(state)
+        def load_replay_state(self, state, status_streams=True):
+            calls.append((state, status_streams))
 
     save_plan(plan, tmp_path / "p.plan")
     clock = FakeClock()
@@ -190,8 +190,14 @@ def test_a_restarted_link_gets_its_data_counters_before_it_connects(plan, tmp_pa
         link.add_device("a")
         run_coordinator(Settings("mqtt://127.0.0.1:1", str(tmp_path), "lab", str(tmp_path / "p.plan"),
                                  str(tmp_path / "s.db"), num_server_rounds=rounds), link=link)
-    assert calls == ["start", {"replay": rows[:1], "next_seq": {"7": 40}}, "start",
-                     {"replay": rows, "next_seq": {"7": 40}}]
+    saved = {"replay": rows, "next_seq": {"7": 40}}
+    assert calls == ["start", (saved, False), "start", (saved, True)]
+    # what the real link's status_streams=False keeps: the data stream only
+    from fedtiny.protocol.envelope import ReplayGuard
+
+    guard = ReplayGuard()
+    guard.restore(rows, data_only=True)
+    assert guard.export() == rows[:1]
 
 
 # --- requantization --------------------------------------------------------------------------------------------

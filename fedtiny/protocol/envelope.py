@@ -172,12 +172,14 @@ class ReplayGuard:
         self._last: dict[tuple, tuple[int, int]] = {}
         self._recent: dict[tuple, OrderedDict] = {}
 
+    DATA, STATUS, LAST_WILL = 0, 1, 2  # streams
+
     @staticmethod
     def stream_key(header: Header) -> tuple:
         if header.type == MessageType.STATUS:
-            stream = 2 if header.flags & Flags.LAST_WILL else 1
+            stream = ReplayGuard.LAST_WILL if header.flags & Flags.LAST_WILL else ReplayGuard.STATUS
         else:
-            stream = 0
+            stream = ReplayGuard.DATA
         return header.device_id, header.direction, stream
 
     def is_duplicate(self, header: Header, digest: bytes) -> bool:
@@ -199,9 +201,11 @@ class ReplayGuard:
         are left out: after a restore an old QoS 1 duplicate reads as stale instead of duplicate, still refused."""
         return [[*key, *position] for key, position in sorted(self._last.items())]
 
-    def restore(self, rows: list[list[int]]) -> None:
-        """Take back an export, never moving a stream backwards."""
+    def restore(self, rows: list[list[int]], data_only: bool = False) -> None:
+        """Take back an export, never moving a stream backwards; `data_only` leaves the STATUS streams out."""
         for device_id, direction, stream, round_, seq in rows:
+            if data_only and stream != ReplayGuard.DATA:
+                continue
             key = (int(device_id), int(direction), int(stream))
             self._last[key] = max(self._last.get(key, (0, 0)), (int(round_), int(seq)))
 

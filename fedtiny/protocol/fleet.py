@@ -601,9 +601,12 @@ class CoordinatorLink:
             return dict(replay=self._endpoint.replay.export(),
                         next_seq={str(k): v for k, v in self._endpoint.next_seq.items()})
 
-    def load_replay_state(self, state: dict) -> None:
+    def load_replay_state(self, state: dict, status_streams: bool = True) -> None:
+        """Take back a replay_state(). Without `status_streams` only the data streams (JOIN, DELTA, ACK, LEAVE):
+        before connecting, so that an old DELTA the broker queued meanwhile is refused, while the retained
+        STATUS messages the link had accepted before still register their devices (StateStore.restore_link)."""
         with self._lock:
-            self._endpoint.replay.restore(state.get("replay", []))
+            self._endpoint.replay.restore(state.get("replay", []), data_only=not status_streams)
             for device_id, seq in state.get("next_seq", {}).items():
                 current = self._endpoint.next_seq.get(int(device_id), 0)
                 self._endpoint.next_seq[int(device_id)] = max(current, int(seq))
