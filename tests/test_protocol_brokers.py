@@ -263,3 +263,21 @@ def test_mosquitto_accepts_our_password_file(mosquitto, fleet_dir):
     bad = Client(mosquitto, "dev-002", fleet_dir, tls=True, password="wrong", port=mosquitto.password_port)
     assert bad.rc.is_failure
     bad.client.loop_stop()
+
+
+def test_embedded_broker_stops_even_when_amqtt_cancels_its_own_shutdown():
+    """amqtt 0.11 at times cancels the task running its shutdown; stop() must still end the broker's thread
+    and close its listener instead of raising CancelledError (seen once, tearing down a fixture in CI)."""
+    import asyncio
+
+    broker = EmbeddedBroker().start()
+    port, thread = broker.port, broker._thread
+
+    async def cancelled_shutdown():
+        raise asyncio.CancelledError
+
+    broker._broker.shutdown = cancelled_shutdown
+    broker.stop()
+    assert not thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):  # the listener is gone
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

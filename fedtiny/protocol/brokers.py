@@ -7,6 +7,7 @@ This is transport plumbing, kept out of the sans-IO protocol core.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import shutil
 import socket
@@ -14,6 +15,8 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger("fedtiny.brokers")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,10 +95,21 @@ class EmbeddedBroker:
         future = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
         try:
             future.result(timeout)
+        except concurrent.futures.CancelledError:
+            # amqtt 0.11 cancels its broker's tasks while shutting down, and at times the shutdown task with them
+            # (seen once, tearing down a test fixture), maybe before it closed its listeners: close them here,
+            # or the port stays bound after the loop stops.
+            log.warning("amqtt cancelled its own shutdown; closing its listeners")
+            closing = asyncio.run_coroutine_threadsafe(self._close_listeners(), self._loop)
+            closing.result(timeout)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
             self._loop = self._broker = None
+
+    async def _close_listeners(self) -> None:
+        for server in getattr(self._broker, "_servers", {}).values():  # amqtt's listeners, by name
+            await server.close_instance()
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
