@@ -2,13 +2,13 @@
 
 import os
 import queue
-import shutil
 import socket
 import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import require_tool
 
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.brokers import EmbeddedBroker, MosquittoProcess, free_port, mosquitto_config
@@ -33,10 +33,7 @@ def fleet_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mosquitto(fleet_dir, tmp_path_factory):
-    if shutil.which("mosquitto") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mosquitto is required in CI")
-        pytest.skip("mosquitto not installed")
+    require_tool("mosquitto")
     port, password_port = free_port(), free_port()
     config = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
     # Our key files are 0600 root; keep mosquitto root instead of dropping to user `mosquitto` (tests only).
