@@ -61,6 +61,17 @@ class Settings:
     uplink_keep: float = 1.0  # fraction of each buffer's changes a DELTA carries; the rest waits (fleet.split_uplink)
     clip_norm: float = 0.0  # devices clip their DELTA to this L2 norm (real units), and the coordinator again
 
+    def task(self) -> dict[str, float]:
+        """The TASK settings every device gets (fleet.task_body)."""
+        return {"local_steps": self.local_steps, "uplink_keep": self.uplink_keep, "clip_norm": self.clip_norm}
+
+    def fleet_link(self, plan):
+        """(the MQTT CoordinatorLink to the fleet, the names of its enrolled devices); not started."""
+        from fedtiny.protocol.fleet import CoordinatorLink, load_fleet
+
+        link = CoordinatorLink(self.broker, Path(self.fleet_dir), plan, fleet=self.fleet, chunk_size=self.chunk_size)
+        return link, set(load_fleet(self.fleet_dir)["devices"])
+
     @classmethod
     def from_run_config(cls, config: dict) -> Settings:
         """Keys with dashes (Flower style) or underscores; unknown keys are refused, types converted."""
@@ -121,8 +132,7 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
     plan = load_plan(settings.plan)
     policy = RoundPolicy(quorum=settings.quorum, deadline=settings.deadline, seen_within=settings.seen_within,
                          max_examples=settings.max_examples, max_staleness=settings.max_staleness,
-                         task={"local_steps": settings.local_steps,
-                               "uplink_keep": settings.uplink_keep, "clip_norm": settings.clip_norm})
+                         task=settings.task())
     options = {"fraction_train": settings.fraction_train, **parse_options(settings.strategy_options)}
     config = CoordinatorConfig(settings.num_server_rounds, settings.strategy, options, policy)
     metrics = metrics or ops.Metrics()
@@ -136,11 +146,7 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
         if settings.metrics_port else None
     enrolled: set[str] = set()
     if link is None:
-        from fedtiny.protocol.fleet import CoordinatorLink, load_fleet
-
-        link = CoordinatorLink(settings.broker, Path(settings.fleet_dir), plan, fleet=settings.fleet,
-                               chunk_size=settings.chunk_size)
-        enrolled = set(load_fleet(settings.fleet_dir)["devices"])
+        link, enrolled = settings.fleet_link(plan)
     store = StateStore(settings.state_db)
     try:
         store.restore_link(link, status_streams=False)  # before it connects (StateStore.restore_link)

@@ -42,19 +42,13 @@ from .state import StateStore, link_meta  # noqa: E402
 def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=None, clock=time.monotonic
                ) -> tuple[ArrayRecord, MetricRecord]:
     """One round over the site's devices from the global `arrays`; returns (site average, metrics)."""
-    from fedtiny.planfile import load_plan
-
-    from fedtiny.planfile import plan_hash
+    from fedtiny.planfile import load_plan, plan_hash
 
     plan = load_plan(settings.plan)
     specs = tensor_specs(plan)
     enrolled: set[str] = set()
     if link is None:
-        from fedtiny.protocol.fleet import CoordinatorLink, load_fleet
-
-        link = CoordinatorLink(settings.broker, settings.fleet_dir, plan, fleet=settings.fleet,
-                               chunk_size=settings.chunk_size)
-        enrolled = set(load_fleet(settings.fleet_dir)["devices"])
+        link, enrolled = settings.fleet_link(plan)
     store = StateStore(settings.state_db)
     try:
         store.restore_link(link, status_streams=False)  # a DELTA accepted before stays refused
@@ -66,9 +60,7 @@ def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=
         ckpt = store.load()
         model = GlobalModel(specs, ckpt.master, ckpt.ints, ckpt.model_version, store)
         policy = RoundPolicy(quorum=settings.quorum, deadline=settings.deadline, seen_within=settings.seen_within,
-                             max_examples=settings.max_examples,
-                             task={"local_steps": settings.local_steps,
-                               "uplink_keep": settings.uplink_keep, "clip_norm": settings.clip_norm})
+                             max_examples=settings.max_examples, task=settings.task())
         grid = FleetGrid(link, model, store, policy, devices=ckpt.devices, clock=clock, plan_hash=plan_hash(plan))
         grid.recover([r for r in ckpt.pending if r.round == server_round])
         strategy = FedAvg(fraction_train=settings.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtiny.compiler import Plan
+from fedtiny.protocol.fleet import row_scales
 
 INT_LIMITS = {"int8": (-127, 127), "int32": (-(2**31), 2**31 - 1)}  # int8 weights are symmetric: never -128
 
@@ -49,15 +50,8 @@ class TensorSpec:
 
 def tensor_specs(plan: Plan) -> dict[str, TensorSpec]:
     """Buffer name -> spec, in the plan's trainable order (a buffer's wire tensor id is its index here)."""
-    specs = {}
-    for name in plan.trainable_buffers():
-        buf = plan.buffers[name]
-        tensor = plan.graph.tensors[name[len("train:"):]]
-        rows = buf.shape[0]
-        scale = np.asarray(tensor.scale, np.float64).reshape(-1)
-        scale = np.full(rows, scale[0]) if len(scale) == 1 else scale[:rows]
-        specs[name] = TensorSpec(name, tuple(buf.shape), buf.dtype, scale)
-    return specs
+    return {name: TensorSpec(name, tuple(plan.buffers[name].shape), plan.buffers[name].dtype, scale)
+            for name, scale in row_scales(plan).items()}
 
 
 def dequantize_state(specs: dict[str, TensorSpec], state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
