@@ -32,7 +32,7 @@ from fedtiny.compiler import Plan
 from fedtiny.planfile import plan_hash
 from fedtiny.protocol import topics
 from fedtiny.protocol.fleet import (
-    DeviceInfo, DeviceReply, decode_update, global_update, task_body,
+    DeviceInfo, DeviceReply, SentStates, decode_update, task_body,
 )
 from fedtiny.protocol.messages import Delta, GlobalUpdate
 
@@ -78,7 +78,7 @@ class GridLink:
         self._registry: dict[str, DeviceInfo] = {}
         self._nodes: dict[str, int] = {}  # device name -> Flower node id
         self._versions: dict[str, int] = {}  # the model version each device said it holds
-        self._states: dict[int, dict[str, np.ndarray]] = {}  # global states sent, by version (bounded)
+        self._sent = SentStates(plan)
         self._outstanding: dict[str, str] = {}  # Flower message id -> device
         self.failures: list[tuple[str, str]] = []  # (device, reason) of ClientApps that failed
 
@@ -130,14 +130,8 @@ class GridLink:
             raise ValueError(f"{device} did not join")
         update = b""
         if global_state is not None:
-            global_state = {k: np.asarray(v).copy() for k, v in global_state.items()}
-            self._states[model_version] = global_state
-            for old in sorted(self._states)[:-8]:
-                del self._states[old]
-            held = self._versions.get(device)
-            if held != model_version:
-                base = self._states.get(held) if held is not None else None
-                update = global_update(self.plan, global_state, held, base).encode()
+            body = self._sent.update(self._versions.get(device), model_version, global_state)
+            update = b"" if body is None else body.encode()
         task = task_body(self.plan, self._plan_hash, config, self.chunk_size).encode()
         content = ConfigRecord({"round": int(round), "model-version": int(model_version), "global-update": update,
                                 "task": task})

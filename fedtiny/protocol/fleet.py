@@ -262,6 +262,25 @@ def global_update(plan: Plan, global_state: dict[str, np.ndarray], held: int | N
     return GlobalUpdate(held, state_entries(plan, state_delta(global_state, base), skip_zero=True, narrow=True))
 
 
+class SentStates:
+    """The global states sent to devices, by model version (the newest `keep`): the bases from which a
+    coordinator's link sends each device only what changed since the version it holds."""
+
+    def __init__(self, plan: Plan, keep: int = 8) -> None:
+        self.plan, self.keep = plan, keep
+        self._states: dict[int, dict[str, np.ndarray]] = {}
+
+    def update(self, held: int | None, version: int, state: dict[str, np.ndarray]) -> GlobalUpdate | None:
+        """Remember `state` as `version`; the GLOBAL_UPDATE for a device holding `held`, None if that is it."""
+        state = {k: np.asarray(v).copy() for k, v in state.items()}
+        self._states[version] = state
+        for old in sorted(self._states)[: -self.keep]:
+            del self._states[old]
+        if held == version:
+            return None
+        return global_update(self.plan, state, held, self._states.get(held) if held is not None else None)
+
+
 def apply_global_update(plan: Plan, state: dict[str, np.ndarray], held: int, body: GlobalUpdate
                         ) -> dict[str, np.ndarray]:
     """The new global state of a device holding version `held` whose state is `state`; ProtocolError if the
@@ -572,7 +591,7 @@ class CoordinatorLink:
         self._registry: dict[str, DeviceInfo] = {}
         self._device_payload: dict[str, int] = {}  # the device's max MQTT payload from its JOIN
         self._versions: dict[str, int] = {}  # model version each device last said it holds
-        self._states: dict[int, dict[str, np.ndarray]] = {}  # global states sent, by version (bounded)
+        self._sent = SentStates(plan)
         self._replies: list[DeviceReply] = []
         self._answered: set[tuple[str, int]] = set()
         self._acks: dict[tuple[str, int, int], list[Publish]] = {}  # (device, round, seq) -> ACK sent for a DELTA
@@ -629,15 +648,12 @@ class CoordinatorLink:
         with self._lock:
             size = min(self.chunk_size, self._device_payload.get(device, self.chunk_size))
             messages = []
+            update = None
             if global_state is not None:
-                global_state = {k: np.asarray(v).copy() for k, v in global_state.items()}
-                self._remember(model_version, global_state)
-                held = self._versions.get(device)
-                if held != model_version:
-                    base = self._states.get(held) if held is not None else None
-                    update = global_update(self.plan, global_state, held, base)
-                    messages.append(self._endpoint.seal(update, device_id=device_id, round=round,
-                                                        model_version=model_version))
+                update = self._sent.update(self._versions.get(device), model_version, global_state)
+            if update is not None:
+                messages.append(self._endpoint.seal(update, device_id=device_id, round=round,
+                                                    model_version=model_version))
             task = task_body(self.plan, self._plan_hash, config, size)
             messages.append(self._endpoint.seal(task, device_id=device_id, round=round, model_version=model_version))
             frames = [f for env in messages for f in chunking.split(env, self._transfer_id(env), size)]
@@ -654,11 +670,6 @@ class CoordinatorLink:
             return out
 
     # --- internals ---------------------------------------------------------------------------------------
-    def _remember(self, version: int, state: dict[str, np.ndarray]) -> None:
-        self._states[version] = state
-        for old in sorted(self._states)[:-8]:
-            del self._states[old]
-
     @staticmethod
     def _transfer_id(envelope: bytes) -> int:
         return Header.unpack(envelope).seq  # unique per device and direction
