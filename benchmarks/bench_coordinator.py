@@ -41,7 +41,8 @@ from fedtiny.protocol import chunking, topics  # noqa: E402
 from fedtiny.protocol.envelope import (  # noqa: E402
     CoordinatorEndpoint, DeviceEndpoint, Identity, PublicIdentity, ReplayGuard,
 )
-from fedtiny.protocol.fleet import CoordinatorLink, decode_update, encode_update, load_fleet, zero_delta  # noqa: E402
+from fedtiny.transport.mqtt import CoordinatorLink, load_fleet
+from fedtiny.protocol.update import decode_update, encode_update, zero_delta  # noqa: E402
 from fedtiny.protocol.keys import provision_fleet  # noqa: E402
 from fedtiny.protocol.messages import Join, Status  # noqa: E402
 from fedtiny.quantize import quantize  # noqa: E402
@@ -152,7 +153,7 @@ def memory_per_device(plan, keys, updates):
         after_construct = tracemalloc.get_traced_memory()[0]
         seq = 1000
         for name, frames, ep in updates:
-            join = Join(plan.arena_size, 1 << 20, CHUNK, 1, 1, link._plan_hash)
+            join = Join(plan.arena_size, 1 << 20, CHUNK, 1, 1, link.session._plan_hash)
             for body, topic in ((join, topics.uplink(FLEET, name)),
                                 (Status(1, 255, 1, 1000, 0), topics.status(FLEET, name))):
                 env = ep.seal(body, round=0, model_version=0, seq=seq)

@@ -32,10 +32,9 @@ from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
 from fedtiny.protocol.delta import dense_fp32_bytes
 from fedtiny.protocol.envelope import CoordinatorEndpoint, DeviceEndpoint, Identity
-from fedtiny.protocol.fleet import (
-    CoordinatorLink, MqttTransport, Publish, decode_update, encode_update, split_uplink, state_delta,
-    state_entries,
-)
+from fedtiny.transport.mqtt import CoordinatorLink, MqttTransport
+from fedtiny.protocol.topics import Publish
+from fedtiny.protocol.update import decode_update, encode_update, split_uplink, state_delta, state_entries
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.messages import Ack, Delta
 from fedtiny.quantize import quantize

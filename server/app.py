@@ -58,18 +58,20 @@ class Settings:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     chunk_size: int = 4096
-    uplink_keep: float = 1.0  # fraction of each buffer's changes a DELTA carries; the rest waits (fleet.split_uplink)
+    uplink_keep: float = 1.0  # fraction of each buffer's changes a DELTA carries; the rest waits (update.split_uplink)
     clip_norm: float = 0.0  # devices clip their DELTA to this L2 norm (real units), and the coordinator again
 
     def task(self) -> dict[str, float]:
-        """The TASK settings every device gets (fleet.task_body)."""
+        """The TASK settings every device gets (task.task_body)."""
         return {"local_steps": self.local_steps, "uplink_keep": self.uplink_keep, "clip_norm": self.clip_norm}
 
-    def fleet_link(self, plan):
-        """(the MQTT CoordinatorLink to the fleet, the names of its enrolled devices); not started."""
-        from fedtiny.protocol.fleet import CoordinatorLink, load_fleet
+    def fleet_link(self, plan, store):
+        """(the MQTT CoordinatorLink to the fleet, the names of its enrolled devices); not started. The link saves
+        its durable state (downlink seq reservations, run) in `store` before it uses it."""
+        from fedtiny.transport.mqtt import CoordinatorLink, load_fleet
 
-        link = CoordinatorLink(self.broker, Path(self.fleet_dir), plan, fleet=self.fleet, chunk_size=self.chunk_size)
+        link = CoordinatorLink(self.broker, Path(self.fleet_dir), plan, fleet=self.fleet, chunk_size=self.chunk_size,
+                               save=store.save_link_state)
         return link, set(load_fleet(self.fleet_dir)["devices"])
 
     @classmethod
@@ -145,9 +147,9 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
     server = ops.MetricsServer(metrics, settings.metrics_port, settings.metrics_host).start() \
         if settings.metrics_port else None
     enrolled: set[str] = set()
-    if link is None:
-        link, enrolled = settings.fleet_link(plan)
     store = StateStore(settings.state_db)
+    if link is None:
+        link, enrolled = settings.fleet_link(plan, store)
     try:
         store.restore_link(link, status_streams=False)  # before it connects (StateStore.restore_link)
         link.start()

@@ -61,9 +61,15 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
                         fraction, quorum, deadline, seen_within, max_examples, max_staleness, local_steps,
                         heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm)
     try:
-        run_coordinator(settings)
+        history = run_coordinator(settings)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    empty = [r.round for r in history if r.replies == 0]
+    if empty:  # a fleet that answers nothing is an outage, not a successful run
+        click.echo(f"error: {len(empty)} of {len(history)} rounds got no device replies (rounds "
+                   f"{', '.join(map(str, empty[:10]))}{' ...' if len(empty) > 10 else ''}); see the message_rejected "
+                   f"and round_completed events above", err=True)
+        sys.exit(3)
 
 
 @click.command("broker-config", context_settings={"help_option_names": ["-h", "--help"]})

@@ -47,9 +47,9 @@ def site_round(settings: Settings, server_round: int, arrays: ArrayRecord, link=
     plan = load_plan(settings.plan)
     specs = tensor_specs(plan)
     enrolled: set[str] = set()
-    if link is None:
-        link, enrolled = settings.fleet_link(plan)
     store = StateStore(settings.state_db)
+    if link is None:
+        link, enrolled = settings.fleet_link(plan, store)
     try:
         store.restore_link(link, status_streams=False)  # a DELTA accepted before stays refused
         link.start()

@@ -34,7 +34,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from . import ops
-from fedtiny.protocol.fleet import clip_delta
+from fedtiny.protocol.update import clip_delta
 
 from .requantize import DeltaError, TensorSpec, changed, rebuild, requantize_state
 from .state import DeviceRecord, StateStore, StoredReply
@@ -274,8 +274,13 @@ class FleetGrid(Grid):
 
     # --- replies ------------------------------------------------------------------------------------------
     def poll(self, timeout: float) -> int:
-        """Take the link's new replies (waiting up to timeout); returns how many were accepted."""
-        return sum(self._handle(r) for r in self.link.replies(timeout))
+        """Take the link's new replies (waiting up to timeout); returns how many were accepted. Messages the link
+        refused (forged, replayed, oversized, flooding, ...) become events and counters by reason here."""
+        accepted = sum(self._handle(r) for r in self.link.replies(timeout))
+        for r in self.link.rejections():
+            self.metrics.inc("fedtiny_messages_rejected_total", reason=r.reason)
+            ops.event("message_rejected", logging.WARNING, device=r.device, reason=r.reason, detail=r.detail)
+        return accepted
 
     def _reject(self, reply, reason: str, **detail) -> bool:
         self.metrics.inc("fedtiny_replies_rejected_total", reason=reason)

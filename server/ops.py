@@ -55,6 +55,8 @@ _HELP = {
     "fedtiny_model_version": ("gauge", "Global model version."),
     "fedtiny_replies_accepted_total": ("counter", "Device replies accepted into a round."),
     "fedtiny_replies_rejected_total": ("counter", "Device replies discarded, by reason."),
+    "fedtiny_messages_rejected_total": ("counter", "Messages the fleet link refused (forged, replayed, oversized, "
+                                                   "flooding, revoked, ...), by reason."),
     "fedtiny_devices_online": ("gauge", "Devices seen recently and online."),
     "fedtiny_devices_registered": ("gauge", "Devices ever seen."),
     "fedtiny_uplink_bytes_total": ("counter", "MQTT payload bytes of accepted and rejected DELTA transfers."),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtiny.compiler import Plan
-from fedtiny.protocol.fleet import row_scales
+from fedtiny.protocol.update import row_scales
 
 INT_LIMITS = {"int8": (-127, 127), "int32": (-(2**31), 2**31 - 1)}  # int8 weights are symmetric: never -128
 

@@ -8,6 +8,7 @@ momentum, Adam moments, the FedBuff buffer), and ends every round with one SQLit
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,6 +222,9 @@ class Coordinator:
         self.metrics.observe("fedtiny_round_seconds", seconds)
         self._eval_metrics(eval_metrics)
         result = RoundResult(rnd, self.model.version, len(replies), train, evaluation, watch.seconds, seconds)
+        if not replies:
+            ops.event("round_without_replies", logging.WARNING, round=rnd,
+                      devices_online=len(self.link.devices(seen_within=self.config.policy.seen_within)))
         ops.event("round_completed", round=rnd, model_version=self.model.version, replies=len(replies),
                   train=train, eval=evaluation, aggregation_seconds=round(watch.seconds, 6),
                   seconds=round(seconds, 3))

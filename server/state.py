@@ -5,7 +5,7 @@ Tables:
     globals    one row per model version: the float master and its integers (npz), the round that made it,
                and the strategy's own state (momentum, Adam moments) as npz
     devices    registry: name, numeric id, the model version it holds, last round it replied to, counters
-               (meta link_replay: the fleet link's uplink replay counters, when the link exports them)
+               (meta link_replay: the fleet link's durable state: uplink replay positions, run, downlink seqs)
     replies    accepted replies: (round, device) is the reply id. A reply is written the moment it is accepted
                (its own small transaction), so a crash before aggregation loses nothing; the primary key
                refuses the same device twice in a round, so nothing counts twice. Rows of a completed round
@@ -18,6 +18,7 @@ registry and the aggregated mark. Killed anywhere, a restart sees either the rou
 from __future__ import annotations
 
 import io
+import os
 import json
 import sqlite3
 import threading
@@ -93,6 +94,10 @@ class StateStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._lock = threading.Lock()
+        # Every device's delta is in here: readable by the coordinator's user only. SQLite gives its -wal and
+        # -shm files the database file's permissions.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -149,9 +154,13 @@ class StateStore:
         retained STATUS the link had accepted before is not newer than its counter and would be refused as
         stale, leaving the device unknown until its next heartbeat."""
         saved = self.meta("link_replay")
-        if not saved or not hasattr(link, "load_replay_state"):
-            return
-        link.load_replay_state(json.loads(saved), status_streams=status_streams)
+        if saved:
+            link.restore(json.loads(saved), status_streams=status_streams)
+
+    def save_link_state(self, state: dict) -> None:
+        """The fleet link's durable state, written at once (a downlink seq reservation is on disk before use)."""
+        with self._lock:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('link_replay', ?)", (json.dumps(state),))
 
     def accepted_ids(self, round_: int) -> set[str]:
         with self._lock:
@@ -202,5 +211,5 @@ class StateStore:
 
 def link_meta(link) -> dict[str, str] | None:
     """commit_round's extra_meta for a fleet link's replay counters (None for a link that does not export them)."""
-    replay = link.replay_state() if hasattr(link, "replay_state") else None
-    return {"link_replay": json.dumps(replay)} if replay is not None else None
+    state = link.durable_state()
+    return {"link_replay": json.dumps(state)} if state is not None else None

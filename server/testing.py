@@ -1,8 +1,4 @@
-"""A fake CoordinatorLink and clock for tests and benchmarks: devices and replies scripted in virtual time.
-
-The link's data types come from fedtiny.protocol.fleet when it is installed; otherwise the documented shapes
-(docs/fleet_link.md) are mirrored here so the coordinator's logic can be tested without MQTT.
-"""
+"""A fake FleetLink and clock for tests and benchmarks: devices and replies scripted in virtual time."""
 
 from __future__ import annotations
 
@@ -14,28 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from fedtiny.protocol import topics
-
-try:
-    from fedtiny.protocol.fleet import DeviceInfo, DeviceReply
-except ImportError:  # the fleet link is not there yet: the documented shapes
-    @dataclass(frozen=True)
-    class DeviceInfo:
-        device: str
-        device_id: int
-        memory_budget: int
-        plan_hash: bytes
-        last_seen: float
-        online: bool
-
-    @dataclass(frozen=True)
-    class DeviceReply:
-        device: str
-        round: int
-        model_version: int
-        delta: dict
-        num_examples: int
-        metrics: dict
-        uplink_bytes: int
+from fedtiny.protocol.coordinator import DeviceInfo, DeviceReply, Rejection
 
 
 class FakeClock:
@@ -110,6 +85,15 @@ class FakeLink:
 
     def schedule(self, reply: DeviceReply, delay: float = 0.0) -> None:
         heapq.heappush(self._queue, (self.clock() + delay, next(self._order), reply))
+
+    def rejections(self) -> list[Rejection]:
+        return []
+
+    def durable_state(self) -> dict | None:
+        return None  # nothing to forget: no envelopes, no seqs
+
+    def restore(self, state: dict, status_streams: bool = True) -> None:
+        pass
 
     def replies(self, timeout: float) -> list[DeviceReply]:
         """Replies due by now + timeout; virtual time moves to the first one due, or by the whole timeout."""

@@ -31,9 +31,9 @@ import numpy as np
 from fedtiny.compiler import Plan
 from fedtiny.planfile import plan_hash
 from fedtiny.protocol import topics
-from fedtiny.protocol.fleet import (
-    DeviceInfo, DeviceReply, SentStates, decode_update, task_body,
-)
+from fedtiny.protocol.coordinator import DeviceInfo, DeviceReply, Rejection
+from fedtiny.protocol.update import SentStates, decode_update
+from fedtiny.protocol.task import task_body
 from fedtiny.protocol.messages import Delta, GlobalUpdate
 
 log = logging.getLogger("fedtiny.flower_engine")
@@ -61,7 +61,7 @@ def check_config(config) -> None:
 # --- the coordinator's side: a link over Flower's Grid ------------------------------------------------------
 
 class GridLink:
-    """CoordinatorLink's interface (devices, send_task, replies) over the Grid of a Flower run.
+    """A FleetLink (fedtiny.protocol.coordinator) over the Grid of a Flower run.
 
     `strict`: a ClientApp that fails (Flower's error reply) ends the simulation with its reason; otherwise
     (fault injection) it counts as a device that dropped out.
@@ -119,6 +119,15 @@ class GridLink:
 
     def devices(self, seen_within: float | None = None) -> list[DeviceInfo]:
         return sorted(self._registry.values(), key=lambda d: d.device)
+
+    def rejections(self) -> list[Rejection]:
+        return []  # Flower delivers bodies from its own nodes: nothing is forged, replayed or malformed
+
+    def durable_state(self) -> dict | None:
+        return None  # no envelopes, no seqs: nothing a restart must not forget
+
+    def restore(self, state: dict, status_streams: bool = True) -> None:
+        pass
 
     def send_task(self, device: str, round: int, model_version: int,
                   global_state: dict[str, np.ndarray] | None, config: dict[str, float]) -> int:
@@ -237,9 +246,11 @@ class _Device:
             self.context.state["carry"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in self.carry.items()})
 
     def train(self, content, trainer: str, seed: int, dropout: float) -> dict:
-        from fedtiny.protocol.fleet import apply_global_update, task_settings
+        from fedtiny.protocol.device import TrainJob
         from fedtiny.protocol.messages import Task
-        from fedtiny_device.agent import LocalTraining, TrainJob, round_update
+        from fedtiny.protocol.task import task_settings
+        from fedtiny.protocol.update import apply_global_update, uplink
+        from fedtiny_device.agent import LocalTraining
 
         round_, version = int(content["round"]), int(content["model-version"])
         update = bytes(content["global-update"])
@@ -270,7 +281,9 @@ class _Device:
                                  self.rng_counter)
         result = training.run(job)
         self.rng_counter = result.rng_counter
-        body, self.carry = round_update(self.plan, job, result, self.carry)
+        body, self.carry = uplink(self.plan, job.base, result.state, self.carry, keep=job.uplink_keep,
+                                  clip_norm=job.clip_norm, num_examples=result.num_examples, loss=result.loss,
+                                  accuracy=result.accuracy)
         reply["delta"] = body.encode()
         return reply
 

@@ -84,7 +84,7 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
     from fedtiny_device.agent import NodeAgent
 
     run = Path(run_dir)
-    _log_to(run / "agents.log", "fedtiny.agent", "fedtiny.fleet", "paho", "amqtt")
+    _log_to(run / "agents.log", "fedtiny.agent", "fedtiny.device", "fedtiny.mqtt", "paho", "amqtt")
     plan = load_plan(run / "plan.ftp")
     factory = None
     if config["trainer"] == "c":
@@ -94,38 +94,24 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
         samples = np.load(run / "nodes" / f"{device}.npz")
         agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
                           state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
-                          trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0)
-        _inject_faults(agent, device, config)
+                          trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0,
+                          faults=_faults(device, config))
         agents.append(agent.start())
     stop.wait()
     for agent in agents:
         agent.stop(leave=False)
 
 
-def _inject_faults(agent, device: str, config: dict) -> None:
+def _faults(device: str, config: dict):
     """--dropout: the node fails the round: it does not train and answers nothing, then takes the next task as
     a rebooted device would. --stragglers: the node is slow (a random delay of up to twice the deadline), so it
     makes some rounds and misses others."""
-    run, complete = agent.training.run, agent.session.complete
+    from fedtiny_device.agent import RoundFaults
+
     rng = np.random.default_rng([config["seed"], len(device), sum(device.encode())])
     straggler = rng.random() < config["stragglers"]
-
-    def training(job):
-        if _fails(config["seed"], device, job.round, config["dropout"]):
-            return None
-        if straggler:
-            time.sleep(2 * rng.random() * config["deadline"])
-        return run(job)
-
-    def completing(job, result, now):
-        if result is None:  # failed this round: no DELTA; the next TASK finds the node ready
-            agent.session.state.trained_round = job.round
-            agent.session.state.pending_task = None
-            return []
-        return complete(job, result, now)
-
-    agent.training.run = training
-    agent.session.complete = completing
+    return RoundFaults(fails=lambda round_: _fails(config["seed"], device, round_, config["dropout"]),
+                       delay=lambda round_: 2 * rng.random() * config["deadline"] if straggler else 0.0)
 
 
 def device_name(index: int) -> str:
@@ -177,7 +163,8 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
     import logging
 
     setup_json_logging(open(run / "coordinator.jsonl", "w"))  # the coordinator's structured log
-    _log_to(run / "link.log", "fedtiny.fleet", "amqtt", "transitions", "paho")
+    _log_to(run / "link.log", "fedtiny.mqtt", "fedtiny.coordinator_session", "fedtiny.task", "amqtt",
+            "transitions", "paho")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
     if config.trainer == "c" and shutil.which("gcc") is None:
         config.trainer = "python"
@@ -218,7 +205,7 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
 def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coordinate) -> list[dict]:
     """The fleet's keys, a broker, the coordinator's link and the node agents in worker processes; then rounds."""
     from fedtiny.protocol.brokers import EmbeddedBroker
-    from fedtiny.protocol.fleet import CoordinatorLink
+    from fedtiny.transport.mqtt import CoordinatorLink
     from fedtiny.protocol.keys import provision_fleet
 
     if config.fleet_dir:
@@ -232,6 +219,7 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
     shares = [devices[i::config.workers] for i in range(config.workers)]
     workers = [ctx.Process(target=_worker, args=(str(run), share, url, asdict(config), stop), daemon=True)
                for share in shares if share]
+    # A simulation's coordinator never restarts within its run folder, so its durable state is not saved.
     link = CoordinatorLink(url, run / "fleet", plan, fleet="sim", chunk_size=config.chunk_size).start()
     try:
         for w in workers:

@@ -9,7 +9,8 @@ import pytest
 
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.envelope import CoordinatorEndpoint, ProtocolError, Identity, PublicIdentity
-from fedtiny.protocol.fleet import decode_update, load_fleet, state_delta
+from fedtiny.protocol.update import decode_update, state_delta
+from fedtiny.transport.mqtt import load_fleet
 from fedtiny.protocol.messages import Delta
 from fedtiny_device.agent import NodeAgent, load_state
 from test_fleet_link import (  # noqa: F401  (fixtures)
@@ -33,7 +34,8 @@ def test_session_is_sans_io_and_holds_no_samples(fleet_dir, model, tmp_path):
     session = agent.session
     assert not any(isinstance(v, np.ndarray) and v.dtype == np.int8 and v.ndim == 4 for v in vars(session).values())
     coordinator = coordinator_endpoint(fleet_dir)
-    from fedtiny.protocol.fleet import plan_hash, task_body
+    from fedtiny.planfile import plan_hash
+    from fedtiny.protocol.task import task_body
 
     device_id = topics.name_id("raw-2")
     task = coordinator.seal(task_body(plan, plan_hash(plan), {"epochs": 2, "uplink_keep": 0.25}, 256),
@@ -75,7 +77,7 @@ def test_no_raw_sample_in_any_published_payload(amqtt_broker, fleet_dir, model, 
     rec = Recorder()
     agent = make_agent(amqtt_broker, fleet_dir, model, "raw-0", 0, tmp_path)
     agent.uplink_filter = rec
-    will = agent.session.last_will()
+    will = agent.session.last_will(0.0)
     agent.start()
     try:
         wait_for(lambda: any(d.device == "raw-0" for d in link.devices()), what="JOIN")
@@ -135,7 +137,7 @@ def test_interrupted_upload_resumes(broker, fleet_dir, model, tmp_path, how):
         global1 = shifted_state(plan, np.random.default_rng(9))
         link.send_task(name, 1, 1, global1, {"epochs": 1})
         assert cut.wait(15)
-        wait_for(lambda: link.stats["duplicate_chunks"] >= 0 and len(link._reassembler.open_transfers()) == 1,
+        wait_for(lambda: link.stats["duplicate_chunks"] >= 0 and len(link.session._reassembler(name).open_transfers()) == 1,
                  what="partial upload at the link")
         total = chunking.parse_chunk(sent_delta[0].payload).count
         counter, version = agent.rng_counter, agent.model_version

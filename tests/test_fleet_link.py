@@ -20,11 +20,10 @@ from fedtiny.compiler import compile_plan
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.brokers import EmbeddedBroker, MosquittoProcess, free_port, mosquitto_config
 from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, DeviceEndpoint, Header, Identity, PublicIdentity
-from fedtiny.protocol.fleet import (
-    CoordinatorLink, Publish, apply_delta, decode_update, encode_update, entries_to_state,
-    apply_global_update, clip_delta, global_update, load_fleet, row_scales, split_uplink, state_delta,
-    state_entries, task_body, task_settings,
-)
+from fedtiny.transport.mqtt import CoordinatorLink, load_fleet
+from fedtiny.protocol.topics import Publish
+from fedtiny.protocol.update import apply_delta, apply_global_update, clip_delta, decode_update, encode_update, entries_to_state, global_update, row_scales, split_uplink, state_delta, state_entries
+from fedtiny.protocol.task import task_body, task_settings
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import AckStatus, Delta, GlobalUpdate, Leave, MessageType
@@ -200,7 +199,7 @@ def test_join_and_round_of_three_bit_exact(broker, fleet_dir, model, tmp_path):
         global2 = {k: v.copy() for k, v in global1.items()}
         first = plan.trainable_buffers()[0]
         global2[first][0] = np.clip(global2[first][0].astype(np.int16) + 1, -127, 127).astype(np.int8)
-        wait_for(lambda: all(link._versions.get(n) == 1 for n in names), what="devices to report version 1")
+        wait_for(lambda: all(link.session._versions.get(n) == 1 for n in names), what="devices to report version 1")
         small = link.send_task(names[0], 2, 2, global2, {"epochs": 1})
         assert small < down[0] / 2
         (reply,) = collect(link, 1)
@@ -266,13 +265,14 @@ def test_duplicates_replay_and_tampering_change_nothing(amqtt_broker, fleet_dir,
         seq = agent.session.state.seq
         used = Header.unpack(envelope)
         forged = endpoint.seal(encode_update(plan, state_delta(plan.initial_state(), plan.initial_state()), 1, 0.0, 0.0),
-                               round=used.round, model_version=used.model_version, seq=used.seq)
+                               round=used.round, model_version=used.model_version, seq=used.seq, run=used.run)
         inject(chunking.split(forged, 901, 256))
         wait_for(lambda: link.stats["rejected:replay"] == 1, what="replay rejection")
 
         # tampered ciphertext: the signature fails; re-signed by the key holder: the AEAD tag fails
         fresh = bytearray(endpoint.seal(encode_update(plan, state_delta(plan.initial_state(), plan.initial_state()),
-                                                      1, 0.0, 0.0), round=5, model_version=0, seq=seq + 100))
+                                                      1, 0.0, 0.0), round=5, model_version=0, seq=seq + 100,
+                                       run=used.run))
         fresh[HEADER_SIZE + 20] ^= 0x01
         inject(chunking.split(bytes(fresh), 902, 256))
         wait_for(lambda: link.stats["rejected:bad-signature"] == 1, what="signature rejection")
@@ -439,7 +439,7 @@ def test_clip_delta_bounds_the_real_norm_and_keeps_small_updates(small_plan):
 
 
 def test_device_clips_what_it_sends(small_plan):
-    from fedtiny_device.agent import TrainJob, TrainResult, round_update
+    from fedtiny.protocol.update import uplink
 
     base = small_plan.initial_state()
     trained = {n: np.clip(v.astype(np.int64) + 40, np.iinfo(v.dtype).min, np.iinfo(v.dtype).max).astype(v.dtype)
@@ -447,8 +447,8 @@ def test_device_clips_what_it_sends(small_plan):
     scales = row_scales(small_plan)
     change = state_delta(trained, base)
     full = np.sqrt(sum(np.sum((change[n].reshape(len(scales[n]), -1) * scales[n][:, None]) ** 2) for n in change))
-    job = TrainJob(1, 0, 1, 0, base, uplink_keep=1.0, clip_norm=full / 3)
-    body, carry = round_update(small_plan, job, TrainResult(trained, 8, 0.5, 0.5, 0), None)
+    body, carry = uplink(small_plan, base, trained, None, keep=1.0, clip_norm=full / 3, num_examples=8, loss=0.5,
+                         accuracy=0.5)
     sent, _ = decode_update(small_plan, Delta.decode(body.encode()))
     norm = np.sqrt(sum(np.sum((sent[n].reshape(len(scales[n]), -1) * scales[n][:, None]) ** 2) for n in sent))
     assert full / 3 * 0.9 < norm <= full / 3
@@ -483,11 +483,12 @@ def test_encoder_takes_only_plan_buffers(small_plan):
         encode_update(small_plan, {**delta, first: np.zeros(delta[first].shape, np.int8)}, 1, 0.0, 0.0)
 
 
-def test_replay_state_survives_a_coordinator_restart(fleet_dir, model):
-    """An uplink accepted before a restart is refused after it, once the link's replay state is restored;
-    without it, the new link would take the old message again."""
+def test_durable_state_survives_a_coordinator_restart(fleet_dir, model):
+    """An uplink accepted before a restart is refused after it, once the link's durable state is restored; a
+    link that lost it starts a new run, in which the old message counts for nothing either."""
     from fedtiny.protocol.envelope import DeviceEndpoint, Identity, PublicIdentity
-    from fedtiny.protocol.fleet import CoordinatorLink, encode_update, load_fleet, state_delta
+    from fedtiny.transport.mqtt import CoordinatorLink, load_fleet
+    from fedtiny.protocol.update import encode_update, state_delta
 
     plan = model[0]
     manifest = load_fleet(fleet_dir)
@@ -497,16 +498,18 @@ def test_replay_state_survives_a_coordinator_restart(fleet_dir, model):
                             Identity.from_bytes((folder / "identity.key").read_bytes()),
                             PublicIdentity.from_bytes((folder / "coordinator.pub").read_bytes()))
     body = encode_update(plan, state_delta(plan.initial_state(), plan.initial_state()), 1, 0.0, 0.0)
-    frame = chunking.split(device.seal(body, round=3, model_version=0), 1, 4096)[0]
+    frame = chunking.split(device.seal(body, round=3, model_version=0, run=1), 1, 4096)[0]
     topic = topics.uplink(FLEET, name)
 
     first = CoordinatorLink("mqtt://127.0.0.1:1", fleet_dir, plan, fleet=FLEET)  # never started: no broker needed
+    first.restore({"run": 1})  # the run whose TASK the device answers
+    first._transport.publish = lambda p: None
     first._on_message(topic, frame)
     assert not any(k.startswith("rejected") for k in first.stats), first.stats
-    saved = json.loads(json.dumps(first.replay_state()))  # as the coordinator checkpoints it
+    saved = json.loads(json.dumps(first.durable_state()))  # as the coordinator checkpoints it
 
     restored = CoordinatorLink("mqtt://127.0.0.1:1", fleet_dir, plan, fleet=FLEET)
-    restored.load_replay_state(saved)
+    restored.restore(saved)
     sent = []
     restored._transport.publish = sent.append
     restored._on_message(topic, frame)
@@ -517,5 +520,7 @@ def test_replay_state_survives_a_coordinator_restart(fleet_dir, model):
     assert (ack.acked_type, ack.status, ack.acked_seq) == (MessageType.DELTA, AckStatus.OK, 0)
 
     forgetful = CoordinatorLink("mqtt://127.0.0.1:1", fleet_dir, plan, fleet=FLEET)
+    forgetful._transport.publish = lambda p: None
     forgetful._on_message(topic, frame)
-    assert not any(k.startswith("rejected") for k in forgetful.stats), forgetful.stats
+    assert forgetful.stats["rejected:old-run"] == 1 and forgetful.stats["replies"] == 0, forgetful.stats
+    assert forgetful.session.run == 2

@@ -268,7 +268,7 @@ def test_delta_compression_only_where_it_pays_and_bombs_are_bounded():
     assert not delta.encode_delta(noise)[3] & delta.FLAG_ZLIB
     assert len(delta.encode_delta(zeros)) < 0.05 * delta.dense_fp32_bytes(256 * 64)
     with pytest.raises(ProtocolError) as info:
-        delta.decode_delta(delta.encode_delta(zeros), max_body=1000)
+        delta.decode_delta(delta.encode_delta(zeros), delta.DeltaLimits(max_body=1000))
     assert info.value.reason == "oversized"
 
 

@@ -146,10 +146,10 @@ def test_link_replay_counters_are_checkpointed(plan, tmp_path):
     class ReplayLink(FakeLink):
         state = {"dev": [3, 17]}
 
-        def replay_state(self):
+        def durable_state(self):
             return self.state
 
-        def load_replay_state(self, state, status_streams=True):
+        def restore(self, state, status_streams=True):
             self.loaded = state
 
     clock = FakeClock()
@@ -169,7 +169,7 @@ def test_a_restarted_link_gets_its_data_counters_before_it_connects(plan, tmp_pa
     from fedtiny.planfile import save_plan
     from fedtiny_server.app import Settings, run_coordinator
 
-    rows = [[7, 0, 0, 3, 17], [7, 0, 1, 3, 18], [7, 0, 2, 1, 2]]  # device 7: data, heartbeat, last will
+    rows = [[7, 0, 0, 1, 3, 17], [7, 0, 1, 1, 3, 18], [7, 0, 2, 1, 1, 2]]  # device 7: data, heartbeat, last will
     calls = []
 
     class ReplayLink(FakeLink):
@@ -177,10 +177,10 @@ def test_a_restarted_link_gets_its_data_counters_before_it_connects(plan, tmp_pa
             calls.append("start")
             return self
 
-        def replay_state(self):
-            return {"replay": rows, "next_seq": {"7": 40}}
+        def durable_state(self):
+            return {"replay": rows, "run": 1, "seq": 1024}
 
-        def load_replay_state(self, state, status_streams=True):
+        def restore(self, state, status_streams=True):
             calls.append((state, status_streams))
 
     save_plan(plan, tmp_path / "p.plan")
@@ -190,7 +190,7 @@ def test_a_restarted_link_gets_its_data_counters_before_it_connects(plan, tmp_pa
         link.add_device("a")
         run_coordinator(Settings("mqtt://127.0.0.1:1", str(tmp_path), "lab", str(tmp_path / "p.plan"),
                                  str(tmp_path / "s.db"), num_server_rounds=rounds), link=link)
-    saved = {"replay": rows, "next_seq": {"7": 40}}
+    saved = {"replay": rows, "run": 1, "seq": 1024}
     assert calls == ["start", (saved, False), "start", (saved, True)]
     # what the real link's status_streams=False keeps: the data stream only
     from fedtiny.protocol.envelope import ReplayGuard
@@ -273,7 +273,7 @@ def test_downlink_sends_only_changed_tensors_requantized(plan, tmp_path):
         assert t.global_state[W].dtype == np.int8
         np.testing.assert_array_equal(t.global_state[W], plan.initial_state()[W])
     # the real link's encoder puts only changed channels on the wire
-    from fedtiny.protocol.fleet import state_entries
+    from fedtiny.protocol.update import state_entries
     entries = state_entries(plan, second[0].global_state, changed_from=plan.initial_state())
     assert {plan.trainable_buffers()[e.tensor_id] for e in entries} == {B}
     # round 3: weights move by one LSB (requantized from the float master, clamped to +-127)

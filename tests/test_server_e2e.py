@@ -18,7 +18,7 @@ from fedtiny import zoo
 from fedtiny.compiler import compile_plan
 from fedtiny.planfile import save_plan
 from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
-from fedtiny.protocol.fleet import CoordinatorLink
+from fedtiny.transport.mqtt import CoordinatorLink
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse

@@ -5,7 +5,6 @@ ServerApp is FedAvg over the sites (docs/deployment.md, "Scale-out"). Then a sit
 rounds, over a real mosquitto."""
 
 import json
-import logging
 import os
 import textwrap
 import time
@@ -20,7 +19,7 @@ from flower_deploy import FlowerDeployment
 from test_server_e2e import FLEET, NODES, breast_cancer_task, fleet, start_agents  # noqa: F401 (fixture)
 from fedtiny.planfile import save_plan
 from fedtiny.protocol import chunking
-from fedtiny.protocol import fleet as fleet_link
+from fedtiny.transport import mqtt as mqtt_transport
 from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
 from fedtiny.protocol.envelope import Header
 from fedtiny.protocol.keys import provision_fleet
@@ -186,7 +185,7 @@ def test_two_sites_under_one_superlink(task, tmp_path, flwr_cli):
 
 
 def test_gateway_restarted_between_rounds_refuses_an_uplink_from_before(  # noqa: F811 (fixture)
-        fleet, task, tmp_path, monkeypatch, caplog):
+        fleet, task, tmp_path, monkeypatch):
     """Each site_round builds its link, store and grid from the node config and the site's SQLite file, as a
     restarted gateway process does. A device's round-1 DELTA, published again while the gateway is down (the
     broker queues it for the gateway's persistent session and delivers it as the next gateway connects), is
@@ -204,13 +203,12 @@ def test_gateway_restarted_between_rounds_refuses_an_uplink_from_before(  # noqa
                         state_db=str(tmp_path / "gateway.db"), quorum=1.0, deadline=30.0, seen_within=60.0)
     links = []
 
-    class RecordedLink(fleet_link.CoordinatorLink):
+    class RecordedLink(mqtt_transport.CoordinatorLink):
         def start(self):
             links.append(self)
             return super().start()
 
-    monkeypatch.setattr(fleet_link, "CoordinatorLink", RecordedLink)  # what site_round builds
-    caplog.set_level(logging.WARNING, logger="fedtiny.fleet")
+    monkeypatch.setattr(mqtt_transport, "CoordinatorLink", RecordedLink)  # what site_round builds
     agents = start_agents(url, keys, names, task, tmp_path / "nodes", heartbeat_s=30.0)
     device = agents[0]
     deltas, held, transfers = [], [], set()
@@ -245,7 +243,6 @@ def test_gateway_restarted_between_rounds_refuses_an_uplink_from_before(  # noqa
         for a in agents:
             a.stop()
     assert first["site-replies"] == second["site-replies"] == NODES
-    up = f"on fedtiny/{FLEET}/up/{names[0]}: "
-    refused = [r.getMessage() for r in caplog.records if up in r.getMessage()]
-    assert len(refused) == 1 and "stale" in refused[0], refused
+    refused = {k: v for k, v in links[1].stats.items() if k.startswith("rejected:")}
+    assert refused == {"rejected:stale": 1}, refused  # the replayed DELTA, and nothing else
     assert links[1].stats["replies"] == NODES, links[1].stats  # round 2's own replies, nothing from round 1

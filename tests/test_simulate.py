@@ -162,7 +162,7 @@ def test_flower_engine_computes_the_mqtt_engines_global_model(medical, medical_f
 def test_flower_engine_counts_the_encoded_delta_bodies(medical, medical_flower):
     """Its bytes are the DELTA bodies a device encodes (no envelope: no MQTT link), and the report says so."""
     from fedtiny.planfile import load_plan
-    from fedtiny.protocol.fleet import encode_update
+    from fedtiny.protocol.update import encode_update
 
     (mqtt, mqtt_out), (flower, flower_out) = medical, medical_flower
     plan = load_plan(flower_out / "plan.ftp")

@@ -106,13 +106,17 @@ class Reassembler:
 
     Memory is bounded by max_transfers open transfers and max_bytes of declared payload (a transfer reserves its
     whole total_len when its first chunk arrives, as a C receiver with a fixed buffer would). Transfers idle for
-    longer than ttl seconds are dropped by expire() and by every accept().
+    longer than ttl seconds are dropped by expire() and by every accept(). With `evict`, a new transfer that
+    does not fit drops the least recently active ones instead of being refused: for a reassembler that serves
+    one sender, whose newest transfer supersedes its abandoned ones, so a sender cannot lock itself out.
     """
 
-    def __init__(self, max_transfers: int = 8, max_bytes: int = 1 << 20, ttl: float = 600.0) -> None:
+    def __init__(self, max_transfers: int = 8, max_bytes: int = 1 << 20, ttl: float = 600.0,
+                 evict: bool = False) -> None:
         self.max_transfers = max_transfers
         self.max_bytes = max_bytes
         self.ttl = ttl
+        self.evict = evict
         self._transfers: dict[tuple, _Transfer] = {}
 
     @property
@@ -131,6 +135,11 @@ class Reassembler:
         if transfer is None:
             if chunk.count == 1:  # a one-chunk transfer never needs buffering
                 return ChunkResult(key, False, chunk.data)
+            if chunk.total_len > self.max_bytes:
+                raise ProtocolError("oversized", f"transfer of {chunk.total_len} bytes > {self.max_bytes}")
+            while self.evict and self._transfers and (len(self._transfers) >= self.max_transfers
+                                                      or self.reserved_bytes + chunk.total_len > self.max_bytes):
+                del self._transfers[min(self._transfers, key=lambda k: self._transfers[k].last_seen)]
             if len(self._transfers) >= self.max_transfers:
                 raise ProtocolError("too-many-transfers", f"{self.max_transfers} transfers already open")
             if self.reserved_bytes + chunk.total_len > self.max_bytes:

@@ -52,8 +52,23 @@ INT4 = 4
 
 # A 1 KiB deflate window: a microcontroller inflater (uzlib, miniz tinfl) then needs only a 1 KiB dictionary.
 ZLIB_WBITS = 10
-DEFAULT_MAX_BODY = 16 * 1024 * 1024
-DEFAULT_MAX_ENTRIES = 4096
+
+
+@dataclass(frozen=True)
+class DeltaLimits:
+    """What a decoder accepts: inflated body bytes, entries, and elements over all entries (count x inner).
+
+    A receiver that knows the training plan passes the plan's own bounds (update.delta_limits), so no blob can
+    make it allocate more than the plan's trainable tensors take; the defaults only bound a receiver without one.
+    Elements are checked before anything is allocated for an entry: a bitmap or dense value array is never
+    larger than the limit, however well a deflated body compresses."""
+
+    max_body: int = 16 * 1024 * 1024
+    max_entries: int = 4096
+    max_elements: int = 4 * 1024 * 1024
+
+
+DEFAULT_LIMITS = DeltaLimits()
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,7 +202,7 @@ def _inflate(data: bytes, body_len: int) -> bytes:
     return body
 
 
-def _decode_entry(body: bytes, offset: int) -> tuple[DeltaEntry, int]:
+def _decode_entry(body: bytes, offset: int, max_elements: int) -> tuple[DeltaEntry, int]:
     if offset + ENTRY_HEADER.size > len(body):
         raise ProtocolError("truncated", "delta entry header")
     tensor_id, code, eflags, start, count, inner = ENTRY_HEADER.unpack_from(body, offset)
@@ -198,7 +213,7 @@ def _decode_entry(body: bytes, offset: int) -> tuple[DeltaEntry, int]:
         raise ProtocolError("bad-flags", "unknown or contradictory entry flags")
     if count == 0 or inner == 0:
         raise ProtocolError("bad-entry", "empty entry")
-    if count * inner > 8 * len(body):  # no entry can carry more elements than its body has bits
+    if count * inner > min(8 * len(body), max_elements):  # never more elements than the body has bits
         raise ProtocolError("oversized", f"entry of {count} x {inner} elements")
     n_scales = 0 if eflags & ENTRY_PLAN_SCALES else count if eflags & ENTRY_PER_CHANNEL else 1
     if offset + 4 * n_scales > len(body):
@@ -236,9 +251,7 @@ def _decode_entry(body: bytes, offset: int) -> tuple[DeltaEntry, int]:
     return DeltaEntry(tensor_id, start, values, scales, mask), end
 
 
-def decode_delta(
-    blob: bytes, max_body: int = DEFAULT_MAX_BODY, max_entries: int = DEFAULT_MAX_ENTRIES
-) -> list[DeltaEntry]:
+def decode_delta(blob: bytes, limits: DeltaLimits = DEFAULT_LIMITS) -> list[DeltaEntry]:
     """Decode a blob made by encode_delta; raises ProtocolError on anything malformed or over the limits."""
     blob = bytes(blob)
     if len(blob) < BLOB_HEADER.size:
@@ -250,19 +263,20 @@ def decode_delta(
         raise ProtocolError("bad-version", f"delta version {version}")
     if flags & ~FLAG_ZLIB or reserved:
         raise ProtocolError("bad-flags", "unknown delta flags")
-    if n_entries > max_entries:
-        raise ProtocolError("oversized", f"{n_entries} entries > {max_entries}")
-    if body_len > max_body:
-        raise ProtocolError("oversized", f"body {body_len} > {max_body} bytes")
+    if n_entries > limits.max_entries:
+        raise ProtocolError("oversized", f"{n_entries} entries > {limits.max_entries}")
+    if body_len > limits.max_body:
+        raise ProtocolError("oversized", f"body {body_len} > {limits.max_body} bytes")
     body = blob[BLOB_HEADER.size :]
     if flags & FLAG_ZLIB:
         body = _inflate(body, body_len)
     elif len(body) != body_len:
         raise ProtocolError("truncated" if len(body) < body_len else "trailing-bytes", "delta body length")
 
-    entries, offset = [], 0
+    entries, offset, elements = [], 0, limits.max_elements
     for _ in range(n_entries):
-        entry, offset = _decode_entry(body, offset)
+        entry, offset = _decode_entry(body, offset, elements)
+        elements -= entry.values.size
         entries.append(entry)
     if offset != len(body):
         raise ProtocolError("trailing-bytes", "delta body longer than its entries")

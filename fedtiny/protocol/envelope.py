@@ -11,8 +11,11 @@ GLOBAL_UPDATE payloads are ChaCha20-Poly1305 ciphertext (plaintext + 16-byte tag
     nonce = round u32 | seq u32 | direction u8 | 3 zero bytes          (direction 0 = up, 1 = down)
     aad   = the 32 header bytes
 
-A sender never reuses (round, seq) for a direction, so a nonce never repeats under a key; the receiver's
-ReplayGuard holds it to that. Every rejection raises ProtocolError and leaves the endpoint's state untouched.
+    nonce = round u32 | seq u32 | direction u8 | run u16 | 1 zero byte
+
+A sender never reuses (run, round, seq) for a direction, so a nonce never repeats under a key; the receiver's
+ReplayGuard holds it to that. Devices never reuse a seq (it is persisted before use); the coordinator persists
+its seqs in blocks before use, and a coordinator that lost its state starts a new run. Every rejection raises ProtocolError and leaves the endpoint's state untouched.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedtiny.protocol.errors import ProtocolError
+from fedtiny.protocol.delta import DEFAULT_LIMITS, DeltaLimits
 from fedtiny.protocol.messages import Body, MessageType, decode_body
 
 MAGIC = b"FT"
@@ -66,10 +70,11 @@ class Header:
     model_version: int
     seq: int
     payload_len: int
+    run: int = 0  # the coordinator's run (see ReplayGuard): a coordinator with a fresh database starts a new one
 
     def pack(self) -> bytes:
         return HEADER.pack(
-            MAGIC, PROTOCOL_VERSION, self.type, self.flags, 0, self.fleet_id, self.device_id,
+            MAGIC, PROTOCOL_VERSION, self.type, self.flags, self.run, self.fleet_id, self.device_id,
             self.round, self.model_version, self.seq, self.payload_len,
         )
 
@@ -77,20 +82,25 @@ class Header:
     def unpack(cls, raw: bytes) -> Header:
         if len(raw) < HEADER_SIZE:
             raise ProtocolError("truncated", "header")
-        magic, version, msg_type, flags, reserved, *rest = HEADER.unpack_from(raw)
+        magic, version, msg_type, flags, run, *rest = HEADER.unpack_from(raw)
         if magic != MAGIC:
             raise ProtocolError("bad-magic", "not a fedtiny message")
         if version != PROTOCOL_VERSION:
             raise ProtocolError("bad-version", f"protocol version {version}")
-        if flags & ~KNOWN_FLAGS or reserved:
+        if flags & ~KNOWN_FLAGS:
             raise ProtocolError("bad-flags", f"flags {flags:#x}")
         if msg_type not in MessageType._value2member_map_:
             raise ProtocolError("bad-type", f"message type {msg_type}")
-        return cls(msg_type, flags, *rest)
+        return cls(msg_type, flags, *rest, run=run)
 
     @property
     def direction(self) -> int:
         return DOWN if self.flags & Flags.DOWNLINK else UP
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        """Where the message stands in its sender's stream: (run, round, seq), compared in that order."""
+        return self.run, self.round, self.seq
 
 
 @dataclass(frozen=True)
@@ -149,8 +159,8 @@ def derive_key(own: Identity, peer: PublicIdentity, fleet_id: int, device_id: in
     return HKDF(hashes.SHA256(), 32, b"fedtiny/v1", info).derive(shared)
 
 
-def nonce(round_: int, seq: int, direction: int) -> bytes:
-    return struct.pack("<IIB3x", round_, seq, direction)
+def nonce(round_: int, seq: int, direction: int, run: int) -> bytes:
+    return struct.pack("<IIBHx", round_, seq, direction, run)
 
 
 @dataclass(frozen=True)
@@ -160,9 +170,10 @@ class Received:
 
 
 class ReplayGuard:
-    """Per (device, direction, stream) the last accepted (round, seq), and digests of the last `window` messages.
+    """Per (device, direction, stream) the last accepted position (run, round, seq), and digests of the last
+    `window` messages.
 
-    A message must be strictly newer than the last accepted one; an older (round, seq) whose bytes equal a
+    A message must be strictly newer than the last accepted one; an older position whose bytes equal a
     recently accepted message is a QoS 1 duplicate (dropped quietly), anything else older is a replay or stale.
     Streams keep heartbeats and last wills, which travel on other topics, from reordering against data.
     """
@@ -186,34 +197,34 @@ class ReplayGuard:
         """True for a duplicate; raises ProtocolError for a replay; False for a new message. Changes nothing."""
         key = self.stream_key(header)
         last = self._last.get(key)
-        position = (header.round, header.seq)
+        position = header.position
         if last is None or position > last:
             return False
         seen = self._recent.get(key, {}).get(position)
         if seen == digest:
             return True
         if seen is not None:
-            raise ProtocolError("replay", f"different message with the same (round, seq) {position}")
-        raise ProtocolError("stale", f"(round, seq) {position} is not newer than {last}")
+            raise ProtocolError("replay", f"different message at the same (run, round, seq) {position}")
+        raise ProtocolError("stale", f"(run, round, seq) {position} is not newer than {last}")
 
     def export(self) -> list[list[int]]:
-        """The last accepted (round, seq) of every stream, as JSON-able rows, for a checkpoint. The recent digests
+        """The last accepted position of every stream, as JSON-able rows, for a checkpoint. The recent digests
         are left out: after a restore an old QoS 1 duplicate reads as stale instead of duplicate, still refused."""
         return [[*key, *position] for key, position in sorted(self._last.items())]
 
     def restore(self, rows: list[list[int]], data_only: bool = False) -> None:
         """Take back an export, never moving a stream backwards; `data_only` leaves the STATUS streams out."""
-        for device_id, direction, stream, round_, seq in rows:
+        for device_id, direction, stream, run, round_, seq in rows:
             if data_only and stream != ReplayGuard.DATA:
                 continue
             key = (int(device_id), int(direction), int(stream))
-            self._last[key] = max(self._last.get(key, (0, 0)), (int(round_), int(seq)))
+            self._last[key] = max(self._last.get(key, (0, 0, 0)), (int(run), int(round_), int(seq)))
 
     def commit(self, header: Header, digest: bytes) -> None:
         key = self.stream_key(header)
-        self._last[key] = (header.round, header.seq)
+        self._last[key] = header.position
         recent = self._recent.setdefault(key, OrderedDict())
-        recent[(header.round, header.seq)] = digest
+        recent[header.position] = digest
         while len(recent) > self.window:
             recent.popitem(last=False)
 
@@ -225,6 +236,7 @@ class _Endpoint:
         self.fleet_id = fleet_id
         self.identity = identity
         self.max_message_bytes = max_message_bytes
+        self.delta_limits: DeltaLimits = DEFAULT_LIMITS  # a session that knows the plan sets its bounds
         self.replay = ReplayGuard()
         self.next_seq: dict[int, int] = {}  # per addressed device id; persist across reboots
         self._keys: dict[tuple, bytes] = {}
@@ -239,7 +251,8 @@ class _Endpoint:
             self._keys[cache_key] = derive_key(self.identity, peer, self.fleet_id, device_id, direction)
         return self._keys[cache_key]
 
-    def _seal(self, body: Body, device_id: int, round_: int, model_version: int, seq: int | None, flags: int) -> bytes:
+    def _seal(self, body: Body, device_id: int, round_: int, model_version: int, seq: int | None, flags: int,
+              run: int) -> bytes:
         msg_type = body.TYPE
         allowed = DOWNLINK_TYPES if self.direction == DOWN else UPLINK_TYPES
         if msg_type not in allowed:
@@ -256,10 +269,11 @@ class _Endpoint:
                 raise ValueError("encrypted messages are per device, never broadcast")
             flags |= Flags.ENCRYPTED
         payload_len = len(plaintext) + (TAG_SIZE if flags & Flags.ENCRYPTED else 0)
-        header = Header(msg_type, int(flags), self.fleet_id, device_id, round_, model_version, seq, payload_len).pack()
+        header = Header(msg_type, int(flags), self.fleet_id, device_id, round_, model_version, seq, payload_len,
+                        run).pack()
         if flags & Flags.ENCRYPTED:
             aead = ChaCha20Poly1305(self._key(device_id, self.direction))
-            payload = aead.encrypt(nonce(round_, seq, self.direction), plaintext, header)
+            payload = aead.encrypt(nonce(round_, seq, self.direction, run), plaintext, header)
         else:
             payload = plaintext
         signed = header + payload
@@ -309,10 +323,11 @@ class _Endpoint:
         if encrypted:
             aead = ChaCha20Poly1305(self._key(header.device_id, header.direction))
             try:
-                payload = aead.decrypt(nonce(header.round, header.seq, header.direction), payload, signed[:HEADER_SIZE])
+                payload = aead.decrypt(nonce(header.round, header.seq, header.direction, header.run), payload,
+                                       signed[:HEADER_SIZE])
             except InvalidTag:
                 raise ProtocolError("bad-ciphertext", "authentication tag does not verify") from None
-        body = decode_body(header.type, payload)
+        body = decode_body(header.type, payload, self.delta_limits)
         self.replay.commit(header, digest)
         return Received(header, body)
 
@@ -345,8 +360,9 @@ class DeviceEndpoint(_Endpoint):
         if header.device_id not in (self.device_id, 0):
             raise ProtocolError("wrong-device", f"addressed to {header.device_id:#010x}")
 
-    def seal(self, body: Body, *, round: int, model_version: int, seq: int | None = None, flags: int = 0) -> bytes:
-        return self._seal(body, self.device_id, round, model_version, seq, flags)
+    def seal(self, body: Body, *, round: int, model_version: int, seq: int | None = None, flags: int = 0,
+             run: int = 0) -> bytes:
+        return self._seal(body, self.device_id, round, model_version, seq, flags, run)
 
 
 class CoordinatorEndpoint(_Endpoint):
@@ -378,8 +394,9 @@ class CoordinatorEndpoint(_Endpoint):
             raise ProtocolError("bad-direction", "the coordinator only accepts uplinks")
 
     def seal(
-        self, body: Body, *, device_id: int, round: int, model_version: int, seq: int | None = None, flags: int = 0
+        self, body: Body, *, device_id: int, round: int, model_version: int, seq: int | None = None, flags: int = 0,
+        run: int = 0,
     ) -> bytes:
         if device_id != 0:
             self._peer(device_id)  # refuse to address a device that is not enrolled
-        return self._seal(body, device_id, round, model_version, seq, flags)
+        return self._seal(body, device_id, round, model_version, seq, flags, run)

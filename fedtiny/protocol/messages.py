@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import ClassVar
 
-from fedtiny.protocol.delta import DeltaEntry, decode_delta, encode_delta
+from fedtiny.protocol.delta import DEFAULT_LIMITS, DeltaEntry, DeltaLimits, decode_delta, encode_delta
 from fedtiny.protocol.errors import ProtocolError
 
 
@@ -142,11 +142,11 @@ class GlobalUpdate:
         return self.LAYOUT.pack(self.base_model_version) + encode_delta(self.entries, compress)
 
     @classmethod
-    def decode(cls, body: bytes) -> GlobalUpdate:
+    def decode(cls, body: bytes, limits: DeltaLimits = DEFAULT_LIMITS) -> GlobalUpdate:
         if len(body) < cls.LAYOUT.size:
             raise ProtocolError("truncated", "GLOBAL_UPDATE")
         (base,) = cls.LAYOUT.unpack_from(body)
-        return cls(base, decode_delta(body[cls.LAYOUT.size :]))
+        return cls(base, decode_delta(body[cls.LAYOUT.size :], limits))
 
 
 @dataclass(frozen=True)
@@ -165,11 +165,11 @@ class Delta:
         return self.LAYOUT.pack(self.num_examples, self.train_loss) + encode_delta(self.entries, compress)
 
     @classmethod
-    def decode(cls, body: bytes) -> Delta:
+    def decode(cls, body: bytes, limits: DeltaLimits = DEFAULT_LIMITS) -> Delta:
         if len(body) < cls.LAYOUT.size:
             raise ProtocolError("truncated", "DELTA")
         num_examples, loss = cls.LAYOUT.unpack_from(body)
-        return cls(num_examples, loss, decode_delta(body[cls.LAYOUT.size :]))
+        return cls(num_examples, loss, decode_delta(body[cls.LAYOUT.size :], limits))
 
 
 @dataclass(frozen=True)
@@ -254,8 +254,11 @@ BODY_TYPES = {cls.TYPE: cls for cls in (Join, Task, GlobalUpdate, Delta, Ack, St
 Body = Join | Task | GlobalUpdate | Delta | Ack | Status | Leave
 
 
-def decode_body(msg_type: int, body: bytes) -> Body:
+def decode_body(msg_type: int, body: bytes, limits: DeltaLimits = DEFAULT_LIMITS) -> Body:
+    """The body of a message; `limits` bounds the delta blob of a DELTA or GLOBAL_UPDATE."""
     body_type = BODY_TYPES.get(msg_type)
     if body_type is None:
         raise ProtocolError("bad-type", f"message type {msg_type}")
+    if body_type in (GlobalUpdate, Delta):
+        return body_type.decode(body, limits)
     return body_type.decode(body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from dataclasses import dataclass
 
 from fedtiny.protocol.errors import ProtocolError
 
@@ -19,6 +20,15 @@ COORDINATOR_NAME = "coordinator"
 COORDINATOR_ID = 0  # header device_id 0 on a downlink = broadcast
 # Names become MQTT topic levels, certificate CNs and broker usernames: no wildcards, separators or spaces.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Publish:
+    """One MQTT publish a session wants made (QoS 1 always): what both ends' sessions return."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
 
 
 def check_name(name: str) -> str:

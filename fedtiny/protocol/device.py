@@ -1,0 +1,331 @@
+"""A device's end of the fleet link as a sans-IO state machine: the specification the C node mirrors.
+
+DeviceSession takes MQTT messages and clock ticks, and returns the publishes to make and the training jobs to
+run; it never sees a training sample. What crosses from training to the protocol is a TrainResult (a trainable
+state and three numbers), and the session turns it into a DELTA through update.uplink, which accepts nothing
+but plan buffers and numbers.
+
+NodeState is everything a device keeps across a power cut: model version and its global state, the
+coordinator's run, the highest round seen, the next uplink seq, the downlink replay positions, the trainer's
+random counter, a task received but not answered, the sealed DELTA until the coordinator ACKs it, and the change
+kept back for the next round (error feedback). A seq is persisted before any message using it leaves the
+session, so a restart never reuses a nonce.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fedtiny.compiler import Plan
+from fedtiny.fileformat import dumps, loads
+from fedtiny.planfile import plan_hash
+from fedtiny.protocol import chunking, topics
+from fedtiny.protocol.envelope import DeviceEndpoint, Flags, Header
+from fedtiny.protocol.errors import ProtocolError
+from fedtiny.protocol.messages import (
+    FEATURE_MQTT5, Ack, AckStatus, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
+)
+from fedtiny.protocol.task import task_settings
+from fedtiny.protocol.topics import Publish
+from fedtiny.protocol.update import apply_global_update, delta_limits, max_message_bytes, uplink
+
+log = logging.getLogger("fedtiny.device")
+
+STATE_KIND = b"NODE"
+
+
+# --- what crosses from training to the protocol ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainJob:
+    """A round to train: start from `base` (the global state of model_version)."""
+
+    round: int
+    model_version: int
+    epochs: int
+    steps: int
+    base: dict[str, np.ndarray]
+    uplink_keep: float = 1.0  # the fraction of each buffer's changes the DELTA carries (update.split_uplink)
+    clip_norm: float = 0.0  # the DELTA's L2 norm in real units is at most this (0: no clipping)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """All that leaves a device's training: the trained trainable state and three numbers."""
+
+    state: dict[str, np.ndarray]
+    num_examples: int
+    loss: float
+    accuracy: float
+    rng_counter: int
+
+
+# --- persisted state ---------------------------------------------------------------------------------------
+
+@dataclass
+class NodeState:
+    model_version: int
+    global_state: dict[str, np.ndarray]
+    rng_counter: int
+    round: int = 0  # the highest round seen in the current run
+    seq: int = 0  # next uplink seq (never reset: a seq is never reused, whatever the run)
+    trained_round: int = -1  # the last round of the current run a DELTA was sealed for
+    replay: list = field(default_factory=list)  # ReplayGuard.export() of the downlink streams
+    pending_task: dict | None = None  # round, model_version, epochs, steps, ... of a TASK not yet answered
+    upload: bytes | None = None  # the sealed DELTA until ACKed
+    upload_chunk: int = 0
+    carry: dict | None = None  # per trainable buffer, the change not yet sent (update.split_uplink)
+    run: int = 0  # the coordinator's run this device follows (envelope Header.run)
+
+
+def save_state(path: Path, state: NodeState) -> None:
+    """Atomically: write a temporary file (0600), fsync it, rename over the old one, fsync the directory."""
+    header = dict(model_version=state.model_version, rng_counter=state.rng_counter, round=state.round,
+                  seq=state.seq, trained_round=state.trained_round, replay=state.replay,
+                  pending_task=state.pending_task, upload_chunk=state.upload_chunk, run=state.run)
+    arrays = dict(state.global_state)
+    arrays.update({f"carry:{k}": v for k, v in (state.carry or {}).items()})
+    if state.upload is not None:
+        arrays["upload"] = np.frombuffer(state.upload, np.uint8)
+    data = dumps(STATE_KIND, header, arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_state(path: Path, plan: Plan) -> NodeState:
+    header, arrays = loads(path.read_bytes(), STATE_KIND, str(path))
+    upload = arrays.pop("upload", None)
+    carry = {k[len("carry:"):]: np.array(arrays.pop(k)) for k in list(arrays) if k.startswith("carry:")}
+    names = plan.trainable_buffers()
+    if set(arrays) != set(names) or (carry and set(carry) != set(names)):
+        raise ValueError(f"{path} holds state for another plan")
+    return NodeState(header["model_version"], {n: np.array(arrays[n]) for n in names}, header["rng_counter"],
+                     header["round"], header["seq"], header["trained_round"], header["replay"],
+                     header["pending_task"], None if upload is None else upload.tobytes(), header["upload_chunk"],
+                     carry or None, header["run"])
+
+
+# --- the protocol state machine ----------------------------------------------------------------------------
+
+class DeviceSession:
+    """One device's protocol, sans-IO. Every method returns the publishes to make (in order); `receive` may
+    also return a TrainJob for the caller to run, whose result goes back through `complete`. `now` is any
+    monotonic clock in seconds, passed in."""
+
+    def __init__(self, plan: Plan, device: str, fleet: str, endpoint: DeviceEndpoint, state: NodeState,
+                 chunk_size: int, save: Callable[[NodeState], None], ack_timeout: float = 15.0,
+                 started: float = 0.0) -> None:
+        self.plan = plan
+        self.device = device
+        self.fleet = fleet
+        self.endpoint = endpoint
+        self.endpoint.delta_limits = delta_limits(plan)
+        self.endpoint.max_message_bytes = max_message_bytes(plan)
+        self.state = state
+        self.chunk_size = chunk_size
+        self._save = save
+        self.ack_timeout = ack_timeout
+        self.plan_hash = plan_hash(plan)
+        # One downlink in flight at a time is the protocol's rhythm (GLOBAL_UPDATE, TASK, ACKs); two leave room
+        # for a TASK behind a large GLOBAL_UPDATE. A C node has exactly this much buffer.
+        self.reassembler = chunking.Reassembler(max_transfers=2, max_bytes=2 * self.endpoint.max_message_bytes,
+                                                ttl=600.0)
+        self._upload_sent_at: float | None = None
+        self._started = started
+        self.resent_chunks = 0
+        self.endpoint.replay.restore(state.replay)
+        self.up_topic = topics.uplink(fleet, device)
+        self.status_topic = topics.status(fleet, device)
+        self.down_topic, self.bcast_topic = topics.downlink(fleet, device), topics.broadcast(fleet)
+
+    # --- sending -----------------------------------------------------------------------------------------
+    def _seal(self, body, *, round: int, model_version: int, flags: int = 0) -> bytes:
+        seq = self.state.seq
+        self.state.seq = seq + 1
+        self.persist()  # the seq is on flash before the message exists
+        return self.endpoint.seal(body, round=round, model_version=model_version, seq=seq, flags=flags,
+                                  run=self.state.run)
+
+    def _frames(self, topic: str, envelope: bytes, retain: bool = False) -> list[Publish]:
+        tid = Header.unpack(envelope).seq
+        return [Publish(topic, f, retain) for f in chunking.split(envelope, tid, self.chunk_size)]
+
+    def persist(self) -> None:
+        self.state.replay = self.endpoint.replay.export()
+        self._save(self.state)
+
+    def _status(self, state: DeviceState, now: float, flags: int = 0) -> bytes:
+        free = max(0, self.plan.budget - self.plan.reserve - self.plan.arena_size)
+        body = Status(int(state), 255, max(0, int(now - self._started)), free, 0)
+        return self._seal(body, round=self.state.round, model_version=self.state.model_version, flags=flags)
+
+    def last_will(self, now: float) -> Publish:
+        """The pre-signed OFFLINE status the broker publishes if this device vanishes (reserves a seq)."""
+        (frame,) = self._frames(self.status_topic, self._status(DeviceState.OFFLINE, now, Flags.LAST_WILL),
+                                retain=True)
+        return frame
+
+    def heartbeat(self, now: float, state: DeviceState = DeviceState.IDLE) -> list[Publish]:
+        return self._frames(self.status_topic, self._status(state, now), retain=True)
+
+    def on_connect(self, now: float) -> list[Publish]:
+        """After every (re)connect: JOIN and a heartbeat. With an upload not yet acknowledged, the JOIN waits
+        for its ACK: a JOIN is a newer message in the same replay stream, after which the coordinator would
+        refuse the older DELTA as stale. The heartbeat (its own stream) tells the coordinator to ask for the
+        missing chunks; after a restart the upload is also sent whole once (duplicates are harmless)."""
+        out = []
+        if self.state.upload is None:
+            out += self._join()
+        out += self.heartbeat(now)
+        if self.state.upload is not None and self._upload_sent_at is None:
+            out += self._upload_frames(now)
+        return out
+
+    def _join(self) -> list[Publish]:
+        join = Join(self.plan.arena_size, self.plan.memory_report()["flash_bytes"], self.chunk_size,
+                    FEATURE_MQTT5, 1, self.plan_hash)
+        return self._frames(self.up_topic, self._seal(join, round=self.state.round,
+                                                      model_version=self.state.model_version))
+
+    def leave(self) -> list[Publish]:
+        return self._frames(self.up_topic, self._seal(Leave(0), round=self.state.round,
+                                                      model_version=self.state.model_version))
+
+    def _upload_frames(self, now: float, indexes=None) -> list[Publish]:
+        self._upload_sent_at = now
+        tid = Header.unpack(self.state.upload).seq
+        frames = chunking.split(self.state.upload, tid, self.state.upload_chunk)
+        chosen = range(len(frames)) if indexes is None else [i for i in indexes if i < len(frames)]
+        return [Publish(self.up_topic, frames[i]) for i in chosen]
+
+    def tick(self, now: float) -> list[Publish]:
+        """Resend an upload nobody acknowledged within ack_timeout seconds."""
+        if self.state.upload is not None and self._upload_sent_at is not None \
+                and now - self._upload_sent_at > self.ack_timeout:
+            return self._upload_frames(now)
+        return []
+
+    # --- receiving ---------------------------------------------------------------------------------------
+    def receive(self, topic: str, frame: bytes, now: float) -> tuple[list[Publish], TrainJob | None]:
+        """One MQTT message from the downlink or broadcast topic. Raises ProtocolError (no state change) on
+        anything malformed, forged or replayed."""
+        if topic not in (self.down_topic, self.bcast_topic):
+            raise ProtocolError("bad-topic", f"{topic} is not this device's downlink")
+        result = self.reassembler.accept(frame, now, topic)
+        if result.payload is None:
+            return [], None
+        claimed = Header.unpack(result.payload)
+        topics.check_topic_matches(topic, claimed.fleet_id, claimed.device_id)  # before open() commits anything
+        received = self.endpoint.open(result.payload)
+        if received is None:
+            return [], None  # QoS 1 duplicate
+        header, body = received.header, received.body
+        if header.run > self.state.run:
+            self._new_run(header.run)
+        self.state.round = max(self.state.round, header.round)
+        out: list[Publish] = []
+        if isinstance(body, GlobalUpdate):
+            self._apply_update(header, body)
+        elif isinstance(body, Task):
+            if body.plan_hash != self.plan_hash:
+                out += self._ack(header, AckStatus.REJECTED)
+                log.warning("%s: TASK for another training plan", self.device)
+            elif header.round <= self.state.trained_round:
+                log.info("%s: TASK for round %d already answered", self.device, header.round)
+            else:
+                settings = task_settings(body)
+                self.state.pending_task = dict(round=header.round, model_version=header.model_version,
+                                               epochs=int(settings["epochs"]), steps=int(settings["steps"]),
+                                               uplink_keep=settings["uplink_keep"], clip_norm=settings["clip_norm"])
+        elif isinstance(body, Ack):
+            out += self._on_ack(body, now)
+        self.persist()
+        return out, self._next_job()
+
+    def _new_run(self, run: int) -> None:
+        """An authentic downlink from a newer coordinator run (its database was new, or restored from an older
+        copy): rounds count from 1 again there, and an upload sealed for the old run will never be aggregated.
+        The change it carried is lost; the error-feedback carry and the model are kept."""
+        if self.state.upload is not None:
+            log.warning("%s: coordinator run %d began; dropping the unacknowledged upload of run %d",
+                        self.device, run, self.state.run)
+        self.state.run, self.state.round, self.state.trained_round = run, 0, -1
+        self.state.pending_task, self.state.upload, self._upload_sent_at = None, None, None
+
+    def _apply_update(self, header: Header, body: GlobalUpdate) -> None:
+        try:
+            new = apply_global_update(self.plan, self.state.global_state, self.state.model_version, body)
+        except ProtocolError as exc:
+            if exc.reason != "wrong-version":
+                raise
+            log.warning("%s: %s", self.device, exc)
+            return
+        self.state.global_state = new
+        self.state.model_version = header.model_version
+
+    def _on_ack(self, body: Ack, now: float) -> list[Publish]:
+        upload = self.state.upload
+        if upload is None or body.acked_type != MessageType.DELTA:
+            return []
+        seq = Header.unpack(upload).seq
+        if body.status == AckStatus.OK and body.acked_seq == seq:
+            self.state.upload, self._upload_sent_at = None, None
+            return self._join()  # (re)announce now that the data stream is free
+        elif body.status == AckStatus.MISSING_CHUNKS and body.transfer_id == seq:
+            frames = self._upload_frames(now, body.missing)
+            self.resent_chunks += len(frames)
+            return frames
+        return []
+
+    def _ack(self, header: Header, status: AckStatus) -> list[Publish]:
+        body = Ack(header.type, int(status), header.seq)
+        return self._frames(self.up_topic, self._seal(body, round=self.state.round,
+                                                      model_version=self.state.model_version))
+
+    def _next_job(self) -> TrainJob | None:
+        task = self.state.pending_task
+        if task is None or self.state.upload is not None or task["model_version"] != self.state.model_version:
+            return None  # nothing to do, an upload still in flight, or waiting for the GLOBAL_UPDATE
+        return TrainJob(task["round"], task["model_version"], task["epochs"], task["steps"],
+                        {k: v.copy() for k, v in self.state.global_state.items()}, task["uplink_keep"],
+                        task["clip_norm"])
+
+    def pending_job(self) -> TrainJob | None:
+        """A task received before a restart and never answered."""
+        return self._next_job()
+
+    def skip(self, job: TrainJob) -> None:
+        """The device will not answer this job (it failed the round): the next TASK finds it ready."""
+        self.state.trained_round = job.round
+        self.state.pending_task = None
+        self.persist()
+
+    def complete(self, job: TrainJob, result: TrainResult, now: float) -> list[Publish]:
+        """Seal the round's DELTA (update.uplink of the trained state from the job's base, and the metrics)."""
+        body, self.state.carry = uplink(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
+                                        clip_norm=job.clip_norm, num_examples=result.num_examples,
+                                        loss=result.loss, accuracy=result.accuracy)
+        self.state.rng_counter = result.rng_counter
+        self.state.trained_round = job.round
+        self.state.pending_task = None
+        self.state.upload_chunk = self.chunk_size
+        self.state.upload = self._seal(body, round=job.round, model_version=job.model_version)
+        self.persist()
+        return self._upload_frames(now)

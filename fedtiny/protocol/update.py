@@ -1,0 +1,360 @@
+"""A device's model change and its wire form: the state algebra both ends share, the uplink pipeline, and the
+DELTA and GLOBAL_UPDATE bodies (docs/protocol.md).
+
+Tensor ids on the wire are indexes into plan.trainable_buffers(). A device state is dict[buffer name, array]
+(int8 weight rows, int32 biases). A delta is int16 for weight rows (the difference of two int8 values spans
+[-255, 255]) and int32 for biases, where it wraps modulo 2^32 so that apply_delta(base, state_delta(new, base))
+== new always holds.
+
+    uplink            the one place a device's DELTA is made: state delta, error feedback, clipping, [noise],
+                      [mask], encoding (every engine's device calls it)
+    encode_update     the only way a DELTA body is built (plan buffers + numbers); decode_update its inverse
+    global_update     the GLOBAL_UPDATE that brings a device from the version it holds to the new global state
+    delta_limits      what a decoder may accept for this plan: nothing expands past the plan's trainable size
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedtiny.compiler import Plan
+from fedtiny.protocol.delta import BLOB_HEADER, ENTRY_HEADER, DeltaEntry, DeltaLimits, encode_delta
+from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, TAG_SIZE
+from fedtiny.protocol.errors import ProtocolError
+from fedtiny.protocol.messages import MAX_TASK_CONFIG, Delta, GlobalUpdate, Task
+
+FULL_STATE = 0xFFFFFFFF  # GLOBAL_UPDATE.base_model_version: the entries replace every trainable buffer whole
+METRICS_TENSOR_ID = 0xFFFF  # DELTA entry carrying device metrics: metric i = values[i] * scales[i]
+METRIC_NAMES = ("accuracy",)  # channel order of the metrics entry (loss travels in DELTA.train_loss)
+
+def _delta_dtype(state_dtype: np.dtype) -> np.dtype:
+    if state_dtype == np.int8:
+        return np.dtype(np.int16)
+    if state_dtype == np.int32:
+        return np.dtype(np.int32)
+    raise ValueError(f"trainable buffers are int8 or int32, not {state_dtype}")
+
+
+def state_delta(new: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """new - base per buffer: int16 for int8 buffers, int32 (modulo 2^32) for int32 buffers."""
+    if set(new) != set(base):
+        raise ValueError("states hold different buffers")
+    out = {}
+    for name, b in base.items():
+        n = np.asarray(new[name])
+        b = np.asarray(b)
+        if n.shape != b.shape or n.dtype != b.dtype:
+            raise ValueError(f"{name}: {n.dtype}{n.shape} vs {b.dtype}{b.shape}")
+        if b.dtype == np.int32:
+            out[name] = (n.view(np.uint32) - b.view(np.uint32)).view(np.int32)
+        else:
+            out[name] = n.astype(_delta_dtype(b.dtype)) - b.astype(_delta_dtype(b.dtype))
+    return out
+
+
+def split_uplink(delta: dict[str, np.ndarray], carry: dict[str, np.ndarray] | None, keep: float
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Error feedback: (sent, carry). This round's delta plus the change kept back last round; of each buffer
+    the largest `keep` fraction of its nonzero elements is sent (ties: lower index first) and the rest is kept
+    back for the next round, so what a device learned is delayed, never lost. keep = 1 sends everything.
+
+    Most of a round's changes are +-1 LSB; sending the larger half halves a DELTA at no cost in accuracy
+    (BENCHMARKS.md, simulate section), as in sparsified FL with error feedback (Sattler et al. 2019)."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"uplink keep fraction {keep} is not in (0, 1]")
+    sent, kept = {}, {}
+    for name, d in delta.items():
+        d = np.asarray(d)
+        total = d.copy()
+        if carry is not None:
+            c = np.asarray(carry[name])
+            if d.dtype == np.int32:  # biases: modulo 2^32, as state_delta makes them
+                total = (d.view(np.uint32) + c.astype(np.int32).view(np.uint32)).view(np.int32)
+            else:
+                wide = d.astype(np.int32) + c.astype(np.int32)
+                if wide.min(initial=0) < np.iinfo(d.dtype).min or wide.max(initial=0) > np.iinfo(d.dtype).max:
+                    raise ValueError(f"{name}: delta plus carry leaves {d.dtype}")
+                total = wide.astype(d.dtype)
+        flat = total.reshape(-1)
+        nonzero = np.flatnonzero(flat)
+        chosen = nonzero[np.argsort(-np.abs(flat[nonzero].astype(np.int64)), kind="stable")]
+        chosen = chosen[: int(np.ceil(keep * nonzero.size))]
+        out = np.zeros_like(flat)
+        out[chosen] = flat[chosen]
+        rest = flat.copy()
+        rest[chosen] = 0
+        sent[name], kept[name] = out.reshape(d.shape), rest.reshape(d.shape)
+    return sent, kept
+
+
+def row_scales(plan: Plan) -> dict[str, np.ndarray]:
+    """Per trainable buffer, the real value of one LSB of each row (axis 0): the graph tensor's scales."""
+    out = {}
+    for name in plan.trainable_buffers():
+        rows = plan.buffers[name].shape[0]
+        scale = np.asarray(plan.graph.tensors[name[len("train:"):]].scale, np.float64).reshape(-1)
+        out[name] = np.full(rows, scale[0]) if scale.size == 1 else scale[:rows]
+    return out
+
+
+def clip_delta(delta: dict[str, np.ndarray], scales: dict[str, np.ndarray], clip_norm: float
+               ) -> dict[str, np.ndarray]:
+    """The delta scaled down so that its L2 norm in real units is at most clip_norm (unchanged if already).
+
+    Bounds what one device can move the model in a round (poisoning, and the sensitivity DP noise is
+    calibrated to). Integers are truncated toward zero, so the clipped norm never exceeds clip_norm."""
+    if clip_norm <= 0:
+        return delta
+    squares = sum(float(np.sum((np.asarray(d, np.float64).reshape(len(scales[n]), -1)
+                                * scales[n].reshape(-1, 1)) ** 2)) for n, d in delta.items())
+    norm = float(np.sqrt(squares))
+    if norm <= clip_norm:
+        return delta
+    factor = clip_norm / norm
+    return {n: np.trunc(np.asarray(d, np.float64) * factor).astype(np.asarray(d).dtype) for n, d in delta.items()}
+
+
+def apply_delta(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """base + delta per buffer, in the base's dtype; an int8 result outside [-128, 127] raises ValueError."""
+    if set(delta) != set(base):
+        raise ValueError("state and delta hold different buffers")
+    out = {}
+    for name, b in base.items():
+        b = np.asarray(b)
+        d = np.asarray(delta[name])
+        if d.shape != b.shape:
+            raise ValueError(f"{name}: delta shape {d.shape} vs {b.shape}")
+        if b.dtype == np.int32:
+            out[name] = (b.view(np.uint32) + d.astype(np.int32).view(np.uint32)).view(np.int32)
+        else:
+            wide = b.astype(np.int32) + d.astype(np.int32)
+            if wide.min(initial=0) < -128 or wide.max(initial=0) > 127:
+                raise ValueError(f"{name}: base + delta leaves the int8 range")
+            out[name] = wide.astype(np.int8)
+    return out
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if values.size == 0 or (values.min() >= info.min and values.max() <= info.max):
+            return values.astype(dtype) if values.dtype != dtype else values
+    raise ValueError("values exceed int32")
+
+
+def _smallest(candidates: list[DeltaEntry]) -> DeltaEntry:
+    return min(candidates, key=lambda e: len(encode_delta([e], compress=False)))
+
+
+def state_entries(plan: Plan, state: dict[str, np.ndarray], *, changed_from: dict[str, np.ndarray] | None = None,
+                  skip_zero: bool = False, narrow: bool = False) -> list[DeltaEntry]:
+    """Protocol entries for a state or delta dict over the plan's trainable buffers (tensor id = buffer index),
+    one entry per buffer, with the plan's scales (none on the wire).
+
+    changed_from: only the elements that differ from this state. skip_zero: only the nonzero elements (for
+    deltas). Either one sends each buffer as a bitmap entry or whole, whichever is smaller, and leaves out a
+    buffer with nothing to send. narrow: each entry in the smallest integer dtype that holds it. Without
+    changed_from or skip_zero every buffer is sent whole, which under secure aggregation (a fixed coordinate
+    set) is the only allowed form.
+    """
+    names = plan.trainable_buffers()
+    if set(state) != set(names):
+        raise ValueError("the state must hold exactly the plan's trainable buffers")
+    entries = []
+    for tensor_id, name in enumerate(names):
+        values = np.asarray(state[name])
+        if values.shape != tuple(plan.buffers[name].shape):
+            raise ValueError(f"{name}: shape {values.shape}, plan has {plan.buffers[name].shape}")
+        rows = values.reshape(values.shape[0], -1)
+        whole = DeltaEntry(tensor_id, 0, _narrow(rows) if narrow else rows)
+        if changed_from is None and not skip_zero:
+            entries.append(whole)
+            continue
+        send = np.ones(rows.shape, bool)
+        if changed_from is not None:
+            send &= rows != np.asarray(changed_from[name]).reshape(rows.shape)
+        if skip_zero:
+            send &= rows != 0
+        if send.any():
+            dtype = _narrow(rows[send]).dtype if narrow else rows.dtype  # narrowest over the sent elements
+            sparse = DeltaEntry(tensor_id, 0, np.where(send, rows, 0).astype(dtype), mask=send)
+            entries.append(_smallest([sparse, whole]))
+    return entries
+
+
+def entries_to_state(plan: Plan, entries: list[DeltaEntry], base: dict[str, np.ndarray], *,
+                     dtypes: dict[str, np.dtype] | None = None, require_all: bool = False) -> dict[str, np.ndarray]:
+    """Overlay entries onto a copy of base (entries hold values for the elements they carry).
+
+    dtypes: the dtype each buffer must end in (values are range-checked, never wrapped); defaults to base's.
+    require_all: every channel of every buffer must be covered. Raises ProtocolError on any mismatch.
+    """
+    names = plan.trainable_buffers()
+    out = {n: np.array(base[n], copy=True) for n in names}
+    covered = {n: np.zeros(out[n].shape[0], bool) for n in names}
+    for e in entries:
+        if e.tensor_id == METRICS_TENSOR_ID:
+            continue
+        if e.tensor_id >= len(names):
+            raise ProtocolError("bad-entry", f"tensor id {e.tensor_id} not in the plan")
+        name = names[e.tensor_id]
+        target = out[name]
+        rows = target.reshape(target.shape[0], -1)
+        if e.start + e.count > rows.shape[0] or e.values.shape[1] != rows.shape[1]:
+            raise ProtocolError("bad-entry", f"{name}: entry [{e.start}, +{e.count}) x {e.values.shape[1]} "
+                                             f"does not fit {target.shape}")
+        dtype = np.dtype((dtypes or {}).get(name, target.dtype))
+        info = np.iinfo(dtype)
+        if e.values.size and (e.values.min() < info.min or e.values.max() > info.max):
+            raise ProtocolError("bad-entry", f"{name}: values exceed {dtype}")
+        if covered[name][e.start : e.start + e.count].any():
+            raise ProtocolError("bad-entry", f"{name}: channels covered twice")
+        if e.mask is not None and require_all:
+            raise ProtocolError("bad-entry", f"{name}: a full state cannot be a bitmap entry")
+        covered[name][e.start : e.start + e.count] = True
+        block = rows[e.start : e.start + e.count]
+        block[e.carried] = e.values[e.carried].astype(dtype)
+    if require_all and not all(c.all() for c in covered.values()):
+        raise ProtocolError("bad-entry", "entries do not cover every trainable channel")
+    return out
+
+
+def zero_delta(plan: Plan) -> dict[str, np.ndarray]:
+    return {n: np.zeros(plan.buffers[n].shape, _delta_dtype(np.dtype(plan.buffers[n].dtype)))
+            for n in plan.trainable_buffers()}
+
+
+def global_update(plan: Plan, global_state: dict[str, np.ndarray], held: int | None,
+                  base: dict[str, np.ndarray] | None) -> GlobalUpdate:
+    """The GLOBAL_UPDATE that brings a device holding version `held` (whose state is `base`) to global_state:
+    the differences of the changed elements, or every buffer's values whole (FULL_STATE) when that version's
+    state is not known. Differences, not new values: a round moves most weights by a few LSB (int4 on the
+    wire) and biases by far less than their int32 range, so this halves the downlink."""
+    if held is None or base is None:
+        return GlobalUpdate(FULL_STATE, state_entries(plan, global_state))
+    return GlobalUpdate(held, state_entries(plan, state_delta(global_state, base), skip_zero=True, narrow=True))
+
+
+class SentStates:
+    """The global states sent to devices, by model version (the newest `keep`): the bases from which a
+    coordinator's link sends each device only what changed since the version it holds."""
+
+    def __init__(self, plan: Plan, keep: int = 8) -> None:
+        self.plan, self.keep = plan, keep
+        self._states: dict[int, dict[str, np.ndarray]] = {}
+
+    def update(self, held: int | None, version: int, state: dict[str, np.ndarray]) -> GlobalUpdate | None:
+        """Remember `state` as `version`; the GLOBAL_UPDATE for a device holding `held`, None if that is it."""
+        state = {k: np.asarray(v).copy() for k, v in state.items()}
+        self._states[version] = state
+        for old in sorted(self._states)[: -self.keep]:
+            del self._states[old]
+        if held == version:
+            return None
+        return global_update(self.plan, state, held, self._states.get(held) if held is not None else None)
+
+
+def apply_global_update(plan: Plan, state: dict[str, np.ndarray], held: int, body: GlobalUpdate
+                        ) -> dict[str, np.ndarray]:
+    """The new global state of a device holding version `held` whose state is `state`; ProtocolError if the
+    update is from another version or does not fit the plan (the state is then unchanged)."""
+    if body.base_model_version == FULL_STATE:
+        return entries_to_state(plan, body.entries, state, require_all=True)
+    if body.base_model_version != held:
+        raise ProtocolError("wrong-version", f"GLOBAL_UPDATE from version {body.base_model_version}, but the "
+                                             f"device holds {held}")
+    expected = zero_delta(plan)
+    change = entries_to_state(plan, body.entries, expected, dtypes={n: v.dtype for n, v in expected.items()})
+    try:
+        return apply_delta(state, change)
+    except ValueError as exc:
+        raise ProtocolError("bad-entry", str(exc)) from None
+
+
+# --- the DELTA body: the only thing a device uploads ------------------------------------------------------
+
+def encode_update(plan: Plan, delta: dict[str, np.ndarray], num_examples: int, loss: float,
+                  accuracy: float) -> Delta:
+    """The DELTA body from a delta over the plan's trainable buffers and three numbers, and nothing else.
+
+    This is the device's only way to build an uplink carrying model content: it accepts a dict keyed by exactly
+    the plan's trainable buffer names, each of the delta dtype and shape of that buffer, plus plain numbers,
+    so raw samples (int8 inputs of another shape, labels) cannot be passed in. Elements whose delta is zero
+    are left out (a bitmap marks the rest) and each entry is sent in its narrowest integer type (the
+    coordinator widens again).
+    """
+    expected = zero_delta(plan)
+    if set(delta) != set(expected):
+        raise TypeError("a DELTA carries exactly the plan's trainable buffers")
+    for name, ref in expected.items():
+        value = delta[name]
+        if not isinstance(value, np.ndarray) or value.dtype != ref.dtype or value.shape != ref.shape:
+            raise TypeError(f"{name}: expected a {ref.dtype} array of shape {ref.shape}")
+    if not isinstance(num_examples, int) or not 0 <= num_examples <= 0xFFFFFFFF:
+        raise TypeError("num_examples must be an int in u32")
+    loss, accuracy = float(loss), float(accuracy)
+    metrics = DeltaEntry(METRICS_TENSOR_ID, 0, np.ones((len(METRIC_NAMES), 1), np.int8),
+                         np.array([accuracy], np.float32))
+    entries = state_entries(plan, delta, skip_zero=True, narrow=True)
+    return Delta(num_examples, loss, entries + [metrics])
+
+
+def decode_update(plan: Plan, body: Delta) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """(delta dict in int16/int32, metrics) of a verified DELTA body; ProtocolError if it does not fit the plan."""
+    expected = zero_delta(plan)
+    delta = entries_to_state(plan, body.entries, expected, dtypes={n: v.dtype for n, v in expected.items()})
+    metrics = {"loss": float(body.train_loss)}
+    for e in body.entries:
+        if e.tensor_id == METRICS_TENSOR_ID:
+            if e.start != 0 or e.count > len(METRIC_NAMES) or e.values.shape[1] != 1:
+                raise ProtocolError("bad-entry", "metrics entry")
+            scales = np.broadcast_to(e.scales, (e.count,))
+            for i in range(e.count):
+                metrics[METRIC_NAMES[i]] = float(e.values[i, 0]) * float(scales[i])
+    return delta, metrics
+
+
+
+# --- the uplink pipeline: every engine's device makes its DELTA here ---------------------------------------
+
+def uplink(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarray],
+           carry: dict[str, np.ndarray] | None, *, keep: float, clip_norm: float, num_examples: int,
+           loss: float, accuracy: float) -> tuple[Delta, dict[str, np.ndarray]]:
+    """The round's DELTA body and the change kept back for the next round, from the state a device trained
+    from (`base`) and the state training left (`trained`). In order:
+
+        1. state delta      trained - base, per trainable buffer
+        2. error feedback   plus last round's carry; the largest `keep` share is sent, the rest carried
+        3. clipping         the sent part's L2 norm in real units is at most clip_norm; what clipping cuts is
+                            dropped, not carried, so no round's upload exceeds clip_norm
+        4. [noise]          (differential privacy: not built yet) integer noise from the device's seeded stream
+        5. [mask]           (secure aggregation: not built yet) pairwise masks over the plan's fixed coordinates
+        6. encoding         bitmap-sparse int8/int4 entries (encode_update)
+    """
+    sent, carry = split_uplink(state_delta(trained, base), carry, keep)
+    sent = clip_delta(sent, row_scales(plan), clip_norm)
+    return encode_update(plan, sent, num_examples, loss, accuracy), carry
+
+
+# --- what a decoder may accept for a plan ------------------------------------------------------------------
+
+def delta_limits(plan: Plan) -> DeltaLimits:
+    """The largest DELTA or GLOBAL_UPDATE blob this plan can legitimately need: one entry per trainable buffer
+    plus the metrics entry, each dense in int32 with a bitmap and per-channel scales. A decoder given these
+    limits cannot be made to allocate more than a small multiple of the plan's trainable size."""
+    body = elements = 0
+    for name in plan.trainable_buffers():
+        shape = plan.buffers[name].shape
+        n = int(np.prod(shape))
+        body += ENTRY_HEADER.size + 4 * shape[0] + 4 * ((n + 31) // 32) + 4 * n
+        elements += n
+    body += ENTRY_HEADER.size + 8 * len(METRIC_NAMES)
+    elements += len(METRIC_NAMES)
+    return DeltaLimits(max_body=body, max_entries=len(plan.trainable_buffers()) + 1, max_elements=elements)
+
+
+def max_message_bytes(plan: Plan) -> int:
+    """The largest envelope a device or the coordinator of this plan ever needs to receive: a dense DELTA or
+    GLOBAL_UPDATE (with header, signature, AEAD tag and blob header) or a TASK with its largest config."""
+    delta = Delta.LAYOUT.size + BLOB_HEADER.size + delta_limits(plan).max_body
+    return HEADER_SIZE + max(delta, Task.LAYOUT.size + MAX_TASK_CONFIG) + TAG_SIZE + SIGNATURE_SIZE

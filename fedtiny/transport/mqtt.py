@@ -1,0 +1,242 @@
+"""MQTT at the edge of the protocol: a paho client in its own thread, and the coordinator's link to the fleet
+built from it and a CoordinatorSession. No protocol logic lives here: sessions decide, this moves bytes.
+
+    MqttTransport    paho in its own thread: TLS, MQTT 5 persistent session, TCP_NODELAY, reconnect with backoff
+    CoordinatorLink  FleetLink over one MQTT connection to the whole fleet; thread-safe
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import numpy as np
+
+from fedtiny.compiler import Plan
+from fedtiny.protocol import topics
+from fedtiny.protocol.coordinator import CoordinatorSession, DeviceInfo, DeviceReply, Rejection
+from fedtiny.protocol.envelope import Identity, PublicIdentity
+from fedtiny.protocol.topics import Publish
+
+log = logging.getLogger("fedtiny.mqtt")
+
+
+def load_fleet(fleet_dir: str | Path) -> dict:
+    return json.loads((Path(fleet_dir) / "fleet.json").read_text())
+
+
+class MqttTransport:
+    """A paho client in its own thread, nothing more: no protocol logic.
+
+    mqtt://HOST:PORT is plain MQTT 3.1.1 (the embedded amqtt broker speaks only that), mqtts://HOST:PORT is
+    TLS with the fleet CA and the identity's client certificate, MQTT 5. Both use a persistent session
+    (MQTT 5 clean_start=False + Session Expiry; 3.1.1 clean_session=False), QoS 1, TCP_NODELAY after every
+    connect, and paho's reconnect with exponential backoff. `will()` returns the last will to register before
+    each (re)connect. Callbacks run in paho's thread.
+    """
+
+    def __init__(self, broker_url: str, fleet_dir: str | Path, name: str, client_id: str, *,
+                 on_connect: Callable[[], None], on_message: Callable[[str, bytes], None],
+                 will: Callable[[], Publish] | None = None, session_expiry: int = 24 * 3600,
+                 keepalive: int = 30, backoff: tuple[float, float] = (0.2, 10.0)) -> None:
+        import paho.mqtt.client as mqtt
+
+        self._mqtt = mqtt
+        url = urlparse(broker_url)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname or not url.port:
+            raise ValueError(f"broker_url must be mqtt://HOST:PORT or mqtts://HOST:PORT, not {broker_url!r}")
+        self.host, self.port, self.tls = url.hostname, url.port, url.scheme == "mqtts"
+        self.v5 = self.tls
+        self.keepalive = keepalive
+        self._on_connect_cb, self._on_message_cb, self._will = on_connect, on_message, will
+        self.connected = threading.Event()
+        self.connects = 0
+        self.publish_results: dict[int, object] = {}  # mid -> reason code (MQTT 5 tells "Not authorized")
+        self._published = threading.Condition()
+        if self.v5:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                                 clean_session=False)
+        if self.tls:
+            folder = Path(fleet_dir) / ("coordinator" if name == topics.COORDINATOR_NAME else f"devices/{name}")
+            client.tls_set(str(Path(fleet_dir) / "ca/ca.crt"), str(folder / "client.crt"), str(folder / "client.key"),
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.reconnect_delay_set(*backoff)
+        client.max_inflight_messages_set(100)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = lambda c, u, m: self._on_message_cb(m.topic, bytes(m.payload))
+        client.on_publish = self._handle_publish
+        self.session_expiry = session_expiry
+        self.client = client
+
+    def _set_will(self) -> None:
+        if self._will is not None:
+            will = self._will()
+            self.client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+
+    def start(self, timeout: float = 10.0) -> MqttTransport:
+        self._set_will()
+        kwargs = {}
+        if self.v5:
+            props = self._mqtt.Properties(self._mqtt.PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry
+            kwargs = {"clean_start": False, "properties": props}
+        self.client.connect_async(self.host, self.port, self.keepalive, **kwargs)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.client.loop_stop()
+            raise TimeoutError(f"could not connect to {self.host}:{self.port}")
+        return self
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("connect refused: %s", reason_code)
+            return
+        sock = client.socket()
+        if sock is not None and hasattr(sock, "setsockopt"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connects += 1
+        self.connected.set()
+        self._on_connect_cb()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        self._set_will()  # the next connect registers a fresh (round, seq) will
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._published:
+            self.publish_results[mid] = reason_code
+            self._published.notify_all()
+
+    def subscribe(self, *topic_filters: str) -> None:
+        self.client.subscribe([(t, 1) for t in topic_filters])
+
+    def publish(self, message: Publish) -> int:
+        """Queue a QoS 1 publish (paho sends it now, or after the reconnect); returns the message id."""
+        return self.client.publish(message.topic, message.payload, qos=1, retain=message.retain).mid
+
+    def wait_published(self, mid: int, timeout: float = 10.0):
+        """The broker's PUBACK reason code for `mid` (None on timeout)."""
+        with self._published:
+            self._published.wait_for(lambda: mid in self.publish_results, timeout)
+            return self.publish_results.get(mid)
+
+    def drop_connection(self) -> None:
+        """Tests: cut the TCP connection as a network failure would (paho then reconnects)."""
+        sock = self.client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def kill(self) -> None:
+        """Tests: vanish without DISCONNECT (the broker then publishes the last will)."""
+        sock = self.client.socket()
+        self.client.loop_stop()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+        self.connected.clear()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+
+class CoordinatorLink:
+    """The coordinator's single MQTT connection to the fleet (docs/fleet_link.md): a CoordinatorSession fed by
+    an MqttTransport. Thread-safe: paho's thread delivers messages, the coordinator's thread sends tasks and
+    takes replies. `save(state)` persists the session's durable state (seq reservations, run) synchronously;
+    the coordinator also checkpoints `durable_state()` with every round."""
+
+    def __init__(self, broker_url: str, fleet_dir: str | Path, plan: Plan, *, fleet: str, chunk_size: int = 4096,
+                 client_id: str = "coordinator", save: Callable[[dict], None] = lambda state: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        manifest = load_fleet(fleet_dir)
+        if manifest["fleet"] != fleet:
+            raise ValueError(f"{fleet_dir} holds fleet {manifest['fleet']!r}, not {fleet!r}")
+        identity = Identity.from_bytes((Path(fleet_dir) / "coordinator/identity.key").read_bytes())
+        peers = {name: PublicIdentity.from_bytes(bytes.fromhex(v["public"]))
+                 for name, v in manifest["devices"].items()}
+        self.session = CoordinatorSession(plan, fleet, manifest["fleet_id"], identity, peers, chunk_size=chunk_size,
+                                          save=save)
+        self.fleet = fleet
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._replies_ready = threading.Condition(self._lock)
+        self._replies: list[DeviceReply] = []
+        self._transport = MqttTransport(broker_url, fleet_dir, topics.COORDINATOR_NAME, client_id,
+                                        on_connect=self._connected, on_message=self._on_message)
+
+    @property
+    def stats(self):
+        return self.session.stats
+
+    def start(self) -> CoordinatorLink:
+        self._transport.start()
+        return self
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def _connected(self) -> None:
+        self._transport.subscribe(f"{topics.ROOT}/{self.fleet}/up/+", f"{topics.ROOT}/{self.fleet}/status/+")
+
+    def _on_message(self, topic: str, frame: bytes) -> None:
+        with self._lock:
+            self._send(self.session.receive(topic, frame, self._clock()))
+            replies = self.session.take_replies()
+            if replies:
+                self._replies += replies
+                self._replies_ready.notify_all()
+
+    def _send(self, publishes: list[Publish]) -> int:
+        for p in publishes:
+            self._transport.publish(p)
+        return sum(len(p.payload) for p in publishes)
+
+    # --- FleetLink ---------------------------------------------------------------------------------------
+    def devices(self, seen_within: float | None = None) -> list[DeviceInfo]:
+        with self._lock:
+            return self.session.devices(self._clock(), seen_within)
+
+    def send_task(self, device: str, round: int, model_version: int,
+                  global_state: dict[str, np.ndarray] | None, config: dict[str, float]) -> int:
+        """TASK (after a GLOBAL_UPDATE if the device holds another version); returns the MQTT payload bytes."""
+        with self._lock:
+            nbytes = self._send(self.session.send_task(device, round, model_version, global_state, config))
+            self.session.stats["downlink_bytes"] += nbytes
+            return nbytes
+
+    def replies(self, timeout: float) -> list[DeviceReply]:
+        """Replies verified since the last call; waits up to `timeout` s for the first one if there is none."""
+        with self._replies_ready:
+            self._replies_ready.wait_for(lambda: self._replies, timeout)
+            out, self._replies = self._replies, []
+            return out
+
+    def rejections(self) -> list[Rejection]:
+        with self._lock:
+            return self.session.take_rejections()
+
+    def durable_state(self) -> dict:
+        with self._lock:
+            return self.session.durable_state()
+
+    def restore(self, state: dict, status_streams: bool = True) -> None:
+        with self._lock:
+            self.session.restore(state, status_streams)

@@ -1,0 +1,97 @@
+"""The conformance transcripts (tests/conformance/, made by make_transcripts.py) replayed against the Python
+DeviceSession: every call must return the recorded bytes, jobs and refusals, and a refused frame must leave the
+session's persisted state as it was. The C node replays the same files."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtiny.fileformat import dumps
+from fedtiny.planfile import load_plan
+from fedtiny.protocol.device import TrainResult
+from fedtiny.protocol.errors import ProtocolError
+
+HERE = Path(__file__).parent / "conformance"
+sys.path.insert(0, str(HERE))
+from make_transcripts import SCENARIOS, device_session  # noqa: E402
+
+
+def frames(publishes) -> list:
+    return [[p.topic, p.payload.hex(), p.retain] for p in publishes]
+
+
+def job_dict(job):
+    if job is None:
+        return None
+    return dict(round=job.round, model_version=job.model_version, epochs=job.epochs, steps=job.steps,
+                uplink_keep=job.uplink_keep, clip_norm=job.clip_norm)
+
+
+def train_result(d: dict) -> TrainResult:
+    state = {k: np.frombuffer(bytes.fromhex(raw), dtype).reshape(shape).copy()
+             for k, (dtype, shape, raw) in d["state"].items()}
+    return TrainResult(state, d["num_examples"], d["loss"], d["accuracy"], d["rng_counter"])
+
+
+def persisted(session) -> bytes:
+    s = session.state
+    return dumps(b"NODE", dict(model_version=s.model_version, round=s.round, seq=s.seq, run=s.run,
+                               trained_round=s.trained_round, replay=session.endpoint.replay.export(),
+                               pending_task=s.pending_task, upload=(s.upload or b"").hex()), dict(s.global_state))
+
+
+def replay(name: str) -> int:
+    """Replay one transcript; returns how many calls it checked."""
+    spec = json.loads((HERE / "fleet.json").read_text())
+    plan = load_plan(HERE / "plan.ftp")
+    device = device_session(plan, spec)
+    job = None
+    lines = [json.loads(line) for line in (HERE / f"{name}.jsonl").read_text().splitlines()]
+    for i, line in enumerate(lines):
+        where = f"{name}.jsonl line {i + 1} ({line['op']} at {line['now']})"
+        if line["op"] == "connect":
+            out = device.on_connect(line["now"])
+        elif line["op"] == "tick":
+            out = device.tick(line["now"])
+        elif line["op"] == "complete":
+            out = device.complete(job, train_result(line["result"]), line["now"])
+        else:
+            before = persisted(device)
+            try:
+                out, job = device.receive(line["topic"], bytes.fromhex(line["frame"]), line["now"])
+                error = None
+            except ProtocolError as exc:
+                out, error = [], exc.reason
+                assert persisted(device) == before, f"{where}: a refused frame changed the session"
+            assert error == line["error"], f"{where}: refused as {error}, the transcript says {line['error']}"
+            assert job_dict(job if error is None else None) == line["job"], f"{where}: job"
+        assert frames(out) == line["out"], f"{where}: the publishes differ from the transcript"
+    return len(lines)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_device_session_passes_the_transcript(name):
+    assert replay(name) > 5
+
+
+def test_the_transcripts_cover_every_refusal_a_device_makes():
+    reasons = {json.loads(line).get("error") for line in (HERE / "rejected_frames.jsonl").read_text().splitlines()}
+    assert reasons >= {"bad-signature", "bad-topic", "wrong-topic", "bad-magic", "oversized", "replay", "stale"}
+
+
+def test_a_changed_session_fails_the_transcript(monkeypatch):
+    """The replay can fail: a device that seals its DELTA one seq later than the specification is caught."""
+    from fedtiny.protocol import device as device_module
+
+    original = device_module.DeviceSession.complete
+
+    def late(self, job, result, now):
+        self.state.seq += 1
+        return original(self, job, result, now)
+
+    monkeypatch.setattr(device_module.DeviceSession, "complete", late)
+    with pytest.raises(AssertionError, match="publishes differ"):
+        replay("round_trip")
