@@ -41,7 +41,7 @@ from fedtiny.protocol.messages import (
     FEATURE_MQTT5, Ack, AckStatus, Delta, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
 )
 
-from .interpreter import run
+from fedtiny.interpreter import run
 
 log = logging.getLogger("fedtiny.agent")
 

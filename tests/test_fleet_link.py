@@ -25,13 +25,13 @@ from fedtiny.protocol.fleet import (
     apply_global_update, clip_delta, global_update, load_fleet, row_scales, split_uplink, state_delta,
     state_entries, task_body, task_settings,
 )
+from fedtiny.interpreter import quantize_input
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import AckStatus, Delta, GlobalUpdate, Leave, MessageType
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
 from fedtiny_device.agent import NodeAgent, training_order
-from fedtiny_device.interpreter import quantize_input
 from fedtiny_device.trainer import Trainer
 
 FLEET = "lab"

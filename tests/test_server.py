@@ -495,7 +495,7 @@ def test_strategy_state_survives_restart(plan, tmp_path):
 # --- evaluation and ops ----------------------------------------------------------------------------------------
 
 def test_server_side_evaluation_runs_the_int8_graph(plan, tmp_path):
-    from fedtiny_device.interpreter import predict
+    from fedtiny.interpreter import predict
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, 8)).astype(np.float32)
     y = predict(plan.graph, x)  # labels the initial model gets right: accuracy 1.0
