@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtiny import codegen, zoo
+from fedtiny import zoo
+from fedtiny.interpreter import quantize_input
 from fedtiny.zoo import randomize_batchnorm
 from fedtiny.compiler import compile_plan
 from fedtiny.quantize import quantize
 from fedtiny.scheme import DEFAULT_SCHEMES, parse
-from fedtiny_device import cruntime
-from fedtiny_device.interpreter import quantize_input
+from fedtiny_device import codegen, cruntime
 from fedtiny_device.trainer import Trainer
 
 from report import capture, provenance, single_thread, write_section

@@ -19,7 +19,7 @@ import torch
 from fedtiny import train, zoo
 from fedtiny.inspect import flash_bytes, inference_arena
 from fedtiny.quantize import quantize
-from fedtiny_device.interpreter import predict, quantize_input, run
+from fedtiny.interpreter import predict, quantize_input, run
 from fedtiny_sim import data
 
 from report import provenance, single_thread, write_section

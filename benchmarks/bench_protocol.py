@@ -39,7 +39,7 @@ from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.messages import Ack, Delta
 from fedtiny.quantize import quantize
 from fedtiny.scheme import DEFAULT_SCHEMES, parse
-from fedtiny_device.interpreter import quantize_input
+from fedtiny.interpreter import quantize_input
 from fedtiny_device.trainer import Trainer
 from fedtiny_sim import data
 

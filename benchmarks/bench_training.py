@@ -33,7 +33,7 @@ from fedtiny.compiler import compile_plan
 from fedtiny.quantize import quantize
 from fedtiny.scheme import DEFAULT_SCHEMES, parse
 from fedtiny.train import accuracy, fit
-from fedtiny_device.interpreter import predict, quantize_input
+from fedtiny.interpreter import predict, quantize_input
 from fedtiny_device.trainer import Trainer
 from fedtiny_sim import data
 

@@ -32,7 +32,7 @@ from fedtiny.protocol.messages import DeviceState
 from fedtiny.protocol.topics import Publish
 from fedtiny.transport.mqtt import MqttTransport, load_fleet
 
-from .interpreter import run
+from fedtiny.interpreter import run
 
 log = logging.getLogger("fedtiny.agent")
 

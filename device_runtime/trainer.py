@@ -7,12 +7,11 @@ on the device. The state a node keeps between steps is the trainable buffers plu
 
 import numpy as np
 
+from fedtiny import kernels
+from fedtiny.arith import narrow_to_int16, splitmix64, stochastic_update
 from fedtiny.compiler import Plan, train_name
+from fedtiny.interpreter import FORWARD
 from fedtiny.ir import DTYPES, Graph
-
-from . import kernels
-from .interpreter import FORWARD
-from .arith import narrow_to_int16, splitmix64, stochastic_update
 
 
 def mse_target(plan: Plan, target) -> np.ndarray:

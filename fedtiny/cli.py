@@ -1,9 +1,46 @@
-"""The `fedtiny` command: one subcommand per stage of the data flow."""
+"""The `fedtiny` command: one subcommand per stage of the data flow.
+
+This module is the application layer over all four packages (docs/architecture.md): the only module of the host
+library that may use fedtiny_device, fedtiny_server and fedtiny_sim, and only inside a command's function, so
+that importing fedtiny.cli imports none of them (tests/test_layering.py checks both).
+"""
 
 import click
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _codegen_command() -> click.Command:
+    from fedtiny_device.codegen import codegen_command
+
+    return codegen_command
+
+
+def _coordinator_command() -> click.Command:
+    from fedtiny_server.cli import coordinator_command
+
+    return coordinator_command
+
+
+def _broker_config_command() -> click.Command:
+    from fedtiny_server.cli import broker_config_command
+
+    return broker_config_command
+
+
+class _Commands(click.Group):
+    """The `fedtiny` group. The commands defined in the packages above the host library are imported when they
+    are looked up (a run of that command, or the command list of --help)."""
+
+    UPPER = {"codegen": _codegen_command, "coordinator": _coordinator_command,
+             "broker-config": _broker_config_command}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.UPPER])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self.UPPER[name]() if name in self.UPPER else super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fedtiny")
 def main() -> None:
     """Federated on-device training for microcontrollers."""
@@ -25,15 +62,9 @@ def inspect(model_file: str) -> None:
 
 
 def _register() -> None:
-    from fedtiny_server.cli import broker_config_command, coordinator_command
-
-    from .codegen import codegen_command
     from .protocol.keys import keys_command
 
     main.add_command(keys_command, "keys")
-    main.add_command(codegen_command, "codegen")
-    main.add_command(coordinator_command, "coordinator")
-    main.add_command(broker_config_command, "broker-config")
 
 
 _register()

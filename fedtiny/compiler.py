@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedtiny_device.arith import quantize_multiplier_q15
-
 from .arena import ArenaPlan, Buffer, check_plan, plan_arena
+from .arith import quantize_multiplier_q15
 from .ir import DTYPES, Graph, Tensor
 from .scheme import Scheme, layers
 

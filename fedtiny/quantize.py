@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fedtiny_device.arith import quantize_multiplier
-from fedtiny_device.kernels import _windows
-
+from .arith import quantize_multiplier
 from .ir import Graph, Op, Tensor, to_hwc, validate
+from .kernels import _windows
 
 ADD_LEFT_SHIFT = 20  # TFLite's headroom for rescaling both ADD inputs onto a common grid
 

@@ -140,7 +140,7 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
     metrics = metrics or ops.Metrics()
     heldout = None
     if settings.heldout:
-        from fedtiny_sim.data import load_user_data
+        from fedtiny.datafile import load_user_data
 
         ds = load_user_data(settings.heldout)
         heldout = (ds.X, ds.y)

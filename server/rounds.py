@@ -101,7 +101,7 @@ def heldout_evaluator(plan: Plan, model: GlobalModel, x: np.ndarray, y: np.ndarr
                       ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """evaluate_fn(round, arrays): accuracy and cross-entropy of the int8 graph with the global integers,
     run by the reference interpreter on a held-out set (x in the float model's layout)."""
-    from fedtiny_device.interpreter import dequantize, quantize_input, run
+    from fedtiny.interpreter import dequantize, quantize_input, run
 
     y = np.asarray(y)
 

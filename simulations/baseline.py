@@ -18,9 +18,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.run import Run
 from torch import nn
 
+from fedtiny.datafile import Dataset
 from fedtiny_server.grid import ensure_task_identity
-
-from .data import Dataset
 
 
 class TorchClientGrid(Grid):

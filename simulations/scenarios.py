@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtiny.datafile import Dataset, load_user_data
+
 from . import data
-from .data import Dataset
 
 SCENARIOS = ("industrial", "vision", "medical")
 
@@ -45,7 +46,7 @@ def _split_nodes(ds: Dataset, n_nodes: int, seed: int, alpha: float = 1.0) -> tu
 
 def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None = None) -> Task:
     if data_file is not None:
-        ds = data.load_user_data(data_file)
+        ds = load_user_data(data_file)
         if len(np.unique(ds.group)) >= n_nodes:
             rest, test = data.train_test_split(ds, 0.2, seed)
             by_group = data.partition_by_group(rest)

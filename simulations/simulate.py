@@ -123,7 +123,7 @@ def _prepare(config: SimulationConfig, run: Path):
     from fedtiny.compiler import compile_plan
     from fedtiny.planfile import save_plan
     from fedtiny.scheme import DEFAULT_SCHEMES, parse
-    from fedtiny_device.interpreter import quantize_input
+    from fedtiny.interpreter import quantize_input
 
     task = load_task(config.scenario, config.nodes, config.seed, config.data)
     if config.model:
@@ -143,7 +143,7 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
     """Run a simulation; returns the run summary (also written into config.out)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    from fedtiny_device.interpreter import predict
+    from fedtiny.interpreter import predict
     from fedtiny_server.ops import setup_json_logging
     import flwr  # noqa: F401  (importing it sets its logger's level: before we quiet that logger below)
 
@@ -195,7 +195,7 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
         baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
                                 epochs=config.epochs, seed=config.seed)
         baseline["rounds_to_target"] = next((r["round"] for r in baseline["rounds"] if r["accuracy"] >= target), None)
-    from fedtiny.codegen import plan_scratch_bytes
+    from fedtiny_device.codegen import plan_scratch_bytes
 
     memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
     write_report(run, summary, rounds, memory, baseline)

@@ -51,7 +51,7 @@ def onnxruntime_agreement(graph, x_int8) -> dict[str, tuple[float, int]]:
     """
     pytest.importorskip("onnxruntime")
     from fedtiny.onnx_export import run_onnxruntime, single_op_graph
-    from fedtiny_device.interpreter import run
+    from fedtiny.interpreter import run
 
     values = run(graph, x_int8, keep=True)
     result = {}
@@ -70,7 +70,7 @@ def onnxruntime_agreement(graph, x_int8) -> dict[str, tuple[float, int]]:
 
 
 def _avgpool_ties(graph, op, x):
-    from fedtiny_device.kernels import _windows
+    from fedtiny.kernels import _windows
 
     zp = graph.tensors[op.inputs[0]].zero_point
     a = op.attrs

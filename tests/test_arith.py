@@ -5,7 +5,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from fedtiny_device.arith import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier, quantize_multiplier,
+from fedtiny.arith import (INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier, quantize_multiplier,
                                   rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
 
 
@@ -70,7 +70,7 @@ def test_left_shift_saturates_instead_of_wrapping():
 
 
 def test_stochastic_update_is_unbiased_and_exact_when_whole():
-    from fedtiny_device.arith import splitmix64, stochastic_update
+    from fedtiny.arith import splitmix64, stochastic_update
 
     n = 20000
     # S * m * 2^(shift - 15 + e) = 3 * 16384 * 2^(0 - 15 - 2) = 0.375 LSB per element
@@ -84,7 +84,7 @@ def test_stochastic_update_is_unbiased_and_exact_when_whole():
 
 
 def test_splitmix64_matches_the_published_sequence():
-    from fedtiny_device.arith import splitmix64
+    from fedtiny.arith import splitmix64
 
     # SplitMix64 seeded with 0: the reference implementation's first outputs
     assert splitmix64(0, 2).tolist() == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]

@@ -16,7 +16,7 @@ from torch import nn
 from fedtiny.compiler import compile_plan
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
-from fedtiny_device.interpreter import quantize_input, quantize_target, run
+from fedtiny.interpreter import quantize_input, quantize_target, run
 from fedtiny_device.trainer import Trainer
 
 from fedtiny.zoo import randomize_batchnorm

@@ -17,7 +17,7 @@ from fedtiny.modelfile import save_model
 from fedtiny.planfile import load_plan, save_plan
 from fedtiny.quantize import quantize
 from fedtiny.scheme import SchemeError, layers, parse
-from fedtiny_device.interpreter import predict, quantize_input
+from fedtiny.interpreter import predict, quantize_input
 from fedtiny_device.trainer import Trainer
 
 
@@ -244,7 +244,7 @@ def _feature_map_graph():
 
 def test_mse_constant_and_kernel_follow_the_numerics():
     from fedtiny.compiler import mse_constant
-    from fedtiny_device.kernels import mse_grad
+    from fedtiny.kernels import mse_grad
 
     for s_y, k in ((0.0247, 3), (0.5, 1), (1e-3, 1000), (2.0**-7, 64), (0.99999999, 1)):
         m, e = mse_constant(s_y, k)
@@ -284,7 +284,7 @@ def test_mse_plans_take_any_output_shape_and_carry_the_loss(sensor):
 
 
 def test_mse_plan_file_round_trip_and_old_plans(sensor, tmp_path):
-    from fedtiny_device.interpreter import quantize_target
+    from fedtiny.interpreter import quantize_target
 
     graph = _feature_map_graph()
     plan = compile_plan(graph, parse("last:2", graph), loss="mse")
@@ -315,7 +315,7 @@ def test_mse_training_learns_a_new_regression_task():
     """A regressor pretrained on t = A x adapts on the device to a changed mapping and offset, t = B x + b."""
     import torch.nn.functional as F
 
-    from fedtiny_device.interpreter import dequantize, quantize_target, run
+    from fedtiny.interpreter import dequantize, quantize_target, run
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(3, 8)) / np.sqrt(8)

@@ -15,12 +15,12 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from fedtiny import codegen, zoo
+from fedtiny import interpreter, kernels, zoo
 from fedtiny.zoo import randomize_batchnorm
 from fedtiny.inspect import inference_arena
 from fedtiny.modelfile import save_model
 from fedtiny.quantize import quantize
-from fedtiny_device import cruntime, interpreter, kernels
+from fedtiny_device import codegen, cruntime
 
 ZOO_CASES = {"sensor_cnn": ((3, 128), 5), "mobilenet": ((3, 16, 16), 10), "mlp": ((30,), 2)}
 
@@ -166,11 +166,14 @@ def test_codegen_writes_arena_and_flash_tables(tmp_path):
 
 
 def test_codegen_command(tmp_path):
+    """`fedtiny codegen`, through the `fedtiny` group, which loads the command from fedtiny_device on use."""
+    from fedtiny.cli import main
+
     graph, x = make_case("mlp")
     save_model(graph, tmp_path / "m.ftm")
     np.save(tmp_path / "s.npy", x[:3])
-    result = CliRunner().invoke(codegen.codegen_command, [str(tmp_path / "m.ftm"), "-o", str(tmp_path / "out"),
-                                                          "--samples", str(tmp_path / "s.npy")])
+    result = CliRunner().invoke(main, ["codegen", str(tmp_path / "m.ftm"), "-o", str(tmp_path / "out"),
+                                       "--samples", str(tmp_path / "s.npy")])
     assert result.exit_code == 0, result.output
     assert "arena" in result.output and (tmp_path / "out" / "Makefile").exists()
     assert "fedtiny_n_samples = 3;" in (tmp_path / "out" / "samples.c").read_text()

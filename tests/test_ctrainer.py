@@ -14,13 +14,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fedtiny import codegen, zoo
+from fedtiny import zoo
 from fedtiny.compiler import compile_plan
+from fedtiny.interpreter import quantize_input
 from fedtiny.planfile import save_plan
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
-from fedtiny_device import cruntime
-from fedtiny_device.interpreter import quantize_input
+from fedtiny_device import codegen, cruntime
 from fedtiny_device.trainer import Trainer
 
 from fedtiny.zoo import randomize_batchnorm
@@ -205,7 +205,7 @@ _MSE_CASES = {}
 def make_mse_case(name: str, seed: int = 0):
     """(graph, int8 samples, int8 targets (STEPS, K)): a zoo model with 3 regression outputs, targets spread
     around its outputs (a few saturate), quantized in the output's quantization."""
-    from fedtiny_device.interpreter import quantize_target
+    from fedtiny.interpreter import quantize_target
 
     if name not in _MSE_CASES:
         shape = REGRESSION[name]
@@ -244,7 +244,7 @@ def test_host_c_mse_training_of_a_feature_map_matches_python(cache):
     """MSE on an output of any shape (a reconstruction-style (H, W, C) map), with ReLU6 / avgpool in between."""
     from torch import nn
 
-    from fedtiny_device.interpreter import quantize_target
+    from fedtiny.interpreter import quantize_target
 
     need("gcc", "make")
     rng = np.random.default_rng(5)

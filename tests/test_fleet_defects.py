@@ -35,7 +35,7 @@ from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
 from fedtiny.transport.mqtt import CoordinatorLink, MqttTransport, load_fleet
 from fedtiny_device.agent import NodeAgent
-from fedtiny_device.interpreter import quantize_input
+from fedtiny.interpreter import quantize_input
 
 FLEET = "plant"
 DEVICES = [f"d{i}" for i in range(6)]

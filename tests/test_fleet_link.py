@@ -24,13 +24,13 @@ from fedtiny.transport.mqtt import CoordinatorLink, load_fleet
 from fedtiny.protocol.topics import Publish
 from fedtiny.protocol.update import apply_delta, apply_global_update, clip_delta, decode_update, encode_update, entries_to_state, global_update, row_scales, split_uplink, state_delta, state_entries
 from fedtiny.protocol.task import task_body, task_settings
+from fedtiny.interpreter import quantize_input
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import AckStatus, Delta, GlobalUpdate, Leave, MessageType
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
 from fedtiny_device.agent import NodeAgent, training_order
-from fedtiny_device.interpreter import quantize_input
 from fedtiny_device.trainer import Trainer
 
 FLEET = "lab"

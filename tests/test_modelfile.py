@@ -20,7 +20,7 @@ from fedtiny.cli import main
 from fedtiny.fileformat import FileFormatError
 from fedtiny.modelfile import KIND, _header, from_bytes, load_model, save_model, to_bytes
 from fedtiny.quantize import quantize
-from fedtiny_device.interpreter import quantize_input, run
+from fedtiny.interpreter import quantize_input, run
 
 FIXED = struct.Struct("<4sH4sII")  # magic, version, kind, header length, blob length (see fedtiny.fileformat)
 

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import assert_agrees_with_onnxruntime
 from fedtiny.quantize import quantize
 from fedtiny.zoo import randomize_batchnorm
-from fedtiny_device.interpreter import dequantize, quantize_input, run
+from fedtiny.interpreter import dequantize, quantize_input, run
 
 
 class Residual(nn.Module):

@@ -14,7 +14,7 @@ from fedtiny.ir import GraphError, to_hwc
 from fedtiny.zoo import randomize_batchnorm
 from fedtiny.quantize import UnsupportedOpError, float_forward, lower, quantize
 from fedtiny.zoo import build
-from fedtiny_device.interpreter import dequantize, quantize_input, run
+from fedtiny.interpreter import dequantize, quantize_input, run
 
 
 def _samples(shape, n=64, seed=0, scale=1.0):

@@ -495,7 +495,7 @@ def test_strategy_state_survives_restart(plan, tmp_path):
 # --- evaluation and ops ----------------------------------------------------------------------------------------
 
 def test_server_side_evaluation_runs_the_int8_graph(plan, tmp_path):
-    from fedtiny_device.interpreter import predict
+    from fedtiny.interpreter import predict
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, 8)).astype(np.float32)
     y = predict(plan.graph, x)  # labels the initial model gets right: accuracy 1.0
@@ -578,11 +578,13 @@ def test_serverapp_reads_run_config_and_runs_the_loop(plan, tmp_path):
     assert parse_options("beta=0.2, num_malicious_nodes=1,flag=true") == \
         {"beta": 0.2, "num_malicious_nodes": 1, "flag": True}
     save_plan(plan, tmp_path / "p.plan")
+    x = np.random.default_rng(2).normal(size=(20, 8))
+    np.savez(tmp_path / "heldout.npz", X=x, y=np.arange(20) % 3)  # read by fedtiny.datafile
     settings = Settings.from_run_config({
         "broker": "mqtts://127.0.0.1:8883", "fleet-dir": str(tmp_path), "fleet": "lab",
         "plan": str(tmp_path / "p.plan"),
         "state-db": str(tmp_path / "s.db"), "num-server-rounds": 2, "strategy": "fedtrimmedavg",
-        "strategy-options": "beta=0.1", "quorum": 1.0, "deadline": 5})
+        "strategy-options": "beta=0.1", "quorum": 1.0, "deadline": 5, "heldout": str(tmp_path / "heldout.npz")})
     clock = FakeClock()
     d = zero_delta(plan)
     d[B][:] = 1
@@ -590,6 +592,7 @@ def test_serverapp_reads_run_config_and_runs_the_loop(plan, tmp_path):
     link.add_device("a"), link.add_device("b")
     history = run_coordinator(settings, link=link)
     assert [r.replies for r in history] == [2, 2] and history[-1].model_version == 2
+    assert history[-1].eval_metrics["examples"] == 20 and 0 <= history[-1].eval_metrics["accuracy"] <= 1
 
 
 def test_site_gateway_pre_aggregates_for_the_superlink(plan, tmp_path):

@@ -16,6 +16,7 @@ import torch
 from conftest import require_tool
 from fedtiny import zoo
 from fedtiny.compiler import compile_plan
+from fedtiny.interpreter import quantize_input
 from fedtiny.planfile import save_plan
 from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
 from fedtiny.transport.mqtt import CoordinatorLink
@@ -23,7 +24,6 @@ from fedtiny.protocol.keys import provision_fleet
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
 from fedtiny_device.agent import NodeAgent
-from fedtiny_device.interpreter import quantize_input
 from fedtiny_server import ops
 from fedtiny_server.grid import RoundPolicy
 from fedtiny_server.rounds import Coordinator, CoordinatorConfig

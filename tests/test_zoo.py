@@ -15,7 +15,7 @@ from conftest import assert_agrees_with_onnxruntime
 from fedtiny import train, zoo
 from fedtiny.inspect import flash_bytes, inference_arena
 from fedtiny.quantize import quantize
-from fedtiny_device.interpreter import predict, quantize_input
+from fedtiny.interpreter import predict, quantize_input
 from fedtiny_sim import data
 
 FLASH_BUDGET = 1024 * 1024

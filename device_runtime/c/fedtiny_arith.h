@@ -1,4 +1,4 @@
-/* Integer fixed-point arithmetic shared by every kernel: the C form of device_runtime/arith.py.
+/* Integer fixed-point arithmetic shared by every kernel: the C form of fedtiny/arith.py.
  *
  * TFLite / gemmlowp semantics: a real multiplier M in (0, 2^31) is a Q31 int32 `multiplier` and a
  * power-of-two `shift` (positive = left). Every function here must match arith.py bit for bit.

@@ -1,5 +1,5 @@
 /* Reference and fast int8 kernels (see fedtiny_kernels.h). The Python definitions are in
- * device_runtime/kernels.py; tests/test_cruntime.py checks every kernel here against them bit for bit. */
+ * fedtiny/kernels.py; tests/test_cruntime.py checks every kernel here against them bit for bit. */
 #include "fedtiny_kernels.h"
 
 #include "fedtiny_arith.h"

@@ -4,7 +4,7 @@
  * fedtiny_status and has a `_scratch_bytes()` companion giving the scratch buffer it needs (0 if none);
  * the code generator sizes one static scratch buffer from those numbers. Kernels never allocate, never
  * print, and never read an input after writing the output buffer (inputs and outputs do not overlap).
- * The definition of every kernel is the Python code in device_runtime/kernels.py.
+ * The definition of every kernel is the Python code in fedtiny/kernels.py.
  */
 #ifndef FEDTINY_KERNELS_H
 #define FEDTINY_KERNELS_H

@@ -1,8 +1,8 @@
 /* A tiny executor: walks a const table of ops over one static arena.
  *
  * Each op is a kind, a pointer to its kind's const params struct, and the arena offsets of its operands
- * (inputs first, then outputs). The code generator (fedtiny/codegen.py) emits the table, the params and the
- * arena; it picks the concrete kernel per op (reference conv, fast 1x1, fast depthwise), so nothing is decided
+ * (inputs first, then outputs). The code generator (device_runtime/codegen.py) emits the table, the params
+ * and the arena; it picks the concrete kernel per op (reference conv, fast 1x1, fast depthwise), so nothing is decided
  * at run time but which function to call. A training plan is the same kind of table: forward ops, then the
  * training steps (kinds 7..), whose params are fedtiny_train_step_params.
  */

@@ -6,9 +6,8 @@ convert from and to the float model's world.
 
 import numpy as np
 
-from fedtiny.ir import Graph, Op, to_hwc
-
 from . import kernels
+from .ir import Graph, Op, to_hwc
 
 
 def _conv2d(graph: Graph, op: Op, x, weight, bias):
