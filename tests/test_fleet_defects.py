@@ -239,6 +239,7 @@ def test_replayed_deltas_get_rate_limited_acks(fleet_dir, model):
     plan = model[0]
     coordinator = session(fleet_dir, plan)
     coordinator.restore({"run": 1})
+    coordinator.send_task(DEVICES[0], 1, 0, None, {})  # the TASK this DELTA answers
     device = device_endpoint(fleet_dir, DEVICES[0])
     delta = encode_update(plan, state_delta(plan.initial_state(), plan.initial_state()), 1, 0.0, 0.0)
     frame = chunking.split(device.seal(delta, round=1, model_version=0, run=1), 1, 4096)[0]

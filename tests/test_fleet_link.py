@@ -502,8 +502,9 @@ def test_durable_state_survives_a_coordinator_restart(fleet_dir, model):
     topic = topics.uplink(FLEET, name)
 
     first = CoordinatorLink("mqtt://127.0.0.1:1", fleet_dir, plan, fleet=FLEET)  # never started: no broker needed
-    first.restore({"run": 1})  # the run whose TASK the device answers
+    first.restore({"run": 1})
     first._transport.publish = lambda p: None
+    first.send_task(name, 3, 0, None, {})  # the TASK of run 1 the device answers
     first._on_message(topic, frame)
     assert not any(k.startswith("rejected") for k in first.stats), first.stats
     saved = json.loads(json.dumps(first.durable_state()))  # as the coordinator checkpoints it

@@ -112,6 +112,7 @@ class CoordinatorSession:
         self._device_payload: dict[str, int] = {}  # the device's max MQTT payload from its JOIN
         self._versions: dict[str, int] = {}  # model version each device last said it holds
         self._sent_round: dict[str, int] = {}  # the highest round of a downlink sent to each device
+        self._task_run: dict[str, int] = {}  # the run of the last TASK sent to each device
         self._acks: dict[tuple[str, int], list[Publish]] = {}  # (device, DELTA seq) -> the ACK sent for it
         self._stale_acked: dict[str, float] = {}
         self._answered: set[tuple[str, int]] = set()
@@ -142,10 +143,11 @@ class CoordinatorSession:
         self._seq += 1
         return self._seq - 1
 
-    def _current_run(self) -> int:
+    def _current_run(self, new_task: bool) -> int:
         """The run downlinks are sealed in: above every run a device reported, so that devices holding the state
-        of a lost or older coordinator database take part again from the next message on."""
-        if self.run is None or self._max_device_run > self.run:
+        of a lost or older coordinator database take part again from their next TASK on. It moves only with a
+        TASK, never under an ACK, so that a DELTA answering a TASK is always of the run that TASK was sent in."""
+        if self.run is None or (new_task and self._max_device_run > self.run):
             self.run = self._max_device_run + 1
             self._save(self.durable_state())
             log.warning("coordinator run %d begins (devices reported run %d)", self.run, self._max_device_run)
@@ -166,6 +168,7 @@ class CoordinatorSession:
         update = None
         if global_state is not None:
             update = self._sent.update(self._versions.get(device), model_version, global_state)
+        self._task_run[device] = self._current_run(new_task=True)
         out = []
         if update is not None:
             out += self._downlink(device, update, round, model_version)
@@ -214,7 +217,8 @@ class CoordinatorSession:
         round = max(round, self._sent_round.get(device, 0))
         self._sent_round[device] = round
         envelope = self._endpoint.seal(body, device_id=topics.name_id(device), round=round,
-                                       model_version=model_version, seq=self._next_seq(), run=self._current_run())
+                                       model_version=model_version, seq=self._next_seq(),
+                                       run=self._current_run(new_task=False))
         return [Publish(topics.downlink(self.fleet, device), f)
                 for f in chunking.split(envelope, Header.unpack(envelope).seq, self._payload_size(device))]
 
@@ -326,8 +330,9 @@ class CoordinatorSession:
     def _delta(self, device: str, header: Header, body: Delta, uplink_bytes: int, now: float) -> list[Publish]:
         delta, metrics = decode_update(self.plan, body)  # raises (before any state change) if it does not fit
         acks = self._ack_delta(device, header, now)  # sealed in the current run, which the device then joins
-        if header.run != self.run:
-            self._refuse(device, "old-run", f"DELTA of run {header.run}; the coordinator is in run {self.run}")
+        if header.run != self._task_run.get(device):
+            self._refuse(device, "old-run", f"DELTA of run {header.run}, not of the run of its TASK "
+                                            f"({self._task_run.get(device)})")
             return acks
         if (device, header.round) in self._answered:
             self.stats["duplicate_rounds"] += 1
