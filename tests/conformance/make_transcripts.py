@@ -47,6 +47,9 @@ def fleet() -> dict:
 
 
 def make_plan():
+    import torch
+
+    torch.manual_seed(7)  # the model's initial weights: the same plan on every run of this script
     rng = np.random.default_rng(7)
     x = rng.normal(size=(32, 12)).astype(np.float32)
     graph = quantize(zoo.build("mlp", (12,), 3), x)
