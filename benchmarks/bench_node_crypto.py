@@ -41,7 +41,8 @@ def measure(cache: Path) -> dict:
     elf = cenvelope.build_crypto_firmware(case.vectors, cache)
     run = cenvelope.run_crypto_firmware(elf, cache_dir=cache)
     body = case.downlink_body.encode()
-    sealed_by_python = case.device.seal(case.uplink_body, round=case.round, model_version=0, seq=case.seq)
+    sealed_by_python = case.device.seal(case.uplink_body, round=case.round, model_version=0, seq=case.seq,
+                                        run=case.run)
     if run.returncode != 0 or run.uplink != sealed_by_python or case.coordinator.open(run.uplink) is None \
             or (run.downlink_status, run.downlink_body_len, run.downlink_fnv) != ("ok", len(body), fnv1a(body)):
         sys.exit(f"bench_node_crypto: the M4 results do not match the Python envelope (returncode {run.returncode})")

@@ -17,13 +17,12 @@ import pytest
 from conftest import IN_CI, require_tool
 from test_protocol_codec import COORD, DEVICE, DEVICE_ID, DOWNLINKS, FIXTURES, FLEET_ID, UPLINKS, endpoints
 
-from fedtiny import codegen
 from fedtiny.protocol import topics
 from fedtiny.protocol.envelope import (
     HEADER_SIZE, SIGNATURE_SIZE, CoordinatorEndpoint, Flags, Identity, ProtocolError, derive_key,
 )
 from fedtiny.protocol.messages import Ack, AckStatus, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task
-from fedtiny_device import cenvelope, cruntime, monocypher_sources
+from fedtiny_device import cenvelope, codegen, cruntime, monocypher_sources
 from fedtiny_device.cruntime import fnv1a
 
 
@@ -133,20 +132,22 @@ def test_a_low_order_coordinator_key_is_refused(env):
 
 # ---- C seals, Python opens ---------------------------------------------------------------------------------------
 
-UPLINK_CASES = {name: (body, round_ or 3, version, seq, 0) for name, (body, round_, version, seq) in UPLINKS.items()}
-UPLINK_CASES["delta_masked"] = (UPLINKS["delta"][0], 4, 3, 9, int(Flags.MASKED))
-UPLINK_CASES["last_will"] = (Status(DeviceState.OFFLINE, 255, 0, 0, 0), 4, 3, 10, int(Flags.LAST_WILL))
+# name -> (body, run, round, model_version, seq, flags)
+UPLINK_CASES = {name: (body, 0, round_ or 3, version, seq, 0) for name, (body, round_, version, seq) in UPLINKS.items()}
+UPLINK_CASES["delta_masked"] = (UPLINKS["delta"][0], 0, 4, 3, 9, int(Flags.MASKED))
+UPLINK_CASES["last_will"] = (Status(DeviceState.OFFLINE, 255, 0, 0, 0), 0, 4, 3, 10, int(Flags.LAST_WILL))
+UPLINK_CASES["delta_run_7"] = (UPLINKS["delta"][0], 7, 1, 3, 11, 0)  # the run is in the header and the nonce
 
 
 @pytest.mark.parametrize("name", sorted(UPLINK_CASES))
 def test_c_seals_what_python_opens_byte_for_byte(env, name):
-    body, round_, version, seq, flags = UPLINK_CASES[name]
+    body, run, round_, version, seq, flags = UPLINK_CASES[name]
     c_raw = c_node(env).seal(int(body.TYPE), body.encode(), round=round_, model_version=version, seq=seq,
-                             flags=flags)
+                             flags=flags, run=run)
     device, coordinator = endpoints()
-    assert c_raw == device.seal(body, round=round_, model_version=version, seq=seq, flags=flags)
+    assert c_raw == device.seal(body, round=round_, model_version=version, seq=seq, flags=flags, run=run)
     received = coordinator.open(c_raw)
-    assert received.body == body and received.header.flags & flags == flags
+    assert received.body == body and received.header.flags & flags == flags and received.header.run == run
     if name in UPLINKS:
         assert c_raw == (FIXTURES / f"{name}.bin").read_bytes()  # the golden bytes, written by C
 
@@ -159,7 +160,7 @@ def test_c_seal_body_in_place_matches_a_separate_body(env):
     out[HEADER_SIZE:HEADER_SIZE + len(body)] = body
     buf = (ctypes.c_uint8 * len(out)).from_buffer(out)
     out_len = ctypes.c_size_t()
-    status = env.lib.fedtiny_env_seal(ctypes.byref(node.keys), int(MessageType.DELTA), 0, 3, 3, 1,
+    status = env.lib.fedtiny_env_seal(ctypes.byref(node.keys), int(MessageType.DELTA), 0, 0, 3, 3, 1,
                                       ctypes.addressof(buf) + HEADER_SIZE, len(body), buf, len(out),
                                       ctypes.byref(out_len))
     assert status == 0 and out_len.value == len(out)
@@ -173,28 +174,31 @@ def test_c_seal_refuses_what_a_node_may_not_send(env):
         with pytest.raises(ProtocolError, match="argument"):
             node.seal(int(msg_type), b"\0" * 16, round=1, model_version=0, seq=1, flags=int(flags))
     out, out_len = ctypes.create_string_buffer(100), ctypes.c_size_t()
-    status = env.lib.fedtiny_env_seal(ctypes.byref(node.keys), int(MessageType.LEAVE), 0, 1, 0, 1, b"\0" * 4, 4, out,
-                                      HEADER_SIZE + 4 + SIGNATURE_SIZE - 1, ctypes.byref(out_len))
+    status = env.lib.fedtiny_env_seal(ctypes.byref(node.keys), int(MessageType.LEAVE), 0, 0, 1, 0, 1, b"\0" * 4, 4,
+                                      out, HEADER_SIZE + 4 + SIGNATURE_SIZE - 1, ctypes.byref(out_len))
     assert env.reason(status) == "buffer"
 
 
 # ---- Python seals, C opens ---------------------------------------------------------------------------------------
 
-DOWNLINK_CASES = {name: (body, round_, seq, DEVICE_ID) for name, (body, round_, seq) in DOWNLINKS.items()}
-DOWNLINK_CASES["task_broadcast"] = (Task(2, bytes(32), 20, 8, 0.0625, 0.0, 600, 256, 0, b""), 4, 1, 0)
+# name -> (body, run, round, seq, device_id)
+DOWNLINK_CASES = {name: (body, 0, round_, seq, DEVICE_ID) for name, (body, round_, seq) in DOWNLINKS.items()}
+DOWNLINK_CASES["task_broadcast"] = (Task(2, bytes(32), 20, 8, 0.0625, 0.0, 600, 256, 0, b""), 0, 4, 1, 0)
+DOWNLINK_CASES["global_update_run_5"] = (DOWNLINKS["global_update"][0], 5, 1, 1, DEVICE_ID)
 
 
 @pytest.mark.parametrize("name", sorted(DOWNLINK_CASES))
 def test_python_seals_what_c_opens(env, name):
-    body, round_, seq, device_id = DOWNLINK_CASES[name]
+    body, run, round_, seq, device_id = DOWNLINK_CASES[name]
     _, coordinator = endpoints()
-    raw = coordinator.seal(body, device_id=device_id, round=round_, model_version=3, seq=seq)
+    raw = coordinator.seal(body, device_id=device_id, round=round_, model_version=3, seq=seq, run=run)
     if name in DOWNLINKS:
         assert raw == (FIXTURES / f"{name}.bin").read_bytes()
     opened = c_node(env).open(raw)
     assert opened.body == body.encode()
-    assert (opened.header.type, opened.header.device_id, opened.header.round, opened.header.seq) == (
-        int(body.TYPE), device_id, round_, seq)
+    header = opened.header
+    assert (header.type, header.device_id, header.run, header.round, header.seq) == (
+        int(body.TYPE), device_id, run, round_, seq)
 
 
 def test_c_opens_a_large_global_update(env):
@@ -272,8 +276,9 @@ def test_c_replay_window_matches_the_python_replay_guard(env):
     device, coordinator = endpoints()
     node = c_node(env)
 
-    def ack(seq, status=AckStatus.OK, round_=1):
-        return coordinator.seal(Ack(1, status, seq), device_id=DEVICE_ID, round=round_, model_version=0, seq=seq)
+    def ack(seq, status=AckStatus.OK, round_=1, run=0):
+        return coordinator.seal(Ack(1, status, seq), device_id=DEVICE_ID, round=round_, model_version=0, seq=seq,
+                                run=run)
 
     first, second, reused = ack(10), ack(11), ack(10, AckStatus.BUSY)
     broadcast = coordinator.seal(DOWNLINK_CASES["task_broadcast"][0], device_id=0, round=1, model_version=0, seq=5)
@@ -288,6 +293,9 @@ def test_c_replay_window_matches_the_python_replay_guard(env):
     # Beyond the node's window of 4 an old message reads as stale (Python's window of 16 still says duplicate):
     # both refuse it, neither applies it twice.
     assert outcome(node, first) == "stale"
+    # A new run (a coordinator that lost its state) starts over at round 1 and is newer; the old run is stale.
+    for raw, expected in [(ack(1, run=1), "ok"), (ack(30, round_=9), "stale"), (ack(2, run=1), "ok")]:
+        assert (outcome(node, raw), outcome(device, raw)) == (expected, expected)
 
 
 # ---- the Cortex-M4 build --------------------------------------------------------------------------------------------
@@ -300,7 +308,8 @@ def test_m4_node_seals_and_opens_under_qemu(sources, cache):
     run = cenvelope.run_crypto_firmware(elf, cache_dir=cache)
     assert run.returncode == 0
     # what the M4 sealed is what Python seals for the same keys, nonce and body, and the coordinator opens it
-    assert run.uplink == case.device.seal(case.uplink_body, round=case.round, model_version=0, seq=case.seq)
+    assert run.uplink == case.device.seal(case.uplink_body, round=case.round, model_version=0, seq=case.seq,
+                                          run=case.run)
     assert case.coordinator.open(run.uplink).body == case.uplink_body
     body = case.downlink_body.encode()
     assert (run.downlink_status, run.downlink_body_len, run.downlink_fnv) == ("ok", len(body), fnv1a(body))

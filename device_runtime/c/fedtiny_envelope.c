@@ -36,7 +36,7 @@ static uint32_t load32(const uint8_t *p)
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
-/* header = magic "FT" | version u8 | type u8 | flags u16 | reserved u16 | fleet_id | device_id | round
+/* header = magic "FT" | version u8 | type u8 | flags u16 | run u16 | fleet_id | device_id | round
  *          | model_version | seq | payload_len (u32 each) */
 static void pack_header(uint8_t out[FEDTINY_ENV_HEADER_BYTES], const fedtiny_env_header *h)
 {
@@ -45,7 +45,7 @@ static void pack_header(uint8_t out[FEDTINY_ENV_HEADER_BYTES], const fedtiny_env
     out[2] = (uint8_t)FEDTINY_ENV_VERSION;
     out[3] = h->type;
     store16(out + 4, h->flags);
-    store16(out + 6, 0u);
+    store16(out + 6, h->run);
     store32(out + 8, h->fleet_id);
     store32(out + 12, h->device_id);
     store32(out + 16, h->round);
@@ -54,13 +54,14 @@ static void pack_header(uint8_t out[FEDTINY_ENV_HEADER_BYTES], const fedtiny_env
     store32(out + 28, h->payload_len);
 }
 
-/* nonce = round u32 | seq u32 | direction u8 | 3 zero bytes */
-static void make_nonce(uint8_t nonce[12], uint32_t round, uint32_t seq, uint8_t direction)
+/* nonce = round u32 | seq u32 | direction u8 | run u16 | 1 zero byte */
+static void make_nonce(uint8_t nonce[12], const fedtiny_env_header *h, uint8_t direction)
 {
-    store32(nonce, round);
-    store32(nonce + 4, seq);
+    store32(nonce, h->round);
+    store32(nonce + 4, h->seq);
     nonce[8] = direction;
-    nonce[9] = nonce[10] = nonce[11] = 0u;
+    store16(nonce + 9, h->run);
+    nonce[11] = 0u;
 }
 
 static int is_uplink_type(uint8_t type)
@@ -163,7 +164,7 @@ void fedtiny_env_node_wipe(fedtiny_env_node *node)
 
 /* ---- seal an uplink ---------------------------------------------------------------------------------------- */
 
-int fedtiny_env_seal(const fedtiny_env_node *node, uint8_t type, uint16_t flags, uint32_t round,
+int fedtiny_env_seal(const fedtiny_env_node *node, uint8_t type, uint16_t flags, uint16_t run, uint32_t round,
                      uint32_t model_version, uint32_t seq, const uint8_t *body, uint32_t body_len, uint8_t *out,
                      size_t out_capacity, size_t *out_len)
 {
@@ -179,6 +180,7 @@ int fedtiny_env_seal(const fedtiny_env_node *node, uint8_t type, uint16_t flags,
     }
     h.type = type;
     h.flags = (uint16_t)(flags | (encrypted ? FEDTINY_ENV_FLAG_ENCRYPTED : 0u));
+    h.run = run;
     h.fleet_id = node->fleet_id;
     h.device_id = node->device_id;
     h.round = round;
@@ -196,7 +198,7 @@ int fedtiny_env_seal(const fedtiny_env_node *node, uint8_t type, uint16_t flags,
     if (encrypted) {
         crypto_aead_ctx ctx;
         uint8_t nonce[12];
-        make_nonce(nonce, round, seq, FEDTINY_ENV_UP);
+        make_nonce(nonce, &h, FEDTINY_ENV_UP);
         crypto_aead_init_ietf(&ctx, node->up_key, nonce);
         crypto_aead_write(&ctx, payload, payload + body_len, out, FEDTINY_ENV_HEADER_BYTES, payload, body_len);
         crypto_wipe(&ctx, sizeof ctx);
@@ -228,9 +230,10 @@ int fedtiny_env_open(const fedtiny_env_node *node, uint8_t *envelope, size_t len
     }
     h.type = envelope[3];
     h.flags = load16(envelope + 4);
-    if ((h.flags & ~KNOWN_FLAGS) || load16(envelope + 6) != 0u) {
+    if (h.flags & ~KNOWN_FLAGS) {
         return FEDTINY_ENV_ERR_BAD_FLAGS;
     }
+    h.run = load16(envelope + 6);
     if (h.type < FEDTINY_MSG_JOIN || h.type > FEDTINY_MSG_LEAVE) {
         return FEDTINY_ENV_ERR_BAD_TYPE;
     }
@@ -282,7 +285,7 @@ int fedtiny_env_open(const fedtiny_env_node *node, uint8_t *envelope, size_t len
             return FEDTINY_ENV_ERR_BAD_CIPHERTEXT;
         }
         n = h.payload_len - FEDTINY_ENV_TAG_BYTES;
-        make_nonce(nonce, h.round, h.seq, FEDTINY_ENV_DOWN);
+        make_nonce(nonce, &h, FEDTINY_ENV_DOWN);
         crypto_aead_init_ietf(&ctx, node->down_key, nonce);
         /* Monocypher checks the tag before it decrypts: a forged payload leaves the buffer as it was. */
         mismatch = crypto_aead_read(&ctx, payload, payload + n, envelope, FEDTINY_ENV_HEADER_BYTES, payload, n);
@@ -303,9 +306,24 @@ static fedtiny_env_stream *stream_of(fedtiny_env_replay *replay, const fedtiny_e
     return header->device_id == 0u ? &replay->broadcast : &replay->addressed;
 }
 
-static int newer(uint32_t round, uint32_t seq, const fedtiny_env_stream *s)
+/* (run, round, seq) compared in that order, as envelope.Header.position */
+static int newer(const fedtiny_env_header *h, const fedtiny_env_stream *s)
 {
-    return !s->accepted_any || round > s->last_round || (round == s->last_round && seq > s->last_seq);
+    if (!s->accepted_any) {
+        return 1;
+    }
+    if (h->run != s->last_run) {
+        return h->run > s->last_run;
+    }
+    if (h->round != s->last_round) {
+        return h->round > s->last_round;
+    }
+    return h->seq > s->last_seq;
+}
+
+static int same_position(const fedtiny_env_header *h, const fedtiny_env_seen *seen)
+{
+    return seen->run == h->run && seen->round == h->round && seen->seq == h->seq;
 }
 
 int fedtiny_env_replay_check(void *replay, const fedtiny_env_header *header,
@@ -313,12 +331,12 @@ int fedtiny_env_replay_check(void *replay, const fedtiny_env_header *header,
 {
     const fedtiny_env_stream *s = stream_of((fedtiny_env_replay *)replay, header);
     uint8_t i;
-    if (newer(header->round, header->seq, s)) {
+    if (newer(header, s)) {
         return FEDTINY_ENV_OK;
     }
     for (i = 0; i < s->count; i++) {
         const fedtiny_env_seen *seen = &s->recent[i];
-        if (seen->round == header->round && seen->seq == header->seq) {
+        if (same_position(header, seen)) {
             return crypto_verify64(seen->signature, signature) == 0 ? FEDTINY_ENV_DUPLICATE : FEDTINY_ENV_ERR_REPLAY;
         }
     }
@@ -331,8 +349,10 @@ void fedtiny_env_replay_commit(fedtiny_env_replay *replay, const fedtiny_env_hea
     fedtiny_env_stream *s = stream_of(replay, header);
     fedtiny_env_seen *seen = &s->recent[s->next];
     s->accepted_any = 1u;
+    s->last_run = header->run;
     s->last_round = header->round;
     s->last_seq = header->seq;
+    seen->run = header->run;
     seen->round = header->round;
     seen->seq = header->seq;
     memcpy(seen->signature, signature, FEDTINY_ENV_SIGNATURE_BYTES);

@@ -8,10 +8,11 @@
  * time by fedtiny_device.monocypher_sources, never committed): EdDSA with BLAKE2b (crypto_eddsa_*), X25519,
  * keyed BLAKE2b for the key derivation, ChaCha20-Poly1305 as in RFC 8439 (crypto_aead_init_ietf).
  *
- * The node must never seal two messages with the same (round, seq): persist seq before sending (a repeated
- * nonce under the same key breaks ChaCha20-Poly1305). Opening checks everything in the order envelope.py does
- * and returns the same reason (fedtiny_env_reason); replay protection is the caller's state, reached through a
- * check hook before decryption and a commit after the body has been applied (fedtiny_env_replay below is one).
+ * The node must never seal two messages with the same (run, round, seq): persist seq before sending and never
+ * reset it (a repeated nonce under the same key breaks ChaCha20-Poly1305). Opening checks everything in the
+ * order envelope.py does and returns the same reason (fedtiny_env_reason); replay protection is the caller's
+ * state, reached through a check hook before decryption and a commit after the body has been applied
+ * (fedtiny_env_replay below is one).
  */
 #ifndef FEDTINY_ENVELOPE_H
 #define FEDTINY_ENVELOPE_H
@@ -74,6 +75,7 @@ const char *fedtiny_env_reason(int status);
 typedef struct {
     uint8_t type;
     uint16_t flags;
+    uint16_t run; /* the coordinator's run: its own in a downlink, the one the node follows in an uplink */
     uint32_t fleet_id;
     uint32_t device_id; /* the sender of an uplink, the addressee of a downlink (0 = broadcast) */
     uint32_t round;
@@ -106,11 +108,13 @@ void fedtiny_env_derive_key(uint8_t key[32], const uint8_t own_x25519_secret[32]
                             const uint8_t peer_x25519_public[32], uint32_t fleet_id, uint32_t device_id,
                             uint8_t direction);
 
-/* Seal one uplink of `type` (JOIN, DELTA, ACK, STATUS, LEAVE) into out: header | payload | signature, and its
- * length into *out_len. A DELTA is encrypted. flags: MASKED (DELTA only) and LAST_WILL (STATUS only); the rest
- * follows from the type. body may be out + FEDTINY_ENV_HEADER_BYTES (the body was encoded in place: no second
- * buffer), otherwise it must not overlap out. out needs FEDTINY_ENV_SEALED_BYTES(body_len) bytes at most. */
-int fedtiny_env_seal(const fedtiny_env_node *node, uint8_t type, uint16_t flags, uint32_t round,
+/* Seal one uplink of `type` (JOIN, DELTA, ACK, STATUS, LEAVE) at position (run, round, seq) into out:
+ * header | payload | signature, and its length into *out_len. run is the coordinator's run the node follows
+ * (0 until it has seen one), round the round it answers. A DELTA is encrypted. flags: MASKED (DELTA only) and
+ * LAST_WILL (STATUS only); the rest follows from the type. body may be out + FEDTINY_ENV_HEADER_BYTES (the body
+ * was encoded in place: no second buffer), otherwise it must not overlap out. out needs
+ * FEDTINY_ENV_SEALED_BYTES(body_len) bytes at most. */
+int fedtiny_env_seal(const fedtiny_env_node *node, uint8_t type, uint16_t flags, uint16_t run, uint32_t round,
                      uint32_t model_version, uint32_t seq, const uint8_t *body, uint32_t body_len, uint8_t *out,
                      size_t out_capacity, size_t *out_len);
 
@@ -129,20 +133,22 @@ int fedtiny_env_open(const fedtiny_env_node *node, uint8_t *envelope, size_t len
                      void *hook_context, fedtiny_env_header *header, uint32_t *body_len);
 
 /* A replay window for the node's two downlink streams (addressed to it, broadcast), as envelope.ReplayGuard
- * keeps them: a message must be newer in (round, seq) than the stream's last accepted one; an older one whose
- * signature equals one of the last FEDTINY_ENV_REPLAY_WINDOW accepted at that (round, seq) is a duplicate.
+ * keeps them: a message must be newer in (run, round, seq) than the stream's last accepted one; an older one
+ * whose signature equals one of the last FEDTINY_ENV_REPLAY_WINDOW accepted at that position is a duplicate.
  * Persist `last` of each stream with the node's state, as the coordinator checkpoints its own. */
 #ifndef FEDTINY_ENV_REPLAY_WINDOW
 #define FEDTINY_ENV_REPLAY_WINDOW 4
 #endif
 typedef struct {
+    uint16_t run;
     uint32_t round, seq;
     uint8_t signature[FEDTINY_ENV_SIGNATURE_BYTES];
 } fedtiny_env_seen;
 typedef struct {
-    uint8_t accepted_any;   /* 0 until the first accepted message */
-    uint8_t next;           /* ring position of the next entry of `recent` */
-    uint8_t count;          /* filled entries of `recent` */
+    uint8_t accepted_any; /* 0 until the first accepted message */
+    uint8_t next;         /* ring position of the next entry of `recent` */
+    uint8_t count;        /* filled entries of `recent` */
+    uint16_t last_run;
     uint32_t last_round, last_seq;
     fedtiny_env_seen recent[FEDTINY_ENV_REPLAY_WINDOW];
 } fedtiny_env_stream;

@@ -20,6 +20,7 @@
 #include "monocypher.h"
 
 extern const uint32_t fedtiny_cv_fleet_id, fedtiny_cv_device_id, fedtiny_cv_round, fedtiny_cv_seq;
+extern const uint16_t fedtiny_cv_run;
 extern const uint8_t fedtiny_cv_identity[FEDTINY_ENV_IDENTITY_BYTES];
 extern const uint8_t fedtiny_cv_coordinator[FEDTINY_ENV_PUBLIC_BYTES];
 extern const uint32_t fedtiny_cv_uplink_body_len, fedtiny_cv_downlink_len;
@@ -103,7 +104,7 @@ int main(void)
 
     stack_paint();
     fedtiny_mark_begin();
-    status = fedtiny_env_seal(&node, FEDTINY_MSG_DELTA, 0u, fedtiny_cv_round, 0u, fedtiny_cv_seq,
+    status = fedtiny_env_seal(&node, FEDTINY_MSG_DELTA, 0u, fedtiny_cv_run, fedtiny_cv_round, 0u, fedtiny_cv_seq,
                               fedtiny_cv_uplink_body, fedtiny_cv_uplink_body_len, uplink, sizeof uplink,
                               &uplink_len);
     fedtiny_mark_end();

@@ -14,14 +14,13 @@ same library. DELTA and GLOBAL_UPDATE payloads are ChaCha20-Poly1305 (RFC 8439) 
 
     prk   = BLAKE2b-512(key="fedtiny/v2", message=X25519(own kex key, peer kex key))                 extract
     key   = BLAKE2b-256(key=prk, message="fedtiny/v2/e2e" | fleet_id u32 | device_id u32 | direction u8 | 01)
-    nonce = round u32 | seq u32 | direction u8 | 3 zero bytes          (direction 0 = up, 1 = down)
+    nonce = round u32 | seq u32 | direction u8 | run u16 | 1 zero byte        (direction 0 = up, 1 = down)
     aad   = the 32 header bytes
-
-    nonce = round u32 | seq u32 | direction u8 | run u16 | 1 zero byte
 
 A sender never reuses (run, round, seq) for a direction, so a nonce never repeats under a key; the receiver's
 ReplayGuard holds it to that. Devices never reuse a seq (it is persisted before use); the coordinator persists
-its seqs in blocks before use, and a coordinator that lost its state starts a new run. Every rejection raises ProtocolError and leaves the endpoint's state untouched.
+its seqs in blocks before use, and a coordinator that lost its state starts a new run. Every rejection raises
+ProtocolError and leaves the endpoint's state untouched.
 """
 
 from __future__ import annotations
