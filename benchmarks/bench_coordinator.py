@@ -7,7 +7,7 @@ is sealed beforehand exactly as a NodeAgent seals it (fleet.encode_update -> Dev
 ChaCha20-Poly1305 encrypted) and cut into 4 KiB MQTT chunks. Timed, on one thread, per update:
 
     reassemble  chunking.Reassembler.accept of its frames
-    open        CoordinatorEndpoint.open: Ed25519 verify, replay check, decrypt, decode the body and delta blob
+    open        CoordinatorEndpoint.open: EdDSA verify, replay check, decrypt, decode the body and delta blob
     decode      fleet.decode_update: entries -> int16/int32 delta over the plan's buffers, metrics
     rebuild     float master + dequantized delta, and the Flower reply Message (ArrayRecord, MetricRecord)
     aggregate   flwr FedAvg.aggregate_train over all replies (reported per update)

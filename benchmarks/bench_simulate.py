@@ -80,7 +80,7 @@ def main():
              f"{base['training_memory_bytes']:,} B (fp32 weights + gradients) | "
              f"{base['training_memory_bytes'] / memory['arena_bytes']:.0f}x less |",
              f"| wall time | {run['wall_seconds']:.1f} s | {base['wall_seconds']:.1f} s | |", "",
-             "fedtiny bytes are MQTT payloads of whole transfers (chunk headers, envelope, Ed25519 signature, AEAD "
+             "fedtiny bytes are MQTT payloads of whole transfers (chunk headers, envelope, EdDSA signature, AEAD "
              "tag included); the baseline's are the fp32 arrays alone (no gRPC or protobuf overhead counted)."]
     text = "\n".join(lines)
     print(text)

@@ -55,7 +55,7 @@ def _build_dir(files: dict[str, str | bytes], target: str, cache_dir: Path | Non
     return path, (path / ".built").exists()
 
 
-def _make(files: dict[str, str | bytes], target: str, artifact: str, cache_dir: Path | None) -> Path:
+def make_cached(files: dict[str, str | bytes], target: str, artifact: str, cache_dir: Path | None) -> Path:
     """Write the sources into a temporary folder, run `make target`, then move it into the cache atomically."""
     final, built = _build_dir(files, target, cache_dir)
     if built:
@@ -95,13 +95,13 @@ def sources(graph: Graph, samples: np.ndarray | None = None, fast: bool = True,
 
 def build_host(graph: Graph, fast: bool = True, cache_dir: Path | None = None) -> Path:
     """The host shared library for graph (gcc -O2 -shared -fPIC), built once per distinct source."""
-    return _make(sources(graph, fast=fast, with_samples=False), "host", HOST_LIB, cache_dir)
+    return make_cached(sources(graph, fast=fast, with_samples=False), "host", HOST_LIB, cache_dir)
 
 
 def build_firmware(graph: Graph, samples: np.ndarray | None = None, fast: bool = True,
                    cache_dir: Path | None = None) -> Path:
     """The Cortex-M4 firmware ELF with samples in flash. Raises BuildError (e.g. "region `RAM' overflowed")."""
-    return _make(sources(graph, samples, fast), "m4", ELF_NAME, cache_dir)
+    return make_cached(sources(graph, samples, fast), "m4", ELF_NAME, cache_dir)
 
 
 class CModel:
@@ -145,7 +145,7 @@ def plan_sources(plan, samples: np.ndarray | None = None, labels: np.ndarray | N
 
 
 def build_plan_host(plan, fast: bool = True, cache_dir: Path | None = None) -> Path:
-    return _make(plan_sources(plan, fast=fast, with_samples=False), "host", HOST_LIB, cache_dir)
+    return make_cached(plan_sources(plan, fast=fast, with_samples=False), "host", HOST_LIB, cache_dir)
 
 
 def build_train_firmware(plan, samples: np.ndarray | None = None, labels: np.ndarray | None = None, seed: int = 0,
@@ -153,7 +153,7 @@ def build_train_firmware(plan, samples: np.ndarray | None = None, labels: np.nda
     """The Cortex-M4 training firmware: `steps` steps on samples/labels in flash (for an MSE plan, labels are the
     int8 targets (N, K)), then one line
     `trained N steps digest XXXXXXXX rng HHHHHHHHLLLLLLLL`. Raises BuildError if it does not fit."""
-    return _make(plan_sources(plan, samples, labels, seed, steps, fast), "m4-train", TRAIN_ELF_NAME, cache_dir)
+    return make_cached(plan_sources(plan, samples, labels, seed, steps, fast), "m4-train", TRAIN_ELF_NAME, cache_dir)
 
 
 def trainable_digest(plan, state: dict[str, np.ndarray]) -> str:
@@ -364,7 +364,7 @@ def build_insn_plugin(cache_dir: Path | None = None) -> Path:
     src = (codegen.runtime_dir() / "tools" / "insn_count.c").read_bytes()
     files = {"insn_count.c": src,
              "Makefile": b"libinsn.so: insn_count.c\n\tgcc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $<\n"}
-    return _make(files, "libinsn.so", "libinsn.so", cache_dir)
+    return make_cached(files, "libinsn.so", "libinsn.so", cache_dir)
 
 
 def symbol_address(elf: Path, name: str) -> int:
@@ -411,7 +411,7 @@ class KernelLibrary:
         files["Makefile"] = (b"libfedtiny_kernels.so: fedtiny_kernels.c fedtiny_kernels.h fedtiny_arith.h\n"
                              b"\tgcc -std=c99 -Wall -Wextra -Werror -ffp-contract=off -O2 -shared -fPIC -o $@ "
                              b"fedtiny_kernels.c\n")
-        self.lib = ctypes.CDLL(str(_make(files, "libfedtiny_kernels.so", "libfedtiny_kernels.so", cache_dir)))
+        self.lib = ctypes.CDLL(str(make_cached(files, "libfedtiny_kernels.so", "libfedtiny_kernels.so", cache_dir)))
         for fn in self.IMPLS.values():
             getattr(self.lib, fn).argtypes = [ctypes.POINTER(Conv2dParams)] + [ctypes.c_void_p] * 3
             getattr(self.lib, fn).restype = ctypes.c_int

@@ -10,7 +10,7 @@
                rounds its Context keeps what a device keeps in flash: model version, global state, rng counter.
 
 The bodies are the plaintexts a device would seal. There is no MQTT link, so there is no envelope (header,
-Ed25519 signature, AEAD tag) and no chunk header: the report's bytes are the bodies alone. A JOIN query first
+EdDSA signature, AEAD tag) and no chunk header: the report's bytes are the bodies alone. A JOIN query first
 maps Flower's node ids to device names (Flower does not tell a ServerApp which partition a node holds).
 
 Deadlines run in virtual time (`GridLink.clock`): the clock stands still while any device has a message

@@ -132,12 +132,12 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
             "count, loss and accuracy), built by the devices' own code, and a JOIN. No sample, feature or label left",
             "any device. This engine has no MQTT link: nothing was signed, encrypted or chunked, so every byte count",
             "here is of the encoded DELTA and TASK + GLOBAL_UPDATE bodies alone; over MQTT the envelope (header,",
-            "Ed25519 signature, AEAD tag) and chunk headers come on top (`--engine mqtt` counts them).",
+            "EdDSA signature, AEAD tag) and chunk headers come on top (`--engine mqtt` counts them).",
         ]
     else:
         lines += [
             "What left each device: per round one DELTA (the trainable tensors' integer changes, signed with the device's",
-            "Ed25519 key and encrypted end to end with ChaCha20-Poly1305), its example count, loss and accuracy;",
+            "EdDSA key and encrypted end to end with ChaCha20-Poly1305), its example count, loss and accuracy;",
             "heartbeats and a JOIN. No sample, feature or label left any device (see docs/security.md).",
         ]
     lines += [

@@ -277,7 +277,7 @@ def test_duplicates_replay_and_tampering_change_nothing(amqtt_broker, fleet_dir,
         inject(chunking.split(bytes(fresh), 902, 256))
         wait_for(lambda: link.stats["rejected:bad-signature"] == 1, what="signature rejection")
         body = bytes(fresh[:-SIGNATURE_SIZE])
-        resigned = body + Identity.from_bytes((fleet_dir / f"devices/{name}/identity.key").read_bytes()).sign_key.sign(body)
+        resigned = body + Identity.from_bytes((fleet_dir / f"devices/{name}/identity.key").read_bytes()).sign(body)
         inject(chunking.split(resigned, 903, 256))
         wait_for(lambda: link.stats["rejected:bad-ciphertext"] == 1, what="AEAD rejection")
 

@@ -70,7 +70,7 @@ DOWNLINKS = {
 
 
 def golden_messages():
-    """name -> bytes, all deterministic (fixed seeds; Ed25519 and ChaCha20-Poly1305 are deterministic)."""
+    """name -> bytes, all deterministic (fixed seeds; EdDSA and ChaCha20-Poly1305 are deterministic)."""
     device, coordinator = endpoints()
     out = {}
     for name, (body, round_, version, seq) in UPLINKS.items():
@@ -99,7 +99,7 @@ def test_header_layout_is_the_documented_one():
     magic, version, msg_type, flags, reserved, fleet, dev, rnd, mv, seq, plen = struct.unpack_from(
         "<2sBBHHIIIIII", raw
     )
-    assert (magic, version, msg_type, flags, reserved) == (b"FT", 1, 1, 0, 0)
+    assert (magic, version, msg_type, flags, reserved) == (b"FT", 2, 1, 0, 0)
     assert (fleet, dev, rnd, mv, seq, plen) == (FLEET_ID, DEVICE_ID, 3, 0, 0, 52)
     assert len(raw) == HEADER_SIZE + 52 + SIGNATURE_SIZE
 
@@ -166,7 +166,7 @@ def test_rejections_leave_state_unchanged():
     expect_reject(coordinator, good[:-1], "truncated")
     expect_reject(coordinator, good + b"\0", "trailing-bytes")
     expect_reject(coordinator, b"XX" + good[2:], "bad-magic")
-    expect_reject(coordinator, good[:2] + b"\x02" + good[3:], "bad-version")
+    expect_reject(coordinator, good[:2] + b"\x01" + good[3:], "bad-version")  # version 1 is gone
 
     foreign = DeviceEndpoint(topics.name_id("other-fleet"), DEVICE_ID, DEVICE, COORD.public)
     expect_reject(coordinator, foreign.seal(Leave(0), round=1, model_version=0), "wrong-fleet")
@@ -187,7 +187,7 @@ def test_ciphertext_tampered_and_resigned_by_sender_key_fails_decryption():
     good = bytearray(device.seal(Delta(1, 0.1, sample_entries()), round=1, model_version=1))
     good[HEADER_SIZE] ^= 0x80
     signed = bytes(good[:-SIGNATURE_SIZE])
-    forged = signed + DEVICE.sign_key.sign(signed)
+    forged = signed + DEVICE.sign(signed)
     expect_reject(coordinator, forged, "bad-ciphertext")
 
 

@@ -1,44 +1,52 @@
 """Signed, end-to-end encrypted envelopes around message bodies, and replay protection. Sans-IO.
 
-    envelope = header (32 bytes) | payload (payload_len bytes) | Ed25519 signature (64 bytes)
+    envelope = header (32 bytes) | payload (payload_len bytes) | EdDSA signature (64 bytes)
+
+Protocol version 2: every primitive is one that Monocypher 4.0.3 (the node's C library) has, so a
+microcontroller runs the same protocol with one small, vetted library (docs/protocol.md, "Why version 2").
 
 The signature covers header + payload and is made by the sender's identity key (the device's for uplinks, the
-coordinator's for downlinks), so a broker that can rewrite topics cannot forge or alter a message. DELTA and
-GLOBAL_UPDATE payloads are ChaCha20-Poly1305 ciphertext (plaintext + 16-byte tag) under a per-direction key:
+coordinator's for downlinks), so a broker that can rewrite topics cannot forge or alter a message. It is
+Monocypher's EdDSA: Ed25519's curve and equations with BLAKE2b-512 in place of SHA-512 (not Ed25519: other
+Ed25519 libraries reject it); the host signs and verifies through pymonocypher, the registry binding of the
+same library. DELTA and GLOBAL_UPDATE payloads are ChaCha20-Poly1305 (RFC 8439) ciphertext (plaintext +
+16-byte tag) under a per-direction key, derived like HKDF (RFC 5869) with keyed BLAKE2b in place of HMAC-SHA256:
 
-    key   = HKDF-SHA256(X25519(own kex key, peer kex key), salt="fedtiny/v1", length=32,
-                        info="fedtiny/v1/e2e" | fleet_id u32 | device_id u32 | direction u8)
-    nonce = round u32 | seq u32 | direction u8 | 3 zero bytes          (direction 0 = up, 1 = down)
+    prk   = BLAKE2b-512(key="fedtiny/v2", message=X25519(own kex key, peer kex key))                 extract
+    key   = BLAKE2b-256(key=prk, message="fedtiny/v2/e2e" | fleet_id u32 | device_id u32 | direction u8 | 01)
+    nonce = round u32 | seq u32 | direction u8 | run u16 | 1 zero byte        (direction 0 = up, 1 = down)
     aad   = the 32 header bytes
-
-    nonce = round u32 | seq u32 | direction u8 | run u16 | 1 zero byte
 
 A sender never reuses (run, round, seq) for a direction, so a nonce never repeats under a key; the receiver's
 ReplayGuard holds it to that. Devices never reuse a seq (it is persisted before use); the coordinator persists
-its seqs in blocks before use, and a coordinator that lost its state starts a new run. Every rejection raises ProtocolError and leaves the endpoint's state untouched.
+its seqs in blocks before use, and a coordinator that lost its state starts a new run. Every rejection raises
+ProtocolError and leaves the endpoint's state untouched.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntFlag
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+import monocypher
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.delta import DEFAULT_LIMITS, DeltaLimits
 from fedtiny.protocol.messages import Body, MessageType, decode_body
 
 MAGIC = b"FT"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+KDF_SALT = b"fedtiny/v2"
+KDF_INFO = b"fedtiny/v2/e2e"
 HEADER = struct.Struct("<2sBBHHIIIIII")
 HEADER_SIZE = HEADER.size  # 32
 SIGNATURE_SIZE = 64
@@ -105,7 +113,7 @@ class Header:
 
 @dataclass(frozen=True)
 class PublicIdentity:
-    """What a peer publishes: Ed25519 verify key and X25519 key, 32 raw bytes each."""
+    """What a peer publishes: EdDSA (BLAKE2b) verify key and X25519 key, 32 raw bytes each."""
 
     sign: bytes
     kex: bytes
@@ -119,44 +127,62 @@ class PublicIdentity:
             raise ValueError("a public identity is 64 bytes")
         return cls(bytes(raw[:32]), bytes(raw[32:]))
 
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        """True if signature is this identity's EdDSA signature of message (crypto_eddsa_check)."""
+        return monocypher.signature_check(signature, self.sign, message)
+
 
 class Identity:
-    """A private identity: Ed25519 signing key + X25519 key agreement key."""
+    """A private identity: an EdDSA (BLAKE2b) signing seed + an X25519 key agreement key."""
 
-    def __init__(self, sign_key: Ed25519PrivateKey, kex_key: X25519PrivateKey) -> None:
-        self.sign_key = sign_key
+    def __init__(self, sign_seed: bytes, kex_key: X25519PrivateKey) -> None:
+        if len(sign_seed) != 32:
+            raise ValueError("an EdDSA seed is 32 bytes")
+        # crypto_eddsa_key_pair(seed) -> secret key = seed | public key. pymonocypher deprecates passing the bare
+        # seed to compute_signing_public_key (it wants the 64-byte key it generates), but that is the one call
+        # that derives the public key from a stored seed; signing then takes the full 64-byte key.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sign_public = monocypher.compute_signing_public_key(bytes(sign_seed))
+        self._sign_secret = bytes(sign_seed) + sign_public
         self.kex_key = kex_key
 
     @classmethod
     def generate(cls) -> Identity:
-        return cls(Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
+        return cls(secrets.token_bytes(32), X25519PrivateKey.generate())
 
     @classmethod
     def from_seed(cls, seed: bytes) -> Identity:
         """Deterministic identity for tests and fixtures only; provisioning uses generate()."""
-        return cls.from_bytes(hashlib.sha256(b"ed25519:" + seed).digest() + hashlib.sha256(b"x25519:" + seed).digest())
+        return cls.from_bytes(hashlib.sha256(b"eddsa:" + seed).digest() + hashlib.sha256(b"x25519:" + seed).digest())
 
     def to_bytes(self) -> bytes:
-        """64 raw bytes, Ed25519 seed then X25519 scalar: what a device stores in its key slot."""
+        """64 raw bytes, EdDSA seed then X25519 scalar: what a device stores in its key slot."""
         raw = serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        return self.sign_key.private_bytes(*raw) + self.kex_key.private_bytes(*raw)
+        return self._sign_secret[:32] + self.kex_key.private_bytes(*raw)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Identity:
         if len(raw) != 64:
             raise ValueError("a private identity is 64 bytes")
-        return cls(Ed25519PrivateKey.from_private_bytes(raw[:32]), X25519PrivateKey.from_private_bytes(raw[32:]))
+        return cls(bytes(raw[:32]), X25519PrivateKey.from_private_bytes(raw[32:]))
 
     @property
     def public(self) -> PublicIdentity:
         raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        return PublicIdentity(self.sign_key.public_key().public_bytes(*raw), self.kex_key.public_key().public_bytes(*raw))
+        return PublicIdentity(self._sign_secret[32:], self.kex_key.public_key().public_bytes(*raw))
+
+    def sign(self, message: bytes) -> bytes:
+        """The 64-byte EdDSA (BLAKE2b) signature of message (crypto_eddsa_sign; deterministic)."""
+        return monocypher.signature_sign(self._sign_secret, message)
 
 
 def derive_key(own: Identity, peer: PublicIdentity, fleet_id: int, device_id: int, direction: int) -> bytes:
+    """The ChaCha20-Poly1305 key of one direction between a device and the coordinator (either end gets it)."""
     shared = own.kex_key.exchange(X25519PublicKey.from_public_bytes(peer.kex))
-    info = b"fedtiny/v1/e2e" + struct.pack("<IIB", fleet_id, device_id, direction)
-    return HKDF(hashes.SHA256(), 32, b"fedtiny/v1", info).derive(shared)
+    prk = hashlib.blake2b(shared, digest_size=64, key=KDF_SALT).digest()
+    info = KDF_INFO + struct.pack("<IIB", fleet_id, device_id, direction)
+    return hashlib.blake2b(info + b"\x01", digest_size=32, key=prk).digest()
 
 
 def nonce(round_: int, seq: int, direction: int, run: int) -> bytes:
@@ -279,7 +305,7 @@ class _Endpoint:
         signed = header + payload
         if len(signed) + SIGNATURE_SIZE > self.max_message_bytes:
             raise ValueError("message larger than max_message_bytes")
-        return signed + self.identity.sign_key.sign(signed)
+        return signed + self.identity.sign(signed)
 
     def _accepts(self, header: Header) -> None:
         raise NotImplementedError
@@ -312,10 +338,8 @@ class _Endpoint:
 
         signed, signature = raw[:-SIGNATURE_SIZE], raw[-SIGNATURE_SIZE:]
         sender = self._sender(header)
-        try:
-            Ed25519PublicKey.from_public_bytes(sender.sign).verify(signature, signed)
-        except InvalidSignature:
-            raise ProtocolError("bad-signature", "signature does not verify") from None
+        if not sender.verify(signature, signed):
+            raise ProtocolError("bad-signature", "signature does not verify")
         digest = hashlib.sha256(raw).digest()
         if self.replay.is_duplicate(header, digest):
             return None

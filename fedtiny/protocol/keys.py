@@ -7,7 +7,7 @@ Layout of out_dir (directory 0700; files holding secrets 0600):
     broker/broker.crt, broker.key      server certificate for localhost, 127.0.0.1 and broker_host
     broker/passwd                      mosquitto 2.0 password file ($7$ = PBKDF2-SHA512)
     broker/acl                         per-device topic ACL
-    coordinator/identity.key|.pub      64-byte raw identity (Ed25519 seed | X25519 scalar) and public half
+    coordinator/identity.key|.pub      64-byte raw identity (EdDSA seed | X25519 scalar) and public half
     coordinator/client.crt|key, password
     devices/<name>/identity.key|.pub, client.crt|key, password, coordinator.pub
 """

@@ -5,7 +5,8 @@
  * Every instruction adds 1 to a counter (inline, so counts are exact and identical across runs). With
  * begin/end addresses (the firmware's fedtiny_mark_begin / fedtiny_mark_end), it also sums the instructions
  * executed from each begin to the next end ("region") and how many such regions ran. At exit it writes
- * one line "insns total=T region=R regions=N" to FILE, or through qemu_plugin_outs (shown with -d plugin).
+ * "insns total=T region=R regions=N" and a second line "each C1 C2 ..." (every region's own count, in the
+ * order they ran) to FILE, or through qemu_plugin_outs (shown with -d plugin).
  *
  * Debian ships no qemu-plugin.h, so the few types and functions used are declared below as documented in
  * QEMU's include/qemu/qemu-plugin.h. Built with: gcc -shared -fPIC -O2 -o libinsn.so insn_count.c
@@ -60,6 +61,8 @@ static uint64_t total;      /* instructions executed (one vCPU on Cortex-M) */
 static uint64_t region;     /* instructions between begin and end markers, summed */
 static uint64_t regions;    /* completed begin..end regions */
 static uint64_t started_at; /* total when the current region began */
+static uint64_t *each;      /* each region's count, in order; `regions` of them (grown as needed) */
+static uint64_t each_capacity;
 static uint64_t begin_addr = UINT64_MAX, end_addr = UINT64_MAX;
 static char out_path[1024];
 
@@ -74,6 +77,17 @@ static void on_end(unsigned int vcpu_index, void *userdata)
 {
     (void)vcpu_index;
     (void)userdata;
+    if (regions == each_capacity) {
+        uint64_t capacity = each_capacity ? 2 * each_capacity : 64;
+        uint64_t *grown = realloc(each, capacity * sizeof *grown);
+        if (!grown) {
+            fprintf(stderr, "insn_count: out of memory\n");
+            exit(1);
+        }
+        each = grown;
+        each_capacity = capacity;
+    }
+    each[regions] = total - started_at;
     region += total - started_at;
     regions++;
 }
@@ -95,22 +109,38 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     }
 }
 
+static void write_counts(FILE *f)
+{
+    uint64_t i;
+    fprintf(f, "insns total=%" PRIu64 " region=%" PRIu64 " regions=%" PRIu64 "\neach", total, region, regions);
+    for (i = 0; i < regions; i++) {
+        fprintf(f, " %" PRIu64, each[i]);
+    }
+    fputc('\n', f);
+}
+
 static void on_qemu_exit(qemu_plugin_id_t id, void *userdata)
 {
-    char line[160];
     (void)id;
     (void)userdata;
-    snprintf(line, sizeof line, "insns total=%" PRIu64 " region=%" PRIu64 " regions=%" PRIu64 "\n", total,
-             region, regions);
     if (out_path[0]) {
         FILE *f = fopen(out_path, "w");
         if (f) {
-            fputs(line, f);
+            write_counts(f);
             fclose(f);
         }
     } else {
-        qemu_plugin_outs(line);
+        char *text = NULL;
+        size_t size = 0;
+        FILE *f = open_memstream(&text, &size);
+        if (f) {
+            write_counts(f);
+            fclose(f);
+            qemu_plugin_outs(text);
+            free(text);
+        }
     }
+    free(each);
 }
 
 __attribute__((visibility("default"))) int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
