@@ -38,10 +38,12 @@ ceil(N / 250).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import hashlib
 import math
 import multiprocessing
 import os
+import pstats
 import queue
 import resource
 import shutil
@@ -298,6 +300,23 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def fsync_ms(directory: Path, repeats: int = 20) -> float:
+    """Milliseconds of one 4 KiB write + fsync in `directory` (the median of `repeats`)."""
+    path = directory / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    times = []
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return 1000 * statistics.median(times)
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -382,6 +401,7 @@ class LoadResult:
     setup_seconds: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    fsync_ms: float = 0.0  # one small write + fsync where the coordinator's SQLite file is
 
 
 def account(names: list[str], rounds: int, replies_per_round: list[int], sent: dict, sums: dict, received: list
@@ -471,8 +491,9 @@ def _wait_for_joins(link, names: set[str], timeout: float) -> float:
 
 
 def run_load(devices: int, rounds: int, *, workers: int = 0, persist: str = "memory", deadline: float = 120.0,
-             plan: Plan | None = None, work_dir: str | Path | None = None) -> LoadResult:
-    """One load run (see the module docstring); the problems list is empty when every update is accounted for."""
+             plan: Plan | None = None, work_dir: str | Path | None = None, profile=None) -> LoadResult:
+    """One load run (see the module docstring); the problems list is empty when every update is accounted for.
+    `profile` (a cProfile.Profile) runs while the coordinator's thread runs a round."""
     import logging
 
     from fedtiny.planfile import save_plan
@@ -497,6 +518,7 @@ def run_load(devices: int, rounds: int, *, workers: int = 0, persist: str = "mem
         t0 = time.perf_counter()
         provision_fleet(run / "fleet", FLEET, names)
         result.setup_seconds["provision"] = time.perf_counter() - t0
+        result.fsync_ms = fsync_ms(run)
         port = free_port()
         (run / "mosquitto.conf").write_text(mosquitto_config(run / "fleet", port, run_as_root=os.geteuid() == 0))
         events_log = open(run / "coordinator.jsonl", "w")
@@ -533,7 +555,11 @@ def run_load(devices: int, rounds: int, *, workers: int = 0, persist: str = "mem
                 down, seen, send, write = link.stats["downlink_bytes"], len(link.seen), link.send_seconds, \
                     store.write_seconds
                 t0 = time.perf_counter()
+                if profile is not None:
+                    profile.enable()
                 outcome = coordinator.run_round(rnd)
+                if profile is not None:
+                    profile.disable()
                 seconds = time.perf_counter() - t0
                 after = (own_cpu_seconds(), cpu_seconds(me, main_tid), cpu_seconds(me, link_tid),
                          cpu_seconds(broker.process.pid), sum(cpu_seconds(pid) for pid in pids))
@@ -629,10 +655,37 @@ def print_results(results: list[LoadResult], command: str, provenance) -> None:
               f"per device and round {sum(r.uplink_bytes for r in res.rounds) / (res.devices * n):,.0f} B up, "
               f"{sum(r.downlink_bytes for r in res.rounds) / (res.devices * n):,.0f} B down; "
               f"{res.memory['per_device'] / 1024:.0f} KiB resident per device in the device processes (largest "
-              f"{res.memory['worker_rss'] / 2**20:.0f} MiB, {res.counts['worker_threads']} threads, highest file descriptor {res.counts['highest_fd']}), coordinator "
+              f"{res.memory['worker_rss'] / 2**20:.0f} MiB, {res.counts['worker_threads']} threads, highest file "
+              f"descriptor {res.counts['highest_fd']}), coordinator "
               f"{res.memory['coordinator_rss'] / 2**20:.0f} MiB; {res.counts['connects']:,} MQTT connects, "
               f"{res.counts['saves']:,} device state saves ({res.persist}), {res.counts['resent_chunks']} chunks "
               f"resent, {res.counts['missing_requests']} missing-chunk requests.")
+    big = results[-1]
+    rows, n = big.rounds, big.devices
+    busy = (_mean(rows, "coordinator_cpu") + _mean(rows, "broker_cpu") + _mean(rows, "devices_cpu")) \
+        / _mean(rows, "seconds")
+    persisted = "in memory (the save callback only counts the saves)" if big.persist == "memory" else \
+        "saved to a file per device at every save, as NodeAgent does (device.save_state)"
+    print(f"""- Light devices: each is a real DeviceSession with its own signing keys, TLS client certificate and paho \
+client (so mosquitto authenticates it and applies the fleet's ACL to it); {n:,} devices in {big.workers} \
+process{'es' if big.workers > 1 else ''}; no trainer runs: a device answers its TrainJob with the job's base \
+plus a deterministic change (a quarter of each buffer's elements by 1-3 LSB), and everything after training is \
+real (update.uplink, envelope, chunks, ACK, the JOIN a device sends after each ACK, a TRAINING status, a \
+heartbeat every {HEARTBEAT_S:.0f} s). Device state: {persisted}.
+- Coordinator: fedtiny_server's Coordinator (FleetGrid, Flower FedAvg, quorum 1.0, SQLite StateStore) over one \
+CoordinatorLink; its main thread runs the Flower round (sampling, a TASK and a GLOBAL_UPDATE built and sealed per \
+device, each reply's checks, its float64 ArrayRecord, its SQLite row, FedAvg); the link's paho thread verifies, \
+decrypts and decodes every uplink message and seals the ACKs.
+- At {n:,} devices the coordinator used {1000 * _mean(rows, 'coordinator_cpu') / n:.1f} ms of CPU per device and \
+round ({1000 * _mean(rows, 'main_cpu') / n:.1f} in its main thread, {1000 * _mean(rows, 'link_cpu') / n:.1f} in the \
+link's thread), the device processes {1000 * _mean(rows, 'devices_cpu') / n:.1f} ms, mosquitto \
+{1000 * _mean(rows, 'broker_cpu') / n:.2f} ms (TLS included). Together they kept {busy:.2f} of the 2 cores busy \
+through a round: {'the rounds are CPU-bound' if busy > 1.5 else 'the rounds also wait (fsync, other processes)'}. \
+The coordinator's main thread cannot use more than one core (Python's GIL, shared with the link's thread).
+- Every accepted reply is its own SQLite transaction with fsync (synchronous=FULL: an accepted reply survives a \
+crash), so a round spends at least N fsyncs ({big.fsync_ms:.1f} ms each here, measured) in the main thread: the \
+"SQLite writes" column.
+- `--profile` prints where the coordinator's main thread spends its CPU (cProfile, thread CPU time).""")
 
 
 def _mean(rows: list[RoundRow], attr: str) -> float:
@@ -649,6 +702,9 @@ def main() -> int:
                         help="device state: kept in memory, or saved to a file per device as NodeAgent does")
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds a round waits at most")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the coordinator's thread during the rounds (its CPU time) and print the top "
+                             "functions to stderr; slows the rounds, so BENCHMARKS.md is left as it is")
     args = parser.parse_args()
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         print("error: mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
@@ -667,14 +723,21 @@ def main() -> int:
     from report import capture, provenance, write_section
 
     plan = default_plan()
-    results = [run_load(n, args.rounds, workers=args.workers, persist=args.persist, deadline=args.deadline, plan=plan)
-               for n in args.devices]
+    results = []
+    for n in args.devices:
+        profile = cProfile.Profile(time.thread_time) if args.profile else None
+        results.append(run_load(n, args.rounds, workers=args.workers, persist=args.persist, deadline=args.deadline,
+                                plan=plan, profile=profile))
+        if profile is not None:
+            print(f"\nThe coordinator's main thread at {n} devices, {args.rounds} rounds (CPU seconds):",
+                  file=sys.stderr)
+            pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
     command = "python benchmarks/bench_fleet_load.py --devices " + " ".join(map(str, args.devices)) + \
         f" --rounds {args.rounds}" + (f" --workers {args.workers}" if args.workers else "") + \
         (" --persist disk" if args.persist == "disk" else "")
     with capture() as out:
         print_results(results, command, provenance)
-    if not args.no_write:
+    if not args.no_write and not args.profile:
         write_section(SECTION, out.getvalue())
     return 1 if any(r.problems for r in results) else 0
 
