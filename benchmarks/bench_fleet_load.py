@@ -79,6 +79,7 @@ MAX_DEVICES_PER_WORKER = 320
 CHANGED_SHARE = 0.25  # of each buffer's elements a light device changes per round (a real round: 642 of 2276)
 CONNECT_TIMEOUT_S = 10.0
 HEARTBEAT_S = 30.0  # NodeAgent's default
+IDLE_S = 5.0  # CPU is measured this long with every device joined, before the first round
 ACK_TIMEOUT_S = 15.0  # NodeAgent's default
 
 
@@ -383,7 +384,8 @@ class RoundRow:
     main_cpu: float  # its main thread: the Flower round
     link_cpu: float  # its link's paho thread: every uplink message
     broker_cpu: float
-    devices_cpu: float  # all worker processes
+    devices_cpu: float  # all device processes
+    sessions_cpu: float  # their main threads: the sessions and the light training (the rest: paho's threads)
     uplink_bytes: int
     downlink_bytes: int
     send_seconds: float  # of the main thread's wall time: send_task for every device
@@ -402,6 +404,7 @@ class LoadResult:
     memory: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     fsync_ms: float = 0.0  # one small write + fsync where the coordinator's SQLite file is
+    idle: dict[str, float] = field(default_factory=dict)  # cores busy before the first round (heartbeats only)
 
 
 def account(names: list[str], rounds: int, replies_per_round: list[int], sent: dict, sums: dict, received: list
@@ -549,9 +552,19 @@ def run_load(devices: int, rounds: int, *, workers: int = 0, persist: str = "mem
                 rounds=rounds, strategy="fedavg", policy=RoundPolicy(quorum=1.0, deadline=deadline)))
             main_tid, link_tid = threading.main_thread().native_id, _thread_id("paho-mqtt-client-coordinator")
             me, pids = os.getpid(), [p.pid for p in procs]
+
+            def cpu() -> tuple[float, ...]:
+                """coordinator, its main and link threads, mosquitto, device processes, their session threads"""
+                return (own_cpu_seconds(), cpu_seconds(me, main_tid), cpu_seconds(me, link_tid),
+                        cpu_seconds(broker.process.pid), sum(cpu_seconds(pid) for pid in pids),
+                        sum(cpu_seconds(pid, pid) for pid in pids))
+
+            before = cpu()
+            time.sleep(IDLE_S)
+            idle = [(a - b) / IDLE_S for a, b in zip(cpu(), before)]
+            result.idle = dict(coordinator=idle[0], broker=idle[3], devices=idle[4])
             for rnd in range(1, rounds + 1):
-                before = (own_cpu_seconds(), cpu_seconds(me, main_tid), cpu_seconds(me, link_tid),
-                          cpu_seconds(broker.process.pid), sum(cpu_seconds(pid) for pid in pids))
+                before = cpu()
                 down, seen, send, write = link.stats["downlink_bytes"], len(link.seen), link.send_seconds, \
                     store.write_seconds
                 t0 = time.perf_counter()
@@ -561,10 +574,8 @@ def run_load(devices: int, rounds: int, *, workers: int = 0, persist: str = "mem
                 if profile is not None:
                     profile.disable()
                 seconds = time.perf_counter() - t0
-                after = (own_cpu_seconds(), cpu_seconds(me, main_tid), cpu_seconds(me, link_tid),
-                         cpu_seconds(broker.process.pid), sum(cpu_seconds(pid) for pid in pids))
                 result.rounds.append(RoundRow(
-                    rnd, outcome.replies, seconds, *(a - b for a, b in zip(after, before)),
+                    rnd, outcome.replies, seconds, *(a - b for a, b in zip(cpu(), before)),
                     sum(r.uplink_bytes for r in link.seen[seen:]), int(link.stats["downlink_bytes"] - down),
                     link.send_seconds - send, store.write_seconds - write, outcome.aggregation_seconds))
             result.memory["coordinator_rss"] = rss_bytes(me)
@@ -635,15 +646,16 @@ def print_results(results: list[LoadResult], command: str, provenance) -> None:
               f"{_mean(rows, 'uplink_bytes'):,.0f} | {_mean(rows, 'downlink_bytes'):,.0f} |")
     print()
     print("CPU seconds per round, and where the coordinator's main thread spends a round (wall seconds):\n")
-    print("| devices | coordinator CPU (main + link thread) | mosquitto CPU | device processes CPU | "
-          "main thread: send_task | SQLite writes | FedAvg aggregate | the rest |")
+    print("| devices | coordinator CPU (main + link thread) | mosquitto CPU | device processes CPU (sessions + "
+          "paho threads) | main thread: send_task | SQLite writes | FedAvg aggregate | the rest |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for res in results:
         rows = res.rounds
         rest = _mean(rows, "seconds") - _mean(rows, "send_seconds") - _mean(rows, "store_seconds") \
             - _mean(rows, "aggregate_seconds")
         print(f"| {res.devices:,} | {_mean(rows, 'coordinator_cpu'):.2f} ({_mean(rows, 'main_cpu'):.2f} + "
-              f"{_mean(rows, 'link_cpu'):.2f}) | {_mean(rows, 'broker_cpu'):.2f} | {_mean(rows, 'devices_cpu'):.2f} | "
+              f"{_mean(rows, 'link_cpu'):.2f}) | {_mean(rows, 'broker_cpu'):.2f} | {_mean(rows, 'devices_cpu'):.2f} "
+              f"({_mean(rows, 'sessions_cpu'):.2f} + {_mean(rows, 'devices_cpu') - _mean(rows, 'sessions_cpu'):.2f}) | "
               f"{_mean(rows, 'send_seconds'):.2f} | {_mean(rows, 'store_seconds'):.2f} | "
               f"{_mean(rows, 'aggregate_seconds'):.2f} | {rest:.2f} |")
     print()
@@ -678,8 +690,11 @@ device, each reply's checks, its float64 ArrayRecord, its SQLite row, FedAvg); t
 decrypts and decodes every uplink message and seals the ACKs.
 - At {n:,} devices the coordinator used {1000 * _mean(rows, 'coordinator_cpu') / n:.1f} ms of CPU per device and \
 round ({1000 * _mean(rows, 'main_cpu') / n:.1f} in its main thread, {1000 * _mean(rows, 'link_cpu') / n:.1f} in the \
-link's thread), the device processes {1000 * _mean(rows, 'devices_cpu') / n:.1f} ms, mosquitto \
-{1000 * _mean(rows, 'broker_cpu') / n:.2f} ms (TLS included). Together they kept {busy:.2f} of the 2 cores busy \
+link's thread), the device processes {1000 * _mean(rows, 'devices_cpu') / n:.1f} ms \
+({1000 * _mean(rows, 'sessions_cpu') / n:.1f} in the sessions' thread, the rest in {n:,} paho threads: TLS, MQTT, \
+waking), mosquitto {1000 * _mean(rows, 'broker_cpu') / n:.2f} ms (TLS included). Before the first round, with \
+nothing but heartbeats and keepalives, they kept busy {big.idle['coordinator']:.2f}, \
+{big.idle['devices']:.2f} and {big.idle['broker']:.2f} of a core. Together they kept {busy:.2f} of the 2 cores busy \
 through a round: {'the rounds are CPU-bound' if busy > 1.5 else 'the rounds also wait (fsync, other processes)'}. \
 The coordinator's main thread cannot use more than one core (Python's GIL, shared with the link's thread).
 - Every accepted reply is its own SQLite transaction with fsync (synchronous=FULL: an accepted reply survives a \
