@@ -25,9 +25,11 @@ coordinator decoded equals what its device sent (per device and round, and the p
 Measured per round: wall seconds; CPU seconds of the coordinator's process (getrusage), split by thread from
 /proc: its main thread (the Flower round: sampling, TASK and GLOBAL_UPDATE sealing, FleetGrid checks,
 aggregation, SQLite) and the link's paho thread (reassembly, signature check, decryption, decoding, ACKs);
-CPU seconds of mosquitto and of the device workers (/proc); MQTT payload bytes up (DELTA transfers) and down
-(TASK and GLOBAL_UPDATE). Memory: resident bytes per device in the workers (after the rounds, minus the
-worker's resident size before its first device), and the coordinator's resident size.
+CPU seconds of mosquitto and of the device workers (/proc; their sessions' thread apart from paho's threads);
+the main thread's wall seconds in send_task, SQLite writes and aggregation; MQTT payload bytes up (DELTA
+transfers) and down (TASK and GLOBAL_UPDATE). Before the first round: CPU per second with nothing to do but
+heartbeats. Memory: resident bytes per device in the workers (after the rounds, minus the worker's resident
+size before its first device), and the coordinator's resident size.
 
 W >= N / 330: paho's network loop uses select(), which cannot watch a file descriptor above 1023
 (FD_SETSIZE). Each paho client holds three (its socket and the socketpair that wakes its loop), so one process
@@ -693,10 +695,13 @@ round ({1000 * _mean(rows, 'main_cpu') / n:.1f} in its main thread, {1000 * _mea
 link's thread), the device processes {1000 * _mean(rows, 'devices_cpu') / n:.1f} ms \
 ({1000 * _mean(rows, 'sessions_cpu') / n:.1f} in the sessions' thread, the rest in {n:,} paho threads: TLS, MQTT, \
 waking), mosquitto {1000 * _mean(rows, 'broker_cpu') / n:.2f} ms (TLS included). Before the first round, with \
-nothing but heartbeats and keepalives, they kept busy {big.idle['coordinator']:.2f}, \
-{big.idle['devices']:.2f} and {big.idle['broker']:.2f} of a core. Together they kept {busy:.2f} of the 2 cores busy \
-through a round: {'the rounds are CPU-bound' if busy > 1.5 else 'the rounds also wait (fsync, other processes)'}. \
-The coordinator's main thread cannot use more than one core (Python's GIL, shared with the link's thread).
+nothing to do but heartbeats and keepalives, they used {1000 * big.idle['coordinator']:.0f}, \
+{1000 * big.idle['devices']:.0f} and {1000 * big.idle['broker']:.0f} ms of CPU per second.
+- Together they kept {busy:.2f} of the {os.cpu_count()} cores busy through a round; for the rest of it the round \
+waited: for the other processes of this shared machine (load average above; wall-clock numbers include that wait, \
+CPU seconds do not) and for fsync. The coordinator's two Python threads take turns on one core (the GIL), so even \
+on an idle machine a round of {n:,} devices takes about its {_mean(rows, 'coordinator_cpu'):.1f} s of coordinator \
+CPU or more: at most about {60 / _mean(rows, 'coordinator_cpu'):.1f} rounds per minute with this coordinator.
 - Every accepted reply is its own SQLite transaction with fsync (synchronous=FULL: an accepted reply survives a \
 crash), so a round spends at least N fsyncs ({big.fsync_ms:.1f} ms each here, measured) in the main thread: the \
 "SQLite writes" column.
