@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +114,8 @@ def light_result(job: TrainJob, index: int, seed: int = 0) -> TrainResult:
 def sent_delta(job: TrainJob, result: TrainResult, carry_before: dict | None, carry_after: dict | None
                ) -> dict[str, np.ndarray]:
     """What the device's DELTA carries: this round's change plus the change carried in, minus the change carried
-    on (update.split_uplink); int32 buffers modulo 2^32, as update.state_delta makes them."""
+    on (update.split_uplink); int32 buffers modulo 2^32, as update.state_delta makes them. Without clipping, which
+    the benchmark's TASKs do not ask for (update.uplink drops what clipping cuts)."""
     out = {}
     for name, d in state_delta(result.state, job.base).items():
         total = d.astype(np.int64)
