@@ -130,7 +130,8 @@ def mosquitto_config(
 
     `port`: TLS with required client certificates, the certificate CN is the username (devices, coordinator).
     `password_port`: optional TLS listener that authenticates with the password file instead.
-    Both listeners share the ACL. Mosquitto started as root drops to user `mosquitto`, which cannot read the
+    Both listeners share the ACL, and force the client id to the username: otherwise a client connecting with
+    another's client id disconnects it (and, with a clean start, wipes the coordinator's queued uplinks). Mosquitto started as root drops to user `mosquitto`, which cannot read the
     0600 key files; run_as_root keeps it root (tests only).
     """
     d = Path(fleet_dir).resolve()
@@ -139,6 +140,7 @@ def mosquitto_config(
         f"certfile {d / 'broker/broker.crt'}",
         f"keyfile {d / 'broker/broker.key'}",
         "tls_version tlsv1.2",
+        "use_username_as_clientid true",
     ]
     lines = [
         "# written by fedtiny.protocol.brokers.mosquitto_config",
