@@ -70,7 +70,7 @@ class Settings:
         from fedtiny.protocol.fleet import CoordinatorLink, load_fleet
 
         link = CoordinatorLink(self.broker, Path(self.fleet_dir), plan, fleet=self.fleet, chunk_size=self.chunk_size)
-        return link, set(load_fleet(self.fleet_dir)["devices"])
+        return link, set(load_fleet(Path(self.fleet_dir) / "coordinator")["devices"])
 
     @classmethod
     def from_run_config(cls, config: dict) -> Settings:

@@ -70,9 +70,9 @@ class Client:
         folder = fleet_dir / ("coordinator" if name == "coordinator" else f"devices/{name}")
         if tls:
             if password is None:
-                self.client.tls_set(str(fleet_dir / "ca/ca.crt"), str(folder / "client.crt"), str(folder / "client.key"))
+                self.client.tls_set(str(folder / "ca.crt"), str(folder / "client.crt"), str(folder / "client.key"))
             else:
-                self.client.tls_set(str(fleet_dir / "ca/ca.crt"))
+                self.client.tls_set(str(folder / "ca.crt"))
                 self.client.username_pw_set(name, password)
         if will:
             self.client.will_set(*will)

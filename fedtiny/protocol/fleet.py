@@ -437,7 +437,7 @@ class MqttTransport:
                                  clean_session=False)
         if self.tls:
             folder = Path(fleet_dir) / ("coordinator" if name == topics.COORDINATOR_NAME else f"devices/{name}")
-            client.tls_set(str(Path(fleet_dir) / "ca/ca.crt"), str(folder / "client.crt"), str(folder / "client.key"),
+            client.tls_set(str(folder / "ca.crt"), str(folder / "client.crt"), str(folder / "client.key"),
                            tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.reconnect_delay_set(*backoff)
         client.max_inflight_messages_set(100)
@@ -575,7 +575,7 @@ class CoordinatorLink:
         self.plan = plan
         self.fleet = topics.check_name(fleet)
         self.chunk_size = chunk_size
-        manifest = load_fleet(fleet_dir)
+        manifest = load_fleet(self.fleet_dir / "coordinator")
         if manifest["fleet"] != fleet:
             raise ValueError(f"{fleet_dir} holds fleet {manifest['fleet']!r}, not {fleet!r}")
         self._names = {v["id"]: name for name, v in manifest["devices"].items()}
