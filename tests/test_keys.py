@@ -1,6 +1,7 @@
 """`fedtiny keys`: a fleet is never overwritten; enrolment, revocation and rotation, in the files and through a real
 mosquitto (TLS, client certificates, CRL, passwords, ACL); each machine's folder works alone."""
 
+import base64
 import json
 import os
 import queue
@@ -105,7 +106,8 @@ def test_each_folder_holds_what_its_machine_needs_and_no_more(tmp_path):
     assert (device / "coordinator.pub").read_bytes().hex() == manifest["coordinator"]["public"]
     assert revoked_devices(out / "coordinator") == set()
     assert len(crl(out)) == 0 and crl(out).is_signature_valid(ca.public_key())
-    assert crl(out).next_update_utc > ca.not_valid_after_utc - (ca.not_valid_after_utc - ca.not_valid_before_utc) / 2
+    certificates = [x509.load_pem_x509_certificate(p.read_bytes()) for p in out.rglob("*.crt")]
+    assert crl(out).next_update_utc > max(c.not_valid_after_utc for c in certificates)  # an expired CRL locks out all
 
     # mosquitto's config names only files of the broker folder
     config = mosquitto_config(out, 8883, password_port=8884)
@@ -153,6 +155,8 @@ def test_add_revoke_rotate_change_exactly_their_files(tmp_path):
     assert {r.serial_number for r in revoked} == {old_serial, dev2_serial}
     assert revoked.is_signature_valid(ca.public_key())
     assert revoked.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 4  # one per action
+    certificates = [x509.load_pem_x509_certificate(p.read_bytes()) for p in out.rglob("*.crt")]
+    assert revoked.next_update_utc > max(c.not_valid_after_utc for c in certificates)
     with pytest.raises(ValueError, match="already revoked"):
         revoke_devices(out, ["dev-002"])
     with pytest.raises(ValueError, match="stays refused"):
@@ -167,29 +171,47 @@ def test_add_revoke_rotate_change_exactly_their_files(tmp_path):
         assert not path.name.endswith(".tmp"), path
 
 
-def test_a_revocation_cut_short_leaves_a_readable_fleet_and_finishes_when_run_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("action, crash_at", [
+    *[(revoke_devices, name) for name in ("crl.pem", "passwd", "acl", "revoked.json", "fleet.json")],
+    *[(rotate_devices, name) for name in ("crl.pem", "identity.key", "client.crt", "passwd", "fleet.json")],
+])  # each file the action writes, in its order
+def test_an_action_cut_short_leaves_a_readable_fleet_and_finishes_when_run_again(tmp_path, monkeypatch, action,
+                                                                                 crash_at):
     out = tmp_path / "fleet"
     provision_fleet(out, FLEET, ["dev-001", "dev-002"])
-    dev1 = serial(out / "devices/dev-001")
+    old = serial(out / "devices/dev-001")
     real_write = keys._write
 
-    def crash_at_passwd(path, data, secret):
-        if path.name == "passwd":
+    def power_cut(path, data, secret):
+        if path.name == crash_at:
             raise OSError("power cut")
         real_write(path, data, secret)
 
-    monkeypatch.setattr(keys, "_write", crash_at_passwd)
+    monkeypatch.setattr(keys, "_write", power_cut)
     with pytest.raises(OSError, match="power cut"):
-        revoke_devices(out, ["dev-001"])
+        action(out, ["dev-001"])
     monkeypatch.setattr(keys, "_write", real_write)
-    # the CRL went first: the device is already locked out of the broker, and every file still parses
-    assert crl(out).get_revoked_certificate_by_serial_number(dev1) is not None
-    assert "dev-001" in json.loads((out / "fleet.json").read_text())["devices"]
     assert not list(out.rglob(".*.tmp"))
-    revoke_devices(out, ["dev-001"])
-    assert [r.serial_number for r in crl(out)] == [dev1]
-    assert revoked_devices(out / "coordinator") == {"dev-001"}
-    assert "dev-001:" not in (out / "broker/passwd").read_text()
+    for path in out.rglob("*.json"):
+        json.loads(path.read_text())
+    # the CRL goes first: once anything else changed, the old certificate is already revoked
+    assert crash_at == "crl.pem" or crl(out).get_revoked_certificate_by_serial_number(old) is not None
+    if action is revoke_devices and crash_at == "fleet.json":  # on the denylist, still in the manifest
+        with pytest.raises(ValueError, match="cut short"):
+            rotate_devices(out, ["dev-001"])
+
+    manifest = action(out, ["dev-001"])
+    assert [r.serial_number for r in crl(out)] == [old]
+    if action is revoke_devices:
+        assert "dev-001" not in manifest["devices"] and revoked_devices(out / "coordinator") == {"dev-001"}
+        assert "dev-001:" not in (out / "broker/passwd").read_text()
+    else:
+        assert int(manifest["devices"]["dev-001"]["cert_serial"], 16) == serial(out / "devices/dev-001") != old
+        password = (out / "devices/dev-001/password").read_text()
+        line = keys._read_passwd(out)["dev-001"]
+        salt = base64.b64decode(line.split("$")[3])
+        assert keys.mosquitto_password_line("dev-001", password, salt) == line
+    assert json.loads((out / "coordinator/fleet.json").read_text()) == manifest
 
 
 def test_revoked_devices_reads_the_coordinators_denylist(tmp_path):

@@ -47,9 +47,9 @@ from fedtiny.protocol.envelope import Identity
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0.11 writes; mosquitto reads the count from the file
 CERT_DAYS = 825
-# A CRL past its nextUpdate makes OpenSSL refuse every client certificate. Each action re-signs the CRL valid for
-# CERT_DAYS, so it outlives every certificate issued so far.
-CRL_DAYS = CERT_DAYS
+# A CRL past its nextUpdate makes OpenSSL refuse every client certificate. Every action re-signs the CRL, valid a
+# day longer than the certificates it issues, so it outlives every certificate issued so far.
+CRL_DAYS = CERT_DAYS + 1
 REVOKED_FILE = "revoked.json"
 
 
@@ -350,16 +350,20 @@ class _Fleet:
         self.ca_key = serialization.load_pem_private_key((out / "ca/ca.key").read_bytes(), None)
         self.ca_cert = x509.load_pem_x509_certificate((out / "ca/ca.crt").read_bytes())
 
-    def enrolled(self, names) -> list[str]:
+    def enrolled(self, names, revoking: bool) -> list[str]:
+        """names, checked to be devices of the fleet. A name on the denylist but still in the manifest is a
+        revocation cut short: only --revoke may take it, to finish."""
         names = list(dict.fromkeys(names))
         for name in names:
             if name == topics.COORDINATOR_NAME:
                 raise ValueError("the coordinator cannot be revoked or rotated here: its public key is on every "
                                  "device; make a new fleet instead")
-            if name in self.revoked:
-                raise ValueError(f"device {name} is already revoked")
             if name not in self.manifest["devices"]:
+                if name in self.revoked:
+                    raise ValueError(f"device {name} is already revoked")
                 raise ValueError(f"no device {name} in fleet {self.manifest['fleet']}")
+            if name in self.revoked and not revoking:
+                raise ValueError(f"the revocation of {name} was cut short; run --revoke {name} again to finish it")
         return names
 
     def serial(self, name: str) -> int:
@@ -405,14 +409,14 @@ def revoke_devices(out_dir, names: list[str]) -> dict:
     out = _existing(out_dir)
     with _locked(out):
         fleet = _Fleet(out)
-        names = fleet.enrolled(names)
+        names = fleet.enrolled(names, revoking=True)
         _write_crl(out, fleet.ca_key, fleet.ca_cert, [fleet.serial(n) for n in names])
         lines = _read_passwd(out)
         when = _now().isoformat(timespec="seconds")
         for name in names:
             lines.pop(name, None)
             entry = fleet.manifest["devices"].pop(name)
-            fleet.revoked[name] = {"id": entry["id"], "cert_serial": entry["cert_serial"], "revoked": when}
+            fleet.revoked.setdefault(name, {"id": entry["id"], "cert_serial": entry["cert_serial"], "revoked": when})
         _write_passwd(out, lines)
         _write(out / "broker/acl", acl_text(fleet.manifest["fleet"], fleet.revoked).encode(), secret=False)
         _write_json(out / "coordinator" / REVOKED_FILE, fleet.revoked)
@@ -429,7 +433,7 @@ def rotate_devices(out_dir, names: list[str]) -> dict:
     out = _existing(out_dir)
     with _locked(out):
         fleet = _Fleet(out)
-        names = fleet.enrolled(names)
+        names = fleet.enrolled(names, revoking=False)
         _write_crl(out, fleet.ca_key, fleet.ca_cert, [fleet.serial(n) for n in names])
         lines = _read_passwd(out)
         for name in names:
