@@ -108,8 +108,8 @@ class NodeAgent:
         self.device = topics.check_name(device)
         self.fleet = fleet
         fleet_dir = Path(fleet_dir)
-        manifest = load_fleet(fleet_dir)
         folder = fleet_dir / "devices" / device
+        manifest = load_fleet(folder)
         endpoint = DeviceEndpoint(manifest["fleet_id"], manifest["devices"][device]["id"],
                                   Identity.from_bytes((folder / "identity.key").read_bytes()),
                                   PublicIdentity.from_bytes((folder / "coordinator.pub").read_bytes()))

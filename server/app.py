@@ -72,7 +72,7 @@ class Settings:
 
         link = CoordinatorLink(self.broker, Path(self.fleet_dir), plan, fleet=self.fleet, chunk_size=self.chunk_size,
                                save=store.save_link_state)
-        return link, set(load_fleet(self.fleet_dir)["devices"])
+        return link, set(load_fleet(Path(self.fleet_dir) / "coordinator")["devices"])
 
     @classmethod
     def from_run_config(cls, config: dict) -> Settings:

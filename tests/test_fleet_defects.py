@@ -78,11 +78,7 @@ def agent(url, fleet_dir, model, index, state_dir, **kwargs):
 
 
 def device_endpoint(fleet_dir, name):
-    manifest = load_fleet(fleet_dir)
-    folder = fleet_dir / "devices" / name
-    return DeviceEndpoint(manifest["fleet_id"], manifest["devices"][name]["id"],
-                          Identity.from_bytes((folder / "identity.key").read_bytes()),
-                          PublicIdentity.from_bytes((folder / "coordinator.pub").read_bytes()))
+    return device_endpoint_of(fleet_dir / "devices" / name)
 
 
 def session(fleet_dir, plan, **kwargs):
@@ -309,3 +305,38 @@ def test_rounds_without_replies_fail_the_coordinator_loudly(mosquitto, fleet_dir
         "--rounds", "2", "--deadline", "0.5", "--state-db", str(tmp_path / "state.db")])
     assert result.exit_code == 3, result.output
     assert "2 of 2 rounds got no device replies" in result.output
+
+
+def test_a_revoked_device_is_refused_by_the_running_coordinator(model, tmp_path):
+    """`fedtiny keys --revoke` while the coordinator runs: its link reads the new denylist and refuses the device
+    (the broker refuses it too after a SIGHUP: tests/test_keys.py)."""
+    from fedtiny.protocol.keys import revoke_devices
+
+    plan = model[0]
+    keys = tmp_path / "keys"
+    provision_fleet(keys, FLEET, DEVICES[:2])
+    # the device's own folder, copied before the revocation deletes it from the provisioning folder
+    device = device_endpoint_of(keys / "devices" / DEVICES[0])
+    link = CoordinatorLink("mqtt://127.0.0.1:1", keys, plan, fleet=FLEET)  # never started: no broker needed
+    link._transport.publish = lambda p: None
+    topic = topics.uplink(FLEET, DEVICES[0])
+    delta = encode_update(plan, state_delta(plan.initial_state(), plan.initial_state()), 1, 0.0, 0.0)
+    link.send_task(DEVICES[0], 1, 0, None, {})
+    run = link.session.run
+    link._on_message(topic, chunking.split(device.seal(delta, round=1, model_version=0, run=run), 1, 4096)[0])
+    assert link.replies(0.1) and not link.rejections()
+    time.sleep(0.01)  # a new time stamp on revoked.json
+    revoke_devices(keys, [DEVICES[0]])
+    assert DEVICES[0] not in {d.device for d in link.devices()}  # reads the denylist
+    link._on_message(topic, chunking.split(device.seal(delta, round=2, model_version=0, run=run), 2, 4096)[0])
+    assert link.replies(0.1) == []
+    assert [(r.device, r.reason) for r in link.rejections()] == [(DEVICES[0], "unknown-device")]
+    with pytest.raises(ValueError, match="not enrolled"):
+        link.send_task(DEVICES[0], 2, 0, None, {})
+
+
+def device_endpoint_of(folder):
+    manifest = load_fleet(folder)
+    (entry,) = manifest["devices"].values()
+    return DeviceEndpoint(manifest["fleet_id"], entry["id"], Identity.from_bytes((folder / "identity.key").read_bytes()),
+                          PublicIdentity.from_bytes((folder / "coordinator.pub").read_bytes()))

@@ -52,23 +52,27 @@ def amqtt_broker():
 class Client:
     """A paho client whose received messages land in a queue; TLS and MQTT 5 when the broker is mosquitto."""
 
-    def __init__(self, broker, name, fleet_dir, tls, clean=True, will=None, password=None, port=None):
+    def __init__(self, broker, name, fleet_dir, tls, clean=True, will=None, password=None, port=None,
+                 client_id=None):
         self.v5 = tls  # mosquitto speaks MQTT 5; amqtt only 3.1.1
         protocol = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
         kwargs = {} if self.v5 else {"clean_session": clean}
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=protocol, **kwargs)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or name, protocol=protocol,
+                                  **kwargs)
         self.inbox = queue.Queue()
         self.acks = {}
         self.connected = queue.Queue()
+        self.disconnected = queue.Queue()
         self.client.on_message = lambda c, u, m: self.inbox.put((m.topic, m.payload))
         self.client.on_publish = lambda c, u, mid, rc, props: self.acks.__setitem__(mid, rc)
         self.client.on_connect = lambda c, u, flags, rc, props: self.connected.put(rc)
+        self.client.on_disconnect = lambda c, u, flags, rc, props: self.disconnected.put(rc)
         folder = fleet_dir / ("coordinator" if name == "coordinator" else f"devices/{name}")
         if tls:
             if password is None:
-                self.client.tls_set(str(fleet_dir / "ca/ca.crt"), str(folder / "client.crt"), str(folder / "client.key"))
+                self.client.tls_set(str(folder / "ca.crt"), str(folder / "client.crt"), str(folder / "client.key"))
             else:
-                self.client.tls_set(str(fleet_dir / "ca/ca.crt"))
+                self.client.tls_set(str(folder / "ca.crt"))
                 self.client.username_pw_set(name, password)
         if will:
             self.client.will_set(*will)
@@ -250,6 +254,44 @@ def test_acl_refuses_publishing_to_another_devices_topic(mosquitto, fleet_dir):
     finally:
         device.close()
         coord.close()
+
+
+def test_a_device_cannot_take_over_the_coordinators_client_id(mosquitto, fleet_dir):
+    """The broker forces the client id to the certificate CN: dev-001 connecting with client id "coordinator"
+    neither disconnects the coordinator nor, with a clean start, wipes the uplinks queued in its session."""
+    up = topics.uplink(FLEET, "dev-002")
+    coord = Client(mosquitto, "coordinator", fleet_dir, tls=True, clean=False)
+    coord.subscribe(f"fedtiny/{FLEET}/up/+")
+    device = Client(mosquitto, "dev-002", fleet_dir, tls=True)
+    try:
+        attacker = Client(mosquitto, "dev-001", fleet_dir, tls=True, client_id="coordinator")
+        assert not attacker.rc.is_failure
+        assert not device.publish(up, b"live").is_failure
+        assert wait_for_message(coord, (up, b"live"))
+        assert coord.disconnected.empty(), "the coordinator was disconnected by a device reusing its client id"
+        attacker.close()
+
+        coord.close()  # away: the broker queues uplinks in its persistent session
+        assert not device.publish(up, b"queued").is_failure
+        attacker = Client(mosquitto, "dev-001", fleet_dir, tls=True, client_id="coordinator", clean=True)
+        attacker.close()
+        coord = Client(mosquitto, "coordinator", fleet_dir, tls=True, clean=False)
+        assert wait_for_message(coord, (up, b"queued")), "the coordinator's queued uplink was wiped"
+    finally:
+        device.close()
+        coord.close()
+
+
+def wait_for_message(client, expected, timeout=3.0):
+    """True once `expected` (topic, payload) arrives; other messages (left queued by earlier tests) are skipped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.inbox.get(timeout=0.1) == expected:
+                return True
+        except queue.Empty:
+            pass
+    return False
 
 
 def test_mosquitto_accepts_our_password_file(mosquitto, fleet_dir):

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -126,26 +127,31 @@ def mosquitto_config(
     run_as_root: bool = False,
     max_packet_size: int = 0,
 ) -> str:
-    """A mosquitto 2.0 config for a fleet provisioned by keys.provision_fleet.
+    """A mosquitto 2.0 config for a fleet provisioned by keys.provision_fleet; it reads only fleet_dir/broker/.
 
     `port`: TLS with required client certificates, the certificate CN is the username (devices, coordinator).
     `password_port`: optional TLS listener that authenticates with the password file instead.
-    Both listeners share the ACL. Mosquitto started as root drops to user `mosquitto`, which cannot read the
-    0600 key files; run_as_root keeps it root (tests only).
+    On both listeners the client id is forced to the username, so no client can take over another's session by
+    connecting with its client id (mosquitto disconnects the older connection of a client id, and a clean start
+    would wipe the coordinator's queued uplinks). Both share the ACL and the CRL (broker/crl.pem: revoked client
+    certificates; mosquitto 2.0.11 reads it at start and on SIGHUP, see MosquittoProcess.reload). Mosquitto started
+    as root drops to user `mosquitto`, which cannot read the 0600 key files; run_as_root keeps it root (tests only).
     """
-    d = Path(fleet_dir).resolve()
+    d = Path(fleet_dir).resolve() / "broker"
     tls = [
-        f"cafile {d / 'ca/ca.crt'}",
-        f"certfile {d / 'broker/broker.crt'}",
-        f"keyfile {d / 'broker/broker.key'}",
+        f"cafile {d / 'ca.crt'}",
+        f"crlfile {d / 'crl.pem'}",
+        f"certfile {d / 'broker.crt'}",
+        f"keyfile {d / 'broker.key'}",
         "tls_version tlsv1.2",
+        "use_username_as_clientid true",
     ]
     lines = [
         "# written by fedtiny.protocol.brokers.mosquitto_config",
         "per_listener_settings false",
         "allow_anonymous false",
-        f"password_file {d / 'broker/passwd'}",
-        f"acl_file {d / 'broker/acl'}",
+        f"password_file {d / 'passwd'}",
+        f"acl_file {d / 'acl'}",
         "set_tcp_nodelay true",
         "persistence false",
         # A coordinator reading every uplink must not lose messages to the default queue limit of 1000.
@@ -195,6 +201,24 @@ class MosquittoProcess:
         except BaseException:
             self.stop()
             raise
+
+    def reload(self, timeout: float = 5.0) -> None:
+        """SIGHUP, as after `fedtiny keys` changed the broker folder; returns once mosquitto has logged the reload.
+
+        Mosquitto 2.0.11 then re-reads the password file, the ACL and the CRL: new TLS handshakes are checked
+        against the new CRL, password logins whose line is gone are disconnected, and connections made before
+        stay open but every later message is checked against the new ACL. Mosquitto reloads in its single
+        event loop, so a connection made after this returns sees the new files."""
+        marker = "Reloading config."
+        before = self.log_path.read_text(errors="replace").count(marker)
+        self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self.log_path.read_text(errors="replace").count(marker) <= before:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log_path.read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("mosquitto did not log its reload")
+            time.sleep(0.02)
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.process is None:

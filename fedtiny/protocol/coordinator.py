@@ -153,6 +153,17 @@ class CoordinatorSession:
             log.warning("coordinator run %d begins (devices reported run %d)", self.run, self._max_device_run)
         return self.run
 
+    def revoke(self, device: str) -> None:
+        """Refuse a device from now on (`fedtiny keys --revoke`): its messages are `unknown-device`, its partial
+        uploads and registry entry are dropped, and no TASK is sent to it."""
+        device_id = topics.name_id(device)
+        if self._names.pop(device_id, None) is None:
+            return
+        self._endpoint.revoke(device_id)
+        self._registry.pop(device, None)
+        self._reassemblers.pop(device, None)
+        log.warning("%s is revoked: its messages are refused from now on", device)
+
     # --- the link's interface ----------------------------------------------------------------------------
     def devices(self, now: float, seen_within: float | None = None) -> list[DeviceInfo]:
         infos = list(self._registry.values())

@@ -1,26 +1,39 @@
-"""Provision a fleet: message-signing identities, a TLS CA with broker and client certificates, and broker auth.
+"""A fleet's keys: create a fleet, enrol devices into it, revoke and rotate them (`fedtiny keys`).
 
-Layout of out_dir (directory 0700; files holding secrets 0600):
+One provisioning folder per fleet (directories 0700, files holding secrets 0600). broker/, coordinator/ and each
+devices/<name>/ are self-contained: each is copied alone to its machine. The provisioning folder as a whole holds
+the CA key and every device's private keys: keep it offline (docs/deployment.md).
 
-    fleet.json                         names, numeric ids, public identities (no secrets)
-    ca/ca.crt, ca/ca.key               fleet device CA (EC P-256); keep ca.key offline after provisioning
-    broker/broker.crt, broker.key      server certificate for localhost, 127.0.0.1 and broker_host
-    broker/passwd                      mosquitto 2.0 password file ($7$ = PBKDF2-SHA512)
-    broker/acl                         per-device topic ACL
-    coordinator/identity.key|.pub      64-byte raw identity (EdDSA seed | X25519 scalar) and public half
-    coordinator/client.crt|key, password
-    devices/<name>/identity.key|.pub, client.crt|key, password, coordinator.pub
+    fleet.json            the fleet manifest: names, numeric ids, public identities, certificate serials (no secrets)
+    ca/                   ca.crt, ca.key: the fleet device CA (EC P-256); never leaves the provisioning machine
+    broker/               ca.crt, broker.crt, broker.key (localhost, 127.0.0.1, broker_host), crl.pem (revoked client
+                          certificates, signed by the CA), passwd (mosquitto 2.0, $7$ = PBKDF2-SHA512), acl
+    coordinator/          ca.crt, fleet.json (a copy of the manifest), revoked.json (the denylist of revoked device
+                          names), identity.key|.pub (64-byte raw identity: EdDSA seed | X25519 scalar, and its
+                          public half), client.crt|key, password
+    devices/<name>/       ca.crt, fleet.json (the manifest with only this device), identity.key|.pub, client.crt|key,
+                          password, coordinator.pub
+
+Every file is written atomically (temp file, fsync, rename), and --add, --revoke and --rotate order their writes so
+that a crash leaves a readable fleet and running the same action again finishes it. (A creation cut short leaves
+a partial folder that is refused like any existing one: delete it and create the fleet again.)
+
+After a change, copy broker/ to the broker and send mosquitto SIGHUP (it re-reads passwd, acl and crl.pem),
+coordinator/ to the coordinator, and the changed devices/<name>/ to their devices (docs/deployment.md).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import ipaddress
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 import click
@@ -34,17 +47,62 @@ from fedtiny.protocol.envelope import Identity
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0.11 writes; mosquitto reads the count from the file
 CERT_DAYS = 825
+# A CRL past its nextUpdate makes OpenSSL refuse every client certificate. Every action re-signs the CRL, valid a
+# day longer than the certificates it issues, so it outlives every certificate issued so far.
+CRL_DAYS = CERT_DAYS + 1
+REVOKED_FILE = "revoked.json"
 
+
+# --- files ---------------------------------------------------------------------------------------------------
 
 def _write(path: Path, data: bytes, secret: bool) -> None:
-    # Create with the final mode so a secret is never readable by others, not even briefly.
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace path atomically: a temp file created with the final mode (a secret is never readable by others,
+    not even briefly), fsynced, renamed over path, and the directory fsynced so the rename survives a crash."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     mode = 0o600 if secret else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
+    temp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # O_CREAT's mode does not apply to a temp file left over by a crash
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    os.replace(temp, path)
+    _fsync_dir(path.parent)
 
+
+def _write_json(path: Path, value) -> None:
+    _write(path, (json.dumps(value, indent=2) + "\n").encode(), secret=False)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on the provisioning folder: two `fedtiny keys` at once would lose each other's
+    changes to the shared files (passwd, CRL, manifests)."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `fedtiny keys` is changing {out}; try again when it has finished") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- mosquitto files -----------------------------------------------------------------------------------------
 
 def mosquitto_password_line(username: str, password: str, salt: bytes | None = None) -> str:
     """One password-file line in mosquitto 2.0's format: user:$7$iterations$base64(salt12)$base64(sha512 hash)."""
@@ -53,33 +111,56 @@ def mosquitto_password_line(username: str, password: str, salt: bytes | None = N
     return f"{username}:$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def acl_text(fleet: str) -> str:
+def acl_text(fleet: str, revoked=()) -> str:
+    """The broker's ACL. A revoked device is denied every topic: mosquitto keeps a connection made before the
+    revocation open (a reloaded CRL only refuses new handshakes), but checks the reloaded ACL on every message."""
     root = f"{topics.ROOT}/{fleet}"
-    return "\n".join(
-        [
-            "# Generated by fedtiny keys. Patterns use %u (the certificate CN / username), never %c.",
-            f"user {topics.COORDINATOR_NAME}",
-            f"topic read {root}/up/#",
-            f"topic read {root}/status/#",
-            f"topic write {root}/down/#",
-            f"topic write {root}/bcast",
-            "",
-            "# every device (and the coordinator, harmlessly): own uplink and status, own downlink, broadcast",
-            f"pattern write {root}/up/%u",
-            f"pattern write {root}/status/%u",
-            f"pattern read {root}/down/%u",
-            f"pattern read {root}/bcast",
-            "",
-        ]
-    )
+    lines = [
+        "# Generated by fedtiny keys. Patterns use %u (the certificate CN / username), never %c.",
+        f"user {topics.COORDINATOR_NAME}",
+        f"topic read {root}/up/#",
+        f"topic read {root}/status/#",
+        f"topic write {root}/down/#",
+        f"topic write {root}/bcast",
+        "",
+    ]
+    if revoked:
+        lines.append("# revoked devices (fedtiny keys --revoke)")
+        for name in sorted(revoked):
+            lines += [f"user {name}", "topic deny #"]
+        lines.append("")
+    lines += [
+        "# every device (and the coordinator, harmlessly): own uplink and status, own downlink, broadcast",
+        f"pattern write {root}/up/%u",
+        f"pattern write {root}/status/%u",
+        f"pattern read {root}/down/%u",
+        f"pattern read {root}/bcast",
+        "",
+    ]
+    return "\n".join(lines)
 
+
+def _read_passwd(out: Path) -> dict[str, str]:
+    lines = (out / "broker/passwd").read_text().splitlines()
+    return {line.split(":", 1)[0]: line for line in lines if line}
+
+
+def _write_passwd(out: Path, lines: dict[str, str]) -> None:
+    _write(out / "broker/passwd", ("\n".join(lines.values()) + "\n").encode(), secret=True)
+
+
+# --- certificates --------------------------------------------------------------------------------------------
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 def _certificate(subject: str, public_key, issuer_name: x509.Name, issuer_key, *, ca=False, san=None, usage=None):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = _now()
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -117,80 +198,297 @@ def _san_for(host: str) -> list:
     return unique
 
 
-def provision_fleet(out_dir, fleet: str, device_ids: list[str], broker_host: str = "localhost") -> dict:
-    """Write all keys and broker files for one fleet into out_dir; returns the fleet.json manifest."""
-    out = Path(out_dir)
-    topics.check_name(fleet)
-    names = [topics.check_name(d) for d in device_ids]
+def _pem(cert) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _write_crl(out: Path, ca_key, ca_cert, revoke_serials: list[int]) -> None:
+    """Re-sign broker/crl.pem with the serials it lists plus revoke_serials (an empty CRL when there are none:
+    mosquitto refuses to start when its crlfile is missing)."""
+    path = out / "broker/crl.pem"
+    entries: dict[int, datetime.datetime] = {}
+    number = 0
+    if path.exists():
+        old = x509.load_pem_x509_crl(path.read_bytes())
+        entries = {r.serial_number: r.revocation_date_utc for r in old}
+        number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    now = _now()
+    for serial in revoke_serials:
+        entries.setdefault(serial, now)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=CRL_DAYS))
+        .add_extension(x509.CRLNumber(number + 1), critical=False)
+    )
+    for serial, when in sorted(entries.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    _write(path, builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), secret=False)
+
+
+# --- manifests -----------------------------------------------------------------------------------------------
+
+def _device_manifest(manifest: dict, name: str) -> dict:
+    """What one device is told: the fleet, the coordinator, and itself (not the other devices)."""
+    return {**manifest, "devices": {name: manifest["devices"][name]}}
+
+
+def _write_manifests(out: Path, manifest: dict, changed_devices) -> None:
+    """The device copies first, the coordinator's copy next, the provisioning folder's fleet.json last: an action
+    counts as done once that one lists its result."""
+    for name in changed_devices:
+        _write_json(out / "devices" / name / "fleet.json", _device_manifest(manifest, name))
+    _write_json(out / "coordinator/fleet.json", manifest)
+    _write_json(out / "fleet.json", manifest)
+
+
+def revoked_devices(coordinator_dir: str | Path) -> set[str]:
+    """Names of the devices revoked from the fleet (the coordinator folder's revoked.json): the coordinator must
+    refuse their messages. A missing file is an error, not an empty denylist."""
+    return set(json.loads((Path(coordinator_dir) / REVOKED_FILE).read_text()))
+
+
+# --- enrolment -----------------------------------------------------------------------------------------------
+
+def _enrol(out: Path, ca_key, ca_cert, name: str, coordinator_public: bytes | None) -> tuple[dict, str]:
+    """Write one identity folder (coordinator/ when coordinator_public is None, else devices/<name>/): a new
+    message identity, client key and certificate (CN = name), broker password, CA certificate. Returns its
+    manifest entry (without the numeric id) and its password-file line."""
+    folder = out / ("coordinator" if coordinator_public is None else f"devices/{name}")
+    identity = Identity.generate()
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_cert = _certificate(name, client_key.public_key(), ca_cert.subject, ca_key,
+                               usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    password = secrets.token_urlsafe(24)
+    _write(folder / "ca.crt", _pem(ca_cert), secret=False)
+    _write(folder / "identity.key", identity.to_bytes(), secret=True)
+    _write(folder / "identity.pub", identity.public.to_bytes(), secret=False)
+    _write(folder / "client.key", _key_pem(client_key), secret=True)
+    _write(folder / "client.crt", _pem(client_cert), secret=False)
+    _write(folder / "password", password.encode(), secret=True)
+    if coordinator_public is not None:
+        _write(folder / "coordinator.pub", coordinator_public, secret=False)
+    entry = {"public": identity.public.to_bytes().hex(), "cert_serial": f"{client_cert.serial_number:x}"}
+    return entry, mosquitto_password_line(name, password)
+
+
+def _check_new_names(names, manifest: dict | None, revoked: dict) -> list[str]:
+    names = [topics.check_name(n) for n in names]
+    taken = set(manifest["devices"]) if manifest else set()
     if len(set(names)) != len(names) or topics.COORDINATOR_NAME in names:
         raise ValueError("device names must be unique and not 'coordinator'")
-    ids = {name: topics.name_id(name) for name in names}
-    if len(set(ids.values())) != len(ids) or 0 in ids.values():
+    for name in names:
+        if name in taken:
+            raise ValueError(f"device {name} is already in the fleet (use --rotate {name} for new keys)")
+        if name in revoked:
+            raise ValueError(f"device {name} was revoked and its name stays refused; choose another name")
+    ids = [topics.name_id(n) for n in names]
+    known = [v["id"] for v in (manifest["devices"].values() if manifest else ())] + [v["id"] for v in revoked.values()]
+    if len(set(ids + known)) != len(ids) + len(known) or 0 in ids:
         raise ValueError("two device names map to the same numeric id; rename one")
+    return names
+
+
+def provision_fleet(out_dir, fleet: str, device_ids: list[str], broker_host: str = "localhost") -> dict:
+    """Create a fleet in out_dir (missing or empty: an existing fleet is never overwritten); returns fleet.json."""
+    out = Path(out_dir)
+    topics.check_name(fleet)
+    names = _check_new_names(device_ids, None, {})
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not empty; a fleet is never overwritten "
+                         "(--add, --revoke or --rotate change an existing one)")
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
+    (out / "devices").mkdir(mode=0o700)  # _write makes only the last level of a missing path 0700
+    with _locked(out):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedtiny {fleet} device CA")])
+        ca_cert = _certificate(f"fedtiny {fleet} device CA", ca_key.public_key(), ca_name, ca_key, ca=True)
+        _write(out / "ca/ca.crt", _pem(ca_cert), secret=False)
+        _write(out / "ca/ca.key", _key_pem(ca_key), secret=True)
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedtiny {fleet} device CA")])
-    ca_cert = _certificate(f"fedtiny {fleet} device CA", ca_key.public_key(), ca_name, ca_key, ca=True)
-    _write(out / "ca/ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), secret=False)
-    _write(out / "ca/ca.key", _key_pem(ca_key), secret=True)
+        broker_key = ec.generate_private_key(ec.SECP256R1())
+        broker_cert = _certificate(broker_host, broker_key.public_key(), ca_name, ca_key,
+                                   san=_san_for(broker_host), usage=ExtendedKeyUsageOID.SERVER_AUTH)
+        _write(out / "broker/ca.crt", _pem(ca_cert), secret=False)
+        _write(out / "broker/broker.crt", _pem(broker_cert), secret=False)
+        _write(out / "broker/broker.key", _key_pem(broker_key), secret=True)
+        _write(out / "broker/acl", acl_text(fleet).encode(), secret=False)
+        _write_crl(out, ca_key, ca_cert, [])
 
-    broker_key = ec.generate_private_key(ec.SECP256R1())
-    broker_cert = _certificate(
-        broker_host, broker_key.public_key(), ca_name, ca_key,
-        san=_san_for(broker_host), usage=ExtendedKeyUsageOID.SERVER_AUTH,
-    )
-    _write(out / "broker/broker.crt", broker_cert.public_bytes(serialization.Encoding.PEM), secret=False)
-    _write(out / "broker/broker.key", _key_pem(broker_key), secret=True)
-
-    coordinator = Identity.generate()
-    manifest = {
-        "fleet": fleet,
-        "fleet_id": topics.name_id(fleet),
-        "broker_host": broker_host,
-        "coordinator": {"name": topics.COORDINATOR_NAME, "public": coordinator.public.to_bytes().hex()},
-        "devices": {},
-    }
-    password_lines = []
-    for name, identity in [(topics.COORDINATOR_NAME, coordinator)] + [(n, Identity.generate()) for n in names]:
-        folder = out / ("coordinator" if identity is coordinator else f"devices/{name}")
-        _write(folder / "identity.key", identity.to_bytes(), secret=True)
-        _write(folder / "identity.pub", identity.public.to_bytes(), secret=False)
-        client_key = ec.generate_private_key(ec.SECP256R1())
-        client_cert = _certificate(
-            name, client_key.public_key(), ca_name, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH
-        )
-        _write(folder / "client.crt", client_cert.public_bytes(serialization.Encoding.PEM), secret=False)
-        _write(folder / "client.key", _key_pem(client_key), secret=True)
-        password = secrets.token_urlsafe(24)
-        _write(folder / "password", password.encode(), secret=True)
-        password_lines.append(mosquitto_password_line(name, password))
-        if identity is not coordinator:
-            _write(folder / "coordinator.pub", coordinator.public.to_bytes(), secret=False)
-            manifest["devices"][name] = {"id": ids[name], "public": identity.public.to_bytes().hex()}
-
-    _write(out / "broker/passwd", ("\n".join(password_lines) + "\n").encode(), secret=True)
-    _write(out / "broker/acl", acl_text(fleet).encode(), secret=False)
-    for folder in ("ca", "broker", "coordinator", "devices", *[f"devices/{n}" for n in names]):
-        os.chmod(out / folder, 0o700)
-    _write(out / "fleet.json", (json.dumps(manifest, indent=2) + "\n").encode(), secret=False)
+        coordinator, coordinator_line = _enrol(out, ca_key, ca_cert, topics.COORDINATOR_NAME, None)
+        manifest = {
+            "fleet": fleet,
+            "fleet_id": topics.name_id(fleet),
+            "broker_host": broker_host,
+            "coordinator": {"name": topics.COORDINATOR_NAME, **coordinator},
+            "devices": {},
+        }
+        lines = {topics.COORDINATOR_NAME: coordinator_line}
+        for name in names:
+            entry, lines[name] = _enrol(out, ca_key, ca_cert, name, bytes.fromhex(coordinator["public"]))
+            manifest["devices"][name] = {"id": topics.name_id(name), **entry}
+        _write_passwd(out, lines)
+        _write_json(out / "coordinator" / REVOKED_FILE, {})
+        _write_manifests(out, manifest, names)
     return manifest
 
 
+class _Fleet:
+    """An existing provisioning folder, opened for a change."""
+
+    def __init__(self, out: Path) -> None:
+        if not (out / "ca/ca.key").is_file() or not (out / "fleet.json").is_file():
+            raise ValueError(f"{out} is not a provisioning folder from `fedtiny keys` (it needs ca/ca.key and "
+                             "fleet.json; broker, coordinator and device folders cannot change a fleet)")
+        self.out = out
+        self.manifest = json.loads((out / "fleet.json").read_text())
+        self.revoked = json.loads((out / "coordinator" / REVOKED_FILE).read_text())
+        self.ca_key = serialization.load_pem_private_key((out / "ca/ca.key").read_bytes(), None)
+        self.ca_cert = x509.load_pem_x509_certificate((out / "ca/ca.crt").read_bytes())
+
+    def enrolled(self, names, revoking: bool) -> list[str]:
+        """names, checked to be devices of the fleet. A name on the denylist but still in the manifest is a
+        revocation cut short: only --revoke may take it, to finish."""
+        names = list(dict.fromkeys(names))
+        for name in names:
+            if name == topics.COORDINATOR_NAME:
+                raise ValueError("the coordinator cannot be revoked or rotated here: its public key is on every "
+                                 "device; make a new fleet instead")
+            if name not in self.manifest["devices"]:
+                if name in self.revoked:
+                    raise ValueError(f"device {name} is already revoked")
+                raise ValueError(f"no device {name} in fleet {self.manifest['fleet']}")
+            if name in self.revoked and not revoking:
+                raise ValueError(f"the revocation of {name} was cut short; run --revoke {name} again to finish it")
+        return names
+
+    def serial(self, name: str) -> int:
+        return int(self.manifest["devices"][name]["cert_serial"], 16)
+
+    def enrol(self, name: str) -> str:
+        entry, line = _enrol(self.out, self.ca_key, self.ca_cert, name,
+                             bytes.fromhex(self.manifest["coordinator"]["public"]))
+        self.manifest["devices"][name] = {"id": topics.name_id(name), **entry}
+        return line
+
+
+def _existing(out_dir) -> Path:
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ValueError(f"{out} does not exist; create a fleet with --fleet and --count/--device")
+    return out
+
+
+def add_devices(out_dir, names: list[str]) -> dict:
+    """Enrol new devices into an existing fleet (the CA in out_dir/ca signs their certificates); returns fleet.json.
+
+    Certificates from the same CA connect without a broker reload; password logins need the new passwd (SIGHUP).
+    The coordinator needs the new coordinator/fleet.json (the devices' public identities)."""
+    out = _existing(out_dir)
+    with _locked(out):
+        fleet = _Fleet(out)
+        names = _check_new_names(names, fleet.manifest, fleet.revoked)
+        lines = _read_passwd(out)
+        for name in names:
+            lines[name] = fleet.enrol(name)
+        _write_crl(out, fleet.ca_key, fleet.ca_cert, [])  # re-signed: the CRL must outlive the new certificates
+        _write_passwd(out, lines)
+        _write_manifests(out, fleet.manifest, names)
+    return fleet.manifest
+
+
+def revoke_devices(out_dir, names: list[str]) -> dict:
+    """Revoke devices: their client certificates go on the CRL, their password lines and manifest entries are
+    removed, the ACL denies them every topic, their names go on the coordinator's denylist (revoked.json), and
+    their folders are deleted from out_dir. Returns fleet.json. The CRL is written first: a crash after it has
+    already locked the devices out, and running the revocation again finishes it."""
+    out = _existing(out_dir)
+    with _locked(out):
+        fleet = _Fleet(out)
+        names = fleet.enrolled(names, revoking=True)
+        _write_crl(out, fleet.ca_key, fleet.ca_cert, [fleet.serial(n) for n in names])
+        lines = _read_passwd(out)
+        when = _now().isoformat(timespec="seconds")
+        for name in names:
+            lines.pop(name, None)
+            entry = fleet.manifest["devices"].pop(name)
+            fleet.revoked.setdefault(name, {"id": entry["id"], "cert_serial": entry["cert_serial"], "revoked": when})
+        _write_passwd(out, lines)
+        _write(out / "broker/acl", acl_text(fleet.manifest["fleet"], fleet.revoked).encode(), secret=False)
+        _write_json(out / "coordinator" / REVOKED_FILE, fleet.revoked)
+        _write_manifests(out, fleet.manifest, [])
+        for name in names:
+            shutil.rmtree(out / "devices" / name, ignore_errors=True)
+    return fleet.manifest
+
+
+def rotate_devices(out_dir, names: list[str]) -> dict:
+    """New keys for enrolled devices: a new message identity, client key and certificate and password; the old
+    certificate goes on the CRL. Returns fleet.json. The CRL is written first, so a crash never leaves the old
+    certificate valid once its record is gone; running the rotation again finishes it."""
+    out = _existing(out_dir)
+    with _locked(out):
+        fleet = _Fleet(out)
+        names = fleet.enrolled(names, revoking=False)
+        _write_crl(out, fleet.ca_key, fleet.ca_cert, [fleet.serial(n) for n in names])
+        lines = _read_passwd(out)
+        for name in names:
+            lines[name] = fleet.enrol(name)
+        _write_passwd(out, lines)
+        _write_manifests(out, fleet.manifest, names)
+    return fleet.manifest
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+class _Refused(click.ClickException):
+    """An operator mistake: `Error: <one line>`, exit status 2."""
+
+    exit_code = 2
+
+
 @click.command("keys", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Directory to create.")
-@click.option("--fleet", required=True, help="Fleet name (topic level, e.g. 'lab').")
-@click.option("--device", "devices", multiple=True, help="Device name; repeat for each device.")
-@click.option("--count", type=int, default=0, help="Also add devices dev-000 .. dev-<count-1>.")
-@click.option("--broker-host", default="localhost", show_default=True, help="Host name or IP in the broker cert.")
-def keys_command(out_dir: str, fleet: str, devices: tuple[str, ...], count: int, broker_host: str) -> None:
-    """Provision a fleet: identities, TLS CA and certificates, mosquitto password and ACL files."""
-    names = list(devices) + [f"dev-{i:03d}" for i in range(count)]
-    if not names:
-        raise click.UsageError("give --device NAME (repeatable) or --count N")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="The fleet's provisioning folder. It holds the CA key: keep it offline.")
+@click.option("--fleet", default=None, help="New fleet: its name (topic level, e.g. 'lab').")
+@click.option("--device", "devices", multiple=True, help="New fleet: a device name; repeat for each device.")
+@click.option("--count", type=int, default=0, help="New fleet: also add devices dev-000 .. dev-<count-1>.")
+@click.option("--broker-host", default=None, help="New fleet: host name or IP in the broker cert [localhost].")
+@click.option("--add", "add", multiple=True, metavar="NAME", help="Enrol a new device into the fleet; repeatable.")
+@click.option("--revoke", multiple=True, metavar="NAME", help="Revoke a device (CRL, passwd, denylist); repeatable.")
+@click.option("--rotate", multiple=True, metavar="NAME",
+              help="New keys and certificate for a device, the old certificate revoked; repeatable.")
+def keys_command(out_dir: str, fleet: str | None, devices: tuple[str, ...], count: int, broker_host: str | None,
+                 add: tuple[str, ...], revoke: tuple[str, ...], rotate: tuple[str, ...]) -> None:
+    """Provision a fleet (identities, TLS CA and certificates, CRL, mosquitto password and ACL files), or change
+    an existing one: --add, --revoke or --rotate. An existing fleet is never overwritten."""
+    actions = {"--add": add, "--revoke": revoke, "--rotate": rotate}
+    chosen = [flag for flag, names in actions.items() if names]
+    creating = fleet is not None or devices or count or broker_host is not None
     try:
-        manifest = provision_fleet(out_dir, fleet, names, broker_host)
+        if len(chosen) > 1 or (chosen and creating):
+            raise ValueError("give one action: --fleet with --device/--count (new fleet), --add, --revoke or --rotate")
+        if not chosen:
+            names = list(devices) + [f"dev-{i:03d}" for i in range(count)]
+            if fleet is None or not names:
+                raise ValueError("a new fleet needs --fleet NAME and --device NAME (repeatable) or --count N")
+            manifest = provision_fleet(out_dir, fleet, names, broker_host or "localhost")
+            click.echo(f"fleet {fleet} (id {manifest['fleet_id']:#010x}): {len(names)} devices written to {out_dir}; "
+                       f"keep {out_dir} offline, copy broker/, coordinator/ and devices/<name>/ to their machines")
+            return
+        flag = chosen[0]
+        change, verb = {"--add": (add_devices, "enrolled"), "--revoke": (revoke_devices, "revoked"),
+                        "--rotate": (rotate_devices, "rotated")}[flag]
+        manifest = change(out_dir, list(actions[flag]))
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    click.echo(f"fleet {fleet} (id {manifest['fleet_id']:#010x}): {len(names)} devices written to {out_dir}")
+        raise _Refused(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+    base = Path(out_dir)
+    devices_too = "" if flag == "--revoke" else f", and {base / 'devices'}/<name>/ to each of those devices"
+    click.echo(f"fleet {manifest['fleet']}: {verb} {', '.join(actions[flag])}; copy {base / 'broker'}/ to the broker "
+               f"and send mosquitto SIGHUP, {base / 'coordinator'}/ to the coordinator and restart it{devices_too}")

@@ -23,6 +23,7 @@ from fedtiny.compiler import Plan
 from fedtiny.protocol import topics
 from fedtiny.protocol.coordinator import CoordinatorSession, DeviceInfo, DeviceReply, Rejection
 from fedtiny.protocol.envelope import Identity, PublicIdentity
+from fedtiny.protocol.keys import REVOKED_FILE, revoked_devices
 from fedtiny.protocol.topics import Publish
 
 log = logging.getLogger("fedtiny.mqtt")
@@ -67,7 +68,7 @@ class MqttTransport:
                                  clean_session=False)
         if self.tls:
             folder = Path(fleet_dir) / ("coordinator" if name == topics.COORDINATOR_NAME else f"devices/{name}")
-            client.tls_set(str(Path(fleet_dir) / "ca/ca.crt"), str(folder / "client.crt"), str(folder / "client.key"),
+            client.tls_set(str(folder / "ca.crt"), str(folder / "client.crt"), str(folder / "client.key"),
                            tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.reconnect_delay_set(*backoff)
         client.max_inflight_messages_set(100)
@@ -166,14 +167,16 @@ class CoordinatorLink:
     def __init__(self, broker_url: str, fleet_dir: str | Path, plan: Plan, *, fleet: str, chunk_size: int = 4096,
                  client_id: str = "coordinator", save: Callable[[dict], None] = lambda state: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        manifest = load_fleet(fleet_dir)
+        self._folder = Path(fleet_dir) / "coordinator"  # all the coordinator reads (fedtiny keys' layout)
+        manifest = load_fleet(self._folder)
         if manifest["fleet"] != fleet:
             raise ValueError(f"{fleet_dir} holds fleet {manifest['fleet']!r}, not {fleet!r}")
-        identity = Identity.from_bytes((Path(fleet_dir) / "coordinator/identity.key").read_bytes())
+        identity = Identity.from_bytes((self._folder / "identity.key").read_bytes())
         peers = {name: PublicIdentity.from_bytes(bytes.fromhex(v["public"]))
                  for name, v in manifest["devices"].items()}
         self.session = CoordinatorSession(plan, fleet, manifest["fleet_id"], identity, peers, chunk_size=chunk_size,
-                                          save=save)
+                                          save=save, revoked=revoked_devices(self._folder))
+        self._revoked_stamp = self._stamp()
         self.fleet = fleet
         self._clock = clock
         self._lock = threading.RLock()
@@ -209,9 +212,21 @@ class CoordinatorLink:
             self._transport.publish(p)
         return sum(len(p.payload) for p in publishes)
 
+    def _stamp(self) -> int:
+        return (self._folder / REVOKED_FILE).stat().st_mtime_ns
+
+    def _reload_revocations(self) -> None:
+        """`fedtiny keys --revoke` rewrote the denylist: refuse those devices from now on, without a restart."""
+        stamp = self._stamp()
+        if stamp != self._revoked_stamp:
+            self._revoked_stamp = stamp
+            for name in revoked_devices(self._folder):
+                self.session.revoke(name)
+
     # --- FleetLink ---------------------------------------------------------------------------------------
     def devices(self, seen_within: float | None = None) -> list[DeviceInfo]:
         with self._lock:
+            self._reload_revocations()  # once per round at least: the grid asks before it samples devices
             return self.session.devices(self._clock(), seen_within)
 
     def send_task(self, device: str, round: int, model_version: int,
