@@ -59,8 +59,8 @@ def fleet_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def amqtt_broker():
-    with EmbeddedBroker() as broker:
+def amqtt_broker(fleet_dir):
+    with EmbeddedBroker(fleet_dir) as broker:
         broker.url = f"mqtt://{broker.host}:{broker.port}"
         yield broker
 
