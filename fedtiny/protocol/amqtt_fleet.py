@@ -70,21 +70,23 @@ def _refused(session, reason: str) -> bool:
     return False
 
 
-class _IterateOverCopy(dict):
-    """A dict whose iteration walks a copy of its keys or items.
+class _Subscriptions(dict):
+    """amqtt's table of subscriptions (topic filter -> [(session, qos)]), iterated over copies.
 
     amqtt 0.11 awaits inside `for topic_filter in self._subscriptions` (sending retained messages to each
-    connecting client) and inside `for ... in self._subscriptions.items()` (each broadcast, asking the topic
-    plugin). When another client subscribes to a new filter meanwhile, Python raises "dictionary changed size
-    during iteration": the connecting client got its CONNACK but its messages are never handled (issue #17,
-    "Unhandled exception in client_connected_cb"), or a broadcast stops halfway through its subscribers.
+    connecting client) and inside `for topic_filter, subscribers in self._subscriptions.items()` and the loop
+    over `subscribers` within it (each broadcast, asking the topic plugin about each subscriber). When another
+    client subscribes to a new filter meanwhile, Python raises "dictionary changed size during iteration": the
+    connecting client got its CONNACK but its messages are never handled (issue #17, "Unhandled exception in
+    client_connected_cb"), or a broadcast stops halfway. When a session is removed meanwhile, its entry leaves
+    the list being walked and the next subscriber is skipped: it silently misses that message.
     """
 
     def __iter__(self):
         return iter(list(dict.keys(self)))
 
     def items(self):
-        return list(dict.items(self))
+        return [(topic_filter, list(subscribers)) for topic_filter, subscribers in dict.items(self)]
 
 
 # The fields of a session that amqtt 0.11 overwrites from a new CONNECT with the same client id before it
@@ -95,9 +97,9 @@ _CONNECT_FIELDS = ("username", "password", "will_flag", "will_topic", "will_mess
 class FleetBroker(Broker):
     """amqtt's Broker for a fleet: loads FleetAccessPlugin and fixes what it cannot (amqtt 0.11.4):
 
-    - concurrent connects and subscribes no longer break its loops over the subscriptions (_IterateOverCopy);
-    - a connecting client gets only the retained messages of its own subscriptions, not those matching any
-      client's filter (amqtt sent every new client the coordinator's `status/+`: other devices' STATUS);
+    - concurrent connects and subscribes no longer break its loops over the subscriptions (_Subscriptions);
+    - retained messages go out only on SUBSCRIBE: amqtt also sent each connecting client those matching any
+      client's filter (the coordinator's `status/+` brought every device the other devices' STATUS);
     - a CONNECT that fails authentication changes no existing session: amqtt deleted the old session of a
       clean-session client id, or copied will and credentials into a persistent one, before authenticating;
     - a persistent session taken over by a new connection (a device reconnecting before the broker saw its
@@ -110,15 +112,14 @@ class FleetBroker(Broker):
             f"{__name__}.FleetAccessPlugin": {"password_file": str(password_file), "fleet": fleet},
         })
         super().__init__(config)
-        self._subscriptions = _IterateOverCopy()
+        self._subscriptions = _Subscriptions()
         self._authenticated: dict[str, dict] = {}  # client id -> its session's connect fields when it last logged in
+        self._connecting: set[str] = set()  # client ids between their CONNACK and their message loop
 
     async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
-        # amqtt calls this when a SUBSCRIBE is granted (the session holds the filter, which the ACL allowed)
-        # and, on every connect, once for each filter of *any* client: skip the filters this session lacks.
-        topic_filter = subscription[0]
-        holders = self._subscriptions.get(topic_filter, [])
-        if any(holder.client_id == session.client_id for holder, _ in holders):
+        # Retained messages go out when a SUBSCRIBE is granted (by the ACL), as MQTT 3.1.1 says and mosquitto
+        # does. amqtt also calls this on every connect, once for each filter of *any* client: skip those calls.
+        if session.client_id not in self._connecting:
             await super()._publish_retained_messages_for_subscription(subscription, session)
 
     async def _delete_session(self, client_id: str) -> None:
@@ -127,6 +128,7 @@ class FleetBroker(Broker):
 
     async def _authenticate(self, session, listener) -> bool:
         client_id = session.client_id
+        self._connecting.discard(client_id)  # left over only if a connect of this id failed halfway
         if not await super()._authenticate(session, listener):
             if session.parent == 1 and client_id in self._authenticated:  # undo amqtt's early overwrite
                 for name, value in self._authenticated[client_id].items():
@@ -145,12 +147,18 @@ class FleetBroker(Broker):
             client_session.transitions.connect()
 
     async def _publish_session_retained_messages(self, session) -> None:
-        # amqtt calls this on every accepted connect, right after starting the new connection's handler. When
-        # the old connection's end was handled during the takeover, before the new handler was registered (so
-        # _handle_disconnect could not tell), the session is marked disconnected here: it is not.
+        # amqtt calls this on every accepted connect, right after starting the new connection's handler and
+        # before its loop over all subscriptions; _client_message_loop follows.
+        self._connecting.add(session.client_id)
+        # When the old connection's end was handled during a takeover, before the new handler was registered
+        # (so _handle_disconnect could not tell), the session is marked disconnected here: it is not.
         if session.transitions.state != "connected":
             session.transitions.connect()
-        await super()._publish_session_retained_messages(session)
+        await super()._publish_session_retained_messages(session)  # messages queued while it was away
+
+    async def _client_message_loop(self, client_session, handler) -> None:
+        self._connecting.discard(client_session.client_id)
+        await super()._client_message_loop(client_session, handler)
 
     async def _cleanup_session(self, client_id: str) -> None:
         self._authenticated.pop(client_id, None)
