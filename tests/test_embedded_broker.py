@@ -342,3 +342,20 @@ def test_subscription_table_survives_changes_while_walked():
                 subscriptions["fedtiny/lab/status/+"].pop(0)  # amqtt removes a session's subscription meanwhile
             subscriptions["fedtiny/lab/up/+"] = []
     assert walked == [old_session, coordinator]
+
+
+def test_an_exception_inside_the_broker_is_one_log_line_not_a_traceback(broker, caplog, capfd):
+    caplog.set_level(logging.WARNING)
+    done = threading.Event()
+
+    def fails():
+        done.set()
+        raise ZeroDivisionError("inside amqtt")
+
+    broker._loop.call_soon_threadsafe(fails)  # what asyncio does with an exception no task of amqtt handled
+    assert done.wait(5)
+    time.sleep(0.1)
+    records = [(r.name, r.getMessage()) for r in caplog.records]
+    assert [name for name, _ in records] == ["fedtiny.brokers"]
+    assert "ZeroDivisionError('inside amqtt')" in records[0][1] and "\n" not in records[0][1]
+    assert "Traceback" not in capfd.readouterr().err
