@@ -60,7 +60,7 @@ class FleetAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
         access = "write" if action == Action.PUBLISH else "read"
         allowed = acl.allows(self.config.fleet, username, access, topic)
         if not allowed and action != Action.RECEIVE:  # MQTT 3.1.1 cannot tell a publisher; the log does
-            log.warning("refused %s of %s to %r on %s", action, username, session.client_id, topic)
+            log.warning("refused %s on %s by %s (client id %r)", action, topic, username, session.client_id)
         return allowed
 
 
