@@ -359,3 +359,30 @@ def test_an_exception_inside_the_broker_is_one_log_line_not_a_traceback(broker, 
     assert [name for name, _ in records] == ["fedtiny.brokers"]
     assert "ZeroDivisionError('inside amqtt')" in records[0][1] and "\n" not in records[0][1]
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_stopping_the_broker_leaves_no_coroutine_to_complain_later(fleet_dir, monkeypatch):
+    """Stopped with deliveries in flight, amqtt leaves tasks behind; closing the loop over them made Python print
+    "Exception ignored in: <coroutine ...>" tracebacks when it collected them."""
+    import gc
+    import sys
+
+    complaints = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: complaints.append(repr(unraisable.object)))
+    broker = EmbeddedBroker(fleet_dir).start()
+    coordinator = Peer(broker, fleet_dir, "coordinator", client_id="stop-coordinator")
+    node000 = Peer(broker, fleet_dir, "node000", client_id="stop-node000")
+    assert coordinator.accepted() and node000.accepted()
+    assert coordinator.subscribe(f"fedtiny/{FLEET}/up/+") == [1]
+    for _ in range(30):
+        node000.client.publish(topics.uplink(FLEET, "node000"), b"in flight", qos=1)
+    try:
+        broker.stop(timeout=2)
+    except TimeoutError:
+        pass  # amqtt 0.11.4 can take longer to shut down with deliveries in flight; the loop is closed all the same
+    finally:
+        node000.client.loop_stop()
+        coordinator.client.loop_stop()
+    assert not broker._thread.is_alive()
+    gc.collect()
+    assert complaints == []

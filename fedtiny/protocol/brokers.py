@@ -82,6 +82,13 @@ class EmbeddedBroker:
                 return
             started.set()
             loop.run_forever()
+            # amqtt's shutdown leaves tasks behind (a broadcast waiting on its queue): end them before closing
+            # the loop, or Python prints "Exception ignored in: <coroutine ...>" with a traceback when it
+            # collects them later.
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
