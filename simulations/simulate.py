@@ -163,8 +163,8 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
     import logging
 
     setup_json_logging(open(run / "coordinator.jsonl", "w"))  # the coordinator's structured log
-    _log_to(run / "link.log", "fedtiny.mqtt", "fedtiny.coordinator_session", "fedtiny.task", "amqtt",
-            "transitions", "paho")
+    _log_to(run / "link.log", "fedtiny.mqtt", "fedtiny.coordinator_session", "fedtiny.task", "fedtiny.brokers",
+            "amqtt", "transitions", "paho")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
     if config.trainer == "c" and shutil.which("gcc") is None:
         config.trainer = "python"
@@ -212,7 +212,7 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
         shutil.copytree(config.fleet_dir, run / "fleet")
     else:
         provision_fleet(run / "fleet", "sim", devices)
-    broker = EmbeddedBroker().start() if config.broker is None else None
+    broker = EmbeddedBroker(run / "fleet").start() if config.broker is None else None
     url = config.broker or f"mqtt://127.0.0.1:{broker.port}"
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()

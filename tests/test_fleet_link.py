@@ -59,8 +59,8 @@ def fleet_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def amqtt_broker():
-    with EmbeddedBroker() as broker:
+def amqtt_broker(fleet_dir):
+    with EmbeddedBroker(fleet_dir) as broker:
         broker.url = f"mqtt://{broker.host}:{broker.port}"
         yield broker
 
@@ -226,7 +226,8 @@ def device_endpoint(fleet_dir, name):
 
 
 def test_duplicates_replay_and_tampering_change_nothing(amqtt_broker, fleet_dir, model, tmp_path):
-    """amqtt has no ACL, so the test can publish on the device's topic as an attacker or a buggy broker would."""
+    """The test publishes on the device's uplink as a broker could, or anyone with the device's broker password
+    (the ACL admits only the device there)."""
     import paho.mqtt.client as mqtt
 
     plan = model[0]
@@ -238,6 +239,7 @@ def test_duplicates_replay_and_tampering_change_nothing(amqtt_broker, fleet_dir,
     agent.uplink_filter = rec
     agent.start()
     raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"attacker-{unique()}")
+    raw.username_pw_set(name, (fleet_dir / f"devices/{name}/password").read_text())
     raw.connect(amqtt_broker.host, amqtt_broker.port)
     raw.loop_start()
 

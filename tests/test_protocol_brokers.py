@@ -44,13 +44,14 @@ def mosquitto(fleet_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def amqtt_broker():
-    with EmbeddedBroker() as broker:
+def amqtt_broker(fleet_dir):
+    with EmbeddedBroker(fleet_dir) as broker:
         yield broker
 
 
 class Client:
-    """A paho client whose received messages land in a queue; TLS and MQTT 5 when the broker is mosquitto."""
+    """A paho client whose received messages land in a queue; TLS and MQTT 5 when the broker is mosquitto,
+    the identity's broker password on amqtt."""
 
     def __init__(self, broker, name, fleet_dir, tls, clean=True, will=None, password=None, port=None,
                  client_id=None):
@@ -74,6 +75,8 @@ class Client:
             else:
                 self.client.tls_set(str(folder / "ca.crt"))
                 self.client.username_pw_set(name, password)
+        else:
+            self.client.username_pw_set(name, (folder / "password").read_text())
         if will:
             self.client.will_set(*will)
         connect_kwargs = {}
@@ -304,12 +307,12 @@ def test_mosquitto_accepts_our_password_file(mosquitto, fleet_dir):
     bad.client.loop_stop()
 
 
-def test_embedded_broker_stops_even_when_amqtt_cancels_its_own_shutdown():
+def test_embedded_broker_stops_even_when_amqtt_cancels_its_own_shutdown(fleet_dir):
     """amqtt 0.11 at times cancels the task running its shutdown; stop() must still end the broker's thread
     and close its listener instead of raising CancelledError (seen once, tearing down a fixture in CI)."""
     import asyncio
 
-    broker = EmbeddedBroker().start()
+    broker = EmbeddedBroker(fleet_dir).start()
     port, thread = broker.port, broker._thread
 
     async def cancelled_shutdown():

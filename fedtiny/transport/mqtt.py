@@ -36,11 +36,11 @@ def load_fleet(fleet_dir: str | Path) -> dict:
 class MqttTransport:
     """A paho client in its own thread, nothing more: no protocol logic.
 
-    mqtt://HOST:PORT is plain MQTT 3.1.1 (the embedded amqtt broker speaks only that), mqtts://HOST:PORT is
-    TLS with the fleet CA and the identity's client certificate, MQTT 5. Both use a persistent session
-    (MQTT 5 clean_start=False + Session Expiry; 3.1.1 clean_session=False), QoS 1, TCP_NODELAY after every
-    connect, and paho's reconnect with exponential backoff. `will()` returns the last will to register before
-    each (re)connect. Callbacks run in paho's thread.
+    mqtt://HOST:PORT is plain MQTT 3.1.1 (the embedded amqtt broker speaks only that), logged in with the
+    identity's name and broker password; mqtts://HOST:PORT is TLS with the fleet CA and the identity's client
+    certificate, MQTT 5. Both use a persistent session (MQTT 5 clean_start=False + Session Expiry; 3.1.1
+    clean_session=False), QoS 1, TCP_NODELAY after every connect, and paho's reconnect with exponential
+    backoff. `will()` returns the last will to register before each (re)connect. Callbacks run in paho's thread.
     """
 
     def __init__(self, broker_url: str, fleet_dir: str | Path, name: str, client_id: str, *,
@@ -66,10 +66,12 @@ class MqttTransport:
         else:
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                                  clean_session=False)
+        folder = Path(fleet_dir) / ("coordinator" if name == topics.COORDINATOR_NAME else f"devices/{name}")
         if self.tls:
-            folder = Path(fleet_dir) / ("coordinator" if name == topics.COORDINATOR_NAME else f"devices/{name}")
             client.tls_set(str(folder / "ca.crt"), str(folder / "client.crt"), str(folder / "client.key"),
                            tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        else:  # the embedded broker (loopback only) logs clients in with the fleet's password file
+            client.username_pw_set(name, (folder / "password").read_text())
         client.reconnect_delay_set(*backoff)
         client.max_inflight_messages_set(100)
         client.on_connect = self._handle_connect
