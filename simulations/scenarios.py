@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from . import data
 from .data import Dataset
 
@@ -51,9 +49,9 @@ def _split_nodes(ds: Dataset, n_nodes: int, seed: int, alpha: float = 1.0,
     pretrain, fleet = data.train_test_split(rest, 1 - PRETRAIN_FRACTION, seed + 1)
     if n_nodes > len(fleet):
         raise data.DataError(
-            f"{source or ds.name}: {len(ds)} samples leave {len(fleet)} for the nodes ({100 * TEST_FRACTION:.0f} % are the "
-            f"test set, {100 * PRETRAIN_FRACTION:.0f} % of the rest pretrain on the host), fewer than the {n_nodes} "
-            f"nodes asked for: use --nodes {len(fleet)} or fewer, or more data")
+            f"{source or ds.name}: {len(ds)} samples leave {len(fleet)} for the nodes ({100 * TEST_FRACTION:.0f} % "
+            f"are the test set, {100 * PRETRAIN_FRACTION:.0f} % of the rest pretrain on the host), fewer than the "
+            f"{n_nodes} nodes asked for: use --nodes {len(fleet)} or fewer, or more data")
     return pretrain, data.partition_dirichlet(fleet, n_nodes, alpha, seed), test
 
 

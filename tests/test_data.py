@@ -311,7 +311,8 @@ BAD_FILES = {
     "csv.* empty \\(no samples\\)": lambda p: write_text(p, "bad.csv", "label,a\n"),
     "line 3 has 4 fields, the header has 3": lambda p: write_text(p, "bad.csv", CSV_OK.replace("1,3,4", "1,3,4,5", 1)),
     "no feature columns": lambda p: write_text(p, "bad.csv", "label\n0\n"),
-    r"csv.* too few samples of class '0' \(2\), '1' \(1\) in 3": lambda p: write_text(p, "bad.csv", "label,a\n0,1\n1,2\n0,3\n"),
+    r"csv.* too few samples of class '0' \(2\), '1' \(1\) in 3":
+        lambda p: write_text(p, "bad.csv", "label,a\n0,1\n1,2\n0,3\n"),
     "unreadable .csv file, not UTF-8": lambda p: write_bytes(p, "bad.csv", b"label,a\n\xff\xfe,1\n"),
     "unreadable .csv file, not UTF-8 ": lambda p: write_bytes(p, "bad.csv", bytes(range(256)) * 4),
 }

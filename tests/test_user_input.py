@@ -52,7 +52,8 @@ LINEAR = ("from torch import nn\n"
 
 # problem -> (what the error line must say, how to make the input)
 CASES = {
-    "NaN": ("X contains NaN or inf (1 values in 1 samples, the first is sample 41)", text("nan.csv", CSV40 + "nan,1,0\n")),
+    "NaN": ("X contains NaN or inf (1 values in 1 samples, the first is sample 41)",
+            text("nan.csv", CSV40 + "nan,1,0\n")),
     "inf": ("X contains NaN or inf", npz("inf.npz", X=np.where(X40 > 2, np.inf, X40), y=Y40)),
     "y shorter than X": ("X has 40 samples but y has shape (39,)", npz("short.npz", X=X40, y=Y40[:-1])),
     "empty file": ("empty file", text("empty.csv", "")),
@@ -62,11 +63,13 @@ CASES = {
     "text features": ("column 'b' is not numeric (value 'high') in line 42", text("words.csv", CSV40 + "1,high,0\n")),
     "ragged rows": ("line 3 has 4 fields, the header has 3", text("ragged.csv", "a,b,label\n0,1,0\n1,2,1,9\n")),
     "no label column": ("missing label column", text("nolabel.csv", "a,b\n1,2\n")),
-    "3 samples": ("too few samples of class '0' (2), '1' (1) in 3; each class needs at least 5", text("three.csv", "a,label\n1,0\n2,1\n3,0\n")),
+    "3 samples": ("too few samples of class '0' (2), '1' (1) in 3; each class needs at least 5",
+                  text("three.csv", "a,label\n1,0\n2,1\n3,0\n")),
     "5-D X": ("X has shape (40, 1, 2, 2, 2)", npz("fived.npz", X=np.zeros((40, 1, 2, 2, 2)), y=Y40)),
     "zero features": ("X has no features (shape (40, 0))", npz("nofeatures.npz", X=np.zeros((40, 0)), y=Y40)),
     "1e308": ("X has values up to 1e+308", npz("huge.npz", X=np.full((40, 3), 1e308), y=Y40)),
-    "one class": ("every sample has the label '1'; a classifier needs at least two", npz("one.npz", X=X40, y=Y40 * 0 + 1)),
+    "one class": ("every sample has the label '1'; a classifier needs at least two",
+                  npz("one.npz", X=X40, y=Y40 * 0 + 1)),
     "fractional labels": ("labels must be class ids", npz("fraction.npz", X=X40, y=Y40 / 2)),
     "text groups": ("group must be integers", npz("groups.npz", X=X40, y=Y40, group=np.array(["a"] * 40))),
     "missing file": ("does not exist", lambda folder: ["--data", folder / "nowhere.csv"]),
@@ -83,8 +86,10 @@ CASES = {
     "missing model file": ("does not exist", options("--scenario", "medical", "--model", "nowhere.py:make")),
     "model file with a syntax error": ("fails on import: SyntaxError", model_file("def make(:\n")),
     "model file without the factory": ("has no function 'build'", model_file(LINEAR.format(classes=2), "build")),
-    "factory that raises": ("fails: RuntimeError: no GPU", model_file("def make(s, k):\n    raise RuntimeError('no GPU')\n")),
-    "model with the wrong class count": ("gives outputs of shape (3,) for 2 classes", model_file(LINEAR.format(classes=3))),
+    "factory that raises": ("fails: RuntimeError: no GPU",
+                            model_file("def make(s, k):\n    raise RuntimeError('no GPU')\n")),
+    "model with the wrong class count": ("gives outputs of shape (3,) for 2 classes",
+                                         model_file(LINEAR.format(classes=3))),
     "model for other inputs": ("does not take samples of shape (30,)",
                                model_file(LINEAR.format(classes=2).replace("input_shape[0]", "7"))),
 }
