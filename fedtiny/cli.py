@@ -5,7 +5,67 @@ library that may use fedtiny_device, fedtiny_server and fedtiny_sim, and only in
 that importing fedtiny.cli imports none of them (tests/test_layering.py checks both).
 """
 
+from contextlib import contextmanager
+
 import click
+
+
+class UserError(click.ClickException):
+    """Input the user can fix: one line on stderr ("Error: ..."), exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+@contextmanager
+def user_errors():
+    """The errors that bad input causes, as UserError. Only these types: anything else is a bug, and keeps its
+    traceback."""
+    from fedtiny_sim.data import MissingExtraError
+    from fedtiny_sim.scenarios import ModelSpecError
+    from fedtiny_sim.simulate import ConfigError
+
+    from .compiler import BudgetError
+    from .datafile import DataError
+    from .fileformat import FileFormatError
+    from .quantize import UnsupportedOpError
+    from .scheme import SchemeError
+
+    try:
+        yield
+    except (DataError, MissingExtraError, ModelSpecError, ConfigError, BudgetError, FileFormatError,
+            UnsupportedOpError, SchemeError) as err:
+        raise UserError(" ".join(str(err).split())) from err
+
+
+def note(message: str) -> None:
+    """A line for the person running the command (how the data was read, a scaled reserve), on stderr."""
+    click.echo(message, err=True)
+
+
+def parse_bytes(text: str, option: str = "size") -> int:
+    """'256KB', '256K', '1MB', '262144' -> bytes (K = 1024)."""
+    units = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2}
+    s = text.strip().upper()
+    number = s.rstrip("KMGIB")
+    unit = s[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not value >= 0:
+        raise UserError(f"{option} {text!r} is not a size like 256KB or 262144")
+    return int(value * units[unit])
+
+
+def parse_reserve(budget: int, reserve: str | None) -> int:
+    """--reserve as bytes: given, or the default rule (fedtiny.compiler.reserve_for), noting a scaled one."""
+    from .compiler import reserve_for
+
+    with user_errors():
+        value, scaled = reserve_for(budget, None if reserve is None else parse_bytes(reserve, "--reserve"))
+    if scaled:
+        note(scaled)
+    return value
 
 
 def _codegen_command() -> click.Command:
@@ -50,14 +110,11 @@ def main() -> None:
 @click.argument("model_file", type=click.Path(dir_okay=False))
 def inspect(model_file: str) -> None:
     """Print a quantized model's graph: ops, shapes, quantization, flash and SRAM bytes."""
-    from .fileformat import FileFormatError
     from .inspect import describe
     from .modelfile import load_model
 
-    try:
+    with user_errors():
         graph = load_model(model_file)
-    except FileFormatError as err:
-        raise click.ClickException(str(err)) from err
     click.echo(describe(graph))
 
 
@@ -70,43 +127,31 @@ def _register() -> None:
 _register()
 
 
-def parse_bytes(text: str) -> int:
-    """'256KB', '256K', '1MB', '262144' -> bytes (K = 1024)."""
-    units = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2}
-    s = text.strip().upper()
-    number = s.rstrip("KMGIB")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 256KB or 262144") from None
-    if unit not in units or value < 0:
-        raise click.BadParameter(f"{text!r} is not a size like 256KB or 262144")
-    return int(value * units[unit])
-
-
 def _model_for(model: str, data: str | None, seed: int):
     """A quantized model from a .ftm file, or a zoo model pretrained on --data and quantized."""
     from pathlib import Path
 
-    from .fileformat import FileFormatError
     from .modelfile import load_model
     from .zoo import ZOO
 
     if Path(model).suffix == ".ftm" or Path(model).exists():
-        try:
+        with user_errors():
             return load_model(model)
-        except FileFormatError as err:
-            raise click.ClickException(str(err)) from err
     if model not in ZOO:
-        raise click.ClickException(f"{model!r} is neither a model file nor a zoo model ({', '.join(ZOO)})")
-    from fedtiny_sim.scenarios import SCENARIOS, load_task, pretrained
+        raise UserError(f"{model!r} is neither a model file nor a zoo model ({', '.join(ZOO)})")
+    from fedtiny_sim.scenarios import SCENARIOS, check_model, load_task, pretrained
 
     if data is None:
-        raise click.ClickException("a zoo model needs --data: a scenario (industrial, vision, medical) or a .npz/.csv")
+        raise UserError("a zoo model needs --data: a scenario (industrial, vision, medical) or a .npz/.csv")
     is_file = data not in SCENARIOS
-    task = load_task(data, n_nodes=2, seed=seed, data_file=data if is_file else None)
-    task.model = model
+    notes = []  # shown once every check passed: an error is the one line to show
+    with user_errors():
+        task = load_task(data, n_nodes=2, seed=seed, data_file=data if is_file else None, note=notes.append,
+                         progress=note)
+        task.model = model
+        check_model(model, task.input_shape, task.num_classes)
+    for message in notes:
+        note(message)
     return pretrained(task, seed)[1]
 
 
@@ -132,7 +177,8 @@ def quantize(model_name: str, data: str, output: str, seed: int) -> None:
               help="classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme); default: the zoo "
                    "model's (fedtiny.scheme.DEFAULT_SCHEMES), else last:2.")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
-@click.option("--reserve", default="64KB", show_default=True, help="SRAM kept for the network stack and firmware.")
+@click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
+              "a quarter of --budget.")
 @click.option("--lr", default=0.05, show_default=True, type=float, help="SGD learning rate (QAS-scaled).")
 @click.option("--no-qas", is_flag=True, help="Naive int8 SGD without quantization-aware scaling (for ablations).")
 @click.option("--loss", default="cross_entropy", show_default=True, type=click.Choice(["cross_entropy", "mse"]),
@@ -146,13 +192,15 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
     from .planfile import save_plan
     from .scheme import DEFAULT_SCHEMES, SchemeError, parse
 
+    budget_bytes = parse_bytes(budget, "--budget")
+    reserve_bytes = parse_reserve(budget_bytes, reserve)
     graph = _model_for(model, data, seed)
     scheme = scheme or DEFAULT_SCHEMES.get(graph.meta.get("model", model), "last:2")
     try:
-        plan = compile_plan(graph, parse(scheme, graph), lr=lr, qas=not no_qas, budget=parse_bytes(budget),
-                            reserve=parse_bytes(reserve), loss=loss)
+        plan = compile_plan(graph, parse(scheme, graph), lr=lr, qas=not no_qas, budget=budget_bytes,
+                            reserve=reserve_bytes, loss=loss)
     except (SchemeError, BudgetError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
+        raise UserError(str(err)) from err
     report = plan.memory_report()
     click.echo(f"plan: scheme {scheme}, loss {loss}, {len(plan.steps)} steps, lr {lr}, "
                f"QAS {'off' if no_qas else 'on'}")
@@ -168,14 +216,15 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--rounds", default=10, show_default=True)
 @click.option("--scenario", default="industrial", show_default=True, type=click.Choice(["industrial", "vision", "medical"]),
               help="industrial: bearing vibration; vision: sklearn digits; medical: breast cancer.")
-@click.option("--data", "data_file", default=None, type=click.Path(dir_okay=False, exists=True),
+@click.option("--data", "data_file", default=None, type=click.Path(dir_okay=False),
               help="Your own .npz (X, y, optional group) or .csv (label/y, optional group) instead of a scenario.")
 @click.option("--model", default=None, help="Zoo model (sensor_cnn, mobilenet, mlp) or your module as "
               "FILE.py:FACTORY, FACTORY(input_shape, num_classes) -> nn.Module; default: the scenario's.")
 @click.option("--strategy", default="fedavg", show_default=True, help="A Flower strategy by name, or fedbuff.")
 @click.option("--scheme", default=None, help="Update scheme; default: the model's sparse default.")
-@click.option("--budget", default="256KB", show_default=True)
-@click.option("--reserve", default="64KB", show_default=True)
+@click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
+@click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
+              "a quarter of --budget.")
 @click.option("--lr", default=0.01, show_default=True, type=float, help="Devices' SGD learning rate (QAS-scaled).")
 @click.option("--epochs", default=2, show_default=True, help="Local epochs per round.")
 @click.option("--chunk-size", default=1024, show_default=True, help="Maximum MQTT payload per message (256 B..256 KB).")
@@ -201,25 +250,20 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
              uplink_keep, dropout, stragglers, deadline, seed, broker, fleet_dir, out, engine, baseline, baseline_lr) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
-    from fedtiny_sim.simulate import LiveTable, SimulationConfig
+    from fedtiny_sim.simulate import LiveTable, SimulationConfig, check_inputs
     from fedtiny_sim.simulate import simulate as run_simulation
 
     config = SimulationConfig(nodes=nodes, rounds=rounds, scenario=scenario, data=data_file, model=model,
-                              strategy=strategy, scheme=scheme, budget=parse_bytes(budget),
-                              reserve=parse_bytes(reserve), lr=lr, epochs=epochs, chunk_size=chunk_size,
-                              uplink_keep=uplink_keep,
+                              strategy=strategy, scheme=scheme, budget=parse_bytes(budget, "--budget"),
+                              reserve=None if reserve is None else parse_bytes(reserve, "--reserve"), lr=lr,
+                              epochs=epochs, chunk_size=chunk_size, uplink_keep=uplink_keep,
                               dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
                               fleet_dir=fleet_dir, out=out, engine=engine, baseline=baseline,
                               baseline_lr=baseline_lr)
-    if engine == "flower":
-        from fedtiny_sim.flower_engine import check_config
-
-        try:
-            check_config(config)
-        except (RuntimeError, ValueError) as err:
-            raise click.ClickException(str(err)) from err
-    with LiveTable(rounds) as live:
-        result = run_simulation(config, progress=live)
+    with user_errors():
+        task = check_inputs(config, note, progress=note)  # every input problem, before the live table and training
+    with LiveTable(rounds) as live, user_errors():  # user_errors: a plan too big for the budget, after pretraining
+        result = run_simulation(config, progress=live, task=task)
     click.echo(f"\nreport: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
                f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")
     if result["baseline"]:

@@ -33,6 +33,30 @@ class BudgetError(ValueError):
     """The plan does not fit the device's memory budget."""
 
 
+def _size(n: int) -> str:
+    return f"{n // 1024} KB" if n % 1024 == 0 else f"{n:,} bytes"
+
+
+def reserve_for(budget: int, reserve: int | None = None) -> tuple[int, str | None]:
+    """The SRAM a plan leaves for the network stack and firmware stack, and a note when the default was scaled.
+
+    A given `reserve` must be below the budget. Without one: DEFAULT_RESERVE, but at most a quarter of the
+    budget, so a small device (64 KB: 16 KB reserved, 48 KB to train in) gets a plan instead of an error.
+    """
+    if budget <= 0:
+        raise BudgetError(f"the budget must be positive, got {budget} bytes")
+    if reserve is not None:
+        if not 0 <= reserve < budget:
+            raise BudgetError(f"the reserve ({_size(reserve)}) must be smaller than the budget ({_size(budget)}): "
+                              "lower the reserve or raise the budget")
+        return reserve, None
+    scaled = min(DEFAULT_RESERVE, budget // 4)
+    if scaled == DEFAULT_RESERVE:
+        return scaled, None
+    return scaled, (f"reserve {_size(scaled)}: a quarter of the {_size(budget)} budget, as the default "
+                    f"{_size(DEFAULT_RESERVE)} does not fit (--reserve sets it)")
+
+
 @dataclass
 class Step:
     kind: str
@@ -235,8 +259,7 @@ def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = 
                  reserve: int = DEFAULT_RESERVE, loss: str = "cross_entropy") -> Plan:
     """loss: "cross_entropy" (class labels, logits of shape (1, 1, K)) or "mse" (int8 targets in the output's
     quantization, any output shape: the flattened output is the K values)."""
-    if not 0 <= reserve < budget:
-        raise BudgetError(f"the reserve ({reserve} bytes) must be smaller than the budget ({budget} bytes)")
+    reserve_for(budget, reserve)  # raises unless 0 <= reserve < budget
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     out = graph.tensors[graph.outputs[0]]

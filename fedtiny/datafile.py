@@ -2,7 +2,8 @@
 docs/data.md) read into one.
 
 Both the simulations (`fedtiny simulate --data`) and the coordinator (`--heldout`, server-side evaluation) read
-user files, so the format lives here in the host library, below both.
+user files, so the format lives here in the host library, below both. `from_arrays` is the one check every
+loader of user data ends in.
 
 A Dataset holds X float32 in PyTorch layout (N, C, L) or (N, C, H, W) or (N, F), y int64 class ids, group int64
 (the machine or node a sample came from; zeros when the source has none).
@@ -11,9 +12,12 @@ A Dataset holds X float32 in PyTorch layout (N, C, L) or (N, C, H, W) or (N, F),
 from __future__ import annotations
 
 import csv
+import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -55,29 +59,124 @@ def make_dataset(X, y, group, classes, name) -> Dataset:
 # Data files: .npz (X, y, optional group) or .csv (label column `label` or `y`, optional `group`, rest features)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _labels(raw: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
-    """Class ids and names: non-negative integers are used as they are, anything else (text) is ranked."""
-    try:
+# Largest |value| in X. Training runs in float32 (largest value 3.4e38) and sums squares of inputs:
+# (1e15)^2 over a million terms is 1e36, still finite. Larger data must be rescaled first.
+MAX_ABS = 1e15
+# Samples a class needs when the data defines the classes: the split gives each class to the test set (20 %),
+# the host's pretraining (30 % of the rest) and the nodes; with 5 samples each part gets at least one.
+MIN_PER_CLASS = 5
+_LISTED = 6  # labels a message names before "..."
+_CSV_CHUNK = 4 << 20  # characters parsed at once; keeps a chunk's temporary arrays small
+_CSV_PROGRESS_BYTES = 8 << 20  # files at least this big report their progress ...
+_CSV_PROGRESS_SECONDS = 2.0  # ... this often
+
+
+def _listed(values) -> str:
+    shown = ", ".join(str(v) for v in list(values)[:_LISTED])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > _LISTED else "")
+
+
+def _label_values(raw: np.ndarray, where: str) -> np.ndarray:
+    """The labels as int64 class ids (numbers that are integers) or as str class names (text)."""
+    if raw.dtype.kind in "biuf":
         num = raw.astype(np.float64)
-    except (TypeError, ValueError):
-        num = None
-    if num is not None:
-        if not np.all(np.isfinite(num)) or np.any(num != np.round(num)) or np.any(num < 0):
-            raise DataError(f"{where}: labels must be non-negative integers (or text class names)")
-        y = num.astype(np.int64)
-        return y, [str(c) for c in range(int(y.max()) + 1)]
-    names = sorted(set(raw.astype(str).tolist()))
-    return np.searchsorted(names, raw.astype(str)), names
+    else:
+        text = np.char.strip(raw.astype(str))
+        try:
+            num = text.astype(np.float64)
+        except ValueError:  # text class names
+            empty = np.flatnonzero(text == "")
+            if len(empty):
+                raise DataError(f"{where}: {len(empty)} samples have an empty label, the first is sample "
+                                f"{empty[0] + 1}") from None
+            return text
+    bad = ~np.isfinite(num) | (num != np.round(num))
+    if bad.any():
+        raise DataError(f"{where}: labels must be class ids (integers) or class names (text), found "
+                        f"{num[bad][0]:g} in sample {np.flatnonzero(bad)[0] + 1}: fedtiny trains classifiers")
+    return num.astype(np.int64)
 
 
-def _check_group(raw: np.ndarray, where: str) -> np.ndarray:
+def _class_ids(raw: np.ndarray, where: str, classes) -> tuple[np.ndarray, tuple[str, ...], bool]:
+    """Class ids 0..K-1, the class names, and whether the ids differ from the labels. classes None: the sorted
+    distinct labels are the classes (numbers in numeric order). Given: each label must name one of them."""
+    values, inverse = np.unique(_label_values(raw, where), return_inverse=True)
+    names = [str(v) for v in values.tolist()]
+    if classes is not None:
+        classes = tuple(str(c) for c in classes)
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise DataError(f"{where}: labels {_listed(unknown)} are not among the model's classes "
+                            f"({_listed(classes)})")
+        return np.array([index[n] for n in names], np.int64)[inverse.ravel()], classes, False
+    renumbered = values.dtype.kind != "i" or not np.array_equal(values, np.arange(len(values)))
+    return inverse.ravel().astype(np.int64), tuple(names), renumbered
+
+
+def _group_ids(raw: np.ndarray, where: str) -> np.ndarray:
     try:
-        g = raw.astype(np.float64)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: group must be integers") from None
-    if not np.all(np.isfinite(g)) or np.any(g != np.round(g)):
-        raise DataError(f"{where}: group must be integers")
+        g = raw.astype(np.float64) if raw.dtype.kind in "biuf" else np.char.strip(raw.astype(str)).astype(np.float64)
+    except ValueError:
+        raise DataError(f"{where}: group must be integers (the machine or site each sample comes from)") from None
+    bad = ~np.isfinite(g) | (g != np.round(g))
+    if bad.any():
+        raise DataError(f"{where}: group must be integers (the machine or site each sample comes from), found "
+                        f"{g[bad][0]:g} in sample {np.flatnonzero(bad)[0] + 1}")
     return g.astype(np.int64)
+
+
+def from_arrays(X, y, group=None, *, source: str, classes: Sequence[str] | None = None,
+                note: Callable[[str], None] | None = None) -> Dataset:
+    """A Dataset from a user's arrays, or a DataError naming `source` and the problem. Every loader of user data
+    ends here, so every path checks the same things.
+
+    X: numeric, (N, F), (N, C, L) or (N, C, H, W), every value finite and within +-MAX_ABS. y: one label per
+    sample, class ids (integers, any numbering) or class names (text). group: optional integer source id per
+    sample (the machine or site). classes None: the data defines the classes, as a training set does: its sorted
+    distinct labels become ids 0..K-1 (`note` hears of any renumbering), and there must be at least two classes
+    with MIN_PER_CLASS samples each. classes given (a model's class names): each label must be one of them.
+    """
+    where = str(source)
+    X, y = np.asarray(X), np.asarray(y)
+    if X.dtype.kind not in "biuf":
+        raise DataError(f"{where}: X is not numeric (dtype {X.dtype})")
+    if X.ndim not in (2, 3, 4):
+        raise DataError(f"{where}: X has shape {X.shape}; fedtiny takes (samples, features), "
+                        "(samples, channels, length) or (samples, channels, height, width)")
+    if len(X) == 0:
+        raise DataError(f"{where}: empty (no samples)")
+    if 0 in X.shape[1:]:
+        raise DataError(f"{where}: X has no features (shape {X.shape})")
+    if y.shape != (len(X),):
+        raise DataError(f"{where}: length mismatch, X has {len(X)} samples but y has shape {y.shape}")
+    if group is not None and np.shape(group) != (len(X),):
+        raise DataError(f"{where}: length mismatch, X has {len(X)} samples but group has shape {np.shape(group)}")
+    if X.dtype.kind == "f":
+        bad = ~np.isfinite(X).reshape(len(X), -1)
+        if bad.any():
+            rows = np.flatnonzero(bad.any(axis=1))
+            raise DataError(f"{where}: X contains NaN or inf ({np.count_nonzero(bad)} values in {len(rows)} samples, "
+                            f"the first is sample {rows[0] + 1})")
+    largest = float(np.abs(X).max())
+    if largest > MAX_ABS:
+        raise DataError(f"{where}: X has values up to {largest:.3g}; training runs in float32, so rescale the data "
+                        f"to within +-{MAX_ABS:.0e}")
+    y, names, renumbered = _class_ids(y, where, classes)
+    group = None if group is None else _group_ids(np.asarray(group), where)
+    if classes is None:
+        if len(names) < 2:
+            raise DataError(f"{where}: every sample has the label {names[0]!r}; a classifier needs at least two "
+                            "classes")
+        counts = np.bincount(y, minlength=len(names))
+        few = np.flatnonzero(counts < MIN_PER_CLASS)
+        if len(few):
+            raise DataError(f"{where}: too few samples of class {_listed([f'{names[i]!r} ({counts[i]})' for i in few])}"
+                            f" in {len(X)}; each class needs at least {MIN_PER_CLASS}, for the test set, the host's "
+                            "pretraining and the nodes")
+    if renumbered and note:
+        note(f"{where}: labels {_listed(names)} are classes 0..{len(names) - 1}")
+    return make_dataset(X, y, group, names, Path(where).stem)
 
 
 def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -89,39 +188,76 @@ def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     for key in ("X", "y"):
         if key not in arrays:
             raise DataError(f"{path}: missing array '{key}' (found: {sorted(arrays) or 'none'})")
-    X = arrays["X"]
-    if X.dtype.kind not in "biuf":
-        raise DataError(f"{path}: X is not numeric (dtype {X.dtype})")
-    return X, arrays["y"], arrays.get("group")
+    return arrays["X"], arrays["y"], arrays.get("group")
 
 
-def _from_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    try:
-        with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: unreadable .csv file ({e})") from e
-    if not rows:
-        raise DataError(f"{path}: empty file")
-    header, body = [c.strip() for c in rows[0]], rows[1:]
-    label = next((c for c in ("label", "y") if c in header), None)
+class _CsvColumns(NamedTuple):
+    width: int  # fields per line
+    features: list[int]
+    label: int
+    group: int | None
+    names: list[str]
+
+
+def _csv_columns(header: list[str], path: Path) -> _CsvColumns:
+    names = [c.strip() for c in header]
+    label = next((names.index(c) for c in ("label", "y") if c in names), None)
     if label is None:
-        raise DataError(f"{path}: missing label column (name it 'label' or 'y'); header is {header}")
-    for i, r in enumerate(body, start=2):
-        if len(r) != len(header):
-            raise DataError(f"{path}: line {i} has {len(r)} fields, header has {len(header)}")
-    cols = {name: np.array([r[j].strip() for r in body]) for j, name in enumerate(header)}
-    features = [c for c in header if c not in (label, "group")]
+        raise DataError(f"{path}: missing label column (name it 'label' or 'y'); the header is {names}")
+    group = names.index("group") if "group" in names else None
+    features = [j for j in range(len(names)) if j not in (label, group)]
     if not features:
-        raise DataError(f"{path}: no feature columns besides '{label}'")
-    X = np.empty((len(body), len(features)), np.float64)
-    for j, name in enumerate(features):
+        raise DataError(f"{path}: no feature columns besides '{names[label]}'")
+    return _CsvColumns(len(names), features, label, group, names)
+
+
+def _csv_block_fast(lines: list[str], cols: _CsvColumns):
+    """All-numeric lines through numpy's C parser: (features, labels, groups), or None if anything is unusual
+    (text, missing values, a wrong field count): then _csv_block_exact reads them and names the problem."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": a chunk of blank lines
+            block = np.loadtxt(lines, delimiter=",", dtype=np.float64, ndmin=2, comments=None, quotechar='"')
+    except ValueError:
+        return None
+    if block.shape[1] != cols.width:
+        return None
+    return block[:, cols.features], block[:, cols.label], None if cols.group is None else block[:, cols.group]
+
+
+def _csv_block_exact(lines: list[str], first_line: int, cols: _CsvColumns, path: Path):
+    """The csv module's reading of the lines (quotes, text labels), with the line of any problem."""
+    rows, line_numbers = [], []
+    for number, row in enumerate(csv.reader(lines), start=first_line):
+        if not any(field.strip() for field in row):
+            continue  # a blank line
+        if len(row) != cols.width:
+            raise DataError(f"{path}: line {number} has {len(row)} fields, the header has {cols.width}")
+        rows.append(row)
+        line_numbers.append(number)
+    if not rows:
+        return np.empty((0, len(cols.features))), np.empty(0, str), None if cols.group is None else np.empty(0)
+    table = np.char.strip(np.array(rows, dtype=str))
+
+    def numbers(j: int) -> np.ndarray:
         try:
-            X[:, j] = cols[name].astype(np.float64)
+            return table[:, j].astype(np.float64)
         except ValueError:
-            bad = next(v for v in cols[name] if not _is_float(v))
-            raise DataError(f"{path}: column '{name}' is not numeric (value {bad!r})") from None
-    return X, cols[label], cols.get("group")
+            i = next(i for i, v in enumerate(table[:, j]) if not _is_float(v))
+            value = str(table[i, j])
+            what = "has no value" if value == "" else f"is not numeric (value {value!r})"
+            raise DataError(f"{path}: column '{cols.names[j]}' {what} in line {line_numbers[i]}") from None
+
+    empty = np.flatnonzero(table[:, cols.label] == "")
+    if len(empty):
+        raise DataError(f"{path}: line {line_numbers[empty[0]]} has no label")
+    labels = table[:, cols.label]
+    try:
+        labels = labels.astype(np.float64)  # numbers stay numbers, as in the fast path
+    except ValueError:
+        pass
+    X = np.stack([numbers(j) for j in cols.features], axis=1)
+    return X, labels, None if cols.group is None else numbers(cols.group)
 
 
 def _is_float(v: str) -> bool:
@@ -132,27 +268,74 @@ def _is_float(v: str) -> bool:
         return False
 
 
-def load_user_data(path: str | Path) -> Dataset:
-    """A user's labelled data from .npz or .csv (format in docs/data.md). Raises DataError naming the problem."""
+def _label_text(parts: list[np.ndarray]) -> np.ndarray:
+    """One label array from chunks that read some labels as numbers and some as text: all as text, integers
+    written as integers (1.0 -> "1"), so the same class has the same name in every chunk."""
+    if all(p.dtype.kind == "f" for p in parts):
+        return np.concatenate(parts)
+    return np.concatenate([p if p.dtype.kind != "f" else
+                           np.array([str(int(v)) if v.is_integer() else repr(v) for v in p.tolist()], dtype=str)
+                           for p in parts])
+
+
+def _from_csv(path: Path, progress) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Read in chunks: numpy's C parser for all-numeric chunks (about 1 s for 36 MB), the csv module for the
+    rest. Big files report their progress through `progress`."""
+    size = path.stat().st_size
+    started = time.monotonic()
+    next_report = started + _CSV_PROGRESS_SECONDS
+    xs, labels, groups = [], [], []
+    if progress and size >= _CSV_PROGRESS_BYTES:
+        progress(f"{path}: reading {size / 1e6:.0f} MB")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: drop a byte-order mark if there is one
+            line = 0
+            header: list[str] = []
+            while not any(c.strip() for c in header):
+                text = f.readline()
+                if not text:
+                    raise DataError(f"{path}: empty file")
+                line += 1
+                header = next(csv.reader([text]), [])
+            cols = _csv_columns(header, path)
+            while lines := f.readlines(_CSV_CHUNK):
+                block = _csv_block_fast(lines, cols) or _csv_block_exact(lines, line + 1, cols, path)
+                line += len(lines)
+                xs.append(block[0])
+                labels.append(block[1])
+                groups.append(block[2])
+                if progress and size >= _CSV_PROGRESS_BYTES and time.monotonic() >= next_report:
+                    progress(f"{path}: {100 * f.buffer.tell() / size:.0f} % read")
+                    next_report = time.monotonic() + _CSV_PROGRESS_SECONDS
+    except (OSError, csv.Error) as e:
+        raise DataError(f"{path}: unreadable .csv file ({e})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: unreadable .csv file, not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not xs:
+        return np.empty((0, len(cols.features))), np.empty(0), None
+    return (np.concatenate(xs), _label_text(labels),
+            None if cols.group is None else np.concatenate(groups))
+
+
+def load_user_data(path: str | Path, *, classes: Sequence[str] | None = None,
+                   note: Callable[[str], None] | None = None,
+                   progress: Callable[[str], None] | None = None) -> Dataset:
+    """A user's labelled data from .npz or .csv (format in docs/data.md), checked by `from_arrays` (see there
+    for `classes`). Raises DataError naming the file and the problem. Once the data passed every check, `note`
+    hears one line on what was read and any renumbering of labels; `progress` hears how far a big CSV is read,
+    while it is read."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise DataError(f"{path}: unknown file type '{suffix}' (use .npz or .csv)")
     if not path.is_file():
         raise DataError(f"{path}: unreadable file (does not exist or is not a file)")
-    X, y_raw, g_raw = _from_npz(path) if suffix == ".npz" else _from_csv(path)
-    if X.ndim < 2:
-        raise DataError(f"{path}: X must have a sample axis and features, got shape {X.shape}")
-    if len(X) == 0:
-        raise DataError(f"{path}: empty (no samples)")
-    y_raw = np.asarray(y_raw)
-    if y_raw.shape != (len(X),):
-        raise DataError(f"{path}: length mismatch, X has {len(X)} samples but y has shape {y_raw.shape}")
-    if g_raw is not None and np.asarray(g_raw).shape != (len(X),):
-        raise DataError(f"{path}: length mismatch, X has {len(X)} samples but group has shape "
-                        f"{np.asarray(g_raw).shape}")
-    if not np.all(np.isfinite(X)):
-        raise DataError(f"{path}: X contains NaN or inf")
-    y, classes = _labels(y_raw, str(path))
-    group = None if g_raw is None else _check_group(np.asarray(g_raw), str(path))
-    return make_dataset(X, y, group, classes, path.stem)
+    started = time.monotonic()
+    X, y, group = _from_npz(path) if suffix == ".npz" else _from_csv(path, progress)
+    ds = from_arrays(X, y, group, source=str(path), classes=classes, note=note)
+    if note:
+        groups = len(np.unique(ds.group))
+        shape = f"{ds.X.shape[1]} features" if ds.X.ndim == 2 else f"shape {ds.X.shape[1:]}"
+        note(f"{path}: {len(ds):,} samples of {shape}, {len(ds.classes)} classes"
+             + (f", {groups} groups" if group is not None else "") + f" (read in {time.monotonic() - started:.1f} s)")
+    return ds

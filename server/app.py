@@ -142,7 +142,9 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
     if settings.heldout:
         from fedtiny.datafile import load_user_data
 
-        ds = load_user_data(settings.heldout)
+        outputs = plan.graph.tensors[plan.graph.outputs[0]].shape[-1]
+        classes = plan.graph.meta.get("classes") or [str(i) for i in range(outputs)]
+        ds = load_user_data(settings.heldout, classes=classes)  # labels named as the model's classes
         heldout = (ds.X, ds.y)
     server = ops.MetricsServer(metrics, settings.metrics_port, settings.metrics_host).start() \
         if settings.metrics_port else None

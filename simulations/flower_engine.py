@@ -48,13 +48,15 @@ def ray_available() -> bool:
 
 
 def check_config(config) -> None:
-    """Refuse, before any work, what this engine cannot do."""
+    """Refuse, before any work, what this engine cannot do (simulate.ConfigError)."""
+    from .simulate import ConfigError
+
     if not ray_available():
-        raise RuntimeError(MISSING_RAY)
+        raise ConfigError(MISSING_RAY)
     if config.broker or config.fleet_dir:
-        raise ValueError("--broker and --fleet-dir are for --engine mqtt: the flower engine has no MQTT link")
+        raise ConfigError("--broker and --fleet-dir are for --engine mqtt: the flower engine has no MQTT link")
     if config.stragglers:
-        raise ValueError("--stragglers needs real time (--engine mqtt): the flower engine runs rounds in "
+        raise ConfigError("--stragglers needs real time (--engine mqtt): the flower engine runs rounds in "
                          "virtual time")
 
 

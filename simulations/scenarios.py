@@ -12,9 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from fedtiny.datafile import Dataset, load_user_data
+from fedtiny.datafile import DataError, Dataset, load_user_data
 
 from . import data
 
@@ -38,23 +36,54 @@ class Task:
         return len(self.pretrain.classes)
 
 
-def _split_nodes(ds: Dataset, n_nodes: int, seed: int, alpha: float = 1.0) -> tuple[Dataset, list[Dataset], Dataset]:
-    rest, test = data.train_test_split(ds, 0.2, seed)
-    pretrain, fleet = data.train_test_split(rest, 0.7, seed + 1)  # 30% of the rest pretrains on the host
+class ModelSpecError(ValueError):
+    """A --model that names no zoo model, or a FILE.py:FACTORY that cannot be loaded, called or used."""
+
+
+# The user-data split: 20 % of the samples are the held-out test set, 30 % of the rest pretrain on the host.
+TEST_FRACTION, PRETRAIN_FRACTION = 0.2, 0.3
+
+
+def _split_nodes(ds: Dataset, n_nodes: int, seed: int, alpha: float = 1.0,
+                 source: str | None = None) -> tuple[Dataset, list[Dataset], Dataset]:
+    rest, test = data.train_test_split(ds, TEST_FRACTION, seed)
+    pretrain, fleet = data.train_test_split(rest, 1 - PRETRAIN_FRACTION, seed + 1)
+    if n_nodes > len(fleet):
+        raise DataError(
+            f"{source or ds.name}: {len(ds)} samples leave {len(fleet)} for the nodes ({100 * TEST_FRACTION:.0f} % "
+            f"are the test set, {100 * PRETRAIN_FRACTION:.0f} % of the rest pretrain on the host), fewer than the "
+            f"{n_nodes} nodes asked for: use --nodes {len(fleet)} or fewer, or more data")
     return pretrain, data.partition_dirichlet(fleet, n_nodes, alpha, seed), test
 
 
-def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None = None) -> Task:
+def _user_split(ds: Dataset, n_nodes: int, seed: int, source: str, note) -> tuple[Dataset, list[Dataset], Dataset]:
+    """By group when the file has more groups than nodes (the first group pretrains on the host, each of the
+    next n_nodes is a node), else a Dirichlet label split of the samples."""
+    rest, test = data.train_test_split(ds, TEST_FRACTION, seed)
+    by_group = data.partition_by_group(rest)  # only groups with training samples left after the test split
+    if len(by_group) <= n_nodes:
+        if len(by_group) > 1:
+            note(f"{source}: {len(by_group)} groups are not enough for {n_nodes} nodes and the host (one group "
+                 "each): the nodes get a label-skewed split of all samples instead")
+        return _split_nodes(ds, n_nodes, seed, source=source)
+    groups = sorted(by_group)
+    unused = len(groups) - 1 - n_nodes
+    note(f"{source}: group {groups[0]} pretrains on the host, groups {groups[1]}..{groups[n_nodes]} are the "
+         f"{n_nodes} nodes" + (f", {unused} more groups only add to the test set" if unused else ""))
+    return by_group[groups[0]], [by_group[g] for g in groups[1:n_nodes + 1]], test
+
+
+def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None = None, *, note=None,
+              progress=None) -> Task:
+    """The scenario's task, or a user's data file's: `note` hears how that file was read and split (one line
+    each), `progress` how far a big file is read. A file's problems, including one too small for n_nodes, raise
+    DataError before any training."""
+    if n_nodes < 1:
+        raise ValueError(f"need at least one node, got {n_nodes}")
     if data_file is not None:
-        ds = load_user_data(data_file)
-        if len(np.unique(ds.group)) >= n_nodes:
-            rest, test = data.train_test_split(ds, 0.2, seed)
-            by_group = data.partition_by_group(rest)
-            groups = sorted(by_group)
-            pretrain = by_group[groups[0]]
-            nodes = [by_group[g] for g in groups[1:n_nodes + 1]] or [pretrain]
-        else:
-            pretrain, nodes, test = _split_nodes(ds, n_nodes, seed)
+        note = note or (lambda message: None)
+        ds = load_user_data(data_file, note=note, progress=progress)
+        pretrain, nodes, test = _user_split(ds, n_nodes, seed, str(data_file), note)
         if ds.X.ndim == 2:
             pretrain, test, *nodes = data.standardize(pretrain, test, *nodes)
         model = "mlp" if ds.X.ndim == 2 else ("sensor_cnn" if ds.X.ndim == 3 else "mobilenet")
@@ -77,24 +106,63 @@ def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int):
     """A zoo name, or a user's module as FILE.py:FACTORY where FACTORY(input_shape, num_classes) returns an
-    nn.Module built from the ops fedtiny supports."""
+    nn.Module built from the ops fedtiny supports. Raises ModelSpecError for anything that cannot be built."""
     from fedtiny import zoo
 
     if spec in zoo.ZOO:
         return zoo.build(spec, input_shape, num_classes)
     file, colon, factory = spec.partition(":")
     if not colon or not file.endswith(".py"):
-        raise ValueError(f"model {spec!r} is neither a zoo model ({', '.join(zoo.ZOO)}) nor FILE.py:FACTORY")
+        raise ModelSpecError(f"model {spec!r} is neither a zoo model ({', '.join(zoo.ZOO)}) nor FILE.py:FACTORY")
+    if not Path(file).is_file():
+        raise ModelSpecError(f"model file {file} does not exist")
     import importlib.util
 
     module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
-    if module_spec is None or not Path(file).exists():
-        raise ValueError(f"cannot load the model file {file!r}")
+    if module_spec is None:
+        raise ModelSpecError(f"model file {file} cannot be imported (not a Python module)")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, factory):
-        raise ValueError(f"{file} has no {factory!r}")
-    return getattr(module, factory)(tuple(input_shape), num_classes)
+    try:
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as e:  # a user's module may raise anything, exit() included
+        raise ModelSpecError(f"model file {file} fails on import: {_one_line(e)}") from e
+    if not callable(getattr(module, factory, None)):
+        raise ModelSpecError(f"model file {file} has no function {factory!r}")
+    try:
+        model = getattr(module, factory)(tuple(input_shape), num_classes)
+    except Exception as e:
+        raise ModelSpecError(f"{file}:{factory}{(tuple(input_shape), num_classes)} fails: {_one_line(e)}") from e
+    return model
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def check_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Build the model and lower it for quantization once, on zeros: a wrong input shape, class count or an op
+    fedtiny cannot run fails here in a second, not after pretraining. Raises ModelSpecError."""
+    import torch
+
+    from fedtiny.quantize import lower
+
+    model = build_model(spec, input_shape, num_classes)
+    if not isinstance(model, torch.nn.Module):
+        raise ModelSpecError(f"model {spec!r} is a {type(model).__name__}, not a torch.nn.Module")
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros((2,) + tuple(input_shape)))
+    except Exception as e:
+        raise ModelSpecError(f"model {spec!r} does not take samples of shape {tuple(input_shape)}: "
+                             f"{_one_line(e)}") from e
+    if tuple(getattr(out, "shape", ())) != (2, num_classes):
+        raise ModelSpecError(f"model {spec!r} gives outputs of shape {tuple(getattr(out, 'shape', ()))[1:]} for "
+                             f"{num_classes} classes; it must give one logit per class")
+    try:
+        lower(model, tuple(input_shape))
+    except Exception as e:
+        raise ModelSpecError(f"model {spec!r} cannot be quantized: {_one_line(e)}") from e
 
 
 def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Path | None = None):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .scenarios import load_task, pretrained
+from .scenarios import Task, check_model, load_task, pretrained
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SimulationConfig:
     strategy: str = "fedavg"
     scheme: str | None = None  # default: DEFAULT_SCHEMES[model]
     budget: int = 256 * 1024
-    reserve: int = 64 * 1024
+    reserve: int | None = None  # default: fedtiny.compiler.reserve_for's rule (64 KB, at most a quarter of budget)
     lr: float = 0.01
     epochs: int = 2
     uplink_keep: float = 0.5  # each DELTA carries the larger half of each tensor's changes; the rest waits a round
@@ -118,29 +118,72 @@ def device_name(index: int) -> str:
     return f"node{index:03d}"
 
 
-def _prepare(config: SimulationConfig, run: Path):
-    """Task, pretrained int8 model, plan and per-node data files."""
+class ConfigError(ValueError):
+    """An option of `fedtiny simulate` that cannot work; the message names the option and its value."""
+
+
+def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
+    """Everything a user can get wrong, checked before any work (no folder written, nothing trained): the
+    options, budget and reserve (a default reserve that a small budget cannot hold is scaled down), the engine,
+    the data and the model. Returns the task with its data loaded and validated. Raises ConfigError,
+    DataError, ModelSpecError or BudgetError (all ValueErrors), and then `note` has heard nothing: the error
+    is the one line to show. Once every check passed, `note` hears how the data was read and split and any scaled
+    reserve; `progress` hears how far a big data file is read, while it is read."""
+    from fedtiny.compiler import reserve_for
+    from fedtiny.protocol.chunking import MAX_CHUNK_PAYLOAD, MIN_CHUNK_PAYLOAD
+
+    c = config
+    for option, ok, rule in (
+            ("nodes", c.nodes >= 1, "at least 1"), ("rounds", c.rounds >= 1, "at least 1"),
+            ("epochs", c.epochs >= 1, "at least 1"), ("lr", c.lr > 0, "positive"),
+            ("uplink_keep", 0.01 <= c.uplink_keep <= 1, "a fraction in [0.01, 1]"),
+            ("chunk_size", MIN_CHUNK_PAYLOAD <= c.chunk_size <= MAX_CHUNK_PAYLOAD,
+             f"{MIN_CHUNK_PAYLOAD}..{MAX_CHUNK_PAYLOAD} bytes"),
+            ("dropout", 0 <= c.dropout < 1, "a fraction in [0, 1)"),
+            ("stragglers", 0 <= c.stragglers <= 1, "a fraction in [0, 1]"),
+            ("deadline", c.deadline > 0, "positive seconds"), ("workers", c.workers >= 1, "at least 1")):
+        if not ok:
+            raise ConfigError(f"--{option.replace('_', '-')} {getattr(c, option)}: must be {rule}")
+    if c.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {c.engine!r}; choose one of {', '.join(ENGINES)}")
+    if c.engine == "flower":
+        from .flower_engine import check_config
+
+        check_config(c)  # Ray installed, no MQTT-only option
+    notes = []
+    c.reserve, scaled = reserve_for(c.budget, c.reserve)
+    if scaled:
+        notes.append(scaled)
+    task = load_task(c.scenario, c.nodes, c.seed, c.data, note=notes.append, progress=progress)
+    if c.model:
+        task.model = c.model
+    check_model(task.model, task.input_shape, task.num_classes)
+    for message in notes if note else ():
+        note(message)
+    return task
+
+
+def _prepare(config: SimulationConfig, run: Path, task: Task):
+    """Pretrained int8 model, plan and per-node data files."""
     from fedtiny.compiler import compile_plan
     from fedtiny.planfile import save_plan
     from fedtiny.scheme import DEFAULT_SCHEMES, parse
     from fedtiny.interpreter import quantize_input
 
-    task = load_task(config.scenario, config.nodes, config.seed, config.data)
-    if config.model:
-        task.model = config.model
     model, graph = pretrained(task, config.seed)
     scheme = config.scheme or DEFAULT_SCHEMES.get(task.model, "last:2")
     plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
     devices = [device_name(i) for i in range(config.nodes)]
-    for i, (device, ds) in enumerate(zip(devices, task.nodes)):
+    for i, (device, ds) in enumerate(zip(devices, task.nodes, strict=True)):
         np.savez(run / "nodes" / f"{device}.npz", x=quantize_input(graph, ds.X), y=ds.y, seed=config.seed * 1000 + i)
-    return task, model, graph, plan, scheme, devices
+    return model, graph, plan, scheme, devices
 
 
-def simulate(config: SimulationConfig, progress=None) -> dict:
-    """Run a simulation; returns the run summary (also written into config.out)."""
+def simulate(config: SimulationConfig, progress=None, *, task: Task | None = None, note=None) -> dict:
+    """Run a simulation; returns the run summary (also written into config.out). `task`: check_inputs(config)'s
+    result when the caller checked first (else it is called here); `note` hears check_inputs' notes."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     from fedtiny.interpreter import predict
@@ -149,13 +192,9 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
 
     from .report import write_report
 
-    if config.engine not in ENGINES:
-        raise ValueError(f"unknown engine {config.engine!r}; choose one of {', '.join(ENGINES)}")
-    if config.engine == "flower":
-        from .flower_engine import check_config
-
-        check_config(config)  # before any work: Ray installed, no MQTT-only option
     started = time.perf_counter()
+    if task is None:
+        task = check_inputs(config, note)  # before any work
     run = Path(config.out)
     if run.exists():
         shutil.rmtree(run)
@@ -168,7 +207,7 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
     logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
     if config.trainer == "c" and shutil.which("gcc") is None:
         config.trainer = "python"
-    task, model, graph, plan, scheme, devices = _prepare(config, run)
+    model, graph, plan, scheme, devices = _prepare(config, run, task)
     initial = float((predict(graph, task.test.X) == task.test.y).mean())
 
     def coordinate(link, clock=time.monotonic) -> list[dict]:

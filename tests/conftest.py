@@ -43,11 +43,33 @@ def flwr_cli(tmp_path_factory):
         pytest.skip(str(err))
 
 
-def onnxruntime_agreement(graph, x_int8) -> dict[str, tuple[float, int]]:
-    """Per op: (fraction of int8 outputs identical to onnxruntime's, largest difference in LSB).
+# onnxruntime requantizes in float32 with the scales we hand it as float32: at most a few roundings of 2^-24
+# from the exact value. Ours use a Q31 multiplier (2^-31). Outside this relative margin of a rounding boundary
+# the float arithmetic itself cannot move a result.
+FLOAT_MARGIN = 2.0 ** -20
+
+
+def onnxruntime_agreement(graph, x_int8) -> dict[str, dict]:
+    """Per op: the fraction of int8 outputs identical to onnxruntime's among those whose rounding is not
+    ambiguous, the largest difference in LSB over all outputs, and the fraction that is ambiguous.
 
     Each op is exported alone and fed exactly the inputs our interpreter gave it, so a difference is a
     kernel difference, not one inherited from an earlier layer.
+
+    Ambiguous outputs are those where two correct rounding rules part:
+    - conv2d: ours requantize as TFLite does, in two roundings (gemmlowp's SaturatingRoundingDoublingHighMul
+      to an integer, then RoundingDivideByPOT by the right shift rs), onnxruntime in one, in float32. The
+      first rounding moves the value by up to 2^-(rs+1) of an output step, so where the exact value
+      acc * s_x * s_w / s_y lies that close below or above x.5 the two may end 1 LSB apart. Measured on
+      four trainings of the bearing model (seeds 0-3, AMD EPYC): every difference, 0.03-0.4 % of a conv's
+      outputs, lies in that window, onnxruntime's outputs equal exact rounding, and a conv's share of
+      differences follows its rs (rs 4-5: about 0.4 %, rs 9-11: 0.03 %; 2^-rs of the outputs are in the
+      window). So the share is a property of the trained model's scales, not of either kernel. Those come
+      from float pretraining, whose PyTorch kernels differ between CPUs (AVX-512 paths on a Xeon, AVX2 on
+      this AMD), so a Xeon trains other weights: that is the likely reason one conv there agreed on 98.2 %,
+      below the 99 % of all outputs this check used to ask. Outside the window there is one right answer on
+      every CPU, and that is what is compared, exactly.
+    - avgpool2d: onnxruntime averages in float32, so an exact tie (a mean of x.5) lands on either side.
     """
     pytest.importorskip("onnxruntime")
     from fedtiny.onnx_export import run_onnxruntime, single_op_graph
@@ -61,12 +83,30 @@ def onnxruntime_agreement(graph, x_int8) -> dict[str, tuple[float, int]]:
         sub = single_op_graph(graph, op)
         theirs = run_onnxruntime(sub, {n: values[n] for n in sub.inputs}).astype(np.int64)
         diff = np.abs(values[op.outputs[0]].astype(np.int64) - theirs)
+        ambiguous = np.zeros(diff.shape, bool)
         if op.kind == "avgpool2d":
-            # onnxruntime averages in float32, so an exact tie (a mean of x.5) lands on either side at random;
-            # ours rounds ties to even. Compare where the exact mean is not a tie, and require that to be exact.
-            diff = diff[~_avgpool_ties(graph, op, values[op.inputs[0]])]
-        result[f"{op.kind} {op.outputs[0]} ({op.origin})"] = (float((diff == 0).mean()), int(diff.max()))
+            ambiguous = _avgpool_ties(graph, op, values[op.inputs[0]])
+        elif op.kind == "conv2d":
+            ambiguous = _conv_double_rounding(graph, op, values[op.inputs[0]])
+        clear = ~ambiguous
+        result[f"{op.kind} {op.outputs[0]} ({op.origin})"] = dict(
+            identical=float((diff[clear] == 0).mean()) if clear.any() else 1.0, max_lsb=int(diff.max()),
+            ambiguous=float(ambiguous.mean()))
     return result
+
+
+def _conv_double_rounding(graph, op, x):
+    """Outputs whose exact value lies within 2^-(rs+1) (plus FLOAT_MARGIN) of x.5, rs the channel's right
+    shift: where TFLite's two roundings and one exact rounding may differ (see onnxruntime_agreement)."""
+    from fedtiny.kernels import conv2d_accumulate
+
+    t_x, t_w, t_b, t_y = (graph.tensors[n] for n in (*op.inputs, op.outputs[0]))
+    a = op.attrs
+    acc = conv2d_accumulate(x, t_x.zero_point, t_w.data, t_b.data, a["stride"], a["padding"], a["groups"])
+    exact = acc * (t_x.scale[0] * t_w.scale / t_y.scale[0])  # the last axis is the output channel
+    right_shift = np.maximum(-np.asarray(a["shift"]), 0)
+    window = np.where(right_shift > 0, 0.5 ** (right_shift + 1), 0.0) + FLOAT_MARGIN * np.maximum(1, np.abs(exact))
+    return np.abs(exact - np.floor(exact) - 0.5) <= window
 
 
 def _avgpool_ties(graph, op, x):
@@ -80,6 +120,8 @@ def _avgpool_ties(graph, op, x):
     return 2 * (sums % counts) == counts
 
 
-def assert_agrees_with_onnxruntime(graph, x_int8, min_identical=0.99, max_lsb=1):
-    bad = {k: v for k, v in onnxruntime_agreement(graph, x_int8).items() if v[0] < min_identical or v[1] > max_lsb}
-    assert not bad, f"ops disagreeing with onnxruntime (identical fraction, max LSB): {bad}"
+def assert_agrees_with_onnxruntime(graph, x_int8, min_identical=1.0, max_lsb=1):
+    """Identical to onnxruntime wherever the rounding is not ambiguous, and within max_lsb everywhere."""
+    bad = {k: v for k, v in onnxruntime_agreement(graph, x_int8).items()
+           if v["identical"] < min_identical or v["max_lsb"] > max_lsb}
+    assert not bad, f"ops disagreeing with onnxruntime: {bad}"

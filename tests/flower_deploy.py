@@ -15,6 +15,7 @@ SuperLink connection "local".
 import json
 import os
 import re
+import site
 import socket
 import subprocess
 import sys
@@ -31,16 +32,35 @@ CLI_TYPER = "typer>=0.16,<0.21"  # flwr 1.42's range, from the first release tha
 
 def cli_environment(folder: Path) -> Path:
     """The python of a venv in `folder` that sees this interpreter's packages (flwr among them) but has its own
-    typer. Raises RuntimeError when typer cannot be installed (no package index)."""
+    typer. Raises RuntimeError when typer cannot be installed (no package index).
+
+    Not `venv --system-site-packages`: that shows the packages of the *base* interpreter, which are not this
+    interpreter's when the tests run in a virtual environment (flwr was missing there, or another version).
+    Instead a .pth file in the venv calls site.addsitedir on each of this interpreter's site directories, so
+    their own .pth files (editable installs) work too. They come after the venv's site-packages on sys.path,
+    so the venv's typer wins. typer goes in first, alone and with --no-deps: its dependencies are this
+    interpreter's (flwr needs them too), and pip never sees, let alone uninstalls, this interpreter's typer.
+    """
     python = folder / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True,
-                       capture_output=True, timeout=120)
-        done = subprocess.run([str(python), "-m", "pip", "install", "-q", CLI_TYPER], capture_output=True,
-                              text=True, timeout=300)
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True, timeout=120)
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", CLI_TYPER],
+                              capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"cannot install {CLI_TYPER} for the flwr CLI:\n{done.stderr[-2000:]}")
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+        (Path(purelib) / "running_interpreter.pth").write_text(
+            "".join(f"import site; site.addsitedir({d!r})\n" for d in _site_directories()))
     return python
+
+
+def _site_directories() -> list[str]:
+    """This interpreter's site directories: a venv's own, and its base's when the venv includes those."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.append(site.getusersitepackages())
+    return dirs
 
 
 def config_args(values: dict) -> str:

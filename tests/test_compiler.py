@@ -225,10 +225,11 @@ def test_compile_cli(sensor, tmp_path):
     ok = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "bias", "-o", str(tmp_path / "p.ftp")])
     assert ok.exit_code == 0, ok.output
     assert "arena bytes" in ok.output and (tmp_path / "p.ftp").exists()
-    over = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "full", "--budget", "66KB"])
-    assert over.exit_code == 1 and "largest live tensors" in over.output and "Traceback" not in over.output
+    over = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "full", "--budget", "66KB",
+                                "--reserve", "64KB"])
+    assert over.exit_code == 2 and "largest live tensors" in over.output and "Traceback" not in over.output
     bad = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "sparse:3:-2@1/3"])
-    assert bad.exit_code == 1 and "1/8, 1/4, 1/2, 1" in bad.output
+    assert bad.exit_code == 2 and "1/8, 1/4, 1/2, 1" in bad.output
 
 
 # ---- MSE (regression / reconstruction) ------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def test_compile_cli_mse(tmp_path):
     save_model(graph, tmp_path / "m.ftm")
     runner = CliRunner()
     ce = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "full"])
-    assert ce.exit_code == 1 and "cross-entropy training needs logits" in ce.output and "Traceback" not in ce.output
+    assert ce.exit_code == 2 and "cross-entropy training needs logits" in ce.output and "Traceback" not in ce.output
     ok = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "full", "--loss", "mse",
                               "-o", str(tmp_path / "p.ftp")])
     assert ok.exit_code == 0, ok.output

@@ -348,7 +348,7 @@ def test_inspect_on_a_bad_file_exits_with_a_one_line_error(data, tmp_path, conte
     path = tmp_path / "bad.ftm"
     path.write_bytes(content(data))
     result = CliRunner().invoke(main, ["inspect", str(path)])
-    assert result.exit_code != 0
+    assert result.exit_code == 2  # bad input
     assert isinstance(result.exception, SystemExit)  # a clean exit, not an exception escaping the command
     assert "Traceback" not in result.output
     lines = result.output.strip().splitlines()

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from fedtiny.cli import main
-from fedtiny_sim.simulate import SimulationConfig, simulate
+from fedtiny_sim.simulate import ConfigError, SimulationConfig, simulate
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +199,8 @@ def test_flower_engine_without_ray_names_the_extra(monkeypatch, tmp_path):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
-    with pytest.raises(RuntimeError, match=r"fedtiny\[simulation\]"):
+    with pytest.raises(ConfigError, match=r"fedtiny\[simulation\]"):
         simulate(SimulationConfig(nodes=2, rounds=1, scenario="medical", out=str(tmp_path / "x"), engine="flower"))
     result = CliRunner().invoke(main, ["simulate", "--engine", "flower", "--nodes", "2", "--out", str(tmp_path / "y")])
-    assert result.exit_code != 0 and "simulation" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "simulation" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any work

@@ -99,6 +99,10 @@ def test_int8_changes_few_predictions(trained):
 
 
 def test_every_op_agrees_with_onnxruntime_on_real_test_data(trained):
+    """Exact wherever the rounding is not ambiguous, on any CPU. This used to ask 99 % of all outputs to be
+    identical, which held for sensor_cnn on AMD and not on an Intel Xeon (98.2 % in one conv): the
+    differences are TFLite's two-step rounding near x.5, and how many outputs fall there depends on the
+    multipliers of the trained fixture, which the CPU's float kernels decide (conftest.onnxruntime_agreement)."""
     assert_agrees_with_onnxruntime(trained.graph, quantize_input(trained.graph, trained.x_test))
 
 
