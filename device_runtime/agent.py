@@ -97,14 +97,16 @@ class NodeAgent:
 
     `trainer_factory(plan, seed)` makes the trainer (default: the Python reference Trainer; the C runtime's
     CTrainer has the same API: step, trainable_state, load_trainable_state, rng_counter settable).
-    `uplink_filter(publish) -> bool`, when set, may drop outgoing publishes (fault injection in tests).
-    `faults` makes the node fail or lag rounds (simulations).
+    `faults` makes the node fail or lag rounds (simulations). `transport_wrapper(transport)`, when given, wraps
+    the agent's MqttTransport: tests pass fedtiny.transport.faults.FaultyTransport to drop, delay, duplicate or
+    reorder what the node publishes, or to cut its connection.
     """
 
     def __init__(self, device: str, broker_url: str, fleet_dir: str | Path, plan: Plan, x_int8: np.ndarray,
                  y: np.ndarray, *, fleet: str, state_dir: str | Path, seed: int, chunk_size: int = 4096,
                  trainer_factory: Callable | None = None, heartbeat_s: float = 30.0, ack_timeout_s: float = 15.0,
-                 client_id: str | None = None, faults: RoundFaults = RoundFaults()) -> None:
+                 client_id: str | None = None, faults: RoundFaults = RoundFaults(),
+                 transport_wrapper: Callable[[MqttTransport], MqttTransport] | None = None) -> None:
         self.device = topics.check_name(device)
         self.fleet = fleet
         fleet_dir = Path(fleet_dir)
@@ -128,7 +130,6 @@ class NodeAgent:
         self.session.persist()
         self.faults = faults
         self.heartbeat_s = heartbeat_s
-        self.uplink_filter: Callable[[Publish], bool] | None = None
         self.rejected: list[str] = []
         self.rounds_done = 0
         self._lock = threading.Lock()  # guards the session between the worker and paho's disconnect callback
@@ -139,6 +140,8 @@ class NodeAgent:
                                        on_connect=lambda: self._events.put(("connect",)),
                                        on_message=lambda t, p: self._events.put(("message", t, p)),
                                        will=self._will)
+        if transport_wrapper is not None:
+            self.transport = transport_wrapper(self.transport)
 
     @property
     def model_version(self) -> int:
@@ -198,8 +201,7 @@ class NodeAgent:
 
     def _send(self, publishes: list[Publish]) -> None:
         for p in publishes:
-            if self.uplink_filter is None or self.uplink_filter(p):
-                self.transport.publish(p)
+            self.transport.publish(p)
 
     def stop(self, leave: bool = True) -> None:
         """Stop cleanly: LEAVE (unless leave=False), DISCONNECT (no last will), end the worker."""

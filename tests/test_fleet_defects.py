@@ -33,6 +33,7 @@ from fedtiny.protocol.messages import Delta, MessageType
 from fedtiny.protocol.update import encode_update, state_delta
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
+from fedtiny.transport.faults import FaultyTransport
 from fedtiny.transport.mqtt import CoordinatorLink, MqttTransport, load_fleet
 from fedtiny_device.agent import NodeAgent
 from fedtiny_device.interpreter import quantize_input
@@ -115,10 +116,10 @@ def test_a_device_acked_after_a_later_task_trains_again(mosquitto, fleet_dir, mo
     used to carry round 1, which the device then refused as stale, holding its upload (and itself) forever."""
     plan = model[0]
     link = CoordinatorLink(mosquitto, fleet_dir, plan, fleet=FLEET).start()
-    node = agent(mosquitto, fleet_dir, model, 0, tmp_path, ack_timeout_s=1.5)
+    node = agent(mosquitto, fleet_dir, model, 0, tmp_path, ack_timeout_s=1.5, transport_wrapper=FaultyTransport)
     held = {"on": True}
-    node.uplink_filter = lambda p: not (held["on"] and "/up/" in p.topic and p.payload[:2] == b"FC"
-                                        and node.session.state.upload is not None)
+    node.transport.drop = lambda p: (held["on"] and "/up/" in p.topic and p.payload[:2] == b"FC"
+                                     and node.session.state.upload is not None)
     node.start()
     try:
         wait_for(lambda: any(d.device == DEVICES[0] for d in link.devices()), what="JOIN")
