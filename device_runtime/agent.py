@@ -162,11 +162,16 @@ class NodeAgent:
         return self
 
     def run_forever(self) -> None:
-        """The worker loop (start() runs it in a thread): handle events, train, heartbeat, resend."""
+        """The worker loop (start() runs it in a thread): handle events, train, heartbeat, resend.
+
+        A trained job's DELTA goes out when the job is done (after RoundFaults.delay); downlinks keep being
+        handled meanwhile, and a TASK of a later round supersedes the job (DeviceSession.superseded)."""
         next_beat = time.monotonic() + self.heartbeat_s
+        running: tuple[TrainJob, TrainResult, float] | None = None  # trained; its DELTA is due at the time given
         while not self._stop.is_set():
+            wait = 0.2 if running is None else min(0.2, max(0.0, running[2] - time.monotonic()))
             try:
-                event = self._events.get(timeout=0.2)
+                event = self._events.get(timeout=wait)
             except queue.Empty:
                 event = None
             now = time.monotonic()
@@ -184,9 +189,15 @@ class NodeAgent:
                         self.rejected.append(exc.reason)
                         log.warning("%s rejected a downlink on %s: %s", self.device, event[1], exc)
                 if now >= next_beat and self.transport.connected.is_set():
-                    self._send(self.session.heartbeat(now))
+                    self._send(self.session.heartbeat(now, DeviceState.TRAINING if running else DeviceState.IDLE))
                     next_beat = now + self.heartbeat_s
                 self._send(self.session.tick(now))
+                if running is not None and self.session.superseded(running[0]):
+                    log.info("%s: round %d superseded before its DELTA left", self.device, running[0].round)
+                    self._send(self.session.complete(*running[:2], now))  # sends nothing; keeps the rng counter
+                    running = None
+            if job is not None and running is not None and job.round == running[0].round:
+                job = None  # the job in progress, returned again after a reconnect or another downlink
             if job is not None and self.faults.fails(job.round):
                 with self._lock:
                     self.session.skip(job)
@@ -194,9 +205,11 @@ class NodeAgent:
                 with self._lock:
                     self._send(self.session.heartbeat(now, DeviceState.TRAINING))
                 result = self.training.run(job)  # outside the lock: paho may reconnect meanwhile
-                self._stop.wait(self.faults.delay(job.round))
+                running = (job, result, time.monotonic() + self.faults.delay(job.round))
+            if running is not None and time.monotonic() >= running[2]:
                 with self._lock:
-                    self._send(self.session.complete(job, result, time.monotonic()))
+                    self._send(self.session.complete(*running[:2], time.monotonic()))
+                running = None
                 self.rounds_done += 1
 
     def _send(self, publishes: list[Publish]) -> None:
