@@ -104,14 +104,34 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
 
 def _faults(device: str, config: dict):
     """--dropout: the node fails the round: it does not train and answers nothing, then takes the next task as
-    a rebooted device would. --stragglers: the node is slow (a random delay of up to twice the deadline), so it
-    makes some rounds and misses others."""
+    a rebooted device would. --stragglers: the node is slow in some rounds (straggler_delay), so it makes some
+    rounds and misses others."""
     from fedtiny_device.agent import RoundFaults
 
-    rng = np.random.default_rng([config["seed"], len(device), sum(device.encode())])
-    straggler = rng.random() < config["stragglers"]
+    straggler = is_straggler(config, device)
     return RoundFaults(fails=lambda round_: _fails(config["seed"], device, round_, config["dropout"]),
-                       delay=lambda round_: 2 * rng.random() * config["deadline"] if straggler else 0.0)
+                       delay=lambda round_: straggler_delay(config, device, round_) if straggler else 0.0)
+
+
+def is_straggler(config: dict, device: str) -> bool:
+    """Whether `device` is one of the --stragglers share of nodes: deterministic per seed."""
+    rng = np.random.default_rng([config["seed"], len(device), sum(device.encode())])
+    return bool(rng.random() < config["stragglers"])
+
+
+def straggler_delay(config: dict, device: str, round_: int) -> float:
+    """Seconds a straggler's round takes beyond its training. In a random half of its rounds it is slow: 1.25 to
+    2 deadlines (it misses the round); in the others at most half a deadline (it makes it). Drawn per (seed,
+    device, round), so the rounds it is slow in do not depend on how many tasks it got, and clear of the
+    deadline, so whether it makes a round does not depend on the machine's load."""
+    slow, share = np.random.default_rng([config["seed"], len(device), sum(device.encode()), round_, 2]).random(2)
+    return config["deadline"] * ((1.25 + 0.75 * share) if slow < 0.5 else 0.5 * share)
+
+
+def slow_rounds(config: dict, devices: list[str]) -> dict[str, list[int]]:
+    """The rounds each straggler is slow in (the run's record of the --stragglers draw)."""
+    return {d: [r for r in range(1, config["rounds"] + 1) if straggler_delay(config, d, r) > config["deadline"]]
+            for d in devices if is_straggler(config, d)}
 
 
 def device_name(index: int) -> str:
@@ -183,7 +203,8 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
     target = 0.9 * max(r["accuracy"] for r in rounds) if rounds else 0.0
     broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
-                   broker=broker, seed=config.seed, dropout=config.dropout, engine=config.engine,
+                   broker=broker, seed=config.seed, dropout=config.dropout, stragglers=config.stragglers,
+                   deadline=config.deadline, engine=config.engine,
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
                    wall_seconds=time.perf_counter() - started, target_accuracy=target,
                    rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
@@ -198,7 +219,7 @@ def simulate(config: SimulationConfig, progress=None) -> dict:
     from fedtiny.codegen import plan_scratch_bytes
 
     memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
-    write_report(run, summary, rounds, memory, baseline)
+    write_report(run, summary, rounds, memory, baseline, slow_rounds(asdict(config), devices))
     return dict(summary, rounds=rounds, baseline=baseline)
 
 
