@@ -113,10 +113,11 @@ def test_a_straggler_that_missed_a_round_answers_the_next_it_is_not_slow_in(tmp_
     """--stragglers, checked from the run's own records: metrics.json says which rounds each device was sent a
     TASK for, had a DELTA accepted in and, for a straggler, was slow in (data_flow.csv lists the same accepted
     DELTAs). A straggler misses exactly its slow rounds, and after a miss answers the first later round it is
-    not slow in (seed 5: six such comebacks, after overruns of 1.3 to 1.9 deadlines)."""
+    not slow in (seed 2: five misses followed by a round the straggler is not slow in, after overruns of 1.5 to 2
+    deadlines)."""
     out = tmp_path / "stragglers"
     result = simulate(SimulationConfig(nodes=8, rounds=4, scenario="medical", stragglers=0.5, deadline=3.0,
-                                       out=str(out), seed=5))
+                                       out=str(out), seed=2))
     devices = json.loads((out / "metrics.json").read_text())["devices"]
     flows = list(csv.DictReader(open(out / "data_flow.csv")))
     for name, d in devices.items():
@@ -131,7 +132,7 @@ def test_a_straggler_that_missed_a_round_answers_the_next_it_is_not_slow_in(tmp_
             if fast_later:
                 assert fast_later[0] in d["answered"], (name, d)
                 comebacks += 1
-    assert len(stragglers) == 4 and comebacks == 6, stragglers
+    assert len(stragglers) == 4 and comebacks == 5, stragglers
     assert "answered a later round after every miss" in (out / "summary.md").read_text()
     assert [r["participants"] for r in result["rounds"]] == [8 - sum(r in d["slow_rounds"] for d in stragglers.values())
                                                              for r in range(1, 5)]
