@@ -51,11 +51,11 @@ class FaultyTransport:
         reorder_window  N > 1: publishes collect until N are held, or the oldest has waited `reorder_hold`
                         seconds, and go out in a random order drawn from `seed`
 
-`publish` returns an id of this wrapper; `wait_published(id)` waits until the publish has gone out and then
-for the inner transport's answer (None for a dropped publish, at once). Held publishes are discarded by
-`close()` and `kill()`, as they would be lost when a device stops or loses power. `counts` tells how many
-publishes each fault took.
-"""
+    `publish` returns an id of this wrapper; `wait_published(id)` waits until the publish has gone out and then
+    for the inner transport's answer (None for a dropped publish, at once). Held publishes are discarded by
+    `close()` and `kill()`, as they would be lost when a device stops or loses power. `counts` tells how many
+    publishes each fault took.
+    """
 
     def __init__(self, inner, *, drop: Rule = never, delay: Callable[[Publish], float] = lambda p: 0.0,
                  duplicate: Rule = never, reorder_window: int = 0, reorder_hold: float = 0.5, cut: Rule = never,
@@ -71,9 +71,9 @@ publishes each fault took.
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._sent: dict[int, int | None] = {}  # our id -> the inner transport's id (None: never sent)
-        self._timers: list[tuple[float, int, int, Publish]] = []  # (due, order, our id, publish): a heap
+        self._timers: list[tuple[float, int, int | None, Publish]] = []  # (due, order, our id, publish): a heap
         self._order = itertools.count()
-        self._window: list[tuple[int, Publish]] = []
+        self._window: list[tuple[int | None, Publish]] = []
         self._window_due: float | None = None
         self._worker: threading.Thread | None = None
         self._closed = False
