@@ -235,6 +235,9 @@ def test_gateway_restarted_between_rounds_refuses_an_uplink_from_before(  # noqa
             time.sleep(0.05)
         master = dequantize_state(tensor_specs(plan), plan.initial_state())
         arrays, first = site_round(settings, 1, ArrayRecord({k: Array(np.asarray(v)) for k, v in master.items()}))
+        deadline = time.monotonic() + 10  # the round may end before the device has its ACK and sends the JOIN
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert len(transfers) == 1 and held, "the device sent one DELTA in round 1, then a JOIN"
         # the gateway is down: the device's old DELTA goes out again, then its held JOIN
         device.transport.drop = lambda p: False
