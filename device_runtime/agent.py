@@ -97,14 +97,16 @@ class NodeAgent:
 
     `trainer_factory(plan, seed)` makes the trainer (default: the Python reference Trainer; the C runtime's
     CTrainer has the same API: step, trainable_state, load_trainable_state, rng_counter settable).
-    `uplink_filter(publish) -> bool`, when set, may drop outgoing publishes (fault injection in tests).
-    `faults` makes the node fail or lag rounds (simulations).
+    `faults` makes the node fail or lag rounds (simulations). `transport_wrapper(transport)`, when given, wraps
+    the agent's MqttTransport: tests pass fedtiny.transport.faults.FaultyTransport to drop, delay, duplicate or
+    reorder what the node publishes, or to cut its connection.
     """
 
     def __init__(self, device: str, broker_url: str, fleet_dir: str | Path, plan: Plan, x_int8: np.ndarray,
                  y: np.ndarray, *, fleet: str, state_dir: str | Path, seed: int, chunk_size: int = 4096,
                  trainer_factory: Callable | None = None, heartbeat_s: float = 30.0, ack_timeout_s: float = 15.0,
-                 client_id: str | None = None, faults: RoundFaults = RoundFaults()) -> None:
+                 client_id: str | None = None, faults: RoundFaults = RoundFaults(),
+                 transport_wrapper: Callable[[MqttTransport], MqttTransport] | None = None) -> None:
         self.device = topics.check_name(device)
         self.fleet = fleet
         fleet_dir = Path(fleet_dir)
@@ -128,7 +130,6 @@ class NodeAgent:
         self.session.persist()
         self.faults = faults
         self.heartbeat_s = heartbeat_s
-        self.uplink_filter: Callable[[Publish], bool] | None = None
         self.rejected: list[str] = []
         self.rounds_done = 0
         self._lock = threading.Lock()  # guards the session between the worker and paho's disconnect callback
@@ -139,6 +140,8 @@ class NodeAgent:
                                        on_connect=lambda: self._events.put(("connect",)),
                                        on_message=lambda t, p: self._events.put(("message", t, p)),
                                        will=self._will)
+        if transport_wrapper is not None:
+            self.transport = transport_wrapper(self.transport)
 
     @property
     def model_version(self) -> int:
@@ -159,11 +162,16 @@ class NodeAgent:
         return self
 
     def run_forever(self) -> None:
-        """The worker loop (start() runs it in a thread): handle events, train, heartbeat, resend."""
+        """The worker loop (start() runs it in a thread): handle events, train, heartbeat, resend.
+
+        A trained job's DELTA goes out when the job is done (after RoundFaults.delay); downlinks keep being
+        handled meanwhile, and a TASK of a later round supersedes the job (DeviceSession.superseded)."""
         next_beat = time.monotonic() + self.heartbeat_s
+        running: tuple[TrainJob, TrainResult, float] | None = None  # trained; its DELTA is due at the time given
         while not self._stop.is_set():
+            wait = 0.2 if running is None else min(0.2, max(0.0, running[2] - time.monotonic()))
             try:
-                event = self._events.get(timeout=0.2)
+                event = self._events.get(timeout=wait)
             except queue.Empty:
                 event = None
             now = time.monotonic()
@@ -181,9 +189,15 @@ class NodeAgent:
                         self.rejected.append(exc.reason)
                         log.warning("%s rejected a downlink on %s: %s", self.device, event[1], exc)
                 if now >= next_beat and self.transport.connected.is_set():
-                    self._send(self.session.heartbeat(now))
+                    self._send(self.session.heartbeat(now, DeviceState.TRAINING if running else DeviceState.IDLE))
                     next_beat = now + self.heartbeat_s
                 self._send(self.session.tick(now))
+                if running is not None and self.session.superseded(running[0]):
+                    log.info("%s: round %d superseded before its DELTA left", self.device, running[0].round)
+                    self._send(self.session.complete(*running[:2], now))  # sends nothing; keeps the rng counter
+                    running = None
+            if job is not None and running is not None and job.round == running[0].round:
+                job = None  # the job in progress, returned again after a reconnect or another downlink
             if job is not None and self.faults.fails(job.round):
                 with self._lock:
                     self.session.skip(job)
@@ -191,15 +205,16 @@ class NodeAgent:
                 with self._lock:
                     self._send(self.session.heartbeat(now, DeviceState.TRAINING))
                 result = self.training.run(job)  # outside the lock: paho may reconnect meanwhile
-                self._stop.wait(self.faults.delay(job.round))
+                running = (job, result, time.monotonic() + self.faults.delay(job.round))
+            if running is not None and time.monotonic() >= running[2]:
                 with self._lock:
-                    self._send(self.session.complete(job, result, time.monotonic()))
+                    self._send(self.session.complete(*running[:2], time.monotonic()))
+                running = None
                 self.rounds_done += 1
 
     def _send(self, publishes: list[Publish]) -> None:
         for p in publishes:
-            if self.uplink_filter is None or self.uplink_filter(p):
-                self.transport.publish(p)
+            self.transport.publish(p)
 
     def stop(self, leave: bool = True) -> None:
         """Stop cleanly: LEAVE (unless leave=False), DISCONNECT (no last will), end the worker."""

@@ -232,7 +232,8 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
               help="Fraction of each tensor's changes a node sends per round, largest first; the rest stays on the "
                    "node and is added to its next round's change (error feedback). 1 sends everything.")
 @click.option("--dropout", default=0.0, show_default=True, help="Fraction of nodes that fail each round.")
-@click.option("--stragglers", default=0.0, show_default=True, help="Fraction of nodes that are slow.")
+@click.option("--stragglers", default=0.0, show_default=True,
+              help="Fraction of nodes that are slow in a random half of their rounds (1.25-2 deadlines late).")
 @click.option("--deadline", default=20.0, show_default=True,
               help="Seconds a round waits at most (with --engine flower: virtual seconds once every node answered).")
 @click.option("--seed", default=0, show_default=True)

@@ -78,12 +78,16 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
 @click.option("--password-port", type=int, default=None, help="Optional TLS listener with password login.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--max-packet-size", type=int, default=0, help="Disconnect clients sending more (0: no limit).")
+@click.option("--persistence-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep sessions, queued downlinks and retained STATUS across broker restarts in DIR/mosquitto.db "
+                   "(saved every 60 s and at shutdown); DIR must exist and be writable by mosquitto's user.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
-def broker_config_command(fleet_dir, port, password_port, host, max_packet_size, output) -> None:
+def broker_config_command(fleet_dir, port, password_port, host, max_packet_size, persistence_dir, output) -> None:
     """Write a mosquitto 2.0 config for a fleet: TLS, client certificates or passwords, ACL, TCP_NODELAY,
     and a queue limit the coordinator cannot overflow."""
     from fedtiny.protocol.brokers import mosquitto_config
 
-    text = mosquitto_config(fleet_dir, port, password_port=password_port, host=host, max_packet_size=max_packet_size)
+    text = mosquitto_config(fleet_dir, port, password_port=password_port, host=host, max_packet_size=max_packet_size,
+                            persistence_dir=persistence_dir)
     Path(output).write_text(text)
     click.echo(f"wrote {output} (listener {host}:{port})")

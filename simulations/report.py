@@ -12,12 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROUND_FIELDS = ("round", "accuracy", "loss", "participants", "uplink_bytes", "downlink_bytes", "seconds")
 
 
-def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dict, baseline: dict | None = None) -> Path:
-    """run: settings and totals; rounds: one dict per round (ROUND_FIELDS); memory: the plan's memory report."""
+def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dict, baseline: dict | None = None,
+                 slow_rounds: dict[str, list[int]] | None = None) -> Path:
+    """run: settings and totals; rounds: one dict per round (ROUND_FIELDS); memory: the plan's memory report;
+    slow_rounds: the rounds each straggler was slow in (--stragglers)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(dict(run=run, rounds=rounds, memory=memory, baseline=baseline),
-                                                 indent=2, default=float))
+    devices = participation(out / "coordinator.jsonl", slow_rounds or {})
+    (out / "metrics.json").write_text(json.dumps(dict(run=run, rounds=rounds, memory=memory, baseline=baseline,
+                                                      devices=devices), indent=2, default=float))
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=ROUND_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -30,8 +33,38 @@ def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dic
         writer = csv.DictWriter(f, fieldnames=FLOW_FIELDS)
         writer.writeheader()
         writer.writerows(flows)
-    (out / "summary.md").write_text(summary(run, rounds, memory, baseline, flows))
+    (out / "summary.md").write_text(summary(run, rounds, memory, baseline, flows, devices))
     return out
+
+
+def participation(coordinator_log: Path, slow_rounds: dict[str, list[int]]) -> dict[str, dict]:
+    """Per device, from the coordinator's log: the rounds it was sent a TASK (`tasked`), those with an accepted
+    DELTA (`answered`), the tasked ones without (`missed`), and for a straggler the rounds it was slow in."""
+    tasked: dict[str, set[int]] = {}
+    answered: dict[str, set[int]] = {}
+    if Path(coordinator_log).exists():
+        for line in Path(coordinator_log).read_text().splitlines():
+            event = json.loads(line)
+            if event.get("event") == "task_sent":
+                tasked.setdefault(event["device"], set()).add(event["round"])
+            elif event.get("event") == "reply_accepted":
+                answered.setdefault(event["device"], set()).add(event["round"])
+    out = {}
+    for device in sorted(set(tasked) | set(answered) | set(slow_rounds)):
+        got, asked = answered.get(device, set()), tasked.get(device, set())
+        out[device] = dict(tasked=sorted(asked), answered=sorted(got), missed=sorted(asked - got),
+                           straggler=device in slow_rounds, slow_rounds=slow_rounds.get(device, []))
+    return out
+
+
+def stragglers_back(devices: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """(stragglers that missed a round and answered a later one after every miss, those that did not)."""
+    back, not_back = [], []
+    for device, d in devices.items():
+        if d["straggler"] and d["missed"]:
+            later = all(any(a > m for a in d["answered"]) for m in d["missed"])
+            (back if later else not_back).append(device)
+    return back, not_back
 
 
 FLOW_FIELDS = ("round", "device", "direction", "message", "bytes", "contents")
@@ -109,7 +142,8 @@ def _plot_memory(path, memory):
     plt.close(fig)
 
 
-def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, flows: list[dict]) -> str:
+def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, flows: list[dict],
+            devices: dict[str, dict] | None = None) -> str:
     last = rounds[-1] if rounds else {}
     up = sum(x["uplink_bytes"] for x in rounds) / max(1, sum(x["participants"] for x in rounds))
     flower = run.get("engine") == "flower"
@@ -145,6 +179,21 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
         f"{len({f['device'] for f in flows if f['message'] == 'DELTA'})} devices, "
         f"{sum(f['bytes'] for f in flows if f['message'] == 'DELTA'):,} bytes in all.", "",
     ]
+    stragglers = {k: d for k, d in (devices or {}).items() if d["straggler"]}
+    if stragglers:
+        back, not_back = stragglers_back(stragglers)
+        lines += [f"Stragglers: {len(stragglers)} of {run['nodes']} nodes, each slow (1.25-2 deadlines late) in a "
+                  f"random half of its rounds. {len(back) + len(not_back)} of them missed rounds; {len(back)} answered "
+                  f"a later round after every miss."]
+        for k in not_back:
+            d = stragglers[k]
+            last = min(m for m in d["missed"] if not any(a > m for a in d["answered"]))
+            fast = [r for r in d["tasked"] if r > last and r not in d["slow_rounds"]]
+            why = (f"though not slow in round(s) {fast}" if fast else "slow in every round after it"
+                   if any(r > last for r in d["tasked"]) else "the last round")
+            lines.append(f"- {k} missed {d['missed']}, answered {d['answered']}, slow in {d['slow_rounds']}: "
+                         f"nothing accepted after round {last} ({why})")
+        lines += ["metrics.json `devices` has every device's tasked, answered and missed rounds.", ""]
     if baseline:
         b_last = baseline["rounds"][-1]
         lines += ["## Against plain Flower + PyTorch fp32 (same task, data, rounds)", "",

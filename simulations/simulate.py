@@ -58,12 +58,18 @@ class SimulationConfig:
 ENGINES = ("mqtt", "flower")
 
 
+def _device_rng(seed: int, device: str, *keys: int) -> np.random.Generator:
+    """A device's own random stream (per round, ...), the same for the same seed. Keyed by the whole name: the sum
+    of its bytes, as before, made node002, node011 and node020 (and 50 nodes in 14 such groups) fail and lag
+    together."""
+    return np.random.default_rng([seed, len(device), *device.encode(), *keys])
+
+
 def _fails(seed: int, device: str, round_: int, fraction: float) -> bool:
     """Whether `device` drops out in `round_`: deterministic per seed, so runs are reproducible."""
     if fraction <= 0:
         return False
-    key = np.frombuffer(device.encode(), dtype=np.uint8).astype(np.uint64).sum()
-    return bool(np.random.default_rng([seed, int(key), round_, 1]).random() < fraction)
+    return bool(_device_rng(seed, device, round_, 1).random() < fraction)
 
 
 def _log_to(path: Path, *loggers: str) -> None:
@@ -104,14 +110,34 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
 
 def _faults(device: str, config: dict):
     """--dropout: the node fails the round: it does not train and answers nothing, then takes the next task as
-    a rebooted device would. --stragglers: the node is slow (a random delay of up to twice the deadline), so it
-    makes some rounds and misses others."""
+    a rebooted device would. --stragglers: the node is slow in some rounds (straggler_delay), so it makes some
+    rounds and misses others."""
     from fedtiny_device.agent import RoundFaults
 
-    rng = np.random.default_rng([config["seed"], len(device), sum(device.encode())])
-    straggler = rng.random() < config["stragglers"]
+    straggler = is_straggler(config, device)
     return RoundFaults(fails=lambda round_: _fails(config["seed"], device, round_, config["dropout"]),
-                       delay=lambda round_: 2 * rng.random() * config["deadline"] if straggler else 0.0)
+                       delay=lambda round_: straggler_delay(config, device, round_) if straggler else 0.0)
+
+
+def is_straggler(config: dict, device: str) -> bool:
+    """Whether `device` is one of the --stragglers share of nodes: deterministic per seed."""
+    return bool(_device_rng(config["seed"], device).random() < config["stragglers"])
+
+
+def straggler_delay(config: dict, device: str, round_: int) -> float:
+    """Seconds a straggler's round takes beyond its training. In a random half of its rounds it is slow: 1.25 to
+    2 deadlines (it misses the round); in the others at most a quarter of a deadline (it makes it, unless its
+    training takes most of the deadline). Drawn per (seed, device, round), so the rounds it is slow in do not
+    depend on how many tasks it got, and clear of the deadline, so that scheduling noise does not decide
+    whether it makes a round."""
+    slow, share = _device_rng(config["seed"], device, round_, 2).random(2)
+    return config["deadline"] * ((1.25 + 0.75 * share) if slow < 0.5 else 0.25 * share)
+
+
+def slow_rounds(config: dict, devices: list[str]) -> dict[str, list[int]]:
+    """The rounds each straggler is slow in (the run's record of the --stragglers draw)."""
+    return {d: [r for r in range(1, config["rounds"] + 1) if straggler_delay(config, d, r) > config["deadline"]]
+            for d in devices if is_straggler(config, d)}
 
 
 def device_name(index: int) -> str:
@@ -222,7 +248,8 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     target = 0.9 * max(r["accuracy"] for r in rounds) if rounds else 0.0
     broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
-                   broker=broker, seed=config.seed, dropout=config.dropout, engine=config.engine,
+                   broker=broker, seed=config.seed, dropout=config.dropout, stragglers=config.stragglers,
+                   deadline=config.deadline, engine=config.engine,
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
                    wall_seconds=time.perf_counter() - started, target_accuracy=target,
                    rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
@@ -237,7 +264,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     from fedtiny_device.codegen import plan_scratch_bytes
 
     memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
-    write_report(run, summary, rounds, memory, baseline)
+    write_report(run, summary, rounds, memory, baseline, slow_rounds(asdict(config), devices))
     return dict(summary, rounds=rounds, baseline=baseline)
 
 

@@ -75,8 +75,7 @@ def test_no_raw_sample_in_any_published_payload(amqtt_broker, fleet_dir, model, 
     plan, x, y = model
     link = make_link(amqtt_broker, fleet_dir, plan)
     rec = Recorder()
-    agent = make_agent(amqtt_broker, fleet_dir, model, "raw-0", 0, tmp_path)
-    agent.uplink_filter = rec
+    agent = make_agent(amqtt_broker, fleet_dir, model, "raw-0", 0, tmp_path, transport_wrapper=rec.wrap)
     will = agent.session.last_will(0.0)
     agent.start()
     try:
@@ -129,8 +128,7 @@ def test_interrupted_upload_resumes(broker, fleet_dir, model, tmp_path, how):
         return False
 
     rec.drop = drop
-    agent = make_agent(broker, fleet_dir, model, name, 0, tmp_path, ack_timeout_s=60)
-    agent.uplink_filter = rec
+    agent = make_agent(broker, fleet_dir, model, name, 0, tmp_path, ack_timeout_s=60, transport_wrapper=rec.wrap)
     agent.start()
     try:
         wait_for(lambda: any(d.device == name for d in link.devices()), what="JOIN")
@@ -146,10 +144,10 @@ def test_interrupted_upload_resumes(broker, fleet_dir, model, tmp_path, how):
             agent.transport.drop_connection()
         else:
             agent.kill()
-            agent = make_agent(broker, fleet_dir, model, name, 0, tmp_path, ack_timeout_s=60)
+            agent = make_agent(broker, fleet_dir, model, name, 0, tmp_path, ack_timeout_s=60,
+                               transport_wrapper=rec.wrap)
             assert agent.restored and agent.model_version == version == 1 and agent.rng_counter == counter
             assert agent.session.state.upload is not None
-            agent.uplink_filter = rec
             agent.start()
         replies = collect(link, 1)
         assert len(replies) == 1 and replies[0].round == 1

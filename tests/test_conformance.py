@@ -48,7 +48,7 @@ def replay(name: str) -> int:
     spec = json.loads((HERE / "fleet.json").read_text())
     plan = load_plan(HERE / "plan.ftp")
     device = device_session(plan, spec)
-    job = None
+    job, jobs = None, {}
     lines = [json.loads(line) for line in (HERE / f"{name}.jsonl").read_text().splitlines()]
     for i, line in enumerate(lines):
         where = f"{name}.jsonl line {i + 1} ({line['op']} at {line['now']})"
@@ -57,7 +57,8 @@ def replay(name: str) -> int:
         elif line["op"] == "tick":
             out = device.tick(line["now"])
         elif line["op"] == "complete":
-            out = device.complete(job, train_result(line["result"]), line["now"])
+            out = device.complete(jobs[line["round"]] if "round" in line else job, train_result(line["result"]),
+                                  line["now"])
         else:
             before = persisted(device)
             try:
@@ -68,6 +69,8 @@ def replay(name: str) -> int:
                 assert persisted(device) == before, f"{where}: a refused frame changed the session"
             assert error == line["error"], f"{where}: refused as {error}, the transcript says {line['error']}"
             assert job_dict(job if error is None else None) == line["job"], f"{where}: job"
+            if job is not None:
+                jobs[job.round] = job
         assert frames(out) == line["out"], f"{where}: the publishes differ from the transcript"
     return len(lines)
 

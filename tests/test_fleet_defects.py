@@ -7,6 +7,8 @@ where a broker is involved, or on the sans-IO sessions where a number is measure
     fresh database    a coordinator that lost its state gets full participation from devices at round 40
     visibility        every refused message is a Rejection; replayed DELTAs get rate-limited ACKs
     durability        downlink seqs are reserved on disk before use; the state database is 0600
+    straggler         a TASK of a later round supersedes the job in progress: a device that missed a round
+                      answers the next one when asked, instead of first finishing (and uploading) the old one
 """
 
 import os
@@ -33,12 +35,13 @@ from fedtiny.protocol.messages import Delta, MessageType
 from fedtiny.protocol.update import encode_update, state_delta
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
+from fedtiny.transport.faults import FaultyTransport
 from fedtiny.transport.mqtt import CoordinatorLink, MqttTransport, load_fleet
-from fedtiny_device.agent import NodeAgent
+from fedtiny_device.agent import NodeAgent, RoundFaults
 from fedtiny.interpreter import quantize_input
 
 FLEET = "plant"
-DEVICES = [f"d{i}" for i in range(6)]
+DEVICES = [f"d{i}" for i in range(7)]
 SAMPLES = 16
 
 
@@ -111,10 +114,10 @@ def test_a_device_acked_after_a_later_task_trains_again(mosquitto, fleet_dir, mo
     used to carry round 1, which the device then refused as stale, holding its upload (and itself) forever."""
     plan = model[0]
     link = CoordinatorLink(mosquitto, fleet_dir, plan, fleet=FLEET).start()
-    node = agent(mosquitto, fleet_dir, model, 0, tmp_path, ack_timeout_s=1.5)
+    node = agent(mosquitto, fleet_dir, model, 0, tmp_path, ack_timeout_s=1.5, transport_wrapper=FaultyTransport)
     held = {"on": True}
-    node.uplink_filter = lambda p: not (held["on"] and "/up/" in p.topic and p.payload[:2] == b"FC"
-                                        and node.session.state.upload is not None)
+    node.transport.drop = lambda p: (held["on"] and "/up/" in p.topic and p.payload[:2] == b"FC"
+                                     and node.session.state.upload is not None)
     node.start()
     try:
         wait_for(lambda: any(d.device == DEVICES[0] for d in link.devices()), what="JOIN")
@@ -340,3 +343,59 @@ def device_endpoint_of(folder):
     (entry,) = manifest["devices"].values()
     return DeviceEndpoint(manifest["fleet_id"], entry["id"], Identity.from_bytes((folder / "identity.key").read_bytes()),
                           PublicIdentity.from_bytes((folder / "coordinator.pub").read_bytes()))
+
+
+# --- 8. stragglers ------------------------------------------------------------------------------------------
+
+def test_a_later_task_supersedes_the_job_in_progress(fleet_dir, model, tmp_path):
+    """Sans-IO: TASK 2 arrives while the job of round 1 runs (the coordinator closed round 1 at its deadline).
+    The session hands out job 2, and completing job 1 sends nothing: its DELTA would only be refused."""
+    plan, x, y = model
+    coordinator = session(fleet_dir, plan)
+    node = NodeAgent(DEVICES[3], "mqtt://127.0.0.1:1", fleet_dir, plan, x[:SAMPLES], y[:SAMPLES], fleet=FLEET,
+                     state_dir=tmp_path, seed=3, chunk_size=256)  # never started: its session and training only
+    device = node.session
+
+    def deliver(publishes):
+        jobs = [device.receive(p.topic, p.payload, 0.0)[1] for p in publishes]
+        return jobs[-1]
+
+    job1 = deliver(coordinator.send_task(DEVICES[3], 1, 0, None, {}))
+    assert job1.round == 1 and not device.superseded(job1)
+    job2 = deliver(coordinator.send_task(DEVICES[3], 2, 0, None, {}))
+    assert job2.round == 2 and device.superseded(job1) and not device.superseded(job2)
+    seq = device.state.seq
+    assert device.complete(job1, node.training.run(job1), 1.0) == []
+    assert device.state.seq == seq and device.state.upload is None and device.state.trained_round == -1
+    device.skip(job1)  # neither does skipping it touch the newer task
+    assert device.state.pending_task["round"] == 2
+    for p in device.complete(job2, node.training.run(job2), 2.0):
+        coordinator.receive(p.topic, p.payload, 2.0)
+    assert [r.round for r in coordinator.take_replies()] == [2]
+    assert device.pending_job() is None  # answered: nothing left to run
+
+
+def test_a_straggler_answers_the_next_round_when_asked(mosquitto, fleet_dir, model, tmp_path):
+    """Round 1 takes the node 60 s. TASK 2 comes after 1 s, as it would once round 1 closed at a short deadline:
+    the node answers round 2 at once and never uploads round 1. It used to finish round 1 first (a DELTA the
+    coordinator refuses as being for the wrong round) and start round 2 a minute late, missing it too: a
+    straggler that missed one round kept missing the next."""
+    plan = model[0]
+    link = CoordinatorLink(mosquitto, fleet_dir, plan, fleet=FLEET).start()
+    node = agent(mosquitto, fleet_dir, model, 6, tmp_path, faults=RoundFaults(delay=lambda r: 60.0 if r == 1 else 0.0))
+    node.start()
+    try:
+        wait_for(lambda: any(d.device == DEVICES[6] for d in link.devices()), what="JOIN")
+        link.send_task(DEVICES[6], 1, 0, plan.initial_state(), {})
+        wait_for(lambda: node.session.state.pending_task is not None, what="TASK 1 accepted")
+        time.sleep(1.0)
+        asked = time.monotonic()
+        link.send_task(DEVICES[6], 2, 0, plan.initial_state(), {})
+        replies = collect(link, 1, timeout=20.0)
+        assert [r.round for r in replies] == [2], replies
+        assert time.monotonic() - asked < 20.0
+        assert link.replies(1.0) == [] and link.stats["replies"] == 1  # no DELTA for round 1, now or later
+        assert node.rounds_done == 1 and node.session.state.trained_round == 2
+    finally:
+        node.stop()
+        link.close()

@@ -20,6 +20,7 @@ from fedtiny.compiler import compile_plan
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.brokers import EmbeddedBroker, MosquittoProcess, free_port, mosquitto_config
 from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, DeviceEndpoint, Header, Identity, PublicIdentity
+from fedtiny.transport.faults import FaultyTransport
 from fedtiny.transport.mqtt import CoordinatorLink, load_fleet
 from fedtiny.protocol.topics import Publish
 from fedtiny.protocol.update import apply_delta, apply_global_update, clip_delta, decode_update, encode_update, entries_to_state, global_update, row_scales, split_uplink, state_delta, state_entries
@@ -140,17 +141,21 @@ def shifted_state(plan, rng):
 
 
 class Recorder:
-    """uplink_filter that records what an agent publishes and can drop frames."""
+    """A FaultyTransport drop rule that records what an agent publishes; `drop` picks the frames to lose.
+    `NodeAgent(..., transport_wrapper=recorder.wrap)`."""
 
     def __init__(self):
         self.sent: list[Publish] = []
         self.drop = lambda p: False
 
-    def __call__(self, publish):
+    def __call__(self, publish) -> bool:
         if self.drop(publish):
-            return False
+            return True
         self.sent.append(publish)
-        return True
+        return False
+
+    def wrap(self, transport) -> FaultyTransport:
+        return FaultyTransport(transport, drop=self)
 
 
 def is_multi_chunk(publish):
@@ -164,9 +169,9 @@ def test_join_and_round_of_three_bit_exact(broker, fleet_dir, model, tmp_path):
     names = [f"round-{i}" for i in range(3)]
     link = make_link(broker, fleet_dir, plan)
     recorders = [Recorder() for _ in names]
-    agents = [make_agent(broker, fleet_dir, model, n, i, tmp_path) for i, n in enumerate(names)]
-    for agent, rec in zip(agents, recorders):
-        agent.uplink_filter = rec
+    agents = [make_agent(broker, fleet_dir, model, n, i, tmp_path, transport_wrapper=rec.wrap)
+              for i, (n, rec) in enumerate(zip(names, recorders))]
+    for agent in agents:
         agent.start()
     try:
         seen = wait_for(lambda: {d.device: d for d in link.devices() if d.device in names and d.memory_budget}
@@ -235,9 +240,7 @@ def test_duplicates_replay_and_tampering_change_nothing(amqtt_broker, fleet_dir,
     up = topics.uplink(FLEET, name)
     link = make_link(amqtt_broker, fleet_dir, plan)
     rec = Recorder()
-    agent = make_agent(amqtt_broker, fleet_dir, model, name, 0, tmp_path)
-    agent.uplink_filter = rec
-    agent.start()
+    agent = make_agent(amqtt_broker, fleet_dir, model, name, 0, tmp_path, transport_wrapper=rec.wrap).start()
     raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"attacker-{unique()}")
     raw.username_pw_set(name, (fleet_dir / f"devices/{name}/password").read_text())
     raw.connect(amqtt_broker.host, amqtt_broker.port)

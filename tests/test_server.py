@@ -560,6 +560,13 @@ def test_broker_config_command(tmp_path):
     for needle in ("listener 8883", "cafile", "require_certificate true", "password_file", "acl_file",
                    "set_tcp_nodelay true", "max_queued_messages 100000", "allow_anonymous false"):
         assert needle in text
+    assert "persistence false" in text
+    res = CliRunner().invoke(broker_config_command, ["--fleet-dir", str(tmp_path / "fleet"), "--port", "8883",
+                                                     "--persistence-dir", str(tmp_path / "db"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    assert "persistence true" in text and f"persistence_location {tmp_path / 'db'}/" in text
+    assert "persistence false" not in text
 
 
 # --- the ServerApp ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from fedtiny.compiler import compile_plan
 from fedtiny.interpreter import quantize_input
 from fedtiny.planfile import save_plan
 from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
+from fedtiny.transport.faults import FaultyTransport
 from fedtiny.transport.mqtt import CoordinatorLink
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.quantize import quantize
@@ -117,7 +118,7 @@ def test_full_run_improves_accuracy(fleet, task, tmp_path):
 def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
     url, keys, names = fleet
     plan, _, _ = task
-    agents = start_agents(url, keys, names, task, tmp_path / "nodes")
+    agents = start_agents(url, keys, names, task, tmp_path / "nodes", transport_wrapper=FaultyTransport)
     victim = agents[1]
     link = CoordinatorLink(url, keys, plan, fleet=FLEET).start()
     send_task = link.send_task
@@ -125,7 +126,7 @@ def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
     def send_and_kill(device, round_, *args):
         nbytes = send_task(device, round_, *args)
         if device == victim.device and round_ == 2:
-            victim.uplink_filter = lambda p: False  # power cut mid-round: nothing more leaves the node
+            victim.transport.drop = lambda p: True  # power cut mid-round: nothing more leaves the node
             victim.kill()
         return nbytes
 
@@ -172,7 +173,7 @@ def test_coordinator_killed_and_restarted_resumes(fleet, task, tmp_path):
     url, keys, names = fleet
     plan, _, _ = task
     names = names[:3]
-    agents = start_agents(url, keys, names, task, tmp_path / "nodes")
+    agents = start_agents(url, keys, names, task, tmp_path / "nodes", transport_wrapper=FaultyTransport)
     slow = agents[2]
     plan_path, db = tmp_path / "mlp.plan", tmp_path / "state.db"
     save_plan(plan, plan_path)
@@ -196,7 +197,7 @@ def test_coordinator_killed_and_restarted_resumes(fleet, task, tmp_path):
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "round 1 did not complete"
             time.sleep(0.05)
-        slow.uplink_filter = lambda p: "/up/" not in p.topic
+        slow.transport.drop = lambda p: "/up/" in p.topic
         while len(_db(db, "SELECT device FROM replies WHERE round = 2")) < 2:
             assert time.monotonic() < deadline, "round 2 replies did not arrive"
             time.sleep(0.05)
@@ -206,7 +207,7 @@ def test_coordinator_killed_and_restarted_resumes(fleet, task, tmp_path):
         stored = {r[0] for r in _db(db, "SELECT device FROM replies WHERE round = 2 AND aggregated = 0")}
         assert stored == set(names[:2])
 
-        slow.uplink_filter = None  # its unacknowledged upload is re-sent to whoever listens now
+        slow.transport.drop = lambda p: False  # its unacknowledged upload is re-sent to whoever listens now
         link = CoordinatorLink(url, keys, plan, fleet=FLEET).start()
         try:
             wait_online(link, 3)

@@ -20,6 +20,7 @@ from test_server_e2e import FLEET, NODES, breast_cancer_task, fleet, start_agent
 from fedtiny.planfile import save_plan
 from fedtiny.protocol import chunking
 from fedtiny.transport import mqtt as mqtt_transport
+from fedtiny.transport.faults import FaultyTransport
 from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
 from fedtiny.protocol.envelope import Header
 from fedtiny.protocol.keys import provision_fleet
@@ -209,11 +210,12 @@ def test_gateway_restarted_between_rounds_refuses_an_uplink_from_before(  # noqa
             return super().start()
 
     monkeypatch.setattr(mqtt_transport, "CoordinatorLink", RecordedLink)  # what site_round builds
-    agents = start_agents(url, keys, names, task, tmp_path / "nodes", heartbeat_s=30.0)
+    agents = start_agents(url, keys, names, task, tmp_path / "nodes", heartbeat_s=30.0,
+                          transport_wrapper=FaultyTransport)
     device = agents[0]
     deltas, held, transfers = [], [], set()
 
-    def uplink(p) -> bool:
+    def held_back(p) -> bool:
         chunk = chunking.parse_chunk(p.payload)
         header = Header.unpack(chunk.data) if chunk.index == 0 else None
         if header is not None and header.type == MessageType.DELTA and header.round == 1:
@@ -222,10 +224,10 @@ def test_gateway_restarted_between_rounds_refuses_an_uplink_from_before(  # noqa
             deltas.append(p)
         if header is not None and header.type == MessageType.JOIN and header.round == 1:
             held.append(p)
-            return False
-        return True
+            return True
+        return False
 
-    device.uplink_filter = uplink
+    device.transport.drop = held_back
     try:
         deadline = time.monotonic() + 20
         while not all(a.transport.connected.is_set() for a in agents):
@@ -233,11 +235,14 @@ def test_gateway_restarted_between_rounds_refuses_an_uplink_from_before(  # noqa
             time.sleep(0.05)
         master = dequantize_state(tensor_specs(plan), plan.initial_state())
         arrays, first = site_round(settings, 1, ArrayRecord({k: Array(np.asarray(v)) for k, v in master.items()}))
+        deadline = time.monotonic() + 10  # the round may end before the device has its ACK and sends the JOIN
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert len(transfers) == 1 and held, "the device sent one DELTA in round 1, then a JOIN"
         # the gateway is down: the device's old DELTA goes out again, then its held JOIN
+        device.transport.drop = lambda p: False
         for p in deltas + held:
             assert device.transport.wait_published(device.transport.publish(p)) is not None
-        device.uplink_filter = None
         _, second = site_round(settings, 2, arrays)
     finally:
         for a in agents:

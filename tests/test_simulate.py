@@ -109,6 +109,35 @@ def test_stragglers_are_waited_for_until_the_deadline_only(tmp_path):
     assert min(participants) < 4 and sum(participants) >= 1, participants
 
 
+def test_a_straggler_that_missed_a_round_answers_the_next_it_is_not_slow_in(tmp_path):
+    """--stragglers, checked from the run's own records: metrics.json says which rounds each device was sent a
+    TASK for, had a DELTA accepted in and, for a straggler, was slow in (data_flow.csv lists the same accepted
+    DELTAs). A straggler misses exactly its slow rounds, and after a miss answers the first later round it is
+    not slow in (seed 2: five misses followed by a round the straggler is not slow in, after overruns of 1.5 to 2
+    deadlines)."""
+    out = tmp_path / "stragglers"
+    result = simulate(SimulationConfig(nodes=8, rounds=4, scenario="medical", stragglers=0.5, deadline=3.0,
+                                       out=str(out), seed=2))
+    devices = json.loads((out / "metrics.json").read_text())["devices"]
+    flows = list(csv.DictReader(open(out / "data_flow.csv")))
+    for name, d in devices.items():
+        accepted = sorted(int(f["round"]) for f in flows if f["message"] == "DELTA" and f["device"] == name)
+        assert accepted == d["answered"] and d["tasked"] == [1, 2, 3, 4], (name, d)
+        assert d["missed"] == d["slow_rounds"], (name, d)  # no straggler: none; a straggler: its slow rounds
+    stragglers = {k: d for k, d in devices.items() if d["straggler"]}
+    comebacks = 0
+    for name, d in stragglers.items():
+        for missed in d["missed"]:
+            fast_later = [r for r in range(missed + 1, 5) if r not in d["slow_rounds"]]
+            if fast_later:
+                assert fast_later[0] in d["answered"], (name, d)
+                comebacks += 1
+    assert len(stragglers) == 4 and comebacks == 5, stragglers
+    assert "answered a later round after every miss" in (out / "summary.md").read_text()
+    assert [r["participants"] for r in result["rounds"]] == [8 - sum(r in d["slow_rounds"] for d in stragglers.values())
+                                                             for r in range(1, 5)]
+
+
 # --- --engine flower: the same node logic as ClientApps in Flower's simulation engine on Ray ------------------
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,8 @@ def mosquitto_config(
     host: str = "127.0.0.1",
     run_as_root: bool = False,
     max_packet_size: int = 0,
+    persistence_dir: str | Path | None = None,
+    autosave_interval: int = 60,
 ) -> str:
     """A mosquitto 2.0 config for a fleet provisioned by keys.provision_fleet; it reads only fleet_dir/broker/.
 
@@ -155,6 +157,9 @@ def mosquitto_config(
     would wipe the coordinator's queued uplinks). Both share the ACL and the CRL (broker/crl.pem: revoked client
     certificates; mosquitto 2.0.11 reads it at start and on SIGHUP, see MosquittoProcess.reload). Mosquitto started
     as root drops to user `mosquitto`, which cannot read the 0600 key files; run_as_root keeps it root (tests only).
+    `persistence_dir`: keep sessions, subscriptions, queued QoS 1 messages (a sleeping device's downlinks) and
+    retained STATUS messages across broker restarts, in DIR/mosquitto.db, saved every `autosave_interval`
+    seconds and at a clean shutdown: a broker killed without warning loses what changed since the last save.
     """
     d = Path(fleet_dir).resolve() / "broker"
     tls = [
@@ -172,7 +177,8 @@ def mosquitto_config(
         f"password_file {d / 'passwd'}",
         f"acl_file {d / 'acl'}",
         "set_tcp_nodelay true",
-        "persistence false",
+        *(["persistence true", f"persistence_location {Path(persistence_dir).resolve()}/",
+           f"autosave_interval {autosave_interval}"] if persistence_dir else ["persistence false"]),
         # A coordinator reading every uplink must not lose messages to the default queue limit of 1000.
         "max_queued_messages 100000",
         "max_inflight_messages 0",

@@ -127,7 +127,12 @@ def load_state(path: Path, plan: Plan) -> NodeState:
 class DeviceSession:
     """One device's protocol, sans-IO. Every method returns the publishes to make (in order); `receive` may
     also return a TrainJob for the caller to run, whose result goes back through `complete`. `now` is any
-    monotonic clock in seconds, passed in."""
+    monotonic clock in seconds, passed in.
+
+    A device keeps taking downlinks while it trains. A TASK of a later round supersedes the job in progress:
+    `receive` returns the new job, and the old one is dropped (`superseded`, and `complete` sends nothing for
+    it). A straggler that misses a round thus starts the next one when it is asked, not after finishing the
+    round nobody waits for any more."""
 
     def __init__(self, plan: Plan, device: str, fleet: str, endpoint: DeviceEndpoint, state: NodeState,
                  chunk_size: int, save: Callable[[NodeState], None], ack_timeout: float = 15.0,
@@ -311,18 +316,31 @@ class DeviceSession:
         """A task received before a restart and never answered."""
         return self._next_job()
 
+    def superseded(self, job: TrainJob) -> bool:
+        """Whether a TASK of a later round came after `job`'s: the coordinator gave up waiting for this round
+        (it sends a device a new TASK only once the old one closed), so an answer to it would only be refused.
+        The caller drops the job and runs the newer one, which `receive` returned."""
+        task = self.state.pending_task
+        return task is None or task["round"] != job.round
+
     def skip(self, job: TrainJob) -> None:
         """The device will not answer this job (it failed the round): the next TASK finds it ready."""
+        if self.superseded(job):
+            return
         self.state.trained_round = job.round
         self.state.pending_task = None
         self.persist()
 
     def complete(self, job: TrainJob, result: TrainResult, now: float) -> list[Publish]:
-        """Seal the round's DELTA (update.uplink of the trained state from the job's base, and the metrics)."""
+        """Seal the round's DELTA (update.uplink of the trained state from the job's base, and the metrics); for a
+        superseded job nothing is sealed or sent, and its change is dropped (it was made from an older model)."""
+        self.state.rng_counter = result.rng_counter  # the trainer drew its random numbers either way
+        if self.superseded(job):
+            self.persist()
+            return []
         body, self.state.carry = uplink(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
                                         clip_norm=job.clip_norm, num_examples=result.num_examples,
                                         loss=result.loss, accuracy=result.accuracy)
-        self.state.rng_counter = result.rng_counter
         self.state.trained_round = job.round
         self.state.pending_task = None
         self.state.upload_chunk = self.chunk_size

@@ -11,6 +11,7 @@ transcript per scenario. Each line is one call on the device session and what it
     {"op": "connect", "now": t, "out": [[topic, hex, retain], ...]}
     {"op": "receive", "now": t, "topic": ..., "frame": hex, "out": [...], "job": {...} | null, "error": reason | null}
     {"op": "complete", "now": t, "result": {state, num_examples, loss, accuracy, rng_counter}, "out": [...]}
+        (the job last returned; with "round": r, the job of round r a receive returned before: a superseded one)
     {"op": "tick", "now": t, "out": [...]}
 
 A device starts from the plan's initial state at model version 0, run 0, seq 0, its clock at 0.
@@ -140,9 +141,12 @@ class Recorder:
             out += self.receive(p.topic, p.payload, now)
         return out
 
-    def complete(self, result: TrainResult, now: float):
-        out = self.device.complete(self.job, result, now)
-        self.lines.append(dict(op="complete", now=now, result=result_dict(result), out=frames(out)))
+    def complete(self, result: TrainResult, now: float, job=None):
+        out = self.device.complete(job or self.job, result, now)
+        line = dict(op="complete", now=now, result=result_dict(result), out=frames(out))
+        if job is not None:
+            line["round"] = job.round
+        self.lines.append(line)
         return out
 
     def tick(self, now: float):
@@ -202,6 +206,19 @@ def late_ack(plan, spec) -> Recorder:
     return r
 
 
+def superseded_job(plan, spec) -> Recorder:
+    """The TASK of round 2 (after a GLOBAL_UPDATE) arrives while round 1 is still being trained, as it does once
+    the coordinator closed round 1 at its deadline: round 1 is dropped without a DELTA, round 2 answered."""
+    r = Recorder(plan, spec)
+    join_and_task(r, 1, 1, new_global(plan, 1), 1.0)
+    first = r.job
+    r.deliver(r.coordinator.send_task(DEVICE, 2, 2, new_global(plan, 2), {"epochs": 1}), 20.0)
+    assert r.complete(trained(plan, first.base, 11), 25.0, job=first) == []
+    ack = r.up(r.complete(trained(plan, r.job.base, 12), 26.0), 26.0)
+    r.deliver(ack, 26.1)
+    return r
+
+
 def rejected_frames(plan, spec) -> Recorder:
     """One frame of each kind a device must refuse, each changing nothing, between valid ones."""
     r = Recorder(plan, spec)
@@ -237,7 +254,7 @@ def rejected_frames(plan, spec) -> Recorder:
 
 
 SCENARIOS = {"round_trip": round_trip, "resumed_upload": resumed_upload, "late_ack": late_ack,
-             "rejected_frames": rejected_frames}
+             "superseded_job": superseded_job, "rejected_frames": rejected_frames}
 
 
 def main() -> None:
