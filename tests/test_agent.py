@@ -153,9 +153,13 @@ def test_interrupted_upload_resumes(broker, fleet_dir, model, tmp_path, how):
         assert len(replies) == 1 and replies[0].round == 1
         want, _ = expected_delta(model, 0, 1, global1)
         assert all(np.array_equal(replies[0].delta[b], want[b]) for b in want)
-        assert link.stats["missing_requests"] >= 1
-        if how == "reconnect":
+        if how == "reconnect":  # the coordinator asked for exactly the missing chunks
+            assert link.stats["missing_requests"] >= 1
             assert agent.session.resent_chunks == total - 5 and agent.transport.connects == 2
+        else:  # a restarted device sends its persisted upload whole, and may be asked for the rest first,
+            # depending on whether its heartbeat comes 0.5 s after the last chunk: either way the chunks the
+            # coordinator already had arrive again as duplicates, or were never resent
+            assert link.stats["missing_requests"] >= 1 or link.stats["duplicate_chunks"] >= 5, link.stats
         wait_for(lambda: agent.session.state.upload is None, what="ACK of the upload")
         assert link.replies(0.5) == []  # resent whole or in part, the round is answered once
 
