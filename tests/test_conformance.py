@@ -16,18 +16,7 @@ from fedtiny.protocol.errors import ProtocolError
 
 HERE = Path(__file__).parent / "conformance"
 sys.path.insert(0, str(HERE))
-from make_transcripts import SCENARIOS, device_session  # noqa: E402
-
-
-def frames(publishes) -> list:
-    return [[p.topic, p.payload.hex(), p.retain] for p in publishes]
-
-
-def job_dict(job):
-    if job is None:
-        return None
-    return dict(round=job.round, model_version=job.model_version, epochs=job.epochs, steps=job.steps,
-                uplink_keep=job.uplink_keep, clip_norm=job.clip_norm)
+from make_transcripts import SCENARIOS, device_session, frames, job_dict  # noqa: E402
 
 
 def train_result(d: dict) -> TrainResult:

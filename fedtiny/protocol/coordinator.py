@@ -253,7 +253,7 @@ class CoordinatorSession:
         if done is not None:  # a chunk of an upload already complete: resent after a reconnect or a lost ACK
             self.stats["duplicate_chunks"] += 1
             if chunk.index == chunk.count - 1:
-                out += self._ack_again(device, done, now)
+                out += done if self._may_ack_again(device, now) else []
             return
         result = self._reassembler(device).accept(frame, now, device)
         if result.duplicate:
@@ -319,11 +319,8 @@ class CoordinatorSession:
         """ACK OK for the DELTA with this seq, remembered so that a resend of it or of its chunks is ACKed again.
         ACKs for DELTAs already answered are rate-limited per device: a replayed DELTA costs a signature check,
         never a signed reply each time."""
-        if stale:
-            if now - self._stale_acked.get(device, -self.STALE_ACK_INTERVAL_S) < self.STALE_ACK_INTERVAL_S:
-                self.stats["stale_acks_suppressed"] += 1
-                return []
-            self._stale_acked[device] = now
+        if stale and not self._may_ack_again(device, now):
+            return []
         acks = self._downlink(device, Ack(MessageType.DELTA, AckStatus.OK, header.seq), header.round,
                               header.model_version)
         self._acks[(device, header.seq)] = acks  # device transfer ids are their envelope seqs
@@ -331,12 +328,13 @@ class CoordinatorSession:
             del self._acks[next(iter(self._acks))]
         return acks
 
-    def _ack_again(self, device: str, acks: list[Publish], now: float) -> list[Publish]:
+    def _may_ack_again(self, device: str, now: float) -> bool:
+        """At most one ACK per device every STALE_ACK_INTERVAL_S for DELTAs already answered (resends, replays)."""
         if now - self._stale_acked.get(device, -self.STALE_ACK_INTERVAL_S) < self.STALE_ACK_INTERVAL_S:
             self.stats["stale_acks_suppressed"] += 1
-            return []
+            return False
         self._stale_acked[device] = now
-        return acks
+        return True
 
     def _delta(self, device: str, header: Header, body: Delta, uplink_bytes: int, now: float) -> list[Publish]:
         delta, metrics = decode_update(self.plan, body)  # raises (before any state change) if it does not fit
