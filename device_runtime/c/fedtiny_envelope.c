@@ -1,5 +1,6 @@
 /* The fedtiny envelope on the node (protocol version 2): see fedtiny_envelope.h and docs/protocol.md. */
 #include "fedtiny_envelope.h"
+#include "fedtiny_profile.h"
 
 #include <string.h>
 
@@ -132,9 +133,9 @@ void fedtiny_env_derive_key(uint8_t key[32], const uint8_t own_x25519_secret[32]
     crypto_wipe(shared, sizeof shared);
 }
 
-int fedtiny_env_node_init(fedtiny_env_node *node, uint32_t fleet_id, uint32_t device_id,
-                          const uint8_t identity[FEDTINY_ENV_IDENTITY_BYTES],
-                          const uint8_t coordinator_public[FEDTINY_ENV_PUBLIC_BYTES])
+static int node_init_unprofiled(fedtiny_env_node *node, uint32_t fleet_id, uint32_t device_id,
+                                const uint8_t identity[FEDTINY_ENV_IDENTITY_BYTES],
+                                const uint8_t coordinator_public[FEDTINY_ENV_PUBLIC_BYTES])
 {
     static const uint8_t zero[32] = {0};
     uint8_t seed[32], public_key[32], shared[32];
@@ -164,9 +165,9 @@ void fedtiny_env_node_wipe(fedtiny_env_node *node)
 
 /* ---- seal an uplink ---------------------------------------------------------------------------------------- */
 
-int fedtiny_env_seal(const fedtiny_env_node *node, uint8_t type, uint16_t flags, uint16_t run, uint32_t round,
-                     uint32_t model_version, uint32_t seq, const uint8_t *body, uint32_t body_len, uint8_t *out,
-                     size_t out_capacity, size_t *out_len)
+static int seal_unprofiled(const fedtiny_env_node *node, uint8_t type, uint16_t flags, uint16_t run,
+                           uint32_t round, uint32_t model_version, uint32_t seq, const uint8_t *body,
+                           uint32_t body_len, uint8_t *out, size_t out_capacity, size_t *out_len)
 {
     fedtiny_env_header h;
     uint8_t *payload = out + FEDTINY_ENV_HEADER_BYTES;
@@ -210,8 +211,9 @@ int fedtiny_env_seal(const fedtiny_env_node *node, uint8_t type, uint16_t flags,
 
 /* ---- open a downlink --------------------------------------------------------------------------------------- */
 
-int fedtiny_env_open(const fedtiny_env_node *node, uint8_t *envelope, size_t length, fedtiny_env_replay_hook hook,
-                     void *hook_context, fedtiny_env_header *header, uint32_t *body_len)
+static int open_unprofiled(const fedtiny_env_node *node, uint8_t *envelope, size_t length,
+                           fedtiny_env_replay_hook hook, void *hook_context, fedtiny_env_header *header,
+                           uint32_t *body_len)
 {
     fedtiny_env_header h;
     uint8_t *payload = envelope + FEDTINY_ENV_HEADER_BYTES;
@@ -360,4 +362,38 @@ void fedtiny_env_replay_commit(fedtiny_env_replay *replay, const fedtiny_env_hea
     if (s->count < FEDTINY_ENV_REPLAY_WINDOW) {
         s->count++;
     }
+}
+
+/* The public entry points: the work above, counted as the node's crypto (fedtiny_profile.h). */
+int fedtiny_env_node_init(fedtiny_env_node *node, uint32_t fleet_id, uint32_t device_id,
+                          const uint8_t identity[FEDTINY_ENV_IDENTITY_BYTES],
+                          const uint8_t coordinator_public[FEDTINY_ENV_PUBLIC_BYTES])
+{
+    int status;
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_CRYPTO);
+    status = node_init_unprofiled(node, fleet_id, device_id, identity, coordinator_public);
+    FEDTINY_PROFILE_LEAVE();
+    return status;
+}
+
+int fedtiny_env_seal(const fedtiny_env_node *node, uint8_t type, uint16_t flags, uint16_t run, uint32_t round,
+                     uint32_t model_version, uint32_t seq, const uint8_t *body, uint32_t body_len, uint8_t *out,
+                     size_t out_capacity, size_t *out_len)
+{
+    int status;
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_CRYPTO);
+    status = seal_unprofiled(node, type, flags, run, round, model_version, seq, body, body_len, out, out_capacity,
+                             out_len);
+    FEDTINY_PROFILE_LEAVE();
+    return status;
+}
+
+int fedtiny_env_open(const fedtiny_env_node *node, uint8_t *envelope, size_t length, fedtiny_env_replay_hook hook,
+                     void *hook_context, fedtiny_env_header *header, uint32_t *body_len)
+{
+    int status;
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_CRYPTO);
+    status = open_unprofiled(node, envelope, length, hook, hook_context, header, body_len);
+    FEDTINY_PROFILE_LEAVE();
+    return status;
 }
