@@ -1,9 +1,10 @@
 /* The node's message bodies and model updates: see fedtiny_wire.h. The Python modules named in each comment are
  * the specification; the checks run in their order so that the same bytes give the same reason.
  *
- * RAM: no static data, no heap; every function works in its arguments. Peak stack per call (arm-none-eabi-gcc
- * -O2 -fstack-usage, Cortex-M4, the deepest call chain): see FEDTINY_WIRE_STACK in docs/protocol.md's C notes;
- * all of it is a few scalar locals and one decoded entry header (no arrays on the stack).
+ * RAM: no static data, no heap, no arrays on the stack; see fedtiny_wire.h for each call's stack. Passes over
+ * the buffers are recomputed rather than remembered (the uplink's per-buffer threshold is found three times:
+ * for the norm, the encoding and the carry), which trades a few passes over the trainable state for no
+ * scratch memory at all.
  */
 #include "fedtiny_wire.h"
 

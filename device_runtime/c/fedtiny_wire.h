@@ -18,6 +18,13 @@
  *            carry lives in this layout, all zeros meaning "nothing carried"
  * Integers are in the machine's byte order in the state (little-endian on every target we build for); the
  * wire is always little-endian.
+ *
+ * RAM: nothing static, nothing allocated; the caller's buffers only. Stack on the Cortex-M4 (arm-none-eabi-gcc
+ * -O2 -fstack-usage, the deepest chain, soft-float double helpers not counted, they take a few words):
+ * fedtiny_wire_uplink 192 + 72 B, fedtiny_wire_apply_global_update 192 + 88 + 48 B, the rest under 100 B.
+ * Time: the uplink makes about 8 passes over the trainable state, plus 3 * (1 + log2(largest |delta + carry|))
+ * when keep_pct is below 100 (finding each buffer's threshold by counting); applying a GLOBAL_UPDATE makes about
+ * 4 passes over its blob.
  */
 #ifndef FEDTINY_WIRE_H
 #define FEDTINY_WIRE_H
