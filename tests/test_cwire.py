@@ -615,7 +615,8 @@ def test_global_updates_from_sent_states_apply_as_in_python(wire, plans, name):
             if update is None:
                 continue
             body = update.encode(compress=False)
-            assert (update.base_model_version == FULL_STATE) == (held is None or held <= version - 3)  # SentStates keeps the newest 3
+            # SentStates keeps the newest 3 versions: from an older one only FULL_STATE
+            assert (update.base_model_version == FULL_STATE) == (held is None or held <= version - 3)
             c_held = 0 if held is None else held
             outcomes.add(assert_same_apply(cp, body, c_held, state))
             _, after = cp.apply(body, c_held, state)
