@@ -15,6 +15,8 @@ Tensor ids on the wire are indexes into plan.trainable_buffers(). A device state
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedtiny.compiler import Plan
@@ -97,17 +99,34 @@ def row_scales(plan: Plan) -> dict[str, np.ndarray]:
     return out
 
 
+def _row_square_sums(values: np.ndarray, rows: int) -> list[int]:
+    """Per row (axis 0), the exact integer sum of the squared values."""
+    flat = np.asarray(values).reshape(rows, -1)
+    if flat.dtype.itemsize <= 2:  # int16 deltas: each square < 2^31, a row sums exactly in int64
+        return (flat.astype(np.int64) ** 2).sum(axis=1).tolist()
+    return [sum(v * v for v in row) for row in flat.tolist()]  # int32: Python ints, never overflow
+
+
 def clip_delta(delta: dict[str, np.ndarray], scales: dict[str, np.ndarray], clip_norm: float
                ) -> dict[str, np.ndarray]:
-    """The delta scaled down so that its L2 norm in real units is at most clip_norm (unchanged if already).
+    """The delta scaled down so that its L2 norm in real units is at most clip_norm (unchanged if already, or
+    if clip_norm is 0 or NaN).
 
     Bounds what one device can move the model in a round (poisoning, and the sensitivity DP noise is
-    calibrated to). Integers are truncated toward zero, so the clipped norm never exceeds clip_norm."""
-    if clip_norm <= 0:
+    calibrated to). Integers are truncated toward zero, so the clipped norm never exceeds clip_norm.
+
+    The norm is computed so that a C node gets the same bits (no pairwise summation): per row the exact
+    integer sum of squares, then a sequential float64 sum over the buffers (in `scales` order, the plan's)
+    and their rows of scale * scale * float(rowsum), then sqrt; factor = clip_norm / norm, each value
+    trunc(value * factor) in float64 (device_runtime/c/fedtiny_wire.c does exactly this)."""
+    if not clip_norm > 0:
         return delta
-    squares = sum(float(np.sum((np.asarray(d, np.float64).reshape(len(scales[n]), -1)
-                                * scales[n].reshape(-1, 1)) ** 2)) for n, d in delta.items())
-    norm = float(np.sqrt(squares))
+    squares = 0.0
+    for name, row_scale in scales.items():
+        for scale, rowsum in zip(np.asarray(row_scale, np.float64).tolist(),
+                                 _row_square_sums(delta[name], len(row_scale))):
+            squares += scale * scale * float(rowsum)
+    norm = math.sqrt(squares)
     if norm <= clip_norm:
         return delta
     factor = clip_norm / norm
