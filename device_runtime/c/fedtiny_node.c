@@ -527,13 +527,12 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
         }
     } else if (header.type == FEDTINY_MSG_TASK) {
         if (!for_this_plan) { /* ACK REJECTED: a TASK for another training plan */
-            fedtiny_wire_ack reply;
             size_t reply_len;
-            memset(&reply, 0, sizeof reply);
-            reply.acked_type = header.type;
-            reply.status = FEDTINY_WIRE_ACK_REJECTED;
-            reply.acked_seq = header.seq;
-            status = fedtiny_wire_encode_ack(&reply, small_body(c->frame), FEDTINY_WIRE_ACK_HEAD_BYTES, &reply_len);
+            memset(&ack, 0, sizeof ack); /* unused by a TASK: the reply reuses it (one ACK on the stack) */
+            ack.acked_type = header.type;
+            ack.status = FEDTINY_WIRE_ACK_REJECTED;
+            ack.acked_seq = header.seq;
+            status = fedtiny_wire_encode_ack(&ack, small_body(c->frame), FEDTINY_WIRE_ACK_HEAD_BYTES, &reply_len);
             if (status != FEDTINY_WIRE_OK) {
                 return FEDTINY_NODE_FROM_WIRE(status);
             }
