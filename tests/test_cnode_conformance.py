@@ -12,6 +12,8 @@ Monocypher's sources are fetched with pip (pinned version and SHA-256) and gcc b
 these tests skip on a user's machine and fail in CI.
 """
 
+import copy
+import ctypes
 import json
 import struct
 import sys
@@ -37,6 +39,7 @@ HERE = Path(__file__).parent / "conformance"
 sys.path.insert(0, str(HERE))
 from make_transcripts import (  # noqa: E402
     CHUNK, DEVICE, FLEET, OTHER, SCENARIOS, coordinator_session, device_session, frames, job_dict, new_global,
+    trained,
 )
 from test_conformance import train_result  # noqa: E402
 
@@ -69,25 +72,44 @@ def library(plan, tmp_path_factory):
 
 
 class Saves:
-    """A save callback that counts."""
+    """A save callback that counts and keeps a copy of the last state saved."""
 
     def __init__(self):
         self.count = 0
+        self.last: NodeState | None = None
 
     def __call__(self, state):
         self.count += 1
+        self.last = copy.deepcopy(state)
 
 
-def c_session(plan, spec, library, save=None) -> cnode.CNodeSession:
-    """The C node as every transcript starts it (make_transcripts.device_session's twin)."""
+class WatchedSession(cnode.CNodeSession):
+    """The C node, checking as each frame leaves that its seq (the frame's transfer id) is already persisted."""
+
+    unpersisted: list[int]
+
+    def _on_publish(self, context, kind, topic, frame, length, retain):
+        transfer_id = struct.unpack_from("<I", ctypes.string_at(frame, 8), 4)[0]
+        if self._save.last is None or transfer_id >= self._save.last.seq:
+            self.unpersisted.append(transfer_id)
+        return super()._on_publish(context, kind, topic, frame, length, retain)
+
+
+def c_session(plan, spec, library, save=None, state: NodeState | None = None) -> WatchedSession:
+    """The C node as every transcript starts it (make_transcripts.device_session's twin), or from `state`."""
     endpoint = device_session(plan, spec).endpoint
-    return cnode.CNodeSession(plan, spec["device"], spec["fleet"], endpoint, NodeState(0, plan.initial_state(), 0),
-                              spec["chunk_size"], save=save or Saves(), ack_timeout=15.0, started=0.0,
-                              library=library)
+    session = WatchedSession(plan, spec["device"], spec["fleet"], endpoint,
+                             state or NodeState(0, plan.initial_state(), 0), spec["chunk_size"],
+                             save=save or Saves(), ack_timeout=15.0, started=0.0, library=library)
+    session.unpersisted = []
+    return session
 
 
-def python_session(plan, spec, save) -> DeviceSession:
+def python_session(plan, spec, save, state: NodeState | None = None) -> DeviceSession:
     session = device_session(plan, spec)
+    if state is not None:
+        session = DeviceSession(plan, spec["device"], spec["fleet"], session.endpoint, state, spec["chunk_size"],
+                                save=save, ack_timeout=15.0, started=0.0)
     session._save = save
     return session
 
@@ -149,6 +171,7 @@ def replay(plan, spec, library, lines: list[dict], name: str = "transcript") -> 
         assert frames(out) == frames(twin_out), f"{where}: the Python session published otherwise"
         assert_same_state(device.state, twin.state, where)
         assert c_saves.count == p_saves.count, f"{where}: persisted {c_saves.count} times, Python {p_saves.count}"
+        assert device.unpersisted == [], f"{where}: a frame left before its seq was persisted"
     return len(lines)
 
 
@@ -204,12 +227,25 @@ def test_the_generated_plan_holds_python_s_values(plan, library):
 class Pair:
     """The C node and the Python session fed the same frames; every outcome is compared."""
 
-    def __init__(self, plan, spec, library):
+    def __init__(self, plan, spec, library, states: tuple[NodeState, NodeState] | None = None):
         from test_conformance import persisted
 
         self.persisted = persisted
-        self.c = c_session(plan, spec, library)
-        self.p = python_session(plan, spec, Saves())
+        self.c_saves, self.p_saves = Saves(), Saves()
+        self.c = c_session(plan, spec, library, self.c_saves, states and states[0])
+        self.p = python_session(plan, spec, self.p_saves, states and copy.deepcopy(states[1]))
+
+    def restarted(self, plan, spec, library) -> "Pair":
+        """Both sessions after a power cut: new ones from what each persisted last."""
+        return Pair(plan, spec, library, (self.c_saves.last, self.p_saves.last))
+
+    def call(self, method: str, *args) -> list:
+        """The same call on both; the publishes, which must agree."""
+        out = getattr(self.c, method)(*args)
+        assert frames(out) == frames(getattr(self.p, method)(*args)), method
+        assert self.c.unpersisted == [], f"{method}: a frame left before its seq was persisted"
+        assert_same_state(self.c.state, self.p.state, method)
+        return out
 
     def receive(self, topic: str, frame_list: list[bytes], now: float) -> str:
         """Deliver the frames; returns the outcome of the last ("ok" or the refusal reason), after checking that
@@ -224,7 +260,8 @@ class Pair:
                     results.append(("ok", frames(out), job_dict(job)))
                 except ProtocolError as exc:
                     results.append((exc.reason, [], None))
-            assert results[0] == results[1], f"C {results[0][0]}, Python {results[1][0]}"
+            assert results[0] == results[1], f"C {results[0][:2]}, Python {results[1][:2]}"
+            assert self.c.unpersisted == [], "a frame left before its seq was persisted"
             outcome = results[0][0]
             if outcome != "ok":
                 assert self.c.persisted_bytes() == c_before, f"refused as {outcome}, yet the C node changed"
@@ -338,6 +375,38 @@ def test_hostile_downlinks_are_refused_alike(plan, spec, library):
     assert pair.c.state.model_version == 0 and pair.c.state.round == 1
     assert not np.array_equal(pair.c.state.global_state[plan.trainable_buffers()[0]],
                               plan.initial_state()[plan.trainable_buffers()[0]])  # the valid update applied
+
+
+def test_a_restarted_node_resumes_from_what_it_persisted(plan, spec, library):
+    """A power cut after the DELTA was sealed: C and Python nodes restarted from their last persisted states send
+    the heartbeat and the whole upload on connect, take the ACK and JOIN again; a TASK from before the restart
+    is stale now (the replay window keeps positions, not digests); the pending job survives a restart too."""
+    pair = Pair(plan, spec, library)
+    coordinator = coordinator_session(plan, spec)
+    for p in pair.call("on_connect", 1.0):
+        coordinator.receive(p.topic, p.payload, 1.0)
+    downlinks = coordinator.send_task(DEVICE, 1, 1, new_global(plan, 1), {"epochs": 1, "uplink_keep": 0.5})
+    task_frame = downlinks[-1].payload
+    for d in downlinks[:-1]:
+        assert pair.receive(d.topic, [d.payload], 1.1) == "ok"
+    assert pair.receive(DOWN, [task_frame], 1.1) == "ok"
+    pair = pair.restarted(plan, spec, library)  # after the TASK, before training
+    c_job, p_job = pair.c.pending_job(), pair.p.pending_job()
+    assert job_dict(c_job) == job_dict(p_job) is not None
+    result = trained(plan, c_job.base, 5)
+    upload = frames(pair.c.complete(c_job, result, 2.0))
+    assert frames(pair.p.complete(p_job, result, 2.0)) == upload
+    pair = pair.restarted(plan, spec, library)  # the upload sealed, never sent
+    out = pair.call("on_connect", 5.0)
+    assert frames(out)[1:] == upload and out[0].topic == topics.status(FLEET, DEVICE)  # no JOIN before the ACK
+    replies = []
+    for p in out:
+        replies += coordinator.receive(p.topic, p.payload, 5.0)
+    assert len(replies) == 1  # the ACK
+    assert pair.receive(DOWN, [replies[0].payload], 5.1) == "ok"
+    assert pair.c.state.upload is None
+    assert pair.receive(DOWN, [task_frame], 5.2) == "stale"
+    assert pair.call("tick", 60.0) == []
 
 
 def test_a_deflated_update_is_refused_by_the_c_node(plan, spec, library):
