@@ -409,6 +409,35 @@ def test_a_restarted_node_resumes_from_what_it_persisted(plan, spec, library):
     assert pair.call("tick", 60.0) == []
 
 
+def test_rounds_with_clipping_and_error_feedback_match(plan, spec, library):
+    """Three rounds in which the DELTA is clipped and only part of each change is sent (the rest carried to the
+    next round): the C node seals the DELTA Python seals, every round, and keeps the same carry."""
+    pair = Pair(plan, spec, library)
+    coordinator = coordinator_session(plan, spec)
+    for p in pair.call("on_connect", 1.0):
+        coordinator.receive(p.topic, p.payload, 1.0)
+    now = 2.0
+    for round_, config in enumerate([{"uplink_keep": 0.3, "clip_norm": 0.05}, {"uplink_keep": 0.5},
+                                     {"clip_norm": 0.02}], start=1):
+        for d in coordinator.send_task(DEVICE, round_, round_, new_global(plan, 40 + round_), config):
+            assert pair.receive(d.topic, [d.payload], now) == "ok"
+        c_job, p_job = pair.c.pending_job(), pair.p.pending_job()
+        assert job_dict(c_job) == job_dict(p_job)
+        result = trained(plan, c_job.base, 100 + round_)
+        c_out = pair.c.complete(c_job, result, now + 1)
+        assert frames(c_out) == frames(pair.p.complete(p_job, result, now + 1)), f"round {round_}: the DELTA"
+        assert_same_state(pair.c.state, pair.p.state, f"round {round_}")
+        carried = any(np.any(v) for v in pair.c.state.carry.values())
+        assert carried == (round_ < 3), f"round {round_}: the carry"  # keep 1 (round 3) sends all that was kept
+        replies = []
+        for p in c_out:
+            replies += coordinator.receive(p.topic, p.payload, now + 1)
+        assert [r.device for r in coordinator.take_replies()] == [DEVICE]
+        for r in replies:
+            assert pair.receive(r.topic, [r.payload], now + 2) == "ok"
+        now += 10
+
+
 def test_a_deflated_update_is_refused_by_the_c_node(plan, spec, library):
     """The C node does not inflate (its JOIN does not announce it): a zlib GLOBAL_UPDATE, which the Python session
     accepts, is refused as `compressed` and changes nothing."""
