@@ -520,3 +520,78 @@ def test_c_reassembler_agrees_on_random_traffic(library):
             checked.add(got[0][0])
     assert checked >= {"ok", "bad-chunk", "truncated", "trailing-bytes", "bad-magic", "oversized",
                        "inconsistent-chunk", "too-many-transfers"}
+
+
+# ---- the transcripts on the Cortex-M4 -------------------------------------------------------------------------
+
+def persist_counts(plan, spec, lines: list[dict]) -> list[int]:
+    """How often the Python session persists in each call of a transcript."""
+    saves = Saves()
+    session = python_session(plan, spec, saves)
+    job, jobs, counts = None, {}, []
+    for line in lines:
+        before = saves.count
+        if line["op"] == "connect":
+            session.on_connect(line["now"])
+        elif line["op"] == "tick":
+            session.tick(line["now"])
+        elif line["op"] == "complete":
+            session.complete(jobs[line["round"]] if "round" in line else job, train_result(line["result"]),
+                             line["now"])
+        else:
+            try:
+                _, job = session.receive(line["topic"], bytes.fromhex(line["frame"]), line["now"])
+                if job is not None:
+                    jobs[job.round] = job
+            except ProtocolError:
+                pass
+        counts.append(saves.count - before)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def m4_replay(plan, spec, library, tmp_path_factory):
+    """Every transcript replayed by the C node on the Cortex-M4 under QEMU (firmware_node_replay.c)."""
+    require_tool("arm-none-eabi-gcc")
+    require_tool("qemu-system-arm")
+    transcripts = {}
+    for name in sorted(SCENARIOS):
+        lines = transcript(name)
+        for line, count in zip(lines, persist_counts(plan, spec, lines)):
+            line["persists"] = count
+        transcripts[name] = lines
+    identity = Identity.from_seed(spec["device_seed"].encode()).to_bytes()
+    coordinator = Identity.from_seed(spec["coordinator_seed"].encode()).public.to_bytes()
+    vectors = cnode.render_replay(library, spec, identity, coordinator, transcripts)
+    cache = tmp_path_factory.mktemp("m4_replay")
+    elf = cnode.build_replay_firmware(library, vectors, cache)
+    return transcripts, cnode.run_replay_firmware(elf, cache_dir=cache)
+
+
+def test_c_node_passes_the_transcripts_on_the_m4(m4_replay):
+    transcripts, run = m4_replay
+    assert [(t, i, op) for t, i, op, _, _ in run.ops] == [(name, i, line["op"]) for name, lines in transcripts.items()
+                                                          for i, line in enumerate(lines)]
+    assert [(t, i) for t, i, _, ok, _ in run.ops if not ok] == []
+    assert run.passed and run.returncode == 0
+    assert len(run.instructions) == len(run.ops)
+
+
+def test_an_altered_transcript_fails_on_the_m4(plan, spec, library, tmp_path_factory):
+    """The firmware's checks can fail: a refusal reason and one publish changed are both reported."""
+    require_tool("arm-none-eabi-gcc")
+    require_tool("qemu-system-arm")
+    lines = transcript("rejected_frames")
+    for line, count in zip(lines, persist_counts(plan, spec, lines)):
+        line["persists"] = count
+    stale = next(i for i, line in enumerate(lines) if line.get("error") == "stale")
+    lines[stale]["error"] = "replay"
+    topic, payload, retain = lines[0]["out"][0]
+    lines[0]["out"][0] = [topic, payload[:-2] + f"{int(payload[-2:], 16) ^ 1:02x}", retain]
+    identity = Identity.from_seed(spec["device_seed"].encode()).to_bytes()
+    coordinator = Identity.from_seed(spec["coordinator_seed"].encode()).public.to_bytes()
+    vectors = cnode.render_replay(library, spec, identity, coordinator, {"altered": lines})
+    cache = tmp_path_factory.mktemp("m4_altered")
+    run = cnode.run_replay_firmware(cnode.build_replay_firmware(library, vectors, cache), cache_dir=cache)
+    assert [i for _, i, _, ok, _ in run.ops if not ok] == [0, stale]
+    assert not run.passed and run.returncode != 0
