@@ -151,6 +151,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "fedtiny_node_state_fresh": ([p(State)], None),
         "fedtiny_node_init": ([p(Node), p(Config), p(State)], ctypes.c_int),
         "fedtiny_node_wipe": ([p(Node)], None),
+        "fedtiny_node_persist": ([p(Node)], ctypes.c_int),
         "fedtiny_node_on_connect": ([p(Node), i64], ctypes.c_int),
         "fedtiny_node_heartbeat": ([p(Node), i64, u8], ctypes.c_int),
         "fedtiny_node_last_will": ([p(Node), i64, vp, ctypes.c_size_t, size_p], ctypes.c_int),
@@ -342,6 +343,10 @@ class CNodeSession:
         return Job(job.round, job.model_version, job.epochs, job.steps, round(job.uplink_keep * 100), job.clip_norm)
 
     # --- DeviceSession's methods -----------------------------------------------------------------------------
+    def persist(self) -> None:
+        status, _ = self._call("fedtiny_node_persist")
+        self._check(status)
+
     def last_will(self, now: float) -> Publish:
         out = ctypes.create_string_buffer(self.chunk_size)
         length = ctypes.c_size_t()

@@ -391,6 +391,10 @@ def test_a_restarted_node_resumes_from_what_it_persisted(plan, spec, library):
         assert pair.receive(d.topic, [d.payload], 1.1) == "ok"
     assert pair.receive(DOWN, [task_frame], 1.1) == "ok"
     pair = pair.restarted(plan, spec, library)  # after the TASK, before training
+    pair.c.persist()  # as the agent does once it started
+    pair.p.persist()
+    assert pair.c_saves.count == pair.p_saves.count == 1
+    assert_same_state(pair.c_saves.last, pair.p_saves.last, "persisted after the restart")
     c_job, p_job = pair.c.pending_job(), pair.p.pending_job()
     assert job_dict(c_job) == job_dict(p_job) is not None
     result = trained(plan, c_job.base, 5)

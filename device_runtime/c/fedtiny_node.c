@@ -190,6 +190,11 @@ static int persist(fedtiny_node *node)
     return node->config.persist(node->config.context, &p) == 0 ? FEDTINY_NODE_OK : FEDTINY_NODE_ERR_PERSIST;
 }
 
+int fedtiny_node_persist(fedtiny_node *node)
+{
+    return persist(node);
+}
+
 /* Take the next seq and persist it: it is on flash before the message exists (device.py _seal). */
 static int next_seq(fedtiny_node *node, uint32_t *seq)
 {

@@ -205,6 +205,9 @@ void fedtiny_node_wipe(fedtiny_node *node); /* forget the keys */
 
 const char *fedtiny_node_topic_name(const fedtiny_node *node, fedtiny_node_topic kind);
 
+/* Hand the state to the persist callback now (DeviceSession.persist: e.g. once after start). */
+int fedtiny_node_persist(fedtiny_node *node);
+
 /* After every (re)connect: JOIN (unless an upload waits for its ACK) and a heartbeat; an upload not sent since
  * start is sent whole. */
 int fedtiny_node_on_connect(fedtiny_node *node, int64_t now_ms);
