@@ -442,6 +442,29 @@ def test_rounds_with_clipping_and_error_feedback_match(plan, spec, library):
         now += 10
 
 
+def test_a_newer_coordinator_run_drops_the_unacknowledged_upload(plan, spec, library):
+    """A downlink of a newer run (the coordinator lost its database) while a DELTA waits for its ACK: both nodes
+    drop the upload and start counting rounds again, keep the model and the carry, and JOIN on the next connect."""
+    pair = Pair(plan, spec, library)
+    coordinator = coordinator_session(plan, spec)
+    for p in pair.call("on_connect", 1.0):
+        coordinator.receive(p.topic, p.payload, 1.0)
+    for d in coordinator.send_task(DEVICE, 3, 1, new_global(plan, 1), {"uplink_keep": 0.5}):
+        assert pair.receive(d.topic, [d.payload], 1.1) == "ok"
+    c_job, p_job = pair.c.pending_job(), pair.p.pending_job()
+    result = trained(plan, c_job.base, 9)
+    assert frames(pair.c.complete(c_job, result, 2.0)) == frames(pair.p.complete(p_job, result, 2.0))
+    run = pair.c.state.run
+    newer = coordinator._endpoint.seal(task_body(plan, coordinator._plan_hash, {"epochs": 1}, CHUNK),
+                                       device_id=spec["device_id"], round=1, model_version=1, seq=1, run=run + 1)
+    assert pair.receive(DOWN, chunking.split(newer, 1, CHUNK), 3.0) == "ok"
+    state = pair.c.state
+    assert (state.run, state.round, state.trained_round, state.upload) == (run + 1, 1, -1, None)
+    assert state.pending_task is not None and any(np.any(v) for v in state.carry.values())
+    assert [p.topic for p in pair.call("on_connect", 4.0)] == [topics.uplink(FLEET, DEVICE),
+                                                               topics.status(FLEET, DEVICE)]
+
+
 def test_a_deflated_update_is_refused_by_the_c_node(plan, spec, library):
     """The C node does not inflate (its JOIN does not announce it): a zlib GLOBAL_UPDATE, which the Python session
     accepts, is refused as `compressed` and changes nothing."""
