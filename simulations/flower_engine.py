@@ -256,7 +256,7 @@ class _Device:
 
         round_, version = int(content["round"]), int(content["model-version"])
         update = bytes(content["global-update"])
-        if update:  # as DeviceSession._apply_update
+        if update:  # as DeviceSession._updated_state
             self.global_state = apply_global_update(self.plan, self.global_state, self.model_version,
                                                     GlobalUpdate.decode(update))
             self.model_version = version

@@ -26,7 +26,7 @@ from fedtiny.planfile import plan_hash
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.envelope import CoordinatorEndpoint, Flags, Header, Identity, PublicIdentity
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import Ack, AckStatus, Body, Delta, DeviceState, MessageType
+from fedtiny.protocol.messages import FEATURE_INFLATE, Ack, AckStatus, Body, Delta, DeviceState, MessageType
 from fedtiny.protocol.task import task_body
 from fedtiny.protocol.topics import Publish
 from fedtiny.protocol.update import SentStates, decode_update, delta_limits, max_message_bytes
@@ -110,6 +110,7 @@ class CoordinatorSession:
         self._transfer_seen: dict[tuple, float] = {}
         self._registry: dict[str, DeviceInfo] = {}
         self._device_payload: dict[str, int] = {}  # the device's max MQTT payload from its JOIN
+        self._device_features: dict[str, int] = {}  # the device's JOIN.features
         self._versions: dict[str, int] = {}  # model version each device last said it holds
         self._sent_round: dict[str, int] = {}  # the highest round of a downlink sent to each device
         self._task_run: dict[str, int] = {}  # the run of the last TASK sent to each device
@@ -182,7 +183,9 @@ class CoordinatorSession:
         self._task_run[device] = self._current_run(new_task=True)
         out = []
         if update is not None:
-            out += self._downlink(device, update, round, model_version)
+            inflates = self._device_features.get(device, 0) & FEATURE_INFLATE
+            out += self._downlink(device, replace(update, compress=None if inflates else False), round,
+                                  model_version)
         task = task_body(self.plan, self._plan_hash, config, self._payload_size(device))
         return out + self._downlink(device, task, round, model_version)
 
@@ -289,6 +292,7 @@ class CoordinatorSession:
             self._registry[device] = DeviceInfo(device, header.device_id, body.memory_budget_bytes, body.plan_hash,
                                                 now, True)
             self._device_payload[device] = body.max_mqtt_payload
+            self._device_features[device] = body.features
             if body.plan_hash != self._plan_hash:
                 log.warning("%s runs a different training plan", device)
             out += self._request_missing(device, header, idle=0.0, now=now)

@@ -238,24 +238,31 @@ class DeviceSession:
             return [], None
         claimed = Header.unpack(result.payload)
         topics.check_topic_matches(topic, claimed.fleet_id, claimed.device_id)  # before open() commits anything
-        received = self.endpoint.open(result.payload)
+        received = self.endpoint.open(result.payload, commit=False)
         if received is None:
             return [], None  # QoS 1 duplicate
         header, body = received.header, received.body
+        # Everything that can refuse the message comes before anything changes: its settings, the new model.
+        settings = new_state = None
+        if isinstance(body, Task) and body.plan_hash == self.plan_hash:
+            settings = task_settings(body)
+        elif isinstance(body, GlobalUpdate):
+            new_state = self._updated_state(body)
+        self.endpoint.commit(received)
         if header.run > self.state.run:
             self._new_run(header.run)
         self.state.round = max(self.state.round, header.round)
         out: list[Publish] = []
-        if isinstance(body, GlobalUpdate):
-            self._apply_update(header, body)
+        if new_state is not None:
+            self.state.global_state = new_state
+            self.state.model_version = header.model_version
         elif isinstance(body, Task):
-            if body.plan_hash != self.plan_hash:
+            if settings is None:
                 out += self._ack(header, AckStatus.REJECTED)
                 log.warning("%s: TASK for another training plan", self.device)
             elif header.round <= self.state.trained_round:
                 log.info("%s: TASK for round %d already answered", self.device, header.round)
             else:
-                settings = task_settings(body)
                 self.state.pending_task = dict(round=header.round, model_version=header.model_version,
                                                epochs=int(settings["epochs"]), steps=int(settings["steps"]),
                                                uplink_keep=settings["uplink_keep"], clip_norm=settings["clip_norm"])
@@ -274,16 +281,16 @@ class DeviceSession:
         self.state.run, self.state.round, self.state.trained_round = run, 0, -1
         self.state.pending_task, self.state.upload, self._upload_sent_at = None, None, None
 
-    def _apply_update(self, header: Header, body: GlobalUpdate) -> None:
+    def _updated_state(self, body: GlobalUpdate) -> dict[str, np.ndarray] | None:
+        """The global state after this GLOBAL_UPDATE; None for one from a version this device does not hold
+        (logged and ignored); ProtocolError if it does not fit the plan."""
         try:
-            new = apply_global_update(self.plan, self.state.global_state, self.state.model_version, body)
+            return apply_global_update(self.plan, self.state.global_state, self.state.model_version, body)
         except ProtocolError as exc:
             if exc.reason != "wrong-version":
                 raise
             log.warning("%s: %s", self.device, exc)
-            return
-        self.state.global_state = new
-        self.state.model_version = header.model_version
+            return None
 
     def _on_ack(self, body: Ack, now: float) -> list[Publish]:
         upload = self.state.upload

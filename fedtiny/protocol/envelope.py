@@ -193,6 +193,7 @@ def nonce(round_: int, seq: int, direction: int, run: int) -> bytes:
 class Received:
     header: Header
     body: Body
+    digest: bytes = b""  # SHA-256 of the envelope: what the replay window records (see _Endpoint.commit)
 
 
 class ReplayGuard:
@@ -310,8 +311,10 @@ class _Endpoint:
     def _accepts(self, header: Header) -> None:
         raise NotImplementedError
 
-    def open(self, raw: bytes) -> Received | None:
-        """Verify, decrypt and decode one envelope; None for a QoS 1 duplicate. Raises only ProtocolError."""
+    def open(self, raw: bytes, commit: bool = True) -> Received | None:
+        """Verify, decrypt and decode one envelope; None for a QoS 1 duplicate. Raises only ProtocolError.
+        With commit=False the replay window does not record it until commit(received): for a receiver that
+        checks the body further and must leave its state unchanged when it refuses it."""
         raw = bytes(raw)
         if len(raw) > self.max_message_bytes:
             raise ProtocolError("oversized", f"{len(raw)} bytes")
@@ -351,9 +354,14 @@ class _Endpoint:
                                        signed[:HEADER_SIZE])
             except InvalidTag:
                 raise ProtocolError("bad-ciphertext", "authentication tag does not verify") from None
-        body = decode_body(header.type, payload, self.delta_limits)
-        self.replay.commit(header, digest)
-        return Received(header, body)
+        received = Received(header, decode_body(header.type, payload, self.delta_limits), digest)
+        if commit:
+            self.commit(received)
+        return received
+
+    def commit(self, received: Received) -> None:
+        """Record an opened message in the replay window: from now on it is a duplicate, anything older stale."""
+        self.replay.commit(received.header, received.digest)
 
     def _sender(self, header: Header) -> PublicIdentity:
         raise NotImplementedError

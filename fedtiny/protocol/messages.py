@@ -134,11 +134,15 @@ class GlobalUpdate:
 
     base_model_version: int
     entries: list[DeltaEntry] = field(default_factory=list)
+    # Not on the wire: how encode() writes the blob by default (None: deflated when that makes it smaller). A
+    # coordinator sends False to a device whose JOIN did not announce FEATURE_INFLATE (a C node does not inflate).
+    compress: bool | None = field(default=None, compare=False)
 
     LAYOUT: ClassVar = struct.Struct("<I")
     TYPE: ClassVar = MessageType.GLOBAL_UPDATE
 
     def encode(self, compress: bool | None = None) -> bytes:
+        compress = self.compress if compress is None else compress
         return self.LAYOUT.pack(self.base_model_version) + encode_delta(self.entries, compress)
 
     @classmethod

@@ -1,0 +1,649 @@
+/* The node's protocol session: see fedtiny_node.h and fedtiny/protocol/device.py, which this mirrors. */
+#include "fedtiny_node.h"
+
+#include <string.h>
+
+/* ---- little helpers ---------------------------------------------------------------------------------------- */
+
+static uint32_t load32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static uint16_t load16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+/* topics.NAME_PATTERN: 1-64 of [A-Za-z0-9_.-], starting alphanumeric */
+static int valid_name(const char *name)
+{
+    size_t i;
+    if (name == NULL) {
+        return 0;
+    }
+    for (i = 0; name[i] != '\0'; i++) {
+        char c = name[i];
+        int alnum = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+        if (i >= FEDTINY_NODE_NAME_MAX || !(alnum || (i > 0 && (c == '_' || c == '.' || c == '-')))) {
+            return 0;
+        }
+    }
+    return i > 0;
+}
+
+/* "fedtiny/" fleet "/" kind ["/" device]: the lengths are bounded by valid_name and FEDTINY_NODE_TOPIC_MAX */
+static void make_topic(char *out, const char *fleet, const char *kind, const char *device)
+{
+    const char *parts[5];
+    size_t i, n = 0;
+    parts[0] = "fedtiny/";
+    parts[1] = fleet;
+    parts[2] = kind;
+    parts[3] = device != NULL ? "/" : "";
+    parts[4] = device != NULL ? device : "";
+    for (i = 0; i < 5; i++) {
+        size_t len = strlen(parts[i]);
+        memcpy(out + n, parts[i], len);
+        n += len;
+    }
+    out[n] = '\0';
+}
+
+const char *fedtiny_node_reason(int status)
+{
+    if (status == FEDTINY_NODE_OK) {
+        return "ok";
+    }
+    if (status == FEDTINY_NODE_JOB) {
+        return "job";
+    }
+    if (status <= -300) {
+        switch (status) {
+        case FEDTINY_NODE_ERR_ARGUMENT: return "argument";
+        case FEDTINY_NODE_ERR_BAD_TOPIC: return "bad-topic";
+        case FEDTINY_NODE_ERR_WRONG_TOPIC: return "wrong-topic";
+        case FEDTINY_NODE_ERR_OVERSIZED: return "oversized";
+        case FEDTINY_NODE_ERR_PERSIST: return "persist";
+        case FEDTINY_NODE_ERR_PUBLISH: return "publish";
+        default: return "unknown";
+        }
+    }
+    if (status <= -200) {
+        return fedtiny_wire_reason(status + 200);
+    }
+    if (status <= -100) {
+        return fedtiny_chunk_reason(status);
+    }
+    return fedtiny_env_reason(status);
+}
+
+/* ---- sizes ------------------------------------------------------------------------------------------------- */
+
+uint32_t fedtiny_node_max_message_bytes(const fedtiny_node_plan *plan)
+{
+    uint32_t delta = FEDTINY_WIRE_DELTA_HEAD_BYTES + FEDTINY_WIRE_BLOB_HEADER_BYTES + plan->wire->max_body;
+    uint32_t task = FEDTINY_WIRE_TASK_HEAD_BYTES + FEDTINY_WIRE_TASK_MAX_CONFIG;
+    return FEDTINY_ENV_SEALED_BYTES(delta > task ? delta : task);
+}
+
+void fedtiny_node_sizes_of(const fedtiny_node_plan *plan, uint32_t chunk_size, fedtiny_node_sizes *sizes)
+{
+    sizes->global_state = fedtiny_wire_state_bytes(plan->wire);
+    sizes->carry = fedtiny_wire_delta_bytes(plan->wire);
+    sizes->upload = FEDTINY_ENV_SEALED_BYTES(fedtiny_wire_uplink_bytes_max(plan->wire));
+    sizes->reassembly = FEDTINY_NODE_REASSEMBLY_TRANSFERS * fedtiny_node_max_message_bytes(plan);
+    sizes->bitmap = FEDTINY_CHUNK_BITMAP_BYTES(sizes->reassembly);
+    sizes->frame = chunk_size;
+}
+
+void fedtiny_node_state_fresh(fedtiny_node_state *state)
+{
+    memset(state, 0, sizeof *state);
+    state->trained_round = -1;
+}
+
+/* ---- start ------------------------------------------------------------------------------------------------- */
+
+static int holds(const uint8_t *buffer, uint32_t capacity, uint32_t needed)
+{
+    return buffer != NULL && capacity >= needed;
+}
+
+static void restore_stream(fedtiny_env_stream *stream, const fedtiny_node_position *position)
+{
+    memset(stream, 0, sizeof *stream);
+    stream->accepted_any = position->accepted_any;
+    stream->last_run = position->run;
+    stream->last_round = position->round;
+    stream->last_seq = position->seq;
+}
+
+int fedtiny_node_init(fedtiny_node *node, const fedtiny_node_config *config, const fedtiny_node_state *state)
+{
+    const fedtiny_node_config *c = config;
+    fedtiny_node_sizes need;
+    memset(node, 0, sizeof *node);
+    if (c->plan == NULL || c->plan->wire == NULL || fedtiny_wire_plan_check(c->plan->wire) != FEDTINY_WIRE_OK ||
+        !valid_name(c->fleet) || !valid_name(c->device) || c->identity == NULL || c->coordinator_public == NULL ||
+        c->chunk_size < FEDTINY_CHUNK_MIN_PAYLOAD || c->chunk_size > FEDTINY_CHUNK_MAX_PAYLOAD ||
+        c->publish == NULL || c->persist == NULL) {
+        return FEDTINY_NODE_ERR_ARGUMENT;
+    }
+    fedtiny_node_sizes_of(c->plan, c->chunk_size, &need);
+    if (!holds(c->global_state, c->capacity.global_state, need.global_state) ||
+        !holds(c->carry, c->capacity.carry, need.carry) || !holds(c->upload, c->capacity.upload, need.upload) ||
+        !holds(c->reassembly, c->capacity.reassembly, need.reassembly) ||
+        !holds(c->bitmap, c->capacity.bitmap, need.bitmap) || !holds(c->frame, c->capacity.frame, need.frame)) {
+        return FEDTINY_NODE_ERR_ARGUMENT;
+    }
+    if (state->upload_len != 0u &&
+        (state->upload_len < FEDTINY_ENV_HEADER_BYTES || state->upload_len > c->capacity.upload ||
+         state->upload_chunk < FEDTINY_CHUNK_MIN_PAYLOAD || state->upload_chunk > c->capacity.frame)) {
+        return FEDTINY_NODE_ERR_ARGUMENT; /* an upload this node cannot send again */
+    }
+    if (fedtiny_env_node_init(&node->keys, c->fleet_id, c->device_id, c->identity, c->coordinator_public) !=
+        FEDTINY_ENV_OK) {
+        return FEDTINY_NODE_ERR_ARGUMENT;
+    }
+    node->config = *c;
+    node->state = *state;
+    node->max_message_bytes = fedtiny_node_max_message_bytes(c->plan);
+    fedtiny_reassembler_init(&node->reassembler, c->reassembly, need.reassembly, c->bitmap,
+                             FEDTINY_NODE_REASSEMBLY_TTL_MS);
+    restore_stream(&node->replay.addressed, &state->replay[0]);
+    restore_stream(&node->replay.broadcast, &state->replay[1]);
+    make_topic(node->up_topic, c->fleet, "/up", c->device);
+    make_topic(node->status_topic, c->fleet, "/status", c->device);
+    make_topic(node->down_topic, c->fleet, "/down", c->device);
+    make_topic(node->bcast_topic, c->fleet, "/bcast", NULL);
+    return FEDTINY_NODE_OK;
+}
+
+void fedtiny_node_wipe(fedtiny_node *node)
+{
+    fedtiny_env_node_wipe(&node->keys);
+}
+
+const char *fedtiny_node_topic_name(const fedtiny_node *node, fedtiny_node_topic kind)
+{
+    switch (kind) {
+    case FEDTINY_NODE_TOPIC_UP: return node->up_topic;
+    case FEDTINY_NODE_TOPIC_STATUS: return node->status_topic;
+    case FEDTINY_NODE_TOPIC_DOWN: return node->down_topic;
+    case FEDTINY_NODE_TOPIC_BCAST: return node->bcast_topic;
+    default: return "";
+    }
+}
+
+/* ---- sending ----------------------------------------------------------------------------------------------- */
+
+static int persist(fedtiny_node *node)
+{
+    fedtiny_node_persisted p;
+    p.state = &node->state;
+    p.global_state = node->config.global_state;
+    p.global_state_bytes = fedtiny_wire_state_bytes(node->config.plan->wire);
+    p.carry = node->config.carry;
+    p.carry_bytes = fedtiny_wire_delta_bytes(node->config.plan->wire);
+    p.upload = node->config.upload;
+    return node->config.persist(node->config.context, &p) == 0 ? FEDTINY_NODE_OK : FEDTINY_NODE_ERR_PERSIST;
+}
+
+int fedtiny_node_persist(fedtiny_node *node)
+{
+    return persist(node);
+}
+
+/* Take the next seq and persist it: it is on flash before the message exists (device.py _seal). */
+static int next_seq(fedtiny_node *node, uint32_t *seq)
+{
+    *seq = node->state.seq;
+    node->state.seq = *seq + 1u;
+    return persist(node);
+}
+
+/* Where a small message's body is encoded: in `out`, after the chunk header and the envelope header, so that
+ * it is sealed and framed in place. */
+static uint8_t *small_body(uint8_t *out)
+{
+    return out + FEDTINY_CHUNK_HEADER_BYTES + FEDTINY_ENV_HEADER_BYTES;
+}
+
+/* Seal the body at small_body(out) and make it the one frame it always is (the largest, a JOIN, is 148 bytes of
+ * envelope; a frame carries at least 232). The seq is persisted first. */
+static int seal_small(fedtiny_node *node, uint8_t type, uint16_t flags, uint32_t round, uint32_t model_version,
+                      uint32_t body_len, uint8_t *out, size_t capacity, size_t *frame_len)
+{
+    uint8_t *envelope = out + FEDTINY_CHUNK_HEADER_BYTES;
+    size_t envelope_len;
+    uint32_t seq;
+    int status = next_seq(node, &seq);
+    if (status != FEDTINY_NODE_OK) {
+        return status;
+    }
+    status = fedtiny_env_seal(&node->keys, type, flags, node->state.run, round, model_version, seq,
+                              small_body(out), body_len, envelope, capacity - FEDTINY_CHUNK_HEADER_BYTES,
+                              &envelope_len);
+    if (status != FEDTINY_ENV_OK) {
+        return status;
+    }
+    return fedtiny_chunk_frame(envelope, (uint32_t)envelope_len, seq, node->config.chunk_size, 0u, out, capacity,
+                               frame_len);
+}
+
+static int publish(fedtiny_node *node, fedtiny_node_topic kind, const uint8_t *frame, size_t length, int retain)
+{
+    return node->config.publish(node->config.context, kind, fedtiny_node_topic_name(node, kind), frame, length,
+                                retain) == 0 ? FEDTINY_NODE_OK : FEDTINY_NODE_ERR_PUBLISH;
+}
+
+/* device.py _status: a STATUS sealed in the frame buffer (or out) */
+static int seal_status(fedtiny_node *node, int64_t now_ms, uint8_t device_state, uint16_t flags, uint8_t *out,
+                       size_t capacity, size_t *frame_len)
+{
+    fedtiny_wire_status_body body;
+    size_t body_len;
+    int64_t uptime = (now_ms - node->config.started_ms) / 1000;
+    int status;
+    body.state = device_state;
+    body.battery_pct = 255u;
+    body.uptime_s = uptime < 0 ? 0u : uptime > (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)uptime;
+    body.free_memory_bytes = node->config.plan->free_memory_bytes;
+    body.next_wake_s = 0u;
+    if (capacity < FEDTINY_CHUNK_HEADER_BYTES + FEDTINY_ENV_SEALED_BYTES(FEDTINY_WIRE_STATUS_BYTES)) {
+        return FEDTINY_NODE_ERR_ARGUMENT;
+    }
+    status = fedtiny_wire_encode_status(&body, small_body(out), FEDTINY_WIRE_STATUS_BYTES, &body_len);
+    if (status != FEDTINY_WIRE_OK) {
+        return FEDTINY_NODE_FROM_WIRE(status);
+    }
+    return seal_small(node, FEDTINY_MSG_STATUS, flags, node->state.round, node->state.model_version,
+                      (uint32_t)body_len, out, capacity, frame_len);
+}
+
+/* device.py _join, sealed into the frame buffer (not yet published) */
+static int seal_join(fedtiny_node *node, size_t *frame_len)
+{
+    fedtiny_wire_join join;
+    size_t body_len;
+    int status;
+    join.memory_budget_bytes = node->config.plan->arena_bytes;
+    join.flash_budget_bytes = node->config.plan->flash_bytes;
+    join.max_mqtt_payload = node->config.chunk_size;
+    join.features = FEDTINY_WIRE_FEATURE_MQTT5;
+    join.plan_version = FEDTINY_NODE_PLAN_VERSION;
+    memcpy(join.plan_hash, node->config.plan->hash, sizeof join.plan_hash);
+    status = fedtiny_wire_encode_join(&join, small_body(node->config.frame), FEDTINY_WIRE_JOIN_BYTES, &body_len);
+    if (status != FEDTINY_WIRE_OK) {
+        return FEDTINY_NODE_FROM_WIRE(status);
+    }
+    return seal_small(node, FEDTINY_MSG_JOIN, 0u, node->state.round, node->state.model_version,
+                      (uint32_t)body_len, node->config.frame, node->config.capacity.frame, frame_len);
+}
+
+/* Seal the small message the frame buffer holds a body for, then publish it. */
+static int send_join(fedtiny_node *node)
+{
+    size_t frame_len;
+    int status = seal_join(node, &frame_len);
+    return status != FEDTINY_NODE_OK ? status
+                                     : publish(node, FEDTINY_NODE_TOPIC_UP, node->config.frame, frame_len, 0);
+}
+
+/* device.py _upload_frames: the frames `indexes` (all of them if NULL) of the sealed upload, one at a time;
+ * indexes past the last frame are left out. */
+static int send_upload(fedtiny_node *node, int64_t now_ms, const uint32_t *indexes, uint32_t n_indexes,
+                       uint32_t *sent)
+{
+    const uint8_t *upload = node->config.upload;
+    uint32_t transfer_id = load32(upload + 24); /* the envelope header's seq */
+    uint32_t count = fedtiny_chunk_count(node->state.upload_len, node->state.upload_chunk);
+    uint32_t i, n = indexes == NULL ? count : n_indexes;
+    node->upload_sent = 1u;
+    node->upload_sent_at = now_ms;
+    *sent = 0u;
+    for (i = 0; i < n; i++) {
+        uint32_t index = indexes == NULL ? i : indexes[i];
+        size_t frame_len;
+        int status;
+        if (index >= count) {
+            continue;
+        }
+        status = fedtiny_chunk_frame(upload, node->state.upload_len, transfer_id, node->state.upload_chunk, index,
+                                     node->config.frame, node->config.capacity.frame, &frame_len);
+        if (status == FEDTINY_CHUNK_OK) {
+            status = publish(node, FEDTINY_NODE_TOPIC_UP, node->config.frame, frame_len, 0);
+        }
+        if (status != FEDTINY_NODE_OK) {
+            return status;
+        }
+        (*sent)++;
+    }
+    return FEDTINY_NODE_OK;
+}
+
+int fedtiny_node_heartbeat(fedtiny_node *node, int64_t now_ms, uint8_t device_state)
+{
+    size_t frame_len;
+    int status = seal_status(node, now_ms, device_state, 0u, node->config.frame, node->config.capacity.frame,
+                             &frame_len);
+    return status != FEDTINY_NODE_OK ? status
+                                     : publish(node, FEDTINY_NODE_TOPIC_STATUS, node->config.frame, frame_len, 1);
+}
+
+int fedtiny_node_last_will(fedtiny_node *node, int64_t now_ms, uint8_t *out, size_t capacity, size_t *out_len)
+{
+    return seal_status(node, now_ms, FEDTINY_WIRE_DEVICE_OFFLINE, FEDTINY_ENV_FLAG_LAST_WILL, out, capacity,
+                       out_len);
+}
+
+int fedtiny_node_on_connect(fedtiny_node *node, int64_t now_ms)
+{
+    int status = FEDTINY_NODE_OK;
+    uint32_t sent;
+    /* With an upload not yet acknowledged the JOIN waits for its ACK: a JOIN is newer in the same replay
+     * stream, after which the coordinator would refuse the older DELTA as stale. */
+    if (node->state.upload_len == 0u) {
+        status = send_join(node);
+    }
+    if (status == FEDTINY_NODE_OK) {
+        status = fedtiny_node_heartbeat(node, now_ms, FEDTINY_WIRE_DEVICE_IDLE);
+    }
+    if (status == FEDTINY_NODE_OK && node->state.upload_len != 0u && !node->upload_sent) {
+        status = send_upload(node, now_ms, NULL, 0u, &sent); /* after a restart: sent whole once */
+    }
+    return status;
+}
+
+int fedtiny_node_leave(fedtiny_node *node)
+{
+    size_t body_len, frame_len;
+    int status = fedtiny_wire_encode_leave(0u, small_body(node->config.frame), FEDTINY_WIRE_LEAVE_BYTES, &body_len);
+    if (status != FEDTINY_WIRE_OK) {
+        return FEDTINY_NODE_FROM_WIRE(status);
+    }
+    status = seal_small(node, FEDTINY_MSG_LEAVE, 0u, node->state.round, node->state.model_version,
+                        (uint32_t)body_len, node->config.frame, node->config.capacity.frame, &frame_len);
+    return status != FEDTINY_NODE_OK ? status
+                                     : publish(node, FEDTINY_NODE_TOPIC_UP, node->config.frame, frame_len, 0);
+}
+
+int fedtiny_node_tick(fedtiny_node *node, int64_t now_ms)
+{
+    uint32_t sent;
+    if (node->state.upload_len != 0u && node->upload_sent &&
+        now_ms - node->upload_sent_at > node->config.ack_timeout_ms) {
+        return send_upload(node, now_ms, NULL, 0u, &sent);
+    }
+    return FEDTINY_NODE_OK;
+}
+
+/* ---- receiving --------------------------------------------------------------------------------------------- */
+
+/* envelope.Header.unpack's checks, in its order: what a payload must pass before its ids are compared with the
+ * topic it came on (topics.check_topic_matches runs before the envelope is opened). */
+static int check_header(const uint8_t *payload, uint32_t length)
+{
+    uint16_t flags;
+    if (length < FEDTINY_ENV_HEADER_BYTES) {
+        return FEDTINY_ENV_ERR_TRUNCATED;
+    }
+    if (payload[0] != 'F' || payload[1] != 'T') {
+        return FEDTINY_ENV_ERR_BAD_MAGIC;
+    }
+    if (payload[2] != FEDTINY_ENV_VERSION) {
+        return FEDTINY_ENV_ERR_BAD_VERSION;
+    }
+    flags = load16(payload + 4);
+    if (flags & ~(uint16_t)(FEDTINY_ENV_FLAG_DOWNLINK | FEDTINY_ENV_FLAG_ENCRYPTED | FEDTINY_ENV_FLAG_MASKED |
+                            FEDTINY_ENV_FLAG_LAST_WILL)) {
+        return FEDTINY_ENV_ERR_BAD_FLAGS;
+    }
+    if (payload[3] < FEDTINY_MSG_JOIN || payload[3] > FEDTINY_MSG_LEAVE) {
+        return FEDTINY_ENV_ERR_BAD_TYPE;
+    }
+    return FEDTINY_ENV_OK;
+}
+
+static int next_job(const fedtiny_node *node, fedtiny_node_job *job)
+{
+    const fedtiny_node_task *task = &node->state.pending_task;
+    if (!task->present || node->state.upload_len != 0u || task->model_version != node->state.model_version) {
+        return FEDTINY_NODE_OK; /* nothing to do, an upload still in flight, or waiting for the GLOBAL_UPDATE */
+    }
+    job->round = task->round;
+    job->model_version = task->model_version;
+    job->epochs = task->epochs;
+    job->steps = task->steps;
+    job->uplink_keep_pct = task->uplink_keep_pct;
+    job->clip_norm = task->clip_norm;
+    return FEDTINY_NODE_JOB;
+}
+
+/* device.py _new_run: an authentic downlink from a newer coordinator run. The unacknowledged upload is dropped
+ * (the old run will never aggregate it); the model and the error-feedback carry are kept. */
+static void new_run(fedtiny_node *node, uint16_t run)
+{
+    node->state.run = run;
+    node->state.round = 0u;
+    node->state.trained_round = -1;
+    node->state.pending_task.present = 0u;
+    node->state.upload_len = 0u;
+    node->upload_sent = 0u;
+}
+
+static void keep_position(fedtiny_node_position *position, const fedtiny_env_header *header)
+{
+    position->accepted_any = 1u;
+    position->run = header->run;
+    position->round = header->round;
+    position->seq = header->seq;
+}
+
+/* What a downlink makes the node send, once its state is persisted. */
+enum { SEND_NOTHING, SEND_FRAME, SEND_MISSING };
+
+int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, size_t length, int64_t now_ms,
+                         fedtiny_node_job *job)
+{
+    const fedtiny_node_config *c = &node->config;
+    fedtiny_chunk_result chunk;
+    fedtiny_env_header header;
+    fedtiny_wire_task task;
+    fedtiny_wire_settings settings;
+    fedtiny_wire_ack ack;
+    uint8_t *payload, *body;
+    uint8_t source;
+    uint32_t body_len, sent;
+    size_t frame_len = 0;
+    int status, for_this_plan = 0, applied = 0, action = SEND_NOTHING;
+
+    if (strcmp(topic, node->down_topic) == 0) {
+        source = 0u;
+    } else if (strcmp(topic, node->bcast_topic) == 0) {
+        source = 1u;
+    } else {
+        return FEDTINY_NODE_ERR_BAD_TOPIC;
+    }
+    status = fedtiny_reassembler_accept(&node->reassembler, frame, length, now_ms, source, &chunk);
+    if (status != FEDTINY_CHUNK_OK || chunk.payload == NULL) {
+        return status;
+    }
+    payload = chunk.payload;
+    status = check_header(payload, chunk.payload_len);
+    if (status != FEDTINY_ENV_OK) {
+        return status;
+    }
+    if (load32(payload + 8) != c->fleet_id || load32(payload + 12) != (source == 0u ? c->device_id : 0u)) {
+        return FEDTINY_NODE_ERR_WRONG_TOPIC; /* checked before opening commits anything */
+    }
+    if (chunk.payload_len > node->max_message_bytes) {
+        return FEDTINY_NODE_ERR_OVERSIZED;
+    }
+    status = fedtiny_env_open(&node->keys, payload, chunk.payload_len, fedtiny_env_replay_check, &node->replay,
+                              &header, &body_len);
+    if (status == FEDTINY_ENV_DUPLICATE) {
+        return FEDTINY_NODE_OK; /* a QoS 1 duplicate */
+    }
+    if (status != FEDTINY_ENV_OK) {
+        return status;
+    }
+    body = payload + FEDTINY_ENV_HEADER_BYTES;
+
+    /* Everything that can refuse the message comes before anything changes. */
+    if (header.type == FEDTINY_MSG_TASK) {
+        status = fedtiny_wire_decode_task(body, body_len, &task);
+        for_this_plan = status == FEDTINY_WIRE_OK &&
+                        memcmp(task.plan_hash, c->plan->hash, FEDTINY_WIRE_HASH_BYTES) == 0;
+        if (for_this_plan) {
+            status = fedtiny_wire_task_settings(&task, &settings);
+        }
+    } else if (header.type == FEDTINY_MSG_GLOBAL_UPDATE) {
+        status = fedtiny_wire_check_global_update(c->plan->wire, body, body_len);
+        if (status == FEDTINY_WIRE_OK) {
+            /* in place and atomic: on any error the global state is unchanged */
+            status = fedtiny_wire_apply_global_update(c->plan->wire, body, body_len, node->state.model_version,
+                                                      c->global_state);
+            applied = status == FEDTINY_WIRE_OK;
+            if (status == FEDTINY_WIRE_ERR_WRONG_VERSION) {
+                status = FEDTINY_WIRE_OK; /* from a version this node does not hold: ignored, as device.py does */
+            }
+        }
+    } else {
+        status = fedtiny_wire_decode_ack(body, body_len, &ack);
+    }
+    if (status != FEDTINY_WIRE_OK) {
+        return FEDTINY_NODE_FROM_WIRE(status);
+    }
+
+    /* the signature follows the payload (ciphertext and tag for an encrypted one) */
+    fedtiny_env_replay_commit(&node->replay, &header, body + header.payload_len);
+    keep_position(&node->state.replay[header.device_id == 0u ? 1 : 0], &header);
+    if (header.run > node->state.run) {
+        new_run(node, header.run);
+    }
+    if (header.round > node->state.round) {
+        node->state.round = header.round;
+    }
+    if (header.type == FEDTINY_MSG_GLOBAL_UPDATE) {
+        if (applied) {
+            node->state.model_version = header.model_version;
+        }
+    } else if (header.type == FEDTINY_MSG_TASK) {
+        if (!for_this_plan) { /* ACK REJECTED: a TASK for another training plan */
+            size_t reply_len;
+            memset(&ack, 0, sizeof ack); /* unused by a TASK: the reply reuses it (one ACK on the stack) */
+            ack.acked_type = header.type;
+            ack.status = FEDTINY_WIRE_ACK_REJECTED;
+            ack.acked_seq = header.seq;
+            status = fedtiny_wire_encode_ack(&ack, small_body(c->frame), FEDTINY_WIRE_ACK_HEAD_BYTES, &reply_len);
+            if (status != FEDTINY_WIRE_OK) {
+                return FEDTINY_NODE_FROM_WIRE(status);
+            }
+            status = seal_small(node, FEDTINY_MSG_ACK, 0u, node->state.round, node->state.model_version,
+                                (uint32_t)reply_len, c->frame, c->capacity.frame, &frame_len);
+            if (status != FEDTINY_NODE_OK) {
+                return status;
+            }
+            action = SEND_FRAME;
+        } else if ((int64_t)header.round > node->state.trained_round) {
+            fedtiny_node_task *pending = &node->state.pending_task;
+            pending->present = 1u;
+            pending->round = header.round;
+            pending->model_version = header.model_version;
+            pending->epochs = settings.epochs;
+            pending->steps = settings.steps;
+            pending->uplink_keep_pct = settings.uplink_keep_pct;
+            pending->clip_norm = settings.clip_norm;
+        } /* else: a TASK for a round already answered */
+    } else if (node->state.upload_len != 0u && ack.acked_type == FEDTINY_MSG_DELTA) {
+        uint32_t upload_seq = load32(c->upload + 24);
+        if (ack.status == FEDTINY_WIRE_ACK_OK && ack.acked_seq == upload_seq) {
+            node->state.upload_len = 0u;
+            node->upload_sent = 0u;
+            status = seal_join(node, &frame_len); /* (re)announce now that the data stream is free */
+            if (status != FEDTINY_NODE_OK) {
+                return status;
+            }
+            action = SEND_FRAME;
+        } else if (ack.status == FEDTINY_WIRE_ACK_MISSING_CHUNKS && ack.transfer_id == upload_seq) {
+            action = SEND_MISSING;
+        }
+    }
+    status = persist(node);
+    if (status != FEDTINY_NODE_OK) {
+        return status;
+    }
+    if (action == SEND_FRAME) {
+        status = publish(node, FEDTINY_NODE_TOPIC_UP, c->frame, frame_len, 0);
+    } else if (action == SEND_MISSING) {
+        status = send_upload(node, now_ms, ack.missing, ack.n_missing, &sent);
+        node->resent_chunks += sent;
+    }
+    if (status != FEDTINY_NODE_OK) {
+        return status;
+    }
+    return next_job(node, job);
+}
+
+/* ---- jobs -------------------------------------------------------------------------------------------------- */
+
+int fedtiny_node_pending_job(const fedtiny_node *node, fedtiny_node_job *job)
+{
+    return next_job(node, job);
+}
+
+int fedtiny_node_superseded(const fedtiny_node *node, const fedtiny_node_job *job)
+{
+    const fedtiny_node_task *task = &node->state.pending_task;
+    return !task->present || task->round != job->round;
+}
+
+int fedtiny_node_skip(fedtiny_node *node, const fedtiny_node_job *job)
+{
+    if (fedtiny_node_superseded(node, job)) {
+        return FEDTINY_NODE_OK;
+    }
+    node->state.trained_round = job->round;
+    node->state.pending_task.present = 0u;
+    return persist(node);
+}
+
+int fedtiny_node_complete(fedtiny_node *node, const fedtiny_node_job *job, const uint8_t *base_state,
+                          const uint8_t *trained_state, const fedtiny_node_result *result, int64_t now_ms)
+{
+    const fedtiny_node_config *c = &node->config;
+    uint8_t *body = c->upload + FEDTINY_ENV_HEADER_BYTES;
+    size_t body_len, envelope_len;
+    uint32_t seq, sent;
+    int status;
+    node->state.rng_counter = result->rng_counter; /* the trainer drew its random numbers either way */
+    if (fedtiny_node_superseded(node, job)) {
+        return persist(node); /* its change is dropped: it was made from an older model */
+    }
+    status = fedtiny_wire_uplink(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
+                                 job->clip_norm, result->num_examples, result->loss, result->accuracy, body,
+                                 c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
+    if (status != FEDTINY_WIRE_OK) {
+        return FEDTINY_NODE_FROM_WIRE(status);
+    }
+    node->state.trained_round = job->round;
+    node->state.pending_task.present = 0u;
+    node->state.upload_chunk = c->chunk_size;
+    status = next_seq(node, &seq);
+    if (status != FEDTINY_NODE_OK) {
+        return status;
+    }
+    status = fedtiny_env_seal(&node->keys, FEDTINY_MSG_DELTA, 0u, node->state.run, job->round, job->model_version,
+                              seq, body, (uint32_t)body_len, c->upload, c->capacity.upload, &envelope_len);
+    if (status != FEDTINY_ENV_OK) {
+        return status;
+    }
+    node->state.upload_len = (uint32_t)envelope_len;
+    status = persist(node);
+    if (status != FEDTINY_NODE_OK) {
+        return status;
+    }
+    return send_upload(node, now_ms, NULL, 0u, &sent);
+}
