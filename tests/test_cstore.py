@@ -9,18 +9,20 @@ aligned units, each programmed once per erase, bits only cleared). An independen
 layout (zlib's CRC-32) checks what is in the flash after every cut.
 """
 
+import ctypes
 import random
 import re
 import signal
 import struct
 import subprocess
+import threading
 import time
 import zlib
 
 import pytest
 from conftest import require_tool
 
-from fedtiny_device import cstore
+from fedtiny_device import codegen, cstore
 from fedtiny_device.cstore import EMPTY, LOST, OK, STATUS, header_area
 
 MAGIC = 0x54535446
@@ -37,25 +39,27 @@ def blob(rng: random.Random, n: int) -> bytes:
     return bytes(rng.getrandbits(8) for _ in range(n))
 
 
+def parse_bank(image: bytes, bank: int, bank_size: int, unit: int):
+    """(generation, segments) of the bank's record, read as the layout in fedtiny_store.h says, or None."""
+    b = image[bank * bank_size:(bank + 1) * bank_size]
+    magic, fmt, count, gen, plen, crc = struct.unpack_from("<IHHIII", b)
+    if magic != MAGIC or fmt != 1 or count > cstore.MAX_SEGMENTS:
+        return None
+    lengths = struct.unpack_from(f"<{count}I", b, 20)
+    area = header_area(count, unit)
+    if sum(lengths) != plen or area + plen > bank_size:
+        return None
+    payload = b[area:area + plen]
+    if zlib.crc32(payload + b[20:20 + 4 * count] + b[:16]) != crc:
+        return None
+    cuts = [sum(lengths[:i]) for i in range(count + 1)]
+    return gen, [payload[cuts[i]:cuts[i + 1]] for i in range(count)]
+
+
 def parse_newest(image: bytes, bank_size: int, bank_count: int, unit: int):
-    """(generation, segments) of the valid record with the highest generation, read as the header says, or None."""
-    best = None
-    for bank in range(bank_count):
-        b = image[bank * bank_size:(bank + 1) * bank_size]
-        magic, fmt, count, gen, plen, crc = struct.unpack_from("<IHHIII", b)
-        if magic != MAGIC or fmt != 1 or count > cstore.MAX_SEGMENTS:
-            continue
-        lengths = struct.unpack_from(f"<{count}I", b, 20)
-        area = header_area(count, unit)
-        if sum(lengths) != plen or area + plen > bank_size:
-            continue
-        payload = b[area:area + plen]
-        if zlib.crc32(payload + b[20:20 + 4 * count] + b[:16]) != crc:
-            continue
-        if best is None or gen > best[0]:
-            cuts = [sum(lengths[:i]) for i in range(count + 1)]
-            best = (gen, [payload[cuts[i]:cuts[i + 1]] for i in range(count)])
-    return best
+    """The valid record with the highest generation, or None."""
+    records = [r for r in (parse_bank(image, b, bank_size, unit) for b in range(bank_count)) if r is not None]
+    return max(records, key=lambda r: r[0], default=None)
 
 
 # A sequence of saves of the shapes a node's state has: several segments, empty ones, lengths that are not
@@ -110,7 +114,7 @@ def test_flash_ram_refuses_what_flash_cannot_do(lib):
 
 
 def ctypes_program(flash):
-    import ctypes
+    """The RAM flash's program function, called directly."""
     fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p, ctypes.c_uint32)(
         flash.ram.flash.program)
     return lambda offset, data: fn(ctypes.addressof(flash.ram), offset, data, len(data))
@@ -289,7 +293,7 @@ def test_limits(lib):
 def test_compiles_for_the_m4(tmp_path):
     """Strict warnings on the Cortex-M4, and its size there (a budget this test keeps)."""
     cc = require_tool("arm-none-eabi-gcc")
-    src = cstore.codegen.runtime_dir() / "fedtiny_store.c"
+    src = codegen.runtime_dir() / "fedtiny_store.c"
     sizes = {}
     for opt in ("-O2", "-Os"):
         obj = tmp_path / f"store{opt}.o"
@@ -302,3 +306,87 @@ def test_compiles_for_the_m4(tmp_path):
         assert bss == 0, "the store keeps no state of its own"
     print(f"fedtiny_store.c on the M4: {sizes['-O2']} B flash at -O2, {sizes['-Os']} B at -Os")
     assert sizes["-O2"] < 4096
+
+
+# ---- under QEMU: the flash is a host file, and killing QEMU is the power cut ---------------------------------
+
+QEMU_BANK, QEMU_UNIT, QEMU_SAVES = 16 * 1024, 8, 300  # firmware_store_test.c
+
+
+def firmware_content(generation: int) -> list[bytes]:
+    """Record G's segments as firmware_store_test.c makes them (xorshift32 seeded by G)."""
+    mask, state = 0xFFFFFFFF, (generation * 2654435761 + 1) & 0xFFFFFFFF
+
+    def draw() -> int:
+        nonlocal state
+        state ^= (state << 13) & mask
+        state ^= state >> 17
+        state ^= (state << 5) & mask
+        return state
+
+    segments = []
+    for most in (4000, 700, 11000):
+        n = draw() % (most + 1)
+        segments.append(bytes(draw() & 0xFF for _ in range(n)))
+    return segments
+
+
+def run_firmware(elf, cwd, kill_after: float | None) -> tuple[list[str], int]:
+    """Start QEMU, and kill it (SIGKILL: no chance to finish anything) kill_after seconds after its first line."""
+    with open(cwd / "qemu.stderr", "w") as stderr:
+        proc = subprocess.Popen(["qemu-system-arm", "-M", "mps2-an386", "-nographic", "-semihosting", "-kernel",
+                                 str(elf)], cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=stderr, text=True)
+        watchdog = threading.Timer(120, proc.kill)  # a firmware that hangs fails the test instead of blocking it
+        watchdog.start()
+        try:
+            first = proc.stdout.readline()
+            if kill_after is not None:
+                time.sleep(kill_after)
+                proc.send_signal(signal.SIGKILL)
+            rest = proc.stdout.read()  # through the same buffer readline filled
+            proc.wait()
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+    lines = (first + rest).split("\n")
+    return lines[:-1], proc.returncode  # the last piece is empty or a line cut by the kill
+
+
+def test_store_survives_qemu_killed_at_random_points(tmp_path):
+    require_tool("make")
+    require_tool("arm-none-eabi-gcc")
+    require_tool("qemu-system-arm")
+    elf = cstore.build_store_test_firmware(tmp_path / "cache")
+    image = tmp_path / "fedtiny_flash.bin"
+    rng = random.Random(21)
+    saved, torn = 0, 0  # the last generation the firmware said it saved; kills that cut a save in the middle
+    for run in range(13):
+        last = run == 12
+        lines, code = run_firmware(elf, tmp_path, None if last else rng.uniform(0.0, 0.3))
+        assert lines, f"no output (exit {code})"
+        if run == 0:
+            assert lines[0] == "empty"
+            start = 0
+        else:
+            m = re.fullmatch(r"loaded (\d+)", lines[0])
+            assert m, lines[0]
+            start = int(m.group(1))
+            assert saved <= start <= saved + 1, "the record after a kill is the last saved or the one in progress"
+        saves = [int(line.split()[1]) for line in lines[1:] if line.startswith("saved ")]
+        assert saves == list(range(start + 1, start + 1 + len(saves))), lines[:5]
+        saved = saves[-1] if saves else start
+        flash = image.read_bytes()
+        assert len(flash) == 2 * QEMU_BANK
+        newest = parse_newest(flash, QEMU_BANK, 2, QEMU_UNIT)
+        assert newest is not None and newest[0] in (saved, saved + 1)
+        assert newest[1] == firmware_content(newest[0]), "the newest record is whole, in Python's reading too"
+        older = [parse_bank(flash, b, QEMU_BANK, QEMU_UNIT) for b in range(2)]
+        torn += not any(r is not None and r[0] == newest[0] - 1 for r in older)
+        if last:
+            assert code == 0 and lines[-1] == "done" and len(saves) == QEMU_SAVES
+    print(f"QEMU killed 12 times, {torn} of them inside a save")
+    assert torn >= 1, "no kill landed inside a save: the test did not test"
