@@ -3,8 +3,11 @@
 Semantics follow TFLite's reference kernels (gemmlowp): a real multiplier M in (0, 2^31) is stored as a
 Q31 int32 `multiplier` in [2^30, 2^31) and a power-of-two `shift` (positive = left), and applied as
 `rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x << max(shift, 0), multiplier), max(-shift, 0))`.
-All functions take and return numpy int64 arrays (or scalars) holding int32 values.
+All functions take and return numpy int64 arrays (or scalars) holding int32 values, but the last section's
+(a round's order and reported loss), which work on Python ints.
 """
+
+from functools import lru_cache
 
 import numpy as np
 
@@ -187,6 +190,7 @@ def cross_entropy_loss_q24(label_q15: int) -> int:
     return (d * LN2_Q32 + (1 << 31)) >> 32
 
 
+@lru_cache(maxsize=1 << 16)  # 2^15 + 1 distinct values after clamping; a training step asks for one each
 def cross_entropy_loss(label_q15: int) -> float:
     """The reported cross-entropy loss of a step, -ln(q / 2^15), as cross_entropy_loss_q24 / 2^24 (exact)."""
     return cross_entropy_loss_q24(label_q15) / (1 << LOSS_FRACTION_BITS)
