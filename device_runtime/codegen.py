@@ -294,6 +294,13 @@ def state_layout(plan) -> tuple[dict[str, int], int]:
     return offsets, end
 
 
+def draws_per_step(plan) -> int:
+    """Random draws one training step takes from the node's splitmix64 counter: one per element each weight and
+    bias update writes (a fixed number per plan, so a round's draws are steps x this)."""
+    return sum(int(np.prod(plan.buffers[s.writes[0]].shape)) for s in plan.steps
+               if s.kind in ("conv2d_weight_update", "conv2d_bias_update"))
+
+
 def count_train_macs(plan) -> dict[str, int]:
     """Multiply-accumulates of one training step, counted from the plan: forward (every conv), input gradients
     (a transposed conv costs what its forward conv does), weight-gradient sums (trainable rows x window x
@@ -501,6 +508,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         f"#define FEDTINY_MODEL_TRAINABLE_BYTES {trainable_bytes}\n"
         f"#define FEDTINY_MODEL_STATE_BYTES {state_bytes} /* the trainable state in fedtiny_wire's layout */\n"
         f"#define FEDTINY_MODEL_OUTPUT_SCALE {float(y.scale[0]).hex()} /* s_y, for the MSE loss */\n"
+        f"#define FEDTINY_MODEL_DRAWS_PER_STEP {draws_per_step(plan)}u /* random draws of one training step */\n"
         f"#define FEDTINY_MODEL_MACS {macs['forward']}UL\n#define FEDTINY_MODEL_TRAIN_MACS {macs['total']}UL\n\n"
         "extern const fedtiny_graph fedtiny_model_graph;\n\n"
         "/* Copy the trainable rows and biases from flash into the arena; counter = (seed mod 2^24) << 40. */\n"

@@ -286,6 +286,7 @@ def test_job_equals_local_training_with_either_trainer(name, cache):
             assert_same_result(status, c, unpack_state(plan, raw), reference, plan, what + " (Python Trainer)")
             assert raw == pack_state(plan, expected.state)  # padding bytes are zero
             assert c.steps_done == len(training_order(seed, r, len(x), epochs, steps))
+            assert c.rng_counter == counter + c.steps_done * codegen.draws_per_step(plan)  # a fixed number per step
             base, counter = expected.state, expected.rng_counter
         assert any(not np.array_equal(base[k], v) for k, v in plan.initial_state().items()), f"{name}: no change"
     if plan.loss == "mse":
@@ -324,13 +325,15 @@ def test_poll_abandons_the_job_between_steps(cache):
     lib = JobLibrary(plan, cache)
     job = TrainJob(2, 0, 2, 0, plan.initial_state())
     calls = []
-    status, c, raw = lib.run(7, job, x, y, 7 << 40, poll=lambda ctx: calls.append(1) or 0)
+    status, completed, raw = lib.run(7, job, x, y, 7 << 40, poll=lambda ctx: calls.append(1) or 0)
     assert status == OK and len(calls) == 2 * len(x) + len(x)  # every step, then every accuracy sample
-    for stop_at in (5, 2 * len(x) + 3):  # during training, during the accuracy pass
+    for stop_at in (0, 5, 2 * len(x) + 3):  # before the first step, during training, during the accuracy pass
         calls.clear()
         status, c, raw = lib.run(7, job, x, y, 7 << 40, poll=lambda ctx: int(calls.append(1) or len(calls) > stop_at))
         assert status == ABANDONED and c.steps_done == min(stop_at, 2 * len(x))
         assert raw == b"\xa5" * len(raw)  # the state goes out only when the job completes
+        # the counter a finished job leaves: the node goes on as an agent that trained to the end, then dropped it
+        assert c.rng_counter == completed.rng_counter
 
 
 def test_bad_input_is_refused(cache):

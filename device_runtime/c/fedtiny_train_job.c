@@ -116,6 +116,9 @@ fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uin
     result->loss = 0.0;
     result->accuracy = 0.0;
     result->model_status = FEDTINY_OK;
+    /* what a completed job leaves: each step draws the same number; an abandoned or failed job reports it too,
+     * so the node goes on as a Python agent that trained the job to the end and then dropped it */
+    result->rng_counter = job->rng_counter + total * (uint64_t)FEDTINY_MODEL_DRAWS_PER_STEP;
     fedtiny_model_load_state(job->base);
     fedtiny_model_set_rng_counter(job->rng_counter);
     while (done < total) { /* consecutive permutations, the last one cut at `total` */

@@ -56,7 +56,9 @@ typedef struct {
     uint32_t steps_done;         /* steps trained (all of them unless abandoned or failed) */
     double loss;                 /* float32 on the wire (DELTA.train_loss) */
     double accuracy;             /* float32 on the wire (metric channel 0) */
-    uint64_t rng_counter;        /* the node's counter after the job (persist it) */
+    uint64_t rng_counter;        /* the node's counter after the job, persist it (also when the job was abandoned
+                                  * or failed: the counter a completed job leaves, steps x FEDTINY_MODEL_DRAWS_PER_STEP
+                                  * on, as LocalTraining finishes a job that DeviceSession then drops) */
     fedtiny_status model_status; /* FEDTINY_OK unless FEDTINY_TRAIN_JOB_MODEL_ERROR */
 } fedtiny_train_result;
 
@@ -66,7 +68,7 @@ typedef struct {
 void fedtiny_training_permutation(uint64_t seed, uint64_t round, uint64_t epoch, uint32_t n, uint16_t *order);
 
 /* Run the job; the trained state goes to state_out (FEDTINY_MODEL_STATE_BYTES, may be job->base: it is read
- * first) only when the job completes (FEDTINY_TRAIN_JOB_OK). */
+ * first) only when the job completes (FEDTINY_TRAIN_JOB_OK). On FEDTINY_TRAIN_JOB_BAD_INPUT nothing is written. */
 fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uint8_t *state_out,
                                                fedtiny_train_result *result);
 
