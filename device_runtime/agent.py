@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from fedtiny.arith import mean_loss, order_key, uniform_below
 from fedtiny.compiler import Plan
 from fedtiny.protocol import topics
 from fedtiny.protocol.device import (
@@ -37,14 +38,27 @@ from fedtiny.interpreter import run
 log = logging.getLogger("fedtiny.agent")
 
 
+def training_permutation(seed: int, round_: int, epoch: int, n: int) -> list[int]:
+    """The order of one epoch over n samples: Fisher-Yates from the identity, for i = n-1 down to 1 swapping
+    entry i with entry uniform_below(i + 1), the draws taken from the splitmix64 stream after
+    order_key(seed, round, epoch). The device computes the same (fedtiny_training_permutation in
+    device_runtime/c/fedtiny_train_job.c)."""
+    order = list(range(n))
+    counter = order_key(seed, round_, epoch)
+    for i in range(n - 1, 0, -1):
+        j, counter = uniform_below(counter, i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
 def training_order(seed: int, round_: int, n: int, epochs: int = 1, steps: int = 0) -> np.ndarray:
     """Sample indexes a round trains on: a fresh permutation per epoch from (seed, round, epoch); `steps` > 0
-    takes that many steps through consecutive permutations instead of `epochs` whole passes."""
+    takes that many steps through consecutive permutations (epochs 0, 1, ...) instead of `epochs` whole passes."""
     total = steps if steps > 0 else epochs * n
-    order = []
+    order: list[int] = []
     epoch = 0
     while len(order) < total and n:
-        order.extend(np.random.default_rng([seed, round_, epoch]).permutation(n).tolist())
+        order.extend(training_permutation(seed, round_, epoch, n))
         epoch += 1
     return np.asarray(order[:total], dtype=np.int64)
 
@@ -71,14 +85,22 @@ class LocalTraining:
         return int(self.trainer.rng_counter)
 
     def run(self, job: TrainJob) -> TrainResult:
+        """Train from job.base in training_order; report the trained state, the number of distinct samples trained
+        on, the mean step loss (arith.mean_loss) and the accuracy of the trained model on all the samples (argmax
+        of the output == label, the first maximum winning; 0.0 for an MSE plan, which has no classes).
+        device_runtime/c/fedtiny_train_job.c computes the same on the device."""
         self.trainer.load_trainable_state(job.base)
-        order = training_order(self.seed, job.round, len(self._x), job.epochs, job.steps)
-        losses = [self.trainer.step(self._x[i], int(self._y[i])) for i in order]
+        n = len(self._x)
+        order = training_order(self.seed, job.round, n, job.epochs, job.steps)
+        mse = self.plan.loss == "mse"
+        losses = [self.trainer.step(self._x[i], self._y[i] if mse else int(self._y[i])) for i in order]
         state = self.trainer.trainable_state()
-        predictions = run(self.plan.graph_with(state), self._x).reshape(len(self._x), -1).argmax(axis=1)
-        accuracy = float((predictions == self._y).mean()) if len(self._x) else 0.0
-        return TrainResult(state, int(len(set(order.tolist()))), float(np.mean(losses)) if losses else 0.0,
-                           accuracy, self.rng_counter)
+        accuracy = 0.0
+        if n and not mse:
+            predictions = run(self.plan.graph_with(state), self._x).reshape(n, -1).argmax(axis=1)
+            accuracy = int((predictions == self._y).sum()) / n
+        # consecutive permutations: the first n steps visit n distinct samples
+        return TrainResult(state, min(len(order), n), mean_loss(losses), accuracy, self.rng_counter)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from fedtiny.ir import Graph, Op
 
 RUNTIME_FILES = ("fedtiny_arith.h", "fedtiny_kernels.h", "fedtiny_kernels.c", "fedtiny_runtime.h",
                  "fedtiny_runtime.c", "fedtiny_boot.h", "fedtiny_boot.c", "firmware_main.c", "firmware_train.c",
-                 "fedtiny_m4.ld", "Makefile")
+                 "fedtiny_train_job.h", "fedtiny_train_job.c", "firmware_train_job.c", "fedtiny_m4.ld", "Makefile")
 GENERATED_FILES = ("model.h", "model.c", "samples.c")
 
 
@@ -283,6 +283,24 @@ def gradient_buffers(plan) -> list[str]:
     return names
 
 
+def state_layout(plan) -> tuple[dict[str, int], int]:
+    """The trainable state as one byte string (fedtiny_wire's layout, what fedtiny_model_load_state reads): the
+    plan's trainable buffers in trainable_buffers() order, back to back, each at a 4-byte-aligned offset (zero
+    padding after int8 rows), little-endian. Returns (buffer -> offset, total bytes)."""
+    offsets, end = {}, 0
+    for name in plan.trainable_buffers():
+        offsets[name] = end
+        end += -(-plan.buffers[name].nbytes // 4) * 4
+    return offsets, end
+
+
+def draws_per_step(plan) -> int:
+    """Random draws one training step takes from the node's splitmix64 counter: one per element each weight and
+    bias update writes (a fixed number per plan, so a round's draws are steps x this)."""
+    return sum(int(np.prod(plan.buffers[s.writes[0]].shape)) for s in plan.steps
+               if s.kind in ("conv2d_weight_update", "conv2d_bias_update"))
+
+
 def count_train_macs(plan) -> dict[str, int]:
     """Multiply-accumulates of one training step, counted from the plan: forward (every conv), input gradients
     (a transposed conv costs what its forward conv does), weight-gradient sums (trainable rows x window x
@@ -354,7 +372,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         decls.append(f"/* op {i}: {op.kind} {op.origin}: {shapes} -> {tuple(t[op.outputs[0]].shape)} */\n"
                      + (_render_conv2d(graph, op, name, extra) if op.kind == "conv2d" else RENDER[op.kind](graph, op, name)))
 
-    rows = []
+    rows, forward_rows = [], []
     for j, s in enumerate(plan.steps):
         name = f"step{j}"
         op = graph.ops[s.attrs["op"]] if "op" in s.attrs else None
@@ -423,13 +441,16 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         if len(operands) > 6:
             raise ValueError(f"step {j} ({s.kind}) has {len(operands)} operands; the runtime takes at most 6")
         rows.append(f"    {{{kind}, {n_in}, 1, {{{', '.join(map(str, operands))}}}, &{params}}}, /* {j}: {s.kind} */")
+        if s.kind == "forward":
+            forward_rows.append(rows[-1])
 
     init = []
+    state_offsets, state_bytes = state_layout(plan)
     for b in trainable:
         tensor = b[len("train:"):]
         i = next(k for k, op in enumerate(graph.ops) if tensor in op.inputs and op.kind == "conv2d")
         src = f"op{i}_weight" if graph.ops[i].inputs[1] == tensor else f"op{i}_bias"
-        init.append(f"    {{{off[b]}, {plan.buffers[b].nbytes}, (const void *){src}}}, /* {b} */")
+        init.append(f"    {{{off[b]}, {plan.buffers[b].nbytes}, {state_offsets[b]}, (const void *){src}}}, /* {b} */")
     mse = plan.loss == "mse"
     if mse:  # a target of the output's K values per sample instead of a class label
         step_decl = (
@@ -469,6 +490,8 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
             "        if (status != FEDTINY_OK) {\n            return status;\n        }\n"
             "        if (label_q15 != 0) {\n            label_q15[i] = state.label_q15;\n        }\n    }\n"
             "    return FEDTINY_OK;\n}\n\n")
+    if not forward_rows:
+        raise ValueError("a training plan without forward steps")
     macs = count_train_macs(plan)
     trainable_bytes = sum(plan.buffers[b].nbytes for b in trainable)
     guard = "FEDTINY_MODEL_H"
@@ -483,11 +506,20 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         f"#define FEDTINY_MODEL_SCRATCH_BYTES {scratch}\n#define FEDTINY_MODEL_N_OPS {len(rows)}\n"
         f"#define FEDTINY_MODEL_N_GRADIENTS {len(grads)}\n#define FEDTINY_MODEL_N_TRAINABLE {len(trainable)}\n"
         f"#define FEDTINY_MODEL_TRAINABLE_BYTES {trainable_bytes}\n"
+        f"#define FEDTINY_MODEL_STATE_BYTES {state_bytes} /* the trainable state in fedtiny_wire's layout */\n"
+        f"#define FEDTINY_MODEL_OUTPUT_SCALE {float(y.scale[0]).hex()} /* s_y, for the MSE loss */\n"
+        f"#define FEDTINY_MODEL_DRAWS_PER_STEP {draws_per_step(plan)}u /* random draws of one training step */\n"
         f"#define FEDTINY_MODEL_MACS {macs['forward']}UL\n#define FEDTINY_MODEL_TRAIN_MACS {macs['total']}UL\n\n"
         "extern const fedtiny_graph fedtiny_model_graph;\n\n"
         "/* Copy the trainable rows and biases from flash into the arena; counter = (seed mod 2^24) << 40. */\n"
         "void fedtiny_model_train_init(uint32_t seed);\n"
         + step_decl +
+        "/* The trainable rows and biases from / to a state in fedtiny_wire's layout (FEDTINY_MODEL_STATE_BYTES:\n"
+        " * buffers back to back in the plan's order, each at a 4-byte-aligned offset; store zeroes the padding). */\n"
+        "void fedtiny_model_load_state(const uint8_t *state);\n"
+        "void fedtiny_model_store_state(uint8_t *state);\n"
+        "/* The forward pass alone with the current trainable rows: input (H, W, C) int8 -> output int8. */\n"
+        "fedtiny_status fedtiny_model_predict(const int8_t *input, int8_t *output);\n"
         "uint8_t *fedtiny_model_arena(void);\n"
         "uint64_t fedtiny_model_rng_counter(void);\n"
         "void fedtiny_model_set_rng_counter(uint64_t counter);\n"
@@ -508,14 +540,31 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         f"    ops, {len(rows)}, arena.bytes, {plan.arena_size}, scratch.bytes, {scratch},\n"
         f"    {buf_off(graph.inputs[0])}, {x.nbytes}, {buf_off(graph.outputs[0])}, {y.nbytes},\n"
         f"    exponents, {max(1, len(grads))}, &state,\n}};\n\n"
-        "/* trainable buffers: arena offset, bytes, initial values in flash */\n"
-        "static const struct { uint32_t offset, bytes; const void *initial; } trainables["
+        "/* the forward rows alone (fedtiny_model_predict): an inference graph over the same arena */\n"
+        f"static const fedtiny_op forward_ops[{len(forward_rows)}] = {{\n" + "\n".join(forward_rows) + "\n};\n\n"
+        "static const fedtiny_graph forward_graph = {\n"
+        f"    forward_ops, {len(forward_rows)}, arena.bytes, {plan.arena_size}, scratch.bytes, {scratch},\n"
+        f"    {buf_off(graph.inputs[0])}, {x.nbytes}, {buf_off(graph.outputs[0])}, {y.nbytes},\n"
+        "    0, 0, 0,\n};\n\n"
+        "/* trainable buffers: arena offset, bytes, offset in the state layout, initial values in flash */\n"
+        "static const struct { uint32_t offset, bytes, state_offset; const void *initial; } trainables["
         f"{max(1, len(init))}] = {{\n" + ("\n".join(init) or "    {0, 0, 0},") + "\n};\n\n"
         "void fedtiny_model_train_init(uint32_t seed)\n{\n    uint32_t i;\n"
         f"    for (i = 0; i < {len(init)}u; i++) {{\n"
         "        memcpy(arena.bytes + trainables[i].offset, trainables[i].initial, trainables[i].bytes);\n    }\n"
         "    state.rng_counter = (uint64_t)(seed & 0xFFFFFFu) << 40;\n}\n\n"
         + step_def +
+        "void fedtiny_model_load_state(const uint8_t *state)\n{\n    uint32_t i;\n"
+        f"    for (i = 0; i < {len(init)}u; i++) {{\n"
+        "        memcpy(arena.bytes + trainables[i].offset, state + trainables[i].state_offset, trainables[i].bytes);\n"
+        "    }\n}\n\n"
+        "void fedtiny_model_store_state(uint8_t *state)\n{\n    uint32_t i;\n"
+        f"    memset(state, 0, {state_bytes}u);\n"
+        f"    for (i = 0; i < {len(init)}u; i++) {{\n"
+        "        memcpy(state + trainables[i].state_offset, arena.bytes + trainables[i].offset, trainables[i].bytes);\n"
+        "    }\n}\n\n"
+        "fedtiny_status fedtiny_model_predict(const int8_t *input, int8_t *output)\n{\n"
+        "    return fedtiny_run(&forward_graph, input, output);\n}\n\n"
         "uint8_t *fedtiny_model_arena(void) { return arena.bytes; }\n"
         "uint64_t fedtiny_model_rng_counter(void) { return state.rng_counter; }\n"
         "void fedtiny_model_set_rng_counter(uint64_t counter) { state.rng_counter = counter; }\n\n"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtiny.arith import cross_entropy_loss
 from fedtiny.ir import Graph
 
 from . import codegen
@@ -216,6 +217,7 @@ class CTrainer:
         size = plan.arena_size
         self._arena = np.ctypeslib.as_array((ctypes.c_uint8 * max(1, size)).from_address(self.lib.fedtiny_model_arena()))
         self.input_shape = tuple(self.graph.tensors[self.graph.inputs[0]].shape)
+        self.last_label_q15 = 0  # cross-entropy plans: the label's Q15 probability after the last step
         self.last_label_probability = 0.0
         self.last_loss = 0.0  # MSE plans: the last step's loss
         if _OWNER.get(self.path) is not None:
@@ -298,8 +300,9 @@ class CTrainer:
         status = self.lib.fedtiny_model_train_batch(xs.ctypes.data, labels.ctypes.data, len(xs), q15.ctypes.data)
         if status != 0:
             raise RuntimeError(f"fedtiny_model_train_batch failed with status {status}")
-        self.last_label_probability = int(q15[-1]) / 32768
-        return [float(-np.log(max(int(q) / 32768, 2.0**-15))) for q in q15]
+        self.last_label_q15 = int(q15[-1])
+        self.last_label_probability = self.last_label_q15 / 32768
+        return [cross_entropy_loss(int(q)) for q in q15]
 
     @_locked
     def trainable_state(self) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ on the device. The state a node keeps between steps is the trainable buffers plu
 import numpy as np
 
 from fedtiny import kernels
-from fedtiny.arith import narrow_to_int16, splitmix64, stochastic_update
+from fedtiny.arith import cross_entropy_loss, narrow_to_int16, splitmix64, stochastic_update
 from fedtiny.compiler import Plan, train_name
 from fedtiny.interpreter import FORWARD
 from fedtiny.ir import DTYPES, Graph
@@ -41,6 +41,7 @@ class Trainer:
         self.rng_counter = (seed & 0xFFFFFF) << 40
         self.exponent: dict[str, int] = {}  # power-of-two exponent of each gradient buffer
         self.record: dict[str, np.ndarray] | None = None  # set to a dict to collect real-valued gradients (tests)
+        self.last_label_q15 = 0  # cross-entropy plans: the label's Q15 probability after the last step
         self.last_label_probability = 0.0
         self.last_loss = 0.0  # MSE plans: the last step's loss
         for name in plan.trainable_buffers():  # initial trainable rows come from the model
@@ -84,8 +85,8 @@ class Trainer:
     # --- one training step --------------------------------------------------------------------------------
     def step(self, x: np.ndarray, label) -> float:
         """Train on one int8 sample (H, W, C) with its class label (cross-entropy), or with its int8 target of the
-        output's K values (MSE: the output's shape or flat). Returns the loss: -ln of the label's Q15 probability,
-        or mean((s_y * (y_q - t_q))^2)."""
+        output's K values (MSE: the output's shape or flat). Returns the loss: -ln of the label's Q15 probability
+        (arith.cross_entropy_loss, exact in integers), or mean((s_y * (y_q - t_q))^2) (mse_loss)."""
         (input_name,) = self.graph.inputs
         self.view(input_name)[...] = x.reshape(self.graph.tensors[input_name].shape)
         if self.plan.loss == "mse":
@@ -96,7 +97,7 @@ class Trainer:
             getattr(self, f"_{s.kind}")(s)
         if self.plan.loss == "mse":
             return self.last_loss
-        return float(-np.log(max(self.last_label_probability, 2.0**-15)))
+        return cross_entropy_loss(self.last_label_q15)
 
     def _forward(self, s):
         op = self.graph.ops[s.attrs["op"]]
@@ -121,7 +122,8 @@ class Trainer:
             return
         logits = self._act(s.reads[0])
         g, e = kernels.softmax_cross_entropy_grad(logits, self.label, self.plan.exp_table)
-        self.last_label_probability = (int(g.reshape(-1)[self.label]) + 32768) / 32768
+        self.last_label_q15 = int(g.reshape(-1)[self.label]) + 32768
+        self.last_label_probability = self.last_label_q15 / 32768
         self.view(s.writes[0])[...] = g.reshape(self.plan.buffers[s.writes[0]].shape)
         self.exponent[s.writes[0]] = e
         self._note(s.writes[0], s.reads[0])

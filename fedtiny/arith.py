@@ -3,8 +3,11 @@
 Semantics follow TFLite's reference kernels (gemmlowp): a real multiplier M in (0, 2^31) is stored as a
 Q31 int32 `multiplier` in [2^30, 2^31) and a power-of-two `shift` (positive = left), and applied as
 `rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x << max(shift, 0), multiplier), max(-shift, 0))`.
-All functions take and return numpy int64 arrays (or scalars) holding int32 values.
+All functions take and return numpy int64 arrays (or scalars) holding int32 values, but the last section's
+(a round's order and reported loss), which work on Python ints.
 """
+
+from functools import lru_cache
 
 import numpy as np
 
@@ -124,3 +127,79 @@ def stochastic_update(total, m: np.ndarray, shift, exponent: int, random_bits: n
     down = (product + r) >> right
     up = np.clip(product, -(2**31), 2**31 - 1) << np.clip(-k, 0, 31)
     return np.where(k > 0, down, np.clip(up, -(2**31), 2**31 - 1))
+
+
+# ---- what a round reports and the order it trains in: exactly reproducible on the device ----------------------
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64_one(counter: int) -> int:
+    """Output counter+1 of splitmix64 (one draw, as a Python int): mix((counter + 1) * golden)."""
+    z = ((counter + 1) * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def uniform_below(counter: int, bound: int) -> tuple[int, int]:
+    """An unbiased draw in [0, bound) (1 <= bound < 2^32) from the splitmix64 stream after `counter`, by
+    Lemire's multiply-and-reject on the high 32 bits of each draw: x * bound = hi * 2^32 + lo, rejected while
+    lo < 2^32 mod bound. Returns (value, the counter after the draws it used)."""
+    if not 1 <= bound < 1 << 32:
+        raise ValueError(f"bound must be in [1, 2^32), got {bound}")
+    threshold = (1 << 32) % bound
+    while True:
+        product = (splitmix64_one(counter) >> 32) * bound
+        counter = (counter + 1) & MASK64
+        if product & 0xFFFFFFFF >= threshold:
+            return product >> 32, counter
+
+
+ORDER_DOMAIN = 0x6665646F72646572  # "fedorder": keeps the order's stream apart from the training rounding bits
+
+
+def order_key(seed: int, round_: int, epoch: int) -> int:
+    """The splitmix64 counter an epoch's permutation draws from: H(H(H(ORDER_DOMAIN ^ seed) ^ round) ^ epoch),
+    H = splitmix64_one, every input taken mod 2^64."""
+    key = splitmix64_one(ORDER_DOMAIN ^ (seed & MASK64))
+    key = splitmix64_one(key ^ (round_ & MASK64))
+    return splitmix64_one(key ^ (epoch & MASK64))
+
+
+LOSS_FRACTION_BITS = 24
+LN2_Q32 = 2977044472  # round(ln(2) * 2^32)
+
+
+def cross_entropy_loss_q24(label_q15: int) -> int:
+    """-ln(q / 2^15) in Q24 for the label's Q15 probability q (clamped to [1, 2^15]), in integers only, so the
+    device computes the same bits: log2(q) = e + log2(m), m = q / 2^e in [1, 2) in Q30, whose fraction bits
+    come one by one from squaring m (a bit is 1 when m^2 >= 2, then m^2 / 2 goes on), 24 of them, truncated;
+    then (15 - log2 q) * ln 2 rounded to Q24. Below 2e-7 from the exact value (tests/test_ctrain_job.py)."""
+    q = min(max(int(label_q15), 1), 1 << 15)
+    e = q.bit_length() - 1
+    m = q << (30 - e)
+    fraction = 0
+    for _ in range(LOSS_FRACTION_BITS):
+        m = (m * m) >> 30
+        fraction <<= 1
+        if m >= 1 << 31:
+            m >>= 1
+            fraction |= 1
+    d = (15 << LOSS_FRACTION_BITS) - ((e << LOSS_FRACTION_BITS) | fraction)
+    return (d * LN2_Q32 + (1 << 31)) >> 32
+
+
+@lru_cache(maxsize=1 << 16)  # 2^15 + 1 distinct values after clamping; a training step asks for one each
+def cross_entropy_loss(label_q15: int) -> float:
+    """The reported cross-entropy loss of a step, -ln(q / 2^15), as cross_entropy_loss_q24 / 2^24 (exact)."""
+    return cross_entropy_loss_q24(label_q15) / (1 << LOSS_FRACTION_BITS)
+
+
+def mean_loss(losses) -> float:
+    """A round's loss: the float64 sum of the step losses in step order, divided by their number (0.0 for none);
+    a plain loop, not numpy's pairwise sum, so the device's sequential sum gives the same bits."""
+    total = 0.0
+    for loss in losses:
+        total += float(loss)
+    return total / len(losses) if len(losses) else 0.0

@@ -127,4 +127,59 @@ static inline int64_t fedtiny_stochastic_delta(int64_t total, int32_t m, int32_t
     return fedtiny_clamp_i32_64(fedtiny_clamp_i32_64(product) * ((int64_t)1 << (-k < 31 ? -k : 31)));
 }
 
+/* ---- what a round reports and the order it trains in (arith.py: uniform_below, order_key,
+ * cross_entropy_loss_q24) ------------------------------------------------------------------------------------ */
+
+/* An unbiased draw in [0, bound) (1 <= bound < 2^32) from the splitmix64 stream after *counter (advanced past
+ * the draws used): Lemire's multiply-and-reject on the high 32 bits of each draw. */
+static inline uint32_t fedtiny_uniform_below(uint64_t *counter, uint32_t bound)
+{
+    const uint32_t threshold = (uint32_t)(0u - bound) % bound; /* 2^32 mod bound */
+    for (;;) {
+        const uint64_t product = (fedtiny_splitmix64(*counter + 1u) >> 32) * (uint64_t)bound;
+        *counter += 1u;
+        if ((uint32_t)product >= threshold) {
+            return (uint32_t)(product >> 32);
+        }
+    }
+}
+
+#define FEDTINY_ORDER_DOMAIN 0x6665646F72646572ull /* "fedorder" */
+
+/* The splitmix64 counter an epoch's permutation draws from: H(H(H(DOMAIN ^ seed) ^ round) ^ epoch), with
+ * H(x) = fedtiny_splitmix64(x + 1), the first draw after counter x. */
+static inline uint64_t fedtiny_order_key(uint64_t seed, uint64_t round, uint64_t epoch)
+{
+    uint64_t key = fedtiny_splitmix64((FEDTINY_ORDER_DOMAIN ^ seed) + 1u);
+    key = fedtiny_splitmix64((key ^ round) + 1u);
+    return fedtiny_splitmix64((key ^ epoch) + 1u);
+}
+
+#define FEDTINY_LOSS_FRACTION_BITS 24
+#define FEDTINY_LN2_Q32 2977044472ull /* round(ln(2) * 2^32) */
+
+/* -ln(q / 2^15) in Q24 for the label's Q15 probability q (clamped to [1, 2^15]), integers only: log2(q) =
+ * e + log2(m) with m = q / 2^e in [1, 2) in Q30, whose fraction bits come from squaring m (24 bits, truncated),
+ * then (15 - log2 q) * ln 2 rounded to Q24. The loss is this / 2^24, exact in a double. */
+static inline uint32_t fedtiny_cross_entropy_loss_q24(int32_t label_q15)
+{
+    const uint32_t q = label_q15 < 1 ? 1u : (label_q15 > 32768 ? 32768u : (uint32_t)label_q15);
+    uint32_t e = 0, fraction = 0, i;
+    uint64_t m, d;
+    while ((q >> (e + 1u)) != 0u) {
+        e++;
+    }
+    m = (uint64_t)q << (30u - e);
+    for (i = 0; i < FEDTINY_LOSS_FRACTION_BITS; i++) {
+        m = (m * m) >> 30;
+        fraction <<= 1;
+        if (m >= ((uint64_t)1 << 31)) {
+            m >>= 1;
+            fraction |= 1u;
+        }
+    }
+    d = ((uint64_t)15 << FEDTINY_LOSS_FRACTION_BITS) - (((uint64_t)e << FEDTINY_LOSS_FRACTION_BITS) | fraction);
+    return (uint32_t)((d * FEDTINY_LN2_Q32 + ((uint64_t)1 << 31)) >> 32);
+}
+
 #endif /* FEDTINY_ARITH_H */

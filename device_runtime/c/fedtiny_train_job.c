@@ -1,0 +1,155 @@
+/* A round's training on the device (see fedtiny_train_job.h): LocalTraining.run of fedtiny_device.agent in C. */
+#include "fedtiny_train_job.h"
+
+#include <stddef.h>
+
+#include "fedtiny_arith.h"
+
+void fedtiny_training_permutation(uint64_t seed, uint64_t round, uint64_t epoch, uint32_t n, uint16_t *order)
+{
+    uint64_t counter = fedtiny_order_key(seed, round, epoch);
+    uint32_t i;
+    for (i = 0; i < n; i++) {
+        order[i] = (uint16_t)i;
+    }
+    for (i = n; i > 1u; i--) { /* entry i - 1 swaps with a uniform one of 0..i-1 */
+        const uint32_t j = fedtiny_uniform_below(&counter, i);
+        const uint16_t t = order[i - 1u];
+        order[i - 1u] = order[j];
+        order[j] = t;
+    }
+}
+
+static int abandoned(const fedtiny_train_job *job)
+{
+    return job->poll != NULL && job->poll(job->poll_context) != 0;
+}
+
+static fedtiny_train_job_status checked(const fedtiny_train_job *job, const uint8_t *state_out,
+                                        const fedtiny_train_result *result)
+{
+    uint32_t i;
+    if (job == NULL || state_out == NULL || result == NULL || job->base == NULL ||
+        job->n > FEDTINY_TRAIN_JOB_MAX_SAMPLES) {
+        return FEDTINY_TRAIN_JOB_BAD_INPUT;
+    }
+    if (job->n == 0u) {
+        return FEDTINY_TRAIN_JOB_OK;
+    }
+#if FEDTINY_MODEL_LOSS_MSE
+    if (job->samples == NULL || job->order == NULL || job->targets == NULL) {
+        return FEDTINY_TRAIN_JOB_BAD_INPUT;
+    }
+#else
+    if (job->samples == NULL || job->order == NULL || job->labels == NULL) {
+        return FEDTINY_TRAIN_JOB_BAD_INPUT;
+    }
+    for (i = 0; i < job->n; i++) {
+        if (job->labels[i] < 0 || job->labels[i] >= (int32_t)FEDTINY_MODEL_OUTPUT_BYTES) {
+            return FEDTINY_TRAIN_JOB_BAD_INPUT;
+        }
+    }
+#endif
+    (void)i;
+    return FEDTINY_TRAIN_JOB_OK;
+}
+
+/* One step on sample i; *loss gets its loss (the same double as the host's Trainer.step returns). */
+static fedtiny_status train_one(const fedtiny_train_job *job, uint32_t i, double *loss)
+{
+    const int8_t *x = job->samples + (size_t)i * FEDTINY_MODEL_INPUT_BYTES;
+    fedtiny_status status;
+#if FEDTINY_MODEL_LOSS_MSE
+    int64_t squared_error = 0;
+    status = fedtiny_model_train_batch(x, job->targets + (size_t)i * FEDTINY_MODEL_OUTPUT_BYTES, 1u, &squared_error);
+    /* trainer.mse_loss: s_y * s_y * sum d^2 / K, left to right in double */
+    *loss = FEDTINY_MODEL_OUTPUT_SCALE * FEDTINY_MODEL_OUTPUT_SCALE * (double)squared_error /
+            (double)FEDTINY_MODEL_OUTPUT_BYTES;
+#else
+    int32_t label_q15 = 0;
+    status = fedtiny_model_train_batch(x, job->labels + i, 1u, &label_q15);
+    *loss = (double)fedtiny_cross_entropy_loss_q24(label_q15) / (double)((uint32_t)1 << FEDTINY_LOSS_FRACTION_BITS);
+#endif
+    return status;
+}
+
+#if !FEDTINY_MODEL_LOSS_MSE
+/* Samples the trained model classifies right: argmax of the output (the first maximum) == label. */
+static fedtiny_train_job_status count_correct(const fedtiny_train_job *job, uint32_t *correct,
+                                              fedtiny_train_result *result)
+{
+    int8_t output[FEDTINY_MODEL_OUTPUT_BYTES];
+    uint32_t i, k;
+    *correct = 0;
+    for (i = 0; i < job->n; i++) {
+        uint32_t best = 0;
+        if (abandoned(job)) {
+            return FEDTINY_TRAIN_JOB_ABANDONED;
+        }
+        result->model_status = fedtiny_model_predict(job->samples + (size_t)i * FEDTINY_MODEL_INPUT_BYTES, output);
+        if (result->model_status != FEDTINY_OK) {
+            return FEDTINY_TRAIN_JOB_MODEL_ERROR;
+        }
+        for (k = 1; k < FEDTINY_MODEL_OUTPUT_BYTES; k++) {
+            if (output[k] > output[best]) {
+                best = k;
+            }
+        }
+        *correct += (uint32_t)(best == (uint32_t)job->labels[i]);
+    }
+    return FEDTINY_TRAIN_JOB_OK;
+}
+#endif
+
+fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uint8_t *state_out,
+                                               fedtiny_train_result *result)
+{
+    fedtiny_train_job_status status = checked(job, state_out, result);
+    uint64_t total, done = 0, epoch = 0;
+    double loss_sum = 0.0;
+    if (status != FEDTINY_TRAIN_JOB_OK) {
+        return status;
+    }
+    total = job->n == 0u ? 0u : (job->steps > 0u ? (uint64_t)job->steps : (uint64_t)job->epochs * job->n);
+    result->num_examples = (uint32_t)(total < job->n ? total : job->n);
+    result->steps_done = 0;
+    result->loss = 0.0;
+    result->accuracy = 0.0;
+    result->model_status = FEDTINY_OK;
+    /* what a completed job leaves: each step draws the same number; an abandoned or failed job reports it too,
+     * so the node goes on as a Python agent that trained the job to the end and then dropped it */
+    result->rng_counter = job->rng_counter + total * (uint64_t)FEDTINY_MODEL_DRAWS_PER_STEP;
+    fedtiny_model_load_state(job->base);
+    fedtiny_model_set_rng_counter(job->rng_counter);
+    while (done < total) { /* consecutive permutations, the last one cut at `total` */
+        uint32_t k;
+        fedtiny_training_permutation(job->seed, job->round, epoch, job->n, job->order);
+        for (k = 0; k < job->n && done < total; k++, done++) {
+            double loss;
+            if (abandoned(job)) {
+                return FEDTINY_TRAIN_JOB_ABANDONED;
+            }
+            result->model_status = train_one(job, job->order[k], &loss);
+            if (result->model_status != FEDTINY_OK) {
+                return FEDTINY_TRAIN_JOB_MODEL_ERROR;
+            }
+            loss_sum += loss; /* in step order, as arith.mean_loss */
+            result->steps_done++;
+        }
+        epoch++;
+    }
+    result->loss = total > 0u ? loss_sum / (double)total : 0.0;
+    result->rng_counter = fedtiny_model_rng_counter();
+#if !FEDTINY_MODEL_LOSS_MSE
+    if (job->n > 0u) {
+        uint32_t correct;
+        status = count_correct(job, &correct, result);
+        if (status != FEDTINY_TRAIN_JOB_OK) {
+            return status;
+        }
+        result->accuracy = (double)correct / (double)job->n;
+    }
+#endif
+    fedtiny_model_store_state(state_out);
+    return FEDTINY_TRAIN_JOB_OK;
+}

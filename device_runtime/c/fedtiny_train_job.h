@@ -1,0 +1,75 @@
+/* A round's training on the device: what fedtiny_device.agent.LocalTraining.run computes, bit for bit.
+ *
+ * On top of the generated model API of a training plan (model.h: fedtiny_model_load_state / _store_state,
+ * _train_batch, _predict, _set_rng_counter): load the base state into the arena, train in the round's order,
+ * read the trained state back, then run the trained model over every sample for the accuracy.
+ *
+ *   order      epoch e of the round is fedtiny_training_permutation(seed, round, e, n); `steps` > 0 takes that
+ *              many steps through consecutive epochs (0, 1, ...), else `epochs` whole epochs.
+ *   loss       the mean of the step losses, summed in step order in double: cross-entropy steps lose
+ *              fedtiny_cross_entropy_loss_q24(label_q15) / 2^24, MSE steps s_y^2 * sum (y - t)^2 / K.
+ *   accuracy   correct / n, correct = samples whose output's argmax (first maximum) equals the label, after
+ *              training; 0.0 for an MSE plan (no classes), which skips that pass.
+ *   num_examples  distinct samples trained on: min(total steps, n).
+ *
+ * No malloc, no stdio; the caller gives the permutation's work buffer. poll(context) runs before every step and
+ * every accuracy sample; a nonzero return abandons the job (the firmware feeds downlinks to its session there,
+ * and a TASK of a later round supersedes the job). The generated model is one static arena: one job at a time.
+ */
+#ifndef FEDTINY_TRAIN_JOB_H
+#define FEDTINY_TRAIN_JOB_H
+
+#include <stdint.h>
+
+#include "model.h"
+
+#define FEDTINY_TRAIN_JOB_MAX_SAMPLES 65535u /* the order's work buffer holds uint16 indexes */
+
+typedef enum {
+    FEDTINY_TRAIN_JOB_OK = 0,
+    FEDTINY_TRAIN_JOB_ABANDONED = 1,   /* poll returned nonzero; the arena holds a partly trained state */
+    FEDTINY_TRAIN_JOB_BAD_INPUT = 2,   /* a NULL buffer, n > FEDTINY_TRAIN_JOB_MAX_SAMPLES, a label outside 0..K-1 */
+    FEDTINY_TRAIN_JOB_MODEL_ERROR = 3  /* a kernel failed: result->model_status says how */
+} fedtiny_train_job_status;
+
+/* Called between steps; returns nonzero to abandon the job. */
+typedef int (*fedtiny_train_job_poll)(void *context);
+
+typedef struct {
+    uint64_t seed;               /* the node's seed (LocalTraining.seed), keys the order */
+    uint32_t round;              /* the TASK's round */
+    uint32_t epochs;             /* passes over the samples when steps == 0 */
+    uint32_t steps;              /* > 0: this many steps instead */
+    uint64_t rng_counter;        /* the node's splitmix64 counter before the job */
+    const uint8_t *base;         /* FEDTINY_MODEL_STATE_BYTES: the state to train from (fedtiny_wire's layout) */
+    const int8_t *samples;       /* n * FEDTINY_MODEL_INPUT_BYTES, (H, W, C) each */
+    const int32_t *labels;       /* cross-entropy plans: n class indexes in 0..FEDTINY_MODEL_OUTPUT_BYTES-1 */
+    const int8_t *targets;       /* MSE plans: n * FEDTINY_MODEL_OUTPUT_BYTES, in the output's quantization */
+    uint32_t n;
+    uint16_t *order;             /* work buffer of n entries (n = 0: may be NULL) */
+    fedtiny_train_job_poll poll; /* may be NULL */
+    void *poll_context;
+} fedtiny_train_job;
+
+typedef struct {
+    uint32_t num_examples;
+    uint32_t steps_done;         /* steps trained (all of them unless abandoned or failed) */
+    double loss;                 /* float32 on the wire (DELTA.train_loss) */
+    double accuracy;             /* float32 on the wire (metric channel 0) */
+    uint64_t rng_counter;        /* the node's counter after the job, persist it (also when the job was abandoned
+                                  * or failed: the counter a completed job leaves, steps x FEDTINY_MODEL_DRAWS_PER_STEP
+                                  * on, as LocalTraining finishes a job that DeviceSession then drops) */
+    fedtiny_status model_status; /* FEDTINY_OK unless FEDTINY_TRAIN_JOB_MODEL_ERROR */
+} fedtiny_train_result;
+
+/* Epoch `epoch`'s order of n samples: Fisher-Yates from the identity, for i = n-1 down to 1 swapping entry i with
+ * entry fedtiny_uniform_below(i + 1), drawing from the splitmix64 stream after fedtiny_order_key(seed, round,
+ * epoch). agent.training_permutation in Python. */
+void fedtiny_training_permutation(uint64_t seed, uint64_t round, uint64_t epoch, uint32_t n, uint16_t *order);
+
+/* Run the job; the trained state goes to state_out (FEDTINY_MODEL_STATE_BYTES, may be job->base: it is read
+ * first) only when the job completes (FEDTINY_TRAIN_JOB_OK). On FEDTINY_TRAIN_JOB_BAD_INPUT nothing is written. */
+fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uint8_t *state_out,
+                                               fedtiny_train_result *result);
+
+#endif /* FEDTINY_TRAIN_JOB_H */
