@@ -5,9 +5,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "fedtiny_boot.h"
+
 extern uint32_t __data_start, __data_end, __data_load, __bss_start, __bss_end, __stack_top;
 extern void initialise_monitor_handles(void);
 extern int main(void);
+
+#define MPS2_FPGAIO_CLK100HZ 0x40028014u
+
+uint32_t fedtiny_clock_ms(void)
+{
+    return *(volatile const uint32_t *)MPS2_FPGAIO_CLK100HZ * 10u;
+}
 
 /* Distinct bodies keep the compiler from merging the two marker functions. */
 volatile uint32_t fedtiny_marker;
