@@ -190,6 +190,7 @@ class ModemBridge:
         """The firmware is gone. power_cut: the modem goes with it, the broker sees the connection drop and
         publishes the last will; else (the bridge stops) the modem disconnects cleanly."""
         self._end_mqtt(clean=not power_cut)
+        self._out = None
         if self._serial is not None:
             try:
                 self._serial.close()
@@ -214,6 +215,7 @@ class ModemBridge:
                 self._send(modem.Error(cmd.ref, ErrorCode.VERSION))
                 return
             self._end_mqtt(clean=True)  # the firmware (re)started: the modem starts afresh
+            self._out = None
             self._firmware_max_body = cmd.max_body
             self._send(modem.Info(cmd.ref, self.max_payload))
         elif isinstance(cmd, modem.Connect):
@@ -274,7 +276,9 @@ class ModemBridge:
 
     def _end_mqtt(self, clean: bool) -> None:
         """Close the MQTT connection (clean: with DISCONNECT, the will is discarded; else cut it, as a power
-        cut would). What the broker has not had acknowledged it delivers again on the next connect."""
+        cut would). Commands waiting for the broker fail; the messages held are dropped unacknowledged, so the
+        broker delivers them again on the next connect. A RECEIVE out at the firmware stays out until its
+        TAKEN (or HELLO)."""
         transport, self._transport = self._transport, None
         self._generation += 1
         if transport is not None:
@@ -284,7 +288,6 @@ class ModemBridge:
                 transport.kill()
         self._fail_pending()
         self._held.clear()
-        self._out = None
 
     def _fail_pending(self) -> None:
         for _, ref in self._pending.values():
@@ -306,11 +309,7 @@ class ModemBridge:
                 self._send(modem.Connected(0, self._transport.session_present))
             elif kind == "disconnected":
                 refused = self._transport.refused is not None
-                self._transport.close()  # its network thread has ended: reconnect=False
-                self._transport = None
-                self._generation += 1
-                self._fail_pending()
-                self._held.clear()  # not acknowledged: the broker delivers them again
+                self._end_mqtt(clean=True)  # its network thread has ended (reconnect=False): this releases it
                 self._send(modem.Disconnected(0, DisconnectReason.REFUSED if refused else DisconnectReason.LOST))
             elif kind == "result":
                 mid, ok = event[2], event[3]

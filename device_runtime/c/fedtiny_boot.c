@@ -1,6 +1,7 @@
 /* Bare-metal start-up shared by the firmwares (QEMU mps2-an386, Cortex-M4F): the vector table, a reset handler
  * that copies .data, zeroes .bss, enables the FPU and sets up semihosting before calling the firmware's main,
- * and the instruction-count markers tools/insn_count.c counts between. Linked with -nostartfiles. */
+ * the instruction-count markers tools/insn_count.c counts between, and a millisecond clock. Linked with
+ * -nostartfiles. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
