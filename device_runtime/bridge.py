@@ -46,7 +46,9 @@ from .modem import DisconnectReason, ErrorCode, Type
 
 log = logging.getLogger("fedtiny.bridge")
 
-IDLE_MS = 500  # a partial command frame this long without a byte is abandoned
+# A partial command frame this long without a byte is abandoned. Generous: an emulated UART stalls when its
+# host is busy, and a frame cut short by a firmware reset is also found once the next frames fill its length.
+IDLE_MS = 2000
 
 
 @dataclass

@@ -52,6 +52,39 @@ class Event(ctypes.Structure):
                 ("payload_len", ctypes.c_uint32)]
 
 
+_WRITE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t)
+_WILL = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint8),
+                         ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t))
+_UP = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32)
+_MESSAGE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_uint32,
+                            ctypes.POINTER(ctypes.c_uint8), ctypes.c_uint32, ctypes.c_uint32)
+_OBSERVE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(Event))
+MAX_SUBSCRIPTIONS = 4  # FEDTINY_MODEM_LINK_MAX_SUBSCRIPTIONS
+
+
+class LinkConfig(ctypes.Structure):
+    _fields_ = [("client_id", ctypes.c_char_p), ("will_topic", ctypes.c_char_p), ("will_retain", ctypes.c_uint8),
+                ("clean_session", ctypes.c_uint8), ("keepalive_s", ctypes.c_uint16),
+                ("subscriptions", ctypes.c_char_p * MAX_SUBSCRIPTIONS), ("n_subscriptions", ctypes.c_uint32)] + [
+        (n, ctypes.c_uint32) for n in ("min_payload", "hello_ms", "retry_ms", "connect_timeout_ms", "idle_ms")] + [
+        ("rx", ctypes.c_void_p), ("rx_cap", ctypes.c_size_t), ("tx", ctypes.c_void_p), ("tx_cap", ctypes.c_size_t)]
+
+
+class LinkCallbacks(ctypes.Structure):
+    _fields_ = [("context", ctypes.c_void_p), ("write", _WRITE), ("will", _WILL), ("up", _UP),
+                ("message", _MESSAGE), ("observe", _OBSERVE)]
+
+
+class Link(ctypes.Structure):
+    _fields_ = [("config", LinkConfig), ("cb", LinkCallbacks), ("rx", Rx), ("state", ctypes.c_uint8),
+                ("next_ref", ctypes.c_uint8), ("hello_ref", ctypes.c_uint8), ("connect_ref", ctypes.c_uint8),
+                ("max_payload", ctypes.c_uint16), ("due", ctypes.c_uint32)] + [
+        (n, ctypes.c_uint32) for n in ("connects", "disconnects", "pubacks", "errors", "dropped", "malformed")]
+
+
+LINK_STATES = ("hello", "connecting", "up", "retry", "failed")  # fedtiny_modem_link_state
+
+
 @dataclass(frozen=True)
 class CEvent:
     """What fedtiny_modem_receive made of one frame (topic and payload copied out of the receive buffer)."""
@@ -86,6 +119,11 @@ class CModem:
         lib.fedtiny_modem_rx_init.restype = None
         lib.fedtiny_modem_receive.argtypes = [ctypes.POINTER(Rx), ctypes.c_char_p, size, ctypes.c_uint32,
                                               ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(Event)]
+        lib.fedtiny_modem_link_init.argtypes = [ctypes.POINTER(Link), ctypes.POINTER(LinkConfig),
+                                                ctypes.POINTER(LinkCallbacks), ctypes.c_uint32]
+        lib.fedtiny_modem_link_poll.argtypes = [ctypes.POINTER(Link), ctypes.c_char_p, size, ctypes.c_uint32]
+        lib.fedtiny_modem_link_poll.restype = None
+        lib.fedtiny_modem_link_publish.argtypes = [ctypes.POINTER(Link), ctypes.c_char_p, u8, ctypes.c_char_p, size]
         lib.fedtiny_modem_crc32.argtypes = [ctypes.c_char_p, size]
         lib.fedtiny_modem_crc32.restype = ctypes.c_uint32
         self.lib = lib
@@ -138,6 +176,9 @@ class CModem:
     def receiver(self, max_body: int, idle_ms: int = 0) -> CReceiver:
         return CReceiver(self.lib, max_body, idle_ms)
 
+    def link(self, **settings) -> CLink:
+        return CLink(self.lib, **settings)
+
 
 class CReceiver:
     """A fedtiny_modem_rx with a buffer of max_body + 9 bytes."""
@@ -179,3 +220,71 @@ class CReceiver:
                 events.append(got)
             elif not view:
                 return events
+
+
+class CLink:
+    """A fedtiny_modem_link whose callbacks are Python: `written` collects the bytes it wrote to the "UART",
+    `wills` the times `will` was asked, `ups` the times it went up, `messages` (topic, payload) it handed over.
+    `will_payload` is what the will callback writes (None: no will)."""
+
+    def __init__(self, lib, *, client_id: bytes = b"n0", will_topic: bytes | None = b"fedtiny/f/status/n0",
+                 subscriptions: tuple[bytes, ...] = (b"fedtiny/f/down/n0",), min_payload: int = 256,
+                 hello_ms: int = 1000, retry_ms: int = 500, connect_timeout_ms: int = 0, idle_ms: int = 0,
+                 rx_cap: int = 2000, tx_cap: int = 2000, keepalive_s: int = 30, now_ms: int = 0,
+                 n_subscriptions: int | None = None) -> None:
+        self.lib = lib
+        self.written = bytearray()
+        self.wills: list[int] = []
+        self.ups: list[int] = []
+        self.messages: list[tuple[bytes, bytes]] = []
+        self.will_payload: bytes | None = b"offline"
+        self.publish_in_message: bytes | None = None  # published on topic "echo" from inside `message`
+        self._rx, self._tx = ctypes.create_string_buffer(rx_cap), ctypes.create_string_buffer(tx_cap)
+        self._keep = [client_id, will_topic, *subscriptions]
+        subs = (ctypes.c_char_p * MAX_SUBSCRIPTIONS)(*subscriptions)
+        count = len(subscriptions) if n_subscriptions is None else n_subscriptions  # tests: a count that lies
+        self.config = LinkConfig(client_id, will_topic, 1, 0, keepalive_s, subs, count, min_payload,
+                                 hello_ms, retry_ms, connect_timeout_ms, idle_ms,
+                                 ctypes.cast(self._rx, ctypes.c_void_p), rx_cap,
+                                 ctypes.cast(self._tx, ctypes.c_void_p), tx_cap)
+        self._callbacks = LinkCallbacks(None, _WRITE(self._write), _WILL(self._will), _UP(self._up),
+                                        _MESSAGE(self._message), _OBSERVE())
+        self.link = Link()
+        status = lib.fedtiny_modem_link_init(ctypes.byref(self.link), ctypes.byref(self.config),
+                                             ctypes.byref(self._callbacks), now_ms)
+        if status:
+            raise ValueError(f"fedtiny_modem_link_init: status {status}")
+
+    def _write(self, context, data, n) -> None:
+        self.written += ctypes.string_at(data, n)
+
+    def _will(self, context, now_ms, out, cap, length) -> int:
+        self.wills.append(now_ms)
+        if self.will_payload is None or len(self.will_payload) > cap:
+            return 1
+        ctypes.memmove(out, self.will_payload, len(self.will_payload))
+        length[0] = len(self.will_payload)
+        return 0
+
+    def _up(self, context, now_ms) -> None:
+        self.ups.append(now_ms)
+
+    def _message(self, context, topic, topic_len, payload, n, now_ms) -> None:
+        self.messages.append((ctypes.string_at(topic, topic_len), ctypes.string_at(payload, n)))
+        if self.publish_in_message is not None:
+            self.publish(b"echo", self.publish_in_message)
+
+    @property
+    def state(self) -> str:
+        return LINK_STATES[self.link.state]
+
+    def poll(self, data: bytes, now_ms: int) -> None:
+        self.lib.fedtiny_modem_link_poll(ctypes.byref(self.link), data, len(data), now_ms & 0xFFFFFFFF)
+
+    def publish(self, topic: bytes, payload: bytes, retain: bool = False) -> int:
+        return self.lib.fedtiny_modem_link_publish(ctypes.byref(self.link), topic, int(retain), payload,
+                                                   len(payload))
+
+    def take_written(self) -> bytes:
+        out, self.written = bytes(self.written), bytearray()
+        return out

@@ -137,7 +137,7 @@ int fedtiny_modem_connect(uint8_t *out, size_t cap, uint8_t ref, const fedtiny_m
     if (params->will_topic != NULL) {
         p = put_str8(p, params->will_topic, topic_len);
         if (params->will_len) {
-            memcpy(p, params->will_payload, params->will_len);
+            memmove(p, params->will_payload, params->will_len); /* it may have been written in place */
         }
     }
     return frame_end(out, body, out_len);
@@ -257,7 +257,7 @@ static size_t scan(fedtiny_modem_rx *rx)
 /* Read the event in the frame at the start of the buffer. */
 static void read_event(fedtiny_modem_rx *rx, fedtiny_modem_event *ev)
 {
-    const uint8_t *f = rx->buf + FEDTINY_MODEM_HEADER_BYTES + FEDTINY_MODEM_MIN_BODY;
+    uint8_t *f = rx->buf + FEDTINY_MODEM_HEADER_BYTES + FEDTINY_MODEM_MIN_BODY;
     uint32_t n = (uint32_t)(rx->ready - FEDTINY_MODEM_FRAME_BYTES(FEDTINY_MODEM_MIN_BODY)); /* field bytes */
     uint8_t ok = 0;
     rx->idle_counting = 0;
@@ -366,4 +366,195 @@ int fedtiny_modem_receive(fedtiny_modem_rx *rx, const uint8_t *in, size_t n, uin
         }
     }
     return 0;
+}
+
+/* ---- the link -------------------------------------------------------------------------------------------- */
+
+static uint8_t link_ref(fedtiny_modem_link *link)
+{
+    uint8_t ref = link->next_ref;
+    link->next_ref = (uint8_t)(ref == 255u ? 1u : ref + 1u);
+    return ref;
+}
+
+static int due(const fedtiny_modem_link *link, uint32_t now_ms)
+{
+    return (int32_t)(now_ms - link->due) >= 0;
+}
+
+int fedtiny_modem_link_init(fedtiny_modem_link *link, const fedtiny_modem_link_config *config,
+                            const fedtiny_modem_link_callbacks *callbacks, uint32_t now_ms)
+{
+    if (config->client_id == NULL || config->rx == NULL || config->tx == NULL ||
+        config->rx_cap < FEDTINY_MODEM_FRAME_BYTES(FEDTINY_MODEM_MIN_BODY) ||
+        config->n_subscriptions > FEDTINY_MODEM_LINK_MAX_SUBSCRIPTIONS || callbacks->write == NULL ||
+        callbacks->up == NULL || callbacks->message == NULL) {
+        return FEDTINY_MODEM_ERR_ARGUMENT;
+    }
+    memset(link, 0, sizeof *link);
+    link->config = *config;
+    link->cb = *callbacks;
+    fedtiny_modem_rx_init(&link->rx, config->rx, config->rx_cap, config->idle_ms);
+    link->state = FEDTINY_MODEM_LINK_HELLO;
+    link->next_ref = 1;
+    link->due = now_ms;
+    return FEDTINY_MODEM_SUCCESS;
+}
+
+/* Write the frame an encoder just made; len is read after the encoder ran (an argument `len` beside the
+ * encoder's call could be read before it). */
+static void link_send(fedtiny_modem_link *link, int status, const size_t *len)
+{
+    if (status == FEDTINY_MODEM_SUCCESS) {
+        link->cb.write(link->cb.context, link->config.tx, *len);
+    }
+}
+
+static void link_hello(fedtiny_modem_link *link, uint32_t now_ms)
+{
+    size_t len = 0, body = link->config.rx_cap - FEDTINY_MODEM_FRAME_BYTES(0u);
+    link->state = FEDTINY_MODEM_LINK_HELLO;
+    link->hello_ref = link_ref(link);
+    link_send(link, fedtiny_modem_hello(link->config.tx, link->config.tx_cap, link->hello_ref,
+                                        (uint16_t)(body > FEDTINY_MODEM_MAX_BODY ? FEDTINY_MODEM_MAX_BODY : body),
+                                        &len), &len);
+    link->due = now_ms + link->config.hello_ms;
+}
+
+static void link_connect(fedtiny_modem_link *link, uint32_t now_ms)
+{
+    fedtiny_modem_connect_params params;
+    size_t len = 0, id_len = strlen(link->config.client_id);
+    memset(&params, 0, sizeof params);
+    params.client_id = link->config.client_id;
+    params.keepalive_s = link->config.keepalive_s;
+    params.clean_session = link->config.clean_session;
+    if (link->config.will_topic != NULL && link->cb.will != NULL && id_len <= FEDTINY_MODEM_MAX_TOPIC) {
+        /* the will is written where the CONNECT frame carries it: flags, keepalive, client id, will topic */
+        size_t topic_len = strlen(link->config.will_topic);
+        size_t at = FEDTINY_MODEM_HEADER_BYTES + FEDTINY_MODEM_MIN_BODY + 3u + 1u + id_len + 1u + topic_len;
+        size_t will_len = 0;
+        if (topic_len <= FEDTINY_MODEM_MAX_TOPIC && at + FEDTINY_MODEM_CRC_BYTES < link->config.tx_cap &&
+            link->cb.will(link->cb.context, now_ms, link->config.tx + at,
+                          link->config.tx_cap - at - FEDTINY_MODEM_CRC_BYTES, &will_len) == 0) {
+            params.will_topic = link->config.will_topic;
+            params.will_payload = link->config.tx + at;
+            params.will_len = will_len;
+            params.will_retain = link->config.will_retain;
+        }
+    }
+    link->connect_ref = link_ref(link);
+    link_send(link, fedtiny_modem_connect(link->config.tx, link->config.tx_cap, link->connect_ref, &params, &len),
+              &len);
+    link->state = FEDTINY_MODEM_LINK_CONNECTING;
+    link->connects++;
+    link->due = now_ms + link->config.connect_timeout_ms;
+}
+
+static void link_retry(fedtiny_modem_link *link, uint32_t now_ms)
+{
+    link->state = FEDTINY_MODEM_LINK_RETRY;
+    link->due = now_ms + link->config.retry_ms;
+}
+
+static void link_event(fedtiny_modem_link *link, fedtiny_modem_event *ev, uint32_t now_ms)
+{
+    size_t len = 0;
+    uint32_t i;
+    if (link->cb.observe != NULL) {
+        link->cb.observe(link->cb.context, ev);
+    }
+    if (ev->malformed) {
+        link->malformed++;
+        return;
+    }
+    switch (ev->type) {
+    case FEDTINY_MODEM_INFO:
+        if (link->state != FEDTINY_MODEM_LINK_HELLO || ev->ref != link->hello_ref) {
+            break; /* the answer to an older HELLO */
+        }
+        link->max_payload = ev->max_payload;
+        if (ev->code != FEDTINY_MODEM_VERSION || ev->max_payload < link->config.min_payload) {
+            link->state = FEDTINY_MODEM_LINK_FAILED;
+            break;
+        }
+        link_connect(link, now_ms);
+        break;
+    case FEDTINY_MODEM_CONNECTED:
+        if (link->state != FEDTINY_MODEM_LINK_CONNECTING) {
+            break;
+        }
+        for (i = 0; i < link->config.n_subscriptions; i++) {
+            link_send(link, fedtiny_modem_subscribe(link->config.tx, link->config.tx_cap, link_ref(link),
+                                                    link->config.subscriptions[i], &len), &len);
+        }
+        link->state = FEDTINY_MODEM_LINK_UP;
+        link->cb.up(link->cb.context, now_ms);
+        break;
+    case FEDTINY_MODEM_DISCONNECTED:
+        if (link->state == FEDTINY_MODEM_LINK_CONNECTING || link->state == FEDTINY_MODEM_LINK_UP) {
+            link->disconnects++;
+            link_retry(link, now_ms);
+        }
+        break;
+    case FEDTINY_MODEM_ERROR:
+        link->errors++;
+        if (ev->code == FEDTINY_MODEM_ERROR_NOT_CONNECTED && link->state == FEDTINY_MODEM_LINK_UP) {
+            link_hello(link, now_ms); /* the modem restarted under a link that was up */
+        } else if (ev->code == FEDTINY_MODEM_ERROR_VERSION && link->state == FEDTINY_MODEM_LINK_HELLO) {
+            link->state = FEDTINY_MODEM_LINK_FAILED;
+        } else if (link->state == FEDTINY_MODEM_LINK_CONNECTING && ev->ref == link->connect_ref) {
+            link_retry(link, now_ms);
+        }
+        break;
+    case FEDTINY_MODEM_RECEIVE:
+        link->cb.message(link->cb.context, ev->topic, ev->topic_len, ev->payload, ev->payload_len, now_ms);
+        link_send(link, fedtiny_modem_taken(link->config.tx, link->config.tx_cap, ev->ref, &len), &len);
+        break;
+    case FEDTINY_MODEM_PUBACK:
+        link->pubacks++;
+        break;
+    case FEDTINY_MODEM_DROPPED:
+        link->dropped++;
+        break;
+    default: /* OK, or a command type the modem should not send */
+        break;
+    }
+}
+
+void fedtiny_modem_link_poll(fedtiny_modem_link *link, const uint8_t *in, size_t n, uint32_t now_ms)
+{
+    size_t at = 0;
+    int got;
+    do {
+        fedtiny_modem_event ev;
+        size_t took = 0;
+        got = fedtiny_modem_receive(&link->rx, in + at, n - at, now_ms, &took, &ev);
+        at += took;
+        if (got) {
+            link_event(link, &ev, now_ms);
+        }
+    } while (got || at < n);
+    if (link->state == FEDTINY_MODEM_LINK_HELLO && due(link, now_ms)) {
+        link_hello(link, now_ms);
+    } else if (link->state == FEDTINY_MODEM_LINK_RETRY && due(link, now_ms)) {
+        link_connect(link, now_ms);
+    } else if (link->state == FEDTINY_MODEM_LINK_CONNECTING && link->config.connect_timeout_ms &&
+               due(link, now_ms)) {
+        link_hello(link, now_ms);
+    }
+}
+
+int fedtiny_modem_link_publish(fedtiny_modem_link *link, const char *topic, uint8_t retain, const uint8_t *payload,
+                               size_t len)
+{
+    size_t out = 0;
+    int status;
+    if (link->state != FEDTINY_MODEM_LINK_UP) {
+        return -1;
+    }
+    status = fedtiny_modem_publish(link->config.tx, link->config.tx_cap, link_ref(link), topic, retain, payload,
+                                   len, &out);
+    link_send(link, status, &out);
+    return status;
 }

@@ -125,9 +125,9 @@ typedef struct {
     uint8_t code;          /* ERROR code, DISCONNECTED reason, CONNECTED session_present, INFO version */
     uint16_t max_payload;  /* INFO */
     uint32_t length;       /* DROPPED: the message's length */
-    const uint8_t *topic;  /* RECEIVE, DROPPED: in the receive buffer, not NUL-terminated */
+    uint8_t *topic;        /* RECEIVE, DROPPED: in the receive buffer, not NUL-terminated */
     uint32_t topic_len;
-    const uint8_t *payload; /* RECEIVE: in the receive buffer */
+    uint8_t *payload;      /* RECEIVE: in the receive buffer (the session may decrypt it in place) */
     uint32_t payload_len;
 } fedtiny_modem_event;
 
@@ -141,6 +141,85 @@ void fedtiny_modem_rx_init(fedtiny_modem_rx *rx, uint8_t *buf, size_t cap, uint3
  * and stays valid until the next call. */
 int fedtiny_modem_receive(fedtiny_modem_rx *rx, const uint8_t *in, size_t n, uint32_t now_ms, size_t *taken,
                           fedtiny_modem_event *ev);
+
+/* ---- the link: the firmware's side of the sequences of docs/node.md ---------------------------------------
+ *
+ * HELLO every hello_ms until INFO (whose max_payload must take min_payload, the node's chunk size), CONNECT with
+ * a last will the caller seals for each connection, SUBSCRIBE to each filter once CONNECTED and then `up` (the
+ * session's on_connect, at once, as the Python agent does: a message the broker kept for the session may come
+ * before the SUBACK), every RECEIVE to `message` and then TAKEN, CONNECT again retry_ms after DISCONNECTED, and
+ * from HELLO again when the modem says NOT_CONNECTED to a link that is up (the modem restarted) or when a
+ * CONNECT gets no answer within connect_timeout_ms. Sans-IO: bytes in through fedtiny_modem_link_poll, bytes
+ * out through the `write` callback, time from the caller. */
+
+#define FEDTINY_MODEM_LINK_MAX_SUBSCRIPTIONS 4u
+
+typedef enum {
+    FEDTINY_MODEM_LINK_HELLO = 0,   /* HELLO sent every hello_ms until INFO */
+    FEDTINY_MODEM_LINK_CONNECTING = 1, /* CONNECT sent: waiting for CONNECTED or DISCONNECTED */
+    FEDTINY_MODEM_LINK_UP = 2,      /* connected; subscriptions sent */
+    FEDTINY_MODEM_LINK_RETRY = 3,   /* DISCONNECTED: CONNECT again when due */
+    FEDTINY_MODEM_LINK_FAILED = 4   /* the modem cannot carry this node (MTU or link version): stays so */
+} fedtiny_modem_link_state;
+
+typedef struct {
+    void *context;
+    /* Write every byte to the modem's UART. */
+    void (*write)(void *context, const uint8_t *data, size_t n);
+    /* The last will's payload for the next CONNECT (the session seals a fresh OFFLINE status for each), written
+     * to out (cap bytes), its length in *len; nonzero: connect without a will. May be NULL: no will. */
+    int (*will)(void *context, uint32_t now_ms, uint8_t *out, size_t cap, size_t *len);
+    /* Connected, subscriptions sent: the session's on_connect. */
+    void (*up)(void *context, uint32_t now_ms);
+    /* A message from the broker; the payload may be changed in place. TAKEN follows when this returns. */
+    void (*message)(void *context, const uint8_t *topic, uint32_t topic_len, uint8_t *payload, uint32_t len,
+                    uint32_t now_ms);
+    /* Optional: every frame the link read, before it acts on it (for logs and counters). */
+    void (*observe)(void *context, const fedtiny_modem_event *ev);
+} fedtiny_modem_link_callbacks;
+
+typedef struct {
+    const char *client_id;
+    const char *will_topic; /* NULL: no last will */
+    uint8_t will_retain;
+    uint8_t clean_session;
+    uint16_t keepalive_s;
+    const char *subscriptions[FEDTINY_MODEM_LINK_MAX_SUBSCRIPTIONS];
+    uint32_t n_subscriptions;
+    uint32_t min_payload;        /* the node's chunk size */
+    uint32_t hello_ms;           /* HELLO again after this long without INFO */
+    uint32_t retry_ms;           /* CONNECT again this long after DISCONNECTED */
+    uint32_t connect_timeout_ms; /* 0: wait for CONNECTED or DISCONNECTED however long the modem tries */
+    uint32_t idle_ms;            /* the receiver's silence timeout (fedtiny_modem_rx_init) */
+    uint8_t *rx;                 /* receive buffer: one frame */
+    size_t rx_cap;
+    uint8_t *tx;                 /* command buffer: one frame */
+    size_t tx_cap;
+} fedtiny_modem_link_config;
+
+typedef struct {
+    fedtiny_modem_link_config config;
+    fedtiny_modem_link_callbacks cb;
+    fedtiny_modem_rx rx;
+    uint8_t state;        /* fedtiny_modem_link_state */
+    uint8_t next_ref;
+    uint8_t hello_ref;
+    uint8_t connect_ref;
+    uint16_t max_payload; /* the modem's MTU, from INFO */
+    uint32_t due;         /* when the next HELLO or CONNECT is due, or the CONNECT times out */
+    uint32_t connects, disconnects, pubacks, errors, dropped, malformed;
+} fedtiny_modem_link;
+
+/* FEDTINY_MODEM_ERR_ARGUMENT for a missing callback, buffer or client id, or too many subscriptions. */
+int fedtiny_modem_link_init(fedtiny_modem_link *link, const fedtiny_modem_link_config *config,
+                            const fedtiny_modem_link_callbacks *callbacks, uint32_t now_ms);
+/* Bytes from the UART (n = 0: it had none): handles every frame they complete, then the timers. */
+void fedtiny_modem_link_poll(fedtiny_modem_link *link, const uint8_t *in, size_t n, uint32_t now_ms);
+/* PUBLISH (QoS 1): 0 once written to the UART; -1 if the link is not up (the protocol sends it again later);
+ * an encoder status if it does not fit. The payload may already sit in the command buffer, where
+ * fedtiny_modem_publish_payload(config.tx, strlen(topic)) points. */
+int fedtiny_modem_link_publish(fedtiny_modem_link *link, const char *topic, uint8_t retain, const uint8_t *payload,
+                               size_t len);
 
 /* CRC-32 as zlib.crc32 (ISO-HDLC: reflected 0x04C11DB7, initial and final 0xFFFFFFFF). */
 uint32_t fedtiny_modem_crc32(const uint8_t *data, size_t n);
