@@ -1,13 +1,23 @@
 /* Bare-metal start-up shared by the firmwares (QEMU mps2-an386, Cortex-M4F): the vector table, a reset handler
  * that copies .data, zeroes .bss, enables the FPU and sets up semihosting before calling the firmware's main,
- * and the instruction-count markers tools/insn_count.c counts between. Linked with -nostartfiles. */
+ * the instruction-count markers tools/insn_count.c counts between, and a millisecond clock. Linked with
+ * -nostartfiles. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "fedtiny_boot.h"
+
 extern uint32_t __data_start, __data_end, __data_load, __bss_start, __bss_end, __stack_top;
 extern void initialise_monitor_handles(void);
 extern int main(void);
+
+#define MPS2_FPGAIO_CLK100HZ 0x40028014u
+
+uint32_t fedtiny_clock_ms(void)
+{
+    return *(volatile const uint32_t *)MPS2_FPGAIO_CLK100HZ * 10u;
+}
 
 /* Distinct bodies keep the compiler from merging the two marker functions. */
 volatile uint32_t fedtiny_marker;

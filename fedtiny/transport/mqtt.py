@@ -33,6 +33,14 @@ def load_fleet(fleet_dir: str | Path) -> dict:
     return json.loads((Path(fleet_dir) / "fleet.json").read_text())
 
 
+def parse_broker_url(broker_url: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of mqtt://HOST:PORT or mqtts://HOST:PORT; ValueError for anything else."""
+    url = urlparse(broker_url)
+    if url.scheme not in ("mqtt", "mqtts") or not url.hostname or not url.port:
+        raise ValueError(f"broker_url must be mqtt://HOST:PORT or mqtts://HOST:PORT, not {broker_url!r}")
+    return url.hostname, url.port, url.scheme == "mqtts"
+
+
 class MqttTransport:
     """A paho client in its own thread, nothing more: no protocol logic.
 
@@ -41,31 +49,43 @@ class MqttTransport:
     certificate, MQTT 5. Both use a persistent session (MQTT 5 clean_start=False + Session Expiry; 3.1.1
     clean_session=False), QoS 1, TCP_NODELAY after every connect, and paho's reconnect with exponential
     backoff. `will()` returns the last will to register before each (re)connect. Callbacks run in paho's thread.
+
+    A modem (fedtiny_device.bridge) drives it as a modem's MCU would: `clean_session`; `reconnect=False` (the
+    first connect is still tried with backoff until the broker answers, but a connection that is lost or
+    refused stays down: `on_disconnect()` tells, and `refused` holds the broker's refusal, if any);
+    `manual_ack=True` (on_message gets a third argument, `ack()`, and the broker redelivers what was not
+    acknowledged when the connection ends); `on_result(mid, ok)` for the broker's PUBACK and SUBACK.
     """
 
     def __init__(self, broker_url: str, fleet_dir: str | Path, name: str, client_id: str, *,
-                 on_connect: Callable[[], None], on_message: Callable[[str, bytes], None],
+                 on_connect: Callable[[], None], on_message: Callable[..., None],
                  will: Callable[[], Publish] | None = None, session_expiry: int = 24 * 3600,
-                 keepalive: int = 30, backoff: tuple[float, float] = (0.2, 10.0)) -> None:
+                 keepalive: int = 30, backoff: tuple[float, float] = (0.2, 10.0), clean_session: bool = False,
+                 reconnect: bool = True, manual_ack: bool = False,
+                 on_disconnect: Callable[[], None] | None = None,
+                 on_result: Callable[[int, bool], None] | None = None) -> None:
         import paho.mqtt.client as mqtt
 
         self._mqtt = mqtt
-        url = urlparse(broker_url)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname or not url.port:
-            raise ValueError(f"broker_url must be mqtt://HOST:PORT or mqtts://HOST:PORT, not {broker_url!r}")
-        self.host, self.port, self.tls = url.hostname, url.port, url.scheme == "mqtts"
+        self.host, self.port, self.tls = parse_broker_url(broker_url)
         self.v5 = self.tls
         self.keepalive = keepalive
         self._on_connect_cb, self._on_message_cb, self._will = on_connect, on_message, will
+        self._on_disconnect_cb, self._on_result_cb = on_disconnect, on_result
+        self.clean_session = clean_session
         self.connected = threading.Event()
         self.connects = 0
+        self.session_present = False
+        self.refused: str | None = None  # the broker's reason when it refused the last connect
         self.publish_results: dict[int, object] = {}  # mid -> reason code (MQTT 5 tells "Not authorized")
         self._published = threading.Condition()
+        self._reconnect = reconnect
+        common = dict(client_id=client_id, manual_ack=manual_ack)
         if self.v5:
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, **common)
         else:
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                                 clean_session=False)
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311,
+                                 clean_session=clean_session, **common)
         folder = Path(fleet_dir) / ("coordinator" if name == topics.COORDINATOR_NAME else f"devices/{name}")
         if self.tls:
             client.tls_set(str(folder / "ca.crt"), str(folder / "client.crt"), str(folder / "client.key"),
@@ -76,8 +96,13 @@ class MqttTransport:
         client.max_inflight_messages_set(100)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
-        client.on_message = lambda c, u, m: self._on_message_cb(m.topic, bytes(m.payload))
+        if manual_ack:
+            client.on_message = lambda c, u, m: self._on_message_cb(m.topic, bytes(m.payload),
+                                                                    lambda: c.ack(m.mid, m.qos))
+        else:
+            client.on_message = lambda c, u, m: self._on_message_cb(m.topic, bytes(m.payload))
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
         self.session_expiry = session_expiry
         self.client = client
 
@@ -86,15 +111,20 @@ class MqttTransport:
             will = self._will()
             self.client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
 
-    def start(self, timeout: float = 10.0) -> MqttTransport:
+    def connect(self) -> MqttTransport:
+        """Start connecting in paho's thread and return at once (on_connect tells when it is up)."""
         self._set_will()
         kwargs = {}
         if self.v5:
             props = self._mqtt.Properties(self._mqtt.PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry
-            kwargs = {"clean_start": False, "properties": props}
+            kwargs = {"clean_start": self.clean_session, "properties": props}
         self.client.connect_async(self.host, self.port, self.keepalive, **kwargs)
         self.client.loop_start()
+        return self
+
+    def start(self, timeout: float = 10.0) -> MqttTransport:
+        self.connect()
         if not self.connected.wait(timeout):
             self.client.loop_stop()
             raise TimeoutError(f"could not connect to {self.host}:{self.port}")
@@ -103,7 +133,10 @@ class MqttTransport:
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("connect refused: %s", reason_code)
+            self.refused = str(reason_code)
             return
+        self.refused = None
+        self.session_present = bool(flags.session_present)
         sock = client.socket()
         if sock is not None and hasattr(sock, "setsockopt"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -113,15 +146,28 @@ class MqttTransport:
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        if not self._reconnect:
+            # paho's reconnect_on_failure=False would also end the retries of the first connect; disconnect()
+            # in a callback ends paho's loop after this connection only
+            client.disconnect()
         self._set_will()  # the next connect registers a fresh (round, seq) will
+        if self._on_disconnect_cb is not None:
+            self._on_disconnect_cb()
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._published:
             self.publish_results[mid] = reason_code
             self._published.notify_all()
+        if self._on_result_cb is not None:
+            self._on_result_cb(mid, not reason_code.is_failure)
 
-    def subscribe(self, *topic_filters: str) -> None:
-        self.client.subscribe([(t, 1) for t in topic_filters])
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if self._on_result_cb is not None:
+            self._on_result_cb(mid, not any(code.is_failure for code in reason_codes))
+
+    def subscribe(self, *topic_filters: str) -> int:
+        """Subscribe at QoS 1; returns the message id the SUBACK answers (on_result)."""
+        return self.client.subscribe([(t, 1) for t in topic_filters])[1]
 
     def publish(self, message: Publish) -> int:
         """Queue a QoS 1 publish (paho sends it now, or after the reconnect); returns the message id."""
