@@ -36,7 +36,7 @@ from .monocypher_sources import monocypher_sources
 HOST_LIB = "libfedtiny_node.so"
 PLAN_SYMBOL = "fedtiny_node_plan_data"
 NODE_FILES = ("fedtiny_node.c", "fedtiny_node.h", "fedtiny_chunk.c", "fedtiny_chunk.h", "fedtiny_wire.c",
-              "fedtiny_wire.h", "fedtiny_envelope.c", "fedtiny_envelope.h", "Makefile")
+              "fedtiny_wire.h", "fedtiny_envelope.c", "fedtiny_envelope.h", "fedtiny_profile.h", "Makefile")
 TOPIC_MAX = 8 + 64 + 8 + 64 + 1  # FEDTINY_NODE_TOPIC_MAX
 JOB = 1  # FEDTINY_NODE_JOB
 TOPIC_KINDS = ("up", "status", "down", "bcast")  # fedtiny_node_topic
@@ -473,7 +473,8 @@ class CReassembler:
 # ---- the conformance transcripts on the Cortex-M4 -------------------------------------------------------------
 
 REPLAY_ELF = "fedtiny_node_replay.elf"
-REPLAY_FILES = ("firmware_node_replay.c", "firmware_node_replay.h", "fedtiny_boot.c", "fedtiny_boot.h", "fedtiny_m4.ld")
+REPLAY_FILES = ("firmware_node_replay.c", "firmware_node_replay.h", "fedtiny_boot.c", "fedtiny_boot.h", "fedtiny_m4.ld",
+                "fedtiny_node.ld")
 REPLAY_OPS = {"connect": 0, "receive": 1, "complete": 2, "tick": 3}
 
 

@@ -645,10 +645,19 @@ def file_kind(path: str | Path) -> bytes:
 @click.option("--seed", type=int, default=0, show_default=True, help="Training plans: the node's random seed.")
 @click.option("--steps", type=int, default=None, help="Training plans: steps the firmware runs (default: N).")
 @click.option("--reference", is_flag=True, help="Use the reference conv kernel everywhere (no fast paths).")
+@click.option("--node", is_flag=True, help="Training plans: the whole node firmware of one fleet member (protocol, "
+              "crypto, persisted state, modem link, training; target m4-node). Needs --fleet-dir and --device.")
+@click.option("--fleet-dir", type=click.Path(file_okay=False, exists=True),
+              help="With --node: the `fedtiny keys` folder (or the device's own folder of it) holding the device.")
+@click.option("--device", help="With --node: the fleet member's name; its identity goes into the firmware.")
+@click.option("--chunk-size", type=int, default=1024, show_default=True,
+              help="With --node: the largest MQTT payload the node sends and takes (its modem's limit).")
 def codegen_command(model_file: str, out_dir: str, samples_file: str | None, labels_file: str | None, seed: int,
-                    steps: int | None, reference: bool) -> None:
+                    steps: int | None, reference: bool, node: bool, fleet_dir: str | None, device: str | None,
+                    chunk_size: int) -> None:
     """Generate C sources and a Makefile for a quantized model (targets host, m4) or a training plan
-    (targets host, m4-train); the file's container kind decides which."""
+    (targets host, m4-train); the file's container kind decides which. With --node, a training plan becomes the
+    firmware project of one fleet member (target m4-node)."""
     from fedtiny.fileformat import FileFormatError
     from fedtiny.modelfile import load_model
     from fedtiny.planfile import KIND as PLAN_KIND
@@ -668,6 +677,9 @@ def codegen_command(model_file: str, out_dir: str, samples_file: str | None, lab
     labels = np.load(labels_file) if labels_file else None
     if is_plan and plan.loss == "mse" and labels is not None and labels.dtype != np.int8:
         labels = quantize_target(graph, labels)
+    if node:
+        _write_node(plan if is_plan else None, out_dir, fleet_dir, device, samples, labels, seed, chunk_size)
+        return
     try:
         if is_plan:
             out = generate_plan(plan, out_dir, samples, labels, seed, steps, fast=not reference)
@@ -723,3 +735,28 @@ def node_plan_source(plan, name: str = "fedtiny_node_plan_data") -> str:
     parts.append(f"const fedtiny_node_plan {name} = {{&{name}_wire, {{{digest}}}, {int(plan.arena_size)}u, "
                  f"{int(plan.memory_report()['flash_bytes'])}u, {free}u}};\n")
     return "".join(parts)
+
+
+def _write_node(plan, out_dir: str, fleet_dir: str | None, device: str | None, samples, labels, seed: int,
+                chunk_size: int) -> None:
+    from fedtiny.protocol.chunking import MAX_CHUNK_PAYLOAD, MIN_CHUNK_PAYLOAD
+
+    from . import node_project
+
+    if plan is None:
+        raise click.UsageError("--node needs a training plan (fedtiny compile MODEL -o PLAN.ftp)")
+    if not fleet_dir or not device:
+        raise click.UsageError("--node needs --fleet-dir and --device")
+    if not MIN_CHUNK_PAYLOAD <= chunk_size <= 65535 - 300 or chunk_size > MAX_CHUNK_PAYLOAD:
+        raise click.UsageError(f"--chunk-size {chunk_size}: must be {MIN_CHUNK_PAYLOAD}..{65535 - 300} bytes "
+                               f"(one modem frame carries one chunk and its topic)")
+    try:
+        folder = node_project.device_folder(fleet_dir, device)
+        project = node_project.files(plan, folder, device, samples, labels, seed, chunk_size=chunk_size)
+    except (ValueError, KeyError) as err:
+        raise click.ClickException(str(err)) from err
+    out = node_project.write(out_dir, project)
+    sizes = node_project.buffer_sizes(plan, chunk_size)
+    click.echo(f"wrote {out}: node {device} ({len(project)} files; node_config.c holds its secret key), plan "
+               f"'{plan.scheme}', arena {plan.arena_size} B, message buffers {sizes['reassembly'] + sizes['upload']} B;"
+               f" run `make -C {out} m4-node`")

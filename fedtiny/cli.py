@@ -244,11 +244,15 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
               help="mqtt: a broker and node agents in worker processes; flower: the same node logic as ClientApps in "
               "Flower's simulation engine on Ray, for thousands of nodes or a cluster (pip install "
               "'fedtiny[simulation]').")
+@click.option("--qemu-nodes", default=0, show_default=True,
+              help="Of the nodes, how many run the node firmware (C: protocol, crypto, training) under QEMU "
+                   "(Cortex-M4, mps2-an386), each with its own modem bridge to the broker.")
 @click.option("--baseline", is_flag=True, help="Also train the same task with plain Flower FedAvg + PyTorch fp32.")
 @click.option("--baseline-lr", default=0.003, show_default=True, type=float,
               help="The baseline's fp32 SGD learning rate (0.01 diverges on some bearing machines).")
 def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget, reserve, lr, epochs, chunk_size,
-             uplink_keep, dropout, stragglers, deadline, seed, broker, fleet_dir, out, engine, baseline, baseline_lr) -> None:
+             uplink_keep, dropout, stragglers, deadline, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline,
+             baseline_lr) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
     from fedtiny_sim.simulate import LiveTable, SimulationConfig, check_inputs
@@ -259,11 +263,11 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
                               reserve=None if reserve is None else parse_bytes(reserve, "--reserve"), lr=lr,
                               epochs=epochs, chunk_size=chunk_size, uplink_keep=uplink_keep,
                               dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
-                              fleet_dir=fleet_dir, out=out, engine=engine, baseline=baseline,
+                              fleet_dir=fleet_dir, out=out, engine=engine, qemu_nodes=qemu_nodes, baseline=baseline,
                               baseline_lr=baseline_lr)
     with user_errors():
         task = check_inputs(config, note, progress=note)  # every input problem, before the live table and training
-    with LiveTable(rounds) as live, user_errors():  # user_errors: a plan too big for the budget, after pretraining
+    with LiveTable(rounds, qemu_nodes) as live, user_errors():  # user_errors: a plan too big for the budget, after pretraining
         result = run_simulation(config, progress=live, task=task)
     click.echo(f"\nreport: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
                f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")

@@ -160,6 +160,8 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
         f"{memory['scratch_bytes']:,} B of {memory['budget_bytes'] - memory['reserve_bytes']:,} B available |",
         f"| flash for the model and plan | {memory['flash_bytes']:,} B |", "",
     ]
+    if run.get("firmware"):
+        lines += firmware_section(run["firmware"])
     if flower:
         lines += [
             "What left each device: per round one DELTA body (the trainable tensors' integer changes, its example",
@@ -213,3 +215,22 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
     lines += ["", "Plots: accuracy_loss.png, bytes_per_round.png, device_memory.png. Data: metrics.json, metrics.csv, "
               "data_flow.csv (per transfer: round, device, direction, bytes, contents)."]
     return "\n".join(lines) + "\n"
+
+
+def firmware_section(firmware: dict[str, dict]) -> list[str]:
+    """The firmware nodes (--qemu-nodes): RAM and flash by the linker, DELTAs sent, and the instructions of a
+    round by part (from one DELTA to the next, idle polling left out; the first round, which also boots and
+    joins, is left out when there are others), with the time they take at two Cortex-M4 clocks."""
+    lines = ["## Firmware nodes (C on a Cortex-M4 under QEMU mps2-an386)", "",
+             "| device | RAM B | flash B | DELTAs sent | refused downlinks | training | crypto | protocol | "
+             "instructions per round | at 64 MHz | at 216 MHz |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for device, node in sorted(firmware.items()):
+        rounds = node["instructions"][1:] or node["instructions"]
+        mean = {part: sum(r[part] for r in rounds) / len(rounds) for part in ("training", "crypto", "protocol")} \
+            if rounds else {"training": 0, "crypto": 0, "protocol": 0}
+        total = sum(mean.values())
+        lines.append(f"| {device} (firmware) | {node['ram_bytes']:,} | {node['flash_bytes']:,} | {node['rounds_sent']} | "
+                     f"{len(node['refused'])} | {mean['training']:,.0f} | {mean['crypto']:,.0f} | "
+                     f"{mean['protocol']:,.0f} | {total:,.0f} | {total / 64e6:.2f} s | {total / 216e6:.2f} s |")
+    return lines + ["", "Instructions are executed instructions counted by QEMU (one per instruction, not cycles: a "
+                        "real M4 needs about 1.1-1.5x as many cycles, plus flash wait states).", ""]

@@ -53,6 +53,7 @@ class SimulationConfig:
     baseline: bool = False  # also run plain Flower FedAvg with PyTorch fp32 clients on the same task
     baseline_lr: float = 0.003  # fp32 SGD at batch 1 diverges to NaN at 0.01 on some bearing machines
     workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))  # processes, or Ray CPUs
+    qemu_nodes: int = 0  # of the nodes, how many run the node firmware under QEMU (firmware_nodes.py)
 
 
 ENGINES = ("mqtt", "flower")
@@ -172,6 +173,15 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
             raise ConfigError(f"--{option.replace('_', '-')} {getattr(c, option)}: must be {rule}")
     if c.engine not in ENGINES:
         raise ConfigError(f"unknown engine {c.engine!r}; choose one of {', '.join(ENGINES)}")
+    if not 0 <= c.qemu_nodes <= c.nodes:
+        raise ConfigError(f"--qemu-nodes {c.qemu_nodes}: must be between 0 and --nodes ({c.nodes})")
+    if c.qemu_nodes and c.engine != "mqtt":
+        raise ConfigError("--qemu-nodes needs --engine mqtt: firmware nodes talk MQTT through their modem")
+    if c.qemu_nodes:
+        missing = [tool for tool in ("qemu-system-arm", "arm-none-eabi-gcc", "gcc", "make") if not shutil.which(tool)]
+        if missing:
+            raise ConfigError(f"--qemu-nodes needs {', '.join(missing)} (Debian: apt-get install qemu-system-arm "
+                              f"gcc-arm-none-eabi libnewlib-arm-none-eabi gcc make)")
     if c.engine == "flower":
         from .flower_engine import check_config
 
@@ -236,21 +246,22 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     model, graph, plan, scheme, devices = _prepare(config, run, task)
     initial = float((predict(graph, task.test.X) == task.test.y).mean())
 
-    def coordinate(link, clock=time.monotonic) -> list[dict]:
-        return _rounds(config, link, plan, task, run, progress, clock)
+    def coordinate(link, clock=time.monotonic, firmware_devices=()) -> list[dict]:
+        return _rounds(config, link, plan, task, run, progress, clock, firmware_devices)
 
     if config.engine == "flower":
         from .flower_engine import run_engine
 
-        rounds = run_engine(config, run, plan, devices, coordinate)
+        rounds, firmware = run_engine(config, run, plan, devices, coordinate), {}
     else:
-        rounds = _run_mqtt(config, run, plan, devices, coordinate)
+        rounds, firmware = _run_mqtt(config, run, plan, devices, coordinate)
     target = 0.9 * max(r["accuracy"] for r in rounds) if rounds else 0.0
     broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
                    broker=broker, seed=config.seed, dropout=config.dropout, stragglers=config.stragglers,
                    deadline=config.deadline, engine=config.engine,
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
+                   qemu_nodes=config.qemu_nodes, firmware=firmware,
                    wall_seconds=time.perf_counter() - started, target_accuracy=target,
                    rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
     baseline = None
@@ -268,8 +279,10 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     return dict(summary, rounds=rounds, baseline=baseline)
 
 
-def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coordinate) -> list[dict]:
-    """The fleet's keys, a broker, the coordinator's link and the node agents in worker processes; then rounds."""
+def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coordinate
+              ) -> tuple[list[dict], dict[str, dict]]:
+    """The fleet's keys, a broker, the coordinator's link, the node agents in worker processes and the firmware
+    nodes under QEMU; then rounds. Returns the rounds and the firmware nodes' report (FirmwareFleet.report)."""
     from fedtiny.protocol.brokers import EmbeddedBroker
     from fedtiny.transport.mqtt import CoordinatorLink
     from fedtiny.protocol.keys import provision_fleet
@@ -282,7 +295,13 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
     url = config.broker or f"mqtt://127.0.0.1:{broker.port}"
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
-    shares = [devices[i::config.workers] for i in range(config.workers)]
+    firmware = None
+    if config.qemu_nodes:
+        from .firmware_nodes import FirmwareFleet
+
+        firmware = FirmwareFleet(run, plan, devices[:config.qemu_nodes], url, chunk_size=config.chunk_size)
+    agents = devices[config.qemu_nodes:]
+    shares = [agents[i::config.workers] for i in range(config.workers)]
     workers = [ctx.Process(target=_worker, args=(str(run), share, url, asdict(config), stop), daemon=True)
                for share in shares if share]
     # A simulation's coordinator never restarts within its run folder, so its durable state is not saved.
@@ -290,9 +309,13 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
     try:
         for w in workers:
             w.start()
+        if firmware is not None:
+            firmware.start()
         _wait_for_devices(link, len(devices), timeout=120)
-        return coordinate(link)
+        rounds = coordinate(link, firmware_devices=devices[:config.qemu_nodes])
     finally:
+        if firmware is not None:
+            firmware.stop()
         stop.set()
         for w in workers:
             w.join(30)
@@ -301,10 +324,13 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
         link.close()
         if broker is not None:
             broker.stop()
+    return rounds, firmware.report() if firmware is not None else {}
 
 
-def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clock) -> list[dict]:
-    """The coordinator over `link` for config.rounds rounds; one row per round (the live table's and report's)."""
+def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clock,
+            firmware_devices=()) -> list[dict]:
+    """The coordinator over `link` for config.rounds rounds; one row per round (the live table's and report's;
+    with firmware nodes, `firmware` = how many of them had a DELTA accepted in the round)."""
     from fedtiny_server.grid import RoundPolicy
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.state import StateStore
@@ -328,6 +354,11 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                        loss=float(result.eval_metrics.get("loss", float("nan"))), participants=result.replies,
                        uplink_bytes=int(up1 - up0), downlink_bytes=int(down1 - down0),
                        seconds=time.perf_counter() - t0, peak_device_memory=plan.arena_size)
+            if firmware_devices:
+                from .report import participation
+
+                answered = participation(run / "coordinator.jsonl", {})
+                row["firmware"] = sum(r in answered.get(d, {}).get("answered", ()) for d in firmware_devices)
             rounds.append(row)
             if progress:
                 progress(row)
@@ -354,13 +385,15 @@ class LiveTable:
 
     COLUMNS = ("round", "accuracy", "loss", "nodes", "uplink B", "downlink B", "device memory B", "seconds")
 
-    def __init__(self, rounds: int):
+    def __init__(self, rounds: int, firmware_nodes: int = 0):
         from rich.console import Console, Group
         from rich.live import Live
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        self.table = Table(*self.COLUMNS, title="fedtiny simulate")
+        self.firmware_nodes = firmware_nodes  # a column of firmware nodes (QEMU) answered, when there are any
+        columns = self.COLUMNS + (("firmware nodes",) if firmware_nodes else ())
+        self.table = Table(*columns, title="fedtiny simulate")
         self.progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self.task = self.progress.add_task("rounds", total=rounds)
         self.live = Live(Group(self.table, self.progress), console=Console(stderr=True), refresh_per_second=4)
@@ -373,9 +406,12 @@ class LiveTable:
         self.live.stop()
 
     def __call__(self, row: dict) -> None:
-        self.table.add_row(str(row["round"]), f"{100 * row['accuracy']:.1f} %", f"{row['loss']:.3f}",
-                           str(row["participants"]), f"{row['uplink_bytes']:,}", f"{row['downlink_bytes']:,}",
-                           f"{row['peak_device_memory']:,}", f"{row['seconds']:.1f}")
+        cells = [str(row["round"]), f"{100 * row['accuracy']:.1f} %", f"{row['loss']:.3f}", str(row["participants"]),
+                 f"{row['uplink_bytes']:,}", f"{row['downlink_bytes']:,}", f"{row['peak_device_memory']:,}",
+                 f"{row['seconds']:.1f}"]
+        if self.firmware_nodes:
+            cells.append(f"{row.get('firmware', 0)}/{self.firmware_nodes}")
+        self.table.add_row(*cells)
         self.progress.advance(self.task)
 
 

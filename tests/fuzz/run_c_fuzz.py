@@ -56,7 +56,7 @@ CFLAGS = ["-g", "-O1", "-std=c99", "-Wall", "-Wextra", "-Werror", "-fsanitize=fu
 VENDORED_CFLAGS = ["-g", "-O2", "-std=c99", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 VENDORED = {"monocypher.c"}
 
-ENVELOPE = ["fedtiny_envelope.c", "fedtiny_envelope.h", "monocypher.c", "monocypher.h"]
+ENVELOPE = ["fedtiny_envelope.c", "fedtiny_envelope.h", "fedtiny_profile.h", "monocypher.c", "monocypher.h"]
 CHUNK = ["fedtiny_chunk.c", "fedtiny_chunk.h"]
 WIRE = ["fedtiny_wire.c", "fedtiny_wire.h"]
 NODE = ["fedtiny_node.c", "fedtiny_node.h"]
@@ -74,7 +74,8 @@ HARNESSES = [
     Harness("chunk", CHUNK),
     Harness("wire_task", WIRE),
     Harness("wire_ack", WIRE),
-    Harness("wire_global_update", WIRE + ["fedtiny_node.h", "fedtiny_chunk.h", "fedtiny_envelope.h"], plan=True),
+    Harness("wire_global_update", WIRE + ["fedtiny_node.h", "fedtiny_chunk.h", "fedtiny_envelope.h",
+                                             "fedtiny_profile.h"], plan=True),
     Harness("node", ENVELOPE + CHUNK + WIRE + NODE, plan=True),
 ]
 

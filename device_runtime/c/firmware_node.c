@@ -1,0 +1,410 @@
+/* The fedtiny node: the firmware of one fleet member (QEMU mps2-an386, Cortex-M4F), built from the project
+ * `fedtiny codegen PLAN --node --fleet-dir DIR --device NAME` writes.
+ *
+ *     session   fedtiny_node.c      the protocol (DeviceSession in C): every byte that leaves, every check
+ *     crypto    fedtiny_envelope.c  + Monocypher: keys, seal, open
+ *     training  fedtiny_train_job.c + model.c: a round's training on the samples in flash
+ *     state     fedtiny_store.c     two flash banks; a reset at any instruction resumes without reusing a seq
+ *     link      fedtiny_modem.c     framed commands to a modem with its own MQTT client, over UART1
+ *
+ * One loop, no threads, no heap: take the modem's events (connect, subscribe, deliveries), hand deliveries to
+ * the session, train when the session returns a job (taking deliveries between steps, so a TASK of a later
+ * round supersedes the job), heartbeat, resend. Everything the node knows is in the session; the modem sees
+ * only sealed, chunked envelopes. Lines on the console (semihosting) say what happened, for the host that runs
+ * the node and for a person reading along. */
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "fedtiny_boot.h"
+#include "fedtiny_flash_semihost.h"
+#include "fedtiny_modem.h"
+#include "fedtiny_node.h"
+#include "fedtiny_profile.h"
+#include "fedtiny_store.h"
+#include "fedtiny_train_job.h"
+#include "fedtiny_uart_cmsdk.h"
+#include "model.h"
+#include "node_config.h"
+
+extern const uint32_t fedtiny_n_samples, fedtiny_train_seed;
+extern const int8_t fedtiny_samples[];
+#if FEDTINY_MODEL_LOSS_MSE
+extern const int8_t fedtiny_targets[];
+#else
+extern const int32_t fedtiny_labels[];
+#endif
+
+#define MODEM_BAUD 115200u
+#define MODEM_MAX_TOPIC FEDTINY_NODE_TOPIC_MAX
+/* One modem frame carries one chunk frame of the largest size either side uses, with its topic. */
+#define MODEM_PAYLOAD (FEDTINY_NODE_CFG_CHUNK_BYTES > FEDTINY_NODE_CFG_DOWN_CHUNK_BYTES \
+                       ? FEDTINY_NODE_CFG_CHUNK_BYTES : FEDTINY_NODE_CFG_DOWN_CHUNK_BYTES)
+#define MODEM_FRAME FEDTINY_MODEM_FRAME_BYTES(FEDTINY_MODEM_PUBLISH_BODY(MODEM_MAX_TOPIC, MODEM_PAYLOAD))
+
+/* ---- the node's memory: every buffer, sized at build time ------------------------------------------------- */
+
+static fedtiny_node node;
+static fedtiny_node_state boot_state;
+static uint8_t global_state[FEDTINY_NODE_CFG_STATE_BYTES];
+static uint8_t carry[FEDTINY_NODE_CFG_DELTA_BYTES];
+static uint8_t upload[FEDTINY_NODE_CFG_UPLOAD_BYTES];
+static uint8_t reassembly[FEDTINY_NODE_CFG_REASSEMBLY_BYTES];
+static uint8_t bitmap[FEDTINY_NODE_CFG_BITMAP_BYTES];
+static uint8_t frame[FEDTINY_NODE_CFG_CHUNK_BYTES];
+static uint8_t base[FEDTINY_NODE_CFG_STATE_BYTES];    /* the state a job trains from (a GLOBAL_UPDATE may come) */
+static uint8_t trained[FEDTINY_NODE_CFG_STATE_BYTES]; /* what the job's training left */
+static uint16_t order[FEDTINY_NODE_CFG_MAX_SAMPLES > 0 ? FEDTINY_NODE_CFG_MAX_SAMPLES : 1];
+
+static fedtiny_store store;
+static fedtiny_flash_semihost flash;
+
+static fedtiny_uart uart;
+static uint8_t rx_buf[MODEM_FRAME];
+static uint8_t tx_buf[MODEM_FRAME];
+
+/* ---- the link and the rounds' state ----------------------------------------------------------------------- */
+
+static fedtiny_modem_link link;
+static fedtiny_node_job job, running;
+static int job_ready, training;
+static uint32_t rounds_done, refused;
+
+static int64_t now_ms(void)
+{
+    return (int64_t)fedtiny_clock_ms();
+}
+
+static void uart_write(void *context, const uint8_t *data, size_t n)
+{
+    fedtiny_uart_write((fedtiny_uart *)context, data, n);
+}
+
+/* ---- the session's callbacks ------------------------------------------------------------------------------ */
+
+static int publish(void *context, fedtiny_node_topic kind, const char *name, const uint8_t *data, size_t length,
+                   int retain)
+{
+    (void)context;
+    (void)kind;
+    /* -1 while the link is down: the session resends what the coordinator does not acknowledge */
+    return fedtiny_modem_link_publish(&link, name, (uint8_t)(retain ? 1 : 0), data, length) == 0 ? 0 : -1;
+}
+
+static int persist(void *context, const fedtiny_node_persisted *p)
+{
+    fedtiny_store_segment segments[4];
+    int status;
+    (void)context;
+    segments[0].data = p->state;
+    segments[0].length = sizeof *p->state;
+    segments[1].data = p->global_state;
+    segments[1].length = p->global_state_bytes;
+    segments[2].data = p->carry;
+    segments[2].length = p->carry_bytes;
+    segments[3].data = p->upload;
+    segments[3].length = p->state->upload_len;
+    status = fedtiny_store_save(&store, segments, 4);
+    if (status != FEDTINY_STORE_OK) {
+        printf("node: saving the state failed: %s\n", fedtiny_store_reason(status));
+    }
+    return status;
+}
+
+/* ---- the link's callbacks --------------------------------------------------------------------------------- */
+
+/* A fresh OFFLINE status for each connection's last will (it reserves a seq of its own). */
+static int will(void *context, uint32_t now, uint8_t *out, size_t cap, size_t *len)
+{
+    int status;
+    (void)context;
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
+    status = fedtiny_node_last_will(&node, (int64_t)now, out, cap, len);
+    FEDTINY_PROFILE_LEAVE();
+    return status == FEDTINY_NODE_OK ? 0 : -1;
+}
+
+static void take_job(int status, const fedtiny_node_job *offered)
+{
+    if (status != FEDTINY_NODE_JOB) {
+        return;
+    }
+    if (training && offered->round == running.round) {
+        return; /* the job in progress, returned again with another downlink */
+    }
+    job = *offered;
+    job_ready = 1;
+}
+
+static void up(void *context, uint32_t now)
+{
+    fedtiny_node_job pending;
+    int status;
+    (void)context;
+    printf("node: connected\n");
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
+    fedtiny_node_on_connect(&node, (int64_t)now);
+    status = fedtiny_node_pending_job(&node, &pending);
+    FEDTINY_PROFILE_LEAVE();
+    take_job(status, &pending);
+}
+
+static void message(void *context, const uint8_t *name, uint32_t name_len, uint8_t *payload, uint32_t len,
+                    uint32_t now)
+{
+    static char topic[FEDTINY_NODE_TOPIC_MAX + 1];
+    fedtiny_node_job offered;
+    int status;
+    (void)context;
+    if (name_len > FEDTINY_NODE_TOPIC_MAX) {
+        name_len = FEDTINY_NODE_TOPIC_MAX; /* longer than any topic of this node: refused as bad-topic below */
+    }
+    memcpy(topic, name, name_len);
+    topic[name_len] = '\0';
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
+    status = fedtiny_node_receive(&node, topic, payload, len, (int64_t)now, &offered);
+    FEDTINY_PROFILE_LEAVE();
+    if (status < 0) {
+        refused++;
+        printf("node: refused a downlink on %s: %s\n", topic, fedtiny_node_reason(status));
+    }
+    take_job(status, &offered);
+}
+
+/* Take what the UART has; the link handles every frame it completes and its timers. */
+static void poll_modem(void)
+{
+    uint8_t bytes[64];
+    size_t got = fedtiny_uart_read(&uart, bytes, sizeof bytes, NULL);
+    fedtiny_modem_link_poll(&link, bytes, got, fedtiny_clock_ms());
+}
+
+/* Between training steps: take downlinks; abandon the job once a later TASK superseded it. */
+static int poll_during_training(void *context)
+{
+    int superseded;
+    (void)context;
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_IDLE);
+    poll_modem();
+    FEDTINY_PROFILE_LEAVE();
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
+    superseded = fedtiny_node_superseded(&node, &running);
+    FEDTINY_PROFILE_LEAVE();
+    return superseded;
+}
+
+/* ---- a round ---------------------------------------------------------------------------------------------- */
+
+static void train(void)
+{
+    fedtiny_train_job params;
+    fedtiny_train_result result;
+    fedtiny_node_result done;
+    int status;
+    running = job;
+    job_ready = 0;
+    training = 1;
+    memcpy(base, global_state, sizeof base);
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
+    fedtiny_node_heartbeat(&node, now_ms(), FEDTINY_WIRE_DEVICE_TRAINING);
+    FEDTINY_PROFILE_LEAVE();
+    memset(&params, 0, sizeof params);
+    params.seed = fedtiny_train_seed;
+    params.round = running.round;
+    params.epochs = running.epochs;
+    params.steps = running.steps;
+    params.rng_counter = node.state.rng_counter;
+    params.base = base;
+    params.samples = fedtiny_samples;
+#if FEDTINY_MODEL_LOSS_MSE
+    params.targets = fedtiny_targets;
+#else
+    params.labels = fedtiny_labels;
+#endif
+    params.n = fedtiny_n_samples;
+    params.order = order;
+    params.poll = poll_during_training;
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_TRAINING);
+    status = fedtiny_train_job_run(&params, trained, &result);
+    FEDTINY_PROFILE_LEAVE();
+    training = 0;
+    if (status == FEDTINY_TRAIN_JOB_ABANDONED) {
+        printf("node: round %lu superseded\n", (unsigned long)running.round);
+        return; /* the newer job is in `job` */
+    }
+    if (status != FEDTINY_TRAIN_JOB_OK) {
+        printf("node: round %lu failed to train (status %d, model %d)\n", (unsigned long)running.round, status,
+               (int)result.model_status);
+        FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
+        fedtiny_node_skip(&node, &running);
+        FEDTINY_PROFILE_LEAVE();
+        return;
+    }
+    done.num_examples = result.num_examples;
+    done.loss = (float)result.loss;
+    done.accuracy = (float)result.accuracy;
+    done.rng_counter = result.rng_counter;
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
+    status = fedtiny_node_complete(&node, &running, base, trained, &done, now_ms());
+    FEDTINY_PROFILE_LEAVE();
+    if (status < 0) {
+        printf("node: round %lu: %s\n", (unsigned long)running.round, fedtiny_node_reason(status));
+        return;
+    }
+    rounds_done++;
+    printf("node: round %lu sent, loss %ld.%06ld, seq %lu\n", (unsigned long)running.round,
+           (long)result.loss, (long)((result.loss - (long)result.loss) * 1e6), (unsigned long)node.state.seq);
+    fedtiny_profile_dump(); /* the host's instruction counts per part, up to this round's DELTA */
+}
+
+/* ---- start-up --------------------------------------------------------------------------------------------- */
+
+/* The persisted state, or a fresh one for a node that never saved. A node whose state is lost must not run:
+ * it would reuse sequence numbers, and so nonces, under its keys. */
+static int restore(void)
+{
+    fedtiny_store_buffer buffers[4];
+    int status;
+    if (fedtiny_flash_semihost_open(&flash, FEDTINY_NODE_CFG_FLASH_FILE, FEDTINY_NODE_CFG_BANK_BYTES, 2u, 8u) != 0) {
+        printf("node: no flash image at %s\n", FEDTINY_NODE_CFG_FLASH_FILE);
+        return -1;
+    }
+    status = fedtiny_store_open(&store, &flash.flash, NULL);
+    if (status == FEDTINY_STORE_EMPTY) {
+        fedtiny_node_state_fresh(&boot_state);
+        fedtiny_model_train_init(fedtiny_train_seed); /* the plan's initial rows and the node's random counter */
+        fedtiny_model_store_state(global_state);
+        boot_state.rng_counter = fedtiny_model_rng_counter();
+        memset(carry, 0, sizeof carry);
+        printf("node: fresh state\n");
+        return 0;
+    }
+    if (status != FEDTINY_STORE_OK) {
+        printf("node: the persisted state is %s; provision this device again (fedtiny keys rotate)\n",
+               fedtiny_store_reason(status));
+        return -1;
+    }
+    buffers[0].data = &boot_state;
+    buffers[0].capacity = sizeof boot_state;
+    buffers[1].data = global_state;
+    buffers[1].capacity = sizeof global_state;
+    buffers[2].data = carry;
+    buffers[2].capacity = sizeof carry;
+    buffers[3].data = upload;
+    buffers[3].capacity = sizeof upload;
+    status = fedtiny_store_load(&store, buffers, 4);
+    if (status != FEDTINY_STORE_OK || buffers[0].length != sizeof boot_state
+        || buffers[1].length != sizeof global_state || buffers[2].length != sizeof carry
+        || buffers[3].length != boot_state.upload_len) {
+        printf("node: the persisted state is for another firmware or plan (%s)\n", fedtiny_store_reason(status));
+        return -1;
+    }
+    printf("node: restored: model version %lu, seq %lu, run %u\n", (unsigned long)boot_state.model_version,
+           (unsigned long)boot_state.seq, (unsigned)boot_state.run);
+    return 0;
+}
+
+static int start_link(void)
+{
+    fedtiny_modem_link_config config;
+    fedtiny_modem_link_callbacks callbacks;
+    memset(&config, 0, sizeof config);
+    memset(&callbacks, 0, sizeof callbacks);
+    callbacks.context = &uart;
+    callbacks.write = uart_write;
+    callbacks.will = will;
+    callbacks.up = up;
+    callbacks.message = message;
+    config.client_id = fedtiny_node_device;
+    config.will_topic = fedtiny_node_topic_name(&node, FEDTINY_NODE_TOPIC_STATUS);
+    config.will_retain = 1u;
+    config.clean_session = 0u; /* QoS 1 downlinks wait at the broker while the node is away */
+    config.keepalive_s = 30u;
+    config.subscriptions[0] = fedtiny_node_topic_name(&node, FEDTINY_NODE_TOPIC_DOWN);
+    config.subscriptions[1] = fedtiny_node_topic_name(&node, FEDTINY_NODE_TOPIC_BCAST);
+    config.n_subscriptions = 2u;
+    config.min_payload = MODEM_PAYLOAD;
+    config.hello_ms = 500u;
+    config.retry_ms = 1000u;
+    config.connect_timeout_ms = 10000u;
+    config.idle_ms = 1000u;
+    config.rx = rx_buf;
+    config.rx_cap = sizeof rx_buf;
+    config.tx = tx_buf;
+    config.tx_cap = sizeof tx_buf;
+    if (fedtiny_modem_link_init(&link, &config, &callbacks, fedtiny_clock_ms()) != 0) {
+        printf("node: the modem link does not take this configuration\n");
+        return -1;
+    }
+    return 0;
+}
+
+int main(void)
+{
+    fedtiny_node_config config;
+    uint32_t next_beat;
+    int status;
+    if (restore() != 0) {
+        return 2;
+    }
+    memset(&config, 0, sizeof config);
+    config.plan = &fedtiny_node_plan_config;
+    config.fleet = fedtiny_node_fleet;
+    config.device = fedtiny_node_device;
+    config.fleet_id = fedtiny_node_fleet_id;
+    config.device_id = fedtiny_node_device_id;
+    config.identity = fedtiny_node_identity;
+    config.coordinator_public = fedtiny_node_coordinator_public;
+    config.chunk_size = FEDTINY_NODE_CFG_CHUNK_BYTES;
+    config.ack_timeout_ms = FEDTINY_NODE_CFG_ACK_TIMEOUT_MS;
+    config.started_ms = now_ms();
+    config.global_state = global_state;
+    config.carry = carry;
+    config.upload = upload;
+    config.reassembly = reassembly;
+    config.bitmap = bitmap;
+    config.frame = frame;
+    config.capacity.global_state = sizeof global_state;
+    config.capacity.carry = sizeof carry;
+    config.capacity.upload = sizeof upload;
+    config.capacity.reassembly = sizeof reassembly;
+    config.capacity.bitmap = sizeof bitmap;
+    config.capacity.frame = sizeof frame;
+    config.publish = publish;
+    config.persist = persist;
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
+    status = fedtiny_node_init(&node, &config, &boot_state);
+    FEDTINY_PROFILE_LEAVE();
+    if (status != FEDTINY_NODE_OK) {
+        printf("node: init failed: %s\n", fedtiny_node_reason(status));
+        return 2;
+    }
+    printf("node: %s of fleet %s, %lu samples\n", fedtiny_node_device, fedtiny_node_fleet,
+           (unsigned long)fedtiny_n_samples);
+    fedtiny_uart_init(&uart, FEDTINY_MPS2_UART1, FEDTINY_MPS2_SYSCLK_HZ, MODEM_BAUD);
+    if (start_link() != 0) {
+        return 2;
+    }
+    next_beat = fedtiny_clock_ms() + FEDTINY_NODE_CFG_HEARTBEAT_MS;
+    for (;;) {
+        uint32_t now;
+        poll_modem();
+        if (link.state == FEDTINY_MODEM_LINK_FAILED) {
+            printf("node: the modem cannot carry this node (its payload limit is %u bytes)\n",
+                   (unsigned)link.max_payload);
+            return 2;
+        }
+        if (job_ready) {
+            train();
+            continue;
+        }
+        now = fedtiny_clock_ms();
+        FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
+        if (link.state == FEDTINY_MODEM_LINK_UP && (int32_t)(now - next_beat) >= 0) {
+            fedtiny_node_heartbeat(&node, (int64_t)now, FEDTINY_WIRE_DEVICE_IDLE);
+            next_beat = now + FEDTINY_NODE_CFG_HEARTBEAT_MS;
+        }
+        fedtiny_node_tick(&node, (int64_t)now);
+        FEDTINY_PROFILE_LEAVE();
+    }
+}
