@@ -18,6 +18,8 @@ Harnesses (what each drives; the C files it needs):
     wire_global_update  GLOBAL_UPDATE check and apply on the conformance plan; fedtiny_wire.c, fedtiny_node.h,
                         codegen.node_plan_source
     node                the whole session's receive on a message sequence; fedtiny_node.c and all the above
+    node_unsigned       the same with every signature valid and decryption a copy (fuzz_crypto_stub.c; never
+                        a node's build), so that mutations reach what only the coordinator's key unlocks
 
 C files, transcripts and fixtures come from the checkout fedtiny_device is imported from (device_runtime/c,
 tests/conformance, tests/fixtures/protocol), so the Python spec that makes the seeds and the C under test agree;
@@ -62,11 +64,21 @@ WIRE = ["fedtiny_wire.c", "fedtiny_wire.h"]
 NODE = ["fedtiny_node.c", "fedtiny_node.h"]
 
 
+# The "unsigned" builds: the envelope's signature check and decryption replaced by fuzz_crypto_stub.c.
+UNSIGNED = ["-Dcrypto_eddsa_check=fuzz_eddsa_check", "-Dcrypto_aead_read=fuzz_aead_read"]
+
+
 @dataclass(frozen=True)
 class Harness:
     name: str
     files: list[str]  # C files the harness is built with (the .c ones are compiled)
     plan: bool = False  # needs fuzz_plan.c (codegen.node_plan_source of the conformance plan)
+    unsigned: bool = False  # every signature verifies, decryption copies: seeds carry plaintext
+    source: str = ""  # the harness file is fuzz_<source>.c (default: fuzz_<name>.c)
+
+    @property
+    def harness_file(self) -> str:
+        return f"fuzz_{self.source or self.name}.c"
 
 
 HARNESSES = [
@@ -77,6 +89,7 @@ HARNESSES = [
     Harness("wire_global_update", WIRE + ["fedtiny_node.h", "fedtiny_chunk.h", "fedtiny_envelope.h",
                                              "fedtiny_profile.h"], plan=True),
     Harness("node", ENVELOPE + CHUNK + WIRE + NODE, plan=True),
+    Harness("node_unsigned", ENVELOPE + CHUNK + WIRE + NODE, plan=True, unsigned=True, source="node"),
 ]
 
 
@@ -134,40 +147,62 @@ def body_of(envelope: bytes, spec: dict) -> tuple[int, bytes] | None:
     return header.type, payload
 
 
+def unsigned_envelope(envelope: bytes, spec: dict) -> bytes:
+    """What the unsigned builds read as this envelope: the plaintext where the ciphertext was (tag kept)."""
+    header = Header.unpack(envelope)
+    opened = body_of(envelope, spec)
+    if opened is None or not header.flags & Flags.ENCRYPTED:
+        return envelope
+    tag, signature = envelope[-SIGNATURE_SIZE - 16:-SIGNATURE_SIZE], envelope[-SIGNATURE_SIZE:]
+    return envelope[:HEADER_SIZE] + opened[1] + tag + signature
+
+
 def seeds() -> dict[str, list[bytes]]:
     """Per harness, its seed inputs."""
     spec, transcripts = conformance()
     out: dict[str, list[bytes]] = {h.name: [] for h in HARNESSES}
     fixtures = {p.stem: p.read_bytes() for p in sorted(FIXTURES.glob("*.bin"))}
+    bodies = {MessageType.TASK: "wire_task", MessageType.ACK: "wire_ack",
+              MessageType.GLOBAL_UPDATE: "wire_global_update"}
     for transcript in transcripts:
-        sequence = []  # (tag, frame) of every downlink the node received, in order
-        reassembler = chunking.Reassembler()
+        sequence, unsigned = [], []  # (tag, frame) of every downlink the node received, in order (fuzz_node.c)
+        everything, downlinks = chunking.Reassembler(), chunking.Reassembler()
+        clock = 0.0
         for step in transcript:
             frames = [(topic_tag(t, spec), bytes.fromhex(h)) for t, h, _ in step.get("out", [])]
             if step["op"] == "receive":
-                frames.append((topic_tag(step["topic"], spec), bytes.fromhex(step["frame"])))
-                sequence.append((topic_tag(step["topic"], spec) | (min(63, int(step["now"])) << 2),
-                                 bytes.fromhex(step["frame"])))
-            for tag, frame in frames:
-                out["chunk"].append(records([(tag & 1, frame)]))
+                topic, frame = topic_tag(step["topic"], spec), bytes.fromhex(step["frame"])
+                tag = topic | min(63, round(step["now"] - clock)) << 2  # seconds since the last message
+                clock = step["now"]
+                frames.append((topic, frame))
+                sequence.append((tag, frame))
                 try:
-                    done = reassembler.accept(frame, 0.0, str(tag)).payload
+                    done = downlinks.accept(frame, 0.0, str(topic)).payload
+                except Exception:
+                    unsigned.append((tag, frame))  # a refused frame stays as it is
+                else:
+                    if done is not None:
+                        split = chunking.split(unsigned_envelope(done, spec), chunking.parse_chunk(frame).transfer_id,
+                                               spec["chunk_size"])
+                        unsigned += [(tag if i == 0 else topic, f) for i, f in enumerate(split)]
+            for topic, frame in frames:
+                out["chunk"].append(records([(topic & 1, frame)]))
+                try:
+                    done = everything.accept(frame, 0.0, str(topic)).payload
                 except Exception:
                     continue
                 if done is None:
                     continue
                 out["envelope"].append(done)
                 opened = body_of(done, spec)
-                if opened is not None:
-                    kind, body = opened
-                    target = {MessageType.TASK: "wire_task", MessageType.ACK: "wire_ack",
-                              MessageType.GLOBAL_UPDATE: "wire_global_update"}.get(kind)
-                    if target == "wire_global_update":
-                        out[target] += [b"\x00" + body, b"\x01" + body]
-                    elif target is not None:
-                        out[target].append(body)
+                target = bodies.get(opened[0]) if opened else None
+                if target == "wire_global_update":  # selector: held version other / the body's own
+                    out[target] += [b"\x00" + opened[1], b"\x01" + opened[1]]
+                elif target is not None:
+                    out[target].append(opened[1])
         out["node"].append(records(sequence))
-        out["chunk"].append(records([(t & 1, f) for t, f in sequence]))
+        out["node_unsigned"].append(records(unsigned))
+        out["chunk"].append(records([(tag & 1, frame) for tag, frame in sequence]))
     # The golden fixtures are another fleet's: they exercise the parsing before the keys matter.
     out["envelope"] += [fixtures[n] for n in ("task", "global_update", "ack_down") if n in fixtures]
     if "chunks_256" in fixtures:  # frames of 256 bytes back to back
@@ -215,19 +250,25 @@ def plan_source() -> str:
 def build(harness: Harness, sources: dict[str, bytes]) -> Path:
     """The harness binary, built by make in the cruntime build cache (keyed by every source's bytes)."""
     files = {name: sources[name] for name in harness.files}
-    files[f"fuzz_{harness.name}.c"] = (HERE / f"fuzz_{harness.name}.c").read_bytes()
+    files[harness.harness_file] = (HERE / harness.harness_file).read_bytes()
     files["fuzz_records.h"] = (HERE / "fuzz_records.h").read_bytes()
     files["fuzz_keys.h"] = keys_header(conformance()[0])
-    units = [f"fuzz_{harness.name}.c"] + [n for n in harness.files if n.endswith(".c") and n not in VENDORED]
+    units = [harness.harness_file] + [n for n in harness.files if n.endswith(".c")]
     if harness.plan:
         files["fuzz_plan.c"] = plan_source()
         units.append("fuzz_plan.c")
-    objects = [n.replace(".c", ".o") for n in sorted(VENDORED & set(harness.files))]
+    if harness.unsigned:
+        files["fuzz_crypto_stub.c"] = (HERE / "fuzz_crypto_stub.c").read_bytes()
+        units.append("fuzz_crypto_stub.c")
+    headers = " ".join(n for n in files if n.endswith(".h"))
     target = f"fuzz_{harness.name}"
-    rules = [f"{target}: {' '.join(units + objects)} {' '.join(n for n in files if n.endswith('.h'))}",
-             f"\tclang {' '.join(CFLAGS)} -I. -o $@ {' '.join(units + objects)}"]
-    for obj in objects:
-        rules += [f"{obj}: {obj.replace('.o', '.c')}", f"\tclang {' '.join(VENDORED_CFLAGS)} -c -o $@ $<"]
+    objects = [u.removesuffix(".c") + ".o" for u in units]
+    rules = [f"{target}: {' '.join(objects)}", f"\tclang {' '.join(CFLAGS)} -o $@ $^"]
+    for unit, obj in zip(units, objects):
+        flags = VENDORED_CFLAGS if unit in VENDORED else CFLAGS + ["-I."]
+        if harness.unsigned and unit in ("fedtiny_envelope.c", "fuzz_crypto_stub.c"):
+            flags = flags + UNSIGNED
+        rules += [f"{obj}: {unit} {headers}", f"\tclang {' '.join(flags)} -c -o $@ $<"]
     files["Makefile"] = "\n".join(rules) + "\n"
     try:
         return cruntime.make_cached(files, target, target, None)
