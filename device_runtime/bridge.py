@@ -68,7 +68,8 @@ class ModemBridge:
 
     def __init__(self, broker_url: str, fleet_dir: str | Path, device: str, *, host: str = "127.0.0.1",
                  port: int = 0, max_payload: int = modem.DEFAULT_MAX_PAYLOAD,
-                 backoff: tuple[float, float] = (0.2, 5.0)) -> None:
+                 backoff: tuple[float, float] = (0.2, 5.0),
+                 transport_wrapper: Callable[[MqttTransport], MqttTransport] | None = None) -> None:
         self.device = topics.check_name(device)
         self.fleet_dir = Path(fleet_dir)
         folder = self.fleet_dir / "devices" / device
@@ -80,6 +81,9 @@ class ModemBridge:
         self.broker_url = broker_url
         self.max_payload = max_payload
         self.backoff = backoff
+        # Tests: wraps each connection's MqttTransport (fedtiny.transport.faults.FaultyTransport drops, delays or
+        # cuts what the modem publishes, as a failing radio link would).
+        self.transport_wrapper = transport_wrapper
         self._listener = socket.create_server((host, port))
         self.host, self.port = self._listener.getsockname()[:2]
         self._wake_r, self._wake_w = socket.socketpair()
@@ -190,15 +194,16 @@ class ModemBridge:
 
     def _drop_serial(self, power_cut: bool) -> None:
         """The firmware is gone. power_cut: the modem goes with it, the broker sees the connection drop and
-        publishes the last will; else (the bridge stops) the modem disconnects cleanly."""
-        self._end_mqtt(clean=not power_cut)
-        self._out = None
-        if self._serial is not None:
+        publishes the last will; else (the bridge stops) the modem disconnects cleanly. The serial goes first:
+        the commands that fail with the connection have no firmware left to hear about it."""
+        serial, self._serial = self._serial, None
+        if serial is not None:
             try:
-                self._serial.close()
+                serial.close()
             except OSError:
                 pass
-            self._serial = None
+        self._end_mqtt(clean=not power_cut)
+        self._out = None
         self._firmware_max_body = modem.MAX_BODY
 
     # --- commands --------------------------------------------------------------------------------------------
@@ -266,7 +271,7 @@ class ModemBridge:
         if cmd.will_topic is not None:
             last_will = topics.Publish(cmd.will_topic, cmd.will_payload, cmd.will_retain)
             will = lambda: last_will  # noqa: E731
-        self._transport = MqttTransport(
+        transport = MqttTransport(
             self.broker_url, self.fleet_dir, self.device, cmd.client_id or self.device,
             on_connect=lambda: self._post("connected", gen),
             on_message=lambda topic, payload, ack: self._post("message", gen, topic, payload, ack),
@@ -274,6 +279,7 @@ class ModemBridge:
             on_result=lambda mid, ok: self._post("result", gen, mid, ok),
             will=will, keepalive=max(1, cmd.keepalive), backoff=self.backoff, clean_session=cmd.clean_session,
             reconnect=False, manual_ack=True).connect()
+        self._transport = self.transport_wrapper(transport) if self.transport_wrapper else transport
         self.stats["mqtt_connects"] += 1
 
     def _end_mqtt(self, clean: bool) -> None:
@@ -292,9 +298,9 @@ class ModemBridge:
         self._held.clear()
 
     def _fail_pending(self) -> None:
-        for _, ref in self._pending.values():
+        pending, self._pending = self._pending, {}
+        for _, ref in pending.values():
             self._send(modem.Error(ref, ErrorCode.LOST))
-        self._pending.clear()
 
     # --- MQTT events (posted by paho's thread) -------------------------------------------------------------
     def _handle_events(self) -> None:

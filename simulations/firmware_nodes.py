@@ -45,9 +45,12 @@ class FirmwareFleet:
     """The firmware members of a simulated fleet: build, start, stop, and what they cost."""
 
     def __init__(self, run: Path, plan, devices: list[str], broker_url: str, *, chunk_size: int,
-                 heartbeat_s: float = 5.0, ack_timeout_s: float = 5.0) -> None:
+                 heartbeat_s: float = 5.0, ack_timeout_s: float = 5.0, bridge_options: dict | None = None) -> None:
+        """run: the run folder (fleet/ from `fedtiny keys`, nodes/<device>.npz with x, y, seed); bridge_options:
+        more keyword arguments for each ModemBridge (tests: a transport_wrapper)."""
         self.run, self.plan, self.devices, self.broker_url = run, plan, devices, broker_url
         self.chunk_size, self.heartbeat_s, self.ack_timeout_s = chunk_size, heartbeat_s, ack_timeout_s
+        self.bridge_options = bridge_options or {}
         self.nodes: list[FirmwareNode] = []
 
     def build(self, device: str) -> Path:
@@ -70,7 +73,7 @@ class FirmwareFleet:
             elf = self.build(device)
             workdir = (self.run / "qemu" / device).resolve()  # QEMU runs there: its paths must not be relative
             workdir.mkdir(parents=True, exist_ok=True)
-            bridge = ModemBridge(self.broker_url, self.run / "fleet", device).start()
+            bridge = ModemBridge(self.broker_url, self.run / "fleet", device, **self.bridge_options).start()
             qemu = QemuNode(elf, bridge.port, workdir, extra=_plugin_args(elf, workdir / COUNTS)).start()
             self.nodes.append(FirmwareNode(device, elf, workdir, bridge, qemu, memory_usage(elf)))
         return self

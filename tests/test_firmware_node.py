@@ -1,0 +1,254 @@
+"""The node as firmware (issue #12): fedtiny_node.elf under QEMU (mps2-an386) with its modem bridge, in real
+rounds against the real coordinator.
+
+    same as Python      `simulate --nodes 8 --qemu-nodes 2 --rounds 3` gives the global model of the same run
+                        with Python agents, both firmware nodes answering every round
+    killed mid-upload   the modem loses the DELTA's later chunks, QEMU is killed; restarted, the node sends the
+                        persisted upload again and the coordinator accepts it once
+    reset anywhere      QEMU killed at many moments of three rounds and started again: no seq is ever reused
+                        (the coordinator never sees a replay), no accepted model is lost, every round completes
+    codegen --node      the project a user builds for one fleet member, and its errors
+
+mosquitto here, as in a plant (the embedded broker is simulate's default and runs the first test).
+"""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import require_tool
+from fedtiny.planfile import save_plan
+from fedtiny.protocol import chunking
+from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
+from fedtiny.protocol.envelope import Header
+from fedtiny.protocol.keys import provision_fleet
+from fedtiny.protocol.messages import MessageType
+from fedtiny.transport.faults import FaultyTransport
+from fedtiny.transport.mqtt import CoordinatorLink
+from fedtiny_server import ops
+from fedtiny_server.state import StateStore
+from test_fleet_failures import Events
+from test_server_e2e import breast_cancer_task, make_coordinator, wait_online
+
+FLEET = "fw"
+MEMORY = (256 * 1024, 1024 * 1024)  # the device: SRAM, flash
+
+
+def require_firmware_tools():
+    for tool in ("qemu-system-arm", "arm-none-eabi-gcc", "gcc", "make"):
+        require_tool(tool)
+
+
+def test_simulate_firmware_nodes_give_the_global_model_python_agents_give(tmp_path):
+    """Two of eight nodes as firmware: both answer every round, and the global model (ints and float master)
+    is the one the same run reaches with eight Python agents, byte for byte."""
+    require_firmware_tools()
+    from fedtiny_sim.simulate import SimulationConfig, simulate
+
+    runs = {}
+    for qemu in (2, 0):
+        out = tmp_path / f"qemu{qemu}"
+        result = simulate(SimulationConfig(nodes=8, rounds=3, qemu_nodes=qemu, out=str(out), workers=2))
+        runs[qemu] = result, StateStore(out / "state.db").load()
+    (fw, fw_state), (py, py_state) = runs[2], runs[0]
+    assert [r["firmware"] for r in fw["rounds"]] == [2, 2, 2]
+    assert [r["participants"] for r in fw["rounds"]] == [8, 8, 8]
+    assert fw_state.model_version == py_state.model_version == 3
+    for name in py_state.ints:
+        assert np.array_equal(fw_state.ints[name], py_state.ints[name]), name
+        assert np.array_equal(fw_state.master[name], py_state.master[name]), name
+    assert [r["accuracy"] for r in fw["rounds"]] == [r["accuracy"] for r in py["rounds"]]
+    for device, node in fw["firmware"].items():
+        assert node["rounds_sent"] == 3 and node["refused"] == [], (device, node)
+        assert node["ram_bytes"] <= MEMORY[0] and node["flash_bytes"] <= MEMORY[1], node
+        assert len(node["instructions"]) == 3
+        for part in ("training", "crypto", "protocol"):
+            assert all(r[part] > 0 for r in node["instructions"]), (part, node["instructions"])
+    summary = (tmp_path / "qemu2" / "summary.md").read_text()
+    assert "node000 (firmware)" in summary and "at 216 MHz" in summary
+
+
+# --- a fleet of one firmware node and one Python agent on mosquitto ----------------------------------------
+
+class Fleet:
+    """mosquitto with the fleet's configuration, the coordinator's link, one firmware node (n0) and one node
+    agent (n1), the small breast-cancer mlp plan (every weight trains, chunks of 256 B: a DELTA is ~20 chunks)."""
+
+    def __init__(self, tmp_path: Path, bridge_options: dict | None = None):
+        from fedtiny_device.agent import NodeAgent
+        from fedtiny_device.cruntime import CTrainer
+        from fedtiny_sim.firmware_nodes import FirmwareFleet
+
+        self.plan, shards, self.heldout = breast_cancer_task(2)
+        self.run = tmp_path
+        provision_fleet(tmp_path / "fleet", FLEET, ["n0", "n1"])
+        (tmp_path / "nodes").mkdir()
+        np.savez(tmp_path / "nodes" / "n0.npz", x=shards[0][0], y=shards[0][1], seed=100)
+        port = free_port()
+        (tmp_path / "mosquitto.conf").write_text(mosquitto_config(tmp_path / "fleet", port,
+                                                                  run_as_root=os.geteuid() == 0))
+        self.broker = MosquittoProcess(tmp_path / "mosquitto.conf", port).start()
+        url = f"mqtts://127.0.0.1:{port}"
+        self.events = Events()
+        ops.LOG.addHandler(self.events)
+        self._level = ops.LOG.level
+        ops.LOG.setLevel(logging.INFO)
+        self.link = CoordinatorLink(url, tmp_path / "fleet", self.plan, fleet=FLEET, chunk_size=256).start()
+        self.agent = NodeAgent("n1", url, tmp_path / "fleet", self.plan, *shards[1], fleet=FLEET,
+                               state_dir=tmp_path / "agents", seed=101, chunk_size=256, heartbeat_s=1.0,
+                               ack_timeout_s=2.0, trainer_factory=CTrainer).start()
+        self.firmware = FirmwareFleet(tmp_path, self.plan, ["n0"], url, chunk_size=256, heartbeat_s=1.0,
+                                      ack_timeout_s=2.0, bridge_options=bridge_options).start()
+        self.node = self.firmware.nodes[0]
+        wait_online(self.link, 2, timeout=120)
+
+    def close(self):
+        self.firmware.stop()
+        self.agent.stop(leave=False)
+        self.link.close()
+        self.broker.stop()
+        ops.LOG.removeHandler(self.events)
+        ops.LOG.setLevel(self._level)
+
+    def accepted(self) -> Counter:
+        return Counter((e["round"], e["device"]) for e in self.events.named("reply_accepted"))
+
+    def rejected(self, device: str) -> list[str]:
+        return [e["reason"] for e in self.events.named("message_rejected") if e["device"] == device]
+
+    def restored(self) -> list[tuple[int, int]]:
+        """(model version, seq) of each start of the firmware that found a persisted state."""
+        return [(int(v), int(s)) for v, s in
+                re.findall(r"^node: restored: model version (\d+), seq (\d+)", self.node.qemu.console(), re.M)]
+
+
+def delta_chunks(round_: int, from_index: int):
+    """A FaultyTransport rule: the chunks from `from_index` on of the DELTA of `round_`."""
+    transfers: set[int] = set()
+
+    def rule(p) -> bool:
+        chunk = chunking.parse_chunk(p.payload)
+        if chunk.index == 0 and "/up/" in p.topic:
+            header = Header.unpack(chunk.data)
+            if header.type == MessageType.DELTA and header.round == round_:
+                transfers.add(chunk.transfer_id)
+        return chunk.transfer_id in transfers and chunk.index >= from_index
+
+    return rule
+
+
+def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path):
+    require_tool("mosquitto")
+    require_firmware_tools()
+    lost = {"on": True, "rule": delta_chunks(1, 3), "dropped": 0}
+
+    def drop(p) -> bool:
+        if lost["on"] and lost["rule"](p):
+            lost["dropped"] += 1
+            return True
+        return False
+
+    fleet = Fleet(tmp_path, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=drop)))
+    try:
+        coordinator = make_coordinator(fleet.link, fleet.plan, tmp_path / "state.db", 2, deadline=90.0)
+        done = {}
+        rounds = threading.Thread(target=lambda: done.setdefault("history", coordinator.run()), daemon=True)
+        rounds.start()
+        deadline = time.monotonic() + 120
+        while lost["dropped"] == 0:  # the modem has lost part of the DELTA: kill the board now
+            assert time.monotonic() < deadline, "the firmware node sent no DELTA"
+            time.sleep(0.01)
+        fleet.node.qemu.kill()
+        assert fleet.accepted()[(1, "n0")] == 0  # the coordinator holds only the first chunks
+        lost["on"] = False
+        fleet.node.qemu.start()
+        rounds.join(180)
+        assert "history" in done, "the rounds did not finish"
+    finally:
+        fleet.close()
+    accepted = fleet.accepted()
+    assert accepted[(1, "n0")] == 1 and accepted[(2, "n0")] == 1, accepted
+    assert max(accepted.values()) == 1
+    assert [r.replies for r in done["history"]] == [2, 2]
+    assert fleet.restored() and fleet.restored()[0][0] >= 0  # the restart found its state (with the upload)
+    assert "replay" not in fleet.rejected("n0"), fleet.rejected("n0")
+
+
+def test_qemu_reset_at_many_points_never_reuses_a_seq_nor_loses_a_model(tmp_path):
+    """Kill QEMU (a power cut: the flash image keeps what was written) at 12 seeded moments over three rounds and
+    start it again each time. The coordinator never sees a reused (run, round, seq) (it would refuse it as a
+    replay, or fail to decrypt), every start after the first save restores a state whose seq and model version
+    never go back, and the three rounds complete with the firmware node's DELTA accepted at most once each and in
+    at least two of them (a node rebooting when a round starts is offline, and is not asked)."""
+    require_tool("mosquitto")
+    require_firmware_tools()
+    fleet = Fleet(tmp_path)
+    rng = np.random.default_rng(12)
+    kills = 0
+    try:
+        coordinator = make_coordinator(fleet.link, fleet.plan, tmp_path / "state.db", 3, deadline=120.0)
+        done = {}
+        rounds = threading.Thread(target=lambda: done.setdefault("history", coordinator.run()), daemon=True)
+        rounds.start()
+        for offset in rng.uniform(0.2, 2.5, size=12):
+            time.sleep(float(offset))
+            if not rounds.is_alive():
+                break
+            fleet.node.qemu.kill()
+            kills += 1
+            fleet.node.qemu.start()
+        rounds.join(300)
+        assert "history" in done, "the rounds did not finish"
+    finally:
+        fleet.close()
+    assert kills >= 4, kills
+    accepted = fleet.accepted()
+    answered = [accepted[(r, "n0")] for r in (1, 2, 3)]
+    assert max(answered) == 1 and sum(answered) >= 2, accepted
+    rejected = fleet.rejected("n0")
+    assert not {"replay", "bad-ciphertext", "bad-signature"} & set(rejected), rejected
+    restored = fleet.restored()
+    assert len(restored) >= kills - 1, (kills, restored)  # at most the first start had nothing saved yet
+    assert restored == sorted(restored), restored  # neither the seq nor the model version ever went back
+    print(f"\n{kills} resets; rounds n0 answered: {answered}; restored (model version, seq): {restored}; n0's "
+          f"refused uplinks: {Counter(rejected)}")
+
+
+def test_codegen_node_writes_a_project_that_builds_for_the_m4(tmp_path):
+    require_firmware_tools()
+    plan, shards, _ = breast_cancer_task(2)
+    save_plan(plan, tmp_path / "plan.ftp")
+    provision_fleet(tmp_path / "fleet", FLEET, ["n0"])
+    np.save(tmp_path / "x.npy", shards[0][0])
+    np.save(tmp_path / "y.npy", shards[0][1])
+    cli = [sys.executable, "-c", "from fedtiny.cli import main; main()", "codegen", str(tmp_path / "plan.ftp"), "-o",
+           str(tmp_path / "n0")]
+    done = subprocess.run(cli + ["--node", "--fleet-dir", str(tmp_path / "fleet"), "--device", "n0",
+                                 "--samples", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert oct((tmp_path / "n0").stat().st_mode & 0o777) == "0o700"  # node_config.c holds the device's key
+    key = (tmp_path / "fleet" / "devices" / "n0" / "identity.key").read_bytes()
+    assert ", ".join(f"0x{b:02x}" for b in key[:16]) in (tmp_path / "n0" / "node_config.c").read_text()
+    build = subprocess.run(["make", "-s", "-C", str(tmp_path / "n0"), "m4-node"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    from fedtiny_device.cruntime import memory_usage
+
+    usage = memory_usage(tmp_path / "n0" / "fedtiny_node.elf")
+    assert usage["ram"] <= MEMORY[0] and usage["flash"] <= MEMORY[1], usage
+
+    for args, message in (([], "--node needs --fleet-dir and --device"),
+                          (["--fleet-dir", str(tmp_path / "fleet"), "--device", "nobody"], "no identity of device"),
+                          (["--fleet-dir", str(tmp_path / "fleet"), "--device", "n0", "--chunk-size", "100"],
+                           "--chunk-size 100")):
+        bad = subprocess.run(cli + ["--node"] + args, capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
