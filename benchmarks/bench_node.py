@@ -1,0 +1,178 @@
+"""The whole node on the Cortex-M4: RAM and flash by part from the linker, and instructions per round by part.
+
+    python benchmarks/bench_node.py [--schemes default,full] [--rounds 3] [--nodes 4]
+
+For each scheme, one `fedtiny simulate` run (industrial scenario, sensor_cnn) where node000 is the node firmware
+under QEMU (mps2-an386) beside Python node agents. From that firmware:
+
+    RAM     .bss/.data/.heap/.stack of fedtiny_node.elf, split into the training arena, the C kernels' scratch,
+            each of the node's own buffers (firmware_node.c) and the rest by part, as the linker placed them
+    flash   .text/.rodata/.data by object file of fedtiny_node.map: training (model, kernels, runtime, job,
+            samples), crypto (Monocypher, envelope), protocol (session, wire, chunking, plan, identity), state
+            (store, flash HAL), link (modem, UART), firmware (main loop, boot, profile), C library
+    rounds  executed instructions per round by part (QEMU's plugin at the profile markers), idle polling left
+            out, with the time at 64 and 216 MHz (instructions, not cycles: a real M4 needs ~1.1-1.5x more)
+
+It also checks the run against the same run with Python agents only (the global model must be identical).
+Prints a Markdown section for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+PARTS = {
+    "training": ("model", "fedtiny_kernels", "fedtiny_runtime", "fedtiny_train_job", "samples"),
+    "crypto": ("monocypher", "fedtiny_envelope"),
+    "protocol": ("fedtiny_node", "fedtiny_chunk", "fedtiny_wire", "node_plan", "node_config"),
+    "state": ("fedtiny_store", "fedtiny_flash_semihost"),
+    "link": ("fedtiny_modem", "fedtiny_uart_cmsdk"),
+    "firmware": ("firmware_node", "fedtiny_boot", "fedtiny_profile"),
+}
+MAP_LINE = re.compile(r"^ (\.\S+)?\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+(\S+)$")
+
+
+def part_of(obj: str) -> str:
+    name = Path(obj.split("(")[0]).name
+    stem = name[: -len(".fw.o")] if name.endswith(".fw.o") else None
+    for part, stems in PARTS.items():
+        if stem in stems:
+            return part
+    return "C library"
+
+
+def map_sizes(map_file: Path) -> dict[str, dict[str, int]]:
+    """{flash|ram: {part: bytes}} from the linker map's input sections."""
+    out = {"flash": defaultdict(int), "ram": defaultdict(int)}
+    text = map_file.read_text().split("Linker script and memory map", 1)[1]
+    section = None
+    for line in text.splitlines():
+        if re.match(r"^ \.\S+$", line):  # a long section name, its address on the next line
+            section = line.strip()
+            continue
+        m = MAP_LINE.match(line)
+        if not m:
+            section = None
+            continue
+        name, size, obj = m.group(1) or section, int(m.group(3), 16), m.group(4)
+        section = None
+        if not name or size == 0 or not obj.endswith((".o", ")")):
+            continue
+        kind = name.split(".")[1]
+        if kind in ("text", "rodata", "ARM"):
+            out["flash"][part_of(obj)] += size
+        elif kind == "data":
+            out["flash"][part_of(obj)] += size
+            out["ram"][part_of(obj)] += size
+        elif kind == "bss" or name == "COMMON":
+            out["ram"][part_of(obj)] += size
+    return {k: dict(v) for k, v in out.items()}
+
+
+def symbols(obj: Path) -> dict[str, int]:
+    """Sizes of an object file's static data (bss and data symbols)."""
+    nm = subprocess.run(["arm-none-eabi-nm", "-S", str(obj)], capture_output=True, text=True, check=True).stdout
+    out = {}
+    for line in nm.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[2] in "bBdD":
+            out[parts[3].split(".")[0]] = int(parts[1], 16)
+    return out
+
+
+def ram_breakdown(elf: Path) -> list[tuple[str, int]]:
+    from fedtiny_device.cruntime import memory_usage
+
+    folder = elf.parent
+    usage = memory_usage(elf)
+    by_part = map_sizes(folder / "fedtiny_node.map")["ram"]
+    model = symbols(folder / "model.fw.o")
+    node = symbols(folder / "firmware_node.fw.o")
+    rows = [("training arena (activations, gradients, trainable rows)", model.get("arena", 0)),
+            ("C kernels' scratch", model.get("scratch", 0))]
+    rows.append(("training: the rest (exponents, train state)", by_part.get("training", 0) - rows[0][1] - rows[1][1]))
+    labels = {"node": "session (keys, replay window, reassembler state, topics)",
+              "global_state": "global model (state layout)", "carry": "error-feedback carry",
+              "base": "job's base state", "trained": "job's trained state", "upload": "sealed DELTA until ACKed",
+              "reassembly": "downlink reassembly (two transfers)", "bitmap": "reassembly bitmap",
+              "frame": "uplink chunk frame", "rx_buf": "modem receive frame", "tx_buf": "modem command frame",
+              "order": "training order (one epoch)"}
+    listed = 0
+    for name, label in labels.items():
+        if name in node:
+            rows.append((label, node[name]))
+            listed += node[name]
+    rows.append(("firmware: the rest (store, link state, will, topic)", by_part.get("firmware", 0) - listed))
+    for part in ("crypto", "protocol", "state", "link", "C library"):
+        if by_part.get(part):
+            rows.append((f"{part}: static data", by_part[part]))
+    rows += [("stack", usage.get(".stack", 0)), ("heap (newlib)", usage.get(".heap", 0))]
+    rows.append(("total by the linker", usage["ram"]))
+    return rows
+
+
+def run_simulation(out: Path, scheme: str | None, nodes: int, rounds: int, qemu: int) -> dict:
+    from fedtiny_sim.simulate import SimulationConfig, simulate
+
+    started = time.perf_counter()
+    result = simulate(SimulationConfig(nodes=nodes, rounds=rounds, scheme=scheme, qemu_nodes=qemu, out=str(out),
+                                       workers=2))
+    result["bench_seconds"] = time.perf_counter() - started
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schemes", default="default,full")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--nodes", type=int, default=4)
+    args = parser.parse_args()
+    from fedtiny_server.state import StateStore
+
+    lines = [f"## Whole node on the Cortex-M4 (`python benchmarks/bench_node.py`)", "",
+             f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.processor() or ''}, "
+             f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
+             f"`fedtiny simulate --nodes {args.nodes} --qemu-nodes 1 --rounds {args.rounds}` (industrial, sensor_cnn): "
+             "node000 is fedtiny_node.elf under QEMU mps2-an386, the others Python agents.", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme in args.schemes.split(","):
+            chosen = None if scheme == "default" else scheme
+            fw = run_simulation(Path(tmp) / f"{scheme}-fw", chosen, args.nodes, args.rounds, 1)
+            py = run_simulation(Path(tmp) / f"{scheme}-py", chosen, args.nodes, args.rounds, 0)
+            a = StateStore(Path(tmp) / f"{scheme}-fw" / "state.db").load()
+            b = StateStore(Path(tmp) / f"{scheme}-py" / "state.db").load()
+            same = all(np.array_equal(a.ints[k], b.ints[k]) for k in b.ints)
+            node = fw["firmware"]["node000"]
+            elf = next((Path(tmp) / f"{scheme}-fw" / "firmware").glob("*-m4-node/fedtiny_node.elf"))
+            flash = map_sizes(elf.parent / "fedtiny_node.map")["flash"]
+            lines += [f"### Scheme `{fw['scheme']}`", "",
+                      f"Firmware node's DELTAs accepted: {[r['firmware'] for r in fw['rounds']]} per round; global "
+                      f"model {'identical to' if same else 'DIFFERENT from'} the run with Python agents only.", "",
+                      "| RAM | bytes |", "|---|---:|"]
+            lines += [f"| {label} | {size:,} |" for label, size in ram_breakdown(elf)]
+            lines += ["", "| flash | bytes |", "|---|---:|"]
+            lines += [f"| {part} | {size:,} |" for part, size in sorted(flash.items(), key=lambda kv: -kv[1])]
+            lines += [f"| total by the linker | {node['flash_bytes']:,} |", ""]
+            rounds = node["instructions"][1:] or node["instructions"]
+            lines += ["| instructions per round (mean of rounds 2..) | training | crypto | protocol | total | "
+                      "at 64 MHz | at 216 MHz |", "|---|---:|---:|---:|---:|---:|---:|"]
+            mean = {p: sum(r[p] for r in rounds) / len(rounds) for p in ("training", "crypto", "protocol")}
+            total = sum(mean.values())
+            lines += [f"| node000 | {mean['training']:,.0f} | {mean['crypto']:,.0f} | {mean['protocol']:,.0f} | "
+                      f"{total:,.0f} | {total / 64e6:.2f} s | {total / 216e6:.2f} s |", ""]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
