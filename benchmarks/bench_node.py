@@ -14,22 +14,24 @@ under QEMU (mps2-an386) beside Python node agents. From that firmware:
             out, with the time at 64 and 216 MHz (instructions, not cycles: a real M4 needs ~1.1-1.5x more)
 
 It also checks the run against the same run with Python agents only (the global model must be identical).
-Prints a Markdown section for BENCHMARKS.md.
+Prints its Markdown section and writes it into BENCHMARKS.md (unless --no-write).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from report import provenance, write_section
+
+SECTION = "## The whole node on the Cortex-M4: RAM, flash and instructions per round by part (issue 12)"
 
 PARTS = {
     "training": ("model", "fedtiny_kernels", "fedtiny_runtime", "fedtiny_train_job", "samples"),
@@ -124,11 +126,8 @@ def ram_breakdown(elf: Path) -> list[tuple[str, int]]:
 def run_simulation(out: Path, scheme: str | None, nodes: int, rounds: int, qemu: int) -> dict:
     from fedtiny_sim.simulate import SimulationConfig, simulate
 
-    started = time.perf_counter()
-    result = simulate(SimulationConfig(nodes=nodes, rounds=rounds, scheme=scheme, qemu_nodes=qemu, out=str(out),
-                                       workers=2))
-    result["bench_seconds"] = time.perf_counter() - started
-    return result
+    return simulate(SimulationConfig(nodes=nodes, rounds=rounds, scheme=scheme, qemu_nodes=qemu, out=str(out),
+                                     workers=2))
 
 
 def main() -> int:
@@ -136,14 +135,15 @@ def main() -> int:
     parser.add_argument("--schemes", default="default,full")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
     args = parser.parse_args()
     from fedtiny_server.state import StateStore
 
-    lines = [f"## Whole node on the Cortex-M4 (`python benchmarks/bench_node.py`)", "",
-             f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.processor() or ''}, "
-             f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
-             f"`fedtiny simulate --nodes {args.nodes} --qemu-nodes 1 --rounds {args.rounds}` (industrial, sensor_cnn): "
-             "node000 is fedtiny_node.elf under QEMU mps2-an386, the others Python agents.", ""]
+    lines = [SECTION, "", provenance(f"python benchmarks/bench_node.py --schemes {args.schemes} --rounds "
+                                     f"{args.rounds} --nodes {args.nodes}"), "",
+             f"Each scheme: `fedtiny simulate --nodes {args.nodes} --qemu-nodes 1 --rounds {args.rounds}` (industrial, "
+             "sensor_cnn), node000 being fedtiny_node.elf under QEMU mps2-an386 and the others Python agents, and the "
+             "same run with Python agents only.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes.split(","):
             chosen = None if scheme == "default" else scheme
@@ -170,7 +170,10 @@ def main() -> int:
             total = sum(mean.values())
             lines += [f"| node000 | {mean['training']:,.0f} | {mean['crypto']:,.0f} | {mean['protocol']:,.0f} | "
                       f"{total:,.0f} | {total / 64e6:.2f} s | {total / 216e6:.2f} s |", ""]
-    print("\n".join(lines))
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section(SECTION, text)
     return 0
 
 
