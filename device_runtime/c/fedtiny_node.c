@@ -81,8 +81,8 @@ const char *fedtiny_node_reason(int status)
 /* ---- sizes ------------------------------------------------------------------------------------------------- */
 
 /* Unencrypted downlinks: header, body, signature. */
-#define MAX_TASK_ENVELOPE \
-    (FEDTINY_ENV_HEADER_BYTES + FEDTINY_WIRE_TASK_HEAD_BYTES + FEDTINY_WIRE_TASK_MAX_CONFIG + FEDTINY_ENV_SIGNATURE_BYTES)
+#define MAX_TASK_ENVELOPE (FEDTINY_ENV_HEADER_BYTES + FEDTINY_WIRE_TASK_HEAD_BYTES + FEDTINY_WIRE_TASK_MAX_CONFIG + \
+                           FEDTINY_ENV_SIGNATURE_BYTES)
 #define MAX_ACK_ENVELOPE (FEDTINY_ENV_HEADER_BYTES + FEDTINY_WIRE_ACK_MAX_BYTES + FEDTINY_ENV_SIGNATURE_BYTES)
 
 /* The FULL_STATE GLOBAL_UPDATE: every buffer whole in its own type, i.e. the state layout, one entry header each.

@@ -144,8 +144,8 @@ class DeviceSession:
         self.fleet = fleet
         self.endpoint = endpoint
         self.endpoint.delta_limits = delta_limits(plan)
-        self.endpoint.max_message_bytes = max_message_bytes(plan)
-        self.max_downlink_bytes = max_downlink_bytes(plan)
+        self.endpoint.max_message_bytes = max_message_bytes(plan)  # bounds what it seals: a DELTA of the plan
+        self.max_downlink_bytes = max_downlink_bytes(plan)  # what it takes: receive refuses anything larger
         self.state = state
         self.chunk_size = chunk_size
         self._save = save
