@@ -128,7 +128,7 @@ class ChunkResult(ctypes.Structure):
 
 class Node(ctypes.Structure):
     _fields_ = [("config", Config), ("state", State), ("keys", EnvNode), ("replay", EnvReplay),
-                ("reassembler", Reassembler), ("max_message_bytes", u32), ("upload_sent", u8),
+                ("reassembler", Reassembler), ("max_downlink_bytes", u32), ("upload_sent", u8),
                 ("upload_sent_at", i64), ("resent_chunks", u32)] + [
         (n, ctypes.c_char * TOPIC_MAX) for n in ("up_topic", "status_topic", "down_topic", "bcast_topic")]
 
@@ -162,7 +162,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "fedtiny_node_superseded": ([p(Node), p(Job)], ctypes.c_int),
         "fedtiny_node_skip": ([p(Node), p(Job)], ctypes.c_int),
         "fedtiny_node_complete": ([p(Node), p(Job), vp, vp, p(Result), i64], ctypes.c_int),
-        "fedtiny_node_max_message_bytes": ([p(NodePlan)], u32),
+        "fedtiny_node_max_downlink_bytes": ([p(NodePlan)], u32),
         "fedtiny_wire_state_offset": ([p(WirePlan), u16], u32),
         "fedtiny_wire_delta_offset": ([p(WirePlan), u16], u32),
         "fedtiny_chunk_reason": ([ctypes.c_int], ctypes.c_char_p),
@@ -204,8 +204,8 @@ class CNodeLibrary:
         self.lib.fedtiny_node_sizes_of(ctypes.byref(self.node_plan), chunk_size, ctypes.byref(sizes))
         return sizes
 
-    def max_message_bytes(self) -> int:
-        return self.lib.fedtiny_node_max_message_bytes(ctypes.byref(self.node_plan))
+    def max_downlink_bytes(self) -> int:
+        return self.lib.fedtiny_node_max_downlink_bytes(ctypes.byref(self.node_plan))
 
     def pack(self, arrays: dict[str, np.ndarray], buffer, delta: bool = False) -> None:
         """Write a state (or, with delta, a carry) dict into a C buffer in the node's layout."""

@@ -16,12 +16,13 @@ fedtiny_node.elf with the Cortex-M4 toolchain); `build(...)` builds it in the sh
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from fedtiny.compiler import Plan
-from fedtiny.protocol.update import max_message_bytes
+from fedtiny.protocol.update import downlink_reassembly_bytes, max_delta_envelope_bytes
 
 from . import codegen
 from .cnode import NODE_FILES
@@ -48,16 +49,51 @@ def _c_string(text: str) -> str:
 
 
 def buffer_sizes(plan: Plan, chunk_size: int) -> dict[str, int]:
-    """The node's buffers for this plan (what fedtiny_node_sizes_of asks for, or more; the firmware checks)."""
+    """The node's buffers for this plan: what fedtiny_node_sizes_of asks for (fedtiny_node_init checks them).
+    Where they live, and for how long, is firmware_node.c's business (the upload borrows the training arena)."""
     state = codegen.state_layout(plan)[1]
     delta = 0
     for name in plan.trainable_buffers():
         width = 2 if np.dtype(plan.buffers[name].dtype) == np.int8 else 4  # int16 weight deltas, int32 biases
         delta += -(-width * int(np.prod(plan.buffers[name].shape)) // 4) * 4
-    message = max_message_bytes(plan)
-    reassembly = 2 * message  # two downlink transfers: a TASK behind a large GLOBAL_UPDATE
-    return dict(state=state, delta=delta, upload=message, reassembly=reassembly, bitmap=reassembly // 8 + 2,
-                chunk=chunk_size)
+    reassembly = downlink_reassembly_bytes(plan)  # a TASK behind the largest GLOBAL_UPDATE
+    return dict(state=state, delta=delta, upload=max_delta_envelope_bytes(plan), reassembly=reassembly,
+                bitmap=reassembly // 8 + 2, chunk=chunk_size)
+
+
+# The firmware's RAM by part (ram_by_part): each part's static variables, by symbol (firmware_node.c and model.c).
+RAM_PARTS = {
+    "arena": ("arena",),                  # model.c's training arena; the sealed upload while it waits for its ACK
+    "scratch": ("scratch",),              # the C kernels' scratch; the trained state until the DELTA is sealed
+    "global state": ("global_state",),
+    "carry": ("carry",),
+    "job base": ("base",),
+    "reassembly": ("reassembly", "bitmap"),
+    "own upload and trained state": ("upload_own", "trained_own"),  # only for a plan whose arena or scratch is small
+    "frames": ("frame", "rx_buf", "tx_buf"),
+    "session (keys, replay window)": ("node",),
+    "training order": ("order",),
+}
+
+
+def ram_by_part(map_path: Path) -> dict[str, int]:
+    """Bytes of RAM by part (RAM_PARTS, then stack, heap and the rest: libc, the link, the store, ...), from the
+    linker's map of a node firmware (fedtiny_node.map beside the ELF; -fdata-sections names every static's
+    section after it). The parts add up to cruntime.memory_usage's ram."""
+    text = map_path.read_text()
+    memory_map = text[text.index("Linker script and memory map"):]
+    parts = dict.fromkeys(RAM_PARTS, 0)
+    owner = {symbol: part for part, symbols in RAM_PARTS.items() for symbol in symbols}
+    # an input section: " .bss.name  0xADDR  0xSIZE object" (a long name stands alone on the line before)
+    for name, size in re.findall(r"^ \.(?:bss|data)\.([\w.]+)\s+0x[0-9a-f]+\s+0x([0-9a-f]+) \S+$", memory_map, re.M):
+        if name in owner:
+            parts[owner[name]] += int(size, 16)
+    sections = {m[0]: int(m[1], 16) for m in re.findall(r"^\.(\w+)\s+0x[0-9a-f]+\s+0x([0-9a-f]+)", memory_map, re.M)}
+    parts["stack"], parts["heap"] = sections.get("stack", 0), sections.get("heap", 0)
+    # the rest: libc's and the other parts' statics, and the alignment between them
+    parts["other"] = sections.get("data", 0) + sections.get("bss", 0) - sum(
+        v for k, v in parts.items() if k not in ("stack", "heap"))
+    return parts
 
 
 def bank_bytes(sizes: dict[str, int]) -> int:

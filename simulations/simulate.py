@@ -199,16 +199,24 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     return task
 
 
+def training_plan(config: SimulationConfig, task: Task, graph):
+    """(plan, scheme): what a run of this configuration trains: its --scheme, or the model's default one, compiled
+    for its budget, reserve and learning rate."""
+    from fedtiny.compiler import compile_plan
+    from fedtiny.scheme import DEFAULT_SCHEMES, parse
+
+    scheme = config.scheme or DEFAULT_SCHEMES.get(task.model, "last:2")
+    plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
+    return plan, scheme
+
+
 def _prepare(config: SimulationConfig, run: Path, task: Task):
     """Pretrained int8 model, plan and per-node data files."""
-    from fedtiny.compiler import compile_plan
     from fedtiny.planfile import save_plan
-    from fedtiny.scheme import DEFAULT_SCHEMES, parse
     from fedtiny.interpreter import quantize_input
 
     model, graph = pretrained(task, config.seed)
-    scheme = config.scheme or DEFAULT_SCHEMES.get(task.model, "last:2")
-    plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
+    plan, scheme = training_plan(config, task, graph)
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
     devices = [device_name(i) for i in range(config.nodes)]

@@ -32,7 +32,7 @@ from fedtiny.protocol.envelope import Header, Identity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import GlobalUpdate, Join, MessageType, Task
 from fedtiny.protocol.task import task_body
-from fedtiny.protocol.update import FULL_STATE, global_update
+from fedtiny.protocol.update import FULL_STATE, downlink_reassembly_bytes, global_update, max_downlink_bytes
 from fedtiny_device import cnode, monocypher_sources
 
 HERE = Path(__file__).parent / "conformance"
@@ -204,7 +204,9 @@ def test_the_generated_plan_holds_python_s_values(plan, library):
     """codegen.node_plan_source, as compiled into the library: the plan hash, the delta limits, the JOIN and
     STATUS numbers, and every row scale bit for bit."""
     from fedtiny.planfile import plan_hash
-    from fedtiny.protocol.update import delta_limits, max_message_bytes, row_scales
+    from fedtiny.protocol.update import (
+        delta_limits, downlink_reassembly_bytes, max_delta_envelope_bytes, max_downlink_bytes, row_scales,
+    )
 
     node_plan = library.node_plan
     wire = node_plan.wire.contents
@@ -214,7 +216,9 @@ def test_the_generated_plan_holds_python_s_values(plan, library):
                                                                     limits.max_elements)
     assert (node_plan.arena_bytes, node_plan.flash_bytes) == (plan.arena_size, plan.memory_report()["flash_bytes"])
     assert node_plan.free_memory_bytes == plan.budget - plan.reserve - plan.arena_size
-    assert library.max_message_bytes() == max_message_bytes(plan)
+    assert library.max_downlink_bytes() == max_downlink_bytes(plan)
+    sizes = library.sizes(256)
+    assert (sizes.upload, sizes.reassembly) == (max_delta_envelope_bytes(plan), downlink_reassembly_bytes(plan))
     assert wire.n_tensors == len(plan.trainable_buffers())
     for i, (name, scales) in enumerate(row_scales(plan).items()):
         tensor = wire.tensors[i]
@@ -325,9 +329,15 @@ def test_hostile_downlinks_are_refused_alike(plan, spec, library):
     ciphertext[10] ^= 1
     h = Header.unpack(valid)
     join = device_session(plan, spec).endpoint.seal(Join(1, 2, 256, 1, 1, phash), round=1, model_version=0, seq=77)
-    oversized = task()
-    oversized = signed(spec, with_header(oversized, payload_len=10_000 - 96),
-                       oversized[32:-64] + bytes(10_000 - len(oversized)))
+
+    def padded_task(total: int) -> bytes:  # a TASK envelope of `total` bytes
+        envelope = task()
+        return signed(spec, with_header(envelope, payload_len=total - 96),
+                      envelope[32:-64] + bytes(total - len(envelope)))
+
+    # past the reassembly quota (refused at the first chunk), and past the largest downlink but within the quota
+    oversized, past_downlink = padded_task(10_000), padded_task(max_downlink_bytes(plan) + 1)
+    assert len(past_downlink) <= downlink_reassembly_bytes(plan) < len(oversized)
     cases = [
         ("forged", DOWN, frames_of(forged), "bad-signature"),
         ("tampered", DOWN, frames_of(bytes(tampered)), "bad-signature"),
@@ -355,6 +365,7 @@ def test_hostile_downlinks_are_refused_alike(plan, spec, library):
         ("trailing envelope", DOWN, frames_of(valid + b"\0"), "trailing-bytes"),
         ("short envelope", DOWN, [chunking.Chunk(5, 0, 1, 20, 232, valid[:20]).encode()], "truncated"),
         ("oversized envelope", DOWN, frames_of(oversized, 1024), "oversized"),
+        ("envelope past the largest downlink", DOWN, frames_of(past_downlink, 1024), "oversized"),
         ("config of 3 bytes", DOWN, frames_of(task(b"abc")), "bad-task"),
         ("uplink keep 100 %", DOWN, frames_of(task(struct.pack("<HH", 1, 100))), "bad-task"),
         ("TASK for another plan", DOWN, frames_of(task(plan_hash=bytes(32))), "ok"),  # ACK REJECTED, compared

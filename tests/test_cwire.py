@@ -34,8 +34,8 @@ from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import MAX_ACK_MISSING, Ack, GlobalUpdate, Join, Leave, Status, Task
 from fedtiny.protocol.task import task_body, task_settings
 from fedtiny.protocol.update import (
-    FULL_STATE, SentStates, apply_global_update, delta_limits, global_update, row_scales, state_delta, state_entries,
-    uplink,
+    FULL_STATE, SentStates, apply_global_update, delta_limits, global_update, max_delta_body_bytes, row_scales,
+    state_delta, state_entries, uplink,
 )
 from fedtiny.quantize import quantize
 from fedtiny.scheme import DEFAULT_SCHEMES, parse
@@ -551,8 +551,13 @@ def test_uplink_refuses_and_leaves_the_carry(wire, plans):
                                                                                    0.0, 1, 0.0, 0.0)[0]
 
 
-def test_uplink_bytes_max_suffices_for_the_densest_delta(wire, plans):
-    cp = CPlan(wire, plans["mlp"])
+@pytest.mark.parametrize("name", PLAN_NAMES)
+def test_uplink_bytes_max_is_python_s_and_the_densest_delta_reaches_it(wire, plans, name):
+    """update.max_delta_body_bytes and fedtiny_wire_uplink_bytes_max agree, and the bound is tight: a round that
+    changes every element, with weight deltas past int8 (a large carry), makes a DELTA of exactly that size."""
+    cp = CPlan(wire, plans[name])
+    bound = wire.lib.fedtiny_wire_uplink_bytes_max(cp.desc)
+    assert bound == max_delta_body_bytes(cp.plan)
     rng = np.random.default_rng(14)
     base = random_state(cp, rng)
     trained = changed(cp, base, rng, "all")
@@ -560,7 +565,9 @@ def test_uplink_bytes_max_suffices_for_the_densest_delta(wire, plans):
              for n in cp.names}
     body, _ = cp.uplink(base, trained, carry, 100, 0.0, 1, 0.0, 0.0)
     assert body == py_uplink(cp, base, trained, carry, 100, 0.0, 1, 0.0, 0.0)[0]
-    assert len(body) <= wire.lib.fedtiny_wire_uplink_bytes_max(cp.desc)
+    assert len(body) == bound
+    with pytest.raises(ProtocolError, match="buffer"):  # and one byte less does not do
+        cp.uplink(base, trained, carry, 100, 0.0, 1, 0.0, 0.0, capacity=bound - 1)
 
 
 # ---- GLOBAL_UPDATE -------------------------------------------------------------------------------------------------
@@ -607,16 +614,21 @@ def test_global_updates_from_sent_states_apply_as_in_python(wire, plans, name):
     sent = SentStates(cp.plan, keep=3)
     global_state = random_state(cp, rng)
     devices = {"fresh": (None, random_state(cp, rng)), "follower": (None, random_state(cp, rng))}
-    outcomes = set()
+    outcomes, forms = set(), set()
     for version in range(1, 9):
         global_state = new_global(cp, global_state, rng)
+        full = GlobalUpdate(FULL_STATE, state_entries(cp.plan, global_state)).encode(compress=False)
         for device, (held, state) in list(devices.items()):
             update = sent.update(held, version, global_state)
             if update is None:
                 continue
             body = update.encode(compress=False)
-            # SentStates keeps the newest 3 versions: from an older one only FULL_STATE
-            assert (update.base_model_version == FULL_STATE) == (held is None or held <= version - 3)
+            # SentStates keeps the newest 3 versions: from an older one only FULL_STATE; from a newer one the
+            # differences, unless they take more bytes than the values (many int16 differences)
+            known = held is not None and held > version - 3
+            assert known or update.base_model_version == FULL_STATE
+            assert len(body) <= len(full)
+            forms.add((known, update.base_model_version == FULL_STATE))
             c_held = 0 if held is None else held
             outcomes.add(assert_same_apply(cp, body, c_held, state))
             _, after = cp.apply(body, c_held, state)
@@ -624,9 +636,12 @@ def test_global_updates_from_sent_states_apply_as_in_python(wire, plans, name):
             if device == "follower" or version % 4 == 0:  # "fresh" mostly lags: FULL_STATE again
                 devices[device] = (version, after)
         # a device holding another version: wrong-version, state unchanged
-        stale = global_update(cp.plan, global_state, version - 1, random_state(cp, rng)).encode(compress=False)
-        outcomes.add(assert_same_apply(cp, stale, version + 7, devices["follower"][1]))
+        held_state = devices["follower"][1]
+        stale = global_update(cp.plan, changed(cp, held_state, rng, "small"), version - 1, held_state)
+        assert stale.base_model_version == version - 1
+        outcomes.add(assert_same_apply(cp, stale.encode(compress=False), version + 7, held_state))
     assert outcomes == {"ok", "wrong-version"}
+    assert {(False, True), (True, False)} <= forms  # (and for some plans FULL_STATE from a known version)
 
 
 def _blob(entries, base=5):

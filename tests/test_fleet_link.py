@@ -19,11 +19,11 @@ from fedtiny import zoo
 from fedtiny.compiler import compile_plan
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.brokers import EmbeddedBroker, MosquittoProcess, free_port, mosquitto_config
-from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, DeviceEndpoint, Header, Identity, PublicIdentity
+from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, TAG_SIZE, DeviceEndpoint, Header, Identity, PublicIdentity
 from fedtiny.transport.faults import FaultyTransport
 from fedtiny.transport.mqtt import CoordinatorLink, load_fleet
 from fedtiny.protocol.topics import Publish
-from fedtiny.protocol.update import apply_delta, apply_global_update, clip_delta, decode_update, encode_update, entries_to_state, global_update, row_scales, split_uplink, state_delta, state_entries
+from fedtiny.protocol.update import FULL_STATE, apply_delta, apply_global_update, clip_delta, decode_update, encode_update, entries_to_state, global_update, max_downlink_bytes, row_scales, split_uplink, state_delta, state_entries
 from fedtiny.protocol.task import task_body, task_settings
 from fedtiny.interpreter import quantize_input
 from fedtiny.protocol.keys import provision_fleet
@@ -391,8 +391,31 @@ def test_delta_encoding_round_trip(small_plan, data, num, loss, accuracy):
         update = GlobalUpdate.decode(global_update(small_plan, new, held, known).encode())
         rebuilt = apply_global_update(small_plan, base, 3, update)
         assert all(rebuilt[n].dtype == new[n].dtype and np.array_equal(rebuilt[n], new[n]) for n in new)
-    with pytest.raises(ProtocolError, match="wrong-version"):
-        apply_global_update(small_plan, base, 2, global_update(small_plan, new, 3, base))
+
+
+def test_a_global_update_is_never_larger_than_the_full_state(small_plan):
+    """A device's buffer is sized for the FULL_STATE GLOBAL_UPDATE (update.max_downlink_bytes): a difference that
+    would take more bytes (weights moved by more than 127 LSB are int16 on the wire) goes as FULL_STATE, and a
+    small one as the difference. Either way the device ends with the same state."""
+    rng = np.random.default_rng(5)
+    base = {n: (rng.integers(10, 61, small_plan.buffers[n].shape) * rng.choice([-1, 1], small_plan.buffers[n].shape))
+            .astype(small_plan.buffers[n].dtype) for n in small_plan.trainable_buffers()}
+    near = {n: (v + rng.integers(-3, 4, v.shape)).astype(v.dtype) for n, v in base.items()}
+    far = {n: (-120 * np.sign(v)).astype(v.dtype) if v.dtype == np.int8 else v + 1000
+           for n, v in base.items()}  # every weight crosses over: differences of 130..180, int16
+    # this plan's largest downlink is its FULL_STATE GLOBAL_UPDATE (larger than a TASK): its body
+    limit = max_downlink_bytes(small_plan) - HEADER_SIZE - TAG_SIZE - SIGNATURE_SIZE
+    for new, form in ((near, 3), (far, FULL_STATE)):
+        update = global_update(small_plan, new, 3, base)
+        full = GlobalUpdate(FULL_STATE, state_entries(small_plan, new))
+        assert update.base_model_version == form
+        assert len(update.encode(compress=False)) <= len(full.encode(compress=False)) <= limit
+        rebuilt = apply_global_update(small_plan, base, 3, GlobalUpdate.decode(update.encode()))
+        assert all(np.array_equal(rebuilt[n], new[n]) for n in new)
+    with pytest.raises(ProtocolError, match="wrong-version"):  # a difference applies only where it was made
+        apply_global_update(small_plan, base, 2, global_update(small_plan, near, 3, base))
+    # the bound is reached: a FULL_STATE whose weights do not fit int4
+    assert len(GlobalUpdate(FULL_STATE, state_entries(small_plan, far)).encode(compress=False)) == limit
 
 
 @settings(max_examples=40, deadline=None)

@@ -80,11 +80,25 @@ const char *fedtiny_node_reason(int status)
 
 /* ---- sizes ------------------------------------------------------------------------------------------------- */
 
-uint32_t fedtiny_node_max_message_bytes(const fedtiny_node_plan *plan)
+/* Unencrypted downlinks: header, body, signature. */
+#define MAX_TASK_ENVELOPE (FEDTINY_ENV_HEADER_BYTES + FEDTINY_WIRE_TASK_HEAD_BYTES + FEDTINY_WIRE_TASK_MAX_CONFIG + \
+                           FEDTINY_ENV_SIGNATURE_BYTES)
+#define MAX_ACK_ENVELOPE (FEDTINY_ENV_HEADER_BYTES + FEDTINY_WIRE_ACK_MAX_BYTES + FEDTINY_ENV_SIGNATURE_BYTES)
+
+/* The FULL_STATE GLOBAL_UPDATE: every buffer whole in its own type, i.e. the state layout, one entry header each.
+ * The coordinator never sends a larger one (update.global_update). */
+static uint32_t max_global_update_envelope(const fedtiny_node_plan *plan)
 {
-    uint32_t delta = FEDTINY_WIRE_DELTA_HEAD_BYTES + FEDTINY_WIRE_BLOB_HEADER_BYTES + plan->wire->max_body;
-    uint32_t task = FEDTINY_WIRE_TASK_HEAD_BYTES + FEDTINY_WIRE_TASK_MAX_CONFIG;
-    return FEDTINY_ENV_SEALED_BYTES(delta > task ? delta : task);
+    return FEDTINY_ENV_SEALED_BYTES(FEDTINY_WIRE_GLOBAL_UPDATE_HEAD_BYTES + FEDTINY_WIRE_BLOB_HEADER_BYTES +
+                                    FEDTINY_WIRE_ENTRY_HEADER_BYTES * (uint32_t)plan->wire->n_tensors +
+                                    fedtiny_wire_state_bytes(plan->wire));
+}
+
+uint32_t fedtiny_node_max_downlink_bytes(const fedtiny_node_plan *plan)
+{
+    uint32_t most = max_global_update_envelope(plan);
+    most = most > MAX_TASK_ENVELOPE ? most : MAX_TASK_ENVELOPE;
+    return most > MAX_ACK_ENVELOPE ? most : MAX_ACK_ENVELOPE;
 }
 
 void fedtiny_node_sizes_of(const fedtiny_node_plan *plan, uint32_t chunk_size, fedtiny_node_sizes *sizes)
@@ -92,7 +106,7 @@ void fedtiny_node_sizes_of(const fedtiny_node_plan *plan, uint32_t chunk_size, f
     sizes->global_state = fedtiny_wire_state_bytes(plan->wire);
     sizes->carry = fedtiny_wire_delta_bytes(plan->wire);
     sizes->upload = FEDTINY_ENV_SEALED_BYTES(fedtiny_wire_uplink_bytes_max(plan->wire));
-    sizes->reassembly = FEDTINY_NODE_REASSEMBLY_TRANSFERS * fedtiny_node_max_message_bytes(plan);
+    sizes->reassembly = max_global_update_envelope(plan) + MAX_TASK_ENVELOPE; /* a TASK behind a GLOBAL_UPDATE */
     sizes->bitmap = FEDTINY_CHUNK_BITMAP_BYTES(sizes->reassembly);
     sizes->frame = chunk_size;
 }
@@ -148,7 +162,7 @@ int fedtiny_node_init(fedtiny_node *node, const fedtiny_node_config *config, con
     }
     node->config = *c;
     node->state = *state;
-    node->max_message_bytes = fedtiny_node_max_message_bytes(c->plan);
+    node->max_downlink_bytes = fedtiny_node_max_downlink_bytes(c->plan);
     fedtiny_reassembler_init(&node->reassembler, c->reassembly, need.reassembly, c->bitmap,
                              FEDTINY_NODE_REASSEMBLY_TTL_MS);
     restore_stream(&node->replay.addressed, &state->replay[0]);
@@ -478,7 +492,7 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
     if (load32(payload + 8) != c->fleet_id || load32(payload + 12) != (source == 0u ? c->device_id : 0u)) {
         return FEDTINY_NODE_ERR_WRONG_TOPIC; /* checked before opening commits anything */
     }
-    if (chunk.payload_len > node->max_message_bytes) {
+    if (chunk.payload_len > node->max_downlink_bytes) {
         return FEDTINY_NODE_ERR_OVERSIZED;
     }
     status = fedtiny_env_open(&node->keys, payload, chunk.payload_len, fedtiny_env_replay_check, &node->replay,

@@ -30,7 +30,6 @@
 #define FEDTINY_NODE_NAME_MAX 64u /* topics.NAME_PATTERN: 1-64 of [A-Za-z0-9_.-], starting alphanumeric */
 #define FEDTINY_NODE_TOPIC_MAX (8u + FEDTINY_NODE_NAME_MAX + 8u + FEDTINY_NODE_NAME_MAX + 1u)
 #define FEDTINY_NODE_PLAN_VERSION 1u /* task.PLAN_VERSION, announced in JOIN */
-#define FEDTINY_NODE_REASSEMBLY_TRANSFERS 2u
 #define FEDTINY_NODE_REASSEMBLY_TTL_MS 600000
 
 typedef enum {
@@ -39,7 +38,7 @@ typedef enum {
     FEDTINY_NODE_ERR_ARGUMENT = -300, /* a bad name, plan, buffer size or chunk size at init; a job not issued */
     FEDTINY_NODE_ERR_BAD_TOPIC = -301,  /* not this node's downlink or broadcast topic */
     FEDTINY_NODE_ERR_WRONG_TOPIC = -302, /* the header's fleet/device ids do not match the topic */
-    FEDTINY_NODE_ERR_OVERSIZED = -303,  /* an envelope longer than the plan's largest message */
+    FEDTINY_NODE_ERR_OVERSIZED = -303,  /* an envelope longer than the plan's largest downlink */
     FEDTINY_NODE_ERR_PERSIST = -304,    /* the persist callback failed: nothing was sent */
     FEDTINY_NODE_ERR_PUBLISH = -305     /* the publish callback failed: the rest of the call's frames were not
                                            sent; the state is as if they had been (the protocol resends) */
@@ -59,8 +58,9 @@ typedef struct {
     uint32_t free_memory_bytes; /* STATUS free_memory_bytes: max(0, budget - reserve - arena_size) */
 } fedtiny_node_plan;
 
-/* update.max_message_bytes(plan): the largest envelope the node accepts. */
-uint32_t fedtiny_node_max_message_bytes(const fedtiny_node_plan *plan);
+/* update.max_downlink_bytes(plan): the largest envelope the node accepts (a FULL_STATE GLOBAL_UPDATE, or a TASK
+ * with its largest config); a larger one is refused as FEDTINY_NODE_ERR_OVERSIZED. */
+uint32_t fedtiny_node_max_downlink_bytes(const fedtiny_node_plan *plan);
 
 /* ---- persisted state -------------------------------------------------------------------------------------- */
 
@@ -128,8 +128,9 @@ typedef int (*fedtiny_node_persist_fn)(void *context, const fedtiny_node_persist
 typedef struct {
     uint32_t global_state; /* fedtiny_wire_state_bytes */
     uint32_t carry;        /* fedtiny_wire_delta_bytes */
-    uint32_t upload;       /* the largest sealed DELTA */
-    uint32_t reassembly;   /* 2 x max message bytes: two downlink transfers */
+    uint32_t upload;       /* the largest sealed DELTA (update.max_delta_envelope_bytes) */
+    uint32_t reassembly;   /* the largest GLOBAL_UPDATE and TASK envelopes: two downlink transfers
+                              (update.downlink_reassembly_bytes) */
     uint32_t bitmap;       /* FEDTINY_CHUNK_BITMAP_BYTES(reassembly) */
     uint32_t frame;        /* chunk_size: one uplink frame */
 } fedtiny_node_sizes;
@@ -169,7 +170,7 @@ typedef struct {
     fedtiny_env_node keys;
     fedtiny_env_replay replay; /* the downlink replay window (positions restored from state.replay) */
     fedtiny_reassembler reassembler;
-    uint32_t max_message_bytes;
+    uint32_t max_downlink_bytes;
     uint8_t upload_sent;       /* whether the upload went out since start (device.py's _upload_sent_at) */
     int64_t upload_sent_at;
     uint32_t resent_chunks;    /* chunks sent again on a MISSING_CHUNKS ACK */

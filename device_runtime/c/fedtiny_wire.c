@@ -107,10 +107,13 @@ uint32_t fedtiny_wire_delta_bytes(const fedtiny_wire_plan *plan) {
     return fedtiny_wire_delta_offset(plan, plan->n_tensors);
 }
 
+/* update.max_delta_body_bytes: each buffer's entry is at most its whole form in the widest delta type (int16
+ * weights: delta plus carry past int16 is refused; int32 biases), since encode_buffer takes the bitmap form
+ * only where it is smaller */
 uint32_t fedtiny_wire_uplink_bytes_max(const fedtiny_wire_plan *plan) {
     uint64_t n = FEDTINY_WIRE_DELTA_HEAD_BYTES + FEDTINY_WIRE_BLOB_HEADER_BYTES + METRICS_ENTRY_BYTES;
     uint16_t i;
-    for (i = 0; i < plan->n_tensors; i++) n += FEDTINY_WIRE_ENTRY_HEADER_BYTES + 4u * elements(&plan->tensors[i]);
+    for (i = 0; i < plan->n_tensors; i++) n += FEDTINY_WIRE_ENTRY_HEADER_BYTES + up4(delta_size(&plan->tensors[i]));
     return n > 0xFFFFFFFFu ? 0xFFFFFFFFu : (uint32_t)n;
 }
 

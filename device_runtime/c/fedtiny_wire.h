@@ -113,8 +113,9 @@ uint32_t fedtiny_wire_state_bytes(const fedtiny_wire_plan *plan);
 uint32_t fedtiny_wire_delta_bytes(const fedtiny_wire_plan *plan);
 uint32_t fedtiny_wire_state_offset(const fedtiny_wire_plan *plan, uint16_t tensor);
 uint32_t fedtiny_wire_delta_offset(const fedtiny_wire_plan *plan, uint16_t tensor);
-/* The largest DELTA body fedtiny_wire_uplink can write for this plan (every buffer whole in int32, plus the
- * metrics entry): a capacity that always suffices. */
+/* The largest DELTA body fedtiny_wire_uplink can write for this plan, update.max_delta_body_bytes: every buffer
+ * whole in its delta type (int16 weights, int32 biases), plus the metrics entry. A capacity that always
+ * suffices, and reached by a round that changes every element and some weight by more than 127 LSB. */
 uint32_t fedtiny_wire_uplink_bytes_max(const fedtiny_wire_plan *plan);
 
 /* --- bodies the node sends ---------------------------------------------------------------------------------

@@ -11,7 +11,32 @@
  * the session, train when the session returns a job (taking deliveries between steps, so a TASK of a later
  * round supersedes the job), heartbeat, resend. Everything the node knows is in the session; the modem sees
  * only sealed, chunked envelopes. Lines on the console (semihosting) say what happened, for the host that runs
- * the node and for a person reading along. */
+ * the node and for a person reading along.
+ *
+ * The memory: every buffer is static, sized at build time (node_config.h, model.h), and lives as long as said:
+ *
+ *     arena (model.c)    the training arena: the trainable rows and every tensor of a step, while a job trains;
+ *                        from the DELTA's sealing until its ACK (or a newer run drops it), the sealed upload,
+ *                        which the session resends from there and persists with every record. The two never
+ *                        meet: the session returns no job while an upload waits, and a job loads its base
+ *                        into the arena first. A plan whose largest sealed DELTA exceeds the arena gets a
+ *                        buffer of its own (upload_own).
+ *     scratch (model.c)  the C kernels' scratch, inside each kernel call; from the end of a job's training to
+ *                        the DELTA's sealing, the trained state (trained_own if the state does not fit).
+ *     global_state       the model of the version the node holds: always (persisted with every record).
+ *     carry              the change kept back for the next round (error feedback): always (persisted).
+ *     base               the state a job trains from, from the job's start to its DELTA: a GLOBAL_UPDATE that
+ *                        comes meanwhile changes global_state, not the job's starting point.
+ *     reassembly, bitmap downlinks being put together (two transfers: a TASK behind the largest
+ *                        GLOBAL_UPDATE, FULL_STATE at most), and the complete envelope until it is handled.
+ *     frame              one uplink chunk frame, from its sealing to its publish.
+ *     rx_buf, tx_buf     one modem frame each way.
+ *     order              the training order of the samples, during a job.
+ *     boot_state         the persisted numbers, from the restore until fedtiny_node_init copies them.
+ *     stack, heap        fedtiny_node.ld's 8 KB stack (crypto and the session's calls), newlib's 4 KB heap.
+ *
+ * tests/test_node_memory.py builds this firmware for the default plan and for `full` on the default model and
+ * holds both to 256 KB of RAM and 1 MB of flash by the linker. */
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -48,13 +73,25 @@ static fedtiny_node node;
 static fedtiny_node_state boot_state;
 static uint8_t global_state[FEDTINY_NODE_CFG_STATE_BYTES];
 static uint8_t carry[FEDTINY_NODE_CFG_DELTA_BYTES];
-static uint8_t upload[FEDTINY_NODE_CFG_UPLOAD_BYTES];
 static uint8_t reassembly[FEDTINY_NODE_CFG_REASSEMBLY_BYTES];
 static uint8_t bitmap[FEDTINY_NODE_CFG_BITMAP_BYTES];
 static uint8_t frame[FEDTINY_NODE_CFG_CHUNK_BYTES];
-static uint8_t base[FEDTINY_NODE_CFG_STATE_BYTES];    /* the state a job trains from (a GLOBAL_UPDATE may come) */
-static uint8_t trained[FEDTINY_NODE_CFG_STATE_BYTES]; /* what the job's training left */
+static uint8_t base[FEDTINY_NODE_CFG_STATE_BYTES]; /* the state a job trains from (a GLOBAL_UPDATE may come) */
 static uint16_t order[FEDTINY_NODE_CFG_MAX_SAMPLES > 0 ? FEDTINY_NODE_CFG_MAX_SAMPLES : 1];
+
+/* The sealed upload in the arena, the trained state in the scratch (see the top of this file). */
+#if FEDTINY_NODE_CFG_UPLOAD_BYTES <= FEDTINY_MODEL_ARENA_BYTES
+#define UPLOAD fedtiny_model_arena()
+#else
+static uint8_t upload_own[FEDTINY_NODE_CFG_UPLOAD_BYTES];
+#define UPLOAD upload_own
+#endif
+#if FEDTINY_NODE_CFG_STATE_BYTES <= FEDTINY_MODEL_SCRATCH_BYTES
+#define TRAINED fedtiny_model_scratch()
+#else
+static uint8_t trained_own[FEDTINY_NODE_CFG_STATE_BYTES];
+#define TRAINED trained_own
+#endif
 
 static fedtiny_store store;
 static fedtiny_flash_semihost flash;
@@ -225,7 +262,7 @@ static void train(void)
     params.order = order;
     params.poll = poll_during_training;
     FEDTINY_PROFILE_ENTER(FEDTINY_PART_TRAINING);
-    status = fedtiny_train_job_run(&params, trained, &result);
+    status = fedtiny_train_job_run(&params, TRAINED, &result);
     FEDTINY_PROFILE_LEAVE();
     training = 0;
     if (status == FEDTINY_TRAIN_JOB_ABANDONED) {
@@ -245,7 +282,7 @@ static void train(void)
     done.accuracy = (float)result.accuracy;
     done.rng_counter = result.rng_counter;
     FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
-    status = fedtiny_node_complete(&node, &running, base, trained, &done, now_ms());
+    status = fedtiny_node_complete(&node, &running, base, TRAINED, &done, now_ms());
     FEDTINY_PROFILE_LEAVE();
     if (status < 0) {
         printf("node: round %lu: %s\n", (unsigned long)running.round, fedtiny_node_reason(status));
@@ -290,8 +327,8 @@ static int restore(void)
     buffers[1].capacity = sizeof global_state;
     buffers[2].data = carry;
     buffers[2].capacity = sizeof carry;
-    buffers[3].data = upload;
-    buffers[3].capacity = sizeof upload;
+    buffers[3].data = UPLOAD; /* the arena is free at boot */
+    buffers[3].capacity = FEDTINY_NODE_CFG_UPLOAD_BYTES;
     status = fedtiny_store_load(&store, buffers, 4);
     if (status != FEDTINY_STORE_OK || buffers[0].length != sizeof boot_state
         || buffers[1].length != sizeof global_state || buffers[2].length != sizeof carry
@@ -360,13 +397,13 @@ int main(void)
     config.started_ms = now_ms();
     config.global_state = global_state;
     config.carry = carry;
-    config.upload = upload;
+    config.upload = UPLOAD;
     config.reassembly = reassembly;
     config.bitmap = bitmap;
     config.frame = frame;
     config.capacity.global_state = sizeof global_state;
     config.capacity.carry = sizeof carry;
-    config.capacity.upload = sizeof upload;
+    config.capacity.upload = FEDTINY_NODE_CFG_UPLOAD_BYTES;
     config.capacity.reassembly = sizeof reassembly;
     config.capacity.bitmap = sizeof bitmap;
     config.capacity.frame = sizeof frame;

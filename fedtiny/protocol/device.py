@@ -33,7 +33,9 @@ from fedtiny.protocol.messages import (
 )
 from fedtiny.protocol.task import task_settings
 from fedtiny.protocol.topics import Publish
-from fedtiny.protocol.update import apply_global_update, delta_limits, max_message_bytes, uplink
+from fedtiny.protocol.update import (
+    apply_global_update, delta_limits, downlink_reassembly_bytes, max_downlink_bytes, max_message_bytes, uplink,
+)
 
 log = logging.getLogger("fedtiny.device")
 
@@ -142,15 +144,16 @@ class DeviceSession:
         self.fleet = fleet
         self.endpoint = endpoint
         self.endpoint.delta_limits = delta_limits(plan)
-        self.endpoint.max_message_bytes = max_message_bytes(plan)
+        self.endpoint.max_message_bytes = max_message_bytes(plan)  # bounds what it seals: a DELTA of the plan
+        self.max_downlink_bytes = max_downlink_bytes(plan)  # what it takes: receive refuses anything larger
         self.state = state
         self.chunk_size = chunk_size
         self._save = save
         self.ack_timeout = ack_timeout
         self.plan_hash = plan_hash(plan)
         # One downlink in flight at a time is the protocol's rhythm (GLOBAL_UPDATE, TASK, ACKs); two leave room
-        # for a TASK behind a large GLOBAL_UPDATE. A C node has exactly this much buffer.
-        self.reassembler = chunking.Reassembler(max_transfers=2, max_bytes=2 * self.endpoint.max_message_bytes,
+        # for a TASK behind the largest GLOBAL_UPDATE. A C node has exactly this much buffer.
+        self.reassembler = chunking.Reassembler(max_transfers=2, max_bytes=downlink_reassembly_bytes(plan),
                                                 ttl=600.0)
         self._upload_sent_at: float | None = None
         self._started = started
@@ -238,6 +241,8 @@ class DeviceSession:
             return [], None
         claimed = Header.unpack(result.payload)
         topics.check_topic_matches(topic, claimed.fleet_id, claimed.device_id)  # before open() commits anything
+        if len(result.payload) > self.max_downlink_bytes:  # larger than anything a coordinator sends this plan
+            raise ProtocolError("oversized", f"{len(result.payload)} bytes > {self.max_downlink_bytes}")
         received = self.endpoint.open(result.payload, commit=False)
         if received is None:
             return [], None  # QoS 1 duplicate

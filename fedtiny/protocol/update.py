@@ -10,7 +10,9 @@ Tensor ids on the wire are indexes into plan.trainable_buffers(). A device state
                       [mask], encoding (every engine's device calls it)
     encode_update     the only way a DELTA body is built (plan buffers + numbers); decode_update its inverse
     global_update     the GLOBAL_UPDATE that brings a device from the version it holds to the new global state
+                      (never larger than the FULL_STATE form)
     delta_limits      what a decoder may accept for this plan: nothing expands past the plan's trainable size
+    max_*_bytes       the largest messages a device of this plan really sends and receives: its buffers
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fedtiny.compiler import Plan
 from fedtiny.protocol.delta import BLOB_HEADER, ENTRY_HEADER, DeltaEntry, DeltaLimits, encode_delta
 from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, TAG_SIZE
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import MAX_TASK_CONFIG, Delta, GlobalUpdate, Task
+from fedtiny.protocol.messages import MAX_ACK_MISSING, MAX_TASK_CONFIG, Ack, Delta, GlobalUpdate, Task
 
 FULL_STATE = 0xFFFFFFFF  # GLOBAL_UPDATE.base_model_version: the entries replace every trainable buffer whole
 METRICS_TENSOR_ID = 0xFFFF  # DELTA entry carrying device metrics: metric i = values[i] * scales[i]
@@ -247,11 +249,16 @@ def global_update(plan: Plan, global_state: dict[str, np.ndarray], held: int | N
                   base: dict[str, np.ndarray] | None) -> GlobalUpdate:
     """The GLOBAL_UPDATE that brings a device holding version `held` (whose state is `base`) to global_state:
     the differences of the changed elements, or every buffer's values whole (FULL_STATE) when that version's
-    state is not known. Differences, not new values: a round moves most weights by a few LSB (int4 on the
-    wire) and biases by far less than their int32 range, so this halves the downlink."""
+    state is not known or the differences would take more bytes. Differences, not new values: a round moves
+    most weights by a few LSB (int4 on the wire) and biases by far less than their int32 range, so this halves
+    the downlink. But a weight that moved by more than 127 LSB differs by an int16, so after many rounds the
+    differences can exceed the values; never sending more than FULL_STATE bounds what a device must take
+    (max_downlink_bytes). The sizes compared are the blobs' undeflated ones, what a C node receives."""
+    full = GlobalUpdate(FULL_STATE, state_entries(plan, global_state))
     if held is None or base is None:
-        return GlobalUpdate(FULL_STATE, state_entries(plan, global_state))
-    return GlobalUpdate(held, state_entries(plan, state_delta(global_state, base), skip_zero=True, narrow=True))
+        return full
+    change = GlobalUpdate(held, state_entries(plan, state_delta(global_state, base), skip_zero=True, narrow=True))
+    return full if len(change.encode(compress=False)) > len(full.encode(compress=False)) else change
 
 
 class SentStates:
@@ -312,10 +319,13 @@ def encode_update(plan: Plan, delta: dict[str, np.ndarray], num_examples: int, l
     if not isinstance(num_examples, int) or not 0 <= num_examples <= 0xFFFFFFFF:
         raise TypeError("num_examples must be an int in u32")
     loss, accuracy = float(loss), float(accuracy)
-    metrics = DeltaEntry(METRICS_TENSOR_ID, 0, np.ones((len(METRIC_NAMES), 1), np.int8),
-                         np.array([accuracy], np.float32))
     entries = state_entries(plan, delta, skip_zero=True, narrow=True)
-    return Delta(num_examples, loss, entries + [metrics])
+    return Delta(num_examples, loss, entries + [_metrics_entry(accuracy)])
+
+
+def _metrics_entry(accuracy: float) -> DeltaEntry:
+    return DeltaEntry(METRICS_TENSOR_ID, 0, np.ones((len(METRIC_NAMES), 1), np.int8),
+                      np.array([accuracy], np.float32))
 
 
 def decode_update(plan: Plan, body: Delta) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -373,7 +383,61 @@ def delta_limits(plan: Plan) -> DeltaLimits:
 
 
 def max_message_bytes(plan: Plan) -> int:
-    """The largest envelope a device or the coordinator of this plan ever needs to receive: a dense DELTA or
-    GLOBAL_UPDATE (with header, signature, AEAD tag and blob header) or a TASK with its largest config."""
+    """The coordinator's bound on any envelope of this plan: a dense int32 DELTA or GLOBAL_UPDATE (with header,
+    signature, AEAD tag and blob header) or a TASK with its largest config. A device's own buffers are the
+    tighter max_delta_envelope_bytes and downlink_reassembly_bytes."""
     delta = Delta.LAYOUT.size + BLOB_HEADER.size + delta_limits(plan).max_body
     return HEADER_SIZE + max(delta, Task.LAYOUT.size + MAX_TASK_CONFIG) + TAG_SIZE + SIGNATURE_SIZE
+
+
+# --- the largest messages a device really sends and receives: what its buffers must hold -------------------
+
+def _envelope_bytes(body: int, encrypted: bool) -> int:
+    return HEADER_SIZE + body + (TAG_SIZE if encrypted else 0) + SIGNATURE_SIZE
+
+
+def _whole_entries_bytes(plan: Plan, widths: dict[str, int]) -> int:
+    """Entries carrying every trainable buffer whole, buffer `name` in elements of widths[name] bytes."""
+    return sum(ENTRY_HEADER.size + -(-widths[name] * int(np.prod(plan.buffers[name].shape)) // 4) * 4
+               for name in plan.trainable_buffers())
+
+
+def max_delta_body_bytes(plan: Plan) -> int:
+    """The largest DELTA body `uplink` can make for this plan: every trainable buffer whole in its widest delta
+    type (int16 for weights, since delta plus carry past int16 is refused; int32 for biases), plus the metrics
+    entry. An entry is a bitmap only where that is smaller, so no buffer's entry exceeds its whole form; a
+    round that changes every element, some weight by more than 127 LSB, reaches the bound. The C node's
+    fedtiny_wire_uplink_bytes_max is the same number."""
+    widths = {n: _delta_dtype(np.dtype(plan.buffers[n].dtype)).itemsize for n in plan.trainable_buffers()}
+    metrics = len(encode_delta([_metrics_entry(0.0)], compress=False)) - BLOB_HEADER.size
+    return Delta.LAYOUT.size + BLOB_HEADER.size + _whole_entries_bytes(plan, widths) + metrics
+
+
+def max_delta_envelope_bytes(plan: Plan) -> int:
+    """The largest sealed DELTA: the device's upload buffer."""
+    return _envelope_bytes(max_delta_body_bytes(plan), encrypted=True)
+
+
+def _max_global_update_envelope(plan: Plan) -> int:
+    """The FULL_STATE GLOBAL_UPDATE, every buffer whole in its own type (int8 weights, int32 biases): the largest
+    one global_update sends."""
+    widths = {n: np.dtype(plan.buffers[n].dtype).itemsize for n in plan.trainable_buffers()}
+    body = GlobalUpdate.LAYOUT.size + BLOB_HEADER.size + _whole_entries_bytes(plan, widths)
+    return _envelope_bytes(body, encrypted=True)
+
+
+MAX_TASK_ENVELOPE = _envelope_bytes(Task.LAYOUT.size + MAX_TASK_CONFIG, encrypted=False)
+MAX_ACK_ENVELOPE = _envelope_bytes(Ack.LAYOUT.size + 4 * MAX_ACK_MISSING, encrypted=False)
+
+
+def max_downlink_bytes(plan: Plan) -> int:
+    """The largest envelope a device of this plan is ever sent (a FULL_STATE GLOBAL_UPDATE, a TASK with its
+    largest config, or an ACK listing the most missing chunks): a device refuses a larger one as oversized.
+    The C node's fedtiny_node_max_downlink_bytes is the same number."""
+    return max(_max_global_update_envelope(plan), MAX_TASK_ENVELOPE, MAX_ACK_ENVELOPE)
+
+
+def downlink_reassembly_bytes(plan: Plan) -> int:
+    """A device's reassembly quota: the largest GLOBAL_UPDATE and, behind it, the largest TASK (a round's two
+    downlinks, which may interleave), the bytes of both open transfers together."""
+    return _max_global_update_envelope(plan) + MAX_TASK_ENVELOPE

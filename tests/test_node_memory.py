@@ -1,0 +1,78 @@
+"""The whole node fits the microcontroller (issue #12): the node firmware (firmware_node.c: protocol, crypto,
+message buffers, persisted state, training arena, C scratch, stack, heap), built for `fedtiny simulate`'s
+default plan and for `full` on the default model, takes at most 256 KB of RAM and 1 MB of flash by the linker;
+and in a simulation a firmware node of `full` gives the global model that Python agents give."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import require_tool
+
+from fedtiny.interpreter import quantize_input
+from fedtiny.protocol.keys import provision_fleet
+from fedtiny_device import node_project
+from fedtiny_device.cruntime import memory_usage
+from fedtiny_sim.scenarios import pretrained
+from fedtiny_sim.simulate import SimulationConfig, check_inputs, simulate, training_plan
+
+RAM, FLASH = 256 * 1024, 1024 * 1024  # fedtiny_m4.ld's regions
+# the simulations below (a generous deadline: QEMU trains `full` for several seconds a round on a busy machine,
+# and a firmware node that missed a round would change the global model)
+CONFIG = SimulationConfig(nodes=3, rounds=2, deadline=300.0)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    """The simulation's checked configuration (the default reserve filled in), its task and its pretrained int8
+    model (cached across runs by fedtiny_sim.scenarios)."""
+    config = replace(CONFIG)
+    task = check_inputs(config)
+    return config, task, pretrained(task, config.seed)[1]
+
+
+@pytest.mark.parametrize("scheme", [None, "full"], ids=["default-plan", "full"])
+def test_the_node_firmware_fits_256_kb_of_ram_and_1_mb_of_flash(default_model, tmp_path, scheme):
+    require_tool("arm-none-eabi-gcc")
+    require_tool("make")
+    config, task, graph = default_model
+    plan, _ = training_plan(replace(config, scheme=scheme), task, graph)
+    provision_fleet(tmp_path / "fleet", "sim", ["node000"])
+    samples = task.nodes[0]  # node000's share, in flash as in the simulation
+    project = node_project.files(plan, node_project.device_folder(tmp_path / "fleet", "node000"), "node000",
+                                 quantize_input(graph, samples.X), samples.y, 0)
+    elf = node_project.build(project, cache_dir=tmp_path / "firmware")  # a link past the regions fails here
+    usage = memory_usage(elf)
+    parts = node_project.ram_by_part(elf.with_name("fedtiny_node.map"))
+    assert sum(parts.values()) == usage["ram"], parts
+    assert usage["ram"] <= RAM, f"{usage['ram']:,} B of RAM: {parts}"
+    assert usage["flash"] <= FLASH, f"{usage['flash']:,} B of flash"
+    # the sealed upload and the trained state borrow the training arena and the kernels' scratch
+    assert parts["own upload and trained state"] == 0, parts
+    assert parts["arena"] == plan.arena_size
+
+
+def _final_global(run):
+    from fedtiny_server.state import StateStore
+
+    store = StateStore(run / "state.db")
+    try:
+        return store.load()
+    finally:
+        store.close()
+
+
+def test_a_firmware_node_of_full_gives_the_python_agents_global_model(tmp_path):
+    for tool in ("qemu-system-arm", "arm-none-eabi-gcc", "gcc", "make"):
+        require_tool(tool)
+    config = replace(CONFIG, scheme="full")
+    firmware_run = simulate(replace(config, qemu_nodes=1, out=str(tmp_path / "qemu1")))
+    simulate(replace(config, qemu_nodes=0, out=str(tmp_path / "qemu0")))
+    node = firmware_run["firmware"]["node000"]
+    assert node["rounds_sent"] == 2 and node["refused"] == [], node
+    assert node["ram_bytes"] <= RAM and node["flash_bytes"] <= FLASH
+    with_firmware, python_only = _final_global(tmp_path / "qemu1"), _final_global(tmp_path / "qemu0")
+    assert with_firmware.model_version == python_only.model_version == 2
+    for field in ("ints", "master"):
+        a, b = getattr(with_firmware, field), getattr(python_only, field)
+        assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), field
