@@ -72,15 +72,17 @@ def library(plan, tmp_path_factory):
 
 
 class Saves:
-    """A save callback that counts and keeps a copy of the last state saved."""
+    """A save callback that counts and keeps a copy of every state saved."""
 
     def __init__(self):
         self.count = 0
         self.last: NodeState | None = None
+        self.history: list[NodeState] = []
 
     def __call__(self, state):
         self.count += 1
         self.last = copy.deepcopy(state)
+        self.history.append(self.last)
 
 
 class WatchedSession(cnode.CNodeSession):
@@ -146,8 +148,12 @@ def replay(plan, spec, library, lines: list[dict], name: str = "transcript") -> 
             result = train_result(line["result"])
             chosen, twin_chosen = (jobs[line["round"]], twin_jobs[line["round"]]) if "round" in line \
                 else (job, twin_job)
+            saved = len(c_saves.history), len(p_saves.history)
             out = device.complete(chosen, result, line["now"])
             twin_out = twin.complete(twin_chosen, result, line["now"])
+            # no save marks the round answered without its DELTA: a power cut there would drop the round's change
+            for state in c_saves.history[saved[0]:] + p_saves.history[saved[1]:]:
+                assert state.trained_round != chosen.round or state.upload, f"{where}: answered, no upload saved"
         else:
             frame = bytes.fromhex(line["frame"])
             before = device.persisted_bytes()

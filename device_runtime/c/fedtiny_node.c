@@ -642,18 +642,18 @@ int fedtiny_node_complete(fedtiny_node *node, const fedtiny_node_job *job, const
     if (status != FEDTINY_WIRE_OK) {
         return FEDTINY_NODE_FROM_WIRE(status);
     }
-    node->state.trained_round = job->round;
-    node->state.pending_task.present = 0u;
-    node->state.upload_chunk = c->chunk_size;
-    status = next_seq(node, &seq);
-    if (status != FEDTINY_NODE_OK) {
-        return status;
-    }
+    seq = node->state.seq;
     status = fedtiny_env_seal(&node->keys, FEDTINY_MSG_DELTA, 0u, node->state.run, job->round, job->model_version,
                               seq, body, (uint32_t)body_len, c->upload, c->capacity.upload, &envelope_len);
     if (status != FEDTINY_ENV_OK) {
         return status;
     }
+    /* One save holds the seq the DELTA used, the DELTA, the carry it left and the answered round (device.py's
+     * complete): a power cut before it leaves the task pending and nothing sent; after it, the upload is resent. */
+    node->state.seq = seq + 1u;
+    node->state.trained_round = job->round;
+    node->state.pending_task.present = 0u;
+    node->state.upload_chunk = c->chunk_size;
     node->state.upload_len = (uint32_t)envelope_len;
     status = persist(node);
     if (status != FEDTINY_NODE_OK) {

@@ -350,12 +350,17 @@ class DeviceSession:
         if self.superseded(job):
             self.persist()
             return []
-        body, self.state.carry = uplink(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
-                                        clip_norm=job.clip_norm, num_examples=result.num_examples,
-                                        loss=result.loss, accuracy=result.accuracy)
-        self.state.trained_round = job.round
-        self.state.pending_task = None
-        self.state.upload_chunk = self.chunk_size
-        self.state.upload = self._seal(body, round=job.round, model_version=job.model_version)
-        self.persist()
+        body, carry = uplink(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
+                             clip_norm=job.clip_norm, num_examples=result.num_examples, loss=result.loss,
+                             accuracy=result.accuracy)
+        seq = self.state.seq
+        upload = self.endpoint.seal(body, round=job.round, model_version=job.model_version, seq=seq, flags=0,
+                                    run=self.state.run)
+        # One save holds the seq the DELTA used, the DELTA, the carry it left and the answered round: a power cut
+        # before it leaves the task pending (trained again, from the same counter, after the restart) and nothing
+        # sent; after it, the upload is resent. Two saves would let a cut between them drop the round's change.
+        self.state.seq = seq + 1
+        self.state.carry, self.state.trained_round, self.state.pending_task = carry, job.round, None
+        self.state.upload_chunk, self.state.upload = self.chunk_size, upload
+        self.persist()  # the seq is on flash before the DELTA leaves
         return self._upload_frames(now)
