@@ -5,8 +5,8 @@
 For each scheme, one `fedtiny simulate` run (industrial scenario, sensor_cnn) where node000 is the node firmware
 under QEMU (mps2-an386) beside Python node agents. From that firmware:
 
-    RAM     .bss/.data/.heap/.stack of fedtiny_node.elf, split into the training arena, the C kernels' scratch,
-            each of the node's own buffers (firmware_node.c) and the rest by part, as the linker placed them
+    RAM     by part as the linker placed it (node_project.ram_by_part: arena, scratch, each node buffer, stack,
+            heap, the rest)
     flash   .text/.rodata/.data by object file of fedtiny_node.map: training (model, kernels, runtime, job,
             samples), crypto (Monocypher, envelope), protocol (session, wire, chunking, plan, identity), state
             (store, flash HAL), link (modem, UART), firmware (main loop, boot, profile), C library
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -53,9 +52,9 @@ def part_of(obj: str) -> str:
     return "C library"
 
 
-def map_sizes(map_file: Path) -> dict[str, dict[str, int]]:
-    """{flash|ram: {part: bytes}} from the linker map's input sections."""
-    out = {"flash": defaultdict(int), "ram": defaultdict(int)}
+def flash_by_part(map_file: Path) -> dict[str, int]:
+    """Flash bytes by part, from the linker map's input sections (.text, .rodata, .data's load image)."""
+    out = defaultdict(int)
     text = map_file.read_text().split("Linker script and memory map", 1)[1]
     section = None
     for line in text.splitlines():
@@ -70,57 +69,9 @@ def map_sizes(map_file: Path) -> dict[str, dict[str, int]]:
         section = None
         if not name or size == 0 or not obj.endswith((".o", ")")):
             continue
-        kind = name.split(".")[1]
-        if kind in ("text", "rodata", "ARM"):
-            out["flash"][part_of(obj)] += size
-        elif kind == "data":
-            out["flash"][part_of(obj)] += size
-            out["ram"][part_of(obj)] += size
-        elif kind == "bss" or name == "COMMON":
-            out["ram"][part_of(obj)] += size
-    return {k: dict(v) for k, v in out.items()}
-
-
-def symbols(obj: Path) -> dict[str, int]:
-    """Sizes of an object file's static data (bss and data symbols)."""
-    nm = subprocess.run(["arm-none-eabi-nm", "-S", str(obj)], capture_output=True, text=True, check=True).stdout
-    out = {}
-    for line in nm.splitlines():
-        parts = line.split()
-        if len(parts) == 4 and parts[2] in "bBdD":
-            out[parts[3].split(".")[0]] = int(parts[1], 16)
-    return out
-
-
-def ram_breakdown(elf: Path) -> list[tuple[str, int]]:
-    from fedtiny_device.cruntime import memory_usage
-
-    folder = elf.parent
-    usage = memory_usage(elf)
-    by_part = map_sizes(folder / "fedtiny_node.map")["ram"]
-    model = symbols(folder / "model.fw.o")
-    node = symbols(folder / "firmware_node.fw.o")
-    rows = [("training arena (activations, gradients, trainable rows)", model.get("arena", 0)),
-            ("C kernels' scratch", model.get("scratch", 0))]
-    rows.append(("training: the rest (exponents, train state)", by_part.get("training", 0) - rows[0][1] - rows[1][1]))
-    labels = {"node": "session (keys, replay window, reassembler state, topics)",
-              "global_state": "global model (state layout)", "carry": "error-feedback carry",
-              "base": "job's base state", "trained": "job's trained state", "upload": "sealed DELTA until ACKed",
-              "reassembly": "downlink reassembly (two transfers)", "bitmap": "reassembly bitmap",
-              "frame": "uplink chunk frame", "rx_buf": "modem receive frame", "tx_buf": "modem command frame",
-              "order": "training order (one epoch)"}
-    listed = 0
-    for name, label in labels.items():
-        if name in node:
-            rows.append((label, node[name]))
-            listed += node[name]
-    rows.append(("firmware: the rest (store, link state, will, topic)", by_part.get("firmware", 0) - listed))
-    for part in ("crypto", "protocol", "state", "link", "C library"):
-        if by_part.get(part):
-            rows.append((f"{part}: static data", by_part[part]))
-    rows += [("stack", usage.get(".stack", 0)), ("heap (newlib)", usage.get(".heap", 0))]
-    rows.append(("total by the linker", usage["ram"]))
-    return rows
+        if name.split(".")[1] in ("text", "rodata", "ARM", "data"):
+            out[part_of(obj)] += size
+    return dict(out)
 
 
 def run_simulation(out: Path, scheme: str | None, nodes: int, rounds: int, qemu: int) -> dict:
@@ -137,6 +88,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
     args = parser.parse_args()
+    from fedtiny_device.node_project import ram_by_part
     from fedtiny_server.state import StateStore
 
     lines = [SECTION, "", provenance(f"python benchmarks/bench_node.py --schemes {args.schemes} --rounds "
@@ -154,12 +106,14 @@ def main() -> int:
             same = all(np.array_equal(a.ints[k], b.ints[k]) for k in b.ints)
             node = fw["firmware"]["node000"]
             elf = next((Path(tmp) / f"{scheme}-fw" / "firmware").glob("*-m4-node/fedtiny_node.elf"))
-            flash = map_sizes(elf.parent / "fedtiny_node.map")["flash"]
+            flash = flash_by_part(elf.parent / "fedtiny_node.map")
+            ram = ram_by_part(elf.parent / "fedtiny_node.map")
             lines += [f"### Scheme `{fw['scheme']}`", "",
                       f"Firmware node's DELTAs accepted: {[r['firmware'] for r in fw['rounds']]} per round; global "
                       f"model {'identical to' if same else 'DIFFERENT from'} the run with Python agents only.", "",
                       "| RAM | bytes |", "|---|---:|"]
-            lines += [f"| {label} | {size:,} |" for label, size in ram_breakdown(elf)]
+            lines += [f"| {part} | {size:,} |" for part, size in ram.items()]
+            lines += [f"| total by the linker | {node['ram_bytes']:,} |"]
             lines += ["", "| flash | bytes |", "|---|---:|"]
             lines += [f"| {part} | {size:,} |" for part, size in sorted(flash.items(), key=lambda kv: -kv[1])]
             lines += [f"| total by the linker | {node['flash_bytes']:,} |", ""]

@@ -97,7 +97,8 @@ def ram_by_part(map_path: Path) -> dict[str, int]:
 
 
 def bank_bytes(sizes: dict[str, int]) -> int:
-    """One flash bank: the record header area and the four segments (state numbers, model, carry, upload)."""
+    """One flash bank: the record header area and the five segments (plan hash, state numbers, model, carry,
+    upload)."""
     payload = 256 + sizes["state"] + sizes["delta"] + sizes["upload"]
     return -(-(payload + 64) // 4096) * 4096  # whole 4 KiB sectors
 

@@ -128,20 +128,24 @@ static int publish(void *context, fedtiny_node_topic kind, const char *name, con
     return fedtiny_modem_link_publish(&link, name, (uint8_t)(retain ? 1 : 0), data, length) == 0 ? 0 : -1;
 }
 
+/* The record: the plan's hash (a firmware of another plan must not read this state as its own), the state's
+ * numbers, the global model, the carry and the sealed upload. */
 static int persist(void *context, const fedtiny_node_persisted *p)
 {
-    fedtiny_store_segment segments[4];
+    fedtiny_store_segment segments[5];
     int status;
     (void)context;
-    segments[0].data = p->state;
-    segments[0].length = sizeof *p->state;
-    segments[1].data = p->global_state;
-    segments[1].length = p->global_state_bytes;
-    segments[2].data = p->carry;
-    segments[2].length = p->carry_bytes;
-    segments[3].data = p->upload;
-    segments[3].length = p->state->upload_len;
-    status = fedtiny_store_save(&store, segments, 4);
+    segments[0].data = fedtiny_node_plan_config.hash;
+    segments[0].length = sizeof fedtiny_node_plan_config.hash;
+    segments[1].data = p->state;
+    segments[1].length = sizeof *p->state;
+    segments[2].data = p->global_state;
+    segments[2].length = p->global_state_bytes;
+    segments[3].data = p->carry;
+    segments[3].length = p->carry_bytes;
+    segments[4].data = p->upload;
+    segments[4].length = p->state->upload_len;
+    status = fedtiny_store_save(&store, segments, 5);
     if (status != FEDTINY_STORE_OK) {
         printf("node: saving the state failed: %s\n", fedtiny_store_reason(status));
     }
@@ -300,7 +304,8 @@ static void train(void)
  * it would reuse sequence numbers, and so nonces, under its keys. */
 static int restore(void)
 {
-    fedtiny_store_buffer buffers[4];
+    static uint8_t hash[sizeof fedtiny_node_plan_config.hash];
+    fedtiny_store_buffer buffers[5];
     int status;
     if (fedtiny_flash_semihost_open(&flash, FEDTINY_NODE_CFG_FLASH_FILE, FEDTINY_NODE_CFG_BANK_BYTES, 2u, 8u) != 0) {
         printf("node: no flash image at %s\n", FEDTINY_NODE_CFG_FLASH_FILE);
@@ -317,25 +322,32 @@ static int restore(void)
         return 0;
     }
     if (status != FEDTINY_STORE_OK) {
-        printf("node: the persisted state is %s; provision this device again (fedtiny keys rotate)\n",
-               fedtiny_store_reason(status));
+        printf("node: the persisted state is %s: this node cannot know which seqs it used; provision it again "
+               "(fedtiny keys --out FLEET --rotate %s) and erase its flash\n", fedtiny_store_reason(status),
+               fedtiny_node_device);
         return -1;
     }
-    buffers[0].data = &boot_state;
-    buffers[0].capacity = sizeof boot_state;
-    buffers[1].data = global_state;
-    buffers[1].capacity = sizeof global_state;
-    buffers[2].data = carry;
-    buffers[2].capacity = sizeof carry;
-    buffers[3].data = UPLOAD; /* the arena is free at boot */
-    buffers[3].capacity = FEDTINY_NODE_CFG_UPLOAD_BYTES;
-    status = fedtiny_store_load(&store, buffers, 4);
-    if (status != FEDTINY_STORE_OK || buffers[0].length != sizeof boot_state
-        || buffers[1].length != sizeof global_state || buffers[2].length != sizeof carry
-        || buffers[3].length != boot_state.upload_len) {
+    buffers[0].data = hash;
+    buffers[0].capacity = sizeof hash;
+    buffers[1].data = &boot_state;
+    buffers[1].capacity = sizeof boot_state;
+    buffers[2].data = global_state;
+    buffers[2].capacity = sizeof global_state;
+    buffers[3].data = carry;
+    buffers[3].capacity = sizeof carry;
+    buffers[4].data = UPLOAD; /* the arena is free at boot */
+    buffers[4].capacity = FEDTINY_NODE_CFG_UPLOAD_BYTES;
+    status = fedtiny_store_load(&store, buffers, 5);
+    if (status != FEDTINY_STORE_OK || buffers[0].length != sizeof hash
+        || memcmp(hash, fedtiny_node_plan_config.hash, sizeof hash) != 0 || buffers[1].length != sizeof boot_state
+        || buffers[2].length != sizeof global_state || buffers[3].length != sizeof carry
+        || buffers[4].length != boot_state.upload_len) {
         printf("node: the persisted state is for another firmware or plan (%s)\n", fedtiny_store_reason(status));
         return -1;
     }
+    /* One seq more than the record says: if the newest record decayed and this is the bank before it, the seq
+     * that newer record reserved may have been used (every save reserves at most one seq beyond the one before). */
+    boot_state.seq++;
     printf("node: restored: model version %lu, seq %lu, run %u\n", (unsigned long)boot_state.model_version,
            (unsigned long)boot_state.seq, (unsigned)boot_state.run);
     return 0;
