@@ -17,7 +17,7 @@ from . import codegen, cruntime
 
 HOST_LIB = "libfedtiny_modem.so"
 LINK_TEST_ELF = "fedtiny_link_test.elf"
-MODEM_FILES = ("fedtiny_modem.c", "fedtiny_modem.h", "Makefile")
+MODEM_FILES = ("fedtiny_modem.c", "fedtiny_modem.h", "fedtiny_crc32.c", "fedtiny_crc32.h", "Makefile")
 FIRMWARE_FILES = MODEM_FILES + ("fedtiny_uart_cmsdk.c", "fedtiny_uart_cmsdk.h", "firmware_link_test.c",
                                 "fedtiny_boot.c", "fedtiny_boot.h", "fedtiny_m4.ld")
 MODEM_OBJECTS = ("fedtiny_modem.m4.o", "fedtiny_uart_cmsdk.m4.o")  # the link's own code, in the map
@@ -124,8 +124,8 @@ class CModem:
         lib.fedtiny_modem_link_poll.argtypes = [ctypes.POINTER(Link), ctypes.c_char_p, size, ctypes.c_uint32]
         lib.fedtiny_modem_link_poll.restype = None
         lib.fedtiny_modem_link_publish.argtypes = [ctypes.POINTER(Link), ctypes.c_char_p, u8, ctypes.c_char_p, size]
-        lib.fedtiny_modem_crc32.argtypes = [ctypes.c_char_p, size]
-        lib.fedtiny_modem_crc32.restype = ctypes.c_uint32
+        lib.fedtiny_crc32.argtypes = [ctypes.c_uint32, ctypes.c_char_p, size]
+        lib.fedtiny_crc32.restype = ctypes.c_uint32
         self.lib = lib
 
     def _encode(self, fn, *args, cap: int = 70000) -> bytes:
@@ -171,7 +171,7 @@ class CModem:
         return self._encode(self.lib.fedtiny_modem_taken, ref)
 
     def crc32(self, data: bytes) -> int:
-        return self.lib.fedtiny_modem_crc32(data, len(data))
+        return self.lib.fedtiny_crc32(0, data, len(data))
 
     def receiver(self, max_body: int, idle_ms: int = 0) -> CReceiver:
         return CReceiver(self.lib, max_body, idle_ms)

@@ -66,8 +66,9 @@ class CStore:
 
     def __init__(self, cache_dir: Path | None = None):
         rt = codegen.runtime_dir()
-        files = {n: (rt / n).read_bytes() for n in ("fedtiny_store.c", "fedtiny_store.h", "fedtiny_flash_ram.c",
-                                                    "fedtiny_flash_ram.h", "Makefile")}
+        files = {n: (rt / n).read_bytes() for n in ("fedtiny_store.c", "fedtiny_store.h", "fedtiny_crc32.c",
+                                                    "fedtiny_crc32.h", "fedtiny_flash_ram.c", "fedtiny_flash_ram.h",
+                                                    "Makefile")}
         lib = ctypes.CDLL(str(cruntime.make_cached(files, "host-store", HOST_LIB, cache_dir)))
         u32, ptr = ctypes.c_uint32, ctypes.c_void_p
         lib.fedtiny_crc32.argtypes, lib.fedtiny_crc32.restype = [u32, ctypes.c_char_p, ctypes.c_size_t], u32
@@ -178,7 +179,8 @@ class Store:
 
 def store_firmware_sources() -> dict[str, bytes]:
     rt = codegen.runtime_dir()
-    names = ("fedtiny_store.c", "fedtiny_store.h", "fedtiny_flash_semihost.c", "fedtiny_flash_semihost.h",
+    names = ("fedtiny_store.c", "fedtiny_store.h", "fedtiny_crc32.c", "fedtiny_crc32.h", "fedtiny_flash_semihost.c",
+             "fedtiny_flash_semihost.h",
              "firmware_store_test.c", "fedtiny_boot.c", "fedtiny_boot.h", "fedtiny_m4.ld", "Makefile")
     return {n: (rt / n).read_bytes() for n in names}
 

@@ -3,24 +3,6 @@
 
 #include <string.h>
 
-/* CRC-32 (zlib's) four bits at a time: a 64-byte table instead of 1 KB. */
-static const uint32_t crc_nibble[16] = {
-    0x00000000u, 0x1DB71064u, 0x3B6E20C8u, 0x26D930ACu, 0x76DC4190u, 0x6B6B51F4u, 0x4DB26158u, 0x5005713Cu,
-    0xEDB88320u, 0xF00F9344u, 0xD6D6A3E8u, 0xCB61B38Cu, 0x9B64C2B0u, 0x86D3D2D4u, 0xA00AE278u, 0xBDBDF21Cu,
-};
-
-uint32_t fedtiny_modem_crc32(const uint8_t *data, size_t n)
-{
-    uint32_t crc = 0xFFFFFFFFu;
-    size_t i;
-    for (i = 0; i < n; i++) {
-        crc ^= data[i];
-        crc = (crc >> 4) ^ crc_nibble[crc & 0xFu];
-        crc = (crc >> 4) ^ crc_nibble[crc & 0xFu];
-    }
-    return crc ^ 0xFFFFFFFFu;
-}
-
 static void put_u16(uint8_t *p, uint32_t v)
 {
     p[0] = (uint8_t)v;
@@ -59,7 +41,7 @@ static int frame_begin(uint8_t *out, size_t cap, size_t body_len, uint8_t type, 
 static int frame_end(uint8_t *out, size_t body_len, size_t *out_len)
 {
     put_u32(out + FEDTINY_MODEM_HEADER_BYTES + body_len,
-            fedtiny_modem_crc32(out + 1, FEDTINY_MODEM_HEADER_BYTES - 1u + body_len));
+            fedtiny_crc32(0u, out + 1, FEDTINY_MODEM_HEADER_BYTES - 1u + body_len));
     *out_len = FEDTINY_MODEM_FRAME_BYTES(body_len);
     return FEDTINY_MODEM_SUCCESS;
 }
@@ -244,7 +226,7 @@ static size_t scan(fedtiny_modem_rx *rx)
         if (rx->len < total) {
             return total - rx->len;
         }
-        if (fedtiny_modem_crc32(rx->buf + 1, FEDTINY_MODEM_HEADER_BYTES - 1u + body) !=
+        if (fedtiny_crc32(0u, rx->buf + 1, FEDTINY_MODEM_HEADER_BYTES - 1u + body) !=
             get_u32(rx->buf + FEDTINY_MODEM_HEADER_BYTES + body)) {
             abandon(rx);
             continue;

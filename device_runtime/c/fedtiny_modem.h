@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fedtiny_crc32.h"
+
 #define FEDTINY_MODEM_VERSION 1u
 #define FEDTINY_MODEM_SYNC 0xA5u
 #define FEDTINY_MODEM_HEADER_BYTES 5u /* SYNC, LEN, NLEN */
@@ -221,7 +223,5 @@ void fedtiny_modem_link_poll(fedtiny_modem_link *link, const uint8_t *in, size_t
 int fedtiny_modem_link_publish(fedtiny_modem_link *link, const char *topic, uint8_t retain, const uint8_t *payload,
                                size_t len);
 
-/* CRC-32 as zlib.crc32 (ISO-HDLC: reflected 0x04C11DB7, initial and final 0xFFFFFFFF). */
-uint32_t fedtiny_modem_crc32(const uint8_t *data, size_t n);
 
 #endif

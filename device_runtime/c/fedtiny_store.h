@@ -27,6 +27,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fedtiny_crc32.h"
+
 #define FEDTINY_STORE_MAGIC 0x54535446u /* "FTST" read as a little-endian u32 */
 #define FEDTINY_STORE_FORMAT 1u
 #define FEDTINY_STORE_HEADER_BYTES 20u
@@ -127,7 +129,5 @@ int fedtiny_store_save(fedtiny_store *store, const fedtiny_store_segment *segmen
 /* The largest payload (sum of segment lengths) one bank takes with n segments. */
 uint32_t fedtiny_store_capacity(const fedtiny_flash *flash, uint32_t segment_count);
 
-/* CRC-32 as zlib.crc32: crc = fedtiny_crc32(0, data, n), or continued with an earlier result. */
-uint32_t fedtiny_crc32(uint32_t crc, const uint8_t *data, size_t length);
 
 #endif
