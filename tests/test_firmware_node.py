@@ -67,6 +67,8 @@ def test_simulate_firmware_nodes_give_the_global_model_python_agents_give(tmp_pa
         assert np.array_equal(fw_state.ints[name], py_state.ints[name]), name
         assert np.array_equal(fw_state.master[name], py_state.master[name]), name
     assert [r["accuracy"] for r in fw["rounds"]] == [r["accuracy"] for r in py["rounds"]]
+    # the same bytes went up: every DELTA the firmware sealed has the size the Python agent's had
+    assert [r["uplink_bytes"] for r in fw["rounds"]] == [r["uplink_bytes"] for r in py["rounds"]]
     for device, node in fw["firmware"].items():
         assert node["rounds_sent"] == 3 and node["refused"] == [], (device, node)
         assert node["ram_bytes"] <= MEMORY[0] and node["flash_bytes"] <= MEMORY[1], node
