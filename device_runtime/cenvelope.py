@@ -14,7 +14,6 @@ Monocypher's sources come from `monocypher_sources` (PyPI sdist, pinned version 
 
 import ctypes
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,15 +247,8 @@ class CryptoRun:
 
 
 def run_crypto_firmware(elf: Path, timeout: float = 120, cache_dir: Path | None = None) -> CryptoRun:
-    plugin = cruntime.build_insn_plugin(cache_dir)
-    begin = cruntime.symbol_address(elf, "fedtiny_mark_begin")
-    end = cruntime.symbol_address(elf, "fedtiny_mark_end")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "count.txt"
-        result = cruntime.run_qemu(elf, timeout, ["-plugin", f"{plugin},begin={begin:#x},end={end:#x},out={out}"])
-        if not out.exists():
-            raise RuntimeError(f"qemu with plugin failed ({result.returncode}): {result.stderr}")
-        each = [int(v) for v in re.search(r"^each((?: \d+)*)$", out.read_text(), re.M)[1].split()]
+    run = cruntime.run_counted(elf, timeout, cache_dir)
+    result, each = run.result, run.each
     stack = {m[1]: int(m[2]) for m in re.finditer(r"^op (\w+) stack (\d+)$", result.stdout, re.M)}
     if len(each) != len(OPERATIONS) or list(stack) != list(OPERATIONS):
         raise RuntimeError(f"crypto firmware ran {len(each)} regions, printed {list(stack)}:\n{result.stdout}")

@@ -15,7 +15,6 @@ Time crosses as integer milliseconds: `now` in seconds is rounded to the nearest
 
 import ctypes
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -573,15 +572,8 @@ class ReplayRun:
 
 def run_replay_firmware(elf: Path, timeout: float = 300, cache_dir: Path | None = None) -> ReplayRun:
     """Run the replay under QEMU with the instruction-count plugin; every call's outcome, stack and instructions."""
-    plugin = cruntime.build_insn_plugin(cache_dir)
-    begin = cruntime.symbol_address(elf, "fedtiny_mark_begin")
-    end = cruntime.symbol_address(elf, "fedtiny_mark_end")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "count.txt"
-        result = cruntime.run_qemu(elf, timeout, ["-plugin", f"{plugin},begin={begin:#x},end={end:#x},out={out}"])
-        if not out.exists():
-            raise RuntimeError(f"qemu with plugin failed ({result.returncode}): {result.stderr}")
-        each = [int(v) for v in re.search(r"^each((?: \d+)*)$", out.read_text(), re.M)[1].split()]
+    run = cruntime.run_counted(elf, timeout, cache_dir)
+    result, each = run.result, run.each
     ops = [(m[1], int(m[2]), m[3], m[4] == "ok", int(m[5]))
            for m in re.finditer(r"^op (\S+) (\d+) (\w+) (ok|FAIL) stack (\d+)$", result.stdout, re.M)]
     return ReplayRun(ops, re.search(r"^replay PASS$", result.stdout, re.M) is not None, each, result.returncode)

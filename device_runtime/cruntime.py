@@ -379,17 +379,35 @@ def symbol_address(elf: Path, name: str) -> int:
     raise KeyError(f"{name} not found in {elf}")
 
 
-def count_instructions(elf: Path, timeout: float = 120, cache_dir: Path | None = None) -> dict[str, int]:
-    """Executed instructions: total for the run, region = inside fedtiny_model_run calls, regions = their number."""
+@dataclass
+class CountedRun:
+    result: QemuResult
+    totals: dict[str, int]  # total (the whole run), region (summed over regions), regions (their number)
+    each: list[int]  # every region's own count, in the order they ran
+
+
+def run_counted(elf: Path, timeout: float = 120, cache_dir: Path | None = None) -> CountedRun:
+    """Run a firmware under the instruction-count plugin; a region is what runs from fedtiny_mark_begin to the
+    next fedtiny_mark_end. RuntimeError if QEMU gave no counts."""
     plugin = build_insn_plugin(cache_dir)
     begin, end = symbol_address(elf, "fedtiny_mark_begin"), symbol_address(elf, "fedtiny_mark_end")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "count.txt"
         result = run_qemu(elf, timeout, ["-plugin", f"{plugin},begin={begin:#x},end={end:#x},out={out}"])
-        if result.returncode != 0 or not out.exists():
+        if not out.exists():
             raise RuntimeError(f"qemu with plugin failed ({result.returncode}): {result.stderr}")
-        counts = dict(re.findall(r"(\w+)=(\d+)", out.read_text()))
-    return {k: int(v) for k, v in counts.items()} | {"returncode": result.returncode}
+        text = out.read_text()
+    totals = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
+    each = [int(v) for v in re.search(r"^each((?: \d+)*)$", text, re.M)[1].split()]
+    return CountedRun(result, totals, each)
+
+
+def count_instructions(elf: Path, timeout: float = 120, cache_dir: Path | None = None) -> dict[str, int]:
+    """Executed instructions: total for the run, region = inside fedtiny_model_run calls, regions = their number."""
+    run = run_counted(elf, timeout, cache_dir)
+    if run.result.returncode != 0:
+        raise RuntimeError(f"qemu with plugin failed ({run.result.returncode}): {run.result.stderr}")
+    return run.totals | {"returncode": run.result.returncode}
 
 
 # ---- single kernels, for tests ------------------------------------------------------------------------------
