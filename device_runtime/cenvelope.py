@@ -38,8 +38,8 @@ REPLAY_WINDOW = 4  # FEDTINY_ENV_REPLAY_WINDOW
 def envelope_sources() -> dict[str, bytes]:
     """The envelope's C files, the Makefile and Monocypher (from the shared, hash-checked sources cache)."""
     rt = codegen.runtime_dir()
-    files = {name: (rt / name).read_bytes() for name in ("fedtiny_envelope.c", "fedtiny_envelope.h", "fedtiny_profile.h",
-                                                           "Makefile")}
+    names = ("fedtiny_envelope.c", "fedtiny_envelope.h", "fedtiny_profile.h", "Makefile")
+    files = {name: (rt / name).read_bytes() for name in names}
     return files | monocypher_sources()
 
 

@@ -129,7 +129,7 @@ def config_files(plan: Plan, folder: Path, device: str, n_samples: int, *, chunk
               f"#define FEDTINY_NODE_CFG_UPLOAD_BYTES {sizes['upload']}u\n"
               f"#define FEDTINY_NODE_CFG_REASSEMBLY_BYTES {sizes['reassembly']}u\n"
               f"#define FEDTINY_NODE_CFG_BITMAP_BYTES {sizes['bitmap']}u\n"
-              f"#define FEDTINY_NODE_CFG_CHUNK_BYTES {chunk_size}u /* uplink MQTT payloads; JOIN asks for no larger */\n"
+              f"#define FEDTINY_NODE_CFG_CHUNK_BYTES {chunk_size}u /* uplink payloads; JOIN asks for no larger */\n"
               f"#define FEDTINY_NODE_CFG_DOWN_CHUNK_BYTES {chunk_size}u\n"
               f"#define FEDTINY_NODE_CFG_MAX_SAMPLES {max(1, n_samples)}u /* the training order's buffer */\n"
               f"#define FEDTINY_NODE_CFG_HEARTBEAT_MS {int(heartbeat_s * 1000)}u\n"

@@ -223,14 +223,15 @@ def firmware_section(firmware: dict[str, dict]) -> list[str]:
     joins, is left out when there are others), with the time they take at two Cortex-M4 clocks."""
     lines = ["## Firmware nodes (C on a Cortex-M4 under QEMU mps2-an386)", "",
              "| device | RAM B | flash B | DELTAs sent | refused downlinks | training | crypto | protocol | "
-             "instructions per round | at 64 MHz | at 216 MHz |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "instructions per round | at 64 MHz | at 216 MHz |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for device, node in sorted(firmware.items()):
         rounds = node["instructions"][1:] or node["instructions"]
-        mean = {part: sum(r[part] for r in rounds) / len(rounds) for part in ("training", "crypto", "protocol")} \
-            if rounds else {"training": 0, "crypto": 0, "protocol": 0}
+        mean = {part: sum(r[part] for r in rounds) / max(1, len(rounds)) for part in ("training", "crypto", "protocol")}
         total = sum(mean.values())
-        lines.append(f"| {device} (firmware) | {node['ram_bytes']:,} | {node['flash_bytes']:,} | {node['rounds_sent']} | "
-                     f"{len(node['refused'])} | {mean['training']:,.0f} | {mean['crypto']:,.0f} | "
+        lines.append(f"| {device} (firmware) | {node['ram_bytes']:,} | {node['flash_bytes']:,} | "
+                     f"{node['rounds_sent']} | {len(node['refused'])} | {mean['training']:,.0f} | "
+                     f"{mean['crypto']:,.0f} | "
                      f"{mean['protocol']:,.0f} | {total:,.0f} | {total / 64e6:.2f} s | {total / 216e6:.2f} s |")
     return lines + ["", "Instructions are executed instructions counted by QEMU (one per instruction, not cycles: a "
                         "real M4 needs about 1.1-1.5x as many cycles, plus flash wait states).", ""]
