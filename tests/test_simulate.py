@@ -233,3 +233,41 @@ def test_flower_engine_without_ray_names_the_extra(monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["simulate", "--engine", "flower", "--nodes", "2", "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "simulation" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any work
+
+
+def test_baseline_trains_pytorch_on_one_thread_and_restores_the_setting():
+    """The fp32 baseline runs PyTorch at batch 1 on one thread (issue 17: torch's default threads made a step
+    10-70x slower on a busy 2-core machine), and leaves torch's thread count as it found it."""
+    import torch
+    from torch import nn
+
+    from fedtiny.datafile import Dataset
+    from fedtiny_sim.baseline import run_baseline
+
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return self.linear(x)
+
+    rng = np.random.default_rng(0)
+
+    def dataset(n, name):
+        return Dataset(rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, 2, n), np.zeros(n, np.int64),
+                       ("a", "b"), name)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = run_baseline(Probe(), [dataset(6, "n0"), dataset(6, "n1")], dataset(8, "test"), rounds=1, lr=0.01,
+                              epochs=1, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}, seen
+    assert len(result["rounds"]) == 1
