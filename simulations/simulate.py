@@ -227,7 +227,8 @@ def _prepare(config: SimulationConfig, run: Path, task: Task):
 
 def simulate(config: SimulationConfig, progress=None, *, task: Task | None = None, note=None) -> dict:
     """Run a simulation; returns the run summary (also written into config.out). `task`: check_inputs(config)'s
-    result when the caller checked first (else it is called here); `note` hears check_inputs' notes."""
+    result when the caller checked first (else it is called here); `note` hears check_inputs' notes and a line
+    as each phase begins."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     from fedtiny.interpreter import predict
@@ -251,6 +252,9 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
     if config.trainer == "c" and shutil.which("gcc") is None:
         config.trainer = "python"
+    say = note or (lambda message: None)
+    cache = os.environ.get("FEDTINY_CACHE", "~/.cache/fedtiny")
+    say(f"preparing the model (pretrained on the host's data, or from {cache}) and the training plan")
     model, graph, plan, scheme, devices = _prepare(config, run, task)
     initial = float((predict(graph, task.test.X) == task.test.y).mean())
 
@@ -262,6 +266,8 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
 
         rounds, firmware = run_engine(config, run, plan, devices, coordinate), {}
     else:
+        firmware_note = f", {config.qemu_nodes} of them as firmware under QEMU" if config.qemu_nodes else ""
+        say(f"starting the broker and {config.nodes} nodes{firmware_note}; then {config.rounds} rounds")
         rounds, firmware = _run_mqtt(config, run, plan, devices, coordinate)
     target = 0.9 * max(r["accuracy"] for r in rounds) if rounds else 0.0
     broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
@@ -277,6 +283,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
         from .baseline import run_baseline
 
         logging.getLogger("flwr").setLevel(logging.WARNING)
+        say(f"baseline: plain Flower FedAvg with PyTorch fp32 clients, {config.rounds} rounds on the same task")
         baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
                                 epochs=config.epochs, seed=config.seed)
         baseline["rounds_to_target"] = next((r["round"] for r in baseline["rounds"] if r["accuracy"] >= target), None)
@@ -389,7 +396,9 @@ def _wait_for_devices(link, n: int, timeout: float) -> None:
 
 
 class LiveTable:
-    """The live view of `fedtiny simulate` on the terminal: a progress bar over rounds and a row per round."""
+    """The view of `fedtiny simulate`: on a terminal, a live table with a row per round and a progress bar; into a
+    file or a pipe (where a live display shows nothing until the end), one plain line per round. `note` prints a
+    line above it (what the run is doing now)."""
 
     COLUMNS = ("round", "accuracy", "loss", "nodes", "uplink B", "downlink B", "device memory B", "seconds")
 
@@ -400,18 +409,26 @@ class LiveTable:
         from rich.table import Table
 
         self.firmware_nodes = firmware_nodes  # a column of firmware nodes (QEMU) answered, when there are any
+        self.rounds = rounds
         columns = self.COLUMNS + (("firmware nodes",) if firmware_nodes else ())
         self.table = Table(*columns, title="fedtiny simulate")
         self.progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self.task = self.progress.add_task("rounds", total=rounds)
-        self.live = Live(Group(self.table, self.progress), console=Console(stderr=True), refresh_per_second=4)
+        self.console = Console(stderr=True)
+        self.live = Live(Group(self.table, self.progress), console=self.console, refresh_per_second=4) \
+            if self.console.is_terminal else None
 
     def __enter__(self):
-        self.live.start()
+        if self.live:
+            self.live.start()
         return self
 
     def __exit__(self, *exc):
-        self.live.stop()
+        if self.live:
+            self.live.stop()
+
+    def note(self, message: str) -> None:
+        self.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def __call__(self, row: dict) -> None:
         cells = [str(row["round"]), f"{100 * row['accuracy']:.1f} %", f"{row['loss']:.3f}", str(row["participants"]),
@@ -419,6 +436,10 @@ class LiveTable:
                  f"{row['seconds']:.1f}"]
         if self.firmware_nodes:
             cells.append(f"{row.get('firmware', 0)}/{self.firmware_nodes}")
+        if self.live is None:
+            self.note(f"round {row['round']}/{self.rounds}: " + ", ".join(
+                f"{column.header} {cell}" for column, cell in zip(self.table.columns[1:], cells[1:], strict=False)))
+            return
         self.table.add_row(*cells)
         self.progress.advance(self.task)
 

@@ -52,6 +52,9 @@ def test_custom_npz_dataset_through_the_cli(tmp_path):
     result = CliRunner().invoke(main, ["simulate", "--nodes", "3", "--rounds", "2", "--data", str(tmp_path / "plant.npz"),
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output
+    # not a terminal: a line per phase and per round as they happen, where a live table would show nothing
+    for line in ("preparing the model", "starting the broker and 3 nodes", "round 1/2: accuracy", "round 2/2:"):
+        assert line in result.output, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["model"] == "mlp" and len(metrics["rounds"]) == 2
     assert metrics["rounds"][-1]["accuracy"] > 0.6  # a linearly separable task
