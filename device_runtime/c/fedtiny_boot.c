@@ -9,6 +9,7 @@
 #include "fedtiny_boot.h"
 
 extern uint32_t __data_start, __data_end, __data_load, __bss_start, __bss_end, __stack_top;
+extern uint8_t __stack_limit[]; /* the lowest address of the stack (fedtiny_m4.ld) */
 extern void initialise_monitor_handles(void);
 extern int main(void);
 
@@ -50,3 +51,23 @@ __attribute__((section(".isr_vector"), used)) static void (*const vectors[])(voi
     (void (*)(void))&__stack_top, fedtiny_reset_handler, fedtiny_fault_handler, fedtiny_fault_handler,
     fedtiny_fault_handler, fedtiny_fault_handler, fedtiny_fault_handler,
 };
+
+#define STACK_PAINT 0xA5u
+
+__attribute__((noinline)) void fedtiny_stack_paint(void)
+{
+    uintptr_t below_this_frame = (uintptr_t)__builtin_frame_address(0) - 64u;
+    volatile uint8_t *p;
+    for (p = __stack_limit; (uintptr_t)p < below_this_frame; p++) {
+        *p = STACK_PAINT;
+    }
+}
+
+uint32_t fedtiny_stack_peak(const void *base)
+{
+    const volatile uint8_t *p = __stack_limit;
+    while ((uintptr_t)p < (uintptr_t)base && *p == STACK_PAINT) {
+        p++;
+    }
+    return (uint32_t)((uintptr_t)base - (uintptr_t)p);
+}

@@ -11,4 +11,10 @@ void fedtiny_mark_end(void);
  * virtual clock); wraps after 49 days. */
 uint32_t fedtiny_clock_ms(void);
 
+/* Peak stack of a call: fedtiny_stack_paint() fills the unused stack below its caller's frame with a pattern,
+ * then fedtiny_stack_peak(&base), with `base` a local of that caller, gives the bytes used below it since (the
+ * deepest byte the pattern lost). */
+void fedtiny_stack_paint(void);
+uint32_t fedtiny_stack_peak(const void *base);
+
 #endif

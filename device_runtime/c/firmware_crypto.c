@@ -27,33 +27,10 @@ extern const uint32_t fedtiny_cv_uplink_body_len, fedtiny_cv_downlink_len;
 extern const uint8_t fedtiny_cv_uplink_body[];
 extern const uint8_t fedtiny_cv_downlink[];
 
-#define STACK_PAINT 0xA5u
-extern uint8_t __stack_limit[]; /* the lowest address of the stack (fedtiny_m4.ld) */
-
 static fedtiny_env_node node;
 static fedtiny_env_replay replay;
 static uint8_t uplink[FEDTINY_ENV_SEALED_BYTES(2048)];
 static uint8_t downlink[FEDTINY_ENV_SEALED_BYTES(2048)];
-
-/* Fill the unused stack below this frame with a pattern; stack_peak() then finds the deepest byte touched. */
-__attribute__((noinline)) static void stack_paint(void)
-{
-    uintptr_t below_this_frame = (uintptr_t)__builtin_frame_address(0) - 64u;
-    volatile uint8_t *p;
-    for (p = __stack_limit; (uintptr_t)p < below_this_frame; p++) {
-        *p = STACK_PAINT;
-    }
-}
-
-/* Bytes of stack used below `base` (a local of main) since the last stack_paint(). */
-static uint32_t stack_peak(const void *base)
-{
-    const volatile uint8_t *p = __stack_limit;
-    while ((uintptr_t)p < (uintptr_t)base && *p == STACK_PAINT) {
-        p++;
-    }
-    return (uint32_t)((uintptr_t)base - (uintptr_t)p);
-}
 
 static uint32_t fnv1a(const uint8_t *bytes, uint32_t n)
 {
@@ -74,50 +51,50 @@ int main(void)
     uint32_t body_len = 0, i;
     int status, failed = 0;
 
-    stack_paint();
+    fedtiny_stack_paint();
     fedtiny_mark_begin();
     status = fedtiny_env_node_init(&node, fedtiny_cv_fleet_id, fedtiny_cv_device_id, fedtiny_cv_identity,
                                    fedtiny_cv_coordinator);
     fedtiny_mark_end();
-    printf("op keys stack %lu\n", (unsigned long)stack_peak(&base));
+    printf("op keys stack %lu\n", (unsigned long)fedtiny_stack_peak(&base));
     failed |= status != FEDTINY_ENV_OK;
 
-    stack_paint();
+    fedtiny_stack_paint();
     fedtiny_mark_begin();
     crypto_x25519(shared, fedtiny_cv_identity + 32, fedtiny_cv_coordinator + 32);
     fedtiny_mark_end();
-    printf("op x25519 stack %lu\n", (unsigned long)stack_peak(&base));
+    printf("op x25519 stack %lu\n", (unsigned long)fedtiny_stack_peak(&base));
 
     memcpy(message, fedtiny_cv_downlink, sizeof message);
-    stack_paint();
+    fedtiny_stack_paint();
     fedtiny_mark_begin();
     crypto_eddsa_sign(signature, node.sign_secret, message, sizeof message);
     fedtiny_mark_end();
-    printf("op sign stack %lu\n", (unsigned long)stack_peak(&base));
+    printf("op sign stack %lu\n", (unsigned long)fedtiny_stack_peak(&base));
 
-    stack_paint();
+    fedtiny_stack_paint();
     fedtiny_mark_begin();
     status = crypto_eddsa_check(signature, node.sign_secret + 32, message, sizeof message);
     fedtiny_mark_end();
-    printf("op verify stack %lu\n", (unsigned long)stack_peak(&base));
+    printf("op verify stack %lu\n", (unsigned long)fedtiny_stack_peak(&base));
     failed |= status != 0;
 
-    stack_paint();
+    fedtiny_stack_paint();
     fedtiny_mark_begin();
     status = fedtiny_env_seal(&node, FEDTINY_MSG_DELTA, 0u, fedtiny_cv_run, fedtiny_cv_round, 0u, fedtiny_cv_seq,
                               fedtiny_cv_uplink_body, fedtiny_cv_uplink_body_len, uplink, sizeof uplink,
                               &uplink_len);
     fedtiny_mark_end();
-    printf("op seal stack %lu\n", (unsigned long)stack_peak(&base));
+    printf("op seal stack %lu\n", (unsigned long)fedtiny_stack_peak(&base));
     failed |= status != FEDTINY_ENV_OK;
 
     memcpy(downlink, fedtiny_cv_downlink, fedtiny_cv_downlink_len);
-    stack_paint();
+    fedtiny_stack_paint();
     fedtiny_mark_begin();
     status = fedtiny_env_open(&node, downlink, fedtiny_cv_downlink_len, fedtiny_env_replay_check, &replay, &header,
                               &body_len);
     fedtiny_mark_end();
-    printf("op open stack %lu\n", (unsigned long)stack_peak(&base));
+    printf("op open stack %lu\n", (unsigned long)fedtiny_stack_peak(&base));
     failed |= status != FEDTINY_ENV_OK;
 
     printf("uplink ");

@@ -33,27 +33,6 @@ static uint8_t bases[REPLAY_JOBS][REPLAY_STATE_MAX]; /* the global state each jo
 static fedtiny_node_job jobs[REPLAY_JOBS];          /* the last job returned for each of two rounds */
 static fedtiny_node node;
 
-#define STACK_PAINT 0xA5u
-extern uint8_t __stack_limit[]; /* the lowest address of the stack (fedtiny_m4.ld) */
-
-__attribute__((noinline)) static void stack_paint(void)
-{
-    uintptr_t below_this_frame = (uintptr_t)__builtin_frame_address(0) - 64u;
-    volatile uint8_t *p;
-    for (p = __stack_limit; (uintptr_t)p < below_this_frame; p++) {
-        *p = STACK_PAINT;
-    }
-}
-
-static uint32_t stack_peak(const void *base)
-{
-    const volatile uint8_t *p = __stack_limit;
-    while ((uintptr_t)p < (uintptr_t)base && *p == STACK_PAINT) {
-        p++;
-    }
-    return (uint32_t)((uintptr_t)base - (uintptr_t)p);
-}
-
 static uint32_t fnv1a(uint32_t h, const uint8_t *bytes, size_t n)
 {
     size_t i;
@@ -177,7 +156,7 @@ static int run_op(const replay_op *op, uint32_t *stack)
     } else if (op->op == REPLAY_COMPLETE && jobs[slot].round != op->job_round) {
         return 0; /* no job of that round was returned */
     }
-    stack_paint();
+    fedtiny_stack_paint();
     fedtiny_mark_begin();
     switch (op->op) {
     case REPLAY_CONNECT: status = fedtiny_node_on_connect(&node, op->now_ms); break;
@@ -190,7 +169,7 @@ static int run_op(const replay_op *op, uint32_t *stack)
         break;
     }
     fedtiny_mark_end();
-    *stack = stack_peak(&base);
+    *stack = fedtiny_stack_peak(&base);
     if (op->op != REPLAY_RECEIVE) {
         ok = status == FEDTINY_NODE_OK;
     } else if (op->reason != NULL) {
