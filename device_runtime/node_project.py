@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtiny.compiler import Plan
-from fedtiny.protocol.update import downlink_reassembly_bytes, max_delta_envelope_bytes
+from fedtiny.protocol.update import downlink_reassembly_bytes, max_delta_envelope_bytes, zero_delta
 
 from . import codegen
 from .cnode import NODE_FILES
@@ -51,10 +51,8 @@ def buffer_sizes(plan: Plan, chunk_size: int) -> dict[str, int]:
     """The node's buffers for this plan: what fedtiny_node_sizes_of asks for (fedtiny_node_init checks them).
     Where they live, and for how long, is firmware_node.c's business (the upload borrows the training arena)."""
     state = codegen.state_layout(plan)[1]
-    delta = 0
-    for name in plan.trainable_buffers():
-        width = 2 if np.dtype(plan.buffers[name].dtype) == np.int8 else 4  # int16 weight deltas, int32 biases
-        delta += -(-width * int(np.prod(plan.buffers[name].shape)) // 4) * 4
+    # the carry: each buffer's delta (update.zero_delta: int16 weight rows, int32 biases), 4-byte aligned
+    delta = sum(-(-d.nbytes // 4) * 4 for d in zero_delta(plan).values())
     reassembly = downlink_reassembly_bytes(plan)  # a TASK behind the largest GLOBAL_UPDATE
     return dict(state=state, delta=delta, upload=max_delta_envelope_bytes(plan), reassembly=reassembly,
                 bitmap=reassembly // 8 + 2, chunk=chunk_size)
