@@ -128,40 +128,45 @@ _register()
 
 
 def _model_for(model: str, data: str | None, seed: int):
-    """A quantized model from a .ftm file, or a zoo model pretrained on --data and quantized."""
+    """A quantized model from a .ftm file, or a zoo model or a user's FILE.py:FACTORY pretrained on --data and
+    quantized (the same model specs `fedtiny simulate --model` takes, checked the same way)."""
     from pathlib import Path
 
     from .modelfile import load_model
     from .zoo import ZOO
 
-    if Path(model).suffix == ".ftm" or Path(model).exists():
+    if Path(model).suffix == ".ftm" or (Path(model).is_file() and Path(model).suffix != ".py"):
         with user_errors():
             return load_model(model)
-    if model not in ZOO:
-        raise UserError(f"{model!r} is neither a model file nor a zoo model ({', '.join(ZOO)})")
+    if model not in ZOO and Path(model).suffix == ".py":
+        raise UserError(f"{model}: name the function that builds the model, as {model}:FACTORY")
     from fedtiny_sim.scenarios import SCENARIOS, check_model, load_task, pretrained
 
     if data is None:
-        raise UserError("a zoo model needs --data: a scenario (industrial, vision, medical) or a .npz/.csv")
+        raise UserError(f"{model} needs --data to pretrain and calibrate on: a scenario (industrial, vision, "
+                        "medical) or a .npz/.csv")
     is_file = data not in SCENARIOS
     notes = []  # shown once every check passed: an error is the one line to show
     with user_errors():
         task = load_task(data, n_nodes=2, seed=seed, data_file=data if is_file else None, note=notes.append,
                          progress=note)
         task.model = model
-        check_model(model, task.input_shape, task.num_classes)
+        check_model(model, task.input_shape, task.num_classes)  # zoo name or FILE.py:FACTORY, one clear line
     for message in notes:
         note(message)
     return pretrained(task, seed)[1]
 
 
 @main.command()
-@click.option("--model", "model_name", required=True, help="Zoo model: sensor_cnn, mobilenet or mlp.")
+@click.option("--model", "model_name", required=True,
+              help="Zoo model (sensor_cnn, mobilenet, mlp) or your module as FILE.py:FACTORY, "
+                   "FACTORY(input_shape, num_classes) -> nn.Module.")
 @click.option("--data", required=True, help="Scenario (industrial, vision, medical) or a .npz/.csv file.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.ftm).")
 @click.option("--seed", default=0, show_default=True)
 def quantize(model_name: str, data: str, output: str, seed: int) -> None:
-    """Pretrain a zoo model in float on the host part of DATA, quantize it to int8 and save it."""
+    """Pretrain a zoo model or your FILE.py:FACTORY in float on the host part of DATA, quantize it to int8 and
+    save it."""
     from .inspect import describe
     from .modelfile import save_model
 
@@ -172,7 +177,7 @@ def quantize(model_name: str, data: str, output: str, seed: int) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--data", default=None, help="With a zoo model name: scenario or .npz/.csv to pretrain and calibrate on.")
+@click.option("--data", default=None, help="With a zoo name or FILE.py:FACTORY: scenario or .npz/.csv to pretrain and calibrate on.")
 @click.option("--scheme", default=None,
               help="classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme); default: the zoo "
                    "model's (fedtiny.scheme.DEFAULT_SCHEMES), else last:2.")
@@ -187,7 +192,8 @@ def quantize(model_name: str, data: str, output: str, seed: int) -> None:
 @click.option("--seed", default=0, show_default=True)
 def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float, no_qas: bool, loss: str, output,
             seed: int):
-    """Compile MODEL (a .ftm file or a zoo name) into a training plan and print its memory report."""
+    """Compile MODEL (a .ftm file, a zoo name or FILE.py:FACTORY) into a training plan and print its memory
+    report."""
     from .compiler import BudgetError, compile_plan
     from .planfile import save_plan
     from .scheme import DEFAULT_SCHEMES, SchemeError, parse

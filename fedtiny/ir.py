@@ -2,7 +2,7 @@
 
 Layout is channels-last and batch-free, as on the device: every activation is (H, W, C). A 1D signal of
 length L is (1, L, C); a vector of F features is (1, 1, F). So one `conv2d` op covers conv1d, conv2d,
-depthwise, pointwise and linear (a 1x1 conv on a 1x1 map), and `reshape` (flatten) never moves data.
+depthwise, pointwise and linear (a 1x1 conv on a 1x1 map), and `reshape` never moves data.
 
 Ops and their attributes (all ints or lists of ints, so the graph serializes to JSON as it is):
   conv2d    inputs (x, weight, bias) -> y. weight (Cout, KH, KW, Cin/groups) int8, symmetric per output channel;
@@ -13,7 +13,8 @@ Ops and their attributes (all ints or lists of ints, so the graph serializes to 
             out_multiplier, out_shift, act_min, act_max.
   avgpool2d inputs (x,) -> y, same quantization as x. attrs kernel [kh, kw], stride, padding.
   maxpool2d inputs (x,) -> y, same quantization as x. attrs kernel, stride, padding.
-  reshape   inputs (x,) -> y, same quantization and bytes (flatten of an HWC map).
+  reshape   inputs (x,) -> y, same quantization and bytes, y's (H, W, C) of the same size (a flatten of an HWC
+            map, or unit axes added or removed).
   clamp     inputs (x,) -> y, same quantization; attrs act_min, act_max (a ReLU that could not be fused).
 """
 
@@ -165,8 +166,9 @@ def output_shape(graph: Graph, op: Op) -> tuple[int, ...]:
         (sh, sw), (pt, pl, pb, pr) = op.attrs["stride"], op.attrs["padding"]
         c = graph.tensors[op.inputs[1]].shape[0] if op.kind == "conv2d" else c
         return ((h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, c)
-    if op.kind == "reshape":
-        return (1, 1, h * w * c)
+    if op.kind == "reshape":  # any (H, W, C) of the same size: the quantizer only emits byte-preserving ones
+        out = tuple(graph.tensors[op.outputs[0]].shape)
+        return out if len(out) == 3 and int(np.prod(out)) == h * w * c else (1, 1, h * w * c)
     return (h, w, c)
 
 

@@ -75,10 +75,11 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
             nodes.append(helper.make_node(kind, [dq(op.inputs[0])], [f"{y}.pool"], kernel_shape=op.attrs["kernel"],
                                           strides=op.attrs["stride"], pads=[pt, pl, pb, pr], **extra))
             q(f"{y}.pool", y)
-        elif op.kind == "reshape":  # flatten in HWC order, as the device does
+        elif op.kind == "reshape":  # the same bytes in HWC order, as the device keeps them
             nodes.append(helper.make_node("Transpose", [op.inputs[0]], [f"{y}.nhwc"], perm=[0, 2, 3, 1]))
-            shape = const(f"{y}.shape", np.array([-1, graph.tensors[y].shape[2], 1, 1], np.int64))
-            nodes.append(helper.make_node("Reshape", [f"{y}.nhwc", shape], [y]))
+            shape = const(f"{y}.shape", np.array([-1, *graph.tensors[y].shape], np.int64))
+            nodes.append(helper.make_node("Reshape", [f"{y}.nhwc", shape], [f"{y}.hwc"]))
+            nodes.append(helper.make_node("Transpose", [f"{y}.hwc"], [y], perm=[0, 3, 1, 2]))
         elif op.kind == "clamp":
             q(activation(dq(op.inputs[0]), op), y)
         else:

@@ -9,7 +9,11 @@ Three passes, each a plain loop:
 An op outside the supported set is refused with its name and module path.
 """
 
+import linecache
 import operator
+import os
+import re
+import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,13 +78,76 @@ def _describe(node: fx.Node, modules: dict) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def _source_line(node: fx.Node) -> str:
+    """' (FILE:LINE: code)', the user's line that made this node (the first frame outside torch), or ''."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in ', node.stack_trace or "")
+    for path, line in frames:
+        if f"{os.sep}torch{os.sep}" not in path:
+            code = linecache.getline(path, int(line)).strip()
+            return f" ({os.path.basename(path)}:{line}{': ' + code if code else ''})"
+    return ""
+
+
+# Functional pooling: parameter names in PyTorch's order, so positional and keyword uses read the same way.
+_POOL_FUNCTIONS = {
+    "max_pool1d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "max_pool2d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "avg_pool1d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
+    "avg_pool2d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                   "divisor_override"),
+    "adaptive_avg_pool1d": ("input", "output_size"),
+    "adaptive_avg_pool2d": ("input", "output_size"),
+}
+_POOL_MODULES = {nn.MaxPool1d: "max_pool1d", nn.MaxPool2d: "max_pool2d", nn.AvgPool1d: "avg_pool1d",
+                 nn.AvgPool2d: "avg_pool2d", nn.AdaptiveAvgPool1d: "adaptive_avg_pool1d",
+                 nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d"}
+
+
+def _pool_call(node: fx.Node, mod) -> tuple[str, dict] | None:
+    """(function name, its settings) for a pooling module or functional call, else None."""
+    if mod is not None:
+        name = _POOL_MODULES.get(type(mod))
+        return None if name is None else (name, {p: getattr(mod, p) for p in _POOL_FUNCTIONS[name][1:]
+                                                 if hasattr(mod, p)})
+    name = getattr(node.target, "__name__", None) if node.op == "call_function" else None
+    if name not in _POOL_FUNCTIONS:
+        return None
+    settings = dict(zip(_POOL_FUNCTIONS[name][1:], node.args[1:]), **node.kwargs)
+    return name, settings
+
+
+def _ceil_extra(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Extra end padding that makes floor-mode pooling give ceil_mode's output size (PyTorch's rule: the last
+    window must start inside the input or its left padding)."""
+    out = -(-(size + 2 * pad - kernel) // stride) + 1
+    if (out - 1) * stride >= size + pad:
+        out -= 1
+    return max(0, (out - 1) * stride + kernel - (size + 2 * pad))
+
+
+def _same_padding(kernel: tuple[int, int]) -> tuple[int, int, int, int]:
+    """padding='same' at stride 1 as (top, left, bottom, right): PyTorch puts the odd pixel at the end."""
+    (kh, kw) = kernel
+    return (kh - 1) // 2, (kw - 1) // 2, kh - 1 - (kh - 1) // 2, kw - 1 - (kw - 1) // 2
+
+
+def _dims(dim, rank: int) -> set[int]:
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return {d % rank for d in dims}
+
+
 def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
     """Trace `model` on samples of `input_shape` (no batch axis) into float ops with BN folded, ReLU fused."""
     model = model.eval()
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True  # so that a refused op can name the line of forward() that used it
     try:
-        traced = fx.symbolic_trace(model)
+        traced = fx.GraphModule(model, tracer.trace(model))
     except Exception as err:  # fx raises many types for data-dependent control flow
-        raise UnsupportedOpError(f"cannot trace the model with torch.fx: {err}") from err
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+        where = f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno}: {frames[-1].line})" if frames else ""
+        raise UnsupportedOpError(f"cannot trace the model with torch.fx{where}: {' '.join(str(err).split())}") \
+            from err
     if sum(node.op == "placeholder" for node in traced.graph.nodes) != 1:
         raise UnsupportedOpError("models with more than one input are not supported")
     ShapeProp(traced).propagate(torch.zeros((1,) + tuple(input_shape)))
@@ -119,7 +186,7 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             emit(FloatOp("clamp", [src], node.name, origin(node), act=(lo, hi)), node)
 
     for node in traced.graph.nodes:
-        args = [tensor_of[a.name] if isinstance(a, fx.Node) else a for a in node.args]
+        args = [tensor_of.get(a.name, a) if isinstance(a, fx.Node) else a for a in node.args]
         if node.op == "placeholder":
             if graph_input is not None:
                 raise UnsupportedOpError("models with more than one input are not supported")
@@ -133,6 +200,8 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
                 raise UnsupportedOpError("models must return exactly one tensor")
             graph_output = tensor_of[node.args[0].name]
             continue
+        if "tensor_meta" not in node.meta:  # x.size(0), x.shape[0], ...: a number the tracer saw, not a tensor
+            continue
         if node.op == "get_attr":
             raise UnsupportedOpError(f"parameters used directly in forward() are not supported ({node.target})")
         mod = modules.get(node.target) if node.op == "call_module" else None
@@ -142,14 +211,16 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             one_d = isinstance(mod, nn.Conv1d)
             if mod.padding_mode != "zeros" or any(d != 1 for d in mod.dilation):
                 raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: only zero padding and dilation 1")
-            if isinstance(mod.padding, str):
-                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: give padding as numbers, not {mod.padding!r}")
             w = mod.weight.detach().double().numpy()
             w = w[:, :, None, :].transpose(0, 2, 3, 1) if one_d else w.transpose(0, 2, 3, 1)
-            ph, pw = _pair(mod.padding, one_d, unit=0)
+            if mod.padding == "same":  # PyTorch allows it at stride 1 only
+                padding = list(_same_padding(w.shape[1:3]))
+            else:
+                ph, pw = (0, 0) if mod.padding == "valid" else _pair(mod.padding, one_d, unit=0)
+                padding = [ph, pw, ph, pw]
             b = mod.bias.detach().double().numpy() if mod.bias is not None else np.zeros(w.shape[0])
             emit(FloatOp("conv2d", [args[0]], node.name, node.target, dict(stride=list(_pair(mod.stride, one_d)),
-                 padding=[ph, pw, ph, pw], groups=mod.groups), weight=w, bias=b), node)
+                 padding=padding, groups=mod.groups), weight=w, bias=b), node)
         elif isinstance(mod, nn.Linear):
             src = args[0]
             h, w_, c = shapes[src]
@@ -184,43 +255,42 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             fuse_act(node, args[0], 0.0, 6.0)
         elif isinstance(mod, (nn.Identity, nn.Dropout)):
             alias(node, args[0])
-        elif isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            size = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size,)
-            if any(s != 1 for s in size):
-                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: only output size 1 (global pooling)")
-            h, w_, _ = shapes[args[0]]
-            emit(FloatOp("avgpool2d", [args[0]], node.name, node.target,
+        elif (pool := _pool_call(node, mod)) is not None:
+            _lower_pool(*pool, node, _describe(node, modules), origin(node), args[0], shapes, emit)
+        elif isinstance(mod, nn.Flatten) or (mod is None and fn in _RESHAPES):
+            if isinstance(mod, nn.Flatten) or fn in (torch.flatten, "flatten"):
+                start, end = ((mod.start_dim, mod.end_dim) if mod is not None else
+                              (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0),
+                               node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)))
+                if start != 1 or end != -1:
+                    raise UnsupportedOpError(f"flatten at {origin(node)} must flatten everything but the batch axis "
+                                             f"(start_dim=1, end_dim=-1), got {start}, {end}{_source_line(node)}")
+            src, out = args[0], tuple(node.meta["tensor_meta"].shape)
+            if len(out) == 2 and out[1] == int(np.prod(shapes[src])):  # (batch, features): a flatten
+                if shapes[src][:2] == (1, 1):
+                    alias(node, src)
+                else:
+                    emit(FloatOp("reshape", [src], node.name, origin(node)), node)
+                    flattened_from[node.name] = shapes[src]
+            elif _same_bytes(tuple(node.args[0].meta["tensor_meta"].shape), out):  # unit axes added or removed
+                if _hwc(out) == shapes[src]:
+                    alias(node, src)
+                else:
+                    emit(FloatOp("reshape", [src], node.name, origin(node)), node)
+            else:
+                raise UnsupportedOpError(
+                    f"{_describe(node, modules)} at {origin(node)} reshapes a {shapes[src]} (H, W, C) map to "
+                    f"{out[1:]}: only flattening to (batch, features) or adding/removing unit axes is "
+                    f"supported{_source_line(node)}")
+        elif mod is None and fn in (torch.mean, "mean"):
+            src, rank = args[0], len(node.args[0].meta["tensor_meta"].shape)
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if dim is None or rank < 3 or _dims(dim, rank) != set(range(2, rank)):
+                raise UnsupportedOpError(f"mean at {origin(node)}: only the mean over every spatial axis (global "
+                                         f"average pooling) is supported, not dim={dim}{_source_line(node)}")
+            h, w_, _ = shapes[src]
+            emit(FloatOp("avgpool2d", [src], node.name, origin(node),
                          dict(kernel=[h, w_], stride=[h, w_], padding=[0, 0, 0, 0])), node)
-        elif isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d)):
-            one_d = isinstance(mod, (nn.AvgPool1d, nn.MaxPool1d))
-            is_max = isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d))
-            if mod.ceil_mode or (is_max and _pair(mod.dilation, one_d) != (1, 1)):
-                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: ceil_mode and dilation are not supported")
-            ph, pw = _pair(mod.padding, one_d, unit=0)
-            if not is_max and getattr(mod, "divisor_override", None) is not None:
-                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: divisor_override is not supported")
-            if not is_max and (ph or pw) and mod.count_include_pad:
-                raise UnsupportedOpError(f"{type(mod).__name__} at {node.target}: padded average pooling must set "
-                                         "count_include_pad=False (the device averages valid elements only)")
-            stride = mod.stride if mod.stride is not None else mod.kernel_size
-            emit(FloatOp("maxpool2d" if is_max else "avgpool2d", [args[0]], node.name, node.target,
-                         dict(kernel=list(_pair(mod.kernel_size, one_d)), stride=list(_pair(stride, one_d)),
-                              padding=[ph, pw, ph, pw])), node)
-        elif isinstance(mod, nn.Flatten) or fn is torch.flatten or (node.op == "call_method" and fn == "flatten"):
-            if mod is not None:
-                start, end = mod.start_dim, mod.end_dim
-            else:
-                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-                end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            if start != 1 or end != -1:
-                raise UnsupportedOpError(f"flatten at {origin(node)} must flatten everything but the batch axis "
-                                         f"(start_dim=1, end_dim=-1), got {start}, {end}")
-            src = args[0]
-            if shapes[src][:2] == (1, 1):
-                alias(node, src)
-            else:
-                emit(FloatOp("reshape", [src], node.name, origin(node)), node)
-                flattened_from[node.name] = shapes[src]
         elif fn in (operator.add, torch.add) or (node.op == "call_method" and fn == "add"):
             if len(args) != 2 or not all(isinstance(a, str) for a in args) or node.kwargs:
                 raise UnsupportedOpError(f"add at {origin(node)}: only the sum of two tensors is supported")
@@ -229,10 +299,56 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             emit(FloatOp("add", list(args), node.name, origin(node)), node)
         else:
             where = node.target if node.op == "call_module" else node.name
-            raise UnsupportedOpError(f"unsupported op {_describe(node, modules)} at {where}; supported: conv1d/conv2d "
-                                     "(incl. depthwise), linear, batch norm after conv, ReLU/ReLU6, add, avg/max pool, "
-                                     "global avg pool, flatten")
+            raise UnsupportedOpError(f"unsupported op {_describe(node, modules)} at {where}{_source_line(node)}; "
+                                     "supported: conv1d/conv2d (incl. depthwise), linear, batch norm after conv, "
+                                     "ReLU/ReLU6, add, avg/max pool (modules or functions), global avg pool and mean "
+                                     "over the spatial axes, flatten/view/reshape to (batch, features), squeeze and "
+                                     "unsqueeze of unit axes")
     return FloatGraph(ops, shapes, graph_input, graph_output, tuple(input_shape))
+
+
+_RESHAPES = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+             "flatten", "view", "reshape", "squeeze", "unsqueeze")
+
+
+def _same_bytes(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether a PyTorch reshape from `before` to `after` (batch axis first) keeps the device's (H, W, C) bytes in
+    place, so that it costs nothing: compare where each element lands in both layouts."""
+    if len(before) < 2 or len(after) < 2 or len(after) > 4 or before[0] != after[0]:
+        return False
+    order = np.arange(int(np.prod(before))).reshape(before)
+    return bool(np.array_equal(to_hwc(order).ravel(), to_hwc(order.reshape(after)).ravel()))
+
+
+def _lower_pool(name: str, settings: dict, node: fx.Node, what: str, where: str, src: str, shapes: dict,
+                emit) -> None:
+    """A pooling module or function (`what`, at module path or node `where`) as avgpool2d/maxpool2d; ceil_mode
+    becomes extra end padding."""
+    one_d, is_max = name.endswith("1d"), name.startswith("max")
+    h, w, _ = shapes[src]
+    if name.startswith("adaptive"):
+        size = settings["output_size"]
+        if any(s not in (1, None) for s in (size if isinstance(size, (tuple, list)) else (size,))):
+            raise UnsupportedOpError(f"{what} at {where}: only output size 1 (global pooling){_source_line(node)}")
+        emit(FloatOp("avgpool2d", [src], node.name, where,
+                     dict(kernel=[h, w], stride=[h, w], padding=[0, 0, 0, 0])), node)
+        return
+    kernel = _pair(settings["kernel_size"], one_d)
+    stride = _pair(settings.get("stride") or settings["kernel_size"], one_d)
+    ph, pw = _pair(settings.get("padding", 0), one_d, unit=0)
+    if is_max and _pair(settings.get("dilation", 1), one_d) != (1, 1):
+        raise UnsupportedOpError(f"{what} at {where}: dilation is not supported{_source_line(node)}")
+    if settings.get("return_indices"):
+        raise UnsupportedOpError(f"{what} at {where}: return_indices is not supported{_source_line(node)}")
+    if settings.get("divisor_override") is not None:
+        raise UnsupportedOpError(f"{what} at {where}: divisor_override is not supported{_source_line(node)}")
+    if not is_max and (ph or pw) and settings.get("count_include_pad", True):
+        raise UnsupportedOpError(f"{what} at {where}: padded average pooling must set count_include_pad=False (the "
+                                 f"device averages valid elements only){_source_line(node)}")
+    eh, ew = (_ceil_extra(h, kernel[0], stride[0], ph), _ceil_extra(w, kernel[1], stride[1], pw)) \
+        if settings.get("ceil_mode") else (0, 0)
+    emit(FloatOp("maxpool2d" if is_max else "avgpool2d", [src], node.name, where,
+                 dict(kernel=list(kernel), stride=list(stride), padding=[ph, pw, ph + eh, pw + ew])), node)
 
 
 def _float_forward_op(op: FloatOp, x: list[np.ndarray]) -> np.ndarray:
@@ -254,7 +370,7 @@ def _float_forward_op(op: FloatOp, x: list[np.ndarray]) -> np.ndarray:
     elif op.kind == "maxpool2d":
         y = _windows(x[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"], -np.inf).max(axis=(3, 4))
     elif op.kind == "reshape":
-        y = x[0].reshape(len(x[0]), 1, 1, -1)
+        y = x[0]  # float_forward gives it the output's shape
     else:  # clamp
         y = x[0]
     if op.act is not None:
@@ -265,7 +381,8 @@ def _float_forward_op(op: FloatOp, x: list[np.ndarray]) -> np.ndarray:
 def float_forward(fg: FloatGraph, x_hwc: np.ndarray) -> dict[str, np.ndarray]:
     values = {fg.input: x_hwc.astype(np.float64)}
     for op in fg.ops:
-        values[op.output] = _float_forward_op(op, [values[i] for i in op.inputs])
+        y = _float_forward_op(op, [values[i] for i in op.inputs])
+        values[op.output] = y.reshape((len(y),) + tuple(fg.shapes[op.output]))
     return values
 
 

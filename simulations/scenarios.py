@@ -156,8 +156,11 @@ def check_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> No
     except Exception as e:
         raise ModelSpecError(f"model {spec!r} does not take samples of shape {tuple(input_shape)}: "
                              f"{_one_line(e)}") from e
-    if tuple(getattr(out, "shape", ())) != (2, num_classes):
-        raise ModelSpecError(f"model {spec!r} gives outputs of shape {tuple(getattr(out, 'shape', ()))[1:]} for "
+    if not isinstance(out, torch.Tensor):  # an nn.LSTM, for one, returns (output, (h, c))
+        raise ModelSpecError(f"model {spec!r} returns a {type(out).__name__}, not one tensor of logits "
+                             f"({type(model).__name__} is not a layer fedtiny can train)")
+    if tuple(out.shape) != (2, num_classes):
+        raise ModelSpecError(f"model {spec!r} gives outputs of shape {tuple(out.shape)[1:]} for "
                              f"{num_classes} classes; it must give one logit per class")
     try:
         lower(model, tuple(input_shape))

@@ -137,3 +137,48 @@ def test_a_small_budget_scales_the_default_reserve_and_says_so(tmp_path, monkeyp
     assert "reserve 16 KB: a quarter of the 64 KB budget, as the default 64 KB does not fit (--reserve sets it)" \
         in result.stderr.splitlines()
     assert "  reserve bytes: 16384" in result.stdout.splitlines()
+
+
+# A user's broken model file, given to `quantize` and `compile` as FILE.py:FACTORY: source, factory, the words
+# the one error line must hold. Checked before any pretraining (nothing cached).
+BROKEN_MODELS = {
+    "syntax error": ("def make(:\n", "make", "fails on import: SyntaxError"),
+    "raises on import": ("import no_such_module\n", "make", "fails on import: ModuleNotFoundError"),
+    "missing factory": (LINEAR.format(classes=2), "build", "has no function 'build'"),
+    "factory raises": ("def make(s, k):\n    raise RuntimeError('no GPU')\n", "make", "fails: RuntimeError: no GPU"),
+    "returns an int": ("def make(s, k):\n    return 3\n", "make", "is a int, not a torch.nn.Module"),
+    "an LSTM": ("from torch import nn\ndef make(s, k):\n    return nn.LSTM(s[0], k)\n", "make",
+                "returns a tuple, not one tensor of logits (LSTM"),
+    "wrong class count": (LINEAR.format(classes=3), "make", "gives outputs of shape (3,) for 2 classes"),
+}
+
+
+@pytest.mark.parametrize("command", ["quantize", "compile"])
+@pytest.mark.parametrize("case", list(BROKEN_MODELS))
+def test_quantize_and_compile_refuse_a_broken_model_file_in_one_line(command, case, tmp_path, monkeypatch):
+    source, factory, expected = BROKEN_MODELS[case]
+    monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "mymodel.py").write_text(source)
+    (tmp_path / "data.csv").write_text(CSV40)
+    spec = f"{tmp_path / 'mymodel.py'}:{factory}"
+    args = (["quantize", "--model", spec, "-o", tmp_path / "m.ftm"] if command == "quantize" else ["compile", spec])
+    result = run_cli(*args, "--data", tmp_path / "data.csv")
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and not (tmp_path / "cache").exists()
+
+
+def test_quantize_and_compile_take_a_users_module(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "mymodel.py").write_text(LINEAR.format(classes="num_classes"))
+    (tmp_path / "data.csv").write_text(CSV40)
+    spec = f"{tmp_path / 'mymodel.py'}:make"
+    quantized = run_cli("quantize", "--model", spec, "--data", tmp_path / "data.csv", "-o", tmp_path / "m.ftm")
+    assert quantized.exit_code == 0, quantized.stderr
+    compiled = run_cli("compile", spec, "--data", tmp_path / "data.csv", "-o", tmp_path / "p.ftp")
+    assert compiled.exit_code == 0 and (tmp_path / "p.ftp").exists(), compiled.stderr
+    from_file = run_cli("compile", tmp_path / "m.ftm", "--scheme", "full")
+    assert from_file.exit_code == 0 and "scheme full" in from_file.stdout, from_file.stderr
+    bare = run_cli("compile", tmp_path / "mymodel.py", "--data", tmp_path / "data.csv")
+    assert bare.exit_code == 2 and "mymodel.py:FACTORY" in bare.stderr

@@ -1,0 +1,161 @@
+"""Everyday PyTorch idioms that need no new kernel: view/reshape/squeeze/unsqueeze, mean over the spatial axes,
+functional pooling, padding='same', ceil_mode. Each must lower to the same float function PyTorch computes (the
+check that can fail: a wrong padding or axis shows as a different output), and a model using all of them must
+train in C exactly as in Python. An op fedtiny still cannot run is refused with the line of forward() using it."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtiny.compiler import compile_plan
+from fedtiny.interpreter import predict, quantize_input
+from fedtiny.ir import to_hwc
+from fedtiny.quantize import UnsupportedOpError, float_forward, lower, quantize
+from fedtiny.scheme import parse
+from fedtiny_device.trainer import Trainer
+
+
+class Lambda(nn.Module):
+    """conv -> f(x, self) -> linear head: one idiom between two layers that train."""
+
+    def __init__(self, f, channels=3, length=20, features=None, one_d=True):
+        super().__init__()
+        self.conv = nn.Conv1d(channels, 6, 3) if one_d else nn.Conv2d(channels, 6, 3)
+        self.f = f
+        self.head = nn.LazyLinear(3) if features is None else nn.Linear(features, 3)
+
+    def forward(self, x):
+        return self.head(self.f(F.relu(self.conv(x))))
+
+
+def _flat(x):
+    return x.view(x.size(0), -1)
+
+
+IDIOMS = {
+    "view(x.size(0), -1)": (lambda x: x.view(x.size(0), -1), (3, 20)),
+    "reshape(x.shape[0], -1)": (lambda x: x.reshape(x.shape[0], -1), (3, 20)),
+    "mean(-1)": (lambda x: x.mean(-1), (3, 20)),
+    "mean(dim=(2, 3))": (lambda x: torch.mean(x, dim=(2, 3)), (3, 9, 9)),
+    "mean(-1, keepdim) then squeeze": (lambda x: x.mean(-1, keepdim=True).squeeze(-1), (3, 20)),
+    "unsqueeze(-1) then squeeze(-1)": (lambda x: _flat(x.unsqueeze(-1).squeeze(-1)), (3, 20)),
+    "unsqueeze(2) on a 1D map": (lambda x: _flat(F.max_pool2d(x.unsqueeze(2), (1, 2))), (3, 20)),
+    "F.adaptive_avg_pool1d": (lambda x: _flat(F.adaptive_avg_pool1d(x, 1)), (3, 20)),
+    "F.adaptive_avg_pool2d": (lambda x: torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1), (3, 9, 9)),
+    "F.avg_pool1d": (lambda x: _flat(F.avg_pool1d(x, 3, 2)), (3, 20)),
+    "F.max_pool2d": (lambda x: _flat(F.max_pool2d(x, 2)), (3, 9, 9)),
+    "MaxPool1d ceil_mode": (lambda x: _flat(F.max_pool1d(x, 4, ceil_mode=True)), (3, 21)),
+    "MaxPool2d ceil_mode stride 2": (lambda x: _flat(F.max_pool2d(x, 3, 2, ceil_mode=True)), (3, 10, 10)),
+    "AvgPool1d ceil_mode": (lambda x: _flat(F.avg_pool1d(x, 3, ceil_mode=True)), (3, 21)),
+}
+
+
+def _samples(shape, n=32, seed=0):
+    return np.random.default_rng(seed).normal(size=(n,) + shape).astype(np.float32)
+
+
+def _model(f, shape):
+    torch.manual_seed(0)
+    model = Lambda(f, channels=shape[0], one_d=len(shape) == 2)
+    with torch.no_grad():
+        model(torch.zeros((1,) + shape))  # materialize the lazy head
+    return model.eval()
+
+
+@pytest.mark.parametrize("idiom", list(IDIOMS))
+def test_idiom_lowers_to_the_function_pytorch_computes(idiom):
+    f, shape = IDIOMS[idiom]
+    model, x = _model(f, shape), _samples(shape)
+    fg = lower(model, shape)
+    with torch.no_grad():
+        ref = model(torch.as_tensor(x)).numpy()
+    got = float_forward(fg, to_hwc(x))[fg.output].reshape(len(x), -1)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    graph = quantize(model, x)
+    assert (predict(graph, x) == ref.argmax(1)).mean() >= 0.9  # and the int8 graph computes it too
+
+
+@pytest.mark.parametrize("padding, kernel", [("same", 3), ("same", 4), ("valid", 3)])
+def test_conv_padding_by_name(padding, kernel):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, kernel, padding=padding), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(3)).eval()
+    x = _samples((2, 15))
+    with torch.no_grad():
+        ref = model(torch.as_tensor(x)).numpy()
+    fg = lower(model, (2, 15))
+    np.testing.assert_allclose(float_forward(fg, to_hwc(x))[fg.output].reshape(len(x), -1), ref, atol=1e-5)
+
+
+class AllIdioms(nn.Module):
+    """Every idiom above in one model, as a user writes it."""
+
+    def __init__(self, channels=3, classes=4):
+        super().__init__()
+        self.conv1 = nn.Conv1d(channels, 8, 5, padding="same")
+        self.bn1 = nn.BatchNorm1d(8)
+        self.conv2 = nn.Conv1d(8, 8, 3, padding="same")
+        self.pool = nn.MaxPool1d(3, ceil_mode=True)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.conv2(y) + y)
+        y = F.avg_pool1d(self.pool(y), 2, ceil_mode=True)
+        y = y.unsqueeze(-1).squeeze(-1)
+        y = F.adaptive_avg_pool1d(y, 1) + y.mean(-1, keepdim=True)
+        return self.head(y.view(y.size(0), -1))
+
+
+def test_a_model_of_all_idioms_trains_in_c_as_in_python(tmp_path):
+    from test_cruntime import need
+
+    need("gcc", "make")
+    from fedtiny_device.cruntime import CTrainer
+
+    torch.manual_seed(0)
+    x = _samples((3, 50), n=64)
+    graph = quantize(AllIdioms().eval(), x)
+    assert "reshape" in [op.kind for op in graph.ops]
+    plan = compile_plan(graph, parse("full", graph))
+    samples, labels = quantize_input(graph, x[:40]), np.arange(40) % 4
+    python, c = Trainer(plan, 3), CTrainer(plan, seed=3, cache_dir=tmp_path)
+    for xi, yi in zip(samples, labels):
+        python.step(xi, int(yi))
+        c.step(xi, int(yi))
+    for name, value in python.trainable_state().items():
+        np.testing.assert_array_equal(c.trainable_state()[name], value, err_msg=name)
+    assert any(not np.array_equal(v, Trainer(plan, 3).trainable_state()[k])
+               for k, v in python.trainable_state().items()), "training changed nothing"
+
+
+class Refused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x))  # the line the error must show
+
+
+class LayoutMove(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).view(x.size(0), 2, -1)  # moves channels into the length axis
+
+
+@pytest.mark.parametrize("model, shape, words", [
+    (Refused(), (6,), ["sigmoid", "test_pytorch_idioms.py:", "return torch.sigmoid(self.fc(x))"]),
+    (LayoutMove(), (2, 10), ["view", "only flattening", "self.conv(x).view(x.size(0), 2, -1)"]),
+    (Lambda(lambda x: x.mean(1), features=18), (3, 20), ["mean", "spatial", "dim=1"]),
+], ids=["sigmoid", "view that moves data", "mean over channels"])
+def test_refused_op_names_the_line_of_forward_that_used_it(model, shape, words):
+    with pytest.raises(UnsupportedOpError) as err:
+        lower(model.eval(), shape)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
