@@ -218,6 +218,54 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 
 
 @main.command()
+@click.argument("model_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", required=True,
+              help="A .npz/.csv of labelled samples (raw features, as the model's training file had them), or a "
+                   "scenario (industrial, vision, medical): its held-out test set.")
+@click.option("--nodes", default=50, show_default=True, help="With a scenario: the node count of the run whose "
+              "test set to use (the industrial test set has 5 samples of each node's machine).")
+@click.option("--seed", default=0, show_default=True, help="With a scenario: the seed of its split.")
+def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
+    """Accuracy and per-class recall of an int8 model file (.ftm: `fedtiny quantize`'s, or a run's global.ftm) on
+    DATA, computed with the device's integer kernels."""
+    from .datafile import DataError
+    from .interpreter import predict, standardize_input
+    from .modelfile import load_model
+
+    with user_errors():
+        graph = load_model(model_file)
+    outputs = graph.tensors[graph.outputs[0]].shape[-1]
+    classes = graph.meta.get("classes") or [str(i) for i in range(outputs)]
+    from fedtiny_sim.scenarios import SCENARIOS, load_task
+
+    with user_errors():
+        if data in SCENARIOS:
+            test = load_task(data, n_nodes=nodes, seed=seed).test
+            if [str(c) for c in test.classes] != list(classes):
+                raise DataError(f"scenario {data} has classes {[str(c) for c in test.classes]}, the model {list(classes)}")
+            x = test.X  # standardized with the scenario's own statistics already
+        else:
+            from .datafile import load_user_data
+
+            test = load_user_data(data, classes=classes)  # labels named as the model's classes
+            x = test.X
+        expected = tuple(graph.meta.get("input_shape") or ())
+        if expected and tuple(x.shape[1:]) != expected:
+            raise DataError(f"{data}: samples of shape {tuple(x.shape[1:])}, but {model_file} takes {expected}")
+        if data not in SCENARIOS:
+            x = standardize_input(graph, x)
+    predicted = predict(graph, x)
+    click.echo(f"{model_file} on {data}: accuracy {100 * float((predicted == test.y).mean()):.1f} % "
+               f"({len(test.y):,} samples)")
+    click.echo(f"  {'class':<16} {'samples':>8} {'recall':>8} {'precision':>10}")
+    for k, name in enumerate(classes):
+        actual, said = test.y == k, predicted == k
+        recall = f"{100 * (said & actual).sum() / actual.sum():.1f} %" if actual.any() else "-"
+        precision = f"{100 * (said & actual).sum() / said.sum():.1f} %" if said.any() else "-"
+        click.echo(f"  {str(name):<16} {int(actual.sum()):>8} {recall:>8} {precision:>10}")
+
+
+@main.command()
 @click.option("--nodes", default=50, show_default=True, help="Node agents (devices), each with its own data.")
 @click.option("--rounds", default=10, show_default=True)
 @click.option("--scenario", default="industrial", show_default=True, type=click.Choice(["industrial", "vision", "medical"]),

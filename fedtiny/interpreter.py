@@ -54,6 +54,21 @@ def run(graph: Graph, x: np.ndarray, keep: bool = False) -> np.ndarray | dict[st
     return values if keep else values[graph.outputs[0]]
 
 
+def standardize_input(graph: Graph, x_raw: np.ndarray) -> np.ndarray:
+    """A user's raw samples as the model's float input: the per-feature standardization the host applied to its
+    data before pretraining (model meta "input_standardization": mean and std per feature, for (N, F) data), or
+    the samples unchanged for a model without one. For data from outside a run (`fedtiny evaluate`, the
+    coordinator's --heldout); a simulation's own splits are standardized already."""
+    x = np.asarray(x_raw, dtype=np.float32)
+    stats = graph.meta.get("input_standardization")
+    if stats is None:
+        return x
+    mean, std = np.asarray(stats["mean"]), np.asarray(stats["std"])
+    if x.shape[1:] != mean.shape:
+        raise ValueError(f"samples of shape {x.shape[1:]} do not fit the model's {mean.shape[0]} features")
+    return ((x - mean) / std).astype(np.float32)
+
+
 def quantize_input(graph: Graph, x_float: np.ndarray) -> np.ndarray:
     """Float samples in the PyTorch model's layout (N, C, L) / (N, C, H, W) / (N, F) -> int8 (N, H, W, C)."""
     t = graph.tensors[graph.inputs[0]]

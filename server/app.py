@@ -141,11 +141,12 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
     heldout = None
     if settings.heldout:
         from fedtiny.datafile import load_user_data
+        from fedtiny.interpreter import standardize_input
 
         outputs = plan.graph.tensors[plan.graph.outputs[0]].shape[-1]
         classes = plan.graph.meta.get("classes") or [str(i) for i in range(outputs)]
         ds = load_user_data(settings.heldout, classes=classes)  # labels named as the model's classes
-        heldout = (ds.X, ds.y)
+        heldout = (standardize_input(plan.graph, ds.X), ds.y)  # raw features, as the host standardized them
     server = ops.MetricsServer(metrics, settings.metrics_port, settings.metrics_host).start() \
         if settings.metrics_port else None
     enrolled: set[str] = set()

@@ -22,7 +22,7 @@ from fedtiny.datafile import Dataset, make_dataset
 __all__ = [
     "BEARING_CLASSES", "BearingFrequencies", "Machine", "MissingExtraError", "bearing_dataset",
     "bearing_frequencies", "load_basicmotions", "load_breast_cancer", "load_digits", "load_mnist5k", "machine",
-    "partition_by_group", "partition_dirichlet", "standardize", "train_test_split",
+    "feature_stats", "partition_by_group", "partition_dirichlet", "standardize", "train_test_split",
 ]
 
 
@@ -255,6 +255,14 @@ def load_basicmotions(split: str = "all") -> Dataset:
     return make_dataset(X, y, None, classes, "basicmotions")
 
 
+def feature_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (1 where a feature is constant, so it is only centred)."""
+    mean = np.asarray(x).mean(axis=0, dtype=np.float64)
+    std = np.asarray(x).std(axis=0, dtype=np.float64)
+    std[std == 0] = 1.0
+    return mean, std
+
+
 def standardize(train, *others):
     """Scale features to zero mean, unit variance using statistics of `train` only (no test leakage).
 
@@ -264,9 +272,7 @@ def standardize(train, *others):
     def x_of(d):
         return d.X if isinstance(d, Dataset) else np.asarray(d, dtype=np.float32)
 
-    mean = x_of(train).mean(axis=0, dtype=np.float64)
-    std = x_of(train).std(axis=0, dtype=np.float64)
-    std[std == 0] = 1.0
+    mean, std = feature_stats(x_of(train))
 
     def apply(d):
         z = ((x_of(d) - mean) / std).astype(np.float32)

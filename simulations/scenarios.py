@@ -26,6 +26,7 @@ class Task:
     pretrain: Dataset
     nodes: list[Dataset]
     test: Dataset
+    standardization: tuple | None = None  # (mean, std) per feature the splits were standardized with, if any
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -84,10 +85,11 @@ def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None 
         note = note or (lambda message: None)
         ds = load_user_data(data_file, note=note, progress=progress)
         pretrain, nodes, test = _user_split(ds, n_nodes, seed, str(data_file), note)
-        if ds.X.ndim == 2:
+        stats = data.feature_stats(pretrain.X) if ds.X.ndim == 2 else None
+        if stats is not None:
             pretrain, test, *nodes = data.standardize(pretrain, test, *nodes)
         model = "mlp" if ds.X.ndim == 2 else ("sensor_cnn" if ds.X.ndim == 3 else "mobilenet")
-        return Task(Path(data_file).stem, model, pretrain, list(nodes), test)
+        return Task(Path(data_file).stem, model, pretrain, list(nodes), test, stats)
     if scenario == "industrial":
         pretrain = data.bearing_dataset(range(20), 40, seed=seed)
         machines = [data.bearing_dataset([100 + i], 25, seed=seed) for i in range(n_nodes)]
@@ -99,8 +101,9 @@ def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None 
         return Task("vision", "mobilenet", pretrain, nodes, test)
     if scenario == "medical":
         pretrain, nodes, test = _split_nodes(data.load_breast_cancer(), n_nodes, seed)
+        stats = data.feature_stats(pretrain.X)
         pretrain, test, *nodes = data.standardize(pretrain, test, *nodes)
-        return Task("medical", "mlp", pretrain, list(nodes), test)
+        return Task("medical", "mlp", pretrain, list(nodes), test, stats)
     raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)} or give a data file")
 
 
@@ -183,7 +186,8 @@ def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Pat
     model = build_model(task.model, task.input_shape, task.num_classes)
     # keyed by the data, the settings and the module's structure (a user's file may change under the same name)
     key = hashlib.sha256(task.pretrain.X.tobytes() + task.pretrain.y.tobytes()
-                         + f"{task.model}/{seed}/{epochs}/{model!r}".encode()).hexdigest()[:16]
+                         + f"{task.model}/{seed}/{epochs}/{model!r}/{task.standardization is not None}".encode()
+                         ).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("FEDTINY_CACHE") or Path.home() / ".cache" / "fedtiny")
     path = cache / f"{task.name}-{Path(task.model.partition(':')[0]).stem}-{key}.ftm"
     if path.exists() and path.with_suffix(".pt").exists():
@@ -192,6 +196,9 @@ def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Pat
     fit(model, task.pretrain.X, task.pretrain.y, epochs=epochs, seed=seed)
     graph = quantize(model, task.pretrain.X[:512], name=f"{task.name}-{task.model}", classes=task.pretrain.classes)
     graph.meta["model"] = task.model  # the zoo name (or FILE.py:FACTORY): picks the default update scheme
+    if task.standardization is not None:  # so that raw data from outside the run can be fed the same way
+        mean, std = task.standardization
+        graph.meta["input_standardization"] = {"mean": mean.tolist(), "std": std.tolist()}
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path.with_suffix(".pt"))
     save_model(graph, path)

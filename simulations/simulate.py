@@ -377,6 +377,9 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
             rounds.append(row)
             if progress:
                 progress(row)
+        from fedtiny.modelfile import save_model
+
+        save_model(plan.graph_with(coordinator.model.ints), run / "global.ftm")  # for `fedtiny evaluate`
         return rounds
     finally:
         store.close()

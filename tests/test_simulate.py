@@ -58,6 +58,10 @@ def test_custom_npz_dataset_through_the_cli(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["model"] == "mlp" and len(metrics["rounds"]) == 2
     assert metrics["rounds"][-1]["accuracy"] > 0.6  # a linearly separable task
+    # the run's global model, checked on the user's file by `fedtiny evaluate`
+    evaluated = CliRunner().invoke(main, ["evaluate", str(out / "global.ftm"), "--data", str(tmp_path / "plant.npz")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert float(evaluated.output.split("accuracy ")[1].split(" %")[0]) > 60, evaluated.output
 
 
 def test_dropout_run_still_converges(tmp_path):
