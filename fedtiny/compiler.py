@@ -256,10 +256,10 @@ def _autodiff(graph: Graph, trainable: dict[int, tuple[int, bool]]) -> tuple[lis
 
 
 def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = True, budget: int = DEFAULT_BUDGET,
-                 reserve: int = DEFAULT_RESERVE, loss: str = "cross_entropy") -> Plan:
+                 reserve: int | None = None, loss: str = "cross_entropy") -> Plan:
     """loss: "cross_entropy" (class labels, logits of shape (1, 1, K)) or "mse" (int8 targets in the output's
     quantization, any output shape: the flattened output is the K values)."""
-    reserve_for(budget, reserve)  # raises unless 0 <= reserve < budget
+    reserve, _ = reserve_for(budget, reserve)  # the default rule, as the CLI's; a given one must be below budget
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     out = graph.tensors[graph.outputs[0]]
