@@ -49,6 +49,7 @@ KERNEL_CHOICE = {
     "avgpool2d": lambda graph, op, fast: "FEDTINY_OP_AVGPOOL2D",
     "maxpool2d": lambda graph, op, fast: "FEDTINY_OP_MAXPOOL2D",
     "clamp": lambda graph, op, fast: "FEDTINY_OP_CLAMP",
+    "lut": lambda graph, op, fast: "FEDTINY_OP_LUT",
     "reshape": lambda graph, op, fast: None,
 }
 
@@ -138,9 +139,17 @@ def _render_clamp(graph: Graph, op: Op, name: str) -> str:
     return _struct("fedtiny_clamp_params", f"{name}_params", fields)
 
 
+def _render_lut(graph: Graph, op: Op, name: str) -> str:
+    decls = (_c_array("int8_t", f"{name}_table", op.attrs["table"])
+             + _c_array("int16_t", f"{name}_grad_table", op.attrs["grad_table"]))
+    fields = dict(size=int(np.prod(graph.tensors[op.outputs[0]].shape)), table=f"{name}_table",
+                  grad_table=f"{name}_grad_table", grad_shift=op.attrs["grad_shift"])
+    return decls + _struct("fedtiny_lut_params", f"{name}_params", fields)
+
+
 # IR op kind -> renderer of its const data and params struct
 RENDER = {"conv2d": _render_conv2d, "add": _render_add, "avgpool2d": _render_pool2d,
-          "maxpool2d": _render_pool2d, "clamp": _render_clamp}
+          "maxpool2d": _render_pool2d, "clamp": _render_clamp, "lut": _render_lut}
 
 
 def _banner(graph: Graph) -> str:
@@ -255,6 +264,7 @@ TRAIN_STEP_KIND = {
     "conv2d_bias_update": "FEDTINY_OP_CONV2D_BIAS_UPDATE",
     "avgpool2d_input_grad": "FEDTINY_OP_AVGPOOL2D_INPUT_GRAD",
     "maxpool2d_input_grad": "FEDTINY_OP_MAXPOOL2D_INPUT_GRAD",
+    "lut_input_grad": "FEDTINY_OP_LUT_INPUT_GRAD",
 }
 
 # plan step kind -> scratch bytes, mirroring the backward kernels' _scratch_bytes() (an int64 per input element)
@@ -431,7 +441,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                 kernel, ins = f"&{name}_update", s.reads[:2] if weights else s.reads[:1]
             elif s.kind == "avgpool2d_input_grad":
                 kernel, ins = f"&op{i}_params", s.reads[:1]
-            elif s.kind == "maxpool2d_input_grad":
+            elif s.kind in ("maxpool2d_input_grad", "lut_input_grad"):
                 kernel, ins = f"&op{i}_params", s.reads[:2]
             else:
                 raise ValueError(f"unknown plan step {s.kind!r}")

@@ -202,6 +202,13 @@ class Trainer:
         self._store_grad(s.writes[0], acc, self.exponent[s.reads[0]])
         self._note(s.writes[0], x)
 
+    def _lut_input_grad(self, s):
+        op = self.graph.ops[s.attrs["op"]]
+        x = op.inputs[0]
+        acc = kernels.lut_input_grad(self._grad(s.reads[0], op.outputs[0]), self._act(x), op.attrs["grad_table"])
+        self._store_grad(s.writes[0], acc, self.exponent[s.reads[0]] - op.attrs["grad_shift"])
+        self._note(s.writes[0], x)
+
     # --- helpers ------------------------------------------------------------------------------------------
     def _tensor_of(self, buffer: str) -> str:
         return buffer[len("grad:"):].split("@")[0].split("~")[0]

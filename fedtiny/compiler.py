@@ -249,6 +249,10 @@ def _autodiff(graph: Graph, trainable: dict[int, tuple[int, bool]]) -> tuple[lis
             reads = [g_y, x] if op.kind == "maxpool2d" else [g_y]
             steps.append(Step(f"{op.kind}_input_grad", reads, [g_x], dict(op=i)))
             hand_on(x, g_x)
+        elif op.kind == "lut":
+            g_x = f"{grad_name(x)}@{i}"
+            steps.append(Step("lut_input_grad", [g_y, x], [g_x], dict(op=i)))
+            hand_on(x, g_x)
         else:  # add, clamp, reshape: the (masked) gradient passes on unchanged to every input
             for name in op.inputs:
                 hand_on(name, g_y)

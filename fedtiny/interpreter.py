@@ -38,6 +38,7 @@ FORWARD = {
     "maxpool2d": lambda graph, op, x: kernels.maxpool2d(x, **op.attrs),
     "reshape": _reshape,
     "clamp": lambda graph, op, x: kernels.clamp(x, act_min=op.attrs["act_min"], act_max=op.attrs["act_max"]),
+    "lut": lambda graph, op, x: kernels.lut(x, op.attrs["table"]),
 }
 
 

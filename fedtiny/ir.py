@@ -16,6 +16,9 @@ Ops and their attributes (all ints or lists of ints, so the graph serializes to 
   reshape   inputs (x,) -> y, same quantization and bytes, y's (H, W, C) of the same size (a flatten of an HWC
             map, or unit axes added or removed).
   clamp     inputs (x,) -> y, same quantization; attrs act_min, act_max (a ReLU that could not be fused).
+  lut       inputs (x,) -> y, any elementwise function of one int8 value (sigmoid, hardswish, LeakyReLU, x * c):
+            attrs table [256] (y for x = -128..127), grad_table [256] (f'(x) * 2^grad_shift at each x's real value,
+            |v| < 2^15), grad_shift, function (what it computes, for people: "sigmoid", "leaky_relu(0.01)", ...).
 """
 
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ OP_SIGNATURES = {
     "maxpool2d": (1, ("kernel", "stride", "padding")),
     "reshape": (1, ()),
     "clamp": (1, ("act_min", "act_max", "activation")),
+    "lut": (1, ("table", "grad_table", "grad_shift", "function")),
 }
 ACTIVATIONS = ("none", "relu", "relu6")  # the fused function; act_min/act_max are its int8 bounds
 OP_KINDS = tuple(OP_SIGNATURES)
@@ -183,6 +187,10 @@ def _check_shapes(graph: Graph, op: Op) -> None:
                 or len(op.attrs["multiplier"]) != cout or len(op.attrs["shift"]) != cout):
             raise GraphError(f"conv2d ({op.origin}): weight {weight.shape}, bias {bias.shape}, groups {groups} "
                              f"do not fit input {x.shape}")
+    if op.kind == "lut" and (len(op.attrs["table"]) != 256 or len(op.attrs["grad_table"]) != 256
+                             or not all(-128 <= v <= 127 for v in op.attrs["table"])
+                             or not all(abs(v) < 2**15 for v in op.attrs["grad_table"])):
+        raise GraphError(f"lut ({op.origin}): needs 256 int8 table entries and 256 gradient entries below 2^15")
     if op.kind == "add" and t[op.inputs[0]].shape != t[op.inputs[1]].shape:
         raise GraphError(f"add ({op.origin}): input shapes {t[op.inputs[0]].shape} and {t[op.inputs[1]].shape} differ")
     expected = output_shape(graph, op)

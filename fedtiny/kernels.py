@@ -162,6 +162,17 @@ def clamp(x, *, act_min, act_max):
     return np.clip(x, act_min, act_max).astype(np.int8)
 
 
+def lut(x, table):
+    """Any elementwise function of an int8 value, as its 256-entry table (entry x + 128)."""
+    return np.asarray(table, dtype=np.int8)[x.astype(np.int16) + 128]
+
+
+def lut_input_grad(g_y, x, grad_table):
+    """dL/dx = dL/dy * f'(x): exact int64 products of the int16 gradient and the Q(grad_shift) derivative table
+    entry of each input value (|product| < 2^30); narrowed by the caller with exponent e_y - grad_shift."""
+    return g_y.astype(np.int64) * np.asarray(grad_table, dtype=np.int64)[x.astype(np.int64) + 128]
+
+
 def activation_mask(y, mask_min, mask_max):
     """Where the fused activation let the value through (mask_min < y < mask_max): the gradient passes there only.
 

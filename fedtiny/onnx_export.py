@@ -82,6 +82,21 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
             nodes.append(helper.make_node("Transpose", [f"{y}.hwc"], [y], perm=[0, 3, 1, 2]))
         elif op.kind == "clamp":
             q(activation(dq(op.inputs[0]), op), y)
+        elif op.kind == "lut":  # the float function itself: onnxruntime computes it independently of our table
+            name, _, params = op.attrs["function"].partition("(")
+            args = [float(v) for v in params.rstrip(")").split(",") if v.strip()]
+            x = dq(op.inputs[0])
+            if name == "affine":
+                scaled = f"{y}.scaled"
+                nodes.append(helper.make_node("Mul", [x, const(f"{y}.a", np.float32(args[0]))], [scaled]))
+                nodes.append(helper.make_node("Add", [scaled, const(f"{y}.b", np.float32(args[1]))], [f"{y}.f"]))
+            else:
+                onnx_op, attrs = {"sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}),
+                                  "hardsigmoid": ("HardSigmoid", dict(alpha=1 / 6, beta=0.5)),
+                                  "hardswish": ("HardSwish", {}),
+                                  "leaky_relu": ("LeakyRelu", dict(alpha=args[0] if args else 0.01))}[name]
+                nodes.append(helper.make_node(onnx_op, [x], [f"{y}.f"], **attrs))
+            q(f"{y}.f", y)
         else:
             raise ValueError(f"no ONNX export for op {op.kind}")
 

@@ -291,6 +291,9 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             h, w_, _ = shapes[src]
             emit(FloatOp("avgpool2d", [src], node.name, origin(node),
                          dict(kernel=[h, w_], stride=[h, w_], padding=[0, 0, 0, 0])), node)
+        elif (function := _elementwise(node, mod, args)) is not None:
+            emit(FloatOp("lut", [args[0] if isinstance(args[0], str) else args[1]], node.name, origin(node),
+                         dict(function=function)), node)
         elif fn in (operator.add, torch.add) or (node.op == "call_method" and fn == "add"):
             if len(args) != 2 or not all(isinstance(a, str) for a in args) or node.kwargs:
                 raise UnsupportedOpError(f"add at {origin(node)}: only the sum of two tensors is supported")
@@ -301,10 +304,87 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             where = node.target if node.op == "call_module" else node.name
             raise UnsupportedOpError(f"unsupported op {_describe(node, modules)} at {where}{_source_line(node)}; "
                                      "supported: conv1d/conv2d (incl. depthwise), linear, batch norm after conv, "
-                                     "ReLU/ReLU6, add, avg/max pool (modules or functions), global avg pool and mean "
-                                     "over the spatial axes, flatten/view/reshape to (batch, features), squeeze and "
-                                     "unsqueeze of unit axes")
+                                     "ReLU/ReLU6, LeakyReLU, sigmoid, tanh, hardsigmoid, hardswish, the sum of two "
+                                     "tensors, adding/subtracting/multiplying/dividing by a number, avg/max pool "
+                                     "(modules or functions), global avg pool and mean over the spatial axes, "
+                                     "flatten/view/reshape to (batch, features), squeeze and unsqueeze of unit axes")
     return FloatGraph(ops, shapes, graph_input, graph_output, tuple(input_shape))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# Elementwise functions of one value (each a `lut` op), by the name its `function` attr carries, with parameters:
+# name -> (params) -> (f, f') on float64 arrays in real units. f' is PyTorch's choice where f has a kink
+# (LeakyReLU at 0: the negative slope; hardswish at +-3: the inner piece).
+ELEMENTWISE = {
+    "sigmoid": lambda: (_sigmoid, lambda x: _sigmoid(x) * (1.0 - _sigmoid(x))),
+    "tanh": lambda: (np.tanh, lambda x: 1.0 - np.tanh(x) ** 2),
+    "hardsigmoid": lambda: (lambda x: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+                            lambda x: np.where(np.abs(x) < 3.0, 1.0 / 6.0, 0.0)),
+    "hardswish": lambda: (lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+                          lambda x: np.where(x < -3.0, 0.0, np.where(x > 3.0, 1.0, (2.0 * x + 3.0) / 6.0))),
+    "leaky_relu": lambda slope: (lambda x: np.where(x > 0, x, slope * x), lambda x: np.where(x > 0, 1.0, slope)),
+    "affine": lambda slope, offset: (lambda x: slope * x + offset, lambda x: np.full_like(x, slope)),
+}
+
+
+def elementwise(function: str) -> tuple:
+    """(f, f') of a lut op's `function` attr: "sigmoid", "leaky_relu(0.1)", "affine(0.5, -0.25)" (x * 0.5 - 0.25)."""
+    name, _, params = function.partition("(")
+    return ELEMENTWISE[name](*(float(v) for v in params.rstrip(")").split(",") if v.strip()))
+
+
+_ELEMENTWISE_MODULES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid",
+                        nn.Hardswish: "hardswish"}
+_ELEMENTWISE_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
+                          F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish", "sigmoid": "sigmoid",
+                          "tanh": "tanh"}
+# x OP c or c OP x with a number c (an affine function of the tensor operand)
+_ARITHMETIC = {operator.add: "add", torch.add: "add", "add": "add", operator.sub: "sub", torch.sub: "sub",
+               "sub": "sub", operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.truediv: "div",
+               torch.div: "div", "div": "div"}
+
+
+def _elementwise(node: fx.Node, mod, args: list) -> str | None:
+    """The lut `function` when the node is an elementwise function of one tensor, else None."""
+    fn = node.target
+    if mod is not None:
+        if isinstance(mod, nn.LeakyReLU):
+            return f"leaky_relu({float(mod.negative_slope)!r})"
+        return _ELEMENTWISE_MODULES.get(type(mod))
+    if fn is F.leaky_relu or fn == "leaky_relu":
+        return f"leaky_relu({float(args[1] if len(args) > 1 else node.kwargs.get('negative_slope', 0.01))!r})"
+    if fn in _ELEMENTWISE_FUNCTIONS and len(args) == 1:
+        return _ELEMENTWISE_FUNCTIONS[fn]
+    op = _ARITHMETIC.get(fn) if not node.kwargs else None
+    if op is None or len(args) != 2 or [isinstance(a, str) for a in args].count(True) != 1:
+        return None
+    c = args[1] if isinstance(args[0], str) else args[0]
+    if not isinstance(c, (int, float)) or isinstance(c, bool):
+        return None
+    c, tensor_first = float(c), isinstance(args[0], str)
+    if op == "div" and (not tensor_first or c == 0):
+        return None  # c / x (or a division by zero): refused by the caller
+    slope = {"add": 1.0, "sub": 1.0 if tensor_first else -1.0, "mul": c, "div": 1.0 / c if c else 0.0}[op]
+    offset = {"add": c, "sub": -c if tensor_first else c, "mul": 0.0, "div": 0.0}[op]
+    return f"affine({slope!r}, {offset!r})"
+
+
+def _lut_tables(f, df, x_scale: float, x_zero: int, y_scale: float, y_zero: int) -> dict:
+    """The lut op's attrs: y for each int8 x (round half to even, saturated), and f' at each x's real value in
+    Q(grad_shift), grad_shift chosen so that the largest |f'| uses 15 bits (docs/numerics.md)."""
+    real = x_scale * (np.arange(-128, 128) - x_zero)
+    table = np.clip(np.round(f(real) / y_scale) + y_zero, -128, 127).astype(int)
+    slope = np.asarray(df(real), dtype=np.float64)
+    peak = float(np.abs(slope).max())
+    shift = 14 - int(np.floor(np.log2(peak))) if peak > 0 else 0
+    grad = np.round(slope * 2.0**shift)
+    if np.abs(grad).max() >= 2**15:  # rounded up to 2^15
+        shift -= 1
+        grad = np.round(slope * 2.0**shift)
+    return dict(table=table.tolist(), grad_table=grad.astype(int).tolist(), grad_shift=shift)
 
 
 _RESHAPES = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
@@ -371,6 +451,8 @@ def _float_forward_op(op: FloatOp, x: list[np.ndarray]) -> np.ndarray:
         y = _windows(x[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"], -np.inf).max(axis=(3, 4))
     elif op.kind == "reshape":
         y = x[0]  # float_forward gives it the output's shape
+    elif op.kind == "lut":
+        y = elementwise(op.attrs["function"])[0](x[0])
     else:  # clamp
         y = x[0]
     if op.act is not None:
@@ -450,6 +532,8 @@ def quantize(model: nn.Module, calibration: np.ndarray, *, name: str = "model", 
                          activation=_activation(fop.act))
         elif fop.kind == "clamp":
             attrs = dict(act_min=act_min, act_max=act_max, activation=_activation(fop.act))
+        elif fop.kind == "lut":
+            attrs.update(_lut_tables(*elementwise(fop.attrs["function"]), *qparams[fop.inputs[0]], s_y, z_y))
         ops.append(Op(fop.kind, inputs, [y], attrs, str(fop.origin)))
     meta = dict(name=name, input_shape=list(fg.input_shape),
                 classes=[str(c) for c in classes] if classes is not None else None)

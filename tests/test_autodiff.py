@@ -58,7 +58,13 @@ def autograd_mirror(graph, x_int8, label):
                 y = F.max_pool2d(nchw(xs[0]), op.attrs["kernel"], op.attrs["stride"], (pt, pl))
             y = y.permute(0, 2, 3, 1)
         elif op.kind == "reshape":
-            y = xs[0].reshape(1, 1, 1, -1)
+            y = xs[0].reshape((1,) + tuple(graph.tensors[y_name].shape))
+        elif op.kind == "lut":  # the float function in torch, differentiated by autograd
+            name, _, spec = op.attrs["function"].partition("(")
+            args = [float(v) for v in spec.rstrip(")").split(",") if v.strip()]
+            y = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardsigmoid": F.hardsigmoid,
+                 "hardswish": F.hardswish, "leaky_relu": F.leaky_relu,
+                 "affine": lambda v, a, b: a * v + b}[name](xs[0], *args)
         else:  # clamp
             y = xs[0]
         ours = ints[y_name]

@@ -37,6 +37,17 @@ class PoolThenRelu(nn.Module):
         return torch.relu(self.pool(y)) + self.pool(y)  # the pooled map is read twice: the ReLU cannot fuse
 
 
+class Affine(nn.Module):
+    """Arithmetic with numbers: x * 0.5 - 1, then 2 / ... is not allowed, (x + 3) / 4 is."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 8)
+
+    def forward(self, x):
+        return (self.fc(x) * 0.5 - 1 + 3) / 4
+
+
 CASES = {
     "conv1d k3 s2 p1": (nn.Sequential(nn.Conv1d(3, 8, 3, stride=2, padding=1), nn.ReLU()), (3, 33)),
     "conv1d k7 s1 p0 no bias + bn": (nn.Sequential(nn.Conv1d(2, 5, 7, bias=False), nn.BatchNorm1d(5)), (2, 40)),
@@ -56,6 +67,12 @@ CASES = {
     "global avgpool": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), (2, 7, 7)),
     "residual add + relu": (Residual(4), (4, 6, 6)),
     "unfusable relu (clamp)": (PoolThenRelu(), (2, 8, 8)),
+    "sigmoid (lut)": (nn.Sequential(nn.Linear(12, 8), nn.Sigmoid()), (12,)),
+    "tanh (lut)": (nn.Sequential(nn.Linear(12, 8), nn.Tanh()), (12,)),
+    "hardswish (lut)": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Hardswish()), (2, 7, 7)),
+    "hardsigmoid (lut)": (nn.Sequential(nn.Conv1d(2, 4, 3), nn.Hardsigmoid()), (2, 20)),
+    "leaky relu (lut)": (nn.Sequential(nn.Conv1d(2, 4, 3), nn.LeakyReLU(0.1)), (2, 20)),
+    "x * 0.5 - 1 (lut)": (Affine(), (12,)),
 }
 
 

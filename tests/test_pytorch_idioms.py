@@ -137,7 +137,7 @@ class Refused(nn.Module):
         self.fc = nn.Linear(6, 3)
 
     def forward(self, x):
-        return torch.sigmoid(self.fc(x))  # the line the error must show
+        return torch.cat([self.fc(x), x], 1)  # the line the error must show
 
 
 class LayoutMove(nn.Module):
@@ -150,12 +150,62 @@ class LayoutMove(nn.Module):
 
 
 @pytest.mark.parametrize("model, shape, words", [
-    (Refused(), (6,), ["sigmoid", "test_pytorch_idioms.py:", "return torch.sigmoid(self.fc(x))"]),
+    (Refused(), (6,), ["cat", "test_pytorch_idioms.py:", "return torch.cat([self.fc(x), x], 1)"]),
     (LayoutMove(), (2, 10), ["view", "only flattening", "self.conv(x).view(x.size(0), 2, -1)"]),
     (Lambda(lambda x: x.mean(1), features=18), (3, 20), ["mean", "spatial", "dim=1"]),
-], ids=["sigmoid", "view that moves data", "mean over channels"])
+], ids=["cat", "view that moves data", "mean over channels"])
 def test_refused_op_names_the_line_of_forward_that_used_it(model, shape, words):
     with pytest.raises(UnsupportedOpError) as err:
         lower(model.eval(), shape)
     for word in words:
         assert word in str(err.value), (word, str(err.value))
+
+
+class Activations(nn.Module):
+    """Every lut function between trainable layers: LeakyReLU, hardswish, sigmoid, tanh, hardsigmoid, x * c + d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 6, 3)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.fc1 = nn.Linear(6 * 18, 12)
+        self.fc2 = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        y = F.hardswish(self.leaky(self.conv(x)) * 0.5)
+        y = torch.sigmoid(self.fc1(y.view(y.size(0), -1)))
+        y = torch.tanh(self.fc2(y)) + F.hardsigmoid(y) - 0.25
+        return self.head(y / 2)
+
+
+@pytest.mark.parametrize("target", ["host", "m4"])
+def test_lut_ops_train_in_c_as_in_python(target, tmp_path):
+    from test_cruntime import need
+
+    from fedtiny_device import cruntime
+
+    torch.manual_seed(0)
+    x = _samples((2, 20), n=64)
+    graph = quantize(Activations().eval(), x)
+    assert [op.kind for op in graph.ops].count("lut") == 8
+    plan = compile_plan(graph, parse("full", graph))
+    assert [s.kind for s in plan.steps].count("lut_input_grad") == 8
+    samples, labels = quantize_input(graph, x[:30]), np.arange(30) % 3
+    python = Trainer(plan, 5)
+    for xi, yi in zip(samples, labels):
+        python.step(xi, int(yi))
+    if target == "host":
+        need("gcc", "make")
+        c = cruntime.CTrainer(plan, seed=5, cache_dir=tmp_path)
+        for xi, yi in zip(samples, labels):
+            c.step(xi, int(yi))
+        for name, value in python.trainable_state().items():
+            np.testing.assert_array_equal(c.trainable_state()[name], value, err_msg=name)
+    else:
+        need("arm-none-eabi-gcc", "qemu-system-arm", "make")
+        elf = cruntime.build_train_firmware(plan, samples, labels, seed=5, steps=30, cache_dir=tmp_path)
+        result = cruntime.run_qemu(elf, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert cruntime.parse_train_result(result.stdout) == (
+            30, cruntime.trainable_digest(plan, python.trainable_state()), python.rng_counter)

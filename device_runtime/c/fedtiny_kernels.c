@@ -619,6 +619,44 @@ fedtiny_status fedtiny_clamp(const fedtiny_clamp_params *p, const int8_t *x, int
     return FEDTINY_OK;
 }
 
+size_t fedtiny_lut_scratch_bytes(const fedtiny_lut_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+fedtiny_status fedtiny_lut(const fedtiny_lut_params *p, const int8_t *x, int8_t *y)
+{
+    int32_t i;
+    for (i = 0; i < p->size; i++) {
+        y[i] = p->table[x[i] + 128];
+    }
+    return FEDTINY_OK;
+}
+
+size_t fedtiny_lut_input_grad_scratch_bytes(const fedtiny_lut_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+fedtiny_status fedtiny_lut_input_grad(const fedtiny_lut_params *p, const int16_t *g_y, int32_t e_y, const int8_t *x,
+                                      int16_t *g_x, int32_t *e_x)
+{
+    int32_t i, shift;
+    uint64_t peak = 0;
+    for (i = 0; i < p->size; i++) {
+        const uint64_t v = fedtiny_abs64((int64_t)g_y[i] * p->grad_table[x[i] + 128]);
+        peak = v > peak ? v : peak;
+    }
+    shift = fedtiny_narrow_shift(peak);
+    for (i = 0; i < p->size; i++) {
+        g_x[i] = fedtiny_narrow_one((int64_t)g_y[i] * p->grad_table[x[i] + 128], shift);
+    }
+    *e_x = e_y - p->grad_shift + shift;
+    return FEDTINY_OK;
+}
+
 /* ---- clamp masks and the loss (training) ------------------------------------------------------------------ */
 
 size_t fedtiny_activation_mask_scratch_bytes(const fedtiny_grad_mask_params *p)

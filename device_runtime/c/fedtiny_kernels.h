@@ -66,6 +66,15 @@ typedef struct {
     int32_t act_min, act_max;
 } fedtiny_clamp_params;
 
+/* lut: any elementwise function of an int8 value (sigmoid, hardswish, LeakyReLU, x * c), as its table; the
+ * training step's derivative table holds f'(x) * 2^grad_shift at each input value. */
+typedef struct {
+    int32_t size;
+    const int8_t *table;       /* 256 entries: y for x = -128..127 */
+    const int16_t *grad_table; /* 256 entries, |v| < 2^15 */
+    int32_t grad_shift;
+} fedtiny_lut_params;
+
 /* Reference convolution: any groups (dense, depthwise, grouped), strides and padding. */
 fedtiny_status fedtiny_conv2d(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch);
 size_t fedtiny_conv2d_scratch_bytes(const fedtiny_conv2d_params *p);
@@ -92,6 +101,8 @@ size_t fedtiny_maxpool2d_scratch_bytes(const fedtiny_pool2d_params *p);
 
 fedtiny_status fedtiny_clamp(const fedtiny_clamp_params *p, const int8_t *x, int8_t *y);
 size_t fedtiny_clamp_scratch_bytes(const fedtiny_clamp_params *p);
+fedtiny_status fedtiny_lut(const fedtiny_lut_params *p, const int8_t *x, int8_t *y);
+size_t fedtiny_lut_scratch_bytes(const fedtiny_lut_params *p);
 
 /* ==== training: backward kernels and updates (docs/numerics.md) ==========================================
  * A gradient is int16 values g plus one power-of-two exponent e (real = g * 2^e). Kernels take the exponent
@@ -175,6 +186,12 @@ size_t fedtiny_avgpool2d_input_grad_scratch_bytes(const fedtiny_pool2d_params *p
 fedtiny_status fedtiny_maxpool2d_input_grad(const fedtiny_pool2d_params *p, const int16_t *g_y, int32_t e_y,
                                             const int8_t *x, int16_t *g_x, int32_t *e_x, void *scratch);
 size_t fedtiny_maxpool2d_input_grad_scratch_bytes(const fedtiny_pool2d_params *p);
+
+/* lut backward: g_x = narrow(g_y * grad_table[x + 128]) (products below 2^30, so two passes need no scratch),
+ * exponent e_y - grad_shift + narrowing. g_x may be g_y. */
+fedtiny_status fedtiny_lut_input_grad(const fedtiny_lut_params *p, const int16_t *g_y, int32_t e_y, const int8_t *x,
+                                      int16_t *g_x, int32_t *e_x);
+size_t fedtiny_lut_input_grad_scratch_bytes(const fedtiny_lut_params *p);
 
 /* Bit i of mask byte i/8 (LSB first) = act_min < y[i] < act_max. */
 fedtiny_status fedtiny_activation_mask(const fedtiny_grad_mask_params *p, const int8_t *y, uint8_t *bits);

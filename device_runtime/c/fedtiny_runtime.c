@@ -55,6 +55,11 @@ static fedtiny_status invoke_clamp(const fedtiny_op *op, const fedtiny_graph *g)
     return fedtiny_clamp((const fedtiny_clamp_params *)op->params, IN(0), OUT(0));
 }
 
+static fedtiny_status invoke_lut(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_lut((const fedtiny_lut_params *)op->params, IN(0), OUT(0));
+}
+
 /* ---- training steps ---------------------------------------------------------------------------------------- */
 
 static fedtiny_status invoke_mask_bits(const fedtiny_op *op, const fedtiny_graph *g)
@@ -134,6 +139,11 @@ static fedtiny_status invoke_maxpool2d_input_grad(const fedtiny_op *op, const fe
                                         E_OUT, g->scratch);
 }
 
+static fedtiny_status invoke_lut_input_grad(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_lut_input_grad((const fedtiny_lut_params *)TP->kernel, GIN(0), E_IN(0), IN(1), GOUT(0), E_OUT);
+}
+
 static size_t scratch_conv2d(const void *p) { return fedtiny_conv2d_scratch_bytes(p); }
 static size_t scratch_conv2d_1x1(const void *p) { return fedtiny_conv2d_1x1_scratch_bytes(p); }
 static size_t scratch_conv2d_depthwise(const void *p) { return fedtiny_conv2d_depthwise_scratch_bytes(p); }
@@ -141,6 +151,7 @@ static size_t scratch_add(const void *p) { return fedtiny_add_scratch_bytes(p); 
 static size_t scratch_avgpool2d(const void *p) { return fedtiny_avgpool2d_scratch_bytes(p); }
 static size_t scratch_maxpool2d(const void *p) { return fedtiny_maxpool2d_scratch_bytes(p); }
 static size_t scratch_clamp(const void *p) { return fedtiny_clamp_scratch_bytes(p); }
+static size_t scratch_lut(const void *p) { return fedtiny_lut_scratch_bytes(p); }
 
 #define TK(p) (((const fedtiny_train_step_params *)(p))->kernel)
 static size_t scratch_none(const void *p) { (void)p; return 0; }
@@ -148,6 +159,7 @@ static size_t scratch_conv2d_input_grad(const void *p) { return fedtiny_conv2d_i
 static size_t scratch_avgpool2d_input_grad(const void *p) { return fedtiny_avgpool2d_input_grad_scratch_bytes(TK(p)); }
 static size_t scratch_maxpool2d_input_grad(const void *p) { return fedtiny_maxpool2d_input_grad_scratch_bytes(TK(p)); }
 static size_t scratch_mse_grad(const void *p) { return fedtiny_mse_grad_scratch_bytes(TK(p)); }
+static size_t scratch_lut_input_grad(const void *p) { return fedtiny_lut_input_grad_scratch_bytes(TK(p)); }
 
 static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_conv2d, scratch_conv2d, 0},                     /* FEDTINY_OP_CONV2D */
@@ -168,6 +180,8 @@ static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_avgpool2d_input_grad, scratch_avgpool2d_input_grad, 1}, /* FEDTINY_OP_AVGPOOL2D_INPUT_GRAD */
     {invoke_maxpool2d_input_grad, scratch_maxpool2d_input_grad, 1}, /* FEDTINY_OP_MAXPOOL2D_INPUT_GRAD */
     {invoke_mse_grad, scratch_mse_grad, 1},                         /* FEDTINY_OP_MSE_GRAD */
+    {invoke_lut, scratch_lut, 0},                                   /* FEDTINY_OP_LUT */
+    {invoke_lut_input_grad, scratch_lut_input_grad, 1},             /* FEDTINY_OP_LUT_INPUT_GRAD */
 };
 
 size_t fedtiny_op_scratch_bytes(const fedtiny_op *op)

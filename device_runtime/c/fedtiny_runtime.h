@@ -35,6 +35,8 @@ typedef enum {
     FEDTINY_OP_AVGPOOL2D_INPUT_GRAD = 15,  /* g_y -> g_x */
     FEDTINY_OP_MAXPOOL2D_INPUT_GRAD = 16,  /* g_y, x -> g_x */
     FEDTINY_OP_MSE_GRAD = 17,              /* y -> g (the target comes from the train state) */
+    FEDTINY_OP_LUT = 18,                   /* fedtiny_lut_params: x -> y (a forward op) */
+    FEDTINY_OP_LUT_INPUT_GRAD = 19,        /* g_y, x -> g_x */
     FEDTINY_OP_KIND_COUNT
 } fedtiny_op_kind;                   /* reshape has no kind: its output aliases its input's bytes */
 
