@@ -7,9 +7,11 @@ from .ir import Graph
 
 
 def flash_bytes(graph: Graph) -> int:
-    """Constant tensors plus per-channel requantization parameters (int32 multiplier and shift)."""
+    """Constant tensors plus per-channel requantization parameters (int32 multiplier and shift) and each lut's
+    tables (256 int8 values, 256 int16 derivatives)."""
     params = sum(8 * len(op.attrs["multiplier"]) for op in graph.ops if op.kind == "conv2d")
-    return sum(t.nbytes for t in graph.constants) + params
+    tables = sum(256 * (1 + 2) for op in graph.ops if op.kind == "lut")
+    return sum(t.nbytes for t in graph.constants) + params + tables
 
 
 def storage_of(graph: Graph) -> dict[str, str]:
@@ -51,12 +53,13 @@ def describe(graph: Graph) -> str:
     for i, op in enumerate(graph.ops):
         y = graph.tensors[op.outputs[0]]
         w = graph.tensors[op.inputs[1]] if op.kind == "conv2d" else None
-        extra = f"groups={op.attrs['groups']} stride={op.attrs['stride']}" if op.kind == "conv2d" else ""
+        extra = (f"groups={op.attrs['groups']} stride={op.attrs['stride']}" if op.kind == "conv2d" else
+                 op.attrs["function"] if op.kind == "lut" else "")
         lines.append(f"{i:>3} {op.kind:<10} {y.name[:22]:<22} {str(tuple(y.shape)):<14} {y.scale[0]:>9.3g} "
                      f"{y.zero_point:>5} {str(w.shape) if w else '':<16} {_fmt_scale(w.scale) if w else '':<24} "
                      f"{op.origin} {extra}")
     arena = inference_arena(graph)
     n_params = sum(int(np.prod(t.shape)) for t in graph.constants)
-    lines += ["", f"parameters: {n_params}", f"flash (int8 weights, int32 biases, requant params): {flash_bytes(graph)} bytes",
+    lines += ["", f"parameters: {n_params}", f"flash (int8 weights, int32 biases, requant params, tables): {flash_bytes(graph)} bytes",
               f"SRAM peak for inference activations (batch 1, planned arena): {arena.size} bytes"]
     return "\n".join(lines)
