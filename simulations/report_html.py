@@ -58,7 +58,7 @@ def html_report(out: Path, run: dict, rounds: list[dict], memory: dict, baseline
     if run.get("firmware"):
         parts += ["<h2>Firmware nodes (C on a Cortex-M4 under QEMU)</h2>",
                   _markdown_tables(firmware_section(run["firmware"]))]
-    parts += ["<h2>Settings</h2>", _table(["setting", "value"], _settings(run, memory)),
+    parts += ["<h2>Settings</h2>", _table(["setting", "value"], _settings(run, memory), text=(0, 1)),
               '<p class="note">Files beside this page: summary.md (the same in short), metrics.json (every number '
               "here), metrics.csv, data_flow.csv (every transfer), coordinator.jsonl (the coordinator's log), "
               f"plan.ftp, and the plots as PNG: {escape(', '.join(PLOTS))}.</p>"]
@@ -68,12 +68,12 @@ def html_report(out: Path, run: dict, rounds: list[dict], memory: dict, baseline
             f"<body>\n{body}\n</body>\n</html>\n")
 
 
-def _table(header: list[str], rows: list[list], left: int = 1) -> str:
-    """An HTML table; the first `left` columns are text (left-aligned), the rest numbers. A cell may be a pair
+def _table(header: list[str], rows: list[list], text: tuple[int, ...] = (0,)) -> str:
+    """An HTML table; the columns in `text` are text (left-aligned), the others numbers. A cell may be a pair
     (value, css class)."""
     def cell(tag: str, column: int, value) -> str:
         value, css = value if isinstance(value, tuple) else (value, None)
-        classes = " ".join(c for c in ("text" if column < left else None, css) if c)
+        classes = " ".join(c for c in ("text" if column in text else None, css) if c)
         attribute = f' class="{classes}"' if classes else ""
         return f"<{tag}{attribute}>{escape(str(value))}</{tag}>"
 
@@ -96,7 +96,7 @@ def _warnings(run: dict, devices: dict[str, dict]) -> list[str]:
         parts += [f'<div class="warning"><p><b>Warning:</b> {len(few)} of {run["nodes"]} nodes hold fewer than '
                   f"{NODE_MIN_PER_CLASS} samples of a class they have. Their accuracy on such a class moves in big "
                   "steps, and their updates for it rest on a few training steps.</p>",
-                  _table(["node", "classes with too few samples (samples)"], rows, left=2), "</div>"]
+                  _table(["node", "classes with too few samples (samples)"], rows, text=(0, 1)), "</div>"]
     stragglers = {k: d for k, d in devices.items() if d.get("straggler")}
     _, not_back = stragglers_back(stragglers)
     if not_back:
@@ -118,7 +118,7 @@ def _comparison(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
         t = targets[0]
         return ["<h2>Rounds to a target</h2>",
                 _table(["target", "rule", "fedtiny"],
-                       [[percent(t["accuracy"]), t["rule"], reached(t, "fedtiny", rounds)]], left=2)]
+                       [[percent(t["accuracy"]), t["rule"], reached(t, "fedtiny", rounds)]], text=(1,))]
     b_rounds = baseline["rounds"]
     rows = [["held-out accuracy before round 1", percent(run["initial_accuracy"]),
              percent(baseline.get("initial_accuracy"))],
@@ -144,7 +144,7 @@ def _rounds(run: dict, rounds: list[dict]) -> list[str]:
               f"{x['downlink_bytes']:,}", f"{x['seconds']:.2f}"] for x in rounds]
     return ["<h2>Rounds</h2>",
             _table(["round", "held-out accuracy", "loss", "participants", "uplink B", "downlink B", "seconds"], rows,
-                   left=0),
+                   text=()),
             '<p class="note">Round 0 is the pretrained int8 model before any round.</p>']
 
 
@@ -184,7 +184,7 @@ def _devices(run: dict, rounds: list[dict], devices: dict[str, dict]) -> list[st
              "after the last round, computed here from the run's records; and as its last accepted DELTA reported it "
              "(its own model right after its local training).</p>",
              _table(["device", "samples", "samples per class", "global model before", "global model after",
-                     "its own model (last report)", "rounds answered", "straggler"], rows, left=1)]
+                     "its own model (last report)", "rounds answered", "straggler"], rows, text=(0, 2))]
     numbers = [r["round"] for r in rounds]
     if numbers:
         grid = []
@@ -201,7 +201,7 @@ def _devices(run: dict, rounds: list[dict], devices: dict[str, dict]) -> list[st
         parts += ["<h3>Participation per round</h3>", _table(["device", *map(str, numbers)], grid)]
     missed = [[device, r, why] for device, d in devices.items() for r, why in d.get("why", {}).items()]
     if missed:
-        parts += [f"<h3>Missed rounds: {len(missed)}</h3>", _table(["device", "round", "why"], missed, left=3)]
+        parts += [f"<h3>Missed rounds: {len(missed)}</h3>", _table(["device", "round", "why"], missed, text=(0, 2))]
     return parts
 
 
@@ -220,7 +220,7 @@ def _data_flow(run: dict, flows: list[dict]) -> list[str]:
     return ["<h2>Data flow</h2>", f"<p>{escape(what)} data_flow.csv lists every transfer (round, device, "
             "direction, bytes, contents).</p>",
             _table(["direction", "message", "transfers", "devices", "bytes in all", "bytes per transfer", "contents"],
-                   rows, left=2)]
+                   rows, text=(0, 1, 6))]
 
 
 def _settings(run: dict, memory: dict) -> list[list]:
