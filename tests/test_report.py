@@ -6,6 +6,7 @@ can be missed)."""
 import json
 import re
 import subprocess
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +190,7 @@ def test_targets_are_stated_with_their_rule(real_run):
     summary = (out / "summary.md").read_text()
     assert result["targets"], "with a baseline there is always the parity target"
     for t in result["targets"]:
-        assert t["rule"] in summary and t["rule"] in (out / "report.html").read_text()
+        assert t["rule"] in summary and escape(t["rule"]) in (out / "report.html").read_text()
         curve = [(0, result["initial_accuracy"])] + [(r["round"], r["accuracy"]) for r in result["rounds"]]
         assert t["fedtiny"] == next((r for r, a in curve if a >= t["accuracy"]), None)
 
