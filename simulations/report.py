@@ -221,6 +221,8 @@ def participation(coordinator_log: Path, slow_rounds: dict[str, list[int]],
                 answered.setdefault(device, set()).add(event["round"])
             elif kind == "reply_rejected":
                 reason = event.get("reason", "")
+                if reason == "wrong-round" and event.get("expected_round", 0) > event.get("round", 0):
+                    reason = "late"  # it came when the device's next TASK was already out
                 refused.setdefault((device, event.get("round", completed + 1)), []).append(
                     f"refused: {REFUSALS.get(reason, reason)}")
             elif kind == "message_rejected":
@@ -428,14 +430,16 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
                   f"| device memory for training | {memory['arena_bytes']:,} B | "
                   f"at least {baseline['training_memory_bytes']:,} B (fp32 weights + gradients) |",
                   f"| wall time | {run['wall_seconds']:.1f} s | {baseline['wall_seconds']:.1f} s |", "",
-                  *[f"(*{i + 1}) target: {t['rule']}; round 0 is the start." for i, t in enumerate(run.get("targets", []))],
+                  *[f"(*{i + 1}) target: {t['rule']}; round 0 is the start."
+                    for i, t in enumerate(run.get("targets", []))],
                   ""]
     elif run.get("targets"):
         t = run["targets"][0]
         lines += [f"Rounds to {100 * t['accuracy']:.1f} % ({t['rule']}): {_reached(t, 'fedtiny', rounds)}.", ""]
     lines += recall_lines(run, rounds) + device_lines(devices or {})
     lines += ["## Rounds", "", "| round | accuracy | loss | participants | uplink B | downlink B | seconds |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---:|---:|---:|---:|---:|---:|---:|",
+              f"| 0 (before the first) | {100 * run['initial_accuracy']:.1f} % | - | - | - | - | - |"]
     for x in rounds:
         lines.append(f"| {x['round']} | {100 * x['accuracy']:.1f} % | {x['loss']:.3f} | {x['participants']} | "
                      f"{x['uplink_bytes']:,} | {x['downlink_bytes']:,} | {x['seconds']:.2f} |")

@@ -225,12 +225,13 @@ def test_every_reason_for_a_missed_round(tmp_path):
     events = [
         dict(event="task_sent", device="a", round=1), dict(event="task_sent", device="b", round=1),
         dict(event="task_sent", device="c", round=1), dict(event="task_sent", device="d", round=1),
-        dict(event="task_sent", device="e", round=1),
+        dict(event="task_sent", device="e", round=1), dict(event="task_sent", device="f", round=1),
         dict(event="message_rejected", device="c", reason="bad-signature", detail=""),
         dict(event="task_failed", device="e", error="broker gone"),
         dict(event="task_expired", device="b", round=1), dict(event="task_expired", device="d", round=1),
         dict(event="round_completed", round=1),
         dict(event="reply_rejected", device="b", round=1, reason="late"),
+        dict(event="reply_rejected", device="f", round=1, reason="wrong-round", expected_round=2),
         dict(event="task_sent", device="a", round=2), dict(event="reply_accepted", device="a", round=2),
         dict(event="round_completed", round=2)]
     log = tmp_path / "coordinator.jsonl"
@@ -243,6 +244,7 @@ def test_every_reason_for_a_missed_round(tmp_path):
     assert devices["c"]["why"][1] == "a message refused by the link (bad-signature)"
     assert devices["d"]["why"][1].startswith("no DELTA before the round closed")
     assert devices["e"]["why"][1] == "its TASK was not sent (broker gone)"
+    assert devices["f"]["why"][1] == "refused: its DELTA came after the round had closed"  # its next TASK was out
 
 
 def test_the_evaluator_counts_true_against_predicted_class():
