@@ -9,8 +9,8 @@ import base64
 from html import escape
 from pathlib import Path
 
-from .report import (NODE_MIN_PER_CLASS, PLOTS, class_names, confusion, few_samples, firmware_section, percent,
-                     recall_rows, stragglers_back)
+from .report_data import (NODE_MIN_PER_CLASS, class_names, confusion, few_samples, firmware_table, percent, reached,
+                          recall_rows, stragglers_back)
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -30,9 +30,9 @@ PLOT_TITLES = {"accuracy_loss.png": "Held-out accuracy and loss per round (round
                "device_memory.png": "Device SRAM for one training step"}
 
 
-def html_report(out: Path, run: dict, rounds: list[dict], memory: dict, baseline: dict | None, flows: list[dict],
-                devices: dict[str, dict]) -> str:
-    """The page, from what write_report computed and the PNGs it wrote into `out`."""
+def html_report(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, flows: list[dict],
+                devices: dict[str, dict], plots: list[Path]) -> str:
+    """The page, from what write_report computed and the PNG plots it wrote."""
     last = rounds[-1] if rounds else {}
     parts = [f"<h1>fedtiny simulation: {escape(str(run['scenario']))}, {run['nodes']} nodes, {len(rounds)} rounds</h1>",
              _table(["", "value"], [
@@ -46,22 +46,22 @@ def html_report(out: Path, run: dict, rounds: list[dict], memory: dict, baseline
     parts += _warnings(run, devices)
     parts += _comparison(run, rounds, memory, baseline)
     parts.append("<h2>Plots</h2>")
-    for name in PLOTS:
-        if (out / name).exists():
-            data = base64.b64encode((out / name).read_bytes()).decode("ascii")
-            parts.append(f"<figure><figcaption>{escape(PLOT_TITLES.get(name, name))}</figcaption>"
-                         f'<img alt="{escape(name)}" src="data:image/png;base64,{data}"></figure>')
+    for plot in plots:
+        data = base64.b64encode(plot.read_bytes()).decode("ascii")
+        parts.append(f"<figure><figcaption>{escape(PLOT_TITLES.get(plot.name, plot.name))}</figcaption>"
+                     f'<img alt="{escape(plot.name)}" src="data:image/png;base64,{data}"></figure>')
     parts += _rounds(run, rounds)
     parts += _recall(run, rounds)
     parts += _devices(run, rounds, devices)
     parts += _data_flow(run, flows)
     if run.get("firmware"):
-        parts += ["<h2>Firmware nodes (C on a Cortex-M4 under QEMU)</h2>",
-                  _markdown_tables(firmware_section(run["firmware"]))]
+        header, rows, note = firmware_table(run["firmware"])
+        parts += ["<h2>Firmware nodes (C on a Cortex-M4 under QEMU mps2-an386)</h2>", _table(header, rows),
+                  f"<p>{escape(note)}</p>"]
     parts += ["<h2>Settings</h2>", _table(["setting", "value"], _settings(run, memory), text=(0, 1)),
               '<p class="note">Files beside this page: summary.md (the same in short), metrics.json (every number '
               "here), metrics.csv, data_flow.csv (every transfer), coordinator.jsonl (the coordinator's log), "
-              f"plan.ftp, and the plots as PNG: {escape(', '.join(PLOTS))}.</p>"]
+              f"plan.ftp, and the plots as PNG: {escape(', '.join(p.name for p in plots))}.</p>"]
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>fedtiny report: {escape(str(run['scenario']))}</title>\n<style>{STYLE}</style>\n</head>\n"
@@ -107,10 +107,6 @@ def _warnings(run: dict, devices: dict[str, dict]) -> list[str]:
 
 def _comparison(run: dict, rounds: list[dict], memory: dict, baseline: dict | None) -> list[str]:
     targets = run.get("targets", [])
-
-    def reached(t, side, curve):
-        r = t.get(side)
-        return str(r) if r is not None else f"not in {len(curve)} rounds"
 
     if not baseline:
         if not targets:
@@ -232,19 +228,3 @@ def _settings(run: dict, memory: dict) -> list[list]:
              ["classes", ", ".join(map(str, run.get("classes") or []))],
              ["wall time", f"{run['wall_seconds']:.1f} s"]]
     return [[k, str(v)] for k, v in rows]
-
-
-def _markdown_tables(lines: list[str]) -> str:
-    """firmware_section's markdown (pipe tables and paragraphs) as HTML."""
-    parts, table = [], []
-    for line in lines + [""]:
-        if line.startswith("|"):
-            table.append([c.strip() for c in line.strip("|").split("|")])
-            continue
-        if table:
-            header, rows = table[0], [r for r in table[1:] if not set("".join(r)) <= set("-:")]
-            parts.append(_table(header, rows))
-            table = []
-        if line and not line.startswith("#"):
-            parts.append(f"<p>{escape(line)}</p>")
-    return "\n".join(parts)

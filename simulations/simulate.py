@@ -244,7 +244,8 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
 
     from fedtiny_server.rounds import confusion_matrix
 
-    from .report import accuracy_targets, write_report
+    from .report import write_report
+    from .report_data import accuracy_targets
 
     started = time.perf_counter()
     if task is None:
@@ -386,7 +387,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                        seconds=time.perf_counter() - t0, peak_device_memory=plan.arena_size,
                        confusion=list(result.eval_metrics.get("confusion", [])))
             if firmware_devices:
-                from .report import participation
+                from .report_data import participation
 
                 answered = participation(run / "coordinator.jsonl", {})
                 row["firmware"] = sum(r in answered.get(d, {}).get("answered", ()) for d in firmware_devices)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtiny_sim import report
+from fedtiny_sim import report, report_data
 from fedtiny_sim.simulate import SimulationConfig, dropped_rounds, simulate
 
 
@@ -118,12 +118,12 @@ def test_per_class_recall_comes_from_the_held_out_confusion_matrix(real_run):
     held_out = None
     for accuracy, flat in [(m["run"]["initial_accuracy"], m["run"]["initial_confusion"])] + \
             [(r["accuracy"], r["confusion"]) for r in m["rounds"]]:
-        matrix = report.confusion(flat)
+        matrix = report_data.confusion(flat)
         assert matrix.shape == (2, 2)  # medical: malignant, benign
         held_out = held_out or int(matrix.sum())
         assert matrix.sum() == held_out and np.trace(matrix) / held_out == pytest.approx(accuracy)
     summary = (out / "summary.md").read_text()
-    final = report.recall(m["rounds"][-1]["confusion"])
+    final = report_data.recall(m["rounds"][-1]["confusion"])
     for name, value in zip(m["run"]["classes"], final):
         assert re.search(rf"\| {name} \| \d+ \| [\d.]+ % \| {100 * value:.1f} % \|", summary), summary
 
@@ -174,13 +174,13 @@ def test_nodes_with_too_few_samples_of_a_class_are_named(real_run):
     few = {}
     for path in sorted((out / "nodes").glob("*.npz")):
         classes, counts = np.unique(np.load(path)["y"], return_counts=True)
-        small = {str(int(c)): int(n) for c, n in zip(classes, counts) if n < report.NODE_MIN_PER_CLASS}
+        small = {str(int(c)): int(n) for c, n in zip(classes, counts) if n < report_data.NODE_MIN_PER_CLASS}
         if small:
             few[path.stem] = small
     assert few, "seed 3 gives a node a single benign sample: the test needs one"
     assert metrics(out)["few_samples"] == few
     summary = (out / "summary.md").read_text()
-    assert f"**Warning:** {len(few)} of 4 nodes hold fewer than {report.NODE_MIN_PER_CLASS} samples" in summary
+    assert f"**Warning:** {len(few)} of 4 nodes hold fewer than {report_data.NODE_MIN_PER_CLASS} samples" in summary
     html = (out / "report.html").read_text()
     assert all(device in summary and f"<td class=\"text\">{device}</td>" in html for device in few)
 
@@ -206,18 +206,18 @@ def test_targets_compare_against_the_baselines_results_not_fedtinys_own():
     49.5 %) showed "1 vs 1"."""
     fedtiny = rounds_of(0.50, 0.52, 0.53, 0.55, 0.55)
     fp32 = dict(initial_accuracy=0.5, rounds=rounds_of(0.70, 0.80, 0.85, 0.875, 0.875))
-    both, parity = report.accuracy_targets(0.50, fedtiny, fp32)
+    both, parity = report_data.accuracy_targets(0.50, fedtiny, fp32)
     assert both["accuracy"] == pytest.approx(0.5 + 0.9 * 0.05)  # both reach it, above either start
     assert (both["fedtiny"], both["baseline"]) == (4, 1)
     assert parity["accuracy"] == pytest.approx(0.855) and "minus 2 points" in parity["rule"]
     assert (parity["fedtiny"], parity["baseline"]) == (None, 4)  # 85 % < 85.5 % <= 87.5 %
-    assert report._reached(parity, "fedtiny", fedtiny) == "not in 5 rounds (best 55.0 %)"
+    assert report_data.reached(parity, "fedtiny", fedtiny) == "not in 5 rounds (best 55.0 %)"
 
 
 def test_no_target_both_reach_when_a_side_never_beats_the_start():
     flat = rounds_of(0.70, 0.69)
-    assert report.accuracy_targets(0.70, flat) == []
-    (parity,) = report.accuracy_targets(0.70, flat, dict(initial_accuracy=0.6, rounds=rounds_of(0.8, 0.9)))
+    assert report_data.accuracy_targets(0.70, flat) == []
+    (parity,) = report_data.accuracy_targets(0.70, flat, dict(initial_accuracy=0.6, rounds=rounds_of(0.8, 0.9)))
     assert parity["accuracy"] == pytest.approx(0.88) and parity["fedtiny"] is None and parity["baseline"] == 2
 
 
@@ -236,7 +236,7 @@ def test_every_reason_for_a_missed_round(tmp_path):
         dict(event="round_completed", round=2)]
     log = tmp_path / "coordinator.jsonl"
     log.write_text("".join(json.dumps(e) + "\n" for e in events))
-    devices = report.participation(log, slow_rounds={"b": [1]}, dropped_rounds={"a": [1]})
+    devices = report_data.participation(log, slow_rounds={"b": [1]}, dropped_rounds={"a": [1]})
     assert devices["a"]["missed"] == [1] and devices["a"]["answered"] == [2]
     assert devices["a"]["why"][1].startswith("dropped out")
     assert devices["b"]["why"][1] == ("straggler, slow this round (--stragglers); refused: its DELTA came after "
@@ -252,5 +252,5 @@ def test_the_evaluator_counts_true_against_predicted_class():
 
     counts = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
     assert counts == [1, 1, 0, 0, 1, 0, 1, 0, 2]
-    assert report.recall(counts) == [0.5, 1.0, pytest.approx(2 / 3)]
-    assert report.recall([1, 0, 0, 0]) == [1.0, None]  # no held-out sample of class 1
+    assert report_data.recall(counts) == [0.5, 1.0, pytest.approx(2 / 3)]
+    assert report_data.recall([1, 0, 0, 0]) == [1.0, None]  # no held-out sample of class 1
