@@ -37,8 +37,9 @@ def accuracy_targets(initial: float, rounds: list[dict], baseline: dict | None =
     lower_best = min(max(r["accuracy"] for r in c) for c in curves.values())
     targets = []
     if lower_best > start:
-        whose = "the lower of the two best accuracies" if len(curves) > 1 else "the best accuracy"
-        rule = (f"{100 * TARGET_SHARE:.0f} % of the way from the start ({100 * start:.1f} %) to {whose} "
+        both = len(curves) > 1
+        rule = (f"{100 * TARGET_SHARE:.0f} % of the way from the {'higher ' if both else ''}start "
+                f"({100 * start:.1f} %) to the {'lower of the two best accuracies' if both else 'best accuracy'} "
                 f"({100 * lower_best:.1f} %)")
         targets.append(_target(start + TARGET_SHARE * (lower_best - start), rule, starts, curves))
     if "baseline" in curves:
@@ -58,6 +59,7 @@ def _target(accuracy: float, rule: str, starts: dict, curves: dict) -> dict:
 
 
 def reached(target: dict, side: str, curve: list[dict]) -> str:
+    """A target's round for one side, as the report shows it; where the side never got there, its best."""
     r = target.get(side)
     if r is not None:
         return str(r)
