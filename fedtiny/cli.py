@@ -324,7 +324,7 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
     # user_errors: a plan too big for the budget, known after pretraining
     with LiveTable(rounds, qemu_nodes) as live, user_errors():
         result = run_simulation(config, progress=live, task=task, note=live.note)  # a line per phase
-    click.echo(f"\nreport: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
+    click.echo(f"\nreport: {out}/report.html and summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
                f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")
     if result["baseline"]:
         b = result["baseline"]

@@ -99,8 +99,9 @@ def load_strategy_state(strategy, arrays: dict[str, np.ndarray] | None) -> None:
 
 def heldout_evaluator(plan: Plan, model: GlobalModel, x: np.ndarray, y: np.ndarray, batch: int = 256
                       ) -> Callable[[int, ArrayRecord], MetricRecord]:
-    """evaluate_fn(round, arrays): accuracy and cross-entropy of the int8 graph with the global integers,
-    run by the reference interpreter on a held-out set (x in the float model's layout)."""
+    """evaluate_fn(round, arrays): accuracy, cross-entropy and the confusion matrix (row: true class, column:
+    predicted; flattened, as a MetricRecord holds flat lists) of the int8 graph with the global integers, run by
+    the reference interpreter on a held-out set (x in the float model's layout)."""
     from fedtiny.interpreter import dequantize, quantize_input, run
 
     y = np.asarray(y)
@@ -113,9 +114,16 @@ def heldout_evaluator(plan: Plan, model: GlobalModel, x: np.ndarray, y: np.ndarr
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         return MetricRecord({"accuracy": float((logits.argmax(1) == y).mean()),
-                             "loss": float(-log_p[np.arange(len(y)), y].mean()), "examples": int(len(y))})
+                             "loss": float(-log_p[np.arange(len(y)), y].mean()), "examples": int(len(y)),
+                             "confusion": confusion_matrix(y, logits.argmax(1), logits.shape[1])})
 
     return evaluate
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int) -> list[int]:
+    """Counts of (true class, predicted class), row by row: entry t * classes + p."""
+    return [int(v) for v in np.bincount(np.asarray(labels) * classes + np.asarray(predicted),
+                                        minlength=classes * classes)]
 
 
 # --- the loop -------------------------------------------------------------------------------------------------

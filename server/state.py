@@ -162,6 +162,12 @@ class StateStore:
         with self._lock:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('link_replay', ?)", (json.dumps(state),))
 
+    def reply_metrics(self) -> dict[tuple[int, str], dict[str, float]]:
+        """What each accepted reply's device reported (loss, accuracy, ...), by (round, device)."""
+        with self._lock:
+            rows = self.db.execute("SELECT round, device, metrics FROM replies").fetchall()
+        return {(r, d): json.loads(m) for r, d, m in rows}
+
     def accepted_ids(self, round_: int) -> set[str]:
         with self._lock:
             return {r[0] for r in self.db.execute("SELECT device FROM replies WHERE round = ?", (round_,))}

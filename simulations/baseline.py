@@ -102,7 +102,7 @@ def _run_baseline(model: nn.Module, nodes: list[Dataset], test: Dataset, *, roun
 
     started = time.perf_counter()
     grid = TorchClientGrid(model, nodes, lr=lr, epochs=epochs, seed=seed)
-    history = []
+    history, start = [], {}
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         evaluated = copy.deepcopy(model)
@@ -113,11 +113,14 @@ def _run_baseline(model: nn.Module, nodes: list[Dataset], test: Dataset, *, roun
         acc = accuracy(evaluated, test.X, test.y)
         if server_round > 0:
             history.append(dict(round=server_round, accuracy=acc, loss=loss))
+        else:
+            start.update(accuracy=acc, loss=loss)  # the pretrained float model: round 0 of the report's curve
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=len(nodes))
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
                    train_config=ConfigRecord({}), evaluate_fn=evaluate)
     params = sum(p.numel() for p in model.parameters())
-    return dict(rounds=history, bytes_per_node_per_round=grid.bytes_up / max(1, rounds * len(nodes)),
+    return dict(rounds=history, initial_accuracy=start.get("accuracy"),
+                bytes_per_node_per_round=grid.bytes_up / max(1, rounds * len(nodes)),
                 training_memory_bytes=4 * 2 * params, wall_seconds=time.perf_counter() - started)

@@ -1,31 +1,48 @@
-"""The report folder a simulation leaves behind: metrics as JSON and CSV, PNG plots, a one-page summary."""
+"""The report folder a simulation leaves behind: metrics as JSON and CSV, PNG plots, a one-page summary and a
+self-contained HTML report (report_html.py) that a person opens in any browser, offline. What they say is computed
+in report_data.py."""
 
 import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .report_data import (  # noqa: E402
+    FLOW_FIELDS, NODE_MIN_PER_CLASS, class_names, data_flow, device_accuracy, few_samples, firmware_table,
+    participation, percent, reached, recall, recall_rows, stragglers_back)
+from .report_html import html_report  # noqa: E402
+
 ROUND_FIELDS = ("round", "accuracy", "loss", "participants", "uplink_bytes", "downlink_bytes", "seconds")
+PLOTS = ("accuracy_loss.png", "recall.png", "bytes_per_round.png", "device_memory.png")
 
 
 def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dict, baseline: dict | None = None,
-                 slow_rounds: dict[str, list[int]] | None = None) -> Path:
-    """run: settings and totals; rounds: one dict per round (ROUND_FIELDS); memory: the plan's memory report;
-    slow_rounds: the rounds each straggler was slow in (--stragglers)."""
+                 slow_rounds: dict[str, list[int]] | None = None,
+                 dropped_rounds: dict[str, list[int]] | None = None) -> Path:
+    """run: settings and totals (with `initial_accuracy`, `initial_confusion`, `classes` and `targets` from
+    accuracy_targets); rounds: one dict per round (ROUND_FIELDS and the held-out `confusion`); memory: the plan's
+    memory report; slow_rounds / dropped_rounds: the rounds each straggler was slow in (--stragglers) and each node
+    dropped out of (--dropout). Also reads the run folder: coordinator.jsonl, state.db, plan.ftp, nodes/."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    devices = participation(out / "coordinator.jsonl", slow_rounds or {})
+    devices = participation(out / "coordinator.jsonl", slow_rounds or {}, dropped_rounds or {})
+    for device, facts in device_accuracy(out).items():
+        devices.setdefault(device, dict(tasked=[], answered=[], missed=[], why={}, straggler=False,
+                                        slow_rounds=[])).update(facts)
+    warnings = few_samples(devices)
     (out / "metrics.json").write_text(json.dumps(dict(run=run, rounds=rounds, memory=memory, baseline=baseline,
-                                                      devices=devices), indent=2, default=float))
+                                                      devices=devices, few_samples=warnings), indent=2, default=float))
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=ROUND_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rounds)
-    _plot_accuracy(out / "accuracy_loss.png", rounds, baseline)
+    _plot_accuracy(out / "accuracy_loss.png", run, rounds, baseline)
+    _plot_recall(out / "recall.png", run, rounds)
     _plot_bytes(out / "bytes_per_round.png", rounds, baseline)
     _plot_memory(out / "device_memory.png", memory)
     flows = data_flow(out / "coordinator.jsonl", run.get("trainable", []))
@@ -34,75 +51,54 @@ def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dic
         writer.writeheader()
         writer.writerows(flows)
     (out / "summary.md").write_text(summary(run, rounds, memory, baseline, flows, devices))
+    (out / "report.html").write_text(html_report(run, rounds, memory, baseline, flows, devices,
+                                                 [out / name for name in PLOTS]))
     return out
 
 
-def participation(coordinator_log: Path, slow_rounds: dict[str, list[int]]) -> dict[str, dict]:
-    """Per device, from the coordinator's log: the rounds it was sent a TASK (`tasked`), those with an accepted
-    DELTA (`answered`), the tasked ones without (`missed`), and for a straggler the rounds it was slow in."""
-    tasked: dict[str, set[int]] = {}
-    answered: dict[str, set[int]] = {}
-    if Path(coordinator_log).exists():
-        for line in Path(coordinator_log).read_text().splitlines():
-            event = json.loads(line)
-            if event.get("event") == "task_sent":
-                tasked.setdefault(event["device"], set()).add(event["round"])
-            elif event.get("event") == "reply_accepted":
-                answered.setdefault(event["device"], set()).add(event["round"])
-    out = {}
-    for device in sorted(set(tasked) | set(answered) | set(slow_rounds)):
-        got, asked = answered.get(device, set()), tasked.get(device, set())
-        out[device] = dict(tasked=sorted(asked), answered=sorted(got), missed=sorted(asked - got),
-                           straggler=device in slow_rounds, slow_rounds=slow_rounds.get(device, []))
-    return out
-
-
-def stragglers_back(devices: dict[str, dict]) -> tuple[list[str], list[str]]:
-    """(stragglers that missed a round and answered a later one after every miss, those that did not)."""
-    back, not_back = [], []
-    for device, d in devices.items():
-        if d["straggler"] and d["missed"]:
-            later = all(any(a > m for a in d["answered"]) for m in d["missed"])
-            (back if later else not_back).append(device)
-    return back, not_back
-
-
-FLOW_FIELDS = ("round", "device", "direction", "message", "bytes", "contents")
-
-
-def data_flow(coordinator_log: Path, trainable: list[str]) -> list[dict]:
-    """The data-flow manifest a compliance review asks for: every transfer the coordinator accepted or sent,
-    per round and device, with its size and what it contained, from the coordinator's own structured log."""
-    if not Path(coordinator_log).exists():
-        return []
-    uplink = "DELTA: integer changes of " + " ".join(trainable) + "; example count; loss; accuracy"
-    rows = []
-    for line in Path(coordinator_log).read_text().splitlines():
-        event = json.loads(line)
-        if event.get("event") == "reply_accepted":
-            rows.append(dict(round=event["round"], device=event["device"], direction="device -> coordinator",
-                             message="DELTA", bytes=event["uplink_bytes"], contents=uplink))
-        elif event.get("event") == "task_sent":
-            rows.append(dict(round=event["round"], device=event["device"], direction="coordinator -> device",
-                             message="TASK + GLOBAL_UPDATE", bytes=event.get("downlink_bytes", 0),
-                             contents="round settings; changed global trainable tensors"))
-    return rows
-
-
-def _plot_accuracy(path, rounds, baseline):
+def _plot_accuracy(path, run, rounds, baseline):
+    """Held-out accuracy and loss per round, from round 0 (the model before any round); accuracy on 0..100 %, loss
+    from 0: a fixed scale, so a step of a point looks like one."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-    r = [x["round"] for x in rounds]
-    acc_ax.plot(r, [100 * x["accuracy"] for x in rounds], marker="o", label="fedtiny int8 (devices)")
-    loss_ax.plot(r, [x["loss"] for x in rounds], marker="o", label="fedtiny int8 (devices)")
+    r = [0] + [x["round"] for x in rounds]
+    acc_ax.plot(r, [100 * run["initial_accuracy"]] + [100 * x["accuracy"] for x in rounds], marker="o",
+                label="fedtiny int8 (devices)")
+    loss_ax.plot(r[1:], [x["loss"] for x in rounds], marker="o", label="fedtiny int8 (devices)")
     if baseline:
-        br = [x["round"] for x in baseline["rounds"]]
-        acc_ax.plot(br, [100 * x["accuracy"] for x in baseline["rounds"]], marker="s", label="Flower + PyTorch fp32")
-        loss_ax.plot(br, [x["loss"] for x in baseline["rounds"]], marker="s", label="Flower + PyTorch fp32")
-    acc_ax.set(xlabel="round", ylabel="held-out accuracy (%)", title="Accuracy")
+        start = [] if baseline.get("initial_accuracy") is None else [(0, baseline["initial_accuracy"])]
+        points = start + [(x["round"], x["accuracy"]) for x in baseline["rounds"]]
+        acc_ax.plot([p for p, _ in points], [100 * a for _, a in points], marker="s", label="Flower + PyTorch fp32")
+        loss_ax.plot([x["round"] for x in baseline["rounds"]], [x["loss"] for x in baseline["rounds"]], marker="s",
+                     label="Flower + PyTorch fp32")
+    for target in run.get("targets", [])[:1]:
+        acc_ax.axhline(100 * target["accuracy"], color="gray", ls=":", lw=1,
+                       label=f"target {100 * target['accuracy']:.1f} %")
+    acc_ax.set(xlabel="round (0: before the first)", ylabel="held-out accuracy (%)", title="Accuracy", ylim=(0, 100))
     loss_ax.set(xlabel="round", ylabel="held-out loss", title="Loss")
+    loss_ax.set_ylim(bottom=0)
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_recall(path, run, rounds):
+    """Per class, the held-out recall of the global model from round 0 on."""
+    curves = [recall(run.get("initial_confusion"))] + [recall(x.get("confusion")) for x in rounds]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    k = max((len(c) for c in curves), default=0)
+    for c, name in enumerate(class_names(run, k)):
+        points = [(r, 100 * v[c]) for r, v in enumerate(curves) if len(v) > c and v[c] is not None]
+        ax.plot([p for p, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set(xlabel="round (0: before the first)", ylabel="recall (%)", ylim=(0, 100),
+           title="Per-class recall of the global model (held-out)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    if k:
+        ax.legend(fontsize=8, ncol=2 if k > 5 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -117,6 +113,7 @@ def _plot_bytes(path, rounds, baseline):
     if baseline:
         ax.axhline(baseline["bytes_per_node_per_round"], color="C3", ls="--", label="Flower fp32 full model / node")
     ax.set(xlabel="round", ylabel="bytes", yscale="log", title="Bytes per node per round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -160,6 +157,7 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
         f"{memory['scratch_bytes']:,} B of {memory['budget_bytes'] - memory['reserve_bytes']:,} B available |",
         f"| flash for the model and plan | {memory['flash_bytes']:,} B |", "",
     ]
+    lines += few_samples_lines(few_samples(devices or {}), run)
     if run.get("firmware"):
         lines += firmware_section(run["firmware"])
     if flower:
@@ -189,49 +187,95 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
                   f"a later round after every miss."]
         for k in not_back:
             d = stragglers[k]
-            last = min(m for m in d["missed"] if not any(a > m for a in d["answered"]))
-            fast = [r for r in d["tasked"] if r > last and r not in d["slow_rounds"]]
+            gone = min(m for m in d["missed"] if not any(a > m for a in d["answered"]))
+            fast = [r for r in d["tasked"] if r > gone and r not in d["slow_rounds"]]
             why = (f"though not slow in round(s) {fast}" if fast else "slow in every round after it"
-                   if any(r > last for r in d["tasked"]) else "the last round")
+                   if any(r > gone for r in d["tasked"]) else "the last round")
             lines.append(f"- {k} missed {d['missed']}, answered {d['answered']}, slow in {d['slow_rounds']}: "
-                         f"nothing accepted after round {last} ({why})")
+                         f"nothing accepted after round {gone} ({why})")
         lines += ["metrics.json `devices` has every device's tasked, answered and missed rounds.", ""]
     if baseline:
         b_last = baseline["rounds"][-1]
         lines += ["## Against plain Flower + PyTorch fp32 (same task, data, rounds)", "",
                   "| | fedtiny | Flower + PyTorch fp32 |", "|---|---:|---:|",
                   f"| final accuracy | {100 * last.get('accuracy', 0):.1f} % | {100 * b_last['accuracy']:.1f} % |",
-                  f"| rounds to {100 * run['target_accuracy']:.0f} % | {run.get('rounds_to_target', '-')} | "
-                  f"{baseline.get('rounds_to_target', '-')} |",
+                  *[f"| rounds to {100 * t['accuracy']:.1f} % (*{i + 1}) | {reached(t, 'fedtiny', rounds)} | "
+                    f"{reached(t, 'baseline', baseline['rounds'])} |" for i, t in enumerate(run.get("targets", []))],
                   f"| bytes per node per round (uplink) | {up:,.0f} | {baseline['bytes_per_node_per_round']:,.0f} |",
                   f"| device memory for training | {memory['arena_bytes']:,} B | "
                   f"at least {baseline['training_memory_bytes']:,} B (fp32 weights + gradients) |",
-                  f"| wall time | {run['wall_seconds']:.1f} s | {baseline['wall_seconds']:.1f} s |", ""]
+                  f"| wall time | {run['wall_seconds']:.1f} s | {baseline['wall_seconds']:.1f} s |", "",
+                  *[f"(*{i + 1}) target: {t['rule']}; round 0 is the start."
+                    for i, t in enumerate(run.get("targets", []))],
+                  ""]
+    elif run.get("targets"):
+        t = run["targets"][0]
+        lines += [f"Rounds to {100 * t['accuracy']:.1f} % ({t['rule']}): {reached(t, 'fedtiny', rounds)}.", ""]
+    lines += recall_lines(run, rounds) + device_lines(devices or {})
     lines += ["## Rounds", "", "| round | accuracy | loss | participants | uplink B | downlink B | seconds |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---:|---:|---:|---:|---:|---:|---:|",
+              f"| 0 (before the first) | {100 * run['initial_accuracy']:.1f} % | - | - | - | - | - |"]
     for x in rounds:
         lines.append(f"| {x['round']} | {100 * x['accuracy']:.1f} % | {x['loss']:.3f} | {x['participants']} | "
                      f"{x['uplink_bytes']:,} | {x['downlink_bytes']:,} | {x['seconds']:.2f} |")
-    lines += ["", "Plots: accuracy_loss.png, bytes_per_round.png, device_memory.png. Data: metrics.json, metrics.csv, "
-              "data_flow.csv (per transfer: round, device, direction, bytes, contents)."]
+    lines += ["", f"report.html: this page with its plots in one file. Plots: {', '.join(PLOTS)}. Data: metrics.json, "
+              "metrics.csv, data_flow.csv (per transfer: round, device, direction, bytes, contents)."]
     return "\n".join(lines) + "\n"
 
 
+def few_samples_lines(few: dict[str, dict[str, int]], run: dict, shown: int = 10) -> list[str]:
+    if not few:
+        return []
+    names = class_names(run, len(run.get("classes") or []))
+    label = (lambda c: names[int(c)] if int(c) < len(names) else c)
+    items = [f"{device} ({', '.join(f'{label(c)}: {n}' for c, n in counts.items())})"
+             for device, counts in list(few.items())[:shown]]
+    more = f", and {len(few) - shown} more (metrics.json `few_samples`)" if len(few) > shown else ""
+    return [f"**Warning:** {len(few)} of {run['nodes']} nodes hold fewer than {NODE_MIN_PER_CLASS} samples of a class "
+            f"they have (samples per class): {'; '.join(items)}{more}. Their accuracy on such a class moves in big "
+            f"steps and their updates for it rest on a few training steps.", ""]
+
+
+def recall_lines(run: dict, rounds: list[dict]) -> list[str]:
+    rows = recall_rows(run, rounds)
+    if not rows:
+        return []
+    lines = ["## Per-class recall of the global model (held-out)", "",
+             "Of each class's held-out samples, the share labelled right. For a fault class 100 % minus it is the "
+             "share of faults missed; for the normal class, the share of false alarms.", "",
+             "| class | held-out samples | before round 1 | after the last round |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {n} | {percent(a)} | {percent(b)} |" for name, a, b, n in rows]
+    return lines + [""]
+
+
+def device_lines(devices: dict[str, dict], shown: int = 5) -> list[str]:
+    """Devices' accuracy on their own samples before and after, and the rounds they missed, with why."""
+    lines = []
+    measured = {k: d for k, d in devices.items() if d.get("accuracy_after") is not None}
+    if measured:
+        before = [d["accuracy_before"] for d in measured.values()]
+        after = [d["accuracy_after"] for d in measured.values()]
+        better = sum(b > a for a, b in zip(before, after))
+        worse = sum(b < a for a, b in zip(before, after))
+        worst = sorted(measured.items(), key=lambda kv: kv[1]["accuracy_after"])[:shown]
+        lines += ["## Devices: the global model on each device's own samples", "",
+                  f"Mean accuracy {percent(float(np.mean(before)))} before round 1, {percent(float(np.mean(after)))} "
+                  f"after the last round; better on {better}, worse on {worse}, of {len(measured)} devices. "
+                  f"Lowest after: " + ", ".join(f"{k} {percent(d['accuracy_before'])} -> {percent(d['accuracy_after'])}"
+                                               for k, d in worst) + ". "
+                  "report.html and metrics.json `devices` have every device, with the accuracy its last DELTA "
+                  "reported (its own model right after local training).", ""]
+    missed = [(k, r, why) for k, d in devices.items() for r, why in d.get("why", {}).items()]
+    if missed:
+        lines += [f"## Missed rounds: {len(missed)} (device, round: why)", ""]
+        lines += [f"- {k}, round {r}: {why}" for k, r, why in missed[:20]]
+        if len(missed) > 20:
+            lines.append(f"- and {len(missed) - 20} more (report.html, metrics.json `devices` `why`)")
+        lines.append("")
+    return lines
+
+
 def firmware_section(firmware: dict[str, dict]) -> list[str]:
-    """The firmware nodes (--qemu-nodes): RAM and flash by the linker, DELTAs sent, and the instructions of a
-    round by part (from one DELTA to the next, idle polling left out; the first round, which also boots and
-    joins, is left out when there are others), with the time they take at two Cortex-M4 clocks."""
-    lines = ["## Firmware nodes (C on a Cortex-M4 under QEMU mps2-an386)", "",
-             "| device | RAM B | flash B | DELTAs sent | refused downlinks | training | crypto | protocol | "
-             "instructions per round | at 64 MHz | at 216 MHz |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for device, node in sorted(firmware.items()):
-        rounds = node["instructions"][1:] or node["instructions"]
-        mean = {part: sum(r[part] for r in rounds) / max(1, len(rounds)) for part in ("training", "crypto", "protocol")}
-        total = sum(mean.values())
-        lines.append(f"| {device} (firmware) | {node['ram_bytes']:,} | {node['flash_bytes']:,} | "
-                     f"{node['rounds_sent']} | {len(node['refused'])} | {mean['training']:,.0f} | "
-                     f"{mean['crypto']:,.0f} | "
-                     f"{mean['protocol']:,.0f} | {total:,.0f} | {total / 64e6:.2f} s | {total / 216e6:.2f} s |")
-    return lines + ["", "Instructions are executed instructions counted by QEMU (one per instruction, not cycles: a "
-                        "real M4 needs about 1.1-1.5x as many cycles, plus flash wait states).", ""]
+    header, rows, note = firmware_table(firmware)
+    return (["## Firmware nodes (C on a Cortex-M4 under QEMU mps2-an386)", "", "| " + " | ".join(header) + " |",
+             "|---|" + "---:|" * (len(header) - 1)] + ["| " + " | ".join(row) + " |" for row in rows] + ["", note, ""])

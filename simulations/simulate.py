@@ -141,6 +141,13 @@ def slow_rounds(config: dict, devices: list[str]) -> dict[str, list[int]]:
             for d in devices if is_straggler(config, d)}
 
 
+def dropped_rounds(config: dict, devices: list[str]) -> dict[str, list[int]]:
+    """The rounds each node drops out of (the run's record of the --dropout draw)."""
+    dropped = {d: [r for r in range(1, config["rounds"] + 1) if _fails(config["seed"], d, r, config["dropout"])]
+               for d in devices}
+    return {d: rounds for d, rounds in dropped.items() if rounds}
+
+
 def device_name(index: int) -> str:
     return f"node{index:03d}"
 
@@ -235,7 +242,10 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     from fedtiny_server.ops import setup_json_logging
     import flwr  # noqa: F401  (importing it sets its logger's level: before we quiet that logger below)
 
+    from fedtiny_server.rounds import confusion_matrix
+
     from .report import write_report
+    from .report_data import accuracy_targets
 
     started = time.perf_counter()
     if task is None:
@@ -256,7 +266,8 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     cache = os.environ.get("FEDTINY_CACHE", "~/.cache/fedtiny")
     say(f"preparing the model (pretrained on the host's data, or from {cache}) and the training plan")
     model, graph, plan, scheme, devices = _prepare(config, run, task)
-    initial = float((predict(graph, task.test.X) == task.test.y).mean())
+    predicted = predict(graph, task.test.X)
+    initial = float((predicted == task.test.y).mean())
 
     def coordinate(link, clock=time.monotonic, firmware_devices=()) -> list[dict]:
         return _rounds(config, link, plan, task, run, progress, clock, firmware_devices)
@@ -269,15 +280,14 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
         firmware_note = f", {config.qemu_nodes} of them as firmware under QEMU" if config.qemu_nodes else ""
         say(f"starting the broker and {config.nodes} nodes{firmware_note}; then {config.rounds} rounds")
         rounds, firmware = _run_mqtt(config, run, plan, devices, coordinate)
-    target = 0.9 * max(r["accuracy"] for r in rounds) if rounds else 0.0
     broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
                    broker=broker, seed=config.seed, dropout=config.dropout, stragglers=config.stragglers,
                    deadline=config.deadline, engine=config.engine,
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
-                   qemu_nodes=config.qemu_nodes, firmware=firmware,
-                   wall_seconds=time.perf_counter() - started, target_accuracy=target,
-                   rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
+                   initial_confusion=confusion_matrix(task.test.y, predicted, task.num_classes),
+                   classes=list(task.pretrain.classes), qemu_nodes=config.qemu_nodes, firmware=firmware,
+                   wall_seconds=time.perf_counter() - started)
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
@@ -286,11 +296,17 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
         say(f"baseline: plain Flower FedAvg with PyTorch fp32 clients, {config.rounds} rounds on the same task")
         baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
                                 epochs=config.epochs, seed=config.seed)
-        baseline["rounds_to_target"] = next((r["round"] for r in baseline["rounds"] if r["accuracy"] >= target), None)
     from fedtiny_device.codegen import plan_scratch_bytes
 
     memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
-    write_report(run, summary, rounds, memory, baseline, slow_rounds(asdict(config), devices))
+    summary["targets"] = accuracy_targets(initial, rounds, baseline)  # "rounds to X %", each with its rule
+    first = summary["targets"][0] if summary["targets"] else {}
+    summary.update(target_accuracy=first.get("accuracy"), rounds_to_target=first.get("fedtiny"))
+    if baseline:
+        baseline["rounds_to_target"] = first.get("baseline")
+    agents = devices[config.qemu_nodes:]  # firmware nodes take no --dropout or --stragglers
+    write_report(run, summary, rounds, memory, baseline, slow_rounds(asdict(config), agents),
+                 dropped_rounds(asdict(config), agents))
     return dict(summary, rounds=rounds, baseline=baseline)
 
 
@@ -368,9 +384,10 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
             row = dict(round=r, accuracy=float(result.eval_metrics.get("accuracy", float("nan"))),
                        loss=float(result.eval_metrics.get("loss", float("nan"))), participants=result.replies,
                        uplink_bytes=int(up1 - up0), downlink_bytes=int(down1 - down0),
-                       seconds=time.perf_counter() - t0, peak_device_memory=plan.arena_size)
+                       seconds=time.perf_counter() - t0, peak_device_memory=plan.arena_size,
+                       confusion=list(result.eval_metrics.get("confusion", [])))
             if firmware_devices:
-                from .report import participation
+                from .report_data import participation
 
                 answered = participation(run / "coordinator.jsonl", {})
                 row["firmware"] = sum(r in answered.get(d, {}).get("answered", ()) for d in firmware_devices)

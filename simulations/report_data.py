@@ -1,0 +1,290 @@
+"""What a simulation's report says, from the run's records: the "rounds to X %" targets and their rules, the
+held-out confusion matrix and per-class recall, each device's samples and accuracy before and after, which device
+missed which round and why, and the data-flow manifest. report.py writes them as files and summary.md,
+report_html.py as report.html."""
+
+import json
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+# Below this many samples of a class, a node's accuracy on that class moves in steps of 20 points or more and its
+# update for the class rests on a handful of training steps: the report names such nodes.
+NODE_MIN_PER_CLASS = 5
+
+# "rounds to X %": the targets' rules, stated in the report beside each target.
+TARGET_SHARE = 0.9  # of the smaller of the two gains: a target both sides reach
+PARITY_MARGIN = 0.02  # "as well as fp32": within 2 points of the baseline's final accuracy
+
+
+# --- held-out accuracy: targets and per-class recall -----------------------------------------------------------
+
+def accuracy_targets(initial: float, rounds: list[dict], baseline: dict | None = None) -> list[dict]:
+    """The "rounds to X %" rows: a target accuracy, the rule that set it, and the first round each side's held-out
+    accuracy reached it (0: already at the start; None: not in this run). Without a baseline, one target from
+    fedtiny's own curve; with one, a target both reach (TARGET_SHARE of the way from the higher start to the lower
+    best, so neither side's rounds can look fast by a target set below its start) and the parity target
+    (the baseline's final accuracy minus PARITY_MARGIN: how long fedtiny takes to do as well as fp32, if it does)."""
+    if not rounds:
+        return []
+    starts, curves = {"fedtiny": initial}, {"fedtiny": rounds}
+    if baseline and baseline.get("rounds"):
+        starts["baseline"], curves["baseline"] = baseline.get("initial_accuracy"), baseline["rounds"]
+    start = max(v for v in starts.values() if v is not None)
+    lower_best = min(max(r["accuracy"] for r in c) for c in curves.values())
+    targets = []
+    if lower_best > start:
+        both = len(curves) > 1
+        rule = (f"{100 * TARGET_SHARE:.0f} % of the way from the {'higher ' if both else ''}start "
+                f"({100 * start:.1f} %) to the {'lower of the two best accuracies' if both else 'best accuracy'} "
+                f"({100 * lower_best:.1f} %)")
+        targets.append(_target(start + TARGET_SHARE * (lower_best - start), rule, starts, curves))
+    if "baseline" in curves:
+        final = curves["baseline"][-1]["accuracy"]
+        rule = f"the fp32 baseline's final accuracy ({100 * final:.1f} %) minus {100 * PARITY_MARGIN:.0f} points"
+        targets.append(_target(final - PARITY_MARGIN, rule, starts, curves))
+    return targets
+
+
+def _target(accuracy: float, rule: str, starts: dict, curves: dict) -> dict:
+    def first(side):
+        if starts.get(side) is not None and starts[side] >= accuracy:
+            return 0
+        return next((r["round"] for r in curves[side] if r["accuracy"] >= accuracy), None)
+
+    return dict(accuracy=accuracy, rule=rule, **{side: first(side) for side in curves})
+
+
+def reached(target: dict, side: str, curve: list[dict]) -> str:
+    """A target's round for one side, as the report shows it; where the side never got there, its best."""
+    r = target.get(side)
+    if r is not None:
+        return str(r)
+    return f"not in {len(curve)} rounds (best {100 * max(x['accuracy'] for x in curve):.1f} %)" if curve else "-"
+
+
+def confusion(flat: list[int] | None) -> np.ndarray | None:
+    """A round's held-out confusion matrix (row: true class, column: predicted) from its flat list."""
+    if not flat:
+        return None
+    k = int(round(len(flat) ** 0.5))
+    return np.asarray(flat, dtype=np.int64).reshape(k, k)
+
+
+def recall(flat: list[int] | None) -> list[float | None]:
+    """Per class, the share of its held-out samples the model labels right (None: no sample of that class).
+    For a fault class, 1 - recall is the share of faults missed; for the normal class, the false-alarm rate."""
+    m = confusion(flat)
+    if m is None:
+        return []
+    return [float(m[c, c] / m[c].sum()) if m[c].sum() else None for c in range(len(m))]
+
+
+def recall_rows(run: dict, rounds: list[dict]) -> list[tuple[str, float | None, float | None, int]]:
+    """Per class: (name, recall before round 1, recall after the last round, held-out samples of the class)."""
+    first, final = run.get("initial_confusion"), rounds[-1].get("confusion") if rounds else None
+    m = confusion(final if final else first)
+    if m is None:
+        return []
+    before, after = recall(first), recall(final)
+    return [(name, before[c] if c < len(before) else None, after[c] if c < len(after) else None, int(m[c].sum()))
+            for c, name in enumerate(class_names(run, len(m)))]
+
+
+def class_names(run: dict, k: int) -> list[str]:
+    names = [str(c) for c in run.get("classes") or []]
+    return names if len(names) == k else [str(c) for c in range(k)]
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+# --- devices: samples, accuracy, participation ----------------------------------------------------------------
+
+def few_samples(devices: dict[str, dict]) -> dict[str, dict[str, int]]:
+    """Nodes holding fewer than NODE_MIN_PER_CLASS samples of a class they have: {device: {class: count}}."""
+    out = {}
+    for device, d in sorted(devices.items()):
+        few = {c: n for c, n in d.get("class_counts", {}).items() if 0 < n < NODE_MIN_PER_CLASS}
+        if few:
+            out[device] = few
+    return out
+
+
+def device_accuracy(run_dir: Path) -> dict[str, dict]:
+    """Per node, from the run folder: its samples per class (nodes/<device>.npz), the accuracy on its own samples
+    of the global model before round 1 and after the last round (plan.ftp, the final integers in state.db), and
+    the accuracy its last accepted DELTA reported (its model right after its own local training, on the same
+    samples). Classification plans only."""
+    from fedtiny.planfile import load_plan
+    from fedtiny_server.state import StateStore
+
+    run = Path(run_dir)
+    files = sorted((run / "nodes").glob("*.npz"))
+    if not files or not (run / "plan.ftp").exists() or not (run / "state.db").exists():
+        return {}
+    plan = load_plan(run / "plan.ftp")
+    store = StateStore(run / "state.db")
+    try:
+        checkpoint, reported = store.load(), store.reply_metrics()
+    finally:
+        store.close()
+    data = {f.stem: np.load(f) for f in files}
+    out = {}
+    for device, d in data.items():
+        classes, counts = np.unique(d["y"], return_counts=True)
+        out[device] = dict(samples=int(len(d["y"])),
+                           class_counts={str(int(c)): int(n) for c, n in zip(classes, counts)})
+        mine = sorted(r for r, dev in reported if dev == device)
+        if mine and "accuracy" in reported[mine[-1], device]:
+            out[device].update(reported_accuracy=float(reported[mine[-1], device]["accuracy"]), reported_round=mine[-1])
+    if plan.loss == "mse" or checkpoint is None:
+        return out
+    x = np.concatenate([d["x"] for d in data.values()])
+    y = np.concatenate([d["y"] for d in data.values()])
+    ends = np.cumsum([len(d["y"]) for d in data.values()])
+    # The C build of the pretrained model is cached (the same in every run of it); the trained one's is not. One
+    # thread per model: ctypes lets go of the GIL, so the two use two cores.
+    models = {"accuracy_before": (plan.graph, True), "accuracy_after": (plan.graph_with(checkpoint.ints), False)}
+    with ThreadPoolExecutor(len(models)) as pool:
+        labels = dict(zip(models, pool.map(lambda m: _labels(m[0], x, m[1]), models.values())))
+    for key, predicted in labels.items():
+        for device, hits in zip(data, np.split(predicted == y, ends[:-1])):
+            out[device][key] = float(hits.mean()) if len(hits) else None
+    return out
+
+
+def _labels(graph, x_int8: np.ndarray, cached: bool) -> np.ndarray:
+    """The int8 model's labels for int8 samples: by the generated C model when gcc is here (the same integers,
+    many times faster; built in the C runtime's cache if `cached`, else in a folder removed after), else by the
+    reference interpreter."""
+    from fedtiny.interpreter import run
+
+    if len(x_int8) and shutil.which("gcc"):
+        from fedtiny_device.cruntime import BuildError, CModel
+
+        with tempfile.TemporaryDirectory() as build:
+            try:
+                model = CModel(graph, cache_dir=None if cached else Path(build))
+                return model.run(x_int8).reshape(len(x_int8), -1).argmax(axis=1)
+            except BuildError:
+                pass
+    outputs = [run(graph, x_int8[i:i + 256]) for i in range(0, len(x_int8), 256)]
+    return np.concatenate(outputs).reshape(len(x_int8), -1).argmax(axis=1)
+
+
+# Reasons the coordinator gives when it refuses a reply (server/grid.py), as a person reads them.
+REFUSALS = {"late": "its DELTA came after the round had closed", "stale-version": "it trained an old model version",
+            "bad-delta": "its DELTA did not decode", "duplicate": "a second DELTA for the round",
+            "wrong-round": "its DELTA was for another round", "too-stale": "its model version was too old",
+            "no-examples": "its DELTA counted no examples", "unsolicited": "a DELTA nobody asked for"}
+
+
+def participation(coordinator_log: Path, slow_rounds: dict[str, list[int]],
+                  dropped_rounds: dict[str, list[int]] | None = None) -> dict[str, dict]:
+    """Per device, from the coordinator's log: the rounds it was sent a TASK (`tasked`), those with an accepted
+    DELTA (`answered`), the tasked ones without (`missed`) and, per missed round, why (`why`): it dropped out
+    (dropped_rounds), the coordinator refused its reply or another message of it in that round (the log's reason),
+    it was a straggler slow that round (slow_rounds), its TASK could not be sent, or else no DELTA came before the
+    round closed (quorum or deadline)."""
+    dropped_rounds = dropped_rounds or {}
+    tasked: dict[str, set[int]] = {}
+    answered: dict[str, set[int]] = {}
+    refused: dict[tuple[str, int], list[str]] = {}
+    completed = 0  # the last round the coordinator closed: events without a round belong to the next one
+    if Path(coordinator_log).exists():
+        for line in Path(coordinator_log).read_text().splitlines():
+            event = json.loads(line)
+            kind, device = event.get("event"), event.get("device")
+            if kind == "task_sent":
+                tasked.setdefault(device, set()).add(event["round"])
+            elif kind == "reply_accepted":
+                answered.setdefault(device, set()).add(event["round"])
+            elif kind == "reply_rejected":
+                reason = event.get("reason", "")
+                if reason == "wrong-round" and event.get("expected_round", 0) > event.get("round", 0):
+                    reason = "late"  # it came when the device's next TASK was already out
+                refused.setdefault((device, event.get("round", completed + 1)), []).append(
+                    f"refused: {REFUSALS.get(reason, reason)}")
+            elif kind == "message_rejected":
+                refused.setdefault((device, completed + 1), []).append(
+                    f"a message refused by the link ({event.get('reason', '')})")
+            elif kind == "task_failed":
+                refused.setdefault((device, completed + 1), []).append(f"its TASK was not sent ({event.get('error')})")
+            elif kind == "round_completed":
+                completed = max(completed, event["round"])
+    out = {}
+    for device in sorted(set(tasked) | set(answered) | set(slow_rounds)):
+        got, asked = answered.get(device, set()), tasked.get(device, set())
+        why = {}
+        for r in sorted(asked - got):
+            reasons = []
+            if r in dropped_rounds.get(device, ()):
+                reasons.append("dropped out (--dropout): did not train or answer")
+            if r in slow_rounds.get(device, ()):
+                reasons.append("straggler, slow this round (--stragglers)")
+            reasons += refused.get((device, r), [])
+            why[r] = "; ".join(reasons) or "no DELTA before the round closed (quorum reached or deadline passed)"
+        out[device] = dict(tasked=sorted(asked), answered=sorted(got), missed=sorted(asked - got), why=why,
+                           straggler=device in slow_rounds, slow_rounds=slow_rounds.get(device, []))
+    return out
+
+
+def stragglers_back(devices: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """(stragglers that missed a round and answered a later one after every miss, those that did not)."""
+    back, not_back = [], []
+    for device, d in devices.items():
+        if d["straggler"] and d["missed"]:
+            later = all(any(a > m for a in d["answered"]) for m in d["missed"])
+            (back if later else not_back).append(device)
+    return back, not_back
+
+
+# --- data flow -------------------------------------------------------------------------------------------------
+
+FLOW_FIELDS = ("round", "device", "direction", "message", "bytes", "contents")
+
+
+def data_flow(coordinator_log: Path, trainable: list[str]) -> list[dict]:
+    """The data-flow manifest a compliance review asks for: every transfer the coordinator accepted or sent,
+    per round and device, with its size and what it contained, from the coordinator's own structured log."""
+    if not Path(coordinator_log).exists():
+        return []
+    uplink = "DELTA: integer changes of " + " ".join(trainable) + "; example count; loss; accuracy"
+    rows = []
+    for line in Path(coordinator_log).read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == "reply_accepted":
+            rows.append(dict(round=event["round"], device=event["device"], direction="device -> coordinator",
+                             message="DELTA", bytes=event["uplink_bytes"], contents=uplink))
+        elif event.get("event") == "task_sent":
+            rows.append(dict(round=event["round"], device=event["device"], direction="coordinator -> device",
+                             message="TASK + GLOBAL_UPDATE", bytes=event.get("downlink_bytes", 0),
+                             contents="round settings; changed global trainable tensors"))
+    return rows
+
+
+# --- firmware nodes -------------------------------------------------------------------------------------------
+
+def firmware_table(firmware: dict[str, dict]) -> tuple[list[str], list[list[str]], str]:
+    """The firmware nodes (--qemu-nodes): RAM and flash by the linker, DELTAs sent, and the instructions of a
+    round by part (from one DELTA to the next, idle polling left out; the first round, which also boots and
+    joins, is left out when there are others), with the time they take at two Cortex-M4 clocks. Returns the
+    table's header, its rows and a note on what the instructions are."""
+    header = ["device", "RAM B", "flash B", "DELTAs sent", "refused downlinks", "training", "crypto", "protocol",
+              "instructions per round", "at 64 MHz", "at 216 MHz"]
+    rows = []
+    for device, node in sorted(firmware.items()):
+        rounds = node["instructions"][1:] or node["instructions"]
+        mean = {part: sum(r[part] for r in rounds) / max(1, len(rounds)) for part in ("training", "crypto", "protocol")}
+        total = sum(mean.values())
+        rows.append([f"{device} (firmware)", f"{node['ram_bytes']:,}", f"{node['flash_bytes']:,}",
+                     str(node["rounds_sent"]), str(len(node["refused"])), f"{mean['training']:,.0f}",
+                     f"{mean['crypto']:,.0f}", f"{mean['protocol']:,.0f}", f"{total:,.0f}", f"{total / 64e6:.2f} s",
+                     f"{total / 216e6:.2f} s"])
+    return header, rows, ("Instructions are executed instructions counted by QEMU (one per instruction, not cycles: "
+                          "a real M4 needs about 1.1-1.5x as many cycles, plus flash wait states).")
