@@ -55,9 +55,11 @@ def check_config(config) -> None:
         raise ConfigError(MISSING_RAY)
     if config.broker or config.fleet_dir:
         raise ConfigError("--broker and --fleet-dir are for --engine mqtt: the flower engine has no MQTT link")
+    if config.realtime:
+        raise ConfigError("--realtime is for --engine mqtt: the flower engine runs rounds in virtual time")
     if config.stragglers:
-        raise ConfigError("--stragglers needs real time (--engine mqtt): the flower engine runs rounds in "
-                         "virtual time")
+        raise ConfigError("--stragglers needs --engine mqtt: the flower engine's virtual clock has no per-node "
+                         "arrival times")
 
 
 # --- the coordinator's side: a link over Flower's Grid ------------------------------------------------------

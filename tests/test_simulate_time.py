@@ -1,0 +1,102 @@
+"""Virtual time: a simulation's rounds do not depend on how fast the machine is (issue 17).
+
+The coordinator's FleetGrid takes `arrivals` (device, round) -> virtual seconds or None; a synchronous round then
+admits exactly the replies that arrive virtually by its close, whatever order they come in on the wall clock."""
+
+import json
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from fedtiny.compiler import compile_plan
+from fedtiny.quantize import quantize
+from fedtiny.scheme import parse
+from fedtiny.zoo import MLP
+from fedtiny_server.grid import MissingReplies, RoundPolicy
+from fedtiny_server.rounds import Coordinator, CoordinatorConfig
+from fedtiny_server.state import StateStore
+from fedtiny_server.testing import FakeClock, FakeLink, make_reply
+
+B = "train:classifier.bias"
+
+
+@pytest.fixture(scope="module")
+def plan():
+    import torch
+
+    torch.manual_seed(0)
+    model = MLP(8, 3, hidden=(6,)).eval()
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    graph = quantize(model, x)
+    return compile_plan(graph, parse("last:2", graph))
+
+
+def one_lsb_delta(plan, device):
+    """A delta that moves the classifier's bias by the device's index: which replies were admitted shows in the
+    global model."""
+    d = {n: np.zeros(plan.buffers[n].shape, np.int16 if plan.buffers[n].dtype == "int8" else np.int32)
+         for n in plan.trainable_buffers()}
+    d[B][:] = int(device[1:]) + 1
+    return d
+
+
+def virtual_coordinator(plan, tmp_path, arrivals, wall_delay, *, quorum=1.0, deadline=10.0, reply_timeout=600.0):
+    """Ten devices d0..d9; each answers `wall_delay(device)` fake wall seconds after its TASK unless
+    arrivals(device, round) is None (it dropped out and never answers)."""
+    clock = FakeClock()
+    link = FakeLink(clock)
+    names = [f"d{i}" for i in range(10)]
+    for name in names:
+        link.add_device(name)
+
+    def on_task(lk, task):
+        if arrivals(task.device, task.round) is not None:
+            lk.schedule(make_reply(task.device, task.round, task.model_version, one_lsb_delta(plan, task.device)),
+                        wall_delay(task.device))
+    link.on_task = on_task
+    policy = RoundPolicy(quorum=quorum, deadline=deadline, poll=0.5, reply_timeout=reply_timeout)
+    tmp_path.mkdir()
+    store = StateStore(tmp_path / "state.db")
+    coordinator = Coordinator(link, plan, store, CoordinatorConfig(1, "fedavg", {}, policy), clock=clock,
+                              arrivals=arrivals)
+    return coordinator, clock
+
+
+def test_virtual_round_admits_by_virtual_arrival_not_by_wall_order(plan, tmp_path):
+    """Device i arrives virtually at i+1 s; on the wall clock they come in the reverse order (d9 first). With a
+    50 % quorum the round closes at virtual 5 s: d0..d4 are admitted, whatever came first in wall time, and the
+    late ones are refused as late in this round, not in the next."""
+    arrivals = lambda device, round_: float(int(device[1:]) + 1)  # noqa: E731
+    coordinator, clock = virtual_coordinator(plan, tmp_path / "a", arrivals, lambda d: 10.0 - int(d[1:]),
+                                             quorum=0.5)
+    [result] = coordinator.run()
+    assert result.replies == 5
+    assert coordinator.metrics.get("fedtiny_replies_rejected_total", reason="late") == 5
+    assert clock() - 1000.0 == pytest.approx(10.0)  # it waited (in wall time) for every promised reply
+    # the bias moved by the mean of d0..d4's deltas (1..5 LSB): 3 LSB
+    scale = coordinator.model.specs[B].scale
+    before = coordinator.model.master_of(0)[B]
+    np.testing.assert_allclose((coordinator.model.master[B] - before) / scale, 3.0, rtol=1e-6)
+
+
+def test_virtual_deadline_dropout_and_a_node_that_never_answers(plan, tmp_path):
+    """d7 dropped out (arrival None: nobody waits for it); d8 and d9 arrive after the 10 s deadline (late,
+    though their replies come first on the wall clock); the round closes at the deadline with d0..d6."""
+    def arrivals(device, round_):
+        i = int(device[1:])
+        return None if i == 7 else 20.0 + i if i >= 8 else 1.0 + i
+    coordinator, clock = virtual_coordinator(plan, tmp_path / "b", arrivals, lambda d: 3.0 - 0.1 * int(d[1:]))
+    [result] = coordinator.run()
+    assert result.replies == 7
+    assert coordinator.metrics.get("fedtiny_replies_rejected_total", reason="late") == 2
+    assert clock() - 1000.0 == pytest.approx(3.0)  # no deadline waited out in wall time
+
+    # a promised reply that never comes is an error after the wall-clock safety timeout, not a silent cut
+    coordinator, clock = virtual_coordinator(plan, tmp_path / "c", lambda d, r: 1.0, lambda d: 1.0,
+                                             reply_timeout=50.0)
+    coordinator.grid.link.on_task = lambda lk, task: None if task.device == "d4" else lk.schedule(
+        make_reply(task.device, task.round, task.model_version, one_lsb_delta(plan, task.device)), 1.0)
+    with pytest.raises(MissingReplies, match=r"round 1: no reply from 1 node\(s\) \(d4\) within 50 s"):
+        coordinator.run()
