@@ -100,3 +100,73 @@ def test_virtual_deadline_dropout_and_a_node_that_never_answers(plan, tmp_path):
         make_reply(task.device, task.round, task.model_version, one_lsb_delta(plan, task.device)), 1.0)
     with pytest.raises(MissingReplies, match=r"round 1: no reply from 1 node\(s\) \(d4\) within 50 s"):
         coordinator.run()
+
+
+# --- the whole simulation: the same metrics.json on an idle and on a saturated machine --------------------------
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        sum(range(10_000))
+
+
+def _comparable(out):
+    """metrics.json without what measures the machine (seconds of each round, of the run), and the final global
+    model's integers."""
+    from fedtiny_server.state import StateStore
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["run"].pop("wall_seconds")
+    for row in metrics["rounds"]:
+        row.pop("seconds")
+    store = StateStore(out / "state.db")
+    try:
+        ints = {k: v.tolist() for k, v in store.load().ints.items()}
+    finally:
+        store.close()
+    return metrics, ints
+
+
+def test_same_seed_same_metrics_on_a_machine_busy_on_every_core(tmp_path):
+    """Issue 17: the same small run with dropout and stragglers, once as it is and once with a spinning process on
+    every core, gives the same metrics.json (accuracy, loss, participants, bytes of every round, who answered)
+    and the same global model. The first run speaks JSON lines (--json), the second only its summary (--quiet).
+    The deadline is short on purpose: the same pair of runs with --realtime differed here (participants 3, 1, 4
+    idle and 0, 0, 1 busy), as issue 17 saw at the default deadline on a loaded machine."""
+    from click.testing import CliRunner
+
+    from fedtiny.cli import main
+
+    args = ["simulate", "--nodes", "6", "--rounds", "3", "--scenario", "medical", "--dropout", "0.2",
+            "--stragglers", "0.5", "--deadline", "0.5", "--seed", "5"]
+    idle = CliRunner(mix_stderr=False).invoke(main, args + ["--out", str(tmp_path / "idle"), "--json"])
+    assert idle.exit_code == 0, idle.output + idle.stderr
+    lines = [json.loads(line) for line in idle.stdout.splitlines()]  # every line of stdout is one JSON object
+    events = [e["event"] for e in lines]
+    assert events[-1] == "summary" and events.count("round") == 3 and set(events) == {"note", "round", "summary"}
+    assert [e["round"] for e in lines if e["event"] == "round"] == [1, 2, 3]
+    assert any(e["event"] == "note" and e["message"].startswith("model mlp, update scheme") for e in lines)
+    assert lines[-1]["clock"] == "virtual" and lines[-1]["report"].endswith("summary.md")
+
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    spinners = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(os.cpu_count() or 1)]
+    for p in spinners:
+        p.start()
+    try:
+        busy = CliRunner(mix_stderr=False).invoke(main, args + ["--out", str(tmp_path / "busy"), "--quiet"])
+    finally:
+        stop.set()
+        for p in spinners:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+    assert busy.exit_code == 0, busy.output + busy.stderr
+    assert busy.stdout.splitlines() == [line for line in busy.stdout.splitlines() if line.startswith("report: ")]
+    assert len(busy.stdout.splitlines()) == 1 and busy.stderr == "", (busy.stdout, busy.stderr)
+
+    (idle_metrics, idle_ints), (busy_metrics, busy_ints) = _comparable(tmp_path / "idle"), _comparable(tmp_path / "busy")
+    participants = [r["participants"] for r in idle_metrics["rounds"]]
+    assert min(participants) < 6, participants  # dropouts and late stragglers did cut rounds
+    assert any(d["straggler"] and d["missed"] for d in idle_metrics["devices"].values())
+    assert busy_metrics == idle_metrics
+    assert busy_ints == idle_ints
