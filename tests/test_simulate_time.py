@@ -170,3 +170,61 @@ def test_same_seed_same_metrics_on_a_machine_busy_on_every_core(tmp_path):
     assert any(d["straggler"] and d["missed"] for d in idle_metrics["devices"].values())
     assert busy_metrics == idle_metrics
     assert busy_ints == idle_ints
+
+
+# --- the coordinator's options in simulate ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    (["--strategy", "fedsgd"], "--strategy fedsgd: unknown strategy 'fedsgd'"),
+    (["--strategy", "fedavg", "--strategy-option", "beta=0.2"], "FedAvg takes no option(s) ['beta']"),
+    (["--strategy", "krum", "--strategy-option", "num_malicious_nodes"], "must read KEY=VALUE"),
+    (["--quorum", "0"], "--quorum 0.0: must be a fraction in (0, 1]"),
+    (["--fraction", "1.5"], "--fraction 1.5: must be a fraction in (0, 1]"),
+    (["--clip-norm", "-1"], "--clip-norm -1.0: must be 0 (off) or more"),
+    (["--local-steps", "70000"], "--local-steps 70000: must be 0..65535"),
+    (["--max-examples", "0"], "--max-examples 0: must be at least 1"),
+    (["--quiet", "--json"], "--quiet and --json: choose one"),
+    (["--engine", "flower", "--realtime"], "--realtime is for --engine mqtt"),
+])
+def test_bad_coordinator_options_are_one_line_and_exit_2(tmp_path, options, message):
+    from click.testing import CliRunner
+
+    from fedtiny.cli import main
+
+    if "flower" in options:
+        from conftest import require_module
+
+        require_module("ray", "simulation")
+    out = tmp_path / "run"
+    result = CliRunner(mix_stderr=False).invoke(main, ["simulate", "--nodes", "2", "--scenario", "medical",
+                                                       "--out", str(out), *options])
+    assert result.exit_code == 2, (result.output, result.stderr)
+    assert result.stderr.startswith("Error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not out.exists()  # refused before any work
+
+
+def test_coordinator_options_reach_the_coordinator(tmp_path):
+    """--strategy with --strategy-option, --local-steps and --clip-norm as `fedtiny coordinator` takes them: the
+    strategy the coordinator runs, what each node trained (num_examples = the distinct samples of 5 steps), and
+    updates clipped to a norm of 1e-9: the global model's integers do not move."""
+    from fedtiny.planfile import load_plan
+    from fedtiny_server.state import StateStore
+    from fedtiny_sim.simulate import SimulationConfig, simulate
+
+    out = tmp_path / "run"
+    result = simulate(SimulationConfig(nodes=3, rounds=1, scenario="medical", out=str(out), strategy="fedtrimmedavg",
+                                       strategy_options="beta=0.34", local_steps=5, clip_norm=1e-9))
+    events = [json.loads(line) for line in (out / "coordinator.jsonl").read_text().splitlines()]
+    started = next(e for e in events if e["event"] == "coordinator_started")
+    assert started["strategy"] == "FedTrimmedAvg"
+    accepted = [e for e in events if e["event"] == "reply_accepted"]
+    assert len(accepted) == 3 and {e["num_examples"] for e in accepted} == {5}
+    assert result["rounds"][0]["participants"] == 3
+    store = StateStore(out / "state.db")
+    try:
+        final = store.load()
+    finally:
+        store.close()
+    initial = load_plan(out / "plan.ftp").initial_state()
+    assert final.model_version == 1 and all(np.array_equal(final.ints[k], initial[k]) for k in initial)
