@@ -263,8 +263,7 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--engine", default="mqtt", show_default=True, type=click.Choice(["mqtt", "flower"]),
               help="mqtt: a broker and node agents in worker processes; flower: the same node logic as ClientApps in "
               "Flower's simulation engine on Ray, for thousands of nodes or a cluster (pip install "
-              "'fedtiny[simulation]'); its rounds close once every node has answered or dropped out (a virtual "
-              "clock without per-node durations: no --stragglers, no --realtime).")
+              "'fedtiny[simulation]'); its rounds run in virtual time as the mqtt engine's do (no --realtime).")
 @click.option("--qemu-nodes", default=0, show_default=True,
               help="Of the nodes, how many run the node firmware (C: protocol, crypto, training) under QEMU "
                    "(Cortex-M4, mps2-an386), each with its own modem bridge to the broker; in virtual time a round "

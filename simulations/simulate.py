@@ -222,6 +222,10 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     if c.engine not in ENGINES:
         raise ConfigError(f"unknown engine {c.engine!r}; choose one of {', '.join(ENGINES)}")
     strategy_options(c)  # the strategy and its options, as the coordinator will build them
+    wall_clock_note = None
+    if semi_asynchronous(c) and c.engine == "mqtt" and not c.realtime:
+        c.realtime = True
+        wall_clock_note = "--strategy fedbuff: its semi-asynchronous rounds run on the wall clock (as --realtime)"
     if not 0 <= c.qemu_nodes <= c.nodes:
         raise ConfigError(f"--qemu-nodes {c.qemu_nodes}: must be between 0 and --nodes ({c.nodes})")
     if c.qemu_nodes and c.engine != "mqtt":
@@ -235,7 +239,7 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
         from .flower_engine import check_config
 
         check_config(c)  # Ray installed, no MQTT-only option
-    notes = []
+    notes = [wall_clock_note] if wall_clock_note else []
     c.reserve, scaled = reserve_for(c.budget, c.reserve)
     if scaled:
         notes.append(scaled)
@@ -428,7 +432,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
     policy = RoundPolicy(quorum=quorum, deadline=config.deadline, max_examples=config.max_examples,
                          reply_timeout=config.reply_timeout)
     arrivals = None
-    if _clock_kind(config) == "virtual" and config.engine == "mqtt":
+    if _clock_kind(config) == "virtual":
         samples = {device_name(i): len(ds.y) for i, ds in enumerate(task.nodes)}
         arrivals = virtual_arrivals(asdict(config), plan, samples, firmware_devices)
     store = StateStore(run / "state.db")
@@ -464,13 +468,14 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
 
 
 def _clock_kind(config: SimulationConfig) -> str:
-    """"virtual" or "wall": what the run's round deadlines, dropout and stragglers run on. --engine flower has its
-    own virtual clock (flower_engine.GridLink); semi-asynchronous rounds (fedbuff) stay on the wall clock."""
-    if config.engine == "flower":
-        return "virtual"
-    if config.realtime or config.strategy.lower().replace("-", "").replace("_", "") == "fedbuff":
-        return "wall"
-    return "virtual"
+    """"virtual" or "wall": what the run's round deadlines, dropout and stragglers run on (FleetGrid runs
+    semi-asynchronous rounds on the wall clock only)."""
+    return "wall" if config.realtime or semi_asynchronous(config) else "virtual"
+
+
+def semi_asynchronous(config: SimulationConfig) -> bool:
+    """fedbuff's rounds: tasks stay open across rounds, which FleetGrid runs on the wall clock only."""
+    return config.strategy.lower().replace("-", "").replace("_", "") == "fedbuff"
 
 
 def _bytes(coordinator) -> tuple[float, float]:

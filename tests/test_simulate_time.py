@@ -228,3 +228,22 @@ def test_coordinator_options_reach_the_coordinator(tmp_path):
         store.close()
     initial = load_plan(out / "plan.ftp").initial_state()
     assert final.model_version == 1 and all(np.array_equal(final.ints[k], initial[k]) for k in initial)
+
+
+def test_flower_engine_gives_the_mqtt_engines_rounds_with_dropout_and_stragglers(tmp_path):
+    """Both engines give the coordinator the same virtual arrivals: with dropouts and late stragglers, the same
+    participants, accuracy and loss in every round, and the same global model."""
+    from conftest import require_module
+    from fedtiny_sim.simulate import SimulationConfig, simulate
+
+    require_module("ray", "simulation")
+    runs = {}
+    for engine in ("mqtt", "flower"):
+        config = SimulationConfig(nodes=6, rounds=3, scenario="medical", dropout=0.3, stragglers=0.5, deadline=1.0,
+                                  seed=1, out=str(tmp_path / engine), engine=engine)
+        runs[engine] = simulate(config)
+    keys = ("accuracy", "loss", "participants")
+    mqtt, flower = ([[r[k] for k in keys] for r in runs[e]["rounds"]] for e in ("mqtt", "flower"))
+    assert flower == mqtt
+    assert min(r[2] for r in mqtt) < 6  # dropouts and stragglers did cut rounds
+    assert _comparable(tmp_path / "flower")[1] == _comparable(tmp_path / "mqtt")[1]
