@@ -223,6 +223,10 @@ class NodeAgent:
             if job is not None and self.faults.fails(job.round):
                 with self._lock:
                     self.session.skip(job)
+                    # back up as a rebooted device would, it says which model it holds: else the coordinator's
+                    # next GLOBAL_UPDATE could start from the version before this round's (refused as the wrong
+                    # version, and the next round lost too), unless a heartbeat happened to come first
+                    self._send(self.session.heartbeat(now, DeviceState.IDLE))
             elif job is not None:
                 with self._lock:
                     self._send(self.session.heartbeat(now, DeviceState.TRAINING))

@@ -274,7 +274,22 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
               help="Your own .npz (X, y, optional group) or .csv (label/y, optional group) instead of a scenario.")
 @click.option("--model", default=None, help="Zoo model (sensor_cnn, mobilenet, mlp) or your module as "
               "FILE.py:FACTORY, FACTORY(input_shape, num_classes) -> nn.Module; default: the scenario's.")
-@click.option("--strategy", default="fedavg", show_default=True, help="A Flower strategy by name, or fedbuff.")
+@click.option("--strategy", default="fedavg", show_default=True,
+              help="fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum, "
+                   "multikrum or fedbuff (semi-asynchronous: its rounds run on the wall clock).")
+@click.option("--strategy-option", "strategy_options", multiple=True, metavar="KEY=VALUE",
+              help="Strategy constructor argument, as `fedtiny coordinator` takes it, e.g. beta=0.2, "
+                   "num_malicious_nodes=1, buffer_size=8.")
+@click.option("--fraction", default=1.0, show_default=True, help="Fraction of the nodes sampled per round.")
+@click.option("--quorum", default=None, type=float,
+              help="Fraction of the cohort whose replies end a round early; default: 1, or with --dropout or "
+                   "--stragglers max(0.3, 1 - dropout - 0.1).")
+@click.option("--local-steps", default=0, show_default=True, help="Training steps per round (0: --epochs passes).")
+@click.option("--max-examples", default=10_000, show_default=True,
+              help="Clamp of a node's num_examples (its aggregation weight).")
+@click.option("--clip-norm", default=0.0, show_default=True,
+              help="L2 norm (real units) every node update is clipped to, on the node and again at the coordinator; "
+                   "0: off.")
 @click.option("--scheme", default=None, help="Update scheme; default: the model's sparse default.")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
@@ -289,7 +304,12 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--stragglers", default=0.0, show_default=True,
               help="Fraction of nodes that are slow in a random half of their rounds (1.25-2 deadlines late).")
 @click.option("--deadline", default=20.0, show_default=True,
-              help="Seconds a round waits at most (with --engine flower: virtual seconds once every node answered).")
+              help="Seconds a round waits at most: virtual seconds, in which a node's round lasts its training steps "
+                   "on a nominal 216 MHz Cortex-M4 plus its straggler delay, so that a seed gives the same rounds on "
+                   "any machine; wall-clock seconds with --realtime or --strategy fedbuff.")
+@click.option("--realtime", is_flag=True,
+              help="Run deadlines, --dropout and --stragglers on the wall clock (--engine mqtt): stragglers really "
+                   "wait, and a busy machine can make nodes miss rounds. --qemu-nodes run in either mode.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--broker", default=None, help="mqtt(s)://HOST:PORT of a running broker; default: embedded amqtt.")
 @click.option("--fleet-dir", default=None, help="With --broker: the `fedtiny keys` folder the broker trusts.")
@@ -297,36 +317,62 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--engine", default="mqtt", show_default=True, type=click.Choice(["mqtt", "flower"]),
               help="mqtt: a broker and node agents in worker processes; flower: the same node logic as ClientApps in "
               "Flower's simulation engine on Ray, for thousands of nodes or a cluster (pip install "
-              "'fedtiny[simulation]').")
+              "'fedtiny[simulation]'); its rounds run in virtual time as the mqtt engine's do (no --realtime).")
 @click.option("--qemu-nodes", default=0, show_default=True,
               help="Of the nodes, how many run the node firmware (C: protocol, crypto, training) under QEMU "
-                   "(Cortex-M4, mps2-an386), each with its own modem bridge to the broker.")
+                   "(Cortex-M4, mps2-an386), each with its own modem bridge to the broker; in virtual time a round "
+                   "waits for them however long QEMU takes.")
 @click.option("--baseline", is_flag=True, help="Also train the same task with plain Flower FedAvg + PyTorch fp32.")
 @click.option("--baseline-lr", default=0.003, show_default=True, type=float,
               help="The baseline's fp32 SGD learning rate (0.01 diverges on some bearing machines).")
-def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget, reserve, lr, epochs, chunk_size,
-             uplink_keep, dropout, stragglers, deadline, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline,
-             baseline_lr) -> None:
+@click.option("--quiet", is_flag=True, help="Print only errors and the final summary line.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable output: one JSON object per line on stdout as the run goes ({\"event\": "
+                   "\"note\"} for each phase line, \"round\" for each round, \"summary\" at the end); errors stay "
+                   "one line on stderr.")
+def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_options, fraction, quorum, local_steps,
+             max_examples, clip_norm, scheme, budget, reserve, lr, epochs, chunk_size, uplink_keep, dropout,
+             stragglers, deadline, realtime, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline, baseline_lr,
+             quiet, as_json) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
-    from fedtiny_sim.simulate import LiveTable, SimulationConfig, check_inputs
+    from fedtiny_server.grid import MissingReplies
+    from fedtiny_sim.simulate import JsonLines, LiveTable, QuietView, SimulationConfig, check_inputs
     from fedtiny_sim.simulate import simulate as run_simulation
 
+    if quiet and as_json:
+        raise UserError("--quiet and --json: choose one")
     config = SimulationConfig(nodes=nodes, rounds=rounds, scenario=scenario, data=data_file, model=model,
                               strategy=strategy, scheme=scheme, budget=parse_bytes(budget, "--budget"),
                               reserve=None if reserve is None else parse_bytes(reserve, "--reserve"), lr=lr,
                               epochs=epochs, chunk_size=chunk_size, uplink_keep=uplink_keep,
                               dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
                               fleet_dir=fleet_dir, out=out, engine=engine, qemu_nodes=qemu_nodes, baseline=baseline,
-                              baseline_lr=baseline_lr)
+                              baseline_lr=baseline_lr, realtime=realtime, strategy_options=",".join(strategy_options),
+                              fraction=fraction, quorum=quorum, local_steps=local_steps, max_examples=max_examples,
+                              clip_norm=clip_norm)
+    view = QuietView() if quiet else JsonLines() if as_json else None
+    say = view.note if view is not None else note
     with user_errors():
-        task = check_inputs(config, note, progress=note)  # every input problem, before the live table and training
+        task = check_inputs(config, say, progress=say)  # every input problem, before the live table and training
     # user_errors: a plan too big for the budget, known after pretraining
-    with LiveTable(rounds, qemu_nodes) as live, user_errors():
-        result = run_simulation(config, progress=live, task=task, note=live.note)  # a line per phase
-    click.echo(f"\nreport: {out}/report.html and summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
-               f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")
-    if result["baseline"]:
-        b = result["baseline"]
+    with view or LiveTable(rounds, qemu_nodes) as live, user_errors():
+        try:
+            result = run_simulation(config, progress=live, task=task, note=live.note)  # a line per phase
+        except MissingReplies as err:  # a node process died: not the user's input, but one line, not a traceback
+            raise click.ClickException(str(err)) from err
+    final = dict(report=f"{out}/report.html", initial_accuracy=result["initial_accuracy"],
+                 accuracy=result["rounds"][-1]["accuracy"], wall_seconds=result["wall_seconds"],
+                 clock=result["clock"])
+    b = result["baseline"]
+    if as_json:
+        view.emit("summary", **final, baseline=None if not b else dict(
+            accuracy=b["rounds"][-1]["accuracy"], bytes_per_node_per_round=b["bytes_per_node_per_round"],
+            wall_seconds=b["wall_seconds"]))
+        return
+    gap = "" if quiet else "\n"  # a blank line under the live table
+    click.echo(f"{gap}report: {out}/report.html and summary.md (accuracy {100 * final['initial_accuracy']:.1f} % -> "
+               f"{100 * final['accuracy']:.1f} %, {final['wall_seconds']:.1f} s)")
+    if b:
         click.echo(f"baseline (Flower FedAvg + PyTorch fp32): accuracy {100 * b['rounds'][-1]['accuracy']:.1f} %, "
                    f"{b['bytes_per_node_per_round']:,.0f} B per node per round, {b['wall_seconds']:.1f} s")

@@ -9,7 +9,15 @@ from + its dequantized delta) and a MetricRecord with "num-examples" (clamped) a
 Rounds for devices that come and go: `get_node_ids` lists devices heard from within `seen_within` seconds;
 `send_and_receive` returns when a quorum fraction of the cohort replied or at the deadline, whichever comes
 first. A reply for another round or model version, a second reply, or one after its round closed is discarded
-with a logged reason. With `max_staleness > 0` (semi-asynchronous, FedBuff) tasks stay open across rounds,
+with a logged reason.
+
+Time: a deployment's rounds run on the wall clock (`clock`). A simulation may give the grid `arrivals`
+instead: `arrivals(device, round)` is the virtual second (after the TASK) at which the device's reply arrives,
+or None when it never answers. A synchronous round then closes in virtual time (at the reply that makes the
+quorum, or at the deadline), admits exactly the replies that arrive virtually by then and refuses the others as
+late; it waits in wall time for every reply `arrivals` promises, however slow the machine, so a seed gives the
+same rounds under any load. A promised reply missing after `RoundPolicy.reply_timeout` wall seconds is an error
+(MissingReplies), not a silent cut. With `max_staleness > 0` (semi-asynchronous, FedBuff) tasks stay open across rounds,
 replies up to that many versions old are rebuilt on the current master, and a round returns after
 `buffer_size` replies.
 
@@ -55,6 +63,7 @@ class RoundPolicy:
     poll: float = 0.05  # seconds per link.replies() wait
     metric_keys: tuple[str, ...] = ("loss", "accuracy")  # device metrics forwarded (missing ones are 0.0)
     task: dict[str, float] = field(default_factory=dict)  # TASK settings for send_task (local_steps, lr, ...)
+    reply_timeout: float = 600.0  # virtual time (FleetGrid arrivals): wall seconds a promised reply may take
 
     def target(self, cohort: int) -> int:
         if self.max_staleness > 0 and self.buffer_size > 0:
@@ -126,6 +135,35 @@ class Pending:
     clip_norm: float = 0.0  # the TASK's: the coordinator clips the reply again (a device may not have)
 
 
+Arrivals = Callable[[str, int], "float | None"]  # (device, round) -> virtual seconds after the TASK, or None
+
+
+class MissingReplies(RuntimeError):
+    """Virtual time: replies that `arrivals` promised did not come within the policy's reply_timeout (wall)."""
+
+
+@dataclass(frozen=True)
+class VirtualRound:
+    """A synchronous round in virtual time: when it closes, whose replies it admits, whose it waits for."""
+
+    round: int
+    close: float  # virtual seconds after the TASKs
+    admitted: frozenset[str]  # devices whose reply arrives by `close`
+    expected: frozenset[str]  # devices that answer at all (the admitted and the late)
+
+    @classmethod
+    def plan(cls, round_: int, arrivals: dict[str, float | None], ready: int, target: int,
+             deadline: float) -> VirtualRound:
+        """`arrivals` of the round's open tasks; `ready` replies already in (recovered); `target` the quorum of
+        the whole cohort. The round closes at the arrival that makes the quorum, else at the deadline (ties in
+        arrival time are all admitted, so the device order never decides)."""
+        arriving = sorted((t, d) for d, t in arrivals.items() if t is not None and t <= deadline)
+        need = target - ready
+        close = 0.0 if need <= 0 else arriving[need - 1][0] if need <= len(arriving) else deadline
+        return cls(round_, close, frozenset(d for t, d in arriving if t <= close),
+                   frozenset(d for d, t in arrivals.items() if t is not None))
+
+
 def ensure_task_identity(run_id: int = 1) -> None:
     """Give this process a run identity unless a Flower runtime already did (Message() needs one)."""
     try:
@@ -140,7 +178,7 @@ class FleetGrid(Grid):
     def __init__(self, link, model: GlobalModel, store: StateStore, policy: RoundPolicy | None = None, *,
                  devices: dict[str, DeviceRecord] | None = None, metrics: ops.Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic, run_id: int = 1,
-                 plan_hash: bytes | None = None) -> None:
+                 plan_hash: bytes | None = None, arrivals: Arrivals | None = None) -> None:
         self.link = link
         self.plan_hash = plan_hash  # devices that JOINed with another plan are never sampled
         self.model = model
@@ -149,6 +187,9 @@ class FleetGrid(Grid):
         self.registry: dict[str, DeviceRecord] = devices if devices is not None else {}
         self.metrics = metrics or ops.Metrics()
         self.clock = clock
+        self.arrivals = arrivals  # None: wall time; else virtual time for synchronous rounds (module docstring)
+        self._virtual: VirtualRound | None = None  # the synchronous round in progress, in virtual time
+        self._heard: set[tuple[str, int]] = set()  # (device, round) of every reply handled, whatever its fate
         self.round = 0
         self._run = Run.create_empty(run_id)
         self._pending: dict[str, Pending] = {}  # message id -> task
@@ -261,6 +302,7 @@ class FleetGrid(Grid):
         keep = round_ - self.policy.max_staleness - 2  # older rounds are asked of the store again if needed
         self._accepted = {r: d for r, d in self._accepted.items() if r >= keep}
         self._closed = {(d, r) for d, r in self._closed if r >= keep}
+        self._heard = {(d, r) for d, r in self._heard if r >= keep}
         if self.policy.max_staleness == 0:
             return
         for p in self._pending.values():  # semi-async: a task too old to be useful closes
@@ -293,6 +335,7 @@ class FleetGrid(Grid):
 
     def _handle(self, reply) -> bool:
         self.metrics.inc("fedtiny_uplink_bytes_total", reply.uplink_bytes)
+        self._heard.add((reply.device, reply.round))
         record = self.registry.get(reply.device)
         if record is None:
             self.refresh()
@@ -307,6 +350,11 @@ class FleetGrid(Grid):
             return self._reject(reply, "late" if closed else "unsolicited")
         if reply.round != task.round:
             return self._reject(reply, "wrong-round", expected_round=task.round)
+        virtual = self._virtual
+        if virtual is not None and virtual.round == task.round and reply.device not in virtual.admitted:
+            task.open = False  # it arrives (virtually) after the round closed: as a late reply in wall time
+            self._closed.add((task.device, task.round))
+            return self._reject(reply, "late", arrival=self.arrivals(reply.device, reply.round), close=virtual.close)
         if reply.model_version != task.version:
             record.model_version = reply.model_version if reply.model_version < self.model.version else None
             return self._reject(reply, "stale-version", expected_version=task.version)
@@ -392,11 +440,11 @@ class FleetGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push; wait for a quorum of the cohort (or `buffer_size` replies when semi-asynchronous) or the
         deadline; return the replies. In synchronous mode tasks still open at the end are closed: their replies
-        will be discarded as late."""
+        will be discarded as late. With `arrivals` (virtual time), a synchronous round instead waits for every
+        reply they promise and admits those that arrive by its virtual close (VirtualRound)."""
         ids = list(self.push_messages(messages)) + self._inject_recovered()
         asynchronous = self.policy.max_staleness > 0
         wait = self.policy.deadline if timeout is None else min(timeout, self.policy.deadline)
-        end = self.clock() + wait
 
         def watched() -> list[str]:
             return list(self._pending) if asynchronous else ids
@@ -407,12 +455,36 @@ class FleetGrid(Grid):
         def cohort() -> int:
             return sum(1 for m in watched() if self._pending[m].reply is not None or self._pending[m].open)
 
-        while ready() < self.policy.target(cohort()):
-            remaining = end - self.clock()
-            if remaining <= 0:
-                break
-            self.poll(min(self.policy.poll, remaining))
-        self.poll(0.0)
+        virtual = None
+        if self.arrivals is not None and not asynchronous:
+            tasks = [self._pending[m] for m in ids if self._pending[m].open]
+            virtual = VirtualRound.plan(self.round, {p.device: self.arrivals(p.device, p.round) for p in tasks},
+                                        ready(), self.policy.target(cohort()), wait)
+            ops.event("round_schedule", round=self.round, close=round(virtual.close, 6),
+                      admitted=len(virtual.admitted), expected=len(virtual.expected), cohort=len(tasks))
+
+        def done() -> bool:
+            if virtual is not None:
+                return all((d, virtual.round) in self._heard for d in virtual.expected)
+            return ready() >= self.policy.target(cohort())
+
+        self._virtual = virtual
+        end = self.clock() + (self.policy.reply_timeout if virtual is not None else wait)
+        try:
+            while not done():
+                remaining = end - self.clock()
+                if remaining <= 0:
+                    if virtual is not None:
+                        silent = sorted(d for d in virtual.expected if (d, virtual.round) not in self._heard)
+                        raise MissingReplies(
+                            f"round {virtual.round}: no reply from {len(silent)} node(s) ({', '.join(silent[:5])}"
+                            f"{' ...' if len(silent) > 5 else ''}) within {self.policy.reply_timeout:.0f} s of wall "
+                            f"time, though each was due to answer: a node process died or hangs")
+                    break
+                self.poll(min(self.policy.poll, remaining))
+            self.poll(0.0)
+        finally:
+            self._virtual = None
         replies = self.pull_messages(watched())
         if not asynchronous:
             for m in ids:

@@ -23,7 +23,7 @@ from fedtiny.planfile import plan_hash
 
 from . import ops
 from .fedbuff import FedBuff
-from .grid import FleetGrid, GlobalModel, RoundPolicy
+from .grid import Arrivals, FleetGrid, GlobalModel, RoundPolicy
 from .requantize import dequantize_state, tensor_specs
 from .state import StateStore, link_meta
 
@@ -151,7 +151,8 @@ class RoundResult:
 class Coordinator:
     def __init__(self, link, plan: Plan, store: StateStore, config: CoordinatorConfig | None = None, *,
                  metrics: ops.Metrics | None = None, clock: Callable[[], float] = time.monotonic,
-                 heldout: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 heldout: tuple[np.ndarray, np.ndarray] | None = None, arrivals: Arrivals | None = None) -> None:
+        """`arrivals`: run synchronous rounds in virtual time (a simulation; FleetGrid); default: wall time."""
         self.plan = plan
         self.config = config or CoordinatorConfig()
         self.store = store
@@ -170,7 +171,7 @@ class Coordinator:
             policy.max_staleness = max(policy.max_staleness, 1)
             policy.buffer_size = policy.buffer_size or self.strategy.buffer_size
         self.grid = FleetGrid(link, self.model, store, policy, devices=ckpt.devices, metrics=self.metrics,
-                              clock=clock, plan_hash=plan_hash(plan))
+                              clock=clock, plan_hash=plan_hash(plan), arrivals=arrivals)
         self.grid.recover(ckpt.pending)
         # Uplink replay counters live in the link's envelope layer; a link that can export them has them
         # checkpointed with each round (the accepted-reply ids in the store refuse old replies either way).

@@ -13,9 +13,10 @@ The bodies are the plaintexts a device would seal. There is no MQTT link, so the
 EdDSA signature, AEAD tag) and no chunk header: the report's bytes are the bodies alone. A JOIN query first
 maps Flower's node ids to device names (Flower does not tell a ServerApp which partition a node holds).
 
-Deadlines run in virtual time (`GridLink.clock`): the clock stands still while any device has a message
-outstanding in Ray, and moves only when every device has answered or dropped out. A round therefore closes on
-its quorum or, at the latest, once nothing more can come; never because Ray was slow.
+Rounds run in the virtual time of the MQTT engine (simulate.virtual_arrivals, given to the coordinator's
+FleetGrid): the coordinator waits for every reply that is due, however slow Ray is, and admits those that arrive
+virtually by the round's close. A round never closes because Ray was slow, and the same seed gives the MQTT
+engine's rounds, dropouts and stragglers included.
 """
 
 from __future__ import annotations
@@ -49,15 +50,17 @@ def ray_available() -> bool:
 
 def check_config(config) -> None:
     """Refuse, before any work, what this engine cannot do (simulate.ConfigError)."""
-    from .simulate import ConfigError
+    from .simulate import ConfigError, semi_asynchronous
 
     if not ray_available():
         raise ConfigError(MISSING_RAY)
     if config.broker or config.fleet_dir:
         raise ConfigError("--broker and --fleet-dir are for --engine mqtt: the flower engine has no MQTT link")
-    if config.stragglers:
-        raise ConfigError("--stragglers needs real time (--engine mqtt): the flower engine runs rounds in "
-                         "virtual time")
+    if config.realtime:
+        raise ConfigError("--realtime is for --engine mqtt: the flower engine runs rounds in virtual time")
+    if config.stragglers and semi_asynchronous(config):
+        raise ConfigError("--stragglers with --strategy fedbuff needs --engine mqtt: semi-asynchronous rounds run "
+                          "on the wall clock, where the flower engine's devices never lag")
 
 
 # --- the coordinator's side: a link over Flower's Grid ------------------------------------------------------
@@ -75,7 +78,6 @@ class GridLink:
         self.chunk_size = chunk_size
         self.strict = strict
         self.poll = poll
-        self.now = 0.0  # virtual seconds (see the module's docstring)
         self._plan_hash = plan_hash(plan)
         self._registry: dict[str, DeviceInfo] = {}
         self._nodes: dict[str, int] = {}  # device name -> Flower node id
@@ -83,9 +85,6 @@ class GridLink:
         self._sent = SentStates(plan)
         self._outstanding: dict[str, str] = {}  # Flower message id -> device
         self.failures: list[tuple[str, str]] = []  # (device, reason) of ClientApps that failed
-
-    def clock(self) -> float:
-        return self.now
 
     def start(self) -> GridLink:
         return self
@@ -112,7 +111,7 @@ class GridLink:
             c = m.content["join"]
             device = str(c["device"])
             info = DeviceInfo(device, topics.name_id(device), int(c["memory-budget"]), bytes(c["plan-hash"]),
-                              self.now, True)
+                              time.monotonic(), True)
             if any(d.device_id == info.device_id for d in self._registry.values()):
                 raise RuntimeError(f"device id of {device} collides with another device's: rename the devices")
             self._registry[device] = info
@@ -152,17 +151,13 @@ class GridLink:
         return len(update) + len(task)
 
     def replies(self, timeout: float) -> list[DeviceReply]:
-        """Replies that arrived; waits up to `timeout` real seconds for one while any device is busy. With none
-        busy nothing can come: `timeout` virtual seconds pass at once (as they would for silent devices)."""
+        """Replies that arrived; waits up to `timeout` seconds for one."""
         end = time.monotonic() + timeout
         while True:
             out = self._pull()
-            if out or not self._outstanding or time.monotonic() >= end:
-                break
+            if out or time.monotonic() >= end:
+                return out
             time.sleep(min(self.poll, max(0.0, end - time.monotonic())))
-        if not out and not self._outstanding:
-            self.now += timeout
-        return out
 
     def _pull(self) -> list[DeviceReply]:
         if not self._outstanding:
@@ -305,7 +300,7 @@ def backend_config(cpus: int, address: str | None = None) -> dict:
 
 def run_engine(config, run: Path, plan: Plan, devices: list[str], coordinate) -> list[dict]:
     """Start Flower's simulation engine with a SuperNode per device; its ServerApp joins the devices and calls
-    `coordinate(link, clock)` (the coordinator's rounds); returns what that returns."""
+    `coordinate(link)` (the coordinator's rounds); returns what that returns."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a plant network has no internet
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here: and no FutureWarning about it
     from flwr.app import Context
@@ -319,7 +314,7 @@ def run_engine(config, run: Path, plan: Plan, devices: list[str], coordinate) ->
     def main(grid: Grid, context: Context) -> None:
         link = GridLink(grid, plan, chunk_size=config.chunk_size, strict=config.dropout == 0)
         link.join(len(devices))
-        result["rounds"] = coordinate(link, link.clock)
+        result["rounds"] = coordinate(link)
 
     run_simulation(server, device_app(str(run.resolve()), config.trainer, config.seed, config.dropout),
                    num_supernodes=len(devices),

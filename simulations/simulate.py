@@ -54,6 +54,15 @@ class SimulationConfig:
     baseline_lr: float = 0.003  # fp32 SGD at batch 1 diverges to NaN at 0.01 on some bearing machines
     workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))  # processes, or Ray CPUs
     qemu_nodes: int = 0  # of the nodes, how many run the node firmware under QEMU (firmware_nodes.py)
+    realtime: bool = False  # deadlines, dropout and stragglers on the wall clock instead of in virtual time
+    reply_timeout: float = 600.0  # virtual time: wall seconds a reply that is due may take before the run fails
+    # what `fedtiny coordinator` takes, passed to the same RoundPolicy and make_strategy
+    strategy_options: str = ""  # "beta=0.2,num_malicious_nodes=1" (fedtiny_server.app.parse_options)
+    fraction: float = 1.0  # of the nodes, the share a round samples
+    quorum: float | None = None  # default: 1, or with --dropout or --stragglers max(0.3, 1 - dropout - 0.1)
+    local_steps: int = 0  # training steps per round; 0: --epochs passes over the node's samples
+    max_examples: int = 10_000  # clamp of a node's num_examples (its aggregation weight)
+    clip_norm: float = 0.0  # L2 norm (real units) every update is clipped to, on the node and at the coordinator
 
 
 ENGINES = ("mqtt", "flower")
@@ -112,12 +121,46 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
 def _faults(device: str, config: dict):
     """--dropout: the node fails the round: it does not train and answers nothing, then takes the next task as
     a rebooted device would. --stragglers: the node is slow in some rounds (straggler_delay), so it makes some
-    rounds and misses others."""
+    rounds and misses others; it waits out its delay only with --realtime (in virtual time it answers at once,
+    and the coordinator's `arrivals` say when its answer arrives)."""
     from fedtiny_device.agent import RoundFaults
 
-    straggler = is_straggler(config, device)
+    straggler = is_straggler(config, device) and config["realtime"]
     return RoundFaults(fails=lambda round_: _fails(config["seed"], device, round_, config["dropout"]),
                        delay=lambda round_: straggler_delay(config, device, round_) if straggler else 0.0)
+
+
+# --- virtual time: how long a node's round takes, by seeded rules (FleetGrid's `arrivals`) --------------------
+
+NOMINAL_CLOCK_HZ = 216e6  # the nominal device: a Cortex-M4/M7 at 216 MHz, one instruction per cycle
+NOMINAL_INSNS_PER_MAC = 8.4  # the default plan's measured M4 instructions per training MAC (BENCHMARKS.md)
+
+
+def nominal_step_seconds(plan) -> float:
+    """Virtual seconds of one training step of `plan` on the nominal device (its MACs, count_train_macs)."""
+    from fedtiny_device.codegen import count_train_macs
+
+    return count_train_macs(plan)["total"] * NOMINAL_INSNS_PER_MAC / NOMINAL_CLOCK_HZ
+
+
+def virtual_arrivals(config: dict, plan, samples: dict[str, int], firmware_devices=()):
+    """`arrivals(device, round)` for the coordinator's FleetGrid: the virtual second a node's DELTA arrives after
+    its TASK, or None when it drops out of the round (--dropout). A node's round lasts its training steps
+    (--local-steps, or --epochs passes over its samples) at the nominal device speed, plus its straggler_delay
+    when it is a straggler; the link itself takes no virtual time. Firmware nodes (QEMU) neither fail nor lag,
+    as in real time. Only seeded rules: the same seed gives the same arrivals on any machine, under any load."""
+    step = nominal_step_seconds(plan)
+    firmware = set(firmware_devices)
+
+    def arrival(device: str, round_: int) -> float | None:
+        seconds = (config["local_steps"] or config["epochs"] * samples[device]) * step
+        if device in firmware:
+            return seconds
+        if _fails(config["seed"], device, round_, config["dropout"]):
+            return None
+        return seconds + (straggler_delay(config, device, round_) if is_straggler(config, device) else 0.0)
+
+    return arrival
 
 
 def is_straggler(config: dict, device: str) -> bool:
@@ -175,11 +218,21 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
              f"{MIN_CHUNK_PAYLOAD}..{MAX_CHUNK_PAYLOAD} bytes"),
             ("dropout", 0 <= c.dropout < 1, "a fraction in [0, 1)"),
             ("stragglers", 0 <= c.stragglers <= 1, "a fraction in [0, 1]"),
-            ("deadline", c.deadline > 0, "positive seconds"), ("workers", c.workers >= 1, "at least 1")):
+            ("deadline", c.deadline > 0, "positive seconds"), ("workers", c.workers >= 1, "at least 1"),
+            ("reply_timeout", c.reply_timeout > 0, "positive seconds"),
+            ("fraction", 0 < c.fraction <= 1, "a fraction in (0, 1]"),
+            ("quorum", c.quorum is None or 0 < c.quorum <= 1, "a fraction in (0, 1]"),
+            ("local_steps", 0 <= c.local_steps <= 0xFFFF, "0..65535 (0: --epochs passes over the node's data)"),
+            ("max_examples", c.max_examples >= 1, "at least 1"), ("clip_norm", c.clip_norm >= 0, "0 (off) or more")):
         if not ok:
             raise ConfigError(f"--{option.replace('_', '-')} {getattr(c, option)}: must be {rule}")
     if c.engine not in ENGINES:
         raise ConfigError(f"unknown engine {c.engine!r}; choose one of {', '.join(ENGINES)}")
+    strategy_options(c)  # the strategy and its options, as the coordinator will build them
+    wall_clock_note = None
+    if semi_asynchronous(c) and c.engine == "mqtt" and not c.realtime:
+        c.realtime = True
+        wall_clock_note = "--strategy fedbuff: its semi-asynchronous rounds run on the wall clock (as --realtime)"
     if not 0 <= c.qemu_nodes <= c.nodes:
         raise ConfigError(f"--qemu-nodes {c.qemu_nodes}: must be between 0 and --nodes ({c.nodes})")
     if c.qemu_nodes and c.engine != "mqtt":
@@ -193,7 +246,7 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
         from .flower_engine import check_config
 
         check_config(c)  # Ray installed, no MQTT-only option
-    notes = []
+    notes = [wall_clock_note] if wall_clock_note else []
     c.reserve, scaled = reserve_for(c.budget, c.reserve)
     if scaled:
         notes.append(scaled)
@@ -204,6 +257,27 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     for message in notes if note else ():
         note(message)
     return task
+
+
+def strategy_options(config: SimulationConfig) -> dict:
+    """The keyword arguments of the run's strategy (make_strategy), checked by building it once: an unknown
+    strategy, a malformed --strategy-option or one the strategy does not take is a ConfigError."""
+    import logging
+
+    from fedtiny_server.app import parse_options
+    from fedtiny_server.rounds import make_strategy
+
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)  # its notes on the fleet defaults (fraction_evaluate 0), chosen on purpose
+    try:
+        options = {"fraction_train": config.fraction, **parse_options(config.strategy_options)}
+        make_strategy(config.strategy, **options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--strategy {config.strategy}: {exc}") from exc
+    finally:
+        flwr_log.setLevel(level)
+    return options
 
 
 def training_plan(config: SimulationConfig, task: Task, graph):
@@ -266,6 +340,8 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     cache = os.environ.get("FEDTINY_CACHE", "~/.cache/fedtiny")
     say(f"preparing the model (pretrained on the host's data, or from {cache}) and the training plan")
     model, graph, plan, scheme, devices = _prepare(config, run, task)
+    say(f"model {task.model}, update scheme {scheme}: {len(plan.trainable_buffers())} trainable buffers, "
+        f"{plan.arena_size:,} B arena per node")
     predicted = predict(graph, task.test.X)
     initial = float((predicted == task.test.y).mean())
 
@@ -283,7 +359,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
                    broker=broker, seed=config.seed, dropout=config.dropout, stragglers=config.stragglers,
-                   deadline=config.deadline, engine=config.engine,
+                   deadline=config.deadline, engine=config.engine, clock=_clock_kind(config),
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
                    initial_confusion=confusion_matrix(task.test.y, predicted, task.num_classes),
                    classes=list(task.pretrain.classes), qemu_nodes=config.qemu_nodes, firmware=firmware,
@@ -366,15 +442,24 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.state import StateStore
 
-    quorum = 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
-    policy = RoundPolicy(quorum=quorum, deadline=config.deadline)
+    quorum = config.quorum
+    if quorum is None:
+        quorum = 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
+    policy = RoundPolicy(quorum=quorum, deadline=config.deadline, max_examples=config.max_examples,
+                         reply_timeout=config.reply_timeout)
+    arrivals = None
+    if _clock_kind(config) == "virtual":
+        samples = {device_name(i): len(ds.y) for i, ds in enumerate(task.nodes)}
+        arrivals = virtual_arrivals(asdict(config), plan, samples, firmware_devices)
     store = StateStore(run / "state.db")
     try:
+        train_config = {"epochs": config.epochs, "uplink_keep": config.uplink_keep,
+                        "local_steps": config.local_steps, "clip_norm": config.clip_norm}
         coordinator = Coordinator(link, plan, store,
-                                  CoordinatorConfig(rounds=config.rounds, strategy=config.strategy, policy=policy,
-                                                    train_config={"epochs": config.epochs,
-                                                                  "uplink_keep": config.uplink_keep}),
-                                  heldout=(task.test.X, task.test.y), clock=clock)
+                                  CoordinatorConfig(rounds=config.rounds, strategy=config.strategy,
+                                                    strategy_options=strategy_options(config), policy=policy,
+                                                    train_config=train_config),
+                                  heldout=(task.test.X, task.test.y), clock=clock, arrivals=arrivals)
         rounds = []
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)
@@ -400,6 +485,17 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
         return rounds
     finally:
         store.close()
+
+
+def _clock_kind(config: SimulationConfig) -> str:
+    """"virtual" or "wall": what the run's round deadlines, dropout and stragglers run on (FleetGrid runs
+    semi-asynchronous rounds on the wall clock only)."""
+    return "wall" if config.realtime or semi_asynchronous(config) else "virtual"
+
+
+def semi_asynchronous(config: SimulationConfig) -> bool:
+    """fedbuff's rounds: tasks stay open across rounds, which FleetGrid runs on the wall clock only."""
+    return config.strategy.lower().replace("-", "").replace("_", "") == "fedbuff"
 
 
 def _bytes(coordinator) -> tuple[float, float]:
@@ -462,6 +558,43 @@ class LiveTable:
             return
         self.table.add_row(*cells)
         self.progress.advance(self.task)
+
+
+class QuietView:
+    """--quiet: nothing while the run goes (errors and the final summary line are the command's)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def __call__(self, row: dict) -> None:
+        pass
+
+
+class JsonLines(QuietView):
+    """--json: one JSON object per line on stdout as the run goes: {"event": "note", "message": ...} for each phase
+    line and note, {"event": "round", ...} with a round's row (the keys of metrics.json's rounds), and at the end
+    the command's {"event": "summary", ...}. Nothing else is written to stdout."""
+
+    def __init__(self, stream=None):
+        import sys
+
+        self.stream = stream or sys.stdout
+
+    def emit(self, event: str, **fields) -> None:
+        self.stream.write(json.dumps({"event": event, **fields}, default=float) + "\n")
+        self.stream.flush()
+
+    def note(self, message: str) -> None:
+        self.emit("note", message=message)
+
+    def __call__(self, row: dict) -> None:
+        self.emit("round", **row)
 
 
 if __name__ == "__main__":
