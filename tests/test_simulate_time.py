@@ -145,7 +145,7 @@ def test_same_seed_same_metrics_on_a_machine_busy_on_every_core(tmp_path):
     assert events[-1] == "summary" and events.count("round") == 3 and set(events) == {"note", "round", "summary"}
     assert [e["round"] for e in lines if e["event"] == "round"] == [1, 2, 3]
     assert any(e["event"] == "note" and e["message"].startswith("model mlp, update scheme") for e in lines)
-    assert lines[-1]["clock"] == "virtual" and lines[-1]["report"].endswith("summary.md")
+    assert lines[-1]["clock"] == "virtual" and lines[-1]["report"].endswith("report.html")
 
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
