@@ -27,13 +27,14 @@ def user_errors():
     from .compiler import BudgetError
     from .datafile import DataError
     from .fileformat import FileFormatError
+    from .importer import ModelImportError
     from .quantize import UnsupportedOpError
     from .scheme import SchemeError
 
     try:
         yield
     except (DataError, MissingExtraError, ModelSpecError, ConfigError, BudgetError, FileFormatError,
-            UnsupportedOpError, SchemeError) as err:
+            UnsupportedOpError, SchemeError, ModelImportError) as err:
         raise UserError(" ".join(str(err).split())) from err
 
 
@@ -171,6 +172,24 @@ def quantize(model_name: str, data: str, output: str, seed: int) -> None:
     from .modelfile import save_model
 
     graph = _model_for(model_name, data, seed)
+    save_model(graph, output)
+    click.echo(describe(graph))
+
+
+@main.command("import")
+@click.argument("model_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.ftm).")
+def import_(model_file: str, output: str) -> None:
+    """Read a full-integer TFLite model (MODEL.tflite, int8) into fedtiny's graph and save it as a model file, for
+    `fedtiny compile` and `fedtiny simulate --model`."""
+    from .importer import import_model
+    from .inspect import describe
+    from .modelfile import save_model
+
+    with user_errors():
+        graph, notes = import_model(model_file)
+    for message in notes:
+        note(message)
     save_model(graph, output)
     click.echo(describe(graph))
 

@@ -42,7 +42,7 @@ def import_model(path: str | Path) -> tuple[Graph, list[str]]:
             data = path.read_bytes()
         except OSError as err:
             raise ModelImportError(f"{path}: cannot read: {err.strerror or err}") from err
-        return import_tflite(data, name=path.stem)
+        return import_tflite(data, name=path.stem, source=str(path))
     if path.suffix.lower() == ".onnx":
         raise ModelImportError(f"{path}: ONNX import is not implemented yet; convert the model to a full-integer "
                                ".tflite, or quantize it in PyTorch with `fedtiny quantize`")
@@ -93,7 +93,7 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 class _TFLiteImporter:
-    def __init__(self, data: bytes, name: str):
+    def __init__(self, data: bytes, name: str, source: str):
         try:
             import tflite
         except ModuleNotFoundError as err:
@@ -101,11 +101,11 @@ class _TFLiteImporter:
                                    "'fedtiny[import]'") from err
         self.tflite = tflite
         if len(data) < 8 or data[4:8] != b"TFL3":
-            raise ModelImportError(f"{name}: not a TFLite model (no TFL3 flatbuffer identifier)")
+            raise ModelImportError(f"{source}: not a TFLite model (no TFL3 flatbuffer identifier)")
         try:
             self.model = tflite.Model.GetRootAsModel(data, 0)
             if self.model.SubgraphsLength() < 1:
-                raise ModelImportError(f"{name}: the TFLite model has no subgraph")
+                raise ModelImportError(f"{source}: the TFLite model has no subgraph")
             self.subgraph = self.model.Subgraphs(0)
             self.tensors = [_TFLiteTensor(self.model, self.subgraph.Tensors(i))
                             for i in range(self.subgraph.TensorsLength())]
@@ -114,8 +114,8 @@ class _TFLiteImporter:
         except ModelImportError:
             raise
         except Exception as err:  # a damaged flatbuffer fails anywhere with any error
-            raise ModelImportError(f"{name}: damaged TFLite model ({type(err).__name__}: {err})") from err
-        self.name = name
+            raise ModelImportError(f"{source}: damaged TFLite model ({type(err).__name__}: {err})") from err
+        self.name, self.source = name, source
         self.notes: list[str] = []
         self.graph_tensors: dict[str, Tensor] = {}
         self.graph_ops: list[Op] = []
@@ -138,7 +138,7 @@ class _TFLiteImporter:
     # -- tensors --
 
     def _refuse(self, i: int, why: str):
-        raise UnsupportedOpError(f"TFLite op {i} ({self.op_names[i]}): {why}")
+        raise UnsupportedOpError(f"{self.source}: TFLite op {i} ({self.op_names[i]}): {why}")
 
     def _hwc(self, i: int, idx: int) -> tuple[int, int, int]:
         shape = self.tensors[idx].shape
@@ -250,7 +250,7 @@ class _TFLiteImporter:
     def convert(self) -> Graph:
         sub = self.subgraph
         if sub.InputsLength() != 1 or sub.OutputsLength() != 1:
-            raise UnsupportedOpError(f"{self.name}: fedtiny imports models with one input and one output, this one "
+            raise UnsupportedOpError(f"{self.source}: fedtiny imports models with one input and one output, this one "
                                      f"has {sub.InputsLength()} and {sub.OutputsLength()}")
         first, last = 0, len(self.ops)
         graph_input, graph_output = sub.Inputs(0), sub.Outputs(0)
@@ -271,10 +271,10 @@ class _TFLiteImporter:
         for i in range(first, last):
             self._convert_op(i)
         if graph_output not in self.name_of:
-            raise UnsupportedOpError(f"{self.name}: the model's output is not computed by an op fedtiny imports")
+            raise UnsupportedOpError(f"{self.source}: the model's output is not computed by an op fedtiny imports")
         output_name = self.name_of[graph_output]
         if self.graph_tensors[input_name].shape == self.graph_tensors[output_name].shape and not self.graph_ops:
-            raise UnsupportedOpError(f"{self.name}: the model has no op fedtiny could import")
+            raise UnsupportedOpError(f"{self.source}: the model has no op fedtiny could import")
         in_shape = self.tensors[graph_input].shape[1:]
         input_shape = (in_shape[-1],) + tuple(in_shape[:-1]) if len(in_shape) > 1 else tuple(in_shape)
         meta = dict(name=self.name, input_shape=[int(d) for d in input_shape], classes=None, source="tflite")
@@ -282,7 +282,7 @@ class _TFLiteImporter:
         try:
             validate(graph)
         except GraphError as err:
-            raise UnsupportedOpError(f"{self.name}: the imported graph is invalid: {err}") from err
+            raise UnsupportedOpError(f"{self.source}: the imported graph is invalid: {err}") from err
         return graph
 
     def _convert_op(self, i: int):
@@ -422,8 +422,8 @@ class _TFLiteImporter:
                           "requantized as TFLite does); a scheme that trains it may change its weights")
 
 
-def import_tflite(data: bytes, name: str = "model") -> tuple[Graph, list[str]]:
-    """A full-integer TFLite flatbuffer -> (fedtiny Graph, notes for the user)."""
-    importer = _TFLiteImporter(data, name)
+def import_tflite(data: bytes, name: str = "model", source: str = "<bytes>") -> tuple[Graph, list[str]]:
+    """A full-integer TFLite flatbuffer -> (fedtiny Graph named `name`, notes for the user); errors name `source`."""
+    importer = _TFLiteImporter(data, name, source)
     graph = importer.convert()
     return graph, importer.notes

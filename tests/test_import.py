@@ -1,0 +1,175 @@
+"""`fedtiny import MODEL.tflite`: a model made by tools nobody here wrote (a Keras 1D model converted by the TFLite
+converter with full integer quantization, tests/fixtures/make_tflite_fixture.py) is read into fedtiny's graph and
+
+- agrees with the original runtime (LiteRT, ai-edge-litert) on real data (sklearn's 1,797 digits): its builtin
+  integer kernels, reference and optimized, give the same int8 logits on at least 99 % of the values and none
+  more than 1 step apart; XNNPACK, LiteRT's default delegate, requantizes in float, so there the predicted class
+  must be the same on every sample;
+- compiles and trains bit for bit in C (CTrainer == the Python Trainer after 100 steps, as tests/test_ctrainer.py);
+- bad input is one line and exit code 2: an op fedtiny cannot run (named with its index), a file that is no
+  TFLite model.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import require_module
+from fedtiny.cli import main
+from fedtiny.compiler import compile_plan
+from fedtiny.interpreter import quantize_input, run
+from fedtiny.modelfile import load_model
+from fedtiny.scheme import parse
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TFLITE = FIXTURES / "digits_rows_int8.tflite"
+sys.path.insert(0, str(FIXTURES))
+from make_tflite_fixture import digits_rows  # noqa: E402  (the data the fixture was trained on)
+
+
+def run_cli(*args):
+    try:
+        runner = CliRunner(mix_stderr=False)  # click 8.1
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def imported():
+    require_module("tflite", "import")
+    from fedtiny.importer import import_model
+
+    return import_model(TFLITE)
+
+
+@pytest.fixture(scope="module")
+def digits(imported):
+    """(int8 samples (N, 1, 8, 8) in the model's input quantization, labels): Keras' (N, length, channels) is
+    fedtiny's PyTorch-layout (N, channels, length)."""
+    graph, _ = imported
+    x, y = digits_rows()
+    return quantize_input(graph, x.transpose(0, 2, 1)), y
+
+
+def litert_logits(graph, x, resolver: str) -> np.ndarray:
+    """LiteRT's int8 values of the tensor fedtiny's output stands for (the logits before the dropped SOFTMAX)."""
+    require_module("ai_edge_litert", "dev")
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_path=str(TFLITE), experimental_op_resolver_type=getattr(OpResolverType, resolver),
+                              experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    (inp,) = interpreter.get_input_details()
+    logits = int(graph.outputs[0].removeprefix("t"))  # the importer names activations t<TFLite tensor index>
+    out = []
+    for sample in x:
+        interpreter.set_tensor(inp["index"], sample.reshape(inp["shape"]))
+        interpreter.invoke()
+        out.append(interpreter.get_tensor(logits).reshape(-1).copy())
+    return np.array(out)
+
+
+def test_import_reads_the_converter_s_ops_and_drops_only_the_final_softmax(imported):
+    graph, notes = imported
+    assert [op.kind for op in graph.ops] == ["conv2d", "maxpool2d", "conv2d", "conv2d", "add", "conv2d", "conv2d"]
+    assert graph.ops[2].attrs["groups"] == 16  # DEPTHWISE_CONV_2D
+    assert [op.attrs["activation"] for op in graph.ops if op.kind in ("conv2d", "add")] == \
+        ["relu", "relu", "none", "relu", "none", "none"]  # Keras' ReLUs fused by the converter
+    assert graph.meta["input_shape"] == [8, 8] and graph.tensors[graph.outputs[0]].shape == (1, 1, 10)
+    assert any("SOFTMAX" in n for n in notes)
+
+
+@pytest.mark.parametrize("resolver", ["BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"])
+def test_imported_model_gives_litert_s_int8_logits(imported, digits, resolver):
+    graph, _ = imported
+    x, y = digits
+    ours = run(graph, x).reshape(len(x), -1).astype(np.int64)
+    theirs = litert_logits(graph, x, resolver).astype(np.int64)
+    apart = np.abs(ours - theirs)
+    assert (apart == 0).mean() >= 0.99, f"only {100 * (apart == 0).mean():.2f} % of the int8 logits are identical"
+    assert apart.max() <= 1, f"{int((apart > 1).sum())} logits more than 1 step apart"
+    assert (ours.argmax(axis=1) == y).mean() > 0.9  # the model is a real one: it reads digits
+
+
+def test_imported_model_predicts_litert_s_classes_with_xnnpack(imported, digits):
+    graph, _ = imported
+    x, _ = digits
+    ours = run(graph, x).reshape(len(x), -1)
+    theirs = litert_logits(graph, x, "AUTO")  # XNNPACK: float requantization
+    assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).all()
+
+
+@pytest.mark.parametrize("scheme", ["last:2", "full"])
+def test_imported_model_trains_bit_exactly_in_c(imported, digits, scheme, tmp_path):
+    from test_ctrainer import assert_same_state, python_reference
+    from test_cruntime import need
+
+    from fedtiny_device import cruntime
+    from fedtiny_device.trainer import Trainer
+
+    need("gcc", "make")
+    graph, _ = imported
+    x, y = digits
+    plan = compile_plan(graph, parse(scheme, graph))
+    expected = python_reference(plan, x[:100], y[:100], seed=3)
+    trainer = cruntime.CTrainer(plan, seed=3, cache_dir=tmp_path)
+    for xi, yi in zip(x[:100], y[:100]):
+        trainer.step(xi, int(yi))
+    assert_same_state(trainer.trainable_state(), expected.trainable_state(), f"imported {scheme}")
+    assert trainer.rng_counter == expected.rng_counter
+    assert any(not np.array_equal(v, Trainer(plan, 3).trainable_state()[k])
+               for k, v in trainer.trainable_state().items()), "100 steps changed nothing"
+
+
+def test_cli_import_writes_a_model_that_compiles(tmp_path):
+    require_module("tflite", "import")
+    result = run_cli("import", TFLITE, "-o", tmp_path / "digits.ftm")
+    assert result.exit_code == 0, result.output
+    assert "FULLY_CONNECTED" in result.stdout and "dropped the final SOFTMAX" in result.stderr
+    graph = load_model(tmp_path / "digits.ftm")
+    assert graph.meta["source"] == "tflite" and len(graph.ops) == 7
+    result = run_cli("compile", tmp_path / "digits.ftm", "--scheme", "last:2")
+    assert result.exit_code == 0, result.output
+    assert "plan: scheme last:2" in result.stdout
+
+
+def _with_opcode(data: bytes, old: int, new: int) -> bytes:
+    """The model with every operator code `old` (a builtin) rewritten to `new`, in place in the flatbuffer."""
+    import tflite
+
+    patched = bytearray(data)
+    model = tflite.Model.GetRootAsModel(data, 0)
+    for j in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(j)
+        if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) == old:
+            for field, size in ((4, 1), (10, 4)):  # deprecated_builtin_code int8, builtin_code int32
+                offset = code._tab.Offset(field)
+                assert offset, "the converter writes both opcode fields"
+                patched[code._tab.Pos + offset: code._tab.Pos + offset + size] = new.to_bytes(size, "little")
+    assert patched != bytearray(data)
+    return bytes(patched)
+
+
+def test_unsupported_op_is_one_line_naming_it_and_exit_2(tmp_path):
+    require_module("tflite", "import")
+    bad = tmp_path / "logistic.tflite"
+    bad.write_bytes(_with_opcode(TFLITE.read_bytes(), old=17, new=14))  # MAX_POOL_2D -> LOGISTIC
+    result = run_cli("import", bad, "-o", tmp_path / "x.ftm")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TFLite op 4 (LOGISTIC): not supported" in lines[0], result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "x.ftm").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a flatbuffer at all", b"\x10\x00\x00\x00TFL3" + b"\xff" * 40])
+def test_a_file_that_is_no_tflite_model_is_one_line_exit_2(tmp_path, content):
+    require_module("tflite", "import")
+    bad = tmp_path / "broken.tflite"
+    bad.write_bytes(content)
+    result = run_cli("import", bad, "-o", tmp_path / "x.ftm")
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "broken.tflite" in result.stderr
