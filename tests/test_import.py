@@ -173,3 +173,38 @@ def test_a_file_that_is_no_tflite_model_is_one_line_exit_2(tmp_path, content):
     result = run_cli("import", bad, "-o", tmp_path / "x.ftm")
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "broken.tflite" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def imported_files(tmp_path_factory, imported):
+    """The imported model as a .ftm and the digits as a user's .npz in PyTorch layout (N, channels, length)."""
+    from fedtiny.modelfile import save_model
+
+    folder = tmp_path_factory.mktemp("imported")
+    save_model(imported[0], folder / "digits.ftm")
+    x, y = digits_rows()
+    np.savez(folder / "digits_rows.npz", X=x.transpose(0, 2, 1), y=y)
+    return folder
+
+
+def test_imported_model_trains_in_simulate(imported_files, tmp_path):
+    """A .ftm model skips pretraining and quantization: the run starts from the imported weights."""
+    from fedtiny_sim.simulate import SimulationConfig, simulate
+
+    result = simulate(SimulationConfig(nodes=3, rounds=2, data=str(imported_files / "digits_rows.npz"),
+                                       model=str(imported_files / "digits.ftm"), out=str(tmp_path / "run"), seed=1))
+    assert result["initial_accuracy"] > 0.9  # the Keras model's own accuracy, not a freshly trained one's
+    assert len(result["rounds"]) == 2 and result["rounds"][-1]["accuracy"] > 0.9
+    assert (tmp_path / "run" / "global.ftm").exists()
+
+
+@pytest.mark.parametrize("x_shape, classes, problem", [((100, 8, 6), 10, "takes samples of shape (8, 8)"),
+                                                       ((100, 8, 8), 4, "gives 10 logits, the data has 4 classes")])
+def test_simulate_refuses_data_that_does_not_fit_the_model_file(imported_files, tmp_path, x_shape, classes, problem):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "other.npz", X=rng.normal(size=x_shape), y=np.arange(x_shape[0]) % classes)
+    result = run_cli("simulate", "--model", imported_files / "digits.ftm", "--data", tmp_path / "other.npz",
+                     "--nodes", 2, "--rounds", 1, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert problem in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
