@@ -291,8 +291,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
               help="industrial: bearing vibration; vision: sklearn digits; medical: breast cancer.")
 @click.option("--data", "data_file", default=None, type=click.Path(dir_okay=False),
               help="Your own .npz (X, y, optional group) or .csv (label/y, optional group) instead of a scenario.")
-@click.option("--model", default=None, help="Zoo model (sensor_cnn, mobilenet, mlp) or your module as "
-              "FILE.py:FACTORY, FACTORY(input_shape, num_classes) -> nn.Module; default: the scenario's.")
+@click.option("--model", default=None, help="Zoo model (sensor_cnn, mobilenet, mlp), your module as "
+              "FILE.py:FACTORY, FACTORY(input_shape, num_classes) -> nn.Module, or a model file MODEL.ftm (`fedtiny "
+              "quantize`'s or `fedtiny import`'s: not pretrained again); default: the scenario's.")
 @click.option("--strategy", default="fedavg", show_default=True, help="A Flower strategy by name, or fedbuff.")
 @click.option("--scheme", default=None, help="Update scheme; default: the model's sparse default.")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
