@@ -92,8 +92,73 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-class _TFLiteImporter:
+class _GraphBuilder:
+    """The IR graph an importer builds: int8 activations, and conv2d/add ops with their requantization constants
+    derived from float scales as TFLite derives them (double(s_x) * double(s_w) / double(s_y), QuantizeMultiplier)."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+        self.graph_tensors: dict[str, Tensor] = {}
+        self.graph_ops: list[Op] = []
+
+    def _declare(self, name: str, shape, scale: float, zero_point: int) -> str:
+        self.graph_tensors[name] = Tensor(name, tuple(int(d) for d in shape), "int8", np.array([float(scale)]),
+                                          int(zero_point))
+        return name
+
+    def _quant(self, name: str) -> tuple[float, int]:
+        t = self.graph_tensors[name]
+        return float(t.scale[0]), t.zero_point
+
+    def _emit(self, kind: str, inputs: list[str], output: str, attrs: dict, origin: str):
+        self.graph_ops.append(Op(kind, inputs, [output], attrs, origin))
+
+    def _add_conv(self, x: str, y: str, weight: np.ndarray, s_w: np.ndarray, bias: np.ndarray | None,
+                  stride, padding, groups: int, bounds: tuple[int, int, str], origin: str):
+        """conv2d with weight (Cout, KH, KW, Cin/groups) int8 and the file's per-channel (or one) weight scale."""
+        cout = weight.shape[0]
+        s_w = np.broadcast_to(s_w, (cout,)).astype(np.float64)
+        (s_x, _), (s_y, _) = self._quant(x), self._quant(y)
+        # TFLite (PopulateConvolutionQuantizationParams): double(s_x) * double(s_w[c]) / double(s_y)
+        mult, shift = zip(*(quantize_multiplier(s_x * float(s) / s_y) for s in s_w))
+        act_min, act_max, activation = bounds
+        if bias is None:
+            bias = np.zeros(cout, np.int32)
+        w_name, b_name = f"{y}.weight", f"{y}.bias"
+        self.graph_tensors[w_name] = Tensor(w_name, weight.shape, "int8", s_w.copy(), 0,
+                                            np.ascontiguousarray(weight, dtype=np.int8))
+        self.graph_tensors[b_name] = Tensor(b_name, (cout,), "int32", s_x * s_w, 0,
+                                            np.ascontiguousarray(bias, dtype=np.int32).reshape(cout))
+        self._emit("conv2d", [x, w_name, b_name], y,
+                   dict(stride=list(stride), padding=list(padding), groups=groups, multiplier=list(mult),
+                        shift=list(shift), act_min=act_min, act_max=act_max, activation=activation), origin)
+
+    def _add_add(self, a: str, b: str, y: str, bounds: tuple[int, int, str], origin: str):
+        """TFLite's int8 ADD (add.cc): both inputs rescaled onto 2 max(s_a, s_b) / 2^20, then onto s_y."""
+        (s_a, _), (s_b, _), (s_y, _) = self._quant(a), self._quant(b), self._quant(y)
+        twice_max = 2 * max(s_a, s_b)
+        (am, ash), (bm, bsh) = quantize_multiplier(s_a / twice_max), quantize_multiplier(s_b / twice_max)
+        om, osh = quantize_multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * s_y))
+        act_min, act_max, activation = bounds
+        self._emit("add", [a, b], y, dict(left_shift=ADD_LEFT_SHIFT, a_multiplier=am, a_shift=ash, b_multiplier=bm,
+                                          b_shift=bsh, out_multiplier=om, out_shift=osh, act_min=act_min,
+                                          act_max=act_max, activation=activation), origin)
+
+    def _finish(self, input_name: str, output_name: str, input_shape, name: str, source: str, fmt: str) -> Graph:
+        if not self.graph_ops:
+            raise UnsupportedOpError(f"{source}: the model has no op fedtiny could import")
+        meta = dict(name=name, input_shape=[int(d) for d in input_shape], classes=None, source=fmt)
+        graph = Graph(self.graph_tensors, self.graph_ops, [input_name], [output_name], meta)
+        try:
+            validate(graph)
+        except GraphError as err:
+            raise UnsupportedOpError(f"{source}: the imported graph is invalid: {err}") from err
+        return graph
+
+
+class _TFLiteImporter(_GraphBuilder):
     def __init__(self, data: bytes, name: str, source: str):
+        super().__init__()
         try:
             import tflite
         except ModuleNotFoundError as err:
@@ -116,9 +181,6 @@ class _TFLiteImporter:
         except Exception as err:  # a damaged flatbuffer fails anywhere with any error
             raise ModelImportError(f"{source}: damaged TFLite model ({type(err).__name__}: {err})") from err
         self.name, self.source = name, source
-        self.notes: list[str] = []
-        self.graph_tensors: dict[str, Tensor] = {}
-        self.graph_ops: list[Op] = []
         self.name_of: dict[int, str] = {}  # TFLite tensor index -> IR tensor name
 
     def _op_name(self, op) -> str:
@@ -172,10 +234,6 @@ class _TFLiteImporter:
                             "dropped; only activations computed by the model are supported here")
         return self.name_of[idx]
 
-    def _quant(self, name: str) -> tuple[float, int]:
-        t = self.graph_tensors[name]
-        return float(t.scale[0]), t.zero_point
-
     def _act_bounds(self, i: int, fused: int, y: str) -> tuple[int, int, str]:
         """TFLite's CalculateActivationRangeQuantized: quantize(f) = zp + TfLiteRound(f / scale) in float32."""
         s_y, z_y = self._quant(y)
@@ -189,28 +247,9 @@ class _TFLiteImporter:
 
     # -- ops --
 
-    def _emit(self, kind: str, inputs: list[str], output: str, attrs: dict, origin: str):
-        self.graph_ops.append(Op(kind, inputs, [output], attrs, origin))
-
     def _conv(self, i: int, x: str, y: str, weight: np.ndarray, s_w: np.ndarray, bias: np.ndarray | None,
               stride, padding, groups: int, fused: int, origin: str):
-        """conv2d with weight (Cout, KH, KW, Cin/groups) int8 and the file's per-channel (or one) weight scale."""
-        cout = weight.shape[0]
-        s_w = np.broadcast_to(s_w, (cout,)).astype(np.float64)
-        (s_x, _), (s_y, _) = self._quant(x), self._quant(y)
-        # TFLite (PopulateConvolutionQuantizationParams): double(s_x) * double(s_w[c]) / double(s_y)
-        mult, shift = zip(*(quantize_multiplier(s_x * float(s) / s_y) for s in s_w))
-        act_min, act_max, activation = self._act_bounds(i, fused, y)
-        if bias is None:
-            bias = np.zeros(cout, np.int32)
-        w_name, b_name = f"{y}.weight", f"{y}.bias"
-        self.graph_tensors[w_name] = Tensor(w_name, weight.shape, "int8", s_w.copy(), 0,
-                                            np.ascontiguousarray(weight, dtype=np.int8))
-        self.graph_tensors[b_name] = Tensor(b_name, (cout,), "int32", s_x * s_w, 0,
-                                            np.ascontiguousarray(bias, dtype=np.int32))
-        self._emit("conv2d", [x, w_name, b_name], y,
-                   dict(stride=list(stride), padding=list(padding), groups=groups, multiplier=list(mult),
-                        shift=list(shift), act_min=act_min, act_max=act_max, activation=activation), origin)
+        self._add_conv(x, y, weight, s_w, bias, stride, padding, groups, self._act_bounds(i, fused, y), origin)
 
     def _weights(self, i: int, idx: int, channel_axis: int) -> tuple[np.ndarray, np.ndarray]:
         t = self.tensors[idx]
@@ -273,17 +312,9 @@ class _TFLiteImporter:
         if graph_output not in self.name_of:
             raise UnsupportedOpError(f"{self.source}: the model's output is not computed by an op fedtiny imports")
         output_name = self.name_of[graph_output]
-        if self.graph_tensors[input_name].shape == self.graph_tensors[output_name].shape and not self.graph_ops:
-            raise UnsupportedOpError(f"{self.source}: the model has no op fedtiny could import")
         in_shape = self.tensors[graph_input].shape[1:]
         input_shape = (in_shape[-1],) + tuple(in_shape[:-1]) if len(in_shape) > 1 else tuple(in_shape)
-        meta = dict(name=self.name, input_shape=[int(d) for d in input_shape], classes=None, source="tflite")
-        graph = Graph(self.graph_tensors, self.graph_ops, [input_name], [output_name], meta)
-        try:
-            validate(graph)
-        except GraphError as err:
-            raise UnsupportedOpError(f"{self.source}: the imported graph is invalid: {err}") from err
-        return graph
+        return self._finish(input_name, output_name, input_shape, self.name, self.source, "tflite")
 
     def _convert_op(self, i: int):
         op, kind = self.ops[i], self.op_names[i]
@@ -371,14 +402,7 @@ class _TFLiteImporter:
                 self._refuse(i, f"inputs of shapes {self.graph_tensors[a].shape} and {self.graph_tensors[b].shape}:"
                                 " broadcasting is not supported")
             y = self._activation(i, out)
-            (s_a, _), (s_b, _), (s_y, _) = self._quant(a), self._quant(b), self._quant(y)
-            twice_max = 2 * max(s_a, s_b)  # TFLite's add.cc Prepare, int8
-            (am, ash), (bm, bsh) = quantize_multiplier(s_a / twice_max), quantize_multiplier(s_b / twice_max)
-            om, osh = quantize_multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * s_y))
-            act_min, act_max, activation = self._act_bounds(i, o.FusedActivationFunction(), y)
-            self._emit("add", [a, b], y, dict(left_shift=ADD_LEFT_SHIFT, a_multiplier=am, a_shift=ash,
-                                              b_multiplier=bm, b_shift=bsh, out_multiplier=om, out_shift=osh,
-                                              act_min=act_min, act_max=act_max, activation=activation), origin)
+            self._add_add(a, b, y, self._act_bounds(i, o.FusedActivationFunction(), y), origin)
         else:
             where = ("; fedtiny drops a SOFTMAX only at the very end" if kind == "SOFTMAX" else "")
             self._refuse(i, f"not supported (fedtiny imports CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, "
