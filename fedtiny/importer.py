@@ -1,4 +1,5 @@
-"""Import the int8 models people already have: a full-integer TFLite model -> fedtiny's `Graph`.
+"""Import the int8 models people already have: a full-integer TFLite model, or an int8 QDQ ONNX model (onnxruntime's
+quantize_static), -> fedtiny's `Graph`.
 
 TFLite's integer semantics are the IR's (channels-last, int8 activations with a zero point, int8 weights
 symmetric per output channel, int32 biases at s_x * s_w, requantization by a Q31 multiplier and shift), so an
@@ -18,6 +19,12 @@ Op mapping (TFLite builtin -> IR):
 A QUANTIZE right after a float input, and a SOFTMAX and/or DEQUANTIZE at the very end, are dropped with a note:
 the device receives int8 samples, and training works on the logits (the predicted class is the same). Anything
 else is refused with UnsupportedOpError naming the op and its index.
+
+ONNX QDQ: Conv, Gemm, MaxPool, AveragePool, GlobalAveragePool, Add and Flatten/Reshape/Squeeze/Unsqueeze, each
+between DequantizeLinear inputs and one QuantizeLinear output (int8, per-tensor activations; int8 symmetric
+weights, per channel or not; int32 biases), become the same IR ops with the same constants as TFLite's. ONNX
+defines such a graph in float between the QDQ pairs, so fedtiny's fixed-point results differ from it by a
+rounding now and then (tests/test_import.py checks each op and the predicted classes).
 """
 
 import math
@@ -35,18 +42,18 @@ class ModelImportError(ValueError):
 
 
 def import_model(path: str | Path) -> tuple[Graph, list[str]]:
-    """(graph, notes) of a .tflite file; notes are lines for the user about what was dropped or added."""
+    """(graph, notes) of a .tflite or .onnx file; notes are lines for the user about what was dropped or added."""
     path = Path(path)
+    if path.suffix.lower() not in (".tflite", ".onnx"):
+        raise ModelImportError(f"{path}: not a model fedtiny can import (a full-integer .tflite or QDQ int8 .onnx "
+                               "file)")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ModelImportError(f"{path}: cannot read: {err.strerror or err}") from err
     if path.suffix.lower() == ".tflite":
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise ModelImportError(f"{path}: cannot read: {err.strerror or err}") from err
         return import_tflite(data, name=path.stem, source=str(path))
-    if path.suffix.lower() == ".onnx":
-        raise ModelImportError(f"{path}: ONNX import is not implemented yet; convert the model to a full-integer "
-                               ".tflite, or quantize it in PyTorch with `fedtiny quantize`")
-    raise ModelImportError(f"{path}: not a model fedtiny can import (a full-integer .tflite file)")
+    return import_onnx(data, name=path.stem, source=str(path))
 
 
 # --- TFLite ----------------------------------------------------------------------------------------------------
@@ -449,5 +456,227 @@ class _TFLiteImporter(_GraphBuilder):
 def import_tflite(data: bytes, name: str = "model", source: str = "<bytes>") -> tuple[Graph, list[str]]:
     """A full-integer TFLite flatbuffer -> (fedtiny Graph named `name`, notes for the user); errors name `source`."""
     importer = _TFLiteImporter(data, name, source)
+    graph = importer.convert()
+    return graph, importer.notes
+
+
+# --- ONNX (QDQ, as onnxruntime's quantize_static writes it) ---------------------------------------------------------
+
+
+class _OnnxImporter(_GraphBuilder):
+    """A QDQ graph: every activation is a QuantizeLinear -> DequantizeLinear pair around float ops, weights and
+    biases are DequantizeLinear of int8 / int32 initializers. Each float op between them becomes its integer op on
+    the QuantizeLinear's int8 tensor. quantize_static removes a ReLU after a conv or add and lets the output's
+    range start at 0 (zero point -128) instead: such an output is imported with a fused ReLU."""
+
+    def __init__(self, data: bytes, name: str, source: str):
+        super().__init__()
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ModuleNotFoundError as err:
+            raise ModelImportError("reading .onnx files needs the `onnx` package: pip install onnx") from err
+        try:
+            self.model = onnx.load_model_from_string(data)
+            self.nodes = list(self.model.graph.node)
+            self.init = {t.name: numpy_helper.to_array(t) for t in self.model.graph.initializer}
+        except Exception as err:  # protobuf's DecodeError and friends
+            raise ModelImportError(f"{source}: not an ONNX model ({type(err).__name__}: {err})") from err
+        self.attr = onnx.helper.get_attribute_value
+        self.name, self.source = name, source
+        self.act: dict[str, str] = {}  # float tensor (a DequantizeLinear's output) -> IR int8 tensor
+        self.const: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # DequantizeLinear'd initializer -> (ints, scale)
+        self.consumers: dict[str, list] = {}
+        for node in self.nodes:
+            for name_in in node.input:
+                self.consumers.setdefault(name_in, []).append(node)
+        self.flattened_from: dict[str, tuple[int, int, int]] = {}
+        try:  # every tensor's shape, for reshapes
+            inferred = onnx.shape_inference.infer_shapes(self.model).graph
+        except Exception:  # noqa: BLE001  (a model onnx cannot infer: reshapes are refused below)
+            inferred = self.model.graph
+        self.dims = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+                     for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+
+    def _refuse(self, i: int, why: str):
+        raise UnsupportedOpError(f"{self.source}: ONNX node {i} ({self.nodes[i].op_type} "
+                                 f"{self.nodes[i].name or self.nodes[i].output[0]}): {why}")
+
+    def _attrs(self, node) -> dict:
+        return {a.name: self.attr(a) for a in node.attribute}
+
+    def _qparams(self, i: int, node) -> tuple[float, int]:
+        scale, zp = self.init.get(node.input[1]), self.init.get(node.input[2]) if len(node.input) > 2 else 0
+        if scale is None or np.size(scale) != 1 or (zp is not None and np.asarray(zp).dtype != np.int8):
+            self._refuse(i, "activations must be int8 with one constant scale and zero point (QInt8, per tensor)")
+        return float(np.float32(scale)), int(zp if zp is not None else 0)
+
+    @staticmethod
+    def _hwc(shape) -> tuple[int, int, int]:
+        s = tuple(int(d) for d in shape[1:])
+        return {1: lambda: (1, 1, s[0]), 2: lambda: (1, s[1], s[0]), 3: lambda: (s[1], s[2], s[0])}[len(s)]()
+
+    def _output(self, i: int, node) -> tuple[str, int, int]:
+        """The int8 tensor node's output becomes: (IR name, scale, zero point) of the one QuantizeLinear reading it."""
+        readers = self.consumers.get(node.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+            self._refuse(i, "its output must go to exactly one QuantizeLinear (a QDQ model, all int8)")
+        q = readers[0]
+        scale, zp = self._qparams(self.nodes.index(q), q)
+        return q.output[0], scale, zp
+
+    def _bounds(self, zp: int) -> tuple[int, int, str]:
+        return (-128, 127, "relu") if zp == -128 else (-128, 127, "none")
+
+    def _weight(self, i: int, name: str, channel_axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self.const:
+            self._refuse(i, f"{name!r} must be a DequantizeLinear of a constant")
+        ints, scale = self.const[name]
+        if ints.dtype != np.int8:
+            self._refuse(i, f"weights {name!r} are {ints.dtype}, not int8")
+        return ints, scale
+
+    def convert(self) -> Graph:
+        graph = self.model.graph
+        inits = set(self.init)
+        inputs = [t for t in graph.input if t.name not in inits]
+        if len(inputs) != 1 or len(graph.output) != 1:
+            raise UnsupportedOpError(f"{self.source}: fedtiny imports models with one input and one output")
+        dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+        if len(dims) not in (2, 3, 4) or min(dims[1:]) < 1:
+            raise UnsupportedOpError(f"{self.source}: input {inputs[0].name!r} has shape {dims}; fedtiny takes "
+                                     "(N, F), (N, C, L) or (N, C, H, W) with fixed sizes")
+        input_name = None
+        q_of: dict[str, str] = {}  # a QuantizeLinear's int8 output -> IR tensor
+        for i, node in enumerate(self.nodes):
+            op = node.op_type
+            if op == "QuantizeLinear":
+                if node.input[0] == inputs[0].name:
+                    scale, zp = self._qparams(i, node)
+                    input_name = q_of[node.output[0]] = self._declare("input", self._hwc(dims), scale, zp)
+                elif node.output[0] not in q_of:
+                    self._refuse(i, "quantizes a tensor no imported op computed")
+            elif op == "DequantizeLinear":
+                if node.input[0] in self.init:
+                    scale = np.asarray(self.init[node.input[1]], np.float32).astype(np.float64).reshape(-1)
+                    zp = self.init.get(node.input[2]) if len(node.input) > 2 else None
+                    if zp is not None and np.any(np.asarray(zp) != 0):
+                        self._refuse(i, "weights and biases must be symmetric (zero point 0)")
+                    self.const[node.output[0]] = (self.init[node.input[0]], scale)
+                elif node.input[0] in q_of:
+                    self.act[node.output[0]] = q_of[node.input[0]]
+                else:
+                    self._refuse(i, "dequantizes a tensor that is neither a constant nor an imported int8 tensor")
+            else:
+                y_q, scale, zp = self._output(i, node)
+                q_of[y_q] = self._convert_node(i, node, scale, zp)
+        if graph.output[0].name not in self.act:
+            raise UnsupportedOpError(f"{self.source}: the output {graph.output[0].name!r} is not the "
+                                     "DequantizeLinear of an imported int8 tensor")
+        if input_name is None:
+            raise UnsupportedOpError(f"{self.source}: the input is not quantized by a QuantizeLinear (not a QDQ model)")
+        input_shape = dims[1:]
+        return self._finish(input_name, self.act[graph.output[0].name], input_shape, self.name, self.source, "onnx")
+
+    def _in(self, i: int, name: str) -> str:
+        if name not in self.act:
+            self._refuse(i, f"input {name!r} is not a DequantizeLinear of an int8 activation")
+        return self.act[name]
+
+    def _convert_node(self, i: int, node, scale: float, zp: int) -> str:
+        op, a = node.op_type, self._attrs(node)
+        origin = f"onnx node {i} {op}"
+        y = f"n{i}"
+        if op == "Conv":
+            x = self._in(i, node.input[0])
+            w, s_w = self._weight(i, node.input[1])
+            if any(d != 1 for d in a.get("dilations", [1])) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                self._refuse(i, "dilation other than 1 and auto_pad are not supported")
+            one_d = w.ndim == 3
+            w = w[:, :, None, :] if one_d else w  # (Cout, Cin/g, KH, KW)
+            pads = a.get("pads", [0] * (2 if one_d else 4))
+            padding = [0, pads[0], 0, pads[1]] if one_d else [pads[0], pads[1], pads[2], pads[3]]
+            strides = a.get("strides", [1] * (1 if one_d else 2))
+            stride = (1, strides[0]) if one_d else tuple(strides)
+            h, w_, c = self.graph_tensors[x].shape
+            kh, kw = w.shape[2:]
+            out = ((h + padding[0] + padding[2] - kh) // stride[0] + 1, (w_ + padding[1] + padding[3] - kw) // stride[1] + 1,
+                   w.shape[0])
+            self._declare(y, out, scale, zp)
+            bias = self.const[node.input[2]][0] if len(node.input) > 2 and node.input[2] else None
+            self._add_conv(x, y, w.transpose(0, 2, 3, 1), s_w, bias, stride, padding, int(a.get("group", 1)),
+                           self._bounds(zp), origin)
+        elif op == "Gemm":
+            x = self._in(i, node.input[0])
+            w, s_w = self._weight(i, node.input[1])
+            if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+                self._refuse(i, "only alpha = beta = 1 without transA is supported")
+            w = w if a.get("transB", 0) else w.T  # (N, K)
+            if x in self.flattened_from:  # ONNX flattened (C, H, W); the device's bytes are in (H, W, C) order
+                fh, fw, fc = self.flattened_from[x]
+                w = w.reshape(-1, fc, fh, fw).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+            if self.graph_tensors[x].shape != (1, 1, w.shape[1]):
+                self._refuse(i, f"input {self.graph_tensors[x].shape} is not a vector of {w.shape[1]}")
+            self._declare(y, (1, 1, w.shape[0]), scale, zp)
+            bias = self.const[node.input[2]][0] if len(node.input) > 2 and node.input[2] else None
+            self._add_conv(x, y, w[:, None, None, :], s_w, bias, (1, 1), (0, 0, 0, 0), 1, self._bounds(zp), origin)
+        elif op in ("MaxPool", "AveragePool"):
+            x = self._in(i, node.input[0])
+            if (scale, zp) != self._quant(x):
+                self._refuse(i, "input and output quantization differ (fedtiny's pools keep the input's)")
+            if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", [1])) or \
+                    (op == "AveragePool" and a.get("count_include_pad", 0) and any(a.get("pads", []))):
+                self._refuse(i, "ceil_mode, dilation and count_include_pad with padding are not supported")
+            k = a["kernel_shape"]
+            one_d = len(k) == 1
+            kernel = (1, k[0]) if one_d else tuple(k)
+            strides = a.get("strides", [1] * len(k))
+            stride = (1, strides[0]) if one_d else tuple(strides)
+            pads = a.get("pads", [0] * 2 * len(k))
+            padding = [0, pads[0], 0, pads[1]] if one_d else list(pads)
+            h, w_, c = self.graph_tensors[x].shape
+            self._declare(y, ((h + padding[0] + padding[2] - kernel[0]) // stride[0] + 1,
+                              (w_ + padding[1] + padding[3] - kernel[1]) // stride[1] + 1, c), scale, zp)
+            self._emit("maxpool2d" if op == "MaxPool" else "avgpool2d", [x], y,
+                       dict(kernel=list(kernel), stride=list(stride), padding=padding), origin)
+        elif op == "GlobalAveragePool":
+            x = self._in(i, node.input[0])
+            h, w_, c = self.graph_tensors[x].shape
+            self._declare(y, (1, 1, c), scale, zp)
+            # the mean as a depthwise conv over the whole map (real weight 1/n): one rounding onto the output's grid
+            self._add_conv(x, y, np.full((c, h, w_, 1), 127, np.int8), np.full(c, 1.0 / (127.0 * h * w_)), None,
+                           (1, 1), (0, 0, 0, 0), c, (-128, 127, "none"), origin)
+        elif op == "Add":
+            a_in, b_in = self._in(i, node.input[0]), self._in(i, node.input[1])
+            if self.graph_tensors[a_in].shape != self.graph_tensors[b_in].shape:
+                self._refuse(i, "broadcasting is not supported")
+            self._declare(y, self.graph_tensors[a_in].shape, scale, zp)
+            self._add_add(a_in, b_in, y, self._bounds(zp), origin)
+        elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
+            x = self._in(i, node.input[0])
+            if (scale, zp) != self._quant(x):
+                self._refuse(i, "input and output quantization differ")
+            src, dims = self.graph_tensors[x].shape, self.dims.get(node.output[0])
+            if not dims or dims[0] != 1 or not 2 <= len(dims) <= 4 or int(np.prod(dims)) != int(np.prod(src)):
+                self._refuse(i, f"output shape {dims} is not one sample of the input's {int(np.prod(src))} values")
+            out = self._hwc(dims)
+            if len(dims) == 2 and src[:2] != (1, 1):  # a flatten of ONNX's (C, H, W): the next Gemm reorders
+                self.flattened_from[y] = src
+            elif len(dims) > 2 and out != src and not (src[2] == out[2] and src[0] * src[1] == out[0] * out[1]):
+                self._refuse(i, f"reshapes a {src} (H, W, C) map to {out}: only flattening to (N, features) or "
+                                "adding/removing unit axes is supported")
+            if out == src:
+                return x
+            self._declare(y, out, scale, zp)
+            self._emit("reshape", [x], y, {}, origin)
+        else:
+            self._refuse(i, "not supported (fedtiny imports Conv, Gemm, MaxPool, AveragePool, GlobalAveragePool, "
+                            "Add, Flatten, Reshape, Squeeze, Unsqueeze between QuantizeLinear/DequantizeLinear pairs)")
+        return y
+
+
+def import_onnx(data: bytes, name: str = "model", source: str = "<bytes>") -> tuple[Graph, list[str]]:
+    """An int8 QDQ ONNX model (onnxruntime's quantize_static) -> (fedtiny Graph named `name`, notes)."""
+    importer = _OnnxImporter(data, name, source)
     graph = importer.convert()
     return graph, importer.notes
