@@ -333,3 +333,29 @@ def test_onnx_unsupported_node_is_one_line_naming_it_and_exit_2(tmp_path):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "(LpPool" in lines[0] and "not supported" in lines[0], result.stderr
+
+
+def test_a_model_file_gets_the_samples_as_its_file_says(imported):
+    """(N, F) data of a run is standardized with the run's statistics; a .ftm model pretrained elsewhere gets the
+    raw samples (an imported model records none) or the standardization its file records."""
+    from dataclasses import replace
+
+    from fedtiny.datafile import Dataset
+    from fedtiny_sim.scenarios import Task, fed_as_model_file
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(5.0, 3.0, (30, 4)).astype(np.float32)
+    mean, std = raw.mean(axis=0), raw.std(axis=0)
+
+    def dataset(x):
+        return Dataset(x, np.arange(len(x)) % 2, np.zeros(len(x), np.int64), ("a", "b"), "d")
+
+    task = Task("t", "m.ftm", dataset((raw[:10] - mean) / std), [dataset((raw[10:20] - mean) / std)],
+                dataset((raw[20:] - mean) / std), (mean, std))
+    graph = replace(imported[0], meta=dict(imported[0].meta))
+    fed = fed_as_model_file(task, graph)
+    np.testing.assert_allclose(fed.nodes[0].X, raw[10:20], rtol=1e-5)
+    assert fed.standardization is None
+    graph.meta["input_standardization"] = {"mean": [1.0] * 4, "std": [2.0] * 4}
+    fed = fed_as_model_file(task, graph)
+    np.testing.assert_allclose(fed.test.X, (raw[20:] - 1.0) / 2.0, rtol=1e-5)
