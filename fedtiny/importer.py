@@ -6,7 +6,9 @@ symmetric per output channel, int32 biases at s_x * s_w, requantization by a Q31
 import is a translation, not a re-quantization: weights, biases and zero points are copied, and every
 requantization constant is derived from the float32 scales in the file exactly as TFLite's kernels derive it
 (double(s_x) * double(s_w) / double(s_y) through QuantizeMultiplier, ADD's 2^20 headroom, fused ReLU/ReLU6 bounds
-rounded in float32), so that fedtiny's kernels reproduce TFLite's int8 results.
+rounded in float32), so that fedtiny's kernels reproduce TFLite's int8 results (LiteRT 2.3's reference
+FULLY_CONNECTED rounds once where its convolutions and fedtiny round twice: a logit in a few hundred is one step
+away).
 
 Op mapping (TFLite builtin -> IR):
   CONV_2D, DEPTHWISE_CONV_2D (groups = input channels), FULLY_CONNECTED (a 1x1 conv on (1, 1, F))  -> conv2d
