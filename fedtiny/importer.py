@@ -26,7 +26,8 @@ ONNX QDQ: Conv, Gemm, MaxPool, AveragePool, GlobalAveragePool, Add and Flatten/R
 between DequantizeLinear inputs and one QuantizeLinear output (int8, per-tensor activations; int8 symmetric
 weights, per channel or not; int32 biases), become the same IR ops with the same constants as TFLite's. ONNX
 defines such a graph in float between the QDQ pairs, so fedtiny's fixed-point results differ from it by a
-rounding now and then (tests/test_import.py checks each op and the predicted classes).
+rounding now and then (tests/test_import.py checks each op and the predicted classes). A Softmax at the very
+end is dropped with a note, as in a TFLite model.
 """
 
 import math
@@ -569,6 +570,10 @@ class _OnnxImporter(_GraphBuilder):
                     self.act[node.output[0]] = q_of[node.input[0]]
                 else:
                     self._refuse(i, "dequantizes a tensor that is neither a constant nor an imported int8 tensor")
+            elif op == "Softmax" and node.input[0] in self.act and node.output[0] == graph.output[0].name:
+                self.act[node.output[0]] = self.act[node.input[0]]
+                self.notes.append(f"dropped the final Softmax (node {i}): fedtiny trains on the logits; the predicted "
+                                  "class is the same")
             else:
                 y_q, scale, zp = self._output(i, node)
                 q_of[y_q] = self._convert_node(i, node, scale, zp)

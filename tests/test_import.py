@@ -359,3 +359,20 @@ def test_a_model_file_gets_the_samples_as_its_file_says(imported):
     graph.meta["input_standardization"] = {"mean": [1.0] * 4, "std": [2.0] * 4}
     fed = fed_as_model_file(task, graph)
     np.testing.assert_allclose(fed.test.X, (raw[20:] - 1.0) / 2.0, rtol=1e-5)
+
+
+def test_onnx_final_softmax_is_dropped_with_a_note(tmp_path):
+    require_module("onnx", "dev")
+    import onnx
+
+    from fedtiny.importer import import_model
+
+    model = onnx.load(ONNX)
+    logits = model.graph.output[0]
+    model.graph.node.append(onnx.helper.make_node("Softmax", [logits.name], ["probabilities"], axis=1))
+    model.graph.output.remove(logits)
+    model.graph.output.append(onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [1, 10]))
+    onnx.save(model, tmp_path / "softmax.onnx")
+    graph, notes = import_model(tmp_path / "softmax.onnx")
+    assert graph.tensors[graph.outputs[0]].shape == (1, 1, 10) and graph.ops[-1].origin.endswith("Gemm")
+    assert any("dropped the final Softmax" in n for n in notes)
