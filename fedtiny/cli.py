@@ -27,13 +27,14 @@ def user_errors():
     from .compiler import BudgetError
     from .datafile import DataError
     from .fileformat import FileFormatError
+    from .importer import ModelImportError
     from .quantize import UnsupportedOpError
     from .scheme import SchemeError
 
     try:
         yield
     except (DataError, MissingExtraError, ModelSpecError, ConfigError, BudgetError, FileFormatError,
-            UnsupportedOpError, SchemeError) as err:
+            UnsupportedOpError, SchemeError, ModelImportError) as err:
         raise UserError(" ".join(str(err).split())) from err
 
 
@@ -175,6 +176,25 @@ def quantize(model_name: str, data: str, output: str, seed: int) -> None:
     click.echo(describe(graph))
 
 
+@main.command("import")
+@click.argument("model_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.ftm).")
+def import_(model_file: str, output: str) -> None:
+    """Read a full-integer TFLite model (MODEL.tflite) or an int8 QDQ ONNX model (MODEL.onnx, onnxruntime's
+    quantize_static) into fedtiny's graph and save it as a model file, for `fedtiny compile`, `evaluate` and
+    `simulate --model`."""
+    from .importer import import_model
+    from .inspect import describe
+    from .modelfile import save_model
+
+    with user_errors():
+        graph, notes = import_model(model_file)
+    for message in notes:
+        note(message)
+    save_model(graph, output)
+    click.echo(describe(graph))
+
+
 @main.command()
 @click.argument("model")
 @click.option("--data", default=None, help="With a zoo name or FILE.py:FACTORY: scenario or .npz/.csv to pretrain and calibrate on.")
@@ -272,8 +292,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
               help="industrial: bearing vibration; vision: sklearn digits; medical: breast cancer.")
 @click.option("--data", "data_file", default=None, type=click.Path(dir_okay=False),
               help="Your own .npz (X, y, optional group) or .csv (label/y, optional group) instead of a scenario.")
-@click.option("--model", default=None, help="Zoo model (sensor_cnn, mobilenet, mlp) or your module as "
-              "FILE.py:FACTORY, FACTORY(input_shape, num_classes) -> nn.Module; default: the scenario's.")
+@click.option("--model", default=None, help="Zoo model (sensor_cnn, mobilenet, mlp), your module as "
+              "FILE.py:FACTORY, FACTORY(input_shape, num_classes) -> nn.Module, or a model file MODEL.ftm (`fedtiny "
+              "quantize`'s or `fedtiny import`'s: not pretrained again); default: the scenario's.")
 @click.option("--strategy", default="fedavg", show_default=True,
               help="fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum, "
                    "multikrum or fedbuff (semi-asynchronous: its rounds run on the wall clock).")

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fedtiny.datafile import DataError, Dataset, load_user_data
 
 from . import data
@@ -150,6 +152,9 @@ def check_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> No
 
     from fedtiny.quantize import lower
 
+    if is_model_file(spec):
+        _check_model_file(spec, input_shape, num_classes)
+        return
     model = build_model(spec, input_shape, num_classes)
     if not isinstance(model, torch.nn.Module):
         raise ModelSpecError(f"model {spec!r} is a {type(model).__name__}, not a torch.nn.Module")
@@ -171,8 +176,54 @@ def check_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> No
         raise ModelSpecError(f"model {spec!r} cannot be quantized: {_one_line(e)}") from e
 
 
+def is_model_file(spec: str) -> bool:
+    """A quantized model file (`fedtiny quantize`'s, `fedtiny import`'s, a run's global.ftm), not a model to build."""
+    return spec.endswith(".ftm")
+
+
+def _check_model_file(spec: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    from fedtiny.fileformat import FileFormatError
+    from fedtiny.modelfile import load_model
+
+    if not Path(spec).is_file():
+        raise ModelSpecError(f"model file {spec} does not exist")
+    try:
+        graph = load_model(spec)
+    except FileFormatError as e:
+        raise ModelSpecError(str(e)) from e
+    expected = tuple(graph.meta.get("input_shape") or ())
+    if expected and expected != tuple(input_shape):
+        raise ModelSpecError(f"model {spec} takes samples of shape {expected} (PyTorch layout: channels before "
+                             f"length), the data has {tuple(input_shape)}")
+    outputs = graph.tensors[graph.outputs[0]].nbytes
+    if outputs != num_classes:
+        raise ModelSpecError(f"model {spec} gives {outputs} logits, the data has {num_classes} classes")
+
+
+def fed_as_model_file(task: Task, graph) -> Task:
+    """The task's samples as a model file was made to see them: a .ftm model was pretrained outside this run, so
+    (N, F) data gets the standardization its file records (fedtiny.interpreter.standardize_input; none for an
+    imported model), not this run's."""
+    if task.standardization is None:
+        return task
+    from dataclasses import replace
+
+    from fedtiny.interpreter import standardize_input
+
+    mean, std = task.standardization
+
+    def refeed(ds):
+        return replace(ds, X=standardize_input(graph, ds.X * std + mean))
+
+    stats = graph.meta.get("input_standardization")
+    return replace(task, pretrain=refeed(task.pretrain), nodes=[refeed(d) for d in task.nodes],
+                   test=refeed(task.test),
+                   standardization=None if stats is None else (np.asarray(stats["mean"]), np.asarray(stats["std"])))
+
+
 def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Path | None = None):
-    """(float PyTorch model, int8 graph): the task's model pretrained on its host data and quantized.
+    """(float PyTorch model, int8 graph): the task's model pretrained on its host data and quantized; for a .ftm
+    model file, (None, its graph).
 
     Cached on disk by content (the .ftm model file and the float weights beside it; in $FEDTINY_CACHE, default
     ~/.cache/fedtiny), so a second run with the same task and seed starts at once."""
@@ -182,6 +233,8 @@ def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Pat
     from fedtiny.quantize import quantize
     from fedtiny.train import fit
 
+    if is_model_file(task.model):  # quantized already (`fedtiny quantize`, `fedtiny import`): no float model
+        return None, load_model(task.model)
     torch.manual_seed(seed)
     model = build_model(task.model, task.input_shape, task.num_classes)
     # keyed by the data, the settings and the module's structure (a user's file may change under the same name)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .scenarios import Task, check_model, load_task, pretrained
+from .scenarios import Task, check_model, fed_as_model_file, is_model_file, load_task, pretrained
 
 
 @dataclass
@@ -254,6 +254,12 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     if c.model:
         task.model = c.model
     check_model(task.model, task.input_shape, task.num_classes)
+    if is_model_file(task.model):  # pretrained elsewhere: fed as its file says, and no float model for a baseline
+        if c.baseline:
+            raise ConfigError("--baseline trains the float PyTorch model, and a .ftm model file has none")
+        from fedtiny.modelfile import load_model
+
+        task = fed_as_model_file(task, load_model(task.model))
     for message in notes if note else ():
         note(message)
     return task
