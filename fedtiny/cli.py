@@ -250,9 +250,18 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--baseline", is_flag=True, help="Also train the same task with plain Flower FedAvg + PyTorch fp32.")
 @click.option("--baseline-lr", default=0.003, show_default=True, type=float,
               help="The baseline's fp32 SGD learning rate (0.01 diverges on some bearing machines).")
+@click.option("--clip-norm", default=None, type=float,
+              help="L2 norm (real units) each node's update is clipped to, on the node and again at the coordinator; "
+                   "default 0 (off), or 0.5 with --dp-epsilon.")
+@click.option("--dp-epsilon", default=0.0, show_default=True, type=float,
+              help="Central differential privacy: the budget epsilon (at --dp-delta) no node may exceed; Gaussian "
+                   "noise on every aggregate, calibrated to --clip-norm; rounds stop when it is spent. 0: off.")
+@click.option("--dp-delta", default=1e-5, show_default=True, type=float, help="The delta of --dp-epsilon.")
+@click.option("--dp-noise-multiplier", default=0.0, show_default=True, type=float,
+              help="Noise standard deviation / clip norm; 0: the smallest that keeps --rounds within the budget.")
 def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget, reserve, lr, epochs, chunk_size,
              uplink_keep, dropout, stragglers, deadline, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline,
-             baseline_lr) -> None:
+             baseline_lr, clip_norm, dp_epsilon, dp_delta, dp_noise_multiplier) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
     from fedtiny_sim.simulate import LiveTable, SimulationConfig, check_inputs
@@ -264,12 +273,18 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
                               epochs=epochs, chunk_size=chunk_size, uplink_keep=uplink_keep,
                               dropout=dropout, stragglers=stragglers, deadline=deadline, seed=seed, broker=broker,
                               fleet_dir=fleet_dir, out=out, engine=engine, qemu_nodes=qemu_nodes, baseline=baseline,
-                              baseline_lr=baseline_lr)
+                              baseline_lr=baseline_lr, clip_norm=clip_norm, dp_epsilon=dp_epsilon,
+                              dp_delta=dp_delta, dp_noise_multiplier=dp_noise_multiplier)
     with user_errors():
         task = check_inputs(config, note, progress=note)  # every input problem, before the live table and training
     # user_errors: a plan too big for the budget, known after pretraining
-    with LiveTable(rounds, qemu_nodes) as live, user_errors():
+    with LiveTable(rounds, qemu_nodes, privacy=bool(dp_epsilon)) as live, user_errors():
         result = run_simulation(config, progress=live, task=task, note=live.note)  # a line per phase
+    if result["privacy"]:
+        p = result["privacy"]
+        click.echo(f"\nprivacy: epsilon {p['epsilon']:.3f} of {p['budget']:g} at delta {p['delta']:g} (noise multiplier "
+                   f"{p['noise_multiplier']:.3f}, clip norm {p['clip_norm']:g}, {p['noised_rounds']} noised rounds)"
+                   + (f"; {result['stopped']}" if result["stopped"] else ""))
     click.echo(f"\nreport: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
                f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")
     if result["baseline"]:

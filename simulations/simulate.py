@@ -54,6 +54,15 @@ class SimulationConfig:
     baseline_lr: float = 0.003  # fp32 SGD at batch 1 diverges to NaN at 0.01 on some bearing machines
     workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))  # processes, or Ray CPUs
     qemu_nodes: int = 0  # of the nodes, how many run the node firmware under QEMU (firmware_nodes.py)
+    clip_norm: float | None = None  # devices' update L2 norm (real units); None: 0 (off), DP_CLIP_NORM with DP
+    dp_epsilon: float = 0.0  # central differential privacy's budget (0: off; fedtiny_server.privacy)
+    dp_delta: float = 1e-5
+    dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps `rounds` within the budget
+
+
+# The default clip norm under DP: about the median L2 norm (real units) of a device's update in the default bearing
+# task's first rounds (0.3-0.8 with --uplink-keep 0.5), so that clipping cuts the larger half of the updates.
+DP_CLIP_NORM = 0.5
 
 
 ENGINES = ("mqtt", "flower")
@@ -171,6 +180,12 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
             ("deadline", c.deadline > 0, "positive seconds"), ("workers", c.workers >= 1, "at least 1")):
         if not ok:
             raise ConfigError(f"--{option.replace('_', '-')} {getattr(c, option)}: must be {rule}")
+    if c.clip_norm is None:
+        c.clip_norm = DP_CLIP_NORM if c.dp_epsilon else 0.0
+    if not c.clip_norm >= 0:
+        raise ConfigError(f"--clip-norm {c.clip_norm}: must be 0 (off) or positive")
+    if c.dp_epsilon:
+        _check_privacy(c)
     if c.engine not in ENGINES:
         raise ConfigError(f"unknown engine {c.engine!r}; choose one of {', '.join(ENGINES)}")
     if not 0 <= c.qemu_nodes <= c.nodes:
@@ -197,6 +212,19 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     for message in notes if note else ():
         note(message)
     return task
+
+
+def _check_privacy(c: SimulationConfig) -> None:
+    from fedtiny.privacy import epsilon
+    from fedtiny_server.privacy import check_options
+
+    try:
+        check_options(c.dp_epsilon, c.dp_delta, c.clip_norm, c.dp_noise_multiplier, c.strategy)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if c.dp_noise_multiplier and epsilon(c.dp_noise_multiplier, 1, c.dp_delta) > c.dp_epsilon:
+        raise ConfigError(f"--dp-noise-multiplier {c.dp_noise_multiplier}: one round already spends epsilon "
+                          f"{epsilon(c.dp_noise_multiplier, 1, c.dp_delta):.3g}, more than --dp-epsilon {c.dp_epsilon}")
 
 
 def training_plan(config: SimulationConfig, task: Task, graph):
@@ -258,8 +286,10 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     model, graph, plan, scheme, devices = _prepare(config, run, task)
     initial = float((predict(graph, task.test.X) == task.test.y).mean())
 
+    privacy: dict = {}  # the coordinator's DP summary and why rounds stopped (--dp-epsilon)
+
     def coordinate(link, clock=time.monotonic, firmware_devices=()) -> list[dict]:
-        return _rounds(config, link, plan, task, run, progress, clock, firmware_devices)
+        return _rounds(config, link, plan, task, run, progress, clock, firmware_devices, privacy, say)
 
     if config.engine == "flower":
         from .flower_engine import run_engine
@@ -277,7 +307,8 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
                    qemu_nodes=config.qemu_nodes, firmware=firmware,
                    wall_seconds=time.perf_counter() - started, target_accuracy=target,
-                   rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
+                   rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None),
+                   clip_norm=config.clip_norm, privacy=privacy.get("summary"), stopped=privacy.get("stopped"))
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
@@ -343,10 +374,14 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
 
 
 def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clock,
-            firmware_devices=()) -> list[dict]:
+            firmware_devices=(), privacy: dict | None = None, say=None) -> list[dict]:
     """The coordinator over `link` for config.rounds rounds; one row per round (the live table's and report's;
-    with firmware nodes, `firmware` = how many of them had a DELTA accepted in the round)."""
+    with firmware nodes, `firmware` = how many of them had a DELTA accepted in the round; with --dp-epsilon,
+    `epsilon` = the fleet's so far). Under DP, `privacy` gets the coordinator's summary and, if the budget ended
+    the run early, why (`say` hears it too)."""
+    from flwr.serverapp.exception import PrivacyBudgetExhausted
     from fedtiny_server.grid import RoundPolicy
+    from fedtiny_server.privacy import PrivacySettings
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.state import StateStore
 
@@ -357,13 +392,24 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
         coordinator = Coordinator(link, plan, store,
                                   CoordinatorConfig(rounds=config.rounds, strategy=config.strategy, policy=policy,
                                                     train_config={"epochs": config.epochs,
-                                                                  "uplink_keep": config.uplink_keep}),
+                                                                  "uplink_keep": config.uplink_keep,
+                                                                  "clip_norm": config.clip_norm or 0.0},
+                                                    privacy=PrivacySettings(
+                                                        config.dp_epsilon, config.dp_delta, config.clip_norm,
+                                                        config.dp_noise_multiplier, noise_seed=config.seed)
+                                                    if config.dp_epsilon else None),
                                   heldout=(task.test.X, task.test.y), clock=clock)
         rounds = []
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)
             t0 = time.perf_counter()
-            result = coordinator.run_round(r)
+            try:
+                result = coordinator.run_round(r)
+            except PrivacyBudgetExhausted as exc:
+                coordinator.stop(str(exc))
+                if say:
+                    say(f"stopped before round {r}: {exc}")
+                break
             up1, down1 = _bytes(coordinator)
             row = dict(round=r, accuracy=float(result.eval_metrics.get("accuracy", float("nan"))),
                        loss=float(result.eval_metrics.get("loss", float("nan"))), participants=result.replies,
@@ -374,9 +420,13 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
 
                 answered = participation(run / "coordinator.jsonl", {})
                 row["firmware"] = sum(r in answered.get(d, {}).get("answered", ()) for d in firmware_devices)
+            if config.dp_epsilon:
+                row["epsilon"] = float(result.train_metrics.get("epsilon", rounds[-1]["epsilon"] if rounds else 0.0))
             rounds.append(row)
             if progress:
                 progress(row)
+        if privacy is not None and config.dp_epsilon:
+            privacy.update(summary=coordinator.privacy(), stopped=coordinator.stopped)
         return rounds
     finally:
         store.close()
@@ -402,7 +452,7 @@ class LiveTable:
 
     COLUMNS = ("round", "accuracy", "loss", "nodes", "uplink B", "downlink B", "device memory B", "seconds")
 
-    def __init__(self, rounds: int, firmware_nodes: int = 0):
+    def __init__(self, rounds: int, firmware_nodes: int = 0, privacy: bool = False):
         from rich.console import Console, Group
         from rich.live import Live
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -410,7 +460,8 @@ class LiveTable:
 
         self.firmware_nodes = firmware_nodes  # a column of firmware nodes (QEMU) answered, when there are any
         self.rounds = rounds
-        columns = self.COLUMNS + (("firmware nodes",) if firmware_nodes else ())
+        self.privacy = privacy  # a column of the fleet's epsilon spent so far, under --dp-epsilon
+        columns = self.COLUMNS + (("firmware nodes",) if firmware_nodes else ()) + (("epsilon",) if privacy else ())
         self.table = Table(*columns, title="fedtiny simulate")
         self.progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self.task = self.progress.add_task("rounds", total=rounds)
@@ -436,6 +487,8 @@ class LiveTable:
                  f"{row['seconds']:.1f}"]
         if self.firmware_nodes:
             cells.append(f"{row.get('firmware', 0)}/{self.firmware_nodes}")
+        if self.privacy:
+            cells.append(f"{row.get('epsilon', 0.0):.2f}")
         if self.live is None:
             self.note(f"round {row['round']}/{self.rounds}: " + ", ".join(
                 f"{column.header} {cell}" for column, cell in zip(self.table.columns[1:], cells[1:], strict=False)))
