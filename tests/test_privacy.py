@@ -1,0 +1,232 @@
+"""Differential privacy (issue 13): the device's discrete Gaussian noise, the accountant, the coordinator's central
+noise and budget, and the options of `fedtiny simulate` and `fedtiny coordinator`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fedtiny import zoo
+from fedtiny.cli import main
+from fedtiny.compiler import compile_plan
+from fedtiny.privacy import PrivacyLedger, epsilon, noise_multiplier_for
+from fedtiny.protocol.noise import NoiseStream, add_noise, discrete_gaussian, noise_key, row_sigma2
+from fedtiny.protocol.task import task_body, task_settings
+from fedtiny.protocol.update import decode_update, row_scales, state_delta, uplink
+from fedtiny.quantize import quantize
+from fedtiny.scheme import parse
+
+KEY = bytes(range(32))
+
+
+# --- the device's noise ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sigma2", [1, 30, 2500])
+def test_discrete_gaussian_has_mean_0_and_variance_sigma2(sigma2):
+    stream = NoiseStream(KEY, 0, 1)
+    x = np.array([discrete_gaussian(stream, sigma2) for _ in range(20_000)], np.float64)
+    # mean within 4 standard errors; variance within 4 standard errors of the sample variance (sd ~ sigma2 sqrt(2/n))
+    assert abs(x.mean()) < 4 * math.sqrt(sigma2 / len(x))
+    assert abs(x.var() - sigma2) < 4 * sigma2 * math.sqrt(2 / len(x))
+    # the tails of a Gaussian, not of the Laplace it is sampled from: P[|x| > 3 sigma] = 0.27 %
+    assert np.mean(np.abs(x) > 3 * math.sqrt(sigma2)) < 0.006
+
+
+def test_noise_is_a_function_of_key_run_and_round_only():
+    def draws(key, run, round_):
+        stream = NoiseStream(key, run, round_)
+        return [discrete_gaussian(stream, 100) for _ in range(200)]
+
+    assert draws(KEY, 1, 5) == draws(KEY, 1, 5)
+    others = [draws(KEY, 1, 6), draws(KEY, 2, 5), draws(bytes(32), 1, 5)]
+    assert all(o != draws(KEY, 1, 5) for o in others)
+    assert noise_key(b"\1" * 64) == noise_key(b"\1" * 64) != noise_key(b"\2" * 64)
+    assert row_sigma2(0.5, 0.1) == 25 and row_sigma2(0.5, 0.3) == 3 and row_sigma2(1e-9, 1.0) == 1
+
+
+@pytest.fixture(scope="module")
+def plan():
+    x = np.random.default_rng(3).normal(size=(16, 6)).astype(np.float32)
+    graph = quantize(zoo.build("mlp", (6,), 3), x)
+    return compile_plan(graph, parse("last:2", graph))
+
+
+def test_the_uplink_carries_noise_of_the_asked_scale(plan):
+    """The DELTA with noise differs from the one without by noise of standard deviation sigma in real units,
+    on every element (also the unchanged ones)."""
+    rng = np.random.default_rng(1)
+    base = plan.initial_state()
+    trained = {n: (np.clip(v.astype(np.int64) + rng.integers(-3, 4, v.shape), -128, 127).astype(v.dtype)
+                   if v.dtype == np.int8 else v + rng.integers(-50, 50, v.shape).astype(v.dtype))
+               for n, v in base.items()}
+    common = dict(keep=1.0, clip_norm=0.0, num_examples=10, loss=0.5, accuracy=0.5)
+    clean, _ = uplink(plan, base, trained, None, **common)
+    scales = row_scales(plan)
+    sigma = 4 * max(float(np.max(s)) for s in scales.values())  # a few LSB of the coarsest row: no clamping
+    noisy, _ = uplink(plan, base, trained, None, **common, noise_sigma=sigma, noise=NoiseStream(KEY, 0, 3))
+    again, _ = uplink(plan, base, trained, None, **common, noise_sigma=sigma, noise=NoiseStream(KEY, 0, 3))
+    assert noisy.encode() == again.encode() != clean.encode()
+    clean_delta, _ = decode_update(plan, clean)
+    noisy_delta, _ = decode_update(plan, noisy)
+    real = np.concatenate([((noisy_delta[n].astype(np.float64) - clean_delta[n]).reshape(len(s), -1)
+                            * s[:, None]).ravel() for n, s in scales.items()])
+    assert np.count_nonzero(real) > 0.8 * real.size
+    assert abs(real.mean()) < 4 * sigma / math.sqrt(real.size)
+    assert 0.9 * sigma < real.std() < 1.25 * sigma  # at least sigma: the LSB variance is rounded up
+    with pytest.raises(ValueError, match="noise stream"):
+        uplink(plan, base, trained, None, **common, noise_sigma=sigma)
+
+
+def test_noised_weights_stay_within_what_a_delta_may_carry(plan):
+    delta = state_delta(plan.initial_state(), plan.initial_state())
+    noised = add_noise(delta, row_scales(plan), 1e3, NoiseStream(KEY, 0, 1))  # far beyond 255 LSB
+    for name, value in noised.items():
+        if value.dtype == np.int16:
+            assert np.abs(value).max() == 255
+
+
+def test_a_task_carries_the_noise_and_the_c_node_refuses_it(plan):
+    body = task_body(plan, bytes(32), {"noise_sigma": 0.25, "epochs": 2}, 1024)
+    assert len(body.config) == 8
+    assert task_settings(body)["noise_sigma"] == 0.25 and task_settings(body)["epochs"] == 2
+    assert len(task_body(plan, bytes(32), {}, 1024).config) == 4  # no noise: the form every node reads
+    with pytest.raises(ValueError, match="noise_sigma"):
+        task_body(plan, bytes(32), {"noise_sigma": -1.0}, 1024)
+
+
+# --- the accountant ----------------------------------------------------------------------------------------------
+
+def test_epsilon_is_dp_accountings_known_value():
+    # shared/research/security.md: z=1, q=0.01, T=1000, delta=1e-5 -> RDP 2.10 (PLD 1.83)
+    assert epsilon(1.0, 1000, 1e-5, sampling_rate=0.01) == pytest.approx(2.10, abs=0.005)
+    assert epsilon(1.0, 0, 1e-5) == 0.0 and epsilon(0.0, 1, 1e-5) == math.inf
+
+
+def test_the_derived_noise_multiplier_spends_the_budget_and_no_more():
+    z = noise_multiplier_for(4.0, 1e-5, 10)
+    assert 3.99 < epsilon(z, 10, 1e-5) <= 4.0
+    assert epsilon(z, 11, 1e-5) > 4.0
+    ledger = PrivacyLedger(z, 1e-5, 4.0)
+    for _ in range(9):
+        ledger.record([1, 2])
+    ledger.record([1])
+    assert ledger.would_exceed()
+    assert ledger.fleet_epsilon() == epsilon(z, 10, 1e-5) and ledger.device_epsilon(2) == epsilon(z, 9, 1e-5)
+    assert ledger.device_epsilon(3) == 0.0
+
+
+# --- central noise at the coordinator ---------------------------------------------------------------------------
+
+def _replies(updates, examples):
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from fedtiny_server.grid import ensure_task_identity
+
+    ensure_task_identity()
+    out = []
+    for i, (u, n) in enumerate(zip(updates, examples)):
+        ins = Message(RecordDict(), 100 + i, "train", group_id="1")
+        ins.metadata.__dict__["_message_id"] = f"m{i}"
+        out.append(Message(RecordDict({"arrays": ArrayRecord({"w": Array(u)}),
+                                       "metrics": MetricRecord({"num-examples": n})}), reply_to=ins))
+    return out
+
+
+def test_central_noise_has_the_calibrated_scale_and_equal_weights():
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+    from fedtiny_server.privacy import CentralPrivacy
+
+    z, clip = 2.0, 1.0
+    strategy = CentralPrivacy(FedAvg(), PrivacyLedger(z, 1e-5), clip, noise_seed=7)
+    strategy.current_arrays = ArrayRecord({"w": Array(np.zeros(20_000))})
+    updates = [np.full(20_000, 0.001), np.full(20_000, 0.003), np.full(20_000, 0.005), np.full(20_000, 0.007)]
+    arrays, metrics = strategy.aggregate_train(1, _replies(updates, [1, 1000, 1, 1]))
+    noise = arrays["w"].numpy() - 0.004  # the unweighted mean: 1000 examples buy no weight
+    assert abs(noise.mean()) < 4 * (z * clip / 4) / math.sqrt(noise.size)
+    assert noise.std() == pytest.approx(z * clip / 4, rel=0.03)  # z C / m for the m = 4 updates aggregated
+    assert metrics["epsilon"] == epsilon(z, 1, 1e-5)
+    assert strategy.ledger.releases == {100: 1, 101: 1, 102: 1, 103: 1}
+    # an update beyond the clip norm is clipped to it before averaging
+    big = CentralPrivacy(FedAvg(), PrivacyLedger(1e-9, 1e-5), clip)
+    big.current_arrays = ArrayRecord({"w": Array(np.zeros(4))})
+    arrays, _ = big.aggregate_train(1, _replies([np.array([3.0, 4.0, 0.0, 0.0])], [1]))
+    assert np.linalg.norm(arrays["w"].numpy()) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_wrapper_refuses_a_strategy_that_does_not_average():
+    from flwr.serverapp.strategy import FedMedian
+    from fedtiny_server.privacy import CentralPrivacy
+
+    with pytest.raises(ValueError, match="averages the updates"):
+        CentralPrivacy(FedMedian(), PrivacyLedger(1.0), 1.0)
+
+
+def test_a_simulation_stops_when_the_budget_is_spent(tmp_path):
+    """z = 1.5 spends epsilon 2.98, 4.42, 5.58 in rounds 1-3 at delta 1e-5: a budget of 5 allows two of the four
+    rounds asked for; the run says so, and its epsilon is dp-accounting's for two Gaussian mechanisms."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+    from fedtiny_sim.simulate import SimulationConfig, simulate
+
+    out = tmp_path / "run"
+    result = simulate(SimulationConfig(nodes=3, rounds=4, scenario="medical", seed=2, out=str(out), dp_epsilon=5.0,
+                                       dp_noise_multiplier=1.5))
+    accountant = RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(1.5), 2)
+    expected = accountant.get_epsilon(1e-5)
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert result["stopped"].startswith("privacy budget spent")
+    assert [r["epsilon"] for r in result["rounds"]] == pytest.approx([epsilon(1.5, 1, 1e-5), expected])
+    saved = json.loads((out / "metrics.json").read_text())
+    privacy = saved["run"]["privacy"]
+    assert privacy["epsilon"] == pytest.approx(expected) and privacy["budget"] == 5.0 and privacy["noised_rounds"] == 2
+    assert privacy["device_epsilon"] == pytest.approx({f"node00{i}": expected for i in range(3)})
+    assert saved["run"]["clip_norm"] == 0.5
+    events = [json.loads(line) for line in (out / "coordinator.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "run_stopped" and "privacy budget" in e.get("reason", "") for e in events)
+
+
+# --- bad options: one line, exit 2, no work ---------------------------------------------------------------------
+
+def run_cli(*args):
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dp-epsilon", "-1"], "--dp-epsilon -1.0: must be a positive number"),
+    (["--dp-epsilon", "nan"], "--dp-epsilon nan: must be a positive number"),
+    (["--dp-epsilon", "4", "--dp-delta", "1"], "--dp-delta 1.0: must be strictly between 0 and 1"),
+    (["--dp-epsilon", "4", "--clip-norm", "-1"], "--clip-norm -1.0"),
+    (["--dp-epsilon", "4", "--strategy", "krum"], "--strategy krum: differential privacy needs"),
+    (["--dp-epsilon", "4", "--dp-noise-multiplier", "-2"], "--dp-noise-multiplier -2.0"),
+    (["--dp-epsilon", "1", "--dp-noise-multiplier", "0.5"], "one round already spends epsilon"),
+])
+def test_bad_privacy_options_of_simulate(args, expected, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path / "cache"))
+    result = run_cli("simulate", "--scenario", "medical", "--out", tmp_path / "run", *args)
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dp-epsilon", "4"], "--clip-norm 0.0: --dp-epsilon needs a positive clip norm"),
+    (["--dp-epsilon", "4", "--clip-norm", "1", "--dp-delta", "0"], "--dp-delta 0.0"),
+    (["--dp-epsilon", "4", "--clip-norm", "1", "--strategy", "fedbuff"], "--strategy fedbuff"),
+])
+def test_bad_privacy_options_of_coordinator(args, expected, tmp_path):
+    plan = tmp_path / "plan.ftp"
+    plan.write_bytes(b"not read: the options are checked first")
+    result = run_cli("coordinator", "--broker", "mqtt://127.0.0.1:1", "--fleet-dir", tmp_path, "--fleet", "f",
+                     "--plan", plan, "--state-db", tmp_path / "state.db", *args)
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
+    assert not (tmp_path / "state.db").exists()
