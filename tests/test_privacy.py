@@ -230,3 +230,65 @@ def test_bad_privacy_options_of_coordinator(args, expected, tmp_path):
     assert result.exit_code == 2, (result.stderr, result.exception)
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
     assert not (tmp_path / "state.db").exists()
+
+
+# --- the node's sampler in C: the same integers from the same words ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def cnoise(tmp_path_factory):
+    import ctypes
+
+    from conftest import require_tool
+    from fedtiny_device import codegen, cruntime
+
+    require_tool("gcc")
+    require_tool("make")
+    rt = codegen.runtime_dir()
+    sources = {name: (rt / name).read_bytes() for name in ("fedtiny_wire.c", "fedtiny_wire.h", "Makefile")}
+    lib = ctypes.CDLL(str(cruntime.make_cached(sources, "host-wire", "libfedtiny_wire.so",
+                                               tmp_path_factory.mktemp("cnoise_cache"))))
+    word_fn = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)
+
+    class Source(ctypes.Structure):
+        _fields_ = [("word", word_fn), ("ctx", ctypes.c_void_p), ("used", ctypes.c_uint64)]
+
+    lib.fedtiny_wire_discrete_gaussian.argtypes = [ctypes.POINTER(Source), ctypes.c_uint64,
+                                                   ctypes.POINTER(ctypes.c_int64)]
+    lib.fedtiny_wire_row_sigma2.argtypes = [ctypes.c_double, ctypes.c_double, ctypes.POINTER(ctypes.c_uint64)]
+
+    def sample(stream: NoiseStream, sigma2: int, count: int) -> tuple[list[int], int]:
+        """count draws by the C sampler, its words taken from `stream`; (values, words used)."""
+        callback = word_fn(lambda ctx: stream.word())
+        source, out, values = Source(callback, None, 0), ctypes.c_int64(), []
+        for _ in range(count):
+            assert lib.fedtiny_wire_discrete_gaussian(ctypes.byref(source), sigma2, ctypes.byref(out)) == 0
+            values.append(out.value)
+        return values, source.used
+
+    def sigma2(sigma: float, scale: float) -> int | None:
+        out = ctypes.c_uint64()
+        return out.value if lib.fedtiny_wire_row_sigma2(sigma, scale, ctypes.byref(out)) == 0 else None
+
+    return sample, sigma2
+
+
+@pytest.mark.parametrize("sigma2", [1, 2, 3, 17, 1000, 123_457, 2**40])
+def test_the_c_sampler_draws_pythons_integers_from_the_same_words(cnoise, sigma2):
+    sample, _ = cnoise
+    python_stream, c_stream = NoiseStream(KEY, 3, 9), NoiseStream(KEY, 3, 9)
+    expected = [discrete_gaussian(python_stream, sigma2) for _ in range(2000)]
+    got, used = sample(c_stream, sigma2, 2000)
+    assert got == expected
+    assert used == python_stream.used == c_stream.used
+
+
+def test_the_c_row_variance_is_pythons(cnoise):
+    _, sigma2 = cnoise
+    rng = np.random.default_rng(4)
+    for sigma, scale in zip(rng.uniform(1e-4, 2.0, 3000), 10.0 ** rng.uniform(-6, -1, 3000)):
+        try:
+            expected = row_sigma2(float(sigma), float(scale))
+        except ValueError:
+            expected = None
+        assert sigma2(float(sigma), float(scale)) == expected, (sigma, scale)
+    assert sigma2(float("nan"), 1.0) is None and sigma2(0.5, 0.1) == 25

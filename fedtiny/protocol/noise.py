@@ -19,10 +19,10 @@ s = ceil((sigma / scale)^2) (rounded up: never less noise than asked). Buffers i
 elements in C order, one discrete Gaussian each. The noised value is then clamped to what the DELTA may carry
 (weights [-255, 255], biases int32): a post-processing step, which costs no privacy.
 
-The C port (not written yet) needs: ChaCha20 words (Monocypher crypto_chacha20_ietf), and uniform integers
-below bounds wider than 64 bits (d * k in bernoulli_exp_fraction: (|Y| t - s)^2 and 2 s t^2 reach 2^90 for
-sigma = 10^6 LSB, the order of an int32 bias's noise), drawn as here: as many words as the bound has bits, masked,
-rejected when not below the bound.
+In C: fedtiny_wire_discrete_gaussian and fedtiny_wire_row_sigma2 (device_runtime/c/fedtiny_wire.c), the same
+draws from the same words in 128-bit integer arithmetic (uniform bounds (|y| t - s)^2 and 2 s t^2 k reach 2^90
+for s near MAX_SIGMA2), checked against this module by tests/test_privacy.py. Not yet: the C uplink calling them,
+and the node's ChaCha20 word source (Monocypher's crypto_chacha20_ietf with this key and nonce).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 NOISE_KEY_MESSAGE = b"fedtiny dp noise key v1"
 WEIGHT_DELTA_LIMIT = 255  # what a decoder accepts for an int8 weight's delta (requantize.rebuild)
+# The largest sigma^2 in LSB^2 (sigma 2^20 LSB): (|y| t - s)^2 and 2 s t^2 then stay within the 128 bits the C
+# node computes them in (fedtiny_wire_discrete_gaussian), for any |y| below 2^31 (beyond: probability exp(-2^10)).
+MAX_SIGMA2 = 1 << 40
 
 
 def noise_key(identity_secret: bytes) -> bytes:
@@ -121,8 +124,8 @@ def discrete_gaussian(stream: NoiseStream, sigma2: int) -> int:
     """P[x] proportional to exp(-x^2 / (2 sigma2)), sigma2 >= 1 an integer (CKS Algorithm 3): a discrete Laplace
     of scale t = floor(sqrt(sigma2)) + 1, kept with probability exp(-(|y| - sigma2/t)^2 / (2 sigma2))
     = exp(-(|y| t - sigma2)^2 / (2 sigma2 t^2))."""
-    if sigma2 < 1:
-        raise ValueError(f"sigma^2 {sigma2} is below 1 LSB^2")
+    if not 1 <= sigma2 <= MAX_SIGMA2:
+        raise ValueError(f"sigma^2 {sigma2} LSB^2 is not in [1, 2^40]")
     t = math.isqrt(sigma2) + 1
     while True:
         y = discrete_laplace(stream, t)
@@ -131,8 +134,11 @@ def discrete_gaussian(stream: NoiseStream, sigma2: int) -> int:
 
 
 def row_sigma2(sigma: float, scale: float) -> int:
-    """s = ceil((sigma / scale)^2) in LSB^2 (at least 1): float64 division and product, exact in C too."""
+    """s = ceil((sigma / scale)^2) in LSB^2 (at least 1): float64 division and product, exact in C too.
+    ValueError beyond MAX_SIGMA2 (noise that large drowns the row anyway)."""
     s = sigma / scale
+    if not s * s <= MAX_SIGMA2:
+        raise ValueError(f"noise sigma {sigma} is {s:.3g} LSB of a row of scale {scale:.3g}: more than 2^20 LSB")
     return max(1, math.ceil(s * s))
 
 
