@@ -17,6 +17,7 @@ from fedtiny.protocol.task import task_body, task_settings
 from fedtiny.protocol.update import decode_update, row_scales, state_delta, uplink
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
+from test_fleet_link import fleet_dir, model  # noqa: F401  (fixtures)
 
 KEY = bytes(range(32))
 
@@ -81,10 +82,13 @@ def test_the_uplink_carries_noise_of_the_asked_scale(plan):
 
 def test_noised_weights_stay_within_what_a_delta_may_carry(plan):
     delta = state_delta(plan.initial_state(), plan.initial_state())
-    noised = add_noise(delta, row_scales(plan), 1e3, NoiseStream(KEY, 0, 1))  # far beyond 255 LSB
-    for name, value in noised.items():
-        if value.dtype == np.int16:
-            assert np.abs(value).max() == 255
+    scales = row_scales(plan)
+    weights = [n for n, v in delta.items() if v.dtype == np.int16]
+    sigma = 300 * max(float(np.max(scales[n])) for n in weights)  # 300 LSB or more: many beyond 255
+    noised = add_noise(delta, scales, sigma, NoiseStream(KEY, 0, 1))
+    assert weights and all(np.abs(noised[n]).max() == 255 for n in weights)
+    with pytest.raises(ValueError, match="more than 2\\^20 LSB"):
+        add_noise(delta, scales, 1e9, NoiseStream(KEY, 0, 1))
 
 
 def test_a_task_carries_the_noise_and_the_c_node_refuses_it(plan):
@@ -292,3 +296,40 @@ def test_the_c_row_variance_is_pythons(cnoise):
             expected = None
         assert sigma2(float(sigma), float(scale)) == expected, (sigma, scale)
     assert sigma2(float("nan"), 1.0) is None and sigma2(0.5, 0.1) == 25
+
+
+def test_a_device_session_noises_its_delta_when_the_task_asks(fleet_dir, model, tmp_path):
+    """TASK noise_sigma -> the job -> the sealed DELTA: the noiseless uplink of the same training plus the noise of
+    the device's own stream (key from its identity, nonce (run, round)), on every element."""
+    from fedtiny.planfile import plan_hash
+    from fedtiny.protocol import chunking, topics
+    from fedtiny_device.agent import NodeAgent
+    from test_agent import coordinator_endpoint
+    from test_fleet_link import FLEET
+
+    plan = model[0]
+    agent = NodeAgent("raw-1", "mqtt://127.0.0.1:1", fleet_dir, plan, model[1][:4], model[2][:4], fleet=FLEET,
+                      state_dir=tmp_path, seed=7, chunk_size=4096)
+    coordinator = coordinator_endpoint(fleet_dir)
+    sigma = 2 * max(float(np.max(s)) for s in row_scales(plan).values())
+    task = coordinator.seal(task_body(plan, plan_hash(plan), {"epochs": 1, "noise_sigma": sigma}, 4096),
+                            device_id=topics.name_id("raw-1"), round=2, model_version=0)
+    _, job = agent.session.receive(topics.downlink(FLEET, "raw-1"), chunking.split(task, 1, 4096)[0], 0.0)
+    assert job.noise_sigma == pytest.approx(sigma, rel=1e-6)  # float32 on the wire
+    result = agent.training.run(job)
+    run = agent.session.state.run
+    frames = agent.session.complete(job, result, 0.0)
+    reassembler = chunking.Reassembler()
+    for f in frames:
+        done = reassembler.accept(f.payload, 0.0, "raw-1").payload
+    sent, _ = decode_update(plan, coordinator.open(done).body)
+    key = noise_key(agent.session.endpoint.identity.to_bytes())
+    common = dict(keep=1.0, clip_norm=0.0, num_examples=result.num_examples, loss=result.loss,
+                  accuracy=result.accuracy)
+    expected, _ = uplink(plan, job.base, result.state, None, **common, noise_sigma=job.noise_sigma,
+                         noise=NoiseStream(key, run, 2))
+    clean, _ = uplink(plan, job.base, result.state, None, **common)
+    expected, clean = decode_update(plan, expected)[0], decode_update(plan, clean)[0]
+    assert all(np.array_equal(sent[n], expected[n]) for n in sent)
+    changed = sum(int(np.count_nonzero(sent[n] != clean[n])) for n in sent)
+    assert changed > 0.5 * sum(v.size for v in sent.values())
