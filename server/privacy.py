@@ -2,11 +2,13 @@
 
 Without secure aggregation the coordinator sees every device's update, so the noise that protects a device's
 data in the released global model is added here, to the aggregate (DP-FedAvg, docs/privacy.md). The wrapper is
-Flower's own DifferentialPrivacyServerSideFixedClipping (it clips every reply's update to C in float, around the
-strategy's aggregation, then adds Gaussian noise), with the changes a fleet needs:
+Flower's own DifferentialPrivacyServerSideFixedClipping (which clips every reply's update to C in float before the
+strategy's aggregation and adds Gaussian noise after it); its configure_train and evaluation pass-through are used
+as they are, its aggregate_train is redone with the changes a fleet needs:
 
 - devices clip too: the TASK carries clip_norm, the device's uplink pipeline clips its integer delta and the
-  FleetGrid clips the integers again; Flower's float clipping after that is a no-op kept as the guarantee;
+  FleetGrid clips the integers again; the float clipping after that is a no-op kept as the guarantee, written
+  here because Flower's divides by the update's norm (an all-zero update raised ZeroDivisionError);
 - every reply weighs the same: a weighted FedAvg lets one device count for more than 1/m of the mean, beyond
   the sensitivity the noise is calibrated to, so the weights are set equal (as Flower's accounted mode demands);
 - the noise's standard deviation is z * C / m for the m updates actually aggregated (Flower divides by the
@@ -40,8 +42,6 @@ class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
         super().__init__(strategy, ledger.noise_multiplier, clip_norm, max(1, expected_replies))
         self.ledger = ledger
         self.noise_seed = noise_seed
-        self._round = 0
-        self._count = 0
 
     def __repr__(self) -> str:
         return "fedtiny central DP (Flower server-side fixed clipping, equal weights, noise per reply count)"
@@ -62,24 +62,39 @@ class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
         for reply in replies:
             for record in reply.content.metric_records.values():
                 record[weight_key] = 1
-        self._round, self._count = server_round, len(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        self._clip(replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
+        arrays = self._noised(arrays, server_round, len(replies))
         self.ledger.record(r.metadata.src_node_id for r in replies)
         metrics = MetricRecord(dict(metrics or {}))
         metrics["epsilon"] = self.ledger.fleet_epsilon()
         metrics["noise-stddev"] = self.noise_stddev(len(replies))
         return arrays, metrics
 
+    def _clip(self, replies) -> None:
+        """Each reply's update (its arrays minus the round's) scaled to L2 norm at most C, in place. Flower's
+        compute_clip_model_update does the same but divides by the norm, so one all-zero update (a device that
+        learned nothing, or sent nothing above its error-feedback threshold) raises ZeroDivisionError."""
+        current = {k: v.numpy() for k, v in self.current_arrays.items()}
+        for reply in replies:
+            for key, record in list(reply.content.array_records.items()):
+                update = {k: np.asarray(v.numpy(), np.float64) - current[k] for k, v in record.items()}
+                norm = float(np.sqrt(sum(float(np.sum(u * u)) for u in update.values())))
+                if norm > self.clipping_norm:
+                    factor = self.clipping_norm / norm
+                    reply.content[key] = ArrayRecord({k: Array(current[k] + u * factor) for k, u in update.items()})
+
     def noise_stddev(self, replies: int) -> float:
         """Of each coordinate of the mean of `replies` clipped updates: z * C / replies."""
         return self.noise_multiplier * self.clipping_norm / max(1, replies)
 
-    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        seed = None if self.noise_seed is None else [self.noise_seed, self._round]
-        rng = np.random.default_rng(seed)
-        std = self.noise_stddev(self._count)
+    def _noised(self, aggregated_arrays: ArrayRecord, server_round: int, replies: int) -> ArrayRecord:
+        """The mean plus N(0, noise_stddev(replies)^2) on every coordinate, from a Generator seeded by
+        (noise_seed, round), or by the operating system's entropy without a noise seed."""
+        rng = np.random.default_rng(None if self.noise_seed is None else [self.noise_seed, server_round])
+        std = self.noise_stddev(replies)
         return ArrayRecord({k: Array(np.asarray(v.numpy(), np.float64) + rng.normal(0.0, std, v.numpy().shape))
                             for k, v in aggregated_arrays.items()})
 

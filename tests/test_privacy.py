@@ -333,3 +333,45 @@ def test_a_device_session_noises_its_delta_when_the_task_asks(fleet_dir, model, 
     assert all(np.array_equal(sent[n], expected[n]) for n in sent)
     changed = sum(int(np.count_nonzero(sent[n] != clean[n])) for n in sent)
     assert changed > 0.5 * sum(v.size for v in sent.values())
+
+
+def test_the_coordinator_stops_at_the_budget_and_a_restart_keeps_the_ledger(plan, tmp_path):
+    """Three devices, z = 1.5 and a budget of 5 (two rounds' worth): c answers only round 1. The coordinator asks
+    devices to clip, stops before round 3 and says why; each device's epsilon counts its own rounds; a coordinator
+    restarted on the same database has the same ledger and starts no round. The updates are all zero, which
+    Flower's own DP clipping divides by (ZeroDivisionError)."""
+    from fedtiny_server.grid import RoundPolicy
+    from fedtiny_server.privacy import PrivacySettings
+    from fedtiny_server.rounds import Coordinator, CoordinatorConfig
+    from fedtiny_server.state import StateStore
+    from fedtiny_server.testing import FakeClock, FakeLink, make_reply
+
+    def on_task(link, task):
+        if task.device == "c" and task.round > 1:
+            return
+        delta = state_delta(plan.initial_state(), plan.initial_state())
+        link.schedule(make_reply(task.device, task.round, task.model_version, delta), 1.0)
+
+    def start(link, clock):
+        config = CoordinatorConfig(5, "fedavg", {}, RoundPolicy(quorum=0.5, deadline=5.0, poll=0.5),
+                                   privacy=PrivacySettings(5.0, 1e-5, 0.5, noise_multiplier=1.5, noise_seed=1))
+        return Coordinator(link, plan, StateStore(tmp_path / "state.db"), config, clock=clock)
+
+    clock = FakeClock()
+    link = FakeLink(clock, on_task)
+    for name in "abc":
+        link.add_device(name)
+    coordinator = start(link, clock)
+    history = coordinator.run()
+    assert [r.round for r in history] == [1, 2] and coordinator.stopped.startswith("privacy budget spent")
+    assert {t.config["clip_norm"] for t in link.sent} == {0.5}
+    summary = coordinator.privacy()
+    assert summary["device_rounds"] == {"a": 2, "b": 2, "c": 1} and summary["noised_rounds"] == 2
+    assert summary["device_epsilon"]["c"] == epsilon(1.5, 1, 1e-5) < summary["epsilon"] == epsilon(1.5, 2, 1e-5)
+    assert history[1].train_metrics["epsilon"] == summary["epsilon"]
+    coordinator.store.close()
+    sent = len(link.sent)
+    again = start(link, clock)
+    assert again.privacy() == summary
+    assert again.run() == [] and len(link.sent) == sent and again.stopped.startswith("privacy budget spent")
+    again.store.close()
