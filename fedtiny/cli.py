@@ -282,9 +282,9 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, scheme, budget
         result = run_simulation(config, progress=live, task=task, note=live.note)  # a line per phase
     if result["privacy"]:
         p = result["privacy"]
-        click.echo(f"\nprivacy: epsilon {p['epsilon']:.3f} of {p['budget']:g} at delta {p['delta']:g} (noise multiplier "
-                   f"{p['noise_multiplier']:.3f}, clip norm {p['clip_norm']:g}, {p['noised_rounds']} noised rounds)"
-                   + (f"; {result['stopped']}" if result["stopped"] else ""))
+        click.echo(f"\nprivacy: epsilon {p['epsilon']:.3f} of {p['budget']:g} at delta {p['delta']:g} (noise "
+                   f"multiplier {p['noise_multiplier']:.3f}, clip norm {p['clip_norm']:g}, {p['noised_rounds']} noised "
+                   f"rounds)" + (f"; {result['stopped']}" if result["stopped"] else ""))
     click.echo(f"\nreport: {out}/summary.md (accuracy {100 * result['initial_accuracy']:.1f} % -> "
                f"{100 * result['rounds'][-1]['accuracy']:.1f} %, {result['wall_seconds']:.1f} s)")
     if result["baseline"]:
