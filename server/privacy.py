@@ -11,8 +11,10 @@ as they are, its aggregate_train is redone with the changes a fleet needs:
   here because Flower's divides by the update's norm (an all-zero update raised ZeroDivisionError);
 - every reply weighs the same: a weighted FedAvg lets one device count for more than 1/m of the mean, beyond
   the sensitivity the noise is calibrated to, so the weights are set equal (as Flower's accounted mode demands);
-- the noise's standard deviation is z * C / m for the m updates actually aggregated (Flower divides by the
-  number sampled, which under-noises a round where devices dropped out);
+- a fixed denominator (DP-FedAvg's): the sum of the m clipped updates that came back is divided by the n devices
+  the round was sent to, and the noise's standard deviation is z * C / n. Flower divides the noise by the number
+  sampled but the updates by the number that answered, which under-noises a round where devices dropped out;
+  dividing both by m instead would multiply the noise by n / m exactly when few answer;
 - the noise comes from a seeded numpy Generator in simulations (a seed reproduces a run) and from the operating
   system's entropy otherwise (noise a party can predict protects nothing);
 - accounting by fedtiny.privacy.PrivacyLedger on dp-accounting: epsilon per device and for the fleet in every
@@ -42,9 +44,10 @@ class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
         super().__init__(strategy, ledger.noise_multiplier, clip_norm, max(1, expected_replies))
         self.ledger = ledger
         self.noise_seed = noise_seed
+        self._asked: dict[int, int] = {}  # round -> devices its train messages went to (the fixed denominator)
 
     def __repr__(self) -> str:
-        return "fedtiny central DP (Flower server-side fixed clipping, equal weights, noise per reply count)"
+        return "fedtiny central DP (Flower server-side fixed clipping, equal weights, a fixed denominator)"
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         if self.ledger.would_exceed():
@@ -52,7 +55,9 @@ class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
                 f"privacy budget spent: epsilon {self.ledger.fleet_epsilon():.3f} of {self.ledger.budget:g} at "
                 f"delta {self.ledger.delta:g} after {self.ledger.rounds} noised rounds; one more could exceed it")
         config["clip_norm"] = float(self.clipping_norm)  # into the TASK: devices clip, the grid clips again
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._asked[server_round] = len(messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies):
         replies = [r for r in replies if not r.has_error()]
@@ -66,12 +71,21 @@ class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
-        arrays = self._noised(arrays, server_round, len(replies))
+        asked = max(self._asked.pop(server_round, len(replies)), len(replies))
+        arrays = self._noised(self._scaled(arrays, len(replies) / asked), server_round, asked)
         self.ledger.record(r.metadata.src_node_id for r in replies)
         metrics = MetricRecord(dict(metrics or {}))
         metrics["epsilon"] = self.ledger.fleet_epsilon()
-        metrics["noise-stddev"] = self.noise_stddev(len(replies))
+        metrics["noise-stddev"] = self.noise_stddev(asked)
         return arrays, metrics
+
+    def _scaled(self, mean: ArrayRecord, factor: float) -> ArrayRecord:
+        """The round's arrays moved by `factor` times the mean update: sum / asked = mean * answered / asked."""
+        if factor == 1.0:
+            return mean
+        current = {k: v.numpy() for k, v in self.current_arrays.items()}
+        return ArrayRecord({k: Array(current[k] + (np.asarray(v.numpy(), np.float64) - current[k]) * factor)
+                            for k, v in mean.items()})
 
     def _clip(self, replies) -> None:
         """Each reply's update (its arrays minus the round's) scaled to L2 norm at most C, in place. Flower's
@@ -86,15 +100,15 @@ class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
                     factor = self.clipping_norm / norm
                     reply.content[key] = ArrayRecord({k: Array(current[k] + u * factor) for k, u in update.items()})
 
-    def noise_stddev(self, replies: int) -> float:
-        """Of each coordinate of the mean of `replies` clipped updates: z * C / replies."""
-        return self.noise_multiplier * self.clipping_norm / max(1, replies)
+    def noise_stddev(self, asked: int) -> float:
+        """Of each coordinate of the sum of clipped updates divided by the `asked` devices: z * C / asked."""
+        return self.noise_multiplier * self.clipping_norm / max(1, asked)
 
-    def _noised(self, aggregated_arrays: ArrayRecord, server_round: int, replies: int) -> ArrayRecord:
-        """The mean plus N(0, noise_stddev(replies)^2) on every coordinate, from a Generator seeded by
-        (noise_seed, round), or by the operating system's entropy without a noise seed."""
+    def _noised(self, aggregated_arrays: ArrayRecord, server_round: int, asked: int) -> ArrayRecord:
+        """Plus N(0, noise_stddev(asked)^2) on every coordinate, from a Generator seeded by (noise_seed, round),
+        or by the operating system's entropy without a noise seed."""
         rng = np.random.default_rng(None if self.noise_seed is None else [self.noise_seed, server_round])
-        std = self.noise_stddev(replies)
+        std = self.noise_stddev(asked)
         return ArrayRecord({k: Array(np.asarray(v.numpy(), np.float64) + rng.normal(0.0, std, v.numpy().shape))
                             for k, v in aggregated_arrays.items()})
 

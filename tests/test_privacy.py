@@ -137,7 +137,7 @@ def _replies(updates, examples):
     return out
 
 
-def test_central_noise_has_the_calibrated_scale_and_equal_weights():
+def test_central_noise_has_the_calibrated_scale_a_fixed_denominator_and_equal_weights():
     from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy import FedAvg
     from fedtiny_server.privacy import CentralPrivacy
@@ -152,6 +152,11 @@ def test_central_noise_has_the_calibrated_scale_and_equal_weights():
     assert noise.std() == pytest.approx(z * clip / 4, rel=0.03)  # z C / m for the m = 4 updates aggregated
     assert metrics["epsilon"] == epsilon(z, 1, 1e-5)
     assert strategy.ledger.releases == {100: 1, 101: 1, 102: 1, 103: 1}
+    # a round sent to 8 devices of which 4 answered: their sum over 8 (half the mean), noise z C / 8
+    strategy._asked[2] = 8
+    arrays, metrics = strategy.aggregate_train(2, _replies(updates, [1, 1, 1, 1]))
+    noise = arrays["w"].numpy() - 0.002
+    assert noise.std() == pytest.approx(z * clip / 8, rel=0.03) and metrics["noise-stddev"] == z * clip / 8
     # an update beyond the clip norm is clipped to it before averaging
     big = CentralPrivacy(FedAvg(), PrivacyLedger(1e-9, 1e-5), clip)
     big.current_arrays = ArrayRecord({"w": Array(np.zeros(4))})
