@@ -36,12 +36,12 @@ MEAN_STRATEGIES = ("fedavg", "fedprox")
 
 
 class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
-    def __init__(self, strategy, ledger: PrivacyLedger, clip_norm: float, expected_replies: int = 1,
-                 noise_seed: int | None = None) -> None:
+    def __init__(self, strategy, ledger: PrivacyLedger, clip_norm: float, noise_seed: int | None = None) -> None:
         if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
             raise ValueError(f"differential privacy needs a strategy that averages the updates "
                              f"({', '.join(MEAN_STRATEGIES)}), not {type(strategy).__name__}")
-        super().__init__(strategy, ledger.noise_multiplier, clip_norm, max(1, expected_replies))
+        # num_sampled_clients (1) is Flower's denominator, unused: ours is each round's count of devices asked
+        super().__init__(strategy, ledger.noise_multiplier, clip_norm, 1)
         self.ledger = ledger
         self.noise_seed = noise_seed
         self._asked: dict[int, int] = {}  # round -> devices its train messages went to (the fixed denominator)
@@ -161,13 +161,13 @@ class PrivacySettings:
         self.epsilon, self.delta, self.clip_norm = float(epsilon), float(delta), float(clip_norm)
         self.noise_multiplier, self.noise_seed = float(noise_multiplier), noise_seed
 
-    def wrap(self, strategy, rounds: int, expected_replies: int = 1) -> CentralPrivacy:
+    def wrap(self, strategy, rounds: int) -> CentralPrivacy:
         """`strategy` under central DP for a run of `rounds` rounds."""
         from fedtiny.privacy import noise_multiplier_for
 
         z = self.noise_multiplier or noise_multiplier_for(self.epsilon, self.delta, rounds)
         ledger = PrivacyLedger(z, self.delta, self.epsilon)
-        return CentralPrivacy(strategy, ledger, self.clip_norm, expected_replies, self.noise_seed)
+        return CentralPrivacy(strategy, ledger, self.clip_norm, self.noise_seed)
 
 
 def privacy_summary(strategy, device_names: dict[int, str]) -> dict | None:
