@@ -308,9 +308,6 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--local-steps", default=0, show_default=True, help="Training steps per round (0: --epochs passes).")
 @click.option("--max-examples", default=10_000, show_default=True,
               help="Clamp of a node's num_examples (its aggregation weight).")
-@click.option("--clip-norm", default=0.0, show_default=True,
-              help="L2 norm (real units) every node update is clipped to, on the node and again at the coordinator; "
-                   "0: off.")
 @click.option("--scheme", default=None, help="Update scheme; default: the model's sparse default.")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
@@ -346,6 +343,15 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--baseline", is_flag=True, help="Also train the same task with plain Flower FedAvg + PyTorch fp32.")
 @click.option("--baseline-lr", default=0.003, show_default=True, type=float,
               help="The baseline's fp32 SGD learning rate (0.01 diverges on some bearing machines).")
+@click.option("--clip-norm", default=None, type=float,
+              help="L2 norm (real units) each node's update is clipped to, on the node and again at the coordinator; "
+                   "default 0 (off), or 0.5 with --dp-epsilon.")
+@click.option("--dp-epsilon", default=0.0, show_default=True, type=float,
+              help="Central differential privacy: the budget epsilon (at --dp-delta) no node may exceed; Gaussian "
+                   "noise on every aggregate, calibrated to --clip-norm; rounds stop when it is spent. 0: off.")
+@click.option("--dp-delta", default=1e-5, show_default=True, type=float, help="The delta of --dp-epsilon.")
+@click.option("--dp-noise-multiplier", default=0.0, show_default=True, type=float,
+              help="Noise standard deviation / clip norm; 0: the smallest that keeps --rounds within the budget.")
 @click.option("--quiet", is_flag=True, help="Print only errors and the final summary line.")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable output: one JSON object per line on stdout as the run goes ({\"event\": "
@@ -354,7 +360,7 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_options, fraction, quorum, local_steps,
              max_examples, clip_norm, scheme, budget, reserve, lr, epochs, chunk_size, uplink_keep, dropout,
              stragglers, deadline, realtime, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline, baseline_lr,
-             quiet, as_json) -> None:
+             quiet, as_json, dp_epsilon, dp_delta, dp_noise_multiplier) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
     from fedtiny_server.grid import MissingReplies
@@ -371,20 +377,21 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
                               fleet_dir=fleet_dir, out=out, engine=engine, qemu_nodes=qemu_nodes, baseline=baseline,
                               baseline_lr=baseline_lr, realtime=realtime, strategy_options=",".join(strategy_options),
                               fraction=fraction, quorum=quorum, local_steps=local_steps, max_examples=max_examples,
-                              clip_norm=clip_norm)
+                              clip_norm=clip_norm, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+                              dp_noise_multiplier=dp_noise_multiplier)
     view = QuietView() if quiet else JsonLines() if as_json else None
     say = view.note if view is not None else note
     with user_errors():
         task = check_inputs(config, say, progress=say)  # every input problem, before the live table and training
     # user_errors: a plan too big for the budget, known after pretraining
-    with view or LiveTable(rounds, qemu_nodes) as live, user_errors():
+    with view or LiveTable(rounds, qemu_nodes, privacy=bool(dp_epsilon)) as live, user_errors():
         try:
             result = run_simulation(config, progress=live, task=task, note=live.note)  # a line per phase
         except MissingReplies as err:  # a node process died: not the user's input, but one line, not a traceback
             raise click.ClickException(str(err)) from err
     final = dict(report=f"{out}/report.html", initial_accuracy=result["initial_accuracy"],
                  accuracy=result["rounds"][-1]["accuracy"], wall_seconds=result["wall_seconds"],
-                 clock=result["clock"])
+                 clock=result["clock"], privacy=result["privacy"], stopped=result["stopped"])
     b = result["baseline"]
     if as_json:
         view.emit("summary", **final, baseline=None if not b else dict(
@@ -392,6 +399,11 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
             wall_seconds=b["wall_seconds"]))
         return
     gap = "" if quiet else "\n"  # a blank line under the live table
+    if result["privacy"]:
+        p = result["privacy"]
+        click.echo(f"{gap}privacy: epsilon {p['epsilon']:.3f} of {p['budget']:g} at delta {p['delta']:g} (noise "
+                   f"multiplier {p['noise_multiplier']:.3f}, clip norm {p['clip_norm']:g}, {p['noised_rounds']} noised "
+                   f"rounds)" + (f"; {result['stopped']}" if result["stopped"] else ""))
     click.echo(f"{gap}report: {out}/report.html and summary.md (accuracy {100 * final['initial_accuracy']:.1f} % -> "
                f"{100 * final['accuracy']:.1f} %, {final['wall_seconds']:.1f} s)")
     if b:

@@ -17,7 +17,8 @@ Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config '
     local-steps        default 0 (one epoch)        heldout          .npz/.csv for evaluation ("" = none)
     metrics-port       Prometheus port, 0 = off     metrics-host     default 127.0.0.1
     chunk-size         MQTT payload per chunk, 4096 uplink-keep      default 1.0 (send every change)
-    clip-norm          update L2 norm, 0 = off
+    clip-norm          update L2 norm, 0 = off      dp-epsilon       central DP budget, 0 = off (needs clip-norm)
+    dp-delta           default 1e-5                 dp-noise-multiplier  0 = derived from the budget and rounds
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ class Settings:
     chunk_size: int = 4096
     uplink_keep: float = 1.0  # fraction of each buffer's changes a DELTA carries; the rest waits (update.split_uplink)
     clip_norm: float = 0.0  # devices clip their DELTA to this L2 norm (real units), and the coordinator again
+    dp_epsilon: float = 0.0  # central differential privacy's budget at dp_delta (0: no DP; server/privacy.py)
+    dp_delta: float = 1e-5
+    dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps num_server_rounds within the budget
+
+    def privacy(self):
+        """The run's PrivacySettings, or None without --dp-epsilon; ValueError naming a bad value."""
+        from .privacy import PrivacySettings
+
+        if not self.dp_epsilon:
+            return None
+        if not self.clip_norm > 0:
+            raise ValueError("dp-epsilon needs clip-norm: the noise is calibrated to the clipped updates' L2 norm")
+        return PrivacySettings(self.dp_epsilon, self.dp_delta, self.clip_norm, self.dp_noise_multiplier)
 
     def task(self) -> dict[str, float]:
         """The TASK settings every device gets (task.task_body)."""
@@ -136,7 +150,8 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
                          max_examples=settings.max_examples, max_staleness=settings.max_staleness,
                          task=settings.task())
     options = {"fraction_train": settings.fraction_train, **parse_options(settings.strategy_options)}
-    config = CoordinatorConfig(settings.num_server_rounds, settings.strategy, options, policy)
+    config = CoordinatorConfig(settings.num_server_rounds, settings.strategy, options, policy,
+                               privacy=settings.privacy())
     metrics = metrics or ops.Metrics()
     heldout = None
     if settings.heldout:

@@ -49,17 +49,34 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
                    "on the device and sent later.")
 @click.option("--clip-norm", type=float, default=0.0, show_default=True,
               help="L2 norm (real units) every device update is clipped to, on the device and again here; 0: off.")
+@click.option("--dp-epsilon", type=float, default=0.0, show_default=True,
+              help="Central differential privacy: the budget epsilon (at --dp-delta) no device may exceed; Gaussian "
+                   "noise on every aggregate, calibrated to --clip-norm; rounds stop when it is spent. 0: off.")
+@click.option("--dp-delta", type=float, default=1e-5, show_default=True, help="The delta of --dp-epsilon.")
+@click.option("--dp-noise-multiplier", type=float, default=0.0, show_default=True,
+              help="Noise standard deviation / clip norm; 0: the smallest that keeps --rounds within the budget.")
 def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, strategy_options, fraction, quorum,
                         deadline, seen_within, max_examples, max_staleness, local_steps, state_db,
-                        heldout, metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm) -> None:
+                        heldout, metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm, dp_epsilon, dp_delta,
+                        dp_noise_multiplier) -> None:
     """Run federated rounds over a fleet of microcontrollers with a Flower strategy; resumable."""
+    from fedtiny.cli import UserError
+
     from . import ops
     from .app import Settings, run_coordinator
 
-    ops.setup_json_logging(sys.stderr)
     settings = Settings(broker, fleet_dir, fleet, plan_path, state_db, rounds, strategy, ",".join(strategy_options),
                         fraction, quorum, deadline, seen_within, max_examples, max_staleness, local_steps,
-                        heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm)
+                        heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm,
+                        dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_noise_multiplier=dp_noise_multiplier)
+    if dp_epsilon:
+        from .privacy import check_options
+
+        try:
+            check_options(dp_epsilon, dp_delta, clip_norm, dp_noise_multiplier, strategy)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    ops.setup_json_logging(sys.stderr)
     try:
         history = run_coordinator(settings)
     except ValueError as exc:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import strategy as flwr_strategies
-from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.exception import InconsistentMessageReplies, PrivacyBudgetExhausted
 
 from fedtiny.compiler import Plan
 from fedtiny.planfile import plan_hash
@@ -24,6 +24,7 @@ from fedtiny.planfile import plan_hash
 from . import ops
 from .fedbuff import FedBuff
 from .grid import Arrivals, FleetGrid, GlobalModel, RoundPolicy
+from .privacy import CentralPrivacy, PrivacySettings, privacy_summary
 from .requantize import dequantize_state, tensor_specs
 from .state import StateStore, link_meta
 
@@ -69,6 +70,9 @@ def make_strategy(name: str, **options):
 def strategy_state(strategy) -> dict[str, np.ndarray]:
     """The server-side optimizer state a strategy keeps between rounds, as named arrays."""
     out = {}
+    if isinstance(strategy, CentralPrivacy):  # its privacy ledger, then the wrapped strategy's own state
+        out.update(strategy.state_arrays())
+        strategy = strategy.strategy
     if isinstance(strategy, FedBuff):
         out.update(strategy.state_arrays())
     for attr in ("m_t", "v_t"):
@@ -84,6 +88,9 @@ def strategy_state(strategy) -> dict[str, np.ndarray]:
 def load_strategy_state(strategy, arrays: dict[str, np.ndarray] | None) -> None:
     if not arrays:
         return
+    if isinstance(strategy, CentralPrivacy):
+        strategy.load_state_arrays(arrays)
+        strategy = strategy.strategy
     if isinstance(strategy, FedBuff):
         strategy.load_state_arrays(arrays)
     for attr in ("m_t", "v_t"):
@@ -135,6 +142,7 @@ class CoordinatorConfig:
     strategy_options: dict = field(default_factory=dict)
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     train_config: dict = field(default_factory=dict)  # extra ConfigRecord entries for every train message
+    privacy: PrivacySettings | None = None  # central differential privacy (server/privacy.py)
 
 
 @dataclass
@@ -165,6 +173,9 @@ class Coordinator:
         ckpt = store.load()
         self.model = GlobalModel(specs, ckpt.master, ckpt.ints, ckpt.model_version, store)
         self.strategy = make_strategy(self.config.strategy, **self.config.strategy_options)
+        if self.config.privacy is not None:
+            self.strategy = self.config.privacy.wrap(self.strategy, self.config.rounds)
+        self.stopped: str | None = None  # why the run ended before its rounds (the privacy budget)
         load_strategy_state(self.strategy, ckpt.strategy)
         policy = self.config.policy
         if isinstance(self.strategy, FedBuff):
@@ -194,8 +205,21 @@ class Coordinator:
             self._eval_metrics(res)
             ops.event("initial_evaluation", **dict(res))
         while self.round < total:
-            self.history.append(self.run_round(self.round + 1))
+            try:
+                self.history.append(self.run_round(self.round + 1))
+            except PrivacyBudgetExhausted as exc:
+                self.stop(str(exc))
+                break
         return self.history
+
+    def stop(self, reason: str) -> None:
+        """The run ends before its configured rounds: say why (once, in the log)."""
+        self.stopped = reason
+        ops.event("run_stopped", logging.WARNING, round=self.round, reason=reason)
+
+    def privacy(self) -> dict | None:
+        """The run's differential privacy: settings, fleet epsilon and each device's (None without DP)."""
+        return privacy_summary(self.strategy, {r.device_id: r.device for r in self.grid.registry.values()})
 
     def run_round(self, rnd: int) -> RoundResult:
         start = time.perf_counter()

@@ -245,6 +245,7 @@ class _Device:
     def train(self, content, trainer: str, seed: int, dropout: float) -> dict:
         from fedtiny.protocol.device import TrainJob
         from fedtiny.protocol.messages import Task
+        from fedtiny.protocol.noise import NoiseStream, noise_key
         from fedtiny.protocol.task import task_settings
         from fedtiny.protocol.update import apply_global_update, uplink
         from fedtiny_device.agent import LocalTraining
@@ -269,7 +270,7 @@ class _Device:
         settings = task_settings(task)
         job = TrainJob(round_, version, int(settings["epochs"]), int(settings["steps"]),
                        {k: v.copy() for k, v in self.global_state.items()}, settings["uplink_keep"],
-                       settings["clip_norm"])
+                       settings["clip_norm"], settings["noise_sigma"])
         samples = np.load(self.run / "nodes" / f"{self.name}.npz")
         factory = None
         if trainer == "c":
@@ -278,9 +279,13 @@ class _Device:
                                  self.rng_counter)
         result = training.run(job)
         self.rng_counter = result.rng_counter
+        # DP noise (a TASK's noise_sigma): this ClientApp has no identity key, so its noise key comes from the
+        # node's name and seed: reproducible, and secret only as far as a simulation's seeds are
+        noise = NoiseStream(noise_key(f"{self.name}:{int(samples['seed'])}".encode()), 0, round_) \
+            if job.noise_sigma > 0 else None
         body, self.carry = uplink(self.plan, job.base, result.state, self.carry, keep=job.uplink_keep,
                                   clip_norm=job.clip_norm, num_examples=result.num_examples, loss=result.loss,
-                                  accuracy=result.accuracy)
+                                  accuracy=result.accuracy, noise_sigma=job.noise_sigma, noise=noise)
         reply["delta"] = body.encode()
         return reply
 

@@ -62,7 +62,16 @@ class SimulationConfig:
     quorum: float | None = None  # default: 1, or with --dropout or --stragglers max(0.3, 1 - dropout - 0.1)
     local_steps: int = 0  # training steps per round; 0: --epochs passes over the node's samples
     max_examples: int = 10_000  # clamp of a node's num_examples (its aggregation weight)
-    clip_norm: float = 0.0  # L2 norm (real units) every update is clipped to, on the node and at the coordinator
+    clip_norm: float | None = None  # L2 norm (real units) every update is clipped to, on the node and at the
+    # coordinator; None: 0 (off), or DP_CLIP_NORM with DP
+    dp_epsilon: float = 0.0  # central differential privacy's budget (0: off; fedtiny_server.privacy)
+    dp_delta: float = 1e-5
+    dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps `rounds` within the budget
+
+
+# The default clip norm under DP: about the median L2 norm (real units) of a device's update in the default bearing
+# task's first rounds (0.3-0.8 with --uplink-keep 0.5), so that clipping cuts the larger half of the updates.
+DP_CLIP_NORM = 0.5
 
 
 ENGINES = ("mqtt", "flower")
@@ -223,9 +232,14 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
             ("fraction", 0 < c.fraction <= 1, "a fraction in (0, 1]"),
             ("quorum", c.quorum is None or 0 < c.quorum <= 1, "a fraction in (0, 1]"),
             ("local_steps", 0 <= c.local_steps <= 0xFFFF, "0..65535 (0: --epochs passes over the node's data)"),
-            ("max_examples", c.max_examples >= 1, "at least 1"), ("clip_norm", c.clip_norm >= 0, "0 (off) or more")):
+            ("max_examples", c.max_examples >= 1, "at least 1"),
+            ("clip_norm", c.clip_norm is None or c.clip_norm >= 0, "0 (off) or more")):
         if not ok:
             raise ConfigError(f"--{option.replace('_', '-')} {getattr(c, option)}: must be {rule}")
+    if c.clip_norm is None:
+        c.clip_norm = DP_CLIP_NORM if c.dp_epsilon else 0.0
+    if c.dp_epsilon:
+        _check_privacy(c)
     if c.engine not in ENGINES:
         raise ConfigError(f"unknown engine {c.engine!r}; choose one of {', '.join(ENGINES)}")
     strategy_options(c)  # the strategy and its options, as the coordinator will build them
@@ -284,6 +298,19 @@ def strategy_options(config: SimulationConfig) -> dict:
     finally:
         flwr_log.setLevel(level)
     return options
+
+
+def _check_privacy(c: SimulationConfig) -> None:
+    from fedtiny.privacy import epsilon
+    from fedtiny_server.privacy import check_options
+
+    try:
+        check_options(c.dp_epsilon, c.dp_delta, c.clip_norm, c.dp_noise_multiplier, c.strategy)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if c.dp_noise_multiplier and epsilon(c.dp_noise_multiplier, 1, c.dp_delta) > c.dp_epsilon:
+        raise ConfigError(f"--dp-noise-multiplier {c.dp_noise_multiplier}: one round already spends epsilon "
+                          f"{epsilon(c.dp_noise_multiplier, 1, c.dp_delta):.3g}, more than --dp-epsilon {c.dp_epsilon}")
 
 
 def training_plan(config: SimulationConfig, task: Task, graph):
@@ -351,8 +378,10 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     predicted = predict(graph, task.test.X)
     initial = float((predicted == task.test.y).mean())
 
+    privacy: dict = {}  # the coordinator's DP summary and why rounds stopped (--dp-epsilon)
+
     def coordinate(link, clock=time.monotonic, firmware_devices=()) -> list[dict]:
-        return _rounds(config, link, plan, task, run, progress, clock, firmware_devices)
+        return _rounds(config, link, plan, task, run, progress, clock, firmware_devices, privacy, say)
 
     if config.engine == "flower":
         from .flower_engine import run_engine
@@ -369,7 +398,8 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
                    initial_confusion=confusion_matrix(task.test.y, predicted, task.num_classes),
                    classes=list(task.pretrain.classes), qemu_nodes=config.qemu_nodes, firmware=firmware,
-                   wall_seconds=time.perf_counter() - started)
+                   wall_seconds=time.perf_counter() - started, clip_norm=config.clip_norm,
+                   privacy=privacy.get("summary"), stopped=privacy.get("stopped"))
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
@@ -441,10 +471,14 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
 
 
 def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clock,
-            firmware_devices=()) -> list[dict]:
+            firmware_devices=(), privacy: dict | None = None, say=None) -> list[dict]:
     """The coordinator over `link` for config.rounds rounds; one row per round (the live table's and report's;
-    with firmware nodes, `firmware` = how many of them had a DELTA accepted in the round)."""
+    with firmware nodes, `firmware` = how many of them had a DELTA accepted in the round; with --dp-epsilon,
+    `epsilon` = the fleet's so far). Under DP, `privacy` gets the coordinator's summary and, if the budget ended
+    the run early, why (`say` hears it too)."""
+    from flwr.serverapp.exception import PrivacyBudgetExhausted
     from fedtiny_server.grid import RoundPolicy
+    from fedtiny_server.privacy import PrivacySettings
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.state import StateStore
 
@@ -464,13 +498,23 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
         coordinator = Coordinator(link, plan, store,
                                   CoordinatorConfig(rounds=config.rounds, strategy=config.strategy,
                                                     strategy_options=strategy_options(config), policy=policy,
-                                                    train_config=train_config),
+                                                    train_config=train_config,
+                                                    privacy=PrivacySettings(
+                                                        config.dp_epsilon, config.dp_delta, config.clip_norm,
+                                                        config.dp_noise_multiplier, noise_seed=config.seed)
+                                                    if config.dp_epsilon else None),
                                   heldout=(task.test.X, task.test.y), clock=clock, arrivals=arrivals)
         rounds = []
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)
             t0 = time.perf_counter()
-            result = coordinator.run_round(r)
+            try:
+                result = coordinator.run_round(r)
+            except PrivacyBudgetExhausted as exc:
+                coordinator.stop(str(exc))
+                if say:
+                    say(f"stopped before round {r}: {exc}")
+                break
             up1, down1 = _bytes(coordinator)
             row = dict(round=r, accuracy=float(result.eval_metrics.get("accuracy", float("nan"))),
                        loss=float(result.eval_metrics.get("loss", float("nan"))), participants=result.replies,
@@ -482,9 +526,13 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
 
                 answered = participation(run / "coordinator.jsonl", {})
                 row["firmware"] = sum(r in answered.get(d, {}).get("answered", ()) for d in firmware_devices)
+            if config.dp_epsilon:
+                row["epsilon"] = float(result.train_metrics.get("epsilon", rounds[-1]["epsilon"] if rounds else 0.0))
             rounds.append(row)
             if progress:
                 progress(row)
+        if privacy is not None and config.dp_epsilon:
+            privacy.update(summary=coordinator.privacy(), stopped=coordinator.stopped)
         from fedtiny.modelfile import save_model
 
         save_model(plan.graph_with(coordinator.model.ints), run / "global.ftm")  # for `fedtiny evaluate`
@@ -524,7 +572,7 @@ class LiveTable:
 
     COLUMNS = ("round", "accuracy", "loss", "nodes", "uplink B", "downlink B", "device memory B", "seconds")
 
-    def __init__(self, rounds: int, firmware_nodes: int = 0):
+    def __init__(self, rounds: int, firmware_nodes: int = 0, privacy: bool = False):
         from rich.console import Console, Group
         from rich.live import Live
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -532,7 +580,8 @@ class LiveTable:
 
         self.firmware_nodes = firmware_nodes  # a column of firmware nodes (QEMU) answered, when there are any
         self.rounds = rounds
-        columns = self.COLUMNS + (("firmware nodes",) if firmware_nodes else ())
+        self.privacy = privacy  # a column of the fleet's epsilon spent so far, under --dp-epsilon
+        columns = self.COLUMNS + (("firmware nodes",) if firmware_nodes else ()) + (("epsilon",) if privacy else ())
         self.table = Table(*columns, title="fedtiny simulate")
         self.progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self.task = self.progress.add_task("rounds", total=rounds)
@@ -558,6 +607,8 @@ class LiveTable:
                  f"{row['seconds']:.1f}"]
         if self.firmware_nodes:
             cells.append(f"{row.get('firmware', 0)}/{self.firmware_nodes}")
+        if self.privacy:
+            cells.append(f"{row.get('epsilon', 0.0):.2f}")
         if self.live is None:
             self.note(f"round {row['round']}/{self.rounds}: " + ", ".join(
                 f"{column.header} {cell}" for column, cell in zip(self.table.columns[1:], cells[1:], strict=False)))

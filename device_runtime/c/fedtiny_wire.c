@@ -235,6 +235,8 @@ int fedtiny_wire_task_settings(const fedtiny_wire_task *task, fedtiny_wire_setti
         keep_pct = rd16(task->config + 2);
         if (keep_pct >= 100) return FEDTINY_WIRE_ERR_BAD_TASK;
     } else if (task->config_len != 0) {
+        /* also the 8-byte form with device noise (task.TASK_CONFIG_NOISE): this node does not add differential
+         * privacy noise yet (protocol/noise.py), so it never answers a noised round without noise */
         return FEDTINY_WIRE_ERR_BAD_TASK;
     }
     settings->epochs = epochs;
@@ -759,5 +761,173 @@ int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state
             delta_set(c, b.t, e, v != 0 ? 0 : total);
         }
     }
+    return FEDTINY_WIRE_OK;
+}
+
+/* --- differential privacy noise: protocol/noise.py --------------------------------------------------------------
+ * Exact discrete Gaussian integers (Canonne, Kamath, Steinke 2020, Algorithms 1-3) in integer arithmetic: every
+ * Bernoulli(exp(-n/d)) is decided on uniform integers below bounds of up to 128 bits, drawn from the caller's
+ * 64-bit words exactly as noise.uniform_below draws them. */
+
+static uint64_t noise_word(fedtiny_noise_source *src) {
+    src->used++;
+    return src->word(src->ctx);
+}
+
+static int u128_lt(u128 a, u128 b) { return a.hi < b.hi || (a.hi == b.hi && a.lo < b.lo); }
+
+static u128 u128_of(uint64_t v) {
+    u128 r;
+    r.hi = 0;
+    r.lo = v;
+    return r;
+}
+
+static u128 u128_sub(u128 a, u128 b) {
+    u128 r;
+    r.lo = a.lo - b.lo;
+    r.hi = a.hi - b.hi - (a.lo < b.lo);
+    return r;
+}
+
+/* a * b, exact, from 32-bit halves (a Cortex-M4 has no 128-bit type) */
+static u128 u128_mul64(uint64_t a, uint64_t b) {
+    const uint64_t a0 = (uint32_t)a, a1 = a >> 32, b0 = (uint32_t)b, b1 = b >> 32;
+    const uint64_t p00 = a0 * b0, p01 = a0 * b1, p10 = a1 * b0, p11 = a1 * b1;
+    const uint64_t mid = (p00 >> 32) + (uint32_t)p01 + (uint32_t)p10;
+    u128 r;
+    r.lo = (mid << 32) | (uint32_t)p00;
+    r.hi = p11 + (p01 >> 32) + (p10 >> 32) + (mid >> 32);
+    return r;
+}
+
+/* a * k into *out; 0 if it does not fit 128 bits */
+static int u128_mul_small(u128 a, uint64_t k, u128 *out) {
+    const u128 lo = u128_mul64(a.lo, k), hi = u128_mul64(a.hi, k);
+    if (hi.hi != 0) return 0;
+    out->lo = lo.lo;
+    out->hi = lo.hi + hi.lo;
+    return out->hi >= hi.lo;
+}
+
+static int u128_bits(u128 a) {
+    int bits = 0;
+    if (a.hi) {
+        bits = 64;
+        a.lo = a.hi;
+    }
+    while (a.lo) {
+        bits++;
+        a.lo >>= 1;
+    }
+    return bits;
+}
+
+/* noise.uniform_below: (bits + 63) / 64 words, the first the least significant, masked, rejected if >= bound */
+static u128 noise_uniform_below(fedtiny_noise_source *src, u128 bound) {
+    const int bits = u128_bits(u128_sub(bound, u128_of(1)));
+    if (bits == 0) return u128_of(0);
+    for (;;) {
+        u128 x = u128_of(noise_word(src));
+        if (bits > 64) {
+            x.hi = noise_word(src);
+            if (bits < 128) x.hi &= (UINT64_C(1) << (bits - 64)) - 1u;
+        } else if (bits < 64) {
+            x.lo &= (UINT64_C(1) << bits) - 1u;
+        }
+        if (u128_lt(x, bound)) return x;
+    }
+}
+
+/* noise.bernoulli_exp_fraction: exp(-n/d) for n <= d */
+static int noise_bernoulli_exp_fraction(fedtiny_noise_source *src, u128 n, u128 d, int *result) {
+    uint64_t k = 1;
+    for (;;) {
+        u128 dk;
+        if (!u128_mul_small(d, k, &dk)) return FEDTINY_WIRE_ERR_ARGUMENT;
+        if (!u128_lt(noise_uniform_below(src, dk), n)) break;
+        k++;
+    }
+    *result = (int)(k & 1u);
+    return FEDTINY_WIRE_OK;
+}
+
+/* noise.bernoulli_exp: exp(-n/d) for any n, d >= 1 */
+static int noise_bernoulli_exp(fedtiny_noise_source *src, u128 n, u128 d, int *result) {
+    int status;
+    while (u128_lt(d, n)) {
+        status = noise_bernoulli_exp_fraction(src, u128_of(1), u128_of(1), result);
+        if (status || !*result) return status;
+        n = u128_sub(n, d);
+    }
+    return noise_bernoulli_exp_fraction(src, n, d, result);
+}
+
+/* noise.discrete_laplace: P[x] ~ exp(-|x| / t) */
+static int noise_discrete_laplace(fedtiny_noise_source *src, uint64_t t, int64_t *out) {
+    for (;;) {
+        const uint64_t u = noise_uniform_below(src, u128_of(t)).lo;
+        uint64_t v = 0, x;
+        int keep, more, negative, status = noise_bernoulli_exp(src, u128_of(u), u128_of(t), &keep);
+        if (status) return status;
+        if (!keep) continue;
+        for (;;) {
+            status = noise_bernoulli_exp(src, u128_of(1), u128_of(1), &more);
+            if (status) return status;
+            if (!more) break;
+            v++;
+        }
+        if (v > (UINT64_C(0x7FFFFFFFFFFFFFFF) - u) / t) return FEDTINY_WIRE_ERR_ARGUMENT;
+        x = u + t * v;
+        negative = noise_uniform_below(src, u128_of(2)).lo == 1u;
+        if (negative && x == 0) continue;
+        *out = negative ? -(int64_t)x : (int64_t)x;
+        return FEDTINY_WIRE_OK;
+    }
+}
+
+static uint64_t isqrt64(uint64_t v) {
+    uint64_t root = 0, bit = UINT64_C(1) << 62;
+    while (bit > v) bit >>= 2;
+    while (bit) {
+        if (v >= root + bit) {
+            v -= root + bit;
+            root = (root >> 1) + bit;
+        } else {
+            root >>= 1;
+        }
+        bit >>= 2;
+    }
+    return root;
+}
+
+int fedtiny_wire_discrete_gaussian(fedtiny_noise_source *src, uint64_t sigma2, int64_t *out) {
+    uint64_t t;
+    if (sigma2 < 1 || sigma2 > FEDTINY_NOISE_MAX_SIGMA2) return FEDTINY_WIRE_ERR_ARGUMENT;
+    t = isqrt64(sigma2) + 1u;
+    for (;;) {
+        int64_t y;
+        uint64_t magnitude_t, distance;
+        int keep, status = noise_discrete_laplace(src, t, &y);
+        if (status) return status;
+        if ((uint64_t)(y < 0 ? -y : y) > UINT64_C(0x7FFFFFFFFFFFFFFF) / t) return FEDTINY_WIRE_ERR_ARGUMENT;
+        magnitude_t = (uint64_t)(y < 0 ? -y : y) * t;
+        distance = magnitude_t > sigma2 ? magnitude_t - sigma2 : sigma2 - magnitude_t;
+        status = noise_bernoulli_exp(src, u128_mul64(distance, distance), u128_mul64(2u * sigma2 * t, t), &keep);
+        if (status) return status;
+        if (keep) {
+            *out = y;
+            return FEDTINY_WIRE_OK;
+        }
+    }
+}
+
+int fedtiny_wire_row_sigma2(double sigma, double scale, uint64_t *out) {
+    const double s = sigma / scale, s2 = s * s;
+    uint64_t c;
+    if (!(s2 <= (double)FEDTINY_NOISE_MAX_SIGMA2)) return FEDTINY_WIRE_ERR_ARGUMENT; /* also NaN */
+    c = (uint64_t)s2;
+    if ((double)c < s2) c++; /* ceil: never less noise than asked */
+    *out = c < 1u ? 1u : c;
     return FEDTINY_WIRE_OK;
 }

@@ -226,4 +226,22 @@ int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state
                         uint8_t *carry, uint16_t keep_pct, float clip_norm, uint32_t num_examples, float loss,
                         float accuracy, uint8_t *out, size_t capacity, size_t *out_len);
 
+/* --- differential privacy noise: protocol/noise.py ----------------------------------------------------------------
+ * The uplink's noise step in C, not yet called by fedtiny_wire_uplink (the node refuses noised TASKs until it is).
+ * Random 64-bit words come from the caller (on the node: ChaCha20, Monocypher's crypto_chacha20_ietf keystream,
+ * keyed and with the nonce noise.NoiseStream uses); `used` counts the words drawn. */
+typedef struct {
+    uint64_t (*word)(void *ctx);
+    void *ctx;
+    uint64_t used;
+} fedtiny_noise_source;
+
+#define FEDTINY_NOISE_MAX_SIGMA2 (UINT64_C(1) << 40) /* noise.MAX_SIGMA2: the 128-bit arithmetic's bound */
+
+/* noise.discrete_gaussian: *out ~ N_Z(0, sigma2), sigma2 in [1, 2^40] (else FEDTINY_WIRE_ERR_ARGUMENT). */
+int fedtiny_wire_discrete_gaussian(fedtiny_noise_source *src, uint64_t sigma2, int64_t *out);
+
+/* noise.row_sigma2: ceil((sigma / scale)^2), at least 1; FEDTINY_WIRE_ERR_ARGUMENT above 2^40 or NaN. */
+int fedtiny_wire_row_sigma2(double sigma, double scale, uint64_t *out);
+
 #endif

@@ -31,6 +31,7 @@ from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import (
     FEATURE_MQTT5, Ack, AckStatus, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
 )
+from fedtiny.protocol.noise import NoiseStream, noise_key
 from fedtiny.protocol.task import task_settings
 from fedtiny.protocol.topics import Publish
 from fedtiny.protocol.update import (
@@ -55,6 +56,7 @@ class TrainJob:
     base: dict[str, np.ndarray]
     uplink_keep: float = 1.0  # the fraction of each buffer's changes the DELTA carries (update.split_uplink)
     clip_norm: float = 0.0  # the DELTA's L2 norm in real units is at most this (0: no clipping)
+    noise_sigma: float = 0.0  # discrete Gaussian noise per element, real units (0: none; protocol/noise.py)
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,8 @@ class DeviceSession:
             else:
                 self.state.pending_task = dict(round=header.round, model_version=header.model_version,
                                                epochs=int(settings["epochs"]), steps=int(settings["steps"]),
-                                               uplink_keep=settings["uplink_keep"], clip_norm=settings["clip_norm"])
+                                               uplink_keep=settings["uplink_keep"], clip_norm=settings["clip_norm"],
+                                               noise_sigma=settings["noise_sigma"])
         elif isinstance(body, Ack):
             out += self._on_ack(body, now)
         self.persist()
@@ -322,7 +325,7 @@ class DeviceSession:
             return None  # nothing to do, an upload still in flight, or waiting for the GLOBAL_UPDATE
         return TrainJob(task["round"], task["model_version"], task["epochs"], task["steps"],
                         {k: v.copy() for k, v in self.state.global_state.items()}, task["uplink_keep"],
-                        task["clip_norm"])
+                        task["clip_norm"], task.get("noise_sigma", 0.0))
 
     def pending_job(self) -> TrainJob | None:
         """A task received before a restart and never answered."""
@@ -350,9 +353,11 @@ class DeviceSession:
         if self.superseded(job):
             self.persist()
             return []
+        noise = NoiseStream(noise_key(self.endpoint.identity.to_bytes()), self.state.run, job.round) \
+            if job.noise_sigma > 0 else None
         body, carry = uplink(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
                              clip_norm=job.clip_norm, num_examples=result.num_examples, loss=result.loss,
-                             accuracy=result.accuracy)
+                             accuracy=result.accuracy, noise_sigma=job.noise_sigma, noise=noise)
         seq = self.state.seq
         upload = self.endpoint.seal(body, round=job.round, model_version=job.model_version, seq=seq, flags=0,
                                     run=self.state.run)

@@ -13,15 +13,19 @@ log = logging.getLogger("fedtiny.task")
 
 PLAN_VERSION = 1
 TASK_CONFIG = struct.Struct("<HH")  # TASK.config: epochs u16 | uplink_keep_pct u16 (0 = 100: send every change)
+# ... and with device noise (differential privacy): | noise_sigma f32 (real units). A node that cannot add noise
+# (the C node, so far) refuses the 8-byte form as a bad TASK: it never answers a noised round without noise.
+TASK_CONFIG_NOISE = struct.Struct("<HHf")
 
 TASK_KEYS = {"epochs", "steps", "local_steps", "batch_size", "lr", "learning_rate", "clip_norm", "deadline_s",
-             "uplink_keep"}
+             "uplink_keep", "noise_sigma"}
 
 
 def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_payload: int) -> Task:
     """TASK from the coordinator's config: epochs (default 1), steps (0 = epochs over the device's data),
     clip_norm, deadline_s, uplink_keep (the fraction of each buffer's changes a DELTA carries, see
-    split_uplink; default 1). Unknown keys are ignored with a warning.
+    split_uplink; default 1), noise_sigma (the device's DP noise per element in real units, default 0: none;
+    protocol/noise.py). Unknown keys are ignored with a warning.
 
     The learning rate and batch size are compiled into the plan (QAS update constants, batch-1 buffers), so a
     TASK states the plan's and a config asking for others (lr, learning_rate, batch_size) is refused: the
@@ -40,19 +44,28 @@ def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_paylo
         raise ValueError("steps and epochs must fit u16")
     if not 1 <= keep_pct <= 100:
         raise ValueError(f"uplink_keep {config['uplink_keep']} is not a fraction in [0.01, 1]")
+    noise_sigma = float(config.get("noise_sigma", 0.0))
+    if not noise_sigma >= 0:
+        raise ValueError(f"noise_sigma {noise_sigma} is not 0 or positive")
+    packed = TASK_CONFIG_NOISE.pack(epochs, keep_pct % 100, noise_sigma) if noise_sigma else \
+        TASK_CONFIG.pack(epochs, keep_pct % 100)
     return Task(PLAN_VERSION, phash, steps, 1, plan.lr,
-                float(config.get("clip_norm", 0.0)), int(config.get("deadline_s", 0)), max_mqtt_payload, 0,
-                TASK_CONFIG.pack(epochs, keep_pct % 100))
+                float(config.get("clip_norm", 0.0)), int(config.get("deadline_s", 0)), max_mqtt_payload, 0, packed)
 
 
 def task_settings(task: Task) -> dict[str, float]:
     """The config a device reads back from a TASK."""
-    epochs, keep_pct = 1, 0
+    epochs, keep_pct, noise_sigma = 1, 0, 0.0
     if len(task.config) == TASK_CONFIG.size:
         epochs, keep_pct = TASK_CONFIG.unpack(task.config)
-        if keep_pct >= 100:
-            raise ProtocolError("bad-task", f"TASK uplink_keep_pct {keep_pct} is not below 100")
+    elif len(task.config) == TASK_CONFIG_NOISE.size:
+        epochs, keep_pct, noise_sigma = TASK_CONFIG_NOISE.unpack(task.config)
+        if not noise_sigma >= 0:  # NaN or negative
+            raise ProtocolError("bad-task", f"TASK noise_sigma {noise_sigma} is not 0 or positive")
     elif task.config:
-        raise ProtocolError("bad-task", "TASK config is not 4 bytes")
+        raise ProtocolError("bad-task", "TASK config is not 4 or 8 bytes")
+    if keep_pct >= 100:
+        raise ProtocolError("bad-task", f"TASK uplink_keep_pct {keep_pct} is not below 100")
     return {"epochs": epochs, "steps": task.local_steps, "batch_size": task.batch_size, "lr": task.learning_rate,
-            "clip_norm": task.clip_norm, "deadline_s": task.deadline_s, "uplink_keep": (keep_pct or 100) / 100}
+            "clip_norm": task.clip_norm, "deadline_s": task.deadline_s, "uplink_keep": (keep_pct or 100) / 100,
+            "noise_sigma": noise_sigma}

@@ -26,6 +26,7 @@ from fedtiny.protocol.delta import BLOB_HEADER, ENTRY_HEADER, DeltaEntry, DeltaL
 from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, TAG_SIZE
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import MAX_ACK_MISSING, MAX_TASK_CONFIG, Ack, Delta, GlobalUpdate, Task
+from fedtiny.protocol.noise import NoiseStream, add_noise
 
 FULL_STATE = 0xFFFFFFFF  # GLOBAL_UPDATE.base_model_version: the entries replace every trainable buffer whole
 METRICS_TENSOR_ID = 0xFFFF  # DELTA entry carrying device metrics: metric i = values[i] * scales[i]
@@ -348,7 +349,8 @@ def decode_update(plan: Plan, body: Delta) -> tuple[dict[str, np.ndarray], dict[
 
 def uplink(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarray],
            carry: dict[str, np.ndarray] | None, *, keep: float, clip_norm: float, num_examples: int,
-           loss: float, accuracy: float) -> tuple[Delta, dict[str, np.ndarray]]:
+           loss: float, accuracy: float, noise_sigma: float = 0.0, noise: NoiseStream | None = None
+           ) -> tuple[Delta, dict[str, np.ndarray]]:
     """The round's DELTA body and the change kept back for the next round, from the state a device trained
     from (`base`) and the state training left (`trained`). In order:
 
@@ -356,12 +358,19 @@ def uplink(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarra
         2. error feedback   plus last round's carry; the largest `keep` share is sent, the rest carried
         3. clipping         the sent part's L2 norm in real units is at most clip_norm; what clipping cuts is
                             dropped, not carried, so no round's upload exceeds clip_norm
-        4. [noise]          (differential privacy: not built yet) integer noise from the device's seeded stream
+        4. noise            differential privacy (noise_sigma > 0, real units): discrete Gaussian integers on
+                            every element, from the device's secret stream `noise` (protocol/noise.py); the
+                            DELTA is then dense
         5. [mask]           (secure aggregation: not built yet) pairwise masks over the plan's fixed coordinates
         6. encoding         bitmap-sparse int8/int4 entries (encode_update)
     """
     sent, carry = split_uplink(state_delta(trained, base), carry, keep)
-    sent = clip_delta(sent, row_scales(plan), clip_norm)
+    scales = row_scales(plan)
+    sent = clip_delta(sent, scales, clip_norm)
+    if noise_sigma > 0:
+        if noise is None:
+            raise ValueError("uplink noise needs the device's noise stream")
+        sent = add_noise(sent, scales, noise_sigma, noise)
     return encode_update(plan, sent, num_examples, loss, accuracy), carry
 
 

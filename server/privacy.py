@@ -1,0 +1,183 @@
+"""Central differential privacy at the coordinator: Flower's DP strategy wrapper, fitted to a fleet.
+
+Without secure aggregation the coordinator sees every device's update, so the noise that protects a device's
+data in the released global model is added here, to the aggregate (DP-FedAvg, docs/privacy.md). The wrapper is
+Flower's own DifferentialPrivacyServerSideFixedClipping (which clips every reply's update to C in float before the
+strategy's aggregation and adds Gaussian noise after it); its configure_train and evaluation pass-through are used
+as they are, its aggregate_train is redone with the changes a fleet needs:
+
+- devices clip too: the TASK carries clip_norm, the device's uplink pipeline clips its integer delta and the
+  FleetGrid clips the integers again; the float clipping after that is a no-op kept as the guarantee, written
+  here because Flower's divides by the update's norm (an all-zero update raised ZeroDivisionError);
+- every reply weighs the same: a weighted FedAvg lets one device count for more than 1/m of the mean, beyond
+  the sensitivity the noise is calibrated to, so the weights are set equal (as Flower's accounted mode demands);
+- a fixed denominator (DP-FedAvg's): the sum of the m clipped updates that came back is divided by the n devices
+  the round was sent to, and the noise's standard deviation is z * C / n. Flower divides the noise by the number
+  sampled but the updates by the number that answered, which under-noises a round where devices dropped out;
+  dividing both by m instead would multiply the noise by n / m exactly when few answer;
+- the noise comes from a seeded numpy Generator in simulations (a seed reproduces a run) and from the operating
+  system's entropy otherwise (noise a party can predict protects nothing);
+- accounting by fedtiny.privacy.PrivacyLedger on dp-accounting: epsilon per device and for the fleet in every
+  round's train metrics, and configure_train raises Flower's PrivacyBudgetExhausted instead of starting a round
+  that could take a device past the budget (the coordinator then stops and says why).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+
+from fedtiny.privacy import PrivacyLedger, epsilon
+
+# the strategies whose aggregate is the (weighted) mean of the replies, which the noise is calibrated to
+MEAN_STRATEGIES = ("fedavg", "fedprox")
+
+
+class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
+    def __init__(self, strategy, ledger: PrivacyLedger, clip_norm: float, noise_seed: int | None = None) -> None:
+        if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
+            raise ValueError(f"differential privacy needs a strategy that averages the updates "
+                             f"({', '.join(MEAN_STRATEGIES)}), not {type(strategy).__name__}")
+        # num_sampled_clients (1) is Flower's denominator, unused: ours is each round's count of devices asked
+        super().__init__(strategy, ledger.noise_multiplier, clip_norm, 1)
+        self.ledger = ledger
+        self.noise_seed = noise_seed
+        self._asked: dict[int, int] = {}  # round -> devices its train messages went to (the fixed denominator)
+
+    def __repr__(self) -> str:
+        return "fedtiny central DP (Flower server-side fixed clipping, equal weights, a fixed denominator)"
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        if self.ledger.would_exceed():
+            raise PrivacyBudgetExhausted(
+                f"privacy budget spent: epsilon {self.ledger.fleet_epsilon():.3f} of {self.ledger.budget:g} at "
+                f"delta {self.ledger.delta:g} after {self.ledger.rounds} noised rounds; one more could exceed it")
+        config["clip_norm"] = float(self.clipping_norm)  # into the TASK: devices clip, the grid clips again
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._asked[server_round] = len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies):
+        replies = [r for r in replies if not r.has_error()]
+        if not replies:
+            return None, None
+        weight_key = self.strategy.weighted_by_key
+        for reply in replies:
+            for record in reply.content.metric_records.values():
+                record[weight_key] = 1
+        self._clip(replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        asked = max(self._asked.pop(server_round, len(replies)), len(replies))
+        arrays = self._noised(self._scaled(arrays, len(replies) / asked), server_round, asked)
+        self.ledger.record(r.metadata.src_node_id for r in replies)
+        metrics = MetricRecord(dict(metrics or {}))
+        metrics["epsilon"] = self.ledger.fleet_epsilon()
+        metrics["noise-stddev"] = self.noise_stddev(asked)
+        return arrays, metrics
+
+    def _scaled(self, mean: ArrayRecord, factor: float) -> ArrayRecord:
+        """The round's arrays moved by `factor` times the mean update: sum / asked = mean * answered / asked."""
+        if factor == 1.0:
+            return mean
+        current = {k: v.numpy() for k, v in self.current_arrays.items()}
+        return ArrayRecord({k: Array(current[k] + (np.asarray(v.numpy(), np.float64) - current[k]) * factor)
+                            for k, v in mean.items()})
+
+    def _clip(self, replies) -> None:
+        """Each reply's update (its arrays minus the round's) scaled to L2 norm at most C, in place. Flower's
+        compute_clip_model_update does the same but divides by the norm, so one all-zero update (a device that
+        learned nothing, or sent nothing above its error-feedback threshold) raises ZeroDivisionError."""
+        current = {k: v.numpy() for k, v in self.current_arrays.items()}
+        for reply in replies:
+            for key, record in list(reply.content.array_records.items()):
+                update = {k: np.asarray(v.numpy(), np.float64) - current[k] for k, v in record.items()}
+                norm = float(np.sqrt(sum(float(np.sum(u * u)) for u in update.values())))
+                if norm > self.clipping_norm:
+                    factor = self.clipping_norm / norm
+                    reply.content[key] = ArrayRecord({k: Array(current[k] + u * factor) for k, u in update.items()})
+
+    def noise_stddev(self, asked: int) -> float:
+        """Of each coordinate of the sum of clipped updates divided by the `asked` devices: z * C / asked."""
+        return self.noise_multiplier * self.clipping_norm / max(1, asked)
+
+    def _noised(self, aggregated_arrays: ArrayRecord, server_round: int, asked: int) -> ArrayRecord:
+        """Plus N(0, noise_stddev(asked)^2) on every coordinate, from a Generator seeded by (noise_seed, round),
+        or by the operating system's entropy without a noise seed."""
+        rng = np.random.default_rng(None if self.noise_seed is None else [self.noise_seed, server_round])
+        std = self.noise_stddev(asked)
+        return ArrayRecord({k: Array(np.asarray(v.numpy(), np.float64) + rng.normal(0.0, std, v.numpy().shape))
+                            for k, v in aggregated_arrays.items()})
+
+    # --- the ledger in the coordinator's checkpoint (rounds.strategy_state) -----------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        ids = sorted(self.ledger.releases)
+        return {"privacy/devices": np.array(ids, np.int64),
+                "privacy/releases": np.array([self.ledger.releases[i] for i in ids], np.int64),
+                "privacy/rounds": np.array([self.ledger.rounds], np.int64)}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        if "privacy/rounds" not in arrays:
+            return
+        self.ledger.releases = dict(zip(arrays["privacy/devices"].tolist(), arrays["privacy/releases"].tolist()))
+        self.ledger.rounds = int(arrays["privacy/rounds"][0])
+
+
+def check_options(epsilon: float, delta: float, clip_norm: float, noise_multiplier: float, strategy: str) -> None:
+    """ValueError naming the command-line option at fault (--dp-epsilon, --dp-delta, --clip-norm,
+    --dp-noise-multiplier, --strategy) unless these make a run under central DP."""
+    import math
+
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"--dp-epsilon {epsilon}: must be a positive number")
+    if not 0 < delta < 1:
+        raise ValueError(f"--dp-delta {delta}: must be strictly between 0 and 1")
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"--clip-norm {clip_norm}: --dp-epsilon needs a positive clip norm (the noise is calibrated "
+                         f"to the clipped updates' L2 norm)")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"--dp-noise-multiplier {noise_multiplier}: must be 0 (derived from the budget) or positive")
+    if strategy.lower().replace("-", "").replace("_", "") not in MEAN_STRATEGIES:
+        raise ValueError(f"--strategy {strategy}: differential privacy needs one that averages the updates "
+                         f"({', '.join(MEAN_STRATEGIES)})")
+
+
+class PrivacySettings:
+    """--dp-epsilon and its companions: the budget (epsilon at delta), the clip norm C in real units, and the noise
+    multiplier z (0: the smallest that keeps the planned rounds within the budget, from dp-accounting)."""
+
+    def __init__(self, epsilon: float, delta: float, clip_norm: float, noise_multiplier: float = 0.0,
+                 noise_seed: int | None = None) -> None:
+        from fedtiny.privacy import check_budget
+
+        check_budget(epsilon, delta)
+        if not clip_norm > 0 or not np.isfinite(clip_norm):
+            raise ValueError(f"clip norm {clip_norm}: must be a positive finite number")
+        if not noise_multiplier >= 0 or not np.isfinite(noise_multiplier):
+            raise ValueError(f"noise multiplier {noise_multiplier}: must be 0 (derived from the budget) or positive")
+        self.epsilon, self.delta, self.clip_norm = float(epsilon), float(delta), float(clip_norm)
+        self.noise_multiplier, self.noise_seed = float(noise_multiplier), noise_seed
+
+    def wrap(self, strategy, rounds: int) -> CentralPrivacy:
+        """`strategy` under central DP for a run of `rounds` rounds."""
+        from fedtiny.privacy import noise_multiplier_for
+
+        z = self.noise_multiplier or noise_multiplier_for(self.epsilon, self.delta, rounds)
+        ledger = PrivacyLedger(z, self.delta, self.epsilon)
+        return CentralPrivacy(strategy, ledger, self.clip_norm, self.noise_seed)
+
+
+def privacy_summary(strategy, device_names: dict[int, str]) -> dict | None:
+    """The run's DP settings and spending (None without DP): fleet epsilon and, per device name, its epsilon."""
+    if not isinstance(strategy, CentralPrivacy):
+        return None
+    ledger = strategy.ledger
+    rounds = dict(sorted((device_names.get(i, str(i)), n) for i, n in ledger.releases.items()))
+    return dict(mechanism="central Gaussian (DP-FedAvg), user-level, add/remove one device, RDP via dp-accounting",
+                epsilon=ledger.fleet_epsilon(), delta=ledger.delta, budget=ledger.budget,
+                noise_multiplier=ledger.noise_multiplier, clip_norm=strategy.clipping_norm,
+                noised_rounds=ledger.rounds, device_rounds=rounds,
+                device_epsilon={d: epsilon(ledger.noise_multiplier, n, ledger.delta) for d, n in rounds.items()})
