@@ -231,7 +231,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     as each phase begins."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    from fedtiny.interpreter import predict
+    from fedtiny.interpreter import predict, quantize_input
     from fedtiny_server.ops import setup_json_logging
     import flwr  # noqa: F401  (importing it sets its logger's level: before we quiet that logger below)
 
@@ -256,10 +256,18 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     cache = os.environ.get("FEDTINY_CACHE", "~/.cache/fedtiny")
     say(f"preparing the model (pretrained on the host's data, or from {cache}) and the training plan")
     model, graph, plan, scheme, devices = _prepare(config, run, task)
-    initial = float((predict(graph, task.test.X) == task.test.y).mean())
+    forward = None  # the held-out evaluation's forward pass: the interpreter's, or the same bits from the C runtime
+    if config.trainer == "c":
+        from fedtiny_device.cruntime import CPlanModel
+
+        forward = CPlanModel(plan)
+        logits = forward(plan.initial_state(), quantize_input(graph, task.test.X))
+        initial = float((logits.reshape(len(logits), -1).argmax(axis=1) == task.test.y).mean())
+    else:
+        initial = float((predict(graph, task.test.X) == task.test.y).mean())
 
     def coordinate(link, clock=time.monotonic, firmware_devices=()) -> list[dict]:
-        return _rounds(config, link, plan, task, run, progress, clock, firmware_devices)
+        return _rounds(config, link, plan, task, run, progress, clock, firmware_devices, forward)
 
     if config.engine == "flower":
         from .flower_engine import run_engine
@@ -343,9 +351,10 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
 
 
 def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clock,
-            firmware_devices=()) -> list[dict]:
+            firmware_devices=(), forward=None) -> list[dict]:
     """The coordinator over `link` for config.rounds rounds; one row per round (the live table's and report's;
-    with firmware nodes, `firmware` = how many of them had a DELTA accepted in the round)."""
+    with firmware nodes, `firmware` = how many of them had a DELTA accepted in the round). `forward`: the
+    held-out evaluation's (Coordinator heldout_forward)."""
     from fedtiny_server.grid import RoundPolicy
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.state import StateStore
@@ -358,7 +367,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                                   CoordinatorConfig(rounds=config.rounds, strategy=config.strategy, policy=policy,
                                                     train_config={"epochs": config.epochs,
                                                                   "uplink_keep": config.uplink_keep}),
-                                  heldout=(task.test.X, task.test.y), clock=clock)
+                                  heldout=(task.test.X, task.test.y), heldout_forward=forward, clock=clock)
         rounds = []
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)
