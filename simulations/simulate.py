@@ -285,15 +285,16 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
                    qemu_nodes=config.qemu_nodes, firmware=firmware,
                    wall_seconds=time.perf_counter() - started, target_accuracy=target,
+                   rounds_seconds=sum(r["seconds"] for r in rounds),  # round 1's start to the last's end
                    rounds_to_target=next((r["round"] for r in rounds if r["accuracy"] >= target), None))
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
 
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        say(f"baseline: plain Flower FedAvg with PyTorch fp32 clients, {config.rounds} rounds on the same task")
+        say(f"baseline: plain Flower FedAvg with PyTorch fp32 clients, {config.rounds} rounds on the same task, "
+            f"in {config.workers} worker process(es) of one PyTorch thread each, as fedtiny's nodes")
         baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
-                                epochs=config.epochs, seed=config.seed)
+                                epochs=config.epochs, seed=config.seed, workers=config.workers, note=say)
         baseline["rounds_to_target"] = next((r["round"] for r in baseline["rounds"] if r["accuracy"] >= target), None)
     from fedtiny_device.codegen import plan_scratch_bytes
 
