@@ -5,8 +5,9 @@ node's data. Then one of two engines runs the rounds; both drive the same coordi
 FleetGrid, the Flower strategy) and the same node logic (device_runtime/agent.py: LocalTraining with the C
 trainer when a compiler is present, the DELTA from fleet.encode_update):
 
-    mqtt    (default) the fleet's keys, a broker (the embedded amqtt on loopback, or --broker), the coordinator
-            in this process and the node agents in worker processes: rounds over MQTT exactly as on devices.
+    mqtt    (default) the fleet's keys, a broker (the embedded amqtt on loopback in its own process, or
+            --broker), the coordinator in this process and the node agents in worker processes: rounds over MQTT
+            exactly as on devices.
     flower  the devices as ClientApps in Flower's simulation engine on Ray (flower_engine.py), for thousands
             of nodes or a Ray cluster; no MQTT link, so no envelopes.
 
@@ -307,7 +308,6 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
               ) -> tuple[list[dict], dict[str, dict]]:
     """The fleet's keys, a broker, the coordinator's link, the node agents in worker processes and the firmware
     nodes under QEMU; then rounds. Returns the rounds and the firmware nodes' report (FirmwareFleet.report)."""
-    from fedtiny.protocol.brokers import EmbeddedBroker
     from fedtiny.transport.mqtt import CoordinatorLink
     from fedtiny.protocol.keys import provision_fleet
 
@@ -315,7 +315,9 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
         shutil.copytree(config.fleet_dir, run / "fleet")
     else:
         provision_fleet(run / "fleet", "sim", devices)
-    broker = EmbeddedBroker(run / "fleet").start() if config.broker is None else None
+    from .broker_process import BrokerProcess
+
+    broker = BrokerProcess(run / "fleet", run / "link.log").start() if config.broker is None else None
     url = config.broker or f"mqtt://127.0.0.1:{broker.port}"
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
