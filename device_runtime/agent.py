@@ -88,7 +88,10 @@ class LocalTraining:
         """Train from job.base in training_order; report the trained state, the number of distinct samples trained
         on, the mean step loss (arith.mean_loss) and the accuracy of the trained model on all the samples (argmax
         of the output == label, the first maximum winning; 0.0 for an MSE plan, which has no classes).
-        device_runtime/c/fedtiny_train_job.c computes the same on the device."""
+        device_runtime/c/fedtiny_train_job.c computes the same on the device; a trainer that runs that C
+        (cruntime.CTrainer.run_job) does the whole job in one call."""
+        if hasattr(self.trainer, "run_job"):
+            return self.trainer.run_job(self.seed, job, self._x, self._y)
         self.trainer.load_trainable_state(job.base)
         n = len(self._x)
         order = training_order(self.seed, job.round, n, job.epochs, job.steps)

@@ -7,7 +7,8 @@
   plugin (c/tools/insn_count.c) and returns exact executed-instruction counts.
 - `CTrainer(plan, seed)`: the generated C of a training plan on the host, with the API of the Python
   `fedtiny_device.trainer.Trainer` (step, trainable_state, load_trainable_state, rng_counter), so the simulator
-  can swap it in; `build_train_firmware(plan, samples, labels, seed, steps)` -> the training firmware ELF, which
+  can swap it in; its run_job trains a whole round in one call (fedtiny_train_job.c, as the firmware does);
+  `CPlanModel(plan).run(state, x)`: the plan's forward pass with a given trainable state over a batch, in C; `build_train_firmware(plan, samples, labels, seed, steps)` -> the training firmware ELF, which
   prints `trainable_digest(state)` of its final state.
 - `KernelLibrary` calls single kernels (reference and fast conv paths) for the kernel tests.
 Cache: $FEDTINY_CACHE or ~/.cache/fedtiny, subfolder cruntime/<sha256 of the sources>-<target>.
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtiny.arith import cross_entropy_loss
+from fedtiny.arith import MASK64, cross_entropy_loss
 from fedtiny.ir import Graph
+from fedtiny.protocol.device import TrainJob, TrainResult
 
 from . import codegen
 from .trainer import mse_loss, mse_target
@@ -36,6 +38,7 @@ QEMU_MACHINE = "mps2-an386"
 ELF_NAME = "fedtiny_model.elf"
 TRAIN_ELF_NAME = "fedtiny_train.elf"
 HOST_LIB = "libfedtiny_model.so"
+TRAIN_JOB_LIB = "libfedtiny_train_job.so"
 
 
 class BuildError(RuntimeError):
@@ -145,8 +148,21 @@ def plan_sources(plan, samples: np.ndarray | None = None, labels: np.ndarray | N
     return files
 
 
+_PLAN_HOSTS: dict[tuple, tuple] = {}  # (id(plan), fast, cache_dir) -> (plan, library path)
+
+
 def build_plan_host(plan, fast: bool = True, cache_dir: Path | None = None) -> Path:
-    return make_cached(plan_sources(plan, fast=fast, with_samples=False), "host", HOST_LIB, cache_dir)
+    """The host library of a training plan: the generated model and runtime with fedtiny_train_job.c, so that a
+    round's training (fedtiny_train_job_run) and a batch's forward pass (fedtiny_predict_batch) are one call each,
+    the same C the firmware runs. Remembered per plan object: rendering the sources to find the cached build
+    took about 0.1 s per node in a simulation's worker, where every node has the same plan."""
+    key = (id(plan), fast, cache_dir)
+    known = _PLAN_HOSTS.get(key)
+    if known is not None and known[0] is plan and known[1].exists():
+        return known[1]
+    path = make_cached(plan_sources(plan, fast=fast, with_samples=False), "host-train-job", TRAIN_JOB_LIB, cache_dir)
+    _PLAN_HOSTS[key] = (plan, path)  # holding the plan keeps its id from being reused
+    return path
 
 
 def build_train_firmware(plan, samples: np.ndarray | None = None, labels: np.ndarray | None = None, seed: int = 0,
@@ -169,6 +185,64 @@ def parse_train_result(stdout: str) -> tuple[int, str, int] | None:
     """(steps, digest, rng counter) from the training firmware's last line, or None."""
     m = re.search(r"^trained (\d+) steps digest ([0-9a-f]{8}) rng ([0-9a-f]{16})$", stdout, flags=re.M)
     return (int(m[1]), m[2], int(m[3], 16)) if m else None
+
+
+def pack_state(plan, state: dict[str, np.ndarray]) -> bytes:
+    """A trainable state as the bytes fedtiny_model_load_state reads (codegen.state_layout: fedtiny_wire's)."""
+    offsets, size = codegen.state_layout(plan)
+    out = bytearray(size)
+    for name, offset in offsets.items():
+        data = np.ascontiguousarray(state[name]).astype(state[name].dtype.newbyteorder("<")).tobytes()
+        out[offset: offset + len(data)] = data
+    return bytes(out)
+
+
+def unpack_state(plan, data: bytes) -> dict[str, np.ndarray]:
+    """pack_state's inverse: buffer name -> array of the plan's dtype and shape."""
+    offsets, _ = codegen.state_layout(plan)
+    out = {}
+    for name, offset in offsets.items():
+        spec = plan.buffers[name]
+        out[name] = np.frombuffer(data, np.dtype(spec.dtype).newbyteorder("<"), int(np.prod(spec.shape)),
+                                  offset).astype(spec.dtype).reshape(spec.shape)
+    return out
+
+
+POLL = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+
+class CJob(ctypes.Structure):
+    """Mirror of fedtiny_train_job in fedtiny_train_job.h."""
+    _fields_ = [("seed", ctypes.c_uint64), ("round", ctypes.c_uint32), ("epochs", ctypes.c_uint32),
+                ("steps", ctypes.c_uint32), ("rng_counter", ctypes.c_uint64), ("base", ctypes.c_void_p),
+                ("samples", ctypes.c_void_p), ("labels", ctypes.c_void_p), ("targets", ctypes.c_void_p),
+                ("n", ctypes.c_uint32), ("order", ctypes.c_void_p), ("poll", POLL), ("poll_context", ctypes.c_void_p)]
+
+
+class CJobResult(ctypes.Structure):
+    """Mirror of fedtiny_train_result."""
+    _fields_ = [("num_examples", ctypes.c_uint32), ("steps_done", ctypes.c_uint32), ("loss", ctypes.c_double),
+                ("accuracy", ctypes.c_double), ("rng_counter", ctypes.c_uint64), ("model_status", ctypes.c_int)]
+
+
+JOB_STATUS = {1: "abandoned", 2: "bad input (a label outside the classes, or too many samples)", 3: "a kernel failed"}
+
+
+def _load_plan_library(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.fedtiny_model_train_init.argtypes = [ctypes.c_uint32]
+    lib.fedtiny_model_train_init.restype = None
+    lib.fedtiny_model_train_batch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p]
+    lib.fedtiny_model_train_batch.restype = ctypes.c_int
+    lib.fedtiny_model_arena.restype = ctypes.c_void_p
+    lib.fedtiny_model_rng_counter.restype = ctypes.c_uint64
+    lib.fedtiny_model_set_rng_counter.argtypes = [ctypes.c_uint64]
+    lib.fedtiny_model_set_rng_counter.restype = None
+    lib.fedtiny_train_job_run.argtypes = [ctypes.POINTER(CJob), ctypes.c_void_p, ctypes.POINTER(CJobResult)]
+    lib.fedtiny_train_job_run.restype = ctypes.c_int
+    lib.fedtiny_predict_batch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p]
+    lib.fedtiny_predict_batch.restype = ctypes.c_int
+    return lib
 
 
 # One shared library per distinct plan source; its arena is the trainable state of whichever CTrainer stepped
@@ -197,17 +271,7 @@ class CTrainer:
         self.graph = plan.graph
         self.path = str(build_plan_host(plan, fast, cache_dir))
         if self.path not in _LIBRARIES:
-            lib = ctypes.CDLL(self.path)
-            lib.fedtiny_model_train_init.argtypes = [ctypes.c_uint32]
-            lib.fedtiny_model_train_init.restype = None
-            lib.fedtiny_model_train_batch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32,
-                                                      ctypes.c_void_p]
-            lib.fedtiny_model_train_batch.restype = ctypes.c_int
-            lib.fedtiny_model_arena.restype = ctypes.c_void_p
-            lib.fedtiny_model_rng_counter.restype = ctypes.c_uint64
-            lib.fedtiny_model_set_rng_counter.argtypes = [ctypes.c_uint64]
-            lib.fedtiny_model_set_rng_counter.restype = None
-            _LIBRARIES[self.path] = lib
+            _LIBRARIES[self.path] = _load_plan_library(self.path)
         self.lib = _LIBRARIES[self.path]
         _LOCKS.setdefault(self.path, threading.RLock())
         with _LOCKS[self.path]:
@@ -305,6 +369,38 @@ class CTrainer:
         return [cross_entropy_loss(int(q)) for q in q15]
 
     @_locked
+    def run_job(self, seed: int, job: TrainJob, x: np.ndarray, y: np.ndarray) -> TrainResult:
+        """A round's training in one C call (fedtiny_train_job_run, what the firmware runs): from job.base, in
+        agent.training_order(seed, ...), then the trained model's accuracy on all of x; the same TrainResult
+        as agent.LocalTraining.run with a Python Trainer, bit for bit. x: int8 (N, H, W, C); y: class indexes,
+        or int8 targets (N, K) for an MSE plan. Leaves this trainer holding the trained state and counter."""
+        mse = self.plan.loss == "mse"
+        x = np.ascontiguousarray(x, dtype=np.int8)
+        y = np.ascontiguousarray(y, dtype=np.int8 if mse else np.int32)
+        self._sync()
+        owner = _OWNER.get(self.path)
+        if owner is not None and owner is not self:
+            owner._sync()  # the job overwrites the library's arena
+        base = pack_state(self.plan, job.base)
+        base_buffer = ctypes.create_string_buffer(base, len(base))
+        out = ctypes.create_string_buffer(len(base))
+        order = np.zeros(max(1, len(x)), dtype=np.uint16)
+        cjob = CJob(seed & MASK64, job.round, job.epochs, job.steps, self._counter & MASK64,
+                    ctypes.addressof(base_buffer), x.ctypes.data, None if mse else y.ctypes.data,
+                    y.ctypes.data if mse else None, len(x), order.ctypes.data, POLL(), None)
+        result = CJobResult()
+        _OWNER[self.path] = self  # from here on the arena holds this trainer's values
+        status = self.lib.fedtiny_train_job_run(ctypes.byref(cjob), ctypes.addressof(out), ctypes.byref(result))
+        if status != 0:
+            _OWNER[self.path] = None  # a partly trained arena belongs to no one
+            raise RuntimeError(f"fedtiny_train_job_run: {JOB_STATUS.get(status, status)} "
+                               f"(model status {result.model_status})")
+        self._state = self._read_state()
+        self._counter = int(result.rng_counter)
+        return TrainResult(unpack_state(self.plan, out.raw), int(result.num_examples), float(result.loss),
+                           float(result.accuracy), self._counter)
+
+    @_locked
     def trainable_state(self) -> dict[str, np.ndarray]:
         self._sync()
         return {name: values.copy() for name, values in self._state.items()}
@@ -319,6 +415,44 @@ class CTrainer:
     def export_graph(self):
         """The model with the trained values in place of the original weights and biases."""
         return self.plan.graph_with(self.trainable_state())
+
+
+class CPlanModel:
+    """The forward pass of a training plan's C library with a given trainable state, a batch per call
+    (fedtiny_predict_batch): run(state, x) -> int8 outputs, what fedtiny.interpreter.run gives for
+    plan.graph_with(state). Shares the library (and its lock) with the CTrainers of the same plan."""
+
+    def __init__(self, plan, fast: bool = True, cache_dir: Path | None = None):
+        self.plan = plan
+        self.path = str(build_plan_host(plan, fast, cache_dir))
+        _LOCKS.setdefault(self.path, threading.RLock())
+        with _LOCKS[self.path]:
+            if self.path not in _LIBRARIES:
+                _LIBRARIES[self.path] = _load_plan_library(self.path)
+        self.lib = _LIBRARIES[self.path]
+        graph = plan.graph
+        self.input_shape = tuple(graph.tensors[graph.inputs[0]].shape)
+        self.output_shape = tuple(graph.tensors[graph.outputs[0]].shape)
+
+    def run(self, state: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        """int8 samples (N, H, W, C) -> int8 outputs (N, *output shape) of the model with `state`."""
+        if x.dtype != np.int8 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"input must be int8 of shape (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {x.dtype} {x.shape}")
+        x = np.ascontiguousarray(x)
+        y = np.zeros((len(x),) + self.output_shape, dtype=np.int8)
+        packed = pack_state(self.plan, state)
+        with _LOCKS[self.path]:
+            owner = _OWNER.get(self.path)
+            if owner is not None:
+                owner._sync()  # the batch loads `state` over the owner's rows
+                _OWNER[self.path] = None
+            status = self.lib.fedtiny_predict_batch(packed, x.ctypes.data, len(x), y.ctypes.data)
+        if status != 0:
+            raise RuntimeError(f"fedtiny_predict_batch failed with status {status}")
+        return y
+
+    __call__ = run
 
 
 # ---- firmware: QEMU, memory, digests, instruction counts ---------------------------------------------------

@@ -104,20 +104,25 @@ def load_strategy_state(strategy, arrays: dict[str, np.ndarray] | None) -> None:
 
 # --- server-side evaluation -----------------------------------------------------------------------------------
 
-def heldout_evaluator(plan: Plan, model: GlobalModel, x: np.ndarray, y: np.ndarray, batch: int = 256
+def heldout_evaluator(plan: Plan, model: GlobalModel, x: np.ndarray, y: np.ndarray, batch: int = 256,
+                      forward: Callable[[dict, np.ndarray], np.ndarray] | None = None
                       ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """evaluate_fn(round, arrays): accuracy, cross-entropy and the confusion matrix (row: true class, column:
-    predicted; flattened, as a MetricRecord holds flat lists) of the int8 graph with the global integers, run by
-    the reference interpreter on a held-out set (x in the float model's layout)."""
+    predicted; flattened, as a MetricRecord holds flat lists) of the int8 graph with the global integers on a
+    held-out set (x in the float model's layout). `forward(ints, x_int8)` -> int8 outputs runs the graph (a
+    simulation passes the C runtime's, fedtiny_device.cruntime.CPlanModel); default: the reference interpreter,
+    `batch` samples at a time."""
     from fedtiny.interpreter import dequantize, quantize_input, run
 
     y = np.asarray(y)
+    xq = quantize_input(plan.graph, x)
+    if forward is None:
+        def forward(ints, xq):
+            graph = plan.graph_with(ints)
+            return np.concatenate([run(graph, xq[i:i + batch]) for i in range(0, len(xq), batch)])
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        graph = plan.graph_with(model.ints)
-        out = graph.outputs[0]
-        logits = np.concatenate([dequantize(graph, out, run(graph, quantize_input(graph, x[i:i + batch])))
-                                 for i in range(0, len(x), batch)]).reshape(len(x), -1)
+        logits = dequantize(plan.graph, plan.graph.outputs[0], forward(model.ints, xq)).reshape(len(x), -1)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         return MetricRecord({"accuracy": float((logits.argmax(1) == y).mean()),
@@ -159,8 +164,11 @@ class RoundResult:
 class Coordinator:
     def __init__(self, link, plan: Plan, store: StateStore, config: CoordinatorConfig | None = None, *,
                  metrics: ops.Metrics | None = None, clock: Callable[[], float] = time.monotonic,
-                 heldout: tuple[np.ndarray, np.ndarray] | None = None, arrivals: Arrivals | None = None) -> None:
-        """`arrivals`: run synchronous rounds in virtual time (a simulation; FleetGrid); default: wall time."""
+                 heldout: tuple[np.ndarray, np.ndarray] | None = None,
+                 heldout_forward: Callable[[dict, np.ndarray], np.ndarray] | None = None,
+                 arrivals: Arrivals | None = None) -> None:
+        """`heldout_forward`: how the held-out evaluation runs the graph (heldout_evaluator); `arrivals`: run
+        synchronous rounds in virtual time (a simulation; FleetGrid); default: wall time."""
         self.plan = plan
         self.config = config or CoordinatorConfig()
         self.store = store
@@ -189,7 +197,8 @@ class Coordinator:
         self.link = link
         store.restore_link(link)
         self.round = ckpt.round
-        self.evaluate_fn = heldout_evaluator(plan, self.model, *heldout) if heldout is not None else None
+        self.evaluate_fn = heldout_evaluator(plan, self.model, *heldout, forward=heldout_forward) \
+            if heldout is not None else None
         self.history: list[RoundResult] = []
         self.metrics.set("fedtiny_round", self.round)
         self.metrics.set("fedtiny_model_version", self.model.version)

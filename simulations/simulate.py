@@ -5,8 +5,9 @@ node's data. Then one of two engines runs the rounds; both drive the same coordi
 FleetGrid, the Flower strategy) and the same node logic (device_runtime/agent.py: LocalTraining with the C
 trainer when a compiler is present, the DELTA from fleet.encode_update):
 
-    mqtt    (default) the fleet's keys, a broker (the embedded amqtt on loopback, or --broker), the coordinator
-            in this process and the node agents in worker processes: rounds over MQTT exactly as on devices.
+    mqtt    (default) the fleet's keys, a broker (the embedded amqtt on loopback in its own process, or
+            --broker), the coordinator in this process and the node agents in worker processes: rounds over MQTT
+            exactly as on devices.
     flower  the devices as ClientApps in Flower's simulation engine on Ray (flower_engine.py), for thousands
             of nodes or a Ray cluster; no MQTT link, so no envelopes.
 
@@ -345,7 +346,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     as each phase begins."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    from fedtiny.interpreter import predict
+    from fedtiny.interpreter import predict, quantize_input
     from fedtiny_server.ops import setup_json_logging
     import flwr  # noqa: F401  (importing it sets its logger's level: before we quiet that logger below)
 
@@ -375,13 +376,21 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     model, graph, plan, scheme, devices = _prepare(config, run, task)
     say(f"model {task.model}, update scheme {scheme}: {len(plan.trainable_buffers())} trainable buffers, "
         f"{plan.arena_size:,} B arena per node")
-    predicted = predict(graph, task.test.X)
+    forward = None  # the held-out evaluation's forward pass: the interpreter's, or the same bits from the C runtime
+    if config.trainer == "c":
+        from fedtiny_device.cruntime import CPlanModel
+
+        forward = CPlanModel(plan)
+        logits = forward(plan.initial_state(), quantize_input(graph, task.test.X))
+        predicted = logits.reshape(len(logits), -1).argmax(axis=1)
+    else:
+        predicted = predict(graph, task.test.X)
     initial = float((predicted == task.test.y).mean())
 
     privacy: dict = {}  # the coordinator's DP summary and why rounds stopped (--dp-epsilon)
 
     def coordinate(link, clock=time.monotonic, firmware_devices=()) -> list[dict]:
-        return _rounds(config, link, plan, task, run, progress, clock, firmware_devices, privacy, say)
+        return _rounds(config, link, plan, task, run, progress, clock, firmware_devices, privacy, say, forward)
 
     if config.engine == "flower":
         from .flower_engine import run_engine
@@ -399,15 +408,16 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
                    initial_confusion=confusion_matrix(task.test.y, predicted, task.num_classes),
                    classes=list(task.pretrain.classes), qemu_nodes=config.qemu_nodes, firmware=firmware,
                    wall_seconds=time.perf_counter() - started, clip_norm=config.clip_norm,
+                   rounds_seconds=sum(r["seconds"] for r in rounds),  # round 1's start to the last's end
                    privacy=privacy.get("summary"), stopped=privacy.get("stopped"))
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
 
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        say(f"baseline: plain Flower FedAvg with PyTorch fp32 clients, {config.rounds} rounds on the same task")
+        say(f"baseline: plain Flower FedAvg with PyTorch fp32 clients, {config.rounds} rounds on the same task, "
+            f"in {config.workers} worker process(es) of one PyTorch thread each, as fedtiny's nodes")
         baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
-                                epochs=config.epochs, seed=config.seed)
+                                epochs=config.epochs, seed=config.seed, workers=config.workers, note=say)
     from fedtiny_device.codegen import plan_scratch_bytes
 
     memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
@@ -426,7 +436,6 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
               ) -> tuple[list[dict], dict[str, dict]]:
     """The fleet's keys, a broker, the coordinator's link, the node agents in worker processes and the firmware
     nodes under QEMU; then rounds. Returns the rounds and the firmware nodes' report (FirmwareFleet.report)."""
-    from fedtiny.protocol.brokers import EmbeddedBroker
     from fedtiny.transport.mqtt import CoordinatorLink
     from fedtiny.protocol.keys import provision_fleet
 
@@ -434,7 +443,9 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
         shutil.copytree(config.fleet_dir, run / "fleet")
     else:
         provision_fleet(run / "fleet", "sim", devices)
-    broker = EmbeddedBroker(run / "fleet").start() if config.broker is None else None
+    from .broker_process import BrokerProcess
+
+    broker = BrokerProcess(run / "fleet", run / "link.log").start() if config.broker is None else None
     url = config.broker or f"mqtt://127.0.0.1:{broker.port}"
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
@@ -471,11 +482,11 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
 
 
 def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clock,
-            firmware_devices=(), privacy: dict | None = None, say=None) -> list[dict]:
+            firmware_devices=(), privacy: dict | None = None, say=None, forward=None) -> list[dict]:
     """The coordinator over `link` for config.rounds rounds; one row per round (the live table's and report's;
     with firmware nodes, `firmware` = how many of them had a DELTA accepted in the round; with --dp-epsilon,
     `epsilon` = the fleet's so far). Under DP, `privacy` gets the coordinator's summary and, if the budget ended
-    the run early, why (`say` hears it too)."""
+    the run early, why (`say` hears it too). `forward`: the held-out evaluation's (Coordinator heldout_forward)."""
     from flwr.serverapp.exception import PrivacyBudgetExhausted
     from fedtiny_server.grid import RoundPolicy
     from fedtiny_server.privacy import PrivacySettings
@@ -503,7 +514,8 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                                                         config.dp_epsilon, config.dp_delta, config.clip_norm,
                                                         config.dp_noise_multiplier, noise_seed=config.seed)
                                                     if config.dp_epsilon else None),
-                                  heldout=(task.test.X, task.test.y), clock=clock, arrivals=arrivals)
+                                  heldout=(task.test.X, task.test.y), heldout_forward=forward, clock=clock,
+                                  arrivals=arrivals)
         rounds = []
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)

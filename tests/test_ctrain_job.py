@@ -139,43 +139,9 @@ def test_mean_loss_is_the_sequential_sum():
 
 # ---- the job library ----------------------------------------------------------------------------------------
 
-POLL = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
-
-
-class CJob(ctypes.Structure):
-    """Mirror of fedtiny_train_job in fedtiny_train_job.h."""
-    _fields_ = [("seed", ctypes.c_uint64), ("round", ctypes.c_uint32), ("epochs", ctypes.c_uint32),
-                ("steps", ctypes.c_uint32), ("rng_counter", ctypes.c_uint64), ("base", ctypes.c_void_p),
-                ("samples", ctypes.c_void_p), ("labels", ctypes.c_void_p), ("targets", ctypes.c_void_p),
-                ("n", ctypes.c_uint32), ("order", ctypes.c_void_p), ("poll", POLL), ("poll_context", ctypes.c_void_p)]
-
-
-class CResult(ctypes.Structure):
-    """Mirror of fedtiny_train_result."""
-    _fields_ = [("num_examples", ctypes.c_uint32), ("steps_done", ctypes.c_uint32), ("loss", ctypes.c_double),
-                ("accuracy", ctypes.c_double), ("rng_counter", ctypes.c_uint64), ("model_status", ctypes.c_int)]
-
-
+POLL, CJob, CResult, pack_state, unpack_state = (cruntime.POLL, cruntime.CJob, cruntime.CJobResult,
+                                                   cruntime.pack_state, cruntime.unpack_state)
 OK, ABANDONED, BAD_INPUT = 0, 1, 2
-
-
-def pack_state(plan, state: dict) -> bytes:
-    offsets, size = codegen.state_layout(plan)
-    out = bytearray(size)
-    for name, offset in offsets.items():
-        data = np.ascontiguousarray(state[name]).astype(state[name].dtype.newbyteorder("<")).tobytes()
-        out[offset: offset + len(data)] = data
-    return bytes(out)
-
-
-def unpack_state(plan, data: bytes) -> dict:
-    offsets, _ = codegen.state_layout(plan)
-    out = {}
-    for name, offset in offsets.items():
-        spec = plan.buffers[name]
-        out[name] = np.frombuffer(data, np.dtype(spec.dtype).newbyteorder("<"), int(np.prod(spec.shape)),
-                                  offset).astype(spec.dtype).reshape(spec.shape)
-    return out
 
 
 class JobLibrary:
@@ -360,6 +326,54 @@ def test_no_samples_trains_nothing(cache):
     expected = LocalTraining(plan, x[:0], y[:0], 7, rng_counter=12345).run(job)
     assert_same_result(status, c, unpack_state(plan, raw), expected, plan, "no samples")
     assert (c.num_examples, c.loss, c.accuracy, c.rng_counter) == (0, 0.0, 0.0, 12345)
+
+
+# ---- the host binding: CTrainer.run_job and CPlanModel ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["sensor_cnn default", "mlp mse full"])
+def test_ctrainer_run_job_is_local_training_and_keeps_each_nodes_state(name, cache):
+    """Two nodes' CTrainers share one library (one static arena): their jobs, interleaved with a single step and
+    a batch forward pass, give each node what the Python Trainer gives it alone."""
+    need("gcc", "make")
+    plan, x, y = case(name)
+    forward = cruntime.CPlanModel(plan, cache_dir=cache)
+    c_nodes = [LocalTraining(plan, x, y, seed, lambda p, s: cruntime.CTrainer(p, s, cache_dir=cache))
+               for seed in (3, 4)]
+    py_nodes = [LocalTraining(plan, x, y, seed) for seed in (3, 4)]
+    assert c_nodes[0].trainer.path == forward.path  # the same library: the test would not see a clobbered arena
+    bases = [plan.initial_state()] * 2
+    for round_ in (1, 2):
+        for k in (0, 1):
+            job = TrainJob(round_, 0, 1, 0 if round_ == 1 else len(x) + 3, bases[k])
+            got, expected = c_nodes[k].run(job), py_nodes[k].run(job)
+            for buffer in plan.trainable_buffers():
+                assert np.array_equal(got.state[buffer], expected.state[buffer]), f"node {k} round {round_} {buffer}"
+            assert (got.num_examples, got.loss, got.accuracy, got.rng_counter) == \
+                   (expected.num_examples, expected.loss, expected.accuracy, expected.rng_counter)
+            forward.run(plan.initial_state(), x[:3])  # loads another state into the arena
+            bases[k] = got.state
+        # a node's trainer holds its trained state afterwards, also for single steps
+        label = y[0] if plan.loss == "mse" else int(y[0])
+        assert c_nodes[0].trainer.step(x[0], label) == py_nodes[0].trainer.step(x[0], label)
+        for buffer, values in py_nodes[0].trainer.trainable_state().items():
+            assert np.array_equal(c_nodes[0].trainer.trainable_state()[buffer], values)
+        assert c_nodes[0].rng_counter == py_nodes[0].rng_counter
+        bases[0] = py_nodes[0].trainer.trainable_state()
+
+
+def test_plan_model_runs_the_interpreters_forward_pass(cache):
+    need("gcc", "make")
+    from fedtiny.interpreter import run
+
+    plan, x, y = case("sensor_cnn full")
+    forward = cruntime.CPlanModel(plan, cache_dir=cache)
+    trained = LocalTraining(plan, x, y, 5).run(TrainJob(1, 0, 2, 0, plan.initial_state())).state
+    for state in (plan.initial_state(), trained):
+        assert np.array_equal(forward(state, x), run(plan.graph_with(state), x))
+    assert not np.array_equal(forward(trained, x), forward(plan.initial_state(), x))  # the state is used
+    assert forward(trained, x[:0]).shape == (0,) + forward.output_shape
+    with pytest.raises(ValueError, match="int8"):
+        forward(trained, x.astype(np.int16))
 
 
 # ---- the Cortex-M4 under QEMU -----------------------------------------------------------------------------------

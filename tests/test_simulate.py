@@ -242,6 +242,37 @@ def test_flower_engine_without_ray_names_the_extra(monkeypatch, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any work
 
 
+def test_baseline_in_worker_processes_gives_the_same_rounds_and_says_each_round():
+    """--baseline trains a round's nodes in --workers processes (one PyTorch thread each, as fedtiny's node
+    processes): the same rounds as in one process, a line per round, and its rounds' time within its wall time."""
+    import torch
+    from torch import nn
+
+    from fedtiny.datafile import Dataset
+    from fedtiny_sim.baseline import run_baseline
+
+    rng = np.random.default_rng(1)
+
+    def dataset(n, name):
+        return Dataset(rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, 3, n), np.zeros(n, np.int64),
+                       ("a", "b", "c"), name)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nodes, test = [dataset(7, f"n{i}") for i in range(3)], dataset(20, "test")
+    runs = []
+    for workers in (1, 2):
+        lines = []
+        runs.append(run_baseline(model, nodes, test, rounds=2, lr=0.05, epochs=1, seed=3, workers=workers,
+                                 note=lines.append))
+        assert [line.split(":")[0] for line in lines] == ["baseline round 1/2", "baseline round 2/2"]
+    one, two = runs
+    assert [(r["accuracy"], r["loss"]) for r in one["rounds"]] == [(r["accuracy"], r["loss"]) for r in two["rounds"]]
+    assert one["rounds"][0]["loss"] != one["rounds"][1]["loss"]  # it trained
+    for result in runs:
+        assert 0 < result["rounds_seconds"] <= result["wall_seconds"]
+
+
 def test_baseline_trains_pytorch_on_one_thread_and_restores_the_setting():
     """The fp32 baseline runs PyTorch at batch 1 on one thread (issue 17: torch's default threads made a step
     10-70x slower on a busy 2-core machine), and leaves torch's thread count as it found it."""

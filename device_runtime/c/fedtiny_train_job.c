@@ -153,3 +153,20 @@ fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uin
     fedtiny_model_store_state(state_out);
     return FEDTINY_TRAIN_JOB_OK;
 }
+
+fedtiny_status fedtiny_predict_batch(const uint8_t *state, const int8_t *samples, uint32_t n, int8_t *outputs)
+{
+    uint32_t i;
+    if (state == NULL || (n > 0u && (samples == NULL || outputs == NULL))) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    fedtiny_model_load_state(state);
+    for (i = 0; i < n; i++) {
+        const fedtiny_status status = fedtiny_model_predict(samples + (size_t)i * FEDTINY_MODEL_INPUT_BYTES,
+                                                            outputs + (size_t)i * FEDTINY_MODEL_OUTPUT_BYTES);
+        if (status != FEDTINY_OK) {
+            return status;
+        }
+    }
+    return FEDTINY_OK;
+}

@@ -72,4 +72,10 @@ void fedtiny_training_permutation(uint64_t seed, uint64_t round, uint64_t epoch,
 fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uint8_t *state_out,
                                                fedtiny_train_result *result);
 
+/* The model with `state` (FEDTINY_MODEL_STATE_BYTES, fedtiny_wire's layout) over n samples (n *
+ * FEDTINY_MODEL_INPUT_BYTES): n * FEDTINY_MODEL_OUTPUT_BYTES int8 outputs, each fedtiny_model_predict's. The host
+ * calls it for held-out evaluation (one call per batch instead of one per sample). It loads `state` into the
+ * arena: a job after it loads its own base first (fedtiny_train_job_run does). */
+fedtiny_status fedtiny_predict_batch(const uint8_t *state, const int8_t *samples, uint32_t n, int8_t *outputs);
+
 #endif /* FEDTINY_TRAIN_JOB_H */
