@@ -46,7 +46,7 @@ WEIGHT_LAYERS = 4  # layers whose smaller channel ratios are measured too
 VERIFY = 3  # estimated candidates verified with a real run
 FIXED = ("classifier", "bias", "last:2", "full")
 UNLIMITED = 1 << 30  # the budget measuring runs compile with (they only measure learning, not fit)
-RULE = f"steps{RUN_STEPS}/score{SCORE_SAMPLES}/wl{WEIGHT_LAYERS}/verify{VERIFY}/v1"
+RULE = f"steps{RUN_STEPS}/score{SCORE_SAMPLES}/wl{WEIGHT_LAYERS}/verify{VERIFY}/v2"
 
 
 class SearchError(ValueError):
@@ -153,21 +153,26 @@ class SearchResult:
 
 
 class RunCache:
-    """Measured runs by scheme text, on disk as JSON, keyed by content: the model's bytes, the data, lr, QAS, loss,
-    seed and RULE. The budget is not in the key (a run's score does not depend on it), so the searches of one
-    model at several budgets share their runs."""
+    """Measured runs by scheme text, and finished searches by budget and reserve, on disk as JSON, keyed by content:
+    the model's bytes, the data, lr, QAS, loss, seed and RULE. The budget is not in the key (a run's score does
+    not depend on it), so the searches of one model at several budgets share their runs; a search already made
+    for a budget and reserve is read back without compiling its candidates again."""
 
     def __init__(self, path: Path | None):
         self.path = path
         self.runs: dict[str, Run] = {}
+        self.searches: dict[str, dict] = {}
         if path is not None and path.exists():
-            self.runs = {k: Run(*v) for k, v in json.loads(path.read_text()).items()}
+            stored = json.loads(path.read_text())
+            self.runs = {k: Run(*v) for k, v in stored["runs"].items()}
+            self.searches = stored["searches"]
 
     def save(self) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({k: [v.accuracy, v.loss] for k, v in self.runs.items()}, indent=0))
+            runs = {k: [v.accuracy, v.loss] for k, v in self.runs.items()}
+            tmp.write_text(json.dumps(dict(runs=runs, searches=self.searches), indent=0))
             tmp.replace(self.path)
 
 
@@ -276,6 +281,12 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
                           "raise --budget or lower --reserve")
 
     start = scorer.score(_measure_plan(graph, "classifier", lr=lr, qas=qas, loss=loss))
+    done = cache.searches.get(f"{budget}/{reserve}")
+    if done is not None:
+        candidates = [Candidate(text, memory, trainable, estimate, cache.runs.get(text))
+                      for text, memory, trainable, estimate in done["candidates"]]
+        return SearchResult(done["scheme"], fit(done["scheme"]), candidates, start, 0,
+                            time.perf_counter() - started)
     ks = bias_ks(n)
     bias_text = {k: scheme_text(Scheme(k, {last: Fraction(1)}), n) for k in ks}
     say(f"scheme search: measuring {len(ks)} bias depths and {last} layers' weights with short runs")
@@ -337,5 +348,8 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
         c.measured = cache.runs.get(c.text)
     chosen = max((c for c in candidates.values() if c.measured),
                  key=lambda c: (c.measured.rank, -c.memory, c.text))
-    return SearchResult(chosen.text, fits[chosen.text], sorted(candidates.values(), key=lambda c: c.memory), start,
-                        new_runs, time.perf_counter() - started)
+    ordered = sorted(candidates.values(), key=lambda c: (c.memory, c.text))
+    cache.searches[f"{budget}/{reserve}"] = dict(scheme=chosen.text, candidates=[
+        [c.text, c.memory, c.trainable, c.estimate] for c in ordered])
+    cache.save()
+    return SearchResult(chosen.text, fits[chosen.text], ordered, start, new_runs, time.perf_counter() - started)
