@@ -46,7 +46,7 @@ from fedtiny.protocol.update import decode_update, encode_update, zero_delta  # 
 from fedtiny.protocol.keys import provision_fleet  # noqa: E402
 from fedtiny.protocol.messages import Join, Status  # noqa: E402
 from fedtiny.quantize import quantize  # noqa: E402
-from fedtiny.scheme import DEFAULT_SCHEMES, parse  # noqa: E402
+from fedtiny.scheme import REFERENCE_SPARSE, parse  # noqa: E402
 from fedtiny_server.grid import FleetGrid, GlobalModel, RoundPolicy, ensure_task_identity  # noqa: E402
 from fedtiny_server.requantize import dequantize_state, rebuild, tensor_specs  # noqa: E402
 from fedtiny_server.state import StateStore, StoredReply  # noqa: E402
@@ -56,7 +56,7 @@ from fedtiny_sim import data  # noqa: E402
 from report import capture, provenance, write_section  # noqa: E402
 
 FLEET = "bench"
-SCHEME = DEFAULT_SCHEMES["sensor_cnn"]
+SCHEME = REFERENCE_SPARSE["sensor_cnn"]
 SECTION = "## Coordinator: device updates aggregated per second, memory per device (issue 6)"
 CHUNK = 4096
 

@@ -24,7 +24,7 @@ from fedtiny.interpreter import quantize_input
 from fedtiny.zoo import randomize_batchnorm
 from fedtiny.compiler import compile_plan
 from fedtiny.quantize import quantize
-from fedtiny.scheme import DEFAULT_SCHEMES, parse
+from fedtiny.scheme import REFERENCE_SPARSE, parse
 from fedtiny_device import codegen, cruntime
 from fedtiny_device.trainer import Trainer
 
@@ -33,7 +33,7 @@ from report import capture, provenance, single_thread, write_section
 SECTION = "## Device: training on a Cortex-M4 (QEMU) and on the host in C (issue 4)"
 
 MODELS = {"sensor_cnn": ((1, 256), 4), "mobilenet": ((1, 8, 8), 10), "mlp": ((30,), 2)}
-SCHEMES = {"sensor_cnn": (DEFAULT_SCHEMES["sensor_cnn"], "full"), "mobilenet": ("sparse:4:-3@1/4", "full"),
+SCHEMES = {"sensor_cnn": (REFERENCE_SPARSE["sensor_cnn"], "full"), "mobilenet": ("sparse:4:-3@1/4", "full"),
            "mlp": ("classifier", "full")}
 CLOCK_HZ = 216e6
 PAPER_CYCLES_PER_MAC = 0.546 * 216e6 / 23e6  # 5.13: MCUNet, 546 ms per training image, 23M MACs, 216 MHz M7

@@ -38,7 +38,7 @@ from fedtiny.protocol.update import decode_update, encode_update, split_uplink, 
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.messages import Ack, Delta
 from fedtiny.quantize import quantize
-from fedtiny.scheme import DEFAULT_SCHEMES, parse
+from fedtiny.scheme import REFERENCE_SPARSE, parse
 from fedtiny.interpreter import quantize_input
 from fedtiny_device.trainer import Trainer
 from fedtiny_sim import data
@@ -47,7 +47,7 @@ from report import capture, provenance, write_section
 
 SECTION = "## Protocol: uplink bytes, codec throughput, round-trip latency (issue 5)"
 
-SCHEMES = [DEFAULT_SCHEMES["sensor_cnn"], "sparse:3:-2@1/2", "classifier", "bias", "last:2", "full"]
+SCHEMES = [REFERENCE_SPARSE["sensor_cnn"], "sparse:3:-2@1/2", "classifier", "bias", "last:2", "full"]
 KEEP = 0.5
 CHUNK = 4096
 

@@ -31,7 +31,7 @@ from torch import nn
 from fedtiny import zoo
 from fedtiny.compiler import compile_plan
 from fedtiny.quantize import quantize
-from fedtiny.scheme import DEFAULT_SCHEMES, parse
+from fedtiny.scheme import REFERENCE_SPARSE, parse
 from fedtiny.train import accuracy, fit
 from fedtiny.interpreter import predict, quantize_input
 from fedtiny_device.trainer import Trainer
@@ -103,7 +103,7 @@ def finetune_int8(graph, spec, train, lr, qas=True):
 def ablation(name, model, host, devices):
     graph = quantize(model, host.X[:512])
     specs = {"int8 full, no QAS": ("full", False), "int8 full, QAS": ("full", True), "int8 bias-only": ("bias", True),
-             "int8 classifier-only": ("classifier", True), "int8 sparse (default)": (DEFAULT_SCHEMES[name], True)}
+             "int8 classifier-only": ("classifier", True), "int8 sparse (default)": (REFERENCE_SPARSE[name], True)}
     before = np.mean([(predict(graph, test.X) == test.y).mean() for _, test in devices])
     float_before = np.mean([accuracy(model, test.X, test.y) for _, test in devices])
     rows = {}
@@ -212,11 +212,11 @@ def main():
         out.append("")
         graph = quantize(model, host.X[:512])
         sparse = pytorch_step_memory(name, shape, classes, "sparse")
-        for spec in (DEFAULT_SCHEMES[name], "full"):
+        for spec in (REFERENCE_SPARSE[name], "full"):
             plan = compile_plan(graph, parse(spec, graph))
             memory_rows.append((name, spec, plan.arena_size, fp32, sparse))
-        ours, theirs = speed(model, graph, DEFAULT_SCHEMES[name], host.subset(np.arange(min(300, len(host)))))
-        speed_rows.append((name, DEFAULT_SCHEMES[name], ours, theirs))
+        ours, theirs = speed(model, graph, REFERENCE_SPARSE[name], host.subset(np.arange(min(300, len(host)))))
+        speed_rows.append((name, REFERENCE_SPARSE[name], ours, theirs))
     out += ["### Memory of one training step (batch 1)", "",
             "| model | plan scheme | plan arena (whole step) | PyTorch fp32 full: tensors / process peak RSS | "
             "PyTorch sparse: tensors / peak RSS | PyTorch full tensors / arena | peak RSS / arena |",

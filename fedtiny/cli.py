@@ -30,11 +30,12 @@ def user_errors():
     from .importer import ModelImportError
     from .quantize import UnsupportedOpError
     from .scheme import SchemeError
+    from .search import SearchError
 
     try:
         yield
     except (DataError, MissingExtraError, ModelSpecError, ConfigError, BudgetError, FileFormatError,
-            UnsupportedOpError, SchemeError, ModelImportError) as err:
+            UnsupportedOpError, SchemeError, ModelImportError, SearchError) as err:
         raise UserError(" ".join(str(err).split())) from err
 
 
@@ -129,33 +130,37 @@ _register()
 
 
 def _model_for(model: str, data: str | None, seed: int):
-    """A quantized model from a .ftm file, or a zoo model or a user's FILE.py:FACTORY pretrained on --data and
-    quantized (the same model specs `fedtiny simulate --model` takes, checked the same way)."""
+    """(quantized graph, task or None): a .ftm file (with --data, that task is loaded too: its host part is what
+    `--scheme auto` measures on), or a zoo model or a user's FILE.py:FACTORY pretrained on --data and quantized
+    (the same model specs `fedtiny simulate --model` takes, checked the same way)."""
     from pathlib import Path
 
     from .modelfile import load_model
     from .zoo import ZOO
 
-    if Path(model).suffix == ".ftm" or (Path(model).is_file() and Path(model).suffix != ".py"):
-        with user_errors():
-            return load_model(model)
-    if model not in ZOO and Path(model).suffix == ".py":
+    is_model_file = Path(model).suffix == ".ftm" or (Path(model).is_file() and Path(model).suffix != ".py")
+    if not is_model_file and model not in ZOO and Path(model).suffix == ".py":
         raise UserError(f"{model}: name the function that builds the model, as {model}:FACTORY")
     from fedtiny_sim.scenarios import SCENARIOS, check_model, load_task, pretrained
 
     if data is None:
+        if is_model_file:
+            with user_errors():
+                return load_model(model), None
         raise UserError(f"{model} needs --data to pretrain and calibrate on: a scenario (industrial, vision, "
                         "medical) or a .npz/.csv")
     is_file = data not in SCENARIOS
     notes = []  # shown once every check passed: an error is the one line to show
     with user_errors():
+        graph = load_model(model) if is_model_file else None
         task = load_task(data, n_nodes=2, seed=seed, data_file=data if is_file else None, note=notes.append,
                          progress=note)
-        task.model = model
-        check_model(model, task.input_shape, task.num_classes)  # zoo name or FILE.py:FACTORY, one clear line
+        if not is_model_file:
+            task.model = model
+            check_model(model, task.input_shape, task.num_classes)  # zoo name or FILE.py:FACTORY, one clear line
     for message in notes:
         note(message)
-    return pretrained(task, seed)[1]
+    return (graph if is_model_file else pretrained(task, seed)[1]), task
 
 
 @main.command()
@@ -171,7 +176,7 @@ def quantize(model_name: str, data: str, output: str, seed: int) -> None:
     from .inspect import describe
     from .modelfile import save_model
 
-    graph = _model_for(model_name, data, seed)
+    graph, _ = _model_for(model_name, data, seed)
     save_model(graph, output)
     click.echo(describe(graph))
 
@@ -197,10 +202,13 @@ def import_(model_file: str, output: str) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--data", default=None, help="With a zoo name or FILE.py:FACTORY: scenario or .npz/.csv to pretrain and calibrate on.")
+@click.option("--data", default=None, help="With a zoo name or FILE.py:FACTORY: scenario or .npz/.csv to pretrain "
+              "and calibrate on; with --scheme auto also for a model file (its host part is what auto measures on).")
 @click.option("--scheme", default=None,
-              help="classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme); default: the zoo "
-                   "model's (fedtiny.scheme.DEFAULT_SCHEMES), else last:2.")
+              help="auto | classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme); default: the zoo "
+                   "model's hand-picked sparse scheme (fedtiny.scheme.REFERENCE_SPARSE), else last:2. auto measures "
+                   "candidate schemes with short int8 fine-tuning runs on the host part of --data and takes the best "
+                   "that fits the budget (fedtiny.search).")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
               "a quarter of --budget.")
@@ -216,17 +224,29 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
     report."""
     from .compiler import BudgetError, compile_plan
     from .planfile import save_plan
-    from .scheme import DEFAULT_SCHEMES, SchemeError, parse
+    from .scheme import REFERENCE_SPARSE, SchemeError, parse
+    from .search import SearchError
 
     budget_bytes = parse_bytes(budget, "--budget")
     reserve_bytes = parse_reserve(budget_bytes, reserve)
-    graph = _model_for(model, data, seed)
-    scheme = scheme or DEFAULT_SCHEMES.get(graph.meta.get("model", model), "last:2")
+    if scheme == "auto" and data is None:
+        raise UserError("--scheme auto measures schemes on the host's data: give --data (a scenario or a "
+                        ".npz/.csv), or a scheme by name (--scheme classifier, bias, last:K, full, sparse:...)")
+    graph, task = _model_for(model, data, seed)
+    scheme = scheme or REFERENCE_SPARSE.get(graph.meta.get("model", model), "last:2")
     try:
-        plan = compile_plan(graph, parse(scheme, graph), lr=lr, qas=not no_qas, budget=budget_bytes,
-                            reserve=reserve_bytes, loss=loss)
-    except (SchemeError, BudgetError, ValueError) as err:
-        raise UserError(str(err)) from err
+        if scheme == "auto":
+            from fedtiny_sim.autoscheme import auto_scheme
+
+            result = auto_scheme(graph, task.pretrain, budget=budget_bytes, reserve=reserve_bytes, lr=lr,
+                                 qas=not no_qas, loss=loss, seed=seed, note=note)
+            click.echo(result.table())
+            plan, scheme = result.plan, f"auto = {result.scheme}"
+        else:
+            plan = compile_plan(graph, parse(scheme, graph), lr=lr, qas=not no_qas, budget=budget_bytes,
+                                reserve=reserve_bytes, loss=loss)
+    except (SchemeError, BudgetError, SearchError, ValueError) as err:
+        raise UserError(" ".join(str(err).split())) from err
     report = plan.memory_report()
     click.echo(f"plan: scheme {scheme}, loss {loss}, {len(plan.steps)} steps, lr {lr}, "
                f"QAS {'off' if no_qas else 'on'}")
@@ -308,7 +328,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--local-steps", default=0, show_default=True, help="Training steps per round (0: --epochs passes).")
 @click.option("--max-examples", default=10_000, show_default=True,
               help="Clamp of a node's num_examples (its aggregation weight).")
-@click.option("--scheme", default=None, help="Update scheme; default: the model's sparse default.")
+@click.option("--scheme", default=None,
+              help="Update scheme: auto (a search: the best that fits --budget, measured on the host's data), "
+                   "classifier, bias, last:K, full or sparse:B:I@R,...; default: the model's hand-picked sparse one.")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
               "a quarter of --budget.")

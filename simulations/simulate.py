@@ -35,7 +35,9 @@ class SimulationConfig:
     data: str | None = None
     model: str | None = None  # zoo name; default: the scenario's
     strategy: str = "fedavg"
-    scheme: str | None = None  # default: DEFAULT_SCHEMES[model]
+    # None: the model's hand-picked sparse scheme (REFERENCE_SPARSE), else last:2; "auto": the best scheme that fits the
+    # budget, measured on the host's data (fedtiny.search; not the default while it scores on the pretraining data)
+    scheme: str | None = None
     budget: int = 256 * 1024
     reserve: int | None = None  # default: fedtiny.compiler.reserve_for's rule (64 KB, at most a quarter of budget)
     lr: float = 0.01
@@ -315,12 +317,19 @@ def _check_privacy(c: SimulationConfig) -> None:
 
 
 def training_plan(config: SimulationConfig, task: Task, graph):
-    """(plan, scheme): what a run of this configuration trains: its --scheme, or the model's default one, compiled
-    for its budget, reserve and learning rate."""
+    """(plan, scheme): what a run of this configuration trains: its --scheme, or with auto the scheme the search
+    chose on the host's data (fedtiny.search, cached by content), compiled for its budget, reserve and learning
+    rate."""
     from fedtiny.compiler import compile_plan
-    from fedtiny.scheme import DEFAULT_SCHEMES, parse
+    from fedtiny.scheme import REFERENCE_SPARSE, parse
 
-    scheme = config.scheme or DEFAULT_SCHEMES.get(task.model, "last:2")
+    if config.scheme == "auto":
+        from .autoscheme import auto_scheme
+
+        result = auto_scheme(graph, task.pretrain, budget=config.budget, reserve=config.reserve, lr=config.lr,
+                             seed=config.seed, trainer=config.trainer)
+        return result.plan, f"auto = {result.scheme}"
+    scheme = config.scheme or REFERENCE_SPARSE.get(task.model, "last:2")
     plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
     return plan, scheme
 

@@ -25,7 +25,7 @@ from fedtiny.arith import (MASK64, cross_entropy_loss, cross_entropy_loss_q24, m
 from fedtiny.compiler import compile_plan
 from fedtiny.planfile import load_plan
 from fedtiny.protocol.device import TrainJob
-from fedtiny.scheme import DEFAULT_SCHEMES, parse
+from fedtiny.scheme import REFERENCE_SPARSE, parse
 from fedtiny_device import codegen, cruntime
 from fedtiny_device.agent import LocalTraining, training_order, training_permutation
 from fedtiny_device.trainer import Trainer
@@ -186,7 +186,7 @@ SAMPLES = 24
 
 def sensor_default():
     graph, x, y = make_case("sensor_cnn")
-    return compile_plan(graph, parse(DEFAULT_SCHEMES["sensor_cnn"], graph)), x[:SAMPLES], y[:SAMPLES]
+    return compile_plan(graph, parse(REFERENCE_SPARSE["sensor_cnn"], graph)), x[:SAMPLES], y[:SAMPLES]
 
 
 def sensor_full():
@@ -201,7 +201,7 @@ def mlp_mse():
 
 def sensor_mse():
     graph, x, t = make_mse_case("sensor_cnn")
-    return compile_plan(graph, parse(DEFAULT_SCHEMES["sensor_cnn"], graph), loss="mse"), x[:SAMPLES], t[:SAMPLES]
+    return compile_plan(graph, parse(REFERENCE_SPARSE["sensor_cnn"], graph), loss="mse"), x[:SAMPLES], t[:SAMPLES]
 
 
 def conformance():

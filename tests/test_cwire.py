@@ -38,7 +38,7 @@ from fedtiny.protocol.update import (
     state_delta, state_entries, uplink,
 )
 from fedtiny.quantize import quantize
-from fedtiny.scheme import DEFAULT_SCHEMES, parse
+from fedtiny.scheme import REFERENCE_SPARSE, parse
 from fedtiny_device import codegen, cruntime
 
 HERE = Path(__file__).parent
@@ -234,7 +234,7 @@ def _sensor_plans():
     x = np.random.default_rng(0).normal(size=(16, 1, 256)).astype(np.float32)
     graph = quantize(zoo.build("sensor_cnn", (1, 256), 4).eval(), x)
     return {"sensor_cnn_full": compile_plan(graph, parse("full", graph)),
-            "sensor_cnn_default": compile_plan(graph, parse(DEFAULT_SCHEMES["sensor_cnn"], graph))}
+            "sensor_cnn_default": compile_plan(graph, parse(REFERENCE_SPARSE["sensor_cnn"], graph))}
 
 
 @pytest.fixture(scope="module")

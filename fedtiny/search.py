@@ -1,0 +1,355 @@
+"""`--scheme auto`: the update scheme that learns most within a device's memory budget.
+
+The paper's contribution analysis, measured on the host's data with the real int8 plan, then a search:
+
+  1. runs      every value below is a real short fine-tuning run of the compiled int8 plan (batch 1, the given
+               lr, at most RUN_STEPS steps over the host's training part), scored on the host's validation part
+               (at most SCORE_SAMPLES samples): accuracy, ties broken by the lower mean cross-entropy;
+  2. bias      d_bias(k) = acc(classifier + biases of the last k layers) - acc(classifier), for k in bias_ks(n);
+  3. weights   d_W(i, r) = acc(all biases + layer i's weights at channel ratio r) - acc(all biases): first r = 1
+               for every layer, then the smaller ratios for the WEIGHT_LAYERS layers that gained most;
+  4. search    for each measured k, greedily add the weight upgrade (layer i to ratio r) with the largest
+               estimated gain per byte of device memory that still fits (memory by compiling the candidate:
+               compile_plan's BudgetError means it does not fit), the estimate being acc(classifier) +
+               d_bias(k) + sum d_W(i, r); every state on the way is a candidate;
+  5. verify    the VERIFY best estimated candidates that fit, and the fixed schemes (classifier, bias, last:2,
+               full) that fit, each get a real run; the best measured one wins (ties: less memory).
+
+The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, so
+auto is never below the best fixed scheme that fits on the host's validation data. Everything is
+deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer
+when a compiler is present, else the Python reference; both give the same numbers bit for bit) and may pass
+`prepare` (e.g. to build the C libraries of a batch of plans in parallel) and `forward` (a faster forward pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .compiler import BudgetError, Plan, compile_plan
+from .interpreter import dequantize, run
+from .ir import Graph
+from .scheme import RATIOS, Scheme, layers, parse
+
+RUN_STEPS = 256  # training steps of one measuring run
+SCORE_SAMPLES = 256  # validation samples a run is scored on
+WEIGHT_LAYERS = 4  # layers whose smaller channel ratios are measured too
+VERIFY = 3  # estimated candidates verified with a real run
+FIXED = ("classifier", "bias", "last:2", "full")
+UNLIMITED = 1 << 30  # the budget measuring runs compile with (they only measure learning, not fit)
+RULE = f"steps{RUN_STEPS}/score{SCORE_SAMPLES}/wl{WEIGHT_LAYERS}/verify{VERIFY}/v2"
+
+
+class SearchError(ValueError):
+    """No scheme fits the budget, or the data cannot score a run."""
+
+
+def device_ram(plan: Plan) -> int:
+    """The device SRAM a plan needs beyond the reserve: the one place the search reads memory from."""
+    return plan.memory_report()["arena_bytes"]
+
+
+def scheme_text(scheme: Scheme, n: int) -> str:
+    """The canonical text of a scheme on an n-layer model: its fixed name where it is one, else sparse:..."""
+    last = n - 1
+    ratios = dict(scheme.weight_ratios)
+    if ratios.get(last) == 1:
+        if scheme.bias_layers == 1 and len(ratios) == 1:
+            return "classifier"
+        if scheme.bias_layers == n and len(ratios) == 1:
+            return "bias"
+        if all(ratios.get(i) == 1 for i in range(n - scheme.bias_layers, n)) and len(ratios) == scheme.bias_layers:
+            return "full" if scheme.bias_layers == n else f"last:{scheme.bias_layers}"
+    weights = ",".join(f"{i}@{r}" for i, r in sorted(ratios.items()) if i != last)
+    return f"sparse:{scheme.bias_layers}:{weights}"
+
+
+def bias_ks(n: int) -> list[int]:
+    """The bias depths measured: every k on a small model, else 1..4 and then about 1.5x steps up to n."""
+    if n <= 8:
+        return list(range(1, n + 1))
+    ks = [1, 2, 3, 4]
+    while ks[-1] < n:
+        ks.append(min(n, int(ks[-1] * 1.5 + 0.5)))
+    return ks
+
+
+@dataclass
+class HostData:
+    """The int8 samples a search trains and scores on (the host's training and validation parts)."""
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.x_train, self.y_train, self.x_val, self.y_val):
+            h.update(str(a.shape).encode() + np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class Run:
+    accuracy: float
+    loss: float
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        return (self.accuracy, -self.loss)
+
+
+@dataclass
+class Candidate:
+    text: str
+    memory: int  # device_ram of its plan
+    trainable: int  # bytes of trainable SRAM copies (what a DELTA may carry)
+    estimate: float  # acc(classifier) + d_bias(k) + sum d_W(i, r)
+    measured: Run | None = None
+
+
+@dataclass
+class SearchResult:
+    scheme: str  # the chosen scheme's text (parse it against the graph)
+    plan: Plan
+    candidates: list[Candidate]  # every candidate that fits, verified ones with their runs
+    start: Run  # the untrained int8 model on the validation part
+    runs: int  # real runs made (the rest came from the cache)
+    seconds: float
+
+    def pareto(self) -> list[Candidate]:
+        """The verified candidates no other verified one beats with less or equal memory."""
+        verified = sorted((c for c in self.candidates if c.measured), key=lambda c: (c.memory, -c.measured.accuracy))
+        front, best = [], -1.0
+        for c in verified:
+            if c.measured.accuracy > best:
+                front.append(c)
+                best = c.measured.accuracy
+        return front
+
+    def table(self) -> str:
+        """The Pareto table: memory against accuracy of every verified candidate, the chosen one marked."""
+        front = {id(c) for c in self.pareto()}
+        rows = [f"{'scheme':<28} {'device RAM':>11} {'trainable':>10} {'estimate':>9} {'accuracy':>9} {'loss':>7}"]
+        for c in sorted(self.candidates, key=lambda c: c.memory):
+            if not c.measured:
+                continue
+            mark = " <- chosen" if c.text == self.scheme else (" pareto" if id(c) in front else "")
+            rows.append(f"{c.text:<28} {c.memory:>11,} {c.trainable:>10,} {100 * c.estimate:>8.1f}% "
+                        f"{100 * c.measured.accuracy:>8.1f}% {c.measured.loss:>7.3f}{mark}")
+        rows.append(f"(untrained int8 model: {100 * self.start.accuracy:.1f} %; {len(self.candidates)} candidates "
+                    f"fit, {sum(1 for c in self.candidates if c.measured)} verified; {self.runs} new runs, "
+                    f"{self.seconds:.0f} s)")
+        return "\n".join(rows)
+
+
+class RunCache:
+    """Measured runs by scheme text, and finished searches by budget and reserve, on disk as JSON, keyed by content:
+    the model's bytes, the data, lr, QAS, loss, seed and RULE. The budget is not in the key (a run's score does
+    not depend on it), so the searches of one model at several budgets share their runs; a search already made
+    for a budget and reserve is read back without compiling its candidates again."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.runs: dict[str, Run] = {}
+        self.searches: dict[str, dict] = {}
+        if path is not None and path.exists():
+            stored = json.loads(path.read_text())
+            self.runs = {k: Run(*v) for k, v in stored["runs"].items()}
+            self.searches = stored["searches"]
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            runs = {k: [v.accuracy, v.loss] for k, v in self.runs.items()}
+            tmp.write_text(json.dumps(dict(runs=runs, searches=self.searches), indent=0))
+            tmp.replace(self.path)
+
+
+def cache_key(graph: Graph, data: HostData, *, lr: float, qas: bool, loss: str, seed: int) -> str:
+    from .modelfile import to_bytes
+
+    h = hashlib.sha256(to_bytes(graph))
+    h.update(f"{data.digest()}/{lr!r}/{qas}/{loss}/{seed}/{RULE}".encode())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEDTINY_CACHE") or Path.home() / ".cache" / "fedtiny") / "schemes"
+
+
+def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def interpreter_forward(plan: Plan, state: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The int8 outputs of the plan's model with a trainable state (the numpy reference)."""
+    return run(plan.graph_with(state), x)
+
+
+class Scorer:
+    """Real short fine-tuning runs of compiled plans: train from the model's own values, score on validation."""
+
+    def __init__(self, data: HostData, trainer_factory: Callable, *, seed: int = 0,
+                 forward: Callable = interpreter_forward):
+        self.data, self.trainer_factory, self.seed, self.forward = data, trainer_factory, seed, forward
+        if len(data.y_train) == 0 or len(data.y_val) == 0:
+            raise SearchError("the host data needs samples to train on and to score on for --scheme auto")
+        rng = np.random.default_rng([seed, 0x5C4E])
+        self.order = rng.permutation(len(data.y_train))[:RUN_STEPS]
+        self.val = np.sort(rng.permutation(len(data.y_val))[:SCORE_SAMPLES])
+
+    def score(self, plan: Plan, state: dict[str, np.ndarray] | None = None) -> Run:
+        x, y = self.data.x_val[self.val], self.data.y_val[self.val]
+        out = self.forward(plan, plan.initial_state() if state is None else state, x).reshape(len(x), -1)
+        logits = dequantize(plan.graph, plan.graph.outputs[0], out)
+        return Run(float((out.argmax(axis=1) == y).mean()), _cross_entropy(logits, y))
+
+    def train(self, plan: Plan) -> Run:
+        trainer = self.trainer_factory(plan, self.seed)
+        xs, ys = self.data.x_train[self.order], self.data.y_train[self.order]
+        if hasattr(trainer, "steps"):  # one call for the whole run (the C trainer)
+            trainer.steps(xs, ys)
+        else:
+            for x, y in zip(xs, ys):
+                trainer.step(x, int(y))
+        return self.score(plan, trainer.trainable_state())
+
+
+def _measure_plan(graph: Graph, text: str, *, lr: float, qas: bool, loss: str) -> Plan:
+    return compile_plan(graph, parse(text, graph), lr=lr, qas=qas, budget=UNLIMITED, reserve=0, loss=loss)
+
+
+def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: int, reserve: int, lr: float,
+           qas: bool = True, loss: str = "cross_entropy", seed: int = 0, cache_dir: Path | None = None,
+           prepare: Callable | None = None, forward: Callable = interpreter_forward,
+           note: Callable[[str], None] | None = None) -> SearchResult:
+    """The best scheme for `graph` within budget - reserve (see the module's doc). Raises SearchError when not even
+    the classifier alone fits, naming what it needs. `cache_dir` (default $FEDTINY_CACHE/schemes; None in tests
+    via a tmp path) keeps the measured runs; `note` hears each phase."""
+    if loss != "cross_entropy":
+        raise SearchError("--scheme auto measures accuracy, so it needs a classification (cross_entropy) plan")
+    started = time.perf_counter()
+    say = note or (lambda message: None)
+    n = len(layers(graph))
+    last = n - 1
+    cache = RunCache((cache_dir or default_cache_dir()) / f"{cache_key(graph, data, lr=lr, qas=qas, loss=loss, seed=seed)}.json")
+    scorer = Scorer(data, trainer_factory, seed=seed, forward=forward)
+    new_runs = 0
+
+    def measure(texts: list[str]) -> None:
+        nonlocal new_runs
+        todo = [t for t in dict.fromkeys(texts) if t not in cache.runs]
+        if not todo:
+            return
+        plans = [_measure_plan(graph, t, lr=lr, qas=qas, loss=loss) for t in todo]
+        if prepare is not None:
+            prepare(plans)
+        for text, plan in zip(todo, plans):
+            cache.runs[text] = scorer.train(plan)
+            new_runs += 1
+        cache.save()
+
+    # The smallest scheme first: if the classifier alone does not fit, nothing does.
+    fits: dict[str, Plan | None] = {}
+
+    def fit(text: str) -> Plan | None:
+        if text not in fits:
+            try:
+                fits[text] = compile_plan(graph, parse(text, graph), lr=lr, qas=qas, budget=budget,
+                                          reserve=reserve, loss=loss)
+            except BudgetError:
+                fits[text] = None
+        return fits[text]
+
+    if fit("classifier") is None:
+        need = device_ram(_measure_plan(graph, "classifier", lr=lr, qas=qas, loss=loss))
+        raise SearchError(f"no update scheme fits: even the classifier alone needs {need:,} bytes of SRAM, and "
+                          f"the budget ({budget:,}) minus the reserve ({reserve:,}) leaves {budget - reserve:,}; "
+                          "raise --budget or lower --reserve")
+
+    start = scorer.score(_measure_plan(graph, "classifier", lr=lr, qas=qas, loss=loss))
+    done = cache.searches.get(f"{budget}/{reserve}")
+    if done is not None:
+        candidates = [Candidate(text, memory, trainable, estimate, cache.runs.get(text))
+                      for text, memory, trainable, estimate in done["candidates"]]
+        return SearchResult(done["scheme"], fit(done["scheme"]), candidates, start, 0,
+                            time.perf_counter() - started)
+    ks = bias_ks(n)
+    bias_text = {k: scheme_text(Scheme(k, {last: Fraction(1)}), n) for k in ks}
+    say(f"scheme search: measuring {len(ks)} bias depths and {last} layers' weights with short runs")
+    weight_text = {(i, r): scheme_text(Scheme(n, {last: Fraction(1), i: r}), n) for i in range(last) for r in RATIOS}
+    measure(list(bias_text.values()) + [weight_text[i, Fraction(1)] for i in range(last)])
+    base, all_bias = cache.runs["classifier"].accuracy, cache.runs[bias_text[n]].accuracy
+    d_bias = {k: cache.runs[bias_text[k]].accuracy - base for k in ks}
+    gain_full = {i: cache.runs[weight_text[i, Fraction(1)]].accuracy - all_bias for i in range(last)}
+    top = sorted((i for i in range(last) if gain_full[i] > 0), key=lambda i: (-gain_full[i], -i))[:WEIGHT_LAYERS]
+    measure([weight_text[i, r] for i in top for r in RATIOS if r != 1])
+    d_w = {(i, r): cache.runs[weight_text[i, r]].accuracy - all_bias for (i, r) in weight_text
+           if weight_text[i, r] in cache.runs}
+
+    candidates: dict[str, Candidate] = {}
+
+    def add(scheme: Scheme) -> Candidate | None:
+        text = scheme_text(scheme, n)
+        if text not in candidates:
+            plan = fit(text)
+            if plan is None:
+                return None
+            estimate = base + d_bias[scheme.bias_layers] + sum(d_w.get((i, r), 0.0) for i, r in
+                                                                scheme.weight_ratios.items() if i != last)
+            trainable = sum(plan.buffers[b].nbytes for b in plan.trainable_buffers())
+            candidates[text] = Candidate(text, device_ram(plan), trainable, estimate)
+        return candidates[text]
+
+    say("scheme search: greedy search under the budget")
+    for k in ks:
+        ratios = {last: Fraction(1)}
+        current = add(Scheme(k, dict(ratios)))
+        while current is not None:
+            best = None
+            for (i, r), gain in d_w.items():
+                if i < n - k or r <= ratios.get(i, 0):
+                    continue
+                step_gain = gain - d_w.get((i, ratios[i]), 0.0) if i in ratios else gain
+                if step_gain <= 0:
+                    continue
+                candidate = add(Scheme(k, {**ratios, i: r}))
+                if candidate is None:
+                    continue
+                value = step_gain / max(candidate.memory - current.memory, 1)
+                if best is None or value > best[0]:
+                    best = (value, i, r, candidate)
+            if best is None:
+                break
+            _, i, r, current = best
+            ratios[i] = r
+
+    for text in FIXED:
+        if fit(text) is not None:
+            add(parse(text, graph))
+    estimated = sorted(candidates.values(), key=lambda c: (-c.estimate, c.memory, c.text))
+    verify = [c.text for c in estimated[:VERIFY]] + [t for t in FIXED if t in candidates]
+    say(f"scheme search: {len(candidates)} candidates fit; verifying {len(dict.fromkeys(verify))} with real runs")
+    measure(verify)
+    for c in candidates.values():
+        c.measured = cache.runs.get(c.text)
+    chosen = max((c for c in candidates.values() if c.measured),
+                 key=lambda c: (c.measured.rank, -c.memory, c.text))
+    ordered = sorted(candidates.values(), key=lambda c: (c.memory, c.text))
+    cache.searches[f"{budget}/{reserve}"] = dict(scheme=chosen.text, candidates=[
+        [c.text, c.memory, c.trainable, c.estimate] for c in ordered])
+    cache.save()
+    return SearchResult(chosen.text, fits[chosen.text], ordered, start, new_runs, time.perf_counter() - started)
