@@ -16,6 +16,7 @@ A round's progress, accuracy and bytes are printed live, and a report folder is 
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -448,6 +449,8 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)
             t0 = time.perf_counter()
+            # Flower's strategies sample a round's nodes (--fraction below 1) with Python's global `random`
+            random.seed(f"fedtiny-simulate:{config.seed}:{r}")
             result = coordinator.run_round(r)
             up1, down1 = _bytes(coordinator)
             row = dict(round=r, accuracy=float(result.eval_metrics.get("accuracy", float("nan"))),

@@ -248,3 +248,19 @@ def test_flower_engine_gives_the_mqtt_engines_rounds_with_dropout_and_stragglers
     assert flower == mqtt
     assert min(r[2] for r in mqtt) < 6  # dropouts and stragglers did cut rounds
     assert _comparable(tmp_path / "flower")[1] == _comparable(tmp_path / "mqtt")[1]
+
+
+def test_a_fraction_of_the_nodes_is_sampled_the_same_way_for_the_same_seed(tmp_path):
+    """--fraction 0.5: Flower samples the cohort with Python's `random`; seeded per round, two runs task the same
+    nodes in every round (and not the same nodes in every round)."""
+    from fedtiny_sim.simulate import SimulationConfig, simulate
+
+    tasked = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        simulate(SimulationConfig(nodes=6, rounds=3, scenario="medical", fraction=0.5, seed=4, out=str(out)))
+        events = [json.loads(line) for line in (out / "coordinator.jsonl").read_text().splitlines()]
+        tasked.append([sorted(e["device"] for e in events if e["event"] == "task_sent" and e["round"] == r)
+                       for r in (1, 2, 3)])
+    assert tasked[0] == tasked[1]
+    assert all(len(devices) == 3 for devices in tasked[0]) and len({tuple(d) for d in tasked[0]}) > 1, tasked
