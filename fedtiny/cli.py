@@ -233,6 +233,9 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--local-steps", default=0, show_default=True, help="Training steps per round (0: --epochs passes).")
 @click.option("--max-examples", default=10_000, show_default=True,
               help="Clamp of a node's num_examples (its aggregation weight).")
+@click.option("--max-staleness", default=0, show_default=True,
+              help="Semi-asynchronous: accept replies up to this many versions old (fedbuff); such rounds run on the "
+                   "wall clock.")
 @click.option("--clip-norm", default=0.0, show_default=True,
               help="L2 norm (real units) every node update is clipped to, on the node and again at the coordinator; "
                    "0: off.")
@@ -252,7 +255,7 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
 @click.option("--deadline", default=20.0, show_default=True,
               help="Seconds a round waits at most: virtual seconds, in which a node's round lasts its training steps "
                    "on a nominal 216 MHz Cortex-M4 plus its straggler delay, so that a seed gives the same rounds on "
-                   "any machine; wall-clock seconds with --realtime or --strategy fedbuff.")
+                   "any machine; wall-clock seconds with --realtime, --strategy fedbuff or --max-staleness.")
 @click.option("--realtime", is_flag=True,
               help="Run deadlines, --dropout and --stragglers on the wall clock (--engine mqtt): stragglers really "
                    "wait, and a busy machine can make nodes miss rounds. --qemu-nodes run in either mode.")
@@ -277,9 +280,9 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
                    "\"note\"} for each phase line, \"round\" for each round, \"summary\" at the end); errors stay "
                    "one line on stderr.")
 def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_options, fraction, quorum, local_steps,
-             max_examples, clip_norm, scheme, budget, reserve, lr, epochs, chunk_size, uplink_keep, dropout,
-             stragglers, deadline, realtime, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline, baseline_lr,
-             quiet, as_json) -> None:
+             max_examples, max_staleness, clip_norm, scheme, budget, reserve, lr, epochs, chunk_size, uplink_keep,
+             dropout, stragglers, deadline, realtime, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline,
+             baseline_lr, quiet, as_json) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
     from fedtiny_server.grid import MissingReplies
@@ -296,7 +299,7 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
                               fleet_dir=fleet_dir, out=out, engine=engine, qemu_nodes=qemu_nodes, baseline=baseline,
                               baseline_lr=baseline_lr, realtime=realtime, strategy_options=",".join(strategy_options),
                               fraction=fraction, quorum=quorum, local_steps=local_steps, max_examples=max_examples,
-                              clip_norm=clip_norm)
+                              max_staleness=max_staleness, clip_norm=clip_norm)
     view = QuietView() if quiet else JsonLines() if as_json else None
     say = view.note if view is not None else note
     with user_errors():

@@ -63,6 +63,7 @@ class SimulationConfig:
     quorum: float | None = None  # default: 1, or with --dropout or --stragglers max(0.3, 1 - dropout - 0.1)
     local_steps: int = 0  # training steps per round; 0: --epochs passes over the node's samples
     max_examples: int = 10_000  # clamp of a node's num_examples (its aggregation weight)
+    max_staleness: int = 0  # > 0: semi-asynchronous rounds accept replies up to this many versions old (fedbuff)
     clip_norm: float = 0.0  # L2 norm (real units) every update is clipped to, on the node and at the coordinator
 
 
@@ -217,7 +218,8 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
             ("fraction", 0 < c.fraction <= 1, "a fraction in (0, 1]"),
             ("quorum", c.quorum is None or 0 < c.quorum <= 1, "a fraction in (0, 1]"),
             ("local_steps", 0 <= c.local_steps <= 0xFFFF, "0..65535 (0: --epochs passes over the node's data)"),
-            ("max_examples", c.max_examples >= 1, "at least 1"), ("clip_norm", c.clip_norm >= 0, "0 (off) or more")):
+            ("max_examples", c.max_examples >= 1, "at least 1"), ("clip_norm", c.clip_norm >= 0, "0 (off) or more"),
+            ("max_staleness", c.max_staleness >= 0, "0 (synchronous) or more")):
         if not ok:
             raise ConfigError(f"--{option.replace('_', '-')} {getattr(c, option)}: must be {rule}")
     if c.engine not in ENGINES:
@@ -226,7 +228,8 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     wall_clock_note = None
     if semi_asynchronous(c) and c.engine == "mqtt" and not c.realtime:
         c.realtime = True
-        wall_clock_note = "--strategy fedbuff: its semi-asynchronous rounds run on the wall clock (as --realtime)"
+        wall_clock_note = "semi-asynchronous rounds (--strategy fedbuff, --max-staleness) run on the wall clock " \
+                          "(as --realtime)"
     if not 0 <= c.qemu_nodes <= c.nodes:
         raise ConfigError(f"--qemu-nodes {c.qemu_nodes}: must be between 0 and --nodes ({c.nodes})")
     if c.qemu_nodes and c.engine != "mqtt":
@@ -431,7 +434,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
     if quorum is None:
         quorum = 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
     policy = RoundPolicy(quorum=quorum, deadline=config.deadline, max_examples=config.max_examples,
-                         reply_timeout=config.reply_timeout)
+                         max_staleness=config.max_staleness, reply_timeout=config.reply_timeout)
     arrivals = None
     if _clock_kind(config) == "virtual":
         samples = {device_name(i): len(ds.y) for i, ds in enumerate(task.nodes)}
@@ -477,8 +480,9 @@ def _clock_kind(config: SimulationConfig) -> str:
 
 
 def semi_asynchronous(config: SimulationConfig) -> bool:
-    """fedbuff's rounds: tasks stay open across rounds, which FleetGrid runs on the wall clock only."""
-    return config.strategy.lower().replace("-", "").replace("_", "") == "fedbuff"
+    """fedbuff's rounds, or any with --max-staleness: tasks stay open across rounds, which FleetGrid runs on the
+    wall clock only."""
+    return config.max_staleness > 0 or config.strategy.lower().replace("-", "").replace("_", "") == "fedbuff"
 
 
 def _bytes(coordinator) -> tuple[float, float]:

@@ -184,6 +184,7 @@ def test_same_seed_same_metrics_on_a_machine_busy_on_every_core(tmp_path):
     (["--clip-norm", "-1"], "--clip-norm -1.0: must be 0 (off) or more"),
     (["--local-steps", "70000"], "--local-steps 70000: must be 0..65535"),
     (["--max-examples", "0"], "--max-examples 0: must be at least 1"),
+    (["--max-staleness", "-1"], "--max-staleness -1: must be 0 (synchronous) or more"),
     (["--quiet", "--json"], "--quiet and --json: choose one"),
     (["--engine", "flower", "--realtime"], "--realtime is for --engine mqtt"),
 ])
