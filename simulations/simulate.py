@@ -10,7 +10,10 @@ trainer when a compiler is present, the DELTA from fleet.encode_update):
     flower  the devices as ClientApps in Flower's simulation engine on Ray (flower_engine.py), for thousands
             of nodes or a Ray cluster; no MQTT link, so no envelopes.
 
-A round's progress, accuracy and bytes are printed live, and a report folder is written at the end.
+Both run rounds in virtual time (virtual_arrivals: how long each node's round takes, by seeded rules; the
+coordinator admits the replies that arrive virtually by the round's close), so a seed gives the same rounds on any
+machine under any load; --realtime puts them on the wall clock. A round's progress, accuracy and bytes are printed
+live (or as JSON lines, or not at all), and a report folder is written at the end.
 """
 
 import json
@@ -196,7 +199,7 @@ class ConfigError(ValueError):
 
 def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     """Everything a user can get wrong, checked before any work (no folder written, nothing trained): the
-    options, budget and reserve (a default reserve that a small budget cannot hold is scaled down), the engine,
+    options, the strategy and its options, budget and reserve (a default reserve that a small budget cannot hold is scaled down), the engine,
     the data and the model. Returns the task with its data loaded and validated. Raises ConfigError,
     DataError, ModelSpecError or BudgetError (all ValueErrors), and then `note` has heard nothing: the error
     is the one line to show. Once every check passed, `note` hears how the data was read and split and any scaled
