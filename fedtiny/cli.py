@@ -328,6 +328,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--local-steps", default=0, show_default=True, help="Training steps per round (0: --epochs passes).")
 @click.option("--max-examples", default=10_000, show_default=True,
               help="Clamp of a node's num_examples (its aggregation weight).")
+@click.option("--max-staleness", default=0, show_default=True,
+              help="Semi-asynchronous: accept replies up to this many versions old (fedbuff); such rounds run on the "
+                   "wall clock.")
 @click.option("--scheme", default=None,
               help="Update scheme: auto (a search: the best that fits --budget, measured on the host's data), "
                    "classifier, bias, last:K, full or sparse:B:I@R,...; default: the model's hand-picked sparse one.")
@@ -346,7 +349,7 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--deadline", default=20.0, show_default=True,
               help="Seconds a round waits at most: virtual seconds, in which a node's round lasts its training steps "
                    "on a nominal 216 MHz Cortex-M4 plus its straggler delay, so that a seed gives the same rounds on "
-                   "any machine; wall-clock seconds with --realtime or --strategy fedbuff.")
+                   "any machine; wall-clock seconds with --realtime, --strategy fedbuff or --max-staleness.")
 @click.option("--realtime", is_flag=True,
               help="Run deadlines, --dropout and --stragglers on the wall clock (--engine mqtt): stragglers really "
                    "wait, and a busy machine can make nodes miss rounds. --qemu-nodes run in either mode.")
@@ -380,8 +383,8 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
                    "\"note\"} for each phase line, \"round\" for each round, \"summary\" at the end); errors stay "
                    "one line on stderr.")
 def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_options, fraction, quorum, local_steps,
-             max_examples, clip_norm, scheme, budget, reserve, lr, epochs, chunk_size, uplink_keep, dropout,
-             stragglers, deadline, realtime, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline, baseline_lr,
+             max_examples, max_staleness, clip_norm, scheme, budget, reserve, lr, epochs, chunk_size, uplink_keep,
+             dropout, stragglers, deadline, realtime, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline, baseline_lr,
              quiet, as_json, dp_epsilon, dp_delta, dp_noise_multiplier) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
@@ -399,7 +402,7 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
                               fleet_dir=fleet_dir, out=out, engine=engine, qemu_nodes=qemu_nodes, baseline=baseline,
                               baseline_lr=baseline_lr, realtime=realtime, strategy_options=",".join(strategy_options),
                               fraction=fraction, quorum=quorum, local_steps=local_steps, max_examples=max_examples,
-                              clip_norm=clip_norm, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+                              max_staleness=max_staleness, clip_norm=clip_norm, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
                               dp_noise_multiplier=dp_noise_multiplier)
     view = QuietView() if quiet else JsonLines() if as_json else None
     say = view.note if view is not None else note

@@ -9,7 +9,9 @@ from + its dequantized delta) and a MetricRecord with "num-examples" (clamped) a
 Rounds for devices that come and go: `get_node_ids` lists devices heard from within `seen_within` seconds;
 `send_and_receive` returns when a quorum fraction of the cohort replied or at the deadline, whichever comes
 first. A reply for another round or model version, a second reply, or one after its round closed is discarded
-with a logged reason.
+with a logged reason. With `max_staleness > 0` (semi-asynchronous, FedBuff) tasks stay open across rounds,
+replies up to that many versions old are rebuilt on the current master, and a round returns after
+`buffer_size` replies.
 
 Time: a deployment's rounds run on the wall clock (`clock`). A simulation may give the grid `arrivals`
 instead: `arrivals(device, round)` is the virtual second (after the TASK) at which the device's reply arrives,
@@ -17,9 +19,7 @@ or None when it never answers. A synchronous round then closes in virtual time (
 quorum, or at the deadline), admits exactly the replies that arrive virtually by then and refuses the others as
 late; it waits in wall time for every reply `arrivals` promises, however slow the machine, so a seed gives the
 same rounds under any load. A promised reply missing after `RoundPolicy.reply_timeout` wall seconds is an error
-(MissingReplies), not a silent cut. With `max_staleness > 0` (semi-asynchronous, FedBuff) tasks stay open across rounds,
-replies up to that many versions old are rebuilt on the current master, and a round returns after
-`buffer_size` replies.
+(MissingReplies), not a silent cut. Semi-asynchronous rounds ignore `arrivals`: they run on the wall clock.
 
 Messages made outside a Flower run need a run identity (flwr's `TaskIdentity`); `FleetGrid.set_run` provides
 one when no Flower runtime did, as flwr's own compat and simulation entry points do.

@@ -59,8 +59,8 @@ def check_config(config) -> None:
     if config.realtime:
         raise ConfigError("--realtime is for --engine mqtt: the flower engine runs rounds in virtual time")
     if config.stragglers and semi_asynchronous(config):
-        raise ConfigError("--stragglers with --strategy fedbuff needs --engine mqtt: semi-asynchronous rounds run "
-                          "on the wall clock, where the flower engine's devices never lag")
+        raise ConfigError("--stragglers with semi-asynchronous rounds (--strategy fedbuff, --max-staleness) needs "
+                          "--engine mqtt: they run on the wall clock, where the flower engine's devices never lag")
 
 
 # --- the coordinator's side: a link over Flower's Grid ------------------------------------------------------

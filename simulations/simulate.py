@@ -11,12 +11,16 @@ trainer when a compiler is present, the DELTA from fleet.encode_update):
     flower  the devices as ClientApps in Flower's simulation engine on Ray (flower_engine.py), for thousands
             of nodes or a Ray cluster; no MQTT link, so no envelopes.
 
-A round's progress, accuracy and bytes are printed live, and a report folder is written at the end.
+Both run rounds in virtual time (virtual_arrivals: how long each node's round takes, by seeded rules; the
+coordinator admits the replies that arrive virtually by the round's close), so a seed gives the same rounds on any
+machine under any load; --realtime puts them on the wall clock. A round's progress, accuracy and bytes are printed
+live (or as JSON lines, or not at all), and a report folder is written at the end.
 """
 
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,6 +69,7 @@ class SimulationConfig:
     quorum: float | None = None  # default: 1, or with --dropout or --stragglers max(0.3, 1 - dropout - 0.1)
     local_steps: int = 0  # training steps per round; 0: --epochs passes over the node's samples
     max_examples: int = 10_000  # clamp of a node's num_examples (its aggregation weight)
+    max_staleness: int = 0  # > 0: semi-asynchronous rounds accept replies up to this many versions old (fedbuff)
     clip_norm: float | None = None  # L2 norm (real units) every update is clipped to, on the node and at the
     # coordinator; None: 0 (off), or DP_CLIP_NORM with DP
     dp_epsilon: float = 0.0  # central differential privacy's budget (0: off; fedtiny_server.privacy)
@@ -213,7 +218,7 @@ class ConfigError(ValueError):
 
 def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     """Everything a user can get wrong, checked before any work (no folder written, nothing trained): the
-    options, budget and reserve (a default reserve that a small budget cannot hold is scaled down), the engine,
+    options, the strategy and its options, budget and reserve (a default reserve that a small budget cannot hold is scaled down), the engine,
     the data and the model. Returns the task with its data loaded and validated. Raises ConfigError,
     DataError, ModelSpecError or BudgetError (all ValueErrors), and then `note` has heard nothing: the error
     is the one line to show. Once every check passed, `note` hears how the data was read and split and any scaled
@@ -236,7 +241,8 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
             ("quorum", c.quorum is None or 0 < c.quorum <= 1, "a fraction in (0, 1]"),
             ("local_steps", 0 <= c.local_steps <= 0xFFFF, "0..65535 (0: --epochs passes over the node's data)"),
             ("max_examples", c.max_examples >= 1, "at least 1"),
-            ("clip_norm", c.clip_norm is None or c.clip_norm >= 0, "0 (off) or more")):
+            ("clip_norm", c.clip_norm is None or c.clip_norm >= 0, "0 (off) or more"),
+            ("max_staleness", c.max_staleness >= 0, "0 (synchronous) or more")):
         if not ok:
             raise ConfigError(f"--{option.replace('_', '-')} {getattr(c, option)}: must be {rule}")
     if c.clip_norm is None:
@@ -249,7 +255,8 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     wall_clock_note = None
     if semi_asynchronous(c) and c.engine == "mqtt" and not c.realtime:
         c.realtime = True
-        wall_clock_note = "--strategy fedbuff: its semi-asynchronous rounds run on the wall clock (as --realtime)"
+        wall_clock_note = "semi-asynchronous rounds (--strategy fedbuff, --max-staleness) run on the wall clock " \
+                          "(as --realtime)"
     if not 0 <= c.qemu_nodes <= c.nodes:
         raise ConfigError(f"--qemu-nodes {c.qemu_nodes}: must be between 0 and --nodes ({c.nodes})")
     if c.qemu_nodes and c.engine != "mqtt":
@@ -506,7 +513,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
     if quorum is None:
         quorum = 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
     policy = RoundPolicy(quorum=quorum, deadline=config.deadline, max_examples=config.max_examples,
-                         reply_timeout=config.reply_timeout)
+                         max_staleness=config.max_staleness, reply_timeout=config.reply_timeout)
     arrivals = None
     if _clock_kind(config) == "virtual":
         samples = {device_name(i): len(ds.y) for i, ds in enumerate(task.nodes)}
@@ -529,6 +536,8 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)
             t0 = time.perf_counter()
+            # Flower's strategies sample a round's nodes (--fraction below 1) with Python's global `random`
+            random.seed(f"fedtiny-simulate:{config.seed}:{r}")
             try:
                 result = coordinator.run_round(r)
             except PrivacyBudgetExhausted as exc:
@@ -569,8 +578,9 @@ def _clock_kind(config: SimulationConfig) -> str:
 
 
 def semi_asynchronous(config: SimulationConfig) -> bool:
-    """fedbuff's rounds: tasks stay open across rounds, which FleetGrid runs on the wall clock only."""
-    return config.strategy.lower().replace("-", "").replace("_", "") == "fedbuff"
+    """fedbuff's rounds, or any with --max-staleness: tasks stay open across rounds, which FleetGrid runs on the
+    wall clock only."""
+    return config.max_staleness > 0 or config.strategy.lower().replace("-", "").replace("_", "") == "fedbuff"
 
 
 def _bytes(coordinator) -> tuple[float, float]:

@@ -108,10 +108,13 @@ def test_users_own_module(tmp_path):
 
 
 def test_stragglers_are_waited_for_until_the_deadline_only(tmp_path):
-    """Slow nodes (delays up to twice the deadline) miss some rounds; a round never waits past its deadline."""
+    """--realtime: slow nodes (delays up to twice the deadline) really lag and miss some rounds; a round waits for
+    them on the wall clock, but never past its deadline."""
     result = simulate(SimulationConfig(nodes=4, rounds=3, scenario="medical", stragglers=1.0, deadline=2.0,
-                                       out=str(tmp_path / "slow"), seed=2))
+                                       out=str(tmp_path / "slow"), seed=2, realtime=True))
+    assert result["clock"] == "wall"
     assert all(r["seconds"] < 2.0 + 1.5 for r in result["rounds"])  # the deadline, plus evaluation and bookkeeping
+    assert any(r["seconds"] >= 2.0 for r in result["rounds"] if r["participants"] < 4)  # it did wait for them
     participants = [r["participants"] for r in result["rounds"]]
     assert min(participants) < 4 and sum(participants) >= 1, participants
 

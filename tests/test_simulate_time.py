@@ -165,7 +165,8 @@ def test_same_seed_same_metrics_on_a_machine_busy_on_every_core(tmp_path):
     assert busy.stdout.splitlines() == [line for line in busy.stdout.splitlines() if line.startswith("report: ")]
     assert len(busy.stdout.splitlines()) == 1 and busy.stderr == "", (busy.stdout, busy.stderr)
 
-    (idle_metrics, idle_ints), (busy_metrics, busy_ints) = _comparable(tmp_path / "idle"), _comparable(tmp_path / "busy")
+    idle_metrics, idle_ints = _comparable(tmp_path / "idle")
+    busy_metrics, busy_ints = _comparable(tmp_path / "busy")
     participants = [r["participants"] for r in idle_metrics["rounds"]]
     assert min(participants) < 6, participants  # dropouts and late stragglers did cut rounds
     assert any(d["straggler"] and d["missed"] for d in idle_metrics["devices"].values())
@@ -184,6 +185,7 @@ def test_same_seed_same_metrics_on_a_machine_busy_on_every_core(tmp_path):
     (["--clip-norm", "-1"], "--clip-norm -1.0: must be 0 (off) or more"),
     (["--local-steps", "70000"], "--local-steps 70000: must be 0..65535"),
     (["--max-examples", "0"], "--max-examples 0: must be at least 1"),
+    (["--max-staleness", "-1"], "--max-staleness -1: must be 0 (synchronous) or more"),
     (["--quiet", "--json"], "--quiet and --json: choose one"),
     (["--engine", "flower", "--realtime"], "--realtime is for --engine mqtt"),
 ])
@@ -248,3 +250,19 @@ def test_flower_engine_gives_the_mqtt_engines_rounds_with_dropout_and_stragglers
     assert flower == mqtt
     assert min(r[2] for r in mqtt) < 6  # dropouts and stragglers did cut rounds
     assert _comparable(tmp_path / "flower")[1] == _comparable(tmp_path / "mqtt")[1]
+
+
+def test_a_fraction_of_the_nodes_is_sampled_the_same_way_for_the_same_seed(tmp_path):
+    """--fraction 0.5: Flower samples the cohort with Python's `random`; seeded per round, two runs task the same
+    nodes in every round (and not the same nodes in every round)."""
+    from fedtiny_sim.simulate import SimulationConfig, simulate
+
+    tasked = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        simulate(SimulationConfig(nodes=6, rounds=3, scenario="medical", fraction=0.5, seed=4, out=str(out)))
+        events = [json.loads(line) for line in (out / "coordinator.jsonl").read_text().splitlines()]
+        tasked.append([sorted(e["device"] for e in events if e["event"] == "task_sent" and e["round"] == r)
+                       for r in (1, 2, 3)])
+    assert tasked[0] == tasked[1]
+    assert all(len(devices) == 3 for devices in tasked[0]) and len({tuple(d) for d in tasked[0]}) > 1, tasked
