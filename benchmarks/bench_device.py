@@ -86,7 +86,7 @@ def bench(name: str, scheme: str, args, cache) -> dict:
     py = Trainer(plan, 0)
     py_n = 20
     row = dict(model=name, scheme=scheme, macs=macs["total"], forward_macs=macs["forward"], insns=insns,
-               arena=plan.arena_size, scratch=codegen.plan_scratch_bytes(plan), ram=usage["ram"],
+               arena=plan.arena_size, scratch=plan.memory_report()["scratch_bytes"], ram=usage["ram"],
                flash=usage["flash"],
                c_sps=rate(lambda: ctrainer.steps(x, labels), len(x), args.host_seconds),
                py_sps=rate(lambda: [py.step(xi, int(yi)) for xi, yi in zip(x[:py_n], labels[:py_n])], py_n,

@@ -189,6 +189,7 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
             seed: int):
     """Compile MODEL (a .ftm file or a zoo name) into a training plan and print its memory report."""
     from .compiler import BudgetError, compile_plan
+    from .device_memory import describe as describe_memory
     from .planfile import save_plan
     from .scheme import DEFAULT_SCHEMES, SchemeError, parse
 
@@ -201,11 +202,10 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
                             reserve=reserve_bytes, loss=loss)
     except (SchemeError, BudgetError, ValueError) as err:
         raise UserError(str(err)) from err
-    report = plan.memory_report()
     click.echo(f"plan: scheme {scheme}, loss {loss}, {len(plan.steps)} steps, lr {lr}, "
                f"QAS {'off' if no_qas else 'on'}")
-    for key, value in report.items():
-        click.echo(f"  {key.replace('_', ' ')}: {value}")
+    for line in describe_memory(plan):
+        click.echo(line)
     if output:
         save_plan(plan, output)
         click.echo(f"wrote {output}")

@@ -287,9 +287,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
         baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
                                 epochs=config.epochs, seed=config.seed)
         baseline["rounds_to_target"] = next((r["round"] for r in baseline["rounds"] if r["accuracy"] >= target), None)
-    from fedtiny_device.codegen import plan_scratch_bytes
-
-    memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
+    memory = plan.memory_report()  # arena, the C kernels' scratch, stack: the device's RAM
     write_report(run, summary, rounds, memory, baseline, slow_rounds(asdict(config), devices))
     return dict(summary, rounds=rounds, baseline=baseline)
 

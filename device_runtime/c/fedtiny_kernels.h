@@ -96,8 +96,9 @@ size_t fedtiny_clamp_scratch_bytes(const fedtiny_clamp_params *p);
 /* ==== training: backward kernels and updates (docs/numerics.md) ==========================================
  * A gradient is int16 values g plus one power-of-two exponent e (real = g * 2^e). Kernels take the exponent
  * of their input gradient and return the one of their output; the executor keeps exponents in a table. Every
- * sum is exact in int64; kernels whose result must be narrowed (max |acc| over the whole tensor first) sum
- * into an int64 scratch of one value per output element (their _scratch_bytes()). Updates draw random numbers
+ * sum is exact; kernels whose result must be narrowed (max |acc| over the whole tensor first) sum into a scratch
+ * of one value per output element (their _scratch_bytes()): int32 where the compiler proved |sum| < 2^31 from
+ * the shapes (the pooling gradients, fedtiny.device_memory.accumulator_bound), else int64. Updates draw random numbers
  * from the SplitMix64 counter *rng_counter, one per updated element in C order, and advance it. */
 
 /* Gradient mask of an op with a fused clamp: g passes where act_min < y < act_max. In place allowed. */
