@@ -21,7 +21,8 @@ from fedtiny.ir import Graph, Op
 
 RUNTIME_FILES = ("fedtiny_arith.h", "fedtiny_kernels.h", "fedtiny_kernels.c", "fedtiny_runtime.h",
                  "fedtiny_runtime.c", "fedtiny_boot.h", "fedtiny_boot.c", "firmware_main.c", "firmware_train.c",
-                 "fedtiny_train_job.h", "fedtiny_train_job.c", "firmware_train_job.c", "fedtiny_m4.ld", "Makefile")
+                 "fedtiny_train_job.h", "fedtiny_train_job.c", "firmware_train_job.c", "firmware_profile.c",
+                 "fedtiny_m4.ld", "Makefile")
 GENERATED_FILES = ("model.h", "model.c", "samples.c")
 
 
@@ -257,27 +258,35 @@ def draws_per_step(plan) -> int:
                if s.kind in ("conv2d_weight_update", "conv2d_bias_update"))
 
 
-def count_train_macs(plan) -> dict[str, int]:
-    """Multiply-accumulates of one training step, counted from the plan: forward (every conv), input gradients
-    (a transposed conv costs what its forward conv does), weight-gradient sums (trainable rows x window x
-    positions) and bias sums (out_c x positions, additions). The per-element update (one multiply) is left out."""
+def step_macs(plan, step) -> int:
+    """Multiply-accumulates of one plan step: a forward conv's output elements x window; its input gradient the
+    same (a transposed conv); weight-gradient sums trainable rows x window x positions; bias sums out_c x
+    positions (additions). Other steps (pooling, masks, the loss, the per-element update) count none."""
+    if step.kind not in ("forward", "conv2d_input_grad", "conv2d_weight_update", "conv2d_bias_update"):
+        return 0
     graph = plan.graph
-    forward = count_macs(graph)
-    input_grad = weight_grad = bias_grad = 0
+    op = graph.ops[step.attrs["op"]]
+    if op.kind != "conv2d":
+        return 0
+    oh, ow, cout = graph.tensors[op.outputs[0]].shape
+    _, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
+    if step.kind == "conv2d_weight_update":
+        return oh * ow * step.attrs["channels"] * kh * kw * cin_g
+    if step.kind == "conv2d_bias_update":
+        return oh * ow * cout
+    return oh * ow * cout * kh * kw * cin_g
+
+
+def count_train_macs(plan) -> dict[str, int]:
+    """Multiply-accumulates of one training step by kind (step_macs): forward, input gradients, weight-gradient
+    sums and bias sums."""
+    kinds = dict(forward="forward", conv2d_input_grad="input_grad", conv2d_weight_update="weight_grad",
+                 conv2d_bias_update="bias_grad")
+    macs = dict.fromkeys(kinds.values(), 0)
     for s in plan.steps:
-        if s.kind not in ("conv2d_input_grad", "conv2d_weight_update", "conv2d_bias_update"):
-            continue
-        op = graph.ops[s.attrs["op"]]
-        oh, ow, cout = graph.tensors[op.outputs[0]].shape
-        _, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
-        if s.kind == "conv2d_input_grad":
-            input_grad += oh * ow * cout * kh * kw * cin_g
-        elif s.kind == "conv2d_weight_update":
-            weight_grad += oh * ow * s.attrs["channels"] * kh * kw * cin_g
-        else:
-            bias_grad += oh * ow * cout
-    return dict(forward=forward, input_grad=input_grad, weight_grad=weight_grad, bias_grad=bias_grad,
-                total=forward + input_grad + weight_grad + bias_grad)
+        if s.kind in kinds:
+            macs[kinds[s.kind]] += step_macs(plan, s)
+    return dict(macs, total=sum(macs.values()))
 
 
 def _mask_bounds(step, op) -> dict:

@@ -74,6 +74,12 @@ def _codegen_command() -> click.Command:
     return codegen_command
 
 
+def _profile_command() -> click.Command:
+    from fedtiny_device.profile import profile_command
+
+    return profile_command
+
+
 def _coordinator_command() -> click.Command:
     from fedtiny_server.cli import coordinator_command
 
@@ -90,7 +96,7 @@ class _Commands(click.Group):
     """The `fedtiny` group. The commands defined in the packages above the host library are imported when they
     are looked up (a run of that command, or the command list of --help)."""
 
-    UPPER = {"codegen": _codegen_command, "coordinator": _coordinator_command,
+    UPPER = {"codegen": _codegen_command, "profile": _profile_command, "coordinator": _coordinator_command,
              "broker-config": _broker_config_command}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
