@@ -383,7 +383,8 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                 ws, k = plan.backprop_scale[i]
                 text = (_c_array("int32_t", f"{name}_ws", ws)
                         + _struct("fedtiny_conv2d_input_grad_params", f"{name}_grad",
-                                  dict(conv=f"&op{i}_params", ws=f"{name}_ws", k=k)))
+                                  dict(conv=f"&op{i}_params", ws=f"{name}_ws", k=k,
+                                       recompute=int(s.attrs.get("recompute", False)))))
                 kernel, ins = f"&{name}_grad", s.reads[:1]
             elif s.kind in ("conv2d_weight_update", "conv2d_bias_update"):
                 upd = plan.updates[i]

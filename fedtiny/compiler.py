@@ -10,7 +10,8 @@ Passes, in order:
                 buffer of a parameter ever exists; QAS factors and learning rate are folded into integers;
   5. planning   every buffer of the step (forward, backward, update) gets an offset in one arena by lifetime;
                 the device's RAM (arena + the C kernels' scratch + runtime statics + stack, fedtiny.device_memory)
-                must fit the budget minus the reserve, or compilation fails naming those parts.
+                must fit the budget minus the reserve: where it does not, conv input gradients recompute their sums
+                instead of keeping them (less scratch, more time); else compilation fails naming those parts.
 The plan's steps are what the reference trainer (fedtiny_device.trainer) and the C runtime execute.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from .arena import ArenaPlan, Buffer, check_plan, plan_arena
 from .arith import quantize_multiplier_q15
-from .device_memory import check_accumulators, plan_footprint, step_scratch_bytes
+from .device_memory import check_accumulators, choose_recompute, plan_footprint, step_scratch_bytes
 from .ir import DTYPES, Graph, Tensor
 from .scheme import Scheme, layers
 
@@ -345,6 +346,7 @@ def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = 
     check_plan(arena)
     plan.offsets, plan.arena_size = arena.offsets, arena.size
     check_accumulators(plan)
+    choose_recompute(plan, budget - reserve)
     if plan_footprint(plan)["device_ram_bytes"] > budget - reserve:
         raise BudgetError(_over_budget_message(plan, arena))
     return plan
@@ -373,4 +375,7 @@ def _over_budget_message(plan: Plan, arena: ArenaPlan) -> str:
             f"arena {ram['arena_bytes']} B (at its peak, step {peak}, {plan.steps[peak].kind}, the largest live "
             f"tensors are {names}), kernel scratch {ram['scratch_bytes']} B (for step {biggest}, "
             f"{plan.steps[biggest].kind}), stack {ram['stack_bytes']} B, runtime statics "
-            f"{ram['runtime_static_bytes']} B. Train fewer layers or channels, or raise --budget.")
+            f"{ram['runtime_static_bytes']} B"
+            + ("; conv input gradients already recompute their sums" if any(s.attrs.get("recompute") for s in
+                                                                            plan.steps) else "")
+            + ". Train fewer layers or channels, or raise --budget.")

@@ -34,7 +34,7 @@ KERNEL_STACK_BYTES = {
     "conv2d": 4 + 88, "conv2d_1x1": 4 + 104 + 24, "conv2d_depthwise": 4 + 96 + 24, "add": 4 + 56,
     "avgpool2d": 4 + 72, "maxpool2d": 4 + 56, "clamp": 4 + 8,
     "mask_bits": 4 + 24, "loss_grad": 32 + 56, "mse_grad": 32 + 80, "grad_add": 80 + 88, "grad_mask": 8 + 20,
-    "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 192, "conv2d_weight_update": 24 + 152,
+    "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
     "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
 }
 
@@ -42,12 +42,12 @@ KERNEL_STACK_BYTES = {
 # model.c's functions), on the Cortex-M4 with arm-none-eabi-gcc -O2 -ffunction-sections and --gc-sections: the
 # executor's table reaches every kernel, so the linked code does not depend on the plan. Measured from the
 # linker's map (tests/test_device_memory.py keeps it within 5 %); update it when the kernels change.
-RUNTIME_CODE_BYTES = 11_840
+RUNTIME_CODE_BYTES = 12_760
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
 _STRUCT_BYTES = dict(conv2d_params=96, add_params=52, pool2d_params=48, clamp_params=12, op=32, step_params=16,
-                     grad_mask_params=12, loss_params=8, mse_params=12, input_grad_params=12, update_params=16,
+                     grad_mask_params=12, loss_params=8, mse_params=12, input_grad_params=16, update_params=16,
                      graph=52, trainable_entry=16, train_state=32)
 
 
@@ -96,12 +96,19 @@ def _pool_grad_scratch(graph: Graph, op: Op) -> int:
     return 0 if windows_disjoint(op) else 4 * _elements(graph, op.inputs[0])
 
 
-# plan step kind -> its scratch bytes: one exact sum per input element (int64 for a conv's input gradient, where
-# |sum| can reach 2^15 * 2^15 * 2^7 per term: no int32 bound holds)
+def _input_grad_scratch(graph: Graph, op: Op, step) -> int:
+    """A conv's input gradient sums in int64 (a term reaches 2^15 * 2^15 * 2^7: no int32 bound holds): one per
+    input element in one pass, or, with the step's `recompute` (set by the compiler when that does not fit the
+    budget: choose_recompute), one per input channel, each pixel's sums computed twice."""
+    h, w, c = graph.tensors[op.inputs[0]].shape
+    return 8 * c * (1 if step.attrs.get("recompute") else h * w)
+
+
+# plan step kind -> its scratch bytes (graph, op, step)
 STEP_SCRATCH = {
-    "conv2d_input_grad": lambda graph, op: 8 * _elements(graph, op.inputs[0]),
-    "avgpool2d_input_grad": _pool_grad_scratch,
-    "maxpool2d_input_grad": _pool_grad_scratch,
+    "conv2d_input_grad": _input_grad_scratch,
+    "avgpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
+    "maxpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
 }
 
 
@@ -120,12 +127,24 @@ def step_scratch_bytes(plan, step, fast: bool = True) -> int:
     if step.kind == "forward":
         return op_scratch_bytes(graph, graph.ops[step.attrs["op"]], fast)
     rule = STEP_SCRATCH.get(step.kind)
-    return rule(graph, graph.ops[step.attrs["op"]]) if rule else 0
+    return rule(graph, graph.ops[step.attrs["op"]], step) if rule else 0
 
 
 def plan_scratch_bytes(plan, fast: bool = True) -> int:
     """The scratch of a training step: the largest any of its kernels needs."""
     return max((step_scratch_bytes(plan, s, fast) for s in plan.steps), default=0)
+
+
+def choose_recompute(plan, available: int, fast: bool = True) -> None:
+    """When the plan's RAM exceeds `available`, switch conv input-gradient steps to their recompute form (a
+    scratch of one pixel, twice the MACs), largest scratch first, until it fits or none is left: memory is
+    traded for time only where the budget asks for it."""
+    candidates = sorted((s for s in plan.steps if s.kind == "conv2d_input_grad"),
+                        key=lambda s: -step_scratch_bytes(plan, s, fast))
+    for step in candidates:
+        if plan_footprint(plan, fast)["device_ram_bytes"] <= available:
+            return
+        step.attrs["recompute"] = True
 
 
 # ---- accumulator bounds -----------------------------------------------------------------------------------------
@@ -263,6 +282,8 @@ def describe(plan, fast: bool = True) -> list[str]:
         f"  arena {report['arena_bytes']:,} B (trainable rows and biases {report['trainable_sram_bytes']:,} B, "
         f"activations and gradients {report['activation_and_gradient_bytes']:,} B)",
         f"  kernel scratch {report['scratch_bytes']:,} B{scratch_of}",
+        *([f"  {recomputed} conv input gradient(s) recompute their sums to fit the budget (less scratch, twice "
+           "their MACs)"] if (recomputed := sum(1 for s in plan.steps if s.attrs.get("recompute"))) else []),
         f"  stack {report['stack_bytes']:,} B, runtime statics {report['runtime_static_bytes']:,} B",
         f"device flash: {report['device_flash_bytes']:,} B",
         f"  constants {report['constant_flash_bytes']:,} B (weights, biases, requantization and update constants, "

@@ -120,11 +120,14 @@ typedef struct {
     int32_t exponent;
 } fedtiny_mse_params;
 
-/* conv2d input gradient (transposed conv): ws[o] = round(s_w[o] 2^k); weights as the forward pass reads them. */
+/* conv2d input gradient (transposed conv): ws[o] = round(s_w[o] 2^k); weights as the forward pass reads them.
+ * recompute 0: one pass, an int64 scratch per input element; 1: the compiler's choice when that does not fit the
+ * budget: each input pixel's sums gathered twice (peak, then narrow), an int64 scratch per input channel. */
 typedef struct {
     const fedtiny_conv2d_params *conv;
     const int32_t *ws; /* (out_c) */
     int32_t k;
+    int32_t recompute;
 } fedtiny_conv2d_input_grad_params;
 
 /* In-place QAS update of weight rows [0, channels) or of the whole bias: per output channel (m, shift). */
