@@ -139,7 +139,12 @@ def choose_recompute(plan, available: int, fast: bool = True) -> None:
     """When the plan's RAM exceeds `available`, switch conv input-gradient steps to their recompute form (a
     scratch of one pixel, twice the MACs), largest scratch first, until it fits or none is left: memory is
     traded for time only where the budget asks for it."""
-    candidates = sorted((s for s in plan.steps if s.kind == "conv2d_input_grad"),
+    def pixels(step) -> int:
+        h, w, _ = plan.graph.tensors[plan.graph.ops[step.attrs["op"]].inputs[0]].shape
+        return h * w
+
+    # an input of one pixel (a linear layer's) would take the same scratch twice as slowly
+    candidates = sorted((s for s in plan.steps if s.kind == "conv2d_input_grad" and pixels(s) > 1),
                         key=lambda s: -step_scratch_bytes(plan, s, fast))
     for step in candidates:
         if plan_footprint(plan, fast)["device_ram_bytes"] <= available:

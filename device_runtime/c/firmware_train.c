@@ -2,7 +2,7 @@
  * generated plan on the int8 samples and labels (int8 targets for an MSE plan) in flash (step i uses sample
  * i mod N), then prints the FNV-1a digest of the trainable bytes and the random counter over semihosting and
  * exits QEMU with status 0 (1 if a kernel failed). It also prints the peak stack of the steps below main's
- * frame (the stack painted before the first step), which fedtiny.device_memory.STEP_STACK_BYTES must cover.
+ * frame (the stack painted before the first step), which fedtiny.device_memory.step_stack_bytes must cover.
  * Built by the Makefile's `m4-train` target with fedtiny_boot.c. */
 #include <stdint.h>
 #include <stdio.h>
