@@ -5,7 +5,9 @@ tests/test_ctrainer.py) and scheme: exact executed instructions per training ste
 (mps2-an386, our TCG plugin, counted between the markers around each step), MACs per step counted from the plan
 (forward + input gradients + weight-gradient sums + bias sums), instructions per MAC, the latency that would give
 at 216 MHz assuming 1 instruction per cycle, and the ratio to the paper's 5.1 cycles/MAC (546 ms per image,
-23M-MAC MCUNet, 216 MHz Cortex-M7); firmware RAM / flash; host training speed of the C build (ctypes), the Python
+23M-MAC MCUNet, 216 MHz Cortex-M7); the device RAM of the step as `fedtiny compile` counts it against the
+linker's (the runtime's sections in the map plus the stack the firmware paints); the whole firmware's RAM / flash
+(with its newlib, 4 KB heap and 4 KB stack); host training speed of the C build (ctypes), the Python
 reference Trainer and PyTorch fp32 batch-1 SGD (the float model, every parameter, one thread).
 
     python benchmarks/bench_device.py [--steps 5] [--host-seconds 2]
@@ -25,7 +27,7 @@ from fedtiny.zoo import randomize_batchnorm
 from fedtiny.compiler import compile_plan
 from fedtiny.quantize import quantize
 from fedtiny.scheme import REFERENCE_SPARSE, parse
-from fedtiny_device import codegen, cruntime
+from fedtiny_device import codegen, cruntime, footprint
 from fedtiny_device.trainer import Trainer
 
 from report import capture, provenance, single_thread, write_section
@@ -79,14 +81,19 @@ def bench(name: str, scheme: str, args, cache) -> dict:
     macs = codegen.count_train_macs(plan)
     elf = cruntime.build_train_firmware(plan, x[: args.steps], labels[: args.steps], steps=args.steps,
                                         cache_dir=cache)
-    counts = cruntime.count_instructions(elf, timeout=600, cache_dir=cache)
+    run = cruntime.run_counted(elf, timeout=600, cache_dir=cache)
+    if run.result.returncode != 0:
+        raise RuntimeError(f"{name} {scheme}: the firmware failed: {run.result.stdout}{run.result.stderr}")
+    counts = run.totals
     usage = cruntime.memory_usage(elf)
+    linked = footprint.runtime_sections(elf.parent / footprint.TRAIN_MAP)
     insns = counts["region"] / counts["regions"]
     ctrainer = cruntime.CTrainer(plan, 0, cache_dir=cache)
     py = Trainer(plan, 0)
     py_n = 20
     row = dict(model=name, scheme=scheme, macs=macs["total"], forward_macs=macs["forward"], insns=insns,
-               arena=plan.arena_size, scratch=codegen.plan_scratch_bytes(plan), ram=usage["ram"],
+               device_ram=plan.memory_report(), linked_ram=linked["ram"] + footprint.step_stack_bytes(run.result.stdout),
+               ram=usage["ram"],
                flash=usage["flash"],
                c_sps=rate(lambda: ctrainer.steps(x, labels), len(x), args.host_seconds),
                py_sps=rate(lambda: [py.step(xi, int(yi)) for xi, yi in zip(x[:py_n], labels[:py_n])], py_n,
@@ -97,17 +104,19 @@ def bench(name: str, scheme: str, args, cache) -> dict:
 
 def table(rows) -> str:
     lines = ["| model | scheme | MACs/step (fwd) | M4 insns/step | insns/MAC | ms/step @216 MHz, 1 insn/cycle "
-             "| vs paper 5.1 cycles/MAC | arena + scratch B | firmware RAM / flash B | host C steps/s "
+             "| vs paper 5.1 cycles/MAC | device RAM B: compile (arena + scratch + stack + statics) / linker "
+             "| firmware RAM / flash B | host C steps/s "
              "| Python Trainer steps/s | PyTorch fp32 steps/s | C / Python | C / PyTorch |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ipm = r["insns"] / r["macs"]
+        ipm, d = r["insns"] / r["macs"], r["device_ram"]
         torch_text = f"{r['torch_sps']:,.0f}" if r["torch_sps"] else "-"
         vs_torch = f"{r['c_sps'] / r['torch_sps']:.1f}x" if r["torch_sps"] else "-"
         lines.append(
             f"| {r['model']} | {r['scheme']} | {r['macs']:,} ({r['forward_macs']:,}) | {r['insns']:,.0f} | {ipm:.1f} "
             f"| {1e3 * r['insns'] / CLOCK_HZ:.2f} | {ipm / PAPER_CYCLES_PER_MAC:.1f}x "
-            f"| {r['arena']:,} + {r['scratch']:,} | {r['ram']:,} / {r['flash']:,} | {r['c_sps']:,.0f} "
+            f"| {d['device_ram_bytes']:,} ({d['arena_bytes']:,} + {d['scratch_bytes']:,} + {d['stack_bytes']:,} + "
+            f"{d['runtime_static_bytes']:,}) / {r['linked_ram']:,} | {r['ram']:,} / {r['flash']:,} | {r['c_sps']:,.0f} "
             f"| {r['py_sps']:,.0f} | {torch_text} | {r['c_sps'] / r['py_sps']:.0f}x | {vs_torch} |")
     return "\n".join(lines)
 
@@ -128,6 +137,10 @@ def main() -> None:
           f"-O2, our TCG plugin between the markers around fedtiny_model_train_step, mean of {args.steps} steps); "
           "exact counts, not cycles. Latency assumes 1 instruction per cycle at 216 MHz (no wait states, no "
           "multi-cycle instructions: optimistic for an M4, roughly right for the M7's dual issue).\n"
+          "- Device RAM: Plan.memory_report() (arena + C kernels' scratch + step stack + runtime statics) / the "
+          "linker's: the runtime objects' .data and .bss in the firmware's map plus the step's painted peak stack. "
+          "Firmware RAM / flash: the whole test firmware (arm-none-eabi-size), with newlib's printf and semihosting, "
+          "a 4 KB heap and a 4 KB stack.\n"
           "- MACs: forward convs + input gradients (a transposed conv costs its forward) + weight-gradient sums of "
           "the trainable rows + bias sums (additions); per-element updates are not counted.\n"
           f"- Paper: 546 ms per training image for a 23M-MAC model on a 216 MHz Cortex-M7 = "

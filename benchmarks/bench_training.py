@@ -1,6 +1,6 @@
 """On-device training (issue 3): accuracy ablation, memory of one training step, and host speed.
 
-    python benchmarks/bench_training.py [--no-write]
+    python benchmarks/bench_training.py [--no-write] [--memory-only]
 
 1. Ablation, per task: a float model pretrained on the host, then fine-tuned on data it has not seen with SGD,
    batch 1, the same data and epochs for every method: fp32 full fine-tuning in PyTorch, int8 full without QAS,
@@ -10,9 +10,12 @@
      copy on 100 windows and is tested on 100 others (per-device adaptation); mean over machines.
    - vision (real data): mobilenet pretrained on 25% of sklearn digits; the other 75% in 3 folds, each tested
      after fine-tuning on the other two; mean over folds.
-2. Memory of one training step, batch 1: the plan's arena (everything: activations, saved masks, gradients,
-   trainable copies) against PyTorch fp32 full and sparse updates (frozen tensors without grad): tensor bytes
-   (parameters, gradients, activations saved for backward) and the peak RSS of a process doing that step.
+2. Memory of one training step, batch 1: the plan's device RAM (Plan.memory_report, what the M4 linker counts:
+   the arena with activations, saved masks, gradients and trainable copies, plus the C kernels' scratch, the
+   step's stack and the runtime's statics) against PyTorch fp32 full and sparse updates (frozen tensors without
+   grad): tensor bytes (parameters, gradients, activations saved for backward) and the peak RSS of a process
+   doing that step. --memory-only prints this table alone (and each int8 method's device RAM), skipping the
+   ablation and speed runs, and writes nothing.
 3. Speed: reference trainer samples/s against PyTorch batch-1 SGD training samples/s, one thread each.
 """
 
@@ -97,13 +100,12 @@ def finetune_int8(graph, spec, train, lr, qas=True):
     for epoch in range(EPOCHS):
         for j in np.random.default_rng(epoch).permutation(len(xq)):
             trainer.step(xq[j], int(train.y[j]))
-    return trainer.export_graph(), plan.arena_size
+    return trainer.export_graph(), plan.memory_report()["device_ram_bytes"]
 
 
 def ablation(name, model, host, devices):
     graph = quantize(model, host.X[:512])
-    specs = {"int8 full, no QAS": ("full", False), "int8 full, QAS": ("full", True), "int8 bias-only": ("bias", True),
-             "int8 classifier-only": ("classifier", True), "int8 sparse (default)": (REFERENCE_SPARSE[name], True)}
+    specs = dict(INT8_METHODS, **{"int8 sparse (default)": (REFERENCE_SPARSE[name], True)})
     before = np.mean([(predict(graph, test.X) == test.y).mean() for _, test in devices])
     float_before = np.mean([accuracy(model, test.X, test.y) for _, test in devices])
     rows = {}
@@ -185,15 +187,56 @@ def speed(model, graph, spec, samples):
     return ours, len(xt) / (time.perf_counter() - start)
 
 
+INT8_METHODS = {"int8 full, no QAS": ("full", False), "int8 full, QAS": ("full", True),
+                "int8 bias-only": ("bias", True), "int8 classifier-only": ("classifier", True)}
+
+
+def memory_table(rows) -> list[str]:
+    out = ["| model | plan scheme | device RAM (arena + scratch + stack + statics) | PyTorch fp32 full: tensors / "
+           "process peak RSS | PyTorch sparse: tensors / peak RSS | PyTorch full tensors / device RAM | "
+           "peak RSS / device RAM |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, spec, ram, fp32, sparse in rows:
+        parts = f"{ram['device_ram_bytes']:,} B ({ram['arena_bytes']:,} + {ram['scratch_bytes']:,} + " \
+                f"{ram['stack_bytes']:,} + {ram['runtime_static_bytes']:,})"
+        out.append(f"| {name} | {spec} | {parts} | {fp32['tensor_bytes']:,} B / {fp32['rss_kb'] / 1024:.0f} MB | "
+                   f"{sparse['tensor_bytes']:,} B / {sparse['rss_kb'] / 1024:.0f} MB | "
+                   f"{fp32['tensor_bytes'] / ram['device_ram_bytes']:.0f}x | "
+                   f"{fp32['rss_kb'] * 1024 / ram['device_ram_bytes']:,.0f}x |")
+    return out
+
+
+def memory_only():
+    """The memory table alone, and every int8 method's device RAM (the ablation's memory column)."""
+    rows = []
+    for make in (industrial, vision):
+        model, host, _ = make()
+        name = "sensor_cnn" if isinstance(model, zoo.SensorCNN) else "mobilenet"
+        shape, classes = tuple(host.X.shape[1:]), len(host.classes)
+        fp32, sparse = pytorch_step_memory(name, shape, classes, "full"), pytorch_step_memory(name, shape, classes,
+                                                                                              "sparse")
+        graph = quantize(model, host.X[:512])
+        for method, (spec, qas) in dict(INT8_METHODS, **{"int8 sparse (default)": (REFERENCE_SPARSE[name], True)}).items():
+            ram = compile_plan(graph, parse(spec, graph), qas=qas).memory_report()
+            print(f"{name} {method}: {ram['device_ram_bytes']:,} B (device RAM)")
+        for spec in (REFERENCE_SPARSE[name], "full"):
+            rows.append((name, spec, compile_plan(graph, parse(spec, graph)).memory_report(), fp32, sparse))
+    print("\n".join([provenance("python benchmarks/bench_training.py --memory-only"), ""] + memory_table(rows)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="the memory table alone; writes nothing")
     args = parser.parse_args()
     single_thread()
+    if args.memory_only:
+        memory_only()
+        return
     out = [SECTION, "", provenance("python benchmarks/bench_training.py"), ""]
     out += [f"Fine-tuning: SGD, batch 1, {EPOCHS} epochs, the same shuffled order for every method; each method's best "
-            f"learning rate of {list(LRS)} is reported with it. Memory is the plan's whole arena for int8 methods and "
-            "PyTorch's tensor bytes (parameters + gradients + saved activations) for fp32.", ""]
+            f"learning rate of {list(LRS)} is reported with it. Memory is the plan's device RAM for int8 methods (arena + "
+            "C scratch + stack + runtime statics, as the M4 linker counts them) and PyTorch's tensor bytes (parameters "
+            "+ gradients + saved activations) for fp32.", ""]
     memory_rows, speed_rows = [], []
     for task, make in (("industrial (bearing, sensor_cnn, mean of 16 unseen machines)", industrial),
                        ("vision (sklearn digits, mobilenet, mean of 3 folds)", vision)):
@@ -207,24 +250,16 @@ def main():
                 "| method | accuracy | vs fp32 full | best lr | training memory |", "|---|---:|---:|---:|---:|"]
         ref = rows["fp32 full (PyTorch)"][0]
         for method, (acc, lr, memory) in rows.items():
-            mem = f"{fp32['tensor_bytes']:,} B (PyTorch tensors)" if memory is None else f"{memory:,} B (arena)"
+            mem = f"{fp32['tensor_bytes']:,} B (PyTorch tensors)" if memory is None else f"{memory:,} B (device RAM)"
             out.append(f"| {method} | {100 * acc:.1f} % | {100 * (acc - ref):+.1f} pt | {lr} | {mem} |")
         out.append("")
         graph = quantize(model, host.X[:512])
         sparse = pytorch_step_memory(name, shape, classes, "sparse")
         for spec in (REFERENCE_SPARSE[name], "full"):
-            plan = compile_plan(graph, parse(spec, graph))
-            memory_rows.append((name, spec, plan.arena_size, fp32, sparse))
+            memory_rows.append((name, spec, compile_plan(graph, parse(spec, graph)).memory_report(), fp32, sparse))
         ours, theirs = speed(model, graph, REFERENCE_SPARSE[name], host.subset(np.arange(min(300, len(host)))))
         speed_rows.append((name, REFERENCE_SPARSE[name], ours, theirs))
-    out += ["### Memory of one training step (batch 1)", "",
-            "| model | plan scheme | plan arena (whole step) | PyTorch fp32 full: tensors / process peak RSS | "
-            "PyTorch sparse: tensors / peak RSS | PyTorch full tensors / arena | peak RSS / arena |",
-            "|---|---|---:|---:|---:|---:|---:|"]
-    for name, spec, arena, fp32, sparse in memory_rows:
-        out.append(f"| {name} | {spec} | {arena:,} B | {fp32['tensor_bytes']:,} B / {fp32['rss_kb'] / 1024:.0f} MB | "
-                   f"{sparse['tensor_bytes']:,} B / {sparse['rss_kb'] / 1024:.0f} MB | "
-                   f"{fp32['tensor_bytes'] / arena:.0f}x | {fp32['rss_kb'] * 1024 / arena:,.0f}x |")
+    out += ["### Memory of one training step (batch 1)", ""] + memory_table(memory_rows)
     out += ["", "Peak RSS is the whole process (Python + torch), which is what running PyTorch on a device would cost; "
             "the paper reports 303 MB for PyTorch and 141-173 KB for its engine on bigger models "
             "(MobileNetV2-w0.35 / MCUNet at 128x128).", "",

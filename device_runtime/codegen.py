@@ -4,7 +4,7 @@ The generated model is data, not code: const weights, biases and requantization 
 params struct per op, a const op table (kind + params + arena offsets) and one static arena whose offsets
 come from `fedtiny.inspect.inference_arena`, so the SRAM the device uses is the planner's number. A reshape
 emits nothing: its output is its input's bytes (`storage_of`). The generator picks the concrete kernel per op
-(`KERNEL_CHOICE`); each kernel kind states its scratch bytes (`SCRATCH_BYTES`, the Python mirror of the C
+(`kernel_of`); the scratch each kernel needs is fedtiny.device_memory's rule (the Python statement of the C
 `_scratch_bytes()` companions, which `fedtiny_graph_check` re-checks on the device).
 """
 
@@ -14,13 +14,15 @@ from pathlib import Path
 import click
 import numpy as np
 
+from fedtiny import device_memory
 from fedtiny.inspect import inference_arena, storage_of
 from fedtiny.interpreter import quantize_input, quantize_target
 from fedtiny.ir import Graph, Op
 
 RUNTIME_FILES = ("fedtiny_arith.h", "fedtiny_kernels.h", "fedtiny_kernels.c", "fedtiny_runtime.h",
                  "fedtiny_runtime.c", "fedtiny_boot.h", "fedtiny_boot.c", "firmware_main.c", "firmware_train.c",
-                 "fedtiny_train_job.h", "fedtiny_train_job.c", "firmware_train_job.c", "fedtiny_m4.ld", "Makefile")
+                 "fedtiny_train_job.h", "fedtiny_train_job.c", "firmware_train_job.c", "firmware_profile.c",
+                 "fedtiny_m4.ld", "Makefile")
 GENERATED_FILES = ("model.h", "model.c", "samples.c")
 
 
@@ -31,41 +33,12 @@ def runtime_dir() -> Path:
 
 # ---- kernel choice and scratch sizes ------------------------------------------------------------------------
 
-def _conv_kernel(graph: Graph, op: Op, fast: bool) -> str:
-    cout, kh, kw, _ = graph.tensors[op.inputs[1]].shape
-    cin = graph.tensors[op.inputs[0]].shape[2]
-    groups = op.attrs["groups"]
-    if fast and (kh, kw) == (1, 1) and groups == 1 and not any(op.attrs["padding"]):
-        return "FEDTINY_OP_CONV2D_1X1"
-    if fast and groups == cin == cout:
-        return "FEDTINY_OP_CONV2D_DEPTHWISE"
-    return "FEDTINY_OP_CONV2D"
-
-
-# IR op kind -> the C op kind that runs it (None: no op, the output aliases the input)
-KERNEL_CHOICE = {
-    "conv2d": _conv_kernel,
-    "add": lambda graph, op, fast: "FEDTINY_OP_ADD",
-    "avgpool2d": lambda graph, op, fast: "FEDTINY_OP_AVGPOOL2D",
-    "maxpool2d": lambda graph, op, fast: "FEDTINY_OP_MAXPOOL2D",
-    "clamp": lambda graph, op, fast: "FEDTINY_OP_CLAMP",
-    "lut": lambda graph, op, fast: "FEDTINY_OP_LUT",
-    "reshape": lambda graph, op, fast: None,
-}
-
-# C op kind -> scratch bytes, mirroring each kernel's _scratch_bytes() in fedtiny_kernels.c
-SCRATCH_BYTES = {
-    "FEDTINY_OP_CONV2D_1X1": lambda graph, op: 2 * 2 * graph.tensors[op.inputs[0]].shape[2],
-}
-
+# Both are fedtiny.device_memory's (the compiler's budget check counts the same scratch): here they become C names.
 
 def kernel_of(graph: Graph, op: Op, fast: bool = True) -> str | None:
-    return KERNEL_CHOICE[op.kind](graph, op, fast)
-
-
-def scratch_bytes(graph: Graph, fast: bool = True) -> int:
-    kinds = [(op, kernel_of(graph, op, fast)) for op in graph.ops]
-    return max([SCRATCH_BYTES[k](graph, op) for op, k in kinds if k in SCRATCH_BYTES], default=0)
+    """The C op kind that runs an IR op (None: no op, a reshape's output aliases its input)."""
+    kernel = device_memory.kernel_of(graph, op, fast)
+    return None if kernel is None else f"FEDTINY_OP_{kernel.upper()}"
 
 
 def count_macs(graph: Graph) -> int:
@@ -164,7 +137,7 @@ def render_model(graph: Graph, fast: bool = True) -> tuple[str, str]:
     root = storage_of(graph)
     offset = {name: plan.offsets[root[name]] for name in root}
     x, y = graph.tensors[graph.inputs[0]], graph.tensors[graph.outputs[0]]
-    scratch = scratch_bytes(graph, fast)
+    scratch = device_memory.graph_scratch_bytes(graph, fast)
     decls, rows = [], []
     for i, op in enumerate(graph.ops):
         kind = kernel_of(graph, op, fast)
@@ -267,22 +240,6 @@ TRAIN_STEP_KIND = {
     "lut_input_grad": "FEDTINY_OP_LUT_INPUT_GRAD",
 }
 
-# plan step kind -> scratch bytes, mirroring the backward kernels' _scratch_bytes() (an int64 per input element)
-TRAIN_SCRATCH_BYTES = {
-    "conv2d_input_grad": lambda graph, op: 8 * int(np.prod(graph.tensors[op.inputs[0]].shape)),
-    "avgpool2d_input_grad": lambda graph, op: 8 * int(np.prod(graph.tensors[op.inputs[0]].shape)),
-    "maxpool2d_input_grad": lambda graph, op: 8 * int(np.prod(graph.tensors[op.inputs[0]].shape)),
-}
-
-
-def plan_scratch_bytes(plan, fast: bool = True) -> int:
-    graph = plan.graph
-    forward = scratch_bytes(graph, fast)
-    backward = [TRAIN_SCRATCH_BYTES[s.kind](graph, graph.ops[s.attrs["op"]]) for s in plan.steps
-                if s.kind in TRAIN_SCRATCH_BYTES]
-    return max([forward] + backward)
-
-
 def gradient_buffers(plan) -> list[str]:
     """The plan's gradient buffers in order of first write: index i is entry i of the C exponent table."""
     names: list[str] = []
@@ -311,27 +268,35 @@ def draws_per_step(plan) -> int:
                if s.kind in ("conv2d_weight_update", "conv2d_bias_update"))
 
 
-def count_train_macs(plan) -> dict[str, int]:
-    """Multiply-accumulates of one training step, counted from the plan: forward (every conv), input gradients
-    (a transposed conv costs what its forward conv does), weight-gradient sums (trainable rows x window x
-    positions) and bias sums (out_c x positions, additions). The per-element update (one multiply) is left out."""
+def step_macs(plan, step) -> int:
+    """Multiply-accumulates of one plan step: a forward conv's output elements x window; its input gradient the
+    same (a transposed conv); weight-gradient sums trainable rows x window x positions; bias sums out_c x
+    positions (additions). Other steps (pooling, masks, the loss, the per-element update) count none."""
+    if step.kind not in ("forward", "conv2d_input_grad", "conv2d_weight_update", "conv2d_bias_update"):
+        return 0
     graph = plan.graph
-    forward = count_macs(graph)
-    input_grad = weight_grad = bias_grad = 0
+    op = graph.ops[step.attrs["op"]]
+    if op.kind != "conv2d":
+        return 0
+    oh, ow, cout = graph.tensors[op.outputs[0]].shape
+    _, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
+    if step.kind == "conv2d_weight_update":
+        return oh * ow * step.attrs["channels"] * kh * kw * cin_g
+    if step.kind == "conv2d_bias_update":
+        return oh * ow * cout
+    return oh * ow * cout * kh * kw * cin_g
+
+
+def count_train_macs(plan) -> dict[str, int]:
+    """Multiply-accumulates of one training step by kind (step_macs): forward, input gradients, weight-gradient
+    sums and bias sums."""
+    kinds = dict(forward="forward", conv2d_input_grad="input_grad", conv2d_weight_update="weight_grad",
+                 conv2d_bias_update="bias_grad")
+    macs = dict.fromkeys(kinds.values(), 0)
     for s in plan.steps:
-        if s.kind not in ("conv2d_input_grad", "conv2d_weight_update", "conv2d_bias_update"):
-            continue
-        op = graph.ops[s.attrs["op"]]
-        oh, ow, cout = graph.tensors[op.outputs[0]].shape
-        _, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
-        if s.kind == "conv2d_input_grad":
-            input_grad += oh * ow * cout * kh * kw * cin_g
-        elif s.kind == "conv2d_weight_update":
-            weight_grad += oh * ow * s.attrs["channels"] * kh * kw * cin_g
-        else:
-            bias_grad += oh * ow * cout
-    return dict(forward=forward, input_grad=input_grad, weight_grad=weight_grad, bias_grad=bias_grad,
-                total=forward + input_grad + weight_grad + bias_grad)
+        if s.kind in kinds:
+            macs[kinds[s.kind]] += step_macs(plan, s)
+    return dict(macs, total=sum(macs.values()))
 
 
 def _mask_bounds(step, op) -> dict:
@@ -363,7 +328,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
     if len(grads) > 255:
         raise ValueError("more than 255 gradient buffers")
     x, y = t[graph.inputs[0]], t[graph.outputs[0]]
-    scratch = plan_scratch_bytes(plan, fast)
+    scratch = device_memory.plan_scratch_bytes(plan, fast)
     trainable = plan.trainable_buffers()
 
     decls = []
@@ -428,7 +393,8 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                 ws, k = plan.backprop_scale[i]
                 text = (_c_array("int32_t", f"{name}_ws", ws)
                         + _struct("fedtiny_conv2d_input_grad_params", f"{name}_grad",
-                                  dict(conv=f"&op{i}_params", ws=f"{name}_ws", k=k)))
+                                  dict(conv=f"&op{i}_params", ws=f"{name}_ws", k=k,
+                                       recompute=int(s.attrs.get("recompute", False)))))
                 kernel, ins = f"&{name}_grad", s.reads[:1]
             elif s.kind in ("conv2d_weight_update", "conv2d_bias_update"):
                 upd = plan.updates[i]
@@ -705,12 +671,12 @@ def codegen_command(model_file: str, out_dir: str, samples_file: str | None, lab
     if is_plan:
         macs = count_train_macs(plan)
         click.echo(f"wrote {out}: training plan '{plan.scheme}', {len(plan.steps)} steps, arena {plan.arena_size} "
-                   f"bytes, scratch {plan_scratch_bytes(plan, not reference)} bytes, {macs['total']} MACs per "
+                   f"bytes, scratch {device_memory.plan_scratch_bytes(plan, not reference)} bytes, {macs['total']} MACs per "
                    f"step; run `make -C {out} host` or `make -C {out} m4-train`")
         return
     arena = inference_arena(graph)
     click.echo(f"wrote {out}: {len(graph.ops)} ops, arena {arena.size} bytes, scratch "
-               f"{scratch_bytes(graph, not reference)} bytes, {count_macs(graph)} MACs; "
+               f"{device_memory.graph_scratch_bytes(graph, not reference)} bytes, {count_macs(graph)} MACs; "
                f"run `make -C {out} host` or `make -C {out} m4`")
 
 

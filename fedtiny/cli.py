@@ -76,6 +76,12 @@ def _codegen_command() -> click.Command:
     return codegen_command
 
 
+def _profile_command() -> click.Command:
+    from fedtiny_device.profile import profile_command
+
+    return profile_command
+
+
 def _coordinator_command() -> click.Command:
     from fedtiny_server.cli import coordinator_command
 
@@ -92,7 +98,7 @@ class _Commands(click.Group):
     """The `fedtiny` group. The commands defined in the packages above the host library are imported when they
     are looked up (a run of that command, or the command list of --help)."""
 
-    UPPER = {"codegen": _codegen_command, "coordinator": _coordinator_command,
+    UPPER = {"codegen": _codegen_command, "profile": _profile_command, "coordinator": _coordinator_command,
              "broker-config": _broker_config_command}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -223,6 +229,7 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
     """Compile MODEL (a .ftm file, a zoo name or FILE.py:FACTORY) into a training plan and print its memory
     report."""
     from .compiler import BudgetError, compile_plan
+    from .device_memory import describe as describe_memory
     from .planfile import save_plan
     from .scheme import REFERENCE_SPARSE, SchemeError, parse
     from .search import SearchError
@@ -247,11 +254,10 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
                                 reserve=reserve_bytes, loss=loss)
     except (SchemeError, BudgetError, SearchError, ValueError) as err:
         raise UserError(" ".join(str(err).split())) from err
-    report = plan.memory_report()
     click.echo(f"plan: scheme {scheme}, loss {loss}, {len(plan.steps)} steps, lr {lr}, "
                f"QAS {'off' if no_qas else 'on'}")
-    for key, value in report.items():
-        click.echo(f"  {key.replace('_', ' ')}: {value}")
+    for line in describe_memory(plan):
+        click.echo(line)
     if output:
         save_plan(plan, output)
         click.echo(f"wrote {output}")

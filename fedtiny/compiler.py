@@ -8,8 +8,10 @@ Passes, in order:
                 needs only where a ReLU/clamp let values through, one bit per element is saved instead;
   4. updates    each weight/bias update is placed right after its gradient sums, in place, so no gradient
                 buffer of a parameter ever exists; QAS factors and learning rate are folded into integers;
-  5. planning   every buffer of the step (forward, backward, update) gets an offset in one arena by lifetime,
-                and the arena must fit the budget, or compilation fails naming what is alive at the peak.
+  5. planning   every buffer of the step (forward, backward, update) gets an offset in one arena by lifetime;
+                the device's RAM (arena + the C kernels' scratch + runtime statics + stack, fedtiny.device_memory)
+                must fit the budget minus the reserve: where it does not, conv input gradients recompute their sums
+                instead of keeping them (less scratch, more time); else compilation fails naming those parts.
 The plan's steps are what the reference trainer (fedtiny_device.trainer) and the C runtime execute.
 """
 
@@ -21,12 +23,14 @@ import numpy as np
 
 from .arena import ArenaPlan, Buffer, check_plan, plan_arena
 from .arith import quantize_multiplier_q15
+from .device_memory import check_accumulators, choose_recompute, plan_footprint, step_scratch_bytes
 from .ir import DTYPES, Graph, Tensor
 from .scheme import Scheme, layers
 
 LOSSES = ("cross_entropy", "mse")
 DEFAULT_BUDGET = 256 * 1024
-DEFAULT_RESERVE = 64 * 1024  # network stack (MQTT client, TLS/PSK, ChaCha20-Poly1305) and firmware stack
+DEFAULT_RESERVE = 64 * 1024  # network stack (MQTT client, TLS/PSK, ChaCha20-Poly1305), the rest of the firmware
+# and its stack; the training step's own RAM (arena, scratch, runtime statics, step stack) is the plan's
 
 
 class BudgetError(ValueError):
@@ -131,11 +135,15 @@ class Plan:
         return Graph(tensors, g.ops, g.inputs, g.outputs, dict(g.meta))
 
     def memory_report(self) -> dict:
+        """The device's RAM and flash for this plan, by part (fedtiny.device_memory.plan_footprint: arena, C
+        scratch, runtime statics and stack; constants and code), with the budget. `flash_bytes` is the smaller
+        figure a node announces in JOIN (frozen constants and the plan's integer constants, without code or the
+        trainable rows' initial values)."""
         trainable = sum(self.buffers[b].nbytes for b in self.trainable_buffers())
         frozen = sum(t.nbytes for t in self.graph.constants) - trainable
         params = sum(8 * len(op.attrs["multiplier"]) for op in self.graph.ops if op.kind == "conv2d")
         update_consts = sum(4 * (len(u.weight_m) + len(u.bias_m)) * 2 for u in self.updates.values())
-        return dict(arena_bytes=self.arena_size, trainable_sram_bytes=trainable,
+        return dict(plan_footprint(self), trainable_sram_bytes=trainable,
                     activation_and_gradient_bytes=self.arena_size - trainable,
                     flash_bytes=frozen + params + update_consts + 2 * len(self.exp_table),
                     budget_bytes=self.budget, reserve_bytes=self.reserve)
@@ -341,7 +349,9 @@ def compile_plan(graph: Graph, scheme: Scheme, *, lr: float = 0.05, qas: bool = 
     arena = plan_arena(buffer_lifetimes(plan))
     check_plan(arena)
     plan.offsets, plan.arena_size = arena.offsets, arena.size
-    if arena.size > budget - reserve:
+    check_accumulators(plan)
+    choose_recompute(plan, budget - reserve)
+    if plan_footprint(plan)["device_ram_bytes"] > budget - reserve:
         raise BudgetError(_over_budget_message(plan, arena))
     return plan
 
@@ -359,10 +369,17 @@ def buffer_lifetimes(plan: Plan) -> list[Buffer]:
 
 
 def _over_budget_message(plan: Plan, arena: ArenaPlan) -> str:
+    ram = plan_footprint(plan)
     peak = arena.peak_step()
     live = sorted(arena.live_at(peak), key=lambda b: -b.size)[:5]
-    step = plan.steps[peak]
     names = ", ".join(f"{b.name} ({b.size} B)" for b in live)
-    return (f"the training plan needs {arena.size} bytes of SRAM but the budget leaves {plan.budget - plan.reserve} "
-            f"({plan.budget} minus {plan.reserve} reserved for the network stack); at the peak (step {peak}, "
-            f"{step.kind}) the largest live tensors are {names}. Train fewer layers or channels, or raise --budget.")
+    biggest = max(range(len(plan.steps)), key=lambda j: step_scratch_bytes(plan, plan.steps[j]))
+    return (f"the training plan needs {ram['device_ram_bytes']} bytes of RAM but the budget leaves "
+            f"{plan.budget - plan.reserve} ({plan.budget} minus {plan.reserve} reserved for the network stack): "
+            f"arena {ram['arena_bytes']} B (at its peak, step {peak}, {plan.steps[peak].kind}, the largest live "
+            f"tensors are {names}), kernel scratch {ram['scratch_bytes']} B (for step {biggest}, "
+            f"{plan.steps[biggest].kind}), stack {ram['stack_bytes']} B, runtime statics "
+            f"{ram['runtime_static_bytes']} B"
+            + ("; conv input gradients already recompute their sums" if any(s.attrs.get("recompute") for s in
+                                                                            plan.steps) else "")
+            + ". Train fewer layers or channels, or raise --budget.")

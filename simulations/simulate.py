@@ -434,9 +434,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
             f"in {config.workers} worker process(es) of one PyTorch thread each, as fedtiny's nodes")
         baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
                                 epochs=config.epochs, seed=config.seed, workers=config.workers, note=say)
-    from fedtiny_device.codegen import plan_scratch_bytes
-
-    memory = dict(plan.memory_report(), scratch_bytes=plan_scratch_bytes(plan))  # the C kernels' scratch, beside the arena
+    memory = plan.memory_report()  # arena, the C kernels' scratch, stack: the device's RAM
     summary["targets"] = accuracy_targets(initial, rounds, baseline)  # "rounds to X %", each with its rule
     first = summary["targets"][0] if summary["targets"] else {}
     summary.update(target_accuracy=first.get("accuracy"), rounds_to_target=first.get("fedtiny"))

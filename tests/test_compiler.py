@@ -224,10 +224,13 @@ def test_compile_cli(sensor, tmp_path):
     runner = CliRunner()
     ok = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "bias", "-o", str(tmp_path / "p.ftp")])
     assert ok.exit_code == 0, ok.output
-    assert "arena bytes" in ok.output and (tmp_path / "p.ftp").exists()
+    ram = compile_plan(graph, parse("bias", graph)).memory_report()
+    assert f"device RAM: {ram['device_ram_bytes']:,} B" in ok.output and f"arena {ram['arena_bytes']:,} B" in ok.output
+    assert f"device flash: {ram['device_flash_bytes']:,} B" in ok.output and (tmp_path / "p.ftp").exists()
     over = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "full", "--budget", "66KB",
                                 "--reserve", "64KB"])
     assert over.exit_code == 2 and "largest live tensors" in over.output and "Traceback" not in over.output
+    assert "kernel scratch" in over.output and "stack" in over.output
     bad = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "sparse:3:-2@1/3"])
     assert bad.exit_code == 2 and "1/8, 1/4, 1/2, 1" in bad.output
 
@@ -356,7 +359,7 @@ def test_compile_cli_mse(tmp_path):
     ok = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--scheme", "full", "--loss", "mse",
                               "-o", str(tmp_path / "p.ftp")])
     assert ok.exit_code == 0, ok.output
-    assert "loss mse" in ok.output and "arena bytes" in ok.output
+    assert "loss mse" in ok.output and "device RAM: " in ok.output
     assert load_plan(tmp_path / "p.ftp").loss == "mse"
     bad = runner.invoke(main, ["compile", str(tmp_path / "m.ftm"), "--loss", "huber"])
     assert bad.exit_code == 2 and "huber" in bad.output

@@ -160,7 +160,7 @@ def test_m4_firmware_trains_like_python_under_qemu(name, scheme, cache):
     assert plan.arena_size <= usage[".bss"]
     assert usage["ram"] <= 256 * 1024 and usage["flash"] <= 1024 * 1024
     print(f"\n{name} {scheme} on M4: RAM {usage['ram']} B (arena {plan.arena_size} B, scratch "
-          f"{codegen.plan_scratch_bytes(plan)} B), flash {usage['flash']} B")
+          f"{plan.memory_report()['scratch_bytes']} B), flash {usage['flash']} B")
 
 
 def test_firmware_digest_changes_with_state(cache):

@@ -136,7 +136,7 @@ def test_a_small_budget_scales_the_default_reserve_and_says_so(tmp_path, monkeyp
     assert result.exit_code == 0, result.stderr
     assert "reserve 16 KB: a quarter of the 64 KB budget, as the default 64 KB does not fit (--reserve sets it)" \
         in result.stderr.splitlines()
-    assert "  reserve bytes: 16384" in result.stdout.splitlines()
+    assert "of 49,152 B (budget 65,536 B minus 16,384 B reserved for the network stack)" in result.stdout
 
 
 # A user's broken model file, given to `quantize` and `compile` as FILE.py:FACTORY: source, factory, the words

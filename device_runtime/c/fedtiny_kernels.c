@@ -34,7 +34,32 @@ static int32_t narrow_tensor(const int64_t *acc, int32_t n, int16_t *g)
     return shift;
 }
 
+/* The same for int32 sums: kernels whose |sum| < 2^31 the compiler proved from the shapes
+ * (fedtiny.device_memory.accumulator_bound), at half the scratch. */
+static int32_t narrow_tensor32(const int32_t *acc, int32_t n, int16_t *g)
+{
+    uint64_t peak = 0;
+    int32_t i, shift;
+    for (i = 0; i < n; i++) {
+        const uint64_t a = fedtiny_abs64(acc[i]);
+        peak = a > peak ? a : peak;
+    }
+    shift = fedtiny_narrow_shift(peak);
+    for (i = 0; i < n; i++) {
+        g[i] = fedtiny_narrow_one(acc[i], shift);
+    }
+    return shift;
+}
+
 static void zero_i64(int64_t *a, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; i++) {
+        a[i] = 0;
+    }
+}
+
+static void zero_i32(int32_t *a, int32_t n)
 {
     int32_t i;
     for (i = 0; i < n; i++) {
@@ -97,11 +122,83 @@ fedtiny_status fedtiny_conv2d(const fedtiny_conv2d_params *p, const int8_t *x, i
 
 size_t fedtiny_conv2d_input_grad_scratch_bytes(const fedtiny_conv2d_input_grad_params *p)
 {
-    return (size_t)p->conv->in_h * (size_t)p->conv->in_w * (size_t)p->conv->in_c * sizeof(int64_t);
+    const size_t pixels = p->recompute ? 1u : (size_t)p->conv->in_h * (size_t)p->conv->in_w;
+    return pixels * (size_t)p->conv->in_c * sizeof(int64_t);
+}
+
+/* The exact gradient sums of one input pixel (iy, ix), gathered from every output whose window covers it:
+ * acc[c] = sum g_y[oy, ox, o] ws[o] W[o, ky, kx, c] over oy stride_h = iy + pad_top - ky (and the same in x). */
+static void input_grad_pixel(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y, int32_t iy, int32_t ix,
+                             int64_t *acc)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t cin_g = c->in_c / c->groups;
+    const int32_t cout_g = c->out_c / c->groups;
+    const int32_t row_len = c->kernel_h * c->kernel_w * cin_g;
+    int32_t ky, kx, oc, ic;
+    zero_i64(acc, c->in_c);
+    for (ky = 0; ky < c->kernel_h; ky++) {
+        const int32_t ty = iy + c->pad_top - ky;
+        const int32_t oy = ty / c->stride_h;
+        if (ty < 0 || ty % c->stride_h != 0 || oy >= c->out_h) {
+            continue;
+        }
+        for (kx = 0; kx < c->kernel_w; kx++) {
+            const int32_t tx = ix + c->pad_left - kx;
+            const int32_t ox = tx / c->stride_w;
+            const int16_t *gp;
+            if (tx < 0 || tx % c->stride_w != 0 || ox >= c->out_w) {
+                continue;
+            }
+            gp = g_y + (oy * c->out_w + ox) * c->out_c;
+            for (oc = 0; oc < c->out_c; oc++) {
+                const int32_t t = (int32_t)gp[oc] * p->ws[oc]; /* |t| < 2^30 */
+                const int8_t *wp;
+                int64_t *ap;
+                if (t == 0) {
+                    continue;
+                }
+                wp = weight_row(c, oc, row_len) + (ky * c->kernel_w + kx) * cin_g;
+                ap = acc + (oc / cout_g) * cin_g;
+                for (ic = 0; ic < cin_g; ic++) {
+                    ap[ic] += (int64_t)t * wp[ic];
+                }
+            }
+        }
+    }
+}
+
+/* The recompute form: every pixel's sums twice (first for the peak, then narrowed into g_x), in a scratch of one
+ * pixel: twice the MACs, 8 * in_c bytes instead of 8 per input element. */
+static int32_t input_grad_recomputed(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y, int16_t *g_x,
+                                     int64_t *acc)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    uint64_t peak = 0;
+    int32_t pass, shift = 0, iy, ix, ic;
+    for (pass = 0; pass < 2; pass++) {
+        for (iy = 0; iy < c->in_h; iy++) {
+            for (ix = 0; ix < c->in_w; ix++) {
+                int16_t *gp = g_x + (iy * c->in_w + ix) * c->in_c;
+                input_grad_pixel(p, g_y, iy, ix, acc);
+                for (ic = 0; ic < c->in_c; ic++) {
+                    if (pass == 0) {
+                        const uint64_t a = fedtiny_abs64(acc[ic]);
+                        peak = a > peak ? a : peak;
+                    } else {
+                        gp[ic] = fedtiny_narrow_one(acc[ic], shift);
+                    }
+                }
+            }
+        }
+        shift = fedtiny_narrow_shift(peak);
+    }
+    return shift;
 }
 
 /* g_y (out_h, out_w, out_c) -> g_x (in_h, in_w, in_c): acc[iy, ix, c] += g_y[o] ws[o] W[o, ky, kx, c] over the
- * window of every output (a transposed conv, scattered into the int64 scratch), then narrowed. */
+ * window of every output (a transposed conv, scattered into the int64 scratch), then narrowed; with recompute,
+ * gathered pixel by pixel twice instead (input_grad_recomputed). */
 fedtiny_status fedtiny_conv2d_input_grad(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y, int32_t e_y,
                                          int16_t *g_x, int32_t *e_x, void *scratch)
 {
@@ -114,6 +211,10 @@ fedtiny_status fedtiny_conv2d_input_grad(const fedtiny_conv2d_input_grad_params 
     int32_t oy, ox, oc, ky, kx, ic;
     if (c->groups < 1 || cin_g * c->groups != c->in_c || cout_g * c->groups != c->out_c || scratch == NULL) {
         return FEDTINY_ERR_PARAMS;
+    }
+    if (p->recompute) {
+        *e_x = e_y - p->k + input_grad_recomputed(p, g_y, g_x, acc);
+        return FEDTINY_OK;
     }
     zero_i64(acc, n);
     for (oy = 0; oy < c->out_h; oy++) {
@@ -489,23 +590,81 @@ fedtiny_status fedtiny_avgpool2d(const fedtiny_pool2d_params *p, const int8_t *x
     return FEDTINY_OK;
 }
 
+/* Windows that do not overlap (stride >= kernel, e.g. a global average pool): every input element gets at most
+ * one window's gradient, so the pooling gradients need no accumulator and no scratch. */
+static int pool_windows_disjoint(const fedtiny_pool2d_params *p)
+{
+    return p->stride_h >= p->kernel_h && p->stride_w >= p->kernel_w;
+}
+
+static void zero_i16(int16_t *a, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; i++) {
+        a[i] = 0;
+    }
+}
+
 size_t fedtiny_avgpool2d_input_grad_scratch_bytes(const fedtiny_pool2d_params *p)
 {
-    return (size_t)p->in_h * (size_t)p->in_w * (size_t)p->channels * sizeof(int64_t);
+    return pool_windows_disjoint(p) ? 0 : (size_t)p->in_h * (size_t)p->in_w * (size_t)p->channels * sizeof(int32_t);
+}
+
+/* Disjoint windows: g_x = narrow(g * recip) directly, after a first pass for the peak (zero outside windows). */
+static int32_t avgpool2d_input_grad_disjoint(const fedtiny_pool2d_params *p, const int16_t *g_y, int16_t *g_x)
+{
+    uint64_t peak = 0;
+    int32_t pass, shift = 0, oy, ox, c, iy, ix;
+    zero_i16(g_x, p->in_h * p->in_w * p->channels);
+    for (pass = 0; pass < 2; pass++) {
+        for (oy = 0; oy < p->out_h; oy++) {
+            const int32_t iy0 = oy * p->stride_h - p->pad_top;
+            const int32_t iy_lo = max_i32(0, iy0), iy_hi = min_i32(p->in_h, iy0 + p->kernel_h);
+            for (ox = 0; ox < p->out_w; ox++) {
+                const int32_t ix0 = ox * p->stride_w - p->pad_left;
+                const int32_t ix_lo = max_i32(0, ix0), ix_hi = min_i32(p->in_w, ix0 + p->kernel_w);
+                const int32_t count = max_i32(0, iy_hi - iy_lo) * max_i32(0, ix_hi - ix_lo);
+                const int32_t recip = count ? (32768 + count / 2) / count : 0;
+                const int16_t *gp = g_y + (oy * p->out_w + ox) * p->channels;
+                if (count == 0) {
+                    continue;
+                }
+                for (c = 0; c < p->channels && pass == 0; c++) {
+                    const uint64_t v = fedtiny_abs64((int64_t)gp[c] * recip);
+                    peak = v > peak ? v : peak;
+                }
+                for (iy = iy_lo; iy < iy_hi && pass == 1; iy++) {
+                    for (ix = ix_lo; ix < ix_hi; ix++) {
+                        int16_t *xp = g_x + (iy * p->in_w + ix) * p->channels;
+                        for (c = 0; c < p->channels; c++) {
+                            xp[c] = fedtiny_narrow_one((int64_t)gp[c] * recip, shift);
+                        }
+                    }
+                }
+            }
+        }
+        shift = fedtiny_narrow_shift(peak);
+    }
+    return shift;
 }
 
 /* g_y (out_h, out_w, c) -> g_x (in_h, in_w, c): each output's g * round(2^15 / count) added to its window's
- * valid inputs, narrowed with exponent e_y - 15. */
+ * valid inputs, narrowed with exponent e_y - 15. Overlapping windows sum in an int32 scratch: the compiler
+ * proved |sum| < 2^31 for the shapes (fedtiny.device_memory.accumulator_bound). */
 fedtiny_status fedtiny_avgpool2d_input_grad(const fedtiny_pool2d_params *p, const int16_t *g_y, int32_t e_y,
                                             int16_t *g_x, int32_t *e_x, void *scratch)
 {
     const int32_t n = p->in_h * p->in_w * p->channels;
-    int64_t *acc = (int64_t *)scratch;
+    int32_t *acc = (int32_t *)scratch;
     int32_t oy, ox, c, iy, ix;
+    if (pool_windows_disjoint(p)) {
+        *e_x = e_y - 15 + avgpool2d_input_grad_disjoint(p, g_y, g_x);
+        return FEDTINY_OK;
+    }
     if (scratch == NULL) {
         return FEDTINY_ERR_PARAMS;
     }
-    zero_i64(acc, n);
+    zero_i32(acc, n);
     for (oy = 0; oy < p->out_h; oy++) {
         const int32_t iy0 = oy * p->stride_h - p->pad_top;
         const int32_t iy_lo = max_i32(0, iy0), iy_hi = min_i32(p->in_h, iy0 + p->kernel_h);
@@ -517,15 +676,15 @@ fedtiny_status fedtiny_avgpool2d_input_grad(const fedtiny_pool2d_params *p, cons
             const int16_t *gp = g_y + (oy * p->out_w + ox) * p->channels;
             for (iy = iy_lo; iy < iy_hi; iy++) {
                 for (ix = ix_lo; ix < ix_hi; ix++) {
-                    int64_t *ap = acc + (iy * p->in_w + ix) * p->channels;
+                    int32_t *ap = acc + (iy * p->in_w + ix) * p->channels;
                     for (c = 0; c < p->channels; c++) {
-                        ap[c] += (int64_t)((int32_t)gp[c] * recip);
+                        ap[c] += (int32_t)gp[c] * recip;
                     }
                 }
             }
         }
     }
-    *e_x = e_y - 15 + narrow_tensor(acc, n, g_x);
+    *e_x = e_y - 15 + narrow_tensor32(acc, n, g_x);
     return FEDTINY_OK;
 }
 
@@ -561,20 +720,50 @@ fedtiny_status fedtiny_maxpool2d(const fedtiny_pool2d_params *p, const int8_t *x
 
 size_t fedtiny_maxpool2d_input_grad_scratch_bytes(const fedtiny_pool2d_params *p)
 {
-    return (size_t)p->in_h * (size_t)p->in_w * (size_t)p->channels * sizeof(int64_t);
+    return pool_windows_disjoint(p) ? 0 : (size_t)p->in_h * (size_t)p->in_w * (size_t)p->channels * sizeof(int32_t);
 }
 
-/* Each output's g goes to the first maximum of its window's valid inputs in row-major order; exponent e_y. */
-fedtiny_status fedtiny_maxpool2d_input_grad(const fedtiny_pool2d_params *p, const int16_t *g_y, int32_t e_y,
-                                            const int8_t *x, int16_t *g_x, int32_t *e_x, void *scratch)
+/* The first maximum of a window's valid inputs in row-major order (its index in x), or -1 if it has none. */
+static int32_t window_argmax(const fedtiny_pool2d_params *p, const int8_t *x, int32_t iy_lo, int32_t iy_hi,
+                             int32_t ix_lo, int32_t ix_hi, int32_t c)
 {
-    const int32_t n = p->in_h * p->in_w * p->channels;
-    int64_t *acc = (int64_t *)scratch;
-    int32_t oy, ox, c, iy, ix;
-    if (scratch == NULL) {
-        return FEDTINY_ERR_PARAMS;
+    int32_t best = -129, at = -1, iy, ix;
+    for (iy = iy_lo; iy < iy_hi; iy++) {
+        for (ix = ix_lo; ix < ix_hi; ix++) {
+            const int32_t i = (iy * p->in_w + ix) * p->channels + c;
+            if (x[i] > best) {
+                best = x[i];
+                at = i;
+            }
+        }
     }
-    zero_i64(acc, n);
+    return at;
+}
+
+/* Disjoint windows: each window's g lands alone on its maximum; the peak is the largest |g| of a window with
+ * a valid input. */
+static int32_t maxpool2d_input_grad_disjoint(const fedtiny_pool2d_params *p, const int16_t *g_y, const int8_t *x,
+                                             int16_t *g_x)
+{
+    uint64_t peak = 0;
+    int32_t shift, oy, ox, c;
+    zero_i16(g_x, p->in_h * p->in_w * p->channels);
+    for (oy = 0; oy < p->out_h; oy++) {
+        const int32_t iy0 = oy * p->stride_h - p->pad_top;
+        const int32_t iy_lo = max_i32(0, iy0), iy_hi = min_i32(p->in_h, iy0 + p->kernel_h);
+        for (ox = 0; ox < p->out_w; ox++) {
+            const int32_t ix0 = ox * p->stride_w - p->pad_left;
+            const int32_t ix_lo = max_i32(0, ix0), ix_hi = min_i32(p->in_w, ix0 + p->kernel_w);
+            if (iy_hi <= iy_lo || ix_hi <= ix_lo) {
+                continue;
+            }
+            for (c = 0; c < p->channels; c++) {
+                const uint64_t v = fedtiny_abs64(g_y[(oy * p->out_w + ox) * p->channels + c]);
+                peak = v > peak ? v : peak;
+            }
+        }
+    }
+    shift = fedtiny_narrow_shift(peak);
     for (oy = 0; oy < p->out_h; oy++) {
         const int32_t iy0 = oy * p->stride_h - p->pad_top;
         const int32_t iy_lo = max_i32(0, iy0), iy_hi = min_i32(p->in_h, iy0 + p->kernel_h);
@@ -582,23 +771,48 @@ fedtiny_status fedtiny_maxpool2d_input_grad(const fedtiny_pool2d_params *p, cons
             const int32_t ix0 = ox * p->stride_w - p->pad_left;
             const int32_t ix_lo = max_i32(0, ix0), ix_hi = min_i32(p->in_w, ix0 + p->kernel_w);
             for (c = 0; c < p->channels; c++) {
-                int32_t best = -129, at = -1;
-                for (iy = iy_lo; iy < iy_hi; iy++) {
-                    for (ix = ix_lo; ix < ix_hi; ix++) {
-                        const int32_t i = (iy * p->in_w + ix) * p->channels + c;
-                        if (x[i] > best) {
-                            best = x[i];
-                            at = i;
-                        }
-                    }
+                const int32_t at = window_argmax(p, x, iy_lo, iy_hi, ix_lo, ix_hi, c);
+                if (at >= 0) {
+                    g_x[at] = fedtiny_narrow_one(g_y[(oy * p->out_w + ox) * p->channels + c], shift);
                 }
+            }
+        }
+    }
+    return shift;
+}
+
+/* Each output's g goes to the first maximum of its window's valid inputs in row-major order; exponent e_y.
+ * Overlapping windows sum in an int32 scratch: at most one g per covering window, which the compiler bounded
+ * below 2^31. */
+fedtiny_status fedtiny_maxpool2d_input_grad(const fedtiny_pool2d_params *p, const int16_t *g_y, int32_t e_y,
+                                            const int8_t *x, int16_t *g_x, int32_t *e_x, void *scratch)
+{
+    const int32_t n = p->in_h * p->in_w * p->channels;
+    int32_t *acc = (int32_t *)scratch;
+    int32_t oy, ox, c;
+    if (pool_windows_disjoint(p)) {
+        *e_x = e_y + maxpool2d_input_grad_disjoint(p, g_y, x, g_x);
+        return FEDTINY_OK;
+    }
+    if (scratch == NULL) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    zero_i32(acc, n);
+    for (oy = 0; oy < p->out_h; oy++) {
+        const int32_t iy0 = oy * p->stride_h - p->pad_top;
+        const int32_t iy_lo = max_i32(0, iy0), iy_hi = min_i32(p->in_h, iy0 + p->kernel_h);
+        for (ox = 0; ox < p->out_w; ox++) {
+            const int32_t ix0 = ox * p->stride_w - p->pad_left;
+            const int32_t ix_lo = max_i32(0, ix0), ix_hi = min_i32(p->in_w, ix0 + p->kernel_w);
+            for (c = 0; c < p->channels; c++) {
+                const int32_t at = window_argmax(p, x, iy_lo, iy_hi, ix_lo, ix_hi, c);
                 if (at >= 0) {
                     acc[at] += g_y[(oy * p->out_w + ox) * p->channels + c];
                 }
             }
         }
     }
-    *e_x = e_y + narrow_tensor(acc, n, g_x);
+    *e_x = e_y + narrow_tensor32(acc, n, g_x);
     return FEDTINY_OK;
 }
 

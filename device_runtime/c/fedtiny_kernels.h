@@ -107,8 +107,9 @@ size_t fedtiny_lut_scratch_bytes(const fedtiny_lut_params *p);
 /* ==== training: backward kernels and updates (docs/numerics.md) ==========================================
  * A gradient is int16 values g plus one power-of-two exponent e (real = g * 2^e). Kernels take the exponent
  * of their input gradient and return the one of their output; the executor keeps exponents in a table. Every
- * sum is exact in int64; kernels whose result must be narrowed (max |acc| over the whole tensor first) sum
- * into an int64 scratch of one value per output element (their _scratch_bytes()). Updates draw random numbers
+ * sum is exact; kernels whose result must be narrowed (max |acc| over the whole tensor first) sum into a scratch
+ * of one value per output element (their _scratch_bytes()): int32 where the compiler proved |sum| < 2^31 from
+ * the shapes (the pooling gradients, fedtiny.device_memory.accumulator_bound), else int64. Updates draw random numbers
  * from the SplitMix64 counter *rng_counter, one per updated element in C order, and advance it. */
 
 /* Gradient mask of an op with a fused clamp: g passes where act_min < y < act_max. In place allowed. */
@@ -130,11 +131,14 @@ typedef struct {
     int32_t exponent;
 } fedtiny_mse_params;
 
-/* conv2d input gradient (transposed conv): ws[o] = round(s_w[o] 2^k); weights as the forward pass reads them. */
+/* conv2d input gradient (transposed conv): ws[o] = round(s_w[o] 2^k); weights as the forward pass reads them.
+ * recompute 0: one pass, an int64 scratch per input element; 1: the compiler's choice when that does not fit the
+ * budget: each input pixel's sums gathered twice (peak, then narrow), an int64 scratch per input channel. */
 typedef struct {
     const fedtiny_conv2d_params *conv;
     const int32_t *ws; /* (out_c) */
     int32_t k;
+    int32_t recompute;
 } fedtiny_conv2d_input_grad_params;
 
 /* In-place QAS update of weight rows [0, channels) or of the whole bias: per output channel (m, shift). */

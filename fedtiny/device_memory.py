@@ -1,0 +1,299 @@
+"""What a training plan takes on the device, counted the way the linker counts it.
+
+RAM  = the arena (fedtiny.arena: every tensor of a step and the trainable rows)
+     + the C kernels' scratch (one buffer, the largest any kernel of the step asks for)
+     + the runtime's static data (the gradient exponent table and the train state)
+     + the stack a training step needs (step_stack_bytes: the deepest of its kernels' frames).
+Flash = the plan's constants as the code generator emits them (weights, biases, requantization and update
+        constants, params structs, op tables) + the code of the C runtime (RUNTIME_CODE_BYTES).
+
+This module is the one statement of the kernels' scratch rules (TFLite Micro style: a kernel states the
+scratch it needs for a given shape), used by the compiler's budget check and by the code generator
+(fedtiny_device.codegen) that sizes the scratch buffer; each rule mirrors a `*_scratch_bytes()` companion in
+device_runtime/c/fedtiny_kernels.c, which `fedtiny_graph_check` re-checks on the device. It also proves, at
+compile time, the bounds that let a kernel accumulate in int32 instead of int64 (`accumulator_bound`).
+tests/test_device_memory.py builds the Cortex-M4 firmware of every zoo model and scheme and holds these
+figures to within 5 % of the linker's.
+"""
+
+import numpy as np
+
+from .ir import Graph, Op
+
+INT32_LIMIT = 2**31  # an int32 accumulator holds |sum| < 2^31
+GRAD_ABS_MAX = 2**15  # |g| of an int16 gradient value (-32768 is representable)
+
+# The stack of a training step on the Cortex-M4 (arm-none-eabi-gcc 12.2, -O2), from gcc -fstack-usage: the
+# frames of fedtiny_train_step and fedtiny_invoke (STEP_STACK_BASE, with the call's slack), then the deepest of the
+# plan's kernels: its invoke glue's frame + the kernel's + its helpers' (narrow_tensor32: 56). The kernels keep
+# no arrays on the stack, so the depth does not grow with the model. tests/test_device_memory.py paints the stack
+# (fedtiny_stack_paint/peak in fedtiny_boot.c; firmware_train.c prints the peak) for every zoo model and scheme
+# and checks measured <= rule; regenerate the table when a kernel's frame changes.
+STEP_STACK_BASE = 40
+KERNEL_STACK_BYTES = {
+    "conv2d": 4 + 88, "conv2d_1x1": 4 + 104 + 24, "conv2d_depthwise": 4 + 96 + 24, "add": 4 + 56,
+    "avgpool2d": 4 + 72, "maxpool2d": 4 + 56, "clamp": 4 + 8, "lut": 4 + 8, "lut_input_grad": 24 + 72,
+    "mask_bits": 4 + 24, "loss_grad": 32 + 56, "mse_grad": 32 + 80, "grad_add": 80 + 88, "grad_mask": 8 + 20,
+    "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
+    "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
+}
+
+# The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
+# model.c's functions), on the Cortex-M4 with arm-none-eabi-gcc -O2 -ffunction-sections and --gc-sections: the
+# executor's table reaches every kernel, so the linked code does not depend on the plan. Measured from the
+# linker's map (tests/test_device_memory.py keeps it within 5 %); update it when the kernels change.
+RUNTIME_CODE_BYTES = 12_760
+
+# sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
+# declare them: what each op, step and table costs in flash.
+_STRUCT_BYTES = dict(conv2d_params=96, add_params=52, pool2d_params=48, clamp_params=12, lut_params=16, op=32,
+                     step_params=16,
+                     grad_mask_params=12, loss_params=8, mse_params=12, input_grad_params=16, update_params=16,
+                     graph=52, trainable_entry=16, train_state=32)
+
+
+def _elements(graph: Graph, name: str) -> int:
+    return int(np.prod(graph.tensors[name].shape, dtype=np.int64))
+
+
+# ---- kernel choice --------------------------------------------------------------------------------------------
+
+def conv_kernel(graph: Graph, op: Op, fast: bool = True) -> str:
+    """The C kernel that runs a conv2d: "conv2d_1x1" (pointwise, no padding), "conv2d_depthwise" or the
+    reference "conv2d" (any groups, strides, padding; also every conv when `fast` is off)."""
+    cout, kh, kw, _ = graph.tensors[op.inputs[1]].shape
+    cin = graph.tensors[op.inputs[0]].shape[2]
+    if fast and (kh, kw) == (1, 1) and op.attrs["groups"] == 1 and not any(op.attrs["padding"]):
+        return "conv2d_1x1"
+    if fast and op.attrs["groups"] == cin == cout:
+        return "conv2d_depthwise"
+    return "conv2d"
+
+
+def kernel_of(graph: Graph, op: Op, fast: bool = True) -> str | None:
+    """The C kernel of a forward op (None for a reshape, which is no op: its output is its input's bytes)."""
+    if op.kind == "conv2d":
+        return conv_kernel(graph, op, fast)
+    return None if op.kind == "reshape" else op.kind
+
+
+# ---- scratch ----------------------------------------------------------------------------------------------------
+
+# C kernel -> its scratch bytes for an op (fedtiny_kernels.c's *_scratch_bytes()); a kernel not listed takes none
+FORWARD_SCRATCH = {
+    # two input pixels as int16 with the zero point removed
+    "conv2d_1x1": lambda graph, op: 2 * 2 * graph.tensors[op.inputs[0]].shape[2],
+}
+
+def windows_disjoint(op: Op) -> bool:
+    """A pooling op whose windows do not overlap (stride >= kernel: a global average pool, a 2 x 2 / 2 max pool):
+    each input element gets at most one window's gradient, so its gradient kernel needs no accumulator."""
+    (kh, kw), (sh, sw) = op.attrs["kernel"], op.attrs["stride"]
+    return sh >= kh and sw >= kw
+
+
+def _pool_grad_scratch(graph: Graph, op: Op) -> int:
+    # int32 sums where windows overlap: accumulator_bound proves |sum| < 2^31 at compile time (check_accumulators)
+    return 0 if windows_disjoint(op) else 4 * _elements(graph, op.inputs[0])
+
+
+def _input_grad_scratch(graph: Graph, op: Op, step) -> int:
+    """A conv's input gradient sums in int64 (a term reaches 2^15 * 2^15 * 2^7: no int32 bound holds): one per
+    input element in one pass, or, with the step's `recompute` (set by the compiler when that does not fit the
+    budget: choose_recompute), one per input channel, each pixel's sums computed twice."""
+    h, w, c = graph.tensors[op.inputs[0]].shape
+    return 8 * c * (1 if step.attrs.get("recompute") else h * w)
+
+
+# plan step kind -> its scratch bytes (graph, op, step)
+STEP_SCRATCH = {
+    "conv2d_input_grad": _input_grad_scratch,
+    "avgpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
+    "maxpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
+}
+
+
+def op_scratch_bytes(graph: Graph, op: Op, fast: bool = True) -> int:
+    rule = FORWARD_SCRATCH.get(kernel_of(graph, op, fast))
+    return rule(graph, op) if rule else 0
+
+
+def graph_scratch_bytes(graph: Graph, fast: bool = True) -> int:
+    """The scratch of one inference: the largest any of its kernels needs (one buffer, reused op after op)."""
+    return max((op_scratch_bytes(graph, op, fast) for op in graph.ops), default=0)
+
+
+def step_scratch_bytes(plan, step, fast: bool = True) -> int:
+    graph = plan.graph
+    if step.kind == "forward":
+        return op_scratch_bytes(graph, graph.ops[step.attrs["op"]], fast)
+    rule = STEP_SCRATCH.get(step.kind)
+    return rule(graph, graph.ops[step.attrs["op"]], step) if rule else 0
+
+
+def plan_scratch_bytes(plan, fast: bool = True) -> int:
+    """The scratch of a training step: the largest any of its kernels needs."""
+    return max((step_scratch_bytes(plan, s, fast) for s in plan.steps), default=0)
+
+
+def choose_recompute(plan, available: int, fast: bool = True) -> None:
+    """When the plan's RAM exceeds `available`, switch conv input-gradient steps to their recompute form (a
+    scratch of one pixel, twice the MACs), largest scratch first, until it fits or none is left: memory is
+    traded for time only where the budget asks for it."""
+    def pixels(step) -> int:
+        h, w, _ = plan.graph.tensors[plan.graph.ops[step.attrs["op"]].inputs[0]].shape
+        return h * w
+
+    # an input of one pixel (a linear layer's) would take the same scratch twice as slowly
+    candidates = sorted((s for s in plan.steps if s.kind == "conv2d_input_grad" and pixels(s) > 1),
+                        key=lambda s: -step_scratch_bytes(plan, s, fast))
+    for step in candidates:
+        if plan_footprint(plan, fast)["device_ram_bytes"] <= available:
+            return
+        step.attrs["recompute"] = True
+
+
+# ---- accumulator bounds -----------------------------------------------------------------------------------------
+
+def _windows(op: Op, graph: Graph) -> list[tuple[int, int, int, int]]:
+    """Per pooling window: its valid rows [y0, y1) and columns [x0, x1) of the input."""
+    h, w, _ = graph.tensors[op.inputs[0]].shape
+    oh, ow, _ = graph.tensors[op.outputs[0]].shape
+    (kh, kw), (sh, sw), (top, left) = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"][:2]
+    windows = []
+    for oy in range(oh):
+        y0, y1 = max(0, oy * sh - top), min(h, oy * sh - top + kh)
+        for ox in range(ow):
+            x0, x1 = max(0, ox * sw - left), min(w, ox * sw - left + kw)
+            windows.append((y0, y1, x0, x1))
+    return windows
+
+
+def accumulator_bound(plan, step) -> int:
+    """An upper bound on |sum| of one exact accumulator of a pooling input-gradient step, from the tensor
+    sizes and the int16 gradient range: avgpool adds g * round(2^15 / count) once per window that covers an
+    element, maxpool adds g at most once per covering window."""
+    graph = plan.graph
+    op = graph.ops[step.attrs["op"]]
+    h, w, _ = graph.tensors[op.inputs[0]].shape
+    per_element = np.zeros((h, w), dtype=np.int64)
+    for y0, y1, x0, x1 in _windows(op, graph):
+        count = max(0, y1 - y0) * max(0, x1 - x0)
+        if count:
+            per_element[y0:y1, x0:x1] += (32768 + count // 2) // count if step.kind == "avgpool2d_input_grad" else 1
+    return GRAD_ABS_MAX * int(per_element.max(initial=0))
+
+
+def check_accumulators(plan) -> None:
+    """Raise ValueError if a kernel that sums in int32 could overflow for this plan's shapes."""
+    for j, s in enumerate(plan.steps):
+        pooling = s.kind in ("avgpool2d_input_grad", "maxpool2d_input_grad")
+        if pooling and not windows_disjoint(plan.graph.ops[s.attrs["op"]]):
+            bound = accumulator_bound(plan, s)
+            if bound >= INT32_LIMIT:
+                raise ValueError(f"step {j} ({s.kind}): its windows overlap so much that an input gradient could "
+                                 f"reach {bound:,} (the C kernel sums in int32, below 2^31); use a pooling stride "
+                                 "closer to its kernel size")
+
+
+# ---- stack ----------------------------------------------------------------------------------------------------
+
+def step_kernel(plan, step, fast: bool = True) -> str:
+    """The C kernel that runs a plan step (KERNEL_STACK_BYTES' keys)."""
+    if step.kind == "forward":
+        return kernel_of(plan.graph, plan.graph.ops[step.attrs["op"]], fast)
+    if step.kind == "grad_mask" and step.attrs.get("bits"):
+        return "grad_mask_bits"
+    if step.kind == "loss_grad" and plan.loss == "mse":
+        return "mse_grad"
+    return step.kind
+
+
+def step_stack_bytes(plan, fast: bool = True) -> int:
+    """The stack a training step needs: STEP_STACK_BASE + the deepest of its kernels, rounded up to 8 bytes."""
+    deepest = max((KERNEL_STACK_BYTES[step_kernel(plan, s, fast)] for s in plan.steps), default=0)
+    return -(-(STEP_STACK_BASE + deepest) // 8) * 8
+
+
+# ---- the whole footprint ----------------------------------------------------------------------------------------
+
+def gradient_count(plan) -> int:
+    """Gradient buffers of the plan: one exponent each in the runtime's table."""
+    return len({name for s in plan.steps for name in s.writes if name.startswith("grad:")})
+
+
+def runtime_static_bytes(plan) -> int:
+    """The runtime's RAM besides arena and scratch: the exponent table (int32 per gradient) and the train state."""
+    return 4 * max(1, gradient_count(plan)) + _STRUCT_BYTES["train_state"]
+
+
+def _op_constant_bytes(graph: Graph, op: Op) -> int:
+    if op.kind == "conv2d":
+        cout = graph.tensors[op.inputs[1]].shape[0]
+        weights = graph.tensors[op.inputs[1]].nbytes
+        return weights + 4 * cout * 3 + _STRUCT_BYTES["conv2d_params"]  # bias, multiplier, shift
+    if op.kind == "lut":  # 256 int8 values and 256 int16 derivatives
+        return 256 + 2 * 256 + _STRUCT_BYTES["lut_params"]
+    return {"add": _STRUCT_BYTES["add_params"], "avgpool2d": _STRUCT_BYTES["pool2d_params"],
+            "maxpool2d": _STRUCT_BYTES["pool2d_params"], "clamp": _STRUCT_BYTES["clamp_params"]}.get(op.kind, 0)
+
+
+def _step_constant_bytes(plan, step) -> int:
+    graph = plan.graph
+    b = _STRUCT_BYTES
+    if step.kind == "forward":
+        return b["op"] * 2  # its row in the training table and in the forward-only table
+    extra = {"mask_bits": b["grad_mask_params"], "grad_mask": b["grad_mask_params"], "grad_add": 0,
+             "avgpool2d_input_grad": 0, "maxpool2d_input_grad": 0, "lut_input_grad": 0}.get(step.kind)
+    if step.kind == "loss_grad":
+        extra = b["mse_params"] if plan.loss == "mse" else b["loss_params"] + 2 * len(plan.exp_table)
+    elif step.kind == "conv2d_input_grad":
+        extra = b["input_grad_params"] + 4 * len(plan.backprop_scale[step.attrs["op"]][0])
+    elif step.kind in ("conv2d_weight_update", "conv2d_bias_update"):
+        update = plan.updates[step.attrs["op"]]
+        m = update.weight_m if step.kind == "conv2d_weight_update" else update.bias_m
+        extra = b["update_params"] + 8 * len(m)
+    return b["op"] + b["step_params"] + extra
+
+
+def constant_flash_bytes(plan) -> int:
+    """The plan's constants as the generated model.c holds them in flash: every weight and bias (the trainable
+    rows' initial values too), requantization and update constants, params structs and the op tables."""
+    graph = plan.graph
+    ops = sum(_op_constant_bytes(graph, op) for op in graph.ops)
+    steps = sum(_step_constant_bytes(plan, s) for s in plan.steps)
+    tables = 2 * _STRUCT_BYTES["graph"] + _STRUCT_BYTES["trainable_entry"] * max(1, len(plan.trainable_buffers()))
+    return ops + steps + tables
+
+
+def plan_footprint(plan, fast: bool = True) -> dict[str, int]:
+    """RAM and flash of a training plan on the device, by part (see the module's docstring)."""
+    scratch = plan_scratch_bytes(plan, fast)
+    static = runtime_static_bytes(plan)
+    constants = constant_flash_bytes(plan)
+    stack = step_stack_bytes(plan, fast)
+    return dict(arena_bytes=plan.arena_size, scratch_bytes=scratch, runtime_static_bytes=static,
+                stack_bytes=stack, device_ram_bytes=plan.arena_size + scratch + static + stack,
+                constant_flash_bytes=constants, code_flash_bytes=RUNTIME_CODE_BYTES,
+                device_flash_bytes=constants + RUNTIME_CODE_BYTES)
+
+
+def describe(plan, fast: bool = True) -> list[str]:
+    """The memory report `fedtiny compile` prints: RAM and flash by part, against the budget."""
+    report = plan.memory_report()
+    biggest = max(plan.steps, key=lambda s: step_scratch_bytes(plan, s, fast))
+    scratch_of = f" (for {biggest.kind} of op {biggest.attrs['op']})" if report["scratch_bytes"] else ""
+    available = plan.budget - plan.reserve
+    return [
+        f"device RAM: {report['device_ram_bytes']:,} B of {available:,} B (budget {plan.budget:,} B minus "
+        f"{plan.reserve:,} B reserved for the network stack)",
+        f"  arena {report['arena_bytes']:,} B (trainable rows and biases {report['trainable_sram_bytes']:,} B, "
+        f"activations and gradients {report['activation_and_gradient_bytes']:,} B)",
+        f"  kernel scratch {report['scratch_bytes']:,} B{scratch_of}",
+        *([f"  {recomputed} conv input gradient(s) recompute their sums to fit the budget (less scratch, twice "
+           "their MACs)"] if (recomputed := sum(1 for s in plan.steps if s.attrs.get("recompute"))) else []),
+        f"  stack {report['stack_bytes']:,} B, runtime statics {report['runtime_static_bytes']:,} B",
+        f"device flash: {report['device_flash_bytes']:,} B",
+        f"  constants {report['constant_flash_bytes']:,} B (weights, biases, requantization and update constants, "
+        f"op tables), runtime code {report['code_flash_bytes']:,} B",
+    ]
