@@ -84,6 +84,7 @@ class GridLink:
         self._versions: dict[str, int] = {}  # the model version each device said it holds
         self._sent = SentStates(plan)
         self._outstanding: dict[str, str] = {}  # Flower message id -> device
+        self._pulled: list[DeviceReply] = []  # replies pulled while settling a device, for the next replies()
         self.failures: list[tuple[str, str]] = []  # (device, reason) of ClientApps that failed
 
     def start(self) -> GridLink:
@@ -138,6 +139,7 @@ class GridLink:
 
         if device not in self._nodes:
             raise ValueError(f"{device} did not join")
+        self._settle(device)
         update = b""
         if global_state is not None:
             body = self._sent.update(self._versions.get(device), model_version, global_state)
@@ -154,10 +156,22 @@ class GridLink:
         """Replies that arrived; waits up to `timeout` seconds for one."""
         end = time.monotonic() + timeout
         while True:
-            out = self._pull()
-            if out or time.monotonic() >= end:
+            self._pulled += self._pull()
+            if self._pulled or time.monotonic() >= end:
+                out, self._pulled = self._pulled, []
                 return out
             time.sleep(min(self.poll, max(0.0, end - time.monotonic())))
+
+    def _settle(self, device: str, timeout: float = 600.0) -> None:
+        """Wait until the device's last message is answered: a device that dropped out answers with an empty body
+        and the version it now holds, which the next GLOBAL_UPDATE must start from (the round did not wait for
+        it: it was not due)."""
+        end = time.monotonic() + timeout
+        while device in self._outstanding.values():
+            if time.monotonic() > end:
+                raise RuntimeError(f"the ClientApp of {device} did not answer within {timeout:.0f} s")
+            self._pulled += self._pull()
+            time.sleep(self.poll)
 
     def _pull(self) -> list[DeviceReply]:
         if not self._outstanding:
