@@ -1,0 +1,209 @@
+"""The learning rate and local epochs of a run, chosen on the host's validation data by one rule for every model,
+dataset and update scheme (nothing tuned per scenario).
+
+The rule: the host's data is split as for pretraining (fedtiny.train.validation_split). For each learning rate of
+LRS (half-decade steps) the pretrained model trains on the host's training part as a device would, one epoch after
+another up to MAX_EPOCHS, and after each epoch its accuracy and mean cross-entropy on the validation part are
+measured. The (lr, epochs) with the best validation accuracy wins, ties broken by the lower validation loss, then
+by the fewer epochs and the smaller lr (less device time, less risk). A learning rate that diverges loses its
+accuracy and so is never chosen over one that holds.
+
+    devices   the real int8 training plan (the run's scheme, budget and reserve, compiled at that lr) on the
+              trainer the nodes run (the C trainer when gcc is present), samples in a node's training order
+    baseline  the fp32 baseline's own update (simulations/baseline.py: SGD at batch 1, BatchNorm statistics
+              frozen) from the float model, at the epochs the devices run, so the two sides get the same work
+              and each its own best lr
+
+Given values are kept: `--lr` fixes the lr (the epochs are still chosen at it), `--epochs` the epochs, and
+`--baseline-lr` the baseline's lr. Choices are cached by content (the model's weights, the scheme, the budget and
+this rule) beside the pretrained models.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+LRS = tuple(round(10 ** (k / 2), 6) for k in range(-7, -1))  # 3.2e-4 .. 0.1 in half decades
+MAX_EPOCHS = 3
+RULE = f"lrs{LRS}/epochs1-{MAX_EPOCHS}/acc,-loss,-epochs,-lr/v1"
+
+
+@dataclass(frozen=True)
+class Choice:
+    lr: float
+    epochs: int
+    val_accuracy: float  # on the host's validation part after training with (lr, epochs)
+    val_loss: float
+    start_accuracy: float  # before training
+    scheme: str = ""  # the update scheme it was chosen for (devices)
+    tried: tuple[tuple[float, int, float, float], ...] = ()  # (lr, epochs, accuracy, loss) for each candidate
+
+
+def best(tried: list[tuple[float, int, float, float]]) -> tuple[float, int, float, float]:
+    """The winning (lr, epochs, accuracy, loss): highest accuracy, then lowest loss, then fewest epochs, then the
+    smallest lr. A non-finite loss (a diverged float model, whose NaN logits still give some argmax) ranks last."""
+    return min(tried, key=lambda t: (not np.isfinite(t[3]), -t[2], t[3], t[1], t[0]))
+
+
+def _choose(train_and_score, lrs, epochs_grid, start, scheme: str = "") -> Choice:
+    """train_and_score(lr, max_epochs) -> [(accuracy, loss) after epoch 1..max_epochs]."""
+    tried = []
+    for lr in lrs:
+        scores = train_and_score(lr, max(epochs_grid))
+        tried += [(lr, e, *scores[e - 1]) for e in epochs_grid]
+    lr, epochs, accuracy, loss = best(tried)
+    return Choice(lr, epochs, accuracy, loss, start, scheme, tuple(tried))
+
+
+def _int8_scores(graph, xq: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    from fedtiny.interpreter import dequantize, run
+
+    logits = dequantize(graph, graph.outputs[0], run(graph, xq)).reshape(len(xq), -1).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float((logits.argmax(axis=1) == y).mean()), float(-log_p[np.arange(len(y)), y].mean())
+
+
+def choose_device(config, task, graph, train, val, *, lrs=LRS, epochs_grid=None, seed: int = 0,
+                  trainer_factory=None) -> Choice:
+    """The devices' (lr, epochs) by the rule, on the int8 `graph` with config's scheme and budget (train and val:
+    the host's Datasets)."""
+    from fedtiny.interpreter import quantize_input
+    from fedtiny_device.agent import training_permutation
+
+    from .simulate import training_plan
+
+    if trainer_factory is None:
+        from fedtiny_device.trainer import Trainer as trainer_factory
+    epochs_grid = tuple(epochs_grid or range(1, MAX_EPOCHS + 1))
+    xq, xq_val = quantize_input(graph, train.X), quantize_input(graph, val.X)
+    y, y_val = np.asarray(train.y), np.asarray(val.y)
+    schemes = set()
+
+    def train_and_score(lr: float, max_epochs: int) -> list[tuple[float, float]]:
+        plan, scheme = training_plan(replace(config, lr=lr), task, graph)
+        schemes.add(scheme)
+        trainer = trainer_factory(plan, seed)
+        scores = []
+        for epoch in range(max_epochs):
+            order = training_permutation(seed, 1, epoch, len(xq))
+            if hasattr(trainer, "steps"):  # the C trainer: a whole epoch in one call
+                trainer.steps(xq[order], y[order])
+            else:
+                for i in order:
+                    trainer.step(xq[i], int(y[i]))
+            scores.append(_int8_scores(plan.graph_with(trainer.trainable_state()), xq_val, y_val))
+        return scores
+
+    choice = _choose(train_and_score, lrs, epochs_grid, _int8_scores(graph, xq_val, y_val)[0])
+    return replace(choice, scheme=" / ".join(sorted(schemes)))
+
+
+def choose_baseline_lr(model, train, val, epochs: int, *, lrs=LRS, seed: int = 0) -> Choice:
+    """The fp32 baseline's lr by the rule, at the devices' `epochs`."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from fedtiny.train import evaluate
+
+    def train_and_score(lr: float, max_epochs: int) -> list[tuple[float, float]]:
+        trained = copy.deepcopy(model).eval()  # BatchNorm statistics frozen, as in the baseline and on devices
+        opt = torch.optim.SGD(trained.parameters(), lr=lr)
+        xt, yt = torch.as_tensor(np.asarray(train.X, np.float32)), torch.as_tensor(np.asarray(train.y, np.int64))
+        scores = []
+        for epoch in range(max_epochs):
+            for j in np.random.default_rng([seed, 1, epoch]).permutation(len(xt)):
+                opt.zero_grad()
+                nn.functional.cross_entropy(trained(xt[j:j + 1]), yt[j:j + 1]).backward()
+                opt.step()
+            scores.append(evaluate(trained, val.X, val.y))
+        return scores
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch 1: more threads only contend (as in baseline.run_baseline)
+    try:
+        return _choose(train_and_score, lrs, (epochs,), evaluate(model, val.X, val.y)[0])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cache_file(kind: str, graph, *parts) -> Path:
+    digest = hashlib.sha256(RULE.encode())
+    for tensor in sorted(graph.tensors.values(), key=lambda t: t.name):
+        if tensor.is_constant:
+            digest.update(tensor.name.encode() + np.ascontiguousarray(tensor.data).tobytes())
+    digest.update(repr(parts).encode())
+    cache = Path(os.environ.get("FEDTINY_CACHE") or Path.home() / ".cache" / "fedtiny")
+    return cache / f"tuning-{kind}-{digest.hexdigest()[:16]}.json"
+
+
+def _cached(path: Path, compute) -> Choice:
+    if path.exists():
+        data = json.loads(path.read_text())
+        return Choice(**dict(data, tried=tuple(tuple(t) for t in data["tried"])))
+    choice = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(choice)))
+    return choice
+
+
+def settle(config, task, model, graph, train, val, trainer_factory=None) -> list[str]:
+    """Fill config.lr, config.epochs (and config.baseline_lr with --baseline) where the user left them None, by the
+    rule; returns the lines that say what was chosen and on what."""
+    lines = []
+    if config.lr is None or config.epochs is None:
+        lrs = LRS if config.lr is None else (config.lr,)
+        epochs_grid = tuple(range(1, MAX_EPOCHS + 1)) if config.epochs is None else (config.epochs,)
+        path = _cache_file("device", graph, task.model, config.scheme, config.budget, config.reserve, lrs,
+                           epochs_grid, config.seed, len(train), len(val))
+        choice = _cached(path, lambda: choose_device(config, task, graph, train, val, lrs=lrs,
+                                                     epochs_grid=epochs_grid, seed=config.seed,
+                                                     trainer_factory=trainer_factory))
+        config.lr, config.epochs = choice.lr, choice.epochs
+        lines.append(f"devices: lr {choice.lr:g}, {choice.epochs} epoch(s) per round (scheme {choice.scheme}), "
+                     f"chosen on the host's validation data ({len(val)} samples): int8 accuracy "
+                     f"{100 * choice.start_accuracy:.1f} % -> {100 * choice.val_accuracy:.1f} % after training on "
+                     f"the host's data (tried lr {min(lrs):g}..{max(lrs):g}, {min(epochs_grid)}..{max(epochs_grid)} "
+                     "epochs)")
+    if config.baseline and config.baseline_lr is None:
+        path = _cache_file("baseline", graph, config.epochs, config.seed, LRS, len(train), len(val))
+        choice = _cached(path, lambda: choose_baseline_lr(model, train, val, config.epochs, seed=config.seed))
+        config.baseline_lr = choice.lr
+        lines.append(f"baseline: fp32 lr {choice.lr:g} at {config.epochs} epoch(s), chosen by the same rule: "
+                     f"accuracy {100 * choice.start_accuracy:.1f} % -> {100 * choice.val_accuracy:.1f} %")
+    return lines
+
+
+def near_chance(accuracy: float, y: np.ndarray) -> tuple[bool, float]:
+    """(whether `accuracy` on labels y is within two standard errors of always answering the most common class,
+    that class's share)."""
+    y = np.asarray(y)
+    chance = float(np.bincount(y).max() / len(y)) if len(y) else 0.0
+    return accuracy <= chance + 2 * np.sqrt(chance * (1 - chance) / max(1, len(y))), chance
+
+
+def host_accuracy_lines(model, graph, val) -> list[str]:
+    """The host model's float and int8 accuracy on the host's validation data, how its pretraining stopped, and a
+    warning when it is no better than chance."""
+    from fedtiny.interpreter import predict
+    from fedtiny.train import evaluate
+
+    float_accuracy = evaluate(model, val.X, val.y)[0]
+    int8_accuracy = float((predict(graph, val.X) == val.y).mean())
+    record = graph.meta.get("pretraining") or {}
+    how = (f"; pretraining kept step {record['best_step']} of {record['steps']} ({record['stopped']})"
+           if record else "")
+    lines = [f"host model: float {100 * float_accuracy:.1f} %, int8 {100 * int8_accuracy:.1f} % on the host's "
+             f"validation data ({len(val)} samples){how}"]
+    weak, chance = near_chance(max(float_accuracy, int8_accuracy), val.y)
+    if weak:
+        lines.append(f"warning: the host model is near chance ({100 * chance:.1f} % by always answering the most "
+                     f"common class, {len(val)} validation samples): the host's data is too small or too hard for "
+                     "this model, and the devices start from a model that has learned little")
+    return lines
