@@ -83,9 +83,9 @@ def pretrain(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: 
     """Adam on (x_train, y_train) until the validation score has not improved for `patience` optimizer steps
     (or `max_steps`), then the best weights are restored into `model`. Better means a higher validation accuracy,
     or the same with a validation loss lower by MIN_DELTA (a small validation set saturates its accuracy long
-    before the model stops improving). Deterministic for a seed (the batch order; the caller seeds the initial weights), on one
-    thread (the sums of a multi-threaded kernel may be ordered differently, and at these sizes threads only
-    contend)."""
+    before the model stops improving). Deterministic for a seed (the batch order; the caller seeds the initial
+    weights), on one thread (the sums of a multi-threaded kernel may be ordered differently, and at these sizes
+    threads only contend)."""
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError("pretraining needs training and validation samples")
     threads = torch.get_num_threads()

@@ -2,11 +2,14 @@
 dataset and update scheme (nothing tuned per scenario).
 
 The rule: the host's data is split as for pretraining (fedtiny.train.validation_split). For each learning rate of
-LRS (half-decade steps) the pretrained model trains on the host's training part as a device would, one epoch after
-another up to MAX_EPOCHS, and after each epoch its accuracy and mean cross-entropy on the validation part are
-measured. The (lr, epochs) with the best validation accuracy wins, ties broken by the lower validation loss, then
-by the fewer epochs and the smaller lr (less device time, less risk). A learning rate that diverges loses its
-accuracy and so is never chosen over one that holds.
+LRS (half-decade steps) the host plays one federated round on its training part: the samples, sorted by label,
+are cut into shards of a device's size (the median node's sample count; at most MAX_SHARDS of them, spread over
+the labels), so each shard holds one class or two, the worst label skew a fleet can have; every shard trains from
+the pretrained model as a device would, 1 to MAX_EPOCHS epochs, and the shards' states are averaged (FedAvg).
+The averaged model's accuracy and mean cross-entropy on the validation part score the (lr, epochs). The best
+validation accuracy wins, ties broken by the lower validation loss, then by the fewer epochs and the smaller lr
+(less device time, less risk). A learning rate that diverges, or that drives each skewed shard to forget the
+other classes (client drift), loses its accuracy and so is not chosen over one that holds.
 
     devices   the real int8 training plan (the run's scheme, budget and reserve, compiled at that lr) on the
               trainer the nodes run (the C trainer when gcc is present), samples in a node's training order
@@ -15,8 +18,8 @@ accuracy and so is never chosen over one that holds.
               and each its own best lr
 
 Given values are kept: `--lr` fixes the lr (the epochs are still chosen at it), `--epochs` the epochs, and
-`--baseline-lr` the baseline's lr. Choices are cached by content (the model's weights, the scheme, the budget and
-this rule) beside the pretrained models.
+`--baseline-lr` the baseline's lr. Choices are cached by content (the model's weights, the scheme, the budget, the
+shard size and this rule) beside the pretrained models.
 """
 
 import hashlib
@@ -29,7 +32,8 @@ import numpy as np
 
 LRS = tuple(round(10 ** (k / 2), 6) for k in range(-7, -1))  # 3.2e-4 .. 0.1 in half decades
 MAX_EPOCHS = 3
-RULE = f"lrs{LRS}/epochs1-{MAX_EPOCHS}/acc,-loss,-epochs,-lr/v1"
+MAX_SHARDS = 8
+RULE = f"lrs{LRS}/epochs1-{MAX_EPOCHS}/skewed-round/acc,-loss,-epochs,-lr/v2"
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,27 @@ def _int8_scores(graph, xq: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float((logits.argmax(axis=1) == y).mean()), float(-log_p[np.arange(len(y)), y].mean())
 
 
-def choose_device(config, task, graph, train, val, *, lrs=LRS, epochs_grid=None, seed: int = 0,
+def skewed_shards(y: np.ndarray, shard_size: int) -> list[np.ndarray]:
+    """The host's training samples cut into shards of `shard_size` (at least one shard) after sorting by label: each
+    shard holds one class or two, the worst label skew a fleet can have."""
+    order = np.argsort(np.asarray(y), kind="stable")
+    count = max(1, len(order) // max(1, shard_size))
+    shards = [part for part in np.array_split(order, count) if len(part)]
+    # a time bound: MAX_SHARDS of them, evenly spread over the label order so that every class still trains
+    return [shards[i] for i in np.unique(np.linspace(0, len(shards) - 1, MAX_SHARDS).round().astype(int))]
+
+
+def _trial_round(train_shard, average, score, shards, max_epochs: int) -> list[tuple[float, float]]:
+    """One federated round on the host: every shard trains from the start for 1..max_epochs epochs
+    (train_shard(shard) yields its state after each epoch), the states after e epochs are averaged and scored."""
+    per_shard = [list(train_shard(shard, max_epochs)) for shard in shards]
+    return [score(average([states[e] for states in per_shard])) for e in range(max_epochs)]
+
+
+def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, epochs_grid=None, seed: int = 0,
                   trainer_factory=None) -> Choice:
     """The devices' (lr, epochs) by the rule, on the int8 `graph` with config's scheme and budget (train and val:
-    the host's Datasets)."""
+    the host's Datasets; shard_size: the samples a device holds)."""
     from fedtiny.interpreter import quantize_input
     from fedtiny_device.agent import training_permutation
 
@@ -82,28 +103,38 @@ def choose_device(config, task, graph, train, val, *, lrs=LRS, epochs_grid=None,
     epochs_grid = tuple(epochs_grid or range(1, MAX_EPOCHS + 1))
     xq, xq_val = quantize_input(graph, train.X), quantize_input(graph, val.X)
     y, y_val = np.asarray(train.y), np.asarray(val.y)
+    shards = skewed_shards(y, shard_size)
     schemes = set()
 
     def train_and_score(lr: float, max_epochs: int) -> list[tuple[float, float]]:
         plan, scheme = training_plan(replace(config, lr=lr), task, graph)
         schemes.add(scheme)
         trainer = trainer_factory(plan, seed)
-        scores = []
-        for epoch in range(max_epochs):
-            order = training_permutation(seed, 1, epoch, len(xq))
-            if hasattr(trainer, "steps"):  # the C trainer: a whole epoch in one call
-                trainer.steps(xq[order], y[order])
-            else:
-                for i in order:
-                    trainer.step(xq[i], int(y[i]))
-            scores.append(_int8_scores(plan.graph_with(trainer.trainable_state()), xq_val, y_val))
-        return scores
+        start = plan.initial_state()
+
+        def train_shard(shard, epochs):
+            trainer.load_trainable_state(start)
+            for epoch in range(epochs):
+                order = shard[training_permutation(seed, 1, epoch, len(shard))]
+                if hasattr(trainer, "steps"):  # the C trainer: a whole epoch in one call
+                    trainer.steps(xq[order], y[order])
+                else:
+                    for i in order:
+                        trainer.step(xq[i], int(y[i]))
+                yield trainer.trainable_state()
+
+        def average(states):  # FedAvg of equal shards, rounded back to each buffer's integer type
+            return {name: np.rint(np.mean([st[name].astype(np.float64) for st in states], axis=0))
+                    .astype(start[name].dtype) for name in start}
+
+        return _trial_round(train_shard, average, lambda st: _int8_scores(plan.graph_with(st), xq_val, y_val),
+                            shards, max_epochs)
 
     choice = _choose(train_and_score, lrs, epochs_grid, _int8_scores(graph, xq_val, y_val)[0])
     return replace(choice, scheme=" / ".join(sorted(schemes)))
 
 
-def choose_baseline_lr(model, train, val, epochs: int, *, lrs=LRS, seed: int = 0) -> Choice:
+def choose_baseline_lr(model, train, val, epochs: int, *, shard_size: int, lrs=LRS, seed: int = 0) -> Choice:
     """The fp32 baseline's lr by the rule, at the devices' `epochs`."""
     import copy
 
@@ -112,18 +143,30 @@ def choose_baseline_lr(model, train, val, epochs: int, *, lrs=LRS, seed: int = 0
 
     from fedtiny.train import evaluate
 
+    xt, yt = torch.as_tensor(np.asarray(train.X, np.float32)), torch.as_tensor(np.asarray(train.y, np.int64))
+    shards = skewed_shards(train.y, shard_size)
+
     def train_and_score(lr: float, max_epochs: int) -> list[tuple[float, float]]:
-        trained = copy.deepcopy(model).eval()  # BatchNorm statistics frozen, as in the baseline and on devices
-        opt = torch.optim.SGD(trained.parameters(), lr=lr)
-        xt, yt = torch.as_tensor(np.asarray(train.X, np.float32)), torch.as_tensor(np.asarray(train.y, np.int64))
-        scores = []
-        for epoch in range(max_epochs):
-            for j in np.random.default_rng([seed, 1, epoch]).permutation(len(xt)):
-                opt.zero_grad()
-                nn.functional.cross_entropy(trained(xt[j:j + 1]), yt[j:j + 1]).backward()
-                opt.step()
-            scores.append(evaluate(trained, val.X, val.y))
-        return scores
+        def train_shard(shard, epochs):
+            trained = copy.deepcopy(model).eval()  # BatchNorm statistics frozen, as in the baseline and on devices
+            opt = torch.optim.SGD(trained.parameters(), lr=lr)
+            for epoch in range(epochs):
+                for j in shard[np.random.default_rng([seed, 1, epoch]).permutation(len(shard))]:
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(trained(xt[j:j + 1]), yt[j:j + 1]).backward()
+                    opt.step()
+                yield copy.deepcopy(trained.state_dict())
+
+        def average(states):
+            return {k: torch.stack([st[k].double() for st in states]).mean(0).to(states[0][k].dtype)
+                    for k in states[0]}
+
+        def score(state):
+            averaged = copy.deepcopy(model)
+            averaged.load_state_dict(state)
+            return evaluate(averaged, val.X, val.y)
+
+        return _trial_round(train_shard, average, score, shards, max_epochs)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batch 1: more threads only contend (as in baseline.run_baseline)
@@ -157,23 +200,25 @@ def settle(config, task, model, graph, train, val, trainer_factory=None) -> list
     """Fill config.lr, config.epochs (and config.baseline_lr with --baseline) where the user left them None, by the
     rule; returns the lines that say what was chosen and on what."""
     lines = []
+    shard_size = int(np.median([len(node) for node in task.nodes]))  # the samples a device trains on in a round
     if config.lr is None or config.epochs is None:
         lrs = LRS if config.lr is None else (config.lr,)
         epochs_grid = tuple(range(1, MAX_EPOCHS + 1)) if config.epochs is None else (config.epochs,)
         path = _cache_file("device", graph, task.model, config.scheme, config.budget, config.reserve, lrs,
-                           epochs_grid, config.seed, len(train), len(val))
-        choice = _cached(path, lambda: choose_device(config, task, graph, train, val, lrs=lrs,
-                                                     epochs_grid=epochs_grid, seed=config.seed,
+                           epochs_grid, config.seed, len(train), len(val), shard_size)
+        choice = _cached(path, lambda: choose_device(config, task, graph, train, val, shard_size=shard_size,
+                                                     lrs=lrs, epochs_grid=epochs_grid, seed=config.seed,
                                                      trainer_factory=trainer_factory))
         config.lr, config.epochs = choice.lr, choice.epochs
         lines.append(f"devices: lr {choice.lr:g}, {choice.epochs} epoch(s) per round (scheme {choice.scheme}), "
                      f"chosen on the host's validation data ({len(val)} samples): int8 accuracy "
-                     f"{100 * choice.start_accuracy:.1f} % -> {100 * choice.val_accuracy:.1f} % after training on "
-                     f"the host's data (tried lr {min(lrs):g}..{max(lrs):g}, {min(epochs_grid)}..{max(epochs_grid)} "
-                     "epochs)")
+                     f"{100 * choice.start_accuracy:.1f} % -> {100 * choice.val_accuracy:.1f} % after a round on "
+                     f"label-skewed shards of {shard_size} host samples (tried lr {min(lrs):g}..{max(lrs):g}, "
+                     f"{min(epochs_grid)}..{max(epochs_grid)} epochs)")
     if config.baseline and config.baseline_lr is None:
-        path = _cache_file("baseline", graph, config.epochs, config.seed, LRS, len(train), len(val))
-        choice = _cached(path, lambda: choose_baseline_lr(model, train, val, config.epochs, seed=config.seed))
+        path = _cache_file("baseline", graph, config.epochs, config.seed, LRS, len(train), len(val), shard_size)
+        choice = _cached(path, lambda: choose_baseline_lr(model, train, val, config.epochs, shard_size=shard_size,
+                                                          seed=config.seed))
         config.baseline_lr = choice.lr
         lines.append(f"baseline: fp32 lr {choice.lr:g} at {config.epochs} epoch(s), chosen by the same rule: "
                      f"accuracy {100 * choice.start_accuracy:.1f} % -> {100 * choice.val_accuracy:.1f} %")

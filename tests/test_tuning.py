@@ -73,6 +73,15 @@ def test_pretraining_restores_the_best_weights_not_the_last():
     assert evaluate(model, x[val], y[val])[1] == pytest.approx(record.val_loss)
 
 
+def test_skewed_shards_hold_one_class_or_two_and_every_class_trains():
+    y = np.repeat(np.arange(4), 30)
+    shards = tuning.skewed_shards(y, 10)
+    assert len(shards) == tuning.MAX_SHARDS  # 12 shards of 10, thinned evenly
+    assert all(len(np.unique(y[s])) <= 2 for s in shards)
+    assert set(np.concatenate([y[s] for s in shards]).tolist()) == {0, 1, 2, 3}
+    assert len(tuning.skewed_shards(y[:5], 10)) == 1  # fewer samples than a device holds: one shard
+
+
 def test_the_rule_ranks_accuracy_then_loss_then_fewer_epochs_then_smaller_lr():
     tried = [(0.1, 1, 0.5, 9.0), (0.01, 2, 0.9, 0.3), (0.03, 1, 0.9, 0.3), (0.01, 1, 0.9, 0.3),
              (0.003, 3, 0.9, 0.2), (1.0, 1, 0.95, float("nan"))]
@@ -88,7 +97,7 @@ def test_the_baseline_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
     train, val = ds.subset(train_idx), ds.subset(val_idx)
     model = mlp()
     pretrain(model, train.X, train.y, val.X, val.y, seed=0, patience=50, max_steps=300)
-    choices = [tuning.choose_baseline_lr(model, train, val, 2, lrs=(0.01, 300.0)) for _ in range(2)]
+    choices = [tuning.choose_baseline_lr(model, train, val, 2, shard_size=10, lrs=(0.01, 300.0)) for _ in range(2)]
     assert choices[0] == choices[1]
     diverged = [t for t in choices[0].tried if t[0] == 300.0][0]
     held = [t for t in choices[0].tried if t[0] == 0.01][0]
@@ -111,7 +120,8 @@ def int8_task(seed: int = 0):
 def test_the_device_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
     _, graph, task, train, val = int8_task()
     config = SimulationConfig(nodes=1, scenario="medical", scheme="full", reserve=0)
-    choices = [tuning.choose_device(config, task, graph, train, val, lrs=(0.01, 1000.0), epochs_grid=(1, 2))
+    choices = [tuning.choose_device(config, task, graph, train, val, shard_size=10, lrs=(0.01, 1000.0),
+                                   epochs_grid=(1, 2))
                for _ in range(2)]
     assert choices[0] == choices[1]
     assert choices[0].scheme == "full"
