@@ -2,14 +2,17 @@
 dataset and update scheme (nothing tuned per scenario).
 
 The rule: the host's data is split as for pretraining (fedtiny.train.validation_split). For each learning rate of
-LRS (half-decade steps) the host plays one federated round on its training part: the samples, sorted by label,
-are cut into shards of a device's size (the median node's sample count; at most MAX_SHARDS of them, spread over
-the labels), so each shard holds one class or two, the worst label skew a fleet can have; every shard trains from
-the pretrained model as a device would, 1 to MAX_EPOCHS epochs, and the shards' states are averaged (FedAvg).
-The averaged model's accuracy and mean cross-entropy on the validation part score the (lr, epochs). The best
-validation accuracy wins, ties broken by the lower validation loss, then by the fewer epochs and the smaller lr
-(less device time, less risk). A learning rate that diverges, or that drives each skewed shard to forget the
-other classes (client drift), loses its accuracy and so is not chosen over one that holds.
+LRS (half-decade steps) the host plays one federated round on its own data, in two folds: its training part's
+shards scored on its validation part (does a round generalise?), and its validation part's shards (samples the
+pretrained model never fitted, whose gradients are as large as a device's) scored on its training part (does a
+round on unseen samples keep what the model knew, or diverge?). Shards have a device's size (the median node's
+sample count; at most MAX_SHARDS of them, spread over the labels) and are cut after sorting by label, so each holds
+one class or two: the worst label skew a fleet can have. Every shard trains from the pretrained model as a device
+would, 1 to MAX_EPOCHS epochs, and the shards' states are averaged (FedAvg). The folds' accuracy and mean
+cross-entropy, weighted by the samples each scored, score the (lr, epochs): the best accuracy wins, ties broken by
+the lower loss, then by the fewer epochs and the smaller lr (less device time, less risk). A learning rate that
+diverges, or that drives each skewed shard to forget the other classes (client drift), loses its accuracy and is
+not chosen over one that holds.
 
     devices   the real int8 training plan (the run's scheme, budget and reserve, compiled at that lr) on the
               trainer the nodes run (the C trainer when gcc is present), samples in a node's training order
@@ -33,16 +36,17 @@ import numpy as np
 LRS = tuple(round(10 ** (k / 2), 6) for k in range(-7, -1))  # 3.2e-4 .. 0.1 in half decades
 MAX_EPOCHS = 3
 MAX_SHARDS = 8
-RULE = f"lrs{LRS}/epochs1-{MAX_EPOCHS}/skewed-round/acc,-loss,-epochs,-lr/v2"
+MAX_SCORED = 512  # of the training part scored in the second fold: a time bound
+RULE = f"lrs{LRS}/epochs1-{MAX_EPOCHS}/shards{MAX_SHARDS}/scored{MAX_SCORED}/skewed-round-2fold/v3"
 
 
 @dataclass(frozen=True)
 class Choice:
     lr: float
     epochs: int
-    val_accuracy: float  # on the host's validation part after training with (lr, epochs)
+    val_accuracy: float  # the trial's accuracy with (lr, epochs): both folds' scored samples
     val_loss: float
-    start_accuracy: float  # before training
+    start_accuracy: float  # the same samples' accuracy before the round
     scheme: str = ""  # the update scheme it was chosen for (devices)
     tried: tuple[tuple[float, int, float, float], ...] = ()  # (lr, epochs, accuracy, loss) for each candidate
 
@@ -82,11 +86,35 @@ def skewed_shards(y: np.ndarray, shard_size: int) -> list[np.ndarray]:
     return [shards[i] for i in np.unique(np.linspace(0, len(shards) - 1, MAX_SHARDS).round().astype(int))]
 
 
-def _trial_round(train_shard, average, score, shards, max_epochs: int) -> list[tuple[float, float]]:
-    """One federated round on the host: every shard trains from the start for 1..max_epochs epochs
-    (train_shard(shard) yields its state after each epoch), the states after e epochs are averaged and scored."""
-    per_shard = [list(train_shard(shard, max_epochs)) for shard in shards]
-    return [score(average([states[e] for states in per_shard])) for e in range(max_epochs)]
+def folds(y_train: np.ndarray, y_val: np.ndarray, shard_size: int) -> list[tuple[list[np.ndarray], np.ndarray]]:
+    """The trial's two folds over the host's samples indexed train first, then validation: (shards, scored).
+    The training part's shards are scored on the validation part (does a round generalise?), and the validation
+    part's shards, samples the pretrained model never fitted and whose gradients are as large as a device's, on
+    (up to MAX_SCORED of) the training part (does a round on unseen samples keep what the model knew, or diverge?)."""
+    n_train = len(y_train)
+    scored_train = np.argsort(y_train, kind="stable")
+    scored_train = np.sort(scored_train[np.unique(np.linspace(0, n_train - 1, min(n_train, MAX_SCORED)).astype(int))])
+    return [(skewed_shards(y_train, shard_size), n_train + np.arange(len(y_val))),
+            ([n_train + shard for shard in skewed_shards(y_val, shard_size)], scored_train)]
+
+
+def _trial_round(train_shard, average, score, trial_folds, max_epochs: int) -> list[tuple[float, float]]:
+    """One federated round on the host per fold: every shard trains from the start for 1..max_epochs epochs
+    (train_shard(shard, epochs) yields its state after each epoch), the states after e epochs are averaged and
+    scored (score(state, indexes) -> accuracy, loss); the folds' scores are weighted by how many samples each
+    scored."""
+    total = sum(len(scored) for _, scored in trial_folds)
+    results = np.zeros((max_epochs, 2))
+    for shards, scored in trial_folds:
+        per_shard = [list(train_shard(shard, max_epochs)) for shard in shards]
+        for e in range(max_epochs):
+            results[e] += np.asarray(score(average([states[e] for states in per_shard]), scored)) * len(scored)
+    return [(float(a / total), float(loss / total)) for a, loss in results]
+
+
+def _weighted(score, trial_folds) -> float:
+    """The accuracy of score(indexes) over the folds' scored samples, weighted by their count (the untrained start)."""
+    return sum(score(scored)[0] * len(scored) for _, scored in trial_folds) / sum(len(s) for _, s in trial_folds)
 
 
 def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, epochs_grid=None, seed: int = 0,
@@ -101,9 +129,9 @@ def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, 
     if trainer_factory is None:
         from fedtiny_device.trainer import Trainer as trainer_factory
     epochs_grid = tuple(epochs_grid or range(1, MAX_EPOCHS + 1))
-    xq, xq_val = quantize_input(graph, train.X), quantize_input(graph, val.X)
-    y, y_val = np.asarray(train.y), np.asarray(val.y)
-    shards = skewed_shards(y, shard_size)
+    xq = quantize_input(graph, np.concatenate([train.X, val.X]))
+    y = np.concatenate([train.y, val.y])
+    trial_folds = folds(train.y, val.y, shard_size)
     schemes = set()
 
     def train_and_score(lr: float, max_epochs: int) -> list[tuple[float, float]]:
@@ -127,10 +155,11 @@ def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, 
             return {name: np.rint(np.mean([st[name].astype(np.float64) for st in states], axis=0))
                     .astype(start[name].dtype) for name in start}
 
-        return _trial_round(train_shard, average, lambda st: _int8_scores(plan.graph_with(st), xq_val, y_val),
-                            shards, max_epochs)
+        return _trial_round(train_shard, average, lambda st, idx: _int8_scores(plan.graph_with(st), xq[idx], y[idx]),
+                            trial_folds, max_epochs)
 
-    choice = _choose(train_and_score, lrs, epochs_grid, _int8_scores(graph, xq_val, y_val)[0])
+    start = _weighted(lambda idx: _int8_scores(graph, xq[idx], y[idx]), trial_folds)
+    choice = _choose(train_and_score, lrs, epochs_grid, start)
     return replace(choice, scheme=" / ".join(sorted(schemes)))
 
 
@@ -143,8 +172,9 @@ def choose_baseline_lr(model, train, val, epochs: int, *, shard_size: int, lrs=L
 
     from fedtiny.train import evaluate
 
-    xt, yt = torch.as_tensor(np.asarray(train.X, np.float32)), torch.as_tensor(np.asarray(train.y, np.int64))
-    shards = skewed_shards(train.y, shard_size)
+    x_all, y_all = np.concatenate([train.X, val.X]).astype(np.float32), np.concatenate([train.y, val.y])
+    xt, yt = torch.as_tensor(x_all), torch.as_tensor(y_all.astype(np.int64))
+    trial_folds = folds(train.y, val.y, shard_size)
 
     def train_and_score(lr: float, max_epochs: int) -> list[tuple[float, float]]:
         def train_shard(shard, epochs):
@@ -161,17 +191,18 @@ def choose_baseline_lr(model, train, val, epochs: int, *, shard_size: int, lrs=L
             return {k: torch.stack([st[k].double() for st in states]).mean(0).to(states[0][k].dtype)
                     for k in states[0]}
 
-        def score(state):
+        def score(state, idx):
             averaged = copy.deepcopy(model)
             averaged.load_state_dict(state)
-            return evaluate(averaged, val.X, val.y)
+            return evaluate(averaged, x_all[idx], y_all[idx])
 
-        return _trial_round(train_shard, average, score, shards, max_epochs)
+        return _trial_round(train_shard, average, score, trial_folds, max_epochs)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batch 1: more threads only contend (as in baseline.run_baseline)
     try:
-        return _choose(train_and_score, lrs, (epochs,), evaluate(model, val.X, val.y)[0])
+        start = _weighted(lambda idx: evaluate(model, x_all[idx], y_all[idx]), trial_folds)
+        return _choose(train_and_score, lrs, (epochs,), start)
     finally:
         torch.set_num_threads(threads)
 
@@ -211,7 +242,7 @@ def settle(config, task, model, graph, train, val, trainer_factory=None) -> list
                                                      trainer_factory=trainer_factory))
         config.lr, config.epochs = choice.lr, choice.epochs
         lines.append(f"devices: lr {choice.lr:g}, {choice.epochs} epoch(s) per round (scheme {choice.scheme}), "
-                     f"chosen on the host's validation data ({len(val)} samples): int8 accuracy "
+                     f"chosen on the host's data ({len(train)} + {len(val)} validation samples): int8 accuracy "
                      f"{100 * choice.start_accuracy:.1f} % -> {100 * choice.val_accuracy:.1f} % after a round on "
                      f"label-skewed shards of {shard_size} host samples (tried lr {min(lrs):g}..{max(lrs):g}, "
                      f"{min(epochs_grid)}..{max(epochs_grid)} epochs)")
