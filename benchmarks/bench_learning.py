@@ -84,9 +84,11 @@ def main():
     parser.add_argument("--only", nargs="*", help="run only these rows (dataset or scenario names); the section "
                         "is not written then")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--cache", help="model cache to use (default: a fresh one, so pretraining and the choices "
+                        "are part of each row's wall time)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="learn_data_"))
-    cache = tempfile.mkdtemp(prefix="fedtiny_cache_")
+    cache = args.cache or tempfile.mkdtemp(prefix="fedtiny_cache_")
     rows = []
     for name in DATASETS + SCENARIOS:
         if args.only and name not in args.only:
@@ -99,7 +101,10 @@ def main():
         rounds = "" if args.rounds == 10 else f" --rounds {args.rounds}"
         rows.append(row(name, f"fedtiny simulate {shown} --nodes 10{rounds} --baseline", wall, metrics, log))
         print(rows[-1], flush=True)
-    lines = [SECTION, "", provenance("python benchmarks/bench_learning.py"), "",
+    command = "python benchmarks/bench_learning.py" + (" --cache DIR (pretrained models and trial scores kept from "
+                                                       "earlier runs: wall times without pretraining)" if args.cache
+                                                       else "")
+    lines = [SECTION, "", provenance(command), "",
              "Every learning setting is fedtiny's own choice: the host pretrains to convergence on a validation part "
              "of its data (fedtiny/train.py), the devices' lr and epochs and the fp32 baseline's lr are chosen on it "
              "by one rule (simulations/tuning.py). Accuracies are on the held-out test set after 10 rounds; "

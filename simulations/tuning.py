@@ -9,10 +9,10 @@ round on unseen samples keep what the model knew, or diverge?). Shards have a de
 sample count; at most MAX_SHARDS of them, spread over the labels) and are cut after sorting by label, so each holds
 one class or two: the worst label skew a fleet can have. Every shard trains from the pretrained model as a device
 would, 1 to MAX_EPOCHS epochs, and the shards' states are averaged (FedAvg). The folds' accuracy and mean
-cross-entropy, weighted by the samples each scored, score the (lr, epochs): the best accuracy wins, ties broken by
-the lower loss, then by the fewer epochs and the smaller lr (less device time, less risk). A learning rate that
-diverges, or that drives each skewed shard to forget the other classes (client drift), loses its accuracy and is
-not chosen over one that holds.
+cross-entropy, weighted by the samples each scored, score the (lr, epochs): the best accuracy wins; among equals the
+largest lr (a host model that already fits its host's data ties every small lr, and the devices' data is not the
+host's), then the lower loss, then the fewer epochs. A learning rate that diverges, or that drives each skewed
+shard to forget the other classes (client drift), loses accuracy and is not chosen over one that holds.
 
     devices   the real int8 training plan (the run's scheme, budget and reserve, compiled at that lr) on the
               trainer the nodes run (the C trainer when gcc is present), samples in a node's training order
@@ -37,7 +37,7 @@ LRS = tuple(round(10 ** (k / 2), 6) for k in range(-7, -1))  # 3.2e-4 .. 0.1 in 
 MAX_EPOCHS = 3
 MAX_SHARDS = 8
 MAX_SCORED = 512  # of the training part scored in the second fold: a time bound
-RULE = f"lrs{LRS}/epochs1-{MAX_EPOCHS}/shards{MAX_SHARDS}/scored{MAX_SCORED}/skewed-round-2fold/v3"
+TRIAL = f"lrs{LRS}/epochs1-{MAX_EPOCHS}/shards{MAX_SHARDS}/scored{MAX_SCORED}/skewed-round-2fold/v3"  # cache key
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,11 @@ class Choice:
 
 
 def best(tried: list[tuple[float, int, float, float]]) -> tuple[float, int, float, float]:
-    """The winning (lr, epochs, accuracy, loss): highest accuracy, then lowest loss, then fewest epochs, then the
-    smallest lr. A non-finite loss (a diverged float model, whose NaN logits still give some argmax) ranks last."""
-    return min(tried, key=lambda t: (not np.isfinite(t[3]), -t[2], t[3], t[1], t[0]))
+    """The winning (lr, epochs, accuracy, loss): the highest accuracy; among equals the largest lr (the most a
+    device can learn per step at no cost the host can measure: a host model that already fits its own data ties
+    every small lr), then the lowest loss, then the fewest epochs. A non-finite loss (a diverged float model, whose
+    NaN logits still give some argmax) ranks last."""
+    return min(tried, key=lambda t: (not np.isfinite(t[3]), -t[2], -t[0], t[3], t[1]))
 
 
 def _choose(train_and_score, lrs, epochs_grid, start, scheme: str = "") -> Choice:
@@ -208,7 +210,7 @@ def choose_baseline_lr(model, train, val, epochs: int, *, shard_size: int, lrs=L
 
 
 def _cache_file(kind: str, graph, *parts) -> Path:
-    digest = hashlib.sha256(RULE.encode())
+    digest = hashlib.sha256(TRIAL.encode())
     for tensor in sorted(graph.tensors.values(), key=lambda t: t.name):
         if tensor.is_constant:
             digest.update(tensor.name.encode() + np.ascontiguousarray(tensor.data).tobytes())
@@ -218,9 +220,11 @@ def _cache_file(kind: str, graph, *parts) -> Path:
 
 
 def _cached(path: Path, compute) -> Choice:
-    if path.exists():
+    if path.exists():  # the trial's scores; the winner is ranked again (best), so the ranking may change
         data = json.loads(path.read_text())
-        return Choice(**dict(data, tried=tuple(tuple(t) for t in data["tried"])))
+        tried = tuple(tuple(t) for t in data["tried"])
+        lr, epochs, accuracy, loss = best(list(tried))
+        return Choice(lr, epochs, accuracy, loss, data["start_accuracy"], data["scheme"], tried)
     choice = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(choice)))

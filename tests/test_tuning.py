@@ -82,12 +82,12 @@ def test_skewed_shards_hold_one_class_or_two_and_every_class_trains():
     assert len(tuning.skewed_shards(y[:5], 10)) == 1  # fewer samples than a device holds: one shard
 
 
-def test_the_rule_ranks_accuracy_then_loss_then_fewer_epochs_then_smaller_lr():
-    tried = [(0.1, 1, 0.5, 9.0), (0.01, 2, 0.9, 0.3), (0.03, 1, 0.9, 0.3), (0.01, 1, 0.9, 0.3),
+def test_the_rule_ranks_accuracy_then_larger_lr_then_loss_then_fewer_epochs():
+    tried = [(0.1, 1, 0.5, 9.0), (0.01, 2, 0.9, 0.3), (0.03, 2, 0.9, 0.4), (0.03, 1, 0.9, 0.3), (0.03, 3, 0.9, 0.3),
              (0.003, 3, 0.9, 0.2), (1.0, 1, 0.95, float("nan"))]
-    assert tuning.best(tried) == (0.003, 3, 0.9, 0.2)  # a NaN loss loses whatever its argmax scored
-    assert tuning.best(tried[:5]) == (0.003, 3, 0.9, 0.2)
-    assert tuning.best(tried[:4]) == (0.01, 1, 0.9, 0.3)
+    assert tuning.best(tried) == (0.03, 1, 0.9, 0.3)  # a NaN loss loses whatever its argmax scored
+    assert tuning.best(tried[:3]) == (0.03, 2, 0.9, 0.4)  # equal accuracy: the largest lr
+    assert tuning.best(tried[:2] + [(0.003, 3, 0.95, 0.2)]) == (0.003, 3, 0.95, 0.2)  # accuracy first
 
 
 def test_the_baseline_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
@@ -158,3 +158,18 @@ def test_host_accuracy_lines_say_float_and_int8_and_warn_near_chance():
     lines = tuning.host_accuracy_lines(untrained, weak, noise)
     assert any(line.startswith("warning: the host model is near chance") for line in lines)
     assert tuning.near_chance(0.55, np.array([0, 1] * 10))[0] and not tuning.near_chance(0.95, np.array([0, 1] * 10))[0]
+
+
+def test_simulate_prints_the_host_model_accuracy_and_the_chosen_settings_before_the_rounds(tmp_path, monkeypatch):
+    from fedtiny_sim.simulate import simulate
+
+    monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path / "cache"))
+    lines = []
+    result = simulate(SimulationConfig(nodes=2, rounds=1, scenario="medical", out=str(tmp_path / "run"),
+                                       workers=1), note=lines.append)
+    host = next(i for i, line in enumerate(lines) if line.startswith("host model: float "))
+    devices = next(i for i, line in enumerate(lines) if line.startswith("devices: lr "))
+    rounds = next(i for i, line in enumerate(lines) if line.startswith("starting the broker"))
+    assert host < devices < rounds and " int8 " in lines[host]
+    assert result["lr"] in tuning.LRS and 1 <= result["epochs"] <= tuning.MAX_EPOCHS
+    assert result["pretraining"]["stopped"] in ("converged", "step limit")
