@@ -343,8 +343,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
               "a quarter of --budget.")
-@click.option("--lr", default=0.01, show_default=True, type=float, help="Devices' SGD learning rate (QAS-scaled).")
-@click.option("--epochs", default=2, show_default=True, help="Local epochs per round.")
+@click.option("--lr", default=None, type=float, help="Devices' SGD learning rate (QAS-scaled); default: chosen on "
+              "the host's validation data.")
+@click.option("--epochs", default=None, type=int, help="Local epochs per round; default: chosen with the lr.")
 @click.option("--chunk-size", default=1024, show_default=True, help="Maximum MQTT payload per message (256 B..256 KB).")
 @click.option("--uplink-keep", default=0.5, show_default=True, type=float,
               help="Fraction of each tensor's changes a node sends per round, largest first; the rest stays on the "
@@ -372,8 +373,8 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
                    "(Cortex-M4, mps2-an386), each with its own modem bridge to the broker; in virtual time a round "
                    "waits for them however long QEMU takes.")
 @click.option("--baseline", is_flag=True, help="Also train the same task with plain Flower FedAvg + PyTorch fp32.")
-@click.option("--baseline-lr", default=0.003, show_default=True, type=float,
-              help="The baseline's fp32 SGD learning rate (0.01 diverges on some bearing machines).")
+@click.option("--baseline-lr", default=None, type=float,
+              help="The baseline's fp32 SGD learning rate; default: chosen by the devices' rule, for fp32.")
 @click.option("--clip-norm", default=None, type=float,
               help="L2 norm (real units) each node's update is clipped to, on the node and again at the coordinator; "
                    "default 0 (off), or 0.5 with --dp-epsilon.")

@@ -9,7 +9,7 @@
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -221,9 +221,19 @@ def fed_as_model_file(task: Task, graph) -> Task:
                    standardization=None if stats is None else (np.asarray(stats["mean"]), np.asarray(stats["std"])))
 
 
-def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Path | None = None):
-    """(float PyTorch model, int8 graph): the task's model pretrained on its host data and quantized; for a .ftm
-    model file, (None, its graph).
+def host_split(task: Task, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(training part, validation part) of the host's data: pretraining stops on the validation part, and the
+    devices' learning rate and epochs are chosen on it (fedtiny.train.validation_split, the same for a seed)."""
+    from fedtiny.train import validation_split
+
+    train, val = validation_split(task.pretrain.y, seed=seed)
+    return task.pretrain.subset(train), task.pretrain.subset(val)
+
+
+def pretrained(task: Task, seed: int = 0, cache_dir: str | Path | None = None):
+    """(float PyTorch model, int8 graph): the task's model pretrained on its host data to convergence
+    (fedtiny.train.pretrain on host_split) and quantized; for a .ftm model file, (None, its graph).
+    graph.meta["pretraining"] says how it went.
 
     Cached on disk by content (the .ftm model file and the float weights beside it; in $FEDTINY_CACHE, default
     ~/.cache/fedtiny), so a second run with the same task and seed starts at once."""
@@ -231,27 +241,29 @@ def pretrained(task: Task, seed: int = 0, epochs: int = 15, cache_dir: str | Pat
 
     from fedtiny.modelfile import load_model, save_model
     from fedtiny.quantize import quantize
-    from fedtiny.train import fit
+    from fedtiny.train import RULE, pretrain
 
     if is_model_file(task.model):  # quantized already (`fedtiny quantize`, `fedtiny import`): no float model
         return None, load_model(task.model)
     torch.manual_seed(seed)
     model = build_model(task.model, task.input_shape, task.num_classes)
-    # keyed by the data, the settings and the module's structure (a user's file may change under the same name)
+    # keyed by the data, the rule and the module's structure (a user's file may change under the same name)
     key = hashlib.sha256(task.pretrain.X.tobytes() + task.pretrain.y.tobytes()
-                         + f"{task.model}/{seed}/{epochs}/{model!r}/{task.standardization is not None}".encode()
+                         + f"{task.model}/{seed}/{RULE}/{model!r}/{task.standardization is not None}".encode()
                          ).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("FEDTINY_CACHE") or Path.home() / ".cache" / "fedtiny")
     path = cache / f"{task.name}-{Path(task.model.partition(':')[0]).stem}-{key}.ftm"
     if path.exists() and path.with_suffix(".pt").exists():
         model.load_state_dict(torch.load(path.with_suffix(".pt")))
         return model.eval(), load_model(path)
-    fit(model, task.pretrain.X, task.pretrain.y, epochs=epochs, seed=seed)
+    train, val = host_split(task, seed)
+    record = pretrain(model, train.X, train.y, val.X, val.y, seed=seed)
     graph = quantize(model, task.pretrain.X[:512], name=f"{task.name}-{task.model}", classes=task.pretrain.classes)
     graph.meta["model"] = task.model  # the zoo name (or FILE.py:FACTORY): picks the default update scheme
     if task.standardization is not None:  # so that raw data from outside the run can be fed the same way
         mean, std = task.standardization
         graph.meta["input_standardization"] = {"mean": mean.tolist(), "std": std.tolist()}
+    graph.meta["pretraining"] = asdict(record)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path.with_suffix(".pt"))
     save_model(graph, path)

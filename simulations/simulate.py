@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .scenarios import Task, check_model, fed_as_model_file, is_model_file, load_task, pretrained
+from .scenarios import Task, check_model, fed_as_model_file, host_split, is_model_file, load_task, pretrained
 
 
 @dataclass
@@ -44,8 +44,8 @@ class SimulationConfig:
     scheme: str | None = None
     budget: int = 256 * 1024
     reserve: int | None = None  # default: fedtiny.compiler.reserve_for's rule (64 KB, at most a quarter of budget)
-    lr: float = 0.01
-    epochs: int = 2
+    lr: float | None = None  # default: chosen on the host's validation data (tuning.py)
+    epochs: int | None = None  # default: chosen with lr
     uplink_keep: float = 0.5  # each DELTA carries the larger half of each tensor's changes; the rest waits a round
     chunk_size: int = 1024
     dropout: float = 0.0
@@ -58,7 +58,7 @@ class SimulationConfig:
     engine: str = "mqtt"  # "mqtt" (broker and node agents) or "flower" (ClientApps in Flower's engine on Ray)
     trainer: str = "c"  # "c" when a compiler is present, else "python"
     baseline: bool = False  # also run plain Flower FedAvg with PyTorch fp32 clients on the same task
-    baseline_lr: float = 0.003  # fp32 SGD at batch 1 diverges to NaN at 0.01 on some bearing machines
+    baseline_lr: float | None = None  # default: chosen by tuning.py's rule for the fp32 update
     workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))  # processes, or Ray CPUs
     qemu_nodes: int = 0  # of the nodes, how many run the node firmware under QEMU (firmware_nodes.py)
     realtime: bool = False  # deadlines, dropout and stragglers on the wall clock instead of in virtual time
@@ -229,7 +229,8 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
     c = config
     for option, ok, rule in (
             ("nodes", c.nodes >= 1, "at least 1"), ("rounds", c.rounds >= 1, "at least 1"),
-            ("epochs", c.epochs >= 1, "at least 1"), ("lr", c.lr > 0, "positive"),
+            ("epochs", c.epochs is None or c.epochs >= 1, "at least 1"), ("lr", c.lr is None or c.lr > 0, "positive"),
+            ("baseline_lr", c.baseline_lr is None or c.baseline_lr > 0, "positive"),
             ("uplink_keep", 0.01 <= c.uplink_keep <= 1, "a fraction in [0.01, 1]"),
             ("chunk_size", MIN_CHUNK_PAYLOAD <= c.chunk_size <= MAX_CHUNK_PAYLOAD,
              f"{MIN_CHUNK_PAYLOAD}..{MAX_CHUNK_PAYLOAD} bytes"),
@@ -341,12 +342,23 @@ def training_plan(config: SimulationConfig, task: Task, graph):
     return plan, scheme
 
 
-def _prepare(config: SimulationConfig, run: Path, task: Task):
-    """Pretrained int8 model, plan and per-node data files."""
+def _prepare(config: SimulationConfig, run: Path, task: Task, say):
+    """Pretrained int8 model, the learning settings the user left open (tuning.settle), plan and per-node data
+    files; `say` hears the host model's accuracy and the settings chosen."""
     from fedtiny.planfile import save_plan
     from fedtiny.interpreter import quantize_input
 
+    from .tuning import host_accuracy_lines, settle
+
     model, graph = pretrained(task, config.seed)
+    train, val = host_split(task, config.seed)
+    for line in host_accuracy_lines(model, graph, val):
+        say(line)
+    trainer = None
+    if config.trainer == "c":
+        from fedtiny_device.cruntime import CTrainer as trainer
+    for line in settle(config, task, model, graph, train, val, trainer_factory=trainer):
+        say(line)
     plan, scheme = training_plan(config, task, graph)
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
@@ -389,7 +401,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     say = note or (lambda message: None)
     cache = os.environ.get("FEDTINY_CACHE", "~/.cache/fedtiny")
     say(f"preparing the model (pretrained on the host's data, or from {cache}) and the training plan")
-    model, graph, plan, scheme, devices = _prepare(config, run, task)
+    model, graph, plan, scheme, devices = _prepare(config, run, task, say)
     say(f"model {task.model}, update scheme {scheme}: {len(plan.trainable_buffers())} trainable buffers, "
         f"{plan.arena_size:,} B arena per node")
     forward = None  # the held-out evaluation's forward pass: the interpreter's, or the same bits from the C runtime
@@ -419,7 +431,8 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
                    broker=broker, seed=config.seed, dropout=config.dropout, stragglers=config.stragglers,
-                   deadline=config.deadline, engine=config.engine, clock=_clock_kind(config),
+                   deadline=config.deadline, engine=config.engine, clock=_clock_kind(config), lr=config.lr,
+                   epochs=config.epochs, baseline_lr=config.baseline_lr, pretraining=graph.meta.get("pretraining"),
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
                    initial_confusion=confusion_matrix(task.test.y, predicted, task.num_classes),
                    classes=list(task.pretrain.classes), qemu_nodes=config.qemu_nodes, firmware=firmware,

@@ -19,7 +19,7 @@ from fedtiny_sim.simulate import SimulationConfig, check_inputs, simulate, train
 RAM, FLASH = 256 * 1024, 1024 * 1024  # fedtiny_m4.ld's regions
 # the simulations below (a generous deadline: QEMU trains `full` for several seconds a round on a busy machine,
 # and a firmware node that missed a round would change the global model)
-CONFIG = SimulationConfig(nodes=3, rounds=2, deadline=300.0)
+CONFIG = SimulationConfig(nodes=3, rounds=2, deadline=300.0, lr=0.01, epochs=2)  # fixed: the firmware is what is tested
 
 
 @pytest.fixture(scope="module")

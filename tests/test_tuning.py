@@ -1,0 +1,175 @@
+"""Pretraining to convergence and the learning-rate rule (issue 16): no hand-tuned constants."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from fedtiny import zoo
+from fedtiny.datafile import make_dataset
+from fedtiny.quantize import quantize
+from fedtiny.train import evaluate, pretrain, validation_split
+from fedtiny_sim import tuning
+from fedtiny_sim.scenarios import Task
+from fedtiny_sim.simulate import SimulationConfig
+
+
+def blobs(n: int, seed: int, separation: float = 3.0, features: int = 8):
+    """Two Gaussian classes `separation` apart along every feature (separable when it is large)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.normal(size=(n, features)) + separation * y[:, None]
+    return x.astype(np.float32), y
+
+
+def mlp(features: int = 8, seed: int = 0):
+    torch.manual_seed(seed)
+    return zoo.build("mlp", (features,), 2)
+
+
+def test_validation_split_takes_every_class_and_is_deterministic():
+    y = np.array([0] * 10 + [1] * 5 + [2] * 2)
+    train, val = validation_split(y, 0.2, seed=4)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(y)))
+    assert sorted(np.bincount(y[val]).tolist()) == [1, 1, 2]  # 20 % of each class, at least one
+    again = validation_split(y, 0.2, seed=4)
+    assert train.tolist() == again[0].tolist() and val.tolist() == again[1].tolist()
+    assert val.tolist() != validation_split(y, 0.2, seed=5)[1].tolist()
+
+
+def test_pretraining_stops_early_on_a_tiny_set_and_beats_chance():
+    x, y = blobs(40, seed=1)
+    train, val = validation_split(y, seed=0)
+    model = mlp()
+    record = pretrain(model, x[train], y[train], x[val], y[val], seed=0, patience=100, max_steps=5000)
+    assert record.stopped == "converged" and record.steps < 5000  # long before the step limit
+    assert record.steps - record.best_step >= 100 and record.best_step % 10 == 0
+    accuracy, loss = evaluate(model, x[val], y[val])  # the best weights are the ones left in the model
+    assert (accuracy, loss) == pytest.approx((record.val_accuracy, record.val_loss))
+    fresh_x, fresh_y = blobs(400, seed=9)
+    assert evaluate(model, fresh_x, fresh_y)[0] > 0.9  # chance is 0.5
+
+
+def test_pretraining_is_deterministic_for_a_seed():
+    x, y = blobs(60, seed=2, separation=0.7)
+    train, val = validation_split(y, seed=0)
+    states = []
+    for _ in range(2):
+        model = mlp(seed=3)
+        pretrain(model, x[train], y[train], x[val], y[val], seed=5, patience=50, max_steps=400)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_pretraining_restores_the_best_weights_not_the_last():
+    # labels that are pure noise: whatever the model learns on the training part only hurts the validation part
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(80, 8)).astype(np.float32), rng.integers(0, 2, 80)
+    train, val = validation_split(y, seed=0)
+    model = mlp()
+    record = pretrain(model, x[train], y[train], x[val], y[val], seed=0, patience=200, max_steps=2000)
+    assert record.best_step < record.steps
+    assert evaluate(model, x[val], y[val])[1] == pytest.approx(record.val_loss)
+
+
+def test_skewed_shards_hold_one_class_or_two_and_every_class_trains():
+    y = np.repeat(np.arange(4), 30)
+    shards = tuning.skewed_shards(y, 10)
+    assert len(shards) == tuning.MAX_SHARDS  # 12 shards of 10, thinned evenly
+    assert all(len(np.unique(y[s])) <= 2 for s in shards)
+    assert set(np.concatenate([y[s] for s in shards]).tolist()) == {0, 1, 2, 3}
+    assert len(tuning.skewed_shards(y[:5], 10)) == 1  # fewer samples than a device holds: one shard
+
+
+def test_the_rule_ranks_accuracy_then_larger_lr_then_loss_then_fewer_epochs():
+    tried = [(0.1, 1, 0.5, 9.0), (0.01, 2, 0.9, 0.3), (0.03, 2, 0.9, 0.4), (0.03, 1, 0.9, 0.3), (0.03, 3, 0.9, 0.3),
+             (0.003, 3, 0.9, 0.2), (1.0, 1, 0.95, float("nan"))]
+    assert tuning.best(tried) == (0.03, 1, 0.9, 0.3)  # a NaN loss loses whatever its argmax scored
+    assert tuning.best(tried[:3]) == (0.03, 2, 0.9, 0.4)  # equal accuracy: the largest lr
+    assert tuning.best(tried[:2] + [(0.003, 3, 0.95, 0.2)]) == (0.003, 3, 0.95, 0.2)  # accuracy first
+
+
+def test_the_baseline_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
+    x, y = blobs(60, seed=3, separation=1.0)
+    train_idx, val_idx = validation_split(y, seed=0)
+    ds = make_dataset(x, y, None, ("a", "b"), "blobs")
+    train, val = ds.subset(train_idx), ds.subset(val_idx)
+    model = mlp()
+    pretrain(model, train.X, train.y, val.X, val.y, seed=0, patience=50, max_steps=300)
+    choices = [tuning.choose_baseline_lr(model, train, val, 2, shard_size=10, lrs=(0.01, 300.0)) for _ in range(2)]
+    assert choices[0] == choices[1]
+    diverged = [t for t in choices[0].tried if t[0] == 300.0][0]
+    held = [t for t in choices[0].tried if t[0] == 0.01][0]
+    assert diverged[2] < held[2] or not np.isfinite(diverged[3])  # the large lr really diverges here
+    assert choices[0].lr == 0.01
+
+
+def int8_task(seed: int = 0):
+    x, y = blobs(80, seed=seed, separation=1.2)
+    train_idx, val_idx = validation_split(y, seed=0)
+    ds = make_dataset(x, y, None, ("a", "b"), "blobs")
+    train, val = ds.subset(train_idx), ds.subset(val_idx)
+    model = mlp()
+    pretrain(model, train.X, train.y, val.X, val.y, seed=0, patience=50, max_steps=200)
+    graph = quantize(model, train.X, name="blobs-mlp", classes=ds.classes)
+    task = Task("blobs", "mlp", ds, [train], val)
+    return model, graph, task, train, val
+
+
+def test_the_device_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
+    _, graph, task, train, val = int8_task()
+    config = SimulationConfig(nodes=1, scenario="medical", scheme="full", reserve=0)
+    choices = [tuning.choose_device(config, task, graph, train, val, shard_size=10, lrs=(0.01, 1000.0),
+                                   epochs_grid=(1, 2))
+               for _ in range(2)]
+    assert choices[0] == choices[1]
+    assert choices[0].scheme == "full"
+    by_lr = {lr: max(acc for lr_, _, acc, _ in choices[0].tried if lr_ == lr) for lr in (0.01, 1000.0)}
+    assert by_lr[1000.0] < by_lr[0.01]  # int8 weights driven to their limits: the large lr diverges
+    assert choices[0].lr == 0.01 and choices[0].epochs in (1, 2)
+
+
+def test_settle_keeps_what_the_user_gave_and_fills_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path))
+    model, graph, task, train, val = int8_task()
+    config = SimulationConfig(nodes=1, scenario="medical", scheme="full", reserve=0, lr=0.02, baseline=True,
+                              baseline_lr=0.005)
+    lines = tuning.settle(config, task, model, graph, train, val)
+    assert config.lr == 0.02 and config.baseline_lr == 0.005 and config.epochs in range(1, tuning.MAX_EPOCHS + 1)
+    assert len(lines) == 1 and lines[0].startswith("devices: lr 0.02,")
+    unset = replace(config, lr=None, epochs=None, baseline_lr=None)
+    lines = tuning.settle(unset, task, model, graph, train, val)
+    assert unset.lr in tuning.LRS and unset.baseline_lr in tuning.LRS
+    assert [line.split(":")[0] for line in lines] == ["devices", "baseline"]
+    cached = replace(config, lr=None, epochs=None, baseline_lr=None)
+    assert tuning.settle(cached, task, model, graph, train, val) == lines  # from the cache, the same choice
+    assert (cached.lr, cached.epochs, cached.baseline_lr) == (unset.lr, unset.epochs, unset.baseline_lr)
+
+
+def test_host_accuracy_lines_say_float_and_int8_and_warn_near_chance():
+    model, graph, _, _, val = int8_task()
+    lines = tuning.host_accuracy_lines(model, graph, val)
+    assert lines[0].startswith("host model: float ") and " int8 " in lines[0] and len(lines) == 1
+    torch.manual_seed(0)
+    untrained = zoo.build("mlp", (8,), 2)
+    weak = quantize(untrained, val.X, name="weak", classes=("a", "b"))
+    noise = replace(val, y=np.random.default_rng(1).integers(0, 2, len(val.y)))
+    lines = tuning.host_accuracy_lines(untrained, weak, noise)
+    assert any(line.startswith("warning: the host model is near chance") for line in lines)
+    assert tuning.near_chance(0.55, np.array([0, 1] * 10))[0] and not tuning.near_chance(0.95, np.array([0, 1] * 10))[0]
+
+
+def test_simulate_prints_the_host_model_accuracy_and_the_chosen_settings_before_the_rounds(tmp_path, monkeypatch):
+    from fedtiny_sim.simulate import simulate
+
+    monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path / "cache"))
+    lines = []
+    result = simulate(SimulationConfig(nodes=2, rounds=1, scenario="medical", out=str(tmp_path / "run"),
+                                       workers=1), note=lines.append)
+    host = next(i for i, line in enumerate(lines) if line.startswith("host model: float "))
+    devices = next(i for i, line in enumerate(lines) if line.startswith("devices: lr "))
+    rounds = next(i for i, line in enumerate(lines) if line.startswith("starting the broker"))
+    assert host < devices < rounds and " int8 " in lines[host]
+    assert result["lr"] in tuning.LRS and 1 <= result["epochs"] <= tuning.MAX_EPOCHS
+    assert result["pretraining"]["stopped"] in ("converged", "step limit")
