@@ -105,9 +105,9 @@ def main():
              f"{base['bytes_per_node_per_round'] / up:.1f}x fewer |",
              f"| downlink bytes per node per round | {down:,.0f} | {base['bytes_per_node_per_round']:,.0f} | "
              f"{base['bytes_per_node_per_round'] / down:.1f}x fewer |",
-             f"| device memory for training | {memory['arena_bytes']:,} B (whole step) | >= "
+             f"| device RAM for training (arena, kernel scratch, stack) | {memory['device_ram_bytes']:,} B | >= "
              f"{base['training_memory_bytes']:,} B (fp32 weights + gradients) | "
-             f"{base['training_memory_bytes'] / memory['arena_bytes']:.0f}x less |",
+             f"{base['training_memory_bytes'] / memory['device_ram_bytes']:.0f}x less |",
              f"| wall time of the rounds (round 1's start to the last round's end) | {run['rounds_seconds']:.1f} s | "
              f"{base['rounds_seconds']:.1f} s | fedtiny takes {run['rounds_seconds'] / base['rounds_seconds']:.2f}x "
              f"the baseline's |",

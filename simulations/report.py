@@ -153,8 +153,9 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
         f"| held-out accuracy before / after | {100 * run['initial_accuracy']:.1f} % / "
         f"{100 * last.get('accuracy', float('nan')):.1f} % |",
         f"| uplink bytes per node per round (mean{', DELTA bodies' if flower else ''}) | {up:,.0f} |",
-        f"| training memory per device (whole step: planned arena + kernel scratch) | {memory['arena_bytes']:,} B + "
-        f"{memory['scratch_bytes']:,} B of {memory['budget_bytes'] - memory['reserve_bytes']:,} B available |",
+        f"| device RAM for training (arena {memory['arena_bytes']:,} B + kernel scratch {memory['scratch_bytes']:,} B "
+        f"+ stack and runtime statics) | {memory['device_ram_bytes']:,} B of "
+        f"{memory['budget_bytes'] - memory['reserve_bytes']:,} B available |",
         f"| flash for the model and plan | {memory['flash_bytes']:,} B |", "",
     ]
     lines += few_samples_lines(few_samples(devices or {}), run)
@@ -202,7 +203,7 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
                   *[f"| rounds to {100 * t['accuracy']:.1f} % (*{i + 1}) | {reached(t, 'fedtiny', rounds)} | "
                     f"{reached(t, 'baseline', baseline['rounds'])} |" for i, t in enumerate(run.get("targets", []))],
                   f"| bytes per node per round (uplink) | {up:,.0f} | {baseline['bytes_per_node_per_round']:,.0f} |",
-                  f"| device memory for training | {memory['arena_bytes']:,} B | "
+                  f"| device RAM for training (arena, kernel scratch, stack) | {memory['device_ram_bytes']:,} B | "
                   f"at least {baseline['training_memory_bytes']:,} B (fp32 weights + gradients) |",
                   f"| wall time of the rounds (round 1's start to the last round's end; same thread settings) | "
                   f"{run['rounds_seconds']:.1f} s | {baseline['rounds_seconds']:.1f} s |",

@@ -39,8 +39,9 @@ def html_report(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
                  ["held-out accuracy before round 1 / after the last round",
                   f"{percent(run['initial_accuracy'])} / {percent(last.get('accuracy'))}"],
                  ["uplink bytes per node per round (mean)", f"{_uplink_per_node(rounds):,.0f}"],
-                 ["training memory per device (planned arena + kernel scratch)",
-                  f"{memory['arena_bytes']:,} B + {memory['scratch_bytes']:,} B of "
+                 ["device RAM for training (arena + kernel scratch + stack and runtime statics)",
+                  f"{memory['device_ram_bytes']:,} B ({memory['arena_bytes']:,} + {memory['scratch_bytes']:,} + "
+                  f"{memory['stack_bytes'] + memory['runtime_static_bytes']:,}) of "
                   f"{memory['budget_bytes'] - memory['reserve_bytes']:,} B available"],
                  ["flash for the model and plan", f"{memory['flash_bytes']:,} B"]])]
     parts += _warnings(run, devices)
@@ -126,7 +127,7 @@ def _comparison(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
               reached(t, "baseline", b_rounds)] for i, t in enumerate(targets)]
     rows += [["bytes per node per round (uplink)", f"{_uplink_per_node(rounds):,.0f}",
               f"{baseline['bytes_per_node_per_round']:,.0f}"],
-             ["device memory for training", f"{memory['arena_bytes']:,} B",
+             ["device RAM for training (arena, kernel scratch, stack)", f"{memory['device_ram_bytes']:,} B",
               f"at least {baseline['training_memory_bytes']:,} B (fp32 weights + gradients)"],
              ["wall time", f"{run['wall_seconds']:.1f} s", f"{baseline['wall_seconds']:.1f} s"]]
     rules = "".join(f"<li>({i + 1}) {escape(t['rule'])}; round 0 is the start.</li>" for i, t in enumerate(targets))

@@ -560,7 +560,8 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
             row = dict(round=r, accuracy=float(result.eval_metrics.get("accuracy", float("nan"))),
                        loss=float(result.eval_metrics.get("loss", float("nan"))), participants=result.replies,
                        uplink_bytes=int(up1 - up0), downlink_bytes=int(down1 - down0),
-                       seconds=time.perf_counter() - t0, peak_device_memory=plan.arena_size,
+                       seconds=time.perf_counter() - t0,
+                       peak_device_memory=plan.memory_report()["device_ram_bytes"],  # arena, scratch, stack
                        confusion=list(result.eval_metrics.get("confusion", [])))
             if firmware_devices:
                 from .report_data import participation
