@@ -140,7 +140,7 @@ def test_cli_auto_needs_data(small, tmp_path):
 
     graph, _ = small
     save_model(graph, tmp_path / "m.ftm")
-    result = run_cli("compile", tmp_path / "m.ftm")
+    result = run_cli("compile", tmp_path / "m.ftm", "--scheme", "auto")
     assert result.exit_code == 2 and result.stderr.splitlines() == [
         "Error: --scheme auto measures schemes on the host's data: give --data (a scenario or a .npz/.csv), or a "
         "scheme by name (--scheme classifier, bias, last:K, full, sparse:...)"]
