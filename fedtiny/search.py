@@ -55,7 +55,7 @@ class SearchError(ValueError):
 
 def device_ram(plan: Plan) -> int:
     """The device SRAM a plan needs beyond the reserve: the one place the search reads memory from."""
-    return plan.memory_report()["arena_bytes"]
+    return plan.memory_report()["device_ram_bytes"]  # arena + kernel scratch + stack and statics, as compile_plan checks
 
 
 def scheme_text(scheme: Scheme, n: int) -> str:

@@ -127,8 +127,8 @@ def test_cli_budget_nothing_fits_is_one_line_and_exit_code_2(small, tmp_path, mo
     save_model(graph, tmp_path / "m.ftm")
     x, y = blobs(200, 2.0, 3)
     np.savez(tmp_path / "host.npz", X=x, y=y)
-    result = run_cli("compile", tmp_path / "m.ftm", "--data", tmp_path / "host.npz", "--budget", "64",
-                     "--reserve", "0")
+    result = run_cli("compile", tmp_path / "m.ftm", "--scheme", "auto", "--data", tmp_path / "host.npz",
+                     "--budget", "64", "--reserve", "0")
     assert result.exit_code == 2, (result.stderr, result.exception)
     lines = result.stderr.splitlines()
     assert lines[-1].startswith("Error: no update scheme fits: even the classifier alone needs"), result.stderr
