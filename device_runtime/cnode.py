@@ -291,7 +291,8 @@ class CNodeSession:
         task = s.pending_task
         pending = None if not task.present else dict(
             round=task.round, model_version=task.model_version, epochs=task.epochs, steps=task.steps,
-            uplink_keep=task.uplink_keep_pct / 100, clip_norm=task.clip_norm)
+            uplink_keep=task.uplink_keep_pct / 100, clip_norm=task.clip_norm,
+            noise_sigma=0.0)  # the C node refuses a TASK that asks for noise (it cannot add it yet)
         upload = self._buffers["upload"].raw[:s.upload_len] if s.upload_len else None
         return NodeState(s.model_version, self.library.unpack(self._buffers["global_state"]), s.rng_counter,
                          s.round, s.seq, s.trained_round, replay, pending, upload, s.upload_chunk,
