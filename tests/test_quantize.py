@@ -34,11 +34,11 @@ def _to_torch_layout(hwc, like):
 # Refusals
 # ---------------------------------------------------------------------------------------------------------------
 
-class SigmoidHead(nn.Module):
+class SoftplusHead(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Linear(6, 8)
-        self.head = nn.Sequential(nn.Linear(8, 2), nn.Sigmoid())
+        self.head = nn.Sequential(nn.Linear(8, 2), nn.Softplus())
 
     def forward(self, x):
         return self.head(self.body(x))
@@ -113,7 +113,7 @@ class TwoInputs(nn.Module):
 
 # name -> (model, sample shape, words the error must contain: the op and where it is)
 REFUSED = {
-    "sigmoid in a Sequential": (SigmoidHead(), (6,), ["Sigmoid", "head.1"]),
+    "softplus in a Sequential": (SoftplusHead(), (6,), ["Softplus", "head.1"]),
     "torch.cat": (Concat(), (2, 8), ["cat"]),
     "GELU": (Gelu(), (6,), ["GELU", "act"]),
     "conv2d dilation 2": (Dilated(), (2, 9, 9), ["Conv2d", "stem.0", "dilation"]),
