@@ -3,21 +3,12 @@ its own splits (the per-feature standardization recorded in the model file), and
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from sklearn.datasets import load_wine
 
-from fedtiny.cli import main
 from fedtiny.interpreter import predict
 from fedtiny.modelfile import load_model, save_model
 from fedtiny_sim.scenarios import load_task
-
-
-def run_cli(*args):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click 8.1
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args])
+from test_user_input import run_cli
 
 
 def accuracy_of(output: str) -> float:

@@ -15,27 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from conftest import require_module
-from fedtiny.cli import main
 from fedtiny.compiler import compile_plan
 from fedtiny.interpreter import quantize_input, run
 from fedtiny.modelfile import load_model
 from fedtiny.scheme import parse
+from test_user_input import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TFLITE = FIXTURES / "digits_rows_int8.tflite"
 sys.path.insert(0, str(FIXTURES))
 from make_tflite_fixture import digits_rows  # noqa: E402  (the data the fixture was trained on)
-
-
-def run_cli(*args):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click 8.1
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
