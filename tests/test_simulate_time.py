@@ -10,27 +10,13 @@ import os
 import numpy as np
 import pytest
 
-from fedtiny.compiler import compile_plan
-from fedtiny.quantize import quantize
-from fedtiny.scheme import parse
-from fedtiny.zoo import MLP
 from fedtiny_server.grid import MissingReplies, RoundPolicy
 from fedtiny_server.rounds import Coordinator, CoordinatorConfig
 from fedtiny_server.state import StateStore
 from fedtiny_server.testing import FakeClock, FakeLink, make_reply
+from test_server import plan  # noqa: F401 (the grid tests' small plan, a fixture)
 
 B = "train:classifier.bias"
-
-
-@pytest.fixture(scope="module")
-def plan():
-    import torch
-
-    torch.manual_seed(0)
-    model = MLP(8, 3, hidden=(6,)).eval()
-    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
-    graph = quantize(model, x)
-    return compile_plan(graph, parse("last:2", graph))
 
 
 def one_lsb_delta(plan, device):
