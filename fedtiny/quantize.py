@@ -367,6 +367,7 @@ def _elementwise(node: fx.Node, mod, args: list) -> str | None:
     c, tensor_first = float(c), isinstance(args[0], str)
     if op == "div" and (not tensor_first or c == 0):
         return None  # c / x (or a division by zero): refused by the caller
+    # every entry is evaluated: "div"'s guard keeps x * 0 from dividing by zero
     slope = {"add": 1.0, "sub": 1.0 if tensor_first else -1.0, "mul": c, "div": 1.0 / c if c else 0.0}[op]
     offset = {"add": c, "sub": -c if tensor_first else c, "mul": 0.0, "div": 0.0}[op]
     return f"affine({slope!r}, {offset!r})"
