@@ -20,9 +20,9 @@ from fedtiny.interpreter import quantize_input, quantize_target
 from fedtiny.ir import Graph, Op
 
 RUNTIME_FILES = ("fedtiny_arith.h", "fedtiny_kernels.h", "fedtiny_kernels.c", "fedtiny_runtime.h",
-                 "fedtiny_runtime.c", "fedtiny_boot.h", "fedtiny_boot.c", "firmware_main.c", "firmware_train.c",
-                 "fedtiny_train_job.h", "fedtiny_train_job.c", "firmware_train_job.c", "firmware_profile.c",
-                 "fedtiny_m4.ld", "Makefile")
+                 "fedtiny_runtime.c", "fedtiny_boot.h", "fedtiny_boot.c", "fedtiny_samples.h", "firmware_main.c",
+                 "firmware_train.c", "fedtiny_train_job.h", "fedtiny_train_job.c", "firmware_train_job.c",
+                 "firmware_profile.c", "fedtiny_m4.ld", "Makefile")
 GENERATED_FILES = ("model.h", "model.c", "samples.c")
 
 
@@ -201,7 +201,7 @@ def _checked_samples(graph: Graph, samples: np.ndarray | None) -> np.ndarray:
 def render_samples(graph: Graph, samples: np.ndarray | None) -> str:
     """samples.c: int8 samples (N, H, W, C) in flash for the firmware; None -> one sample of zero points."""
     samples = _checked_samples(graph, samples)
-    return (_banner(graph) + "#include <stdint.h>\n\n"
+    return (_banner(graph) + "#include \"fedtiny_samples.h\"\n\n"
             f"const uint32_t fedtiny_n_samples = {len(samples)};\n"
             + _c_array("int8_t", "fedtiny_samples", samples).replace("static const", "const"))
 
@@ -579,7 +579,7 @@ def render_train_samples(plan, samples: np.ndarray | None, labels: np.ndarray | 
             raise ValueError(f"labels must be {len(samples)} class indexes in 0..{classes - 1}")
         labels_c = _c_array("int32_t", "fedtiny_labels", labels)
     steps = len(samples) if steps is None else int(steps)
-    return (_banner(graph) + "#include <stdint.h>\n\n"
+    return (_banner(graph) + "#include \"fedtiny_samples.h\"\n\n"
             f"const uint32_t fedtiny_n_samples = {len(samples)};\n"
             f"const uint32_t fedtiny_train_steps = {steps};\n"
             f"const uint32_t fedtiny_train_seed = {int(seed) & 0xFFFFFF};\n"

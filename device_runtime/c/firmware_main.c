@@ -9,8 +9,7 @@
 #include "fedtiny_boot.h"
 #include "model.h"
 
-extern const uint32_t fedtiny_n_samples;
-extern const int8_t fedtiny_samples[];
+#include "fedtiny_samples.h"
 
 static uint32_t fnv1a(const int8_t *bytes, uint32_t n)
 {

@@ -52,13 +52,7 @@
 #include "model.h"
 #include "node_config.h"
 
-extern const uint32_t fedtiny_n_samples, fedtiny_train_seed;
-extern const int8_t fedtiny_samples[];
-#if FEDTINY_MODEL_LOSS_MSE
-extern const int8_t fedtiny_targets[];
-#else
-extern const int32_t fedtiny_labels[];
-#endif
+#include "fedtiny_samples.h"
 
 #define MODEM_BAUD 115200u
 #define MODEM_MAX_TOPIC FEDTINY_NODE_TOPIC_MAX

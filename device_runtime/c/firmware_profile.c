@@ -12,13 +12,7 @@
 #include "fedtiny_boot.h"
 #include "model.h"
 
-extern const uint32_t fedtiny_n_samples, fedtiny_train_steps, fedtiny_train_seed;
-extern const int8_t fedtiny_samples[];
-#if FEDTINY_MODEL_LOSS_MSE
-extern const int8_t fedtiny_targets[];
-#else
-extern const int32_t fedtiny_labels[];
-#endif
+#include "fedtiny_samples.h"
 
 static fedtiny_status whole_step(uint32_t k)
 {

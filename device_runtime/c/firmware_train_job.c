@@ -14,13 +14,7 @@
 
 #define MAX_SAMPLES 1024u
 
-extern const uint32_t fedtiny_n_samples, fedtiny_train_steps, fedtiny_train_seed;
-extern const int8_t fedtiny_samples[];
-#if FEDTINY_MODEL_LOSS_MSE
-extern const int8_t fedtiny_targets[];
-#else
-extern const int32_t fedtiny_labels[];
-#endif
+#include "fedtiny_samples.h"
 
 static uint8_t state[FEDTINY_MODEL_STATE_BYTES > 0 ? FEDTINY_MODEL_STATE_BYTES : 1];
 static uint16_t order[MAX_SAMPLES];
