@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from fedtiny.compiler import Plan
-from fedtiny.protocol.envelope import Identity, PublicIdentity
+from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, TAG_SIZE, Identity, PublicIdentity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import (
     REVEAL_PAIRWISE_KEY, REVEAL_SELF_MASK, SECAGG_MAX_NEIGHBOURS, MaskedDelta, SecAggKeys, SecAggPeer,
@@ -614,3 +614,16 @@ def _combine(shares: list[tuple[int, bytes]], kind: int) -> bytes | None:
         return None
     lo = Shamir.combine([(i, s[:16]) for i, s in shares])
     return lo if kind == REVEAL_SELF_MASK else lo + Shamir.combine([(i, s[16:]) for i, s in shares])
+
+
+# --- the largest stage message: what a device's buffers and the coordinator's bounds must also take ----------
+
+def _stage_envelope(body: int, encrypted: bool = False) -> int:
+    return HEADER_SIZE + body + (TAG_SIZE if encrypted else 0) + SIGNATURE_SIZE
+
+
+MAX_STAGE_ENVELOPE = max(
+    _stage_envelope(8 + (4 + 160) * SECAGG_MAX_NEIGHBOURS),  # SECAGG_PEERS
+    _stage_envelope(4 + (4 + 76) * SECAGG_MAX_NEIGHBOURS),  # SECAGG_SHARES / SECAGG_RELAY
+    _stage_envelope(4 + 40 * SECAGG_MAX_NEIGHBOURS, encrypted=True),  # SECAGG_REVEAL
+)
