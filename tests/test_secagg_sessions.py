@@ -144,3 +144,135 @@ def test_a_stage_message_for_another_round_is_refused_by_the_device(plan):
         for p in fleet.coordinator._downlink(fleet.names[0], SecAggUnmask((), ()), 2, 0):
             device.receive(p.topic, p.payload, 5.0)
     assert device.state.seq == seq and device.state.round == 1  # refused whole: nothing changed
+
+
+# --- the coordinator's rounds: what Flower's strategy receives ---------------------------------------------------
+
+class SessionLink:
+    """A FleetLink over the sans-IO sessions of a Fleet, frames delivered at once; devices train as soon as they
+    get a job (the `dropouts` never answer it)."""
+
+    def __init__(self, fleet, dropouts=()):
+        self.fleet, self.dropouts = fleet, set(dropouts)
+        self.coordinator = fleet.coordinator
+        self.expected = {}  # device -> its clipped delta, as uplink_delta makes it
+
+    def start(self):
+        for name in self.fleet.names:
+            self.deliver(self.fleet.devices[name].on_connect(0.5))
+        return self
+
+    def close(self):
+        pass
+
+    def deliver(self, publishes):
+        self.fleet.pump(publishes)
+        for name, job in list(self.fleet.jobs.items()):
+            del self.fleet.jobs[name]
+            if name in self.dropouts:
+                self.fleet.devices[name].skip(job)
+                continue
+            result = TrainResult(self.fleet.trained(name), 8, 0.25, 0.5, 0)
+            self.expected[name], _ = uplink_delta(self.fleet.plan, job.base, result.state, None, keep=1.0,
+                                                  clip_norm=CLIP)
+            self.fleet.pump(self.fleet.devices[name].complete(job, result, 2.0))
+
+    def devices(self, seen_within=None):
+        return self.coordinator.devices(1.0, None)
+
+    def send_task(self, device, round, model_version, global_state, config):
+        out = self.coordinator.send_task(device, round, model_version, global_state, config)
+        self.deliver(out)
+        return sum(len(p.payload) for p in out)
+
+    def replies(self, timeout):
+        return self.coordinator.take_replies()
+
+    def rejections(self):
+        return self.coordinator.take_rejections()
+
+    def durable_state(self):
+        return None
+
+    def restore(self, state, status_streams=True):
+        pass
+
+    def begin_secagg(self, round, model_version, devices, clip_norm, noise_sigma=0.0):
+        self.coordinator.begin_secagg(round, model_version, devices, clip_norm, noise_sigma)
+
+    def secagg_status(self, round):
+        return self.coordinator.secagg_status(round)
+
+    def secagg_close(self, round, admitted=None):
+        self.deliver(self.coordinator.secagg_close(round, admitted))
+
+    def secagg_outcomes(self):
+        return self.coordinator.take_secagg_outcomes()
+
+
+def test_the_strategy_receives_only_the_survivors_mean(plan, tmp_path):
+    """Coordinator.run_round under secure aggregation, 10 devices of which 3 drop: Flower's FedAvg gets exactly
+    one reply, the survivors' mean (base + dequantized exact sum / 7); FedAvg of the seven clipped deltas, as a
+    plain round would hand them over, gives the same model."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedtiny_server.grid import RoundPolicy
+    from fedtiny_server.requantize import rebuild
+    from fedtiny_server.rounds import Coordinator, CoordinatorConfig
+    from fedtiny_server.state import StateStore
+
+    fleet = Fleet(plan, 10)
+    link = SessionLink(fleet, dropouts=fleet.names[:3]).start()
+    store = StateStore(tmp_path / "state.db")
+    coordinator = Coordinator(link, plan, store, CoordinatorConfig(
+        rounds=1, policy=RoundPolicy(deadline=0.5, poll=0.0), train_config={"clip_norm": CLIP}, secagg=True))
+    seen = []
+    aggregate = coordinator.strategy.aggregate_train
+    coordinator.strategy.aggregate_train = lambda rnd, replies: seen.append(list(replies)) or aggregate(rnd, replies)
+    base = {k: v.copy() for k, v in coordinator.model.master.items()}
+    result = coordinator.run_round(1)
+    (replies,) = seen
+    assert len(replies) == 1 and result.replies == 1  # one reply: the mean, never a device's own update
+    survivors = fleet.names[3:]
+    assert sorted(link.expected) == survivors
+    total = {n: sum(link.expected[d][n].astype(np.int64) for d in survivors) for n in plan.trainable_buffers()}
+    got = replies[0].content.array_records["arrays"]
+    for name, spec in coordinator.model.specs.items():
+        assert np.array_equal(got[name].numpy(), base[name] + spec.dequantize(total[name]) / 7), name
+    # the same clipped deltas as seven plain replies, through the same FedAvg
+    fedavg = Coordinator(link, plan, StateStore(tmp_path / "plain.db"), CoordinatorConfig(rounds=1)).strategy
+    plain = [Message_like(rebuild(coordinator.model.specs, base, link.expected[d])) for d in survivors]
+    averaged, _ = fedavg.aggregate_train(1, plain)
+    for name in plan.trainable_buffers():
+        np.testing.assert_allclose(averaged[name].numpy(), got[name].numpy(), rtol=1e-12, atol=1e-15)
+    assert coordinator.model.version == 1
+    store.close()
+
+
+def Message_like(full):
+    """A reply Message as FleetGrid makes one for a plain round: full float arrays, equal weight."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from fedtiny_server.grid import ensure_task_identity
+
+    ensure_task_identity()
+    ins = Message(RecordDict(), 1, "train", group_id="1")
+    ins.metadata.__dict__["_message_id"] = "x"
+    content = RecordDict({"arrays": ArrayRecord({n: Array(np.asarray(v)) for n, v in full.items()}),
+                          "metrics": MetricRecord({"num-examples": 1})})
+    return Message(content, reply_to=ins)
+
+
+def test_robust_strategies_and_central_dp_are_refused_under_secure_aggregation(plan, tmp_path):
+    from fedtiny_server.privacy import PrivacySettings
+    from fedtiny_server.rounds import Coordinator, CoordinatorConfig
+    from fedtiny_server.state import StateStore
+
+    link = SessionLink(Fleet(plan, 3))
+    for config, match in ((CoordinatorConfig(strategy="krum", train_config={"clip_norm": CLIP}, secagg=True),
+                           "individual updates"),
+                          (CoordinatorConfig(train_config={}, secagg=True), "clip norm"),
+                          (CoordinatorConfig(train_config={"clip_norm": CLIP}, secagg=True,
+                                             privacy=PrivacySettings(8.0, 1e-5, CLIP)), "central DP")):
+        with pytest.raises(ValueError, match=match):
+            Coordinator(link, plan, StateStore(tmp_path / f"{match}.db"), config)

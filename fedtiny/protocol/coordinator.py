@@ -68,7 +68,8 @@ class SecAggOutcome:
     result: SecAggSum | None
     failure: str  # "" when the sum was unmasked
     log: tuple[dict, ...]
-    uplink_bytes: dict[str, int]
+    uplink_bytes: dict[str, int]  # MQTT payload bytes of every stage message, per device
+    downlink_bytes: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class CoordinatorSession:
         self._secagg: dict[int, SecAggRound] = {}  # round -> its secure aggregation in progress
         self._secagg_version: dict[int, int] = {}
         self._secagg_bytes: dict[int, Counter] = {}
+        self._secagg_down: dict[int, Counter] = {}
         self._secagg_outcomes: list[SecAggOutcome] = []
         self.stats: Counter = Counter()  # rejected:<reason>, duplicate_chunks, duplicate_messages, replies, ...
 
@@ -393,6 +395,7 @@ class CoordinatorSession:
                                           [topics.name_id(d) for d in devices], clip_norm, noise_sigma, degree=degree)
         self._secagg_version[round] = model_version
         self._secagg_bytes[round] = Counter()
+        self._secagg_down[round] = Counter()
 
     def secagg_status(self, round: int) -> tuple[str, set[str]]:
         """The stage of round `round`'s secure aggregation and the devices whose message of that stage came
@@ -457,13 +460,16 @@ class CoordinatorSession:
             return []
         out = []
         for device_id, body in sorted(bodies.items()):
-            out += self._downlink(self._names[device_id], body, round_, self._secagg_version[round_])
+            frames = self._downlink(self._names[device_id], body, round_, self._secagg_version[round_])
+            self._secagg_down[round_][self._names[device_id]] += sum(len(p.payload) for p in frames)
+            out += frames
         return out
 
     def _secagg_end(self, agg: SecAggRound, result: SecAggSum | None, failure: str) -> None:
         round_ = agg.ctx.round
         self._secagg_outcomes.append(SecAggOutcome(round_, result, failure, tuple(agg.log),
-                                                   dict(self._secagg_bytes.pop(round_, {}))))
+                                                   dict(self._secagg_bytes.pop(round_, {})),
+                                                   dict(self._secagg_down.pop(round_, {}))))
         del self._secagg[round_]
         self._secagg_version.pop(round_, None)
 
