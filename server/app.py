@@ -64,6 +64,7 @@ class Settings:
     dp_epsilon: float = 0.0  # central differential privacy's budget at dp_delta (0: no DP; server/privacy.py)
     dp_delta: float = 1e-5
     dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps num_server_rounds within the budget
+    secagg: int = 0  # 1: secure aggregation (server/secagg.py): masked deltas, the coordinator sees only the sum
 
     def privacy(self):
         """The run's PrivacySettings, or None without --dp-epsilon; ValueError naming a bad value."""
@@ -151,7 +152,7 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
                          task=settings.task())
     options = {"fraction_train": settings.fraction_train, **parse_options(settings.strategy_options)}
     config = CoordinatorConfig(settings.num_server_rounds, settings.strategy, options, policy,
-                               privacy=settings.privacy())
+                               privacy=settings.privacy(), secagg=bool(settings.secagg))
     metrics = metrics or ops.Metrics()
     heldout = None
     if settings.heldout:

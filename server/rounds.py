@@ -259,6 +259,9 @@ class Coordinator:
         # reproduces a run bit for bit.
         replies = sorted(self.grid.send_and_receive(messages, timeout=self.config.policy.deadline),
                          key=lambda m: m.metadata.src_node_id)
+        participants = len(replies)
+        if self.config.secagg and replies:  # one reply, the mean of this many devices' masked deltas
+            participants = int(replies[0].content.metric_records["metrics"]["num-examples"])
         with ops.Stopwatch() as watch:
             try:
                 new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
@@ -272,7 +275,7 @@ class Coordinator:
         evaluation = dict(eval_metrics or {})
         self.store.commit_round(rnd, self.model.version, self.model.master, self.model.ints,
                                 strategy_state(self.strategy), self.grid.registry,
-                                {"train": train, "eval": evaluation, "replies": len(replies)},
+                                {"train": train, "eval": evaluation, "replies": participants},
                                 extra_meta=link_meta(self.link))
         self.round = rnd
         seconds = time.perf_counter() - start
@@ -282,11 +285,11 @@ class Coordinator:
         self.metrics.observe("fedtiny_aggregation_seconds", watch.seconds)
         self.metrics.observe("fedtiny_round_seconds", seconds)
         self._eval_metrics(eval_metrics)
-        result = RoundResult(rnd, self.model.version, len(replies), train, evaluation, watch.seconds, seconds)
+        result = RoundResult(rnd, self.model.version, participants, train, evaluation, watch.seconds, seconds)
         if not replies:
             ops.event("round_without_replies", logging.WARNING, round=rnd,
                       devices_online=len(self.link.devices(seen_within=self.config.policy.seen_within)))
-        ops.event("round_completed", round=rnd, model_version=self.model.version, replies=len(replies),
+        ops.event("round_completed", round=rnd, model_version=self.model.version, replies=participants,
                   train=train, eval=evaluation, aggregation_seconds=round(watch.seconds, 6),
                   seconds=round(seconds, 3))
         return result

@@ -106,10 +106,10 @@ def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
                   uplink_bytes=outcome.uplink_bytes)
         return []
     result = outcome.result
-    survivors = [names.get(i, f"{i:#010x}") for i in result.survivors]
+    survivors = sorted(names.get(i, f"{i:#010x}") for i in result.survivors)
     ops.event("secagg_round", round=round_, stages=list(outcome.log), survivors=survivors,
-              dropped=[names.get(i, f"{i:#010x}") for i in result.dropped],
-              bad_shares=[names.get(i, f"{i:#010x}") for i in result.bad_shares], uplink_bytes=outcome.uplink_bytes,
+              dropped=sorted(names.get(i, f"{i:#010x}") for i in result.dropped),
+              bad_shares=sorted(names.get(i, f"{i:#010x}") for i in result.bad_shares), uplink_bytes=outcome.uplink_bytes,
               seen="the sum of the survivors' masked deltas only")
     for name in survivors:
         record = grid.registry.get(name)
