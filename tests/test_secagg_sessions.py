@@ -276,3 +276,18 @@ def test_robust_strategies_and_central_dp_are_refused_under_secure_aggregation(p
                                              privacy=PrivacySettings(8.0, 1e-5, CLIP)), "central DP")):
         with pytest.raises(ValueError, match=match):
             Coordinator(link, plan, StateStore(tmp_path / f"{match}.db"), config)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--strategy", "krum"], "individual updates"),
+    (["--clip-norm", "0"], "needs the devices to clip"),
+    (["--qemu-nodes", "1"], "node firmware does not implement"),
+    (["--dp-epsilon", "8"], "central DP"),
+    (["--nodes", "2"], "needs 3"),
+])
+def test_simulate_secagg_refuses_what_it_cannot_do_in_one_line(args, says, tmp_path):
+    from test_user_input import run_cli
+
+    result = run_cli("simulate", "--secagg", "--nodes", "5", "--rounds", "1", "--out", tmp_path / "run", *args)
+    assert result.exit_code == 2, result.output
+    assert says in result.stderr and "Traceback" not in result.stderr
