@@ -300,7 +300,9 @@ class DeviceSession:
                 self.state.pending_task = dict(round=header.round, model_version=header.model_version,
                                                epochs=int(settings["epochs"]), steps=int(settings["steps"]),
                                                uplink_keep=settings["uplink_keep"], clip_norm=settings["clip_norm"],
-                                               noise_sigma=settings["noise_sigma"], masked=settings["masked"])
+                                               noise_sigma=settings["noise_sigma"])
+                if settings["masked"]:  # only then: a plain task persists as it did before secure aggregation
+                    self.state.pending_task["masked"] = True
                 if settings["masked"]:
                     out += self._secagg_begin(header.round, settings)
         elif isinstance(body, Ack):
