@@ -19,6 +19,7 @@ Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config '
     chunk-size         MQTT payload per chunk, 4096 uplink-keep      default 1.0 (send every change)
     clip-norm          update L2 norm, 0 = off      dp-epsilon       central DP budget, 0 = off (needs clip-norm)
     dp-delta           default 1e-5                 dp-noise-multiplier  0 = derived from the budget and rounds
+    secagg             1 = secure aggregation (needs clip-norm; server/secagg.py)
 """
 
 from __future__ import annotations
