@@ -80,6 +80,16 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
             check_options(dp_epsilon, dp_delta, clip_norm, dp_noise_multiplier, strategy)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
+    if secagg:
+        from .secagg import check_strategy
+
+        try:
+            check_strategy(strategy)
+        except ValueError as exc:
+            raise UserError(f"--secagg: {exc}") from exc
+        if not clip_norm > 0 or dp_epsilon:
+            raise UserError("--secagg needs --clip-norm > 0 (the devices clip; the coordinator sees only sums) and "
+                            "no --dp-epsilon (central DP needs each update)")
     ops.setup_json_logging(sys.stderr)
     try:
         history = run_coordinator(settings)

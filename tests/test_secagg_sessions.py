@@ -291,3 +291,13 @@ def test_simulate_secagg_refuses_what_it_cannot_do_in_one_line(args, says, tmp_p
     result = run_cli("simulate", "--secagg", "--nodes", "5", "--rounds", "1", "--out", tmp_path / "run", *args)
     assert result.exit_code == 2, result.output
     assert says in result.stderr and "Traceback" not in result.stderr
+
+
+def test_coordinator_secagg_without_a_clip_norm_is_one_line(tmp_path):
+    from test_user_input import run_cli
+
+    plan_file = tmp_path / "x.plan"
+    plan_file.write_bytes(b"")
+    result = run_cli("coordinator", "--broker", "mqtt://127.0.0.1:1", "--fleet-dir", tmp_path, "--fleet", "f",
+                     "--plan", plan_file, "--state-db", tmp_path / "s.db", "--secagg")
+    assert result.exit_code == 2 and "--secagg needs --clip-norm" in result.stderr, result.output
