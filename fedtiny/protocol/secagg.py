@@ -541,7 +541,9 @@ class SecAggRound:
 
     def _reconstruct(self, about: int, kind: int, check) -> tuple[bytes, set[int]]:
         """A secret from the shares revealed about device `about`: the first `threshold`-subset that passes
-        `check`; the holders whose shares disagree with it are returned as bad."""
+        `check`. When the first subset fails (some share is wrong), the holders whose shares disagree with the
+        secret found are returned as bad; otherwise the shares beyond the first subset are not checked (each
+        check is a Lagrange interpolation in pycryptodome's pure-Python GF(2^128))."""
         shares = {}
         for holder, body in self.reveals.items():
             for v, k, index, share in body.entries:
@@ -556,8 +558,8 @@ class SecAggRound:
                 break
             secret = _combine([shares[h] for h in subset], kind)
             if secret is not None and check(secret):
-                bad = {h for h in holders if h not in subset and
-                       _combine([shares[g] for g in subset[1:]] + [shares[h]], kind) != secret}
+                bad = set() if tried == 0 else {h for h in holders if h not in subset and _combine(
+                    [shares[g] for g in subset[1:]] + [shares[h]], kind) != secret}
                 return secret, bad
         raise ProtocolError("bad-share", f"no {self.threshold} of the shares revealed about {about:#010x} "
                                          f"reconstruct its secret: some holders sent wrong shares")
