@@ -1,7 +1,7 @@
 """Secure aggregation's cost (issue 13): bytes per device and round over MQTT, the coordinator's time per round,
 and a device's instructions projected from the node's measured crypto.
 
-    python benchmarks/bench_secagg.py [--nodes 50] [--rounds 3]
+    python benchmarks/bench_secagg.py [--nodes 50] [--rounds 3] [--reuse MASKED_RUN PLAIN_RUN]
 
 1. Two `fedtiny simulate` runs of the default task (industrial, seed 0, --dropout 0.3, --deadline 120), with and
    without --secagg: the MQTT payload bytes each node sends and receives per round (chunk headers, envelopes,
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,13 +37,12 @@ AEAD_PER_BYTE = (737_705 - 614_799) / 1024  # seal a 1 KiB DELTA minus its signa
 GF128_MUL = 2_000  # assumed, not measured (see the docstring)
 
 
-def simulate(nodes: int, rounds: int, secagg: bool, cache: str) -> tuple[Path, float]:
+def simulate(nodes: int, rounds: int, secagg: bool, cache: str) -> Path:
     out = Path(tempfile.mkdtemp(prefix="secagg_"))
     args = ["fedtiny", "simulate", "--nodes", str(nodes), "--rounds", str(rounds), "--dropout", "0.3",
             "--deadline", "120", "--quiet", "--out", str(out)] + (["--secagg"] if secagg else [])
-    start = time.perf_counter()
     subprocess.run(args, check=True, env=dict(os.environ, FEDTINY_CACHE=cache), stdout=subprocess.DEVNULL)
-    return out, time.perf_counter() - start
+    return out
 
 
 def per_node_bytes(run: Path) -> dict:
@@ -54,7 +52,8 @@ def per_node_bytes(run: Path) -> dict:
     answered = sum(r["participants"] for r in rounds)
     return dict(up=sum(r["uplink_bytes"] for r in rounds) / max(1, answered),
                 down=sum(r["downlink_bytes"] for r in rounds) / (len(rounds) * m["run"]["nodes"]),
-                accuracy=rounds[-1]["accuracy"], participants=[r["participants"] for r in rounds])
+                accuracy=rounds[-1]["accuracy"], participants=[r["participants"] for r in rounds],
+                wall=m["run"]["wall_seconds"])
 
 
 def secagg_bytes(run: Path) -> tuple[float, float]:
@@ -132,25 +131,31 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reuse", nargs=2, type=Path, metavar=("MASKED_RUN", "PLAIN_RUN"),
+                        help="the run folders of an earlier such pair of simulate runs, instead of running them")
     args = parser.parse_args()
     cache = os.environ.get("FEDTINY_CACHE") or tempfile.mkdtemp(prefix="fedtiny_cache_")
-    masked_run, masked_wall = simulate(args.nodes, args.rounds, True, cache)
-    plain_run, plain_wall = simulate(args.nodes, args.rounds, False, cache)
+    if args.reuse:
+        masked_run, plain_run = args.reuse
+    else:
+        masked_run = simulate(args.nodes, args.rounds, True, cache)
+        plain_run = simulate(args.nodes, args.rounds, False, cache)
     masked, plain = per_node_bytes(masked_run), per_node_bytes(plain_run)
     survivor, dropped = secagg_bytes(masked_run)
 
     from fedtiny.planfile import load_plan
 
     plan = load_plan(masked_run / "plan.ftp")
-    lines = [SECTION, "", provenance(" ".join(["python benchmarks/bench_secagg.py"] + sys.argv[1:])), "",
+    lines = [SECTION, "", provenance(f"python benchmarks/bench_secagg.py --nodes {args.nodes} --rounds {args.rounds}"),
+             "",
              f"`fedtiny simulate` (industrial, {args.nodes} nodes, {args.rounds} rounds, --dropout 0.3, seed 0), "
              f"MQTT payload bytes per node and round (chunk headers, envelope, signature, tag):", "",
              "| | uplink B per answering node | downlink B per node | nodes per round | final accuracy | wall s |",
              "|---|---:|---:|---:|---:|---:|",
              f"| plain (bitmap-sparse DELTA) | {plain['up']:,.0f} | {plain['down']:,.0f} | "
-             f"{plain['participants']} | {100 * plain['accuracy']:.1f} % | {plain_wall:.0f} |",
+             f"{plain['participants']} | {100 * plain['accuracy']:.1f} % | {plain['wall']:.0f} |",
              f"| --secagg (keys, shares, masked DELTA, reveal) | {masked['up']:,.0f} | {masked['down']:,.0f} | "
-             f"{masked['participants']} | {100 * masked['accuracy']:.1f} % | {masked_wall:.0f} |", "",
+             f"{masked['participants']} | {100 * masked['accuracy']:.1f} % | {masked['wall']:.0f} |", "",
              f"Under --secagg a survivor sent {survivor:,.0f} B per round, a node that dropped after sharing its keys "
              f"{dropped:,.0f} B. The downlink adds each node's SECAGG_PEERS (160 B per neighbour), RELAY and "
              f"UNMASK.", "",
