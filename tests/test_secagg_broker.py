@@ -1,6 +1,7 @@
 """Secure aggregation end to end over a real broker (the embedded amqtt, with the fleet's passwords and ACL): node
 agents with the fleet's public identities, the MQTT CoordinatorLink, the coordinator's rounds."""
 
+import io
 import json
 import time
 
@@ -23,7 +24,7 @@ NODES = 5
 SAMPLES = 16
 
 
-def test_two_masked_rounds_over_the_embedded_broker(model, tmp_path, capsys):  # noqa: F811
+def test_two_masked_rounds_over_the_embedded_broker(model, tmp_path):  # noqa: F811
     plan, x, y = model
     names = [f"s{i}" for i in range(NODES)]
     keys = tmp_path / "keys"
@@ -37,22 +38,25 @@ def test_two_masked_rounds_over_the_embedded_broker(model, tmp_path, capsys):  #
                             faults=RoundFaults(fails=lambda r, i=i: (r, i) == (2, 0))).start()  # s0 drops in round 2
                   for i, name in enumerate(names)]
         link = CoordinatorLink(url, keys, plan, fleet=FLEET).start()
+        log, propagate, level = io.StringIO(), ops.LOG.propagate, ops.LOG.level
+        handler = ops.setup_json_logging(log)  # the coordinator's JSON-lines events, taken off again below
         try:
             deadline = time.monotonic() + 30
             while len([d for d in link.devices() if d.online]) < NODES:
                 assert time.monotonic() < deadline, "devices did not join"
                 time.sleep(0.05)
-            ops.setup_json_logging(__import__("sys").stdout)
             coordinator = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(
                 rounds=2, policy=RoundPolicy(quorum=1.0, deadline=6.0, poll=0.05),  # round 2 closes at 6 s
                 train_config={"clip_norm": 0.5}, secagg=True))
             history = coordinator.run()
         finally:
+            ops.LOG.removeHandler(handler)
+            ops.LOG.propagate, ops.LOG.level = propagate, level
             link.close()
             for a in agents:
                 a.stop(leave=False)
     assert [r.replies for r in history] == [5, 4] and coordinator.model.version == 2
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    events = [json.loads(line) for line in log.getvalue().splitlines()]
     rounds = [e for e in events if e["event"] == "secagg_round"]
     assert [len(e["survivors"]) for e in rounds] == [5, 4] and rounds[1]["dropped"] == ["s0"]
     assert not [e for e in events if e["event"] == "reply_accepted"]  # no individual update was ever accepted
