@@ -384,6 +384,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--dp-delta", default=1e-5, show_default=True, type=float, help="The delta of --dp-epsilon.")
 @click.option("--dp-noise-multiplier", default=0.0, show_default=True, type=float,
               help="Noise standard deviation / clip norm; 0: the smallest that keeps --rounds within the budget.")
+@click.option("--secagg", is_flag=True,
+              help="Secure aggregation: nodes send their clipped deltas masked (SecAgg+ over MQTT); the coordinator "
+                   "learns only the sum of each round's survivors. Needs --clip-norm (default 0.5).")
 @click.option("--quiet", is_flag=True, help="Print only errors and the final summary line.")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable output: one JSON object per line on stdout as the run goes ({\"event\": "
@@ -392,7 +395,7 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_options, fraction, quorum, local_steps,
              max_examples, max_staleness, clip_norm, scheme, budget, reserve, lr, epochs, chunk_size, uplink_keep,
              dropout, stragglers, deadline, realtime, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline, baseline_lr,
-             quiet, as_json, dp_epsilon, dp_delta, dp_noise_multiplier) -> None:
+             quiet, as_json, dp_epsilon, dp_delta, dp_noise_multiplier, secagg) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
     from fedtiny_server.grid import MissingReplies
@@ -410,7 +413,7 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
                               baseline_lr=baseline_lr, realtime=realtime, strategy_options=",".join(strategy_options),
                               fraction=fraction, quorum=quorum, local_steps=local_steps, max_examples=max_examples,
                               max_staleness=max_staleness, clip_norm=clip_norm, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
-                              dp_noise_multiplier=dp_noise_multiplier)
+                              dp_noise_multiplier=dp_noise_multiplier, secagg=secagg)
     view = QuietView() if quiet else JsonLines() if as_json else None
     say = view.note if view is not None else note
     with user_errors():

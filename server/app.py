@@ -19,6 +19,7 @@ Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config '
     chunk-size         MQTT payload per chunk, 4096 uplink-keep      default 1.0 (send every change)
     clip-norm          update L2 norm, 0 = off      dp-epsilon       central DP budget, 0 = off (needs clip-norm)
     dp-delta           default 1e-5                 dp-noise-multiplier  0 = derived from the budget and rounds
+    secagg             1 = secure aggregation (needs clip-norm; server/secagg.py)
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Settings:
     dp_epsilon: float = 0.0  # central differential privacy's budget at dp_delta (0: no DP; server/privacy.py)
     dp_delta: float = 1e-5
     dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps num_server_rounds within the budget
+    secagg: int = 0  # 1: secure aggregation (server/secagg.py): masked deltas, the coordinator sees only the sum
 
     def privacy(self):
         """The run's PrivacySettings, or None without --dp-epsilon; ValueError naming a bad value."""
@@ -151,7 +153,7 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
                          task=settings.task())
     options = {"fraction_train": settings.fraction_train, **parse_options(settings.strategy_options)}
     config = CoordinatorConfig(settings.num_server_rounds, settings.strategy, options, policy,
-                               privacy=settings.privacy())
+                               privacy=settings.privacy(), secagg=bool(settings.secagg))
     metrics = metrics or ops.Metrics()
     heldout = None
     if settings.heldout:

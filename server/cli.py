@@ -55,10 +55,13 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 @click.option("--dp-delta", type=float, default=1e-5, show_default=True, help="The delta of --dp-epsilon.")
 @click.option("--dp-noise-multiplier", type=float, default=0.0, show_default=True,
               help="Noise standard deviation / clip norm; 0: the smallest that keeps --rounds within the budget.")
+@click.option("--secagg", is_flag=True,
+              help="Secure aggregation: devices send masked deltas and this coordinator learns only each round's "
+                   "sum (needs --clip-norm; no robust strategy, no central DP; firmware nodes refuse it).")
 def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, strategy_options, fraction, quorum,
                         deadline, seen_within, max_examples, max_staleness, local_steps, state_db,
                         heldout, metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm, dp_epsilon, dp_delta,
-                        dp_noise_multiplier) -> None:
+                        dp_noise_multiplier, secagg) -> None:
     """Run federated rounds over a fleet of microcontrollers with a Flower strategy; resumable."""
     from fedtiny.cli import UserError
 
@@ -68,7 +71,8 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
     settings = Settings(broker, fleet_dir, fleet, plan_path, state_db, rounds, strategy, ",".join(strategy_options),
                         fraction, quorum, deadline, seen_within, max_examples, max_staleness, local_steps,
                         heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm,
-                        dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_noise_multiplier=dp_noise_multiplier)
+                        dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_noise_multiplier=dp_noise_multiplier,
+                        secagg=int(secagg))
     if dp_epsilon:
         from .privacy import check_options
 
@@ -76,6 +80,16 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
             check_options(dp_epsilon, dp_delta, clip_norm, dp_noise_multiplier, strategy)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
+    if secagg:
+        from .secagg import check_strategy
+
+        try:
+            check_strategy(strategy)
+        except ValueError as exc:
+            raise UserError(f"--secagg: {exc}") from exc
+        if not clip_norm > 0 or dp_epsilon:
+            raise UserError("--secagg needs --clip-norm > 0 (the devices clip; the coordinator sees only sums) and "
+                            "no --dp-epsilon (central DP needs each update)")
     ops.setup_json_logging(sys.stderr)
     try:
         history = run_coordinator(settings)

@@ -188,6 +188,7 @@ class FleetGrid(Grid):
         self.metrics = metrics or ops.Metrics()
         self.clock = clock
         self.arrivals = arrivals  # None: wall time; else virtual time for synchronous rounds (module docstring)
+        self.secagg = False  # rounds with masked deltas (fedtiny_server.secagg): the strategy gets only their mean
         self._virtual: VirtualRound | None = None  # the synchronous round in progress, in virtual time
         self._heard: set[tuple[str, int]] = set()  # (device, round) of every reply handled, whatever its fate
         self.round = 0
@@ -442,9 +443,13 @@ class FleetGrid(Grid):
         deadline; return the replies. In synchronous mode tasks still open at the end are closed: their replies
         will be discarded as late. With `arrivals` (virtual time), a synchronous round instead waits for every
         reply they promise and admits those that arrive by its virtual close (VirtualRound)."""
+        wait = self.policy.deadline if timeout is None else min(timeout, self.policy.deadline)
+        if self.secagg:
+            from .secagg import send_and_receive_masked
+
+            return send_and_receive_masked(self, messages, wait)
         ids = list(self.push_messages(messages)) + self._inject_recovered()
         asynchronous = self.policy.max_staleness > 0
-        wait = self.policy.deadline if timeout is None else min(timeout, self.policy.deadline)
 
         def watched() -> list[str]:
             return list(self._pending) if asynchronous else ids

@@ -148,6 +148,7 @@ class CoordinatorConfig:
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     train_config: dict = field(default_factory=dict)  # extra ConfigRecord entries for every train message
     privacy: PrivacySettings | None = None  # central differential privacy (server/privacy.py)
+    secagg: bool = False  # secure aggregation (server/secagg.py): devices mask, the strategy gets only the mean
 
 
 @dataclass
@@ -180,6 +181,16 @@ class Coordinator:
             raise ValueError(f"{store.path} holds a run of another training plan; use a new --state-db")
         ckpt = store.load()
         self.model = GlobalModel(specs, ckpt.master, ckpt.ints, ckpt.model_version, store)
+        if self.config.secagg:
+            from .secagg import check_strategy
+
+            check_strategy(self.config.strategy)
+            if self.config.privacy is not None:
+                raise ValueError("central DP needs each device's update; under secure aggregation, noise must come "
+                                 "from the devices (distributed DP), which is not wired to --dp-epsilon yet")
+            if not float(self.config.train_config.get("clip_norm", self.config.policy.task.get("clip_norm", 0))) > 0:
+                raise ValueError("secure aggregation needs a clip norm (the devices clip; the coordinator cannot)")
+            self.config.train_config["secagg"] = 1
         self.strategy = make_strategy(self.config.strategy, **self.config.strategy_options)
         if self.config.privacy is not None:
             self.strategy = self.config.privacy.wrap(self.strategy, self.config.rounds)
@@ -191,6 +202,7 @@ class Coordinator:
             policy.buffer_size = policy.buffer_size or self.strategy.buffer_size
         self.grid = FleetGrid(link, self.model, store, policy, devices=ckpt.devices, metrics=self.metrics,
                               clock=clock, plan_hash=plan_hash(plan), arrivals=arrivals)
+        self.grid.secagg = self.config.secagg
         self.grid.recover(ckpt.pending)
         # Uplink replay counters live in the link's envelope layer; a link that can export them has them
         # checkpointed with each round (the accepted-reply ids in the store refuse old replies either way).
@@ -204,7 +216,14 @@ class Coordinator:
         self.metrics.set("fedtiny_model_version", self.model.version)
         ops.event("coordinator_started", round=self.round, model_version=self.model.version,
                   strategy=type(self.strategy).__name__, recovered_replies=len(ckpt.pending),
-                  devices=len(ckpt.devices))
+                  devices=len(ckpt.devices), **self._secagg_settings())
+
+    def _secagg_settings(self) -> dict:
+        if not self.config.secagg:
+            return {}
+        from .secagg import SETTINGS_NOTE
+
+        return dict(secure_aggregation=True, robust_aggregation=False, settings_note=SETTINGS_NOTE)
 
     def run(self, rounds: int | None = None) -> list[RoundResult]:
         """Run rounds until `rounds` (default: the configured total) are complete, counting restored ones."""
@@ -240,6 +259,9 @@ class Coordinator:
         # reproduces a run bit for bit.
         replies = sorted(self.grid.send_and_receive(messages, timeout=self.config.policy.deadline),
                          key=lambda m: m.metadata.src_node_id)
+        participants = len(replies)
+        if self.config.secagg and replies:  # one reply, the mean of this many devices' masked deltas
+            participants = int(replies[0].content.metric_records["metrics"]["num-examples"])
         with ops.Stopwatch() as watch:
             try:
                 new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
@@ -253,7 +275,7 @@ class Coordinator:
         evaluation = dict(eval_metrics or {})
         self.store.commit_round(rnd, self.model.version, self.model.master, self.model.ints,
                                 strategy_state(self.strategy), self.grid.registry,
-                                {"train": train, "eval": evaluation, "replies": len(replies)},
+                                {"train": train, "eval": evaluation, "replies": participants},
                                 extra_meta=link_meta(self.link))
         self.round = rnd
         seconds = time.perf_counter() - start
@@ -263,11 +285,11 @@ class Coordinator:
         self.metrics.observe("fedtiny_aggregation_seconds", watch.seconds)
         self.metrics.observe("fedtiny_round_seconds", seconds)
         self._eval_metrics(eval_metrics)
-        result = RoundResult(rnd, self.model.version, len(replies), train, evaluation, watch.seconds, seconds)
+        result = RoundResult(rnd, self.model.version, participants, train, evaluation, watch.seconds, seconds)
         if not replies:
             ops.event("round_without_replies", logging.WARNING, round=rnd,
                       devices_online=len(self.link.devices(seen_within=self.config.policy.seen_within)))
-        ops.event("round_completed", round=rnd, model_version=self.model.version, replies=len(replies),
+        ops.event("round_completed", round=rnd, model_version=self.model.version, replies=participants,
                   train=train, eval=evaluation, aggregation_seconds=round(watch.seconds, 6),
                   seconds=round(seconds, 3))
         return result

@@ -175,6 +175,9 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
             "EdDSA key and encrypted end to end with ChaCha20-Poly1305), its example count, loss and accuracy;",
             "heartbeats and a JOIN. No sample, feature or label left any device (see docs/security.md).",
         ]
+        if run.get("secure_aggregation"):
+            lines += ["Under secure aggregation (--secagg) each DELTA was masked: the coordinator learned only each",
+                      "round's sum over the devices that answered, never one device's change (docs/security.md)."]
     lines += [
         f"data_flow.csv lists every transfer: {sum(f['message'] == 'DELTA' for f in flows)} DELTAs from "
         f"{len({f['device'] for f in flows if f['message'] == 'DELTA'})} devices, "

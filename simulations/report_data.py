@@ -204,6 +204,13 @@ def participation(coordinator_log: Path, slow_rounds: dict[str, list[int]],
                 tasked.setdefault(device, set()).add(event["round"])
             elif kind == "reply_accepted":
                 answered.setdefault(device, set()).add(event["round"])
+            elif kind == "secagg_round":  # secure aggregation: whose masked DELTA is in the round's sum
+                for name in event.get("survivors", ()):
+                    answered.setdefault(name, set()).add(event["round"])
+                for name in event.get("dropped", ()):
+                    refused.setdefault((name, event["round"]), []).append(
+                        "sent its secure-aggregation keys and shares, then no masked DELTA in time (left out of "
+                        "the sum)")
             elif kind == "reply_rejected":
                 reason = event.get("reason", "")
                 if reason == "wrong-round" and event.get("expected_round", 0) > event.get("round", 0):
@@ -255,12 +262,19 @@ def data_flow(coordinator_log: Path, trainable: list[str]) -> list[dict]:
     if not Path(coordinator_log).exists():
         return []
     uplink = "DELTA: integer changes of " + " ".join(trainable) + "; example count; loss; accuracy"
+    masked = ("secure aggregation: round keys (signed), Shamir shares encrypted to its neighbours, masked DELTA (the "
+              "integer changes of " + " ".join(trainable) + " plus masks in Z/2^k: the coordinator sees only the "
+              "round's sum), shares revealed for unmasking; example count; loss; accuracy")
     rows = []
     for line in Path(coordinator_log).read_text().splitlines():
         event = json.loads(line)
         if event.get("event") == "reply_accepted":
             rows.append(dict(round=event["round"], device=event["device"], direction="device -> coordinator",
                              message="DELTA", bytes=event["uplink_bytes"], contents=uplink))
+        elif event.get("event") == "secagg_round":
+            for device in event.get("survivors", ()):
+                rows.append(dict(round=event["round"], device=device, direction="device -> coordinator",
+                                 message="DELTA", bytes=event["uplink_bytes"].get(device, 0), contents=masked))
         elif event.get("event") == "task_sent":
             rows.append(dict(round=event["round"], device=event["device"], direction="coordinator -> device",
                              message="TASK + GLOBAL_UPDATE", bytes=event.get("downlink_bytes", 0),

@@ -75,6 +75,7 @@ class SimulationConfig:
     dp_epsilon: float = 0.0  # central differential privacy's budget (0: off; fedtiny_server.privacy)
     dp_delta: float = 1e-5
     dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps `rounds` within the budget
+    secagg: bool = False  # secure aggregation: nodes send masked deltas, the coordinator sees only their sum
 
 
 # The default clip norm under DP: about the median L2 norm (real units) of a device's update in the default bearing
@@ -122,13 +123,20 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
     factory = None
     if config["trainer"] == "c":
         from fedtiny_device.cruntime import CTrainer as factory
+    peers = None
+    if config.get("secagg"):  # public identities of the fleet, to check the round keys the coordinator relays
+        from fedtiny.protocol.envelope import PublicIdentity
+        from fedtiny.transport.mqtt import load_fleet
+
+        manifest = load_fleet(run / "fleet" / "coordinator")
+        peers = {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for n, v in manifest["devices"].items()}
     agents = []
     for device in devices:
         samples = np.load(run / "nodes" / f"{device}.npz")
         agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
                           state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
                           trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0,
-                          faults=_faults(device, config))
+                          faults=_faults(device, config), peers=peers)
         agents.append(agent.start())
     stop.wait()
     for agent in agents:
@@ -247,7 +255,9 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
         if not ok:
             raise ConfigError(f"--{option.replace('_', '-')} {getattr(c, option)}: must be {rule}")
     if c.clip_norm is None:
-        c.clip_norm = DP_CLIP_NORM if c.dp_epsilon else 0.0
+        c.clip_norm = DP_CLIP_NORM if c.dp_epsilon or c.secagg else 0.0
+    if c.secagg:
+        _check_secagg(c)
     if c.dp_epsilon:
         _check_privacy(c)
     if c.engine not in ENGINES:
@@ -309,6 +319,25 @@ def strategy_options(config: SimulationConfig) -> dict:
     finally:
         flwr_log.setLevel(level)
     return options
+
+
+def _check_secagg(c: SimulationConfig) -> None:
+    """--secagg: the devices clip, no robust or semi-asynchronous strategy, MQTT node agents only."""
+    from fedtiny_server.secagg import check_strategy
+
+    try:
+        check_strategy(c.strategy)
+    except ValueError as exc:
+        raise ConfigError(f"--secagg: {exc}") from None
+    for ok, why in ((c.clip_norm > 0, "--clip-norm 0: secure aggregation needs the devices to clip (default 0.5)"),
+                    (c.engine == "mqtt", "--engine flower: secure aggregation runs over MQTT node agents only"),
+                    (c.qemu_nodes == 0, "--qemu-nodes: the node firmware does not implement secure aggregation yet"),
+                    (not c.dp_epsilon, "--dp-epsilon: central DP needs each update, which secure aggregation hides; "
+                                       "distributed DP (device noise) is not wired to --secagg yet"),
+                    (c.max_staleness == 0, "--max-staleness: masked rounds are synchronous"),
+                    (c.nodes * c.fraction >= 3, "fewer than 3 nodes per round: secure aggregation needs 3")):
+        if not ok:
+            raise ConfigError(f"--secagg with {why}")
 
 
 def _check_privacy(c: SimulationConfig) -> None:
@@ -438,7 +467,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
                    classes=list(task.pretrain.classes), qemu_nodes=config.qemu_nodes, firmware=firmware,
                    wall_seconds=time.perf_counter() - started, clip_norm=config.clip_norm,
                    rounds_seconds=sum(r["seconds"] for r in rounds),  # round 1's start to the last's end
-                   privacy=privacy.get("summary"), stopped=privacy.get("stopped"))
+                   privacy=privacy.get("summary"), stopped=privacy.get("stopped"), secure_aggregation=config.secagg)
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
@@ -540,7 +569,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                                                     privacy=PrivacySettings(
                                                         config.dp_epsilon, config.dp_delta, config.clip_norm,
                                                         config.dp_noise_multiplier, noise_seed=config.seed)
-                                                    if config.dp_epsilon else None),
+                                                    if config.dp_epsilon else None, secagg=config.secagg),
                                   heldout=(task.test.X, task.test.y), heldout_forward=forward, clock=clock,
                                   arrivals=arrivals)
         rounds = []

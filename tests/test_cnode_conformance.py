@@ -366,7 +366,7 @@ def test_hostile_downlinks_are_refused_alike(plan, spec, library):
         ("bad magic", DOWN, frames_of(b"XX" + valid[2:]), "bad-magic"),
         ("bad version", DOWN, frames_of(valid[:2] + b"\x09" + valid[3:]), "bad-version"),
         ("bad flags", DOWN, frames_of(valid[:4] + b"\x31" + valid[5:]), "bad-flags"),
-        ("bad type", DOWN, frames_of(valid[:3] + b"\x09" + valid[4:]), "bad-type"),
+        ("bad type", DOWN, frames_of(valid[:3] + b"\x3f" + valid[4:]), "bad-type"),
         ("truncated envelope", DOWN, frames_of(valid[:-1]), "truncated"),
         ("trailing envelope", DOWN, frames_of(valid + b"\0"), "trailing-bytes"),
         ("short envelope", DOWN, [chunking.Chunk(5, 0, 1, 20, 232, valid[:20]).encode()], "truncated"),

@@ -24,7 +24,7 @@ from fedtiny.protocol.envelope import (
 )
 from fedtiny.protocol.keys import keys_command, mosquitto_password_line, provision_fleet
 from fedtiny.protocol.messages import (
-    Ack, AckStatus, Delta, DeviceState, GlobalUpdate, Join, Leave, Status, Task, decode_body,
+    Ack, AckStatus, Delta, DeviceState, GlobalUpdate, Join, Leave, MaskedDelta, Status, Task, decode_body,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
@@ -122,9 +122,13 @@ def test_delta_and_global_update_are_encrypted():
 
 
 def test_masked_flag_travels():
+    """Flag MASKED makes a DELTA a MaskedDelta (secure aggregation), at both ends; a plain Delta cannot carry it."""
     device, coordinator = endpoints()
-    raw = device.seal(Delta(1, 0.0, sample_entries()), round=1, model_version=1, flags=Flags.MASKED)
-    assert coordinator.open(raw).header.flags & Flags.MASKED
+    body = MaskedDelta(1, 0.0, 0.5, 7, (12, 20), bytes(8))
+    opened = coordinator.open(device.seal(body, round=1, model_version=1, flags=Flags.MASKED))
+    assert opened.header.flags & Flags.MASKED and opened.body == body
+    with pytest.raises(ValueError, match="MASKED"):
+        device.seal(Delta(1, 0.0, sample_entries()), round=1, model_version=1, flags=Flags.MASKED)
 
 
 def state_of(endpoint):

@@ -230,6 +230,9 @@ int fedtiny_wire_decode_task(const uint8_t *body, uint32_t len, fedtiny_wire_tas
 
 int fedtiny_wire_task_settings(const fedtiny_wire_task *task, fedtiny_wire_settings *settings) {
     uint16_t epochs = 1, keep_pct = 0;
+    /* task_flags bit0 (messages.TASK_MASKED): a masked delta for secure aggregation (protocol/secagg.py). This
+     * node does not implement secure aggregation yet, so it refuses the TASK rather than answer unmasked */
+    if (task->task_flags & 0x0001u) return FEDTINY_WIRE_ERR_BAD_TASK;
     if (task->config_len == 4) { /* task.TASK_CONFIG: epochs u16 | uplink_keep_pct u16 */
         epochs = rd16(task->config);
         keep_pct = rd16(task->config + 2);

@@ -26,7 +26,11 @@ from fedtiny.planfile import plan_hash
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.envelope import CoordinatorEndpoint, Flags, Header, Identity, PublicIdentity
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import FEATURE_INFLATE, Ack, AckStatus, Body, Delta, DeviceState, MessageType
+from fedtiny.protocol.messages import (
+    FEATURE_INFLATE, Ack, AckStatus, Body, Delta, DeviceState, MaskedDelta, MessageType, SecAggKeys, SecAggReveal,
+    SecAggShares,
+)
+from fedtiny.protocol.secagg import MAX_STAGE_ENVELOPE, RoundContext, SecAggRound, SecAggSum
 from fedtiny.protocol.task import task_body
 from fedtiny.protocol.topics import Publish
 from fedtiny.protocol.update import SentStates, decode_update, delta_limits, max_message_bytes
@@ -53,6 +57,19 @@ class DeviceReply:
     num_examples: int
     metrics: dict[str, float]  # device-reported, e.g. {"loss": ..., "accuracy": ...}
     uplink_bytes: int  # MQTT payload bytes of the whole DELTA transfer (all chunks)
+
+
+@dataclass(frozen=True)
+class SecAggOutcome:
+    """How a secure-aggregation round ended at the link: its sum (None if it failed, and why), the stages' log,
+    and the uplink bytes each device spent on it (all stages)."""
+
+    round: int
+    result: SecAggSum | None
+    failure: str  # "" when the sum was unmasked
+    log: tuple[dict, ...]
+    uplink_bytes: dict[str, int]  # MQTT payload bytes of every stage message, per device
+    downlink_bytes: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -99,7 +116,7 @@ class CoordinatorSession:
         self._names = {topics.name_id(name): name for name in devices if name not in revoked}
         self._endpoint = CoordinatorEndpoint(fleet_id, identity, {topics.name_id(n): devices[n]
                                                                   for n in self._names.values()},
-                                             max_message_bytes=max_message_bytes(plan))
+                                             max_message_bytes=max(max_message_bytes(plan), MAX_STAGE_ENVELOPE))
         self._endpoint.delta_limits = delta_limits(plan)
         self._plan_hash = plan_hash(plan)
         self._sent = SentStates(plan)
@@ -119,6 +136,11 @@ class CoordinatorSession:
         self._answered: set[tuple[str, int]] = set()
         self._replies: list[DeviceReply] = []
         self._rejections: list[Rejection] = []
+        self._secagg: dict[int, SecAggRound] = {}  # round -> its secure aggregation in progress
+        self._secagg_version: dict[int, int] = {}
+        self._secagg_bytes: dict[int, Counter] = {}
+        self._secagg_down: dict[int, Counter] = {}
+        self._secagg_outcomes: list[SecAggOutcome] = []
         self.stats: Counter = Counter()  # rejected:<reason>, duplicate_chunks, duplicate_messages, replies, ...
 
     # --- durable state -----------------------------------------------------------------------------------
@@ -307,6 +329,9 @@ class CoordinatorSession:
             if body.status == AckStatus.REJECTED:
                 self._versions.pop(device, None)  # it could not apply our update: next time send it whole
                 log.warning("%s rejected %s (round %d)", device, MessageType(body.acked_type).name, header.round)
+        elif isinstance(body, (MaskedDelta, SecAggKeys, SecAggShares, SecAggReveal)):
+            out += self._secagg_message(device, header, body,
+                                        len(envelope) + chunk.count * chunking.CHUNK_HEADER_SIZE, now)
         elif header.type == MessageType.DELTA:
             out += self._delta(device, header, body, len(envelope) + chunk.count * chunking.CHUNK_HEADER_SIZE, now)
 
@@ -356,6 +381,97 @@ class CoordinatorSession:
         self._replies.append(DeviceReply(device, header.round, header.model_version, delta, body.num_examples,
                                          metrics, uplink_bytes))
         return acks
+
+    # --- secure aggregation (protocol/secagg.py) -------------------------------------------------------------
+    def begin_secagg(self, round: int, model_version: int, devices: list[str], clip_norm: float,
+                     noise_sigma: float = 0.0, degree: int | None = None) -> None:
+        """Open round `round`'s secure aggregation over `devices` (before their masked TASKs are sent): their
+        stage messages are taken from now on, and the stages advance as each completes (secagg_close forces)."""
+        unknown = [d for d in devices if topics.name_id(d) not in self._names]
+        if unknown:
+            raise ValueError(f"not enrolled in fleet {self.fleet}: {', '.join(unknown)}")
+        ctx = RoundContext(self._endpoint.fleet_id, self._current_run(new_task=True), round)
+        self._secagg[round] = SecAggRound(self.plan, ctx, self._endpoint.devices,
+                                          [topics.name_id(d) for d in devices], clip_norm, noise_sigma, degree=degree)
+        self._secagg_version[round] = model_version
+        self._secagg_bytes[round] = Counter()
+        self._secagg_down[round] = Counter()
+
+    def secagg_status(self, round: int) -> tuple[str, set[str]]:
+        """The stage of round `round`'s secure aggregation and the devices whose message of that stage came
+        ("" and nothing once it ended: take_secagg_outcomes says how)."""
+        agg = self._secagg.get(round)
+        if agg is None:
+            return "", set()
+        got = {"keys": agg.keys, "shares": agg.shares, "masked": agg.masked, "unmask": agg.reveals}[agg.stage]
+        return agg.stage, {self._names[i] for i in got if i in self._names}
+
+    def secagg_close(self, round: int, admitted: set[str] | None = None) -> list[Publish]:
+        """End the current stage now (its deadline passed). For the masked stage, `admitted` (default: all that
+        came) are the devices whose masked DELTA counts: the others are late, which makes them dropouts."""
+        agg = self._secagg.get(round)
+        if agg is None:
+            return []
+        if agg.stage == "masked" and admitted is not None:
+            for i in [i for i in agg.masked if self._names.get(i) not in admitted]:
+                del agg.masked[i]
+                self._refuse(self._names.get(i, ""), "late", f"masked DELTA of round {round} after the round closed")
+        return self._secagg_advance(agg, force=True)
+
+    def take_secagg_outcomes(self) -> list[SecAggOutcome]:
+        out, self._secagg_outcomes = self._secagg_outcomes, []
+        return out
+
+    def _secagg_message(self, device: str, header: Header, body, uplink_bytes: int, now: float) -> list[Publish]:
+        out = self._ack_delta(device, header, now) if isinstance(body, MaskedDelta) else []  # it may stop resending
+        agg = self._secagg.get(header.round)
+        try:
+            if agg is None or agg.ctx.run != header.run:
+                raise ProtocolError("bad-stage", f"no secure aggregation open for round {header.round} of run "
+                                                 f"{header.run}")
+            handler = {MaskedDelta: agg.on_masked, SecAggKeys: agg.on_keys, SecAggShares: agg.on_shares,
+                       SecAggReveal: agg.on_reveal}[type(body)]
+            handler(header.device_id, body)
+        except ProtocolError as exc:
+            self._refuse(device, exc.reason, str(exc))
+            return out
+        self._secagg_bytes[header.round][device] += uplink_bytes
+        if isinstance(body, MaskedDelta):
+            self._answered.add((device, header.round))
+            return out  # the masked stage closes when the round does (secagg_close)
+        return out + self._secagg_advance(agg, force=False)
+
+    def _secagg_advance(self, agg: SecAggRound, force: bool) -> list[Publish]:
+        """Close the current stage if every expected device answered (or `force`) and send the next stage's
+        messages; a finished or failed round becomes an outcome."""
+        expected, got = {"keys": (agg.cohort, agg.keys), "shares": (agg.graph, agg.shares),
+                         "masked": (agg.u2, agg.masked), "unmask": (agg.unmask, agg.reveals)}[agg.stage]
+        if not force and not set(expected) <= set(got):
+            return []
+        round_ = agg.ctx.round
+        try:
+            if agg.stage == "unmask":
+                self._secagg_end(agg, agg.finish(), "")
+                return []
+            bodies = {"keys": agg.close_keys, "shares": agg.close_shares, "masked": agg.close_masked}[agg.stage]()
+        except ProtocolError as exc:
+            log.warning("secure aggregation of round %d failed: %s", round_, exc)
+            self._secagg_end(agg, None, str(exc))
+            return []
+        out = []
+        for device_id, body in sorted(bodies.items()):
+            frames = self._downlink(self._names[device_id], body, round_, self._secagg_version[round_])
+            self._secagg_down[round_][self._names[device_id]] += sum(len(p.payload) for p in frames)
+            out += frames
+        return out
+
+    def _secagg_end(self, agg: SecAggRound, result: SecAggSum | None, failure: str) -> None:
+        round_ = agg.ctx.round
+        self._secagg_outcomes.append(SecAggOutcome(round_, result, failure, tuple(agg.log),
+                                                   dict(self._secagg_bytes.pop(round_, {})),
+                                                   dict(self._secagg_down.pop(round_, {}))))
+        del self._secagg[round_]
+        self._secagg_version.pop(round_, None)
 
     def _request_missing(self, device: str, header: Header, idle: float, now: float) -> list[Publish]:
         out = []

@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -26,21 +26,25 @@ from fedtiny.compiler import Plan
 from fedtiny.fileformat import dumps, loads
 from fedtiny.planfile import plan_hash
 from fedtiny.protocol import chunking, topics
-from fedtiny.protocol.envelope import DeviceEndpoint, Flags, Header
+from fedtiny.protocol.envelope import DeviceEndpoint, Flags, Header, PublicIdentity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import (
-    FEATURE_MQTT5, Ack, AckStatus, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task,
+    FEATURE_MQTT5, FEATURE_SECURE_AGGREGATION, Ack, AckStatus, DeviceState, GlobalUpdate, Join, Leave, MessageType,
+    SecAggPeers, SecAggRelay, SecAggUnmask, Status, Task,
 )
 from fedtiny.protocol.noise import NoiseStream, noise_key
+from fedtiny.protocol.secagg import MAX_STAGE_ENVELOPE, RoundContext, SecAggDevice
 from fedtiny.protocol.task import task_settings
 from fedtiny.protocol.topics import Publish
 from fedtiny.protocol.update import (
-    apply_global_update, delta_limits, downlink_reassembly_bytes, max_downlink_bytes, max_message_bytes, uplink,
+    MAX_TASK_ENVELOPE, apply_global_update, delta_limits, downlink_reassembly_bytes, max_downlink_bytes,
+    max_message_bytes, uplink, uplink_delta,
 )
 
 log = logging.getLogger("fedtiny.device")
 
 STATE_KIND = b"NODE"
+SECAGG_DOWNLINKS = (MessageType.SECAGG_PEERS, MessageType.SECAGG_RELAY, MessageType.SECAGG_UNMASK)
 
 
 # --- what crosses from training to the protocol ------------------------------------------------------------
@@ -57,6 +61,7 @@ class TrainJob:
     uplink_keep: float = 1.0  # the fraction of each buffer's changes the DELTA carries (update.split_uplink)
     clip_norm: float = 0.0  # the DELTA's L2 norm in real units is at most this (0: no clipping)
     noise_sigma: float = 0.0  # discrete Gaussian noise per element, real units (0: none; protocol/noise.py)
+    masked: bool = False  # secure aggregation: the DELTA is masked (protocol/secagg.py)
 
 
 @dataclass(frozen=True)
@@ -136,11 +141,16 @@ class DeviceSession:
     A device keeps taking downlinks while it trains. A TASK of a later round supersedes the job in progress:
     `receive` returns the new job, and the old one is dropped (`superseded`, and `complete` sends nothing for
     it). A straggler that misses a round thus starts the next one when it is asked, not after finishing the
-    round nobody waits for any more."""
+    round nobody waits for any more.
+
+    Secure aggregation (a TASK with TASK_MASKED; protocol/secagg.py) needs `peers`, the public identities of the
+    fleet's devices by id, to check the keys the coordinator relays; without them, or without a clip norm, the
+    device refuses such a TASK (ACK REJECTED). Its round state lives in memory only: a device restarted
+    mid-round is a dropout of that round, which the protocol absorbs."""
 
     def __init__(self, plan: Plan, device: str, fleet: str, endpoint: DeviceEndpoint, state: NodeState,
                  chunk_size: int, save: Callable[[NodeState], None], ack_timeout: float = 15.0,
-                 started: float = 0.0) -> None:
+                 started: float = 0.0, peers: Mapping[int, PublicIdentity] | None = None) -> None:
         self.plan = plan
         self.device = device
         self.fleet = fleet
@@ -148,6 +158,11 @@ class DeviceSession:
         self.endpoint.delta_limits = delta_limits(plan)
         self.endpoint.max_message_bytes = max_message_bytes(plan)  # bounds what it seals: a DELTA of the plan
         self.max_downlink_bytes = max_downlink_bytes(plan)  # what it takes: receive refuses anything larger
+        self.peers = peers
+        self._secagg: SecAggDevice | None = None  # the secure-aggregation round in progress
+        self._held: tuple | None = None  # (job, delta, carry, result) trained, waiting for the shares to mask
+        if peers is not None:
+            self.endpoint.max_message_bytes = max(self.endpoint.max_message_bytes, MAX_STAGE_ENVELOPE)
         self.state = state
         self.chunk_size = chunk_size
         self._save = save
@@ -155,8 +170,10 @@ class DeviceSession:
         self.plan_hash = plan_hash(plan)
         # One downlink in flight at a time is the protocol's rhythm (GLOBAL_UPDATE, TASK, ACKs); two leave room
         # for a TASK behind the largest GLOBAL_UPDATE. A C node has exactly this much buffer.
-        self.reassembler = chunking.Reassembler(max_transfers=2, max_bytes=downlink_reassembly_bytes(plan),
-                                                ttl=600.0)
+        reassembly = downlink_reassembly_bytes(plan)
+        if peers is not None:  # a secure-aggregation stage message behind a TASK
+            reassembly = max(reassembly, MAX_STAGE_ENVELOPE + MAX_TASK_ENVELOPE)
+        self.reassembler = chunking.Reassembler(max_transfers=2, max_bytes=reassembly, ttl=600.0)
         self._upload_sent_at: float | None = None
         self._started = started
         self.resent_chunks = 0
@@ -209,8 +226,9 @@ class DeviceSession:
         return out
 
     def _join(self) -> list[Publish]:
+        features = FEATURE_MQTT5 | (FEATURE_SECURE_AGGREGATION if self.peers is not None else 0)
         join = Join(self.plan.arena_size, self.plan.memory_report()["flash_bytes"], self.chunk_size,
-                    FEATURE_MQTT5, 1, self.plan_hash)
+                    features, 1, self.plan_hash)
         return self._frames(self.up_topic, self._seal(join, round=self.state.round,
                                                       model_version=self.state.model_version))
 
@@ -243,18 +261,23 @@ class DeviceSession:
             return [], None
         claimed = Header.unpack(result.payload)
         topics.check_topic_matches(topic, claimed.fleet_id, claimed.device_id)  # before open() commits anything
-        if len(result.payload) > self.max_downlink_bytes:  # larger than anything a coordinator sends this plan
-            raise ProtocolError("oversized", f"{len(result.payload)} bytes > {self.max_downlink_bytes}")
+        limit = self.max_downlink_bytes
+        if self.peers is not None and claimed.type in SECAGG_DOWNLINKS:
+            limit = max(limit, MAX_STAGE_ENVELOPE)
+        if len(result.payload) > limit:  # larger than anything a coordinator sends this plan
+            raise ProtocolError("oversized", f"{len(result.payload)} bytes > {limit}")
         received = self.endpoint.open(result.payload, commit=False)
         if received is None:
             return [], None  # QoS 1 duplicate
         header, body = received.header, received.body
         # Everything that can refuse the message comes before anything changes: its settings, the new model.
-        settings = new_state = None
+        settings = new_state = stage_reply = None
         if isinstance(body, Task) and body.plan_hash == self.plan_hash:
             settings = task_settings(body)
         elif isinstance(body, GlobalUpdate):
             new_state = self._updated_state(body)
+        elif isinstance(body, (SecAggPeers, SecAggRelay, SecAggUnmask)):
+            stage_reply = self._secagg_stage(header, body)
         self.endpoint.commit(received)
         if header.run > self.state.run:
             self._new_run(header.run)
@@ -269,15 +292,65 @@ class DeviceSession:
                 log.warning("%s: TASK for another training plan", self.device)
             elif header.round <= self.state.trained_round:
                 log.info("%s: TASK for round %d already answered", self.device, header.round)
+            elif settings["masked"] and (self.peers is None or not settings["clip_norm"] > 0):
+                out += self._ack(header, AckStatus.REJECTED)
+                log.warning("%s: TASK asks for a masked delta, but this device %s", self.device,
+                            "has no peers' identities" if self.peers is None else "was given no clip norm")
             else:
                 self.state.pending_task = dict(round=header.round, model_version=header.model_version,
                                                epochs=int(settings["epochs"]), steps=int(settings["steps"]),
                                                uplink_keep=settings["uplink_keep"], clip_norm=settings["clip_norm"],
                                                noise_sigma=settings["noise_sigma"])
+                if settings["masked"]:  # only then: a plain task persists as it did before secure aggregation
+                    self.state.pending_task["masked"] = True
+                if settings["masked"]:
+                    out += self._secagg_begin(header.round, settings)
         elif isinstance(body, Ack):
             out += self._on_ack(body, now)
+        elif isinstance(body, SecAggPeers):
+            out += self._frames(self.up_topic, self._seal(stage_reply, round=header.round,
+                                                          model_version=self.state.model_version))
+        elif isinstance(body, SecAggRelay):
+            out += self._send_masked(now)
+        elif isinstance(body, SecAggUnmask):
+            out += self._frames(self.up_topic, self._seal(stage_reply, round=header.round,
+                                                          model_version=self.state.model_version))
         self.persist()
         return out, self._next_job()
+
+    # --- secure aggregation (protocol/secagg.py) ---------------------------------------------------------------
+    def _secagg_begin(self, round_: int, settings: dict) -> list[Publish]:
+        """A masked TASK: this round's secure aggregation starts with the device's signed keys."""
+        ctx = RoundContext(self.endpoint.fleet_id, self.state.run, round_)
+        if self._secagg is None or self._secagg.ctx != ctx:
+            self._secagg = SecAggDevice(self.plan, self.endpoint.identity, self.endpoint.device_id, ctx, self.peers,
+                                        settings["clip_norm"], settings["noise_sigma"])
+            self._held = None
+        return self._frames(self.up_topic, self._seal(self._secagg.keys(), round=round_,
+                                                      model_version=self.state.model_version))
+
+    def _secagg_stage(self, header: Header, body):
+        """The reply to a secure-aggregation stage message (None for the relay); ProtocolError, and nothing
+        changed, if it is not for this device's round or does not check out."""
+        agg = self._secagg
+        if agg is None or (agg.ctx.run, agg.ctx.round) != (header.run, header.round):
+            raise ProtocolError("bad-stage", f"{MessageType(header.type).name} for round {header.round}, not this "
+                                             f"device's secure-aggregation round")
+        if isinstance(body, SecAggPeers):
+            return agg.on_peers(body)
+        if isinstance(body, SecAggRelay):
+            agg.on_relay(body)
+            return None
+        return agg.on_unmask(body)
+
+    def _send_masked(self, now: float) -> list[Publish]:
+        """The masked DELTA, once the round's delta is trained and the neighbours' shares have come."""
+        if self._held is None or self._secagg is None or not self._secagg.ready:
+            return []
+        job, sent, carry, result = self._held
+        self._held = None
+        body = self._secagg.masked(sent, result.num_examples, result.loss, result.accuracy)
+        return self._upload(job, body, carry, now, Flags.MASKED)
 
     def _new_run(self, run: int) -> None:
         """An authentic downlink from a newer coordinator run (its database was new, or restored from an older
@@ -323,9 +396,11 @@ class DeviceSession:
         task = self.state.pending_task
         if task is None or self.state.upload is not None or task["model_version"] != self.state.model_version:
             return None  # nothing to do, an upload still in flight, or waiting for the GLOBAL_UPDATE
+        if self._held is not None and self._held[0].round == task["round"]:
+            return None  # trained already: its masked DELTA waits for the neighbours' shares
         return TrainJob(task["round"], task["model_version"], task["epochs"], task["steps"],
                         {k: v.copy() for k, v in self.state.global_state.items()}, task["uplink_keep"],
-                        task["clip_norm"], task.get("noise_sigma", 0.0))
+                        task["clip_norm"], task.get("noise_sigma", 0.0), task.get("masked", False))
 
     def pending_job(self) -> TrainJob | None:
         """A task received before a restart and never answered."""
@@ -355,11 +430,25 @@ class DeviceSession:
             return []
         noise = NoiseStream(noise_key(self.endpoint.identity.to_bytes()), self.state.run, job.round) \
             if job.noise_sigma > 0 else None
+        if job.masked:
+            agg = self._secagg
+            if agg is None or (agg.ctx.run, agg.ctx.round) != (self.state.run, job.round):
+                log.warning("%s: restarted during secure-aggregation round %d: a dropout of it", self.device,
+                            job.round)
+                self.skip(job)
+                return []
+            sent, carry = uplink_delta(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
+                                       clip_norm=job.clip_norm, noise_sigma=job.noise_sigma, noise=noise)
+            self._held = (job, sent, carry, result)
+            return self._send_masked(now)
         body, carry = uplink(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
                              clip_norm=job.clip_norm, num_examples=result.num_examples, loss=result.loss,
                              accuracy=result.accuracy, noise_sigma=job.noise_sigma, noise=noise)
+        return self._upload(job, body, carry, now)
+
+    def _upload(self, job: TrainJob, body, carry: dict, now: float, flags: int = 0) -> list[Publish]:
         seq = self.state.seq
-        upload = self.endpoint.seal(body, round=job.round, model_version=job.model_version, seq=seq, flags=0,
+        upload = self.endpoint.seal(body, round=job.round, model_version=job.model_version, seq=seq, flags=flags,
                                     run=self.state.run)
         # One save holds the seq the DELTA used, the DELTA, the carry it left and the answered round: a power cut
         # before it leaves the task pending (trained again, from the same counter, after the restart) and nothing

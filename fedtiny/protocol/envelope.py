@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.delta import DEFAULT_LIMITS, DeltaLimits
-from fedtiny.protocol.messages import Body, MessageType, decode_body
+from fedtiny.protocol.messages import Body, MaskedDelta, MessageType, decode_body
 
 MAGIC = b"FT"
 PROTOCOL_VERSION = 2
@@ -63,9 +63,11 @@ class Flags(IntFlag):
 
 
 KNOWN_FLAGS = int(Flags.DOWNLINK | Flags.ENCRYPTED | Flags.MASKED | Flags.LAST_WILL)
-ENCRYPTED_TYPES = {MessageType.DELTA, MessageType.GLOBAL_UPDATE}
-UPLINK_TYPES = {MessageType.JOIN, MessageType.DELTA, MessageType.ACK, MessageType.STATUS, MessageType.LEAVE}
-DOWNLINK_TYPES = {MessageType.TASK, MessageType.GLOBAL_UPDATE, MessageType.ACK}
+ENCRYPTED_TYPES = {MessageType.DELTA, MessageType.GLOBAL_UPDATE, MessageType.SECAGG_REVEAL}
+UPLINK_TYPES = {MessageType.JOIN, MessageType.DELTA, MessageType.ACK, MessageType.STATUS, MessageType.LEAVE,
+                MessageType.SECAGG_KEYS, MessageType.SECAGG_SHARES, MessageType.SECAGG_REVEAL}
+DOWNLINK_TYPES = {MessageType.TASK, MessageType.GLOBAL_UPDATE, MessageType.ACK, MessageType.SECAGG_PEERS,
+                  MessageType.SECAGG_RELAY, MessageType.SECAGG_UNMASK}
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,8 @@ class _Endpoint:
             raise ValueError(f"{msg_type.name} is not sent in this direction")
         if flags & ~int(Flags.MASKED | Flags.LAST_WILL):
             raise ValueError("only MASKED and LAST_WILL may be passed; the rest follows from type and role")
+        if bool(flags & Flags.MASKED) != isinstance(body, MaskedDelta):
+            raise ValueError("a MaskedDelta is sent with flag MASKED, and nothing else is")
         if seq is None:
             seq = self.next_seq.get(device_id, 0)
         self.next_seq[device_id] = max(self.next_seq.get(device_id, 0), seq + 1)
@@ -354,7 +358,8 @@ class _Endpoint:
                                        signed[:HEADER_SIZE])
             except InvalidTag:
                 raise ProtocolError("bad-ciphertext", "authentication tag does not verify") from None
-        received = Received(header, decode_body(header.type, payload, self.delta_limits), digest)
+        received = Received(header, decode_body(header.type, payload, self.delta_limits,
+                                                masked=bool(header.flags & Flags.MASKED)), digest)
         if commit:
             self.commit(received)
         return received

@@ -23,6 +23,13 @@ class MessageType(IntEnum):
     ACK = 5
     STATUS = 6
     LEAVE = 7
+    # secure aggregation stages (fedtiny/protocol/secagg.py, docs/protocol.md "Secure aggregation")
+    SECAGG_KEYS = 8  # up: the round's two X25519 public keys and a commitment to the self-mask seed, signed
+    SECAGG_PEERS = 9  # down: the device's neighbours' signed keys, the cohort size and the threshold
+    SECAGG_SHARES = 10  # up: Shamir shares of the device's secrets, each encrypted to one neighbour
+    SECAGG_RELAY = 11  # down: the shares the device's neighbours encrypted to it
+    SECAGG_UNMASK = 12  # down: which of the device's neighbours survived and which dropped
+    SECAGG_REVEAL = 13  # up, encrypted: the shares the coordinator needs to unmask the sum
 
 
 class DeviceState(IntEnum):
@@ -254,15 +261,225 @@ class Leave:
         return cls(reason)
 
 
-BODY_TYPES = {cls.TYPE: cls for cls in (Join, Task, GlobalUpdate, Delta, Ack, Status, Leave)}
-Body = Join | Task | GlobalUpdate | Delta | Ack | Status | Leave
+# --- secure aggregation stages (the protocol logic is fedtiny/protocol/secagg.py) ------------------------------
+
+SECAGG_PUBLIC_KEY = 32
+SECAGG_COMMIT = 32  # BLAKE2b-256 of the self-mask seed
+SECAGG_SIGNATURE = 64
+SECAGG_SHARE_CIPHERTEXT = 76  # from u32 | to u32 | index u16 | reserved u16 | 3 x 16-byte shares, + 16-byte tag
+SECAGG_REVEAL_SHARE = 32
+SECAGG_MAX_NEIGHBOURS = 64  # the neighbour graph's largest degree: bounds every stage's message
 
 
-def decode_body(msg_type: int, body: bytes, limits: DeltaLimits = DEFAULT_LIMITS) -> Body:
-    """The body of a message; `limits` bounds the delta blob of a DELTA or GLOBAL_UPDATE."""
+@dataclass(frozen=True)
+class SecAggKeys:
+    """Uplink: a device's keys for one round: c_pk (encrypts shares), s_pk (pairwise masks), the commitment to its
+    self-mask seed, and its EdDSA signature over them (secagg.keys_message) so the coordinator cannot swap them."""
+
+    c_pk: bytes
+    s_pk: bytes
+    b_commit: bytes
+    signature: bytes
+
+    LAYOUT: ClassVar = struct.Struct("<32s32s32s64s")  # 160 bytes
+    TYPE: ClassVar = MessageType.SECAGG_KEYS
+
+    def encode(self) -> bytes:
+        return self.LAYOUT.pack(self.c_pk, self.s_pk, self.b_commit, self.signature)
+
+    @classmethod
+    def decode(cls, body: bytes) -> SecAggKeys:
+        return cls(*_unpack_exact(cls.LAYOUT, body, "SECAGG_KEYS"))
+
+
+@dataclass(frozen=True)
+class SecAggPeer:
+    device_id: int
+    keys: SecAggKeys
+
+
+def _counted(body: bytes, what: str, head: struct.Struct, n_index: int, entry_size: int) -> tuple:
+    """The head fields of a body of `head` then n entries of entry_size bytes (n = field n_index), checked exactly."""
+    if len(body) < head.size:
+        raise ProtocolError("truncated", what)
+    fields_ = head.unpack_from(body)
+    n = fields_[n_index]
+    if n > SECAGG_MAX_NEIGHBOURS:
+        raise ProtocolError("oversized", f"{what}: {n} entries > {SECAGG_MAX_NEIGHBOURS}")
+    expected = head.size + n * entry_size
+    if len(body) != expected:
+        raise ProtocolError("truncated" if len(body) < expected else "trailing-bytes", what)
+    return fields_
+
+
+_PEERS_HEAD = struct.Struct("<HHHH")  # cohort | threshold | n | reserved
+_PEER_ENTRY = struct.Struct("<I160s")
+_SHARES_HEAD = struct.Struct("<HH")  # n | reserved
+_SHARE_ENTRY = struct.Struct(f"<I{SECAGG_SHARE_CIPHERTEXT}s")
+_REVEAL_ENTRY = struct.Struct(f"<IBBH{SECAGG_REVEAL_SHARE}s")  # about | kind | reserved | index | share
+
+
+@dataclass(frozen=True)
+class SecAggPeers:
+    """Downlink: the round's cohort size (after the keys stage), the Shamir threshold, and the device's neighbours
+    with the keys each signed (verified by the device against the neighbour's identity)."""
+
+    cohort: int
+    threshold: int
+    peers: tuple[SecAggPeer, ...]
+
+    TYPE: ClassVar = MessageType.SECAGG_PEERS
+
+    def encode(self) -> bytes:
+        return _PEERS_HEAD.pack(self.cohort, self.threshold, len(self.peers), 0) + b"".join(
+            _PEER_ENTRY.pack(p.device_id, p.keys.encode()) for p in self.peers)
+
+    @classmethod
+    def decode(cls, body: bytes) -> SecAggPeers:
+        cohort, threshold, n, reserved = _counted(body, "SECAGG_PEERS", _PEERS_HEAD, 2, _PEER_ENTRY.size)
+        if reserved:
+            raise ProtocolError("bad-flags", "SECAGG_PEERS reserved field set")
+        peers = tuple(SecAggPeer(i, SecAggKeys.decode(k))
+                      for i, k in _PEER_ENTRY.iter_unpack(body[_PEERS_HEAD.size:]))
+        return cls(cohort, threshold, peers)
+
+
+@dataclass(frozen=True)
+class SecAggShares:
+    """Uplink (SECAGG_SHARES: to whom each ciphertext goes) or downlink (SECAGG_RELAY, same layout: from whom each
+    came): Shamir shares encrypted pairwise, which the coordinator relays and cannot read."""
+
+    shares: tuple[tuple[int, bytes], ...]  # (peer device id, ciphertext)
+
+    TYPE: ClassVar = MessageType.SECAGG_SHARES
+
+    def encode(self) -> bytes:
+        return _SHARES_HEAD.pack(len(self.shares), 0) + b"".join(_SHARE_ENTRY.pack(i, c) for i, c in self.shares)
+
+    @classmethod
+    def decode(cls, body: bytes):
+        n, reserved = _counted(body, cls.TYPE.name, _SHARES_HEAD, 0, _SHARE_ENTRY.size)
+        if reserved:
+            raise ProtocolError("bad-flags", f"{cls.TYPE.name} reserved field set")
+        return cls(tuple(_SHARE_ENTRY.iter_unpack(body[_SHARES_HEAD.size:])))
+
+
+@dataclass(frozen=True)
+class SecAggRelay(SecAggShares):
+    TYPE: ClassVar = MessageType.SECAGG_RELAY
+
+
+@dataclass(frozen=True)
+class SecAggUnmask:
+    """Downlink: of the device's neighbours that shared keys, those whose masked DELTA arrived (survivors) and
+    those whose did not (dropped)."""
+
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    TYPE: ClassVar = MessageType.SECAGG_UNMASK
+
+    def encode(self) -> bytes:
+        ids = self.survivors + self.dropped
+        return _SHARES_HEAD.pack(len(self.survivors), len(self.dropped)) + struct.pack(f"<{len(ids)}I", *ids)
+
+    @classmethod
+    def decode(cls, body: bytes) -> SecAggUnmask:
+        if len(body) < _SHARES_HEAD.size:
+            raise ProtocolError("truncated", "SECAGG_UNMASK")
+        n_s, n_d = _SHARES_HEAD.unpack_from(body)
+        if n_s + n_d > SECAGG_MAX_NEIGHBOURS:
+            raise ProtocolError("oversized", "SECAGG_UNMASK")
+        expected = _SHARES_HEAD.size + 4 * (n_s + n_d)
+        if len(body) != expected:
+            raise ProtocolError("truncated" if len(body) < expected else "trailing-bytes", "SECAGG_UNMASK")
+        ids = struct.unpack_from(f"<{n_s + n_d}I", body, _SHARES_HEAD.size)
+        return cls(tuple(ids[:n_s]), tuple(ids[n_s:]))
+
+
+REVEAL_SELF_MASK, REVEAL_PAIRWISE_KEY = 1, 2  # SecAggReveal entry kinds
+
+
+@dataclass(frozen=True)
+class SecAggReveal:
+    """Uplink, encrypted: per neighbour one share: of its self-mask seed if it survived (kind 1, 16 bytes and 16
+    zero bytes), of its pairwise-mask key if it dropped (kind 2, 32 bytes); never both for one neighbour."""
+
+    entries: tuple[tuple[int, int, int, bytes], ...]  # (about device id, kind, Shamir index, share 32 B)
+
+    TYPE: ClassVar = MessageType.SECAGG_REVEAL
+
+    def encode(self) -> bytes:
+        return _SHARES_HEAD.pack(len(self.entries), 0) + b"".join(
+            _REVEAL_ENTRY.pack(about, kind, 0, index, share) for about, kind, index, share in self.entries)
+
+    @classmethod
+    def decode(cls, body: bytes) -> SecAggReveal:
+        n, reserved = _counted(body, "SECAGG_REVEAL", _SHARES_HEAD, 0, _REVEAL_ENTRY.size)
+        if reserved:
+            raise ProtocolError("bad-flags", "SECAGG_REVEAL reserved field set")
+        entries = []
+        for about, kind, r, index, share in _REVEAL_ENTRY.iter_unpack(body[_SHARES_HEAD.size:]):
+            if r or kind not in (REVEAL_SELF_MASK, REVEAL_PAIRWISE_KEY):
+                raise ProtocolError("bad-flags", f"SECAGG_REVEAL entry kind {kind}")
+            entries.append((about, kind, index, share))
+        return cls(tuple(entries))
+
+
+@dataclass(frozen=True)
+class MaskedDelta:
+    """Uplink, encrypted, header flag MASKED (type DELTA): the device's clipped integer delta plus its masks in
+    Z/2^k, k per trainable buffer (secagg.modulus_bits), every element of every buffer in plan order, each buffer's
+    k-bit values packed LSB first and zero-padded to 4 bytes. Meaningful only summed over the cohort."""
+
+    num_examples: int
+    train_loss: float
+    accuracy: float
+    cohort: int  # the cohort size the moduli were chosen for (SECAGG_PEERS.cohort)
+    bits: tuple[int, ...]  # k per trainable buffer
+    packed: bytes
+
+    HEAD: ClassVar = struct.Struct("<IffHH")  # num_examples | loss | accuracy | cohort | n_buffers, then k u8 each
+    TYPE: ClassVar = MessageType.DELTA
+
+    def encode(self) -> bytes:
+        bits = bytes(self.bits)
+        return self.HEAD.pack(self.num_examples, self.train_loss, self.accuracy, self.cohort, len(bits)) + bits + \
+            bytes(-(self.HEAD.size + len(bits)) % 4) + self.packed
+
+    @classmethod
+    def decode(cls, body: bytes, max_buffers: int = 256) -> MaskedDelta:
+        if len(body) < cls.HEAD.size:
+            raise ProtocolError("truncated", "masked DELTA")
+        num_examples, loss, accuracy, cohort, n = cls.HEAD.unpack_from(body)
+        if n > max_buffers:
+            raise ProtocolError("oversized", "masked DELTA buffers")
+        start = cls.HEAD.size + n + (-(cls.HEAD.size + n) % 4)
+        if len(body) < start:
+            raise ProtocolError("truncated", "masked DELTA")
+        bits = tuple(body[cls.HEAD.size : cls.HEAD.size + n])
+        if any(b < 1 or b > 32 for b in bits) or any(body[cls.HEAD.size + n : start]):
+            raise ProtocolError("bad-entry", "masked DELTA moduli")
+        return cls(num_examples, loss, accuracy, cohort, bits, bytes(body[start:]))
+
+
+BODY_TYPES = {cls.TYPE: cls for cls in (Join, Task, GlobalUpdate, Delta, Ack, Status, Leave, SecAggKeys,
+                                         SecAggPeers, SecAggShares, SecAggRelay, SecAggUnmask, SecAggReveal)}
+Body = Join | Task | GlobalUpdate | Delta | Ack | Status | Leave | SecAggKeys | SecAggPeers | SecAggShares | \
+    SecAggUnmask | SecAggReveal | MaskedDelta
+
+
+def decode_body(msg_type: int, body: bytes, limits: DeltaLimits = DEFAULT_LIMITS, masked: bool = False) -> Body:
+    """The body of a message; `limits` bounds the delta blob of a DELTA or GLOBAL_UPDATE; `masked` (header flag
+    MASKED) makes a DELTA a MaskedDelta."""
     body_type = BODY_TYPES.get(msg_type)
     if body_type is None:
         raise ProtocolError("bad-type", f"message type {msg_type}")
+    if masked and body_type is Delta:
+        masked_delta = MaskedDelta.decode(body, limits.max_entries)
+        if len(masked_delta.packed) > 4 * limits.max_elements:
+            raise ProtocolError("oversized", "masked DELTA values")
+        return masked_delta
     if body_type in (GlobalUpdate, Delta):
         return body_type.decode(body, limits)
     return body_type.decode(body)

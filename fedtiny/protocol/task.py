@@ -7,7 +7,7 @@ import struct
 
 from fedtiny.compiler import Plan
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import Task
+from fedtiny.protocol.messages import TASK_MASKED, Task
 
 log = logging.getLogger("fedtiny.task")
 
@@ -18,14 +18,15 @@ TASK_CONFIG = struct.Struct("<HH")  # TASK.config: epochs u16 | uplink_keep_pct 
 TASK_CONFIG_NOISE = struct.Struct("<HHf")
 
 TASK_KEYS = {"epochs", "steps", "local_steps", "batch_size", "lr", "learning_rate", "clip_norm", "deadline_s",
-             "uplink_keep", "noise_sigma"}
+             "uplink_keep", "noise_sigma", "secagg"}
 
 
 def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_payload: int) -> Task:
     """TASK from the coordinator's config: epochs (default 1), steps (0 = epochs over the device's data),
     clip_norm, deadline_s, uplink_keep (the fraction of each buffer's changes a DELTA carries, see
     split_uplink; default 1), noise_sigma (the device's DP noise per element in real units, default 0: none;
-    protocol/noise.py). Unknown keys are ignored with a warning.
+    protocol/noise.py), secagg (nonzero: send the delta masked for secure aggregation, flag TASK_MASKED;
+    protocol/secagg.py). Unknown keys are ignored with a warning.
 
     The learning rate and batch size are compiled into the plan (QAS update constants, batch-1 buffers), so a
     TASK states the plan's and a config asking for others (lr, learning_rate, batch_size) is refused: the
@@ -49,8 +50,9 @@ def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_paylo
         raise ValueError(f"noise_sigma {noise_sigma} is not 0 or positive")
     packed = TASK_CONFIG_NOISE.pack(epochs, keep_pct % 100, noise_sigma) if noise_sigma else \
         TASK_CONFIG.pack(epochs, keep_pct % 100)
+    flags = TASK_MASKED if config.get("secagg") else 0
     return Task(PLAN_VERSION, phash, steps, 1, plan.lr,
-                float(config.get("clip_norm", 0.0)), int(config.get("deadline_s", 0)), max_mqtt_payload, 0, packed)
+                float(config.get("clip_norm", 0.0)), int(config.get("deadline_s", 0)), max_mqtt_payload, flags, packed)
 
 
 def task_settings(task: Task) -> dict[str, float]:
@@ -68,4 +70,4 @@ def task_settings(task: Task) -> dict[str, float]:
         raise ProtocolError("bad-task", f"TASK uplink_keep_pct {keep_pct} is not below 100")
     return {"epochs": epochs, "steps": task.local_steps, "batch_size": task.batch_size, "lr": task.learning_rate,
             "clip_norm": task.clip_norm, "deadline_s": task.deadline_s, "uplink_keep": (keep_pct or 100) / 100,
-            "noise_sigma": noise_sigma}
+            "noise_sigma": noise_sigma, "masked": bool(task.task_flags & TASK_MASKED)}

@@ -7,7 +7,8 @@ Tensor ids on the wire are indexes into plan.trainable_buffers(). A device state
 == new always holds.
 
     uplink            the one place a device's DELTA is made: state delta, error feedback, clipping, [noise],
-                      [mask], encoding (every engine's device calls it)
+                      encoding (every engine's device calls it); uplink_delta is its steps before encoding,
+                      which a device under secure aggregation masks instead (secagg.py)
     encode_update     the only way a DELTA body is built (plan buffers + numbers); decode_update its inverse
     global_update     the GLOBAL_UPDATE that brings a device from the version it holds to the new global state
                       (never larger than the FULL_STATE form)
@@ -361,9 +362,19 @@ def uplink(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarra
         4. noise            differential privacy (noise_sigma > 0, real units): discrete Gaussian integers on
                             every element, from the device's secret stream `noise` (protocol/noise.py); the
                             DELTA is then dense
-        5. [mask]           (secure aggregation: not built yet) pairwise masks over the plan's fixed coordinates
+        5. [mask]           secure aggregation: steps 1-4 are uplink_delta, and the device masks that whole
+                            (secagg.SecAggDevice.masked) instead of encoding it here
         6. encoding         bitmap-sparse int8/int4 entries (encode_update)
     """
+    sent, carry = uplink_delta(plan, base, trained, carry, keep=keep, clip_norm=clip_norm,
+                               noise_sigma=noise_sigma, noise=noise)
+    return encode_update(plan, sent, num_examples, loss, accuracy), carry
+
+
+def uplink_delta(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarray],
+                 carry: dict[str, np.ndarray] | None, *, keep: float, clip_norm: float, noise_sigma: float = 0.0,
+                 noise: NoiseStream | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Steps 1-4 of uplink: the integer delta to send and the carry."""
     sent, carry = split_uplink(state_delta(trained, base), carry, keep)
     scales = row_scales(plan)
     sent = clip_delta(sent, scales, clip_norm)
@@ -371,7 +382,7 @@ def uplink(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarra
         if noise is None:
             raise ValueError("uplink noise needs the device's noise stream")
         sent = add_noise(sent, scales, noise_sigma, noise)
-    return encode_update(plan, sent, num_examples, loss, accuracy), carry
+    return sent, carry
 
 
 # --- what a decoder may accept for a plan ------------------------------------------------------------------

@@ -296,6 +296,24 @@ class CoordinatorLink:
         with self._lock:
             return self.session.take_rejections()
 
+    # --- secure aggregation (fedtiny_server.secagg drives it; CoordinatorSession runs the stages) -------------
+    def begin_secagg(self, round: int, model_version: int, devices: list[str], clip_norm: float,
+                     noise_sigma: float = 0.0) -> None:
+        with self._lock:
+            self.session.begin_secagg(round, model_version, devices, clip_norm, noise_sigma)
+
+    def secagg_status(self, round: int) -> tuple[str, set[str]]:
+        with self._lock:
+            return self.session.secagg_status(round)
+
+    def secagg_close(self, round: int, admitted: set[str] | None = None) -> None:
+        with self._lock:
+            self.session.stats["downlink_bytes"] += self._send(self.session.secagg_close(round, admitted))
+
+    def secagg_outcomes(self) -> list:
+        with self._lock:
+            return self.session.take_secagg_outcomes()
+
     def durable_state(self) -> dict:
         with self._lock:
             return self.session.durable_state()

@@ -1,0 +1,631 @@
+"""Secure aggregation over the fleet link (SecAgg+, Bonawitz et al. CCS'17 and Bell et al. CCS'20): the coordinator
+learns the sum of a round's clipped integer deltas and nothing about any one of them. Sans-IO: SecAggDevice is a
+device's part of one round, SecAggRound the coordinator's; both take message bodies and return message bodies.
+
+Stages of a round (message layouts in docs/protocol.md, "Secure aggregation"):
+
+    TASK (flag TASK_MASKED)  -> device: SECAGG_KEYS     its round keys c_pk, s_pk and a commitment to its self-mask
+                                                        seed, signed with its identity key
+    SECAGG_PEERS             -> device: SECAGG_SHARES   the coordinator sends each device its neighbours' signed keys
+                                                        (a random graph of degree O(log n) over those that sent keys);
+                                                        the device Shamir-shares its self-mask seed and its pairwise
+                                                        key s_sk among them, each share encrypted to one neighbour
+    SECAGG_RELAY             -> device: masked DELTA    the shares addressed to it; once trained, the device sends its
+                                                        clipped delta + self mask + pairwise masks in Z/2^k
+    SECAGG_UNMASK            -> device: SECAGG_REVEAL   which neighbours survived and which dropped: shares of the
+                                                        survivors' self-mask seeds and of the dropped ones' s_sk,
+                                                        never both for one neighbour
+
+The coordinator then sums the masked vectors, removes the survivors' self masks and the pairwise masks survivors
+shared with dropped devices, and holds the sum: a device that drops after masking costs nothing but its own
+contribution, as long as every survivor and every dropped device keeps `threshold` surviving neighbours.
+
+Primitives: X25519, ChaCha20 and ChaCha20-Poly1305 from `cryptography`; Shamir's sharing over GF(2^128) from
+pycryptodome (16-byte secrets: the 32-byte s_sk is shared as two halves); key derivation in the envelope's HKDF
+shape with keyed BLAKE2b (hashlib), as a node has it in Monocypher (a node computes no SHA-256). A device's round
+secrets are derived from its identity secret, the run and the round, so a device that restarts mid-round derives
+the same keys; it keeps no other secret state across a restart (a restart mid-round makes it a dropout).
+
+The moduli: element values of buffer b lie in [-B_b, B_b] (clipping bounds every element by clip_norm / scale;
+device noise adds at most NOISE_TAIL standard deviations, clamped there, which is post-processing), so the sum
+over at most `cohort` devices lies in [-cohort * B_b, cohort * B_b], and k_b = bit_length(2 * cohort * B_b)
+bits hold it without wrapping (2^k_b > 2 * cohort * B_b). Devices are weighted equally (the FedAvg mean of the
+survivors' deltas), as under differential privacy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from fedtiny.compiler import Plan
+from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, TAG_SIZE, Identity, PublicIdentity
+from fedtiny.protocol.errors import ProtocolError
+from fedtiny.protocol.messages import (
+    REVEAL_PAIRWISE_KEY, REVEAL_SELF_MASK, SECAGG_MAX_NEIGHBOURS, MaskedDelta, SecAggKeys, SecAggPeer,
+    SecAggPeers, SecAggRelay, SecAggReveal, SecAggShares, SecAggUnmask,
+)
+from fedtiny.protocol.noise import NoiseStream, uniform_below
+from fedtiny.protocol.update import row_scales
+
+LABEL = b"fedtiny/secagg/v1"
+NOISE_TAIL = 12  # device noise is clamped to this many standard deviations (P[|N| > 12 sigma] < 1e-32)
+DEGREE_FACTOR = 6  # neighbour graph degree: DEGREE_FACTOR * ceil(log2 n), even, at most n - 1 and 64
+MAX_COMBINATIONS = 256  # share subsets tried when some shares are wrong
+_SHARE_PLAIN = struct.Struct("<IIHH16s16s16s")  # from | to | index | reserved | b share | s_sk share lo | hi
+_RAW = serialization.Encoding.Raw
+
+
+# --- derivations -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What binds every secret and signature to one round of one run of one fleet."""
+
+    fleet_id: int
+    run: int
+    round: int
+
+    def info(self, kind: bytes, *ids: int) -> bytes:
+        return LABEL + b"/" + kind + struct.pack(f"<III{len(ids)}I", self.fleet_id, self.run, self.round, *ids)
+
+
+def kdf(secret: bytes, info: bytes) -> bytes:
+    """32 bytes from a secret: the envelope's HKDF shape (envelope.derive_key) with keyed BLAKE2b."""
+    prk = hashlib.blake2b(secret, digest_size=64, key=LABEL).digest()
+    return hashlib.blake2b(info + b"\x01", digest_size=32, key=prk).digest()
+
+
+def _x25519(raw: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def _public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
+
+
+def _agree(secret: bytes, public: bytes) -> bytes:
+    try:
+        return _x25519(secret).exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:  # an all-zero shared secret: a small-order public key
+        raise ProtocolError("bad-key", "X25519 agreement with a small-order public key") from None
+
+
+def commitment(b_seed: bytes) -> bytes:
+    return hashlib.blake2b(b_seed, digest_size=32, key=LABEL + b"/commit").digest()
+
+
+def keys_message(ctx: RoundContext, device_id: int, c_pk: bytes, s_pk: bytes, b_commit: bytes) -> bytes:
+    """What a device signs in SECAGG_KEYS."""
+    return ctx.info(b"keys", device_id) + c_pk + s_pk + b_commit
+
+
+@dataclass(frozen=True)
+class RoundSecrets:
+    """A device's secrets for one round: c_sk (share encryption), s_sk (pairwise masks), the self-mask seed."""
+
+    c_sk: bytes
+    s_sk: bytes
+    b_seed: bytes
+
+    @classmethod
+    def derive(cls, identity: Identity, ctx: RoundContext, device_id: int) -> RoundSecrets:
+        root = hashlib.blake2b(ctx.info(b"secrets", device_id), digest_size=64,
+                               key=identity.to_bytes()[:64]).digest()
+        part = lambda kind: hashlib.blake2b(kind, digest_size=32, key=root).digest()  # noqa: E731
+        return cls(part(b"c"), part(b"s"), part(b"b")[:16])
+
+    def keys(self, identity: Identity, ctx: RoundContext, device_id: int) -> SecAggKeys:
+        c_pk, s_pk, b_commit = _public(_x25519(self.c_sk)), _public(_x25519(self.s_sk)), commitment(self.b_seed)
+        return SecAggKeys(c_pk, s_pk, b_commit, identity.sign(keys_message(ctx, device_id, c_pk, s_pk, b_commit)))
+
+
+def check_keys(identity: PublicIdentity, ctx: RoundContext, device_id: int, keys: SecAggKeys) -> None:
+    if not identity.verify(keys.signature, keys_message(ctx, device_id, keys.c_pk, keys.s_pk, keys.b_commit)):
+        raise ProtocolError("bad-signature", f"SECAGG_KEYS of device {device_id:#010x} not signed by it")
+
+
+# --- the neighbour graph -----------------------------------------------------------------------------------
+
+def graph_degree(n: int) -> int:
+    """Neighbours per device in a cohort of n: every other device up to n = 37, then 6 ceil(log2 n), at most 64."""
+    if n <= 1:
+        return 0
+    wanted = DEGREE_FACTOR * math.ceil(math.log2(n))
+    return min(n - 1, wanted + wanted % 2, SECAGG_MAX_NEIGHBOURS)
+
+
+def threshold(degree: int) -> int:
+    """Shares that reconstruct a secret: a strict majority of a device's neighbours, so that no coordinator can
+    collect both a device's self-mask seed and its pairwise key from honest neighbours (each reveals one kind)."""
+    return degree // 2 + 1
+
+
+def neighbour_graph(ids: list[int], seed: bytes, degree: int) -> dict[int, tuple[int, ...]]:
+    """A Harary graph over a seeded permutation of the cohort (SecAgg+): each device's neighbours are the
+    degree/2 nearest on either side of it on a ring, the ring's order drawn from a ChaCha20 stream keyed by the
+    round's graph seed; complete when degree >= n - 1."""
+    ids = sorted(set(ids))
+    n = len(ids)
+    if degree >= n - 1:
+        return {i: tuple(j for j in ids if j != i) for i in ids}
+    stream = NoiseStream(seed, 0, 0)
+    ring = list(ids)
+    for i in range(n - 1, 0, -1):  # Fisher-Yates
+        j = uniform_below(stream, i + 1)
+        ring[i], ring[j] = ring[j], ring[i]
+    half = degree // 2
+    out = {}
+    for p, i in enumerate(ring):
+        out[i] = tuple(sorted({ring[(p + k) % n] for k in range(-half, half + 1) if k}))
+    return out
+
+
+# --- moduli and masks --------------------------------------------------------------------------------------
+
+def value_bounds(plan: Plan, clip_norm: float, noise_sigma: float = 0.0) -> dict[str, int]:
+    """Per trainable buffer, B: every element of a clipped (and noised, then clamped) delta lies in [-B, B]."""
+    if not clip_norm > 0:
+        raise ValueError("secure aggregation needs a clip norm: it bounds what the sum must hold")
+    out = {}
+    for name, scales in row_scales(plan).items():
+        limit = 255 if np.dtype(plan.buffers[name].dtype) == np.int8 else 2**31 - 1
+        rows = [math.floor(clip_norm / s) + 1 + (math.ceil(NOISE_TAIL * noise_sigma / s) if noise_sigma > 0 else 0)
+                for s in np.asarray(scales, np.float64).tolist()]
+        out[name] = min(limit, max(rows))
+    return out
+
+
+def modulus_bits(bounds: dict[str, int], cohort: int) -> tuple[int, ...]:
+    """k per buffer: 2^k > 2 * cohort * B, so a sum of `cohort` values in [-B, B] never wraps in Z/2^k."""
+    bits = tuple((2 * cohort * b).bit_length() for b in bounds.values())
+    if cohort < 1 or max(bits, default=0) > 32:
+        raise ValueError(f"a cohort of {cohort} with these bounds needs more than 32 bits per value")
+    return bits
+
+
+def _keystream_words(key: bytes, count: int) -> np.ndarray:
+    """count uint32 words (little-endian) of the ChaCha20 keystream of a 32-byte key, nonce 0, counter 0."""
+    cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    return np.frombuffer(cipher.update(bytes(4 * count)), "<u4")
+
+
+def expand_mask(key: bytes, sizes: list[int], bits: tuple[int, ...]) -> list[np.ndarray]:
+    """A mask per buffer: one keystream word per element, in plan order, reduced mod 2^k of its buffer."""
+    words = _keystream_words(key, sum(sizes)).astype(np.uint64)
+    out, start = [], 0
+    for size, k in zip(sizes, bits):
+        out.append(words[start:start + size] & np.uint64((1 << k) - 1))
+        start += size
+    return out
+
+
+def pairwise_key(own_s_sk: bytes, peer_s_pk: bytes, ctx: RoundContext, a: int, b: int) -> bytes:
+    return kdf(_agree(own_s_sk, peer_s_pk), ctx.info(b"mask", min(a, b), max(a, b)))
+
+
+def self_mask_key(b_seed: bytes, ctx: RoundContext, device_id: int) -> bytes:
+    return kdf(b_seed, ctx.info(b"self", device_id))
+
+
+def pack_values(values: list[np.ndarray], bits: tuple[int, ...]) -> bytes:
+    """Each buffer's k-bit values LSB first, the buffer zero-padded to 4 bytes."""
+    out = []
+    for v, k in zip(values, bits):
+        raw = np.unpackbits(np.asarray(v, "<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")[:, :k]
+        packed = np.packbits(raw.reshape(-1), bitorder="little").tobytes()
+        out.append(packed + bytes(-len(packed) % 4))
+    return b"".join(out)
+
+
+def unpack_values(packed: bytes, sizes: list[int], bits: tuple[int, ...]) -> list[np.ndarray]:
+    lengths = [-(-size * k // 8) for size, k in zip(sizes, bits)]
+    if len(packed) != sum(n + -n % 4 for n in lengths):
+        raise ProtocolError("bad-masked", f"masked values of {len(packed)} bytes, expected "
+                                          f"{sum(n + -n % 4 for n in lengths)}")
+    out, start = [], 0
+    for size, k, n in zip(sizes, bits, lengths):
+        chunk = np.frombuffer(packed, np.uint8, n, start)
+        raw = np.unpackbits(chunk, bitorder="little")
+        if raw[size * k:].any() or any(packed[start + n:start + n + -n % 4]):
+            raise ProtocolError("bad-masked", "padding bits set")
+        digits = raw[:size * k].reshape(size, k).astype(np.uint64)
+        out.append((digits << np.arange(k, dtype=np.uint64)).sum(axis=1, dtype=np.uint64))
+        start += n + -n % 4
+    return out
+
+
+# --- shares ------------------------------------------------------------------------------------------------
+
+def share_key(own_c_sk: bytes, peer_c_pk: bytes, ctx: RoundContext, sender: int, receiver: int) -> bytes:
+    return kdf(_agree(own_c_sk, peer_c_pk), ctx.info(b"share", sender, receiver))
+
+
+def seal_share(key: bytes, ctx: RoundContext, sender: int, receiver: int, index: int, b: bytes, s_lo: bytes,
+               s_hi: bytes) -> bytes:
+    plain = _SHARE_PLAIN.pack(sender, receiver, index, 0, b, s_lo, s_hi)
+    return ChaCha20Poly1305(key).encrypt(bytes(12), plain, ctx.info(b"share-aad", sender, receiver))
+
+
+def open_share(key: bytes, ctx: RoundContext, sender: int, receiver: int, ciphertext: bytes
+               ) -> tuple[int, bytes, bytes, bytes]:
+    try:
+        plain = ChaCha20Poly1305(key).decrypt(bytes(12), ciphertext, ctx.info(b"share-aad", sender, receiver))
+    except InvalidTag:
+        raise ProtocolError("bad-share", f"share from {sender:#010x} does not decrypt") from None
+    got_sender, got_receiver, index, reserved, b, s_lo, s_hi = _SHARE_PLAIN.unpack(plain)
+    if (got_sender, got_receiver, reserved) != (sender, receiver, 0) or not 1 <= index <= SECAGG_MAX_NEIGHBOURS:
+        raise ProtocolError("bad-share", f"share from {sender:#010x} names another pair or index {index}")
+    return index, b, s_lo, s_hi
+
+
+def _split(t: int, n: int, secret: bytes) -> list[bytes]:
+    return [share for _, share in Shamir.split(t, n, secret)]
+
+
+# --- a device's round --------------------------------------------------------------------------------------
+
+def _buffer_sizes(plan: Plan) -> list[int]:
+    return [int(np.prod(plan.buffers[n].shape)) for n in plan.trainable_buffers()]
+
+
+class SecAggDevice:
+    """One device's part of one secure-aggregation round. Each method checks what it is given whole before it
+    changes anything and raises ProtocolError on anything malformed or hostile; a device that refuses a stage
+    simply does not answer (to the coordinator it is a dropout)."""
+
+    def __init__(self, plan: Plan, identity: Identity, device_id: int, ctx: RoundContext,
+                 peers: Mapping[int, PublicIdentity], clip_norm: float, noise_sigma: float = 0.0) -> None:
+        self.plan, self.identity, self.device_id, self.ctx = plan, identity, device_id, ctx
+        self.peers = peers  # the public identities of the devices it may be given as neighbours
+        self.bounds = value_bounds(plan, clip_norm, noise_sigma)
+        self.secrets = RoundSecrets.derive(identity, ctx, device_id)
+        self.neighbours: dict[int, SecAggKeys] = {}
+        self.cohort = self.threshold = 0
+        self.held: dict[int, tuple[int, bytes, bytes, bytes]] = {}  # shares received, by sender (U2 neighbours)
+        self.masked_sent = False
+        self.revealed: SecAggUnmask | None = None
+        self._reveal: SecAggReveal | None = None
+
+    def keys(self) -> SecAggKeys:
+        return self.secrets.keys(self.identity, self.ctx, self.device_id)
+
+    def on_peers(self, body: SecAggPeers) -> SecAggShares:
+        if self.neighbours:
+            raise ProtocolError("bad-stage", "SECAGG_PEERS twice in a round")
+        ids = [p.device_id for p in body.peers]
+        if len(set(ids)) != len(ids) or self.device_id in ids or not ids:
+            raise ProtocolError("bad-peers", "neighbours repeated, missing, or this device itself")
+        if not threshold(len(ids)) <= body.threshold <= len(ids) or body.cohort < len(ids) + 1:
+            raise ProtocolError("bad-threshold", f"threshold {body.threshold} of {len(ids)} neighbours, cohort "
+                                                 f"{body.cohort}: at least a strict majority is required")
+        try:
+            modulus_bits(self.bounds, body.cohort)
+        except ValueError as exc:
+            raise ProtocolError("bad-cohort", str(exc)) from None
+        for peer in body.peers:
+            identity = self.peers.get(peer.device_id)
+            if identity is None:
+                raise ProtocolError("unknown-peer", f"neighbour {peer.device_id:#010x} is not in this device's fleet")
+            check_keys(identity, self.ctx, peer.device_id, peer.keys)
+        order = sorted(ids)
+        n, t = len(order), body.threshold
+        b, s_lo, s_hi = (_split(t, n, self.secrets.b_seed), _split(t, n, self.secrets.s_sk[:16]),
+                         _split(t, n, self.secrets.s_sk[16:]))
+        keys = {p.device_id: p.keys for p in body.peers}
+        out = []
+        for i, v in enumerate(order):
+            key = share_key(self.secrets.c_sk, keys[v].c_pk, self.ctx, self.device_id, v)
+            out.append((v, seal_share(key, self.ctx, self.device_id, v, i + 1, b[i], s_lo[i], s_hi[i])))
+        self.neighbours, self.cohort, self.threshold = keys, body.cohort, t
+        return SecAggShares(tuple(out))
+
+    def on_relay(self, body: SecAggRelay) -> None:
+        if not self.neighbours or self.held:
+            raise ProtocolError("bad-stage", "SECAGG_RELAY before SECAGG_PEERS, or twice")
+        senders = [v for v, _ in body.shares]
+        if len(set(senders)) != len(senders) or not set(senders) <= set(self.neighbours):
+            raise ProtocolError("bad-relay", "shares from devices that are not this device's neighbours")
+        if len(senders) < self.threshold:
+            raise ProtocolError("too-few-neighbours", f"{len(senders)} neighbours shared keys, threshold "
+                                                      f"{self.threshold}")
+        held = {}
+        for v, ciphertext in body.shares:
+            key = share_key(self.secrets.c_sk, self.neighbours[v].c_pk, self.ctx, v, self.device_id)
+            held[v] = open_share(key, self.ctx, v, self.device_id, ciphertext)
+        self.held = held
+
+    @property
+    def ready(self) -> bool:
+        """The relay came: a trained delta can be masked."""
+        return bool(self.held)
+
+    def masked(self, delta: dict[str, np.ndarray], num_examples: int, loss: float, accuracy: float) -> MaskedDelta:
+        """The masked DELTA body of a clipped (and maybe noised) integer delta over the plan's trainable buffers."""
+        if not self.held:
+            raise ProtocolError("bad-stage", "no shares relayed yet: nothing to mask with")
+        names, sizes = self.plan.trainable_buffers(), _buffer_sizes(self.plan)
+        bits = modulus_bits(self.bounds, self.cohort)
+        total = [np.clip(np.asarray(delta[n], np.int64).reshape(-1), -self.bounds[n], self.bounds[n])
+                 .astype(np.uint64) for n in names]  # two's complement, reduced below
+        for i, m in enumerate(expand_mask(self_mask_key(self.secrets.b_seed, self.ctx, self.device_id), sizes,
+                                          bits)):
+            total[i] = total[i] + m
+        for v in sorted(self.held):
+            masks = expand_mask(pairwise_key(self.secrets.s_sk, self.neighbours[v].s_pk, self.ctx, self.device_id,
+                                             v), sizes, bits)
+            for i, m in enumerate(masks):
+                total[i] = total[i] + m if self.device_id < v else total[i] - m
+        values = [t & np.uint64((1 << k) - 1) for t, k in zip(total, bits)]
+        self.masked_sent = True
+        return MaskedDelta(int(num_examples), float(loss), float(accuracy), self.cohort, bits,
+                           pack_values(values, bits))
+
+    def on_unmask(self, body: SecAggUnmask) -> SecAggReveal:
+        """Shares for the coordinator's unmasking; the same request again gets the same answer, another is refused
+        (a coordinator asking twice with other lists could collect both kinds of share for one neighbour)."""
+        if self.revealed is not None:
+            if body != self.revealed:
+                raise ProtocolError("bad-unmask", "a second, different SECAGG_UNMASK in one round")
+            return self._reveal
+        if not self.masked_sent:
+            raise ProtocolError("bad-stage", "SECAGG_UNMASK before this device sent its masked DELTA")
+        survivors, dropped = set(body.survivors), set(body.dropped)
+        if len(survivors) != len(body.survivors) or len(dropped) != len(body.dropped) or survivors & dropped \
+                or not (survivors | dropped) <= set(self.held) or survivors | dropped != set(self.held):
+            raise ProtocolError("bad-unmask", "survivors and dropped must split this device's neighbours")
+        if len(survivors) + 1 < self.threshold:
+            raise ProtocolError("too-few-survivors", f"{len(survivors) + 1} survivors among its neighbourhood, "
+                                                     f"threshold {self.threshold}")
+        entries = []
+        for v in sorted(survivors | dropped):
+            index, b, s_lo, s_hi = self.held[v]
+            entries.append((v, REVEAL_SELF_MASK, index, b + bytes(16)) if v in survivors else
+                           (v, REVEAL_PAIRWISE_KEY, index, s_lo + s_hi))
+        self.revealed, self._reveal = body, SecAggReveal(tuple(entries))
+        return self._reveal
+
+
+# --- the coordinator's round -------------------------------------------------------------------------------
+
+@dataclass
+class SecAggSum:
+    """What the coordinator learns from a round: the sum of the survivors' clipped deltas, and who they are."""
+
+    round: int
+    survivors: tuple[int, ...]  # device ids whose deltas are in the sum
+    dropped: tuple[int, ...]  # sent shares, then no masked DELTA
+    total: dict[str, np.ndarray]  # per trainable buffer, the integer sum (int64), in the buffer's shape
+    num_examples: int
+    loss: float  # the survivors' mean reported train loss and accuracy
+    accuracy: float
+    bad_shares: tuple[int, ...] = ()  # devices whose revealed shares did not reconstruct (named, left out)
+
+
+@dataclass
+class _Stage:
+    name: str
+    received: dict = field(default_factory=dict)
+
+
+class SecAggRound:
+    """The coordinator's part of one round. Feed each stage's bodies with on_*; close_* ends a stage (when every
+    expected device answered, or at the stage's deadline) and returns the bodies to send, by device id. Every
+    refusal is a ProtocolError naming the device; a round that cannot complete (too few devices or surviving
+    neighbours) raises ProtocolError("secagg-failed") from the close_* that finds it, before anything is
+    revealed, and the round's sum is simply not produced: no model state is touched here."""
+
+    def __init__(self, plan: Plan, ctx: RoundContext, identities: Mapping[int, PublicIdentity], cohort,
+                 clip_norm: float, noise_sigma: float = 0.0, graph_seed: bytes = b"", degree: int | None = None
+                 ) -> None:
+        self.plan, self.ctx, self.identities = plan, ctx, identities
+        self.cohort = sorted(set(cohort))
+        self.bounds = value_bounds(plan, clip_norm, noise_sigma)
+        self.graph_seed = graph_seed or kdf(b"graph", ctx.info(b"graph"))
+        self._degree = degree
+        self.stage = "keys"
+        self.keys: dict[int, SecAggKeys] = {}
+        self.graph: dict[int, tuple[int, ...]] = {}
+        self.threshold = 0
+        self.shares: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> ciphertext
+        self.u2: list[int] = []
+        self.masked: dict[int, MaskedDelta] = {}
+        self.unmask: dict[int, SecAggUnmask] = {}
+        self.reveals: dict[int, SecAggReveal] = {}
+        self.bits: tuple[int, ...] = ()
+        self.log: list[dict] = []  # what happened at each stage: for the coordinator's log and the privacy report
+
+    def _expect(self, stage: str, device_id: int, allowed) -> None:
+        if self.stage != stage:
+            raise ProtocolError("bad-stage", f"{stage} message in stage {self.stage}")
+        if device_id not in allowed:
+            raise ProtocolError("not-in-cohort", f"device {device_id:#010x} is not expected in stage {stage}")
+
+    def on_keys(self, device_id: int, body: SecAggKeys) -> None:
+        self._expect("keys", device_id, self.cohort)
+        check_keys(self.identities[device_id], self.ctx, device_id, body)
+        if self.keys.setdefault(device_id, body) != body:
+            raise ProtocolError("replay", "a second, different SECAGG_KEYS")
+
+    def close_keys(self) -> dict[int, SecAggPeers]:
+        u1 = sorted(self.keys)
+        degree = graph_degree(len(u1)) if self._degree is None else min(self._degree, len(u1) - 1)
+        self.threshold = threshold(degree)
+        self.log.append(dict(stage="keys", cohort=len(self.cohort), sent_keys=len(u1), degree=degree,
+                             threshold=self.threshold))
+        if len(u1) < 3 or degree < 2:
+            self.stage = "failed"
+            raise ProtocolError("secagg-failed", f"{len(u1)} devices sent keys: secure aggregation needs 3")
+        self.graph = neighbour_graph(u1, self.graph_seed, degree)
+        self.bits = modulus_bits(self.bounds, len(u1))
+        self.stage = "shares"
+        return {u: SecAggPeers(len(u1), self.threshold, tuple(SecAggPeer(v, self.keys[v]) for v in self.graph[u]))
+                for u in u1}
+
+    def on_shares(self, device_id: int, body: SecAggShares) -> None:
+        self._expect("shares", device_id, self.graph)
+        to = [v for v, _ in body.shares]
+        if sorted(to) != list(self.graph[device_id]):
+            raise ProtocolError("bad-shares", "SECAGG_SHARES must hold one share for each neighbour")
+        shares = dict(body.shares)
+        if self.shares.setdefault(device_id, shares) != shares:
+            raise ProtocolError("replay", "a second, different SECAGG_SHARES")
+
+    def close_shares(self) -> dict[int, SecAggRelay]:
+        u2 = set(self.shares)
+        while True:  # a device left with fewer than `threshold` sharing neighbours could never be unmasked
+            short = {u for u in u2 if len(set(self.graph[u]) & u2) < self.threshold}
+            if not short:
+                break
+            u2 -= short
+        self.u2 = sorted(u2)
+        self.log.append(dict(stage="shares", sent_shares=len(self.shares), kept=len(self.u2)))
+        if len(self.u2) < 3:
+            self.stage = "failed"
+            raise ProtocolError("secagg-failed", f"{len(self.u2)} devices can take part after sharing keys")
+        self.stage = "masked"
+        return {u: SecAggRelay(tuple((v, self.shares[v][u]) for v in self.graph[u] if v in u2)) for u in self.u2}
+
+    def on_masked(self, device_id: int, body: MaskedDelta) -> None:
+        self._expect("masked", device_id, self.u2)
+        if body.cohort != len(self.keys) or body.bits != self.bits:
+            raise ProtocolError("bad-masked", f"moduli {body.bits} for cohort {body.cohort}, expected {self.bits} "
+                                              f"for {len(self.keys)}")
+        unpack_values(body.packed, _buffer_sizes(self.plan), self.bits)  # the exact length and padding
+        if self.masked.setdefault(device_id, body) != body:
+            raise ProtocolError("replay", "a second, different masked DELTA")
+
+    def close_masked(self) -> dict[int, SecAggUnmask]:
+        """U3 = the devices whose masked DELTA came. Checks, before anything is asked, that every secret the sum
+        needs has `threshold` surviving holders."""
+        u2, u3 = set(self.u2), set(self.masked)
+        dropped = u2 - u3
+        self.log.append(dict(stage="masked", masked=len(u3), dropped=len(dropped)))
+        needed = list(u3) + [v for v in dropped if set(self.graph[v]) & u3]
+        for x in needed:
+            holders = set(self.graph[x]) & u3
+            if len(holders) < self.threshold:
+                self.stage = "failed"
+                raise ProtocolError("secagg-failed", f"device {x:#010x} has {len(holders)} surviving neighbours, "
+                                                     f"threshold {self.threshold}: the sum cannot be unmasked")
+        self.stage = "unmask"
+        self.unmask = {u: SecAggUnmask(tuple(v for v in self.graph[u] if v in u3),
+                                       tuple(v for v in self.graph[u] if v in dropped)) for u in sorted(u3)}
+        return dict(self.unmask)
+
+    def on_reveal(self, device_id: int, body: SecAggReveal) -> None:
+        self._expect("unmask", device_id, self.unmask)
+        asked = self.unmask[device_id]
+        expected = {(v, REVEAL_SELF_MASK) for v in asked.survivors} | {(v, REVEAL_PAIRWISE_KEY) for v in asked.dropped}
+        got = [(v, kind) for v, kind, _, _ in body.entries]
+        if len(got) != len(set(got)) or set(got) != expected:
+            raise ProtocolError("bad-reveal", "SECAGG_REVEAL does not answer the SECAGG_UNMASK sent")
+        if self.reveals.setdefault(device_id, body) != body:
+            raise ProtocolError("replay", "a second, different SECAGG_REVEAL")
+
+    @property
+    def complete(self) -> bool:
+        return self.stage == "unmask" and set(self.reveals) == set(self.unmask)
+
+    def _reconstruct(self, about: int, kind: int, check) -> tuple[bytes, set[int]]:
+        """A secret from the shares revealed about device `about`: the first `threshold`-subset that passes
+        `check`. When the first subset fails (some share is wrong), the holders whose shares disagree with the
+        secret found are returned as bad; otherwise the shares beyond the first subset are not checked (each
+        check is a Lagrange interpolation in pycryptodome's pure-Python GF(2^128))."""
+        shares = {}
+        for holder, body in self.reveals.items():
+            for v, k, index, share in body.entries:
+                if v == about and k == kind:
+                    shares[holder] = (index, share)
+        if len(shares) < self.threshold:
+            raise ProtocolError("secagg-failed", f"{len(shares)} shares revealed about {about:#010x}, threshold "
+                                                 f"{self.threshold}")
+        holders = sorted(shares)
+        for tried, subset in enumerate(itertools.combinations(holders, self.threshold)):
+            if tried >= MAX_COMBINATIONS:
+                break
+            secret = _combine([shares[h] for h in subset], kind)
+            if secret is not None and check(secret):
+                bad = set() if tried == 0 else {h for h in holders if h not in subset and _combine(
+                    [shares[g] for g in subset[1:]] + [shares[h]], kind) != secret}
+                return secret, bad
+        raise ProtocolError("bad-share", f"no {self.threshold} of the shares revealed about {about:#010x} "
+                                         f"reconstruct its secret: some holders sent wrong shares")
+
+    def finish(self) -> SecAggSum:
+        """The sum of the survivors' deltas. ProtocolError if the reveals cannot unmask it (nothing is produced)."""
+        if not self.complete:
+            raise ProtocolError("bad-stage", f"secure aggregation round in stage {self.stage}, reveals from "
+                                             f"{len(self.reveals)} of {len(self.unmask)}")
+        names, sizes = self.plan.trainable_buffers(), _buffer_sizes(self.plan)
+        u3 = sorted(self.masked)
+        dropped = sorted(set(self.u2) - set(u3))
+        total = [np.zeros(s, np.uint64) for s in sizes]
+        for u in u3:
+            for i, v in enumerate(unpack_values(self.masked[u].packed, sizes, self.bits)):
+                total[i] += v
+        bad: set[int] = set()
+        for u in u3:
+            b_seed, wrong = self._reconstruct(u, REVEAL_SELF_MASK, lambda s, u=u: commitment(s) == self.keys[u].b_commit)
+            bad |= wrong
+            for i, m in enumerate(expand_mask(self_mask_key(b_seed, self.ctx, u), sizes, self.bits)):
+                total[i] -= m
+        for v in dropped:
+            survivors = [u for u in self.graph[v] if u in self.masked]
+            if not survivors:
+                continue
+            s_sk, wrong = self._reconstruct(v, REVEAL_PAIRWISE_KEY,
+                                            lambda s, v=v: _public(_x25519(s)) == self.keys[v].s_pk)
+            bad |= wrong
+            for u in survivors:  # u added +mask if u < v, else -mask: take it away again
+                masks = expand_mask(pairwise_key(s_sk, self.keys[u].s_pk, self.ctx, v, u), sizes, self.bits)
+                for i, m in enumerate(masks):
+                    total[i] = total[i] - m if u < v else total[i] + m
+        out = {}
+        for name, t, k in zip(names, total, self.bits):
+            t = (t & np.uint64((1 << k) - 1)).astype(np.int64)
+            t[t >= 1 << (k - 1)] -= 1 << k
+            out[name] = t.reshape(self.plan.buffers[name].shape)
+        self.stage = "done"
+        m = len(u3)
+        result = SecAggSum(self.ctx.round, tuple(u3), tuple(dropped), out,
+                           sum(self.masked[u].num_examples for u in u3),
+                           sum(self.masked[u].train_loss for u in u3) / m,
+                           sum(self.masked[u].accuracy for u in u3) / m, tuple(sorted(bad)))
+        self.log.append(dict(stage="unmasked", survivors=m, dropped=len(dropped), bad_shares=len(bad)))
+        return result
+
+
+def _combine(shares: list[tuple[int, bytes]], kind: int) -> bytes | None:
+    """The secret of revealed 32-byte shares: the 16-byte self-mask seed (first half), or the 32-byte s_sk from
+    its two halves, each shared on its own. None when two shares claim one index."""
+    indexes = [i for i, _ in shares]
+    if len(set(indexes)) != len(indexes):
+        return None
+    lo = Shamir.combine([(i, s[:16]) for i, s in shares])
+    return lo if kind == REVEAL_SELF_MASK else lo + Shamir.combine([(i, s[16:]) for i, s in shares])
+
+
+# --- the largest stage message: what a device's buffers and the coordinator's bounds must also take ----------
+
+def _stage_envelope(body: int, encrypted: bool = False) -> int:
+    return HEADER_SIZE + body + (TAG_SIZE if encrypted else 0) + SIGNATURE_SIZE
+
+
+MAX_STAGE_ENVELOPE = max(
+    _stage_envelope(8 + (4 + 160) * SECAGG_MAX_NEIGHBOURS),  # SECAGG_PEERS
+    _stage_envelope(4 + (4 + 76) * SECAGG_MAX_NEIGHBOURS),  # SECAGG_SHARES / SECAGG_RELAY
+    _stage_envelope(4 + 40 * SECAGG_MAX_NEIGHBOURS, encrypted=True),  # SECAGG_REVEAL
+)
