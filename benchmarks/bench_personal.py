@@ -47,7 +47,8 @@ def row(name: str, arguments: list[str], wall: float, metrics: dict) -> str:
     run, last = metrics["run"], metrics["rounds"][-1]
     table = dict(personal_rows(metrics["devices"]))
     before, after, personal, alone = table.values()
-    return (f"| {name} | `fedtiny simulate {' '.join(arguments)}`".rstrip() + f" | {run['model']}, {run['scheme']} | "
+    command = " ".join(["fedtiny simulate", *arguments])
+    return (f"| {name} | `{command}` | {run['model']}, {run['scheme']} | "
             f"{100 * run['initial_accuracy']:.1f} % -> {100 * last['accuracy']:.1f} % | {cell(before)} | "
             f"{cell(after)} | {cell(personal)} | {cell(alone)} | {personal['devices']} of {run['nodes']} | "
             f"{wall:.0f} s |")
