@@ -169,7 +169,7 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
     if flower:
         lines += [
             "What left each device: per round one DELTA body (the trainable tensors' integer changes, its example",
-            "count, loss and accuracy), built by the devices' own code, and a JOIN. No sample, feature or label left",
+            "count, loss, accuracy and personalised accuracy), built by the devices' own code, and a JOIN. No sample, feature or label left",
             "any device. This engine has no MQTT link: nothing was signed, encrypted or chunked, so every byte count",
             "here is of the encoded DELTA and TASK + GLOBAL_UPDATE bodies alone; over MQTT the envelope (header,",
             "EdDSA signature, AEAD tag) and chunk headers come on top (`--engine mqtt` counts them).",
@@ -177,7 +177,8 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
     else:
         lines += [
             "What left each device: per round one DELTA (the trainable tensors' integer changes, signed with the device's",
-            "EdDSA key and encrypted end to end with ChaCha20-Poly1305), its example count, loss and accuracy;",
+            "EdDSA key and encrypted end to end with ChaCha20-Poly1305), its example count, loss, accuracy and",
+            "personalised accuracy (on the samples it holds out);",
             "heartbeats and a JOIN. No sample, feature or label left any device (see docs/security.md).",
         ]
     lines += [
