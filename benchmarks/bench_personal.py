@@ -2,7 +2,7 @@
 
     python benchmarks/bench_personal.py [--only NAME ...]
 
-Runs the default `fedtiny simulate` (industrial, 50 nodes, 10 rounds) and `fedtiny simulate --scenario vision
+Runs the default `fedtiny simulate` (industrial, 50 nodes, 10 rounds) and `fedtiny simulate --scenario medical
 --nodes 10`, and reads from each run's metrics.json, on each device's held-out part (the fifth of its samples it
 never trains on): the global model before round 1 and after the last round, the device's personalised model (the
 global model after its own local steps, as its last DELTA reported it) and the device trained alone from the
@@ -23,7 +23,7 @@ from fedtiny_sim.report_data import personal_rows
 from report import provenance, write_section
 
 SECTION = "## Personalisation: global, personalised and alone on each device's held-out samples (issue 16)"
-RUNS = {"industrial": [], "vision": ["--scenario", "vision", "--nodes", "10"]}
+RUNS = {"industrial": [], "medical": ["--scenario", "medical", "--nodes", "10"]}
 
 
 def simulate(arguments: list[str]) -> tuple[float, dict]:
