@@ -2,7 +2,9 @@
 
     DeviceSession  (fedtiny.protocol.device) the sans-IO protocol state machine; it never sees a sample
     LocalTraining  the only holder of the device's samples: runs a TrainJob on a trainer, returns a TrainResult
-                   (a trainable state and three numbers), which the session turns into a DELTA (update.uplink)
+                   (a trainable state and three or four numbers), which the session turns into a DELTA
+                   (update.uplink); it holds a fifth of its samples out (heldout_split) to measure its
+                   personalised model: the global model after its own local steps
     RoundFaults    the seam through which a simulation makes a node fail or lag a round
     NodeAgent      glue: an MqttTransport (paho thread) feeding a worker thread that owns the session
 
@@ -63,6 +65,31 @@ def training_order(seed: int, round_: int, n: int, epochs: int = 1, steps: int =
     return np.asarray(order[:total], dtype=np.int64)
 
 
+# A device holds out one sample in HELDOUT_SHARE to measure its personalised model, when it has HELDOUT_MIN_SAMPLES
+# or more: below that a held-out part of one sample says nothing and costs a tenth or more of the training data.
+HELDOUT_SHARE = 5
+HELDOUT_MIN_SAMPLES = 10
+# The split's key in the order stream: a round no TASK carries (rounds are u32), so no round's order repeats it.
+SPLIT_ROUND = 1 << 32
+
+
+def heldout_count(n: int) -> int:
+    """How many of n samples a device holds out: n // HELDOUT_SHARE from HELDOUT_MIN_SAMPLES samples on, else 0."""
+    return n // HELDOUT_SHARE if n >= HELDOUT_MIN_SAMPLES else 0
+
+
+def heldout_split(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train part, held-out part) of a device's n samples, as indexes: the first heldout_count(n) entries of
+    training_permutation(seed, SPLIT_ROUND, 0, n) are held out, the rest train, in that permutation's order
+    (fedtiny_train_job.c splits the same way, in the order work buffer). Without a held-out part, the train
+    part is 0..n-1 in order. The split never changes for a device: its seed and its samples fix it."""
+    h = heldout_count(n)
+    if h == 0:
+        return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    split = np.asarray(training_permutation(seed, SPLIT_ROUND, 0, n), dtype=np.int64)
+    return split[h:], split[:h]
+
+
 class LocalTraining:
     """Holds the samples and the trainer; the protocol side gets TrainResults only."""
 
@@ -85,25 +112,29 @@ class LocalTraining:
         return int(self.trainer.rng_counter)
 
     def run(self, job: TrainJob) -> TrainResult:
-        """Train from job.base in training_order; report the trained state, the number of distinct samples trained
-        on, the mean step loss (arith.mean_loss) and the accuracy of the trained model on all the samples (argmax
-        of the output == label, the first maximum winning; 0.0 for an MSE plan, which has no classes).
+        """Train the train part of heldout_split from job.base, in training_order over that part (its k-th
+        sample is train[k]); report the trained state, the number of distinct samples trained on, the mean step
+        loss (arith.mean_loss), the accuracy of the trained model on the train part and, where the device holds
+        a part out, on the held-out part: the personalised model's (argmax of the output == label, the first
+        maximum winning; 0.0 and None for an MSE plan, which has no classes).
         device_runtime/c/fedtiny_train_job.c computes the same on the device; a trainer that runs that C
         (cruntime.CTrainer.run_job) does the whole job in one call."""
         if hasattr(self.trainer, "run_job"):
             return self.trainer.run_job(self.seed, job, self._x, self._y)
         self.trainer.load_trainable_state(job.base)
-        n = len(self._x)
-        order = training_order(self.seed, job.round, n, job.epochs, job.steps)
+        train, held = heldout_split(self.seed, len(self._x))
+        n = len(train)
+        order = train[training_order(self.seed, job.round, n, job.epochs, job.steps)]
         mse = self.plan.loss == "mse"
         losses = [self.trainer.step(self._x[i], self._y[i] if mse else int(self._y[i])) for i in order]
         state = self.trainer.trainable_state()
-        accuracy = 0.0
-        if n and not mse:
-            predictions = run(self.plan.graph_with(state), self._x).reshape(n, -1).argmax(axis=1)
-            accuracy = int((predictions == self._y).sum()) / n
+        accuracy, personal = 0.0, None
+        if len(self._x) and not mse:
+            hits = run(self.plan.graph_with(state), self._x).reshape(len(self._x), -1).argmax(axis=1) == self._y
+            accuracy = int(hits[train].sum()) / n
+            personal = int(hits[held].sum()) / len(held) if len(held) else None
         # consecutive permutations: the first n steps visit n distinct samples
-        return TrainResult(state, min(len(order), n), mean_loss(losses), accuracy, self.rng_counter)
+        return TrainResult(state, min(len(order), n), mean_loss(losses), accuracy, self.rng_counter, personal)
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ class Job(ctypes.Structure):
 
 class Result(ctypes.Structure):
     _fields_ = [("num_examples", u32), ("loss", ctypes.c_float), ("accuracy", ctypes.c_float),
-                ("rng_counter", u64)]
+                ("personal_accuracy", ctypes.c_float), ("rng_counter", u64)]
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -403,7 +403,8 @@ class CNodeSession:
         trained = ctypes.create_string_buffer(len(self._buffers["global_state"]))
         self.library.pack(job.base, base)
         self.library.pack(result.state, trained)
-        c_result = Result(result.num_examples, result.loss, result.accuracy, result.rng_counter)
+        personal = -1.0 if result.personal_accuracy is None else result.personal_accuracy  # -1: no held-out part
+        c_result = Result(result.num_examples, result.loss, result.accuracy, personal, result.rng_counter)
         status, out = self._call("fedtiny_node_complete", ctypes.byref(self._c_job(job)), base, trained,
                                  ctypes.byref(c_result), milliseconds(now))
         self._check(status)
@@ -540,8 +541,10 @@ def render_replay(library: CNodeLibrary, spec: dict, identity: bytes, coordinato
                 parts.append(_c_bytes(f"trained_{t}_{i}", buffer.raw))
                 trained, job_round = f"trained_{t}_{i}", line.get("round", last_round)
                 r = line["result"]
+                personal = r.get("personal_accuracy")
+                personal = -1.0 if personal is None else float(personal)
                 result = (f"{{{r['num_examples']}u, {float(r['loss']).hex()}f, {float(r['accuracy']).hex()}f, "
-                          f"{r['rng_counter']}ull}}")
+                          f"{personal.hex()}f, {r['rng_counter']}ull}}")
             topic = _c_string(line["topic"]) if line["op"] == "receive" else "0"
             ops.append(f"    {{{REPLAY_OPS[line['op']]}u, {milliseconds(line['now'])}, {topic}, {frame}, "
                        f"{frame_len}u, {reason}, {has_job}u, {job}, {job_round}u, {trained}, {result}, "

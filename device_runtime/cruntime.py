@@ -222,7 +222,8 @@ class CJob(ctypes.Structure):
 class CJobResult(ctypes.Structure):
     """Mirror of fedtiny_train_result."""
     _fields_ = [("num_examples", ctypes.c_uint32), ("steps_done", ctypes.c_uint32), ("loss", ctypes.c_double),
-                ("accuracy", ctypes.c_double), ("rng_counter", ctypes.c_uint64), ("model_status", ctypes.c_int)]
+                ("accuracy", ctypes.c_double), ("personal_accuracy", ctypes.c_double), ("rng_counter", ctypes.c_uint64),
+                ("model_status", ctypes.c_int)]
 
 
 JOB_STATUS = {1: "abandoned", 2: "bad input (a label outside the classes, or too many samples)", 3: "a kernel failed"}
@@ -370,8 +371,9 @@ class CTrainer:
 
     @_locked
     def run_job(self, seed: int, job: TrainJob, x: np.ndarray, y: np.ndarray) -> TrainResult:
-        """A round's training in one C call (fedtiny_train_job_run, what the firmware runs): from job.base, in
-        agent.training_order(seed, ...), then the trained model's accuracy on all of x; the same TrainResult
+        """A round's training in one C call (fedtiny_train_job_run, what the firmware runs): from job.base, on the
+        train part of agent.heldout_split(seed, len(x)) in its training order, then the trained model's accuracy
+        on the train part and on the held-out part (personal_accuracy); the same TrainResult
         as agent.LocalTraining.run with a Python Trainer, bit for bit. x: int8 (N, H, W, C); y: class indexes,
         or int8 targets (N, K) for an MSE plan. Leaves this trainer holding the trained state and counter."""
         mse = self.plan.loss == "mse"
@@ -397,8 +399,9 @@ class CTrainer:
                                f"(model status {result.model_status})")
         self._state = self._read_state()
         self._counter = int(result.rng_counter)
+        personal = float(result.personal_accuracy)
         return TrainResult(unpack_state(self.plan, out.raw), int(result.num_examples), float(result.loss),
-                           float(result.accuracy), self._counter)
+                           float(result.accuracy), self._counter, personal if personal >= 0 else None)
 
     @_locked
     def trainable_state(self) -> dict[str, np.ndarray]:

@@ -299,7 +299,8 @@ class _Device:
             if job.noise_sigma > 0 else None
         body, self.carry = uplink(self.plan, job.base, result.state, self.carry, keep=job.uplink_keep,
                                   clip_norm=job.clip_norm, num_examples=result.num_examples, loss=result.loss,
-                                  accuracy=result.accuracy, noise_sigma=job.noise_sigma, noise=noise)
+                                  accuracy=result.accuracy, personal_accuracy=result.personal_accuracy,
+                                  noise_sigma=job.noise_sigma, noise=noise)
         reply["delta"] = body.encode()
         return reply
 

@@ -14,10 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .report_data import (  # noqa: E402
     FLOW_FIELDS, NODE_MIN_PER_CLASS, class_names, data_flow, device_accuracy, few_samples, firmware_table,
-    participation, percent, reached, recall, recall_rows, stragglers_back)
+    participation, percent, personal_rows, reached, recall, recall_rows, stragglers_back)
 from .report_html import html_report  # noqa: E402
 
-ROUND_FIELDS = ("round", "accuracy", "loss", "participants", "uplink_bytes", "downlink_bytes", "seconds")
+ROUND_FIELDS = ("round", "accuracy", "personal_accuracy", "personal_worst_tenth", "loss", "participants",
+                "uplink_bytes", "downlink_bytes", "seconds")
 PLOTS = ("accuracy_loss.png", "recall.png", "bytes_per_round.png", "device_memory.png")
 
 
@@ -25,7 +26,8 @@ def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dic
                  slow_rounds: dict[str, list[int]] | None = None,
                  dropped_rounds: dict[str, list[int]] | None = None) -> Path:
     """run: settings and totals (with `initial_accuracy`, `initial_confusion`, `classes` and `targets` from
-    accuracy_targets); rounds: one dict per round (ROUND_FIELDS and the held-out `confusion`); memory: the plan's
+    accuracy_targets, and `alone`: the devices trained alone, personal.fleet_summary with `accuracy` per device);
+    rounds: one dict per round (ROUND_FIELDS and the held-out `confusion`); memory: the plan's
     memory report; slow_rounds / dropped_rounds: the rounds each straggler was slow in (--stragglers) and each node
     dropped out of (--dropout). Also reads the run folder: coordinator.jsonl, state.db, plan.ftp, nodes/."""
     out = Path(out_dir)
@@ -34,6 +36,9 @@ def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dic
     for device, facts in device_accuracy(out).items():
         devices.setdefault(device, dict(tasked=[], answered=[], missed=[], why={}, straggler=False,
                                         slow_rounds=[])).update(facts)
+    for device, accuracy in ((run.get("alone") or {}).get("accuracy") or {}).items():
+        if device in devices:
+            devices[device]["alone_accuracy"] = accuracy
     warnings = few_samples(devices)
     (out / "metrics.json").write_text(json.dumps(dict(run=run, rounds=rounds, memory=memory, baseline=baseline,
                                                       devices=devices, few_samples=warnings), indent=2, default=float))
@@ -164,7 +169,7 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
     if flower:
         lines += [
             "What left each device: per round one DELTA body (the trainable tensors' integer changes, its example",
-            "count, loss and accuracy), built by the devices' own code, and a JOIN. No sample, feature or label left",
+            "count, loss, accuracy and personalised accuracy), built by the devices' own code, and a JOIN. No sample, feature or label left",
             "any device. This engine has no MQTT link: nothing was signed, encrypted or chunked, so every byte count",
             "here is of the encoded DELTA and TASK + GLOBAL_UPDATE bodies alone; over MQTT the envelope (header,",
             "EdDSA signature, AEAD tag) and chunk headers come on top (`--engine mqtt` counts them).",
@@ -172,7 +177,8 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
     else:
         lines += [
             "What left each device: per round one DELTA (the trainable tensors' integer changes, signed with the device's",
-            "EdDSA key and encrypted end to end with ChaCha20-Poly1305), its example count, loss and accuracy;",
+            "EdDSA key and encrypted end to end with ChaCha20-Poly1305), its example count, loss, accuracy and",
+            "personalised accuracy (on the samples it holds out);",
             "heartbeats and a JOIN. No sample, feature or label left any device (see docs/security.md).",
         ]
         if run.get("secure_aggregation"):
@@ -217,13 +223,15 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
     elif run.get("targets"):
         t = run["targets"][0]
         lines += [f"Rounds to {100 * t['accuracy']:.1f} % ({t['rule']}): {reached(t, 'fedtiny', rounds)}.", ""]
-    lines += recall_lines(run, rounds) + device_lines(devices or {})
-    lines += ["## Rounds", "", "| round | accuracy | loss | participants | uplink B | downlink B | seconds |",
-              "|---:|---:|---:|---:|---:|---:|---:|",
-              f"| 0 (before the first) | {100 * run['initial_accuracy']:.1f} % | - | - | - | - | - |"]
+    lines += personal_lines(devices or {}) + recall_lines(run, rounds) + device_lines(devices or {})
+    lines += ["## Rounds", "", "Accuracy: the global model on the held-out data; personalised: each device's model "
+              "after its local steps on the samples it holds out, mean and worst tenth of the devices reporting one.",
+              "", "| round | accuracy | personalised mean / worst tenth | loss | participants | uplink B | downlink B "
+              "| seconds |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
+              f"| 0 (before the first) | {100 * run['initial_accuracy']:.1f} % | - | - | - | - | - | - |"]
     for x in rounds:
-        lines.append(f"| {x['round']} | {100 * x['accuracy']:.1f} % | {x['loss']:.3f} | {x['participants']} | "
-                     f"{x['uplink_bytes']:,} | {x['downlink_bytes']:,} | {x['seconds']:.2f} |")
+        lines.append(f"| {x['round']} | {100 * x['accuracy']:.1f} % | {personal_cell(x)} | {x['loss']:.3f} | "
+                     f"{x['participants']} | {x['uplink_bytes']:,} | {x['downlink_bytes']:,} | {x['seconds']:.2f} |")
     lines += ["", f"report.html: this page with its plots in one file. Plots: {', '.join(PLOTS)}. Data: metrics.json, "
               "metrics.csv, data_flow.csv (per transfer: round, device, direction, bytes, contents)."]
     return "\n".join(lines) + "\n"
@@ -240,6 +248,26 @@ def few_samples_lines(few: dict[str, dict[str, int]], run: dict, shown: int = 10
     return [f"**Warning:** {len(few)} of {run['nodes']} nodes hold fewer than {NODE_MIN_PER_CLASS} samples of a class "
             f"they have (samples per class): {'; '.join(items)}{more}. Their accuracy on such a class moves in big "
             f"steps and their updates for it rest on a few training steps.", ""]
+
+
+def personal_cell(row: dict) -> str:
+    """A round's personalised accuracy, "mean / worst tenth", or "-" when no device reported one."""
+    if row.get("personal_accuracy") is None:
+        return "-"
+    return f"{percent(row['personal_accuracy'])} / {percent(row['personal_worst_tenth'])}"
+
+
+def personal_lines(devices: dict[str, dict]) -> list[str]:
+    rows = personal_rows(devices)
+    if not rows:
+        return []
+    return ["## Personalisation (each device's held-out samples)", "",
+            "Each device holds a fifth of its samples out (from 10 samples on) and never trains on them. Its "
+            "personalised model is the global model after its own local steps of a round; it reports that model's "
+            "accuracy on its held-out part in its DELTA, so no sample leaves it.", "",
+            "| model, on each device's held-out part | mean | worst tenth of devices | devices |", "|---|---:|---:|---:|",
+            *[f"| {what} | {percent(s['mean'])} | {percent(s['worst_tenth'])} | {s['devices']} |" for what, s in rows],
+            ""]
 
 
 def recall_lines(run: dict, rounds: list[dict]) -> list[str]:

@@ -1,6 +1,7 @@
 """What a simulation's report says, from the run's records: the "rounds to X %" targets and their rules, the
-held-out confusion matrix and per-class recall, each device's samples and accuracy before and after, which device
-missed which round and why, and the data-flow manifest. report.py writes them as files and summary.md,
+held-out confusion matrix and per-class recall, each device's samples and accuracy before and after, the global
+model against each device's personalised model and the device trained alone (on each device's held-out part), which
+device missed which round and why, and the data-flow manifest. report.py writes them as files and summary.md,
 report_html.py as report.html."""
 
 import json
@@ -117,10 +118,13 @@ def few_samples(devices: dict[str, dict]) -> dict[str, dict[str, int]]:
 
 def device_accuracy(run_dir: Path) -> dict[str, dict]:
     """Per node, from the run folder: its samples per class (nodes/<device>.npz), the accuracy on its own samples
-    of the global model before round 1 and after the last round (plan.ftp, the final integers in state.db), and
-    the accuracy its last accepted DELTA reported (its model right after its own local training, on the same
-    samples). Classification plans only."""
+    of the global model before round 1 and after the last round (plan.ftp, the final integers in state.db), the
+    same on the part it holds out (`heldout_before`, `heldout_after`; agent.heldout_split by its seed), and what
+    its last accepted DELTA reported: the accuracy of its model right after its own local training on the samples
+    it trains on (`reported_accuracy`) and on its held-out part (`personal_accuracy`, the personalised model).
+    Classification plans only."""
     from fedtiny.planfile import load_plan
+    from fedtiny_device.agent import heldout_split
     from fedtiny_server.state import StateStore
 
     run = Path(run_dir)
@@ -140,8 +144,12 @@ def device_accuracy(run_dir: Path) -> dict[str, dict]:
         out[device] = dict(samples=int(len(d["y"])),
                            class_counts={str(int(c)): int(n) for c, n in zip(classes, counts)})
         mine = sorted(r for r, dev in reported if dev == device)
-        if mine and "accuracy" in reported[mine[-1], device]:
-            out[device].update(reported_accuracy=float(reported[mine[-1], device]["accuracy"]), reported_round=mine[-1])
+        last = reported[mine[-1], device] if mine else {}
+        if "accuracy" in last:
+            out[device].update(reported_accuracy=float(last["accuracy"]), reported_round=mine[-1])
+        if last.get("personal_accuracy") is not None:
+            out[device].update(personal_accuracy=float(last["personal_accuracy"]))
+        out[device]["heldout_samples"] = len(heldout_split(int(d["seed"]), len(d["y"]))[1])
     if plan.loss == "mse" or checkpoint is None:
         return out
     x = np.concatenate([d["x"] for d in data.values()])
@@ -155,7 +163,23 @@ def device_accuracy(run_dir: Path) -> dict[str, dict]:
     for key, predicted in labels.items():
         for device, hits in zip(data, np.split(predicted == y, ends[:-1])):
             out[device][key] = float(hits.mean()) if len(hits) else None
+            held = hits[heldout_split(int(data[device]["seed"]), len(hits))[1]]
+            out[device][key.replace("accuracy", "heldout")] = float(held.mean()) if len(held) else None
     return out
+
+
+def personal_rows(devices: dict[str, dict]) -> list[tuple[str, dict]]:
+    """The personalisation table, each row (what, fleet_summary of it over the devices), all on each device's
+    held-out part: the global model before round 1 and after the last round, the device's personalised model (the
+    global model after its own local steps, as its last DELTA reported it), and the device trained alone from the
+    pretrained model for as many local steps as its rounds. Empty when no device holds a part out."""
+    from .personal import fleet_summary
+
+    rows = [("global model before round 1", "heldout_before"), ("global model after the last round", "heldout_after"),
+            ("personalised: the global model after the device's own local steps (last DELTA)", "personal_accuracy"),
+            ("the device alone: trained from the pretrained model, as many local steps", "alone_accuracy")]
+    out = [(what, fleet_summary([d.get(key) for d in devices.values()])) for what, key in rows]
+    return out if any(s["devices"] for _, s in out[2:]) else []
 
 
 def _labels(graph, x_int8: np.ndarray, cached: bool) -> np.ndarray:
@@ -261,7 +285,8 @@ def data_flow(coordinator_log: Path, trainable: list[str]) -> list[dict]:
     per round and device, with its size and what it contained, from the coordinator's own structured log."""
     if not Path(coordinator_log).exists():
         return []
-    uplink = "DELTA: integer changes of " + " ".join(trainable) + "; example count; loss; accuracy"
+    uplink = ("DELTA: integer changes of " + " ".join(trainable) + "; example count; loss; accuracy; the "
+              "personalised model's accuracy on the device's held-out part (where it holds one)")
     masked = ("secure aggregation: round keys (signed), Shamir shares encrypted to its neighbours, masked DELTA (the "
               "integer changes of " + " ".join(trainable) + " plus masks in Z/2^k: the coordinator sees only the "
               "round's sum), shares revealed for unmasking; example count; loss; accuracy")

@@ -9,8 +9,8 @@ import base64
 from html import escape
 from pathlib import Path
 
-from .report_data import (NODE_MIN_PER_CLASS, class_names, confusion, few_samples, firmware_table, percent, reached,
-                          recall_rows, stragglers_back)
+from .report_data import (NODE_MIN_PER_CLASS, class_names, confusion, few_samples, firmware_table, percent,
+                          personal_rows, reached, recall_rows, stragglers_back)
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -52,6 +52,7 @@ def html_report(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
         parts.append(f"<figure><figcaption>{escape(PLOT_TITLES.get(plot.name, plot.name))}</figcaption>"
                      f'<img alt="{escape(plot.name)}" src="data:image/png;base64,{data}"></figure>')
     parts += _rounds(run, rounds)
+    parts += _personal(devices)
     parts += _recall(run, rounds)
     parts += _devices(run, rounds, devices)
     parts += _data_flow(run, flows)
@@ -136,13 +137,30 @@ def _comparison(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
 
 
 def _rounds(run: dict, rounds: list[dict]) -> list[str]:
-    rows = [[0, percent(run["initial_accuracy"]), "-", "-", "-", "-", "-"]]
-    rows += [[x["round"], percent(x["accuracy"]), f"{x['loss']:.3f}", x["participants"], f"{x['uplink_bytes']:,}",
+    rows = [[0, percent(run["initial_accuracy"]), "-", "-", "-", "-", "-", "-", "-"]]
+    rows += [[x["round"], percent(x["accuracy"]), percent(x.get("personal_accuracy")),
+              percent(x.get("personal_worst_tenth")), f"{x['loss']:.3f}", x["participants"], f"{x['uplink_bytes']:,}",
               f"{x['downlink_bytes']:,}", f"{x['seconds']:.2f}"] for x in rounds]
     return ["<h2>Rounds</h2>",
-            _table(["round", "held-out accuracy", "loss", "participants", "uplink B", "downlink B", "seconds"], rows,
-                   text=()),
-            '<p class="note">Round 0 is the pretrained int8 model before any round.</p>']
+            _table(["round", "held-out accuracy (global model)", "personalised, mean", "personalised, worst tenth",
+                    "loss", "participants", "uplink B", "downlink B", "seconds"], rows, text=()),
+            '<p class="note">Round 0 is the pretrained int8 model before any round. Personalised: each device\'s '
+            "model after its local steps of the round, on the samples it holds out, over the devices that answered "
+            "the round with one (mean, and the mean of the lowest tenth).</p>"]
+
+
+def _personal(devices: dict[str, dict]) -> list[str]:
+    rows = personal_rows(devices)
+    if not rows:
+        return []
+    return ["<h2>Personalisation (each device's held-out samples)</h2>",
+            "<p>Each device holds a fifth of its samples out (from 10 samples on) and never trains on them. Its "
+            "personalised model is the global model after its own local steps of a round: it costs no memory "
+            "beyond the round's, and the device reports its accuracy in its DELTA, so no sample leaves it. The "
+            "device alone: trained from the pretrained model, on its own samples only, for as many local steps "
+            "as its rounds gave it.</p>",
+            _table(["model, on each device's held-out part", "mean", "worst tenth of devices", "devices"],
+                   [[what, percent(s["mean"]), percent(s["worst_tenth"]), s["devices"]] for what, s in rows])]
 
 
 def _recall(run: dict, rounds: list[dict]) -> list[str]:
@@ -175,13 +193,19 @@ def _devices(run: dict, rounds: list[dict], devices: dict[str, dict]) -> list[st
         rows.append([device, d.get("samples", "-"),
                      ", ".join(f"{label(c)}: {n}" for c, n in d.get("class_counts", {}).items()) or "-",
                      percent(d.get("accuracy_before")), percent(d.get("accuracy_after")), reported,
+                     d.get("heldout_samples", "-"), percent(d.get("heldout_before")), percent(d.get("heldout_after")),
+                     percent(d.get("personal_accuracy")), percent(d.get("alone_accuracy")),
                      f"{len(d['answered'])} of {len(d['tasked'])}", "yes" if d.get("straggler") else ""])
     parts = ["<h2>Devices</h2>",
-             "<p>Accuracy on each device's own samples (those it trains on): of the global model before round 1 and "
-             "after the last round, computed here from the run's records; and as its last accepted DELTA reported it "
-             "(its own model right after its local training).</p>",
+             "<p>Accuracy on all of each device's own samples: of the global model before round 1 and after the last "
+             "round, computed here from the run's records; and as its last accepted DELTA reported it (its own model "
+             "right after its local training, on the samples it trains on). Then on the part it holds out (none "
+             "below 10 samples): the global model before and after, its personalised model (its last DELTA's "
+             "report) and the device trained alone.</p>",
              _table(["device", "samples", "samples per class", "global model before", "global model after",
-                     "its own model (last report)", "rounds answered", "straggler"], rows, text=(0, 2))]
+                     "its own model (last report)", "held out", "held out: global before", "held out: global after",
+                     "held out: personalised", "held out: alone", "rounds answered", "straggler"], rows,
+                    text=(0, 2))]
     numbers = [r["round"] for r in rounds]
     if numbers:
         grid = []

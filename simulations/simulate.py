@@ -457,6 +457,13 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
         firmware_note = f", {config.qemu_nodes} of them as firmware under QEMU" if config.qemu_nodes else ""
         say(f"starting the broker and {config.nodes} nodes{firmware_note}; then {config.rounds} rounds")
         rounds, firmware = _run_mqtt(config, run, plan, devices, coordinate)
+    alone = {}
+    if plan.loss != "mse":
+        from .personal import fleet_summary, train_alone
+
+        say(f"training each node alone from the pretrained model, as many local steps as its {config.rounds} "
+            f"rounds, for the personalised accuracy's comparison")
+        alone = train_alone(run, asdict(config))
     broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
                    broker=broker, seed=config.seed, dropout=config.dropout, stragglers=config.stragglers,
@@ -467,7 +474,8 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
                    classes=list(task.pretrain.classes), qemu_nodes=config.qemu_nodes, firmware=firmware,
                    wall_seconds=time.perf_counter() - started, clip_norm=config.clip_norm,
                    rounds_seconds=sum(r["seconds"] for r in rounds),  # round 1's start to the last's end
-                   privacy=privacy.get("summary"), stopped=privacy.get("stopped"), secure_aggregation=config.secagg)
+                   privacy=privacy.get("summary"), stopped=privacy.get("stopped"), secure_aggregation=config.secagg,
+                   alone=dict(fleet_summary(list(alone.values())), accuracy=alone) if alone else None)
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
@@ -549,6 +557,8 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.state import StateStore
 
+    from .personal import fleet_summary, round_personal
+
     quorum = config.quorum
     if quorum is None:
         quorum = 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
@@ -556,7 +566,10 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                          max_staleness=config.max_staleness, reply_timeout=config.reply_timeout)
     arrivals = None
     if _clock_kind(config) == "virtual":
-        samples = {device_name(i): len(ds.y) for i, ds in enumerate(task.nodes)}
+        from fedtiny_device.agent import heldout_count
+
+        # what a node trains on: its samples less the part it holds out (agent.heldout_split)
+        samples = {device_name(i): len(ds.y) - heldout_count(len(ds.y)) for i, ds in enumerate(task.nodes)}
         arrivals = virtual_arrivals(asdict(config), plan, samples, firmware_devices)
     store = StateStore(run / "state.db")
     try:
@@ -592,6 +605,10 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                        seconds=time.perf_counter() - t0,
                        peak_device_memory=plan.memory_report()["device_ram_bytes"],  # arena, scratch, stack
                        confusion=list(result.eval_metrics.get("confusion", [])))
+            # each device's personalised model (the global one after its own steps) on the samples it held out
+            personal = fleet_summary(list(round_personal(store, r).values()))
+            row.update(personal_accuracy=personal["mean"], personal_worst_tenth=personal["worst_tenth"],
+                       personal_devices=personal["devices"])
             if firmware_devices:
                 from .report_data import participation
 
@@ -642,7 +659,8 @@ class LiveTable:
     file or a pipe (where a live display shows nothing until the end), one plain line per round. `note` prints a
     line above it (what the run is doing now)."""
 
-    COLUMNS = ("round", "accuracy", "loss", "nodes", "uplink B", "downlink B", "device memory B", "seconds")
+    COLUMNS = ("round", "accuracy", "personalised", "loss", "nodes", "uplink B", "downlink B", "device memory B",
+               "seconds")
 
     def __init__(self, rounds: int, firmware_nodes: int = 0, privacy: bool = False):
         from rich.console import Console, Group
@@ -674,7 +692,10 @@ class LiveTable:
         self.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def __call__(self, row: dict) -> None:
-        cells = [str(row["round"]), f"{100 * row['accuracy']:.1f} %", f"{row['loss']:.3f}", str(row["participants"]),
+        personal = "-" if row.get("personal_accuracy") is None else \
+            f"{100 * row['personal_accuracy']:.1f} % (worst 10 %: {100 * row['personal_worst_tenth']:.1f} %)"
+        cells = [str(row["round"]), f"{100 * row['accuracy']:.1f} %", personal, f"{row['loss']:.3f}",
+                 str(row["participants"]),
                  f"{row['uplink_bytes']:,}", f"{row['downlink_bytes']:,}", f"{row['peak_device_memory']:,}",
                  f"{row['seconds']:.1f}"]
         if self.firmware_nodes:

@@ -27,7 +27,8 @@ from fedtiny.planfile import load_plan
 from fedtiny.protocol.device import TrainJob
 from fedtiny.scheme import REFERENCE_SPARSE, parse
 from fedtiny_device import codegen, cruntime
-from fedtiny_device.agent import LocalTraining, training_order, training_permutation
+from fedtiny_device.agent import (SPLIT_ROUND, LocalTraining, heldout_count, heldout_split, training_order,
+                                  training_permutation)
 from fedtiny_device.trainer import Trainer
 
 from pathlib import Path
@@ -230,8 +231,9 @@ def assert_same_result(status, c, c_state, expected, plan, what):
     assert status == OK, what
     for name in plan.trainable_buffers():
         assert np.array_equal(c_state[name], expected.state[name]), f"{what}: {name} differs"
-    got = (c.num_examples, c.loss, c.accuracy, c.rng_counter)
-    assert got == (expected.num_examples, expected.loss, expected.accuracy, expected.rng_counter), what
+    got = (c.num_examples, c.loss, c.accuracy, c.personal_accuracy, c.rng_counter)
+    personal = -1.0 if expected.personal_accuracy is None else expected.personal_accuracy
+    assert got == (expected.num_examples, expected.loss, expected.accuracy, personal, expected.rng_counter), what
 
 
 @pytest.mark.parametrize("name", list(PLANS))
@@ -251,14 +253,14 @@ def test_job_equals_local_training_with_either_trainer(name, cache):
             reference = py.run(job)
             assert_same_result(status, c, unpack_state(plan, raw), reference, plan, what + " (Python Trainer)")
             assert raw == pack_state(plan, expected.state)  # padding bytes are zero
-            assert c.steps_done == len(training_order(seed, r, len(x), epochs, steps))
+            assert c.steps_done == len(training_order(seed, r, len(x) - heldout_count(len(x)), epochs, steps))
             assert c.rng_counter == counter + c.steps_done * codegen.draws_per_step(plan)  # a fixed number per step
             base, counter = expected.state, expected.rng_counter
         assert any(not np.array_equal(base[k], v) for k, v in plan.initial_state().items()), f"{name}: no change"
     if plan.loss == "mse":
-        assert expected.accuracy == 0.0 and expected.loss > 0
+        assert expected.accuracy == 0.0 and expected.loss > 0 and expected.personal_accuracy is None
     else:
-        assert 0.0 < expected.accuracy <= 1.0 and expected.loss > 0
+        assert 0.0 < expected.accuracy <= 1.0 and expected.loss > 0 and 0.0 <= expected.personal_accuracy <= 1.0
 
 
 def test_permutations_match_c_and_steps_walk_consecutive_epochs(cache):
@@ -279,6 +281,47 @@ def test_permutations_match_c_and_steps_walk_consecutive_epochs(cache):
     assert training_order(3, 8, 0, steps=5).tolist() == []
 
 
+def test_heldout_split_is_the_c_jobs_and_covers_every_sample_once(cache):
+    """A fifth held out from 10 samples on, by the permutation under SPLIT_ROUND (the C job's split); below 10
+    nothing is held out and the train part is the samples in order (the job of a device without a split)."""
+    plan, _, _ = case("conformance")
+    lib = JobLibrary(plan, cache)
+    for n in (0, 1, 9, 10, 11, 24, 501):
+        train, held = heldout_split(17, n)
+        assert len(held) == heldout_count(n) == (n // 5 if n >= 10 else 0)
+        assert sorted(train.tolist() + held.tolist()) == list(range(n))
+        if len(held):
+            assert (held.tolist() + train.tolist()) == lib.permutation(17, SPLIT_ROUND, 0, n)
+        else:
+            assert train.tolist() == list(range(n))
+    assert heldout_split(17, 24)[1].tolist() != heldout_split(18, 24)[1].tolist()  # each device's own
+    assert all(heldout_split(17, 24)[1].tolist() == heldout_split(17, 24)[1].tolist() for _ in range(2))
+
+
+def test_a_node_too_small_for_a_heldout_part_trains_on_all_and_reports_none(cache):
+    plan, x, y = case("conformance")
+    lib = JobLibrary(plan, cache)
+    x, y = x[:9], y[:9]
+    job = TrainJob(1, 0, 2, 0, plan.initial_state())
+    training = LocalTraining(plan, x, y, 5)
+    status, c, raw = lib.run(5, job, x, y, training.rng_counter)
+    expected = training.run(job)
+    assert_same_result(status, c, unpack_state(plan, raw), expected, plan, "9 samples")
+    assert expected.personal_accuracy is None and c.personal_accuracy == -1.0 and c.num_examples == 9
+
+
+def test_the_personal_accuracy_is_the_trained_models_on_the_heldout_part():
+    """Independent of the job's own pass: the interpreter over the held-out samples with the trained state."""
+    from fedtiny.interpreter import run
+
+    plan, x, y = case("sensor_cnn full")
+    result = LocalTraining(plan, x, y, 8).run(TrainJob(1, 0, 3, 0, plan.initial_state()))
+    train, held = heldout_split(8, len(x))
+    predicted = run(plan.graph_with(result.state), x[held]).reshape(len(held), -1).argmax(axis=1)
+    assert result.personal_accuracy == float((predicted == y[held]).mean())
+    assert result.num_examples == len(train)
+
+
 def test_permutations_are_uniform():
     """Every order of 3 samples about equally often (a Sattolo shuffle, bound i instead of i + 1, makes only 2)."""
     counts = Counter(tuple(training_permutation(11, 0, epoch, 3)) for epoch in range(6000))
@@ -292,11 +335,12 @@ def test_poll_abandons_the_job_between_steps(cache):
     job = TrainJob(2, 0, 2, 0, plan.initial_state())
     calls = []
     status, completed, raw = lib.run(7, job, x, y, 7 << 40, poll=lambda ctx: calls.append(1) or 0)
-    assert status == OK and len(calls) == 2 * len(x) + len(x)  # every step, then every accuracy sample
-    for stop_at in (0, 5, 2 * len(x) + 3):  # before the first step, during training, during the accuracy pass
+    n_train = len(x) - heldout_count(len(x))
+    assert status == OK and len(calls) == 2 * n_train + len(x)  # every step, then every accuracy sample
+    for stop_at in (0, 5, 2 * n_train + 3, 2 * n_train + len(x) - 1):  # before, during training, in both passes
         calls.clear()
         status, c, raw = lib.run(7, job, x, y, 7 << 40, poll=lambda ctx: int(calls.append(1) or len(calls) > stop_at))
-        assert status == ABANDONED and c.steps_done == min(stop_at, 2 * len(x))
+        assert status == ABANDONED and c.steps_done == min(stop_at, 2 * n_train)
         assert raw == b"\xa5" * len(raw)  # the state goes out only when the job completes
         # the counter a finished job leaves: the node goes on as an agent that trained to the end, then dropped it
         assert c.rng_counter == completed.rng_counter
@@ -325,7 +369,7 @@ def test_no_samples_trains_nothing(cache):
     status, c, raw = lib.run(7, job, x[:0], y[:0], 12345)
     expected = LocalTraining(plan, x[:0], y[:0], 7, rng_counter=12345).run(job)
     assert_same_result(status, c, unpack_state(plan, raw), expected, plan, "no samples")
-    assert (c.num_examples, c.loss, c.accuracy, c.rng_counter) == (0, 0.0, 0.0, 12345)
+    assert (c.num_examples, c.loss, c.accuracy, c.personal_accuracy, c.rng_counter) == (0, 0.0, 0.0, -1.0, 12345)
 
 
 # ---- the host binding: CTrainer.run_job and CPlanModel ---------------------------------------------------------
@@ -348,8 +392,9 @@ def test_ctrainer_run_job_is_local_training_and_keeps_each_nodes_state(name, cac
             got, expected = c_nodes[k].run(job), py_nodes[k].run(job)
             for buffer in plan.trainable_buffers():
                 assert np.array_equal(got.state[buffer], expected.state[buffer]), f"node {k} round {round_} {buffer}"
-            assert (got.num_examples, got.loss, got.accuracy, got.rng_counter) == \
-                   (expected.num_examples, expected.loss, expected.accuracy, expected.rng_counter)
+            assert (got.num_examples, got.loss, got.accuracy, got.personal_accuracy, got.rng_counter) == \
+                   (expected.num_examples, expected.loss, expected.accuracy, expected.personal_accuracy,
+                    expected.rng_counter)
             forward.run(plan.initial_state(), x[:3])  # loads another state into the arena
             bases[k] = got.state
         # a node's trainer holds its trained state afterwards, also for single steps
@@ -379,14 +424,16 @@ def test_plan_model_runs_the_interpreters_forward_pass(cache):
 # ---- the Cortex-M4 under QEMU -----------------------------------------------------------------------------------
 
 def parse_jobs(stdout: str) -> list[tuple]:
-    """firmware_train_job.c's lines -> (round, status, steps, examples, loss, accuracy, rng, digest)."""
+    """firmware_train_job.c's lines -> (round, status, steps, examples, loss, accuracy, personal accuracy (None:
+    no held-out part), rng, digest)."""
     out = []
     for line in stdout.splitlines():
         f = line.split()
         if f[:1] == ["job"]:
             double = lambda h: struct.unpack(">d", bytes.fromhex(h))[0]
-            out.append((int(f[1]), int(f[3]), int(f[5]), int(f[7]), double(f[9]), double(f[11]), int(f[13], 16),
-                        f[15]))
+            personal = double(f[13])
+            out.append((int(f[1]), int(f[3]), int(f[5]), int(f[7]), double(f[9]), double(f[11]),
+                        None if personal < 0 else personal, int(f[15], 16), f[17]))
     return out
 
 
@@ -402,6 +449,7 @@ def test_m4_firmware_runs_the_jobs_like_local_training(name, cache):
     training = LocalTraining(plan, x, y, seed, cruntime.CTrainer)
     first = training.run(TrainJob(3, 0, 0, steps, plan.initial_state()))
     second = training.run(TrainJob(4, 0, 2, 0, first.state))
-    expected = [(r, OK, s, e.num_examples, e.loss, e.accuracy, e.rng_counter, cruntime.trainable_digest(plan, e.state))
-                for r, s, e in ((3, steps, first), (4, 2 * len(x), second))]
+    expected = [(r, OK, s, e.num_examples, e.loss, e.accuracy, e.personal_accuracy, e.rng_counter,
+                 cruntime.trainable_digest(plan, e.state))
+                for r, s, e in ((3, steps, first), (4, 2 * (len(x) - heldout_count(len(x))), second))]
     assert parse_jobs(result.stdout) == expected

@@ -119,8 +119,8 @@ class CWire:
         lib.fedtiny_wire_check_global_update.argtypes = [P, u8p, u32]
         lib.fedtiny_wire_apply_global_update.argtypes = [P, u8p, u32, u32, ctypes.c_void_p]
         lib.fedtiny_wire_uplink.argtypes = [P, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint16,
-                                            ctypes.c_float, u32, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
-                                            size, sizep]
+                                            ctypes.c_float, u32, ctypes.c_float, ctypes.c_float, ctypes.c_float,
+                                            ctypes.c_void_p, size, sizep]
         self.lib = lib
 
     def reason(self, status: int) -> str:
@@ -185,15 +185,16 @@ class CPlan:
                 self.shapes[n]).astype(dtype)
         return out
 
-    def uplink(self, base, trained, carry, keep_pct, clip_norm, num_examples, loss, accuracy, capacity=None):
+    def uplink(self, base, trained, carry, keep_pct, clip_norm, num_examples, loss, accuracy, personal=None,
+               capacity=None):
         """(DELTA body, new carry) from the C, or ProtocolError with its reason (carry_buf then unchanged)."""
         carry_buf = self.pack(carry, delta=True)
         before = carry_buf.raw
         capacity = self.lib.fedtiny_wire_uplink_bytes_max(self.desc) if capacity is None else capacity
         out, n = ctypes.create_string_buffer(max(capacity, 1)), ctypes.c_size_t()
         status = self.lib.fedtiny_wire_uplink(ctypes.byref(self.desc), self.pack(base), self.pack(trained),
-                                              carry_buf, keep_pct, clip_norm, num_examples, loss, accuracy, out,
-                                              capacity, ctypes.byref(n))
+                                              carry_buf, keep_pct, clip_norm, num_examples, loss, accuracy,
+                                              -1.0 if personal is None else personal, out, capacity, ctypes.byref(n))
         if status:
             assert carry_buf.raw == before, "a failed uplink changed the carry"
             raise ProtocolError(self.wire.reason(status), "C uplink")
@@ -299,9 +300,9 @@ def real_norm(cp: CPlan, delta: dict) -> float:
                                        * scales[n][:, None]) ** 2)) for n in cp.names))
 
 
-def py_uplink(cp, base, trained, carry, keep_pct, clip_norm, num, loss, accuracy):
+def py_uplink(cp, base, trained, carry, keep_pct, clip_norm, num, loss, accuracy, personal=None):
     body, new_carry = uplink(cp.plan, base, trained, carry, keep=keep_pct / 100, clip_norm=float(clip_norm),
-                             num_examples=num, loss=loss, accuracy=accuracy)
+                             num_examples=num, loss=loss, accuracy=accuracy, personal_accuracy=personal)
     return body.encode(), new_carry
 
 
@@ -449,8 +450,9 @@ def test_uplink_is_pythons_delta_body_and_carry(wire, plans, name):
         clip = [0.0, full * rng.uniform(0.05, 1.2), full * 2, float("nan")][case % 4 if case % 5 else 1]
         clip = np.float32(clip)  # the TASK carries clip_norm as f32
         num, loss, accuracy = int(rng.integers(0, 2**32)), np.float32(rng.uniform(0, 5)), np.float32(rng.random())
-        expected, expected_carry = py_uplink(cp, base, trained, carry, keep_pct, clip, num, loss, accuracy)
-        got, got_carry = cp.uplink(base, trained, carry, keep_pct, clip, num, loss, accuracy)
+        personal = None if case % 2 else np.float32([0.0, 1.0, rng.random()][case % 3])  # no held-out part, or one
+        expected, expected_carry = py_uplink(cp, base, trained, carry, keep_pct, clip, num, loss, accuracy, personal)
+        got, got_carry = cp.uplink(base, trained, carry, keep_pct, clip, num, loss, accuracy, personal)
         assert got == expected, f"case {case} ({kind}, keep {keep_pct}, clip {clip})"
         assert all(np.array_equal(got_carry[n], expected_carry[n]) for n in cp.names), f"carry, case {case}"
         entries = deltamod.decode_delta(got[8:])
@@ -565,11 +567,12 @@ def test_uplink_bytes_max_is_python_s_and_the_densest_delta_reaches_it(wire, pla
     trained = changed(cp, base, rng, "all")
     carry = {n: np.full(cp.shapes[n], 30000 if cp.dtypes[n] == np.int8 else 2**30, cp.delta_dtype(n))
              for n in cp.names}
-    body, _ = cp.uplink(base, trained, carry, 100, 0.0, 1, 0.0, 0.0)
-    assert body == py_uplink(cp, base, trained, carry, 100, 0.0, 1, 0.0, 0.0)[0]
+    body, _ = cp.uplink(base, trained, carry, 100, 0.0, 1, 0.0, 0.0, 0.5)  # both metrics: a held-out part
+    assert body == py_uplink(cp, base, trained, carry, 100, 0.0, 1, 0.0, 0.0, 0.5)[0]
     assert len(body) == bound
     with pytest.raises(ProtocolError, match="buffer"):  # and one byte less does not do
-        cp.uplink(base, trained, carry, 100, 0.0, 1, 0.0, 0.0, capacity=bound - 1)
+        cp.uplink(base, trained, carry, 100, 0.0, 1, 0.0, 0.0, 0.5, capacity=bound - 1)
+    assert len(cp.uplink(base, trained, carry, 100, 0.0, 1, 0.0, 0.0)[0]) == bound - 4  # accuracy alone
 
 
 # ---- GLOBAL_UPDATE -------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import AckStatus, Delta, GlobalUpdate, Leave, MessageType
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
-from fedtiny_device.agent import NodeAgent, training_order
+from fedtiny_device.agent import NodeAgent, heldout_split, training_order
 from fedtiny_device.trainer import Trainer
 
 FLEET = "lab"
@@ -118,14 +118,16 @@ def collect(link, n, timeout=TIMEOUT):
 
 
 def expected_delta(model, index, round_, global_state, rng_counter=None, epochs=1):
-    """What the Python reference Trainer computes for device `index` from `global_state`."""
+    """What the Python reference Trainer computes for device `index` from `global_state` (on the samples the device
+    does not hold out)."""
     plan, x, y = model
     rows = slice(index * SAMPLES, (index + 1) * SAMPLES)
     trainer = Trainer(plan, 100 + index)
     if rng_counter is not None:
         trainer.rng_counter = rng_counter
     trainer.load_trainable_state(global_state)
-    for i in training_order(100 + index, round_, SAMPLES, epochs):
+    train, _ = heldout_split(100 + index, SAMPLES)
+    for i in train[training_order(100 + index, round_, len(train), epochs)]:
         trainer.step(x[rows][i], int(y[rows][i]))
     return state_delta(trainer.trainable_state(), global_state), trainer.rng_counter
 
@@ -189,12 +191,13 @@ def test_join_and_round_of_three_bit_exact(broker, fleet_dir, model, tmp_path):
         for i, name in enumerate(names):
             reply = replies[name]
             want, counter = expected_delta(model, i, 1, global1)
-            assert (reply.round, reply.model_version, reply.num_examples) == (1, 1, SAMPLES)
+            assert (reply.round, reply.model_version, reply.num_examples) == (1, 1, SAMPLES - SAMPLES // 5)  # 3 held out
             assert set(reply.delta) == set(want)
             for buf in want:
                 assert reply.delta[buf].dtype == want[buf].dtype and np.array_equal(reply.delta[buf], want[buf]), buf
             assert any(np.any(v) for v in want.values())
             assert 0 <= reply.metrics["accuracy"] <= 1 and reply.metrics["loss"] > 0
+            assert 0 <= reply.metrics["personal_accuracy"] <= 1
             delta_frames = [p for p in recorders[i].sent if is_multi_chunk(p)]
             assert len(delta_frames) > 3 and all(len(p.payload) <= 256 for p in recorders[i].sent)
             assert reply.uplink_bytes == sum(len(p.payload) for p in delta_frames)

@@ -392,7 +392,7 @@ def test_broker_coordinator_and_device_each_run_from_their_own_folder_alone(flee
             replies, deadline = [], time.monotonic() + TIMEOUT
             while not replies and time.monotonic() < deadline:
                 replies = link.replies(0.2)
-            assert [(r.device, r.round, r.num_examples) for r in replies] == [("dev-001", 1, 16)]
+            assert [(r.device, r.round, r.num_examples) for r in replies] == [("dev-001", 1, 13)]  # 3 of 16 held out
         finally:
             agent.stop()
             link.close()

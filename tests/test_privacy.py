@@ -330,7 +330,7 @@ def test_a_device_session_noises_its_delta_when_the_task_asks(fleet_dir, model, 
     sent, _ = decode_update(plan, coordinator.open(done).body)
     key = noise_key(agent.session.endpoint.identity.to_bytes())
     common = dict(keep=1.0, clip_norm=0.0, num_examples=result.num_examples, loss=result.loss,
-                  accuracy=result.accuracy)
+                  accuracy=result.accuracy, personal_accuracy=result.personal_accuracy)
     expected, _ = uplink(plan, job.base, result.state, None, **common, noise_sigma=job.noise_sigma,
                          noise=NoiseStream(key, run, 2))
     clean, _ = uplink(plan, job.base, result.state, None, **common)

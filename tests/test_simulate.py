@@ -35,6 +35,43 @@ def test_small_run_writes_every_report_file(medical):
     assert all("train:" in f["contents"] for f in deltas)
 
 
+def test_personalised_accuracy_flows_from_the_deltas_to_metrics_and_the_report(medical):
+    """Each round's personalised mean and worst tenth are those of the DELTAs the coordinator stored; each device's
+    held-out numbers, and what it reaches alone (recomputed here with the Python Trainer), are in metrics.json,
+    summary.md and report.html."""
+    from fedtiny.planfile import load_plan
+    from fedtiny.protocol.device import TrainJob
+    from fedtiny_device.agent import LocalTraining, heldout_count
+    from fedtiny_server.state import StateStore
+
+    result, out = medical
+    metrics = json.loads((out / "metrics.json").read_text())
+    store = StateStore(out / "state.db")
+    try:
+        replies = store.reply_metrics()
+    finally:
+        store.close()
+    for row in metrics["rounds"]:
+        mine = sorted(m["personal_accuracy"] for (r, _), m in replies.items() if r == row["round"])
+        assert len(mine) == row["personal_devices"] == 4  # every medical node holds 17 or more samples
+        assert row["personal_accuracy"] == pytest.approx(np.mean(mine)) and row["personal_worst_tenth"] == mine[0]
+    devices, alone = metrics["devices"], metrics["run"]["alone"]
+    assert set(alone["accuracy"]) == set(devices) and alone["devices"] == 4
+    plan = load_plan(out / "plan.ftp")
+    device = min(devices, key=lambda k: devices[k]["samples"])  # the cheapest to train again in Python
+    d = devices[device]
+    assert d["personal_accuracy"] == replies[2, device]["personal_accuracy"]
+    assert d["heldout_samples"] == heldout_count(d["samples"]) > 0
+    samples = np.load(out / "nodes" / f"{device}.npz")
+    steps = 2 * (d["samples"] - d["heldout_samples"])  # 2 rounds of 1 epoch over the train part
+    again = LocalTraining(plan, samples["x"], samples["y"], int(samples["seed"])).run(
+        TrainJob(1, 0, 0, steps, plan.initial_state()))
+    assert d["alone_accuracy"] == again.personal_accuracy
+    summary, page = (out / "summary.md").read_text(), (out / "report.html").read_text()
+    assert "## Personalisation" in summary and "the device alone" in summary
+    assert "personalised, worst tenth" in page and "held out: alone" in page
+
+
 def test_same_seed_same_result(medical, tmp_path):
     result, _ = medical
     again = simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", out=str(tmp_path / "again"), seed=3))

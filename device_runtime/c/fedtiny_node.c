@@ -637,7 +637,8 @@ int fedtiny_node_complete(fedtiny_node *node, const fedtiny_node_job *job, const
         return persist(node); /* its change is dropped: it was made from an older model */
     }
     status = fedtiny_wire_uplink(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
-                                 job->clip_norm, result->num_examples, result->loss, result->accuracy, body,
+                                 job->clip_norm, result->num_examples, result->loss, result->accuracy,
+                                 result->personal_accuracy, body,
                                  c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
     if (status != FEDTINY_WIRE_OK) {
         return FEDTINY_NODE_FROM_WIRE(status);

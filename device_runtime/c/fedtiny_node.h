@@ -196,6 +196,7 @@ typedef struct {
     uint32_t num_examples;
     float loss;
     float accuracy;
+    float personal_accuracy; /* on the device's held-out part; negative: it has none (fedtiny_train_result's) */
     uint64_t rng_counter;
 } fedtiny_node_result;
 

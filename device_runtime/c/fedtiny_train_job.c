@@ -5,18 +5,46 @@
 
 #include "fedtiny_arith.h"
 
-void fedtiny_training_permutation(uint64_t seed, uint64_t round, uint64_t epoch, uint32_t n, uint16_t *order)
+/* Fisher-Yates over a[0..n): for i = n-1 down to 1 swap entry i with entry fedtiny_uniform_below(i + 1), drawing from
+ * the splitmix64 stream after fedtiny_order_key(seed, round, epoch). On the identity it makes the epoch's
+ * permutation P; on any array a it makes a[P[k]] at k (the same swaps at the same places). */
+static void shuffle(uint64_t seed, uint64_t round, uint64_t epoch, uint32_t n, uint16_t *a)
 {
     uint64_t counter = fedtiny_order_key(seed, round, epoch);
+    uint32_t i;
+    for (i = n; i > 1u; i--) { /* entry i - 1 swaps with a uniform one of 0..i-1 */
+        const uint32_t j = fedtiny_uniform_below(&counter, i);
+        const uint16_t t = a[i - 1u];
+        a[i - 1u] = a[j];
+        a[j] = t;
+    }
+}
+
+void fedtiny_training_permutation(uint64_t seed, uint64_t round, uint64_t epoch, uint32_t n, uint16_t *order)
+{
     uint32_t i;
     for (i = 0; i < n; i++) {
         order[i] = (uint16_t)i;
     }
-    for (i = n; i > 1u; i--) { /* entry i - 1 swaps with a uniform one of 0..i-1 */
-        const uint32_t j = fedtiny_uniform_below(&counter, i);
-        const uint16_t t = order[i - 1u];
-        order[i - 1u] = order[j];
-        order[j] = t;
+    shuffle(seed, round, epoch, n, order);
+}
+
+uint32_t fedtiny_heldout_count(uint32_t n)
+{
+    return n >= FEDTINY_HELDOUT_MIN_SAMPLES ? n / FEDTINY_HELDOUT_SHARE : 0u;
+}
+
+/* order[0..h) the held-out samples, order[h..n) the train part (agent.heldout_split): the split permutation, or
+ * the identity where the device holds nothing out. */
+static void split(const fedtiny_train_job *job, uint32_t h, uint16_t *order)
+{
+    uint32_t i;
+    if (h > 0u) {
+        fedtiny_training_permutation(job->seed, FEDTINY_SPLIT_ROUND, 0u, job->n, order);
+        return;
+    }
+    for (i = 0; i < job->n; i++) {
+        order[i] = (uint16_t)i;
     }
 }
 
@@ -74,19 +102,21 @@ static fedtiny_status train_one(const fedtiny_train_job *job, uint32_t i, double
 }
 
 #if !FEDTINY_MODEL_LOSS_MSE
-/* Samples the trained model classifies right: argmax of the output (the first maximum) == label. */
-static fedtiny_train_job_status count_correct(const fedtiny_train_job *job, uint32_t *correct,
-                                              fedtiny_train_result *result)
+/* Of samples order[from..to), those the trained model classifies right: argmax of the output (the first maximum)
+ * == label. */
+static fedtiny_train_job_status count_correct(const fedtiny_train_job *job, uint32_t from, uint32_t to,
+                                              uint32_t *correct, fedtiny_train_result *result)
 {
     int8_t output[FEDTINY_MODEL_OUTPUT_BYTES];
     uint32_t i, k;
     *correct = 0;
-    for (i = 0; i < job->n; i++) {
+    for (i = from; i < to; i++) {
+        const uint32_t sample = job->order[i];
         uint32_t best = 0;
         if (abandoned(job)) {
             return FEDTINY_TRAIN_JOB_ABANDONED;
         }
-        result->model_status = fedtiny_model_predict(job->samples + (size_t)i * FEDTINY_MODEL_INPUT_BYTES, output);
+        result->model_status = fedtiny_model_predict(job->samples + (size_t)sample * FEDTINY_MODEL_INPUT_BYTES, output);
         if (result->model_status != FEDTINY_OK) {
             return FEDTINY_TRAIN_JOB_MODEL_ERROR;
         }
@@ -95,7 +125,7 @@ static fedtiny_train_job_status count_correct(const fedtiny_train_job *job, uint
                 best = k;
             }
         }
-        *correct += (uint32_t)(best == (uint32_t)job->labels[i]);
+        *correct += (uint32_t)(best == (uint32_t)job->labels[sample]);
     }
     return FEDTINY_TRAIN_JOB_OK;
 }
@@ -106,30 +136,35 @@ fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uin
 {
     fedtiny_train_job_status status = checked(job, state_out, result);
     uint64_t total, done = 0, epoch = 0;
+    uint32_t held, n_train;
     double loss_sum = 0.0;
     if (status != FEDTINY_TRAIN_JOB_OK) {
         return status;
     }
-    total = job->n == 0u ? 0u : (job->steps > 0u ? (uint64_t)job->steps : (uint64_t)job->epochs * job->n);
-    result->num_examples = (uint32_t)(total < job->n ? total : job->n);
+    held = fedtiny_heldout_count(job->n);
+    n_train = job->n - held;
+    total = n_train == 0u ? 0u : (job->steps > 0u ? (uint64_t)job->steps : (uint64_t)job->epochs * n_train);
+    result->num_examples = (uint32_t)(total < n_train ? total : n_train);
     result->steps_done = 0;
     result->loss = 0.0;
     result->accuracy = 0.0;
+    result->personal_accuracy = -1.0;
     result->model_status = FEDTINY_OK;
     /* what a completed job leaves: each step draws the same number; an abandoned or failed job reports it too,
      * so the node goes on as a Python agent that trained the job to the end and then dropped it */
     result->rng_counter = job->rng_counter + total * (uint64_t)FEDTINY_MODEL_DRAWS_PER_STEP;
     fedtiny_model_load_state(job->base);
     fedtiny_model_set_rng_counter(job->rng_counter);
-    while (done < total) { /* consecutive permutations, the last one cut at `total` */
+    while (done < total) { /* consecutive permutations of the train part, the last one cut at `total` */
         uint32_t k;
-        fedtiny_training_permutation(job->seed, job->round, epoch, job->n, job->order);
-        for (k = 0; k < job->n && done < total; k++, done++) {
+        split(job, held, job->order);
+        shuffle(job->seed, job->round, epoch, n_train, job->order + held);
+        for (k = 0; k < n_train && done < total; k++, done++) {
             double loss;
             if (abandoned(job)) {
                 return FEDTINY_TRAIN_JOB_ABANDONED;
             }
-            result->model_status = train_one(job, job->order[k], &loss);
+            result->model_status = train_one(job, job->order[held + k], &loss);
             if (result->model_status != FEDTINY_OK) {
                 return FEDTINY_TRAIN_JOB_MODEL_ERROR;
             }
@@ -143,11 +178,19 @@ fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uin
 #if !FEDTINY_MODEL_LOSS_MSE
     if (job->n > 0u) {
         uint32_t correct;
-        status = count_correct(job, &correct, result);
+        split(job, held, job->order);
+        status = count_correct(job, held, job->n, &correct, result);
         if (status != FEDTINY_TRAIN_JOB_OK) {
             return status;
         }
-        result->accuracy = (double)correct / (double)job->n;
+        result->accuracy = (double)correct / (double)n_train;
+        if (held > 0u) { /* the personalised model: the global one after this device's steps, on what it held out */
+            status = count_correct(job, 0u, held, &correct, result);
+            if (status != FEDTINY_TRAIN_JOB_OK) {
+                return status;
+            }
+            result->personal_accuracy = (double)correct / (double)held;
+        }
     }
 #endif
     fedtiny_model_store_state(state_out);

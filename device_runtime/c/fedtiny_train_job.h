@@ -2,15 +2,21 @@
  *
  * On top of the generated model API of a training plan (model.h: fedtiny_model_load_state / _store_state,
  * _train_batch, _predict, _set_rng_counter): load the base state into the arena, train in the round's order,
- * read the trained state back, then run the trained model over every sample for the accuracy.
+ * read the trained state back, then run the trained model over every sample for the accuracies.
  *
- *   order      epoch e of the round is fedtiny_training_permutation(seed, round, e, n); `steps` > 0 takes that
- *              many steps through consecutive epochs (0, 1, ...), else `epochs` whole epochs.
+ *   split      h = fedtiny_heldout_count(n) samples are held out: the first h of fedtiny_training_permutation(seed,
+ *              FEDTINY_SPLIT_ROUND, 0, n); the other n - h (in that permutation's order; 0..n-1 when h = 0) are
+ *              the train part T. The device's personalised model is the global model after its local steps: it
+ *              costs no memory beyond the round's own (it is the arena's state when training ends).
+ *   order      epoch e of the round trains T[P[k]], P = fedtiny_training_permutation(seed, round, e, n - h);
+ *              `steps` > 0 takes that many steps through consecutive epochs (0, 1, ...), else `epochs` whole
+ *              epochs.
  *   loss       the mean of the step losses, summed in step order in double: cross-entropy steps lose
  *              fedtiny_cross_entropy_loss_q24(label_q15) / 2^24, MSE steps s_y^2 * sum (y - t)^2 / K.
- *   accuracy   correct / n, correct = samples whose output's argmax (first maximum) equals the label, after
- *              training; 0.0 for an MSE plan (no classes), which skips that pass.
- *   num_examples  distinct samples trained on: min(total steps, n).
+ *   accuracy   correct / (n - h) over T, correct = samples whose output's argmax (first maximum) equals the label,
+ *              after training; 0.0 for an MSE plan (no classes), which skips that pass.
+ *   personal_accuracy  the same over the held-out samples; -1.0 when h = 0 or for an MSE plan.
+ *   num_examples  distinct samples trained on: min(total steps, n - h).
  *
  * No malloc, no stdio; the caller gives the permutation's work buffer. poll(context) runs before every step and
  * every accuracy sample; a nonzero return abandons the job (the firmware feeds downlinks to its session there,
@@ -24,6 +30,12 @@
 #include "model.h"
 
 #define FEDTINY_TRAIN_JOB_MAX_SAMPLES 65535u /* the order's work buffer holds uint16 indexes */
+
+/* agent.HELDOUT_SHARE, HELDOUT_MIN_SAMPLES, SPLIT_ROUND: one sample in 5 held out from 10 samples on; the split's
+ * order key takes a round no TASK carries (rounds are u32). */
+#define FEDTINY_HELDOUT_SHARE 5u
+#define FEDTINY_HELDOUT_MIN_SAMPLES 10u
+#define FEDTINY_SPLIT_ROUND 0x100000000ull
 
 typedef enum {
     FEDTINY_TRAIN_JOB_OK = 0,
@@ -55,7 +67,8 @@ typedef struct {
     uint32_t num_examples;
     uint32_t steps_done;         /* steps trained (all of them unless abandoned or failed) */
     double loss;                 /* float32 on the wire (DELTA.train_loss) */
-    double accuracy;             /* float32 on the wire (metric channel 0) */
+    double accuracy;             /* float32 on the wire (metric channel 0); on the train part */
+    double personal_accuracy;    /* on the held-out part, float32 on the wire (metric channel 1); -1.0: none */
     uint64_t rng_counter;        /* the node's counter after the job, persist it (also when the job was abandoned
                                   * or failed: the counter a completed job leaves, steps x FEDTINY_MODEL_DRAWS_PER_STEP
                                   * on, as LocalTraining finishes a job that DeviceSession then drops) */
@@ -66,6 +79,9 @@ typedef struct {
  * entry fedtiny_uniform_below(i + 1), drawing from the splitmix64 stream after fedtiny_order_key(seed, round,
  * epoch). agent.training_permutation in Python. */
 void fedtiny_training_permutation(uint64_t seed, uint64_t round, uint64_t epoch, uint32_t n, uint16_t *order);
+
+/* Samples a device of n holds out: n / FEDTINY_HELDOUT_SHARE from FEDTINY_HELDOUT_MIN_SAMPLES on, else 0. */
+uint32_t fedtiny_heldout_count(uint32_t n);
 
 /* Run the job; the trained state goes to state_out (FEDTINY_MODEL_STATE_BYTES, may be job->base: it is read
  * first) only when the job completes (FEDTINY_TRAIN_JOB_OK). On FEDTINY_TRAIN_JOB_BAD_INPUT nothing is written. */

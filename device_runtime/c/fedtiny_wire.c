@@ -18,7 +18,10 @@
 #define ENTRY_PLAN_SCALES 0x02u
 #define ENTRY_BITMAP 0x04u
 #define ENTRY_FLAGS (ENTRY_PER_CHANNEL | ENTRY_PLAN_SCALES | ENTRY_BITMAP)
-#define METRICS_ENTRY_BYTES 24u /* header 16 | accuracy scale f32 | one int4 value, padded */
+/* header 16 | a scale f32 per metric (accuracy, then the personalised accuracy where there is one) | the int4 ones,
+ * padded */
+#define METRICS_ENTRY_BYTES(count) (16u + 4u * (count) + 4u)
+#define METRICS_ENTRY_BYTES_MAX METRICS_ENTRY_BYTES(2u)
 
 const char *fedtiny_wire_reason(int status) {
     switch (status) {
@@ -111,7 +114,7 @@ uint32_t fedtiny_wire_delta_bytes(const fedtiny_wire_plan *plan) {
  * weights: delta plus carry past int16 is refused; int32 biases), since encode_buffer takes the bitmap form
  * only where it is smaller */
 uint32_t fedtiny_wire_uplink_bytes_max(const fedtiny_wire_plan *plan) {
-    uint64_t n = FEDTINY_WIRE_DELTA_HEAD_BYTES + FEDTINY_WIRE_BLOB_HEADER_BYTES + METRICS_ENTRY_BYTES;
+    uint64_t n = FEDTINY_WIRE_DELTA_HEAD_BYTES + FEDTINY_WIRE_BLOB_HEADER_BYTES + METRICS_ENTRY_BYTES_MAX;
     uint16_t i;
     for (i = 0; i < plan->n_tensors; i++) n += FEDTINY_WIRE_ENTRY_HEADER_BYTES + up4(delta_size(&plan->tensors[i]));
     return n > 0xFFFFFFFFu ? 0xFFFFFFFFu : (uint32_t)n;
@@ -697,8 +700,9 @@ static int encode_buffer(const uplink_buffer *b, uint16_t tensor, const selectio
 
 int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state, const uint8_t *trained_state,
                         uint8_t *carry, uint16_t keep_pct, float clip_norm, uint32_t num_examples, float loss,
-                        float accuracy, uint8_t *out, size_t capacity, size_t *out_len) {
+                        float accuracy, float personal_accuracy, uint8_t *out, size_t capacity, size_t *out_len) {
     const uint64_t head = FEDTINY_WIRE_DELTA_HEAD_BYTES + FEDTINY_WIRE_BLOB_HEADER_BYTES;
+    const uint32_t n_metrics = personal_accuracy >= 0.0f ? 2u : 1u;
     uint64_t at = head, written;
     uint16_t tensor, n_entries = 0;
     double factor;
@@ -728,16 +732,18 @@ int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state
         at += written;
         n_entries += written != 0;
     }
-    if (capacity - at < METRICS_ENTRY_BYTES) return FEDTINY_WIRE_ERR_BUFFER;
+    if (capacity - at < METRICS_ENTRY_BYTES(n_metrics)) return FEDTINY_WIRE_ERR_BUFFER;
     metrics = out + at;
-    memset(metrics, 0, METRICS_ENTRY_BYTES);
-    wr16(metrics, FEDTINY_WIRE_METRICS_TENSOR); /* accuracy = 1 * scale: an int4 value 1, a per-tensor scale */
+    memset(metrics, 0, METRICS_ENTRY_BYTES(n_metrics));
+    wr16(metrics, FEDTINY_WIRE_METRICS_TENSOR); /* metric i = 1 * scale i: int4 ones, a scale each */
     metrics[2] = FEDTINY_WIRE_DTYPE_INT4;
-    wr32(metrics + 8, 1);
+    metrics[3] = n_metrics > 1u ? ENTRY_PER_CHANNEL : 0u; /* one channel: a per-tensor scale */
+    wr32(metrics + 8, n_metrics);
     wr32(metrics + 12, 1);
     wrf32(metrics + 16, accuracy);
-    metrics[20] = 1;
-    at += METRICS_ENTRY_BYTES;
+    if (n_metrics > 1u) wrf32(metrics + 20, personal_accuracy);
+    metrics[16 + 4 * n_metrics] = n_metrics > 1u ? 0x11u : 0x01u;
+    at += METRICS_ENTRY_BYTES(n_metrics);
     n_entries++;
 
     wr32(out, num_examples);

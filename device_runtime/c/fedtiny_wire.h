@@ -217,14 +217,15 @@ int fedtiny_wire_apply_global_update(const fedtiny_wire_plan *plan, const uint8_
  *        squares, a sequential float64 sum of scale*scale*rowsum, sqrt, factor, truncation toward zero)
  *     4. encoding (encode_update): per buffer with something to send, a bitmap entry or the whole buffer,
  *        whichever is smaller, in the narrowest dtype over the sent elements (int4 included), PLAN_SCALES;
- *        the metrics entry (accuracy) last; never compressed.
+ *        the metrics entry (accuracy, and personal_accuracy unless it is negative: no held-out part) last; never
+ *        compressed.
  * out receives num_examples u32 | loss f32 | blob (*out_len bytes; fedtiny_wire_uplink_bytes_max(plan) always
  * suffices), and carry (in/out, the delta layout) the change kept back, written only on success: on an error
  * (FEDTINY_WIRE_ERR_ARGUMENT for keep_pct outside 1..100, ERR_BUFFER, ERR_CARRY_OVERFLOW) carry is unchanged
  * and out undefined. The three states must not overlap out. */
 int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state, const uint8_t *trained_state,
                         uint8_t *carry, uint16_t keep_pct, float clip_norm, uint32_t num_examples, float loss,
-                        float accuracy, uint8_t *out, size_t capacity, size_t *out_len);
+                        float accuracy, float personal_accuracy, uint8_t *out, size_t capacity, size_t *out_len);
 
 /* --- differential privacy noise: protocol/noise.py ----------------------------------------------------------------
  * The uplink's noise step in C, not yet called by fedtiny_wire_uplink (the node refuses noised TASKs until it is).

@@ -278,6 +278,7 @@ static void train(void)
     done.num_examples = result.num_examples;
     done.loss = (float)result.loss;
     done.accuracy = (float)result.accuracy;
+    done.personal_accuracy = (float)result.personal_accuracy;
     done.rng_counter = result.rng_counter;
     FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
     status = fedtiny_node_complete(&node, &running, base, TRAINED, &done, now_ms());

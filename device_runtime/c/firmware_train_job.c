@@ -2,8 +2,8 @@
  * samples and labels (int8 targets for an MSE plan) in flash, as a node would: round 3 takes
  * fedtiny_train_steps steps from the plan's initial state, round 4 two epochs from round 3's state and counter.
  * Each prints one line over semihosting,
- *   `job ROUND status S steps N examples E loss HEX16 accuracy HEX16 rng HEX16 digest HEX8`
- * (loss and accuracy as the bits of their doubles, the digest = fedtiny_model_trainable_digest of the trained
+ *   `job ROUND status S steps N examples E loss HEX16 accuracy HEX16 personal HEX16 rng HEX16 digest HEX8`
+ * (loss and both accuracies as the bits of their doubles, the digest = fedtiny_model_trainable_digest of the trained
  * arena), then QEMU exits with status 0 (1 if a job failed). Built by the Makefile's `m4-train-job` target. */
 #include <stdint.h>
 #include <stdio.h>
@@ -60,6 +60,7 @@ static int run_job(uint32_t round, uint32_t epochs, uint32_t steps, uint64_t *co
            (unsigned long)result.steps_done, (unsigned long)result.num_examples);
     print_u64("loss", bits_of(result.loss));
     print_u64("accuracy", bits_of(result.accuracy));
+    print_u64("personal", bits_of(result.personal_accuracy));
     print_u64("rng", result.rng_counter);
     printf(" digest %08lx\n", (unsigned long)fedtiny_model_trainable_digest());
     return status != FEDTINY_TRAIN_JOB_OK;

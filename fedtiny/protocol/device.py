@@ -66,13 +66,17 @@ class TrainJob:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """All that leaves a device's training: the trained trainable state and three numbers."""
+    """All that leaves a device's training: the trained trainable state and three or four numbers.
+
+    `accuracy` is the trained model's on the samples the device trains on; `personal_accuracy` the same model's on
+    the device's held-out part (agent.heldout_split), None when the device holds too few samples for one."""
 
     state: dict[str, np.ndarray]
     num_examples: int
     loss: float
     accuracy: float
     rng_counter: int
+    personal_accuracy: float | None = None
 
 
 # --- persisted state ---------------------------------------------------------------------------------------
@@ -443,7 +447,8 @@ class DeviceSession:
             return self._send_masked(now)
         body, carry = uplink(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
                              clip_norm=job.clip_norm, num_examples=result.num_examples, loss=result.loss,
-                             accuracy=result.accuracy, noise_sigma=job.noise_sigma, noise=noise)
+                             accuracy=result.accuracy, personal_accuracy=result.personal_accuracy,
+                             noise_sigma=job.noise_sigma, noise=noise)
         return self._upload(job, body, carry, now)
 
     def _upload(self, job: TrainJob, body, carry: dict, now: float, flags: int = 0) -> list[Publish]:

@@ -31,7 +31,9 @@ from fedtiny.protocol.noise import NoiseStream, add_noise
 
 FULL_STATE = 0xFFFFFFFF  # GLOBAL_UPDATE.base_model_version: the entries replace every trainable buffer whole
 METRICS_TENSOR_ID = 0xFFFF  # DELTA entry carrying device metrics: metric i = values[i] * scales[i]
-METRIC_NAMES = ("accuracy",)  # channel order of the metrics entry (loss travels in DELTA.train_loss)
+# channel order of the metrics entry (loss travels in DELTA.train_loss); a device without a held-out part sends the
+# first channel only
+METRIC_NAMES = ("accuracy", "personal_accuracy")
 
 def _delta_dtype(state_dtype: np.dtype) -> np.dtype:
     if state_dtype == np.int8:
@@ -302,8 +304,8 @@ def apply_global_update(plan: Plan, state: dict[str, np.ndarray], held: int, bod
 # --- the DELTA body: the only thing a device uploads ------------------------------------------------------
 
 def encode_update(plan: Plan, delta: dict[str, np.ndarray], num_examples: int, loss: float,
-                  accuracy: float) -> Delta:
-    """The DELTA body from a delta over the plan's trainable buffers and three numbers, and nothing else.
+                  accuracy: float, personal_accuracy: float | None = None) -> Delta:
+    """The DELTA body from a delta over the plan's trainable buffers and three or four numbers, and nothing else.
 
     This is the device's only way to build an uplink carrying model content: it accepts a dict keyed by exactly
     the plan's trainable buffer names, each of the delta dtype and shape of that buffer, plus plain numbers,
@@ -322,12 +324,13 @@ def encode_update(plan: Plan, delta: dict[str, np.ndarray], num_examples: int, l
         raise TypeError("num_examples must be an int in u32")
     loss, accuracy = float(loss), float(accuracy)
     entries = state_entries(plan, delta, skip_zero=True, narrow=True)
-    return Delta(num_examples, loss, entries + [_metrics_entry(accuracy)])
+    return Delta(num_examples, loss, entries + [_metrics_entry(accuracy, personal_accuracy)])
 
 
-def _metrics_entry(accuracy: float) -> DeltaEntry:
-    return DeltaEntry(METRICS_TENSOR_ID, 0, np.ones((len(METRIC_NAMES), 1), np.int8),
-                      np.array([accuracy], np.float32))
+def _metrics_entry(accuracy: float, personal_accuracy: float | None = None) -> DeltaEntry:
+    """Metric i = 1 * scale i: int4 ones with a scale per channel (one channel: a per-tensor scale)."""
+    metrics = [accuracy] if personal_accuracy is None else [accuracy, float(personal_accuracy)]
+    return DeltaEntry(METRICS_TENSOR_ID, 0, np.ones((len(metrics), 1), np.int8), np.array(metrics, np.float32))
 
 
 def decode_update(plan: Plan, body: Delta) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -350,8 +353,8 @@ def decode_update(plan: Plan, body: Delta) -> tuple[dict[str, np.ndarray], dict[
 
 def uplink(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarray],
            carry: dict[str, np.ndarray] | None, *, keep: float, clip_norm: float, num_examples: int,
-           loss: float, accuracy: float, noise_sigma: float = 0.0, noise: NoiseStream | None = None
-           ) -> tuple[Delta, dict[str, np.ndarray]]:
+           loss: float, accuracy: float, personal_accuracy: float | None = None, noise_sigma: float = 0.0,
+           noise: NoiseStream | None = None) -> tuple[Delta, dict[str, np.ndarray]]:
     """The round's DELTA body and the change kept back for the next round, from the state a device trained
     from (`base`) and the state training left (`trained`). In order:
 
@@ -368,7 +371,7 @@ def uplink(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarra
     """
     sent, carry = uplink_delta(plan, base, trained, carry, keep=keep, clip_norm=clip_norm,
                                noise_sigma=noise_sigma, noise=noise)
-    return encode_update(plan, sent, num_examples, loss, accuracy), carry
+    return encode_update(plan, sent, num_examples, loss, accuracy, personal_accuracy), carry
 
 
 def uplink_delta(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarray],
@@ -429,7 +432,7 @@ def max_delta_body_bytes(plan: Plan) -> int:
     round that changes every element, some weight by more than 127 LSB, reaches the bound. The C node's
     fedtiny_wire_uplink_bytes_max is the same number."""
     widths = {n: _delta_dtype(np.dtype(plan.buffers[n].dtype)).itemsize for n in plan.trainable_buffers()}
-    metrics = len(encode_delta([_metrics_entry(0.0)], compress=False)) - BLOB_HEADER.size
+    metrics = len(encode_delta([_metrics_entry(0.0, 0.0)], compress=False)) - BLOB_HEADER.size
     return Delta.LAYOUT.size + BLOB_HEADER.size + _whole_entries_bytes(plan, widths) + metrics
 
 

@@ -131,7 +131,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
         }
         if (status == FEDTINY_NODE_JOB) {
-            fedtiny_node_result result = {1u, 0.5f, 0.25f, 0u};
+            fedtiny_node_result result = {1u, 0.5f, 0.25f, 0.75f, 0u};
             memcpy(saved_global, node.config.global_state, sizes.global_state); /* the base it trains from */
             known(fedtiny_node_complete(&node, &job, saved_global, node.config.global_state, &result, now));
         }
