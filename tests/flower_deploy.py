@@ -171,8 +171,10 @@ class FlowerDeployment:
         """`flwr log RUN local --show`: the ServerApp's stdout and stderr, as Flower collected them."""
         return self.flwr("log", str(run_id), "local", "--show")
 
-    def wait(self, done, what: str, timeout: float = 90.0, every: float = 0.2) -> None:
-        """Until done() is true; fails with the logs if a process died or the time ran out."""
+    def wait(self, done, what: str, timeout: float = 300.0, every: float = 0.2) -> None:
+        """Until done() is true; fails with the logs if a process died or the time ran out. The timeout only bounds
+        a hang: each `flwr-serverapp` / `flwr-clientapp` process imports Flower and torch anew, and two sites'
+        rounds took more than 90 s on a 2-core machine at a load of 15 (the run was still progressing)."""
         end = time.monotonic() + timeout
         while not done():
             for proc, _ in self.procs:
