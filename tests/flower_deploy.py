@@ -43,7 +43,7 @@ def cli_environment(folder: Path) -> Path:
     """
     python = folder / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True, timeout=120)
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True, timeout=600)
         done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", CLI_TYPER],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -150,7 +150,7 @@ class FlowerDeployment:
     def flwr(self, *args: str) -> str:
         """The `flwr` command with these arguments, in the CLI environment; its stdout."""
         done = subprocess.run([str(self.cli_python), "-c", "import sys; from flwr.cli.app import app; sys.exit(app())",
-                               *args], capture_output=True, text=True, timeout=60,
+                               *args], capture_output=True, text=True, timeout=300,
                               env={**self.env, "FLWR_HOME": str(self.folder / "home-cli")})
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
