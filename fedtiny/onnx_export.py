@@ -118,18 +118,32 @@ def single_op_graph(graph: Graph, op: Op) -> Graph:
                  [n for n in op.inputs if not graph.tensors[n].is_constant], list(op.outputs), dict(graph.meta))
 
 
-def run_onnxruntime(graph: Graph, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """Run the exported graph with onnxruntime on int8 (N, H, W, C) inputs; returns int8 (N, H, W, C)."""
+def session_options():
+    """onnxruntime's options for the check: one thread, and int8 QDQ groups fused into its integer kernels.
+
+    Without "session.qdqisint8allowed" onnxruntime on x86 (QDQIsInt8Allowed() is false there) leaves a
+    DequantizeLinear -> Conv -> QuantizeLinear group with int8 activations unfused and convolves in float32, in
+    kernels chosen per CPU (FMA3 or AVX-512F, NCHWc blocks of 8 or 16 channels): their summation order, and so
+    an output next to a rounding boundary, depends on the CPU. With it the group becomes QLinearConv<int8_t>,
+    whose int32 products are exact on every x86 CPU: MLAS has no symmetric int8-activation conv on x86
+    (ConvSymS8S8Dispatch is ARM-only), so it runs the S8S8 GEMM (the portable kernel, or VPDPBSSD where AVX-VNNI-
+    INT8 exists), never the uint8 x int8 VPMADDUBSW kernels that add pairs in saturating int16 on CPUs without
+    VNNI; and it requantizes in float32 (acc * scale, round to nearest even), the same instructions on every CPU.
+    ("session.x64quantprecision", the documented cure for that saturation, turns weights into uint8, which an
+    int8-activation QLinearConv does not take.)"""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    # The same integer products on every x86 CPU. By default onnxruntime multiplies uint8 activations by int8
-    # weights with VPMADDUBSW where a CPU has no VNNI (AVX2, AVX-512 without VNNI), which adds pairs of products
-    # in saturating 16-bit arithmetic; VNNI and AMX add them in 32 bits. With this entry the int8 weights become
-    # uint8 (w + 128, the zero point moved alike: the same products) and its U8U8 kernels, exact on every x86
-    # CPU, run instead. Elsewhere it does nothing.
-    options.add_session_config_entry("session.x64quantprecision", "1")
-    session = ort.InferenceSession(to_onnx(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.qdqisint8allowed", "1")
+    return options
+
+
+def run_onnxruntime(graph: Graph, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Run the exported graph with onnxruntime on int8 (N, H, W, C) inputs; returns int8 (N, H, W, C)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(to_onnx(graph).SerializeToString(), session_options(),
+                                   providers=["CPUExecutionProvider"])
     feeds = {name: np.ascontiguousarray(x.transpose(0, 3, 1, 2)) for name, x in inputs.items()}
     return session.run(None, feeds)[0].transpose(0, 2, 3, 1)

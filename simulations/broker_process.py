@@ -3,23 +3,29 @@
 In the coordinator's process the broker's event loop took about 40 % of that process's samples in a profile of
 the default run (py-spy), all of it holding the GIL the coordinator needs to seal TASKs and open DELTAs; in its
 own process the two run side by side. The broker is the same EmbeddedBroker (fedtiny.protocol.brokers: the
-fleet's passwords and ACL, loopback only); its log and amqtt's go to the run's link.log, as before.
+fleet's passwords and ACL, loopback only); its log and amqtt's go to the run's link.log, as before, and so does
+everything else the process writes to stderr: asyncio's and Python's own reports (an exception no task handled,
+"Exception ignored in ...", a thread's or the process's dying traceback) would otherwise reach the console of
+`fedtiny simulate`, whose terminal keeps the live table and whose output may be a file or a pipe.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import sys
 import time
 from pathlib import Path
 
 
 def _serve(fleet_dir: str, port: int, log_path: str, ready, stop) -> None:
+    _stderr_to(log_path)
     from fedtiny.protocol.brokers import EmbeddedBroker
 
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in ("amqtt", "fedtiny.brokers", "transitions"):
+    for name in ("amqtt", "fedtiny.brokers", "transitions", "asyncio"):
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.propagate = False
@@ -29,6 +35,14 @@ def _serve(fleet_dir: str, port: int, log_path: str, ready, stop) -> None:
         stop.wait()
     finally:
         broker.stop()
+
+
+def _stderr_to(log_path: str) -> None:
+    """This process's file descriptor 2 and sys.stderr append to log_path (the parent's console keeps neither)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 class BrokerProcess:

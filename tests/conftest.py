@@ -54,7 +54,9 @@ def onnxruntime_agreement(graph, x_int8) -> dict[str, dict]:
     ambiguous, the largest difference in LSB over all outputs, and the fraction that is ambiguous.
 
     Each op is exported alone and fed exactly the inputs our interpreter gave it, so a difference is a
-    kernel difference, not one inherited from an earlier layer.
+    kernel difference, not one inherited from an earlier layer. onnxruntime's side is the same on every x86 CPU
+    (onnx_export.session_options: a conv runs as QLinearConv with exact int32 sums, requantized in float32 by the
+    same instructions everywhere), so what varies between CPUs is only the fixture a test trains.
 
     Ambiguous outputs are those where two correct rounding rules part:
     - conv2d: ours requantize as TFLite does, in two roundings (gemmlowp's SaturatingRoundingDoublingHighMul

@@ -43,7 +43,7 @@ def cli_environment(folder: Path) -> Path:
     """
     python = folder / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True, timeout=120)
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True, timeout=600)
         done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", CLI_TYPER],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -150,7 +150,7 @@ class FlowerDeployment:
     def flwr(self, *args: str) -> str:
         """The `flwr` command with these arguments, in the CLI environment; its stdout."""
         done = subprocess.run([str(self.cli_python), "-c", "import sys; from flwr.cli.app import app; sys.exit(app())",
-                               *args], capture_output=True, text=True, timeout=60,
+                               *args], capture_output=True, text=True, timeout=300,
                               env={**self.env, "FLWR_HOME": str(self.folder / "home-cli")})
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
@@ -171,8 +171,10 @@ class FlowerDeployment:
         """`flwr log RUN local --show`: the ServerApp's stdout and stderr, as Flower collected them."""
         return self.flwr("log", str(run_id), "local", "--show")
 
-    def wait(self, done, what: str, timeout: float = 90.0, every: float = 0.2) -> None:
-        """Until done() is true; fails with the logs if a process died or the time ran out."""
+    def wait(self, done, what: str, timeout: float = 300.0, every: float = 0.2) -> None:
+        """Until done() is true; fails with the logs if a process died or the time ran out. The timeout only bounds
+        a hang: each `flwr-serverapp` / `flwr-clientapp` process imports Flower and torch anew, and two sites'
+        rounds took more than 90 s on a 2-core machine at a load of 15 (the run was still progressing)."""
         end = time.monotonic() + timeout
         while not done():
             for proc, _ in self.procs:

@@ -144,15 +144,28 @@ def test_ctrainers_training_in_threads_keep_their_own_state(cache):
                           f"thread {seed}")
 
 
+_M4_RUNS = {}
+
+
+def m4_training_run(name: str, scheme: str, cache):
+    """(plan, elf, QEMU's result) of the Cortex-M4 training firmware for a zoo case and scheme: STEPS steps on the
+    case's samples. Built and run once per session: test_device_memory reads this same run's linker map and
+    measured stack (an M4 build per zoo model and scheme was the slowest part of both files)."""
+    if (name, scheme) not in _M4_RUNS:
+        graph, x, labels = make_case(name)
+        plan = compile_plan(graph, parse(scheme_spec(name, scheme), graph))
+        elf = cruntime.build_train_firmware(plan, x, labels, seed=11, steps=STEPS, cache_dir=cache)
+        _M4_RUNS[name, scheme] = plan, elf, cruntime.run_qemu(elf, timeout=60)
+    return _M4_RUNS[name, scheme]
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_m4_firmware_trains_like_python_under_qemu(name, scheme, cache):
     need("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm", "make")
     graph, x, labels = make_case(name)
-    plan = compile_plan(graph, parse(scheme_spec(name, scheme), graph))
+    plan, elf, result = m4_training_run(name, scheme, cache)
     expected = python_reference(plan, x, labels, seed=11)
-    elf = cruntime.build_train_firmware(plan, x, labels, seed=11, steps=STEPS, cache_dir=cache)
-    result = cruntime.run_qemu(elf, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert cruntime.parse_train_result(result.stdout) == (
         STEPS, cruntime.trainable_digest(plan, expected.trainable_state()), expected.rng_counter)

@@ -28,7 +28,7 @@ from fedtiny.scheme import parse
 from fedtiny_device import cruntime, footprint
 from fedtiny_device.trainer import Trainer
 
-from test_ctrainer import MODELS, SCHEMES, make_case, scheme_spec
+from test_ctrainer import MODELS, SCHEMES, m4_training_run
 from test_cruntime import need
 
 TOLERANCE = 0.05
@@ -43,10 +43,7 @@ def cache(tmp_path_factory):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_compile_time_memory_matches_the_linker(name, scheme, cache):
     need("arm-none-eabi-gcc", "qemu-system-arm", "make")
-    graph, x, labels = make_case(name)
-    plan = compile_plan(graph, parse(scheme_spec(name, scheme), graph))
-    elf = cruntime.build_train_firmware(plan, x[:2], labels[:2], seed=3, steps=2, cache_dir=cache)
-    result = cruntime.run_qemu(elf, timeout=60)
+    plan, elf, result = m4_training_run(name, scheme, cache)  # test_ctrainer's build and run, shared
     assert result.returncode == 0, result.stdout + result.stderr
     stack = footprint.step_stack_bytes(result.stdout)
     linked = footprint.runtime_sections(elf.parent / footprint.TRAIN_MAP)

@@ -148,3 +148,40 @@ def test_onnxruntime_check_holds_for_any_multiplier_and_still_catches_a_wrong_ro
     monkeypatch.setattr(kernels, "requantize", truncating)
     with pytest.raises(AssertionError, match="disagreeing with onnxruntime"):
         assert_agrees_with_onnxruntime(graph, x_q)
+
+
+
+def test_onnxruntime_check_convolves_in_integers_exactly_where_uint8_kernels_would_saturate(tmp_path):
+    """The check's onnxruntime (onnx_export.session_options) runs a conv as QLinearConv, in integers, not as
+    DequantizeLinear -> float Conv -> QuantizeLinear (its default on x86, whose float kernels differ per CPU).
+    Inputs at 127 and weights at 127 are the case where MLAS's uint8 x int8 kernels without VNNI
+    (ConvSymKernelAvx2.S: `vpmaddubsw`, then `vpmaddwd` with ones) would saturate: each pair of products,
+    2 * 255 * 127 = 64,770 as uint8 x int8, exceeds int16. The int8 QLinearConv never takes those kernels, and
+    equals ours exactly."""
+    import onnx
+    import onnxruntime as ort
+
+    from fedtiny.arith import quantize_multiplier
+    from fedtiny.onnx_export import run_onnxruntime, session_options, to_onnx
+
+    model = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False))  # 16 channels in and out, as MLAS's fast paths like
+    with torch.no_grad():
+        model[0].weight.fill_(0.01)  # 127 in int8, per channel
+    calibration = np.full((4, 16, 2, 2), 4.0, np.float32)
+    calibration[0] = 0.0  # input range [0, 4]: zero point -128, 4.0 is 127
+    graph = quantize(model.eval(), calibration)
+    conv = graph.ops[0]
+    t_x, t_w, t_y = (graph.tensors[n] for n in (conv.inputs[0], conv.inputs[1], conv.outputs[0]))
+    assert t_x.zero_point == -128 and (t_w.data == 127).all()
+    t_y.scale = np.array([t_y.scale[0] * 4])  # a quarter of the calibrated range: the exact outputs stay unclamped
+    multipliers = [quantize_multiplier(t_x.scale[0] * s / t_y.scale[0]) for s in t_w.scale]
+    conv.attrs["multiplier"], conv.attrs["shift"] = map(list, zip(*multipliers))
+    x_q = np.full((1, 2, 2, 16), 127, np.int8)
+    ours = run(graph, x_q)
+    assert 40 < int(ours.max()) - t_y.zero_point < 127 - t_y.zero_point  # well inside the range, not clamped
+
+    options = session_options()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(to_onnx(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert "QLinearConv" in [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert (run_onnxruntime(graph, {graph.inputs[0]: x_q}) == ours).all()
