@@ -55,10 +55,13 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 @click.option("--dp-delta", type=float, default=1e-5, show_default=True, help="The delta of --dp-epsilon.")
 @click.option("--dp-noise-multiplier", type=float, default=0.0, show_default=True,
               help="Noise standard deviation / clip norm; 0: the smallest that keeps --rounds within the budget.")
+@click.option("--audit-log", type=click.Path(dir_okay=False), default=None,
+              help="The signed, hash-chained audit log (checked by `fedtiny audit verify`); an existing one is "
+                   "continued. Default: --state-db's name with .audit.jsonl.")
 def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, strategy_options, fraction, quorum,
                         deadline, seen_within, max_examples, max_staleness, local_steps, state_db,
                         heldout, metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm, dp_epsilon, dp_delta,
-                        dp_noise_multiplier) -> None:
+                        dp_noise_multiplier, audit_log) -> None:
     """Run federated rounds over a fleet of microcontrollers with a Flower strategy; resumable."""
     from fedtiny.cli import UserError
 
@@ -68,7 +71,8 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
     settings = Settings(broker, fleet_dir, fleet, plan_path, state_db, rounds, strategy, ",".join(strategy_options),
                         fraction, quorum, deadline, seen_within, max_examples, max_staleness, local_steps,
                         heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm,
-                        dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_noise_multiplier=dp_noise_multiplier)
+                        dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_noise_multiplier=dp_noise_multiplier,
+                        audit_log=audit_log or "")
     if dp_epsilon:
         from .privacy import check_options
 
