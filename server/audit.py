@@ -4,7 +4,8 @@
     coordinator_started  the plan's and the global model's hashes, strategy, and the fleet as enrolled (pseudonyms of
                          the enrolled devices, and of the revoked ones with when), from the coordinator's folder
     round_configured     a round's settings before its TASKs go out: cohort (pseudonyms), sampling fraction, quorum,
-                         deadline, clip norm, noise multiplier, secure aggregation, the model version and hash sent
+                         deadline, clip norm, noise multiplier, secure aggregation, the TASK settings every device
+                         gets, the model version and hash sent
     round_completed      whose updates the aggregate holds (pseudonyms), the new model's version and hash, and the
                          cumulative epsilon at delta (the fleet's and each participant's) under DP
     run_stopped          why the run ended before its rounds (the privacy budget)
@@ -86,8 +87,8 @@ class CoordinatorAudit:
             deadline=policy.deadline, clip_norm=float(task.get("clip_norm") or 0.0),
             noise_multiplier=float(ledger.noise_multiplier) if ledger is not None else 0.0,
             dp=None if privacy is None else {"epsilon_budget": privacy.epsilon, "delta": privacy.delta},
-            secure_aggregation=getattr(config, "secure_aggregation", None),
-            local_steps=task.get("local_steps"), uplink_keep=task.get("uplink_keep"),
+            secure_aggregation=getattr(config, "secure_aggregation", None) or task.get("secagg") or None,
+            task=task,  # every setting the devices get (clip_norm, noise_sigma, secagg, local_steps, ...)
             model_version=coordinator.model.version, model_hash=model_hash(coordinator.model.ints))
 
     def round_completed(self, coordinator, rnd: int, replies) -> None:

@@ -191,11 +191,10 @@ def left_devices(r: Run, payloads) -> Section:
 
         per_client: dict[tuple[str, str, str], list[int]] = {}
         for p in payloads:
-            kind, encrypted = message_kind(p.data)
+            kind, body = message_kind(p.data)
             if p.kind != "publish":
                 kind = f"{kind} ({p.kind})"
-            sealed = {True: "encrypted", False: "signed, in the clear", None: "-"}[encrypted]
-            per_client.setdefault((p.client, kind, sealed), []).append(len(p.data))
+            per_client.setdefault((p.client, kind, body or "-"), []).append(len(p.data))
         s.p("From the broker's capture: every MQTT message each client published (the coordinator's rows are what "
             "it sent to devices), by message kind read from its protocol header, and whether its body was "
             "encrypted. Later chunks of a chunked message are counted as chunks.")
@@ -205,9 +204,15 @@ def left_devices(r: Run, payloads) -> Section:
     return s
 
 
-def coordinator_saw(r: Run) -> Section:
+def coordinator_saw(r: Run, payloads) -> Section:
     s = Section("What the coordinator saw")
     settings = r.secure_aggregation
+    if payloads is not None:
+        from .sample_scan import message_kind
+
+        deltas = [body for kind, body in map(message_kind, (p.data for p in payloads)) if kind == "DELTA"]
+        masked = sum("masked" in body for body in deltas)
+        s.p(f"The capture holds {len(deltas)} DELTAs; {masked} of them carry the MASKED flag (secure aggregation).")
     if settings:
         s.p("Secure aggregation: each device added pairwise masks to its integer update before encrypting it; the "
             "coordinator could unmask only the sum over a round's devices, never a single device's update. "
@@ -487,7 +492,7 @@ def write_privacy_report(run_dir: str | Path, key_file: str | Path | None = None
             raise ReportError(str(err)) from None
     audit, audit_line, audit_key_id = audit_section(r, Path(key_file) if key_file else None)
     capture, capture_line = capture_section(r, payloads)
-    sections = [overview(r, audit_line, capture_line), left_devices(r, payloads), coordinator_saw(r),
+    sections = [overview(r, audit_line, capture_line), left_devices(r, payloads), coordinator_saw(r, payloads),
                 differential_privacy(r), keys_inventory(r, audit_key_id), retention(r), audit, capture,
                 requirements(r, audit_line, capture_line)]
     title = f"fedtiny privacy report: {r.run.get('scenario')}, {r.run.get('nodes')} devices, {len(r.rounds)} rounds"

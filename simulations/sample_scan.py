@@ -40,9 +40,10 @@ class Payload:
     kind: str = "publish"
 
 
-def message_kind(data: bytes) -> tuple[str, bool | None]:
-    """(what a carried payload is, whether it is encrypted) from its protocol headers (chunk, envelope): e.g.
-    ("DELTA", True), ("STATUS", False), ("chunk 2 of 3", None) for a later chunk, ("not a fedtiny message", None)."""
+def message_kind(data: bytes) -> tuple[str, str | None]:
+    """(what a carried payload is, how its body travels) from its protocol headers (chunk, envelope): e.g.
+    ("DELTA", "encrypted"), ("DELTA", "encrypted, masked"), ("STATUS", "signed, in the clear"), ("chunk 2 of 3",
+    None) for a later chunk, ("not a fedtiny message", None)."""
     from fedtiny.protocol.chunking import parse_chunk
     from fedtiny.protocol.envelope import Flags, Header
     from fedtiny.protocol.errors import ProtocolError
@@ -59,7 +60,8 @@ def message_kind(data: bytes) -> tuple[str, bool | None]:
         header = Header.unpack(data)
     except ProtocolError:
         return "not a fedtiny message", None
-    return MessageType(header.type).name, bool(header.flags & Flags.ENCRYPTED)
+    body = "encrypted" if header.flags & Flags.ENCRYPTED else "signed, in the clear"
+    return MessageType(header.type).name, body + (", masked" if header.flags & Flags.MASKED else "")
 
 
 def reassembled(payloads: list[Payload]) -> list[Payload]:

@@ -591,17 +591,19 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
 
 
 def _audit(run: Path):
-    """The coordinator's signed audit log, run/audit.jsonl (server/audit.py), with the fleet's audit key; the
-    flower engine has no fleet folder, so its run gets an audit key of its own in the same place."""
+    """The coordinator's signed audit log, run/audit.jsonl (server/audit.py), with the fleet's audit key. The
+    flower engine has no fleet folder, and a --fleet-dir provisioned before audit keys existed has no key: then
+    the run's own fleet folder (a copy) gets one, in the same place."""
     from fedtiny.audit import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, new_key_pem
     from fedtiny_server.audit import CoordinatorAudit, open_audit_log
 
     folder = run / "fleet" / "coordinator"
-    if not (run / "fleet").exists():
-        folder.mkdir(parents=True, mode=0o700)
+    if not (folder / PRIVATE_KEY_FILE).exists():
+        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
         private, public = new_key_pem()
-        (folder / PRIVATE_KEY_FILE).touch(0o600)
-        (folder / PRIVATE_KEY_FILE).write_bytes(private)
+        fd = os.open(folder / PRIVATE_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private)
         (folder / PUBLIC_KEY_FILE).write_bytes(public)
         (run / "fleet" / PUBLIC_KEY_FILE).write_bytes(public)
     return CoordinatorAudit(open_audit_log(run / "audit.jsonl", folder), folder)
