@@ -230,3 +230,11 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path):
     (out / "capture.jsonl").write_text("{not json\n")
     code, output = report([out])
     assert code == 2 and output.count("\n") == 1 and "capture.jsonl: line 1: not a capture record" in output, output
+
+
+def test_capture_needs_the_embedded_broker():
+    from fedtiny_sim.simulate import ConfigError, check_inputs
+
+    for options in (dict(broker="mqtt://127.0.0.1:1883", fleet_dir="fleet"), dict(engine="flower")):
+        with pytest.raises(ConfigError, match="--capture records what the embedded broker carries"):
+            check_inputs(SimulationConfig(nodes=2, rounds=1, scenario="medical", capture=True, **options))
