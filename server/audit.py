@@ -3,6 +3,7 @@
 
     coordinator_started  the plan's and the global model's hashes, strategy, and the fleet as enrolled (pseudonyms of
                          the enrolled devices, and of the revoked ones with when), from the coordinator's folder
+    devices_revoked      devices revoked while the coordinator ran (revoked.json, read before each round)
     round_configured     a round's settings before its TASKs go out: cohort (pseudonyms), sampling fraction, quorum,
                          deadline, clip norm, noise multiplier, secure aggregation, the TASK settings every device
                          gets, the model version and hash sent
@@ -54,28 +55,38 @@ class CoordinatorAudit:
     def __init__(self, log: AuditLog, coordinator_dir: str | Path | None = None) -> None:
         self.log = log
         self.coordinator_dir = Path(coordinator_dir) if coordinator_dir is not None else None
+        self.revoked: dict[str, str | None] = {}  # as the log last recorded it
 
     def _names(self, coordinator, node_ids) -> list[str]:
         by_id = {r.device_id: r.device for r in coordinator.grid.registry.values()}
         return sorted(self.log.pseudonym(by_id.get(i, str(i))) for i in node_ids)
 
+    def _revoked(self) -> dict[str, str | None]:
+        """The fleet's denylist (coordinator/revoked.json) as pseudonym -> when it was revoked."""
+        denylist = self.coordinator_dir / "revoked.json" if self.coordinator_dir is not None else None
+        if denylist is None or not denylist.exists():
+            return {}
+        return {self.log.pseudonym(d): v.get("revoked") for d, v in json.loads(denylist.read_text()).items()}
+
     def started(self, coordinator) -> None:
         from fedtiny.planfile import plan_hash
 
-        enrolled, revoked = [], {}
-        if self.coordinator_dir is not None:
-            manifest = self.coordinator_dir / "fleet.json"
-            if manifest.exists():
-                enrolled = sorted(self.log.pseudonym(d) for d in json.loads(manifest.read_text())["devices"])
-            denylist = self.coordinator_dir / "revoked.json"
-            if denylist.exists():
-                revoked = {self.log.pseudonym(d): v.get("revoked") for d, v in json.loads(denylist.read_text()).items()}
+        enrolled = []
+        if self.coordinator_dir is not None and (self.coordinator_dir / "fleet.json").exists():
+            manifest = json.loads((self.coordinator_dir / "fleet.json").read_text())
+            enrolled = sorted(self.log.pseudonym(d) for d in manifest["devices"])
+        revoked = self.revoked = self._revoked()
         config = coordinator.config
         self.log.record("coordinator_started", round=coordinator.round, model_version=coordinator.model.version,
                         plan_hash=plan_hash(coordinator.plan).hex(), model_hash=model_hash(coordinator.model.ints),
                         strategy=config.strategy, rounds=config.rounds, enrolled=enrolled, revoked=revoked)
 
     def round_configured(self, coordinator, rnd: int, messages) -> None:
+        revoked = self._revoked()  # a running coordinator refuses devices revoked meanwhile: say so first
+        if revoked.keys() - self.revoked.keys():
+            self.log.record("devices_revoked", round=rnd,
+                            revoked={p: revoked[p] for p in sorted(revoked.keys() - self.revoked.keys())})
+            self.revoked = revoked
         config, policy = coordinator.config, coordinator.config.policy
         task = {**policy.task, **config.train_config}
         privacy = config.privacy

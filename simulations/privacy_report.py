@@ -314,8 +314,9 @@ def retention(r: Run) -> Section:
     rows = [  # (file, what it holds, where, how long, what to look for in the run folder)
         ["nodes/<device>.npz", "each device's raw samples (int8)", "the device (its flash); here the run folder",
          "as long as the device keeps them; never sent"],
-        ["state/<device>.node", "a device's persisted state: keys' replay counters, error-feedback residual", "the device",
-         "until the device is reset"],
+        ["state/<device>.node", "a device's persisted state: the global model, replay counters and seq, the sealed DELTA until ACKed, "
+         "the change not yet sent (error feedback)",
+         "the device", "until the device is reset"],
         ["state.db", "every accepted device update (individual DELTA integers), the global model of every round, "
                      "the device registry, the privacy ledger", "the coordinator (file mode 0600)",
          "until deleted: prune it once the run's model is released"],

@@ -93,8 +93,8 @@ def read_capture(path: str | Path) -> list[Payload]:
         for number, line in enumerate(f, start=1):
             try:
                 entry = json.loads(line)
-                payloads.append(Payload(str(entry["client"]), str(entry["topic"]),
-                                        base64.b64decode(entry["payload"], validate=True), entry.get("kind", "publish")))
+                data = base64.b64decode(entry["payload"], validate=True)
+                payloads.append(Payload(str(entry["client"]), str(entry["topic"]), data, entry.get("kind", "publish")))
             except (ValueError, KeyError, TypeError):
                 raise CaptureError(f"{path}: line {number}: not a capture record") from None
     return payloads

@@ -4,7 +4,6 @@ needs (settings, pseudonymous participants, model hashes, epsilon)."""
 
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -150,15 +149,22 @@ def test_the_coordinators_rounds_are_in_its_audit_log(plan, tmp_path):
     participants as pseudonyms, the model hash the coordinator really holds, and the epsilon dp-accounting gives."""
     from fedtiny.planfile import save_plan
     from fedtiny.privacy import epsilon
-    from fedtiny.protocol.keys import provision_fleet
+    from fedtiny.protocol.keys import provision_fleet, revoke_devices, revoked_devices
     from fedtiny_server.app import Settings, run_coordinator
     from fedtiny_server.audit import model_hash
     from fedtiny_server.state import StateStore
     from fedtiny_server.testing import FakeClock, FakeLink
 
     save_plan(plan, tmp_path / "p.plan")
-    provision_fleet(tmp_path / "fleet", "lab", ["a", "b"])
-    link = FakeLink(FakeClock(), responder(lambda t: {k: v + 1 for k, v in zero_delta(plan).items()}))
+    provision_fleet(tmp_path / "fleet", "lab", ["a", "b", "c"])
+    answer = responder(lambda t: {k: v + 1 for k, v in zero_delta(plan).items()})
+
+    def revoke_c_in_round_1(link, task):  # `fedtiny keys --revoke c` while the coordinator runs
+        if task.round == 1 and "c" not in revoked_devices(tmp_path / "fleet" / "coordinator"):
+            revoke_devices(tmp_path / "fleet", ["c"])
+        answer(link, task)
+
+    link = FakeLink(FakeClock(), revoke_c_in_round_1)
     link.add_device("a"), link.add_device("b")
     settings = Settings("mqtt://127.0.0.1:1", str(tmp_path / "fleet"), "lab", str(tmp_path / "p.plan"),
                         str(tmp_path / "s.db"), num_server_rounds=2, quorum=1.0, deadline=5, clip_norm=0.5,
@@ -167,11 +173,12 @@ def test_the_coordinators_rounds_are_in_its_audit_log(plan, tmp_path):
     assert [r.replies for r in history] == [2, 2]
     events = verify(tmp_path / "s.audit.jsonl", load_public_key(tmp_path / "fleet" / "audit.pub")).events
     assert [e["event"] for e in events] == ["coordinator_started", "round_configured", "round_completed",
-                                            "round_configured", "round_completed", "audit_closed"]
-    started, configured, completed = events[0], events[3], events[4]
-    assert len(started["enrolled"]) == 2 and started["revoked"] == {}
+                                            "devices_revoked", "round_configured", "round_completed", "audit_closed"]
+    started, revoked, configured, completed = events[0], events[3], events[4], events[5]
+    assert len(started["enrolled"]) == 3 and started["revoked"] == {}
+    assert list(revoked["revoked"]) == sorted(set(started["enrolled"]) - set(completed["participants"]))
     assert configured["clip_norm"] == 0.5 and configured["noise_multiplier"] > 0
-    assert sorted(completed["participants"]) == sorted(configured["cohort"]) == sorted(started["enrolled"])
+    assert sorted(completed["participants"]) == sorted(configured["cohort"]) and len(configured["cohort"]) == 2
     assert not {"a", "b"} & set(completed["participants"])  # pseudonyms, not names
     assert completed["epsilon"] == pytest.approx(epsilon(configured["noise_multiplier"], 2, 1e-5))
     store = StateStore(tmp_path / "s.db")
@@ -179,4 +186,4 @@ def test_the_coordinators_rounds_are_in_its_audit_log(plan, tmp_path):
         assert completed["model_hash"] == model_hash(store.load().ints) == events[-1]["model_hash"]
     finally:
         store.close()
-    assert events[2]["model_hash"] != completed["model_hash"]  # a new model each round
+    assert events[2]["model_hash"] == configured["model_hash"] != completed["model_hash"]  # a new model each round
