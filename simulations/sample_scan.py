@@ -141,18 +141,18 @@ def sample_patterns(samples: dict[str, np.ndarray], scale: float, zero_point: in
     return patterns
 
 
+ANCHOR_SEARCH = 512  # offsets of a pattern tried for its anchor: enough to find a varied one in real samples
+
+
 def _anchor(pattern: bytes) -> int | None:
-    """The offset of the pattern's most varied ANCHOR bytes, or None when the pattern is too uniform."""
-    if len(pattern) < ANCHOR or len(set(pattern)) < MIN_DISTINCT:
+    """The offset of the pattern's most varied ANCHOR bytes (the first of the best among its first ANCHOR_SEARCH
+    offsets), or None when the pattern is too uniform."""
+    b = np.frombuffer(pattern, dtype=np.uint8)
+    if len(b) < ANCHOR or np.count_nonzero(np.bincount(b, minlength=256)) < MIN_DISTINCT:
         return None
-    best, best_offset = -1, 0
-    for offset in range(0, len(pattern) - ANCHOR + 1):
-        distinct = len(set(pattern[offset:offset + ANCHOR]))
-        if distinct > best:
-            best, best_offset = distinct, offset
-            if distinct == ANCHOR:
-                break
-    return best_offset
+    windows = np.sort(np.lib.stride_tricks.sliding_window_view(b[:ANCHOR_SEARCH + ANCHOR - 1], ANCHOR), axis=1)
+    distinct = 1 + np.count_nonzero(np.diff(windows, axis=1), axis=1)
+    return int(np.argmax(distinct))
 
 
 def _streams(data: bytes) -> list[tuple[int, bytes]]:
@@ -187,24 +187,25 @@ class _Index:
                 continue
             key = int(np.frombuffer(pattern[offset:offset + ANCHOR], dtype="<u8")[0])
             self.by_anchor.setdefault(key, []).append((pattern, offset))
-        self.keys = np.fromiter(self.by_anchor, dtype=np.uint64, count=len(self.by_anchor))
+        self.keys = np.sort(np.fromiter(self.by_anchor, dtype=np.uint64, count=len(self.by_anchor)))
 
     def find(self, data: bytes) -> list[tuple[bytes, int]]:
         """(pattern, offset) of every whole pattern in data."""
         hits = []
         if len(data) < ANCHOR or not len(self.keys):
             return hits
-        for align in range(ANCHOR):
-            usable = (len(data) - align) // ANCHOR * ANCHOR
-            if usable <= 0:
-                continue
-            windows = np.frombuffer(data, dtype="<u8", count=usable // ANCHOR, offset=align)
-            for k in np.nonzero(np.isin(windows, self.keys))[0]:
-                position = align + int(k) * ANCHOR
-                for pattern, offset in self.by_anchor[int(windows[k])]:
-                    start = position - offset
-                    if start >= 0 and data[start:start + len(pattern)] == pattern:
-                        hits.append((pattern, start))
+        # the ANCHOR-byte window at every offset: eight strided views, one per alignment, looked up at once
+        views = [np.frombuffer(data, dtype="<u8", count=(len(data) - align) // ANCHOR, offset=align)
+                 for align in range(min(ANCHOR, len(data) - ANCHOR + 1))]
+        windows = np.concatenate(views)
+        starts = np.concatenate([align + ANCHOR * np.arange(len(v)) for align, v in enumerate(views)])
+        found = self.keys[np.minimum(np.searchsorted(self.keys, windows), len(self.keys) - 1)] == windows
+        for k in np.nonzero(found)[0]:
+            position = int(starts[k])
+            for pattern, offset in self.by_anchor[int(windows[k])]:
+                start = position - offset
+                if start >= 0 and data[start:start + len(pattern)] == pattern:
+                    hits.append((pattern, start))
         return hits
 
 
