@@ -441,6 +441,8 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
                    f"rounds)" + (f"; {result['stopped']}" if result["stopped"] else ""))
     click.echo(f"{gap}report: {out}/report.html and summary.md (accuracy {100 * final['initial_accuracy']:.1f} % -> "
                f"{100 * final['accuracy']:.1f} %, {final['wall_seconds']:.1f} s)")
+    if capture:
+        click.echo(f"capture: {out}/capture.jsonl; `fedtiny privacy-report {out}` scans it for raw samples")
     if b:
         click.echo(f"baseline (Flower FedAvg + PyTorch fp32): accuracy {100 * b['rounds'][-1]['accuracy']:.1f} %, "
                    f"{b['bytes_per_node_per_round']:,.0f} B per node per round, {b['wall_seconds']:.1f} s")
