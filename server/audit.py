@@ -98,14 +98,19 @@ class CoordinatorAudit:
             deadline=policy.deadline, clip_norm=float(task.get("clip_norm") or 0.0),
             noise_multiplier=float(ledger.noise_multiplier) if ledger is not None else 0.0,
             dp=None if privacy is None else {"epsilon_budget": privacy.epsilon, "delta": privacy.delta},
-            secure_aggregation=getattr(config, "secure_aggregation", None) or task.get("secagg") or None,
+            secure_aggregation=bool(getattr(config, "secagg", False) or task.get("secagg")),
             task=task,  # every setting the devices get (clip_norm, noise_sigma, secagg, local_steps, ...)
             model_version=coordinator.model.version, model_hash=model_hash(coordinator.model.ints))
 
     def round_completed(self, coordinator, rnd: int, replies) -> None:
-        participants = [m.metadata.src_node_id for m in replies]
-        fields = dict(round=rnd, participants=self._names(coordinator, participants),
-                      model_version=coordinator.model.version, model_hash=model_hash(coordinator.model.ints))
+        if getattr(coordinator.config, "secagg", False):
+            # Under secure aggregation one reply stands for the survivors' masked sum (server/secagg.py); the
+            # survivors are the round's accepted devices.
+            participants = sorted(self.log.pseudonym(d) for d in coordinator.grid._accepted_in(rnd)) if replies else []
+        else:
+            participants = self._names(coordinator, [m.metadata.src_node_id for m in replies])
+        fields = dict(round=rnd, participants=participants, model_version=coordinator.model.version,
+                      model_hash=model_hash(coordinator.model.ints))
         summary = coordinator.privacy()
         if summary is not None:
             fields.update(epsilon=summary["epsilon"], delta=summary["delta"], device_epsilon={

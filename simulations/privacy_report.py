@@ -180,6 +180,11 @@ def left_devices(r: Run, payloads) -> Section:
     rows = [[f["round"], f["device"], f["message"], f"{f['bytes']:,}",
              ", ".join(r.run.get("trainable", [])) + "; example count, loss, accuracy"] for f in
             sorted(uplinks, key=lambda f: (f["round"], f["device"]))]
+    for e in r.events:  # under secure aggregation: each device's masked DELTA and key-exchange messages
+        if e.get("event") == "secagg_round" and isinstance(e.get("uplink_bytes"), dict):
+            rows += [[e["round"], str(device), "secure-aggregation stages and masked DELTA", f"{int(n):,}",
+                      "round keys, encrypted mask-seed shares, masked integer changes of "
+                      + ", ".join(r.run.get("trainable", []))] for device, n in sorted(e["uplink_bytes"].items())]
     s.table(["round", "device", "message", "bytes", "contents"], rows)
     refused = [e for e in r.events if e.get("event") in ("reply_rejected", "message_rejected")]
     if refused:
@@ -373,7 +378,7 @@ def audit_section(r: Run, key_file: Path | None):
         if kind == "round_configured":
             rows.append([e["seq"], kind, e["round"], f"cohort {len(e['cohort'])}; clip {e['clip_norm']:g}; noise z "
                          f"{e['noise_multiplier']:.3f}; sampling {e['sampling_fraction']:g}; quorum {e['quorum']:g}; "
-                         f"secure aggregation {e.get('secure_aggregation') or 'off'}; model "
+                         f"secure aggregation {'on' if e.get('secure_aggregation') else 'off'}; model "
                          f"{_short(e['model_hash'])}"])
         elif kind == "round_completed":
             eps = f"; epsilon {e['epsilon']:.3f} at delta {e['delta']:g}" if "epsilon" in e else ""

@@ -4,6 +4,7 @@ needs (settings, pseudonymous participants, model hashes, epsilon)."""
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -187,3 +188,22 @@ def test_the_coordinators_rounds_are_in_its_audit_log(plan, tmp_path):
     finally:
         store.close()
     assert events[2]["model_hash"] == configured["model_hash"] != completed["model_hash"]  # a new model each round
+
+
+def test_under_secure_aggregation_the_participants_are_the_survivors(tmp_path, keys):
+    """server/secagg.py hands the strategy one reply for the survivors' masked sum: the log names the survivors
+    (the round's accepted devices), not that reply's sender."""
+    from types import SimpleNamespace
+
+    from fedtiny_server.audit import CoordinatorAudit
+
+    key, pub = keys
+    audit = CoordinatorAudit(AuditLog(tmp_path / "audit.jsonl", key))
+    coordinator = SimpleNamespace(
+        config=SimpleNamespace(secagg=True), grid=SimpleNamespace(_accepted_in=lambda rnd: {"a", "b", "c"}),
+        model=SimpleNamespace(version=1, ints={"w": np.zeros(3, np.int8)}), privacy=lambda: None)
+    one_reply = [SimpleNamespace(metadata=SimpleNamespace(src_node_id=7))]
+    audit.round_completed(coordinator, 1, one_reply)
+    audit.close()
+    completed = verify(tmp_path / "audit.jsonl", load_public_key(pub)).events[0]
+    assert completed["participants"] == sorted(audit.log.pseudonym(d) for d in "abc")

@@ -201,12 +201,19 @@ def test_the_scan_finds_a_sample_at_every_offset_and_reports_uniform_ones():
 def test_under_secure_aggregation_the_report_says_the_coordinator_saw_masked_sums(run, tmp_path):
     out = copy_of(run, tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
-    metrics["run"]["secagg"] = {"threshold": 2, "neighbours": 2}
+    metrics["run"]["secure_aggregation"] = True  # as simulate --secagg writes it
     (out / "metrics.json").write_text(json.dumps(metrics))
+    with open(out / "coordinator.jsonl", "a") as log:  # server/secagg.py's record of a masked round
+        log.write(json.dumps({"event": "secagg_round", "round": 3, "survivors": ["node000", "node002"],
+                              "dropped": ["node001"], "uplink_bytes": {"node000": 2100, "node002": 2200},
+                              "seen": "the sum of the survivors' masked deltas only"}) + "\n")
     assert report([out])[0] == 0
     markdown = (out / "privacy_report.md").read_text()
     assert "only masked sums (secure aggregation)" in markdown and "individual update, decrypted" not in markdown
-    assert '"threshold": 2' in markdown
+    rows = table_rows(markdown, "What left each device")
+    assert ["3", "node002", "secure-aggregation stages and masked DELTA", "2,200"] == rows[-1][:4] or \
+        any(r[:4] == ["3", "node002", "secure-aggregation stages and masked DELTA", "2,200"] for r in rows), rows
+    assert "the sum of the survivors' masked deltas only" in markdown  # the secagg record, in 'What the coordinator saw'
 
 
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path):
