@@ -387,6 +387,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--secagg", is_flag=True,
               help="Secure aggregation: nodes send their clipped deltas masked (SecAgg+ over MQTT); the coordinator "
                    "learns only the sum of each round's survivors. Needs --clip-norm (default 0.5).")
+@click.option("--capture", is_flag=True,
+              help="Record every MQTT payload the embedded broker carries (RUN/capture.jsonl) for `fedtiny "
+                   "privacy-report`'s scan for raw samples.")
 @click.option("--quiet", is_flag=True, help="Print only errors and the final summary line.")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable output: one JSON object per line on stdout as the run goes ({\"event\": "
@@ -395,7 +398,7 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_options, fraction, quorum, local_steps,
              max_examples, max_staleness, clip_norm, scheme, budget, reserve, lr, epochs, chunk_size, uplink_keep,
              dropout, stragglers, deadline, realtime, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline, baseline_lr,
-             quiet, as_json, dp_epsilon, dp_delta, dp_noise_multiplier, secagg) -> None:
+             quiet, as_json, dp_epsilon, dp_delta, dp_noise_multiplier, secagg, capture) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
     from fedtiny_server.grid import MissingReplies
@@ -413,7 +416,7 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
                               baseline_lr=baseline_lr, realtime=realtime, strategy_options=",".join(strategy_options),
                               fraction=fraction, quorum=quorum, local_steps=local_steps, max_examples=max_examples,
                               max_staleness=max_staleness, clip_norm=clip_norm, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
-                              dp_noise_multiplier=dp_noise_multiplier, secagg=secagg)
+                              dp_noise_multiplier=dp_noise_multiplier, secagg=secagg, capture=capture)
     view = QuietView() if quiet else JsonLines() if as_json else None
     say = view.note if view is not None else note
     with user_errors():
@@ -441,6 +444,55 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
                    f"rounds)" + (f"; {result['stopped']}" if result["stopped"] else ""))
     click.echo(f"{gap}report: {out}/report.html and summary.md (accuracy {100 * final['initial_accuracy']:.1f} % -> "
                f"{100 * final['accuracy']:.1f} %, {final['wall_seconds']:.1f} s)")
+    if capture:
+        click.echo(f"capture: {out}/capture.jsonl; `fedtiny privacy-report {out}` scans it for raw samples")
     if b:
         click.echo(f"baseline (Flower FedAvg + PyTorch fp32): accuracy {100 * b['rounds'][-1]['accuracy']:.1f} %, "
                    f"{b['bytes_per_node_per_round']:,.0f} B per node per round, {b['wall_seconds']:.1f} s")
+
+
+# --- privacy evidence (docs/privacy.md, "Evidence") ----------------------------------------------------------------
+
+@main.group()
+def audit() -> None:
+    """The coordinator's signed, hash-chained audit log."""
+
+
+@audit.command("verify")
+@click.argument("log", type=click.Path(dir_okay=False))
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False),
+              help="The coordinator's audit public key (PEM): audit.pub in the fleet's provisioning folder or in "
+                   "coordinator/.")
+@click.option("--allow-open", is_flag=True,
+              help="Accept a log without its closing record (a coordinator still running).")
+def audit_verify(log: str, key_file: str, allow_open: bool) -> None:
+    """Check every line's signature and its link to the line before; name the first bad line (exit 2)."""
+    from .audit import AuditError, load_public_key, verify
+
+    try:
+        result = verify(log, load_public_key(key_file), require_closed=not allow_open)
+    except AuditError as err:
+        raise UserError(str(err)) from None
+    events = [e["event"] for e in result.events]
+    rounds = sum(e == "round_completed" for e in events)
+    click.echo(f"{log}: {result.lines} lines verified (key {result.key_id}), {rounds} rounds, "
+               + ("closed" if result.closed else "open: no closing record yet"))
+
+
+@main.command("privacy-report")
+@click.argument("run_dir", type=click.Path())
+@click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False),
+              help="The audit public key; default: RUN_DIR/fleet/audit.pub.")
+def privacy_report(run_dir: str, key_file: str | None) -> None:
+    """Write RUN_DIR/privacy_report.html and privacy_report.md: what left each device, what the coordinator saw,
+    epsilon spent, keys, retention, the audit log's check, the capture scan and a map to GDPR, HIPAA and
+    IEC 62443-3-3."""
+    from fedtiny_sim.privacy_report import ReportError, write_privacy_report
+
+    try:
+        html, markdown, lines = write_privacy_report(run_dir, key_file)
+    except ReportError as err:
+        raise UserError(str(err)) from None
+    for line in lines:
+        click.echo(line)
+    click.echo(f"wrote {html} and {markdown}")

@@ -20,6 +20,7 @@ Run config keys (pyproject `[tool.flwr.app.config]`, or `flwr run --run-config '
     clip-norm          update L2 norm, 0 = off      dp-epsilon       central DP budget, 0 = off (needs clip-norm)
     dp-delta           default 1e-5                 dp-noise-multiplier  0 = derived from the budget and rounds
     secagg             1 = secure aggregation (needs clip-norm; server/secagg.py)
+    audit-log          the signed audit log (fedtiny/audit.py); "" = STATE-DB's name with .audit.jsonl
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class Settings:
     dp_delta: float = 1e-5
     dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps num_server_rounds within the budget
     secagg: int = 0  # 1: secure aggregation (server/secagg.py): masked deltas, the coordinator sees only the sum
+    audit_log: str = ""  # "": beside state_db, named after it (audit_path)
+
+    def audit_path(self) -> Path:
+        return Path(self.audit_log) if self.audit_log else Path(self.state_db).with_suffix(".audit.jsonl")
 
     def privacy(self):
         """The run's PrivacySettings, or None without --dp-epsilon; ValueError naming a bad value."""
@@ -167,15 +172,27 @@ def run_coordinator(settings: Settings, link=None, metrics: ops.Metrics | None =
     server = ops.MetricsServer(metrics, settings.metrics_port, settings.metrics_host).start() \
         if settings.metrics_port else None
     enrolled: set[str] = set()
+    from .audit import CoordinatorAudit, open_audit_log
+
+    # The audit log needs the coordinator's audit key from `fedtiny keys`: the fleet link refuses to run without
+    # it; a link passed in (tests with a fake fleet) is audited when the folder has the key.
+    coordinator_dir = Path(settings.fleet_dir) / "coordinator"
+    audit = None
+    if link is None or (coordinator_dir / "audit.key").exists():
+        audit = CoordinatorAudit(open_audit_log(settings.audit_path(), coordinator_dir), coordinator_dir)
     store = StateStore(settings.state_db)
     if link is None:
         link, enrolled = settings.fleet_link(plan, store)
+    coordinator = None
     try:
         store.restore_link(link, status_streams=False)  # before it connects (StateStore.restore_link)
         link.start()
         await_registry(link, enrolled)
-        return Coordinator(link, plan, store, config, metrics=metrics, heldout=heldout).run()
+        coordinator = Coordinator(link, plan, store, config, metrics=metrics, heldout=heldout, audit=audit)
+        return coordinator.run()
     finally:
+        if audit is not None:
+            audit.close(coordinator)
         link.close()
         store.close()
         if server is not None:

@@ -58,10 +58,13 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 @click.option("--secagg", is_flag=True,
               help="Secure aggregation: devices send masked deltas and this coordinator learns only each round's "
                    "sum (needs --clip-norm; no robust strategy, no central DP; firmware nodes refuse it).")
+@click.option("--audit-log", type=click.Path(dir_okay=False), default=None,
+              help="The signed, hash-chained audit log (checked by `fedtiny audit verify`); an existing one is "
+                   "continued. Default: --state-db's name with .audit.jsonl.")
 def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, strategy_options, fraction, quorum,
                         deadline, seen_within, max_examples, max_staleness, local_steps, state_db,
                         heldout, metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm, dp_epsilon, dp_delta,
-                        dp_noise_multiplier, secagg) -> None:
+                        dp_noise_multiplier, secagg, audit_log) -> None:
     """Run federated rounds over a fleet of microcontrollers with a Flower strategy; resumable."""
     from fedtiny.cli import UserError
 
@@ -72,7 +75,7 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
                         fraction, quorum, deadline, seen_within, max_examples, max_staleness, local_steps,
                         heldout or "", metrics_port, metrics_host, chunk_size, uplink_keep, clip_norm,
                         dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_noise_multiplier=dp_noise_multiplier,
-                        secagg=int(secagg))
+                        secagg=int(secagg), audit_log=audit_log or "")
     if dp_epsilon:
         from .privacy import check_options
 

@@ -167,9 +167,10 @@ class Coordinator:
                  metrics: ops.Metrics | None = None, clock: Callable[[], float] = time.monotonic,
                  heldout: tuple[np.ndarray, np.ndarray] | None = None,
                  heldout_forward: Callable[[dict, np.ndarray], np.ndarray] | None = None,
-                 arrivals: Arrivals | None = None) -> None:
+                 arrivals: Arrivals | None = None, audit=None) -> None:
         """`heldout_forward`: how the held-out evaluation runs the graph (heldout_evaluator); `arrivals`: run
-        synchronous rounds in virtual time (a simulation; FleetGrid); default: wall time."""
+        synchronous rounds in virtual time (a simulation; FleetGrid); default: wall time. `audit`: the signed audit
+        log's hooks (server/audit.py CoordinatorAudit), told of the start, each round and a stop."""
         self.plan = plan
         self.config = config or CoordinatorConfig()
         self.store = store
@@ -217,6 +218,9 @@ class Coordinator:
         ops.event("coordinator_started", round=self.round, model_version=self.model.version,
                   strategy=type(self.strategy).__name__, recovered_replies=len(ckpt.pending),
                   devices=len(ckpt.devices), **self._secagg_settings())
+        self.audit = audit
+        if audit is not None:
+            audit.started(self)
 
     def _secagg_settings(self) -> dict:
         if not self.config.secagg:
@@ -244,6 +248,8 @@ class Coordinator:
         """The run ends before its configured rounds: say why (once, in the log)."""
         self.stopped = reason
         ops.event("run_stopped", logging.WARNING, round=self.round, reason=reason)
+        if self.audit is not None:
+            self.audit.stopped(self, reason)
 
     def privacy(self) -> dict | None:
         """The run's differential privacy: settings, fleet epsilon and each device's (None without DP)."""
@@ -255,6 +261,8 @@ class Coordinator:
         arrays = self.model.arrays()
         config = ConfigRecord(dict(self.config.train_config))
         messages = self.strategy.configure_train(rnd, arrays, config, self.grid)
+        if self.audit is not None:
+            self.audit.round_configured(self, rnd, messages)
         # In node order, not arrival order: float sums then do not depend on network timing, so a seed
         # reproduces a run bit for bit.
         replies = sorted(self.grid.send_and_receive(messages, timeout=self.config.policy.deadline),
@@ -278,6 +286,8 @@ class Coordinator:
                                 {"train": train, "eval": evaluation, "replies": participants},
                                 extra_meta=link_meta(self.link))
         self.round = rnd
+        if self.audit is not None:
+            self.audit.round_completed(self, rnd, replies)
         seconds = time.perf_counter() - start
         self.metrics.inc("fedtiny_rounds_total")
         self.metrics.set("fedtiny_round", rnd)

@@ -76,6 +76,7 @@ class SimulationConfig:
     dp_delta: float = 1e-5
     dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps `rounds` within the budget
     secagg: bool = False  # secure aggregation: nodes send masked deltas, the coordinator sees only their sum
+    capture: bool = False  # the embedded broker records every payload it carries (capture.jsonl; privacy_report)
 
 
 # The default clip norm under DP: about the median L2 norm (real units) of a device's update in the default bearing
@@ -277,6 +278,8 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
         if missing:
             raise ConfigError(f"--qemu-nodes needs {', '.join(missing)} (Debian: apt-get install qemu-system-arm "
                               f"gcc-arm-none-eabi libnewlib-arm-none-eabi gcc make)")
+    if c.capture and (c.engine != "mqtt" or c.broker):
+        raise ConfigError("--capture records what the embedded broker carries: it needs --engine mqtt and no --broker")
     if c.engine == "flower":
         from .flower_engine import check_config
 
@@ -509,7 +512,8 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
         provision_fleet(run / "fleet", "sim", devices)
     from .broker_process import BrokerProcess
 
-    broker = BrokerProcess(run / "fleet", run / "link.log").start() if config.broker is None else None
+    capture = run / "capture.jsonl" if config.capture else None
+    broker = BrokerProcess(run / "fleet", run / "link.log", capture=capture).start() if config.broker is None else None
     url = config.broker or f"mqtt://127.0.0.1:{broker.port}"
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
@@ -572,6 +576,8 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
         samples = {device_name(i): len(ds.y) - heldout_count(len(ds.y)) for i, ds in enumerate(task.nodes)}
         arrivals = virtual_arrivals(asdict(config), plan, samples, firmware_devices)
     store = StateStore(run / "state.db")
+    audit = _audit(run)
+    coordinator = None
     try:
         train_config = {"epochs": config.epochs, "uplink_keep": config.uplink_keep,
                         "local_steps": config.local_steps, "clip_norm": config.clip_norm}
@@ -584,7 +590,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                                                         config.dp_noise_multiplier, noise_seed=config.seed)
                                                     if config.dp_epsilon else None, secagg=config.secagg),
                                   heldout=(task.test.X, task.test.y), heldout_forward=forward, clock=clock,
-                                  arrivals=arrivals)
+                                  arrivals=arrivals, audit=audit)
         rounds = []
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)
@@ -626,7 +632,27 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
         save_model(plan.graph_with(coordinator.model.ints), run / "global.ftm")  # for `fedtiny evaluate`
         return rounds
     finally:
+        audit.close(coordinator)
         store.close()
+
+
+def _audit(run: Path):
+    """The coordinator's signed audit log, run/audit.jsonl (server/audit.py), with the fleet's audit key. The
+    flower engine has no fleet folder, and a --fleet-dir provisioned before audit keys existed has no key: then
+    the run's own fleet folder (a copy) gets one, in the same place."""
+    from fedtiny.audit import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, new_key_pem
+    from fedtiny_server.audit import CoordinatorAudit, open_audit_log
+
+    folder = run / "fleet" / "coordinator"
+    if not (folder / PRIVATE_KEY_FILE).exists():
+        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
+        private, public = new_key_pem()
+        fd = os.open(folder / PRIVATE_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private)
+        (folder / PUBLIC_KEY_FILE).write_bytes(public)
+        (run / "fleet" / PUBLIC_KEY_FILE).write_bytes(public)
+    return CoordinatorAudit(open_audit_log(run / "audit.jsonl", folder), folder)
 
 
 def _clock_kind(config: SimulationConfig) -> str:

@@ -90,8 +90,12 @@ def test_each_folder_holds_what_its_machine_needs_and_no_more(tmp_path):
     manifest = provision_fleet(out, FLEET, ["dev-001", "dev-002"])
     ca = x509.load_pem_x509_certificate((out / "ca/ca.crt").read_bytes())
     assert sorted(tree(out / "broker")) == ["acl", "broker.crt", "broker.key", "ca.crt", "crl.pem", "passwd"]
-    assert sorted(tree(out / "coordinator")) == ["ca.crt", "client.crt", "client.key", "fleet.json", "identity.key",
-                                                 "identity.pub", "password", "revoked.json"]
+    assert sorted(tree(out / "coordinator")) == ["audit.key", "audit.pub", "ca.crt", "client.crt", "client.key",
+                                                 "fleet.json", "identity.key", "identity.pub", "password",
+                                                 "revoked.json"]
+    # the audit log's key: private on the coordinator only, its public half also for auditors
+    assert [p for p in out.rglob("audit.key")] == [out / "coordinator/audit.key"]
+    assert (out / "audit.pub").read_bytes() == (out / "coordinator/audit.pub").read_bytes()
     device = out / "devices/dev-001"
     assert sorted(tree(device)) == ["ca.crt", "client.crt", "client.key", "coordinator.pub", "fleet.json",
                                     "identity.key", "identity.pub", "password"]

@@ -108,7 +108,8 @@ class FleetBroker(Broker):
     """
 
     def __init__(self, config: dict, fleet: str, password_file: str) -> None:
-        config = dict(config, plugins={
+        config = dict(config, plugins={  # and any plugins the config names (a simulation's payload capture)
+            **config.get("plugins", {}),
             f"{__name__}.FleetAccessPlugin": {"password_file": str(password_file), "fleet": fleet},
         })
         super().__init__(config)

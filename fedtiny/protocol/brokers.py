@@ -48,8 +48,11 @@ class EmbeddedBroker:
     given explicitly here.
     """
 
-    def __init__(self, fleet_dir: str | Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, fleet_dir: str | Path, host: str = "127.0.0.1", port: int | None = None,
+                 plugins: dict | None = None) -> None:
+        """`plugins`: more amqtt plugins, {"module.Class": its config} (a simulation's payload capture)."""
         self.fleet_dir = Path(fleet_dir)
+        self.plugins = dict(plugins or {})
         self.fleet = json.loads((self.fleet_dir / "fleet.json").read_text())["fleet"]
         self.host = host
         self.port = port or free_port(host)
@@ -61,7 +64,8 @@ class EmbeddedBroker:
         from fedtiny.protocol.amqtt_fleet import FleetBroker
 
         logging.getLogger("amqtt").setLevel(logging.WARNING)
-        config = {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}}
+        config = {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+                  "plugins": self.plugins}
         started = threading.Event()
         failure: list[BaseException] = []
 

@@ -10,7 +10,8 @@ the CA key and every device's private keys: keep it offline (docs/deployment.md)
                           certificates, signed by the CA), passwd (mosquitto 2.0, $7$ = PBKDF2-SHA512), acl
     coordinator/          ca.crt, fleet.json (a copy of the manifest), revoked.json (the denylist of revoked device
                           names), identity.key|.pub (64-byte raw identity: EdDSA seed | X25519 scalar, and its
-                          public half), client.crt|key, password
+                          public half), client.crt|key, password, audit.key|.pub (Ed25519, PEM: the audit log's
+                          signing key, fedtiny/audit.py; audit.pub is also in the provisioning folder)
     devices/<name>/       ca.crt, fleet.json (the manifest with only this device), identity.key|.pub, client.crt|key,
                           password, coordinator.pub
 
@@ -249,6 +250,17 @@ def revoked_devices(coordinator_dir: str | Path) -> set[str]:
     return set(json.loads((Path(coordinator_dir) / REVOKED_FILE).read_text()))
 
 
+def _write_audit_key(out: Path) -> None:
+    """The coordinator's Ed25519 key for its audit log (fedtiny/audit.py): the private half in coordinator/, the
+    public half beside it and in the provisioning folder, for whoever checks the log (`fedtiny audit verify`)."""
+    from fedtiny.audit import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, new_key_pem
+
+    private, public = new_key_pem()
+    _write(out / "coordinator" / PRIVATE_KEY_FILE, private, secret=True)
+    _write(out / "coordinator" / PUBLIC_KEY_FILE, public, secret=False)
+    _write(out / PUBLIC_KEY_FILE, public, secret=False)
+
+
 # --- enrolment -----------------------------------------------------------------------------------------------
 
 def _enrol(out: Path, ca_key, ca_cert, name: str, coordinator_public: bytes | None) -> tuple[dict, str]:
@@ -318,6 +330,7 @@ def provision_fleet(out_dir, fleet: str, device_ids: list[str], broker_host: str
         _write_crl(out, ca_key, ca_cert, [])
 
         coordinator, coordinator_line = _enrol(out, ca_key, ca_cert, topics.COORDINATOR_NAME, None)
+        _write_audit_key(out)
         manifest = {
             "fleet": fleet,
             "fleet_id": topics.name_id(fleet),
