@@ -161,8 +161,8 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
     not given (a run on a --data file must pass it). Raises AttackError for a folder it cannot use."""
     from fedtiny.interpreter import quantize_input
     from fedtiny.planfile import load_plan
-    from fedtiny.protocol.update import apply_delta
-    from fedtiny_server.requantize import dequantize_state, requantize_state, tensor_specs
+    from fedtiny.protocol.update import zero_delta
+    from fedtiny_server.requantize import dequantize_state, rebuild, requantize_state, tensor_specs
 
     run = Path(run_dir)
     for name in ("plan.ftp", "state.db", "metrics.json", "nodes"):
@@ -195,6 +195,7 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
         same = np.isin(heldout[2][:, 0], np.unique(nodes[device][2][:, 0]))
         return tuple(a[same] for a in heldout) if same.any() else heldout
 
+    specs = tensor_specs(plan)
     globals_, replies = _read_store(run / "state.db")
     last = max(globals_)
     pooled = tuple(np.concatenate([n[k] for n in nodes.values()]) for k in range(3))
@@ -203,16 +204,18 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
               "global_model": {"auc": model_auc(plan, globals_[last][2], pooled, heldout, forward),
                                "auc_before_round_1": model_auc(plan, globals_[0][2], pooled, heldout, forward),
                                "version": last}}
-    specs = tensor_specs(plan)
     device_aucs, aggregate_aucs, released_aucs = [], [], []
     by_round: dict[int, list] = {}
     for rnd, device, version, delta in replies:
         by_round.setdefault(rnd, []).append((device, version, delta))
         if device in nodes and version in globals_:
-            before = globals_[version][2]
-            device_aucs.append(update_auc(plan, before, apply_delta(before, delta), nodes[device],
-                                          nonmembers_of(device), forward))
+            _, master, before = globals_[version]
+            # the device's model as the coordinator rebuilds it: its float master + the DELTA (which carries
+            # changes held back from earlier rounds too), requantized
+            after = requantize_state(specs, rebuild(specs, master, delta))
+            device_aucs.append(update_auc(plan, before, after, nodes[device], nonmembers_of(device), forward))
     released = {r: v for v, (r, _, _) in globals_.items()}
+    zero = zero_delta(plan)  # a DELTA may leave out buffers that did not change
     for rnd, cohort in sorted(by_round.items()):
         versions = {v for _, v, _ in cohort}
         if len(versions) != 1 or versions.pop() not in globals_:
@@ -220,7 +223,7 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
         base_version = cohort[0][1]
         _, master, before = globals_[base_version]
         # what secure aggregation reveals: the sum of the cohort's DELTAs; the attacker applies its mean
-        total = {n: sum(dequantize_state(specs, d)[n] for _, _, d in cohort) for n in specs}
+        total = {n: sum(dequantize_state(specs, {**zero, **d})[n] for _, _, d in cohort) for n in specs}
         summed = requantize_state(specs, {n: master[n] + total[n] / len(cohort) for n in specs})
         after_release = globals_[released[rnd]][2] if rnd in released else None
         for device, _, _ in cohort:
