@@ -13,7 +13,8 @@ The attack is the loss-threshold attack (Yeom et al., CSF'18), in two forms:
                      device update      one device's DELTA, as the coordinator decrypts it today (no secure
                                         aggregation); central DP does not hide it, the coordinator adds the noise
                      secure aggregate   the sum of the round's DELTAs, all that secure aggregation leaves
-                                        visible to the coordinator (the cohort's mean update)
+                                        visible to the coordinator (the cohort's mean update): it hides which
+                                        device a sample came from, not whether the round trained on it
                      released update    the global model before and after the round, what every device gets
                                         (under central DP: with the coordinator's noise)
 
@@ -25,6 +26,9 @@ the attack cannot win by the label or the machine alone; members in a cell with 
 The attacker is assumed to know the model (or update), the loss and candidate samples with their labels; it
 needs no shadow model and no threshold (AUC, sklearn's roc_auc_score, sweeps every threshold). AUC 0.5 is
 chance: the attack learns nothing about membership; 1.0 tells every member from every non-member.
+
+A run under secure aggregation stores no individual DELTA: its device and secure-aggregate attacks are empty
+(0 attacks), and its released rounds are the aggregate (without DP, the global model is the survivors' mean).
 
 The before-round-1 AUC of the global-model attack is the run's own control: that model (the host's pretrained
 one) never saw a node's sample, so it measures the attack's baseline on the run's data (0.5 up to sampling).
@@ -204,7 +208,7 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
               "global_model": {"auc": model_auc(plan, globals_[last][2], pooled, heldout, forward),
                                "auc_before_round_1": model_auc(plan, globals_[0][2], pooled, heldout, forward),
                                "version": last}}
-    device_aucs, aggregate_aucs, released_aucs = [], [], []
+    device_aucs, aggregate_aucs, released_aucs = [], [], []  # one AUC per (device, round)
     by_round: dict[int, list] = {}
     for rnd, device, version, delta in replies:
         by_round.setdefault(rnd, []).append((device, version, delta))
@@ -214,25 +218,25 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
             # changes held back from earlier rounds too), requantized
             after = requantize_state(specs, rebuild(specs, master, delta))
             device_aucs.append(update_auc(plan, before, after, nodes[device], nonmembers_of(device), forward))
-    released = {r: v for v, (r, _, _) in globals_.items()}
     zero = zero_delta(plan)  # a DELTA may leave out buffers that did not change
     for rnd, cohort in sorted(by_round.items()):
         versions = {v for _, v, _ in cohort}
         if len(versions) != 1 or versions.pop() not in globals_:
             continue  # a semi-asynchronous round: replies from several versions have no one sum to attack
-        base_version = cohort[0][1]
-        _, master, before = globals_[base_version]
+        _, master, before = globals_[cohort[0][1]]
         # what secure aggregation reveals: the sum of the cohort's DELTAs; the attacker applies its mean
         total = {n: sum(dequantize_state(specs, {**zero, **d})[n] for _, _, d in cohort) for n in specs}
         summed = requantize_state(specs, {n: master[n] + total[n] / len(cohort) for n in specs})
-        after_release = globals_[released[rnd]][2] if rnd in released else None
-        for device, _, _ in cohort:
-            if device not in nodes:
-                continue
-            aggregate_aucs.append(update_auc(plan, before, summed, nodes[device], nonmembers_of(device), forward))
-            if after_release is not None:
-                released_aucs.append(update_auc(plan, before, after_release, nodes[device], nonmembers_of(device),
-                                                forward))
+        aggregate_aucs += [update_auc(plan, before, summed, nodes[device], nonmembers_of(device), forward)
+                           for device, _, _ in cohort if device in nodes]
+    # the released rounds: each global version against the one before; the cohort is the round's replies, or
+    # every node when the store holds no individual DELTA (a run under secure aggregation)
+    for version, (rnd, _, after) in sorted(globals_.items()):
+        if version == 0 or version - 1 not in globals_:
+            continue
+        cohort = [device for device, _, _ in by_round.get(rnd, [])] or list(nodes)
+        released_aucs += [update_auc(plan, globals_[version - 1][2], after, nodes[device], nonmembers_of(device),
+                                     forward) for device in cohort if device in nodes]
     result["device_update"] = _summary(device_aucs)
     result["secure_aggregate"] = _summary(aggregate_aucs)
     result["released_update"] = _summary(released_aucs)

@@ -2,6 +2,7 @@
 chance on an update that overfit a few samples; and the run-folder reader on a small coordinator state."""
 
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -53,18 +54,18 @@ def train(plan, members, epochs, seed=1):
 
 
 def test_auc_is_chance_on_a_model_that_never_saw_the_members(plan):
-    members, nonmembers = samples(plan, 200, 1)[:3], samples(plan, 200, 2)[:3]
+    members, nonmembers = samples(plan, 150, 1)[:3], samples(plan, 150, 2)[:3]
     auc = model_auc(plan, plan.initial_state(), members, nonmembers)
-    assert abs(auc - 0.5) < 0.1, auc  # the standard error of an AUC of 200 against 200 is about 0.03
+    assert abs(auc - 0.5) < 0.12, auc  # the standard error of an AUC of 150 against 150 is about 0.033
 
 
 def test_auc_is_high_on_an_update_that_overfit_few_samples(plan):
-    members, nonmembers = samples(plan, 8, 1)[:3], samples(plan, 200, 2)[:3]
+    members, nonmembers = samples(plan, 8, 1)[:3], samples(plan, 150, 2)[:3]
     after = train(plan, members, epochs=20)
     assert update_auc(plan, plan.initial_state(), after, members, nonmembers) > 0.9
     assert model_auc(plan, after, members, nonmembers) > 0.9  # the trained model alone gives them away too
     # the same update attacked on samples it never saw: chance again
-    assert abs(update_auc(plan, plan.initial_state(), after, samples(plan, 200, 3)[:3], nonmembers) - 0.5) < 0.1
+    assert abs(update_auc(plan, plan.initial_state(), after, samples(plan, 150, 3)[:3], nonmembers) - 0.5) < 0.12
 
 
 def test_nonmembers_are_reweighted_to_the_members_labels():
@@ -117,6 +118,12 @@ def test_membership_auc_reads_a_run_folder(plan, tmp_path):
     assert 0.5 < result["secure_aggregate"]["auc"] <= result["device_update"]["auc"] + 0.05
     assert abs(result["global_model"]["auc_before_round_1"] - 0.5) < 0.2
     assert result["privacy"] is None
+    # a run under secure aggregation stores no individual DELTA: only the released rounds can be attacked
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute("DELETE FROM replies")
+    hidden = membership_auc(tmp_path, task)
+    assert hidden["device_update"]["attacks"] == 0 and hidden["secure_aggregate"]["attacks"] == 0
+    assert hidden["released_update"] == result["released_update"]
     task.nodes[1] = dataset(samples(plan, 8, 99))
     with pytest.raises(AttackError, match="node001.npz does not hold"):
         membership_auc(tmp_path, task)
