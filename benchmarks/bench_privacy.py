@@ -13,7 +13,7 @@ adds Gaussian noise to each round's mean (docs/privacy.md).
 Then simulations/attack.py's membership_auc attacks the run folder (its assumptions are in that module): the
 global model, each device's DELTA as the coordinator sees it, the round's sum (what secure aggregation would
 leave visible) and the released global models. The runs are kept in --runs (default: a new temporary folder);
---reuse takes a run already there instead of simulating it again.
+--reuse takes a run (and its attack, membership.json) already there instead of simulating it again.
 """
 
 import argparse
@@ -60,7 +60,7 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", help="folder for the run folders (default: a new temporary one)")
-    parser.add_argument("--reuse", action="store_true", help="attack a run already in --runs instead of rerunning it")
+    parser.add_argument("--reuse", action="store_true", help="take the runs and attacks already in --runs")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS))
     args = parser.parse_args()
     runs = Path(args.runs or tempfile.mkdtemp(prefix="bench_privacy_"))
@@ -96,14 +96,18 @@ def main():
                                  f"{per_node(rounds, 'uplink_bytes'):,.0f} / "
                                  f"{per_node(rounds, 'downlink_bytes'):,.0f} | {wall:.0f} s |")
             print(accuracy_rows[-1], flush=True)
-            start = time.perf_counter()
-            a = membership_auc(out)
+            start, saved = time.perf_counter(), out / "membership.json"
+            if args.reuse and saved.exists():
+                a = json.loads(saved.read_text())
+            else:
+                a = membership_auc(out)
+                a["seconds"] = time.perf_counter() - start
             g = a["global_model"]
             attack_rows.append(f"| {scenario}, {nodes} | {dp} | {g['auc_before_round_1']:.3f} -> {g['auc']:.3f} | "
                                f"{auc(a['device_update'])} | {auc(a['secure_aggregate'])} | "
-                               f"{auc(a['released_update'])} | {time.perf_counter() - start:.0f} s |")
+                               f"{auc(a['released_update'])} | {a['seconds']:.0f} s |")
             print(attack_rows[-1], flush=True)
-            (out / "membership.json").write_text(json.dumps(a, indent=1))
+            saved.write_text(json.dumps(a, indent=1))
     lines = [SECTION, "", provenance(command), "",
              "### Accuracy", "", *accuracy_rows, "",
              "- Noise std on the mean: z * C / nodes per coordinate in real units (C = 0.5, every node answers "
