@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .report_data import (  # noqa: E402
     FLOW_FIELDS, NODE_MIN_PER_CLASS, class_names, data_flow, device_accuracy, few_samples, firmware_table,
-    participation, percent, personal_rows, reached, recall, recall_rows, stragglers_back)
+    participation, percent, personal_rows, privacy_lines, reached, recall, recall_rows, stragglers_back)
 from .report_html import html_report  # noqa: E402
 
 ROUND_FIELDS = ("round", "accuracy", "personal_accuracy", "personal_worst_tenth", "loss", "participants",
@@ -163,6 +163,7 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
         f"{memory['budget_bytes'] - memory['reserve_bytes']:,} B available |",
         f"| flash for the model and plan | {memory['flash_bytes']:,} B |", "",
     ]
+    lines += [*privacy_lines(run, rounds), ""] if run.get("privacy") else []
     lines += few_samples_lines(few_samples(devices or {}), run)
     if run.get("firmware"):
         lines += firmware_section(run["firmware"])

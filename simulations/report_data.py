@@ -327,3 +327,17 @@ def firmware_table(firmware: dict[str, dict]) -> tuple[list[str], list[list[str]
                      f"{total / 216e6:.2f} s"])
     return header, rows, ("Instructions are executed instructions counted by QEMU (one per instruction, not cycles: "
                           "a real M4 needs about 1.1-1.5x as many cycles, plus flash wait states).")
+
+
+def privacy_lines(run: dict, rounds: list[dict]) -> list[str]:
+    """Under --dp-epsilon: the epsilon spent (the fleet's: every device's guarantee), how, and per round."""
+    p = run["privacy"]
+    lines = [f"Differential privacy: epsilon {p['epsilon']:.3f} spent of {p['budget']:g} at delta {p['delta']:g} "
+             f"({p['mechanism']}; noise multiplier {p['noise_multiplier']:.3f}, clip norm {p['clip_norm']:g}, "
+             f"{p['noised_rounds']} noised rounds). It protects each device against whoever sees the global "
+             "models; the coordinator itself still sees every device's clipped update (docs/privacy.md).", "",
+             "Epsilon after each round: " + ", ".join(f"{x['round']}: {x['epsilon']:.2f}" for x in rounds
+                                                      if "epsilon" in x) + "."]
+    if run.get("stopped"):
+        lines.append(f"Rounds stopped early: {run['stopped']}")
+    return lines

@@ -10,7 +10,7 @@ from html import escape
 from pathlib import Path
 
 from .report_data import (NODE_MIN_PER_CLASS, class_names, confusion, few_samples, firmware_table, percent,
-                          personal_rows, reached, recall_rows, stragglers_back)
+                          personal_rows, privacy_lines, reached, recall_rows, stragglers_back)
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -44,6 +44,8 @@ def html_report(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
                   f"{memory['stack_bytes'] + memory['runtime_static_bytes']:,}) of "
                   f"{memory['budget_bytes'] - memory['reserve_bytes']:,} B available"],
                  ["flash for the model and plan", f"{memory['flash_bytes']:,} B"]])]
+    if run.get("privacy"):
+        parts += [f"<p>{escape(line)}</p>" for line in privacy_lines(run, rounds) if line]
     parts += _warnings(run, devices)
     parts += _comparison(run, rounds, memory, baseline)
     parts.append("<h2>Plots</h2>")

@@ -356,6 +356,19 @@ def _check_privacy(c: SimulationConfig) -> None:
                           f"{epsilon(c.dp_noise_multiplier, 1, c.dp_delta):.3g}, more than --dp-epsilon {c.dp_epsilon}")
 
 
+def privacy_noise_warning(config: SimulationConfig, plan) -> str | None:
+    """Under --dp-epsilon, a line when the central noise on each round's mean update is larger than the trainable
+    weights (fedtiny.privacy.fleet_noise_warning): a budget too small for the fleet."""
+    from fedtiny.privacy import fleet_noise_warning, noise_multiplier_for
+    from fedtiny_server.requantize import dequantize_state, tensor_specs
+
+    z = config.dp_noise_multiplier or noise_multiplier_for(config.dp_epsilon, config.dp_delta, config.rounds)
+    weights = [v for v in dequantize_state(tensor_specs(plan), plan.initial_state()).values()]
+    rms = float(np.sqrt(np.mean(np.concatenate([w.ravel() for w in weights]) ** 2)))
+    per_round = max(1, round(config.nodes * config.fraction))
+    return fleet_noise_warning(z, config.clip_norm, per_round, rms, config.dp_epsilon, config.rounds)
+
+
 def training_plan(config: SimulationConfig, task: Task, graph):
     """(plan, scheme): what a run of this configuration trains: its --scheme, or with auto the scheme the search
     chose on the host's data (fedtiny.search, cached by content), compiled for its budget, reserve and learning
@@ -436,6 +449,10 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     model, graph, plan, scheme, devices = _prepare(config, run, task, say)
     say(f"model {task.model}, update scheme {scheme}: {len(plan.trainable_buffers())} trainable buffers, "
         f"{plan.arena_size:,} B arena per node")
+    if config.dp_epsilon:
+        warning = privacy_noise_warning(config, plan)
+        if warning:
+            say(warning)
     forward = None  # the held-out evaluation's forward pass: the interpreter's, or the same bits from the C runtime
     if config.trainer == "c":
         from fedtiny_device.cruntime import CPlanModel

@@ -180,8 +180,9 @@ def test_a_simulation_stops_when_the_budget_is_spent(tmp_path):
     from fedtiny_sim.simulate import SimulationConfig, simulate
 
     out = tmp_path / "run"
+    said = []
     result = simulate(SimulationConfig(nodes=3, rounds=4, scenario="medical", seed=2, out=str(out), dp_epsilon=5.0,
-                                       dp_noise_multiplier=1.5))
+                                       dp_noise_multiplier=1.5), note=said.append)
     accountant = RdpAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(1.5), 2)
     expected = accountant.get_epsilon(1e-5)
@@ -195,6 +196,13 @@ def test_a_simulation_stops_when_the_budget_is_spent(tmp_path):
     assert saved["run"]["clip_norm"] == 0.5
     events = [json.loads(line) for line in (out / "coordinator.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "run_stopped" and "privacy budget" in e.get("reason", "") for e in events)
+    # the report shows what was spent and why rounds stopped
+    for page in ("summary.md", "report.html"):
+        text = (out / page).read_text()
+        assert f"epsilon {expected:.3f} spent of 5 at delta 1e-05" in text and "Rounds stopped early: privacy" in text
+    # 3 nodes: the noise on the mean (1.5 * 0.5 / 3 = 0.25 per coordinate) is larger than the weights; it is said
+    warning = [line for line in said if line.startswith("Warning: --dp-epsilon 5 ")]
+    assert len(warning) == 1 and "std 0.25 per coordinate" in warning[0] and "too small for this fleet" in warning[0]
 
 
 # --- bad options: one line, exit 2, no work ---------------------------------------------------------------------
