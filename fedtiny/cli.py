@@ -483,14 +483,17 @@ def audit_verify(log: str, key_file: str, allow_open: bool) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False),
               help="The audit public key; default: RUN_DIR/fleet/audit.pub.")
-def privacy_report(run_dir: str, key_file: str | None) -> None:
+@click.option("--attack", is_flag=True,
+              help="Also measure a membership-inference attack on the run's models and updates (AUC; minutes on "
+                   "a large run).")
+def privacy_report(run_dir: str, key_file: str | None, attack: bool) -> None:
     """Write RUN_DIR/privacy_report.html and privacy_report.md: what left each device, what the coordinator saw,
     epsilon spent, keys, retention, the audit log's check, the capture scan and a map to GDPR, HIPAA and
     IEC 62443-3-3."""
     from fedtiny_sim.privacy_report import ReportError, write_privacy_report
 
     try:
-        html, markdown, lines = write_privacy_report(run_dir, key_file)
+        html, markdown, lines = write_privacy_report(run_dir, key_file, attack)
     except ReportError as err:
         raise UserError(str(err)) from None
     for line in lines:

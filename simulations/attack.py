@@ -18,7 +18,8 @@ The attack is the loss-threshold attack (Yeom et al., CSF'18), in two forms:
                      released update    the global model before and after the round, what every device gets
                                         (under central DP: with the coordinator's noise)
 
-Members are a device's training samples (the node's own file in the run folder); non-members are the scenario's
+Members are a device's training samples (the node's own file in the run folder, less the part it holds out:
+agent.heldout_split); non-members are the scenario's
 held-out test samples, from the same distribution, which no model of the run trained on. A device's samples are
 label-skewed (and an industrial node is one machine), so an update lowers the loss of every sample of its
 labels and machine, member or not: non-members are reweighted to the members' mix of (group, label), so that
@@ -166,6 +167,7 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
     from fedtiny.interpreter import quantize_input
     from fedtiny.planfile import load_plan
     from fedtiny.protocol.update import zero_delta
+    from fedtiny_device.agent import heldout_split
     from fedtiny_server.requantize import dequantize_state, rebuild, requantize_state, tensor_specs
 
     run = Path(run_dir)
@@ -187,10 +189,12 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
         if not path.exists():
             raise AttackError(f"{run}: no {path.name} for node {i} of the task")
         with np.load(path) as f:
-            x, y = f["x"], f["y"]
+            x, y, seed = f["x"], f["y"], int(f["seed"])
         if not np.array_equal(y, ds.y):
             raise AttackError(f"{run}: {path.name} does not hold the task's node {i} (another scenario or seed?)")
-        nodes[path.stem] = (x, y, np.c_[ds.group, ds.y])
+        # members are what the device trained on: not the part it holds out for its personalised accuracy
+        train, _ = heldout_split(seed, len(y))
+        nodes[path.stem] = (x[train], y[train], np.c_[ds.group, ds.y][train])
     test = task.test
     heldout = (quantize_input(plan.graph, test.X), test.y, np.c_[test.group, test.y])
 

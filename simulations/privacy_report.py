@@ -484,9 +484,40 @@ def requirements(r: Run, audit: dict | None, capture: dict | None) -> Section:
 
 # --- the report ---------------------------------------------------------------------------------------------------
 
-def write_privacy_report(run_dir: str | Path, key_file: str | Path | None = None) -> tuple[Path, Path, list[str]]:
+def attack_section(r: Run) -> Section:
+    """The membership-inference attack of simulations/attack.py run on this folder: what the models and updates
+    the run released or the coordinator saw reveal about whose samples trained them."""
+    from .attack import AttackError, membership_auc
+
+    s = Section("Membership inference, measured on this run")
+    try:
+        result = membership_auc(r.path)
+    except AttackError as err:
+        return s.warning(f"Not measured: {err}.")
+    s.p(f"Attack: {result['assumptions']}. {result['members']} member and {result['nonmembers']} non-member "
+        "samples. The global model before round 1 never saw a device's sample: its AUC is this data's chance level.")
+
+    def auc(x: dict) -> str:
+        return "-" if not x["attacks"] else f"{x['auc']:.3f} ({x['auc_min']:.3f}-{x['auc_max']:.3f})"
+
+    g = result["global_model"]
+    s.table(["what the attacker holds", "who holds it", "AUC (min-max)", "attacks"], [
+        ["the global model before round 1 (control)", "every device", f"{g['auc_before_round_1']:.3f}", 1],
+        ["the final global model", "every device, whoever gets global.ftm", f"{g['auc']:.3f}", 1],
+        ["one device's DELTA", "the coordinator, without secure aggregation", auc(result["device_update"]),
+         result["device_update"]["attacks"]],
+        ["the round's sum", "the coordinator, under secure aggregation", auc(result["secure_aggregate"]),
+         result["secure_aggregate"]["attacks"]],
+        ["each released round (global model before and after)", "every device", auc(result["released_update"]),
+         result["released_update"]["attacks"]]])
+    return s
+
+
+def write_privacy_report(run_dir: str | Path, key_file: str | Path | None = None,
+                         attack: bool = False) -> tuple[Path, Path, list[str]]:
     """Write privacy_report.html and privacy_report.md into the run folder; returns their paths and the summary
-    lines to print (the audit check and the capture scan)."""
+    lines to print (the audit check and the capture scan). `attack`: also run the membership-inference attack
+    on the run (attack_section; minutes on a large run, so asked for)."""
     from .sample_scan import CaptureError, read_capture
 
     r = load_run(run_dir)
@@ -501,6 +532,8 @@ def write_privacy_report(run_dir: str | Path, key_file: str | Path | None = None
     sections = [overview(r, audit_line, capture_line), left_devices(r, payloads), coordinator_saw(r, payloads),
                 differential_privacy(r), keys_inventory(r, audit_key_id), retention(r), audit, capture,
                 requirements(r, audit_line, capture_line)]
+    if attack:
+        sections.insert(4, attack_section(r))
     title = f"fedtiny privacy report: {r.run.get('scenario')}, {r.run.get('nodes')} devices, {len(r.rounds)} rounds"
     html, markdown = r.path / "privacy_report.html", r.path / "privacy_report.md"
     html.write_text(to_html(title, sections))

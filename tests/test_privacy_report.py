@@ -76,6 +76,18 @@ def test_the_report_says_what_the_run_did(run, tmp_path):
     assert secret not in html and identity[:32] not in html and identity[:32] not in markdown
 
 
+def test_the_attack_section_is_membership_auc_on_the_run(run, tmp_path):
+    from fedtiny_sim.attack import membership_auc
+
+    out = copy_of(run, tmp_path)
+    code, output = report([out, "--attack"])
+    assert code == 0, output
+    rows = table_rows((out / "privacy_report.md").read_text(), "Membership inference, measured on this run")
+    result = membership_auc(out)
+    assert rows[2][0] == "the final global model" and float(rows[2][2]) == round(result["global_model"]["auc"], 3)
+    assert int(rows[3][3]) == result["device_update"]["attacks"] > 0  # no secure aggregation: each DELTA attacked
+
+
 def test_the_reports_epsilon_is_dp_accountings(run, tmp_path):
     """Each device's and the fleet's epsilon, as the report prints them, against dp-accounting's RDP accountant
     composed here from the run's noise multiplier, the device's rounds and delta."""
