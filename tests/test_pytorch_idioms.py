@@ -180,7 +180,8 @@ class Activations(nn.Module):
 
 
 def _c_trains_as_python(plan, samples, labels, target, tmp_path):
-    """Python's trainer and the C runtime (on the host, or the M4 under QEMU) over the same samples: the same bits."""
+    """Python's trainer and the C runtime (on the host, or the M4 under QEMU) over the same samples: the same bits;
+    on the M4 also the compiler's stack and flash figures against the firmware's."""
     from test_cruntime import need
 
     from fedtiny_device import cruntime
@@ -202,6 +203,12 @@ def _c_trains_as_python(plan, samples, labels, target, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         assert cruntime.parse_train_result(result.stdout) == (
             len(samples), cruntime.trainable_digest(plan, python.trainable_state()), python.rng_counter)
+        # and the compiler's memory figures hold for these kernels as the linker and the painted stack see them
+        from fedtiny_device import footprint
+
+        report, linked = plan.memory_report(), footprint.runtime_sections(elf.parent / footprint.TRAIN_MAP)
+        assert 0 < footprint.step_stack_bytes(result.stdout) <= report["stack_bytes"]
+        assert abs(report["device_flash_bytes"] - linked["flash"]) <= 0.05 * linked["flash"], (report, linked)
 
 
 @pytest.mark.parametrize("target", ["host", "m4"])
