@@ -447,7 +447,7 @@ def requantize_table(x_scale: float, x_zero: int, y_scale: float, y_zero: int) -
     return _lut_tables(lambda x: x, np.ones_like, x_scale, x_zero, y_scale, y_zero)["table"]
 
 
-def _grad_scale(scale: float) -> tuple[int, int]:
+def grad_scale(scale: float) -> tuple[int, int]:
     """A mul input's scale for the other input's gradient: (m, k) with m in [2^14, 2^15] and scale ~ m 2^-k."""
     m, exponent = quantize_multiplier_q15(scale)
     return m, 15 - exponent
@@ -607,7 +607,7 @@ def quantize(model: nn.Module, calibration: np.ndarray, *, name: str = "model", 
         elif fop.kind == "mul":
             (s_a, _), (s_b, _) = qparams[fop.inputs[0]], qparams[fop.inputs[1]]
             m, sh = quantize_multiplier(s_a * s_b / s_y)
-            (am, ash), (bm, bsh) = _grad_scale(s_b), _grad_scale(s_a)
+            (am, ash), (bm, bsh) = grad_scale(s_b), grad_scale(s_a)
             attrs = dict(multiplier=m, shift=sh, act_min=act_min, act_max=act_max, activation=_activation(fop.act),
                          a_grad_m=am, a_grad_shift=ash, b_grad_m=bm, b_grad_shift=bsh)
         elif fop.kind == "lut":
