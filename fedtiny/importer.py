@@ -1,5 +1,6 @@
 """Import the int8 models people already have: a full-integer TFLite model, or an int8 QDQ ONNX model (onnxruntime's
-quantize_static), -> fedtiny's `Graph`.
+quantize_static; uint8 activations, QUInt8, become int8 ones by subtracting 128 from values and zero points, which is
+exact), -> fedtiny's `Graph`.
 
 TFLite's integer semantics are the IR's (channels-last, int8 activations with a zero point, int8 weights
 symmetric per output channel, int32 biases at s_x * s_w, requantization by a Q31 multiplier and shift), so an
@@ -22,7 +23,8 @@ A QUANTIZE right after a float input, and a SOFTMAX and/or DEQUANTIZE at the ver
 the device receives int8 samples, and training works on the logits (the predicted class is the same). Anything
 else is refused with UnsupportedOpError naming the op and its index.
 
-ONNX QDQ: Conv, Gemm, MaxPool, AveragePool, GlobalAveragePool, Add, Mul, Concat and Flatten/Reshape/Squeeze/Unsqueeze, each
+ONNX QDQ: Conv, Gemm, MaxPool, AveragePool, GlobalAveragePool, Add, Mul, Concat, Sigmoid, Tanh (a lut) and
+Flatten/Reshape/Squeeze/Unsqueeze, each
 between DequantizeLinear inputs and one QuantizeLinear output (int8, per-tensor activations; int8 symmetric
 weights, per channel or not; int32 biases), become the same IR ops with the same constants as TFLite's. ONNX
 defines such a graph in float between the QDQ pairs, so fedtiny's fixed-point results differ from it by a
@@ -37,7 +39,8 @@ import numpy as np
 
 from .arith import quantize_multiplier
 from .ir import CAT_MAX_INPUTS, Graph, GraphError, Op, Tensor, validate
-from .quantize import ADD_LEFT_SHIFT, UnsupportedOpError, grad_scale, requantize_table
+from .quantize import (ADD_LEFT_SHIFT, UnsupportedOpError, elementwise, grad_scale, hwc_axis, lut_tables,
+                       requantize_table)
 
 
 class ModelImportError(ValueError):
@@ -436,6 +439,7 @@ class _TFLiteImporter(_GraphBuilder):
             o = self._options(op, "ConcatenationOptions")
             xs = [self._input(i, k) for k in ins]
             rank = len(self.tensors[out].shape)
+            # TFLite is channels-last: (1, F), (1, L, C), (1, H, W, C)
             axis = {2: {1: 2}, 3: {1: 1, 2: 2}, 4: {1: 0, 2: 1, 3: 2}}.get(rank, {}).get(o.Axis() % max(rank, 1))
             if axis is None or not 2 <= len(xs) <= CAT_MAX_INPUTS or o.FusedActivationFunction() != _ACT_NONE:
                 self._refuse(i, f"concatenates {len(xs)} tensors along axis {o.Axis()} of rank {rank}; fedtiny takes "
@@ -547,8 +551,13 @@ class _OnnxImporter(_GraphBuilder):
 
     def _qparams(self, i: int, node) -> tuple[float, int]:
         scale, zp = self.init.get(node.input[1]), self.init.get(node.input[2]) if len(node.input) > 2 else 0
-        if scale is None or np.size(scale) != 1 or (zp is not None and np.asarray(zp).dtype != np.int8):
-            self._refuse(i, "activations must be int8 with one constant scale and zero point (QInt8, per tensor)")
+        if scale is None or np.size(scale) != 1 or (zp is not None and np.asarray(zp).dtype not in (np.int8, np.uint8)):
+            self._refuse(i, "activations must be int8 or uint8 with one constant scale and zero point (QInt8 or "
+                            "QUInt8, per tensor)")
+        if zp is not None and np.asarray(zp).dtype == np.uint8:
+            # uint8 u on scale s, zero point z is the int8 u - 128 on scale s, zero point z - 128: the same real
+            # values, every kernel's result shifted alike (exact), so a QUInt8 model runs as an int8 one
+            return float(np.float32(scale)), int(zp) - 128
         return float(np.float32(scale)), int(zp if zp is not None else 0)
 
     @staticmethod
@@ -607,6 +616,8 @@ class _OnnxImporter(_GraphBuilder):
                     self.act[node.output[0]] = q_of[node.input[0]]
                 else:
                     self._refuse(i, "dequantizes a tensor that is neither a constant nor an imported int8 tensor")
+            elif op == "Constant":
+                continue  # an axes list (Unsqueeze's): its reader takes its shape from shape inference
             elif op == "Softmax" and node.input[0] in self.act and node.output[0] == graph.output[0].name:
                 self.act[node.output[0]] = self.act[node.input[0]]
                 self.notes.append(f"dropped the final Softmax (node {i}): fedtiny trains on the logits; the predicted "
@@ -699,7 +710,7 @@ class _OnnxImporter(_GraphBuilder):
         elif op == "Concat":
             xs = [self._in(i, n) for n in node.input]
             rank = len(self.dims.get(node.output[0], ()))
-            axis = {2: {1: 2}, 3: {1: 2, 2: 1}, 4: {1: 2, 2: 0, 3: 1}}.get(rank, {}).get(a.get("axis", 0) % max(rank, 1))
+            axis = hwc_axis(a.get("axis", 0), rank) if rank else None
             if axis is None or not 2 <= len(xs) <= CAT_MAX_INPUTS:
                 self._refuse(i, f"concatenates {len(xs)} tensors along axis {a.get('axis')} of rank {rank}; fedtiny "
                                 f"takes 2 to {CAT_MAX_INPUTS} along a non-batch axis")
@@ -715,6 +726,12 @@ class _OnnxImporter(_GraphBuilder):
             self._declare(y, tuple(max(p, q) for p, q in zip(self.graph_tensors[a_in].shape,
                                                               self.graph_tensors[b_in].shape)), scale, zp)
             self._add_mul(a_in, b_in, y, self._bounds(zp), origin)
+        elif op in ("Sigmoid", "Tanh"):  # a lut: the function's table from the two grids, as the quantizer makes it
+            x = self._in(i, node.input[0])
+            self._declare(y, self.graph_tensors[x].shape, scale, zp)
+            function = op.lower()
+            self._emit("lut", [x], y, dict(lut_tables(*elementwise(function), *self._quant(x), scale, zp),
+                                           function=function), origin)
         elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
             x = self._in(i, node.input[0])
             if (scale, zp) != self._quant(x):
@@ -734,8 +751,8 @@ class _OnnxImporter(_GraphBuilder):
             self._emit("reshape", [x], y, {}, origin)
         else:
             self._refuse(i, "not supported (fedtiny imports Conv, Gemm, MaxPool, AveragePool, GlobalAveragePool, "
-                            "Add, Mul, Concat, Flatten, Reshape, Squeeze, Unsqueeze between QuantizeLinear/"
-                            "DequantizeLinear pairs)")
+                            "Add, Mul, Concat, Sigmoid, Tanh, Flatten, Reshape, Squeeze, Unsqueeze between "
+                            "QuantizeLinear/DequantizeLinear pairs)")
         return y
 
 

@@ -124,7 +124,8 @@ def _gelu_nodes(x: str, out: str, tanh: bool, const) -> list:
     """x * 0.5 (1 + erf(x / sqrt 2)), or with tanh(sqrt(2 / pi) (x + 0.044715 x^3)) for approximate='tanh'."""
     f32 = lambda v: np.float32(v)
     if tanh:
-        inner = [helper.make_node("Mul", [x, x], [f"{out}.x2"]), helper.make_node("Mul", [f"{out}.x2", x], [f"{out}.x3"]),
+        inner = [helper.make_node("Mul", [x, x], [f"{out}.x2"]),
+                 helper.make_node("Mul", [f"{out}.x2", x], [f"{out}.x3"]),
                  helper.make_node("Mul", [f"{out}.x3", const(f"{out}.c", f32(0.044715))], [f"{out}.cx3"]),
                  helper.make_node("Add", [x, f"{out}.cx3"], [f"{out}.poly"]),
                  helper.make_node("Mul", [f"{out}.poly", const(f"{out}.k", f32(np.sqrt(2 / np.pi)))], [f"{out}.arg"]),

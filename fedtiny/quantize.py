@@ -133,8 +133,9 @@ def _same_padding(kernel: tuple[int, int]) -> tuple[int, int, int, int]:
     return (kh - 1) // 2, (kw - 1) // 2, kh - 1 - (kh - 1) // 2, kw - 1 - (kw - 1) // 2
 
 
-def _hwc_axis(dim: int, rank: int) -> int | None:
-    """The (H, W, C) axis of PyTorch dimension `dim` of a rank-`rank` activation (batch first), None for the batch."""
+def hwc_axis(dim: int, rank: int) -> int | None:
+    """The (H, W, C) axis of dimension `dim` of a rank-`rank` activation in PyTorch's (and ONNX's) channels-first
+    layout, batch first: None for the batch."""
     dim = dim % rank
     if dim == 0 or not 2 <= rank <= 4:
         return None
@@ -308,7 +309,7 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             inputs = node.args[0] if node.args else node.kwargs.get("tensors")
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
             rank = len(node.meta["tensor_meta"].shape)
-            axis = _hwc_axis(dim, rank)
+            axis = hwc_axis(dim, rank)
             if axis is None or not 2 <= len(inputs) <= CAT_MAX_INPUTS or not all(isinstance(a, fx.Node)
                                                                                 for a in inputs):
                 raise UnsupportedOpError(f"cat at {origin(node)}: only 2 to {CAT_MAX_INPUTS} tensors along a "
@@ -373,7 +374,8 @@ ELEMENTWISE = {
     "hardswish": lambda: (lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
                           lambda x: np.where(x < -3.0, 0.0, np.where(x > 3.0, 1.0, (2.0 * x + 3.0) / 6.0))),
     "leaky_relu": lambda slope: (lambda x: np.where(x > 0, x, slope * x), lambda x: np.where(x > 0, 1.0, slope)),
-    "gelu": lambda: (lambda x: x * _normal_cdf(x), lambda x: _normal_cdf(x) + x * np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi)),
+    "gelu": lambda: (lambda x: x * _normal_cdf(x),
+                     lambda x: _normal_cdf(x) + x * np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi)),
     "gelu_tanh": lambda: (_gelu_tanh, _gelu_tanh_grad),
     "affine": lambda slope, offset: (lambda x: slope * x + offset, lambda x: np.full_like(x, slope)),
 }
@@ -426,7 +428,7 @@ def _elementwise(node: fx.Node, mod, args: list) -> str | None:
     return f"affine({slope!r}, {offset!r})"
 
 
-def _lut_tables(f, df, x_scale: float, x_zero: int, y_scale: float, y_zero: int) -> dict:
+def lut_tables(f, df, x_scale: float, x_zero: int, y_scale: float, y_zero: int) -> dict:
     """The lut op's attrs: y for each int8 x (round half to even, saturated), and f' at each x's real value in
     Q(grad_shift), grad_shift chosen so that the largest |f'| uses 15 bits (docs/numerics.md)."""
     real = x_scale * (np.arange(-128, 128) - x_zero)
@@ -444,7 +446,7 @@ def _lut_tables(f, df, x_scale: float, x_zero: int, y_scale: float, y_zero: int)
 def requantize_table(x_scale: float, x_zero: int, y_scale: float, y_zero: int) -> list[int]:
     """The int8 value of each int8 x on another grid: clamp(round(s_x (x - z_x) / s_y) + z_y) (round half to even, in
     float64), the identity when the grids are the same (a cat input's table)."""
-    return _lut_tables(lambda x: x, np.ones_like, x_scale, x_zero, y_scale, y_zero)["table"]
+    return lut_tables(lambda x: x, np.ones_like, x_scale, x_zero, y_scale, y_zero)["table"]
 
 
 def grad_scale(scale: float) -> tuple[int, int]:
@@ -611,7 +613,7 @@ def quantize(model: nn.Module, calibration: np.ndarray, *, name: str = "model", 
             attrs = dict(multiplier=m, shift=sh, act_min=act_min, act_max=act_max, activation=_activation(fop.act),
                          a_grad_m=am, a_grad_shift=ash, b_grad_m=bm, b_grad_shift=bsh)
         elif fop.kind == "lut":
-            attrs.update(_lut_tables(*elementwise(fop.attrs["function"]), *qparams[fop.inputs[0]], s_y, z_y))
+            attrs.update(lut_tables(*elementwise(fop.attrs["function"]), *qparams[fop.inputs[0]], s_y, z_y))
         ops.append(Op(fop.kind, inputs, [y], attrs, str(fop.origin)))
     meta = dict(name=name, input_shape=list(fg.input_shape),
                 classes=[str(c) for c in classes] if classes is not None else None)
