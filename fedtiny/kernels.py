@@ -194,7 +194,7 @@ def mul(a, b, *, a_zero_point, b_zero_point, y_zero_point, multiplier, shift, ac
 
 
 def mul_input_grad(g_y, other, other_zero_point, m: int, input_shape):
-    """dL/da = dL/dy * s_b (b - z_b) for an input a of `input_shape` (1, H, W, C), with s_b ~ m 2^-k (a compile-
+    """dL/da = dL/dy * s_b (b - z_b) for an input a of `input_shape` (H, W, C), with s_b ~ m 2^-k (a compile-
     time constant): exact int64 sums g_y (b - z_b) m over the axes a broadcasts along (|term| < 2^38), narrowed
     by the caller with exponent e_y - k."""
     acc = g_y.astype(np.int64) * ((other.astype(np.int64) - other_zero_point) * m)
