@@ -120,9 +120,29 @@ def _render_lut(graph: Graph, op: Op, name: str) -> str:
     return decls + _struct("fedtiny_lut_params", f"{name}_params", fields)
 
 
+def _render_cat(graph: Graph, op: Op, name: str) -> str:
+    axis, shapes = op.attrs["axis"], [graph.tensors[n].shape for n in op.inputs]
+    inner = [int(np.prod(shape[axis:])) for shape in shapes]
+    fields = dict(n_inputs=len(shapes), outer=int(np.prod(shapes[0][:axis])),
+                  inner="{" + ", ".join(map(str, inner)) + "}", tables=f"{name}_tables")
+    return (_c_array("int8_t", f"{name}_tables", op.attrs["tables"])
+            + _struct("fedtiny_cat_params", f"{name}_params", fields))
+
+
+def _render_mul(graph: Graph, op: Op, name: str) -> str:
+    (a, b), y = (graph.tensors[n] for n in op.inputs), graph.tensors[op.outputs[0]]
+    fields = dict(out_h=y.shape[0], out_w=y.shape[1], out_c=y.shape[2], a_h=a.shape[0], a_w=a.shape[1],
+                  a_c=a.shape[2], b_h=b.shape[0], b_w=b.shape[1], b_c=b.shape[2], a_zero_point=a.zero_point,
+                  b_zero_point=b.zero_point, out_zero_point=y.zero_point)
+    fields.update({k: _c_int(op.attrs[k]) for k in ("multiplier", "shift", "act_min", "act_max", "a_grad_m",
+                                                     "a_grad_shift", "b_grad_m", "b_grad_shift")})
+    return _struct("fedtiny_mul_params", f"{name}_params", fields)
+
+
 # IR op kind -> renderer of its const data and params struct
 RENDER = {"conv2d": _render_conv2d, "add": _render_add, "avgpool2d": _render_pool2d,
-          "maxpool2d": _render_pool2d, "clamp": _render_clamp, "lut": _render_lut}
+          "maxpool2d": _render_pool2d, "clamp": _render_clamp, "lut": _render_lut, "cat": _render_cat,
+          "mul": _render_mul}
 
 
 def _banner(graph: Graph) -> str:
@@ -238,6 +258,8 @@ TRAIN_STEP_KIND = {
     "avgpool2d_input_grad": "FEDTINY_OP_AVGPOOL2D_INPUT_GRAD",
     "maxpool2d_input_grad": "FEDTINY_OP_MAXPOOL2D_INPUT_GRAD",
     "lut_input_grad": "FEDTINY_OP_LUT_INPUT_GRAD",
+    "cat_input_grad": "FEDTINY_OP_CAT_INPUT_GRAD",
+    "mul_input_grad": "FEDTINY_OP_MUL_INPUT_GRAD",
 }
 
 def gradient_buffers(plan) -> list[str]:
@@ -409,6 +431,11 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                 kernel, ins = f"&op{i}_params", s.reads[:1]
             elif s.kind in ("maxpool2d_input_grad", "lut_input_grad"):
                 kernel, ins = f"&op{i}_params", s.reads[:2]
+            elif s.kind in ("cat_input_grad", "mul_input_grad"):
+                which = s.kind.split("_")[0]
+                text = _struct(f"fedtiny_{which}_input_grad_params", f"{name}_{which}",
+                               {which: f"&op{i}_params", "input": s.attrs["input"]})
+                kernel, ins = f"&{name}_{which}", s.reads
             else:
                 raise ValueError(f"unknown plan step {s.kind!r}")
             decls.append(note + text + _step_params(f"{name}_params", kernel, size, g_in, g_out))

@@ -209,6 +209,23 @@ class Trainer:
         self._store_grad(s.writes[0], acc, self.exponent[s.reads[0]] - op.attrs["grad_shift"])
         self._note(s.writes[0], x)
 
+    def _cat_input_grad(self, s):
+        op, k = self.graph.ops[s.attrs["op"]], s.attrs["input"]
+        shapes = [self.graph.tensors[n].shape for n in op.inputs]
+        g = kernels.cat_input_grad(self._grad(s.reads[0], op.outputs[0]), shapes, op.attrs["axis"], k)
+        self._grad(s.writes[0], op.inputs[k])[...] = g
+        self.exponent[s.writes[0]] = self.exponent[s.reads[0]]
+        self._note(s.writes[0], op.inputs[k])
+
+    def _mul_input_grad(self, s):
+        op, k = self.graph.ops[s.attrs["op"]], s.attrs["input"]
+        x, other = (self.graph.tensors[n] for n in (op.inputs[k], op.inputs[1 - k]))
+        m, shift = (op.attrs[f"{'ab'[k]}_grad_{part}"] for part in ("m", "shift"))
+        acc = kernels.mul_input_grad(self._grad(s.reads[0], op.outputs[0]), self._act(other.name), other.zero_point,
+                                     m, x.shape)
+        self._store_grad(s.writes[0], acc, self.exponent[s.reads[0]] - shift)
+        self._note(s.writes[0], x.name)
+
     # --- helpers ------------------------------------------------------------------------------------------
     def _tensor_of(self, buffer: str) -> str:
         return buffer[len("grad:"):].split("@")[0].split("~")[0]

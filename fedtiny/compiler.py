@@ -261,6 +261,18 @@ def _autodiff(graph: Graph, trainable: dict[int, tuple[int, bool]]) -> tuple[lis
             g_x = f"{grad_name(x)}@{i}"
             steps.append(Step("lut_input_grad", [g_y, x], [g_x], dict(op=i)))
             hand_on(x, g_x)
+        elif op.kind == "cat":  # each input gets its part of the gradient
+            for k, name in enumerate(op.inputs):
+                if name in needs_grad:
+                    g_x = f"{grad_name(name)}@{i}.{k}"
+                    steps.append(Step("cat_input_grad", [g_y], [g_x], dict(op=i, input=k)))
+                    hand_on(name, g_x)
+        elif op.kind == "mul":  # each input's gradient is g_y times the other input's real value
+            for k, name in enumerate(op.inputs):
+                if name in needs_grad:
+                    g_x = f"{grad_name(name)}@{i}.{k}"
+                    steps.append(Step("mul_input_grad", [g_y, op.inputs[1 - k]], [g_x], dict(op=i, input=k)))
+                    hand_on(name, g_x)
         else:  # add, clamp, reshape: the (masked) gradient passes on unchanged to every input
             for name in op.inputs:
                 hand_on(name, g_y)

@@ -36,17 +36,19 @@ KERNEL_STACK_BYTES = {
     "mask_bits": 4 + 24, "loss_grad": 32 + 56, "mse_grad": 32 + 80, "grad_add": 80 + 88, "grad_mask": 8 + 20,
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
     "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
+    "cat": 40 + 32, "mul": 4 + 56, "cat_input_grad": 24 + 32, "mul_input_grad": 24 + 216,
 }
 
 # The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
 # model.c's functions), on the Cortex-M4 with arm-none-eabi-gcc -O2 -ffunction-sections and --gc-sections: the
 # executor's table reaches every kernel, so the linked code does not depend on the plan. Measured from the
 # linker's map (tests/test_device_memory.py keeps it within 5 %); update it when the kernels change.
-RUNTIME_CODE_BYTES = 12_760
+RUNTIME_CODE_BYTES = 14_660  # 12_760 + 1_900 for cat and mul (forward and gradients)
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
 _STRUCT_BYTES = dict(conv2d_params=96, add_params=52, pool2d_params=48, clamp_params=12, lut_params=16, op=32,
+                     cat_params=32, mul_params=84, operand_grad_params=8,
                      step_params=16,
                      grad_mask_params=12, loss_params=8, mse_params=12, input_grad_params=16, update_params=16,
                      graph=52, trainable_entry=16, train_state=32)
@@ -234,8 +236,11 @@ def _op_constant_bytes(graph: Graph, op: Op) -> int:
         return weights + 4 * cout * 3 + _STRUCT_BYTES["conv2d_params"]  # bias, multiplier, shift
     if op.kind == "lut":  # 256 int8 values and 256 int16 derivatives
         return 256 + 2 * 256 + _STRUCT_BYTES["lut_params"]
+    if op.kind == "cat":  # a 256-entry int8 requantization table per input
+        return 256 * len(op.inputs) + _STRUCT_BYTES["cat_params"]
     return {"add": _STRUCT_BYTES["add_params"], "avgpool2d": _STRUCT_BYTES["pool2d_params"],
-            "maxpool2d": _STRUCT_BYTES["pool2d_params"], "clamp": _STRUCT_BYTES["clamp_params"]}.get(op.kind, 0)
+            "maxpool2d": _STRUCT_BYTES["pool2d_params"], "clamp": _STRUCT_BYTES["clamp_params"],
+            "mul": _STRUCT_BYTES["mul_params"]}.get(op.kind, 0)
 
 
 def _step_constant_bytes(plan, step) -> int:
@@ -244,7 +249,8 @@ def _step_constant_bytes(plan, step) -> int:
     if step.kind == "forward":
         return b["op"] * 2  # its row in the training table and in the forward-only table
     extra = {"mask_bits": b["grad_mask_params"], "grad_mask": b["grad_mask_params"], "grad_add": 0,
-             "avgpool2d_input_grad": 0, "maxpool2d_input_grad": 0, "lut_input_grad": 0}.get(step.kind)
+             "avgpool2d_input_grad": 0, "maxpool2d_input_grad": 0, "lut_input_grad": 0,
+             "cat_input_grad": b["operand_grad_params"], "mul_input_grad": b["operand_grad_params"]}.get(step.kind)
     if step.kind == "loss_grad":
         extra = b["mse_params"] if plan.loss == "mse" else b["loss_params"] + 2 * len(plan.exp_table)
     elif step.kind == "conv2d_input_grad":

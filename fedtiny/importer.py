@@ -1,5 +1,6 @@
 """Import the int8 models people already have: a full-integer TFLite model, or an int8 QDQ ONNX model (onnxruntime's
-quantize_static), -> fedtiny's `Graph`.
+quantize_static; uint8 activations, QUInt8, become int8 ones by subtracting 128 from values and zero points, which is
+exact), -> fedtiny's `Graph`.
 
 TFLite's integer semantics are the IR's (channels-last, int8 activations with a zero point, int8 weights
 symmetric per output channel, int32 biases at s_x * s_w, requantization by a Q31 multiplier and shift), so an
@@ -17,12 +18,13 @@ Op mapping (TFLite builtin -> IR):
       weights and TFLite's mean multiplier (fedtiny's avgpool2d keeps the input's grid, and a second rounding
       after it would differ from TFLite's mean in half the outputs)
   RESHAPE, EXPAND_DIMS, SQUEEZE -> reshape (bytes unchanged), or nothing when the (H, W, C) shape is the same
-  ADD -> add
+  ADD -> add; MUL -> mul (broadcasting unit axes); CONCATENATION -> cat (each input requantized by a table)
 A QUANTIZE right after a float input, and a SOFTMAX and/or DEQUANTIZE at the very end, are dropped with a note:
 the device receives int8 samples, and training works on the logits (the predicted class is the same). Anything
 else is refused with UnsupportedOpError naming the op and its index.
 
-ONNX QDQ: Conv, Gemm, MaxPool, AveragePool, GlobalAveragePool, Add and Flatten/Reshape/Squeeze/Unsqueeze, each
+ONNX QDQ: Conv, Gemm, MaxPool, AveragePool, GlobalAveragePool, Add, Mul, Concat, Sigmoid, Tanh (a lut) and
+Flatten/Reshape/Squeeze/Unsqueeze, each
 between DequantizeLinear inputs and one QuantizeLinear output (int8, per-tensor activations; int8 symmetric
 weights, per channel or not; int32 biases), become the same IR ops with the same constants as TFLite's. ONNX
 defines such a graph in float between the QDQ pairs, so fedtiny's fixed-point results differ from it by a
@@ -36,8 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from .arith import quantize_multiplier
-from .ir import Graph, GraphError, Op, Tensor, validate
-from .quantize import ADD_LEFT_SHIFT, UnsupportedOpError
+from .ir import CAT_MAX_INPUTS, Graph, GraphError, Op, Tensor, validate
+from .quantize import (ADD_LEFT_SHIFT, UnsupportedOpError, elementwise, grad_scale, hwc_axis, lut_tables,
+                       requantize_table)
 
 
 class ModelImportError(ValueError):
@@ -153,6 +156,25 @@ class _GraphBuilder:
         self._emit("add", [a, b], y, dict(left_shift=ADD_LEFT_SHIFT, a_multiplier=am, a_shift=ash, b_multiplier=bm,
                                           b_shift=bsh, out_multiplier=om, out_shift=osh, act_min=act_min,
                                           act_max=act_max, activation=activation), origin)
+
+    def _add_cat(self, inputs: list[str], y: str, axis: int, origin: str):
+        """TFLite's CONCATENATION: each input requantized to the output's grid (a copy where they agree)."""
+        s_y, z_y = self._quant(y)
+        self._emit("cat", list(inputs), y, dict(axis=axis, tables=[requantize_table(*self._quant(x), s_y, z_y)
+                                                                   for x in inputs]), origin)
+
+    def _add_mul(self, a: str, b: str, y: str, bounds: tuple[int, int, str], origin: str):
+        """TFLite's int8 MUL (mul.cc): (a - z_a)(b - z_b) requantized by double(s_a) * double(s_b) / double(s_y)."""
+        (s_a, _), (s_b, _), (s_y, _) = self._quant(a), self._quant(b), self._quant(y)
+        m, shift = quantize_multiplier(s_a * s_b / s_y)
+        (am, ash), (bm, bsh) = grad_scale(s_b), grad_scale(s_a)
+        act_min, act_max, activation = bounds
+        self._emit("mul", [a, b], y, dict(multiplier=m, shift=shift, act_min=act_min, act_max=act_max,
+                                          activation=activation, a_grad_m=am, a_grad_shift=ash, b_grad_m=bm,
+                                          b_grad_shift=bsh), origin)
+
+    def _broadcasts(self, a: str, b: str) -> bool:
+        return all(p == q or 1 in (p, q) for p, q in zip(self.graph_tensors[a].shape, self.graph_tensors[b].shape))
 
     def _finish(self, input_name: str, output_name: str, input_shape, name: str, source: str, fmt: str) -> Graph:
         if not self.graph_ops:
@@ -413,10 +435,29 @@ class _TFLiteImporter(_GraphBuilder):
                                 " broadcasting is not supported")
             y = self._activation(i, out)
             self._add_add(a, b, y, self._act_bounds(i, o.FusedActivationFunction(), y), origin)
+        elif kind == "CONCATENATION":
+            o = self._options(op, "ConcatenationOptions")
+            xs = [self._input(i, k) for k in ins]
+            rank = len(self.tensors[out].shape)
+            # TFLite is channels-last: (1, F), (1, L, C), (1, H, W, C)
+            axis = {2: {1: 2}, 3: {1: 1, 2: 2}, 4: {1: 0, 2: 1, 3: 2}}.get(rank, {}).get(o.Axis() % max(rank, 1))
+            if axis is None or not 2 <= len(xs) <= CAT_MAX_INPUTS or o.FusedActivationFunction() != _ACT_NONE:
+                self._refuse(i, f"concatenates {len(xs)} tensors along axis {o.Axis()} of rank {rank}; fedtiny takes "
+                                f"2 to {CAT_MAX_INPUTS} along a non-batch axis, without a fused activation")
+            self._add_cat(xs, self._activation(i, out), axis, origin)
+        elif kind == "MUL":
+            o = self._options(op, "MulOptions")
+            a, b = self._input(i, ins[0]), self._input(i, ins[1])
+            if len(self.tensors[ins[0]].shape) != len(self.tensors[ins[1]].shape) or not self._broadcasts(a, b):
+                self._refuse(i, f"inputs of shapes {self.tensors[ins[0]].shape} and {self.tensors[ins[1]].shape}: "
+                                "each axis must be equal, or 1 in one of them, at the same rank")
+            y = self._activation(i, out)
+            self._add_mul(a, b, y, self._act_bounds(i, o.FusedActivationFunction(), y), origin)
         else:
             where = ("; fedtiny drops a SOFTMAX only at the very end" if kind == "SOFTMAX" else "")
             self._refuse(i, f"not supported (fedtiny imports CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, "
-                            f"MAX_POOL_2D, AVERAGE_POOL_2D, MEAN, RESHAPE, EXPAND_DIMS, SQUEEZE, ADD){where}")
+                            f"MAX_POOL_2D, AVERAGE_POOL_2D, MEAN, RESHAPE, EXPAND_DIMS, SQUEEZE, ADD, MUL, "
+                            f"CONCATENATION){where}")
 
     def _mean(self, i: int, op, ins: list[int], out: int, origin: str):
         """MEAN over the spatial axes as a depthwise conv whose window is the whole map, with TFLite's integers.
@@ -510,8 +551,13 @@ class _OnnxImporter(_GraphBuilder):
 
     def _qparams(self, i: int, node) -> tuple[float, int]:
         scale, zp = self.init.get(node.input[1]), self.init.get(node.input[2]) if len(node.input) > 2 else 0
-        if scale is None or np.size(scale) != 1 or (zp is not None and np.asarray(zp).dtype != np.int8):
-            self._refuse(i, "activations must be int8 with one constant scale and zero point (QInt8, per tensor)")
+        if scale is None or np.size(scale) != 1 or (zp is not None and np.asarray(zp).dtype not in (np.int8, np.uint8)):
+            self._refuse(i, "activations must be int8 or uint8 with one constant scale and zero point (QInt8 or "
+                            "QUInt8, per tensor)")
+        if zp is not None and np.asarray(zp).dtype == np.uint8:
+            # uint8 u on scale s, zero point z is the int8 u - 128 on scale s, zero point z - 128: the same real
+            # values, every kernel's result shifted alike (exact), so a QUInt8 model runs as an int8 one
+            return float(np.float32(scale)), int(zp) - 128
         return float(np.float32(scale)), int(zp if zp is not None else 0)
 
     @staticmethod
@@ -570,6 +616,8 @@ class _OnnxImporter(_GraphBuilder):
                     self.act[node.output[0]] = q_of[node.input[0]]
                 else:
                     self._refuse(i, "dequantizes a tensor that is neither a constant nor an imported int8 tensor")
+            elif op == "Constant":
+                continue  # an axes list (Unsqueeze's): its reader takes its shape from shape inference
             elif op == "Softmax" and node.input[0] in self.act and node.output[0] == graph.output[0].name:
                 self.act[node.output[0]] = self.act[node.input[0]]
                 self.notes.append(f"dropped the final Softmax (node {i}): fedtiny trains on the logits; the predicted "
@@ -659,6 +707,31 @@ class _OnnxImporter(_GraphBuilder):
                 self._refuse(i, "broadcasting is not supported")
             self._declare(y, self.graph_tensors[a_in].shape, scale, zp)
             self._add_add(a_in, b_in, y, self._bounds(zp), origin)
+        elif op == "Concat":
+            xs = [self._in(i, n) for n in node.input]
+            rank = len(self.dims.get(node.output[0], ()))
+            axis = hwc_axis(a.get("axis", 0), rank) if rank else None
+            if axis is None or not 2 <= len(xs) <= CAT_MAX_INPUTS:
+                self._refuse(i, f"concatenates {len(xs)} tensors along axis {a.get('axis')} of rank {rank}; fedtiny "
+                                f"takes 2 to {CAT_MAX_INPUTS} along a non-batch axis")
+            shape = list(self.graph_tensors[xs[0]].shape)
+            shape[axis] = sum(self.graph_tensors[x].shape[axis] for x in xs)
+            self._declare(y, shape, scale, zp)
+            self._add_cat(xs, y, axis, origin)
+        elif op == "Mul":
+            a_in, b_in = self._in(i, node.input[0]), self._in(i, node.input[1])
+            ranks = {len(self.dims.get(n, ())) for n in node.input}
+            if len(ranks) != 1 or not self._broadcasts(a_in, b_in):
+                self._refuse(i, "each axis of the two inputs must be equal, or 1 in one of them, at the same rank")
+            self._declare(y, tuple(max(p, q) for p, q in zip(self.graph_tensors[a_in].shape,
+                                                              self.graph_tensors[b_in].shape)), scale, zp)
+            self._add_mul(a_in, b_in, y, self._bounds(zp), origin)
+        elif op in ("Sigmoid", "Tanh"):  # a lut: the function's table from the two grids, as the quantizer makes it
+            x = self._in(i, node.input[0])
+            self._declare(y, self.graph_tensors[x].shape, scale, zp)
+            function = op.lower()
+            self._emit("lut", [x], y, dict(lut_tables(*elementwise(function), *self._quant(x), scale, zp),
+                                           function=function), origin)
         elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
             x = self._in(i, node.input[0])
             if (scale, zp) != self._quant(x):
@@ -678,7 +751,8 @@ class _OnnxImporter(_GraphBuilder):
             self._emit("reshape", [x], y, {}, origin)
         else:
             self._refuse(i, "not supported (fedtiny imports Conv, Gemm, MaxPool, AveragePool, GlobalAveragePool, "
-                            "Add, Flatten, Reshape, Squeeze, Unsqueeze between QuantizeLinear/DequantizeLinear pairs)")
+                            "Add, Mul, Concat, Sigmoid, Tanh, Flatten, Reshape, Squeeze, Unsqueeze between "
+                            "QuantizeLinear/DequantizeLinear pairs)")
         return y
 
 

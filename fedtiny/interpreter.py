@@ -26,6 +26,13 @@ def _add(graph: Graph, op: Op, a, b):
                        **{k: v for k, v in op.attrs.items() if k != "activation"})
 
 
+def _mul(graph: Graph, op: Op, a, b):
+    t, at = graph.tensors, op.attrs
+    return kernels.mul(a, b, a_zero_point=t[op.inputs[0]].zero_point, b_zero_point=t[op.inputs[1]].zero_point,
+                       y_zero_point=t[op.outputs[0]].zero_point, multiplier=at["multiplier"], shift=at["shift"],
+                       act_min=at["act_min"], act_max=at["act_max"])
+
+
 def _reshape(graph: Graph, op: Op, x):
     return x.reshape((x.shape[0],) + tuple(graph.tensors[op.outputs[0]].shape))
 
@@ -39,6 +46,8 @@ FORWARD = {
     "reshape": _reshape,
     "clamp": lambda graph, op, x: kernels.clamp(x, act_min=op.attrs["act_min"], act_max=op.attrs["act_max"]),
     "lut": lambda graph, op, x: kernels.lut(x, op.attrs["table"]),
+    "cat": lambda graph, op, *xs: kernels.cat(xs, axis=op.attrs["axis"], tables=op.attrs["tables"]),
+    "mul": _mul,
 }
 
 

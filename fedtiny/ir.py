@@ -19,6 +19,13 @@ Ops and their attributes (all ints or lists of ints, so the graph serializes to 
   lut       inputs (x,) -> y, any elementwise function of one int8 value (sigmoid, hardswish, LeakyReLU, x * c):
             attrs table [256] (y for x = -128..127), grad_table [256] (f'(x) * 2^grad_shift at each x's real value,
             |v| < 2^15), grad_shift, function (what it computes, for people: "sigmoid", "leaky_relu(0.01)", ...).
+  cat       inputs (x1, ..., xn), 2 <= n <= 5 -> y, concatenated along `axis` (0, 1, 2 of (H, W, C); the other
+            axes equal). attrs axis, tables [n][256]: each input requantized to y's scale and zero point by its
+            table (y = T_i[x + 128], the identity where the quantization is the same: TFLite's CONCATENATION).
+  mul       inputs (a, b) -> y, the product of two tensors (TFLite's MUL): each axis of a and b is y's or 1
+            (broadcast, e.g. a squeeze-and-excitation gate (1, 1, C) over an (H, W, C) map). attrs multiplier,
+            shift (s_a s_b / s_y), act_min, act_max, activation; training: a_grad_m, a_grad_shift (s_b ~ m 2^-shift,
+            for a's gradient) and b_grad_m, b_grad_shift (s_a, for b's).
 """
 
 from dataclasses import dataclass, field
@@ -35,7 +42,11 @@ OP_SIGNATURES = {
     "reshape": (1, ()),
     "clamp": (1, ("act_min", "act_max", "activation")),
     "lut": (1, ("table", "grad_table", "grad_shift", "function")),
+    "cat": (None, ("axis", "tables")),
+    "mul": (2, ("multiplier", "shift", "act_min", "act_max", "activation", "a_grad_m", "a_grad_shift", "b_grad_m",
+                "b_grad_shift")),
 }
+CAT_MAX_INPUTS = 5  # the C runtime's operand table holds 5 inputs and the output
 ACTIVATIONS = ("none", "relu", "relu6")  # the fused function; act_min/act_max are its int8 bounds
 OP_KINDS = tuple(OP_SIGNATURES)
 DTYPES = {"int8": np.int8, "int16": np.int16, "int32": np.int32, "uint8": np.uint8}
@@ -117,7 +128,9 @@ def validate(graph: Graph) -> None:
         if op.kind not in OP_KINDS:
             raise GraphError(f"unknown op {op.kind!r} (from {op.origin or 'unknown module'})")
         arity, required = OP_SIGNATURES[op.kind]
-        if len(op.inputs) != arity or len(op.outputs) != 1:
+        if arity is None and not 2 <= len(op.inputs) <= CAT_MAX_INPUTS:
+            raise GraphError(f"op {op.kind} ({op.origin}) takes 2 to {CAT_MAX_INPUTS} inputs, got {len(op.inputs)}")
+        if (arity is not None and len(op.inputs) != arity) or len(op.outputs) != 1:
             raise GraphError(f"op {op.kind} ({op.origin}) takes {arity} inputs and 1 output, "
                              f"got {len(op.inputs)} and {len(op.outputs)}")
         missing = [a for a in required if a not in op.attrs]
@@ -170,6 +183,13 @@ def output_shape(graph: Graph, op: Op) -> tuple[int, ...]:
         (sh, sw), (pt, pl, pb, pr) = op.attrs["stride"], op.attrs["padding"]
         c = graph.tensors[op.inputs[1]].shape[0] if op.kind == "conv2d" else c
         return ((h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, c)
+    if op.kind == "cat":
+        shapes = [graph.tensors[n].shape for n in op.inputs]
+        out = list(shapes[0])
+        out[op.attrs["axis"]] = sum(s[op.attrs["axis"]] for s in shapes)
+        return tuple(out)
+    if op.kind == "mul":  # each axis: both inputs' size, or 1 in one of them
+        return tuple(max(a, b) for a, b in zip(graph.tensors[op.inputs[0]].shape, graph.tensors[op.inputs[1]].shape))
     if op.kind == "reshape":  # any (H, W, C) of the same size: the quantizer only emits byte-preserving ones
         out = tuple(graph.tensors[op.outputs[0]].shape)
         return out if len(out) == 3 and int(np.prod(out)) == h * w * c else (1, 1, h * w * c)
@@ -191,6 +211,17 @@ def _check_shapes(graph: Graph, op: Op) -> None:
                              or not all(-128 <= v <= 127 for v in op.attrs["table"])
                              or not all(abs(v) < 2**15 for v in op.attrs["grad_table"])):
         raise GraphError(f"lut ({op.origin}): needs 256 int8 table entries and 256 gradient entries below 2^15")
+    if op.kind == "cat":
+        axis, shapes = op.attrs["axis"], [t[n].shape for n in op.inputs]
+        if (axis not in (0, 1, 2) or len(op.attrs["tables"]) != len(op.inputs)
+                or any(len(table) != 256 or not all(-128 <= v <= 127 for v in table) for table in op.attrs["tables"])
+                or any(s[:axis] + s[axis + 1:] != shapes[0][:axis] + shapes[0][axis + 1:] for s in shapes)):
+            raise GraphError(f"cat ({op.origin}): inputs {shapes} along axis {axis} need equal other axes and one "
+                             "256-entry int8 table each")
+    if op.kind == "mul":
+        a, b = t[op.inputs[0]].shape, t[op.inputs[1]].shape
+        if any(p != q and 1 not in (p, q) for p, q in zip(a, b)):
+            raise GraphError(f"mul ({op.origin}): input shapes {a} and {b} do not broadcast")
     if op.kind == "add" and t[op.inputs[0]].shape != t[op.inputs[1]].shape:
         raise GraphError(f"add ({op.origin}): input shapes {t[op.inputs[0]].shape} and {t[op.inputs[1]].shape} differ")
     expected = output_shape(graph, op)

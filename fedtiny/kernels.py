@@ -173,6 +173,35 @@ def lut_input_grad(g_y, x, grad_table):
     return g_y.astype(np.int64) * np.asarray(grad_table, dtype=np.int64)[x.astype(np.int64) + 128]
 
 
+def cat(xs, *, axis, tables):
+    """Concatenation along axis 0, 1 or 2 of (H, W, C): each input through its requantization table (entry x + 128;
+    the identity where its quantization is the output's), then side by side, as TFLite's CONCATENATION."""
+    return np.concatenate([np.asarray(table, dtype=np.int8)[x.astype(np.int16) + 128] for x, table in zip(xs, tables)],
+                          axis=axis + 1)
+
+
+def cat_input_grad(g_y, input_shapes, axis: int, k: int):
+    """Input k's part of the output gradient, unchanged (the requantization is the identity in real units;
+    saturation passes straight through as everywhere): the same exponent, nothing to narrow."""
+    start = sum(shape[axis] for shape in input_shapes[:k])
+    return np.take(g_y, np.arange(start, start + input_shapes[k][axis]), axis=axis + 1)
+
+
+def mul(a, b, *, a_zero_point, b_zero_point, y_zero_point, multiplier, shift, act_min, act_max):
+    """TFLite's quantized MUL: (a - z_a)(b - z_b) requantized by s_a s_b / s_y; an axis of size 1 broadcasts."""
+    acc = (a.astype(np.int64) - a_zero_point) * (b.astype(np.int64) - b_zero_point)
+    return requantize(acc, multiplier, shift, y_zero_point, act_min, act_max)
+
+
+def mul_input_grad(g_y, other, other_zero_point, m: int, input_shape):
+    """dL/da = dL/dy * s_b (b - z_b) for an input a of `input_shape` (H, W, C), with s_b ~ m 2^-k (a compile-
+    time constant): exact int64 sums g_y (b - z_b) m over the axes a broadcasts along (|term| < 2^38), narrowed
+    by the caller with exponent e_y - k."""
+    acc = g_y.astype(np.int64) * ((other.astype(np.int64) - other_zero_point) * m)
+    axes = tuple(i for i in range(1, 4) if input_shape[i - 1] == 1 and acc.shape[i] != 1)
+    return acc.sum(axis=axes, keepdims=True) if axes else acc
+
+
 def activation_mask(y, mask_min, mask_max):
     """Where the fused activation let the value through (mask_min < y < mask_max): the gradient passes there only.
 

@@ -86,7 +86,9 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
             name, _, params = op.attrs["function"].partition("(")
             args = [float(v) for v in params.rstrip(")").split(",") if v.strip()]
             x = dq(op.inputs[0])
-            if name == "affine":
+            if name in ("gelu", "gelu_tanh"):  # opset 19 has no Gelu: its formula, with Erf or Tanh
+                nodes.extend(_gelu_nodes(x, f"{y}.f", name == "gelu_tanh", const))
+            elif name == "affine":
                 scaled = f"{y}.scaled"
                 nodes.append(helper.make_node("Mul", [x, const(f"{y}.a", np.float32(args[0]))], [scaled]))
                 nodes.append(helper.make_node("Add", [scaled, const(f"{y}.b", np.float32(args[1]))], [f"{y}.f"]))
@@ -97,6 +99,13 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
                                   "leaky_relu": ("LeakyRelu", dict(alpha=args[0] if args else 0.01))}[name]
                 nodes.append(helper.make_node(onnx_op, [x], [f"{y}.f"], **attrs))
             q(f"{y}.f", y)
+        elif op.kind == "cat":  # each input dequantized with its own scale, quantized once with the output's
+            nodes.append(helper.make_node("Concat", [dq(n) for n in op.inputs], [f"{y}.cat"],
+                                          axis=(2, 3, 1)[op.attrs["axis"]]))
+            q(f"{y}.cat", y)
+        elif op.kind == "mul":
+            nodes.append(helper.make_node("Mul", [dq(op.inputs[0]), dq(op.inputs[1])], [f"{y}.product"]))
+            q(activation(f"{y}.product", op), y)
         else:
             raise ValueError(f"no ONNX export for op {op.kind}")
 
@@ -109,6 +118,24 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
                               opset_imports=[helper.make_opsetid("", 19)])
     onnx.checker.check_model(model)
     return model
+
+
+def _gelu_nodes(x: str, out: str, tanh: bool, const) -> list:
+    """x * 0.5 (1 + erf(x / sqrt 2)), or with tanh(sqrt(2 / pi) (x + 0.044715 x^3)) for approximate='tanh'."""
+    f32 = lambda v: np.float32(v)
+    if tanh:
+        inner = [helper.make_node("Mul", [x, x], [f"{out}.x2"]),
+                 helper.make_node("Mul", [f"{out}.x2", x], [f"{out}.x3"]),
+                 helper.make_node("Mul", [f"{out}.x3", const(f"{out}.c", f32(0.044715))], [f"{out}.cx3"]),
+                 helper.make_node("Add", [x, f"{out}.cx3"], [f"{out}.poly"]),
+                 helper.make_node("Mul", [f"{out}.poly", const(f"{out}.k", f32(np.sqrt(2 / np.pi)))], [f"{out}.arg"]),
+                 helper.make_node("Tanh", [f"{out}.arg"], [f"{out}.t"])]
+    else:
+        inner = [helper.make_node("Mul", [x, const(f"{out}.k", f32(1 / np.sqrt(2)))], [f"{out}.arg"]),
+                 helper.make_node("Erf", [f"{out}.arg"], [f"{out}.t"])]
+    return inner + [helper.make_node("Add", [f"{out}.t", const(f"{out}.one", f32(1.0))], [f"{out}.1t"]),
+                    helper.make_node("Mul", [x, f"{out}.1t"], [f"{out}.x1t"]),
+                    helper.make_node("Mul", [f"{out}.x1t", const(f"{out}.half", f32(0.5))], [out])]
 
 
 def single_op_graph(graph: Graph, op: Op) -> Graph:

@@ -15,7 +15,7 @@ from .modelfile import graph_from
 KIND = b"PLAN"
 STEP_KINDS = ("forward", "mask_bits", "loss_grad", "grad_add", "grad_mask", "conv2d_input_grad",
               "conv2d_weight_update", "conv2d_bias_update", "avgpool2d_input_grad", "maxpool2d_input_grad",
-              "lut_input_grad")
+              "lut_input_grad", "cat_input_grad", "mul_input_grad")
 
 
 def _header(plan: Plan) -> dict:

@@ -10,6 +10,7 @@ An op outside the supported set is refused with its name and module path.
 """
 
 import linecache
+import math
 import operator
 import os
 import re
@@ -23,7 +24,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .arith import quantize_multiplier
-from .ir import Graph, Op, Tensor, to_hwc, validate
+from .arith import quantize_multiplier_q15
+from .ir import CAT_MAX_INPUTS, Graph, Op, Tensor, to_hwc, validate
 from .kernels import _windows
 
 ADD_LEFT_SHIFT = 20  # TFLite's headroom for rescaling both ADD inputs onto a common grid
@@ -131,6 +133,15 @@ def _same_padding(kernel: tuple[int, int]) -> tuple[int, int, int, int]:
     return (kh - 1) // 2, (kw - 1) // 2, kh - 1 - (kh - 1) // 2, kw - 1 - (kw - 1) // 2
 
 
+def hwc_axis(dim: int, rank: int) -> int | None:
+    """The (H, W, C) axis of dimension `dim` of a rank-`rank` activation in PyTorch's (and ONNX's) channels-first
+    layout, batch first: None for the batch."""
+    dim = dim % rank
+    if dim == 0 or not 2 <= rank <= 4:
+        return None
+    return {2: {1: 2}, 3: {1: 2, 2: 1}, 4: {1: 2, 2: 0, 3: 1}}[rank][dim]
+
+
 def _dims(dim, rank: int) -> set[int]:
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
     return {d % rank for d in dims}
@@ -179,7 +190,7 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
 
     def fuse_act(node: fx.Node, src: str, lo: float, hi: float):
         prev = producer.get(src)
-        if prev is not None and prev.kind in ("conv2d", "add") and prev.act is None and sole_user(src):
+        if prev is not None and prev.kind in ("conv2d", "add", "mul") and prev.act is None and sole_user(src):
             prev.act = (lo, hi)
             alias(node, src)
         else:
@@ -294,6 +305,25 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
         elif (function := _elementwise(node, mod, args)) is not None:
             emit(FloatOp("lut", [args[0] if isinstance(args[0], str) else args[1]], node.name, origin(node),
                          dict(function=function)), node)
+        elif mod is None and fn in (torch.cat, torch.concat, torch.concatenate):
+            inputs = node.args[0] if node.args else node.kwargs.get("tensors")
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+            rank = len(node.meta["tensor_meta"].shape)
+            axis = hwc_axis(dim, rank)
+            if axis is None or not 2 <= len(inputs) <= CAT_MAX_INPUTS or not all(isinstance(a, fx.Node)
+                                                                                for a in inputs):
+                raise UnsupportedOpError(f"cat at {origin(node)}: only 2 to {CAT_MAX_INPUTS} tensors along a "
+                                         f"channel or spatial axis are supported, not dim={dim}{_source_line(node)}")
+            emit(FloatOp("cat", [tensor_of[a.name] for a in inputs], node.name, origin(node), dict(axis=axis)), node)
+        elif (fn in (operator.mul, torch.mul) or (node.op == "call_method" and fn == "mul")) and len(args) == 2 \
+                and all(isinstance(a, str) for a in args) and not node.kwargs:
+            ranks = {len(a.meta["tensor_meta"].shape) for a in node.args}
+            a, b = shapes[args[0]], shapes[args[1]]
+            if len(ranks) != 1 or any(p != q and 1 not in (p, q) for p, q in zip(a, b)):
+                raise UnsupportedOpError(f"mul at {origin(node)}: the product of a {a} and a {b} (H, W, C) map; "
+                                         "each axis must be equal or 1 in one of them, at the same rank"
+                                         f"{_source_line(node)}")
+            emit(FloatOp("mul", list(args), node.name, origin(node)), node)
         elif fn in (operator.add, torch.add) or (node.op == "call_method" and fn == "add"):
             if len(args) != 2 or not all(isinstance(a, str) for a in args) or node.kwargs:
                 raise UnsupportedOpError(f"add at {origin(node)}: only the sum of two tensors is supported")
@@ -305,7 +335,8 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
             raise UnsupportedOpError(f"unsupported op {_describe(node, modules)} at {where}{_source_line(node)}; "
                                      "supported: conv1d/conv2d (incl. depthwise), linear, batch norm after conv, "
                                      "ReLU/ReLU6, LeakyReLU, sigmoid, tanh, hardsigmoid, hardswish, the sum of two "
-                                     "tensors, adding/subtracting/multiplying/dividing by a number, avg/max pool "
+                                     "tensors, the product of two tensors (broadcasting unit axes), torch.cat, GELU, "
+                                     "adding/subtracting/multiplying/dividing by a number, avg/max pool "
                                      "(modules or functions), global avg pool and mean over the spatial axes, "
                                      "flatten/view/reshape to (batch, features), squeeze and unsqueeze of unit axes")
     return FloatGraph(ops, shapes, graph_input, graph_output, tuple(input_shape))
@@ -313,6 +344,23 @@ def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
 
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def _normal_cdf(x):
+    return 0.5 * (1.0 + np.vectorize(math.erf)(np.asarray(x, dtype=np.float64) / math.sqrt(2.0)))
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(x):
+    """GELU's tanh approximation, PyTorch's approximate='tanh'."""
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x**3)))
+
+
+def _gelu_tanh_grad(x):
+    t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
 
 
 # Elementwise functions of one value (each a `lut` op), by the name its `function` attr carries, with parameters:
@@ -326,6 +374,9 @@ ELEMENTWISE = {
     "hardswish": lambda: (lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
                           lambda x: np.where(x < -3.0, 0.0, np.where(x > 3.0, 1.0, (2.0 * x + 3.0) / 6.0))),
     "leaky_relu": lambda slope: (lambda x: np.where(x > 0, x, slope * x), lambda x: np.where(x > 0, 1.0, slope)),
+    "gelu": lambda: (lambda x: x * _normal_cdf(x),
+                     lambda x: _normal_cdf(x) + x * np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi)),
+    "gelu_tanh": lambda: (_gelu_tanh, _gelu_tanh_grad),
     "affine": lambda slope, offset: (lambda x: slope * x + offset, lambda x: np.full_like(x, slope)),
 }
 
@@ -351,9 +402,13 @@ def _elementwise(node: fx.Node, mod, args: list) -> str | None:
     """The lut `function` when the node is an elementwise function of one tensor, else None."""
     fn = node.target
     if mod is not None:
+        if isinstance(mod, nn.GELU):
+            return "gelu_tanh" if mod.approximate == "tanh" else "gelu"
         if isinstance(mod, nn.LeakyReLU):
             return f"leaky_relu({float(mod.negative_slope)!r})"
         return _ELEMENTWISE_MODULES.get(type(mod))
+    if fn is F.gelu:
+        return "gelu_tanh" if node.kwargs.get("approximate", "none") == "tanh" else "gelu"
     if fn is F.leaky_relu or fn == "leaky_relu":
         return f"leaky_relu({float(args[1] if len(args) > 1 else node.kwargs.get('negative_slope', 0.01))!r})"
     if fn in _ELEMENTWISE_FUNCTIONS and len(args) == 1:
@@ -373,7 +428,7 @@ def _elementwise(node: fx.Node, mod, args: list) -> str | None:
     return f"affine({slope!r}, {offset!r})"
 
 
-def _lut_tables(f, df, x_scale: float, x_zero: int, y_scale: float, y_zero: int) -> dict:
+def lut_tables(f, df, x_scale: float, x_zero: int, y_scale: float, y_zero: int) -> dict:
     """The lut op's attrs: y for each int8 x (round half to even, saturated), and f' at each x's real value in
     Q(grad_shift), grad_shift chosen so that the largest |f'| uses 15 bits (docs/numerics.md)."""
     real = x_scale * (np.arange(-128, 128) - x_zero)
@@ -386,6 +441,18 @@ def _lut_tables(f, df, x_scale: float, x_zero: int, y_scale: float, y_zero: int)
         shift -= 1
         grad = np.round(slope * 2.0**shift)
     return dict(table=table.tolist(), grad_table=grad.astype(int).tolist(), grad_shift=shift)
+
+
+def requantize_table(x_scale: float, x_zero: int, y_scale: float, y_zero: int) -> list[int]:
+    """The int8 value of each int8 x on another grid: clamp(round(s_x (x - z_x) / s_y) + z_y) (round half to even, in
+    float64), the identity when the grids are the same (a cat input's table)."""
+    return lut_tables(lambda x: x, np.ones_like, x_scale, x_zero, y_scale, y_zero)["table"]
+
+
+def grad_scale(scale: float) -> tuple[int, int]:
+    """A mul input's scale for the other input's gradient: (m, k) with m in [2^14, 2^15] and scale ~ m 2^-k."""
+    m, exponent = quantize_multiplier_q15(scale)
+    return m, 15 - exponent
 
 
 _RESHAPES = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
@@ -454,6 +521,10 @@ def _float_forward_op(op: FloatOp, x: list[np.ndarray]) -> np.ndarray:
         y = x[0]  # float_forward gives it the output's shape
     elif op.kind == "lut":
         y = elementwise(op.attrs["function"])[0](x[0])
+    elif op.kind == "cat":
+        y = np.concatenate(x, axis=op.attrs["axis"] + 1)
+    elif op.kind == "mul":
+        y = x[0] * x[1]
     else:  # clamp
         y = x[0]
     if op.act is not None:
@@ -533,8 +604,16 @@ def quantize(model: nn.Module, calibration: np.ndarray, *, name: str = "model", 
                          activation=_activation(fop.act))
         elif fop.kind == "clamp":
             attrs = dict(act_min=act_min, act_max=act_max, activation=_activation(fop.act))
+        elif fop.kind == "cat":
+            attrs["tables"] = [requantize_table(*qparams[x], s_y, z_y) for x in fop.inputs]
+        elif fop.kind == "mul":
+            (s_a, _), (s_b, _) = qparams[fop.inputs[0]], qparams[fop.inputs[1]]
+            m, sh = quantize_multiplier(s_a * s_b / s_y)
+            (am, ash), (bm, bsh) = grad_scale(s_b), grad_scale(s_a)
+            attrs = dict(multiplier=m, shift=sh, act_min=act_min, act_max=act_max, activation=_activation(fop.act),
+                         a_grad_m=am, a_grad_shift=ash, b_grad_m=bm, b_grad_shift=bsh)
         elif fop.kind == "lut":
-            attrs.update(_lut_tables(*elementwise(fop.attrs["function"]), *qparams[fop.inputs[0]], s_y, z_y))
+            attrs.update(lut_tables(*elementwise(fop.attrs["function"]), *qparams[fop.inputs[0]], s_y, z_y))
         ops.append(Op(fop.kind, inputs, [y], attrs, str(fop.origin)))
     meta = dict(name=name, input_shape=list(fg.input_shape),
                 classes=[str(c) for c in classes] if classes is not None else None)

@@ -90,6 +90,8 @@ def onnxruntime_agreement(graph, x_int8) -> dict[str, dict]:
             ambiguous = _avgpool_ties(graph, op, values[op.inputs[0]])
         elif op.kind == "conv2d":
             ambiguous = _conv_double_rounding(graph, op, values[op.inputs[0]])
+        elif op.kind == "mul":
+            ambiguous = _mul_double_rounding(graph, op, values[op.inputs[0]], values[op.inputs[1]])
         clear = ~ambiguous
         result[f"{op.kind} {op.outputs[0]} ({op.origin})"] = dict(
             identical=float((diff[clear] == 0).mean()) if clear.any() else 1.0, max_lsb=int(diff.max()),
@@ -108,6 +110,16 @@ def _conv_double_rounding(graph, op, x):
     exact = acc * (t_x.scale[0] * t_w.scale / t_y.scale[0])  # the last axis is the output channel
     right_shift = np.maximum(-np.asarray(a["shift"]), 0)
     window = np.where(right_shift > 0, 0.5 ** (right_shift + 1), 0.0) + FLOAT_MARGIN * np.maximum(1, np.abs(exact))
+    return np.abs(exact - np.floor(exact) - 0.5) <= window
+
+
+def _mul_double_rounding(graph, op, a, b):
+    """A mul requantizes as a conv does (TFLite's two roundings): the same window around x.5 is ambiguous."""
+    t_a, t_b, t_y = (graph.tensors[n] for n in (*op.inputs, op.outputs[0]))
+    product = (a.astype(np.int64) - t_a.zero_point) * (b.astype(np.int64) - t_b.zero_point)
+    exact = product * (t_a.scale[0] * t_b.scale[0] / t_y.scale[0])
+    right_shift = max(-op.attrs["shift"], 0)
+    window = (0.5 ** (right_shift + 1) if right_shift else 0.0) + FLOAT_MARGIN * np.maximum(1, np.abs(exact))
     return np.abs(exact - np.floor(exact) - 0.5) <= window
 
 

@@ -63,8 +63,13 @@ def autograd_mirror(graph, x_int8, label):
             name, _, spec = op.attrs["function"].partition("(")
             args = [float(v) for v in spec.rstrip(")").split(",") if v.strip()]
             y = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardsigmoid": F.hardsigmoid,
-                 "hardswish": F.hardswish, "leaky_relu": F.leaky_relu,
+                 "hardswish": F.hardswish, "leaky_relu": F.leaky_relu, "gelu": F.gelu,
+                 "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
                  "affine": lambda v, a, b: a * v + b}[name](xs[0], *args)
+        elif op.kind == "cat":
+            y = torch.cat(xs, op.attrs["axis"] + 1)
+        elif op.kind == "mul":
+            y = xs[0] * xs[1]
         else:  # clamp
             y = xs[0]
         ours = ints[y_name]

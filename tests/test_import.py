@@ -209,6 +209,8 @@ def test_simulate_refuses_data_that_does_not_fit_the_model_file(imported_files, 
 # pairs into int8 kernels whose results differ from that definition by up to 22 steps on this machine's CPU.)
 
 ONNX = FIXTURES / "digits_rows_qdq.onnx"
+ONNX_BLOCKS = FIXTURES / "digits_rows_blocks_qdq.onnx"  # Concat, a broadcast Mul gate, Mul of two maps, Sigmoid
+ONNX_UINT8 = FIXTURES / "digits_rows_qdq_uint8.onnx"  # the first model with uint8 activations (QUInt8)
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +221,15 @@ def onnx_imported():
     return import_model(ONNX)[0]
 
 
+@pytest.fixture(scope="module", params=[ONNX, ONNX_BLOCKS, ONNX_UINT8], ids=["residual", "blocks", "uint8"])
+def onnx_case(request):
+    """(file, imported graph) of each quantize_static fixture."""
+    require_module("onnx", "dev")
+    from fedtiny.importer import import_model
+
+    return request.param, import_model(request.param)[0]
+
+
 @pytest.fixture(scope="module")
 def onnx_digits():
     from make_onnx_fixture import digits_rows_torch
@@ -226,15 +237,18 @@ def onnx_digits():
     return digits_rows_torch()
 
 
-def onnxruntime_int8(tensors: list[str], x: np.ndarray) -> list[np.ndarray]:
+def onnxruntime_int8(tensors: list[str], x: np.ndarray, path: Path = ONNX) -> list[np.ndarray]:
     """onnxruntime's int8 values of the named QuantizeLinear outputs, per sample, in fedtiny's (N, H, W, C)."""
     require_module("onnxruntime", "dev")
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(ONNX)
+    model = onnx.load(path)
+    zero_points = {n.output[0]: n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    uint8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
     for name in tensors:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT8, None))
+        kind = onnx.TensorProto.UINT8 if zero_points.get(name) in uint8 else onnx.TensorProto.INT8
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, kind, None))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -242,16 +256,18 @@ def onnxruntime_int8(tensors: list[str], x: np.ndarray) -> list[np.ndarray]:
     out = []
     for k in range(len(tensors)):
         a = np.concatenate([r[k] for r in per_sample])
+        if a.dtype == np.uint8:  # a QUInt8 model's values: as the int8 ones fedtiny imports (u - 128)
+            a = (a.astype(np.int16) - 128).astype(np.int8)
         out.append(a.transpose(0, 2, 1)[:, None] if a.ndim == 3 else
                    a.transpose(0, 2, 3, 1) if a.ndim == 4 else a[:, None, None, :])
     return out
 
 
-def onnx_tensor_of(graph) -> dict[str, str]:
+def onnx_tensor_of(graph, path: Path = ONNX) -> dict[str, str]:
     """fedtiny's tensor -> the QuantizeLinear output it stands for (the importer names them n<ONNX node index>)."""
     import onnx
 
-    nodes = list(onnx.load(ONNX).graph.node)
+    nodes = list(onnx.load(path).graph.node)
     names = {"input": next(n.output[0] for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] == "x")}
     for name in graph.tensors:
         if name.startswith("n") and name[1:].isdigit():
@@ -269,14 +285,25 @@ def test_onnx_import_reads_quantize_static_s_qdq_graph(onnx_imported):
         ["relu", "relu", "none", "relu", "none", "none"]
 
 
-def test_onnx_ops_agree_with_onnxruntime_op_by_op(onnx_imported, onnx_digits):
+def test_onnx_blocks_import_concat_mul_and_sigmoid():
+    require_module("onnx", "dev")
+    from fedtiny.importer import import_model
+
+    graph = import_model(ONNX_BLOCKS)[0]
+    kinds = [op.kind for op in graph.ops]
+    assert (kinds.count("cat"), kinds.count("mul"), kinds.count("lut")) == (1, 2, 2), kinds
+    gate = next(op for op in graph.ops if op.kind == "mul")
+    assert graph.tensors[gate.inputs[1]].shape == (1, 1, 16)  # the gate broadcasts over the length
+
+
+def test_onnx_ops_agree_with_onnxruntime_op_by_op(onnx_case, onnx_digits):
     from fedtiny.interpreter import FORWARD
 
-    graph = onnx_imported
+    path, graph = onnx_case
     x, _ = onnx_digits
-    names = onnx_tensor_of(graph)
+    names = onnx_tensor_of(graph, path)
     activations = [n for n in graph.tensors if not graph.tensors[n].is_constant]
-    theirs = dict(zip(activations, onnxruntime_int8([names[n] for n in activations], x)))
+    theirs = dict(zip(activations, onnxruntime_int8([names[n] for n in activations], x, path)))
     for op in graph.ops:
         args = [graph.tensors[n].data if graph.tensors[n].is_constant else theirs[n] for n in op.inputs]
         ours = FORWARD[op.kind](graph, op, *args).reshape(len(x), -1).astype(np.int64)
@@ -285,26 +312,26 @@ def test_onnx_ops_agree_with_onnxruntime_op_by_op(onnx_imported, onnx_digits):
         assert apart.max() <= 1, f"{op.origin}: {int((apart > 1).sum())} values more than 1 step apart"
 
 
-def test_onnx_model_predicts_onnxruntime_s_classes(onnx_imported, onnx_digits):
-    graph = onnx_imported
+def test_onnx_model_predicts_onnxruntime_s_classes(onnx_case, onnx_digits):
+    path, graph = onnx_case
     x, y = onnx_digits
     ours = run(graph, quantize_input(graph, x)).reshape(len(x), -1)
-    (theirs,) = onnxruntime_int8([onnx_tensor_of(graph)[graph.outputs[0]]], x)
+    (theirs,) = onnxruntime_int8([onnx_tensor_of(graph, path)[graph.outputs[0]]], x, path)
     assert (ours.argmax(axis=1) == theirs.reshape(len(x), -1).argmax(axis=1)).all()
     assert (ours.argmax(axis=1) == y).mean() > 0.9
 
 
-def test_onnx_imported_model_trains_bit_exactly_in_c(onnx_imported, onnx_digits, tmp_path):
+def test_onnx_imported_model_trains_bit_exactly_in_c(onnx_case, onnx_digits, tmp_path):
     from test_ctrainer import assert_same_state, python_reference
     from test_cruntime import need
 
     from fedtiny_device import cruntime
 
     need("gcc", "make")
-    graph = onnx_imported
+    path, graph = onnx_case
     x, y = onnx_digits
     xq = quantize_input(graph, x[:100])
-    plan = compile_plan(graph, parse("last:2", graph))
+    plan = compile_plan(graph, parse("full" if path == ONNX_BLOCKS else "last:2", graph))  # full: through cat, mul
     expected = python_reference(plan, xq, y[:100], seed=5)
     trainer = cruntime.CTrainer(plan, seed=5, cache_dir=tmp_path)
     for xi, yi in zip(xq, y[:100]):

@@ -48,6 +48,41 @@ class Affine(nn.Module):
         return (self.fc(x) * 0.5 - 1 + 3) / 4
 
 
+class Concat(nn.Module):
+    """torch.cat of two branches with their own grids (each input requantized), along channels as in Inception, or
+    along the length."""
+
+    def __init__(self, dim=1):
+        super().__init__()
+        self.a, self.b, self.dim = nn.Conv1d(2, 3, 3, padding=1), nn.Conv1d(2, 4 if dim == 1 else 3, 5, padding=2), dim
+
+    def forward(self, x):
+        return torch.cat([self.a(x), torch.relu(self.b(x))], self.dim)
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(s): a (N, C, H, W) map times a per-channel gate (N, C, 1, 1), broadcast over H and W."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(2, c, 3), nn.Linear(c, c)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * torch.sigmoid(self.gate(y.mean((2, 3)))).view(y.size(0), -1, 1, 1)
+
+
+class Product(nn.Module):
+    """The product of two maps of the same shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(2, 4, 3), nn.Conv1d(2, 4, 3)
+
+    def forward(self, x):
+        return self.a(x) * self.b(x)
+
+
 CASES = {
     "conv1d k3 s2 p1": (nn.Sequential(nn.Conv1d(3, 8, 3, stride=2, padding=1), nn.ReLU()), (3, 33)),
     "conv1d k7 s1 p0 no bias + bn": (nn.Sequential(nn.Conv1d(2, 5, 7, bias=False), nn.BatchNorm1d(5)), (2, 40)),
@@ -73,6 +108,12 @@ CASES = {
     "hardsigmoid (lut)": (nn.Sequential(nn.Conv1d(2, 4, 3), nn.Hardsigmoid()), (2, 20)),
     "leaky relu (lut)": (nn.Sequential(nn.Conv1d(2, 4, 3), nn.LeakyReLU(0.1)), (2, 20)),
     "x * 0.5 - 1 (lut)": (Affine(), (12,)),
+    "gelu (lut)": (nn.Sequential(nn.Linear(12, 8), nn.GELU()), (12,)),
+    "gelu tanh (lut)": (nn.Sequential(nn.Conv1d(2, 4, 3), nn.GELU(approximate="tanh")), (2, 20)),
+    "cat along channels": (Concat(), (2, 16)),
+    "cat along length": (nn.Sequential(Concat(dim=2), nn.Flatten(), nn.Linear(3 * 32, 4)), (2, 16)),
+    "mul of two maps": (Product(), (2, 12)),
+    "mul broadcast (squeeze-excitation)": (SqueezeExcite(), (2, 7, 7)),
 }
 
 

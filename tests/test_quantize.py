@@ -51,14 +51,14 @@ class Concat(nn.Module):
         self.right = nn.Conv1d(2, 3, 1)
 
     def forward(self, x):
-        return torch.cat([self.left(x), self.right(x)], 1)
+        return torch.cat([self.left(x), self.right(x)], 0)  # along the batch axis: the device has none
 
 
-class Gelu(nn.Module):
+class SoftmaxInside(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(6, 6)
-        self.act = nn.GELU()
+        self.act = nn.Softmax(dim=1)
 
     def forward(self, x):
         return self.act(self.fc(x))
@@ -114,8 +114,8 @@ class TwoInputs(nn.Module):
 # name -> (model, sample shape, words the error must contain: the op and where it is)
 REFUSED = {
     "softplus in a Sequential": (SoftplusHead(), (6,), ["Softplus", "head.1"]),
-    "torch.cat": (Concat(), (2, 8), ["cat"]),
-    "GELU": (Gelu(), (6,), ["GELU", "act"]),
+    "torch.cat along the batch axis": (Concat(), (2, 8), ["cat", "dim=0"]),
+    "softmax inside the model": (SoftmaxInside(), (6,), ["Softmax", "act"]),
     "conv2d dilation 2": (Dilated(), (2, 9, 9), ["Conv2d", "stem.0", "dilation"]),
     "batch norm on the input": (NormFirst(), (6,), ["BatchNorm1d", "norm"]),
     "batch norm after a relu": (NormAfterRelu(), (2, 6, 6), ["BatchNorm2d", "block.2"]),

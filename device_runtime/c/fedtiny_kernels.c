@@ -871,6 +871,141 @@ fedtiny_status fedtiny_lut_input_grad(const fedtiny_lut_params *p, const int16_t
     return FEDTINY_OK;
 }
 
+/* ---- cat and mul ------------------------------------------------------------------------------------------ */
+
+size_t fedtiny_cat_scratch_bytes(const fedtiny_cat_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+fedtiny_status fedtiny_cat(const fedtiny_cat_params *p, const int8_t *const *x, int8_t *y)
+{
+    int32_t o, i, j;
+    if (p->n_inputs < 2 || p->n_inputs > FEDTINY_CAT_MAX_INPUTS) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    for (o = 0; o < p->outer; o++) {
+        for (i = 0; i < p->n_inputs; i++) {
+            const int8_t *src = x[i] + o * p->inner[i];
+            const int8_t *table = p->tables + 256 * i;
+            for (j = 0; j < p->inner[i]; j++) {
+                *y++ = table[src[j] + 128];
+            }
+        }
+    }
+    return FEDTINY_OK;
+}
+
+size_t fedtiny_cat_input_grad_scratch_bytes(const fedtiny_cat_input_grad_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+fedtiny_status fedtiny_cat_input_grad(const fedtiny_cat_input_grad_params *p, const int16_t *g_y, int32_t e_y,
+                                      int16_t *g_x, int32_t *e_x)
+{
+    const fedtiny_cat_params *c = p->cat;
+    int32_t o, i, j, start = 0, row = 0;
+    for (i = 0; i < c->n_inputs; i++) {
+        start += i < p->input ? c->inner[i] : 0;
+        row += c->inner[i];
+    }
+    for (o = 0; o < c->outer; o++) {
+        for (j = 0; j < c->inner[p->input]; j++) {
+            *g_x++ = g_y[o * row + start + j];
+        }
+    }
+    *e_x = e_y;
+    return FEDTINY_OK;
+}
+
+size_t fedtiny_mul_scratch_bytes(const fedtiny_mul_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+/* Index of output position (y, x, c) in an input of shape (h, w, ch) that broadcasts its unit axes. */
+static int32_t broadcast_index(int32_t y, int32_t x, int32_t c, int32_t h, int32_t w, int32_t ch)
+{
+    return ((h == 1 ? 0 : y) * w + (w == 1 ? 0 : x)) * ch + (ch == 1 ? 0 : c);
+}
+
+fedtiny_status fedtiny_mul(const fedtiny_mul_params *p, const int8_t *a, const int8_t *b, int8_t *y)
+{
+    int32_t oy, ox, oc;
+    for (oy = 0; oy < p->out_h; oy++) {
+        for (ox = 0; ox < p->out_w; ox++) {
+            for (oc = 0; oc < p->out_c; oc++) {
+                const int32_t va = a[broadcast_index(oy, ox, oc, p->a_h, p->a_w, p->a_c)] - p->a_zero_point;
+                const int32_t vb = b[broadcast_index(oy, ox, oc, p->b_h, p->b_w, p->b_c)] - p->b_zero_point;
+                *y++ = fedtiny_requantize((int64_t)va * vb, p->multiplier, p->shift, p->out_zero_point, p->act_min,
+                                          p->act_max);
+            }
+        }
+    }
+    return FEDTINY_OK;
+}
+
+size_t fedtiny_mul_input_grad_scratch_bytes(const fedtiny_mul_input_grad_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+/* The exact sum for input element (y, x, c) of shape (h, w, ch): over every output position it broadcasts to. */
+static int64_t mul_grad_sum(const fedtiny_mul_params *p, const int16_t *g_y, const int8_t *other, int32_t other_zero,
+                            int32_t m, const int32_t *in, const int32_t *os, int32_t y, int32_t x, int32_t c)
+{
+    const int32_t y0 = in[0] == 1 ? 0 : y, y1 = in[0] == 1 ? p->out_h : y + 1;
+    const int32_t x0 = in[1] == 1 ? 0 : x, x1 = in[1] == 1 ? p->out_w : x + 1;
+    const int32_t c0 = in[2] == 1 ? 0 : c, c1 = in[2] == 1 ? p->out_c : c + 1;
+    int32_t oy, ox, oc;
+    int64_t sum = 0;
+    for (oy = y0; oy < y1; oy++) {
+        for (ox = x0; ox < x1; ox++) {
+            for (oc = c0; oc < c1; oc++) {
+                const int32_t v = other[broadcast_index(oy, ox, oc, os[0], os[1], os[2])] - other_zero;
+                sum += (int64_t)g_y[(oy * p->out_w + ox) * p->out_c + oc] * ((int64_t)v * m);
+            }
+        }
+    }
+    return sum;
+}
+
+fedtiny_status fedtiny_mul_input_grad(const fedtiny_mul_input_grad_params *p, const int16_t *g_y, int32_t e_y,
+                                      const int8_t *other, int16_t *g_x, int32_t *e_x)
+{
+    const fedtiny_mul_params *q = p->mul;
+    const int32_t a_shape[3] = {q->a_h, q->a_w, q->a_c}, b_shape[3] = {q->b_h, q->b_w, q->b_c};
+    const int32_t *in = p->input == 0 ? a_shape : b_shape, *os = p->input == 0 ? b_shape : a_shape;
+    const int32_t other_zero = p->input == 0 ? q->b_zero_point : q->a_zero_point;
+    const int32_t m = p->input == 0 ? q->a_grad_m : q->b_grad_m;
+    int32_t y, x, c, pass, shift = 0;
+    uint64_t peak = 0;
+    for (pass = 0; pass < 2; pass++) { /* the peak, then the narrowed values: no scratch */
+        int16_t *out = g_x;
+        for (y = 0; y < in[0]; y++) {
+            for (x = 0; x < in[1]; x++) {
+                for (c = 0; c < in[2]; c++) {
+                    const int64_t sum = mul_grad_sum(q, g_y, other, other_zero, m, in, os, y, x, c);
+                    if (pass == 0) {
+                        const uint64_t v = fedtiny_abs64(sum);
+                        peak = v > peak ? v : peak;
+                    } else {
+                        *out++ = fedtiny_narrow_one(sum, shift);
+                    }
+                }
+            }
+        }
+        shift = fedtiny_narrow_shift(peak);
+    }
+    *e_x = e_y - (p->input == 0 ? q->a_grad_shift : q->b_grad_shift) + shift;
+    return FEDTINY_OK;
+}
+
 /* ---- clamp masks and the loss (training) ------------------------------------------------------------------ */
 
 size_t fedtiny_activation_mask_scratch_bytes(const fedtiny_grad_mask_params *p)

@@ -75,6 +75,27 @@ typedef struct {
     int32_t grad_shift;
 } fedtiny_lut_params;
 
+/* cat: inputs side by side along one axis of (H, W, C), each through its requantization table (TFLite's
+ * CONCATENATION; the identity table where an input's quantization is the output's). */
+#define FEDTINY_CAT_MAX_INPUTS 5
+typedef struct {
+    int32_t n_inputs;
+    int32_t outer;                         /* the product of the axes before the concatenation axis */
+    int32_t inner[FEDTINY_CAT_MAX_INPUTS]; /* each input's elements per outer index: its axis x the axes after */
+    const int8_t *tables;                  /* n_inputs x 256: y for x = -128..127 */
+} fedtiny_cat_params;
+
+/* mul: TFLite's quantized MUL, y = requantize((a - a_zero_point)(b - b_zero_point)); an axis of a or b of size 1
+ * broadcasts over the output's. Training: s_b ~ a_grad_m 2^-a_grad_shift (for a's gradient), s_a likewise. */
+typedef struct {
+    int32_t out_h, out_w, out_c;
+    int32_t a_h, a_w, a_c, b_h, b_w, b_c;
+    int32_t a_zero_point, b_zero_point, out_zero_point;
+    int32_t multiplier, shift;
+    int32_t act_min, act_max;
+    int32_t a_grad_m, a_grad_shift, b_grad_m, b_grad_shift;
+} fedtiny_mul_params;
+
 /* Reference convolution: any groups (dense, depthwise, grouped), strides and padding. */
 fedtiny_status fedtiny_conv2d(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch);
 size_t fedtiny_conv2d_scratch_bytes(const fedtiny_conv2d_params *p);
@@ -103,6 +124,11 @@ fedtiny_status fedtiny_clamp(const fedtiny_clamp_params *p, const int8_t *x, int
 size_t fedtiny_clamp_scratch_bytes(const fedtiny_clamp_params *p);
 fedtiny_status fedtiny_lut(const fedtiny_lut_params *p, const int8_t *x, int8_t *y);
 size_t fedtiny_lut_scratch_bytes(const fedtiny_lut_params *p);
+/* cat: x[i] (outer x inner[i]) -> y (outer x sum of inner); at most FEDTINY_CAT_MAX_INPUTS inputs. */
+fedtiny_status fedtiny_cat(const fedtiny_cat_params *p, const int8_t *const *x, int8_t *y);
+size_t fedtiny_cat_scratch_bytes(const fedtiny_cat_params *p);
+fedtiny_status fedtiny_mul(const fedtiny_mul_params *p, const int8_t *a, const int8_t *b, int8_t *y);
+size_t fedtiny_mul_scratch_bytes(const fedtiny_mul_params *p);
 
 /* ==== training: backward kernels and updates (docs/numerics.md) ==========================================
  * A gradient is int16 values g plus one power-of-two exponent e (real = g * 2^e). Kernels take the exponent
@@ -196,6 +222,29 @@ size_t fedtiny_maxpool2d_input_grad_scratch_bytes(const fedtiny_pool2d_params *p
 fedtiny_status fedtiny_lut_input_grad(const fedtiny_lut_params *p, const int16_t *g_y, int32_t e_y, const int8_t *x,
                                       int16_t *g_x, int32_t *e_x);
 size_t fedtiny_lut_input_grad_scratch_bytes(const fedtiny_lut_params *p);
+
+/* Which input of a cat or mul a gradient step is for. */
+typedef struct {
+    const fedtiny_cat_params *cat;
+    int32_t input;
+} fedtiny_cat_input_grad_params;
+
+typedef struct {
+    const fedtiny_mul_params *mul;
+    int32_t input;
+} fedtiny_mul_input_grad_params;
+
+/* cat backward: input `input`'s part of g_y, copied unchanged (exponent e_y). */
+fedtiny_status fedtiny_cat_input_grad(const fedtiny_cat_input_grad_params *p, const int16_t *g_y, int32_t e_y,
+                                      int16_t *g_x, int32_t *e_x);
+size_t fedtiny_cat_input_grad_scratch_bytes(const fedtiny_cat_input_grad_params *p);
+
+/* mul backward for input a (b likewise): g_a = narrow(sum over the axes a broadcasts along of
+ * g_y (b - b_zero_point) a_grad_m), exponent e_y - a_grad_shift + narrowing; each sum formed twice (peak, then
+ * narrow), so no scratch. `other` is the other input's int8 values. */
+fedtiny_status fedtiny_mul_input_grad(const fedtiny_mul_input_grad_params *p, const int16_t *g_y, int32_t e_y,
+                                      const int8_t *other, int16_t *g_x, int32_t *e_x);
+size_t fedtiny_mul_input_grad_scratch_bytes(const fedtiny_mul_input_grad_params *p);
 
 /* Bit i of mask byte i/8 (LSB first) = act_min < y[i] < act_max. */
 fedtiny_status fedtiny_activation_mask(const fedtiny_grad_mask_params *p, const int8_t *y, uint8_t *bits);

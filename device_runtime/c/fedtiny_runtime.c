@@ -60,6 +60,24 @@ static fedtiny_status invoke_lut(const fedtiny_op *op, const fedtiny_graph *g)
     return fedtiny_lut((const fedtiny_lut_params *)op->params, IN(0), OUT(0));
 }
 
+static fedtiny_status invoke_cat(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    const int8_t *x[FEDTINY_CAT_MAX_INPUTS];
+    uint32_t i;
+    if (op->n_inputs > FEDTINY_CAT_MAX_INPUTS) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    for (i = 0; i < op->n_inputs; i++) {
+        x[i] = IN(i);
+    }
+    return fedtiny_cat((const fedtiny_cat_params *)op->params, x, OUT(0));
+}
+
+static fedtiny_status invoke_mul(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_mul((const fedtiny_mul_params *)op->params, IN(0), IN(1), OUT(0));
+}
+
 /* ---- training steps ---------------------------------------------------------------------------------------- */
 
 static fedtiny_status invoke_mask_bits(const fedtiny_op *op, const fedtiny_graph *g)
@@ -144,6 +162,17 @@ static fedtiny_status invoke_lut_input_grad(const fedtiny_op *op, const fedtiny_
     return fedtiny_lut_input_grad((const fedtiny_lut_params *)TP->kernel, GIN(0), E_IN(0), IN(1), GOUT(0), E_OUT);
 }
 
+static fedtiny_status invoke_cat_input_grad(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_cat_input_grad((const fedtiny_cat_input_grad_params *)TP->kernel, GIN(0), E_IN(0), GOUT(0), E_OUT);
+}
+
+static fedtiny_status invoke_mul_input_grad(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_mul_input_grad((const fedtiny_mul_input_grad_params *)TP->kernel, GIN(0), E_IN(0), IN(1), GOUT(0),
+                                  E_OUT);
+}
+
 static size_t scratch_conv2d(const void *p) { return fedtiny_conv2d_scratch_bytes(p); }
 static size_t scratch_conv2d_1x1(const void *p) { return fedtiny_conv2d_1x1_scratch_bytes(p); }
 static size_t scratch_conv2d_depthwise(const void *p) { return fedtiny_conv2d_depthwise_scratch_bytes(p); }
@@ -152,6 +181,8 @@ static size_t scratch_avgpool2d(const void *p) { return fedtiny_avgpool2d_scratc
 static size_t scratch_maxpool2d(const void *p) { return fedtiny_maxpool2d_scratch_bytes(p); }
 static size_t scratch_clamp(const void *p) { return fedtiny_clamp_scratch_bytes(p); }
 static size_t scratch_lut(const void *p) { return fedtiny_lut_scratch_bytes(p); }
+static size_t scratch_cat(const void *p) { return fedtiny_cat_scratch_bytes(p); }
+static size_t scratch_mul(const void *p) { return fedtiny_mul_scratch_bytes(p); }
 
 #define TK(p) (((const fedtiny_train_step_params *)(p))->kernel)
 static size_t scratch_none(const void *p) { (void)p; return 0; }
@@ -160,6 +191,8 @@ static size_t scratch_avgpool2d_input_grad(const void *p) { return fedtiny_avgpo
 static size_t scratch_maxpool2d_input_grad(const void *p) { return fedtiny_maxpool2d_input_grad_scratch_bytes(TK(p)); }
 static size_t scratch_mse_grad(const void *p) { return fedtiny_mse_grad_scratch_bytes(TK(p)); }
 static size_t scratch_lut_input_grad(const void *p) { return fedtiny_lut_input_grad_scratch_bytes(TK(p)); }
+static size_t scratch_cat_input_grad(const void *p) { return fedtiny_cat_input_grad_scratch_bytes(TK(p)); }
+static size_t scratch_mul_input_grad(const void *p) { return fedtiny_mul_input_grad_scratch_bytes(TK(p)); }
 
 static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_conv2d, scratch_conv2d, 0},                     /* FEDTINY_OP_CONV2D */
@@ -182,6 +215,10 @@ static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_mse_grad, scratch_mse_grad, 1},                         /* FEDTINY_OP_MSE_GRAD */
     {invoke_lut, scratch_lut, 0},                                   /* FEDTINY_OP_LUT */
     {invoke_lut_input_grad, scratch_lut_input_grad, 1},             /* FEDTINY_OP_LUT_INPUT_GRAD */
+    {invoke_cat, scratch_cat, 0},                                   /* FEDTINY_OP_CAT */
+    {invoke_mul, scratch_mul, 0},                                   /* FEDTINY_OP_MUL */
+    {invoke_cat_input_grad, scratch_cat_input_grad, 1},             /* FEDTINY_OP_CAT_INPUT_GRAD */
+    {invoke_mul_input_grad, scratch_mul_input_grad, 1},             /* FEDTINY_OP_MUL_INPUT_GRAD */
 };
 
 size_t fedtiny_op_scratch_bytes(const fedtiny_op *op)

@@ -37,6 +37,10 @@ typedef enum {
     FEDTINY_OP_MSE_GRAD = 17,              /* y -> g (the target comes from the train state) */
     FEDTINY_OP_LUT = 18,                   /* fedtiny_lut_params: x -> y (a forward op) */
     FEDTINY_OP_LUT_INPUT_GRAD = 19,        /* g_y, x -> g_x */
+    FEDTINY_OP_CAT = 20,                   /* fedtiny_cat_params: x1, ..., xn -> y (a forward op) */
+    FEDTINY_OP_MUL = 21,                   /* fedtiny_mul_params: a, b -> y (a forward op) */
+    FEDTINY_OP_CAT_INPUT_GRAD = 22,        /* g_y -> g_x (one input's part) */
+    FEDTINY_OP_MUL_INPUT_GRAD = 23,        /* g_y, the other input -> g_x */
     FEDTINY_OP_KIND_COUNT
 } fedtiny_op_kind;                   /* reshape has no kind: its output aliases its input's bytes */
 
