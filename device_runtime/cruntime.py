@@ -17,6 +17,7 @@ Cache: $FEDTINY_CACHE or ~/.cache/fedtiny, subfolder cruntime/<sha256 of the sou
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -49,9 +50,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEDTINY_CACHE", Path.home() / ".cache" / "fedtiny")) / "cruntime"
 
 
+def host_cpu() -> str:
+    """What a -march=native build depends on: the CPU's model name and feature flags (Linux), else the machine type;
+    part of a host build's cache key, so that a cache shared by two machines never runs one's build on the other."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    keep = ("model name", "flags")
+    return "\n".join(dict.fromkeys(line for line in info.splitlines() if line.split(":")[0].strip() in keep))
+
+
+_HOST_CPU = host_cpu()
+
+
 def _build_dir(files: dict[str, str | bytes], target: str, cache_dir: Path | None) -> tuple[Path, bool]:
-    """The cache folder for these sources and target, and whether it is already built."""
+    """The cache folder for these sources and target (and for a host target, the host's CPU), and whether it is
+    already built."""
     h = hashlib.sha256(target.encode())
+    if target.startswith("host"):
+        h.update(_HOST_CPU.encode())
     for name in sorted(files):
         data = files[name].encode() if isinstance(files[name], str) else files[name]
         h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
