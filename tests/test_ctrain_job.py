@@ -379,7 +379,8 @@ def test_plan_model_runs_the_interpreters_forward_pass(cache):
 def test_plan_libraries_link_one_kernel_build(cache):
     """The kernels depend on no plan: every plan's library links the object `make host-kernels` built once."""
     need("gcc", "make")
-    paths = [cruntime.build_plan_host(case(name)[0], cache_dir=cache) for name in ("sensor_cnn default", "mlp mse full")]
+    paths = [cruntime.build_plan_host(case(name)[0], cache_dir=cache)
+             for name in ("sensor_cnn default", "mlp mse full")]
     kernels = sorted(cache.glob("*-host-kernels"))
     assert len(kernels) == 1 and len(set(paths)) == 2
     built = (kernels[0] / "fedtiny_kernels.host.o").read_bytes()
