@@ -69,7 +69,7 @@ def fedtiny(*args, cache: str) -> tuple[float, float, str, dict, list[tuple[floa
 
 PHASES = (("preparing", "preparing (pretraining or the cache, lr choice, quantizing, compiling)"),
           ("starting", "broker, nodes' start, rounds (and without --baseline the report)"),
-          ("baseline:", "baseline and report"), ("report:", "exit"))
+          ("baseline: plain", "baseline and report"), ("report:", "exit"))  # not "baseline: fp32 lr" (its lr)
 
 
 def phase_times(phases: list[tuple[float, str]], wall: float) -> str:
