@@ -39,16 +39,47 @@ def load() -> str:
     return "/".join(f"{v:.1f}" for v in os.getloadavg()[:1])
 
 
-def fedtiny(*args, cache: str) -> tuple[float, float, str, dict]:
-    """(wall seconds, CPU seconds, load average before -> after, metrics.json) of one command."""
+def fedtiny_command() -> list[str]:
+    """The `fedtiny` script of this interpreter's environment (a venv's bin is often not on PATH), else PATH's."""
+    beside = Path(sys.executable).with_name("fedtiny")
+    return [str(beside) if beside.exists() else "fedtiny"]
+
+
+def fedtiny(*args, cache: str) -> tuple[float, float, str, dict, list[tuple[float, str]]]:
+    """(wall seconds, CPU seconds, load average before -> after, metrics.json, phases) of one command; phases:
+    (seconds since the start, line) for each line the command printed (its phase lines and rounds, as they came),
+    also echoed here so that a long run shows where it is."""
     out = tempfile.mkdtemp(prefix="sim_")
     before, cpu0, start = load(), cpu_seconds(), time.perf_counter()
-    subprocess.run(["fedtiny", "simulate", *args, "--out", out], check=True, env=dict(os.environ, FEDTINY_CACHE=cache),
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    phases = []
+    with subprocess.Popen([*fedtiny_command(), "simulate", *args, "--out", out], text=True,
+                          env=dict(os.environ, FEDTINY_CACHE=cache), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            if line.strip():
+                phases.append((time.perf_counter() - start, line.strip()))
+                print(f"  {phases[-1][0]:6.1f} s  {line.strip()}", file=sys.stderr, flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"fedtiny simulate {' '.join(args)} failed with exit code {proc.returncode}")
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
     print(f"fedtiny simulate {' '.join(args)}: {wall:.1f} s wall, {cpu:.1f} s CPU, load {before} -> {load()}",
           file=sys.stderr)
-    return wall, cpu, f"{before} -> {load()}", json.loads((Path(out) / "metrics.json").read_text())
+    return wall, cpu, f"{before} -> {load()}", json.loads((Path(out) / "metrics.json").read_text()), phases
+
+
+PHASES = (("preparing", "preparing (pretraining or the cache, lr choice, quantizing, compiling)"),
+          ("starting", "broker, nodes' start, rounds (and without --baseline the report)"),
+          ("baseline: plain", "baseline and report"), ("report:", "exit"))  # not "baseline: fp32 lr" (its lr)
+
+
+def phase_times(phases: list[tuple[float, str]], wall: float) -> str:
+    """Where a command's wall time went, from the times its phase lines came: start-up to the first, then from each
+    phase line to the next (the last to the command's end)."""
+    marks = [(t, label) for t, line in phases for start, label in PHASES if line.startswith(start)]
+    items = [f"start-up {marks[0][0]:.1f} s"] if marks else []
+    for (t, label), end in zip(marks, [m[0] for m in marks[1:]] + [wall], strict=True):
+        items.append(f"{label} {end - t:.1f} s")
+    return "; ".join(items)
 
 
 def accuracy(metrics: dict) -> str:
@@ -65,17 +96,20 @@ def main():
     parser.add_argument("--all", action="store_true", help="also --dropout, --stragglers and --engine flower")
     options = parser.parse_args()
     cache = tempfile.mkdtemp(prefix="fedtiny_cache_")
-    cold, cold_cpu, cold_load, _ = fedtiny("--nodes", "50", cache=cache)
-    warm, warm_cpu, warm_load, default = fedtiny("--nodes", "50", cache=cache)
-    compared_wall, _, compared_load, compared = fedtiny("--nodes", "50", "--baseline", cache=cache)
+    cold, cold_cpu, cold_load, _, cold_phases = fedtiny("--nodes", "50", cache=cache)
+    warm, warm_cpu, warm_load, default, warm_phases = fedtiny("--nodes", "50", cache=cache)
+    compared_wall, _, compared_load, compared, compared_phases = fedtiny("--nodes", "50", "--baseline", cache=cache)
     rows = [f"| `fedtiny simulate --nodes 50` (cold: pretraining and C builds included) | {cold:.1f} s | "
             f"{cold_cpu:.1f} s | {cold_load} | {accuracy(default)} ({participants(default)}) |",
             f"| `fedtiny simulate --nodes 50` (warm model cache) | {warm:.1f} s | {warm_cpu:.1f} s | {warm_load} | "
             f"{accuracy(default)} |"]
+    where = ["Where the wall time went (from the times each phase line came):", "",
+             f"- cold: {phase_times(cold_phases, cold)}", f"- warm: {phase_times(warm_phases, warm)}",
+             f"- `--baseline`: {phase_times(compared_phases, compared_wall)}"]
     if options.all:
-        _, _, _, dropout = fedtiny("--nodes", "50", "--dropout", "0.3", cache=cache)
-        slow_wall, _, slow_load, slow = fedtiny("--nodes", "50", "--stragglers", "0.2", cache=cache)
-        flower_wall, _, flower_load, flower = fedtiny("--nodes", "50", "--engine", "flower", cache=cache)
+        _, _, _, dropout, _ = fedtiny("--nodes", "50", "--dropout", "0.3", cache=cache)
+        slow_wall, _, slow_load, slow, _ = fedtiny("--nodes", "50", "--stragglers", "0.2", cache=cache)
+        flower_wall, _, flower_load, flower, _ = fedtiny("--nodes", "50", "--engine", "flower", cache=cache)
         same = [r["accuracy"] for r in flower["rounds"]] == [r["accuracy"] for r in default["rounds"]]
         rows += [f"| `fedtiny simulate --nodes 50 --dropout 0.3` | - | - | - | {accuracy(dropout)} "
                  f"({participants(dropout)}) |",
@@ -91,7 +125,7 @@ def main():
     last, b_last = rounds[-1], base["rounds"][-1]
     lines = [SECTION, "", provenance("python benchmarks/bench_simulate.py" + (" --all" if options.all else "")), "",
              "| command | wall time | CPU time (all processes) | load average before -> after | held-out accuracy "
-             "before -> after |", "|---|---:|---:|---:|---|", *rows, "",
+             "before -> after |", "|---|---:|---:|---:|---|", *rows, "", *where, "",
              f"Same task the usual way (`fedtiny simulate --nodes 50 --baseline`, {compared_wall:.1f} s in all, load "
              f"{compared_load}; scenario {run['scenario']}, model {run['model']}, scheme {run['scheme']}; both "
              f"sides in {max(1, min(4, os.cpu_count() or 1))} worker processes of one thread each, simulate's "

@@ -17,6 +17,7 @@ Cache: $FEDTINY_CACHE or ~/.cache/fedtiny, subfolder cruntime/<sha256 of the sou
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -39,6 +40,7 @@ ELF_NAME = "fedtiny_model.elf"
 TRAIN_ELF_NAME = "fedtiny_train.elf"
 HOST_LIB = "libfedtiny_model.so"
 TRAIN_JOB_LIB = "libfedtiny_train_job.so"
+KERNEL_FILES = ("Makefile", "fedtiny_kernels.c", "fedtiny_kernels.h", "fedtiny_arith.h")  # make host-kernels' inputs
 
 
 class BuildError(RuntimeError):
@@ -49,9 +51,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEDTINY_CACHE", Path.home() / ".cache" / "fedtiny")) / "cruntime"
 
 
+def host_cpu() -> str:
+    """What a -march=native build depends on: the CPU's model name and feature flags (Linux), else the machine type;
+    part of a host build's cache key, so that a cache shared by two machines never runs one's build on the other."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    keep = ("model name", "flags")
+    return "\n".join(dict.fromkeys(line for line in info.splitlines() if line.split(":")[0].strip() in keep))
+
+
+_HOST_CPU = host_cpu()
+
+
 def _build_dir(files: dict[str, str | bytes], target: str, cache_dir: Path | None) -> tuple[Path, bool]:
-    """The cache folder for these sources and target, and whether it is already built."""
+    """The cache folder for these sources and target (and for a host target, the host's CPU), and whether it is
+    already built."""
     h = hashlib.sha256(target.encode())
+    if target.startswith("host"):
+        h.update(_HOST_CPU.encode())
     for name in sorted(files):
         data = files[name].encode() if isinstance(files[name], str) else files[name]
         h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
@@ -59,8 +78,11 @@ def _build_dir(files: dict[str, str | bytes], target: str, cache_dir: Path | Non
     return path, (path / ".built").exists()
 
 
-def make_cached(files: dict[str, str | bytes], target: str, artifact: str, cache_dir: Path | None) -> Path:
-    """Write the sources into a temporary folder, run `make target`, then move it into the cache atomically."""
+def make_cached(files: dict[str, str | bytes], target: str, artifact: str, cache_dir: Path | None,
+                prebuilt: tuple[Path, ...] = ()) -> Path:
+    """Write the sources into a temporary folder, run `make target`, then move it into the cache atomically.
+    `prebuilt`: built files (another make_cached's artifacts) copied in after the sources, so make takes them as
+    up to date."""
     final, built = _build_dir(files, target, cache_dir)
     if built:
         return final / artifact
@@ -69,6 +91,8 @@ def make_cached(files: dict[str, str | bytes], target: str, artifact: str, cache
     try:
         for name, data in files.items():
             (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        for path in prebuilt:
+            shutil.copyfile(path, tmp / path.name)  # a fresh mtime: newer than the sources just written
         proc = subprocess.run(["make", "-s", target], cwd=tmp, capture_output=True, text=True)
         (tmp / "build.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
@@ -160,7 +184,11 @@ def build_plan_host(plan, fast: bool = True, cache_dir: Path | None = None) -> P
     known = _PLAN_HOSTS.get(key)
     if known is not None and known[0] is plan and known[1].exists():
         return known[1]
-    path = make_cached(plan_sources(plan, fast=fast, with_samples=False), "host-train-job", TRAIN_JOB_LIB, cache_dir)
+    rt = codegen.runtime_dir()
+    kernels = make_cached({name: (rt / name).read_bytes() for name in KERNEL_FILES}, "host-kernels",
+                          "fedtiny_kernels.host.o", cache_dir)  # one build for every plan
+    path = make_cached(plan_sources(plan, fast=fast, with_samples=False), "host-train-job", TRAIN_JOB_LIB, cache_dir,
+                       prebuilt=(kernels,))
     _PLAN_HOSTS[key] = (plan, path)  # holding the plan keeps its id from being reused
     return path
 

@@ -6,8 +6,6 @@ report_html.py as report.html."""
 
 import json
 import shutil
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -155,13 +153,9 @@ def device_accuracy(run_dir: Path) -> dict[str, dict]:
     x = np.concatenate([d["x"] for d in data.values()])
     y = np.concatenate([d["y"] for d in data.values()])
     ends = np.cumsum([len(d["y"]) for d in data.values()])
-    # The C build of the pretrained model is cached (the same in every run of it); the trained one's is not. One
-    # thread per model: ctypes lets go of the GIL, so the two use two cores.
-    models = {"accuracy_before": (plan.graph, True), "accuracy_after": (plan.graph_with(checkpoint.ints), False)}
-    with ThreadPoolExecutor(len(models)) as pool:
-        labels = dict(zip(models, pool.map(lambda m: _labels(m[0], x, m[1]), models.values())))
-    for key, predicted in labels.items():
-        for device, hits in zip(data, np.split(predicted == y, ends[:-1])):
+    states = {"accuracy_before": plan.initial_state(), "accuracy_after": checkpoint.ints}
+    for key, state in states.items():
+        for device, hits in zip(data, np.split(_labels(plan, state, x) == y, ends[:-1])):
             out[device][key] = float(hits.mean()) if len(hits) else None
             held = hits[heldout_split(int(data[device]["seed"]), len(hits))[1]]
             out[device][key.replace("accuracy", "heldout")] = float(held.mean()) if len(held) else None
@@ -182,21 +176,21 @@ def personal_rows(devices: dict[str, dict]) -> list[tuple[str, dict]]:
     return out if any(s["devices"] for _, s in out[2:]) else []
 
 
-def _labels(graph, x_int8: np.ndarray, cached: bool) -> np.ndarray:
-    """The int8 model's labels for int8 samples: by the generated C model when gcc is here (the same integers,
-    many times faster; built in the C runtime's cache if `cached`, else in a folder removed after), else by the
-    reference interpreter."""
+def _labels(plan, state: dict, x_int8: np.ndarray) -> np.ndarray:
+    """The labels of the plan's int8 model with trainable `state` for int8 samples: by the plan's C library when gcc
+    is here (CPlanModel: the same integers, many times faster, and the library the run's nodes and held-out
+    evaluation already built, where a model with the trained weights baked in took a fresh gcc build per run), else
+    by the reference interpreter."""
     from fedtiny.interpreter import run
 
     if len(x_int8) and shutil.which("gcc"):
-        from fedtiny_device.cruntime import BuildError, CModel
+        from fedtiny_device.cruntime import BuildError, CPlanModel
 
-        with tempfile.TemporaryDirectory() as build:
-            try:
-                model = CModel(graph, cache_dir=None if cached else Path(build))
-                return model.run(x_int8).reshape(len(x_int8), -1).argmax(axis=1)
-            except BuildError:
-                pass
+        try:
+            return CPlanModel(plan)(state, x_int8).reshape(len(x_int8), -1).argmax(axis=1)
+        except BuildError:
+            pass
+    graph = plan.graph_with(state)
     outputs = [run(graph, x_int8[i:i + 256]) for i in range(0, len(x_int8), 256)]
     return np.concatenate(outputs).reshape(len(x_int8), -1).argmax(axis=1)
 

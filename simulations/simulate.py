@@ -137,7 +137,7 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
         agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
                           state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
                           trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0,
-                          faults=_faults(device, config), peers=peers)
+                          faults=_faults(device, config), peers=peers, durable=False)
         agents.append(agent.start())
     stop.wait()
     for agent in agents:

@@ -26,6 +26,23 @@ def coordinator_endpoint(fleet_dir):
                                                                          .read_bytes()), peers)
 
 
+def test_state_saved_without_fsync_is_the_same_file(model, tmp_path, monkeypatch):
+    """durable=False (a simulation's nodes): the same bytes, replaced atomically, and no fsync."""
+    import os
+
+    from fedtiny.protocol.device import NodeState, save_state
+
+    plan = model[0]
+    state = NodeState(3, plan.initial_state(), 77, round=5, seq=12, trained_round=4)
+    save_state(tmp_path / "durable.node", state)
+    monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync with durable=False"))
+    save_state(tmp_path / "fast.node", state, durable=False)
+    assert (tmp_path / "fast.node").read_bytes() == (tmp_path / "durable.node").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["durable.node", "fast.node"]  # no temporary file left
+    loaded = load_state(tmp_path / "fast.node", plan)
+    assert (loaded.model_version, loaded.rng_counter, loaded.round, loaded.seq) == (3, 77, 5, 12)
+
+
 def test_session_is_sans_io_and_holds_no_samples(fleet_dir, model, tmp_path):
     """The protocol state machine runs on bytes alone: TASK frames in -> a job; a result in -> DELTA frames."""
     plan = model[0]

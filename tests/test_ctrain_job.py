@@ -421,6 +421,18 @@ def test_plan_model_runs_the_interpreters_forward_pass(cache):
         forward(trained, x.astype(np.int16))
 
 
+def test_plan_libraries_link_one_kernel_build(cache):
+    """The kernels depend on no plan: every plan's library links the object `make host-kernels` built once."""
+    need("gcc", "make")
+    paths = [cruntime.build_plan_host(case(name)[0], cache_dir=cache)
+             for name in ("sensor_cnn default", "mlp mse full")]
+    kernels = sorted(cache.glob("*-host-kernels"))
+    assert len(kernels) == 1 and len(set(paths)) == 2
+    built = (kernels[0] / "fedtiny_kernels.host.o").read_bytes()
+    for path in paths:
+        assert (path.parent / "fedtiny_kernels.host.o").read_bytes() == built
+
+
 # ---- the Cortex-M4 under QEMU -----------------------------------------------------------------------------------
 
 def parse_jobs(stdout: str) -> list[tuple]:

@@ -97,8 +97,10 @@ class NodeState:
     run: int = 0  # the coordinator's run this device follows (envelope Header.run)
 
 
-def save_state(path: Path, state: NodeState) -> None:
-    """Atomically: write a temporary file (0600), fsync it, rename over the old one, fsync the directory."""
+def save_state(path: Path, state: NodeState, durable: bool = True) -> None:
+    """Atomically: write a temporary file (0600), fsync it, rename over the old one, fsync the directory.
+    durable=False skips the two fsyncs (still atomic, not power-cut safe): for simulated nodes, whose host process
+    is the device, so an OS crash ends the whole simulation anyway."""
     header = dict(model_version=state.model_version, rng_counter=state.rng_counter, round=state.round,
                   seq=state.seq, trained_round=state.trained_round, replay=state.replay,
                   pending_task=state.pending_task, upload_chunk=state.upload_chunk, run=state.run)
@@ -113,8 +115,11 @@ def save_state(path: Path, state: NodeState) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
