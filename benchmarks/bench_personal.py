@@ -30,7 +30,7 @@ def simulate(arguments: list[str]) -> tuple[float, dict]:
     out = tempfile.mkdtemp(prefix="personal_")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", "from fedtiny.cli import main; main()", "simulate", *arguments,
-                           "--out", out, "--quiet"], env=dict(os.environ), capture_output=True, text=True)
+                           "--alone", "--out", out, "--quiet"], env=dict(os.environ), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"fedtiny simulate {' '.join(arguments)} failed:\n{done.stderr[-3000:]}")

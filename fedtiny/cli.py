@@ -387,6 +387,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--secagg", is_flag=True,
               help="Secure aggregation: nodes send their clipped deltas masked (SecAgg+ over MQTT); the coordinator "
                    "learns only the sum of each round's survivors. Needs --clip-norm (default 0.5).")
+@click.option("--alone", is_flag=True,
+              help="Also train each node alone from the pretrained model, as many local steps as its rounds, and "
+                   "report its accuracy beside the personalised one (as much training again as the run's own).")
 @click.option("--capture", is_flag=True,
               help="Record every MQTT payload the embedded broker carries (RUN/capture.jsonl) for `fedtiny "
                    "privacy-report`'s scan for raw samples.")
@@ -398,7 +401,7 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_options, fraction, quorum, local_steps,
              max_examples, max_staleness, clip_norm, scheme, budget, reserve, lr, epochs, chunk_size, uplink_keep,
              dropout, stragglers, deadline, realtime, seed, broker, fleet_dir, out, engine, qemu_nodes, baseline, baseline_lr,
-             quiet, as_json, dp_epsilon, dp_delta, dp_noise_multiplier, secagg, capture) -> None:
+             quiet, as_json, dp_epsilon, dp_delta, dp_noise_multiplier, secagg, alone, capture) -> None:
     """Run the whole system on this machine: coordinator, broker and NODES node agents over MQTT (or, with
     --engine flower, the coordinator and NODES ClientApps in Flower's simulation engine)."""
     from fedtiny_server.grid import MissingReplies
@@ -416,7 +419,7 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
                               baseline_lr=baseline_lr, realtime=realtime, strategy_options=",".join(strategy_options),
                               fraction=fraction, quorum=quorum, local_steps=local_steps, max_examples=max_examples,
                               max_staleness=max_staleness, clip_norm=clip_norm, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
-                              dp_noise_multiplier=dp_noise_multiplier, secagg=secagg, capture=capture)
+                              dp_noise_multiplier=dp_noise_multiplier, secagg=secagg, alone=alone, capture=capture)
     view = QuietView() if quiet else JsonLines() if as_json else None
     say = view.note if view is not None else note
     with user_errors():

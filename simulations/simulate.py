@@ -77,6 +77,9 @@ class SimulationConfig:
     dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps `rounds` within the budget
     secagg: bool = False  # secure aggregation: nodes send masked deltas, the coordinator sees only their sum
     capture: bool = False  # the embedded broker records every payload it carries (capture.jsonl; privacy_report)
+    # also train each node alone for as many local steps as its rounds, the personalised accuracy's comparison
+    # (as much C training again as the run's own, so asked for: the default run stays within its time)
+    alone: bool = False
 
 
 # The default clip norm under DP: about the median L2 norm (real units) of a device's update in the default bearing
@@ -478,7 +481,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
         say(f"starting the broker and {config.nodes} nodes{firmware_note}; then {config.rounds} rounds")
         rounds, firmware = _run_mqtt(config, run, plan, devices, coordinate)
     alone = {}
-    if plan.loss != "mse":
+    if config.alone and plan.loss != "mse":
         from .personal import fleet_summary, train_alone
 
         say(f"training each node alone from the pretrained model, as many local steps as its {config.rounds} "

@@ -14,7 +14,7 @@ from fedtiny_sim.simulate import ConfigError, SimulationConfig, simulate
 @pytest.fixture(scope="module")
 def medical(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "medical"
-    return simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", out=str(out), seed=3)), out
+    return simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", out=str(out), seed=3, alone=True)), out
 
 
 def test_small_run_writes_every_report_file(medical):
