@@ -21,7 +21,8 @@ from fedtiny.protocol import topics
 from fedtiny.protocol.envelope import (
     HEADER_SIZE, SIGNATURE_SIZE, CoordinatorEndpoint, Flags, Identity, ProtocolError, derive_key,
 )
-from fedtiny.protocol.messages import Ack, AckStatus, DeviceState, GlobalUpdate, Join, Leave, MessageType, Status, Task
+from fedtiny.protocol.messages import (Ack, AckStatus, DeviceState, GlobalUpdate, Join, Leave, MaskedDelta, MessageType,
+                                       Status, Task)
 from fedtiny_device import cenvelope, codegen, cruntime, monocypher_sources
 from fedtiny_device.cruntime import fnv1a
 
@@ -134,7 +135,7 @@ def test_a_low_order_coordinator_key_is_refused(env):
 
 # name -> (body, run, round, model_version, seq, flags)
 UPLINK_CASES = {name: (body, 0, round_ or 3, version, seq, 0) for name, (body, round_, version, seq) in UPLINKS.items()}
-UPLINK_CASES["delta_masked"] = (UPLINKS["delta"][0], 0, 4, 3, 9, int(Flags.MASKED))
+UPLINK_CASES["delta_masked"] = (MaskedDelta(1, 0.0, 0.5, 7, (12, 20), bytes(8)), 0, 4, 3, 9, int(Flags.MASKED))
 UPLINK_CASES["last_will"] = (Status(DeviceState.OFFLINE, 255, 0, 0, 0), 0, 4, 3, 10, int(Flags.LAST_WILL))
 UPLINK_CASES["delta_run_7"] = (UPLINKS["delta"][0], 7, 1, 3, 11, 0)  # the run is in the header and the nonce
 
