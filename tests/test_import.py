@@ -211,6 +211,10 @@ def test_simulate_refuses_data_that_does_not_fit_the_model_file(imported_files, 
 ONNX = FIXTURES / "digits_rows_qdq.onnx"
 ONNX_BLOCKS = FIXTURES / "digits_rows_blocks_qdq.onnx"  # Concat, a broadcast Mul gate, Mul of two maps, Sigmoid
 ONNX_UINT8 = FIXTURES / "digits_rows_qdq_uint8.onnx"  # the first model with uint8 activations (QUInt8)
+# The first two models in quantize_static's QOperator format (QLinearConv, QGemm, QLinearAdd, QLinearConcat, ...):
+# onnxruntime runs these int8 kernels themselves, and the file's quantization parameters are those ops' inputs
+ONNX_QOP = FIXTURES / "digits_rows_qop.onnx"
+ONNX_QOP_BLOCKS = FIXTURES / "digits_rows_blocks_qop.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +225,8 @@ def onnx_imported():
     return import_model(ONNX)[0]
 
 
-@pytest.fixture(scope="module", params=[ONNX, ONNX_BLOCKS, ONNX_UINT8], ids=["residual", "blocks", "uint8"])
+@pytest.fixture(scope="module", params=[ONNX, ONNX_BLOCKS, ONNX_UINT8, ONNX_QOP, ONNX_QOP_BLOCKS],
+                ids=["residual", "blocks", "uint8", "qop", "qop_blocks"])
 def onnx_case(request):
     """(file, imported graph) of each quantize_static fixture."""
     require_module("onnx", "dev")
@@ -264,7 +269,8 @@ def onnxruntime_int8(tensors: list[str], x: np.ndarray, path: Path = ONNX) -> li
 
 
 def onnx_tensor_of(graph, path: Path = ONNX) -> dict[str, str]:
-    """fedtiny's tensor -> the QuantizeLinear output it stands for (the importer names them n<ONNX node index>)."""
+    """fedtiny's tensor -> the int8 ONNX tensor it stands for (the importer names them n<ONNX node index>): the
+    QuantizeLinear output after the node in a QDQ model, the node's own output in a QOperator one."""
     import onnx
 
     nodes = list(onnx.load(path).graph.node)
@@ -272,7 +278,8 @@ def onnx_tensor_of(graph, path: Path = ONNX) -> dict[str, str]:
     for name in graph.tensors:
         if name.startswith("n") and name[1:].isdigit():
             produced = nodes[int(name[1:])].output[0]
-            names[name] = next(n.output[0] for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] == produced)
+            names[name] = next((n.output[0] for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] == produced),
+                               produced)
     return names
 
 
@@ -331,7 +338,8 @@ def test_onnx_imported_model_trains_bit_exactly_in_c(onnx_case, onnx_digits, tmp
     path, graph = onnx_case
     x, y = onnx_digits
     xq = quantize_input(graph, x[:100])
-    plan = compile_plan(graph, parse("full" if path == ONNX_BLOCKS else "last:2", graph))  # full: through cat, mul
+    full = path in (ONNX_BLOCKS, ONNX_QOP_BLOCKS)  # full: through cat, mul
+    plan = compile_plan(graph, parse("full" if full else "last:2", graph))
     expected = python_reference(plan, xq, y[:100], seed=5)
     trainer = cruntime.CTrainer(plan, seed=5, cache_dir=tmp_path)
     for xi, yi in zip(xq, y[:100]):
