@@ -1,5 +1,5 @@
-"""Import the int8 models people already have: a full-integer TFLite model, or an int8 QDQ ONNX model (onnxruntime's
-quantize_static; uint8 activations, QUInt8, become int8 ones by subtracting 128 from values and zero points, which is
+"""Import the int8 models people already have: a full-integer TFLite model, or an int8 QDQ or QOperator ONNX model
+(onnxruntime's quantize_static; uint8 activations, QUInt8, become int8 ones by subtracting 128 from values and zero points, which is
 exact), -> fedtiny's `Graph`.
 
 TFLite's integer semantics are the IR's (channels-last, int8 activations with a zero point, int8 weights
@@ -30,6 +30,12 @@ weights, per channel or not; int32 biases), become the same IR ops with the same
 defines such a graph in float between the QDQ pairs, so fedtiny's fixed-point results differ from it by a
 rounding now and then (tests/test_import.py checks each op and the predicted classes). A Softmax at the very
 end is dropped with a note, as in a TFLite model.
+
+ONNX QOperator (quantize_static's QuantFormat.QOperator): QLinearConv, QGemm, QLinearMatMul (of a vector by a
+constant), QLinearAdd, QLinearMul, QLinearConcat, QLinearSigmoid, QLinearAveragePool, QLinearGlobalAveragePool, and
+MaxPool/Flatten/Reshape/Squeeze/Unsqueeze on int8 tensors, their quantization parameters being the node's inputs,
+are first rewritten into the QDQ graph they compute (DequantizeLinear, the float op, QuantizeLinear) and then
+imported by the QDQ path: one mapping, the same constants. Any other QLinear* node is refused by name.
 """
 
 import math
@@ -51,8 +57,8 @@ def import_model(path: str | Path) -> tuple[Graph, list[str]]:
     """(graph, notes) of a .tflite or .onnx file; notes are lines for the user about what was dropped or added."""
     path = Path(path)
     if path.suffix.lower() not in (".tflite", ".onnx"):
-        raise ModelImportError(f"{path}: not a model fedtiny can import (a full-integer .tflite or QDQ int8 .onnx "
-                               "file)")
+        raise ModelImportError(f"{path}: not a model fedtiny can import (a full-integer .tflite or an int8 QDQ or "
+                               "QOperator .onnx file)")
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -859,7 +865,7 @@ class _OnnxImporter(_GraphBuilder):
 
 
 def import_onnx(data: bytes, name: str = "model", source: str = "<bytes>") -> tuple[Graph, list[str]]:
-    """An int8 QDQ ONNX model (onnxruntime's quantize_static) -> (fedtiny Graph named `name`, notes)."""
+    """An int8 QDQ or QOperator ONNX model (onnxruntime's quantize_static) -> (fedtiny Graph named `name`, notes)."""
     importer = _OnnxImporter(data, name, source)
     graph = importer.convert()
     return graph, importer.notes

@@ -402,3 +402,31 @@ def test_onnx_final_softmax_is_dropped_with_a_note(tmp_path):
     graph, notes = import_model(tmp_path / "softmax.onnx")
     assert graph.tensors[graph.outputs[0]].shape == (1, 1, 10) and graph.ops[-1].origin.endswith("Gemm")
     assert any("dropped the final Softmax" in n for n in notes)
+
+
+def test_cli_imports_a_qoperator_onnx_model_that_compiles(tmp_path):
+    require_module("onnx", "dev")
+    result = run_cli("import", ONNX_QOP, "-o", tmp_path / "qop.ftm")
+    assert result.exit_code == 0, result.output
+    graph = load_model(tmp_path / "qop.ftm")
+    assert graph.meta["source"] == "onnx" and [op.origin.split()[-1] for op in graph.ops] == \
+        ["QLinearConv", "MaxPool", "QLinearConv", "QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"]
+    result = run_cli("compile", tmp_path / "qop.ftm", "--scheme", "last:2")
+    assert result.exit_code == 0, result.output
+    assert "plan: scheme last:2" in result.stdout
+
+
+def test_onnx_unsupported_qoperator_node_is_one_line_naming_it_and_exit_2(tmp_path):
+    require_module("onnx", "dev")
+    import onnx
+
+    model = onnx.load(ONNX_QOP_BLOCKS)
+    index, sigmoid = next((i, n) for i, n in enumerate(model.graph.node) if n.op_type == "QLinearSigmoid")
+    sigmoid.op_type = "QLinearLeakyRelu"
+    onnx.save(model, tmp_path / "leaky.onnx")
+    result = run_cli("import", tmp_path / "leaky.onnx", "-o", tmp_path / "x.ftm")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"ONNX node {index} (QLinearLeakyRelu" in lines[0] and "not supported" in lines[0], \
+        result.stderr
+    assert not (tmp_path / "x.ftm").exists()
