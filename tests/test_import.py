@@ -25,6 +25,8 @@ from test_user_input import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TFLITE = FIXTURES / "digits_rows_int8.tflite"
+# CONCATENATION of two branches, a MUL gate broadcast over the length, a MUL of two maps (make_tflite_fixture.py blocks)
+TFLITE_BLOCKS = FIXTURES / "digits_rows_blocks_int8.tflite"
 sys.path.insert(0, str(FIXTURES))
 from make_tflite_fixture import digits_rows  # noqa: E402  (the data the fixture was trained on)
 
@@ -46,22 +48,28 @@ def digits(imported):
     return quantize_input(graph, x.transpose(0, 2, 1)), y
 
 
-def litert_logits(graph, x, resolver: str) -> np.ndarray:
-    """LiteRT's int8 values of the tensor fedtiny's output stands for (the logits before the dropped SOFTMAX)."""
+def litert_int8(tensors: list[str], x, resolver: str, path: Path = TFLITE) -> list[np.ndarray]:
+    """LiteRT's int8 values of the named fedtiny tensors (the importer names activations t<TFLite tensor index>),
+    each (N, values) in LiteRT's (and fedtiny's) channels-last order."""
     require_module("ai_edge_litert", "dev")
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_path=str(TFLITE), experimental_op_resolver_type=getattr(OpResolverType, resolver),
+    interpreter = Interpreter(model_path=str(path), experimental_op_resolver_type=getattr(OpResolverType, resolver),
                               experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     (inp,) = interpreter.get_input_details()
-    logits = int(graph.outputs[0].removeprefix("t"))  # the importer names activations t<TFLite tensor index>
-    out = []
+    out = [[] for _ in tensors]
     for sample in x:
         interpreter.set_tensor(inp["index"], sample.reshape(inp["shape"]))
         interpreter.invoke()
-        out.append(interpreter.get_tensor(logits).reshape(-1).copy())
-    return np.array(out)
+        for values, name in zip(out, tensors):
+            values.append(interpreter.get_tensor(int(name.removeprefix("t"))).reshape(-1).copy())
+    return [np.array(values) for values in out]
+
+
+def litert_logits(graph, x, resolver: str, path: Path = TFLITE) -> np.ndarray:
+    """LiteRT's int8 values of the tensor fedtiny's output stands for (the logits before the dropped SOFTMAX)."""
+    return litert_int8([graph.outputs[0]], x, resolver, path)[0]
 
 
 def test_import_reads_the_converter_s_ops_and_drops_only_the_final_softmax(imported):
@@ -92,6 +100,61 @@ def test_imported_model_predicts_litert_s_classes_with_xnnpack(imported, digits)
     ours = run(graph, x).reshape(len(x), -1)
     theirs = litert_logits(graph, x, "AUTO")  # XNNPACK: float requantization
     assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).all()
+
+
+@pytest.fixture(scope="module")
+def blocks_imported():
+    require_module("tflite", "import")
+    from fedtiny.importer import import_model
+
+    graph, _ = import_model(TFLITE_BLOCKS)
+    x, y = digits_rows()
+    return graph, quantize_input(graph, x.transpose(0, 2, 1)), y
+
+
+def test_tflite_blocks_import_concatenation_and_mul(blocks_imported):
+    graph, x, y = blocks_imported
+    kinds = [op.kind for op in graph.ops]
+    assert (kinds.count("cat"), kinds.count("mul")) == (1, 2), kinds
+    gate = next(op for op in graph.ops if op.kind == "mul")
+    assert graph.tensors[gate.inputs[1]].shape == (1, 1, 16)  # the gate broadcasts over the length
+    ours = run(graph, x).reshape(len(x), -1)
+    theirs = litert_logits(graph, x, "BUILTIN_REF", TFLITE_BLOCKS)
+    assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).all() and (ours.argmax(axis=1) == y).mean() > 0.9
+
+
+@pytest.mark.parametrize("resolver", ["BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"])
+def test_tflite_blocks_ops_agree_with_litert_op_by_op(blocks_imported, resolver):
+    """Each op on LiteRT's own int8 inputs (end to end, LiteRT's optimized kernels are up to 3 steps away on a
+    logit: a one-step difference in a conv's output is multiplied by the MUL after it)."""
+    from fedtiny.interpreter import FORWARD
+
+    graph, x, _ = blocks_imported
+    activations = [n for n in graph.tensors if n.startswith("t") and not graph.tensors[n].is_constant]
+    theirs = dict(zip(activations, litert_int8(activations, x, resolver, TFLITE_BLOCKS)), input=x.reshape(len(x), -1))
+    for op in graph.ops:
+        args = [graph.tensors[n].data if graph.tensors[n].is_constant else
+                theirs[n].reshape((len(x), *graph.tensors[n].shape)) for n in op.inputs]
+        ours = FORWARD[op.kind](graph, op, *args).reshape(len(x), -1).astype(np.int64)
+        apart = np.abs(ours - theirs[op.outputs[0]].astype(np.int64))
+        assert (apart == 0).mean() >= 0.99, f"{op.origin}: {100 * (apart == 0).mean():.2f} % identical"
+        assert apart.max() <= 1, f"{op.origin}: {int((apart > 1).sum())} values more than 1 step apart"
+
+
+def test_tflite_blocks_trains_bit_exactly_in_c_through_cat_and_mul(blocks_imported, tmp_path):
+    from test_ctrainer import assert_same_state, python_reference
+    from test_cruntime import need
+
+    from fedtiny_device import cruntime
+
+    need("gcc", "make")
+    graph, x, y = blocks_imported
+    plan = compile_plan(graph, parse("full", graph))
+    expected = python_reference(plan, x[:100], y[:100], seed=3)
+    trainer = cruntime.CTrainer(plan, seed=3, cache_dir=tmp_path)
+    for xi, yi in zip(x[:100], y[:100]):
+        trainer.step(xi, int(yi))
+    assert_same_state(trainer.trainable_state(), expected.trainable_state(), "imported tflite blocks full")
 
 
 @pytest.mark.parametrize("scheme", ["last:2", "full"])
