@@ -493,3 +493,40 @@ def test_onnx_unsupported_qoperator_node_is_one_line_naming_it_and_exit_2(tmp_pa
     assert len(lines) == 1 and f"ONNX node {index} (QLinearLeakyRelu" in lines[0] and "not supported" in lines[0], \
         result.stderr
     assert not (tmp_path / "x.ftm").exists()
+
+
+def test_onnx_qlinearmatmul_of_a_vector_by_a_constant_agrees_with_onnxruntime(tmp_path):
+    """QLinearMatMul (quantize_static writes it for a MatMul by a weight) is imported as a bias-free Gemm; on a
+    small graph made here, fedtiny's int8 outputs are onnxruntime's QLinearMatMul kernel's."""
+    require_module("onnx", "dev")
+    require_module("onnxruntime", "dev")
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fedtiny.importer import import_model
+
+    rng = np.random.default_rng(0)
+    constants = dict(x_scale=np.float32(0.0625), x_zp=np.int8(3), b=rng.integers(-127, 128, (16, 10), dtype=np.int8),
+                     b_scale=np.float32(0.01), b_zp=np.int8(0), y_scale=np.float32(0.5), y_zp=np.int8(-5))
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+         helper.make_node("QLinearMatMul", ["xq", "x_scale", "x_zp", "b", "b_scale", "b_zp", "y_scale", "y_zp"],
+                          ["yq"], name="fc"),
+         helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zp"], ["y"])],
+        "matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "matmul.onnx")
+    imported, _ = import_model(tmp_path / "matmul.onnx")
+    assert [op.kind for op in imported.ops] == ["conv2d"] and imported.ops[0].origin == "onnx node 1 QLinearMatMul"
+    q = rng.integers(-128, 128, (300, 16)).astype(np.int8)
+    x = ((q.astype(np.float32) - 3) * np.float32(0.0625))  # exactly on the input's grid: both sides quantize to q
+    model.graph.output.append(helper.make_tensor_value_info("yq", TensorProto.INT8, [1, 10]))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    theirs = np.concatenate([session.run(["yq"], {"x": sample[None]})[0] for sample in x]).astype(np.int64)
+    ours = run(imported, quantize_input(imported, x)).reshape(len(x), -1).astype(np.int64)
+    apart = np.abs(ours - theirs)
+    assert (apart == 0).mean() >= 0.99 and apart.max() <= 1, f"{100 * (apart == 0).mean():.2f} %, {apart.max()}"
+    assert len(np.unique(theirs)) > 20  # not all saturated
