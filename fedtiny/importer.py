@@ -589,9 +589,10 @@ class _OnnxImporter(_GraphBuilder):
         nodes, origin = [], []
 
         def dq(x: str, scale: str, zp: str, k: int, axis: int | None = None) -> str:
-            out = f"{x}_dequantized_{k}"
+            """DequantizeLinear of x for input k of node i (a name of its own: x may feed several nodes)."""
+            out = f"{x}_dequantized_{i}_{k}"
             nodes.append(helper.make_node("DequantizeLinear", [x, scale] + ([zp] if zp else []), [out],
-                                          name=f"{x}_dequantize_{k}", **({} if axis is None else dict(axis=axis))))
+                                          name=f"{x}_dequantize_{i}_{k}", **({} if axis is None else dict(axis=axis))))
             return out
 
         def bias(b: str, x_scale: str, w_scale: str, k: int) -> str:
@@ -604,10 +605,9 @@ class _OnnxImporter(_GraphBuilder):
             return dq(b, scale, "", k, axis=0 if self.init[scale].size > 1 else None)
 
         for i, node in enumerate(self.nodes):
-            op, ins, name = node.op_type, list(node.input), node.name
-            attrs = {a.name: self.attr(a) for a in node.attribute}
+            op, ins, name, attrs = node.op_type, list(node.input), node.name, self._attrs(node)
             spec = _QOPERATOR.get(op)
-            if spec is None and (op.startswith("QLinear") or op.startswith("QGemm")):
+            if spec is None and op.startswith("QLinear"):
                 self._refuse(i, f"QOperator node not supported (fedtiny imports {', '.join(sorted(_QOPERATOR))}, "
                                 f"and MaxPool, Flatten, Reshape, Squeeze, Unsqueeze on int8 tensors)")
             start = len(nodes)
