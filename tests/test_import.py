@@ -278,6 +278,7 @@ ONNX_UINT8 = FIXTURES / "digits_rows_qdq_uint8.onnx"  # the first model with uin
 # onnxruntime runs these int8 kernels themselves, and the file's quantization parameters are those ops' inputs
 ONNX_QOP = FIXTURES / "digits_rows_qop.onnx"
 ONNX_QOP_BLOCKS = FIXTURES / "digits_rows_blocks_qop.onnx"
+ONNX_QOP_UINT8 = FIXTURES / "digits_rows_qop_uint8.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -288,8 +289,8 @@ def onnx_imported():
     return import_model(ONNX)[0]
 
 
-@pytest.fixture(scope="module", params=[ONNX, ONNX_BLOCKS, ONNX_UINT8, ONNX_QOP, ONNX_QOP_BLOCKS],
-                ids=["residual", "blocks", "uint8", "qop", "qop_blocks"])
+@pytest.fixture(scope="module", params=[ONNX, ONNX_BLOCKS, ONNX_UINT8, ONNX_QOP, ONNX_QOP_BLOCKS, ONNX_QOP_UINT8],
+                ids=["residual", "blocks", "uint8", "qop", "qop_blocks", "qop_uint8"])
 def onnx_case(request):
     """(file, imported graph) of each quantize_static fixture."""
     require_module("onnx", "dev")
@@ -312,10 +313,11 @@ def onnxruntime_int8(tensors: list[str], x: np.ndarray, path: Path = ONNX) -> li
     import onnxruntime as ort
 
     model = onnx.load(path)
-    zero_points = {n.output[0]: n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    uint8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
+    # quantize_static quantizes every activation to one type (QInt8 or QUInt8) and the weights to int8: a uint8
+    # initializer (a zero point) means uint8 activations (onnxruntime refuses a wrongly typed output)
+    uint8 = any(t.data_type == onnx.TensorProto.UINT8 for t in model.graph.initializer)
     for name in tensors:
-        kind = onnx.TensorProto.UINT8 if zero_points.get(name) in uint8 else onnx.TensorProto.INT8
+        kind = onnx.TensorProto.UINT8 if uint8 else onnx.TensorProto.INT8
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, kind, None))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -387,7 +389,12 @@ def test_onnx_model_predicts_onnxruntime_s_classes(onnx_case, onnx_digits):
     x, y = onnx_digits
     ours = run(graph, quantize_input(graph, x)).reshape(len(x), -1)
     (theirs,) = onnxruntime_int8([onnx_tensor_of(graph, path)[graph.outputs[0]]], x, path)
-    assert (ours.argmax(axis=1) == theirs.reshape(len(x), -1).argmax(axis=1)).all()
+    theirs = theirs.reshape(len(x), -1).astype(np.int64)
+    same = ours.argmax(axis=1) == theirs.argmax(axis=1)
+    # a one-step rounding may only turn a near tie: where onnxruntime's top logit leads by more than one step, the
+    # class is the same (the QOperator uint8 model's 7-bit weights leave 3 of 1797 digits one step from a tie)
+    top2 = np.sort(theirs, axis=1)[:, -2:]
+    assert same[top2[:, 1] - top2[:, 0] > 1].all() and same.mean() >= 0.995, f"{int((~same).sum())} classes differ"
     assert (ours.argmax(axis=1) == y).mean() > 0.9
 
 
