@@ -1,6 +1,6 @@
 """Import the int8 models people already have: a full-integer TFLite model, or an int8 QDQ or QOperator ONNX model
-(onnxruntime's quantize_static; uint8 activations, QUInt8, become int8 ones by subtracting 128 from values and zero points, which is
-exact), -> fedtiny's `Graph`.
+(onnxruntime's quantize_static; uint8 activations, QUInt8, become int8 ones by subtracting 128 from values and zero
+points, which is exact) -> fedtiny's `Graph`.
 
 TFLite's integer semantics are the IR's (channels-last, int8 activations with a zero point, int8 weights
 symmetric per output channel, int32 biases at s_x * s_w, requantization by a Q31 multiplier and shift), so an
