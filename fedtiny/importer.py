@@ -35,7 +35,9 @@ ONNX QOperator (quantize_static's QuantFormat.QOperator): QLinearConv, QGemm, QL
 constant), QLinearAdd, QLinearMul, QLinearConcat, QLinearSigmoid, QLinearAveragePool, QLinearGlobalAveragePool, and
 MaxPool/Flatten/Reshape/Squeeze/Unsqueeze on int8 tensors, their quantization parameters being the node's inputs,
 are first rewritten into the QDQ graph they compute (DequantizeLinear, the float op, QuantizeLinear) and then
-imported by the QDQ path: one mapping, the same constants. Any other QLinear* node is refused by name.
+imported by the QDQ path: one mapping, the same constants. An average pool onto another grid than its input's
+(QLinearAveragePool has its own output scale) becomes a depthwise conv with equal weights, one rounding, as
+GlobalAveragePool does. Any other QLinear* node is refused by name.
 """
 
 import math
@@ -785,8 +787,6 @@ class _OnnxImporter(_GraphBuilder):
             self._add_conv(x, y, w[:, None, None, :], s_w, bias, (1, 1), (0, 0, 0, 0), 1, self._bounds(zp), origin)
         elif op in ("MaxPool", "AveragePool"):
             x = self._in(i, node.input[0])
-            if (scale, zp) != self._quant(x):
-                self._refuse(i, "input and output quantization differ (fedtiny's pools keep the input's)")
             if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", [1])) or \
                     (op == "AveragePool" and a.get("count_include_pad", 0) and any(a.get("pads", []))):
                 self._refuse(i, "ceil_mode, dilation and count_include_pad with padding are not supported")
@@ -800,8 +800,18 @@ class _OnnxImporter(_GraphBuilder):
             h, w_, c = self.graph_tensors[x].shape
             self._declare(y, ((h + padding[0] + padding[2] - kernel[0]) // stride[0] + 1,
                               (w_ + padding[1] + padding[3] - kernel[1]) // stride[1] + 1, c), scale, zp)
-            self._emit("maxpool2d" if op == "MaxPool" else "avgpool2d", [x], y,
-                       dict(kernel=list(kernel), stride=list(stride), padding=padding), origin)
+            if (scale, zp) == self._quant(x):
+                self._emit("maxpool2d" if op == "MaxPool" else "avgpool2d", [x], y,
+                           dict(kernel=list(kernel), stride=list(stride), padding=padding), origin)
+            elif op == "AveragePool" and not any(padding):
+                # onto another grid (QOperator's QLinearAveragePool has its own output scale): the mean as a
+                # depthwise conv with equal weights, one rounding onto the output's grid, as GlobalAveragePool below
+                n = kernel[0] * kernel[1]
+                self._add_conv(x, y, np.full((c, *kernel, 1), 127, np.int8), np.full(c, 1.0 / (127.0 * n)), None,
+                               stride, (0, 0, 0, 0), c, (-128, 127, "none"), origin)
+            else:
+                self._refuse(i, "input and output quantization differ (fedtiny's pools keep the input's; an "
+                                "average pool onto another grid is imported without padding only)")
         elif op == "GlobalAveragePool":
             x = self._in(i, node.input[0])
             h, w_, c = self.graph_tensors[x].shape

@@ -537,3 +537,40 @@ def test_onnx_qlinearmatmul_of_a_vector_by_a_constant_agrees_with_onnxruntime(tm
     apart = np.abs(ours - theirs)
     assert (apart == 0).mean() >= 0.99 and apart.max() <= 1, f"{100 * (apart == 0).mean():.2f} %, {apart.max()}"
     assert len(np.unique(theirs)) > 20  # not all saturated
+
+
+def test_onnx_qlinearaveragepool_onto_another_grid_agrees_with_onnxruntime(tmp_path):
+    """quantize_static's QOperator gives an average pool its own output scale (QDQ keeps the input's): imported as
+    a depthwise conv with equal weights, it gives onnxruntime's QLinearAveragePool's int8 outputs."""
+    require_module("onnx", "dev")
+    require_module("onnxruntime", "dev")
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fedtiny.importer import import_model
+
+    # a calibrated-looking output scale: with s_x / (3 s_y) a simple fraction (0.05: 5/12) one sum in 12 lands on a
+    # half step, which onnxruntime rounds to even and fedtiny, as TFLite, away from zero (one step apart)
+    constants = dict(x_scale=np.float32(0.0625), x_zp=np.int8(3), y_scale=np.float32(0.0537), y_zp=np.int8(-7))
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+         helper.make_node("QLinearAveragePool", ["xq", "x_scale", "x_zp", "y_scale", "y_zp"], ["yq"], name="pool",
+                          domain="com.microsoft", kernel_shape=[3], strides=[2]),
+         helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zp"], ["y"])],
+        "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, tmp_path / "pool.onnx")
+    imported, _ = import_model(tmp_path / "pool.onnx")
+    assert [op.kind for op in imported.ops] == ["conv2d"] and imported.ops[0].attrs["groups"] == 4
+    q = np.random.default_rng(1).integers(-128, 128, (300, 4, 9)).astype(np.int8)
+    x = (q.astype(np.float32) - 3) * np.float32(0.0625)  # on the input's grid: both sides quantize to q
+    model.graph.output.append(helper.make_tensor_value_info("yq", TensorProto.INT8, [1, 4, 4]))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    theirs = np.concatenate([session.run(["yq"], {"x": sample[None]})[0] for sample in x])
+    ours = run(imported, quantize_input(imported, x)).reshape(len(x), 4, 4).transpose(0, 2, 1)  # (L, C) -> (C, L)
+    apart = np.abs(ours.astype(np.int64) - theirs.astype(np.int64))
+    assert (apart == 0).mean() >= 0.99 and apart.max() <= 1, f"{100 * (apart == 0).mean():.2f} %, {apart.max()}"
+    assert len(np.unique(theirs)) > 50  # not all saturated
