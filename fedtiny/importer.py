@@ -512,7 +512,7 @@ def import_tflite(data: bytes, name: str = "model", source: str = "<bytes>") -> 
     return graph, importer.notes
 
 
-# --- ONNX (QDQ, as onnxruntime's quantize_static writes it) ---------------------------------------------------------
+# --- ONNX (QDQ and QOperator, as onnxruntime's quantize_static writes them) -------------------------------------------
 
 
 # QOperator node -> (the float op it computes, where its inputs are: "x" the (value, scale, zero point) triples to
