@@ -191,8 +191,8 @@ def quantize(model_name: str, data: str, output: str, seed: int) -> None:
 @click.argument("model_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.ftm).")
 def import_(model_file: str, output: str) -> None:
-    """Read a full-integer TFLite model (MODEL.tflite) or an int8 QDQ ONNX model (MODEL.onnx, onnxruntime's
-    quantize_static) into fedtiny's graph and save it as a model file, for `fedtiny compile`, `evaluate` and
+    """Read a full-integer TFLite model (MODEL.tflite) or an int8 QDQ or QOperator ONNX model (MODEL.onnx,
+    onnxruntime's quantize_static) into fedtiny's graph and save it as a model file, for `fedtiny compile`, `evaluate` and
     `simulate --model`."""
     from .importer import import_model
     from .inspect import describe

@@ -1,6 +1,6 @@
-"""Import the int8 models people already have: a full-integer TFLite model, or an int8 QDQ ONNX model (onnxruntime's
-quantize_static; uint8 activations, QUInt8, become int8 ones by subtracting 128 from values and zero points, which is
-exact), -> fedtiny's `Graph`.
+"""Import the int8 models people already have: a full-integer TFLite model, or an int8 QDQ or QOperator ONNX model
+(onnxruntime's quantize_static; uint8 activations, QUInt8, become int8 ones by subtracting 128 from values and zero
+points, which is exact) -> fedtiny's `Graph`.
 
 TFLite's integer semantics are the IR's (channels-last, int8 activations with a zero point, int8 weights
 symmetric per output channel, int32 biases at s_x * s_w, requantization by a Q31 multiplier and shift), so an
@@ -30,6 +30,14 @@ weights, per channel or not; int32 biases), become the same IR ops with the same
 defines such a graph in float between the QDQ pairs, so fedtiny's fixed-point results differ from it by a
 rounding now and then (tests/test_import.py checks each op and the predicted classes). A Softmax at the very
 end is dropped with a note, as in a TFLite model.
+
+ONNX QOperator (quantize_static's QuantFormat.QOperator): QLinearConv, QGemm, QLinearMatMul (of a vector by a
+constant), QLinearAdd, QLinearMul, QLinearConcat, QLinearSigmoid, QLinearAveragePool, QLinearGlobalAveragePool, and
+MaxPool/Flatten/Reshape/Squeeze/Unsqueeze on int8 tensors, their quantization parameters being the node's inputs,
+are first rewritten into the QDQ graph they compute (DequantizeLinear, the float op, QuantizeLinear) and then
+imported by the QDQ path: one mapping, the same constants. An average pool onto another grid than its input's
+(QLinearAveragePool has its own output scale) becomes a depthwise conv with equal weights, one rounding, as
+GlobalAveragePool does. Any other QLinear* node is refused by name.
 """
 
 import math
@@ -51,8 +59,8 @@ def import_model(path: str | Path) -> tuple[Graph, list[str]]:
     """(graph, notes) of a .tflite or .onnx file; notes are lines for the user about what was dropped or added."""
     path = Path(path)
     if path.suffix.lower() not in (".tflite", ".onnx"):
-        raise ModelImportError(f"{path}: not a model fedtiny can import (a full-integer .tflite or QDQ int8 .onnx "
-                               "file)")
+        raise ModelImportError(f"{path}: not a model fedtiny can import (a full-integer .tflite or an int8 QDQ or "
+                               "QOperator .onnx file)")
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -504,7 +512,23 @@ def import_tflite(data: bytes, name: str = "model", source: str = "<bytes>") -> 
     return graph, importer.notes
 
 
-# --- ONNX (QDQ, as onnxruntime's quantize_static writes it) ---------------------------------------------------------
+# --- ONNX (QDQ and QOperator, as onnxruntime's quantize_static writes them) -------------------------------------------
+
+
+# QOperator node -> (the float op it computes, where its inputs are: "x" the (value, scale, zero point) triples to
+# dequantize, "w" the weight's triple (dequantized along "w_axis"), "b" the int32 bias, "y" the output's scale)
+_QOPERATOR = {
+    "QLinearConv": ("Conv", dict(x=[0, 3], w=3, w_axis=0, b=8, y=6)),
+    "QGemm": ("Gemm", dict(x=[0, 3], w=3, b=6, y=7)),  # weight axis: 0 with transB, else 1
+    "QLinearMatMul": ("Gemm", dict(x=[0, 3], w=3, w_axis=1, y=6)),
+    "QLinearAdd": ("Add", dict(x=[0, 3], y=6)),
+    "QLinearMul": ("Mul", dict(x=[0, 3], y=6)),
+    "QLinearConcat": ("Concat", dict(y=0)),
+    "QLinearSigmoid": ("Sigmoid", dict(x=[0], y=3)),
+    "QLinearAveragePool": ("AveragePool", dict(x=[0], y=3)),
+    "QLinearGlobalAveragePool": ("GlobalAveragePool", dict(x=[0], y=3)),
+}
+_INT8_PASSING = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze")  # int8 in, int8 out on the same grid
 
 
 class _OnnxImporter(_GraphBuilder):
@@ -528,6 +552,10 @@ class _OnnxImporter(_GraphBuilder):
             raise ModelImportError(f"{source}: not an ONNX model ({type(err).__name__}: {err})") from err
         self.attr = onnx.helper.get_attribute_value
         self.name, self.source = name, source
+        # (index, op type) of the node in the file each node of self.nodes comes from: a QOperator node becomes
+        # several QDQ ones, and messages, origins and tensor names (n<index>) speak of the file's node
+        self.node_origin = [(i, node.op_type) for i, node in enumerate(self.nodes)]
+        self._qdq_from_qoperator(onnx)
         self.act: dict[str, str] = {}  # float tensor (a DequantizeLinear's output) -> IR int8 tensor
         self.const: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # DequantizeLinear'd initializer -> (ints, scale)
         self.consumers: dict[str, list] = {}
@@ -543,8 +571,89 @@ class _OnnxImporter(_GraphBuilder):
                      for v in [*inferred.value_info, *inferred.input, *inferred.output]}
 
     def _refuse(self, i: int, why: str):
-        raise UnsupportedOpError(f"{self.source}: ONNX node {i} ({self.nodes[i].op_type} "
+        index, op_type = self.node_origin[i]
+        raise UnsupportedOpError(f"{self.source}: ONNX node {index} ({op_type} "
                                  f"{self.nodes[i].name or self.nodes[i].output[0]}): {why}")
+
+    def _qdq_from_qoperator(self, onnx):
+        """Rewrite a QOperator graph (quantize_static's QuantFormat.QOperator: QLinearConv, QGemm, QLinearAdd, ...
+        on int8 tensors, their quantization parameters as inputs) into the QDQ graph it computes: each QLinear node
+        becomes DequantizeLinear of its inputs, the float op, QuantizeLinear onto its output's parameters, and an
+        int8 MaxPool/Flatten/Reshape keeps its input's. The QDQ path then imports it with the same constants. A QDQ
+        model passes unchanged."""
+        helper = onnx.helper
+        quantized: dict[str, tuple[str, str]] = {}  # int8 tensor -> (scale, zero point) initializer names
+        for node in self.nodes:
+            if node.op_type == "QuantizeLinear":
+                quantized[node.output[0]] = (node.input[1], node.input[2] if len(node.input) > 2 else "")
+        if not any(n.op_type in _QOPERATOR or n.op_type.startswith("QLinear") for n in self.nodes):
+            return
+        nodes, origin = [], []
+
+        def dq(x: str, scale: str, zp: str, k: int, axis: int | None = None) -> str:
+            """DequantizeLinear of x for input k of node i (a name of its own: x may feed several nodes)."""
+            out = f"{x}_dequantized_{i}_{k}"
+            nodes.append(helper.make_node("DequantizeLinear", [x, scale] + ([zp] if zp else []), [out],
+                                          name=f"{x}_dequantize_{i}_{k}", **({} if axis is None else dict(axis=axis))))
+            return out
+
+        def bias(b: str, x_scale: str, w_scale: str, k: int) -> str:
+            if not b:
+                return ""
+            if b not in self.init or x_scale not in self.init or w_scale not in self.init:
+                return b  # not a constant: the Conv/Gemm below refuses it by name
+            scale = f"{b}_scale"  # int32 biases are on s_x * s_w (only their integers are imported)
+            self.init[scale] = (np.float32(self.init[x_scale]) * np.asarray(self.init[w_scale], np.float32)).reshape(-1)
+            return dq(b, scale, "", k, axis=0 if self.init[scale].size > 1 else None)
+
+        for i, node in enumerate(self.nodes):
+            op, ins, name, attrs = node.op_type, list(node.input), node.name, self._attrs(node)
+            spec = _QOPERATOR.get(op)
+            if spec is None and op.startswith("QLinear"):
+                self._refuse(i, f"QOperator node not supported (fedtiny imports {', '.join(sorted(_QOPERATOR))}, "
+                                f"and MaxPool, Flatten, Reshape, Squeeze, Unsqueeze on int8 tensors)")
+            start = len(nodes)
+            if spec is not None:
+                float_op, layout = spec
+                if attrs.pop("channels_last", 0):
+                    self._refuse(i, "channels_last is not supported")
+                y_scale, y_zp = (ins[layout["y"]], ins[layout["y"] + 1]) if len(ins) > layout["y"] + 1 else ("", "")
+                if not y_scale:
+                    self._refuse(i, "its output is float (fedtiny imports int8 outputs)")
+                if op == "QLinearConcat":  # (y scale, y zero point, then a triple per input)
+                    float_ins = [dq(ins[j], ins[j + 1], ins[j + 2], j) for j in range(2, len(ins), 3)]
+                else:
+                    w_axis = 1 - int(attrs.get("transB", 0)) if op == "QGemm" else layout.get("w_axis")
+                    float_ins = [dq(ins[j], ins[j + 1], ins[j + 2], j, axis=w_axis if j == layout.get("w") else None)
+                                 for j in layout["x"]]
+                    if "b" in layout:
+                        float_ins.append(bias(ins[layout["b"]] if len(ins) > layout["b"] else "", ins[1],
+                                              ins[layout["w"] + 1], layout["b"]))
+                # MatMul(A, B) of a vector A with a constant B is Gemm(A, B) without transB (and without bias:
+                # quantize_static's QLinearAdd of the bias after it is refused as an Add of a constant)
+                y_float = f"{node.output[0]}_float"
+                nodes.append(helper.make_node(float_op, float_ins, [y_float], name=name, **attrs))
+                nodes.append(helper.make_node("QuantizeLinear", [y_float, y_scale, y_zp], [node.output[0]],
+                                              name=f"{node.output[0]}_quantize"))
+                quantized[node.output[0]] = (y_scale, y_zp)
+            elif op in _INT8_PASSING and ins and ins[0] in quantized:
+                scale, zp = quantized[ins[0]]
+                y_float = f"{node.output[0]}_float"
+                x_float = dq(ins[0], scale, zp, 0)
+                nodes.append(helper.make_node(op, [x_float] + ins[1:], [y_float], name=name, **attrs))
+                nodes.append(helper.make_node("QuantizeLinear", [y_float, scale] + ([zp] if zp else []),
+                                              [node.output[0]], name=f"{node.output[0]}_quantize"))
+                quantized[node.output[0]] = (scale, zp)
+            else:
+                nodes.append(node)
+            origin += [(i, op)] * (len(nodes) - start)
+        self.nodes, self.node_origin = nodes, origin
+        graph = self.model.graph
+        del graph.node[:]
+        graph.node.extend(nodes)
+        known = {t.name for t in graph.initializer}
+        graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(v), n) for n, v in self.init.items()
+                                 if n not in known)
 
     def _attrs(self, node) -> dict:
         return {a.name: self.attr(a) for a in node.attribute}
@@ -640,8 +749,9 @@ class _OnnxImporter(_GraphBuilder):
 
     def _convert_node(self, i: int, node, scale: float, zp: int) -> str:
         op, a = node.op_type, self._attrs(node)
-        origin = f"onnx node {i} {op}"
-        y = f"n{i}"
+        index, file_op = self.node_origin[i]
+        origin = f"onnx node {index} {file_op}"
+        y = f"n{index}"
         if op == "Conv":
             x = self._in(i, node.input[0])
             w, s_w = self._weight(i, node.input[1])
@@ -677,8 +787,6 @@ class _OnnxImporter(_GraphBuilder):
             self._add_conv(x, y, w[:, None, None, :], s_w, bias, (1, 1), (0, 0, 0, 0), 1, self._bounds(zp), origin)
         elif op in ("MaxPool", "AveragePool"):
             x = self._in(i, node.input[0])
-            if (scale, zp) != self._quant(x):
-                self._refuse(i, "input and output quantization differ (fedtiny's pools keep the input's)")
             if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", [1])) or \
                     (op == "AveragePool" and a.get("count_include_pad", 0) and any(a.get("pads", []))):
                 self._refuse(i, "ceil_mode, dilation and count_include_pad with padding are not supported")
@@ -692,8 +800,18 @@ class _OnnxImporter(_GraphBuilder):
             h, w_, c = self.graph_tensors[x].shape
             self._declare(y, ((h + padding[0] + padding[2] - kernel[0]) // stride[0] + 1,
                               (w_ + padding[1] + padding[3] - kernel[1]) // stride[1] + 1, c), scale, zp)
-            self._emit("maxpool2d" if op == "MaxPool" else "avgpool2d", [x], y,
-                       dict(kernel=list(kernel), stride=list(stride), padding=padding), origin)
+            if (scale, zp) == self._quant(x):
+                self._emit("maxpool2d" if op == "MaxPool" else "avgpool2d", [x], y,
+                           dict(kernel=list(kernel), stride=list(stride), padding=padding), origin)
+            elif op == "AveragePool" and not any(padding):
+                # onto another grid (QOperator's QLinearAveragePool has its own output scale): the mean as a
+                # depthwise conv with equal weights, one rounding onto the output's grid, as GlobalAveragePool below
+                n = kernel[0] * kernel[1]
+                self._add_conv(x, y, np.full((c, *kernel, 1), 127, np.int8), np.full(c, 1.0 / (127.0 * n)), None,
+                               stride, (0, 0, 0, 0), c, (-128, 127, "none"), origin)
+            else:
+                self._refuse(i, "input and output quantization differ (fedtiny's pools keep the input's; an "
+                                "average pool onto another grid is imported without padding only)")
         elif op == "GlobalAveragePool":
             x = self._in(i, node.input[0])
             h, w_, c = self.graph_tensors[x].shape
@@ -757,7 +875,7 @@ class _OnnxImporter(_GraphBuilder):
 
 
 def import_onnx(data: bytes, name: str = "model", source: str = "<bytes>") -> tuple[Graph, list[str]]:
-    """An int8 QDQ ONNX model (onnxruntime's quantize_static) -> (fedtiny Graph named `name`, notes)."""
+    """An int8 QDQ or QOperator ONNX model (onnxruntime's quantize_static) -> (fedtiny Graph named `name`, notes)."""
     importer = _OnnxImporter(data, name, source)
     graph = importer.convert()
     return graph, importer.notes
