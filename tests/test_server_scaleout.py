@@ -25,7 +25,7 @@ from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_conf
 from fedtiny.protocol.envelope import Header
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.messages import MessageType
-from fedtiny_device.agent import NodeAgent
+from fedtiny_device.agent import NodeAgent, heldout_count
 from fedtiny_server.app import Settings
 from fedtiny_server.gateway import site_round
 from fedtiny_server.requantize import dequantize_state, tensor_specs
@@ -148,7 +148,9 @@ def test_two_sites_under_one_superlink(task, tmp_path, flwr_cli):
                 agent.start()
                 agents.append(agent)
                 shard += 1
-            examples[fleet_name] = sum(len(shards[j][1]) for j in range(shard - count, shard))
+            # a device trains on what it does not hold out for its personalised accuracy (agent.heldout_count)
+            examples[fleet_name] = sum(len(shards[j][1]) - heldout_count(len(shards[j][1]))
+                                       for j in range(shard - count, shard))
             sites[fleet_name] = {"broker": url, "fleet-dir": str(site / "keys"), "fleet": fleet_name,
                                  "plan": str(plan_path), "state-db": str(site / "gateway.db"), "quorum": 1.0,
                                  "deadline": 30.0, "seen-within": 60.0}

@@ -244,7 +244,8 @@ def test_flower_engine_counts_the_encoded_delta_bodies(medical, medical_flower):
     plan = load_plan(flower_out / "plan.ftp")
     _, replies = _stored(flower_out)
     for r in replies:
-        body = encode_update(plan, r.delta, r.num_examples, r.metrics["loss"], r.metrics["accuracy"])
+        body = encode_update(plan, r.delta, r.num_examples, r.metrics["loss"], r.metrics["accuracy"],
+                             r.metrics.get("personal_accuracy"))
         assert r.uplink_bytes == len(body.encode())
     _, mqtt_replies = _stored(mqtt_out)
     assert all(a.uplink_bytes > b.uplink_bytes for a, b in zip(mqtt_replies, replies))  # envelopes, chunk headers
