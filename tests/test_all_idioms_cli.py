@@ -2,7 +2,8 @@
 dim, squeeze/unsqueeze, torch.cat, multiplying by a number and by a tensor, functional pooling, LeakyReLU, hardswish,
 sigmoid, GELU, padding='same', ceil_mode) goes the user's way, from the command line: `fedtiny quantize
 FILE.py:FACTORY --data`, `fedtiny compile`, the compiled plan training bit for bit in C, and a short `fedtiny
-simulate --model FILE.py:FACTORY`. An op still unsupported is one line naming it, its module path and line, exit 2."""
+simulate --model` of the quantized module. An op still unsupported is one line naming it, its module path and
+line, exit 2."""
 
 from pathlib import Path
 
@@ -66,8 +67,10 @@ def test_the_compiled_plan_trains_in_c_as_in_python(model_file, data, tmp_path):
         np.testing.assert_array_equal(c.trainable_state()[name], value, err_msg=name)
 
 
-def test_simulate_trains_the_module(data, tmp_path):
-    result = run_cli("simulate", "--model", f"{MODULE}:make", "--data", data, "--nodes", 2, "--rounds", 1,
+def test_simulate_trains_the_module(model_file, data, tmp_path):
+    # the module as `fedtiny quantize` made it (simulate --model FILE.py:FACTORY itself is tests/test_simulate.py's;
+    # from the module again it would pretrain a second time)
+    result = run_cli("simulate", "--model", model_file, "--data", data, "--nodes", 2, "--rounds", 1,
                      "--lr", 0.05, "--epochs", 1, "--quiet", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output + result.stderr
     assert (tmp_path / "run" / "global.ftm").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-RUNS = 3
+RUNS = 2  # one with plain lines, one with --json
 # The smallest plan (medical: the mlp), two nodes, two rounds; --lr and --epochs skip the choice on host data.
 ARGS = ["--nodes", "2", "--rounds", "2", "--scenario", "medical", "--lr", "0.03", "--epochs", "1"]
 PHASES = ("preparing the model", "starting the broker and 2 nodes")
