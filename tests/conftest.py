@@ -30,6 +30,22 @@ def require_module(name: str, extra: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def mlp_last2_plan():
+    """A small classification plan (the zoo mlp on 6 features, 3 classes, scheme last:2) for protocol-level tests
+    that need a real plan's buffers and scales but no training quality (test_privacy, test_secagg)."""
+    import numpy as np
+
+    from fedtiny import zoo
+    from fedtiny.compiler import compile_plan
+    from fedtiny.quantize import quantize
+    from fedtiny.scheme import parse
+
+    x = np.random.default_rng(3).normal(size=(16, 6)).astype(np.float32)
+    graph = quantize(zoo.build("mlp", (6,), 3), x)
+    return compile_plan(graph, parse("last:2", graph))
+
+
+@pytest.fixture(scope="session")
 def flwr_cli(tmp_path_factory):
     """The python of an environment where the `flwr` command runs (tests/flower_deploy.py): skip when it cannot
     be made on a user's machine (no package index), fail in CI."""

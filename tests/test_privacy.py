@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fedtiny import zoo
 from fedtiny.cli import main
-from fedtiny.compiler import compile_plan
 from fedtiny.privacy import PrivacyLedger, epsilon, noise_multiplier_for
 from fedtiny.protocol.noise import NoiseStream, add_noise, discrete_gaussian, noise_key, row_sigma2
 from fedtiny.protocol.task import task_body, task_settings
 from fedtiny.protocol.update import decode_update, row_scales, state_delta, uplink
-from fedtiny.quantize import quantize
-from fedtiny.scheme import parse
 from test_fleet_link import fleet_dir, model  # noqa: F401  (fixtures)
 
 KEY = bytes(range(32))
@@ -48,10 +44,8 @@ def test_noise_is_a_function_of_key_run_and_round_only():
 
 
 @pytest.fixture(scope="module")
-def plan():
-    x = np.random.default_rng(3).normal(size=(16, 6)).astype(np.float32)
-    graph = quantize(zoo.build("mlp", (6,), 3), x)
-    return compile_plan(graph, parse("last:2", graph))
+def plan(mlp_last2_plan):
+    return mlp_last2_plan
 
 
 def test_the_uplink_carries_noise_of_the_asked_scale(plan):

@@ -4,8 +4,6 @@ it never holds one of them unmasked, and hostile or broken stages end in one cle
 import numpy as np
 import pytest
 
-from fedtiny import zoo
-from fedtiny.compiler import compile_plan
 from fedtiny.protocol.envelope import Identity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import (
@@ -17,18 +15,14 @@ from fedtiny.protocol.secagg import (
     value_bounds,
 )
 from fedtiny.protocol.update import clip_delta, row_scales, state_delta
-from fedtiny.quantize import quantize
-from fedtiny.scheme import parse
 
 CLIP = 0.5
 CTX = RoundContext(fleet_id=0x1234, run=1, round=3)
 
 
 @pytest.fixture(scope="module")
-def plan():
-    x = np.random.default_rng(3).normal(size=(16, 6)).astype(np.float32)
-    graph = quantize(zoo.build("mlp", (6,), 3), x)
-    return compile_plan(graph, parse("last:2", graph))
+def plan(mlp_last2_plan):
+    return mlp_last2_plan
 
 
 def identities(n):
