@@ -26,6 +26,8 @@ STEP_GROUPS = {
     "grad_mask": "activation masks", "grad_add": "gradient sums (fan-out)", "conv2d_input_grad": "input gradients",
     "avgpool2d_input_grad": "input gradients (pooling)", "maxpool2d_input_grad": "input gradients (pooling)",
     "conv2d_weight_update": "weight updates", "conv2d_bias_update": "bias updates",
+    "lut_input_grad": "input gradients (lookup tables)", "cat_input_grad": "input gradients (concatenation)",
+    "mul_input_grad": "input gradients (products)",
 }
 
 

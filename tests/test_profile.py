@@ -62,3 +62,10 @@ def test_profile_without_qemu_is_one_line_and_exit_2(plan, tmp_path, monkeypatch
                                                "gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm make)"]
     bad = CliRunner().invoke(main, ["profile", str(tmp_path / "p.ftp"), "--clock", "0"])
     assert bad.exit_code == 2 and "--clock 0: must be a positive number of MHz" in bad.output
+
+
+def test_every_step_kind_has_a_named_group():
+    from fedtiny.planfile import STEP_KINDS
+    from fedtiny_device.profile import STEP_GROUPS
+
+    assert set(STEP_KINDS) <= set(STEP_GROUPS), set(STEP_KINDS) - set(STEP_GROUPS)
