@@ -338,8 +338,6 @@ def _check_secagg(c: SimulationConfig) -> None:
     for ok, why in ((c.clip_norm > 0, "--clip-norm 0: secure aggregation needs the devices to clip (default 0.5)"),
                     (c.engine == "mqtt", "--engine flower: secure aggregation runs over MQTT node agents only"),
                     (c.qemu_nodes == 0, "--qemu-nodes: the node firmware does not implement secure aggregation yet"),
-                    (not c.dp_epsilon, "--dp-epsilon: central DP needs each update, which secure aggregation hides; "
-                                       "distributed DP (device noise) is not wired to --secagg yet"),
                     (c.max_staleness == 0, "--max-staleness: masked rounds are synchronous"),
                     (c.nodes * c.fraction >= 3, "fewer than 3 nodes per round: secure aggregation needs 3")):
         if not ok:

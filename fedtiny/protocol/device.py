@@ -447,7 +447,8 @@ class DeviceSession:
                 self.skip(job)
                 return []
             sent, carry = uplink_delta(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
-                                       clip_norm=job.clip_norm, noise_sigma=job.noise_sigma, noise=noise)
+                                       clip_norm=job.clip_norm, noise_sigma=job.noise_sigma, noise=noise,
+                                       noise_limits=agg.bounds)
             self._held = (job, sent, carry, result)
             return self._send_masked(now)
         body, carry = uplink(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
