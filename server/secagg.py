@@ -114,6 +114,7 @@ def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
               dropped=sorted(names.get(i, f"{i:#010x}") for i in result.dropped),
               bad_shares=sorted(names.get(i, f"{i:#010x}") for i in result.bad_shares), uplink_bytes=outcome.uplink_bytes,
               seen="the sum of the survivors' masked deltas only")
+    grid.secagg_metrics[round_] = {names.get(i, f"{i:#010x}"): m for i, m in result.metrics.items()}
     for name in survivors:
         record = grid.registry.get(name)
         if record is not None:

@@ -630,7 +630,10 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                        peak_device_memory=plan.memory_report()["device_ram_bytes"],  # arena, scratch, stack
                        confusion=list(result.eval_metrics.get("confusion", [])))
             # each device's personalised model (the global one after its own steps) on the samples it held out
-            personal = fleet_summary(list(round_personal(store, r).values()))
+            reported = round_personal(store, r) or {  # under --secagg: what the masked DELTAs carried in the clear
+                d: m["personal_accuracy"] for d, m in coordinator.grid.secagg_metrics.get(r, {}).items()
+                if "personal_accuracy" in m}
+            personal = fleet_summary(list(reported.values()))
             row.update(personal_accuracy=personal["mean"], personal_worst_tenth=personal["worst_tenth"],
                        personal_devices=personal["devices"])
             if firmware_devices:

@@ -358,7 +358,7 @@ class DeviceSession:
             return []
         job, sent, carry, result = self._held
         self._held = None
-        body = self._secagg.masked(sent, result.num_examples, result.loss, result.accuracy)
+        body = self._secagg.masked(sent, result.num_examples, result.loss, result.accuracy, result.personal_accuracy)
         return self._upload(job, body, carry, now, Flags.MASKED)
 
     def _new_run(self, run: int) -> None:

@@ -357,7 +357,8 @@ class SecAggDevice:
         """The relay came: a trained delta can be masked."""
         return bool(self.held)
 
-    def masked(self, delta: dict[str, np.ndarray], num_examples: int, loss: float, accuracy: float) -> MaskedDelta:
+    def masked(self, delta: dict[str, np.ndarray], num_examples: int, loss: float, accuracy: float,
+               personal_accuracy: float | None = None) -> MaskedDelta:
         """The masked DELTA body of a clipped (and maybe noised) integer delta over the plan's trainable buffers."""
         if not self.held:
             raise ProtocolError("bad-stage", "no shares relayed yet: nothing to mask with")
@@ -376,7 +377,7 @@ class SecAggDevice:
         values = [t & np.uint64((1 << k) - 1) for t, k in zip(total, bits)]
         self.masked_sent = True
         return MaskedDelta(int(num_examples), float(loss), float(accuracy), self.cohort, bits,
-                           pack_values(values, bits))
+                           pack_values(values, bits), -1.0 if personal_accuracy is None else float(personal_accuracy))
 
     def on_unmask(self, body: SecAggUnmask) -> SecAggReveal:
         """Shares for the coordinator's unmasking; the same request again gets the same answer, another is refused
@@ -417,6 +418,7 @@ class SecAggSum:
     loss: float  # the survivors' mean reported train loss and accuracy
     accuracy: float
     bad_shares: tuple[int, ...] = ()  # devices whose revealed shares did not reconstruct (named, left out)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # what each survivor reported in the clear
 
 
 @dataclass
@@ -613,9 +615,17 @@ class SecAggRound:
         result = SecAggSum(self.ctx.round, tuple(u3), tuple(dropped), out,
                            sum(self.masked[u].num_examples for u in u3),
                            sum(self.masked[u].train_loss for u in u3) / m,
-                           sum(self.masked[u].accuracy for u in u3) / m, tuple(sorted(bad)))
+                           sum(self.masked[u].accuracy for u in u3) / m, tuple(sorted(bad)),
+                           {u: _reported(self.masked[u]) for u in u3})
         self.log.append(dict(stage="unmasked", survivors=m, dropped=len(dropped), bad_shares=len(bad)))
         return result
+
+
+def _reported(body: MaskedDelta) -> dict[str, float]:
+    out = {"loss": float(body.train_loss), "accuracy": float(body.accuracy)}
+    if body.personal_accuracy >= 0:
+        out["personal_accuracy"] = float(body.personal_accuracy)
+    return out
 
 
 def _combine(shares: list[tuple[int, bytes]], kind: int) -> bytes | None:
