@@ -223,10 +223,18 @@ class DistributedLedger:
     sigma2_min: float
     l1_lsb: float
     cohort: int  # the largest round: bounds tau, which grows with the survivors
-    rho: dict[int, float] = field(default_factory=dict)  # device -> its rho so far
-    releases: dict[int, int] = field(default_factory=dict)  # device -> rounds its update was in
+    participation: dict[int, list[int]] = field(default_factory=dict)  # device -> survivors of each round it was in
     rounds: int = 0
     round_rho: list[tuple[int, float]] = field(default_factory=list)  # (survivors, rho) of each released round
+
+    @property
+    def rho(self) -> dict[int, float]:
+        """device -> the zCDP rho it spent: its rounds' rho(n) summed (zCDP composes by addition)."""
+        return {d: sum(self.round_cost(n) for n in rounds) for d, rounds in self.participation.items()}
+
+    @property
+    def releases(self) -> dict[int, int]:
+        return {d: len(rounds) for d, rounds in self.participation.items()}
 
     def round_cost(self, survivors: int) -> float:
         return distributed_rho(self.clip_norm, self.device_sigma, survivors, self.sigma2_min, self.l1_lsb)
@@ -237,12 +245,10 @@ class DistributedLedger:
             ddg_tau(max(self.cohort, self.min_survivors), self.sigma2_min) * self.l1_lsb / 4.0
 
     def record(self, devices, survivors: int) -> None:
-        cost = self.round_cost(survivors)
         self.rounds += 1
-        self.round_rho.append((survivors, cost))
+        self.round_rho.append((survivors, self.round_cost(survivors)))
         for d in devices:
-            self.rho[d] = self.rho.get(d, 0.0) + cost
-            self.releases[d] = self.releases.get(d, 0) + 1
+            self.participation.setdefault(d, []).append(survivors)
 
     def device_epsilon(self, device) -> float:
         return zcdp_epsilon(self.rho.get(device, 0.0), self.delta)

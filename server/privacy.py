@@ -214,10 +214,8 @@ class DistributedPrivacy:
     def state_arrays(self) -> dict[str, np.ndarray]:
         if self.ledger is None:
             return dict(self._loaded)
-        ids = sorted(self.ledger.rho)
-        return {"privacy/devices": np.array(ids, np.int64),
-                "privacy/releases": np.array([self.ledger.releases[i] for i in ids], np.int64),
-                "privacy/rho": np.array([self.ledger.rho[i] for i in ids], np.float64),
+        pairs = [(d, n) for d, rounds in sorted(self.ledger.participation.items()) for n in rounds]
+        return {"privacy/participation": np.array(pairs, np.int64).reshape(-1, 2),  # (device, survivors) per round
                 "privacy/rounds": np.array([self.ledger.rounds], np.int64),
                 "privacy/round_rho": np.array(self.ledger.round_rho, np.float64).reshape(-1, 2)}
 
@@ -228,11 +226,11 @@ class DistributedPrivacy:
 
     def _restore(self) -> None:
         a = self._loaded
-        if "privacy/rho" not in a:
+        if "privacy/participation" not in a:
             return
-        ids = a["privacy/devices"].tolist()
-        self.ledger.rho = dict(zip(ids, a["privacy/rho"].tolist()))
-        self.ledger.releases = dict(zip(ids, a["privacy/releases"].tolist()))
+        self.ledger.participation = {}
+        for d, n in a["privacy/participation"].tolist():
+            self.ledger.participation.setdefault(int(d), []).append(int(n))
         self.ledger.rounds = int(a["privacy/rounds"][0])
         self.ledger.round_rho = [(int(n), float(r)) for n, r in a["privacy/round_rho"].tolist()]
 
@@ -302,6 +300,7 @@ def distributed_summary(strategy: DistributedPrivacy, device_names: dict[int, st
         return None
     rounds = dict(sorted((device_names.get(i, str(i)), n) for i, n in ledger.releases.items()))
     rho = {device_names.get(i, str(i)): r for i, r in ledger.rho.items()}
+    survivors = {device_names.get(i, str(i)): list(n) for i, n in ledger.participation.items()}
     return dict(mechanism="distributed discrete Gaussian under secure aggregation (Kairouz, Liu, Steinke ICML'21), "
                           "user-level, zero-out one device, zCDP composed with dp-accounting's RDP accountant",
                 distributed=True, epsilon=ledger.fleet_epsilon(), delta=ledger.delta, budget=ledger.budget,
@@ -310,5 +309,6 @@ def distributed_summary(strategy: DistributedPrivacy, device_names: dict[int, st
                 sigma2_min_lsb=ledger.sigma2_min, l1_lsb=ledger.l1_lsb, cohort=ledger.cohort,
                 noised_rounds=ledger.rounds, round_survivors=[n for n, _ in ledger.round_rho],
                 round_rho=[r for _, r in ledger.round_rho], device_rounds=rounds,
+                device_survivors=dict(sorted(survivors.items())),
                 device_rho=dict(sorted(rho.items())),
                 device_epsilon={d: zcdp_epsilon(r, ledger.delta) for d, r in sorted(rho.items())})
