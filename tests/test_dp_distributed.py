@@ -12,7 +12,7 @@ import pytest
 from conftest import require_tool
 
 from fedtiny.privacy import (DistributedLedger, distributed_noise, distributed_plan_constants, float32_up,
-                             noise_multiplier_for, zcdp_epsilon)
+                             zcdp_epsilon)
 from fedtiny.protocol.envelope import Identity, PublicIdentity
 from fedtiny.protocol.noise import NoiseStream, add_noise, noise_key, row_sigma2
 from fedtiny.protocol.secagg import value_bounds
@@ -33,12 +33,12 @@ def _random_delta(plan, seed):
 
 
 @pytest.fixture(scope="module")
-def c_node(mlp_last2_plan, tmp_path_factory):
+def c_node(mlp_last2_plan):
     require_tool("gcc")
     require_tool("make")
     from fedtiny_device.cnode import CNodeLibrary
 
-    return CNodeLibrary(mlp_last2_plan, tmp_path_factory.mktemp("cnoise_node"))
+    return CNodeLibrary(mlp_last2_plan)  # the shared build cache: built once per plan and sources
 
 
 @pytest.mark.parametrize("sigma, secagg", [(0.004, False), (0.05, False), (0.004, True), (0.3, True)])
@@ -108,8 +108,10 @@ def test_the_report_epsilon_equals_dp_accountings_for_the_same_parameters(mlp_la
     strategy = DistributedPrivacy(FedAvg(), PrivacySettings(4.0, delta, clip), plan, rounds)
     ledger = strategy._ledger_for(20)  # a cohort of 20: complete graph of degree 19, threshold 10
     assert ledger.min_survivors == 10
-    z = noise_multiplier_for(4.0, delta, rounds)
-    assert ledger.noise_multiplier == pytest.approx(z) and ledger.device_sigma == float32_up(z * clip / math.sqrt(10))
+    z = ledger.noise_multiplier  # the Gaussian's z for `rounds` rounds of the budget: spends it, not more
+    assert zcdp_epsilon(rounds / (2 * z * z), delta) == pytest.approx(4.0, rel=1e-4)
+    assert zcdp_epsilon(rounds / (2 * z * z), delta) <= 4.0
+    assert ledger.device_sigma == float32_up(z * clip / math.sqrt(10))
     ledger.record([1, 2, 3], 20)
     ledger.record([1, 2], 12)
     ledger.record([1], 10)
@@ -134,9 +136,10 @@ def test_the_report_epsilon_equals_dp_accountings_for_the_same_parameters(mlp_la
 
 def test_the_fewest_survivors_set_the_noise_and_tau_raises_it_when_rows_are_coarse():
     coarse = {"w": (np.full(4, 10.0), 8)}  # 10 real units per LSB: s = 1 LSB^2, where tau is not negligible
+    fine = {"w": (np.full(4, 0.001), 8)}
     ledger = distributed_noise(4.0, 1e-5, 10, 0.5, 3, 3, coarse)
     assert ledger.sigma2_min == 1.0
-    assert ledger.noise_multiplier > noise_multiplier_for(4.0, 1e-5, 10)
+    assert ledger.noise_multiplier > distributed_noise(4.0, 1e-5, 10, 0.5, 3, 3, fine).noise_multiplier
     assert zcdp_epsilon(10 * ledger.worst_round(), 1e-5) <= 4.0
 
 
