@@ -157,8 +157,8 @@ def secagg_main(args) -> None:
     cache = os.environ.get("FEDTINY_CACHE") or tempfile.mkdtemp(prefix="fedtiny_cache_")
     scenarios = args.scenarios if args.scenarios != ",".join(SCENARIOS) else "medical"
     command = f"python benchmarks/bench_privacy.py --secagg --scenarios {scenarios}"
-    rows = ["| scenario, nodes | DP | noise multiplier z (threshold survivors m) | each node's noise std | noise std on "
-            "the mean | epsilon spent (delta 1e-5) | accuracy before -> after 10 rounds (best) | survivors per round "
+    rows = ["| scenario, nodes | DP | noise multiplier z (threshold survivors m) | each node's noise std | "
+            "noise std on the mean | epsilon spent (delta 1e-5) | accuracy before -> after 10 rounds (best) | survivors per round "
             "| uplink / downlink B per node and round | wall time |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for scenario in scenarios.split(","):

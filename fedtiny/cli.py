@@ -445,7 +445,9 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
         p = result["privacy"]
         click.echo(f"{gap}privacy: epsilon {p['epsilon']:.3f} of {p['budget']:g} at delta {p['delta']:g} (noise "
                    f"multiplier {p['noise_multiplier']:.3f}, clip norm {p['clip_norm']:g}, {p['noised_rounds']} noised "
-                   f"rounds)" + (f"; {result['stopped']}" if result["stopped"] else ""))
+                   f"rounds" + (f"; each node's noise std {p['device_noise_sigma']:.4g}, calibrated for "
+                                f"{p['min_survivors']} survivors" if p.get("distributed") else "") + ")"
+                   + (f"; {result['stopped']}" if result["stopped"] else ""))
     click.echo(f"{gap}report: {out}/report.html and summary.md (accuracy {100 * final['initial_accuracy']:.1f} % -> "
                f"{100 * final['accuracy']:.1f} %, {final['wall_seconds']:.1f} s)")
     if capture:

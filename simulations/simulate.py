@@ -18,6 +18,7 @@ live (or as JSON lines, or not at all), and a report folder is written at the en
 """
 
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -367,6 +368,10 @@ def privacy_noise_warning(config: SimulationConfig, plan) -> str | None:
     weights = [v for v in dequantize_state(tensor_specs(plan), plan.initial_state()).values()]
     rms = float(np.sqrt(np.mean(np.concatenate([w.ravel() for w in weights]) ** 2)))
     per_round = max(1, round(config.nodes * config.fraction))
+    if config.secagg:  # distributed DP: the nodes' noise is calibrated for the threshold's m survivors
+        from fedtiny.protocol.secagg import graph_degree, threshold
+
+        z *= math.sqrt(per_round / max(3, threshold(graph_degree(per_round))))
     return fleet_noise_warning(z, config.clip_norm, per_round, rms, config.dp_epsilon, config.rounds)
 
 

@@ -179,8 +179,8 @@ def test_a_short_secagg_dp_run_through_the_embedded_broker(model, tmp_path):  # 
                 rounds=2, policy=RoundPolicy(quorum=1.0, deadline=8.0, poll=0.05),
                 train_config={"clip_norm": 0.5}, secagg=True, privacy=PrivacySettings(8.0, 1e-5, 0.5)))
             history = coordinator.run()
-            device_sigmas = {a.session._secagg.bounds == value_bounds(plan, 0.5, coordinator.strategy.ledger.device_sigma)
-                             for a in agents}
+            sigma = coordinator.strategy.ledger.device_sigma
+            device_sigmas = {a.session._secagg.bounds == value_bounds(plan, 0.5, sigma) for a in agents}
         finally:
             ops.LOG.removeHandler(handler)
             ops.LOG.propagate, ops.LOG.level = propagate, level
