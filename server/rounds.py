@@ -228,7 +228,8 @@ class Coordinator:
 
         clip = self.config.train_config.get("clip_norm", self.config.policy.task.get("clip_norm", 0))
         out = dict(secure_aggregation=True, robust_aggregation=False, settings_note=SETTINGS_NOTE,
-                   clip_norm=float(clip), threshold="a strict majority of each device's neighbours (graph degree 6 ceil(log2 n), at most 64)")
+                   clip_norm=float(clip),
+                   threshold="a strict majority of each device's neighbours (graph degree 6 ceil(log2 n), at most 64)")
         if self.config.privacy is not None:
             out["differential_privacy"] = ("distributed: each device adds discrete Gaussian noise before masking, "
                                            "sigma = z C / sqrt(threshold of the cohort); rounds with fewer survivors "
