@@ -198,6 +198,8 @@ class DistributedPrivacy:
 
     def aggregate_train(self, server_round: int, replies):
         replies = [r for r in replies if not r.has_error()]
+        if not replies:  # the round's secure aggregation failed: nothing was released, nothing is spent
+            return None, None
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None or self.ledger is None:
             return arrays, metrics
