@@ -201,3 +201,47 @@ def test_a_short_secagg_dp_run_through_the_embedded_broker(model, tmp_path):  # 
     summary = coordinator.privacy()
     assert summary["distributed"] and set(summary["device_survivors"]) == set(names)
     assert device_sigmas == {True}  # every device masked with the noise's bounds: it was asked for that noise
+
+
+def _masked_round(plan, n, sigma, min_survivors, drop=()):
+    """A round of n devices through SecAggDevice and SecAggRound, each delta noised as a device under distributed
+    DP noises it (clamped at the round's bounds); returns (the round, its sum or the failure, the noised deltas)."""
+    from fedtiny.protocol.errors import ProtocolError
+    from fedtiny.protocol.secagg import SecAggDevice, SecAggRound
+    from test_secagg import CLIP, CTX, clipped_delta, identities
+
+    private, public = identities(n)
+    devices = {i: SecAggDevice(plan, private[i], i, CTX, public, CLIP, sigma) for i in private}
+    server = SecAggRound(plan, CTX, public, list(devices), CLIP, sigma, min_survivors=min_survivors)
+    for i, d in devices.items():
+        server.on_keys(i, d.keys())
+    for i, peers in server.close_keys().items():
+        server.on_shares(i, devices[i].on_peers(peers))
+    for i, relay in server.close_shares().items():
+        devices[i].on_relay(relay)
+    noised = {i: add_noise(clipped_delta(plan, i), row_scales(plan), sigma,
+                           NoiseStream(noise_key(private[i].to_bytes()), CTX.run, CTX.round), server.bounds)
+              for i in devices}
+    for i, d in devices.items():
+        if i not in drop:
+            server.on_masked(i, d.masked(noised[i], 10, 0.5, 0.75, 0.5))
+    try:
+        unmask = server.close_masked()
+    except ProtocolError as exc:
+        return server, exc, noised
+    for i, body in unmask.items():
+        server.on_reveal(i, devices[i].on_unmask(body))
+    return server, server.finish(), noised
+
+
+def test_the_unmasked_sum_is_the_survivors_noised_deltas_and_too_few_survivors_reveal_nothing(mlp_last2_plan):
+    plan, sigma = mlp_last2_plan, 0.3  # 300 LSB of a weight: far past a DELTA's +-255, inside secagg's bounds
+    server, result, noised = _masked_round(plan, 6, sigma, 5)
+    weights = [n for n in plan.trainable_buffers() if n.endswith("weight")]
+    assert max(np.abs(noised[i][n]).max() for i in noised for n in weights) > 255
+    for name in plan.trainable_buffers():
+        assert np.array_equal(result.total[name], sum(np.asarray(d[name], np.int64) for d in noised.values())), name
+    assert {m["personal_accuracy"] for m in result.metrics.values()} == {0.5}  # carried in the clear
+    server, failure, _ = _masked_round(plan, 6, sigma, 5, drop={next(iter(noised))} | {sorted(noised)[1]})
+    assert failure.reason == "secagg-failed" and "fewer than the 5" in str(failure)
+    assert server.stage == "failed" and not server.unmask  # no device was asked to reveal anything
