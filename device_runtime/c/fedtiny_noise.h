@@ -11,7 +11,9 @@
  *                                 units) on every element of a delta (the wire's delta layout), clamped
  *
  * No malloc, no floats beyond fedtiny_wire_row_sigma2's one division and product per row; the sampler itself is
- * integer arithmetic (fedtiny_wire.c). RAM: the 112-byte stream state (a keystream block, the key and nonce). */
+ * integer arithmetic (fedtiny_wire.c). RAM: the 116-byte stream state (a keystream block, the key and nonce).
+ * Cortex-M4 (arm-none-eabi-gcc -O2): 664 B of code beside the wire's sampler and Monocypher; fedtiny_noise_delta's
+ * frame 104 B (-fstack-usage) on top of fedtiny_wire_discrete_gaussian's. */
 #ifndef FEDTINY_NOISE_H
 #define FEDTINY_NOISE_H
 
