@@ -1,4 +1,6 @@
-"""Central differential privacy at the coordinator: Flower's DP strategy wrapper, fitted to a fleet.
+"""Differential privacy at the coordinator: central DP (CentralPrivacy, Flower's DP strategy wrapper fitted to a
+fleet) and, under secure aggregation, the coordinator's part of distributed DP (DistributedPrivacy: it sets the
+devices' noise, accounts and stops; the devices add the noise).
 
 Without secure aggregation the coordinator sees every device's update, so the noise that protects a device's
 data in the released global model is added here, to the aggregate (DP-FedAvg, docs/privacy.md). The wrapper is
