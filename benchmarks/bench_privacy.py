@@ -196,6 +196,8 @@ def secagg_main(args) -> None:
              "unmasks no round with fewer survivors, so the survivors' summed noise is at least the central "
              "mechanism's z C. With all n nodes surviving the mean gets z C sqrt(n / m) / n: sqrt(n / m) times the "
              "central rows' noise (20 nodes: threshold 10, 1.41x), the price of not trusting the coordinator.",
+             "- Epsilon spent stays below the budget under secagg: the noise is calibrated for m survivors, and a "
+             "round with n survivors costs m / n of that (all 20 survived: half), so the run could have gone on.",
              "- Central rows: no secure aggregation, the coordinator adds Gaussian noise z C / nodes to the mean "
              "(docs/privacy.md); the same code, machine and settings as the secagg rows beside them.",
              "- Accounting: each round rho = C^2 / (2 n sigma^2) (+ a tau term, zero here) for its n survivors "
