@@ -151,6 +151,7 @@ def test_a_short_secagg_dp_run_through_the_embedded_broker(model, tmp_path):  # 
     from fedtiny.transport.mqtt import CoordinatorLink, load_fleet
     from fedtiny_device.agent import NodeAgent
     from fedtiny_server import ops
+    from fedtiny_server.audit import CoordinatorAudit, open_audit_log
     from fedtiny_server.grid import RoundPolicy
     from fedtiny_server.privacy import PrivacySettings
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
@@ -175,10 +176,13 @@ def test_a_short_secagg_dp_run_through_the_embedded_broker(model, tmp_path):  # 
             while len([d for d in link.devices() if d.online]) < len(names):
                 assert time.monotonic() < deadline, "devices did not join"
                 time.sleep(0.05)
+            audit = CoordinatorAudit(open_audit_log(tmp_path / "audit.jsonl", keys / "coordinator"),
+                                     keys / "coordinator")
             coordinator = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(
                 rounds=2, policy=RoundPolicy(quorum=1.0, deadline=8.0, poll=0.05),
-                train_config={"clip_norm": 0.5}, secagg=True, privacy=PrivacySettings(8.0, 1e-5, 0.5)))
+                train_config={"clip_norm": 0.5}, secagg=True, privacy=PrivacySettings(8.0, 1e-5, 0.5)), audit=audit)
             history = coordinator.run()
+            audit.close(coordinator)
             sigma = coordinator.strategy.ledger.device_sigma
             device_sigmas = {a.session._secagg.bounds == value_bounds(plan, 0.5, sigma) for a in agents}
         finally:
@@ -201,6 +205,15 @@ def test_a_short_secagg_dp_run_through_the_embedded_broker(model, tmp_path):  # 
     summary = coordinator.privacy()
     assert summary["distributed"] and set(summary["device_survivors"]) == set(names)
     assert device_sigmas == {True}  # every device masked with the noise's bounds: it was asked for that noise
+    # the signed audit log records the secagg threshold, the clip norm and the devices' noise
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    configured = [e for e in lines if e["event"] == "round_configured"]
+    completed = [e for e in lines if e["event"] == "round_completed"]
+    assert [e["secagg"] for e in configured] == [dict(graph_degree=4, threshold=3, min_survivors=3)] * 2
+    assert all(e["task"]["noise_sigma"] == sigma and e["device_noise"]["sigma"] == sigma and e["clip_norm"] == 0.5
+               and e["noise_multiplier"] == ledger.noise_multiplier for e in configured)
+    assert [(e["secagg"]["threshold"], e["secagg"]["masked"]) for e in completed] == [(3, 5), (3, 5)]
+    assert completed[-1]["epsilon"] == pytest.approx(history[1].train_metrics["epsilon"])
 
 
 def _masked_round(plan, n, sigma, min_survivors, drop=()):
