@@ -379,8 +379,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
               help="L2 norm (real units) each node's update is clipped to, on the node and again at the coordinator; "
                    "default 0 (off), or 0.5 with --dp-epsilon.")
 @click.option("--dp-epsilon", default=0.0, show_default=True, type=float,
-              help="Central differential privacy: the budget epsilon (at --dp-delta) no node may exceed; Gaussian "
-                   "noise on every aggregate, calibrated to --clip-norm; rounds stop when it is spent. 0: off.")
+              help="Differential privacy: the budget epsilon (at --dp-delta) no node may exceed; Gaussian noise on "
+                   "every aggregate, calibrated to --clip-norm; rounds stop when it is spent. 0: off. With --secagg "
+                   "the nodes add discrete Gaussian noise before masking (distributed DP, docs/privacy.md).")
 @click.option("--dp-delta", default=1e-5, show_default=True, type=float, help="The delta of --dp-epsilon.")
 @click.option("--dp-noise-multiplier", default=0.0, show_default=True, type=float,
               help="Noise standard deviation / clip norm; 0: the smallest that keeps --rounds within the budget.")
@@ -444,7 +445,9 @@ def simulate(nodes, rounds, scenario, data_file, model, strategy, strategy_optio
         p = result["privacy"]
         click.echo(f"{gap}privacy: epsilon {p['epsilon']:.3f} of {p['budget']:g} at delta {p['delta']:g} (noise "
                    f"multiplier {p['noise_multiplier']:.3f}, clip norm {p['clip_norm']:g}, {p['noised_rounds']} noised "
-                   f"rounds)" + (f"; {result['stopped']}" if result["stopped"] else ""))
+                   f"rounds" + (f"; each node's noise std {p['device_noise_sigma']:.4g}, calibrated for "
+                                f"{p['min_survivors']} survivors" if p.get("distributed") else "") + ")"
+                   + (f"; {result['stopped']}" if result["stopped"] else ""))
     click.echo(f"{gap}report: {out}/report.html and summary.md (accuracy {100 * final['initial_accuracy']:.1f} % -> "
                f"{100 * final['accuracy']:.1f} %, {final['wall_seconds']:.1f} s)")
     if capture:

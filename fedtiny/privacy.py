@@ -127,3 +127,152 @@ def fleet_noise_warning(noise_multiplier: float, clip_norm: float, per_round: in
             f"{std / weight_rms:.1f}x the trainable weights' RMS ({weight_rms:.3g}): the budget is too small for this "
             f"fleet; the noise will cost accuracy, the more the larger that ratio. For noise below the weights' size: "
             f"at least {needed} nodes per round, a larger --dp-epsilon or fewer --rounds.")
+
+
+# --- distributed DP: the devices' discrete Gaussian noise under secure aggregation --------------------------------
+#
+# Each device adds discrete Gaussian noise N_Z(0, s_r) to row r of its clipped integer delta (protocol/noise.py,
+# s_r = ceil((sigma / scale_r)^2) LSB^2); secure aggregation releases only the sum over the round's n survivors.
+# Kairouz, Liu and Steinke ("The Distributed Discrete Gaussian Mechanism for Federated Learning with Secure
+# Aggregation", ICML'21, Theorem 1 / Proposition 14): the sum of n independent N_Z(0, s)^d shifted by an integer
+# vector of L2 norm D2 and L1 norm D1 has Renyi divergence at most alpha * eps^2 / 2 for every order alpha, where
+# eps^2 = D2^2 / (n s) + tau D1 / 2 and tau = 10 * sum_{k=1}^{n-1} exp(-2 pi^2 s k / (k + 1)): rho-zCDP with
+# rho = eps^2 / 2. Per row r (independent blocks, Renyi divergences add) D2_r^2 / (n s_r) <= scale_r^2 D2_r^2 /
+# (n sigma^2), and the rows' scale_r^2 D2_r^2 sum to the clipped delta's squared norm in real units, at most C^2:
+#
+#     rho(n) = C^2 / (2 n sigma^2) + tau(n, s_min) * L1 / 4,   L1 = C * sqrt(sum_r d_r / scale_r^2)
+#
+# (s_min the smallest row's s, L1 bounds the delta's L1 norm in LSB by Cauchy-Schwarz). The tau term is below
+# 1e-300 once s_min >= 40 LSB^2 and is kept for the rest. dp-accounting has no event for a sum of discrete
+# Gaussians (its PLD accountant knows one discrete Gaussian, DiscreteGaussianPrivacyLoss, and no Skellam), so
+# each round is the ZCDpEvent(rho(n)) of its survivors, composed and converted to (epsilon, delta) by its RDP
+# accountant, as the central mechanism's GaussianDpEvent (for the Gaussian, rho = 1 / (2 z^2) exactly).
+#
+# Neighbouring is zero-out: one device's update replaced by zero; who took part is visible to the coordinator
+# anyway. The noise is calibrated for the fewest survivors a round may be unmasked with, m (the secure-
+# aggregation threshold of the round's cohort, which the coordinator enforces): sigma = z C / sqrt(m), so that
+# m survivors' summed noise has the central mechanism's z C; a round with more survivors spends less, accounted
+# with its real count.
+
+def float32_up(x: float) -> float:
+    """The smallest float32 at least x: a TASK carries the devices' noise sigma as a float32, and rounding it
+    down would give less noise than accounted for."""
+    import numpy as np
+
+    f = np.float32(x)
+    return float(f if float(f) >= x else np.nextafter(f, np.float32(np.inf)))
+
+
+def ddg_tau(survivors: int, sigma2_min: float) -> float:
+    """Kairouz et al.'s tau for `survivors` devices each adding N_Z(0, s) with s >= sigma2_min."""
+    return 10.0 * sum(math.exp(-2.0 * math.pi ** 2 * sigma2_min * k / (k + 1)) for k in range(1, survivors))
+
+
+def distributed_rho(clip_norm: float, device_sigma: float, survivors: int, sigma2_min: float, l1_lsb: float
+                    ) -> float:
+    """rho (zCDP) of one round's sum over `survivors` devices, each adding discrete Gaussian noise of standard
+    deviation device_sigma (real units) to a delta clipped to clip_norm; sigma2_min and l1_lsb from the plan
+    (distributed_plan_constants)."""
+    if survivors < 1 or not device_sigma > 0:
+        return math.inf
+    return clip_norm ** 2 / (2.0 * survivors * device_sigma ** 2) + ddg_tau(survivors, sigma2_min) * l1_lsb / 4.0
+
+
+def distributed_plan_constants(row_scales: dict, clip_norm: float, device_sigma: float) -> tuple[float, float]:
+    """(sigma2_min, l1_lsb): the smallest row's noise variance in LSB^2 as the devices compute it (noise.row_sigma2)
+    and the bound C * sqrt(sum_r d_r / scale_r^2) on a clipped delta's L1 norm in LSB. row_scales: per trainable
+    buffer, (row scales, elements per row)."""
+    from fedtiny.protocol.noise import row_sigma2
+
+    sigma2_min, total = math.inf, 0.0
+    for scales, per_row in row_scales.values():
+        for scale in scales:
+            sigma2_min = min(sigma2_min, row_sigma2(device_sigma, float(scale)))
+            total += per_row / float(scale) ** 2
+    return float(sigma2_min), clip_norm * math.sqrt(total)
+
+
+@lru_cache(maxsize=4096)
+def zcdp_epsilon(rho: float, delta: float) -> float:
+    """Epsilon at delta of rho-zCDP, by dp-accounting's RDP accountant (ZCDpEvent). 0.0 for rho 0."""
+    import dp_accounting
+
+    if rho <= 0:
+        return 0.0
+    if not math.isfinite(rho):
+        return math.inf
+    accountant = _accountant()
+    accountant.compose(dp_accounting.ZCDpEvent(rho))
+    return float(accountant.get_epsilon(delta))
+
+
+@dataclass
+class DistributedLedger:
+    """The zCDP each device spent under distributed DP (rho adds up over rounds), and the budget check.
+
+    `record(devices, survivors)` after a round's sum over `survivors` devices was released; `would_exceed()`
+    before a round: whether a round unmasked with the fewest survivors allowed could take a device past the
+    budget. Device keys as PrivacyLedger's."""
+
+    noise_multiplier: float  # z: m survivors' summed noise has standard deviation z * C
+    delta: float
+    budget: float
+    clip_norm: float
+    device_sigma: float  # each device's noise, real units: z * C / sqrt(min_survivors)
+    min_survivors: int  # m: no round is unmasked with fewer
+    sigma2_min: float
+    l1_lsb: float
+    cohort: int  # the largest round: bounds tau, which grows with the survivors
+    participation: dict[int, list[int]] = field(default_factory=dict)  # device -> survivors of each round it was in
+    rounds: int = 0
+    round_rho: list[tuple[int, float]] = field(default_factory=list)  # (survivors, rho) of each released round
+
+    @property
+    def rho(self) -> dict[int, float]:
+        """device -> the zCDP rho it spent: its rounds' rho(n) summed (zCDP composes by addition)."""
+        return {d: sum(self.round_cost(n) for n in rounds) for d, rounds in self.participation.items()}
+
+    @property
+    def releases(self) -> dict[int, int]:
+        return {d: len(rounds) for d, rounds in self.participation.items()}
+
+    def round_cost(self, survivors: int) -> float:
+        return distributed_rho(self.clip_norm, self.device_sigma, survivors, self.sigma2_min, self.l1_lsb)
+
+    def worst_round(self) -> float:
+        """A round's largest rho: m survivors' first term and the largest cohort's tau."""
+        return self.clip_norm ** 2 / (2.0 * self.min_survivors * self.device_sigma ** 2) + \
+            ddg_tau(max(self.cohort, self.min_survivors), self.sigma2_min) * self.l1_lsb / 4.0
+
+    def record(self, devices, survivors: int) -> None:
+        self.rounds += 1
+        self.round_rho.append((survivors, self.round_cost(survivors)))
+        for d in devices:
+            self.participation.setdefault(d, []).append(survivors)
+
+    def device_epsilon(self, device) -> float:
+        return zcdp_epsilon(self.rho.get(device, 0.0), self.delta)
+
+    def fleet_epsilon(self) -> float:
+        return zcdp_epsilon(max(self.rho.values(), default=0.0), self.delta)
+
+    def would_exceed(self) -> bool:
+        return zcdp_epsilon(max(self.rho.values(), default=0.0) + self.worst_round(), self.delta) > self.budget
+
+
+def distributed_noise(target_epsilon: float, delta: float, releases: int, clip_norm: float, min_survivors: int,
+                      cohort: int, row_scales: dict, noise_multiplier: float = 0.0) -> DistributedLedger:
+    """The ledger of a run of `releases` rounds whose every round, unmasked with at least `min_survivors` of a
+    cohort of at most `cohort`, keeps the devices within (target_epsilon, delta): z from the Gaussian's
+    calibration (the same rho = 1 / (2 z^2) per round), raised while the tau term still pushes epsilon over.
+    A given noise_multiplier is used as it is (the budget then only stops the rounds)."""
+    if min_survivors < 1:
+        raise ValueError(f"min_survivors {min_survivors}: at least 1")
+    z = noise_multiplier or noise_multiplier_for(target_epsilon, delta, releases)
+    while True:
+        sigma = float32_up(z * clip_norm / math.sqrt(min_survivors))
+        sigma2_min, l1 = distributed_plan_constants(row_scales, clip_norm, sigma)
+        ledger = DistributedLedger(z, delta, target_epsilon, clip_norm, sigma, min_survivors, sigma2_min, l1, cohort)
+        if noise_multiplier or zcdp_epsilon(releases * ledger.worst_round(), delta) <= target_epsilon:
+            return ledger
+        z *= 1.01

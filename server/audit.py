@@ -5,10 +5,13 @@
                          the enrolled devices, and of the revoked ones with when), from the coordinator's folder
     devices_revoked      devices revoked while the coordinator ran (revoked.json, read before each round)
     round_configured     a round's settings before its TASKs go out: cohort (pseudonyms), sampling fraction, quorum,
-                         deadline, clip norm, noise multiplier, secure aggregation, the TASK settings every device
-                         gets, the model version and hash sent
-    round_completed      whose updates the aggregate holds (pseudonyms), the new model's version and hash, and the
-                         cumulative epsilon at delta (the fleet's and each participant's) under DP
+                         deadline, clip norm, noise multiplier, secure aggregation (with its planned graph degree,
+                         threshold and the fewest survivors it may be unmasked with), the devices' noise under
+                         distributed DP, the TASK settings every device gets (noise_sigma too), the model version
+                         and hash sent
+    round_completed      whose updates the aggregate holds (pseudonyms), the new model's version and hash, under
+                         secure aggregation the threshold and degree the round used, and the cumulative epsilon at
+                         delta (the fleet's and each participant's) under DP
     run_stopped          why the run ended before its rounds (the privacy budget)
     audit_closed         the closing record (AuditLog.close)
 
@@ -89,8 +92,21 @@ class CoordinatorAudit:
             self.revoked = revoked
         config, policy = coordinator.config, coordinator.config.policy
         task = {**policy.task, **config.train_config}
+        sent = next(iter(messages[0].content.config_records.values()), {}) if messages else {}
+        task.update({k: v for k, v in sent.items() if "-" not in k})  # what the strategy added (noise_sigma)
         privacy = config.privacy
         ledger = getattr(coordinator.strategy, "ledger", None)
+        extra = {}
+        if getattr(config, "secagg", False):
+            from fedtiny.protocol.secagg import graph_degree, threshold
+
+            degree = graph_degree(len(messages))
+            extra["secagg"] = dict(graph_degree=degree, threshold=threshold(degree),
+                                   min_survivors=int(sent.get("min-survivors", 0)))
+        if ledger is not None and hasattr(ledger, "device_sigma"):  # distributed DP: the devices' noise
+            extra["device_noise"] = dict(mechanism="discrete Gaussian per element (protocol/noise.py)",
+                                         sigma=ledger.device_sigma, sigma2_min_lsb=ledger.sigma2_min,
+                                         calibrated_for_survivors=ledger.min_survivors)
         self.log.record(
             "round_configured", round=rnd,
             cohort=self._names(coordinator, [m.metadata.dst_node_id for m in messages]),
@@ -100,7 +116,7 @@ class CoordinatorAudit:
             dp=None if privacy is None else {"epsilon_budget": privacy.epsilon, "delta": privacy.delta},
             secure_aggregation=bool(getattr(config, "secagg", False) or task.get("secagg")),
             task=task,  # every setting the devices get (clip_norm, noise_sigma, secagg, local_steps, ...)
-            model_version=coordinator.model.version, model_hash=model_hash(coordinator.model.ints))
+            model_version=coordinator.model.version, model_hash=model_hash(coordinator.model.ints), **extra)
 
     def round_completed(self, coordinator, rnd: int, replies) -> None:
         if getattr(coordinator.config, "secagg", False):
@@ -111,6 +127,13 @@ class CoordinatorAudit:
             participants = self._names(coordinator, [m.metadata.src_node_id for m in replies])
         fields = dict(round=rnd, participants=participants, model_version=coordinator.model.version,
                       model_hash=model_hash(coordinator.model.ints))
+        stages = getattr(coordinator.grid, "secagg_log", {}).get(rnd)
+        if stages:  # the threshold and degree the round's secure aggregation used, and its counts
+            keys = next((s for s in stages if s.get("stage") == "keys"), {})
+            fields["secagg"] = dict(threshold=keys.get("threshold"), graph_degree=keys.get("degree"),
+                                    sent_keys=keys.get("sent_keys"),
+                                    masked=next((s.get("masked") for s in stages if s.get("stage") == "masked"), 0),
+                                    failed=not replies)
         summary = coordinator.privacy()
         if summary is not None:
             fields.update(epsilon=summary["epsilon"], delta=summary["delta"], device_epsilon={

@@ -90,9 +90,8 @@ def coordinator_command(broker, fleet_dir, fleet, plan_path, rounds, strategy, s
             check_strategy(strategy)
         except ValueError as exc:
             raise UserError(f"--secagg: {exc}") from exc
-        if not clip_norm > 0 or dp_epsilon:
-            raise UserError("--secagg needs --clip-norm > 0 (the devices clip; the coordinator sees only sums) and "
-                            "no --dp-epsilon (central DP needs each update)")
+        if not clip_norm > 0:
+            raise UserError("--secagg needs --clip-norm > 0 (the devices clip; the coordinator sees only sums)")
     ops.setup_json_logging(sys.stderr)
     try:
         history = run_coordinator(settings)

@@ -188,6 +188,8 @@ class FleetGrid(Grid):
         self.metrics = metrics or ops.Metrics()
         self.clock = clock
         self.arrivals = arrivals  # None: wall time; else virtual time for synchronous rounds (module docstring)
+        self.secagg_log: dict[int, list] = {}  # round -> its secure aggregation's stages (server/secagg.py)
+        self.secagg_metrics: dict[int, dict] = {}  # round -> device -> the metrics its masked DELTA carried
         self.secagg = False  # rounds with masked deltas (fedtiny_server.secagg): the strategy gets only their mean
         self._virtual: VirtualRound | None = None  # the synchronous round in progress, in virtual time
         self._heard: set[tuple[str, int]] = set()  # (device, round) of every reply handled, whatever its fate

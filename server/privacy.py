@@ -1,4 +1,6 @@
-"""Central differential privacy at the coordinator: Flower's DP strategy wrapper, fitted to a fleet.
+"""Differential privacy at the coordinator: central DP (CentralPrivacy, Flower's DP strategy wrapper fitted to a
+fleet) and, under secure aggregation, the coordinator's part of distributed DP (DistributedPrivacy: it sets the
+devices' noise, accounts and stops; the devices add the noise).
 
 Without secure aggregation the coordinator sees every device's update, so the noise that protects a device's
 data in the released global model is added here, to the aggregate (DP-FedAvg, docs/privacy.md). The wrapper is
@@ -24,12 +26,14 @@ as they are, its aggregate_train is redone with the changes a fleet needs:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
-from fedtiny.privacy import PrivacyLedger, epsilon
+from fedtiny.privacy import PrivacyLedger, epsilon, zcdp_epsilon
 
 # the strategies whose aggregate is the (weighted) mean of the replies, which the noise is calibrated to
 MEAN_STRATEGIES = ("fedavg", "fedprox")
@@ -126,6 +130,115 @@ class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
         self.ledger.rounds = int(arrays["privacy/rounds"][0])
 
 
+class DistributedPrivacy:
+    """Distributed DP under secure aggregation (fedtiny/privacy.py, "distributed DP"): the devices add the noise,
+    the coordinator only sees the survivors' noised sum (server/secagg.py), so nothing is added here. It wraps the
+    strategy to
+    - put the devices' noise into every TASK: noise_sigma = z C / sqrt(m) (real units, a float32 rounded up), m =
+      the secure-aggregation threshold of the round's cohort (secagg.threshold(graph_degree(cohort))), which is also
+      the fewest survivors the round may be unmasked with ("min-survivors": the coordinator fails a round with
+      fewer before any share is revealed);
+    - account: each released round costs its survivors rho(n) (zCDP, dp-accounting's ZCDpEvent), epsilon per device
+      and for the fleet in the round's train metrics;
+    - stop: configure_train raises PrivacyBudgetExhausted when a round with m survivors could take a device past
+      the budget.
+    m, and with it the noise, is fixed by the first round's cohort (the ledger); later rounds keep it."""
+
+    def __init__(self, strategy, settings: PrivacySettings, plan, rounds: int) -> None:
+        if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
+            raise ValueError(f"differential privacy needs a strategy that averages the updates "
+                             f"({', '.join(MEAN_STRATEGIES)}), not {type(strategy).__name__}")
+        from fedtiny.protocol.update import row_scales
+
+        self.strategy, self.settings, self.rounds = strategy, settings, rounds
+        self.row_scales = {n: (s, int(np.prod(plan.buffers[n].shape)) // len(s)) for n, s in row_scales(plan).items()}
+        self.ledger = None  # fedtiny.privacy.DistributedLedger, made for the first round's cohort
+        self._loaded: dict[str, np.ndarray] = {}
+        self._grid = None
+
+    def __repr__(self) -> str:
+        return "fedtiny distributed DP (devices' discrete Gaussian noise under secure aggregation)"
+
+    def __getattr__(self, name):  # everything else is the wrapped strategy's (weighted_by_key, summary, ...)
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    @property
+    def clipping_norm(self) -> float:
+        return self.settings.clip_norm
+
+    def _ledger_for(self, cohort: int):
+        from fedtiny.privacy import distributed_noise
+        from fedtiny.protocol.secagg import graph_degree, threshold
+
+        if self.ledger is None:
+            m = max(3, threshold(graph_degree(cohort)))
+            z = self.settings.noise_multiplier
+            self.ledger = distributed_noise(self.settings.epsilon, self.settings.delta, self.rounds,
+                                            self.settings.clip_norm, m, cohort, self.row_scales, noise_multiplier=z)
+            self._restore()
+        self.ledger.cohort = max(self.ledger.cohort, cohort)
+        return self.ledger
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        config["clip_norm"] = float(self.settings.clip_norm)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._grid = grid
+        if not messages:
+            return messages
+        ledger = self._ledger_for(len(messages))
+        if ledger.would_exceed():
+            raise PrivacyBudgetExhausted(
+                f"privacy budget spent: epsilon {ledger.fleet_epsilon():.3f} of {ledger.budget:g} at delta "
+                f"{ledger.delta:g} after {ledger.rounds} noised rounds; one more could exceed it")
+        for message in messages:
+            for record in message.content.config_records.values():
+                record["noise_sigma"] = float(ledger.device_sigma)
+                record["min-survivors"] = int(ledger.min_survivors)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies):
+        replies = [r for r in replies if not r.has_error()]
+        if not replies:  # the round's secure aggregation failed: nothing was released, nothing is spent
+            return None, None
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None or self.ledger is None:
+            return arrays, metrics
+        survivors = int(replies[0].content.metric_records["metrics"]["num-examples"])
+        ids = {r.device: r.device_id for r in self._grid.registry.values()} if self._grid is not None else {}
+        accepted = self._grid._accepted_in(server_round) if self._grid is not None else set()
+        self.ledger.record([ids[d] for d in sorted(accepted) if d in ids], survivors)
+        metrics = MetricRecord(dict(metrics or {}))
+        metrics["epsilon"] = self.ledger.fleet_epsilon()
+        metrics["noise-stddev"] = self.ledger.device_sigma / math.sqrt(survivors)  # of the survivors' mean
+        return arrays, metrics
+
+    # --- the ledger in the coordinator's checkpoint (rounds.strategy_state) -----------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        if self.ledger is None:
+            return dict(self._loaded)
+        pairs = [(d, n) for d, rounds in sorted(self.ledger.participation.items()) for n in rounds]
+        return {"privacy/participation": np.array(pairs, np.int64).reshape(-1, 2),  # (device, survivors) per round
+                "privacy/rounds": np.array([self.ledger.rounds], np.int64),
+                "privacy/round_rho": np.array(self.ledger.round_rho, np.float64).reshape(-1, 2)}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self._loaded = {k: v for k, v in arrays.items() if k.startswith("privacy/")}
+        if self.ledger is not None:
+            self._restore()
+
+    def _restore(self) -> None:
+        a = self._loaded
+        if "privacy/participation" not in a:
+            return
+        self.ledger.participation = {}
+        for d, n in a["privacy/participation"].tolist():
+            self.ledger.participation.setdefault(int(d), []).append(int(n))
+        self.ledger.rounds = int(a["privacy/rounds"][0])
+        self.ledger.round_rho = [(int(n), float(r)) for n, r in a["privacy/round_rho"].tolist()]
+
+
 def check_options(epsilon: float, delta: float, clip_norm: float, noise_multiplier: float, strategy: str) -> None:
     """ValueError naming the command-line option at fault (--dp-epsilon, --dp-delta, --clip-norm,
     --dp-noise-multiplier, --strategy) unless these make a run under central DP."""
@@ -172,6 +285,8 @@ class PrivacySettings:
 
 def privacy_summary(strategy, device_names: dict[int, str]) -> dict | None:
     """The run's DP settings and spending (None without DP): fleet epsilon and, per device name, its epsilon."""
+    if isinstance(strategy, DistributedPrivacy):
+        return distributed_summary(strategy, device_names)
     if not isinstance(strategy, CentralPrivacy):
         return None
     ledger = strategy.ledger
@@ -181,3 +296,23 @@ def privacy_summary(strategy, device_names: dict[int, str]) -> dict | None:
                 noise_multiplier=ledger.noise_multiplier, clip_norm=strategy.clipping_norm,
                 noised_rounds=ledger.rounds, device_rounds=rounds,
                 device_epsilon={d: epsilon(ledger.noise_multiplier, n, ledger.delta) for d, n in rounds.items()})
+
+
+def distributed_summary(strategy: DistributedPrivacy, device_names: dict[int, str]) -> dict | None:
+    ledger = strategy.ledger
+    if ledger is None:
+        return None
+    rounds = dict(sorted((device_names.get(i, str(i)), n) for i, n in ledger.releases.items()))
+    rho = {device_names.get(i, str(i)): r for i, r in ledger.rho.items()}
+    survivors = {device_names.get(i, str(i)): list(n) for i, n in ledger.participation.items()}
+    return dict(mechanism="distributed discrete Gaussian under secure aggregation (Kairouz, Liu, Steinke ICML'21), "
+                          "user-level, zero-out one device, zCDP composed with dp-accounting's RDP accountant",
+                distributed=True, epsilon=ledger.fleet_epsilon(), delta=ledger.delta, budget=ledger.budget,
+                noise_multiplier=ledger.noise_multiplier, clip_norm=ledger.clip_norm,
+                device_noise_sigma=ledger.device_sigma, min_survivors=ledger.min_survivors,
+                sigma2_min_lsb=ledger.sigma2_min, l1_lsb=ledger.l1_lsb, cohort=ledger.cohort,
+                noised_rounds=ledger.rounds, round_survivors=[n for n, _ in ledger.round_rho],
+                round_rho=[r for _, r in ledger.round_rho], device_rounds=rounds,
+                device_survivors=dict(sorted(survivors.items())),
+                device_rho=dict(sorted(rho.items())),
+                device_epsilon={d: zcdp_epsilon(r, ledger.delta) for d, r in sorted(rho.items())})

@@ -24,7 +24,7 @@ from fedtiny.planfile import plan_hash
 from . import ops
 from .fedbuff import FedBuff
 from .grid import Arrivals, FleetGrid, GlobalModel, RoundPolicy
-from .privacy import CentralPrivacy, PrivacySettings, privacy_summary
+from .privacy import CentralPrivacy, DistributedPrivacy, PrivacySettings, privacy_summary
 from .requantize import dequantize_state, tensor_specs
 from .state import StateStore, link_meta
 
@@ -70,7 +70,7 @@ def make_strategy(name: str, **options):
 def strategy_state(strategy) -> dict[str, np.ndarray]:
     """The server-side optimizer state a strategy keeps between rounds, as named arrays."""
     out = {}
-    if isinstance(strategy, CentralPrivacy):  # its privacy ledger, then the wrapped strategy's own state
+    if isinstance(strategy, (CentralPrivacy, DistributedPrivacy)):  # its privacy ledger, then the wrapped one's
         out.update(strategy.state_arrays())
         strategy = strategy.strategy
     if isinstance(strategy, FedBuff):
@@ -88,7 +88,7 @@ def strategy_state(strategy) -> dict[str, np.ndarray]:
 def load_strategy_state(strategy, arrays: dict[str, np.ndarray] | None) -> None:
     if not arrays:
         return
-    if isinstance(strategy, CentralPrivacy):
+    if isinstance(strategy, (CentralPrivacy, DistributedPrivacy)):
         strategy.load_state_arrays(arrays)
         strategy = strategy.strategy
     if isinstance(strategy, FedBuff):
@@ -186,14 +186,13 @@ class Coordinator:
             from .secagg import check_strategy
 
             check_strategy(self.config.strategy)
-            if self.config.privacy is not None:
-                raise ValueError("central DP needs each device's update; under secure aggregation, noise must come "
-                                 "from the devices (distributed DP), which is not wired to --dp-epsilon yet")
             if not float(self.config.train_config.get("clip_norm", self.config.policy.task.get("clip_norm", 0))) > 0:
                 raise ValueError("secure aggregation needs a clip norm (the devices clip; the coordinator cannot)")
             self.config.train_config["secagg"] = 1
         self.strategy = make_strategy(self.config.strategy, **self.config.strategy_options)
-        if self.config.privacy is not None:
+        if self.config.privacy is not None and self.config.secagg:  # the devices add the noise (distributed DP)
+            self.strategy = DistributedPrivacy(self.strategy, self.config.privacy, plan, self.config.rounds)
+        elif self.config.privacy is not None:
             self.strategy = self.config.privacy.wrap(self.strategy, self.config.rounds)
         self.stopped: str | None = None  # why the run ended before its rounds (the privacy budget)
         load_strategy_state(self.strategy, ckpt.strategy)
@@ -227,7 +226,15 @@ class Coordinator:
             return {}
         from .secagg import SETTINGS_NOTE
 
-        return dict(secure_aggregation=True, robust_aggregation=False, settings_note=SETTINGS_NOTE)
+        clip = self.config.train_config.get("clip_norm", self.config.policy.task.get("clip_norm", 0))
+        out = dict(secure_aggregation=True, robust_aggregation=False, settings_note=SETTINGS_NOTE,
+                   clip_norm=float(clip),
+                   threshold="a strict majority of each device's neighbours (graph degree 6 ceil(log2 n), at most 64)")
+        if self.config.privacy is not None:
+            out["differential_privacy"] = ("distributed: each device adds discrete Gaussian noise before masking, "
+                                           "sigma = z C / sqrt(threshold of the cohort); rounds with fewer survivors "
+                                           "are not unmasked")
+        return out
 
     def run(self, rounds: int | None = None) -> list[RoundResult]:
         """Run rounds until `rounds` (default: the configured total) are complete, counting restored ones."""

@@ -55,7 +55,9 @@ def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
     task.update({k: float(v) for k, v in config.items() if "-" not in k and isinstance(v, (int, float))})
     cohort = sorted({grid._by_id[m.metadata.dst_node_id] for m in messages if m.metadata.dst_node_id in grid._by_id})
     link = grid.link
-    link.begin_secagg(round_, version, cohort, float(task.get("clip_norm", 0.0)), float(task.get("noise_sigma", 0.0)))
+    minimum = int(config.get("min-survivors", 0))  # distributed DP (server/privacy.py DistributedPrivacy)
+    link.begin_secagg(round_, version, cohort, float(task.get("clip_norm", 0.0)), float(task.get("noise_sigma", 0.0)),
+                      **({"min_survivors": minimum} if minimum else {}))
     ids = list(grid.push_messages(messages))
     tasks = {grid._pending[m].device: grid._pending[m] for m in ids if grid._pending[m].open}
     policy, clock = grid.policy, grid.clock
@@ -98,6 +100,7 @@ def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
         ops.event("secagg_round", logging.WARNING, round=round_, failure="no outcome")
         return []
     outcome = outcomes[0]
+    grid.secagg_log[round_] = list(outcome.log)  # its threshold and counts, for the audit log (server/audit.py)
     grid.metrics.inc("fedtiny_uplink_bytes_total", sum(outcome.uplink_bytes.values()))
     grid.metrics.inc("fedtiny_downlink_bytes_total", sum(outcome.downlink_bytes.values()))
     names = {r.device_id: r.device for r in grid.registry.values()}
@@ -111,6 +114,7 @@ def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
               dropped=sorted(names.get(i, f"{i:#010x}") for i in result.dropped),
               bad_shares=sorted(names.get(i, f"{i:#010x}") for i in result.bad_shares), uplink_bytes=outcome.uplink_bytes,
               seen="the sum of the survivors' masked deltas only")
+    grid.secagg_metrics[round_] = {names.get(i, f"{i:#010x}"): m for i, m in result.metrics.items()}
     for name in survivors:
         record = grid.registry.get(name)
         if record is not None:

@@ -244,6 +244,8 @@ def differential_privacy(r: Run) -> Section:
     if not p:
         return s.p("Off: no noise was added and no privacy loss was accounted. The model and each update carry "
                    "whatever they reveal about the devices' data.")
+    if p.get("distributed"):
+        return _distributed_privacy(s, r, p)
     z, delta = p["noise_multiplier"], p["delta"]
     s.p(f"Mechanism: {p['mechanism']}. Clip norm {p['clip_norm']:g} (real units), noise multiplier z = {z:.4f} "
         f"(noise standard deviation z x clip norm on the sum), delta {delta:g}, budget epsilon {p['budget']:g}, "
@@ -258,6 +260,41 @@ def differential_privacy(r: Run) -> Section:
                  f"{p['epsilon']:.4f}", f"{delta:g}"])
     s.table(["device", "rounds in a noised aggregate", "epsilon (dp-accounting, here)", "epsilon (coordinator)",
              "delta"], rows)
+    if r.run.get("stopped"):
+        s.p(f"The run stopped early: {r.run['stopped']}.")
+    return s
+
+
+def distributed_epsilon(p: dict, survivors: list[int]) -> float:
+    """A device's epsilon recomputed from the run's recorded parameters: each of its rounds' rho from the
+    distributed discrete Gaussian's bound (fedtiny.privacy.distributed_rho), summed, as dp-accounting's ZCDpEvent."""
+    from fedtiny.privacy import distributed_rho, zcdp_epsilon
+
+    rho = sum(distributed_rho(p["clip_norm"], p["device_noise_sigma"], n, p["sigma2_min_lsb"], p["l1_lsb"])
+              for n in survivors)
+    return zcdp_epsilon(rho, p["delta"])
+
+
+def _distributed_privacy(s: Section, r: Run, p: dict) -> Section:
+    delta = p["delta"]
+    s.p(f"Mechanism: {p['mechanism']}. Each device clips its update to {p['clip_norm']:g} (real units) and adds "
+        f"discrete Gaussian integers of standard deviation {p['device_noise_sigma']:.4g} (real units; at least "
+        f"{p['sigma2_min_lsb']:g} LSB^2 per element) before masking, so the coordinator sees only the survivors' "
+        f"noised sum. The noise is calibrated so that {p['min_survivors']} survivors (the secure-aggregation "
+        f"threshold; a round with fewer is not unmasked) give noise multiplier z = {p['noise_multiplier']:.4f} on "
+        f"the sum; delta {delta:g}, budget epsilon {p['budget']:g}, {p['noised_rounds']} noised rounds (survivors: "
+        f"{', '.join(str(n) for n in p['round_survivors'])}). Each epsilon below is computed here again from these "
+        "parameters and the device's rounds, with dp-accounting's RDP accountant, beside the value the coordinator "
+        "recorded.")
+    rows = []
+    for device, survivors in sorted(p["device_survivors"].items()):
+        rows.append([device, len(survivors), f"{distributed_epsilon(p, survivors):.4f}",
+                     f"{p['device_epsilon'].get(device, math.nan):.4f}", f"{delta:g}"])
+    worst = max(p["device_survivors"].values(), key=lambda n: distributed_epsilon(p, n), default=[])
+    rows.append(["fleet (every device's guarantee)", len(worst), f"{distributed_epsilon(p, worst):.4f}",
+                 f"{p['epsilon']:.4f}", f"{delta:g}"])
+    s.table(["device", "rounds in a noised sum", "epsilon (dp-accounting, here)", "epsilon (coordinator)", "delta"],
+            rows)
     if r.run.get("stopped"):
         s.p(f"The run stopped early: {r.run['stopped']}.")
     return s

@@ -328,8 +328,12 @@ def privacy_lines(run: dict, rounds: list[dict]) -> list[str]:
     p = run["privacy"]
     lines = [f"Differential privacy: epsilon {p['epsilon']:.3f} spent of {p['budget']:g} at delta {p['delta']:g} "
              f"({p['mechanism']}; noise multiplier {p['noise_multiplier']:.3f}, clip norm {p['clip_norm']:g}, "
-             f"{p['noised_rounds']} noised rounds). It protects each device against whoever sees the global "
-             "models; the coordinator itself still sees every device's clipped update (docs/privacy.md).", "",
+             f"{p['noised_rounds']} noised rounds). " + (
+                 f"Each node added discrete Gaussian noise of std {p['device_noise_sigma']:.4g} before masking, for "
+                 f"at least {p['min_survivors']} survivors: it protects each device also against the coordinator, "
+                 "which saw only the noised sums (docs/privacy.md)." if p.get("distributed") else
+                 "It protects each device against whoever sees the global models; the coordinator itself still "
+                 "sees every device's clipped update (docs/privacy.md)."), "",
              "Epsilon after each round: " + ", ".join(f"{x['round']}: {x['epsilon']:.2f}" for x in rounds
                                                       if "epsilon" in x) + "."]
     if run.get("stopped"):

@@ -18,6 +18,7 @@ live (or as JSON lines, or not at all), and a report folder is written at the en
 """
 
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -338,8 +339,6 @@ def _check_secagg(c: SimulationConfig) -> None:
     for ok, why in ((c.clip_norm > 0, "--clip-norm 0: secure aggregation needs the devices to clip (default 0.5)"),
                     (c.engine == "mqtt", "--engine flower: secure aggregation runs over MQTT node agents only"),
                     (c.qemu_nodes == 0, "--qemu-nodes: the node firmware does not implement secure aggregation yet"),
-                    (not c.dp_epsilon, "--dp-epsilon: central DP needs each update, which secure aggregation hides; "
-                                       "distributed DP (device noise) is not wired to --secagg yet"),
                     (c.max_staleness == 0, "--max-staleness: masked rounds are synchronous"),
                     (c.nodes * c.fraction >= 3, "fewer than 3 nodes per round: secure aggregation needs 3")):
         if not ok:
@@ -369,6 +368,10 @@ def privacy_noise_warning(config: SimulationConfig, plan) -> str | None:
     weights = [v for v in dequantize_state(tensor_specs(plan), plan.initial_state()).values()]
     rms = float(np.sqrt(np.mean(np.concatenate([w.ravel() for w in weights]) ** 2)))
     per_round = max(1, round(config.nodes * config.fraction))
+    if config.secagg:  # distributed DP: the nodes' noise is calibrated for the threshold's m survivors
+        from fedtiny.protocol.secagg import graph_degree, threshold
+
+        z *= math.sqrt(per_round / max(3, threshold(graph_degree(per_round))))
     return fleet_noise_warning(z, config.clip_norm, per_round, rms, config.dp_epsilon, config.rounds)
 
 
@@ -632,7 +635,10 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                        peak_device_memory=plan.memory_report()["device_ram_bytes"],  # arena, scratch, stack
                        confusion=list(result.eval_metrics.get("confusion", [])))
             # each device's personalised model (the global one after its own steps) on the samples it held out
-            personal = fleet_summary(list(round_personal(store, r).values()))
+            reported = round_personal(store, r) or {  # under --secagg: what the masked DELTAs carried in the clear
+                d: m["personal_accuracy"] for d, m in coordinator.grid.secagg_metrics.get(r, {}).items()
+                if "personal_accuracy" in m}
+            personal = fleet_summary(list(reported.values()))
             row.update(personal_accuracy=personal["mean"], personal_worst_tenth=personal["worst_tenth"],
                        personal_devices=personal["devices"])
             if firmware_devices:

@@ -103,7 +103,9 @@ def test_the_coordinator_holds_no_individual_delta_unmasked(plan):
             d = deltas[i][name].reshape(-1).astype(np.int64) % (1 << k)
             assert np.mean(v == d) < 0.05, (i, name)  # masked values match the delta no more than chance does
     assert set(vars(result)) == {"round", "survivors", "dropped", "total", "num_examples", "loss", "accuracy",
-                                 "bad_shares"}
+                                 "bad_shares", "metrics"}
+    # per device only the numbers a masked DELTA carries in the clear (docs/security.md)
+    assert all(set(m) <= {"loss", "accuracy", "personal_accuracy"} for m in result.metrics.values())
 
 
 def test_the_moduli_hold_the_cohorts_sum_without_wrapping(plan):

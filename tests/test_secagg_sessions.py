@@ -263,26 +263,30 @@ def Message_like(full):
     return Message(content, reply_to=ins)
 
 
-def test_robust_strategies_and_central_dp_are_refused_under_secure_aggregation(plan, tmp_path):
-    from fedtiny_server.privacy import PrivacySettings
+def test_robust_strategies_are_refused_and_dp_is_the_devices_under_secure_aggregation(plan, tmp_path):
+    from fedtiny_server.privacy import DistributedPrivacy, PrivacySettings
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.state import StateStore
 
     link = SessionLink(Fleet(plan, 3))
+    dp = PrivacySettings(8.0, 1e-5, CLIP)
     for config, match in ((CoordinatorConfig(strategy="krum", train_config={"clip_norm": CLIP}, secagg=True),
                            "individual updates"),
                           (CoordinatorConfig(train_config={}, secagg=True), "clip norm"),
-                          (CoordinatorConfig(train_config={"clip_norm": CLIP}, secagg=True,
-                                             privacy=PrivacySettings(8.0, 1e-5, CLIP)), "central DP")):
+                          (CoordinatorConfig(strategy="fedadam", train_config={"clip_norm": CLIP}, secagg=True,
+                                             privacy=dp), "averages the updates")):
         with pytest.raises(ValueError, match=match):
             Coordinator(link, plan, StateStore(tmp_path / f"{match}.db"), config)
+    coordinator = Coordinator(link, plan, StateStore(tmp_path / "dp.db"),
+                              CoordinatorConfig(train_config={"clip_norm": CLIP}, secagg=True, privacy=dp))
+    assert isinstance(coordinator.strategy, DistributedPrivacy)  # distributed DP: the devices add the noise
 
 
 @pytest.mark.parametrize("args, says", [
     (["--strategy", "krum"], "individual updates"),
     (["--clip-norm", "0"], "needs the devices to clip"),
     (["--qemu-nodes", "1"], "node firmware does not implement"),
-    (["--dp-epsilon", "8"], "central DP"),
+    (["--dp-epsilon", "8", "--strategy", "fedadam"], "averages the updates"),
     (["--nodes", "2"], "needs 3"),
 ])
 def test_simulate_secagg_refuses_what_it_cannot_do_in_one_line(args, says, tmp_path):

@@ -384,15 +384,18 @@ class CoordinatorSession:
 
     # --- secure aggregation (protocol/secagg.py) -------------------------------------------------------------
     def begin_secagg(self, round: int, model_version: int, devices: list[str], clip_norm: float,
-                     noise_sigma: float = 0.0, degree: int | None = None) -> None:
+                     noise_sigma: float = 0.0, degree: int | None = None, min_survivors: int = 0) -> None:
         """Open round `round`'s secure aggregation over `devices` (before their masked TASKs are sent): their
-        stage messages are taken from now on, and the stages advance as each completes (secagg_close forces)."""
+        stage messages are taken from now on, and the stages advance as each completes (secagg_close forces).
+        min_survivors: fewer masked DELTAs fail the round before anything is revealed (distributed DP's noise is
+        calibrated for that many)."""
         unknown = [d for d in devices if topics.name_id(d) not in self._names]
         if unknown:
             raise ValueError(f"not enrolled in fleet {self.fleet}: {', '.join(unknown)}")
         ctx = RoundContext(self._endpoint.fleet_id, self._current_run(new_task=True), round)
         self._secagg[round] = SecAggRound(self.plan, ctx, self._endpoint.devices,
-                                          [topics.name_id(d) for d in devices], clip_norm, noise_sigma, degree=degree)
+                                          [topics.name_id(d) for d in devices], clip_norm, noise_sigma, degree=degree,
+                                          min_survivors=min_survivors)
         self._secagg_version[round] = model_version
         self._secagg_bytes[round] = Counter()
         self._secagg_down[round] = Counter()

@@ -358,7 +358,7 @@ class DeviceSession:
             return []
         job, sent, carry, result = self._held
         self._held = None
-        body = self._secagg.masked(sent, result.num_examples, result.loss, result.accuracy)
+        body = self._secagg.masked(sent, result.num_examples, result.loss, result.accuracy, result.personal_accuracy)
         return self._upload(job, body, carry, now, Flags.MASKED)
 
     def _new_run(self, run: int) -> None:
@@ -447,7 +447,8 @@ class DeviceSession:
                 self.skip(job)
                 return []
             sent, carry = uplink_delta(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
-                                       clip_norm=job.clip_norm, noise_sigma=job.noise_sigma, noise=noise)
+                                       clip_norm=job.clip_norm, noise_sigma=job.noise_sigma, noise=noise,
+                                       noise_limits=agg.bounds)
             self._held = (job, sent, carry, result)
             return self._send_masked(now)
         body, carry = uplink(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,

@@ -430,7 +430,9 @@ class SecAggReveal:
 class MaskedDelta:
     """Uplink, encrypted, header flag MASKED (type DELTA): the device's clipped integer delta plus its masks in
     Z/2^k, k per trainable buffer (secagg.modulus_bits), every element of every buffer in plan order, each buffer's
-    k-bit values packed LSB first and zero-padded to 4 bytes. Meaningful only summed over the cohort."""
+    k-bit values packed LSB first and zero-padded to 4 bytes. Meaningful only summed over the cohort. The metrics
+    travel in the clear beside it, as in a plain DELTA: loss, accuracy and the personalised accuracy (negative: the
+    device holds no samples out)."""
 
     num_examples: int
     train_loss: float
@@ -438,20 +440,22 @@ class MaskedDelta:
     cohort: int  # the cohort size the moduli were chosen for (SECAGG_PEERS.cohort)
     bits: tuple[int, ...]  # k per trainable buffer
     packed: bytes
+    personal_accuracy: float = -1.0
 
-    HEAD: ClassVar = struct.Struct("<IffHH")  # num_examples | loss | accuracy | cohort | n_buffers, then k u8 each
+    # num_examples | loss | accuracy | personal_accuracy | cohort | n_buffers, then k u8 each
+    HEAD: ClassVar = struct.Struct("<IfffHH")
     TYPE: ClassVar = MessageType.DELTA
 
     def encode(self) -> bytes:
         bits = bytes(self.bits)
-        return self.HEAD.pack(self.num_examples, self.train_loss, self.accuracy, self.cohort, len(bits)) + bits + \
-            bytes(-(self.HEAD.size + len(bits)) % 4) + self.packed
+        return self.HEAD.pack(self.num_examples, self.train_loss, self.accuracy, self.personal_accuracy, self.cohort,
+                              len(bits)) + bits + bytes(-(self.HEAD.size + len(bits)) % 4) + self.packed
 
     @classmethod
     def decode(cls, body: bytes, max_buffers: int = 256) -> MaskedDelta:
         if len(body) < cls.HEAD.size:
             raise ProtocolError("truncated", "masked DELTA")
-        num_examples, loss, accuracy, cohort, n = cls.HEAD.unpack_from(body)
+        num_examples, loss, accuracy, personal, cohort, n = cls.HEAD.unpack_from(body)
         if n > max_buffers:
             raise ProtocolError("oversized", "masked DELTA buffers")
         start = cls.HEAD.size + n + (-(cls.HEAD.size + n) % 4)
@@ -460,7 +464,7 @@ class MaskedDelta:
         bits = tuple(body[cls.HEAD.size : cls.HEAD.size + n])
         if any(b < 1 or b > 32 for b in bits) or any(body[cls.HEAD.size + n : start]):
             raise ProtocolError("bad-entry", "masked DELTA moduli")
-        return cls(num_examples, loss, accuracy, cohort, bits, bytes(body[start:]))
+        return cls(num_examples, loss, accuracy, cohort, bits, bytes(body[start:]), personal)
 
 
 BODY_TYPES = {cls.TYPE: cls for cls in (Join, Task, GlobalUpdate, Delta, Ack, Status, Leave, SecAggKeys,

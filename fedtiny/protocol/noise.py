@@ -142,10 +142,15 @@ def row_sigma2(sigma: float, scale: float) -> int:
     return max(1, math.ceil(s * s))
 
 
-def add_noise(delta: dict[str, np.ndarray], scales: dict[str, np.ndarray], sigma: float, stream: NoiseStream
-              ) -> dict[str, np.ndarray]:
+def add_noise(delta: dict[str, np.ndarray], scales: dict[str, np.ndarray], sigma: float, stream: NoiseStream,
+              limits: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """delta plus discrete Gaussian noise of standard deviation `sigma` (real units) per element, each value then
-    clamped to what a DELTA carries; unchanged if sigma is 0. Buffers in `scales` order (the plan's)."""
+    clamped to what a DELTA carries; unchanged if sigma is 0. Buffers in `scales` order (the plan's).
+
+    limits (secure aggregation: secagg.value_bounds): clamp buffer b's values to [-limits[b], limits[b]] instead,
+    and return int64. Those bounds lie NOISE_TAIL standard deviations beyond the clipped delta, so the clamp
+    almost never acts, and the survivors' sum is then a sum of discrete Gaussians (distributed DP's accounting)
+    rather than of values cut at a DELTA's +-255 (fedtiny_wire_noise_delta in C)."""
     if not sigma > 0:
         return delta
     out = {}
@@ -156,6 +161,9 @@ def add_noise(delta: dict[str, np.ndarray], scales: dict[str, np.ndarray], sigma
         for r, scale in enumerate(np.asarray(row_scale, np.float64).tolist()):
             s = row_sigma2(sigma, scale)
             noised[r] = [v + discrete_gaussian(stream, s) for v in rows[r].tolist()]
+        if limits is not None:
+            out[name] = np.clip(noised, -limits[name], limits[name]).reshape(d.shape)
+            continue
         limit = WEIGHT_DELTA_LIMIT if d.dtype == np.int16 else np.iinfo(d.dtype).max
         out[name] = np.clip(noised, -limit, limit).astype(d.dtype).reshape(d.shape)
     return out

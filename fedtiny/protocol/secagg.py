@@ -27,7 +27,8 @@ secrets are derived from its identity secret, the run and the round, so a device
 the same keys; it keeps no other secret state across a restart (a restart mid-round makes it a dropout).
 
 The moduli: element values of buffer b lie in [-B_b, B_b] (clipping bounds every element by clip_norm / scale;
-device noise adds at most NOISE_TAIL standard deviations, clamped there, which is post-processing), so the sum
+device noise is clamped NOISE_TAIL standard deviations out, with probability below 1e-32 per element: negligible
+beside any DP delta), so the sum
 over at most `cohort` devices lies in [-cohort * B_b, cohort * B_b], and k_b = bit_length(2 * cohort * B_b)
 bits hold it without wrapping (2^k_b > 2 * cohort * B_b). Devices are weighted equally (the FedAvg mean of the
 survivors' deltas), as under differential privacy.
@@ -57,7 +58,7 @@ from fedtiny.protocol.messages import (
     REVEAL_PAIRWISE_KEY, REVEAL_SELF_MASK, SECAGG_MAX_NEIGHBOURS, MaskedDelta, SecAggKeys, SecAggPeer,
     SecAggPeers, SecAggRelay, SecAggReveal, SecAggShares, SecAggUnmask,
 )
-from fedtiny.protocol.noise import NoiseStream, uniform_below
+from fedtiny.protocol.noise import NoiseStream, row_sigma2, uniform_below
 from fedtiny.protocol.update import row_scales
 
 LABEL = b"fedtiny/secagg/v1"
@@ -176,15 +177,19 @@ def neighbour_graph(ids: list[int], seed: bytes, degree: int) -> dict[int, tuple
 # --- moduli and masks --------------------------------------------------------------------------------------
 
 def value_bounds(plan: Plan, clip_norm: float, noise_sigma: float = 0.0) -> dict[str, int]:
-    """Per trainable buffer, B: every element of a clipped (and noised, then clamped) delta lies in [-B, B]."""
+    """Per trainable buffer, B: every element of a clipped (and noised, then clamped) delta lies in [-B, B]: the
+    clipped delta's bound (clip_norm / scale, at most 255 for a weight) plus NOISE_TAIL noise standard deviations,
+    so that the clamp almost never cuts the noise (distributed DP accounts for unclamped discrete Gaussians): per
+    row NOISE_TAIL * (isqrt(s) + 1) LSB for its noise variance s (noise.row_sigma2), at least 12 standard deviations."""
     if not clip_norm > 0:
         raise ValueError("secure aggregation needs a clip norm: it bounds what the sum must hold")
     out = {}
     for name, scales in row_scales(plan).items():
         limit = 255 if np.dtype(plan.buffers[name].dtype) == np.int8 else 2**31 - 1
-        rows = [math.floor(clip_norm / s) + 1 + (math.ceil(NOISE_TAIL * noise_sigma / s) if noise_sigma > 0 else 0)
+        rows = [min(limit, math.floor(clip_norm / s) + 1) +
+                (NOISE_TAIL * (math.isqrt(row_sigma2(noise_sigma, s)) + 1) if noise_sigma > 0 else 0)
                 for s in np.asarray(scales, np.float64).tolist()]
-        out[name] = min(limit, max(rows))
+        out[name] = min(2**31 - 1, max(rows))
     return out
 
 
@@ -352,7 +357,8 @@ class SecAggDevice:
         """The relay came: a trained delta can be masked."""
         return bool(self.held)
 
-    def masked(self, delta: dict[str, np.ndarray], num_examples: int, loss: float, accuracy: float) -> MaskedDelta:
+    def masked(self, delta: dict[str, np.ndarray], num_examples: int, loss: float, accuracy: float,
+               personal_accuracy: float | None = None) -> MaskedDelta:
         """The masked DELTA body of a clipped (and maybe noised) integer delta over the plan's trainable buffers."""
         if not self.held:
             raise ProtocolError("bad-stage", "no shares relayed yet: nothing to mask with")
@@ -371,7 +377,7 @@ class SecAggDevice:
         values = [t & np.uint64((1 << k) - 1) for t, k in zip(total, bits)]
         self.masked_sent = True
         return MaskedDelta(int(num_examples), float(loss), float(accuracy), self.cohort, bits,
-                           pack_values(values, bits))
+                           pack_values(values, bits), -1.0 if personal_accuracy is None else float(personal_accuracy))
 
     def on_unmask(self, body: SecAggUnmask) -> SecAggReveal:
         """Shares for the coordinator's unmasking; the same request again gets the same answer, another is refused
@@ -412,6 +418,7 @@ class SecAggSum:
     loss: float  # the survivors' mean reported train loss and accuracy
     accuracy: float
     bad_shares: tuple[int, ...] = ()  # devices whose revealed shares did not reconstruct (named, left out)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # what each survivor reported in the clear
 
 
 @dataclass
@@ -428,9 +435,10 @@ class SecAggRound:
     revealed, and the round's sum is simply not produced: no model state is touched here."""
 
     def __init__(self, plan: Plan, ctx: RoundContext, identities: Mapping[int, PublicIdentity], cohort,
-                 clip_norm: float, noise_sigma: float = 0.0, graph_seed: bytes = b"", degree: int | None = None
-                 ) -> None:
+                 clip_norm: float, noise_sigma: float = 0.0, graph_seed: bytes = b"", degree: int | None = None,
+                 min_survivors: int = 0) -> None:
         self.plan, self.ctx, self.identities = plan, ctx, identities
+        self.min_survivors = min_survivors  # distributed DP: its noise is calibrated for at least this many
         self.cohort = sorted(set(cohort))
         self.bounds = value_bounds(plan, clip_norm, noise_sigma)
         self.graph_seed = graph_seed or kdf(b"graph", ctx.info(b"graph"))
@@ -513,6 +521,10 @@ class SecAggRound:
         u2, u3 = set(self.u2), set(self.masked)
         dropped = u2 - u3
         self.log.append(dict(stage="masked", masked=len(u3), dropped=len(dropped)))
+        if len(u3) < self.min_survivors:
+            self.stage = "failed"
+            raise ProtocolError("secagg-failed", f"{len(u3)} masked DELTAs, fewer than the {self.min_survivors} "
+                                                 f"the devices' noise is calibrated for: nothing is revealed")
         needed = list(u3) + [v for v in dropped if set(self.graph[v]) & u3]
         for x in needed:
             holders = set(self.graph[x]) & u3
@@ -603,9 +615,17 @@ class SecAggRound:
         result = SecAggSum(self.ctx.round, tuple(u3), tuple(dropped), out,
                            sum(self.masked[u].num_examples for u in u3),
                            sum(self.masked[u].train_loss for u in u3) / m,
-                           sum(self.masked[u].accuracy for u in u3) / m, tuple(sorted(bad)))
+                           sum(self.masked[u].accuracy for u in u3) / m, tuple(sorted(bad)),
+                           {u: _reported(self.masked[u]) for u in u3})
         self.log.append(dict(stage="unmasked", survivors=m, dropped=len(dropped), bad_shares=len(bad)))
         return result
+
+
+def _reported(body: MaskedDelta) -> dict[str, float]:
+    out = {"loss": float(body.train_loss), "accuracy": float(body.accuracy)}
+    if body.personal_accuracy >= 0:
+        out["personal_accuracy"] = float(body.personal_accuracy)
+    return out
 
 
 def _combine(shares: list[tuple[int, bytes]], kind: int) -> bytes | None:

@@ -376,15 +376,17 @@ def uplink(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarra
 
 def uplink_delta(plan: Plan, base: dict[str, np.ndarray], trained: dict[str, np.ndarray],
                  carry: dict[str, np.ndarray] | None, *, keep: float, clip_norm: float, noise_sigma: float = 0.0,
-                 noise: NoiseStream | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Steps 1-4 of uplink: the integer delta to send and the carry."""
+                 noise: NoiseStream | None = None, noise_limits: dict[str, int] | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Steps 1-4 of uplink: the integer delta to send and the carry. noise_limits: secure aggregation's value
+    bounds, which the noised values are clamped to instead of a DELTA's (noise.add_noise)."""
     sent, carry = split_uplink(state_delta(trained, base), carry, keep)
     scales = row_scales(plan)
     sent = clip_delta(sent, scales, clip_norm)
     if noise_sigma > 0:
         if noise is None:
             raise ValueError("uplink noise needs the device's noise stream")
-        sent = add_noise(sent, scales, noise_sigma, noise)
+        sent = add_noise(sent, scales, noise_sigma, noise, noise_limits)
     return sent, carry
 
 

@@ -298,9 +298,10 @@ class CoordinatorLink:
 
     # --- secure aggregation (fedtiny_server.secagg drives it; CoordinatorSession runs the stages) -------------
     def begin_secagg(self, round: int, model_version: int, devices: list[str], clip_norm: float,
-                     noise_sigma: float = 0.0) -> None:
+                     noise_sigma: float = 0.0, min_survivors: int = 0) -> None:
         with self._lock:
-            self.session.begin_secagg(round, model_version, devices, clip_norm, noise_sigma)
+            self.session.begin_secagg(round, model_version, devices, clip_norm, noise_sigma,
+                                      min_survivors=min_survivors)
 
     def secagg_status(self, round: int) -> tuple[str, set[str]]:
         with self._lock:
