@@ -115,7 +115,36 @@ def test_full_run_improves_accuracy(fleet, task, tmp_path):
             a.stop()
 
 
+class ClockAfterReplies:
+    """A coordinator clock that stands still until `due` replies were accepted in all (`expect`), then runs as the
+    wall clock. A round's deadline then counts only from the moment every live node had answered: however loaded
+    the machine, the deadline can cut only a node that will never answer. `resumed` is when the clock last started
+    to run (after `give_up` seconds it runs anyway, and the test's reply counts say which live node did not
+    answer)."""
+
+    def __init__(self, metrics: ops.Metrics) -> None:
+        self.metrics, self.due, self.give_up = metrics, 0, 0.0
+        self.offset = 0.0  # wall seconds the clock stood still
+        self.paused: float | None = None
+        self.resumed: float | None = None
+
+    def expect(self, due: int, give_up: float = 180.0) -> None:
+        self.due, self.give_up = due, time.monotonic() + give_up
+
+    def __call__(self) -> float:
+        now = time.monotonic()
+        if self.metrics.get("fedtiny_replies_accepted_total") < self.due and now < self.give_up:
+            self.paused = now if self.paused is None else self.paused
+            return self.paused - self.offset
+        if self.paused is not None:
+            self.offset += now - self.paused
+            self.paused, self.resumed = None, now
+        return now - self.offset
+
+
 def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
+    """A node dies (power cut) right after its TASK of round 2: the round closes at its deadline with the live
+    nodes' replies instead of waiting for the dead one, and round 3 no longer asks it (its last will)."""
     url, keys, names = fleet
     plan, _, _ = task
     agents = start_agents(url, keys, names, task, tmp_path / "nodes", transport_wrapper=FaultyTransport)
@@ -133,15 +162,31 @@ def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
     link.send_task = send_and_kill
     try:
         wait_online(link, NODES)
-        deadline = 8.0  # long enough for every live node on a loaded 2-core machine
-        coord = make_coordinator(link, plan, tmp_path / "state.db", 3, deadline=deadline)
+        deadline = 1.0  # counted from the live nodes' last reply (ClockAfterReplies), so load cannot cut them
+        metrics = ops.Metrics()
+        clock = ClockAfterReplies(metrics)
+        policy = RoundPolicy(quorum=1.0, deadline=deadline, poll=0.05)
+        coord = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(3, "fedavg", {}, policy),
+                            metrics=metrics, clock=clock)
+        closed = []  # when each round's wait for replies ended
+        receive = coord.grid.send_and_receive
+
+        def receive_and_stamp(*args, **kwargs):
+            replies = receive(*args, **kwargs)
+            closed.append(time.monotonic())
+            return replies
+
+        coord.grid.send_and_receive = receive_and_stamp
+        clock.expect(NODES)
         first = coord.run(1)[0]
-        start = time.monotonic()
+        clock.expect(NODES + NODES - 1)  # the live nodes' replies of round 2
         second = coord.run(2)[-1]
-        elapsed = time.monotonic() - start
         assert first.replies == NODES and second.replies == NODES - 1
-        assert elapsed < deadline + 3.0, elapsed  # waited for the deadline, not for the dead node
-        time.sleep(0.5)  # the broker publishes the victim's last will (OFFLINE)
+        waited = closed[1] - clock.resumed  # from the last live reply to the round's close
+        assert deadline - 0.1 <= waited < deadline + 5.0, waited  # the deadline, not the dead node, closed it
+        wait_until(lambda: not any(d.online for d in link.devices() if d.device == victim.device),
+                   "the broker did not publish the victim's last will (OFFLINE)")
+        clock.expect(NODES + 2 * (NODES - 1))
         third = coord.run(3)[-1]
         assert third.replies == NODES - 1
         assert coord.metrics.get("fedtiny_devices_online") == NODES - 1
@@ -150,6 +195,13 @@ def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
         for a in agents:
             if a is not victim:
                 a.stop()
+
+
+def wait_until(condition, message: str, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, message
+        time.sleep(0.05)
 
 
 def _db(path, sql):
