@@ -16,6 +16,7 @@ mosquitto here, as in a plant (the embedded broker is simulate's default and run
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -82,20 +83,40 @@ def test_simulate_firmware_nodes_give_the_global_model_python_agents_give(tmp_pa
 
 # --- a fleet of one firmware node and one Python agent on mosquitto ----------------------------------------
 
+FLEET_OPTIONS = dict(chunk_size=256, heartbeat_s=1.0, ack_timeout_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def built_fleet(tmp_path_factory):
+    """The fleet's keys (fleet/), n0's samples (nodes/) and n0's firmware built from them (firmware/), made once:
+    a Fleet copies them into its test's folder, where the firmware's build cache (keyed by the sources, the key
+    included) finds the build. Building fedtiny_node.elf takes longer than the rounds of a test."""
+    from fedtiny_sim.firmware_nodes import FirmwareFleet
+
+    require_firmware_tools()
+    plan, shards, _ = breast_cancer_task(2)
+    run = tmp_path_factory.mktemp("fw-fleet")
+    provision_fleet(run / "fleet", FLEET, ["n0", "n1"])
+    (run / "nodes").mkdir()
+    np.savez(run / "nodes" / "n0.npz", x=shards[0][0], y=shards[0][1], seed=100)
+    FirmwareFleet(run, plan, ["n0"], "", **FLEET_OPTIONS).build("n0")
+    return run
+
+
 class Fleet:
     """mosquitto with the fleet's configuration, the coordinator's link, one firmware node (n0) and one node
-    agent (n1), the small breast-cancer mlp plan (every weight trains, chunks of 256 B: a DELTA is ~20 chunks)."""
+    agent (n1), the small breast-cancer mlp plan (every weight trains, chunks of 256 B: a DELTA is ~20 chunks);
+    keys, samples and firmware from `built` (the built_fleet fixture)."""
 
-    def __init__(self, tmp_path: Path, bridge_options: dict | None = None):
+    def __init__(self, tmp_path: Path, built: Path, bridge_options: dict | None = None):
         from fedtiny_device.agent import NodeAgent
         from fedtiny_device.cruntime import CTrainer
         from fedtiny_sim.firmware_nodes import FirmwareFleet
 
         self.plan, shards, self.heldout = breast_cancer_task(2)
         self.run = tmp_path
-        provision_fleet(tmp_path / "fleet", FLEET, ["n0", "n1"])
-        (tmp_path / "nodes").mkdir()
-        np.savez(tmp_path / "nodes" / "n0.npz", x=shards[0][0], y=shards[0][1], seed=100)
+        for part in ("fleet", "nodes", "firmware"):
+            shutil.copytree(built / part, tmp_path / part)  # copy2: the keys keep their 0600
         port = free_port()
         (tmp_path / "mosquitto.conf").write_text(mosquitto_config(tmp_path / "fleet", port,
                                                                   run_as_root=os.geteuid() == 0))
@@ -109,8 +130,8 @@ class Fleet:
         self.agent = NodeAgent("n1", url, tmp_path / "fleet", self.plan, *shards[1], fleet=FLEET,
                                state_dir=tmp_path / "agents", seed=101, chunk_size=256, heartbeat_s=1.0,
                                ack_timeout_s=2.0, trainer_factory=CTrainer).start()
-        self.firmware = FirmwareFleet(tmp_path, self.plan, ["n0"], url, chunk_size=256, heartbeat_s=1.0,
-                                      ack_timeout_s=2.0, bridge_options=bridge_options).start()
+        self.firmware = FirmwareFleet(tmp_path, self.plan, ["n0"], url, **FLEET_OPTIONS,
+                                      bridge_options=bridge_options).start()
         self.node = self.firmware.nodes[0]
         wait_online(self.link, 2, timeout=120)
 
@@ -149,7 +170,7 @@ def delta_chunks(round_: int, from_index: int):
     return rule
 
 
-def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path):
+def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path, built_fleet):
     require_tool("mosquitto")
     require_firmware_tools()
     lost = {"on": True, "rule": delta_chunks(1, 3), "dropped": 0}
@@ -160,7 +181,7 @@ def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path
             return True
         return False
 
-    fleet = Fleet(tmp_path, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=drop)))
+    fleet = Fleet(tmp_path, built_fleet, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=drop)))
     try:
         coordinator = make_coordinator(fleet.link, fleet.plan, tmp_path / "state.db", 2, deadline=90.0)
         done = {}
@@ -201,7 +222,7 @@ def uplinks_seen():
     return seen, rule
 
 
-def test_qemu_reset_at_every_write_phase_never_reuses_a_seq_nor_loses_a_model(tmp_path):
+def test_qemu_reset_at_every_write_phase_never_reuses_a_seq_nor_loses_a_model(tmp_path, built_fleet):
     """Kill QEMU (a power cut: the flash image keeps what was written) right after each kind of state the node
     persists, and start it again each time:
         TASK 1 taken        its first STATUS of round 1 (the job and the round are saved; training runs)
@@ -215,7 +236,7 @@ def test_qemu_reset_at_every_write_phase_never_reuses_a_seq_nor_loses_a_model(tm
     require_tool("mosquitto")
     require_firmware_tools()
     seen, rule = uplinks_seen()
-    fleet = Fleet(tmp_path, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=rule)))
+    fleet = Fleet(tmp_path, built_fleet, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=rule)))
     qemu = fleet.node.qemu
     phases = (("TASK 1 taken", lambda: (MessageType.STATUS, 1) in seen),
               ("DELTA 2 sealed", lambda: (MessageType.DELTA, 2) in seen),
