@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_tool
+from conftest import ClockUntil, require_tool
 from fedtiny import zoo
 from fedtiny.compiler import compile_plan
 from fedtiny.interpreter import quantize_input
@@ -115,33 +115,6 @@ def test_full_run_improves_accuracy(fleet, task, tmp_path):
             a.stop()
 
 
-class ClockAfterReplies:
-    """A coordinator clock that stands still until `due` replies were accepted in all (`expect`), then runs as the
-    wall clock. A round's deadline then counts only from the moment every live node had answered: however loaded
-    the machine, the deadline can cut only a node that will never answer. `resumed` is when the clock last started
-    to run (after `give_up` seconds it runs anyway, and the test's reply counts say which live node did not
-    answer)."""
-
-    def __init__(self, metrics: ops.Metrics) -> None:
-        self.metrics, self.due, self.give_up = metrics, 0, 0.0
-        self.offset = 0.0  # wall seconds the clock stood still
-        self.paused: float | None = None
-        self.resumed: float | None = None
-
-    def expect(self, due: int, give_up: float = 180.0) -> None:
-        self.due, self.give_up = due, time.monotonic() + give_up
-
-    def __call__(self) -> float:
-        now = time.monotonic()
-        if self.metrics.get("fedtiny_replies_accepted_total") < self.due and now < self.give_up:
-            self.paused = now if self.paused is None else self.paused
-            return self.paused - self.offset
-        if self.paused is not None:
-            self.offset += now - self.paused
-            self.paused, self.resumed = None, now
-        return now - self.offset
-
-
 def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
     """A node dies (power cut) right after its TASK of round 2: the round closes at its deadline with the live
     nodes' replies instead of waiting for the dead one, and round 3 no longer asks it (its last will)."""
@@ -162,9 +135,9 @@ def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
     link.send_task = send_and_kill
     try:
         wait_online(link, NODES)
-        deadline = 1.0  # counted from the live nodes' last reply (ClockAfterReplies), so load cannot cut them
-        metrics = ops.Metrics()
-        clock = ClockAfterReplies(metrics)
+        deadline = 1.0  # counted from the live nodes' last reply (ClockUntil), so load cannot cut them
+        metrics, due = ops.Metrics(), [0]  # due: the replies accepted in all once the live nodes answered
+        clock = ClockUntil(lambda: metrics.get("fedtiny_replies_accepted_total") >= due[0])
         policy = RoundPolicy(quorum=1.0, deadline=deadline, poll=0.05)
         coord = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(3, "fedavg", {}, policy),
                             metrics=metrics, clock=clock)
@@ -177,16 +150,16 @@ def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
             return replies
 
         coord.grid.send_and_receive = receive_and_stamp
-        clock.expect(NODES)
+        due[0] = NODES
         first = coord.run(1)[0]
-        clock.expect(NODES + NODES - 1)  # the live nodes' replies of round 2
+        due[0] = NODES + NODES - 1  # and the live nodes' replies of round 2
         second = coord.run(2)[-1]
         assert first.replies == NODES and second.replies == NODES - 1
         waited = closed[1] - clock.resumed  # from the last live reply to the round's close
         assert deadline - 0.1 <= waited < deadline + 5.0, waited  # the deadline, not the dead node, closed it
         wait_until(lambda: not any(d.online for d in link.devices() if d.device == victim.device),
                    "the broker did not publish the victim's last will (OFFLINE)")
-        clock.expect(NODES + 2 * (NODES - 1))
+        due[0] = NODES + 2 * (NODES - 1)
         third = coord.run(3)[-1]
         assert third.replies == NODES - 1
         assert coord.metrics.get("fedtiny_devices_online") == NODES - 1
