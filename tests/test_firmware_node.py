@@ -231,8 +231,9 @@ def test_qemu_reset_at_every_write_phase_never_reuses_a_seq_nor_loses_a_model(tm
         connected           right after the restarted node connected (the last will's seq is saved)
     The coordinator never sees a reused (run, round, seq) (it would refuse it as a replay, or fail to decrypt),
     every restart restores a state whose seq went up and whose model version never went back, and the node's
-    DELTA of each of the three rounds is accepted exactly once. (It used to kill at 12 random moments, most inside
-    one phase; a kill between a TASK's delivery and its saving cost a round the whole 120 s deadline.)"""
+    DELTA of each of the three rounds is accepted exactly once. (It used to kill at 12 random moments, most of them
+    inside one phase, with sleeps between; a kill between a TASK's delivery and its saving could also cost a round
+    its whole 120 s deadline.)"""
     require_tool("mosquitto")
     require_firmware_tools()
     seen, rule = uplinks_seen()
