@@ -4,6 +4,7 @@ check."""
 import importlib.util
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -27,6 +28,32 @@ def require_module(name: str, extra: str) -> None:
         if IN_CI:
             pytest.fail(f"{name} is not installed, and CI must have it (the `{extra}` extra, part of `dev`)")
         pytest.skip(f"{name} is not installed (pip install -e '.[{extra}]')")
+
+
+class ClockUntil:
+    """A coordinator clock (Coordinator(clock=...)) that stands still while `condition()` is false and runs as the
+    wall clock while it holds. A test whose round must close at its deadline makes the condition "every live node
+    has answered": the deadline then counts only from that moment, so however loaded the machine, it cuts only
+    nodes that never answer. After `give_up` wall seconds of standing still it runs anyway (the test's reply
+    counts then say who did not answer). `resumed`: when it last started to run."""
+
+    def __init__(self, condition, give_up: float = 180.0) -> None:
+        self.condition, self.give_up = condition, give_up
+        self.offset = 0.0  # wall seconds it stood still
+        self.paused: float | None = None
+        self.resumed: float | None = None
+
+    def __call__(self) -> float:
+        now = time.monotonic()
+        if self.paused is None:
+            if not self.condition():
+                self.paused = now
+            return now - self.offset
+        if not self.condition() and now - self.paused < self.give_up:
+            return self.paused - self.offset
+        self.offset += now - self.paused
+        self.paused, self.resumed = None, now
+        return now - self.offset
 
 
 @pytest.fixture(scope="session")

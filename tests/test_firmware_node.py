@@ -5,8 +5,9 @@ rounds against the real coordinator.
                         with Python agents, both firmware nodes answering every round
     killed mid-upload   the modem loses the DELTA's later chunks, QEMU is killed; restarted, the node sends the
                         persisted upload again and the coordinator accepts it once
-    reset anywhere      QEMU killed at many moments of three rounds and started again: no seq is ever reused
-                        (the coordinator never sees a replay), no accepted model is lost, every round completes
+    reset anywhere      QEMU killed right after each kind of state the node saves, over three rounds, and
+                        started again: no seq is ever reused (the coordinator never sees a replay), no accepted
+                        model is lost, every round completes with the node's DELTA
     codegen --node      the project a user builds for one fleet member, and its errors
 
 mosquitto here, as in a plant (the embedded broker is simulate's default and runs the first test).
@@ -15,6 +16,7 @@ mosquitto here, as in a plant (the embedded broker is simulate's default and run
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -81,20 +83,40 @@ def test_simulate_firmware_nodes_give_the_global_model_python_agents_give(tmp_pa
 
 # --- a fleet of one firmware node and one Python agent on mosquitto ----------------------------------------
 
+FLEET_OPTIONS = dict(chunk_size=256, heartbeat_s=1.0, ack_timeout_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def built_fleet(tmp_path_factory):
+    """The fleet's keys (fleet/), n0's samples (nodes/) and n0's firmware built from them (firmware/), made once:
+    a Fleet copies them into its test's folder, where the firmware's build cache (keyed by the sources, the key
+    included) finds the build. Building fedtiny_node.elf takes longer than the rounds of a test."""
+    from fedtiny_sim.firmware_nodes import FirmwareFleet
+
+    require_firmware_tools()
+    plan, shards, _ = breast_cancer_task(2)
+    run = tmp_path_factory.mktemp("fw-fleet")
+    provision_fleet(run / "fleet", FLEET, ["n0", "n1"])
+    (run / "nodes").mkdir()
+    np.savez(run / "nodes" / "n0.npz", x=shards[0][0], y=shards[0][1], seed=100)
+    FirmwareFleet(run, plan, ["n0"], "", **FLEET_OPTIONS).build("n0")
+    return run
+
+
 class Fleet:
     """mosquitto with the fleet's configuration, the coordinator's link, one firmware node (n0) and one node
-    agent (n1), the small breast-cancer mlp plan (every weight trains, chunks of 256 B: a DELTA is ~20 chunks)."""
+    agent (n1), the small breast-cancer mlp plan (every weight trains, chunks of 256 B: a DELTA is ~20 chunks);
+    keys, samples and firmware from `built` (the built_fleet fixture)."""
 
-    def __init__(self, tmp_path: Path, bridge_options: dict | None = None):
+    def __init__(self, tmp_path: Path, built: Path, bridge_options: dict | None = None):
         from fedtiny_device.agent import NodeAgent
         from fedtiny_device.cruntime import CTrainer
         from fedtiny_sim.firmware_nodes import FirmwareFleet
 
         self.plan, shards, self.heldout = breast_cancer_task(2)
         self.run = tmp_path
-        provision_fleet(tmp_path / "fleet", FLEET, ["n0", "n1"])
-        (tmp_path / "nodes").mkdir()
-        np.savez(tmp_path / "nodes" / "n0.npz", x=shards[0][0], y=shards[0][1], seed=100)
+        for part in ("fleet", "nodes", "firmware"):
+            shutil.copytree(built / part, tmp_path / part)  # copy2: the keys keep their 0600
         port = free_port()
         (tmp_path / "mosquitto.conf").write_text(mosquitto_config(tmp_path / "fleet", port,
                                                                   run_as_root=os.geteuid() == 0))
@@ -108,8 +130,8 @@ class Fleet:
         self.agent = NodeAgent("n1", url, tmp_path / "fleet", self.plan, *shards[1], fleet=FLEET,
                                state_dir=tmp_path / "agents", seed=101, chunk_size=256, heartbeat_s=1.0,
                                ack_timeout_s=2.0, trainer_factory=CTrainer).start()
-        self.firmware = FirmwareFleet(tmp_path, self.plan, ["n0"], url, chunk_size=256, heartbeat_s=1.0,
-                                      ack_timeout_s=2.0, bridge_options=bridge_options).start()
+        self.firmware = FirmwareFleet(tmp_path, self.plan, ["n0"], url, **FLEET_OPTIONS,
+                                      bridge_options=bridge_options).start()
         self.node = self.firmware.nodes[0]
         wait_online(self.link, 2, timeout=120)
 
@@ -148,7 +170,7 @@ def delta_chunks(round_: int, from_index: int):
     return rule
 
 
-def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path):
+def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path, built_fleet):
     require_tool("mosquitto")
     require_firmware_tools()
     lost = {"on": True, "rule": delta_chunks(1, 3), "dropped": 0}
@@ -159,7 +181,7 @@ def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path
             return True
         return False
 
-    fleet = Fleet(tmp_path, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=drop)))
+    fleet = Fleet(tmp_path, built_fleet, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=drop)))
     try:
         coordinator = make_coordinator(fleet.link, fleet.plan, tmp_path / "state.db", 2, deadline=90.0)
         done = {}
@@ -185,44 +207,70 @@ def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path
     assert "replay" not in fleet.rejected("n0"), fleet.rejected("n0")
 
 
-def test_qemu_reset_at_many_points_never_reuses_a_seq_nor_loses_a_model(tmp_path):
-    """Kill QEMU (a power cut: the flash image keeps what was written) at 12 seeded moments over three rounds and
-    start it again each time. The coordinator never sees a reused (run, round, seq) (it would refuse it as a
-    replay, or fail to decrypt), every start after the first save restores a state whose seq and model version
-    never go back, and the three rounds complete with the firmware node's DELTA accepted at most once each and in
-    at least two of them (a node rebooting when a round starts is offline, and is not asked)."""
+def uplinks_seen():
+    """A FaultyTransport drop rule that drops nothing and records the (message type, round) of each uplink
+    envelope's first chunk: the header is in clear, and a STATUS carries the round of the node's persisted state."""
+    seen: set[tuple[int, int]] = set()
+
+    def rule(p) -> bool:
+        chunk = chunking.parse_chunk(p.payload)
+        if chunk.index == 0 and ("/up/" in p.topic or "/status/" in p.topic):
+            header = Header.unpack(chunk.data)
+            seen.add((header.type, header.round))
+        return False
+
+    return seen, rule
+
+
+def test_qemu_reset_at_every_write_phase_never_reuses_a_seq_nor_loses_a_model(tmp_path, built_fleet):
+    """Kill QEMU (a power cut: the flash image keeps what was written) right after each kind of state the node
+    persists, and start it again each time:
+        TASK 1 taken        its first STATUS of round 1 (the job and the round are saved; training runs)
+        DELTA 2 sealed      the first chunk of the DELTA of round 2 on its way (the sealed upload is saved)
+        TASK 3 taken        as for round 1, then at once again:
+        connected           right after the restarted node connected (the last will's seq is saved)
+    The coordinator never sees a reused (run, round, seq) (it would refuse it as a replay, or fail to decrypt),
+    every restart restores a state whose seq went up and whose model version never went back, and the node's
+    DELTA of each of the three rounds is accepted exactly once. (It used to kill at 12 random moments, most of them
+    inside one phase, with sleeps between; a kill between a TASK's delivery and its saving could also cost a round
+    its whole 120 s deadline.)"""
     require_tool("mosquitto")
     require_firmware_tools()
-    fleet = Fleet(tmp_path)
-    rng = np.random.default_rng(12)
+    seen, rule = uplinks_seen()
+    fleet = Fleet(tmp_path, built_fleet, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=rule)))
+    qemu = fleet.node.qemu
+    phases = (("TASK 1 taken", lambda: (MessageType.STATUS, 1) in seen),
+              ("DELTA 2 sealed", lambda: (MessageType.DELTA, 2) in seen),
+              ("TASK 3 taken", lambda: (MessageType.STATUS, 3) in seen),
+              ("connected", lambda: re.search(r"^node: connected", qemu.console(qemu.starts), re.M)))
     kills = 0
     try:
         coordinator = make_coordinator(fleet.link, fleet.plan, tmp_path / "state.db", 3, deadline=120.0)
         done = {}
         rounds = threading.Thread(target=lambda: done.setdefault("history", coordinator.run()), daemon=True)
         rounds.start()
-        for offset in rng.uniform(0.2, 2.5, size=12):
-            time.sleep(float(offset))
-            if not rounds.is_alive():
-                break
-            fleet.node.qemu.kill()
+        for name, reached in phases:
+            deadline = time.monotonic() + 120
+            while not reached():
+                assert time.monotonic() < deadline and rounds.is_alive(), f"the node never reached: {name}"
+                time.sleep(0.01)
+            qemu.kill()
             kills += 1
-            fleet.node.qemu.start()
+            qemu.start()
         rounds.join(300)
         assert "history" in done, "the rounds did not finish"
     finally:
         fleet.close()
-    assert kills >= 4, kills
     accepted = fleet.accepted()
-    answered = [accepted[(r, "n0")] for r in (1, 2, 3)]
-    assert max(answered) == 1 and sum(answered) >= 2, accepted
+    assert [accepted[(r, "n0")] for r in (1, 2, 3)] == [1, 1, 1], accepted
+    assert [r.replies for r in done["history"]] == [2, 2, 2]
     rejected = fleet.rejected("n0")
     assert not {"replay", "bad-ciphertext", "bad-signature"} & set(rejected), rejected
     restored = fleet.restored()
-    assert len(restored) >= kills - 1, (kills, restored)  # at most the first start had nothing saved yet
-    assert restored == sorted(restored), restored  # neither the seq nor the model version ever went back
-    print(f"\n{kills} resets; rounds n0 answered: {answered}; restored (model version, seq): {restored}; n0's "
-          f"refused uplinks: {Counter(rejected)}")
+    assert len(restored) == kills, (kills, restored)  # every restart found the saved state
+    assert [s for _, s in restored] == sorted(set(s for _, s in restored)), restored  # each seq new, none reused
+    assert [v for v, _ in restored] == sorted(v for v, _ in restored), restored  # the model never went back
+    print(f"\n{kills} resets; restored (model version, seq): {restored}; n0's refused uplinks: {Counter(rejected)}")
 
 
 def test_codegen_node_writes_a_project_that_builds_for_the_m4(tmp_path):

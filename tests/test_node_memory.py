@@ -31,17 +31,8 @@ def default_model():
     return config, task, pretrained(task, config.seed)[1]
 
 
-@pytest.mark.parametrize("scheme", [None, "full"], ids=["default-plan", "full"])
-def test_the_node_firmware_fits_256_kb_of_ram_and_1_mb_of_flash(default_model, tmp_path, scheme):
-    require_tool("arm-none-eabi-gcc")
-    require_tool("make")
-    config, task, graph = default_model
-    plan, _ = training_plan(replace(config, scheme=scheme), task, graph)
-    provision_fleet(tmp_path / "fleet", "sim", ["node000"])
-    samples = task.nodes[0]  # node000's share, in flash as in the simulation
-    project = node_project.files(plan, node_project.device_folder(tmp_path / "fleet", "node000"), "node000",
-                                 quantize_input(graph, samples.X), samples.y, 0)
-    elf = node_project.build(project, cache_dir=tmp_path / "firmware")  # a link past the regions fails here
+def assert_fits(elf, plan) -> None:
+    """fedtiny_node.elf (linked, so within the regions) fits, and its map accounts for every byte of RAM."""
     usage = memory_usage(elf)
     parts = node_project.ram_by_part(elf.with_name("fedtiny_node.map"))
     assert sum(parts.values()) == usage["ram"], parts
@@ -50,6 +41,19 @@ def test_the_node_firmware_fits_256_kb_of_ram_and_1_mb_of_flash(default_model, t
     # the sealed upload and the trained state borrow the training arena and the kernels' scratch
     assert parts["own upload and trained state"] == 0, parts
     assert parts["arena"] == plan.arena_size
+
+
+def test_the_default_plans_node_firmware_fits_256_kb_of_ram_and_1_mb_of_flash(default_model, tmp_path):
+    """(`full` on the default model: test_a_firmware_node_of_full_..., on the firmware its simulation built.)"""
+    require_tool("arm-none-eabi-gcc")
+    require_tool("make")
+    config, task, graph = default_model
+    plan, _ = training_plan(config, task, graph)
+    provision_fleet(tmp_path / "fleet", "sim", ["node000"])
+    samples = task.nodes[0]  # node000's share, in flash as in the simulation
+    project = node_project.files(plan, node_project.device_folder(tmp_path / "fleet", "node000"), "node000",
+                                 quantize_input(graph, samples.X), samples.y, 0)
+    assert_fits(node_project.build(project, cache_dir=tmp_path / "firmware"), plan)  # a link past the regions fails
 
 
 def _final_global(run):
@@ -62,7 +66,7 @@ def _final_global(run):
         store.close()
 
 
-def test_a_firmware_node_of_full_gives_the_python_agents_global_model(tmp_path):
+def test_a_firmware_node_of_full_fits_and_gives_the_python_agents_global_model(default_model, tmp_path):
     for tool in ("qemu-system-arm", "arm-none-eabi-gcc", "gcc", "make"):
         require_tool(tool)
     config = replace(CONFIG, scheme="full")
@@ -76,3 +80,6 @@ def test_a_firmware_node_of_full_gives_the_python_agents_global_model(tmp_path):
     for field in ("ints", "master"):
         a, b = getattr(with_firmware, field), getattr(python_only, field)
         assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), field
+    _, task, graph = default_model
+    (elf,) = (tmp_path / "qemu1" / "firmware").glob("*/fedtiny_node.elf")  # the firmware node000 ran
+    assert_fits(elf, training_plan(replace(default_model[0], scheme="full"), task, graph)[0])

@@ -17,6 +17,7 @@ from fedtiny_server.grid import RoundPolicy
 from fedtiny_server.rounds import Coordinator, CoordinatorConfig
 from fedtiny_server.state import StateStore
 
+from conftest import ClockUntil
 from test_fleet_link import model  # noqa: F401  (fixture: a small plan and int8 samples)
 
 FLEET = "sa"
@@ -45,9 +46,19 @@ def test_two_masked_rounds_over_the_embedded_broker(model, tmp_path):  # noqa: F
             while len([d for d in link.devices() if d.online]) < NODES:
                 assert time.monotonic() < deadline, "devices did not join"
                 time.sleep(0.05)
+            grid = []  # the coordinator's, once made
+
+            def live_answered() -> bool:  # every live node's message of the round's current stage came
+                round_ = grid[0].round if grid else 0
+                live = set(names) - ({"s0"} if round_ == 2 else set())
+                return live <= link.secagg_status(round_)[1]
+
+            # each stage's deadline counts from the moment the live nodes answered it (ClockUntil): load cannot
+            # make it cut a live node; only s0 (in round 2, at 1 s) is cut
             coordinator = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(
-                rounds=2, policy=RoundPolicy(quorum=1.0, deadline=6.0, poll=0.05),  # round 2 closes at 6 s
-                train_config={"clip_norm": 0.5}, secagg=True))
+                rounds=2, policy=RoundPolicy(quorum=1.0, deadline=1.0, poll=0.05),
+                train_config={"clip_norm": 0.5}, secagg=True), clock=ClockUntil(live_answered))
+            grid.append(coordinator.grid)
             history = coordinator.run()
         finally:
             ops.LOG.removeHandler(handler)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_tool
+from conftest import ClockUntil, require_tool
 from fedtiny import zoo
 from fedtiny.compiler import compile_plan
 from fedtiny.interpreter import quantize_input
@@ -116,6 +116,8 @@ def test_full_run_improves_accuracy(fleet, task, tmp_path):
 
 
 def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
+    """A node dies (power cut) right after its TASK of round 2: the round closes at its deadline with the live
+    nodes' replies instead of waiting for the dead one, and round 3 no longer asks it (its last will)."""
     url, keys, names = fleet
     plan, _, _ = task
     agents = start_agents(url, keys, names, task, tmp_path / "nodes", transport_wrapper=FaultyTransport)
@@ -133,15 +135,31 @@ def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
     link.send_task = send_and_kill
     try:
         wait_online(link, NODES)
-        deadline = 8.0  # long enough for every live node on a loaded 2-core machine
-        coord = make_coordinator(link, plan, tmp_path / "state.db", 3, deadline=deadline)
+        deadline = 1.0  # counted from the live nodes' last reply (ClockUntil), so load cannot cut them
+        metrics, due = ops.Metrics(), [0]  # due: the replies accepted in all once the live nodes answered
+        clock = ClockUntil(lambda: metrics.get("fedtiny_replies_accepted_total") >= due[0])
+        policy = RoundPolicy(quorum=1.0, deadline=deadline, poll=0.05)
+        coord = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(3, "fedavg", {}, policy),
+                            metrics=metrics, clock=clock)
+        closed = []  # when each round's wait for replies ended
+        receive = coord.grid.send_and_receive
+
+        def receive_and_stamp(*args, **kwargs):
+            replies = receive(*args, **kwargs)
+            closed.append(time.monotonic())
+            return replies
+
+        coord.grid.send_and_receive = receive_and_stamp
+        due[0] = NODES
         first = coord.run(1)[0]
-        start = time.monotonic()
+        due[0] = NODES + NODES - 1  # and the live nodes' replies of round 2
         second = coord.run(2)[-1]
-        elapsed = time.monotonic() - start
         assert first.replies == NODES and second.replies == NODES - 1
-        assert elapsed < deadline + 3.0, elapsed  # waited for the deadline, not for the dead node
-        time.sleep(0.5)  # the broker publishes the victim's last will (OFFLINE)
+        waited = closed[1] - clock.resumed  # from the last live reply to the round's close
+        assert deadline - 0.1 <= waited < deadline + 5.0, waited  # the deadline, not the dead node, closed it
+        wait_until(lambda: not any(d.online for d in link.devices() if d.device == victim.device),
+                   "the broker did not publish the victim's last will (OFFLINE)")
+        due[0] = NODES + 2 * (NODES - 1)
         third = coord.run(3)[-1]
         assert third.replies == NODES - 1
         assert coord.metrics.get("fedtiny_devices_online") == NODES - 1
@@ -150,6 +168,13 @@ def test_killed_node_does_not_stall_the_round(fleet, task, tmp_path):
         for a in agents:
             if a is not victim:
                 a.stop()
+
+
+def wait_until(condition, message: str, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, message
+        time.sleep(0.05)
 
 
 def _db(path, sql):

@@ -150,10 +150,21 @@ def test_stragglers_are_waited_for_until_the_deadline_only(tmp_path):
     result = simulate(SimulationConfig(nodes=4, rounds=3, scenario="medical", stragglers=1.0, deadline=2.0,
                                        out=str(tmp_path / "slow"), seed=2, realtime=True))
     assert result["clock"] == "wall"
-    assert all(r["seconds"] < 2.0 + 1.5 for r in result["rounds"])  # the deadline, plus evaluation and bookkeeping
-    assert any(r["seconds"] >= 2.0 for r in result["rounds"] if r["participants"] < 4)  # it did wait for them
     participants = [r["participants"] for r in result["rounds"]]
     assert min(participants) < 4 and sum(participants) >= 1, participants
+    # The wait itself, from the coordinator's log: from the round's last TASK to the tasks it closed unanswered.
+    # (A round's "seconds" also count evaluation and the checkpoint, which a loaded machine can make long.)
+    sent, expired = {}, {}
+    for line in (tmp_path / "slow" / "coordinator.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e["event"] == "task_sent":
+            sent[e["round"]] = e["ts"]
+        elif e["event"] == "task_expired":
+            expired.setdefault(e["round"], e["ts"])
+    cut = [i + 1 for i, n in enumerate(participants) if n < 4]
+    assert sorted(expired) == cut, (expired, participants)  # a round closed with open tasks only when it cut nodes
+    waits = [expired[r] - sent[r] for r in cut]
+    assert all(2.0 - 0.01 <= w < 2.0 + 1.0 for w in waits), waits  # it waited for them, up to the deadline only
 
 
 def test_a_straggler_that_missed_a_round_answers_the_next_it_is_not_slow_in(tmp_path):
