@@ -373,18 +373,11 @@ def privacy_noise_warning(config: SimulationConfig, plan) -> str | None:
 
 
 def training_plan(config: SimulationConfig, task: Task, graph):
-    """(plan, scheme): what a run of this configuration trains: its --scheme, or with auto the scheme the search
-    chose on the host's data (fedtiny.search, cached by content), compiled for its budget, reserve and learning
-    rate."""
+    """(plan, scheme): what a run of this configuration trains: its --scheme (auto is resolved before, in
+    _prepare), compiled for its budget, reserve and learning rate."""
     from fedtiny.compiler import compile_plan
     from fedtiny.scheme import REFERENCE_SPARSE, parse
 
-    if config.scheme == "auto":
-        from .autoscheme import auto_scheme
-
-        result = auto_scheme(graph, task.pretrain, budget=config.budget, reserve=config.reserve, lr=config.lr,
-                             seed=config.seed, trainer=config.trainer)
-        return result.plan, f"auto = {result.scheme}"
     scheme = config.scheme or REFERENCE_SPARSE.get(task.model, "last:2")
     plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
     return plan, scheme
@@ -405,9 +398,17 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     trainer = None
     if config.trainer == "c":
         from fedtiny_device.cruntime import CTrainer as trainer
+    auto = config.scheme == "auto"
+    if auto:  # the search first (cached by content): the lr rule below then runs for the scheme it chose
+        from .autoscheme import auto_scheme
+
+        config.scheme = auto_scheme(graph, task.pretrain, budget=config.budget, reserve=config.reserve,
+                                    lr=config.lr, epochs=config.epochs or 1, seed=config.seed,
+                                    trainer=config.trainer, note=say).scheme
     for line in settle(config, task, model, graph, train, val, trainer_factory=trainer):
         say(line)
     plan, scheme = training_plan(config, task, graph)
+    scheme = f"auto = {scheme}" if auto else scheme
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
     devices = [device_name(i) for i in range(config.nodes)]

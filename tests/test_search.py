@@ -63,7 +63,7 @@ def budgets(graph) -> list[int]:
 
 
 def run_search(graph, data, budget, tmp_path, seed=0):
-    return search(graph, data, Trainer, budget=budget, reserve=0, lr=0.05, seed=seed, cache_dir=tmp_path)
+    return search(graph, data, Trainer, budget=budget, reserve=0, lrs=(0.05,), seed=seed, cache_dir=tmp_path)
 
 
 def test_scheme_text_names_the_fixed_schemes_and_round_trips(small):
@@ -80,7 +80,7 @@ def test_scheme_text_names_the_fixed_schemes_and_round_trips(small):
 
 def test_auto_fits_each_budget_and_beats_every_fixed_scheme_that_fits(small, tmp_path):
     graph, data = small
-    scorer = Scorer(data, Trainer, seed=0)
+    scorer = Scorer(data, Trainer, seed=0, both_ways=True)  # as the search scores
     chosen_texts = set()
     for budget in budgets(graph):
         result = run_search(graph, data, budget, tmp_path)
