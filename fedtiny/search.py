@@ -16,11 +16,12 @@ then a search:
                d_bias(k) + sum d_W(i, r); every state on the way is a candidate;
   5. verify    the VERIFY best estimated candidates that fit, and the fixed schemes (classifier, bias, last:2,
                full) that fit, each get a real run at every learning rate of `lrs` (steps 1-4 run at the middle
-               one): a scheme's score is its best lr's, as a run later picks the lr for the scheme it trains. The
-               best measured one wins (ties: less memory).
+               one): a scheme's score is its best lr's, as a run later picks the lr for the scheme it trains;
+  6. choose    of the verified schemes whose accuracy is within one standard error of the best (tie_band), the
+               one with the most trainable bytes (choose: why capacity).
 
 The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, so
-auto is never below the best fixed scheme that fits on the held-out data. Every model and dataset gets the same
+auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and dataset gets the same
 rule. Runs go two at a time (`workers`: the C trainer releases the GIL), and everything is deterministic for a
 seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when a compiler is
 present, else the Python reference; both give the same numbers bit for bit) and may pass `forward` (a faster
@@ -51,7 +52,8 @@ WEIGHT_LAYERS = 4  # layers whose smaller channel ratios are measured too
 VERIFY = 3  # estimated candidates verified with a real run
 FIXED = ("classifier", "bias", "last:2", "full")
 UNLIMITED = 1 << 30  # the budget measuring runs compile with (they only measure learning, not fit)
-RULE = f"steps{RUN_STEPS}/wl{WEIGHT_LAYERS}/verify{VERIFY}/heldout-2way/v3"
+RULE = f"steps{RUN_STEPS}/wl{WEIGHT_LAYERS}/verify{VERIFY}/heldout-2way/v3"  # what a run measures
+CHOICE = "1se-capacity"  # how the verified runs choose (a finished search's cache entry is keyed by it too)
 
 
 class SearchError(ValueError):
@@ -225,6 +227,7 @@ class Scorer:
         if both_ways:
             self.parts.append((data.x_val, data.y_val, data.x_train, data.y_train))
         self.orders = [self.order(len(y), epochs, part) for part, (_, y, _, _) in enumerate(self.parts)]
+        self.count = sum(len(ys) for _, _, _, ys in self.parts)  # samples a run is scored on
 
     def order(self, n: int, epochs: int, part: int) -> np.ndarray:
         """`epochs` seeded permutations of n samples one after the other, cut at RUN_STEPS."""
@@ -240,8 +243,7 @@ class Scorer:
         """The plan's model (its own values, or `state`) on every scored part."""
         state = plan.initial_state() if state is None else state
         scored = [self._outputs(plan, state, xs, ys) for _, _, xs, ys in self.parts]
-        count = sum(len(ys) for _, _, _, ys in self.parts)
-        return Run(sum(c for c, _ in scored) / count, sum(loss for _, loss in scored) / count)
+        return Run(sum(c for c, _ in scored) / self.count, sum(loss for _, loss in scored) / self.count)
 
     def train(self, plan: Plan) -> Run:
         correct, loss, count = 0, 0.0, 0
@@ -255,6 +257,24 @@ class Scorer:
             c, total = self._outputs(plan, trainer.trainable_state(), xs, ys)
             correct, loss, count = correct + c, loss + total, count + len(ys)
         return Run(correct / count, loss / count)
+
+
+def tie_band(accuracy: float, n: int) -> float:
+    """One standard error of an accuracy measured on n samples (at least one sample's worth): measured
+    accuracies closer than this to the best cannot be told from it."""
+    return max(float(np.sqrt(accuracy * (1 - accuracy) / n)), 1 / n)
+
+
+def choose(verified: list[Candidate], best_lr: Callable, n: int) -> Candidate:
+    """Of the verified candidates, the one with the most trainable bytes among those whose held-out accuracy is
+    within tie_band of the best (ties: less device memory, then the text). Why capacity: the held-out data is the
+    host's, from the distribution the model was pretrained on, so it cannot show the adaptation a device's own
+    (shifted) data needs; where it cannot tell the schemes apart, the one that can adapt most within the budget
+    is the better bet (on a shifted domain int8 full update with QAS came within 2.2 points of fp32, last:2 within
+    5.2, bias 7.2, classifier 16.7: issue 16). A scheme that measurably loses accuracy is never chosen."""
+    top = max(best_lr(c.text)[0].accuracy for c in verified)
+    tied = [c for c in verified if best_lr(c.text)[0].accuracy >= top - tie_band(top, n) - 1e-12]
+    return max(tied, key=lambda c: (c.trainable, -c.memory, c.text))
 
 
 def _measure_plan(graph: Graph, text: str, *, lr: float, qas: bool, loss: str) -> Plan:
@@ -337,7 +357,7 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
                                                  reserve=reserve, loss=loss), candidates, start, new_runs,
                             time.perf_counter() - started, lr)
 
-    done = cache.searches.get(f"{budget}/{reserve}")
+    done = cache.searches.get(f"{budget}/{reserve}/{CHOICE}")
     if done is not None:
         return result(done["scheme"], [Candidate(text, memory, trainable, estimate)
                                        for text, memory, trainable, estimate in done["candidates"]])
@@ -399,10 +419,9 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
     say(f"scheme search: {len(candidates)} candidates fit; verifying {len(verify)} with real runs at lr "
         + ", ".join(f"{lr:g}" for lr in lrs))
     measure(verify, lrs)
-    chosen = max((c for c in candidates.values() if c.text in verify),
-                 key=lambda c: (best_lr(c.text)[0].rank, -c.memory, c.text))
+    chosen = choose([c for c in candidates.values() if c.text in verify], best_lr, scorer.count)
     ordered = sorted(candidates.values(), key=lambda c: (c.memory, c.text))
-    cache.searches[f"{budget}/{reserve}"] = dict(scheme=chosen.text, candidates=[
+    cache.searches[f"{budget}/{reserve}/{CHOICE}"] = dict(scheme=chosen.text, candidates=[
         [c.text, c.memory, c.trainable, c.estimate] for c in ordered])
     cache.save()
     return result(chosen.text, ordered)

@@ -35,7 +35,7 @@ def held_out(pretrain: Dataset, graph, seed: int = 0) -> HostData:
     return HostData(quantize_input(graph, first.X), first.y, quantize_input(graph, second.X), second.y)
 
 
-def _c_forward(plan, state, x):
+def c_forward(plan, state, x):
     from fedtiny_device.cruntime import CPlanModel
 
     return CPlanModel(plan).run(state, x)
@@ -50,7 +50,7 @@ def auto_scheme(graph, pretrain: Dataset, *, budget: int, reserve: int, lr: floa
 
     if trainer == "c" and shutil.which("gcc") is not None:
         from fedtiny_device.cruntime import CTrainer as factory
-        forward = _c_forward
+        forward = c_forward
     else:
         from fedtiny_device.trainer import Trainer as factory
         forward = interpreter_forward
