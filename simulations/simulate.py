@@ -40,7 +40,7 @@ class SimulationConfig:
     model: str | None = None  # zoo name; default: the scenario's
     strategy: str = "fedavg"
     # None: the model's hand-picked sparse scheme (REFERENCE_SPARSE), else last:2; "auto": the best scheme that fits the
-    # budget, measured on the host's data (fedtiny.search; not the default while it scores on the pretraining data)
+    # budget, measured on the host's held-out data (fedtiny.search; not the default: BENCHMARKS "Scheme search")
     scheme: str | None = None
     budget: int = 256 * 1024
     reserve: int | None = None  # default: fedtiny.compiler.reserve_for's rule (64 KB, at most a quarter of budget)

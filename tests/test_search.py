@@ -172,3 +172,36 @@ def test_cli_auto_needs_data(small, tmp_path):
         "Error: --scheme auto measures schemes on the host's data: give --data (a scenario or a .npz/.csv), or a "
         "scheme by name (--scheme classifier, bias, last:K, full, sparse:...)"]
     assert run_cli("compile", tmp_path / "m.ftm", "--scheme", "bias").exit_code == 0
+
+
+def test_simulate_resolves_auto_once_before_the_lr_rule(small, tmp_path, monkeypatch):
+    """simulate's _prepare runs the search once, and the lr rule (tuning.settle) then tunes for the scheme it chose
+    (before, settle compiled "auto" once per trial lr: a search per lr). The search and the lr rule are stand-ins
+    here; the plan is compiled for real."""
+    from fedtiny.datafile import Dataset
+    from fedtiny_sim import autoscheme, simulate, tuning
+
+    graph, _ = small
+    x, y = blobs(60, 2.0, 4)
+    ds = Dataset(x, y, np.zeros(len(y), np.int64), ["a", "b", "c"], "blobs")
+    task = simulate.Task("blobs", "mlp", ds, [ds.subset(np.arange(30)), ds.subset(np.arange(30, 60))], ds)
+    searches, settled = [], []
+
+    def fake_search(g, pretrain, **kwargs):
+        searches.append(kwargs)
+        return type("Result", (), {"scheme": "bias"})()
+
+    def fake_settle(config, *args, **kwargs):
+        settled.append(config.scheme)
+        config.lr, config.epochs = 0.01, 1
+        return []
+
+    monkeypatch.setattr(simulate, "pretrained", lambda task, seed: (None, graph))
+    monkeypatch.setattr(tuning, "host_accuracy_lines", lambda *args: [])
+    monkeypatch.setattr(tuning, "settle", fake_settle)
+    monkeypatch.setattr(autoscheme, "auto_scheme", fake_search)
+    config = simulate.SimulationConfig(nodes=2, scheme="auto", reserve=0, trainer="python", out=str(tmp_path))
+    _, _, plan, scheme, _ = simulate._prepare(config, tmp_path, task, lambda line: None)
+    assert len(searches) == 1 and searches[0]["lr"] is None and searches[0]["budget"] == config.budget
+    assert settled == ["bias"] and scheme == "auto = bias"
+    assert plan.trainable_buffers() == compile_plan(graph, parse("bias", graph), reserve=0).trainable_buffers()
