@@ -21,11 +21,11 @@ then a search:
                one with the most trainable bytes (choose: why capacity).
 
 The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, so
-auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and dataset gets the same
-rule. Runs go two at a time (`workers`: the C trainer releases the GIL), and everything is deterministic for a
-seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when a compiler is
-present, else the Python reference; both give the same numbers bit for bit) and may pass `forward` (a faster
-forward pass).
+auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and dataset
+gets the same rule. Runs go two at a time (`workers`: the C trainer releases the GIL), and everything is
+deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when
+a compiler is present, else the Python reference; both give the same numbers bit for bit) and may pass
+`forward` (a faster forward pass).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -165,10 +165,10 @@ class SearchResult:
 
 
 class RunCache:
-    """Measured runs by scheme text and lr, and finished searches by budget and reserve, on disk as JSON, keyed by content:
-    the model's bytes, the data, the lrs, epochs, QAS, loss, seed and RULE. The budget is not in the key (a run's score does
-    not depend on it), so the searches of one model at several budgets share their runs; a search already made
-    for a budget and reserve is read back without compiling its candidates again."""
+    """Measured runs by scheme text and lr, and finished searches by budget, reserve and CHOICE, on disk as JSON,
+    keyed by content: the model's bytes, the data, the lrs, epochs, QAS, loss, seed and RULE. The budget is not in
+    the key (a run's score does not depend on it), so the searches of one model at several budgets share their
+    runs; a search already made for a budget and reserve is read back without compiling its candidates again."""
 
     def __init__(self, path: Path | None):
         self.path = path
