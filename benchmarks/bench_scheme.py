@@ -29,7 +29,7 @@ from fedtiny.interpreter import quantize_input
 from fedtiny.scheme import REFERENCE_SPARSE, parse
 from fedtiny.search import FIXED, HostData, Scorer, device_ram
 from fedtiny_device.cruntime import CTrainer
-from fedtiny_sim.autoscheme import SEARCH_LRS, auto_scheme, c_forward
+from fedtiny_sim.autoscheme import SEARCH_LRS, auto_scheme, c_forward, unseen_halves
 from fedtiny_sim.scenarios import load_task, pretrained
 
 from report import provenance, write_section
@@ -81,7 +81,7 @@ def bench_model(name: str, budgets: list[int]) -> list[str]:
         budget = kb * 1024
         reserve, _ = reserve_for(budget)
         wall, cpu = time.perf_counter(), cpu_seconds()
-        result = auto_scheme(graph, task.pretrain, budget=budget, reserve=reserve)
+        result = auto_scheme(graph, unseen_halves(task), budget=budget, reserve=reserve)
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
         host = {c.text: c for c in result.candidates}
         cells, best_host, best_fleet = [], None, None

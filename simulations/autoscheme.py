@@ -4,11 +4,11 @@ fedtiny.search knows no trainer (fedtiny may not import fedtiny_device); this mo
 C trainer and its forward pass when gcc is present (each candidate plan's library cached in $FEDTINY_CACHE), else
 the Python reference, which gives the same numbers bit for bit, only slower.
 
-The data: the part of the host's data the pretraining held out (fedtiny.train.validation_split, the split
-`scenarios.pretrained` stops on; it never trained on it), cut in two halves stratified by class and group. A
-search run fine-tunes on one half and scores on the other, then the other way round, so every score is on samples
-the model never fitted, as a device's data is. (The learn helper's tuning is to expose the same held-out data for
-the lr choice; until then this is the one place that cuts it for the search.)
+The data: the samples of the host's data that pretraining never trained on, in two halves (unseen_halves). A
+search run fine-tunes on one half and scores on the other, then the other way round, so every score is on
+samples the model never fitted, as a device's data is. (The learn helper's branch adds scenarios.unseen_halves,
+the one place the lr rule and the search take such data from; when both are merged, it replaces unseen_halves
+here, which cuts the same halves from the split pretraining stops on today.)
 
 The learning rates: the given one (`--lr`), else SEARCH_LRS, every other rate of the lr rule's grid
 (simulations/tuning.LRS): each candidate is scored at its best, since the run then picks the lr for the scheme
@@ -20,7 +20,6 @@ import shutil
 from fedtiny.datafile import Dataset
 from fedtiny.interpreter import quantize_input
 from fedtiny.search import HostData, SearchResult, search
-from fedtiny.train import validation_split
 
 from . import data as datasets
 from .tuning import LRS
@@ -28,11 +27,12 @@ from .tuning import LRS
 SEARCH_LRS = LRS[1::2]  # 1e-3, 1e-2, 1e-1: a decade apart
 
 
-def held_out(pretrain: Dataset, graph, seed: int = 0) -> HostData:
-    """The held-out part of the host's data as int8, in two halves (stratified by group and class, by seed)."""
-    _, val = validation_split(pretrain.y, seed=seed)
-    first, second = datasets.train_test_split(pretrain.subset(val), 0.5, seed)
-    return HostData(quantize_input(graph, first.X), first.y, quantize_input(graph, second.X), second.y)
+def unseen_halves(task, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The host's samples pretraining never trained on (the validation part it stops on, fedtiny.train's
+    validation_split as scenarios.host_split cuts it), in two halves stratified by group and class."""
+    from .scenarios import host_split
+
+    return datasets.train_test_split(host_split(task, seed)[1], 0.5, seed)
 
 
 def c_forward(plan, state, x):
@@ -41,11 +41,12 @@ def c_forward(plan, state, x):
     return CPlanModel(plan).run(state, x)
 
 
-def auto_scheme(graph, pretrain: Dataset, *, budget: int, reserve: int, lr: float | None = None, epochs: int = 1,
-                qas: bool = True, loss: str = "cross_entropy", seed: int = 0, trainer: str = "c", note=None,
-                cache_dir=None) -> SearchResult:
-    """Search the scheme for `graph` on the held-out part of the host's data `pretrain` (see fedtiny.search), at
-    `lr`, or at each of SEARCH_LRS when it is None. trainer: "c" (when gcc is present) or "python"."""
+def auto_scheme(graph, halves: tuple[Dataset, Dataset], *, budget: int, reserve: int, lr: float | None = None,
+                epochs: int = 1, qas: bool = True, loss: str = "cross_entropy", seed: int = 0, trainer: str = "c",
+                note=None, cache_dir=None) -> SearchResult:
+    """Search the scheme for `graph` on `halves`, two halves of host data the model never trained on
+    (unseen_halves; see fedtiny.search), at `lr`, or at each of SEARCH_LRS when it is None. trainer: "c" (when
+    gcc is present) or "python"."""
     from fedtiny.search import interpreter_forward
 
     if trainer == "c" and shutil.which("gcc") is not None:
@@ -54,6 +55,8 @@ def auto_scheme(graph, pretrain: Dataset, *, budget: int, reserve: int, lr: floa
     else:
         from fedtiny_device.trainer import Trainer as factory
         forward = interpreter_forward
-    return search(graph, held_out(pretrain, graph, seed), factory, budget=budget, reserve=reserve,
+    first, second = halves
+    data = HostData(quantize_input(graph, first.X), first.y, quantize_input(graph, second.X), second.y)
+    return search(graph, data, factory, budget=budget, reserve=reserve,
                   lrs=SEARCH_LRS if lr is None else (lr,), epochs=epochs, qas=qas, loss=loss, seed=seed,
                   forward=forward, note=note, cache_dir=cache_dir)

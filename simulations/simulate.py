@@ -400,11 +400,11 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
         from fedtiny_device.cruntime import CTrainer as trainer
     auto = config.scheme == "auto"
     if auto:  # the search first (cached by content): the lr rule below then runs for the scheme it chose
-        from .autoscheme import auto_scheme
+        from .autoscheme import auto_scheme, unseen_halves
 
-        config.scheme = auto_scheme(graph, task.pretrain, budget=config.budget, reserve=config.reserve,
-                                    lr=config.lr, epochs=config.epochs or 1, seed=config.seed,
-                                    trainer=config.trainer, note=say).scheme
+        config.scheme = auto_scheme(graph, unseen_halves(task, config.seed), budget=config.budget,
+                                    reserve=config.reserve, lr=config.lr, epochs=config.epochs or 1,
+                                    seed=config.seed, trainer=config.trainer, note=say).scheme
     for line in settle(config, task, model, graph, train, val, trainer_factory=trainer):
         say(line)
     plan, scheme = training_plan(config, task, graph)
