@@ -213,8 +213,9 @@ def import_(model_file: str, output: str) -> None:
 @click.option("--scheme", default=None,
               help="auto | classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme); default: the zoo "
                    "model's hand-picked sparse scheme (fedtiny.scheme.REFERENCE_SPARSE), else last:2. auto measures "
-                   "candidate schemes with short int8 fine-tuning runs on the host part of --data and takes the best "
-                   "that fits the budget (fedtiny.search).")
+                   "candidate schemes with short int8 fine-tuning runs at --lr on the part of --data's host part that "
+                   "pretraining held out, and takes the one that fits the budget with the most trainable bytes among "
+                   "those tied with the best (fedtiny.search).")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
               "a quarter of --budget.")
@@ -243,9 +244,9 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
     scheme = scheme or REFERENCE_SPARSE.get(graph.meta.get("model", model), "last:2")
     try:
         if scheme == "auto":
-            from fedtiny_sim.autoscheme import auto_scheme
+            from fedtiny_sim.autoscheme import auto_scheme, unseen_halves
 
-            result = auto_scheme(graph, task.pretrain, budget=budget_bytes, reserve=reserve_bytes, lr=lr,
+            result = auto_scheme(graph, unseen_halves(task, seed), budget=budget_bytes, reserve=reserve_bytes, lr=lr,
                                  qas=not no_qas, loss=loss, seed=seed, note=note)
             click.echo(result.table())
             plan, scheme = result.plan, f"auto = {result.scheme}"
@@ -338,7 +339,7 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
               help="Semi-asynchronous: accept replies up to this many versions old (fedbuff); such rounds run on the "
                    "wall clock.")
 @click.option("--scheme", default=None,
-              help="Update scheme: auto (a search: the best that fits --budget, measured on the host's data), "
+              help="Update scheme: auto (a search: the best that fits --budget, measured on the host's held-out data), "
                    "classifier, bias, last:K, full or sparse:B:I@R,...; default: the model's hand-picked sparse one.")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "

@@ -1,48 +1,62 @@
-"""`--scheme auto` for a task: fedtiny.search run on the host's data with the trainer the nodes run.
+"""`--scheme auto` for a task: fedtiny.search run on held-out host data with the trainer the nodes run.
 
 fedtiny.search knows no trainer (fedtiny may not import fedtiny_device); this module gives it one: the generated
-C trainer when gcc is present (each candidate plan's library built in parallel, cached in $FEDTINY_CACHE), else
+C trainer and its forward pass when gcc is present (each candidate plan's library cached in $FEDTINY_CACHE), else
 the Python reference, which gives the same numbers bit for bit, only slower.
+
+The data: the samples of the host's data that pretraining never trained on, in two halves (unseen_halves). A
+search run fine-tunes on one half and scores on the other, then the other way round, so every score is on
+samples the model never fitted, as a device's data is. (The learn helper's branch adds scenarios.unseen_halves,
+the one place the lr rule and the search take such data from; when both are merged, it replaces unseen_halves
+here, which cuts the same halves from the split pretraining stops on today.)
+
+The learning rates: the given one (`--lr`), else SEARCH_LRS, every other rate of the lr rule's grid
+(simulations/tuning.LRS): each candidate is scored at its best, since the run then picks the lr for the scheme
+the search chose.
 """
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 from fedtiny.datafile import Dataset
 from fedtiny.interpreter import quantize_input
 from fedtiny.search import HostData, SearchResult, search
 
 from . import data as datasets
+from .tuning import LRS
 
-VALIDATION_FRACTION = 0.2  # of the host's samples, scored on (the rest trains)
-
-
-def host_data(pretrain: Dataset, graph, seed: int = 0) -> HostData:
-    """The host's samples as int8, split into a training and a validation part (stratified, by seed)."""
-    train, val = datasets.train_test_split(pretrain, VALIDATION_FRACTION, seed)
-    return HostData(quantize_input(graph, train.X), train.y, quantize_input(graph, val.X), val.y)
+SEARCH_LRS = LRS[1::2]  # 1e-3, 1e-2, 1e-1: a decade apart
 
 
-def _c_trainer():
-    """(trainer factory, prepare) for the C trainer: prepare builds a batch of plans' libraries two at a time."""
-    from fedtiny_device.cruntime import CTrainer, build_plan_host
+def unseen_halves(task, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The host's samples pretraining never trained on (the validation part it stops on, fedtiny.train's
+    validation_split as scenarios.host_split cuts it), in two halves stratified by group and class."""
+    from .scenarios import host_split
 
-    def prepare(plans) -> None:
-        with ThreadPoolExecutor(2) as pool:  # gcc runs in subprocesses: threads are enough
-            list(pool.map(build_plan_host, plans))
-
-    return CTrainer, prepare
+    return datasets.train_test_split(host_split(task, seed)[1], 0.5, seed)
 
 
-def auto_scheme(graph, pretrain: Dataset, *, budget: int, reserve: int, lr: float, qas: bool = True,
-                loss: str = "cross_entropy", seed: int = 0, trainer: str = "c", note=None,
-                cache_dir=None) -> SearchResult:
-    """Search the scheme for `graph` on the host's data `pretrain` (see fedtiny.search). trainer: "c" (when gcc is
-    present) or "python"."""
+def c_forward(plan, state, x):
+    from fedtiny_device.cruntime import CPlanModel
+
+    return CPlanModel(plan).run(state, x)
+
+
+def auto_scheme(graph, halves: tuple[Dataset, Dataset], *, budget: int, reserve: int, lr: float | None = None,
+                epochs: int = 1, qas: bool = True, loss: str = "cross_entropy", seed: int = 0, trainer: str = "c",
+                note=None, cache_dir=None) -> SearchResult:
+    """Search the scheme for `graph` on `halves`, two halves of host data the model never trained on
+    (unseen_halves; see fedtiny.search), at `lr`, or at each of SEARCH_LRS when it is None. trainer: "c" (when
+    gcc is present) or "python"."""
+    from fedtiny.search import interpreter_forward
+
     if trainer == "c" and shutil.which("gcc") is not None:
-        factory, prepare = _c_trainer()
+        from fedtiny_device.cruntime import CTrainer as factory
+        forward = c_forward
     else:
         from fedtiny_device.trainer import Trainer as factory
-        prepare = None
-    return search(graph, host_data(pretrain, graph, seed), factory, budget=budget, reserve=reserve, lr=lr, qas=qas,
-                  loss=loss, seed=seed, prepare=prepare, note=note, cache_dir=cache_dir)
+        forward = interpreter_forward
+    first, second = halves
+    data = HostData(quantize_input(graph, first.X), first.y, quantize_input(graph, second.X), second.y)
+    return search(graph, data, factory, budget=budget, reserve=reserve,
+                  lrs=SEARCH_LRS if lr is None else (lr,), epochs=epochs, qas=qas, loss=loss, seed=seed,
+                  forward=forward, note=note, cache_dir=cache_dir)

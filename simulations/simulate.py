@@ -41,7 +41,7 @@ class SimulationConfig:
     model: str | None = None  # zoo name; default: the scenario's
     strategy: str = "fedavg"
     # None: the model's hand-picked sparse scheme (REFERENCE_SPARSE), else last:2; "auto": the best scheme that fits the
-    # budget, measured on the host's data (fedtiny.search; not the default while it scores on the pretraining data)
+    # budget, measured on the host's held-out data (fedtiny.search; not the default: BENCHMARKS "Scheme search")
     scheme: str | None = None
     budget: int = 256 * 1024
     reserve: int | None = None  # default: fedtiny.compiler.reserve_for's rule (64 KB, at most a quarter of budget)
@@ -376,18 +376,11 @@ def privacy_noise_warning(config: SimulationConfig, plan) -> str | None:
 
 
 def training_plan(config: SimulationConfig, task: Task, graph):
-    """(plan, scheme): what a run of this configuration trains: its --scheme, or with auto the scheme the search
-    chose on the host's data (fedtiny.search, cached by content), compiled for its budget, reserve and learning
-    rate."""
+    """(plan, scheme): what a run of this configuration trains: its --scheme (auto is resolved before, in
+    _prepare), compiled for its budget, reserve and learning rate."""
     from fedtiny.compiler import compile_plan
     from fedtiny.scheme import REFERENCE_SPARSE, parse
 
-    if config.scheme == "auto":
-        from .autoscheme import auto_scheme
-
-        result = auto_scheme(graph, task.pretrain, budget=config.budget, reserve=config.reserve, lr=config.lr,
-                             seed=config.seed, trainer=config.trainer)
-        return result.plan, f"auto = {result.scheme}"
     scheme = config.scheme or REFERENCE_SPARSE.get(task.model, "last:2")
     plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
     return plan, scheme
@@ -408,9 +401,17 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     trainer = None
     if config.trainer == "c":
         from fedtiny_device.cruntime import CTrainer as trainer
+    auto = config.scheme == "auto"
+    if auto:  # the search first (cached by content): the lr rule below then runs for the scheme it chose
+        from .autoscheme import auto_scheme, unseen_halves
+
+        config.scheme = auto_scheme(graph, unseen_halves(task, config.seed), budget=config.budget,
+                                    reserve=config.reserve, lr=config.lr, epochs=config.epochs or 1,
+                                    seed=config.seed, trainer=config.trainer, note=say).scheme
     for line in settle(config, task, model, graph, train, val, trainer_factory=trainer):
         say(line)
     plan, scheme = training_plan(config, task, graph)
+    scheme = f"auto = {scheme}" if auto else scheme
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
     devices = [device_name(i) for i in range(config.nodes)]
