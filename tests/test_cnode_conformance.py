@@ -128,6 +128,9 @@ def assert_same_state(c: NodeState, p: NodeState, where: str) -> None:
     for name, value in c.carry.items():
         expected = np.zeros_like(value) if p.carry is None else p.carry[name]
         assert np.array_equal(value, expected), f"{where}: carry {name}"
+    assert (c.personal is None) == (p.personal is None), f"{where}: personalised model kept on one side only"
+    for name, value in (p.personal or {}).items():
+        assert np.array_equal(c.personal[name], value), f"{where}: personalised model {name}"
 
 
 def replay(plan, spec, library, lines: list[dict], name: str = "transcript") -> int:
