@@ -4,7 +4,8 @@ rounds against the real coordinator.
     same as Python      `simulate --nodes 8 --qemu-nodes 2 --rounds 3` gives the global model of the same run
                         with Python agents, both firmware nodes answering every round
     killed mid-upload   the modem loses the DELTA's later chunks, QEMU is killed; restarted, the node sends the
-                        persisted upload again and the coordinator accepts it once
+                        persisted upload again and the coordinator accepts it once; after each round the node
+                        predicts with its personalised model the class Python predicts from its flash image
     reset anywhere      QEMU killed at many moments of three rounds and started again: no seq is ever reused
                         (the coordinator never sees a replay), no accepted model is lost, every round completes
     codegen --node      the project a user builds for one fleet member, and its errors
@@ -183,6 +184,31 @@ def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path
     assert [r.replies for r in done["history"]] == [2, 2]
     assert fleet.restored() and fleet.restored()[0][0] >= 0  # the restart found its state (with the upload)
     assert "replay" not in fleet.rejected("n0"), fleet.rejected("n0")
+    assert_firmware_predicts_as_python(fleet, tmp_path)
+
+
+def assert_firmware_predicts_as_python(fleet: Fleet, run: Path) -> None:
+    """The class the firmware printed last for its first sample, by its personalised model (it predicts in the
+    arena while its DELTA waits there, and reads the DELTA back from flash: the round's upload was still accepted),
+    is the class agent.predict gives from the personalised model in the node's flash image, read independently of
+    the C store (test_cstore.parse_newest)."""
+    from fedtiny.protocol.device import NodeState
+    from fedtiny_device import node_project
+    from fedtiny_device.agent import predict
+    from fedtiny_device.cruntime import unpack_state
+    from test_cstore import parse_newest
+
+    printed = re.findall(r"^node: predicts class (\d+) for sample 0 with the (\w+) model$", fleet.node.qemu.console(),
+                         re.M)
+    assert printed and printed[0][1] == "global" and printed[-1][1] == "personalised", printed
+    bank = node_project.bank_bytes(node_project.buffer_sizes(fleet.plan, 256))
+    image = (fleet.node.qemu.workdir / node_project.FLASH_FILE).read_bytes()
+    _, segments = parse_newest(image, bank, 2, 8)
+    assert len(segments) == 6 and len(segments[5]) == len(segments[2]), [len(x) for x in segments]
+    personal = unpack_state(fleet.plan, segments[5])
+    state = NodeState(0, unpack_state(fleet.plan, segments[2]), 0, personal=personal)
+    sample = np.load(run / "nodes" / "n0.npz")["x"][0]
+    assert int(printed[-1][0]) == predict(fleet.plan, state, sample)
 
 
 def test_qemu_reset_at_many_points_never_reuses_a_seq_nor_loses_a_model(tmp_path):
