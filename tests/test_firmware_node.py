@@ -188,27 +188,29 @@ def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path
 
 
 def assert_firmware_predicts_as_python(fleet: Fleet, run: Path) -> None:
-    """The class the firmware printed last for its first sample, by its personalised model (it predicts in the
-    arena while its DELTA waits there, and reads the DELTA back from flash: the round's upload was still accepted),
-    is the class agent.predict gives from the personalised model in the node's flash image, read independently of
-    the C store (test_cstore.parse_newest)."""
+    """The classes the firmware printed last for its first 16 samples, by its personalised model (it predicts in the
+    arena while its DELTA waits there, and reads the DELTA back from flash: no failure, and the round's upload was
+    still accepted), are the classes agent.predict gives from the personalised model in the node's flash image,
+    read independently of the C store (test_cstore.parse_newest)."""
     from fedtiny.protocol.device import NodeState
     from fedtiny_device import node_project
     from fedtiny_device.agent import predict
     from fedtiny_device.cruntime import unpack_state
     from test_cstore import parse_newest
 
-    printed = re.findall(r"^node: predicts class (\d+) for sample 0 with the (\w+) model$", fleet.node.qemu.console(),
+    console = fleet.node.qemu.console()
+    assert "node: predicting failed" not in console
+    printed = re.findall(r"^node: predicts classes ([\d ]+) for samples 0\.\.(\d+) with the (\w+) model$", console,
                          re.M)
-    assert printed and printed[0][1] == "global" and printed[-1][1] == "personalised", printed
+    assert printed and printed[0][2] == "global" and printed[-1][2] == "personalised", printed
     bank = node_project.bank_bytes(node_project.buffer_sizes(fleet.plan, 256))
     image = (fleet.node.qemu.workdir / node_project.FLASH_FILE).read_bytes()
     _, segments = parse_newest(image, bank, 2, 8)
     assert len(segments) == 6 and len(segments[5]) == len(segments[2]), [len(x) for x in segments]
     personal = unpack_state(fleet.plan, segments[5])
     state = NodeState(0, unpack_state(fleet.plan, segments[2]), 0, personal=personal)
-    sample = np.load(run / "nodes" / "n0.npz")["x"][0]
-    assert int(printed[-1][0]) == predict(fleet.plan, state, sample)
+    x = np.load(run / "nodes" / "n0.npz")["x"][:int(printed[-1][1]) + 1]
+    assert len(x) == 16 and [int(c) for c in printed[-1][0].split()] == [predict(fleet.plan, state, s) for s in x]
 
 
 def test_qemu_reset_at_many_points_never_reuses_a_seq_nor_loses_a_model(tmp_path):
@@ -247,6 +249,8 @@ def test_qemu_reset_at_many_points_never_reuses_a_seq_nor_loses_a_model(tmp_path
     restored = fleet.restored()
     assert len(restored) >= kills - 1, (kills, restored)  # at most the first start had nothing saved yet
     assert restored == sorted(restored), restored  # neither the seq nor the model version ever went back
+    # predicting after each round borrows the arena from the sealed upload and reads it back from flash
+    assert "node: predicting failed" not in fleet.node.qemu.console()
     print(f"\n{kills} resets; rounds n0 answered: {answered}; restored (model version, seq): {restored}; n0's "
           f"refused uplinks: {Counter(rejected)}")
 
