@@ -95,7 +95,10 @@ def main() -> int:
                                      f"{args.rounds} --nodes {args.nodes}"), "",
              f"Each scheme: `fedtiny simulate --nodes {args.nodes} --qemu-nodes 1 --rounds {args.rounds}` (industrial, "
              "sensor_cnn), node000 being fedtiny_node.elf under QEMU mps2-an386 and the others Python agents, and the "
-             "same run with Python agents only.", ""]
+             "same run with Python agents only.", "",
+             "The node keeps its personalised model for inference between rounds (`personalised model`, one copy of "
+             "the trainable state); the classes it predicts after each round for its console are counted as idle, "
+             "outside the instructions per round.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes.split(","):
             chosen = None if scheme == "default" else scheme

@@ -6,6 +6,8 @@
                    (update.uplink); it holds a fifth of its samples out (heldout_split) to measure its
                    personalised model: the global model after its own local steps
     RoundFaults    the seam through which a simulation makes a node fail or lag a round
+    predict        inference between rounds: the personalised model the session keeps (NodeState.personal), or the
+                   global one before the device's first answered round
     NodeAgent      glue: an MqttTransport (paho thread) feeding a worker thread that owns the session
 
 The agent persists the session's NodeState in state_dir/<device>.node (fedtiny container of kind NODE).
@@ -90,6 +92,19 @@ def heldout_split(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return split[h:], split[:h]
 
 
+def classes(plan: Plan, state: dict[str, np.ndarray], x_int8: np.ndarray) -> np.ndarray:
+    """The class the model with trainable `state` predicts for each int8 sample: the argmax of its output, the first
+    maximum winning (fedtiny_predict_class in device_runtime/c/fedtiny_train_job.c computes the same)."""
+    x = np.asarray(x_int8)
+    return run(plan.graph_with(state), x).reshape(len(x), -1).argmax(axis=1)
+
+
+def predict(plan: Plan, state: NodeState, sample: np.ndarray) -> int:
+    """A device's inference between rounds: the class of one int8 sample (H, W, C) by its personalised model where it
+    has one, else by the global model (NodeState.inference_state); the C node's fedtiny_node_predict is the same."""
+    return int(classes(plan, state.inference_state(), np.asarray(sample)[None])[0])
+
+
 class LocalTraining:
     """Holds the samples and the trainer; the protocol side gets TrainResults only."""
 
@@ -130,7 +145,7 @@ class LocalTraining:
         state = self.trainer.trainable_state()
         accuracy, personal = 0.0, None
         if len(self._x) and not mse:
-            hits = run(self.plan.graph_with(state), self._x).reshape(len(self._x), -1).argmax(axis=1) == self._y
+            hits = classes(self.plan, state, self._x) == self._y
             accuracy = int(hits[train].sum()) / n
             personal = int(hits[held].sum()) / len(held) if len(held) else None
         # consecutive permutations: the first n steps visit n distinct samples
@@ -213,6 +228,11 @@ class NodeAgent:
     @property
     def rng_counter(self) -> int:
         return self.training.rng_counter
+
+    def predict(self, sample: np.ndarray) -> int:
+        """The class this device predicts for one int8 sample now (agent.predict on its persisted state)."""
+        with self._lock:
+            return predict(self.training.plan, self.session.state, sample)
 
     def _will(self) -> Publish:
         with self._lock:

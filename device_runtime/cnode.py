@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedtiny.protocol.device import NodeState, TrainJob, TrainResult
+from fedtiny.protocol.device import NodeState, TrainJob, TrainResult, keeps_personal_model
 from fedtiny.protocol.envelope import DeviceEndpoint
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import DeviceState
@@ -85,12 +85,13 @@ class Task(ctypes.Structure):
 class State(ctypes.Structure):
     _fields_ = [("model_version", u32), ("round", u32), ("seq", u32), ("trained_round", i64), ("rng_counter", u64),
                 ("run", u16), ("replay", Position * 2), ("pending_task", Task), ("upload_len", u32),
-                ("upload_chunk", u32)]
+                ("upload_chunk", u32), ("personal", u8)]
 
 
 class Persisted(ctypes.Structure):
     _fields_ = [("state", ctypes.POINTER(State)), ("global_state", ctypes.c_void_p), ("global_state_bytes", u32),
-                ("carry", ctypes.c_void_p), ("carry_bytes", u32), ("upload", ctypes.c_void_p)]
+                ("carry", ctypes.c_void_p), ("carry_bytes", u32), ("upload", ctypes.c_void_p),
+                ("personal", ctypes.c_void_p), ("personal_bytes", u32)]
 
 
 class Sizes(ctypes.Structure):
@@ -107,7 +108,8 @@ class Config(ctypes.Structure):
                 ("fleet_id", u32), ("device_id", u32), ("identity", ctypes.c_char_p),
                 ("coordinator_public", ctypes.c_char_p), ("chunk_size", u32), ("ack_timeout_ms", i64),
                 ("started_ms", i64)] + [
-        (n, ctypes.c_void_p) for n in ("global_state", "carry", "upload", "reassembly", "bitmap", "frame")] + [
+        (n, ctypes.c_void_p) for n in ("global_state", "carry", "upload", "reassembly", "bitmap", "frame",
+                                       "personal")] + [
         ("capacity", Sizes), ("publish", PUBLISH), ("persist", PERSIST), ("context", ctypes.c_void_p)]
 
 
@@ -255,6 +257,11 @@ class CNodeSession:
                         milliseconds(started))
         for name, _ in Sizes._fields_:
             setattr(config, name, ctypes.addressof(self._buffers[name]))
+        if keeps_personal_model(plan):  # else NULL: the node keeps no personalised model, as DeviceSession
+            self._personal = ctypes.create_string_buffer(max(1, sizes.global_state))
+            config.personal = ctypes.addressof(self._personal)
+        else:
+            self._personal = None
         config.capacity = sizes
         config.publish, config.persist = self._publish, self._persist
         self._node = Node()
@@ -282,6 +289,9 @@ class CNodeSession:
         if state.upload is not None:
             ctypes.memmove(self._buffers["upload"], state.upload, len(state.upload))
             s.upload_len, s.upload_chunk = len(state.upload), state.upload_chunk
+        if state.personal is not None and self._personal is not None:
+            self.library.pack(state.personal, self._personal)
+            s.personal = 1
         return s
 
     @property
@@ -295,15 +305,17 @@ class CNodeSession:
             uplink_keep=task.uplink_keep_pct / 100, clip_norm=task.clip_norm,
             noise_sigma=0.0)  # the C node refuses a TASK that asks for noise (it cannot add it yet)
         upload = self._buffers["upload"].raw[:s.upload_len] if s.upload_len else None
+        personal = self.library.unpack(self._personal) if s.personal else None
         return NodeState(s.model_version, self.library.unpack(self._buffers["global_state"]), s.rng_counter,
                          s.round, s.seq, s.trained_round, replay, pending, upload, s.upload_chunk,
-                         self.library.unpack(self._buffers["carry"], delta=True), s.run)
+                         self.library.unpack(self._buffers["carry"], delta=True), s.run, personal)
 
     def persisted_bytes(self) -> bytes:
-        """Everything persist hands over, as bytes: the state struct, the global state, the carry, the upload."""
+        """Everything persist hands over, as bytes: the state struct, the global state, the carry, the upload, the
+        personalised model."""
         s = self._node.state
         return (bytes(s) + self._buffers["global_state"].raw + self._buffers["carry"].raw
-                + self._buffers["upload"].raw[:s.upload_len])
+                + self._buffers["upload"].raw[:s.upload_len] + (self._personal.raw if s.personal else b""))
 
     @property
     def resent_chunks(self) -> int:

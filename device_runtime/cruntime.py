@@ -271,6 +271,8 @@ def _load_plan_library(path: str) -> ctypes.CDLL:
     lib.fedtiny_train_job_run.restype = ctypes.c_int
     lib.fedtiny_predict_batch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p]
     lib.fedtiny_predict_batch.restype = ctypes.c_int
+    lib.fedtiny_predict_class.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    lib.fedtiny_predict_class.restype = ctypes.c_int
     return lib
 
 
@@ -484,6 +486,25 @@ class CPlanModel:
         return y
 
     __call__ = run
+
+    def predict_class(self, state: dict[str, np.ndarray], sample: np.ndarray) -> int:
+        """The class the model with `state` predicts for one int8 sample (H, W, C): fedtiny_predict_class, the
+        device's inference between rounds (agent.classes in Python)."""
+        sample = np.ascontiguousarray(sample)
+        if sample.dtype != np.int8 or tuple(sample.shape) != self.input_shape:
+            raise ValueError(f"a sample must be int8 of shape ({', '.join(map(str, self.input_shape))}), "
+                             f"got {sample.dtype} {sample.shape}")
+        packed = pack_state(self.plan, state)
+        predicted = ctypes.c_uint32()
+        with _LOCKS[self.path]:
+            owner = _OWNER.get(self.path)
+            if owner is not None:
+                owner._sync()  # the call loads `state` over the owner's rows
+                _OWNER[self.path] = None
+            status = self.lib.fedtiny_predict_class(packed, sample.ctypes.data, ctypes.byref(predicted))
+        if status != 0:
+            raise RuntimeError(f"fedtiny_predict_class failed with status {status}")
+        return int(predicted.value)
 
 
 # ---- firmware: QEMU, memory, digests, instruction counts ---------------------------------------------------

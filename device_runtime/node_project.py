@@ -54,8 +54,10 @@ def buffer_sizes(plan: Plan, chunk_size: int) -> dict[str, int]:
     # the carry: each buffer's delta (update.zero_delta: int16 weight rows, int32 biases), 4-byte aligned
     delta = sum(-(-d.nbytes // 4) * 4 for d in zero_delta(plan).values())
     reassembly = downlink_reassembly_bytes(plan)  # a TASK behind the largest GLOBAL_UPDATE
+    # the personalised model: a second state, where the plan's budget holds it (memory_report)
+    personal = state if plan.memory_report()["personal_model_bytes"] else 0
     return dict(state=state, delta=delta, upload=max_delta_envelope_bytes(plan), reassembly=reassembly,
-                bitmap=reassembly // 8 + 2, chunk=chunk_size)
+                bitmap=reassembly // 8 + 2, chunk=chunk_size, personal=personal)
 
 
 # The firmware's RAM by part (ram_by_part): each part's static variables, by symbol (firmware_node.c and model.c).
@@ -64,6 +66,7 @@ RAM_PARTS = {
     "scratch": ("scratch",),              # the C kernels' scratch; the trained state until the DELTA is sealed
     "global state": ("global_state",),
     "carry": ("carry",),
+    "personalised model": ("personal",),
     "job base": ("base",),
     "reassembly": ("reassembly", "bitmap"),
     "own upload and trained state": ("upload_own", "trained_own"),  # only for a plan whose arena or scratch is small
@@ -94,9 +97,9 @@ def ram_by_part(map_path: Path) -> dict[str, int]:
 
 
 def bank_bytes(sizes: dict[str, int]) -> int:
-    """One flash bank: the record header area and the five segments (plan hash, state numbers, model, carry,
-    upload)."""
-    payload = 256 + sizes["state"] + sizes["delta"] + sizes["upload"]
+    """One flash bank: the record header area and the six segments (plan hash, state numbers, model, carry,
+    upload, personalised model)."""
+    payload = 256 + sizes["state"] + sizes["delta"] + sizes["upload"] + sizes["personal"]
     return -(-(payload + 64) // 4096) * 4096  # whole 4 KiB sectors
 
 
@@ -124,6 +127,7 @@ def config_files(plan: Plan, folder: Path, device: str, n_samples: int, *, chunk
               "#ifndef NODE_CONFIG_H\n#define NODE_CONFIG_H\n\n#include <stdint.h>\n\n#include \"fedtiny_node.h\"\n\n"
               f"#define FEDTINY_NODE_CFG_STATE_BYTES {sizes['state']}u\n"
               f"#define FEDTINY_NODE_CFG_DELTA_BYTES {sizes['delta']}u\n"
+              f"#define FEDTINY_NODE_CFG_PERSONAL_BYTES {sizes['personal']}u /* 0: no personalised model kept */\n"
               f"#define FEDTINY_NODE_CFG_UPLOAD_BYTES {sizes['upload']}u\n"
               f"#define FEDTINY_NODE_CFG_REASSEMBLY_BYTES {sizes['reassembly']}u\n"
               f"#define FEDTINY_NODE_CFG_BITMAP_BYTES {sizes['bitmap']}u\n"

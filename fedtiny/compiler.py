@@ -136,14 +136,23 @@ class Plan:
 
     def memory_report(self) -> dict:
         """The device's RAM and flash for this plan, by part (fedtiny.device_memory.plan_footprint: arena, C
-        scratch, runtime statics and stack; constants and code), with the budget. `flash_bytes` is the smaller
+        scratch, runtime statics and stack; constants and code), with the budget, and the RAM of the device's
+        personalised model (`personal_model_bytes`, 0 where the budget does not hold it). `flash_bytes` is the smaller
         figure a node announces in JOIN (frozen constants and the plan's integer constants, without code or the
         trainable rows' initial values)."""
         trainable = sum(self.buffers[b].nbytes for b in self.trainable_buffers())
         frozen = sum(t.nbytes for t in self.graph.constants) - trainable
         params = sum(8 * len(op.attrs["multiplier"]) for op in self.graph.ops if op.kind == "conv2d")
         update_consts = sum(4 * (len(u.weight_m) + len(u.bias_m)) * 2 for u in self.updates.values())
-        return dict(plan_footprint(self), trainable_sram_bytes=trainable,
+        footprint = plan_footprint(self)
+        # The device's personalised model (protocol.device.NodeState.personal): a copy of the trainable state in the
+        # state layout (each buffer 4-byte aligned, codegen.state_layout), held in RAM beside the training step for
+        # as long as the device lives. Kept where the budget holds both, else none (0): such a device predicts with
+        # the global model. No plan is refused for it.
+        personal = sum(-(-self.buffers[b].nbytes // 4) * 4 for b in self.trainable_buffers())
+        if footprint["device_ram_bytes"] + personal > self.budget - self.reserve:
+            personal = 0
+        return dict(footprint, trainable_sram_bytes=trainable, personal_model_bytes=personal,
                     activation_and_gradient_bytes=self.arena_size - trainable,
                     flash_bytes=frozen + params + update_consts + 2 * len(self.exp_table),
                     budget_bytes=self.budget, reserve_bytes=self.reserve)

@@ -299,6 +299,10 @@ def describe(plan, fast: bool = True) -> list[str]:
         *([f"  {recomputed} conv input gradient(s) recompute their sums to fit the budget (less scratch, twice "
            "their MACs)"] if (recomputed := sum(1 for s in plan.steps if s.attrs.get("recompute"))) else []),
         f"  stack {report['stack_bytes']:,} B, runtime statics {report['runtime_static_bytes']:,} B",
+        (f"personalised model kept between rounds: {report['personal_model_bytes']:,} B more RAM"
+         if report["personal_model_bytes"] else
+         "no personalised model kept between rounds: the budget does not hold its copy beside the training step "
+         "(the device predicts with the global model)"),
         f"device flash: {report['device_flash_bytes']:,} B",
         f"  constants {report['constant_flash_bytes']:,} B (weights, biases, requantization and update constants, "
         f"op tables), runtime code {report['code_flash_bytes']:,} B",

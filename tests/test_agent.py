@@ -12,7 +12,7 @@ from fedtiny.protocol.envelope import CoordinatorEndpoint, ProtocolError, Identi
 from fedtiny.protocol.update import decode_update, state_delta
 from fedtiny.transport.mqtt import load_fleet
 from fedtiny.protocol.messages import Delta
-from fedtiny_device.agent import NodeAgent, load_state
+from fedtiny_device.agent import NodeAgent, classes, load_state
 from test_fleet_link import (  # noqa: F401  (fixtures)
     FLEET, SAMPLES, Recorder, amqtt_broker, broker, collect, counter_of, expected_delta, fleet_dir,
     is_multi_chunk, make_agent, make_link, model, mosquitto, shifted_state, wait_for,
@@ -33,7 +33,8 @@ def test_state_saved_without_fsync_is_the_same_file(model, tmp_path, monkeypatch
     from fedtiny.protocol.device import NodeState, save_state
 
     plan = model[0]
-    state = NodeState(3, plan.initial_state(), 77, round=5, seq=12, trained_round=4)
+    state = NodeState(3, plan.initial_state(), 77, round=5, seq=12, trained_round=4,
+                      personal={k: v + 1 for k, v in plan.initial_state().items()})
     save_state(tmp_path / "durable.node", state)
     monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync with durable=False"))
     save_state(tmp_path / "fast.node", state, durable=False)
@@ -41,6 +42,7 @@ def test_state_saved_without_fsync_is_the_same_file(model, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["durable.node", "fast.node"]  # no temporary file left
     loaded = load_state(tmp_path / "fast.node", plan)
     assert (loaded.model_version, loaded.rng_counter, loaded.round, loaded.seq) == (3, 77, 5, 12)
+    assert all(np.array_equal(loaded.personal[k], v) for k, v in state.personal.items())
 
 
 def test_session_is_sans_io_and_holds_no_samples(fleet_dir, model, tmp_path):
@@ -86,6 +88,10 @@ def test_session_is_sans_io_and_holds_no_samples(fleet_dir, model, tmp_path):
         session.receive(topics.downlink(FLEET, "raw-1"), chunking.split(task, 4, 256)[0], 0.0)
     assert session.state.seq == seq and session.state.pending_task is None
     assert load_state(agent.state_path, plan).trained_round == 3
+    # the personalised model: the trained state, saved with the DELTA, is what the device predicts with now
+    kept = load_state(agent.state_path, plan).personal
+    assert all(np.array_equal(kept[n], result.state[n]) for n in result.state)
+    assert agent.predict(model[1][0]) == int(classes(plan, result.state, model[1][:1])[0])
 
 
 def test_no_raw_sample_in_any_published_payload(amqtt_broker, fleet_dir, model, tmp_path):

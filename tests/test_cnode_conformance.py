@@ -6,7 +6,8 @@ a refused frame leaves every persisted byte as it was), with the Python session 
 call both hold the same state and persisted it as many times. Hostile downlinks the transcripts lack (forged,
 tampered, replayed, oversized, misaddressed, malformed bodies under a valid signature) must be refused by both
 with the same reason. Chunking in C is compared with fedtiny.protocol.chunking frame by frame and on random
-sequences of good and bad chunks.
+sequences of good and bad chunks. Both keep the same personalised model (the trained state of the last answered
+round) through a GLOBAL_UPDATE and a restart, and predict the same classes with it in C and in Python.
 
 Monocypher's sources are fetched with pip (pinned version and SHA-256) and gcc builds the library: without them
 these tests skip on a user's machine and fail in CI.
@@ -27,13 +28,15 @@ from conftest import IN_CI, require_tool
 from fedtiny.planfile import load_plan
 from fedtiny.protocol import chunking, topics
 from fedtiny.protocol.delta import DeltaEntry
-from fedtiny.protocol.device import DeviceSession, NodeState
+from fedtiny.protocol.device import DeviceSession, NodeState, keeps_personal_model
 from fedtiny.protocol.envelope import Header, Identity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import GlobalUpdate, Join, MessageType, Task
 from fedtiny.protocol.task import task_body
 from fedtiny.protocol.update import FULL_STATE, downlink_reassembly_bytes, global_update, max_downlink_bytes
-from fedtiny_device import cnode, monocypher_sources
+from fedtiny_device import cnode, cruntime, monocypher_sources
+from fedtiny_device.agent import LocalTraining, classes, heldout_split, predict
+from fedtiny_device.trainer import Trainer
 
 HERE = Path(__file__).parent / "conformance"
 sys.path.insert(0, str(HERE))
@@ -128,6 +131,9 @@ def assert_same_state(c: NodeState, p: NodeState, where: str) -> None:
     for name, value in c.carry.items():
         expected = np.zeros_like(value) if p.carry is None else p.carry[name]
         assert np.array_equal(value, expected), f"{where}: carry {name}"
+    assert (c.personal is None) == (p.personal is None), f"{where}: personalised model kept on one side only"
+    for name, value in (p.personal or {}).items():
+        assert np.array_equal(c.personal[name], value), f"{where}: personalised model {name}"
 
 
 def replay(plan, spec, library, lines: list[dict], name: str = "transcript") -> int:
@@ -639,3 +645,72 @@ def test_an_altered_transcript_fails_on_the_m4(plan, spec, library, tmp_path_fac
     run = cnode.run_replay_firmware(cnode.build_replay_firmware(library, vectors, cache), cache_dir=cache)
     assert [i for _, i, _, ok, _ in run.ops if not ok] == [0, stale]
     assert not run.passed and run.returncode != 0
+
+
+# ---- the personalised model kept between rounds (issue #16) ----------------------------------------------------
+
+PERSONAL_SEED = 11
+
+
+def samples(plan, n: int, seed: int = 4):
+    """n random int8 samples of the plan's input and labels of its classes."""
+    graph = plan.graph
+    shape = tuple(graph.tensors[graph.inputs[0]].shape)
+    classes_ = graph.tensors[graph.outputs[0]].shape[-1]
+    rng = np.random.default_rng(seed)
+    return rng.integers(-128, 128, (n,) + shape).astype(np.int8), rng.integers(0, classes_, n).astype(np.int64)
+
+
+def deliver(coordinator, publishes, now) -> list:
+    """Hand the node's publishes to the coordinator; its replies."""
+    replies = []
+    for p in publishes:
+        replies += coordinator.receive(p.topic, p.payload, now)
+    return replies
+
+
+def test_c_and_python_keep_the_same_personalised_model_and_predict_the_same_classes(plan, spec, library):
+    assert keeps_personal_model(plan)
+    x, y = samples(plan, 40)
+    pair = Pair(plan, spec, library)
+    coordinator = coordinator_session(plan, spec)
+    deliver(coordinator, pair.call("on_connect", 1.0), 1.0)
+    for d in coordinator.send_task(DEVICE, 1, 1, new_global(plan, 1), {"epochs": 2}):
+        assert pair.receive(d.topic, [d.payload], 1.1) == "ok"
+    assert pair.c.state.personal is None and pair.p.state.personal is None  # nothing trained yet: the global model
+    job = pair.p.pending_job()
+    result = LocalTraining(plan, x, y, PERSONAL_SEED, Trainer).run(job)
+    c_out = pair.c.complete(pair.c.pending_job(), result, 2.0)
+    assert [p.payload for p in c_out] == [p.payload for p in pair.p.complete(job, result, 2.0)]
+    for state in (pair.c.state, pair.p.state, pair.c_saves.last, pair.p_saves.last):  # kept, and in the DELTA's save
+        assert state.personal is not None and state.upload is not None
+        for name, value in result.state.items():
+            assert np.array_equal(state.personal[name], value)
+    (reply,) = deliver(coordinator, c_out, 2.0)  # the ACK
+    assert pair.receive(reply.topic, [reply.payload], 2.1) == "ok"
+    (delta,) = coordinator.take_replies()
+
+    # the personalised model scores on the held-out fifth what the DELTA reported
+    _, held = heldout_split(PERSONAL_SEED, len(x))
+    hits = [predict(plan, pair.p.state, x[i]) == y[i] for i in held]
+    assert len(held) == 8 and np.float32(sum(hits) / len(held)) == np.float32(delta.metrics["personal_accuracy"])
+
+    # round 2's GLOBAL_UPDATE replaces the global model, not the personalised one
+    newer = new_global(plan, 2)
+    for d in coordinator.send_task(DEVICE, 2, 2, newer, {"epochs": 1})[:-1]:  # the GLOBAL_UPDATE, not the TASK
+        assert pair.receive(d.topic, [d.payload], 3.0) == "ok"
+    for state in (pair.c.state, pair.p.state):
+        assert state.model_version == 2
+        assert all(np.array_equal(state.global_state[k], v) for k, v in newer.items())
+        assert all(np.array_equal(state.personal[k], v) for k, v in result.state.items())
+    pair = pair.restarted(plan, spec, library)  # a power cut: both come back with what they persisted last
+    assert all(np.array_equal(pair.c.state.personal[k], v) for k, v in result.state.items())
+
+    # C and Python predict the same class for every sample, by the personalised model and by the global one
+    c_model = cruntime.CPlanModel(plan)  # the content-keyed default cache: the kernels are built once
+    for state in (pair.c.state, NodeState(2, newer, 0)):
+        python = [predict(plan, state, s) for s in x]
+        assert [c_model.predict_class(state.inference_state(), s) for s in x] == python
+        assert python == list(classes(plan, state.inference_state(), x))
+    assert [predict(plan, pair.c.state, s) for s in x] != [predict(plan, NodeState(2, newer, 0), s) for s in x], \
+        "the personalised and the global model should differ on some sample, else the test shows nothing"

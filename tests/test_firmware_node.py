@@ -4,7 +4,8 @@ rounds against the real coordinator.
     same as Python      `simulate --nodes 8 --qemu-nodes 2 --rounds 3` gives the global model of the same run
                         with Python agents, both firmware nodes answering every round
     killed mid-upload   the modem loses the DELTA's later chunks, QEMU is killed; restarted, the node sends the
-                        persisted upload again and the coordinator accepts it once
+                        persisted upload again and the coordinator accepts it once; after each round the node
+                        predicts with its personalised model the class Python predicts from its flash image
     reset anywhere      QEMU killed right after each kind of state the node saves, over three rounds, and
                         started again: no seq is ever reused (the coordinator never sees a replay), no accepted
                         model is lost, every round completes with the node's DELTA
@@ -205,6 +206,33 @@ def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path
     assert [r.replies for r in done["history"]] == [2, 2]
     assert fleet.restored() and fleet.restored()[0][0] >= 0  # the restart found its state (with the upload)
     assert "replay" not in fleet.rejected("n0"), fleet.rejected("n0")
+    assert_firmware_predicts_as_python(fleet, tmp_path)
+
+
+def assert_firmware_predicts_as_python(fleet: Fleet, run: Path) -> None:
+    """The classes the firmware printed last for its first 16 samples, by its personalised model (it predicts in the
+    arena while its DELTA waits there, and reads the DELTA back from flash: no failure, and the round's upload was
+    still accepted), are the classes agent.predict gives from the personalised model in the node's flash image,
+    read independently of the C store (test_cstore.parse_newest)."""
+    from fedtiny.protocol.device import NodeState
+    from fedtiny_device import node_project
+    from fedtiny_device.agent import predict
+    from fedtiny_device.cruntime import unpack_state
+    from test_cstore import parse_newest
+
+    console = fleet.node.qemu.console()
+    assert "node: predicting failed" not in console
+    printed = re.findall(r"^node: predicts classes ([\d ]+) for samples 0\.\.(\d+) with the (\w+) model$", console,
+                         re.M)
+    assert printed and printed[0][2] == "global" and printed[-1][2] == "personalised", printed
+    bank = node_project.bank_bytes(node_project.buffer_sizes(fleet.plan, 256))
+    image = (fleet.node.qemu.workdir / node_project.FLASH_FILE).read_bytes()
+    _, segments = parse_newest(image, bank, 2, 8)
+    assert len(segments) == 6 and len(segments[5]) == len(segments[2]), [len(x) for x in segments]
+    personal = unpack_state(fleet.plan, segments[5])
+    state = NodeState(0, unpack_state(fleet.plan, segments[2]), 0, personal=personal)
+    x = np.load(run / "nodes" / "n0.npz")["x"][:int(printed[-1][1]) + 1]
+    assert len(x) == 16 and [int(c) for c in printed[-1][0].split()] == [predict(fleet.plan, state, s) for s in x]
 
 
 def uplinks_seen():
@@ -270,6 +298,8 @@ def test_qemu_reset_at_every_write_phase_never_reuses_a_seq_nor_loses_a_model(tm
     assert len(restored) == kills, (kills, restored)  # every restart found the saved state
     assert [s for _, s in restored] == sorted(set(s for _, s in restored)), restored  # each seq new, none reused
     assert [v for v, _ in restored] == sorted(v for v, _ in restored), restored  # the model never went back
+    # predicting after each round borrows the arena from the sealed upload and reads it back from flash
+    assert "node: predicting failed" not in qemu.console()
     print(f"\n{kills} resets; restored (model version, seq): {restored}; n0's refused uplinks: {Counter(rejected)}")
 
 

@@ -41,6 +41,9 @@ def assert_fits(elf, plan) -> None:
     # the sealed upload and the trained state borrow the training arena and the kernels' scratch
     assert parts["own upload and trained state"] == 0, parts
     assert parts["arena"] == plan.arena_size
+    # the personalised model kept between rounds: the memory report's count, in RAM
+    assert parts["personalised model"] == plan.memory_report()["personal_model_bytes"] > 0, parts
+    print(f"{scheme or 'default'}: RAM {usage['ram']:,} B, flash {usage['flash']:,} B, {parts}")
 
 
 def test_the_default_plans_node_firmware_fits_256_kb_of_ram_and_1_mb_of_flash(default_model, tmp_path):

@@ -1,6 +1,12 @@
-"""simulations/personal.py's fleet numbers: the mean and worst tenth over the devices that report one."""
+"""simulations/personal.py's fleet numbers: the mean and worst tenth over the devices that report one; the
+personalised model's copy in the plan's memory report, where the budget holds it."""
+
+import dataclasses
 
 import pytest
+
+from fedtiny.device_memory import describe
+from fedtiny.protocol.device import keeps_personal_model
 
 from fedtiny_sim.personal import fleet_summary, local_steps
 
@@ -20,3 +26,17 @@ def test_a_rounds_local_steps_leave_the_heldout_part_out():
     assert local_steps({"local_steps": 0, "epochs": 2}, 50) == 2 * 40
     assert local_steps({"local_steps": 0, "epochs": 1}, 9) == 9  # too few samples: nothing held out
     assert local_steps({"local_steps": 7, "epochs": 3}, 50) == 7
+
+
+def test_the_memory_report_counts_the_copy_where_the_budget_holds_it(mlp_last2_plan):
+    report = mlp_last2_plan.memory_report()
+    state_bytes = sum(-(-mlp_last2_plan.buffers[b].nbytes // 4) * 4 for b in mlp_last2_plan.trainable_buffers())
+    assert report["personal_model_bytes"] == state_bytes > 0
+    ram = report["device_ram_bytes"]
+    tight = dataclasses.replace(mlp_last2_plan, budget=ram + state_bytes - 1 + 1024, reserve=1024)
+    assert tight.memory_report()["device_ram_bytes"] == ram  # the same step: only the copy no longer fits
+    assert tight.memory_report()["personal_model_bytes"] == 0 and not keeps_personal_model(tight)
+    assert any("no personalised model" in line for line in describe(tight))
+    roomy = dataclasses.replace(mlp_last2_plan, budget=ram + state_bytes + 1024, reserve=1024)
+    assert roomy.memory_report()["personal_model_bytes"] == state_bytes and keeps_personal_model(roomy)
+    assert any(f"personalised model kept between rounds: {state_bytes:,} B" in line for line in describe(roomy))

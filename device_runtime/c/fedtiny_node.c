@@ -156,6 +156,9 @@ int fedtiny_node_init(fedtiny_node *node, const fedtiny_node_config *config, con
          state->upload_chunk < FEDTINY_CHUNK_MIN_PAYLOAD || state->upload_chunk > c->capacity.frame)) {
         return FEDTINY_NODE_ERR_ARGUMENT; /* an upload this node cannot send again */
     }
+    if (state->personal > 1u || (state->personal && c->personal == NULL)) {
+        return FEDTINY_NODE_ERR_ARGUMENT; /* a personalised model with nowhere to hold it */
+    }
     if (fedtiny_env_node_init(&node->keys, c->fleet_id, c->device_id, c->identity, c->coordinator_public) !=
         FEDTINY_ENV_OK) {
         return FEDTINY_NODE_ERR_ARGUMENT;
@@ -201,6 +204,8 @@ static int persist(fedtiny_node *node)
     p.carry = node->config.carry;
     p.carry_bytes = fedtiny_wire_delta_bytes(node->config.plan->wire);
     p.upload = node->config.upload;
+    p.personal = node->config.personal;
+    p.personal_bytes = node->state.personal ? p.global_state_bytes : 0u;
     return node->config.persist(node->config.context, &p) == 0 ? FEDTINY_NODE_OK : FEDTINY_NODE_ERR_PERSIST;
 }
 
@@ -649,9 +654,14 @@ int fedtiny_node_complete(fedtiny_node *node, const fedtiny_node_job *job, const
     if (status != FEDTINY_ENV_OK) {
         return status;
     }
-    /* One save holds the seq the DELTA used, the DELTA, the carry it left and the answered round (device.py's
-     * complete): a power cut before it leaves the task pending and nothing sent; after it, the upload is resent. */
+    /* One save holds the seq the DELTA used, the DELTA, the carry it left, the answered round and the personalised
+     * model (device.py's complete): a power cut before it leaves the task pending, the old personalised model and
+     * nothing sent; after it, the upload is resent. */
     node->state.seq = seq + 1u;
+    if (c->personal != NULL) { /* the node's own model until its next answered round */
+        memcpy(c->personal, trained_state, fedtiny_wire_state_bytes(c->plan->wire));
+        node->state.personal = 1u;
+    }
     node->state.trained_round = job->round;
     node->state.pending_task.present = 0u;
     node->state.upload_chunk = c->chunk_size;
@@ -661,4 +671,9 @@ int fedtiny_node_complete(fedtiny_node *node, const fedtiny_node_job *job, const
         return status;
     }
     return send_upload(node, now_ms, NULL, 0u, &sent);
+}
+
+const uint8_t *fedtiny_node_inference_state(const fedtiny_node *node)
+{
+    return node->state.personal ? node->config.personal : node->config.global_state;
 }

@@ -5,8 +5,9 @@
  * `publish` callback one frame at a time, and a round to train comes back as a fedtiny_node_job whose result
  * goes in through fedtiny_node_complete. Time is the caller's monotonic clock in integer milliseconds.
  *
- * Everything the node keeps across a power cut is fedtiny_node_state (plain numbers, no pointers) plus three
- * caller buffers: the global state, the error-feedback carry and the sealed upload. Before any frame using a
+ * Everything the node keeps across a power cut is fedtiny_node_state (plain numbers, no pointers) plus four
+ * caller buffers: the global state, the error-feedback carry, the sealed upload and the personalised model (the
+ * trained state of the last round the node sealed a DELTA for: what it predicts with). Before any frame using a
  * new seq leaves, and wherever device.py persists, the node hands all of it to the caller's `persist` callback
  * (fedtiny_node_persisted), so a restart never reuses a nonce. Portable C99, no malloc, no stdio; every buffer
  * is the caller's (fedtiny_node_sizes says how large).
@@ -94,6 +95,7 @@ typedef struct {
     fedtiny_node_task pending_task;  /* a TASK received and not answered */
     uint32_t upload_len;    /* bytes of the sealed DELTA in the upload buffer until ACKed; 0: none */
     uint32_t upload_chunk;  /* the chunk size it is sent in */
+    uint8_t personal;       /* 1: the personal buffer holds the personalised model (device.NodeState.personal) */
 } fedtiny_node_state;
 
 /* The fresh state of a node that never ran: model version 0, run 0, seq 0, nothing pending (the caller puts the
@@ -108,6 +110,8 @@ typedef struct {
     const uint8_t *carry;        /* fedtiny_wire_delta_bytes: the change kept back for the next round */
     uint32_t carry_bytes;
     const uint8_t *upload;       /* state->upload_len bytes (none if 0) */
+    const uint8_t *personal;     /* the personalised model, personal_bytes (fedtiny_wire_state_bytes; 0: none) */
+    uint32_t personal_bytes;
 } fedtiny_node_persisted;
 
 /* ---- callbacks and buffers -------------------------------------------------------------------------------- */
@@ -156,6 +160,9 @@ typedef struct {
     uint8_t *reassembly;
     uint8_t *bitmap;
     uint8_t *frame;
+    /* fedtiny_wire_state_bytes, or NULL: a node whose budget does not hold a personalised model keeps none
+     * (Plan.memory_report's personal_model_bytes is 0) and predicts with the global model */
+    uint8_t *personal;
     fedtiny_node_sizes capacity;
     fedtiny_node_publish_fn publish;
     fedtiny_node_persist_fn persist;
@@ -236,9 +243,15 @@ int fedtiny_node_superseded(const fedtiny_node *node, const fedtiny_node_job *jo
 /* The node will not answer `job`: the next TASK finds it ready. */
 int fedtiny_node_skip(fedtiny_node *node, const fedtiny_node_job *job);
 /* Seal and send the round's DELTA (fedtiny_wire_uplink of trained_state from base_state, the state the job
- * trained from; both in the state layout). For a superseded job nothing is sealed or sent. A caller that takes
+ * trained from; both in the state layout), and keep trained_state as the personalised model (config.personal),
+ * persisted in the same record as the DELTA. For a superseded job nothing is sealed or sent, and the personalised
+ * model stays. A caller that takes
  * downlinks while it trains keeps its own copy of the base: a GLOBAL_UPDATE changes the global state. */
 int fedtiny_node_complete(fedtiny_node *node, const fedtiny_node_job *job, const uint8_t *base_state,
                           const uint8_t *trained_state, const fedtiny_node_result *result, int64_t now_ms);
+
+/* The trainable state the node predicts with (NodeState.inference_state): the personalised model once it has one,
+ * else the global state. A GLOBAL_UPDATE replaces the global state only. */
+const uint8_t *fedtiny_node_inference_state(const fedtiny_node *node);
 
 #endif

@@ -101,6 +101,18 @@ static fedtiny_status train_one(const fedtiny_train_job *job, uint32_t i, double
     return status;
 }
 
+/* The first maximum of a model output: its class. */
+static uint32_t argmax_first(const int8_t *output)
+{
+    uint32_t k, best = 0;
+    for (k = 1; k < FEDTINY_MODEL_OUTPUT_BYTES; k++) {
+        if (output[k] > output[best]) {
+            best = k;
+        }
+    }
+    return best;
+}
+
 #if !FEDTINY_MODEL_LOSS_MSE
 /* Of samples order[from..to), those the trained model classifies right: argmax of the output (the first maximum)
  * == label. */
@@ -108,11 +120,10 @@ static fedtiny_train_job_status count_correct(const fedtiny_train_job *job, uint
                                               uint32_t *correct, fedtiny_train_result *result)
 {
     int8_t output[FEDTINY_MODEL_OUTPUT_BYTES];
-    uint32_t i, k;
+    uint32_t i;
     *correct = 0;
     for (i = from; i < to; i++) {
         const uint32_t sample = job->order[i];
-        uint32_t best = 0;
         if (abandoned(job)) {
             return FEDTINY_TRAIN_JOB_ABANDONED;
         }
@@ -120,12 +131,7 @@ static fedtiny_train_job_status count_correct(const fedtiny_train_job *job, uint
         if (result->model_status != FEDTINY_OK) {
             return FEDTINY_TRAIN_JOB_MODEL_ERROR;
         }
-        for (k = 1; k < FEDTINY_MODEL_OUTPUT_BYTES; k++) {
-            if (output[k] > output[best]) {
-                best = k;
-            }
-        }
-        *correct += (uint32_t)(best == (uint32_t)job->labels[sample]);
+        *correct += (uint32_t)(argmax_first(output) == (uint32_t)job->labels[sample]);
     }
     return FEDTINY_TRAIN_JOB_OK;
 }
@@ -212,4 +218,19 @@ fedtiny_status fedtiny_predict_batch(const uint8_t *state, const int8_t *samples
         }
     }
     return FEDTINY_OK;
+}
+
+fedtiny_status fedtiny_predict_class(const uint8_t *state, const int8_t *sample, uint32_t *predicted)
+{
+    int8_t output[FEDTINY_MODEL_OUTPUT_BYTES];
+    fedtiny_status status;
+    if (FEDTINY_MODEL_LOSS_MSE || state == NULL || sample == NULL || predicted == NULL) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    fedtiny_model_load_state(state);
+    status = fedtiny_model_predict(sample, output);
+    if (status == FEDTINY_OK) {
+        *predicted = argmax_first(output);
+    }
+    return status;
 }

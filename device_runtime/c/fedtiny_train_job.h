@@ -94,4 +94,9 @@ fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uin
  * arena: a job after it loads its own base first (fedtiny_train_job_run does). */
 fedtiny_status fedtiny_predict_batch(const uint8_t *state, const int8_t *samples, uint32_t n, int8_t *outputs);
 
+/* The class the model with `state` predicts for one sample: the argmax of fedtiny_model_predict's output, the first
+ * maximum winning (agent.classes). It loads `state` into the arena, as fedtiny_predict_batch does.
+ * FEDTINY_ERR_PARAMS for an MSE plan, which has no classes. */
+fedtiny_status fedtiny_predict_class(const uint8_t *state, const int8_t *sample, uint32_t *predicted);
+
 #endif /* FEDTINY_TRAIN_JOB_H */

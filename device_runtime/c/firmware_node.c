@@ -25,6 +25,9 @@
  *                        the DELTA's sealing, the trained state (trained_own if the state does not fit).
  *     global_state       the model of the version the node holds: always (persisted with every record).
  *     carry              the change kept back for the next round (error feedback): always (persisted).
+ *     personal           the personalised model (the trained state of the last round the node sealed a DELTA
+ *                        for), what node_predict uses once the node has one: always (persisted); absent where the
+ *                        plan's budget does not hold it (FEDTINY_NODE_CFG_PERSONAL_BYTES 0).
  *     base               the state a job trains from, from the job's start to its DELTA: a GLOBAL_UPDATE that
  *                        comes meanwhile changes global_state, not the job's starting point.
  *     reassembly, bitmap downlinks being put together (two transfers: a TASK behind the largest
@@ -72,6 +75,12 @@ static uint8_t bitmap[FEDTINY_NODE_CFG_BITMAP_BYTES];
 static uint8_t frame[FEDTINY_NODE_CFG_CHUNK_BYTES];
 static uint8_t base[FEDTINY_NODE_CFG_STATE_BYTES]; /* the state a job trains from (a GLOBAL_UPDATE may come) */
 static uint16_t order[FEDTINY_NODE_CFG_MAX_SAMPLES > 0 ? FEDTINY_NODE_CFG_MAX_SAMPLES : 1];
+#if FEDTINY_NODE_CFG_PERSONAL_BYTES > 0
+static uint8_t personal[FEDTINY_NODE_CFG_PERSONAL_BYTES];
+#define PERSONAL personal
+#else
+#define PERSONAL NULL
+#endif
 
 /* The sealed upload in the arena, the trained state in the scratch (see the top of this file). */
 #if FEDTINY_NODE_CFG_UPLOAD_BYTES <= FEDTINY_MODEL_ARENA_BYTES
@@ -123,10 +132,11 @@ static int publish(void *context, fedtiny_node_topic kind, const char *name, con
 }
 
 /* The record: the plan's hash (a firmware of another plan must not read this state as its own), the state's
- * numbers, the global model, the carry and the sealed upload. */
+ * numbers, the global model, the carry, the sealed upload and the personalised model (empty until the first). */
+#define RECORD_SEGMENTS 6u
 static int persist(void *context, const fedtiny_node_persisted *p)
 {
-    fedtiny_store_segment segments[5];
+    fedtiny_store_segment segments[RECORD_SEGMENTS];
     int status;
     (void)context;
     segments[0].data = fedtiny_node_plan_config.hash;
@@ -139,7 +149,9 @@ static int persist(void *context, const fedtiny_node_persisted *p)
     segments[3].length = p->carry_bytes;
     segments[4].data = p->upload;
     segments[4].length = p->state->upload_len;
-    status = fedtiny_store_save(&store, segments, 5);
+    segments[5].data = p->personal;
+    segments[5].length = p->personal_bytes;
+    status = fedtiny_store_save(&store, segments, RECORD_SEGMENTS);
     if (status != FEDTINY_STORE_OK) {
         printf("node: saving the state failed: %s\n", fedtiny_store_reason(status));
     }
@@ -228,6 +240,65 @@ static int poll_during_training(void *context)
     return superseded;
 }
 
+/* ---- inference between rounds ----------------------------------------------------------------------------- */
+
+/* The classes the node predicts for n samples (FEDTINY_MODEL_INPUT_BYTES each): by its personalised model once it
+ * has one, else by the global model (fedtiny_node_inference_state; agent.predict in Python). Not while a job
+ * trains: it runs in the training arena. A sealed upload waiting there for its ACK is read back from the newest
+ * record afterwards (every record holds it), so predicting costs no RAM of its own. Returns 0, or -1 if the model
+ * or the flash failed (then the upload is resent from the record at the next start). */
+static int node_predict(const int8_t *samples, uint32_t n, uint32_t *predicted)
+{
+    int status = 0;
+    uint32_t i;
+    for (i = 0; i < n && status == 0; i++) {
+        if (fedtiny_predict_class(fedtiny_node_inference_state(&node), samples + (size_t)i * FEDTINY_MODEL_INPUT_BYTES,
+                                  &predicted[i]) != FEDTINY_OK) {
+            status = -1;
+        }
+    }
+#if FEDTINY_NODE_CFG_UPLOAD_BYTES <= FEDTINY_MODEL_ARENA_BYTES
+    if (node.state.upload_len != 0u) {
+        fedtiny_store_buffer buffers[RECORD_SEGMENTS];
+        memset(buffers, 0, sizeof buffers); /* data NULL: CRC-checked in flash, not copied */
+        buffers[4].data = UPLOAD;
+        buffers[4].capacity = FEDTINY_NODE_CFG_UPLOAD_BYTES;
+        if (fedtiny_store_load(&store, buffers, RECORD_SEGMENTS) != FEDTINY_STORE_OK ||
+            buffers[4].length != node.state.upload_len) {
+            status = -1;
+        }
+    }
+#endif
+    return status;
+}
+
+/* What the node predicts now for its first samples, and with which model: one line for the console (the tests read
+ * it and predict the same in Python from the same persisted state). */
+#define REPORT_SAMPLES 16u
+static void report_prediction(void)
+{
+    uint32_t predicted[REPORT_SAMPLES], i;
+    const uint32_t n = fedtiny_n_samples < REPORT_SAMPLES ? fedtiny_n_samples : REPORT_SAMPLES;
+    int status;
+    if (n == 0u || FEDTINY_MODEL_LOSS_MSE) {
+        return;
+    }
+    /* counted as idle: a round's figures (bench_node.py) are the round's, and a plant predicts at its own pace */
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_IDLE);
+    status = node_predict(fedtiny_samples, n, predicted);
+    FEDTINY_PROFILE_LEAVE();
+    if (status != 0) {
+        printf("node: predicting failed\n");
+        return;
+    }
+    printf("node: predicts classes");
+    for (i = 0; i < n; i++) {
+        printf(" %lu", (unsigned long)predicted[i]);
+    }
+    printf(" for samples 0..%lu with the %s model\n", (unsigned long)(n - 1u),
+           node.state.personal ? "personalised" : "global");
+}
+
 /* ---- a round ---------------------------------------------------------------------------------------------- */
 
 static void train(void)
@@ -291,6 +362,7 @@ static void train(void)
     printf("node: round %lu sent, loss %ld.%06ld, seq %lu\n", (unsigned long)running.round,
            (long)result.loss, (long)((result.loss - (long)result.loss) * 1e6), (unsigned long)node.state.seq);
     fedtiny_profile_dump(); /* the host's instruction counts per part, up to this round's DELTA */
+    report_prediction(); /* with the model this round left, while its DELTA waits for the ACK in the arena */
 }
 
 /* ---- start-up --------------------------------------------------------------------------------------------- */
@@ -300,7 +372,7 @@ static void train(void)
 static int restore(void)
 {
     static uint8_t hash[sizeof fedtiny_node_plan_config.hash];
-    fedtiny_store_buffer buffers[5];
+    fedtiny_store_buffer buffers[RECORD_SEGMENTS];
     int status;
     if (fedtiny_flash_semihost_open(&flash, FEDTINY_NODE_CFG_FLASH_FILE, FEDTINY_NODE_CFG_BANK_BYTES, 2u, 8u) != 0) {
         printf("node: no flash image at %s\n", FEDTINY_NODE_CFG_FLASH_FILE);
@@ -332,11 +404,14 @@ static int restore(void)
     buffers[3].capacity = sizeof carry;
     buffers[4].data = UPLOAD; /* the arena is free at boot */
     buffers[4].capacity = FEDTINY_NODE_CFG_UPLOAD_BYTES;
-    status = fedtiny_store_load(&store, buffers, 5);
+    buffers[5].data = PERSONAL;
+    buffers[5].capacity = FEDTINY_NODE_CFG_PERSONAL_BYTES;
+    status = fedtiny_store_load(&store, buffers, RECORD_SEGMENTS);
     if (status != FEDTINY_STORE_OK || buffers[0].length != sizeof hash
         || memcmp(hash, fedtiny_node_plan_config.hash, sizeof hash) != 0 || buffers[1].length != sizeof boot_state
         || buffers[2].length != sizeof global_state || buffers[3].length != sizeof carry
-        || buffers[4].length != boot_state.upload_len) {
+        || buffers[4].length != boot_state.upload_len
+        || buffers[5].length != (boot_state.personal ? (uint32_t)FEDTINY_NODE_CFG_PERSONAL_BYTES : 0u)) {
         printf("node: the persisted state is for another firmware or plan (%s)\n", fedtiny_store_reason(status));
         return -1;
     }
@@ -408,6 +483,7 @@ int main(void)
     config.reassembly = reassembly;
     config.bitmap = bitmap;
     config.frame = frame;
+    config.personal = PERSONAL;
     config.capacity.global_state = sizeof global_state;
     config.capacity.carry = sizeof carry;
     config.capacity.upload = FEDTINY_NODE_CFG_UPLOAD_BYTES;
@@ -425,6 +501,7 @@ int main(void)
     }
     printf("node: %s of fleet %s, %lu samples\n", fedtiny_node_device, fedtiny_node_fleet,
            (unsigned long)fedtiny_n_samples);
+    report_prediction();
     fedtiny_uart_init(&uart, FEDTINY_MPS2_UART1, FEDTINY_MPS2_SYSCLK_HZ, MODEM_BAUD);
     if (start_link() != 0) {
         return 2;

@@ -7,9 +7,10 @@ but plan buffers and numbers.
 
 NodeState is everything a device keeps across a power cut: model version and its global state, the
 coordinator's run, the highest round seen, the next uplink seq, the downlink replay positions, the trainer's
-random counter, a task received but not answered, the sealed DELTA until the coordinator ACKs it, and the change
-kept back for the next round (error feedback). A seq is persisted before any message using it leaves the
-session, so a restart never reuses a nonce.
+random counter, a task received but not answered, the sealed DELTA until the coordinator ACKs it, the change
+kept back for the next round (error feedback) and the personalised model (the trainable state after the device's
+last answered round, what it predicts with: `inference_state`). A seq is persisted before any message using it
+leaves the session, so a restart never reuses a nonce.
 """
 
 from __future__ import annotations
@@ -95,6 +96,20 @@ class NodeState:
     upload_chunk: int = 0
     carry: dict | None = None  # per trainable buffer, the change not yet sent (update.split_uplink)
     run: int = 0  # the coordinator's run this device follows (envelope Header.run)
+    # The personalised model: the trained state of the last round this device sealed a DELTA for (the global model
+    # after its own local steps), kept until its next such round; a GLOBAL_UPDATE does not touch it. None before
+    # the first, and on a device whose budget does not hold the copy (keeps_personal_model).
+    personal: dict | None = None
+
+    def inference_state(self) -> dict[str, np.ndarray]:
+        """The trainable state the device predicts with: its personalised model if it has one, else the global one."""
+        return self.personal if self.personal is not None else self.global_state
+
+
+def keeps_personal_model(plan: Plan) -> bool:
+    """Whether a device keeps its personalised model: when the plan's memory report counts the copy (its budget holds
+    the copy beside the training step, Plan.memory_report's personal_model_bytes)."""
+    return plan.memory_report()["personal_model_bytes"] > 0
 
 
 def save_state(path: Path, state: NodeState, durable: bool = True) -> None:
@@ -106,6 +121,7 @@ def save_state(path: Path, state: NodeState, durable: bool = True) -> None:
                   pending_task=state.pending_task, upload_chunk=state.upload_chunk, run=state.run)
     arrays = dict(state.global_state)
     arrays.update({f"carry:{k}": v for k, v in (state.carry or {}).items()})
+    arrays.update({f"personal:{k}": v for k, v in (state.personal or {}).items()})
     if state.upload is not None:
         arrays["upload"] = np.frombuffer(state.upload, np.uint8)
     data = dumps(STATE_KIND, header, arrays)
@@ -131,13 +147,14 @@ def load_state(path: Path, plan: Plan) -> NodeState:
     header, arrays = loads(path.read_bytes(), STATE_KIND, str(path))
     upload = arrays.pop("upload", None)
     carry = {k[len("carry:"):]: np.array(arrays.pop(k)) for k in list(arrays) if k.startswith("carry:")}
+    personal = {k[len("personal:"):]: np.array(arrays.pop(k)) for k in list(arrays) if k.startswith("personal:")}
     names = plan.trainable_buffers()
-    if set(arrays) != set(names) or (carry and set(carry) != set(names)):
+    if set(arrays) != set(names) or (carry and set(carry) != set(names)) or (personal and set(personal) != set(names)):
         raise ValueError(f"{path} holds state for another plan")
     return NodeState(header["model_version"], {n: np.array(arrays[n]) for n in names}, header["rng_counter"],
                      header["round"], header["seq"], header["trained_round"], header["replay"],
                      header["pending_task"], None if upload is None else upload.tobytes(), header["upload_chunk"],
-                     carry or None, header["run"])
+                     carry or None, header["run"], personal or None)
 
 
 # --- the protocol state machine ----------------------------------------------------------------------------
@@ -173,6 +190,7 @@ class DeviceSession:
         if peers is not None:
             self.endpoint.max_message_bytes = max(self.endpoint.max_message_bytes, MAX_STAGE_ENVELOPE)
         self.state = state
+        self.keeps_personal = keeps_personal_model(plan)
         self.chunk_size = chunk_size
         self._save = save
         self.ack_timeout = ack_timeout
@@ -431,8 +449,9 @@ class DeviceSession:
         self.persist()
 
     def complete(self, job: TrainJob, result: TrainResult, now: float) -> list[Publish]:
-        """Seal the round's DELTA (update.uplink of the trained state from the job's base, and the metrics); for a
-        superseded job nothing is sealed or sent, and its change is dropped (it was made from an older model)."""
+        """Seal the round's DELTA (update.uplink of the trained state from the job's base, and the metrics) and keep
+        the trained state as the personalised model, in the same save; for a superseded job nothing is sealed or
+        sent, its change is dropped (it was made from an older model) and the personalised model stays."""
         self.state.rng_counter = result.rng_counter  # the trainer drew its random numbers either way
         if self.superseded(job):
             self.persist()
@@ -446,6 +465,9 @@ class DeviceSession:
                             job.round)
                 self.skip(job)
                 return []
+        if self.keeps_personal:  # the device's own model from now until its next answered round; saved with the DELTA
+            self.state.personal = {k: np.array(v, copy=True) for k, v in result.state.items()}
+        if job.masked:
             sent, carry = uplink_delta(self.plan, job.base, result.state, self.state.carry, keep=job.uplink_keep,
                                        clip_norm=job.clip_norm, noise_sigma=job.noise_sigma, noise=noise,
                                        noise_limits=agg.bounds)
