@@ -32,8 +32,8 @@ GRAD_ABS_MAX = 2**15  # |g| of an int16 gradient value (-32768 is representable)
 STEP_STACK_BASE = 40
 KERNEL_STACK_BYTES = {
     "conv2d": 4 + 88, "add": 4 + 56,
-    # fedtiny_kernels_fwd_fast.c: conv2d_fast + load_window + column_run; depthwise + requant_of or newlib's memset
-    "conv2d_fast": 4 + 232 + 104 + 28, "conv2d_depthwise": 4 + 208 + 16,
+    # fedtiny_kernels_fwd_fast.c: conv2d_fast + load_window + column_run; depthwise + newlib's memset
+    "conv2d_fast": 4 + 232 + 96 + 36, "conv2d_depthwise": 4 + 168 + 16,
     "avgpool2d": 4 + 72, "maxpool2d": 4 + 56, "clamp": 4 + 8, "lut": 4 + 8, "lut_input_grad": 24 + 72,
     "mask_bits": 4 + 24, "loss_grad": 32 + 56, "mse_grad": 32 + 80, "grad_add": 80 + 88, "grad_mask": 8 + 20,
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
@@ -45,7 +45,7 @@ KERNEL_STACK_BYTES = {
 # model.c's functions), on the Cortex-M4 with arm-none-eabi-gcc -O2 -ffunction-sections and --gc-sections: the
 # executor's table reaches every kernel, so the linked code does not depend on the plan. Measured from the
 # linker's map (tests/test_device_memory.py keeps it within 5 %); update it when the kernels change.
-RUNTIME_CODE_BYTES = 14_660  # 12_760 + 1_900 for cat and mul (forward and gradients)
+RUNTIME_CODE_BYTES = 17_010  # measured 2026-11-30 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196)
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
@@ -83,9 +83,9 @@ def kernel_of(graph: Graph, op: Op, fast: bool = True) -> str | None:
 
 # C kernel -> its scratch bytes for an op (fedtiny_kernels.c's *_scratch_bytes()); a kernel not listed takes none
 def _conv_fast_scratch(graph: Graph, op: Op) -> int:
-    # two int16 columns of one output pixel's window, each rounded up to 4 values
-    _, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
-    return 2 * 2 * (-(-kh * kw * cin_g // 4) * 4)
+    # two int16 columns of one output pixel's window, each rounded up to 4 values, and two int32 sums per channel
+    cout, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
+    return 2 * 2 * (-(-kh * kw * cin_g // 4) * 4) + 2 * 4 * cout
 
 
 def _depthwise_scratch(graph: Graph, op: Op) -> int:
