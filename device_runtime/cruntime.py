@@ -605,6 +605,13 @@ class KernelLibrary:
             getattr(self.lib, fn + "_scratch_bytes").argtypes = [ctypes.POINTER(Conv2dParams)]
             getattr(self.lib, fn + "_scratch_bytes").restype = ctypes.c_size_t
 
+    def scratch_bytes(self, impl: str, graph: Graph, op) -> int:
+        """The C _scratch_bytes() of kernel `impl` for a graph's conv2d op."""
+        x, w, y = (graph.tensors[n] for n in (op.inputs[0], op.inputs[1], op.outputs[0]))
+        p = Conv2dParams(*x.shape, y.shape[0], y.shape[1], w.shape[0], w.shape[1], w.shape[2], *op.attrs["stride"],
+                         *op.attrs["padding"][:2], op.attrs["groups"])
+        return int(getattr(self.lib, self.IMPLS[impl] + "_scratch_bytes")(ctypes.byref(p)))
+
     def conv2d(self, impl: str, x, weight, bias, *, x_zero_point, y_zero_point, stride, padding, groups,
                multiplier, shift, act_min, act_max) -> np.ndarray:
         """Same arguments as fedtiny.kernels.conv2d; x (N, H, W, Cin) int8."""
