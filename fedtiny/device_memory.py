@@ -33,7 +33,7 @@ STEP_STACK_BASE = 40
 KERNEL_STACK_BYTES = {
     "conv2d": 4 + 88, "add": 4 + 56,
     # fedtiny_kernels_fwd_fast.c: conv2d_fast + load_window + column_run; depthwise + newlib's memset
-    "conv2d_fast": 4 + 232 + 96 + 36, "conv2d_depthwise": 4 + 168 + 16,
+    "conv2d_fast": 4 + 224 + 96 + 36, "conv2d_depthwise": 4 + 184 + 16,
     "avgpool2d": 4 + 72, "maxpool2d": 4 + 56, "clamp": 4 + 8, "lut": 4 + 8, "lut_input_grad": 24 + 72,
     "mask_bits": 4 + 24, "loss_grad": 32 + 56, "mse_grad": 32 + 80, "grad_add": 80 + 88, "grad_mask": 8 + 20,
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,

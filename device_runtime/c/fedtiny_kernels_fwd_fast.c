@@ -384,6 +384,8 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
     int16_t *plane = kernel + p->kernel_h * s.taps_w; /* plane_h x plane_w */
     const int32_t col_lo = min_i32(s.plane_w, max_i32(0, p->pad_left));
     const int32_t col_hi = max_i32(col_lo, min_i32(s.plane_w, p->pad_left + p->in_w));
+    const int32_t row_lo = min_i32(s.plane_h, max_i32(0, p->pad_top));
+    const int32_t row_hi = max_i32(row_lo, min_i32(s.plane_h, p->pad_top + p->in_h));
     int32_t c, r, q, ky, kx, oy, ox;
     if (p->groups != c_n || p->out_c != c_n || scratch == NULL) {
         return FEDTINY_ERR_PARAMS;
@@ -394,6 +396,9 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
     if (any_min_multiplier(p)) {
         return fedtiny_conv2d(p, x, y, scratch);
     }
+    for (q = 0; q < s.plane_h * s.plane_w; q++) {
+        plane[q] = 0; /* the padding, the same for every channel */
+    }
     for (c = 0; c < c_n; c++) {
         const int8_t *wc = weight_row(p, c, taps);
         const int32_t bias = bias_of(p, c), m = p->multiplier[c], sh = p->shift[c];
@@ -403,26 +408,11 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
                 kernel[ky * s.taps_w + kx] = (int16_t)(kx < p->kernel_w ? wc[ky * p->kernel_w + kx] : 0);
             }
         }
-        for (r = 0; r < s.plane_h; r++) {
-            const int32_t iy = r - p->pad_top;
+        for (r = row_lo; r < row_hi; r++) { /* the valid part; the padding stays the zeros written above */
+            const int8_t *xp = x + ((r - p->pad_top) * p->in_w + col_lo - p->pad_left) * c_n + c;
             int16_t *pr = plane + r * s.plane_w;
-            if (iy < 0 || iy >= p->in_h) {
-                for (q = 0; q < s.plane_w; q++) {
-                    pr[q] = 0;
-                }
-                continue;
-            }
-            {
-                const int8_t *xp = x + (iy * p->in_w + col_lo - p->pad_left) * c_n + c;
-                for (q = 0; q < col_lo; q++) {
-                    pr[q] = 0;
-                }
-                for (; q < col_hi; q++, xp += c_n) {
-                    pr[q] = (int16_t)(*xp - p->in_zero_point);
-                }
-                for (; q < s.plane_w; q++) {
-                    pr[q] = 0;
-                }
+            for (q = col_lo; q < col_hi; q++, xp += c_n) {
+                pr[q] = (int16_t)(*xp - p->in_zero_point);
             }
         }
         for (oy = 0; oy < p->out_h; oy++) {
