@@ -25,12 +25,8 @@ from fedtiny import device_memory, interpreter
 from fedtiny.quantize import quantize
 from fedtiny_device import codegen, cruntime
 
-from test_cruntime import assert_equal_int8, need
+from test_cruntime import assert_equal_int8, cache, need  # noqa: F401 (cache: its session fixture, builds shared)
 
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("fast_kernels_cache")
 
 
 class RandomConvs(nn.Module):
@@ -77,7 +73,7 @@ def kernels_used(graph) -> set[str]:
     return {device_memory.kernel_of(graph, op) for op in graph.ops if op.kind == "conv2d"}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])  # one M4 build: about 10 s idle, 35 s on the loaded 2-core machine
 def test_random_convs_on_the_m4_and_the_host_match_the_interpreter(seed, cache):
     need("gcc", "arm-none-eabi-gcc", "qemu-system-arm", "make")
     graph, x = random_case(seed)
