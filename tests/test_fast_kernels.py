@@ -28,7 +28,6 @@ from fedtiny_device import codegen, cruntime
 from test_cruntime import assert_equal_int8, cache, need  # noqa: F401 (cache: its session fixture, builds shared)
 
 
-
 class RandomConvs(nn.Module):
     """Five convolutions whose shapes come from a seed: every kernel choice of device_memory.conv_kernel."""
 
