@@ -40,7 +40,8 @@ ELF_NAME = "fedtiny_model.elf"
 TRAIN_ELF_NAME = "fedtiny_train.elf"
 HOST_LIB = "libfedtiny_model.so"
 TRAIN_JOB_LIB = "libfedtiny_train_job.so"
-KERNEL_FILES = ("Makefile", "fedtiny_kernels.c", "fedtiny_kernels.h", "fedtiny_arith.h")  # make host-kernels' inputs
+KERNEL_FILES = ("Makefile", "fedtiny_kernels.c", "fedtiny_kernels_fwd_fast.c", "fedtiny_kernels.h",
+                "fedtiny_arith.h")  # make host-kernels' inputs
 
 
 class BuildError(RuntimeError):
@@ -610,20 +611,27 @@ class Conv2dParams(ctypes.Structure):
 class KernelLibrary:
     """fedtiny_kernels.c as a host shared library; conv2d(impl, ...) runs one kernel on a batch."""
 
-    IMPLS = {"reference": "fedtiny_conv2d", "1x1": "fedtiny_conv2d_1x1", "depthwise": "fedtiny_conv2d_depthwise"}
+    IMPLS = {"reference": "fedtiny_conv2d", "fast": "fedtiny_conv2d_fast", "depthwise": "fedtiny_conv2d_depthwise"}
 
     def __init__(self, cache_dir: Path | None = None):
         rt = codegen.runtime_dir()
-        files = {n: (rt / n).read_bytes() for n in ("fedtiny_arith.h", "fedtiny_kernels.h", "fedtiny_kernels.c")}
-        files["Makefile"] = (b"libfedtiny_kernels.so: fedtiny_kernels.c fedtiny_kernels.h fedtiny_arith.h\n"
-                             b"\tgcc -std=c99 -Wall -Wextra -Werror -ffp-contract=off -O2 -shared -fPIC -o $@ "
-                             b"fedtiny_kernels.c\n")
+        files = {n: (rt / n).read_bytes() for n in KERNEL_FILES}
+        files["Makefile"] += (b"\nlibfedtiny_kernels.so: fedtiny_kernels.host.o\n"
+                              b"\t$(HOST_CC) -shared -o $@ fedtiny_kernels.host.o\n")
+        # the kernels as the simulator's C trainer builds them (make host-kernels: -O3 -march=native)
         self.lib = ctypes.CDLL(str(make_cached(files, "libfedtiny_kernels.so", "libfedtiny_kernels.so", cache_dir)))
         for fn in self.IMPLS.values():
             getattr(self.lib, fn).argtypes = [ctypes.POINTER(Conv2dParams)] + [ctypes.c_void_p] * 3
             getattr(self.lib, fn).restype = ctypes.c_int
             getattr(self.lib, fn + "_scratch_bytes").argtypes = [ctypes.POINTER(Conv2dParams)]
             getattr(self.lib, fn + "_scratch_bytes").restype = ctypes.c_size_t
+
+    def scratch_bytes(self, impl: str, graph: Graph, op) -> int:
+        """The C _scratch_bytes() of kernel `impl` for a graph's conv2d op."""
+        x, w, y = (graph.tensors[n] for n in (op.inputs[0], op.inputs[1], op.outputs[0]))
+        p = Conv2dParams(*x.shape, y.shape[0], y.shape[1], w.shape[0], w.shape[1], w.shape[2], *op.attrs["stride"],
+                         *op.attrs["padding"][:2], op.attrs["groups"])
+        return int(getattr(self.lib, self.IMPLS[impl] + "_scratch_bytes")(ctypes.byref(p)))
 
     def conv2d(self, impl: str, x, weight, bias, *, x_zero_point, y_zero_point, stride, padding, groups,
                multiplier, shift, act_min, act_max) -> np.ndarray:

@@ -12,7 +12,8 @@ plan's. These are the figures fedtiny.device_memory's compile-time rules are hel
 import re
 from pathlib import Path
 
-RUNTIME_OBJECTS = ("model.train.o", "fedtiny_kernels.train.o", "fedtiny_runtime.train.o")
+RUNTIME_OBJECTS = ("model.train.o", "fedtiny_kernels.train.o", "fedtiny_kernels_fwd_fast.train.o",
+                   "fedtiny_runtime.train.o")
 TRAIN_MAP = "fedtiny_train.map"
 
 

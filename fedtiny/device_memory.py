@@ -31,7 +31,9 @@ GRAD_ABS_MAX = 2**15  # |g| of an int16 gradient value (-32768 is representable)
 # and checks measured <= rule; regenerate the table when a kernel's frame changes.
 STEP_STACK_BASE = 40
 KERNEL_STACK_BYTES = {
-    "conv2d": 4 + 88, "conv2d_1x1": 4 + 104 + 24, "conv2d_depthwise": 4 + 96 + 24, "add": 4 + 56,
+    "conv2d": 4 + 88, "add": 4 + 56,
+    # fedtiny_kernels_fwd_fast.c: conv2d_fast + load_window + column_run; depthwise + newlib's memset
+    "conv2d_fast": 4 + 224 + 96 + 36, "conv2d_depthwise": 4 + 184 + 16,
     "avgpool2d": 4 + 72, "maxpool2d": 4 + 56, "clamp": 4 + 8, "lut": 4 + 8, "lut_input_grad": 24 + 72,
     "mask_bits": 4 + 24, "loss_grad": 32 + 56, "mse_grad": 32 + 80, "grad_add": 80 + 88, "grad_mask": 8 + 20,
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
@@ -43,7 +45,7 @@ KERNEL_STACK_BYTES = {
 # model.c's functions), on the Cortex-M4 with arm-none-eabi-gcc -O2 -ffunction-sections and --gc-sections: the
 # executor's table reaches every kernel, so the linked code does not depend on the plan. Measured from the
 # linker's map (tests/test_device_memory.py keeps it within 5 %); update it when the kernels change.
-RUNTIME_CODE_BYTES = 14_660  # 12_760 + 1_900 for cat and mul (forward and gradients)
+RUNTIME_CODE_BYTES = 17_010  # measured 2026-11-30 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196)
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
@@ -61,15 +63,13 @@ def _elements(graph: Graph, name: str) -> int:
 # ---- kernel choice --------------------------------------------------------------------------------------------
 
 def conv_kernel(graph: Graph, op: Op, fast: bool = True) -> str:
-    """The C kernel that runs a conv2d: "conv2d_1x1" (pointwise, no padding), "conv2d_depthwise" or the
-    reference "conv2d" (any groups, strides, padding; also every conv when `fast` is off)."""
-    cout, kh, kw, _ = graph.tensors[op.inputs[1]].shape
+    """The C kernel that runs a conv2d: "conv2d_depthwise" (groups == Cin == Cout) or "conv2d_fast" (any other:
+    fedtiny_kernels_fwd_fast.c), or the reference "conv2d" (every conv when `fast` is off)."""
+    cout = graph.tensors[op.inputs[1]].shape[0]
     cin = graph.tensors[op.inputs[0]].shape[2]
-    if fast and (kh, kw) == (1, 1) and op.attrs["groups"] == 1 and not any(op.attrs["padding"]):
-        return "conv2d_1x1"
-    if fast and op.attrs["groups"] == cin == cout:
-        return "conv2d_depthwise"
-    return "conv2d"
+    if not fast:
+        return "conv2d"
+    return "conv2d_depthwise" if op.attrs["groups"] == cin == cout else "conv2d_fast"
 
 
 def kernel_of(graph: Graph, op: Op, fast: bool = True) -> str | None:
@@ -82,10 +82,21 @@ def kernel_of(graph: Graph, op: Op, fast: bool = True) -> str | None:
 # ---- scratch ----------------------------------------------------------------------------------------------------
 
 # C kernel -> its scratch bytes for an op (fedtiny_kernels.c's *_scratch_bytes()); a kernel not listed takes none
-FORWARD_SCRATCH = {
-    # two input pixels as int16 with the zero point removed
-    "conv2d_1x1": lambda graph, op: 2 * 2 * graph.tensors[op.inputs[0]].shape[2],
-}
+def _conv_fast_scratch(graph: Graph, op: Op) -> int:
+    # two int16 columns of one output pixel's window, each rounded up to 4 values, and two int32 sums per channel
+    cout, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
+    return 2 * 2 * (-(-kh * kw * cin_g // 4) * 4) + 2 * 4 * cout
+
+
+def _depthwise_scratch(graph: Graph, op: Op) -> int:
+    # one channel's padded int16 input plane and its int16 kernel, rows padded to an even number of taps
+    _, kh, kw, _ = graph.tensors[op.inputs[1]].shape
+    oh, ow, _ = graph.tensors[op.outputs[0]].shape
+    (sh, sw), taps_w = op.attrs["stride"], kw + kw % 2
+    return 2 * (kh * taps_w + ((oh - 1) * sh + kh) * ((ow - 1) * sw + taps_w))
+
+
+FORWARD_SCRATCH = {"conv2d_fast": _conv_fast_scratch, "conv2d_depthwise": _depthwise_scratch}
 
 def windows_disjoint(op: Op) -> bool:
     """A pooling op whose windows do not overlap (stride >= kernel: a global average pool, a 2 x 2 / 2 max pool):
@@ -186,8 +197,23 @@ def accumulator_bound(plan, step) -> int:
     return GRAD_ABS_MAX * int(per_element.max(initial=0))
 
 
+# |x - zero point| * |w| of one int8 conv term: 255 * 128
+CONV_TERM_MAX = 255 * 128
+
+
+def conv_window(graph: Graph, op: Op) -> int:
+    """Terms of one conv output's sum: kernel_h * kernel_w * Cin / groups."""
+    _, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
+    return kh * kw * cin_g
+
+
 def check_accumulators(plan) -> None:
-    """Raise ValueError if a kernel that sums in int32 could overflow for this plan's shapes."""
+    """Raise ValueError if a kernel that sums in int32 could overflow for this plan's shapes: a forward conv's sum
+    (every conv kernel, reference and fast, sums in int32: window * 255 * 128 < 2^31) or a pooling gradient's."""
+    for i, op in enumerate(plan.graph.ops):
+        if op.kind == "conv2d" and conv_window(plan.graph, op) * CONV_TERM_MAX >= INT32_LIMIT:
+            raise ValueError(f"op {i} (conv2d {op.origin}): a window of {conv_window(plan.graph, op):,} terms could "
+                             f"sum past 2^31 (the C kernels sum in int32); split it into smaller convolutions")
     for j, s in enumerate(plan.steps):
         pooling = s.kind in ("avgpool2d_input_grad", "maxpool2d_input_grad")
         if pooling and not windows_disjoint(plan.graph.ops[s.attrs["op"]]):

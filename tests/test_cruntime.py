@@ -89,9 +89,9 @@ def test_host_c_matches_interpreter(name, fast, cache):
 def test_mixed_model_uses_every_kernel_kind():
     graph, _ = make_case("mixed")
     header, source = codegen.render_model(graph)
-    for kind in ("FEDTINY_OP_CONV2D,", "FEDTINY_OP_CONV2D_1X1", "FEDTINY_OP_MAXPOOL2D", "FEDTINY_OP_CLAMP",
-                 "FEDTINY_OP_AVGPOOL2D"):
+    for kind in ("FEDTINY_OP_CONV2D_FAST", "FEDTINY_OP_MAXPOOL2D", "FEDTINY_OP_CLAMP", "FEDTINY_OP_AVGPOOL2D"):
         assert kind in source, kind
+    assert "FEDTINY_OP_CONV2D," in codegen.render_model(graph, fast=False)[1]
     mobilenet, _ = make_case("mobilenet")
     assert "FEDTINY_OP_ADD" in codegen.render_model(mobilenet)[1]
     assert "FEDTINY_OP_CONV2D_DEPTHWISE" in codegen.render_model(mobilenet)[1]
@@ -135,10 +135,9 @@ def test_fast_kernels_match_reference_kernels(cache):
         expected = kernels.conv2d(x, weight, bias, **attrs)
         what = f"case {i} {kind}: x {x.shape} w {weight.shape} {attrs['stride']} {attrs['padding']}"
         assert_equal_int8(lib.conv2d("reference", x, weight, bias, **attrs), expected, f"reference, {what}")
+        assert_equal_int8(lib.conv2d("fast", x, weight, bias, **attrs), expected, f"fast, {what}")
         if kind == "depthwise":
             assert_equal_int8(lib.conv2d("depthwise", x, weight, bias, **attrs), expected, f"depthwise, {what}")
-        if kind == "pointwise":
-            assert_equal_int8(lib.conv2d("1x1", x, weight, bias, **attrs), expected, f"1x1, {what}")
 
 
 def test_fast_kernel_refuses_wrong_shape(cache):
@@ -148,7 +147,7 @@ def test_fast_kernel_refuses_wrong_shape(cache):
     weight = np.zeros((2, 3, 3, x.shape[3]), dtype=np.int8)
     attrs.update(groups=1, multiplier=[1 << 30] * 2, shift=[0, 0])
     with pytest.raises(RuntimeError, match="status 1"):
-        lib.conv2d("1x1", x, weight, bias[:2], **attrs)
+        lib.conv2d("depthwise", x, weight, bias[:2], **attrs)
 
 
 def test_codegen_writes_arena_and_flash_tables(tmp_path):

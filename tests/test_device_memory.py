@@ -82,7 +82,9 @@ def test_a_plan_whose_ram_does_not_fit_is_refused_at_compile(long_input, tmp_pat
     fitted = compile_plan(graph, parse("full", graph))
     assert any(s.attrs.get("recompute") for s in fitted.steps)
     assert fitted.memory_report()["device_ram_bytes"] <= 192 * 1024
-    assert fitted.memory_report()["scratch_bytes"] <= 8 * 8  # one pixel of 8 channels
+    # one pixel of 8 channels for the input gradients; the fast forward conv's two columns and sums are the rest
+    forward = max(device_memory.op_scratch_bytes(graph, op) for op in graph.ops)
+    assert fitted.memory_report()["scratch_bytes"] == max(8 * 8, forward)
     budget = one_pass["arena_bytes"] + 64 * 1024 + 100  # the arena fits, arena + scratch + stack does not
     with pytest.raises(BudgetError, match=r"arena \d+ B .*kernel scratch \d+ B \(for step \d+, \w+\), stack \d+ B.*"
                                           r"already recompute"):

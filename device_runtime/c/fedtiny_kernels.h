@@ -100,15 +100,24 @@ typedef struct {
 fedtiny_status fedtiny_conv2d(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch);
 size_t fedtiny_conv2d_scratch_bytes(const fedtiny_conv2d_params *p);
 
-/* Fast pointwise (1x1, groups 1, no padding, any stride; also linear layers): 2 pixels x 2 channels per
- * step over an int16 copy of the two input pixels with the zero point removed. */
-fedtiny_status fedtiny_conv2d_1x1(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch);
-size_t fedtiny_conv2d_1x1_scratch_bytes(const fedtiny_conv2d_params *p);
+/* ==== fast forward kernels (fedtiny_kernels_fwd_fast.c) ===================================================
+ * The reference's integers by construction (exact int32 sums, the same requantization, once per output), in
+ * fewer instructions: on the Cortex-M4 (__ARM_FEATURE_DSP) each window becomes an int16 column with the zero point
+ * removed once, then two MACs per SMLAD (weights widened by SXTB16); on the host the same loops in plain C for
+ * gcc's vectorizer. fedtiny.device_memory chooses them (kernel_of) and states their scratch. */
 
-/* Fast depthwise (groups == in_c == out_c): window bounds computed once per output pixel, no checks per tap. */
+/* Any conv (groups, strides, padding; 1x1 and linear layers too): 2 output pixels x 2 channels per step over
+ * two int16 columns (the scratch: 2 x the window rounded up to 4 values). */
+fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch);
+size_t fedtiny_conv2d_fast_scratch_bytes(const fedtiny_conv2d_params *p);
+
+/* Depthwise (groups == in_c == out_c): channel by channel over its padded int16 input plane, two taps per SMLAD
+ * (the scratch: the plane and the channel's kernel, rows padded to an even number of taps). */
 fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y,
                                         void *scratch);
 size_t fedtiny_conv2d_depthwise_scratch_bytes(const fedtiny_conv2d_params *p);
+
+/* ==== end of the fast forward kernels ===================================================================== */
 
 fedtiny_status fedtiny_add(const fedtiny_add_params *p, const int8_t *a, const int8_t *b, int8_t *y);
 size_t fedtiny_add_scratch_bytes(const fedtiny_add_params *p);

@@ -25,9 +25,9 @@ static fedtiny_status invoke_conv2d(const fedtiny_op *op, const fedtiny_graph *g
     return fedtiny_conv2d((const fedtiny_conv2d_params *)op->params, IN(0), OUT(0), g->scratch);
 }
 
-static fedtiny_status invoke_conv2d_1x1(const fedtiny_op *op, const fedtiny_graph *g)
+static fedtiny_status invoke_conv2d_fast(const fedtiny_op *op, const fedtiny_graph *g)
 {
-    return fedtiny_conv2d_1x1((const fedtiny_conv2d_params *)op->params, IN(0), OUT(0), g->scratch);
+    return fedtiny_conv2d_fast((const fedtiny_conv2d_params *)op->params, IN(0), OUT(0), g->scratch);
 }
 
 static fedtiny_status invoke_conv2d_depthwise(const fedtiny_op *op, const fedtiny_graph *g)
@@ -174,7 +174,7 @@ static fedtiny_status invoke_mul_input_grad(const fedtiny_op *op, const fedtiny_
 }
 
 static size_t scratch_conv2d(const void *p) { return fedtiny_conv2d_scratch_bytes(p); }
-static size_t scratch_conv2d_1x1(const void *p) { return fedtiny_conv2d_1x1_scratch_bytes(p); }
+static size_t scratch_conv2d_fast(const void *p) { return fedtiny_conv2d_fast_scratch_bytes(p); }
 static size_t scratch_conv2d_depthwise(const void *p) { return fedtiny_conv2d_depthwise_scratch_bytes(p); }
 static size_t scratch_add(const void *p) { return fedtiny_add_scratch_bytes(p); }
 static size_t scratch_avgpool2d(const void *p) { return fedtiny_avgpool2d_scratch_bytes(p); }
@@ -196,7 +196,7 @@ static size_t scratch_mul_input_grad(const void *p) { return fedtiny_mul_input_g
 
 static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_conv2d, scratch_conv2d, 0},                     /* FEDTINY_OP_CONV2D */
-    {invoke_conv2d_1x1, scratch_conv2d_1x1, 0},             /* FEDTINY_OP_CONV2D_1X1 */
+    {invoke_conv2d_fast, scratch_conv2d_fast, 0},           /* FEDTINY_OP_CONV2D_FAST */
     {invoke_conv2d_depthwise, scratch_conv2d_depthwise, 0}, /* FEDTINY_OP_CONV2D_DEPTHWISE */
     {invoke_add, scratch_add, 0},                           /* FEDTINY_OP_ADD */
     {invoke_avgpool2d, scratch_avgpool2d, 0},               /* FEDTINY_OP_AVGPOOL2D */

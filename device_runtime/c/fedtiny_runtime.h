@@ -2,7 +2,7 @@
  *
  * Each op is a kind, a pointer to its kind's const params struct, and the arena offsets of its operands
  * (inputs first, then outputs). The code generator (device_runtime/codegen.py) emits the table, the params
- * and the arena; it picks the concrete kernel per op (reference conv, fast 1x1, fast depthwise), so nothing is decided
+ * and the arena; it picks the concrete kernel per op (reference conv, fast conv, fast depthwise), so nothing is decided
  * at run time but which function to call. A training plan is the same kind of table: forward ops, then the
  * training steps (kinds 7..), whose params are fedtiny_train_step_params.
  */
@@ -16,7 +16,7 @@
 
 typedef enum {
     FEDTINY_OP_CONV2D = 0,           /* fedtiny_conv2d_params, reference kernel */
-    FEDTINY_OP_CONV2D_1X1 = 1,       /* fedtiny_conv2d_params, fast pointwise kernel */
+    FEDTINY_OP_CONV2D_FAST = 1,      /* fedtiny_conv2d_params, fast kernel (any conv but depthwise) */
     FEDTINY_OP_CONV2D_DEPTHWISE = 2, /* fedtiny_conv2d_params, fast depthwise kernel */
     FEDTINY_OP_ADD = 3,              /* fedtiny_add_params */
     FEDTINY_OP_AVGPOOL2D = 4,        /* fedtiny_pool2d_params */

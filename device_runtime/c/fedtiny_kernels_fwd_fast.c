@@ -1,0 +1,430 @@
+/* Fast forward kernels (see the "fast forward kernels" block of fedtiny_kernels.h): the same integers as the
+ * reference fedtiny_conv2d by construction, in fewer instructions.
+ *
+ * - Every sum is exact in int32, as the reference's: a term |x - zp| |w| is at most 255 * 128 = 32,640, and the
+ *   compiler proves window * 32,640 < 2^31 for every conv (fedtiny.device_memory.check_accumulators). Wrapping
+ *   int32 arithmetic (SMLAD's too) gives the exact sum whenever the sum itself fits.
+ * - Requantization does the reference's multiply-shift once per output with the same rounding: the saturating
+ *   add of the bias (QADD), the saturating left shift, the rounding doubling high multiply, which for a
+ *   multiplier other than INT32_MIN is floor((v m + 2^30) / 2^31) (gemmlowp's nudge and truncation toward zero
+ *   come to the same for either sign), and the rounding right shift of fedtiny_arith.h. A conv with a multiplier
+ *   of INT32_MIN (never made by the quantizer) runs the reference kernel.
+ * - On the Cortex-M4 (__ARM_FEATURE_DSP), CMSIS-NN style: each input window becomes an int16 column with the zero
+ *   point removed once, then two MACs per SMLAD, the weights widened four at a time by SXTB16. SXTB16 yields
+ *   weights (0, 2) and (1, 3) of a word, so the column keeps each full block of four values in the order
+ *   (0, 2, 1, 3). Elsewhere (the host, gcc -O3) the same loops in plain C, in natural order, for the vectorizer.
+ */
+#include <string.h>
+
+#include "fedtiny_kernels.h"
+
+#include "fedtiny_arith.h"
+
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#include <arm_acle.h>
+#define FAST_DSP 1
+#else
+#define FAST_DSP 0
+#endif
+
+static int32_t min_i32(int32_t a, int32_t b) { return a < b ? a : b; }
+static int32_t max_i32(int32_t a, int32_t b) { return a > b ? a : b; }
+
+static inline const int8_t *weight_row(const fedtiny_conv2d_params *p, int32_t oc, int32_t row_len)
+{
+    return oc < p->sram_rows ? p->weight_sram + oc * row_len : p->weight + oc * row_len;
+}
+
+/* ---- requantization ------------------------------------------------------------------------------------- */
+
+/* The output's zero point and clamp: copied out of the params once per call (every int8 store may alias the
+ * params struct, so the compiler would reload its fields after each one). */
+typedef struct {
+    int32_t zero_point, act_min, act_max;
+} output_range;
+
+static inline output_range output_range_of(const fedtiny_conv2d_params *p)
+{
+    output_range o;
+    o.zero_point = p->out_zero_point;
+    o.act_min = p->act_min;
+    o.act_max = p->act_max;
+    return o;
+}
+
+/* fedtiny_requantize((int64_t)acc + bias, multiplier, shift, ...) for a multiplier other than INT32_MIN. */
+static inline int8_t requantize(int32_t acc, int32_t bias, int32_t multiplier, int32_t shift, output_range o)
+{
+    int32_t v, y;
+#if FAST_DSP
+    v = __qadd(acc, bias);
+#else
+    v = (int32_t)fedtiny_clamp_i32_64((int64_t)acc + bias);
+#endif
+    if (shift > 0) {
+        v = (int32_t)fedtiny_clamp_i32_64((int64_t)v * ((int64_t)1 << shift));
+        shift = 0;
+    }
+    v = (int32_t)(((int64_t)v * multiplier + ((int64_t)1 << 30)) >> 31);
+    y = fedtiny_rounding_divide_by_pot(v, -shift) + o.zero_point;
+    y = y < o.act_min ? o.act_min : y;
+    return (int8_t)(y > o.act_max ? o.act_max : y);
+}
+
+static inline int32_t bias_of(const fedtiny_conv2d_params *p, int32_t oc)
+{
+    return p->bias_sram != NULL ? p->bias_sram[oc] : p->bias[oc];
+}
+
+/* The fast requantization's one exception (see the top of the file). */
+static int any_min_multiplier(const fedtiny_conv2d_params *p)
+{
+    int32_t oc;
+    for (oc = 0; oc < p->out_c; oc++) {
+        if (p->multiplier[oc] == INT32_MIN) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* ---- conv2d, fast general: one int16 column per output pixel, 2 pixels x 2 channels per step ------------ */
+
+#if FAST_DSP
+static inline int32_t read_s8x4(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4); /* one LDR: the M4 loads unaligned words */
+    return v;
+}
+
+static inline int32_t read_s16x2(const int16_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline void write_s16x2(int16_t *p, int32_t v) { memcpy(p, &v, 4); }
+
+/* Bytes 1 and 3 of v, sign-extended to halfwords (SXTB16 with its rotation, which gcc does not fold). */
+static inline int32_t sxtb16_ror8(int32_t v)
+{
+    int32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+    return r;
+}
+
+/* The two columns interleave by blocks of four values (column 0's, then column 1's: one pointer walks both);
+ * within a full block the order is (0, 2, 1, 3) (bits 0 and 1 swapped), the last, partial block is in order. */
+static inline int32_t column_pos(int32_t i, int32_t slot, int32_t full, int32_t stride)
+{
+    (void)stride;
+    return ((i >> 2) << 3) + (slot << 2) + (i < full ? (i & 3) ^ ((((i & 3) ^ ((i & 3) >> 1)) & 1) * 3) : (i & 3));
+}
+#else
+/* Two plain columns, one after the other. */
+static inline int32_t column_pos(int32_t i, int32_t slot, int32_t full, int32_t stride)
+{
+    (void)full;
+    return slot * stride + i;
+}
+#endif
+
+/* Where one pixel's window goes: the scratch, its slot (0 or 1), the length of the full blocks, the stride. */
+typedef struct {
+    int16_t *col;
+    int32_t slot, full, stride;
+} column;
+
+/* Column values [i, i + n) from n int8 inputs (zero point removed). */
+static void column_run(const int8_t *xp, int32_t n, int32_t zp, const column *c, int32_t i)
+{
+#if FAST_DSP
+    const int32_t zp2 = (int32_t)(((uint32_t)zp & 0xFFFFu) | ((uint32_t)zp << 16));
+    for (; n > 0 && (i & 3) != 0; n--, i++) {
+        c->col[column_pos(i, c->slot, c->full, c->stride)] = (int16_t)(*xp++ - zp);
+    }
+    for (; n >= 4 && i + 4 <= c->full; n -= 4, i += 4, xp += 4) {
+        const int32_t v = read_s8x4(xp);
+        int16_t *block = c->col + ((i >> 2) << 3) + (c->slot << 2);
+        write_s16x2(block, __ssub16(__sxtb16(v), zp2));     /* values 0, 2 */
+        write_s16x2(block + 2, __ssub16(sxtb16_ror8(v), zp2)); /* values 1, 3 */
+    }
+#endif
+    for (; n > 0; n--, i++) {
+        c->col[column_pos(i, c->slot, c->full, c->stride)] = (int16_t)(*xp++ - zp);
+    }
+}
+
+static void column_zeros(int32_t n, const column *c, int32_t i)
+{
+    for (; n > 0; n--, i++) {
+        c->col[column_pos(i, c->slot, c->full, c->stride)] = 0;
+    }
+}
+
+/* The window of output pixel `pixel`, group g: kernel_h * kernel_w * cin_g values, padding as 0. */
+static void load_window(const fedtiny_conv2d_params *p, const int8_t *x, int32_t pixel, int32_t g, int32_t cin_g,
+                        const column *c)
+{
+    const int32_t oy = pixel / p->out_w;
+    const int32_t ox = pixel - oy * p->out_w;
+    const int32_t iy0 = oy * p->stride_h - p->pad_top;
+    const int32_t ix0 = ox * p->stride_w - p->pad_left;
+    const int32_t kx_lo = min_i32(p->kernel_w, max_i32(0, -ix0));
+    const int32_t kx_hi = max_i32(kx_lo, min_i32(p->kernel_w, p->in_w - ix0));
+    const int32_t row = p->kernel_w * cin_g;
+    int32_t ky, kx, i = 0;
+    for (ky = 0; ky < p->kernel_h; ky++, i += row) {
+        const int32_t iy = iy0 + ky;
+        const int8_t *xp;
+        if (iy < 0 || iy >= p->in_h) {
+            column_zeros(row, c, i);
+            continue;
+        }
+        xp = x + (iy * p->in_w + ix0 + kx_lo) * p->in_c + g * cin_g;
+        column_zeros(kx_lo * cin_g, c, i);
+        if (p->groups == 1) { /* the valid taps of a row are one run of the input */
+            column_run(xp, (kx_hi - kx_lo) * cin_g, p->in_zero_point, c, i + kx_lo * cin_g);
+        } else {
+            for (kx = kx_lo; kx < kx_hi; kx++, xp += p->in_c) {
+                column_run(xp, cin_g, p->in_zero_point, c, i + kx * cin_g);
+            }
+        }
+        column_zeros((p->kernel_w - kx_hi) * cin_g, c, i + kx_hi * cin_g);
+    }
+}
+
+/* Column stride: the window's length rounded up to 4 values (8 bytes: the columns stay word-aligned). */
+static int32_t column_stride(const fedtiny_conv2d_params *p)
+{
+    return (p->kernel_h * p->kernel_w * (p->in_c / p->groups) + 3) & ~3;
+}
+
+/* Two columns, then two int32 sums per output channel (the pixel pair's, requantized after all groups' sums). */
+size_t fedtiny_conv2d_fast_scratch_bytes(const fedtiny_conv2d_params *p)
+{
+    return 2u * (size_t)column_stride(p) * sizeof(int16_t) + 2u * (size_t)p->out_c * sizeof(int32_t);
+}
+
+/* The dot products of weight rows w0, w1 (len values) with the two columns at col:
+ * *a00 = (column 0, row 0), *a01 = (column 0, row 1), *a10 = (column 1, row 0), *a11 = (column 1, row 1). */
+static inline void dot_2x2(const int8_t *w0, const int8_t *w1, const int16_t *col, int32_t len, int32_t stride,
+                           int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
+{
+    int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+#if FAST_DSP
+    const int8_t *end = w0 + (len & ~3);
+    const int32_t rest = len & 3;
+    (void)stride;
+    for (; w0 != end; w0 += 4, w1 += 4, col += 8) {
+        const int32_t u = read_s8x4(w0), v = read_s8x4(w1);
+        const int32_t u02 = __sxtb16(u), u13 = sxtb16_ror8(u);
+        const int32_t v02 = __sxtb16(v), v13 = sxtb16_ror8(v);
+        const int32_t x02 = read_s16x2(col), x13 = read_s16x2(col + 2);
+        const int32_t z02 = read_s16x2(col + 4), z13 = read_s16x2(col + 6);
+        s00 = __smlad(u02, x02, s00);
+        s00 = __smlad(u13, x13, s00);
+        s01 = __smlad(v02, x02, s01);
+        s01 = __smlad(v13, x13, s01);
+        s10 = __smlad(u02, z02, s10);
+        s10 = __smlad(u13, z13, s10);
+        s11 = __smlad(v02, z02, s11);
+        s11 = __smlad(v13, z13, s11);
+    }
+    if (rest >= 2) { /* two weights as one halfword: bytes 0 and 2 of h | h << 8 are w[0] and w[1] */
+        uint16_t h0, h1;
+        int32_t u, v, x, z;
+        memcpy(&h0, w0, 2);
+        memcpy(&h1, w1, 2);
+        u = __sxtb16((int32_t)(h0 | ((uint32_t)h0 << 8)));
+        v = __sxtb16((int32_t)(h1 | ((uint32_t)h1 << 8)));
+        x = read_s16x2(col);
+        z = read_s16x2(col + 4);
+        s00 = __smlad(u, x, s00);
+        s01 = __smlad(v, x, s01);
+        s10 = __smlad(u, z, s10);
+        s11 = __smlad(v, z, s11);
+    }
+    if (rest & 1) {
+        const int32_t k0 = w0[rest - 1], k1 = w1[rest - 1], x0 = col[rest - 1], x1 = col[4 + rest - 1];
+        s00 += x0 * k0;
+        s01 += x0 * k1;
+        s10 += x1 * k0;
+        s11 += x1 * k1;
+    }
+#else
+    const int16_t *c0 = col, *c1 = col + stride;
+    int32_t i;
+    for (i = 0; i < len; i++) {
+        const int32_t x0 = c0[i], x1 = c1[i], k0 = w0[i], k1 = w1[i];
+        s00 += x0 * k0;
+        s01 += x0 * k1;
+        s10 += x1 * k0;
+        s11 += x1 * k1;
+    }
+#endif
+    *a00 = s00;
+    *a01 = s01;
+    *a10 = s10;
+    *a11 = s11;
+}
+
+/* x (in_h, in_w, in_c) -> y (out_h, out_w, out_c), any groups, strides and padding (1x1 and linear included). */
+fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch)
+{
+    const int32_t cin_g = p->groups > 0 ? p->in_c / p->groups : 0;
+    const int32_t cout_g = p->groups > 0 ? p->out_c / p->groups : 0;
+    const int32_t len = p->kernel_h * p->kernel_w * cin_g;
+    const int32_t pixels = p->out_h * p->out_w;
+    const int32_t cout = p->out_c;
+    const output_range o = output_range_of(p);
+    int32_t pixel, g, oc;
+    column c0, c1;
+    int32_t *acc0, *acc1;
+    if (p->groups < 1 || cin_g * p->groups != p->in_c || cout_g * p->groups != p->out_c || scratch == NULL) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    if (any_min_multiplier(p)) {
+        return fedtiny_conv2d(p, x, y, scratch);
+    }
+    c0.col = c1.col = (int16_t *)scratch;
+    c0.full = c1.full = len & ~3;
+    c0.stride = c1.stride = column_stride(p);
+    c0.slot = 0;
+    c1.slot = 1;
+    acc0 = (int32_t *)scratch + c0.stride; /* after 2 x stride int16 */
+    acc1 = acc0 + cout;
+    for (pixel = 0; pixel < pixels; pixel += 2) {
+        const int32_t two = pixel + 1 < pixels; /* an odd last pixel: column 1 is a copy, written once */
+        int8_t *y0 = y + pixel * cout;
+        int8_t *y1 = y0 + cout;
+        for (g = 0; g < p->groups; g++) {
+            const int32_t oc_end = (g + 1) * cout_g;
+            load_window(p, x, pixel, g, cin_g, &c0);
+            load_window(p, x, two ? pixel + 1 : pixel, g, cin_g, &c1);
+            for (oc = g * cout_g; oc < oc_end; oc += 2) {
+                const int32_t oc1 = oc + 1 < oc_end ? oc + 1 : oc; /* an odd last channel: row 1 is row 0 */
+                dot_2x2(weight_row(p, oc, len), weight_row(p, oc1, len), c0.col, len, c0.stride, acc0 + oc,
+                        acc0 + oc1, acc1 + oc, acc1 + oc1);
+            }
+        }
+        for (oc = 0; oc < cout; oc++) {
+            const int32_t bias = bias_of(p, oc), m = p->multiplier[oc], sh = p->shift[oc];
+            y0[oc] = requantize(acc0[oc], bias, m, sh, o);
+            if (two) {
+                y1[oc] = requantize(acc1[oc], bias, m, sh, o);
+            }
+        }
+    }
+    return FEDTINY_OK;
+}
+
+/* ---- conv2d, fast depthwise: groups == in_c == out_c ------------------------------------------------------ */
+
+/* Per channel, its padded input plane as int16 (zero point removed, padding 0) and its kernel as int16 with each
+ * row padded to an even number of taps (a zero weight), so that every pair of taps is one SMLAD. */
+typedef struct {
+    int32_t plane_h, plane_w, taps_w; /* plane rows and columns, kernel row length (even) */
+} depthwise_shape;
+
+static depthwise_shape depthwise_shape_of(const fedtiny_conv2d_params *p)
+{
+    depthwise_shape s;
+    s.taps_w = (p->kernel_w + 1) & ~1;
+    s.plane_h = (p->out_h - 1) * p->stride_h + p->kernel_h;
+    s.plane_w = (p->out_w - 1) * p->stride_w + s.taps_w;
+    return s;
+}
+
+size_t fedtiny_conv2d_depthwise_scratch_bytes(const fedtiny_conv2d_params *p)
+{
+    const depthwise_shape s = depthwise_shape_of(p);
+    if (p->out_h < 1 || p->out_w < 1) {
+        return 0;
+    }
+    return ((size_t)p->kernel_h * (size_t)s.taps_w + (size_t)s.plane_h * (size_t)s.plane_w) * sizeof(int16_t);
+}
+
+/* One kernel row's taps (pairs of int16 taps and weights, at most 5 pairs unrolled, then a loop). */
+static inline int32_t taps_row(const int16_t *xr, const int16_t *kr, int32_t pairs, int32_t acc)
+{
+#if FAST_DSP
+    switch (pairs) {
+    default:
+        for (; pairs > 5; pairs--, xr += 2, kr += 2) {
+            acc = __smlad(read_s16x2(xr), read_s16x2(kr), acc);
+        }
+        /* fall through */
+    case 5: acc = __smlad(read_s16x2(xr + 8), read_s16x2(kr + 8), acc); /* fall through */
+    case 4: acc = __smlad(read_s16x2(xr + 6), read_s16x2(kr + 6), acc); /* fall through */
+    case 3: acc = __smlad(read_s16x2(xr + 4), read_s16x2(kr + 4), acc); /* fall through */
+    case 2: acc = __smlad(read_s16x2(xr + 2), read_s16x2(kr + 2), acc); /* fall through */
+    case 1: acc = __smlad(read_s16x2(xr), read_s16x2(kr), acc);
+    }
+#else
+    int32_t k;
+    for (k = 0; k < 2 * pairs; k++) {
+        acc += (int32_t)xr[k] * kr[k];
+    }
+#endif
+    return acc;
+}
+
+/* x (in_h, in_w, c) -> y (out_h, out_w, c); weight (c, kernel_h, kernel_w, 1) */
+fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch)
+{
+    const int32_t c_n = p->in_c;
+    const int32_t taps = p->kernel_h * p->kernel_w;
+    const depthwise_shape s = depthwise_shape_of(p);
+    const int32_t pairs = s.taps_w / 2;
+    const output_range o = output_range_of(p);
+    int16_t *kernel = (int16_t *)scratch;           /* kernel_h x taps_w, even: the plane stays word-aligned */
+    int16_t *plane = kernel + p->kernel_h * s.taps_w; /* plane_h x plane_w */
+    const int32_t col_lo = min_i32(s.plane_w, max_i32(0, p->pad_left));
+    const int32_t col_hi = max_i32(col_lo, min_i32(s.plane_w, p->pad_left + p->in_w));
+    const int32_t row_lo = min_i32(s.plane_h, max_i32(0, p->pad_top));
+    const int32_t row_hi = max_i32(row_lo, min_i32(s.plane_h, p->pad_top + p->in_h));
+    int32_t c, r, q, ky, kx, oy, ox;
+    if (p->groups != c_n || p->out_c != c_n || scratch == NULL) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    if (p->out_h < 1 || p->out_w < 1) {
+        return FEDTINY_OK;
+    }
+    if (any_min_multiplier(p)) {
+        return fedtiny_conv2d(p, x, y, scratch);
+    }
+    for (q = 0; q < s.plane_h * s.plane_w; q++) {
+        plane[q] = 0; /* the padding, the same for every channel */
+    }
+    for (c = 0; c < c_n; c++) {
+        const int8_t *wc = weight_row(p, c, taps);
+        const int32_t bias = bias_of(p, c), m = p->multiplier[c], sh = p->shift[c];
+        int8_t *yp = y + c;
+        for (ky = 0; ky < p->kernel_h; ky++) {
+            for (kx = 0; kx < s.taps_w; kx++) {
+                kernel[ky * s.taps_w + kx] = (int16_t)(kx < p->kernel_w ? wc[ky * p->kernel_w + kx] : 0);
+            }
+        }
+        for (r = row_lo; r < row_hi; r++) { /* the valid part; the padding stays the zeros written above */
+            const int8_t *xp = x + ((r - p->pad_top) * p->in_w + col_lo - p->pad_left) * c_n + c;
+            int16_t *pr = plane + r * s.plane_w;
+            for (q = col_lo; q < col_hi; q++, xp += c_n) {
+                pr[q] = (int16_t)(*xp - p->in_zero_point);
+            }
+        }
+        for (oy = 0; oy < p->out_h; oy++) {
+            const int16_t *win = plane + oy * p->stride_h * s.plane_w;
+            for (ox = 0; ox < p->out_w; ox++, yp += c_n, win += p->stride_w) {
+                int32_t acc = 0;
+                for (ky = 0; ky < p->kernel_h; ky++) {
+                    acc = taps_row(win + ky * s.plane_w, kernel + ky * s.taps_w, pairs, acc);
+                }
+                *yp = requantize(acc, bias, m, sh, o);
+            }
+        }
+    }
+    return FEDTINY_OK;
+}
