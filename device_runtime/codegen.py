@@ -412,7 +412,6 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                 size = int(np.prod(t[tensor].shape))
                 kernel, ins = "0", s.reads
             elif s.kind == "conv2d_input_grad":
-                kind = f"FEDTINY_OP_{device_memory.step_kernel(plan, s, fast).upper()}"  # fast or reference
                 ws, k = plan.backprop_scale[i]
                 text = (_c_array("int32_t", f"{name}_ws", ws)
                         + _struct("fedtiny_conv2d_input_grad_params", f"{name}_grad",

@@ -594,16 +594,9 @@ class UpdateParams(ctypes.Structure):
                 ("shift", ctypes.c_void_p)]
 
 
-class InputGradParams(ctypes.Structure):
-    """Mirror of fedtiny_conv2d_input_grad_params in fedtiny_kernels.h."""
-    _fields_ = [("conv", ctypes.c_void_p), ("ws", ctypes.c_void_p), ("k", ctypes.c_int32),
-                ("recompute", ctypes.c_int32)]
-
-
 class KernelLibrary:
     """fedtiny_kernels.c and fedtiny_kernels_bwd_fast.c as a host shared library (-O3 -march=native, as the
-    simulator's build); conv2d(impl, ...) runs one kernel on a batch, weight_update(impl, ...) one update,
-    input_grad(impl, ...) one conv input gradient."""
+    simulator's build); conv2d(impl, ...) runs one kernel on a batch, weight_update(impl, ...) one update."""
 
     IMPLS = {"reference": "fedtiny_conv2d", "1x1": "fedtiny_conv2d_1x1", "depthwise": "fedtiny_conv2d_depthwise"}
     SOURCES = ("fedtiny_kernels.c", "fedtiny_kernels_bwd_fast.c")
@@ -628,13 +621,6 @@ class KernelLibrary:
                                               ctypes.c_void_p][:7 if fn.endswith("fast") else 6]
             getattr(self.lib, fn).restype = ctypes.c_int
             getattr(self.lib, fn + "_scratch_bytes").argtypes = [ctypes.POINTER(UpdateParams)]
-            getattr(self.lib, fn + "_scratch_bytes").restype = ctypes.c_size_t
-
-        for fn in ("fedtiny_conv2d_input_grad", "fedtiny_conv2d_input_grad_fast"):
-            getattr(self.lib, fn).argtypes = [ctypes.POINTER(InputGradParams), ctypes.c_void_p, ctypes.c_int32,
-                                              ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_void_p]
-            getattr(self.lib, fn).restype = ctypes.c_int
-            getattr(self.lib, fn + "_scratch_bytes").argtypes = [ctypes.POINTER(InputGradParams)]
             getattr(self.lib, fn + "_scratch_bytes").restype = ctypes.c_size_t
 
     @staticmethod
@@ -671,26 +657,6 @@ class KernelLibrary:
         if status != 0:
             raise RuntimeError(f"{fn} returned status {status}")
         return rows, c.value
-
-    def input_grad(self, impl: str, x_shape, weight, attrs: dict, g_y, e_y: int, ws, k: int,
-                   recompute: bool = False) -> tuple[np.ndarray, int]:
-        """One fedtiny_conv2d_input_grad ("reference", with `recompute` or not) or _fast ("fast") call: the conv
-        of input shape x_shape (H, W, Cin), weight and attrs (as weight_update's), g_y (OH, OW, Cout) int16, ws
-        (Cout) -> (g_x (H, W, Cin) int16, its exponent)."""
-        keep: list = []
-        conv = self._conv_params(x_shape, weight, g_y.shape, attrs, keep)
-        ws = np.ascontiguousarray(ws, dtype=np.int32)
-        p = InputGradParams(ctypes.addressof(conv), ws.ctypes.data, k, int(recompute))
-        fn = "fedtiny_conv2d_input_grad" + ("_fast" if impl == "fast" else "")
-        scratch = np.zeros(getattr(self.lib, fn + "_scratch_bytes")(ctypes.byref(p)) + 8, dtype=np.uint8)
-        g_y = np.ascontiguousarray(g_y, dtype=np.int16)
-        g_x = np.zeros(tuple(x_shape), dtype=np.int16)
-        e_x = ctypes.c_int32(0)
-        status = getattr(self.lib, fn)(ctypes.byref(p), g_y.ctypes.data, e_y, g_x.ctypes.data, ctypes.byref(e_x),
-                                       scratch.ctypes.data + (-scratch.ctypes.data) % 8)
-        if status != 0:
-            raise RuntimeError(f"{fn} returned status {status}")
-        return g_x, e_x.value
 
     def conv2d(self, impl: str, x, weight, bias, *, x_zero_point, y_zero_point, stride, padding, groups,
                multiplier, shift, act_min, act_max) -> np.ndarray:

@@ -37,7 +37,7 @@ KERNEL_STACK_BYTES = {
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
     "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
     "cat": 40 + 32, "mul": 4 + 56, "cat_input_grad": 24 + 32, "mul_input_grad": 24 + 216,
-    "conv2d_weight_update_fast": 32 + 216 + 24, "conv2d_input_grad_fast": 24 + 232,  # fedtiny_kernels_bwd_fast.c
+    "conv2d_weight_update_fast": 32 + 216 + 24,  # fedtiny_kernels_bwd_fast.c (+ updated_weight)
 }
 
 # The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
@@ -115,22 +115,12 @@ def _weight_update_fast_scratch(graph: Graph, op: Op, step) -> int:
     return 2 * (step.attrs["channels"] + 1) * (oh * ow + (oh * ow) % 2)
 
 
-def _input_grad_fast_scratch(graph: Graph, op: Op, step) -> int:
-    """The fast input gradient: the one-pass int64 sums, t = g ws as two int16 planes (one spare value, rounded up
-    to even) and one weight column of a group's output channels."""
-    oh, ow, cout = graph.tensors[op.outputs[0]].shape
-    planes = oh * ow * cout + 1
-    cout_g = cout // op.attrs["groups"]
-    return _input_grad_scratch(graph, op, step) + 2 * (2 * (planes + planes % 2) + cout_g + cout_g % 2)
-
-
 # a training step's C kernel (step_kernel) -> its scratch bytes (graph, op, step)
 STEP_SCRATCH = {
     "conv2d_input_grad": _input_grad_scratch,
     "avgpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
     "maxpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
     "conv2d_weight_update_fast": _weight_update_fast_scratch,
-    "conv2d_input_grad_fast": _input_grad_fast_scratch,
 }
 
 
@@ -229,13 +219,8 @@ def step_kernel(plan, step, fast: bool = True) -> str:
         return "grad_mask_bits"
     if step.kind == "loss_grad" and plan.loss == "mse":
         return "mse_grad"
-    # fedtiny_kernels_bwd_fast.c, unless the budget asked for the reference's smaller scratch (`recompute`)
     if step.kind == "conv2d_weight_update" and fast and not step.attrs.get("recompute"):
-        return "conv2d_weight_update_fast"
-    if step.kind == "conv2d_input_grad" and fast and not step.attrs.get("recompute"):
-        op = plan.graph.ops[step.attrs["op"]]
-        if plan.graph.tensors[op.outputs[0]].shape[2] // op.attrs["groups"] > 1:  # a depthwise one: a dot of 1
-            return "conv2d_input_grad_fast"
+        return "conv2d_weight_update_fast"  # fedtiny_kernels_bwd_fast.c; `recompute`: the budget's choice
     return step.kind
 
 

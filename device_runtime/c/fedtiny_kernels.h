@@ -268,10 +268,4 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
                                                  void *scratch);
 size_t fedtiny_conv2d_weight_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p);
 
-/* fedtiny_conv2d_input_grad (one pass, recompute 0) for any conv; t = g_y ws split into two int16 halves; scratch:
- * the reference's int64 per input element + 4 bytes per output gradient value + a weight column. */
-fedtiny_status fedtiny_conv2d_input_grad_fast(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
-                                              int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch);
-size_t fedtiny_conv2d_input_grad_fast_scratch_bytes(const fedtiny_conv2d_input_grad_params *p);
-
 #endif /* FEDTINY_KERNELS_H */

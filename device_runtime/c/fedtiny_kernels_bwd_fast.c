@@ -111,8 +111,7 @@ static void input_column(const fedtiny_conv2d_params *c, const int8_t *x, int32_
  * `index` + 1 after the call's counter. */
 static int8_t updated_weight(int8_t w, int64_t sum, int32_t m, int32_t k, uint64_t counter, int32_t index)
 {
-    const uint64_t bits = fedtiny_splitmix64(counter + 1u + (uint64_t)index);
-    const int64_t v = (int64_t)w - fedtiny_stochastic_delta(sum, m, k, bits);
+    const int64_t v = (int64_t)w - fedtiny_stochastic_delta(sum, m, k, fedtiny_splitmix64(counter + 1u + (uint64_t)index));
     return (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
 }
 
@@ -167,115 +166,19 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
                 input_column(c, x, ky, kx, group * cin_g + ic, col, p2);
                 for (o = o_lo; o < o_hi; o += 2) {
                     const int32_t o1 = min_i32(o + 1, o_hi - 1);
-                    const int32_t at0 = o * row_len + w_index, at1 = o1 * row_len + w_index;
                     int64_t s0, s1;
                     weight_sums(gcols + (size_t)o * (size_t)p2, gcols + (size_t)o1 * (size_t)p2, col, p2, &s0, &s1);
-                    rows[at0] = updated_weight(rows[at0], s0, p->m[o], 15 - p->shift[o] - e_y, counter, at0);
+                    rows[o * row_len + w_index] = updated_weight(rows[o * row_len + w_index], s0, p->m[o],
+                                                                 15 - p->shift[o] - e_y, counter, o * row_len + w_index);
                     if (o1 != o) {
-                        rows[at1] = updated_weight(rows[at1], s1, p->m[o1], 15 - p->shift[o1] - e_y, counter, at1);
+                        rows[o1 * row_len + w_index] = updated_weight(rows[o1 * row_len + w_index], s1, p->m[o1],
+                                                                      15 - p->shift[o1] - e_y, counter,
+                                                                      o1 * row_len + w_index);
                     }
                 }
             }
         }
     }
     *rng_counter = counter + (uint64_t)p->channels * (uint64_t)row_len;
-    return FEDTINY_OK;
-}
-
-/* ---- input gradient ----------------------------------------------------------------------------------------- */
-
-/* int64 sums of the input elements, then t = g_y ws split into two int16 planes (positions x out_c, one spare
- * value so that a dot product of an odd length may read one past a row), then one weight column. */
-static size_t input_grad_planes(const fedtiny_conv2d_params *c)
-{
-    return (size_t)even(c->out_h * c->out_w * c->out_c + 1);
-}
-
-size_t fedtiny_conv2d_input_grad_fast_scratch_bytes(const fedtiny_conv2d_input_grad_params *p)
-{
-    const fedtiny_conv2d_params *c = p->conv;
-    return (size_t)c->in_h * (size_t)c->in_w * (size_t)c->in_c * sizeof(int64_t) +
-           (2u * input_grad_planes(c) + (size_t)even(c->out_c / c->groups)) * sizeof(int16_t);
-}
-
-/* sum over o of t[o] w[o] for one position, t = hi 2^15 + lo, in blocks of FAST_INPUT_BLOCK channels. */
-static int64_t input_grad_sum(const int16_t *hi, const int16_t *lo, const int16_t *wcol, int32_t n2)
-{
-    int64_t total = 0;
-    int32_t b;
-    for (b = 0; b < n2; b += FAST_INPUT_BLOCK) {
-        int32_t s_hi, s_lo;
-        dot16x2(hi + b, lo + b, wcol + b, min_i32(FAST_INPUT_BLOCK, n2 - b), &s_hi, &s_lo);
-        total += (int64_t)s_hi * 32768 + s_lo;
-    }
-    return total;
-}
-
-/* The reference's sums, gathered per (tap, input channel): that tap's weight column over the group's output
- * channels, dotted with t at every output position whose window puts the tap inside the input. */
-fedtiny_status fedtiny_conv2d_input_grad_fast(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
-                                              int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch)
-{
-    const fedtiny_conv2d_params *c = p->conv;
-    const int32_t cin_g = c->in_c / c->groups, cout_g = c->out_c / c->groups, in_c = c->in_c, out_c = c->out_c;
-    const int32_t row_len = c->kernel_h * c->kernel_w * cin_g, n = c->in_h * c->in_w * c->in_c;
-    const int32_t positions = c->out_h * c->out_w, n2 = even(cout_g);
-    int64_t *acc = (int64_t *)scratch;
-    int16_t *hi = (int16_t *)(void *)(acc + n);
-    int16_t *lo = hi + input_grad_planes(c);
-    int16_t *wcol = lo + input_grad_planes(c);
-    uint64_t peak = 0;
-    int32_t i, o, group, ky, kx, ic, oy, ox, shift;
-    if (!conv_groups_ok(c) || scratch == NULL || p->recompute) {
-        return FEDTINY_ERR_PARAMS;
-    }
-    for (i = 0; i < positions; i++) { /* |t| <= 2^15 (2^15 - 1): hi in [-2^15, 2^15), lo in [0, 2^15) */
-        for (o = 0; o < out_c; o++) {
-            const int32_t t = (int32_t)g_y[i * out_c + o] * p->ws[o];
-            hi[i * out_c + o] = (int16_t)(t >> 15); /* arithmetic on gcc */
-            lo[i * out_c + o] = (int16_t)(t & 0x7FFF);
-        }
-    }
-    hi[positions * out_c] = lo[positions * out_c] = 0;
-    wcol[n2 - 1] = 0;
-    memset(acc, 0, (size_t)n * sizeof(int64_t));
-    for (group = 0; group < c->groups; group++) {
-        const int32_t o0 = group * cout_g;
-        for (ky = 0; ky < c->kernel_h; ky++) {
-            for (kx = 0; kx < c->kernel_w; kx++) {
-                int32_t ox_lo, ox_hi;
-                valid_range(c->out_w, c->in_w, c->stride_w, c->pad_left, kx, &ox_lo, &ox_hi);
-                for (ic = 0; ic < cin_g; ic++) {
-                    const int32_t w_at = (ky * c->kernel_w + kx) * cin_g + ic;
-                    for (o = 0; o < cout_g; o++) { /* rows [0, sram_rows) from the arena, as weight_row() */
-                        const int32_t row = o0 + o;
-                        wcol[o] = (row < c->sram_rows ? c->weight_sram : c->weight)[row * row_len + w_at];
-                    }
-                    for (oy = 0; oy < c->out_h; oy++) {
-                        const int32_t iy = oy * c->stride_h - c->pad_top + ky;
-                        int64_t *ap;
-                        if (iy < 0 || iy >= c->in_h || ox_hi <= ox_lo) {
-                            continue; /* padding: its gradient is dropped */
-                        }
-                        ap = acc + (iy * c->in_w + ox_lo * c->stride_w - c->pad_left + kx) * in_c + group * cin_g + ic;
-                        for (ox = ox_lo; ox < ox_hi; ox++) {
-                            const int32_t at = (oy * c->out_w + ox) * out_c + o0;
-                            *ap += input_grad_sum(hi + at, lo + at, wcol, n2);
-                            ap += c->stride_w * in_c;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    for (i = 0; i < n; i++) {
-        const uint64_t a = fedtiny_abs64(acc[i]);
-        peak = a > peak ? a : peak;
-    }
-    shift = fedtiny_narrow_shift(peak);
-    for (i = 0; i < n; i++) {
-        g_x[i] = fedtiny_narrow_one(acc[i], shift);
-    }
-    *e_x = e_y - p->k + shift;
     return FEDTINY_OK;
 }
