@@ -21,8 +21,8 @@ from fedtiny.ir import Graph, Op
 
 RUNTIME_FILES = ("fedtiny_arith.h", "fedtiny_kernels.h", "fedtiny_kernels.c", "fedtiny_kernels_bwd_fast.c",
                  "fedtiny_runtime.h", "fedtiny_runtime.c", "fedtiny_boot.h", "fedtiny_boot.c", "fedtiny_samples.h",
-                 "firmware_main.c", "firmware_train.c", "fedtiny_train_job.h", "fedtiny_train_job.c", "firmware_train_job.c",
-                 "firmware_profile.c", "fedtiny_m4.ld", "Makefile")
+                 "firmware_main.c", "firmware_train.c", "fedtiny_train_job.h", "fedtiny_train_job.c",
+                 "firmware_train_job.c", "firmware_profile.c", "fedtiny_m4.ld", "Makefile")
 GENERATED_FILES = ("model.h", "model.c", "samples.c")
 
 

@@ -111,7 +111,8 @@ static void input_column(const fedtiny_conv2d_params *c, const int8_t *x, int32_
  * `index` + 1 after the call's counter. */
 static int8_t updated_weight(int8_t w, int64_t sum, int32_t m, int32_t k, uint64_t counter, int32_t index)
 {
-    const int64_t v = (int64_t)w - fedtiny_stochastic_delta(sum, m, k, fedtiny_splitmix64(counter + 1u + (uint64_t)index));
+    const int64_t v =
+        (int64_t)w - fedtiny_stochastic_delta(sum, m, k, fedtiny_splitmix64(counter + 1u + (uint64_t)index));
     return (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
 }
 
@@ -169,7 +170,8 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
                     int64_t s0, s1;
                     weight_sums(gcols + (size_t)o * (size_t)p2, gcols + (size_t)o1 * (size_t)p2, col, p2, &s0, &s1);
                     rows[o * row_len + w_index] = updated_weight(rows[o * row_len + w_index], s0, p->m[o],
-                                                                 15 - p->shift[o] - e_y, counter, o * row_len + w_index);
+                                                                 15 - p->shift[o] - e_y, counter,
+                                                                 o * row_len + w_index);
                     if (o1 != o) {
                         rows[o1 * row_len + w_index] = updated_weight(rows[o1 * row_len + w_index], s1, p->m[o1],
                                                                       15 - p->shift[o1] - e_y, counter,
