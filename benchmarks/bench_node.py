@@ -33,7 +33,8 @@ from report import provenance, write_section
 SECTION = "## The whole node on the Cortex-M4: RAM, flash and instructions per round by part (issue 12)"
 
 PARTS = {
-    "training": ("model", "fedtiny_kernels", "fedtiny_kernels_fwd_fast", "fedtiny_runtime", "fedtiny_train_job",
+    "training": ("model", "fedtiny_kernels", "fedtiny_kernels_fwd_fast",
+                 "fedtiny_kernels_bwd_fast", "fedtiny_runtime", "fedtiny_train_job",
                  "samples"),
     "crypto": ("monocypher", "fedtiny_envelope"),
     "protocol": ("fedtiny_node", "fedtiny_chunk", "fedtiny_wire", "node_plan", "node_config"),

@@ -20,7 +20,7 @@ from fedtiny.interpreter import quantize_input, quantize_target
 from fedtiny.ir import Graph, Op
 
 RUNTIME_FILES = ("fedtiny_arith.h", "fedtiny_kernels.h", "fedtiny_kernels.c", "fedtiny_kernels_fwd_fast.c",
-                 "fedtiny_runtime.h",
+                 "fedtiny_kernels_bwd_fast.c", "fedtiny_runtime.h",
                  "fedtiny_runtime.c", "fedtiny_boot.h", "fedtiny_boot.c", "fedtiny_samples.h", "firmware_main.c",
                  "firmware_train.c", "fedtiny_train_job.h", "fedtiny_train_job.c", "firmware_train_job.c",
                  "firmware_profile.c", "fedtiny_m4.ld", "Makefile")
@@ -422,6 +422,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
             elif s.kind in ("conv2d_weight_update", "conv2d_bias_update"):
                 upd = plan.updates[i]
                 weights = s.kind == "conv2d_weight_update"
+                kind = f"FEDTINY_OP_{device_memory.step_kernel(plan, s, fast).upper()}"  # fast or reference
                 m, sh = (upd.weight_m, upd.weight_shift) if weights else (upd.bias_m, upd.bias_shift)
                 text = (_c_array("int32_t", f"{name}_m", m) + _c_array("int32_t", f"{name}_shift", sh)
                         + _struct("fedtiny_conv2d_update_params", f"{name}_update", dict(

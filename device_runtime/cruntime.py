@@ -40,8 +40,9 @@ ELF_NAME = "fedtiny_model.elf"
 TRAIN_ELF_NAME = "fedtiny_train.elf"
 HOST_LIB = "libfedtiny_model.so"
 TRAIN_JOB_LIB = "libfedtiny_train_job.so"
-KERNEL_FILES = ("Makefile", "fedtiny_kernels.c", "fedtiny_kernels_fwd_fast.c", "fedtiny_kernels.h",
-                "fedtiny_arith.h")  # make host-kernels' inputs
+KERNEL_FILES = ("Makefile", "fedtiny_kernels.c", "fedtiny_kernels_fwd_fast.c", "fedtiny_kernels_bwd_fast.c",
+                "fedtiny_kernels.h", "fedtiny_arith.h")  # make host-kernels' inputs
+KERNEL_OBJECTS = ("fedtiny_kernels.host.o",)  # and its output: every kernel source in one object
 
 
 class BuildError(RuntimeError):
@@ -187,9 +188,9 @@ def build_plan_host(plan, fast: bool = True, cache_dir: Path | None = None) -> P
         return known[1]
     rt = codegen.runtime_dir()
     kernels = make_cached({name: (rt / name).read_bytes() for name in KERNEL_FILES}, "host-kernels",
-                          "fedtiny_kernels.host.o", cache_dir)  # one build for every plan
+                          KERNEL_OBJECTS[0], cache_dir)  # one build for every plan
     path = make_cached(plan_sources(plan, fast=fast, with_samples=False), "host-train-job", TRAIN_JOB_LIB, cache_dir,
-                       prebuilt=(kernels,))
+                       prebuilt=tuple(kernels.parent / name for name in KERNEL_OBJECTS))
     _PLAN_HOSTS[key] = (plan, path)  # holding the plan keeps its id from being reused
     return path
 
@@ -608,8 +609,15 @@ class Conv2dParams(ctypes.Structure):
         ("sram_rows", ctypes.c_int32)]
 
 
+class UpdateParams(ctypes.Structure):
+    """Mirror of fedtiny_conv2d_update_params in fedtiny_kernels.h."""
+    _fields_ = [("conv", ctypes.c_void_p), ("channels", ctypes.c_int32), ("m", ctypes.c_void_p),
+                ("shift", ctypes.c_void_p)]
+
+
 class KernelLibrary:
-    """fedtiny_kernels.c as a host shared library; conv2d(impl, ...) runs one kernel on a batch."""
+    """fedtiny_kernels*.c as a host shared library (-O3 -march=native, as the
+    simulator's build); conv2d(impl, ...) runs one kernel on a batch, weight_update(impl, ...) one update."""
 
     IMPLS = {"reference": "fedtiny_conv2d", "fast": "fedtiny_conv2d_fast", "depthwise": "fedtiny_conv2d_depthwise"}
 
@@ -625,6 +633,48 @@ class KernelLibrary:
             getattr(self.lib, fn).restype = ctypes.c_int
             getattr(self.lib, fn + "_scratch_bytes").argtypes = [ctypes.POINTER(Conv2dParams)]
             getattr(self.lib, fn + "_scratch_bytes").restype = ctypes.c_size_t
+        for fn in ("fedtiny_conv2d_weight_update", "fedtiny_conv2d_weight_update_fast"):
+            getattr(self.lib, fn).argtypes = [ctypes.POINTER(UpdateParams), ctypes.c_void_p, ctypes.c_int32,
+                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+                                              ctypes.c_void_p][:7 if fn.endswith("fast") else 6]
+            getattr(self.lib, fn).restype = ctypes.c_int
+            getattr(self.lib, fn + "_scratch_bytes").argtypes = [ctypes.POINTER(UpdateParams)]
+            getattr(self.lib, fn + "_scratch_bytes").restype = ctypes.c_size_t
+
+    @staticmethod
+    def _conv_params(x_shape, weight, y_shape, attrs, keep: list) -> Conv2dParams:
+        h, w, cin = x_shape
+        cout, kh, kw, _ = weight.shape
+        arrays = [np.ascontiguousarray(a, dtype=d) for a, d in ((weight, np.int8), (attrs["bias"], np.int32),
+                                                                  (attrs["multiplier"], np.int32),
+                                                                  (attrs["shift"], np.int32))]
+        keep.extend(arrays)
+        stride, padding = attrs["stride"], attrs["padding"]
+        return Conv2dParams(h, w, cin, y_shape[0], y_shape[1], cout, kh, kw, stride[0], stride[1], padding[0],
+                            padding[1], attrs["groups"], attrs["x_zero_point"], attrs["y_zero_point"],
+                            attrs["act_min"], attrs["act_max"], *(a.ctypes.data for a in arrays))
+
+    def weight_update(self, impl: str, x, weight, attrs: dict, g_y, e_y: int, rows, m, shift,
+                      counter: int) -> tuple[np.ndarray, int]:
+        """One fedtiny_conv2d_weight_update ("reference") or _fast ("fast") call: x (H, W, Cin) int8, weight the
+        conv's (Cout, kh, kw, Cin / groups), attrs as fedtiny.kernels.conv2d's plus "bias", g_y (OH, OW, Cout)
+        int16, rows (channels, kh, kw, Cin / groups) int8 -> (updated rows, the counter after)."""
+        keep: list = []
+        conv = self._conv_params(x.shape, weight, g_y.shape, attrs, keep)
+        m, shift = (np.ascontiguousarray(a, dtype=np.int32) for a in (m, shift))
+        p = UpdateParams(ctypes.addressof(conv), len(rows), m.ctypes.data, shift.ctypes.data)
+        x, g_y = np.ascontiguousarray(x, dtype=np.int8), np.ascontiguousarray(g_y, dtype=np.int16)
+        rows = np.array(rows, dtype=np.int8, copy=True, order="C")
+        c = ctypes.c_uint64(counter)
+        fn = "fedtiny_conv2d_weight_update" + ("_fast" if impl == "fast" else "")
+        args = [ctypes.byref(p), g_y.ctypes.data, e_y, x.ctypes.data, rows.ctypes.data, ctypes.byref(c)]
+        if impl == "fast":
+            scratch = np.zeros(max(1, getattr(self.lib, fn + "_scratch_bytes")(ctypes.byref(p))) + 7, dtype=np.uint8)
+            args.append(scratch.ctypes.data + (-scratch.ctypes.data) % 8)  # 8-byte aligned, as the generated one
+        status = getattr(self.lib, fn)(*args)
+        if status != 0:
+            raise RuntimeError(f"{fn} returned status {status}")
+        return rows, c.value
 
     def scratch_bytes(self, impl: str, graph: Graph, op) -> int:
         """The C _scratch_bytes() of kernel `impl` for a graph's conv2d op."""

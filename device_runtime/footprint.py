@@ -2,10 +2,10 @@
 
 The training firmware (`make m4-train`) compiles each source to its own object, so its map
 (fedtiny_train.map beside the ELF) names every input section's object. `runtime_sections` sums the sections of
-the runtime's objects (the generated model.c, fedtiny_kernels.c, fedtiny_runtime.c): RAM is their .data and
-.bss (arena, scratch, exponent table, train state), flash their .text, .rodata and .data's load image. The rest
-of that firmware (boot code, newlib's printf and semihosting, the samples) is the test harness's, not the
-plan's. These are the figures fedtiny.device_memory's compile-time rules are held to
+the runtime's objects (the generated model.c, fedtiny_kernels.c, fedtiny_kernels_bwd_fast.c, fedtiny_runtime.c):
+RAM is their .data and .bss (arena, scratch, exponent table, train state), flash their .text, .rodata and .data's
+load image. The rest of that firmware (boot code, newlib's printf and semihosting, the samples) is the test
+harness's, not the plan's. These are the figures fedtiny.device_memory's compile-time rules are held to
 (tests/test_device_memory.py).
 """
 
@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 RUNTIME_OBJECTS = ("model.train.o", "fedtiny_kernels.train.o", "fedtiny_kernels_fwd_fast.train.o",
+                   "fedtiny_kernels_bwd_fast.train.o",
                    "fedtiny_runtime.train.o")
 TRAIN_MAP = "fedtiny_train.map"
 

@@ -39,13 +39,15 @@ KERNEL_STACK_BYTES = {
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
     "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
     "cat": 40 + 32, "mul": 4 + 56, "cat_input_grad": 24 + 32, "mul_input_grad": 24 + 216,
+    "conv2d_weight_update_fast": 32 + 216 + 24,  # fedtiny_kernels_bwd_fast.c: its glue, frame, updated_weight
 }
 
 # The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
 # model.c's functions), on the Cortex-M4 with arm-none-eabi-gcc -O2 -ffunction-sections and --gc-sections: the
 # executor's table reaches every kernel, so the linked code does not depend on the plan. Measured from the
 # linker's map (tests/test_device_memory.py keeps it within 5 %); update it when the kernels change.
-RUNTIME_CODE_BYTES = 17_010  # measured 2026-11-30 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196)
+RUNTIME_CODE_BYTES = 18_582  # measured 2026-11-30: 17,010 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196)
+                            # + 1,572 for the fast weight update (fedtiny_kernels_bwd_fast.c)
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
@@ -118,11 +120,19 @@ def _input_grad_scratch(graph: Graph, op: Op, step) -> int:
     return 8 * c * (1 if step.attrs.get("recompute") else h * w)
 
 
-# plan step kind -> its scratch bytes (graph, op, step)
+def _weight_update_fast_scratch(graph: Graph, op: Op, step) -> int:
+    """The fast weight update's g columns of the trainable rows and one input column, int16 per output position
+    (rounded up to even)."""
+    oh, ow, _ = graph.tensors[op.outputs[0]].shape
+    return 2 * (step.attrs["channels"] + 1) * (oh * ow + (oh * ow) % 2)
+
+
+# a training step's C kernel (step_kernel) -> its scratch bytes (graph, op, step)
 STEP_SCRATCH = {
     "conv2d_input_grad": _input_grad_scratch,
     "avgpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
     "maxpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
+    "conv2d_weight_update_fast": _weight_update_fast_scratch,
 }
 
 
@@ -140,7 +150,7 @@ def step_scratch_bytes(plan, step, fast: bool = True) -> int:
     graph = plan.graph
     if step.kind == "forward":
         return op_scratch_bytes(graph, graph.ops[step.attrs["op"]], fast)
-    rule = STEP_SCRATCH.get(step.kind)
+    rule = STEP_SCRATCH.get(step_kernel(plan, step, fast))
     return rule(graph, graph.ops[step.attrs["op"]], step) if rule else 0
 
 
@@ -151,14 +161,16 @@ def plan_scratch_bytes(plan, fast: bool = True) -> int:
 
 def choose_recompute(plan, available: int, fast: bool = True) -> None:
     """When the plan's RAM exceeds `available`, switch conv input-gradient steps to their recompute form (a
-    scratch of one pixel, twice the MACs), largest scratch first, until it fits or none is left: memory is
-    traded for time only where the budget asks for it."""
+    scratch of one pixel, twice the MACs) and fast weight updates to the reference kernel (no scratch, slower),
+    largest scratch first, until it fits or none is left: memory is traded for time only where the budget asks
+    for it."""
     def pixels(step) -> int:
         h, w, _ = plan.graph.tensors[plan.graph.ops[step.attrs["op"]].inputs[0]].shape
         return h * w
 
     # an input of one pixel (a linear layer's) would take the same scratch twice as slowly
-    candidates = sorted((s for s in plan.steps if s.kind == "conv2d_input_grad" and pixels(s) > 1),
+    candidates = sorted((s for s in plan.steps if (s.kind == "conv2d_input_grad" and pixels(s) > 1)
+                         or step_kernel(plan, s, fast) == "conv2d_weight_update_fast"),
                         key=lambda s: -step_scratch_bytes(plan, s, fast))
     for step in candidates:
         if plan_footprint(plan, fast)["device_ram_bytes"] <= available:
@@ -234,6 +246,8 @@ def step_kernel(plan, step, fast: bool = True) -> str:
         return "grad_mask_bits"
     if step.kind == "loss_grad" and plan.loss == "mse":
         return "mse_grad"
+    if step.kind == "conv2d_weight_update" and fast and not step.attrs.get("recompute"):
+        return "conv2d_weight_update_fast"  # fedtiny_kernels_bwd_fast.c; `recompute`: the budget's choice
     return step.kind
 
 

@@ -217,3 +217,46 @@ def test_plugin_instruction_count_is_deterministic(cache):
     print(f"\nsensor_cnn: {macs} MACs/inference; fast {counts[True]:.0f} insns/inference "
           f"({counts[True] / macs:.2f}/MAC), reference {counts[False]:.0f} ({counts[False] / macs:.2f}/MAC)")
     assert counts[True] < counts[False]
+
+
+def random_update_case(rng, i: int):
+    """A conv (random_conv_case: general, depthwise or pointwise) with a random output gradient, trainable rows,
+    update constants and exponent: k = 15 - shift - e_y takes both signs. Every fourth case has a long output
+    (more than one int32 block of positions) and extreme values (|g| = 32767, |x - zx| = 255)."""
+    kind = ("general", "depthwise", "pointwise")[i % 3]
+    x, weight, bias, attrs = random_conv_case(rng, depthwise=kind == "depthwise", pointwise=kind == "pointwise")
+    x = x[0]
+    cout, kh, kw, _ = weight.shape
+    if i % 4 == 3:
+        attrs.update(stride=[1, 1], padding=[0, 0, 0, 0], x_zero_point=127)
+        x = np.full((kh, 700, x.shape[2]), -128, dtype=np.int8)
+        x[:, ::7] = rng.integers(-128, 128, x[:, ::7].shape)
+    (top, left, bottom, right), (sh, sw) = attrs["padding"], attrs["stride"]
+    oh, ow = (x.shape[0] + top + bottom - kh) // sh + 1, (x.shape[1] + left + right - kw) // sw + 1
+    g_y = rng.integers(-32767, 32768, (oh, ow, cout)).astype(np.int16)
+    if i % 4 == 3:
+        g_y[:] = 32767
+    g_y[rng.random(g_y.shape) < 0.2] = 0
+    channels = int(rng.integers(1, cout + 1))
+    m, shift = rng.integers(2**14, 2**15, channels), rng.integers(-12, 4, channels)
+    return x, weight, dict(attrs, bias=bias), g_y, int(rng.integers(-30, 10)), weight[:channels], m, shift, kind
+
+
+def test_fast_weight_update_matches_the_reference_kernel(cache):
+    """fedtiny_conv2d_weight_update_fast == fedtiny_conv2d_weight_update byte for byte (rows and random counter) on
+    random shapes, groups, strides, paddings, zero points and exponents, built as the simulator builds (-O3
+    -march=native)."""
+    need("gcc", "make")
+    lib = cruntime.KernelLibrary(cache)
+    rng = np.random.default_rng(5)
+    changed = 0
+    for i in range(96):
+        x, weight, attrs, g_y, e_y, rows, m, shift, kind = random_update_case(rng, i)
+        counter = int(rng.integers(0, 2**63))
+        expected, expected_counter = lib.weight_update("reference", x, weight, attrs, g_y, e_y, rows, m, shift, counter)
+        actual, actual_counter = lib.weight_update("fast", x, weight, attrs, g_y, e_y, rows, m, shift, counter)
+        what = f"case {i} {kind}: x {x.shape} w {weight.shape} rows {len(rows)} {attrs['stride']} {attrs['padding']}"
+        assert_equal_int8(actual, expected, what)
+        assert actual_counter == expected_counter == counter + rows.size, what
+        changed += int(not np.array_equal(expected, rows))
+    assert changed > 60, "the updates changed too few rows to tell kernels apart"

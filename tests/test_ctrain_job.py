@@ -428,9 +428,10 @@ def test_plan_libraries_link_one_kernel_build(cache):
              for name in ("sensor_cnn default", "mlp mse full")]
     kernels = sorted(cache.glob("*-host-kernels"))
     assert len(kernels) == 1 and len(set(paths)) == 2
-    built = (kernels[0] / "fedtiny_kernels.host.o").read_bytes()
-    for path in paths:
-        assert (path.parent / "fedtiny_kernels.host.o").read_bytes() == built
+    for name in cruntime.KERNEL_OBJECTS:
+        built = (kernels[0] / name).read_bytes()
+        for path in paths:
+            assert (path.parent / name).read_bytes() == built, name
 
 
 # ---- the Cortex-M4 under QEMU -----------------------------------------------------------------------------------

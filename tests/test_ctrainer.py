@@ -176,6 +176,21 @@ def test_m4_firmware_trains_like_python_under_qemu(name, scheme, cache):
           f"{plan.memory_report()['scratch_bytes']} B), flash {usage['flash']} B")
 
 
+def test_m4_training_firmware_runs_the_fast_weight_update_with_smlad(cache):
+    """The `full` firmware's op table calls the fast weight update (fedtiny_kernels_bwd_fast.c), whose sums are
+    SMLAD instructions (ACLE __smlad, two int16 MACs each): the disassembly of that function holds them."""
+    import subprocess
+
+    need("arm-none-eabi-gcc", "arm-none-eabi-objdump", "qemu-system-arm", "make")
+    plan, elf, result = m4_training_run("sensor_cnn", "full", cache)  # the build test_m4_firmware_... checks
+    assert "FEDTINY_OP_CONV2D_WEIGHT_UPDATE_FAST" in (elf.parent / "model.c").read_text()
+    disassembly = subprocess.run(["arm-none-eabi-objdump", "-d", str(elf)], capture_output=True, text=True,
+                                 check=True).stdout
+    start = disassembly.index("<fedtiny_conv2d_weight_update_fast>:")
+    body = disassembly[start:disassembly.find("\n\n", start)]
+    assert body.count("\tsmlad\t") >= 2, body[-2000:]
+
+
 def test_firmware_digest_changes_with_state(cache):
     """The digest covers every trainable byte: a one-LSB change in the last buffer changes it."""
     graph, _, _ = make_case("mlp")

@@ -265,4 +265,16 @@ fedtiny_status fedtiny_grad_mask_bits(const fedtiny_grad_mask_params *p, const i
 fedtiny_status fedtiny_grad_mask(const fedtiny_grad_mask_params *p, const int16_t *g, const int8_t *y, int16_t *out);
 size_t fedtiny_grad_mask_scratch_bytes(const fedtiny_grad_mask_params *p);
 
+/* ==== fast backward kernels (fedtiny_kernels_bwd_fast.c) ==================================================
+ * The reference training kernels' results bit for bit, faster: operands transposed once into contiguous int16
+ * vectors in the scratch, then dot products of int16 pairs (SMLAD on a Cortex-M4 with the DSP extension; vector
+ * code from gcc -O3 on the host). The code generator picks them (fedtiny.device_memory.step_kernel) unless the
+ * budget asks for the reference kernels' smaller scratch. */
+
+/* fedtiny_conv2d_weight_update for any conv; scratch: (channels + 1) x positions (rounded up to even) int16. */
+fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_params *p, const int16_t *g_y,
+                                                 int32_t e_y, const int8_t *x, int8_t *rows, uint64_t *rng_counter,
+                                                 void *scratch);
+size_t fedtiny_conv2d_weight_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p);
+
 #endif /* FEDTINY_KERNELS_H */

@@ -139,6 +139,12 @@ static fedtiny_status invoke_conv2d_weight_update(const fedtiny_op *op, const fe
                                         OUT(0), &g->state->rng_counter);
 }
 
+static fedtiny_status invoke_conv2d_weight_update_fast(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_conv2d_weight_update_fast((const fedtiny_conv2d_update_params *)TP->kernel, GIN(0), E_IN(0), IN(1),
+                                             OUT(0), &g->state->rng_counter, g->scratch);
+}
+
 static fedtiny_status invoke_conv2d_bias_update(const fedtiny_op *op, const fedtiny_graph *g)
 {
     return fedtiny_conv2d_bias_update((const fedtiny_conv2d_update_params *)TP->kernel, GIN(0), E_IN(0),
@@ -193,6 +199,10 @@ static size_t scratch_mse_grad(const void *p) { return fedtiny_mse_grad_scratch_
 static size_t scratch_lut_input_grad(const void *p) { return fedtiny_lut_input_grad_scratch_bytes(TK(p)); }
 static size_t scratch_cat_input_grad(const void *p) { return fedtiny_cat_input_grad_scratch_bytes(TK(p)); }
 static size_t scratch_mul_input_grad(const void *p) { return fedtiny_mul_input_grad_scratch_bytes(TK(p)); }
+static size_t scratch_conv2d_weight_update_fast(const void *p)
+{
+    return fedtiny_conv2d_weight_update_fast_scratch_bytes(TK(p));
+}
 
 static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_conv2d, scratch_conv2d, 0},                     /* FEDTINY_OP_CONV2D */
@@ -219,6 +229,7 @@ static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_mul, scratch_mul, 0},                                   /* FEDTINY_OP_MUL */
     {invoke_cat_input_grad, scratch_cat_input_grad, 1},             /* FEDTINY_OP_CAT_INPUT_GRAD */
     {invoke_mul_input_grad, scratch_mul_input_grad, 1},             /* FEDTINY_OP_MUL_INPUT_GRAD */
+    {invoke_conv2d_weight_update_fast, scratch_conv2d_weight_update_fast, 1}, /* ..._WEIGHT_UPDATE_FAST */
 };
 
 size_t fedtiny_op_scratch_bytes(const fedtiny_op *op)
