@@ -82,12 +82,34 @@ def test_skewed_shards_hold_one_class_or_two_and_every_class_trains():
     assert len(tuning.skewed_shards(y[:5], 10)) == 1  # fewer samples than a device holds: one shard
 
 
-def test_the_rule_ranks_accuracy_then_larger_lr_then_loss_then_fewer_epochs():
+def test_the_rule_ranks_accuracy_then_loss_then_larger_lr_then_fewer_epochs():
     tried = [(0.1, 1, 0.5, 9.0), (0.01, 2, 0.9, 0.3), (0.03, 2, 0.9, 0.4), (0.03, 1, 0.9, 0.3), (0.03, 3, 0.9, 0.3),
              (0.003, 3, 0.9, 0.2), (1.0, 1, 0.95, float("nan"))]
-    assert tuning.best(tried) == (0.03, 1, 0.9, 0.3)  # a NaN loss loses whatever its argmax scored
-    assert tuning.best(tried[:3]) == (0.03, 2, 0.9, 0.4)  # equal accuracy: the largest lr
+    assert tuning.best(tried) == (0.003, 3, 0.9, 0.2)  # a NaN loss loses whatever its argmax scored; then loss
+    assert tuning.best(tried[1:5]) == (0.03, 1, 0.9, 0.3)  # equal accuracy and loss: the largest lr, fewer epochs
     assert tuning.best(tried[:2] + [(0.003, 3, 0.95, 0.2)]) == (0.003, 3, 0.95, 0.2)  # accuracy first
+
+
+def test_the_rule_chooses_the_lr_at_one_epoch_then_the_epochs_at_it():
+    calls = []
+
+    def curve(lr, epochs):  # a made-up trial: 0.01 learns best, and more epochs help at it
+        calls.append((lr, epochs))
+        return (0.9 - abs(np.log10(lr) + 2) / 10 + epochs / 100, 0.5)
+
+    choice = tuning._choose(curve, (0.001, 0.01, 0.1), (1, 2, 3), start=0.5)
+    assert calls == [(0.001, 1), (0.01, 1), (0.1, 1), (0.01, 2), (0.01, 3)]
+    assert (choice.lr, choice.epochs) == (0.01, 3) and len(choice.tried) == 5
+
+
+def test_the_trial_plays_rounds_from_each_rounds_average():
+    """Each of the trial's rounds starts from the previous round's average, and its score is the mean over the
+    rounds: a trainer that adds 1 per epoch, scored by its state, scores the mean of 1..TRIAL_ROUNDS epochs' sums."""
+    shards = [np.arange(3), np.arange(3, 6)]
+    folds = [(shards, np.arange(4)), (shards, np.arange(4, 6))]
+    result = tuning._trial(lambda state, shard, epochs, round_: state + epochs, lambda states: np.mean(states),
+                           lambda state, idx: (state, 0.0), 0.0, folds, epochs=2)
+    assert result == (pytest.approx(np.mean([2 * r for r in range(1, tuning.TRIAL_ROUNDS + 1)])), 0.0)
 
 
 def test_the_baseline_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
