@@ -6,12 +6,14 @@ machines when the host's data comes from several, else a fifth of each class) ar
 (scenarios.halves: every machine and class in both). The host plays TRIAL_ROUNDS federated rounds from the
 pretrained model in two folds: shards of one half train, the other half is scored after every round, and the other
 way round. That is a fleet's situation: devices train on samples the model never fitted and are judged on more of
-their kind. Shards have a device's size (the median node's sample count; at most MAX_SHARDS of them, spread over
-the labels) and are cut after sorting by label, so each holds one class or two: the worst label skew a fleet can
-have. In a round every shard trains from the round's model as a device would, and the shards' states are averaged
+their kind. Shards have a device's size (the median node's sample count; at most MAX_SHARDS of them) and are cut
+as a fleet's devices hold samples (device_shards): a machine's samples per shard when the samples come from several
+machines, else a Dirichlet(1) label split, as the scenarios split a fleet. (Shards of one class or two, the worst
+label skew, which this rule used before, pull the model apart so that no rate learned anything in the trial.) In a
+round every shard trains from the round's model as a device would, and the shards' states are averaged
 (FedAvg). A setting's score is its trial's learning curve: the accuracy and mean cross-entropy after each round,
 averaged over the rounds and the folds (weighted by the samples each scored), so that a rate that learns in the
-first rounds beats one that needs many, and one that diverges or swings with each round's skewed shards (client
+first rounds beats one that needs many, and one that diverges or swings with each round's shards (client
 drift) loses. The best accuracy wins; among equals the lower loss, then the larger lr, then the fewer epochs.
 
 The learning rate is chosen first, over LRS (half-decade steps) at one epoch per round; then the epochs (1 to
@@ -43,7 +45,7 @@ MAX_SHARDS = 8
 MAX_SCORED = 512  # of a half scored in a fold: a time bound
 TRIAL_ROUNDS = 3
 TRIAL = (f"lrs{LRS}/epochs1-{MAX_EPOCHS}/shards{MAX_SHARDS}/scored{MAX_SCORED}/rounds{TRIAL_ROUNDS}"
-         "/unseen-halves/lr-then-epochs/v5")  # cache key
+         "/unseen-halves/device-shards/lr-then-epochs/v5")  # cache key
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,29 @@ def _int8_scores(graph, xq: np.ndarray, y: np.ndarray, outputs: np.ndarray | Non
     return float((logits.argmax(axis=1) == y).mean()), float(-log_p[np.arange(len(y)), y].mean())
 
 
-def skewed_shards(y: np.ndarray, shard_size: int) -> list[np.ndarray]:
-    """Samples with labels y cut into shards of `shard_size` (at least one shard) after sorting by label: each
-    shard holds one class or two, the worst label skew a fleet can have."""
-    order = np.argsort(np.asarray(y), kind="stable")
-    count = max(1, len(order) // max(1, shard_size))
-    shards = [part for part in np.array_split(order, count) if len(part)]
-    # a time bound: MAX_SHARDS of them, evenly spread over the label order so that every class still trains
+def device_shards(y: np.ndarray, group: np.ndarray, shard_size: int, seed: int = 0) -> list[np.ndarray]:
+    """Indexes of samples (labels y, groups `group`) cut into shards as a fleet's devices hold samples: when they
+    come from several groups (machines), each group's samples in shards of about `shard_size` (a device is a
+    machine: every class it shows, one machine's conditions); from one source, a Dirichlet(1) label split into
+    shards of about `shard_size`, as scenarios split a fleet's samples that have no groups. At most MAX_SHARDS of
+    them, spread evenly (a time bound); deterministic for a seed."""
+    y, group = np.asarray(y), np.asarray(group)
+    rng = np.random.default_rng([seed, 0x5A4D])
+    shards = []
+    if len(np.unique(group)) >= 2:
+        for g in np.unique(group):
+            members = rng.permutation(np.flatnonzero(group == g))
+            shards += np.array_split(members, max(1, len(members) // max(1, shard_size)))
+    else:
+        count = max(1, len(y) // max(1, shard_size))
+        parts: list[list[int]] = [[] for _ in range(count)]
+        for label in np.unique(y):
+            members = rng.permutation(np.flatnonzero(y == label))
+            cuts = (np.cumsum(rng.dirichlet(np.ones(count)))[:-1] * len(members)).round().astype(int)
+            for part, chunk in zip(parts, np.split(members, cuts)):
+                part.extend(chunk.tolist())
+        shards = [np.sort(np.asarray(part, np.int64)) for part in parts]
+    shards = [shard for shard in shards if len(shard)]
     return [shards[i] for i in np.unique(np.linspace(0, len(shards) - 1, MAX_SHARDS).round().astype(int))]
 
 
@@ -103,12 +121,12 @@ def _scored(y: np.ndarray) -> np.ndarray:
     return np.sort(order[np.unique(np.linspace(0, len(y) - 1, min(len(y), MAX_SCORED)).astype(int))])
 
 
-def folds(y_first: np.ndarray, y_second: np.ndarray, shard_size: int) -> list[tuple[list[np.ndarray], np.ndarray]]:
-    """The trial's two folds over the halves' samples indexed first half, then second: (shards, scored). The
-    first half's shards are scored on the second half and the other way round."""
-    n = len(y_first)
-    return [(skewed_shards(y_first, shard_size), n + _scored(y_second)),
-            ([n + shard for shard in skewed_shards(y_second, shard_size)], _scored(y_first))]
+def folds(first, second, shard_size: int, seed: int = 0) -> list[tuple[list[np.ndarray], np.ndarray]]:
+    """The trial's two folds over the halves' samples (Datasets) indexed first half, then second: (shards,
+    scored). The first half's device shards are scored on the second half and the other way round."""
+    n = len(first.y)
+    return [(device_shards(first.y, first.group, shard_size, seed), n + _scored(second.y)),
+            ([n + shard for shard in device_shards(second.y, second.group, shard_size, seed)], _scored(first.y))]
 
 
 def _trial(train_shard, average, score, start, trial_folds, epochs: int) -> tuple[float, float]:
@@ -146,7 +164,7 @@ def choose_device(config, task, graph, first, second, *, shard_size: int, lrs=LR
     epochs_grid = tuple(epochs_grid or range(1, MAX_EPOCHS + 1))
     xq = quantize_input(graph, np.concatenate([first.X, second.X]))
     y = np.concatenate([first.y, second.y])
-    trial_folds = folds(first.y, second.y, shard_size)
+    trial_folds = folds(first, second, shard_size, seed)
     schemes = set()
 
     def curve(lr: float, epochs: int) -> tuple[float, float]:
@@ -196,7 +214,7 @@ def choose_baseline_lr(model, first, second, epochs: int, *, shard_size: int, lr
 
     x_all, y_all = np.concatenate([first.X, second.X]).astype(np.float32), np.concatenate([first.y, second.y])
     xt, yt = torch.as_tensor(x_all), torch.as_tensor(y_all.astype(np.int64))
-    trial_folds = folds(first.y, second.y, shard_size)
+    trial_folds = folds(first, second, shard_size, seed)
 
     def curve(lr: float, epochs: int) -> tuple[float, float]:
         def train_shard(state, shard, epochs, round_):
@@ -273,7 +291,7 @@ def settle(config, task, model, graph, train, val, trainer_factory=None) -> list
         lines.append(f"devices: lr {choice.lr:g}, {choice.epochs} epoch(s) per round (scheme {choice.scheme}), "
                      f"chosen on {len(val)} host samples the pretraining never trained on: int8 accuracy "
                      f"{100 * choice.start_accuracy:.1f} % before, {100 * choice.val_accuracy:.1f} % on average over "
-                     f"{TRIAL_ROUNDS} rounds on label-skewed shards of {shard_size} of them (tried lr "
+                     f"{TRIAL_ROUNDS} rounds on device-sized shards ({shard_size}) of them (tried lr "
                      f"{min(lrs):g}..{max(lrs):g}, {min(epochs_grid)}..{max(epochs_grid)} epochs)")
     if config.baseline and config.baseline_lr is None:
         path = _cache_file("baseline", graph, config.epochs, config.seed, LRS, len(train), len(val), shard_size)

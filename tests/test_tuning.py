@@ -73,13 +73,19 @@ def test_pretraining_restores_the_best_weights_not_the_last():
     assert evaluate(model, x[val], y[val])[1] == pytest.approx(record.val_loss)
 
 
-def test_skewed_shards_hold_one_class_or_two_and_every_class_trains():
-    y = np.repeat(np.arange(4), 30)
-    shards = tuning.skewed_shards(y, 10)
-    assert len(shards) == tuning.MAX_SHARDS  # 12 shards of 10, thinned evenly
-    assert all(len(np.unique(y[s])) <= 2 for s in shards)
-    assert set(np.concatenate([y[s] for s in shards]).tolist()) == {0, 1, 2, 3}
-    assert len(tuning.skewed_shards(y[:5], 10)) == 1  # fewer samples than a device holds: one shard
+def test_device_shards_are_machines_when_there_are_several_else_a_label_split():
+    y = np.tile(np.repeat(np.arange(4), 10), 3)  # 3 machines, 10 samples of each of 4 classes
+    group = np.repeat([7, 8, 9], 40)
+    shards = tuning.device_shards(y, group, 20)
+    assert len(shards) == 6 and all(len(np.unique(group[s])) == 1 for s in shards)  # two per machine
+    assert sorted(np.concatenate(shards).tolist()) == list(range(120))
+    many = tuning.device_shards(np.repeat(np.arange(4), 30), np.zeros(120), 10)
+    assert len(many) == tuning.MAX_SHARDS  # 12 shards of about 10, thinned evenly
+    assert len(set(np.concatenate(many).tolist())) == sum(len(s) for s in many)  # disjoint
+    assert any(len(np.unique(np.repeat(np.arange(4), 30)[s])) < 4 for s in many)  # label skew, as Dirichlet(1)
+    assert len(tuning.device_shards(y[:5], np.zeros(5), 10)) == 1  # fewer samples than a device holds: one shard
+    again = tuning.device_shards(np.repeat(np.arange(4), 30), np.zeros(120), 10)
+    assert all(np.array_equal(a, b) for a, b in zip(many, again))  # deterministic
 
 
 def test_the_rule_ranks_accuracy_then_loss_then_larger_lr_then_fewer_epochs():
