@@ -14,9 +14,9 @@ then each of them and each built-in scenario (industrial, vision, medical) runs 
     fedtiny simulate --data FILE.npz --nodes 10 --baseline     (or --scenario NAME)
 
 with every learning setting left to fedtiny (pretraining to convergence, lr and epochs chosen on the host's
-validation part, which pretraining never trained on, the baseline's lr by the same rule). The table has the host model's validation accuracy, the
-settings chosen, the held-out accuracy before and after the rounds for fedtiny and for the fp32 baseline, and
-the difference. The model cache is a fresh folder: pretraining and the choices are part of each run's time.
+validation part, which pretraining never trained on, the baseline's lr by the same rule). The table has the host
+model's validation accuracy, the settings chosen, the held-out accuracy before and after the rounds for fedtiny and
+for the fp32 baseline, and the difference. The model cache is a fresh folder: pretraining and the choices are part of each run's time.
 """
 
 import argparse

@@ -110,12 +110,12 @@ def test_the_rule_chooses_the_lr_at_one_epoch_then_the_epochs_at_it():
 
 def test_the_trial_plays_rounds_from_each_rounds_average():
     """Each of the trial's rounds starts from the previous round's average, and its score is the mean over the
-    rounds: a trainer that adds 1 per epoch, scored by its state, scores the mean of 1..TRIAL_ROUNDS epochs' sums."""
+    rounds: a trainer that adds 1 per epoch, scored by its state, scores the mean of its 1..rounds rounds' sums."""
     shards = [np.arange(3), np.arange(3, 6)]
     folds = [(shards, np.arange(4)), (shards, np.arange(4, 6))]
     result = tuning._trial(lambda state, shard, epochs, round_: state + epochs, lambda states: np.mean(states),
-                           lambda state, idx: (state, 0.0), 0.0, folds, epochs=2)
-    assert result == (pytest.approx(np.mean([2 * r for r in range(1, tuning.TRIAL_ROUNDS + 1)])), 0.0)
+                           lambda state, idx: (state, 0.0), 0.0, folds, epochs=2, rounds=4)
+    assert result == (pytest.approx(np.mean([2, 4, 6, 8])), 0.0)
 
 
 def test_the_baseline_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
