@@ -106,10 +106,9 @@ def main():
                                                        else "")
     lines = [SECTION, "", provenance(command), "",
              "Every learning setting is fedtiny's own choice: the host pretrains to convergence on a validation part "
-             "of its data (whole machines where it has several; fedtiny/train.py, scenarios.host_split), the "
-             "devices' lr and epochs and the fp32 baseline's lr are chosen on that part, which pretraining never "
-             "trained on, by one rule (three FedAvg rounds on skewed shards of one half scored on the other: "
-             "simulations/tuning.py). Accuracies are on the held-out test set after 10 rounds; \"host model\" is on "
+             "of its data (fedtiny/train.py, scenarios.host_split), the devices' lr and epochs and the fp32 "
+             "baseline's lr are chosen on that part, which pretraining never trained on, by one rule (the run's "
+             "rounds of FedAvg on device-sized shards of one half, scored on the other: simulations/tuning.py). Accuracies are on the held-out test set after 10 rounds; \"host model\" is on "
              "the host's validation part.", "",
              "| data | command | host model (validation) | chosen | fedtiny before -> after | fp32 Flower | "
              "difference (points) | within 2 points | wall time |",

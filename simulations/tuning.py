@@ -1,8 +1,8 @@
 """The learning rate and local epochs of a run, chosen on host data the pretraining never trained on, by one rule
 for every model, dataset and update scheme (nothing tuned per scenario).
 
-The rule: the host's samples that pretraining did not train on (scenarios.host_split's validation part: whole
-machines when the host's data comes from several, else a fifth of each class) are cut in two halves
+The rule: the host's samples that pretraining did not train on (scenarios.host_split's validation part, a fifth
+of each class) are cut in two halves
 (scenarios.halves: every machine and class in both). The host plays the run's rounds (at most MAX_TRIAL_ROUNDS)
 of FedAvg from the pretrained model in two folds: shards of one half train, the other half is scored after every
 round, and the other way round. That is a fleet's situation: devices train on samples the model never fitted and are judged on more of

@@ -18,26 +18,16 @@ def test_industrial_scores_the_fleet_on_windows_no_node_holds():
         assert not (held[:, None] == node.X[None]).all(axis=(2, 3)).any()
 
 
-def test_host_split_holds_out_whole_machines_when_the_host_has_several():
-    task = load_task("industrial", 2, seed=0)
-    train, val = host_split(task, seed=0)
-    assert len(np.unique(val.group)) == 4  # a fifth of 20 machines
-    assert not set(val.group.tolist()) & set(train.group.tolist())
-    assert set(val.y.tolist()) == set(train.y.tolist()) == {0, 1, 2, 3}
-    assert np.array_equal(host_split(task, seed=0)[1].X, val.X)  # deterministic for a seed
-    medical = load_task("medical", 2, seed=0)  # one group: a fifth of each class
-    train, val = host_split(medical, seed=0)
-    assert set(val.y.tolist()) == {0, 1} and len(val) + len(train) == len(medical.pretrain)
-
-
 def test_unseen_halves_split_the_validation_part_with_every_machine_and_class_in_both():
     task = load_task("industrial", 2, seed=0)
     first, second = unseen_halves(task, seed=0)
-    _, val = host_split(task, seed=0)
-    assert len(first) + len(second) == len(val) and abs(len(first) - len(second)) <= 8
+    train, val = host_split(task, seed=0)
+    assert len(val) + len(train) == len(task.pretrain) and set(val.y.tolist()) == {0, 1, 2, 3}
+    strata = len(np.unique(np.stack([val.group, val.y], 1), axis=0))
+    assert len(first) + len(second) == len(val) and 0 <= len(first) - len(second) <= strata  # odd ones first
+    twice = {(int(g), int(c)) for g, c in zip(val.group, val.y) if ((val.group == g) & (val.y == c)).sum() >= 2}
     for part in (first, second):
-        strata = {(int(g), int(c)) for g, c in zip(part.group, part.y)}
-        assert strata == {(int(g), int(c)) for g, c in zip(val.group, val.y)}
+        assert twice <= {(int(g), int(c)) for g, c in zip(part.group, part.y)}  # in both, where it can be
     both = np.concatenate([first.X, second.X])
     assert len(np.unique(both.reshape(len(both), -1), axis=0)) == len(val)  # disjoint, nothing lost
     odd = halves(val.subset(np.arange(3)))  # three samples of one stratum: the first half gets the odd one out

@@ -125,7 +125,8 @@ def test_the_baseline_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
     train, val = ds.subset(train_idx), ds.subset(val_idx)
     model = mlp()
     pretrain(model, train.X, train.y, val.X, val.y, seed=0, patience=50, max_steps=300)
-    choices = [tuning.choose_baseline_lr(model, train, val, 2, shard_size=10, lrs=(0.01, 300.0)) for _ in range(2)]
+    choices = [tuning.choose_baseline_lr(model, train, val, 2, shard_size=10, lrs=(0.01, 300.0), rounds=2)
+               for _ in range(2)]
     assert choices[0] == choices[1]
     diverged = [t for t in choices[0].tried if t[0] == 300.0][0]
     held = [t for t in choices[0].tried if t[0] == 0.01][0]
@@ -149,7 +150,7 @@ def test_the_device_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
     _, graph, task, train, val = int8_task()
     config = SimulationConfig(nodes=1, scenario="medical", scheme="full", reserve=0)
     choices = [tuning.choose_device(config, task, graph, train, val, shard_size=10, lrs=(0.01, 1000.0),
-                                   epochs_grid=(1, 2))
+                                   epochs_grid=(1, 2), rounds=2)
                for _ in range(2)]
     assert choices[0] == choices[1]
     assert choices[0].scheme == "full"
@@ -161,8 +162,8 @@ def test_the_device_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
 def test_settle_keeps_what_the_user_gave_and_fills_the_rest(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path))
     model, graph, task, train, val = int8_task()
-    config = SimulationConfig(nodes=1, scenario="medical", scheme="full", reserve=0, lr=0.02, baseline=True,
-                              baseline_lr=0.005)
+    config = SimulationConfig(nodes=1, rounds=2, scenario="medical", scheme="full", reserve=0, lr=0.02,
+                              baseline=True, baseline_lr=0.005)
     lines = tuning.settle(config, task, model, graph, train, val)
     assert config.lr == 0.02 and config.baseline_lr == 0.005 and config.epochs in range(1, tuning.MAX_EPOCHS + 1)
     assert len(lines) == 1 and lines[0].startswith("devices: lr 0.02,")
