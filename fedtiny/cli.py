@@ -270,7 +270,7 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
               help="A .npz/.csv of labelled samples (raw features, as the model's training file had them), or a "
                    "scenario (industrial, vision, medical): its held-out test set.")
 @click.option("--nodes", default=50, show_default=True, help="With a scenario: the node count of the run whose "
-              "test set to use (the industrial test set has 5 samples of each node's machine).")
+              "test set to use (the industrial test set is a fifth of each node's machine's windows).")
 @click.option("--seed", default=0, show_default=True, help="With a scenario: the seed of its split.")
 def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
     """Accuracy and per-class recall of an int8 model file (.ftm: `fedtiny quantize`'s, or a run's global.ftm) on
