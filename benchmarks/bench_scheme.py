@@ -29,7 +29,8 @@ from fedtiny.interpreter import quantize_input
 from fedtiny.scheme import REFERENCE_SPARSE, parse
 from fedtiny.search import FIXED, HostData, Scorer, device_ram
 from fedtiny_device.cruntime import CTrainer
-from fedtiny_sim.autoscheme import SEARCH_LRS, auto_scheme, c_forward, unseen_halves
+from fedtiny_sim.autoscheme import SEARCH_LRS, auto_scheme, c_forward
+from fedtiny_sim.scenarios import unseen_halves
 from fedtiny_sim.scenarios import load_task, pretrained
 
 from report import provenance, write_section

@@ -244,7 +244,8 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
     scheme = scheme or REFERENCE_SPARSE.get(graph.meta.get("model", model), "last:2")
     try:
         if scheme == "auto":
-            from fedtiny_sim.autoscheme import auto_scheme, unseen_halves
+            from fedtiny_sim.autoscheme import auto_scheme
+            from fedtiny_sim.scenarios import unseen_halves
 
             result = auto_scheme(graph, unseen_halves(task, seed), budget=budget_bytes, reserve=reserve_bytes, lr=lr,
                                  qas=not no_qas, loss=loss, seed=seed, note=note)

@@ -4,11 +4,10 @@ fedtiny.search knows no trainer (fedtiny may not import fedtiny_device); this mo
 C trainer and its forward pass when gcc is present (each candidate plan's library cached in $FEDTINY_CACHE), else
 the Python reference, which gives the same numbers bit for bit, only slower.
 
-The data: the samples of the host's data that pretraining never trained on, in two halves (unseen_halves). A
-search run fine-tunes on one half and scores on the other, then the other way round, so every score is on
-samples the model never fitted, as a device's data is. (The learn helper's branch adds scenarios.unseen_halves,
-the one place the lr rule and the search take such data from; when both are merged, it replaces unseen_halves
-here, which cuts the same halves from the split pretraining stops on today.)
+The data: the samples of the host's data that pretraining never trained on, in two halves
+(scenarios.unseen_halves, where the lr rule takes its data too). A search run fine-tunes on one half and scores
+on the other, then the other way round, so every score is on samples the model never fitted, as a device's data
+is.
 
 The learning rates: the given one (`--lr`), else SEARCH_LRS, every other rate of the lr rule's grid
 (simulations/tuning.LRS): each candidate is scored at its best, since the run then picks the lr for the scheme
@@ -21,18 +20,9 @@ from fedtiny.datafile import Dataset
 from fedtiny.interpreter import quantize_input
 from fedtiny.search import HostData, SearchResult, search
 
-from . import data as datasets
 from .tuning import LRS
 
 SEARCH_LRS = LRS[1::2]  # 1e-3, 1e-2, 1e-1: a decade apart
-
-
-def unseen_halves(task, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """The host's samples pretraining never trained on (the validation part it stops on, fedtiny.train's
-    validation_split as scenarios.host_split cuts it), in two halves stratified by group and class."""
-    from .scenarios import host_split
-
-    return datasets.train_test_split(host_split(task, seed)[1], 0.5, seed)
 
 
 def c_forward(plan, state, x):
@@ -45,7 +35,7 @@ def auto_scheme(graph, halves: tuple[Dataset, Dataset], *, budget: int, reserve:
                 epochs: int = 1, qas: bool = True, loss: str = "cross_entropy", seed: int = 0, trainer: str = "c",
                 note=None, cache_dir=None) -> SearchResult:
     """Search the scheme for `graph` on `halves`, two halves of host data the model never trained on
-    (unseen_halves; see fedtiny.search), at `lr`, or at each of SEARCH_LRS when it is None. trainer: "c" (when
+    (scenarios.unseen_halves; see fedtiny.search), at `lr`, or at each of SEARCH_LRS when it is None. trainer: "c" (when
     gcc is present) or "python"."""
     from fedtiny.search import interpreter_forward
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .scenarios import Task, check_model, fed_as_model_file, host_split, is_model_file, load_task, pretrained
+from .scenarios import (Task, check_model, fed_as_model_file, host_split, is_model_file, load_task, pretrained,
+                        unseen_halves)
 
 
 @dataclass
@@ -403,7 +404,7 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
         from fedtiny_device.cruntime import CTrainer as trainer
     auto = config.scheme == "auto"
     if auto:  # the search first (cached by content): the lr rule below then runs for the scheme it chose
-        from .autoscheme import auto_scheme, unseen_halves
+        from .autoscheme import auto_scheme
 
         config.scheme = auto_scheme(graph, unseen_halves(task, config.seed), budget=config.budget,
                                     reserve=config.reserve, lr=config.lr, epochs=config.epochs or 1,
