@@ -28,6 +28,7 @@ shard size and this rule) beside the pretrained models.
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -59,11 +60,20 @@ def best(tried: list[tuple[float, int, float, float]]) -> tuple[float, int, floa
     return min(tried, key=lambda t: (not np.isfinite(t[3]), -t[2], -t[0], t[3], t[1]))
 
 
-def _choose(train_and_score, lrs, epochs_grid, start, scheme: str = "") -> Choice:
-    """train_and_score(lr, max_epochs) -> [(accuracy, loss) after epoch 1..max_epochs]."""
+def trial_threads() -> int:
+    """Threads the lrs' trials run in: one per core this process may use. Each lr trains its own model (its own C
+    library, or its own PyTorch copy on one thread), and C calls and PyTorch's ops release the GIL, so the trials
+    share no state and give the same scores in any number of threads."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _choose(train_and_score, lrs, epochs_grid, start, scheme: str = "", threads: int = 1) -> Choice:
+    """train_and_score(lr, max_epochs) -> [(accuracy, loss) after epoch 1..max_epochs], for each lr in up to
+    `threads` threads at a time."""
+    with ThreadPoolExecutor(max(1, min(threads, len(lrs)))) as pool:
+        all_scores = list(pool.map(lambda lr: train_and_score(lr, max(epochs_grid)), lrs))
     tried = []
-    for lr in lrs:
-        scores = train_and_score(lr, max(epochs_grid))
+    for lr, scores in zip(lrs, all_scores, strict=True):
         tried += [(lr, e, *scores[e - 1]) for e in epochs_grid]
     lr, epochs, accuracy, loss = best(tried)
     return Choice(lr, epochs, accuracy, loss, start, scheme, tuple(tried))
@@ -123,7 +133,7 @@ def _weighted(score, trial_folds) -> float:
 
 
 def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, epochs_grid=None, seed: int = 0,
-                  trainer_factory=None) -> Choice:
+                  trainer_factory=None, threads: int | None = None) -> Choice:
     """The devices' (lr, epochs) by the rule, on the int8 `graph` with config's scheme and budget (train and val:
     the host's Datasets; shard_size: the samples a device holds)."""
     from fedtiny.interpreter import quantize_input
@@ -172,11 +182,12 @@ def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, 
         return _trial_round(train_shard, average, score, trial_folds, max_epochs)
 
     start = _weighted(lambda idx: _int8_scores(graph, xq[idx], y[idx]), trial_folds)
-    choice = _choose(train_and_score, lrs, epochs_grid, start)
+    choice = _choose(train_and_score, lrs, epochs_grid, start, threads=threads or trial_threads())
     return replace(choice, scheme=" / ".join(sorted(schemes)))
 
 
-def choose_baseline_lr(model, train, val, epochs: int, *, shard_size: int, lrs=LRS, seed: int = 0) -> Choice:
+def choose_baseline_lr(model, train, val, epochs: int, *, shard_size: int, lrs=LRS, seed: int = 0,
+                       threads: int | None = None) -> Choice:
     """The fp32 baseline's lr by the rule, at the devices' `epochs`."""
     import copy
 
@@ -211,13 +222,13 @@ def choose_baseline_lr(model, train, val, epochs: int, *, shard_size: int, lrs=L
 
         return _trial_round(train_shard, average, score, trial_folds, max_epochs)
 
-    threads = torch.get_num_threads()
+    torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batch 1: more threads only contend (as in baseline.run_baseline)
     try:
         start = _weighted(lambda idx: evaluate(model, x_all[idx], y_all[idx]), trial_folds)
-        return _choose(train_and_score, lrs, (epochs,), start)
+        return _choose(train_and_score, lrs, (epochs,), start, threads=threads or trial_threads())
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
 
 
 def _cache_file(kind: str, graph, *parts) -> Path:
@@ -242,11 +253,15 @@ def _cached(path: Path, compute) -> Choice:
     return choice
 
 
+def _shard_size(task) -> int:
+    return int(np.median([len(node) for node in task.nodes]))  # the samples a device trains on in a round
+
+
 def settle(config, task, model, graph, train, val, trainer_factory=None) -> list[str]:
-    """Fill config.lr, config.epochs (and config.baseline_lr with --baseline) where the user left them None, by the
-    rule; returns the lines that say what was chosen and on what."""
+    """Fill config.lr and config.epochs where the user left them None, by the rule; returns the lines that say
+    what was chosen and on what. The baseline's lr is settle_baseline's (after this: it trains at these epochs)."""
     lines = []
-    shard_size = int(np.median([len(node) for node in task.nodes]))  # the samples a device trains on in a round
+    shard_size = _shard_size(task)
     if config.lr is None or config.epochs is None:
         lrs = LRS if config.lr is None else (config.lr,)
         epochs_grid = tuple(range(1, MAX_EPOCHS + 1)) if config.epochs is None else (config.epochs,)
@@ -261,14 +276,21 @@ def settle(config, task, model, graph, train, val, trainer_factory=None) -> list
                      f"{100 * choice.start_accuracy:.1f} % -> {100 * choice.val_accuracy:.1f} % after a round on "
                      f"label-skewed shards of {shard_size} host samples (tried lr {min(lrs):g}..{max(lrs):g}, "
                      f"{min(epochs_grid)}..{max(epochs_grid)} epochs)")
-    if config.baseline and config.baseline_lr is None:
-        path = _cache_file("baseline", graph, config.epochs, config.seed, LRS, len(train), len(val), shard_size)
-        choice = _cached(path, lambda: choose_baseline_lr(model, train, val, config.epochs, shard_size=shard_size,
-                                                          seed=config.seed))
-        config.baseline_lr = choice.lr
-        lines.append(f"baseline: fp32 lr {choice.lr:g} at {config.epochs} epoch(s), chosen by the same rule: "
-                     f"accuracy {100 * choice.start_accuracy:.1f} % -> {100 * choice.val_accuracy:.1f} %")
     return lines
+
+
+def settle_baseline(config, task, model, graph, train, val) -> list[str]:
+    """Fill config.baseline_lr (with --baseline, where the user left it None) by the rule, at config.epochs (settle's
+    choice); returns the line that says what was chosen. simulate times it as the baseline's own work."""
+    if not config.baseline or config.baseline_lr is not None:
+        return []
+    shard_size = _shard_size(task)
+    path = _cache_file("baseline", graph, config.epochs, config.seed, LRS, len(train), len(val), shard_size)
+    choice = _cached(path, lambda: choose_baseline_lr(model, train, val, config.epochs, shard_size=shard_size,
+                                                      seed=config.seed))
+    config.baseline_lr = choice.lr
+    return [f"baseline: fp32 lr {choice.lr:g} at {config.epochs} epoch(s), chosen by the same rule: "
+            f"accuracy {100 * choice.start_accuracy:.1f} % -> {100 * choice.val_accuracy:.1f} %"]
 
 
 def near_chance(accuracy: float, y: np.ndarray) -> tuple[bool, float]:
