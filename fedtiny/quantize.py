@@ -149,9 +149,19 @@ def _dims(dim, rank: int) -> set[int]:
 
 def lower(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
     """Trace `model` on samples of `input_shape` (no batch axis) into float ops with BN folded, ReLU fused."""
+    try:
+        return _lower(model, input_shape, stack_traces=False)
+    except UnsupportedOpError:
+        # again with each node's stack, so that the refusal names the line of forward() that used the op: fx's
+        # stack filter imports torch._dynamo, torch.export and torch._inductor (6 s of CPU here), which a model
+        # that lowers never needs (every `fedtiny simulate` checks its model this way before pretraining)
+        return _lower(model, input_shape, stack_traces=True)
+
+
+def _lower(model: nn.Module, input_shape: tuple[int, ...], stack_traces: bool) -> FloatGraph:
     model = model.eval()
     tracer = fx.Tracer()
-    tracer.record_stack_traces = True  # so that a refused op can name the line of forward() that used it
+    tracer.record_stack_traces = stack_traces
     try:
         traced = fx.GraphModule(model, tracer.trace(model))
     except Exception as err:  # fx raises many types for data-dependent control flow

@@ -395,7 +395,9 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
 
     from .tuning import host_accuracy_lines, settle
 
+    started = time.perf_counter()
     model, graph = pretrained(task, config.seed)
+    host_model_seconds = time.perf_counter() - started  # shared: the model fedtiny and the baseline start from
     train, val = host_split(task, config.seed)
     for line in host_accuracy_lines(model, graph, val):
         say(line)
@@ -418,7 +420,7 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     devices = [device_name(i) for i in range(config.nodes)]
     for i, (device, ds) in enumerate(zip(devices, task.nodes, strict=True)):
         np.savez(run / "nodes" / f"{device}.npz", x=quantize_input(graph, ds.X), y=ds.y, seed=config.seed * 1000 + i)
-    return model, graph, plan, scheme, devices
+    return model, graph, plan, scheme, devices, host_model_seconds
 
 
 def simulate(config: SimulationConfig, progress=None, *, task: Task | None = None, note=None) -> dict:
@@ -454,7 +456,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     say = note or (lambda message: None)
     cache = os.environ.get("FEDTINY_CACHE", "~/.cache/fedtiny")
     say(f"preparing the model (pretrained on the host's data, or from {cache}) and the training plan")
-    model, graph, plan, scheme, devices = _prepare(config, run, task, say)
+    model, graph, plan, scheme, devices, host_model_seconds = _prepare(config, run, task, say)
     say(f"model {task.model}, update scheme {scheme}: {len(plan.trainable_buffers())} trainable buffers, "
         f"{plan.arena_size:,} B arena per node")
     if config.dp_epsilon:
@@ -500,18 +502,30 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
                    trainer=config.trainer, initial_accuracy=initial, trainable=plan.trainable_buffers(),
                    initial_confusion=confusion_matrix(task.test.y, predicted, task.num_classes),
                    classes=list(task.pretrain.classes), qemu_nodes=config.qemu_nodes, firmware=firmware,
-                   wall_seconds=time.perf_counter() - started, clip_norm=config.clip_norm,
+                   wall_seconds=time.perf_counter() - started, host_model_seconds=host_model_seconds,
+                   clip_norm=config.clip_norm,
                    rounds_seconds=sum(r["seconds"] for r in rounds),  # round 1's start to the last's end
                    privacy=privacy.get("summary"), stopped=privacy.get("stopped"), secure_aggregation=config.secagg,
                    alone=dict(fleet_summary(list(alone.values())), accuracy=alone) if alone else None)
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
+        from .tuning import settle_baseline
 
+        # the baseline's own work, on its side of the comparison: its lr choice (by the rule, on the host's data)
+        # and its run; fedtiny's side is wall_seconds less host_model_seconds (the pretrained model both start from)
+        lr_started = time.perf_counter()
+        if config.baseline_lr is None:
+            say("baseline: its fp32 learning rate, chosen by the devices' rule on the host's data")
+        for line in settle_baseline(config, task, model, graph, *host_split(task, config.seed)):
+            say(line)
+        summary["baseline_lr"] = config.baseline_lr
+        lr_seconds = time.perf_counter() - lr_started
         say(f"baseline: plain Flower FedAvg with PyTorch fp32 clients, {config.rounds} rounds on the same task, "
             f"in {config.workers} worker process(es) of one PyTorch thread each, as fedtiny's nodes")
         baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
                                 epochs=config.epochs, seed=config.seed, workers=config.workers, note=say)
+        baseline.update(lr_seconds=lr_seconds, wall_seconds=lr_seconds + baseline["wall_seconds"])
     memory = plan.memory_report()  # arena, the C kernels' scratch, stack: the device's RAM
     summary["targets"] = accuracy_targets(initial, rounds, baseline)  # "rounds to X %", each with its rule
     first = summary["targets"][0] if summary["targets"] else {}

@@ -37,6 +37,7 @@ scheme, the budget, the shard size and this rule) beside the pretrained models.
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -69,13 +70,22 @@ def best(tried: list[tuple[float, int, float, float]]) -> tuple[float, int, floa
     return min(tried, key=lambda t: (not np.isfinite(t[3]), -t[2], t[3], -t[0], t[1]))
 
 
-def _choose(curve, lrs, epochs_grid, start, scheme: str = "") -> Choice:
+def trial_threads() -> int:
+    """Threads the lrs' trials run in: one per core this process may use. Each lr trains its own model (its own C
+    library, or its own PyTorch copy on one thread), and C calls and PyTorch's ops release the GIL, so the trials
+    share no state and give the same scores in any number of threads."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _choose(curve, lrs, epochs_grid, start, scheme: str = "", threads: int = 1) -> Choice:
     """curve(lr, epochs) -> (accuracy, loss) of the trial; the lr first at the grid's smallest epochs, then the
-    epochs at that lr."""
+    epochs at that lr, each stage's trials in up to `threads` threads at a time."""
     first = min(epochs_grid)
-    tried = [(lr, first, *curve(lr, first)) for lr in lrs]
-    lr = best(tried)[0]
-    tried += [(lr, epochs, *curve(lr, epochs)) for epochs in sorted(epochs_grid) if epochs != first]
+    others = [epochs for epochs in sorted(epochs_grid) if epochs != first]
+    with ThreadPoolExecutor(max(1, min(threads, len(lrs)))) as pool:
+        tried = [(lr, first, *scores) for lr, scores in zip(lrs, pool.map(lambda lr: curve(lr, first), lrs))]
+        lr = best(tried)[0]
+        tried += [(lr, epochs, *scores) for epochs, scores in zip(others, pool.map(lambda e: curve(lr, e), others))]
     lr, epochs, accuracy, loss = best(tried)
     return Choice(lr, epochs, accuracy, loss, start, scheme, tuple(tried))
 
@@ -153,7 +163,8 @@ def _weighted(score, trial_folds) -> float:
 
 
 def choose_device(config, task, graph, first, second, *, shard_size: int, lrs=LRS, epochs_grid=None, seed: int = 0,
-                  trainer_factory=None, rounds: int = MAX_TRIAL_ROUNDS) -> Choice:
+                  trainer_factory=None, rounds: int = MAX_TRIAL_ROUNDS,
+                  threads: int | None = None) -> Choice:
     """The devices' (lr, epochs) by the rule, on the int8 `graph` with config's scheme and budget (first, second:
     the halves of host data the pretraining never trained on, scenarios.unseen_halves; shard_size: the samples
     a device holds; rounds: the trial's)."""
@@ -202,12 +213,12 @@ def choose_device(config, task, graph, first, second, *, shard_size: int, lrs=LR
         return _trial(train_shard, average, score, plan.initial_state(), trial_folds, epochs, rounds)
 
     start = _weighted(lambda idx: _int8_scores(graph, xq[idx], y[idx]), trial_folds)
-    choice = _choose(curve, lrs, epochs_grid, start)
+    choice = _choose(curve, lrs, epochs_grid, start, threads=threads or trial_threads())
     return replace(choice, scheme=" / ".join(sorted(schemes)))
 
 
 def choose_baseline_lr(model, first, second, epochs: int, *, shard_size: int, lrs=LRS, seed: int = 0,
-                       rounds: int = MAX_TRIAL_ROUNDS) -> Choice:
+                       rounds: int = MAX_TRIAL_ROUNDS, threads: int | None = None) -> Choice:
     """The fp32 baseline's lr by the rule, at the devices' `epochs`."""
     import copy
 
@@ -243,13 +254,13 @@ def choose_baseline_lr(model, first, second, epochs: int, *, shard_size: int, lr
 
         return _trial(train_shard, average, score, copy.deepcopy(model.state_dict()), trial_folds, epochs, rounds)
 
-    threads = torch.get_num_threads()
+    torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batch 1: more threads only contend (as in baseline.run_baseline)
     try:
         start = _weighted(lambda idx: evaluate(model, x_all[idx], y_all[idx]), trial_folds)
-        return _choose(curve, lrs, (epochs,), start)
+        return _choose(curve, lrs, (epochs,), start, threads=threads or trial_threads())
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
 
 
 def _cache_file(kind: str, graph, *parts) -> Path:
@@ -274,16 +285,20 @@ def _cached(path: Path, compute) -> Choice:
     return choice
 
 
+def _shard_size(task) -> int:
+    return int(np.median([len(node) for node in task.nodes]))  # the samples a device trains on in a round
+
+
 def settle(config, task, model, graph, train, val, trainer_factory=None) -> list[str]:
-    """Fill config.lr, config.epochs (and config.baseline_lr with --baseline) where the user left them None, by the
-    rule, played on the halves of `val` (scenarios.host_split's parts: `val` is what pretraining never trained on);
-    returns the lines that say what was chosen and on what."""
+    """Fill config.lr and config.epochs where the user left them None, by the rule, played on the halves of `val`
+    (scenarios.host_split's parts: `val` is what pretraining never trained on); returns the lines that say what was
+    chosen and on what. The baseline's lr is settle_baseline's (after this: it trains at these epochs)."""
     from .scenarios import halves
 
     lines = []
     first, second = halves(val)
     rounds = min(config.rounds, MAX_TRIAL_ROUNDS)  # the trial plays the run's horizon
-    shard_size = int(np.median([len(node) for node in task.nodes]))  # the samples a device trains on in a round
+    shard_size = _shard_size(task)
     if config.lr is None or config.epochs is None:
         lrs = LRS if config.lr is None else (config.lr,)
         epochs_grid = tuple(range(1, MAX_EPOCHS + 1)) if config.epochs is None else (config.epochs,)
@@ -298,16 +313,26 @@ def settle(config, task, model, graph, train, val, trainer_factory=None) -> list
                      f"{100 * choice.start_accuracy:.1f} % before, {100 * choice.val_accuracy:.1f} % on average over "
                      f"{rounds} rounds on device-sized shards ({shard_size}) of them (tried lr "
                      f"{min(lrs):g}..{max(lrs):g}, {min(epochs_grid)}..{max(epochs_grid)} epochs)")
-    if config.baseline and config.baseline_lr is None:
-        path = _cache_file("baseline", graph, config.epochs, config.seed, LRS, len(train), len(val), shard_size,
-                           rounds)
-        choice = _cached(path, lambda: choose_baseline_lr(model, first, second, config.epochs,
-                                                          shard_size=shard_size, seed=config.seed, rounds=rounds))
-        config.baseline_lr = choice.lr
-        lines.append(f"baseline: fp32 lr {choice.lr:g} at {config.epochs} epoch(s), chosen by the same rule: "
-                     f"accuracy {100 * choice.start_accuracy:.1f} % before, {100 * choice.val_accuracy:.1f} % on "
-                     f"average over the trial's rounds")
     return lines
+
+
+def settle_baseline(config, task, model, graph, train, val) -> list[str]:
+    """Fill config.baseline_lr (with --baseline, where the user left it None) by the rule, at config.epochs (settle's
+    choice); returns the line that says what was chosen. simulate times it as the baseline's own work."""
+    if not config.baseline or config.baseline_lr is not None:
+        return []
+    from .scenarios import halves
+
+    first, second = halves(val)
+    rounds = min(config.rounds, MAX_TRIAL_ROUNDS)
+    shard_size = _shard_size(task)
+    path = _cache_file("baseline", graph, config.epochs, config.seed, LRS, len(train), len(val), shard_size, rounds)
+    choice = _cached(path, lambda: choose_baseline_lr(model, first, second, config.epochs, shard_size=shard_size,
+                                                      seed=config.seed, rounds=rounds))
+    config.baseline_lr = choice.lr
+    return [f"baseline: fp32 lr {choice.lr:g} at {config.epochs} epoch(s), chosen by the same rule: "
+            f"accuracy {100 * choice.start_accuracy:.1f} % before, {100 * choice.val_accuracy:.1f} % on average over "
+            f"the trial's rounds"]
 
 
 def near_chance(accuracy: float, y: np.ndarray) -> tuple[bool, float]:

@@ -103,6 +103,7 @@ def _comparable(out):
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["run"].pop("wall_seconds")
     metrics["run"].pop("rounds_seconds")
+    metrics["run"].pop("host_model_seconds")
     for row in metrics["rounds"]:
         row.pop("seconds")
     store = StateStore(out / "state.db")

@@ -38,6 +38,21 @@ def test_validation_split_takes_every_class_and_is_deterministic():
     assert val.tolist() != validation_split(y, 0.2, seed=5)[1].tolist()
 
 
+@pytest.mark.parametrize("name,shape", [("sensor_cnn", (3, 64)), ("mobilenet", (1, 8, 8))])
+def test_scoring_in_chunks_gives_the_outputs_of_one_pass_bit_for_bit(name, shape):
+    """fedtiny.train.logits runs EVAL_CHUNK samples per forward pass to save CPU; for the zoo's convolutional
+    models (the default scenario's sensor_cnn) the scores are those of one pass over every sample, bit for bit, so
+    pretraining stops at the same step and keeps the same weights as it did scoring in one pass."""
+    from fedtiny.train import EVAL_CHUNK, logits
+
+    torch.manual_seed(1)
+    model = zoo.randomize_batchnorm(zoo.build(name, shape, 3))
+    x = np.random.default_rng(2).normal(size=(EVAL_CHUNK + 7,) + shape).astype(np.float32)
+    with torch.no_grad():
+        one_pass = model.eval()(torch.as_tensor(x))
+    assert torch.equal(logits(model, x), one_pass)
+
+
 def test_pretraining_stops_early_on_a_tiny_set_and_beats_chance():
     x, y = blobs(40, seed=1)
     train, val = validation_split(y, seed=0)
@@ -125,8 +140,9 @@ def test_the_baseline_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
     train, val = ds.subset(train_idx), ds.subset(val_idx)
     model = mlp()
     pretrain(model, train.X, train.y, val.X, val.y, seed=0, patience=50, max_steps=300)
-    choices = [tuning.choose_baseline_lr(model, train, val, 2, shard_size=10, lrs=(0.01, 300.0), rounds=2)
-               for _ in range(2)]
+    # the lrs' trials one after the other and in two threads: the same scores
+    choices = [tuning.choose_baseline_lr(model, train, val, 2, shard_size=10, lrs=(0.01, 300.0), rounds=2,
+                                         threads=threads) for threads in (1, 2)]
     assert choices[0] == choices[1]
     diverged = [t for t in choices[0].tried if t[0] == 300.0][0]
     held = [t for t in choices[0].tried if t[0] == 0.01][0]
@@ -150,8 +166,8 @@ def test_the_device_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
     _, graph, task, train, val = int8_task()
     config = SimulationConfig(nodes=1, scenario="medical", scheme="full", reserve=0)
     choices = [tuning.choose_device(config, task, graph, train, val, shard_size=10, lrs=(0.01, 1000.0),
-                                   epochs_grid=(1, 2), rounds=2)
-               for _ in range(2)]
+                                   epochs_grid=(1, 2), rounds=2, threads=threads)
+               for threads in (1, 2)]  # the lrs' trials one after the other and in two threads: the same scores
     assert choices[0] == choices[1]
     assert choices[0].scheme == "full"
     by_lr = {lr: max(acc for lr_, _, acc, _ in choices[0].tried if lr_ == lr) for lr in (0.01, 1000.0)}
@@ -162,17 +178,21 @@ def test_the_device_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
 def test_settle_keeps_what_the_user_gave_and_fills_the_rest(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path))
     model, graph, task, train, val = int8_task()
-    config = SimulationConfig(nodes=1, rounds=2, scenario="medical", scheme="full", reserve=0, lr=0.02,
-                              baseline=True, baseline_lr=0.005)
-    lines = tuning.settle(config, task, model, graph, train, val)
+    config = SimulationConfig(nodes=1, rounds=2, scenario="medical", scheme="full", reserve=0, lr=0.02, baseline=True,
+                              baseline_lr=0.005)
+    def settle_both(c):
+        return tuning.settle(c, task, model, graph, train, val) + tuning.settle_baseline(c, task, model, graph, train,
+                                                                                          val)
+
+    lines = settle_both(config)
     assert config.lr == 0.02 and config.baseline_lr == 0.005 and config.epochs in range(1, tuning.MAX_EPOCHS + 1)
     assert len(lines) == 1 and lines[0].startswith("devices: lr 0.02,")
     unset = replace(config, lr=None, epochs=None, baseline_lr=None)
-    lines = tuning.settle(unset, task, model, graph, train, val)
+    lines = settle_both(unset)
     assert unset.lr in tuning.LRS and unset.baseline_lr in tuning.LRS
     assert [line.split(":")[0] for line in lines] == ["devices", "baseline"]
     cached = replace(config, lr=None, epochs=None, baseline_lr=None)
-    assert tuning.settle(cached, task, model, graph, train, val) == lines  # from the cache, the same choice
+    assert settle_both(cached) == lines  # from the cache, the same choice
     assert (cached.lr, cached.epochs, cached.baseline_lr) == (unset.lr, unset.epochs, unset.baseline_lr)
 
 
