@@ -376,6 +376,19 @@ def privacy_noise_warning(config: SimulationConfig, plan) -> str | None:
     return fleet_noise_warning(z, config.clip_norm, per_round, rms, config.dp_epsilon, config.rounds)
 
 
+def node_seed(config, i: int) -> int:
+    """The seed of the run's i-th node: its training order and the part of its samples it holds out."""
+    return config.seed * 1000 + i
+
+
+def baseline_nodes(config, task) -> list:
+    """The fp32 baseline's clients' data: each node's samples less the part its device holds out (the device never
+    trains on it), so both sides train on the same samples."""
+    from fedtiny_device.agent import heldout_split
+
+    return [ds.subset(heldout_split(node_seed(config, i), len(ds.y))[0]) for i, ds in enumerate(task.nodes)]
+
+
 def training_plan(config: SimulationConfig, task: Task, graph):
     """(plan, scheme): what a run of this configuration trains: its --scheme (auto is resolved before, in
     _prepare), compiled for its budget, reserve and learning rate."""
@@ -419,7 +432,7 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     (run / "nodes").mkdir()
     devices = [device_name(i) for i in range(config.nodes)]
     for i, (device, ds) in enumerate(zip(devices, task.nodes, strict=True)):
-        np.savez(run / "nodes" / f"{device}.npz", x=quantize_input(graph, ds.X), y=ds.y, seed=config.seed * 1000 + i)
+        np.savez(run / "nodes" / f"{device}.npz", x=quantize_input(graph, ds.X), y=ds.y, seed=node_seed(config, i))
     return model, graph, plan, scheme, devices, host_model_seconds
 
 
@@ -523,8 +536,9 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
         lr_seconds = time.perf_counter() - lr_started
         say(f"baseline: plain Flower FedAvg with PyTorch fp32 clients, {config.rounds} rounds on the same task, "
             f"in {config.workers} worker process(es) of one PyTorch thread each, as fedtiny's nodes")
-        baseline = run_baseline(model, task.nodes, task.test, rounds=config.rounds, lr=config.baseline_lr,
-                                epochs=config.epochs, seed=config.seed, workers=config.workers, note=say)
+        baseline = run_baseline(model, baseline_nodes(config, task), task.test, rounds=config.rounds,
+                                lr=config.baseline_lr, epochs=config.epochs, seed=config.seed,
+                                workers=config.workers, note=say)
         baseline.update(lr_seconds=lr_seconds, wall_seconds=lr_seconds + baseline["wall_seconds"])
     memory = plan.memory_report()  # arena, the C kernels' scratch, stack: the device's RAM
     summary["targets"] = accuracy_targets(initial, rounds, baseline)  # "rounds to X %", each with its rule

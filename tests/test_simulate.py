@@ -361,3 +361,23 @@ def test_baseline_trains_pytorch_on_one_thread_and_restores_the_setting():
         torch.set_num_threads(before)
     assert seen and set(seen) == {1}, seen
     assert len(result["rounds"]) == 1
+
+
+def test_the_baseline_clients_train_on_the_samples_their_devices_train_on():
+    """The fp32 baseline's client i gets node i's samples less the fifth device i holds out (for its personalised
+    accuracy), chosen with the seed simulate gives node i: both sides train on the same samples."""
+    from fedtiny_device.agent import heldout_count, heldout_split
+    from fedtiny_sim.scenarios import load_task
+    from fedtiny_sim.simulate import baseline_nodes, node_seed
+
+    config = SimulationConfig(nodes=6, scenario="medical", seed=3)
+    task = load_task("medical", 6, seed=3)
+    clients = baseline_nodes(config, task)
+    assert len(clients) == len(task.nodes)
+    for i, (node, client) in enumerate(zip(task.nodes, clients, strict=True)):
+        n = len(node.y)
+        assert heldout_count(n) > 0 and len(client.y) == n - heldout_count(n)
+        held = node.X[heldout_split(node_seed(config, i), n)[1]]
+        rows = {r.tobytes() for r in client.X}
+        assert not rows & {r.tobytes() for r in held}  # nothing the device holds out
+        assert rows | {r.tobytes() for r in held} == {r.tobytes() for r in node.X}  # everything else
