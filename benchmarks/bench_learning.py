@@ -14,9 +14,9 @@ then each of them and each built-in scenario (industrial, vision, medical) runs 
     fedtiny simulate --data FILE.npz --nodes 10 --baseline     (or --scenario NAME)
 
 with every learning setting left to fedtiny (pretraining to convergence, lr and epochs chosen on the host's
-validation part, which pretraining never trained on, the baseline's lr by the same rule). The table has the host
-model's validation accuracy, the settings chosen, the held-out accuracy before and after the rounds for fedtiny and
-for the fp32 baseline, and the difference. The model cache is a fresh folder: pretraining and the choices are part of each run's time.
+validation data, the baseline's lr by the same rule). The table has the host model's validation accuracy, the
+settings chosen, the held-out accuracy before and after the rounds for fedtiny and for the fp32 baseline, and
+the difference. The model cache is a fresh folder: pretraining and the choices are part of each run's time.
 """
 
 import argparse
@@ -106,10 +106,9 @@ def main():
                                                        else "")
     lines = [SECTION, "", provenance(command), "",
              "Every learning setting is fedtiny's own choice: the host pretrains to convergence on a validation part "
-             "of its data (fedtiny/train.py, scenarios.host_split), the devices' lr and epochs and the fp32 "
-             "baseline's lr are chosen on that part, which pretraining never trained on, by one rule (the run's "
-             "rounds of FedAvg on device-sized shards of one half, scored on the other: simulations/tuning.py). Accuracies are on the held-out test set after 10 rounds; \"host model\" is on "
-             "the host's validation part.", "",
+             "of its data (fedtiny/train.py), the devices' lr and epochs and the fp32 baseline's lr are chosen on it "
+             "by one rule (simulations/tuning.py). Accuracies are on the held-out test set after 10 rounds; "
+             "\"host model\" is on the host's validation part.", "",
              "| data | command | host model (validation) | chosen | fedtiny before -> after | fp32 Flower | "
              "difference (points) | within 2 points | wall time |",
              "|---|---|---|---|---:|---:|---:|---|---:|", *rows]

@@ -201,7 +201,7 @@ def test_simulate_resolves_auto_once_before_the_lr_rule(small, tmp_path, monkeyp
     monkeypatch.setattr(tuning, "settle", fake_settle)
     monkeypatch.setattr(autoscheme, "auto_scheme", fake_search)
     config = simulate.SimulationConfig(nodes=2, scheme="auto", reserve=0, trainer="python", out=str(tmp_path))
-    _, _, plan, scheme, _ = simulate._prepare(config, tmp_path, task, lambda line: None)
+    _, _, plan, scheme, _, _ = simulate._prepare(config, tmp_path, task, lambda line: None)
     assert len(searches) == 1 and searches[0]["lr"] is None and searches[0]["budget"] == config.budget
     assert settled == ["bias"] and scheme == "auto = bias"
     assert plan.trainable_buffers() == compile_plan(graph, parse("bias", graph), reserve=0).trainable_buffers()

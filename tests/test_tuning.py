@@ -88,49 +88,21 @@ def test_pretraining_restores_the_best_weights_not_the_last():
     assert evaluate(model, x[val], y[val])[1] == pytest.approx(record.val_loss)
 
 
-def test_device_shards_are_machines_when_there_are_several_else_a_label_split():
-    y = np.tile(np.repeat(np.arange(4), 10), 3)  # 3 machines, 10 samples of each of 4 classes
-    group = np.repeat([7, 8, 9], 40)
-    shards = tuning.device_shards(y, group, 20)
-    assert len(shards) == 6 and all(len(np.unique(group[s])) == 1 for s in shards)  # two per machine
-    assert sorted(np.concatenate(shards).tolist()) == list(range(120))
-    many = tuning.device_shards(np.repeat(np.arange(4), 30), np.zeros(120), 10)
-    assert len(many) == tuning.MAX_SHARDS  # 12 shards of about 10, thinned evenly
-    assert len(set(np.concatenate(many).tolist())) == sum(len(s) for s in many)  # disjoint
-    assert any(len(np.unique(np.repeat(np.arange(4), 30)[s])) < 4 for s in many)  # label skew, as Dirichlet(1)
-    assert len(tuning.device_shards(y[:5], np.zeros(5), 10)) == 1  # fewer samples than a device holds: one shard
-    again = tuning.device_shards(np.repeat(np.arange(4), 30), np.zeros(120), 10)
-    assert all(np.array_equal(a, b) for a, b in zip(many, again))  # deterministic
+def test_skewed_shards_hold_one_class_or_two_and_every_class_trains():
+    y = np.repeat(np.arange(4), 30)
+    shards = tuning.skewed_shards(y, 10)
+    assert len(shards) == tuning.MAX_SHARDS  # 12 shards of 10, thinned evenly
+    assert all(len(np.unique(y[s])) <= 2 for s in shards)
+    assert set(np.concatenate([y[s] for s in shards]).tolist()) == {0, 1, 2, 3}
+    assert len(tuning.skewed_shards(y[:5], 10)) == 1  # fewer samples than a device holds: one shard
 
 
-def test_the_rule_ranks_accuracy_then_loss_then_larger_lr_then_fewer_epochs():
+def test_the_rule_ranks_accuracy_then_larger_lr_then_loss_then_fewer_epochs():
     tried = [(0.1, 1, 0.5, 9.0), (0.01, 2, 0.9, 0.3), (0.03, 2, 0.9, 0.4), (0.03, 1, 0.9, 0.3), (0.03, 3, 0.9, 0.3),
              (0.003, 3, 0.9, 0.2), (1.0, 1, 0.95, float("nan"))]
-    assert tuning.best(tried) == (0.003, 3, 0.9, 0.2)  # a NaN loss loses whatever its argmax scored; then loss
-    assert tuning.best(tried[1:5]) == (0.03, 1, 0.9, 0.3)  # equal accuracy and loss: the largest lr, fewer epochs
+    assert tuning.best(tried) == (0.03, 1, 0.9, 0.3)  # a NaN loss loses whatever its argmax scored
+    assert tuning.best(tried[:3]) == (0.03, 2, 0.9, 0.4)  # equal accuracy: the largest lr
     assert tuning.best(tried[:2] + [(0.003, 3, 0.95, 0.2)]) == (0.003, 3, 0.95, 0.2)  # accuracy first
-
-
-def test_the_rule_chooses_the_lr_at_one_epoch_then_the_epochs_at_it():
-    calls = []
-
-    def curve(lr, epochs):  # a made-up trial: 0.01 learns best, and more epochs help at it
-        calls.append((lr, epochs))
-        return (0.9 - abs(np.log10(lr) + 2) / 10 + epochs / 100, 0.5)
-
-    choice = tuning._choose(curve, (0.001, 0.01, 0.1), (1, 2, 3), start=0.5)
-    assert calls == [(0.001, 1), (0.01, 1), (0.1, 1), (0.01, 2), (0.01, 3)]
-    assert (choice.lr, choice.epochs) == (0.01, 3) and len(choice.tried) == 5
-
-
-def test_the_trial_plays_rounds_from_each_rounds_average():
-    """Each of the trial's rounds starts from the previous round's average, and its score is the mean over the
-    rounds: a trainer that adds 1 per epoch, scored by its state, scores the mean of its 1..rounds rounds' sums."""
-    shards = [np.arange(3), np.arange(3, 6)]
-    folds = [(shards, np.arange(4)), (shards, np.arange(4, 6))]
-    result = tuning._trial(lambda state, shard, epochs, round_: state + epochs, lambda states: np.mean(states),
-                           lambda state, idx: (state, 0.0), 0.0, folds, epochs=2, rounds=4)
-    assert result == (pytest.approx(np.mean([2, 4, 6, 8])), 0.0)
 
 
 def test_the_baseline_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
@@ -141,8 +113,8 @@ def test_the_baseline_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
     model = mlp()
     pretrain(model, train.X, train.y, val.X, val.y, seed=0, patience=50, max_steps=300)
     # the lrs' trials one after the other and in two threads: the same scores
-    choices = [tuning.choose_baseline_lr(model, train, val, 2, shard_size=10, lrs=(0.01, 300.0), rounds=2,
-                                         threads=threads) for threads in (1, 2)]
+    choices = [tuning.choose_baseline_lr(model, train, val, 2, shard_size=10, lrs=(0.01, 300.0), threads=threads)
+               for threads in (1, 2)]
     assert choices[0] == choices[1]
     diverged = [t for t in choices[0].tried if t[0] == 300.0][0]
     held = [t for t in choices[0].tried if t[0] == 0.01][0]
@@ -166,7 +138,7 @@ def test_the_device_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
     _, graph, task, train, val = int8_task()
     config = SimulationConfig(nodes=1, scenario="medical", scheme="full", reserve=0)
     choices = [tuning.choose_device(config, task, graph, train, val, shard_size=10, lrs=(0.01, 1000.0),
-                                   epochs_grid=(1, 2), rounds=2, threads=threads)
+                                   epochs_grid=(1, 2), threads=threads)
                for threads in (1, 2)]  # the lrs' trials one after the other and in two threads: the same scores
     assert choices[0] == choices[1]
     assert choices[0].scheme == "full"
@@ -178,7 +150,7 @@ def test_the_device_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
 def test_settle_keeps_what_the_user_gave_and_fills_the_rest(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path))
     model, graph, task, train, val = int8_task()
-    config = SimulationConfig(nodes=1, rounds=2, scenario="medical", scheme="full", reserve=0, lr=0.02, baseline=True,
+    config = SimulationConfig(nodes=1, scenario="medical", scheme="full", reserve=0, lr=0.02, baseline=True,
                               baseline_lr=0.005)
     def settle_both(c):
         return tuning.settle(c, task, model, graph, train, val) + tuning.settle_baseline(c, task, model, graph, train,
