@@ -43,7 +43,7 @@ def assert_fits(elf, plan) -> None:
     assert parts["arena"] == plan.arena_size
     # the personalised model kept between rounds: the memory report's count, in RAM
     assert parts["personalised model"] == plan.memory_report()["personal_model_bytes"] > 0, parts
-    print(f"{scheme or 'default'}: RAM {usage['ram']:,} B, flash {usage['flash']:,} B, {parts}")
+    print(f"RAM {usage['ram']:,} B, flash {usage['flash']:,} B, {parts}")
 
 
 def test_the_default_plans_node_firmware_fits_256_kb_of_ram_and_1_mb_of_flash(default_model, tmp_path):
