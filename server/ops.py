@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 import math
 import threading
 import time
@@ -45,6 +46,19 @@ def setup_json_logging(stream=None, level: int = logging.INFO) -> logging.Handle
     LOG.setLevel(level)
     LOG.propagate = False
     return handler
+
+
+@contextmanager
+def json_logging(stream=None, level: int = logging.INFO):
+    """setup_json_logging for a `with` block: the handler comes off and the logger's level and propagation are put
+    back after it (tests and benchmarks that read one run's events)."""
+    propagate, old_level = LOG.propagate, LOG.level
+    handler = setup_json_logging(stream, level)
+    try:
+        yield handler
+    finally:
+        LOG.removeHandler(handler)
+        LOG.propagate, LOG.level = propagate, old_level
 
 
 # --- metrics -------------------------------------------------------------------------------------------------

@@ -169,28 +169,26 @@ def test_a_short_secagg_dp_run_through_the_embedded_broker(model, tmp_path):  # 
                             chunk_size=512, heartbeat_s=1.0, ack_timeout_s=2.0, peers=peers).start()
                   for i, name in enumerate(names)]
         link = CoordinatorLink(url, keys, plan, fleet="dp").start()
-        log, propagate, level = io.StringIO(), ops.LOG.propagate, ops.LOG.level
-        handler = ops.setup_json_logging(log)
-        try:
-            deadline = time.monotonic() + 30
-            while len([d for d in link.devices() if d.online]) < len(names):
-                assert time.monotonic() < deadline, "devices did not join"
-                time.sleep(0.05)
-            audit = CoordinatorAudit(open_audit_log(tmp_path / "audit.jsonl", keys / "coordinator"),
-                                     keys / "coordinator")
-            coordinator = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(
-                rounds=2, policy=RoundPolicy(quorum=1.0, deadline=8.0, poll=0.05),
-                train_config={"clip_norm": 0.5}, secagg=True, privacy=PrivacySettings(8.0, 1e-5, 0.5)), audit=audit)
-            history = coordinator.run()
-            audit.close(coordinator)
-            sigma = coordinator.strategy.ledger.device_sigma
-            device_sigmas = {a.session._secagg.bounds == value_bounds(plan, 0.5, sigma) for a in agents}
-        finally:
-            ops.LOG.removeHandler(handler)
-            ops.LOG.propagate, ops.LOG.level = propagate, level
-            link.close()
-            for a in agents:
-                a.stop(leave=False)
+        log = io.StringIO()
+        with ops.json_logging(log):  # the coordinator's JSON-lines events, taken off after
+            try:
+                deadline = time.monotonic() + 30
+                while len([d for d in link.devices() if d.online]) < len(names):
+                    assert time.monotonic() < deadline, "devices did not join"
+                    time.sleep(0.05)
+                audit = CoordinatorAudit(open_audit_log(tmp_path / "audit.jsonl", keys / "coordinator"),
+                                         keys / "coordinator")
+                coordinator = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(
+                    rounds=2, policy=RoundPolicy(quorum=1.0, deadline=8.0, poll=0.05),
+                    train_config={"clip_norm": 0.5}, secagg=True, privacy=PrivacySettings(8.0, 1e-5, 0.5)), audit=audit)
+                history = coordinator.run()
+                audit.close(coordinator)
+                sigma = coordinator.strategy.ledger.device_sigma
+                device_sigmas = {a.session._secagg.bounds == value_bounds(plan, 0.5, sigma) for a in agents}
+            finally:
+                link.close()
+                for a in agents:
+                    a.stop(leave=False)
     ledger = coordinator.strategy.ledger
     assert [r.replies for r in history] == [5, 5]
     assert ledger.min_survivors == 3 and ledger.round_rho[0][0] == 5 and ledger.device_sigma > 0

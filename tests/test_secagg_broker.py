@@ -39,33 +39,31 @@ def test_two_masked_rounds_over_the_embedded_broker(model, tmp_path):  # noqa: F
                             faults=RoundFaults(fails=lambda r, i=i: (r, i) == (2, 0))).start()  # s0 drops in round 2
                   for i, name in enumerate(names)]
         link = CoordinatorLink(url, keys, plan, fleet=FLEET).start()
-        log, propagate, level = io.StringIO(), ops.LOG.propagate, ops.LOG.level
-        handler = ops.setup_json_logging(log)  # the coordinator's JSON-lines events, taken off again below
-        try:
-            deadline = time.monotonic() + 30
-            while len([d for d in link.devices() if d.online]) < NODES:
-                assert time.monotonic() < deadline, "devices did not join"
-                time.sleep(0.05)
-            grid = []  # the coordinator's, once made
+        log = io.StringIO()
+        with ops.json_logging(log):  # the coordinator's JSON-lines events, taken off after
+            try:
+                deadline = time.monotonic() + 30
+                while len([d for d in link.devices() if d.online]) < NODES:
+                    assert time.monotonic() < deadline, "devices did not join"
+                    time.sleep(0.05)
+                grid = []  # the coordinator's, once made
 
-            def live_answered() -> bool:  # every live node's message of the round's current stage came
-                round_ = grid[0].round if grid else 0
-                live = set(names) - ({"s0"} if round_ == 2 else set())
-                return live <= link.secagg_status(round_)[1]
+                def live_answered() -> bool:  # every live node's message of the round's current stage came
+                    round_ = grid[0].round if grid else 0
+                    live = set(names) - ({"s0"} if round_ == 2 else set())
+                    return live <= link.secagg_status(round_)[1]
 
-            # each stage's deadline counts from the moment the live nodes answered it (ClockUntil): load cannot
-            # make it cut a live node; only s0 (in round 2, at 1 s) is cut
-            coordinator = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(
-                rounds=2, policy=RoundPolicy(quorum=1.0, deadline=1.0, poll=0.05),
-                train_config={"clip_norm": 0.5}, secagg=True), clock=ClockUntil(live_answered))
-            grid.append(coordinator.grid)
-            history = coordinator.run()
-        finally:
-            ops.LOG.removeHandler(handler)
-            ops.LOG.propagate, ops.LOG.level = propagate, level
-            link.close()
-            for a in agents:
-                a.stop(leave=False)
+                # each stage's deadline counts from the moment the live nodes answered it (ClockUntil): load cannot
+                # make it cut a live node; only s0 (in round 2, at 1 s) is cut
+                coordinator = Coordinator(link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(
+                    rounds=2, policy=RoundPolicy(quorum=1.0, deadline=1.0, poll=0.05),
+                    train_config={"clip_norm": 0.5}, secagg=True), clock=ClockUntil(live_answered))
+                grid.append(coordinator.grid)
+                history = coordinator.run()
+            finally:
+                link.close()
+                for a in agents:
+                    a.stop(leave=False)
     assert [r.replies for r in history] == [5, 4] and coordinator.model.version == 2
     events = [json.loads(line) for line in log.getvalue().splitlines()]
     rounds = [e for e in events if e["event"] == "secagg_round"]
