@@ -132,6 +132,17 @@ def trace(lib, sequence, bank_size, bank_count, unit):
     return totals
 
 
+def save_with_cut(lib, sequence, cut: int, garble: bool, bank_size: int, bank_count: int, unit: int):
+    """Save `sequence` on a fresh RAM flash whose power goes after `cut` programmed bytes (the last unit garbled
+    or not): (the flash, each save's result, the index of the first save that failed)."""
+    flash = cstore.RamFlash(lib, bank_size, bank_count, unit)
+    store = flash.store()
+    store.open()
+    flash.cut(program_bytes=cut, garble=garble)
+    results = [store.save(s) for s in sequence]
+    return flash, results, next(i for i, r in enumerate(results) if r != OK)
+
+
 def check_after_cut(lib, flash, sequence, failed, bank_count, unit):
     """Power up after a cut during save `failed` (every save before it completed): the record is save failed-1's
     or save failed's, whole; then the remaining saves work from that state and generations keep rising."""
@@ -168,12 +179,7 @@ def test_power_cut_after_every_programmed_byte(lib, bank_count, unit):
     statuses = set()
     for cut in range(totals[-1]):
         for garble in (False, True):
-            flash = cstore.RamFlash(lib, bank_size, bank_count, unit)
-            store = flash.store()
-            store.open()
-            flash.cut(program_bytes=cut, garble=garble)
-            results = [store.save(s) for s in sequence]
-            failed = next(i for i, r in enumerate(results) if r != OK)
+            flash, results, failed = save_with_cut(lib, sequence, cut, garble, bank_size, bank_count, unit)
             assert results[failed] == -3 and failed == next(i for i, t in enumerate(totals) if t > cut)
             status = check_after_cut(lib, flash, sequence, failed, bank_count, unit)
             if failed == 0 and cut < first_payload:
@@ -411,11 +417,6 @@ def test_a_power_cut_while_saving_a_new_personalised_model_leaves_the_old_or_the
     totals = [t[0] for t in trace(lib, sequence, bank_size, bank_count, unit)]
     for cut in range(totals[0], totals[-1]):  # every byte of the saves that write a personalised model
         for garble in (False, True):
-            flash = cstore.RamFlash(lib, bank_size, bank_count, unit)
-            store = flash.store()
-            store.open()
-            flash.cut(program_bytes=cut, garble=garble)
-            results = [store.save(s) for s in sequence]
-            failed = next(i for i, r in enumerate(results) if r != OK)
+            flash, _, failed = save_with_cut(lib, sequence, cut, garble, bank_size, bank_count, unit)
             assert failed >= 1
             check_after_cut(lib, flash, sequence, failed, bank_count, unit)
