@@ -5,7 +5,7 @@ C trainer and its forward pass when gcc is present (each candidate plan's librar
 the Python reference, which gives the same numbers bit for bit, only slower.
 
 The data: the samples of the host's data that pretraining never trained on, in two halves
-(scenarios.unseen_halves, where the lr rule takes its data too). A search run fine-tunes on one half and scores
+(scenarios.unseen_halves). A search run fine-tunes on one half and scores
 on the other, then the other way round, so every score is on samples the model never fitted, as a device's data
 is.
 

@@ -230,7 +230,7 @@ def fed_as_model_file(task: Task, graph) -> Task:
 
 def host_split(task: Task, seed: int = 0) -> tuple[Dataset, Dataset]:
     """(training part, validation part) of the host's data: pretraining trains on the first and stops on the
-    second, and the devices' learning rate and epochs are chosen on the second (unseen_halves), a fifth of each class
+    second, and `--scheme auto` scores on the second (unseen_halves), a fifth of each class
     (fedtiny.train.validation_split, the same for a seed). Whole machines held out instead (tried for the industrial
     scenario: 4 of its 20) stopped pretraining at step 170 of 670 where a fifth of each class stops it at 420, and
     that model learned the fleet worse (74.5 % at best after 10 rounds against 79.0 %)."""
@@ -241,9 +241,9 @@ def host_split(task: Task, seed: int = 0) -> tuple[Dataset, Dataset]:
 
 
 def unseen_halves(task: Task, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """The host's samples that pretraining never trained on (host_split's validation part), in two halves (halves): a trial of fine-tuning trains on one half and is scored on the
-    other, as a device trains on its samples and is scored on its machine's others. The one place the devices'
-    lr and epochs (tuning.py) and a scheme search judge learning on."""
+    """The host's samples that pretraining never trained on (host_split's validation part), in two halves
+    (halves): a trial of fine-tuning trains on one half and is scored on the other, as a device trains on its
+    samples and is scored on its machine's others. What `--scheme auto` judges the schemes on."""
     return halves(host_split(task, seed)[1])
 
 
