@@ -46,8 +46,9 @@ KERNEL_STACK_BYTES = {
 # model.c's functions), on the Cortex-M4 with arm-none-eabi-gcc -O2 -ffunction-sections and --gc-sections: the
 # executor's table reaches every kernel, so the linked code does not depend on the plan. Measured from the
 # linker's map (tests/test_device_memory.py keeps it within 5 %); update it when the kernels change.
-RUNTIME_CODE_BYTES = 18_582  # measured 2026-11-30: 17,010 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196)
-                            # + 1,572 for the fast weight update (fedtiny_kernels_bwd_fast.c)
+# Measured 2026-11-30: 17,010 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196), + 1,572 for the
+# fast weight update (fedtiny_kernels_bwd_fast.c).
+RUNTIME_CODE_BYTES = 18_582
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
