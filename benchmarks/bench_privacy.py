@@ -53,6 +53,11 @@ def simulate(scenario: str, nodes: int, dp_epsilon: float | None, out: Path, cac
     return time.perf_counter() - start
 
 
+def run_name(scenario: str, budget: float | None, secagg: bool) -> str:
+    """One folder name per run for both sections, so that --reuse shares the central runs between them."""
+    return f"{scenario}-{'secagg' if secagg else 'central'}-{'none' if budget is None else f'eps{budget:g}'}"
+
+
 def per_node(rounds: list[dict], key: str) -> float:
     return sum(r[key] for r in rounds) / max(1, sum(r["participants"] for r in rounds))
 
@@ -93,7 +98,7 @@ def main():
     for scenario in args.scenarios.split(","):
         nodes = SCENARIOS[scenario]
         for budget in BUDGETS:
-            out = runs / f"{scenario}-{'none' if budget is None else f'eps{budget:g}'}"
+            out = runs / run_name(scenario, budget, secagg=False)
             wall = simulate(scenario, nodes, budget, out, cache, args.reuse)
             m = json.loads((out / "metrics.json").read_text())
             run, rounds = m["run"], m["rounds"]
@@ -164,8 +169,7 @@ def secagg_main(args) -> None:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for scenario, budget, secagg in [(s, b, a) for s in scenarios.split(",") for b in BUDGETS for a in (False, True)]:
         nodes = SCENARIOS[scenario]
-        mode = "secagg" if secagg else "central"
-        out = runs / f"{scenario}-{mode}-{'none' if budget is None else f'eps{budget:g}'}"
+        out = runs / run_name(scenario, budget, secagg)
         wall = simulate(scenario, nodes, budget, out, cache, args.reuse, secagg=secagg)
         m = json.loads((out / "metrics.json").read_text())
         run, rounds = m["run"], m["rounds"]

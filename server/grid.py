@@ -88,8 +88,9 @@ class GlobalModel:
         return ArrayRecord({n: Array(np.array(v, np.float64)) for n, v in self.master.items()})
 
     def advance(self, new: dict[str, np.ndarray]) -> int:
-        """Make `new` (float) the next version: clamped to what the integers represent, then requantized."""
-        self.master = {n: self.specs[n].clamp(new[n]) for n in self.specs}
+        """Make `new` (float) the next version: clamped to what the integers represent, on the master's grid
+        (TensorSpec.snap: the same mean computed in another float order is the same master), then requantized."""
+        self.master = {n: self.specs[n].snap(self.specs[n].clamp(new[n])) for n in self.specs}
         self.ints = requantize_state(self.specs, self.master)
         self.version += 1
         self._history[self.version] = (self.master, self.ints)
@@ -105,7 +106,7 @@ class GlobalModel:
             raise ValueError(f"ArrayRecord keys {sorted(arrays)} are not the plan's trainable buffers")
         # compared as `advance` would store them: arrays beyond what the integers hold are clamped once, and the
         # same arrays in the round's next message are then the same version, not one more
-        if all(np.array_equal(self.specs[n].clamp(arrays[n]), self.master[n]) for n in self.specs):
+        if all(np.array_equal(spec.snap(spec.clamp(arrays[n])), self.master[n]) for n, spec in self.specs.items()):
             return self.version
         return self.advance(arrays)
 

@@ -227,3 +227,57 @@ def test_stage_bodies_reject_malformed_bytes():
     masked = MaskedDelta(1, 0.0, 0.0, 5, (9, 33), b"")
     with pytest.raises(ProtocolError, match="bad-entry"):
         decode_body(MessageType.DELTA, masked.encode(), masked=True)
+
+
+# --- the secure aggregate against plain FedAvg ---------------------------------------------------------------
+
+def _reply(arrays, examples):
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from fedtiny_server.grid import ensure_task_identity
+
+    ensure_task_identity()
+    ins = Message(RecordDict(), 1, "train", group_id="1")
+    ins.metadata.__dict__["_message_id"] = "x"
+    return Message(RecordDict({"arrays": ArrayRecord({n: Array(np.asarray(v, np.float64)) for n, v in arrays.items()}),
+                               "metrics": MetricRecord({"num-examples": examples})}), reply_to=ins)
+
+
+def test_without_dp_the_devices_get_bit_identical_state_from_secagg_and_from_flowers_fedavg(plan):
+    """The same clipped deltas of 6 devices (even: some element means are exact half LSBs, where the requantization
+    rounds to even) through the secure-aggregation path (integer sum, then base + sum / m, one reply to Flower's
+    FedAvg) and through the plain path (one reply per device, base + its delta, equal weights, Flower's FedAvg):
+    the float means differ by ulps, and the master and the integers the devices receive are bit-identical."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedtiny_server.grid import GlobalModel
+    from fedtiny_server.requantize import dequantize_state, rebuild, tensor_specs
+    from fedtiny_server.secagg import mean_content
+
+    specs = tensor_specs(plan)
+    _, result, deltas = run_round(plan, 6)
+    means, models = [], []
+    for path in ("secagg", "plain"):
+        ints = plan.initial_state()
+        model = GlobalModel(specs, dequantize_state(specs, ints), {n: ints[n] for n in specs}, 0)
+        if path == "secagg":
+            replies = [_reply({k: v.numpy() for k, v in mean_content(model, 0, result, ()).array_records["arrays"]
+                               .items()}, 6)]
+        else:
+            replies = [_reply(rebuild(specs, model.master_of(0), deltas[i]), 1) for i in sorted(deltas)]
+        arrays, _ = FedAvg().aggregate_train(1, replies)
+        means.append({k: v.numpy() for k, v in arrays.items()})
+        model.advance(means[-1])
+        models.append(model)
+    a, b = means
+    assert any(not np.array_equal(a[n], b[n]) for n in specs)  # the two float means differ: the snap decides
+    ties = sum(int(np.sum(result.total[n] % 6 == 3)) for n in specs)
+    assert ties > 0  # exact half-LSB means, which the requantization rounds to even
+    for name in specs:
+        assert np.array_equal(models[0].master[name], models[1].master[name]), name
+        assert np.array_equal(models[0].ints[name], models[1].ints[name]), name
+        exact = plan.initial_state()[name].astype(np.float64) + result.total[name] / 6
+        assert np.array_equal(models[0].ints[name], np.clip(np.round(exact), *INT_RANGE[specs[name].dtype])), name
+
+
+INT_RANGE = {"int8": (-127, 127), "int32": (-(2**31), 2**31 - 1)}
