@@ -102,7 +102,7 @@ class CoordinatorAudit:
 
             degree = graph_degree(len(messages))
             extra["secagg"] = dict(graph_degree=degree, threshold=threshold(degree),
-                                   min_survivors=int(sent.get("min-survivors", 0)))
+                                   min_survivors=int(sent.get("min_survivors", 0)))
         if ledger is not None and hasattr(ledger, "device_sigma"):  # distributed DP: the devices' noise
             extra["device_noise"] = dict(mechanism="discrete Gaussian per element (protocol/noise.py)",
                                          sigma=ledger.device_sigma, sigma2_min_lsb=ledger.sigma2_min,

@@ -136,8 +136,9 @@ class DistributedPrivacy:
     strategy to
     - put the devices' noise into every TASK: noise_sigma = z C / sqrt(m) (real units, a float32 rounded up), m =
       the secure-aggregation threshold of the round's cohort (secagg.threshold(graph_degree(cohort))), which is also
-      the fewest survivors the round may be unmasked with ("min-survivors": the coordinator fails a round with
-      fewer before any share is revealed);
+      the fewest survivors the round may be unmasked with ("min_survivors", also in the TASK: the coordinator fails
+      a round with fewer before any share is revealed, and each device refuses to reveal its shares when told of
+      fewer);
     - account: each released round costs its survivors rho(n) (zCDP, dp-accounting's ZCDpEvent), epsilon per device
       and for the fleet in the round's train metrics;
     - stop: configure_train raises PrivacyBudgetExhausted when a round with m survivors could take a device past
@@ -195,7 +196,7 @@ class DistributedPrivacy:
         for message in messages:
             for record in message.content.config_records.values():
                 record["noise_sigma"] = float(ledger.device_sigma)
-                record["min-survivors"] = int(ledger.min_survivors)
+                record["min_survivors"] = int(ledger.min_survivors)  # the coordinator's rule and the TASK's
         return messages
 
     def aggregate_train(self, server_round: int, replies):

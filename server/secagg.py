@@ -55,7 +55,9 @@ def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
     task.update({k: float(v) for k, v in config.items() if "-" not in k and isinstance(v, (int, float))})
     cohort = sorted({grid._by_id[m.metadata.dst_node_id] for m in messages if m.metadata.dst_node_id in grid._by_id})
     link = grid.link
-    minimum = int(config.get("min-survivors", 0))  # distributed DP (server/privacy.py DistributedPrivacy)
+    # distributed DP (server/privacy.py DistributedPrivacy); in the TASK too: each device refuses to reveal shares
+    # for fewer survivors
+    minimum = int(config.get("min_survivors", 0))
     link.begin_secagg(round_, version, cohort, float(task.get("clip_norm", 0.0)), float(task.get("noise_sigma", 0.0)),
                       **({"min_survivors": minimum} if minimum else {}))
     ids = list(grid.push_messages(messages))

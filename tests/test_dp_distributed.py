@@ -214,15 +214,17 @@ def test_a_short_secagg_dp_run_through_the_embedded_broker(model, tmp_path):  # 
     assert completed[-1]["epsilon"] == pytest.approx(history[1].train_metrics["epsilon"])
 
 
-def _masked_round(plan, n, sigma, min_survivors, drop=()):
+def _masked_round(plan, n, sigma, min_survivors, drop=(), device_min_survivors=0):
     """A round of n devices through SecAggDevice and SecAggRound, each delta noised as a device under distributed
-    DP noises it (clamped at the round's bounds); returns (the round, its sum or the failure, the noised deltas)."""
+    DP noises it (clamped at the round's bounds); returns (the round, its sum or the failure, the noised deltas).
+    min_survivors is the coordinator's rule, device_min_survivors the devices' (the TASK's)."""
     from fedtiny.protocol.errors import ProtocolError
     from fedtiny.protocol.secagg import SecAggDevice, SecAggRound
     from test_secagg import CLIP, CTX, clipped_delta, identities
 
     private, public = identities(n)
-    devices = {i: SecAggDevice(plan, private[i], i, CTX, public, CLIP, sigma) for i in private}
+    devices = {i: SecAggDevice(plan, private[i], i, CTX, public, CLIP, sigma, min_survivors=device_min_survivors)
+               for i in private}
     server = SecAggRound(plan, CTX, public, list(devices), CLIP, sigma, min_survivors=min_survivors)
     for i, d in devices.items():
         server.on_keys(i, d.keys())
@@ -256,3 +258,17 @@ def test_the_unmasked_sum_is_the_survivors_noised_deltas_and_too_few_survivors_r
     server, failure, _ = _masked_round(plan, 6, sigma, 5, drop={next(iter(noised))} | {sorted(noised)[1]})
     assert failure.reason == "secagg-failed" and "fewer than the 5" in str(failure)
     assert server.stage == "failed" and not server.unmask  # no device was asked to reveal anything
+
+
+def test_a_device_reveals_nothing_when_told_of_fewer_survivors_than_its_noise_is_calibrated_for(mlp_last2_plan):
+    """A coordinator that skips its own minimum-survivors rule (min_survivors 0 here) and asks 4 survivors of 6 for
+    their shares, when the devices' noise is calibrated for 5: every device refuses, so nothing is revealed and the
+    sum of 4 (with 4/5 of the accounted noise) is never unmasked. With 5 survivors they reveal."""
+    from fedtiny.protocol.errors import ProtocolError
+
+    plan = mlp_last2_plan
+    with pytest.raises(ProtocolError) as err:
+        _masked_round(plan, 6, 0.3, 0, drop={1000, 1017}, device_min_survivors=5)
+    assert err.value.reason == "too-few-survivors" and "4 survivors" in str(err.value) and "for 5" in str(err.value)
+    server, result, noised = _masked_round(plan, 6, 0.3, 0, drop={1000}, device_min_survivors=5)
+    assert result.survivors == tuple(sorted(set(noised) - {1000}))

@@ -86,9 +86,10 @@ def test_noised_weights_stay_within_what_a_delta_may_carry(plan):
 
 
 def test_a_task_carries_the_noise_and_the_c_node_refuses_it(plan):
-    body = task_body(plan, bytes(32), {"noise_sigma": 0.25, "epochs": 2}, 1024)
-    assert len(body.config) == 8
-    assert task_settings(body)["noise_sigma"] == 0.25 and task_settings(body)["epochs"] == 2
+    body = task_body(plan, bytes(32), {"noise_sigma": 0.25, "epochs": 2, "min_survivors": 10.0}, 1024)
+    assert len(body.config) == 12
+    settings = task_settings(body)
+    assert settings["noise_sigma"] == 0.25 and settings["epochs"] == 2 and settings["min_survivors"] == 10
     assert len(task_body(plan, bytes(32), {}, 1024).config) == 4  # no noise: the form every node reads
     with pytest.raises(ValueError, match="noise_sigma"):
         task_body(plan, bytes(32), {"noise_sigma": -1.0}, 1024)

@@ -241,7 +241,7 @@ int fedtiny_wire_task_settings(const fedtiny_wire_task *task, fedtiny_wire_setti
         keep_pct = rd16(task->config + 2);
         if (keep_pct >= 100) return FEDTINY_WIRE_ERR_BAD_TASK;
     } else if (task->config_len != 0) {
-        /* also the 8-byte form with device noise (task.TASK_CONFIG_NOISE): this node does not add differential
+        /* also the 12-byte form with device noise (task.TASK_CONFIG_NOISE): this node does not add differential
          * privacy noise yet (protocol/noise.py), so it never answers a noised round without noise */
         return FEDTINY_WIRE_ERR_BAD_TASK;
     }

@@ -351,7 +351,8 @@ class DeviceSession:
         ctx = RoundContext(self.endpoint.fleet_id, self.state.run, round_)
         if self._secagg is None or self._secagg.ctx != ctx:
             self._secagg = SecAggDevice(self.plan, self.endpoint.identity, self.endpoint.device_id, ctx, self.peers,
-                                        settings["clip_norm"], settings["noise_sigma"])
+                                        settings["clip_norm"], settings["noise_sigma"],
+                                        min_survivors=int(settings.get("min_survivors", 0)))
             self._held = None
         return self._frames(self.up_topic, self._seal(self._secagg.keys(), round=round_,
                                                       model_version=self.state.model_version))

@@ -292,8 +292,11 @@ class SecAggDevice:
     simply does not answer (to the coordinator it is a dropout)."""
 
     def __init__(self, plan: Plan, identity: Identity, device_id: int, ctx: RoundContext,
-                 peers: Mapping[int, PublicIdentity], clip_norm: float, noise_sigma: float = 0.0) -> None:
+                 peers: Mapping[int, PublicIdentity], clip_norm: float, noise_sigma: float = 0.0,
+                 min_survivors: int = 0) -> None:
         self.plan, self.identity, self.device_id, self.ctx = plan, identity, device_id, ctx
+        # distributed DP: its noise is calibrated for at least this many survivors (the TASK's min_survivors)
+        self.min_survivors = min_survivors
         self.peers = peers  # the public identities of the devices it may be given as neighbours
         self.bounds = value_bounds(plan, clip_norm, noise_sigma)
         self.secrets = RoundSecrets.derive(identity, ctx, device_id)
@@ -392,9 +395,13 @@ class SecAggDevice:
         if len(survivors) != len(body.survivors) or len(dropped) != len(body.dropped) or survivors & dropped \
                 or not (survivors | dropped) <= set(self.held) or survivors | dropped != set(self.held):
             raise ProtocolError("bad-unmask", "survivors and dropped must split this device's neighbours")
-        if len(survivors) + 1 < self.threshold:
+        if len(survivors) + 1 < max(self.threshold, self.min_survivors):
+            # the survivors it is told of, itself included, are a lower bound of the round's: with fewer than its
+            # noise is calibrated for, the unmasked sum would hold less noise than accounted for; with fewer than
+            # the threshold, the sum would be of too few to hide each one
             raise ProtocolError("too-few-survivors", f"{len(survivors) + 1} survivors among its neighbourhood, "
-                                                     f"threshold {self.threshold}")
+                                                     f"threshold {self.threshold}, the noise calibrated for "
+                                                     f"{self.min_survivors or 'any number of'}")
         entries = []
         for v in sorted(survivors | dropped):
             index, b, s_lo, s_hi = self.held[v]

@@ -13,19 +13,22 @@ log = logging.getLogger("fedtiny.task")
 
 PLAN_VERSION = 1
 TASK_CONFIG = struct.Struct("<HH")  # TASK.config: epochs u16 | uplink_keep_pct u16 (0 = 100: send every change)
-# ... and with device noise (differential privacy): | noise_sigma f32 (real units). A node that cannot add noise
-# (the C node, so far) refuses the 8-byte form as a bad TASK: it never answers a noised round without noise.
-TASK_CONFIG_NOISE = struct.Struct("<HHf")
+# ... and with device noise (differential privacy): | noise_sigma f32 (real units) | min_survivors u32 (the fewest
+# survivors the noise is calibrated for: a masked round's device reveals no share for fewer; 0 = no such rule). A
+# node that cannot add noise (the C node, so far) refuses the 12-byte form as a bad TASK: it never answers a noised
+# round without noise.
+TASK_CONFIG_NOISE = struct.Struct("<HHfI")
 
 TASK_KEYS = {"epochs", "steps", "local_steps", "batch_size", "lr", "learning_rate", "clip_norm", "deadline_s",
-             "uplink_keep", "noise_sigma", "secagg"}
+             "uplink_keep", "noise_sigma", "min_survivors", "secagg"}
 
 
 def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_payload: int) -> Task:
     """TASK from the coordinator's config: epochs (default 1), steps (0 = epochs over the device's data),
     clip_norm, deadline_s, uplink_keep (the fraction of each buffer's changes a DELTA carries, see
     split_uplink; default 1), noise_sigma (the device's DP noise per element in real units, default 0: none;
-    protocol/noise.py), secagg (nonzero: send the delta masked for secure aggregation, flag TASK_MASKED;
+    protocol/noise.py), min_survivors (with noise: the fewest survivors a masked round may be unmasked with,
+    which the device checks before it reveals shares; default 0), secagg (nonzero: send the delta masked for secure aggregation, flag TASK_MASKED;
     protocol/secagg.py). Unknown keys are ignored with a warning.
 
     The learning rate and batch size are compiled into the plan (QAS update constants, batch-1 buffers), so a
@@ -48,7 +51,10 @@ def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_paylo
     noise_sigma = float(config.get("noise_sigma", 0.0))
     if not noise_sigma >= 0:
         raise ValueError(f"noise_sigma {noise_sigma} is not 0 or positive")
-    packed = TASK_CONFIG_NOISE.pack(epochs, keep_pct % 100, noise_sigma) if noise_sigma else \
+    min_survivors = int(config.get("min_survivors", 0))
+    if not 0 <= min_survivors <= 0xFFFFFFFF:
+        raise ValueError(f"min_survivors {min_survivors} does not fit u32")
+    packed = TASK_CONFIG_NOISE.pack(epochs, keep_pct % 100, noise_sigma, min_survivors) if noise_sigma else \
         TASK_CONFIG.pack(epochs, keep_pct % 100)
     flags = TASK_MASKED if config.get("secagg") else 0
     return Task(PLAN_VERSION, phash, steps, 1, plan.lr,
@@ -57,17 +63,17 @@ def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_paylo
 
 def task_settings(task: Task) -> dict[str, float]:
     """The config a device reads back from a TASK."""
-    epochs, keep_pct, noise_sigma = 1, 0, 0.0
+    epochs, keep_pct, noise_sigma, min_survivors = 1, 0, 0.0, 0
     if len(task.config) == TASK_CONFIG.size:
         epochs, keep_pct = TASK_CONFIG.unpack(task.config)
     elif len(task.config) == TASK_CONFIG_NOISE.size:
-        epochs, keep_pct, noise_sigma = TASK_CONFIG_NOISE.unpack(task.config)
+        epochs, keep_pct, noise_sigma, min_survivors = TASK_CONFIG_NOISE.unpack(task.config)
         if not noise_sigma >= 0:  # NaN or negative
             raise ProtocolError("bad-task", f"TASK noise_sigma {noise_sigma} is not 0 or positive")
     elif task.config:
-        raise ProtocolError("bad-task", "TASK config is not 4 or 8 bytes")
+        raise ProtocolError("bad-task", f"TASK config is not {TASK_CONFIG.size} or {TASK_CONFIG_NOISE.size} bytes")
     if keep_pct >= 100:
         raise ProtocolError("bad-task", f"TASK uplink_keep_pct {keep_pct} is not below 100")
     return {"epochs": epochs, "steps": task.local_steps, "batch_size": task.batch_size, "lr": task.learning_rate,
             "clip_norm": task.clip_norm, "deadline_s": task.deadline_s, "uplink_keep": (keep_pct or 100) / 100,
-            "noise_sigma": noise_sigma, "masked": bool(task.task_flags & TASK_MASKED)}
+            "noise_sigma": noise_sigma, "min_survivors": min_survivors, "masked": bool(task.task_flags & TASK_MASKED)}
