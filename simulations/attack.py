@@ -28,8 +28,12 @@ The attacker is assumed to know the model (or update), the loss and candidate sa
 needs no shadow model and no threshold (AUC, sklearn's roc_auc_score, sweeps every threshold). AUC 0.5 is
 chance: the attack learns nothing about membership; 1.0 tells every member from every non-member.
 
-A run under secure aggregation stores no individual DELTA: its device and secure-aggregate attacks are empty
-(0 attacks), and its released rounds are the aggregate (without DP, the global model is the survivors' mean).
+A run under secure aggregation (metrics.json's run.secure_aggregation) stores no individual DELTA: its device
+attack is empty (0 attacks), and what the coordinator can attack is each round's unmasked sum, which it turns into
+the next global version (the round's master + sum / m, requantized: under distributed DP the sum already holds the
+devices' noise, and nothing is added after it). Its secure-aggregate attack is therefore measured on the run's
+real sums, the global version before and after each round, for that round's survivors (the coordinator log's
+secagg_round events): the same numbers as its released rounds, which are attacked for the same survivors.
 
 The before-round-1 AUC of the global-model attack is the run's own control: that model (the host's pretrained
 one) never saw a node's sample, so it measures the attack's baseline on the run's data (0.5 up to sampling).
@@ -151,6 +155,18 @@ def _read_store(path: Path) -> tuple[dict[int, tuple], list[tuple]]:
     return globals_, replies
 
 
+def _secagg_survivors(run: Path) -> dict[int, list[str]]:
+    """round -> the device names whose masked DELTAs are in its sum (the coordinator's secagg_round events)."""
+    out: dict[int, list[str]] = {}
+    log = run / "coordinator.jsonl"
+    if log.exists():
+        for line in log.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("event") == "secagg_round" and "survivors" in event:
+                out[int(event["round"])] = list(event["survivors"])
+    return out
+
+
 def _forward(plan):
     if shutil.which("gcc") is None:
         return None
@@ -223,6 +239,8 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
             after = requantize_state(specs, rebuild(specs, master, delta))
             device_aucs.append(update_auc(plan, before, after, nodes[device], nonmembers_of(device), forward))
     zero = zero_delta(plan)  # a DELTA may leave out buffers that did not change
+    secagg = bool(summary.get("secure_aggregation"))
+    survivors = _secagg_survivors(run) if secagg else {}
     for rnd, cohort in sorted(by_round.items()):
         versions = {v for _, v, _ in cohort}
         if len(versions) != 1 or versions.pop() not in globals_:
@@ -234,15 +252,18 @@ def membership_auc(run_dir: str | Path, task=None) -> dict:
         aggregate_aucs += [update_auc(plan, before, summed, nodes[device], nonmembers_of(device), forward)
                            for device, _, _ in cohort if device in nodes]
     # the released rounds: each global version against the one before; the cohort is the round's replies, or
-    # every node when the store holds no individual DELTA (a run under secure aggregation)
+    # under secure aggregation its survivors (every node if the log does not name them)
     for version, (rnd, _, after) in sorted(globals_.items()):
         if version == 0 or version - 1 not in globals_:
             continue
-        cohort = [device for device, _, _ in by_round.get(rnd, [])] or list(nodes)
+        cohort = [device for device, _, _ in by_round.get(rnd, [])] or survivors.get(rnd) or list(nodes)
         released_aucs += [update_auc(plan, globals_[version - 1][2], after, nodes[device], nonmembers_of(device),
                                      forward) for device in cohort if device in nodes]
+    if secagg:  # the coordinator's attack is on the round's sum, which made the released version
+        aggregate_aucs = list(released_aucs)
     result["device_update"] = _summary(device_aucs)
     result["secure_aggregate"] = _summary(aggregate_aucs)
+    result["secure_aggregation"] = secagg  # True: secure_aggregate measured on the run's real unmasked sums
     result["released_update"] = _summary(released_aucs)
     privacy = summary.get("privacy")
     result["privacy"] = None if not privacy else {k: privacy.get(k) for k in (

@@ -538,6 +538,14 @@ def attack_section(r: Run) -> Section:
         return "-" if not x["attacks"] else f"{x['auc']:.3f} ({x['auc_min']:.3f}-{x['auc_max']:.3f})"
 
     g = result["global_model"]
+    if result.get("secure_aggregation"):
+        s.p("This run used secure aggregation: the coordinator never held a device's DELTA (no attack on one), only "
+            "each round's unmasked sum of the survivors' deltas, which it turned into the next global version. "
+            "The round's sum is attacked on the run's real sums, for each round's survivors: the same numbers as "
+            "the released rounds.")
+    else:
+        s.p("Without secure aggregation the coordinator decrypts every DELTA. The round's sum row is what secure "
+            "aggregation would have left it, computed from the same DELTAs.")
     s.table(["what the attacker holds", "who holds it", "AUC (min-max)", "attacks"], [
         ["the global model before round 1 (control)", "every device", f"{g['auc_before_round_1']:.3f}", 1],
         ["the final global model", "every device, whoever gets global.ftm", f"{g['auc']:.3f}", 1],

@@ -118,12 +118,22 @@ def test_membership_auc_reads_a_run_folder(plan, tmp_path):
     assert 0.5 < result["secure_aggregate"]["auc"] <= result["device_update"]["auc"] + 0.05
     assert abs(result["global_model"]["auc_before_round_1"] - 0.5) < 0.2
     assert result["privacy"] is None
-    # a run under secure aggregation stores no individual DELTA: only the released rounds can be attacked
+    # a run under secure aggregation stores no individual DELTA; the coordinator attacks each round's unmasked sum,
+    # which made the released version, for the round's survivors (here node001 only: node000 dropped)
     with sqlite3.connect(tmp_path / "state.db") as db:
         db.execute("DELETE FROM replies")
     hidden = membership_auc(tmp_path, task)
     assert hidden["device_update"]["attacks"] == 0 and hidden["secure_aggregate"]["attacks"] == 0
-    assert hidden["released_update"] == result["released_update"]
+    assert hidden["released_update"] == result["released_update"] and not hidden["secure_aggregation"]
+    (tmp_path / "metrics.json").write_text(json.dumps({"run": {"scenario": "synthetic", "nodes": 2, "seed": 0,
+                                                               "secure_aggregation": True}}))
+    (tmp_path / "coordinator.jsonl").write_text(json.dumps({"event": "secagg_round", "round": 1,
+                                                            "survivors": ["node001"], "dropped": ["node000"]}) + "\n")
+    masked = membership_auc(tmp_path, task)
+    assert masked["secure_aggregation"] and masked["device_update"]["attacks"] == 0
+    assert masked["secure_aggregate"] == masked["released_update"] and masked["secure_aggregate"]["attacks"] == 1
+    assert masked["secure_aggregate"]["auc"] == pytest.approx(result["secure_aggregate"]["auc_max"]) or \
+        masked["secure_aggregate"]["auc"] == pytest.approx(result["secure_aggregate"]["auc_min"])
     task.nodes[1] = dataset(samples(plan, 8, 99))
     with pytest.raises(AttackError, match="node001.npz does not hold"):
         membership_auc(tmp_path, task)
