@@ -7,7 +7,9 @@ scenarios, and what a membership-inference attack learns from each run's models 
 With --secagg the same runs use secure aggregation (`--secagg`), and --dp-epsilon is then distributed DP: each
 node adds discrete Gaussian noise before masking, calibrated for the secure-aggregation threshold's number of
 survivors (docs/privacy.md); beside each, the same run with central DP and no secure aggregation, on the same
-code and machine. It writes its own section (no attack: the coordinator holds no individual DELTA).
+code and machine (the same folders as the first section's runs: --reuse shares them). It writes its own section,
+with the membership inference of each run: under secure aggregation the coordinator holds no individual DELTA,
+only each round's sum, which is attacked as it was (simulations/attack.py).
 
 Each row is one `fedtiny simulate` run with the defaults (10 rounds, 2 local epochs, --uplink-keep 0.5, seed 0),
 --deadline 120 (every node answers every round even on a loaded machine: the noise on the mean grows as 1/nodes
@@ -62,6 +64,20 @@ def per_node(rounds: list[dict], key: str) -> float:
     return sum(r[key] for r in rounds) / max(1, sum(r["participants"] for r in rounds))
 
 
+def attack_of(out: Path, reuse: bool) -> dict:
+    """membership_auc of a run folder with its time, kept in membership.json (taken from there with --reuse)."""
+    from fedtiny_sim.attack import membership_auc
+
+    saved = out / "membership.json"
+    if reuse and saved.exists():
+        return json.loads(saved.read_text())
+    start = time.perf_counter()
+    a = membership_auc(out)
+    a["seconds"] = time.perf_counter() - start
+    saved.write_text(json.dumps(a, indent=1))
+    return a
+
+
 def auc(attack: dict) -> str:
     if not attack["attacks"]:
         return "-"
@@ -69,8 +85,6 @@ def auc(attack: dict) -> str:
 
 
 def main():
-    from fedtiny_sim.attack import membership_auc
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", help="folder for the run folders (default: a new temporary one)")
     parser.add_argument("--reuse", action="store_true", help="take the runs and attacks already in --runs")
@@ -116,21 +130,15 @@ def main():
                                  f"{per_node(rounds, 'uplink_bytes'):,.0f} / "
                                  f"{per_node(rounds, 'downlink_bytes'):,.0f} | {wall:.0f} s |")
             print(accuracy_rows[-1], flush=True)
-            start, saved = time.perf_counter(), out / "membership.json"
             if scenario not in attacked:
                 attack_rows.append(f"| {scenario}, {nodes} | {dp} | not measured | | | | |")
                 continue
-            if args.reuse and saved.exists():
-                a = json.loads(saved.read_text())
-            else:
-                a = membership_auc(out)
-                a["seconds"] = time.perf_counter() - start
+            a = attack_of(out, args.reuse)
             g = a["global_model"]
             attack_rows.append(f"| {scenario}, {nodes} | {dp} | {g['auc_before_round_1']:.3f} -> {g['auc']:.3f} | "
                                f"{auc(a['device_update'])} | {auc(a['secure_aggregate'])} | "
                                f"{auc(a['released_update'])} | {a['seconds']:.0f} s |")
             print(attack_rows[-1], flush=True)
-            saved.write_text(json.dumps(a, indent=1))
     lines = [SECTION, "", provenance(command), "",
              "### Accuracy", "", *accuracy_rows, "",
              "- Noise std on the mean: z * C / nodes per coordinate in real units (C = 0.5, every node answers "
@@ -167,6 +175,9 @@ def secagg_main(args) -> None:
             "noise std on the mean | epsilon spent (delta 1e-5) | accuracy before -> after 10 rounds (best) | "
             "survivors per round | uplink / downlink B per node and round | wall time |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    attack_rows = ["| scenario, nodes | DP | global model: before round 1 -> after the last | one device's DELTA | "
+                   "the round's sum | what the coordinator holds | attack time |",
+                   "|---|---|---:|---:|---:|---|---:|"]
     for scenario, budget, secagg in [(s, b, a) for s in scenarios.split(",") for b in BUDGETS for a in (False, True)]:
         nodes = SCENARIOS[scenario]
         out = runs / run_name(scenario, budget, secagg)
@@ -194,6 +205,14 @@ def secagg_main(args) -> None:
                     f"{per_node(rounds, 'uplink_bytes'):,.0f} / {per_node(rounds, 'downlink_bytes'):,.0f} | "
                     f"{wall:.0f} s |")
         print(rows[-1], flush=True)
+        a = attack_of(out, args.reuse)
+        g = a["global_model"]
+        holds = ("each round's unmasked sum (attacked: the real sums)" if secagg else
+                 "every device's DELTA (the round's sum computed from them)")
+        attack_rows.append(f"| {scenario}, {nodes} | {dp} | {g['auc_before_round_1']:.3f} -> {g['auc']:.3f} | "
+                           f"{auc(a['device_update'])} | {auc(a['secure_aggregate'])} | {holds} | "
+                           f"{a['seconds']:.0f} s |")
+        print(attack_rows[-1], flush=True)
     lines = [SECTION_SECAGG, "", provenance(command), "", *rows, "",
              "- Each node clips to C = 0.5 and adds discrete Gaussian integers of std z C / sqrt(m) (real units) "
              "before masking; m is the secure-aggregation threshold of the round's cohort, and the coordinator "
@@ -206,8 +225,16 @@ def secagg_main(args) -> None:
              "(docs/privacy.md); the same code, machine and settings as the secagg rows beside them.",
              "- Accounting: each round rho = C^2 / (2 n sigma^2) (+ a tau term, zero here) for its n survivors "
              "(Kairouz, Liu, Steinke ICML'21), zCDP composed and converted by dp-accounting 0.6's RDP accountant.",
-             "- The section above (central DP and the attack) was measured on earlier code, before the held-out "
-             "split: compare within this table."]
+             "",
+             "### Membership inference (simulations/attack.py) on the same runs", "",
+             *attack_rows, "",
+             "- The attack, its members and reweighted non-members are the first section's (AUC 0.5 is chance; the "
+             "update columns are the mean over every (device, round), lowest and highest in brackets).",
+             "- Under secure aggregation the coordinator never holds one device's DELTA ('-'): what it can attack "
+             "is each round's unmasked sum of the survivors' deltas (with the devices' noise under distributed "
+             "DP), which it turns into the next global version; that column is measured on the run's real sums "
+             "for each round's survivors. In the central rows it is what secure aggregation would have left, "
+             "computed from the same DELTAs."]
     write_section(SECTION_SECAGG, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
