@@ -57,7 +57,8 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
               help="Noise standard deviation / clip norm; 0: the smallest that keeps --rounds within the budget.")
 @click.option("--secagg", is_flag=True,
               help="Secure aggregation: devices send masked deltas and this coordinator learns only each round's "
-                   "sum (needs --clip-norm; no robust strategy, no central DP; firmware nodes refuse it).")
+                   "sum (needs --clip-norm; no robust strategy; with --dp-epsilon the devices add the noise: "
+                   "distributed DP; firmware nodes refuse it).")
 @click.option("--audit-log", type=click.Path(dir_okay=False), default=None,
               help="The signed, hash-chained audit log (checked by `fedtiny audit verify`); an existing one is "
                    "continued. Default: --state-db's name with .audit.jsonl.")

@@ -71,3 +71,61 @@ def test_two_masked_rounds_over_the_embedded_broker(model, tmp_path):  # noqa: F
     assert not [e for e in events if e["event"] == "reply_accepted"]  # no individual update was ever accepted
     assert all(not a.rejected for a in agents)
     assert np.isfinite(coordinator.model.master[plan.trainable_buffers()[0]]).all()
+
+
+def test_the_coordinator_command_runs_distributed_dp_over_the_embedded_broker(model, tmp_path):  # noqa: F811
+    """`fedtiny coordinator --secagg --clip-norm 0.5 --dp-epsilon 8` (the command line, through click in this
+    process) against node agents through the embedded broker: both rounds are masked sums of every node's noised
+    delta, the TASKs carry the devices' noise and the minimum survivors, and the signed audit log has the epsilon
+    spent, within the budget."""
+    from click.testing import CliRunner
+
+    from fedtiny.cli import main
+    from fedtiny.planfile import save_plan
+
+    plan, x, y = model
+    names = [f"c{i}" for i in range(NODES)]
+    keys = tmp_path / "keys"
+    provision_fleet(keys, FLEET, names)
+    manifest = load_fleet(keys / "coordinator")
+    peers = {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for n, v in manifest["devices"].items()}
+    save_plan(plan, tmp_path / "plan.ftp")
+    with EmbeddedBroker(keys) as broker:
+        url = f"mqtt://{broker.host}:{broker.port}"
+        agents = [NodeAgent(name, url, keys, plan, x[:SAMPLES], y[:SAMPLES], fleet=FLEET, state_dir=tmp_path / "n",
+                            seed=i, chunk_size=512, heartbeat_s=1.0, ack_timeout_s=2.0, peers=peers).start()
+                  for i, name in enumerate(names)]
+        try:
+            deadline = time.monotonic() + 30
+            while not all(a.transport.connected.is_set() for a in agents):  # retained STATUS tells the coordinator
+                assert time.monotonic() < deadline, "devices did not connect"
+                time.sleep(0.05)
+            with ops.json_logging(io.StringIO()):  # the command adds its own handler: taken off after, with this
+                handlers = list(ops.LOG.handlers)
+                try:
+                    runner = CliRunner(mix_stderr=False)
+                except TypeError:  # click >= 8.2 keeps stderr apart
+                    runner = CliRunner()
+                try:
+                    result = runner.invoke(main, [
+                        "coordinator", "--broker", url, "--fleet-dir", str(keys), "--fleet", FLEET,
+                        "--plan", str(tmp_path / "plan.ftp"), "--rounds", "2", "--quorum", "1.0", "--deadline", "60",
+                        "--state-db", str(tmp_path / "state.db"), "--clip-norm", "0.5", "--secagg",
+                        "--dp-epsilon", "8", "--audit-log", str(tmp_path / "audit.jsonl")])
+                finally:
+                    for handler in set(ops.LOG.handlers) - set(handlers):
+                        ops.LOG.removeHandler(handler)
+        finally:
+            for a in agents:
+                a.stop(leave=False)
+    assert result.exit_code == 0, (result.output + result.stderr)[-3000:]
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    rounds = [e for e in events if e["event"] == "secagg_round"]
+    assert [sorted(e["survivors"]) for e in rounds] == [names, names]
+    assert not [e for e in events if e["event"] == "reply_accepted"]  # never an individual update
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    configured = [e for e in audit if e["event"] == "round_configured"]
+    assert [e["secagg"]["min_survivors"] for e in configured] == [3, 3]  # 5 nodes: degree 4, threshold 3
+    assert all(e["task"]["noise_sigma"] > 0 for e in configured)
+    spent = [e["epsilon"] for e in audit if e["event"] == "round_completed"]
+    assert len(spent) == 2 and 0 < spent[0] < spent[1] <= 8.0
