@@ -286,6 +286,11 @@ def _distributed_privacy(s: Section, r: Run, p: dict) -> Section:
         f"{', '.join(str(n) for n in p['round_survivors'])}). Each epsilon below is computed here again from these "
         "parameters and the device's rounds, with dp-accounting's RDP accountant, beside the value the coordinator "
         "recorded.")
+    if "clamp_delta" in p:
+        s.p(f"The devices clamp their noised values 12 noise standard deviations beyond the clipped update (secure "
+            f"aggregation's bounds); the accounting above is for unclamped noise, and the clamp adds "
+            f"{p['clamp_delta']:.2g} to delta (the chance it acts anywhere in the run, times 1 + e^epsilon): the "
+            f"fleet's guarantee is epsilon {p['epsilon']:.4f} at delta {delta:g} + {p['clamp_delta']:.2g}.")
     rows = []
     for device, survivors in sorted(p["device_survivors"].items()):
         rows.append([device, len(survivors), f"{distributed_epsilon(p, survivors):.4f}",

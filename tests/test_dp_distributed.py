@@ -272,3 +272,33 @@ def test_a_device_reveals_nothing_when_told_of_fewer_survivors_than_its_noise_is
     assert err.value.reason == "too-few-survivors" and "4 survivors" in str(err.value) and "for 5" in str(err.value)
     server, result, noised = _masked_round(plan, 6, 0.3, 0, drop={1000}, device_min_survivors=5)
     assert result.survivors == tuple(sorted(set(noised) - {1000}))
+
+
+def test_the_clamp_at_twelve_sigma_is_added_to_delta(mlp_last2_plan):
+    """The clamp's premise (every row's bound lies NOISE_TAIL of its noise's standard deviations beyond what a clipped
+    delta can reach) holds on a real plan, and its delta term is (1 + e^eps) * 2 e^-72 * the elements noised in the
+    released rounds, in the run's privacy summary."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedtiny.privacy import plan_elements
+    from fedtiny.protocol.noise import row_sigma2
+    from fedtiny.protocol.secagg import NOISE_TAIL, value_bounds
+    from fedtiny_server.privacy import DistributedPrivacy, PrivacySettings, privacy_summary
+
+    plan, clip = mlp_last2_plan, 0.5
+    strategy = DistributedPrivacy(FedAvg(), PrivacySettings(4.0, 1e-5, clip), plan, 4)
+    ledger = strategy._ledger_for(20)
+    bounds = value_bounds(plan, clip, ledger.device_sigma)
+    for name, scales in row_scales(plan).items():
+        reach = 255 if np.dtype(plan.buffers[name].dtype) == np.int8 else 2**31 - 1
+        for scale in np.asarray(scales, np.float64).tolist():
+            clipped = min(reach, clip / scale)  # no element of a delta of L2 norm <= clip goes further
+            assert bounds[name] - clipped >= NOISE_TAIL * math.sqrt(row_sigma2(ledger.device_sigma, scale)), name
+    elements = sum(int(np.prod(plan.buffers[n].shape)) for n in plan.trainable_buffers())
+    assert ledger.elements == plan_elements(strategy.row_scales) == elements
+    assert ledger.clamp_delta() == 0.0  # nothing released yet
+    ledger.record([1, 2, 3], 20)
+    ledger.record([1, 2], 12)
+    summary = privacy_summary(strategy, {1: "a", 2: "b", 3: "c"})
+    expected = (1 + math.exp(summary["epsilon"])) * 2 * math.exp(-72) * elements * 32
+    assert summary["clamp_delta"] == pytest.approx(expected, rel=1e-12) and 0 < expected < 1e-20

@@ -27,8 +27,8 @@ secrets are derived from its identity secret, the run and the round, so a device
 the same keys; it keeps no other secret state across a restart (a restart mid-round makes it a dropout).
 
 The moduli: element values of buffer b lie in [-B_b, B_b] (clipping bounds every element by clip_norm / scale;
-device noise is clamped NOISE_TAIL standard deviations out, with probability below 1e-32 per element: negligible
-beside any DP delta), so the sum
+device noise is clamped NOISE_TAIL standard deviations out, with probability at most 2 e^-72 = 1.1e-31 per element,
+which the DP accounting adds to its delta: fedtiny/privacy.py, DistributedLedger.clamp_delta), so the sum
 over at most `cohort` devices lies in [-cohort * B_b, cohort * B_b], and k_b = bit_length(2 * cohort * B_b)
 bits hold it without wrapping (2^k_b > 2 * cohort * B_b). Devices are weighted equally (the FedAvg mean of the
 survivors' deltas), as under differential privacy.
@@ -62,7 +62,7 @@ from fedtiny.protocol.noise import NoiseStream, row_sigma2, uniform_below
 from fedtiny.protocol.update import row_scales
 
 LABEL = b"fedtiny/secagg/v1"
-NOISE_TAIL = 12  # device noise is clamped to this many standard deviations (P[|N| > 12 sigma] < 1e-32)
+NOISE_TAIL = 12  # device noise is clamped to this many standard deviations (P[|N| > 12 sigma] <= 2 e^-72)
 DEGREE_FACTOR = 6  # neighbour graph degree: DEGREE_FACTOR * ceil(log2 n), even, at most n - 1 and 64
 MAX_COMBINATIONS = 256  # share subsets tried when some shares are wrong
 _SHARE_PLAIN = struct.Struct("<IIHH16s16s16s")  # from | to | index | reserved | b share | s_sk share lo | hi
