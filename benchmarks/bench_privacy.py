@@ -2,7 +2,7 @@
 scenarios, and what a membership-inference attack learns from each run's models and updates.
 
     python benchmarks/bench_privacy.py [--runs DIR] [--reuse] [--scenarios medical,industrial]
-    python benchmarks/bench_privacy.py --secagg [--runs DIR] [--reuse] [--scenarios medical]
+    python benchmarks/bench_privacy.py --secagg [--runs DIR] [--reuse] [--scenarios medical,industrial]
 
 With --secagg the same runs use secure aggregation (`--secagg`), and --dp-epsilon is then distributed DP: each
 node adds discrete Gaussian noise before masking, calibrated for the secure-aggregation threshold's number of
@@ -169,8 +169,9 @@ def main():
 def secagg_main(args) -> None:
     runs = Path(args.runs or tempfile.mkdtemp(prefix="bench_privacy_secagg_"))
     cache = os.environ.get("FEDTINY_CACHE") or tempfile.mkdtemp(prefix="fedtiny_cache_")
-    scenarios = args.scenarios if args.scenarios != ",".join(SCENARIOS) else "medical"
-    command = f"python benchmarks/bench_privacy.py --secagg --scenarios {scenarios}"
+    scenarios = args.scenarios
+    command = "python benchmarks/bench_privacy.py --secagg" + (
+        f" --scenarios {scenarios}" if scenarios != ",".join(SCENARIOS) else "")
     rows = ["| scenario, nodes | DP | noise multiplier z (threshold survivors m) | each node's noise std | "
             "noise std on the mean | epsilon spent (delta 1e-5) | accuracy before -> after 10 rounds (best) | "
             "survivors per round | uplink / downlink B per node and round | wall time |",
