@@ -12,8 +12,10 @@ devices get its requantization. The master is kept on a grid of 2^-MASTER_FRACTI
 that the same mean reached by two float computations is the same master: the secure-aggregation path
 (base + dequantized integer sum / m, server/secagg.py) and Flower's FedAvg over the m plain replies of the same
 clipped deltas with equal weights (sum of reply * (1/m), in another order) differ by a few ulps, and snapping
-makes their masters, hence the integers the devices receive, bit-identical (TensorSpec.snap says when). A device's reply is rebuilt as master + dequantized delta, which is its full
-trainable state in float, and what the built-in strategies expect.
+makes their masters, hence the integers the devices receive, bit-identical (TensorSpec.snap says when).
+
+A device's reply is rebuilt as master + dequantized delta, which is its full trainable state in float, and what
+the built-in strategies expect.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ def task_body(plan: Plan, phash: bytes, config: dict[str, float], max_mqtt_paylo
     clip_norm, deadline_s, uplink_keep (the fraction of each buffer's changes a DELTA carries, see
     split_uplink; default 1), noise_sigma (the device's DP noise per element in real units, default 0: none;
     protocol/noise.py), min_survivors (with noise: the fewest survivors a masked round may be unmasked with,
-    which the device checks before it reveals shares; default 0), secagg (nonzero: send the delta masked for secure aggregation, flag TASK_MASKED;
-    protocol/secagg.py). Unknown keys are ignored with a warning.
+    which the device checks before it reveals shares; default 0), secagg (nonzero: send the delta masked for
+    secure aggregation, flag TASK_MASKED; protocol/secagg.py). Unknown keys are ignored with a warning.
 
     The learning rate and batch size are compiled into the plan (QAS update constants, batch-1 buffers), so a
     TASK states the plan's and a config asking for others (lr, learning_rate, batch_size) is refused: the
