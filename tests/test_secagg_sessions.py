@@ -246,6 +246,14 @@ def test_the_strategy_receives_only_the_survivors_mean(plan, tmp_path):
     for name in plan.trainable_buffers():
         np.testing.assert_allclose(averaged[name].numpy(), got[name].numpy(), rtol=1e-12, atol=1e-15)
     assert coordinator.model.version == 1
+    # and the state the devices get next is bit for bit the plain FedAvg's (the master's grid, requantize.snap)
+    from fedtiny_server.grid import GlobalModel
+
+    plain_model = GlobalModel(coordinator.model.specs, base, plan.initial_state(), 0)
+    plain_model.advance({k: v.numpy() for k, v in averaged.items()})
+    for name in plan.trainable_buffers():
+        assert np.array_equal(plain_model.master[name], coordinator.model.master[name]), name
+        assert np.array_equal(plain_model.ints[name], coordinator.model.ints[name]), name
     store.close()
 
 
