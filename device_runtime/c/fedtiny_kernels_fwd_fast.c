@@ -4,11 +4,11 @@
  * - Every sum is exact in int32, as the reference's: a term |x - zp| |w| is at most 255 * 128 = 32,640, and the
  *   compiler proves window * 32,640 < 2^31 for every conv (fedtiny.device_memory.check_accumulators). Wrapping
  *   int32 arithmetic (SMLAD's too) gives the exact sum whenever the sum itself fits.
- * - Requantization does the reference's multiply-shift once per output with the same rounding: the saturating
- *   add of the bias (QADD), the saturating left shift, the rounding doubling high multiply, which for a
- *   multiplier other than INT32_MIN is floor((v m + 2^30) / 2^31) (gemmlowp's nudge and truncation toward zero
- *   come to the same for either sign), and the rounding right shift of fedtiny_arith.h. A conv with a multiplier
- *   of INT32_MIN (never made by the quantizer) runs the reference kernel.
+ * - Requantization is the reference's integer once per output: the saturating add of the bias (QADD), then
+ *   fedtiny_multiply_by_quantized_multiplier_i32 (fedtiny_arith.h: the doubling high multiply and the rounding
+ *   right shift as one 64-bit multiply-add and one shift, equal for every int32 input and a multiplier other than
+ *   INT32_MIN), the clamp. A conv with a multiplier of INT32_MIN (never made by the quantizer) runs the reference
+ *   kernel.
  * - On the Cortex-M4 (__ARM_FEATURE_DSP), CMSIS-NN style: each input window becomes an int16 column with the zero
  *   point removed once, then two MACs per SMLAD, the weights widened four at a time by SXTB16. SXTB16 yields
  *   weights (0, 2) and (1, 3) of a word, so the column keeps each full block of four values in the order
@@ -37,38 +37,35 @@ static inline const int8_t *weight_row(const fedtiny_conv2d_params *p, int32_t o
 
 /* ---- requantization ------------------------------------------------------------------------------------- */
 
-/* The output's zero point and clamp: copied out of the params once per call (every int8 store may alias the
- * params struct, so the compiler would reload its fields after each one). */
+/* The output's zero point and clamp, the clamp taken before the zero point is added (so that no int32 sum can
+ * overflow): copied out of the params once per call (every int8 store may alias the params struct, so the
+ * compiler would reload its fields after each one). */
 typedef struct {
-    int32_t zero_point, act_min, act_max;
+    int32_t zero_point, lo, hi; /* lo = act_min - zero_point, hi = act_max - zero_point */
 } output_range;
 
 static inline output_range output_range_of(const fedtiny_conv2d_params *p)
 {
     output_range o;
     o.zero_point = p->out_zero_point;
-    o.act_min = p->act_min;
-    o.act_max = p->act_max;
+    o.lo = p->act_min - p->out_zero_point;
+    o.hi = p->act_max - p->out_zero_point;
     return o;
 }
 
-/* fedtiny_requantize((int64_t)acc + bias, multiplier, shift, ...) for a multiplier other than INT32_MIN. */
+/* fedtiny_requantize((int64_t)acc + bias, multiplier, shift, ...) for a multiplier other than INT32_MIN: the
+ * saturating add of the bias (QADD), then fedtiny_arith.h's one-multiply form of the multiply-shift. */
 static inline int8_t requantize(int32_t acc, int32_t bias, int32_t multiplier, int32_t shift, output_range o)
 {
-    int32_t v, y;
+    int32_t v;
 #if FAST_DSP
     v = __qadd(acc, bias);
 #else
     v = (int32_t)fedtiny_clamp_i32_64((int64_t)acc + bias);
 #endif
-    if (shift > 0) {
-        v = (int32_t)fedtiny_clamp_i32_64((int64_t)v * ((int64_t)1 << shift));
-        shift = 0;
-    }
-    v = (int32_t)(((int64_t)v * multiplier + ((int64_t)1 << 30)) >> 31);
-    y = fedtiny_rounding_divide_by_pot(v, -shift) + o.zero_point;
-    y = y < o.act_min ? o.act_min : y;
-    return (int8_t)(y > o.act_max ? o.act_max : y);
+    v = fedtiny_multiply_by_quantized_multiplier_i32(v, multiplier, shift);
+    v = v < o.lo ? o.lo : (v > o.hi ? o.hi : v);
+    return (int8_t)(v + o.zero_point);
 }
 
 static inline int32_t bias_of(const fedtiny_conv2d_params *p, int32_t oc)
@@ -280,6 +277,8 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
     const int32_t pixels = p->out_h * p->out_w;
     const int32_t cout = p->out_c;
     const output_range o = output_range_of(p);
+    const int32_t *bias = p->bias_sram != NULL ? p->bias_sram : p->bias;
+    const int32_t *multiplier = p->multiplier, *shift = p->shift;
     int32_t pixel, g, oc;
     column c0, c1;
     int32_t *acc0, *acc1;
@@ -311,11 +310,10 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
             }
         }
         for (oc = 0; oc < cout; oc++) {
-            const int32_t bias = bias_of(p, oc), m = p->multiplier[oc], sh = p->shift[oc];
-            y0[oc] = requantize(acc0[oc], bias, m, sh, o);
-            if (two) {
-                y1[oc] = requantize(acc1[oc], bias, m, sh, o);
-            }
+            y0[oc] = requantize(acc0[oc], bias[oc], multiplier[oc], shift[oc], o);
+        }
+        for (oc = 0; two && oc < cout; oc++) {
+            y1[oc] = requantize(acc1[oc], bias[oc], multiplier[oc], shift[oc], o);
         }
     }
     return FEDTINY_OK;
