@@ -3,15 +3,24 @@
 - fedtiny_multiply_by_quantized_multiplier_i32 (fedtiny_arith.h, one SMLAL per output) = the reference
   multiply-shift on the edges of the int32 range (every power of two and its neighbours, the small values whose
   roundings tie), every shift from -31 to 31 and multipliers of either sign, then on pseudo-random inputs;
-- the forward kernels on random shapes (tests/test_fast_kernels.py's harness holds whole random conv chains).
+- fedtiny_add_fast = fedtiny_add on every int8 input pair at random params (host);
+- a random model of a first conv with few input channels, depthwise on a small map, a residual add and linear
+  layers of odd widths = the interpreter, host and M4 (tests/test_fast_kernels.py holds random conv chains).
 """
+
+import ctypes
+import subprocess
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
+from fedtiny import device_memory, interpreter
+from fedtiny.quantize import quantize
 from fedtiny_device import codegen, cruntime
 
-from test_cruntime import cache, need  # noqa: F401 (cache: its session fixture, builds shared)
+from test_cruntime import assert_equal_int8, cache, need  # noqa: F401 (cache: its session fixture, builds shared)
 
 REQUANT_CHECK = rb"""/* Every pair (edge x, multiplier) at every shift, then random triples: fast == reference. */
 #include <stdint.h>
@@ -100,7 +109,6 @@ def _checked(stdout: str) -> int:
 
 def test_fast_requantization_is_the_reference_on_the_host(cache):
     need("gcc", "make")
-    import subprocess
     exe = cruntime.make_cached(_requant_files(), "host", "requant_check", cache)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -113,3 +121,77 @@ def test_fast_requantization_is_the_reference_on_the_m4(cache):
     run = cruntime.run_qemu(elf, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert _checked(run.stdout) > 600_000
+
+
+# ---- fedtiny_add_fast against fedtiny_add, on the host, over random params -----------------------------------
+
+class AddParams(ctypes.Structure):
+    """Mirror of fedtiny_add_params in fedtiny_kernels.h."""
+    _fields_ = [(n, ctypes.c_int32) for n in (
+        "size", "a_zero_point", "b_zero_point", "out_zero_point", "left_shift", "a_multiplier", "a_shift",
+        "b_multiplier", "b_shift", "out_multiplier", "out_shift", "act_min", "act_max")]
+
+
+def test_fast_add_is_the_reference_on_random_params(cache):
+    """Every input pair (a, b) of the int8 square at 100 random params: multipliers of either sign and at the
+    int32 edges, every shift kind (left, 0, -1, below), left_shift up to 25 (past 23 the fast kernel hands over to
+    the reference), act ranges inside int8."""
+    need("gcc", "make")
+    lib = cruntime.KernelLibrary(cache).lib
+    for fn in ("fedtiny_add", "fedtiny_add_fast"):
+        getattr(lib, fn).argtypes = [ctypes.POINTER(AddParams)] + [ctypes.c_void_p] * 3
+        getattr(lib, fn).restype = ctypes.c_int
+    a, b = (v.astype(np.int8).ravel() for v in np.meshgrid(np.arange(-128, 128), np.arange(-128, 128)))
+    rng = np.random.default_rng(15)
+    for i in range(100):
+        def multiplier():
+            return int(rng.choice([rng.integers(2**30, 2**31), rng.integers(-2**31 + 1, 2**31), 2**31 - 1, 2**30, 1]))
+        lo = int(rng.integers(-128, 128))
+        p = AddParams(a.size, *(int(v) for v in rng.integers(-128, 128, 3)), int(rng.choice([20, 0, 7, 23, 24, 25])),
+                      multiplier(), int(rng.integers(-31, 3)), multiplier(), int(rng.integers(-31, 3)), multiplier(),
+                      int(rng.integers(-31, 12)), lo, int(rng.integers(lo, 128)))
+        out = {}
+        for fn in ("fedtiny_add", "fedtiny_add_fast"):
+            y = np.zeros_like(a)
+            assert getattr(lib, fn)(ctypes.byref(p), a.ctypes.data, b.ctypes.data, y.ctypes.data) == 0
+            out[fn] = y
+        assert np.array_equal(out["fedtiny_add_fast"], out["fedtiny_add"]), (i, {k: getattr(p, k) for k, _ in
+                                                                               AddParams._fields_})
+
+
+# ---- a random model of the pieces, on the M4 and the host ----------------------------------------------------
+
+class RandomPieces(nn.Module):
+    """A first conv of few input channels, depthwise on a small map, a residual add, and linear layers of odd
+    widths (one output pixel: the 4 x 1 path), shapes from a seed."""
+
+    def __init__(self, rng: np.random.Generator, cin: int):
+        super().__init__()
+        c = int(rng.integers(5, 19))
+        self.first = nn.Sequential(nn.Conv2d(cin, c, int(rng.choice([3, 5])), 2, 1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, groups=c), nn.ReLU(), nn.Conv2d(c, c, 1))
+        hidden = int(rng.integers(3, 40))
+        self.head = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, int(rng.integers(2, 8))))
+
+    def forward(self, x):
+        x = self.first(x)
+        x = x + self.block(x)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("seed", [3])  # one M4 build
+def test_random_pieces_on_the_m4_and_the_host_match_the_interpreter(seed, cache):
+    need("gcc", "arm-none-eabi-gcc", "qemu-system-arm", "make")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    shape = (int(rng.integers(1, 4)), int(rng.integers(5, 12)), int(rng.integers(5, 12)))
+    graph = quantize(RandomPieces(rng, shape[0]).eval(), rng.normal(0.0, 1.0, (32,) + shape).astype(np.float32),
+                     name=f"pieces{seed}")
+    x = interpreter.quantize_input(graph, rng.normal(0.0, 1.5, (6,) + shape).astype(np.float32))
+    kernels = {device_memory.kernel_of(graph, op) for op in graph.ops}
+    assert {"conv2d_fast", "conv2d_depthwise", "add_fast"} <= kernels, kernels
+    expected = interpreter.run(graph, x)
+    assert_equal_int8(cruntime.CModel(graph, cache_dir=cache).run(x), expected, f"seed {seed}, host")
+    run = cruntime.run_qemu(cruntime.build_firmware(graph, x, cache_dir=cache), timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert cruntime.parse_digests(run.stdout) == cruntime.digests(expected), f"seed {seed}, M4"

@@ -55,8 +55,8 @@ static inline int32_t fedtiny_multiply_by_quantized_multiplier(int64_t x, int32_
  *     = floor((S + 2^(30+right)) / 2^(31+right)),  S = p + 2^30 - [X < 0] 2^31   (floor(floor(a/b)/d) = floor(a/bd))
  *     = (T + 1) >> 1,  T = floor(S / 2^(30+right)) = (S >> 32) >> (right - 2)
  * and [X < 0] may be read as [x ^ m < 0]: X < 0 implies p < 0, X > 0 implies p > 0, and for X = 0 either choice
- * gives Y = 0. |S| < 2^62, so T + 1 cannot overflow. Other shifts (a real multiplier of 1/4 or more) take the
- * reference's steps on int32. tests/test_fast_forward.py checks it against the reference on the edges of the
+ * gives Y = 0. |S| < 2^62, so T + 1 cannot overflow. right = 1 is the high word of S + 2^31, right = 0 is X;
+ * a left shift (a real multiplier of 1 or more) takes the reference's steps. tests/test_fast_forward.py checks it against the reference on the edges of the
  * int32 range at every shift, on the host and the M4. */
 static inline int32_t fedtiny_multiply_by_quantized_multiplier_i32(int32_t x, int32_t multiplier, int32_t shift)
 {
@@ -64,6 +64,13 @@ static inline int32_t fedtiny_multiply_by_quantized_multiplier_i32(int32_t x, in
         const int32_t addend = (int32_t)(0x40000000u - ((uint32_t)(x ^ multiplier) & 0x80000000u)); /* +-2^30 */
         const int64_t sum = (int64_t)x * multiplier + addend;
         return (((int32_t)(sum >> 32) >> (-shift - 2)) + 1) >> 1;
+    }
+    if (shift == -1) { /* Y = floor((S + 2^31) / 2^32): the high word, the addend 2^30 + (1 - [x ^ m < 0]) 2^31 */
+        const uint32_t addend = 0xC0000000u - ((uint32_t)(x ^ multiplier) & 0x80000000u);
+        return (int32_t)(((int64_t)x * multiplier + (int64_t)addend) >> 32);
+    }
+    if (shift == 0) { /* X itself, which fits int32 when m != INT32_MIN */
+        return (int32_t)(((int64_t)x * multiplier + ((int64_t)1 << 30)) >> 31);
     }
     return fedtiny_multiply_by_quantized_multiplier((int64_t)x, multiplier, shift);
 }

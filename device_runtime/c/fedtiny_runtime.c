@@ -40,6 +40,11 @@ static fedtiny_status invoke_add(const fedtiny_op *op, const fedtiny_graph *g)
     return fedtiny_add((const fedtiny_add_params *)op->params, IN(0), IN(1), OUT(0));
 }
 
+static fedtiny_status invoke_add_fast(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_add_fast((const fedtiny_add_params *)op->params, IN(0), IN(1), OUT(0));
+}
+
 static fedtiny_status invoke_avgpool2d(const fedtiny_op *op, const fedtiny_graph *g)
 {
     return fedtiny_avgpool2d((const fedtiny_pool2d_params *)op->params, IN(0), OUT(0));
@@ -183,6 +188,7 @@ static size_t scratch_conv2d(const void *p) { return fedtiny_conv2d_scratch_byte
 static size_t scratch_conv2d_fast(const void *p) { return fedtiny_conv2d_fast_scratch_bytes(p); }
 static size_t scratch_conv2d_depthwise(const void *p) { return fedtiny_conv2d_depthwise_scratch_bytes(p); }
 static size_t scratch_add(const void *p) { return fedtiny_add_scratch_bytes(p); }
+static size_t scratch_add_fast(const void *p) { return fedtiny_add_fast_scratch_bytes(p); }
 static size_t scratch_avgpool2d(const void *p) { return fedtiny_avgpool2d_scratch_bytes(p); }
 static size_t scratch_maxpool2d(const void *p) { return fedtiny_maxpool2d_scratch_bytes(p); }
 static size_t scratch_clamp(const void *p) { return fedtiny_clamp_scratch_bytes(p); }
@@ -230,6 +236,7 @@ static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_cat_input_grad, scratch_cat_input_grad, 1},             /* FEDTINY_OP_CAT_INPUT_GRAD */
     {invoke_mul_input_grad, scratch_mul_input_grad, 1},             /* FEDTINY_OP_MUL_INPUT_GRAD */
     {invoke_conv2d_weight_update_fast, scratch_conv2d_weight_update_fast, 1}, /* ..._WEIGHT_UPDATE_FAST */
+    {invoke_add_fast, scratch_add_fast, 0},                                   /* FEDTINY_OP_ADD_FAST */
 };
 
 size_t fedtiny_op_scratch_bytes(const fedtiny_op *op)
