@@ -5,10 +5,13 @@
   roundings tie), every shift from -31 to 31 and multipliers of either sign, then on pseudo-random inputs;
 - fedtiny_add_fast = fedtiny_add on every int8 input pair at random params (host);
 - a random model of a first conv with few input channels, depthwise on a small map, a residual add and linear
-  layers of odd widths = the interpreter, host and M4 (tests/test_fast_kernels.py holds random conv chains).
+  layers of odd widths = the interpreter on the M4 (tests/test_fast_kernels.py holds random conv chains, host and
+  M4; tests/test_cruntime.py the host kernels against the reference on random shapes);
+- a `--reference` firmware links none of the fast kernels (nm) and still gives the interpreter's digests.
 """
 
 import ctypes
+import functools
 import subprocess
 
 import numpy as np
@@ -20,7 +23,7 @@ from fedtiny import device_memory, interpreter
 from fedtiny.quantize import quantize
 from fedtiny_device import codegen, cruntime
 
-from test_cruntime import assert_equal_int8, cache, need  # noqa: F401 (cache: its session fixture, builds shared)
+from test_cruntime import cache, need  # noqa: F401 (cache: its session fixture, builds shared)
 
 REQUANT_CHECK = rb"""/* Every pair (edge x, multiplier) at every shift, then random triples: fast == reference. */
 #include <stdint.h>
@@ -179,19 +182,46 @@ class RandomPieces(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-@pytest.mark.parametrize("seed", [3])  # one M4 build
-def test_random_pieces_on_the_m4_and_the_host_match_the_interpreter(seed, cache):
-    need("gcc", "arm-none-eabi-gcc", "qemu-system-arm", "make")
+@functools.cache
+def pieces_case(seed: int):
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     shape = (int(rng.integers(1, 4)), int(rng.integers(5, 12)), int(rng.integers(5, 12)))
-    graph = quantize(RandomPieces(rng, shape[0]).eval(), rng.normal(0.0, 1.0, (32,) + shape).astype(np.float32),
+    graph = quantize(RandomPieces(rng, shape[0]).eval(), rng.normal(0.0, 1.5, (32,) + shape).astype(np.float32),
                      name=f"pieces{seed}")
-    x = interpreter.quantize_input(graph, rng.normal(0.0, 1.5, (6,) + shape).astype(np.float32))
+    return graph, interpreter.quantize_input(graph, rng.normal(0.0, 1.5, (6,) + shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", [3])  # one M4 build
+def test_random_pieces_on_the_m4_match_the_interpreter(seed, cache):
+    need("arm-none-eabi-gcc", "qemu-system-arm", "make")
+    graph, x = pieces_case(seed)
     kernels = {device_memory.kernel_of(graph, op) for op in graph.ops}
     assert {"conv2d_fast", "conv2d_depthwise", "add_fast"} <= kernels, kernels
-    expected = interpreter.run(graph, x)
-    assert_equal_int8(cruntime.CModel(graph, cache_dir=cache).run(x), expected, f"seed {seed}, host")
+    expected = interpreter.run(graph, x)  # the host C path of each piece: the kernel tests above and test_cruntime
     run = cruntime.run_qemu(cruntime.build_firmware(graph, x, cache_dir=cache), timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert cruntime.parse_digests(run.stdout) == cruntime.digests(expected), f"seed {seed}, M4"
+
+
+def fast_symbols(elf) -> set[str]:
+    """The firmware's symbols that only the fast kernels define (fedtiny_kernels_*_fast.c), by name."""
+    out = subprocess.run(["arm-none-eabi-nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    fast = ("_fast", "depthwise", "dot_2x2", "dot_4x1", "load_window", "column_run", "one_pixel")
+    return {name for name in names if any(part in name for part in fast)}
+
+
+def test_the_reference_firmware_links_no_fast_kernel(cache):
+    """codegen --reference: the executor's table reaches only the reference kernels, so the linker keeps none of
+    the fast ones (the fast build of the same model keeps them), and the firmware still gives the interpreter's
+    digests."""
+    need("arm-none-eabi-gcc", "arm-none-eabi-nm", "qemu-system-arm", "make")
+    graph, x = pieces_case(3)
+    assert {"fedtiny_conv2d_fast", "fedtiny_add_fast"} <= fast_symbols(cruntime.build_firmware(graph, x,
+                                                                                               cache_dir=cache))
+    elf = cruntime.build_firmware(graph, x, fast=False, cache_dir=cache)
+    assert fast_symbols(elf) == set()
+    run = cruntime.run_qemu(elf, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert cruntime.parse_digests(run.stdout) == cruntime.digests(interpreter.run(graph, x))
