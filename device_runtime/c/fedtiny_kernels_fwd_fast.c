@@ -457,6 +457,28 @@ static inline int32_t taps_row(const int16_t *xr, const int16_t *kr, int32_t pai
     return acc;
 }
 
+/* One channel's outputs from its plane and kernel (yp: its first output; outputs are in_c apart). */
+static inline __attribute__((always_inline)) void depthwise_channel(const fedtiny_conv2d_params *p,
+                                                                    const depthwise_shape *s, const int16_t *plane,
+                                                                    const int16_t *kernel, int32_t pairs,
+                                                                    int32_t bias, int32_t m, int32_t sh,
+                                                                    output_range o, int8_t *yp)
+{
+    const int32_t c_n = p->in_c, kernel_h = p->kernel_h, stride_w = p->stride_w, plane_w = s->plane_w;
+    const int32_t taps_w = s->taps_w, out_w = p->out_w;
+    int32_t oy, ox, ky;
+    for (oy = 0; oy < p->out_h; oy++) {
+        const int16_t *win = plane + oy * p->stride_h * plane_w;
+        for (ox = 0; ox < out_w; ox++, yp += c_n, win += stride_w) {
+            int32_t acc = 0;
+            for (ky = 0; ky < kernel_h; ky++) {
+                acc = taps_row(win + ky * plane_w, kernel + ky * taps_w, pairs, acc);
+            }
+            *yp = requantize(acc, bias, m, sh, o);
+        }
+    }
+}
+
 /* x (in_h, in_w, c) -> y (out_h, out_w, c); weight (c, kernel_h, kernel_w, 1) */
 fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch)
 {
@@ -471,7 +493,7 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
     const int32_t col_hi = max_i32(col_lo, min_i32(s.plane_w, p->pad_left + p->in_w));
     const int32_t row_lo = min_i32(s.plane_h, max_i32(0, p->pad_top));
     const int32_t row_hi = max_i32(row_lo, min_i32(s.plane_h, p->pad_top + p->in_h));
-    int32_t c, r, q, ky, kx, oy, ox;
+    int32_t c, r, q, ky, kx;
     if (p->groups != c_n || p->out_c != c_n || scratch == NULL) {
         return FEDTINY_ERR_PARAMS;
     }
@@ -500,15 +522,11 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
                 pr[q] = (int16_t)(*xp - p->in_zero_point);
             }
         }
-        for (oy = 0; oy < p->out_h; oy++) {
-            const int16_t *win = plane + oy * p->stride_h * s.plane_w;
-            for (ox = 0; ox < p->out_w; ox++, yp += c_n, win += p->stride_w) {
-                int32_t acc = 0;
-                for (ky = 0; ky < p->kernel_h; ky++) {
-                    acc = taps_row(win + ky * s.plane_w, kernel + ky * s.taps_w, pairs, acc);
-                }
-                *yp = requantize(acc, bias, m, sh, o);
-            }
+        switch (pairs) { /* a constant number of pairs per row: taps_row unrolled, no dispatch per row */
+        case 1: depthwise_channel(p, &s, plane, kernel, 1, bias, m, sh, o, yp); break;
+        case 2: depthwise_channel(p, &s, plane, kernel, 2, bias, m, sh, o, yp); break;
+        case 3: depthwise_channel(p, &s, plane, kernel, 3, bias, m, sh, o, yp); break;
+        default: depthwise_channel(p, &s, plane, kernel, pairs, bias, m, sh, o, yp); break;
         }
     }
     return FEDTINY_OK;
