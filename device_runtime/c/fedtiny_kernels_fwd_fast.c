@@ -1,5 +1,5 @@
 /* Fast forward kernels (see the "fast forward kernels" block of fedtiny_kernels.h): the same integers as the
- * reference fedtiny_conv2d by construction, in fewer instructions.
+ * reference fedtiny_conv2d and fedtiny_add by construction, in fewer instructions.
  *
  * - Every sum is exact in int32, as the reference's: a term |x - zp| |w| is at most 255 * 128 = 32,640, and the
  *   compiler proves window * 32,640 < 2^31 for every conv (fedtiny.device_memory.check_accumulators). Wrapping

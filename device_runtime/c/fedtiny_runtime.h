@@ -2,7 +2,7 @@
  *
  * Each op is a kind, a pointer to its kind's const params struct, and the arena offsets of its operands
  * (inputs first, then outputs). The code generator (device_runtime/codegen.py) emits the table, the params
- * and the arena; it picks the concrete kernel per op (reference conv, fast conv, fast depthwise), so nothing is decided
+ * and the arena; it picks the concrete kernel per op (reference or fast conv, depthwise, add), so nothing is decided
  * at run time but which function to call. A training plan is the same kind of table: forward ops, then the
  * training steps (kinds 7..), whose params are fedtiny_train_step_params.
  */
