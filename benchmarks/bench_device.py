@@ -10,8 +10,11 @@ linker's (the runtime's sections in the map plus the stack the firmware paints);
 (with its newlib, 4 KB heap and 4 KB stack); host training speed of the C build (ctypes), the Python
 reference Trainer and PyTorch fp32 batch-1 SGD (the float model, every parameter, one thread).
 
+Then each zoo model's forward pass alone on the M4, with the reference and the fast kernels, and where the fast one's
+instructions go by op group (first conv, pointwise and general convs, depthwise, linear, add, pooling).
+
     python benchmarks/bench_device.py [--steps 5] [--host-seconds 2]
-Prints a Markdown table (it does not write BENCHMARKS.md).
+Prints Markdown tables and writes them as BENCHMARKS.md's device section.
 """
 
 import argparse
@@ -27,7 +30,8 @@ from fedtiny.zoo import randomize_batchnorm
 from fedtiny.compiler import compile_plan
 from fedtiny.quantize import quantize
 from fedtiny.scheme import REFERENCE_SPARSE, parse
-from fedtiny_device import codegen, cruntime, footprint
+from fedtiny import device_memory
+from fedtiny_device import codegen, cruntime, footprint, profile
 from fedtiny_device.trainer import Trainer
 
 from report import capture, provenance, single_thread, write_section
@@ -121,6 +125,61 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+# ---- the forward pass alone (issue 15): every zoo model, reference and fast kernels, and where the fast one goes --
+
+def forward_kind(graph, op) -> str:
+    """The group a forward op's instructions are reported under."""
+    if op.kind != "conv2d":
+        return {"add": "add", "avgpool2d": "pooling", "maxpool2d": "pooling"}.get(op.kind, op.kind)
+    oh, ow, _ = graph.tensors[op.outputs[0]].shape
+    cin = graph.tensors[op.inputs[0]].shape[2]
+    if oh * ow == 1:
+        return "linear (one output pixel)"
+    if device_memory.conv_kernel(graph, op) == "conv2d_depthwise":
+        return "depthwise"
+    if op.inputs[0] == graph.inputs[0] and cin <= 4:
+        return "first conv (few input channels)"
+    return "pointwise and general conv"
+
+
+def forward(name: str, cache) -> dict:
+    """Instructions of one inference with each kernel set (the inference firmware, mean of 2 samples), and the
+    fast forward by op group (the profiling firmware of the model's first scheme: its forward steps)."""
+    _, graph, _, x, labels = case(name, 4)
+    macs = codegen.count_macs(graph)
+    row = dict(model=name, shape=MODELS[name][0], macs=macs)
+    for label, fast in (("reference", False), ("fast", True)):
+        counts = cruntime.count_instructions(cruntime.build_firmware(graph, x[:2], fast=fast, cache_dir=cache),
+                                             timeout=600, cache_dir=cache)
+        row[label] = counts["region"] / counts["regions"]
+    plan = compile_plan(graph, parse(SCHEMES[name][0], graph))
+    result = profile.profile(plan, x[:2], labels[:2], steps=2, cache_dir=cache)
+    groups: dict[str, list] = {}
+    for step, insns, step_macs in zip(plan.steps, result.per_op, result.macs):
+        if step.kind == "forward":
+            g = groups.setdefault(forward_kind(plan.graph, plan.graph.ops[step.attrs["op"]]), [0.0, 0])
+            g[0] += insns
+            g[1] += step_macs
+    row["groups"] = groups
+    return row
+
+
+def forward_table(rows) -> str:
+    kinds = ["first conv (few input channels)", "pointwise and general conv", "depthwise", "linear (one output pixel)",
+             "add", "pooling"]
+    lines = ["| model | MACs | reference kernels: insns/MAC | fast: insns/MAC | "
+             + " | ".join(f"{k}: insns (per MAC)" for k in kinds) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(kinds)]
+    for r in rows:
+        cells = []
+        for k in kinds:
+            insns, macs = r["groups"].get(k, (0, 0))
+            cells.append("-" if not insns else f"{insns:,.0f}" + (f" ({insns / macs:.2f})" if macs else ""))
+        lines.append(f"| {r['model']} {r['shape']} | {r['macs']:,} | {r['reference'] / r['macs']:.2f} "
+                     f"| **{r['fast'] / r['macs']:.2f}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="training steps the firmware runs (counted)")
@@ -131,6 +190,7 @@ def main() -> None:
     from pathlib import Path
     cache = Path(tempfile.mkdtemp(prefix="bench_device_"))
     rows = [bench(name, scheme, args, cache) for name in MODELS for scheme in SCHEMES[name]]
+    forward_rows = [forward(name, cache) for name in MODELS]
     print(provenance(f"python benchmarks/bench_device.py --steps {args.steps} --host-seconds {args.host_seconds}") + "\n")
     print(table(rows))
     print(f"\n- M4 instructions: executed instructions per training step (QEMU 7.2 mps2-an386, arm-none-eabi-gcc "
@@ -147,6 +207,16 @@ def main() -> None:
           f"{PAPER_CYCLES_PER_MAC:.2f} cycles/MAC; the column is our instructions/MAC over that.\n"
           "- Host: batch 1, one thread; C = the generated C (gcc -O2) through ctypes, 200 samples per call; "
           "PyTorch = the float model (BatchNorm frozen), SGD on every parameter, only for `full`.")
+    print("\n### The forward pass of every zoo model on the M4, reference and fast kernels (issue 15)\n")
+    print(forward_table(forward_rows))
+    print("\n- Whole inference: the inference firmware (`codegen` with and without `--reference`), instructions "
+          "between the markers around `fedtiny_model_run`, mean of 2 samples, over the model's conv MACs. By group: "
+          "the fast kernels' forward steps in the profiling firmware of the model's first scheme above (what "
+          "`fedtiny profile PLAN` prints per layer; each count includes its call through `fedtiny_invoke`), with "
+          "instructions per MAC where the group has MACs. Issue 15's target: at most 2.5 for every zoo model.\n"
+          f"- Against the paper's {PAPER_CYCLES_PER_MAC:.1f} cycles/MAC (MCUNet training, Cortex-M7) and CMSIS-NN's "
+          "1-2 cycles/MAC for int8 convolutions on the M4/M7 (Lai et al. 2018, as issue 15 quotes it): instructions "
+          "are a lower bound on M4 cycles (loads take 2, taken branches 2-4).")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def sources(graph: Graph, samples: np.ndarray | None = None, fast: bool = True,
             with_samples: bool = True) -> dict[str, str | bytes]:
     """Every file of a generated build folder, by name (what `codegen.generate` writes)."""
     header, source = codegen.render_model(graph, fast)
-    files: dict[str, str | bytes] = {"model.h": header, "model.c": source}
+    files: dict[str, str | bytes] = {"model.h": header, "model.c": source, **codegen.kernel_set(fast)}
     if with_samples:
         files["samples.c"] = codegen.render_samples(graph, samples)
     rt = codegen.runtime_dir()
@@ -165,7 +165,7 @@ def plan_sources(plan, samples: np.ndarray | None = None, labels: np.ndarray | N
                  steps: int | None = None, fast: bool = True, with_samples: bool = True) -> dict[str, str | bytes]:
     """Every file of a generated training build folder, by name (what `codegen.generate_plan` writes)."""
     header, source = codegen.render_plan(plan, fast)
-    files: dict[str, str | bytes] = {"model.h": header, "model.c": source}
+    files: dict[str, str | bytes] = {"model.h": header, "model.c": source, **codegen.kernel_set(fast)}
     if with_samples:
         files["samples.c"] = codegen.render_train_samples(plan, samples, labels, seed, steps)
     rt = codegen.runtime_dir()

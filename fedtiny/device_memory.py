@@ -32,8 +32,9 @@ GRAD_ABS_MAX = 2**15  # |g| of an int16 gradient value (-32768 is representable)
 STEP_STACK_BASE = 40
 KERNEL_STACK_BYTES = {
     "conv2d": 4 + 88, "add": 4 + 56,
-    # fedtiny_kernels_fwd_fast.c: conv2d_fast + load_window + column_run; depthwise + newlib's memset
-    "conv2d_fast": 4 + 224 + 96 + 36, "conv2d_depthwise": 4 + 184 + 16,
+    # fedtiny_kernels_fwd_fast.c: conv2d_fast + load_window + column_run; depthwise + newlib's memset; add_fast +
+    # the reference add it hands unusual params to
+    "conv2d_fast": 4 + 272 + 96 + 36, "conv2d_depthwise": 4 + 192 + 16, "add_fast": 4 + 80 + 56,
     "avgpool2d": 4 + 72, "maxpool2d": 4 + 56, "clamp": 4 + 8, "lut": 4 + 8, "lut_input_grad": 24 + 72,
     "mask_bits": 4 + 24, "loss_grad": 32 + 56, "mse_grad": 32 + 80, "grad_add": 80 + 88, "grad_mask": 8 + 20,
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
@@ -47,8 +48,9 @@ KERNEL_STACK_BYTES = {
 # executor's table reaches every kernel, so the linked code does not depend on the plan. Measured from the
 # linker's map (tests/test_device_memory.py keeps it within 5 %); update it when the kernels change.
 # Measured 2026-11-30: 17,010 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196), + 1,572 for the
-# fast weight update (fedtiny_kernels_bwd_fast.c).
-RUNTIME_CODE_BYTES = 18_582
+# fast weight update (fedtiny_kernels_bwd_fast.c); 22,088 with the fast add, the one-pixel conv path, the
+# one-multiply requantization and the depthwise kernel specialised by row length (branch fastfwd2).
+RUNTIME_CODE_BYTES = 22_088
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
@@ -75,10 +77,16 @@ def conv_kernel(graph: Graph, op: Op, fast: bool = True) -> str:
     return "conv2d_depthwise" if op.attrs["groups"] == cin == cout else "conv2d_fast"
 
 
+# forward op kinds with a fast kernel beside the reference one (fedtiny_kernels_fwd_fast.c), besides conv2d
+FAST_FORWARD = {"add": "add_fast"}
+
+
 def kernel_of(graph: Graph, op: Op, fast: bool = True) -> str | None:
     """The C kernel of a forward op (None for a reshape, which is no op: its output is its input's bytes)."""
     if op.kind == "conv2d":
         return conv_kernel(graph, op, fast)
+    if fast and op.kind in FAST_FORWARD:
+        return FAST_FORWARD[op.kind]
     return None if op.kind == "reshape" else op.kind
 
 

@@ -47,6 +47,34 @@ static inline int32_t fedtiny_multiply_by_quantized_multiplier(int64_t x, int32_
         fedtiny_saturating_rounding_doubling_high_mul((int32_t)shifted, multiplier), right);
 }
 
+/* fedtiny_multiply_by_quantized_multiplier(x, multiplier, shift) for an int32 x and a multiplier other than
+ * INT32_MIN (the quantizer never makes it), shift in [-31, 31]: the same integer for every such input, in one
+ * 64-bit multiply-add (SMLAL on the M4) and three shifts and adds instead of two roundings. For right = -shift
+ * >= 2, with p = x m and X = floor((p + 2^30) / 2^31) the doubling high multiply:
+ *   Y = rounding_divide_by_pot(X, right) = floor((X + 2^(right-1) - [X < 0]) / 2^right)   (ties away from zero)
+ *     = floor((S + 2^(30+right)) / 2^(31+right)),  S = p + 2^30 - [X < 0] 2^31   (floor(floor(a/b)/d) = floor(a/bd))
+ *     = (T + 1) >> 1,  T = floor(S / 2^(30+right)) = (S >> 32) >> (right - 2)
+ * and [X < 0] may be read as [x ^ m < 0]: X < 0 implies p < 0, X > 0 implies p > 0, and for X = 0 either choice
+ * gives Y = 0. |S| < 2^62, so T + 1 cannot overflow. right = 1 is the high word of S + 2^31, right = 0 is X;
+ * a left shift (a real multiplier of 1 or more) takes the reference's steps. tests/test_fast_forward.py checks it against the reference on the edges of the
+ * int32 range at every shift, on the host and the M4. */
+static inline int32_t fedtiny_multiply_by_quantized_multiplier_i32(int32_t x, int32_t multiplier, int32_t shift)
+{
+    if (shift <= -2) {
+        const int32_t addend = (int32_t)(0x40000000u - ((uint32_t)(x ^ multiplier) & 0x80000000u)); /* +-2^30 */
+        const int64_t sum = (int64_t)x * multiplier + addend;
+        return (((int32_t)(sum >> 32) >> (-shift - 2)) + 1) >> 1;
+    }
+    if (shift == -1) { /* Y = floor((S + 2^31) / 2^32): the high word, the addend 2^30 + (1 - [x ^ m < 0]) 2^31 */
+        const uint32_t addend = 0xC0000000u - ((uint32_t)(x ^ multiplier) & 0x80000000u);
+        return (int32_t)(((int64_t)x * multiplier + (int64_t)addend) >> 32);
+    }
+    if (shift == 0) { /* X itself, which fits int32 when m != INT32_MIN */
+        return (int32_t)(((int64_t)x * multiplier + ((int64_t)1 << 30)) >> 31);
+    }
+    return fedtiny_multiply_by_quantized_multiplier((int64_t)x, multiplier, shift);
+}
+
 /* int32/int64 accumulator -> int8: fixed-point multiply, add the output zero point, clamp (kernels.requantize). */
 static inline int8_t fedtiny_requantize(int64_t acc, int32_t multiplier, int32_t shift, int32_t zero_point,
                                         int32_t act_min, int32_t act_max)

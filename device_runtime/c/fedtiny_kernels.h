@@ -117,6 +117,10 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
                                         void *scratch);
 size_t fedtiny_conv2d_depthwise_scratch_bytes(const fedtiny_conv2d_params *p);
 
+/* TFLite's quantized ADD (fedtiny_add's integers) over pointers, its params read once per call. */
+fedtiny_status fedtiny_add_fast(const fedtiny_add_params *p, const int8_t *a, const int8_t *b, int8_t *y);
+size_t fedtiny_add_fast_scratch_bytes(const fedtiny_add_params *p);
+
 /* ==== end of the fast forward kernels ===================================================================== */
 
 fedtiny_status fedtiny_add(const fedtiny_add_params *p, const int8_t *a, const int8_t *b, int8_t *y);

@@ -1,14 +1,14 @@
 /* Fast forward kernels (see the "fast forward kernels" block of fedtiny_kernels.h): the same integers as the
- * reference fedtiny_conv2d by construction, in fewer instructions.
+ * reference fedtiny_conv2d and fedtiny_add by construction, in fewer instructions.
  *
  * - Every sum is exact in int32, as the reference's: a term |x - zp| |w| is at most 255 * 128 = 32,640, and the
  *   compiler proves window * 32,640 < 2^31 for every conv (fedtiny.device_memory.check_accumulators). Wrapping
  *   int32 arithmetic (SMLAD's too) gives the exact sum whenever the sum itself fits.
- * - Requantization does the reference's multiply-shift once per output with the same rounding: the saturating
- *   add of the bias (QADD), the saturating left shift, the rounding doubling high multiply, which for a
- *   multiplier other than INT32_MIN is floor((v m + 2^30) / 2^31) (gemmlowp's nudge and truncation toward zero
- *   come to the same for either sign), and the rounding right shift of fedtiny_arith.h. A conv with a multiplier
- *   of INT32_MIN (never made by the quantizer) runs the reference kernel.
+ * - Requantization is the reference's integer once per output: the saturating add of the bias (QADD), then
+ *   fedtiny_multiply_by_quantized_multiplier_i32 (fedtiny_arith.h: the doubling high multiply and the rounding
+ *   right shift as one 64-bit multiply-add and one shift, equal for every int32 input and a multiplier other than
+ *   INT32_MIN), the clamp. A conv with a multiplier of INT32_MIN (never made by the quantizer) runs the reference
+ *   kernel.
  * - On the Cortex-M4 (__ARM_FEATURE_DSP), CMSIS-NN style: each input window becomes an int16 column with the zero
  *   point removed once, then two MACs per SMLAD, the weights widened four at a time by SXTB16. SXTB16 yields
  *   weights (0, 2) and (1, 3) of a word, so the column keeps each full block of four values in the order
@@ -37,38 +37,35 @@ static inline const int8_t *weight_row(const fedtiny_conv2d_params *p, int32_t o
 
 /* ---- requantization ------------------------------------------------------------------------------------- */
 
-/* The output's zero point and clamp: copied out of the params once per call (every int8 store may alias the
- * params struct, so the compiler would reload its fields after each one). */
+/* The output's zero point and clamp, the clamp taken before the zero point is added (so that no int32 sum can
+ * overflow): copied out of the params once per call (every int8 store may alias the params struct, so the
+ * compiler would reload its fields after each one). */
 typedef struct {
-    int32_t zero_point, act_min, act_max;
+    int32_t zero_point, lo, hi; /* lo = act_min - zero_point, hi = act_max - zero_point */
 } output_range;
 
 static inline output_range output_range_of(const fedtiny_conv2d_params *p)
 {
     output_range o;
     o.zero_point = p->out_zero_point;
-    o.act_min = p->act_min;
-    o.act_max = p->act_max;
+    o.lo = p->act_min - p->out_zero_point;
+    o.hi = p->act_max - p->out_zero_point;
     return o;
 }
 
-/* fedtiny_requantize((int64_t)acc + bias, multiplier, shift, ...) for a multiplier other than INT32_MIN. */
+/* fedtiny_requantize((int64_t)acc + bias, multiplier, shift, ...) for a multiplier other than INT32_MIN: the
+ * saturating add of the bias (QADD), then fedtiny_arith.h's one-multiply form of the multiply-shift. */
 static inline int8_t requantize(int32_t acc, int32_t bias, int32_t multiplier, int32_t shift, output_range o)
 {
-    int32_t v, y;
+    int32_t v;
 #if FAST_DSP
     v = __qadd(acc, bias);
 #else
     v = (int32_t)fedtiny_clamp_i32_64((int64_t)acc + bias);
 #endif
-    if (shift > 0) {
-        v = (int32_t)fedtiny_clamp_i32_64((int64_t)v * ((int64_t)1 << shift));
-        shift = 0;
-    }
-    v = (int32_t)(((int64_t)v * multiplier + ((int64_t)1 << 30)) >> 31);
-    y = fedtiny_rounding_divide_by_pot(v, -shift) + o.zero_point;
-    y = y < o.act_min ? o.act_min : y;
-    return (int8_t)(y > o.act_max ? o.act_max : y);
+    v = fedtiny_multiply_by_quantized_multiplier_i32(v, multiplier, shift);
+    v = v < o.lo ? o.lo : (v > o.hi ? o.hi : v);
+    return (int8_t)(v + o.zero_point);
 }
 
 static inline int32_t bias_of(const fedtiny_conv2d_params *p, int32_t oc)
@@ -271,6 +268,90 @@ static inline void dot_2x2(const int8_t *w0, const int8_t *w1, const int16_t *co
     *a11 = s11;
 }
 
+/* A pixel alone (a linear layer's one output pixel, or an odd last pixel): the dot products of four weight rows
+ * with column 0 at col, into a[0..3]; each column word is loaded once for the four rows. */
+static inline void dot_4x1(const int8_t *w0, const int8_t *w1, const int8_t *w2, const int8_t *w3, const int16_t *col,
+                           int32_t len, int32_t *a)
+{
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#if FAST_DSP
+    const int8_t *end = w0 + (len & ~3);
+    const int32_t rest = len & 3;
+    for (; w0 != end; w0 += 4, w1 += 4, w2 += 4, w3 += 4, col += 8) {
+        const int32_t x02 = read_s16x2(col), x13 = read_s16x2(col + 2);
+        int32_t u = read_s8x4(w0);
+        s0 = __smlad(__sxtb16(u), x02, s0);
+        s0 = __smlad(sxtb16_ror8(u), x13, s0);
+        u = read_s8x4(w1);
+        s1 = __smlad(__sxtb16(u), x02, s1);
+        s1 = __smlad(sxtb16_ror8(u), x13, s1);
+        u = read_s8x4(w2);
+        s2 = __smlad(__sxtb16(u), x02, s2);
+        s2 = __smlad(sxtb16_ror8(u), x13, s2);
+        u = read_s8x4(w3);
+        s3 = __smlad(__sxtb16(u), x02, s3);
+        s3 = __smlad(sxtb16_ror8(u), x13, s3);
+    }
+    if (rest >= 2) { /* the partial block is in natural order: two weights as one halfword, as in dot_2x2 */
+        const int32_t x = read_s16x2(col);
+        uint16_t h;
+        memcpy(&h, w0, 2);
+        s0 = __smlad(__sxtb16((int32_t)(h | ((uint32_t)h << 8))), x, s0);
+        memcpy(&h, w1, 2);
+        s1 = __smlad(__sxtb16((int32_t)(h | ((uint32_t)h << 8))), x, s1);
+        memcpy(&h, w2, 2);
+        s2 = __smlad(__sxtb16((int32_t)(h | ((uint32_t)h << 8))), x, s2);
+        memcpy(&h, w3, 2);
+        s3 = __smlad(__sxtb16((int32_t)(h | ((uint32_t)h << 8))), x, s3);
+    }
+    if (rest & 1) {
+        const int32_t x = col[rest - 1];
+        s0 += x * w0[rest - 1];
+        s1 += x * w1[rest - 1];
+        s2 += x * w2[rest - 1];
+        s3 += x * w3[rest - 1];
+    }
+#else
+    int32_t i;
+    for (i = 0; i < len; i++) {
+        const int32_t x = col[i];
+        s0 += x * w0[i];
+        s1 += x * w1[i];
+        s2 += x * w2[i];
+        s3 += x * w3[i];
+    }
+#endif
+    a[0] = s0;
+    a[1] = s1;
+    a[2] = s2;
+    a[3] = s3;
+}
+
+/* The output pixel `pixel` alone: its window once per group, four channels per pass into acc (out_c sums; a
+ * group's last pass repeats its last row where it has fewer than four left, and keeps only its own sums). */
+static void one_pixel(const fedtiny_conv2d_params *p, const int8_t *x, int32_t pixel, const column *c, int32_t *acc)
+{
+    const int32_t cin_g = p->in_c / p->groups, cout_g = p->out_c / p->groups;
+    const int32_t len = p->kernel_h * p->kernel_w * cin_g;
+    int32_t g, oc;
+    for (g = 0; g < p->groups; g++) {
+        const int32_t last = (g + 1) * cout_g - 1;
+        load_window(p, x, pixel, g, cin_g, c);
+        for (oc = g * cout_g; oc + 3 <= last; oc += 4) {
+            dot_4x1(weight_row(p, oc, len), weight_row(p, oc + 1, len), weight_row(p, oc + 2, len),
+                    weight_row(p, oc + 3, len), c->col, len, acc + oc);
+        }
+        if (oc <= last) {
+            int32_t four[4], i;
+            dot_4x1(weight_row(p, oc, len), weight_row(p, oc + 1 < last ? oc + 1 : last, len),
+                    weight_row(p, oc + 2 < last ? oc + 2 : last, len), weight_row(p, last, len), c->col, len, four);
+            for (i = 0; oc + i <= last; i++) {
+                acc[oc + i] = four[i];
+            }
+        }
+    }
+}
+
 /* x (in_h, in_w, in_c) -> y (out_h, out_w, out_c), any groups, strides and padding (1x1 and linear included). */
 fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch)
 {
@@ -280,6 +361,8 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
     const int32_t pixels = p->out_h * p->out_w;
     const int32_t cout = p->out_c;
     const output_range o = output_range_of(p);
+    const int32_t *bias = p->bias_sram != NULL ? p->bias_sram : p->bias;
+    const int32_t *multiplier = p->multiplier, *shift = p->shift;
     int32_t pixel, g, oc;
     column c0, c1;
     int32_t *acc0, *acc1;
@@ -297,13 +380,16 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
     acc0 = (int32_t *)scratch + c0.stride; /* after 2 x stride int16 */
     acc1 = acc0 + cout;
     for (pixel = 0; pixel < pixels; pixel += 2) {
-        const int32_t two = pixel + 1 < pixels; /* an odd last pixel: column 1 is a copy, written once */
+        const int32_t two = pixel + 1 < pixels; /* an odd last pixel: one_pixel */
         int8_t *y0 = y + pixel * cout;
         int8_t *y1 = y0 + cout;
-        for (g = 0; g < p->groups; g++) {
+        if (!two) {
+            one_pixel(p, x, pixel, &c0, acc0);
+        }
+        for (g = 0; two && g < p->groups; g++) {
             const int32_t oc_end = (g + 1) * cout_g;
             load_window(p, x, pixel, g, cin_g, &c0);
-            load_window(p, x, two ? pixel + 1 : pixel, g, cin_g, &c1);
+            load_window(p, x, pixel + 1, g, cin_g, &c1);
             for (oc = g * cout_g; oc < oc_end; oc += 2) {
                 const int32_t oc1 = oc + 1 < oc_end ? oc + 1 : oc; /* an odd last channel: row 1 is row 0 */
                 dot_2x2(weight_row(p, oc, len), weight_row(p, oc1, len), c0.col, len, c0.stride, acc0 + oc,
@@ -311,11 +397,10 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
             }
         }
         for (oc = 0; oc < cout; oc++) {
-            const int32_t bias = bias_of(p, oc), m = p->multiplier[oc], sh = p->shift[oc];
-            y0[oc] = requantize(acc0[oc], bias, m, sh, o);
-            if (two) {
-                y1[oc] = requantize(acc1[oc], bias, m, sh, o);
-            }
+            y0[oc] = requantize(acc0[oc], bias[oc], multiplier[oc], shift[oc], o);
+        }
+        for (oc = 0; two && oc < cout; oc++) {
+            y1[oc] = requantize(acc1[oc], bias[oc], multiplier[oc], shift[oc], o);
         }
     }
     return FEDTINY_OK;
@@ -372,6 +457,28 @@ static inline int32_t taps_row(const int16_t *xr, const int16_t *kr, int32_t pai
     return acc;
 }
 
+/* One channel's outputs from its plane and kernel (yp: its first output; outputs are in_c apart). */
+static inline __attribute__((always_inline)) void depthwise_channel(const fedtiny_conv2d_params *p,
+                                                                    const depthwise_shape *s, const int16_t *plane,
+                                                                    const int16_t *kernel, int32_t pairs,
+                                                                    int32_t bias, int32_t m, int32_t sh,
+                                                                    output_range o, int8_t *yp)
+{
+    const int32_t c_n = p->in_c, kernel_h = p->kernel_h, stride_w = p->stride_w, plane_w = s->plane_w;
+    const int32_t taps_w = s->taps_w, out_w = p->out_w;
+    int32_t oy, ox, ky;
+    for (oy = 0; oy < p->out_h; oy++) {
+        const int16_t *win = plane + oy * p->stride_h * plane_w;
+        for (ox = 0; ox < out_w; ox++, yp += c_n, win += stride_w) {
+            int32_t acc = 0;
+            for (ky = 0; ky < kernel_h; ky++) {
+                acc = taps_row(win + ky * plane_w, kernel + ky * taps_w, pairs, acc);
+            }
+            *yp = requantize(acc, bias, m, sh, o);
+        }
+    }
+}
+
 /* x (in_h, in_w, c) -> y (out_h, out_w, c); weight (c, kernel_h, kernel_w, 1) */
 fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch)
 {
@@ -386,7 +493,7 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
     const int32_t col_hi = max_i32(col_lo, min_i32(s.plane_w, p->pad_left + p->in_w));
     const int32_t row_lo = min_i32(s.plane_h, max_i32(0, p->pad_top));
     const int32_t row_hi = max_i32(row_lo, min_i32(s.plane_h, p->pad_top + p->in_h));
-    int32_t c, r, q, ky, kx, oy, ox;
+    int32_t c, r, q, ky, kx;
     if (p->groups != c_n || p->out_c != c_n || scratch == NULL) {
         return FEDTINY_ERR_PARAMS;
     }
@@ -415,16 +522,52 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
                 pr[q] = (int16_t)(*xp - p->in_zero_point);
             }
         }
-        for (oy = 0; oy < p->out_h; oy++) {
-            const int16_t *win = plane + oy * p->stride_h * s.plane_w;
-            for (ox = 0; ox < p->out_w; ox++, yp += c_n, win += p->stride_w) {
-                int32_t acc = 0;
-                for (ky = 0; ky < p->kernel_h; ky++) {
-                    acc = taps_row(win + ky * s.plane_w, kernel + ky * s.taps_w, pairs, acc);
-                }
-                *yp = requantize(acc, bias, m, sh, o);
-            }
+        switch (pairs) { /* a constant number of pairs per row: taps_row unrolled, no dispatch per row */
+        case 1: depthwise_channel(p, &s, plane, kernel, 1, bias, m, sh, o, yp); break;
+        case 2: depthwise_channel(p, &s, plane, kernel, 2, bias, m, sh, o, yp); break;
+        case 3: depthwise_channel(p, &s, plane, kernel, 3, bias, m, sh, o, yp); break;
+        default: depthwise_channel(p, &s, plane, kernel, pairs, bias, m, sh, o, yp); break;
         }
+    }
+    return FEDTINY_OK;
+}
+
+/* ---- add, fast: TFLite's quantized ADD over pointers with its params hoisted -------------------------------- */
+
+size_t fedtiny_add_fast_scratch_bytes(const fedtiny_add_params *p)
+{
+    (void)p;
+    return 0;
+}
+
+/* The reference's integers (fedtiny_add): each input's (x - zero point) << left_shift fits int32 when left_shift <=
+ * 23 (|x - zero point| <= 255), so its rescaling is fedtiny_multiply_by_quantized_multiplier_i32; the sum's int64
+ * clamp to int32 is a saturating add (QADD), which a left output shift saturates the same way; then the output's
+ * multiply-shift and clamp. Other params (a larger left_shift, a multiplier of INT32_MIN) run the reference. */
+fedtiny_status fedtiny_add_fast(const fedtiny_add_params *p, const int8_t *a, const int8_t *b, int8_t *y)
+{
+    const int32_t n = p->size, left = p->left_shift, a_zp = p->a_zero_point, b_zp = p->b_zero_point;
+    const int32_t am = p->a_multiplier, ash = p->a_shift, bm = p->b_multiplier, bsh = p->b_shift;
+    const int32_t om = p->out_multiplier, osh = p->out_shift, zp = p->out_zero_point;
+    const int32_t lo = p->act_min - zp, hi = p->act_max - zp;
+    const int8_t *end = a + n;
+    int32_t scale;
+    if (left < 0 || left > 23 || am == INT32_MIN || bm == INT32_MIN || om == INT32_MIN) {
+        return fedtiny_add(p, a, b, y);
+    }
+    scale = (int32_t)1 << left;
+    for (; a != end; a++, b++, y++) {
+        const int32_t as = fedtiny_multiply_by_quantized_multiplier_i32((*a - a_zp) * scale, am, ash);
+        const int32_t bs = fedtiny_multiply_by_quantized_multiplier_i32((*b - b_zp) * scale, bm, bsh);
+        int32_t v;
+#if FAST_DSP
+        v = __qadd(as, bs);
+#else
+        v = (int32_t)fedtiny_clamp_i32_64((int64_t)as + bs);
+#endif
+        v = fedtiny_multiply_by_quantized_multiplier_i32(v, om, osh);
+        v = v < lo ? lo : (v > hi ? hi : v);
+        *y = (int8_t)(v + zp);
     }
     return FEDTINY_OK;
 }

@@ -25,6 +25,7 @@ static fedtiny_status invoke_conv2d(const fedtiny_op *op, const fedtiny_graph *g
     return fedtiny_conv2d((const fedtiny_conv2d_params *)op->params, IN(0), OUT(0), g->scratch);
 }
 
+#ifndef FEDTINY_REFERENCE_KERNELS
 static fedtiny_status invoke_conv2d_fast(const fedtiny_op *op, const fedtiny_graph *g)
 {
     return fedtiny_conv2d_fast((const fedtiny_conv2d_params *)op->params, IN(0), OUT(0), g->scratch);
@@ -34,11 +35,19 @@ static fedtiny_status invoke_conv2d_depthwise(const fedtiny_op *op, const fedtin
 {
     return fedtiny_conv2d_depthwise((const fedtiny_conv2d_params *)op->params, IN(0), OUT(0), g->scratch);
 }
+#endif
 
 static fedtiny_status invoke_add(const fedtiny_op *op, const fedtiny_graph *g)
 {
     return fedtiny_add((const fedtiny_add_params *)op->params, IN(0), IN(1), OUT(0));
 }
+
+#ifndef FEDTINY_REFERENCE_KERNELS
+static fedtiny_status invoke_add_fast(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_add_fast((const fedtiny_add_params *)op->params, IN(0), IN(1), OUT(0));
+}
+#endif
 
 static fedtiny_status invoke_avgpool2d(const fedtiny_op *op, const fedtiny_graph *g)
 {
@@ -139,11 +148,13 @@ static fedtiny_status invoke_conv2d_weight_update(const fedtiny_op *op, const fe
                                         OUT(0), &g->state->rng_counter);
 }
 
+#ifndef FEDTINY_REFERENCE_KERNELS
 static fedtiny_status invoke_conv2d_weight_update_fast(const fedtiny_op *op, const fedtiny_graph *g)
 {
     return fedtiny_conv2d_weight_update_fast((const fedtiny_conv2d_update_params *)TP->kernel, GIN(0), E_IN(0), IN(1),
                                              OUT(0), &g->state->rng_counter, g->scratch);
 }
+#endif
 
 static fedtiny_status invoke_conv2d_bias_update(const fedtiny_op *op, const fedtiny_graph *g)
 {
@@ -180,9 +191,14 @@ static fedtiny_status invoke_mul_input_grad(const fedtiny_op *op, const fedtiny_
 }
 
 static size_t scratch_conv2d(const void *p) { return fedtiny_conv2d_scratch_bytes(p); }
+#ifndef FEDTINY_REFERENCE_KERNELS
 static size_t scratch_conv2d_fast(const void *p) { return fedtiny_conv2d_fast_scratch_bytes(p); }
 static size_t scratch_conv2d_depthwise(const void *p) { return fedtiny_conv2d_depthwise_scratch_bytes(p); }
+#endif
 static size_t scratch_add(const void *p) { return fedtiny_add_scratch_bytes(p); }
+#ifndef FEDTINY_REFERENCE_KERNELS
+static size_t scratch_add_fast(const void *p) { return fedtiny_add_fast_scratch_bytes(p); }
+#endif
 static size_t scratch_avgpool2d(const void *p) { return fedtiny_avgpool2d_scratch_bytes(p); }
 static size_t scratch_maxpool2d(const void *p) { return fedtiny_maxpool2d_scratch_bytes(p); }
 static size_t scratch_clamp(const void *p) { return fedtiny_clamp_scratch_bytes(p); }
@@ -199,15 +215,26 @@ static size_t scratch_mse_grad(const void *p) { return fedtiny_mse_grad_scratch_
 static size_t scratch_lut_input_grad(const void *p) { return fedtiny_lut_input_grad_scratch_bytes(TK(p)); }
 static size_t scratch_cat_input_grad(const void *p) { return fedtiny_cat_input_grad_scratch_bytes(TK(p)); }
 static size_t scratch_mul_input_grad(const void *p) { return fedtiny_mul_input_grad_scratch_bytes(TK(p)); }
+#ifndef FEDTINY_REFERENCE_KERNELS
 static size_t scratch_conv2d_weight_update_fast(const void *p)
 {
     return fedtiny_conv2d_weight_update_fast_scratch_bytes(TK(p));
 }
+#endif
+
+/* A fast kernel's row; a reference build (-DFEDTINY_REFERENCE_KERNELS, codegen --reference) leaves it empty, so
+ * that nothing reaches the fast kernels and the firmware links none of them (fedtiny_graph_check refuses the
+ * kind). */
+#ifdef FEDTINY_REFERENCE_KERNELS
+#define FAST_ROW(invoke, scratch, training) {NULL, scratch_none, training}
+#else
+#define FAST_ROW(invoke, scratch, training) {invoke, scratch, training}
+#endif
 
 static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_conv2d, scratch_conv2d, 0},                     /* FEDTINY_OP_CONV2D */
-    {invoke_conv2d_fast, scratch_conv2d_fast, 0},           /* FEDTINY_OP_CONV2D_FAST */
-    {invoke_conv2d_depthwise, scratch_conv2d_depthwise, 0}, /* FEDTINY_OP_CONV2D_DEPTHWISE */
+    FAST_ROW(invoke_conv2d_fast, scratch_conv2d_fast, 0),   /* FEDTINY_OP_CONV2D_FAST */
+    FAST_ROW(invoke_conv2d_depthwise, scratch_conv2d_depthwise, 0), /* FEDTINY_OP_CONV2D_DEPTHWISE */
     {invoke_add, scratch_add, 0},                           /* FEDTINY_OP_ADD */
     {invoke_avgpool2d, scratch_avgpool2d, 0},               /* FEDTINY_OP_AVGPOOL2D */
     {invoke_maxpool2d, scratch_maxpool2d, 0},               /* FEDTINY_OP_MAXPOOL2D */
@@ -229,7 +256,8 @@ static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_mul, scratch_mul, 0},                                   /* FEDTINY_OP_MUL */
     {invoke_cat_input_grad, scratch_cat_input_grad, 1},             /* FEDTINY_OP_CAT_INPUT_GRAD */
     {invoke_mul_input_grad, scratch_mul_input_grad, 1},             /* FEDTINY_OP_MUL_INPUT_GRAD */
-    {invoke_conv2d_weight_update_fast, scratch_conv2d_weight_update_fast, 1}, /* ..._WEIGHT_UPDATE_FAST */
+    FAST_ROW(invoke_conv2d_weight_update_fast, scratch_conv2d_weight_update_fast, 1), /* ..._UPDATE_FAST */
+    FAST_ROW(invoke_add_fast, scratch_add_fast, 0),                           /* FEDTINY_OP_ADD_FAST */
 };
 
 size_t fedtiny_op_scratch_bytes(const fedtiny_op *op)
@@ -241,7 +269,7 @@ fedtiny_status fedtiny_graph_check(const fedtiny_graph *g)
 {
     uint32_t i;
     for (i = 0; i < g->n_ops; i++) {
-        if (g->ops[i].kind >= FEDTINY_OP_KIND_COUNT) {
+        if (g->ops[i].kind >= FEDTINY_OP_KIND_COUNT || kinds[g->ops[i].kind].invoke == NULL) {
             return FEDTINY_ERR_KIND;
         }
         if (fedtiny_op_scratch_bytes(&g->ops[i]) > g->scratch_bytes) {

@@ -2,7 +2,7 @@
  *
  * Each op is a kind, a pointer to its kind's const params struct, and the arena offsets of its operands
  * (inputs first, then outputs). The code generator (device_runtime/codegen.py) emits the table, the params
- * and the arena; it picks the concrete kernel per op (reference conv, fast conv, fast depthwise), so nothing is decided
+ * and the arena; it picks the concrete kernel per op (reference or fast conv, depthwise, add), so nothing is decided
  * at run time but which function to call. A training plan is the same kind of table: forward ops, then the
  * training steps (kinds 7..), whose params are fedtiny_train_step_params.
  */
@@ -42,6 +42,7 @@ typedef enum {
     FEDTINY_OP_CAT_INPUT_GRAD = 22,        /* g_y -> g_x (one input's part) */
     FEDTINY_OP_MUL_INPUT_GRAD = 23,        /* g_y, the other input -> g_x */
     FEDTINY_OP_CONV2D_WEIGHT_UPDATE_FAST = 24, /* as CONV2D_WEIGHT_UPDATE, fast kernel (fedtiny_kernels_bwd_fast.c) */
+    FEDTINY_OP_ADD_FAST = 25,              /* fedtiny_add_params, fast kernel (fedtiny_kernels_fwd_fast.c) */
     FEDTINY_OP_KIND_COUNT
 } fedtiny_op_kind;                   /* reshape has no kind: its output aliases its input's bytes */
 
