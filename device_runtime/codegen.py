@@ -15,6 +15,7 @@ import click
 import numpy as np
 
 from fedtiny import device_memory
+from fedtiny.arith import update_draws
 from fedtiny.inspect import inference_arena, storage_of
 from fedtiny.interpreter import quantize_input, quantize_target
 from fedtiny.ir import Graph, Op
@@ -285,9 +286,9 @@ def state_layout(plan) -> tuple[dict[str, int], int]:
 
 
 def draws_per_step(plan) -> int:
-    """Random draws one training step takes from the node's splitmix64 counter: one per element each weight and
-    bias update writes (a fixed number per plan, so a round's draws are steps x this)."""
-    return sum(int(np.prod(plan.buffers[s.writes[0]].shape)) for s in plan.steps
+    """Random draws one training step takes from the node's splitmix64 counter: one per two elements each weight
+    and bias update writes (arith.update_draws; a fixed number per plan, so a round's draws are steps x this)."""
+    return sum(update_draws(int(np.prod(plan.buffers[s.writes[0]].shape))) for s in plan.steps
                if s.kind in ("conv2d_weight_update", "conv2d_bias_update"))
 
 

@@ -122,10 +122,10 @@ def _input_grad_scratch(graph: Graph, op: Op, step) -> int:
 
 
 def _weight_update_fast_scratch(graph: Graph, op: Op, step) -> int:
-    """The fast weight update's g columns of the trainable rows and one input column, int16 per output position
+    """The fast weight update's g columns of the trainable rows and two input columns, int16 per output position
     (rounded up to even)."""
     oh, ow, _ = graph.tensors[op.outputs[0]].shape
-    return 2 * (step.attrs["channels"] + 1) * (oh * ow + (oh * ow) % 2)
+    return 2 * (step.attrs["channels"] + 2) * (oh * ow + (oh * ow) % 2)
 
 
 # a training step's C kernel (step_kernel) -> its scratch bytes (graph, op, step)
