@@ -92,7 +92,8 @@ static void weight_column(const fedtiny_conv2d_params *c, const int8_t *x, int32
     input_column(c, x, ky, tap - ky * c->kernel_w, group * cin_g + (w - tap * cin_g), col, p2);
 }
 
-/* A row's rounding constants: delta = (P >> s) + (bits >> (32 - t)) >> t for k > 0 (fedtiny_stochastic_delta). */
+/* A row's rounding constants (fedtiny_stochastic_delta): for k >= 32, delta = ((P >> s) + bits) >> 32 with
+ * s = min(k, 62) - 32 <= 30. */
 typedef struct {
     int32_t m, k, s;
 } row_rounding;
@@ -106,18 +107,31 @@ static row_rounding rounding_of(const fedtiny_conv2d_update_params *p, int32_t o
     return r;
 }
 
-/* The in-place update of one weight from its finished sum and 32 rounding bits: fedtiny_stochastic_delta, with
- * the common case k >= 32 (t = 32) in 32-bit halves: delta = the high word of (P >> s) + bits. */
-static int8_t updated_weight(int8_t w, int64_t sum, const row_rounding *r, uint32_t bits)
+/* A weight's update when k < 32 (an update of more than 2^-32 LSB per unit of P: the classifier's, on few
+ * positions), through the reference's fedtiny_stochastic_delta. */
+static int32_t updated_weight_small_k(int8_t w, int64_t sum, const row_rounding *r, uint32_t bits)
 {
-    int64_t delta, v;
+    const int64_t v = (int64_t)w - fedtiny_stochastic_delta(sum, r->m, r->k, bits);
+    return (int32_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+}
+
+/* The in-place update of one weight from its finished sum and 32 rounding bits: fedtiny_stochastic_delta, then the
+ * clamp to [-127, 127]. The usual k >= 32 in 32-bit halves: delta = the high word of (P >> s) + bits, P >> s formed
+ * from the halves of P, and a high word beyond +-256 clamps the weight as +-256 does (the reference's int64 sum
+ * could wrap only for |P| near 2^63, out of reach: |S| < 2^48 for 2^25 positions). */
+static inline int8_t updated_weight(int8_t w, int64_t sum, const row_rounding *r, uint32_t bits)
+{
+    int32_t v;
     if (r->k >= 32) {
-        const int64_t q = (int64_t)((uint64_t)sum * (uint64_t)(int64_t)r->m) >> r->s;
-        delta = (int64_t)((uint64_t)q + bits) >> 32;
+        const uint64_t product = (uint64_t)sum * (uint64_t)(int64_t)r->m;
+        const uint32_t lo = (uint32_t)product, hi = (uint32_t)(product >> 32);
+        const uint32_t q_lo = (lo >> r->s) | ((hi << 1) << (31 - r->s));
+        int32_t q_hi = (int32_t)hi >> r->s;
+        q_hi = q_hi > 256 ? 256 : (q_hi < -256 ? -256 : q_hi);
+        v = (int32_t)w - q_hi - (int32_t)(q_lo + bits < bits);
     } else {
-        delta = fedtiny_stochastic_delta(sum, r->m, r->k, bits);
+        v = updated_weight_small_k(w, sum, r, bits);
     }
-    v = (int64_t)w - delta;
     return (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
 }
 
