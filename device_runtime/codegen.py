@@ -420,6 +420,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                                   dict(conv=f"&op{i}_params", ws=f"{name}_ws", k=k,
                                        recompute=int(s.attrs.get("recompute", False)))))
                 kernel, ins = f"&{name}_grad", s.reads[:1]
+                kind = f"FEDTINY_OP_{device_memory.step_kernel(plan, s, fast).upper()}"  # depthwise or reference
             elif s.kind in ("conv2d_weight_update", "conv2d_bias_update"):
                 upd = plan.updates[i]
                 weights = s.kind == "conv2d_weight_update"
@@ -428,7 +429,8 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                 text = (_c_array("int32_t", f"{name}_m", m) + _c_array("int32_t", f"{name}_shift", sh)
                         + _struct("fedtiny_conv2d_update_params", f"{name}_update", dict(
                             conv=f"&op{i}_params", channels=upd.channels if weights else len(m),
-                            m=f"{name}_m", shift=f"{name}_shift")))
+                            m=f"{name}_m", shift=f"{name}_shift",
+                            block=device_memory.weight_update_block(t[op.inputs[0]].zero_point) if weights else 0)))
                 kernel, ins = f"&{name}_update", s.reads[:2] if weights else s.reads[:1]
             elif s.kind == "avgpool2d_input_grad":
                 kernel, ins = f"&op{i}_params", s.reads[:1]

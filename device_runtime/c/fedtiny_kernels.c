@@ -509,11 +509,13 @@ static int32_t avgpool2d_input_grad_disjoint(const fedtiny_pool2d_params *p, con
                     const uint64_t v = fedtiny_abs64((int64_t)gp[c] * recip);
                     peak = v > peak ? v : peak;
                 }
-                for (iy = iy_lo; iy < iy_hi && pass == 1; iy++) {
-                    for (ix = ix_lo; ix < ix_hi; ix++) {
-                        int16_t *xp = g_x + (iy * p->in_w + ix) * p->channels;
-                        for (c = 0; c < p->channels; c++) {
-                            xp[c] = fedtiny_narrow_one((int64_t)gp[c] * recip, shift);
+                for (c = 0; c < p->channels && pass == 1; c++) { /* one narrowing per window and channel */
+                    const int16_t v = fedtiny_narrow_one((int64_t)gp[c] * recip, shift);
+                    for (iy = iy_lo; iy < iy_hi; iy++) {
+                        int16_t *xp = g_x + (iy * p->in_w + ix_lo) * p->channels + c;
+                        for (ix = ix_lo; ix < ix_hi; ix++) {
+                            *xp = v;
+                            xp += p->channels;
                         }
                     }
                 }

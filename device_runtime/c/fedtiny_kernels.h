@@ -183,6 +183,8 @@ typedef struct {
     int32_t channels;
     const int32_t *m;     /* (channels) for weights, (out_c) for biases */
     const int32_t *shift;
+    int32_t block; /* the fast weight update: positions summed in int32, even; the compiler proved
+                    * block x 2^15 x max |x - zero point| < 2^31 (fedtiny.device_memory.weight_update_block) */
 } fedtiny_conv2d_update_params;
 
 /* softmax cross-entropy: logits (classes) int8 -> g (classes) int16, exponent -15; *label_q15 = the label's
@@ -277,5 +279,11 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
                                                  int32_t e_y, const int8_t *x, int8_t *rows, uint64_t *rng_counter,
                                                  void *scratch);
 size_t fedtiny_conv2d_weight_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p);
+
+/* fedtiny_conv2d_input_grad of a depthwise conv (groups == in_c == out_c) in one pass; scratch: the reference's
+ * int64 per input element, then kernel_h x kernel_w x in_c int32. */
+fedtiny_status fedtiny_conv2d_input_grad_depthwise(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
+                                                   int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch);
+size_t fedtiny_conv2d_input_grad_depthwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p);
 
 #endif /* FEDTINY_KERNELS_H */

@@ -1,7 +1,8 @@
 /* Fast backward kernels (see fedtiny_kernels.h, "fast backward kernels"): the same results as the reference
  * fedtiny_conv2d_weight_update / fedtiny_conv2d_input_grad bit for bit, by construction:
- * - every sum is exact in any order; int32 partial sums only over blocks whose bound holds for any shape
- *   (FAST_WEIGHT_BLOCK positions, FAST_INPUT_BLOCK output channels), added into int64 totals;
+ * - every sum is exact in any order; int32 partial sums only over blocks of positions whose bound the compiler
+ *   proved (params->block: block x 2^15 x max |x - zx| < 2^31, an even number so that a block of int16 pairs
+ *   never splits a pair), added into int64 totals;
  * - an update takes the rounding bits of its weight's index in C order (fedtiny_update_bits: the low or high half
  *   of draw index / 2 + 1 after the call's counter), so the order in which weights are finished does not matter;
  *   two weights adjacent in a row are finished together and share their draw.
@@ -21,12 +22,6 @@
 #define FAST_DSP 0
 #endif
 
-/* Positions summed in int32 before a weight sum is added to its int64 total: |g| <= 2^15 and |x - zx| <= 255,
- * so 256 * 2^15 * 255 < 2^31. Even, so that a block of int16 pairs never splits a pair. */
-#define FAST_WEIGHT_BLOCK 256
-/* Output channels summed in int32 in the input gradient: |half of g ws| <= 2^15 and |w| <= 128, 2^15 * 2^7 * 256
- * = 2^30 < 2^31. */
-#define FAST_INPUT_BLOCK 256
 
 static int32_t min_i32(int32_t a, int32_t b) { return a < b ? a : b; }
 static int32_t even(int32_t n) { return n + (n & 1); }
@@ -136,7 +131,7 @@ static inline int8_t updated_weight(int8_t w, int64_t sum, const row_rounding *r
 }
 
 /* sum a0[i] b0[i], a0[i] b1[i], a1[i] b0[i], a1[i] b1[i] over n (even) int16 values into s[0..3], exact in int32
- * within FAST_WEIGHT_BLOCK positions; each operand is loaded once for two products. */
+ * within a block of positions; each operand is loaded once for two products. */
 static void dot16x4(const int16_t *a0, const int16_t *a1, const int16_t *b0, const int16_t *b1, int32_t n,
                     int32_t *s)
 {
@@ -168,15 +163,15 @@ static void dot16x4(const int16_t *a0, const int16_t *a1, const int16_t *b0, con
 }
 
 /* The four sums of rows g0, g1 against columns c0, c1 (t[0] = g0 c0, t[1] = g0 c1, t[2] = g1 c0, t[3] = g1 c1), in
- * blocks of FAST_WEIGHT_BLOCK positions added into int64. */
+ * int32 blocks of `block` positions added into int64. */
 static void weight_sums(const int16_t *g0, const int16_t *g1, const int16_t *c0, const int16_t *c1, int32_t p2,
-                        int64_t *t)
+                        int32_t block, int64_t *t)
 {
     int32_t b, j;
     t[0] = t[1] = t[2] = t[3] = 0;
-    for (b = 0; b < p2; b += FAST_WEIGHT_BLOCK) {
+    for (b = 0; b < p2; b += block) {
         int32_t s[4];
-        dot16x4(g0 + b, g1 + b, c0 + b, c1 + b, min_i32(FAST_WEIGHT_BLOCK, p2 - b), s);
+        dot16x4(g0 + b, g1 + b, c0 + b, c1 + b, min_i32(block, p2 - b), s);
         for (j = 0; j < 4; j++) {
             t[j] += s[j];
         }
@@ -214,7 +209,7 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
     int16_t *gcols = (int16_t *)scratch;
     int16_t *col0 = gcols + (size_t)p->channels * (size_t)p2, *col1 = col0 + p2;
     int32_t o, i, group, w;
-    if (!conv_groups_ok(c) || p->channels > c->out_c || scratch == NULL) {
+    if (!conv_groups_ok(c) || p->channels > c->out_c || scratch == NULL || p->block < 2 || (p->block & 1)) {
         return FEDTINY_ERR_PARAMS;
     }
     for (o = 0; o < p->channels; o++) { /* g transposed: row o's gradient at every position, contiguous */
@@ -240,7 +235,7 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
                 const row_rounding r0 = rounding_of(p, o, e_y);
                 int64_t t[4];
                 weight_sums(gcols + (size_t)o * (size_t)p2, gcols + (size_t)o1 * (size_t)p2, col0,
-                            pair ? col1 : col0, p2, t);
+                            pair ? col1 : col0, p2, p->block, t);
                 update_pair(rows, o * row_len + w, pair, t[0], t[1], &r0, counter);
                 if (o1 != o) {
                     const row_rounding r1 = rounding_of(p, o1, e_y);
@@ -250,5 +245,102 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
         }
     }
     *rng_counter = counter + fedtiny_update_draws((uint32_t)(p->channels * row_len));
+    return FEDTINY_OK;
+}
+
+/* ---- depthwise input gradient -------------------------------------------------------------------------------- */
+
+/* The int64 sum of every input element (|sum| < 2^37 x taps), then a table of ws[c] W[c, tap] (int32: |ws| < 2^15,
+ * |W| <= 128). */
+size_t fedtiny_conv2d_input_grad_depthwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    return (size_t)c->in_h * (size_t)c->in_w * (size_t)c->in_c * sizeof(int64_t) +
+           (size_t)c->kernel_h * (size_t)c->kernel_w * (size_t)c->in_c * sizeof(int32_t);
+}
+
+/* Narrow a tensor of exact sums, each |acc| < 2^62, to int16 with one shift (fedtiny_kernels.c's narrow_tensor);
+ * returns the shift. fedtiny_narrow_one's rounding (half away from zero) as one add: (acc + 2^(shift - 1) -
+ * [acc < 0]) >> shift, which cannot overflow below 2^62. */
+static int32_t narrow_sums(const int64_t *acc, int32_t n, int16_t *g)
+{
+    uint64_t peak = 0;
+    int32_t i, shift;
+    int64_t half;
+    for (i = 0; i < n; i++) {
+        const uint64_t a = fedtiny_abs64(acc[i]);
+        peak = a > peak ? a : peak;
+    }
+    shift = fedtiny_narrow_shift(peak);
+    half = shift ? (int64_t)1 << (shift - 1) : 0;
+    for (i = 0; i < n; i++) {
+        const int64_t v = shift ? (acc[i] + half - (acc[i] < 0)) >> shift : acc[i];
+        g[i] = (int16_t)(v > FEDTINY_GRAD_MAX ? FEDTINY_GRAD_MAX : (v < -FEDTINY_GRAD_MAX ? -FEDTINY_GRAD_MAX : v));
+    }
+    return shift;
+}
+
+/* The outputs whose window covers input row (or column) i at tap k: o stride = i + pad - k, 0 <= o < out. -1 if
+ * none. */
+static int32_t covering_output(int32_t i, int32_t pad, int32_t k, int32_t stride, int32_t out)
+{
+    const int32_t t = i + pad - k;
+    int32_t o;
+    if (t < 0) {
+        return -1;
+    }
+    o = t / stride;
+    return o * stride == t && o < out ? o : -1;
+}
+
+/* Depthwise (groups == in_c == out_c), one pass: each input element's sum gathered from the outputs whose window
+ * covers it, acc[iy, ix, c] = sum over taps of g_y[oy, ox, c] (ws[c] W[c, ky, kx]) (a 64-bit multiply-accumulate
+ * of int32 operands per term, channels innermost so the window arithmetic is paid once per pixel and tap), then
+ * narrowed: the reference's exact sums, so its result bit for bit. */
+fedtiny_status fedtiny_conv2d_input_grad_depthwise(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
+                                                   int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t ch = c->in_c, taps = c->kernel_h * c->kernel_w, n = c->in_h * c->in_w * ch;
+    int64_t *acc = (int64_t *)scratch;
+    int32_t *wsw = (int32_t *)(acc + n);
+    int32_t o, tap, iy, ix, ky, kx, i;
+    if (c->groups != ch || c->out_c != ch || scratch == NULL || p->recompute) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    for (o = 0; o < ch; o++) {
+        const int8_t *w = (o < c->sram_rows ? c->weight_sram : c->weight) + o * taps;
+        for (tap = 0; tap < taps; tap++) {
+            wsw[tap * ch + o] = p->ws[o] * w[tap];
+        }
+    }
+    for (iy = 0; iy < c->in_h; iy++) {
+        for (ix = 0; ix < c->in_w; ix++) {
+            int64_t *ap = acc + (iy * c->in_w + ix) * ch;
+            for (i = 0; i < ch; i++) {
+                ap[i] = 0;
+            }
+            for (ky = 0; ky < c->kernel_h; ky++) {
+                const int32_t oy = covering_output(iy, c->pad_top, ky, c->stride_h, c->out_h);
+                if (oy < 0) {
+                    continue;
+                }
+                for (kx = 0; kx < c->kernel_w; kx++) {
+                    const int32_t ox = covering_output(ix, c->pad_left, kx, c->stride_w, c->out_w);
+                    const int16_t *gp;
+                    const int32_t *wp;
+                    if (ox < 0) {
+                        continue;
+                    }
+                    gp = g_y + (oy * c->out_w + ox) * ch;
+                    wp = wsw + (ky * c->kernel_w + kx) * ch;
+                    for (i = 0; i < ch; i++) {
+                        ap[i] += (int64_t)gp[i] * wp[i];
+                    }
+                }
+            }
+        }
+    }
+    *e_x = e_y - p->k + narrow_sums(acc, n, g_x);
     return FEDTINY_OK;
 }

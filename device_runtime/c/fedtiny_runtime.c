@@ -145,6 +145,12 @@ static fedtiny_status invoke_conv2d_weight_update_fast(const fedtiny_op *op, con
                                              OUT(0), &g->state->rng_counter, g->scratch);
 }
 
+static fedtiny_status invoke_conv2d_input_grad_depthwise(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_conv2d_input_grad_depthwise((const fedtiny_conv2d_input_grad_params *)TP->kernel, GIN(0), E_IN(0),
+                                               GOUT(0), E_OUT, g->scratch);
+}
+
 static fedtiny_status invoke_conv2d_bias_update(const fedtiny_op *op, const fedtiny_graph *g)
 {
     return fedtiny_conv2d_bias_update((const fedtiny_conv2d_update_params *)TP->kernel, GIN(0), E_IN(0),
@@ -203,6 +209,10 @@ static size_t scratch_conv2d_weight_update_fast(const void *p)
 {
     return fedtiny_conv2d_weight_update_fast_scratch_bytes(TK(p));
 }
+static size_t scratch_conv2d_input_grad_depthwise(const void *p)
+{
+    return fedtiny_conv2d_input_grad_depthwise_scratch_bytes(TK(p));
+}
 
 static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_conv2d, scratch_conv2d, 0},                     /* FEDTINY_OP_CONV2D */
@@ -230,6 +240,7 @@ static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     {invoke_cat_input_grad, scratch_cat_input_grad, 1},             /* FEDTINY_OP_CAT_INPUT_GRAD */
     {invoke_mul_input_grad, scratch_mul_input_grad, 1},             /* FEDTINY_OP_MUL_INPUT_GRAD */
     {invoke_conv2d_weight_update_fast, scratch_conv2d_weight_update_fast, 1}, /* ..._WEIGHT_UPDATE_FAST */
+    {invoke_conv2d_input_grad_depthwise, scratch_conv2d_input_grad_depthwise, 1}, /* ..._INPUT_GRAD_DEPTHWISE */
 };
 
 size_t fedtiny_op_scratch_bytes(const fedtiny_op *op)
