@@ -22,7 +22,6 @@
 #define FAST_DSP 0
 #endif
 
-
 static int32_t min_i32(int32_t a, int32_t b) { return a < b ? a : b; }
 static int32_t even(int32_t n) { return n + (n & 1); }
 
@@ -102,8 +101,8 @@ static row_rounding rounding_of(const fedtiny_conv2d_update_params *p, int32_t o
     return r;
 }
 
-/* A weight's update when k < 32 (an update of more than 2^-32 LSB per unit of P: the classifier's, on few
- * positions), through the reference's fedtiny_stochastic_delta. */
+/* A weight's update when k < 32 (the rounding uses fewer than 32 of the bits: large updates, e.g. the classifier's),
+ * through the reference's fedtiny_stochastic_delta. */
 static int32_t updated_weight_small_k(int8_t w, int64_t sum, const row_rounding *r, uint32_t bits)
 {
     const int64_t v = (int64_t)w - fedtiny_stochastic_delta(sum, r->m, r->k, bits);
