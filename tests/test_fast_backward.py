@@ -33,7 +33,7 @@ def python_steps(plan, x, labels, seed: int) -> Trainer:
 
 def test_full_plans_of_random_convs_train_on_the_host_like_python(cache):
     need("gcc", "make")
-    for seed in (0, 1):
+    for seed in (1,):  # seed 0's plan: the M4 test below
         plan, x, labels = full_plan(seed)
         kernels = {device_memory.step_kernel(plan, s) for s in plan.steps}
         assert {"conv2d_input_grad_depthwise", "conv2d_weight_update_fast"} <= kernels, kernels
