@@ -15,6 +15,7 @@ import click
 import numpy as np
 
 from fedtiny import device_memory
+from fedtiny.arith import update_draws
 from fedtiny.inspect import inference_arena, storage_of
 from fedtiny.interpreter import quantize_input, quantize_target
 from fedtiny.ir import Graph, Op
@@ -297,9 +298,9 @@ def state_layout(plan) -> tuple[dict[str, int], int]:
 
 
 def draws_per_step(plan) -> int:
-    """Random draws one training step takes from the node's splitmix64 counter: one per element each weight and
-    bias update writes (a fixed number per plan, so a round's draws are steps x this)."""
-    return sum(int(np.prod(plan.buffers[s.writes[0]].shape)) for s in plan.steps
+    """Random draws one training step takes from the node's splitmix64 counter: one per two elements each weight
+    and bias update writes (arith.update_draws; a fixed number per plan, so a round's draws are steps x this)."""
+    return sum(update_draws(int(np.prod(plan.buffers[s.writes[0]].shape))) for s in plan.steps
                if s.kind in ("conv2d_weight_update", "conv2d_bias_update"))
 
 
@@ -431,6 +432,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                                   dict(conv=f"&op{i}_params", ws=f"{name}_ws", k=k,
                                        recompute=int(s.attrs.get("recompute", False)))))
                 kernel, ins = f"&{name}_grad", s.reads[:1]
+                kind = f"FEDTINY_OP_{device_memory.step_kernel(plan, s, fast).upper()}"  # depthwise or reference
             elif s.kind in ("conv2d_weight_update", "conv2d_bias_update"):
                 upd = plan.updates[i]
                 weights = s.kind == "conv2d_weight_update"
@@ -439,7 +441,8 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                 text = (_c_array("int32_t", f"{name}_m", m) + _c_array("int32_t", f"{name}_shift", sh)
                         + _struct("fedtiny_conv2d_update_params", f"{name}_update", dict(
                             conv=f"&op{i}_params", channels=upd.channels if weights else len(m),
-                            m=f"{name}_m", shift=f"{name}_shift")))
+                            m=f"{name}_m", shift=f"{name}_shift",
+                            block=device_memory.weight_update_block(t[op.inputs[0]].zero_point) if weights else 0)))
                 kernel, ins = f"&{name}_update", s.reads[:2] if weights else s.reads[:1]
             elif s.kind == "avgpool2d_input_grad":
                 kernel, ins = f"&op{i}_params", s.reads[:1]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtiny import device_memory
 from fedtiny.arith import MASK64, cross_entropy_loss
 from fedtiny.ir import Graph
 from fedtiny.protocol.device import TrainJob, TrainResult
@@ -612,7 +613,7 @@ class Conv2dParams(ctypes.Structure):
 class UpdateParams(ctypes.Structure):
     """Mirror of fedtiny_conv2d_update_params in fedtiny_kernels.h."""
     _fields_ = [("conv", ctypes.c_void_p), ("channels", ctypes.c_int32), ("m", ctypes.c_void_p),
-                ("shift", ctypes.c_void_p)]
+                ("shift", ctypes.c_void_p), ("block", ctypes.c_int32)]
 
 
 class KernelLibrary:
@@ -662,7 +663,8 @@ class KernelLibrary:
         keep: list = []
         conv = self._conv_params(x.shape, weight, g_y.shape, attrs, keep)
         m, shift = (np.ascontiguousarray(a, dtype=np.int32) for a in (m, shift))
-        p = UpdateParams(ctypes.addressof(conv), len(rows), m.ctypes.data, shift.ctypes.data)
+        p = UpdateParams(ctypes.addressof(conv), len(rows), m.ctypes.data, shift.ctypes.data,
+                         device_memory.weight_update_block(attrs["x_zero_point"]))
         x, g_y = np.ascontiguousarray(x, dtype=np.int8), np.ascontiguousarray(g_y, dtype=np.int16)
         rows = np.array(rows, dtype=np.int8, copy=True, order="C")
         c = ctypes.c_uint64(counter)

@@ -8,7 +8,7 @@ on the device. The state a node keeps between steps is the trainable buffers plu
 import numpy as np
 
 from fedtiny import kernels
-from fedtiny.arith import cross_entropy_loss, narrow_to_int16, splitmix64, stochastic_update
+from fedtiny.arith import cross_entropy_loss, narrow_to_int16, stochastic_update, update_bits, update_draws
 from fedtiny.compiler import Plan, train_name
 from fedtiny.interpreter import FORWARD
 from fedtiny.ir import DTYPES, Graph
@@ -78,8 +78,9 @@ class Trainer:
         self.exponent[buffer] = exponent + extra
 
     def _random(self, count: int) -> np.ndarray:
-        bits = splitmix64(self.rng_counter, count)
-        self.rng_counter += count
+        """32 rounding bits for each of an update's `count` elements (arith.update_bits), advancing the counter."""
+        bits = update_bits(self.rng_counter, count)
+        self.rng_counter += update_draws(count)
         return bits
 
     # --- one training step --------------------------------------------------------------------------------

@@ -113,18 +113,43 @@ def splitmix64(counter: int, count: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def stochastic_update(total, m: np.ndarray, shift, exponent: int, random_bits: np.ndarray) -> np.ndarray:
-    """delta = total * m * 2^(shift - 15 + exponent), rounded stochastically: floor((P + r) / 2^k) with r uniform
-    in [0, 2^k), so an update smaller than one LSB still moves the weight with the right probability.
+def update_draws(count: int) -> int:
+    """Draws of the splitmix64 stream an update of `count` elements takes: one per two elements."""
+    return (count + 1) // 2
 
-    total: exact int64 gradient sums (broadcast against per-channel m, shift); random_bits: uint64, one per element.
+
+def update_bits(counter: int, count: int) -> np.ndarray:
+    """32 random bits per element of an update of `count` elements (in C order), from the stream after `counter`:
+    element i takes the low (i even) or high (i odd) half of draw i // 2 + 1. Half the draws of one per element,
+    and 32 bits are all a rounding needs to stay unbiased to 2^-32 of an LSB (stochastic_update)."""
+    draws = splitmix64(counter, update_draws(count))
+    halves = np.stack([draws & np.uint64(0xFFFFFFFF), draws >> np.uint64(32)], axis=1).reshape(-1)
+    return halves[:count].astype(np.uint32)
+
+
+def stochastic_update(total, m: np.ndarray, shift, exponent: int, random_bits: np.ndarray) -> np.ndarray:
+    """delta = total * m * 2^(shift - 15 + exponent), rounded stochastically with 32 random bits u per element.
+
+    With P = total * m and k = 15 - shift - exponent > 0 (at most 62): s = max(k - 32, 0), t = k - s,
+    delta = floor((floor(P / 2^s) + floor(u / 2^(32 - t))) / 2^t): r = the top t bits of u is uniform in [0, 2^t),
+    so E[delta] = floor(P / 2^s) / 2^t, which is P / 2^k exactly when k <= 32 and within 2^-32 of an LSB below it
+    otherwise; an update smaller than one LSB still moves the weight with the right probability. The two shifts
+    keep every step in 32-bit halves on the device (P >> s, then a 32-bit add and the high word).
+    k <= 0: delta = clamp(P, int32) << -k, clamped to int32 (no randomness).
+
+    total: exact int64 gradient sums (broadcast against per-channel m, shift); random_bits: uint32, one per element
+    (update_bits). Sums wrap as int64 would.
     """
     product = np.asarray(total, dtype=np.int64) * np.asarray(m, dtype=np.int64)
     k = 15 - np.asarray(shift, dtype=np.int64) - exponent
     k = np.broadcast_to(k, product.shape)
-    right = np.clip(k, 0, 62)
-    r = (random_bits.reshape(product.shape) & ((np.uint64(1) << right.astype(np.uint64)) - np.uint64(1))).astype(np.int64)
-    down = (product + r) >> right
+    right = np.clip(k, 1, 62)
+    s = np.maximum(right - 32, 0)
+    t = right - s
+    u = random_bits.reshape(product.shape).astype(np.uint64)
+    r = (u >> (np.uint64(32) - t.astype(np.uint64))).astype(np.int64)
+    with np.errstate(over="ignore"):
+        down = ((product >> s) + r) >> t
     up = np.clip(product, -(2**31), 2**31 - 1) << np.clip(-k, 0, 31)
     return np.where(k > 0, down, np.clip(up, -(2**31), 2**31 - 1))
 

@@ -40,7 +40,8 @@ KERNEL_STACK_BYTES = {
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
     "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
     "cat": 40 + 32, "mul": 4 + 56, "cat_input_grad": 24 + 32, "mul_input_grad": 24 + 216,
-    "conv2d_weight_update_fast": 32 + 216 + 24,  # fedtiny_kernels_bwd_fast.c: its glue, frame, updated_weight
+    # fedtiny_kernels_bwd_fast.c: its glue, frame, update_pair + updated_weight_small_k; the depthwise input gradient
+    "conv2d_weight_update_fast": 32 + 296 + 72 + 16, "conv2d_input_grad_depthwise": 24 + 144,
 }
 
 # The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
@@ -49,15 +50,16 @@ KERNEL_STACK_BYTES = {
 # linker's map (tests/test_device_memory.py keeps it within 5 %); update it when the kernels change.
 # Measured 2026-11-30: 17,010 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196), + 1,572 for the
 # fast weight update (fedtiny_kernels_bwd_fast.c); 22,088 with the fast add, the one-pixel conv path, the
-# one-multiply requantization and the depthwise kernel specialised by row length (branch fastfwd2).
-RUNTIME_CODE_BYTES = 22_088
+# one-multiply requantization and the depthwise kernel specialised by row length (branch fastfwd2); + 1,580 for
+# two weights per draw and the depthwise input gradient (branch fastbwd2).
+RUNTIME_CODE_BYTES = 23_668
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
 _STRUCT_BYTES = dict(conv2d_params=96, add_params=52, pool2d_params=48, clamp_params=12, lut_params=16, op=32,
                      cat_params=32, mul_params=84, operand_grad_params=8,
                      step_params=16,
-                     grad_mask_params=12, loss_params=8, mse_params=12, input_grad_params=16, update_params=16,
+                     grad_mask_params=12, loss_params=8, mse_params=12, input_grad_params=16, update_params=20,
                      graph=52, trainable_entry=16, train_state=32)
 
 
@@ -129,11 +131,17 @@ def _input_grad_scratch(graph: Graph, op: Op, step) -> int:
     return 8 * c * (1 if step.attrs.get("recompute") else h * w)
 
 
+def _input_grad_depthwise_scratch(graph: Graph, op: Op, step) -> int:
+    """The depthwise input gradient's int64 sum per input element and its table of ws W, int32 per weight."""
+    h, w, c = graph.tensors[op.inputs[0]].shape
+    return 8 * h * w * c + 4 * graph.tensors[op.inputs[1]].data.size
+
+
 def _weight_update_fast_scratch(graph: Graph, op: Op, step) -> int:
-    """The fast weight update's g columns of the trainable rows and one input column, int16 per output position
+    """The fast weight update's g columns of the trainable rows and two input columns, int16 per output position
     (rounded up to even)."""
     oh, ow, _ = graph.tensors[op.outputs[0]].shape
-    return 2 * (step.attrs["channels"] + 1) * (oh * ow + (oh * ow) % 2)
+    return 2 * (step.attrs["channels"] + 2) * (oh * ow + (oh * ow) % 2)
 
 
 # a training step's C kernel (step_kernel) -> its scratch bytes (graph, op, step)
@@ -142,6 +150,7 @@ STEP_SCRATCH = {
     "avgpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
     "maxpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
     "conv2d_weight_update_fast": _weight_update_fast_scratch,
+    "conv2d_input_grad_depthwise": _input_grad_depthwise_scratch,
 }
 
 
@@ -204,11 +213,15 @@ def _windows(op: Op, graph: Graph) -> list[tuple[int, int, int, int]]:
 
 
 def accumulator_bound(plan, step) -> int:
-    """An upper bound on |sum| of one exact accumulator of a pooling input-gradient step, from the tensor
-    sizes and the int16 gradient range: avgpool adds g * round(2^15 / count) once per window that covers an
-    element, maxpool adds g at most once per covering window."""
+    """An upper bound on |sum| of one exact int32 accumulator of a step, from the tensor sizes, the zero points and
+    the int16 gradient range: a pooling input gradient's (avgpool adds g * round(2^15 / count) once per window
+    that covers an element, maxpool adds g at most once per covering window) or one block of the fast weight
+    update's (weight_update_block positions of g (x - zero point))."""
     graph = plan.graph
     op = graph.ops[step.attrs["op"]]
+    if step.kind == "conv2d_weight_update":
+        zx = weight_update_x_zero_point(plan, step)
+        return weight_update_block(zx) * GRAD_ABS_MAX * max(abs(-128 - zx), abs(127 - zx))
     h, w, _ = graph.tensors[op.inputs[0]].shape
     per_element = np.zeros((h, w), dtype=np.int64)
     for y0, y1, x0, x1 in _windows(op, graph):
@@ -216,6 +229,18 @@ def accumulator_bound(plan, step) -> int:
         if count:
             per_element[y0:y1, x0:x1] += (32768 + count // 2) // count if step.kind == "avgpool2d_input_grad" else 1
     return GRAD_ABS_MAX * int(per_element.max(initial=0))
+
+
+def weight_update_block(x_zero_point: int) -> int:
+    """Positions the fast weight update sums in int32 before adding them into int64: the most, and even (the
+    kernel's int16 pairs), for which block x 2^15 x max |x - zero point| < 2^31 (256 for the widest inputs, 510
+    for a zero point of 0). The generated C passes it to the kernel (fedtiny_conv2d_update_params.block)."""
+    widest = max(abs(-128 - x_zero_point), abs(127 - x_zero_point))
+    return (INT32_LIMIT - 1) // (GRAD_ABS_MAX * widest) // 2 * 2
+
+
+def weight_update_x_zero_point(plan, step) -> int:
+    return plan.graph.tensors[plan.graph.ops[step.attrs["op"]].inputs[0]].zero_point
 
 
 # |x - zero point| * |w| of one int8 conv term: 255 * 128
@@ -230,12 +255,16 @@ def conv_window(graph: Graph, op: Op) -> int:
 
 def check_accumulators(plan) -> None:
     """Raise ValueError if a kernel that sums in int32 could overflow for this plan's shapes: a forward conv's sum
-    (every conv kernel, reference and fast, sums in int32: window * 255 * 128 < 2^31) or a pooling gradient's."""
+    (every conv kernel, reference and fast, sums in int32: window * 255 * 128 < 2^31), a pooling gradient's or a
+    block of the fast weight update's."""
     for i, op in enumerate(plan.graph.ops):
         if op.kind == "conv2d" and conv_window(plan.graph, op) * CONV_TERM_MAX >= INT32_LIMIT:
             raise ValueError(f"op {i} (conv2d {op.origin}): a window of {conv_window(plan.graph, op):,} terms could "
                              f"sum past 2^31 (the C kernels sum in int32); split it into smaller convolutions")
     for j, s in enumerate(plan.steps):
+        if s.kind == "conv2d_weight_update" and accumulator_bound(plan, s) >= INT32_LIMIT:
+            raise ValueError(f"step {j} (conv2d_weight_update): a block of its sums could reach "
+                             f"{accumulator_bound(plan, s):,} (the fast kernel sums blocks in int32)")
         pooling = s.kind in ("avgpool2d_input_grad", "maxpool2d_input_grad")
         if pooling and not windows_disjoint(plan.graph.ops[s.attrs["op"]]):
             bound = accumulator_bound(plan, s)
@@ -257,6 +286,9 @@ def step_kernel(plan, step, fast: bool = True) -> str:
         return "mse_grad"
     if step.kind == "conv2d_weight_update" and fast and not step.attrs.get("recompute"):
         return "conv2d_weight_update_fast"  # fedtiny_kernels_bwd_fast.c; `recompute`: the budget's choice
+    if (step.kind == "conv2d_input_grad" and fast and not step.attrs.get("recompute")
+            and conv_kernel(plan.graph, plan.graph.ops[step.attrs["op"]]) == "conv2d_depthwise"):
+        return "conv2d_input_grad_depthwise"  # fedtiny_kernels_bwd_fast.c
     return step.kind
 
 

@@ -70,17 +70,54 @@ def test_left_shift_saturates_instead_of_wrapping():
 
 
 def test_stochastic_update_is_unbiased_and_exact_when_whole():
-    from fedtiny.arith import splitmix64, stochastic_update
+    from fedtiny.arith import stochastic_update, update_bits
 
     n = 20000
     # S * m * 2^(shift - 15 + e) = 3 * 16384 * 2^(0 - 15 - 2) = 0.375 LSB per element
-    delta = stochastic_update(np.full(n, 3), np.array([16384]), np.array([0]), -2, splitmix64(7, n))
+    delta = stochastic_update(np.full(n, 3), np.array([16384]), np.array([0]), -2, update_bits(7, n))
     assert set(np.unique(delta)) == {0, 1}
     assert abs(delta.mean() - 0.375) < 0.02
-    negative = stochastic_update(np.full(n, -3), np.array([16384]), np.array([0]), -2, splitmix64(8, n))
+    negative = stochastic_update(np.full(n, -3), np.array([16384]), np.array([0]), -2, update_bits(8, n))
     assert abs(negative.mean() + 0.375) < 0.02
-    whole = stochastic_update(np.array([5, -5]), np.array([16384]), np.array([1]), 0, splitmix64(9, 2))
+    whole = stochastic_update(np.array([5, -5]), np.array([16384]), np.array([1]), 0, update_bits(9, 2))
     assert whole.tolist() == [5, -5]  # 5 * 2^14 * 2^(1 - 15) = 5: no rounding, no randomness
+
+
+@pytest.mark.parametrize("k", [7, 32, 37, 45])
+def test_stochastic_update_rounds_up_with_the_fraction_as_probability(k):
+    """Over evenly spaced values of the bits that decide (every one of the 2^t when k < 13), the rounding goes up
+    as often as the fraction says: unbiased for k <= 32; for k > 32 the expectation is floor(P / 2^(k - 32)) / 2^32,
+    within 2^-32 of an LSB of P / 2^k. The weights' k is 35-45 in the default sensor_cnn plan."""
+    from fedtiny.arith import stochastic_update
+
+    t = min(k, 32)
+    levels = min(2**t, 4096)  # evenly spaced tops of the bits: exact proportions when 2^t divides into them
+    tops = np.arange(levels, dtype=np.uint64) * np.uint64(2**t // levels)
+    bits = (tops << np.uint64(32 - t)).astype(np.uint32)
+    m, shift, e = 2**14 + 12345, 15 - k, 0  # k = 15 - shift - e
+    for total in (3, -3, 987_654_321, -(2**27) + 17):
+        p, s = total * m, max(k - 32, 0)
+        delta = stochastic_update(np.full(levels, total), np.array([m]), np.array([shift]), e, bits)
+        assert set(np.unique(delta)) <= {p >> k, (p >> k) + 1}
+        mean = Fraction(int(delta.sum()), levels)
+        expected = Fraction(p >> s, 2**t)  # E[delta] over uniform 32-bit draws
+        assert mean == expected if levels == 2**t else abs(mean - expected) <= Fraction(1, levels)
+        if k <= 32:
+            assert expected == Fraction(p, 2**k)  # unbiased
+        else:
+            assert 0 <= Fraction(p, 2**k) - expected < Fraction(1, 2**32)
+
+
+def test_update_bits_are_two_halves_of_each_draw():
+    from fedtiny.arith import splitmix64, update_bits, update_draws
+
+    draws = splitmix64(41, 3)
+    halves = [int(d) & 0xFFFFFFFF for d in draws], [int(d) >> 32 for d in draws]
+    assert update_bits(41, 5).tolist() == [halves[0][0], halves[1][0], halves[0][1], halves[1][1], halves[0][2]]
+    assert [update_draws(n) for n in (0, 1, 2, 5)] == [0, 1, 1, 3]
+    bits = update_bits(3, 200_000)  # the 32-bit values are uniform: each top bit set about half the time
+    for b in (31, 16, 0):
+        assert abs(((bits >> b) & 1).mean() - 0.5) < 0.005
 
 
 def test_splitmix64_matches_the_published_sequence():

@@ -90,7 +90,7 @@ static inline int8_t fedtiny_requantize(int64_t acc, int32_t multiplier, int32_t
 }
 
 
-/* ---- training arithmetic (arith.py: narrow_to_int16, stochastic_update, splitmix64) ---------------------- */
+/* ---- training arithmetic (arith.py: narrow_to_int16, stochastic_update, update_bits, splitmix64) ---------- */
 
 #define FEDTINY_GRAD_MAX 32767
 
@@ -142,15 +142,28 @@ static inline int64_t fedtiny_clamp_i32_64(int64_t v)
     return v > INT32_MAX ? INT32_MAX : (v < INT32_MIN ? INT32_MIN : v);
 }
 
-/* delta = total * m * 2^-k with k = 15 - shift - e, rounded stochastically with random bits (k > 0), or
- * clamp(total * m, int32) << -k clamped to int32 (k <= 0). Sums wrap as numpy's int64 would. */
-static inline int64_t fedtiny_stochastic_delta(int64_t total, int32_t m, int32_t k, uint64_t bits)
+/* The 32 rounding bits of element `index` of an update whose draws follow `counter` (arith.update_bits): the low
+ * (even index) or high (odd index) half of draw index / 2 + 1. */
+static inline uint32_t fedtiny_update_bits(uint64_t counter, uint32_t index)
+{
+    const uint64_t draw = fedtiny_splitmix64(counter + 1u + (index >> 1));
+    return (index & 1u) ? (uint32_t)(draw >> 32) : (uint32_t)draw;
+}
+
+/* Draws an update of n elements takes from the counter (arith.update_draws): one per two elements. */
+static inline uint64_t fedtiny_update_draws(uint32_t n) { return ((uint64_t)n + 1u) >> 1; }
+
+/* delta = total * m * 2^-k with k = 15 - shift - e (arith.stochastic_update). k > 0: with P = total * m, k at
+ * most 62, s = max(k - 32, 0) and t = k - s, delta = floor((floor(P / 2^s) + (bits >> (32 - t))) / 2^t), rounded
+ * stochastically by the top t of the 32 random bits. k <= 0: clamp(P, int32) << -k clamped to int32. Sums wrap as
+ * numpy's int64 would. */
+static inline int64_t fedtiny_stochastic_delta(int64_t total, int32_t m, int32_t k, uint32_t bits)
 {
     const int64_t product = (int64_t)((uint64_t)total * (uint64_t)(int64_t)m);
     if (k > 0) {
         const int32_t right = k < 62 ? k : 62;
-        const uint64_t r = bits & (((uint64_t)1 << right) - 1u);
-        return (int64_t)((uint64_t)product + r) >> right;
+        const int32_t s = right > 32 ? right - 32 : 0, t = right - s;
+        return (int64_t)((uint64_t)(product >> s) + (uint64_t)(bits >> (32 - t))) >> t;
     }
     return fedtiny_clamp_i32_64(fedtiny_clamp_i32_64(product) * ((int64_t)1 << (-k < 31 ? -k : 31)));
 }

@@ -268,7 +268,8 @@ fedtiny_status fedtiny_conv2d_weight_update(const fedtiny_conv2d_update_params *
     const fedtiny_conv2d_params *c = p->conv;
     const int32_t cin_g = c->in_c / c->groups;
     const int32_t cout_g = c->out_c / c->groups;
-    uint64_t counter = *rng_counter;
+    const uint64_t counter = *rng_counter;
+    uint32_t index = 0; /* of the weight in C order: its rounding bits (fedtiny_update_bits) */
     int32_t o, ky, kx, ic, oy, ox;
     if (c->groups < 1 || cin_g * c->groups != c->in_c || cout_g * c->groups != c->out_c || p->channels > c->out_c) {
         return FEDTINY_ERR_PARAMS;
@@ -295,14 +296,14 @@ fedtiny_status fedtiny_conv2d_weight_update(const fedtiny_conv2d_update_params *
                                    ((int32_t)xg[(iy * c->in_w + ix) * c->in_c + ic] - c->in_zero_point);
                         }
                     }
-                    counter++;
-                    w = (int64_t)*rows - fedtiny_stochastic_delta(sum, p->m[o], k, fedtiny_splitmix64(counter));
+                    w = (int64_t)*rows -
+                        fedtiny_stochastic_delta(sum, p->m[o], k, fedtiny_update_bits(counter, index++));
                     *rows++ = (int8_t)(w > 127 ? 127 : (w < -127 ? -127 : w));
                 }
             }
         }
     }
-    *rng_counter = counter;
+    *rng_counter = counter + fedtiny_update_draws(index);
     return FEDTINY_OK;
 }
 
@@ -318,18 +319,17 @@ fedtiny_status fedtiny_conv2d_bias_update(const fedtiny_conv2d_update_params *p,
 {
     const fedtiny_conv2d_params *c = p->conv;
     const int32_t positions = c->out_h * c->out_w;
-    uint64_t counter = *rng_counter;
+    const uint64_t counter = *rng_counter;
     int32_t o, i;
     for (o = 0; o < c->out_c; o++) {
         int64_t sum = 0;
         for (i = 0; i < positions; i++) {
             sum += g_y[i * c->out_c + o]; /* |sum| < 2^15 * positions */
         }
-        counter++;
-        bias[o] = (int32_t)fedtiny_clamp_i32_64(
-            (int64_t)bias[o] - fedtiny_stochastic_delta(sum, p->m[o], 15 - p->shift[o] - e_y, fedtiny_splitmix64(counter)));
+        bias[o] = (int32_t)fedtiny_clamp_i32_64((int64_t)bias[o] - fedtiny_stochastic_delta(
+            sum, p->m[o], 15 - p->shift[o] - e_y, fedtiny_update_bits(counter, (uint32_t)o)));
     }
-    *rng_counter = counter;
+    *rng_counter = counter + fedtiny_update_draws((uint32_t)c->out_c);
     return FEDTINY_OK;
 }
 
@@ -509,11 +509,13 @@ static int32_t avgpool2d_input_grad_disjoint(const fedtiny_pool2d_params *p, con
                     const uint64_t v = fedtiny_abs64((int64_t)gp[c] * recip);
                     peak = v > peak ? v : peak;
                 }
-                for (iy = iy_lo; iy < iy_hi && pass == 1; iy++) {
-                    for (ix = ix_lo; ix < ix_hi; ix++) {
-                        int16_t *xp = g_x + (iy * p->in_w + ix) * p->channels;
-                        for (c = 0; c < p->channels; c++) {
-                            xp[c] = fedtiny_narrow_one((int64_t)gp[c] * recip, shift);
+                for (c = 0; c < p->channels && pass == 1; c++) { /* one narrowing per window and channel */
+                    const int16_t v = fedtiny_narrow_one((int64_t)gp[c] * recip, shift);
+                    for (iy = iy_lo; iy < iy_hi; iy++) {
+                        int16_t *xp = g_x + (iy * p->in_w + ix_lo) * p->channels + c;
+                        for (ix = ix_lo; ix < ix_hi; ix++) {
+                            *xp = v;
+                            xp += p->channels;
                         }
                     }
                 }

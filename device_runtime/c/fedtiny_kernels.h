@@ -148,8 +148,9 @@ size_t fedtiny_mul_scratch_bytes(const fedtiny_mul_params *p);
  * of their input gradient and return the one of their output; the executor keeps exponents in a table. Every
  * sum is exact; kernels whose result must be narrowed (max |acc| over the whole tensor first) sum into a scratch
  * of one value per output element (their _scratch_bytes()): int32 where the compiler proved |sum| < 2^31 from
- * the shapes (the pooling gradients, fedtiny.device_memory.accumulator_bound), else int64. Updates draw random numbers
- * from the SplitMix64 counter *rng_counter, one per updated element in C order, and advance it. */
+ * the shapes (the pooling gradients, fedtiny.device_memory.accumulator_bound), else int64. Updates take 32 random
+ * bits per updated element in C order from the SplitMix64 counter *rng_counter, two elements per draw
+ * (fedtiny_update_bits), and advance it by their draws. */
 
 /* Gradient mask of an op with a fused clamp: g passes where act_min < y < act_max. In place allowed. */
 typedef struct {
@@ -186,6 +187,8 @@ typedef struct {
     int32_t channels;
     const int32_t *m;     /* (channels) for weights, (out_c) for biases */
     const int32_t *shift;
+    int32_t block; /* the fast weight update: positions summed in int32, even; the compiler proved
+                    * block x 2^15 x max |x - zero point| < 2^31 (fedtiny.device_memory.weight_update_block) */
 } fedtiny_conv2d_update_params;
 
 /* softmax cross-entropy: logits (classes) int8 -> g (classes) int16, exponent -15; *label_q15 = the label's
@@ -275,10 +278,16 @@ size_t fedtiny_grad_mask_scratch_bytes(const fedtiny_grad_mask_params *p);
  * code from gcc -O3 on the host). The code generator picks them (fedtiny.device_memory.step_kernel) unless the
  * budget asks for the reference kernels' smaller scratch. */
 
-/* fedtiny_conv2d_weight_update for any conv; scratch: (channels + 1) x positions (rounded up to even) int16. */
+/* fedtiny_conv2d_weight_update for any conv; scratch: (channels + 2) x positions (rounded up to even) int16. */
 fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_params *p, const int16_t *g_y,
                                                  int32_t e_y, const int8_t *x, int8_t *rows, uint64_t *rng_counter,
                                                  void *scratch);
 size_t fedtiny_conv2d_weight_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p);
+
+/* fedtiny_conv2d_input_grad of a depthwise conv (groups == in_c == out_c) in one pass; scratch: the reference's
+ * int64 per input element, then kernel_h x kernel_w x in_c int32. */
+fedtiny_status fedtiny_conv2d_input_grad_depthwise(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
+                                                   int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch);
+size_t fedtiny_conv2d_input_grad_depthwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p);
 
 #endif /* FEDTINY_KERNELS_H */

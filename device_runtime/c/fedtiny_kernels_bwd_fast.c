@@ -1,9 +1,11 @@
 /* Fast backward kernels (see fedtiny_kernels.h, "fast backward kernels"): the same results as the reference
  * fedtiny_conv2d_weight_update / fedtiny_conv2d_input_grad bit for bit, by construction:
- * - every sum is exact in any order; int32 partial sums only over blocks whose bound holds for any shape
- *   (FAST_WEIGHT_BLOCK positions, FAST_INPUT_BLOCK output channels), added into int64 totals;
- * - an update draws the random number of its weight's index (the reference's counter + 1 + index in C order), so
- *   the order in which weights are finished does not matter.
+ * - every sum is exact in any order; int32 partial sums only over blocks of positions whose bound the compiler
+ *   proved (params->block: block x 2^15 x max |x - zx| < 2^31, an even number so that a block of int16 pairs
+ *   never splits a pair), added into int64 totals;
+ * - an update takes the rounding bits of its weight's index in C order (fedtiny_update_bits: the low or high half
+ *   of draw index / 2 + 1 after the call's counter), so the order in which weights are finished does not matter;
+ *   two weights adjacent in a row are finished together and share their draw.
  * The operands are laid out as contiguous int16 vectors in the scratch first (a transposition that costs one pass
  * over the data, not one per MAC), so the inner loops are dot products of int16 pairs: SMLAD on the Cortex-M4
  * (ACLE, __ARM_FEATURE_DSP), and loops gcc -O3 vectorizes (pmaddwd) on the host. */
@@ -20,39 +22,8 @@
 #define FAST_DSP 0
 #endif
 
-/* Positions summed in int32 before a weight sum is added to its int64 total: |g| <= 2^15 and |x - zx| <= 255,
- * so 256 * 2^15 * 255 < 2^31. Even, so that a block of int16 pairs never splits a pair. */
-#define FAST_WEIGHT_BLOCK 256
-/* Output channels summed in int32 in the input gradient: |half of g ws| <= 2^15 and |w| <= 128, 2^15 * 2^7 * 256
- * = 2^30 < 2^31. */
-#define FAST_INPUT_BLOCK 256
-
 static int32_t min_i32(int32_t a, int32_t b) { return a < b ? a : b; }
 static int32_t even(int32_t n) { return n + (n & 1); }
-
-/* sum a0[i] b[i] and sum a1[i] b[i] over n (even) int16 values, exact in int32 within the block bounds above;
- * b is loaded once for both. */
-static void dot16x2(const int16_t *a0, const int16_t *a1, const int16_t *b, int32_t n, int32_t *s0, int32_t *s1)
-{
-    int32_t acc0 = 0, acc1 = 0, i;
-#if FAST_DSP
-    for (i = 0; i < n; i += 2) {
-        uint32_t p0, p1, pb;
-        memcpy(&p0, a0 + i, sizeof p0);
-        memcpy(&p1, a1 + i, sizeof p1);
-        memcpy(&pb, b + i, sizeof pb);
-        acc0 = __smlad(p0, pb, acc0);
-        acc1 = __smlad(p1, pb, acc1);
-    }
-#else
-    for (i = 0; i < n; i++) {
-        acc0 += (int32_t)a0[i] * b[i];
-        acc1 += (int32_t)a1[i] * b[i];
-    }
-#endif
-    *s0 = acc0;
-    *s1 = acc1;
-}
 
 /* The valid output columns [lo, hi) of kernel column kx: 0 <= ox * stride - pad + kx < in (ceil / floor divisions
  * of non-negative numbers only). */
@@ -75,12 +46,12 @@ static int conv_groups_ok(const fedtiny_conv2d_params *c)
 
 /* ---- weight update ------------------------------------------------------------------------------------------ */
 
-/* g columns of the trainable rows (channels x P2 int16) and one input column (P2 int16), P2 = positions rounded up
- * to even. */
+/* g columns of the trainable rows (channels x P2 int16) and two input columns (2 x P2 int16), P2 = positions rounded
+ * up to even. */
 size_t fedtiny_conv2d_weight_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p)
 {
     const int32_t p2 = even(p->conv->out_h * p->conv->out_w);
-    return (size_t)(p->channels + 1) * (size_t)p2 * sizeof(int16_t);
+    return (size_t)(p->channels + 2) * (size_t)p2 * sizeof(int16_t);
 }
 
 /* Input column of tap (ky, kx) and input channel ch: col[oy * out_w + ox] = x[iy, ix, ch] - zx where the tap
@@ -107,45 +78,137 @@ static void input_column(const fedtiny_conv2d_params *c, const int8_t *x, int32_
     }
 }
 
-/* The in-place update of one weight from its finished sum: the reference's arithmetic and its draw, number
- * `index` + 1 after the call's counter. */
-static int8_t updated_weight(int8_t w, int64_t sum, int32_t m, int32_t k, uint64_t counter, int32_t index)
+/* The column of weight w of a row (w = tap * cin_g + ic) in group `group`. */
+static void weight_column(const fedtiny_conv2d_params *c, const int8_t *x, int32_t group, int32_t w, int16_t *col,
+                          int32_t p2)
 {
-    const int64_t v =
-        (int64_t)w - fedtiny_stochastic_delta(sum, m, k, fedtiny_splitmix64(counter + 1u + (uint64_t)index));
+    const int32_t cin_g = c->in_c / c->groups, tap = w / cin_g, ky = tap / c->kernel_w;
+    input_column(c, x, ky, tap - ky * c->kernel_w, group * cin_g + (w - tap * cin_g), col, p2);
+}
+
+/* A row's rounding constants (fedtiny_stochastic_delta): for k >= 32, delta = ((P >> s) + bits) >> 32 with
+ * s = min(k, 62) - 32 <= 30. */
+typedef struct {
+    int32_t m, k, s;
+} row_rounding;
+
+static row_rounding rounding_of(const fedtiny_conv2d_update_params *p, int32_t o, int32_t e_y)
+{
+    row_rounding r;
+    r.m = p->m[o];
+    r.k = 15 - p->shift[o] - e_y;
+    r.s = r.k > 32 ? (r.k < 62 ? r.k : 62) - 32 : 0;
+    return r;
+}
+
+/* A weight's update when k < 32 (the rounding uses fewer than 32 of the bits: large updates, e.g. the classifier's),
+ * through the reference's fedtiny_stochastic_delta. */
+static int32_t updated_weight_small_k(int8_t w, int64_t sum, const row_rounding *r, uint32_t bits)
+{
+    const int64_t v = (int64_t)w - fedtiny_stochastic_delta(sum, r->m, r->k, bits);
+    return (int32_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+}
+
+/* The in-place update of one weight from its finished sum and 32 rounding bits: fedtiny_stochastic_delta, then the
+ * clamp to [-127, 127]. The usual k >= 32 in 32-bit halves: delta = the high word of (P >> s) + bits, P >> s formed
+ * from the halves of P, and a high word beyond +-256 clamps the weight as +-256 does (the reference's int64 sum
+ * could wrap only for |P| near 2^63, out of reach: |S| < 2^48 for 2^25 positions). */
+static inline int8_t updated_weight(int8_t w, int64_t sum, const row_rounding *r, uint32_t bits)
+{
+    int32_t v;
+    if (r->k >= 32) {
+        const uint64_t product = (uint64_t)sum * (uint64_t)(int64_t)r->m;
+        const uint32_t lo = (uint32_t)product, hi = (uint32_t)(product >> 32);
+        const uint32_t q_lo = (lo >> r->s) | ((hi << 1) << (31 - r->s));
+        int32_t q_hi = (int32_t)hi >> r->s;
+        q_hi = q_hi > 256 ? 256 : (q_hi < -256 ? -256 : q_hi);
+        v = (int32_t)w - q_hi - (int32_t)(q_lo + bits < bits);
+    } else {
+        v = updated_weight_small_k(w, sum, r, bits);
+    }
     return (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
 }
 
-/* Sums of rows o0 and o1 (o1 may be o0) against one input column, in blocks of FAST_WEIGHT_BLOCK positions. */
-static void weight_sums(const int16_t *g0, const int16_t *g1, const int16_t *col, int32_t p2, int64_t *s0, int64_t *s1)
+/* sum a0[i] b0[i], a0[i] b1[i], a1[i] b0[i], a1[i] b1[i] over n (even) int16 values into s[0..3], exact in int32
+ * within a block of positions; each operand is loaded once for two products. */
+static void dot16x4(const int16_t *a0, const int16_t *a1, const int16_t *b0, const int16_t *b1, int32_t n,
+                    int32_t *s)
 {
-    int64_t t0 = 0, t1 = 0;
-    int32_t b;
-    for (b = 0; b < p2; b += FAST_WEIGHT_BLOCK) {
-        int32_t a0, a1;
-        dot16x2(g0 + b, g1 + b, col + b, min_i32(FAST_WEIGHT_BLOCK, p2 - b), &a0, &a1);
-        t0 += a0;
-        t1 += a1;
+    int32_t acc00 = 0, acc01 = 0, acc10 = 0, acc11 = 0, i;
+#if FAST_DSP
+    for (i = 0; i < n; i += 2) {
+        uint32_t p0, p1, q0, q1;
+        memcpy(&p0, a0 + i, sizeof p0);
+        memcpy(&p1, a1 + i, sizeof p1);
+        memcpy(&q0, b0 + i, sizeof q0);
+        memcpy(&q1, b1 + i, sizeof q1);
+        acc00 = __smlad(p0, q0, acc00);
+        acc01 = __smlad(p0, q1, acc01);
+        acc10 = __smlad(p1, q0, acc10);
+        acc11 = __smlad(p1, q1, acc11);
     }
-    *s0 = t0;
-    *s1 = t1;
+#else
+    for (i = 0; i < n; i++) {
+        acc00 += (int32_t)a0[i] * b0[i];
+        acc01 += (int32_t)a0[i] * b1[i];
+        acc10 += (int32_t)a1[i] * b0[i];
+        acc11 += (int32_t)a1[i] * b1[i];
+    }
+#endif
+    s[0] = acc00;
+    s[1] = acc01;
+    s[2] = acc10;
+    s[3] = acc11;
 }
 
-/* Any conv (groups, strides, padding). Per group: the g columns of its trainable rows, then per tap (ky, kx, ic)
- * its input column once, dotted with every row's g column (two rows at a time). */
+/* The four sums of rows g0, g1 against columns c0, c1 (t[0] = g0 c0, t[1] = g0 c1, t[2] = g1 c0, t[3] = g1 c1), in
+ * int32 blocks of `block` positions added into int64. */
+static void weight_sums(const int16_t *g0, const int16_t *g1, const int16_t *c0, const int16_t *c1, int32_t p2,
+                        int32_t block, int64_t *t)
+{
+    int32_t b, j;
+    t[0] = t[1] = t[2] = t[3] = 0;
+    for (b = 0; b < p2; b += block) {
+        int32_t s[4];
+        dot16x4(g0 + b, g1 + b, c0 + b, c1 + b, min_i32(block, p2 - b), s);
+        for (j = 0; j < 4; j++) {
+            t[j] += s[j];
+        }
+    }
+}
+
+/* Update weights `index` and (if `pair`) index + 1 of the layer (C order) in place, from their sums: one draw when
+ * index is even (its two halves), two when it is odd (the high half of one, the low half of the next). */
+static void update_pair(int8_t *rows, int32_t index, int pair, int64_t s0, int64_t s1, const row_rounding *r,
+                        uint64_t counter)
+{
+    const uint64_t draw = fedtiny_splitmix64(counter + 1u + (uint64_t)(index >> 1));
+    uint32_t b0 = (uint32_t)draw, b1 = (uint32_t)(draw >> 32);
+    if (index & 1) {
+        b0 = b1;
+        b1 = pair ? (uint32_t)fedtiny_splitmix64(counter + 2u + (uint64_t)(index >> 1)) : 0u;
+    }
+    rows[index] = updated_weight(rows[index], s0, r, b0);
+    if (pair) {
+        rows[index + 1] = updated_weight(rows[index + 1], s1, r, b1);
+    }
+}
+
+/* Any conv (groups, strides, padding). Per group, per two weights w, w + 1 of a row (adjacent in C order, so they
+ * share a draw): their two input columns once, dotted with every row's g column, two rows at a time. */
 fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_params *p, const int16_t *g_y,
                                                  int32_t e_y, const int8_t *x, int8_t *rows, uint64_t *rng_counter,
                                                  void *scratch)
 {
     const fedtiny_conv2d_params *c = p->conv;
     const int32_t cin_g = c->in_c / c->groups, cout_g = c->out_c / c->groups;
-    const int32_t taps = c->kernel_h * c->kernel_w, row_len = taps * cin_g;
+    const int32_t row_len = c->kernel_h * c->kernel_w * cin_g;
     const int32_t positions = c->out_h * c->out_w, p2 = even(positions), out_c = c->out_c;
     const uint64_t counter = *rng_counter;
     int16_t *gcols = (int16_t *)scratch;
-    int16_t *col = gcols + (size_t)p->channels * (size_t)p2;
-    int32_t o, i, group, tap, ic;
-    if (!conv_groups_ok(c) || p->channels > c->out_c || scratch == NULL) {
+    int16_t *col0 = gcols + (size_t)p->channels * (size_t)p2, *col1 = col0 + p2;
+    int32_t o, i, group, w;
+    if (!conv_groups_ok(c) || p->channels > c->out_c || scratch == NULL || p->block < 2 || (p->block & 1)) {
         return FEDTINY_ERR_PARAMS;
     }
     for (o = 0; o < p->channels; o++) { /* g transposed: row o's gradient at every position, contiguous */
@@ -160,27 +223,123 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
     }
     for (group = 0; group * cout_g < p->channels; group++) {
         const int32_t o_lo = group * cout_g, o_hi = min_i32(p->channels, o_lo + cout_g);
+        for (w = 0; w < row_len; w += 2) {
+            const int pair = w + 1 < row_len;
+            weight_column(c, x, group, w, col0, p2);
+            if (pair) {
+                weight_column(c, x, group, w + 1, col1, p2);
+            }
+            for (o = o_lo; o < o_hi; o += 2) {
+                const int32_t o1 = min_i32(o + 1, o_hi - 1);
+                const row_rounding r0 = rounding_of(p, o, e_y);
+                int64_t t[4];
+                weight_sums(gcols + (size_t)o * (size_t)p2, gcols + (size_t)o1 * (size_t)p2, col0,
+                            pair ? col1 : col0, p2, p->block, t);
+                update_pair(rows, o * row_len + w, pair, t[0], t[1], &r0, counter);
+                if (o1 != o) {
+                    const row_rounding r1 = rounding_of(p, o1, e_y);
+                    update_pair(rows, o1 * row_len + w, pair, t[2], t[3], &r1, counter);
+                }
+            }
+        }
+    }
+    *rng_counter = counter + fedtiny_update_draws((uint32_t)(p->channels * row_len));
+    return FEDTINY_OK;
+}
+
+/* ---- depthwise input gradient -------------------------------------------------------------------------------- */
+
+/* The int64 sum of every input element (|sum| < 2^37 x taps), then a table of ws[c] W[c, tap] (int32: |ws| < 2^15,
+ * |W| <= 128). */
+size_t fedtiny_conv2d_input_grad_depthwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    return (size_t)c->in_h * (size_t)c->in_w * (size_t)c->in_c * sizeof(int64_t) +
+           (size_t)c->kernel_h * (size_t)c->kernel_w * (size_t)c->in_c * sizeof(int32_t);
+}
+
+/* Narrow a tensor of exact sums, each |acc| < 2^62, to int16 with one shift (fedtiny_kernels.c's narrow_tensor);
+ * returns the shift. fedtiny_narrow_one's rounding (half away from zero) as one add: (acc + 2^(shift - 1) -
+ * [acc < 0]) >> shift, which cannot overflow below 2^62. */
+static int32_t narrow_sums(const int64_t *acc, int32_t n, int16_t *g)
+{
+    uint64_t peak = 0;
+    int32_t i, shift;
+    int64_t half;
+    for (i = 0; i < n; i++) {
+        const uint64_t a = fedtiny_abs64(acc[i]);
+        peak = a > peak ? a : peak;
+    }
+    shift = fedtiny_narrow_shift(peak);
+    half = shift ? (int64_t)1 << (shift - 1) : 0;
+    for (i = 0; i < n; i++) {
+        const int64_t v = shift ? (acc[i] + half - (acc[i] < 0)) >> shift : acc[i];
+        g[i] = (int16_t)(v > FEDTINY_GRAD_MAX ? FEDTINY_GRAD_MAX : (v < -FEDTINY_GRAD_MAX ? -FEDTINY_GRAD_MAX : v));
+    }
+    return shift;
+}
+
+/* The outputs whose window covers input row (or column) i at tap k: o stride = i + pad - k, 0 <= o < out. -1 if
+ * none. */
+static int32_t covering_output(int32_t i, int32_t pad, int32_t k, int32_t stride, int32_t out)
+{
+    const int32_t t = i + pad - k;
+    int32_t o;
+    if (t < 0) {
+        return -1;
+    }
+    o = t / stride;
+    return o * stride == t && o < out ? o : -1;
+}
+
+/* Depthwise (groups == in_c == out_c), one pass: each input element's sum gathered from the outputs whose window
+ * covers it, acc[iy, ix, c] = sum over taps of g_y[oy, ox, c] (ws[c] W[c, ky, kx]) (a 64-bit multiply-accumulate
+ * of int32 operands per term, channels innermost so the window arithmetic is paid once per pixel and tap), then
+ * narrowed: the reference's exact sums, so its result bit for bit. */
+fedtiny_status fedtiny_conv2d_input_grad_depthwise(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
+                                                   int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t ch = c->in_c, taps = c->kernel_h * c->kernel_w, n = c->in_h * c->in_w * ch;
+    int64_t *acc = (int64_t *)scratch;
+    int32_t *wsw = (int32_t *)(acc + n);
+    int32_t o, tap, iy, ix, ky, kx, i;
+    if (c->groups != ch || c->out_c != ch || scratch == NULL || p->recompute) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    for (o = 0; o < ch; o++) {
+        const int8_t *w = (o < c->sram_rows ? c->weight_sram : c->weight) + o * taps;
         for (tap = 0; tap < taps; tap++) {
-            const int32_t ky = tap / c->kernel_w, kx = tap - ky * c->kernel_w;
-            for (ic = 0; ic < cin_g; ic++) {
-                const int32_t w_index = tap * cin_g + ic; /* within a row */
-                input_column(c, x, ky, kx, group * cin_g + ic, col, p2);
-                for (o = o_lo; o < o_hi; o += 2) {
-                    const int32_t o1 = min_i32(o + 1, o_hi - 1);
-                    int64_t s0, s1;
-                    weight_sums(gcols + (size_t)o * (size_t)p2, gcols + (size_t)o1 * (size_t)p2, col, p2, &s0, &s1);
-                    rows[o * row_len + w_index] = updated_weight(rows[o * row_len + w_index], s0, p->m[o],
-                                                                 15 - p->shift[o] - e_y, counter,
-                                                                 o * row_len + w_index);
-                    if (o1 != o) {
-                        rows[o1 * row_len + w_index] = updated_weight(rows[o1 * row_len + w_index], s1, p->m[o1],
-                                                                      15 - p->shift[o1] - e_y, counter,
-                                                                      o1 * row_len + w_index);
+            wsw[tap * ch + o] = p->ws[o] * w[tap];
+        }
+    }
+    for (iy = 0; iy < c->in_h; iy++) {
+        for (ix = 0; ix < c->in_w; ix++) {
+            int64_t *ap = acc + (iy * c->in_w + ix) * ch;
+            for (i = 0; i < ch; i++) {
+                ap[i] = 0;
+            }
+            for (ky = 0; ky < c->kernel_h; ky++) {
+                const int32_t oy = covering_output(iy, c->pad_top, ky, c->stride_h, c->out_h);
+                if (oy < 0) {
+                    continue;
+                }
+                for (kx = 0; kx < c->kernel_w; kx++) {
+                    const int32_t ox = covering_output(ix, c->pad_left, kx, c->stride_w, c->out_w);
+                    const int16_t *gp;
+                    const int32_t *wp;
+                    if (ox < 0) {
+                        continue;
+                    }
+                    gp = g_y + (oy * c->out_w + ox) * ch;
+                    wp = wsw + (ky * c->kernel_w + kx) * ch;
+                    for (i = 0; i < ch; i++) {
+                        ap[i] += (int64_t)gp[i] * wp[i];
                     }
                 }
             }
         }
     }
-    *rng_counter = counter + (uint64_t)p->channels * (uint64_t)row_len;
+    *e_x = e_y - p->k + narrow_sums(acc, n, g_x);
     return FEDTINY_OK;
 }
