@@ -10,9 +10,10 @@ then a search:
   2. fixed     the fixed schemes that fit (classifier, bias, last:2, full) each get a run at every learning rate
                of `lrs`: a scheme's score is its best lr's, as a run later picks the lr for the scheme it trains.
                If `full` fits and `choose` takes it among these, the search ends here: no scheme has more
-               trainable bytes, so a sparse one could only be chosen by measurably beating every fixed one, and a
-               budget that holds the whole update has no memory to trade for accuracy (this keeps the search of
-               a default run, whose budget holds every zoo model's full update, to len(FIXED) x len(lrs) runs);
+               trainable bytes, so a sparse one could only be chosen by scoring above the best fixed one and more
+               than a standard error above full, and a budget that holds the whole update has no memory to trade
+               for accuracy (this keeps the search of a default run, whose budget holds every zoo model's full
+               update, to len(FIXED) x len(lrs) runs);
   3. bias      else, d_bias(k) = acc(classifier + biases of the last k layers) - acc(classifier), for k in bias_ks(n);
   4. weights   d_W(i, r) = acc(all biases + layer i's weights at channel ratio r) - acc(all biases): first r = 1
                for every layer, then the smaller ratios for the WEIGHT_LAYERS layers that gained most (steps 3-4
@@ -395,8 +396,7 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
     chosen = choose(verified, best_lr, scorer.count)
     if chosen.text != "full":
         # 2. The whole update does not fit, or it measurably learns less than a smaller fixed scheme: search the
-        # sparse schemes (where the whole update fits and ties the best fixed scheme, it is chosen without: no
-        # scheme has more trainable bytes, so a sparse one could only be chosen by beating every fixed one).
+        # sparse schemes (where it fits and ties the best fixed scheme it is chosen without them: see the module).
         ks = bias_ks(n)
         bias_text = {k: scheme_text(Scheme(k, {last: Fraction(1)}), n) for k in ks}
         say(f"scheme search: measuring {len(ks)} bias depths and {last} layers' weights with short runs at lr "
