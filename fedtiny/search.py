@@ -296,7 +296,8 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
     Raises SearchError when not even the classifier alone fits, naming what it needs. `cache_dir` (default
     $FEDTINY_CACHE/schemes; a tmp path in tests) keeps the measured runs; `note` hears each phase."""
     if loss != "cross_entropy":
-        raise SearchError("--scheme auto measures accuracy, so it needs a classification (cross_entropy) plan")
+        raise SearchError("--scheme auto measures accuracy, so it needs a classification (cross_entropy) plan: "
+                          "name a scheme (--scheme classifier, bias, last:K, full, sparse:...) for another loss")
     if not lrs:
         raise SearchError("--scheme auto needs at least one learning rate to measure with")
     started = time.perf_counter()
