@@ -12,8 +12,8 @@ then a search:
                If `full` fits and `choose` takes it among these, the search ends here: no scheme has more
                trainable bytes, so a sparse one could only be chosen by scoring above the best fixed one and more
                than a standard error above full, and a budget that holds the whole update has no memory to trade
-               for accuracy (this keeps the search of a default run, whose budget holds every zoo model's full
-               update, to len(FIXED) x len(lrs) runs);
+               for accuracy (this keeps a search at the default 256 KB budget, which holds every zoo model's
+               full update, to len(FIXED) x len(lrs) runs);
   3. bias      else, d_bias(k) = acc(classifier + biases of the last k layers) - acc(classifier), for k in bias_ks(n);
   4. weights   d_W(i, r) = acc(all biases + layer i's weights at channel ratio r) - acc(all biases): first r = 1
                for every layer, then the smaller ratios for the WEIGHT_LAYERS layers that gained most (steps 3-4
