@@ -26,12 +26,12 @@ then a search:
   7. choose    of the verified schemes (the fixed ones among them) whose accuracy is within one standard error of
                the best (tie_band), the one with the most trainable bytes (choose: why capacity).
 
-The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, and
-always measured, so auto is never measurably below the best fixed scheme that fits on the held-out data. Every
-model and dataset gets the same rule. Runs go two at a time (`workers`: the C trainer releases the GIL), and
-everything is deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when
-a compiler is present, else the Python reference; both give the same numbers bit for bit) and may pass
-`forward` (a faster forward pass).
+The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, and always
+measured, so auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and
+dataset gets the same rule. Runs go two at a time (`workers`: the C trainer releases the GIL), and everything is
+deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when a
+compiler is present, else the Python reference; both give the same numbers bit for bit) and may pass `forward` (a
+faster forward pass).
 """
 
 from __future__ import annotations
