@@ -7,25 +7,31 @@ then a search:
                (batch 1, the given lr, `epochs` passes, at most RUN_STEPS steps) on held-out data given in two
                parts: train on one, score on the other, then the other way round. A run's score is the accuracy
                over both scored parts, ties broken by the lower mean cross-entropy;
-  2. bias      d_bias(k) = acc(classifier + biases of the last k layers) - acc(classifier), for k in bias_ks(n);
-  3. weights   d_W(i, r) = acc(all biases + layer i's weights at channel ratio r) - acc(all biases): first r = 1
-               for every layer, then the smaller ratios for the WEIGHT_LAYERS layers that gained most;
-  4. search    for each measured k, greedily add the weight upgrade (layer i to ratio r) with the largest
+  2. fixed     the fixed schemes that fit (classifier, bias, last:2, full) each get a run at every learning rate
+               of `lrs`: a scheme's score is its best lr's, as a run later picks the lr for the scheme it trains.
+               If `full` fits and `choose` takes it among these, the search ends here: no scheme has more
+               trainable bytes, so a sparse one could only be chosen by scoring above the best fixed one and more
+               than a standard error above full, and a budget that holds the whole update has no memory to trade
+               for accuracy (this keeps a search at the default 256 KB budget, which holds every zoo model's
+               full update, to len(FIXED) x len(lrs) runs);
+  3. bias      else, d_bias(k) = acc(classifier + biases of the last k layers) - acc(classifier), for k in bias_ks(n);
+  4. weights   d_W(i, r) = acc(all biases + layer i's weights at channel ratio r) - acc(all biases): first r = 1
+               for every layer, then the smaller ratios for the WEIGHT_LAYERS layers that gained most (steps 3-4
+               run at the middle lr of `lrs`);
+  5. search    for each measured k, greedily add the weight upgrade (layer i to ratio r) with the largest
                estimated gain per byte of device memory that still fits (memory by compiling the candidate:
                compile_plan's BudgetError means it does not fit), the estimate being acc(classifier) +
                d_bias(k) + sum d_W(i, r); every state on the way is a candidate;
-  5. verify    the VERIFY best estimated candidates that fit, and the fixed schemes (classifier, bias, last:2,
-               full) that fit, each get a real run at every learning rate of `lrs` (steps 1-4 run at the middle
-               one): a scheme's score is its best lr's, as a run later picks the lr for the scheme it trains;
-  6. choose    of the verified schemes whose accuracy is within one standard error of the best (tie_band), the
-               one with the most trainable bytes (choose: why capacity).
+  6. verify    the VERIFY best estimated candidates get a run at every lr too;
+  7. choose    of the verified schemes (the fixed ones among them) whose accuracy is within one standard error of
+               the best (tie_band), the one with the most trainable bytes (choose: why capacity).
 
-The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, so
-auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and dataset
-gets the same rule. Runs go two at a time (`workers`: the C trainer releases the GIL), and everything is
-deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when
-a compiler is present, else the Python reference; both give the same numbers bit for bit) and may pass
-`forward` (a faster forward pass).
+The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, and always
+measured, so auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and
+dataset gets the same rule. Runs go two at a time (`workers`: the C trainer releases the GIL), and everything is
+deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when a
+compiler is present, else the Python reference; both give the same numbers bit for bit) and may pass `forward` (a
+faster forward pass).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ VERIFY = 3  # estimated candidates verified with a real run
 FIXED = ("classifier", "bias", "last:2", "full")
 UNLIMITED = 1 << 30  # the budget measuring runs compile with (they only measure learning, not fit)
 RULE = f"steps{RUN_STEPS}/wl{WEIGHT_LAYERS}/verify{VERIFY}/heldout-2way/v3"  # what a run measures
-CHOICE = "1se-capacity"  # how the verified runs choose (a finished search's cache entry is keyed by it too)
+CHOICE = "fixed-first/1se-capacity"  # how the search goes and chooses (a finished search's cache key has it)
 
 
 class SearchError(ValueError):
@@ -121,7 +127,7 @@ class Candidate:
     text: str
     memory: int  # device_ram of its plan
     trainable: int  # bytes of trainable SRAM copies (what a DELTA may carry)
-    estimate: float  # acc(classifier) + d_bias(k) + sum d_W(i, r)
+    estimate: float | None = None  # acc(classifier) + d_bias(k) + sum d_W(i, r), where the sparse search ran
     measured: Run | None = None  # its best verified run
     lr: float | None = None  # the learning rate of that run
 
@@ -155,7 +161,8 @@ class SearchResult:
             if not c.measured:
                 continue
             mark = " <- chosen" if c.text == self.scheme else (" pareto" if id(c) in front else "")
-            rows.append(f"{c.text:<28} {c.memory:>11,} {c.trainable:>10,} {100 * c.estimate:>8.1f}% "
+            estimate = "-" if c.estimate is None else f"{100 * c.estimate:.1f}%"
+            rows.append(f"{c.text:<28} {c.memory:>11,} {c.trainable:>10,} {estimate:>9} "
                         f"{100 * c.measured.accuracy:>8.1f}% {c.measured.loss:>7.3f} {c.lr:>7g}{mark}")
         rows.append(f"(untrained int8 model on the held-out data: {100 * self.start.accuracy:.1f} %; "
                     f"{len(self.candidates)} candidates "
@@ -289,7 +296,8 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
     Raises SearchError when not even the classifier alone fits, naming what it needs. `cache_dir` (default
     $FEDTINY_CACHE/schemes; a tmp path in tests) keeps the measured runs; `note` hears each phase."""
     if loss != "cross_entropy":
-        raise SearchError("--scheme auto measures accuracy, so it needs a classification (cross_entropy) plan")
+        raise SearchError("--scheme auto measures accuracy, so it needs a classification (cross_entropy) plan: "
+                          "name a scheme (--scheme classifier, bias, last:K, full, sparse:...) for another loss")
     if not lrs:
         raise SearchError("--scheme auto needs at least one learning rate to measure with")
     started = time.perf_counter()
@@ -306,18 +314,25 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
     def run_key(text: str, lr: float) -> str:
         return f"{text}@{lr!r}"
 
-    def one_run(job: tuple[str, float]) -> Run:
-        text, lr = job
-        return scorer.train(_measure_plan(graph, text, lr=lr, qas=qas, loss=loss))
+    def run_plan(text: str, lr: float) -> Plan:
+        """The plan a run trains: compiled for the budget where the scheme fits, so that its C library is the one
+        the run's lr rule and its devices build again (gcc's cache is keyed by the sources); else unbounded (a
+        contribution run only measures learning). Both give the same numbers: kernel choice is bit-exact."""
+        if fit(text) is None:
+            return _measure_plan(graph, text, lr=lr, qas=qas, loss=loss)
+        if lr == middle:
+            return fits[text]
+        return compile_plan(graph, parse(text, graph), lr=lr, qas=qas, budget=budget, reserve=reserve, loss=loss)
 
     def measure(texts: list[str], at: tuple[float, ...] = (middle,)) -> None:
         nonlocal new_runs
         todo = [(t, lr) for t in dict.fromkeys(texts) for lr in at if run_key(t, lr) not in cache.runs]
         if not todo:
             return
-        # compile in Python, build with gcc, train and score in C: two jobs at a time keep both cores busy
+        plans = [run_plan(text, lr) for text, lr in todo]  # compiled here: Python holds the GIL anyway
+        # build with gcc, train and score in C: two jobs at a time keep both cores busy
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for (text, lr), result in zip(todo, pool.map(one_run, todo)):
+            for (text, lr), result in zip(todo, pool.map(scorer.train, plans)):
                 cache.runs[run_key(text, lr)] = result
         new_runs += len(todo)
         cache.save()
@@ -361,19 +376,6 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
     if done is not None:
         return result(done["scheme"], [Candidate(text, memory, trainable, estimate)
                                        for text, memory, trainable, estimate in done["candidates"]])
-    ks = bias_ks(n)
-    bias_text = {k: scheme_text(Scheme(k, {last: Fraction(1)}), n) for k in ks}
-    say(f"scheme search: measuring {len(ks)} bias depths and {last} layers' weights with short runs at lr {middle:g}")
-    weight_text = {(i, r): scheme_text(Scheme(n, {last: Fraction(1), i: r}), n) for i in range(last) for r in RATIOS}
-    measure(list(bias_text.values()) + [weight_text[i, Fraction(1)] for i in range(last)])
-    base, all_bias = accuracy("classifier"), accuracy(bias_text[n])
-    d_bias = {k: accuracy(bias_text[k]) - base for k in ks}
-    gain_full = {i: accuracy(weight_text[i, Fraction(1)]) - all_bias for i in range(last)}
-    top = sorted((i for i in range(last) if gain_full[i] > 0), key=lambda i: (-gain_full[i], -i))[:WEIGHT_LAYERS]
-    measure([weight_text[i, r] for i in top for r in RATIOS if r != 1])
-    d_w = {(i, r): accuracy(weight_text[i, r]) - all_bias for (i, r) in weight_text
-           if run_key(weight_text[i, r], middle) in cache.runs}
-
     candidates: dict[str, Candidate] = {}
 
     def add(scheme: Scheme) -> Candidate | None:
@@ -382,44 +384,71 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
             plan = fit(text)
             if plan is None:
                 return None
-            estimate = base + d_bias[scheme.bias_layers] + sum(d_w.get((i, r), 0.0) for i, r in
-                                                                scheme.weight_ratios.items() if i != last)
             trainable = sum(plan.buffers[b].nbytes for b in plan.trainable_buffers())
-            candidates[text] = Candidate(text, device_ram(plan), trainable, estimate)
+            candidates[text] = Candidate(text, device_ram(plan), trainable)
         return candidates[text]
 
-    say("scheme search: greedy search under the budget")
-    for k in ks:
-        ratios = {last: Fraction(1)}
-        current = add(Scheme(k, dict(ratios)))
-        while current is not None:
-            best = None
-            for (i, r), gain in d_w.items():
-                if i < n - k or r <= ratios.get(i, 0):
-                    continue
-                step_gain = gain - d_w.get((i, ratios[i]), 0.0) if i in ratios else gain
-                if step_gain <= 0:
-                    continue
-                candidate = add(Scheme(k, {**ratios, i: r}))
-                if candidate is None:
-                    continue
-                value = step_gain / max(candidate.memory - current.memory, 1)
-                if best is None or value > best[0]:
-                    best = (value, i, r, candidate)
-            if best is None:
-                break
-            _, i, r, current = best
-            ratios[i] = r
-
-    for text in FIXED:
-        if fit(text) is not None:
-            add(parse(text, graph))
-    estimated = sorted(candidates.values(), key=lambda c: (-c.estimate, c.memory, c.text))
-    verify = list(dict.fromkeys([c.text for c in estimated[:VERIFY]] + [t for t in FIXED if t in candidates]))
-    say(f"scheme search: {len(candidates)} candidates fit; verifying {len(verify)} with real runs at lr "
+    # 1. The fixed schemes that fit, at every lr: the points of the space the bar compares auto with.
+    fixed = [text for text in FIXED if fit(text) is not None]
+    say(f"scheme search: {', '.join(fixed)} fit the budget; measuring each with short runs at lr "
         + ", ".join(f"{lr:g}" for lr in lrs))
-    measure(verify, lrs)
-    chosen = choose([c for c in candidates.values() if c.text in verify], best_lr, scorer.count)
+    measure(fixed, lrs)
+    verified = [add(parse(text, graph)) for text in fixed]
+    chosen = choose(verified, best_lr, scorer.count)
+    if chosen.text != "full":
+        # 2. The whole update does not fit, or it measurably learns less than a smaller fixed scheme: search the
+        # sparse schemes (where it fits and ties the best fixed scheme it is chosen without them: see the module).
+        ks = bias_ks(n)
+        bias_text = {k: scheme_text(Scheme(k, {last: Fraction(1)}), n) for k in ks}
+        say(f"scheme search: measuring {len(ks)} bias depths and {last} layers' weights with short runs at lr "
+            f"{middle:g}")
+        weight_text = {(i, r): scheme_text(Scheme(n, {last: Fraction(1), i: r}), n)
+                       for i in range(last) for r in RATIOS}
+        measure(list(bias_text.values()) + [weight_text[i, Fraction(1)] for i in range(last)])
+        base, all_bias = accuracy("classifier"), accuracy(bias_text[n])
+        d_bias = {k: accuracy(bias_text[k]) - base for k in ks}
+        gain_full = {i: accuracy(weight_text[i, Fraction(1)]) - all_bias for i in range(last)}
+        top = sorted((i for i in range(last) if gain_full[i] > 0), key=lambda i: (-gain_full[i], -i))[:WEIGHT_LAYERS]
+        measure([weight_text[i, r] for i in top for r in RATIOS if r != 1])
+        d_w = {(i, r): accuracy(weight_text[i, r]) - all_bias for (i, r) in weight_text
+               if run_key(weight_text[i, r], middle) in cache.runs}
+
+        def estimate(scheme: Scheme) -> float:
+            return base + d_bias[scheme.bias_layers] + sum(d_w.get((i, r), 0.0) for i, r in
+                                                           scheme.weight_ratios.items() if i != last)
+
+        say("scheme search: greedy search under the budget")
+        for k in ks:
+            ratios = {last: Fraction(1)}
+            current = add(Scheme(k, dict(ratios)))
+            while current is not None:
+                best = None
+                for (i, r), gain in d_w.items():
+                    if i < n - k or r <= ratios.get(i, 0):
+                        continue
+                    step_gain = gain - d_w.get((i, ratios[i]), 0.0) if i in ratios else gain
+                    if step_gain <= 0:
+                        continue
+                    candidate = add(Scheme(k, {**ratios, i: r}))
+                    if candidate is None:
+                        continue
+                    value = step_gain / max(candidate.memory - current.memory, 1)
+                    if best is None or value > best[0]:
+                        best = (value, i, r, candidate)
+                if best is None:
+                    break
+                _, i, r, current = best
+                ratios[i] = r
+        for c in candidates.values():
+            parsed = parse(c.text, graph)
+            c.estimate = estimate(parsed) if parsed.bias_layers in d_bias else None
+        estimated = sorted((c for c in candidates.values() if c.estimate is not None),
+                           key=lambda c: (-c.estimate, c.memory, c.text))
+        verify = list(dict.fromkeys([c.text for c in estimated[:VERIFY]] + fixed))
+        say(f"scheme search: {len(candidates)} candidates fit; verifying {len(verify) - len(fixed)} more with real "
+            "runs at lr " + ", ".join(f"{lr:g}" for lr in lrs))
+        measure(verify, lrs)
+        chosen = choose([candidates[text] for text in verify], best_lr, scorer.count)
     ordered = sorted(candidates.values(), key=lambda c: (c.memory, c.text))
     cache.searches[f"{budget}/{reserve}/{CHOICE}"] = dict(scheme=chosen.text, candidates=[
         [c.text, c.memory, c.trainable, c.estimate] for c in ordered])

@@ -11,6 +11,7 @@ import torch
 
 from fedtiny import search as search_module
 from fedtiny.compiler import BudgetError, compile_plan
+from fedtiny.device_memory import plan_footprint
 from fedtiny.interpreter import quantize_input
 from fedtiny.modelfile import save_model
 from fedtiny.quantize import quantize
@@ -97,7 +98,11 @@ def test_auto_fits_each_budget_and_is_within_a_standard_error_of_every_fixed_sch
         result = run_search(graph, data, budget, searched[1])  # budgets share the measured runs
         chosen_texts.add(result.scheme)
         assert device_ram(result.plan) <= budget
+        footprint = plan_footprint(result.plan)  # device_memory's own figures, not the search's
+        assert footprint["arena_bytes"] + footprint["scratch_bytes"] + footprint["runtime_static_bytes"] + \
+            footprint["stack_bytes"] <= budget
         compile_plan(graph, parse(result.scheme, graph), budget=budget, reserve=0)  # fits: no BudgetError
+        measured = {c.text for c in result.candidates if c.measured}
         # independent runs, not the search's cached numbers
         ours = scorer.train(compile_plan(graph, parse(result.scheme, graph), lr=0.05, budget=1 << 30, reserve=0))
         for text in FIXED:
@@ -105,6 +110,7 @@ def test_auto_fits_each_budget_and_is_within_a_standard_error_of_every_fixed_sch
                 plan = compile_plan(graph, parse(text, graph), lr=0.05, budget=budget, reserve=0)
             except BudgetError:
                 continue
+            assert text in measured  # every scheme the bar compares with is one of auto's measured candidates
             theirs = scorer.train(plan)
             band = tie_band(theirs.accuracy, scorer.count)
             assert ours.accuracy >= theirs.accuracy - band - 1e-12, (budget, result.scheme, text, ours, theirs)
@@ -126,6 +132,20 @@ def test_the_choice_is_the_most_capacity_among_the_measured_candidates_tied_with
     cands = [Candidate("small", 10, 1, 0.9), Candidate("big", 30, 100, 0.9), Candidate("mid", 20, 50, 0.9)]
     assert choose(cands, runs.get, 1000).text == "small"  # band at 0.9 over 1000 samples: 0.0095
     assert choose(cands, runs.get, 100).text == "mid"  # over 100 samples: 0.03
+
+
+def test_where_full_fits_and_is_chosen_among_the_fixed_schemes_the_sparse_search_is_skipped(small, searched):
+    """The full update has the most trainable bytes of any scheme: where it fits and ties the best fixed scheme,
+    the search stops after the fixed schemes' runs (a default run's budget); where it does not fit, the sparse
+    schemes are searched."""
+    graph, data = small
+    result = searched[0]  # from nothing, at the budget every fixed scheme fits
+    assert result.scheme == "full"
+    assert sorted(c.text for c in result.candidates) == sorted(FIXED)
+    assert result.runs == len(FIXED)  # one lr: each fixed scheme once, no bias-depth or weight run
+    middle = run_search(graph, data, budgets(graph)[1], searched[1])
+    assert any(c.text.startswith("sparse:") and c.measured for c in middle.candidates)
+    assert {"classifier", "bias"} <= {c.text for c in middle.candidates if c.measured}
 
 
 def test_search_is_deterministic_for_a_seed(small, searched, tmp_path):
