@@ -500,7 +500,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
         firmware_note = f", {config.qemu_nodes} of them as firmware under QEMU" if config.qemu_nodes else ""
         say(f"starting the broker and {config.nodes} nodes{firmware_note}; then {config.rounds} rounds")
         rounds, firmware = _run_mqtt(config, run, plan, devices, coordinate)
-    alone = {}
+    alone, alone_started = {}, time.perf_counter()
     if config.alone and plan.loss != "mse" and rounds:
         from .personal import fleet_summary, round_summaries, train_alone
 
@@ -523,7 +523,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
                    privacy=privacy.get("summary"), stopped=privacy.get("stopped"), secure_aggregation=config.secagg,
                    alone=dict(fleet_summary([curve[-1] if curve else None for curve in alone.values()]),
                               accuracy={d: curve[-1] if curve else None for d, curve in alone.items()})
-                   if alone else None)
+                   if alone else None, alone_seconds=time.perf_counter() - alone_started if alone else None)
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
