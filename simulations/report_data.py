@@ -166,12 +166,14 @@ def personal_rows(devices: dict[str, dict]) -> list[tuple[str, dict]]:
     """The personalisation table, each row (what, fleet_summary of it over the devices), all on each device's
     held-out part: the global model before round 1 and after the last round, the device's personalised model (the
     global model after its own local steps, as its last DELTA reported it), and the device trained alone from the
-    pretrained model for as many local steps as its rounds. Empty when no device holds a part out."""
+    pretrained model on its own samples, round after round as the run's rounds. Empty when no device holds a part
+    out."""
     from .personal import fleet_summary
 
     rows = [("global model before round 1", "heldout_before"), ("global model after the last round", "heldout_after"),
             ("personalised: the global model after the device's own local steps (last DELTA)", "personal_accuracy"),
-            ("the device alone: trained from the pretrained model, as many local steps", "alone_accuracy")]
+            ("the device alone: trained from the pretrained model on its own samples, as many rounds",
+             "alone_accuracy")]
     out = [(what, fleet_summary([d.get(key) for d in devices.values()])) for what, key in rows]
     return out if any(s["devices"] for _, s in out[2:]) else []
 

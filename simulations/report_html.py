@@ -182,8 +182,8 @@ def _personal(devices: dict[str, dict]) -> list[str]:
             "<p>Each device holds a fifth of its samples out (from 10 samples on) and never trains on them. Its "
             "personalised model is the global model after its own local steps of a round: it costs no memory "
             "beyond the round's, and the device reports its accuracy in its DELTA, so no sample leaves it. The "
-            "device alone: trained from the pretrained model, on its own samples only, for as many local steps "
-            "as its rounds gave it.</p>",
+            "device alone: trained from the pretrained model, on its own samples only, round after round as the "
+            "run's rounds.</p>",
             _table(["model, on each device's held-out part", "mean", "worst tenth of devices", "devices"],
                    [[what, percent(s["mean"]), percent(s["worst_tenth"]), s["devices"]] for what, s in rows])]
 
