@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+# What starting one worker process costs (a fresh interpreter importing numpy, the plan and the C runtime): two of
+# them took 5.7 s on the 2-core test machine at load 11, where a 6-node, 2-round run's nodes trained alone in 0.2 s.
+PROCESS_START_SECONDS = 3.0
 
 # The worst tenth: the mean over the tenth of devices that score lowest (at least one device), the devices a
 # fleet's operator hears about first.
@@ -83,18 +88,24 @@ def train_alone(run_dir: str | Path, config: dict) -> dict[str, list[float | Non
     each node's model trained alone: from the pretrained model (the plan's initial state), with the run's trainer,
     the node's samples, seed and split, each round a TrainJob like the run's (config["epochs"] or
     config["local_steps"]) from where its previous round ended. With the C trainer a round is one C call, the
-    device's own round code. Nodes are shared among config["workers"] processes, as the node agents are."""
+    device's own round code. The first node trains in this process and is timed; the others are shared among
+    config["workers"] processes, as the node agents are, only where training them here would take longer than
+    starting those processes (a small run's nodes train here: a test's run would otherwise wait seconds for them)."""
     run = Path(run_dir)
     devices = sorted(f.stem for f in (run / "nodes").glob("*.npz"))
-    workers = max(1, min(int(config.get("workers", 1)), len(devices)))
-    shares = [devices[i::workers] for i in range(workers)]
-    args = [(str(run), share, config) for share in shares if share]
-    if workers == 1:
-        results = [_alone(*a) for a in args]
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_alone, *zip(*args)))
-    return {device: curve for part in results for device, curve in part.items()}
+    if not devices:
+        return {}
+    started = time.perf_counter()
+    out = _alone(str(run), devices[:1], config)
+    rest, per_device = devices[1:], time.perf_counter() - started
+    workers = max(1, min(int(config.get("workers", 1)), len(rest)))
+    if workers == 1 or per_device * len(rest) < workers * PROCESS_START_SECONDS:
+        return out | _alone(str(run), rest, config)
+    args = [(str(run), rest[i::workers], config) for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for part in pool.map(_alone, *zip(*args)):
+            out.update(part)
+    return out
 
 
 def round_summaries(alone: dict[str, list[float | None]]) -> list[dict]:
