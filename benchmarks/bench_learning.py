@@ -55,7 +55,7 @@ def export(name: str, folder: Path) -> Path:
 
 def simulate(source: list[str], rounds: int, cache: str) -> tuple[float, dict, str]:
     out = tempfile.mkdtemp(prefix="learn_")
-    command = ["simulate", *source, "--nodes", "10", "--rounds", str(rounds), "--baseline"]
+    command = ["simulate", *source, "--nodes", "10", "--rounds", str(rounds), "--baseline", "--no-alone"]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", "from fedtiny.cli import main; main()", *command, "--out", out],
                           env=dict(os.environ, FEDTINY_CACHE=cache), capture_output=True, text=True)

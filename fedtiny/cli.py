@@ -390,9 +390,10 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--secagg", is_flag=True,
               help="Secure aggregation: nodes send their clipped deltas masked (SecAgg+ over MQTT); the coordinator "
                    "learns only the sum of each round's survivors. Needs --clip-norm (default 0.5).")
-@click.option("--alone", is_flag=True,
-              help="Also train each node alone from the pretrained model, as many local steps as its rounds, and "
-                   "report its accuracy beside the personalised one (as much training again as the run's own).")
+@click.option("--alone/--no-alone", default=True, show_default=True,
+              help="Also train each node alone from the pretrained model, round by round as its rounds, and report "
+                   "its accuracy per round beside the global and personalised ones (as much C training again as "
+                   "the rounds' own).")
 @click.option("--capture", is_flag=True,
               help="Record every MQTT payload the embedded broker carries (RUN/capture.jsonl) for `fedtiny "
                    "privacy-report`'s scan for raw samples.")

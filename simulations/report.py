@@ -13,13 +13,15 @@ matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .report_data import (  # noqa: E402
-    FLOW_FIELDS, NODE_MIN_PER_CLASS, class_names, data_flow, device_accuracy, few_samples, firmware_table,
-    participation, percent, personal_rows, privacy_lines, reached, recall, recall_rows, stragglers_back)
+    FLOW_FIELDS, NODE_MIN_PER_CLASS, class_names, data_flow, device_accuracy, federation_gains, federation_rows,
+    few_samples, firmware_table, participation, percent, personal_rows, points, privacy_lines, reached, recall,
+    recall_rows, stragglers_back)
 from .report_html import html_report  # noqa: E402
 
-ROUND_FIELDS = ("round", "accuracy", "personal_accuracy", "personal_worst_tenth", "loss", "participants",
-                "uplink_bytes", "downlink_bytes", "seconds")
-PLOTS = ("accuracy_loss.png", "recall.png", "bytes_per_round.png", "device_memory.png")
+ROUND_FIELDS = ("round", "accuracy", "global_heldout", "global_heldout_worst_tenth", "personal_accuracy",
+                "personal_worst_tenth", "alone_accuracy", "alone_worst_tenth", "loss", "participants", "uplink_bytes",
+                "downlink_bytes", "seconds")
+PLOTS = ("accuracy_loss.png", "federation.png", "recall.png", "bytes_per_round.png", "device_memory.png")
 
 
 def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dict, baseline: dict | None = None,
@@ -47,6 +49,7 @@ def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dic
         writer.writeheader()
         writer.writerows(rounds)
     _plot_accuracy(out / "accuracy_loss.png", run, rounds, baseline)
+    _plot_federation(out / "federation.png", federation_rows(devices, rounds))
     _plot_recall(out / "recall.png", run, rounds)
     _plot_bytes(out / "bytes_per_round.png", rounds, baseline)
     _plot_memory(out / "device_memory.png", memory)
@@ -57,7 +60,7 @@ def write_report(out_dir: str | Path, run: dict, rounds: list[dict], memory: dic
         writer.writerows(flows)
     (out / "summary.md").write_text(summary(run, rounds, memory, baseline, flows, devices))
     (out / "report.html").write_text(html_report(run, rounds, memory, baseline, flows, devices,
-                                                 [out / name for name in PLOTS]))
+                                                 [out / name for name in PLOTS if (out / name).exists()]))
     return out
 
 
@@ -85,6 +88,29 @@ def _plot_accuracy(path, run, rounds, baseline):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_federation(path, rows):
+    """On every device's held-out part, per round from 0: the global model, the device's personalised model and the
+    device trained alone; mean (solid) and worst tenth (dashed), on 0..100 %. No plot without such figures."""
+    path.unlink(missing_ok=True)
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, name in enumerate(("global model", "personalised (global + its own steps)", "alone (its own samples)")):
+        for key, style, label in (("mean", "-", f"{name}, mean"), ("worst_tenth", "--", "worst tenth")):
+            pts = [(r, 100 * cells[i][key]) for r, *cells in rows if cells[i].get(key) is not None]
+            if pts:
+                ax.plot([p for p, _ in pts], [v for _, v in pts], style, color=f"C{i}", marker="o" if style == "-"
+                        else None, label=label if key == "mean" else f"{name}, worst tenth")
+    ax.set(xlabel="round (0: the pretrained model)", ylabel="accuracy on its held-out samples (%)", ylim=(0, 100),
+           title="Each device's held-out samples: federation against training alone")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -227,14 +253,17 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
     elif run.get("targets"):
         t = run["targets"][0]
         lines += [f"Rounds to {100 * t['accuracy']:.1f} % ({t['rule']}): {reached(t, 'fedtiny', rounds)}.", ""]
+    lines += federation_lines(devices or {}, rounds)
     lines += personal_lines(devices or {}) + recall_lines(run, rounds) + device_lines(devices or {})
-    lines += ["## Rounds", "", "Accuracy: the global model on the held-out data; personalised: each device's model "
-              "after its local steps on the samples it holds out, mean and worst tenth of the devices reporting one.",
-              "", "| round | accuracy | personalised mean / worst tenth | loss | participants | uplink B | downlink B "
-              "| seconds |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
-              f"| 0 (before the first) | {100 * run['initial_accuracy']:.1f} % | - | - | - | - | - | - |"]
+    lines += ["## Rounds", "", "Accuracy: the global model on the held-out data. On each device's held-out samples "
+              "(mean / worst tenth of the devices): the global model, each device's personalised model (after its "
+              "local steps of the round) and the device trained alone for as many rounds.",
+              "", "| round | accuracy | devices' held-out: global | personalised | alone | loss | participants | "
+              "uplink B | downlink B | seconds |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+              f"| 0 (before the first) | {100 * run['initial_accuracy']:.1f} % | - | - | - | - | - | - | - | - |"]
     for x in rounds:
-        lines.append(f"| {x['round']} | {100 * x['accuracy']:.1f} % | {personal_cell(x)} | {x['loss']:.3f} | "
+        lines.append(f"| {x['round']} | {100 * x['accuracy']:.1f} % | {personal_cell(x, 'global_heldout')} | "
+                     f"{personal_cell(x)} | {personal_cell(x, 'alone_accuracy')} | {x['loss']:.3f} | "
                      f"{x['participants']} | {x['uplink_bytes']:,} | {x['downlink_bytes']:,} | {x['seconds']:.2f} |")
     lines += ["", f"report.html: this page with its plots in one file. Plots: {', '.join(PLOTS)}. Data: metrics.json, "
               "metrics.csv, data_flow.csv (per transfer: round, device, direction, bytes, contents)."]
@@ -254,11 +283,25 @@ def few_samples_lines(few: dict[str, dict[str, int]], run: dict, shown: int = 10
             f"steps and their updates for it rest on a few training steps.", ""]
 
 
-def personal_cell(row: dict) -> str:
-    """A round's personalised accuracy, "mean / worst tenth", or "-" when no device reported one."""
-    if row.get("personal_accuracy") is None:
+def personal_cell(row: dict, key: str = "personal_accuracy") -> str:
+    """A round's accuracy over the devices' held-out parts (`key`: personal_accuracy, global_heldout or
+    alone_accuracy), "mean / worst tenth", or "-" when it was not measured."""
+    if row.get(key) is None:
         return "-"
-    return f"{percent(row['personal_accuracy'])} / {percent(row['personal_worst_tenth'])}"
+    return f"{percent(row[key])} / {percent(row[key.removesuffix('_accuracy') + '_worst_tenth'])}"
+
+
+def federation_lines(devices: dict[str, dict], rounds: list[dict]) -> list[str]:
+    gains = federation_gains(federation_rows(devices, rounds))
+    if not gains:
+        return []
+    cell = (lambda what, v: points(v) if what.startswith("gain") else percent(v))
+    return ["## What federation and personalisation gain (each device's held-out samples, after the last round)", "",
+            "Every device holds a fifth of its samples out and never trains on them. Personalised: the global model "
+            "after the device's own local steps of the round. Alone: the device trained from the pretrained model "
+            "on its own samples only, round after round as the run's rounds (federation.png has every round).", "",
+            "| | mean | worst tenth of devices |", "|---|---:|---:|",
+            *[f"| {what} | {cell(what, v['mean'])} | {cell(what, v['worst_tenth'])} |" for what, v in gains], ""]
 
 
 def personal_lines(devices: dict[str, dict]) -> list[str]:

@@ -155,7 +155,7 @@ def device_accuracy(run_dir: Path) -> dict[str, dict]:
     ends = np.cumsum([len(d["y"]) for d in data.values()])
     states = {"accuracy_before": plan.initial_state(), "accuracy_after": checkpoint.ints}
     for key, state in states.items():
-        for device, hits in zip(data, np.split(_labels(plan, state, x) == y, ends[:-1])):
+        for device, hits in zip(data, np.split(predicted_classes(plan, state, x) == y, ends[:-1])):
             out[device][key] = float(hits.mean()) if len(hits) else None
             held = hits[heldout_split(int(data[device]["seed"]), len(hits))[1]]
             out[device][key.replace("accuracy", "heldout")] = float(held.mean()) if len(held) else None
@@ -166,17 +166,60 @@ def personal_rows(devices: dict[str, dict]) -> list[tuple[str, dict]]:
     """The personalisation table, each row (what, fleet_summary of it over the devices), all on each device's
     held-out part: the global model before round 1 and after the last round, the device's personalised model (the
     global model after its own local steps, as its last DELTA reported it), and the device trained alone from the
-    pretrained model for as many local steps as its rounds. Empty when no device holds a part out."""
+    pretrained model on its own samples, round after round as the run's rounds. Empty when no device holds a part
+    out."""
     from .personal import fleet_summary
 
     rows = [("global model before round 1", "heldout_before"), ("global model after the last round", "heldout_after"),
             ("personalised: the global model after the device's own local steps (last DELTA)", "personal_accuracy"),
-            ("the device alone: trained from the pretrained model, as many local steps", "alone_accuracy")]
+            ("the device alone: trained from the pretrained model on its own samples, as many rounds",
+             "alone_accuracy")]
     out = [(what, fleet_summary([d.get(key) for d in devices.values()])) for what, key in rows]
     return out if any(s["devices"] for _, s in out[2:]) else []
 
 
-def _labels(plan, state: dict, x_int8: np.ndarray) -> np.ndarray:
+def federation_rows(devices: dict[str, dict], rounds: list[dict]) -> list[tuple[int, dict, dict, dict]]:
+    """Per round from round 0, on every device's held-out part: (round, global, personalised, alone), each
+    {mean, worst_tenth} (None where not measured). Round 0 is the pretrained model for all three: every line starts
+    from it. Empty when no round has a personalised or alone figure."""
+    from .personal import fleet_summary
+
+    if not any(x.get("personal_accuracy") is not None or x.get("alone_accuracy") is not None for x in rounds):
+        return []
+    start = fleet_summary([d.get("heldout_before") for d in devices.values()])
+
+    def pair(row, key):
+        return dict(mean=row.get(key), worst_tenth=row.get(f"{key.removesuffix('_accuracy')}_worst_tenth"))
+
+    rows = [(0, start, start, start)]
+    rows += [(x["round"], pair(x, "global_heldout"), pair(x, "personal_accuracy"), pair(x, "alone_accuracy"))
+             for x in rounds]
+    return rows
+
+
+def federation_gains(rows: list[tuple[int, dict, dict, dict]]) -> list[tuple[str, dict]]:
+    """After the last round, on the devices' held-out parts: (what, {mean, worst_tenth}) for the global model, the
+    personalised one, the device alone, and the gains in points: from federation (personalised - alone: what
+    taking part gives a device over training on its own data) and from personalisation (personalised - global)."""
+    if not rows:
+        return []
+    _, glob, personal, alone = rows[-1]
+
+    def minus(a, b):
+        return {k: None if a.get(k) is None or b.get(k) is None else a[k] - b[k] for k in ("mean", "worst_tenth")}
+
+    return [("global model", glob), ("personalised: the global model after the device's own local steps", personal),
+            ("the device alone: its own samples only, as many rounds", alone),
+            ("gain from federation (personalised - alone)", minus(personal, alone)),
+            ("gain from personalisation (personalised - global)", minus(personal, glob))]
+
+
+def points(value: float | None) -> str:
+    """A difference of two accuracies in percentage points, signed."""
+    return "-" if value is None else f"{100 * value:+.1f} points"
+
+
+def predicted_classes(plan, state: dict, x_int8: np.ndarray) -> np.ndarray:
     """The labels of the plan's int8 model with trainable `state` for int8 samples: by the plan's C library when gcc
     is here (CPlanModel: the same integers, many times faster, and the library the run's nodes and held-out
     evaluation already built, where a model with the trained weights baked in took a fresh gcc build per run), else

@@ -9,8 +9,9 @@ import base64
 from html import escape
 from pathlib import Path
 
-from .report_data import (NODE_MIN_PER_CLASS, class_names, confusion, few_samples, firmware_table, percent,
-                          personal_rows, privacy_lines, reached, recall_rows, stragglers_back)
+from .report_data import (NODE_MIN_PER_CLASS, class_names, confusion, federation_gains, federation_rows, few_samples,
+                          firmware_table, percent, personal_rows, points, privacy_lines, reached, recall_rows,
+                          stragglers_back)
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -25,6 +26,8 @@ td.ok { color: #1a7f37; } td.miss { color: #b42318; font-weight: bold; } td.idle
 """
 
 PLOT_TITLES = {"accuracy_loss.png": "Held-out accuracy and loss per round (round 0: the model before any round)",
+               "federation.png": "On each device's held-out samples per round: the global model, the device's "
+                                 "personalised model and the device trained alone (mean and worst tenth)",
                "recall.png": "Per-class recall of the global model per round",
                "bytes_per_round.png": "Bytes per node per round",
                "device_memory.png": "Device SRAM for one training step"}
@@ -47,6 +50,7 @@ def html_report(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
     if run.get("privacy"):
         parts += [f"<p>{escape(line)}</p>" for line in privacy_lines(run, rounds) if line]
     parts += _warnings(run, devices)
+    parts += _federation(devices, rounds)
     parts += _comparison(run, rounds, memory, baseline)
     parts.append("<h2>Plots</h2>")
     for plot in plots:
@@ -139,17 +143,35 @@ def _comparison(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
             _table(["", "fedtiny", "Flower + PyTorch fp32"], rows), f"<p>Targets:</p><ul>{rules}</ul>"]
 
 
+def _federation(devices: dict[str, dict], rounds: list[dict]) -> list[str]:
+    gains = federation_gains(federation_rows(devices, rounds))
+    if not gains:
+        return []
+    cell = (lambda what, v: points(v) if what.startswith("gain") else percent(v))
+    return ["<h2>What federation and personalisation gain</h2>",
+            "<p>On each device's held-out samples (a fifth of its samples, never trained on), after the last round. "
+            "Personalised: the global model after the device's own local steps of the round. Alone: the device "
+            "trained from the pretrained model on its own samples only, round after round as the run's rounds. The "
+            "plot below (federation.png) has every round.</p>",
+            _table(["", "mean", "worst tenth of devices"],
+                   [[what, cell(what, v["mean"]), cell(what, v["worst_tenth"])] for what, v in gains])]
+
+
 def _rounds(run: dict, rounds: list[dict]) -> list[str]:
-    rows = [[0, percent(run["initial_accuracy"]), "-", "-", "-", "-", "-", "-", "-"]]
-    rows += [[x["round"], percent(x["accuracy"]), percent(x.get("personal_accuracy")),
-              percent(x.get("personal_worst_tenth")), f"{x['loss']:.3f}", x["participants"], f"{x['uplink_bytes']:,}",
+    rows = [[0, percent(run["initial_accuracy"]), *["-"] * 11]]
+    rows += [[x["round"], percent(x["accuracy"]), percent(x.get("global_heldout")),
+              percent(x.get("global_heldout_worst_tenth")), percent(x.get("personal_accuracy")),
+              percent(x.get("personal_worst_tenth")), percent(x.get("alone_accuracy")),
+              percent(x.get("alone_worst_tenth")), f"{x['loss']:.3f}", x["participants"], f"{x['uplink_bytes']:,}",
               f"{x['downlink_bytes']:,}", f"{x['seconds']:.2f}"] for x in rounds]
     return ["<h2>Rounds</h2>",
-            _table(["round", "held-out accuracy (global model)", "personalised, mean", "personalised, worst tenth",
-                    "loss", "participants", "uplink B", "downlink B", "seconds"], rows, text=()),
-            '<p class="note">Round 0 is the pretrained int8 model before any round. Personalised: each device\'s '
-            "model after its local steps of the round, on the samples it holds out, over the devices that answered "
-            "the round with one (mean, and the mean of the lowest tenth).</p>"]
+            _table(["round", "held-out accuracy (global model)", "devices' held-out: global, mean",
+                    "global, worst tenth", "personalised, mean", "personalised, worst tenth", "alone, mean",
+                    "alone, worst tenth", "loss", "participants", "uplink B", "downlink B", "seconds"], rows, text=()),
+            '<p class="note">Round 0 is the pretrained int8 model before any round. On the devices\' held-out '
+            "samples: the global model of the round, each device's model after its local steps of the round "
+            "(personalised, over the devices that answered the round with one) and each device trained alone for as "
+            "many rounds (mean, and the mean of the lowest tenth).</p>"]
 
 
 def _personal(devices: dict[str, dict]) -> list[str]:
@@ -160,8 +182,8 @@ def _personal(devices: dict[str, dict]) -> list[str]:
             "<p>Each device holds a fifth of its samples out (from 10 samples on) and never trains on them. Its "
             "personalised model is the global model after its own local steps of a round: it costs no memory "
             "beyond the round's, and the device reports its accuracy in its DELTA, so no sample leaves it. The "
-            "device alone: trained from the pretrained model, on its own samples only, for as many local steps "
-            "as its rounds gave it.</p>",
+            "device alone: trained from the pretrained model, on its own samples only, round after round as the "
+            "run's rounds.</p>",
             _table(["model, on each device's held-out part", "mean", "worst tenth of devices", "devices"],
                    [[what, percent(s["mean"]), percent(s["worst_tenth"]), s["devices"]] for what, s in rows])]
 

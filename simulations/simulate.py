@@ -79,9 +79,9 @@ class SimulationConfig:
     dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps `rounds` within the budget
     secagg: bool = False  # secure aggregation: nodes send masked deltas, the coordinator sees only their sum
     capture: bool = False  # the embedded broker records every payload it carries (capture.jsonl; privacy_report)
-    # also train each node alone for as many local steps as its rounds, the personalised accuracy's comparison
-    # (as much C training again as the run's own, so asked for: the default run stays within its time)
-    alone: bool = False
+    # also train each node alone, round by round as the run trains it: the report's "alone" line, beside the global
+    # and personalised ones, says what federation gains (as much C training again as the rounds' own)
+    alone: bool = True
 
 
 # The default clip norm under DP: about the median L2 norm (real units) of a device's update in the default bearing
@@ -500,13 +500,15 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
         firmware_note = f", {config.qemu_nodes} of them as firmware under QEMU" if config.qemu_nodes else ""
         say(f"starting the broker and {config.nodes} nodes{firmware_note}; then {config.rounds} rounds")
         rounds, firmware = _run_mqtt(config, run, plan, devices, coordinate)
-    alone = {}
-    if config.alone and plan.loss != "mse":
-        from .personal import fleet_summary, train_alone
+    alone, alone_started = {}, time.perf_counter()
+    if config.alone and plan.loss != "mse" and rounds:
+        from .personal import fleet_summary, round_summaries, train_alone
 
-        say(f"training each node alone from the pretrained model, as many local steps as its {config.rounds} "
-            f"rounds, for the personalised accuracy's comparison")
-        alone = train_alone(run, asdict(config))
+        say(f"training each node alone from the pretrained model, round by round as its {len(rounds)} rounds, for "
+            f"the gain from federation (--no-alone skips it)")
+        alone = train_alone(run, dict(asdict(config), rounds=len(rounds)))
+        for row, alone_round in zip(rounds, round_summaries(alone)):
+            row.update(alone_accuracy=alone_round["mean"], alone_worst_tenth=alone_round["worst_tenth"])
     broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
                    broker=broker, seed=config.seed, dropout=config.dropout, stragglers=config.stragglers,
@@ -519,7 +521,9 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
                    clip_norm=config.clip_norm,
                    rounds_seconds=sum(r["seconds"] for r in rounds),  # round 1's start to the last's end
                    privacy=privacy.get("summary"), stopped=privacy.get("stopped"), secure_aggregation=config.secagg,
-                   alone=dict(fleet_summary(list(alone.values())), accuracy=alone) if alone else None)
+                   alone=dict(fleet_summary([curve[-1] if curve else None for curve in alone.values()]),
+                              accuracy={d: curve[-1] if curve else None for d, curve in alone.items()})
+                   if alone else None, alone_seconds=time.perf_counter() - alone_started if alone else None)
     baseline = None
     if config.baseline:
         from .baseline import run_baseline
@@ -614,7 +618,8 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.state import StateStore
 
-    from .personal import fleet_summary, round_personal
+    from .personal import HeldOutParts, fleet_summary, round_personal
+    from .report_data import predicted_classes
 
     quorum = config.quorum
     if quorum is None:
@@ -645,6 +650,9 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                                   heldout=(task.test.X, task.test.y), heldout_forward=forward, clock=clock,
                                   arrivals=arrivals, audit=audit)
         rounds = []
+        # the global model of each round on every device's held-out part: the samples the personalised and alone
+        # accuracies are measured on (a measurement on the host, which holds every node's data file)
+        held_out = HeldOutParts(run, lambda state, x: predicted_classes(plan, state, x)) if plan.loss != "mse" else None
         for r in range(1, config.rounds + 1):
             up0, down0 = _bytes(coordinator)
             t0 = time.perf_counter()
@@ -671,6 +679,9 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
             personal = fleet_summary(list(reported.values()))
             row.update(personal_accuracy=personal["mean"], personal_worst_tenth=personal["worst_tenth"],
                        personal_devices=personal["devices"])
+            if held_out is not None and held_out.parts:
+                own = fleet_summary(list(held_out.accuracy(coordinator.model.ints).values()))
+                row.update(global_heldout=own["mean"], global_heldout_worst_tenth=own["worst_tenth"])
             if firmware_devices:
                 from .report_data import participation
 

@@ -91,7 +91,8 @@ def test_report_html_renders_offline_with_its_tables_and_plots(real_run, tmp_pat
     flow = dom.split("<h2>Data flow</h2>", 1)[1].split("</table>", 1)[0]
     deltas = sum(1 for line in (out / "data_flow.csv").read_text().splitlines() if ",DELTA," in line)
     assert re.search(rf"<td class=\"text\">DELTA</td><td>{deltas}</td>", flow), flow
-    for heading in ("Per-class recall", "Devices", "Settings", "Against plain Flower + PyTorch fp32"):
+    for heading in ("Per-class recall", "Devices", "Settings", "Against plain Flower + PyTorch fp32",
+                    "What federation and personalisation gain"):
         assert heading in dom
 
 
