@@ -168,8 +168,8 @@ def main():
              f"{compared_fedtiny / base['wall_seconds']:.2f}x |", "",
              f"Scopes: each side's wall time starts from the pretrained float model both start from (loaded from the "
              f"model cache in {run['host_model_seconds']:.1f} s, counted on neither side). fedtiny's side is the "
-             f"run's wall time (simulate's own clock, from after the start-up and the input checks) less that load: its lr "
-             f"choice and C builds, quantizing, compiling, the broker, the nodes' start and the rounds; the "
+             f"run's wall time (simulate's own clock, from after the start-up and the input checks) less that load: "
+             f"its lr choice and C builds, quantizing, compiling, the broker, the nodes' start and the rounds; the "
              f"baseline's is its lr choice, its workers' start and its "
              f"rounds. Both sides choose their lr by the same rule in this run (its cache held the pretrained model "
              f"alone), the lrs' trials in {trial_threads()} thread(s) on each side. The rounds' row compares round "
