@@ -41,6 +41,8 @@ from fedtiny.interpreter import run
 
 log = logging.getLogger("fedtiny.agent")
 
+MAX_WAIT_S = 5.0  # the longest the agent's loop sleeps without an event (a bound, should a due time be missed)
+
 
 def training_permutation(seed: int, round_: int, epoch: int, n: int) -> list[int]:
     """The order of one epoch over n samples: Fisher-Yates from the identity, for i = n-1 down to 1 swapping
@@ -252,11 +254,13 @@ class NodeAgent:
         next_beat = time.monotonic() + self.heartbeat_s
         running: tuple[TrainJob, TrainResult, float] | None = None  # trained; its DELTA is due at the time given
         while not self._stop.is_set():
-            wait = 0.2 if running is None else min(0.2, max(0.0, running[2] - time.monotonic()))
+            wait = self._wait(next_beat, running[2] if running else None)
             try:
                 event = self._events.get(timeout=wait)
             except queue.Empty:
                 event = None
+            if event is not None and event[0] == "stop":
+                continue
             now = time.monotonic()
             job = None
             with self._lock:
@@ -299,6 +303,18 @@ class NodeAgent:
                 running = None
                 self.rounds_done += 1
 
+    def _wait(self, next_beat: float, delta_due: float | None) -> float:
+        """Seconds the loop may sleep unless an event comes: until the next heartbeat (while connected: a reconnect is
+        an event), the session's next resend or the trained DELTA's due time, at most MAX_WAIT_S. (A fixed 0.2 s poll
+        woke each of a simulation's 50 agents 5 times a second for nothing.)"""
+        with self._lock:
+            resend = self.session.tick_due()
+        beat = next_beat if self.transport.connected.is_set() else None
+        due = [t for t in (beat, resend, delta_due) if t is not None]
+        if not due:
+            return MAX_WAIT_S
+        return min(MAX_WAIT_S, max(0.0, min(due) - time.monotonic()) + 0.001)  # tick resends only once past due
+
     def _send(self, publishes: list[Publish]) -> None:
         for p in publishes:
             self.transport.publish(p)
@@ -306,6 +322,7 @@ class NodeAgent:
     def stop(self, leave: bool = True) -> None:
         """Stop cleanly: LEAVE (unless leave=False), DISCONNECT (no last will), end the worker."""
         self._stop.set()
+        self._events.put(("stop",))  # wakes the worker from its wait
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(30)
         if leave and self.transport.connected.is_set():
@@ -318,6 +335,7 @@ class NodeAgent:
     def kill(self) -> None:
         """Tests: die as a power cut would: no LEAVE, no DISCONNECT (the broker publishes the last will)."""
         self._stop.set()
+        self._events.put(("stop",))
         if self._worker is not None:
             self._worker.join(30)
         self.transport.kill()

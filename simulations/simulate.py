@@ -408,9 +408,20 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
 
     from .tuning import host_accuracy_lines, settle
 
+    kernels = None
+    if config.trainer == "c":  # the C kernels do not depend on the model: gcc builds them on another core meanwhile
+        from concurrent.futures import ThreadPoolExecutor
+
+        from fedtiny_device.cruntime import build_host_kernels
+
+        pool = ThreadPoolExecutor(1)
+        kernels = pool.submit(build_host_kernels)
+        pool.shutdown(wait=False)
     started = time.perf_counter()
     model, graph = pretrained(task, config.seed)
     host_model_seconds = time.perf_counter() - started  # shared: the model fedtiny and the baseline start from
+    if kernels is not None:
+        kernels.result()  # a BuildError is raised here, as the first plan's build would raise it
     train, val = host_split(task, config.seed)
     for line in host_accuracy_lines(model, graph, val):
         say(line)

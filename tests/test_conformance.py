@@ -87,3 +87,25 @@ def test_a_changed_session_fails_the_transcript(monkeypatch):
     monkeypatch.setattr(device_module.DeviceSession, "complete", late)
     with pytest.raises(AssertionError, match="publishes differ"):
         replay("round_trip")
+
+
+def test_tick_due_is_when_tick_resends():
+    """DeviceSession.tick_due, when a host loop may sleep until (the node agent does): None while nothing waits,
+    then the moment after which tick resends the unacknowledged DELTA; tick sends nothing before it, and once the
+    upload is acknowledged nothing is due again."""
+    from make_transcripts import Recorder, fleet, join_and_task, new_global, trained
+
+    plan = load_plan(HERE / "plan.ftp")
+    r = Recorder(plan, fleet())
+    assert r.device.tick_due() is None
+    join_and_task(r, 1, 1, new_global(plan, 1), 1.0)
+    assert r.device.tick_due() is None  # a job, no upload yet
+    upload = r.device.complete(r.job, trained(plan, r.job.base, 11), 2.0)
+    due = r.device.tick_due()
+    assert due == 2.0 + r.device.ack_timeout
+    assert r.device.tick(due) == []
+    assert frames(r.device.tick(due + 0.01)) == frames(upload)
+    assert r.device.tick_due() == due + 0.01 + r.device.ack_timeout  # resent: the next resend counts from now
+    ack = r.up(upload, due + 0.1)
+    r.deliver(ack, due + 0.2)
+    assert r.device.tick_due() is None

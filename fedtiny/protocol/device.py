@@ -270,6 +270,13 @@ class DeviceSession:
         chosen = range(len(frames)) if indexes is None else [i for i in indexes if i < len(frames)]
         return [Publish(self.up_topic, frames[i]) for i in chosen]
 
+    def tick_due(self) -> float | None:
+        """When tick will next have something to do (the clock reading after which an unacknowledged upload is
+        resent), or None while nothing waits: a host loop may sleep until then."""
+        if self.state.upload is None or self._upload_sent_at is None:
+            return None
+        return self._upload_sent_at + self.ack_timeout
+
     def tick(self, now: float) -> list[Publish]:
         """Resend an upload nobody acknowledged within ack_timeout seconds."""
         if self.state.upload is not None and self._upload_sent_at is not None \
