@@ -390,7 +390,7 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--secagg", is_flag=True,
               help="Secure aggregation: nodes send their clipped deltas masked (SecAgg+ over MQTT); the coordinator "
                    "learns only the sum of each round's survivors. Needs --clip-norm (default 0.5).")
-@click.option("--alone/--no-alone", default=True, show_default=True,
+@click.option("--alone/--no-alone", default=False, show_default=True,
               help="Also train each node alone from the pretrained model, round by round as its rounds, and report "
                    "its accuracy per round beside the global and personalised ones (as much C training again as "
                    "the rounds' own).")
