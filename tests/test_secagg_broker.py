@@ -4,6 +4,7 @@ agents with the fleet's public identities, the MQTT CoordinatorLink, the coordin
 import io
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,13 +26,20 @@ NODES = 5
 SAMPLES = 16
 
 
-def test_two_masked_rounds_over_the_embedded_broker(model, tmp_path):  # noqa: F811
-    plan, x, y = model
-    names = [f"s{i}" for i in range(NODES)]
+def provisioned(tmp_path, prefix: str) -> tuple[list[str], Path, dict[str, PublicIdentity]]:
+    """A fleet of NODES devices named prefix0.. in tmp_path/keys: (names, keys folder, name -> public identity: what
+    the node agents check the coordinator's relayed round keys against)."""
+    names = [f"{prefix}{i}" for i in range(NODES)]
     keys = tmp_path / "keys"
     provision_fleet(keys, FLEET, names)
     manifest = load_fleet(keys / "coordinator")
     peers = {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for n, v in manifest["devices"].items()}
+    return names, keys, peers
+
+
+def test_two_masked_rounds_over_the_embedded_broker(model, tmp_path):  # noqa: F811
+    plan, x, y = model
+    names, keys, peers = provisioned(tmp_path, "s")
     with EmbeddedBroker(keys) as broker:
         url = f"mqtt://{broker.host}:{broker.port}"
         agents = [NodeAgent(name, url, keys, plan, x[:SAMPLES], y[:SAMPLES], fleet=FLEET, state_dir=tmp_path / "n",
@@ -84,11 +92,7 @@ def test_the_coordinator_command_runs_distributed_dp_over_the_embedded_broker(mo
     from fedtiny.planfile import save_plan
 
     plan, x, y = model
-    names = [f"c{i}" for i in range(NODES)]
-    keys = tmp_path / "keys"
-    provision_fleet(keys, FLEET, names)
-    manifest = load_fleet(keys / "coordinator")
-    peers = {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for n, v in manifest["devices"].items()}
+    names, keys, peers = provisioned(tmp_path, "c")
     save_plan(plan, tmp_path / "plan.ftp")
     with EmbeddedBroker(keys) as broker:
         url = f"mqtt://{broker.host}:{broker.port}"
