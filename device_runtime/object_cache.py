@@ -14,8 +14,8 @@ The key of `<stem><suffix>` (e.g. monocypher.fw.o, made from monocypher.c by the
   absent from the folder counts as absent, so adding it changes the key).
 System headers (`#include <...>`) come with the compiler and are covered by its identity.
 
-The cache lives in $FEDTINY_CACHE (default ~/.cache/fedtiny)/cruntime/objects/<key>/<object>. Sources that hold a device's secret
-or data (`private`) are never cached there.
+The cache lives in $FEDTINY_CACHE (default ~/.cache/fedtiny)/cruntime/objects/<key>/<object>. Sources that hold a
+device's secret or data (`private`) are never cached there. Like the rest of that cache, nothing is ever evicted.
 """
 
 from __future__ import annotations
