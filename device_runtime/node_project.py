@@ -205,10 +205,19 @@ def write(out_dir: str | Path, project: dict[str, str | bytes]) -> Path:
     return out
 
 
+# The sources that hold the device's secret key (node_config.c) or its data (samples.c): their objects are built
+# in the run's folder only, never kept in the shared object cache.
+PRIVATE_SOURCES = frozenset({"node_config.c", "samples.c"})
+
+
 def build(project: dict[str, str | bytes], cache_dir: Path | None = None) -> Path:
     """fedtiny_node.elf for the Cortex-M4, built in cache_dir (the sources hold the device's secret key: give a
-    folder of the run, not the shared cache)."""
-    from .cruntime import make_cached
+    folder of the run, not the shared cache). The objects of the other sources come from the shared object cache
+    (object_cache: by content, flags and compiler), so a fleet's second device, or the next run, compiles only
+    what differs and links."""
+    from .object_cache import make_cached
 
-    return make_cached(project, "m4-node", NODE_ELF, cache_dir)
+    # "%.fw.o" is the Makefile's rule for m4-node's objects, arm-none-eabi-gcc its ARM_CC
+    return make_cached(project, "m4-node", NODE_ELF, cache_dir, suffix=".fw.o", compiler="arm-none-eabi-gcc",
+                       private=PRIVATE_SOURCES)
 

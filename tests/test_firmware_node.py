@@ -104,6 +104,26 @@ def built_fleet(tmp_path_factory):
     return run
 
 
+def test_a_second_device_compiles_only_its_own_sources_and_links_the_shared_objects(built_fleet, tmp_path):
+    """node_project.build takes the objects of every source but the device's own from the object cache, where n0's
+    build (built_fleet) left them (test_object_cache: what an object's key covers); n1's firmware links and fits."""
+    from fedtiny_device import node_project, object_cache
+    from fedtiny_device.cruntime import memory_usage
+
+    plan, shards, _ = breast_cancer_task(2)
+    project = node_project.files(plan, node_project.device_folder(built_fleet / "fleet", "n1"), "n1", shards[1][0],
+                                 shards[1][1], 101, **FLEET_OPTIONS)
+    found = object_cache.cached_objects(project, ".fw.o", "arm-none-eabi-gcc", node_project.PRIVATE_SOURCES)[0]
+    (n0,) = (built_fleet / "firmware").glob("*/fedtiny_node.elf")
+    linked = {p.name for p in n0.parent.glob("*.fw.o")}  # m4-node's objects
+    assert {"monocypher.fw.o", "fedtiny_kernels.fw.o", "node_config.fw.o", "samples.fw.o"} <= linked
+    # n1 compiles its key and its data (never shared), and firmware_node.c only if its sample count differs
+    assert linked - set(found) <= {"node_config.fw.o", "samples.fw.o", "firmware_node.fw.o"}, linked - set(found)
+    assert not {"node_config.fw.o", "samples.fw.o"} & set(found)
+    usage = memory_usage(node_project.build(project, cache_dir=tmp_path / "firmware"))
+    assert usage["ram"] <= MEMORY[0] and usage["flash"] <= MEMORY[1], usage
+
+
 class Fleet:
     """mosquitto with the fleet's configuration, the coordinator's link, one firmware node (n0) and one node
     agent (n1), the small breast-cancer mlp plan (every weight trains, chunks of 256 B: a DELTA is ~20 chunks);
@@ -319,7 +339,9 @@ def test_codegen_node_writes_a_project_that_builds_for_the_m4(tmp_path):
     assert oct((tmp_path / "n0").stat().st_mode & 0o777) == "0o700"  # node_config.c holds the device's key
     key = (tmp_path / "fleet" / "devices" / "n0" / "identity.key").read_bytes()
     assert ", ".join(f"0x{b:02x}" for b in key[:16]) in (tmp_path / "n0" / "node_config.c").read_text()
-    build = subprocess.run(["make", "-s", "-C", str(tmp_path / "n0"), "m4-node"], capture_output=True, text=True)
+    # the user's own build of every source (no object cache), one compiler per core
+    build = subprocess.run(["make", "-s", f"-j{os.cpu_count() or 1}", "-C", str(tmp_path / "n0"), "m4-node"],
+                           capture_output=True, text=True)
     assert build.returncode == 0, build.stdout + build.stderr
     from fedtiny_device.cruntime import memory_usage
 
