@@ -15,9 +15,12 @@ Passes, in order:
 The plan's steps are what the reference trainer (fedtiny_device.trainer) and the C runtime execute.
 """
 
+import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +31,20 @@ from .ir import DTYPES, Graph, Tensor
 from .scheme import Scheme, layers
 
 LOSSES = ("cross_entropy", "mse")
+TRAINING_SOURCES = ("arith.py", "kernels.py", "scheme.py", "compiler.py")  # what decides a plan's integer training
+
+
+@lru_cache(maxsize=1)
+def training_semantics() -> str:
+    """A digest of the sources that decide what int8 training computes from a graph (the arithmetic and its rounding
+    draw, the kernels, the scheme, the backward rules and update constants; the C runtime equals them by test).
+    Caches of training results (the lr trials, the scheme search) key on it: a changed rounding or update rule
+    must never reuse scores the old one gave, or a warm machine and a fresh one choose differently."""
+    folder = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in TRAINING_SOURCES:
+        digest.update(name.encode() + (folder / name).read_bytes())
+    return digest.hexdigest()[:16]
 DEFAULT_BUDGET = 256 * 1024
 DEFAULT_RESERVE = 64 * 1024  # network stack (MQTT client, TLS/PSK, ChaCha20-Poly1305), the rest of the firmware
 # and its stack; the training step's own RAM (arena, scratch, runtime statics, step stack) is the plan's

@@ -48,7 +48,7 @@ from typing import Callable
 
 import numpy as np
 
-from .compiler import BudgetError, Plan, compile_plan
+from .compiler import BudgetError, Plan, compile_plan, training_semantics
 from .interpreter import dequantize, run
 from .ir import Graph
 from .scheme import RATIOS, Scheme, layers, parse
@@ -200,7 +200,7 @@ def cache_key(graph: Graph, data: HostData, *, lrs: tuple[float, ...], epochs: i
     from .modelfile import to_bytes
 
     h = hashlib.sha256(to_bytes(graph))
-    h.update(f"{data.digest()}/{lrs!r}/{epochs}/{qas}/{loss}/{seed}/{RULE}".encode())
+    h.update(f"{data.digest()}/{lrs!r}/{epochs}/{qas}/{loss}/{seed}/{RULE}/{training_semantics()}".encode())
     return h.hexdigest()[:16]
 
 

@@ -22,7 +22,8 @@ shard to forget the other classes (client drift), loses accuracy and is not chos
 
 Given values are kept: `--lr` fixes the lr (the epochs are still chosen at it), `--epochs` the epochs, and
 `--baseline-lr` the baseline's lr. Choices are cached by content (the model's weights, the scheme, the budget, the
-shard size and this rule) beside the pretrained models.
+shard size, this rule and the sources that decide integer training: `fedtiny.compiler.training_semantics`) beside
+the pretrained models.
 """
 
 import hashlib
@@ -33,6 +34,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from fedtiny.compiler import training_semantics
 
 LRS = tuple(round(10 ** (k / 2), 6) for k in range(-7, -1))  # 3.2e-4 .. 0.1 in half decades
 MAX_EPOCHS = 3
@@ -232,7 +235,7 @@ def choose_baseline_lr(model, train, val, epochs: int, *, shard_size: int, lrs=L
 
 
 def _cache_file(kind: str, graph, *parts) -> Path:
-    digest = hashlib.sha256(TRIAL.encode())
+    digest = hashlib.sha256(f"{TRIAL}/{training_semantics()}".encode())
     for tensor in sorted(graph.tensors.values(), key=lambda t: t.name):
         if tensor.is_constant:
             digest.update(tensor.name.encode() + np.ascontiguousarray(tensor.data).tobytes())

@@ -194,3 +194,27 @@ def test_simulate_prints_the_host_model_accuracy_and_the_chosen_settings_before_
     assert host < devices < rounds and " int8 " in lines[host]
     assert result["lr"] in tuning.LRS and 1 <= result["epochs"] <= tuning.MAX_EPOCHS
     assert result["pretraining"]["stopped"] in ("converged", "step limit")
+
+
+def test_cached_choices_are_keyed_by_the_sources_that_decide_integer_training(tmp_path, monkeypatch):
+    """A changed rounding draw or update rule must not reuse the lr trials or scheme scores the old one gave: the
+    cache files' keys change with fedtiny.compiler.training_semantics (the digest of those sources)."""
+    from fedtiny import compiler, search
+
+    graph = quantize(zoo.build("mlp", (8,), 3), torch.randn(16, 8))
+    data = search.HostData(np.zeros((4, 8), np.int8), np.zeros(4, np.int64), np.zeros((4, 8), np.int8),
+                           np.zeros(4, np.int64))
+    monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path))
+
+    def keys():
+        return (tuning._cache_file("device", graph, "full", 1),
+                search.cache_key(graph, data, lrs=(0.01,), epochs=1, qas=True, loss="cross_entropy", seed=0))
+
+    assert compiler.training_semantics() == compiler.training_semantics()  # a digest of files, not of the run
+    before = keys()
+    assert keys() == before
+    monkeypatch.setattr(compiler, "training_semantics", lambda: "another rule")
+    monkeypatch.setattr(search, "training_semantics", lambda: "another rule")
+    monkeypatch.setattr(tuning, "training_semantics", lambda: "another rule")
+    after = keys()
+    assert after[0] != before[0] and after[1] != before[1]
