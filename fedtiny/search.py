@@ -288,6 +288,19 @@ def _measure_plan(graph: Graph, text: str, *, lr: float, qas: bool, loss: str) -
     return compile_plan(graph, parse(text, graph), lr=lr, qas=qas, budget=UNLIMITED, reserve=0, loss=loss)
 
 
+def least_ram(graph: Graph, text: str, *, lr: float = 0.01, qas: bool = True, loss: str = "cross_entropy") -> int:
+    """The least device RAM the compiler reaches for a scheme. Under a tight budget it gives up kernel scratch for
+    time (the reference weight update, recomputed input-gradient sums), so the unbounded plan's RAM is not the
+    floor: compile at ever tighter budgets until one is refused."""
+    ram = device_ram(_measure_plan(graph, text, lr=lr, qas=qas, loss=loss))
+    while True:
+        try:
+            ram = device_ram(compile_plan(graph, parse(text, graph), lr=lr, qas=qas, budget=ram - 1, reserve=0,
+                                          loss=loss))
+        except BudgetError:
+            return ram
+
+
 def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: int, reserve: int,
            lrs: tuple[float, ...], epochs: int = 1, qas: bool = True, loss: str = "cross_entropy", seed: int = 0,
            cache_dir: Path | None = None, forward: Callable = interpreter_forward, workers: int = 2,
@@ -353,7 +366,7 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
         return fits[text]
 
     if fit("classifier") is None:
-        need = device_ram(_measure_plan(graph, "classifier", lr=middle, qas=qas, loss=loss))
+        need = least_ram(graph, "classifier", lr=middle, qas=qas, loss=loss)
         raise SearchError(f"no update scheme fits: even the classifier alone needs {need:,} bytes of SRAM, and "
                           f"the budget ({budget:,}) minus the reserve ({reserve:,}) leaves {budget - reserve:,}; "
                           "raise --budget or lower --reserve")

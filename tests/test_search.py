@@ -17,7 +17,7 @@ from fedtiny.modelfile import save_model
 from fedtiny.quantize import quantize
 from fedtiny.scheme import layers, parse
 from fedtiny.search import (FIXED, Candidate, HostData, Run, Scorer, SearchError, choose, device_ram,
-                            scheme_text, search, tie_band)
+                            least_ram, scheme_text, search, tie_band)
 from fedtiny.train import fit
 from fedtiny.zoo import MLP
 from fedtiny_device.trainer import Trainer
@@ -66,17 +66,6 @@ def searched(small, tmp_path_factory):
 
 def memory_of(graph, text: str) -> int:
     return device_ram(compile_plan(graph, parse(text, graph), budget=1 << 30, reserve=0))
-
-
-def least_memory_of(graph, text: str) -> int:
-    """The least device RAM the compiler reaches for a scheme: under a tight budget it gives up kernel scratch for
-    time (the reference weight update, recomputed input-gradient sums), so memory_of is not the scheme's floor."""
-    ram = memory_of(graph, text)
-    while True:
-        try:
-            ram = device_ram(compile_plan(graph, parse(text, graph), budget=ram - 1, reserve=0))
-        except BudgetError:
-            return ram
 
 
 def budgets(graph) -> list[int]:
@@ -173,8 +162,10 @@ def test_search_is_deterministic_for_a_seed(small, searched, tmp_path):
 
 def test_a_budget_nothing_fits_is_a_search_error(small, tmp_path):
     graph, data = small
-    with pytest.raises(SearchError, match="even the classifier alone needs"):
-        run_search(graph, data, least_memory_of(graph, "classifier") - 8, tmp_path)
+    least = least_ram(graph, "classifier")
+    assert least <= memory_of(graph, "classifier")
+    with pytest.raises(SearchError, match=f"even the classifier alone needs {least:,} bytes"):
+        run_search(graph, data, least - 8, tmp_path)
 
 
 def test_cli_budget_nothing_fits_is_one_line_and_exit_code_2(small, tmp_path, monkeypatch):
