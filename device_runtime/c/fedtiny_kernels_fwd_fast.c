@@ -548,8 +548,8 @@ fedtiny_status fedtiny_add_fast(const fedtiny_add_params *p, const int8_t *a, co
 {
     const int32_t n = p->size, left = p->left_shift, a_zp = p->a_zero_point, b_zp = p->b_zero_point;
     const int32_t am = p->a_multiplier, ash = p->a_shift, bm = p->b_multiplier, bsh = p->b_shift;
-    const int32_t om = p->out_multiplier, osh = p->out_shift, zp = p->out_zero_point;
-    const int32_t lo = p->act_min - zp, hi = p->act_max - zp;
+    const int32_t om = p->out_multiplier, osh = p->out_shift;
+    const output_range o = {p->out_zero_point, p->act_min - p->out_zero_point, p->act_max - p->out_zero_point};
     const int8_t *end = a + n;
     int32_t scale;
     if (left < 0 || left > 23 || am == INT32_MIN || bm == INT32_MIN || om == INT32_MIN) {
@@ -559,15 +559,7 @@ fedtiny_status fedtiny_add_fast(const fedtiny_add_params *p, const int8_t *a, co
     for (; a != end; a++, b++, y++) {
         const int32_t as = fedtiny_multiply_by_quantized_multiplier_i32((*a - a_zp) * scale, am, ash);
         const int32_t bs = fedtiny_multiply_by_quantized_multiplier_i32((*b - b_zp) * scale, bm, bsh);
-        int32_t v;
-#if FAST_DSP
-        v = __qadd(as, bs);
-#else
-        v = (int32_t)fedtiny_clamp_i32_64((int64_t)as + bs);
-#endif
-        v = fedtiny_multiply_by_quantized_multiplier_i32(v, om, osh);
-        v = v < lo ? lo : (v > hi ? hi : v);
-        *y = (int8_t)(v + zp);
+        *y = requantize(as, bs, om, osh, o); /* the sum's saturating add, the output's multiply-shift and clamp */
     }
     return FEDTINY_OK;
 }
