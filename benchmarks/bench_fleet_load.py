@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
 import hashlib
 import math
 import multiprocessing
@@ -527,9 +528,8 @@ def run_load(devices: int, rounds: int, *, workers: int = 0, persist: str = "mem
         result.fsync_ms = fsync_ms(run)
         port = free_port()
         (run / "mosquitto.conf").write_text(mosquitto_config(run / "fleet", port, run_as_root=os.geteuid() == 0))
-        events_log = open(run / "coordinator.jsonl", "w")
-        events_level, events_propagate = ops.LOG.level, ops.LOG.propagate
-        handler = ops.setup_json_logging(events_log)  # the coordinator writes its events, as it would in service
+        events = contextlib.ExitStack()  # the coordinator writes its events, as it would in service
+        events.enter_context(ops.json_logging(events.enter_context(open(run / "coordinator.jsonl", "w"))))
         unlog = log_to(run / "link.log")
         ctx = multiprocessing.get_context("spawn")
         stop, reports = ctx.Event(), ctx.Queue()
@@ -596,10 +596,7 @@ def run_load(devices: int, rounds: int, *, workers: int = 0, persist: str = "mem
             link.close()
             broker.stop()
             store.close()
-            ops.LOG.removeHandler(handler)
-            ops.LOG.setLevel(events_level)
-            ops.LOG.propagate = events_propagate
-            events_log.close()
+            events.close()
             unlog()
     sent, sums = {}, {}
     for report in done.values():

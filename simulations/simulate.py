@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -454,14 +455,7 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     as each phase begins."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    from fedtiny.interpreter import predict, quantize_input
-    from fedtiny_server.ops import setup_json_logging
     import flwr  # noqa: F401  (importing it sets its logger's level: before we quiet that logger below)
-
-    from fedtiny_server.rounds import confusion_matrix
-
-    from .report import write_report
-    from .report_data import accuracy_targets
 
     started = time.perf_counter()
     if task is None:
@@ -470,12 +464,47 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
+    with _run_logs(run):
+        return _simulate_run(config, run, task, progress, note, started)
+
+
+@contextmanager
+def _run_logs(run: Path):
+    """The run's coordinator.jsonl and link.log, detached again when the run ends: a second run in the same process
+    (the Python API, a notebook, the tests) must not append its events to this run's files."""
     import logging
 
-    setup_json_logging(open(run / "coordinator.jsonl", "w"))  # the coordinator's structured log
-    _log_to(run / "link.log", "fedtiny.mqtt", "fedtiny.coordinator_session", "fedtiny.task", "fedtiny.brokers",
-            "amqtt", "transitions", "paho")
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
+    from fedtiny_server import ops
+
+    loggers = [logging.getLogger(name) for name in ("fedtiny.mqtt", "fedtiny.coordinator_session", "fedtiny.task",
+                                                    "fedtiny.brokers", "amqtt", "transitions", "paho")]
+    saved = [(logger, logger.propagate) for logger in loggers]
+    flwr_level = logging.getLogger("flwr").level
+    link = logging.FileHandler(run / "link.log")
+    link.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    with open(run / "coordinator.jsonl", "w") as events, ops.json_logging(events):  # the coordinator's structured log
+        for logger in loggers:
+            logger.addHandler(link)
+            logger.propagate = False
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
+        try:
+            yield
+        finally:
+            for logger, propagate in saved:
+                logger.removeHandler(link)
+                logger.propagate = propagate
+            logging.getLogger("flwr").setLevel(flwr_level)
+            link.close()
+
+
+def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, note, started: float) -> dict:
+    """simulate()'s work, with the run folder made and its logs attached."""
+    from fedtiny.interpreter import predict, quantize_input
+    from fedtiny_server.rounds import confusion_matrix
+
+    from .report import write_report
+    from .report_data import accuracy_targets
+
     if config.trainer == "c" and shutil.which("gcc") is None:
         config.trainer = "python"
     say = note or (lambda message: None)

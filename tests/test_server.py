@@ -537,11 +537,8 @@ def test_prometheus_text_format(plan, tmp_path):
 def test_json_lines_log(capsys):
     import io
     stream = io.StringIO()
-    handler = ops.setup_json_logging(stream)
-    try:
+    with ops.json_logging(stream):
         ops.event("reply_rejected", device="a", round=3, reason="stale-version", value=np.float32(0.5))
-    finally:
-        ops.LOG.removeHandler(handler)
     entry = json.loads(stream.getvalue().strip().splitlines()[-1])
     assert entry["event"] == "reply_rejected" and entry["reason"] == "stale-version" and entry["round"] == 3
     assert entry["value"] == 0.5 and entry["level"] == "info"

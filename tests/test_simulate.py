@@ -72,11 +72,21 @@ def test_personalised_accuracy_flows_from_the_deltas_to_metrics_and_the_report(m
     assert "personalised, worst tenth" in page and "held out: alone" in page
 
 
-def test_same_seed_same_result(medical, tmp_path):
-    result, _ = medical
+def test_same_seed_same_result_and_each_run_keeps_its_own_logs(medical, tmp_path):
+    import logging
+
+    from fedtiny_server import ops
+
+    result, first = medical
+    logs = {name: (first / name).read_bytes() for name in ("coordinator.jsonl", "link.log")}
+    handlers = (list(ops.LOG.handlers), list(logging.getLogger("amqtt").handlers))
     again = simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", out=str(tmp_path / "again"), seed=3))
     keys = ("accuracy", "loss", "participants", "uplink_bytes")
     assert [[r[k] for k in keys] for r in again["rounds"]] == [[r[k] for k in keys] for r in result["rounds"]]
+    # the second run wrote its own events, and nothing into the first run's files; its log handlers came off
+    assert b"round" in (tmp_path / "again" / "coordinator.jsonl").read_bytes()
+    assert {name: (first / name).read_bytes() for name in logs} == logs
+    assert (list(ops.LOG.handlers), list(logging.getLogger("amqtt").handlers)) == handlers
 
 
 def test_custom_npz_dataset_through_the_cli(tmp_path):
