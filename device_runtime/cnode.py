@@ -79,7 +79,7 @@ class Position(ctypes.Structure):
 
 class Task(ctypes.Structure):
     _fields_ = [("present", u8), ("epochs", u16), ("steps", u16), ("uplink_keep_pct", u16), ("round", u32),
-                ("model_version", u32), ("clip_norm", ctypes.c_float)]
+                ("model_version", u32), ("clip_norm", ctypes.c_float), ("noise_sigma", ctypes.c_float)]
 
 
 class State(ctypes.Structure):
@@ -95,7 +95,7 @@ class Persisted(ctypes.Structure):
 
 
 class Sizes(ctypes.Structure):
-    _fields_ = [(n, u32) for n in ("global_state", "carry", "upload", "reassembly", "bitmap", "frame")]
+    _fields_ = [(n, u32) for n in ("global_state", "carry", "upload", "reassembly", "bitmap", "frame", "values")]
 
 
 PUBLISH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
@@ -109,7 +109,7 @@ class Config(ctypes.Structure):
                 ("coordinator_public", ctypes.c_char_p), ("chunk_size", u32), ("ack_timeout_ms", i64),
                 ("started_ms", i64)] + [
         (n, ctypes.c_void_p) for n in ("global_state", "carry", "upload", "reassembly", "bitmap", "frame",
-                                       "personal")] + [
+                                       "personal", "values")] + [
         ("capacity", Sizes), ("publish", PUBLISH), ("persist", PERSIST), ("context", ctypes.c_void_p)]
 
 
@@ -137,7 +137,7 @@ class Node(ctypes.Structure):
 
 class Job(ctypes.Structure):
     _fields_ = [("round", u32), ("model_version", u32), ("epochs", u16), ("steps", u16), ("uplink_keep_pct", u16),
-                ("clip_norm", ctypes.c_float)]
+                ("clip_norm", ctypes.c_float), ("noise_sigma", ctypes.c_float)]
 
 
 class Result(ctypes.Structure):
@@ -282,7 +282,7 @@ class CNodeSession:
         task = state.pending_task
         if task is not None:
             s.pending_task = Task(1, task["epochs"], task["steps"], round(task["uplink_keep"] * 100), task["round"],
-                                  task["model_version"], task["clip_norm"])
+                                  task["model_version"], task["clip_norm"], task.get("noise_sigma", 0.0))
         self.library.pack(state.global_state, self._buffers["global_state"])
         if state.carry is not None:
             self.library.pack(state.carry, self._buffers["carry"], delta=True)
@@ -302,8 +302,7 @@ class CNodeSession:
         task = s.pending_task
         pending = None if not task.present else dict(
             round=task.round, model_version=task.model_version, epochs=task.epochs, steps=task.steps,
-            uplink_keep=task.uplink_keep_pct / 100, clip_norm=task.clip_norm,
-            noise_sigma=0.0)  # the C node refuses a TASK that asks for noise (it cannot add it yet)
+            uplink_keep=task.uplink_keep_pct / 100, clip_norm=task.clip_norm, noise_sigma=task.noise_sigma)
         upload = self._buffers["upload"].raw[:s.upload_len] if s.upload_len else None
         personal = self.library.unpack(self._personal) if s.personal else None
         return NodeState(s.model_version, self.library.unpack(self._buffers["global_state"]), s.rng_counter,
@@ -349,11 +348,12 @@ class CNodeSession:
     def _job(self, job: Job) -> TrainJob:
         return TrainJob(job.round, job.model_version, job.epochs, job.steps,
                         self.library.unpack(self._buffers["global_state"]), job.uplink_keep_pct / 100,
-                        job.clip_norm)
+                        job.clip_norm, job.noise_sigma)
 
     @staticmethod
     def _c_job(job: TrainJob) -> Job:
-        return Job(job.round, job.model_version, job.epochs, job.steps, round(job.uplink_keep * 100), job.clip_norm)
+        return Job(job.round, job.model_version, job.epochs, job.steps, round(job.uplink_keep * 100), job.clip_norm,
+                   job.noise_sigma)
 
     # --- DeviceSession's methods -----------------------------------------------------------------------------
     def persist(self) -> None:

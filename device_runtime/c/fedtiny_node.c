@@ -3,6 +3,8 @@
 
 #include <string.h>
 
+#include "fedtiny_noise.h"
+
 /* ---- little helpers ---------------------------------------------------------------------------------------- */
 
 static uint32_t load32(const uint8_t *p)
@@ -109,6 +111,7 @@ void fedtiny_node_sizes_of(const fedtiny_node_plan *plan, uint32_t chunk_size, f
     sizes->reassembly = max_global_update_envelope(plan) + MAX_TASK_ENVELOPE; /* a TASK behind a GLOBAL_UPDATE */
     sizes->bitmap = FEDTINY_CHUNK_BITMAP_BYTES(sizes->reassembly);
     sizes->frame = chunk_size;
+    sizes->values = 4u * fedtiny_wire_elements(plan->wire);
 }
 
 void fedtiny_node_state_fresh(fedtiny_node_state *state)
@@ -155,6 +158,9 @@ int fedtiny_node_init(fedtiny_node *node, const fedtiny_node_config *config, con
         (state->upload_len < FEDTINY_ENV_HEADER_BYTES || state->upload_len > c->capacity.upload ||
          state->upload_chunk < FEDTINY_CHUNK_MIN_PAYLOAD || state->upload_chunk > c->capacity.frame)) {
         return FEDTINY_NODE_ERR_ARGUMENT; /* an upload this node cannot send again */
+    }
+    if (c->values != NULL && c->capacity.values < need.values) {
+        return FEDTINY_NODE_ERR_ARGUMENT;
     }
     if (state->personal > 1u || (state->personal && c->personal == NULL)) {
         return FEDTINY_NODE_ERR_ARGUMENT; /* a personalised model with nowhere to hold it */
@@ -437,6 +443,7 @@ static int next_job(const fedtiny_node *node, fedtiny_node_job *job)
     job->steps = task->steps;
     job->uplink_keep_pct = task->uplink_keep_pct;
     job->clip_norm = task->clip_norm;
+    job->noise_sigma = task->noise_sigma;
     return FEDTINY_NODE_JOB;
 }
 
@@ -517,6 +524,9 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
                         memcmp(task.plan_hash, c->plan->hash, FEDTINY_WIRE_HASH_BYTES) == 0;
         if (for_this_plan) {
             status = fedtiny_wire_task_settings(&task, &settings);
+            if (status == FEDTINY_WIRE_OK && settings.noise_sigma > 0.0f && c->values == NULL) {
+                status = FEDTINY_WIRE_ERR_BAD_TASK; /* never answer a noised round without noise */
+            }
         }
     } else if (header.type == FEDTINY_MSG_GLOBAL_UPDATE) {
         status = fedtiny_wire_check_global_update(c->plan->wire, body, body_len);
@@ -550,7 +560,9 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
             node->state.model_version = header.model_version;
         }
     } else if (header.type == FEDTINY_MSG_TASK) {
-        if (!for_this_plan) { /* ACK REJECTED: a TASK for another training plan */
+        /* ACK REJECTED: a TASK for another training plan; a new round's masked TASK, as device.py answers it
+         * without the peers' identities (this node does not do secure aggregation) */
+        if (!for_this_plan || ((int64_t)header.round > node->state.trained_round && settings.masked)) {
             size_t reply_len;
             memset(&ack, 0, sizeof ack); /* unused by a TASK: the reply reuses it (one ACK on the stack) */
             ack.acked_type = header.type;
@@ -575,6 +587,7 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
             pending->steps = settings.steps;
             pending->uplink_keep_pct = settings.uplink_keep_pct;
             pending->clip_norm = settings.clip_norm;
+            pending->noise_sigma = settings.noise_sigma;
         } /* else: a TASK for a round already answered */
     } else if (node->state.upload_len != 0u && ack.acked_type == FEDTINY_MSG_DELTA) {
         uint32_t upload_seq = load32(c->upload + 24);
@@ -629,6 +642,38 @@ int fedtiny_node_skip(fedtiny_node *node, const fedtiny_node_job *job)
     return persist(node);
 }
 
+/* update.uplink with device noise (step 4): the sent, clipped delta into config.values, discrete Gaussian noise
+ * from the node's own stream for (run, round) added in place, then encoded. The noise is checked before the
+ * carry changes, as Python raises before it keeps the new carry. */
+static int noised_uplink(fedtiny_node *node, const fedtiny_node_job *job, const uint8_t *base_state,
+                         const uint8_t *trained_state, const fedtiny_node_result *result, uint8_t *out,
+                         size_t capacity, size_t *out_len)
+{
+    const fedtiny_node_config *c = &node->config;
+    fedtiny_noise_stream stream;
+    fedtiny_noise_source source;
+    int status;
+    if (c->values == NULL) {
+        return FEDTINY_WIRE_ERR_ARGUMENT; /* not reached: such a node refuses a noised TASK */
+    }
+    status = fedtiny_noise_check(c->plan->wire, (double)job->noise_sigma);
+    if (status == FEDTINY_WIRE_OK) {
+        status = fedtiny_wire_uplink_values(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
+                                            job->clip_norm, c->values);
+    }
+    if (status != FEDTINY_WIRE_OK) {
+        return status;
+    }
+    fedtiny_noise_stream_open(&stream, c->identity, node->state.run, job->round, &source);
+    status = fedtiny_noise_add(c->plan->wire, c->values, (double)job->noise_sigma, &source, NULL);
+    fedtiny_noise_stream_wipe(&stream);
+    if (status == FEDTINY_WIRE_OK) {
+        status = fedtiny_wire_encode_values(c->plan->wire, c->values, result->num_examples, result->loss,
+                                            result->accuracy, result->personal_accuracy, out, capacity, out_len);
+    }
+    return status;
+}
+
 int fedtiny_node_complete(fedtiny_node *node, const fedtiny_node_job *job, const uint8_t *base_state,
                           const uint8_t *trained_state, const fedtiny_node_result *result, int64_t now_ms)
 {
@@ -641,10 +686,15 @@ int fedtiny_node_complete(fedtiny_node *node, const fedtiny_node_job *job, const
     if (fedtiny_node_superseded(node, job)) {
         return persist(node); /* its change is dropped: it was made from an older model */
     }
-    status = fedtiny_wire_uplink(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
-                                 job->clip_norm, result->num_examples, result->loss, result->accuracy,
-                                 result->personal_accuracy, body,
-                                 c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
+    if (job->noise_sigma > 0.0f) {
+        status = noised_uplink(node, job, base_state, trained_state, result, body,
+                               c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
+    } else {
+        status = fedtiny_wire_uplink(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
+                                     job->clip_norm, result->num_examples, result->loss, result->accuracy,
+                                     result->personal_accuracy, body,
+                                     c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
+    }
     if (status != FEDTINY_WIRE_OK) {
         return FEDTINY_NODE_FROM_WIRE(status);
     }

@@ -80,6 +80,7 @@ typedef struct {
     uint32_t round;
     uint32_t model_version;
     float clip_norm;
+    float noise_sigma; /* the device's DP noise per element, real units (0: none) */
 } fedtiny_node_task;
 
 /* device.NodeState's numbers. The replay streams keep only their last accepted positions, as
@@ -137,6 +138,7 @@ typedef struct {
                               (update.downlink_reassembly_bytes) */
     uint32_t bitmap;       /* FEDTINY_CHUNK_BITMAP_BYTES(reassembly) */
     uint32_t frame;        /* chunk_size: one uplink frame */
+    uint32_t values;       /* 4 bytes per trainable element: the sent delta while noise is added */
 } fedtiny_node_sizes;
 
 void fedtiny_node_sizes_of(const fedtiny_node_plan *plan, uint32_t chunk_size, fedtiny_node_sizes *sizes);
@@ -163,6 +165,8 @@ typedef struct {
     /* fedtiny_wire_state_bytes, or NULL: a node whose budget does not hold a personalised model keeps none
      * (Plan.memory_report's personal_model_bytes is 0) and predicts with the global model */
     uint8_t *personal;
+    /* fedtiny_wire_elements int32s, or NULL: a node without it refuses a TASK asking for device noise (bad-task) */
+    int32_t *values;
     fedtiny_node_sizes capacity;
     fedtiny_node_publish_fn publish;
     fedtiny_node_persist_fn persist;
@@ -196,6 +200,7 @@ typedef struct {
     uint16_t steps;
     uint16_t uplink_keep_pct; /* 1..100 */
     float clip_norm;          /* 0: no clipping */
+    float noise_sigma;        /* discrete Gaussian noise per element, real units (0: none; fedtiny_noise.h) */
 } fedtiny_node_job;
 
 /* What training returns besides the trained state (device.TrainResult). */
