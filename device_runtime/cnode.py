@@ -36,6 +36,7 @@ HOST_LIB = "libfedtiny_node.so"
 PLAN_SYMBOL = "fedtiny_node_plan_data"
 NODE_FILES = ("fedtiny_node.c", "fedtiny_node.h", "fedtiny_chunk.c", "fedtiny_chunk.h", "fedtiny_wire.c",
               "fedtiny_wire.h", "fedtiny_envelope.c", "fedtiny_envelope.h", "fedtiny_noise.c", "fedtiny_noise.h",
+              "fedtiny_secagg.c", "fedtiny_secagg.h",
               "fedtiny_profile.h", "Makefile")
 TOPIC_MAX = 8 + 64 + 8 + 64 + 1  # FEDTINY_NODE_TOPIC_MAX
 JOB = 1  # FEDTINY_NODE_JOB

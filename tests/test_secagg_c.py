@@ -1,0 +1,160 @@
+"""Secure aggregation's device steps in C (device_runtime/c/fedtiny_secagg.c through fedtiny_device.csecagg) against
+fedtiny/protocol/secagg.py: the same signed keys, moduli and masked values as the Python device, Shamir shares that
+pycryptodome combines, share encryption both ways, and rounds with C and Python devices mixed through the
+coordinator's SecAggRound whose sum is exact, also with 30 % dropping after masking.
+
+What is not tested here because it is not built: the C session (fedtiny_node.c) taking the stages from the wire.
+Builds libfedtiny_node.so with gcc and Monocypher's pinned sources: skips without them, fails in CI."""
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import IN_CI, require_tool
+from Crypto.Protocol.SecretSharing import Shamir
+from test_secagg import CLIP, CTX, clipped_delta, identities
+
+from fedtiny.protocol.errors import ProtocolError
+from fedtiny.protocol.messages import MaskedDelta, MessageType, SecAggKeys, decode_body
+from fedtiny.protocol.secagg import (
+    RoundContext, RoundSecrets, SecAggDevice, SecAggRound, modulus_bits, open_share, seal_share, share_key,
+    value_bounds,
+)
+
+
+@pytest.fixture(scope="module")
+def csecagg(mlp_last2_plan, tmp_path_factory):
+    require_tool("gcc")
+    require_tool("make")
+    from fedtiny_device import cnode, csecagg, monocypher_sources
+
+    try:
+        monocypher_sources.monocypher_sources()
+    except monocypher_sources.SourceError as err:
+        if IN_CI:
+            pytest.fail(str(err))
+        pytest.skip(str(err))
+    return csecagg.CSecAgg(cnode.CNodeLibrary(mlp_last2_plan))
+
+
+def test_keys_signatures_and_moduli_are_pythons(csecagg, mlp_last2_plan):
+    private, public = identities(3)
+    for (device_id, identity), ctx in itertools.product(private.items(), [CTX, RoundContext(7, 2**32 - 1, 99)]):
+        raw = identity.to_bytes()
+        expected = RoundSecrets.derive(identity, ctx, device_id).keys(identity, ctx, device_id).encode()
+        assert csecagg.keys(csecagg.secrets(raw, ctx, device_id), raw) == expected
+        csecagg.check_keys(public[device_id].to_bytes(), ctx, device_id, expected)
+        for tampered in (expected[:5] + bytes([expected[5] ^ 1]) + expected[6:], expected):
+            other = next(i for i in public if i != device_id)  # signed by another device, or tampered
+            with pytest.raises(ProtocolError, match="C node") as err:
+                csecagg.check_keys(public[other if tampered == expected else device_id].to_bytes(), ctx, device_id,
+                                   tampered)
+            assert err.value.reason == "bad-signature"
+    for clip, sigma in [(0.5, 0.0), (0.05, 0.0), (2.0, 0.01), (0.5, 0.3), (1e9, 0.0)]:
+        bounds = csecagg.bounds(clip, sigma)
+        assert bounds == value_bounds(mlp_last2_plan, float(np.float32(clip)), float(np.float32(sigma)))
+        for cohort in (1, 3, 50, 1000):
+            try:
+                expected_bits = modulus_bits(bounds, cohort)
+            except ValueError:
+                with pytest.raises(ProtocolError) as err:
+                    csecagg.bits(bounds, cohort)
+                assert err.value.reason == "bad-cohort"
+                continue
+            assert csecagg.bits(bounds, cohort) == expected_bits
+
+
+def test_c_shamir_shares_combine_with_pycryptodome(csecagg):
+    """Any `threshold` of the C node's shares give pycryptodome's Shamir.combine the secret back; fewer do not."""
+    rng = np.random.default_rng(5)
+    private, _ = identities(2)
+    for trial in range(8):  # pycryptodome's combine is pure Python: small thresholds, and one of the largest
+        device_id = list(private)[trial % 2]
+        ctx = RoundContext(int(rng.integers(2**32)), int(rng.integers(2**32)), trial)
+        secrets = csecagg.secrets(private[device_id].to_bytes(), ctx, device_id)
+        python = RoundSecrets.derive(private[device_id], ctx, device_id)
+        n = 64 if trial == 0 else int(rng.integers(2, 65))
+        t = 33 if trial == 0 else int(rng.integers(1, min(n, 8) + 1))
+        shares = {i: csecagg.share(secrets, t, i) for i in range(1, n + 1)}
+        for _ in range(1 if trial == 0 else 2):
+            chosen = sorted(rng.choice(np.arange(1, n + 1), t, replace=False).tolist())
+            parts = [Shamir.combine([(i, shares[i][16 * w:16 * w + 16]) for i in chosen]) for w in range(3)]
+            assert parts == [python.b_seed, python.s_sk[:16], python.s_sk[16:]], (n, t, chosen)
+        if t > 1:
+            fewer = list(range(1, t))
+            assert Shamir.combine([(i, shares[i][:16]) for i in fewer]) != python.b_seed
+
+
+def test_shares_sealed_in_c_open_in_python_and_back(csecagg):
+    private, _ = identities(2)
+    (a, ident_a), (b, ident_b) = private.items()
+    sa, sb = RoundSecrets.derive(ident_a, CTX, a), RoundSecrets.derive(ident_b, CTX, b)
+    ca, cb = (csecagg.secrets(i.to_bytes(), CTX, d) for d, i in ((a, ident_a), (b, ident_b)))
+    b_keys = SecAggKeys.decode(csecagg.keys(cb, ident_b.to_bytes()))
+    a_keys = SecAggKeys.decode(csecagg.keys(ca, ident_a.to_bytes()))
+    shares = bytes(range(48))
+    sealed = csecagg.seal_share(ca, b_keys.c_pk, b, 7, shares)
+    key = share_key(sb.c_sk, a_keys.c_pk, CTX, a, b)
+    assert open_share(key, CTX, a, b, sealed) == (7, shares[:16], shares[16:32], shares[32:])
+    back = seal_share(share_key(sb.c_sk, a_keys.c_pk, CTX, b, a), CTX, b, a, 3, shares[:16], shares[16:32],
+                      shares[32:])
+    assert csecagg.open_share(ca, b_keys.c_pk, b, back) == (3, shares)
+    for bad in (back[:10] + bytes([back[10] ^ 1]) + back[11:], sealed):  # tampered; or sealed for another pair
+        with pytest.raises(ProtocolError) as err:
+            csecagg.open_share(ca, b_keys.c_pk, b, bad)
+        assert err.value.reason == "bad-share"
+    with pytest.raises(ProtocolError) as err:  # a small-order key: the all-zero agreement is refused
+        csecagg.open_share(ca, bytes(32), b, back)
+    assert err.value.reason == "bad-key"
+
+
+def mixed_round(plan, csecagg, n, c_ids, drop_after_masking=(), degree=None):
+    """secagg_test.run_round with the devices in c_ids in C (fedtiny_device.csecagg.CSecAggDevice): bodies encoded
+    and decoded as on the wire. Each C device's masked values are also compared with the Python device's of the
+    same identity given the same relay."""
+    from fedtiny_device.csecagg import CSecAggDevice
+
+    private, public = identities(n)
+    devices = {i: (CSecAggDevice(csecagg.library, private[i], i, CTX, public, CLIP) if i in c_ids else
+                   SecAggDevice(plan, private[i], i, CTX, public, CLIP)) for i in private}
+    twins = {i: SecAggDevice(plan, private[i], i, CTX, public, CLIP) for i in c_ids}
+    server = SecAggRound(plan, CTX, public, list(devices), CLIP, degree=degree)
+
+    def wire(body, msg_type=None):
+        return decode_body(msg_type or body.TYPE, body.encode(), masked=isinstance(body, MaskedDelta))
+
+    for i, d in devices.items():
+        server.on_keys(i, wire(d.keys()))
+    for i, peers in server.close_keys().items():
+        server.on_shares(i, wire(devices[i].on_peers(wire(peers))))
+        if i in twins:
+            twins[i].on_peers(wire(peers))
+    for i, relay in server.close_shares().items():
+        devices[i].on_relay(wire(relay))
+        if i in twins:
+            twins[i].on_relay(wire(relay))
+    deltas = {i: clipped_delta(plan, i) for i in devices}
+    for i, d in devices.items():
+        body = d.masked(deltas[i], 10, 0.5, 0.75)
+        if i in twins:
+            assert body == twins[i].masked(deltas[i], 10, 0.5, 0.75), f"device {i}: the masked DELTA"
+        if i not in drop_after_masking:
+            server.on_masked(i, wire(body, MessageType.DELTA))
+    for i, unmask in server.close_masked().items():
+        server.on_reveal(i, wire(devices[i].on_unmask(wire(unmask))))
+    return server, server.finish(), deltas
+
+
+def test_c_and_python_devices_sum_exactly_with_thirty_percent_dropping_after_masking(mlp_last2_plan, csecagg):
+    """20 devices, 7 of them C, on a graph of degree 10: 6 drop after sharing (2 of them C). The coordinator's sum
+    is exactly the 14 survivors' clipped deltas: the C devices' masks cancel against Python's, and their shares
+    of the dropped devices' keys and the survivors' seeds reconstruct in pycryptodome."""
+    ids = sorted(identities(20)[0])
+    gone = set(ids[::3][:6])  # as test_secagg's round of 20: every secret keeps `threshold` surviving holders
+    c_ids = {ids[0], ids[3]} | set(ids[1:15:3])  # 2 of them drop
+    assert len(c_ids) == 7 and len(c_ids & gone) == 2
+    server, result, deltas = mixed_round(mlp_last2_plan, csecagg, 20, c_ids, gone, degree=10)
+    assert set(result.dropped) == gone and len(result.survivors) == 14 and result.bad_shares == ()
+    for name in mlp_last2_plan.trainable_buffers():
+        expected = sum(deltas[i][name].astype(np.int64) for i in result.survivors)
+        assert np.array_equal(result.total[name], expected), name
