@@ -14,6 +14,8 @@ from conftest import IN_CI, require_tool
 from Crypto.Protocol.SecretSharing import Shamir
 from test_secagg import CLIP, CTX, clipped_delta, identities
 
+from fedtiny.protocol.chunking import CHUNK_HEADER, CHUNK_HEADER_SIZE
+from fedtiny.protocol.envelope import Flags, Header
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import MaskedDelta, MessageType, SecAggKeys, decode_body
 from fedtiny.protocol.secagg import (
@@ -158,3 +160,38 @@ def test_c_and_python_devices_sum_exactly_with_thirty_percent_dropping_after_mas
     for name in mlp_last2_plan.trainable_buffers():
         expected = sum(deltas[i][name].astype(np.int64) for i in result.survivors)
         assert np.array_equal(result.total[name], expected), name
+
+
+def test_c_nodes_and_python_nodes_in_one_round_through_the_real_sessions(mlp_last2_plan, csecagg):
+    """The C node's session (fedtiny_node.c with fedtiny_node_secagg.c, through CNodeSession) in a secure-aggregation
+    round of 10 devices, 4 of them C, with the CoordinatorSession over their real frames (chunked, signed,
+    encrypted): 3 drop after sending keys and shares (one of them C). The one result is exactly the 7 survivors'
+    clipped deltas, nothing is refused, and every survivor's masked upload was acknowledged."""
+    from test_secagg_sessions import Fleet
+
+    from fedtiny.protocol.device import NodeState
+    from fedtiny_device.cnode import CNodeSession
+
+    fleet = Fleet(mlp_last2_plan, 10)
+    public = {d.endpoint.device_id: d.endpoint.identity.public for d in fleet.devices.values()}
+    c_names = [fleet.names[i] for i in (1, 4, 7, 9)]
+    for name in c_names:
+        python = fleet.devices[name]
+        fleet.devices[name] = CNodeSession(mlp_last2_plan, name, python.fleet, python.endpoint,
+                                           NodeState(0, mlp_last2_plan.initial_state(), 0), 512, lambda state: None,
+                                           library=csecagg.library, peers=public)
+    dropouts = {fleet.names[0], fleet.names[2], fleet.names[4]}  # dev-04 is a C node
+    expected = fleet.round(1, dropouts=dropouts)
+    assert fleet.coordinator.take_rejections() == []
+    assert fleet.coordinator.take_replies() == []
+    (outcome,) = fleet.coordinator.take_secagg_outcomes()
+    assert outcome.failure == "" and len(outcome.result.survivors) == 7 and len(outcome.result.dropped) == 3
+    for name in mlp_last2_plan.trainable_buffers():
+        assert np.array_equal(outcome.result.total[name], sum(e[name].astype(np.int64) for e in expected.values()))
+    for name in set(fleet.names) - dropouts:
+        assert fleet.devices[name].state.upload is None and fleet.devices[name].state.trained_round == 1, name
+    firsts = [Header.unpack(p.payload[CHUNK_HEADER_SIZE:]) for p in fleet.uplinks  # each transfer's first chunk
+              if p.topic.rsplit("/", 1)[1] in c_names and CHUNK_HEADER.unpack_from(p.payload)[4] == 0]
+    deltas = [h for h in firsts if h.type == MessageType.DELTA]
+    assert len(deltas) == 3 and all(h.flags & Flags.MASKED for h in deltas)  # the C survivors' DELTAs, masked
+    assert sum(h.type == MessageType.SECAGG_KEYS for h in firsts) == 4  # every C node took part from the keys on

@@ -20,6 +20,14 @@ const char *fedtiny_secagg_reason(int status)
     case FEDTINY_SECAGG_ERR_BAD_SHARE: return "bad-share";
     case FEDTINY_SECAGG_ERR_BAD_COHORT: return "bad-cohort";
     case FEDTINY_SECAGG_ERR_BUFFER: return "buffer";
+    case FEDTINY_SECAGG_ERR_BAD_STAGE: return "bad-stage";
+    case FEDTINY_SECAGG_ERR_BAD_PEERS: return "bad-peers";
+    case FEDTINY_SECAGG_ERR_BAD_THRESHOLD: return "bad-threshold";
+    case FEDTINY_SECAGG_ERR_UNKNOWN_PEER: return "unknown-peer";
+    case FEDTINY_SECAGG_ERR_BAD_RELAY: return "bad-relay";
+    case FEDTINY_SECAGG_ERR_TOO_FEW_NEIGHBOURS: return "too-few-neighbours";
+    case FEDTINY_SECAGG_ERR_BAD_UNMASK: return "bad-unmask";
+    case FEDTINY_SECAGG_ERR_TOO_FEW_SURVIVORS: return "too-few-survivors";
     default: return "unknown";
     }
 }
@@ -398,12 +406,12 @@ uint32_t fedtiny_secagg_packed_bytes(const fedtiny_wire_plan *plan, const uint8_
 static void add_mask(uint32_t *values, uint32_t count, const uint8_t key[32], int subtract)
 {
     static const uint8_t nonce[12] = {0};
-    uint8_t block[64];
+    uint8_t block[256]; /* four ChaCha20 blocks a call: the call's setup is paid once per 64 words */
     uint32_t e = 0, counter = 0;
     while (e < count) {
         unsigned w;
         counter = crypto_chacha20_ietf(block, NULL, sizeof block, key, nonce, counter);
-        for (w = 0; w < 16u && e < count; w++, e++) {
+        for (w = 0; w < sizeof block / 4u && e < count; w++, e++) {
             const uint32_t m = rd32(block + 4u * w);
             values[e] = subtract ? values[e] - m : values[e] + m;
         }

@@ -46,7 +46,16 @@ enum {
     FEDTINY_SECAGG_ERR_BAD_SIGNATURE = -3, /* "bad-signature": keys not signed by the neighbour's identity */
     FEDTINY_SECAGG_ERR_BAD_SHARE = -4,    /* "bad-share": a share that does not decrypt or names another pair */
     FEDTINY_SECAGG_ERR_BAD_COHORT = -5,   /* "bad-cohort": the cohort's sum needs more than 32 bits per value */
-    FEDTINY_SECAGG_ERR_BUFFER = -6        /* the output buffer is too small */
+    FEDTINY_SECAGG_ERR_BUFFER = -6,       /* the output buffer is too small */
+    /* the device's round refusing a stage message (SecAggDevice's ProtocolError reasons) */
+    FEDTINY_SECAGG_ERR_BAD_STAGE = -7,    /* "bad-stage": not this round's, or out of order */
+    FEDTINY_SECAGG_ERR_BAD_PEERS = -8,    /* "bad-peers" */
+    FEDTINY_SECAGG_ERR_BAD_THRESHOLD = -9, /* "bad-threshold" */
+    FEDTINY_SECAGG_ERR_UNKNOWN_PEER = -10, /* "unknown-peer" */
+    FEDTINY_SECAGG_ERR_BAD_RELAY = -11,   /* "bad-relay" */
+    FEDTINY_SECAGG_ERR_TOO_FEW_NEIGHBOURS = -12, /* "too-few-neighbours" */
+    FEDTINY_SECAGG_ERR_BAD_UNMASK = -13,  /* "bad-unmask" */
+    FEDTINY_SECAGG_ERR_TOO_FEW_SURVIVORS = -14 /* "too-few-survivors" */
 };
 
 /* The "reason" token of a status, as secagg.py's ProtocolError names it. */
