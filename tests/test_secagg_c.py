@@ -7,6 +7,7 @@ What is not tested here because it is not built: the C session (fedtiny_node.c) 
 Builds libfedtiny_node.so with gcc and Monocypher's pinned sources: skips without them, fails in CI."""
 
 import itertools
+import struct
 
 import numpy as np
 import pytest
@@ -14,10 +15,11 @@ from conftest import IN_CI, require_tool
 from Crypto.Protocol.SecretSharing import Shamir
 from test_secagg import CLIP, CTX, clipped_delta, identities
 
-from fedtiny.protocol.chunking import CHUNK_HEADER, CHUNK_HEADER_SIZE
+from fedtiny.protocol.chunking import CHUNK_HEADER, CHUNK_HEADER_SIZE, Reassembler
+from fedtiny.protocol.device import TrainResult
 from fedtiny.protocol.envelope import Flags, Header
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import MaskedDelta, MessageType, SecAggKeys, decode_body
+from fedtiny.protocol.messages import MaskedDelta, MessageType, SecAggKeys, SecAggShares, SecAggUnmask, decode_body
 from fedtiny.protocol.secagg import (
     RoundContext, RoundSecrets, SecAggDevice, SecAggRound, modulus_bits, open_share, seal_share, share_key,
     value_bounds,
@@ -195,3 +197,139 @@ def test_c_nodes_and_python_nodes_in_one_round_through_the_real_sessions(mlp_las
     deltas = [h for h in firsts if h.type == MessageType.DELTA]
     assert len(deltas) == 3 and all(h.flags & Flags.MASKED for h in deltas)  # the C survivors' DELTAs, masked
     assert sum(h.type == MessageType.SECAGG_KEYS for h in firsts) == 4  # every C node took part from the keys on
+
+
+class Twins:
+    """A C node and the Python DeviceSession of the same identity fed the same frames: every outcome, state and
+    envelope must agree, but for SECAGG_SHARES (the Shamir coefficients are random in Python, derived in C: the
+    same recipients and sizes are checked there). The coordinator is given the Python session's frames."""
+
+    def __init__(self, c, p):
+        self.c, self.p = c, p
+
+    @staticmethod
+    def envelopes(publishes):
+        reassembler, out = Reassembler(64, 1 << 22, 60.0), []
+        for p in publishes:
+            done = reassembler.accept(p.payload, 0.0, p.topic)
+            if done.payload is not None:
+                out.append(done.payload)
+        return out
+
+    def same(self, c_out, p_out, what):
+        c_env, p_env = self.envelopes(c_out), self.envelopes(p_out)
+        assert [e[:32] for e in c_env] == [e[:32] for e in p_env], f"{what}: headers"
+        for c, p in zip(c_env, p_env):
+            if Header.unpack(p).type == MessageType.SECAGG_SHARES:
+                assert len(c) == len(p) and [v for v, _ in SecAggShares.decode(c[32:-64]).shares] == \
+                    [v for v, _ in SecAggShares.decode(p[32:-64]).shares], f"{what}: shares' recipients"
+            else:
+                assert c == p, f"{what}: {MessageType(Header.unpack(p).type).name}"
+        assert (self.c.state.seq, self.c.state.trained_round, self.c.state.pending_task, self.c.state.upload is None) \
+            == (self.p.state.seq, self.p.state.trained_round, self.p.state.pending_task, self.p.state.upload is None)
+
+    def receive(self, topic, frame, now):
+        outcomes = []
+        for session in (self.c, self.p):
+            try:
+                out, job = session.receive(topic, frame, now)
+                outcomes.append(("ok", out, job))
+            except ProtocolError as exc:
+                outcomes.append((exc.reason, [], None))
+        assert outcomes[0][0] == outcomes[1][0], f"C {outcomes[0][0]}, Python {outcomes[1][0]}"
+        if outcomes[1][0] != "ok":
+            raise ProtocolError(outcomes[1][0], "both sessions")
+        self.same(outcomes[0][1], outcomes[1][1], "receive")
+        assert (outcomes[0][2] is None) == (outcomes[1][2] is None)
+        return outcomes[1][1], outcomes[1][2]
+
+    def on_connect(self, now):
+        c_out, p_out = self.c.on_connect(now), self.p.on_connect(now)
+        self.same(c_out, p_out, "on_connect")
+        return p_out
+
+    def complete(self, job, result, now):
+        c_job = self.c.pending_job()
+        assert (c_job.round, c_job.masked, c_job.noise_sigma) == (job.round, job.masked, job.noise_sigma)
+        c_out, p_out = self.c.complete(c_job, result, now), self.p.complete(job, result, now)
+        self.same(c_out, p_out, "complete")
+        return p_out
+
+    def skip(self, job):
+        self.c.skip(self.c.pending_job())
+        self.p.skip(job)
+
+    @property
+    def state(self):
+        return self.p.state
+
+
+def test_a_c_node_seals_what_the_python_device_seals_in_a_noised_masked_round(mlp_last2_plan, csecagg):
+    """Distributed DP under secure aggregation, the C node and the Python session of one identity as twins in a
+    round of 6 through the CoordinatorSession: the same SECAGG_KEYS, the same masked DELTA (the noise drawn from
+    the same stream, clamped to the same bounds, masked alike) and the same SECAGG_REVEAL; the sum is the
+    survivors' noised deltas. Then a SECAGG_UNMASK for another round and malformed stage bodies are refused by
+    both with the same reason."""
+    from test_secagg_sessions import Fleet
+
+    from fedtiny.protocol.device import NodeState
+    from fedtiny.protocol.noise import NoiseStream, add_noise, noise_key
+    from fedtiny.protocol.secagg import value_bounds
+    from fedtiny.protocol.update import row_scales, uplink_delta
+    from fedtiny_device.cnode import CNodeSession
+
+    sigma = 0.01
+    plan = mlp_last2_plan
+    fleet = Fleet(plan, 6)
+    public = {d.endpoint.device_id: d.endpoint.identity.public for d in fleet.devices.values()}
+    twin_name = fleet.names[2]
+    python = fleet.devices[twin_name]
+    fleet.devices[twin_name] = twins = Twins(
+        CNodeSession(plan, twin_name, python.fleet, python.endpoint, NodeState(0, plan.initial_state(), 0), 512,
+                     lambda state: None, library=csecagg.library, peers=public), python)
+    for name in fleet.names:
+        fleet.pump(fleet.devices[name].on_connect(0.5), 0.5)
+    fleet.coordinator.begin_secagg(1, 0, fleet.names, CLIP, noise_sigma=sigma)
+    config = {"secagg": 1, "clip_norm": CLIP, "noise_sigma": sigma}
+    for name in fleet.names:
+        fleet.pump(fleet.coordinator.send_task(name, 1, 0, None, config))
+    bounds = value_bounds(plan, CLIP, float(np.float32(sigma)))
+    expected = {}
+    for name in fleet.names:
+        job = fleet.jobs.pop(name)
+        result = TrainResult(fleet.trained(name), 8, 0.25, 0.5, 0)
+        endpoint = fleet.devices[name].p.endpoint if name == twin_name else fleet.devices[name].endpoint
+        noise = NoiseStream(noise_key(endpoint.identity.to_bytes()), fleet.devices[name].state.run, 1)
+        expected[name], _ = uplink_delta(plan, job.base, result.state, None, keep=1.0, clip_norm=CLIP,
+                                         noise_sigma=job.noise_sigma, noise=noise, noise_limits=bounds)
+        fleet.pump(fleet.devices[name].complete(job, result, 2.0), 2.0)
+    fleet.pump(fleet.coordinator.secagg_close(1), 3.0)
+    assert fleet.coordinator.take_rejections() == []
+    (outcome,) = fleet.coordinator.take_secagg_outcomes()
+    assert outcome.failure == "" and len(outcome.result.survivors) == 6
+    for name in plan.trainable_buffers():
+        assert np.array_equal(outcome.result.total[name], sum(e[name].astype(np.int64) for e in expected.values()))
+    assert twins.c.state.upload is None and twins.c.state.trained_round == 1
+
+    for body in (SecAggUnmask((), ()),):  # another round's stage message: bad-stage, nothing changes
+        with pytest.raises(ProtocolError, match="bad-stage"):
+            for p in fleet.coordinator._downlink(twin_name, body, 2, 0):
+                twins.receive(p.topic, p.payload, 5.0)
+    for raw, reason in ((b"\x01\x00", "truncated"), (struct.pack("<HHHH", 9, 5, 65, 0), "oversized"),
+                        (struct.pack("<HHHH", 9, 5, 1, 0) + bytes(10), "truncated"),
+                        (struct.pack("<HHHH", 9, 5, 0, 1), "bad-flags")):
+        with pytest.raises(ProtocolError, match=reason):
+            for p in fleet.coordinator._downlink(twin_name, RawStage(raw), 1, 0):
+                twins.receive(p.topic, p.payload, 5.0)
+
+
+class RawStage:
+    """A SECAGG_PEERS body of any bytes, for the coordinator's endpoint to sign."""
+
+    TYPE = MessageType.SECAGG_PEERS
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def encode(self) -> bytes:
+        return self.data
