@@ -566,7 +566,8 @@ def render_replay(library: CNodeLibrary, spec: dict, identity: bytes, coordinato
                     j = line["job"]
                     has_job, last_round = 1, j["round"]
                     job = (f"{{{j['round']}u, {j['model_version']}u, {j['epochs']}u, {j['steps']}u, "
-                           f"{round(j['uplink_keep'] * 100)}u, {float(j['clip_norm']).hex()}f}}")
+                           f"{round(j['uplink_keep'] * 100)}u, {float(j['clip_norm']).hex()}f, "
+                           f"{float(j.get('noise_sigma', 0.0)).hex()}f, {int(bool(j.get('masked')))}u}}")
             elif line["op"] == "complete":
                 state = line["result"]["state"]
                 arrays = {k: np.frombuffer(bytes.fromhex(raw), dtype).reshape(shape) for k, (dtype, shape, raw)
