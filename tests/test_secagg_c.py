@@ -24,6 +24,7 @@ from fedtiny.protocol.secagg import (
     RoundContext, RoundSecrets, SecAggDevice, SecAggRound, modulus_bits, open_share, seal_share, share_key,
     value_bounds,
 )
+from fedtiny.protocol.update import uplink_delta
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +274,8 @@ def test_a_c_node_seals_what_the_python_device_seals_in_a_noised_masked_round(ml
     from test_secagg_sessions import Fleet
 
     from fedtiny.protocol.device import NodeState
-    from fedtiny.protocol.noise import NoiseStream, add_noise, noise_key
+    from fedtiny.protocol.noise import NoiseStream, noise_key
     from fedtiny.protocol.secagg import value_bounds
-    from fedtiny.protocol.update import row_scales, uplink_delta
     from fedtiny_device.cnode import CNodeSession
 
     sigma = 0.01
@@ -333,3 +333,59 @@ class RawStage:
 
     def encode(self) -> bytes:
         return self.data
+
+
+def test_hostile_stage_messages_are_refused_by_the_c_node_as_by_the_python_device(mlp_last2_plan, csecagg):
+    """SECAGG_PEERS the coordinator could forge, each refused by the C node with the Python device's reason and
+    nothing changed (the round then goes on and sums exactly): the node itself among its neighbours, a threshold
+    below a majority, a neighbour outside the fleet, keys not signed by the neighbour, a cohort whose sum needs more
+    than 32 bits; then a SECAGG_RELAY before any SECAGG_PEERS was taken, and a SECAGG_UNMASK before the masked DELTA."""
+    from test_secagg_sessions import Fleet
+
+    from fedtiny.protocol.device import NodeState
+    from fedtiny.protocol.messages import SecAggPeer, SecAggPeers, SecAggRelay
+    from fedtiny_device.cnode import CNodeSession
+
+    plan = mlp_last2_plan
+    fleet = Fleet(plan, 5)
+    public = {d.endpoint.device_id: d.endpoint.identity.public for d in fleet.devices.values()}
+    twin_name, last = fleet.names[1], fleet.names[-1]
+    python = fleet.devices[twin_name]
+    fleet.devices[twin_name] = twins = Twins(
+        CNodeSession(plan, twin_name, python.fleet, python.endpoint, NodeState(0, plan.initial_state(), 0), 512,
+                     lambda state: None, library=csecagg.library, peers=public), python)
+    for name in fleet.names:
+        fleet.pump(fleet.devices[name].on_connect(0.5), 0.5)
+    fleet.coordinator.begin_secagg(1, 0, fleet.names, CLIP)
+    for name in fleet.names[:-1]:  # the keys stage stays open: the last device has no TASK yet
+        fleet.pump(fleet.coordinator.send_task(name, 1, 0, None, {"secagg": 1, "clip_norm": CLIP}))
+    keys = dict(fleet.coordinator._secagg[1].keys)
+    me = python.endpoint.device_id
+    others = [i for i in sorted(keys) if i != me]
+    good = [SecAggPeer(i, keys[i]) for i in others]
+    forged = keys[others[0]]
+    hostile = [
+        (SecAggPeers(4, 2, tuple(good[:2]) + (SecAggPeer(me, keys[me]),)), "bad-peers"),
+        (SecAggPeers(4, 1, tuple(good)), "bad-threshold"),
+        (SecAggPeers(4, 2, tuple(good[:2]) + (SecAggPeer(0x7777, keys[others[2]]),)), "unknown-peer"),
+        (SecAggPeers(4, 2, tuple(good[:2]) + (SecAggPeer(others[2], forged),)), "bad-signature"),
+        (SecAggPeers(60000, 2, tuple(good)), "bad-cohort"),
+        (SecAggRelay(()), "bad-stage"),
+        (SecAggUnmask((), ()), "bad-stage"),
+    ]
+    for body, reason in hostile:
+        with pytest.raises(ProtocolError, match=reason):
+            for p in fleet.coordinator._downlink(twin_name, body, 1, 0):
+                twins.receive(p.topic, p.payload, 1.5)
+    fleet.pump(fleet.coordinator.send_task(last, 1, 0, None, {"secagg": 1, "clip_norm": CLIP}))
+    expected = {}
+    for name in fleet.names:
+        job = fleet.jobs.pop(name)
+        result = TrainResult(fleet.trained(name), 8, 0.25, 0.5, 0)
+        expected[name], _ = uplink_delta(plan, job.base, result.state, None, keep=1.0, clip_norm=CLIP)
+        fleet.pump(fleet.devices[name].complete(job, result, 2.0), 2.0)
+    fleet.pump(fleet.coordinator.secagg_close(1), 3.0)
+    (outcome,) = fleet.coordinator.take_secagg_outcomes()
+    assert outcome.failure == "" and len(outcome.result.survivors) == 5
+    for name in plan.trainable_buffers():
+        assert np.array_equal(outcome.result.total[name], sum(e[name].astype(np.int64) for e in expected.values()))
