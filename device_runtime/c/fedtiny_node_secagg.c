@@ -117,6 +117,7 @@ static int on_peers(fedtiny_node_secagg *sa, const fedtiny_wire_plan *plan, cons
     const uint16_t cohort = rd16(body), t = rd16(body + 2), n = rd16(body + 4);
     const uint8_t *entries = body + 8;
     uint8_t bits[FEDTINY_NODE_SECAGG_MAX_BUFFERS], shares[FEDTINY_SECAGG_SHARES_BYTES];
+    uint8_t open_keys[FEDTINY_SECAGG_MAX_NEIGHBOURS][32]; /* by position in id order, until all are sealed */
     uint32_t order[FEDTINY_SECAGG_MAX_NEIGHBOURS];
     unsigned i, j, majority = n / 2u + 1u;
     int status;
@@ -152,19 +153,31 @@ static int on_peers(fedtiny_node_secagg *sa, const fedtiny_wire_plan *plan, cons
         for (j = 0; j < n; j++) {
             if (rd32(entries + PEER_ENTRY * j) == order[i]) keys = entries + PEER_ENTRY * j + 4u;
         }
+        uint8_t seal_key[32];
         status = fedtiny_secagg_share(&sa->secrets, t, i + 1u, shares);
+        if (status == FEDTINY_SECAGG_OK) { /* one agreement: the key the relay's share opens with is kept */
+            status = fedtiny_secagg_share_keys(&sa->secrets, keys, order[i], seal_key, open_keys[i]);
+        }
         if (status == FEDTINY_SECAGG_OK) {
             wr32(reply + 4u + SHARE_ENTRY * i, order[i]);
-            status = fedtiny_secagg_seal_share(&sa->secrets, keys, order[i], i + 1u, shares,
-                                               reply + 8u + SHARE_ENTRY * i);
+            status = fedtiny_secagg_seal_share_with(&sa->secrets, seal_key, order[i], i + 1u, shares,
+                                                    reply + 8u + SHARE_ENTRY * i);
         }
-        if (status != FEDTINY_SECAGG_OK) return status; /* a small-order c_pk: nothing kept */
+        memset(seal_key, 0, sizeof seal_key);
+        if (status != FEDTINY_SECAGG_OK) { /* a small-order c_pk: nothing kept */
+            memset(open_keys, 0, sizeof open_keys);
+            return status;
+        }
     }
     for (i = 0; i < n; i++) { /* kept in SECAGG_PEERS' order */
+        for (j = 0; j < n; j++) {
+            if (order[j] == rd32(entries + PEER_ENTRY * i)) memcpy(sa->open_key[i], open_keys[j], 32);
+        }
         sa->ids[i] = rd32(entries + PEER_ENTRY * i);
         memcpy(sa->c_pk[i], entries + PEER_ENTRY * i + 4u, 32);
         memcpy(sa->s_pk[i], entries + PEER_ENTRY * i + 36u, 32);
     }
+    memset(open_keys, 0, sizeof open_keys);
     memcpy(sa->bits, bits, plan->n_tensors);
     sa->n_neighbours = n;
     sa->cohort = cohort;
@@ -195,8 +208,8 @@ static int on_relay(fedtiny_node_secagg *sa, const uint8_t *body)
         const uint32_t id = rd32(body + 4u + SHARE_ENTRY * i);
         const int slot = neighbour_slot(sa, id);
         uint8_t shares[FEDTINY_SECAGG_SHARES_BYTES];
-        status = fedtiny_secagg_open_share(&sa->secrets, sa->c_pk[slot], id, body + 8u + SHARE_ENTRY * i, &index,
-                                           shares);
+        status = fedtiny_secagg_open_share_with(&sa->secrets, sa->open_key[slot], id, body + 8u + SHARE_ENTRY * i,
+                                                &index, shares);
         if (status != FEDTINY_SECAGG_OK) {
             memset(sa->held_shares, 0, sizeof sa->held_shares);
             return status;

@@ -9,7 +9,7 @@
  *
  * Every check SecAggDevice makes comes before anything changes and gives its reason (fedtiny_secagg_reason). The
  * round lives in RAM only: a node restarted mid-round is a dropout of it. RAM: sizeof(fedtiny_node_secagg), about
- * 13 KB with its 5.2 KB stage buffer (the largest stage uplink, SECAGG_SHARES to 64 neighbours, sealed). */
+ * 15.5 KB with its 5.2 KB stage buffer (the largest stage uplink, SECAGG_SHARES to 64 neighbours, sealed). */
 #ifndef FEDTINY_NODE_SECAGG_H
 #define FEDTINY_NODE_SECAGG_H
 
@@ -50,6 +50,7 @@ typedef struct {
     uint32_t ids[FEDTINY_SECAGG_MAX_NEIGHBOURS]; /* the neighbours in SECAGG_PEERS' order */
     uint8_t c_pk[FEDTINY_SECAGG_MAX_NEIGHBOURS][32];
     uint8_t s_pk[FEDTINY_SECAGG_MAX_NEIGHBOURS][32];
+    uint8_t open_key[FEDTINY_SECAGG_MAX_NEIGHBOURS][32]; /* the key of the share each neighbour seals for it */
     uint8_t held[FEDTINY_SECAGG_MAX_NEIGHBOURS]; /* share index received from neighbour i (0: none) */
     uint8_t held_shares[FEDTINY_SECAGG_MAX_NEIGHBOURS][FEDTINY_SECAGG_SHARES_BYTES];
     uint16_t unmask_survivors, unmask_dropped; /* the SECAGG_UNMASK answered, as it came */

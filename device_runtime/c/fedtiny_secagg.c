@@ -238,18 +238,24 @@ int fedtiny_secagg_share(const fedtiny_secagg_secrets *secrets, unsigned thresho
 
 /* ---- share encryption --------------------------------------------------------------------------------------- */
 
-static int share_key(uint8_t key[32], const fedtiny_secagg_secrets *secrets, const uint8_t peer_c_pk[32],
-                     uint32_t sender, uint32_t receiver)
+static void share_kdf(uint8_t key[32], const fedtiny_secagg_round *ctx, const uint8_t shared[32], uint32_t sender,
+                      uint32_t receiver)
 {
-    uint8_t shared[32], info[64];
+    uint8_t info[64];
     uint32_t ids[2];
-    size_t n;
+    ids[0] = sender;
+    ids[1] = receiver;
+    fedtiny_secagg_kdf(key, shared, 32, info, fedtiny_secagg_info(ctx, "share", ids, 2u, info));
+}
+
+int fedtiny_secagg_share_keys(const fedtiny_secagg_secrets *secrets, const uint8_t peer_c_pk[32], uint32_t peer,
+                              uint8_t seal_key[32], uint8_t open_key[32])
+{
+    uint8_t shared[32];
     int status = agree(shared, secrets->c_sk, peer_c_pk);
     if (status == FEDTINY_SECAGG_OK) {
-        ids[0] = sender;
-        ids[1] = receiver;
-        n = fedtiny_secagg_info(&secrets->ctx, "share", ids, 2u, info);
-        fedtiny_secagg_kdf(key, shared, sizeof shared, info, n);
+        share_kdf(seal_key, &secrets->ctx, shared, secrets->device_id, peer);
+        share_kdf(open_key, &secrets->ctx, shared, peer, secrets->device_id);
     }
     crypto_wipe(shared, sizeof shared);
     return status;
@@ -263,21 +269,16 @@ static size_t share_aad(const fedtiny_secagg_round *ctx, uint32_t sender, uint32
     return fedtiny_secagg_info(ctx, "share-aad", ids, 2u, info);
 }
 
-int fedtiny_secagg_seal_share(const fedtiny_secagg_secrets *secrets, const uint8_t peer_c_pk[32], uint32_t receiver,
-                              unsigned index, const uint8_t shares[FEDTINY_SECAGG_SHARES_BYTES],
-                              uint8_t out[FEDTINY_SECAGG_SHARE_CIPHERTEXT])
+int fedtiny_secagg_seal_share_with(const fedtiny_secagg_secrets *secrets, const uint8_t key[32], uint32_t receiver,
+                                   unsigned index, const uint8_t shares[FEDTINY_SECAGG_SHARES_BYTES],
+                                   uint8_t out[FEDTINY_SECAGG_SHARE_CIPHERTEXT])
 {
     static const uint8_t nonce[12] = {0};
-    uint8_t key[32], plain[FEDTINY_SECAGG_SHARE_PLAIN], aad[64];
+    uint8_t plain[FEDTINY_SECAGG_SHARE_PLAIN], aad[64];
     crypto_aead_ctx ctx;
     size_t n;
-    int status;
     if (index < 1u || index > FEDTINY_SECAGG_MAX_NEIGHBOURS) {
         return FEDTINY_SECAGG_ERR_ARGUMENT;
-    }
-    status = share_key(key, secrets, peer_c_pk, secrets->device_id, receiver);
-    if (status != FEDTINY_SECAGG_OK) {
-        return status;
     }
     wr32(plain, secrets->device_id); /* from | to | index u16 | reserved u16 | b | s_lo | s_hi */
     wr32(plain + 4, receiver);
@@ -289,30 +290,24 @@ int fedtiny_secagg_seal_share(const fedtiny_secagg_secrets *secrets, const uint8
     crypto_aead_init_ietf(&ctx, key, nonce);
     crypto_aead_write(&ctx, out, out + FEDTINY_SECAGG_SHARE_PLAIN, aad, n, plain, sizeof plain);
     crypto_wipe(&ctx, sizeof ctx);
-    crypto_wipe(key, sizeof key);
     crypto_wipe(plain, sizeof plain);
     return FEDTINY_SECAGG_OK;
 }
 
-int fedtiny_secagg_open_share(const fedtiny_secagg_secrets *secrets, const uint8_t peer_c_pk[32], uint32_t sender,
-                              const uint8_t ciphertext[FEDTINY_SECAGG_SHARE_CIPHERTEXT], unsigned *index,
-                              uint8_t shares[FEDTINY_SECAGG_SHARES_BYTES])
+int fedtiny_secagg_open_share_with(const fedtiny_secagg_secrets *secrets, const uint8_t key[32], uint32_t sender,
+                                   const uint8_t ciphertext[FEDTINY_SECAGG_SHARE_CIPHERTEXT], unsigned *index,
+                                   uint8_t shares[FEDTINY_SECAGG_SHARES_BYTES])
 {
     static const uint8_t nonce[12] = {0};
-    uint8_t key[32], plain[FEDTINY_SECAGG_SHARE_PLAIN], aad[64];
+    uint8_t plain[FEDTINY_SECAGG_SHARE_PLAIN], aad[64];
     crypto_aead_ctx ctx;
     unsigned got;
-    size_t n;
-    int status = share_key(key, secrets, peer_c_pk, sender, secrets->device_id);
-    if (status != FEDTINY_SECAGG_OK) {
-        return status;
-    }
-    n = share_aad(&secrets->ctx, sender, secrets->device_id, aad);
+    size_t n = share_aad(&secrets->ctx, sender, secrets->device_id, aad);
+    int status;
     crypto_aead_init_ietf(&ctx, key, nonce);
     status = crypto_aead_read(&ctx, plain, ciphertext + FEDTINY_SECAGG_SHARE_PLAIN, aad, n, ciphertext,
                               FEDTINY_SECAGG_SHARE_PLAIN) ? FEDTINY_SECAGG_ERR_BAD_SHARE : FEDTINY_SECAGG_OK;
     crypto_wipe(&ctx, sizeof ctx);
-    crypto_wipe(key, sizeof key);
     got = (unsigned)plain[8] | ((unsigned)plain[9] << 8);
     if (status == FEDTINY_SECAGG_OK &&
         (rd32(plain) != sender || rd32(plain + 4) != secrets->device_id || plain[10] != 0 || plain[11] != 0 ||
@@ -324,6 +319,34 @@ int fedtiny_secagg_open_share(const fedtiny_secagg_secrets *secrets, const uint8
         memcpy(shares, plain + 12, FEDTINY_SECAGG_SHARES_BYTES);
     }
     crypto_wipe(plain, sizeof plain);
+    return status;
+}
+
+int fedtiny_secagg_seal_share(const fedtiny_secagg_secrets *secrets, const uint8_t peer_c_pk[32], uint32_t receiver,
+                              unsigned index, const uint8_t shares[FEDTINY_SECAGG_SHARES_BYTES],
+                              uint8_t out[FEDTINY_SECAGG_SHARE_CIPHERTEXT])
+{
+    uint8_t seal_key[32], open_key[32];
+    int status = fedtiny_secagg_share_keys(secrets, peer_c_pk, receiver, seal_key, open_key);
+    if (status == FEDTINY_SECAGG_OK) {
+        status = fedtiny_secagg_seal_share_with(secrets, seal_key, receiver, index, shares, out);
+    }
+    crypto_wipe(seal_key, sizeof seal_key);
+    crypto_wipe(open_key, sizeof open_key);
+    return status;
+}
+
+int fedtiny_secagg_open_share(const fedtiny_secagg_secrets *secrets, const uint8_t peer_c_pk[32], uint32_t sender,
+                              const uint8_t ciphertext[FEDTINY_SECAGG_SHARE_CIPHERTEXT], unsigned *index,
+                              uint8_t shares[FEDTINY_SECAGG_SHARES_BYTES])
+{
+    uint8_t seal_key[32], open_key[32];
+    int status = fedtiny_secagg_share_keys(secrets, peer_c_pk, sender, seal_key, open_key);
+    if (status == FEDTINY_SECAGG_OK) {
+        status = fedtiny_secagg_open_share_with(secrets, open_key, sender, ciphertext, index, shares);
+    }
+    crypto_wipe(seal_key, sizeof seal_key);
+    crypto_wipe(open_key, sizeof open_key);
     return status;
 }
 

@@ -100,6 +100,19 @@ int fedtiny_secagg_check_keys(const uint8_t peer_public[64], const fedtiny_secag
 int fedtiny_secagg_share(const fedtiny_secagg_secrets *secrets, unsigned threshold, unsigned index,
                          uint8_t out[FEDTINY_SECAGG_SHARES_BYTES]);
 
+/* share_key in both directions from one X25519 agreement of c_sk with a neighbour's c_pk: the key of the shares
+ * this device seals for `peer`, and of those `peer` seals for it (a node keeps the second from the peers stage to
+ * the relay instead of agreeing again). FEDTINY_SECAGG_ERR_BAD_KEY for a small-order c_pk. */
+int fedtiny_secagg_share_keys(const fedtiny_secagg_secrets *secrets, const uint8_t peer_c_pk[32], uint32_t peer,
+                              uint8_t seal_key[32], uint8_t open_key[32]);
+/* seal_share / open_share under a key of fedtiny_secagg_share_keys. */
+int fedtiny_secagg_seal_share_with(const fedtiny_secagg_secrets *secrets, const uint8_t key[32], uint32_t receiver,
+                                   unsigned index, const uint8_t shares[FEDTINY_SECAGG_SHARES_BYTES],
+                                   uint8_t out[FEDTINY_SECAGG_SHARE_CIPHERTEXT]);
+int fedtiny_secagg_open_share_with(const fedtiny_secagg_secrets *secrets, const uint8_t key[32], uint32_t sender,
+                                   const uint8_t ciphertext[FEDTINY_SECAGG_SHARE_CIPHERTEXT], unsigned *index,
+                                   uint8_t shares[FEDTINY_SECAGG_SHARES_BYTES]);
+
 /* seal_share: the shares for `receiver` under share_key(c_sk, receiver's c_pk) with AAD info("share-aad", sender,
  * receiver). FEDTINY_SECAGG_ERR_BAD_KEY for a small-order c_pk. */
 int fedtiny_secagg_seal_share(const fedtiny_secagg_secrets *secrets, const uint8_t peer_c_pk[32], uint32_t receiver,

@@ -4,8 +4,9 @@
  *
  *   keys     fedtiny_secagg_derive + fedtiny_secagg_keys: round secrets, two X25519 public keys, commitment, sign
  *   verify   fedtiny_secagg_check_keys of one neighbour's keys
- *   share    fedtiny_secagg_share + fedtiny_secagg_seal_share for one neighbour (threshold t, X25519, AEAD)
- *   open     fedtiny_secagg_open_share of a share a neighbour sealed for this device
+ *   share    fedtiny_secagg_share + fedtiny_secagg_share_keys (one X25519: both directions' keys) + sealing, for
+ *            one neighbour (threshold t)
+ *   open     opening the share that neighbour sealed for this device, with the key kept from `share`
  *   noise    fedtiny_noise_add over every trainable element (distributed DP's noise, clamped to the bounds)
  *   mask     fedtiny_secagg_mask: clamp, the self mask and d pairwise masks (d X25519 agreements), packing
  *
@@ -46,6 +47,7 @@ int main(void)
     fedtiny_noise_source source;
     uint8_t keys[FEDTINY_SECAGG_KEYS_BYTES], shares[FEDTINY_SECAGG_SHARES_BYTES];
     uint8_t sealed[FEDTINY_SECAGG_SHARE_CIPHERTEXT], opened[FEDTINY_SECAGG_SHARES_BYTES], bits[256];
+    uint8_t seal_key[32], open_key[32];
     int32_t bounds[256];
     unsigned index = 0, i;
     size_t packed_len = 0;
@@ -82,8 +84,11 @@ int main(void)
     fedtiny_stack_paint();
     fedtiny_mark_begin();
     status = fedtiny_secagg_share(&secrets, sv_threshold, 1u, shares);
+    if (status == FEDTINY_SECAGG_OK) { /* as the node's session: one agreement, the opening key kept */
+        status = fedtiny_secagg_share_keys(&secrets, sv_neighbour_keys[0], sv_neighbour_ids[0], seal_key, open_key);
+    }
     if (status == FEDTINY_SECAGG_OK) {
-        status = fedtiny_secagg_seal_share(&secrets, sv_neighbour_keys[0], sv_neighbour_ids[0], 1u, shares, sealed);
+        status = fedtiny_secagg_seal_share_with(&secrets, seal_key, sv_neighbour_ids[0], 1u, shares, sealed);
     }
     fedtiny_mark_end();
     printf("op share stack %lu\n", (unsigned long)fedtiny_stack_peak(&base));
@@ -91,8 +96,7 @@ int main(void)
 
     fedtiny_stack_paint();
     fedtiny_mark_begin();
-    status = fedtiny_secagg_open_share(&secrets, sv_neighbour_keys[0], sv_neighbour_ids[0], sv_sealed_share, &index,
-                                       opened);
+    status = fedtiny_secagg_open_share_with(&secrets, open_key, sv_neighbour_ids[0], sv_sealed_share, &index, opened);
     fedtiny_mark_end();
     printf("op open stack %lu\n", (unsigned long)fedtiny_stack_peak(&base));
     failed |= status != FEDTINY_SECAGG_OK;
