@@ -22,7 +22,7 @@
  * random coefficients come from a key derived beside the round secrets (a node has no entropy source to spare):
  * the same shares after a restart, unpredictable to anyone without the identity secret.
  *
- * Portable C99, no malloc; RAM: the 144-byte fedtiny_secagg_secrets, a ChaCha20 block and the info strings on
+ * Portable C99, no malloc; RAM: the 128-byte fedtiny_secagg_secrets, a ChaCha20 block and the info strings on
  * the stack. The masked values are computed in the caller's int32 values (4 bytes per trainable element). */
 #ifndef FEDTINY_SECAGG_H
 #define FEDTINY_SECAGG_H
