@@ -1,12 +1,11 @@
 """The node's secure-aggregation steps in C (device_runtime/c/fedtiny_secagg.c, in libfedtiny_node.so) on the host
 through ctypes.
 
-`CSecAggDevice` has SecAggDevice's methods (keys, on_peers, on_relay, masked, on_unmask) and takes and returns the
-same message bodies; every cryptographic step and the masking run in C (round secrets, signed keys, the neighbours'
-signatures, Shamir shares, share encryption and decryption, moduli, clamping, masks, packing). The stage order and
-the message checks around them (repeated or unknown neighbours, thresholds, the survivors rule) are Python's own
-here: the C session (fedtiny_node.c) does not take the secure-aggregation stages yet. tests/test_secagg_c.py runs
-rounds with C and Python devices mixed through the coordinator's SecAggRound.
+`CSecAgg` binds fedtiny_secagg.c's steps one by one. `CSecAggDevice` has SecAggDevice's methods (keys, on_peers,
+on_relay, masked, on_unmask) over them: every cryptographic step and the masking in C, the stage checks in Python,
+so that the primitives can be held to secagg.py's alone (tests/test_secagg_c.py). The C node's own round, checks
+included, is fedtiny_node_secagg.c inside the session (CNodeSession with peers). `secagg_case`,
+`build_secagg_firmware` and `run_secagg_firmware` run the steps on the Cortex-M4 and count them.
 """
 
 import ctypes

@@ -1,9 +1,11 @@
-"""Secure aggregation's device steps in C (device_runtime/c/fedtiny_secagg.c through fedtiny_device.csecagg) against
-fedtiny/protocol/secagg.py: the same signed keys, moduli and masked values as the Python device, Shamir shares that
-pycryptodome combines, share encryption both ways, and rounds with C and Python devices mixed through the
-coordinator's SecAggRound whose sum is exact, also with 30 % dropping after masking.
+"""Secure aggregation in C against fedtiny/protocol/secagg.py and the Python device session: the steps
+(device_runtime/c/fedtiny_secagg.c through fedtiny_device.csecagg: the same signed keys, moduli and masked values,
+Shamir shares that pycryptodome combines, share encryption both ways, a round through SecAggRound with C and Python
+devices and 30 % dropping after masking, the sum exact), and the C node's session (fedtiny_node_secagg.c through
+CNodeSession with peers: C and Python nodes in one round through the CoordinatorSession; a C node and the Python
+session of one identity sealing the same keys, masked DELTA and reveal under distributed DP; forged and
+out-of-order stage messages refused alike).
 
-What is not tested here because it is not built: the C session (fedtiny_node.c) taking the stages from the wire.
 Builds libfedtiny_node.so with gcc and Monocypher's pinned sources: skips without them, fails in CI."""
 
 import itertools

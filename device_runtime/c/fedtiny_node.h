@@ -260,7 +260,10 @@ int fedtiny_node_pending_job(const fedtiny_node *node, fedtiny_node_job *job);
 int fedtiny_node_superseded(const fedtiny_node *node, const fedtiny_node_job *job);
 /* The node will not answer `job`: the next TASK finds it ready. */
 int fedtiny_node_skip(fedtiny_node *node, const fedtiny_node_job *job);
-/* Seal and send the round's DELTA (fedtiny_wire_uplink of trained_state from base_state, the state the job
+/* A masked job (job->masked): the clipped, noised values wait in config.values until the relay has come, then
+ * the masked DELTA is sealed and sent as the upload; the carry is the new one from here (device.py assigns it when
+ * the masked DELTA is sealed: the two differ only for a round whose relay never comes).
+ * Seal and send the round's DELTA (fedtiny_wire_uplink of trained_state from base_state, the state the job
  * trained from; both in the state layout), and keep trained_state as the personalised model (config.personal),
  * persisted in the same record as the DELTA. For a superseded job nothing is sealed or sent, and the personalised
  * model stays. A caller that takes
