@@ -4,7 +4,8 @@ Monocypher) on the host through ctypes.
 - `CNodeSession(plan, device, fleet, endpoint, state, chunk_size, save, ack_timeout, started)` has the methods of
   fedtiny.protocol.device.DeviceSession (on_connect, heartbeat, last_will, leave, tick, receive, pending_job,
   superseded, skip, complete) and takes and returns the same Python objects (Publish, TrainJob, TrainResult,
-  NodeState, ProtocolError with the same reasons), so a test or the simulator can swap it in.
+  NodeState, ProtocolError with the same reasons), so a test or the simulator can swap it in. Given `peers` (the
+  fleet's public identities, as DeviceSession takes them) it does secure aggregation (fedtiny_node_secagg.c).
 - `CNodeLibrary(plan)` builds libfedtiny_node.so for a plan: the plan reaches the C node as the node_plan.c of
   codegen.node_plan_source, the same source the firmware compiles (gcc -O2, cached like every cruntime build).
 - `CChunking` binds the chunking functions alone (split one frame at a time, parse, the reassembler) for the
