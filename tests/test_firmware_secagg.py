@@ -16,7 +16,7 @@ from fedtiny.protocol.update import row_scales
 DEGREE, COHORT, CLIP, SIGMA = 36, 50, 0.5, 0.01
 
 
-def test_the_m4_keys_shares_noise_and_masks_are_the_python_devices(mlp_last2_plan, tmp_path_factory):
+def test_the_m4_keys_shares_noise_and_masks_are_the_python_devices(mlp_last2_plan):
     require_tool("arm-none-eabi-gcc")
     require_tool("qemu-system-arm")
     require_tool("make")
@@ -31,9 +31,8 @@ def test_the_m4_keys_shares_noise_and_masks_are_the_python_devices(mlp_last2_pla
     plan = mlp_last2_plan
     delta = clipped_delta(plan, 4)
     case = csecagg.secagg_case(plan, delta, DEGREE, COHORT, CLIP, SIGMA)
-    library = cnode.CNodeLibrary(plan)
-    cache = tmp_path_factory.mktemp("secagg_m4")
-    run = csecagg.run_secagg_firmware(csecagg.build_secagg_firmware(library, case.vectors, cache), cache_dir=cache)
+    library = cnode.CNodeLibrary(plan)  # the shared build cache: the same sources build once
+    run = csecagg.run_secagg_firmware(csecagg.build_secagg_firmware(library, case.vectors))
     assert run.returncode == 0
 
     python = SecAggDevice(plan, case.identity, case.device_id, case.ctx, {}, CLIP, float(np.float32(SIGMA)))
