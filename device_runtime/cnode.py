@@ -4,7 +4,8 @@ Monocypher) on the host through ctypes.
 - `CNodeSession(plan, device, fleet, endpoint, state, chunk_size, save, ack_timeout, started)` has the methods of
   fedtiny.protocol.device.DeviceSession (on_connect, heartbeat, last_will, leave, tick, receive, pending_job,
   superseded, skip, complete) and takes and returns the same Python objects (Publish, TrainJob, TrainResult,
-  NodeState, ProtocolError with the same reasons), so a test or the simulator can swap it in.
+  NodeState, ProtocolError with the same reasons), so a test or the simulator can swap it in. Given `peers` (the
+  fleet's public identities, as DeviceSession takes them) it does secure aggregation (fedtiny_node_secagg.c).
 - `CNodeLibrary(plan)` builds libfedtiny_node.so for a plan: the plan reaches the C node as the node_plan.c of
   codegen.node_plan_source, the same source the firmware compiles (gcc -O2, cached like every cruntime build).
 - `CChunking` binds the chunking functions alone (split one frame at a time, parse, the reassembler) for the
@@ -17,12 +18,12 @@ import ctypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
 from fedtiny.protocol.device import NodeState, TrainJob, TrainResult, keeps_personal_model
-from fedtiny.protocol.envelope import DeviceEndpoint
+from fedtiny.protocol.envelope import DeviceEndpoint, PublicIdentity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import DeviceState
 from fedtiny.protocol.topics import Publish
@@ -36,6 +37,7 @@ HOST_LIB = "libfedtiny_node.so"
 PLAN_SYMBOL = "fedtiny_node_plan_data"
 NODE_FILES = ("fedtiny_node.c", "fedtiny_node.h", "fedtiny_chunk.c", "fedtiny_chunk.h", "fedtiny_wire.c",
               "fedtiny_wire.h", "fedtiny_envelope.c", "fedtiny_envelope.h", "fedtiny_noise.c", "fedtiny_noise.h",
+              "fedtiny_secagg.c", "fedtiny_secagg.h", "fedtiny_node_secagg.c", "fedtiny_node_secagg.h",
               "fedtiny_profile.h", "Makefile")
 TOPIC_MAX = 8 + 64 + 8 + 64 + 1  # FEDTINY_NODE_TOPIC_MAX
 JOB = 1  # FEDTINY_NODE_JOB
@@ -79,7 +81,8 @@ class Position(ctypes.Structure):
 
 class Task(ctypes.Structure):
     _fields_ = [("present", u8), ("epochs", u16), ("steps", u16), ("uplink_keep_pct", u16), ("round", u32),
-                ("model_version", u32), ("clip_norm", ctypes.c_float)]
+                ("model_version", u32), ("clip_norm", ctypes.c_float), ("noise_sigma", ctypes.c_float),
+                ("masked", u8)]
 
 
 class State(ctypes.Structure):
@@ -95,7 +98,11 @@ class Persisted(ctypes.Structure):
 
 
 class Sizes(ctypes.Structure):
-    _fields_ = [(n, u32) for n in ("global_state", "carry", "upload", "reassembly", "bitmap", "frame")]
+    _fields_ = [(n, u32) for n in ("global_state", "carry", "upload", "reassembly", "bitmap", "frame", "values")]
+
+
+class NodePeers(ctypes.Structure):
+    _fields_ = [("ids", ctypes.POINTER(u32)), ("publics", ctypes.c_void_p), ("count", u32)]
 
 
 PUBLISH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
@@ -109,8 +116,8 @@ class Config(ctypes.Structure):
                 ("coordinator_public", ctypes.c_char_p), ("chunk_size", u32), ("ack_timeout_ms", i64),
                 ("started_ms", i64)] + [
         (n, ctypes.c_void_p) for n in ("global_state", "carry", "upload", "reassembly", "bitmap", "frame",
-                                       "personal")] + [
-        ("capacity", Sizes), ("publish", PUBLISH), ("persist", PERSIST), ("context", ctypes.c_void_p)]
+                                       "personal", "values")] + [
+        ("peers", ctypes.POINTER(NodePeers)), ("secagg", ctypes.c_void_p), ("capacity", Sizes), ("publish", PUBLISH), ("persist", PERSIST), ("context", ctypes.c_void_p)]
 
 
 class ChunkTransfer(ctypes.Structure):
@@ -137,7 +144,7 @@ class Node(ctypes.Structure):
 
 class Job(ctypes.Structure):
     _fields_ = [("round", u32), ("model_version", u32), ("epochs", u16), ("steps", u16), ("uplink_keep_pct", u16),
-                ("clip_norm", ctypes.c_float)]
+                ("clip_norm", ctypes.c_float), ("noise_sigma", ctypes.c_float), ("masked", u8)]
 
 
 class Result(ctypes.Structure):
@@ -150,6 +157,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "fedtiny_node_reason": ([ctypes.c_int], ctypes.c_char_p),
         "fedtiny_node_sizes_of": ([p(NodePlan), u32, p(Sizes)], None),
+        "fedtiny_node_sizes_secagg_of": ([p(NodePlan), u32, p(Sizes)], None),
+        "fedtiny_node_secagg_size": ([], ctypes.c_size_t),
         "fedtiny_node_state_fresh": ([p(State)], None),
         "fedtiny_node_init": ([p(Node), p(Config), p(State)], ctypes.c_int),
         "fedtiny_node_wipe": ([p(Node)], None),
@@ -201,9 +210,11 @@ class CNodeLibrary:
     def reason(self, status: int) -> str:
         return self.lib.fedtiny_node_reason(status).decode()
 
-    def sizes(self, chunk_size: int) -> Sizes:
+    def sizes(self, chunk_size: int, secagg: bool = False) -> Sizes:
+        """fedtiny_node_sizes_of, or with secagg fedtiny_node_sizes_secagg_of (a node given the peers)."""
         sizes = Sizes()
-        self.lib.fedtiny_node_sizes_of(ctypes.byref(self.node_plan), chunk_size, ctypes.byref(sizes))
+        fn = self.lib.fedtiny_node_sizes_secagg_of if secagg else self.lib.fedtiny_node_sizes_of
+        fn(ctypes.byref(self.node_plan), chunk_size, ctypes.byref(sizes))
         return sizes
 
     def max_downlink_bytes(self) -> int:
@@ -237,13 +248,14 @@ class CNodeSession:
 
     def __init__(self, plan, device: str, fleet: str, endpoint: DeviceEndpoint, state: NodeState, chunk_size: int,
                  save: Callable[[NodeState], None], ack_timeout: float = 15.0, started: float = 0.0,
-                 library: CNodeLibrary | None = None, cache_dir: Path | None = None) -> None:
+                 library: CNodeLibrary | None = None, cache_dir: Path | None = None,
+                 peers: Mapping[int, PublicIdentity] | None = None) -> None:
         self.library = library or CNodeLibrary(plan, cache_dir)
         self.lib = self.library.lib
         self.plan, self.device, self.fleet, self.chunk_size = plan, device, fleet, chunk_size
         self.device_id = endpoint.device_id
         self._save = save
-        sizes = self.library.sizes(chunk_size)
+        sizes = self.library.sizes(chunk_size, secagg=peers is not None)
         self._buffers = {name: ctypes.create_string_buffer(max(1, getattr(sizes, name)))
                          for name, _ in Sizes._fields_}
         self._names = (fleet.encode(), device.encode())
@@ -262,6 +274,14 @@ class CNodeSession:
             config.personal = ctypes.addressof(self._personal)
         else:
             self._personal = None
+        if peers is not None:  # secure aggregation: the fleet's public identities and the round's RAM
+            ids = sorted(peers)
+            self._peer_ids = (u32 * max(1, len(ids)))(*ids)
+            self._peer_publics = ctypes.create_string_buffer(b"".join(peers[i].to_bytes() for i in ids),
+                                                             max(1, 64 * len(ids)))
+            self._peers = NodePeers(self._peer_ids, ctypes.addressof(self._peer_publics), len(ids))
+            self._secagg = ctypes.create_string_buffer(self.lib.fedtiny_node_secagg_size())
+            config.peers, config.secagg = ctypes.pointer(self._peers), ctypes.addressof(self._secagg)
         config.capacity = sizes
         config.publish, config.persist = self._publish, self._persist
         self._node = Node()
@@ -282,7 +302,8 @@ class CNodeSession:
         task = state.pending_task
         if task is not None:
             s.pending_task = Task(1, task["epochs"], task["steps"], round(task["uplink_keep"] * 100), task["round"],
-                                  task["model_version"], task["clip_norm"])
+                                  task["model_version"], task["clip_norm"], task.get("noise_sigma", 0.0),
+                                  bool(task.get("masked")))
         self.library.pack(state.global_state, self._buffers["global_state"])
         if state.carry is not None:
             self.library.pack(state.carry, self._buffers["carry"], delta=True)
@@ -302,8 +323,9 @@ class CNodeSession:
         task = s.pending_task
         pending = None if not task.present else dict(
             round=task.round, model_version=task.model_version, epochs=task.epochs, steps=task.steps,
-            uplink_keep=task.uplink_keep_pct / 100, clip_norm=task.clip_norm,
-            noise_sigma=0.0)  # the C node refuses a TASK that asks for noise (it cannot add it yet)
+            uplink_keep=task.uplink_keep_pct / 100, clip_norm=task.clip_norm, noise_sigma=task.noise_sigma)
+        if task.present and task.masked:  # as device.py persists it: the key only for a masked task
+            pending["masked"] = True
         upload = self._buffers["upload"].raw[:s.upload_len] if s.upload_len else None
         personal = self.library.unpack(self._personal) if s.personal else None
         return NodeState(s.model_version, self.library.unpack(self._buffers["global_state"]), s.rng_counter,
@@ -349,11 +371,12 @@ class CNodeSession:
     def _job(self, job: Job) -> TrainJob:
         return TrainJob(job.round, job.model_version, job.epochs, job.steps,
                         self.library.unpack(self._buffers["global_state"]), job.uplink_keep_pct / 100,
-                        job.clip_norm)
+                        job.clip_norm, job.noise_sigma, bool(job.masked))
 
     @staticmethod
     def _c_job(job: TrainJob) -> Job:
-        return Job(job.round, job.model_version, job.epochs, job.steps, round(job.uplink_keep * 100), job.clip_norm)
+        return Job(job.round, job.model_version, job.epochs, job.steps, round(job.uplink_keep * 100), job.clip_norm,
+                   job.noise_sigma, job.masked)
 
     # --- DeviceSession's methods -----------------------------------------------------------------------------
     def persist(self) -> None:
@@ -544,7 +567,8 @@ def render_replay(library: CNodeLibrary, spec: dict, identity: bytes, coordinato
                     j = line["job"]
                     has_job, last_round = 1, j["round"]
                     job = (f"{{{j['round']}u, {j['model_version']}u, {j['epochs']}u, {j['steps']}u, "
-                           f"{round(j['uplink_keep'] * 100)}u, {float(j['clip_norm']).hex()}f}}")
+                           f"{round(j['uplink_keep'] * 100)}u, {float(j['clip_norm']).hex()}f, "
+                           f"{float(j.get('noise_sigma', 0.0)).hex()}f, {int(bool(j.get('masked')))}u}}")
             elif line["op"] == "complete":
                 state = line["result"]["state"]
                 arrays = {k: np.frombuffer(bytes.fromhex(raw), dtype).reshape(shape) for k, (dtype, shape, raw)

@@ -25,11 +25,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fedtiny_noise_stream_init.argtypes = [p(NoiseStream), ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64,
                                               p(NoiseSource)]
     lib.fedtiny_noise_stream_init.restype = None
-    lib.fedtiny_noise_delta.argtypes = [p(WirePlan), ctypes.c_void_p, ctypes.c_double, p(NoiseSource),
-                                        ctypes.c_void_p, ctypes.c_void_p]
-    lib.fedtiny_noise_delta.restype = ctypes.c_int
-    lib.fedtiny_wire_delta_bytes.argtypes = [p(WirePlan)]
-    lib.fedtiny_wire_delta_bytes.restype = ctypes.c_uint32
+    lib.fedtiny_noise_add.argtypes = [p(WirePlan), ctypes.c_void_p, ctypes.c_double, p(NoiseSource),
+                                      ctypes.c_void_p]
+    lib.fedtiny_noise_add.restype = ctypes.c_int
     lib.fedtiny_wire_reason.argtypes = [ctypes.c_int]
     lib.fedtiny_wire_reason.restype = ctypes.c_char_p
 
@@ -43,22 +41,19 @@ def c_noise_key(library: CNodeLibrary, identity: bytes) -> bytes:
 
 def c_noise_delta(library: CNodeLibrary, identity: bytes, run: int, round_: int, delta: dict[str, np.ndarray],
                   sigma: float, limits: dict[str, int] | None = None) -> tuple[dict[str, np.ndarray], int]:
-    """(noised delta per buffer as int64, keystream words drawn): fedtiny_noise_delta with the noise key of
+    """(noised delta per buffer as int64, keystream words drawn): fedtiny_noise_add with the noise key of
     `identity` (64 bytes), for (run, round); ValueError naming the C status on a refusal."""
     lib = library.lib
     _bind(lib)
     key = c_noise_key(library, identity)
     stream, source = NoiseStream(), NoiseSource()
     lib.fedtiny_noise_stream_init(ctypes.byref(stream), key, run, round_, ctypes.byref(source))
-    buffer = (ctypes.c_uint8 * lib.fedtiny_wire_delta_bytes(library.node_plan.wire))()
-    library.pack(delta, buffer, delta=True)
-    total = sum(int(np.prod(s)) for s in library.shapes.values())
-    out = (ctypes.c_int32 * total)()
+    flat = np.concatenate([np.asarray(delta[n], np.int64).reshape(-1) for n in library.names]).astype(np.int32)
+    out = (ctypes.c_int32 * len(flat))(*flat.tolist())
     c_limits = (ctypes.c_int32 * len(library.names))(*[limits[n] for n in library.names]) if limits else None
-    status = lib.fedtiny_noise_delta(library.node_plan.wire, buffer, sigma,
-                                     ctypes.byref(source), c_limits, out)
+    status = lib.fedtiny_noise_add(library.node_plan.wire, out, sigma, ctypes.byref(source), c_limits)
     if status:
-        raise ValueError(f"fedtiny_noise_delta: {lib.fedtiny_wire_reason(status).decode()}")
+        raise ValueError(f"fedtiny_noise_add: {lib.fedtiny_wire_reason(status).decode()}")
     values, start = np.frombuffer(out, np.int32).astype(np.int64), 0
     result = {}
     for name in library.names:

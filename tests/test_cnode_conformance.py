@@ -33,7 +33,9 @@ from fedtiny.protocol.envelope import Header, Identity
 from fedtiny.protocol.errors import ProtocolError
 from fedtiny.protocol.messages import GlobalUpdate, Join, MessageType, Task
 from fedtiny.protocol.task import task_body
-from fedtiny.protocol.update import FULL_STATE, downlink_reassembly_bytes, global_update, max_downlink_bytes
+from fedtiny.protocol.update import (
+    FULL_STATE, downlink_reassembly_bytes, global_update, max_downlink_bytes, row_scales,
+)
 from fedtiny_device import cnode, cruntime, monocypher_sources
 from fedtiny_device.agent import LocalTraining, classes, heldout_split, predict
 from fedtiny_device.trainer import Trainer
@@ -463,6 +465,43 @@ def test_rounds_with_clipping_and_error_feedback_match(plan, spec, library):
         for r in replies:
             assert pair.receive(r.topic, [r.payload], now + 2) == "ok"
         now += 10
+
+
+def test_noised_rounds_match_bit_for_bit_and_a_masked_task_is_rejected_alike(plan, spec, library):
+    """Device noise (distributed DP) in the C node: over rounds with clipping, error feedback and noise of two
+    sizes (one that the +-255 clamp cuts), the C node seals the DELTA Python seals, from the same noise stream
+    (identity, run, round). A masked TASK gets ACK REJECTED from both (neither holds the peers' identities)."""
+    pair = Pair(plan, spec, library)
+    coordinator = coordinator_session(plan, spec)
+    for p in pair.call("on_connect", 1.0):
+        coordinator.receive(p.topic, p.payload, 1.0)
+    now = 2.0
+    scale = max(float(np.max(v)) for n, v in row_scales(plan).items() if np.dtype(plan.buffers[n].dtype) == np.int8)
+    configs = [{"noise_sigma": 2 * scale, "clip_norm": 0.05, "uplink_keep": 0.5},
+               {"noise_sigma": 400 * scale, "min_survivors": 3}]  # 400 LSB: the clamp at 255 acts
+    for round_, config in enumerate(configs, start=1):
+        for d in coordinator.send_task(DEVICE, round_, round_, new_global(plan, 60 + round_), config):
+            assert pair.receive(d.topic, [d.payload], now) == "ok"
+        c_job, p_job = pair.c.pending_job(), pair.p.pending_job()
+        assert job_dict(c_job) == job_dict(p_job) and c_job.noise_sigma == p_job.noise_sigma > 0
+        result = trained(plan, c_job.base, 200 + round_)
+        c_out = pair.c.complete(c_job, result, now + 1)
+        assert frames(c_out) == frames(pair.p.complete(p_job, result, now + 1)), f"round {round_}: the DELTA"
+        assert_same_state(pair.c.state, pair.p.state, f"round {round_}")
+        replies = []
+        for p in c_out:
+            replies += coordinator.receive(p.topic, p.payload, now + 1)
+        (reply,) = coordinator.take_replies()
+        weights = [np.abs(v) for n, v in reply.delta.items() if np.dtype(plan.buffers[n].dtype) == np.int8]
+        assert all(np.count_nonzero(w) > w.size // 2 for w in weights), "noise makes the DELTA dense"
+        assert any(np.max(w) == 255 for w in weights) == (round_ == 2), "the clamp at 255 acts in round 2 only"
+        for r in replies:
+            assert pair.receive(r.topic, [r.payload], now + 2) == "ok"
+        now += 10
+    masked = coordinator.send_task(DEVICE, 3, 3, new_global(plan, 63), {"secagg": 1, "clip_norm": 0.05})
+    for d in masked:
+        assert pair.receive(d.topic, [d.payload], now) == "ok"
+    assert pair.c.pending_job() is None and pair.p.pending_job() is None
 
 
 def test_a_newer_coordinator_run_drops_the_unacknowledged_upload(plan, spec, library):

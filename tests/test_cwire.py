@@ -91,7 +91,8 @@ class TaskBody(ctypes.Structure):
 class Settings(ctypes.Structure):
     _fields_ = [("epochs", ctypes.c_uint16), ("steps", ctypes.c_uint16), ("batch_size", ctypes.c_uint16),
                 ("learning_rate", ctypes.c_float), ("clip_norm", ctypes.c_float), ("deadline_s", ctypes.c_uint32),
-                ("uplink_keep_pct", ctypes.c_uint16)]
+                ("uplink_keep_pct", ctypes.c_uint16), ("noise_sigma", ctypes.c_float), ("min_survivors", ctypes.c_uint32),
+                ("masked", ctypes.c_uint8)]
 
 
 class CWire:
@@ -377,6 +378,9 @@ def test_task_decode_and_settings_as_python(wire, plans):
     good = bodies[1]
     bodies += [Task(1, bytes(32), 1, 1, 0.5, 0.0, 10, 256, 3, config=rng.bytes(n)).encode() for n in (0, 3, 5, 1024)]
     bodies += [good[:60] + struct.pack("<HH", 2, keep) for keep in (99, 100, 101, 65535)]  # keep_pct >= 100: bad-task
+    bodies += [task_body(plan, rng.bytes(32), {"noise_sigma": 0.25, "min_survivors": 5, "secagg": 1, "clip_norm": 1},
+                         256).encode()]  # the 12-byte config with noise, masked
+    bodies += [good[:58] + struct.pack("<HHHfI", 12, 2, 50, sigma, 3) for sigma in (-1.0, float("nan"), 0.0)]
     bodies += [good[:n] for n in range(0, len(good))]  # truncated anywhere
     bodies += [good + b"\0", good[:58] + struct.pack("<H", 1025) + bytes(1025), good[:58] + b"\xff\xff"]
     reasons = set()
@@ -395,8 +399,6 @@ def test_task_decode_and_settings_as_python(wire, plans):
         assert struct.pack("<ff", ctask.learning_rate, ctask.clip_norm) == body[40:48]
         assert ctypes.string_at(ctask.config, ctask.config_len) == task.config
         expected, settings = py_outcome(lambda: task_settings(task))
-        if settings is not None and settings["masked"]:  # secure aggregation: the C node refuses it (not built)
-            expected, settings = "bad-task", None
         csettings = Settings()
         got = wire.reason(lib.fedtiny_wire_task_settings(ctypes.byref(ctask), ctypes.byref(csettings)))
         assert got == expected
@@ -406,6 +408,8 @@ def test_task_decode_and_settings_as_python(wire, plans):
                 settings["epochs"], settings["steps"], settings["batch_size"], settings["deadline_s"])
             assert csettings.uplink_keep_pct / 100 == settings["uplink_keep"]
             assert (csettings.learning_rate, csettings.clip_norm) == (settings["lr"], settings["clip_norm"])
+            assert (csettings.noise_sigma, csettings.min_survivors, bool(csettings.masked)) == (
+                settings["noise_sigma"], settings["min_survivors"], settings["masked"])
     assert reasons == {"ok", "truncated", "trailing-bytes", "oversized", "bad-task"}
 
 

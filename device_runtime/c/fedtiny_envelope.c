@@ -68,17 +68,19 @@ static void make_nonce(uint8_t nonce[12], const fedtiny_env_header *h, uint8_t d
 static int is_uplink_type(uint8_t type)
 {
     return type == FEDTINY_MSG_JOIN || type == FEDTINY_MSG_DELTA || type == FEDTINY_MSG_ACK ||
-           type == FEDTINY_MSG_STATUS || type == FEDTINY_MSG_LEAVE;
+           type == FEDTINY_MSG_STATUS || type == FEDTINY_MSG_LEAVE || type == FEDTINY_MSG_SECAGG_KEYS ||
+           type == FEDTINY_MSG_SECAGG_SHARES || type == FEDTINY_MSG_SECAGG_REVEAL;
 }
 
 static int is_downlink_type(uint8_t type)
 {
-    return type == FEDTINY_MSG_TASK || type == FEDTINY_MSG_GLOBAL_UPDATE || type == FEDTINY_MSG_ACK;
+    return type == FEDTINY_MSG_TASK || type == FEDTINY_MSG_GLOBAL_UPDATE || type == FEDTINY_MSG_ACK ||
+           type == FEDTINY_MSG_SECAGG_PEERS || type == FEDTINY_MSG_SECAGG_RELAY || type == FEDTINY_MSG_SECAGG_UNMASK;
 }
 
 static int is_encrypted_type(uint8_t type)
 {
-    return type == FEDTINY_MSG_DELTA || type == FEDTINY_MSG_GLOBAL_UPDATE;
+    return type == FEDTINY_MSG_DELTA || type == FEDTINY_MSG_GLOBAL_UPDATE || type == FEDTINY_MSG_SECAGG_REVEAL;
 }
 
 const char *fedtiny_env_reason(int status)
@@ -236,7 +238,7 @@ static int open_unprofiled(const fedtiny_env_node *node, uint8_t *envelope, size
         return FEDTINY_ENV_ERR_BAD_FLAGS;
     }
     h.run = load16(envelope + 6);
-    if (h.type < FEDTINY_MSG_JOIN || h.type > FEDTINY_MSG_LEAVE) {
+    if (h.type < FEDTINY_MSG_JOIN || h.type > FEDTINY_MSG_SECAGG_REVEAL) {
         return FEDTINY_ENV_ERR_BAD_TYPE;
     }
     h.fleet_id = load32(envelope + 8);

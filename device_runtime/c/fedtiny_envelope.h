@@ -38,7 +38,13 @@ enum {
     FEDTINY_MSG_DELTA = 4,
     FEDTINY_MSG_ACK = 5,
     FEDTINY_MSG_STATUS = 6,
-    FEDTINY_MSG_LEAVE = 7
+    FEDTINY_MSG_LEAVE = 7,
+    FEDTINY_MSG_SECAGG_KEYS = 8,   /* up: the round's keys, signed */
+    FEDTINY_MSG_SECAGG_PEERS = 9,  /* down: the neighbours' keys, cohort, threshold */
+    FEDTINY_MSG_SECAGG_SHARES = 10, /* up: shares encrypted to each neighbour */
+    FEDTINY_MSG_SECAGG_RELAY = 11, /* down: the shares for this node */
+    FEDTINY_MSG_SECAGG_UNMASK = 12, /* down: survivors and dropped */
+    FEDTINY_MSG_SECAGG_REVEAL = 13 /* up, encrypted: the shares to unmask */
 };
 enum {
     FEDTINY_ENV_FLAG_DOWNLINK = 0x1,

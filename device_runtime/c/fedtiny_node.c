@@ -3,6 +3,8 @@
 
 #include <string.h>
 
+#include "fedtiny_noise.h"
+
 /* ---- little helpers ---------------------------------------------------------------------------------------- */
 
 static uint32_t load32(const uint8_t *p)
@@ -58,6 +60,9 @@ const char *fedtiny_node_reason(int status)
     if (status == FEDTINY_NODE_JOB) {
         return "job";
     }
+    if (status <= -400) {
+        return fedtiny_secagg_reason(status + 400);
+    }
     if (status <= -300) {
         switch (status) {
         case FEDTINY_NODE_ERR_ARGUMENT: return "argument";
@@ -109,6 +114,22 @@ void fedtiny_node_sizes_of(const fedtiny_node_plan *plan, uint32_t chunk_size, f
     sizes->reassembly = max_global_update_envelope(plan) + MAX_TASK_ENVELOPE; /* a TASK behind a GLOBAL_UPDATE */
     sizes->bitmap = FEDTINY_CHUNK_BITMAP_BYTES(sizes->reassembly);
     sizes->frame = chunk_size;
+    sizes->values = 4u * fedtiny_wire_elements(plan->wire);
+}
+
+void fedtiny_node_sizes_secagg_of(const fedtiny_node_plan *plan, uint32_t chunk_size, fedtiny_node_sizes *sizes)
+{
+    uint32_t masked = FEDTINY_ENV_SEALED_BYTES(fedtiny_node_secagg_masked_bytes_max(plan->wire));
+    uint32_t stage = FEDTINY_NODE_SECAGG_MAX_DOWNLINK + MAX_TASK_ENVELOPE;
+    fedtiny_node_sizes_of(plan, chunk_size, sizes);
+    sizes->upload = sizes->upload > masked ? sizes->upload : masked;
+    sizes->reassembly = sizes->reassembly > stage ? sizes->reassembly : stage;
+    sizes->bitmap = FEDTINY_CHUNK_BITMAP_BYTES(sizes->reassembly);
+}
+
+static int secagg_on(const fedtiny_node *node)
+{
+    return node->config.secagg != NULL && node->config.peers != NULL;
 }
 
 void fedtiny_node_state_fresh(fedtiny_node_state *state)
@@ -144,7 +165,14 @@ int fedtiny_node_init(fedtiny_node *node, const fedtiny_node_config *config, con
         c->publish == NULL || c->persist == NULL) {
         return FEDTINY_NODE_ERR_ARGUMENT;
     }
-    fedtiny_node_sizes_of(c->plan, c->chunk_size, &need);
+    if (c->secagg != NULL && c->peers != NULL) {
+        if (c->values == NULL) {
+            return FEDTINY_NODE_ERR_ARGUMENT; /* masking works in the values buffer */
+        }
+        fedtiny_node_sizes_secagg_of(c->plan, c->chunk_size, &need);
+    } else {
+        fedtiny_node_sizes_of(c->plan, c->chunk_size, &need);
+    }
     if (!holds(c->global_state, c->capacity.global_state, need.global_state) ||
         !holds(c->carry, c->capacity.carry, need.carry) || !holds(c->upload, c->capacity.upload, need.upload) ||
         !holds(c->reassembly, c->capacity.reassembly, need.reassembly) ||
@@ -155,6 +183,9 @@ int fedtiny_node_init(fedtiny_node *node, const fedtiny_node_config *config, con
         (state->upload_len < FEDTINY_ENV_HEADER_BYTES || state->upload_len > c->capacity.upload ||
          state->upload_chunk < FEDTINY_CHUNK_MIN_PAYLOAD || state->upload_chunk > c->capacity.frame)) {
         return FEDTINY_NODE_ERR_ARGUMENT; /* an upload this node cannot send again */
+    }
+    if (c->values != NULL && c->capacity.values < need.values) {
+        return FEDTINY_NODE_ERR_ARGUMENT;
     }
     if (state->personal > 1u || (state->personal && c->personal == NULL)) {
         return FEDTINY_NODE_ERR_ARGUMENT; /* a personalised model with nowhere to hold it */
@@ -290,7 +321,7 @@ static int seal_join(fedtiny_node *node, size_t *frame_len)
     join.memory_budget_bytes = node->config.plan->arena_bytes;
     join.flash_budget_bytes = node->config.plan->flash_bytes;
     join.max_mqtt_payload = node->config.chunk_size;
-    join.features = FEDTINY_WIRE_FEATURE_MQTT5;
+    join.features = FEDTINY_WIRE_FEATURE_MQTT5 | (secagg_on(node) ? FEDTINY_WIRE_FEATURE_SECURE_AGGREGATION : 0u);
     join.plan_version = FEDTINY_NODE_PLAN_VERSION;
     memcpy(join.plan_hash, node->config.plan->hash, sizeof join.plan_hash);
     status = fedtiny_wire_encode_join(&join, small_body(node->config.frame), FEDTINY_WIRE_JOIN_BYTES, &body_len);
@@ -419,7 +450,7 @@ static int check_header(const uint8_t *payload, uint32_t length)
                             FEDTINY_ENV_FLAG_LAST_WILL)) {
         return FEDTINY_ENV_ERR_BAD_FLAGS;
     }
-    if (payload[3] < FEDTINY_MSG_JOIN || payload[3] > FEDTINY_MSG_LEAVE) {
+    if (payload[3] < FEDTINY_MSG_JOIN || payload[3] > FEDTINY_MSG_SECAGG_REVEAL) {
         return FEDTINY_ENV_ERR_BAD_TYPE;
     }
     return FEDTINY_ENV_OK;
@@ -431,12 +462,17 @@ static int next_job(const fedtiny_node *node, fedtiny_node_job *job)
     if (!task->present || node->state.upload_len != 0u || task->model_version != node->state.model_version) {
         return FEDTINY_NODE_OK; /* nothing to do, an upload still in flight, or waiting for the GLOBAL_UPDATE */
     }
+    if (secagg_on(node) && node->config.secagg->trained && node->config.secagg->job_round == task->round) {
+        return FEDTINY_NODE_OK; /* trained already: its masked DELTA waits for the neighbours' shares */
+    }
     job->round = task->round;
     job->model_version = task->model_version;
     job->epochs = task->epochs;
     job->steps = task->steps;
     job->uplink_keep_pct = task->uplink_keep_pct;
     job->clip_norm = task->clip_norm;
+    job->noise_sigma = task->noise_sigma;
+    job->masked = task->masked;
     return FEDTINY_NODE_JOB;
 }
 
@@ -461,7 +497,65 @@ static void keep_position(fedtiny_node_position *position, const fedtiny_env_hea
 }
 
 /* What a downlink makes the node send, once its state is persisted. */
-enum { SEND_NOTHING, SEND_FRAME, SEND_MISSING };
+enum { SEND_NOTHING, SEND_FRAME, SEND_MISSING, SEND_STAGE, SEND_UPLOAD };
+
+static int is_stage_downlink(uint8_t type)
+{
+    return type == FEDTINY_MSG_SECAGG_PEERS || type == FEDTINY_MSG_SECAGG_RELAY || type == FEDTINY_MSG_SECAGG_UNMASK;
+}
+
+/* Seal the stage body at secagg->stage + header in place, the seq persisted first (device.py _seal). */
+static int seal_stage(fedtiny_node *node, uint8_t type, uint32_t round, size_t body_len)
+{
+    fedtiny_node_secagg *sa = node->config.secagg;
+    size_t envelope_len;
+    uint32_t seq;
+    int status = next_seq(node, &seq);
+    if (status != FEDTINY_NODE_OK) {
+        return status;
+    }
+    return fedtiny_env_seal(&node->keys, type, 0u, node->state.run, round, node->state.model_version, seq,
+                            sa->stage + FEDTINY_ENV_HEADER_BYTES, (uint32_t)body_len, sa->stage, sizeof sa->stage,
+                            &envelope_len);
+}
+
+/* The sealed stage uplink, frame by frame (device.py _frames: transfer id = its seq). */
+static int send_stage(fedtiny_node *node)
+{
+    const uint8_t *envelope = node->config.secagg->stage;
+    const uint32_t length = FEDTINY_ENV_HEADER_BYTES + load32(envelope + 28) + FEDTINY_ENV_SIGNATURE_BYTES;
+    const uint32_t count = fedtiny_chunk_count(length, node->config.chunk_size);
+    uint32_t i;
+    for (i = 0; i < count; i++) {
+        size_t frame_len;
+        int status = fedtiny_chunk_frame(envelope, length, load32(envelope + 24), node->config.chunk_size, i,
+                                         node->config.frame, node->config.capacity.frame, &frame_len);
+        if (status == FEDTINY_CHUNK_OK) {
+            status = publish(node, FEDTINY_NODE_TOPIC_UP, node->config.frame, frame_len, 0);
+        }
+        if (status != FEDTINY_NODE_OK) {
+            return status;
+        }
+    }
+    return FEDTINY_NODE_OK;
+}
+
+static int seal_upload(fedtiny_node *node, uint32_t round, uint32_t model_version, uint16_t flags, size_t body_len);
+
+/* device.py _send_masked: the masked DELTA of the held values once the relay has come, sealed as the upload */
+static int seal_masked(fedtiny_node *node)
+{
+    const fedtiny_node_config *c = &node->config;
+    fedtiny_node_secagg *sa = c->secagg;
+    size_t body_len;
+    int status = fedtiny_node_secagg_masked(sa, c->plan->wire, c->values, c->upload + FEDTINY_ENV_HEADER_BYTES,
+                                            c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
+    if (status != FEDTINY_SECAGG_OK) {
+        return FEDTINY_NODE_FROM_SECAGG(status);
+    }
+    sa->trained = 0u;
+    return seal_upload(node, sa->job_round, sa->job_model_version, FEDTINY_ENV_FLAG_MASKED, body_len);
+}
 
 int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, size_t length, int64_t now_ms,
                          fedtiny_node_job *job)
@@ -476,7 +570,7 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
     uint8_t source;
     uint32_t body_len, sent;
     size_t frame_len = 0;
-    int status, for_this_plan = 0, applied = 0, action = SEND_NOTHING;
+    int status, for_this_plan = 0, applied = 0, can_mask = 0, action = SEND_NOTHING;
 
     if (strcmp(topic, node->down_topic) == 0) {
         source = 0u;
@@ -497,7 +591,9 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
     if (load32(payload + 8) != c->fleet_id || load32(payload + 12) != (source == 0u ? c->device_id : 0u)) {
         return FEDTINY_NODE_ERR_WRONG_TOPIC; /* checked before opening commits anything */
     }
-    if (chunk.payload_len > node->max_downlink_bytes) {
+    if (chunk.payload_len > node->max_downlink_bytes &&
+        !(secagg_on(node) && is_stage_downlink(payload[3]) &&
+          chunk.payload_len <= FEDTINY_NODE_SECAGG_MAX_DOWNLINK)) {
         return FEDTINY_NODE_ERR_OVERSIZED;
     }
     status = fedtiny_env_open(&node->keys, payload, chunk.payload_len, fedtiny_env_replay_check, &node->replay,
@@ -517,6 +613,29 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
                         memcmp(task.plan_hash, c->plan->hash, FEDTINY_WIRE_HASH_BYTES) == 0;
         if (for_this_plan) {
             status = fedtiny_wire_task_settings(&task, &settings);
+            if (status == FEDTINY_WIRE_OK && settings.noise_sigma > 0.0f && c->values == NULL) {
+                status = FEDTINY_WIRE_ERR_BAD_TASK; /* never answer a noised round without noise */
+            }
+            if (status == FEDTINY_WIRE_OK && settings.masked && secagg_on(node) && settings.clip_norm > 0.0f &&
+                c->plan->wire->n_tensors <= FEDTINY_NODE_SECAGG_MAX_BUFFERS) {
+                int32_t bounds[FEDTINY_NODE_SECAGG_MAX_BUFFERS];
+                can_mask = fedtiny_secagg_bounds(c->plan->wire, settings.clip_norm, settings.noise_sigma, bounds) ==
+                           FEDTINY_SECAGG_OK;
+            }
+        }
+    } else if (is_stage_downlink(header.type)) {
+        status = fedtiny_node_secagg_check_body(header.type, body, body_len);
+        if (status == FEDTINY_WIRE_OK) {
+            if (!secagg_on(node)) {
+                return FEDTINY_NODE_FROM_SECAGG(FEDTINY_SECAGG_ERR_BAD_STAGE); /* no round of this node's */
+            }
+            status = fedtiny_node_secagg_stage(c->secagg, c->plan->wire, c->peers, header.type, header.run,
+                                               header.round, body, body_len,
+                                               c->secagg->stage + FEDTINY_ENV_HEADER_BYTES,
+                                               FEDTINY_NODE_SECAGG_SHARES_BYTES, &frame_len);
+            if (status != FEDTINY_SECAGG_OK) {
+                return FEDTINY_NODE_FROM_SECAGG(status);
+            }
         }
     } else if (header.type == FEDTINY_MSG_GLOBAL_UPDATE) {
         status = fedtiny_wire_check_global_update(c->plan->wire, body, body_len);
@@ -550,7 +669,9 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
             node->state.model_version = header.model_version;
         }
     } else if (header.type == FEDTINY_MSG_TASK) {
-        if (!for_this_plan) { /* ACK REJECTED: a TASK for another training plan */
+        /* ACK REJECTED: a TASK for another training plan; a new round's masked TASK the node cannot mask (no
+         * peers' identities, as device.py without them; no clip norm; more buffers than it masks) */
+        if (!for_this_plan || ((int64_t)header.round > node->state.trained_round && settings.masked && !can_mask)) {
             size_t reply_len;
             memset(&ack, 0, sizeof ack); /* unused by a TASK: the reply reuses it (one ACK on the stack) */
             ack.acked_type = header.type;
@@ -575,7 +696,43 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
             pending->steps = settings.steps;
             pending->uplink_keep_pct = settings.uplink_keep_pct;
             pending->clip_norm = settings.clip_norm;
+            pending->noise_sigma = settings.noise_sigma;
+            pending->masked = settings.masked;
+            if (settings.masked) { /* the round's secure aggregation starts with the node's signed keys */
+                fedtiny_secagg_round ctx;
+                ctx.fleet_id = c->fleet_id;
+                ctx.run = node->state.run;
+                ctx.round = header.round;
+                status = fedtiny_node_secagg_begin(c->secagg, c->plan->wire, c->identity, &ctx, c->device_id,
+                                                   settings.clip_norm, settings.noise_sigma, settings.min_survivors,
+                                                   c->secagg->stage + FEDTINY_ENV_HEADER_BYTES);
+                if (status == FEDTINY_SECAGG_OK) {
+                    status = seal_stage(node, FEDTINY_MSG_SECAGG_KEYS, header.round, FEDTINY_SECAGG_KEYS_BYTES);
+                }
+                if (status != FEDTINY_NODE_OK) {
+                    return status;
+                }
+                action = SEND_STAGE;
+            }
         } /* else: a TASK for a round already answered */
+    } else if (is_stage_downlink(header.type)) {
+        if (header.type == FEDTINY_MSG_SECAGG_RELAY) {
+            if (c->secagg->trained) {
+                status = seal_masked(node);
+                if (status != FEDTINY_NODE_OK) {
+                    return status;
+                }
+                action = SEND_UPLOAD;
+            }
+        } else {
+            status = seal_stage(node, header.type == FEDTINY_MSG_SECAGG_PEERS ? FEDTINY_MSG_SECAGG_SHARES
+                                                                              : FEDTINY_MSG_SECAGG_REVEAL,
+                                header.round, frame_len);
+            if (status != FEDTINY_NODE_OK) {
+                return status;
+            }
+            action = SEND_STAGE;
+        }
     } else if (node->state.upload_len != 0u && ack.acked_type == FEDTINY_MSG_DELTA) {
         uint32_t upload_seq = load32(c->upload + 24);
         if (ack.status == FEDTINY_WIRE_ACK_OK && ack.acked_seq == upload_seq) {
@@ -599,6 +756,10 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
     } else if (action == SEND_MISSING) {
         status = send_upload(node, now_ms, ack.missing, ack.n_missing, &sent);
         node->resent_chunks += sent;
+    } else if (action == SEND_STAGE) {
+        status = send_stage(node);
+    } else if (action == SEND_UPLOAD) {
+        status = send_upload(node, now_ms, NULL, 0u, &sent);
     }
     if (status != FEDTINY_NODE_OK) {
         return status;
@@ -629,44 +790,139 @@ int fedtiny_node_skip(fedtiny_node *node, const fedtiny_node_job *job)
     return persist(node);
 }
 
+/* update.uplink with device noise (step 4): the sent, clipped delta into config.values, discrete Gaussian noise
+ * from the node's own stream for (run, round) added in place, then encoded. The noise is checked before the
+ * carry changes, as Python raises before it keeps the new carry. */
+static int noised_uplink(fedtiny_node *node, const fedtiny_node_job *job, const uint8_t *base_state,
+                         const uint8_t *trained_state, const fedtiny_node_result *result, uint8_t *out,
+                         size_t capacity, size_t *out_len)
+{
+    const fedtiny_node_config *c = &node->config;
+    fedtiny_noise_stream stream;
+    fedtiny_noise_source source;
+    int status;
+    if (c->values == NULL) {
+        return FEDTINY_WIRE_ERR_ARGUMENT; /* not reached: such a node refuses a noised TASK */
+    }
+    status = fedtiny_noise_check(c->plan->wire, (double)job->noise_sigma);
+    if (status == FEDTINY_WIRE_OK) {
+        status = fedtiny_wire_uplink_values(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
+                                            job->clip_norm, c->values);
+    }
+    if (status != FEDTINY_WIRE_OK) {
+        return status;
+    }
+    fedtiny_noise_stream_open(&stream, c->identity, node->state.run, job->round, &source);
+    status = fedtiny_noise_add(c->plan->wire, c->values, (double)job->noise_sigma, &source, NULL);
+    fedtiny_noise_stream_wipe(&stream);
+    if (status == FEDTINY_WIRE_OK) {
+        status = fedtiny_wire_encode_values(c->plan->wire, c->values, result->num_examples, result->loss,
+                                            result->accuracy, result->personal_accuracy, out, capacity, out_len);
+    }
+    return status;
+}
+
+/* Seal the DELTA body at upload + header as the upload and persist it with everything it changes, in one save
+ * (device.py _upload): the seq it used, the answered round, the carry and personalised model already in place.
+ * A power cut before the save leaves the task pending and nothing sent; after it, the upload is resent. */
+static int seal_upload(fedtiny_node *node, uint32_t round, uint32_t model_version, uint16_t flags, size_t body_len)
+{
+    const fedtiny_node_config *c = &node->config;
+    size_t envelope_len;
+    uint32_t seq = node->state.seq;
+    int status = fedtiny_env_seal(&node->keys, FEDTINY_MSG_DELTA, flags, node->state.run, round, model_version, seq,
+                                  c->upload + FEDTINY_ENV_HEADER_BYTES, (uint32_t)body_len, c->upload,
+                                  c->capacity.upload, &envelope_len);
+    if (status != FEDTINY_ENV_OK) {
+        return status;
+    }
+    node->state.seq = seq + 1u;
+    node->state.trained_round = round;
+    node->state.pending_task.present = 0u;
+    node->state.upload_chunk = c->chunk_size;
+    node->state.upload_len = (uint32_t)envelope_len;
+    return persist(node);
+}
+
+/* A masked job (device.py complete): the clipped (and noised, clamped to the round's bounds) delta into the values
+ * buffer, held until the relay has come; then the masked DELTA. */
+static int masked_uplink(fedtiny_node *node, const fedtiny_node_job *job, const uint8_t *base_state,
+                         const uint8_t *trained_state, const fedtiny_node_result *result)
+{
+    const fedtiny_node_config *c = &node->config;
+    fedtiny_node_secagg *sa = c->secagg;
+    int status = FEDTINY_WIRE_OK;
+    if (job->noise_sigma > 0.0f) {
+        status = fedtiny_noise_check(c->plan->wire, (double)job->noise_sigma);
+    }
+    if (status == FEDTINY_WIRE_OK) {
+        status = fedtiny_wire_uplink_values(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
+                                            job->clip_norm, c->values);
+    }
+    if (status == FEDTINY_WIRE_OK && job->noise_sigma > 0.0f) {
+        fedtiny_noise_stream stream;
+        fedtiny_noise_source source;
+        fedtiny_noise_stream_open(&stream, c->identity, node->state.run, job->round, &source);
+        status = fedtiny_noise_add(c->plan->wire, c->values, (double)job->noise_sigma, &source, sa->bounds);
+        fedtiny_noise_stream_wipe(&stream);
+    }
+    if (status != FEDTINY_WIRE_OK) {
+        return FEDTINY_NODE_FROM_WIRE(status);
+    }
+    sa->trained = 1u;
+    sa->job_round = job->round;
+    sa->job_model_version = job->model_version;
+    sa->num_examples = result->num_examples;
+    sa->loss = result->loss;
+    sa->accuracy = result->accuracy;
+    sa->personal_accuracy = result->personal_accuracy;
+    return FEDTINY_NODE_OK;
+}
+
 int fedtiny_node_complete(fedtiny_node *node, const fedtiny_node_job *job, const uint8_t *base_state,
                           const uint8_t *trained_state, const fedtiny_node_result *result, int64_t now_ms)
 {
     const fedtiny_node_config *c = &node->config;
     uint8_t *body = c->upload + FEDTINY_ENV_HEADER_BYTES;
-    size_t body_len, envelope_len;
-    uint32_t seq, sent;
+    size_t body_len;
+    uint32_t sent;
     int status;
     node->state.rng_counter = result->rng_counter; /* the trainer drew its random numbers either way */
     if (fedtiny_node_superseded(node, job)) {
         return persist(node); /* its change is dropped: it was made from an older model */
     }
-    status = fedtiny_wire_uplink(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
-                                 job->clip_norm, result->num_examples, result->loss, result->accuracy,
-                                 result->personal_accuracy, body,
-                                 c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
-    if (status != FEDTINY_WIRE_OK) {
-        return FEDTINY_NODE_FROM_WIRE(status);
+    if (job->masked && (!secagg_on(node) || !c->secagg->active || c->secagg->secrets.ctx.run != node->state.run ||
+                        c->secagg->secrets.ctx.round != job->round)) {
+        return fedtiny_node_skip(node, job); /* restarted during the round: a dropout of it */
     }
-    seq = node->state.seq;
-    status = fedtiny_env_seal(&node->keys, FEDTINY_MSG_DELTA, 0u, node->state.run, job->round, job->model_version,
-                              seq, body, (uint32_t)body_len, c->upload, c->capacity.upload, &envelope_len);
-    if (status != FEDTINY_ENV_OK) {
+    if (job->masked) {
+        status = masked_uplink(node, job, base_state, trained_state, result);
+    } else if (job->noise_sigma > 0.0f) {
+        status = noised_uplink(node, job, base_state, trained_state, result, body,
+                               c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
+        status = status != FEDTINY_WIRE_OK ? FEDTINY_NODE_FROM_WIRE(status) : FEDTINY_NODE_OK;
+    } else {
+        status = fedtiny_wire_uplink(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
+                                     job->clip_norm, result->num_examples, result->loss, result->accuracy,
+                                     result->personal_accuracy, body,
+                                     c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
+        status = status != FEDTINY_WIRE_OK ? FEDTINY_NODE_FROM_WIRE(status) : FEDTINY_NODE_OK;
+    }
+    if (status != FEDTINY_NODE_OK) {
         return status;
     }
-    /* One save holds the seq the DELTA used, the DELTA, the carry it left, the answered round and the personalised
-     * model (device.py's complete): a power cut before it leaves the task pending, the old personalised model and
-     * nothing sent; after it, the upload is resent. */
-    node->state.seq = seq + 1u;
-    if (c->personal != NULL) { /* the node's own model until its next answered round */
+    if (c->personal != NULL) { /* the node's own model until its next answered round, saved with the DELTA */
         memcpy(c->personal, trained_state, fedtiny_wire_state_bytes(c->plan->wire));
         node->state.personal = 1u;
     }
-    node->state.trained_round = job->round;
-    node->state.pending_task.present = 0u;
-    node->state.upload_chunk = c->chunk_size;
-    node->state.upload_len = (uint32_t)envelope_len;
-    status = persist(node);
+    if (job->masked) {
+        if (!c->secagg->relay_done) {
+            return FEDTINY_NODE_OK; /* the masked DELTA waits for the neighbours' shares (the relay) */
+        }
+        status = seal_masked(node);
+    } else {
+        status = seal_upload(node, job->round, job->model_version, 0u, body_len);
+    }
     if (status != FEDTINY_NODE_OK) {
         return status;
     }

@@ -15,8 +15,9 @@
  * Errors: every function returns FEDTINY_NODE_OK (0), a positive result, or a negative status whose
  * fedtiny_node_reason() is the ProtocolError reason device.py raises for the same input. Statuses of the parts
  * pass through unchanged (envelope -1..-15, chunking -100..-110); the wire's are shifted by -200
- * (FEDTINY_NODE_FROM_WIRE); the node's own are -300 and below. A refused downlink changes nothing that is
- * persisted (it may expire idle chunk transfers, as Python's reassembler does).
+ * (FEDTINY_NODE_FROM_WIRE), secure aggregation's by -400 (FEDTINY_NODE_FROM_SECAGG); the node's own are
+ * -300..-399. A refused downlink changes nothing that is persisted (it may expire idle chunk transfers, as
+ * Python's reassembler does).
  */
 #ifndef FEDTINY_NODE_H
 #define FEDTINY_NODE_H
@@ -26,6 +27,7 @@
 
 #include "fedtiny_chunk.h"
 #include "fedtiny_envelope.h"
+#include "fedtiny_node_secagg.h"
 #include "fedtiny_wire.h"
 
 #define FEDTINY_NODE_NAME_MAX 64u /* topics.NAME_PATTERN: 1-64 of [A-Za-z0-9_.-], starting alphanumeric */
@@ -46,6 +48,7 @@ typedef enum {
 } fedtiny_node_status;
 
 #define FEDTINY_NODE_FROM_WIRE(status) ((status) - 200)
+#define FEDTINY_NODE_FROM_SECAGG(status) ((status) - 400) /* fedtiny_secagg statuses: -401 and below */
 
 /* The reason token of any status a node function returns ("bad-signature", "wrong-topic", ...), "ok" for 0. */
 const char *fedtiny_node_reason(int status);
@@ -80,6 +83,8 @@ typedef struct {
     uint32_t round;
     uint32_t model_version;
     float clip_norm;
+    float noise_sigma; /* the device's DP noise per element, real units (0: none) */
+    uint8_t masked;    /* secure aggregation: the DELTA goes masked (TASK_MASKED) */
 } fedtiny_node_task;
 
 /* device.NodeState's numbers. The replay streams keep only their last accepted positions, as
@@ -137,9 +142,13 @@ typedef struct {
                               (update.downlink_reassembly_bytes) */
     uint32_t bitmap;       /* FEDTINY_CHUNK_BITMAP_BYTES(reassembly) */
     uint32_t frame;        /* chunk_size: one uplink frame */
+    uint32_t values;       /* 4 bytes per trainable element: the sent delta while noise is added */
 } fedtiny_node_sizes;
 
 void fedtiny_node_sizes_of(const fedtiny_node_plan *plan, uint32_t chunk_size, fedtiny_node_sizes *sizes);
+/* The sizes of a node that does secure aggregation: the upload also holds a masked DELTA, the reassembly a
+ * SECAGG_PEERS of 64 neighbours behind a TASK (device.py's buffers with peers). */
+void fedtiny_node_sizes_secagg_of(const fedtiny_node_plan *plan, uint32_t chunk_size, fedtiny_node_sizes *sizes);
 
 typedef struct {
     const fedtiny_node_plan *plan;
@@ -163,6 +172,13 @@ typedef struct {
     /* fedtiny_wire_state_bytes, or NULL: a node whose budget does not hold a personalised model keeps none
      * (Plan.memory_report's personal_model_bytes is 0) and predicts with the global model */
     uint8_t *personal;
+    /* fedtiny_wire_elements int32s, or NULL: a node without it refuses a TASK asking for device noise (bad-task) */
+    int32_t *values;
+    /* secure aggregation (both, and values, or none: a node without them answers a masked TASK with ACK
+     * REJECTED, as device.py without peers does): the fleet's public identities, and the round's RAM; the
+     * buffers then take fedtiny_node_sizes_secagg_of's sizes */
+    const fedtiny_node_peers *peers;
+    fedtiny_node_secagg *secagg;
     fedtiny_node_sizes capacity;
     fedtiny_node_publish_fn publish;
     fedtiny_node_persist_fn persist;
@@ -196,6 +212,8 @@ typedef struct {
     uint16_t steps;
     uint16_t uplink_keep_pct; /* 1..100 */
     float clip_norm;          /* 0: no clipping */
+    float noise_sigma;        /* discrete Gaussian noise per element, real units (0: none; fedtiny_noise.h) */
+    uint8_t masked;           /* secure aggregation: the DELTA goes masked */
 } fedtiny_node_job;
 
 /* What training returns besides the trained state (device.TrainResult). */
@@ -242,7 +260,10 @@ int fedtiny_node_pending_job(const fedtiny_node *node, fedtiny_node_job *job);
 int fedtiny_node_superseded(const fedtiny_node *node, const fedtiny_node_job *job);
 /* The node will not answer `job`: the next TASK finds it ready. */
 int fedtiny_node_skip(fedtiny_node *node, const fedtiny_node_job *job);
-/* Seal and send the round's DELTA (fedtiny_wire_uplink of trained_state from base_state, the state the job
+/* A masked job (job->masked): the clipped, noised values wait in config.values until the relay has come, then
+ * the masked DELTA is sealed and sent as the upload; the carry is the new one from here (device.py assigns it when
+ * the masked DELTA is sealed: the two differ only for a round whose relay never comes).
+ * Seal and send the round's DELTA (fedtiny_wire_uplink of trained_state from base_state, the state the job
  * trained from; both in the state layout), and keep trained_state as the personalised model (config.personal),
  * persisted in the same record as the DELTA. For a superseded job nothing is sealed or sent, and the personalised
  * model stays. A caller that takes

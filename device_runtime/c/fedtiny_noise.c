@@ -47,20 +47,43 @@ void fedtiny_noise_stream_init(fedtiny_noise_stream *stream, const uint8_t key[F
     src->used = 0u;
 }
 
+void fedtiny_noise_stream_open(fedtiny_noise_stream *stream, const uint8_t identity[FEDTINY_NOISE_IDENTITY_BYTES],
+                               uint32_t run, uint64_t round, fedtiny_noise_source *src)
+{
+    uint8_t key[FEDTINY_NOISE_KEY_BYTES];
+    fedtiny_noise_key(identity, key);
+    fedtiny_noise_stream_init(stream, key, run, round, src);
+    crypto_wipe(key, sizeof key);
+}
+
 void fedtiny_noise_stream_wipe(fedtiny_noise_stream *stream)
 {
     crypto_wipe(stream, sizeof *stream);
 }
 
-int fedtiny_noise_delta(const fedtiny_wire_plan *plan, const uint8_t *delta, double sigma, fedtiny_noise_source *src,
-                        const int32_t *limits, int32_t *out)
+int fedtiny_noise_check(const fedtiny_wire_plan *plan, double sigma)
+{
+    uint16_t t;
+    uint32_t r;
+    uint64_t sigma2;
+    if (!(sigma > 0.0)) return FEDTINY_WIRE_ERR_ARGUMENT;
+    for (t = 0; t < plan->n_tensors; t++) {
+        for (r = 0; r < plan->tensors[t].rows; r++) {
+            int status = fedtiny_wire_row_sigma2(sigma, plan->tensors[t].scales[r], &sigma2);
+            if (status) return status;
+        }
+    }
+    return FEDTINY_WIRE_OK;
+}
+
+int fedtiny_noise_add(const fedtiny_wire_plan *plan, int32_t *values, double sigma, fedtiny_noise_source *src,
+                      const int32_t *limits)
 {
     uint16_t t;
     size_t k = 0;
     if (!(sigma > 0.0)) return FEDTINY_WIRE_ERR_ARGUMENT;
     for (t = 0; t < plan->n_tensors; t++) {
         const fedtiny_wire_tensor *tensor = &plan->tensors[t];
-        const uint8_t *base = delta + fedtiny_wire_delta_offset(plan, t);
         const int64_t limit = limits != NULL ? (int64_t)limits[t]
                               : tensor->dtype == FEDTINY_WIRE_DTYPE_INT8 ? 255 : (int64_t)INT32_MAX;
         uint32_t r, j;
@@ -68,22 +91,12 @@ int fedtiny_noise_delta(const fedtiny_wire_plan *plan, const uint8_t *delta, dou
             uint64_t sigma2;
             int status = fedtiny_wire_row_sigma2(sigma, tensor->scales[r], &sigma2);
             if (status) return status;
-            for (j = 0; j < tensor->inner; j++) {
-                const size_t e = (size_t)r * tensor->inner + j;
-                int64_t value, noise;
-                if (tensor->dtype == FEDTINY_WIRE_DTYPE_INT8) {
-                    int16_t v;
-                    memcpy(&v, base + 2u * e, sizeof v);
-                    value = v;
-                } else {
-                    int32_t v;
-                    memcpy(&v, base + 4u * e, sizeof v);
-                    value = v;
-                }
+            for (j = 0; j < tensor->inner; j++, k++) {
+                int64_t noise, value;
                 status = fedtiny_wire_discrete_gaussian(src, sigma2, &noise);
                 if (status) return status;
-                value += noise;
-                out[k++] = (int32_t)(value > limit ? limit : value < -limit ? -limit : value);
+                value = (int64_t)values[k] + noise;
+                values[k] = (int32_t)(value > limit ? limit : value < -limit ? -limit : value);
             }
         }
     }

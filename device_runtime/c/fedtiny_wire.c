@@ -233,18 +233,22 @@ int fedtiny_wire_decode_task(const uint8_t *body, uint32_t len, fedtiny_wire_tas
 
 int fedtiny_wire_task_settings(const fedtiny_wire_task *task, fedtiny_wire_settings *settings) {
     uint16_t epochs = 1, keep_pct = 0;
-    /* task_flags bit0 (messages.TASK_MASKED): a masked delta for secure aggregation (protocol/secagg.py). This
-     * node does not implement secure aggregation yet, so it refuses the TASK rather than answer unmasked */
-    if (task->task_flags & 0x0001u) return FEDTINY_WIRE_ERR_BAD_TASK;
-    if (task->config_len == 4) { /* task.TASK_CONFIG: epochs u16 | uplink_keep_pct u16 */
+    float noise_sigma = 0.0f;
+    uint32_t min_survivors = 0;
+    if (task->config_len == 4 || task->config_len == 12) {
+        /* task.TASK_CONFIG: epochs u16 | uplink_keep_pct u16, and in the 12-byte form with device noise
+         * (task.TASK_CONFIG_NOISE) | noise_sigma f32 | min_survivors u32 */
         epochs = rd16(task->config);
         keep_pct = rd16(task->config + 2);
-        if (keep_pct >= 100) return FEDTINY_WIRE_ERR_BAD_TASK;
+        if (task->config_len == 12) {
+            noise_sigma = rdf32(task->config + 4);
+            min_survivors = rd32(task->config + 8);
+            if (!(noise_sigma >= 0.0f)) return FEDTINY_WIRE_ERR_BAD_TASK; /* NaN or negative */
+        }
     } else if (task->config_len != 0) {
-        /* also the 12-byte form with device noise (task.TASK_CONFIG_NOISE): this node does not add differential
-         * privacy noise yet (protocol/noise.py), so it never answers a noised round without noise */
         return FEDTINY_WIRE_ERR_BAD_TASK;
     }
+    if (keep_pct >= 100) return FEDTINY_WIRE_ERR_BAD_TASK;
     settings->epochs = epochs;
     settings->steps = task->local_steps;
     settings->batch_size = task->batch_size;
@@ -252,6 +256,9 @@ int fedtiny_wire_task_settings(const fedtiny_wire_task *task, fedtiny_wire_setti
     settings->clip_norm = task->clip_norm;
     settings->deadline_s = task->deadline_s;
     settings->uplink_keep_pct = keep_pct ? keep_pct : 100;
+    settings->noise_sigma = noise_sigma;
+    settings->min_survivors = min_survivors;
+    settings->masked = (task->task_flags & FEDTINY_WIRE_TASK_MASKED) != 0;
     return FEDTINY_WIRE_OK;
 }
 
@@ -498,6 +505,7 @@ typedef struct {
     const fedtiny_wire_tensor *t;
     const uint8_t *base, *trained; /* this buffer in the state layout */
     const uint8_t *carry;          /* this buffer in the delta layout */
+    const int32_t *values;         /* or this buffer's final sent values (fedtiny_wire_encode_values): NULL */
 } uplink_buffer;
 
 static uplink_buffer buffer_at(const fedtiny_wire_plan *plan, const uint8_t *base, const uint8_t *trained,
@@ -508,6 +516,19 @@ static uplink_buffer buffer_at(const fedtiny_wire_plan *plan, const uint8_t *bas
     b.base = base + s;
     b.trained = trained + s;
     b.carry = carry + fedtiny_wire_delta_offset(plan, tensor);
+    b.values = NULL;
+    return b;
+}
+
+/* A buffer whose sent values are given (flat, buffers back to back: values is the whole plan's). */
+static uplink_buffer values_buffer_at(const fedtiny_wire_plan *plan, const int32_t *values, uint16_t tensor) {
+    uplink_buffer b;
+    uint64_t start = 0;
+    uint16_t t;
+    for (t = 0; t < tensor; t++) start += elements(&plan->tensors[t]);
+    memset(&b, 0, sizeof b);
+    b.t = &plan->tensors[tensor];
+    b.values = values + start;
     return b;
 }
 
@@ -633,6 +654,14 @@ static int32_t clipped(int32_t v, int clip, double factor) {
     return clip ? (int32_t)((double)v * factor) : v; /* C's conversion truncates toward zero, as np.trunc */
 }
 
+/* What is sent for element e: the given value, or split_uplink's choice clipped. */
+static int32_t sent_value(const uplink_buffer *b, const selection *s, uint64_t e, uint32_t *ties, int clip,
+                          double factor) {
+    int32_t total;
+    if (b->values != NULL) return b->values[e];
+    return clipped(sent_at(b, s, e, ties, &total), clip, factor);
+}
+
 static uint64_t value_bytes(uint8_t code, uint64_t n) {
     return code == FEDTINY_WIRE_DTYPE_INT4 ? (n + 1u) / 2u : n * (code == FEDTINY_WIRE_DTYPE_INT8 ? 1u
                                                                  : code == FEDTINY_WIRE_DTYPE_INT16 ? 2u : 4u);
@@ -653,12 +682,12 @@ static void put_value(uint8_t *values, uint8_t code, uint64_t j, int32_t v) {
 static int encode_buffer(const uplink_buffer *b, uint16_t tensor, const selection *s, int clip, double factor,
                          uint8_t *out, uint64_t room, uint64_t *written) {
     uint64_t e, n = elements(b->t), nonzero = 0, j, bitmap_bytes, size_sparse, size_whole, size;
-    int32_t lo = 0, hi = 0, total;
+    int32_t lo = 0, hi = 0;
     uint32_t ties = 0;
     uint8_t code, *values, *bitmap = NULL;
     int sparse;
     for (e = 0; e < n; e++) {
-        int32_t v = clipped(sent_at(b, s, e, &ties, &total), clip, factor);
+        int32_t v = sent_value(b, s, e, &ties, clip, factor);
         if (v == 0) continue;
         nonzero++;
         if (v < lo) lo = v;
@@ -687,7 +716,7 @@ static int encode_buffer(const uplink_buffer *b, uint16_t tensor, const selectio
         values += up4(bitmap_bytes);
     }
     for (e = 0, j = 0, ties = 0; e < n; e++) {
-        int32_t v = clipped(sent_at(b, s, e, &ties, &total), clip, factor);
+        int32_t v = sent_value(b, s, e, &ties, clip, factor);
         if (sparse) {
             if (v == 0) continue;
             bitmap[e >> 3] |= (uint8_t)(1u << (e & 7u));
@@ -698,19 +727,11 @@ static int encode_buffer(const uplink_buffer *b, uint16_t tensor, const selectio
     return FEDTINY_WIRE_OK;
 }
 
-int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state, const uint8_t *trained_state,
-                        uint8_t *carry, uint16_t keep_pct, float clip_norm, uint32_t num_examples, float loss,
-                        float accuracy, float personal_accuracy, uint8_t *out, size_t capacity, size_t *out_len) {
-    const uint64_t head = FEDTINY_WIRE_DELTA_HEAD_BYTES + FEDTINY_WIRE_BLOB_HEADER_BYTES;
-    const uint32_t n_metrics = personal_accuracy >= 0.0f ? 2u : 1u;
-    uint64_t at = head, written;
-    uint16_t tensor, n_entries = 0;
-    double factor;
-    int clip, status;
-    uint8_t *metrics;
-
+/* split_uplink's ValueError first: keep_pct in 1..100, an int8 buffer's delta plus carry within int16. */
+static int check_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state, const uint8_t *trained_state,
+                        const uint8_t *carry, uint16_t keep_pct) {
+    uint16_t tensor;
     if (keep_pct < 1 || keep_pct > 100) return FEDTINY_WIRE_ERR_ARGUMENT;
-    /* split_uplink's ValueError first: an int8 buffer's delta plus carry must fit int16 */
     for (tensor = 0; tensor < plan->n_tensors; tensor++) {
         uplink_buffer b = buffer_at(plan, base_state, trained_state, carry, tensor);
         uint64_t e, n = elements(b.t);
@@ -720,13 +741,49 @@ int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state
             if (total < -32768 || total > 32767) return FEDTINY_WIRE_ERR_CARRY_OVERFLOW;
         }
     }
-    factor = clip_factor(plan, base_state, trained_state, carry, keep_pct, (double)clip_norm, &clip);
+    return FEDTINY_WIRE_OK;
+}
 
-    /* encode_update: the buffers' entries, then the metrics entry, then the headers in front */
-    if (capacity < head) return FEDTINY_WIRE_ERR_BUFFER;
+/* The new carry: what was not sent, unclipped (split_uplink's `rest`). */
+static void update_carry(const fedtiny_wire_plan *plan, const uint8_t *base_state, const uint8_t *trained_state,
+                         uint8_t *carry, uint16_t keep_pct) {
+    uint16_t tensor;
     for (tensor = 0; tensor < plan->n_tensors; tensor++) {
         uplink_buffer b = buffer_at(plan, base_state, trained_state, carry, tensor);
         selection s = select_sent(&b, keep_pct);
+        uint8_t *c = carry + fedtiny_wire_delta_offset(plan, tensor);
+        uint64_t e, n = elements(b.t);
+        uint32_t ties = 0;
+        for (e = 0; e < n; e++) {
+            int32_t total, v = sent_at(&b, &s, e, &ties, &total);
+            delta_set(c, b.t, e, v != 0 ? 0 : total);
+        }
+    }
+}
+
+/* encode_update: the buffers' entries (from base/trained/carry with keep_pct and the clip factor, or from
+ * values when it is not NULL), then the metrics entry, then the headers in front. */
+static int encode_body(const fedtiny_wire_plan *plan, const uint8_t *base_state, const uint8_t *trained_state,
+                       const uint8_t *carry, const int32_t *values, uint16_t keep_pct, int clip, double factor,
+                       uint32_t num_examples, float loss, float accuracy, float personal_accuracy, uint8_t *out,
+                       size_t capacity, size_t *out_len) {
+    const uint64_t head = FEDTINY_WIRE_DELTA_HEAD_BYTES + FEDTINY_WIRE_BLOB_HEADER_BYTES;
+    const uint32_t n_metrics = personal_accuracy >= 0.0f ? 2u : 1u;
+    uint64_t at = head, written;
+    uint16_t tensor, n_entries = 0;
+    int status;
+    uint8_t *metrics;
+
+    if (capacity < head) return FEDTINY_WIRE_ERR_BUFFER;
+    for (tensor = 0; tensor < plan->n_tensors; tensor++) {
+        uplink_buffer b;
+        selection s = {0, 0};
+        if (values != NULL) {
+            b = values_buffer_at(plan, values, tensor);
+        } else {
+            b = buffer_at(plan, base_state, trained_state, carry, tensor);
+            s = select_sent(&b, keep_pct);
+        }
         status = encode_buffer(&b, tensor, &s, clip, factor, out + at, capacity - at, &written);
         if (status) return status;
         at += written;
@@ -756,21 +813,54 @@ int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state
     wr16(out + 14, 0);
     wr32(out + 16, (uint32_t)(at - head));
     *out_len = (size_t)at;
+    return FEDTINY_WIRE_OK;
+}
 
-    /* the new carry: what was not sent, unclipped (split_uplink's `rest`); written last, so an error above
-     * leaves it as it was */
+int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state, const uint8_t *trained_state,
+                        uint8_t *carry, uint16_t keep_pct, float clip_norm, uint32_t num_examples, float loss,
+                        float accuracy, float personal_accuracy, uint8_t *out, size_t capacity, size_t *out_len) {
+    double factor;
+    int clip, status = check_uplink(plan, base_state, trained_state, carry, keep_pct);
+    if (status) return status;
+    factor = clip_factor(plan, base_state, trained_state, carry, keep_pct, (double)clip_norm, &clip);
+    status = encode_body(plan, base_state, trained_state, carry, NULL, keep_pct, clip, factor, num_examples, loss,
+                         accuracy, personal_accuracy, out, capacity, out_len);
+    if (status) return status;
+    update_carry(plan, base_state, trained_state, carry, keep_pct); /* last: an error above leaves it as it was */
+    return FEDTINY_WIRE_OK;
+}
+
+int fedtiny_wire_uplink_values(const fedtiny_wire_plan *plan, const uint8_t *base_state, const uint8_t *trained_state,
+                               uint8_t *carry, uint16_t keep_pct, float clip_norm, int32_t *values) {
+    double factor;
+    uint16_t tensor;
+    uint64_t k = 0;
+    int clip, status = check_uplink(plan, base_state, trained_state, carry, keep_pct);
+    if (status) return status;
+    factor = clip_factor(plan, base_state, trained_state, carry, keep_pct, (double)clip_norm, &clip);
     for (tensor = 0; tensor < plan->n_tensors; tensor++) {
         uplink_buffer b = buffer_at(plan, base_state, trained_state, carry, tensor);
         selection s = select_sent(&b, keep_pct);
-        uint8_t *c = carry + fedtiny_wire_delta_offset(plan, tensor);
         uint64_t e, n = elements(b.t);
         uint32_t ties = 0;
-        for (e = 0; e < n; e++) {
-            int32_t total, v = sent_at(&b, &s, e, &ties, &total);
-            delta_set(c, b.t, e, v != 0 ? 0 : total);
-        }
+        for (e = 0; e < n; e++) values[k++] = sent_value(&b, &s, e, &ties, clip, factor);
     }
+    update_carry(plan, base_state, trained_state, carry, keep_pct);
     return FEDTINY_WIRE_OK;
+}
+
+int fedtiny_wire_encode_values(const fedtiny_wire_plan *plan, const int32_t *values, uint32_t num_examples,
+                               float loss, float accuracy, float personal_accuracy, uint8_t *out, size_t capacity,
+                               size_t *out_len) {
+    return encode_body(plan, NULL, NULL, NULL, values, 100u, 0, 1.0, num_examples, loss, accuracy,
+                       personal_accuracy, out, capacity, out_len);
+}
+
+uint32_t fedtiny_wire_elements(const fedtiny_wire_plan *plan) {
+    uint64_t n = 0;
+    uint16_t t;
+    for (t = 0; t < plan->n_tensors; t++) n += elements(&plan->tensors[t]);
+    return (uint32_t)n;
 }
 
 /* --- differential privacy noise: protocol/noise.py --------------------------------------------------------------

@@ -180,11 +180,15 @@ typedef struct {
     float clip_norm;
     uint32_t deadline_s;
     uint16_t uplink_keep_pct; /* 1..100: the share of each buffer's changes a DELTA carries (0 on the wire = 100) */
+    float noise_sigma;        /* the device's DP noise per element, real units (0: none; protocol/noise.py) */
+    uint32_t min_survivors;   /* the fewest survivors the noise is calibrated for (0: no such rule) */
+    uint8_t masked;           /* TASK_MASKED: the delta goes masked for secure aggregation (protocol/secagg.py) */
 } fedtiny_wire_settings;
 
 /* messages.Task.decode: truncated, oversized (config > 1024), truncated / trailing-bytes (config length). */
 int fedtiny_wire_decode_task(const uint8_t *body, uint32_t len, fedtiny_wire_task *task);
-/* task.task_settings: bad-task if the config is neither empty nor 4 bytes, or its uplink_keep_pct is >= 100.
+/* task.task_settings: bad-task if the config is neither empty nor 4 or 12 bytes, its uplink_keep_pct is >= 100 or
+ * its noise_sigma negative or NaN. Whether the node can honour noise or masking is the session's question.
  * Separate from decoding because device.py reads the settings only of a TASK for its plan and a new round. */
 int fedtiny_wire_task_settings(const fedtiny_wire_task *task, fedtiny_wire_settings *settings);
 /* messages.Ack.decode: truncated, oversized (more than 64 missing), truncated / trailing-bytes. */
@@ -227,8 +231,23 @@ int fedtiny_wire_uplink(const fedtiny_wire_plan *plan, const uint8_t *base_state
                         uint8_t *carry, uint16_t keep_pct, float clip_norm, uint32_t num_examples, float loss,
                         float accuracy, float personal_accuracy, uint8_t *out, size_t capacity, size_t *out_len);
 
+/* --- the uplink in steps, for a node that adds noise (or masks) between clipping and encoding ------------------
+ * values: every trainable element as int32, buffers in plan order back to back, no padding
+ * (fedtiny_wire_elements of them). */
+uint32_t fedtiny_wire_elements(const fedtiny_wire_plan *plan);
+/* update.uplink_delta without noise, steps 1-3 of fedtiny_wire_uplink: the sent, clipped delta into values, and
+ * the new carry (written only on success: ERR_ARGUMENT for keep_pct, ERR_CARRY_OVERFLOW leave it unchanged). */
+int fedtiny_wire_uplink_values(const fedtiny_wire_plan *plan, const uint8_t *base_state, const uint8_t *trained_state,
+                               uint8_t *carry, uint16_t keep_pct, float clip_norm, int32_t *values);
+/* Step 6 of fedtiny_wire_uplink (encode_update) over given values: the same DELTA body fedtiny_wire_uplink writes
+ * for a delta whose sent values these are. */
+int fedtiny_wire_encode_values(const fedtiny_wire_plan *plan, const int32_t *values, uint32_t num_examples,
+                               float loss, float accuracy, float personal_accuracy, uint8_t *out, size_t capacity,
+                               size_t *out_len);
+
 /* --- differential privacy noise: protocol/noise.py ----------------------------------------------------------------
- * The uplink's noise step in C, not yet called by fedtiny_wire_uplink (the node refuses noised TASKs until it is).
+ * The uplink's noise step in C (fedtiny_noise.c applies it between fedtiny_wire_uplink_values and
+ * fedtiny_wire_encode_values).
  * Random 64-bit words come from the caller (on the node: ChaCha20, Monocypher's crypto_chacha20_ietf keystream,
  * keyed and with the nonce noise.NoiseStream uses); `used` counts the words drawn. */
 typedef struct {

@@ -125,7 +125,8 @@ static int start_node(void)
 static int same_job(const fedtiny_node_job *a, const fedtiny_node_job *b)
 {
     return a->round == b->round && a->model_version == b->model_version && a->epochs == b->epochs &&
-           a->steps == b->steps && a->uplink_keep_pct == b->uplink_keep_pct && a->clip_norm == b->clip_norm;
+           a->steps == b->steps && a->uplink_keep_pct == b->uplink_keep_pct && a->clip_norm == b->clip_norm &&
+           a->noise_sigma == b->noise_sigma && a->masked == b->masked;
 }
 
 /* The job slot of a round: its own, else the older one (rounds start at 1; a free slot holds round 0). */

@@ -15,8 +15,8 @@ PLAN_VERSION = 1
 TASK_CONFIG = struct.Struct("<HH")  # TASK.config: epochs u16 | uplink_keep_pct u16 (0 = 100: send every change)
 # ... and with device noise (differential privacy): | noise_sigma f32 (real units) | min_survivors u32 (the fewest
 # survivors the noise is calibrated for: a masked round's device reveals no share for fewer; 0 = no such rule). A
-# node that cannot add noise (the C node, so far) refuses the 12-byte form as a bad TASK: it never answers a noised
-# round without noise.
+# node that cannot add noise (a C node built without the buffer for it) refuses the 12-byte form as a bad TASK: it
+# never answers a noised round without noise.
 TASK_CONFIG_NOISE = struct.Struct("<HHfI")
 
 TASK_KEYS = {"epochs", "steps", "local_steps", "batch_size", "lr", "learning_rate", "clip_norm", "deadline_s",
