@@ -692,7 +692,7 @@ def _combine_many(requests: list[list[tuple[int, bytes]]], kind: int) -> list[by
 #   small elements (seven shifts each); the denominators of the whole batch are inverted together with a product
 #   tree (one inversion, three multiplications per denominator);
 # - each distinct set of share indexes gets its coefficients once per batch: without dropouts every secret of a
-#   round has the same indexes (SecAggRound._reconstruct takes the lowest `threshold` of them).
+#   round has the same indexes (SecAggRound._first_subset takes the lowest `threshold` of them).
 #
 # tests/test_secagg.py checks shamir_combine against Shamir.combine on random shares and index sets.
 
