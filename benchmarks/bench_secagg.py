@@ -69,8 +69,9 @@ def secagg_bytes(run: Path) -> tuple[float, float]:
 
 def coordinator_seconds(plan, n: int, clip: float = 0.5) -> tuple[float, float, float, int, int]:
     """The coordinator's part of one round of n devices, 30 % dropping after masking: (wall seconds, CPU seconds,
-    CPU seconds of them in pycryptodome's Shamir.combine, graph degree, threshold). CPU time is this process's:
-    on a shared machine it does not grow with the load as the wall time does."""
+    CPU seconds of them reconstructing the Shamir-shared secrets (secagg.shamir_combine), graph degree,
+    threshold). CPU time is this process's: on a shared machine it does not grow with the load as the wall time
+    does."""
     from fedtiny.protocol import secagg
     from fedtiny.protocol.envelope import Identity
     from fedtiny.protocol.secagg import RoundContext, SecAggDevice, SecAggRound
@@ -94,7 +95,7 @@ def coordinator_seconds(plan, n: int, clip: float = 0.5) -> tuple[float, float, 
         cpu += time.process_time() - c
         return out
 
-    combine = secagg.Shamir.combine
+    combine = secagg.shamir_combine
 
     def timed_combine(*a, **k):
         nonlocal shamir
@@ -115,11 +116,11 @@ def coordinator_seconds(plan, n: int, clip: float = 0.5) -> tuple[float, float, 
             timed(server.on_masked, i, d.masked(delta, 1, 0.0, 0.0))
     for i, unmask in timed(server.close_masked).items():
         timed(server.on_reveal, i, devices[i].on_unmask(unmask))
-    secagg.Shamir.combine = timed_combine
+    secagg.shamir_combine = timed_combine
     try:
         timed(server.finish)
     finally:
-        secagg.Shamir.combine = combine
+        secagg.shamir_combine = combine
     return spent, cpu, shamir, len(server.graph[next(iter(server.graph))]), server.threshold
 
 
@@ -179,7 +180,8 @@ def main():
              f"UNMASK.", "",
              "The coordinator's part of one round (this process, 30 % of the cohort dropping after masking; the "
              "devices' part not counted):", "",
-             "| cohort | graph degree | threshold | coordinator s per round (wall) | CPU s | of which Shamir.combine |",
+             "| cohort | graph degree | threshold | coordinator s per round (wall) | CPU s | "
+             "of which Shamir reconstruction |",
              "|---:|---:|---:|---:|---:|---:|"]
     for n in (10, 50, 100):
         seconds, cpu, shamir, degree, t = coordinator_seconds(plan, n)

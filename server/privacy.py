@@ -135,7 +135,8 @@ class DistributedPrivacy:
     the coordinator only sees the survivors' noised sum (server/secagg.py), so nothing is added here. It wraps the
     strategy to
     - put the devices' noise into every TASK: noise_sigma = z C / sqrt(m) (real units, a float32 rounded up), m =
-      the secure-aggregation threshold of the round's cohort (secagg.threshold(graph_degree(cohort))), which is also
+      the survivors the round expects (fedtiny.privacy.calibrated_survivors: the quorum's share of the cohort, no
+      more than a device can count among its neighbours, at least the secure-aggregation threshold), which is also
       the fewest survivors the round may be unmasked with ("min_survivors", also in the TASK: the coordinator fails
       a round with fewer before any share is revealed, and each device refuses to reveal its shares when told of
       fewer);
@@ -143,7 +144,8 @@ class DistributedPrivacy:
       and for the fleet in the round's train metrics;
     - stop: configure_train raises PrivacyBudgetExhausted when a round with m survivors could take a device past
       the budget.
-    m, and with it the noise, is fixed by the first round's cohort (the ledger); later rounds keep it."""
+    m, and with it the noise, is fixed by the first round's cohort and the round policy's quorum (the ledger);
+    later rounds keep it."""
 
     def __init__(self, strategy, settings: PrivacySettings, plan, rounds: int) -> None:
         if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
@@ -169,12 +171,13 @@ class DistributedPrivacy:
     def clipping_norm(self) -> float:
         return self.settings.clip_norm
 
-    def _ledger_for(self, cohort: int):
-        from fedtiny.privacy import distributed_noise
-        from fedtiny.protocol.secagg import graph_degree, threshold
+    def _ledger_for(self, cohort: int, survival: float = 1.0):
+        """The ledger, made for the first round's cohort with `survival` (the round policy's quorum) of it
+        expected to survive."""
+        from fedtiny.privacy import calibrated_survivors, distributed_noise
 
         if self.ledger is None:
-            m = max(3, threshold(graph_degree(cohort)))
+            m = calibrated_survivors(cohort, survival)
             z = self.settings.noise_multiplier
             self.ledger = distributed_noise(self.settings.epsilon, self.settings.delta, self.rounds,
                                             self.settings.clip_norm, m, cohort, self.row_scales, noise_multiplier=z)
@@ -188,7 +191,7 @@ class DistributedPrivacy:
         self._grid = grid
         if not messages:
             return messages
-        ledger = self._ledger_for(len(messages))
+        ledger = self._ledger_for(len(messages), getattr(getattr(grid, "policy", None), "quorum", 1.0))
         if ledger.would_exceed():
             raise PrivacyBudgetExhausted(
                 f"privacy budget spent: epsilon {ledger.fleet_epsilon():.3f} of {ledger.budget:g} at delta "

@@ -222,18 +222,26 @@ def coordinator_saw(r: Run, payloads) -> Section:
         s.p("Secure aggregation: each device added pairwise masks to its integer update before encrypting it; the "
             "coordinator could unmask only the sum over a round's devices, never a single device's update. "
             "Settings: " + json.dumps(settings, sort_keys=True, default=str) + ".")
-        rows = [[e.get("round", "-"), e["event"], json.dumps({k: v for k, v in e.items()
-                                                              if k not in ("ts", "level", "event", "round")},
-                                                             default=str)[:200]]
-                for e in r.events if str(e.get("event", "")).startswith("secagg")]
+        rows = [secagg_row(e) for e in r.events if e.get("event") == "secagg_round"]
         if rows:
-            s.table(["round", "record", "fields"], rows)
+            s.table(["round", "survivors (their masked deltas are in the sum)", "dropped after sharing keys",
+                     "wrong shares", "threshold of degree", "what the coordinator held"], rows)
     else:
         s.warning("No secure aggregation in this run: the coordinator decrypted every device's individual update "
                   "(its clipped integer changes, example count, loss and accuracy) and held it in state.db. "
                   "End-to-end encryption protects updates from the broker and the network, not from the coordinator "
                   "(docs/security.md, 'Curious coordinator').")
     return s
+
+
+def secagg_row(event: dict) -> list:
+    """One masked round as the coordinator's secagg_round record tells it (server/secagg.py)."""
+    keys = next((st for st in event.get("stages", []) if st.get("stage") == "keys"), {})
+    survivors = event.get("survivors", [])
+    return [event.get("round", "-"), f"{len(survivors)}: {', '.join(survivors)}" if survivors else "none",
+            ", ".join(event.get("dropped", [])) or "none", ", ".join(event.get("bad_shares", [])) or "none",
+            f"{keys['threshold']} of {keys['degree']}" if "degree" in keys else "-",
+            event.get("seen") or f"nothing: the round failed ({event.get('failure', 'no outcome')})"]
 
 
 def differential_privacy(r: Run) -> Section:
@@ -280,12 +288,12 @@ def _distributed_privacy(s: Section, r: Run, p: dict) -> Section:
     s.p(f"Mechanism: {p['mechanism']}. Each device clips its update to {p['clip_norm']:g} (real units) and adds "
         f"discrete Gaussian integers of standard deviation {p['device_noise_sigma']:.4g} (real units; at least "
         f"{p['sigma2_min_lsb']:g} LSB^2 per element) before masking, so the coordinator sees only the survivors' "
-        f"noised sum. The noise is calibrated so that {p['min_survivors']} survivors (the secure-aggregation "
-        f"threshold; a round with fewer is not unmasked) give noise multiplier z = {p['noise_multiplier']:.4f} on "
-        f"the sum; delta {delta:g}, budget epsilon {p['budget']:g}, {p['noised_rounds']} noised rounds (survivors: "
-        f"{', '.join(str(n) for n in p['round_survivors'])}). Each epsilon below is computed here again from these "
-        "parameters and the device's rounds, with dp-accounting's RDP accountant, beside the value the coordinator "
-        "recorded.")
+        f"noised sum. The noise is calibrated so that {p['min_survivors']} survivors (the round's expected "
+        f"survivors, at least the secure-aggregation threshold; a round with fewer is not unmasked) give noise "
+        f"multiplier z = {p['noise_multiplier']:.4f} on the sum; delta {delta:g}, budget epsilon {p['budget']:g}, "
+        f"{p['noised_rounds']} noised rounds (survivors: {', '.join(str(n) for n in p['round_survivors'])}). Each "
+        "epsilon below is computed here again from these parameters and the device's rounds, with dp-accounting's "
+        "RDP accountant, beside the value the coordinator recorded.")
     if "clamp_delta" in p:
         s.p(f"The devices clamp their noised values 12 noise standard deviations beyond the clipped update (secure "
             f"aggregation's bounds); the accounting above is for unclamped noise, and the clamp adds "

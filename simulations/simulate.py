@@ -371,11 +371,18 @@ def privacy_noise_warning(config: SimulationConfig, plan) -> str | None:
     weights = [v for v in dequantize_state(tensor_specs(plan), plan.initial_state()).values()]
     rms = float(np.sqrt(np.mean(np.concatenate([w.ravel() for w in weights]) ** 2)))
     per_round = max(1, round(config.nodes * config.fraction))
-    if config.secagg:  # distributed DP: the nodes' noise is calibrated for the threshold's m survivors
-        from fedtiny.protocol.secagg import graph_degree, threshold
+    if config.secagg:  # distributed DP: the nodes' noise is calibrated for the m survivors the quorum expects
+        from fedtiny.privacy import calibrated_survivors
 
-        z *= math.sqrt(per_round / max(3, threshold(graph_degree(per_round))))
+        z *= math.sqrt(per_round / calibrated_survivors(per_round, round_quorum(config)))
     return fleet_noise_warning(z, config.clip_norm, per_round, rms, config.dp_epsilon, config.rounds)
+
+
+def round_quorum(config) -> float:
+    """--quorum, by default 1, or with --dropout or --stragglers max(0.3, 1 - dropout - 0.1)."""
+    if config.quorum is not None:
+        return config.quorum
+    return 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
 
 
 def node_seed(config, i: int) -> int:
@@ -662,10 +669,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
     from .personal import HeldOutParts, fleet_summary, round_personal
     from .report_data import predicted_classes
 
-    quorum = config.quorum
-    if quorum is None:
-        quorum = 1.0 if config.dropout == 0 and config.stragglers == 0 else max(0.3, 1 - config.dropout - 0.1)
-    policy = RoundPolicy(quorum=quorum, deadline=config.deadline, max_examples=config.max_examples,
+    policy = RoundPolicy(quorum=round_quorum(config), deadline=config.deadline, max_examples=config.max_examples,
                          max_staleness=config.max_staleness, reply_timeout=config.reply_timeout)
     arrivals = None
     if _clock_kind(config) == "virtual":

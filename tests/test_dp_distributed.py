@@ -106,19 +106,19 @@ def test_the_report_epsilon_equals_dp_accountings_for_the_same_parameters(mlp_la
 
     plan, clip, delta, rounds = mlp_last2_plan, 0.5, 1e-5, 4
     strategy = DistributedPrivacy(FedAvg(), PrivacySettings(4.0, delta, clip), plan, rounds)
-    ledger = strategy._ledger_for(20)  # a cohort of 20: complete graph of degree 19, threshold 10
-    assert ledger.min_survivors == 10
+    ledger = strategy._ledger_for(20)  # a cohort of 20, all expected to survive: complete graph of degree 19
+    assert ledger.min_survivors == 20
     z = ledger.noise_multiplier  # the Gaussian's z for `rounds` rounds of the budget: spends it, not more
     assert zcdp_epsilon(rounds / (2 * z * z), delta) == pytest.approx(4.0, rel=1e-4)
     assert zcdp_epsilon(rounds / (2 * z * z), delta) <= 4.0
-    assert ledger.device_sigma == float32_up(z * clip / math.sqrt(10))
+    assert ledger.device_sigma == float32_up(z * clip / math.sqrt(20))
     ledger.record([1, 2, 3], 20)
-    ledger.record([1, 2], 12)
-    ledger.record([1], 10)
+    ledger.record([1, 2], 26)  # a later round's larger cohort costs less
+    ledger.record([1], 20)
     summary = privacy_summary(strategy, {1: "a", 2: "b", 3: "c"})
     shapes = {n: (s, int(np.prod(plan.buffers[n].shape)) // len(s)) for n, s in row_scales(plan).items()}
     sigma2_min, l1 = distributed_plan_constants(shapes, clip, ledger.device_sigma)
-    for device, survivors in (("a", [20, 12, 10]), ("b", [20, 12]), ("c", [20])):
+    for device, survivors in (("a", [20, 26, 20]), ("b", [20, 26]), ("c", [20])):
         expected = _expected_epsilon(clip, ledger.device_sigma, survivors, delta, sigma2_min, l1)
         assert summary["device_epsilon"][device] == pytest.approx(expected, rel=1e-9)
         assert distributed_epsilon(summary, summary["device_survivors"][device]) == pytest.approx(expected, rel=1e-9)
@@ -127,10 +127,10 @@ def test_the_report_epsilon_equals_dp_accountings_for_the_same_parameters(mlp_la
     assert zcdp_epsilon(rounds * ledger.worst_round(), delta) <= 4.0
     assert zcdp_epsilon(rounds * ledger.worst_round() * 1.01, delta) > 4.0 - 0.05
     # the budget stops the run before a round that could pass it
-    spent = DistributedLedger(z, delta, 4.0, clip, ledger.device_sigma, 10, sigma2_min, l1, 20)
+    spent = DistributedLedger(z, delta, 4.0, clip, ledger.device_sigma, 20, sigma2_min, l1, 20)
     for _ in range(rounds):
         assert not spent.would_exceed()
-        spent.record([1], 10)
+        spent.record([1], 20)
     assert spent.would_exceed()
 
 
@@ -191,7 +191,7 @@ def test_a_short_secagg_dp_run_through_the_embedded_broker(model, tmp_path):  # 
                     a.stop(leave=False)
     ledger = coordinator.strategy.ledger
     assert [r.replies for r in history] == [5, 5]
-    assert ledger.min_survivors == 3 and ledger.round_rho[0][0] == 5 and ledger.device_sigma > 0
+    assert ledger.min_survivors == 5 and ledger.round_rho[0][0] == 5 and ledger.device_sigma > 0  # quorum 1
     events = [json.loads(line) for line in log.getvalue().splitlines()]
     assert not [e for e in events if e["event"] == "reply_accepted"]
     shapes = {n: (s, int(np.prod(plan.buffers[n].shape)) // len(s)) for n, s in row_scales(plan).items()}
@@ -207,7 +207,7 @@ def test_a_short_secagg_dp_run_through_the_embedded_broker(model, tmp_path):  # 
     lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     configured = [e for e in lines if e["event"] == "round_configured"]
     completed = [e for e in lines if e["event"] == "round_completed"]
-    assert [e["secagg"] for e in configured] == [dict(graph_degree=4, threshold=3, min_survivors=3)] * 2
+    assert [e["secagg"] for e in configured] == [dict(graph_degree=4, threshold=3, min_survivors=5)] * 2
     assert all(e["task"]["noise_sigma"] == sigma and e["device_noise"]["sigma"] == sigma and e["clip_norm"] == 0.5
                and e["noise_multiplier"] == ledger.noise_multiplier for e in configured)
     assert [(e["secagg"]["threshold"], e["secagg"]["masked"]) for e in completed] == [(3, 5), (3, 5)]
@@ -302,3 +302,20 @@ def test_the_clamp_at_twelve_sigma_is_added_to_delta(mlp_last2_plan):
     summary = privacy_summary(strategy, {1: "a", 2: "b", 3: "c"})
     expected = (1 + math.exp(summary["epsilon"])) * 2 * math.exp(-72) * elements * 32
     assert summary["clamp_delta"] == pytest.approx(expected, rel=1e-12) and 0 < expected < 1e-20
+
+
+def test_the_noise_is_calibrated_for_the_survivors_the_quorum_expects():
+    """calibrated_survivors: the quorum's share of the cohort, never more than a device can count among its
+    neighbours on a sparse graph, never fewer than the secure-aggregation threshold."""
+    from fedtiny.privacy import calibrated_survivors
+    from fedtiny.protocol.secagg import graph_degree, threshold
+
+    assert calibrated_survivors(20) == 20 and calibrated_survivors(20, 0.8) == 16  # complete graph: everyone
+    assert calibrated_survivors(50) == graph_degree(50) + 1 == 37  # sparse: a device's neighbours and itself
+    assert calibrated_survivors(20, 0.1) == threshold(19) == 10
+    assert calibrated_survivors(3, 0.1) == 3
+    for cohort in range(3, 120):
+        degree = graph_degree(cohort)
+        for survival in (0.3, 0.5, 0.8, 1.0):
+            m = calibrated_survivors(cohort, survival)
+            assert threshold(degree) <= m <= cohort and (m <= degree + 1 or m == 3)

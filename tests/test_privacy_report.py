@@ -210,22 +210,56 @@ def test_the_scan_finds_a_sample_at_every_offset_and_reports_uniform_ones():
 
 # --- secure aggregation, and bad input ---------------------------------------------------------------------------
 
-def test_under_secure_aggregation_the_report_says_the_coordinator_saw_masked_sums(run, tmp_path):
-    out = copy_of(run, tmp_path)
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["run"]["secure_aggregation"] = True  # as simulate --secagg writes it
-    (out / "metrics.json").write_text(json.dumps(metrics))
-    with open(out / "coordinator.jsonl", "a") as log:  # server/secagg.py's record of a masked round
-        log.write(json.dumps({"event": "secagg_round", "round": 3, "survivors": ["node000", "node002"],
-                              "dropped": ["node001"], "uplink_bytes": {"node000": 2100, "node002": 2200},
-                              "seen": "the sum of the survivors' masked deltas only"}) + "\n")
-    assert report([out])[0] == 0
+@pytest.fixture(scope="module")
+def secagg_run(tmp_path_factory):
+    """`fedtiny simulate --secagg --dp-epsilon 4`, as small as it runs: 3 nodes (secure aggregation's least), 2
+    rounds, lr and epochs given (no tuning trials), one worker process."""
+    out = tmp_path_factory.mktemp("privacy_secagg") / "run"
+    simulate(SimulationConfig(nodes=3, rounds=2, scenario="medical", out=str(out), seed=3, dp_epsilon=4.0,
+                              secagg=True, lr=0.03, epochs=1, workers=1))
+    return out
+
+
+def test_a_real_secagg_runs_report_says_what_the_coordinator_saw_and_what_the_clamp_costs(secagg_run, tmp_path):
+    """The report of a real secure-aggregation run with distributed DP, checked against the run's own files:
+    the coordinator's log names each round's survivors, its state.db holds no individual DELTA, the attack
+    section's round-sum row attacks exactly those survivors' rounds and no DELTA, and the clamp's delta term is
+    (1 + e^epsilon) 2 e^-72 per element noised in a released round, from the plan's trainable elements and the
+    logged survivors."""
+    import math
+    import sqlite3
+
+    from fedtiny.planfile import load_plan
+
+    out = copy_of(secagg_run, tmp_path)
+    code, output = report([out, "--attack"])
+    assert code == 0, output
     markdown = (out / "privacy_report.md").read_text()
+    events = [json.loads(line) for line in (out / "coordinator.jsonl").read_text().splitlines()]
+    survivors = {e["round"]: e["survivors"] for e in events if e["event"] == "secagg_round" and "survivors" in e}
+    assert sorted(survivors) == [1, 2] and all(len(s) == 3 for s in survivors.values())
+    db = sqlite3.connect(out / "state.db")
+    assert db.execute("SELECT COUNT(*) FROM replies").fetchone()[0] == 0  # never one device's DELTA
+    db.close()
     assert "only masked sums (secure aggregation)" in markdown and "individual update, decrypted" not in markdown
-    rows = table_rows(markdown, "What left each device")
-    assert ["3", "node002", "secure-aggregation stages and masked DELTA", "2,200"] == rows[-1][:4] or \
-        any(r[:4] == ["3", "node002", "secure-aggregation stages and masked DELTA", "2,200"] for r in rows), rows
-    assert "the sum of the survivors' masked deltas only" in markdown  # the secagg record, in 'What the coordinator saw'
+    saw = table_rows(markdown, "What the coordinator saw")[1:]  # each masked round, as the coordinator logged it
+    assert [(int(r[0]), r[1], r[2], r[5]) for r in saw] == [
+        (rnd, f"3: {', '.join(names)}", "none", "the sum of the survivors' masked deltas only")
+        for rnd, names in sorted(survivors.items())]
+    rows = {r[0]: r for r in table_rows(markdown, "Membership inference, measured on this run")}
+    assert "This run used secure aggregation: the coordinator never held a device's DELTA" in markdown
+    assert rows["one device's DELTA"][2:] == ["-", "0"]
+    assert int(rows["the round's sum"][3]) == sum(len(s) for s in survivors.values())
+    # the clamp line, from the run's files: the plan's elements, the logged survivors, the fleet's epsilon
+    plan = load_plan(out / "plan.ftp")
+    elements = sum(int(np.prod(plan.buffers[n].shape)) for n in plan.trainable_buffers())
+    privacy = json.loads((out / "metrics.json").read_text())["run"]["privacy"]
+    fleet = table_rows(markdown, "Differential privacy")[-1]
+    assert fleet[0].startswith("fleet") and float(fleet[2]) == pytest.approx(privacy["epsilon"], abs=5e-5)
+    clamp = (1 + math.exp(privacy["epsilon"])) * 2 * math.exp(-72) * elements * sum(map(len, survivors.values()))
+    assert f"the clamp adds {clamp:.2g} to delta" in markdown
+    assert f"epsilon {privacy['epsilon']:.4f} at delta {privacy['delta']:g} + {clamp:.2g}" in markdown
+    assert privacy["round_survivors"] == [len(survivors[r]) for r in sorted(survivors)]
 
 
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path):

@@ -130,6 +130,31 @@ def test_the_neighbour_graph_is_symmetric_and_of_the_stated_degree():
     assert graph_degree(10) == 9 and neighbour_graph(ids[:10], b"", 9)[1] == tuple(ids[1:10])
 
 
+def test_the_batched_shamir_combine_equals_pycryptodomes_on_random_shares():
+    """shamir_combine (the coordinator's batched interpolation) against pycryptodome's Shamir.combine: secrets
+    split by pycryptodome at random thresholds and share counts up to the graph's 64, random subsets of at
+    least the threshold, index sets repeated and not, and shares that lie on no polynomial of lower degree
+    (random bytes)."""
+    import random
+
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    from fedtiny.protocol.secagg import shamir_combine
+
+    rng = random.Random(7)
+    requests = []
+    for _ in range(16):
+        n = rng.randint(1, 64)
+        t = rng.randint(1, min(n, 20))
+        requests.append(rng.sample(Shamir.split(t, n, rng.randbytes(16)), rng.randint(t, min(n, t + 2))))
+    requests += [[(i, rng.randbytes(16)) for i, _ in r] for r in requests[:4]]  # the same index sets again
+    requests += [[(i, rng.randbytes(16)) for i in rng.sample(range(1, 128), rng.randint(1, 20))] for _ in range(4)]
+    assert shamir_combine(requests) == [Shamir.combine(r) for r in requests]
+    assert shamir_combine(requests[:1]) == [Shamir.combine(requests[0])]
+    with pytest.raises(ValueError):
+        shamir_combine([[(3, bytes(16)), (3, bytes(16))]])
+
+
 # --- hostile and broken stages ---------------------------------------------------------------------------------
 
 def test_a_wrong_share_is_named_and_the_sum_still_exact(plan):

@@ -129,7 +129,7 @@ def test_the_coordinator_command_runs_distributed_dp_over_the_embedded_broker(mo
     assert not [e for e in events if e["event"] == "reply_accepted"]  # never an individual update
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     configured = [e for e in audit if e["event"] == "round_configured"]
-    assert [e["secagg"]["min_survivors"] for e in configured] == [3, 3]  # 5 nodes: degree 4, threshold 3
+    assert [e["secagg"]["min_survivors"] for e in configured] == [5, 5]  # 5 nodes, quorum 1: all expected
     assert all(e["task"]["noise_sigma"] > 0 for e in configured)
     spent = [e["epsilon"] for e in audit if e["event"] == "round_completed"]
     assert len(spent) == 2 and 0 < spent[0] < spent[1] <= 8.0

@@ -101,6 +101,45 @@ def test_a_round_through_the_sessions_sums_the_survivors_exactly(plan):
         assert fleet.devices[name].state.upload is None and fleet.devices[name].state.trained_round == 1
 
 
+@pytest.mark.parametrize("restored", [True, False])
+def test_a_coordinator_restart_mid_round_abandons_it_and_the_next_round_runs(plan, restored):
+    """The coordinator's session is lost after every device sent its masked DELTA and before it asked for any
+    share. Restarted from its durable state (the same run), it asks for round 1 again: every device refuses a TASK
+    for a round it already sealed a DELTA for (its persisted trained_round; no keys, nothing revealed) and the round
+    fails cleanly; round 2 sums exactly. Restarted
+    without its state (a lost database), it begins a new run: the devices derive new round secrets, and round 1 runs
+    afresh and sums exactly."""
+    fleet = Fleet(plan, 5)
+    for name in fleet.names:
+        fleet.pump(fleet.devices[name].on_connect(0.5), 0.5)
+    fleet.coordinator.begin_secagg(1, 0, fleet.names, CLIP)
+    for name in fleet.names:
+        fleet.pump(fleet.coordinator.send_task(name, 1, 0, None, {"secagg": 1, "clip_norm": CLIP}))
+    for name in fleet.names:
+        job = fleet.jobs.pop(name)
+        fleet.pump(fleet.devices[name].complete(job, TrainResult(fleet.trained(name), 8, 0.25, 0.5, 0), 2.0), 2.0)
+    assert fleet.coordinator.secagg_status(1) == ("masked", set(fleet.names))  # then the coordinator goes down
+    durable, run = fleet.coordinator.durable_state(), fleet.coordinator.run
+    restarted = CoordinatorSession(plan, FLEET, fleet.fleet_id, Identity.from_seed(b"secagg coordinator"),
+                                   {name: Identity.from_seed(name.encode()).public for name in fleet.names},
+                                   chunk_size=512)
+    if restored:
+        restarted.restore(durable)
+    fleet.coordinator = restarted
+    for rnd in (1, 2):
+        expected = fleet.round(rnd)
+        (outcome,) = fleet.coordinator.take_secagg_outcomes()
+        if restored and rnd == 1:
+            assert expected == {} and outcome.result is None and outcome.failure.startswith("secagg-failed")
+            assert [entry["stage"] for entry in outcome.log] == ["keys"]  # failed before any share was asked for
+            continue
+        assert outcome.failure == "" and sorted(outcome.result.survivors) == sorted(
+            fleet.devices[name].endpoint.device_id for name in fleet.names)
+        for name in plan.trainable_buffers():
+            assert np.array_equal(outcome.result.total[name], sum(e[name].astype(np.int64) for e in expected.values()))
+    assert fleet.coordinator.run == (run if restored else run + 1)
+
+
 def test_the_broker_sees_no_delta_and_the_masked_upload_is_flagged(plan):
     fleet = Fleet(plan, 4)
     fleet.round(1)

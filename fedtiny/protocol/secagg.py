@@ -21,7 +21,8 @@ shared with dropped devices, and holds the sum: a device that drops after maskin
 contribution, as long as every survivor and every dropped device keeps `threshold` surviving neighbours.
 
 Primitives: X25519, ChaCha20 and ChaCha20-Poly1305 from `cryptography`; Shamir's sharing over GF(2^128) from
-pycryptodome (16-byte secrets: the 32-byte s_sk is shared as two halves); key derivation in the envelope's HKDF
+pycryptodome (16-byte secrets: the 32-byte s_sk is shared as two halves; the coordinator reconstructs a round's
+secrets together in pycryptodome's field, shamir_combine below); key derivation in the envelope's HKDF
 shape with keyed BLAKE2b (hashlib), as a node has it in Monocypher (a node computes no SHA-256). A device's round
 secrets are derived from its identity secret, the run and the round, so a device that restarts mid-round derives
 the same keys; it keeps no other secret state across a restart (a restart mid-round makes it a dropout).
@@ -42,6 +43,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
@@ -558,11 +560,8 @@ class SecAggRound:
     def complete(self) -> bool:
         return self.stage == "unmask" and set(self.reveals) == set(self.unmask)
 
-    def _reconstruct(self, about: int, kind: int, check) -> tuple[bytes, set[int]]:
-        """A secret from the shares revealed about device `about`: the first `threshold`-subset that passes
-        `check`. When the first subset fails (some share is wrong), the holders whose shares disagree with the
-        secret found are returned as bad; otherwise the shares beyond the first subset are not checked (each
-        check is a Lagrange interpolation in pycryptodome's pure-Python GF(2^128))."""
+    def _revealed(self, about: int, kind: int) -> dict[int, tuple[int, bytes]]:
+        """holder -> (index, share) of the shares revealed about device `about`, at least `threshold` of them."""
         shares = {}
         for holder, body in self.reveals.items():
             for v, k, index, share in body.entries:
@@ -571,7 +570,18 @@ class SecAggRound:
         if len(shares) < self.threshold:
             raise ProtocolError("secagg-failed", f"{len(shares)} shares revealed about {about:#010x}, threshold "
                                                  f"{self.threshold}")
-        holders = sorted(shares)
+        return shares
+
+    def _first_subset(self, shares: dict[int, tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """The `threshold` shares of lowest index: without dropouts every secret of the round has the same
+        indexes, so shamir_combine computes one set of Lagrange coefficients for all of them."""
+        return sorted(shares.values())[:self.threshold]
+
+    def _reconstruct(self, about: int, kind: int, check) -> tuple[bytes, set[int]]:
+        """A secret from the shares revealed about device `about` when the first subset's failed `check`: the
+        first `threshold`-subset that passes, and the holders whose shares disagree with the secret found (bad)."""
+        shares = self._revealed(about, kind)
+        holders = sorted(shares, key=lambda h: shares[h][0])
         for tried, subset in enumerate(itertools.combinations(holders, self.threshold)):
             if tried >= MAX_COMBINATIONS:
                 break
@@ -582,6 +592,24 @@ class SecAggRound:
                 return secret, bad
         raise ProtocolError("bad-share", f"no {self.threshold} of the shares revealed about {about:#010x} "
                                          f"reconstruct its secret: some holders sent wrong shares")
+
+    def _secrets(self, wanted: list[tuple[int, int, object]]) -> tuple[list[bytes], set[int]]:
+        """The secrets of (about, kind, check) triples: each from its `threshold` shares of lowest index, all in
+        one shamir_combine per kind; a secret that fails its check is searched for among other subsets
+        (_reconstruct), naming the holders of wrong shares."""
+        found: dict[int, bytes | None] = {}
+        for kind in (REVEAL_SELF_MASK, REVEAL_PAIRWISE_KEY):
+            at = [n for n, (_, k, _) in enumerate(wanted) if k == kind]
+            requests = [self._first_subset(self._revealed(wanted[n][0], kind)) for n in at]
+            found.update(zip(at, _combine_many(requests, kind)))
+        out, bad = [], set()
+        for n, (about, kind, check) in enumerate(wanted):
+            secret = found[n]
+            if secret is None or not check(secret):
+                secret, wrong = self._reconstruct(about, kind, check)
+                bad |= wrong
+            out.append(secret)
+        return out, bad
 
     def finish(self) -> SecAggSum:
         """The sum of the survivors' deltas. ProtocolError if the reveals cannot unmask it (nothing is produced)."""
@@ -595,20 +623,15 @@ class SecAggRound:
         for u in u3:
             for i, v in enumerate(unpack_values(self.masked[u].packed, sizes, self.bits)):
                 total[i] += v
-        bad: set[int] = set()
-        for u in u3:
-            b_seed, wrong = self._reconstruct(u, REVEAL_SELF_MASK, lambda s, u=u: commitment(s) == self.keys[u].b_commit)
-            bad |= wrong
+        unmasking = [v for v in dropped if any(u in self.masked for u in self.graph[v])]
+        secrets, bad = self._secrets(
+            [(u, REVEAL_SELF_MASK, lambda s, u=u: commitment(s) == self.keys[u].b_commit) for u in u3] +
+            [(v, REVEAL_PAIRWISE_KEY, lambda s, v=v: _public(_x25519(s)) == self.keys[v].s_pk) for v in unmasking])
+        for u, b_seed in zip(u3, secrets):
             for i, m in enumerate(expand_mask(self_mask_key(b_seed, self.ctx, u), sizes, self.bits)):
                 total[i] -= m
-        for v in dropped:
-            survivors = [u for u in self.graph[v] if u in self.masked]
-            if not survivors:
-                continue
-            s_sk, wrong = self._reconstruct(v, REVEAL_PAIRWISE_KEY,
-                                            lambda s, v=v: _public(_x25519(s)) == self.keys[v].s_pk)
-            bad |= wrong
-            for u in survivors:  # u added +mask if u < v, else -mask: take it away again
+        for v, s_sk in zip(unmasking, secrets[len(u3):]):
+            for u in (u for u in self.graph[v] if u in self.masked):  # u added +mask if u < v, else -mask
                 masks = expand_mask(pairwise_key(s_sk, self.keys[u].s_pk, self.ctx, v, u), sizes, self.bits)
                 for i, m in enumerate(masks):
                     total[i] = total[i] - m if u < v else total[i] + m
@@ -638,11 +661,145 @@ def _reported(body: MaskedDelta) -> dict[str, float]:
 def _combine(shares: list[tuple[int, bytes]], kind: int) -> bytes | None:
     """The secret of revealed 32-byte shares: the 16-byte self-mask seed (first half), or the 32-byte s_sk from
     its two halves, each shared on its own. None when two shares claim one index."""
-    indexes = [i for i, _ in shares]
-    if len(set(indexes)) != len(indexes):
-        return None
-    lo = Shamir.combine([(i, s[:16]) for i, s in shares])
-    return lo if kind == REVEAL_SELF_MASK else lo + Shamir.combine([(i, s[16:]) for i, s in shares])
+    return _combine_many([shares], kind)[0]
+
+
+def _combine_many(requests: list[list[tuple[int, bytes]]], kind: int) -> list[bytes | None]:
+    """_combine of each request, reconstructed together (shamir_combine: one batch for the round)."""
+    ok = [len({i for i, _ in r}) == len(r) for r in requests]
+    halves = [[(i, s[:16]) for i, s in r] for r, good in zip(requests, ok) if good]
+    if kind != REVEAL_SELF_MASK:
+        halves += [[(i, s[16:]) for i, s in r] for r, good in zip(requests, ok) if good]
+    secrets = iter(shamir_combine(halves))
+    lo = [next(secrets) if good else None for good in ok]
+    if kind == REVEAL_SELF_MASK:
+        return lo
+    return [None if s is None else s + next(secrets) for s in lo]
+
+
+# --- Shamir reconstruction, batched ----------------------------------------------------------------------------
+#
+# pycryptodome's Shamir.combine interpolates each secret on its own in pure-Python GF(2^128) (about 18 ms for 19
+# shares: per share an inversion and two full multiplications), which made 92 % of the coordinator's CPU per
+# secure-aggregation round. shamir_combine computes the same interpolation, secret = sum_j y_j L_j with Lagrange
+# coefficients L_j = prod_{m != j} x_m / (x_j + x_m), for all of a round's secrets at once, in numpy over bit
+# vectors, in pycryptodome's field (polynomial basis, bit i the coefficient of x^i, 16 bytes big-endian):
+#
+# - the field is pycryptodome's by construction: products are carry-less products of bit vectors folded back with
+#   the table of x^128 .. x^254 that pycryptodome's own multiplication gives (_Element.__mul__), and the one
+#   inversion of a batch is pycryptodome's (_Element.inverse);
+# - a share index is a small element (1..127), so the numerator and the denominator of every L_j are products of
+#   small elements (seven shifts each); the denominators of the whole batch are inverted together with a product
+#   tree (one inversion, three multiplications per denominator);
+# - each distinct set of share indexes gets its coefficients once per batch: without dropouts every secret of a
+#   round has the same indexes (SecAggRound._first_subset takes the lowest `threshold` of them).
+#
+# tests/test_secagg.py checks shamir_combine against Shamir.combine on random shares and index sets.
+
+_GF_BITS = 128
+
+
+def _elements_to_bits(values: list[bytes]) -> np.ndarray:
+    """(N, 128) uint8: bit i of row r is the coefficient of x^i of values[r] (16 bytes, pycryptodome's encoding)."""
+    raw = np.frombuffer(b"".join(values), np.uint8).reshape(-1, 16)[:, ::-1]
+    return np.unpackbits(raw, axis=1, bitorder="little")
+
+
+def _bits_to_elements(bits: np.ndarray) -> list[bytes]:
+    return [row.tobytes() for row in np.packbits(bits.astype(np.uint8), axis=1, bitorder="little")[:, ::-1]]
+
+
+def _ints_to_bits(values: list[int]) -> np.ndarray:
+    return _elements_to_bits([v.to_bytes(16, "big") for v in values])
+
+
+@lru_cache(maxsize=1)
+def _reduction() -> np.ndarray:
+    """(127, 128) uint8: row k is x^(128 + k) in the field, from pycryptodome's multiplication."""
+    from Crypto.Protocol.SecretSharing import _Element
+
+    top = _Element(1 << 127)
+    return _ints_to_bits([int(top * _Element(1 << (k + 1))) for k in range(_GF_BITS - 1)])
+
+
+def _fold(product: np.ndarray) -> np.ndarray:
+    """A carry-less product's bits (N, 128 + h), h < 128, as field elements (N, 128). (XOR of table rows, not a
+    BLAS matrix product: on a loaded machine BLAS's threads cost ten times the work.)"""
+    out = product[:, :_GF_BITS].copy()
+    for k, row in enumerate(_reduction()[:product.shape[1] - _GF_BITS]):
+        out ^= product[:, _GF_BITS + k:_GF_BITS + k + 1] & row
+    return out
+
+
+def _gf_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise products of two (N, 128) bit arrays."""
+    product = np.zeros((len(a), 2 * _GF_BITS - 1), np.uint8)
+    for i in range(_GF_BITS):
+        product[:, i:i + _GF_BITS] ^= a[:, i:i + 1] & b
+    return _fold(product)
+
+
+def _gf_mul_small(a: np.ndarray, small: np.ndarray) -> np.ndarray:
+    """Row-wise products of a (N, 128) bit array and small elements (N,) in 1..127."""
+    product = np.zeros((len(a), _GF_BITS + 6), np.uint8)
+    for i in range(7):
+        product[:, i:i + _GF_BITS] ^= ((small >> i) & 1).astype(np.uint8)[:, None] & a
+    return _fold(product)
+
+
+def _gf_inverse(a: np.ndarray) -> np.ndarray:
+    """Row-wise inverses of nonzero elements (N, 128): a product tree up, pycryptodome's inversion of its root,
+    and down again (the inverse of a node times its sibling is the inverse of the other child)."""
+    from Crypto.Protocol.SecretSharing import _Element
+
+    one = _ints_to_bits([1])
+    levels = [a]
+    while len(levels[-1]) > 1:
+        x = levels[-1] if len(levels[-1]) % 2 == 0 else np.concatenate([levels[-1], one])
+        levels[-1] = x
+        levels.append(_gf_mul(x[0::2], x[1::2]))
+    (root,) = _bits_to_elements(levels[-1])
+    inverse = _ints_to_bits([int(_Element(root).inverse())])
+    for x in reversed(levels[:-1]):
+        inverse = inverse[:len(x) // 2]  # the level above may have been padded with a 1
+        down = np.empty_like(x)
+        down[0::2], down[1::2] = _gf_mul(inverse, x[1::2]), _gf_mul(inverse, x[0::2])
+        inverse = down
+    return inverse[:len(a)]
+
+
+def _lagrange(index_sets: list[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray]:
+    """Per set of distinct share indexes, its Lagrange coefficients at 0, a (len(set), 128) bit array."""
+    rows = [(s, j) for s in index_sets for j in s]
+    others = [[m for m in s if m != j] for s, j in rows]
+    numerator = denominator = np.tile(_ints_to_bits([1]), (len(rows), 1))
+    for k in range(max(map(len, others))):  # a row with fewer factors (a smaller set) multiplies by 1
+        m = np.array([o[k] if k < len(o) else 1 for o in others])
+        numerator = _gf_mul_small(numerator, m)
+        denominator = _gf_mul_small(denominator, np.array([j ^ o[k] if k < len(o) else 1
+                                                          for (_, j), o in zip(rows, others)]))
+    coefficients = _gf_mul(numerator, _gf_inverse(denominator))
+    out, start = {}, 0
+    for s in index_sets:
+        out[s], start = coefficients[start:start + len(s)], start + len(s)
+    return out
+
+
+def shamir_combine(requests: list[list[tuple[int, bytes]]]) -> list[bytes]:
+    """[Shamir.combine(r) for r in requests] (pycryptodome's scheme: 16-byte shares, here indexes 1..127),
+    computed together. ValueError on a repeated index or one outside 1..127."""
+    if not requests:
+        return []
+    for r in requests:
+        idx = [i for i, _ in r]
+        if not r or len(set(idx)) != len(idx) or not all(1 <= i < 128 for i in idx):
+            raise ValueError(f"shares with indexes {idx}: each index once, in 1..127")
+    sets = [tuple(i for i, _ in r) for r in requests]
+    coefficients = _lagrange(sorted(set(sets)))
+    terms = _gf_mul(_elements_to_bits([y for r in requests for _, y in r]),
+                    np.concatenate([coefficients[s] for s in sets]))
+    starts = np.cumsum([0] + [len(r) for r in requests[:-1]])
+    return _bits_to_elements(np.bitwise_xor.reduceat(terms, starts, axis=0))
 
 
 # --- the largest stage message: what a device's buffers and the coordinator's bounds must also take ----------
