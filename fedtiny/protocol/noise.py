@@ -21,8 +21,8 @@ elements in C order, one discrete Gaussian each. The noised value is then clampe
 
 In C: fedtiny_wire_discrete_gaussian and fedtiny_wire_row_sigma2 (device_runtime/c/fedtiny_wire.c), the same
 draws from the same words in 128-bit integer arithmetic (uniform bounds (|y| t - s)^2 and 2 s t^2 k reach 2^90
-for s near MAX_SIGMA2), checked against this module by tests/test_privacy.py. Not yet: the C uplink calling them,
-and the node's ChaCha20 word source (Monocypher's crypto_chacha20_ietf with this key and nonce).
+for s near MAX_SIGMA2), checked against this module by tests/test_privacy.py; the C node's uplink adds them from the same ChaCha20 words
+(fedtiny_noise.c, Monocypher's crypto_chacha20_ietf with this key and nonce; tests/test_cnode_conformance.py).
 """
 
 from __future__ import annotations
