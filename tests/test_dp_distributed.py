@@ -102,7 +102,7 @@ def _expected_epsilon(clip, sigma, survivors_per_round, delta, sigma2_min, l1):
 def test_the_report_epsilon_equals_dp_accountings_for_the_same_parameters(mlp_last2_plan, tmp_path):
     from fedtiny_server.privacy import DistributedPrivacy, PrivacySettings, privacy_summary
     from flwr.serverapp.strategy import FedAvg
-    from simulations.privacy_report import distributed_epsilon
+    from fedtiny_sim.privacy_report import distributed_epsilon
 
     plan, clip, delta, rounds = mlp_last2_plan, 0.5, 1e-5, 4
     strategy = DistributedPrivacy(FedAvg(), PrivacySettings(4.0, delta, clip), plan, rounds)
