@@ -19,6 +19,7 @@ live (or as JSON lines, or not at all), and a report folder is written at the en
 
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -456,8 +457,14 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     as each phase begins."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from fedtiny.interpreter import predict, quantize_input
     from fedtiny_server.ops import setup_json_logging
     import flwr  # noqa: F401  (importing it sets its logger's level: before we quiet that logger below)
+
+    from fedtiny_server.rounds import confusion_matrix
+
+    from .report import write_report
+    from .report_data import accuracy_targets
 
     started = time.perf_counter()
     if task is None:
@@ -475,25 +482,6 @@ def simulate(config: SimulationConfig, progress=None, *, task: Task | None = Non
     if config.trainer == "c" and shutil.which("gcc") is None:
         config.trainer = "python"
     say = note or (lambda message: None)
-    workers = None  # the node agents' processes import while the host pretrains (node_workers.py)
-    if config.engine == "mqtt" and config.nodes > config.qemu_nodes:
-        from .node_workers import NodeWorkers
-
-        workers = NodeWorkers(min(config.workers, config.nodes - config.qemu_nodes))
-    try:
-        return _simulate(config, progress, task, run, say, started, workers)
-    finally:
-        if workers is not None:
-            workers.close()
-
-
-def _simulate(config: SimulationConfig, progress, task: Task, run: Path, say, started: float, workers) -> dict:
-    from fedtiny.interpreter import predict, quantize_input
-    from fedtiny_server.rounds import confusion_matrix
-
-    from .report import write_report
-    from .report_data import accuracy_targets
-
     cache = os.environ.get("FEDTINY_CACHE", "~/.cache/fedtiny")
     say(f"preparing the model (pretrained on the host's data, or from {cache}) and the training plan")
     model, graph, plan, scheme, devices, host_model_seconds = _prepare(config, run, task, say)
@@ -526,7 +514,7 @@ def _simulate(config: SimulationConfig, progress, task: Task, run: Path, say, st
     else:
         firmware_note = f", {config.qemu_nodes} of them as firmware under QEMU" if config.qemu_nodes else ""
         say(f"starting the broker and {config.nodes} nodes{firmware_note}; then {config.rounds} rounds")
-        rounds, firmware = _run_mqtt(config, run, plan, devices, coordinate, workers)
+        rounds, firmware = _run_mqtt(config, run, plan, devices, coordinate)
     alone, alone_started = {}, time.perf_counter()
     if config.alone and plan.loss != "mse" and rounds:
         from .personal import fleet_summary, round_summaries, train_alone
@@ -583,11 +571,10 @@ def _simulate(config: SimulationConfig, progress, task: Task, run: Path, say, st
     return dict(summary, rounds=rounds, baseline=baseline)
 
 
-def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coordinate, workers=None
+def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coordinate
               ) -> tuple[list[dict], dict[str, dict]]:
-    """The fleet's keys, a broker, the coordinator's link, the node agents in worker processes (`workers`, started
-    before: node_workers.NodeWorkers) and the firmware nodes under QEMU; then rounds. Returns the rounds and the
-    firmware nodes' report (FirmwareFleet.report)."""
+    """The fleet's keys, a broker, the coordinator's link, the node agents in worker processes and the firmware
+    nodes under QEMU; then rounds. Returns the rounds and the firmware nodes' report (FirmwareFleet.report)."""
     from fedtiny.transport.mqtt import CoordinatorLink
     from fedtiny.protocol.keys import provision_fleet
 
@@ -600,22 +587,22 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
     capture = run / "capture.jsonl" if config.capture else None
     broker = BrokerProcess(run / "fleet", run / "link.log", capture=capture).start() if config.broker is None else None
     url = config.broker or f"mqtt://127.0.0.1:{broker.port}"
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
     firmware = None
     if config.qemu_nodes:
         from .firmware_nodes import FirmwareFleet
 
         firmware = FirmwareFleet(run, plan, devices[:config.qemu_nodes], url, chunk_size=config.chunk_size)
     agents = devices[config.qemu_nodes:]
-    shares = [share for share in (agents[i::config.workers] for i in range(config.workers)) if share]
-    if workers is None and shares:
-        from .node_workers import NodeWorkers
-
-        workers = NodeWorkers(len(shares))
+    shares = [agents[i::config.workers] for i in range(config.workers)]
+    workers = [ctx.Process(target=_worker, args=(str(run), share, url, asdict(config), stop), daemon=True)
+               for share in shares if share]
     # A simulation's coordinator never restarts within its run folder, so its durable state is not saved.
     link = CoordinatorLink(url, run / "fleet", plan, fleet="sim", chunk_size=config.chunk_size).start()
     try:
-        for share in shares:
-            workers.give(str(run), share, url, asdict(config))
+        for w in workers:
+            w.start()
         if firmware is not None:
             firmware.start()
         _wait_for_devices(link, len(devices), timeout=120)
@@ -623,8 +610,11 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
     finally:
         if firmware is not None:
             firmware.stop()
-        if workers is not None:
-            workers.close()  # the agents leave; their processes end
+        stop.set()
+        for w in workers:
+            w.join(30)
+            if w.is_alive():
+                w.terminate()
         link.close()
         if broker is not None:
             broker.stop()
