@@ -352,8 +352,25 @@ def _step_params(name: str, kernel: str, size: int = 0, grad_in=(), grad_out: in
     return _struct("fedtiny_train_step_params", name, fields)
 
 
-def render_plan(plan, fast: bool = True) -> tuple[str, str]:
-    """(model.h, model.c) for a training plan: fedtiny_model_train_init / _train_step / _train_batch."""
+def update_constants(plan) -> list[int]:
+    """The plan's update constants (each weight and bias update step's per-channel multipliers, then its shifts, in
+    step order): what carries the learning rate, and all that differs between plans compiled at different lrs.
+    The order of render_plan's table with constants_as_data, which fedtiny_model_set_update_constants fills."""
+    values: list[int] = []
+    for s in plan.steps:
+        if s.kind in ("conv2d_weight_update", "conv2d_bias_update"):
+            upd = plan.updates[s.attrs["op"]]
+            m, sh = (upd.weight_m, upd.weight_shift) if s.kind == "conv2d_weight_update" else (upd.bias_m, upd.bias_shift)
+            values += list(m) + list(sh)
+    return values
+
+
+def render_plan(plan, fast: bool = True, constants_as_data: bool = False) -> tuple[str, str]:
+    """(model.h, model.c) for a training plan: fedtiny_model_train_init / _train_step / _train_batch.
+    constants_as_data: the update constants (update_constants(plan), which carry the lr) are not compiled in but
+    one zeroed RAM table that fedtiny_model_set_update_constants fills before training, so that one build serves
+    the plan at every lr (the host library: the lr trials, the scheme search and the run share it). The firmware
+    keeps them compiled in (flash, as device_memory counts them)."""
     graph = plan.graph
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise ValueError("codegen needs a graph with exactly one input and one output")
@@ -384,6 +401,7 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                      + (_render_conv2d(graph, op, name, extra) if op.kind == "conv2d" else RENDER[op.kind](graph, op, name)))
 
     rows, forward_rows = [], []
+    n_constants = 0
     for j, s in enumerate(plan.steps):
         name = f"step{j}"
         op = graph.ops[s.attrs["op"]] if "op" in s.attrs else None
@@ -438,11 +456,16 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
                 weights = s.kind == "conv2d_weight_update"
                 kind = f"FEDTINY_OP_{device_memory.step_kernel(plan, s, fast).upper()}"  # fast or reference
                 m, sh = (upd.weight_m, upd.weight_shift) if weights else (upd.bias_m, upd.bias_shift)
-                text = (_c_array("int32_t", f"{name}_m", m) + _c_array("int32_t", f"{name}_shift", sh)
-                        + _struct("fedtiny_conv2d_update_params", f"{name}_update", dict(
-                            conv=f"&op{i}_params", channels=upd.channels if weights else len(m),
-                            m=f"{name}_m", shift=f"{name}_shift",
-                            block=device_memory.weight_update_block(t[op.inputs[0]].zero_point) if weights else 0)))
+                if constants_as_data:  # this step's part of the table, in update_constants' order
+                    m_ref, sh_ref = f"update_constants + {n_constants}", f"update_constants + {n_constants + len(m)}"
+                    n_constants += len(m) + len(sh)
+                    text = ""
+                else:
+                    m_ref, sh_ref = f"{name}_m", f"{name}_shift"
+                    text = _c_array("int32_t", f"{name}_m", m) + _c_array("int32_t", f"{name}_shift", sh)
+                text += _struct("fedtiny_conv2d_update_params", f"{name}_update", dict(
+                    conv=f"&op{i}_params", channels=upd.channels if weights else len(m), m=m_ref, shift=sh_ref,
+                    block=device_memory.weight_update_block(t[op.inputs[0]].zero_point) if weights else 0))
                 kernel, ins = f"&{name}_update", s.reads[:2] if weights else s.reads[:1]
             elif s.kind == "avgpool2d_input_grad":
                 kernel, ins = f"&op{i}_params", s.reads[:1]
@@ -549,7 +572,13 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         "void fedtiny_model_set_rng_counter(uint64_t counter);\n"
         "/* FNV-1a 32 over the trainable buffers' bytes, in the plan's buffer order. */\n"
         "uint32_t fedtiny_model_trainable_digest(void);\n\n"
-        f"#endif /* {guard} */\n")
+        + (f"#define FEDTINY_MODEL_N_UPDATE_CONSTANTS {n_constants}u\n"
+           "/* The update constants (zero until set: set them before training): per weight or bias update step its\n"
+           " * multipliers, then its shifts, in step order (fedtiny_device.codegen.update_constants). FEDTINY_ERR_PARAMS\n"
+           " * when n is not FEDTINY_MODEL_N_UPDATE_CONSTANTS. */\n"
+           "fedtiny_status fedtiny_model_set_update_constants(const int32_t *values, uint32_t n);\n\n"
+           if constants_as_data else "")
+        + f"#endif /* {guard} */\n")
     source = (
         banner + "#include \"model.h\"\n\n#include <string.h>\n\n"
         "/* the union aligns the arena and scratch to 8 bytes, as the planner assumes */\n"
@@ -557,7 +586,9 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         f"static union {{ uint64_t align; uint8_t bytes[{max(1, scratch)}]; }} scratch;\n"
         f"static int32_t exponents[{max(1, len(grads))}]; /* "
         + ", ".join(f"{k}: {n}" for k, n in enumerate(grads)) + " */\n"
-        "static fedtiny_train_state state;\n\n"
+        "static fedtiny_train_state state;\n"
+        + (f"static int32_t update_constants[{max(1, n_constants)}]; /* the lr's: fedtiny_model_set_update_constants */\n"
+           if constants_as_data else "") + "\n"
         + "\n".join(decls) + "\n"
         f"static const fedtiny_op ops[{len(rows)}] = {{\n" + "\n".join(rows) + "\n};\n\n"
         "const fedtiny_graph fedtiny_model_graph = {\n"
@@ -593,6 +624,10 @@ def render_plan(plan, fast: bool = True) -> tuple[str, str]:
         "uint8_t *fedtiny_model_scratch(void) { return scratch.bytes; }\n"
         "uint64_t fedtiny_model_rng_counter(void) { return state.rng_counter; }\n"
         "void fedtiny_model_set_rng_counter(uint64_t counter) { state.rng_counter = counter; }\n\n"
+        + ("fedtiny_status fedtiny_model_set_update_constants(const int32_t *values, uint32_t n)\n{\n"
+           f"    if (n != {n_constants}u) {{\n        return FEDTINY_ERR_PARAMS;\n    }}\n"
+           "    memcpy(update_constants, values, n * sizeof(int32_t));\n    return FEDTINY_OK;\n}\n\n"
+           if constants_as_data else "") +
         "uint32_t fedtiny_model_trainable_digest(void)\n{\n    uint32_t h = 2166136261u, i, j;\n"
         f"    for (i = 0; i < {len(init)}u; i++) {{\n"
         "        for (j = 0; j < trainables[i].bytes; j++) {\n"

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,9 +164,11 @@ class CModel:
 # ---- training plans -------------------------------------------------------------------------------------------
 
 def plan_sources(plan, samples: np.ndarray | None = None, labels: np.ndarray | None = None, seed: int = 0,
-                 steps: int | None = None, fast: bool = True, with_samples: bool = True) -> dict[str, str | bytes]:
-    """Every file of a generated training build folder, by name (what `codegen.generate_plan` writes)."""
-    header, source = codegen.render_plan(plan, fast)
+                 steps: int | None = None, fast: bool = True, with_samples: bool = True,
+                 constants_as_data: bool = False) -> dict[str, str | bytes]:
+    """Every file of a generated training build folder, by name (what `codegen.generate_plan` writes; with
+    constants_as_data, the update constants as data: codegen.render_plan)."""
+    header, source = codegen.render_plan(plan, fast, constants_as_data)
     files: dict[str, str | bytes] = {"model.h": header, "model.c": source, **codegen.kernel_set(fast)}
     if with_samples:
         files["samples.c"] = codegen.render_train_samples(plan, samples, labels, seed, steps)
@@ -190,14 +193,17 @@ _PLAN_HOSTS: dict[tuple, tuple] = {}  # (id(plan), fast, cache_dir) -> (plan, li
 def build_plan_host(plan, fast: bool = True, cache_dir: Path | None = None) -> Path:
     """The host library of a training plan: the generated model and runtime with fedtiny_train_job.c, so that a
     round's training (fedtiny_train_job_run) and a batch's forward pass (fedtiny_predict_batch) are one call each,
-    the same C the firmware runs. Remembered per plan object: rendering the sources to find the cached build
-    took about 0.1 s per node in a simulation's worker, where every node has the same plan."""
+    the same C the firmware runs. Its update constants are data (codegen.render_plan's constants_as_data), so one
+    build serves the plan at every lr: the lr trials, the scheme search and the run share it (each CTrainer sets
+    its plan's constants). Remembered per plan object: rendering the sources to find the cached build took about
+    0.1 s per node in a simulation's worker, where every node has the same plan."""
     key = (id(plan), fast, cache_dir)
     known = _PLAN_HOSTS.get(key)
     if known is not None and known[0] is plan and known[1].exists():
         return known[1]
     kernels = build_host_kernels(cache_dir)
-    path = make_cached(plan_sources(plan, fast=fast, with_samples=False), "host-train-job", TRAIN_JOB_LIB, cache_dir,
+    path = make_cached(plan_sources(plan, fast=fast, with_samples=False, constants_as_data=True), "host-train-job",
+                       TRAIN_JOB_LIB, cache_dir,
                        prebuilt=tuple(kernels.parent / name for name in KERNEL_OBJECTS))
     _PLAN_HOSTS[key] = (plan, path)  # holding the plan keeps its id from being reused
     return path
@@ -283,25 +289,93 @@ def _load_plan_library(path: str) -> ctypes.CDLL:
     lib.fedtiny_predict_batch.restype = ctypes.c_int
     lib.fedtiny_predict_class.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     lib.fedtiny_predict_class.restype = ctypes.c_int
+    lib.fedtiny_model_set_update_constants.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.fedtiny_model_set_update_constants.restype = ctypes.c_int
     return lib
 
 
-# One shared library per distinct plan source; its arena is the trainable state of whichever CTrainer stepped
-# last. Each CTrainer keeps its own state (trainable bytes + counter) and loads it into the library before it
-# steps when another trainer of the same plan used it in between, so any number of nodes can share one build.
-_LIBRARIES: dict[str, ctypes.CDLL] = {}
-_OWNER: dict[str, "CTrainer"] = {}
-_LOCKS: dict[str, threading.RLock] = {}
+# A plan's library holds one arena, rng counter and set of update constants (static data): whichever trainer called
+# it last left its state there. Trainers of the same plan source (the same model at any lr) share it: each trainer
+# keeps its own state (trainable bytes, counter, its plan's update constants), loads them before it calls the
+# library when another trainer used it in between, and reads them back after each call. So that trainers in
+# different threads (the lr trials, the scheme search) need not wait for each other, a library has up to
+# MAX_COPIES loaded copies (a copy of the .so file each: the dynamic loader gives one file's statics once per
+# process), and a call takes a free one, its own first.
+MAX_COPIES = max(1, os.cpu_count() or 1)
 
 
-def _locked(method):
-    """Trainers of one plan share the library's static arena: one of them touches it at a time, across threads
-    (node agents train in threads, and ctypes releases the GIL during a C call)."""
-    def wrapper(self, *args, **kwargs):
-        with _LOCKS[self.path]:
-            return method(self, *args, **kwargs)
-    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
-    return wrapper
+class _Instance:
+    """One loaded copy of a plan library. `owner`: the trainer whose state its arena and counter hold (None:
+    nobody's); `constants`: the update constants set in it. Changed only by the thread holding it (`busy`)."""
+
+    def __init__(self, path: str, arena_size: int):
+        self.lib = _load_plan_library(path)
+        self.arena = np.ctypeslib.as_array((ctypes.c_uint8 * max(1, arena_size)).from_address(
+            self.lib.fedtiny_model_arena()))
+        self.busy = False
+        self.owner = None
+        self.constants: bytes | None = None
+
+    def set_constants(self, values: np.ndarray) -> None:
+        if self.constants != values.tobytes():
+            status = self.lib.fedtiny_model_set_update_constants(values.ctypes.data, len(values))
+            if status != 0:
+                raise RuntimeError(f"fedtiny_model_set_update_constants: {len(values)} values for another plan")
+            self.constants = values.tobytes()
+
+
+_INSTANCES: dict[str, list[_Instance]] = {}
+_POOL = threading.Condition()
+
+
+def _copy_of(path: str, k: int) -> str:
+    """The library's k-th copy (k = 0: the file itself), written beside it once (atomically: processes share the
+    cache)."""
+    if k == 0:
+        return path
+    original = Path(path)
+    copy = original.with_name(f"{original.stem}.copy{k}{original.suffix}")
+    if not copy.exists():
+        tmp = copy.with_name(f".{copy.name}.{os.getpid()}.{threading.get_ident()}")
+        shutil.copyfile(original, tmp)
+        os.replace(tmp, copy)
+    return str(copy)
+
+
+@contextmanager
+def _instance(path: str, arena_size: int, trainer=None):
+    """Hold a loaded copy of the library at `path`: the trainer's own (where its state is) when free, else a free
+    one that holds nobody's state, else any free one, else a new copy (up to MAX_COPIES), else wait. Yields
+    (instance, whether `trainer`'s state must be loaded into it); the instance's owner is `trainer` from here on."""
+    with _POOL:
+        while True:
+            pool = _INSTANCES.setdefault(path, [])
+            free = [inst for inst in pool if not inst.busy]
+            home = getattr(trainer, "_home", None)
+            if home is not None and home in free:
+                inst = home
+            elif free:
+                inst = next((i for i in free if i.owner is None), free[0])
+            elif len(pool) < MAX_COPIES:
+                inst = _Instance(_copy_of(path, len(pool)), arena_size)
+                pool.append(inst)
+            else:
+                _POOL.wait()
+                continue
+            break
+        inst.busy = True
+        load = trainer is None or inst.owner is not trainer
+        if trainer is not None and load:
+            if home is not None and home.owner is trainer:
+                home.owner = None
+            trainer._home = inst
+        inst.owner = trainer
+    try:
+        yield inst, load
+    finally:
+        with _POOL:
+            inst.busy = False
+            _POOL.notify_all()
 
 
 class CTrainer:
@@ -311,64 +385,57 @@ class CTrainer:
         self.plan = plan
         self.graph = plan.graph
         self.path = str(build_plan_host(plan, fast, cache_dir))
-        if self.path not in _LIBRARIES:
-            _LIBRARIES[self.path] = _load_plan_library(self.path)
-        self.lib = _LIBRARIES[self.path]
-        _LOCKS.setdefault(self.path, threading.RLock())
-        with _LOCKS[self.path]:
-            self._attach(plan, seed)
-
-    def _attach(self, plan, seed: int) -> None:
-        size = plan.arena_size
-        self._arena = np.ctypeslib.as_array((ctypes.c_uint8 * max(1, size)).from_address(self.lib.fedtiny_model_arena()))
+        self._constants = np.ascontiguousarray(codegen.update_constants(plan), dtype=np.int32)
+        self._home: _Instance | None = None
         self.input_shape = tuple(self.graph.tensors[self.graph.inputs[0]].shape)
         self.last_label_q15 = 0  # cross-entropy plans: the label's Q15 probability after the last step
         self.last_label_probability = 0.0
         self.last_loss = 0.0  # MSE plans: the last step's loss
-        if _OWNER.get(self.path) is not None:
-            _OWNER[self.path]._sync()  # init below overwrites the library's arena
-        self.lib.fedtiny_model_train_init(seed & 0xFFFFFF)
-        self._counter = (seed & 0xFFFFFF) << 40
-        self._state = self._read_state()
-        _OWNER[self.path] = self
+        with _instance(self.path, plan.arena_size, self) as (inst, _):
+            inst.lib.fedtiny_model_train_init(seed & 0xFFFFFF)  # the flashed values and the seed's counter
+            self._state = self._read_state(inst)
+            self._counter = int(inst.lib.fedtiny_model_rng_counter())
 
     # --- the library's arena <-> this trainer's state ---------------------------------------------------------
-    def _view(self, name: str) -> np.ndarray:
+    def _view(self, inst: _Instance, name: str) -> np.ndarray:
         spec = self.plan.buffers[name]
         offset = self.plan.offsets[name]
-        return self._arena[offset: offset + spec.nbytes].view(np.dtype(spec.dtype)).reshape(spec.shape)
+        return inst.arena[offset: offset + spec.nbytes].view(np.dtype(spec.dtype)).reshape(spec.shape)
 
-    def _read_state(self) -> dict[str, np.ndarray]:
-        return {name: self._view(name).copy() for name in self.plan.trainable_buffers()}
+    def _read_state(self, inst: _Instance) -> dict[str, np.ndarray]:
+        return {name: self._view(inst, name).copy() for name in self.plan.trainable_buffers()}
 
-    def _own(self) -> None:
-        owner = _OWNER.get(self.path)
-        if owner is not self:
-            if owner is not None:
-                owner._sync()
-            for name, values in self._state.items():
-                self._view(name)[...] = values
-            self.lib.fedtiny_model_set_rng_counter(self._counter)
-            _OWNER[self.path] = self
+    @contextmanager
+    def _library(self):
+        """A copy of the library holding this trainer's state, counter and update constants, for one call; the
+        state and counter are read back after it."""
+        with _instance(self.path, self.plan.arena_size, self) as (inst, load):
+            if load:
+                for name, values in self._state.items():
+                    self._view(inst, name)[...] = values
+                inst.lib.fedtiny_model_set_rng_counter(self._counter & MASK64)
+            inst.set_constants(self._constants)
+            try:
+                yield inst.lib
+            finally:
+                self._state = self._read_state(inst)
+                self._counter = int(inst.lib.fedtiny_model_rng_counter())
 
-    def _sync(self) -> None:
-        if _OWNER.get(self.path) is self:
-            self._state = self._read_state()
-            self._counter = int(self.lib.fedtiny_model_rng_counter())
+    def _moved(self) -> None:
+        """This trainer's state changed outside the library: the copy holding the old one holds nobody's."""
+        with _POOL:
+            if self._home is not None and self._home.owner is self:
+                self._home.owner = None
 
     # --- the Trainer API --------------------------------------------------------------------------------------
     @property
-    @_locked
     def rng_counter(self) -> int:
-        self._sync()
         return self._counter
 
     @rng_counter.setter
-    @_locked
     def rng_counter(self, value: int) -> None:
-        self._own()
-        self.lib.fedtiny_model_set_rng_counter(int(value) & (2**64 - 1))
-        self._counter = int(value)
+        self._counter = int(value) & MASK64
+        self._moved()
 
     def step(self, x: np.ndarray, label) -> float:
         """One training step on an int8 sample (H, W, C) with its class label, or its int8 target (MSE plans);
@@ -376,7 +443,6 @@ class CTrainer:
         label = mse_target(self.plan, label)[None] if self.plan.loss == "mse" else np.asarray([label])
         return self.steps(np.asarray(x).reshape((1,) + self.input_shape), label)[-1]
 
-    @_locked
     def steps(self, xs: np.ndarray, labels: np.ndarray) -> list[float]:
         """len(xs) steps in one C call (same result as calling step on each); returns each step's loss. labels:
         class indexes (N,), or for an MSE plan int8 targets (N, K)."""
@@ -391,9 +457,9 @@ class CTrainer:
                                  f"{targets.shape}")
             targets = np.ascontiguousarray(targets.reshape(len(xs), k))
             squared = np.zeros(len(xs), dtype=np.int64)
-            self._own()
-            status = self.lib.fedtiny_model_train_batch(xs.ctypes.data, targets.ctypes.data, len(xs),
-                                                        squared.ctypes.data)
+            with self._library() as lib:
+                status = lib.fedtiny_model_train_batch(xs.ctypes.data, targets.ctypes.data, len(xs),
+                                                       squared.ctypes.data)
             if status != 0:
                 raise RuntimeError(f"fedtiny_model_train_batch failed with status {status}")
             losses = [mse_loss(self.plan, int(v)) for v in squared]
@@ -401,15 +467,14 @@ class CTrainer:
             return losses
         labels = np.ascontiguousarray(labels, dtype=np.int32)
         q15 = np.zeros(len(xs), dtype=np.int32)
-        self._own()
-        status = self.lib.fedtiny_model_train_batch(xs.ctypes.data, labels.ctypes.data, len(xs), q15.ctypes.data)
+        with self._library() as lib:
+            status = lib.fedtiny_model_train_batch(xs.ctypes.data, labels.ctypes.data, len(xs), q15.ctypes.data)
         if status != 0:
             raise RuntimeError(f"fedtiny_model_train_batch failed with status {status}")
         self.last_label_q15 = int(q15[-1])
         self.last_label_probability = self.last_label_q15 / 32768
         return [cross_entropy_loss(int(q)) for q in q15]
 
-    @_locked
     def run_job(self, seed: int, job: TrainJob, x: np.ndarray, y: np.ndarray) -> TrainResult:
         """A round's training in one C call (fedtiny_train_job_run, what the firmware runs): from job.base, on the
         train part of agent.heldout_split(seed, len(x)) in its training order, then the trained model's accuracy
@@ -419,10 +484,6 @@ class CTrainer:
         mse = self.plan.loss == "mse"
         x = np.ascontiguousarray(x, dtype=np.int8)
         y = np.ascontiguousarray(y, dtype=np.int8 if mse else np.int32)
-        self._sync()
-        owner = _OWNER.get(self.path)
-        if owner is not None and owner is not self:
-            owner._sync()  # the job overwrites the library's arena
         base = pack_state(self.plan, job.base)
         base_buffer = ctypes.create_string_buffer(base, len(base))
         out = ctypes.create_string_buffer(len(base))
@@ -431,29 +492,27 @@ class CTrainer:
                     ctypes.addressof(base_buffer), x.ctypes.data, None if mse else y.ctypes.data,
                     y.ctypes.data if mse else None, len(x), order.ctypes.data, POLL(), None)
         result = CJobResult()
-        _OWNER[self.path] = self  # from here on the arena holds this trainer's values
-        status = self.lib.fedtiny_train_job_run(ctypes.byref(cjob), ctypes.addressof(out), ctypes.byref(result))
-        if status != 0:
-            _OWNER[self.path] = None  # a partly trained arena belongs to no one
+        before = self._state, self._counter
+        with self._library() as lib:
+            status = lib.fedtiny_train_job_run(ctypes.byref(cjob), ctypes.addressof(out), ctypes.byref(result))
+            if status == 0:  # the job's counter is the trainer's from here on (read back with the state)
+                lib.fedtiny_model_set_rng_counter(int(result.rng_counter) & MASK64)
+        if status != 0:  # a partly trained arena: the trainer keeps its state from before the job
+            self._state, self._counter = before
+            self._moved()
             raise RuntimeError(f"fedtiny_train_job_run: {JOB_STATUS.get(status, status)} "
                                f"(model status {result.model_status})")
-        self._state = self._read_state()
-        self._counter = int(result.rng_counter)
         personal = float(result.personal_accuracy)
         return TrainResult(unpack_state(self.plan, out.raw), int(result.num_examples), float(result.loss),
                            float(result.accuracy), self._counter, personal if personal >= 0 else None)
 
-    @_locked
     def trainable_state(self) -> dict[str, np.ndarray]:
-        self._sync()
         return {name: values.copy() for name, values in self._state.items()}
 
-    @_locked
     def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
-        self._own()
-        for name in self.plan.trainable_buffers():
-            self._view(name)[...] = state[name]
-        self._state = self._read_state()
+        self._state = {name: np.array(state[name], dtype=self.plan.buffers[name].dtype).reshape(
+            self.plan.buffers[name].shape) for name in self.plan.trainable_buffers()}
+        self._moved()
 
     def export_graph(self):
         """The model with the trained values in place of the original weights and biases."""
@@ -463,16 +522,11 @@ class CTrainer:
 class CPlanModel:
     """The forward pass of a training plan's C library with a given trainable state, a batch per call
     (fedtiny_predict_batch): run(state, x) -> int8 outputs, what fedtiny.interpreter.run gives for
-    plan.graph_with(state). Shares the library (and its lock) with the CTrainers of the same plan."""
+    plan.graph_with(state). Shares the library (and its copies) with the CTrainers of the same plan."""
 
     def __init__(self, plan, fast: bool = True, cache_dir: Path | None = None):
         self.plan = plan
         self.path = str(build_plan_host(plan, fast, cache_dir))
-        _LOCKS.setdefault(self.path, threading.RLock())
-        with _LOCKS[self.path]:
-            if self.path not in _LIBRARIES:
-                _LIBRARIES[self.path] = _load_plan_library(self.path)
-        self.lib = _LIBRARIES[self.path]
         graph = plan.graph
         self.input_shape = tuple(graph.tensors[graph.inputs[0]].shape)
         self.output_shape = tuple(graph.tensors[graph.outputs[0]].shape)
@@ -485,12 +539,8 @@ class CPlanModel:
         x = np.ascontiguousarray(x)
         y = np.zeros((len(x),) + self.output_shape, dtype=np.int8)
         packed = pack_state(self.plan, state)
-        with _LOCKS[self.path]:
-            owner = _OWNER.get(self.path)
-            if owner is not None:
-                owner._sync()  # the batch loads `state` over the owner's rows
-                _OWNER[self.path] = None
-            status = self.lib.fedtiny_predict_batch(packed, x.ctypes.data, len(x), y.ctypes.data)
+        with _instance(self.path, self.plan.arena_size) as (inst, _):  # the batch loads `state`: nobody's after
+            status = inst.lib.fedtiny_predict_batch(packed, x.ctypes.data, len(x), y.ctypes.data)
         if status != 0:
             raise RuntimeError(f"fedtiny_predict_batch failed with status {status}")
         return y
@@ -506,12 +556,8 @@ class CPlanModel:
                              f"got {sample.dtype} {sample.shape}")
         packed = pack_state(self.plan, state)
         predicted = ctypes.c_uint32()
-        with _LOCKS[self.path]:
-            owner = _OWNER.get(self.path)
-            if owner is not None:
-                owner._sync()  # the call loads `state` over the owner's rows
-                _OWNER[self.path] = None
-            status = self.lib.fedtiny_predict_class(packed, sample.ctypes.data, ctypes.byref(predicted))
+        with _instance(self.path, self.plan.arena_size) as (inst, _):
+            status = inst.lib.fedtiny_predict_class(packed, sample.ctypes.data, ctypes.byref(predicted))
         if status != 0:
             raise RuntimeError(f"fedtiny_predict_class failed with status {status}")
         return int(predicted.value)

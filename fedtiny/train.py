@@ -17,13 +17,30 @@ VALIDATION_FRACTION = 0.2  # of the host's samples, held out to decide when to s
 BATCH = 32
 LR = 3e-3  # Adam's
 EVAL_EVERY = 10  # optimizer steps between validation checks
-PATIENCE = 500  # optimizer steps without a better validation score before stopping
+PATIENCE_EPOCHS = 2  # passes over the training part without a better validation score before stopping (patience),
+MIN_PATIENCE = 100  # but at least this many optimizer steps: a small set's pass is a few steps (patience_steps)
 MIN_DELTA = 0.01  # nats of mean validation cross-entropy: less counts as no better (separable data drives the loss
 #                   toward 0 for ever, by ever smaller steps)
 MAX_STEPS = 20_000  # the time bound: about 2 minutes for the largest zoo model here, whatever the data
 EVAL_CHUNK = 128  # samples per forward pass when scoring (logits)
-RULE = (f"adam{LR}/b{BATCH}/val{VALIDATION_FRACTION}/every{EVAL_EVERY}/patience{PATIENCE}/delta{MIN_DELTA}"
-        f"/max{MAX_STEPS}/chunk{EVAL_CHUNK}")
+RULE = (f"adam{LR}/b{BATCH}/val{VALIDATION_FRACTION}/every{EVAL_EVERY}/patience{PATIENCE_EPOCHS}epochs-min"
+        f"{MIN_PATIENCE}/delta{MIN_DELTA}/max{MAX_STEPS}/chunk{EVAL_CHUNK}")
+
+
+def steps_per_epoch(samples: int, batch: int = BATCH) -> int:
+    """Optimizer steps of one pass over `samples` training samples in batches of `batch` (a last batch of a single
+    sample is dropped: BatchNorm cannot train on one)."""
+    batch = max(1, min(batch, samples))
+    full, rest = divmod(samples, batch)
+    return max(1, full + (rest >= 2))
+
+
+def patience_steps(samples: int, batch: int = BATCH) -> int:
+    """Pretraining's patience on `samples` training samples: PATIENCE_EPOCHS passes over them, at least MIN_PATIENCE
+    optimizer steps. In passes, not a fixed step count, so that it holds on any data: a fixed 500 steps was six
+    passes over the default industrial host's 2,560 samples, most of them spent after its best step, and 45 over
+    the vision host's 343 (BENCHMARKS.md, "fedtiny simulate")."""
+    return max(MIN_PATIENCE, PATIENCE_EPOCHS * steps_per_epoch(samples, batch))
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 20, lr: float = LR, batch: int = BATCH,
@@ -63,7 +80,7 @@ class Pretraining:
     weights' validation accuracy and loss."""
     best_step: int
     steps: int
-    stopped: str  # "converged" (no better score for PATIENCE steps) or "step limit"
+    stopped: str  # "converged" (no better score for the patience's steps) or "step limit"
     val_accuracy: float
     val_loss: float
     val_samples: int
@@ -93,16 +110,19 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, flo
 
 
 def pretrain(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
-             seed: int = 0, patience: int = PATIENCE, max_steps: int = MAX_STEPS, eval_every: int = EVAL_EVERY,
+             seed: int = 0, patience: int | None = None, max_steps: int = MAX_STEPS, eval_every: int = EVAL_EVERY,
              lr: float = LR, batch: int = BATCH) -> Pretraining:
     """Adam on (x_train, y_train) until the validation score has not improved for `patience` optimizer steps
-    (or `max_steps`), then the best weights are restored into `model`. Better means a higher validation accuracy,
+    (default: patience_steps of the training part) (or `max_steps`), then the best weights are restored into
+    `model`. Better means a higher validation accuracy,
     or the same with a validation loss lower by MIN_DELTA (a small validation set saturates its accuracy long
     before the model stops improving). Deterministic for a seed (the batch order; the caller seeds the initial
     weights), on one thread (the sums of a multi-threaded kernel may be ordered differently, and at these sizes
     threads only contend)."""
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError("pretraining needs training and validation samples")
+    if patience is None:
+        patience = patience_steps(len(x_train), batch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

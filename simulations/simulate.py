@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -415,7 +415,7 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     from fedtiny.planfile import save_plan
     from fedtiny.interpreter import quantize_input
 
-    from .tuning import host_accuracy_lines, settle
+    from .tuning import LRS, host_accuracy_lines, run_forward, settle
 
     kernels = None
     if config.trainer == "c":  # the C kernels do not depend on the model: gcc builds them on another core meanwhile
@@ -432,7 +432,10 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     if kernels is not None:
         kernels.result()  # a BuildError is raised here, as the first plan's build would raise it
     train, val = host_split(task, config.seed)
-    for line in host_accuracy_lines(model, graph, val):
+    forward = None  # the int8 model's forward pass in the C library the trials and the run then share (any lr)
+    if config.trainer == "c" and config.scheme != "auto":
+        forward = run_forward(training_plan(replace(config, lr=config.lr or LRS[0]), task, graph)[0])
+    for line in host_accuracy_lines(model, graph, val, forward):
         say(line)
     trainer = None
     if config.trainer == "c":

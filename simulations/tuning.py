@@ -184,7 +184,11 @@ def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, 
 
         return _trial_round(train_shard, average, score, trial_folds, max_epochs)
 
-    start = _weighted(lambda idx: _int8_scores(graph, xq[idx], y[idx]), trial_folds)
+    first = trainer_factory(training_plan(replace(config, lr=lrs[0]), task, graph)[0], seed) \
+        if hasattr(trainer_factory, "run_job") else None  # the C trainer: its library's forward pass scores
+    forward = run_forward(first.plan) if first is not None else None
+    start = _weighted(lambda idx: _int8_scores(graph, xq[idx], y[idx], forward(xq[idx]) if forward else None),
+                      trial_folds)
     choice = _choose(train_and_score, lrs, epochs_grid, start, threads=threads or trial_threads())
     return replace(choice, scheme=" / ".join(sorted(schemes)))
 
@@ -304,13 +308,27 @@ def near_chance(accuracy: float, y: np.ndarray) -> tuple[bool, float]:
     return accuracy <= chance + 2 * np.sqrt(chance * (1 - chance) / max(1, len(y))), chance
 
 
-def host_accuracy_lines(model, graph, val) -> list[str]:
+def run_forward(plan):
+    """xq (int8 samples) -> the int8 outputs of the plan's model as flashed (its initial state), from the plan's C
+    library: the reference interpreter's integers (tests/test_ctrainer.py), about 20x cheaper in CPU."""
+    from fedtiny_device.cruntime import CPlanModel
+
+    model, state = CPlanModel(plan), plan.initial_state()
+    return lambda xq: model.run(state, xq)
+
+
+def host_accuracy_lines(model, graph, val, forward=None) -> list[str]:
     """The host model's float and int8 accuracy on the host's validation data, how its pretraining stopped, and a
-    warning when it is no better than chance."""
-    from fedtiny.interpreter import predict
+    warning when it is no better than chance. forward: run_forward of a plan of `graph` (the C library), else the
+    reference interpreter runs the int8 model."""
+    from fedtiny.interpreter import predict, quantize_input
     from fedtiny.train import evaluate
 
-    int8_accuracy = float((predict(graph, val.X) == val.y).mean())
+    if forward is None:
+        predicted = predict(graph, val.X)
+    else:
+        predicted = forward(quantize_input(graph, val.X)).reshape(len(val.y), -1).argmax(axis=1)
+    int8_accuracy = float((predicted == val.y).mean())
     if model is None:  # a model file (quantized or imported elsewhere): no float model
         weak, chance = near_chance(int8_accuracy, val.y)
         return [f"host model (a model file): int8 {100 * int8_accuracy:.1f} % on the host's validation data "

@@ -144,6 +144,56 @@ def test_ctrainers_training_in_threads_keep_their_own_state(cache):
                           f"thread {seed}")
 
 
+def compiled_constants_training(plan, x, labels, seed: int, cache) -> bytes:
+    """The trainable state (fedtiny_wire's layout) after training on x with the plan's update constants compiled
+    into the library (codegen.render_plan's default, as the firmware builds it), through bare ctypes."""
+    import ctypes
+
+    files = cruntime.plan_sources(plan, with_samples=False)
+    assert "set_update_constants" not in files["model.c"]
+    lib = ctypes.CDLL(str(cruntime.make_cached(files, "host-train-job", cruntime.TRAIN_JOB_LIB, cache, prebuilt=tuple(
+        cruntime.build_host_kernels(cache).parent / n for n in cruntime.KERNEL_OBJECTS))))
+    lib.fedtiny_model_train_init.argtypes = [ctypes.c_uint32]
+    lib.fedtiny_model_train_batch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p]
+    lib.fedtiny_model_store_state.argtypes = [ctypes.c_void_p]
+    lib.fedtiny_model_train_init(seed)
+    x, labels = np.ascontiguousarray(x, dtype=np.int8), np.ascontiguousarray(labels, dtype=np.int32)
+    assert lib.fedtiny_model_train_batch(x.ctypes.data, labels.ctypes.data, len(x), None) == 0
+    out = ctypes.create_string_buffer(codegen.state_layout(plan)[1])
+    lib.fedtiny_model_store_state(out)
+    return out.raw
+
+
+def test_one_library_serves_every_lr_with_the_compiled_constants_bits(cache):
+    """The host library takes the update constants (which carry the lr) as data: plans compiled at two lrs share
+    one build, and trainers of both, interleaved on it and in two threads, end byte for byte where a library with
+    each lr's constants compiled in ends."""
+    import threading
+
+    need("gcc", "make")
+    graph, x, labels = make_case("sensor_cnn")
+    plans = [compile_plan(graph, parse("sparse:3:-2@1/2", graph), lr=lr) for lr in (0.01, 0.1)]
+    assert codegen.update_constants(plans[0]) != codegen.update_constants(plans[1])
+    assert len({str(cruntime.build_plan_host(plan, cache_dir=cache)) for plan in plans}) == 1
+    trainers = [cruntime.CTrainer(plan, 5, cache_dir=cache) for plan in plans]
+    for i in range(0, 60, 10):  # interleaved on one copy of the library
+        for trainer in trainers:
+            trainer.steps(x[i:i + 10], labels[i:i + 10])
+
+    def train_rest(trainer):
+        trainer.steps(x[60:], labels[60:])
+
+    threads = [threading.Thread(target=train_rest, args=(t,)) for t in trainers]  # at once: two copies
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    states = [cruntime.pack_state(plan, t.trainable_state()) for plan, t in zip(plans, trainers)]
+    assert states[0] != states[1], "the two lrs trained alike: the test would not see constants ignored"
+    for plan, state in zip(plans, states):
+        assert state == compiled_constants_training(plan, x, labels, 5, cache), f"lr {plan.lr}"
+
+
 _M4_RUNS = {}
 
 

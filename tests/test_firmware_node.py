@@ -300,7 +300,14 @@ def test_qemu_reset_at_every_write_phase_never_reuses_a_seq_nor_loses_a_model(tm
         for name, reached in phases:
             deadline = time.monotonic() + 120
             while not reached():
-                assert time.monotonic() < deadline and rounds.is_alive(), f"the node never reached: {name}"
+                # what to look at when this fails (it did, rarely, in CI: round 3 closed on the Python node alone):
+                # whether n0 was offline at the round's start (a late last will) or took no TASK (a refused one)
+                assert time.monotonic() < deadline and rounds.is_alive(), (
+                    f"the node never reached: {name}; rounds alive: {rounds.is_alive()}; uplinks seen: "
+                    f"{sorted(seen)}; n0 refused: {fleet.rejected('n0')}; sent tasks: "
+                    f"{[(e['device'], e['round']) for e in fleet.events.named('task_sent')]}; online now: "
+                    f"{ {d.device: d.online for d in fleet.link.devices()} }; n0's console:\n"
+                    f"{qemu.console()[-3000:]}")
                 time.sleep(0.01)
             qemu.kill()
             kills += 1

@@ -66,6 +66,20 @@ def test_pretraining_stops_early_on_a_tiny_set_and_beats_chance():
     assert evaluate(model, fresh_x, fresh_y)[0] > 0.9  # chance is 0.5
 
 
+def test_pretraining_patience_is_passes_over_the_data_with_a_floor():
+    """The default patience is PATIENCE_EPOCHS passes over the training part (a last single-sample batch dropped),
+    at least MIN_PATIENCE steps; a converged run stops exactly that many steps after the step it keeps."""
+    from fedtiny.train import BATCH, MIN_PATIENCE, PATIENCE_EPOCHS, patience_steps, steps_per_epoch
+
+    assert steps_per_epoch(2560) == 80 and steps_per_epoch(33) == 1 and steps_per_epoch(34) == 2
+    assert patience_steps(2560) == PATIENCE_EPOCHS * 80 and patience_steps(343) == MIN_PATIENCE
+    assert patience_steps(100 * BATCH) == 2 * patience_steps(50 * BATCH)  # in passes: twice the data, twice the steps
+    x, y = blobs(40, seed=1)
+    train, val = validation_split(y, seed=0)
+    record = pretrain(mlp(), x[train], y[train], x[val], y[val], seed=0, max_steps=5000)
+    assert record.stopped == "converged" and record.steps - record.best_step == patience_steps(len(train))
+
+
 def test_pretraining_is_deterministic_for_a_seed():
     x, y = blobs(60, seed=2, separation=0.7)
     train, val = validation_split(y, seed=0)
