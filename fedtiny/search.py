@@ -164,7 +164,8 @@ class SearchResult:
             estimate = "-" if c.estimate is None else f"{100 * c.estimate:.1f}%"
             rows.append(f"{c.text:<28} {c.memory:>11,} {c.trainable:>10,} {estimate:>9} "
                         f"{100 * c.measured.accuracy:>8.1f}% {c.measured.loss:>7.3f} {c.lr:>7g}{mark}")
-        rows.append(f"(untrained int8 model on the held-out data: {100 * self.start.accuracy:.1f} %; "
+        start = "none held out" if np.isnan(self.start.accuracy) else f"{100 * self.start.accuracy:.1f} %"
+        rows.append(f"(untrained int8 model on the held-out data: {start}; "
                     f"{len(self.candidates)} candidates "
                     f"fit, {sum(1 for c in self.candidates if c.measured)} measured; {self.runs} new runs, "
                     f"{self.seconds:.0f} s)")
@@ -321,7 +322,9 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
     last = n - 1
     key = cache_key(graph, data, lrs=lrs, epochs=epochs, qas=qas, loss=loss, seed=seed)
     cache = RunCache((cache_dir or default_cache_dir()) / f"{key}.json")
-    scorer = Scorer(data, trainer_factory, seed=seed, epochs=epochs, both_ways=True, forward=forward)
+    scoreable = len(data.y_train) > 0 and len(data.y_val) > 0
+    scorer = Scorer(data, trainer_factory, seed=seed, epochs=epochs, both_ways=True, forward=forward) \
+        if scoreable else None
     new_runs = 0
 
     def run_key(text: str, lr: float) -> str:
@@ -370,6 +373,17 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
         raise SearchError(f"no update scheme fits: even the classifier alone needs {need:,} bytes of SRAM, and "
                           f"the budget ({budget:,}) minus the reserve ({reserve:,}) leaves {budget - reserve:,}; "
                           "raise --budget or lower --reserve")
+
+    if not scoreable:
+        # Host data too small to hold out two halves: no run can be scored, so every scheme ties and the tie rule
+        # (choose) takes the most trainable bytes that fit, at the middle lr. As a default, auto must still choose.
+        fitting = [Candidate(t, device_ram(plan), sum(plan.buffers[b].nbytes for b in plan.trainable_buffers()))
+                   for t in FIXED if (plan := fit(t)) is not None]
+        chosen = max(fitting, key=lambda c: (c.trainable, -c.memory, c.text))
+        say(f"scheme search: the host data holds out {len(data.y_train)} + {len(data.y_val)} samples, too few to "
+            f"score a run: every scheme ties, so the one with the most trainable bytes that fits, {chosen.text}")
+        return SearchResult(chosen.text, fit(chosen.text), fitting, Run(float("nan"), float("nan")), 0,
+                            time.perf_counter() - started, middle)
 
     def best_lr(text: str) -> tuple[Run, float] | None:
         """The best run of `text` over the lrs measured for it, with its lr (ties: the smaller lr)."""

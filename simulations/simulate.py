@@ -41,9 +41,9 @@ class SimulationConfig:
     data: str | None = None
     model: str | None = None  # zoo name; default: the scenario's
     strategy: str = "fedavg"
-    # None: the model's hand-picked sparse scheme (REFERENCE_SPARSE), else last:2; "auto": the best scheme that fits the
-    # budget, measured on the host's held-out data (fedtiny.search; not the default: BENCHMARKS "Scheme search")
-    scheme: str | None = None
+    # "auto": the scheme that learns most within the budget, measured on the host's held-out data (fedtiny.search,
+    # cached by content; BENCHMARKS "Scheme search"), else a scheme's text (fedtiny.scheme)
+    scheme: str = "auto"
     budget: int = 256 * 1024
     reserve: int | None = None  # default: fedtiny.compiler.reserve_for's rule (64 KB, at most a quarter of budget)
     lr: float | None = None  # default: chosen on the host's validation data (tuning.py)
@@ -394,11 +394,10 @@ def training_plan(config: SimulationConfig, task: Task, graph):
     """(plan, scheme): what a run of this configuration trains: its --scheme (auto is resolved before, in
     _prepare), compiled for its budget, reserve and learning rate."""
     from fedtiny.compiler import compile_plan
-    from fedtiny.scheme import REFERENCE_SPARSE, parse
+    from fedtiny.scheme import parse
 
-    scheme = config.scheme or REFERENCE_SPARSE.get(task.model, "last:2")
-    plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
-    return plan, scheme
+    plan = compile_plan(graph, parse(config.scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
+    return plan, config.scheme
 
 
 def _prepare(config: SimulationConfig, run: Path, task: Task, say):

@@ -184,15 +184,28 @@ def test_cli_budget_nothing_fits_is_one_line_and_exit_code_2(small, tmp_path, mo
     assert "Traceback" not in result.stderr
 
 
+def test_host_data_too_small_to_hold_out_ties_every_scheme_and_takes_the_most_capacity(small, tmp_path):
+    """auto is the default, so it must choose on any data: with nothing held out no run can be scored."""
+    graph, data = small
+    empty = HostData(data.x_train, data.y_train, data.x_val[:0], data.y_val[:0])
+    budget = budgets(graph)[1]  # half the fixed schemes fit
+    result = run_search(graph, empty, budget, tmp_path)
+    fitting = [text for text in FIXED if memory_of(graph, text) <= budget]
+    assert result.runs == 0 and sorted(c.text for c in result.candidates) == sorted(fitting)
+    assert result.scheme == max(result.candidates, key=lambda c: c.trainable).text and device_ram(result.plan) <= budget
+    assert "none held out" in result.table()
+
+
 def test_cli_auto_needs_data(small, tmp_path):
     from test_user_input import run_cli
 
     graph, _ = small
     save_model(graph, tmp_path / "m.ftm")
-    result = run_cli("compile", tmp_path / "m.ftm", "--scheme", "auto")
-    assert result.exit_code == 2 and result.stderr.splitlines() == [
-        "Error: --scheme auto measures schemes on the host's data: give --data (a scenario or a .npz/.csv), or a "
-        "scheme by name (--scheme classifier, bias, last:K, full, sparse:...)"]
+    for default in ((), ("--scheme", "auto")):  # auto is the default
+        result = run_cli("compile", tmp_path / "m.ftm", *default)
+        assert result.exit_code == 2 and result.stderr.splitlines() == [
+            "Error: --scheme auto (the default) measures schemes on the host's data: give --data (a scenario or a "
+            ".npz/.csv), or a scheme by name (--scheme classifier, bias, last:K, full, sparse:...)"]
     assert run_cli("compile", tmp_path / "m.ftm", "--scheme", "bias").exit_code == 0
 
 
