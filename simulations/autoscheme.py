@@ -25,6 +25,17 @@ from .tuning import LRS
 SEARCH_LRS = LRS[1::2]  # 1e-3, 1e-2, 1e-1: a decade apart
 
 
+def lr_neighbours(lr: float) -> tuple[float, ...]:
+    """The lr rule's grid (tuning.LRS) narrowed to `lr` and its half-decade neighbours: where the scheme search
+    measured the chosen scheme at SEARCH_LRS (a decade apart) and found `lr` best, the lr rule need only refine
+    between its measured neighbours, not try the whole grid again (half its trials). Any lr off the grid: the
+    whole grid."""
+    if lr not in LRS:
+        return LRS
+    i = LRS.index(lr)
+    return LRS[max(0, i - 1):i + 2]
+
+
 def c_forward(plan, state, x):
     from fedtiny_device.cruntime import CPlanModel
 

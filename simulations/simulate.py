@@ -390,14 +390,13 @@ def baseline_nodes(config, task) -> list:
     return [ds.subset(heldout_split(node_seed(config, i), len(ds.y))[0]) for i, ds in enumerate(task.nodes)]
 
 
-def training_plan(config: SimulationConfig, task: Task, graph):
-    """(plan, scheme): what a run of this configuration trains: its --scheme (auto is resolved before, in
+def training_plan(config: SimulationConfig, graph):
+    """The plan a run of this configuration trains: its scheme (a scheme's text: auto is resolved before, in
     _prepare), compiled for its budget, reserve and learning rate."""
     from fedtiny.compiler import compile_plan
     from fedtiny.scheme import parse
 
-    plan = compile_plan(graph, parse(config.scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
-    return plan, config.scheme
+    return compile_plan(graph, parse(config.scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
 
 
 def _prepare(config: SimulationConfig, run: Path, task: Task, say):
@@ -406,7 +405,7 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     from fedtiny.planfile import save_plan
     from fedtiny.interpreter import quantize_input
 
-    from .tuning import host_accuracy_lines, settle
+    from .tuning import LRS, host_accuracy_lines, settle
 
     kernels = None
     if config.trainer == "c":  # the C kernels do not depend on the model: gcc builds them on another core meanwhile
@@ -429,16 +428,19 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     if config.trainer == "c":
         from fedtiny_device.cruntime import CTrainer as trainer
     auto = config.scheme == "auto"
+    lrs = LRS
     if auto:  # the search first (cached by content): the lr rule below then runs for the scheme it chose
-        from .autoscheme import auto_scheme
+        from .autoscheme import auto_scheme, lr_neighbours
 
-        config.scheme = auto_scheme(graph, unseen_halves(task, config.seed), budget=config.budget,
-                                    reserve=config.reserve, lr=config.lr, epochs=config.epochs or 1,
-                                    seed=config.seed, trainer=config.trainer, note=say).scheme
-    for line in settle(config, task, model, graph, train, val, trainer_factory=trainer):
+        searched = auto_scheme(graph, unseen_halves(task, config.seed), budget=config.budget, reserve=config.reserve,
+                               lr=config.lr, epochs=config.epochs or 1, seed=config.seed, trainer=config.trainer,
+                               note=say)
+        say(searched.summary())
+        config.scheme, lrs = searched.scheme, lr_neighbours(searched.lr)  # the search's lr runs are the coarse grid
+    for line in settle(config, task, model, graph, train, val, trainer_factory=trainer, lrs=lrs):
         say(line)
-    plan, scheme = training_plan(config, task, graph)
-    scheme = f"auto = {scheme}" if auto else scheme
+    plan = training_plan(config, graph)
+    scheme = f"auto = {config.scheme}" if auto else config.scheme
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
     devices = [device_name(i) for i in range(config.nodes)]
