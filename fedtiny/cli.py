@@ -249,6 +249,7 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float 
             result = auto_scheme(graph, unseen_halves(task, seed), budget=budget_bytes, reserve=reserve_bytes, lr=lr,
                                  qas=not no_qas, loss=loss, seed=seed, note=note)
             click.echo(result.table())
+            click.echo(result.summary())
             plan, scheme = result.plan, f"auto = {result.scheme}"
         else:
             plan = compile_plan(graph, parse(scheme, graph), lr=0.05 if lr is None else lr, qas=not no_qas,

@@ -28,8 +28,8 @@ then a search:
 
 The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, and always
 measured, so auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and
-dataset gets the same rule. Runs go two at a time (`workers`: the C trainer releases the GIL), and everything is
-deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when a
+dataset gets the same rule. Runs go `workers` at a time (simulate and compile: one per core; the C trainer
+releases the GIL), and everything is deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when a
 compiler is present, else the Python reference; both give the same numbers bit for bit) and may pass `forward` (a
 faster forward pass).
 """
@@ -363,7 +363,7 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
         if not todo:
             return
         plans = [run_plan(text, lr) for text, lr in todo]  # compiled here: Python holds the GIL anyway
-        # build with gcc, train and score in C: two jobs at a time keep both cores busy
+        # build with gcc, train and score in C, `workers` jobs at a time
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for (text, lr), result in zip(todo, pool.map(scorer.train, plans)):
                 cache.runs[run_key(text, lr)] = result

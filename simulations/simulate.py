@@ -436,7 +436,7 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
                                lr=config.lr, epochs=config.epochs or 1, seed=config.seed, trainer=config.trainer,
                                note=say)
         say(searched.summary())
-        config.scheme, lrs = searched.scheme, lr_neighbours(searched.lr)  # the search's lr runs are the coarse grid
+        config.scheme, lrs = searched.scheme, lr_neighbours(searched)  # the search's lr runs are the coarse grid
     for line in settle(config, task, model, graph, train, val, trainer_factory=trainer, lrs=lrs):
         say(line)
     plan = training_plan(config, graph)

@@ -16,8 +16,8 @@ from fedtiny.interpreter import quantize_input
 from fedtiny.modelfile import save_model
 from fedtiny.quantize import quantize
 from fedtiny.scheme import layers, parse
-from fedtiny.search import (FIXED, Candidate, HostData, Run, Scorer, SearchError, choose, device_ram,
-                            interpreter_forward, least_ram, scheme_text, search, tie_band)
+from fedtiny.search import (FIXED, Candidate, HostData, Run, Scorer, SearchError, SearchResult, choose,
+                            device_ram, interpreter_forward, least_ram, scheme_text, search, tie_band)
 from fedtiny.train import fit
 from fedtiny.zoo import MLP
 from fedtiny_device.trainer import Trainer
@@ -254,6 +254,22 @@ def test_cli_auto_needs_data(small, tmp_path):
     assert run_cli("compile", tmp_path / "m.ftm", "--scheme", "bias").exit_code == 0
 
 
+def test_the_lr_rule_refines_between_the_searchs_measured_neighbours_of_its_best_lr():
+    from fedtiny_sim.autoscheme import SEARCH_LRS, lr_neighbours
+    from fedtiny_sim.tuning import LRS
+
+    def searched(lr, scored=640):
+        return SearchResult("full", None, [], Run(0.5, 1.0), 0, 0.0, lr, scored=scored)
+
+    for lr in SEARCH_LRS:  # a decade apart: the grid's lrs strictly between lr's measured neighbours, and lr
+        lower, upper = max([x for x in SEARCH_LRS if x < lr], default=0), min([x for x in SEARCH_LRS if x > lr],
+                                                                                default=1)
+        assert lr_neighbours(searched(lr)) == tuple(x for x in LRS if lower < x < upper)
+    assert lr_neighbours(searched(0.1)) == (0.031623, 0.1)
+    assert lr_neighbours(searched(0.01, scored=0)) == LRS  # nothing measured: the whole grid
+    assert lr_neighbours(searched(0.05)) == LRS  # a given lr off the grid
+
+
 def test_simulate_resolves_auto_once_before_the_lr_rule(small, tmp_path, monkeypatch):
     """simulate's _prepare runs the search once, and the lr rule (tuning.settle) then tunes for the scheme it chose
     (before, settle compiled "auto" once per trial lr: a search per lr). The search and the lr rule are stand-ins
@@ -269,7 +285,8 @@ def test_simulate_resolves_auto_once_before_the_lr_rule(small, tmp_path, monkeyp
 
     def fake_search(g, pretrain, **kwargs):
         searches.append(kwargs)
-        return type("Result", (), {"scheme": "bias", "lr": 0.01, "summary": lambda self: "scheme auto = bias: ..."})()
+        return type("Result", (), {"scheme": "bias", "lr": 0.01, "scored": 40,
+                                   "summary": lambda self: "scheme auto = bias: ..."})()
 
     def fake_settle(config, *args, lrs, **kwargs):
         settled.append((config.scheme, lrs))
