@@ -29,9 +29,13 @@ then a search:
 The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, and always
 measured, so auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and
 dataset gets the same rule. Runs go `workers` at a time (simulate and compile: one per core; the C trainer
-releases the GIL), and everything is deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when a
-compiler is present, else the Python reference; both give the same numbers bit for bit) and may pass `forward` (a
-faster forward pass).
+releases the GIL), and everything is deterministic for a seed. This module knows no trainer: the caller passes a
+trainer factory (the C trainer when a compiler is present, else the Python reference; both give the same numbers
+bit for bit) and may pass `forward` (a faster forward pass).
+
+A finished search is cached with its result (the chosen scheme, the candidates, the untrained model's score), so
+the same model, data, grid, seed, budget and reserve read it back with no run, forward pass or candidate compiled:
+a warm default run pays nothing for auto.
 """
 
 from __future__ import annotations
