@@ -36,7 +36,7 @@ def rounds(args) -> dict:
     task = load_task("industrial", args.nodes, 0)
     _, graph = pretrained(task, 0)
     config = SimulationConfig(nodes=args.nodes, scheme=args.scheme, lr=args.lr, epochs=args.epochs)
-    plan, scheme = training_plan(config, task, graph)
+    plan, scheme = training_plan(config, graph), config.scheme
     specs = tensor_specs(plan)
     forward = CPlanModel(plan)
     x_test, y_test = quantize_input(graph, task.test.X), task.test.y
@@ -123,7 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=10, help="rounds (with --central: epochs)")
-    parser.add_argument("--scheme", default=None, help="default: the model's hand-picked sparse scheme")
+    parser.add_argument("--scheme", default="sparse:3:-2@1/8",
+                        help="default: sensor_cnn's hand-picked sparse scheme (fedtiny.scheme.REFERENCE_SPARSE)")
     parser.add_argument("--lr", type=float, default=0.003162, help="default: the one-round rule's choice")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--server", default="fedavg")

@@ -1,9 +1,9 @@
 """The whole node on the Cortex-M4: RAM and flash by part from the linker, and instructions per round by part.
 
-    python benchmarks/bench_node.py [--schemes default,full] [--rounds 3] [--nodes 4]
+    python benchmarks/bench_node.py [--schemes sparse:3:-2@1/8,full] [--rounds 3] [--nodes 4]
 
-For each scheme, one `fedtiny simulate` run (industrial scenario, sensor_cnn) where node000 is the node firmware
-under QEMU (mps2-an386) beside Python node agents. From that firmware:
+For each scheme ("default": `auto`, the default), one `fedtiny simulate` run (industrial scenario, sensor_cnn)
+where node000 is the node firmware under QEMU (mps2-an386) beside Python node agents. From that firmware:
 
     RAM     by part as the linker placed it (node_project.ram_by_part: arena, scratch, each node buffer, stack,
             heap, the rest)
@@ -76,7 +76,7 @@ def flash_by_part(map_file: Path) -> dict[str, int]:
     return dict(out)
 
 
-def run_simulation(out: Path, scheme: str | None, nodes: int, rounds: int, qemu: int) -> dict:
+def run_simulation(out: Path, scheme: str, nodes: int, rounds: int, qemu: int) -> dict:
     from fedtiny_sim.simulate import SimulationConfig, simulate
 
     return simulate(SimulationConfig(nodes=nodes, rounds=rounds, scheme=scheme, qemu_nodes=qemu, out=str(out),
@@ -85,7 +85,7 @@ def run_simulation(out: Path, scheme: str | None, nodes: int, rounds: int, qemu:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--schemes", default="default,full")
+    parser.add_argument("--schemes", default="sparse:3:-2@1/8,full")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
@@ -103,7 +103,7 @@ def main() -> int:
              "outside the instructions per round.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes.split(","):
-            chosen = None if scheme == "default" else scheme
+            chosen = "auto" if scheme == "default" else scheme
             fw = run_simulation(Path(tmp) / f"{scheme}-fw", chosen, args.nodes, args.rounds, 1)
             py = run_simulation(Path(tmp) / f"{scheme}-py", chosen, args.nodes, args.rounds, 0)
             a = StateStore(Path(tmp) / f"{scheme}-fw" / "state.db").load()

@@ -210,38 +210,37 @@ def import_(model_file: str, output: str) -> None:
 @click.argument("model")
 @click.option("--data", default=None, help="With a zoo name or FILE.py:FACTORY: scenario or .npz/.csv to pretrain "
               "and calibrate on; with --scheme auto also for a model file (its host part is what auto measures on).")
-@click.option("--scheme", default=None,
-              help="auto | classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme); default: the zoo "
-                   "model's hand-picked sparse scheme (fedtiny.scheme.REFERENCE_SPARSE), else last:2. auto measures "
-                   "candidate schemes with short int8 fine-tuning runs at --lr on the part of --data's host part that "
-                   "pretraining held out, and takes the one that fits the budget with the most trainable bytes among "
-                   "those tied with the best (fedtiny.search).")
+@click.option("--scheme", default="auto", show_default=True,
+              help="auto | classifier | bias | last:K | full | sparse:B:I@R,... (see fedtiny.scheme). auto measures "
+                   "candidate schemes with short int8 fine-tuning runs (at --lr, else at each lr of a grid) on the part "
+                   "of --data's host part that pretraining held out, and takes the one that fits the budget with the "
+                   "most trainable bytes among those tied with the best (fedtiny.search); it needs --data.")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
               "a quarter of --budget.")
-@click.option("--lr", default=0.05, show_default=True, type=float, help="SGD learning rate (QAS-scaled).")
+@click.option("--lr", default=None, type=float, help="SGD learning rate (QAS-scaled); default: with --scheme auto, "
+              "the best of the search's grid for the scheme it chose, else 0.05.")
 @click.option("--no-qas", is_flag=True, help="Naive int8 SGD without quantization-aware scaling (for ablations).")
 @click.option("--loss", default="cross_entropy", show_default=True, type=click.Choice(["cross_entropy", "mse"]),
               help="cross_entropy (class labels) or mse (regression / reconstruction targets, any output shape).")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Plan file to write (.ftp).")
 @click.option("--seed", default=0, show_default=True)
-def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float, no_qas: bool, loss: str, output,
-            seed: int):
+def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float | None, no_qas: bool, loss: str,
+            output, seed: int):
     """Compile MODEL (a .ftm file, a zoo name or FILE.py:FACTORY) into a training plan and print its memory
     report."""
     from .compiler import BudgetError, compile_plan
     from .device_memory import describe as describe_memory
     from .planfile import save_plan
-    from .scheme import REFERENCE_SPARSE, SchemeError, parse
+    from .scheme import SchemeError, parse
     from .search import SearchError
 
     budget_bytes = parse_bytes(budget, "--budget")
     reserve_bytes = parse_reserve(budget_bytes, reserve)
     if scheme == "auto" and data is None:
-        raise UserError("--scheme auto measures schemes on the host's data: give --data (a scenario or a "
-                        ".npz/.csv), or a scheme by name (--scheme classifier, bias, last:K, full, sparse:...)")
+        raise UserError("--scheme auto (the default) measures schemes on the host's data: give --data (a scenario or "
+                        "a .npz/.csv), or a scheme by name (--scheme classifier, bias, last:K, full, sparse:...)")
     graph, task = _model_for(model, data, seed)
-    scheme = scheme or REFERENCE_SPARSE.get(graph.meta.get("model", model), "last:2")
     try:
         if scheme == "auto":
             from fedtiny_sim.autoscheme import auto_scheme
@@ -250,13 +249,14 @@ def compile(model: str, data, scheme: str, budget: str, reserve: str, lr: float,
             result = auto_scheme(graph, unseen_halves(task, seed), budget=budget_bytes, reserve=reserve_bytes, lr=lr,
                                  qas=not no_qas, loss=loss, seed=seed, note=note)
             click.echo(result.table())
+            click.echo(result.summary())
             plan, scheme = result.plan, f"auto = {result.scheme}"
         else:
-            plan = compile_plan(graph, parse(scheme, graph), lr=lr, qas=not no_qas, budget=budget_bytes,
-                                reserve=reserve_bytes, loss=loss)
+            plan = compile_plan(graph, parse(scheme, graph), lr=0.05 if lr is None else lr, qas=not no_qas,
+                                budget=budget_bytes, reserve=reserve_bytes, loss=loss)
     except (SchemeError, BudgetError, SearchError, ValueError) as err:
         raise UserError(" ".join(str(err).split())) from err
-    click.echo(f"plan: scheme {scheme}, loss {loss}, {len(plan.steps)} steps, lr {lr}, "
+    click.echo(f"plan: scheme {scheme}, loss {loss}, {len(plan.steps)} steps, lr {plan.lr:g}, "
                f"QAS {'off' if no_qas else 'on'}")
     for line in describe_memory(plan):
         click.echo(line)
@@ -339,9 +339,10 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
 @click.option("--max-staleness", default=0, show_default=True,
               help="Semi-asynchronous: accept replies up to this many versions old (fedbuff); such rounds run on the "
                    "wall clock.")
-@click.option("--scheme", default=None,
-              help="Update scheme: auto (a search: the best that fits --budget, measured on the host's held-out data), "
-                   "classifier, bias, last:K, full or sparse:B:I@R,...; default: the model's hand-picked sparse one.")
+@click.option("--scheme", default="auto", show_default=True,
+              help="Update scheme: auto (a search: the scheme that learns most within --budget, measured with short "
+                   "int8 runs on the host's held-out data; cached, and printed), or classifier, bias, last:K, full, "
+                   "sparse:B:I@R,... (fedtiny.scheme).")
 @click.option("--budget", default="256KB", show_default=True, help="Device SRAM.")
 @click.option("--reserve", default=None, help="SRAM kept for the network stack and firmware; default: 64KB, at most "
               "a quarter of --budget.")

@@ -23,8 +23,8 @@ RATIOS = (Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), Fraction(1))
 
 # A hand-picked sparse scheme per zoo model: the last biases (cheap: no activations saved, only ReLU bits), the
 # classifier, and the last pointwise conv at a fraction of its channels (the paper finds pointwise convs of late
-# blocks pay the most). The default of `compile` and `simulate` until `auto` (fedtiny.search) holds on the fleet's
-# data (BENCHMARKS.md, "Scheme search"); a fixed reference that tests and benchmarks measure.
+# blocks pay the most). The default of `compile` and `simulate` before `auto` (fedtiny.search) became it; a fixed
+# reference that tests and benchmarks measure.
 REFERENCE_SPARSE = {"sensor_cnn": "sparse:3:-2@1/8", "mobilenet": "sparse:6:-2@1/2,-5@1/4", "mlp": "last:2"}
 
 

@@ -28,10 +28,14 @@ then a search:
 
 The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, and always
 measured, so auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and
-dataset gets the same rule. Runs go two at a time (`workers`: the C trainer releases the GIL), and everything is
-deterministic for a seed. This module knows no trainer: the caller passes a trainer factory (the C trainer when a
-compiler is present, else the Python reference; both give the same numbers bit for bit) and may pass `forward` (a
-faster forward pass).
+dataset gets the same rule. Runs go `workers` at a time (simulate and compile: one per core; the C trainer
+releases the GIL), and everything is deterministic for a seed. This module knows no trainer: the caller passes a
+trainer factory (the C trainer when a compiler is present, else the Python reference; both give the same numbers
+bit for bit) and may pass `forward` (a faster forward pass).
+
+A finished search is cached with its result (the chosen scheme, the candidates, the untrained model's score), so
+the same model, data, grid, seed, budget and reserve read it back with no run, forward pass or candidate compiled:
+a warm default run pays nothing for auto.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ VERIFY = 3  # estimated candidates verified with a real run
 FIXED = ("classifier", "bias", "last:2", "full")
 UNLIMITED = 1 << 30  # the budget measuring runs compile with (they only measure learning, not fit)
 RULE = f"steps{RUN_STEPS}/wl{WEIGHT_LAYERS}/verify{VERIFY}/heldout-2way/v3"  # what a run measures
-CHOICE = "fixed-first/1se-capacity"  # how the search goes and chooses (a finished search's cache key has it)
+CHOICE = "fixed-first/1se-capacity/v2"  # how the search goes and chooses (a finished search's cache key has it)
 
 
 class SearchError(ValueError):
@@ -141,6 +145,23 @@ class SearchResult:
     runs: int  # real runs made (the rest came from the cache)
     seconds: float
     lr: float  # the learning rate of the chosen scheme's best run (its plan is compiled with it)
+    scored: int = 0  # held-out samples each run is scored on (0: too few to score, every scheme tied)
+
+    def summary(self) -> str:
+        """One line: the scheme chosen and why (each measured candidate's held-out accuracy and device RAM, and
+        the rule), for simulate's phase lines."""
+        measured = sorted((c for c in self.candidates if c.measured), key=lambda c: (c.memory, c.text))
+        chosen = next(c for c in self.candidates if c.text == self.scheme)
+        cached = f"{self.runs} new runs" if self.runs else "cached: no new runs"
+        if not self.scored:
+            return (f"scheme auto = {self.scheme} ({chosen.memory / 1024:.1f} KB device RAM): the host's data holds "
+                    f"out too few samples to score a run, so every scheme ties and auto takes the most trainable "
+                    f"bytes that fit ({chosen.trainable:,})")
+        top = max(c.measured.accuracy for c in measured)
+        scores = ", ".join(f"{c.text} {100 * c.measured.accuracy:.1f} % in {c.memory / 1024:.1f} KB" for c in measured)
+        return (f"scheme auto = {self.scheme}: held-out accuracy after short int8 runs on {self.scored} host samples: "
+                f"{scores}; {self.scheme} trains the most bytes ({chosen.trainable:,}) of those within one standard "
+                f"error ({100 * tie_band(top, self.scored):.1f} points) of the best ({cached}, {self.seconds:.0f} s)")
 
     def pareto(self) -> list[Candidate]:
         """The verified candidates no other verified one beats with less or equal memory."""
@@ -164,7 +185,8 @@ class SearchResult:
             estimate = "-" if c.estimate is None else f"{100 * c.estimate:.1f}%"
             rows.append(f"{c.text:<28} {c.memory:>11,} {c.trainable:>10,} {estimate:>9} "
                         f"{100 * c.measured.accuracy:>8.1f}% {c.measured.loss:>7.3f} {c.lr:>7g}{mark}")
-        rows.append(f"(untrained int8 model on the held-out data: {100 * self.start.accuracy:.1f} %; "
+        start = "none held out" if np.isnan(self.start.accuracy) else f"{100 * self.start.accuracy:.1f} %"
+        rows.append(f"(untrained int8 model on the held-out data: {start}; "
                     f"{len(self.candidates)} candidates "
                     f"fit, {sum(1 for c in self.candidates if c.measured)} measured; {self.runs} new runs, "
                     f"{self.seconds:.0f} s)")
@@ -321,7 +343,9 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
     last = n - 1
     key = cache_key(graph, data, lrs=lrs, epochs=epochs, qas=qas, loss=loss, seed=seed)
     cache = RunCache((cache_dir or default_cache_dir()) / f"{key}.json")
-    scorer = Scorer(data, trainer_factory, seed=seed, epochs=epochs, both_ways=True, forward=forward)
+    scoreable = len(data.y_train) > 0 and len(data.y_val) > 0
+    scorer = Scorer(data, trainer_factory, seed=seed, epochs=epochs, both_ways=True, forward=forward) \
+        if scoreable else None
     new_runs = 0
 
     def run_key(text: str, lr: float) -> str:
@@ -343,7 +367,7 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
         if not todo:
             return
         plans = [run_plan(text, lr) for text, lr in todo]  # compiled here: Python holds the GIL anyway
-        # build with gcc, train and score in C: two jobs at a time keep both cores busy
+        # build with gcc, train and score in C, `workers` jobs at a time
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for (text, lr), result in zip(todo, pool.map(scorer.train, plans)):
                 cache.runs[run_key(text, lr)] = result
@@ -352,6 +376,27 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
 
     def accuracy(text: str) -> float:
         return cache.runs[run_key(text, middle)].accuracy
+
+    def best_lr(text: str) -> tuple[Run, float] | None:
+        """The best run of `text` over the lrs measured for it, with its lr (ties: the smaller lr)."""
+        runs = [(cache.runs[run_key(text, lr)], lr) for lr in lrs if run_key(text, lr) in cache.runs]
+        return max(runs, key=lambda r: (r[0].rank, -r[1])) if runs else None
+
+    def result(scheme: str, candidates: list[Candidate], start: Run) -> SearchResult:
+        for c in candidates:
+            c.measured, c.lr = best_lr(c.text) or (None, None)
+        lr = best_lr(scheme)[1]
+        return SearchResult(scheme, compile_plan(graph, parse(scheme, graph), lr=lr, qas=qas, budget=budget,
+                                                 reserve=reserve, loss=loss), candidates, start, new_runs,
+                            time.perf_counter() - started, lr, scored=scorer.count)
+
+    # A search made before for this budget and reserve: read back, with no run, forward pass or candidate compiled
+    # again (only the chosen plan), so a warm default run pays nothing for auto.
+    done = cache.searches.get(f"{budget}/{reserve}/{CHOICE}")
+    if done is not None and scoreable:
+        return result(done["scheme"], [Candidate(text, memory, trainable, estimate)
+                                       for text, memory, trainable, estimate in done["candidates"]],
+                      Run(*done["start"]))
 
     # The smallest scheme first: if the classifier alone does not fit, nothing does.
     fits: dict[str, Plan | None] = {}
@@ -371,24 +416,17 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
                           f"the budget ({budget:,}) minus the reserve ({reserve:,}) leaves {budget - reserve:,}; "
                           "raise --budget or lower --reserve")
 
-    def best_lr(text: str) -> tuple[Run, float] | None:
-        """The best run of `text` over the lrs measured for it, with its lr (ties: the smaller lr)."""
-        runs = [(cache.runs[run_key(text, lr)], lr) for lr in lrs if run_key(text, lr) in cache.runs]
-        return max(runs, key=lambda r: (r[0].rank, -r[1])) if runs else None
+    if not scoreable:
+        # Host data too small to hold out two halves: no run can be scored, so every scheme ties and the tie rule
+        # (choose) takes the most trainable bytes that fit, at the middle lr. As a default, auto must still choose.
+        fitting = [Candidate(t, device_ram(plan), sum(plan.buffers[b].nbytes for b in plan.trainable_buffers()))
+                   for t in FIXED if (plan := fit(t)) is not None]
+        chosen = max(fitting, key=lambda c: (c.trainable, -c.memory, c.text))
+        say(f"scheme search: the host data holds out {len(data.y_train)} + {len(data.y_val)} samples, too few to "
+            f"score a run: every scheme ties, so the one with the most trainable bytes that fits, {chosen.text}")
+        return SearchResult(chosen.text, fit(chosen.text), fitting, Run(float("nan"), float("nan")), 0,
+                            time.perf_counter() - started, middle, scored=0)
 
-    def result(scheme: str, candidates: list[Candidate]) -> SearchResult:
-        start = scorer.score(fit("classifier"))  # the untrained model: every scheme starts from its values
-        for c in candidates:
-            c.measured, c.lr = best_lr(c.text) or (None, None)
-        lr = best_lr(scheme)[1]
-        return SearchResult(scheme, compile_plan(graph, parse(scheme, graph), lr=lr, qas=qas, budget=budget,
-                                                 reserve=reserve, loss=loss), candidates, start, new_runs,
-                            time.perf_counter() - started, lr)
-
-    done = cache.searches.get(f"{budget}/{reserve}/{CHOICE}")
-    if done is not None:
-        return result(done["scheme"], [Candidate(text, memory, trainable, estimate)
-                                       for text, memory, trainable, estimate in done["candidates"]])
     candidates: dict[str, Candidate] = {}
 
     def add(scheme: Scheme) -> Candidate | None:
@@ -463,7 +501,9 @@ def search(graph: Graph, data: HostData, trainer_factory: Callable, *, budget: i
         measure(verify, lrs)
         chosen = choose([candidates[text] for text in verify], best_lr, scorer.count)
     ordered = sorted(candidates.values(), key=lambda c: (c.memory, c.text))
-    cache.searches[f"{budget}/{reserve}/{CHOICE}"] = dict(scheme=chosen.text, candidates=[
-        [c.text, c.memory, c.trainable, c.estimate] for c in ordered])
+    start = scorer.score(fit("classifier"))  # the untrained model: every scheme starts from its values
+    cache.searches[f"{budget}/{reserve}/{CHOICE}"] = dict(scheme=chosen.text, start=[start.accuracy, start.loss],
+                                                          candidates=[[c.text, c.memory, c.trainable, c.estimate]
+                                                                      for c in ordered])
     cache.save()
-    return result(chosen.text, ordered)
+    return result(chosen.text, ordered, start)

@@ -11,7 +11,8 @@ is.
 
 The learning rates: the given one (`--lr`), else SEARCH_LRS, every other rate of the lr rule's grid
 (simulations/tuning.LRS): each candidate is scored at its best, since the run then picks the lr for the scheme
-the search chose.
+the search chose, only between the search's best lr's neighbours (lr_neighbours): one set of lr measurements,
+coarse here and refined by the lr rule, serves both choices.
 """
 
 import shutil
@@ -20,9 +21,20 @@ from fedtiny.datafile import Dataset
 from fedtiny.interpreter import quantize_input
 from fedtiny.search import HostData, SearchResult, search
 
-from .tuning import LRS
+from .tuning import LRS, trial_threads
 
 SEARCH_LRS = LRS[1::2]  # 1e-3, 1e-2, 1e-1: a decade apart
+
+
+def lr_neighbours(result: SearchResult) -> tuple[float, ...]:
+    """The lr rule's grid (tuning.LRS) narrowed to the lr the search found best for its chosen scheme and that lr's
+    half-decade neighbours: the search measured the scheme at SEARCH_LRS, a decade apart, so the lr rule need only
+    refine between the measured neighbours, not try the whole grid again (3 trials instead of 6). The whole grid
+    where the search measured no run (host data too small to score one) or measured off the grid."""
+    if not result.scored or result.lr not in LRS:
+        return LRS
+    i = LRS.index(result.lr)
+    return LRS[max(0, i - 1):i + 2]
 
 
 def c_forward(plan, state, x):
@@ -49,4 +61,4 @@ def auto_scheme(graph, halves: tuple[Dataset, Dataset], *, budget: int, reserve:
     data = HostData(quantize_input(graph, first.X), first.y, quantize_input(graph, second.X), second.y)
     return search(graph, data, factory, budget=budget, reserve=reserve,
                   lrs=SEARCH_LRS if lr is None else (lr,), epochs=epochs, qas=qas, loss=loss, seed=seed,
-                  forward=forward, note=note, cache_dir=cache_dir)
+                  forward=forward, note=note, cache_dir=cache_dir, workers=trial_threads())

@@ -42,9 +42,9 @@ class SimulationConfig:
     data: str | None = None
     model: str | None = None  # zoo name; default: the scenario's
     strategy: str = "fedavg"
-    # None: the model's hand-picked sparse scheme (REFERENCE_SPARSE), else last:2; "auto": the best scheme that fits the
-    # budget, measured on the host's held-out data (fedtiny.search; not the default: BENCHMARKS "Scheme search")
-    scheme: str | None = None
+    # "auto": the scheme that learns most within the budget, measured on the host's held-out data (fedtiny.search,
+    # cached by content; BENCHMARKS "Scheme search"), else a scheme's text (fedtiny.scheme)
+    scheme: str = "auto"
     budget: int = 256 * 1024
     reserve: int | None = None  # default: fedtiny.compiler.reserve_for's rule (64 KB, at most a quarter of budget)
     lr: float | None = None  # default: chosen on the host's validation data (tuning.py)
@@ -398,15 +398,13 @@ def baseline_nodes(config, task) -> list:
     return [ds.subset(heldout_split(node_seed(config, i), len(ds.y))[0]) for i, ds in enumerate(task.nodes)]
 
 
-def training_plan(config: SimulationConfig, task: Task, graph):
-    """(plan, scheme): what a run of this configuration trains: its --scheme (auto is resolved before, in
+def training_plan(config: SimulationConfig, graph):
+    """The plan a run of this configuration trains: its scheme (a scheme's text: auto is resolved before, in
     _prepare), compiled for its budget, reserve and learning rate."""
     from fedtiny.compiler import compile_plan
-    from fedtiny.scheme import REFERENCE_SPARSE, parse
+    from fedtiny.scheme import parse
 
-    scheme = config.scheme or REFERENCE_SPARSE.get(task.model, "last:2")
-    plan = compile_plan(graph, parse(scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
-    return plan, scheme
+    return compile_plan(graph, parse(config.scheme, graph), lr=config.lr, budget=config.budget, reserve=config.reserve)
 
 
 def _prepare(config: SimulationConfig, run: Path, task: Task, say):
@@ -434,23 +432,26 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     train, val = host_split(task, config.seed)
     forward = None  # the int8 model's forward pass in the C library the trials and the run then share (any lr)
     if config.trainer == "c" and config.scheme != "auto":
-        forward = run_forward(training_plan(replace(config, lr=config.lr or LRS[0]), task, graph)[0])
+        forward = run_forward(training_plan(replace(config, lr=config.lr or LRS[0]), graph))
     for line in host_accuracy_lines(model, graph, val, forward):
         say(line)
     trainer = None
     if config.trainer == "c":
         from fedtiny_device.cruntime import CTrainer as trainer
     auto = config.scheme == "auto"
+    lrs = LRS
     if auto:  # the search first (cached by content): the lr rule below then runs for the scheme it chose
-        from .autoscheme import auto_scheme
+        from .autoscheme import auto_scheme, lr_neighbours
 
-        config.scheme = auto_scheme(graph, unseen_halves(task, config.seed), budget=config.budget,
-                                    reserve=config.reserve, lr=config.lr, epochs=config.epochs or 1,
-                                    seed=config.seed, trainer=config.trainer, note=say).scheme
-    for line in settle(config, task, model, graph, train, val, trainer_factory=trainer):
+        searched = auto_scheme(graph, unseen_halves(task, config.seed), budget=config.budget, reserve=config.reserve,
+                               lr=config.lr, epochs=config.epochs or 1, seed=config.seed, trainer=config.trainer,
+                               note=say)
+        say(searched.summary())
+        config.scheme, lrs = searched.scheme, lr_neighbours(searched)  # the search's lr runs are the coarse grid
+    for line in settle(config, task, model, graph, train, val, trainer_factory=trainer, lrs=lrs):
         say(line)
-    plan, scheme = training_plan(config, task, graph)
-    scheme = f"auto = {scheme}" if auto else scheme
+    plan = training_plan(config, graph)
+    scheme = f"auto = {config.scheme}" if auto else config.scheme
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
     devices = [device_name(i) for i in range(config.nodes)]

@@ -135,7 +135,7 @@ def _weighted(score, trial_folds) -> float:
     return sum(score(scored)[0] * len(scored) for _, scored in trial_folds) / sum(len(s) for _, s in trial_folds)
 
 
-def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, epochs_grid=None, seed: int = 0,
+def choose_device(config, graph, train, val, *, shard_size: int, lrs=LRS, epochs_grid=None, seed: int = 0,
                   trainer_factory=None, threads: int | None = None) -> Choice:
     """The devices' (lr, epochs) by the rule, on the int8 `graph` with config's scheme and budget (train and val:
     the host's Datasets; shard_size: the samples a device holds)."""
@@ -150,11 +150,9 @@ def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, 
     xq = quantize_input(graph, np.concatenate([train.X, val.X]))
     y = np.concatenate([train.y, val.y])
     trial_folds = folds(train.y, val.y, shard_size)
-    schemes = set()
 
     def train_and_score(lr: float, max_epochs: int) -> list[tuple[float, float]]:
-        plan, scheme = training_plan(replace(config, lr=lr), task, graph)
-        schemes.add(scheme)
+        plan = training_plan(replace(config, lr=lr), graph)
         trainer = trainer_factory(plan, seed)
         start = plan.initial_state()
 
@@ -184,13 +182,13 @@ def choose_device(config, task, graph, train, val, *, shard_size: int, lrs=LRS, 
 
         return _trial_round(train_shard, average, score, trial_folds, max_epochs)
 
-    first = trainer_factory(training_plan(replace(config, lr=lrs[0]), task, graph)[0], seed) \
+    first = trainer_factory(training_plan(replace(config, lr=lrs[0]), graph), seed) \
         if hasattr(trainer_factory, "run_job") else None  # the C trainer: its library's forward pass scores
     forward = run_forward(first.plan) if first is not None else None
     start = _weighted(lambda idx: _int8_scores(graph, xq[idx], y[idx], forward(xq[idx]) if forward else None),
                       trial_folds)
     choice = _choose(train_and_score, lrs, epochs_grid, start, threads=threads or trial_threads())
-    return replace(choice, scheme=" / ".join(sorted(schemes)))
+    return replace(choice, scheme=config.scheme)
 
 
 def choose_baseline_lr(model, train, val, epochs: int, *, shard_size: int, lrs=LRS, seed: int = 0,
@@ -264,17 +262,19 @@ def _shard_size(task) -> int:
     return int(np.median([len(node) for node in task.nodes]))  # the samples a device trains on in a round
 
 
-def settle(config, task, model, graph, train, val, trainer_factory=None) -> list[str]:
-    """Fill config.lr and config.epochs where the user left them None, by the rule; returns the lines that say
-    what was chosen and on what. The baseline's lr is settle_baseline's (after this: it trains at these epochs)."""
+def settle(config, task, model, graph, train, val, trainer_factory=None, lrs: tuple[float, ...] = LRS) -> list[str]:
+    """Fill config.lr and config.epochs where the user left them None, by the rule, trying `lrs` (simulate narrows
+    them to the neighbours of the lr `--scheme auto` found best: autoscheme.lr_neighbours); returns the lines that
+    say what was chosen and on what. The baseline's lr is settle_baseline's (after this: it trains at these
+    epochs)."""
     lines = []
     shard_size = _shard_size(task)
     if config.lr is None or config.epochs is None:
-        lrs = LRS if config.lr is None else (config.lr,)
+        lrs = lrs if config.lr is None else (config.lr,)
         epochs_grid = tuple(range(1, MAX_EPOCHS + 1)) if config.epochs is None else (config.epochs,)
         path = _cache_file("device", graph, task.model, config.scheme, config.budget, config.reserve, lrs,
                            epochs_grid, config.seed, len(train), len(val), shard_size)
-        choice = _cached(path, lambda: choose_device(config, task, graph, train, val, shard_size=shard_size,
+        choice = _cached(path, lambda: choose_device(config, graph, train, val, shard_size=shard_size,
                                                      lrs=lrs, epochs_grid=epochs_grid, seed=config.seed,
                                                      trainer_factory=trainer_factory))
         config.lr, config.epochs = choice.lr, choice.epochs

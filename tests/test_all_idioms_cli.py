@@ -71,7 +71,7 @@ def test_simulate_trains_the_module(model_file, data, tmp_path):
     # the module as `fedtiny quantize` made it (simulate --model FILE.py:FACTORY itself is tests/test_simulate.py's;
     # from the module again it would pretrain a second time)
     result = run_cli("simulate", "--model", model_file, "--data", data, "--nodes", 2, "--rounds", 1,
-                     "--lr", 0.05, "--epochs", 1, "--quiet", "--out", tmp_path / "run")
+                     "--scheme", "last:2", "--lr", 0.05, "--epochs", 1, "--quiet", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output + result.stderr
     assert (tmp_path / "run" / "global.ftm").exists()
 

@@ -35,6 +35,7 @@ from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_conf
 from fedtiny.protocol.envelope import Header
 from fedtiny.protocol.keys import provision_fleet
 from fedtiny.protocol.messages import MessageType
+from fedtiny.scheme import REFERENCE_SPARSE
 from fedtiny.transport.faults import FaultyTransport
 from fedtiny.transport.mqtt import CoordinatorLink
 from fedtiny_server import ops
@@ -60,7 +61,8 @@ def test_simulate_firmware_nodes_give_the_global_model_python_agents_give(tmp_pa
     runs = {}
     for qemu in (2, 0):
         out = tmp_path / f"qemu{qemu}"
-        result = simulate(SimulationConfig(nodes=8, rounds=3, qemu_nodes=qemu, out=str(out), workers=2))
+        result = simulate(SimulationConfig(nodes=8, rounds=3, qemu_nodes=qemu, out=str(out), workers=2,
+                                           scheme=REFERENCE_SPARSE["sensor_cnn"]))
         runs[qemu] = result, StateStore(out / "state.db").load()
     (fw, fw_state), (py, py_state) = runs[2], runs[0]
     assert [r["firmware"] for r in fw["rounds"]] == [2, 2, 2]

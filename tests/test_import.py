@@ -245,7 +245,7 @@ def test_imported_model_trains_in_simulate(imported_files, tmp_path):
     """A .ftm model skips pretraining and quantization: the run starts from the imported weights."""
     from fedtiny_sim.simulate import SimulationConfig, simulate
 
-    result = simulate(SimulationConfig(nodes=3, rounds=2, data=str(imported_files / "digits_rows.npz"),
+    result = simulate(SimulationConfig(nodes=3, rounds=2, data=str(imported_files / "digits_rows.npz"), scheme="last:2",
                                        model=str(imported_files / "digits.ftm"), out=str(tmp_path / "run"), seed=1))
     assert result["initial_accuracy"] > 0.9  # the Keras model's own accuracy, not a freshly trained one's
     assert len(result["rounds"]) == 2 and result["rounds"][-1]["accuracy"] > 0.9

@@ -1,7 +1,8 @@
 """The whole node fits the microcontroller (issue #12): the node firmware (firmware_node.c: protocol, crypto,
-message buffers, persisted state, training arena, C scratch, stack, heap), built for `fedtiny simulate`'s
-default plan and for `full` on the default model, takes at most 256 KB of RAM and 1 MB of flash by the linker;
-and in a simulation a firmware node of `full` gives the global model that Python agents give."""
+message buffers, persisted state, training arena, C scratch, stack, heap), built for the default model's
+hand-picked sparse plan (the default before `--scheme auto`) and for `full` (what auto chooses for the default run),
+takes at most 256 KB of RAM and 1 MB of flash by the linker; and in a simulation a firmware node of `full` gives
+the global model that Python agents give."""
 
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ from conftest import require_tool
 
 from fedtiny.interpreter import quantize_input
 from fedtiny.protocol.keys import provision_fleet
+from fedtiny.scheme import REFERENCE_SPARSE
 from fedtiny_device import node_project
 from fedtiny_device.cruntime import memory_usage
 from fedtiny_sim.scenarios import pretrained
@@ -19,7 +21,8 @@ from fedtiny_sim.simulate import SimulationConfig, check_inputs, simulate, train
 RAM, FLASH = 256 * 1024, 1024 * 1024  # fedtiny_m4.ld's regions
 # the simulations below (a generous deadline: QEMU trains `full` for several seconds a round on a busy machine,
 # and a firmware node that missed a round would change the global model)
-CONFIG = SimulationConfig(nodes=3, rounds=2, deadline=300.0, lr=0.01, epochs=2)  # fixed: the firmware is what is tested
+# fixed, the scheme too (no search): the firmware is what is tested
+CONFIG = SimulationConfig(nodes=3, rounds=2, deadline=300.0, lr=0.01, epochs=2, scheme=REFERENCE_SPARSE["sensor_cnn"])
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +49,12 @@ def assert_fits(elf, plan) -> None:
     print(f"RAM {usage['ram']:,} B, flash {usage['flash']:,} B, {parts}")
 
 
-def test_the_default_plans_node_firmware_fits_256_kb_of_ram_and_1_mb_of_flash(default_model, tmp_path):
+def test_the_sparse_plans_node_firmware_fits_256_kb_of_ram_and_1_mb_of_flash(default_model, tmp_path):
     """(`full` on the default model: test_a_firmware_node_of_full_..., on the firmware its simulation built.)"""
     require_tool("arm-none-eabi-gcc")
     require_tool("make")
     config, task, graph = default_model
-    plan, _ = training_plan(config, task, graph)
+    plan = training_plan(config, graph)
     provision_fleet(tmp_path / "fleet", "sim", ["node000"])
     samples = task.nodes[0]  # node000's share, in flash as in the simulation
     project = node_project.files(plan, node_project.device_folder(tmp_path / "fleet", "node000"), "node000",
@@ -83,6 +86,6 @@ def test_a_firmware_node_of_full_fits_and_gives_the_python_agents_global_model(d
     for field in ("ints", "master"):
         a, b = getattr(with_firmware, field), getattr(python_only, field)
         assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), field
-    _, task, graph = default_model
+    _, _, graph = default_model
     (elf,) = (tmp_path / "qemu1" / "firmware").glob("*/fedtiny_node.elf")  # the firmware node000 ran
-    assert_fits(elf, training_plan(replace(default_model[0], scheme="full"), task, graph)[0])
+    assert_fits(elf, training_plan(replace(default_model[0], scheme="full"), graph))

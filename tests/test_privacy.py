@@ -176,7 +176,8 @@ def test_a_simulation_stops_when_the_budget_is_spent(tmp_path):
 
     out = tmp_path / "run"
     said = []
-    result = simulate(SimulationConfig(nodes=3, rounds=4, scenario="medical", seed=2, out=str(out), dp_epsilon=5.0,
+    result = simulate(SimulationConfig(nodes=3, rounds=4, scenario="medical", scheme="last:2", seed=2, out=str(out),
+                                       dp_epsilon=5.0,
                                        dp_noise_multiplier=1.5), note=said.append)
     accountant = RdpAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(1.5), 2)

@@ -21,7 +21,8 @@ from fedtiny_sim.simulate import SimulationConfig, simulate
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("privacy") / "run"
     # lr and epochs given (no tuning trials) and one worker process: the cheapest real run with DP and a capture
-    simulate(SimulationConfig(nodes=3, rounds=2, scenario="medical", out=str(out), seed=3, dp_epsilon=8.0,
+    simulate(SimulationConfig(nodes=3, rounds=2, scenario="medical", scheme="last:2", out=str(out), seed=3,
+                              dp_epsilon=8.0,
                               capture=True, lr=0.03, epochs=1, workers=1))
     return out
 

@@ -19,7 +19,7 @@ from fedtiny_sim.simulate import SimulationConfig, dropped_rounds, simulate
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "run"
-    config = SimulationConfig(nodes=4, rounds=2, scenario="medical", out=str(out), seed=3, dropout=0.3,
+    config = SimulationConfig(nodes=4, rounds=2, scenario="medical", scheme="last:2", out=str(out), seed=3, dropout=0.3,
                               deadline=4.0, baseline=True)
     result = simulate(config)
     return result, out, config

@@ -16,8 +16,8 @@ from fedtiny.interpreter import quantize_input
 from fedtiny.modelfile import save_model
 from fedtiny.quantize import quantize
 from fedtiny.scheme import layers, parse
-from fedtiny.search import (FIXED, Candidate, HostData, Run, Scorer, SearchError, choose, device_ram,
-                            least_ram, scheme_text, search, tie_band)
+from fedtiny.search import (FIXED, Candidate, HostData, Run, Scorer, SearchError, SearchResult, choose,
+                            device_ram, interpreter_forward, least_ram, scheme_text, search, tie_band)
 from fedtiny.train import fit
 from fedtiny.zoo import MLP
 from fedtiny_device.trainer import Trainer
@@ -160,6 +160,41 @@ def test_search_is_deterministic_for_a_seed(small, searched, tmp_path):
     assert cached.runs == 0 and cached.scheme == first.scheme
 
 
+def test_a_warm_search_builds_no_trainer_and_runs_no_forward_pass(small, searched):
+    """A search made before for the same model, data, budget and reserve is read back: no trainer, no forward pass
+    and no run (counted), and the same scheme, lr, start and plan. So a warm default run pays nothing for auto."""
+    graph, data = small
+    first, cache = searched
+    calls = []
+
+    def trainer(plan, seed):
+        calls.append("trainer")
+        return Trainer(plan, seed)
+
+    def forward(plan, state, x):
+        calls.append("forward")
+        return interpreter_forward(plan, state, x)
+
+    again = search(graph, data, trainer, budget=budgets(graph)[-1], reserve=0, lrs=(0.05,), seed=0, cache_dir=cache,
+                   forward=forward)
+    assert calls == [] and again.runs == 0
+    assert (again.scheme, again.lr, again.start, again.scored) == (first.scheme, first.lr, first.start, first.scored)
+    assert again.plan.trainable_buffers() == first.plan.trainable_buffers()
+    assert device_ram(again.plan) == device_ram(first.plan)
+    assert "cached: no new runs" in again.summary() and "cached" not in first.summary()
+
+
+def test_the_summary_line_names_every_measured_candidate_and_the_rule(small, searched):
+    result = searched[0]
+    line = result.summary()
+    assert "\n" not in line and line.startswith(f"scheme auto = {result.scheme}: ")
+    for c in result.candidates:
+        assert f"{c.text} {100 * c.measured.accuracy:.1f} % in {c.memory / 1024:.1f} KB" in line
+    top = max(c.measured.accuracy for c in result.candidates)
+    assert f"within one standard error ({100 * tie_band(top, result.scored):.1f} points)" in line
+    assert result.scored == len(small[1].y_train) + len(small[1].y_val)
+
+
 def test_a_budget_nothing_fits_is_a_search_error(small, tmp_path):
     graph, data = small
     least = least_ram(graph, "classifier")
@@ -184,16 +219,55 @@ def test_cli_budget_nothing_fits_is_one_line_and_exit_code_2(small, tmp_path, mo
     assert "Traceback" not in result.stderr
 
 
+def test_host_data_too_small_to_hold_out_ties_every_scheme_and_takes_the_most_capacity(small, tmp_path):
+    """auto is the default, so it must choose on any data: with nothing held out no run can be scored."""
+    graph, data = small
+    empty = HostData(data.x_train, data.y_train, data.x_val[:0], data.y_val[:0])
+    budget = budgets(graph)[1]  # half the fixed schemes fit
+    result = run_search(graph, empty, budget, tmp_path)
+    fitting = [text for text in FIXED if memory_of(graph, text) <= budget]
+    assert result.runs == 0 and sorted(c.text for c in result.candidates) == sorted(fitting)
+    assert result.scheme == max(result.candidates, key=lambda c: c.trainable).text and device_ram(result.plan) <= budget
+    assert "none held out" in result.table() and "every scheme ties" in result.summary()
+
+
+def test_simulate_and_compile_default_to_auto():
+    from fedtiny.cli import main
+    from fedtiny_sim.simulate import SimulationConfig
+
+    for command in ("simulate", "compile"):
+        (option,) = [p for p in main.commands[command].params if p.name == "scheme"]
+        assert option.default == "auto", command
+    assert SimulationConfig().scheme == "auto"
+
+
 def test_cli_auto_needs_data(small, tmp_path):
     from test_user_input import run_cli
 
     graph, _ = small
     save_model(graph, tmp_path / "m.ftm")
-    result = run_cli("compile", tmp_path / "m.ftm", "--scheme", "auto")
-    assert result.exit_code == 2 and result.stderr.splitlines() == [
-        "Error: --scheme auto measures schemes on the host's data: give --data (a scenario or a .npz/.csv), or a "
-        "scheme by name (--scheme classifier, bias, last:K, full, sparse:...)"]
+    for default in ((), ("--scheme", "auto")):  # auto is the default
+        result = run_cli("compile", tmp_path / "m.ftm", *default)
+        assert result.exit_code == 2 and result.stderr.splitlines() == [
+            "Error: --scheme auto (the default) measures schemes on the host's data: give --data (a scenario or a "
+            ".npz/.csv), or a scheme by name (--scheme classifier, bias, last:K, full, sparse:...)"]
     assert run_cli("compile", tmp_path / "m.ftm", "--scheme", "bias").exit_code == 0
+
+
+def test_the_lr_rule_refines_between_the_searchs_measured_neighbours_of_its_best_lr():
+    from fedtiny_sim.autoscheme import SEARCH_LRS, lr_neighbours
+    from fedtiny_sim.tuning import LRS
+
+    def searched(lr, scored=640):
+        return SearchResult("full", None, [], Run(0.5, 1.0), 0, 0.0, lr, scored=scored)
+
+    for lr in SEARCH_LRS:  # a decade apart: the grid's lrs strictly between lr's measured neighbours, and lr
+        lower, upper = max([x for x in SEARCH_LRS if x < lr], default=0), min([x for x in SEARCH_LRS if x > lr],
+                                                                                default=1)
+        assert lr_neighbours(searched(lr)) == tuple(x for x in LRS if lower < x < upper)
+    assert lr_neighbours(searched(0.1)) == (0.031623, 0.1)
+    assert lr_neighbours(searched(0.01, scored=0)) == LRS  # nothing measured: the whole grid
+    assert lr_neighbours(searched(0.05)) == LRS  # a given lr off the grid
 
 
 def test_simulate_resolves_auto_once_before_the_lr_rule(small, tmp_path, monkeypatch):
@@ -211,10 +285,11 @@ def test_simulate_resolves_auto_once_before_the_lr_rule(small, tmp_path, monkeyp
 
     def fake_search(g, pretrain, **kwargs):
         searches.append(kwargs)
-        return type("Result", (), {"scheme": "bias"})()
+        return type("Result", (), {"scheme": "bias", "lr": 0.01, "scored": 40,
+                                   "summary": lambda self: "scheme auto = bias: ..."})()
 
-    def fake_settle(config, *args, **kwargs):
-        settled.append(config.scheme)
+    def fake_settle(config, *args, lrs, **kwargs):
+        settled.append((config.scheme, lrs))
         config.lr, config.epochs = 0.01, 1
         return []
 
@@ -225,5 +300,6 @@ def test_simulate_resolves_auto_once_before_the_lr_rule(small, tmp_path, monkeyp
     config = simulate.SimulationConfig(nodes=2, scheme="auto", reserve=0, trainer="python", out=str(tmp_path))
     _, _, plan, scheme, _, _ = simulate._prepare(config, tmp_path, task, lambda line: None)
     assert len(searches) == 1 and searches[0]["lr"] is None and searches[0]["budget"] == config.budget
-    assert settled == ["bias"] and scheme == "auto = bias"
+    # the lr rule refines between the search's measured neighbours of its best lr (a decade apart), not the grid
+    assert settled == [("bias", (0.003162, 0.01, 0.031623))] and scheme == "auto = bias"
     assert plan.trainable_buffers() == compile_plan(graph, parse("bias", graph), reserve=0).trainable_buffers()

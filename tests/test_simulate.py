@@ -10,11 +10,16 @@ from click.testing import CliRunner
 from fedtiny.cli import main
 from fedtiny_sim.simulate import ConfigError, SimulationConfig, simulate
 
+# The scheme these runs train (the medical MLP's default before auto), named so that none of them pays for the
+# scheme search: the default, auto, is tested in test_search.py.
+MLP_SCHEME = "last:2"
+
 
 @pytest.fixture(scope="module")
 def medical(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "medical"
-    return simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", out=str(out), seed=3, alone=True)), out
+    return simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", scheme=MLP_SCHEME, out=str(out), seed=3,
+                                     alone=True)), out
 
 
 def test_small_run_writes_every_report_file(medical):
@@ -80,7 +85,8 @@ def test_same_seed_same_result_and_each_run_keeps_its_own_logs(medical, tmp_path
     result, first = medical
     logs = {name: (first / name).read_bytes() for name in ("coordinator.jsonl", "link.log")}
     handlers = (list(ops.LOG.handlers), list(logging.getLogger("amqtt").handlers))
-    again = simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", out=str(tmp_path / "again"), seed=3))
+    again = simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", scheme=MLP_SCHEME,
+                                      out=str(tmp_path / "again"), seed=3))
     keys = ("accuracy", "loss", "participants", "uplink_bytes")
     assert [[r[k] for k in keys] for r in again["rounds"]] == [[r[k] for k in keys] for r in result["rounds"]]
     # the second run wrote its own events, and nothing into the first run's files; its log handlers came off
@@ -97,7 +103,7 @@ def test_custom_npz_dataset_through_the_cli(tmp_path):
     np.savez(tmp_path / "plant.npz", X=x, y=y, group=group)
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["simulate", "--nodes", "3", "--rounds", "2", "--data", str(tmp_path / "plant.npz"),
-                                       "--out", str(out)])
+                                       "--scheme", MLP_SCHEME, "--out", str(out)])
     assert result.exit_code == 0, result.output
     # not a terminal: a line per phase and per round as they happen, where a live table would show nothing
     for line in ("preparing the model", "starting the broker and 3 nodes", "round 1/2: accuracy", "round 2/2:"):
@@ -112,8 +118,8 @@ def test_custom_npz_dataset_through_the_cli(tmp_path):
 
 
 def test_dropout_run_still_converges(tmp_path):
-    result = simulate(SimulationConfig(nodes=6, rounds=3, scenario="medical", dropout=0.3, deadline=4.0,
-                                       out=str(tmp_path / "dropout"), seed=1))
+    result = simulate(SimulationConfig(nodes=6, rounds=3, scenario="medical", scheme=MLP_SCHEME,
+                                       dropout=0.3, deadline=4.0, out=str(tmp_path / "dropout"), seed=1))
     participants = [r["participants"] for r in result["rounds"]]
     assert min(participants) < 6, "some node must have dropped out in some round"
     assert result["rounds"][-1]["accuracy"] >= result["initial_accuracy"] - 0.02
@@ -135,8 +141,9 @@ def test_real_mosquitto_gives_the_embedded_brokers_result(medical, tmp_path):
     config = tmp_path / "mosquitto.conf"
     config.write_text(mosquitto_config(fleet, port, run_as_root=os.geteuid() == 0))
     with MosquittoProcess(config, port):
-        real = simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", seed=3, out=str(tmp_path / "run"),
-                                         broker=f"mqtts://127.0.0.1:{port}", fleet_dir=str(fleet)))
+        real = simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", scheme=MLP_SCHEME,
+                                         seed=3, out=str(tmp_path / "run"), broker=f"mqtts://127.0.0.1:{port}",
+                                         fleet_dir=str(fleet)))
     keys = ("accuracy", "loss", "participants")
     assert [[r[k] for k in keys] for r in real["rounds"]] == [[r[k] for k in keys] for r in result["rounds"]]
     assert "mqtts://" in real["broker"]
@@ -147,8 +154,8 @@ def test_users_own_module(tmp_path):
         "from torch import nn\n"
         "def make(input_shape, num_classes):\n"
         "    return nn.Sequential(nn.Linear(input_shape[0], 16), nn.ReLU(), nn.Linear(16, num_classes))\n")
-    result = simulate(SimulationConfig(nodes=3, rounds=1, scenario="medical", model=f"{tmp_path}/mymodel.py:make",
-                                       out=str(tmp_path / "run")))
+    result = simulate(SimulationConfig(nodes=3, rounds=1, scenario="medical", scheme=MLP_SCHEME,
+                                       model=f"{tmp_path}/mymodel.py:make", out=str(tmp_path / "run")))
     assert result["rounds"][0]["participants"] == 3 and result["rounds"][0]["accuracy"] > 0.8
     with pytest.raises(ValueError, match="FILE.py:FACTORY"):
         simulate(SimulationConfig(nodes=2, rounds=1, scenario="medical", model="resnet50", out=str(tmp_path / "x")))
@@ -157,8 +164,8 @@ def test_users_own_module(tmp_path):
 def test_stragglers_are_waited_for_until_the_deadline_only(tmp_path):
     """--realtime: slow nodes (delays up to twice the deadline) really lag and miss some rounds; a round waits for
     them on the wall clock, but never past its deadline."""
-    result = simulate(SimulationConfig(nodes=4, rounds=3, scenario="medical", stragglers=1.0, deadline=2.0,
-                                       out=str(tmp_path / "slow"), seed=2, realtime=True))
+    result = simulate(SimulationConfig(nodes=4, rounds=3, scenario="medical", scheme=MLP_SCHEME,
+                                       stragglers=1.0, deadline=2.0, out=str(tmp_path / "slow"), seed=2, realtime=True))
     assert result["clock"] == "wall"
     participants = [r["participants"] for r in result["rounds"]]
     assert min(participants) < 4 and sum(participants) >= 1, participants
@@ -184,8 +191,8 @@ def test_a_straggler_that_missed_a_round_answers_the_next_it_is_not_slow_in(tmp_
     not slow in (seed 2: five misses followed by a round the straggler is not slow in, after overruns of 1.5 to 2
     deadlines)."""
     out = tmp_path / "stragglers"
-    result = simulate(SimulationConfig(nodes=8, rounds=4, scenario="medical", stragglers=0.5, deadline=3.0,
-                                       out=str(out), seed=2))
+    result = simulate(SimulationConfig(nodes=8, rounds=4, scenario="medical", scheme=MLP_SCHEME,
+                                       stragglers=0.5, deadline=3.0, out=str(out), seed=2))
     devices = json.loads((out / "metrics.json").read_text())["devices"]
     flows = list(csv.DictReader(open(out / "data_flow.csv")))
     for name, d in devices.items():
@@ -215,7 +222,8 @@ def medical_flower(tmp_path_factory):
 
     require_module("ray", "simulation")
     out = tmp_path_factory.mktemp("sim") / "medical_flower"
-    config = SimulationConfig(nodes=4, rounds=2, scenario="medical", out=str(out), seed=3, engine="flower")
+    config = SimulationConfig(nodes=4, rounds=2, scenario="medical", scheme=MLP_SCHEME, out=str(out), seed=3,
+                              engine="flower")
     return simulate(config), out
 
 
@@ -284,8 +292,9 @@ def test_flower_engine_dropout_closes_rounds_without_waiting_for_the_deadline(tm
     from conftest import require_module
 
     require_module("ray", "simulation")
-    result = simulate(SimulationConfig(nodes=6, rounds=3, scenario="medical", dropout=0.3, deadline=60.0, seed=1,
-                                       out=str(tmp_path / "dropout"), engine="flower"))
+    result = simulate(SimulationConfig(nodes=6, rounds=3, scenario="medical", scheme=MLP_SCHEME,
+                                       dropout=0.3, deadline=60.0, seed=1, out=str(tmp_path / "dropout"),
+                                       engine="flower"))
     participants = [r["participants"] for r in result["rounds"]]
     assert min(participants) < 6, "some node must have dropped out in some round"
     assert all(r["seconds"] < 30 for r in result["rounds"])

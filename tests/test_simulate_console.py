@@ -16,7 +16,8 @@ import pytest
 
 RUNS = 2  # one with plain lines, one with --json
 # The smallest plan (medical: the mlp), two nodes, two rounds; --lr and --epochs skip the choice on host data.
-ARGS = ["--nodes", "2", "--rounds", "2", "--scenario", "medical", "--lr", "0.03", "--epochs", "1"]
+ARGS = ["--nodes", "2", "--rounds", "2", "--scenario", "medical", "--scheme", "last:2", "--lr", "0.03", "--epochs",
+        "1"]
 PHASES = ("preparing the model", "starting the broker and 2 nodes")
 ROUNDS = {False: ("round 1/2:", "round 2/2:"),  # a plain line per round (not a terminal)
           True: ('"event": "round", "round": 1,', '"event": "round", "round": 2,')}  # --json

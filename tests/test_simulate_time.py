@@ -124,8 +124,8 @@ def test_same_seed_same_metrics_on_a_machine_busy_on_every_core(tmp_path):
 
     from fedtiny.cli import main
 
-    args = ["simulate", "--nodes", "6", "--rounds", "3", "--scenario", "medical", "--dropout", "0.2",
-            "--stragglers", "0.5", "--deadline", "0.5", "--seed", "5"]
+    args = ["simulate", "--nodes", "6", "--rounds", "3", "--scenario", "medical", "--scheme", "last:2",
+            "--dropout", "0.2", "--stragglers", "0.5", "--deadline", "0.5", "--seed", "5"]
     idle = CliRunner(mix_stderr=False).invoke(main, args + ["--out", str(tmp_path / "idle"), "--json"])
     assert idle.exit_code == 0, idle.output + idle.stderr
     lines = [json.loads(line) for line in idle.stdout.splitlines()]  # every line of stdout is one JSON object
@@ -203,7 +203,8 @@ def test_coordinator_options_reach_the_coordinator(tmp_path):
     from fedtiny_sim.simulate import SimulationConfig, simulate
 
     out = tmp_path / "run"
-    result = simulate(SimulationConfig(nodes=3, rounds=1, scenario="medical", out=str(out), strategy="fedtrimmedavg",
+    result = simulate(SimulationConfig(nodes=3, rounds=1, scenario="medical", scheme="last:2", out=str(out),
+                                       strategy="fedtrimmedavg",
                                        strategy_options="beta=0.34", local_steps=5, clip_norm=1e-9))
     events = [json.loads(line) for line in (out / "coordinator.jsonl").read_text().splitlines()]
     started = next(e for e in events if e["event"] == "coordinator_started")
@@ -229,7 +230,8 @@ def test_flower_engine_gives_the_mqtt_engines_rounds_with_dropout_and_stragglers
     require_module("ray", "simulation")
     runs = {}
     for engine in ("mqtt", "flower"):
-        config = SimulationConfig(nodes=6, rounds=3, scenario="medical", dropout=0.3, stragglers=0.5, deadline=1.0,
+        config = SimulationConfig(nodes=6, rounds=3, scenario="medical", scheme="last:2", dropout=0.3, stragglers=0.5,
+                                  deadline=1.0,
                                   seed=1, out=str(tmp_path / engine), engine=engine)
         runs[engine] = simulate(config)
     keys = ("accuracy", "loss", "participants")
@@ -247,7 +249,8 @@ def test_a_fraction_of_the_nodes_is_sampled_the_same_way_for_the_same_seed(tmp_p
     tasked = []
     for run in ("a", "b"):
         out = tmp_path / run
-        simulate(SimulationConfig(nodes=6, rounds=3, scenario="medical", fraction=0.5, seed=4, out=str(out)))
+        simulate(SimulationConfig(nodes=6, rounds=3, scenario="medical", scheme="last:2", fraction=0.5, seed=4,
+                                  out=str(out)))
         events = [json.loads(line) for line in (out / "coordinator.jsonl").read_text().splitlines()]
         tasked.append([sorted(e["device"] for e in events if e["event"] == "task_sent" and e["round"] == r)
                        for r in (1, 2, 3)])

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from fedtiny import zoo
+from fedtiny.compiler import reserve_for
 from fedtiny.datafile import make_dataset
+from fedtiny.device_memory import plan_footprint
+from fedtiny.planfile import load_plan
 from fedtiny.quantize import quantize
 from fedtiny.train import evaluate, pretrain, validation_split
 from fedtiny_sim import tuning
@@ -149,9 +152,9 @@ def int8_task(seed: int = 0):
 
 
 def test_the_device_lr_rule_is_deterministic_and_avoids_a_diverging_lr():
-    _, graph, task, train, val = int8_task()
+    _, graph, _, train, val = int8_task()
     config = SimulationConfig(nodes=1, scenario="medical", scheme="full", reserve=0)
-    choices = [tuning.choose_device(config, task, graph, train, val, shard_size=10, lrs=(0.01, 1000.0),
+    choices = [tuning.choose_device(config, graph, train, val, shard_size=10, lrs=(0.01, 1000.0),
                                    epochs_grid=(1, 2), threads=threads)
                for threads in (1, 2)]  # the lrs' trials one after the other and in two threads: the same scores
     assert choices[0] == choices[1]
@@ -203,9 +206,14 @@ def test_simulate_prints_the_host_model_accuracy_and_the_chosen_settings_before_
     result = simulate(SimulationConfig(nodes=2, rounds=1, scenario="medical", out=str(tmp_path / "run"),
                                        workers=1), note=lines.append)
     host = next(i for i, line in enumerate(lines) if line.startswith("host model: float "))
+    scheme = next(i for i, line in enumerate(lines) if line.startswith("scheme auto = "))  # the default scheme
     devices = next(i for i, line in enumerate(lines) if line.startswith("devices: lr "))
     rounds = next(i for i, line in enumerate(lines) if line.startswith("starting the broker"))
-    assert host < devices < rounds and " int8 " in lines[host]
+    assert host < scheme < devices < rounds and " int8 " in lines[host]
+    chosen = lines[scheme].removeprefix("scheme auto = ").split(":")[0]
+    assert result["scheme"] == f"auto = {chosen}" and f"(scheme {chosen})" in lines[devices]
+    plan = load_plan(tmp_path / "run" / "plan.ftp")  # what the nodes trained: fits by device_memory's figures
+    assert plan_footprint(plan)["device_ram_bytes"] <= 256 * 1024 - reserve_for(256 * 1024, None)[0]
     assert result["lr"] in tuning.LRS and 1 <= result["epochs"] <= tuning.MAX_EPOCHS
     assert result["pretraining"]["stopped"] in ("converged", "step limit")
 

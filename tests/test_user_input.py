@@ -132,7 +132,7 @@ def test_labels_0_and_999_give_a_two_class_model_with_a_note(tmp_path, monkeypat
 def test_a_small_budget_scales_the_default_reserve_and_says_so(tmp_path, monkeypatch):
     """--budget 64KB alone: the 64 KB default reserve would leave nothing, so a quarter of the budget is kept."""
     monkeypatch.setenv("FEDTINY_CACHE", str(tmp_path / "cache"))
-    result = run_cli("compile", "mlp", "--data", "medical", "--budget", "64KB")
+    result = run_cli("compile", "mlp", "--data", "medical", "--budget", "64KB", "--scheme", "last:2")
     assert result.exit_code == 0, result.stderr
     assert "reserve 16 KB: a quarter of the 64 KB budget, as the default 64 KB does not fit (--reserve sets it)" \
         in result.stderr.splitlines()
@@ -176,7 +176,7 @@ def test_quantize_and_compile_take_a_users_module(tmp_path, monkeypatch):
     spec = f"{tmp_path / 'mymodel.py'}:make"
     quantized = run_cli("quantize", "--model", spec, "--data", tmp_path / "data.csv", "-o", tmp_path / "m.ftm")
     assert quantized.exit_code == 0, quantized.stderr
-    compiled = run_cli("compile", spec, "--data", tmp_path / "data.csv", "-o", tmp_path / "p.ftp")
+    compiled = run_cli("compile", spec, "--data", tmp_path / "data.csv", "--scheme", "last:2", "-o", tmp_path / "p.ftp")
     assert compiled.exit_code == 0 and (tmp_path / "p.ftp").exists(), compiled.stderr
     from_file = run_cli("compile", tmp_path / "m.ftm", "--scheme", "full")
     assert from_file.exit_code == 0 and "scheme full" in from_file.stdout, from_file.stderr
