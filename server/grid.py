@@ -18,8 +18,9 @@ instead: `arrivals(device, round)` is the virtual second (after the TASK) at whi
 or None when it never answers. A synchronous round then closes in virtual time (at the reply that makes the
 quorum, or at the deadline), admits exactly the replies that arrive virtually by then and refuses the others as
 late; it waits in wall time for every reply `arrivals` promises, however slow the machine, so a seed gives the
-same rounds under any load. A promised reply missing after `RoundPolicy.reply_timeout` wall seconds is an error
-(MissingReplies), not a silent cut. Semi-asynchronous rounds ignore `arrivals`: they run on the wall clock.
+same rounds under any load. A round that hears none of its promised replies for `RoundPolicy.reply_timeout` wall
+seconds fails (MissingReplies), not a silent cut; the time runs from the latest reply, so a loaded machine that is
+slow but answering never trips it. Semi-asynchronous rounds ignore `arrivals`: they run on the wall clock.
 
 Messages made outside a Flower run need a run identity (flwr's `TaskIdentity`); `FleetGrid.set_run` provides
 one when no Flower runtime did, as flwr's own compat and simulation entry points do.
@@ -63,7 +64,7 @@ class RoundPolicy:
     poll: float = 0.05  # seconds per link.replies() wait
     metric_keys: tuple[str, ...] = ("loss", "accuracy")  # device metrics forwarded (missing ones are 0.0)
     task: dict[str, float] = field(default_factory=dict)  # TASK settings for send_task (local_steps, lr, ...)
-    reply_timeout: float = 600.0  # virtual time (FleetGrid arrivals): wall seconds a promised reply may take
+    reply_timeout: float = 600.0  # virtual time (FleetGrid arrivals): wall seconds a round may go without a reply
 
     def target(self, cohort: int) -> int:
         if self.max_staleness > 0 and self.buffer_size > 0:
@@ -476,10 +477,16 @@ class FleetGrid(Grid):
                 return all((d, virtual.round) in self._heard for d in virtual.expected)
             return ready() >= self.policy.target(cohort())
 
+        def heard() -> int:
+            return sum((d, virtual.round) in self._heard for d in virtual.expected) if virtual is not None else 0
+
         self._virtual = virtual
         end = self.clock() + (self.policy.reply_timeout if virtual is not None else wait)
+        progress = heard()
         try:
             while not done():
+                if virtual is not None and heard() > progress:  # a slow machine is not a hung node: the timeout
+                    progress, end = heard(), self.clock() + self.policy.reply_timeout  # runs from the latest reply
                 remaining = end - self.clock()
                 if remaining <= 0:
                     if virtual is not None:
@@ -487,7 +494,8 @@ class FleetGrid(Grid):
                         raise MissingReplies(
                             f"round {virtual.round}: no reply from {len(silent)} node(s) ({', '.join(silent[:5])}"
                             f"{' ...' if len(silent) > 5 else ''}) within {self.policy.reply_timeout:.0f} s of wall "
-                            f"time, though each was due to answer: a node process died or hangs")
+                            f"time after the round's last reply, though each was due to answer: a node process "
+                            f"died or hangs")
                     break
                 self.poll(min(self.policy.poll, remaining))
             self.poll(0.0)

@@ -65,7 +65,7 @@ class SimulationConfig:
     workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))  # processes, or Ray CPUs
     qemu_nodes: int = 0  # of the nodes, how many run the node firmware under QEMU (firmware_nodes.py)
     realtime: bool = False  # deadlines, dropout and stragglers on the wall clock instead of in virtual time
-    reply_timeout: float = 600.0  # virtual time: wall seconds a reply that is due may take before the run fails
+    reply_timeout: float = 600.0  # virtual time: wall seconds a round may go without a due reply before the run fails
     # what `fedtiny coordinator` takes, passed to the same RoundPolicy and make_strategy
     strategy_options: str = ""  # "beta=0.2,num_malicious_nodes=1" (fedtiny_server.app.parse_options)
     fraction: float = 1.0  # of the nodes, the share a round samples

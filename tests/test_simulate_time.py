@@ -87,6 +87,12 @@ def test_virtual_deadline_dropout_and_a_node_that_never_answers(plan, tmp_path):
     with pytest.raises(MissingReplies, match=r"round 1: no reply from 1 node\(s\) \(d4\) within 50 s"):
         coordinator.run()
 
+    # a loaded machine: replies 30 s apart on the wall clock, 300 s in all, each within 50 s of the one before
+    coordinator, clock = virtual_coordinator(plan, tmp_path / "d", lambda d, r: 1.0, lambda d: 30.0 * (int(d[1:]) + 1),
+                                             reply_timeout=50.0)
+    [result] = coordinator.run()
+    assert result.replies == 10 and clock() - 1000.0 == pytest.approx(300.0, abs=1.0)
+
 
 # --- the whole simulation: the same metrics.json on an idle and on a saturated machine --------------------------
 
