@@ -1,14 +1,15 @@
 /* Fast forward kernels (see the "fast forward kernels" block of fedtiny_kernels.h): the same integers as the
  * reference fedtiny_conv2d and fedtiny_add by construction, in fewer instructions.
  *
- * - Every sum is exact in int32, as the reference's: a term |x - zp| |w| is at most 255 * 128 = 32,640, and the
- *   compiler proves window * 32,640 < 2^31 for every conv (fedtiny.device_memory.check_accumulators). Wrapping
- *   int32 arithmetic (SMLAD's too) gives the exact sum whenever the sum itself fits.
- * - Requantization is the reference's integer once per output: the saturating add of the bias (QADD), then
- *   fedtiny_multiply_by_quantized_multiplier_i32 (fedtiny_arith.h: the doubling high multiply and the rounding
- *   right shift as one 64-bit multiply-add and one shift, equal for every int32 input and a multiplier other than
- *   INT32_MIN), the clamp. A conv with a multiplier of INT32_MIN (never made by the quantizer) runs the reference
- *   kernel.
+ * - Every sum is exact in int32: the kernels sum doubled terms 2 (x - zp) w (the int16 columns and depthwise
+ *   kernels hold them), starting from 2 x bias; a term is at most 2 * 255 * 128, and a window of fewer than
+ *   2^30 / 32,640 terms keeps the doubled sum below 2^31 (larger windows run the reference kernel).
+ * - Requantization is the reference's integer once per output, in one of two forms per layer (channel_requant):
+ *   the fast form, fedtiny_arith.h's fedtiny_requantize_doubled (ADD, SMMLAR, ASR, SSAT) when every channel has a
+ *   multiplier >= 0, a shift in [-22, -1] and |bias| + the window's bound < 2^29 (as quantized models do); else
+ *   the general form: half the sum plus the bias, saturated (QADD), then fedtiny_multiply_by_quantized_multiplier_i32.
+ *   The activation clamp follows (four outputs at once with SSUB8/SEL where they are stored together). A conv with
+ *   a multiplier of INT32_MIN (never made by the quantizer) runs the reference kernel.
  * - On the Cortex-M4 (__ARM_FEATURE_DSP), CMSIS-NN style: each input window becomes an int16 column with the zero
  *   point removed once, then two MACs per SMLAD, the weights widened four at a time by SXTB16. SXTB16 yields
  *   weights (0, 2) and (1, 3) of a word, so the column keeps each full block of four values in the order
@@ -100,32 +101,78 @@ typedef struct {
 /* |2 sum| of a window of `window` terms stays below 2^31: the doubled sums need window * 255 * 128 < 2^30. */
 static int doubled_sums_fit(int32_t window) { return window < (1 << 30) / 32640; }
 
-/* 1 if every output channel takes the fast form: a multiplier >= 0, a shift in [-22, -1] and |bias| + window *
- * 255 * 128 < 2^29 (so |sum + bias| < 2^29, the fast form's range). */
+/* Output channel oc's requantization in the general form. */
+static inline channel_requant requant_of(const fedtiny_conv2d_params *p, int32_t oc)
+{
+    channel_requant e;
+    e.multiplier = p->multiplier[oc];
+    e.bias2 = 0;
+    e.shift = p->shift[oc];
+    e.addend = bias_of(p, oc);
+    return e;
+}
+
+/* Whether a channel takes the fast form: a multiplier >= 0, r = -shift in [1, 22] and |bias| + window * 255 * 128
+ * < 2^29 (|bias| < room), so that |sum + bias| < 2^29, the fast form's range. */
+static inline int fits_fast_form(int32_t bias, int32_t multiplier, int32_t r, int32_t room)
+{
+    return multiplier >= 0 && r >= 1 && r <= 22 && bias > -room && bias < room;
+}
+
+/* |bias| must stay below this for a window of `window` terms (doubled_sums_fit: window * 32640 < 2^30). */
+static inline int32_t bias_room(int32_t window) { return (1 << 29) - window * 32640; }
+
+/* Output channel oc's requantization in the fast form. */
+static inline channel_requant requant_fast_of(const fedtiny_conv2d_params *p, int32_t oc)
+{
+    channel_requant e;
+    e.multiplier = p->multiplier[oc];
+    e.bias2 = 2 * bias_of(p, oc);
+    e.shift = -p->shift[oc];
+    e.addend = fedtiny_requant_addend(e.shift, p->out_zero_point);
+    return e;
+}
+
+/* 1 if every output channel takes the fast form. */
 static int fast_form_fits(const fedtiny_conv2d_params *p, int32_t window)
 {
-    const int32_t room = (1 << 29) - window * 32640; /* doubled_sums_fit: window * 32640 < 2^30 */
-    const int32_t *bias = p->bias_sram != NULL ? p->bias_sram : p->bias;
+    const int32_t room = bias_room(window), out_c = p->out_c;
+    const int32_t *bias = p->bias_sram != NULL ? p->bias_sram : p->bias, *multiplier = p->multiplier;
+    const int32_t *shift = p->shift;
     int32_t oc;
-    for (oc = 0; oc < p->out_c; oc++) {
-        const int32_t b = bias[oc], sh = p->shift[oc];
-        if (p->multiplier[oc] < 0 || sh > -1 || sh < -22 || b <= -room || b >= room) {
+    for (oc = 0; oc < out_c; oc++) {
+        if (!fits_fast_form(bias[oc], multiplier[oc], -shift[oc], room)) {
             return 0;
         }
     }
     return 1;
 }
 
-/* Output channel oc's requantization in the layer's form. */
-static inline channel_requant requant_of(const fedtiny_conv2d_params *p, int32_t oc, int fast)
+/* The table of every output channel's requantization; 1 if all take the fast form, else the table holds the
+ * general form. One pass while the channels fit. */
+static int requant_table(const fedtiny_conv2d_params *p, int32_t window, channel_requant *t)
 {
-    const int32_t b = bias_of(p, oc), sh = p->shift[oc];
-    channel_requant e;
-    e.multiplier = p->multiplier[oc];
-    e.bias2 = fast ? 2 * b : 0;
-    e.shift = fast ? -sh : sh;
-    e.addend = fast ? fedtiny_requant_addend(-sh, p->out_zero_point) : b;
-    return e;
+    const int32_t room = bias_room(window);
+    const int32_t *bias = p->bias_sram != NULL ? p->bias_sram : p->bias, *multiplier = p->multiplier;
+    const int32_t *shift = p->shift, zero_point = p->out_zero_point, out_c = p->out_c;
+    int32_t oc;
+    for (oc = 0; oc < out_c; oc++, t++) {
+        const int32_t b = bias[oc], m = multiplier[oc], r = -shift[oc];
+        if (!fits_fast_form(b, m, r, room)) {
+            break;
+        }
+        t->bias2 = 2 * b;
+        t->multiplier = m;
+        t->shift = r;
+        t->addend = fedtiny_requant_addend(r, zero_point);
+    }
+    if (oc == out_c) {
+        return 1;
+    }
+    for (t -= oc, oc = 0; oc < out_c; oc++) {
+        t[oc] = requant_of(p, oc);
+    }
+    return 0;
 }
 
 static inline int32_t saturate_int8(int32_t v)
@@ -177,9 +224,14 @@ static inline uint32_t clamp4(uint32_t v, uint32_t lo4, uint32_t hi4)
 #endif
 }
 
-/* Four int8 values (in int32) as bytes, the first in the low byte (three BFI on the M4). */
+/* Four int8 values (in int32) as bytes, the first in the low byte (three BFI on the M4; gcc spells it in nine). */
 static inline uint32_t pack4(int32_t b0, int32_t b1, int32_t b2, int32_t b3)
 {
+#if FAST_DSP
+    uint32_t v = (uint32_t)b0;
+    __asm__("bfi %0, %1, #8, #8\n\tbfi %0, %2, #16, #8\n\tbfi %0, %3, #24, #8" : "+r"(v) : "r"(b1), "r"(b2), "r"(b3));
+    return v;
+#endif
     return ((uint32_t)b0 & 0xFFu) | (((uint32_t)b1 & 0xFFu) << 8) | (((uint32_t)b2 & 0xFFu) << 16)
            | ((uint32_t)b3 << 24);
 }
@@ -303,6 +355,11 @@ static void load_window(const fedtiny_conv2d_params *p, const int8_t *x, int32_t
     const int32_t kx_hi = max_i32(kx_lo, min_i32(p->kernel_w, p->in_w - ix0));
     const int32_t row = p->kernel_w * cin_g;
     int32_t ky, kx, i = 0;
+    if (p->kernel_h == 1 && p->kernel_w == 1 && p->groups == 1 && iy0 >= 0 && iy0 < p->in_h && ix0 >= 0
+        && ix0 < p->in_w) { /* a 1 x 1 conv's window inside the input: one run of it */
+        column_run(x + (iy0 * p->in_w + ix0) * p->in_c, row, p->in_zero_point, c, 0);
+        return;
+    }
     for (ky = 0; ky < p->kernel_h; ky++, i += row) {
         const int32_t iy = iy0 + ky;
         const int8_t *xp;
@@ -503,7 +560,7 @@ static inline __attribute__((always_inline)) void block_2x2(const fedtiny_conv2d
 
 /* The output pixel `pixel` alone: its window once per group, four channels per pass, requantized into y0 (a
  * group's last pass repeats its last row where it has fewer than four left, and stores only its own outputs); the
- * channels' requantization straight from the params (each is used once: a table would cost more than it saves). */
+ * channels' requantization straight from the params (each is used once: a table costs more than it saves). */
 static inline __attribute__((always_inline)) void one_pixel(const fedtiny_conv2d_params *p, const int8_t *x,
                                                             int32_t pixel, const column *c, int fast,
                                                             const output_bounds *o, int8_t *y0)
@@ -517,8 +574,10 @@ static inline __attribute__((always_inline)) void one_pixel(const fedtiny_conv2d
         for (oc = g * cout_g; oc <= last; oc += 4) {
             const int32_t o1 = oc + 1 < last ? oc + 1 : last, o2 = oc + 2 < last ? oc + 2 : last;
             const int32_t o3 = oc + 3 < last ? oc + 3 : last;
-            const channel_requant e0 = requant_of(p, oc, fast), e1 = requant_of(p, o1, fast);
-            const channel_requant e2 = requant_of(p, o2, fast), e3 = requant_of(p, o3, fast);
+            const channel_requant e0 = fast ? requant_fast_of(p, oc) : requant_of(p, oc);
+            const channel_requant e1 = fast ? requant_fast_of(p, o1) : requant_of(p, o1);
+            const channel_requant e2 = fast ? requant_fast_of(p, o2) : requant_of(p, o2);
+            const channel_requant e3 = fast ? requant_fast_of(p, o3) : requant_of(p, o3);
             int32_t a[4];
             a[0] = e0.bias2;
             a[1] = e1.bias2;
@@ -579,7 +638,6 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
     const int32_t len = p->kernel_h * p->kernel_w * cin_g;
     column c0, c1;
     channel_requant *table;
-    int32_t oc, fast;
     if (p->groups < 1 || cin_g * p->groups != p->in_c || cout_g * p->groups != p->out_c || scratch == NULL) {
         return FEDTINY_ERR_PARAMS;
     }
@@ -592,11 +650,8 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
     c0.slot = 0;
     c1.slot = 1;
     table = (channel_requant *)(c0.col + 2 * c0.stride); /* 2 x stride int16: a multiple of 16 bytes */
-    fast = fast_form_fits(p, len);
-    for (oc = 0; p->out_h * p->out_w > 1 && oc < p->out_c; oc++) { /* a linear layer reads no table */
-        table[oc] = requant_of(p, oc, fast);
-    }
-    if (fast) {
+    /* a linear layer (one output pixel) reads no table */
+    if (p->out_h * p->out_w > 1 ? requant_table(p, len, table) : fast_form_fits(p, len)) {
         conv_fast_body(p, x, y, &c0, &c1, table, 1);
     } else {
         conv_fast_body(p, x, y, &c0, &c1, table, 0);
@@ -709,7 +764,7 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
     }
     for (c = 0; c < c_n; c++) {
         const int8_t *wc = weight_row(p, c, taps);
-        const channel_requant e = requant_of(p, c, fast);
+        const channel_requant e = fast ? requant_fast_of(p, c) : requant_of(p, c);
         int8_t *yp = y + c;
         for (ky = 0; ky < p->kernel_h; ky++) {
             for (kx = 0; kx < s.taps_w; kx++) {
