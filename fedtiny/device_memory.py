@@ -34,7 +34,7 @@ KERNEL_STACK_BYTES = {
     "conv2d": 4 + 88, "add": 4 + 56,
     # fedtiny_kernels_fwd_fast.c: conv2d_fast + load_window + column_run; depthwise + newlib's memset; add_fast +
     # the reference add it hands unusual params to
-    "conv2d_fast": 4 + 272 + 96 + 36, "conv2d_depthwise": 4 + 192 + 16, "add_fast": 4 + 80 + 56,
+    "conv2d_fast": 4 + 288 + 96 + 32, "conv2d_depthwise": 4 + 216 + 16, "add_fast": 4 + 80 + 56,
     "avgpool2d": 4 + 72, "maxpool2d": 4 + 56, "clamp": 4 + 8, "lut": 4 + 8, "lut_input_grad": 24 + 72,
     "mask_bits": 4 + 24, "loss_grad": 32 + 56, "mse_grad": 32 + 80, "grad_add": 80 + 88, "grad_mask": 8 + 20,
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
@@ -51,8 +51,10 @@ KERNEL_STACK_BYTES = {
 # Measured 2026-11-30: 17,010 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196), + 1,572 for the
 # fast weight update (fedtiny_kernels_bwd_fast.c); 22,088 with the fast add, the one-pixel conv path, the
 # one-multiply requantization and the depthwise kernel specialised by row length (branch fastfwd2); + 1,580 for
-# two weights per draw and the depthwise input gradient (branch fastbwd2).
-RUNTIME_CODE_BYTES = 23_668
+# two weights per draw and the depthwise input gradient (branch fastbwd2); + 4,932 for the requantization by
+# SMMLAR in two inlined forms, the block-wise stores and the depthwise kernels unrolled for 3 x 3 and 1 x 5
+# (branch fastfwd3: fedtiny_kernels_fwd_fast.c 6,596 -> 11,528 B of .text).
+RUNTIME_CODE_BYTES = 28_600
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
@@ -96,9 +98,10 @@ def kernel_of(graph: Graph, op: Op, fast: bool = True) -> str | None:
 
 # C kernel -> its scratch bytes for an op (fedtiny_kernels.c's *_scratch_bytes()); a kernel not listed takes none
 def _conv_fast_scratch(graph: Graph, op: Op) -> int:
-    # two int16 columns of one output pixel's window, each rounded up to 4 values, and two int32 sums per channel
+    # two int16 columns of one output pixel's window, each rounded up to 4 values, and each output channel's
+    # requantization (channel_requant: 4 int32)
     cout, kh, kw, cin_g = graph.tensors[op.inputs[1]].shape
-    return 2 * 2 * (-(-kh * kw * cin_g // 4) * 4) + 2 * 4 * cout
+    return 2 * 2 * (-(-kh * kw * cin_g // 4) * 4) + 16 * cout
 
 
 def _depthwise_scratch(graph: Graph, op: Op) -> int:

@@ -2,7 +2,9 @@
 
 - fedtiny_multiply_by_quantized_multiplier_i32 (fedtiny_arith.h, one SMLAL per output) = the reference
   multiply-shift on the edges of the int32 range (every power of two and its neighbours, the small values whose
-  roundings tie), every shift from -31 to 31 and multipliers of either sign, then on pseudo-random inputs;
+  roundings tie), every shift from -31 to 31 and multipliers of either sign, then on pseudo-random inputs; and
+  fedtiny_requantize_doubled (one SMMLAR) + the zero point = the reference on the same edges inside its range
+  (|x| < 2^29, shifts -22 to -1, multipliers >= 0, every zero point);
 - fedtiny_add_fast = fedtiny_add on every int8 input pair at random params (host);
 - a random model of a first conv with few input channels, depthwise on a small map, a residual add and linear
   layers of odd widths = the interpreter on the M4 (tests/test_fast_kernels.py holds random conv chains, host and
@@ -51,6 +53,17 @@ static void check(int32_t x, int32_t m, int32_t shift)
     }
 }
 
+static void check_doubled(int32_t x, int32_t m, int32_t shift, int32_t zp)
+{
+    const int32_t want = fedtiny_multiply_by_quantized_multiplier((int64_t)x, m, shift) + zp;
+    const int32_t got = fedtiny_requantize_doubled(2 * x, m, -shift, fedtiny_requant_addend(-shift, zp));
+    checked++;
+    if (got != want && mismatches++ < 10) {
+        printf("doubled mismatch x %ld m %ld shift %ld zp %ld: %ld != %ld\n", (long)x, (long)m, (long)shift,
+               (long)zp, (long)got, (long)want);
+    }
+}
+
 int main(void)
 {
     static int32_t xs[600];
@@ -80,6 +93,21 @@ int main(void)
             m = INT32_MAX;
         }
         check(x, (i & 1u) ? m : (int32_t)(0x40000000u | (next() >> 2)), (int32_t)(next() % 63u) - 31);
+    }
+    for (i = 0; i < nx; i++) { /* the kernels' four-instruction form, inside its range (|x| < 2^29, r <= 22) */
+        if (xs[i] >= (1 << 29) || xs[i] <= -(1 << 29)) {
+            continue;
+        }
+        for (j = 0; j < sizeof ms / sizeof ms[0]; j++) {
+            for (shift = -22; shift <= -1 && ms[j] >= 0; shift++) {
+                check_doubled(xs[i], ms[j], shift, (int32_t)(i % 256u) - 128);
+            }
+        }
+    }
+    for (i = 0; i < 200000u; i++) {
+        const int32_t x = (int32_t)(next() >> (3u + next() % 29u)) * ((next() & 1u) ? 1 : -1);
+        check_doubled(x, (i & 1u) ? (int32_t)(next() >> 1) : (int32_t)(0x40000000u | (next() >> 2)),
+                      -1 - (int32_t)(next() % 22u), (int32_t)(next() % 256u) - 128);
     }
     printf("checked %lu mismatches %lu\n", (unsigned long)checked, (unsigned long)mismatches);
     return mismatches != 0;
@@ -115,7 +143,7 @@ def test_fast_requantization_is_the_reference_on_the_host(cache):
     exe = cruntime.make_cached(_requant_files(), "host", "requant_check", cache)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert _checked(run.stdout) > 600_000
+    assert _checked(run.stdout) > 900_000
 
 
 def test_fast_requantization_is_the_reference_on_the_m4(cache):
@@ -123,7 +151,7 @@ def test_fast_requantization_is_the_reference_on_the_m4(cache):
     elf = cruntime.make_cached(_requant_files(), "m4", "requant_check.elf", cache)
     run = cruntime.run_qemu(elf, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert _checked(run.stdout) > 600_000
+    assert _checked(run.stdout) > 900_000
 
 
 # ---- fedtiny_add_fast against fedtiny_add, on the host, over random params -----------------------------------
@@ -225,3 +253,32 @@ def test_the_reference_firmware_links_no_fast_kernel(cache):
     run = cruntime.run_qemu(elf, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert cruntime.parse_digests(run.stdout) == cruntime.digests(interpreter.run(graph, x))
+
+
+# ---- fedtiny_conv2d_fast in its fast requantization form, on the host, over random shapes --------------------
+
+def test_fast_conv_in_the_fast_requantization_form_is_the_reference(cache):
+    """test_cruntime's random convs mostly take the general form (shifts up to +7, biases at the int32 edges); here
+    every channel is inside the fast form's range (shifts -22..-1, |bias| below 2^29 less the window's bound), as
+    quantized models are, except one case in five with a channel just outside (a shift of 0 or -23): both forms
+    against fedtiny.kernels.conv2d on general, grouped, pointwise and linear shapes with odd widths."""
+    from fedtiny import kernels
+    from test_cruntime import assert_equal_int8, random_conv_case
+
+    need("gcc", "make")
+    lib = cruntime.KernelLibrary(cache)
+    rng = np.random.default_rng(7)
+    for i in range(120):
+        kind = ("general", "pointwise", "linear")[i % 3]
+        x, weight, bias, attrs = random_conv_case(rng, pointwise=kind != "general")
+        if kind == "linear":
+            x = x[:, :1, :1, :]
+        cout = weight.shape[0]
+        attrs["shift"] = [int(s) for s in rng.integers(-22, 0, cout)]
+        attrs["multiplier"] = [int(m) for m in rng.integers(0, 2**31, cout)]
+        bias = rng.integers(-2**20, 2**20, cout).astype(np.int32)
+        if i % 5 == 4:
+            attrs["shift"][int(rng.integers(cout))] = int(rng.choice([0, -23]))
+        expected = kernels.conv2d(x, weight, bias, **attrs)
+        assert_equal_int8(lib.conv2d("fast", x, weight, bias, **attrs), expected,
+                          f"case {i} {kind}: x {x.shape} w {weight.shape} {attrs['stride']} {attrs['padding']}")

@@ -75,6 +75,36 @@ static inline int32_t fedtiny_multiply_by_quantized_multiplier_i32(int32_t x, in
     return fedtiny_multiply_by_quantized_multiplier((int64_t)x, multiplier, shift);
 }
 
+/* The fast kernels' requantization (fedtiny_kernels_fwd_fast.c) in four instructions on the M4: for an int32 x
+ * with |x| < 2^29, a multiplier m in [0, 2^31), r = -shift in [1, 22] and an output zero point zp in [-128, 127],
+ *   fedtiny_multiply_by_quantized_multiplier(x, m, -r) + zp = (SMMLAR(2x, m, a + [x < 0 ? -1 : 0])) >> r,
+ *   a = fedtiny_requant_addend(r, zp) = 2^(r-1) + zp 2^r,
+ * where SMMLAR(u, v, w) = floor((w 2^32 + u v + 2^31) / 2^32). Why: the doubling high multiply is
+ * X = floor((p + 2^30) / 2^31) for p = x m of either sign (truncating (p + 1 - 2^30) / 2^31 toward zero is that
+ * floor when p < 0), and the rounding divide by 2^r (ties away from zero) of X is, as in the derivation of
+ * fedtiny_multiply_by_quantized_multiplier_i32, floor((p + 2^30 - [x < 0] 2^31 + 2^(30+r)) / 2^(31+r)); with
+ * R = floor((2p + 2^31) / 2^32) = SMMLAR(2x, m, 0) that is floor((R + [x < 0 ? -1 : 0] + 2^(r-1)) / 2^r), and
+ * adding zp 2^r inside the floor adds zp. Bounds: |R| <= 2^29 + 1 and |a| < 2^29 + 2^21, so nothing wraps.
+ * The kernels pass 2x directly (their sums are of doubled terms); tests/test_fast_forward.py checks it against
+ * the reference on the edges of its range at every shift, on the host and the M4. */
+static inline int32_t fedtiny_requant_addend(int32_t r, int32_t zero_point)
+{
+    return (int32_t)(((uint32_t)1 << (r - 1)) + (uint32_t)zero_point * ((uint32_t)1 << r));
+}
+
+static inline int32_t fedtiny_requantize_doubled(int32_t x2, int32_t multiplier, int32_t r, int32_t addend)
+{
+    const int32_t a = addend + (x2 >> 31);
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+    int32_t high;
+    __asm__("smmlar %0, %1, %2, %3" : "=r"(high) : "r"(x2), "r"(multiplier), "r"(a));
+#else
+    const int32_t high = (int32_t)((int64_t)(((uint64_t)(uint32_t)a << 32) + (uint64_t)((int64_t)x2 * multiplier)
+                                             + 0x80000000u) >> 32);
+#endif
+    return high >> r;
+}
+
 /* int32/int64 accumulator -> int8: fixed-point multiply, add the output zero point, clamp (kernels.requantize). */
 static inline int8_t fedtiny_requantize(int64_t acc, int32_t multiplier, int32_t shift, int32_t zero_point,
                                         int32_t act_min, int32_t act_max)

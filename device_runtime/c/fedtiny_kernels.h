@@ -107,7 +107,8 @@ size_t fedtiny_conv2d_scratch_bytes(const fedtiny_conv2d_params *p);
  * gcc's vectorizer. fedtiny.device_memory chooses them (kernel_of) and states their scratch. */
 
 /* Any conv (groups, strides, padding; 1x1 and linear layers too): 2 output pixels x 2 channels per step over
- * two int16 columns (the scratch: 2 x the window rounded up to 4 values). */
+ * two int16 columns (the scratch: 2 x the window rounded up to 4 values, then 16 bytes of requantization per
+ * output channel). */
 fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch);
 size_t fedtiny_conv2d_fast_scratch_bytes(const fedtiny_conv2d_params *p);
 

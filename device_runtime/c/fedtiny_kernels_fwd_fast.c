@@ -1,14 +1,15 @@
 /* Fast forward kernels (see the "fast forward kernels" block of fedtiny_kernels.h): the same integers as the
  * reference fedtiny_conv2d and fedtiny_add by construction, in fewer instructions.
  *
- * - Every sum is exact in int32, as the reference's: a term |x - zp| |w| is at most 255 * 128 = 32,640, and the
- *   compiler proves window * 32,640 < 2^31 for every conv (fedtiny.device_memory.check_accumulators). Wrapping
- *   int32 arithmetic (SMLAD's too) gives the exact sum whenever the sum itself fits.
- * - Requantization is the reference's integer once per output: the saturating add of the bias (QADD), then
- *   fedtiny_multiply_by_quantized_multiplier_i32 (fedtiny_arith.h: the doubling high multiply and the rounding
- *   right shift as one 64-bit multiply-add and one shift, equal for every int32 input and a multiplier other than
- *   INT32_MIN), the clamp. A conv with a multiplier of INT32_MIN (never made by the quantizer) runs the reference
- *   kernel.
+ * - Every sum is exact in int32: the kernels sum doubled terms 2 (x - zp) w (the int16 columns and depthwise
+ *   kernels hold them), starting from 2 x bias; a term is at most 2 * 255 * 128, and a window of fewer than
+ *   2^30 / 32,640 terms keeps the doubled sum below 2^31 (larger windows run the reference kernel).
+ * - Requantization is the reference's integer once per output, in one of two forms per layer (channel_requant):
+ *   the fast form, fedtiny_arith.h's fedtiny_requantize_doubled (ADD, SMMLAR, ASR, SSAT) when every channel has a
+ *   multiplier >= 0, a shift in [-22, -1] and |bias| + the window's bound < 2^29 (as quantized models do); else
+ *   the general form: half the sum plus the bias, saturated (QADD), then fedtiny_multiply_by_quantized_multiplier_i32.
+ *   The activation clamp follows (four outputs at once with SSUB8/SEL where they are stored together). A conv with
+ *   a multiplier of INT32_MIN (never made by the quantizer) runs the reference kernel.
  * - On the Cortex-M4 (__ARM_FEATURE_DSP), CMSIS-NN style: each input window becomes an int16 column with the zero
  *   point removed once, then two MACs per SMLAD, the weights widened four at a time by SXTB16. SXTB16 yields
  *   weights (0, 2) and (1, 3) of a word, so the column keeps each full block of four values in the order
@@ -85,6 +86,186 @@ static int any_min_multiplier(const fedtiny_conv2d_params *p)
     return 0;
 }
 
+/* ---- requantization by output channel, read once per block of outputs ------------------------------------ */
+
+/* One output channel's requantization. The fast form (fedtiny_arith.h's fedtiny_requantize_doubled, four
+ * instructions per output on the M4): the kernels sum doubled terms 2 (x - zp) w, starting from bias2 = 2 bias,
+ * then shift = r = -(the params' shift) and addend = fedtiny_requant_addend(r, output zero point). The general form,
+ * for a layer where some channel is outside the fast form's range: bias2 = 0, addend = the bias, shift = the
+ * params' shift; half the doubled sum plus the bias, saturated (the reference's int64 sum clamped to int32), then
+ * fedtiny_multiply_by_quantized_multiplier_i32 and the zero point. */
+typedef struct {
+    int32_t bias2, multiplier, shift, addend;
+} channel_requant;
+
+/* |2 sum| of a window of `window` terms stays below 2^31: the doubled sums need window * 255 * 128 < 2^30. */
+static int doubled_sums_fit(int32_t window) { return window < (1 << 30) / 32640; }
+
+/* Output channel oc's requantization in the general form. */
+static inline channel_requant requant_of(const fedtiny_conv2d_params *p, int32_t oc)
+{
+    channel_requant e;
+    e.multiplier = p->multiplier[oc];
+    e.bias2 = 0;
+    e.shift = p->shift[oc];
+    e.addend = bias_of(p, oc);
+    return e;
+}
+
+/* Whether a channel takes the fast form: a multiplier >= 0, r = -shift in [1, 22] and |bias| + window * 255 * 128
+ * < 2^29 (|bias| < room), so that |sum + bias| < 2^29, the fast form's range. */
+static inline int fits_fast_form(int32_t bias, int32_t multiplier, int32_t r, int32_t room)
+{
+    return multiplier >= 0 && r >= 1 && r <= 22 && bias > -room && bias < room;
+}
+
+/* |bias| must stay below this for a window of `window` terms (doubled_sums_fit: window * 32640 < 2^30). */
+static inline int32_t bias_room(int32_t window) { return (1 << 29) - window * 32640; }
+
+/* Output channel oc's requantization in the fast form. */
+static inline channel_requant requant_fast_of(const fedtiny_conv2d_params *p, int32_t oc)
+{
+    channel_requant e;
+    e.multiplier = p->multiplier[oc];
+    e.bias2 = 2 * bias_of(p, oc);
+    e.shift = -p->shift[oc];
+    e.addend = fedtiny_requant_addend(e.shift, p->out_zero_point);
+    return e;
+}
+
+/* 1 if every output channel takes the fast form. */
+static int fast_form_fits(const fedtiny_conv2d_params *p, int32_t window)
+{
+    const int32_t room = bias_room(window), out_c = p->out_c;
+    const int32_t *bias = p->bias_sram != NULL ? p->bias_sram : p->bias, *multiplier = p->multiplier;
+    const int32_t *shift = p->shift;
+    int32_t oc;
+    for (oc = 0; oc < out_c; oc++) {
+        if (!fits_fast_form(bias[oc], multiplier[oc], -shift[oc], room)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The table of every output channel's requantization; 1 if all take the fast form, else the table holds the
+ * general form. One pass while the channels fit. */
+static int requant_table(const fedtiny_conv2d_params *p, int32_t window, channel_requant *t)
+{
+    const int32_t room = bias_room(window);
+    const int32_t *bias = p->bias_sram != NULL ? p->bias_sram : p->bias, *multiplier = p->multiplier;
+    const int32_t *shift = p->shift, zero_point = p->out_zero_point, out_c = p->out_c;
+    int32_t oc;
+    for (oc = 0; oc < out_c; oc++, t++) {
+        const int32_t b = bias[oc], m = multiplier[oc], r = -shift[oc];
+        if (!fits_fast_form(b, m, r, room)) {
+            break;
+        }
+        t->bias2 = 2 * b;
+        t->multiplier = m;
+        t->shift = r;
+        t->addend = fedtiny_requant_addend(r, zero_point);
+    }
+    if (oc == out_c) {
+        return 1;
+    }
+    for (t -= oc, oc = 0; oc < out_c; oc++) {
+        t[oc] = requant_of(p, oc);
+    }
+    return 0;
+}
+
+static inline int32_t saturate_int8(int32_t v)
+{
+#if FAST_DSP
+    return __ssat(v, 8);
+#else
+    return v < -128 ? -128 : (v > 127 ? 127 : v);
+#endif
+}
+
+/* A doubled sum -> the output value with its zero point, saturated to int8 (the activation clamp comes after:
+ * it lies inside int8, so clamping the saturated value is clamping the value). */
+static inline __attribute__((always_inline)) int32_t requant_one(int32_t sum2, const channel_requant *e, int fast,
+                                                                 int32_t zero_point)
+{
+    int32_t v;
+    if (fast) {
+        return saturate_int8(fedtiny_requantize_doubled(sum2, e->multiplier, e->shift, e->addend));
+    }
+#if FAST_DSP
+    v = __qadd(sum2 >> 1, e->addend);
+#else
+    v = (int32_t)fedtiny_clamp_i32_64((int64_t)(sum2 >> 1) + e->addend);
+#endif
+    v = fedtiny_multiply_by_quantized_multiplier_i32(v, e->multiplier, e->shift);
+    v = v < -256 ? -256 : (v > 255 ? 255 : v); /* keeps v + zero point from wrapping; saturated below anyway */
+    return saturate_int8(v + zero_point);
+}
+
+/* The activation clamp [act_min, act_max] (inside int8) of four outputs packed as bytes, the first in the low byte;
+ * lo4, hi4: the bounds in every byte. On the M4 two SSUB8 + SEL pairs (the byte-wise max, then min). */
+static inline uint32_t clamp4(uint32_t v, uint32_t lo4, uint32_t hi4)
+{
+#if FAST_DSP
+    uint32_t t;
+    __asm__("ssub8 %1, %0, %2\n\tsel %0, %0, %2\n\tssub8 %1, %3, %0\n\tsel %0, %0, %3"
+            : "+r"(v), "=&r"(t)
+            : "r"(lo4), "r"(hi4));
+    return v;
+#else
+    uint32_t out = 0;
+    int32_t i;
+    for (i = 0; i < 32; i += 8) {
+        const int32_t b = (int8_t)(v >> i), lo = (int8_t)(lo4 >> i), hi = (int8_t)(hi4 >> i);
+        out |= (uint32_t)(uint8_t)(b < lo ? lo : (b > hi ? hi : b)) << i;
+    }
+    return out;
+#endif
+}
+
+/* Four int8 values (in int32) as bytes, the first in the low byte (three BFI on the M4; gcc spells it in nine). */
+static inline uint32_t pack4(int32_t b0, int32_t b1, int32_t b2, int32_t b3)
+{
+#if FAST_DSP
+    uint32_t v = (uint32_t)b0;
+    __asm__("bfi %0, %1, #8, #8\n\tbfi %0, %2, #16, #8\n\tbfi %0, %3, #24, #8" : "+r"(v) : "r"(b1), "r"(b2), "r"(b3));
+    return v;
+#endif
+    return ((uint32_t)b0 & 0xFFu) | (((uint32_t)b1 & 0xFFu) << 8) | (((uint32_t)b2 & 0xFFu) << 16)
+           | ((uint32_t)b3 << 24);
+}
+
+/* The output's zero point and activation bounds, also in every byte of a word (for clamp4): copied out of the
+ * params once per call (every int8 store may alias the params struct, so the compiler would reload its fields). */
+typedef struct {
+    int32_t zero_point, act_min, act_max;
+    uint32_t lo4, hi4;
+} output_bounds;
+
+static inline output_bounds output_bounds_of(const fedtiny_conv2d_params *p)
+{
+    output_bounds o;
+    o.zero_point = p->out_zero_point;
+    o.act_min = p->act_min;
+    o.act_max = p->act_max;
+    o.lo4 = ((uint32_t)p->act_min & 0xFFu) * 0x01010101u;
+    o.hi4 = ((uint32_t)p->act_max & 0xFFu) * 0x01010101u;
+    return o;
+}
+
+static inline int8_t clamp1(int32_t v, const output_bounds *o)
+{
+    return (int8_t)(v < o->act_min ? o->act_min : (v > o->act_max ? o->act_max : v));
+}
+
+static inline void store_u32(int8_t *p, uint32_t v) { memcpy(p, &v, 4); /* one STR: the M4 stores unaligned */ }
+static inline void store_u16(int8_t *p, uint32_t v)
+{
+    const uint16_t h = (uint16_t)v;
+    memcpy(p, &h, 2);
+}
+
 /* ---- conv2d, fast general: one int16 column per output pixel, 2 pixels x 2 channels per step ------------ */
 
 #if FAST_DSP
@@ -134,23 +315,24 @@ typedef struct {
     int32_t slot, full, stride;
 } column;
 
-/* Column values [i, i + n) from n int8 inputs (zero point removed). */
+/* Column values [i, i + n) from n int8 inputs: 2 (x - zero point), the doubled terms of the fast requantization. */
 static void column_run(const int8_t *xp, int32_t n, int32_t zp, const column *c, int32_t i)
 {
 #if FAST_DSP
     const int32_t zp2 = (int32_t)(((uint32_t)zp & 0xFFFFu) | ((uint32_t)zp << 16));
     for (; n > 0 && (i & 3) != 0; n--, i++) {
-        c->col[column_pos(i, c->slot, c->full, c->stride)] = (int16_t)(*xp++ - zp);
+        c->col[column_pos(i, c->slot, c->full, c->stride)] = (int16_t)(2 * (*xp++ - zp));
     }
     for (; n >= 4 && i + 4 <= c->full; n -= 4, i += 4, xp += 4) {
         const int32_t v = read_s8x4(xp);
         int16_t *block = c->col + ((i >> 2) << 3) + (c->slot << 2);
-        write_s16x2(block, __ssub16(__sxtb16(v), zp2));     /* values 0, 2 */
-        write_s16x2(block + 2, __ssub16(sxtb16_ror8(v), zp2)); /* values 1, 3 */
+        const int32_t d02 = __ssub16(__sxtb16(v), zp2), d13 = __ssub16(sxtb16_ror8(v), zp2);
+        write_s16x2(block, __sadd16(d02, d02));     /* values 0, 2 */
+        write_s16x2(block + 2, __sadd16(d13, d13)); /* values 1, 3 */
     }
 #endif
     for (; n > 0; n--, i++) {
-        c->col[column_pos(i, c->slot, c->full, c->stride)] = (int16_t)(*xp++ - zp);
+        c->col[column_pos(i, c->slot, c->full, c->stride)] = (int16_t)(2 * (*xp++ - zp));
     }
 }
 
@@ -173,6 +355,11 @@ static void load_window(const fedtiny_conv2d_params *p, const int8_t *x, int32_t
     const int32_t kx_hi = max_i32(kx_lo, min_i32(p->kernel_w, p->in_w - ix0));
     const int32_t row = p->kernel_w * cin_g;
     int32_t ky, kx, i = 0;
+    if (p->kernel_h == 1 && p->kernel_w == 1 && p->groups == 1 && iy0 >= 0 && iy0 < p->in_h && ix0 >= 0
+        && ix0 < p->in_w) { /* a 1 x 1 conv's window inside the input: one run of it */
+        column_run(x + (iy0 * p->in_w + ix0) * p->in_c, row, p->in_zero_point, c, 0);
+        return;
+    }
     for (ky = 0; ky < p->kernel_h; ky++, i += row) {
         const int32_t iy = iy0 + ky;
         const int8_t *xp;
@@ -199,18 +386,18 @@ static int32_t column_stride(const fedtiny_conv2d_params *p)
     return (p->kernel_h * p->kernel_w * (p->in_c / p->groups) + 3) & ~3;
 }
 
-/* Two columns, then two int32 sums per output channel (the pixel pair's, requantized after all groups' sums). */
+/* Two columns, then the requantization table of the output channels. */
 size_t fedtiny_conv2d_fast_scratch_bytes(const fedtiny_conv2d_params *p)
 {
-    return 2u * (size_t)column_stride(p) * sizeof(int16_t) + 2u * (size_t)p->out_c * sizeof(int32_t);
+    return 2u * (size_t)column_stride(p) * sizeof(int16_t) + (size_t)p->out_c * sizeof(channel_requant);
 }
 
-/* The dot products of weight rows w0, w1 (len values) with the two columns at col:
+/* The dot products of weight rows w0, w1 (len values) with the two columns at col, added to the sums:
  * *a00 = (column 0, row 0), *a01 = (column 0, row 1), *a10 = (column 1, row 0), *a11 = (column 1, row 1). */
 static inline void dot_2x2(const int8_t *w0, const int8_t *w1, const int16_t *col, int32_t len, int32_t stride,
                            int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
 {
-    int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+    int32_t s00 = *a00, s01 = *a01, s10 = *a10, s11 = *a11;
 #if FAST_DSP
     const int8_t *end = w0 + (len & ~3);
     const int32_t rest = len & 3;
@@ -269,28 +456,49 @@ static inline void dot_2x2(const int8_t *w0, const int8_t *w1, const int16_t *co
 }
 
 /* A pixel alone (a linear layer's one output pixel, or an odd last pixel): the dot products of four weight rows
- * with column 0 at col, into a[0..3]; each column word is loaded once for the four rows. */
+ * with column 0 at col, added to a[0..3]; each column word is loaded once for the four rows. */
 static inline void dot_4x1(const int8_t *w0, const int8_t *w1, const int8_t *w2, const int8_t *w3, const int16_t *col,
                            int32_t len, int32_t *a)
 {
-    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int32_t s0 = a[0], s1 = a[1], s2 = a[2], s3 = a[3];
 #if FAST_DSP
-    const int8_t *end = w0 + (len & ~3);
+    int32_t quads = len >> 2;
     const int32_t rest = len & 3;
-    for (; w0 != end; w0 += 4, w1 += 4, w2 += 4, w3 += 4, col += 8) {
-        const int32_t x02 = read_s16x2(col), x13 = read_s16x2(col + 2);
-        int32_t u = read_s8x4(w0);
-        s0 = __smlad(__sxtb16(u), x02, s0);
-        s0 = __smlad(sxtb16_ror8(u), x13, s0);
-        u = read_s8x4(w1);
-        s1 = __smlad(__sxtb16(u), x02, s1);
-        s1 = __smlad(sxtb16_ror8(u), x13, s1);
-        u = read_s8x4(w2);
-        s2 = __smlad(__sxtb16(u), x02, s2);
-        s2 = __smlad(sxtb16_ror8(u), x13, s2);
-        u = read_s8x4(w3);
-        s3 = __smlad(__sxtb16(u), x02, s3);
-        s3 = __smlad(sxtb16_ror8(u), x13, s3);
+    if (quads != 0) {
+        /* Written out: four row pointers, the column, the count, four sums and four temporaries take all 14
+         * registers, and gcc spills pointers inside the loop when it keeps copies for the tail (24 instructions
+         * per 16 MACs here, 33 as gcc compiled it). */
+        int32_t x02, x13, w, t;
+        __asm__("1:\n\t"
+                "ldr %[x13], [%[col], #4]\n\t"
+                "ldr %[x02], [%[col]], #16\n\t"
+                "ldr %[w], [%[w0]], #4\n\t"
+                "sxtb16 %[t], %[w]\n\t"
+                "sxtb16 %[w], %[w], ror #8\n\t"
+                "smlad %[s0], %[t], %[x02], %[s0]\n\t"
+                "smlad %[s0], %[w], %[x13], %[s0]\n\t"
+                "ldr %[w], [%[w1]], #4\n\t"
+                "sxtb16 %[t], %[w]\n\t"
+                "sxtb16 %[w], %[w], ror #8\n\t"
+                "smlad %[s1], %[t], %[x02], %[s1]\n\t"
+                "smlad %[s1], %[w], %[x13], %[s1]\n\t"
+                "ldr %[w], [%[w2]], #4\n\t"
+                "sxtb16 %[t], %[w]\n\t"
+                "sxtb16 %[w], %[w], ror #8\n\t"
+                "smlad %[s2], %[t], %[x02], %[s2]\n\t"
+                "smlad %[s2], %[w], %[x13], %[s2]\n\t"
+                "ldr %[w], [%[w3]], #4\n\t"
+                "sxtb16 %[t], %[w]\n\t"
+                "sxtb16 %[w], %[w], ror #8\n\t"
+                "smlad %[s3], %[t], %[x02], %[s3]\n\t"
+                "smlad %[s3], %[w], %[x13], %[s3]\n\t"
+                "subs %[n], %[n], #1\n\t"
+                "bne 1b"
+                : [s0] "+r"(s0), [s1] "+r"(s1), [s2] "+r"(s2), [s3] "+r"(s3), [w0] "+r"(w0), [w1] "+r"(w1),
+                  [w2] "+r"(w2), [w3] "+r"(w3), [col] "+r"(col), [n] "+r"(quads), [x02] "=&r"(x02),
+                  [x13] "=&r"(x13), [w] "=&r"(w), [t] "=&r"(t)
+                :
+                : "cc", "memory");
     }
     if (rest >= 2) { /* the partial block is in natural order: two weights as one halfword, as in dot_2x2 */
         const int32_t x = read_s16x2(col);
@@ -327,28 +535,98 @@ static inline void dot_4x1(const int8_t *w0, const int8_t *w1, const int8_t *w2,
     a[3] = s3;
 }
 
-/* The output pixel `pixel` alone: its window once per group, four channels per pass into acc (out_c sums; a
- * group's last pass repeats its last row where it has fewer than four left, and keeps only its own sums). */
-static void one_pixel(const fedtiny_conv2d_params *p, const int8_t *x, int32_t pixel, const column *c, int32_t *acc)
+/* 2 pixels x 2 channels: rows oc and oc1 (oc1 = oc for a group's odd last channel) with the two columns, from the
+ * channels' bias2, requantized and clamped; outputs at y0 + oc, y0 + oc1 (pixel 0) and y1 + ... (pixel 1). */
+static inline __attribute__((always_inline)) void block_2x2(const fedtiny_conv2d_params *p, const column *c,
+                                                            int32_t len, const channel_requant *table, int32_t oc,
+                                                            int32_t oc1, int fast, const output_bounds *o,
+                                                            int8_t *y0, int8_t *y1)
+{
+    const channel_requant *e0 = table + oc, *e1 = table + oc1;
+    int32_t a00 = e0->bias2, a01 = e1->bias2, a10 = e0->bias2, a11 = e1->bias2;
+    dot_2x2(weight_row(p, oc, len), weight_row(p, oc1, len), c->col, len, c->stride, &a00, &a01, &a10, &a11);
+    a00 = requant_one(a00, e0, fast, o->zero_point);
+    a10 = requant_one(a10, e0, fast, o->zero_point);
+    if (oc1 != oc) {
+        const uint32_t v = clamp4(pack4(a00, requant_one(a01, e1, fast, o->zero_point), a10,
+                                        requant_one(a11, e1, fast, o->zero_point)), o->lo4, o->hi4);
+        store_u16(y0 + oc, v);
+        store_u16(y1 + oc, v >> 16);
+    } else {
+        y0[oc] = clamp1(a00, o);
+        y1[oc] = clamp1(a10, o);
+    }
+}
+
+/* The output pixel `pixel` alone: its window once per group, four channels per pass, requantized into y0 (a
+ * group's last pass repeats its last row where it has fewer than four left, and stores only its own outputs); the
+ * channels' requantization straight from the params (each is used once: a table costs more than it saves). */
+static inline __attribute__((always_inline)) void one_pixel(const fedtiny_conv2d_params *p, const int8_t *x,
+                                                            int32_t pixel, const column *c, int fast,
+                                                            const output_bounds *o, int8_t *y0)
 {
     const int32_t cin_g = p->in_c / p->groups, cout_g = p->out_c / p->groups;
     const int32_t len = p->kernel_h * p->kernel_w * cin_g;
-    int32_t g, oc;
+    int32_t g, oc, i;
     for (g = 0; g < p->groups; g++) {
         const int32_t last = (g + 1) * cout_g - 1;
         load_window(p, x, pixel, g, cin_g, c);
-        for (oc = g * cout_g; oc + 3 <= last; oc += 4) {
-            dot_4x1(weight_row(p, oc, len), weight_row(p, oc + 1, len), weight_row(p, oc + 2, len),
-                    weight_row(p, oc + 3, len), c->col, len, acc + oc);
-        }
-        if (oc <= last) {
-            int32_t four[4], i;
-            dot_4x1(weight_row(p, oc, len), weight_row(p, oc + 1 < last ? oc + 1 : last, len),
-                    weight_row(p, oc + 2 < last ? oc + 2 : last, len), weight_row(p, last, len), c->col, len, four);
-            for (i = 0; oc + i <= last; i++) {
-                acc[oc + i] = four[i];
+        for (oc = g * cout_g; oc <= last; oc += 4) {
+            const int32_t o1 = oc + 1 < last ? oc + 1 : last, o2 = oc + 2 < last ? oc + 2 : last;
+            const int32_t o3 = oc + 3 < last ? oc + 3 : last;
+            const channel_requant e0 = fast ? requant_fast_of(p, oc) : requant_of(p, oc);
+            const channel_requant e1 = fast ? requant_fast_of(p, o1) : requant_of(p, o1);
+            const channel_requant e2 = fast ? requant_fast_of(p, o2) : requant_of(p, o2);
+            const channel_requant e3 = fast ? requant_fast_of(p, o3) : requant_of(p, o3);
+            int32_t a[4];
+            a[0] = e0.bias2;
+            a[1] = e1.bias2;
+            a[2] = e2.bias2;
+            a[3] = e3.bias2;
+            dot_4x1(weight_row(p, oc, len), weight_row(p, o1, len), weight_row(p, o2, len), weight_row(p, o3, len),
+                    c->col, len, a);
+            a[0] = requant_one(a[0], &e0, fast, o->zero_point);
+            a[1] = requant_one(a[1], &e1, fast, o->zero_point);
+            a[2] = requant_one(a[2], &e2, fast, o->zero_point);
+            a[3] = requant_one(a[3], &e3, fast, o->zero_point);
+            if (oc + 3 <= last) {
+                store_u32(y0 + oc, clamp4(pack4(a[0], a[1], a[2], a[3]), o->lo4, o->hi4));
+            } else {
+                for (i = 0; oc + i <= last; i++) {
+                    y0[oc + i] = clamp1(a[i], o);
+                }
             }
         }
+    }
+}
+
+/* The whole conv with the table's form (fast: a constant at each call site, so each form is its own loop). */
+static inline __attribute__((always_inline)) void conv_fast_body(const fedtiny_conv2d_params *p, const int8_t *x,
+                                                                 int8_t *y, column *c0, column *c1,
+                                                                 const channel_requant *table, int fast)
+{
+    const int32_t cin_g = p->in_c / p->groups, cout_g = p->out_c / p->groups;
+    const int32_t len = p->kernel_h * p->kernel_w * cin_g;
+    const int32_t pixels = p->out_h * p->out_w, cout = p->out_c;
+    const output_bounds o = output_bounds_of(p);
+    int32_t pixel, g, oc;
+    for (pixel = 0; pixel + 1 < pixels; pixel += 2) {
+        int8_t *y0 = y + pixel * cout;
+        int8_t *y1 = y0 + cout;
+        for (g = 0; g < p->groups; g++) {
+            const int32_t oc_end = (g + 1) * cout_g;
+            load_window(p, x, pixel, g, cin_g, c0);
+            load_window(p, x, pixel + 1, g, cin_g, c1);
+            for (oc = g * cout_g; oc + 1 < oc_end; oc += 2) {
+                block_2x2(p, c0, len, table, oc, oc + 1, fast, &o, y0, y1);
+            }
+            if (oc < oc_end) { /* an odd last channel: row 1 is row 0 */
+                block_2x2(p, c0, len, table, oc, oc, fast, &o, y0, y1);
+            }
+        }
+    }
+    if (pixel < pixels) { /* an odd last pixel (or a linear layer's only one) */
+        one_pixel(p, x, pixel, c0, fast, &o, y + pixel * cout);
     }
 }
 
@@ -358,18 +636,12 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
     const int32_t cin_g = p->groups > 0 ? p->in_c / p->groups : 0;
     const int32_t cout_g = p->groups > 0 ? p->out_c / p->groups : 0;
     const int32_t len = p->kernel_h * p->kernel_w * cin_g;
-    const int32_t pixels = p->out_h * p->out_w;
-    const int32_t cout = p->out_c;
-    const output_range o = output_range_of(p);
-    const int32_t *bias = p->bias_sram != NULL ? p->bias_sram : p->bias;
-    const int32_t *multiplier = p->multiplier, *shift = p->shift;
-    int32_t pixel, g, oc;
     column c0, c1;
-    int32_t *acc0, *acc1;
+    channel_requant *table;
     if (p->groups < 1 || cin_g * p->groups != p->in_c || cout_g * p->groups != p->out_c || scratch == NULL) {
         return FEDTINY_ERR_PARAMS;
     }
-    if (any_min_multiplier(p)) {
+    if (any_min_multiplier(p) || !doubled_sums_fit(len)) {
         return fedtiny_conv2d(p, x, y, scratch);
     }
     c0.col = c1.col = (int16_t *)scratch;
@@ -377,31 +649,12 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
     c0.stride = c1.stride = column_stride(p);
     c0.slot = 0;
     c1.slot = 1;
-    acc0 = (int32_t *)scratch + c0.stride; /* after 2 x stride int16 */
-    acc1 = acc0 + cout;
-    for (pixel = 0; pixel < pixels; pixel += 2) {
-        const int32_t two = pixel + 1 < pixels; /* an odd last pixel: one_pixel */
-        int8_t *y0 = y + pixel * cout;
-        int8_t *y1 = y0 + cout;
-        if (!two) {
-            one_pixel(p, x, pixel, &c0, acc0);
-        }
-        for (g = 0; two && g < p->groups; g++) {
-            const int32_t oc_end = (g + 1) * cout_g;
-            load_window(p, x, pixel, g, cin_g, &c0);
-            load_window(p, x, pixel + 1, g, cin_g, &c1);
-            for (oc = g * cout_g; oc < oc_end; oc += 2) {
-                const int32_t oc1 = oc + 1 < oc_end ? oc + 1 : oc; /* an odd last channel: row 1 is row 0 */
-                dot_2x2(weight_row(p, oc, len), weight_row(p, oc1, len), c0.col, len, c0.stride, acc0 + oc,
-                        acc0 + oc1, acc1 + oc, acc1 + oc1);
-            }
-        }
-        for (oc = 0; oc < cout; oc++) {
-            y0[oc] = requantize(acc0[oc], bias[oc], multiplier[oc], shift[oc], o);
-        }
-        for (oc = 0; two && oc < cout; oc++) {
-            y1[oc] = requantize(acc1[oc], bias[oc], multiplier[oc], shift[oc], o);
-        }
+    table = (channel_requant *)(c0.col + 2 * c0.stride); /* 2 x stride int16: a multiple of 16 bytes */
+    /* a linear layer (one output pixel) reads no table */
+    if (p->out_h * p->out_w > 1 ? requant_table(p, len, table) : fast_form_fits(p, len)) {
+        conv_fast_body(p, x, y, &c0, &c1, table, 1);
+    } else {
+        conv_fast_body(p, x, y, &c0, &c1, table, 0);
     }
     return FEDTINY_OK;
 }
@@ -457,62 +710,65 @@ static inline int32_t taps_row(const int16_t *xr, const int16_t *kr, int32_t pai
     return acc;
 }
 
-/* One channel's outputs from its plane and kernel (yp: its first output; outputs are in_c apart). */
+/* One channel's outputs from its plane and doubled kernel (yp: its first output; outputs are in_c apart). */
 static inline __attribute__((always_inline)) void depthwise_channel(const fedtiny_conv2d_params *p,
                                                                     const depthwise_shape *s, const int16_t *plane,
-                                                                    const int16_t *kernel, int32_t pairs,
-                                                                    int32_t bias, int32_t m, int32_t sh,
-                                                                    output_range o, int8_t *yp)
+                                                                    const int16_t *kernel, int32_t kernel_h,
+                                                                    int32_t pairs, const channel_requant e,
+                                                                    int fast, const output_bounds *o, int8_t *yp)
 {
-    const int32_t c_n = p->in_c, kernel_h = p->kernel_h, stride_w = p->stride_w, plane_w = s->plane_w;
+    const int32_t c_n = p->in_c, stride_w = p->stride_w, plane_w = s->plane_w;
     const int32_t taps_w = s->taps_w, out_w = p->out_w;
     int32_t oy, ox, ky;
     for (oy = 0; oy < p->out_h; oy++) {
         const int16_t *win = plane + oy * p->stride_h * plane_w;
         for (ox = 0; ox < out_w; ox++, yp += c_n, win += stride_w) {
-            int32_t acc = 0;
-            for (ky = 0; ky < kernel_h; ky++) {
+            int32_t acc = e.bias2;
+#pragma GCC unroll 3
+            for (ky = 0; ky < kernel_h; ky++) { /* unrolled where kernel_h is a constant 3 or 1 */
                 acc = taps_row(win + ky * plane_w, kernel + ky * taps_w, pairs, acc);
             }
-            *yp = requantize(acc, bias, m, sh, o);
+            *yp = clamp1(requant_one(acc, &e, fast, o->zero_point), o);
         }
     }
 }
 
-/* x (in_h, in_w, c) -> y (out_h, out_w, c); weight (c, kernel_h, kernel_w, 1) */
+/* x (in_h, in_w, c) -> y (out_h, out_w, c); weight (c, kernel_h, kernel_w, 1). The kernel is doubled (2 w fits
+ * int16), so that the sums are the doubled ones of the fast requantization (see conv2d_fast). */
 fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch)
 {
     const int32_t c_n = p->in_c;
     const int32_t taps = p->kernel_h * p->kernel_w;
     const depthwise_shape s = depthwise_shape_of(p);
     const int32_t pairs = s.taps_w / 2;
-    const output_range o = output_range_of(p);
+    const output_bounds o = output_bounds_of(p);
     int16_t *kernel = (int16_t *)scratch;           /* kernel_h x taps_w, even: the plane stays word-aligned */
     int16_t *plane = kernel + p->kernel_h * s.taps_w; /* plane_h x plane_w */
     const int32_t col_lo = min_i32(s.plane_w, max_i32(0, p->pad_left));
     const int32_t col_hi = max_i32(col_lo, min_i32(s.plane_w, p->pad_left + p->in_w));
     const int32_t row_lo = min_i32(s.plane_h, max_i32(0, p->pad_top));
     const int32_t row_hi = max_i32(row_lo, min_i32(s.plane_h, p->pad_top + p->in_h));
-    int32_t c, r, q, ky, kx;
+    int32_t c, r, q, ky, kx, fast;
     if (p->groups != c_n || p->out_c != c_n || scratch == NULL) {
         return FEDTINY_ERR_PARAMS;
     }
     if (p->out_h < 1 || p->out_w < 1) {
         return FEDTINY_OK;
     }
-    if (any_min_multiplier(p)) {
+    if (any_min_multiplier(p) || !doubled_sums_fit(taps)) {
         return fedtiny_conv2d(p, x, y, scratch);
     }
+    fast = fast_form_fits(p, taps);
     for (q = 0; q < s.plane_h * s.plane_w; q++) {
         plane[q] = 0; /* the padding, the same for every channel */
     }
     for (c = 0; c < c_n; c++) {
         const int8_t *wc = weight_row(p, c, taps);
-        const int32_t bias = bias_of(p, c), m = p->multiplier[c], sh = p->shift[c];
+        const channel_requant e = fast ? requant_fast_of(p, c) : requant_of(p, c);
         int8_t *yp = y + c;
         for (ky = 0; ky < p->kernel_h; ky++) {
             for (kx = 0; kx < s.taps_w; kx++) {
-                kernel[ky * s.taps_w + kx] = (int16_t)(kx < p->kernel_w ? wc[ky * p->kernel_w + kx] : 0);
+                kernel[ky * s.taps_w + kx] = (int16_t)(kx < p->kernel_w ? 2 * wc[ky * p->kernel_w + kx] : 0);
             }
         }
         for (r = row_lo; r < row_hi; r++) { /* the valid part; the padding stays the zeros written above */
@@ -522,11 +778,20 @@ fedtiny_status fedtiny_conv2d_depthwise(const fedtiny_conv2d_params *p, const in
                 pr[q] = (int16_t)(*xp - p->in_zero_point);
             }
         }
-        switch (pairs) { /* a constant number of pairs per row: taps_row unrolled, no dispatch per row */
-        case 1: depthwise_channel(p, &s, plane, kernel, 1, bias, m, sh, o, yp); break;
-        case 2: depthwise_channel(p, &s, plane, kernel, 2, bias, m, sh, o, yp); break;
-        case 3: depthwise_channel(p, &s, plane, kernel, 3, bias, m, sh, o, yp); break;
-        default: depthwise_channel(p, &s, plane, kernel, pairs, bias, m, sh, o, yp); break;
+        /* Constant rows and pairs per row where they are known (3 x 3 and 1 x 5 kernels: the taps unrolled, the
+         * kernel's pairs held in registers for the channel), a constant pairs per row elsewhere. */
+        if (!fast) { /* the general form, one loop for every kernel */
+            depthwise_channel(p, &s, plane, kernel, p->kernel_h, pairs, e, 0, &o, yp);
+        } else if (p->kernel_h == 3 && pairs == 2) {
+            depthwise_channel(p, &s, plane, kernel, 3, 2, e, 1, &o, yp);
+        } else if (p->kernel_h == 1 && pairs == 3) {
+            depthwise_channel(p, &s, plane, kernel, 1, 3, e, 1, &o, yp);
+        } else if (pairs == 1) {
+            depthwise_channel(p, &s, plane, kernel, p->kernel_h, 1, e, 1, &o, yp);
+        } else if (pairs == 2) {
+            depthwise_channel(p, &s, plane, kernel, p->kernel_h, 2, e, 1, &o, yp);
+        } else {
+            depthwise_channel(p, &s, plane, kernel, p->kernel_h, pairs, e, 1, &o, yp);
         }
     }
     return FEDTINY_OK;
