@@ -40,8 +40,8 @@ KERNEL_STACK_BYTES = {
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
     "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
     "cat": 40 + 32, "mul": 4 + 56, "cat_input_grad": 24 + 32, "mul_input_grad": 24 + 216,
-    # fedtiny_kernels_bwd_fast.c: its glue, frame, update_pair + updated_weight_small_k; the depthwise input gradient
-    "conv2d_weight_update_fast": 32 + 296 + 72 + 16, "conv2d_input_grad_depthwise": 24 + 144,
+    # fedtiny_kernels_bwd_fast.c: its glue, frame (a chunk's sums), update_run32; the depthwise input gradient
+    "conv2d_weight_update_fast": 32 + 480 + 72, "conv2d_input_grad_depthwise": 24 + 144,
 }
 
 # The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
@@ -137,11 +137,16 @@ def _input_grad_depthwise_scratch(graph: Graph, op: Op, step) -> int:
     return 8 * h * w * c + 4 * graph.tensors[op.inputs[1]].data.size
 
 
+# weights of a row the fast weight update sums together before updating them (fedtiny_kernels_bwd_fast.c)
+UPDATE_CHUNK = 8
+
+
 def _weight_update_fast_scratch(graph: Graph, op: Op, step) -> int:
-    """The fast weight update's g columns of the trainable rows and two input columns, int16 per output position
-    (rounded up to even)."""
+    """The fast weight update's g columns of the trainable rows and the input columns of one chunk of a row (at
+    most UPDATE_CHUNK, the row's length rounded up to even), int16 per output position (rounded up to even)."""
     oh, ow, _ = graph.tensors[op.outputs[0]].shape
-    return 2 * (step.attrs["channels"] + 2) * (oh * ow + (oh * ow) % 2)
+    row_len = conv_window(graph, op)
+    return 2 * (step.attrs["channels"] + min(UPDATE_CHUNK, row_len + row_len % 2)) * (oh * ow + (oh * ow) % 2)
 
 
 # a training step's C kernel (step_kernel) -> its scratch bytes (graph, op, step)

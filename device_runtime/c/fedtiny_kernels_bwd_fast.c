@@ -5,7 +5,7 @@
  *   never splits a pair), added into int64 totals;
  * - an update takes the rounding bits of its weight's index in C order (fedtiny_update_bits: the low or high half
  *   of draw index / 2 + 1 after the call's counter), so the order in which weights are finished does not matter;
- *   two weights adjacent in a row are finished together and share their draw.
+ *   a chunk of a row is finished together, two weights per draw, the rounding in one SMLAL per weight.
  * The operands are laid out as contiguous int16 vectors in the scratch first (a transposition that costs one pass
  * over the data, not one per MAC), so the inner loops are dot products of int16 pairs: SMLAD on the Cortex-M4
  * (ACLE, __ARM_FEATURE_DSP), and loops gcc -O3 vectorizes (pmaddwd) on the host. */
@@ -46,12 +46,19 @@ static int conv_groups_ok(const fedtiny_conv2d_params *c)
 
 /* ---- weight update ------------------------------------------------------------------------------------------ */
 
-/* g columns of the trainable rows (channels x P2 int16) and two input columns (2 x P2 int16), P2 = positions rounded
- * up to even. */
+/* Weights of a row whose sums are formed together (2 rows x UPDATE_CHUNK columns) before their updates run in one
+ * tight loop over the row (its rounding constants in registers, one draw per two weights). */
+#define UPDATE_CHUNK 8
+
+static int32_t update_columns(int32_t row_len) { return min_i32(UPDATE_CHUNK, even(row_len)); }
+
+/* g columns of the trainable rows (channels x P2 int16) and the input columns of one chunk of a row
+ * (update_columns x P2 int16), P2 = positions rounded up to even. */
 size_t fedtiny_conv2d_weight_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p)
 {
-    const int32_t p2 = even(p->conv->out_h * p->conv->out_w);
-    return (size_t)(p->channels + 2) * (size_t)p2 * sizeof(int16_t);
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t p2 = even(c->out_h * c->out_w), row_len = c->kernel_h * c->kernel_w * (c->in_c / c->groups);
+    return (size_t)(p->channels + update_columns(row_len)) * (size_t)p2 * sizeof(int16_t);
 }
 
 /* Input column of tap (ky, kx) and input channel ch: col[oy * out_w + ox] = x[iy, ix, ch] - zx where the tap
@@ -86,8 +93,8 @@ static void weight_column(const fedtiny_conv2d_params *c, const int8_t *x, int32
     input_column(c, x, ky, tap - ky * c->kernel_w, group * cin_g + (w - tap * cin_g), col, p2);
 }
 
-/* A row's rounding constants (fedtiny_stochastic_delta): for k >= 32, delta = ((P >> s) + bits) >> 32 with
- * s = min(k, 62) - 32 <= 30. */
+/* A row's rounding constants (fedtiny_stochastic_delta with k = 15 - shift - e_y): for k >= 32 the rounding takes
+ * all 32 bits and s = min(k, 62) - 32 is in [0, 30]. */
 typedef struct {
     int32_t m, k, s;
 } row_rounding;
@@ -101,32 +108,108 @@ static row_rounding rounding_of(const fedtiny_conv2d_update_params *p, int32_t o
     return r;
 }
 
-/* A weight's update when k < 32 (the rounding uses fewer than 32 of the bits: large updates, e.g. the classifier's),
- * through the reference's fedtiny_stochastic_delta. */
-static int32_t updated_weight_small_k(int8_t w, int64_t sum, const row_rounding *r, uint32_t bits)
+/* w - delta clamped to [-127, 127], for any int32 delta: QSUB and SSAT on the M4 (int32: the caller stores a byte). */
+static inline int32_t clamped_weight(int32_t w, int32_t delta)
 {
-    const int64_t v = (int64_t)w - fedtiny_stochastic_delta(sum, r->m, r->k, bits);
-    return (int32_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+#if FAST_DSP
+    const int32_t v = __ssat(__qsub(w, delta), 8);
+#else
+    const int64_t d = (int64_t)w - delta;
+    const int32_t v = (int32_t)(d > 127 ? 127 : d);
+#endif
+    return v < -127 ? -127 : v;
 }
 
-/* The in-place update of one weight from its finished sum and 32 rounding bits: fedtiny_stochastic_delta, then the
- * clamp to [-127, 127]. The usual k >= 32 in 32-bit halves: delta = the high word of (P >> s) + bits, P >> s formed
- * from the halves of P, and a high word beyond +-256 clamps the weight as +-256 does (the reference's int64 sum
- * could wrap only for |P| near 2^63, out of reach: |S| < 2^48 for 2^25 positions). */
-static inline int8_t updated_weight(int8_t w, int64_t sum, const row_rounding *r, uint32_t bits)
+/* The high word of hi:lo + a b (SMLAL; gcc builds it from three multiplies when the addend is not a product). */
+static inline int32_t multiply_add_high(uint32_t lo, int32_t hi, int32_t a, int32_t b)
 {
-    int32_t v;
-    if (r->k >= 32) {
-        const uint64_t product = (uint64_t)sum * (uint64_t)(int64_t)r->m;
-        const uint32_t lo = (uint32_t)product, hi = (uint32_t)(product >> 32);
-        const uint32_t q_lo = (lo >> r->s) | ((hi << 1) << (31 - r->s));
-        int32_t q_hi = (int32_t)hi >> r->s;
-        q_hi = q_hi > 256 ? 256 : (q_hi < -256 ? -256 : q_hi);
-        v = (int32_t)w - q_hi - (int32_t)(q_lo + bits < bits);
-    } else {
-        v = updated_weight_small_k(w, sum, r, bits);
-    }
+#if FAST_DSP
+    __asm__("smlal %0, %1, %2, %3" : "+r"(lo), "+r"(hi) : "r"(a), "r"(b));
+    return hi;
+#else
+    return (int32_t)(((int64_t)(((uint64_t)(uint32_t)hi << 32) | lo) + (int64_t)a * b) >> 32);
+#endif
+}
+
+/* The update of a weight from an int32 sum S when k >= 32 (the usual case), fedtiny_stochastic_delta's integers
+ * in one multiply-add: with P = S m and u the 32 bits, delta = floor((floor(P / 2^s) + u) / 2^32)
+ * = floor((P + u 2^s) / 2^(32 + s)) = ((P + u 2^s) >> 32) >> s, and |P| + u 2^s < 2^46 + 2^62 cannot overflow
+ * (|S| < 2^31, m < 2^15): u 2^s as its two words, then SMLAL, then the high word's shift. s_inverse = 31 - s keeps
+ * u's high word a defined shift when s = 0. */
+static inline int32_t updated_weight32(int32_t w, int32_t sum, int32_t m, int32_t s, int32_t s_inverse,
+                                       uint32_t bits)
+{
+    return clamped_weight(w, multiply_add_high(bits << s, (int32_t)((bits >> 1) >> s_inverse), sum, m) >> s);
+}
+
+/* The reference's update of one weight from any sum: the int64 sums of long outputs, and k <= 0. */
+static int8_t updated_weight64(int8_t w, int64_t sum, const row_rounding *r, uint32_t bits)
+{
+    const int64_t v = (int64_t)w - fedtiny_stochastic_delta(sum, r->m, r->k, bits);
     return (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+}
+
+/* A weight's update from an int32 sum when k < 32: 0 < k (large updates, e.g. a classifier's) takes the top k
+ * bits r of u, delta = (P + r) >> k (|delta| < 2^46, clamped to +-255 before the weight's clamp, which it cannot
+ * change); k <= 0 the reference's. */
+static int8_t updated_weight_small_k(int8_t w, int32_t sum, const row_rounding *r, uint32_t bits)
+{
+    if (r->k > 0) {
+        const int64_t delta = ((int64_t)(bits >> (32 - r->k)) + (int64_t)sum * r->m) >> r->k;
+        return (int8_t)clamped_weight(w, (int32_t)(delta > 255 ? 255 : (delta < -255 ? -255 : delta)));
+    }
+    return updated_weight64(w, sum, r, bits);
+}
+
+/* SplitMix64's output function: the draw after counter c is mix(c * golden) (fedtiny_splitmix64), so a run of
+ * draws steps z by the golden ratio instead of multiplying. */
+#define SPLITMIX_GOLDEN 0x9E3779B97F4A7C15ull
+static inline uint64_t splitmix_mix(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Update the n weights w[0..n) of one row, layer indexes index .. index + n - 1 (C order), from their int32 sums:
+ * weight i takes the low (i even) or high (i odd) half of draw i / 2 + 1 after the call's counter
+ * (fedtiny_update_bits), so two weights share each draw. */
+static void update_run32(int8_t *w, const int32_t *sums, int32_t n, uint32_t index, const row_rounding *r,
+                         uint64_t counter)
+{
+    const int32_t m = r->m, s = r->s, s_inverse = 31 - r->s;
+    uint64_t z = (counter + 1u + (index >> 1)) * SPLITMIX_GOLDEN; /* the draw of weight index's pair */
+    int32_t j = 0;
+    if (r->k < 32) {
+        for (j = 0; j < n; j++) {
+            w[j] = updated_weight_small_k(w[j], sums[j], r, fedtiny_update_bits(counter, index + (uint32_t)j));
+        }
+        return;
+    }
+    if (n > 0 && (index & 1u)) { /* the high half of a draw the weight before it took the low half of */
+        w[0] = (int8_t)updated_weight32(w[0], sums[0], m, s, s_inverse, (uint32_t)(splitmix_mix(z) >> 32));
+        z += SPLITMIX_GOLDEN;
+        j = 1;
+    }
+    for (; j + 1 < n; j += 2) {
+        const uint64_t draw = splitmix_mix(z);
+        z += SPLITMIX_GOLDEN;
+        w[j] = (int8_t)updated_weight32(w[j], sums[j], m, s, s_inverse, (uint32_t)draw);
+        w[j + 1] = (int8_t)updated_weight32(w[j + 1], sums[j + 1], m, s, s_inverse, (uint32_t)(draw >> 32));
+    }
+    if (j < n) {
+        w[j] = (int8_t)updated_weight32(w[j], sums[j], m, s, s_inverse, (uint32_t)splitmix_mix(z));
+    }
+}
+
+/* The same from int64 sums (outputs longer than one int32 block). */
+static void update_run64(int8_t *w, const int64_t *sums, int32_t n, uint32_t index, const row_rounding *r,
+                         uint64_t counter)
+{
+    int32_t j;
+    for (j = 0; j < n; j++) {
+        w[j] = updated_weight64(w[j], sums[j], r, fedtiny_update_bits(counter, index + (uint32_t)j));
+    }
 }
 
 /* sum a0[i] b0[i], a0[i] b1[i], a1[i] b0[i], a1[i] b1[i] over n (even) int16 values into s[0..3], exact in int32
@@ -161,53 +244,23 @@ static void dot16x4(const int16_t *a0, const int16_t *a1, const int16_t *b0, con
     s[3] = acc11;
 }
 
-/* The four sums of rows g0, g1 against columns c0, c1 (t[0] = g0 c0, t[1] = g0 c1, t[2] = g1 c0, t[3] = g1 c1), in
- * int32 blocks of `block` positions added into int64. */
-static void weight_sums(const int16_t *g0, const int16_t *g1, const int16_t *c0, const int16_t *c1, int32_t p2,
-                        int32_t block, int64_t *t)
-{
-    int32_t b, j;
-    t[0] = t[1] = t[2] = t[3] = 0;
-    for (b = 0; b < p2; b += block) {
-        int32_t s[4];
-        dot16x4(g0 + b, g1 + b, c0 + b, c1 + b, min_i32(block, p2 - b), s);
-        for (j = 0; j < 4; j++) {
-            t[j] += s[j];
-        }
-    }
-}
-
-/* Update weights `index` and (if `pair`) index + 1 of the layer (C order) in place, from their sums: one draw when
- * index is even (its two halves), two when it is odd (the high half of one, the low half of the next). */
-static void update_pair(int8_t *rows, int32_t index, int pair, int64_t s0, int64_t s1, const row_rounding *r,
-                        uint64_t counter)
-{
-    const uint64_t draw = fedtiny_splitmix64(counter + 1u + (uint64_t)(index >> 1));
-    uint32_t b0 = (uint32_t)draw, b1 = (uint32_t)(draw >> 32);
-    if (index & 1) {
-        b0 = b1;
-        b1 = pair ? (uint32_t)fedtiny_splitmix64(counter + 2u + (uint64_t)(index >> 1)) : 0u;
-    }
-    rows[index] = updated_weight(rows[index], s0, r, b0);
-    if (pair) {
-        rows[index + 1] = updated_weight(rows[index + 1], s1, r, b1);
-    }
-}
-
-/* Any conv (groups, strides, padding). Per group, per two weights w, w + 1 of a row (adjacent in C order, so they
- * share a draw): their two input columns once, dotted with every row's g column, two rows at a time. */
+/* Any conv (groups, strides, padding). Per group, per chunk of a row's weights: their input columns once, then for
+ * every two rows the 2 x n sums (dot products of int16 columns, two columns at a time) and the two rows' updates
+ * in C order. When the output is longer than one int32 block (params->block positions), the sums are added
+ * block by block into int64. */
 fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_params *p, const int16_t *g_y,
                                                  int32_t e_y, const int8_t *x, int8_t *rows, uint64_t *rng_counter,
                                                  void *scratch)
 {
     const fedtiny_conv2d_params *c = p->conv;
     const int32_t cin_g = c->in_c / c->groups, cout_g = c->out_c / c->groups;
-    const int32_t row_len = c->kernel_h * c->kernel_w * cin_g;
+    const int32_t row_len = c->kernel_h * c->kernel_w * cin_g, chunk = update_columns(row_len);
     const int32_t positions = c->out_h * c->out_w, p2 = even(positions), out_c = c->out_c;
+    const int one_block = p2 <= p->block; /* every sum exact in int32 (the compiler's bound) */
     const uint64_t counter = *rng_counter;
     int16_t *gcols = (int16_t *)scratch;
-    int16_t *col0 = gcols + (size_t)p->channels * (size_t)p2, *col1 = col0 + p2;
-    int32_t o, i, group, w;
+    int16_t *xcols = gcols + (size_t)p->channels * (size_t)p2;
+    int32_t o, i, group, w0, j;
     if (!conv_groups_ok(c) || p->channels > c->out_c || scratch == NULL || p->block < 2 || (p->block & 1)) {
         return FEDTINY_ERR_PARAMS;
     }
@@ -223,22 +276,51 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
     }
     for (group = 0; group * cout_g < p->channels; group++) {
         const int32_t o_lo = group * cout_g, o_hi = min_i32(p->channels, o_lo + cout_g);
-        for (w = 0; w < row_len; w += 2) {
-            const int pair = w + 1 < row_len;
-            weight_column(c, x, group, w, col0, p2);
-            if (pair) {
-                weight_column(c, x, group, w + 1, col1, p2);
+        for (w0 = 0; w0 < row_len; w0 += chunk) {
+            const int32_t n = min_i32(chunk, row_len - w0);
+            for (j = 0; j < n; j++) {
+                weight_column(c, x, group, w0 + j, xcols + (size_t)j * (size_t)p2, p2);
             }
             for (o = o_lo; o < o_hi; o += 2) {
                 const int32_t o1 = min_i32(o + 1, o_hi - 1);
+                const int16_t *g0 = gcols + (size_t)o * (size_t)p2, *g1 = gcols + (size_t)o1 * (size_t)p2;
                 const row_rounding r0 = rounding_of(p, o, e_y);
-                int64_t t[4];
-                weight_sums(gcols + (size_t)o * (size_t)p2, gcols + (size_t)o1 * (size_t)p2, col0,
-                            pair ? col1 : col0, p2, p->block, t);
-                update_pair(rows, o * row_len + w, pair, t[0], t[1], &r0, counter);
+                int32_t s32[2][UPDATE_CHUNK], s[4], b;
+                int64_t s64[2][UPDATE_CHUNK];
+                for (j = 0; positions == 1 && j < n; j++) { /* a linear layer: each sum is one product */
+                    s32[0][j] = (int32_t)g0[0] * xcols[(size_t)j * (size_t)p2];
+                    s32[1][j] = (int32_t)g1[0] * xcols[(size_t)j * (size_t)p2];
+                }
+                for (j = 0; positions > 1 && j < n; j += 2) {
+                    const int16_t *x0 = xcols + (size_t)j * (size_t)p2;
+                    const int16_t *x1 = j + 1 < n ? x0 + p2 : x0;
+                    if (one_block) {
+                        dot16x4(g0, g1, x0, x1, p2, s);
+                        s32[0][j] = s[0], s32[1][j] = s[2];
+                        s32[0][j + 1] = s[1], s32[1][j + 1] = s[3]; /* a spare slot when j + 1 == n */
+                    } else {
+                        s64[0][j] = s64[0][j + 1] = s64[1][j] = s64[1][j + 1] = 0;
+                        for (b = 0; b < p2; b += p->block) {
+                            dot16x4(g0 + b, g1 + b, x0 + b, x1 + b, min_i32(p->block, p2 - b), s);
+                            s64[0][j] += s[0], s64[1][j] += s[2];
+                            s64[0][j + 1] += s[1], s64[1][j + 1] += s[3];
+                        }
+                    }
+                }
+                if (one_block) {
+                    update_run32(rows + o * row_len + w0, s32[0], n, (uint32_t)(o * row_len + w0), &r0, counter);
+                } else {
+                    update_run64(rows + o * row_len + w0, s64[0], n, (uint32_t)(o * row_len + w0), &r0, counter);
+                }
                 if (o1 != o) {
                     const row_rounding r1 = rounding_of(p, o1, e_y);
-                    update_pair(rows, o1 * row_len + w, pair, t[2], t[3], &r1, counter);
+                    if (one_block) {
+                        update_run32(rows + o1 * row_len + w0, s32[1], n, (uint32_t)(o1 * row_len + w0), &r1,
+                                     counter);
+                    } else {
+                        update_run64(rows + o1 * row_len + w0, s64[1], n, (uint32_t)(o1 * row_len + w0), &r1,
+                                     counter);
+                    }
                 }
             }
         }
