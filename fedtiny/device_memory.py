@@ -40,8 +40,10 @@ KERNEL_STACK_BYTES = {
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
     "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
     "cat": 40 + 32, "mul": 4 + 56, "cat_input_grad": 24 + 32, "mul_input_grad": 24 + 216,
-    # fedtiny_kernels_bwd_fast.c: its glue, frame (a chunk's sums), update_run32; the depthwise input gradient
+    # fedtiny_kernels_bwd_fast.c: its glue, frame (a chunk's sums), update_run32; the depthwise and pointwise input
+    # gradients
     "conv2d_weight_update_fast": 32 + 480 + 72, "conv2d_input_grad_depthwise": 24 + 144,
+    "conv2d_input_grad_pointwise": 24 + 144,
 }
 
 # The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
@@ -137,6 +139,14 @@ def _input_grad_depthwise_scratch(graph: Graph, op: Op, step) -> int:
     return 8 * h * w * c + 4 * graph.tensors[op.inputs[1]].data.size
 
 
+def _input_grad_pointwise_scratch(graph: Graph, op: Op, step) -> int:
+    """The pointwise input gradient's int64 sum per input element, each pixel's split terms (8 bytes per output
+    channel pair) and two input channels' weights (8 bytes per output channel pair)."""
+    h, w, c = graph.tensors[op.inputs[0]].shape
+    pairs = -(-graph.tensors[op.inputs[1]].shape[0] // 2)
+    return 8 * h * w * c + 8 * h * w * pairs + 8 * pairs
+
+
 # weights of a row the fast weight update sums together before updating them (fedtiny_kernels_bwd_fast.c)
 UPDATE_CHUNK = 8
 
@@ -156,6 +166,7 @@ STEP_SCRATCH = {
     "maxpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
     "conv2d_weight_update_fast": _weight_update_fast_scratch,
     "conv2d_input_grad_depthwise": _input_grad_depthwise_scratch,
+    "conv2d_input_grad_pointwise": _input_grad_pointwise_scratch,
 }
 
 
@@ -291,10 +302,25 @@ def step_kernel(plan, step, fast: bool = True) -> str:
         return "mse_grad"
     if step.kind == "conv2d_weight_update" and fast and not step.attrs.get("recompute"):
         return "conv2d_weight_update_fast"  # fedtiny_kernels_bwd_fast.c; `recompute`: the budget's choice
-    if (step.kind == "conv2d_input_grad" and fast and not step.attrs.get("recompute")
-            and conv_kernel(plan.graph, plan.graph.ops[step.attrs["op"]]) == "conv2d_depthwise"):
-        return "conv2d_input_grad_depthwise"  # fedtiny_kernels_bwd_fast.c
+    if step.kind == "conv2d_input_grad" and fast and not step.attrs.get("recompute"):
+        op = plan.graph.ops[step.attrs["op"]]
+        if conv_kernel(plan.graph, op) == "conv2d_depthwise":
+            return "conv2d_input_grad_depthwise"  # fedtiny_kernels_bwd_fast.c
+        if is_pointwise(plan.graph, op):
+            return "conv2d_input_grad_pointwise"  # fedtiny_kernels_bwd_fast.c
     return step.kind
+
+
+# the pointwise input gradient's int32 half-sums: out_c x 2^15 x 2^7 < 2^31 (POINTWISE_MAX_OUT_C in the C)
+POINTWISE_MAX_OUT_C = 511
+
+
+def is_pointwise(graph: Graph, op: Op) -> bool:
+    """A 1 x 1 conv with stride 1, no padding and groups 1 (its input gradient needs no window arithmetic), whose
+    output channels keep the fast pointwise input gradient's int32 half-sums exact."""
+    cout, kh, kw, _ = graph.tensors[op.inputs[1]].shape
+    return (kh, kw) == (1, 1) and tuple(op.attrs["stride"]) == (1, 1) and not any(op.attrs["padding"]) \
+        and op.attrs["groups"] == 1 and cout <= POINTWISE_MAX_OUT_C
 
 
 def step_stack_bytes(plan, fast: bool = True) -> int:

@@ -36,7 +36,8 @@ def test_full_plans_of_random_convs_train_on_the_host_like_python(cache):
     for seed in (1,):  # seed 0's plan: the M4 test below
         plan, x, labels = full_plan(seed)
         kernels = {device_memory.step_kernel(plan, s) for s in plan.steps}
-        assert {"conv2d_input_grad_depthwise", "conv2d_weight_update_fast"} <= kernels, kernels
+        assert {"conv2d_input_grad_depthwise", "conv2d_input_grad_pointwise", "conv2d_weight_update_fast"} <= kernels, \
+            kernels
         expected = python_steps(plan, x, labels, seed=3)
         trainer = cruntime.CTrainer(plan, seed=3, cache_dir=cache)
         trainer.steps(x, labels)
@@ -51,7 +52,8 @@ def test_a_full_plan_of_random_convs_trains_on_the_m4_like_python(cache):
     plan, x, labels = full_plan(0)
     expected = python_steps(plan, x, labels, seed=11)
     elf = cruntime.build_train_firmware(plan, x, labels, seed=11, steps=len(x), cache_dir=cache)
-    assert "FEDTINY_OP_CONV2D_INPUT_GRAD_DEPTHWISE" in (elf.parent / "model.c").read_text()
+    model_c = (elf.parent / "model.c").read_text()
+    assert "FEDTINY_OP_CONV2D_INPUT_GRAD_DEPTHWISE" in model_c and "FEDTINY_OP_CONV2D_INPUT_GRAD_POINTWISE" in model_c
     result = cruntime.run_qemu(elf, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert cruntime.parse_train_result(result.stdout) == (
@@ -86,3 +88,26 @@ def test_the_weight_update_block_is_the_largest_the_int32_bound_allows():
         zx = plan.graph.tensors[plan.graph.ops[step.attrs["op"]].inputs[0]].zero_point
         assert device_memory.accumulator_bound(plan, step) < 2**31
         assert f".block = {device_memory.weight_update_block(zx)}," in model_c
+
+
+def test_pointwise_input_gradients_take_the_fast_kernel_within_its_bound():
+    """A 1 x 1, stride 1, unpadded conv's input gradient runs fedtiny_conv2d_input_grad_pointwise (its int32
+    half-sums hold for out_c <= 511), with the reference's int64 per input element plus 8 bytes per pixel and
+    output-channel pair plus 8 per pair of scratch; the budget's recompute takes it back to the reference."""
+    plan, _, _ = full_plan(0)
+    pointwise = [s for s in plan.steps if device_memory.step_kernel(plan, s) == "conv2d_input_grad_pointwise"]
+    assert pointwise
+    op = plan.graph.ops[pointwise[0].attrs["op"]]
+    (h, width, c), cout = plan.graph.tensors[op.inputs[0]].shape, plan.graph.tensors[op.inputs[1]].shape[0]
+    assert device_memory.is_pointwise(plan.graph, op)
+    pairs = (cout + 1) // 2
+    assert device_memory.step_scratch_bytes(plan, pointwise[0]) == 8 * h * width * c + 8 * h * width * pairs + 8 * pairs
+    pointwise[0].attrs["recompute"] = True
+    assert device_memory.step_kernel(plan, pointwise[0]) == "conv2d_input_grad"
+    wide = plan.graph.tensors[op.inputs[1]]
+    original = wide.shape
+    wide.shape = (device_memory.POINTWISE_MAX_OUT_C + 1,) + tuple(original[1:])
+    try:
+        assert not device_memory.is_pointwise(plan.graph, op)
+    finally:
+        wide.shape = original

@@ -291,4 +291,11 @@ fedtiny_status fedtiny_conv2d_input_grad_depthwise(const fedtiny_conv2d_input_gr
                                                    int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch);
 size_t fedtiny_conv2d_input_grad_depthwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p);
 
+/* fedtiny_conv2d_input_grad of a pointwise conv (1 x 1, stride 1, no padding, groups 1, out_c <= 511) without
+ * transposing g_y: per pixel two SMLAD dot products over output channels of each term's 15-bit halves; scratch:
+ * the reference's int64 per input element, then 8 bytes per pixel and output-channel pair, then 8 per pair. */
+fedtiny_status fedtiny_conv2d_input_grad_pointwise(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
+                                                   int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch);
+size_t fedtiny_conv2d_input_grad_pointwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p);
+
 #endif /* FEDTINY_KERNELS_H */

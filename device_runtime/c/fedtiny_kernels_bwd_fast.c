@@ -425,3 +425,130 @@ fedtiny_status fedtiny_conv2d_input_grad_depthwise(const fedtiny_conv2d_input_gr
     *e_x = e_y - p->k + narrow_sums(acc, n, g_x);
     return FEDTINY_OK;
 }
+
+/* ---- pointwise input gradient -------------------------------------------------------------------------------- */
+
+/* A pointwise conv (1 x 1 kernel, stride 1, no padding, groups 1: g_x's pixels are g_y's) whose out_c keeps each
+ * half-sum below 2^31: out_c x 2^15 x 2^7 < 2^31. */
+#define POINTWISE_MAX_OUT_C 511
+
+static int pointwise_ok(const fedtiny_conv2d_params *c)
+{
+    return c->kernel_h == 1 && c->kernel_w == 1 && c->stride_h == 1 && c->stride_w == 1 && c->pad_top == 0 &&
+           c->pad_left == 0 && c->groups == 1 && c->out_h == c->in_h && c->out_w == c->in_w &&
+           c->out_c <= POINTWISE_MAX_OUT_C;
+}
+
+/* The reference's int64 sum per input element, then per pixel and output-channel pair the split terms (2 x 2
+ * int16), then two input channels' weights as int16 pairs over output-channel pairs (out_c rounded up to even). */
+size_t fedtiny_conv2d_input_grad_pointwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const size_t pixels = (size_t)c->in_h * (size_t)c->in_w, o2 = (size_t)even(c->out_c);
+    return pixels * (size_t)c->in_c * sizeof(int64_t) + pixels * o2 * 2u * sizeof(int16_t) + o2 * 2u * sizeof(int16_t);
+}
+
+static uint32_t pack16(int32_t lo, int32_t hi) { return (uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16); }
+
+/* The dot product of two pairs of int16 pairs, added: SMLAD on the M4. */
+static inline int32_t dual_mac(uint32_t a, uint32_t b, int32_t acc)
+{
+#if FAST_DSP
+    return __smlad(a, b, acc);
+#else
+    return acc + (int32_t)(int16_t)(a & 0xFFFFu) * (int16_t)(b & 0xFFFFu) +
+           (int32_t)(int16_t)(a >> 16) * (int16_t)(b >> 16);
+#endif
+}
+
+/* Two 32-bit words from *p, which moves past them: one post-indexed LDRD on the M4 (gcc splits the load in two). */
+static inline void load_two(const uint32_t **p, uint32_t *a, uint32_t *b)
+{
+#if FAST_DSP
+    __asm__ volatile("ldrd %0, %1, [%2], #8" : "=r"(*a), "=r"(*b), "+r"(*p) : : "memory");
+#else
+    *a = (*p)[0];
+    *b = (*p)[1];
+    *p += 2;
+#endif
+}
+
+/* One output-channel pair of a pixel against two input channels: the split terms (th pair, tl pair) and the two
+ * channels' weight pairs, four dot products. */
+static inline void pointwise_step(const uint32_t **tp, const uint32_t **wp, int32_t *h0, int32_t *l0, int32_t *h1,
+                                  int32_t *l1)
+{
+    uint32_t th, tl, w0, w1;
+    load_two(tp, &th, &tl);
+    load_two(wp, &w0, &w1);
+    *h0 = dual_mac(th, w0, *h0);
+    *l0 = dual_mac(tl, w0, *l0);
+    *h1 = dual_mac(th, w1, *h1);
+    *l1 = dual_mac(tl, w1, *l1);
+}
+
+/* g_x[p, c] = narrow(sum over o of t[p, o] W[o, c]), t = g_y[p, o] ws[o] (|t| <= 2^30), transpose-free: each term
+ * split as t = th 2^15 + tl (th = t >> 15 and tl = t & 0x7FFF, both int16), so that the sums over o are two int32
+ * dot products of int16 pairs, h = sum th W and l = sum tl W (|th W|, |tl W| <= 2^22, out_c <= 511 of them), and
+ * the exact sum is h 2^15 + l: the reference's (which skips the zero terms, which add nothing), hence its
+ * narrowing bit for bit. The split terms are formed once per pixel and output channel (the scratch), the weights of
+ * two input channels are laid out as int16 pairs over output-channel pairs once per channel pair; then for each
+ * pixel, two input channels at a time, four SMLADs per two output channels. */
+fedtiny_status fedtiny_conv2d_input_grad_pointwise(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
+                                                   int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t pixels = c->in_h * c->in_w, in_c = c->in_c, out_c = c->out_c, pairs = even(out_c) / 2;
+    int64_t *acc = (int64_t *)scratch;
+    uint32_t *terms = (uint32_t *)(acc + (size_t)pixels * (size_t)in_c); /* [pixel][pair]: th pair, tl pair */
+    uint32_t *wpairs = terms + (size_t)pixels * (size_t)pairs * 2u;    /* [pair]: channel c0's, channel c1's */
+    int32_t px, o, q, ch;
+    if (!pointwise_ok(c) || scratch == NULL || p->recompute) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    for (px = 0; px < pixels; px++) {
+        const int16_t *gp = g_y + (size_t)px * (size_t)out_c;
+        uint32_t *tp = terms + (size_t)px * (size_t)pairs * 2u;
+        for (q = 0; q < pairs; q++) {
+            const int32_t o0 = 2 * q, o1 = 2 * q + 1;
+            const int32_t t0 = (int32_t)gp[o0] * p->ws[o0], t1 = o1 < out_c ? (int32_t)gp[o1] * p->ws[o1] : 0;
+            tp[2 * q] = pack16(t0 >> 15, t1 >> 15); /* >> of a negative int is arithmetic on gcc */
+            tp[2 * q + 1] = pack16(t0 & 0x7FFF, t1 & 0x7FFF);
+        }
+    }
+    for (ch = 0; ch < in_c; ch += 2) {
+        const int32_t ch1 = ch + 1 < in_c ? ch + 1 : ch;
+        for (q = 0; q < pairs; q++) {
+            int32_t w[2][2] = {{0, 0}, {0, 0}}, k;
+            for (k = 0; k < 2; k++) {
+                o = 2 * q + k;
+                if (o < out_c) {
+                    const int8_t *row = (o < c->sram_rows ? c->weight_sram : c->weight) + (size_t)o * (size_t)in_c;
+                    w[0][k] = row[ch];
+                    w[1][k] = row[ch1];
+                }
+            }
+            wpairs[2 * q] = pack16(w[0][0], w[0][1]);
+            wpairs[2 * q + 1] = pack16(w[1][0], w[1][1]);
+        }
+        for (px = 0; px < pixels; px++) {
+            const uint32_t *tp = terms + (size_t)px * (size_t)pairs * 2u, *wp = wpairs;
+            int32_t h0 = 0, l0 = 0, h1 = 0, l1 = 0;
+            int64_t *ap = acc + (size_t)px * (size_t)in_c + ch;
+            const uint32_t *const end = tp + 2 * pairs;
+            if (pairs & 1) {
+                pointwise_step(&tp, &wp, &h0, &l0, &h1, &l1);
+            }
+            while (tp != end) { /* two steps per pass */
+                pointwise_step(&tp, &wp, &h0, &l0, &h1, &l1);
+                pointwise_step(&tp, &wp, &h0, &l0, &h1, &l1);
+            }
+            ap[0] = (int64_t)h0 * 32768 + l0;
+            if (ch1 != ch) {
+                ap[1] = (int64_t)h1 * 32768 + l1;
+            }
+        }
+    }
+    *e_x = e_y - p->k + narrow_sums(acc, pixels * in_c, g_x);
+    return FEDTINY_OK;
+}
