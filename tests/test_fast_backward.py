@@ -6,6 +6,8 @@ fedtiny_conv2d_input_grad_depthwise. tests/test_cruntime.py holds the fast weigh
 and the Python update on 96 random single calls; tests/test_ctrainer.py trains every zoo model and scheme.
 """
 
+import ctypes
+
 import numpy as np
 
 from fedtiny import device_memory
@@ -111,3 +113,61 @@ def test_pointwise_input_gradients_take_the_fast_kernel_within_its_bound():
         assert not device_memory.is_pointwise(plan.graph, op)
     finally:
         wide.shape = original
+
+
+class InputGradParams(ctypes.Structure):
+    """Mirror of fedtiny_conv2d_input_grad_params in fedtiny_kernels.h."""
+    _fields_ = [("conv", ctypes.c_void_p), ("ws", ctypes.c_void_p), ("k", ctypes.c_int32),
+                ("recompute", ctypes.c_int32)]
+
+
+def input_grad(lib, fn: str, x_shape, weight, sram_rows, ws, g_y, scratch_fn=None):
+    """One input-gradient kernel call on the host library: (g_x, e_x), e_y = 0 and k = 0."""
+    h, w, cin = x_shape
+    cout = weight.shape[0]
+    keep = [np.ascontiguousarray(weight, dtype=np.int8), np.ascontiguousarray(ws, dtype=np.int32),
+            np.ascontiguousarray(g_y, dtype=np.int16), np.zeros(cout, dtype=np.int32)]
+    sram = np.ascontiguousarray(weight[:sram_rows], dtype=np.int8)
+    flash = np.ascontiguousarray(np.where(np.arange(cout)[:, None] < sram_rows, 99, weight.reshape(cout, -1)),
+                                 dtype=np.int8)  # rows in SRAM are read from the SRAM copy, never from flash
+    keep += [sram, flash]
+    conv = cruntime.Conv2dParams(h, w, cin, h, w, cout, 1, 1, 1, 1, 0, 0, 1, 0, 0, -128, 127, flash.ctypes.data,
+                                 keep[3].ctypes.data, keep[3].ctypes.data, keep[3].ctypes.data, sram.ctypes.data, 0,
+                                 sram_rows)
+    p = InputGradParams(ctypes.addressof(conv), keep[1].ctypes.data, 0, 0)
+    getattr(lib, fn + "_scratch_bytes").restype = ctypes.c_size_t
+    getattr(lib, fn + "_scratch_bytes").argtypes = [ctypes.POINTER(InputGradParams)]
+    getattr(lib, fn).argtypes = [ctypes.POINTER(InputGradParams), ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+                                 ctypes.POINTER(ctypes.c_int32), ctypes.c_void_p]
+    scratch = np.zeros(int(getattr(lib, fn + "_scratch_bytes")(ctypes.byref(p))) + 8, dtype=np.uint8)
+    g_x, e_x = np.zeros((h, w, cin), dtype=np.int16), ctypes.c_int32(0)
+    status = getattr(lib, fn)(ctypes.byref(p), keep[2].ctypes.data, 0, g_x.ctypes.data, ctypes.byref(e_x),
+                              scratch.ctypes.data + (-scratch.ctypes.data) % 8)
+    assert status == 0, (fn, status)
+    return g_x, e_x.value
+
+
+def test_the_pointwise_input_gradient_is_the_reference_at_the_extremes(cache):
+    """fedtiny_conv2d_input_grad_pointwise == fedtiny_conv2d_input_grad (g_x and its exponent) on random 1 x 1
+    shapes (odd and even channel counts, SRAM rows), with the extremes of its int32 half-sums: |g| = 32767 or
+    -32768, ws = 2^15, W = -128 / 127 at out_c = 511, and many zero gradients (ReLU masks)."""
+    need("gcc", "make")
+    lib = cruntime.KernelLibrary(cache).lib
+    rng = np.random.default_rng(7)
+    for i in range(40):
+        h, w = (int(v) for v in rng.integers(1, 5, 2))
+        cin = int(rng.integers(1, 20))
+        cout = device_memory.POINTWISE_MAX_OUT_C if i % 8 == 7 else int(rng.integers(1, 40))
+        weight = rng.integers(-128, 128, (cout, 1, 1, cin)).astype(np.int8)
+        ws = rng.integers(1, 2**15 + 1, cout)
+        g_y = rng.integers(-32768, 32768, (h, w, cout)).astype(np.int16)
+        if i % 4 == 3:  # every term at its largest, one sign
+            weight[:] = -128 if i % 8 == 7 else 127
+            ws[:] = 2**15
+            g_y[:] = -32768 if i % 8 == 7 else 32767
+        else:
+            g_y[rng.random(g_y.shape) < 0.5] = 0
+        sram_rows = int(rng.integers(0, cout + 1))
+        want = input_grad(lib, "fedtiny_conv2d_input_grad", (h, w, cin), weight, sram_rows, ws, g_y)
+        got = input_grad(lib, "fedtiny_conv2d_input_grad_pointwise", (h, w, cin), weight, sram_rows, ws, g_y)
+        assert got[1] == want[1] and np.array_equal(got[0], want[0]), f"case {i}: {(h, w, cin, cout, sram_rows)}"

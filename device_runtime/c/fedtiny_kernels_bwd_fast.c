@@ -502,6 +502,7 @@ fedtiny_status fedtiny_conv2d_input_grad_pointwise(const fedtiny_conv2d_input_gr
     int64_t *acc = (int64_t *)scratch;
     uint32_t *terms = (uint32_t *)(acc + (size_t)pixels * (size_t)in_c); /* [pixel][pair]: th pair, tl pair */
     uint32_t *wpairs = terms + (size_t)pixels * (size_t)pairs * 2u;    /* [pair]: channel c0's, channel c1's */
+    int16_t *w16 = (int16_t *)(void *)wpairs;
     int32_t px, o, q, ch;
     if (!pointwise_ok(c) || scratch == NULL || p->recompute) {
         return FEDTINY_ERR_PARAMS;
@@ -518,18 +519,14 @@ fedtiny_status fedtiny_conv2d_input_grad_pointwise(const fedtiny_conv2d_input_gr
     }
     for (ch = 0; ch < in_c; ch += 2) {
         const int32_t ch1 = ch + 1 < in_c ? ch + 1 : ch;
-        for (q = 0; q < pairs; q++) {
-            int32_t w[2][2] = {{0, 0}, {0, 0}}, k;
-            for (k = 0; k < 2; k++) {
-                o = 2 * q + k;
-                if (o < out_c) {
-                    const int8_t *row = (o < c->sram_rows ? c->weight_sram : c->weight) + (size_t)o * (size_t)in_c;
-                    w[0][k] = row[ch];
-                    w[1][k] = row[ch1];
-                }
-            }
-            wpairs[2 * q] = pack16(w[0][0], w[0][1]);
-            wpairs[2 * q + 1] = pack16(w[1][0], w[1][1]);
+        if (out_c & 1) { /* the odd channel's partner in the last pair */
+            w16[2 * out_c - 1] = w16[2 * out_c + 1] = 0;
+        }
+        for (o = 0; o < out_c; o++) { /* weight pairs: [pair][channel ch's pair, channel ch1's pair] */
+            const int8_t *row = (o < c->sram_rows ? c->weight_sram : c->weight) + (size_t)o * (size_t)in_c + ch;
+            int16_t *wq = w16 + 4 * (o >> 1) + (o & 1);
+            wq[0] = row[0];
+            wq[2] = row[ch1 - ch];
         }
         for (px = 0; px < pixels; px++) {
             const uint32_t *tp = terms + (size_t)px * (size_t)pairs * 2u, *wp = wpairs;
