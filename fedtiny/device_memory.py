@@ -153,10 +153,17 @@ UPDATE_CHUNK = 8
 
 def _weight_update_fast_scratch(graph: Graph, op: Op, step) -> int:
     """The fast weight update's g columns of the trainable rows and the input columns of one chunk of a row (at
-    most UPDATE_CHUNK, the row's length rounded up to even), int16 per output position (rounded up to even)."""
+    most UPDATE_CHUNK, the row's length rounded up to even), int16 per output position (rounded up to even); for a
+    depthwise conv whose sums fit one int32 block, at least one channel's padded input plane."""
     oh, ow, _ = graph.tensors[op.outputs[0]].shape
-    row_len = conv_window(graph, op)
-    return 2 * (step.attrs["channels"] + min(UPDATE_CHUNK, row_len + row_len % 2)) * (oh * ow + (oh * ow) % 2)
+    row_len, p2 = conv_window(graph, op), oh * ow + (oh * ow) % 2
+    columns = min(UPDATE_CHUNK, row_len + row_len % 2) * p2
+    cout, kh, kw, _ = graph.tensors[op.inputs[1]].shape
+    cin = graph.tensors[op.inputs[0]].shape[2]
+    if op.attrs["groups"] == cin == cout and p2 <= weight_update_block(weight_update_x_zero_point_of(graph, op)):
+        (sh, sw) = op.attrs["stride"]  # a depthwise update reads one channel's padded input plane instead (rows by phase)
+        columns = max(columns, ((oh - 1) * sh + kh) * -(-((ow - 1) * sw + kw) // sw) * sw)
+    return 2 * (step.attrs["channels"] * p2 + columns)
 
 
 # a training step's C kernel (step_kernel) -> its scratch bytes (graph, op, step)
@@ -256,7 +263,11 @@ def weight_update_block(x_zero_point: int) -> int:
 
 
 def weight_update_x_zero_point(plan, step) -> int:
-    return plan.graph.tensors[plan.graph.ops[step.attrs["op"]].inputs[0]].zero_point
+    return weight_update_x_zero_point_of(plan.graph, plan.graph.ops[step.attrs["op"]])
+
+
+def weight_update_x_zero_point_of(graph: Graph, op: Op) -> int:
+    return graph.tensors[op.inputs[0]].zero_point
 
 
 # |x - zero point| * |w| of one int8 conv term: 255 * 128

@@ -52,13 +52,36 @@ static int conv_groups_ok(const fedtiny_conv2d_params *c)
 
 static int32_t update_columns(int32_t row_len) { return min_i32(UPDATE_CHUNK, even(row_len)); }
 
+/* The input plane of one channel a depthwise update reads (padding included): the rows the outputs' windows
+ * cover, each row's columns split by phase (column px at [px % stride_w][px / stride_w]) so that every tap reads a
+ * contiguous run; plane_width is one row's int16 values, stride_w phases of plane_phase each. */
+static int32_t plane_rows(const fedtiny_conv2d_params *c) { return (c->out_h - 1) * c->stride_h + c->kernel_h; }
+static int32_t plane_phase(const fedtiny_conv2d_params *c)
+{
+    return ((c->out_w - 1) * c->stride_w + c->kernel_w + c->stride_w - 1) / c->stride_w;
+}
+static int32_t plane_width(const fedtiny_conv2d_params *c) { return plane_phase(c) * c->stride_w; }
+
+/* A depthwise conv (groups == in_c == out_c) whose sums fit int32 (one block of positions): each weight's column
+ * is used by one row only, so the update reads a padded int16 plane of the channel instead of building columns. */
+static int depthwise_update(const fedtiny_conv2d_update_params *p)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    return c->groups == c->in_c && c->out_c == c->in_c && even(c->out_h * c->out_w) <= p->block;
+}
+
 /* g columns of the trainable rows (channels x P2 int16) and the input columns of one chunk of a row
  * (update_columns x P2 int16), P2 = positions rounded up to even. */
 size_t fedtiny_conv2d_weight_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p)
 {
     const fedtiny_conv2d_params *c = p->conv;
     const int32_t p2 = even(c->out_h * c->out_w), row_len = c->kernel_h * c->kernel_w * (c->in_c / c->groups);
-    return (size_t)(p->channels + update_columns(row_len)) * (size_t)p2 * sizeof(int16_t);
+    int32_t columns = update_columns(row_len) * p2;
+    if (depthwise_update(p)) { /* or one channel's input plane, if larger */
+        const int32_t plane = plane_rows(c) * plane_width(c);
+        columns = columns > plane ? columns : plane;
+    }
+    return (size_t)((size_t)p->channels * (size_t)p2 + (size_t)columns) * sizeof(int16_t);
 }
 
 /* Input column of tap (ky, kx) and input channel ch: col[oy * out_w + ox] = x[iy, ix, ch] - zx where the tap
@@ -244,6 +267,69 @@ static void dot16x4(const int16_t *a0, const int16_t *a1, const int16_t *b0, con
     s[3] = acc11;
 }
 
+/* sum a[i] b[i] over n int16 values (any alignment: the M4 loads words unaligned), exact in int32 within a block
+ * of positions: SMLAD on the M4. */
+static int32_t dot16(const int16_t *a, const int16_t *b, int32_t n)
+{
+    int32_t acc = 0, i = 0;
+#if FAST_DSP
+    for (; i + 1 < n; i += 2) {
+        uint32_t u, v;
+        memcpy(&u, a + i, sizeof u);
+        memcpy(&v, b + i, sizeof v);
+        acc = __smlad(u, v, acc);
+    }
+#endif
+    for (; i < n; i++) {
+        acc += (int32_t)a[i] * b[i];
+    }
+    return acc;
+}
+
+/* Depthwise (depthwise_update): per channel its input plane (x - zx, 0 in the padding, columns by phase) once,
+ * then each tap's sum output row by output row, a dot product of the g row and the contiguous run of the tap's
+ * phase, UPDATE_CHUNK taps at a time, and their updates. */
+static void depthwise_weight_update(const fedtiny_conv2d_update_params *p, const int16_t *gcols, int32_t p2,
+                                    int32_t e_y, const int8_t *x, int8_t *rows, uint64_t counter, int16_t *plane)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t taps = c->kernel_h * c->kernel_w, ph = plane_rows(c), pw = plane_width(c), phase = plane_phase(c);
+    const int32_t in_c = c->in_c, zx = c->in_zero_point, sh = c->stride_h, sw = c->stride_w, out_w = c->out_w;
+    const int32_t px_lo = c->pad_left, px_hi = min_i32(c->pad_left + c->in_w, pw); /* plane columns inside x */
+    int32_t ch, py, px, t0, j, oy;
+    for (ch = 0; ch < p->channels; ch++) {
+        const int16_t *gc = gcols + (size_t)ch * (size_t)p2;
+        const row_rounding r = rounding_of(p, ch, e_y);
+        memset(plane, 0, (size_t)ph * (size_t)pw * sizeof(int16_t));
+        for (py = 0; py < ph; py++) {
+            const int32_t iy = py - c->pad_top;
+            const int8_t *xp = x + ((size_t)iy * (size_t)c->in_w + (size_t)(px_lo - c->pad_left)) * (size_t)in_c + ch;
+            int16_t *row = plane + py * pw;
+            if (iy < 0 || iy >= c->in_h) {
+                continue;
+            }
+            for (px = px_lo; px < px_hi; px++) {
+                row[(px % sw) * phase + px / sw] = (int16_t)((int32_t)*xp - zx);
+                xp += in_c;
+            }
+        }
+        for (t0 = 0; t0 < taps; t0 += UPDATE_CHUNK) {
+            const int32_t n = min_i32(UPDATE_CHUNK, taps - t0);
+            int32_t sums[UPDATE_CHUNK];
+            for (j = 0; j < n; j++) {
+                const int32_t ky = (t0 + j) / c->kernel_w, kx = (t0 + j) - ky * c->kernel_w;
+                const int16_t *pr = plane + ky * pw + (kx % sw) * phase + kx / sw;
+                int32_t sum = 0;
+                for (oy = 0; oy < c->out_h; oy++) {
+                    sum += dot16(gc + oy * out_w, pr + oy * sh * pw, out_w);
+                }
+                sums[j] = sum;
+            }
+            update_run32(rows + ch * taps + t0, sums, n, (uint32_t)(ch * taps + t0), &r, counter);
+        }
+    }
+}
+
 /* Any conv (groups, strides, padding). Per group, per chunk of a row's weights: their input columns once, then for
  * every two rows the 2 x n sums (dot products of int16 columns, two columns at a time) and the two rows' updates
  * in C order. When the output is longer than one int32 block (params->block positions), the sums are added
@@ -273,6 +359,11 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
         if (p2 > positions) {
             gc[positions] = 0;
         }
+    }
+    if (depthwise_update(p)) {
+        depthwise_weight_update(p, gcols, p2, e_y, x, rows, counter, xcols);
+        *rng_counter = counter + fedtiny_update_draws((uint32_t)(p->channels * row_len));
+        return FEDTINY_OK;
     }
     for (group = 0; group * cout_g < p->channels; group++) {
         const int32_t o_lo = group * cout_g, o_hi = min_i32(p->channels, o_lo + cout_g);
