@@ -43,7 +43,7 @@ KERNEL_STACK_BYTES = {
     # fedtiny_kernels_bwd_fast.c: its glue, frame (a chunk's sums), update_run32; the depthwise and pointwise input
     # gradients
     "conv2d_weight_update_fast": 32 + 480 + 72, "conv2d_input_grad_depthwise": 24 + 144,
-    "conv2d_input_grad_pointwise": 24 + 144,
+    "conv2d_input_grad_pointwise": 24 + 144, "conv2d_bias_update_fast": 24 + 80,
 }
 
 # The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
@@ -174,6 +174,7 @@ STEP_SCRATCH = {
     "conv2d_weight_update_fast": _weight_update_fast_scratch,
     "conv2d_input_grad_depthwise": _input_grad_depthwise_scratch,
     "conv2d_input_grad_pointwise": _input_grad_pointwise_scratch,
+    "conv2d_bias_update_fast": lambda graph, op, step: 4 * graph.tensors[op.inputs[1]].shape[0],  # int32 sums
 }
 
 
@@ -211,7 +212,7 @@ def choose_recompute(plan, available: int, fast: bool = True) -> None:
 
     # an input of one pixel (a linear layer's) would take the same scratch twice as slowly
     candidates = sorted((s for s in plan.steps if (s.kind == "conv2d_input_grad" and pixels(s) > 1)
-                         or step_kernel(plan, s, fast) == "conv2d_weight_update_fast"),
+                         or step_kernel(plan, s, fast) in ("conv2d_weight_update_fast", "conv2d_bias_update_fast")),
                         key=lambda s: -step_scratch_bytes(plan, s, fast))
     for step in candidates:
         if plan_footprint(plan, fast)["device_ram_bytes"] <= available:
@@ -313,6 +314,10 @@ def step_kernel(plan, step, fast: bool = True) -> str:
         return "mse_grad"
     if step.kind == "conv2d_weight_update" and fast and not step.attrs.get("recompute"):
         return "conv2d_weight_update_fast"  # fedtiny_kernels_bwd_fast.c; `recompute`: the budget's choice
+    if step.kind == "conv2d_bias_update" and fast and not step.attrs.get("recompute"):
+        oh, ow, _ = plan.graph.tensors[plan.graph.ops[step.attrs["op"]].outputs[0]].shape
+        if oh * ow <= BIAS_FAST_MAX_POSITIONS:
+            return "conv2d_bias_update_fast"  # fedtiny_kernels_bwd_fast.c
     if step.kind == "conv2d_input_grad" and fast and not step.attrs.get("recompute"):
         op = plan.graph.ops[step.attrs["op"]]
         if conv_kernel(plan.graph, op) == "conv2d_depthwise":
@@ -321,6 +326,9 @@ def step_kernel(plan, step, fast: bool = True) -> str:
             return "conv2d_input_grad_pointwise"  # fedtiny_kernels_bwd_fast.c
     return step.kind
 
+
+# the fast bias update's int32 sums: positions x 2^15 < 2^31
+BIAS_FAST_MAX_POSITIONS = 65_535
 
 # the pointwise input gradient's int32 half-sums: out_c x 2^15 x 2^7 < 2^31 (POINTWISE_MAX_OUT_C in the C)
 POINTWISE_MAX_OUT_C = 511

@@ -38,8 +38,8 @@ def test_full_plans_of_random_convs_train_on_the_host_like_python(cache):
     for seed in (1,):  # seed 0's plan: the M4 test below
         plan, x, labels = full_plan(seed)
         kernels = {device_memory.step_kernel(plan, s) for s in plan.steps}
-        assert {"conv2d_input_grad_depthwise", "conv2d_input_grad_pointwise", "conv2d_weight_update_fast"} <= kernels, \
-            kernels
+        assert {"conv2d_input_grad_depthwise", "conv2d_input_grad_pointwise", "conv2d_weight_update_fast",
+                "conv2d_bias_update_fast"} <= kernels, kernels
         expected = python_steps(plan, x, labels, seed=3)
         trainer = cruntime.CTrainer(plan, seed=3, cache_dir=cache)
         trainer.steps(x, labels)
@@ -55,7 +55,8 @@ def test_a_full_plan_of_random_convs_trains_on_the_m4_like_python(cache):
     expected = python_steps(plan, x, labels, seed=11)
     elf = cruntime.build_train_firmware(plan, x, labels, seed=11, steps=len(x), cache_dir=cache)
     model_c = (elf.parent / "model.c").read_text()
-    assert "FEDTINY_OP_CONV2D_INPUT_GRAD_DEPTHWISE" in model_c and "FEDTINY_OP_CONV2D_INPUT_GRAD_POINTWISE" in model_c
+    assert all(f"FEDTINY_OP_CONV2D_{kind}" in model_c
+               for kind in ("INPUT_GRAD_DEPTHWISE", "INPUT_GRAD_POINTWISE", "BIAS_UPDATE_FAST"))
     result = cruntime.run_qemu(elf, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert cruntime.parse_train_result(result.stdout) == (
@@ -171,3 +172,41 @@ def test_the_pointwise_input_gradient_is_the_reference_at_the_extremes(cache):
         want = input_grad(lib, "fedtiny_conv2d_input_grad", (h, w, cin), weight, sram_rows, ws, g_y)
         got = input_grad(lib, "fedtiny_conv2d_input_grad_pointwise", (h, w, cin), weight, sram_rows, ws, g_y)
         assert got[1] == want[1] and np.array_equal(got[0], want[0]), f"case {i}: {(h, w, cin, cout, sram_rows)}"
+
+
+def bias_update(lib, fn: str, g_y, bias, m, shift, e_y: int, counter: int):
+    """One bias-update kernel call on the host library: (bias after, counter after)."""
+    h, w, cout = g_y.shape
+    conv = cruntime.Conv2dParams(h, w, 1, h, w, cout, 1, 1, 1, 1, 0, 0, 1, 0, 0, -128, 127)
+    m, shift = (np.ascontiguousarray(a, dtype=np.int32) for a in (m, shift))
+    p = cruntime.UpdateParams(ctypes.addressof(conv), 0, m.ctypes.data, shift.ctypes.data, 0)
+    g_y, bias, c = np.ascontiguousarray(g_y, dtype=np.int16), np.array(bias, dtype=np.int32), ctypes.c_uint64(counter)
+    args = [ctypes.POINTER(cruntime.UpdateParams), ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_uint64)]
+    getattr(lib, fn).argtypes = args + ([ctypes.c_void_p] if fn.endswith("fast") else [])
+    scratch = np.zeros(cout, dtype=np.int32)
+    extra = [scratch.ctypes.data] if fn.endswith("fast") else []
+    assert getattr(lib, fn)(ctypes.byref(p), g_y.ctypes.data, e_y, bias.ctypes.data, ctypes.byref(c), *extra) == 0
+    return bias, c.value
+
+
+def test_the_fast_bias_update_is_the_reference(cache):
+    """fedtiny_conv2d_bias_update_fast == fedtiny_conv2d_bias_update (biases and counter) on random shapes (channel
+    counts on both sides of its 8-channel blocks, odd and even counters), exponents of both signs of k and the
+    largest sums: |g| = 32767 over 65,535 positions, next to int32's edges."""
+    need("gcc", "make")
+    lib = cruntime.KernelLibrary(cache).lib
+    rng = np.random.default_rng(9)
+    for i in range(40):
+        cout = int(rng.integers(1, 30))
+        h, w = (1, device_memory.BIAS_FAST_MAX_POSITIONS) if i % 10 == 9 else tuple(int(v) for v in rng.integers(1, 9, 2))
+        g_y = rng.integers(-32767, 32768, (h, w, cout)).astype(np.int16)
+        if i % 10 == 9:
+            g_y[:] = 32767 if i % 20 == 9 else -32767
+        bias = rng.integers(-(2**31), 2**31, cout)
+        bias[0] = 2**31 - 1
+        m, shift = rng.integers(2**14, 2**15, cout), rng.integers(-12, 4, cout)
+        e_y, counter = int(rng.integers(-40, 20)), int(rng.integers(0, 2**63))
+        want = bias_update(lib, "fedtiny_conv2d_bias_update", g_y, bias, m, shift, e_y, counter)
+        got = bias_update(lib, "fedtiny_conv2d_bias_update_fast", g_y, bias, m, shift, e_y, counter)
+        assert got[1] == want[1] and np.array_equal(got[0], want[0]), f"case {i}: {(h, w, cout, e_y)}"

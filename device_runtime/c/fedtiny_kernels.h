@@ -298,4 +298,10 @@ fedtiny_status fedtiny_conv2d_input_grad_pointwise(const fedtiny_conv2d_input_gr
                                                    int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch);
 size_t fedtiny_conv2d_input_grad_pointwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p);
 
+/* fedtiny_conv2d_bias_update for outputs of at most 65,535 positions: int32 sums eight channels at a time, two
+ * biases per draw; scratch: int32 per output channel. */
+fedtiny_status fedtiny_conv2d_bias_update_fast(const fedtiny_conv2d_update_params *p, const int16_t *g_y,
+                                               int32_t e_y, int32_t *bias, uint64_t *rng_counter, void *scratch);
+size_t fedtiny_conv2d_bias_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p);
+
 #endif /* FEDTINY_KERNELS_H */

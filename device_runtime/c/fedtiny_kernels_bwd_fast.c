@@ -640,3 +640,69 @@ fedtiny_status fedtiny_conv2d_input_grad_pointwise(const fedtiny_conv2d_input_gr
     *e_x = e_y - p->k + narrow_sums(acc, pixels * in_c, g_x);
     return FEDTINY_OK;
 }
+
+/* ---- bias update ----------------------------------------------------------------------------------------------- */
+
+/* The bias sums in int32 (the compiler chooses this kernel for outputs of at most 65,535 positions: |sum| <
+ * 2^15 x positions < 2^31), one per output channel. */
+size_t fedtiny_conv2d_bias_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p)
+{
+    return (size_t)p->conv->out_c * sizeof(int32_t);
+}
+
+/* sums[0..8) = the sums over `positions` rows of g (row stride `stride` int16) of 8 adjacent channels: the eight
+ * accumulators stay in registers, each row's channels read as four words. */
+static void channel_sums8(const int16_t *g, int32_t stride, int32_t positions, int32_t *sums)
+{
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0, i;
+    for (i = 0; i < positions; i++, g += stride) {
+        uint32_t w[4];
+        memcpy(w, g, sizeof w);
+        a0 += (int16_t)w[0], a1 += (int32_t)w[0] >> 16;
+        a2 += (int16_t)w[1], a3 += (int32_t)w[1] >> 16;
+        a4 += (int16_t)w[2], a5 += (int32_t)w[2] >> 16;
+        a6 += (int16_t)w[3], a7 += (int32_t)w[3] >> 16;
+    }
+    sums[0] = a0, sums[1] = a1, sums[2] = a2, sums[3] = a3, sums[4] = a4, sums[5] = a5, sums[6] = a6, sums[7] = a7;
+}
+
+/* fedtiny_conv2d_bias_update's integers: the sums eight channels at a time over the output rows (int32, exact),
+ * then each bias's update from the reference's fedtiny_stochastic_delta with the bits of its index, two biases per
+ * draw (the draws stepped by the golden increment). */
+fedtiny_status fedtiny_conv2d_bias_update_fast(const fedtiny_conv2d_update_params *p, const int16_t *g_y,
+                                               int32_t e_y, int32_t *bias, uint64_t *rng_counter, void *scratch)
+{
+    const fedtiny_conv2d_params *c = p->conv;
+    const int32_t positions = c->out_h * c->out_w, out_c = c->out_c;
+    const uint64_t counter = *rng_counter;
+    int32_t *sums = (int32_t *)scratch;
+    uint64_t z = (counter + 1u) * SPLITMIX_GOLDEN, draw = 0;
+    int32_t o, i;
+    if (scratch == NULL || positions > 65535) {
+        return FEDTINY_ERR_PARAMS;
+    }
+    for (o = 0; o + 8 <= out_c; o += 8) {
+        channel_sums8(g_y + o, out_c, positions, sums + o);
+    }
+    for (; o < out_c; o++) {
+        int32_t sum = 0;
+        for (i = 0; i < positions; i++) {
+            sum += g_y[i * out_c + o];
+        }
+        sums[o] = sum;
+    }
+    for (o = 0; o < out_c; o++) {
+        uint32_t bits;
+        if ((o & 1) == 0) {
+            draw = splitmix_mix(z);
+            z += SPLITMIX_GOLDEN;
+            bits = (uint32_t)draw;
+        } else {
+            bits = (uint32_t)(draw >> 32);
+        }
+        bias[o] = (int32_t)fedtiny_clamp_i32_64(
+            (int64_t)bias[o] - fedtiny_stochastic_delta(sums[o], p->m[o], 15 - p->shift[o] - e_y, bits));
+    }
+    *rng_counter = counter + fedtiny_update_draws((uint32_t)out_c);
+    return FEDTINY_OK;
+}
