@@ -42,7 +42,7 @@ KERNEL_STACK_BYTES = {
     "cat": 40 + 32, "mul": 4 + 56, "cat_input_grad": 24 + 32, "mul_input_grad": 24 + 216,
     # fedtiny_kernels_bwd_fast.c: its glue, frame (a chunk's sums), update_run32; the depthwise and pointwise input
     # gradients
-    "conv2d_weight_update_fast": 32 + 480 + 72, "conv2d_input_grad_depthwise": 24 + 144,
+    "conv2d_weight_update_fast": 32 + 568 + 64, "conv2d_input_grad_depthwise": 24 + 144,
     "conv2d_input_grad_pointwise": 24 + 144, "conv2d_bias_update_fast": 24 + 80,
 }
 
@@ -148,7 +148,7 @@ def _input_grad_pointwise_scratch(graph: Graph, op: Op, step) -> int:
 
 
 # weights of a row the fast weight update sums together before updating them (fedtiny_kernels_bwd_fast.c)
-UPDATE_CHUNK = 8
+UPDATE_CHUNK = 16
 
 
 def _weight_update_fast_scratch(graph: Graph, op: Op, step) -> int:

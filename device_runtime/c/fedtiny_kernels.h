@@ -278,7 +278,7 @@ size_t fedtiny_grad_mask_scratch_bytes(const fedtiny_grad_mask_params *p);
  * code from gcc -O3 on the host). The code generator picks them (fedtiny.device_memory.step_kernel) unless the
  * budget asks for the reference kernels' smaller scratch. */
 
-/* fedtiny_conv2d_weight_update for any conv; scratch: (channels + min(8, row length rounded up to even)) x positions
+/* fedtiny_conv2d_weight_update for any conv; scratch: (channels + min(16, row length rounded up to even)) x positions
  * (rounded up to even) int16. */
 fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_params *p, const int16_t *g_y,
                                                  int32_t e_y, const int8_t *x, int8_t *rows, uint64_t *rng_counter,

@@ -48,7 +48,7 @@ static int conv_groups_ok(const fedtiny_conv2d_params *c)
 
 /* Weights of a row whose sums are formed together (2 rows x UPDATE_CHUNK columns) before their updates run in one
  * tight loop over the row (its rounding constants in registers, one draw per two weights). */
-#define UPDATE_CHUNK 8
+#define UPDATE_CHUNK 16
 
 static int32_t update_columns(int32_t row_len) { return min_i32(UPDATE_CHUNK, even(row_len)); }
 
@@ -203,9 +203,18 @@ static void update_run32(int8_t *w, const int32_t *sums, int32_t n, uint32_t ind
     const int32_t m = r->m, s = r->s, s_inverse = 31 - r->s;
     uint64_t z = (counter + 1u + (index >> 1)) * SPLITMIX_GOLDEN; /* the draw of weight index's pair */
     int32_t j = 0;
-    if (r->k < 32) {
+    if (r->k < 32) { /* the same walk through the draws, each weight through updated_weight_small_k */
+        uint64_t draw = (index & 1u) ? splitmix_mix(z) : 0;
         for (j = 0; j < n; j++) {
-            w[j] = updated_weight_small_k(w[j], sums[j], r, fedtiny_update_bits(counter, index + (uint32_t)j));
+            uint32_t bits;
+            if (((index + (uint32_t)j) & 1u) == 0) {
+                draw = splitmix_mix(z);
+                bits = (uint32_t)draw;
+            } else {
+                bits = (uint32_t)(draw >> 32);
+                z += SPLITMIX_GOLDEN;
+            }
+            w[j] = updated_weight_small_k(w[j], sums[j], r, bits);
         }
         return;
     }
@@ -343,6 +352,8 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
     const int32_t row_len = c->kernel_h * c->kernel_w * cin_g, chunk = update_columns(row_len);
     const int32_t positions = c->out_h * c->out_w, p2 = even(positions), out_c = c->out_c;
     const int one_block = p2 <= p->block; /* every sum exact in int32 (the compiler's bound) */
+    const int linear = c->in_h == 1 && c->in_w == 1 && c->kernel_h == 1 && c->kernel_w == 1 && c->pad_top == 0 &&
+                       c->pad_left == 0 && positions == 1; /* a linear layer: weight w of group g reads x[g cin_g + w] */
     const uint64_t counter = *rng_counter;
     int16_t *gcols = (int16_t *)scratch;
     int16_t *xcols = gcols + (size_t)p->channels * (size_t)p2;
@@ -370,14 +381,22 @@ fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_par
         for (w0 = 0; w0 < row_len; w0 += chunk) {
             const int32_t n = min_i32(chunk, row_len - w0);
             for (j = 0; j < n; j++) {
-                weight_column(c, x, group, w0 + j, xcols + (size_t)j * (size_t)p2, p2);
+                if (linear) { /* the one input value of each weight */
+                    xcols[(size_t)j * (size_t)p2] = (int16_t)((int32_t)x[group * cin_g + w0 + j] - c->in_zero_point);
+                } else {
+                    weight_column(c, x, group, w0 + j, xcols + (size_t)j * (size_t)p2, p2);
+                }
             }
             for (o = o_lo; o < o_hi; o += 2) {
                 const int32_t o1 = min_i32(o + 1, o_hi - 1);
                 const int16_t *g0 = gcols + (size_t)o * (size_t)p2, *g1 = gcols + (size_t)o1 * (size_t)p2;
                 const row_rounding r0 = rounding_of(p, o, e_y);
-                int32_t s32[2][UPDATE_CHUNK], s[4], b;
-                int64_t s64[2][UPDATE_CHUNK];
+                union { /* the chunk's sums of the two rows: int32 in one block, else int64 */
+                    int32_t s32[2][UPDATE_CHUNK];
+                    int64_t s64[2][UPDATE_CHUNK];
+                } u;
+                int32_t(*s32)[UPDATE_CHUNK] = u.s32, s[4], b;
+                int64_t(*s64)[UPDATE_CHUNK] = u.s64;
                 for (j = 0; positions == 1 && j < n; j++) { /* a linear layer: each sum is one product */
                     s32[0][j] = (int32_t)g0[0] * xcols[(size_t)j * (size_t)p2];
                     s32[1][j] = (int32_t)g1[0] * xcols[(size_t)j * (size_t)p2];
