@@ -53,8 +53,10 @@ KERNEL_STACK_BYTES = {
 # Measured 2026-11-30: 17,010 with the fast forward kernels (fedtiny_kernels_fwd_fast.c: 3,196), + 1,572 for the
 # fast weight update (fedtiny_kernels_bwd_fast.c); 22,088 with the fast add, the one-pixel conv path, the
 # one-multiply requantization and the depthwise kernel specialised by row length (branch fastfwd2); + 1,580 for
-# two weights per draw and the depthwise input gradient (branch fastbwd2).
-RUNTIME_CODE_BYTES = 23_668
+# two weights per draw and the depthwise input gradient (branch fastbwd2). 2026-12-01: 27,960 with the weight
+# update's chunks and depthwise plane, the pointwise input gradient and the fast bias update (branch fastbwd3: the
+# linker's code less the plan's constants, sensor_cnn full and mlp classifier alike within 200 B).
+RUNTIME_CODE_BYTES = 27_960
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.

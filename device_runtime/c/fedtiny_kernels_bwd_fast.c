@@ -617,6 +617,13 @@ fedtiny_status fedtiny_conv2d_input_grad_pointwise(const fedtiny_conv2d_input_gr
     if (!pointwise_ok(c) || scratch == NULL || p->recompute) {
         return FEDTINY_ERR_PARAMS;
     }
+#if !FAST_DSP && !defined(FEDTINY_HOST_SPLIT_PATHS)
+    /* Without SMLAD the split halves double the multiplies, while the reference skips the zero terms and gcc
+     * vectorizes its inner loop: on the host the reference is the faster way to the same integers (its scratch,
+     * one int64 per input element, is the head of this kernel's). */
+    (void)terms, (void)wpairs, (void)w16, (void)px, (void)o, (void)q, (void)ch;
+    return fedtiny_conv2d_input_grad(p, g_y, e_y, g_x, e_x, scratch);
+#endif
     for (px = 0; px < pixels; px++) {
         const int16_t *gp = g_y + (size_t)px * (size_t)out_c;
         uint32_t *tp = terms + (size_t)px * (size_t)pairs * 2u;
@@ -700,6 +707,11 @@ fedtiny_status fedtiny_conv2d_bias_update_fast(const fedtiny_conv2d_update_param
     if (scratch == NULL || positions > 65535) {
         return FEDTINY_ERR_PARAMS;
     }
+#if !FAST_DSP && !defined(FEDTINY_HOST_SPLIT_PATHS)
+    /* measured slower than the reference on the host (x86, gcc -O3): the same integers the faster way there */
+    (void)sums, (void)z, (void)draw, (void)o, (void)i;
+    return fedtiny_conv2d_bias_update(p, g_y, e_y, bias, rng_counter);
+#endif
     for (o = 0; o + 8 <= out_c; o += 8) {
         channel_sums8(g_y + o, out_c, positions, sums + o);
     }
