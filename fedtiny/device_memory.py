@@ -41,9 +41,9 @@ KERNEL_STACK_BYTES = {
     "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
     "cat": 40 + 32, "mul": 4 + 56, "cat_input_grad": 24 + 32, "mul_input_grad": 24 + 216,
     # fedtiny_kernels_bwd_fast.c: its glue, frame (a chunk's sums), update_run32; the depthwise and pointwise input
-    # gradients
-    "conv2d_weight_update_fast": 32 + 568 + 64, "conv2d_input_grad_depthwise": 24 + 144,
-    "conv2d_input_grad_pointwise": 24 + 144, "conv2d_bias_update_fast": 24 + 80,
+    # gradients + narrow_sums (28); the bias update
+    "conv2d_weight_update_fast": 32 + 568 + 64, "conv2d_input_grad_depthwise": 24 + 136 + 28,
+    "conv2d_input_grad_pointwise": 24 + 128 + 28, "conv2d_bias_update_fast": 16 + 112,
 }
 
 # The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
