@@ -450,7 +450,7 @@ def render_plan(plan, fast: bool = True, constants_as_data: bool = False) -> tup
                                   dict(conv=f"&op{i}_params", ws=f"{name}_ws", k=k,
                                        recompute=int(s.attrs.get("recompute", False)))))
                 kernel, ins = f"&{name}_grad", s.reads[:1]
-                kind = f"FEDTINY_OP_{device_memory.step_kernel(plan, s, fast).upper()}"  # depthwise or reference
+                kind = f"FEDTINY_OP_{device_memory.step_kernel(plan, s, fast).upper()}"  # depthwise, pointwise or reference
             elif s.kind in ("conv2d_weight_update", "conv2d_bias_update"):
                 upd = plan.updates[i]
                 weights = s.kind == "conv2d_weight_update"

@@ -40,8 +40,10 @@ KERNEL_STACK_BYTES = {
     "grad_mask_bits": 8 + 8, "conv2d_input_grad": 24 + 216, "conv2d_weight_update": 24 + 152,
     "conv2d_bias_update": 16 + 80, "avgpool2d_input_grad": 24 + 216 + 56, "maxpool2d_input_grad": 32 + 160 + 56,
     "cat": 40 + 32, "mul": 4 + 56, "cat_input_grad": 24 + 32, "mul_input_grad": 24 + 216,
-    # fedtiny_kernels_bwd_fast.c: its glue, frame, update_pair + updated_weight_small_k; the depthwise input gradient
-    "conv2d_weight_update_fast": 32 + 296 + 72 + 16, "conv2d_input_grad_depthwise": 24 + 144,
+    # fedtiny_kernels_bwd_fast.c: its glue, frame (a chunk's sums), update_run32; the depthwise and pointwise input
+    # gradients + narrow_sums (28); the bias update
+    "conv2d_weight_update_fast": 32 + 568 + 64, "conv2d_input_grad_depthwise": 24 + 136 + 28,
+    "conv2d_input_grad_pointwise": 24 + 128 + 28, "conv2d_bias_update_fast": 16 + 112,
 }
 
 # The code of the C runtime a training firmware links (fedtiny_kernels.c, fedtiny_runtime.c and the generated
@@ -53,8 +55,9 @@ KERNEL_STACK_BYTES = {
 # one-multiply requantization and the depthwise kernel specialised by row length (branch fastfwd2); + 1,580 for
 # two weights per draw and the depthwise input gradient (branch fastbwd2); + 4,932 for the requantization by
 # SMMLAR in two inlined forms, the block-wise stores and the depthwise kernels unrolled for 3 x 3 and 1 x 5
-# (branch fastfwd3: fedtiny_kernels_fwd_fast.c 6,596 -> 11,528 B of .text).
-RUNTIME_CODE_BYTES = 28_600
+# (branch fastfwd3: fedtiny_kernels_fwd_fast.c 6,596 -> 11,528 B of .text); + 4,292 for the weight update's chunks
+# and depthwise plane, the pointwise input gradient and the fast bias update (branch fastbwd3).
+RUNTIME_CODE_BYTES = 32_892
 
 # sizeof of the runtime's structs on the Cortex-M4 (32-bit pointers), as fedtiny_kernels.h / fedtiny_runtime.h
 # declare them: what each op, step and table costs in flash.
@@ -140,11 +143,31 @@ def _input_grad_depthwise_scratch(graph: Graph, op: Op, step) -> int:
     return 8 * h * w * c + 4 * graph.tensors[op.inputs[1]].data.size
 
 
+def _input_grad_pointwise_scratch(graph: Graph, op: Op, step) -> int:
+    """The pointwise input gradient's int64 sum per input element, each pixel's split terms (8 bytes per output
+    channel pair) and two input channels' weights (8 bytes per output channel pair)."""
+    h, w, c = graph.tensors[op.inputs[0]].shape
+    pairs = -(-graph.tensors[op.inputs[1]].shape[0] // 2)
+    return 8 * h * w * c + 8 * h * w * pairs + 8 * pairs
+
+
+# weights of a row the fast weight update sums together before updating them (fedtiny_kernels_bwd_fast.c)
+UPDATE_CHUNK = 16
+
+
 def _weight_update_fast_scratch(graph: Graph, op: Op, step) -> int:
-    """The fast weight update's g columns of the trainable rows and two input columns, int16 per output position
-    (rounded up to even)."""
+    """The fast weight update's g columns of the trainable rows and the input columns of one chunk of a row (at
+    most UPDATE_CHUNK, the row's length rounded up to even), int16 per output position (rounded up to even); for a
+    depthwise conv whose sums fit one int32 block, at least one channel's padded input plane."""
     oh, ow, _ = graph.tensors[op.outputs[0]].shape
-    return 2 * (step.attrs["channels"] + 2) * (oh * ow + (oh * ow) % 2)
+    row_len, p2 = conv_window(graph, op), oh * ow + (oh * ow) % 2
+    columns = min(UPDATE_CHUNK, row_len + row_len % 2) * p2
+    cout, kh, kw, _ = graph.tensors[op.inputs[1]].shape
+    cin = graph.tensors[op.inputs[0]].shape[2]
+    if op.attrs["groups"] == cin == cout and p2 <= weight_update_block(weight_update_x_zero_point_of(graph, op)):
+        (sh, sw) = op.attrs["stride"]  # a depthwise update reads one channel's padded input plane instead (rows by phase)
+        columns = max(columns, ((oh - 1) * sh + kh) * -(-((ow - 1) * sw + kw) // sw) * sw)
+    return 2 * (step.attrs["channels"] * p2 + columns)
 
 
 # a training step's C kernel (step_kernel) -> its scratch bytes (graph, op, step)
@@ -154,6 +177,8 @@ STEP_SCRATCH = {
     "maxpool2d_input_grad": lambda graph, op, step: _pool_grad_scratch(graph, op),
     "conv2d_weight_update_fast": _weight_update_fast_scratch,
     "conv2d_input_grad_depthwise": _input_grad_depthwise_scratch,
+    "conv2d_input_grad_pointwise": _input_grad_pointwise_scratch,
+    "conv2d_bias_update_fast": lambda graph, op, step: 4 * graph.tensors[op.inputs[1]].shape[0],  # int32 sums
 }
 
 
@@ -191,7 +216,7 @@ def choose_recompute(plan, available: int, fast: bool = True) -> None:
 
     # an input of one pixel (a linear layer's) would take the same scratch twice as slowly
     candidates = sorted((s for s in plan.steps if (s.kind == "conv2d_input_grad" and pixels(s) > 1)
-                         or step_kernel(plan, s, fast) == "conv2d_weight_update_fast"),
+                         or step_kernel(plan, s, fast) in ("conv2d_weight_update_fast", "conv2d_bias_update_fast")),
                         key=lambda s: -step_scratch_bytes(plan, s, fast))
     for step in candidates:
         if plan_footprint(plan, fast)["device_ram_bytes"] <= available:
@@ -243,7 +268,11 @@ def weight_update_block(x_zero_point: int) -> int:
 
 
 def weight_update_x_zero_point(plan, step) -> int:
-    return plan.graph.tensors[plan.graph.ops[step.attrs["op"]].inputs[0]].zero_point
+    return weight_update_x_zero_point_of(plan.graph, plan.graph.ops[step.attrs["op"]])
+
+
+def weight_update_x_zero_point_of(graph: Graph, op: Op) -> int:
+    return graph.tensors[op.inputs[0]].zero_point
 
 
 # |x - zero point| * |w| of one int8 conv term: 255 * 128
@@ -289,10 +318,32 @@ def step_kernel(plan, step, fast: bool = True) -> str:
         return "mse_grad"
     if step.kind == "conv2d_weight_update" and fast and not step.attrs.get("recompute"):
         return "conv2d_weight_update_fast"  # fedtiny_kernels_bwd_fast.c; `recompute`: the budget's choice
-    if (step.kind == "conv2d_input_grad" and fast and not step.attrs.get("recompute")
-            and conv_kernel(plan.graph, plan.graph.ops[step.attrs["op"]]) == "conv2d_depthwise"):
-        return "conv2d_input_grad_depthwise"  # fedtiny_kernels_bwd_fast.c
+    if step.kind == "conv2d_bias_update" and fast and not step.attrs.get("recompute"):
+        oh, ow, _ = plan.graph.tensors[plan.graph.ops[step.attrs["op"]].outputs[0]].shape
+        if oh * ow <= BIAS_FAST_MAX_POSITIONS:
+            return "conv2d_bias_update_fast"  # fedtiny_kernels_bwd_fast.c
+    if step.kind == "conv2d_input_grad" and fast and not step.attrs.get("recompute"):
+        op = plan.graph.ops[step.attrs["op"]]
+        if conv_kernel(plan.graph, op) == "conv2d_depthwise":
+            return "conv2d_input_grad_depthwise"  # fedtiny_kernels_bwd_fast.c
+        if is_pointwise(plan.graph, op):
+            return "conv2d_input_grad_pointwise"  # fedtiny_kernels_bwd_fast.c
     return step.kind
+
+
+# the fast bias update's int32 sums: positions x 2^15 < 2^31
+BIAS_FAST_MAX_POSITIONS = 65_535
+
+# the pointwise input gradient's int32 half-sums: out_c x 2^15 x 2^7 < 2^31 (POINTWISE_MAX_OUT_C in the C)
+POINTWISE_MAX_OUT_C = 511
+
+
+def is_pointwise(graph: Graph, op: Op) -> bool:
+    """A 1 x 1 conv with stride 1, no padding and groups 1 (its input gradient needs no window arithmetic), whose
+    output channels keep the fast pointwise input gradient's int32 half-sums exact."""
+    cout, kh, kw, _ = graph.tensors[op.inputs[1]].shape
+    return (kh, kw) == (1, 1) and tuple(op.attrs["stride"]) == (1, 1) and not any(op.attrs["padding"]) \
+        and op.attrs["groups"] == 1 and cout <= POINTWISE_MAX_OUT_C
 
 
 def step_stack_bytes(plan, fast: bool = True) -> int:

@@ -279,7 +279,8 @@ size_t fedtiny_grad_mask_scratch_bytes(const fedtiny_grad_mask_params *p);
  * code from gcc -O3 on the host). The code generator picks them (fedtiny.device_memory.step_kernel) unless the
  * budget asks for the reference kernels' smaller scratch. */
 
-/* fedtiny_conv2d_weight_update for any conv; scratch: (channels + 2) x positions (rounded up to even) int16. */
+/* fedtiny_conv2d_weight_update for any conv; scratch: (channels + min(16, row length rounded up to even)) x positions
+ * (rounded up to even) int16. */
 fedtiny_status fedtiny_conv2d_weight_update_fast(const fedtiny_conv2d_update_params *p, const int16_t *g_y,
                                                  int32_t e_y, const int8_t *x, int8_t *rows, uint64_t *rng_counter,
                                                  void *scratch);
@@ -290,5 +291,18 @@ size_t fedtiny_conv2d_weight_update_fast_scratch_bytes(const fedtiny_conv2d_upda
 fedtiny_status fedtiny_conv2d_input_grad_depthwise(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
                                                    int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch);
 size_t fedtiny_conv2d_input_grad_depthwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p);
+
+/* fedtiny_conv2d_input_grad of a pointwise conv (1 x 1, stride 1, no padding, groups 1, out_c <= 511) without
+ * transposing g_y: per pixel two SMLAD dot products over output channels of each term's 15-bit halves; scratch:
+ * the reference's int64 per input element, then 8 bytes per pixel and output-channel pair, then 8 per pair. */
+fedtiny_status fedtiny_conv2d_input_grad_pointwise(const fedtiny_conv2d_input_grad_params *p, const int16_t *g_y,
+                                                   int32_t e_y, int16_t *g_x, int32_t *e_x, void *scratch);
+size_t fedtiny_conv2d_input_grad_pointwise_scratch_bytes(const fedtiny_conv2d_input_grad_params *p);
+
+/* fedtiny_conv2d_bias_update for outputs of at most 65,535 positions: int32 sums eight channels at a time, two
+ * biases per draw; scratch: int32 per output channel. */
+fedtiny_status fedtiny_conv2d_bias_update_fast(const fedtiny_conv2d_update_params *p, const int16_t *g_y,
+                                               int32_t e_y, int32_t *bias, uint64_t *rng_counter, void *scratch);
+size_t fedtiny_conv2d_bias_update_fast_scratch_bytes(const fedtiny_conv2d_update_params *p);
 
 #endif /* FEDTINY_KERNELS_H */

@@ -160,6 +160,18 @@ static fedtiny_status invoke_conv2d_input_grad_depthwise(const fedtiny_op *op, c
     return fedtiny_conv2d_input_grad_depthwise((const fedtiny_conv2d_input_grad_params *)TP->kernel, GIN(0), E_IN(0),
                                                GOUT(0), E_OUT, g->scratch);
 }
+
+static fedtiny_status invoke_conv2d_input_grad_pointwise(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_conv2d_input_grad_pointwise((const fedtiny_conv2d_input_grad_params *)TP->kernel, GIN(0), E_IN(0),
+                                               GOUT(0), E_OUT, g->scratch);
+}
+
+static fedtiny_status invoke_conv2d_bias_update_fast(const fedtiny_op *op, const fedtiny_graph *g)
+{
+    return fedtiny_conv2d_bias_update_fast((const fedtiny_conv2d_update_params *)TP->kernel, GIN(0), E_IN(0),
+                                           (int32_t *)(void *)OUT(0), &g->state->rng_counter, g->scratch);
+}
 #endif
 
 static fedtiny_status invoke_conv2d_bias_update(const fedtiny_op *op, const fedtiny_graph *g)
@@ -231,6 +243,16 @@ static size_t scratch_conv2d_input_grad_depthwise(const void *p)
 {
     return fedtiny_conv2d_input_grad_depthwise_scratch_bytes(TK(p));
 }
+
+static size_t scratch_conv2d_input_grad_pointwise(const void *p)
+{
+    return fedtiny_conv2d_input_grad_pointwise_scratch_bytes(TK(p));
+}
+
+static size_t scratch_conv2d_bias_update_fast(const void *p)
+{
+    return fedtiny_conv2d_bias_update_fast_scratch_bytes(TK(p));
+}
 #endif
 
 /* A fast kernel's row; a reference build (-DFEDTINY_REFERENCE_KERNELS, codegen --reference) leaves it empty, so
@@ -270,6 +292,8 @@ static const op_kind_row kinds[FEDTINY_OP_KIND_COUNT] = {
     FAST_ROW(invoke_conv2d_weight_update_fast, scratch_conv2d_weight_update_fast, 1), /* ..._UPDATE_FAST */
     FAST_ROW(invoke_add_fast, scratch_add_fast, 0),                           /* FEDTINY_OP_ADD_FAST */
     FAST_ROW(invoke_conv2d_input_grad_depthwise, scratch_conv2d_input_grad_depthwise, 1), /* ..._DEPTHWISE */
+    FAST_ROW(invoke_conv2d_input_grad_pointwise, scratch_conv2d_input_grad_pointwise, 1), /* ..._POINTWISE */
+    FAST_ROW(invoke_conv2d_bias_update_fast, scratch_conv2d_bias_update_fast, 1), /* ..._BIAS_UPDATE_FAST */
 };
 
 size_t fedtiny_op_scratch_bytes(const fedtiny_op *op)

@@ -44,6 +44,8 @@ typedef enum {
     FEDTINY_OP_CONV2D_WEIGHT_UPDATE_FAST = 24, /* as CONV2D_WEIGHT_UPDATE, fast kernel (fedtiny_kernels_bwd_fast.c) */
     FEDTINY_OP_ADD_FAST = 25,              /* fedtiny_add_params, fast kernel (fedtiny_kernels_fwd_fast.c) */
     FEDTINY_OP_CONV2D_INPUT_GRAD_DEPTHWISE = 26, /* as CONV2D_INPUT_GRAD for a depthwise conv (..._bwd_fast.c) */
+    FEDTINY_OP_CONV2D_INPUT_GRAD_POINTWISE = 27, /* as CONV2D_INPUT_GRAD for a 1 x 1 conv (..._bwd_fast.c) */
+    FEDTINY_OP_CONV2D_BIAS_UPDATE_FAST = 28, /* as CONV2D_BIAS_UPDATE, fast kernel (..._bwd_fast.c) */
     FEDTINY_OP_KIND_COUNT
 } fedtiny_op_kind;                   /* reshape has no kind: its output aliases its input's bytes */
 
