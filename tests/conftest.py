@@ -22,6 +22,21 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_monocypher():
+    """Monocypher's C sources from the pinned sdist (fedtiny_device.monocypher_sources), with gcc and make to build
+    them: skip without a package index or the tools on a user's machine, fail in CI."""
+    from fedtiny_device import monocypher_sources
+
+    require_tool("gcc")
+    require_tool("make")
+    try:
+        return monocypher_sources.monocypher_sources()
+    except monocypher_sources.SourceError as err:
+        if IN_CI:
+            pytest.fail(str(err))
+        pytest.skip(str(err))
+
+
 def require_module(name: str, extra: str) -> None:
     """Skip without an optional Python package on a user's machine; fail in CI, whose `.[dev]` installs `extra`."""
     if importlib.util.find_spec(name) is None:

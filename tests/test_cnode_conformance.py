@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IN_CI, require_tool
+from conftest import require_monocypher, require_tool
 
 from fedtiny.planfile import load_plan
 from fedtiny.protocol import chunking, topics
@@ -36,7 +36,7 @@ from fedtiny.protocol.task import task_body
 from fedtiny.protocol.update import (
     FULL_STATE, downlink_reassembly_bytes, global_update, max_downlink_bytes, row_scales,
 )
-from fedtiny_device import cnode, cruntime, monocypher_sources
+from fedtiny_device import cnode, cruntime
 from fedtiny_device.agent import LocalTraining, classes, heldout_split, predict
 from fedtiny_device.trainer import Trainer
 
@@ -65,14 +65,7 @@ def spec():
 def library(plan, tmp_path_factory):
     """libfedtiny_node.so for the conformance plan (skip without gcc or the Monocypher sdist on a user's
     machine, fail in CI)."""
-    require_tool("gcc")
-    require_tool("make")
-    try:
-        monocypher_sources.monocypher_sources()
-    except monocypher_sources.SourceError as err:
-        if IN_CI:
-            pytest.fail(str(err))
-        pytest.skip(str(err))
+    require_monocypher()
     return cnode.CNodeLibrary(plan, tmp_path_factory.mktemp("cnode_cache"))
 
 

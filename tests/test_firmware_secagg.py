@@ -5,8 +5,7 @@ printed (BENCHMARKS and docs/security.md quote them). Skips without arm-none-eab
 sources on a user's machine; fails in CI."""
 
 import numpy as np
-import pytest
-from conftest import IN_CI, require_tool
+from conftest import require_monocypher, require_tool
 from test_secagg import clipped_delta
 
 from fedtiny.protocol.noise import NoiseStream, add_noise, noise_key
@@ -20,14 +19,9 @@ def test_the_m4_keys_shares_noise_and_masks_are_the_python_devices(mlp_last2_pla
     require_tool("arm-none-eabi-gcc")
     require_tool("qemu-system-arm")
     require_tool("make")
-    from fedtiny_device import cnode, csecagg, monocypher_sources
+    from fedtiny_device import cnode, csecagg
 
-    try:
-        monocypher_sources.monocypher_sources()
-    except monocypher_sources.SourceError as err:
-        if IN_CI:
-            pytest.fail(str(err))
-        pytest.skip(str(err))
+    require_monocypher()
     plan = mlp_last2_plan
     delta = clipped_delta(plan, 4)
     case = csecagg.secagg_case(plan, delta, DEGREE, COHORT, CLIP, SIGMA)

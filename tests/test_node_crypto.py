@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, require_tool
+from conftest import require_monocypher, require_tool
 from test_protocol_codec import COORD, DEVICE, DEVICE_ID, DOWNLINKS, FIXTURES, FLEET_ID, UPLINKS, endpoints
 
 from fedtiny.protocol import topics
@@ -35,12 +35,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sources():
     """monocypher.c/.h from the pinned sdist (skip without a package index on a user's machine, fail in CI)."""
-    try:
-        return monocypher_sources.monocypher_sources()
-    except monocypher_sources.SourceError as err:
-        if IN_CI:
-            pytest.fail(str(err))
-        pytest.skip(str(err))
+    return require_monocypher()
 
 
 @pytest.fixture(scope="session")

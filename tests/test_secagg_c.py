@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import IN_CI, require_tool
+from conftest import require_monocypher, require_tool
 from Crypto.Protocol.SecretSharing import Shamir
 from test_secagg import CLIP, CTX, clipped_delta, identities
 
@@ -33,14 +33,9 @@ from fedtiny.protocol.update import uplink_delta
 def csecagg(mlp_last2_plan, tmp_path_factory):
     require_tool("gcc")
     require_tool("make")
-    from fedtiny_device import cnode, csecagg, monocypher_sources
+    from fedtiny_device import cnode, csecagg
 
-    try:
-        monocypher_sources.monocypher_sources()
-    except monocypher_sources.SourceError as err:
-        if IN_CI:
-            pytest.fail(str(err))
-        pytest.skip(str(err))
+    require_monocypher()
     return csecagg.CSecAgg(cnode.CNodeLibrary(mlp_last2_plan))
 
 
