@@ -74,19 +74,21 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def simulate(args: list[str], cache: str, warm: bool) -> tuple[dict, str, str]:
-    """(metrics.json, the command's output, how it was measured: wall / CPU, start time and load) of one run; warm:
-    the cache already holds this data's pretrained model (an earlier row of this run made it)."""
+def simulate(args: list[str], cache: str, warm: bool) -> tuple[dict | None, str, str]:
+    """(metrics.json, or None when the command failed; the command's output; how it was measured: wall / CPU, start
+    time and load) of one run; warm: the cache already holds this data's pretrained model (an earlier row of this
+    run made it)."""
     out = tempfile.mkdtemp(prefix="learn_")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     load, cpu, start = os.getloadavg()[0], children_cpu(), time.perf_counter()
     done = subprocess.run([sys.executable, "-c", "from fedtiny.cli import main; main()", "simulate", *args,
                            "--out", out], env=dict(os.environ, FEDTINY_CACHE=cache), capture_output=True, text=True)
     wall, cpu = time.perf_counter() - start, children_cpu() - cpu
-    if done.returncode != 0:
-        raise SystemExit(f"fedtiny simulate {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     measured = (f"{wall:.0f} s / {cpu:.0f} s{' (pretrained model cached)' if warm else ''} | {when}, {load:.1f} -> "
                 f"{os.getloadavg()[0]:.1f}")
+    if done.returncode != 0:  # a row of its own: what a user giving this command meets
+        print(f"fedtiny simulate {' '.join(args)} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return None, done.stderr + done.stdout, measured
     return json.loads((Path(out) / "metrics.json").read_text()), done.stderr + done.stdout, measured
 
 
@@ -99,7 +101,10 @@ def percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
-def row(label: str, command: str, metrics: dict, log: str, measured: str) -> str:
+def row(label: str, command: str, metrics: dict | None, log: str, measured: str) -> str:
+    if metrics is None:
+        error = next((x for x in reversed(log.splitlines()) if x.startswith("Error")), "exit code not 0")
+        return f"| {label} | `{command}` | {host_line(log)} | fails: {error} | - | - | - | NO | - | {measured} |"
     run, last, base = metrics["run"], metrics["rounds"][-1], metrics["baseline"]["rounds"][-1]["accuracy"]
     gap = 100 * (last["accuracy"] - base)
     warned = " (warned: near chance)" if "near chance" in log else ""
