@@ -27,3 +27,13 @@ def test_only_rows_replace_their_own_and_keep_the_rest():
     assert "81 %" in rows[1] and "80 %" not in second and "90 %" in rows[2]
     assert second.rstrip().endswith("Notes written under the table.")
     assert "Next section" not in second
+
+
+def test_a_command_that_fails_is_a_row_naming_its_error():
+    log = ("host model: float 75.0 %, int8 75.0 % on the host's validation data (4 samples)\n"
+           "Error: the held-out data needs samples to train on and to score on for --scheme auto\n")
+    line = bench_learning.row("BasicMotions", "fedtiny simulate --data B.npz", None, log, "1 s / 1 s | now, 1 -> 1")
+    cells = [cell.strip() for cell in line.split("|")[1:-1]]
+    assert cells[2] == "float 75.0 %, int8 75.0 %"
+    assert cells[3] == "fails: Error: the held-out data needs samples to train on and to score on for --scheme auto"
+    assert cells[7] == "NO" and len(cells) == bench_learning.HEADER.count("|") - 1
