@@ -1,6 +1,7 @@
 """`--scheme auto` against the fixed schemes, per zoo model and budget (issue 16).
 
     python benchmarks/bench_scheme.py [--models sensor_cnn mobilenet mlp] [--budgets 32 64 128 256] [--no-write]
+                                      [--cache DIR]
 
 Each zoo model on its scenario (sensor_cnn: industrial, mobilenet: vision, mlp: medical) with simulate's default
 50 nodes, pretrained on the host's data as `fedtiny simulate` does, the default reserve rule. Per budget: the auto
@@ -14,12 +15,17 @@ last:2, full) that fits:
             the run's lr rule picked perfectly: the schemes are compared, not learning rates).
 "best fixed" is the best fixed scheme that fits on the fleet; auto meets the issue's bar where it is at most 0.5
 point below it there. For comparison, the hand-picked default (fedtiny.scheme.REFERENCE_SPARSE) on the fleet too.
-The C trainer does every run (gcc required).
+The C trainer does every run (gcc required). The model cache ($FEDTINY_CACHE: pretrained models, search runs,
+C libraries) is a fresh folder unless --cache is given, so each model's first budget is a cold search. The
+section is written with the UTC times and load averages of the run; text under its table is kept.
 """
 
 import argparse
+import datetime
 import os
+import re
 import resource
+import tempfile
 import time
 
 import numpy as np
@@ -33,7 +39,7 @@ from fedtiny_sim.autoscheme import SEARCH_LRS, auto_scheme, c_forward
 from fedtiny_sim.scenarios import unseen_halves
 from fedtiny_sim.scenarios import load_task, pretrained
 
-from report import provenance, write_section
+from report import BENCHMARKS, provenance, write_section
 
 SECTION = "## Scheme search: `--scheme auto` against fixed schemes per budget (issue 16)"
 MODELS = {"sensor_cnn": "industrial", "mobilenet": "vision", "mlp": "medical"}
@@ -115,19 +121,34 @@ def bench_model(name: str, budgets: list[int]) -> list[str]:
     return rows
 
 
+def notes_under_table() -> str:
+    """The text written under the section's table in BENCHMARKS.md (kept across runs), with a blank line before."""
+    old = re.search(rf"^{re.escape(SECTION)}\n(.*?)(?=^## |\Z)", BENCHMARKS.read_text() if BENCHMARKS.exists() else "",
+                    re.M | re.S)
+    lines = old.group(1).rstrip().splitlines() if old else []
+    last_row = max((i for i, line in enumerate(lines) if line.startswith("| ")), default=len(lines))
+    notes = "\n".join(lines[last_row + 1:]).strip()
+    return f"\n{notes}\n" if notes else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--budgets", nargs="+", type=int, default=[32, 64, 128, 256], help="KB")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--cache", help="model cache to use (default: a fresh one: cold searches)")
     args = parser.parse_args()
+    os.environ["FEDTINY_CACHE"] = args.cache or tempfile.mkdtemp(prefix="fedtiny_cache_")
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M")
     rows, load = [], [os.getloadavg()[0]]
     for name in args.models:
         rows += bench_model(name, args.budgets)
         load.append(os.getloadavg()[0])
+    ended = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M")
     header = ("| model | budget | " + " | ".join(FIXED) + " | auto | auto within 0.5 pt of the best fixed on the "
               "fleet | today's default (hand-picked), fleet | search wall / CPU |\n|" + "---|" * (len(FIXED) + 6))
-    text = (f"{SECTION}\n\n{provenance('python benchmarks/bench_scheme.py')}\n\n"
+    command = "python benchmarks/bench_scheme.py" + (" --cache DIR (runs kept from earlier runs)" if args.cache else "")
+    text = (f"{SECTION}\n\n{provenance(command)} Run {started}-{ended} UTC.\n\n"
             "Each cell: device RAM of the plan, then accuracy in % on the host's held-out data (what the search "
             "ranks by, at the scheme's best lr of the grid) / on the test set after one epoch over the nodes' pooled "
             "data (data the search never saw) at the grid's lr that does best there, each with its lr. "
@@ -136,7 +157,7 @@ def main() -> None:
             "budgets reuse its runs); the machine was shared with other work (1-minute load average "
             f"{min(load):.0f}-{max(load):.0f} on its 2 cores, sampled between models), so wall time is longer than "
             "on an idle machine.\n\n"
-            + header + "\n" + "\n".join(rows) + "\n")
+            + header + "\n" + "\n".join(rows) + "\n" + notes_under_table())
     print(text)
     if not args.no_write:
         write_section(SECTION, text)
