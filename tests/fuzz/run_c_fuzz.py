@@ -17,7 +17,8 @@ Harnesses (what each drives; the C files it needs):
     wire_ack            ACK body decode, and encode back; fedtiny_wire.c
     wire_global_update  GLOBAL_UPDATE check and apply on the conformance plan; fedtiny_wire.c, fedtiny_node.h,
                         codegen.node_plan_source
-    node                the whole session's receive on a message sequence; fedtiny_node.c and all the above
+    node                the whole session's receive on a message sequence; fedtiny_node.c (with its noise and
+                        secure-aggregation steps) and all the above
     node_unsigned       the same with every signature valid and decryption a copy (fuzz_crypto_stub.c; never
                         a node's build), so that mutations reach what only the coordinator's key unlocks
 
@@ -61,7 +62,9 @@ VENDORED = {"monocypher.c"}
 ENVELOPE = ["fedtiny_envelope.c", "fedtiny_envelope.h", "fedtiny_profile.h", "monocypher.c", "monocypher.h"]
 CHUNK = ["fedtiny_chunk.c", "fedtiny_chunk.h"]
 WIRE = ["fedtiny_wire.c", "fedtiny_wire.h"]
-NODE = ["fedtiny_node.c", "fedtiny_node.h"]
+SECAGG_HEADERS = ["fedtiny_node_secagg.h", "fedtiny_secagg.h"]  # fedtiny_node.h includes them
+NODE = ["fedtiny_node.c", "fedtiny_node.h", "fedtiny_noise.c", "fedtiny_noise.h", "fedtiny_secagg.c",
+        "fedtiny_node_secagg.c"] + SECAGG_HEADERS
 
 
 # The "unsigned" builds: the envelope's signature check and decryption replaced by fuzz_crypto_stub.c.
@@ -87,7 +90,7 @@ HARNESSES = [
     Harness("wire_task", WIRE),
     Harness("wire_ack", WIRE),
     Harness("wire_global_update", WIRE + ["fedtiny_node.h", "fedtiny_chunk.h", "fedtiny_envelope.h",
-                                             "fedtiny_profile.h"], plan=True),
+                                             "fedtiny_profile.h"] + SECAGG_HEADERS, plan=True),
     Harness("node", ENVELOPE + CHUNK + WIRE + NODE, plan=True),
     Harness("node_unsigned", ENVELOPE + CHUNK + WIRE + NODE, plan=True, unsigned=True, source="node"),
 ]
