@@ -67,6 +67,8 @@ def _serve(fleet_dir: str, port: int, log_path: str, ready, stop, capture: str |
     _stderr_to(log_path)
     from fedtiny.protocol.brokers import EmbeddedBroker
 
+    from .stop import wait_for_stop
+
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in ("amqtt", "fedtiny.brokers", "transitions", "asyncio"):
@@ -77,7 +79,7 @@ def _serve(fleet_dir: str, port: int, log_path: str, ready, stop, capture: str |
     broker = EmbeddedBroker(fleet_dir, port=port, plugins=plugins).start()
     ready.set()
     try:
-        stop.wait()
+        wait_for_stop(stop)
     finally:
         broker.stop()
 

@@ -138,6 +138,8 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
 
         manifest = load_fleet(run / "fleet" / "coordinator")
         peers = {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for n, v in manifest["devices"].items()}
+    from .stop import wait_for_stop
+
     agents = []
     for device in devices:
         samples = np.load(run / "nodes" / f"{device}.npz")
@@ -146,7 +148,7 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
                           trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0,
                           faults=_faults(device, config), peers=peers, durable=False)
         agents.append(agent.start())
-    stop.wait()
+    wait_for_stop(stop)
     for agent in agents:
         agent.stop(leave=False)
 

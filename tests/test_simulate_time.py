@@ -6,6 +6,8 @@ admits exactly the replies that arrive virtually by its close, whatever order th
 import json
 import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -262,3 +264,48 @@ def test_a_fraction_of_the_nodes_is_sampled_the_same_way_for_the_same_seed(tmp_p
                        for r in (1, 2, 3)])
     assert tasked[0] == tasked[1]
     assert all(len(devices) == 3 for devices in tasked[0]) and len({tuple(d) for d in tasked[0]}) > 1, tasked
+
+
+# --- a run killed outright: its helper processes end too -------------------------------------------------------
+
+def _helper(pids) -> None:
+    """Plays the broker or a worker: waits for a stop nobody will set."""
+    from fedtiny_sim.stop import wait_for_stop
+
+    stop = multiprocessing.get_context("spawn").Event()
+    pids.put(os.getpid())  # started and imported: only the wait is left
+    wait_for_stop(stop, 0.2)
+
+
+def _run_process(pids) -> None:
+    """Plays a simulate process: starts a helper, then waits to be killed."""
+    multiprocessing.get_context("spawn").Process(target=_helper, args=(pids,)).start()
+    time.sleep(600)
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaps (a container's init may not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_helper_process_ends_when_the_run_that_started_it_is_killed():
+    if not os.path.isdir("/proc"):
+        pytest.skip("reads /proc")
+    ctx = multiprocessing.get_context("spawn")
+    pids = ctx.Queue()
+    run = ctx.Process(target=_run_process, args=(pids,))
+    run.start()
+    helper = pids.get(timeout=120)
+    os.kill(run.pid, signal.SIGKILL)  # no finally, no stop.set(): only the helper's own check can end it
+    run.join(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if _gone(helper):
+            return
+        time.sleep(0.2)
+    os.kill(helper, signal.SIGKILL)
+    pytest.fail(f"helper {helper} outlived the killed run by 30 s")
