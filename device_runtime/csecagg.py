@@ -1,8 +1,8 @@
 """The node's secure-aggregation steps in C (device_runtime/c/fedtiny_secagg.c, in libfedtiny_node.so) on the host
 through ctypes.
 
-`CSecAgg` binds fedtiny_secagg.c's steps one by one. `CSecAggDevice` has SecAggDevice's methods (keys, on_peers,
-on_relay, masked, on_unmask) over them: every cryptographic step and the masking in C, the stage checks in Python,
+`CSecAgg` binds fedtiny_secagg.c's steps one by one. `CSecAggDevice` is SecAggDevice with its cryptographic steps
+(keys, secrets, bounds, moduli, shares, masking) over them: every one in C, the stage checks SecAggDevice's own,
 so that the primitives can be held to secagg.py's alone (tests/test_secagg_c.py). The C node's own round, checks
 included, is fedtiny_node_secagg.c inside the session (CNodeSession with peers). `secagg_case`,
 `build_secagg_firmware` and `run_secagg_firmware` run the steps on the Cortex-M4 and count them.
@@ -16,11 +16,8 @@ import numpy as np
 
 from fedtiny.protocol.envelope import Identity, PublicIdentity
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import (
-    REVEAL_PAIRWISE_KEY, REVEAL_SELF_MASK, MaskedDelta, SecAggKeys, SecAggPeers, SecAggRelay, SecAggReveal,
-    SecAggShares, SecAggUnmask,
-)
-from fedtiny.protocol.secagg import RoundContext, threshold
+from fedtiny.protocol.messages import SecAggKeys
+from fedtiny.protocol.secagg import RoundContext, SecAggDevice, threshold
 
 from .cnode import CNodeLibrary, WirePlan
 
@@ -143,93 +140,39 @@ def _ctx(ctx: RoundContext) -> tuple[int, int, int]:
     return ctx.fleet_id, ctx.run, ctx.round
 
 
-class CSecAggDevice:
-    """SecAggDevice's interface over the C steps (see the module's docstring for what is C and what is not)."""
+class CSecAggDevice(SecAggDevice):
+    """SecAggDevice's stage checks over the C steps: every cryptographic step and the masking in fedtiny_secagg.c."""
 
     def __init__(self, library: CNodeLibrary, identity: Identity, device_id: int, ctx: RoundContext,
                  peers: Mapping[int, PublicIdentity], clip_norm: float, noise_sigma: float = 0.0,
                  min_survivors: int = 0) -> None:
         self.c = CSecAgg(library)
-        self.identity, self.device_id, self.ctx, self.peers = identity.to_bytes(), device_id, ctx, peers
-        self.min_survivors = min_survivors
-        self.bounds = self.c.bounds(clip_norm, noise_sigma)
-        self.secrets = self.c.secrets(self.identity, ctx, device_id)
-        self.neighbours: dict[int, SecAggKeys] = {}
-        self.cohort = self.threshold = 0
-        self.held: dict[int, tuple[int, bytes]] = {}
-        self.masked_sent = False
-        self.revealed: SecAggUnmask | None = None
-        self._reveal: SecAggReveal | None = None
+        super().__init__(library.plan, identity, device_id, ctx, peers, clip_norm, noise_sigma, min_survivors)
 
     def keys(self) -> SecAggKeys:
-        return SecAggKeys.decode(self.c.keys(self.secrets, self.identity))
+        return SecAggKeys.decode(self.c.keys(self.secrets, self.identity.to_bytes()))
 
-    def on_peers(self, body: SecAggPeers) -> SecAggShares:
-        if self.neighbours:
-            raise ProtocolError("bad-stage", "SECAGG_PEERS twice in a round")
-        ids = [p.device_id for p in body.peers]
-        if len(set(ids)) != len(ids) or self.device_id in ids or not ids:
-            raise ProtocolError("bad-peers", "neighbours repeated, missing, or this device itself")
-        if not threshold(len(ids)) <= body.threshold <= len(ids) or body.cohort < len(ids) + 1:
-            raise ProtocolError("bad-threshold", f"threshold {body.threshold} of {len(ids)} neighbours")
-        self.c.bits(self.bounds, body.cohort)  # bad-cohort if the sum would not fit 32 bits
-        for peer in body.peers:
-            identity = self.peers.get(peer.device_id)
-            if identity is None:
-                raise ProtocolError("unknown-peer", f"neighbour {peer.device_id:#010x} is not in this device's fleet")
-            self.c.check_keys(identity.to_bytes(), self.ctx, peer.device_id, peer.keys.encode())
-        keys = {p.device_id: p.keys for p in body.peers}
-        out = [(v, self.c.seal_share(self.secrets, keys[v].c_pk, v, i + 1,
-                                     self.c.share(self.secrets, body.threshold, i + 1)))
-               for i, v in enumerate(sorted(ids))]
-        self.neighbours, self.cohort, self.threshold = keys, body.cohort, body.threshold
-        return SecAggShares(tuple(out))
+    def _value_bounds(self, clip_norm: float, noise_sigma: float) -> dict[str, int]:
+        return self.c.bounds(clip_norm, noise_sigma)
 
-    def on_relay(self, body: SecAggRelay) -> None:
-        if not self.neighbours or self.held:
-            raise ProtocolError("bad-stage", "SECAGG_RELAY before SECAGG_PEERS, or twice")
-        senders = [v for v, _ in body.shares]
-        if len(set(senders)) != len(senders) or not set(senders) <= set(self.neighbours):
-            raise ProtocolError("bad-relay", "shares from devices that are not this device's neighbours")
-        if len(senders) < self.threshold:
-            raise ProtocolError("too-few-neighbours", f"{len(senders)} neighbours shared keys")
-        self.held = {v: self.c.open_share(self.secrets, self.neighbours[v].c_pk, v, ciphertext)
-                     for v, ciphertext in body.shares}
+    def _derive(self) -> Secrets:
+        return self.c.secrets(self.identity.to_bytes(), self.ctx, self.device_id)
 
-    @property
-    def ready(self) -> bool:
-        return bool(self.held)
+    def _modulus_bits(self, cohort: int) -> tuple[int, ...]:
+        return self.c.bits(self.bounds, cohort)
 
-    def masked(self, delta: dict[str, np.ndarray], num_examples: int, loss: float, accuracy: float,
-               personal_accuracy: float | None = None) -> MaskedDelta:
-        if not self.held:
-            raise ProtocolError("bad-stage", "no shares relayed yet: nothing to mask with")
-        bits = self.c.bits(self.bounds, self.cohort)
-        packed = self.c.mask(self.secrets, self.bounds, bits, {v: self.neighbours[v].s_pk for v in self.held}, delta)
-        self.masked_sent = True
-        return MaskedDelta(int(num_examples), float(loss), float(accuracy), self.cohort, bits, packed,
-                           -1.0 if personal_accuracy is None else float(personal_accuracy))
+    def _check_keys(self, identity: PublicIdentity, device_id: int, keys: SecAggKeys) -> None:
+        self.c.check_keys(identity.to_bytes(), self.ctx, device_id, keys.encode())
 
-    def on_unmask(self, body: SecAggUnmask) -> SecAggReveal:
-        if self.revealed is not None:
-            if body != self.revealed:
-                raise ProtocolError("bad-unmask", "a second, different SECAGG_UNMASK in one round")
-            return self._reveal
-        if not self.masked_sent:
-            raise ProtocolError("bad-stage", "SECAGG_UNMASK before this device sent its masked DELTA")
-        survivors, dropped = set(body.survivors), set(body.dropped)
-        if len(survivors) != len(body.survivors) or len(dropped) != len(body.dropped) or survivors & dropped \
-                or survivors | dropped != set(self.held):
-            raise ProtocolError("bad-unmask", "survivors and dropped must split this device's neighbours")
-        if len(survivors) + 1 < max(self.threshold, self.min_survivors):
-            raise ProtocolError("too-few-survivors", f"{len(survivors) + 1} survivors among its neighbourhood")
-        entries = []
-        for v in sorted(survivors | dropped):
-            index, shares = self.held[v]
-            entries.append((v, REVEAL_SELF_MASK, index, shares[:16] + bytes(16)) if v in survivors else
-                           (v, REVEAL_PAIRWISE_KEY, index, shares[16:]))
-        self.revealed, self._reveal = body, SecAggReveal(tuple(entries))
-        return self._reveal
+    def _sealed_shares(self, t: int, c_pks: dict[int, bytes]) -> list[tuple[int, bytes]]:
+        return [(v, self.c.seal_share(self.secrets, c_pk, v, i + 1, self.c.share(self.secrets, t, i + 1)))
+                for i, (v, c_pk) in enumerate(c_pks.items())]
+
+    def _open_share(self, sender: int, c_pk: bytes, ciphertext: bytes) -> tuple[int, bytes]:
+        return self.c.open_share(self.secrets, c_pk, sender, ciphertext)
+
+    def _mask(self, delta: dict[str, np.ndarray], bits: tuple[int, ...], s_pks: dict[int, bytes]) -> bytes:
+        return self.c.mask(self.secrets, self.bounds, bits, s_pks, delta)
 
 
 # ---- the steps on the Cortex-M4, counted -----------------------------------------------------------------------

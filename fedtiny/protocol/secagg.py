@@ -291,7 +291,9 @@ def _buffer_sizes(plan: Plan) -> list[int]:
 class SecAggDevice:
     """One device's part of one secure-aggregation round. Each method checks what it is given whole before it
     changes anything and raises ProtocolError on anything malformed or hostile; a device that refuses a stage
-    simply does not answer (to the coordinator it is a dropout)."""
+    simply does not answer (to the coordinator it is a dropout). The cryptographic steps are methods of their own
+    (the section at the end): fedtiny_device.csecagg.CSecAggDevice runs these same stage checks over the C node's
+    steps by overriding those alone."""
 
     def __init__(self, plan: Plan, identity: Identity, device_id: int, ctx: RoundContext,
                  peers: Mapping[int, PublicIdentity], clip_norm: float, noise_sigma: float = 0.0,
@@ -300,11 +302,12 @@ class SecAggDevice:
         # distributed DP: its noise is calibrated for at least this many survivors (the TASK's min_survivors)
         self.min_survivors = min_survivors
         self.peers = peers  # the public identities of the devices it may be given as neighbours
-        self.bounds = value_bounds(plan, clip_norm, noise_sigma)
-        self.secrets = RoundSecrets.derive(identity, ctx, device_id)
+        self.bounds = self._value_bounds(clip_norm, noise_sigma)
+        self.secrets = self._derive()
         self.neighbours: dict[int, SecAggKeys] = {}
         self.cohort = self.threshold = 0
-        self.held: dict[int, tuple[int, bytes, bytes, bytes]] = {}  # shares received, by sender (U2 neighbours)
+        # shares received, by sender (U2 neighbours): the share index and b | s_sk low | s_sk high, 16 bytes each
+        self.held: dict[int, tuple[int, bytes]] = {}
         self.masked_sent = False
         self.revealed: SecAggUnmask | None = None
         self._reveal: SecAggReveal | None = None
@@ -321,25 +324,15 @@ class SecAggDevice:
         if not threshold(len(ids)) <= body.threshold <= len(ids) or body.cohort < len(ids) + 1:
             raise ProtocolError("bad-threshold", f"threshold {body.threshold} of {len(ids)} neighbours, cohort "
                                                  f"{body.cohort}: at least a strict majority is required")
-        try:
-            modulus_bits(self.bounds, body.cohort)
-        except ValueError as exc:
-            raise ProtocolError("bad-cohort", str(exc)) from None
+        self._modulus_bits(body.cohort)  # bad-cohort if the sum would not fit
         for peer in body.peers:
             identity = self.peers.get(peer.device_id)
             if identity is None:
                 raise ProtocolError("unknown-peer", f"neighbour {peer.device_id:#010x} is not in this device's fleet")
-            check_keys(identity, self.ctx, peer.device_id, peer.keys)
-        order = sorted(ids)
-        n, t = len(order), body.threshold
-        b, s_lo, s_hi = (_split(t, n, self.secrets.b_seed), _split(t, n, self.secrets.s_sk[:16]),
-                         _split(t, n, self.secrets.s_sk[16:]))
+            self._check_keys(identity, peer.device_id, peer.keys)
         keys = {p.device_id: p.keys for p in body.peers}
-        out = []
-        for i, v in enumerate(order):
-            key = share_key(self.secrets.c_sk, keys[v].c_pk, self.ctx, self.device_id, v)
-            out.append((v, seal_share(key, self.ctx, self.device_id, v, i + 1, b[i], s_lo[i], s_hi[i])))
-        self.neighbours, self.cohort, self.threshold = keys, body.cohort, t
+        out = self._sealed_shares(body.threshold, {v: keys[v].c_pk for v in sorted(ids)})
+        self.neighbours, self.cohort, self.threshold = keys, body.cohort, body.threshold
         return SecAggShares(tuple(out))
 
     def on_relay(self, body: SecAggRelay) -> None:
@@ -351,11 +344,7 @@ class SecAggDevice:
         if len(senders) < self.threshold:
             raise ProtocolError("too-few-neighbours", f"{len(senders)} neighbours shared keys, threshold "
                                                       f"{self.threshold}")
-        held = {}
-        for v, ciphertext in body.shares:
-            key = share_key(self.secrets.c_sk, self.neighbours[v].c_pk, self.ctx, v, self.device_id)
-            held[v] = open_share(key, self.ctx, v, self.device_id, ciphertext)
-        self.held = held
+        self.held = {v: self._open_share(v, self.neighbours[v].c_pk, ciphertext) for v, ciphertext in body.shares}
 
     @property
     def ready(self) -> bool:
@@ -367,22 +356,11 @@ class SecAggDevice:
         """The masked DELTA body of a clipped (and maybe noised) integer delta over the plan's trainable buffers."""
         if not self.held:
             raise ProtocolError("bad-stage", "no shares relayed yet: nothing to mask with")
-        names, sizes = self.plan.trainable_buffers(), _buffer_sizes(self.plan)
-        bits = modulus_bits(self.bounds, self.cohort)
-        total = [np.clip(np.asarray(delta[n], np.int64).reshape(-1), -self.bounds[n], self.bounds[n])
-                 .astype(np.uint64) for n in names]  # two's complement, reduced below
-        for i, m in enumerate(expand_mask(self_mask_key(self.secrets.b_seed, self.ctx, self.device_id), sizes,
-                                          bits)):
-            total[i] = total[i] + m
-        for v in sorted(self.held):
-            masks = expand_mask(pairwise_key(self.secrets.s_sk, self.neighbours[v].s_pk, self.ctx, self.device_id,
-                                             v), sizes, bits)
-            for i, m in enumerate(masks):
-                total[i] = total[i] + m if self.device_id < v else total[i] - m
-        values = [t & np.uint64((1 << k) - 1) for t, k in zip(total, bits)]
+        bits = self._modulus_bits(self.cohort)
+        packed = self._mask(delta, bits, {v: self.neighbours[v].s_pk for v in sorted(self.held)})
         self.masked_sent = True
-        return MaskedDelta(int(num_examples), float(loss), float(accuracy), self.cohort, bits,
-                           pack_values(values, bits), -1.0 if personal_accuracy is None else float(personal_accuracy))
+        return MaskedDelta(int(num_examples), float(loss), float(accuracy), self.cohort, bits, packed,
+                           -1.0 if personal_accuracy is None else float(personal_accuracy))
 
     def on_unmask(self, body: SecAggUnmask) -> SecAggReveal:
         """Shares for the coordinator's unmasking; the same request again gets the same answer, another is refused
@@ -406,11 +384,59 @@ class SecAggDevice:
                                                      f"{self.min_survivors or 'any number of'}")
         entries = []
         for v in sorted(survivors | dropped):
-            index, b, s_lo, s_hi = self.held[v]
-            entries.append((v, REVEAL_SELF_MASK, index, b + bytes(16)) if v in survivors else
-                           (v, REVEAL_PAIRWISE_KEY, index, s_lo + s_hi))
+            index, shares = self.held[v]
+            entries.append((v, REVEAL_SELF_MASK, index, shares[:16] + bytes(16)) if v in survivors else
+                           (v, REVEAL_PAIRWISE_KEY, index, shares[16:]))
         self.revealed, self._reveal = body, SecAggReveal(tuple(entries))
         return self._reveal
+
+    # --- the cryptographic steps (what CSecAggDevice runs in C) ---
+
+    def _value_bounds(self, clip_norm: float, noise_sigma: float) -> dict[str, int]:
+        return value_bounds(self.plan, clip_norm, noise_sigma)
+
+    def _derive(self) -> RoundSecrets:
+        return RoundSecrets.derive(self.identity, self.ctx, self.device_id)
+
+    def _modulus_bits(self, cohort: int) -> tuple[int, ...]:
+        try:
+            return modulus_bits(self.bounds, cohort)
+        except ValueError as exc:
+            raise ProtocolError("bad-cohort", str(exc)) from None
+
+    def _check_keys(self, identity: PublicIdentity, device_id: int, keys: SecAggKeys) -> None:
+        check_keys(identity, self.ctx, device_id, keys)
+
+    def _sealed_shares(self, t: int, c_pks: dict[int, bytes]) -> list[tuple[int, bytes]]:
+        """Each neighbour's (in id order, share index i + 1) t-of-n shares of b and s_sk, sealed for it."""
+        n = len(c_pks)
+        b, s_lo, s_hi = (_split(t, n, self.secrets.b_seed), _split(t, n, self.secrets.s_sk[:16]),
+                         _split(t, n, self.secrets.s_sk[16:]))
+        out = []
+        for i, (v, c_pk) in enumerate(c_pks.items()):
+            key = share_key(self.secrets.c_sk, c_pk, self.ctx, self.device_id, v)
+            out.append((v, seal_share(key, self.ctx, self.device_id, v, i + 1, b[i], s_lo[i], s_hi[i])))
+        return out
+
+    def _open_share(self, sender: int, c_pk: bytes, ciphertext: bytes) -> tuple[int, bytes]:
+        key = share_key(self.secrets.c_sk, c_pk, self.ctx, sender, self.device_id)
+        index, b, s_lo, s_hi = open_share(key, self.ctx, sender, self.device_id, ciphertext)
+        return index, b + s_lo + s_hi
+
+    def _mask(self, delta: dict[str, np.ndarray], bits: tuple[int, ...], s_pks: dict[int, bytes]) -> bytes:
+        """The packed masked values of the clipped delta: its self mask and the pairwise masks of `s_pks`."""
+        names, sizes = self.plan.trainable_buffers(), _buffer_sizes(self.plan)
+        total = [np.clip(np.asarray(delta[n], np.int64).reshape(-1), -self.bounds[n], self.bounds[n])
+                 .astype(np.uint64) for n in names]  # two's complement, reduced below
+        for i, m in enumerate(expand_mask(self_mask_key(self.secrets.b_seed, self.ctx, self.device_id), sizes,
+                                          bits)):
+            total[i] = total[i] + m
+        for v, s_pk in s_pks.items():
+            masks = expand_mask(pairwise_key(self.secrets.s_sk, s_pk, self.ctx, self.device_id, v), sizes, bits)
+            for i, m in enumerate(masks):
+                total[i] = total[i] + m if self.device_id < v else total[i] - m
+        values = [t & np.uint64((1 << k) - 1) for t, k in zip(total, bits)]
+        return pack_values(values, bits)
 
 
 # --- the coordinator's round -------------------------------------------------------------------------------
