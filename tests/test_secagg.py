@@ -42,11 +42,13 @@ def clipped_delta(plan, seed):
     return clip_delta(state_delta(trained, base), row_scales(plan), CLIP)
 
 
-def run_round(plan, n, drop_after_masking=(), tamper=None, degree=None):
+def run_round(plan, n, drop_after_masking=(), tamper=None, degree=None, device=None):
     """One round through SecAggDevice and SecAggRound, bodies encoded and decoded as on the wire. Returns
-    (the coordinator's round, its sum, every device's clipped delta)."""
+    (the coordinator's round, its sum, every device's clipped delta). device(i, identity, public identities): a
+    device in SecAggDevice's place (default SecAggDevice)."""
     private, public = identities(n)
-    devices = {i: SecAggDevice(plan, private[i], i, CTX, public, CLIP) for i in private}
+    device = device or (lambda i, identity, peers: SecAggDevice(plan, identity, i, CTX, peers, CLIP))
+    devices = {i: device(i, private[i], public) for i in private}
     server = SecAggRound(plan, CTX, public, list(devices), CLIP, degree=degree)
 
     def wire(body, msg_type=None):
@@ -61,8 +63,9 @@ def run_round(plan, n, drop_after_masking=(), tamper=None, degree=None):
         devices[i].on_relay(wire(relay))
     deltas = {i: clipped_delta(plan, i) for i in devices}
     for i, d in devices.items():
+        body = d.masked(deltas[i], 10, 0.5, 0.75)  # a device that drops after masking masks, then sends nothing
         if i not in drop_after_masking:
-            server.on_masked(i, wire(d.masked(deltas[i], 10, 0.5, 0.75), MessageType.DELTA))
+            server.on_masked(i, wire(body, MessageType.DELTA))
     for i, unmask in server.close_masked().items():
         reveal = devices[i].on_unmask(wire(unmask))
         if tamper is not None:

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from conftest import require_monocypher, require_tool
 from Crypto.Protocol.SecretSharing import Shamir
-from test_secagg import CLIP, CTX, clipped_delta, identities
+from test_secagg import CLIP, CTX, identities, run_round
 
 from fedtiny.protocol.chunking import CHUNK_HEADER, CHUNK_HEADER_SIZE, Reassembler
 from fedtiny.protocol.device import TrainResult
 from fedtiny.protocol.envelope import Flags, Header
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import MaskedDelta, MessageType, SecAggKeys, SecAggShares, SecAggUnmask, decode_body
+from fedtiny.protocol.messages import MessageType, SecAggKeys, SecAggShares, SecAggUnmask
 from fedtiny.protocol.secagg import (
-    RoundContext, RoundSecrets, SecAggDevice, SecAggRound, modulus_bits, open_share, seal_share, share_key,
+    RoundContext, RoundSecrets, SecAggDevice, modulus_bits, open_share, seal_share, share_key,
     value_bounds,
 )
 from fedtiny.protocol.update import uplink_delta
@@ -110,41 +110,44 @@ def test_shares_sealed_in_c_open_in_python_and_back(csecagg):
     assert err.value.reason == "bad-key"
 
 
+class Twinned:
+    """A C device beside the Python device of the same identity, fed the same bodies: it answers with the C
+    device's and checks that its masked DELTA is the Python one's."""
+
+    def __init__(self, c, python):
+        self.c, self.python = c, python
+
+    def keys(self):
+        return self.c.keys()
+
+    def on_peers(self, body):
+        self.python.on_peers(body)
+        return self.c.on_peers(body)
+
+    def on_relay(self, body):
+        self.python.on_relay(body)
+        self.c.on_relay(body)
+
+    def masked(self, *args):
+        body = self.c.masked(*args)
+        assert body == self.python.masked(*args), f"device {self.c.device_id}: the masked DELTA"
+        return body
+
+    def on_unmask(self, body):
+        return self.c.on_unmask(body)
+
+
 def mixed_round(plan, csecagg, n, c_ids, drop_after_masking=(), degree=None):
-    """secagg_test.run_round with the devices in c_ids in C (fedtiny_device.csecagg.CSecAggDevice): bodies encoded
-    and decoded as on the wire. Each C device's masked values are also compared with the Python device's of the
-    same identity given the same relay."""
+    """test_secagg.run_round with the devices in c_ids in C (fedtiny_device.csecagg.CSecAggDevice), each C device's
+    masked values also compared with the Python device's of the same identity given the same relay."""
     from fedtiny_device.csecagg import CSecAggDevice
 
-    private, public = identities(n)
-    devices = {i: (CSecAggDevice(csecagg.library, private[i], i, CTX, public, CLIP) if i in c_ids else
-                   SecAggDevice(plan, private[i], i, CTX, public, CLIP)) for i in private}
-    twins = {i: SecAggDevice(plan, private[i], i, CTX, public, CLIP) for i in c_ids}
-    server = SecAggRound(plan, CTX, public, list(devices), CLIP, degree=degree)
+    def device(i, identity, public):
+        python = SecAggDevice(plan, identity, i, CTX, public, CLIP)
+        return Twinned(CSecAggDevice(csecagg.library, identity, i, CTX, public, CLIP), python) if i in c_ids \
+            else python
 
-    def wire(body, msg_type=None):
-        return decode_body(msg_type or body.TYPE, body.encode(), masked=isinstance(body, MaskedDelta))
-
-    for i, d in devices.items():
-        server.on_keys(i, wire(d.keys()))
-    for i, peers in server.close_keys().items():
-        server.on_shares(i, wire(devices[i].on_peers(wire(peers))))
-        if i in twins:
-            twins[i].on_peers(wire(peers))
-    for i, relay in server.close_shares().items():
-        devices[i].on_relay(wire(relay))
-        if i in twins:
-            twins[i].on_relay(wire(relay))
-    deltas = {i: clipped_delta(plan, i) for i in devices}
-    for i, d in devices.items():
-        body = d.masked(deltas[i], 10, 0.5, 0.75)
-        if i in twins:
-            assert body == twins[i].masked(deltas[i], 10, 0.5, 0.75), f"device {i}: the masked DELTA"
-        if i not in drop_after_masking:
-            server.on_masked(i, wire(body, MessageType.DELTA))
-    for i, unmask in server.close_masked().items():
-        server.on_reveal(i, wire(devices[i].on_unmask(wire(unmask))))
-    return server, server.finish(), deltas
+    return run_round(plan, n, drop_after_masking, degree=degree, device=device)
 
 
 def test_c_and_python_devices_sum_exactly_with_thirty_percent_dropping_after_masking(mlp_last2_plan, csecagg):
