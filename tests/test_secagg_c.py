@@ -165,6 +165,18 @@ def test_c_and_python_devices_sum_exactly_with_thirty_percent_dropping_after_mas
         assert np.array_equal(result.total[name], expected), name
 
 
+def c_node_of(fleet, name, plan, csecagg):
+    """The C node of the identity test_secagg_sessions.Fleet gave device `name`, with the fleet's public identities
+    as its peers (its round starts from the plan's initial state)."""
+    from fedtiny.protocol.device import NodeState
+    from fedtiny_device.cnode import CNodeSession
+
+    public = {d.endpoint.device_id: d.endpoint.identity.public for d in fleet.devices.values()}
+    python = fleet.devices[name]
+    return CNodeSession(plan, name, python.fleet, python.endpoint, NodeState(0, plan.initial_state(), 0), 512,
+                        lambda state: None, library=csecagg.library, peers=public)
+
+
 def test_c_nodes_and_python_nodes_in_one_round_through_the_real_sessions(mlp_last2_plan, csecagg):
     """The C node's session (fedtiny_node.c with fedtiny_node_secagg.c, through CNodeSession) in a secure-aggregation
     round of 10 devices, 4 of them C, with the CoordinatorSession over their real frames (chunked, signed,
@@ -172,17 +184,9 @@ def test_c_nodes_and_python_nodes_in_one_round_through_the_real_sessions(mlp_las
     clipped deltas, nothing is refused, and every survivor's masked upload was acknowledged."""
     from test_secagg_sessions import Fleet
 
-    from fedtiny.protocol.device import NodeState
-    from fedtiny_device.cnode import CNodeSession
-
     fleet = Fleet(mlp_last2_plan, 10)
-    public = {d.endpoint.device_id: d.endpoint.identity.public for d in fleet.devices.values()}
     c_names = [fleet.names[i] for i in (1, 4, 7, 9)]
-    for name in c_names:
-        python = fleet.devices[name]
-        fleet.devices[name] = CNodeSession(mlp_last2_plan, name, python.fleet, python.endpoint,
-                                           NodeState(0, mlp_last2_plan.initial_state(), 0), 512, lambda state: None,
-                                           library=csecagg.library, peers=public)
+    fleet.devices.update({name: c_node_of(fleet, name, mlp_last2_plan, csecagg) for name in c_names})
     dropouts = {fleet.names[0], fleet.names[2], fleet.names[4]}  # dev-04 is a C node
     expected = fleet.round(1, dropouts=dropouts)
     assert fleet.coordinator.take_rejections() == []
@@ -273,20 +277,15 @@ def test_a_c_node_seals_what_the_python_device_seals_in_a_noised_masked_round(ml
     both with the same reason."""
     from test_secagg_sessions import Fleet
 
-    from fedtiny.protocol.device import NodeState
     from fedtiny.protocol.noise import NoiseStream, noise_key
     from fedtiny.protocol.secagg import value_bounds
-    from fedtiny_device.cnode import CNodeSession
 
     sigma = 0.01
     plan = mlp_last2_plan
     fleet = Fleet(plan, 6)
-    public = {d.endpoint.device_id: d.endpoint.identity.public for d in fleet.devices.values()}
     twin_name = fleet.names[2]
     python = fleet.devices[twin_name]
-    fleet.devices[twin_name] = twins = Twins(
-        CNodeSession(plan, twin_name, python.fleet, python.endpoint, NodeState(0, plan.initial_state(), 0), 512,
-                     lambda state: None, library=csecagg.library, peers=public), python)
+    fleet.devices[twin_name] = twins = Twins(c_node_of(fleet, twin_name, plan, csecagg), python)
     for name in fleet.names:
         fleet.pump(fleet.devices[name].on_connect(0.5), 0.5)
     fleet.coordinator.begin_secagg(1, 0, fleet.names, CLIP, noise_sigma=sigma)
@@ -342,18 +341,13 @@ def test_hostile_stage_messages_are_refused_by_the_c_node_as_by_the_python_devic
     than 32 bits; then a SECAGG_RELAY before any SECAGG_PEERS was taken, and a SECAGG_UNMASK before the masked DELTA."""
     from test_secagg_sessions import Fleet
 
-    from fedtiny.protocol.device import NodeState
     from fedtiny.protocol.messages import SecAggPeer, SecAggPeers, SecAggRelay
-    from fedtiny_device.cnode import CNodeSession
 
     plan = mlp_last2_plan
     fleet = Fleet(plan, 5)
-    public = {d.endpoint.device_id: d.endpoint.identity.public for d in fleet.devices.values()}
     twin_name, last = fleet.names[1], fleet.names[-1]
     python = fleet.devices[twin_name]
-    fleet.devices[twin_name] = twins = Twins(
-        CNodeSession(plan, twin_name, python.fleet, python.endpoint, NodeState(0, plan.initial_state(), 0), 512,
-                     lambda state: None, library=csecagg.library, peers=public), python)
+    fleet.devices[twin_name] = twins = Twins(c_node_of(fleet, twin_name, plan, csecagg), python)
     for name in fleet.names:
         fleet.pump(fleet.devices[name].on_connect(0.5), 0.5)
     fleet.coordinator.begin_secagg(1, 0, fleet.names, CLIP)
