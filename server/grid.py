@@ -472,21 +472,21 @@ class FleetGrid(Grid):
             ops.event("round_schedule", round=self.round, close=round(virtual.close, 6),
                       admitted=len(virtual.admitted), expected=len(virtual.expected), cohort=len(tasks))
 
+        def heard() -> int:  # virtual time: the expected replies in so far
+            return sum((d, virtual.round) in self._heard for d in virtual.expected)
+
         def done() -> bool:
             if virtual is not None:
-                return all((d, virtual.round) in self._heard for d in virtual.expected)
+                return heard() == len(virtual.expected)
             return ready() >= self.policy.target(cohort())
-
-        def heard() -> int:
-            return sum((d, virtual.round) in self._heard for d in virtual.expected) if virtual is not None else 0
 
         self._virtual = virtual
         end = self.clock() + (self.policy.reply_timeout if virtual is not None else wait)
-        progress = heard()
+        progress = heard() if virtual is not None else 0
         try:
             while not done():
-                if virtual is not None and heard() > progress:  # a slow machine is not a hung node: the timeout
-                    progress, end = heard(), self.clock() + self.policy.reply_timeout  # runs from the latest reply
+                if virtual is not None and (now := heard()) > progress:  # a slow machine is not a hung node: the
+                    progress, end = now, self.clock() + self.policy.reply_timeout  # timeout runs from the latest reply
                 remaining = end - self.clock()
                 if remaining <= 0:
                     if virtual is not None:
