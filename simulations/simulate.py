@@ -108,16 +108,25 @@ def _fails(seed: int, device: str, round_: int, fraction: float) -> bool:
     return bool(_device_rng(seed, device, round_, 1).random() < fraction)
 
 
-def _log_to(path: Path, *loggers: str) -> None:
-    """Send these loggers to a file in the run folder: the terminal keeps the live table."""
+@contextmanager
+def _log_to(path: Path, *loggers: str):
+    """Send these loggers to a file in the run folder (the terminal keeps the live table), and only them, until the
+    block ends."""
     import logging
 
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in loggers:
-        logger = logging.getLogger(name)
+    saved = [(logging.getLogger(name), logging.getLogger(name).propagate) for name in loggers]
+    for logger, _ in saved:
         logger.addHandler(handler)
         logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, propagate in saved:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+        handler.close()
 
 
 def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -> None:
@@ -126,31 +135,31 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
     from fedtiny_device.agent import NodeAgent
 
     run = Path(run_dir)
-    _log_to(run / "agents.log", "fedtiny.agent", "fedtiny.device", "fedtiny.mqtt", "paho", "amqtt")
-    plan = load_plan(run / "plan.ftp")
-    factory = None
-    if config["trainer"] == "c":
-        from fedtiny_device.cruntime import CTrainer as factory
-    peers = None
-    if config.get("secagg"):  # public identities of the fleet, to check the round keys the coordinator relays
-        from fedtiny.protocol.envelope import PublicIdentity
-        from fedtiny.transport.mqtt import load_fleet
+    with _log_to(run / "agents.log", "fedtiny.agent", "fedtiny.device", "fedtiny.mqtt", "paho", "amqtt"):
+        plan = load_plan(run / "plan.ftp")
+        factory = None
+        if config["trainer"] == "c":
+            from fedtiny_device.cruntime import CTrainer as factory
+        peers = None
+        if config.get("secagg"):  # public identities of the fleet, to check the round keys the coordinator relays
+            from fedtiny.protocol.envelope import PublicIdentity
+            from fedtiny.transport.mqtt import load_fleet
 
-        manifest = load_fleet(run / "fleet" / "coordinator")
-        peers = {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for n, v in manifest["devices"].items()}
-    from .stop import wait_for_stop
+            manifest = load_fleet(run / "fleet" / "coordinator")
+            peers = {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for n, v in manifest["devices"].items()}
+        from .stop import wait_for_stop
 
-    agents = []
-    for device in devices:
-        samples = np.load(run / "nodes" / f"{device}.npz")
-        agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
-                          state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
-                          trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0,
-                          faults=_faults(device, config), peers=peers, durable=False)
-        agents.append(agent.start())
-    wait_for_stop(stop)
-    for agent in agents:
-        agent.stop(leave=False)
+        agents = []
+        for device in devices:
+            samples = np.load(run / "nodes" / f"{device}.npz")
+            agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
+                              state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
+                              trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0,
+                              faults=_faults(device, config), peers=peers, durable=False)
+            agents.append(agent.start())
+        wait_for_stop(stop)
+        for agent in agents:
+            agent.stop(leave=False)
 
 
 def _faults(device: str, config: dict):
@@ -489,25 +498,15 @@ def _run_logs(run: Path):
 
     from fedtiny_server import ops
 
-    loggers = [logging.getLogger(name) for name in ("fedtiny.mqtt", "fedtiny.coordinator_session", "fedtiny.task",
-                                                    "fedtiny.brokers", "amqtt", "transitions", "paho")]
-    saved = [(logger, logger.propagate) for logger in loggers]
     flwr_level = logging.getLogger("flwr").level
-    link = logging.FileHandler(run / "link.log")
-    link.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    with open(run / "coordinator.jsonl", "w") as events, ops.json_logging(events):  # the coordinator's structured log
-        for logger in loggers:
-            logger.addHandler(link)
-            logger.propagate = False
+    with open(run / "coordinator.jsonl", "w") as events, ops.json_logging(events), \
+            _log_to(run / "link.log", "fedtiny.mqtt", "fedtiny.coordinator_session", "fedtiny.task", "fedtiny.brokers",
+                    "amqtt", "transitions", "paho"):
         logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
         try:
             yield
         finally:
-            for logger, propagate in saved:
-                logger.removeHandler(link)
-                logger.propagate = propagate
             logging.getLogger("flwr").setLevel(flwr_level)
-            link.close()
 
 
 def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, note, started: float) -> dict:
