@@ -207,11 +207,14 @@ def _worker(slot: int, run_dir: str, indexes: list[int], url: str, persist: str,
     connections."""
     from fedtiny.planfile import load_plan
 
+    from fedtiny_server.ops import log_to
+
     devices: list[LightDevice] = []
+    logs = contextlib.ExitStack()
     parent, end = os.getppid(), time.monotonic() + lifetime
     try:
         run = Path(run_dir)
-        log_to(run / f"devices-{slot}.log")
+        logs.enter_context(log_to(run / f"devices-{slot}.log", "fedtiny"))
         plan = load_plan(run / "plan.ftp")
         manifest = load_fleet(run / "fleet")
         state_dir = run / "state" if persist == "disk" else None
@@ -261,25 +264,7 @@ def _worker(slot: int, run_dir: str, indexes: list[int], url: str, persist: str,
     finally:
         for device in devices:
             device.transport.close()
-
-
-def log_to(path: Path, logger: str = "fedtiny"):
-    """Send a logger's records (and its children's) to a file instead of the terminal; returns the undo."""
-    import logging
-
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    target = logging.getLogger(logger)
-    propagate = target.propagate
-    target.addHandler(handler)
-    target.propagate = False
-
-    def undo() -> None:
-        target.removeHandler(handler)
-        target.propagate = propagate
-        handler.close()
-
-    return undo
+        logs.close()
 
 
 # --- /proc -------------------------------------------------------------------------------------------------
@@ -530,7 +515,7 @@ def run_load(devices: int, rounds: int, *, workers: int = 0, persist: str = "mem
         (run / "mosquitto.conf").write_text(mosquitto_config(run / "fleet", port, run_as_root=os.geteuid() == 0))
         events = contextlib.ExitStack()  # the coordinator writes its events, as it would in service
         events.enter_context(ops.json_logging(events.enter_context(open(run / "coordinator.jsonl", "w"))))
-        unlog = log_to(run / "link.log")
+        events.enter_context(ops.log_to(run / "link.log", "fedtiny"))
         ctx = multiprocessing.get_context("spawn")
         stop, reports = ctx.Event(), ctx.Queue()
         shares = [list(range(devices))[i::workers] for i in range(workers)]
@@ -597,7 +582,6 @@ def run_load(devices: int, rounds: int, *, workers: int = 0, persist: str = "mem
             broker.stop()
             store.close()
             events.close()
-            unlog()
     sent, sums = {}, {}
     for report in done.values():
         sent.update(report["digests"])

@@ -61,6 +61,25 @@ def json_logging(stream=None, level: int = logging.INFO):
         LOG.propagate, LOG.level = propagate, old_level
 
 
+@contextmanager
+def log_to(path, *loggers: str):
+    """Send these loggers (and their children) to a file, and only there, until the block ends: a run's folder
+    keeps its components' logs while the terminal keeps the live table."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = [(logging.getLogger(name), logging.getLogger(name).propagate) for name in loggers]
+    for logger, _ in saved:
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, propagate in saved:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+        handler.close()
+
+
 # --- metrics -------------------------------------------------------------------------------------------------
 
 _HELP = {

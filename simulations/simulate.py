@@ -108,34 +108,14 @@ def _fails(seed: int, device: str, round_: int, fraction: float) -> bool:
     return bool(_device_rng(seed, device, round_, 1).random() < fraction)
 
 
-@contextmanager
-def _log_to(path: Path, *loggers: str):
-    """Send these loggers to a file in the run folder (the terminal keeps the live table), and only them, until the
-    block ends."""
-    import logging
-
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    saved = [(logging.getLogger(name), logging.getLogger(name).propagate) for name in loggers]
-    for logger, _ in saved:
-        logger.addHandler(handler)
-        logger.propagate = False
-    try:
-        yield
-    finally:
-        for logger, propagate in saved:
-            logger.removeHandler(handler)
-            logger.propagate = propagate
-        handler.close()
-
-
 def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -> None:
     """A worker process: hosts the node agents of `devices` until `stop` is set."""
     from fedtiny.planfile import load_plan
     from fedtiny_device.agent import NodeAgent
+    from fedtiny_server.ops import log_to
 
     run = Path(run_dir)
-    with _log_to(run / "agents.log", "fedtiny.agent", "fedtiny.device", "fedtiny.mqtt", "paho", "amqtt"):
+    with log_to(run / "agents.log", "fedtiny.agent", "fedtiny.device", "fedtiny.mqtt", "paho", "amqtt"):
         plan = load_plan(run / "plan.ftp")
         factory = None
         if config["trainer"] == "c":
@@ -500,8 +480,8 @@ def _run_logs(run: Path):
 
     flwr_level = logging.getLogger("flwr").level
     with open(run / "coordinator.jsonl", "w") as events, ops.json_logging(events), \
-            _log_to(run / "link.log", "fedtiny.mqtt", "fedtiny.coordinator_session", "fedtiny.task", "fedtiny.brokers",
-                    "amqtt", "transitions", "paho"):
+            ops.log_to(run / "link.log", "fedtiny.mqtt", "fedtiny.coordinator_session", "fedtiny.task",
+                       "fedtiny.brokers", "amqtt", "transitions", "paho"):
         logging.getLogger("flwr").setLevel(logging.ERROR)  # its notes on strategy settings we chose on purpose
         try:
             yield
