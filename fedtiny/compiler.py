@@ -45,6 +45,8 @@ def training_semantics() -> str:
     for name in TRAINING_SOURCES:
         digest.update(name.encode() + (folder / name).read_bytes())
     return digest.hexdigest()[:16]
+
+
 DEFAULT_BUDGET = 256 * 1024
 DEFAULT_RESERVE = 64 * 1024  # network stack (MQTT client, TLS/PSK, ChaCha20-Poly1305), the rest of the firmware
 # and its stack; the training step's own RAM (arena, scratch, runtime statics, step stack) is the plan's
