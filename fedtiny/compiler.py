@@ -15,6 +15,7 @@ Passes, in order:
 The plan's steps are what the reference trainer (fedtiny_device.trainer) and the C runtime execute.
 """
 
+import ast
 import hashlib
 import math
 from collections import defaultdict
@@ -34,17 +35,28 @@ LOSSES = ("cross_entropy", "mse")
 TRAINING_SOURCES = ("arith.py", "kernels.py", "scheme.py", "compiler.py")  # what decides a plan's integer training
 
 
+def code_digest(source: str) -> str:
+    """A digest of Python source's syntax tree without its docstrings: the same for a changed comment, docstring or
+    layout, different for changed code."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
 @lru_cache(maxsize=1)
 def training_semantics() -> str:
-    """A digest of the sources that decide what int8 training computes from a graph (the arithmetic and its rounding
+    """A digest of the code that decides what int8 training computes from a graph (the arithmetic and its rounding
     draw, the kernels, the scheme, the backward rules and update constants; the C runtime equals them by test).
     Caches of training results (the lr trials, the scheme search) key on it: a changed rounding or update rule
-    must never reuse scores the old one gave, or a warm machine and a fresh one choose differently."""
+    must never reuse scores the old one gave, or a warm machine and a fresh one choose differently; a reworded
+    comment or message keeps them."""
     folder = Path(__file__).parent
-    digest = hashlib.sha256()
-    for name in TRAINING_SOURCES:
-        digest.update(name.encode() + (folder / name).read_bytes())
-    return digest.hexdigest()[:16]
+    parts = [f"{name}:{code_digest((folder / name).read_text())}" for name in TRAINING_SOURCES]
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
 
 
 DEFAULT_BUDGET = 256 * 1024

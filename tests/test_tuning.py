@@ -240,3 +240,15 @@ def test_cached_choices_are_keyed_by_the_sources_that_decide_integer_training(tm
     monkeypatch.setattr(tuning, "training_semantics", lambda: "another rule")
     after = keys()
     assert after[0] != before[0] and after[1] != before[1]
+
+
+def test_the_training_digest_keeps_caches_across_comments_and_docstrings_but_not_code():
+    """code_digest, what training_semantics is made of: a reworded comment, docstring or layout keeps the cached
+    choices; a changed constant or operation does not."""
+    from fedtiny.compiler import code_digest
+
+    source = 'def draw(x):\n    """Round half up."""\n    return (x + 1) >> 1  # the rounding\n'
+    assert code_digest(source) == code_digest('def draw(x):\n    """Another text."""\n\n    return (x+1) >> 1\n')
+    assert code_digest(source) == code_digest('def draw(x):\n    return (x + 1) >> 1\n')
+    assert code_digest(source) != code_digest('def draw(x):\n    """Round half up."""\n    return (x + 2) >> 1\n')
+    assert code_digest(source) != code_digest('def draw(x):\n    """Round half up."""\n    return (x + 1) >> 2\n')
