@@ -11,7 +11,8 @@
   `CPlanModel(plan).run(state, x)`: the plan's forward pass with a given trainable state over a batch, in C; `build_train_firmware(plan, samples, labels, seed, steps)` -> the training firmware ELF, which
   prints `trainable_digest(state)` of its final state.
 - `KernelLibrary` calls single kernels (reference and fast conv paths) for the kernel tests.
-Cache: $FEDTINY_CACHE or ~/.cache/fedtiny, subfolder cruntime/<sha256 of the sources>-<target>.
+Cache: $FEDTINY_CACHE or ~/.cache/fedtiny, subfolder cruntime/<sha256 of the sources>-<target>; the
+CACHE_BUILDS most recently used builds are kept.
 """
 
 import ctypes
@@ -82,6 +83,24 @@ def _build_dir(files: dict[str, str | bytes], target: str, cache_dir: Path | Non
     return path, (path / ".built").exists()
 
 
+CACHE_BUILDS = 300  # builds a cache folder keeps (0.1-1 MB each); every new plan, lr-free source or CPU adds one
+
+
+def evict_builds(root: Path, keep: int = CACHE_BUILDS) -> None:
+    """Remove the least recently used builds beyond `keep` (a build's .built is touched whenever it is used), so a
+    cache shared by every run and version stays bounded. A library already loaded stays mapped after removal."""
+    used = []
+    for folder in root.iterdir():
+        if folder.name.startswith("."):  # another process's build, not yet in place
+            continue
+        try:
+            used.append(((folder / ".built").stat().st_mtime, folder.name, folder))
+        except OSError:  # a build in progress, or not a build
+            continue
+    for _, _, folder in sorted(used, reverse=True)[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def make_cached(files: dict[str, str | bytes], target: str, artifact: str, cache_dir: Path | None,
                 prebuilt: tuple[Path, ...] = ()) -> Path:
     """Write the sources into a temporary folder, run `make target`, then move it into the cache atomically.
@@ -89,6 +108,10 @@ def make_cached(files: dict[str, str | bytes], target: str, artifact: str, cache
     up to date."""
     final, built = _build_dir(files, target, cache_dir)
     if built:
+        try:
+            os.utime(final / ".built")  # used now: the last to be evicted
+        except OSError:  # a read-only cache
+            pass
         return final / artifact
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
@@ -106,6 +129,8 @@ def make_cached(files: dict[str, str | bytes], target: str, artifact: str, cache
             tmp.rename(final)
         except OSError:  # another process built the same sources first
             pass
+        else:
+            evict_builds(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

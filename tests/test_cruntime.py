@@ -273,3 +273,22 @@ def test_fast_weight_update_matches_the_reference_kernel(cache):
         assert actual_counter == expected_counter == counter + (rows.size + 1) // 2, what
         changed += int(not np.array_equal(expected, rows))
     assert changed > 60, "the updates changed too few rows to tell kernels apart"
+
+
+def test_the_build_cache_keeps_the_most_recently_used_builds(tmp_path):
+    """The build cache stays bounded: past `keep` builds the least recently used go, and a build found in the cache
+    counts as used (make_cached touches it), so what a run keeps using survives."""
+    def build(name, used):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".built").write_text("")
+        os.utime(tmp_path / name / ".built", (used, used))
+
+    for i in range(5):
+        build(f"b{i}-host", 1000 + i)
+    (tmp_path / ".b9-host-tmp").mkdir()  # another process's build in progress
+    files = {"Makefile": "host:\n\tfalse\n"}  # never run: the build is found
+    found, built = cruntime._build_dir(files, "host", tmp_path)
+    build(found.name, 999)
+    assert cruntime.make_cached(files, "host", "lib.so", tmp_path) == found / "lib.so"  # a hit, touched
+    cruntime.evict_builds(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".b9-host-tmp", found.name, "b3-host", "b4-host"])
