@@ -148,6 +148,12 @@ def test_a_sparse_candidate_is_chosen_only_where_it_beats_the_best_fixed_scheme_
     assert choose(fixed + sparse, runs.get, n).text == "sparse:3:0@1/2"  # the other sparse one (0.91) is not tied
     runs["sparse:3:0@1"] = (Run(0.94, 0.2), 0.05)  # tied with the best sparse one, more bytes
     assert choose(fixed + sparse, runs.get, n).text == "sparse:3:0@1"
+    for c in fixed + sparse:
+        c.measured, c.lr = runs[c.text]
+    line = SearchResult("sparse:3:0@1", None, fixed + sparse, Run(0.9, 0.3), 0, 0.0, 0.05, scored=n).summary()
+    assert "sparse:3:0@1 scored more than one standard error (3.0 points) above the best fixed scheme" in line
+    line = SearchResult("last:2", None, fixed + sparse, Run(0.9, 0.3), 0, 0.0, 0.05, scored=n).summary()
+    assert "last:2 trains the most bytes (50) of the fixed schemes within one standard error (3.0 points)" in line
 
 
 def test_where_full_fits_and_is_chosen_among_the_fixed_schemes_the_sparse_search_is_skipped(small, searched):
