@@ -64,7 +64,8 @@ VERIFY = 3  # estimated candidates verified with a real run
 FIXED = ("classifier", "bias", "last:2", "full")
 UNLIMITED = 1 << 30  # the budget measuring runs compile with (they only measure learning, not fit)
 RULE = f"steps{RUN_STEPS}/wl{WEIGHT_LAYERS}/verify{VERIFY}/heldout-2way/v3"  # what a run measures
-CHOICE = "fixed-first/1se-capacity/sparse-beats-fixed-by-1se/v3"  # how the search goes and chooses (a finished search's cache key has it)
+# how the search goes and chooses (a finished search's cache key has it)
+CHOICE = "fixed-first/1se-capacity/sparse-beats-fixed-by-1se/v3"
 
 
 class SearchError(ValueError):

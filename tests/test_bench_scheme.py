@@ -11,7 +11,8 @@ import bench_scheme  # noqa: E402
 
 
 def test_the_notes_under_the_scheme_table_keep_later_subsections_and_their_tables():
-    page = (f"# Benchmarks\n\n{bench_scheme.SECTION}\n\nCommand: x.\n\n| model | budget |\n|---|---|\n| mlp | 32 KB |\n\n"
+    page = (f"# Benchmarks\n\n{bench_scheme.SECTION}\n\nCommand: x.\n\n"
+            "| model | budget |\n|---|---|\n| mlp | 32 KB |\n\n"
             "What the table shows.\n\n### A subsection\n\n| run | figure |\n|---|---|\n| a | 1 |\n\nIts notes.\n\n"
             "## Next section\nnot kept\n")
     notes = bench_scheme.notes_under_table(page)

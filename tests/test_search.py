@@ -1,6 +1,7 @@
 """`--scheme auto` (fedtiny.search): the chosen plan fits each budget, is within a standard error of the best
 fixed scheme that fits (checked with independent runs) and the most capacity among the fixed schemes tied with
-the best fixed one unless a sparse candidate beats them by more than a standard error, the search is deterministic for a seed, and a budget nothing fits is one line and exit code 2.
+the best fixed one unless a sparse candidate beats them by more than a standard error, the search is deterministic
+for a seed, and a budget nothing fits is one line and exit code 2.
 
 A small MLP on three Gaussian classes keeps every run short; the measuring runs use the Python reference trainer
 (the C trainer gives the same numbers bit for bit: tests/test_ctrainer.py)."""
