@@ -121,13 +121,14 @@ def bench_model(name: str, budgets: list[int]) -> list[str]:
     return rows
 
 
-def notes_under_table() -> str:
-    """The text written under the section's table in BENCHMARKS.md (kept across runs), with a blank line before."""
-    old = re.search(rf"^{re.escape(SECTION)}\n(.*?)(?=^## |\Z)", BENCHMARKS.read_text() if BENCHMARKS.exists() else "",
-                    re.M | re.S)
+def notes_under_table(markdown: str) -> str:
+    """The text written under the section's scheme table in `markdown` (BENCHMARKS.md; kept across runs), with a
+    blank line before: everything after the section's first table, including later tables of its subsections."""
+    old = re.search(rf"^{re.escape(SECTION)}\n(.*?)(?=^## |\Z)", markdown, re.M | re.S)
     lines = old.group(1).rstrip().splitlines() if old else []
-    last_row = max((i for i, line in enumerate(lines) if line.startswith("| ")), default=len(lines))
-    notes = "\n".join(lines[last_row + 1:]).strip()
+    first_row = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(first_row, len(lines)) if not lines[i].startswith("|")), len(lines))
+    notes = "\n".join(lines[end:]).strip()
     return f"\n{notes}\n" if notes else ""
 
 
@@ -157,7 +158,8 @@ def main() -> None:
             "budgets reuse its runs); the machine was shared with other work (1-minute load average "
             f"{min(load):.0f}-{max(load):.0f} on its 2 cores, sampled between models), so wall time is longer than "
             "on an idle machine.\n\n"
-            + header + "\n" + "\n".join(rows) + "\n" + notes_under_table())
+            + header + "\n" + "\n".join(rows) + "\n"
+            + notes_under_table(BENCHMARKS.read_text() if BENCHMARKS.exists() else ""))
     print(text)
     if not args.no_write:
         write_section(SECTION, text)

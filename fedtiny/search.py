@@ -23,8 +23,9 @@ then a search:
                compile_plan's BudgetError means it does not fit), the estimate being acc(classifier) +
                d_bias(k) + sum d_W(i, r); every state on the way is a candidate;
   6. verify    the VERIFY best estimated candidates get a run at every lr too;
-  7. choose    of the verified schemes (the fixed ones among them) whose accuracy is within one standard error of
-               the best (tie_band), the one with the most trainable bytes (choose: why capacity).
+  7. choose    of the fixed schemes whose accuracy is within one standard error of the best fixed one (tie_band),
+               the one with the most trainable bytes (choose: why capacity); a sparse candidate replaces it only
+               where it scores more than one standard error above the best fixed scheme (choose: why fixed first).
 
 The space is the scheme language's (fedtiny.scheme): classifier, bias, last:K and full are points of it, and always
 measured, so auto is never measurably below the best fixed scheme that fits on the held-out data. Every model and
@@ -63,7 +64,8 @@ VERIFY = 3  # estimated candidates verified with a real run
 FIXED = ("classifier", "bias", "last:2", "full")
 UNLIMITED = 1 << 30  # the budget measuring runs compile with (they only measure learning, not fit)
 RULE = f"steps{RUN_STEPS}/wl{WEIGHT_LAYERS}/verify{VERIFY}/heldout-2way/v3"  # what a run measures
-CHOICE = "fixed-first/1se-capacity/v2"  # how the search goes and chooses (a finished search's cache key has it)
+# how the search goes and chooses (a finished search's cache key has it)
+CHOICE = "fixed-first/1se-capacity/sparse-beats-fixed-by-1se/v3"
 
 
 class SearchError(ValueError):
@@ -157,11 +159,20 @@ class SearchResult:
             return (f"scheme auto = {self.scheme} ({chosen.memory / 1024:.1f} KB device RAM): the host's data holds "
                     f"out too few samples to score a run, so every scheme ties and auto takes the most trainable "
                     f"bytes that fit ({chosen.trainable:,})")
-        top = max(c.measured.accuracy for c in measured)
         scores = ", ".join(f"{c.text} {100 * c.measured.accuracy:.1f} % in {c.memory / 1024:.1f} KB" for c in measured)
+        fixed = max(c.measured.accuracy for c in measured if c.text in FIXED)
+        if self.scheme in FIXED:
+            why = (f"{self.scheme} trains the most bytes ({chosen.trainable:,}) of the fixed schemes within one "
+                   f"standard error ({100 * tie_band(fixed, self.scored):.1f} points) of the best fixed one, and no "
+                   "sparse scheme scored more than that above it")
+        else:
+            top = max(c.measured.accuracy for c in measured)
+            why = (f"{self.scheme} scored more than one standard error ({100 * tie_band(fixed, self.scored):.1f} "
+                   f"points) above the best fixed scheme and trains the most bytes ({chosen.trainable:,}) of the "
+                   f"sparse schemes within one standard error ({100 * tie_band(top, self.scored):.1f} points) of "
+                   "the best")
         return (f"scheme auto = {self.scheme}: held-out accuracy after short int8 runs on {self.scored} host samples: "
-                f"{scores}; {self.scheme} trains the most bytes ({chosen.trainable:,}) of those within one standard "
-                f"error ({100 * tie_band(top, self.scored):.1f} points) of the best ({cached}, {self.seconds:.0f} s)")
+                f"{scores}; {why} ({cached}, {self.seconds:.0f} s)")
 
     def pareto(self) -> list[Candidate]:
         """The verified candidates no other verified one beats with less or equal memory."""
@@ -295,15 +306,36 @@ def tie_band(accuracy: float, n: int) -> float:
 
 
 def choose(verified: list[Candidate], best_lr: Callable, n: int) -> Candidate:
-    """Of the verified candidates, the one with the most trainable bytes among those whose held-out accuracy is
-    within tie_band of the best (ties: less device memory, then the text). Why capacity: the held-out data is the
-    host's, from the distribution the model was pretrained on, so it cannot show the adaptation a device's own
-    (shifted) data needs; where it cannot tell the schemes apart, the one that can adapt most within the budget
-    is the better bet (on a shifted domain int8 full update with QAS came within 2.2 points of fp32, last:2 within
-    5.2, bias 7.2, classifier 16.7: issue 16). A scheme that measurably loses accuracy is never chosen."""
-    top = max(best_lr(c.text)[0].accuracy for c in verified)
-    tied = [c for c in verified if best_lr(c.text)[0].accuracy >= top - tie_band(top, n) - 1e-12]
-    return max(tied, key=lambda c: (c.trainable, -c.memory, c.text))
+    """The rule in one sentence: the fixed scheme with the most trainable bytes among the fixed schemes within
+    tie_band of the best fixed one, unless a sparse candidate scores more than tie_band above that best, when the
+    same capacity rule picks among the sparse candidates.
+
+    Why capacity: the held-out data is the host's, from the distribution the model was pretrained on, so it cannot
+    show the adaptation a device's own (shifted) data needs; where it cannot tell the schemes apart, the one that
+    can adapt most within the budget is the better bet (on a shifted domain int8 full update with QAS came within
+    2.2 points of fp32, last:2 within 5.2, bias 7.2, classifier 16.7: issue 16). A scheme that measurably loses
+    accuracy is never chosen.
+    Why fixed first: a sparse candidate is verified because its estimate, built from runs on these same held-out
+    samples, was among the best of dozens, so its score carries that selection's luck (the winner's curse), and
+    capacity would then take it for bytes the data gave no reason for; the fixed schemes are measured whatever
+    their score. On the vision scenario (88 held-out samples: one is 1.1 points) every scheme scored within one
+    sample of the untrained model; on the fleet the sparse scheme the former rule took at 32 KB did 1.1 points
+    worse than last:2, which this rule takes, in one scheme table and 0.9 points better in the next, both within
+    the fleet measure's own noise (BENCHMARKS, scheme search): the rule stands on the selection argument, not on
+    those numbers."""
+    def accuracy(c: Candidate) -> float:
+        return best_lr(c.text)[0].accuracy
+
+    def most_capacity_tied(pool: list[Candidate]) -> Candidate:
+        top = max(accuracy(c) for c in pool)
+        tied = [c for c in pool if accuracy(c) >= top - tie_band(top, n) - 1e-12]
+        return max(tied, key=lambda c: (c.trainable, -c.memory, c.text))
+
+    fixed = [c for c in verified if c.text in FIXED]
+    bar = max((accuracy(c) for c in fixed), default=None)
+    better = [c for c in verified if c.text not in FIXED
+              and (bar is None or accuracy(c) > bar + tie_band(bar, n) + 1e-12)]
+    return most_capacity_tied(better or fixed)
 
 
 def _measure_plan(graph: Graph, text: str, *, lr: float, qas: bool, loss: str) -> Plan:

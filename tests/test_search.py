@@ -1,6 +1,7 @@
 """`--scheme auto` (fedtiny.search): the chosen plan fits each budget, is within a standard error of the best
-fixed scheme that fits (checked with independent runs) and the most capacity among the measured candidates tied
-with the best, the search is deterministic for a seed, and a budget nothing fits is one line and exit code 2.
+fixed scheme that fits (checked with independent runs) and the most capacity among the fixed schemes tied with
+the best fixed one unless a sparse candidate beats them by more than a standard error, the search is deterministic
+for a seed, and a budget nothing fits is one line and exit code 2.
 
 A small MLP on three Gaussian classes keeps every run short; the measuring runs use the Python reference trainer
 (the C trainer gives the same numbers bit for bit: tests/test_ctrainer.py)."""
@@ -128,10 +129,32 @@ def test_the_choice_is_the_most_capacity_among_the_measured_candidates_tied_with
     assert chosen.measured.accuracy >= top - band - 1e-12
     assert all(c.trainable <= chosen.trainable for c in measured if c.measured.accuracy >= top - band - 1e-12)
     # choose() itself: a measurably worse scheme is never taken for its capacity
-    runs = {"small": (Run(0.9, 0.3), 0.05), "big": (Run(0.5, 0.9), 0.05), "mid": (Run(0.89, 0.31), 0.05)}
-    cands = [Candidate("small", 10, 1, 0.9), Candidate("big", 30, 100, 0.9), Candidate("mid", 20, 50, 0.9)]
-    assert choose(cands, runs.get, 1000).text == "small"  # band at 0.9 over 1000 samples: 0.0095
-    assert choose(cands, runs.get, 100).text == "mid"  # over 100 samples: 0.03
+    runs = {"classifier": (Run(0.9, 0.3), 0.05), "full": (Run(0.5, 0.9), 0.05), "last:2": (Run(0.89, 0.31), 0.05)}
+    cands = [Candidate("classifier", 10, 1), Candidate("full", 30, 100), Candidate("last:2", 20, 50)]
+    assert choose(cands, runs.get, 1000).text == "classifier"  # band at 0.9 over 1000 samples: 0.0095
+    assert choose(cands, runs.get, 100).text == "last:2"  # over 100 samples: 0.03
+
+
+def test_a_sparse_candidate_is_chosen_only_where_it_beats_the_best_fixed_scheme_by_more_than_a_standard_error():
+    """The sparse candidates were picked as the best estimates of dozens on the same held-out samples: one that
+    scores within the noise of the fixed schemes is not taken for its bytes (as it was on the vision scenario's 88
+    held-out samples), one that scores measurably above them is, and among such, capacity decides again."""
+    n = 100  # band at 0.9: 0.03
+    fixed = [Candidate("classifier", 10, 1), Candidate("last:2", 20, 50)]
+    sparse = [Candidate("sparse:3:0@1/2", 25, 200), Candidate("sparse:3:0@1", 30, 400)]
+    runs = {"classifier": (Run(0.9, 0.3), 0.05), "last:2": (Run(0.9, 0.31), 0.05),
+            "sparse:3:0@1/2": (Run(0.92, 0.2), 0.05), "sparse:3:0@1": (Run(0.91, 0.2), 0.05)}
+    assert choose(fixed + sparse, runs.get, n).text == "last:2"  # both sparse ones within the noise: no
+    runs["sparse:3:0@1/2"] = (Run(0.95, 0.2), 0.05)  # 0.05 above the best fixed one: measurably better
+    assert choose(fixed + sparse, runs.get, n).text == "sparse:3:0@1/2"  # the other sparse one (0.91) is not tied
+    runs["sparse:3:0@1"] = (Run(0.94, 0.2), 0.05)  # tied with the best sparse one, more bytes
+    assert choose(fixed + sparse, runs.get, n).text == "sparse:3:0@1"
+    for c in fixed + sparse:
+        c.measured, c.lr = runs[c.text]
+    line = SearchResult("sparse:3:0@1", None, fixed + sparse, Run(0.9, 0.3), 0, 0.0, 0.05, scored=n).summary()
+    assert "sparse:3:0@1 scored more than one standard error (3.0 points) above the best fixed scheme" in line
+    line = SearchResult("last:2", None, fixed + sparse, Run(0.9, 0.3), 0, 0.0, 0.05, scored=n).summary()
+    assert "last:2 trains the most bytes (50) of the fixed schemes within one standard error (3.0 points)" in line
 
 
 def test_where_full_fits_and_is_chosen_among_the_fixed_schemes_the_sparse_search_is_skipped(small, searched):
