@@ -45,10 +45,13 @@ class FirmwareFleet:
     """The firmware members of a simulated fleet: build, start, stop, and what they cost."""
 
     def __init__(self, run: Path, plan, devices: list[str], broker_url: str, *, chunk_size: int,
-                 heartbeat_s: float = 5.0, ack_timeout_s: float = 5.0, bridge_options: dict | None = None) -> None:
+                 heartbeat_s: float = 5.0, ack_timeout_s: float = 5.0, bridge_options: dict | None = None,
+                 secagg: bool = False) -> None:
         """run: the run folder (fleet/ from `fedtiny keys`, nodes/<device>.npz with x, y, seed); bridge_options:
-        more keyword arguments for each ModemBridge (tests: a transport_wrapper)."""
+        more keyword arguments for each ModemBridge (tests: a transport_wrapper); secagg: the firmware takes part
+        in secure aggregation and adds device noise (node_project's secagg)."""
         self.run, self.plan, self.devices, self.broker_url = run, plan, devices, broker_url
+        self.secagg = secagg
         self.chunk_size, self.heartbeat_s, self.ack_timeout_s = chunk_size, heartbeat_s, ack_timeout_s
         self.bridge_options = bridge_options or {}
         self.nodes: list[FirmwareNode] = []
@@ -61,7 +64,7 @@ class FirmwareFleet:
         folder = node_project.device_folder(self.run / "fleet", device)
         project = node_project.files(self.plan, folder, device, samples["x"], samples["y"], int(samples["seed"]),
                                      chunk_size=self.chunk_size, heartbeat_s=self.heartbeat_s,
-                                     ack_timeout_s=self.ack_timeout_s)
+                                     ack_timeout_s=self.ack_timeout_s, secagg=self.secagg)
         return node_project.build(project, cache_dir=self.run / "firmware")
 
     def start(self) -> FirmwareFleet:

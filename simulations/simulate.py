@@ -352,7 +352,6 @@ def _check_secagg(c: SimulationConfig) -> None:
         raise ConfigError(f"--secagg: {exc}") from None
     for ok, why in ((c.clip_norm > 0, "--clip-norm 0: secure aggregation needs the devices to clip (default 0.5)"),
                     (c.engine == "mqtt", "--engine flower: secure aggregation runs over MQTT node agents only"),
-                    (c.qemu_nodes == 0, "--qemu-nodes: the node firmware does not implement secure aggregation yet"),
                     (c.max_staleness == 0, "--max-staleness: masked rounds are synchronous"),
                     (c.nodes * c.fraction >= 3, "fewer than 3 nodes per round: secure aggregation needs 3")):
         if not ok:
@@ -631,7 +630,8 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
     if config.qemu_nodes:
         from .firmware_nodes import FirmwareFleet
 
-        firmware = FirmwareFleet(run, plan, devices[:config.qemu_nodes], url, chunk_size=config.chunk_size)
+        firmware = FirmwareFleet(run, plan, devices[:config.qemu_nodes], url, chunk_size=config.chunk_size,
+                                 secagg=config.secagg)
     agents = devices[config.qemu_nodes:]
     shares = [agents[i::config.workers] for i in range(config.workers)]
     workers = [ctx.Process(target=_worker, args=(str(run), share, url, asdict(config), stop), daemon=True)

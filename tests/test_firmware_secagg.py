@@ -4,7 +4,10 @@ the Python device's, byte for byte, for a round of degree 36 (a cohort of 50); t
 printed (BENCHMARKS and docs/security.md quote them). Skips without arm-none-eabi-gcc, QEMU or Monocypher's
 sources on a user's machine; fails in CI."""
 
+import re
+
 import numpy as np
+import pytest
 from conftest import require_monocypher, require_tool
 from test_secagg import clipped_delta
 
@@ -41,3 +44,88 @@ def test_the_m4_keys_shares_noise_and_masks_are_the_python_devices(mlp_last2_pla
     elements = sum(int(np.prod(plan.buffers[n].shape)) for n in plan.trainable_buffers())
     print(f"M4 instructions ({elements} trainable elements, degree {DEGREE}): {run.instructions}; "
           f"stack {run.stack}")
+
+
+# --- the firmware node in a real secure-aggregation round ----------------------------------------------------
+
+SIGMA_ROUND = 0.01  # the devices' noise (real units): distributed DP under secure aggregation
+
+
+@pytest.fixture(scope="module")
+def built_secagg_fleet(tmp_path_factory):
+    """Three devices' keys (each with its peers.json), their samples, and n0's firmware built with secure
+    aggregation and device noise (test_firmware_node.build_fleet)."""
+    from test_firmware_node import build_fleet, require_firmware_tools
+    from test_server_e2e import breast_cancer_task
+
+    require_firmware_tools()
+    require_monocypher()
+    plan, shards, _ = breast_cancer_task(3)
+    return build_fleet(tmp_path_factory.mktemp("fw-secagg"), plan, shards, secagg=True)
+
+
+def expected_delta(plan, run: int, round_: int, identity: bytes, base: dict, trained: dict,
+                   noised: bool = True) -> dict:
+    """What a device sends masked in a round trained from `base` with nothing carried: its clipped delta, noised
+    from its own stream and clamped to the round's bounds (update.uplink_delta, device.py's)."""
+    from fedtiny.protocol.secagg import value_bounds
+    from fedtiny.protocol.update import uplink_delta
+
+    sigma = float(np.float32(SIGMA_ROUND))
+    noise = NoiseStream(noise_key(identity), run, round_) if noised else None
+    sent, _ = uplink_delta(plan, base, trained, None, keep=1.0, clip_norm=CLIP, noise_sigma=sigma if noised else 0.0,
+                           noise=noise, noise_limits=value_bounds(plan, CLIP, sigma))
+    return sent
+
+
+def test_a_firmware_node_in_a_noised_secure_aggregation_round_sums_exactly(built_secagg_fleet, tmp_path):
+    """The M4 firmware (QEMU, n0) in one masked round with device noise beside a Python node agent (n1) and a node
+    agent running the C node's session (n2), over mosquitto through the real coordinator: every stage runs, no
+    downlink is refused, the coordinator's one outcome is the sum of all three devices' noised, clipped deltas
+    exactly, each computed here in Python from the device's trained model (the firmware's read from its flash
+    image) and its own noise stream: the firmware's noise and masks are the Python device's, bit for bit."""
+    from fedtiny_device import node_project
+    from fedtiny_device.cruntime import unpack_state
+    from fedtiny_server.grid import RoundPolicy
+    from fedtiny_server.rounds import Coordinator, CoordinatorConfig
+    from fedtiny_server.state import StateStore
+    from test_cstore import parse_newest
+    from test_firmware_node import Fleet
+
+    require_tool("mosquitto")
+    fleet = Fleet(tmp_path, built_secagg_fleet, secagg=True, c_sessions=("n2",))
+    outcomes = []
+    take = fleet.link.secagg_outcomes
+    fleet.link.secagg_outcomes = lambda: outcomes.extend(taken := take()) or taken  # what the round sums
+    try:
+        plan = fleet.plan
+        coordinator = Coordinator(fleet.link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(
+            rounds=1, policy=RoundPolicy(quorum=1.0, deadline=120.0, poll=0.05),
+            train_config={"clip_norm": CLIP, "noise_sigma": SIGMA_ROUND}, secagg=True))
+        history = coordinator.run()
+    finally:
+        fleet.close()
+    console = fleet.node.qemu.console()
+    assert [r.replies for r in history] == [3], console[-3000:]  # the three survivors
+    assert "refused a downlink" not in console, console[-3000:]
+    assert re.search(r"^node: round 1 sent, masked", console, re.M), console[-3000:]
+    (outcome,) = [o for o in outcomes if o.round == 1]
+    assert outcome.failure == "" and len(outcome.result.survivors) == 3 and not outcome.result.dropped
+
+    base = plan.initial_state()
+    run_number = fleet.agents["n1"].session.state.run
+    bank = node_project.bank_bytes(node_project.buffer_sizes(plan, 256, secagg=True))
+    _, segments = parse_newest((fleet.node.qemu.workdir / node_project.FLASH_FILE).read_bytes(), bank, 2, 8)
+    trained = {"n0": unpack_state(plan, segments[5])}  # the firmware's personalised model: its trained state
+    trained |= {name: agent.session.state.personal for name, agent in fleet.agents.items()}
+    keys = fleet.run / "fleet" / "devices"
+    expected = {name: expected_delta(plan, run_number, 1, (keys / name / "identity.key").read_bytes(), base, model)
+                for name, model in trained.items()}
+    for name in plan.trainable_buffers():
+        total = sum(e[name].astype(np.int64) for e in expected.values())
+        assert np.array_equal(outcome.result.total[name], total), name
+    # the noise is there: without it the firmware's delta would differ
+    plain = expected_delta(plan, run_number, 1, (keys / "n0" / "identity.key").read_bytes(), base, trained["n0"],
+                           noised=False)
+    assert any(not np.array_equal(plain[n], expected["n0"][n]) for n in plan.trainable_buffers())
+    assert all(a.session.state.upload is None and a.session.state.trained_round == 1 for a in fleet.agents.values())

@@ -35,6 +35,14 @@
  *     frame              one uplink chunk frame, from its sealing to its publish.
  *     rx_buf, tx_buf     one modem frame each way.
  *     order              the training order of the samples, during a job.
+ *     values             (a node built with noise or secure aggregation, FEDTINY_NODE_CFG_VALUES_ELEMENTS) the
+ *                        sent delta as int32 from the end of a job's training to its DELTA's sealing, while the
+ *                        device's noise is added; in a masked round until the relay has come and it is masked.
+ *     secagg             (FEDTINY_NODE_CFG_SECAGG) one secure-aggregation round: its secrets, the neighbours' keys
+ *                        and shares, the stage reply being sent. In RAM only, as device.py's: a node reset
+ *                        mid-round is a dropout of that round (the protocol absorbs it; its masked DELTA, once
+ *                        sealed, is the persisted upload like any other). The peers' identities are in flash
+ *                        (node_config.c, from the device folder's peers.json).
  *     boot_state         the persisted numbers, from the restore until fedtiny_node_init copies them.
  *     stack, heap        fedtiny_node.ld's 8 KB stack (crypto and the session's calls), newlib's 4 KB heap.
  *
@@ -75,6 +83,20 @@ static uint8_t bitmap[FEDTINY_NODE_CFG_BITMAP_BYTES];
 static uint8_t frame[FEDTINY_NODE_CFG_CHUNK_BYTES];
 static uint8_t base[FEDTINY_NODE_CFG_STATE_BYTES]; /* the state a job trains from (a GLOBAL_UPDATE may come) */
 static uint16_t order[FEDTINY_NODE_CFG_MAX_SAMPLES > 0 ? FEDTINY_NODE_CFG_MAX_SAMPLES : 1];
+#if FEDTINY_NODE_CFG_VALUES_ELEMENTS > 0
+static int32_t values[FEDTINY_NODE_CFG_VALUES_ELEMENTS];
+#define VALUES values
+#else
+#define VALUES NULL
+#endif
+#if FEDTINY_NODE_CFG_SECAGG
+static fedtiny_node_secagg secagg;
+#define SECAGG (&secagg)
+#define PEERS (&fedtiny_node_peers_config)
+#else
+#define SECAGG NULL
+#define PEERS NULL
+#endif
 #if FEDTINY_NODE_CFG_PERSONAL_BYTES > 0
 static uint8_t personal[FEDTINY_NODE_CFG_PERSONAL_BYTES];
 #define PERSONAL personal
@@ -183,6 +205,16 @@ static void take_job(int status, const fedtiny_node_job *offered)
     job_ready = 1;
 }
 
+static uint32_t masked_round; /* the round whose masked DELTA waits for the neighbours' shares (0: none) */
+
+static void masked_sent(void)
+{
+    rounds_done++;
+    printf("node: round %lu sent, masked, seq %lu\n", (unsigned long)masked_round, (unsigned long)node.state.seq);
+    masked_round = 0u;
+    fedtiny_profile_dump(); /* the host's instruction counts per part, up to this round's DELTA */
+}
+
 static void up(void *context, uint32_t now)
 {
     fedtiny_node_job pending;
@@ -206,6 +238,7 @@ static void message(void *context, const uint8_t *name, uint32_t name_len, uint8
     if (name_len > FEDTINY_NODE_TOPIC_MAX) {
         name_len = FEDTINY_NODE_TOPIC_MAX; /* longer than any topic of this node: refused as bad-topic below */
     }
+    const uint32_t waiting = node.state.upload_len;
     memcpy(topic, name, name_len);
     topic[name_len] = '\0';
     FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
@@ -214,6 +247,9 @@ static void message(void *context, const uint8_t *name, uint32_t name_len, uint8
     if (status < 0) {
         refused++;
         printf("node: refused a downlink on %s: %s\n", topic, fedtiny_node_reason(status));
+    }
+    if (waiting == 0u && node.state.upload_len != 0u) { /* the relay came: a trained round's masked DELTA left */
+        masked_sent();
     }
     take_job(status, &offered);
 }
@@ -358,10 +394,21 @@ static void train(void)
         printf("node: round %lu: %s\n", (unsigned long)running.round, fedtiny_node_reason(status));
         return;
     }
-    rounds_done++;
-    printf("node: round %lu sent, loss %ld.%06ld, seq %lu\n", (unsigned long)running.round,
-           (long)result.loss, (long)((result.loss - (long)result.loss) * 1e6), (unsigned long)node.state.seq);
-    fedtiny_profile_dump(); /* the host's instruction counts per part, up to this round's DELTA */
+    printf("node: round %lu trained, loss %ld.%06ld\n", (unsigned long)running.round, (long)result.loss,
+           (long)((result.loss - (long)result.loss) * 1e6));
+    if (running.masked) {
+        masked_round = running.round;
+        if (node.state.upload_len != 0u) {
+            masked_sent(); /* the relay had come while it trained */
+        } else {
+            printf("node: round %lu waits for its neighbours' shares to mask its DELTA\n",
+                   (unsigned long)running.round);
+        }
+    } else {
+        rounds_done++;
+        printf("node: round %lu sent, seq %lu\n", (unsigned long)running.round, (unsigned long)node.state.seq);
+        fedtiny_profile_dump(); /* the host's instruction counts per part, up to this round's DELTA */
+    }
     report_prediction(); /* with the model this round left, while its DELTA waits for the ACK in the arena */
 }
 
@@ -490,6 +537,10 @@ int main(void)
     config.capacity.reassembly = sizeof reassembly;
     config.capacity.bitmap = sizeof bitmap;
     config.capacity.frame = sizeof frame;
+    config.values = VALUES;
+    config.capacity.values = 4u * FEDTINY_NODE_CFG_VALUES_ELEMENTS;
+    config.peers = PEERS;
+    config.secagg = SECAGG;
     config.publish = publish;
     config.persist = persist;
     FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
