@@ -1,6 +1,6 @@
 """The whole node on the Cortex-M4: RAM and flash by part from the linker, and instructions per round by part.
 
-    python benchmarks/bench_node.py [--schemes sparse:3:-2@1/8,full] [--rounds 3] [--nodes 4]
+    python benchmarks/bench_node.py [--schemes sparse:3:-2@1/8,full] [--rounds 3] [--nodes 4] [--secagg]
 
 For each scheme ("default": `auto`, the default), one `fedtiny simulate` run (industrial scenario, sensor_cnn)
 where node000 is the node firmware under QEMU (mps2-an386) beside Python node agents. From that firmware:
@@ -14,7 +14,9 @@ where node000 is the node firmware under QEMU (mps2-an386) beside Python node ag
             out, with the time at 64 and 216 MHz (instructions, not cycles: a real M4 needs ~1.1-1.5x more)
 
 It also checks the run against the same run with Python agents only (the global model must be identical).
-Prints its Markdown section and writes it into BENCHMARKS.md (unless --no-write).
+Prints its Markdown section and writes it into BENCHMARKS.md (unless --no-write). With --secagg both runs are
+`--secagg --dp-epsilon 8` (secure aggregation with the devices' noise; the firmware built with both), and the
+section is SECAGG_SECTION: secure aggregation's steps count as crypto, the noise as protocol.
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ import numpy as np
 from report import provenance, write_section
 
 SECTION = "## The whole node on the Cortex-M4: RAM, flash and instructions per round by part (issue 12)"
+SECAGG_SECTION = ("## The whole node on the Cortex-M4 in secure-aggregation rounds with device noise: RAM, flash and "
+                  "instructions per round (issue 13)")
+EPSILON = 8.0  # --secagg: distributed DP's budget (the devices add the noise)
 
 PARTS = {
     "training": ("model", "fedtiny_kernels", "fedtiny_kernels_fwd_fast",
                  "fedtiny_kernels_bwd_fast", "fedtiny_runtime", "fedtiny_train_job",
                  "samples"),
-    "crypto": ("monocypher", "fedtiny_envelope"),
-    "protocol": ("fedtiny_node", "fedtiny_chunk", "fedtiny_wire", "node_plan", "node_config"),
+    "crypto": ("monocypher", "fedtiny_envelope", "fedtiny_secagg", "fedtiny_node_secagg"),
+    "protocol": ("fedtiny_node", "fedtiny_chunk", "fedtiny_wire", "node_plan", "node_config", "fedtiny_noise"),
     "state": ("fedtiny_store", "fedtiny_flash_semihost"),
     "link": ("fedtiny_modem", "fedtiny_uart_cmsdk"),
     "firmware": ("firmware_node", "fedtiny_boot", "fedtiny_profile"),
@@ -76,11 +81,12 @@ def flash_by_part(map_file: Path) -> dict[str, int]:
     return dict(out)
 
 
-def run_simulation(out: Path, scheme: str, nodes: int, rounds: int, qemu: int) -> dict:
+def run_simulation(out: Path, scheme: str, nodes: int, rounds: int, qemu: int, secagg: bool = False) -> dict:
     from fedtiny_sim.simulate import SimulationConfig, simulate
 
+    privacy = dict(secagg=True, dp_epsilon=EPSILON) if secagg else {}
     return simulate(SimulationConfig(nodes=nodes, rounds=rounds, scheme=scheme, qemu_nodes=qemu, out=str(out),
-                                     workers=2))
+                                     workers=2, **privacy))
 
 
 def main() -> int:
@@ -88,24 +94,35 @@ def main() -> int:
     parser.add_argument("--schemes", default="sparse:3:-2@1/8,full")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--secagg", action="store_true",
+                        help=f"secure aggregation with device noise (--secagg --dp-epsilon {EPSILON:g})")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
     args = parser.parse_args()
     from fedtiny_device.node_project import ram_by_part
     from fedtiny_server.state import StateStore
 
-    lines = [SECTION, "", provenance(f"python benchmarks/bench_node.py --schemes {args.schemes} --rounds "
-                                     f"{args.rounds} --nodes {args.nodes}"), "",
-             f"Each scheme: `fedtiny simulate --nodes {args.nodes} --qemu-nodes 1 --rounds {args.rounds}` (industrial, "
-             "sensor_cnn), node000 being fedtiny_node.elf under QEMU mps2-an386 and the others Python agents, and the "
-             "same run with Python agents only.", "",
+    section = SECAGG_SECTION if args.secagg else SECTION
+    privacy = f" --secagg --dp-epsilon {EPSILON:g}" if args.secagg else ""
+    lines = [section, "", provenance(f"python benchmarks/bench_node.py --schemes {args.schemes} --rounds "
+                                     f"{args.rounds} --nodes {args.nodes}{' --secagg' if args.secagg else ''}"), "",
+             f"Each scheme: `fedtiny simulate --nodes {args.nodes} --qemu-nodes 1 --rounds {args.rounds}{privacy}` "
+             "(industrial, sensor_cnn), node000 being fedtiny_node.elf under QEMU mps2-an386 and the others Python "
+             "agents, and the same run with Python agents only.", "",
              "The node keeps its personalised model for inference between rounds (`personalised model`, one copy of "
              "the trainable state); the classes it predicts after each round for its console are counted as idle, "
              "outside the instructions per round.", ""]
+    if args.secagg:
+        lines += [f"Every round is masked: each node's neighbours are the other {args.nodes - 1} of the cohort (the "
+                  "graph is complete up to a cohort of 37: secagg.graph_degree), and each node adds its "
+                  "discrete Gaussian noise. Secure aggregation's steps (round keys, checking the neighbours' "
+                  "signatures, sealing and opening shares, the masks) count as crypto; the noise's sampling as "
+                  "protocol. `noise values` holds the sent delta as int32 while it is noised and until it is "
+                  "masked; `secure aggregation` is one round's state (fedtiny_node_secagg).", ""]
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes.split(","):
             chosen = "auto" if scheme == "default" else scheme
-            fw = run_simulation(Path(tmp) / f"{scheme}-fw", chosen, args.nodes, args.rounds, 1)
-            py = run_simulation(Path(tmp) / f"{scheme}-py", chosen, args.nodes, args.rounds, 0)
+            fw = run_simulation(Path(tmp) / f"{scheme}-fw", chosen, args.nodes, args.rounds, 1, args.secagg)
+            py = run_simulation(Path(tmp) / f"{scheme}-py", chosen, args.nodes, args.rounds, 0, args.secagg)
             a = StateStore(Path(tmp) / f"{scheme}-fw" / "state.db").load()
             b = StateStore(Path(tmp) / f"{scheme}-py" / "state.db").load()
             same = all(np.array_equal(a.ints[k], b.ints[k]) for k in b.ints)
@@ -132,7 +149,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(SECTION, text)
+        write_section(section, text)
     return 0
 
 
