@@ -129,3 +129,34 @@ def test_a_firmware_node_in_a_noised_secure_aggregation_round_sums_exactly(built
                            noised=False)
     assert any(not np.array_equal(plain[n], expected["n0"][n]) for n in plan.trainable_buffers())
     assert all(a.session.state.upload is None and a.session.state.trained_round == 1 for a in fleet.agents.values())
+
+
+def test_device_memory_counts_the_noise_and_secure_aggregation_ram_as_the_linker_does(built_secagg_fleet, tmp_path):
+    """The firmware of the round above (n0, built with secure aggregation and noise) against the same device's plain
+    firmware: its values buffer and round state are device_memory.privacy_ram_bytes' byte for byte, and all the RAM
+    it adds by the linker (those, and the larger reassembly and upload buffers of node_project.buffer_sizes with
+    secagg) is device_memory's and buffer_sizes' count within 5 %."""
+    from fedtiny import device_memory
+    from fedtiny_device import node_project
+    from fedtiny_device.cruntime import memory_usage
+    from test_firmware_node import FLEET_OPTIONS
+    from test_server_e2e import breast_cancer_task
+
+    plan, _, _ = breast_cancer_task(3)
+    (elf,) = (built_secagg_fleet / "firmware").glob("*/fedtiny_node.elf")
+    parts = node_project.ram_by_part(elf.with_name("fedtiny_node.map"))
+    privacy = device_memory.privacy_ram_bytes(plan, noise=True, secagg=True)
+    assert parts["noise values"] == privacy["noise_values_bytes"] > 0
+    assert parts["secure aggregation"] == privacy["secagg_state_bytes"] > 0
+    samples = np.load(built_secagg_fleet / "nodes" / "n0.npz")
+    project = node_project.files(plan, node_project.device_folder(built_secagg_fleet / "fleet", "n0"), "n0",
+                                 samples["x"], samples["y"], int(samples["seed"]), **FLEET_OPTIONS)
+    plain = memory_usage(node_project.build(project, cache_dir=tmp_path / "firmware"))["ram"]
+    added = memory_usage(elf)["ram"] - plain
+    before, after = (node_project.buffer_sizes(plan, FLEET_OPTIONS["chunk_size"], s) for s in (False, True))
+    grown = sum(after[k] - before[k] for k in ("reassembly", "bitmap"))
+    if after["upload"] > plan.arena_size:  # the sealed upload has a buffer of its own (else it borrows the arena)
+        grown += after["upload"] - before["upload"]
+    counted = sum(privacy.values()) + grown
+    assert abs(counted - added) <= 0.05 * added, (counted, added, parts)
+    print(f"\nRAM added by noise and secure aggregation: {added:,} B by the linker, {counted:,} B counted; {parts}")
