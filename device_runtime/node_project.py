@@ -34,6 +34,9 @@ NODE_ELF = "fedtiny_node.elf"
 FIRMWARE_FILES = ("fedtiny_profile.c", "fedtiny_store.c", "fedtiny_store.h", "fedtiny_crc32.c", "fedtiny_crc32.h",
                   "fedtiny_flash_semihost.c", "fedtiny_flash_semihost.h", "fedtiny_modem.c", "fedtiny_modem.h",
                   "fedtiny_uart_cmsdk.c", "fedtiny_uart_cmsdk.h", "firmware_node.c", "fedtiny_node.ld")
+# offsetof(fedtiny_node_secagg, stage) on the Cortex-M4: the round's state the firmware persists (without the stage
+# reply buffer); device_memory.NODE_SECAGG_STATE_BYTES is the whole struct
+NODE_SECAGG_RECORD_BYTES = 10_296
 FLASH_FILE = "node.flash"  # the flash image, relative to QEMU's working folder (fedtiny_device.qemu_node)
 
 
@@ -64,8 +67,10 @@ def buffer_sizes(plan: Plan, chunk_size: int, secagg: bool = False) -> dict[str,
         upload, reassembly = (max(a, b) for a, b in zip((upload, reassembly), secagg_buffer_bytes(plan)))
     # the personalised model: a second state, where the plan's budget holds it (memory_report)
     personal = state if plan.memory_report()["personal_model_bytes"] else 0
+    # secure aggregation: the round held, persisted with every record (firmware_node.c, all but its stage reply)
+    secagg_record = NODE_SECAGG_RECORD_BYTES if secagg else 0
     return dict(state=state, delta=delta, upload=upload, reassembly=reassembly,
-                bitmap=reassembly // 8 + 2, chunk=chunk_size, personal=personal)
+                bitmap=reassembly // 8 + 2, chunk=chunk_size, personal=personal, secagg_record=secagg_record)
 
 
 # The firmware's RAM by part (ram_by_part): each part's static variables, by symbol (firmware_node.c and model.c).
@@ -108,8 +113,8 @@ def ram_by_part(map_path: Path) -> dict[str, int]:
 
 def bank_bytes(sizes: dict[str, int]) -> int:
     """One flash bank: the record header area and the six segments (plan hash, state numbers, model, carry,
-    upload, personalised model)."""
-    payload = 256 + sizes["state"] + sizes["delta"] + sizes["upload"] + sizes["personal"]
+    upload, personalised model), and with secure aggregation a seventh (the round held)."""
+    payload = 256 + sizes["state"] + sizes["delta"] + sizes["upload"] + sizes["personal"] + sizes["secagg_record"]
     return -(-(payload + 64) // 4096) * 4096  # whole 4 KiB sectors
 
 

@@ -5,6 +5,8 @@ printed (BENCHMARKS and docs/security.md quote them). Skips without arm-none-eab
 sources on a user's machine; fails in CI."""
 
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -80,20 +82,33 @@ def expected_delta(plan, run: int, round_: int, identity: bytes, base: dict, tra
 
 def test_a_firmware_node_in_a_noised_secure_aggregation_round_sums_exactly(built_secagg_fleet, tmp_path):
     """The M4 firmware (QEMU, n0) in one masked round with device noise beside a Python node agent (n1) and a node
-    agent running the C node's session (n2), over mosquitto through the real coordinator: every stage runs, no
-    downlink is refused, the coordinator's one outcome is the sum of all three devices' noised, clipped deltas
-    exactly, each computed here in Python from the device's trained model (the firmware's read from its flash
-    image) and its own noise stream: the firmware's noise and masks are the Python device's, bit for bit."""
+    agent running the C node's session (n2), over mosquitto through the real coordinator. The modem loses the
+    firmware's masked DELTA after its first chunks and QEMU is killed (a power cut); started again, the node
+    restores its round from flash, sends the persisted masked DELTA again and answers the unmasking with the shares
+    it holds (in a cohort of 3 the round fails without them). Every stage runs, no downlink is refused, and the
+    coordinator's one outcome is the sum of all three devices' noised, clipped deltas exactly, each computed here
+    in Python from the device's trained model (the firmware's read from its flash image) and its own noise stream:
+    the firmware's noise and masks are the Python device's, bit for bit."""
     from fedtiny_device import node_project
     from fedtiny_device.cruntime import unpack_state
     from fedtiny_server.grid import RoundPolicy
     from fedtiny_server.rounds import Coordinator, CoordinatorConfig
     from fedtiny_server.state import StateStore
     from test_cstore import parse_newest
-    from test_firmware_node import Fleet
+    from fedtiny.transport.faults import FaultyTransport
+    from test_firmware_node import Fleet, delta_chunks
 
     require_tool("mosquitto")
-    fleet = Fleet(tmp_path, built_secagg_fleet, secagg=True, c_sessions=("n2",))
+    lost = {"on": True, "rule": delta_chunks(1, 3), "dropped": 0}
+
+    def drop(p) -> bool:
+        if lost["on"] and lost["rule"](p):
+            lost["dropped"] += 1
+            return True
+        return False
+
+    fleet = Fleet(tmp_path, built_secagg_fleet, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=drop)),
+                  secagg=True, c_sessions=("n2",))
     outcomes = []
     take = fleet.link.secagg_outcomes
     fleet.link.secagg_outcomes = lambda: outcomes.extend(taken := take()) or taken  # what the round sums
@@ -102,13 +117,26 @@ def test_a_firmware_node_in_a_noised_secure_aggregation_round_sums_exactly(built
         coordinator = Coordinator(fleet.link, plan, StateStore(tmp_path / "state.db"), CoordinatorConfig(
             rounds=1, policy=RoundPolicy(quorum=1.0, deadline=120.0, poll=0.05),
             train_config={"clip_norm": CLIP, "noise_sigma": SIGMA_ROUND}, secagg=True))
-        history = coordinator.run()
+        done = {}
+        rounds = threading.Thread(target=lambda: done.setdefault("history", coordinator.run()), daemon=True)
+        rounds.start()
+        deadline = time.monotonic() + 120
+        while lost["dropped"] == 0:  # the modem has lost part of the masked DELTA: kill the board now
+            assert time.monotonic() < deadline and rounds.is_alive(), fleet.node.qemu.console()[-3000:]
+            time.sleep(0.01)
+        fleet.node.qemu.kill()
+        lost["on"] = False
+        fleet.node.qemu.start()
+        rounds.join(180)
+        assert "history" in done, "the round did not finish"
     finally:
         fleet.close()
+    history = done["history"]
     console = fleet.node.qemu.console()
     assert [r.replies for r in history] == [3], console[-3000:]  # the three survivors
     assert "refused a downlink" not in console, console[-3000:]
     assert re.search(r"^node: round 1 sent, masked", console, re.M), console[-3000:]
+    assert re.search(r"^node: restored secure-aggregation round 1$", fleet.node.qemu.console(2), re.M), console
     (outcome,) = [o for o in outcomes if o.round == 1]
     assert outcome.failure == "" and len(outcome.result.survivors) == 3 and not outcome.result.dropped
 
@@ -137,6 +165,7 @@ def test_device_memory_counts_the_noise_and_secure_aggregation_ram_as_the_linker
     it adds by the linker (those, and the larger reassembly and upload buffers of node_project.buffer_sizes with
     secagg) is device_memory's and buffer_sizes' count within 5 %."""
     from fedtiny import device_memory
+    from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, TAG_SIZE
     from fedtiny_device import node_project
     from fedtiny_device.cruntime import memory_usage
     from test_firmware_node import FLEET_OPTIONS
@@ -148,6 +177,9 @@ def test_device_memory_counts_the_noise_and_secure_aggregation_ram_as_the_linker
     privacy = device_memory.privacy_ram_bytes(plan, noise=True, secagg=True)
     assert parts["noise values"] == privacy["noise_values_bytes"] > 0
     assert parts["secure aggregation"] == privacy["secagg_state_bytes"] > 0
+    # what the firmware persists of it: all but the stage reply buffer (the sealed SECAGG_SHARES to 64 neighbours)
+    stage = HEADER_SIZE + 4 + 80 * 64 + TAG_SIZE + SIGNATURE_SIZE
+    assert node_project.NODE_SECAGG_RECORD_BYTES == privacy["secagg_state_bytes"] - stage
     samples = np.load(built_secagg_fleet / "nodes" / "n0.npz")
     project = node_project.files(plan, node_project.device_folder(built_secagg_fleet / "fleet", "n0"), "n0",
                                  samples["x"], samples["y"], int(samples["seed"]), **FLEET_OPTIONS)

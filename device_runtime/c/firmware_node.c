@@ -39,15 +39,18 @@
  *                        sent delta as int32 from the end of a job's training to its DELTA's sealing, while the
  *                        device's noise is added; in a masked round until the relay has come and it is masked.
  *     secagg             (FEDTINY_NODE_CFG_SECAGG) one secure-aggregation round: its secrets, the neighbours' keys
- *                        and shares, the stage reply being sent. In RAM only, as device.py's: a node reset
- *                        mid-round is a dropout of that round (the protocol absorbs it; its masked DELTA, once
- *                        sealed, is the persisted upload like any other). The peers' identities are in flash
- *                        (node_config.c, from the device folder's peers.json).
+ *                        and shares, the stage reply being sent; persisted with every record while a round is
+ *                        held (all but the stage reply), so a node reset mid-round still answers its later stages
+ *                        (a reset after masking still reveals the shares it holds: in a small cohort the round
+ *                        needs them). Trained values waiting for the relay are not kept: the task is trained again.
+ *                        (device.py keeps its round in memory only: restarted, a Python device is a dropout.) The
+ *                        peers' identities are in flash (node_config.c, from the device folder's peers.json).
  *     boot_state         the persisted numbers, from the restore until fedtiny_node_init copies them.
  *     stack, heap        fedtiny_node.ld's 8 KB stack (crypto and the session's calls), newlib's 4 KB heap.
  *
  * tests/test_node_memory.py builds this firmware for the default plan and for `full` on the default model and
  * holds both to 256 KB of RAM and 1 MB of flash by the linker. */
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -154,8 +157,14 @@ static int publish(void *context, fedtiny_node_topic kind, const char *name, con
 }
 
 /* The record: the plan's hash (a firmware of another plan must not read this state as its own), the state's
- * numbers, the global model, the carry, the sealed upload and the personalised model (empty until the first). */
+ * numbers, the global model, the carry, the sealed upload and the personalised model (empty until the first);
+ * with secure aggregation, the round held (empty while none is: SECAGG_RECORD_BYTES, its stage reply left out). */
+#if FEDTINY_NODE_CFG_SECAGG
+#define RECORD_SEGMENTS 7u
+#define SECAGG_RECORD_BYTES offsetof(fedtiny_node_secagg, stage)
+#else
 #define RECORD_SEGMENTS 6u
+#endif
 static int persist(void *context, const fedtiny_node_persisted *p)
 {
     fedtiny_store_segment segments[RECORD_SEGMENTS];
@@ -173,6 +182,10 @@ static int persist(void *context, const fedtiny_node_persisted *p)
     segments[4].length = p->state->upload_len;
     segments[5].data = p->personal;
     segments[5].length = p->personal_bytes;
+#if FEDTINY_NODE_CFG_SECAGG
+    segments[6].data = &secagg;
+    segments[6].length = secagg.active ? SECAGG_RECORD_BYTES : 0u;
+#endif
     status = fedtiny_store_save(&store, segments, RECORD_SEGMENTS);
     if (status != FEDTINY_STORE_OK) {
         printf("node: saving the state failed: %s\n", fedtiny_store_reason(status));
@@ -453,6 +466,10 @@ static int restore(void)
     buffers[4].capacity = FEDTINY_NODE_CFG_UPLOAD_BYTES;
     buffers[5].data = PERSONAL;
     buffers[5].capacity = FEDTINY_NODE_CFG_PERSONAL_BYTES;
+#if FEDTINY_NODE_CFG_SECAGG
+    buffers[6].data = &secagg;
+    buffers[6].capacity = SECAGG_RECORD_BYTES;
+#endif
     status = fedtiny_store_load(&store, buffers, RECORD_SEGMENTS);
     if (status != FEDTINY_STORE_OK || buffers[0].length != sizeof hash
         || memcmp(hash, fedtiny_node_plan_config.hash, sizeof hash) != 0 || buffers[1].length != sizeof boot_state
@@ -462,6 +479,16 @@ static int restore(void)
         printf("node: the persisted state is for another firmware or plan (%s)\n", fedtiny_store_reason(status));
         return -1;
     }
+#if FEDTINY_NODE_CFG_SECAGG
+    if (buffers[6].length != 0u && buffers[6].length != SECAGG_RECORD_BYTES) {
+        printf("node: the persisted state is for another firmware or plan (its secure-aggregation round)\n");
+        return -1;
+    }
+    if (secagg.active) { /* the values it trained are gone with the RAM: the pending task trains again */
+        secagg.trained = 0u;
+        printf("node: restored secure-aggregation round %lu\n", (unsigned long)secagg.secrets.ctx.round);
+    }
+#endif
     /* One seq more than the record says: if the newest record decayed and this is the bank before it, the seq
      * that newer record reserved may have been used (every save reserves at most one seq beyond the one before). */
     boot_state.seq++;
