@@ -387,9 +387,13 @@ def test_codegen_node_writes_a_project_that_builds_for_the_m4(tmp_path):
     usage = memory_usage(tmp_path / "n0" / "fedtiny_node.elf")
     assert usage["ram"] <= MEMORY[0] and usage["flash"] <= MEMORY[1], usage
 
+    (tmp_path / "fleet" / "devices" / "n0" / "peers.json").unlink()
     for args, message in (([], "--node needs --fleet-dir and --device"),
                           (["--fleet-dir", str(tmp_path / "fleet"), "--device", "nobody"], "no identity of device"),
                           (["--fleet-dir", str(tmp_path / "fleet"), "--device", "n0", "--chunk-size", "100"],
-                           "--chunk-size 100")):
+                           "--chunk-size 100"),
+                          # secure aggregation needs the peers' identities `fedtiny keys` writes (gone here)
+                          (["--fleet-dir", str(tmp_path / "fleet"), "--device", "n0", "--secagg"],
+                           "peers.json is missing")):
         bad = subprocess.run(cli + ["--node"] + args, capture_output=True, text=True)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
