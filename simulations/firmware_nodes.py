@@ -57,15 +57,28 @@ class FirmwareFleet:
         self.nodes: list[FirmwareNode] = []
 
     def build(self, device: str) -> Path:
-        """The device's firmware, built in the run folder (its sources hold the device's secret key)."""
+        """The device's firmware, built in the run folder (its sources hold the device's secret key). A node that
+        does not fit the Cortex-M4's memory is simulate's ConfigError (one line), not a linker log."""
         from fedtiny_device import node_project
+        from fedtiny_device.cruntime import BuildError
+
+        from .simulate import ConfigError
 
         samples = np.load(self.run / "nodes" / f"{device}.npz")
         folder = node_project.device_folder(self.run / "fleet", device)
         project = node_project.files(self.plan, folder, device, samples["x"], samples["y"], int(samples["seed"]),
                                      chunk_size=self.chunk_size, heartbeat_s=self.heartbeat_s,
                                      ack_timeout_s=self.ack_timeout_s, secagg=self.secagg)
-        return node_project.build(project, cache_dir=self.run / "firmware")
+        try:
+            return node_project.build(project, cache_dir=self.run / "firmware")
+        except BuildError as exc:
+            if "overflowed" not in str(exc):
+                raise
+            with_secagg = " with secure aggregation and device noise" if self.secagg else ""
+            raise ConfigError(f"--qemu-nodes: the node firmware of plan '{self.plan.scheme}'{with_secagg} does not "
+                              f"fit the Cortex-M4's 256 KB of RAM and 1 MB of flash (the linker: "
+                              f"{'RAM' if 'RAM' in str(exc) else 'flash'} overflowed); choose a smaller --scheme") \
+                from None
 
     def start(self) -> FirmwareFleet:
         from fedtiny_device.bridge import ModemBridge
