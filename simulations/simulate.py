@@ -140,13 +140,8 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
         factory = None
         if config["trainer"] == "c":
             from fedtiny_device.cruntime import CTrainer as factory
-        peers = None
-        if config.get("secagg"):  # public identities of the fleet, to check the round keys the coordinator relays
-            from fedtiny.protocol.envelope import PublicIdentity
-            from fedtiny.transport.mqtt import load_fleet
+        from fedtiny.protocol.keys import load_peers
 
-            manifest = load_fleet(run / "fleet" / "coordinator")
-            peers = {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for n, v in manifest["devices"].items()}
         from .stop import wait_for_stop
 
         agents = []
@@ -155,7 +150,10 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
             agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
                               state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
                               trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0,
-                              faults=_faults(device, config), peers=peers, durable=False)
+                              faults=_faults(device, config), durable=False,
+                              # secagg: its peers' public identities (`fedtiny keys`' peers.json), to check the round
+                              # keys the coordinator relays
+                              peers=load_peers(run / "fleet" / "devices" / device) if config.get("secagg") else None)
             agents.append(agent.start())
         wait_for_stop(stop)
         for agent in agents:
