@@ -13,7 +13,9 @@ scratch it needs for a given shape), used by the compiler's budget check and by 
 device_runtime/c/fedtiny_kernels.c, which `fedtiny_graph_check` re-checks on the device. It also proves, at
 compile time, the bounds that let a kernel accumulate in int32 instead of int64 (`accumulator_bound`).
 tests/test_device_memory.py builds the Cortex-M4 firmware of every zoo model and scheme and holds these
-figures to within 5 % of the linker's.
+figures to within 5 % of the linker's. A node that adds device noise or does secure aggregation needs more RAM
+beside the training step (privacy_ram_bytes, secagg_buffer_bytes; tests/test_firmware_secagg.py holds them to the
+node firmware's linker map).
 """
 
 import numpy as np

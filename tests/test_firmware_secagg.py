@@ -1,8 +1,11 @@
 """A device's secure-aggregation and noise steps on the Cortex-M4 (device_runtime/c/firmware_secagg.c under QEMU
 with the instruction-count plugin): the firmware's signed keys, an opened share and its noised, masked values are
 the Python device's, byte for byte, for a round of degree 36 (a cohort of 50); the instructions of each step are
-printed (BENCHMARKS and docs/security.md quote them). Skips without arm-none-eabi-gcc, QEMU or Monocypher's
-sources on a user's machine; fails in CI."""
+printed (BENCHMARKS and docs/security.md quote them). Then the whole node firmware built with secure aggregation
+and noise (fedtiny_node.elf, `codegen --node --secagg`) in a real noised masked round over mosquitto beside a Python
+and a C-session node agent, reset mid-round, the sum exact; and its RAM as device_memory counts it against the
+linker. Skips without arm-none-eabi-gcc, QEMU, mosquitto or Monocypher's sources on a user's machine; fails in
+CI."""
 
 import re
 import threading
