@@ -138,8 +138,13 @@ def test_a_firmware_node_in_a_noised_secure_aggregation_round_sums_exactly(built
     console = fleet.node.qemu.console()
     assert [r.replies for r in history] == [3], console[-3000:]  # the three survivors
     assert "refused a downlink" not in console, console[-3000:]
-    assert re.search(r"^node: round 1 sent, masked", console, re.M), console[-3000:]
+    # trained before the relay came, masked when it came (the kill may cut the line saying it was sent)
+    assert re.search(r"^node: round 1 (waits for its neighbours' shares|sent, masked)", console, re.M), console
     assert re.search(r"^node: restored secure-aggregation round 1$", fleet.node.qemu.console(2), re.M), console
+    # the masked round ran on the node's 8 KB stack (fedtiny_node.ld), painted at start: its deepest, with room left
+    peak = max(int(m) for m in re.findall(r"^node: stack peak (\d+) B below main$", console, re.M))
+    assert peak <= 8192 - 512, peak
+    print(f"\nthe firmware's stack peak in a masked round: {peak:,} B of 8,192")
     (outcome,) = [o for o in outcomes if o.round == 1]
     assert outcome.failure == "" and len(outcome.result.survivors) == 3 and not outcome.result.dropped
 

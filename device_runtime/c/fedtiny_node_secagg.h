@@ -14,7 +14,7 @@
  * 15.5 KB with its 5.2 KB stage buffer (the largest stage uplink, SECAGG_SHARES to 64 neighbours, sealed).
  * Stack (Cortex-M4, -O2 -fstack-usage): the peers stage 2.5 KB and the masked body 2.4 KB (each holds 64 keys of
  * 32 bytes a moment), under fedtiny_node_receive's 512 B, plus Monocypher's X25519 below them: within the node
- * firmware's 8 KB stack (the node runs masked rounds on it, tests/test_firmware_secagg.py; its peak there not measured). */
+ * firmware's 8 KB stack: the node firmware's peak in a masked round is 5,211 B below main (tests/test_firmware_secagg.py). */
 #ifndef FEDTINY_NODE_SECAGG_H
 #define FEDTINY_NODE_SECAGG_H
 

@@ -219,6 +219,19 @@ static void take_job(int status, const fedtiny_node_job *offered)
 }
 
 static uint32_t masked_round; /* the round whose masked DELTA waits for the neighbours' shares (0: none) */
+static const void *stack_base; /* a local of main: the stack was painted below it at start */
+
+/* A line each time the stack has gone deeper below main's frame than ever since the start (fedtiny_node.ld gives it
+ * 8 KB): after each downlink handled and each round trained, so a power cut loses no more than the last. */
+static void report_stack(void)
+{
+    static uint32_t reported;
+    const uint32_t peak = fedtiny_stack_peak(stack_base);
+    if (peak > reported) {
+        reported = peak;
+        printf("node: stack peak %lu B below main\n", (unsigned long)peak);
+    }
+}
 
 static void masked_sent(void)
 {
@@ -264,6 +277,7 @@ static void message(void *context, const uint8_t *name, uint32_t name_len, uint8
     if (waiting == 0u && node.state.upload_len != 0u) { /* the relay came: a trained round's masked DELTA left */
         masked_sent();
     }
+    report_stack();
     take_job(status, &offered);
 }
 
@@ -422,6 +436,7 @@ static void train(void)
         printf("node: round %lu sent, seq %lu\n", (unsigned long)running.round, (unsigned long)node.state.seq);
         fedtiny_profile_dump(); /* the host's instruction counts per part, up to this round's DELTA */
     }
+    report_stack();
     report_prediction(); /* with the model this round left, while its DELTA waits for the ACK in the arena */
 }
 
@@ -534,9 +549,12 @@ static int start_link(void)
 
 int main(void)
 {
+    uint8_t base; /* the stack below main's frame is painted, its peak reported after each DELTA */
     fedtiny_node_config config;
     uint32_t next_beat;
     int status;
+    fedtiny_stack_paint();
+    stack_base = &base;
     if (restore() != 0) {
         return 2;
     }
