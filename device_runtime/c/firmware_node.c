@@ -259,12 +259,12 @@ static void message(void *context, const uint8_t *name, uint32_t name_len, uint8
 {
     static char topic[FEDTINY_NODE_TOPIC_MAX + 1];
     fedtiny_node_job offered;
+    const uint32_t waiting = node.state.upload_len; /* 0: no sealed upload before this downlink */
     int status;
     (void)context;
     if (name_len > FEDTINY_NODE_TOPIC_MAX) {
         name_len = FEDTINY_NODE_TOPIC_MAX; /* longer than any topic of this node: refused as bad-topic below */
     }
-    const uint32_t waiting = node.state.upload_len;
     memcpy(topic, name, name_len);
     topic[name_len] = '\0';
     FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);
@@ -427,6 +427,9 @@ static void train(void)
         masked_round = running.round;
         if (node.state.upload_len != 0u) {
             masked_sent(); /* the relay had come while it trained */
+        } else if (node.state.trained_round == (int64_t)running.round) {
+            printf("node: round %lu dropped: not the secure-aggregation round this node holds\n",
+                   (unsigned long)running.round); /* fedtiny_node_complete skipped it */
         } else {
             printf("node: round %lu waits for its neighbours' shares to mask its DELTA\n",
                    (unsigned long)running.round);
