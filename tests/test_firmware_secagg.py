@@ -200,3 +200,28 @@ def test_device_memory_counts_the_noise_and_secure_aggregation_ram_as_the_linker
     counted = sum(privacy.values()) + grown
     assert abs(counted - added) <= 0.05 * added, (counted, added, parts)
     print(f"\nRAM added by noise and secure aggregation: {added:,} B by the linker, {counted:,} B counted; {parts}")
+
+
+def test_a_firmware_that_does_not_fit_the_m4_is_one_line(tmp_path, monkeypatch):
+    """`simulate --qemu-nodes` whose node firmware the linker refuses (a large plan with secure aggregation's RAM):
+    FirmwareFleet.build says so in one line (simulate's ConfigError: exit 2), not with the linker's log."""
+    from fedtiny.protocol.keys import provision_fleet
+    from fedtiny_device import node_project
+    from fedtiny_device.cruntime import BuildError
+    from fedtiny_sim.firmware_nodes import FirmwareFleet
+    from fedtiny_sim.simulate import ConfigError
+    from test_firmware_node import FLEET
+    from test_server_e2e import breast_cancer_task
+
+    plan, shards, _ = breast_cancer_task(3)
+    provision_fleet(tmp_path / "fleet", FLEET, ["n0", "n1", "n2"])
+    (tmp_path / "nodes").mkdir()
+    np.savez(tmp_path / "nodes" / "n0.npz", x=shards[0][0], y=shards[0][1], seed=1)
+
+    def overflowing(project, cache_dir=None):
+        assert "#define FEDTINY_NODE_CFG_SECAGG 1" in project["node_config.h"]
+        raise BuildError("make m4-node failed:\n... region `RAM' overflowed by 40960 bytes\ncollect2: error: ...")
+
+    monkeypatch.setattr(node_project, "build", overflowing)
+    with pytest.raises(ConfigError, match=r"with secure aggregation and device noise does not fit .* RAM overflowed"):
+        FirmwareFleet(tmp_path, plan, ["n0"], "", chunk_size=256, secagg=True).build("n0")
