@@ -405,6 +405,14 @@ class CNodeSession:
         self._check(status)
         return out
 
+    def tick_due(self) -> float | None:
+        """DeviceSession.tick_due: when an unacknowledged upload is next resent (None while nothing waits), from
+        the C node's upload_sent_at and ack timeout; a NodeAgent's loop sleeps until then."""
+        node = self._node
+        if not node.state.upload_len or not node.upload_sent:
+            return None
+        return (node.upload_sent_at + node.config.ack_timeout_ms) / 1000.0
+
     def tick(self, now: float) -> list[Publish]:
         status, out = self._call("fedtiny_node_tick", milliseconds(now))
         self._check(status)

@@ -714,9 +714,13 @@ def file_kind(path: str | Path) -> bytes:
 @click.option("--device", help="With --node: the fleet member's name; its identity goes into the firmware.")
 @click.option("--chunk-size", type=int, default=1024, show_default=True,
               help="With --node: the largest MQTT payload the node sends and takes (its modem's limit).")
+@click.option("--noise", is_flag=True, help="With --node: the node takes TASKs with device noise (differential "
+              "privacy; 4 B of RAM per trainable element). Without it, it refuses them.")
+@click.option("--secagg", is_flag=True, help="With --node: the node takes part in secure aggregation (and device "
+              "noise): the round's state in RAM, its peers' identities (the device folder's peers.json) in flash.")
 def codegen_command(model_file: str, out_dir: str, samples_file: str | None, labels_file: str | None, seed: int,
                     steps: int | None, reference: bool, node: bool, fleet_dir: str | None, device: str | None,
-                    chunk_size: int) -> None:
+                    chunk_size: int, noise: bool, secagg: bool) -> None:
     """Generate C sources and a Makefile for a quantized model (targets host, m4) or a training plan
     (targets host, m4-train); the file's container kind decides which. With --node, a training plan becomes the
     firmware project of one fleet member (target m4-node)."""
@@ -740,7 +744,8 @@ def codegen_command(model_file: str, out_dir: str, samples_file: str | None, lab
     if is_plan and plan.loss == "mse" and labels is not None and labels.dtype != np.int8:
         labels = quantize_target(graph, labels)
     if node:
-        _write_node(plan if is_plan else None, out_dir, fleet_dir, device, samples, labels, seed, chunk_size)
+        _write_node(plan if is_plan else None, out_dir, fleet_dir, device, samples, labels, seed, chunk_size,
+                    noise, secagg)
         return
     try:
         if is_plan:
@@ -800,7 +805,7 @@ def node_plan_source(plan, name: str = "fedtiny_node_plan_data") -> str:
 
 
 def _write_node(plan, out_dir: str, fleet_dir: str | None, device: str | None, samples, labels, seed: int,
-                chunk_size: int) -> None:
+                chunk_size: int, noise: bool = False, secagg: bool = False) -> None:
     from fedtiny.protocol.chunking import MAX_CHUNK_PAYLOAD, MIN_CHUNK_PAYLOAD
 
     from . import node_project
@@ -814,11 +819,12 @@ def _write_node(plan, out_dir: str, fleet_dir: str | None, device: str | None, s
                                f"(one modem frame carries one chunk and its topic)")
     try:
         folder = node_project.device_folder(fleet_dir, device)
-        project = node_project.files(plan, folder, device, samples, labels, seed, chunk_size=chunk_size)
+        project = node_project.files(plan, folder, device, samples, labels, seed, chunk_size=chunk_size,
+                                     noise=noise, secagg=secagg)
     except (ValueError, KeyError) as err:
         raise click.ClickException(str(err)) from err
     out = node_project.write(out_dir, project)
-    sizes = node_project.buffer_sizes(plan, chunk_size)
+    sizes = node_project.buffer_sizes(plan, chunk_size, secagg)
     click.echo(f"wrote {out}: node {device} ({len(project)} files; node_config.c holds its secret key), plan "
                f"'{plan.scheme}', arena {plan.arena_size} B, message buffers {sizes['reassembly'] + sizes['upload']} B;"
                f" run `make -C {out} m4-node`")

@@ -15,6 +15,7 @@ fedtiny_node.elf with the Cortex-M4 toolchain); `build(...)` builds it in the sh
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -33,6 +34,9 @@ NODE_ELF = "fedtiny_node.elf"
 FIRMWARE_FILES = ("fedtiny_profile.c", "fedtiny_store.c", "fedtiny_store.h", "fedtiny_crc32.c", "fedtiny_crc32.h",
                   "fedtiny_flash_semihost.c", "fedtiny_flash_semihost.h", "fedtiny_modem.c", "fedtiny_modem.h",
                   "fedtiny_uart_cmsdk.c", "fedtiny_uart_cmsdk.h", "firmware_node.c", "fedtiny_node.ld")
+# offsetof(fedtiny_node_secagg, stage) on the Cortex-M4: the round's state the firmware persists (without the stage
+# reply buffer); device_memory.NODE_SECAGG_STATE_BYTES is the whole struct
+NODE_SECAGG_RECORD_BYTES = 10_296
 FLASH_FILE = "node.flash"  # the flash image, relative to QEMU's working folder (fedtiny_device.qemu_node)
 
 
@@ -47,17 +51,26 @@ def _c_string(text: str) -> str:
     return f'"{text}"'
 
 
-def buffer_sizes(plan: Plan, chunk_size: int) -> dict[str, int]:
-    """The node's buffers for this plan: what fedtiny_node_sizes_of asks for (fedtiny_node_init checks them).
-    Where they live, and for how long, is firmware_node.c's business (the upload borrows the training arena)."""
+def buffer_sizes(plan: Plan, chunk_size: int, secagg: bool = False) -> dict[str, int]:
+    """The node's buffers for this plan: what fedtiny_node_sizes_of asks for (fedtiny_node_init checks them), or
+    with secagg fedtiny_node_sizes_secagg_of (the upload also holds the largest masked DELTA, the reassembly the
+    largest stage message behind a TASK: device_memory.secagg_buffer_bytes). Where they live, and for how long, is
+    firmware_node.c's business (the upload borrows the training arena)."""
+    from fedtiny.device_memory import secagg_buffer_bytes
+
     state = codegen.state_layout(plan)[1]
     # the carry: each buffer's delta (update.zero_delta: int16 weight rows, int32 biases), 4-byte aligned
     delta = sum(-(-d.nbytes // 4) * 4 for d in zero_delta(plan).values())
     reassembly = downlink_reassembly_bytes(plan)  # a TASK behind the largest GLOBAL_UPDATE
+    upload = max_delta_envelope_bytes(plan)
+    if secagg:
+        upload, reassembly = (max(a, b) for a, b in zip((upload, reassembly), secagg_buffer_bytes(plan)))
     # the personalised model: a second state, where the plan's budget holds it (memory_report)
     personal = state if plan.memory_report()["personal_model_bytes"] else 0
-    return dict(state=state, delta=delta, upload=max_delta_envelope_bytes(plan), reassembly=reassembly,
-                bitmap=reassembly // 8 + 2, chunk=chunk_size, personal=personal)
+    # secure aggregation: the round held, persisted with every record (firmware_node.c, all but its stage reply)
+    secagg_record = NODE_SECAGG_RECORD_BYTES if secagg else 0
+    return dict(state=state, delta=delta, upload=upload, reassembly=reassembly,
+                bitmap=reassembly // 8 + 2, chunk=chunk_size, personal=personal, secagg_record=secagg_record)
 
 
 # The firmware's RAM by part (ram_by_part): each part's static variables, by symbol (firmware_node.c and model.c).
@@ -73,6 +86,8 @@ RAM_PARTS = {
     "frames": ("frame", "rx_buf", "tx_buf"),
     "session (keys, replay window)": ("node",),
     "training order": ("order",),
+    "noise values": ("values",),          # device noise and masking: the sent delta as int32 (node_project noise)
+    "secure aggregation": ("secagg",),    # one round's secrets, neighbours' keys and held shares, its stage buffer
 }
 
 
@@ -98,8 +113,8 @@ def ram_by_part(map_path: Path) -> dict[str, int]:
 
 def bank_bytes(sizes: dict[str, int]) -> int:
     """One flash bank: the record header area and the six segments (plan hash, state numbers, model, carry,
-    upload, personalised model)."""
-    payload = 256 + sizes["state"] + sizes["delta"] + sizes["upload"] + sizes["personal"]
+    upload, personalised model), and with secure aggregation a seventh (the round held)."""
+    payload = 256 + sizes["state"] + sizes["delta"] + sizes["upload"] + sizes["personal"] + sizes["secagg_record"]
     return -(-(payload + 64) // 4096) * 4096  # whole 4 KiB sectors
 
 
@@ -114,15 +129,42 @@ def device_folder(fleet_dir: str | Path, device: str) -> Path:
                      f"device's own folder (devices/{device})")
 
 
+def _peers_source(folder: Path, secagg: bool) -> str:
+    """The fleet's other devices' ids and public identities (the device folder's peers.json, from `fedtiny keys`),
+    in flash, for a node that does secure aggregation; none for one that does not."""
+    from fedtiny.protocol.keys import PEERS_FILE
+
+    if not secagg:
+        return ""
+    path = folder / PEERS_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: secure aggregation needs the peers' identities that `fedtiny keys` "
+                         "writes into each device folder (provision the fleet with this version)")
+    peers = sorted((int(v["id"]), bytes.fromhex(v["public"])) for v in json.loads(path.read_text())["peers"].values())
+    if not peers:
+        raise ValueError(f"{path} lists no peers: secure aggregation needs a fleet of at least 3 devices")
+    ids = ", ".join(f"{i}u" for i, _ in peers)
+    rows = ",\n    ".join("{" + ", ".join(f"0x{b:02x}" for b in public) + "}" for _, public in peers)
+    return (f"\n/* secure aggregation: the fleet's other devices (peers.json), whose signed round keys the node checks */\n"
+            f"static const uint32_t peer_ids[{len(peers)}] = {{{ids}}};\n"
+            f"static const uint8_t peer_publics[{len(peers)}][64] = {{\n    {rows}\n}};\n"
+            f"const fedtiny_node_peers fedtiny_node_peers_config = {{peer_ids, peer_publics, {len(peers)}u}};\n")
+
+
 def config_files(plan: Plan, folder: Path, device: str, n_samples: int, *, chunk_size: int = 1024,
-                 heartbeat_s: float = 30.0, ack_timeout_s: float = 15.0) -> dict[str, str]:
-    """node_config.h/.c and node_plan.c for the device whose `fedtiny keys` folder is `folder`."""
+                 heartbeat_s: float = 30.0, ack_timeout_s: float = 15.0, noise: bool = False,
+                 secagg: bool = False) -> dict[str, str]:
+    """node_config.h/.c and node_plan.c for the device whose `fedtiny keys` folder is `folder`. `noise`: the node
+    takes TASKs with device noise (its values buffer); `secagg`: also secure-aggregation rounds (the round's state
+    and the peers' identities)."""
+    from fedtiny.device_memory import privacy_ram_bytes
     from fedtiny.transport.mqtt import load_fleet
 
     manifest = load_fleet(folder)
     if device not in manifest.get("devices", {}):
         raise ValueError(f"{folder / 'fleet.json'} does not list device {device!r}")
-    sizes = buffer_sizes(plan, chunk_size)
+    sizes = buffer_sizes(plan, chunk_size, secagg)
+    privacy = privacy_ram_bytes(plan, noise, secagg)
     header = ("/* Generated by fedtiny_device.node_project: this node's buffers and timing. */\n"
               "#ifndef NODE_CONFIG_H\n#define NODE_CONFIG_H\n\n#include <stdint.h>\n\n#include \"fedtiny_node.h\"\n\n"
               f"#define FEDTINY_NODE_CFG_STATE_BYTES {sizes['state']}u\n"
@@ -137,8 +179,11 @@ def config_files(plan: Plan, folder: Path, device: str, n_samples: int, *, chunk
               f"#define FEDTINY_NODE_CFG_HEARTBEAT_MS {int(heartbeat_s * 1000)}u\n"
               f"#define FEDTINY_NODE_CFG_ACK_TIMEOUT_MS {int(ack_timeout_s * 1000)}\n"
               f"#define FEDTINY_NODE_CFG_BANK_BYTES {bank_bytes(sizes)}u\n"
-              f"#define FEDTINY_NODE_CFG_FLASH_FILE \"{FLASH_FILE}\"\n\n"
+              f"#define FEDTINY_NODE_CFG_FLASH_FILE \"{FLASH_FILE}\"\n"
+              f"#define FEDTINY_NODE_CFG_VALUES_ELEMENTS {privacy['noise_values_bytes'] // 4}u /* 0: refuses noise */\n"
+              f"#define FEDTINY_NODE_CFG_SECAGG {int(secagg)} /* 0: answers a masked TASK with ACK REJECTED */\n\n"
               "extern const fedtiny_node_plan fedtiny_node_plan_config;\n"
+              "extern const fedtiny_node_peers fedtiny_node_peers_config; /* with FEDTINY_NODE_CFG_SECAGG */\n"
               "extern const char fedtiny_node_fleet[], fedtiny_node_device[];\n"
               "extern const uint32_t fedtiny_node_fleet_id, fedtiny_node_device_id;\n"
               "extern const uint8_t fedtiny_node_identity[64], fedtiny_node_coordinator_public[64];\n\n#endif\n")
@@ -149,20 +194,22 @@ def config_files(plan: Plan, folder: Path, device: str, n_samples: int, *, chunk
               f"const uint32_t fedtiny_node_fleet_id = {manifest['fleet_id']}u;\n"
               f"const uint32_t fedtiny_node_device_id = {manifest['devices'][device]['id']}u;\n"
               + _c_bytes("fedtiny_node_identity", (folder / "identity.key").read_bytes())
-              + _c_bytes("fedtiny_node_coordinator_public", (folder / "coordinator.pub").read_bytes()))
+              + _c_bytes("fedtiny_node_coordinator_public", (folder / "coordinator.pub").read_bytes())
+              + _peers_source(folder, secagg))
     return {"node_config.h": header, "node_config.c": source,
             "node_plan.c": codegen.node_plan_source(plan, "fedtiny_node_plan_config")}
 
 
 def files(plan: Plan, folder: Path, device: str, samples: np.ndarray | None = None,
           labels: np.ndarray | None = None, seed: int = 0, *, chunk_size: int = 1024, heartbeat_s: float = 30.0,
-          ack_timeout_s: float = 15.0) -> dict[str, str | bytes]:
-    """Every file of the node's firmware folder, by name; `folder` is the device's (device_folder)."""
+          ack_timeout_s: float = 15.0, noise: bool = False, secagg: bool = False) -> dict[str, str | bytes]:
+    """Every file of the node's firmware folder, by name; `folder` is the device's (device_folder). `noise` and
+    `secagg` as config_files."""
     header, source = codegen.render_plan(plan)
     out: dict[str, str | bytes] = {"model.h": header, "model.c": source,
                                    "samples.c": codegen.render_train_samples(plan, samples, labels, seed)}
     out |= config_files(plan, folder, device, 1 if samples is None else len(samples), chunk_size=chunk_size,
-                        heartbeat_s=heartbeat_s, ack_timeout_s=ack_timeout_s)
+                        heartbeat_s=heartbeat_s, ack_timeout_s=ack_timeout_s, noise=noise, secagg=secagg)
     out["README.md"] = _readme(folder, device, chunk_size)
     rt = codegen.runtime_dir()
     for name in codegen.RUNTIME_FILES + NODE_FILES + FIRMWARE_FILES:

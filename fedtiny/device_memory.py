@@ -13,7 +13,9 @@ scratch it needs for a given shape), used by the compiler's budget check and by 
 device_runtime/c/fedtiny_kernels.c, which `fedtiny_graph_check` re-checks on the device. It also proves, at
 compile time, the bounds that let a kernel accumulate in int32 instead of int64 (`accumulator_bound`).
 tests/test_device_memory.py builds the Cortex-M4 firmware of every zoo model and scheme and holds these
-figures to within 5 % of the linker's.
+figures to within 5 % of the linker's. A node that adds device noise or does secure aggregation needs more RAM
+beside the training step (privacy_ram_bytes, secagg_buffer_bytes; tests/test_firmware_secagg.py holds them to the
+node firmware's linker map).
 """
 
 import numpy as np
@@ -442,3 +444,40 @@ def describe(plan, fast: bool = True) -> list[str]:
         f"  constants {report['constant_flash_bytes']:,} B (weights, biases, requantization and update constants, "
         f"op tables), runtime code {report['code_flash_bytes']:,} B",
     ]
+
+
+# ---- a node's privacy buffers (device_runtime/c/firmware_node.c, fedtiny_device.node_project) -------------------
+
+# sizeof(fedtiny_node_secagg) on the Cortex-M4 (fedtiny_node_secagg.h): one round's secrets, its 64 neighbours' ids,
+# keys, share keys and held shares, the unmask request, the trained round's numbers, bounds and moduli of 64
+# buffers, and the 5.2 KB stage buffer (the sealed SECAGG_SHARES to 64 neighbours). It does not depend on the plan;
+# tests/test_node_memory.py holds it to the linker's symbol. Update it when the struct changes.
+NODE_SECAGG_STATE_BYTES = 15_532
+
+
+def _trainable_elements(plan) -> int:
+    return sum(int(np.prod(plan.buffers[n].shape, dtype=np.int64)) for n in plan.trainable_buffers())
+
+
+def secagg_buffer_bytes(plan) -> tuple[int, int]:
+    """(upload, reassembly) a secure-aggregation node needs at least: the largest sealed masked DELTA (every value
+    at 32 bits: messages.MaskedDelta's head, a modulus byte per buffer padded to 4, 4 bytes per element), and the
+    largest stage downlink (SECAGG_PEERS of 64 neighbours) behind the largest TASK; the C node's
+    fedtiny_node_sizes_secagg_of. A plain node's buffers (update.max_delta_envelope_bytes,
+    downlink_reassembly_bytes) may be larger: the node takes the larger of each."""
+    from fedtiny.protocol.envelope import HEADER_SIZE, SIGNATURE_SIZE, TAG_SIZE
+    from fedtiny.protocol.messages import MaskedDelta
+    from fedtiny.protocol.secagg import MAX_STAGE_ENVELOPE
+    from fedtiny.protocol.update import MAX_TASK_ENVELOPE
+
+    head = -(-(MaskedDelta.HEAD.size + len(plan.trainable_buffers())) // 4) * 4
+    masked = HEADER_SIZE + head + 4 * _trainable_elements(plan) + TAG_SIZE + SIGNATURE_SIZE
+    return masked, MAX_STAGE_ENVELOPE + MAX_TASK_ENVELOPE
+
+
+def privacy_ram_bytes(plan, noise: bool, secagg: bool) -> dict[str, int]:
+    """The RAM a node of this plan adds for device noise (the sent delta as int32 while its noise is added: the
+    values buffer) and for secure aggregation (the values buffer, where it is also masked, and the round's state);
+    the larger message buffers of secure aggregation are node_project.buffer_sizes'. Zeros for what is not asked."""
+    values = 4 * _trainable_elements(plan) if noise or secagg else 0
+    return dict(noise_values_bytes=values, secagg_state_bytes=NODE_SECAGG_STATE_BYTES if secagg else 0)

@@ -45,24 +45,40 @@ class FirmwareFleet:
     """The firmware members of a simulated fleet: build, start, stop, and what they cost."""
 
     def __init__(self, run: Path, plan, devices: list[str], broker_url: str, *, chunk_size: int,
-                 heartbeat_s: float = 5.0, ack_timeout_s: float = 5.0, bridge_options: dict | None = None) -> None:
+                 heartbeat_s: float = 5.0, ack_timeout_s: float = 5.0, bridge_options: dict | None = None,
+                 secagg: bool = False) -> None:
         """run: the run folder (fleet/ from `fedtiny keys`, nodes/<device>.npz with x, y, seed); bridge_options:
-        more keyword arguments for each ModemBridge (tests: a transport_wrapper)."""
+        more keyword arguments for each ModemBridge (tests: a transport_wrapper); secagg: the firmware takes part
+        in secure aggregation and adds device noise (node_project's secagg)."""
         self.run, self.plan, self.devices, self.broker_url = run, plan, devices, broker_url
+        self.secagg = secagg
         self.chunk_size, self.heartbeat_s, self.ack_timeout_s = chunk_size, heartbeat_s, ack_timeout_s
         self.bridge_options = bridge_options or {}
         self.nodes: list[FirmwareNode] = []
 
     def build(self, device: str) -> Path:
-        """The device's firmware, built in the run folder (its sources hold the device's secret key)."""
+        """The device's firmware, built in the run folder (its sources hold the device's secret key). A node that
+        does not fit the Cortex-M4's memory is simulate's ConfigError (one line), not a linker log."""
         from fedtiny_device import node_project
+        from fedtiny_device.cruntime import BuildError
+
+        from .simulate import ConfigError
 
         samples = np.load(self.run / "nodes" / f"{device}.npz")
         folder = node_project.device_folder(self.run / "fleet", device)
         project = node_project.files(self.plan, folder, device, samples["x"], samples["y"], int(samples["seed"]),
                                      chunk_size=self.chunk_size, heartbeat_s=self.heartbeat_s,
-                                     ack_timeout_s=self.ack_timeout_s)
-        return node_project.build(project, cache_dir=self.run / "firmware")
+                                     ack_timeout_s=self.ack_timeout_s, secagg=self.secagg)
+        try:
+            return node_project.build(project, cache_dir=self.run / "firmware")
+        except BuildError as exc:
+            if "overflowed" not in str(exc):
+                raise
+            with_secagg = " with secure aggregation and device noise" if self.secagg else ""
+            raise ConfigError(f"--qemu-nodes: the node firmware of plan '{self.plan.scheme}'{with_secagg} does not "
+                              f"fit the Cortex-M4's 256 KB of RAM and 1 MB of flash (the linker: "
+                              f"{'RAM' if 'RAM' in str(exc) else 'flash'} overflowed); choose a smaller --scheme") \
+                from None
 
     def start(self) -> FirmwareFleet:
         from fedtiny_device.bridge import ModemBridge

@@ -120,13 +120,8 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
         factory = None
         if config["trainer"] == "c":
             from fedtiny_device.cruntime import CTrainer as factory
-        peers = None
-        if config.get("secagg"):  # public identities of the fleet, to check the round keys the coordinator relays
-            from fedtiny.protocol.envelope import PublicIdentity
-            from fedtiny.transport.mqtt import load_fleet
+        from fedtiny.protocol.keys import load_peers
 
-            manifest = load_fleet(run / "fleet" / "coordinator")
-            peers = {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"])) for n, v in manifest["devices"].items()}
         from .stop import wait_for_stop
 
         agents = []
@@ -135,7 +130,10 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
             agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
                               state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
                               trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0,
-                              faults=_faults(device, config), peers=peers, durable=False)
+                              faults=_faults(device, config), durable=False,
+                              # secagg: its peers' public identities (`fedtiny keys`' peers.json), to check the round
+                              # keys the coordinator relays
+                              peers=load_peers(run / "fleet" / "devices" / device) if config.get("secagg") else None)
             agents.append(agent.start())
         wait_for_stop(stop)
         for agent in agents:
@@ -332,7 +330,6 @@ def _check_secagg(c: SimulationConfig) -> None:
         raise ConfigError(f"--secagg: {exc}") from None
     for ok, why in ((c.clip_norm > 0, "--clip-norm 0: secure aggregation needs the devices to clip (default 0.5)"),
                     (c.engine == "mqtt", "--engine flower: secure aggregation runs over MQTT node agents only"),
-                    (c.qemu_nodes == 0, "--qemu-nodes: the node firmware does not implement secure aggregation yet"),
                     (c.max_staleness == 0, "--max-staleness: masked rounds are synchronous"),
                     (c.nodes * c.fraction >= 3, "fewer than 3 nodes per round: secure aggregation needs 3")):
         if not ok:
@@ -611,7 +608,8 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
     if config.qemu_nodes:
         from .firmware_nodes import FirmwareFleet
 
-        firmware = FirmwareFleet(run, plan, devices[:config.qemu_nodes], url, chunk_size=config.chunk_size)
+        firmware = FirmwareFleet(run, plan, devices[:config.qemu_nodes], url, chunk_size=config.chunk_size,
+                                 secagg=config.secagg)
     agents = devices[config.qemu_nodes:]
     shares = [agents[i::config.workers] for i in range(config.workers)]
     workers = [ctx.Process(target=_worker, args=(str(run), share, url, asdict(config), stop), daemon=True)

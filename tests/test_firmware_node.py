@@ -94,15 +94,22 @@ def built_fleet(tmp_path_factory):
     """The fleet's keys (fleet/), n0's samples (nodes/) and n0's firmware built from them (firmware/), made once:
     a Fleet copies them into its test's folder, where the firmware's build cache (keyed by the sources, the key
     included) finds the build. Building fedtiny_node.elf takes longer than the rounds of a test."""
-    from fedtiny_sim.firmware_nodes import FirmwareFleet
-
     require_firmware_tools()
     plan, shards, _ = breast_cancer_task(2)
-    run = tmp_path_factory.mktemp("fw-fleet")
-    provision_fleet(run / "fleet", FLEET, ["n0", "n1"])
+    return build_fleet(tmp_path_factory.mktemp("fw-fleet"), plan, shards)
+
+
+def build_fleet(run: Path, plan, shards, secagg: bool = False) -> Path:
+    """Device n<i> of the fleet's keys gets shards[i] (nodes/n<i>.npz, seed 100 + i); n0's firmware is built (with
+    secure aggregation and device noise if asked)."""
+    from fedtiny_sim.firmware_nodes import FirmwareFleet
+
+    names = [f"n{i}" for i in range(len(shards))]
+    provision_fleet(run / "fleet", FLEET, names)
     (run / "nodes").mkdir()
-    np.savez(run / "nodes" / "n0.npz", x=shards[0][0], y=shards[0][1], seed=100)
-    FirmwareFleet(run, plan, ["n0"], "", **FLEET_OPTIONS).build("n0")
+    for i, (name, (x, y)) in enumerate(zip(names, shards)):
+        np.savez(run / "nodes" / f"{name}.npz", x=x, y=y, seed=100 + i)
+    FirmwareFleet(run, plan, ["n0"], "", **FLEET_OPTIONS, secagg=secagg).build("n0")
     return run
 
 
@@ -127,16 +134,20 @@ def test_a_second_device_compiles_only_its_own_sources_and_links_the_shared_obje
 
 
 class Fleet:
-    """mosquitto with the fleet's configuration, the coordinator's link, one firmware node (n0) and one node
-    agent (n1), the small breast-cancer mlp plan (every weight trains, chunks of 256 B: a DELTA is ~20 chunks);
-    keys, samples and firmware from `built` (the built_fleet fixture)."""
+    """mosquitto with the fleet's configuration, the coordinator's link, one firmware node (n0) and a node agent
+    for every other device of the keys (n1, ...), the small breast-cancer mlp plan (every weight trains, chunks of
+    256 B: a DELTA is ~20 chunks); keys, samples and firmware from `built` (build_fleet). With secagg, every node
+    has its peers' identities (peers.json) and the agents named in c_sessions run the C node's session
+    (fedtiny_device.cnode.CNodeSession) instead of Python's."""
 
-    def __init__(self, tmp_path: Path, built: Path, bridge_options: dict | None = None):
+    def __init__(self, tmp_path: Path, built: Path, bridge_options: dict | None = None, secagg: bool = False,
+                 c_sessions: tuple[str, ...] = ()):
+        from fedtiny.protocol.keys import load_peers
         from fedtiny_device.agent import NodeAgent
         from fedtiny_device.cruntime import CTrainer
         from fedtiny_sim.firmware_nodes import FirmwareFleet
 
-        self.plan, shards, self.heldout = breast_cancer_task(2)
+        self.plan, _, self.heldout = breast_cancer_task(2)  # the plan does not depend on the shards
         self.run = tmp_path
         for part in ("fleet", "nodes", "firmware"):
             shutil.copytree(built / part, tmp_path / part)  # copy2: the keys keep their 0600
@@ -150,17 +161,26 @@ class Fleet:
         self._level = ops.LOG.level
         ops.LOG.setLevel(logging.INFO)
         self.link = CoordinatorLink(url, tmp_path / "fleet", self.plan, fleet=FLEET, chunk_size=256).start()
-        self.agent = NodeAgent("n1", url, tmp_path / "fleet", self.plan, *shards[1], fleet=FLEET,
-                               state_dir=tmp_path / "agents", seed=101, chunk_size=256, heartbeat_s=1.0,
-                               ack_timeout_s=2.0, trainer_factory=CTrainer).start()
+        self.agents = {}
+        for name in sorted(p.stem for p in (tmp_path / "nodes").glob("*.npz") if p.stem != "n0"):
+            samples = np.load(tmp_path / "nodes" / f"{name}.npz")
+            peers = load_peers(tmp_path / "fleet" / "devices" / name) if secagg else None
+            agent = NodeAgent(name, url, tmp_path / "fleet", self.plan, samples["x"], samples["y"], fleet=FLEET,
+                              state_dir=tmp_path / "agents", seed=int(samples["seed"]), chunk_size=256,
+                              heartbeat_s=1.0, ack_timeout_s=2.0, trainer_factory=CTrainer, peers=peers)
+            if name in c_sessions:
+                agent.session = c_session_of(agent, self.plan)
+            self.agents[name] = agent.start()
+        self.agent = self.agents["n1"]
         self.firmware = FirmwareFleet(tmp_path, self.plan, ["n0"], url, **FLEET_OPTIONS,
-                                      bridge_options=bridge_options).start()
+                                      bridge_options=bridge_options, secagg=secagg).start()
         self.node = self.firmware.nodes[0]
-        wait_online(self.link, 2, timeout=120)
+        wait_online(self.link, 1 + len(self.agents), timeout=120)
 
     def close(self):
         self.firmware.stop()
-        self.agent.stop(leave=False)
+        for agent in self.agents.values():
+            agent.stop(leave=False)
         self.link.close()
         self.broker.stop()
         ops.LOG.removeHandler(self.events)
@@ -176,6 +196,16 @@ class Fleet:
         """(model version, seq) of each start of the firmware that found a persisted state."""
         return [(int(v), int(s)) for v, s in
                 re.findall(r"^node: restored: model version (\d+), seq (\d+)", self.node.qemu.console(), re.M)]
+
+
+def c_session_of(agent, plan):
+    """The C node's session (CNodeSession over libfedtiny_node.so) for a NodeAgent not yet started, in place of its
+    Python session: the same identity, state, chunk size, saving and peers."""
+    from fedtiny_device.cnode import CNodeSession
+
+    python = agent.session
+    return CNodeSession(plan, python.device, python.fleet, python.endpoint, python.state, python.chunk_size,
+                        python._save, python.ack_timeout, python._started, peers=python.peers)
 
 
 def delta_chunks(round_: int, from_index: int):
@@ -357,9 +387,13 @@ def test_codegen_node_writes_a_project_that_builds_for_the_m4(tmp_path):
     usage = memory_usage(tmp_path / "n0" / "fedtiny_node.elf")
     assert usage["ram"] <= MEMORY[0] and usage["flash"] <= MEMORY[1], usage
 
+    (tmp_path / "fleet" / "devices" / "n0" / "peers.json").unlink()
     for args, message in (([], "--node needs --fleet-dir and --device"),
                           (["--fleet-dir", str(tmp_path / "fleet"), "--device", "nobody"], "no identity of device"),
                           (["--fleet-dir", str(tmp_path / "fleet"), "--device", "n0", "--chunk-size", "100"],
-                           "--chunk-size 100")):
+                           "--chunk-size 100"),
+                          # secure aggregation needs the peers' identities `fedtiny keys` writes (gone here)
+                          (["--fleet-dir", str(tmp_path / "fleet"), "--device", "n0", "--secagg"],
+                           "peers.json is missing")):
         bad = subprocess.run(cli + ["--node"] + args, capture_output=True, text=True)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

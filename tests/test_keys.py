@@ -24,7 +24,7 @@ from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_conf
 from fedtiny.protocol.envelope import Identity
 from fedtiny.transport.mqtt import CoordinatorLink
 from fedtiny.protocol.keys import (
-    add_devices, keys_command, provision_fleet, revoke_devices, revoked_devices, rotate_devices,
+    add_devices, keys_command, load_peers, provision_fleet, revoke_devices, revoked_devices, rotate_devices,
 )
 from fedtiny.quantize import quantize
 from fedtiny.scheme import parse
@@ -98,7 +98,10 @@ def test_each_folder_holds_what_its_machine_needs_and_no_more(tmp_path):
     assert (out / "audit.pub").read_bytes() == (out / "coordinator/audit.pub").read_bytes()
     device = out / "devices/dev-001"
     assert sorted(tree(device)) == ["ca.crt", "client.crt", "client.key", "coordinator.pub", "fleet.json",
-                                    "identity.key", "identity.pub", "password"]
+                                    "identity.key", "identity.pub", "password", "peers.json"]
+    # secure aggregation: the other devices' public identities by id, not its own
+    assert {v["id"]: v["public"] for v in json.loads((device / "peers.json").read_text())["peers"].values()} == \
+        {v["id"]: v["public"] for n, v in manifest["devices"].items() if n != "dev-001"}
     for folder in (out / "broker", out / "coordinator", device):
         assert (folder / "ca.crt").read_bytes() == (out / "ca/ca.crt").read_bytes()
     assert [p for p in out.rglob("ca.key")] == [out / "ca/ca.key"]
@@ -133,7 +136,11 @@ def test_add_revoke_rotate_change_exactly_their_files(tmp_path):
     assert json.loads((out / "coordinator/fleet.json").read_text()) == manifest
     assert "dev-003:" in (out / "broker/passwd").read_text()
     x509.load_pem_x509_certificate((out / "devices/dev-003/client.crt").read_bytes()).verify_directly_issued_by(ca)
-    assert tree(out / "ca") == ca_before and tree(out / "devices/dev-002") == dev2_before
+    # dev-002's identity is untouched; only its list of peers gained dev-003
+    assert tree(out / "ca") == ca_before
+    assert {k: v for k, v in tree(out / "devices/dev-002").items() if k != "peers.json"} == \
+        {k: v for k, v in dev2_before.items() if k != "peers.json"}
+    assert sorted(load_peers(out / "devices/dev-002")) == ["dev-001", "dev-003"]
 
     old_serial, old_public = serial(out / "devices/dev-001"), manifest["devices"]["dev-001"]["public"]
     old_password = (out / "devices/dev-001/password").read_text()

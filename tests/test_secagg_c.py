@@ -383,3 +383,17 @@ def test_hostile_stage_messages_are_refused_by_the_c_node_as_by_the_python_devic
     assert outcome.failure == "" and len(outcome.result.survivors) == 5
     for name in plan.trainable_buffers():
         assert np.array_equal(outcome.result.total[name], sum(e[name].astype(np.int64) for e in expected.values()))
+
+
+def test_the_firmwares_secagg_buffers_are_the_c_nodes(mlp_last2_plan, csecagg):
+    """node_project.buffer_sizes with secagg (what the firmware's node_config.h is generated with) is what
+    fedtiny_node_sizes_secagg_of asks fedtiny_node_init for, and without it fedtiny_node_sizes_of; the values
+    buffer device_memory counts is fedtiny_node_sizes_of's."""
+    from fedtiny.device_memory import privacy_ram_bytes
+    from fedtiny_device import node_project
+
+    for secagg in (False, True):
+        python, c = node_project.buffer_sizes(mlp_last2_plan, 512, secagg), csecagg.library.sizes(512, secagg)
+        assert (python["upload"], python["reassembly"], python["bitmap"]) == (c.upload, c.reassembly, c.bitmap)
+        assert privacy_ram_bytes(mlp_last2_plan, True, secagg)["noise_values_bytes"] == c.values
+    assert privacy_ram_bytes(mlp_last2_plan, False, False) == dict(noise_values_bytes=0, secagg_state_bytes=0)

@@ -332,7 +332,6 @@ def test_robust_strategies_are_refused_and_dp_is_the_devices_under_secure_aggreg
 @pytest.mark.parametrize("args, says", [
     (["--strategy", "krum"], "individual updates"),
     (["--clip-norm", "0"], "needs the devices to clip"),
-    (["--qemu-nodes", "1"], "node firmware does not implement"),
     (["--dp-epsilon", "8", "--strategy", "fedadam"], "averages the updates"),
     (["--nodes", "2"], "needs 3"),
 ])

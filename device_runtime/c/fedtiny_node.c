@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "fedtiny_noise.h"
+#include "fedtiny_profile.h"
 
 /* ---- little helpers ---------------------------------------------------------------------------------------- */
 
@@ -548,8 +549,11 @@ static int seal_masked(fedtiny_node *node)
     const fedtiny_node_config *c = &node->config;
     fedtiny_node_secagg *sa = c->secagg;
     size_t body_len;
-    int status = fedtiny_node_secagg_masked(sa, c->plan->wire, c->values, c->upload + FEDTINY_ENV_HEADER_BYTES,
-                                            c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
+    int status;
+    FEDTINY_PROFILE_ENTER(FEDTINY_PART_CRYPTO); /* secure aggregation's steps count as the node's crypto */
+    status = fedtiny_node_secagg_masked(sa, c->plan->wire, c->values, c->upload + FEDTINY_ENV_HEADER_BYTES,
+                                        c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
+    FEDTINY_PROFILE_LEAVE();
     if (status != FEDTINY_SECAGG_OK) {
         return FEDTINY_NODE_FROM_SECAGG(status);
     }
@@ -629,10 +633,12 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
             if (!secagg_on(node)) {
                 return FEDTINY_NODE_FROM_SECAGG(FEDTINY_SECAGG_ERR_BAD_STAGE); /* no round of this node's */
             }
+            FEDTINY_PROFILE_ENTER(FEDTINY_PART_CRYPTO);
             status = fedtiny_node_secagg_stage(c->secagg, c->plan->wire, c->peers, header.type, header.run,
                                                header.round, body, body_len,
                                                c->secagg->stage + FEDTINY_ENV_HEADER_BYTES,
                                                FEDTINY_NODE_SECAGG_SHARES_BYTES, &frame_len);
+            FEDTINY_PROFILE_LEAVE();
             if (status != FEDTINY_SECAGG_OK) {
                 return FEDTINY_NODE_FROM_SECAGG(status);
             }
@@ -703,9 +709,11 @@ int fedtiny_node_receive(fedtiny_node *node, const char *topic, uint8_t *frame, 
                 ctx.fleet_id = c->fleet_id;
                 ctx.run = node->state.run;
                 ctx.round = header.round;
+                FEDTINY_PROFILE_ENTER(FEDTINY_PART_CRYPTO);
                 status = fedtiny_node_secagg_begin(c->secagg, c->plan->wire, c->identity, &ctx, c->device_id,
                                                    settings.clip_norm, settings.noise_sigma, settings.min_survivors,
                                                    c->secagg->stage + FEDTINY_ENV_HEADER_BYTES);
+                FEDTINY_PROFILE_LEAVE();
                 if (status == FEDTINY_SECAGG_OK) {
                     status = seal_stage(node, FEDTINY_MSG_SECAGG_KEYS, header.round, FEDTINY_SECAGG_KEYS_BYTES);
                 }

@@ -35,11 +35,22 @@
  *     frame              one uplink chunk frame, from its sealing to its publish.
  *     rx_buf, tx_buf     one modem frame each way.
  *     order              the training order of the samples, during a job.
+ *     values             (a node built with noise or secure aggregation, FEDTINY_NODE_CFG_VALUES_ELEMENTS) the
+ *                        sent delta as int32 from the end of a job's training to its DELTA's sealing, while the
+ *                        device's noise is added; in a masked round until the relay has come and it is masked.
+ *     secagg             (FEDTINY_NODE_CFG_SECAGG) one secure-aggregation round: its secrets, the neighbours' keys
+ *                        and shares, the stage reply being sent; persisted with every record while a round is
+ *                        held (all but the stage reply), so a node reset mid-round still answers its later stages
+ *                        (a reset after masking still reveals the shares it holds: in a small cohort the round
+ *                        needs them). Trained values waiting for the relay are not kept: the task is trained again.
+ *                        (device.py keeps its round in memory only: restarted, a Python device is a dropout.) The
+ *                        peers' identities are in flash (node_config.c, from the device folder's peers.json).
  *     boot_state         the persisted numbers, from the restore until fedtiny_node_init copies them.
  *     stack, heap        fedtiny_node.ld's 8 KB stack (crypto and the session's calls), newlib's 4 KB heap.
  *
  * tests/test_node_memory.py builds this firmware for the default plan and for `full` on the default model and
  * holds both to 256 KB of RAM and 1 MB of flash by the linker. */
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -75,6 +86,20 @@ static uint8_t bitmap[FEDTINY_NODE_CFG_BITMAP_BYTES];
 static uint8_t frame[FEDTINY_NODE_CFG_CHUNK_BYTES];
 static uint8_t base[FEDTINY_NODE_CFG_STATE_BYTES]; /* the state a job trains from (a GLOBAL_UPDATE may come) */
 static uint16_t order[FEDTINY_NODE_CFG_MAX_SAMPLES > 0 ? FEDTINY_NODE_CFG_MAX_SAMPLES : 1];
+#if FEDTINY_NODE_CFG_VALUES_ELEMENTS > 0
+static int32_t values[FEDTINY_NODE_CFG_VALUES_ELEMENTS];
+#define VALUES values
+#else
+#define VALUES NULL
+#endif
+#if FEDTINY_NODE_CFG_SECAGG
+static fedtiny_node_secagg secagg;
+#define SECAGG (&secagg)
+#define PEERS (&fedtiny_node_peers_config)
+#else
+#define SECAGG NULL
+#define PEERS NULL
+#endif
 #if FEDTINY_NODE_CFG_PERSONAL_BYTES > 0
 static uint8_t personal[FEDTINY_NODE_CFG_PERSONAL_BYTES];
 #define PERSONAL personal
@@ -132,8 +157,14 @@ static int publish(void *context, fedtiny_node_topic kind, const char *name, con
 }
 
 /* The record: the plan's hash (a firmware of another plan must not read this state as its own), the state's
- * numbers, the global model, the carry, the sealed upload and the personalised model (empty until the first). */
+ * numbers, the global model, the carry, the sealed upload and the personalised model (empty until the first);
+ * with secure aggregation, the round held (empty while none is: SECAGG_RECORD_BYTES, its stage reply left out). */
+#if FEDTINY_NODE_CFG_SECAGG
+#define RECORD_SEGMENTS 7u
+#define SECAGG_RECORD_BYTES offsetof(fedtiny_node_secagg, stage)
+#else
 #define RECORD_SEGMENTS 6u
+#endif
 static int persist(void *context, const fedtiny_node_persisted *p)
 {
     fedtiny_store_segment segments[RECORD_SEGMENTS];
@@ -151,6 +182,10 @@ static int persist(void *context, const fedtiny_node_persisted *p)
     segments[4].length = p->state->upload_len;
     segments[5].data = p->personal;
     segments[5].length = p->personal_bytes;
+#if FEDTINY_NODE_CFG_SECAGG
+    segments[6].data = &secagg;
+    segments[6].length = secagg.active ? SECAGG_RECORD_BYTES : 0u;
+#endif
     status = fedtiny_store_save(&store, segments, RECORD_SEGMENTS);
     if (status != FEDTINY_STORE_OK) {
         printf("node: saving the state failed: %s\n", fedtiny_store_reason(status));
@@ -183,6 +218,29 @@ static void take_job(int status, const fedtiny_node_job *offered)
     job_ready = 1;
 }
 
+static uint32_t masked_round; /* the round whose masked DELTA waits for the neighbours' shares (0: none) */
+static const void *stack_base; /* a local of main: the stack was painted below it at start */
+
+/* A line each time the stack has gone deeper below main's frame than ever since the start (fedtiny_node.ld gives it
+ * 8 KB): after each downlink handled and each round trained, so a power cut loses no more than the last. */
+static void report_stack(void)
+{
+    static uint32_t reported;
+    const uint32_t peak = fedtiny_stack_peak(stack_base);
+    if (peak > reported) {
+        reported = peak;
+        printf("node: stack peak %lu B below main\n", (unsigned long)peak);
+    }
+}
+
+static void masked_sent(void)
+{
+    rounds_done++;
+    printf("node: round %lu sent, masked, seq %lu\n", (unsigned long)masked_round, (unsigned long)node.state.seq);
+    masked_round = 0u;
+    fedtiny_profile_dump(); /* the host's instruction counts per part, up to this round's DELTA */
+}
+
 static void up(void *context, uint32_t now)
 {
     fedtiny_node_job pending;
@@ -201,6 +259,7 @@ static void message(void *context, const uint8_t *name, uint32_t name_len, uint8
 {
     static char topic[FEDTINY_NODE_TOPIC_MAX + 1];
     fedtiny_node_job offered;
+    const uint32_t waiting = node.state.upload_len; /* 0: no sealed upload before this downlink */
     int status;
     (void)context;
     if (name_len > FEDTINY_NODE_TOPIC_MAX) {
@@ -215,6 +274,10 @@ static void message(void *context, const uint8_t *name, uint32_t name_len, uint8
         refused++;
         printf("node: refused a downlink on %s: %s\n", topic, fedtiny_node_reason(status));
     }
+    if (waiting == 0u && node.state.upload_len != 0u) { /* the relay came: a trained round's masked DELTA left */
+        masked_sent();
+    }
+    report_stack();
     take_job(status, &offered);
 }
 
@@ -358,10 +421,25 @@ static void train(void)
         printf("node: round %lu: %s\n", (unsigned long)running.round, fedtiny_node_reason(status));
         return;
     }
-    rounds_done++;
-    printf("node: round %lu sent, loss %ld.%06ld, seq %lu\n", (unsigned long)running.round,
-           (long)result.loss, (long)((result.loss - (long)result.loss) * 1e6), (unsigned long)node.state.seq);
-    fedtiny_profile_dump(); /* the host's instruction counts per part, up to this round's DELTA */
+    printf("node: round %lu trained, loss %ld.%06ld\n", (unsigned long)running.round, (long)result.loss,
+           (long)((result.loss - (long)result.loss) * 1e6));
+    if (running.masked) {
+        masked_round = running.round;
+        if (node.state.upload_len != 0u) {
+            masked_sent(); /* the relay had come while it trained */
+        } else if (node.state.trained_round == (int64_t)running.round) {
+            printf("node: round %lu dropped: not the secure-aggregation round this node holds\n",
+                   (unsigned long)running.round); /* fedtiny_node_complete skipped it */
+        } else {
+            printf("node: round %lu waits for its neighbours' shares to mask its DELTA\n",
+                   (unsigned long)running.round);
+        }
+    } else {
+        rounds_done++;
+        printf("node: round %lu sent, seq %lu\n", (unsigned long)running.round, (unsigned long)node.state.seq);
+        fedtiny_profile_dump(); /* the host's instruction counts per part, up to this round's DELTA */
+    }
+    report_stack();
     report_prediction(); /* with the model this round left, while its DELTA waits for the ACK in the arena */
 }
 
@@ -406,6 +484,10 @@ static int restore(void)
     buffers[4].capacity = FEDTINY_NODE_CFG_UPLOAD_BYTES;
     buffers[5].data = PERSONAL;
     buffers[5].capacity = FEDTINY_NODE_CFG_PERSONAL_BYTES;
+#if FEDTINY_NODE_CFG_SECAGG
+    buffers[6].data = &secagg;
+    buffers[6].capacity = SECAGG_RECORD_BYTES;
+#endif
     status = fedtiny_store_load(&store, buffers, RECORD_SEGMENTS);
     if (status != FEDTINY_STORE_OK || buffers[0].length != sizeof hash
         || memcmp(hash, fedtiny_node_plan_config.hash, sizeof hash) != 0 || buffers[1].length != sizeof boot_state
@@ -415,6 +497,16 @@ static int restore(void)
         printf("node: the persisted state is for another firmware or plan (%s)\n", fedtiny_store_reason(status));
         return -1;
     }
+#if FEDTINY_NODE_CFG_SECAGG
+    if (buffers[6].length != 0u && buffers[6].length != SECAGG_RECORD_BYTES) {
+        printf("node: the persisted state is for another firmware or plan (its secure-aggregation round)\n");
+        return -1;
+    }
+    if (secagg.active) { /* the values it trained are gone with the RAM: the pending task trains again */
+        secagg.trained = 0u;
+        printf("node: restored secure-aggregation round %lu\n", (unsigned long)secagg.secrets.ctx.round);
+    }
+#endif
     /* One seq more than the record says: if the newest record decayed and this is the bank before it, the seq
      * that newer record reserved may have been used (every save reserves at most one seq beyond the one before). */
     boot_state.seq++;
@@ -460,9 +552,12 @@ static int start_link(void)
 
 int main(void)
 {
+    uint8_t base; /* the stack below main's frame is painted, its peak reported after each DELTA */
     fedtiny_node_config config;
     uint32_t next_beat;
     int status;
+    fedtiny_stack_paint();
+    stack_base = &base;
     if (restore() != 0) {
         return 2;
     }
@@ -490,6 +585,10 @@ int main(void)
     config.capacity.reassembly = sizeof reassembly;
     config.capacity.bitmap = sizeof bitmap;
     config.capacity.frame = sizeof frame;
+    config.values = VALUES;
+    config.capacity.values = 4u * FEDTINY_NODE_CFG_VALUES_ELEMENTS;
+    config.peers = PEERS;
+    config.secagg = SECAGG;
     config.publish = publish;
     config.persist = persist;
     FEDTINY_PROFILE_ENTER(FEDTINY_PART_PROTOCOL);

@@ -13,7 +13,8 @@ the CA key and every device's private keys: keep it offline (docs/deployment.md)
                           public half), client.crt|key, password, audit.key|.pub (Ed25519, PEM: the audit log's
                           signing key, fedtiny/audit.py; audit.pub is also in the provisioning folder)
     devices/<name>/       ca.crt, fleet.json (the manifest with only this device), identity.key|.pub, client.crt|key,
-                          password, coordinator.pub
+                          password, coordinator.pub, peers.json (the other devices' ids and public identities:
+                          secure aggregation checks its neighbours' round keys against them)
 
 Every file is written atomically (temp file, fsync, rename), and --add, --revoke and --rotate order their writes so
 that a crash leaves a readable fleet and running the same action again finishes it. (A creation cut short leaves
@@ -45,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedtiny.protocol import acl, topics
-from fedtiny.protocol.envelope import Identity
+from fedtiny.protocol.envelope import Identity, PublicIdentity
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0.11 writes; mosquitto reads the count from the file
 CERT_DAYS = 825
@@ -53,6 +54,7 @@ CERT_DAYS = 825
 # day longer than the certificates it issues, so it outlives every certificate issued so far.
 CRL_DAYS = CERT_DAYS + 1
 REVOKED_FILE = "revoked.json"
+PEERS_FILE = "peers.json"  # in each device folder: the other devices' public identities (secure aggregation)
 
 
 # --- files ---------------------------------------------------------------------------------------------------
@@ -235,11 +237,37 @@ def _device_manifest(manifest: dict, name: str) -> dict:
     return {**manifest, "devices": {name: manifest["devices"][name]}}
 
 
+def peers_of(manifest: dict, name: str) -> dict:
+    """What device `name` needs for secure aggregation: the public identity of every other device of the fleet, by
+    name with its numeric id (a round's SECAGG_PEERS names neighbours by id; the device checks their signed round
+    keys against these). peers.json in its folder; `fedtiny codegen --node --secagg` compiles it into the node."""
+    return {"fleet": manifest["fleet"], "fleet_id": manifest["fleet_id"],
+            "peers": {n: {"id": v["id"], "public": v["public"]} for n, v in sorted(manifest["devices"].items())
+                      if n != name}}
+
+
+def load_peers(device_folder: str | Path) -> dict[str, PublicIdentity]:
+    """A device folder's peers.json as device name -> public identity (what NodeAgent's `peers` takes)."""
+    path = Path(device_folder) / PEERS_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: provision the fleet again with this version of `fedtiny keys` (it "
+                         "writes every device's peers' identities, needed for secure aggregation)")
+    return {n: PublicIdentity.from_bytes(bytes.fromhex(v["public"]))
+            for n, v in json.loads(path.read_text())["peers"].items()}
+
+
 def _write_manifests(out: Path, manifest: dict, changed_devices) -> None:
     """The device copies first, the coordinator's copy next, the provisioning folder's fleet.json last: an action
-    counts as done once that one lists its result."""
+    counts as done once that one lists its result. Every device's peers.json follows the fleet's membership: a
+    device added, revoked or rotated changes the peers of all the others (copy their peers.json to them; a device
+    with an old list refuses a secure-aggregation round with a neighbour it does not know, as unknown-peer)."""
     for name in changed_devices:
         _write_json(out / "devices" / name / "fleet.json", _device_manifest(manifest, name))
+    for name in manifest["devices"]:
+        path = out / "devices" / name / PEERS_FILE
+        peers = peers_of(manifest, name)
+        if not path.is_file() or json.loads(path.read_text()) != peers:
+            _write_json(path, peers)
     _write_json(out / "coordinator/fleet.json", manifest)
     _write_json(out / "fleet.json", manifest)
 
@@ -501,6 +529,7 @@ def keys_command(out_dir: str, fleet: str | None, devices: tuple[str, ...], coun
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
     base = Path(out_dir)
-    devices_too = "" if flag == "--revoke" else f", and {base / 'devices'}/<name>/ to each of those devices"
+    devices_too = "" if flag == "--revoke" else f", {base / 'devices'}/<name>/ to each of those devices"
     click.echo(f"fleet {manifest['fleet']}: {verb} {', '.join(actions[flag])}; copy {base / 'broker'}/ to the broker "
-               f"and send mosquitto SIGHUP, {base / 'coordinator'}/ to the coordinator and restart it{devices_too}")
+               f"and send mosquitto SIGHUP, {base / 'coordinator'}/ to the coordinator and restart it{devices_too}, "
+               f"and each other device's {PEERS_FILE} to it (secure aggregation)")
