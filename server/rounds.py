@@ -183,9 +183,12 @@ class Coordinator:
         ckpt = store.load()
         self.model = GlobalModel(specs, ckpt.master, ckpt.ints, ckpt.model_version, store)
         if self.config.secagg:
+            from fedtiny.protocol.secagg import check_plan
+
             from .secagg import check_strategy
 
             check_strategy(self.config.strategy)
+            check_plan(plan)
             if not float(self.config.train_config.get("clip_norm", self.config.policy.task.get("clip_norm", 0))) > 0:
                 raise ValueError("secure aggregation needs a clip norm (the devices clip; the coordinator cannot)")
             self.config.train_config["secagg"] = 1

@@ -532,6 +532,13 @@ def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, not
     cache = os.environ.get("FEDTINY_CACHE", "~/.cache/fedtiny")
     say(f"preparing the model (pretrained on the host's data, or from {cache}) and the training plan")
     model, graph, plan, scheme, devices, host_model_seconds = _prepare(config, run, task, say)
+    if config.secagg:  # known once the scheme is (auto's search): the devices could not mask it
+        from fedtiny.protocol.secagg import check_plan
+
+        try:
+            check_plan(plan)
+        except ValueError as exc:
+            raise ConfigError(f"--secagg: {exc}") from None
     say(f"model {task.model}, update scheme {scheme}: {len(plan.trainable_buffers())} trainable buffers, "
         f"{plan.arena_size:,} B arena per node")
     if config.dp_epsilon:
