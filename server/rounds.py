@@ -235,8 +235,9 @@ class Coordinator:
                    threshold="a strict majority of each device's neighbours (graph degree 6 ceil(log2 n), at most 64)")
         if self.config.privacy is not None:
             out["differential_privacy"] = ("distributed: each device adds discrete Gaussian noise before masking, "
-                                           "sigma = z C / sqrt(threshold of the cohort); rounds with fewer survivors "
-                                           "are not unmasked")
+                                           "sigma = z C / sqrt(m), m the survivors the round's quorum expects "
+                                           "(fedtiny.privacy.calibrated_survivors); rounds with fewer survivors are "
+                                           "not unmasked")
         return out
 
     def run(self, rounds: int | None = None) -> list[RoundResult]:
