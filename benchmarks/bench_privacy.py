@@ -265,9 +265,6 @@ def secagg_main(args) -> None:
              "calibrated_survivors: quorum 1 here, so all 20), and the coordinator unmasks no round with fewer, so "
              "the survivors' summed noise is at least the central mechanism's z C: with all 20 surviving, exactly "
              "the central rows' noise on the mean.",
-             "- Until this section's runs, m was the secure-aggregation threshold (10 of 20): sqrt(2) times the "
-             "central rows' noise on the mean, and half the budget unspent (BENCHMARKS.md's earlier rows: epsilon "
-             "1 spent 0.686, medical 36.8 %, industrial 25.2 %).",
              "- Central rows: no secure aggregation, the coordinator adds Gaussian noise z C / nodes to the mean "
              "(docs/privacy.md); the same code, machine and settings as the secagg rows beside them.",
              "- Accounting: each round rho = C^2 / (2 n sigma^2) (+ a tau term, zero here) for its n survivors "
