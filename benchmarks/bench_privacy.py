@@ -128,7 +128,8 @@ def main():
                                                       if args.scenarios != ",".join(SCENARIOS) else "") + (
         f" --attack-scenarios {args.attack_scenarios}" if args.attack_scenarios else "")
     accuracy_rows = [
-        "| scenario, nodes | DP | clip norm C | noise multiplier z | noise std on the mean | epsilon spent (delta 1e-5) | "
+        "| scenario, nodes | DP | clip norm C | noise multiplier z | noise std on the mean | "
+        "epsilon spent (delta 1e-5) | "
         "accuracy before -> after 10 rounds (best) | nodes per round | uplink / downlink B per node and round | "
         "wall time |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     attack_rows = [
@@ -204,7 +205,8 @@ def secagg_main(args) -> None:
     scenarios = args.scenarios
     command = "python benchmarks/bench_privacy.py --secagg" + (
         f" --scenarios {scenarios}" if scenarios != ",".join(SCENARIOS) else "")
-    rows = ["| scenario, nodes | DP | clip norm C | noise multiplier z (calibrated survivors m) | each node's noise std | "
+    rows = ["| scenario, nodes | DP | clip norm C | noise multiplier z (calibrated survivors m) | "
+            "each node's noise std | "
             "noise std on the mean | epsilon spent (delta 1e-5) | accuracy before -> after 10 rounds (best; "
             "mean of the last 5) | "
             "survivors per round | uplink / downlink B per node and round | wall time |",
