@@ -11,12 +11,14 @@ code and machine (the same folders as the first section's runs: --reuse shares t
 with the membership inference of each run: under secure aggregation the coordinator holds no individual DELTA,
 only each round's sum, which is attacked as it was (simulations/attack.py).
 
-Each row is one `fedtiny simulate` run with the defaults (10 rounds, 2 local epochs, --uplink-keep 0.5, seed 0),
+Each row is one `fedtiny simulate` run with the defaults (10 rounds, --uplink-keep 0.5, seed 0, the scheme, lr and
+epochs chosen on the host's data),
 --deadline 120 (every node answers every round even on a loaded machine: the noise on the mean grows as 1/nodes
 answering, so late nodes would confound the comparison) and 20 nodes (`medical`'s 569 samples leave 318 for
 the nodes; 50 nodes would shrink the noise 2.5x). With --dp-epsilon the noise multiplier is the smallest that
-keeps the 10 rounds within (epsilon, delta 1e-5), every update is clipped to the default 0.5 and the coordinator
-adds Gaussian noise to each round's mean (docs/privacy.md).
+keeps the 10 rounds within (epsilon, delta 1e-5), every update is clipped to the clip norm the run takes from the
+host's data (fedtiny.privacy.clip_norm_rule: the median norm of the host's own first-round updates; column C) and
+the coordinator adds Gaussian noise to each round's mean (docs/privacy.md).
 
 Then simulations/attack.py's membership_auc attacks the run folder (its assumptions are in that module): the
 global model, each device's DELTA as the coordinator sees it, the round's sum (what secure aggregation would
@@ -37,7 +39,6 @@ from report import provenance, write_section
 SECTION = "## Differential privacy and membership inference: accuracy and attack AUC at epsilon 8, 4, 1 (issue 13)"
 SECTION_SECAGG = "## Secure aggregation with distributed DP: accuracy at epsilon 8, 4, 1 (issue 13)"
 SCENARIOS = {"medical": 20, "industrial": 20}
-BUDGETS = [None, 8.0, 4.0, 1.0]
 
 
 def simulate(scenario: str, nodes: int, dp_epsilon: float | None, out: Path, cache: str, reuse: bool,
@@ -58,6 +59,25 @@ def simulate(scenario: str, nodes: int, dp_epsilon: float | None, out: Path, cac
 def run_name(scenario: str, budget: float | None, secagg: bool) -> str:
     """One folder name per run for both sections, so that --reuse shares the central runs between them."""
     return f"{scenario}-{'secagg' if secagg else 'central'}-{'none' if budget is None else f'eps{budget:g}'}"
+
+
+def missing(args, out: Path) -> bool:
+    """--no-new-runs and the run folder (or its attack) is not there."""
+    return args.no_new_runs and not (out / "metrics.json").exists()
+
+
+def dp_name(budget: float | None, secagg: bool | None = None) -> str:
+    """The DP column's name of a row (secagg None: the first section's)."""
+    if secagg is None:
+        return "none" if budget is None else f"epsilon {budget:g}"
+    if budget is None:
+        return "secagg, no DP" if secagg else "none"
+    return f"secagg + distributed, epsilon {budget:g}" if secagg else f"central, epsilon {budget:g}"
+
+
+def clip(run: dict) -> str:
+    """The run's clip norm, '-' for none."""
+    return f"{run['clip_norm']:g}" if run.get("clip_norm") else "-"
 
 
 def per_node(rounds: list[dict], key: str) -> float:
@@ -92,7 +112,13 @@ def main():
     parser.add_argument("--attack-scenarios", help="the scenarios whose runs are attacked (default: all of them); "
                         "the others' attack rows say 'not measured'")
     parser.add_argument("--secagg", action="store_true", help="secure aggregation, DP from the nodes' noise")
+    parser.add_argument("--budgets", default="none,8,4,1",
+                        help="comma-separated epsilons ('none': no DP), run in this order; the section gets their rows")
+    parser.add_argument("--no-new-runs", action="store_true",
+                        help="with --reuse: a run not in --runs gets a 'not run' row instead, and one without its "
+                             "attack (membership.json) a 'not measured' attack row")
     args = parser.parse_args()
+    args.budgets = [None if b == "none" else float(b) for b in args.budgets.split(",")]
     if args.secagg:
         return secagg_main(args)
     attacked = (args.attack_scenarios or args.scenarios).split(",")
@@ -102,17 +128,22 @@ def main():
                                                       if args.scenarios != ",".join(SCENARIOS) else "") + (
         f" --attack-scenarios {args.attack_scenarios}" if args.attack_scenarios else "")
     accuracy_rows = [
-        "| scenario, nodes | DP | noise multiplier z | noise std on the mean | epsilon spent (delta 1e-5) | "
+        "| scenario, nodes | DP | clip norm C | noise multiplier z | noise std on the mean | "
+        "epsilon spent (delta 1e-5) | "
         "accuracy before -> after 10 rounds (best) | nodes per round | uplink / downlink B per node and round | "
-        "wall time |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "wall time |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     attack_rows = [
         "| scenario, nodes | DP | global model: before round 1 -> after the last | one device's DELTA (the "
         "coordinator today) | the round's sum (secure aggregation) | the released round (every device) | "
         "attack time |", "|---|---|---:|---:|---:|---:|---:|"]
     for scenario in args.scenarios.split(","):
         nodes = SCENARIOS[scenario]
-        for budget in BUDGETS:
+        for budget in args.budgets:
             out = runs / run_name(scenario, budget, secagg=False)
+            if missing(args, out):
+                accuracy_rows.append(f"| {scenario}, {nodes} | {dp_name(budget)} | not run | | | | | | | |")
+                attack_rows.append(f"| {scenario}, {nodes} | {dp_name(budget)} | not run | | | | |")
+                continue
             wall = simulate(scenario, nodes, budget, out, cache, args.reuse)
             m = json.loads((out / "metrics.json").read_text())
             run, rounds = m["run"], m["rounds"]
@@ -126,11 +157,12 @@ def main():
                 std = f"{p['noise_multiplier'] * p['clip_norm'] / nodes:.4f}"
             answered = sorted({r["participants"] for r in rounds})
             answered = f"{answered[0]}" if len(answered) == 1 else f"{answered[0]}-{answered[-1]}"
-            accuracy_rows.append(f"| {scenario}, {nodes} | {dp} | {z} | {std} | {spent} | {accuracy} | {answered} | "
+            accuracy_rows.append(f"| {scenario}, {nodes} | {dp} | {clip(run)} | {z} | {std} | {spent} | {accuracy} | "
+                                 f"{answered} | "
                                  f"{per_node(rounds, 'uplink_bytes'):,.0f} / "
                                  f"{per_node(rounds, 'downlink_bytes'):,.0f} | {wall:.0f} s |")
             print(accuracy_rows[-1], flush=True)
-            if scenario not in attacked:
+            if scenario not in attacked or (args.no_new_runs and not (out / "membership.json").exists()):
                 attack_rows.append(f"| {scenario}, {nodes} | {dp} | not measured | | | | |")
                 continue
             a = attack_of(out, args.reuse)
@@ -141,8 +173,9 @@ def main():
             print(attack_rows[-1], flush=True)
     lines = [SECTION, "", provenance(command), "",
              "### Accuracy", "", *accuracy_rows, "",
-             "- Noise std on the mean: z * C / nodes per coordinate in real units (C = 0.5, every node answers "
-             "every round), against weights whose LSB is 0.003-0.007 in the default bearing plan.",
+             "- Noise std on the mean: z * C / nodes per coordinate in real units (every node answers every round); "
+             "C is the run's clip norm, taken from the host's data (docs/privacy.md, 'The clip norm from the host's "
+             "data'; the same for a scenario at every epsilon: it depends on the plan, not on the budget).",
              "- Accounting: RDP (dp-accounting 0.6), each round a Gaussian mechanism for every node in it, no "
              "amplification by sampling claimed (docs/privacy.md).",
              "- The downlink grows under DP: the noise moves most of the global model's integers every round.", "",
@@ -172,17 +205,24 @@ def secagg_main(args) -> None:
     scenarios = args.scenarios
     command = "python benchmarks/bench_privacy.py --secagg" + (
         f" --scenarios {scenarios}" if scenarios != ",".join(SCENARIOS) else "")
-    rows = ["| scenario, nodes | DP | noise multiplier z (calibrated survivors m) | each node's noise std | "
+    rows = ["| scenario, nodes | DP | clip norm C | noise multiplier z (calibrated survivors m) | "
+            "each node's noise std | "
             "noise std on the mean | epsilon spent (delta 1e-5) | accuracy before -> after 10 rounds (best; "
             "mean of the last 5) | "
             "survivors per round | uplink / downlink B per node and round | wall time |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     attack_rows = ["| scenario, nodes | DP | global model: before round 1 -> after the last | one device's DELTA | "
                    "the round's sum | what the coordinator holds | attack time |",
                    "|---|---|---:|---:|---:|---|---:|"]
-    for scenario, budget, secagg in [(s, b, a) for s in scenarios.split(",") for b in BUDGETS for a in (False, True)]:
+    for scenario, budget, secagg in [(s, b, a) for s in scenarios.split(",") for b in args.budgets
+                                     for a in (False, True)]:
         nodes = SCENARIOS[scenario]
         out = runs / run_name(scenario, budget, secagg)
+        if missing(args, out):
+            name = dp_name(budget, secagg)
+            rows.append(f"| {scenario}, {nodes} | {name} | not run | | | | | | | | |")
+            attack_rows.append(f"| {scenario}, {nodes} | {name} | not run | | | | |")
+            continue
         wall = simulate(scenario, nodes, budget, out, cache, args.reuse, secagg=secagg)
         m = json.loads((out / "metrics.json").read_text())
         run, rounds = m["run"], m["rounds"]
@@ -204,10 +244,14 @@ def secagg_main(args) -> None:
             device = f"{p['device_noise_sigma']:.4f}"
             survivors = min(p["round_survivors"], default=nodes)
             std, spent = f"{p['device_noise_sigma'] / survivors ** 0.5:.4f}", f"{p['epsilon']:.3f}"
-        rows.append(f"| {scenario}, {nodes} | {dp} | {z} | {device} | {std} | {spent} | {accuracy} | {answered} | "
+        rows.append(f"| {scenario}, {nodes} | {dp} | {clip(run)} | {z} | {device} | {std} | {spent} | {accuracy} | "
+                    f"{answered} | "
                     f"{per_node(rounds, 'uplink_bytes'):,.0f} / {per_node(rounds, 'downlink_bytes'):,.0f} | "
                     f"{wall:.0f} s |")
         print(rows[-1], flush=True)
+        if args.no_new_runs and not (out / "membership.json").exists():
+            attack_rows.append(f"| {scenario}, {nodes} | {dp} | not measured | | | | |")
+            continue
         a = attack_of(out, args.reuse)
         g = a["global_model"]
         holds = ("each round's unmasked sum (attacked: the real sums)" if secagg else
@@ -217,14 +261,12 @@ def secagg_main(args) -> None:
                            f"{a['seconds']:.0f} s |")
         print(attack_rows[-1], flush=True)
     lines = [SECTION_SECAGG, "", provenance(command), "", *rows, "",
-             "- Each node clips to C = 0.5 and adds discrete Gaussian integers of std z C / sqrt(m) (real units) "
+             "- Each node clips to C (from the host's data under DP; 0.5 with secure aggregation alone) and adds "
+             "discrete Gaussian integers of std z C / sqrt(m) (real units) "
              "before masking; m is the number of survivors the round's quorum expects (fedtiny.privacy."
              "calibrated_survivors: quorum 1 here, so all 20), and the coordinator unmasks no round with fewer, so "
              "the survivors' summed noise is at least the central mechanism's z C: with all 20 surviving, exactly "
              "the central rows' noise on the mean.",
-             "- Until this section's runs, m was the secure-aggregation threshold (10 of 20): sqrt(2) times the "
-             "central rows' noise on the mean, and half the budget unspent (BENCHMARKS.md's earlier rows: epsilon "
-             "1 spent 0.686, medical 36.8 %, industrial 25.2 %).",
              "- Central rows: no secure aggregation, the coordinator adds Gaussian noise z C / nodes to the mean "
              "(docs/privacy.md); the same code, machine and settings as the secagg rows beside them.",
              "- Accounting: each round rho = C^2 / (2 n sigma^2) (+ a tau term, zero here) for its n survivors "

@@ -380,7 +380,8 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
               help="The baseline's fp32 SGD learning rate; default: chosen by the devices' rule, for fp32.")
 @click.option("--clip-norm", default=None, type=float,
               help="L2 norm (real units) each node's update is clipped to, on the node and again at the coordinator; "
-                   "default 0 (off), or 0.5 with --dp-epsilon.")
+                   "default 0 (off); with --dp-epsilon the median norm of the updates the host makes from its own "
+                   "data as the nodes' first round would (no privacy cost; docs/privacy.md); 0.5 with --secagg alone.")
 @click.option("--dp-epsilon", default=0.0, show_default=True, type=float,
               help="Differential privacy: the budget epsilon (at --dp-delta) no node may exceed; Gaussian noise on "
                    "every aggregate, calibrated to --clip-norm; rounds stop when it is spent. 0: off. With --secagg "
@@ -390,7 +391,7 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
               help="Noise standard deviation / clip norm; 0: the smallest that keeps --rounds within the budget.")
 @click.option("--secagg", is_flag=True,
               help="Secure aggregation: nodes send their clipped deltas masked (SecAgg+ over MQTT); the coordinator "
-                   "learns only the sum of each round's survivors. Needs --clip-norm (default 0.5).")
+                   "learns only the sum of each round's survivors. Needs a clip norm > 0 (see --clip-norm).")
 @click.option("--alone/--no-alone", default=False, show_default=True,
               help="Also train each node alone from the pretrained model, round by round as its rounds, and report "
                    "its accuracy per round beside the global and personalised ones (as much C training again as "

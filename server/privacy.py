@@ -40,7 +40,8 @@ MEAN_STRATEGIES = ("fedavg", "fedprox")
 
 
 class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
-    def __init__(self, strategy, ledger: PrivacyLedger, clip_norm: float, noise_seed: int | None = None) -> None:
+    def __init__(self, strategy, ledger: PrivacyLedger, clip_norm: float, noise_seed: int | None = None,
+                 clip_rule: str = "") -> None:
         if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
             raise ValueError(f"differential privacy needs a strategy that averages the updates "
                              f"({', '.join(MEAN_STRATEGIES)}), not {type(strategy).__name__}")
@@ -48,6 +49,7 @@ class CentralPrivacy(DifferentialPrivacyServerSideFixedClipping):
         super().__init__(strategy, ledger.noise_multiplier, clip_norm, 1)
         self.ledger = ledger
         self.noise_seed = noise_seed
+        self.clip_rule = clip_rule or CLIP_GIVEN  # how clip_norm was chosen (privacy_summary)
         self._asked: dict[int, int] = {}  # round -> devices its train messages went to (the fixed denominator)
 
     def __repr__(self) -> str:
@@ -243,16 +245,18 @@ class DistributedPrivacy:
         self.ledger.round_rho = [(int(n), float(r)) for n, r in a["privacy/round_rho"].tolist()]
 
 
-def check_options(epsilon: float, delta: float, clip_norm: float, noise_multiplier: float, strategy: str) -> None:
+def check_options(epsilon: float, delta: float, clip_norm: float | None, noise_multiplier: float, strategy: str
+                  ) -> None:
     """ValueError naming the command-line option at fault (--dp-epsilon, --dp-delta, --clip-norm,
-    --dp-noise-multiplier, --strategy) unless these make a run under central DP."""
+    --dp-noise-multiplier, --strategy) unless these make a run under central DP. clip_norm None: chosen later
+    from the host's data (fedtiny simulate, fedtiny.privacy.clip_norm_rule)."""
     import math
 
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"--dp-epsilon {epsilon}: must be a positive number")
     if not 0 < delta < 1:
         raise ValueError(f"--dp-delta {delta}: must be strictly between 0 and 1")
-    if not (math.isfinite(clip_norm) and clip_norm > 0):
+    if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):  # None: the host's rule
         raise ValueError(f"--clip-norm {clip_norm}: --dp-epsilon needs a positive clip norm (the noise is calibrated "
                          f"to the clipped updates' L2 norm)")
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
@@ -262,12 +266,15 @@ def check_options(epsilon: float, delta: float, clip_norm: float, noise_multipli
                          f"({', '.join(MEAN_STRATEGIES)})")
 
 
+CLIP_GIVEN = "clip norm given by the operator (--clip-norm)"
+
+
 class PrivacySettings:
     """--dp-epsilon and its companions: the budget (epsilon at delta), the clip norm C in real units, and the noise
     multiplier z (0: the smallest that keeps the planned rounds within the budget, from dp-accounting)."""
 
     def __init__(self, epsilon: float, delta: float, clip_norm: float, noise_multiplier: float = 0.0,
-                 noise_seed: int | None = None) -> None:
+                 noise_seed: int | None = None, clip_rule: str = "") -> None:
         from fedtiny.privacy import check_budget
 
         check_budget(epsilon, delta)
@@ -277,6 +284,7 @@ class PrivacySettings:
             raise ValueError(f"noise multiplier {noise_multiplier}: must be 0 (derived from the budget) or positive")
         self.epsilon, self.delta, self.clip_norm = float(epsilon), float(delta), float(clip_norm)
         self.noise_multiplier, self.noise_seed = float(noise_multiplier), noise_seed
+        self.clip_rule = clip_rule or CLIP_GIVEN  # how clip_norm was chosen: the run's settings and privacy report
 
     def wrap(self, strategy, rounds: int) -> CentralPrivacy:
         """`strategy` under central DP for a run of `rounds` rounds."""
@@ -284,7 +292,7 @@ class PrivacySettings:
 
         z = self.noise_multiplier or noise_multiplier_for(self.epsilon, self.delta, rounds)
         ledger = PrivacyLedger(z, self.delta, self.epsilon)
-        return CentralPrivacy(strategy, ledger, self.clip_norm, self.noise_seed)
+        return CentralPrivacy(strategy, ledger, self.clip_norm, self.noise_seed, self.clip_rule)
 
 
 def privacy_summary(strategy, device_names: dict[int, str]) -> dict | None:
@@ -298,6 +306,7 @@ def privacy_summary(strategy, device_names: dict[int, str]) -> dict | None:
     return dict(mechanism="central Gaussian (DP-FedAvg), user-level, add/remove one device, RDP via dp-accounting",
                 epsilon=ledger.fleet_epsilon(), delta=ledger.delta, budget=ledger.budget,
                 noise_multiplier=ledger.noise_multiplier, clip_norm=strategy.clipping_norm,
+                clip_norm_rule=strategy.clip_rule,
                 noised_rounds=ledger.rounds, device_rounds=rounds,
                 device_epsilon={d: epsilon(ledger.noise_multiplier, n, ledger.delta) for d, n in rounds.items()})
 
@@ -313,6 +322,7 @@ def distributed_summary(strategy: DistributedPrivacy, device_names: dict[int, st
                           "user-level, zero-out one device, zCDP composed with dp-accounting's RDP accountant",
                 distributed=True, epsilon=ledger.fleet_epsilon(), delta=ledger.delta, budget=ledger.budget,
                 noise_multiplier=ledger.noise_multiplier, clip_norm=ledger.clip_norm,
+                clip_norm_rule=strategy.settings.clip_rule,
                 device_noise_sigma=ledger.device_sigma, min_survivors=ledger.min_survivors,
                 sigma2_min_lsb=ledger.sigma2_min, l1_lsb=ledger.l1_lsb, cohort=ledger.cohort,
                 clamp_delta=ledger.clamp_delta(), noised_rounds=ledger.rounds,

@@ -183,9 +183,12 @@ class Coordinator:
         ckpt = store.load()
         self.model = GlobalModel(specs, ckpt.master, ckpt.ints, ckpt.model_version, store)
         if self.config.secagg:
+            from fedtiny.protocol.secagg import check_plan
+
             from .secagg import check_strategy
 
             check_strategy(self.config.strategy)
+            check_plan(plan)
             if not float(self.config.train_config.get("clip_norm", self.config.policy.task.get("clip_norm", 0))) > 0:
                 raise ValueError("secure aggregation needs a clip norm (the devices clip; the coordinator cannot)")
             self.config.train_config["secagg"] = 1
@@ -232,8 +235,9 @@ class Coordinator:
                    threshold="a strict majority of each device's neighbours (graph degree 6 ceil(log2 n), at most 64)")
         if self.config.privacy is not None:
             out["differential_privacy"] = ("distributed: each device adds discrete Gaussian noise before masking, "
-                                           "sigma = z C / sqrt(threshold of the cohort); rounds with fewer survivors "
-                                           "are not unmasked")
+                                           "sigma = z C / sqrt(m), m the survivors the round's quorum expects "
+                                           "(fedtiny.privacy.calibrated_survivors); rounds with fewer survivors are "
+                                           "not unmasked")
         return out
 
     def run(self, rounds: int | None = None) -> list[RoundResult]:

@@ -259,6 +259,7 @@ def differential_privacy(r: Run) -> Section:
         f"(noise standard deviation z x clip norm on the sum), delta {delta:g}, budget epsilon {p['budget']:g}, "
         f"{p['noised_rounds']} noised rounds. Each epsilon below is computed here again with dp-accounting's RDP "
         "accountant from z, delta and the device's rounds, beside the value the coordinator recorded.")
+    _clip_rule(s, p)
     rows = []
     for device, releases in sorted(p["device_rounds"].items()):
         mine = epsilon(z, releases, delta)
@@ -271,6 +272,12 @@ def differential_privacy(r: Run) -> Section:
     if r.run.get("stopped"):
         s.p(f"The run stopped early: {r.run['stopped']}.")
     return s
+
+
+def _clip_rule(s: Section, p: dict) -> None:
+    """How the run's clip norm was chosen (runs before the rule recorded none)."""
+    if p.get("clip_norm_rule"):
+        s.p(f"How the clip norm was chosen: {p['clip_norm_rule']}.")
 
 
 def distributed_epsilon(p: dict, survivors: list[int]) -> float:
@@ -294,6 +301,7 @@ def _distributed_privacy(s: Section, r: Run, p: dict) -> Section:
         f"{p['noised_rounds']} noised rounds (survivors: {', '.join(str(n) for n in p['round_survivors'])}). Each "
         "epsilon below is computed here again from these parameters and the device's rounds, with dp-accounting's "
         "RDP accountant, beside the value the coordinator recorded.")
+    _clip_rule(s, p)
     if "clamp_delta" in p:
         s.p(f"The devices clamp their noised values 12 noise standard deviations beyond the clipped update (secure "
             f"aggregation's bounds); the accounting above is for unclamped noise, and the clamp adds "

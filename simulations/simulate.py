@@ -74,7 +74,9 @@ class SimulationConfig:
     max_examples: int = 10_000  # clamp of a node's num_examples (its aggregation weight)
     max_staleness: int = 0  # > 0: semi-asynchronous rounds accept replies up to this many versions old (fedbuff)
     clip_norm: float | None = None  # L2 norm (real units) every update is clipped to, on the node and at the
-    # coordinator; None: 0 (off), or DP_CLIP_NORM with DP
+    # coordinator; None: 0 (off), with --dp-epsilon the rule on the host's data (clipping.py), with --secagg alone
+    # SECAGG_CLIP_NORM
+    clip_rule: str | None = None  # filled by the run with DP: how clip_norm was chosen (its settings, privacy report)
     dp_epsilon: float = 0.0  # central differential privacy's budget (0: off; fedtiny_server.privacy)
     dp_delta: float = 1e-5
     dp_noise_multiplier: float = 0.0  # 0: the smallest that keeps `rounds` within the budget
@@ -86,9 +88,10 @@ class SimulationConfig:
     alone: bool = False
 
 
-# The default clip norm under DP: about the median L2 norm (real units) of a device's update in the default bearing
-# task's first rounds (0.3-0.8 with --uplink-keep 0.5), so that clipping cuts the larger half of the updates.
-DP_CLIP_NORM = 0.5
+# The default clip norm under --secagg without DP, where clipping bounds what one device adds to the masked sum and
+# sets the moduli (no noise is calibrated to it): about the median L2 norm (real units) of a device's update in the
+# default bearing task's first rounds (0.3-0.8 with --uplink-keep 0.5). Under DP the host's rule chooses instead.
+SECAGG_CLIP_NORM = 0.5
 
 
 ENGINES = ("mqtt", "flower")
@@ -251,8 +254,8 @@ def check_inputs(config: SimulationConfig, note=None, progress=None) -> Task:
             ("max_staleness", c.max_staleness >= 0, "0 (synchronous) or more")):
         if not ok:
             raise ConfigError(f"--{option.replace('_', '-')} {getattr(c, option)}: must be {rule}")
-    if c.clip_norm is None:
-        c.clip_norm = DP_CLIP_NORM if c.dp_epsilon or c.secagg else 0.0
+    if c.clip_norm is None and not c.dp_epsilon:  # with DP: chosen on the host's data once lr and epochs are
+        c.clip_norm = SECAGG_CLIP_NORM if c.secagg else 0.0
     if c.secagg:
         _check_secagg(c)
     if c.dp_epsilon:
@@ -328,7 +331,9 @@ def _check_secagg(c: SimulationConfig) -> None:
         check_strategy(c.strategy)
     except ValueError as exc:
         raise ConfigError(f"--secagg: {exc}") from None
-    for ok, why in ((c.clip_norm > 0, "--clip-norm 0: secure aggregation needs the devices to clip (default 0.5)"),
+    for ok, why in ((c.clip_norm is None or c.clip_norm > 0,
+                     "--clip-norm 0: secure aggregation needs the devices to clip (default: the host's rule with "
+                     f"--dp-epsilon, else {SECAGG_CLIP_NORM:g})"),
                     (c.engine == "mqtt", "--engine flower: secure aggregation runs over MQTT node agents only"),
                     (c.max_staleness == 0, "--max-staleness: masked rounds are synchronous"),
                     (c.nodes * c.fraction >= 3, "fewer than 3 nodes per round: secure aggregation needs 3")):
@@ -439,6 +444,10 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     for line in settle(config, task, model, graph, train, val, trainer_factory=trainer, lrs=lrs):
         say(line)
     plan = training_plan(config, graph)
+    if config.clip_norm is None:  # --dp-epsilon without --clip-norm: the rule on the host's data (clipping.py)
+        from .clipping import settle_clip_norm
+
+        say(settle_clip_norm(config, task, plan, graph, train, val, trainer_factory=trainer))
     scheme = f"auto = {config.scheme}" if auto else config.scheme
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
@@ -500,6 +509,13 @@ def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, not
     cache = os.environ.get("FEDTINY_CACHE", "~/.cache/fedtiny")
     say(f"preparing the model (pretrained on the host's data, or from {cache}) and the training plan")
     model, graph, plan, scheme, devices, host_model_seconds = _prepare(config, run, task, say)
+    if config.secagg:  # known once the scheme is (auto's search): the devices could not mask it
+        from fedtiny.protocol.secagg import check_plan
+
+        try:
+            check_plan(plan)
+        except ValueError as exc:
+            raise ConfigError(f"--secagg: {exc}") from None
     say(f"model {task.model}, update scheme {scheme}: {len(plan.trainable_buffers())} trainable buffers, "
         f"{plan.arena_size:,} B arena per node")
     if config.dp_epsilon:
@@ -548,7 +564,7 @@ def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, not
                    initial_confusion=confusion_matrix(task.test.y, predicted, task.num_classes),
                    classes=list(task.pretrain.classes), qemu_nodes=config.qemu_nodes, firmware=firmware,
                    wall_seconds=time.perf_counter() - started, host_model_seconds=host_model_seconds,
-                   clip_norm=config.clip_norm,
+                   clip_norm=config.clip_norm, clip_rule=config.clip_rule,
                    rounds_seconds=sum(r["seconds"] for r in rounds),  # round 1's start to the last's end
                    privacy=privacy.get("summary"), stopped=privacy.get("stopped"), secure_aggregation=config.secagg,
                    alone=dict(fleet_summary([curve[-1] if curve else None for curve in alone.values()]),
@@ -673,7 +689,8 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
                                                     train_config=train_config,
                                                     privacy=PrivacySettings(
                                                         config.dp_epsilon, config.dp_delta, config.clip_norm,
-                                                        config.dp_noise_multiplier, noise_seed=config.seed)
+                                                        config.dp_noise_multiplier, noise_seed=config.seed,
+                                                        clip_rule=config.clip_rule or "")
                                                     if config.dp_epsilon else None, secagg=config.secagg),
                                   heldout=(task.test.X, task.test.y), heldout_forward=forward, clock=clock,
                                   arrivals=arrivals, audit=audit)

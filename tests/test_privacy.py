@@ -172,12 +172,13 @@ def test_a_simulation_stops_when_the_budget_is_spent(tmp_path):
     rounds asked for; the run says so, and its epsilon is dp-accounting's for two Gaussian mechanisms."""
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
+    from fedtiny_server.privacy import CLIP_GIVEN
     from fedtiny_sim.simulate import SimulationConfig, simulate
 
     out = tmp_path / "run"
     said = []
     result = simulate(SimulationConfig(nodes=3, rounds=4, scenario="medical", scheme="last:2", seed=2, out=str(out),
-                                       dp_epsilon=5.0,
+                                       dp_epsilon=5.0, clip_norm=0.5,
                                        dp_noise_multiplier=1.5), note=said.append)
     accountant = RdpAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(1.5), 2)
@@ -189,7 +190,7 @@ def test_a_simulation_stops_when_the_budget_is_spent(tmp_path):
     privacy = saved["run"]["privacy"]
     assert privacy["epsilon"] == pytest.approx(expected) and privacy["budget"] == 5.0 and privacy["noised_rounds"] == 2
     assert privacy["device_epsilon"] == pytest.approx({f"node00{i}": expected for i in range(3)})
-    assert saved["run"]["clip_norm"] == 0.5
+    assert saved["run"]["clip_norm"] == 0.5 and privacy["clip_norm_rule"] == CLIP_GIVEN  # given: no rule
     events = [json.loads(line) for line in (out / "coordinator.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "run_stopped" and "privacy budget" in e.get("reason", "") for e in events)
     # the report shows what was spent and why rounds stopped
@@ -384,3 +385,51 @@ def test_the_coordinator_stops_at_the_budget_and_a_restart_keeps_the_ledger(plan
     assert again.privacy() == summary
     assert again.run() == [] and len(link.sent) == sent and again.stopped.startswith("privacy budget spent")
     again.store.close()
+
+
+# --- the clip norm from the host's data (fedtiny.privacy.clip_norm_rule, simulations/clipping.py) ----------------
+
+def test_the_clip_norm_rule_is_the_median_of_the_hosts_norms_to_3_digits():
+    from fedtiny.privacy import CLIP_QUANTILE, clip_norm_rule
+
+    assert CLIP_QUANTILE == 0.5
+    value, why = clip_norm_rule([0.9, 0.1, 0.3, 0.2, 0.123456])
+    assert value == 0.2 and "quantile 0.5" in why and "5 updates" in why and "no privacy cost" in why
+    assert clip_norm_rule([0.1234567, 0.2])[0] == 0.162  # the median 0.16172835 to 3 significant digits
+    for bad, match in (([], "at least one"), ([0.1, math.nan], "all finite"), ([0.0, 0.0, 0.3], "moved no weight")):
+        with pytest.raises(ValueError, match=match):
+            clip_norm_rule(bad)
+
+
+def test_the_hosts_update_norm_is_the_one_the_devices_clipping_measures(plan):
+    """host_update_norms trains each host shard as a device's first round and measures what it would send as
+    clip_delta measures it: clipping that shard's sent delta at its norm (plus a hair) changes nothing, at 0.99
+    of it changes it. The shards are tuning.folds' of both parts of the host's data."""
+    from fedtiny.datafile import make_dataset
+    from fedtiny.interpreter import quantize_input
+    from fedtiny.protocol.update import clip_delta, split_uplink
+    from fedtiny_device.agent import training_order
+    from fedtiny_device.trainer import Trainer
+    from fedtiny_sim.clipping import host_update_norms
+    from fedtiny_sim.simulate import SimulationConfig
+    from fedtiny_sim.tuning import folds
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 3, 20)
+    train, val = make_dataset(x[:15], y[:15], None, "abc", "t"), make_dataset(x[15:], y[15:], None, "abc", "v")
+    config = SimulationConfig(seed=1, epochs=1, uplink_keep=0.5)
+    norms = host_update_norms(config, plan, plan.graph, train, val, shard_size=5, trainer_factory=Trainer)
+    shards = [s for shards, _ in folds(train.y, val.y, 5) for s in shards]
+    assert len(norms) == len(shards) and all(n > 0 for n in norms)
+    # the first shard again, by hand
+    trainer, start = Trainer(plan, 1), plan.initial_state()
+    xq = quantize_input(plan.graph, np.concatenate([train.X, val.X]))
+    for i in shards[0][training_order(1, 1, len(shards[0]), epochs=1)]:
+        trainer.step(xq[i], int(y[i]))
+    sent, _ = split_uplink(state_delta(trainer.trainable_state(), start), None, 0.5)
+    scales = row_scales(plan)
+    same = clip_delta(sent, scales, norms[0] * (1 + 1e-9))
+    cut = clip_delta(sent, scales, norms[0] * 0.99)
+    assert all(np.array_equal(same[n], sent[n]) for n in sent)
+    assert not all(np.array_equal(cut[n], sent[n]) for n in sent)
+

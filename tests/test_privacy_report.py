@@ -106,6 +106,12 @@ def test_the_reports_epsilon_is_dp_accountings(run, tmp_path):
             dp_accounting.GaussianDpEvent(privacy["noise_multiplier"]), int(releases)))
         assert float(here) == pytest.approx(accountant.get_epsilon(float(delta)), abs=5e-5), device
     assert float(rows[-1][2]) == pytest.approx(8.0, abs=1e-3)  # the budget, spent
+    # no --clip-norm: the run took it from the host's data (fedtiny.privacy.clip_norm_rule), and says so
+    run_settings = json.loads((out / "metrics.json").read_text())["run"]
+    rule = f"clip norm {privacy['clip_norm']:g} from the host's data: quantile 0.5 of the L2 norms of "
+    assert run_settings["clip_norm"] == privacy["clip_norm"] > 0 and run_settings["clip_rule"].startswith(rule)
+    assert privacy["clip_norm_rule"] == run_settings["clip_rule"]
+    assert f"How the clip norm was chosen: {run_settings['clip_rule']}." in (out / "privacy_report.md").read_text()
 
 
 # --- the page in a browser ----------------------------------------------------------------------------------------

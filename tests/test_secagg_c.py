@@ -17,6 +17,7 @@ from conftest import require_monocypher, require_tool
 from Crypto.Protocol.SecretSharing import Shamir
 from test_secagg import CLIP, CTX, identities, run_round
 
+from fedtiny.protocol import topics
 from fedtiny.protocol.chunking import CHUNK_HEADER, CHUNK_HEADER_SIZE, Reassembler
 from fedtiny.protocol.device import TrainResult
 from fedtiny.protocol.envelope import Flags, Header
@@ -397,3 +398,62 @@ def test_the_firmwares_secagg_buffers_are_the_c_nodes(mlp_last2_plan, csecagg):
         assert (python["upload"], python["reassembly"], python["bitmap"]) == (c.upload, c.reassembly, c.bitmap)
         assert privacy_ram_bytes(mlp_last2_plan, True, secagg)["noise_values_bytes"] == c.values
     assert privacy_ram_bytes(mlp_last2_plan, False, False) == dict(noise_values_bytes=0, secagg_state_bytes=0)
+
+
+def test_a_masked_round_whose_relay_never_comes_leaves_the_carry_on_both_sides(mlp_last2_plan, csecagg):
+    """The twin (C node and Python session of one identity) trains a masked round at --uplink-keep 0.5 but never
+    gets the relay: neither seals a DELTA, and neither changes its error-feedback carry (a round that sent nothing
+    changes nothing, as a skipped or superseded one; the carry changes in the save of the DELTA it belongs to,
+    device.py _upload). The next, plain round's DELTAs are then byte for byte the same, and so are the carries."""
+    from test_secagg_sessions import Fleet
+
+    plan = mlp_last2_plan
+    fleet = Fleet(plan, 4)
+    twin_name = fleet.names[1]
+    fleet.devices[twin_name] = twins = Twins(c_node_of(fleet, twin_name, plan, csecagg), fleet.devices[twin_name])
+    cut = {"on": False}
+
+    def pump(publishes, now=1.0):  # Fleet.pump, but the twin's downlinks from its first RELAY chunk on are lost
+        queue = list(publishes)
+        while queue:
+            p = queue.pop(0)
+            _, kind, device = topics.parse(p.topic)
+            if kind in ("up", "status"):
+                queue += fleet.coordinator.receive(p.topic, p.payload, now)
+                continue
+            for name in fleet.names if kind == "bcast" else [device]:
+                if name == twin_name and CHUNK_HEADER.unpack_from(p.payload)[4] == 0:
+                    cut["on"] |= Header.unpack(p.payload[CHUNK_HEADER_SIZE:]).type == MessageType.SECAGG_RELAY
+                if name == twin_name and cut["on"]:
+                    continue
+                out, job = fleet.devices[name].receive(p.topic, p.payload, now)
+                queue += out
+                if job is not None:
+                    fleet.jobs[name] = job
+
+    for name in fleet.names:
+        pump(fleet.devices[name].on_connect(0.5), 0.5)
+    fleet.coordinator.begin_secagg(1, 0, fleet.names, CLIP)
+    masked = {"secagg": 1, "clip_norm": CLIP, "uplink_keep": 0.5}
+    for name in fleet.names:
+        pump(fleet.coordinator.send_task(name, 1, 0, None, masked))
+    assert cut["on"], "the twin's relay was sent (and dropped)"
+    for name in fleet.names:
+        job = fleet.jobs.pop(name)
+        pump(fleet.devices[name].complete(job, TrainResult(fleet.trained(name), 8, 0.25, 0.5, 0), 2.0), 2.0)
+    pump(fleet.coordinator.secagg_close(1), 3.0)
+    assert twins.c.state.upload is None and twins.p.state.upload is None  # nothing sealed: no relay
+    assert not any(np.any(v) for v in twins.c.state.carry.values())  # the C node's carry: still nothing carried
+    assert twins.p.state.carry is None
+
+    cut["on"] = False
+    plain = {"clip_norm": CLIP, "uplink_keep": 0.5}
+    pump(fleet.coordinator.send_task(twin_name, 2, 0, None, plain), 4.0)
+    job = fleet.jobs.pop(twin_name)
+    assert job.round == 2 and not job.masked
+    trained = {k: np.clip(v.astype(np.int16) - 3, -128, 127).astype(v.dtype) if v.dtype == np.int8 else v - 700
+               for k, v in fleet.trained(twin_name).items()}
+    twins.complete(job, TrainResult(trained, 8, 0.25, 0.5, 0), 5.0)  # the same DELTA envelope from both (Twins)
+    c_carry, p_carry = twins.c.state.carry, twins.p.state.carry
+    assert any(np.any(v) for v in p_carry.values())  # keep 0.5: something is carried now, and alike
+    assert all(np.array_equal(c_carry[n], p_carry[n]) for n in plan.trainable_buffers())

@@ -174,6 +174,45 @@ def test_a_device_without_its_peers_identities_refuses_a_masked_task(plan):
     assert outcome.result is None and "0 devices sent keys" in outcome.failure
 
 
+@pytest.fixture(scope="module")
+def deep_plan():
+    """A plan training MAX_MASKED_BUFFERS + 2 buffers: an mlp of 33 small layers, every layer trained."""
+    from fedtiny import zoo
+    from fedtiny.compiler import compile_plan
+    from fedtiny.protocol.secagg import MAX_MASKED_BUFFERS
+    from fedtiny.quantize import quantize
+    from fedtiny.scheme import parse
+
+    x = np.random.default_rng(3).normal(size=(8, 4)).astype(np.float32)
+    graph = quantize(zoo.MLP(4, 3, hidden=(4,) * (MAX_MASKED_BUFFERS // 2)), x)
+    deep = compile_plan(graph, parse("full", graph))
+    assert len(deep.trainable_buffers()) == MAX_MASKED_BUFFERS + 2
+    return deep
+
+
+def test_a_plan_with_more_buffers_than_a_node_masks_is_refused_by_host_and_devices(deep_plan):
+    """The one limit on both sides: Python's MAX_MASKED_BUFFERS is the C node's FEDTINY_NODE_SECAGG_MAX_BUFFERS
+    (whose fedtiny_node.c refuses a masked TASK of a plan with more: can_mask), the host refuses such a plan in one
+    line (check_plan: the coordinator and `fedtiny simulate --secagg`), and a Python device answers its masked
+    TASK with ACK REJECTED as the C node does, so the round fails at its first stage with nothing shared."""
+    import re
+    from pathlib import Path
+
+    import fedtiny_device
+    from fedtiny.protocol.secagg import MAX_MASKED_BUFFERS, check_plan
+
+    header = (Path(fedtiny_device.__file__).parent / "c" / "fedtiny_node_secagg.h").read_text()
+    assert int(re.search(r"#define FEDTINY_NODE_SECAGG_MAX_BUFFERS (\d+)u", header).group(1)) == MAX_MASKED_BUFFERS
+    with pytest.raises(ValueError, match=f"the plan trains {MAX_MASKED_BUFFERS + 2} buffers and secure aggregation "
+                                         f"masks at most {MAX_MASKED_BUFFERS}"):
+        check_plan(deep_plan)
+    fleet = Fleet(deep_plan, 3)
+    assert fleet.round(1) == {}
+    assert all(d.state.pending_task is None for d in fleet.devices.values())
+    (outcome,) = fleet.coordinator.take_secagg_outcomes()
+    assert outcome.result is None and "0 devices sent keys" in outcome.failure
+
+
 def test_a_stage_message_for_another_round_is_refused_by_the_device(plan):
     fleet = Fleet(plan, 4)
     fleet.round(1)

@@ -543,6 +543,14 @@ static int send_stage(fedtiny_node *node)
 
 static int seal_upload(fedtiny_node *node, uint32_t round, uint32_t model_version, uint16_t flags, size_t body_len);
 
+/* Where a masked round's new carry waits for the relay: the upload buffer's body, unused until the masked DELTA is
+ * sealed there (no upload is in flight while a job runs). The carry changes only in the save of the DELTA it
+ * belongs to (device.py _upload): a round whose relay never comes leaves it as it was, as in Python. */
+static uint8_t *held_carry(const fedtiny_node_config *c)
+{
+    return c->upload + FEDTINY_ENV_HEADER_BYTES; /* fits: the upload body holds a dense delta (uplink_bytes_max) */
+}
+
 /* device.py _send_masked: the masked DELTA of the held values once the relay has come, sealed as the upload */
 static int seal_masked(fedtiny_node *node)
 {
@@ -550,6 +558,9 @@ static int seal_masked(fedtiny_node *node)
     fedtiny_node_secagg *sa = c->secagg;
     size_t body_len;
     int status;
+    /* the round's carry (masked_uplink) before the body overwrites it; persisted with the DELTA by seal_upload
+     * (masking fails only in a buffer smaller than fedtiny_node_sizes_secagg_of, which the configuration refuses) */
+    memcpy(c->carry, held_carry(c), fedtiny_wire_delta_bytes(c->plan->wire));
     FEDTINY_PROFILE_ENTER(FEDTINY_PART_CRYPTO); /* secure aggregation's steps count as the node's crypto */
     status = fedtiny_node_secagg_masked(sa, c->plan->wire, c->values, c->upload + FEDTINY_ENV_HEADER_BYTES,
                                         c->capacity.upload - FEDTINY_ENV_SEALED_BYTES(0u), &body_len);
@@ -853,7 +864,7 @@ static int seal_upload(fedtiny_node *node, uint32_t round, uint32_t model_versio
 }
 
 /* A masked job (device.py complete): the clipped (and noised, clamped to the round's bounds) delta into the values
- * buffer, held until the relay has come; then the masked DELTA. */
+ * buffer and the carry it leaves into held_carry, both held until the relay has come; then the masked DELTA. */
 static int masked_uplink(fedtiny_node *node, const fedtiny_node_job *job, const uint8_t *base_state,
                          const uint8_t *trained_state, const fedtiny_node_result *result)
 {
@@ -864,8 +875,9 @@ static int masked_uplink(fedtiny_node *node, const fedtiny_node_job *job, const 
         status = fedtiny_noise_check(c->plan->wire, (double)job->noise_sigma);
     }
     if (status == FEDTINY_WIRE_OK) {
-        status = fedtiny_wire_uplink_values(c->plan->wire, base_state, trained_state, c->carry, job->uplink_keep_pct,
-                                            job->clip_norm, c->values);
+        memcpy(held_carry(c), c->carry, fedtiny_wire_delta_bytes(c->plan->wire));
+        status = fedtiny_wire_uplink_values(c->plan->wire, base_state, trained_state, held_carry(c),
+                                            job->uplink_keep_pct, job->clip_norm, c->values);
     }
     if (status == FEDTINY_WIRE_OK && job->noise_sigma > 0.0f) {
         fedtiny_noise_stream stream;

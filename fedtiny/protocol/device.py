@@ -34,7 +34,7 @@ from fedtiny.protocol.messages import (
     SecAggPeers, SecAggRelay, SecAggUnmask, Status, Task,
 )
 from fedtiny.protocol.noise import NoiseStream, noise_key
-from fedtiny.protocol.secagg import MAX_STAGE_ENVELOPE, RoundContext, SecAggDevice
+from fedtiny.protocol.secagg import MAX_MASKED_BUFFERS, MAX_STAGE_ENVELOPE, RoundContext, SecAggDevice
 from fedtiny.protocol.task import task_settings
 from fedtiny.protocol.topics import Publish
 from fedtiny.protocol.update import (
@@ -326,10 +326,13 @@ class DeviceSession:
                 log.warning("%s: TASK for another training plan", self.device)
             elif header.round <= self.state.trained_round:
                 log.info("%s: TASK for round %d already answered", self.device, header.round)
-            elif settings["masked"] and (self.peers is None or not settings["clip_norm"] > 0):
-                out += self._ack(header, AckStatus.REJECTED)
+            elif settings["masked"] and (self.peers is None or not settings["clip_norm"] > 0 or
+                                         len(self.plan.trainable_buffers()) > MAX_MASKED_BUFFERS):
+                out += self._ack(header, AckStatus.REJECTED)  # as the C node: fedtiny_node.c's can_mask
                 log.warning("%s: TASK asks for a masked delta, but this device %s", self.device,
-                            "has no peers' identities" if self.peers is None else "was given no clip norm")
+                            "has no peers' identities" if self.peers is None else
+                            "was given no clip norm" if not settings["clip_norm"] > 0 else
+                            f"masks at most {MAX_MASKED_BUFFERS} trainable buffers")
             else:
                 self.state.pending_task = dict(round=header.round, model_version=header.model_version,
                                                epochs=int(settings["epochs"]), steps=int(settings["steps"]),

@@ -67,6 +67,11 @@ LABEL = b"fedtiny/secagg/v1"
 NOISE_TAIL = 12  # device noise is clamped to this many standard deviations (P[|N| > 12 sigma] <= 2 e^-72)
 DEGREE_FACTOR = 6  # neighbour graph degree: DEGREE_FACTOR * ceil(log2 n), even, at most n - 1 and 64
 MAX_COMBINATIONS = 256  # share subsets tried when some shares are wrong
+# Trainable buffers a masked delta may have: the C node keeps a value bound and a modulus per buffer in its RAM
+# (FEDTINY_NODE_SECAGG_MAX_BUFFERS in device_runtime/c/fedtiny_node_secagg.h, 5 B each), and both kinds of device
+# refuse a masked TASK of a plan with more, as the host refuses --secagg with one (check_plan). The zoo's largest
+# plan, mobilenet with every layer trained, has 34.
+MAX_MASKED_BUFFERS = 64
 _SHARE_PLAIN = struct.Struct("<IIHH16s16s16s")  # from | to | index | reserved | b share | s_sk share lo | hi
 _RAW = serialization.Encoding.Raw
 
@@ -283,6 +288,15 @@ def _split(t: int, n: int, secret: bytes) -> list[bytes]:
 
 
 # --- a device's round --------------------------------------------------------------------------------------
+
+def check_plan(plan: Plan) -> None:
+    """ValueError (one line) when a device cannot mask this plan's deltas: more than MAX_MASKED_BUFFERS trainable
+    buffers."""
+    count = len(plan.trainable_buffers())
+    if count > MAX_MASKED_BUFFERS:
+        raise ValueError(f"the plan trains {count} buffers and secure aggregation masks at most {MAX_MASKED_BUFFERS} "
+                         f"(a node keeps a bound and a modulus per buffer): choose a scheme that trains fewer layers")
+
 
 def _buffer_sizes(plan: Plan) -> list[int]:
     return [int(np.prod(plan.buffers[n].shape)) for n in plan.trainable_buffers()]
