@@ -21,7 +21,7 @@ from fedtiny.datafile import Dataset, make_dataset
 
 __all__ = [
     "BEARING_CLASSES", "BearingFrequencies", "Machine", "MissingExtraError", "bearing_dataset",
-    "bearing_frequencies", "load_basicmotions", "load_breast_cancer", "load_digits", "load_mnist5k", "machine",
+    "bearing_frequencies", "fault_history", "load_basicmotions", "load_breast_cancer", "load_digits", "load_mnist5k", "machine",
     "feature_stats", "partition_by_group", "partition_dirichlet", "standardize", "train_test_split",
 ]
 
@@ -90,8 +90,8 @@ class Machine:
         return {1: f.bpfo, 2: f.bpfi, 3: 2 * f.bsf}[cls]
 
 
-# Streams of the seed sequence, so machine parameters and window draws never share random numbers.
-_MACHINE_STREAM, _WINDOW_STREAM = 1, 2
+# Streams of the seed sequence, so machine parameters, window draws and fault histories never share random numbers.
+_MACHINE_STREAM, _WINDOW_STREAM, _HISTORY_STREAM = 1, 2, 3
 # Fixed output scale chosen so a typical window has standard deviation near 1 (measured over many machines).
 # Fixed, not per window: per-window normalisation would erase the amplitude differences between classes.
 _SCALE = 2.7
@@ -123,6 +123,17 @@ def machine(machine_id: int, seed: int = 0) -> Machine:
         noise=rng.uniform(0.05, 0.25),
         gain=rng.uniform(0.8, 1.25),
     )
+
+
+def fault_history(machine_id: int, seed: int = 0) -> tuple[int, ...]:
+    """The fault classes machine `machine_id` has had in its recorded history under `seed`: one or two of the three
+    fault kinds (how many, then which, uniformly), independent of its parameters and of any other machine.
+
+    Why one or two: a bearing is replaced after a fault, and a machine's log spans a few replacements, so a machine
+    has met some fault kinds and not the others; which ones is chance (lubrication, load, mounting), not its design."""
+    rng = _rng(seed, machine_id, _HISTORY_STREAM)
+    kinds = rng.choice(np.arange(1, len(BEARING_CLASSES)), int(rng.integers(1, 3)), replace=False)
+    return tuple(sorted(int(k) for k in kinds))
 
 
 def _ringing_kernel(m: Machine, fs: float) -> np.ndarray:
