@@ -22,13 +22,14 @@ import time
 
 import numpy as np
 
-from fedtiny_sim.scenarios import HOST_MACHINES
+from fedtiny_sim.scenarios import FLEET_MODELS, HOST_MACHINES
 
 
 def task_of(args):
     from fedtiny_sim.scenarios import industrial_task
 
-    return industrial_task(args.nodes, 0, host_machines=args.host_machines, fault_history=not args.all_faults)
+    return industrial_task(args.nodes, 0, host_machines=args.host_machines, fault_history=not args.all_faults,
+                           fleet_models=args.fleet_models or None)
 
 
 def rounds(args) -> dict:
@@ -118,7 +119,7 @@ def rounds(args) -> dict:
               f"device's own held-out part {100 * personal[-1]:.1f} % ({time.perf_counter() - started:.0f} s)",
               flush=True)
     return dict(scheme=scheme, trainable=int(sum(np.prod(s.shape) for s in specs.values())), curve=curve,
-                personal=personal, host_machines=args.host_machines,
+                personal=personal,
                 **{f"machines_{k.rstrip('_')}": v for k, v in machine_curves.items()})
 
 
@@ -168,6 +169,8 @@ def main() -> None:
                         help="the machines the host pretrains on (default: the scenario's)")
     parser.add_argument("--all-faults", action="store_true",
                         help="every node holds windows of every class (the scenario before fault histories)")
+    parser.add_argument("--fleet-models", type=int, default=FLEET_MODELS,
+                        help="the machine models the fleet's machines are units of (0: every machine its own design)")
     parser.add_argument("--no-alone", action="store_true", help="do not train each device alone beside the rounds")
     args = parser.parse_args()
     print(json.dumps(dict(vars(args), **(central(args) if args.central else rounds(args)))))

@@ -1,9 +1,12 @@
 """Scenarios: a task's data split into pretraining (the host), nodes (each device's own data) and a held-out test.
 
-  industrial  bearing vibration (the embedded default): sensor_cnn pretrained on machines 0..19; each node is
-              another machine with its own speed, load, resonance and noise (naturally non-IID), and the held-out
-              test set is a fifth of every node machine's windows, which its node never holds: the global model is
-              scored on the fleet it learns from, as a plant would score it
+  industrial  bearing vibration (the embedded default), told as a plant: the host pretrains sensor_cnn on a test
+              rig's machines 0..19, where every fault kind was seeded; each node is a fleet machine with its own
+              speed, load, bearing, resonance, sensor mounting and noise, and holds what its history recorded:
+              healthy running and the one or two fault kinds it has had (data.fault_history; a bearing is replaced
+              after a fault, so no machine has had them all). The held-out set is a fifth of every fleet machine's
+              windows of all four classes, faults its node never saw included: what each machine will meet
+              (machine_tests). A device alone cannot learn a fault it has never seen; the fleet can teach it
   vision      sklearn digits (8x8 images): mobilenet, nodes by a Dirichlet label split
   medical     sklearn breast cancer (30 features): mlp, nodes by a Dirichlet label split
   a file      .npz / .csv of the user's: mlp, nodes by its group column if it has one, else Dirichlet
@@ -117,21 +120,25 @@ def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None 
 # has not had, are the windows it will meet: the held-out set).
 HOST_MACHINES, HOST_WINDOWS_PER_CLASS = 20, 40
 FLEET_FIRST_MACHINE, FLEET_WINDOWS_PER_CLASS = 100, 25
+FLEET_MODELS = 3  # the machine models the plant's fleet is made of: fleet machine i is a unit of model i % 3
 
 
 def industrial_task(n_nodes: int, seed: int = 0, host_machines: int = HOST_MACHINES,
-                    fault_history: bool = True) -> Task:
+                    fault_history: bool = True, fleet_models: int | None = FLEET_MODELS) -> Task:
     """The industrial scenario: the host pretrains sensor_cnn on `host_machines` rig machines (every class,
     HOST_WINDOWS_PER_CLASS windows each); node i is fleet machine FLEET_FIRST_MACHINE + i and holds four fifths of its
     windows of healthy running and of the fault kinds its history has had (data.fault_history; every class with
-    fault_history=False, the scenario before issue 16 item 4); the held-out set is the other fifth of every fleet
-    machine's windows of all four classes, those of faults its node never saw included."""
+    fault_history=False), and is a unit of machine model i % fleet_models (data.machine; fleet_models=None: every
+    machine a design of its own; both None and False are the scenario before issue 16 item 4); the held-out set is
+    the other fifth of every fleet machine's windows of all four classes, those of faults its node never saw
+    included."""
     pretrain = data.bearing_dataset(range(host_machines), HOST_WINDOWS_PER_CLASS, seed=seed)
     nodes, held_out = [], []
     for i in range(n_nodes):
         machine = FLEET_FIRST_MACHINE + i
-        own, test = data.train_test_split(data.bearing_dataset([machine], FLEET_WINDOWS_PER_CLASS, seed=seed),
-                                          TEST_FRACTION, seed)
+        model = None if fleet_models is None else i % fleet_models
+        own, test = data.train_test_split(
+            data.bearing_dataset([machine], FLEET_WINDOWS_PER_CLASS, seed=seed, model=model), TEST_FRACTION, seed)
         if fault_history:
             own = own.subset(np.flatnonzero(np.isin(own.y, (0,) + data.fault_history(machine, seed))), own.name)
         nodes.append(own)

@@ -4,8 +4,8 @@ the held-out set covers, and which host samples the learning settings are chosen
 import numpy as np
 
 from fedtiny_sim import data
-from fedtiny_sim.scenarios import (FLEET_WINDOWS_PER_CLASS, TEST_FRACTION, halves, host_split, industrial_task,
-                                   load_task, machine_tests, unseen_halves)
+from fedtiny_sim.scenarios import (FLEET_FIRST_MACHINE, FLEET_MODELS, FLEET_WINDOWS_PER_CLASS, TEST_FRACTION, halves,
+                                   host_split, industrial_task, load_task, machine_tests, unseen_halves)
 
 
 def test_industrial_scores_the_fleet_on_windows_no_node_holds():
@@ -66,3 +66,21 @@ def test_unseen_halves_split_the_validation_part_with_every_machine_and_class_in
     assert len(np.unique(both.reshape(len(both), -1), axis=0)) == len(val)  # disjoint, nothing lost
     odd = halves(val.subset(np.arange(3)))  # three samples of one stratum: the first half gets the odd one out
     assert (len(odd[0]), len(odd[1])) == (2, 1)
+
+
+def test_fleet_machines_are_units_of_a_few_machine_models():
+    units = [data.machine(FLEET_FIRST_MACHINE + i, seed=0, model=i % FLEET_MODELS) for i in range(2 * FLEET_MODELS)]
+    for a, b in zip(units, units[FLEET_MODELS:]):  # two units of one model: its design, their own duty and sensor
+        assert (a.n_balls, a.ball_d, a.pitch_d, a.contact_angle_deg, a.damping) == \
+            (b.n_balls, b.ball_d, b.pitch_d, b.contact_angle_deg, b.damping)
+        assert a.load != b.load and a.gain != b.gain and a.shaft_hz != b.shaft_hz
+        assert abs(a.resonance_hz / b.resonance_hz - 1) < 0.11  # within the mounting's +-5 % of one design
+    assert len({u.pitch_d for u in units}) == FLEET_MODELS
+    # a machine without a model is drawn as before, and the unit keeps its own part of that draw
+    alone, unit = data.machine(100, seed=0), data.machine(100, seed=0, model=0)
+    assert (alone.load, alone.gain, alone.noise) == (unit.load, unit.gain, unit.noise)
+    task = load_task("industrial", FLEET_MODELS + 1, seed=0)  # node i's windows are its machine's as a unit of i % 3
+    for i in (0, FLEET_MODELS):
+        node = task.nodes[i]
+        windows = data.bearing_dataset([FLEET_FIRST_MACHINE + i], FLEET_WINDOWS_PER_CLASS, seed=0, model=0).X
+        assert (node.X[:, None] == windows[None]).all(axis=(2, 3)).any(axis=1).all()
