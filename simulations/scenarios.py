@@ -1,12 +1,15 @@
 """Scenarios: a task's data split into pretraining (the host), nodes (each device's own data) and a held-out test.
 
-  industrial  bearing vibration (the embedded default), told as a plant: the host pretrains sensor_cnn on a test
-              rig's machines 0..19, where every fault kind was seeded; each node is a fleet machine with its own
-              speed, load, bearing, resonance, sensor mounting and noise, and holds what its history recorded:
-              healthy running and the one or two fault kinds it has had (data.fault_history; a bearing is replaced
-              after a fault, so no machine has had them all). The held-out set is a fifth of every fleet machine's
-              windows of all four classes, faults its node never saw included: what each machine will meet
-              (machine_tests). A device alone cannot learn a fault it has never seen; the fleet can teach it
+  industrial  bearing vibration (the embedded default), told as a plant. The host pretrains sensor_cnn on a bearing
+              maker's test rig: machines 0..19, each its own design, every fault kind seeded on each. Node i is
+              fleet machine 100 + i of one plant, which like any plant runs many units of a few machine models
+              (three: i % 3): units of a model share its bearing, structure and nominal speed and differ in their
+              drive's speed setting, load, wear and where the sensor sits (data.machine). Each node holds what its
+              machine's history recorded: healthy running and the one or two fault kinds it has had
+              (data.fault_history; a bearing is replaced after a fault, so no machine has had them all). The
+              held-out set is a fifth of every fleet machine's windows of all four classes, faults its node never saw
+              included: what each machine will meet (machine_tests gives each node its part). A device alone
+              cannot learn a fault it has never had; units of its model elsewhere in the fleet have had it
   vision      sklearn digits (8x8 images): mobilenet, nodes by a Dirichlet label split
   medical     sklearn breast cancer (30 features): mlp, nodes by a Dirichlet label split
   a file      .npz / .csv of the user's: mlp, nodes by its group column if it has one, else Dirichlet
