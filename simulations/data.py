@@ -21,7 +21,8 @@ from fedtiny.datafile import Dataset, make_dataset
 
 __all__ = [
     "BEARING_CLASSES", "BearingFrequencies", "Machine", "MissingExtraError", "bearing_dataset",
-    "bearing_frequencies", "fault_history", "load_basicmotions", "load_breast_cancer", "load_digits", "load_mnist5k", "machine",
+    "bearing_frequencies", "fault_history", "load_basicmotions", "load_breast_cancer", "load_digits", "load_mnist5k",
+    "machine",
     "feature_stats", "partition_by_group", "partition_dirichlet", "standardize", "train_test_split",
 ]
 
