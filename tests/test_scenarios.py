@@ -22,7 +22,7 @@ def test_industrial_scores_the_fleet_on_windows_no_node_holds():
 
 
 def test_each_fleet_machine_holds_healthy_running_and_the_faults_of_its_history():
-    task = load_task("industrial", 50, seed=0)
+    task = industrial_task(20, seed=0, host_machines=1)  # the host's rig does not change the nodes: one is quicker
     seen = []
     for node in task.nodes:
         machine = int(np.unique(node.group)[0])
@@ -34,13 +34,13 @@ def test_each_fleet_machine_holds_healthy_running_and_the_faults_of_its_history(
         seen.append(history)
     # machines differ in their faults, and the fleet together has met every kind the host knows
     assert len(set(seen)) >= 4 and set().union(*seen) == {1, 2, 3}
-    everything = industrial_task(3, seed=0, fault_history=False)  # the scenario before fault histories
+    everything = industrial_task(3, seed=0, host_machines=1, fault_history=False)  # the scenario before fault histories
     assert all(np.bincount(node.y).tolist() == [own] * 4 for node in everything.nodes)
 
 
 def test_the_industrial_split_is_the_seeds():
     def split(seed):
-        task = load_task("industrial", 6, seed=seed)
+        task = industrial_task(6, seed=seed, host_machines=1)
         return [(node.X, node.y) for node in task.nodes] + [(task.test.X, task.test.y)]
 
     for (xa, ya), (xb, yb) in zip(split(0), split(0)):
@@ -48,8 +48,8 @@ def test_the_industrial_split_is_the_seeds():
     assert [data.fault_history(100 + i, seed=0) for i in range(20)] != \
         [data.fault_history(100 + i, seed=1) for i in range(20)]
     # a machine's history does not depend on the fleet's size
-    assert [np.unique(n.y).tolist() for n in load_task("industrial", 3, seed=0).nodes] == \
-        [np.unique(n.y).tolist() for n in load_task("industrial", 6, seed=0).nodes[:3]]
+    assert [np.unique(n.y).tolist() for n in industrial_task(3, seed=0, host_machines=1).nodes] == \
+        [np.unique(n.y).tolist() for n in industrial_task(6, seed=0, host_machines=1).nodes[:3]]
 
 
 def test_unseen_halves_split_the_validation_part_with_every_machine_and_class_in_both():
@@ -79,7 +79,7 @@ def test_fleet_machines_are_units_of_a_few_machine_models():
     # a machine without a model is drawn as before, and the unit keeps its own part of that draw
     alone, unit = data.machine(100, seed=0), data.machine(100, seed=0, model=0)
     assert (alone.load, alone.gain, alone.noise) == (unit.load, unit.gain, unit.noise)
-    task = load_task("industrial", FLEET_MODELS + 1, seed=0)  # node i's windows are its machine's as a unit of i % 3
+    task = industrial_task(FLEET_MODELS + 1, seed=0, host_machines=1)  # node i: its machine as a unit of i % 3
     for i in (0, FLEET_MODELS):
         node = task.nodes[i]
         windows = data.bearing_dataset([FLEET_FIRST_MACHINE + i], FLEET_WINDOWS_PER_CLASS, seed=0, model=0).X
