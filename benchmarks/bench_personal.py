@@ -68,7 +68,10 @@ def main():
     lines = [SECTION, "", provenance("python benchmarks/bench_personal.py"), "",
              "Each device holds a fifth of its samples out (from 10 samples on) and never trains on them. Personalised: "
              "the global model after the device's own local steps (FedAvg + local fine-tuning), measured by the "
-             "device and reported in its last DELTA. Alone: the device's model trained from the pretrained model on "
+             "device and reported in its last DELTA. On the industrial scenario a device holds only the classes its "
+             "machine has had (healthy and one or two fault kinds), so its held-out part scores those; "
+             "benchmarks/bench_fedcurve.py scores the same three models on each machine's windows of every class. "
+             "Alone: the device's model trained from the pretrained model on "
              "its own train part only, for as many local steps as its 10 rounds, with the same C trainer. Cells are "
              "mean / worst tenth over the devices with a held-out part; the global accuracy before -> after is on "
              "the scenario's held-out test set.", "",

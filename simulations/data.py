@@ -21,7 +21,8 @@ from fedtiny.datafile import Dataset, make_dataset
 
 __all__ = [
     "BEARING_CLASSES", "BearingFrequencies", "Machine", "MissingExtraError", "bearing_dataset",
-    "bearing_frequencies", "load_basicmotions", "load_breast_cancer", "load_digits", "load_mnist5k", "machine",
+    "bearing_frequencies", "fault_history", "load_basicmotions", "load_breast_cancer", "load_digits", "load_mnist5k",
+    "machine",
     "feature_stats", "partition_by_group", "partition_dirichlet", "standardize", "train_test_split",
 ]
 
@@ -90,8 +91,12 @@ class Machine:
         return {1: f.bpfo, 2: f.bpfi, 3: 2 * f.bsf}[cls]
 
 
-# Streams of the seed sequence, so machine parameters and window draws never share random numbers.
-_MACHINE_STREAM, _WINDOW_STREAM = 1, 2
+# Streams of the seed sequence, so machine parameters, window draws, fault histories and machine models' designs
+# never share random numbers.
+_MACHINE_STREAM, _WINDOW_STREAM, _HISTORY_STREAM, _MODEL_STREAM = 1, 2, 3, 4
+# How units of one machine model differ from its design: the speed it is set to run at (a drive's setting) and the
+# resonance its mounting gives (foundation, bolts), as factors drawn uniformly in these ranges.
+UNIT_SPEED_RANGE, UNIT_RESONANCE_RANGE = (0.85, 1.15), (0.95, 1.05)
 # Fixed output scale chosen so a typical window has standard deviation near 1 (measured over many machines).
 # Fixed, not per window: per-window normalisation would erase the amplitude differences between classes.
 _SCALE = 2.7
@@ -104,9 +109,36 @@ def _rng(seed: int, machine_id: int, stream: int, cls: int = 0) -> np.random.Gen
     return np.random.default_rng([seed, machine_id, stream, cls])
 
 
-def machine(machine_id: int, seed: int = 0) -> Machine:
-    """The parameters of machine `machine_id` under `seed` (independent of any other machine)."""
-    rng = _rng(seed, machine_id, _MACHINE_STREAM)
+def machine(machine_id: int, seed: int = 0, model: int | None = None) -> Machine:
+    """The parameters of machine `machine_id` under `seed` (independent of any other machine).
+
+    With `model`, the machine is a unit of that machine model: bearing geometry, structural damping and nominal speed
+    are the model's design (drawn once per (seed, model) as a machine is), its resonance the design's within
+    UNIT_RESONANCE_RANGE and its speed within UNIT_SPEED_RANGE; load, imbalance, misalignment, sensor noise and gain
+    are the unit's own (its duty, wear and where its sensor sits)."""
+    unit = _draw(machine_id, _rng(seed, machine_id, _MACHINE_STREAM))
+    if model is None:
+        return unit
+    design = _draw(machine_id, _rng(seed, model, _MODEL_STREAM))
+    rng = _rng(seed, machine_id, _MODEL_STREAM, 1)  # the unit's factors; 0 in that slot is the design's draw
+    return Machine(
+        id=int(machine_id),
+        shaft_hz=design.shaft_hz * rng.uniform(*UNIT_SPEED_RANGE),
+        load=unit.load,
+        n_balls=design.n_balls,
+        ball_d=design.ball_d,
+        pitch_d=design.pitch_d,
+        contact_angle_deg=design.contact_angle_deg,
+        resonance_hz=design.resonance_hz * rng.uniform(*UNIT_RESONANCE_RANGE),
+        damping=design.damping,
+        imbalance=unit.imbalance,
+        misalignment=unit.misalignment,
+        noise=unit.noise,
+        gain=unit.gain,
+    )
+
+
+def _draw(machine_id: int, rng: np.random.Generator) -> Machine:
     pitch_d = rng.uniform(25.0, 60.0)
     return Machine(
         id=int(machine_id),
@@ -123,6 +155,17 @@ def machine(machine_id: int, seed: int = 0) -> Machine:
         noise=rng.uniform(0.05, 0.25),
         gain=rng.uniform(0.8, 1.25),
     )
+
+
+def fault_history(machine_id: int, seed: int = 0) -> tuple[int, ...]:
+    """The fault classes machine `machine_id` has had in its recorded history under `seed`: one or two of the three
+    fault kinds (how many, then which, uniformly), independent of its parameters and of any other machine.
+
+    Why one or two: a bearing is replaced after a fault, and a machine's log spans a few replacements, so a machine
+    has met some fault kinds and not the others; which ones is chance (lubrication, load, mounting), not its design."""
+    rng = _rng(seed, machine_id, _HISTORY_STREAM)
+    kinds = rng.choice(np.arange(1, len(BEARING_CLASSES)), int(rng.integers(1, 3)), replace=False)
+    return tuple(sorted(int(k) for k in kinds))
 
 
 def _ringing_kernel(m: Machine, fs: float) -> np.ndarray:
@@ -185,11 +228,12 @@ def _windows(m: Machine, cls: int, n: int, fs: float, length: int, rng: np.rando
 
 
 def bearing_dataset(machines: Sequence[int], windows_per_class: int, seed: int = 0, fs: float = 4000.0,
-                    length: int = 256) -> Dataset:
-    """Vibration windows from each machine, `windows_per_class` per class: X (n, 1, length) float32.
+                    length: int = 256, model: int | None = None) -> Dataset:
+    """Vibration windows from each machine, `windows_per_class` per class: X (n, 1, length) float32. With `model`,
+    every machine is a unit of that machine model (machine(..., model=model)).
 
     Deterministic in its arguments; a machine's windows depend only on (seed, machine, class, windows_per_class,
-    fs, length), never on which other machines are requested. Samples are ordered by machine, then class.
+    fs, length, model), never on which other machines are requested. Samples are ordered by machine, then class.
     """
     if windows_per_class < 1 or length < 1 or fs <= 0:
         raise ValueError("windows_per_class and length must be >= 1 and fs > 0")
@@ -197,7 +241,7 @@ def bearing_dataset(machines: Sequence[int], windows_per_class: int, seed: int =
         raise ValueError(f"fs={fs} Hz cannot represent the structural resonances (up to 1700 Hz)")
     blocks, ys, groups = [], [], []
     for mid in machines:
-        m = machine(int(mid), seed)
+        m = machine(int(mid), seed, model)
         for cls in range(len(BEARING_CLASSES)):
             rng = _rng(seed, m.id, _WINDOW_STREAM, cls)
             blocks.append(_windows(m, cls, windows_per_class, fs, length, rng))

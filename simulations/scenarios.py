@@ -1,9 +1,15 @@
 """Scenarios: a task's data split into pretraining (the host), nodes (each device's own data) and a held-out test.
 
-  industrial  bearing vibration (the embedded default): sensor_cnn pretrained on machines 0..19; each node is
-              another machine with its own speed, load, resonance and noise (naturally non-IID), and the held-out
-              test set is a fifth of every node machine's windows, which its node never holds: the global model is
-              scored on the fleet it learns from, as a plant would score it
+  industrial  bearing vibration (the embedded default), told as a plant. The host pretrains sensor_cnn on a bearing
+              maker's test rig: machines 0..19, each its own design, every fault kind seeded on each. Node i is
+              fleet machine 100 + i of one plant, which like any plant runs many units of a few machine models
+              (three: i % 3): units of a model share its bearing, structure and nominal speed and differ in their
+              drive's speed setting, load, wear and where the sensor sits (data.machine). Each node holds what its
+              machine's history recorded: healthy running and the one or two fault kinds it has had
+              (data.fault_history; a bearing is replaced after a fault, so no machine has had them all). The
+              held-out set is a fifth of every fleet machine's windows of all four classes, faults its node never saw
+              included: what each machine will meet (machine_tests gives each node its part). A device alone
+              cannot learn a fault it has never had; units of its model elsewhere in the fleet have had it
   vision      sklearn digits (8x8 images): mobilenet, nodes by a Dirichlet label split
   medical     sklearn breast cancer (30 features): mlp, nodes by a Dirichlet label split
   a file      .npz / .csv of the user's: mlp, nodes by its group column if it has one, else Dirichlet
@@ -100,11 +106,7 @@ def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None 
         model = "mlp" if ds.X.ndim == 2 else ("sensor_cnn" if ds.X.ndim == 3 else "mobilenet")
         return Task(Path(data_file).stem, model, pretrain, list(nodes), test, stats)
     if scenario == "industrial":
-        pretrain = data.bearing_dataset(range(20), 40, seed=seed)
-        machines = [data.bearing_dataset([100 + i], 25, seed=seed) for i in range(n_nodes)]
-        splits = [data.train_test_split(m, TEST_FRACTION, seed) for m in machines]
-        test = _joined([held_out for _, held_out in splits], "bearing[fleet held-out]")
-        return Task("industrial", "sensor_cnn", pretrain, [own for own, _ in splits], test)
+        return industrial_task(n_nodes, seed)
     if scenario == "vision":
         pretrain, nodes, test = _split_nodes(data.load_digits(), n_nodes, seed)
         return Task("vision", "mobilenet", pretrain, nodes, test)
@@ -114,6 +116,43 @@ def load_task(scenario: str, n_nodes: int, seed: int = 0, data_file: str | None 
         pretrain, test, *nodes = data.standardize(pretrain, test, *nodes)
         return Task("medical", "mlp", pretrain, list(nodes), test, stats)
     raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)} or give a data file")
+
+
+# The industrial task's plant (see the module docstring): the host's test rig, the fleet's first machine id, and the
+# windows per class a fleet machine's history holds of each class it has had (a fifth of them, and of the classes it
+# has not had, are the windows it will meet: the held-out set).
+HOST_MACHINES, HOST_WINDOWS_PER_CLASS = 20, 40
+FLEET_FIRST_MACHINE, FLEET_WINDOWS_PER_CLASS = 100, 25
+FLEET_MODELS = 3  # the machine models the plant's fleet is made of: fleet machine i is a unit of model i % 3
+
+
+def industrial_task(n_nodes: int, seed: int = 0, host_machines: int = HOST_MACHINES,
+                    fault_history: bool = True, fleet_models: int | None = FLEET_MODELS) -> Task:
+    """The industrial scenario: the host pretrains sensor_cnn on `host_machines` rig machines (every class,
+    HOST_WINDOWS_PER_CLASS windows each); node i is fleet machine FLEET_FIRST_MACHINE + i and holds four fifths of its
+    windows of healthy running and of the fault kinds its history has had (data.fault_history; every class with
+    fault_history=False), and is a unit of machine model i % fleet_models (data.machine; fleet_models=None: every
+    machine a design of its own; both None and False are the scenario before issue 16 item 4); the held-out set is
+    the other fifth of every fleet machine's windows of all four classes, those of faults its node never saw
+    included."""
+    pretrain = data.bearing_dataset(range(host_machines), HOST_WINDOWS_PER_CLASS, seed=seed)
+    nodes, held_out = [], []
+    for i in range(n_nodes):
+        machine = FLEET_FIRST_MACHINE + i
+        model = None if fleet_models is None else i % fleet_models
+        own, test = data.train_test_split(
+            data.bearing_dataset([machine], FLEET_WINDOWS_PER_CLASS, seed=seed, model=model), TEST_FRACTION, seed)
+        if fault_history:
+            own = own.subset(np.flatnonzero(np.isin(own.y, (0,) + data.fault_history(machine, seed))), own.name)
+        nodes.append(own)
+        held_out.append(test)
+    return Task("industrial", "sensor_cnn", pretrain, nodes, _joined(held_out, "bearing[fleet held-out]"))
+
+
+def machine_tests(task: Task) -> list[Dataset]:
+    """Each node's part of the held-out set: the windows of its own machine (the group its samples come from), of
+    every class. For the industrial task, what each device will meet, faults it has never seen included."""
+    return [task.test.subset(np.flatnonzero(np.isin(task.test.group, np.unique(node.group)))) for node in task.nodes]
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int):

@@ -3,7 +3,9 @@ the held-out set covers, and which host samples the learning settings are chosen
 
 import numpy as np
 
-from fedtiny_sim.scenarios import halves, host_split, load_task, unseen_halves
+from fedtiny_sim import data
+from fedtiny_sim.scenarios import (FLEET_FIRST_MACHINE, FLEET_MODELS, FLEET_WINDOWS_PER_CLASS, TEST_FRACTION, halves,
+                                   host_split, industrial_task, load_task, machine_tests, unseen_halves)
 
 
 def test_industrial_scores_the_fleet_on_windows_no_node_holds():
@@ -12,10 +14,42 @@ def test_industrial_scores_the_fleet_on_windows_no_node_holds():
     assert len(set(fleet)) == 4 and not set(fleet) & set(task.pretrain.group.tolist())
     # the held-out set: a fifth of every fleet machine's windows, of every class, none of them a node's own
     assert sorted(np.unique(task.test.group).tolist()) == sorted(fleet)
-    for machine, node in zip(fleet, task.nodes):
-        held = task.test.X[task.test.group == machine]
-        assert np.bincount(task.test.y[task.test.group == machine]).tolist() == [len(node) // 16] * 4
-        assert not (held[:, None] == node.X[None]).all(axis=(2, 3)).any()
+    per_class = round(TEST_FRACTION * FLEET_WINDOWS_PER_CLASS)
+    for machine, node, test in zip(fleet, task.nodes, machine_tests(task)):
+        assert (test.group == machine).all() and len(test) == (task.test.group == machine).sum()
+        assert np.bincount(test.y, minlength=4).tolist() == [per_class] * 4  # faults the node never saw too
+        assert not (test.X[:, None] == node.X[None]).all(axis=(2, 3)).any()
+
+
+def test_each_fleet_machine_holds_healthy_running_and_the_faults_of_its_history():
+    task = industrial_task(20, seed=0, host_machines=1)  # the host's rig does not change the nodes: one is quicker
+    seen = []
+    for node in task.nodes:
+        machine = int(np.unique(node.group)[0])
+        history = data.fault_history(machine, seed=0)
+        assert 1 <= len(history) <= 2 and set(history) <= {1, 2, 3}
+        counts = np.bincount(node.y, minlength=4)
+        own = round((1 - TEST_FRACTION) * FLEET_WINDOWS_PER_CLASS)
+        assert counts.tolist() == [own if c in (0,) + history else 0 for c in range(4)]
+        seen.append(history)
+    # machines differ in their faults, and the fleet together has met every kind the host knows
+    assert len(set(seen)) >= 4 and set().union(*seen) == {1, 2, 3}
+    everything = industrial_task(3, seed=0, host_machines=1, fault_history=False)  # the scenario before fault histories
+    assert all(np.bincount(node.y).tolist() == [own] * 4 for node in everything.nodes)
+
+
+def test_the_industrial_split_is_the_seeds():
+    def split(seed):
+        task = industrial_task(6, seed=seed, host_machines=1)
+        return [(node.X, node.y) for node in task.nodes] + [(task.test.X, task.test.y)]
+
+    for (xa, ya), (xb, yb) in zip(split(0), split(0)):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    assert [data.fault_history(100 + i, seed=0) for i in range(20)] != \
+        [data.fault_history(100 + i, seed=1) for i in range(20)]
+    # a machine's history does not depend on the fleet's size
+    assert [np.unique(n.y).tolist() for n in industrial_task(3, seed=0, host_machines=1).nodes] == \
+        [np.unique(n.y).tolist() for n in industrial_task(6, seed=0, host_machines=1).nodes[:3]]
 
 
 def test_unseen_halves_split_the_validation_part_with_every_machine_and_class_in_both():
@@ -32,3 +66,21 @@ def test_unseen_halves_split_the_validation_part_with_every_machine_and_class_in
     assert len(np.unique(both.reshape(len(both), -1), axis=0)) == len(val)  # disjoint, nothing lost
     odd = halves(val.subset(np.arange(3)))  # three samples of one stratum: the first half gets the odd one out
     assert (len(odd[0]), len(odd[1])) == (2, 1)
+
+
+def test_fleet_machines_are_units_of_a_few_machine_models():
+    units = [data.machine(FLEET_FIRST_MACHINE + i, seed=0, model=i % FLEET_MODELS) for i in range(2 * FLEET_MODELS)]
+    for a, b in zip(units, units[FLEET_MODELS:]):  # two units of one model: its design, their own duty and sensor
+        assert (a.n_balls, a.ball_d, a.pitch_d, a.contact_angle_deg, a.damping) == \
+            (b.n_balls, b.ball_d, b.pitch_d, b.contact_angle_deg, b.damping)
+        assert a.load != b.load and a.gain != b.gain and a.shaft_hz != b.shaft_hz
+        assert abs(a.resonance_hz / b.resonance_hz - 1) < 0.11  # within the mounting's +-5 % of one design
+    assert len({u.pitch_d for u in units}) == FLEET_MODELS
+    # a machine without a model is drawn as before, and the unit keeps its own part of that draw
+    alone, unit = data.machine(100, seed=0), data.machine(100, seed=0, model=0)
+    assert (alone.load, alone.gain, alone.noise) == (unit.load, unit.gain, unit.noise)
+    task = industrial_task(FLEET_MODELS + 1, seed=0, host_machines=1)  # node i: its machine as a unit of i % 3
+    for i in (0, FLEET_MODELS):
+        node = task.nodes[i]
+        windows = data.bearing_dataset([FLEET_FIRST_MACHINE + i], FLEET_WINDOWS_PER_CLASS, seed=0, model=0).X
+        assert (node.X[:, None] == windows[None]).all(axis=(2, 3)).any(axis=1).all()
