@@ -138,7 +138,8 @@ def merged_section(new_rows: list[str], order: list[str], old_text: str) -> str:
         f"Machine: {machine()}; Python {sys.version.split()[0]}, numpy {np.__version__} (the last run's).", "",
         "Every learning setting is fedtiny's own choice: the host pretrains to convergence on a validation part of "
         "its data (fedtiny/train.py), the devices' lr and epochs and the fp32 baseline's lr are chosen on it by one "
-        "rule (simulations/tuning.py); `--scheme auto` searches the update scheme under the budget. Accuracies are on "
+        "rule (simulations/tuning.py); the update scheme is simulate's default, `auto`, searched under the budget on the "
+        "host's held-out data (`fedtiny.search`). Accuracies are on "
         "the held-out test set after 10 rounds; \"host model\" is on the host's validation part; personalised: each "
         "device's model on its own held-out samples after the last round. Wall and CPU time: the whole command (all "
         "its processes), from a fresh model cache (pretraining, search and lr choices included) unless the row says "
