@@ -691,7 +691,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
         # what a node trains on: its samples less the part it holds out (agent.heldout_split)
         samples = {device_name(i): len(ds.y) - heldout_count(len(ds.y)) for i, ds in enumerate(task.nodes)}
         arrivals = virtual_arrivals(asdict(config), plan, samples, firmware_devices)
-    store = StateStore(run / "state.db")
+    store = StateStore(run / "state.db", durable=False)  # a simulation's coordinator never restarts from it
     audit = _audit(run)
     coordinator = None
     try:
