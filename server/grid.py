@@ -84,6 +84,7 @@ class GlobalModel:
         self.master = {n: np.asarray(master[n], np.float64) for n in specs}
         self.ints = {n: np.asarray(ints[n]) for n in specs}
         self._history: dict[int, tuple[dict, dict]] = {version: (self.master, self.ints)}
+        self._adopted: tuple[ArrayRecord | None, int] = (None, version)  # the record adopt() last compared
 
     def arrays(self) -> ArrayRecord:
         return ArrayRecord({n: Array(np.array(v, np.float64)) for n, v in self.master.items()})
@@ -102,6 +103,13 @@ class GlobalModel:
     def adopt(self, record: ArrayRecord) -> int:
         """The version of the arrays a strategy put in a message: the current one, or a new version if they
         differ (a strategy driven by flwr's own `start` loop hands the grid its new arrays this way)."""
+        if record is self._adopted[0] and self._adopted[1] == self.version:
+            return self.version  # a round's messages share one record: compared once, not once per device
+        version = self._adopt(record)
+        self._adopted = (record, version)
+        return version
+
+    def _adopt(self, record: ArrayRecord) -> int:
         arrays = {k: v.numpy() for k, v in record.items()}
         if set(arrays) != set(self.specs):
             raise ValueError(f"ArrayRecord keys {sorted(arrays)} are not the plan's trainable buffers")

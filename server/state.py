@@ -91,7 +91,10 @@ class Checkpoint:
 
 
 class StateStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, durable: bool = True) -> None:
+        """durable=False: commits are atomic but not flushed to disk (WAL with synchronous=NORMAL), as the node agents'
+        durable=False: for a simulation, whose coordinator never restarts from its store; a commit per accepted reply
+        with an fsync each took about 10 ms of the coordinator's wall time on a loaded machine, 2.5 ms without."""
         self.path = str(path)
         self._lock = threading.Lock()
         # Every device's delta is in here: readable by the coordinator's user only. SQLite gives its -wal and
@@ -100,7 +103,7 @@ class StateStore:
         os.chmod(self.path, 0o600)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:

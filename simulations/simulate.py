@@ -111,6 +111,14 @@ def _fails(seed: int, device: str, round_: int, fraction: float) -> bool:
     return bool(_device_rng(seed, device, round_, 1).random() < fraction)
 
 
+# A simulated node's idle heartbeat (the agent's default; the coordinator counts a device as seen for 300 s). Each
+# heartbeat is a signed STATUS the node persists its whole state for, the broker retains and the coordinator
+# verifies, so their cost grows with the run's wall time, not its work: at 5 s a node of the default run sent about
+# 6 per round under load (rounds of ~30 s) beside the ~16 messages of its round's work (TASK, GLOBAL_UPDATE and
+# DELTA chunks, ACKs).
+HEARTBEAT_S = 30.0
+
+
 def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -> None:
     """A worker process: hosts the node agents of `devices` until `stop` is set."""
     from fedtiny.planfile import load_plan
@@ -132,7 +140,7 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
             samples = np.load(run / "nodes" / f"{device}.npz")
             agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
                               state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
-                              trainer_factory=factory, heartbeat_s=5.0, ack_timeout_s=5.0,
+                              trainer_factory=factory, heartbeat_s=HEARTBEAT_S, ack_timeout_s=5.0,
                               faults=_faults(device, config), durable=False,
                               # secagg: its peers' public identities (`fedtiny keys`' peers.json), to check the round
                               # keys the coordinator relays
@@ -677,7 +685,7 @@ def _rounds(config: SimulationConfig, link, plan, task, run: Path, progress, clo
         # what a node trains on: its samples less the part it holds out (agent.heldout_split)
         samples = {device_name(i): len(ds.y) - heldout_count(len(ds.y)) for i, ds in enumerate(task.nodes)}
         arrivals = virtual_arrivals(asdict(config), plan, samples, firmware_devices)
-    store = StateStore(run / "state.db")
+    store = StateStore(run / "state.db", durable=False)  # a simulation's coordinator never restarts from it
     audit = _audit(run)
     coordinator = None
     try:

@@ -654,3 +654,31 @@ def test_deployment_doc_pyproject_is_a_valid_flower_app(tmp_path):
     from fedtiny_server.app import Settings
     settings = Settings.from_run_config(config["tool"]["flwr"]["app"]["config"])
     assert settings.num_server_rounds == 100 and settings.metrics_host == "127.0.0.1"
+
+
+def test_sent_states_encode_a_version_once_and_again_when_its_state_changes(plan):
+    """A round's GLOBAL_UPDATE for devices holding the same version is one object, built once; a version whose
+    state changed (a restarted coordinator's new master) gets a new one with the new values."""
+    from fedtiny.protocol.update import SentStates, global_update
+
+    sent = SentStates(plan)
+    v0 = plan.initial_state()
+    v1 = {n: (v + 1).astype(v.dtype) for n, v in v0.items()}
+    sent.update(None, 0, v0)  # a fresh device: the whole state; version 0 is remembered
+    first = sent.update(0, 1, v1)
+    assert sent.update(0, 1, v1) is first  # the second device of the round: the same update, not encoded again
+    assert first == global_update(plan, v1, 0, v0)
+    v1b = {n: (v + 2).astype(v.dtype) for n, v in v0.items()}
+    again = sent.update(0, 1, v1b)
+    assert again is not first and again == global_update(plan, v1b, 0, v0)
+
+
+def test_state_store_durable_flag(tmp_path):
+    """A deployment's store syncs every commit to disk; a simulation's (durable=False) only keeps it atomic."""
+    durable, quick = StateStore(tmp_path / "a.db"), StateStore(tmp_path / "b.db", durable=False)
+    try:
+        assert durable.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert quick.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    finally:
+        durable.close()
+        quick.close()

@@ -272,16 +272,27 @@ class SentStates:
     def __init__(self, plan: Plan, keep: int = 8) -> None:
         self.plan, self.keep = plan, keep
         self._states: dict[int, dict[str, np.ndarray]] = {}
+        # (held, version) -> the GLOBAL_UPDATE between them: a round sends the same one to every device that holds
+        # the same version (50 encodings of it per round in the default simulation: a tenth of its coordinator's profile)
+        self._updates: dict[tuple[int | None, int], GlobalUpdate] = {}
 
     def update(self, held: int | None, version: int, state: dict[str, np.ndarray]) -> GlobalUpdate | None:
         """Remember `state` as `version`; the GLOBAL_UPDATE for a device holding `held`, None if that is it."""
-        state = {k: np.asarray(v).copy() for k, v in state.items()}
-        self._states[version] = state
+        known = self._states.get(version)
+        if known is None or known.keys() != state.keys() or \
+                not all(np.array_equal(known[k], v) for k, v in state.items()):
+            self._states[version] = {k: np.asarray(v).copy() for k, v in state.items()}
+            self._updates = {key: u for key, u in self._updates.items() if version not in key}
         for old in sorted(self._states)[: -self.keep]:
             del self._states[old]
+            self._updates = {key: u for key, u in self._updates.items() if old not in key}
         if held == version:
             return None
-        return global_update(self.plan, state, held, self._states.get(held) if held is not None else None)
+        base = self._states.get(held) if held is not None else None
+        key = (held if base is not None else None, version)
+        if key not in self._updates:
+            self._updates[key] = global_update(self.plan, self._states[version], held, base)
+        return self._updates[key]
 
 
 def apply_global_update(plan: Plan, state: dict[str, np.ndarray], held: int, body: GlobalUpdate
