@@ -11,6 +11,25 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# --- where the suite's time goes: seconds per test file, after --durations' slowest tests ------------------------
+# (CI's 20-minute budget is watched from its log; the slowest 30 tests are half of the time, the files show the rest)
+FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    FILE_SECONDS[path] = FILE_SECONDS.get(path, 0.0) + report.duration  # setup, call and teardown
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if len(FILE_SECONDS) < 2:
+        return
+    total = sum(FILE_SECONDS.values())
+    terminalreporter.write_sep("=", f"seconds per test file, the costliest 25 of {len(FILE_SECONDS)} "
+                                    f"({total:.0f} s in all; a session fixture counts where it is first set up)")
+    for path, seconds in sorted(FILE_SECONDS.items(), key=lambda kv: -kv[1])[:25]:
+        terminalreporter.write_line(f"{seconds:8.1f}s {100 * seconds / total:5.1f} %  {path}")
+
 
 def require_tool(name: str) -> str:
     """The path of a system tool; skip without it on a user's machine, fail in CI where it must be installed."""
