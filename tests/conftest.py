@@ -64,6 +64,20 @@ def require_module(name: str, extra: str) -> None:
         pytest.skip(f"{name} is not installed (pip install -e '.[{extra}]')")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_on_one_thread():
+    """The tests' own torch work (fit() of small fixtures, autograd on single samples) on one thread, as
+    fedtiny.train.pretrain and the baseline already run: at these sizes more threads only contend, and on a
+    loaded 2-core machine mobilenet's two epochs of fit() took 15.6 s of CPU on two threads against 3.8 s on one.
+    Tests that check a thread setting set their own (test_simulate's baseline test)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ClockUntil:
     """A coordinator clock (Coordinator(clock=...)) that stands still while `condition()` is false and runs as the
     wall clock while it holds. A test whose round must close at its deadline makes the condition "every live node
