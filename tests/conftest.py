@@ -64,12 +64,12 @@ def require_module(name: str, extra: str) -> None:
         pytest.skip(f"{name} is not installed (pip install -e '.[{extra}]')")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture
 def torch_on_one_thread():
-    """The tests' own torch work (fit() of small fixtures, autograd on single samples) on one thread, as
-    fedtiny.train.pretrain and the baseline already run: at these sizes more threads only contend, and on a
-    loaded 2-core machine mobilenet's two epochs of fit() took 15.6 s of CPU on two threads against 3.8 s on one.
-    Tests that check a thread setting set their own (test_simulate's baseline test)."""
+    """A test's own torch work (fit() of a small fixture, autograd on single samples) on one thread, as
+    fedtiny.train.pretrain and the baseline run: at these sizes more threads only contend, and on a loaded 2-core
+    machine mobilenet's two epochs of fit() took 15.6 s of CPU on two threads against 3.8 s on one. Not for the
+    whole session: test_tuning's chunked-scoring test is bit-exact only on the default threads (see its note)."""
     import torch
 
     threads = torch.get_num_threads()
