@@ -25,7 +25,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if len(FILE_SECONDS) < 2:
         return
     total = sum(FILE_SECONDS.values())
-    terminalreporter.write_sep("=", f"seconds per test file, the costliest 25 of {len(FILE_SECONDS)} "
+    terminalreporter.write_sep("=", f"seconds per test file, the costliest {min(25, len(FILE_SECONDS))} of {len(FILE_SECONDS)} "
                                     f"({total:.0f} s in all; a session fixture counts where it is first set up)")
     for path, seconds in sorted(FILE_SECONDS.items(), key=lambda kv: -kv[1])[:25]:
         terminalreporter.write_line(f"{seconds:8.1f}s {100 * seconds / total:5.1f} %  {path}")
