@@ -17,7 +17,6 @@ strategy never sees an individual device's update, so:
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -63,16 +62,26 @@ def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
     ids = list(grid.push_messages(messages))
     tasks = {grid._pending[m].device: grid._pending[m] for m in ids if grid._pending[m].open}
     policy, clock = grid.policy, grid.clock
-    stage_wall = policy.reply_timeout if grid.arrivals is not None else wait
+    # In virtual time (a simulation) a stage waits for its messages however slow the machine is: its wall-clock
+    # guard, RoundPolicy.reply_timeout, runs from the stage's latest message, as a plain virtual round's does
+    # (FleetGrid.send_and_receive), so only a stage that hears nothing for that long is closed on its silent
+    # devices. In wall time (a deployment) each stage has the round's deadline from its start.
+    from_latest = grid.arrivals is not None
+    stage_wall = policy.reply_timeout if from_latest else wait
 
     def wait_while(stage_is, limit: float, enough=lambda received: False) -> None:
-        end = clock() + limit
+        end, heard = clock() + limit, 0
         while True:
             stage, received = link.secagg_status(round_)
-            if not stage_is(stage) or enough(received) or clock() >= end:
+            if not stage_is(stage) or enough(received):
                 return
-            grid.poll(policy.poll)  # rejections become events; a masked DELTA is never a reply here
-            time.sleep(policy.poll)
+            if from_latest and len(received) > heard:
+                heard, end = len(received), clock() + limit
+            remaining = end - clock()
+            if remaining <= 0:
+                return
+            # rejections become events; a masked DELTA is never a reply here, so this waits the whole poll
+            grid.poll(min(policy.poll, remaining))
 
     for stage in ("keys", "shares"):  # devices answer these at once; a device that does not is a dropout
         wait_while(lambda s, stage=stage: s == stage, stage_wall)

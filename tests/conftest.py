@@ -11,6 +11,25 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# --- where the suite's time goes: seconds per test file, after --durations' slowest tests ------------------------
+# (CI's 20-minute budget is watched from its log; the slowest 30 tests are half of the time, the files show the rest)
+FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    FILE_SECONDS[path] = FILE_SECONDS.get(path, 0.0) + report.duration  # setup, call and teardown
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if len(FILE_SECONDS) < 2:
+        return
+    total = sum(FILE_SECONDS.values())
+    terminalreporter.write_sep("=", f"seconds per test file, the costliest {min(25, len(FILE_SECONDS))} of {len(FILE_SECONDS)} "
+                                    f"({total:.0f} s in all; a session fixture counts where it is first set up)")
+    for path, seconds in sorted(FILE_SECONDS.items(), key=lambda kv: -kv[1])[:25]:
+        terminalreporter.write_line(f"{seconds:8.1f}s {100 * seconds / total:5.1f} %  {path}")
+
 
 def require_tool(name: str) -> str:
     """The path of a system tool; skip without it on a user's machine, fail in CI where it must be installed."""
@@ -43,6 +62,20 @@ def require_module(name: str, extra: str) -> None:
         if IN_CI:
             pytest.fail(f"{name} is not installed, and CI must have it (the `{extra}` extra, part of `dev`)")
         pytest.skip(f"{name} is not installed (pip install -e '.[{extra}]')")
+
+
+@pytest.fixture
+def torch_on_one_thread():
+    """A test's own torch work (fit() of a small fixture, autograd on single samples) on one thread, as
+    fedtiny.train.pretrain and the baseline run: at these sizes more threads only contend, and on a loaded 2-core
+    machine mobilenet's two epochs of fit() took 15.6 s of CPU on two threads against 3.8 s on one. Not for the
+    whole session: test_tuning's chunked-scoring test is bit-exact only on the default threads (see its note)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class ClockUntil:

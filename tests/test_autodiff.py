@@ -153,6 +153,7 @@ def test_zoo_gradients_match_autograd(name, shape, classes):
     assert len(compared) >= 3
 
 
+@pytest.mark.usefixtures("torch_on_one_thread")
 @pytest.mark.parametrize("name", ["sensor_cnn", "mobilenet"])
 def test_gradients_on_real_data_match_autograd(name):
     """Real inputs (bearing windows, digit images) through a model trained on them: real activation statistics."""

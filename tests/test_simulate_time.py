@@ -15,6 +15,7 @@ import pytest
 from fedtiny_server.grid import MissingReplies, RoundPolicy
 from fedtiny_server.rounds import Coordinator, CoordinatorConfig
 from fedtiny_server.state import StateStore
+from fedtiny.protocol.coordinator import SecAggOutcome
 from fedtiny_server.testing import FakeClock, FakeLink, make_reply
 from test_server import plan  # noqa: F401 (the grid tests' small plan, a fixture)
 
@@ -94,6 +95,68 @@ def test_virtual_deadline_dropout_and_a_node_that_never_answers(plan, tmp_path):
                                              reply_timeout=50.0)
     [result] = coordinator.run()
     assert result.replies == 10 and clock() - 1000.0 == pytest.approx(300.0, abs=1.0)
+
+
+class StagedSecAggLink(FakeLink):
+    """A FakeLink with secure aggregation's four stages (keys, shares, masked, unmask): in each stage device di's
+    message comes (i+1) x `gap` fake seconds after the stage opened, except the `silent` device's keys, which never
+    come. A stage advances when every device still in it answered, or when the coordinator closes it; `closes`
+    records each close: (stage, devices heard, fake seconds after the round began)."""
+
+    STAGES = ("keys", "shares", "masked", "unmask")
+
+    def __init__(self, clock, gap: float, silent: str = "") -> None:
+        super().__init__(clock)
+        self.gap, self.silent = gap, silent
+        self.closes, self.outcomes = [], []
+
+    def begin_secagg(self, round, model_version, devices, clip_norm, noise_sigma=0.0, min_survivors=0):
+        self.round, self.stage, self.began = round, 0, self.clock()
+        self.cohort, self.opened = list(devices), self.clock()
+
+    def _heard(self) -> set[str]:
+        return {d for i, d in enumerate(self.cohort) if self.clock() >= self.opened + self.gap * (i + 1)
+                and not (d == self.silent and self.stage == 0)}
+
+    def _advance(self) -> None:
+        self.cohort = sorted(self._heard())
+        self.stage, self.opened = self.stage + 1, self.clock()
+        if self.stage == len(self.STAGES):
+            self.outcomes.append(SecAggOutcome(self.round, None, "a fake link sums nothing", (), {}, {}))
+
+    def secagg_status(self, round):
+        if self.stage < len(self.STAGES) and self._heard() == set(self.cohort):
+            self._advance()
+        return (self.STAGES[self.stage], self._heard()) if self.stage < len(self.STAGES) else ("", set())
+
+    def secagg_close(self, round, admitted=None):
+        self.closes.append((self.STAGES[self.stage], sorted(self._heard()), self.clock() - self.began))
+        self._advance()
+
+    def secagg_outcomes(self):
+        out, self.outcomes = self.outcomes, []
+        return out
+
+
+def test_secagg_stages_wait_from_the_latest_message_in_virtual_time(plan, tmp_path):
+    """A loaded machine under secure aggregation: each stage's messages come 30 s apart on the wall clock (300 s
+    for ten devices), each within the 50 s reply timeout of the one before. Every stage then waits for all ten, as
+    a plain virtual round does (above), instead of closing 50 s after it opened on the one device heard by then.
+    A device that never sends its keys still ends the stage, 50 s after the stage's last message."""
+    for silent in ("", "d9"):
+        clock = FakeClock()
+        link = StagedSecAggLink(clock, gap=30.0, silent=silent)
+        for i in range(10):
+            link.add_device(f"d{i}")
+        policy = RoundPolicy(deadline=10.0, poll=0.5, reply_timeout=50.0)
+        coordinator = Coordinator(link, plan, StateStore(tmp_path / f"{silent or 'all'}.db"),
+                                  CoordinatorConfig(1, "fedavg", {}, policy, train_config={"clip_norm": 1.0},
+                                                    secagg=True), clock=clock, arrivals=lambda d, r: 1.0)
+        coordinator.run()
+        if not silent:
+            assert link.closes == [] and clock() - link.began == pytest.approx(4 * 300.0, abs=2.0)
+        else:  # the keys stage closes on the nine (d8's keys came at 270 s), the others wait for those nine
+            assert link.closes == [("keys", [f"d{i}" for i in range(9)], pytest.approx(320.0, abs=1.0))]
 
 
 # --- the whole simulation: the same metrics.json on an idle and on a saturated machine --------------------------
