@@ -119,7 +119,7 @@ def main() -> int:
         for scheme in args.schemes.split(","):
             chosen = "auto" if scheme == "default" else scheme
             fw = run_simulation(Path(tmp) / f"{scheme}-fw", chosen, args.nodes, args.rounds, 1)
-            py = run_simulation(Path(tmp) / f"{scheme}-py", chosen, args.nodes, args.rounds, 0)
+            run_simulation(Path(tmp) / f"{scheme}-py", chosen, args.nodes, args.rounds, 0)
             a = StateStore(Path(tmp) / f"{scheme}-fw" / "state.db").load()
             b = StateStore(Path(tmp) / f"{scheme}-py" / "state.db").load()
             same = all(np.array_equal(a.ints[k], b.ints[k]) for k in b.ints)

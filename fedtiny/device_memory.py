@@ -381,7 +381,6 @@ def _op_constant_bytes(graph: Graph, op: Op) -> int:
 
 
 def _step_constant_bytes(plan, step) -> int:
-    graph = plan.graph
     b = _STRUCT_BYTES
     if step.kind == "forward":
         return b["op"] * 2  # its row in the training table and in the forward-only table
