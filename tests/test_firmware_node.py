@@ -223,17 +223,24 @@ def delta_chunks(round_: int, from_index: int):
     return rule
 
 
-def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path, built_fleet):
-    require_tool("mosquitto")
-    require_firmware_tools()
-    lost = {"on": True, "rule": delta_chunks(1, 3), "dropped": 0}
+def losing(rule):
+    """A FaultyTransport drop rule that loses the publishes `rule` matches while lost["on"] holds, counting them in
+    lost["dropped"]: (lost, drop)."""
+    lost = {"on": True, "dropped": 0}
 
     def drop(p) -> bool:
-        if lost["on"] and lost["rule"](p):
+        if lost["on"] and rule(p):
             lost["dropped"] += 1
             return True
         return False
 
+    return lost, drop
+
+
+def test_qemu_killed_mid_upload_resumes_and_the_upload_is_accepted_once(tmp_path, built_fleet):
+    require_tool("mosquitto")
+    require_firmware_tools()
+    lost, drop = losing(delta_chunks(1, 3))
     fleet = Fleet(tmp_path, built_fleet, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=drop)))
     try:
         coordinator = make_coordinator(fleet.link, fleet.plan, tmp_path / "state.db", 2, deadline=90.0)

@@ -99,17 +99,10 @@ def test_a_firmware_node_in_a_noised_secure_aggregation_round_sums_exactly(built
     from fedtiny_server.state import StateStore
     from test_cstore import parse_newest
     from fedtiny.transport.faults import FaultyTransport
-    from test_firmware_node import Fleet, delta_chunks
+    from test_firmware_node import Fleet, delta_chunks, losing
 
     require_tool("mosquitto")
-    lost = {"on": True, "rule": delta_chunks(1, 3), "dropped": 0}
-
-    def drop(p) -> bool:
-        if lost["on"] and lost["rule"](p):
-            lost["dropped"] += 1
-            return True
-        return False
-
+    lost, drop = losing(delta_chunks(1, 3))
     fleet = Fleet(tmp_path, built_secagg_fleet, dict(transport_wrapper=lambda t: FaultyTransport(t, drop=drop)),
                   secagg=True, c_sessions=("n2",))
     outcomes = []
