@@ -32,16 +32,25 @@ def provenance(command: str) -> str:
             f" numpy {np.__version__}; {date} (UTC).")
 
 
+# A line in a section of BENCHMARKS.md under which a person writes (notes, measurements by hand): the benchmark keeps
+# it and everything after it when it rewrites the section. Invisible in rendered Markdown.
+BY_HAND = "<!-- written by hand below: kept when the benchmark rewrites this section -->"
+
+
 def write_section(heading: str, text: str, path: Path = BENCHMARKS) -> None:
-    """Replace the section under `heading` (up to the next "## " heading), or append it; others' sections stay."""
+    """Replace the section under `heading` (up to the next "## " heading), or append it; others' sections stay.
+    The section's BY_HAND line and what follows it stay under the new text."""
     intro = ("# Benchmarks\n\nMeasured results of fedtiny, each section written by the benchmark named in it. "
              "Rerun the command of a section to refresh it.\n")
     old = path.read_text() if path.exists() else intro
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text.rstrip() + "\n\n", old, count=1)
-    else:
+    match = pattern.search(old)
+    if match is None:
         new = old.rstrip() + "\n\n" + text
+    else:
+        _, marker, by_hand = match.group(0).partition(BY_HAND + "\n")
+        section = text.rstrip() + "\n\n" + (marker + by_hand.rstrip() + "\n\n" if marker else "")
+        new = old[:match.start()] + section + old[match.end():]
     path.write_text(new.rstrip() + "\n")
 
 
