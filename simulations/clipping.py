@@ -35,7 +35,7 @@ def settle_clip_norm(config, task, plan, graph, train, val, trainer_factory=None
 def host_update_norms(config, plan, graph, train, val, shard_size: int, trainer_factory=None) -> list[float]:
     """The L2 norm (real units) of what each host shard's first round would send under `plan`, before clipping."""
     from fedtiny.interpreter import quantize_input
-    from fedtiny.protocol.update import row_scales, split_uplink, state_delta
+    from fedtiny.protocol.update import delta_norm, row_scales, split_uplink, state_delta
     from fedtiny_device.agent import training_order
 
     from .tuning import folds
@@ -52,13 +52,7 @@ def host_update_norms(config, plan, graph, train, val, shard_size: int, trainer_
     for shard in shards:
         trainer.load_trainable_state(start)
         order = shard[training_order(config.seed, 1, len(shard), epochs=config.epochs or 1, steps=config.local_steps)]
-        if hasattr(trainer, "steps"):  # the C trainer: the whole round in one call
-            trainer.steps(xq[order], y[order])
-        else:
-            for i in order:
-                trainer.step(xq[i], int(y[i]))
+        trainer.steps(xq[order], y[order])
         sent, _ = split_uplink(state_delta(trainer.trainable_state(), start), None, config.uplink_keep)
-        squares = sum(float(np.sum((np.asarray(sent[n], np.float64).reshape(len(s), -1) * s[:, None]) ** 2))
-                      for n, s in scales.items())
-        norms.append(float(np.sqrt(squares)))
+        norms.append(delta_norm(sent, scales))
     return norms

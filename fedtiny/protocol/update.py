@@ -113,6 +113,17 @@ def _row_square_sums(values: np.ndarray, rows: int) -> list[int]:
     return [sum(v * v for v in row) for row in flat.tolist()]  # int32: Python ints, never overflow
 
 
+def delta_norm(delta: dict[str, np.ndarray], scales: dict[str, np.ndarray]) -> float:
+    """The L2 norm in real units of an integer delta whose rows have these scales (row_scales), computed as the C
+    node computes it (clip_delta says how): what clipping bounds."""
+    squares = 0.0
+    for name, row_scale in scales.items():
+        for scale, rowsum in zip(np.asarray(row_scale, np.float64).tolist(),
+                                 _row_square_sums(delta[name], len(row_scale))):
+            squares += scale * scale * float(rowsum)
+    return math.sqrt(squares)
+
+
 def clip_delta(delta: dict[str, np.ndarray], scales: dict[str, np.ndarray], clip_norm: float
                ) -> dict[str, np.ndarray]:
     """The delta scaled down so that its L2 norm in real units is at most clip_norm (unchanged if already, or
@@ -127,12 +138,7 @@ def clip_delta(delta: dict[str, np.ndarray], scales: dict[str, np.ndarray], clip
     trunc(value * factor) in float64 (device_runtime/c/fedtiny_wire.c does exactly this)."""
     if not clip_norm > 0:
         return delta
-    squares = 0.0
-    for name, row_scale in scales.items():
-        for scale, rowsum in zip(np.asarray(row_scale, np.float64).tolist(),
-                                 _row_square_sums(delta[name], len(row_scale))):
-            squares += scale * scale * float(rowsum)
-    norm = math.sqrt(squares)
+    norm = delta_norm(delta, scales)
     if norm <= clip_norm:
         return delta
     factor = clip_norm / norm
