@@ -100,6 +100,10 @@ class Trainer:
             return self.last_loss
         return cross_entropy_loss(self.last_label_q15)
 
+    def steps(self, xs: np.ndarray, labels: np.ndarray) -> list[float]:
+        """step on each sample in turn; each step's loss (cruntime.CTrainer.steps does the same in one C call)."""
+        return [self.step(x, label) for x, label in zip(xs, labels)]
+
     def _forward(self, s):
         op = self.graph.ops[s.attrs["op"]]
         args = [self._param(n) if self.graph.tensors[n].is_constant else self._act(n) for n in op.inputs]

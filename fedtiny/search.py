@@ -289,11 +289,7 @@ class Scorer:
         correct, loss, count = 0, 0.0, 0
         for (xt, yt, xs, ys), order in zip(self.parts, self.orders):
             trainer = self.trainer_factory(plan, self.seed)
-            if hasattr(trainer, "steps"):  # one call for the whole run (the C trainer)
-                trainer.steps(xt[order], yt[order])
-            else:
-                for i in order:
-                    trainer.step(xt[i], int(yt[i]))
+            trainer.steps(xt[order], yt[order])  # one call for the whole run (the C trainer)
             c, total = self._outputs(plan, trainer.trainable_state(), xs, ys)
             correct, loss, count = correct + c, loss + total, count + len(ys)
         return Run(correct / count, loss / count)

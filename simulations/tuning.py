@@ -160,11 +160,7 @@ def choose_device(config, graph, train, val, *, shard_size: int, lrs=LRS, epochs
             trainer.load_trainable_state(start)
             for epoch in range(epochs):
                 order = shard[training_permutation(seed, 1, epoch, len(shard))]
-                if hasattr(trainer, "steps"):  # the C trainer: a whole epoch in one call
-                    trainer.steps(xq[order], y[order])
-                else:
-                    for i in order:
-                        trainer.step(xq[i], int(y[i]))
+                trainer.steps(xq[order], y[order])  # the C trainer: a whole epoch in one call
                 yield trainer.trainable_state()
 
         def average(states):  # FedAvg of equal shards, rounded back to each buffer's integer type
