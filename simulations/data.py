@@ -294,7 +294,8 @@ def load_basicmotions(split: str = "all") -> Dataset:
         raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
     datasets = _need("aeon.datasets", "load_basicmotions")
     X, labels = datasets.load_basic_motions(split=None if split == "all" else split)
-    classes = sorted(set(labels.tolist()))  # sorted names: the same ids for every split
+    every = labels if split == "all" else datasets.load_basic_motions(split=None)[1]
+    classes = sorted(set(every.tolist()))  # the archive's sorted names: the same ids in a split that lacks a class
     y = np.searchsorted(classes, labels)
     return make_dataset(X, y, None, classes, "basicmotions")
 
