@@ -42,7 +42,8 @@ class Profile:
 def build_profile_firmware(plan, samples: np.ndarray | None = None, labels: np.ndarray | None = None,
                            steps: int = 2, seed: int = 0, cache_dir: Path | None = None) -> Path:
     files = cruntime.plan_sources(plan, samples, labels, seed, steps)
-    return cruntime.make_cached(files, "m4-profile", PROFILE_ELF, cache_dir)
+    return cruntime.make_cached(files, "m4-profile", PROFILE_ELF, cache_dir,
+                                prebuilt=cruntime.build_m4_kernels(cache_dir=cache_dir))
 
 
 def profile(plan, samples: np.ndarray | None = None, labels: np.ndarray | None = None, steps: int = 2,

@@ -22,9 +22,9 @@ MIN_PATIENCE = 100  # but at least this many optimizer steps: a small set's pass
 MIN_DELTA = 0.01  # nats of mean validation cross-entropy: less counts as no better (separable data drives the loss
 #                   toward 0 for ever, by ever smaller steps)
 MAX_STEPS = 20_000  # the time bound: about 2 minutes for the largest zoo model here, whatever the data
-EVAL_CHUNK = 128  # samples per forward pass when scoring (logits)
+EVAL_CHUNK = 128  # samples in every forward pass when scoring (logits), the last one padded
 RULE = (f"adam{LR}/b{BATCH}/val{VALIDATION_FRACTION}/every{EVAL_EVERY}/patience{PATIENCE_EPOCHS}epochs-min"
-        f"{MIN_PATIENCE}/delta{MIN_DELTA}/max{MAX_STEPS}/chunk{EVAL_CHUNK}")
+        f"{MIN_PATIENCE}/delta{MIN_DELTA}/max{MAX_STEPS}/chunk{EVAL_CHUNK}padded")
 
 
 def steps_per_epoch(samples: int, batch: int = BATCH) -> int:
@@ -90,15 +90,17 @@ class Pretraining:
 def logits(model: nn.Module, x: np.ndarray) -> torch.Tensor:
     """The float model's outputs for samples x, in eval mode, EVAL_CHUNK samples per forward pass: about half the
     CPU time of one pass over a few hundred samples, whose activations no longer fit in the CPU's caches
-    (pretraining scores its validation part every EVAL_EVERY steps: a third of its time in one pass). For the
-    zoo's convolutional models the values are those of one pass bit for bit (tests/test_tuning.py); a matrix
-    product may sum in another order for another batch size (the MLP's last bit can differ), so the chunk size
-    is part of pretraining's RULE."""
+    (pretraining scores its validation part every EVAL_EVERY steps: a third of its time in one pass).
+    Every pass has exactly EVAL_CHUNK samples, the last one padded with zeros, so a sample's scores do not depend
+    on how many samples are scored or which ones share its pass (tests/test_tuning.py): torch's CPU kernels pick
+    another summation order for another batch size (here batches below 16 give other last bits than larger
+    ones, on one thread as pretraining runs and on several)."""
     model.eval()
     xt = torch.as_tensor(np.asarray(x, np.float32))
-    if len(xt) <= EVAL_CHUNK:
-        return model(xt)
-    return torch.cat([model(xt[i:i + EVAL_CHUNK]) for i in range(0, len(xt), EVAL_CHUNK)])
+    n = len(xt)
+    chunks = max(1, -(-n // EVAL_CHUNK))
+    padded = torch.cat([xt, xt.new_zeros((chunks * EVAL_CHUNK - n,) + xt.shape[1:])])
+    return torch.cat([model(chunk) for chunk in padded.split(EVAL_CHUNK)])[:n]
 
 
 @torch.no_grad()

@@ -152,6 +152,24 @@ class MissingReplies(RuntimeError):
     """Virtual time: replies that `arrivals` promised did not come within the policy's reply_timeout (wall)."""
 
 
+class ReplyDeadline:
+    """When a wait for replies gives up. Wall time (a deployment): `wait` seconds after it began (the round's
+    deadline). Virtual time (a simulation's `arrivals`): the policy's reply_timeout after the latest reply, so a
+    loaded machine that is slow but answering never trips it, a hung node does. The one rule for a round
+    (FleetGrid.send_and_receive) and for each stage of a secure-aggregation round (secagg.py)."""
+
+    def __init__(self, clock: Callable[[], float], wait: float, policy: RoundPolicy, virtual: bool) -> None:
+        self.clock, self.virtual = clock, virtual
+        self.limit = policy.reply_timeout if virtual else wait
+        self.end, self.heard = clock() + self.limit, 0
+
+    def remaining(self, heard: int) -> float:
+        """Wall seconds left, with `heard` replies in so far (in virtual time, more than before restarts it)."""
+        if self.virtual and heard > self.heard:
+            self.heard, self.end = heard, self.clock() + self.limit
+        return self.end - self.clock()
+
+
 @dataclass(frozen=True)
 class VirtualRound:
     """A synchronous round in virtual time: when it closes, whose replies it admits, whose it waits for."""
@@ -489,13 +507,10 @@ class FleetGrid(Grid):
             return ready() >= self.policy.target(cohort())
 
         self._virtual = virtual
-        end = self.clock() + (self.policy.reply_timeout if virtual is not None else wait)
-        progress = heard() if virtual is not None else 0
+        deadline = ReplyDeadline(self.clock, wait, self.policy, virtual=virtual is not None)
         try:
             while not done():
-                if virtual is not None and (now := heard()) > progress:  # a slow machine is not a hung node: the
-                    progress, end = now, self.clock() + self.policy.reply_timeout  # timeout runs from the latest reply
-                remaining = end - self.clock()
+                remaining = deadline.remaining(heard() if virtual is not None else 0)
                 if remaining <= 0:
                     if virtual is not None:
                         silent = sorted(d for d in virtual.expected if (d, virtual.round) not in self._heard)

@@ -39,7 +39,7 @@ def check_strategy(name: str) -> None:
 def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
     """One synchronous round with masked deltas over `grid` (a FleetGrid whose link implements begin_secagg,
     secagg_status, secagg_close and secagg_outcomes): at most one reply, the survivors' mean."""
-    from .grid import VirtualRound
+    from .grid import ReplyDeadline, VirtualRound
 
     messages = list(messages)
     if not messages:
@@ -62,29 +62,24 @@ def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
     ids = list(grid.push_messages(messages))
     tasks = {grid._pending[m].device: grid._pending[m] for m in ids if grid._pending[m].open}
     policy, clock = grid.policy, grid.clock
-    # In virtual time (a simulation) a stage waits for its messages however slow the machine is: its wall-clock
-    # guard, RoundPolicy.reply_timeout, runs from the stage's latest message, as a plain virtual round's does
-    # (FleetGrid.send_and_receive), so only a stage that hears nothing for that long is closed on its silent
-    # devices. In wall time (a deployment) each stage has the round's deadline from its start.
-    from_latest = grid.arrivals is not None
-    stage_wall = policy.reply_timeout if from_latest else wait
-
-    def wait_while(stage_is, limit: float, enough=lambda received: False) -> None:
-        end, heard = clock() + limit, 0
+    # In virtual time (a simulation) a stage waits for its messages however slow the machine is (ReplyDeadline:
+    # RoundPolicy.reply_timeout from the stage's latest message, as a plain virtual round's), so only a stage that
+    # hears nothing for that long is closed on its silent devices. In wall time (a deployment) each stage has the
+    # round's deadline from its start.
+    def wait_while(stage_is, enough=lambda received: False) -> None:
+        deadline = ReplyDeadline(clock, wait, policy, virtual=grid.arrivals is not None)
         while True:
             stage, received = link.secagg_status(round_)
             if not stage_is(stage) or enough(received):
                 return
-            if from_latest and len(received) > heard:
-                heard, end = len(received), clock() + limit
-            remaining = end - clock()
+            remaining = deadline.remaining(len(received))
             if remaining <= 0:
                 return
             # rejections become events; a masked DELTA is never a reply here, so this waits the whole poll
             grid.poll(min(policy.poll, remaining))
 
     for stage in ("keys", "shares"):  # devices answer these at once; a device that does not is a dropout
-        wait_while(lambda s, stage=stage: s == stage, stage_wall)
+        wait_while(lambda s, stage=stage: s == stage)
         if link.secagg_status(round_)[0] == stage:
             link.secagg_close(round_)
     admitted = None
@@ -94,12 +89,12 @@ def send_and_receive_masked(grid, messages, wait: float) -> list[Message]:
         admitted = set(virtual.admitted)
         ops.event("round_schedule", round=round_, close=round(virtual.close, 6), admitted=len(virtual.admitted),
                   expected=len(virtual.expected), cohort=len(tasks))
-        wait_while(lambda s: s == "masked", policy.reply_timeout, lambda got: virtual.expected <= got)
+        wait_while(lambda s: s == "masked", lambda got: virtual.expected <= got)
     else:
-        wait_while(lambda s: s == "masked", wait, lambda got: len(got) >= policy.target(len(tasks)))
+        wait_while(lambda s: s == "masked", lambda got: len(got) >= policy.target(len(tasks)))
     if link.secagg_status(round_)[0] == "masked":
         link.secagg_close(round_, admitted)
-    wait_while(lambda s: s == "unmask", stage_wall)
+    wait_while(lambda s: s == "unmask")
     if link.secagg_status(round_)[0] == "unmask":
         link.secagg_close(round_)
     grid.poll(0.0)

@@ -68,8 +68,7 @@ def require_module(name: str, extra: str) -> None:
 def torch_on_one_thread():
     """A test's own torch work (fit() of a small fixture, autograd on single samples) on one thread, as
     fedtiny.train.pretrain and the baseline run: at these sizes more threads only contend, and on a loaded 2-core
-    machine mobilenet's two epochs of fit() took 15.6 s of CPU on two threads against 3.8 s on one. Not for the
-    whole session: test_tuning's chunked-scoring test is bit-exact only on the default threads (see its note)."""
+    machine mobilenet's two epochs of fit() took 15.6 s of CPU on two threads against 3.8 s on one."""
     import torch
 
     threads = torch.get_num_threads()
@@ -102,6 +101,14 @@ class ClockUntil:
         self.offset += now - self.paused
         self.paused, self.resumed = None, now
         return now - self.offset
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """The session's C build cache (cruntime.make_cached's cache_dir): the kernels' host and M4 objects and each
+    plan's libraries and firmware are built once for every test file, not once per file or per test. Tests of
+    the cache itself use a folder of their own."""
+    return tmp_path_factory.mktemp("c_builds")
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def test_quantize_takes_the_module_and_lowers_every_idiom(model_file):
     assert {"hardswish", "gelu", "sigmoid", "leaky_relu(0.1)", "affine(0.5, 0.0)"} <= functions, functions
 
 
-def test_the_compiled_plan_trains_in_c_as_in_python(model_file, data, tmp_path):
+def test_the_compiled_plan_trains_in_c_as_in_python(model_file, data, tmp_path, cache):
     from test_cruntime import need
 
     from fedtiny.interpreter import quantize_input
@@ -59,7 +59,7 @@ def test_the_compiled_plan_trains_in_c_as_in_python(model_file, data, tmp_path):
     plan = load_plan(tmp_path / "idioms.ftp")
     with np.load(data) as d:
         x, y = quantize_input(load_model(model_file), d["X"][:20]), d["y"][:20]
-    python, c = Trainer(plan, 7), cruntime.CTrainer(plan, seed=7, cache_dir=tmp_path)
+    python, c = Trainer(plan, 7), cruntime.CTrainer(plan, seed=7, cache_dir=cache)
     for xi, yi in zip(x, y):
         python.step(xi, int(yi))
         c.step(xi, int(yi))

@@ -34,11 +34,6 @@ def need(*tools):
         pytest.skip(f"needs {', '.join(missing)}")
 
 
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cruntime_cache")
-
-
 class Mixed(nn.Module):
     """Ops the zoo does not use: grouped conv, padded max/avg pooling, an unfused ReLU (clamp), a real reshape."""
 

@@ -39,11 +39,6 @@ from test_ctrainer import make_case, make_mse_case
 CONFORMANCE_PLAN = Path(__file__).parent / "conformance" / "plan.ftp"
 
 
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("ctrain_job_cache")
-
-
 # ---- the shared pieces, Python against C ----------------------------------------------------------------------
 
 ARITH_WRAPPERS = b"""#include <stdint.h>
@@ -152,7 +147,7 @@ class JobLibrary:
         need("gcc", "make")
         self.plan = plan
         path = cruntime.make_cached(cruntime.plan_sources(plan, with_samples=False), "host-train-job",
-                                    "libfedtiny_train_job.so", cache)
+                                    "libfedtiny_train_job.so", cache, prebuilt=cruntime.build_host_kernels(cache))
         self.lib = ctypes.CDLL(str(path))
         self.lib.fedtiny_train_job_run.argtypes = [ctypes.POINTER(CJob), ctypes.c_void_p, ctypes.POINTER(CResult)]
         self.lib.fedtiny_train_job_run.restype = ctypes.c_int
@@ -456,7 +451,7 @@ def test_m4_firmware_runs_the_jobs_like_local_training(name, cache):
     plan, x, y = case(name)
     seed, steps = 21, 2 * len(x) - 3
     elf = cruntime.make_cached(cruntime.plan_sources(plan, x, y, seed, steps), "m4-train-job",
-                               "fedtiny_train_job.elf", cache)
+                               "fedtiny_train_job.elf", cache, prebuilt=cruntime.build_m4_kernels(cache_dir=cache))
     result = cruntime.run_qemu(elf, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     training = LocalTraining(plan, x, y, seed, cruntime.CTrainer)

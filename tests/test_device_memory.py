@@ -34,11 +34,6 @@ from test_cruntime import need
 TOLERANCE = 0.05
 
 
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("device_memory_cache")
-
-
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_compile_time_memory_matches_the_linker(name, scheme, cache):

@@ -16,7 +16,7 @@ from fedtiny.scheme import parse
 from fedtiny_device import codegen, cruntime
 from fedtiny_device.trainer import Trainer
 
-from test_cruntime import cache, need  # noqa: F401 (cache: its session fixture, builds shared)
+from test_cruntime import need
 from test_fast_kernels import random_case
 
 

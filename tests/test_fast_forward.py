@@ -25,7 +25,7 @@ from fedtiny import device_memory, interpreter
 from fedtiny.quantize import quantize
 from fedtiny_device import codegen, cruntime
 
-from test_cruntime import cache, need  # noqa: F401 (cache: its session fixture, builds shared)
+from test_cruntime import need
 
 REQUANT_CHECK = rb"""/* Every pair (edge x, multiplier) at every shift, then random triples: fast == reference. */
 #include <stdint.h>

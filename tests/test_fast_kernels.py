@@ -25,7 +25,7 @@ from fedtiny import device_memory, interpreter
 from fedtiny.quantize import quantize
 from fedtiny_device import codegen, cruntime
 
-from test_cruntime import assert_equal_int8, cache, need  # noqa: F401 (cache: its session fixture, builds shared)
+from test_cruntime import assert_equal_int8, need
 
 
 class RandomConvs(nn.Module):

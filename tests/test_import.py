@@ -141,7 +141,7 @@ def test_tflite_blocks_ops_agree_with_litert_op_by_op(blocks_imported, resolver)
         assert apart.max() <= 1, f"{op.origin}: {int((apart > 1).sum())} values more than 1 step apart"
 
 
-def test_tflite_blocks_trains_bit_exactly_in_c_through_cat_and_mul(blocks_imported, tmp_path):
+def test_tflite_blocks_trains_bit_exactly_in_c_through_cat_and_mul(blocks_imported, cache):
     from test_ctrainer import assert_same_state, python_reference
     from test_cruntime import need
 
@@ -151,14 +151,14 @@ def test_tflite_blocks_trains_bit_exactly_in_c_through_cat_and_mul(blocks_import
     graph, x, y = blocks_imported
     plan = compile_plan(graph, parse("full", graph))
     expected = python_reference(plan, x[:100], y[:100], seed=3)
-    trainer = cruntime.CTrainer(plan, seed=3, cache_dir=tmp_path)
+    trainer = cruntime.CTrainer(plan, seed=3, cache_dir=cache)
     for xi, yi in zip(x[:100], y[:100]):
         trainer.step(xi, int(yi))
     assert_same_state(trainer.trainable_state(), expected.trainable_state(), "imported tflite blocks full")
 
 
 @pytest.mark.parametrize("scheme", ["last:2", "full"])
-def test_imported_model_trains_bit_exactly_in_c(imported, digits, scheme, tmp_path):
+def test_imported_model_trains_bit_exactly_in_c(imported, digits, scheme, cache):
     from test_ctrainer import assert_same_state, python_reference
     from test_cruntime import need
 
@@ -170,7 +170,7 @@ def test_imported_model_trains_bit_exactly_in_c(imported, digits, scheme, tmp_pa
     x, y = digits
     plan = compile_plan(graph, parse(scheme, graph))
     expected = python_reference(plan, x[:100], y[:100], seed=3)
-    trainer = cruntime.CTrainer(plan, seed=3, cache_dir=tmp_path)
+    trainer = cruntime.CTrainer(plan, seed=3, cache_dir=cache)
     for xi, yi in zip(x[:100], y[:100]):
         trainer.step(xi, int(yi))
     assert_same_state(trainer.trainable_state(), expected.trainable_state(), f"imported {scheme}")
@@ -398,7 +398,7 @@ def test_onnx_model_predicts_onnxruntime_s_classes(onnx_case, onnx_digits):
     assert (ours.argmax(axis=1) == y).mean() > 0.9
 
 
-def test_onnx_imported_model_trains_bit_exactly_in_c(onnx_case, onnx_digits, tmp_path):
+def test_onnx_imported_model_trains_bit_exactly_in_c(onnx_case, onnx_digits, cache):
     from test_ctrainer import assert_same_state, python_reference
     from test_cruntime import need
 
@@ -411,7 +411,7 @@ def test_onnx_imported_model_trains_bit_exactly_in_c(onnx_case, onnx_digits, tmp
     full = path in (ONNX_BLOCKS, ONNX_QOP_BLOCKS)  # full: through cat, mul
     plan = compile_plan(graph, parse("full" if full else "last:2", graph))
     expected = python_reference(plan, xq, y[:100], seed=5)
-    trainer = cruntime.CTrainer(plan, seed=5, cache_dir=tmp_path)
+    trainer = cruntime.CTrainer(plan, seed=5, cache_dir=cache)
     for xi, yi in zip(xq, y[:100]):
         trainer.step(xi, int(yi))
     assert_same_state(trainer.trainable_state(), expected.trainable_state(), "imported onnx last:2")

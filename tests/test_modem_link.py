@@ -43,11 +43,6 @@ CHUNK = 1024  # firmware_link_test.c's chunk size, and the bridge's default MTU
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("modem_cache")
-
-
-@pytest.fixture(scope="module")
 def cmod(cache):
     require_tool("gcc")
     require_tool("make")

@@ -28,11 +28,6 @@ from fedtiny_device.cruntime import fnv1a
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("node_crypto_cache")
-
-
-@pytest.fixture(scope="session")
 def sources():
     """monocypher.c/.h from the pinned sdist (skip without a package index on a user's machine, fail in CI)."""
     return require_monocypher()

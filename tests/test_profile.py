@@ -31,10 +31,10 @@ def plan():
     return compile_plan(graph, parse("sparse:4:-3@1/4", graph))
 
 
-def test_profile_counts_add_up_to_the_training_firmware_step(plan, tmp_path):
+def test_profile_counts_add_up_to_the_training_firmware_step(plan, cache):
     need("arm-none-eabi-gcc", "qemu-system-arm", "make")
-    result = profile(plan, steps=2, cache_dir=tmp_path)
-    train = cruntime.run_counted(cruntime.build_train_firmware(plan, steps=2, cache_dir=tmp_path), cache_dir=tmp_path)
+    result = profile(plan, steps=2, cache_dir=cache)
+    train = cruntime.run_counted(cruntime.build_train_firmware(plan, steps=2, cache_dir=cache), cache_dir=cache)
     # the same step; only main's few instructions between the marker and the call differ
     assert abs(result.per_step - sum(train.each) / 2) <= 16
     assert result.per_step <= sum(result.per_op) <= result.per_step + INVOKE_OVERHEAD * len(plan.steps)

@@ -109,7 +109,7 @@ class AllIdioms(nn.Module):
         return self.head(y.view(y.size(0), -1))
 
 
-def test_a_model_of_all_idioms_trains_in_c_as_in_python(tmp_path):
+def test_a_model_of_all_idioms_trains_in_c_as_in_python(cache):
     from test_cruntime import need
 
     need("gcc", "make")
@@ -121,7 +121,7 @@ def test_a_model_of_all_idioms_trains_in_c_as_in_python(tmp_path):
     assert "reshape" in [op.kind for op in graph.ops]
     plan = compile_plan(graph, parse("full", graph))
     samples, labels = quantize_input(graph, x[:40]), np.arange(40) % 4
-    python, c = Trainer(plan, 3), CTrainer(plan, seed=3, cache_dir=tmp_path)
+    python, c = Trainer(plan, 3), CTrainer(plan, seed=3, cache_dir=cache)
     for xi, yi in zip(samples, labels):
         python.step(xi, int(yi))
         c.step(xi, int(yi))
@@ -179,7 +179,7 @@ class Activations(nn.Module):
         return self.head(y / 2)
 
 
-def _c_trains_as_python(plan, samples, labels, target, tmp_path):
+def _c_trains_as_python(plan, samples, labels, target, cache):
     """Python's trainer and the C runtime (on the host, or the M4 under QEMU) over the same samples: the same bits;
     on the M4 also the compiler's stack and flash figures against the firmware's."""
     from test_cruntime import need
@@ -191,14 +191,14 @@ def _c_trains_as_python(plan, samples, labels, target, tmp_path):
         python.step(xi, int(yi))
     if target == "host":
         need("gcc", "make")
-        c = cruntime.CTrainer(plan, seed=5, cache_dir=tmp_path)
+        c = cruntime.CTrainer(plan, seed=5, cache_dir=cache)
         for xi, yi in zip(samples, labels):
             c.step(xi, int(yi))
         for name, value in python.trainable_state().items():
             np.testing.assert_array_equal(c.trainable_state()[name], value, err_msg=name)
     else:
         need("arm-none-eabi-gcc", "qemu-system-arm", "make")
-        elf = cruntime.build_train_firmware(plan, samples, labels, seed=5, steps=len(samples), cache_dir=tmp_path)
+        elf = cruntime.build_train_firmware(plan, samples, labels, seed=5, steps=len(samples), cache_dir=cache)
         result = cruntime.run_qemu(elf, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         assert cruntime.parse_train_result(result.stdout) == (
@@ -212,14 +212,14 @@ def _c_trains_as_python(plan, samples, labels, target, tmp_path):
 
 
 @pytest.mark.parametrize("target", ["host", "m4"])
-def test_lut_ops_train_in_c_as_in_python(target, tmp_path):
+def test_lut_ops_train_in_c_as_in_python(target, cache):
     torch.manual_seed(0)
     x = _samples((2, 20), n=64)
     graph = quantize(Activations().eval(), x)
     assert [op.kind for op in graph.ops].count("lut") == 8
     plan = compile_plan(graph, parse("full", graph))
     assert [s.kind for s in plan.steps].count("lut_input_grad") == 8
-    _c_trains_as_python(plan, quantize_input(graph, x[:30]), np.arange(30) % 3, target, tmp_path)
+    _c_trains_as_python(plan, quantize_input(graph, x[:30]), np.arange(30) % 3, target, cache)
 
 
 class Blocks(nn.Module):
@@ -242,7 +242,7 @@ class Blocks(nn.Module):
 
 
 @pytest.mark.parametrize("target", ["host", "m4"])
-def test_cat_mul_gelu_train_in_c_as_in_python(target, tmp_path):
+def test_cat_mul_gelu_train_in_c_as_in_python(target, cache):
     torch.manual_seed(0)
     x = _samples((2, 20), n=64)
     graph = quantize(Blocks().eval(), x)
@@ -251,4 +251,4 @@ def test_cat_mul_gelu_train_in_c_as_in_python(target, tmp_path):
     plan = compile_plan(graph, parse("full", graph))
     steps = [s.kind for s in plan.steps]
     assert (steps.count("cat_input_grad"), steps.count("mul_input_grad")) == (6, 4)
-    _c_trains_as_python(plan, quantize_input(graph, x[:30]), np.arange(30) % 3, target, tmp_path)
+    _c_trains_as_python(plan, quantize_input(graph, x[:30]), np.arange(30) % 3, target, cache)

@@ -41,21 +41,26 @@ def test_validation_split_takes_every_class_and_is_deterministic():
     assert val.tolist() != validation_split(y, 0.2, seed=5)[1].tolist()
 
 
-@pytest.mark.parametrize("name,shape", [("sensor_cnn", (3, 64)), ("mobilenet", (1, 8, 8))])
-def test_scoring_in_chunks_gives_the_outputs_of_one_pass_bit_for_bit(name, shape):
-    """fedtiny.train.logits runs EVAL_CHUNK samples per forward pass to save CPU; for the zoo's convolutional
-    models (the default scenario's sensor_cnn) the scores are those of one pass over every sample, bit for bit, so
-    pretraining stops at the same step and keeps the same weights as it did scoring in one pass.
-    Open: with torch on one thread, as pretrain itself runs, both models' chunked scores differed from one pass in
-    the last digits (AMD EPYC, Dec 2026); the property is checked here on torch's default threads only."""
+@pytest.mark.parametrize("threads", [1, None])  # one thread as pretraining runs, and torch's default
+@pytest.mark.parametrize("name,shape", [("sensor_cnn", (3, 64)), ("mobilenet", (1, 8, 8)), ("mlp", (8,))])
+def test_a_samples_scores_do_not_depend_on_the_samples_scored_with_it(name, shape, threads):
+    """fedtiny.train.logits scores EVAL_CHUNK samples per forward pass; a sample's scores are the same bits
+    whether it is scored alone, in a short set or a long one, in any order, so pretraining's validation score of
+    a set is a function of its samples (torch sums in another order for another batch size)."""
     from fedtiny.train import EVAL_CHUNK, logits
 
     torch.manual_seed(1)
     model = zoo.randomize_batchnorm(zoo.build(name, shape, 3))
     x = np.random.default_rng(2).normal(size=(EVAL_CHUNK + 7,) + shape).astype(np.float32)
-    with torch.no_grad():
-        one_pass = model.eval()(torch.as_tensor(x))
-    assert torch.equal(logits(model, x), one_pass)
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads or default)
+    try:
+        every = logits(model, x)
+        for n in (1, 7, EVAL_CHUNK - 1):
+            assert torch.equal(logits(model, x[:n]), every[:n]), n
+        assert torch.equal(logits(model, x[::-1].copy()), every.flip(0))
+    finally:
+        torch.set_num_threads(default)
 
 
 def test_pretraining_stops_early_on_a_tiny_set_and_beats_chance():
