@@ -144,7 +144,14 @@ def test_a_firmware_node_in_a_noised_secure_aggregation_round_sums_exactly(built
     base = plan.initial_state()
     run_number = fleet.agents["n1"].session.state.run
     bank = node_project.bank_bytes(node_project.buffer_sizes(plan, 256, secagg=True))
-    _, segments = parse_newest((fleet.node.qemu.workdir / node_project.FLASH_FILE).read_bytes(), bank, 2, 8)
+    records, segments = parse_newest((fleet.node.qemu.workdir / node_project.FLASH_FILE).read_bytes(), bank, 2, 8)
+    # the round (10 KB) is written when it changes, not with every record (a store's generation counts its saves):
+    # begun, peers answered, relay taken, masked, revealed
+    round_saves, (record,) = parse_newest((fleet.node.qemu.workdir / node_project.ROUND_FLASH_FILE).read_bytes(),
+                                          node_project.ROUND_BANK_BYTES, 2, 8)
+    assert len(segments) == 6 and len(record) == node_project.NODE_SECAGG_RECORD_BYTES
+    assert round_saves <= 5 < records, (round_saves, records)
+    print(f"\nthe firmware's flash saves in the run: {records} records of its state, {round_saves} of its round")
     trained = {"n0": unpack_state(plan, segments[5])}  # the firmware's personalised model: its trained state
     trained |= {name: agent.session.state.personal for name, agent in fleet.agents.items()}
     keys = fleet.run / "fleet" / "devices"

@@ -457,3 +457,129 @@ def test_a_masked_round_whose_relay_never_comes_leaves_the_carry_on_both_sides(m
     c_carry, p_carry = twins.c.state.carry, twins.p.state.carry
     assert any(np.any(v) for v in p_carry.values())  # keep 0.5: something is carried now, and alike
     assert all(np.array_equal(c_carry[n], p_carry[n]) for n in plan.trainable_buffers())
+
+
+RESETS = ("keys", "shares", "relay", "trained", "masked", "reveal")
+
+
+@pytest.mark.parametrize("at", RESETS)
+def test_a_reset_at_each_stage_resumes_the_round_alike_in_c_and_python(mlp_last2_plan, csecagg, tmp_path, at):
+    """A device reset mid secure-aggregation round (the C node and the Python session of one identity as twins, each
+    restarted from what it last saved, with fresh endpoints): after sending its keys, its shares, after taking the
+    relay, after training but before the relay, after its masked DELTA, after its reveal. Both resume the round from
+    their persisted state and send the same bytes from then on: the masked DELTA once (after a reset before it was
+    sealed the task trains again; after, the sealed one is resent and no job is offered, so no second, different
+    masked value can leave), the reveal of the shares they hold (a repeated SECAGG_UNMASK gets the same answer from
+    the restored round, another one is refused by both); the coordinator's sum is all 5 devices' clipped deltas."""
+    from test_secagg_sessions import Fleet
+
+    from fedtiny.protocol.device import DeviceSession, NodeState, load_state, save_state
+    from fedtiny.protocol.envelope import DeviceEndpoint
+    from fedtiny_device.cnode import CNodeSession
+
+    plan = mlp_last2_plan
+    fleet = Fleet(plan, 5)
+    name = fleet.names[1]
+    endpoint, fleet_name = fleet.devices[name].endpoint, fleet.devices[name].fleet
+    public = {d.endpoint.device_id: d.endpoint.identity.public for d in fleet.devices.values()}
+    paths = {"p": tmp_path / "python.state", "c": tmp_path / "c.state"}
+
+    def sessions(states):
+        def fresh():
+            return DeviceEndpoint(endpoint.fleet_id, endpoint.device_id, endpoint.identity, endpoint.coordinator)
+
+        c = CNodeSession(plan, name, fleet_name, fresh(), states["c"], 512,
+                         lambda s: save_state(paths["c"], s, durable=False), library=csecagg.library, peers=public)
+        p = DeviceSession(plan, name, fleet_name, fresh(), states["p"], 512,
+                          lambda s: save_state(paths["p"], s, durable=False), peers=public)
+        return c, p
+
+    twins = Twins(*sessions({"c": NodeState(0, plan.initial_state(), 0), "p": NodeState(0, plan.initial_state(), 0)}))
+    fleet.devices[name] = twins
+    resets, held, asked, seen = [], [], [], Reassembler(8, 1 << 20, 60.0)
+
+    def reset(now):
+        """The twin's power cut: both sessions start again from their state files and reconnect."""
+        states = {k: load_state(path, plan) for k, path in paths.items()}
+        assert states["p"].secagg is not None and states["c"].secagg is not None  # the round was persisted
+        twins.c, twins.p = sessions(states)
+        resets.append(at)
+        return twins.on_connect(now)
+
+    def pump(publishes, now=1.0):  # Fleet.pump, resetting the twin after the downlink of its stage
+        queue = list(publishes)
+        while queue:
+            p = queue.pop(0)
+            _, kind, device = topics.parse(p.topic)
+            if kind in ("up", "status"):
+                fleet.uplinks.append(p)
+                queue += fleet.coordinator.receive(p.topic, p.payload, now)
+                continue
+            for target in fleet.names if kind == "bcast" else [device]:
+                if target == name:
+                    if held is not None and at == "trained" and (held or CHUNK_HEADER.unpack_from(p.payload)[4] == 0
+                                                                 and Header.unpack(p.payload[CHUNK_HEADER_SIZE:]).type
+                                                                 == MessageType.SECAGG_RELAY):
+                        held.append(p)  # the relay comes late: after the twin has trained
+                        continue
+                    whole = seen.accept(p.payload, now, p.topic).payload
+                out, job = fleet.devices[target].receive(p.topic, p.payload, now)
+                queue += out
+                if job is not None:
+                    fleet.jobs[target] = job
+                if target == name and whole is not None and not resets and Header.unpack(whole).type == {
+                        "keys": MessageType.TASK, "shares": MessageType.SECAGG_PEERS,
+                        "relay": MessageType.SECAGG_RELAY, "reveal": MessageType.SECAGG_UNMASK}.get(at):
+                    if at == "reveal":  # what it was asked, to ask again below
+                        asked.append(fleet.coordinator._secagg[1].unmask[endpoint.device_id])
+                    queue += reset(now)
+
+    for n in fleet.names:
+        pump(fleet.devices[n].on_connect(0.5), 0.5)
+    fleet.coordinator.begin_secagg(1, 0, fleet.names, CLIP)
+    for n in fleet.names:
+        pump(fleet.coordinator.send_task(n, 1, 0, None, {"secagg": 1, "clip_norm": CLIP}))
+    assert (at == "trained") == bool(held)
+    expected = {}
+    for n in fleet.names:  # the twin first: its masked DELTA comes before the others close the stage
+        result = TrainResult(fleet.trained(n), 8, 0.25, 0.5, 0)
+        job = twins.p.pending_job() if n == name else fleet.jobs.pop(n)
+        expected[n], _ = uplink_delta(plan, job.base, result.state, None, keep=1.0, clip_norm=CLIP)
+        out = fleet.devices[n].complete(job, result, 2.0)
+        if n == name and at == "masked":  # the masked DELTA left, not yet ACKed: reset; the sealed one is resent
+            sealed = twins.p.state.upload
+            assert sealed is not None
+            resent = reset(2.5)
+            assert twins.p.pending_job() is None and twins.c.pending_job() is None  # nothing trains again
+            assert sealed in Twins.envelopes(resent)  # as it was (the coordinator takes it once)
+            out += resent
+        pump(out, 2.0)
+        if n == name and at == "trained":  # trained, waiting for the relay: reset, the values are gone
+            assert twins.p.state.upload is None
+            pump(reset(2.5), 2.5)
+            frames, held[:] = list(held), []
+            held = None
+            pump(frames, 2.6)  # the relay: nothing to mask yet (both send nothing), the task trains again
+            assert twins.p.state.upload is None and twins.c.state.upload is None
+            job = twins.p.pending_job()
+            assert job is not None and job.round == 1
+            pump(twins.complete(job, result, 2.7), 2.7)
+    pump(fleet.coordinator.secagg_close(1), 3.0)
+    assert resets == [at]
+    assert fleet.coordinator.take_rejections() == []
+    (outcome,) = fleet.coordinator.take_secagg_outcomes()
+    assert outcome.failure == "" and len(outcome.result.survivors) == 5, outcome.failure
+    for buffer in plan.trainable_buffers():
+        assert np.array_equal(outcome.result.total[buffer], sum(e[buffer].astype(np.int64) for e in expected.values()))
+    masked = [Header.unpack(p.payload[CHUNK_HEADER_SIZE:]) for p in fleet.uplinks if p.topic.endswith("/" + name)
+              and CHUNK_HEADER.unpack_from(p.payload)[4] == 0]
+    assert len({h.seq for h in masked if h.type == MessageType.DELTA}) == 1  # one masked DELTA, maybe sent twice
+    if at == "reveal":  # the restored round answers the same request alike, and refuses another
+        (unmask,) = asked
+        for p in fleet.coordinator._downlink(name, unmask, 1, 0):
+            out, _ = twins.receive(p.topic, p.payload, 4.0)
+        assert [Header.unpack(e).type for e in Twins.envelopes(out)] == [MessageType.SECAGG_REVEAL]
+        other = SecAggUnmask(unmask.survivors[1:], unmask.dropped + unmask.survivors[:1])
+        with pytest.raises(ProtocolError, match="bad-unmask"):
+            for p in fleet.coordinator._downlink(name, other, 1, 0):
+                twins.receive(p.topic, p.payload, 4.5)

@@ -24,8 +24,11 @@ Primitives: X25519, ChaCha20 and ChaCha20-Poly1305 from `cryptography`; Shamir's
 pycryptodome (16-byte secrets: the 32-byte s_sk is shared as two halves; the coordinator reconstructs a round's
 secrets together in pycryptodome's field, shamir_combine below); key derivation in the envelope's HKDF
 shape with keyed BLAKE2b (hashlib), as a node has it in Monocypher (a node computes no SHA-256). A device's round
-secrets are derived from its identity secret, the run and the round, so a device that restarts mid-round derives
-the same keys; it keeps no other secret state across a restart (a restart mid-round makes it a dropout).
+secrets are derived from its identity secret, the run and the round. A device keeps its round across a restart
+(SecAggDevice.export, persisted whenever the round changes, before any reply it made leaves): restarted, it
+answers the round's later stages as if it had not been, and since the masked DELTA is persisted with the round
+answered before it leaves, it never sends a second, different masked value for one round (two would give away
+the difference of the two deltas).
 
 The moduli: element values of buffer b lie in [-B_b, B_b] (clipping bounds every element by clip_norm / scale;
 device noise is clamped NOISE_TAIL standard deviations out, with probability at most 2 e^-72 = 1.1e-31 per element,
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import struct
 from collections.abc import Mapping
@@ -316,6 +320,7 @@ class SecAggDevice:
         # distributed DP: its noise is calibrated for at least this many survivors (the TASK's min_survivors)
         self.min_survivors = min_survivors
         self.peers = peers  # the public identities of the devices it may be given as neighbours
+        self.clip_norm, self.noise_sigma = clip_norm, noise_sigma
         self.bounds = self._value_bounds(clip_norm, noise_sigma)
         self.secrets = self._derive()
         self.neighbours: dict[int, SecAggKeys] = {}
@@ -325,6 +330,38 @@ class SecAggDevice:
         self.masked_sent = False
         self.revealed: SecAggUnmask | None = None
         self._reveal: SecAggReveal | None = None
+        # moves whenever what export holds changes (peers answered, relay taken, masked DELTA made, reveal made): the
+        # session persists the round then, as the C node's `changes` (fedtiny_node_secagg.h)
+        self.changes = 0
+
+    # --- across a restart (device.NodeState.secagg) ---
+
+    def export(self) -> bytes:
+        """What a restarted device needs to answer the round's later stages: the round, its settings, the neighbours'
+        signed keys, the shares held, whether it masked and what it revealed. Its secrets are not in it: they are
+        derived again from its identity (restore)."""
+        return json.dumps(dict(
+            fleet_id=self.ctx.fleet_id, run=self.ctx.run, round=self.ctx.round, clip_norm=self.clip_norm,
+            noise_sigma=self.noise_sigma, min_survivors=self.min_survivors, cohort=self.cohort,
+            threshold=self.threshold, neighbours=[[v, k.encode().hex()] for v, k in self.neighbours.items()],
+            held=[[v, i, share.hex()] for v, (i, share) in self.held.items()], masked_sent=self.masked_sent,
+            revealed=None if self.revealed is None else [list(self.revealed.survivors), list(self.revealed.dropped)],
+        ), separators=(",", ":")).encode()
+
+    @staticmethod
+    def restore(data: bytes, plan: Plan, identity: Identity, device_id: int,
+                peers: Mapping[int, PublicIdentity]) -> SecAggDevice:
+        """The round export() wrote, for the device of this identity."""
+        d = json.loads(data)
+        ctx = RoundContext(d["fleet_id"], d["run"], d["round"])
+        out = SecAggDevice(plan, identity, device_id, ctx, peers, d["clip_norm"], d["noise_sigma"], d["min_survivors"])
+        out.cohort, out.threshold, out.masked_sent = d["cohort"], d["threshold"], d["masked_sent"]
+        out.neighbours = {v: SecAggKeys.decode(bytes.fromhex(k)) for v, k in d["neighbours"]}
+        out.held = {v: (i, bytes.fromhex(share)) for v, i, share in d["held"]}
+        if d["revealed"] is not None:
+            out.revealed = SecAggUnmask(tuple(d["revealed"][0]), tuple(d["revealed"][1]))
+            out._reveal = out._reveal_of(out.revealed)
+        return out
 
     def keys(self) -> SecAggKeys:
         return self.secrets.keys(self.identity, self.ctx, self.device_id)
@@ -347,6 +384,7 @@ class SecAggDevice:
         keys = {p.device_id: p.keys for p in body.peers}
         out = self._sealed_shares(body.threshold, {v: keys[v].c_pk for v in sorted(ids)})
         self.neighbours, self.cohort, self.threshold = keys, body.cohort, body.threshold
+        self.changes += 1
         return SecAggShares(tuple(out))
 
     def on_relay(self, body: SecAggRelay) -> None:
@@ -359,6 +397,7 @@ class SecAggDevice:
             raise ProtocolError("too-few-neighbours", f"{len(senders)} neighbours shared keys, threshold "
                                                       f"{self.threshold}")
         self.held = {v: self._open_share(v, self.neighbours[v].c_pk, ciphertext) for v, ciphertext in body.shares}
+        self.changes += 1
 
     @property
     def ready(self) -> bool:
@@ -372,6 +411,7 @@ class SecAggDevice:
             raise ProtocolError("bad-stage", "no shares relayed yet: nothing to mask with")
         bits = self._modulus_bits(self.cohort)
         packed = self._mask(delta, bits, {v: self.neighbours[v].s_pk for v in sorted(self.held)})
+        self.changes += not self.masked_sent
         self.masked_sent = True
         return MaskedDelta(int(num_examples), float(loss), float(accuracy), self.cohort, bits, packed,
                            -1.0 if personal_accuracy is None else float(personal_accuracy))
@@ -396,13 +436,18 @@ class SecAggDevice:
             raise ProtocolError("too-few-survivors", f"{len(survivors) + 1} survivors among its neighbourhood, "
                                                      f"threshold {self.threshold}, the noise calibrated for "
                                                      f"{self.min_survivors or 'any number of'}")
-        entries = []
-        for v in sorted(survivors | dropped):
-            index, shares = self.held[v]
-            entries.append((v, REVEAL_SELF_MASK, index, shares[:16] + bytes(16)) if v in survivors else
-                           (v, REVEAL_PAIRWISE_KEY, index, shares[16:]))
-        self.revealed, self._reveal = body, SecAggReveal(tuple(entries))
+        self.revealed, self._reveal = body, self._reveal_of(body)
+        self.changes += 1
         return self._reveal
+
+    def _reveal_of(self, body: SecAggUnmask) -> SecAggReveal:
+        """Per neighbour in id order, the share of its self-mask seed if it survived, of its s_sk if it dropped."""
+        entries = []
+        for v in sorted(body.survivors + body.dropped):
+            index, shares = self.held[v]
+            entries.append((v, REVEAL_SELF_MASK, index, shares[:16] + bytes(16)) if v in body.survivors else
+                           (v, REVEAL_PAIRWISE_KEY, index, shares[16:]))
+        return SecAggReveal(tuple(entries))
 
     # --- the cryptographic steps (what CSecAggDevice runs in C) ---
 
