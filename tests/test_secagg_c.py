@@ -22,9 +22,9 @@ from fedtiny.protocol.chunking import CHUNK_HEADER, CHUNK_HEADER_SIZE, Reassembl
 from fedtiny.protocol.device import TrainResult
 from fedtiny.protocol.envelope import Flags, Header
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import MessageType, SecAggKeys, SecAggShares, SecAggUnmask
+from fedtiny.protocol.messages import MessageType, SecAggKeys, SecAggUnmask
 from fedtiny.protocol.secagg import (
-    RoundContext, RoundSecrets, SecAggDevice, modulus_bits, open_share, seal_share, share_key,
+    RoundContext, RoundSecrets, SecAggDevice, modulus_bits, open_share, seal_share, shamir_split, share_key,
     value_bounds,
 )
 from fedtiny.protocol.update import uplink_delta
@@ -68,7 +68,8 @@ def test_keys_signatures_and_moduli_are_pythons(csecagg, mlp_last2_plan):
 
 
 def test_c_shamir_shares_combine_with_pycryptodome(csecagg):
-    """Any `threshold` of the C node's shares give pycryptodome's Shamir.combine the secret back; fewer do not."""
+    """Any `threshold` of the C node's shares give pycryptodome's Shamir.combine the secret back; fewer do not; and
+    they are the Python device's (secagg.shamir_split with the same derived coefficients), byte for byte."""
     rng = np.random.default_rng(5)
     private, _ = identities(2)
     for trial in range(8):  # pycryptodome's combine is pure Python: small thresholds, and one of the largest
@@ -79,6 +80,8 @@ def test_c_shamir_shares_combine_with_pycryptodome(csecagg):
         n = 64 if trial == 0 else int(rng.integers(2, 65))
         t = 33 if trial == 0 else int(rng.integers(1, min(n, 8) + 1))
         shares = {i: csecagg.share(secrets, t, i) for i in range(1, n + 1)}
+        split = shamir_split(python.shamir_key, [python.b_seed, python.s_sk[:16], python.s_sk[16:]], t, n)
+        assert [b"".join(parts) for parts in zip(*split)] == [shares[i] for i in range(1, n + 1)]
         for _ in range(1 if trial == 0 else 2):
             chosen = sorted(rng.choice(np.arange(1, n + 1), t, replace=False).tolist())
             parts = [Shamir.combine([(i, shares[i][16 * w:16 * w + 16]) for i in chosen]) for w in range(3)]
@@ -97,9 +100,9 @@ def test_shares_sealed_in_c_open_in_python_and_back(csecagg):
     a_keys = SecAggKeys.decode(csecagg.keys(ca, ident_a.to_bytes()))
     shares = bytes(range(48))
     sealed = csecagg.seal_share(ca, b_keys.c_pk, b, 7, shares)
-    key = share_key(sb.c_sk, a_keys.c_pk, CTX, a, b)
+    key = share_key(sb.c_key, a_keys.c_pk, CTX, a, b)
     assert open_share(key, CTX, a, b, sealed) == (7, shares[:16], shares[16:32], shares[32:])
-    back = seal_share(share_key(sb.c_sk, a_keys.c_pk, CTX, b, a), CTX, b, a, 3, shares[:16], shares[16:32],
+    back = seal_share(share_key(sb.c_key, a_keys.c_pk, CTX, b, a), CTX, b, a, 3, shares[:16], shares[16:32],
                       shares[32:])
     assert csecagg.open_share(ca, b_keys.c_pk, b, back) == (3, shares)
     for bad in (back[:10] + bytes([back[10] ^ 1]) + back[11:], sealed):  # tampered; or sealed for another pair
@@ -207,8 +210,8 @@ def test_c_nodes_and_python_nodes_in_one_round_through_the_real_sessions(mlp_las
 
 class Twins:
     """A C node and the Python DeviceSession of the same identity fed the same frames: every outcome, state and
-    envelope must agree, but for SECAGG_SHARES (the Shamir coefficients are random in Python, derived in C: the
-    same recipients and sizes are checked there). The coordinator is given the Python session's frames."""
+    envelope must agree, byte for byte (SECAGG_SHARES too: both derive their Shamir coefficients from the round
+    secrets). The coordinator is given the Python session's frames."""
 
     def __init__(self, c, p):
         self.c, self.p = c, p
@@ -226,11 +229,7 @@ class Twins:
         c_env, p_env = self.envelopes(c_out), self.envelopes(p_out)
         assert [e[:32] for e in c_env] == [e[:32] for e in p_env], f"{what}: headers"
         for c, p in zip(c_env, p_env):
-            if Header.unpack(p).type == MessageType.SECAGG_SHARES:
-                assert len(c) == len(p) and [v for v, _ in SecAggShares.decode(c[32:-64]).shares] == \
-                    [v for v, _ in SecAggShares.decode(p[32:-64]).shares], f"{what}: shares' recipients"
-            else:
-                assert c == p, f"{what}: {MessageType(Header.unpack(p).type).name}"
+            assert c == p, f"{what}: {MessageType(Header.unpack(p).type).name}"
         assert (self.c.state.seq, self.c.state.trained_round, self.c.state.pending_task, self.c.state.upload is None) \
             == (self.p.state.seq, self.p.state.trained_round, self.p.state.pending_task, self.p.state.upload is None)
 

@@ -20,9 +20,10 @@ The coordinator then sums the masked vectors, removes the survivors' self masks 
 shared with dropped devices, and holds the sum: a device that drops after masking costs nothing but its own
 contribution, as long as every survivor and every dropped device keeps `threshold` surviving neighbours.
 
-Primitives: X25519, ChaCha20 and ChaCha20-Poly1305 from `cryptography`; Shamir's sharing over GF(2^128) from
-pycryptodome (16-byte secrets: the 32-byte s_sk is shared as two halves; the coordinator reconstructs a round's
-secrets together in pycryptodome's field, shamir_combine below); key derivation in the envelope's HKDF
+Primitives: X25519, ChaCha20 and ChaCha20-Poly1305 from `cryptography`; Shamir's sharing over pycryptodome's
+GF(2^128) (16-byte secrets: the 32-byte s_sk is shared as two halves; a device's shares and the coordinator's
+reconstruction of a round's secrets are computed in numpy in pycryptodome's field, shamir_split and shamir_combine
+below, and checked against pycryptodome's Shamir); key derivation in the envelope's HKDF
 shape with keyed BLAKE2b (hashlib), as a node has it in Monocypher (a node computes no SHA-256). A device's round
 secrets are derived from its identity secret, the run and the round. A device keeps its round across a restart
 (SecAggDevice.export, persisted whenever the round changes, before any reply it made leaves): restarted, it
@@ -47,10 +48,9 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -108,9 +108,9 @@ def _public(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
 
-def _agree(secret: bytes, public: bytes) -> bytes:
+def _agree(own: X25519PrivateKey, public: bytes) -> bytes:
     try:
-        return _x25519(secret).exchange(X25519PublicKey.from_public_bytes(public))
+        return own.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:  # an all-zero shared secret: a small-order public key
         raise ProtocolError("bad-key", "X25519 agreement with a small-order public key") from None
 
@@ -126,21 +126,27 @@ def keys_message(ctx: RoundContext, device_id: int, c_pk: bytes, s_pk: bytes, b_
 
 @dataclass(frozen=True)
 class RoundSecrets:
-    """A device's secrets for one round: c_sk (share encryption), s_sk (pairwise masks), the self-mask seed."""
+    """A device's secrets for one round: c_sk (share encryption), s_sk (pairwise masks), the self-mask seed, and the
+    key its Shamir coefficients are drawn with (shamir_split)."""
 
     c_sk: bytes
     s_sk: bytes
     b_seed: bytes
+    shamir_key: bytes
 
     @classmethod
     def derive(cls, identity: Identity, ctx: RoundContext, device_id: int) -> RoundSecrets:
         root = hashlib.blake2b(ctx.info(b"secrets", device_id), digest_size=64,
                                key=identity.to_bytes()[:64]).digest()
         part = lambda kind: hashlib.blake2b(kind, digest_size=32, key=root).digest()  # noqa: E731
-        return cls(part(b"c"), part(b"s"), part(b"b")[:16])
+        return cls(part(b"c"), part(b"s"), part(b"b")[:16], part(b"shamir"))
+
+    # c_sk and s_sk as key objects, made once: a round agrees with each neighbour's keys more than once
+    c_key = cached_property(lambda self: _x25519(self.c_sk))
+    s_key = cached_property(lambda self: _x25519(self.s_sk))
 
     def keys(self, identity: Identity, ctx: RoundContext, device_id: int) -> SecAggKeys:
-        c_pk, s_pk, b_commit = _public(_x25519(self.c_sk)), _public(_x25519(self.s_sk)), commitment(self.b_seed)
+        c_pk, s_pk, b_commit = _public(self.c_key), _public(self.s_key), commitment(self.b_seed)
         return SecAggKeys(c_pk, s_pk, b_commit, identity.sign(keys_message(ctx, device_id, c_pk, s_pk, b_commit)))
 
 
@@ -228,7 +234,7 @@ def expand_mask(key: bytes, sizes: list[int], bits: tuple[int, ...]) -> list[np.
     return out
 
 
-def pairwise_key(own_s_sk: bytes, peer_s_pk: bytes, ctx: RoundContext, a: int, b: int) -> bytes:
+def pairwise_key(own_s_sk: X25519PrivateKey, peer_s_pk: bytes, ctx: RoundContext, a: int, b: int) -> bytes:
     return kdf(_agree(own_s_sk, peer_s_pk), ctx.info(b"mask", min(a, b), max(a, b)))
 
 
@@ -265,7 +271,7 @@ def unpack_values(packed: bytes, sizes: list[int], bits: tuple[int, ...]) -> lis
 
 # --- shares ------------------------------------------------------------------------------------------------
 
-def share_key(own_c_sk: bytes, peer_c_pk: bytes, ctx: RoundContext, sender: int, receiver: int) -> bytes:
+def share_key(own_c_sk: X25519PrivateKey, peer_c_pk: bytes, ctx: RoundContext, sender: int, receiver: int) -> bytes:
     return kdf(_agree(own_c_sk, peer_c_pk), ctx.info(b"share", sender, receiver))
 
 
@@ -287,8 +293,21 @@ def open_share(key: bytes, ctx: RoundContext, sender: int, receiver: int, cipher
     return index, b, s_lo, s_hi
 
 
-def _split(t: int, n: int, secret: bytes) -> list[bytes]:
-    return [share for _, share in Shamir.split(t, n, secret)]
+def shamir_split(key: bytes, secrets: list[bytes], t: int, n: int) -> list[list[bytes]]:
+    """Per 16-byte secret, its shares at indexes 1..n of a polynomial of degree t - 1 over pycryptodome's field
+    (Shamir.combine reconstructs it from any t), evaluated for all secrets and indexes together by Horner's rule in
+    numpy (pycryptodome's Shamir.split, pure Python, was most of a device's CPU per round). The coefficient of degree
+    d of secret number w is BLAKE2b-128(key, bytes([w, d])): the C node's fedtiny_secagg_share, so a Python device and
+    a C node of one identity make the same shares, and a restarted device makes them again."""
+    which = np.repeat(np.arange(len(secrets)), n)
+    index = np.tile(np.arange(1, n + 1), len(secrets))
+    y = np.zeros((len(which), _GF_BITS), np.uint8)
+    for degree in range(t - 1, 0, -1):
+        coefficients = _elements_to_bits([hashlib.blake2b(bytes([w, degree]), digest_size=16, key=key).digest()
+                                          for w in range(len(secrets))])
+        y = _gf_mul_small(y ^ coefficients[which], index)
+    shares = _bits_to_elements(y ^ _elements_to_bits(secrets)[which])
+    return [shares[w * n:(w + 1) * n] for w in range(len(secrets))]
 
 
 # --- a device's round --------------------------------------------------------------------------------------
@@ -468,17 +487,17 @@ class SecAggDevice:
 
     def _sealed_shares(self, t: int, c_pks: dict[int, bytes]) -> list[tuple[int, bytes]]:
         """Each neighbour's (in id order, share index i + 1) t-of-n shares of b and s_sk, sealed for it."""
-        n = len(c_pks)
-        b, s_lo, s_hi = (_split(t, n, self.secrets.b_seed), _split(t, n, self.secrets.s_sk[:16]),
-                         _split(t, n, self.secrets.s_sk[16:]))
+        b, s_lo, s_hi = shamir_split(self.secrets.shamir_key,
+                                     [self.secrets.b_seed, self.secrets.s_sk[:16], self.secrets.s_sk[16:]], t,
+                                     len(c_pks))
         out = []
         for i, (v, c_pk) in enumerate(c_pks.items()):
-            key = share_key(self.secrets.c_sk, c_pk, self.ctx, self.device_id, v)
+            key = share_key(self.secrets.c_key, c_pk, self.ctx, self.device_id, v)
             out.append((v, seal_share(key, self.ctx, self.device_id, v, i + 1, b[i], s_lo[i], s_hi[i])))
         return out
 
     def _open_share(self, sender: int, c_pk: bytes, ciphertext: bytes) -> tuple[int, bytes]:
-        key = share_key(self.secrets.c_sk, c_pk, self.ctx, sender, self.device_id)
+        key = share_key(self.secrets.c_key, c_pk, self.ctx, sender, self.device_id)
         index, b, s_lo, s_hi = open_share(key, self.ctx, sender, self.device_id, ciphertext)
         return index, b + s_lo + s_hi
 
@@ -491,7 +510,7 @@ class SecAggDevice:
                                           bits)):
             total[i] = total[i] + m
         for v, s_pk in s_pks.items():
-            masks = expand_mask(pairwise_key(self.secrets.s_sk, s_pk, self.ctx, self.device_id, v), sizes, bits)
+            masks = expand_mask(pairwise_key(self.secrets.s_key, s_pk, self.ctx, self.device_id, v), sizes, bits)
             for i, m in enumerate(masks):
                 total[i] = total[i] + m if self.device_id < v else total[i] - m
         values = [t & np.uint64((1 << k) - 1) for t, k in zip(total, bits)]
@@ -716,8 +735,9 @@ class SecAggRound:
             for i, m in enumerate(expand_mask(self_mask_key(b_seed, self.ctx, u), sizes, self.bits)):
                 total[i] -= m
         for v, s_sk in zip(unmasking, secrets[len(u3):]):
+            dropped_key = _x25519(s_sk)
             for u in (u for u in self.graph[v] if u in self.masked):  # u added +mask if u < v, else -mask
-                masks = expand_mask(pairwise_key(s_sk, self.keys[u].s_pk, self.ctx, v, u), sizes, self.bits)
+                masks = expand_mask(pairwise_key(dropped_key, self.keys[u].s_pk, self.ctx, v, u), sizes, self.bits)
                 for i, m in enumerate(masks):
                     total[i] = total[i] - m if u < v else total[i] + m
         out = {}
