@@ -253,7 +253,8 @@ folder of `fedtiny keys`; the payload limit must take the node's {chunk_size}-by
         -kernel fedtiny_node.elf -chardev socket,id=modem,host=127.0.0.1,port=5555,reconnect=1 \\
         -serial null -serial chardev:modem
 
-The node keeps its state in `node.flash` (two banks) in QEMU's working folder; see docs/node.md.
+The node keeps its state in `node.flash` (two banks) in QEMU's working folder, and with secure aggregation the round it
+holds in `node-round.flash` (two banks); see docs/node.md.
 """
 
 
