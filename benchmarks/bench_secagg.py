@@ -8,7 +8,8 @@ and a device's instructions projected from the node's measured crypto.
    signatures and tags included; under --secagg every stage message: keys, shares, masked DELTA, reveal).
 2. The coordinator's part of one round, timed in this process for cohorts of 10, 50 and 100 devices of the run's
    plan with 30 % dropping after masking: verifying keys, building the graph, relaying, checking masked DELTAs,
-   reconstructing seeds and keys (Shamir), expanding masks, summing. The devices' part is run too, not timed.
+   reconstructing seeds and keys (Shamir), expanding masks, summing. The devices' part is run too and its CPU
+   counted apart (in a simulation the node agents' worker processes spend it).
 3. A node's instructions per round on the Cortex-M4: the operation counts of the protocol for the plan and the
    graph degree, times the figures BENCHMARKS.md "Node crypto" measured under QEMU (X25519, EdDSA sign and verify,
    ChaCha20-Poly1305 per byte). Shamir's GF(2^128) arithmetic has no node measurement; it is counted at an assumed
