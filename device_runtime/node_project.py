@@ -125,12 +125,6 @@ def bank_bytes(sizes: dict[str, int]) -> int:
 ROUND_BANK_BYTES = _sectors(NODE_SECAGG_RECORD_BYTES)
 
 
-def state_flash_bytes(sizes: dict[str, int], secagg: bool) -> int:
-    """The flash the node's persisted state takes: two banks of its record, and with secure aggregation two of the
-    round held."""
-    return 2 * bank_bytes(sizes) + (2 * ROUND_BANK_BYTES if secagg else 0)
-
-
 def device_folder(fleet_dir: str | Path, device: str) -> Path:
     """The device's folder of a `fedtiny keys` fleet (fleet_dir/devices/<device>), or fleet_dir itself when it
     is that folder (what a plant hands over for one device)."""
