@@ -98,6 +98,8 @@ def main() -> int:
                         help=f"secure aggregation with device noise (--secagg --dp-epsilon {EPSILON:g})")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
     args = parser.parse_args()
+    from fedtiny.planfile import load_plan
+    from fedtiny_device import node_project
     from fedtiny_device.node_project import ram_by_part
     from fedtiny_server.state import StateStore
 
@@ -160,6 +162,8 @@ def secagg_section(args) -> str:
     """--secagg: per scheme, the firmware node in the same simulation with and without secure aggregation and
     device noise (the noise depends on each run's fresh keys, so no run with Python agents only can give the same
     global model: the exact sum is tests/test_firmware_secagg.py's), side by side."""
+    from fedtiny.planfile import load_plan
+    from fedtiny_device import node_project
     from fedtiny_device.node_project import ram_by_part
 
     lines = [SECAGG_SECTION, "", provenance(f"python benchmarks/bench_node.py --schemes {args.schemes} --rounds "
@@ -173,7 +177,9 @@ def secagg_section(args) -> str:
              "Secure aggregation's steps (round keys, checking the neighbours' signatures, sealing and opening "
              "shares, the masks) count as crypto, the noise's sampling as protocol. `noise values` holds the sent "
              "delta as int32 while it is noised and until it is masked; `secure aggregation` is one round's state "
-             "(fedtiny_node_secagg), persisted with every record while a round is held. That the firmware's masked, "
+             "(fedtiny_node_secagg); all but its stage reply is persisted in a flash store of its own when the round "
+             "changes (begun, peers answered, relay taken, masked, revealed), not with every record (`persisted "
+             "state` below: the two banks of the node's record, and of the round's). That the firmware's masked, "
              "noised DELTAs sum exactly with the other nodes' is tests/test_firmware_secagg.py's (the noise depends "
              "on each run's fresh keys: no run with Python agents only gives the same global model).", ""]
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +206,17 @@ def secagg_section(args) -> str:
                 a, b = flash["plain"].get(part, 0), flash["secagg"][part]
                 lines.append(f"| {part} | {a:,} | {b:,} | {b - a:+,} |")
             a, b = nodes["plain"]["flash_bytes"], nodes["secagg"]["flash_bytes"]
+            plan = load_plan(Path(tmp) / f"{scheme}-secagg" / "plan.ftp")
+            sizes = {name: node_project.buffer_sizes(plan, 1024, name == "secagg") for name in runs}
+            banks = {name: 2 * node_project.bank_bytes(sizes[name]) for name in runs}
+            rounds = {"plain": 0, "secagg": 2 * node_project.ROUND_BANK_BYTES}
             lines += [f"| total by the linker | {a:,} | {b:,} | {b - a:+,} |", "",
+                      "| persisted state (flash, two banks each) | plain | secagg + noise | added |",
+                      "|---|---:|---:|---:|",
+                      f"| the node's record | {banks['plain']:,} | {banks['secagg']:,} | "
+                      f"{banks['secagg'] - banks['plain']:+,} |",
+                      f"| the round held ({node_project.NODE_SECAGG_RECORD_BYTES:,} B a save) | 0 | "
+                      f"{rounds['secagg']:,} | {rounds['secagg']:+,} |", "",
                       "| instructions per round (mean of rounds 2..) | training | crypto | protocol | total | "
                       "at 64 MHz | at 216 MHz |", "|---|---:|---:|---:|---:|---:|---:|"]
             for name, label in (("plain", "plain"), ("secagg", "secagg + noise")):

@@ -8,7 +8,8 @@ and a device's instructions projected from the node's measured crypto.
    signatures and tags included; under --secagg every stage message: keys, shares, masked DELTA, reveal).
 2. The coordinator's part of one round, timed in this process for cohorts of 10, 50 and 100 devices of the run's
    plan with 30 % dropping after masking: verifying keys, building the graph, relaying, checking masked DELTAs,
-   reconstructing seeds and keys (Shamir), expanding masks, summing. The devices' part is run too, not timed.
+   reconstructing seeds and keys (Shamir), expanding masks, summing. The devices' part is run too and its CPU
+   counted apart (in a simulation the node agents' worker processes spend it).
 3. A node's instructions per round on the Cortex-M4: the operation counts of the protocol for the plan and the
    graph degree, times the figures BENCHMARKS.md "Node crypto" measured under QEMU (X25519, EdDSA sign and verify,
    ChaCha20-Poly1305 per byte). Shamir's GF(2^128) arithmetic has no node measurement; it is counted at an assumed
@@ -67,11 +68,12 @@ def secagg_bytes(run: Path) -> tuple[float, float]:
     return float(np.mean(survivors)), float(np.mean(dropped)) if dropped else float("nan")
 
 
-def coordinator_seconds(plan, n: int, clip: float = 0.5) -> tuple[float, float, float, int, int]:
+def coordinator_seconds(plan, n: int, clip: float = 0.5) -> tuple[float, float, float, float, int, int]:
     """The coordinator's part of one round of n devices, 30 % dropping after masking: (wall seconds, CPU seconds,
-    CPU seconds of them reconstructing the Shamir-shared secrets (secagg.shamir_combine), graph degree,
-    threshold). CPU time is this process's: on a shared machine it does not grow with the load as the wall time
-    does."""
+    CPU seconds of them reconstructing the Shamir-shared secrets (secagg.shamir_combine), the devices' CPU seconds
+    (all n of them: keys, shares, opening the relay, masking, revealing; in a simulation the node agents' workers
+    spend them), graph degree, threshold). CPU time is this process's: on a shared machine it does not grow with
+    the load as the wall time does."""
     from fedtiny.protocol import secagg
     from fedtiny.protocol.envelope import Identity
     from fedtiny.protocol.secagg import RoundContext, SecAggDevice, SecAggRound
@@ -79,13 +81,19 @@ def coordinator_seconds(plan, n: int, clip: float = 0.5) -> tuple[float, float, 
     ctx = RoundContext(1, 1, 1)
     ids = {1000 + i: Identity.from_seed(f"bench {i}".encode()) for i in range(n)}
     public = {i: v.public for i, v in ids.items()}
-    devices = {i: SecAggDevice(plan, ids[i], i, ctx, public, clip) for i in ids}
     server = SecAggRound(plan, ctx, public, list(ids), clip)
     rng = np.random.default_rng(0)
     gone = set(rng.choice(sorted(ids), int(0.3 * n), replace=False).tolist())
     delta = {k: np.zeros(np.asarray(v).shape, np.int16 if np.asarray(v).dtype == np.int8 else np.int32)
              for k, v in plan.initial_state().items()}
-    spent = cpu = shamir = 0.0
+    spent = cpu = shamir = devices_cpu = 0.0
+
+    def device(f, *a):
+        nonlocal devices_cpu
+        c = time.process_time()
+        out = f(*a)
+        devices_cpu += time.process_time() - c
+        return out
 
     def timed(f, *a):
         nonlocal spent, cpu
@@ -105,23 +113,24 @@ def coordinator_seconds(plan, n: int, clip: float = 0.5) -> tuple[float, float, 
         finally:
             shamir += time.process_time() - c
 
+    devices = {i: device(SecAggDevice, plan, ids[i], i, ctx, public, clip) for i in ids}
     for i, d in devices.items():
-        timed(server.on_keys, i, d.keys())
+        timed(server.on_keys, i, device(d.keys))
     for i, peers in timed(server.close_keys).items():
-        timed(server.on_shares, i, devices[i].on_peers(peers))
+        timed(server.on_shares, i, device(devices[i].on_peers, peers))
     for i, relay in timed(server.close_shares).items():
-        devices[i].on_relay(relay)
+        device(devices[i].on_relay, relay)
     for i, d in devices.items():
         if i not in gone:
-            timed(server.on_masked, i, d.masked(delta, 1, 0.0, 0.0))
+            timed(server.on_masked, i, device(d.masked, delta, 1, 0.0, 0.0))
     for i, unmask in timed(server.close_masked).items():
-        timed(server.on_reveal, i, devices[i].on_unmask(unmask))
+        timed(server.on_reveal, i, device(devices[i].on_unmask, unmask))
     secagg.shamir_combine = timed_combine
     try:
         timed(server.finish)
     finally:
         secagg.shamir_combine = combine
-    return spent, cpu, shamir, len(server.graph[next(iter(server.graph))]), server.threshold
+    return spent, cpu, shamir, devices_cpu, len(server.graph[next(iter(server.graph))]), server.threshold
 
 
 def node_instructions(plan, n: int) -> dict:
@@ -178,14 +187,14 @@ def main():
              f"Under --secagg a survivor sent {survivor:,.0f} B per round, a node that dropped after sharing its keys "
              f"{dropped:,.0f} B. The downlink adds each node's SECAGG_PEERS (160 B per neighbour), RELAY and "
              f"UNMASK.", "",
-             "The coordinator's part of one round (this process, 30 % of the cohort dropping after masking; the "
-             "devices' part not counted):", "",
+             "The coordinator's part of one round (this process, 30 % of the cohort dropping after masking), and "
+             "the devices' part of it (every device's steps, run in this process too, counted apart):", "",
              "| cohort | graph degree | threshold | coordinator s per round (wall) | CPU s | "
-             "of which Shamir reconstruction |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "of which Shamir reconstruction | all devices' CPU s |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for n in (10, 50, 100):
-        seconds, cpu, shamir, degree, t = coordinator_seconds(plan, n)
-        lines.append(f"| {n} | {degree} | {t} | {seconds:.3f} | {cpu:.3f} | {shamir:.3f} |")
+        seconds, cpu, shamir, devices_cpu, degree, t = coordinator_seconds(plan, n)
+        lines.append(f"| {n} | {degree} | {t} | {seconds:.3f} | {cpu:.3f} | {shamir:.3f} | {devices_cpu:.3f} |")
     node = node_instructions(plan, args.nodes)
     total = sum(node["parts"].values())
     lines += ["", f"A node's instructions per round, projected (cohort {args.nodes}: degree {node['d']}, threshold "

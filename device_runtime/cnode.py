@@ -159,6 +159,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "fedtiny_node_sizes_of": ([p(NodePlan), u32, p(Sizes)], None),
         "fedtiny_node_sizes_secagg_of": ([p(NodePlan), u32, p(Sizes)], None),
         "fedtiny_node_secagg_size": ([], ctypes.c_size_t),
+        "fedtiny_node_secagg_record_bytes": ([], ctypes.c_size_t),
+        "fedtiny_node_secagg_restore": ([vp, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int),
         "fedtiny_node_state_fresh": ([p(State)], None),
         "fedtiny_node_init": ([p(Node), p(Config), p(State)], ctypes.c_int),
         "fedtiny_node_wipe": ([p(Node)], None),
@@ -274,6 +276,7 @@ class CNodeSession:
             config.personal = ctypes.addressof(self._personal)
         else:
             self._personal = None
+        self._secagg = None
         if peers is not None:  # secure aggregation: the fleet's public identities and the round's RAM
             ids = sorted(peers)
             self._peer_ids = (u32 * max(1, len(ids)))(*ids)
@@ -281,6 +284,9 @@ class CNodeSession:
                                                              max(1, 64 * len(ids)))
             self._peers = NodePeers(self._peer_ids, ctypes.addressof(self._peer_publics), len(ids))
             self._secagg = ctypes.create_string_buffer(self.lib.fedtiny_node_secagg_size())
+            record = state.secagg or b""  # the round held, as the firmware restores it from its round store
+            if self.lib.fedtiny_node_secagg_restore(self._secagg, record, len(record)):
+                raise ValueError(f"a secure-aggregation round of {len(record)} bytes is not this C node's record")
             config.peers, config.secagg = ctypes.pointer(self._peers), ctypes.addressof(self._secagg)
         config.capacity = sizes
         config.publish, config.persist = self._publish, self._persist
@@ -328,9 +334,12 @@ class CNodeSession:
             pending["masked"] = True
         upload = self._buffers["upload"].raw[:s.upload_len] if s.upload_len else None
         personal = self.library.unpack(self._personal) if s.personal else None
+        secagg = None  # the round held (its first byte: active): the record the firmware keeps in its round store
+        if self._secagg is not None and self._secagg.raw[0]:
+            secagg = self._secagg.raw[:self.lib.fedtiny_node_secagg_record_bytes()]
         return NodeState(s.model_version, self.library.unpack(self._buffers["global_state"]), s.rng_counter,
                          s.round, s.seq, s.trained_round, replay, pending, upload, s.upload_chunk,
-                         self.library.unpack(self._buffers["carry"], delta=True), s.run, personal)
+                         self.library.unpack(self._buffers["carry"], delta=True), s.run, personal, secagg)
 
     def persisted_bytes(self) -> bytes:
         """Everything persist hands over, as bytes: the state struct, the global state, the carry, the upload, the

@@ -215,7 +215,7 @@ def secagg_case(plan, delta: dict[str, np.ndarray], degree: int, cohort: int, cl
     keys = {i: secrets[i].keys(private[i], ctx, i) for i in private}
     first = others[0]
     shares = bytes(range(7, 55))
-    sealed = seal_share(share_key(secrets[first].c_sk, keys[device_id].c_pk, ctx, first, device_id), ctx, first,
+    sealed = seal_share(share_key(secrets[first].c_key, keys[device_id].c_pk, ctx, first, device_id), ctx, first,
                         device_id, 5, shares[:16], shares[16:32], shares[32:])
     flat = np.concatenate([np.asarray(delta[n], np.int64).reshape(-1) for n in plan.trainable_buffers()])
     vectors = "".join([

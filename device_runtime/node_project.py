@@ -34,10 +34,11 @@ NODE_ELF = "fedtiny_node.elf"
 FIRMWARE_FILES = ("fedtiny_profile.c", "fedtiny_store.c", "fedtiny_store.h", "fedtiny_crc32.c", "fedtiny_crc32.h",
                   "fedtiny_flash_semihost.c", "fedtiny_flash_semihost.h", "fedtiny_modem.c", "fedtiny_modem.h",
                   "fedtiny_uart_cmsdk.c", "fedtiny_uart_cmsdk.h", "firmware_node.c", "fedtiny_node.ld")
-# offsetof(fedtiny_node_secagg, stage) on the Cortex-M4: the round's state the firmware persists (without the stage
+# FEDTINY_NODE_SECAGG_RECORD_BYTES on the Cortex-M4: the round's state the firmware persists (without the stage
 # reply buffer); device_memory.NODE_SECAGG_STATE_BYTES is the whole struct
 NODE_SECAGG_RECORD_BYTES = 10_296
 FLASH_FILE = "node.flash"  # the flash image, relative to QEMU's working folder (fedtiny_device.qemu_node)
+ROUND_FLASH_FILE = "node-round.flash"  # with secure aggregation: the round held, in a store of its own
 
 
 def _c_bytes(name: str, data: bytes) -> str:
@@ -67,10 +68,8 @@ def buffer_sizes(plan: Plan, chunk_size: int, secagg: bool = False) -> dict[str,
         upload, reassembly = (max(a, b) for a, b in zip((upload, reassembly), secagg_buffer_bytes(plan)))
     # the personalised model: a second state, where the plan's budget holds it (memory_report)
     personal = state if plan.memory_report()["personal_model_bytes"] else 0
-    # secure aggregation: the round held, persisted with every record (firmware_node.c, all but its stage reply)
-    secagg_record = NODE_SECAGG_RECORD_BYTES if secagg else 0
     return dict(state=state, delta=delta, upload=upload, reassembly=reassembly,
-                bitmap=reassembly // 8 + 2, chunk=chunk_size, personal=personal, secagg_record=secagg_record)
+                bitmap=reassembly // 8 + 2, chunk=chunk_size, personal=personal)
 
 
 # The firmware's RAM by part (ram_by_part): each part's static variables, by symbol (firmware_node.c and model.c).
@@ -111,11 +110,19 @@ def ram_by_part(map_path: Path) -> dict[str, int]:
     return parts
 
 
+def _sectors(payload: int) -> int:
+    return -(-(payload + 64) // 4096) * 4096  # the record header area, in whole 4 KiB sectors
+
+
 def bank_bytes(sizes: dict[str, int]) -> int:
-    """One flash bank: the record header area and the six segments (plan hash, state numbers, model, carry,
-    upload, personalised model), and with secure aggregation a seventh (the round held)."""
-    payload = 256 + sizes["state"] + sizes["delta"] + sizes["upload"] + sizes["personal"] + sizes["secagg_record"]
-    return -(-(payload + 64) // 4096) * 4096  # whole 4 KiB sectors
+    """One flash bank of the node's record: the header area and the six segments (plan hash, state numbers, model,
+    carry, upload, personalised model)."""
+    return _sectors(256 + sizes["state"] + sizes["delta"] + sizes["upload"] + sizes["personal"])
+
+
+# One bank of the store that holds a secure-aggregation node's round (firmware_node.c's round_store, two banks):
+# written when the round changes, not with every record.
+ROUND_BANK_BYTES = _sectors(NODE_SECAGG_RECORD_BYTES)
 
 
 def device_folder(fleet_dir: str | Path, device: str) -> Path:
@@ -180,6 +187,8 @@ def config_files(plan: Plan, folder: Path, device: str, n_samples: int, *, chunk
               f"#define FEDTINY_NODE_CFG_ACK_TIMEOUT_MS {int(ack_timeout_s * 1000)}\n"
               f"#define FEDTINY_NODE_CFG_BANK_BYTES {bank_bytes(sizes)}u\n"
               f"#define FEDTINY_NODE_CFG_FLASH_FILE \"{FLASH_FILE}\"\n"
+              f"#define FEDTINY_NODE_CFG_ROUND_BANK_BYTES {ROUND_BANK_BYTES}u\n"
+              f"#define FEDTINY_NODE_CFG_ROUND_FLASH_FILE \"{ROUND_FLASH_FILE}\"\n"
               f"#define FEDTINY_NODE_CFG_VALUES_ELEMENTS {privacy['noise_values_bytes'] // 4}u /* 0: refuses noise */\n"
               f"#define FEDTINY_NODE_CFG_SECAGG {int(secagg)} /* 0: answers a masked TASK with ACK REJECTED */\n\n"
               "extern const fedtiny_node_plan fedtiny_node_plan_config;\n"
@@ -238,7 +247,8 @@ folder of `fedtiny keys`; the payload limit must take the node's {chunk_size}-by
         -kernel fedtiny_node.elf -chardev socket,id=modem,host=127.0.0.1,port=5555,reconnect=1 \\
         -serial null -serial chardev:modem
 
-The node keeps its state in `node.flash` (two banks) in QEMU's working folder; see docs/node.md.
+The node keeps its state in `node.flash` (two banks) in QEMU's working folder, and with secure aggregation the round it
+holds in `node-round.flash` (two banks); see docs/node.md.
 """
 
 

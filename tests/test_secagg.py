@@ -133,6 +133,29 @@ def test_the_neighbour_graph_is_symmetric_and_of_the_stated_degree():
     assert graph_degree(10) == 9 and neighbour_graph(ids[:10], b"", 9)[1] == tuple(ids[1:10])
 
 
+def test_the_batched_shamir_split_is_a_sharing_pycryptodome_combines():
+    """shamir_split (a device's shares, all secrets and indexes at once): any `t` of the n shares give pycryptodome's
+    Shamir.combine each secret back, at thresholds and share counts up to the graph's 64; t - 1 do not; the shares
+    depend on the key (its coefficients) and not on anything else (a restarted device makes the same)."""
+    import random
+
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    from fedtiny.protocol.secagg import shamir_split
+
+    rng = random.Random(3)
+    for n, t in ((1, 1), (2, 2), (5, 3), (36, 19), (64, 33)):
+        key, secrets = rng.randbytes(32), [rng.randbytes(16) for _ in range(3)]
+        shares = shamir_split(key, secrets, t, n)
+        assert shares == shamir_split(key, secrets, t, n)
+        assert (shares != shamir_split(rng.randbytes(32), secrets, t, n)) == (t > 1)  # t = 1: the secret itself
+        for secret, row in zip(secrets, shares):
+            assert len(row) == n and all(len(s) == 16 for s in row)
+            assert Shamir.combine(rng.sample(list(enumerate(row, 1)), t)) == secret
+            if t > 1:
+                assert Shamir.combine(rng.sample(list(enumerate(row, 1)), t - 1)) != secret
+
+
 def test_the_batched_shamir_combine_equals_pycryptodomes_on_random_shares():
     """shamir_combine (the coordinator's batched interpolation) against pycryptodome's Shamir.combine: secrets
     split by pycryptodome at random thresholds and share counts up to the graph's 64, random subsets of at

@@ -22,9 +22,9 @@ from fedtiny.protocol.chunking import CHUNK_HEADER, CHUNK_HEADER_SIZE, Reassembl
 from fedtiny.protocol.device import TrainResult
 from fedtiny.protocol.envelope import Flags, Header
 from fedtiny.protocol.errors import ProtocolError
-from fedtiny.protocol.messages import MessageType, SecAggKeys, SecAggShares, SecAggUnmask
+from fedtiny.protocol.messages import MessageType, SecAggKeys, SecAggUnmask
 from fedtiny.protocol.secagg import (
-    RoundContext, RoundSecrets, SecAggDevice, modulus_bits, open_share, seal_share, share_key,
+    RoundContext, RoundSecrets, SecAggDevice, modulus_bits, open_share, seal_share, shamir_split, share_key,
     value_bounds,
 )
 from fedtiny.protocol.update import uplink_delta
@@ -68,7 +68,8 @@ def test_keys_signatures_and_moduli_are_pythons(csecagg, mlp_last2_plan):
 
 
 def test_c_shamir_shares_combine_with_pycryptodome(csecagg):
-    """Any `threshold` of the C node's shares give pycryptodome's Shamir.combine the secret back; fewer do not."""
+    """Any `threshold` of the C node's shares give pycryptodome's Shamir.combine the secret back; fewer do not; and
+    they are the Python device's (secagg.shamir_split with the same derived coefficients), byte for byte."""
     rng = np.random.default_rng(5)
     private, _ = identities(2)
     for trial in range(8):  # pycryptodome's combine is pure Python: small thresholds, and one of the largest
@@ -79,6 +80,8 @@ def test_c_shamir_shares_combine_with_pycryptodome(csecagg):
         n = 64 if trial == 0 else int(rng.integers(2, 65))
         t = 33 if trial == 0 else int(rng.integers(1, min(n, 8) + 1))
         shares = {i: csecagg.share(secrets, t, i) for i in range(1, n + 1)}
+        split = shamir_split(python.shamir_key, [python.b_seed, python.s_sk[:16], python.s_sk[16:]], t, n)
+        assert [b"".join(parts) for parts in zip(*split)] == [shares[i] for i in range(1, n + 1)]
         for _ in range(1 if trial == 0 else 2):
             chosen = sorted(rng.choice(np.arange(1, n + 1), t, replace=False).tolist())
             parts = [Shamir.combine([(i, shares[i][16 * w:16 * w + 16]) for i in chosen]) for w in range(3)]
@@ -97,9 +100,9 @@ def test_shares_sealed_in_c_open_in_python_and_back(csecagg):
     a_keys = SecAggKeys.decode(csecagg.keys(ca, ident_a.to_bytes()))
     shares = bytes(range(48))
     sealed = csecagg.seal_share(ca, b_keys.c_pk, b, 7, shares)
-    key = share_key(sb.c_sk, a_keys.c_pk, CTX, a, b)
+    key = share_key(sb.c_key, a_keys.c_pk, CTX, a, b)
     assert open_share(key, CTX, a, b, sealed) == (7, shares[:16], shares[16:32], shares[32:])
-    back = seal_share(share_key(sb.c_sk, a_keys.c_pk, CTX, b, a), CTX, b, a, 3, shares[:16], shares[16:32],
+    back = seal_share(share_key(sb.c_key, a_keys.c_pk, CTX, b, a), CTX, b, a, 3, shares[:16], shares[16:32],
                       shares[32:])
     assert csecagg.open_share(ca, b_keys.c_pk, b, back) == (3, shares)
     for bad in (back[:10] + bytes([back[10] ^ 1]) + back[11:], sealed):  # tampered; or sealed for another pair
@@ -207,8 +210,8 @@ def test_c_nodes_and_python_nodes_in_one_round_through_the_real_sessions(mlp_las
 
 class Twins:
     """A C node and the Python DeviceSession of the same identity fed the same frames: every outcome, state and
-    envelope must agree, but for SECAGG_SHARES (the Shamir coefficients are random in Python, derived in C: the
-    same recipients and sizes are checked there). The coordinator is given the Python session's frames."""
+    envelope must agree, byte for byte (SECAGG_SHARES too: both derive their Shamir coefficients from the round
+    secrets). The coordinator is given the Python session's frames."""
 
     def __init__(self, c, p):
         self.c, self.p = c, p
@@ -226,11 +229,7 @@ class Twins:
         c_env, p_env = self.envelopes(c_out), self.envelopes(p_out)
         assert [e[:32] for e in c_env] == [e[:32] for e in p_env], f"{what}: headers"
         for c, p in zip(c_env, p_env):
-            if Header.unpack(p).type == MessageType.SECAGG_SHARES:
-                assert len(c) == len(p) and [v for v, _ in SecAggShares.decode(c[32:-64]).shares] == \
-                    [v for v, _ in SecAggShares.decode(p[32:-64]).shares], f"{what}: shares' recipients"
-            else:
-                assert c == p, f"{what}: {MessageType(Header.unpack(p).type).name}"
+            assert c == p, f"{what}: {MessageType(Header.unpack(p).type).name}"
         assert (self.c.state.seq, self.c.state.trained_round, self.c.state.pending_task, self.c.state.upload is None) \
             == (self.p.state.seq, self.p.state.trained_round, self.p.state.pending_task, self.p.state.upload is None)
 
@@ -457,3 +456,129 @@ def test_a_masked_round_whose_relay_never_comes_leaves_the_carry_on_both_sides(m
     c_carry, p_carry = twins.c.state.carry, twins.p.state.carry
     assert any(np.any(v) for v in p_carry.values())  # keep 0.5: something is carried now, and alike
     assert all(np.array_equal(c_carry[n], p_carry[n]) for n in plan.trainable_buffers())
+
+
+RESETS = ("keys", "shares", "relay", "trained", "masked", "reveal")
+
+
+@pytest.mark.parametrize("at", RESETS)
+def test_a_reset_at_each_stage_resumes_the_round_alike_in_c_and_python(mlp_last2_plan, csecagg, tmp_path, at):
+    """A device reset mid secure-aggregation round (the C node and the Python session of one identity as twins, each
+    restarted from what it last saved, with fresh endpoints): after sending its keys, its shares, after taking the
+    relay, after training but before the relay, after its masked DELTA, after its reveal. Both resume the round from
+    their persisted state and send the same bytes from then on: the masked DELTA once (after a reset before it was
+    sealed the task trains again; after, the sealed one is resent and no job is offered, so no second, different
+    masked value can leave), the reveal of the shares they hold (a repeated SECAGG_UNMASK gets the same answer from
+    the restored round, another one is refused by both); the coordinator's sum is all 5 devices' clipped deltas."""
+    from test_secagg_sessions import Fleet
+
+    from fedtiny.protocol.device import DeviceSession, NodeState, load_state, save_state
+    from fedtiny.protocol.envelope import DeviceEndpoint
+    from fedtiny_device.cnode import CNodeSession
+
+    plan = mlp_last2_plan
+    fleet = Fleet(plan, 5)
+    name = fleet.names[1]
+    endpoint, fleet_name = fleet.devices[name].endpoint, fleet.devices[name].fleet
+    public = {d.endpoint.device_id: d.endpoint.identity.public for d in fleet.devices.values()}
+    paths = {"p": tmp_path / "python.state", "c": tmp_path / "c.state"}
+
+    def sessions(states):
+        def fresh():
+            return DeviceEndpoint(endpoint.fleet_id, endpoint.device_id, endpoint.identity, endpoint.coordinator)
+
+        c = CNodeSession(plan, name, fleet_name, fresh(), states["c"], 512,
+                         lambda s: save_state(paths["c"], s, durable=False), library=csecagg.library, peers=public)
+        p = DeviceSession(plan, name, fleet_name, fresh(), states["p"], 512,
+                          lambda s: save_state(paths["p"], s, durable=False), peers=public)
+        return c, p
+
+    twins = Twins(*sessions({"c": NodeState(0, plan.initial_state(), 0), "p": NodeState(0, plan.initial_state(), 0)}))
+    fleet.devices[name] = twins
+    resets, held, asked, seen = [], [], [], Reassembler(8, 1 << 20, 60.0)
+
+    def reset(now):
+        """The twin's power cut: both sessions start again from their state files and reconnect."""
+        states = {k: load_state(path, plan) for k, path in paths.items()}
+        assert states["p"].secagg is not None and states["c"].secagg is not None  # the round was persisted
+        twins.c, twins.p = sessions(states)
+        resets.append(at)
+        return twins.on_connect(now)
+
+    def pump(publishes, now=1.0):  # Fleet.pump, resetting the twin after the downlink of its stage
+        queue = list(publishes)
+        while queue:
+            p = queue.pop(0)
+            _, kind, device = topics.parse(p.topic)
+            if kind in ("up", "status"):
+                fleet.uplinks.append(p)
+                queue += fleet.coordinator.receive(p.topic, p.payload, now)
+                continue
+            for target in fleet.names if kind == "bcast" else [device]:
+                if target == name:
+                    if held is not None and at == "trained" and (held or CHUNK_HEADER.unpack_from(p.payload)[4] == 0
+                                                                 and Header.unpack(p.payload[CHUNK_HEADER_SIZE:]).type
+                                                                 == MessageType.SECAGG_RELAY):
+                        held.append(p)  # the relay comes late: after the twin has trained
+                        continue
+                    whole = seen.accept(p.payload, now, p.topic).payload
+                out, job = fleet.devices[target].receive(p.topic, p.payload, now)
+                queue += out
+                if job is not None:
+                    fleet.jobs[target] = job
+                if target == name and whole is not None and not resets and Header.unpack(whole).type == {
+                        "keys": MessageType.TASK, "shares": MessageType.SECAGG_PEERS,
+                        "relay": MessageType.SECAGG_RELAY, "reveal": MessageType.SECAGG_UNMASK}.get(at):
+                    if at == "reveal":  # what it was asked, to ask again below
+                        asked.append(fleet.coordinator._secagg[1].unmask[endpoint.device_id])
+                    queue += reset(now)
+
+    for n in fleet.names:
+        pump(fleet.devices[n].on_connect(0.5), 0.5)
+    fleet.coordinator.begin_secagg(1, 0, fleet.names, CLIP)
+    for n in fleet.names:
+        pump(fleet.coordinator.send_task(n, 1, 0, None, {"secagg": 1, "clip_norm": CLIP}))
+    assert (at == "trained") == bool(held)
+    expected = {}
+    for n in fleet.names:  # the twin first: its masked DELTA comes before the others close the stage
+        result = TrainResult(fleet.trained(n), 8, 0.25, 0.5, 0)
+        job = twins.p.pending_job() if n == name else fleet.jobs.pop(n)
+        expected[n], _ = uplink_delta(plan, job.base, result.state, None, keep=1.0, clip_norm=CLIP)
+        out = fleet.devices[n].complete(job, result, 2.0)
+        if n == name and at == "masked":  # the masked DELTA left, not yet ACKed: reset; the sealed one is resent
+            sealed = twins.p.state.upload
+            assert sealed is not None
+            resent = reset(2.5)
+            assert twins.p.pending_job() is None and twins.c.pending_job() is None  # nothing trains again
+            assert sealed in Twins.envelopes(resent)  # as it was (the coordinator takes it once)
+            out += resent
+        pump(out, 2.0)
+        if n == name and at == "trained":  # trained, waiting for the relay: reset, the values are gone
+            assert twins.p.state.upload is None
+            pump(reset(2.5), 2.5)
+            frames, held[:] = list(held), []
+            held = None
+            pump(frames, 2.6)  # the relay: nothing to mask yet (both send nothing), the task trains again
+            assert twins.p.state.upload is None and twins.c.state.upload is None
+            job = twins.p.pending_job()
+            assert job is not None and job.round == 1
+            pump(twins.complete(job, result, 2.7), 2.7)
+    pump(fleet.coordinator.secagg_close(1), 3.0)
+    assert resets == [at]
+    assert fleet.coordinator.take_rejections() == []
+    (outcome,) = fleet.coordinator.take_secagg_outcomes()
+    assert outcome.failure == "" and len(outcome.result.survivors) == 5, outcome.failure
+    for buffer in plan.trainable_buffers():
+        assert np.array_equal(outcome.result.total[buffer], sum(e[buffer].astype(np.int64) for e in expected.values()))
+    masked = [Header.unpack(p.payload[CHUNK_HEADER_SIZE:]) for p in fleet.uplinks if p.topic.endswith("/" + name)
+              and CHUNK_HEADER.unpack_from(p.payload)[4] == 0]
+    assert len({h.seq for h in masked if h.type == MessageType.DELTA}) == 1  # one masked DELTA, maybe sent twice
+    if at == "reveal":  # the restored round answers the same request alike, and refuses another
+        (unmask,) = asked
+        for p in fleet.coordinator._downlink(name, unmask, 1, 0):
+            out, _ = twins.receive(p.topic, p.payload, 4.0)
+        assert [Header.unpack(e).type for e in Twins.envelopes(out)] == [MessageType.SECAGG_REVEAL]
+        other = SecAggUnmask(unmask.survivors[1:], unmask.dropped + unmask.survivors[:1])
+        with pytest.raises(ProtocolError, match="bad-unmask"):
+            for p in fleet.coordinator._downlink(name, other, 1, 0):
+                twins.receive(p.topic, p.payload, 4.5)

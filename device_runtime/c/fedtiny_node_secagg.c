@@ -26,6 +26,20 @@ size_t fedtiny_node_secagg_size(void)
     return sizeof(fedtiny_node_secagg);
 }
 
+size_t fedtiny_node_secagg_record_bytes(void)
+{
+    return FEDTINY_NODE_SECAGG_RECORD_BYTES;
+}
+
+int fedtiny_node_secagg_restore(fedtiny_node_secagg *sa, const uint8_t *record, size_t record_len)
+{
+    if (record_len != 0u && record_len != FEDTINY_NODE_SECAGG_RECORD_BYTES) return FEDTINY_SECAGG_ERR_ARGUMENT;
+    if (record_len != 0u) memmove(sa, record, record_len); /* record may be sa itself, loaded in place */
+    memset((uint8_t *)sa + record_len, 0, sizeof *sa - record_len);
+    sa->trained = 0u; /* the values it trained were in RAM: the pending task trains again */
+    return FEDTINY_SECAGG_OK;
+}
+
 uint32_t fedtiny_node_secagg_masked_bytes_max(const fedtiny_wire_plan *plan)
 {
     uint32_t head = FEDTINY_NODE_SECAGG_MASKED_HEAD + plan->n_tensors;
@@ -44,8 +58,10 @@ int fedtiny_node_secagg_begin(fedtiny_node_secagg *sa, const fedtiny_wire_plan *
             fedtiny_secagg_bounds(plan, clip_norm, noise_sigma, bounds) != FEDTINY_SECAGG_OK) {
             return FEDTINY_SECAGG_ERR_ARGUMENT;
         }
+        const uint16_t changes = sa->changes;
         fedtiny_secagg_wipe(&sa->secrets);
         memset(sa, 0, offsetof(fedtiny_node_secagg, stage));
+        sa->changes = (uint16_t)(changes + 1u);
         sa->active = 1u;
         fedtiny_secagg_derive(&sa->secrets, identity, ctx, device_id);
         sa->clip_norm = clip_norm;
@@ -183,6 +199,7 @@ static int on_peers(fedtiny_node_secagg *sa, const fedtiny_wire_plan *plan, cons
     sa->cohort = cohort;
     sa->threshold = t;
     sa->peers_done = 1u;
+    sa->changes++;
     *reply_len = 4u + SHARE_ENTRY * n;
     return FEDTINY_SECAGG_OK;
 }
@@ -219,6 +236,7 @@ static int on_relay(fedtiny_node_secagg *sa, const uint8_t *body)
     }
     memcpy(sa->held, held, sizeof held);
     sa->relay_done = 1u;
+    sa->changes++;
     return FEDTINY_SECAGG_OK;
 }
 
@@ -277,6 +295,7 @@ static int on_unmask(fedtiny_node_secagg *sa, const uint8_t *body, uint32_t len,
     }
     if (!sa->revealed) {
         sa->revealed = 1u;
+        sa->changes++;
         sa->unmask_survivors = n_s;
         sa->unmask_dropped = n_d;
         for (i = 0; i < n; i++) sa->unmask_ids[i] = rd32(body + 4u + 4u * i);
@@ -328,6 +347,7 @@ int fedtiny_node_secagg_masked(fedtiny_node_secagg *sa, const fedtiny_wire_plan 
     wr16(out + 16, sa->cohort);
     wr16(out + 18, plan->n_tensors);
     memcpy(out + FEDTINY_NODE_SECAGG_MASKED_HEAD, sa->bits, plan->n_tensors);
+    if (!sa->masked_sent) sa->changes++;
     sa->masked_sent = 1u;
     *out_len = head + packed_len;
     return FEDTINY_SECAGG_OK;

@@ -8,9 +8,11 @@
  *                buffer (clipped, noised and clamped to the bounds), once the relay has come
  *
  * Every check SecAggDevice makes comes before anything changes and gives its reason (fedtiny_secagg_reason). The
- * round lives in the caller's RAM (plain numbers and bytes: a caller may persist it up to `stage`, as the M4
- * firmware does; then clear `trained`, the values it held being gone); without that a node restarted mid-round is a
- * dropout of it, as device.py's. RAM: sizeof(fedtiny_node_secagg), about
+ * round lives in the caller's RAM, plain numbers and bytes. A node keeps it across a reset: its record (the first
+ * FEDTINY_NODE_SECAGG_RECORD_BYTES) is persisted whenever `changes` moves (a round begun, the peers answered, the
+ * relay taken, the masked DELTA made, the reveal made), before the node's own record of the same call, and
+ * restored with `trained` cleared (the values it held are gone: the task trains again); device.py persists
+ * SecAggDevice.export at the same points. RAM: sizeof(fedtiny_node_secagg), about
  * 15.5 KB with its 5.2 KB stage buffer (the largest stage uplink, SECAGG_SHARES to 64 neighbours, sealed).
  * Stack (Cortex-M4, -O2 -fstack-usage): the peers stage 2.5 KB and the masked body 2.4 KB (each holds 64 keys of
  * 32 bytes a moment), under fedtiny_node_receive's 512 B, plus Monocypher's X25519 below them: within the node
@@ -48,6 +50,7 @@ typedef struct {
     uint8_t masked_sent;
     uint8_t revealed;
     uint8_t trained;      /* the round's values wait in the node's values buffer for the relay */
+    uint16_t changes;     /* moves whenever the record changes in what a restart needs: persist it then */
     fedtiny_secagg_secrets secrets;
     float clip_norm, noise_sigma;
     uint32_t min_survivors;
@@ -67,6 +70,9 @@ typedef struct {
     uint8_t bits[FEDTINY_NODE_SECAGG_MAX_BUFFERS];
     uint8_t stage[FEDTINY_NODE_SECAGG_STAGE_BYTES]; /* a stage uplink, sealed, while it is sent */
 } fedtiny_node_secagg;
+
+/* What a node persists of its round: all but the stage reply (sent, or resent from a fresh seal, never read back). */
+#define FEDTINY_NODE_SECAGG_RECORD_BYTES offsetof(fedtiny_node_secagg, stage)
 
 /* A masked TASK for (ctx, device_id): a new round unless this one is held; the SECAGG_KEYS body into keys.
  * FEDTINY_SECAGG_ERR_ARGUMENT when the plan has more buffers than this node masks or the bounds are refused. */
@@ -89,8 +95,14 @@ int fedtiny_node_secagg_stage(fedtiny_node_secagg *sa, const fedtiny_wire_plan *
 int fedtiny_node_secagg_masked(fedtiny_node_secagg *sa, const fedtiny_wire_plan *plan, int32_t *values,
                                uint8_t *out, size_t capacity, size_t *out_len);
 
-/* sizeof(fedtiny_node_secagg), for a caller that allocates it without the header (ctypes). */
+/* sizeof(fedtiny_node_secagg) and FEDTINY_NODE_SECAGG_RECORD_BYTES, for a caller without the header (ctypes). */
 size_t fedtiny_node_secagg_size(void);
+size_t fedtiny_node_secagg_record_bytes(void);
+
+/* A persisted record back in the round's RAM (record_len FEDTINY_NODE_SECAGG_RECORD_BYTES, or 0: no round held; it
+ * may already be at sa, loaded in place), the trained values it waited with forgotten. FEDTINY_SECAGG_ERR_ARGUMENT
+ * for a record of another length. */
+int fedtiny_node_secagg_restore(fedtiny_node_secagg *sa, const uint8_t *record, size_t record_len);
 
 /* The largest masked DELTA body of a plan (every value at 32 bits). */
 uint32_t fedtiny_node_secagg_masked_bytes_max(const fedtiny_wire_plan *plan);

@@ -99,7 +99,7 @@ void fedtiny_secagg_derive(fedtiny_secagg_secrets *secrets, const uint8_t identi
     crypto_blake2b_keyed(secrets->s_sk, 32, root, sizeof root, (const uint8_t *)"s", 1);
     crypto_blake2b_keyed(part, 32, root, sizeof root, (const uint8_t *)"b", 1);
     memcpy(secrets->b_seed, part, 16); /* RoundSecrets: part(b"b")[:16] */
-    /* not in secagg.py, whose coefficients are os.urandom's: this node's Shamir coefficients */
+    /* the key of this node's Shamir coefficients (secagg.py RoundSecrets.shamir_key, shamir_split) */
     crypto_blake2b_keyed(secrets->coefficient_key, 32, root, sizeof root, (const uint8_t *)"shamir", 6);
     crypto_wipe(root, sizeof root);
     crypto_wipe(part, sizeof part);

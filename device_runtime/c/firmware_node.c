@@ -39,11 +39,11 @@
  *                        sent delta as int32 from the end of a job's training to its DELTA's sealing, while the
  *                        device's noise is added; in a masked round until the relay has come and it is masked.
  *     secagg             (FEDTINY_NODE_CFG_SECAGG) one secure-aggregation round: its secrets, the neighbours' keys
- *                        and shares, the stage reply being sent; persisted with every record while a round is
- *                        held (all but the stage reply), so a node reset mid-round still answers its later stages
- *                        (a reset after masking still reveals the shares it holds: in a small cohort the round
- *                        needs them). Trained values waiting for the relay are not kept: the task is trained again.
- *                        (device.py keeps its round in memory only: restarted, a Python device is a dropout.) The
+ *                        and shares, the stage reply being sent. All but the stage reply is persisted in a store
+ *                        of its own (round_store) when the round changes, a few times a round, not with every
+ *                        record: a node reset mid-round still answers its later stages (a reset after masking
+ *                        still reveals the shares it holds: in a small cohort the round needs them), as device.py
+ *                        does. Trained values waiting for the relay are not kept: the task is trained again. The
  *                        peers' identities are in flash (node_config.c, from the device folder's peers.json).
  *     boot_state         the persisted numbers, from the restore until fedtiny_node_init copies them.
  *     stack, heap        fedtiny_node.ld's 8 KB stack (crypto and the session's calls), newlib's 4 KB heap.
@@ -123,6 +123,14 @@ static uint8_t trained_own[FEDTINY_NODE_CFG_STATE_BYTES];
 
 static fedtiny_store store;
 static fedtiny_flash_semihost flash;
+#if FEDTINY_NODE_CFG_SECAGG
+/* The round held (FEDTINY_NODE_SECAGG_RECORD_BYTES of secagg), in two banks of its own flash: saved when
+ * secagg.changes moves, before the node's record of the same call (the round never lags a record that sent one of
+ * its stage replies); round_saved is the changes count on flash. */
+static fedtiny_store round_store;
+static fedtiny_flash_semihost round_flash;
+static uint16_t round_saved;
+#endif
 
 static fedtiny_uart uart;
 static uint8_t rx_buf[MODEM_FRAME];
@@ -158,18 +166,25 @@ static int publish(void *context, fedtiny_node_topic kind, const char *name, con
 
 /* The record: the plan's hash (a firmware of another plan must not read this state as its own), the state's
  * numbers, the global model, the carry, the sealed upload and the personalised model (empty until the first);
- * with secure aggregation, the round held (empty while none is: SECAGG_RECORD_BYTES, its stage reply left out). */
-#if FEDTINY_NODE_CFG_SECAGG
-#define RECORD_SEGMENTS 7u
-#define SECAGG_RECORD_BYTES offsetof(fedtiny_node_secagg, stage)
-#else
+ * with secure aggregation, first the round held if it changed since its last save. */
 #define RECORD_SEGMENTS 6u
-#endif
 static int persist(void *context, const fedtiny_node_persisted *p)
 {
     fedtiny_store_segment segments[RECORD_SEGMENTS];
     int status;
     (void)context;
+#if FEDTINY_NODE_CFG_SECAGG
+    if (secagg.active && secagg.changes != round_saved) {
+        segments[0].data = &secagg;
+        segments[0].length = FEDTINY_NODE_SECAGG_RECORD_BYTES;
+        status = fedtiny_store_save(&round_store, segments, 1u);
+        if (status != FEDTINY_STORE_OK) {
+            printf("node: saving the secure-aggregation round failed: %s\n", fedtiny_store_reason(status));
+            return status;
+        }
+        round_saved = secagg.changes;
+    }
+#endif
     segments[0].data = fedtiny_node_plan_config.hash;
     segments[0].length = sizeof fedtiny_node_plan_config.hash;
     segments[1].data = p->state;
@@ -182,10 +197,6 @@ static int persist(void *context, const fedtiny_node_persisted *p)
     segments[4].length = p->state->upload_len;
     segments[5].data = p->personal;
     segments[5].length = p->personal_bytes;
-#if FEDTINY_NODE_CFG_SECAGG
-    segments[6].data = &secagg;
-    segments[6].length = secagg.active ? SECAGG_RECORD_BYTES : 0u;
-#endif
     status = fedtiny_store_save(&store, segments, RECORD_SEGMENTS);
     if (status != FEDTINY_STORE_OK) {
         printf("node: saving the state failed: %s\n", fedtiny_store_reason(status));
@@ -445,6 +456,43 @@ static void train(void)
 
 /* ---- start-up --------------------------------------------------------------------------------------------- */
 
+#if FEDTINY_NODE_CFG_SECAGG
+/* The round held at the reset, if any (load 0: a node with fresh state holds none). A lost round record (decayed)
+ * makes the node a dropout of that round: it answers none of its later stages, and its pending masked task is
+ * skipped (fedtiny_node_complete), so no second masked DELTA can leave for it; a sealed one is resent from the
+ * node's record as it was. */
+static int restore_round(int load)
+{
+    fedtiny_store_buffer buffer;
+    int status;
+    if (fedtiny_flash_semihost_open(&round_flash, FEDTINY_NODE_CFG_ROUND_FLASH_FILE, FEDTINY_NODE_CFG_ROUND_BANK_BYTES,
+                                    2u, 8u) != 0) {
+        printf("node: no flash image at %s\n", FEDTINY_NODE_CFG_ROUND_FLASH_FILE);
+        return -1;
+    }
+    status = fedtiny_store_open(&round_store, &round_flash.flash, NULL);
+    if (status == FEDTINY_STORE_OK && load) {
+        buffer.data = &secagg;
+        buffer.capacity = FEDTINY_NODE_SECAGG_RECORD_BYTES;
+        status = fedtiny_store_load(&round_store, &buffer, 1u);
+        if (status == FEDTINY_STORE_OK) {
+            status = fedtiny_node_secagg_restore(&secagg, (const uint8_t *)&secagg, buffer.length);
+        }
+    }
+    if (!load) {
+        return status == FEDTINY_STORE_OK || status == FEDTINY_STORE_EMPTY || status == FEDTINY_STORE_LOST ? 0 : -1;
+    }
+    if (status == FEDTINY_STORE_OK && secagg.active) {
+        round_saved = secagg.changes;
+        printf("node: restored secure-aggregation round %lu\n", (unsigned long)secagg.secrets.ctx.round);
+    } else if (status != FEDTINY_STORE_OK && status != FEDTINY_STORE_EMPTY) {
+        fedtiny_node_secagg_restore(&secagg, NULL, 0u);
+        printf("node: the secure-aggregation round held is %s: a dropout of it\n", fedtiny_store_reason(status));
+    }
+    return 0;
+}
+#endif
+
 /* The persisted state, or a fresh one for a node that never saved. A node whose state is lost must not run:
  * it would reuse sequence numbers, and so nonces, under its keys. */
 static int restore(void)
@@ -464,7 +512,11 @@ static int restore(void)
         boot_state.rng_counter = fedtiny_model_rng_counter();
         memset(carry, 0, sizeof carry);
         printf("node: fresh state\n");
+#if FEDTINY_NODE_CFG_SECAGG
+        return restore_round(0);
+#else
         return 0;
+#endif
     }
     if (status != FEDTINY_STORE_OK) {
         printf("node: the persisted state is %s: this node cannot know which seqs it used; provision it again "
@@ -484,10 +536,6 @@ static int restore(void)
     buffers[4].capacity = FEDTINY_NODE_CFG_UPLOAD_BYTES;
     buffers[5].data = PERSONAL;
     buffers[5].capacity = FEDTINY_NODE_CFG_PERSONAL_BYTES;
-#if FEDTINY_NODE_CFG_SECAGG
-    buffers[6].data = &secagg;
-    buffers[6].capacity = SECAGG_RECORD_BYTES;
-#endif
     status = fedtiny_store_load(&store, buffers, RECORD_SEGMENTS);
     if (status != FEDTINY_STORE_OK || buffers[0].length != sizeof hash
         || memcmp(hash, fedtiny_node_plan_config.hash, sizeof hash) != 0 || buffers[1].length != sizeof boot_state
@@ -498,13 +546,8 @@ static int restore(void)
         return -1;
     }
 #if FEDTINY_NODE_CFG_SECAGG
-    if (buffers[6].length != 0u && buffers[6].length != SECAGG_RECORD_BYTES) {
-        printf("node: the persisted state is for another firmware or plan (its secure-aggregation round)\n");
+    if (restore_round(1) != 0) {
         return -1;
-    }
-    if (secagg.active) { /* the values it trained are gone with the RAM: the pending task trains again */
-        secagg.trained = 0u;
-        printf("node: restored secure-aggregation round %lu\n", (unsigned long)secagg.secrets.ctx.round);
     }
 #endif
     /* One seq more than the record says: if the newest record decayed and this is the bank before it, the seq

@@ -8,9 +8,9 @@ but plan buffers and numbers.
 NodeState is everything a device keeps across a power cut: model version and its global state, the
 coordinator's run, the highest round seen, the next uplink seq, the downlink replay positions, the trainer's
 random counter, a task received but not answered, the sealed DELTA until the coordinator ACKs it, the change
-kept back for the next round (error feedback) and the personalised model (the trainable state after the device's
-last answered round, what it predicts with: `inference_state`). A seq is persisted before any message using it
-leaves the session, so a restart never reuses a nonce.
+kept back for the next round (error feedback), the personalised model (the trainable state after the device's
+last answered round, what it predicts with: `inference_state`) and the secure-aggregation round held. A seq is
+persisted before any message using it leaves the session, so a restart never reuses a nonce.
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ class NodeState:
     # after its own local steps), kept until its next such round; a GLOBAL_UPDATE does not touch it. None before
     # the first, and on a device whose budget does not hold the copy (keeps_personal_model).
     personal: dict | None = None
+    # The secure-aggregation round held, as the session encodes it (SecAggDevice.export; the C node's round record):
+    # kept from the round's masked TASK until the next one, so a device restarted mid-round answers its later stages.
+    secagg: bytes | None = None
 
     def inference_state(self) -> dict[str, np.ndarray]:
         """The trainable state the device predicts with: its personalised model if it has one, else the global one."""
@@ -124,6 +127,8 @@ def save_state(path: Path, state: NodeState, durable: bool = True) -> None:
     arrays.update({f"personal:{k}": v for k, v in (state.personal or {}).items()})
     if state.upload is not None:
         arrays["upload"] = np.frombuffer(state.upload, np.uint8)
+    if state.secagg is not None:
+        arrays["secagg"] = np.frombuffer(state.secagg, np.uint8)
     data = dumps(STATE_KIND, header, arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -146,6 +151,7 @@ def save_state(path: Path, state: NodeState, durable: bool = True) -> None:
 def load_state(path: Path, plan: Plan) -> NodeState:
     header, arrays = loads(path.read_bytes(), STATE_KIND, str(path))
     upload = arrays.pop("upload", None)
+    secagg = arrays.pop("secagg", None)
     carry = {k[len("carry:"):]: np.array(arrays.pop(k)) for k in list(arrays) if k.startswith("carry:")}
     personal = {k[len("personal:"):]: np.array(arrays.pop(k)) for k in list(arrays) if k.startswith("personal:")}
     names = plan.trainable_buffers()
@@ -154,7 +160,7 @@ def load_state(path: Path, plan: Plan) -> NodeState:
     return NodeState(header["model_version"], {n: np.array(arrays[n]) for n in names}, header["rng_counter"],
                      header["round"], header["seq"], header["trained_round"], header["replay"],
                      header["pending_task"], None if upload is None else upload.tobytes(), header["upload_chunk"],
-                     carry or None, header["run"], personal or None)
+                     carry or None, header["run"], personal or None, None if secagg is None else secagg.tobytes())
 
 
 # --- the protocol state machine ----------------------------------------------------------------------------
@@ -171,8 +177,9 @@ class DeviceSession:
 
     Secure aggregation (a TASK with TASK_MASKED; protocol/secagg.py) needs `peers`, the public identities of the
     fleet's devices by id, to check the keys the coordinator relays; without them, or without a clip norm, the
-    device refuses such a TASK (ACK REJECTED). Its round state lives in memory only: a device restarted
-    mid-round is a dropout of that round, which the protocol absorbs."""
+    device refuses such a TASK (ACK REJECTED). Its round is persisted (NodeState.secagg) whenever it changes, in the
+    save before the reply it made leaves, as the C node's firmware does: a device restarted mid-round answers the
+    later stages (trained values waiting for the relay are not kept: the task trains again)."""
 
     def __init__(self, plan: Plan, device: str, fleet: str, endpoint: DeviceEndpoint, state: NodeState,
                  chunk_size: int, save: Callable[[NodeState], None], ack_timeout: float = 15.0,
@@ -185,7 +192,10 @@ class DeviceSession:
         self.endpoint.max_message_bytes = max_message_bytes(plan)  # bounds what it seals: a DELTA of the plan
         self.max_downlink_bytes = max_downlink_bytes(plan)  # what it takes: receive refuses anything larger
         self.peers = peers
-        self._secagg: SecAggDevice | None = None  # the secure-aggregation round in progress
+        self._secagg: SecAggDevice | None = None  # the secure-aggregation round held
+        if state.secagg is not None and peers is not None:
+            self._secagg = SecAggDevice.restore(state.secagg, plan, endpoint.identity, endpoint.device_id, peers)
+        self._secagg_saved = None if self._secagg is None else (self._secagg.ctx, self._secagg.changes)  # as saved
         self._held: tuple | None = None  # (job, delta, carry, result) trained, waiting for the shares to mask
         if peers is not None:
             self.endpoint.max_message_bytes = max(self.endpoint.max_message_bytes, MAX_STAGE_ENVELOPE)
@@ -223,6 +233,9 @@ class DeviceSession:
 
     def persist(self) -> None:
         self.state.replay = self.endpoint.replay.export()
+        agg = self._secagg
+        if agg is not None and (agg.ctx, agg.changes) != self._secagg_saved:  # encoded again only when it changed
+            self.state.secagg, self._secagg_saved = agg.export(), (agg.ctx, agg.changes)
         self._save(self.state)
 
     def _status(self, state: DeviceState, now: float, flags: int = 0) -> bytes:
@@ -472,8 +485,8 @@ class DeviceSession:
         if job.masked:
             agg = self._secagg
             if agg is None or (agg.ctx.run, agg.ctx.round) != (self.state.run, job.round):
-                log.warning("%s: restarted during secure-aggregation round %d: a dropout of it", self.device,
-                            job.round)
+                log.warning("%s: holds no secure-aggregation round %d (its record was lost): a dropout of it",
+                            self.device, job.round)
                 self.skip(job)
                 return []
         if self.keeps_personal:  # the device's own model from now until its next answered round; saved with the DELTA

@@ -20,12 +20,16 @@ The coordinator then sums the masked vectors, removes the survivors' self masks 
 shared with dropped devices, and holds the sum: a device that drops after masking costs nothing but its own
 contribution, as long as every survivor and every dropped device keeps `threshold` surviving neighbours.
 
-Primitives: X25519, ChaCha20 and ChaCha20-Poly1305 from `cryptography`; Shamir's sharing over GF(2^128) from
-pycryptodome (16-byte secrets: the 32-byte s_sk is shared as two halves; the coordinator reconstructs a round's
-secrets together in pycryptodome's field, shamir_combine below); key derivation in the envelope's HKDF
+Primitives: X25519, ChaCha20 and ChaCha20-Poly1305 from `cryptography`; Shamir's sharing over pycryptodome's
+GF(2^128) (16-byte secrets: the 32-byte s_sk is shared as two halves; a device's shares and the coordinator's
+reconstruction of a round's secrets are computed in numpy in pycryptodome's field, shamir_split and shamir_combine
+below, and checked against pycryptodome's Shamir); key derivation in the envelope's HKDF
 shape with keyed BLAKE2b (hashlib), as a node has it in Monocypher (a node computes no SHA-256). A device's round
-secrets are derived from its identity secret, the run and the round, so a device that restarts mid-round derives
-the same keys; it keeps no other secret state across a restart (a restart mid-round makes it a dropout).
+secrets are derived from its identity secret, the run and the round. A device keeps its round across a restart
+(SecAggDevice.export, persisted whenever the round changes, before any reply it made leaves): restarted, it
+answers the round's later stages as if it had not been, and since the masked DELTA is persisted with the round
+answered before it leaves, it never sends a second, different masked value for one round (two would give away
+the difference of the two deltas).
 
 The moduli: element values of buffer b lie in [-B_b, B_b] (clipping bounds every element by clip_norm / scale;
 device noise is clamped NOISE_TAIL standard deviations out, with probability at most 2 e^-72 = 1.1e-31 per element,
@@ -39,14 +43,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -104,9 +108,9 @@ def _public(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
 
-def _agree(secret: bytes, public: bytes) -> bytes:
+def _agree(own: X25519PrivateKey, public: bytes) -> bytes:
     try:
-        return _x25519(secret).exchange(X25519PublicKey.from_public_bytes(public))
+        return own.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:  # an all-zero shared secret: a small-order public key
         raise ProtocolError("bad-key", "X25519 agreement with a small-order public key") from None
 
@@ -122,21 +126,27 @@ def keys_message(ctx: RoundContext, device_id: int, c_pk: bytes, s_pk: bytes, b_
 
 @dataclass(frozen=True)
 class RoundSecrets:
-    """A device's secrets for one round: c_sk (share encryption), s_sk (pairwise masks), the self-mask seed."""
+    """A device's secrets for one round: c_sk (share encryption), s_sk (pairwise masks), the self-mask seed, and the
+    key its Shamir coefficients are drawn with (shamir_split)."""
 
     c_sk: bytes
     s_sk: bytes
     b_seed: bytes
+    shamir_key: bytes
 
     @classmethod
     def derive(cls, identity: Identity, ctx: RoundContext, device_id: int) -> RoundSecrets:
         root = hashlib.blake2b(ctx.info(b"secrets", device_id), digest_size=64,
                                key=identity.to_bytes()[:64]).digest()
         part = lambda kind: hashlib.blake2b(kind, digest_size=32, key=root).digest()  # noqa: E731
-        return cls(part(b"c"), part(b"s"), part(b"b")[:16])
+        return cls(part(b"c"), part(b"s"), part(b"b")[:16], part(b"shamir"))
+
+    # c_sk and s_sk as key objects, made once: a round agrees with each neighbour's keys more than once
+    c_key = cached_property(lambda self: _x25519(self.c_sk))
+    s_key = cached_property(lambda self: _x25519(self.s_sk))
 
     def keys(self, identity: Identity, ctx: RoundContext, device_id: int) -> SecAggKeys:
-        c_pk, s_pk, b_commit = _public(_x25519(self.c_sk)), _public(_x25519(self.s_sk)), commitment(self.b_seed)
+        c_pk, s_pk, b_commit = _public(self.c_key), _public(self.s_key), commitment(self.b_seed)
         return SecAggKeys(c_pk, s_pk, b_commit, identity.sign(keys_message(ctx, device_id, c_pk, s_pk, b_commit)))
 
 
@@ -224,7 +234,7 @@ def expand_mask(key: bytes, sizes: list[int], bits: tuple[int, ...]) -> list[np.
     return out
 
 
-def pairwise_key(own_s_sk: bytes, peer_s_pk: bytes, ctx: RoundContext, a: int, b: int) -> bytes:
+def pairwise_key(own_s_sk: X25519PrivateKey, peer_s_pk: bytes, ctx: RoundContext, a: int, b: int) -> bytes:
     return kdf(_agree(own_s_sk, peer_s_pk), ctx.info(b"mask", min(a, b), max(a, b)))
 
 
@@ -261,7 +271,7 @@ def unpack_values(packed: bytes, sizes: list[int], bits: tuple[int, ...]) -> lis
 
 # --- shares ------------------------------------------------------------------------------------------------
 
-def share_key(own_c_sk: bytes, peer_c_pk: bytes, ctx: RoundContext, sender: int, receiver: int) -> bytes:
+def share_key(own_c_sk: X25519PrivateKey, peer_c_pk: bytes, ctx: RoundContext, sender: int, receiver: int) -> bytes:
     return kdf(_agree(own_c_sk, peer_c_pk), ctx.info(b"share", sender, receiver))
 
 
@@ -283,8 +293,21 @@ def open_share(key: bytes, ctx: RoundContext, sender: int, receiver: int, cipher
     return index, b, s_lo, s_hi
 
 
-def _split(t: int, n: int, secret: bytes) -> list[bytes]:
-    return [share for _, share in Shamir.split(t, n, secret)]
+def shamir_split(key: bytes, secrets: list[bytes], t: int, n: int) -> list[list[bytes]]:
+    """Per 16-byte secret, its shares at indexes 1..n of a polynomial of degree t - 1 over pycryptodome's field
+    (Shamir.combine reconstructs it from any t), evaluated for all secrets and indexes together by Horner's rule in
+    numpy (pycryptodome's Shamir.split, pure Python, was most of a device's CPU per round). The coefficient of degree
+    d of secret number w is BLAKE2b-128(key, bytes([w, d])): the C node's fedtiny_secagg_share, so a Python device and
+    a C node of one identity make the same shares, and a restarted device makes them again."""
+    which = np.repeat(np.arange(len(secrets)), n)
+    index = np.tile(np.arange(1, n + 1), len(secrets))
+    y = np.zeros((len(which), _GF_BITS), np.uint8)
+    for degree in range(t - 1, 0, -1):
+        coefficients = _elements_to_bits([hashlib.blake2b(bytes([w, degree]), digest_size=16, key=key).digest()
+                                          for w in range(len(secrets))])
+        y = _gf_mul_small(y ^ coefficients[which], index)
+    shares = _bits_to_elements(y ^ _elements_to_bits(secrets)[which])
+    return [shares[w * n:(w + 1) * n] for w in range(len(secrets))]
 
 
 # --- a device's round --------------------------------------------------------------------------------------
@@ -316,6 +339,7 @@ class SecAggDevice:
         # distributed DP: its noise is calibrated for at least this many survivors (the TASK's min_survivors)
         self.min_survivors = min_survivors
         self.peers = peers  # the public identities of the devices it may be given as neighbours
+        self.clip_norm, self.noise_sigma = clip_norm, noise_sigma
         self.bounds = self._value_bounds(clip_norm, noise_sigma)
         self.secrets = self._derive()
         self.neighbours: dict[int, SecAggKeys] = {}
@@ -325,6 +349,38 @@ class SecAggDevice:
         self.masked_sent = False
         self.revealed: SecAggUnmask | None = None
         self._reveal: SecAggReveal | None = None
+        # moves whenever what export holds changes (peers answered, relay taken, masked DELTA made, reveal made): the
+        # session persists the round then, as the C node's `changes` (fedtiny_node_secagg.h)
+        self.changes = 0
+
+    # --- across a restart (device.NodeState.secagg) ---
+
+    def export(self) -> bytes:
+        """What a restarted device needs to answer the round's later stages: the round, its settings, the neighbours'
+        signed keys, the shares held, whether it masked and what it revealed. Its secrets are not in it: they are
+        derived again from its identity (restore)."""
+        return json.dumps(dict(
+            fleet_id=self.ctx.fleet_id, run=self.ctx.run, round=self.ctx.round, clip_norm=self.clip_norm,
+            noise_sigma=self.noise_sigma, min_survivors=self.min_survivors, cohort=self.cohort,
+            threshold=self.threshold, neighbours=[[v, k.encode().hex()] for v, k in self.neighbours.items()],
+            held=[[v, i, share.hex()] for v, (i, share) in self.held.items()], masked_sent=self.masked_sent,
+            revealed=None if self.revealed is None else [list(self.revealed.survivors), list(self.revealed.dropped)],
+        ), separators=(",", ":")).encode()
+
+    @staticmethod
+    def restore(data: bytes, plan: Plan, identity: Identity, device_id: int,
+                peers: Mapping[int, PublicIdentity]) -> SecAggDevice:
+        """The round export() wrote, for the device of this identity."""
+        d = json.loads(data)
+        ctx = RoundContext(d["fleet_id"], d["run"], d["round"])
+        out = SecAggDevice(plan, identity, device_id, ctx, peers, d["clip_norm"], d["noise_sigma"], d["min_survivors"])
+        out.cohort, out.threshold, out.masked_sent = d["cohort"], d["threshold"], d["masked_sent"]
+        out.neighbours = {v: SecAggKeys.decode(bytes.fromhex(k)) for v, k in d["neighbours"]}
+        out.held = {v: (i, bytes.fromhex(share)) for v, i, share in d["held"]}
+        if d["revealed"] is not None:
+            out.revealed = SecAggUnmask(tuple(d["revealed"][0]), tuple(d["revealed"][1]))
+            out._reveal = out._reveal_of(out.revealed)
+        return out
 
     def keys(self) -> SecAggKeys:
         return self.secrets.keys(self.identity, self.ctx, self.device_id)
@@ -347,6 +403,7 @@ class SecAggDevice:
         keys = {p.device_id: p.keys for p in body.peers}
         out = self._sealed_shares(body.threshold, {v: keys[v].c_pk for v in sorted(ids)})
         self.neighbours, self.cohort, self.threshold = keys, body.cohort, body.threshold
+        self.changes += 1
         return SecAggShares(tuple(out))
 
     def on_relay(self, body: SecAggRelay) -> None:
@@ -359,6 +416,7 @@ class SecAggDevice:
             raise ProtocolError("too-few-neighbours", f"{len(senders)} neighbours shared keys, threshold "
                                                       f"{self.threshold}")
         self.held = {v: self._open_share(v, self.neighbours[v].c_pk, ciphertext) for v, ciphertext in body.shares}
+        self.changes += 1
 
     @property
     def ready(self) -> bool:
@@ -372,6 +430,7 @@ class SecAggDevice:
             raise ProtocolError("bad-stage", "no shares relayed yet: nothing to mask with")
         bits = self._modulus_bits(self.cohort)
         packed = self._mask(delta, bits, {v: self.neighbours[v].s_pk for v in sorted(self.held)})
+        self.changes += not self.masked_sent
         self.masked_sent = True
         return MaskedDelta(int(num_examples), float(loss), float(accuracy), self.cohort, bits, packed,
                            -1.0 if personal_accuracy is None else float(personal_accuracy))
@@ -396,13 +455,18 @@ class SecAggDevice:
             raise ProtocolError("too-few-survivors", f"{len(survivors) + 1} survivors among its neighbourhood, "
                                                      f"threshold {self.threshold}, the noise calibrated for "
                                                      f"{self.min_survivors or 'any number of'}")
-        entries = []
-        for v in sorted(survivors | dropped):
-            index, shares = self.held[v]
-            entries.append((v, REVEAL_SELF_MASK, index, shares[:16] + bytes(16)) if v in survivors else
-                           (v, REVEAL_PAIRWISE_KEY, index, shares[16:]))
-        self.revealed, self._reveal = body, SecAggReveal(tuple(entries))
+        self.revealed, self._reveal = body, self._reveal_of(body)
+        self.changes += 1
         return self._reveal
+
+    def _reveal_of(self, body: SecAggUnmask) -> SecAggReveal:
+        """Per neighbour in id order, the share of its self-mask seed if it survived, of its s_sk if it dropped."""
+        entries = []
+        for v in sorted(body.survivors + body.dropped):
+            index, shares = self.held[v]
+            entries.append((v, REVEAL_SELF_MASK, index, shares[:16] + bytes(16)) if v in body.survivors else
+                           (v, REVEAL_PAIRWISE_KEY, index, shares[16:]))
+        return SecAggReveal(tuple(entries))
 
     # --- the cryptographic steps (what CSecAggDevice runs in C) ---
 
@@ -423,17 +487,17 @@ class SecAggDevice:
 
     def _sealed_shares(self, t: int, c_pks: dict[int, bytes]) -> list[tuple[int, bytes]]:
         """Each neighbour's (in id order, share index i + 1) t-of-n shares of b and s_sk, sealed for it."""
-        n = len(c_pks)
-        b, s_lo, s_hi = (_split(t, n, self.secrets.b_seed), _split(t, n, self.secrets.s_sk[:16]),
-                         _split(t, n, self.secrets.s_sk[16:]))
+        b, s_lo, s_hi = shamir_split(self.secrets.shamir_key,
+                                     [self.secrets.b_seed, self.secrets.s_sk[:16], self.secrets.s_sk[16:]], t,
+                                     len(c_pks))
         out = []
         for i, (v, c_pk) in enumerate(c_pks.items()):
-            key = share_key(self.secrets.c_sk, c_pk, self.ctx, self.device_id, v)
+            key = share_key(self.secrets.c_key, c_pk, self.ctx, self.device_id, v)
             out.append((v, seal_share(key, self.ctx, self.device_id, v, i + 1, b[i], s_lo[i], s_hi[i])))
         return out
 
     def _open_share(self, sender: int, c_pk: bytes, ciphertext: bytes) -> tuple[int, bytes]:
-        key = share_key(self.secrets.c_sk, c_pk, self.ctx, sender, self.device_id)
+        key = share_key(self.secrets.c_key, c_pk, self.ctx, sender, self.device_id)
         index, b, s_lo, s_hi = open_share(key, self.ctx, sender, self.device_id, ciphertext)
         return index, b + s_lo + s_hi
 
@@ -446,7 +510,7 @@ class SecAggDevice:
                                           bits)):
             total[i] = total[i] + m
         for v, s_pk in s_pks.items():
-            masks = expand_mask(pairwise_key(self.secrets.s_sk, s_pk, self.ctx, self.device_id, v), sizes, bits)
+            masks = expand_mask(pairwise_key(self.secrets.s_key, s_pk, self.ctx, self.device_id, v), sizes, bits)
             for i, m in enumerate(masks):
                 total[i] = total[i] + m if self.device_id < v else total[i] - m
         values = [t & np.uint64((1 << k) - 1) for t, k in zip(total, bits)]
@@ -671,8 +735,9 @@ class SecAggRound:
             for i, m in enumerate(expand_mask(self_mask_key(b_seed, self.ctx, u), sizes, self.bits)):
                 total[i] -= m
         for v, s_sk in zip(unmasking, secrets[len(u3):]):
+            dropped_key = _x25519(s_sk)
             for u in (u for u in self.graph[v] if u in self.masked):  # u added +mask if u < v, else -mask
-                masks = expand_mask(pairwise_key(s_sk, self.keys[u].s_pk, self.ctx, v, u), sizes, self.bits)
+                masks = expand_mask(pairwise_key(dropped_key, self.keys[u].s_pk, self.ctx, v, u), sizes, self.bits)
                 for i, m in enumerate(masks):
                     total[i] = total[i] - m if u < v else total[i] + m
         out = {}
