@@ -1,9 +1,9 @@
 """The one eviction rule of fedtiny's on-disk cache ($FEDTINY_CACHE, default ~/.cache/fedtiny): least recently used.
 
-Each kind of cached thing (a C build folder, a compiled object, a pretrained model's .ftm and .pt) is an entry with a marker file whose
-modification time says when it was last used: `used(marker)` on every hit, and `evict(entries, keep)` after adding
-one keeps the `keep` most recently used entries and removes the rest, so a cache shared by every run and version
-stays bounded. An entry without its marker (being written by another process) is never removed.
+Each kind of cached thing (a C build folder, a compiled object, a pretrained model's .ftm and .pt) is an entry with
+a marker file whose modification time says when it was last used: `used(marker)` on every hit, and `evict(entries,
+keep)` after adding one keeps the `keep` most recently used entries and removes the rest, so a cache shared by every
+run and version stays bounded. An entry without its marker (being written by another process) is never removed.
 """
 
 import os
