@@ -42,14 +42,16 @@ SCENARIOS = {"medical": 20, "industrial": 20}
 
 
 def simulate(scenario: str, nodes: int, dp_epsilon: float | None, out: Path, cache: str, reuse: bool,
-             secagg: bool = False) -> float:
-    """The run's wall time in seconds (from its metrics.json when reused)."""
+             secagg: bool = False, clip_norm: float | None = None) -> float:
+    """The run's wall time in seconds (from its metrics.json when reused); clip_norm None: the run's default."""
     if reuse and (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())["run"]["wall_seconds"]
     args = ["fedtiny", "simulate", "--scenario", scenario, "--nodes", str(nodes), "--deadline", "120", "--quiet",
             "--out", str(out)] + (["--secagg"] if secagg else [])
     if dp_epsilon is not None:
         args += ["--dp-epsilon", str(dp_epsilon)]
+    if clip_norm is not None:
+        args += ["--clip-norm", str(clip_norm)]
     start = time.perf_counter()
     subprocess.run(args, check=True, env=dict(os.environ, FEDTINY_CACHE=cache), stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtiny import device_memory
+from fedtiny import device_memory, lru
 from fedtiny.arith import MASK64, cross_entropy_loss
 from fedtiny.ir import Graph
 from fedtiny.protocol.device import TrainJob, TrainResult
@@ -89,18 +89,9 @@ CACHE_BUILDS = 300  # builds a cache folder keeps (0.1-1 MB each); every new pla
 
 
 def evict_builds(root: Path, keep: int = CACHE_BUILDS) -> None:
-    """Remove the least recently used builds beyond `keep` (a build's .built is touched whenever it is used), so a
-    cache shared by every run and version stays bounded. A library already loaded stays mapped after removal."""
-    used = []
-    for folder in root.iterdir():
-        if folder.name.startswith("."):  # another process's build, not yet in place
-            continue
-        try:
-            used.append(((folder / ".built").stat().st_mtime, folder.name, folder))
-        except OSError:  # a build in progress, or not a build
-            continue
-    for _, _, folder in sorted(used, reverse=True)[keep:]:
-        shutil.rmtree(folder, ignore_errors=True)
+    """Remove the least recently used builds beyond `keep` (fedtiny.lru's rule: a build's .built is touched
+    whenever it is used); a folder starting with '.' is another process's build, not yet in place."""
+    lru.evict(((folder / ".built", [folder]) for folder in root.iterdir() if not folder.name.startswith(".")), keep)
 
 
 def make_cached(files: dict[str, str | bytes], target: str, artifact: str, cache_dir: Path | None,
@@ -110,10 +101,7 @@ def make_cached(files: dict[str, str | bytes], target: str, artifact: str, cache
     up to date."""
     final, built = _build_dir(files, target, cache_dir)
     if built:
-        try:
-            os.utime(final / ".built")  # used now: the last to be evicted
-        except OSError:  # a read-only cache
-            pass
+        lru.used(final / ".built")
         return final / artifact
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))

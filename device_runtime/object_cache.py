@@ -15,7 +15,8 @@ The key of `<stem><suffix>` (e.g. monocypher.fw.o, made from monocypher.c by the
 System headers (`#include <...>`) come with the compiler and are covered by its identity.
 
 The cache lives in $FEDTINY_CACHE (default ~/.cache/fedtiny)/cruntime/objects/<key>/<object>. Sources that hold a
-device's secret or data (`private`) are never cached there. Like the rest of that cache, nothing is ever evicted.
+device's secret or data (`private`) are never cached there. As the builds beside it, the CACHE_OBJECTS most
+recently used objects are kept (fedtiny.lru): a hit marks its object used, and a store evicts the rest.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from fedtiny import lru
+
+CACHE_OBJECTS = 1000  # objects kept (10-200 KB each): a node firmware has about thirty, most shared by every build
 _INCLUDE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.M)
 
 
@@ -103,7 +107,11 @@ def cached_objects(files: dict[str, str | bytes], suffix: str, compiler: str, pr
             continue
         name = Path(source).stem + suffix
         path = cache / key[:32] / name  # under its own name: make_cached's `prebuilt` copies it by name
-        (found if path.exists() else missing)[name] = path
+        if path.exists():
+            lru.used(path)
+            found[name] = path
+        else:
+            missing[name] = path
     return found, missing
 
 
@@ -133,4 +141,8 @@ def store(built_dir: Path, missing: dict[str, Path]) -> int:
         shutil.copyfile(built, tmp)
         os.replace(tmp, path)
         stored += 1
+    if stored:
+        root = next(iter(missing.values())).parent.parent
+        lru.evict(((obj, [obj.parent]) for folder in root.iterdir() if folder.is_dir()
+                   for obj in folder.iterdir() if not obj.name.startswith(".")), CACHE_OBJECTS)
     return stored

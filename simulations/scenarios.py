@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtiny import lru
 from fedtiny.datafile import DataError, Dataset, load_user_data
 
 from . import data
@@ -297,13 +298,17 @@ def halves(ds: Dataset) -> tuple[Dataset, Dataset]:
     return ds.subset(np.flatnonzero(rank % 2 == 0)), ds.subset(np.flatnonzero(rank % 2 == 1))
 
 
+CACHE_MODELS = 100  # pretrained models the cache keeps (0.1-5 MB each); every new data file, seed or rule adds one
+
+
 def pretrained(task: Task, seed: int = 0, cache_dir: str | Path | None = None):
     """(float PyTorch model, int8 graph): the task's model pretrained on its host data to convergence
     (fedtiny.train.pretrain on host_split) and quantized; for a .ftm model file, (None, its graph).
     graph.meta["pretraining"] says how it went.
 
     Cached on disk by content (the .ftm model file and the float weights beside it; in $FEDTINY_CACHE, default
-    ~/.cache/fedtiny), so a second run with the same task and seed starts at once."""
+    ~/.cache/fedtiny), so a second run with the same task and seed starts at once; the CACHE_MODELS most recently
+    used are kept (fedtiny.lru)."""
     import torch
 
     from fedtiny.modelfile import load_model, save_model
@@ -321,6 +326,7 @@ def pretrained(task: Task, seed: int = 0, cache_dir: str | Path | None = None):
     cache = Path(cache_dir or os.environ.get("FEDTINY_CACHE") or Path.home() / ".cache" / "fedtiny")
     path = cache / f"{task.name}-{Path(task.model.partition(':')[0]).stem}-{key}.ftm"
     if path.exists() and path.with_suffix(".pt").exists():
+        lru.used(path)
         model.load_state_dict(torch.load(path.with_suffix(".pt")))
         return model.eval(), load_model(path)
     train, val = host_split(task, seed)
@@ -333,5 +339,6 @@ def pretrained(task: Task, seed: int = 0, cache_dir: str | Path | None = None):
     graph.meta["pretraining"] = asdict(record)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path.with_suffix(".pt"))
-    save_model(graph, path)
+    save_model(graph, path)  # the entry's marker, written last: a model without it is still being written
+    lru.evict(((ftm, [ftm, ftm.with_suffix(".pt")]) for ftm in cache.glob("*.ftm")), CACHE_MODELS)
     return model.eval(), graph

@@ -72,3 +72,21 @@ def test_another_compiler_rebuilds_every_object(build, monkeypatch):
     build()
     monkeypatch.setattr(object_cache, "compiler_identity", lambda compiler: b"/usr/bin/gcc\0gcc 99.1")
     assert build(**{"secret.c": BASE["secret.c"] + "\n"})[0] == {"a.c", "c.c", "secret.c"}
+
+
+def test_the_object_cache_keeps_the_most_recently_used_objects(build, tmp_path, monkeypatch):
+    """Past CACHE_OBJECTS the least recently used objects go (fedtiny.lru, as the builds beside them), and an object
+    a build takes from the cache counts as used."""
+    import os
+
+    build()  # a.o and c.o cached
+    objects = tmp_path / "cache" / "cruntime" / "objects"
+    for path in objects.rglob("*.o"):
+        os.utime(path, (1000, 1000))
+    (c_o,), (old_a,) = objects.rglob("c.o"), objects.rglob("a.o")
+    os.utime(c_o, (500, 500))  # the oldest
+    monkeypatch.setattr(object_cache, "CACHE_OBJECTS", 2)
+    # a.c changes: c.o is taken from the cache (used now), the new a.o is stored, and the old a.o goes
+    assert build(**{"a.c": BASE["a.c"].replace("B * 10", "B * 11")}) == ({"a.c", "secret.c"}, 30)
+    assert sorted(p.name for p in objects.rglob("*.o")) == ["a.o", "c.o"]
+    assert c_o.exists() and not old_a.exists() and not old_a.parent.exists()

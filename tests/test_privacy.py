@@ -159,6 +159,30 @@ def test_central_noise_has_the_calibrated_scale_a_fixed_denominator_and_equal_we
     assert np.linalg.norm(arrays["w"].numpy()) == pytest.approx(1.0, rel=1e-6)
 
 
+def test_a_clip_norm_below_every_update_sets_the_step_not_the_signal_to_noise():
+    """Why a clip norm under the devices' update norms costs no accuracy to noise (docs/privacy.md, "The clip norm
+    from the host's data"): when C clips every update, the noised mean is C times the mean of the updates'
+    directions plus noise z C / n, so halving C halves the round's step and its noise alike (the same noise draws);
+    a C above the updates' norms adds noise and no signal."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+    from fedtiny_server.privacy import CentralPrivacy
+
+    rng = np.random.default_rng(3)
+    updates = [rng.normal(size=50) * (1 + i) for i in range(4)]  # norms about 7, 14, 21, 28
+
+    def step(clip):
+        strategy = CentralPrivacy(FedAvg(), PrivacyLedger(2.0, 1e-5), clip, noise_seed=7)
+        strategy.current_arrays = ArrayRecord({"w": Array(np.zeros(50))})
+        return strategy.aggregate_train(1, _replies([u.copy() for u in updates], [1] * 4))[0]["w"].numpy()
+
+    below = [step(c) for c in (4.0, 2.0, 1.0)]
+    assert np.allclose(below[0] / 4.0, below[1] / 2.0, rtol=1e-12, atol=0) and np.allclose(below[1] / 2.0, below[2])
+    # above every norm the updates pass whole: the signal stays, the noise grows with C
+    noise = [step(c) - np.mean(updates, axis=0) for c in (40.0, 80.0)]
+    assert np.allclose(noise[1], 2 * noise[0], rtol=1e-12, atol=0)
+
+
 def test_the_wrapper_refuses_a_strategy_that_does_not_average():
     from flwr.serverapp.strategy import FedMedian
     from fedtiny_server.privacy import CentralPrivacy

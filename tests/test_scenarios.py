@@ -84,3 +84,33 @@ def test_fleet_machines_are_units_of_a_few_machine_models():
         node = task.nodes[i]
         windows = data.bearing_dataset([FLEET_FIRST_MACHINE + i], FLEET_WINDOWS_PER_CLASS, seed=0, model=0).X
         assert (node.X[:, None] == windows[None]).all(axis=(2, 3)).any(axis=1).all()
+
+
+def test_the_model_cache_keeps_the_most_recently_used_pretrained_models(tmp_path, monkeypatch):
+    """Pretrained models (.ftm and .pt) are evicted as C builds are (fedtiny.lru): past CACHE_MODELS the least
+    recently used go, a model found in the cache counts as used, and weights without their .ftm (a model another
+    process is writing) stay."""
+    import os
+
+    from fedtiny_sim import scenarios
+
+    def entry(name, used):
+        for suffix in (".ftm", ".pt"):
+            (tmp_path / f"{name}{suffix}").write_text("")
+        os.utime(tmp_path / f"{name}.ftm", (used, used))
+
+    monkeypatch.setattr(scenarios, "CACHE_MODELS", 3)
+    for i in range(4):
+        entry(f"old{i}", 1000 + i)
+    (tmp_path / "writing.pt").write_text("")
+    task = load_task("medical", 2)
+    scenarios.pretrained(task, 0, cache_dir=tmp_path)  # pretrains, writes the fifth model, keeps three
+    first = {p.stem for p in tmp_path.glob("*.ftm")} - {"old2", "old3"}
+    assert len(first) == 1 and {p.name for p in tmp_path.iterdir()} == {
+        "writing.pt", *(f"{stem}{suffix}" for stem in (*first, "old2", "old3") for suffix in (".ftm", ".pt"))}
+    (new,) = first
+    os.utime(tmp_path / f"{new}.ftm", (500, 500))  # the oldest now, until it is used
+    scenarios.pretrained(task, 0, cache_dir=tmp_path)  # found: used now
+    scenarios.pretrained(task, 1, cache_dir=tmp_path)  # another seed: a new model, and old2 goes
+    kept = {p.stem for p in tmp_path.glob("*.ftm")}
+    assert len(kept) == 3 and {new, "old3"} < kept and {p.stem for p in tmp_path.glob("*.pt")} == kept | {"writing"}
