@@ -11,7 +11,7 @@ of the dequantized states (FedAvg; or a server optimizer on that mean's change, 
 and requantizes it (server/requantize.py). No MQTT and no uplink sparsification. Beside the rounds each device also
 trains alone from the pretrained model (the same C jobs, never averaged; --no-alone skips it). Prints per round the
 global model's accuracy on the held-out set and, on each node's machine's held-out windows of every class
-(scenarios.machine_tests: what the machine will meet, faults its node never had included), the mean / worst tenth
+(scenarios.Task.machine_tests: what the machine will meet, faults its node never had included), the mean / worst tenth
 over the devices of the global model, the personalised model (the global one after the device's own steps) and the
 device alone; then the device-measured personalised accuracy on its own held-out part (the classes it holds only),
 and one JSON line.
@@ -49,7 +49,7 @@ def rounds(args) -> dict:
     from fedtiny_server.requantize import dequantize_state, requantize_state, tensor_specs
 
     from fedtiny_sim.personal import fleet_summary
-    from fedtiny_sim.scenarios import machine_tests, pretrained
+    from fedtiny_sim.scenarios import pretrained
     from fedtiny_sim.simulate import SimulationConfig, node_seed, training_plan
 
     task = task_of(args)
@@ -59,7 +59,7 @@ def rounds(args) -> dict:
     specs = tensor_specs(plan)
     forward = CPlanModel(plan)
     x_test, y_test = quantize_input(graph, task.test.X), task.test.y
-    machines = [(quantize_input(graph, t.X), t.y) for t in machine_tests(task)]
+    machines = [(quantize_input(graph, t.X), t.y) for t in task.machine_tests]
 
     def accuracy(ints) -> float:
         return float((forward.run(ints, x_test).reshape(len(y_test), -1).argmax(1) == y_test).mean())

@@ -3,8 +3,9 @@
     DeviceSession  (fedtiny.protocol.device) the sans-IO protocol state machine; it never sees a sample
     LocalTraining  the only holder of the device's samples: runs a TrainJob on a trainer, returns a TrainResult
                    (a trainable state and three or four numbers), which the session turns into a DELTA
-                   (update.uplink); it holds a fifth of its samples out (heldout_split) to measure its
-                   personalised model: the global model after its own local steps
+                   (update.uplink); it measures its personalised model (the global model after its own local
+                   steps) on its evaluation part (evaluation_part): its machine's held-out windows of every class
+                   where it was given them, else the fifth of its samples it holds out (heldout_split)
     RoundFaults    the seam through which a simulation makes a node fail or lag a round
     predict        inference between rounds: the personalised model the session keeps (NodeState.personal), or the
                    global one before the device's first answered round
@@ -94,6 +95,18 @@ def heldout_split(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return split[h:], split[:h]
 
 
+def evaluation_part(seed: int, x: np.ndarray, y: np.ndarray, evaluation: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, labels) a device scores its personalised model on: its evaluation part when it has one (samples
+    of every class it will meet, never trained on: the industrial scenario gives each device its machine's held-out
+    windows), else the held-out part of heldout_split. The train part is heldout_split's either way: an evaluation
+    part adds samples to score on and takes none from training. fedtiny_train_job.c chooses the same."""
+    if evaluation is not None and len(evaluation[1]):
+        return np.asarray(evaluation[0]), np.asarray(evaluation[1])
+    held = heldout_split(seed, len(y))[1]
+    return np.asarray(x)[held], np.asarray(y)[held]
+
+
 def classes(plan: Plan, state: dict[str, np.ndarray], x_int8: np.ndarray) -> np.ndarray:
     """The class the model with trainable `state` predicts for each int8 sample: the argmax of its output, the first
     maximum winning (fedtiny_predict_class in device_runtime/c/fedtiny_train_job.c computes the same)."""
@@ -111,7 +124,9 @@ class LocalTraining:
     """Holds the samples and the trainer; the protocol side gets TrainResults only."""
 
     def __init__(self, plan: Plan, x_int8: np.ndarray, y: np.ndarray, seed: int,
-                 trainer_factory: Callable | None = None, rng_counter: int | None = None) -> None:
+                 trainer_factory: Callable | None = None, rng_counter: int | None = None,
+                 evaluation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`evaluation`: (int8 samples, labels) of the device's evaluation part (evaluation_part), if it has one."""
         if trainer_factory is None:
             from .trainer import Trainer as trainer_factory
         self.plan = plan
@@ -119,6 +134,13 @@ class LocalTraining:
         self._y = np.asarray(y)
         if self._x.dtype != np.int8 or len(self._x) != len(self._y):
             raise ValueError("x_int8 must be int8 samples (N, H, W, C) with N labels")
+        self._evaluation = None
+        if evaluation is not None and len(evaluation[1]):
+            self._evaluation = (np.asarray(evaluation[0]), np.asarray(evaluation[1]))
+            if self._evaluation[0].dtype != np.int8 or len(self._evaluation[0]) != len(self._evaluation[1]):
+                raise ValueError("the evaluation part must be int8 samples (N, H, W, C) with N labels")
+            if plan.loss == "mse":
+                raise ValueError("an evaluation part scores classes, and an MSE plan has none")
         self.seed = seed
         self.trainer = trainer_factory(plan, seed)
         if rng_counter is not None:
@@ -131,25 +153,27 @@ class LocalTraining:
     def run(self, job: TrainJob) -> TrainResult:
         """Train the train part of heldout_split from job.base, in training_order over that part (its k-th
         sample is train[k]); report the trained state, the number of distinct samples trained on, the mean step
-        loss (arith.mean_loss), the accuracy of the trained model on the train part and, where the device holds
-        a part out, on the held-out part: the personalised model's (argmax of the output == label, the first
-        maximum winning; 0.0 and None for an MSE plan, which has no classes).
+        loss (arith.mean_loss), the accuracy of the trained model on the train part and on the device's
+        evaluation part (evaluation_part), when it has one: the personalised model's (argmax of the output ==
+        label, the first maximum winning; 0.0 and None for an MSE plan, which has no classes).
         device_runtime/c/fedtiny_train_job.c computes the same on the device; a trainer that runs that C
         (cruntime.CTrainer.run_job) does the whole job in one call."""
         if hasattr(self.trainer, "run_job"):
-            return self.trainer.run_job(self.seed, job, self._x, self._y)
+            return self.trainer.run_job(self.seed, job, self._x, self._y, self._evaluation)
         self.trainer.load_trainable_state(job.base)
-        train, held = heldout_split(self.seed, len(self._x))
+        train = heldout_split(self.seed, len(self._x))[0]
         n = len(train)
         order = train[training_order(self.seed, job.round, n, job.epochs, job.steps)]
         mse = self.plan.loss == "mse"
         losses = [self.trainer.step(self._x[i], self._y[i] if mse else int(self._y[i])) for i in order]
         state = self.trainer.trainable_state()
         accuracy, personal = 0.0, None
-        if len(self._x) and not mse:
-            hits = classes(self.plan, state, self._x) == self._y
-            accuracy = int(hits[train].sum()) / n
-            personal = int(hits[held].sum()) / len(held) if len(held) else None
+        if not mse:
+            if n:
+                accuracy = int((classes(self.plan, state, self._x[train]) == self._y[train]).sum()) / n
+            x_eval, y_eval = evaluation_part(self.seed, self._x, self._y, self._evaluation)
+            if len(y_eval):
+                personal = int((classes(self.plan, state, x_eval) == y_eval).sum()) / len(y_eval)
         # consecutive permutations: the first n steps visit n distinct samples
         return TrainResult(state, min(len(order), n), mean_loss(losses), accuracy, self.rng_counter, personal)
 
@@ -174,6 +198,7 @@ class NodeAgent:
     the agent's MqttTransport: tests pass fedtiny.transport.faults.FaultyTransport to drop, delay, duplicate or
     reorder what the node publishes, or to cut its connection. `peers` (device name -> public identity) lets the
     node take part in secure aggregation: it checks the round keys the coordinator relays against them.
+    `evaluation` (int8 samples, labels): the device's evaluation part (agent.evaluation_part), if it has one.
     `durable=False` saves the node's state without
     fsync (save_state): a simulation's nodes save at every sealed message (heartbeats included), and in a profile
     of the default run on a busy machine its worker processes spent a quarter as long in those fsyncs as in
@@ -185,7 +210,8 @@ class NodeAgent:
                  trainer_factory: Callable | None = None, heartbeat_s: float = 30.0, ack_timeout_s: float = 15.0,
                  client_id: str | None = None, faults: RoundFaults = RoundFaults(),
                  transport_wrapper: Callable[[MqttTransport], MqttTransport] | None = None,
-                 peers: dict[str, PublicIdentity] | None = None, durable: bool = True) -> None:
+                 peers: dict[str, PublicIdentity] | None = None, durable: bool = True,
+                 evaluation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.device = topics.check_name(device)
         self.fleet = fleet
         fleet_dir = Path(fleet_dir)
@@ -202,7 +228,7 @@ class NodeAgent:
             state = NodeState(0, plan.initial_state(), 0)
             self.restored = False
         self.training = LocalTraining(plan, x_int8, y, seed, trainer_factory,
-                                      state.rng_counter if self.restored else None)
+                                      state.rng_counter if self.restored else None, evaluation)
         state.rng_counter = self.training.rng_counter
         self.session = DeviceSession(plan, device, fleet, endpoint, state, chunk_size,
                                      lambda s: save_state(self.state_path, s, durable), ack_timeout_s, time.monotonic(),

@@ -637,10 +637,12 @@ def render_plan(plan, fast: bool = True, constants_as_data: bool = False) -> tup
 
 
 def render_train_samples(plan, samples: np.ndarray | None, labels: np.ndarray | None, seed: int = 0,
-                         steps: int | None = None) -> str:
+                         steps: int | None = None, evaluation: tuple[np.ndarray, np.ndarray] | None = None) -> str:
     """samples.c for the training firmware: int8 samples (N, H, W, C) and labels (N,) in flash; step i trains on
     sample i mod N. None -> one sample of input zero points with label 0. For an MSE plan `labels` are the int8
-    targets (N, K) (or (N, *output shape)), emitted as fedtiny_targets; None -> targets of output zero points."""
+    targets (N, K) (or (N, *output shape)), emitted as fedtiny_targets; None -> targets of output zero points.
+    `evaluation`: (int8 samples, labels) of the device's evaluation part (agent.evaluation_part), emitted as
+    fedtiny_eval_samples / fedtiny_eval_labels (fedtiny_n_eval_samples 0 without one); classification plans only."""
     graph = plan.graph
     samples = _checked_samples(graph, samples)
     out = graph.tensors[graph.outputs[0]]
@@ -657,13 +659,24 @@ def render_train_samples(plan, samples: np.ndarray | None, labels: np.ndarray | 
         if labels.shape != (len(samples),) or labels.min() < 0 or labels.max() >= classes:
             raise ValueError(f"labels must be {len(samples)} class indexes in 0..{classes - 1}")
         labels_c = _c_array("int32_t", "fedtiny_labels", labels)
+    eval_x = np.zeros((0,) + samples.shape[1:], np.int8) if evaluation is None else np.asarray(evaluation[0])
+    eval_y = np.zeros(0, np.int32) if evaluation is None else np.asarray(evaluation[1]).astype(np.int32)
+    if len(eval_y) and plan.loss == "mse":
+        raise ValueError("an evaluation part scores classes, and an MSE plan has none")
+    if len(eval_y) and (eval_y.shape != (len(eval_x),) or eval_y.min() < 0 or eval_y.max() >= classes):
+        raise ValueError(f"evaluation labels must be {len(eval_x)} class indexes in 0..{classes - 1}")
+    eval_x = _checked_samples(graph, eval_x) if len(eval_y) else np.zeros((1,) + samples.shape[1:], np.int8)
     steps = len(samples) if steps is None else int(steps)
     return (_banner(graph) + "#include \"fedtiny_samples.h\"\n\n"
             f"const uint32_t fedtiny_n_samples = {len(samples)};\n"
             f"const uint32_t fedtiny_train_steps = {steps};\n"
             f"const uint32_t fedtiny_train_seed = {int(seed) & 0xFFFFFF};\n"
             + _c_array("int8_t", "fedtiny_samples", samples).replace("static const", "const")
-            + labels_c.replace("static const", "const"))
+            + labels_c.replace("static const", "const")
+            + f"const uint32_t fedtiny_n_eval_samples = {len(eval_y)};\n"
+            + _c_array("int8_t", "fedtiny_eval_samples", eval_x).replace("static const", "const")
+            + _c_array("int32_t", "fedtiny_eval_labels", eval_y if len(eval_y) else np.zeros(1, np.int32)
+                       ).replace("static const", "const"))
 
 
 def generate_plan(plan, out_dir: str | Path, samples: np.ndarray | None = None, labels: np.ndarray | None = None,

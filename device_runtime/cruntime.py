@@ -286,7 +286,8 @@ class CJob(ctypes.Structure):
     _fields_ = [("seed", ctypes.c_uint64), ("round", ctypes.c_uint32), ("epochs", ctypes.c_uint32),
                 ("steps", ctypes.c_uint32), ("rng_counter", ctypes.c_uint64), ("base", ctypes.c_void_p),
                 ("samples", ctypes.c_void_p), ("labels", ctypes.c_void_p), ("targets", ctypes.c_void_p),
-                ("n", ctypes.c_uint32), ("order", ctypes.c_void_p), ("poll", POLL), ("poll_context", ctypes.c_void_p)]
+                ("n", ctypes.c_uint32), ("order", ctypes.c_void_p), ("poll", POLL), ("poll_context", ctypes.c_void_p),
+                ("eval_samples", ctypes.c_void_p), ("eval_labels", ctypes.c_void_p), ("n_eval", ctypes.c_uint32)]
 
 
 class CJobResult(ctypes.Structure):
@@ -501,22 +502,29 @@ class CTrainer:
         self.last_label_probability = self.last_label_q15 / 32768
         return [cross_entropy_loss(int(q)) for q in q15]
 
-    def run_job(self, seed: int, job: TrainJob, x: np.ndarray, y: np.ndarray) -> TrainResult:
+    def run_job(self, seed: int, job: TrainJob, x: np.ndarray, y: np.ndarray,
+                evaluation: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
         """A round's training in one C call (fedtiny_train_job_run, what the firmware runs): from job.base, on the
         train part of agent.heldout_split(seed, len(x)) in its training order, then the trained model's accuracy
-        on the train part and on the held-out part (personal_accuracy); the same TrainResult
+        on the train part and on the device's evaluation part (personal_accuracy; agent.evaluation_part:
+        `evaluation`, int8 samples and labels, when given, else the held-out part); the same TrainResult
         as agent.LocalTraining.run with a Python Trainer, bit for bit. x: int8 (N, H, W, C); y: class indexes,
         or int8 targets (N, K) for an MSE plan. Leaves this trainer holding the trained state and counter."""
         mse = self.plan.loss == "mse"
         x = np.ascontiguousarray(x, dtype=np.int8)
         y = np.ascontiguousarray(y, dtype=np.int8 if mse else np.int32)
+        x_eval, y_eval = evaluation if evaluation is not None else (np.zeros((0,) + x.shape[1:], np.int8), [])
+        x_eval = np.ascontiguousarray(x_eval, dtype=np.int8)
+        y_eval = np.ascontiguousarray(y_eval, dtype=np.int32)
         base = pack_state(self.plan, job.base)
         base_buffer = ctypes.create_string_buffer(base, len(base))
         out = ctypes.create_string_buffer(len(base))
         order = np.zeros(max(1, len(x)), dtype=np.uint16)
         cjob = CJob(seed & MASK64, job.round, job.epochs, job.steps, self._counter & MASK64,
                     ctypes.addressof(base_buffer), x.ctypes.data, None if mse else y.ctypes.data,
-                    y.ctypes.data if mse else None, len(x), order.ctypes.data, POLL(), None)
+                    y.ctypes.data if mse else None, len(x), order.ctypes.data, POLL(), None,
+                    x_eval.ctypes.data if len(y_eval) else None, y_eval.ctypes.data if len(y_eval) else None,
+                    len(y_eval))
         result = CJobResult()
         before = self._state, self._counter
         with self._library() as lib:

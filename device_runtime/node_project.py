@@ -211,12 +211,14 @@ def config_files(plan: Plan, folder: Path, device: str, n_samples: int, *, chunk
 
 def files(plan: Plan, folder: Path, device: str, samples: np.ndarray | None = None,
           labels: np.ndarray | None = None, seed: int = 0, *, chunk_size: int = 1024, heartbeat_s: float = 30.0,
-          ack_timeout_s: float = 15.0, noise: bool = False, secagg: bool = False) -> dict[str, str | bytes]:
+          ack_timeout_s: float = 15.0, noise: bool = False, secagg: bool = False,
+          evaluation: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, str | bytes]:
     """Every file of the node's firmware folder, by name; `folder` is the device's (device_folder). `noise` and
-    `secagg` as config_files."""
+    `secagg` as config_files; `evaluation`: the device's evaluation part (codegen.render_train_samples)."""
     header, source = codegen.render_plan(plan)
     out: dict[str, str | bytes] = {"model.h": header, "model.c": source,
-                                   "samples.c": codegen.render_train_samples(plan, samples, labels, seed)}
+                                   "samples.c": codegen.render_train_samples(plan, samples, labels, seed,
+                                                                             evaluation=evaluation)}
     out |= config_files(plan, folder, device, 1 if samples is None else len(samples), chunk_size=chunk_size,
                         heartbeat_s=heartbeat_s, ack_timeout_s=ack_timeout_s, noise=noise, secagg=secagg)
     out["README.md"] = _readme(folder, device, chunk_size)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from . import nodefile
 
 PARTS = ("idle", "protocol", "crypto", "training")  # FEDTINY_PART_* order, the plugin's `part=` order
 MARKERS = ("fedtiny_part_idle", "fedtiny_part_protocol", "fedtiny_part_crypto", "fedtiny_part_training")
@@ -47,7 +47,7 @@ class FirmwareFleet:
     def __init__(self, run: Path, plan, devices: list[str], broker_url: str, *, chunk_size: int,
                  heartbeat_s: float = 5.0, ack_timeout_s: float = 5.0, bridge_options: dict | None = None,
                  secagg: bool = False) -> None:
-        """run: the run folder (fleet/ from `fedtiny keys`, nodes/<device>.npz with x, y, seed); bridge_options:
+        """run: the run folder (fleet/ from `fedtiny keys`, nodes/<device>.npz: nodefile); bridge_options:
         more keyword arguments for each ModemBridge (tests: a transport_wrapper); secagg: the firmware takes part
         in secure aggregation and adds device noise (node_project's secagg)."""
         self.run, self.plan, self.devices, self.broker_url = run, plan, devices, broker_url
@@ -64,11 +64,12 @@ class FirmwareFleet:
 
         from .simulate import ConfigError
 
-        samples = np.load(self.run / "nodes" / f"{device}.npz")
+        samples = nodefile.load(self.run / "nodes" / f"{device}.npz")
         folder = node_project.device_folder(self.run / "fleet", device)
-        project = node_project.files(self.plan, folder, device, samples["x"], samples["y"], int(samples["seed"]),
+        project = node_project.files(self.plan, folder, device, samples.x, samples.y, samples.seed,
                                      chunk_size=self.chunk_size, heartbeat_s=self.heartbeat_s,
-                                     ack_timeout_s=self.ack_timeout_s, secagg=self.secagg)
+                                     ack_timeout_s=self.ack_timeout_s, secagg=self.secagg,
+                                     evaluation=samples.evaluation)
         try:
             return node_project.build(project, cache_dir=self.run / "firmware")
         except BuildError as exc:

@@ -37,6 +37,8 @@ from fedtiny.protocol.update import SentStates, decode_update
 from fedtiny.protocol.task import task_body
 from fedtiny.protocol.messages import Delta, GlobalUpdate
 
+from . import nodefile
+
 log = logging.getLogger("fedtiny.flower_engine")
 
 EXTRA = "simulation"
@@ -285,17 +287,17 @@ class _Device:
         job = TrainJob(round_, version, int(settings["epochs"]), int(settings["steps"]),
                        {k: v.copy() for k, v in self.global_state.items()}, settings["uplink_keep"],
                        settings["clip_norm"], settings["noise_sigma"])
-        samples = np.load(self.run / "nodes" / f"{self.name}.npz")
+        samples = nodefile.load(self.run / "nodes" / f"{self.name}.npz")
         factory = None
         if trainer == "c":
             from fedtiny_device.cruntime import CTrainer as factory
-        training = LocalTraining(self.plan, samples["x"], samples["y"], int(samples["seed"]), factory,
-                                 self.rng_counter)
+        training = LocalTraining(self.plan, samples.x, samples.y, samples.seed, factory, self.rng_counter,
+                                 samples.evaluation)
         result = training.run(job)
         self.rng_counter = result.rng_counter
         # DP noise (a TASK's noise_sigma): this ClientApp has no identity key, so its noise key comes from the
         # node's name and seed: reproducible, and secret only as far as a simulation's seeds are
-        noise = NoiseStream(noise_key(f"{self.name}:{int(samples['seed'])}".encode()), 0, round_) \
+        noise = NoiseStream(noise_key(f"{self.name}:{samples.seed}".encode()), 0, round_) \
             if job.noise_sigma > 0 else None
         body, self.carry = uplink(self.plan, job.base, result.state, self.carry, keep=job.uplink_keep,
                                   clip_norm=job.clip_norm, num_examples=result.num_examples, loss=result.loss,

@@ -2,16 +2,17 @@
 device reaches training alone.
 
 A device's personalised model is the global model after its own local steps of the round (FedAvg + local
-fine-tuning); the device measures it on the fifth of its samples it holds out (fedtiny_device.agent.heldout_split)
-and reports it in its DELTA's metrics (`personal_accuracy`), so no sample leaves it. Here, on the host, which holds
-every node's data file:
+fine-tuning); the device measures it on its evaluation part (fedtiny_device.agent.evaluation_part: its machine's
+held-out windows of every class where the scenario has them, else the fifth of its samples it holds out) and reports
+it in its DELTA's metrics (`personal_accuracy`), so no sample leaves it. Here, on the host, which holds every node's
+data file (nodefile):
 
     fleet_summary   the round's or run's mean and worst tenth over the devices that report one
     round_personal  a round's personalised accuracies, from the coordinator's stored replies
-    HeldOutParts    the global model of a round on the same held-out parts (the host runs it: a measurement)
+    HeldOutParts    the global model of a round on the same evaluation parts (the host runs it: a measurement)
     train_alone     each device trained alone from the pretrained model, with the nodes' own trainer and split, round
                     after round as the run's rounds train it (the same local steps and sample order, never averaged
-                    with anyone), scored on its held-out part after every round: what the device reaches without
+                    with anyone), scored on its evaluation part after every round: what the device reaches without
                     federation, beside the personalised model of the same round
 """
 
@@ -24,6 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from . import nodefile
 
 # What starting one worker process costs (a fresh interpreter importing numpy, the plan and the C runtime): two of
 # them took 5.7 s on the 2-core test machine at load 11, where a 6-node, 2-round run's nodes trained alone in 0.2 s.
@@ -51,23 +54,20 @@ def round_personal(store, round_: int) -> dict[str, float]:
 
 
 class HeldOutParts:
-    """Every node's held-out part (agent.heldout_split of its data file in the run folder), on which the global model
-    of each round is scored beside the personalised and alone models: the same samples for all three lines.
+    """Every node's evaluation part (NodeFile.scored_on of its data file in the run folder), on which the global
+    model of each round is scored beside the personalised and alone models: the same samples for all three lines.
     `labels(state, x_int8)` -> the classes the plan's model with that state predicts (the run's C forward pass)."""
 
     def __init__(self, run_dir: str | Path, labels):
-        from fedtiny_device.agent import heldout_split
-
         self.labels = labels
         self.parts = {}
         for f in sorted((Path(run_dir) / "nodes").glob("*.npz")):
-            d = np.load(f)
-            held = heldout_split(int(d["seed"]), len(d["y"]))[1]
-            if len(held):
-                self.parts[f.stem] = (d["x"][held], d["y"][held])
+            x, y = nodefile.load(f).scored_on()
+            if len(y):
+                self.parts[f.stem] = (x, y)
 
     def accuracy(self, state: dict[str, np.ndarray]) -> dict[str, float]:
-        """{device: the model with `state` on its held-out part}, one forward pass over all parts."""
+        """{device: the model with `state` on its evaluation part}, one forward pass over all parts."""
         if not self.parts:
             return {}
         x = np.concatenate([x for x, _ in self.parts.values()])
@@ -84,7 +84,7 @@ def local_steps(config: dict, n: int) -> int:
 
 
 def train_alone(run_dir: str | Path, config: dict) -> dict[str, list[float | None]]:
-    """{device: [accuracy on its held-out part after round 1, 2, ..., config["rounds"]] (None: it holds none)} of
+    """{device: [accuracy on its evaluation part after round 1, 2, ..., config["rounds"]] (None: it has none)} of
     each node's model trained alone: from the pretrained model (the plan's initial state), with the run's trainer,
     the node's samples, seed and split, each round a TrainJob like the run's (config["epochs"] or
     config["local_steps"]) from where its previous round ended. With the C trainer a round is one C call, the
@@ -126,10 +126,10 @@ def _alone(run_dir: str, devices: list[str], config: dict) -> dict[str, list[flo
         from fedtiny_device.cruntime import CTrainer as factory
     out = {}
     for device in devices:
-        samples = np.load(run / "nodes" / f"{device}.npz")
-        training = LocalTraining(plan, samples["x"], samples["y"], int(samples["seed"]), factory)
+        samples = nodefile.load(run / "nodes" / f"{device}.npz")
+        training = LocalTraining(plan, samples.x, samples.y, samples.seed, factory, evaluation=samples.evaluation)
         state, curve = plan.initial_state(), []
-        if local_steps(config, len(samples["y"])):
+        if local_steps(config, len(samples.y)):
             for r in range(1, int(config["rounds"]) + 1):
                 result = training.run(TrainJob(r, 0, int(config["epochs"]), int(config["local_steps"]), state))
                 state = result.state

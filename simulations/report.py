@@ -13,9 +13,9 @@ matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .report_data import (  # noqa: E402
-    FLOW_FIELDS, NODE_MIN_PER_CLASS, class_names, data_flow, device_accuracy, federation_gains, federation_rows,
-    few_samples, firmware_table, participation, percent, personal_rows, points, privacy_lines, reached, recall,
-    recall_rows, stragglers_back)
+    FLOW_FIELDS, NODE_MIN_PER_CLASS, class_names, data_flow, device_accuracy, evaluated_on, federation_gains,
+    federation_rows, few_samples, firmware_table, participation, percent, personal_rows, points, privacy_lines, reached,
+    recall, recall_rows, stragglers_back)
 from .report_html import html_report  # noqa: E402
 
 ROUND_FIELDS = ("round", "accuracy", "global_heldout", "global_heldout_worst_tenth", "personal_accuracy",
@@ -94,7 +94,7 @@ def _plot_accuracy(path, run, rounds, baseline):
 
 
 def _plot_federation(path, rows):
-    """On every device's held-out part, per round from 0: the global model, the device's personalised model and the
+    """On every device's evaluation part, per round from 0: the global model, the device's personalised model and the
     device trained alone; mean (solid) and worst tenth (dashed), on 0..100 %. No plot without such figures."""
     path.unlink(missing_ok=True)
     if not rows:
@@ -106,8 +106,8 @@ def _plot_federation(path, rows):
             if pts:
                 ax.plot([p for p, _ in pts], [v for _, v in pts], style, color=f"C{i}", marker="o" if style == "-"
                         else None, label=label if key == "mean" else f"{name}, worst tenth")
-    ax.set(xlabel="round (0: the pretrained model)", ylabel="accuracy on its held-out samples (%)", ylim=(0, 100),
-           title="Each device's held-out samples: federation against training alone")
+    ax.set(xlabel="round (0: the pretrained model)", ylabel="accuracy on its evaluation part (%)", ylim=(0, 100),
+           title="Each device's evaluation part: federation against training alone")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
@@ -205,7 +205,7 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
         lines += [
             "What left each device: per round one DELTA (the trainable tensors' integer changes, signed with the device's",
             "EdDSA key and encrypted end to end with ChaCha20-Poly1305), its example count, loss, accuracy and",
-            "personalised accuracy (on the samples it holds out);",
+            "personalised accuracy (on its evaluation part);",
             "heartbeats and a JOIN. No sample, feature or label left any device (see docs/security.md).",
         ]
         if run.get("secure_aggregation"):
@@ -253,12 +253,12 @@ def summary(run: dict, rounds: list[dict], memory: dict, baseline: dict | None, 
     elif run.get("targets"):
         t = run["targets"][0]
         lines += [f"Rounds to {100 * t['accuracy']:.1f} % ({t['rule']}): {reached(t, 'fedtiny', rounds)}.", ""]
-    lines += federation_lines(devices or {}, rounds)
-    lines += personal_lines(devices or {}) + recall_lines(run, rounds) + device_lines(devices or {})
-    lines += ["## Rounds", "", "Accuracy: the global model on the held-out data. On each device's held-out samples "
+    lines += federation_lines(run, devices or {}, rounds)
+    lines += personal_lines(run, devices or {}) + recall_lines(run, rounds) + device_lines(devices or {})
+    lines += ["## Rounds", "", "Accuracy: the global model on the held-out data. On each device's evaluation part "
               "(mean / worst tenth of the devices): the global model, each device's personalised model (after its "
-              "local steps of the round) and the device trained alone for as many rounds.",
-              "", "| round | accuracy | devices' held-out: global | personalised | alone | loss | participants | "
+              f"local steps of the round) and the device trained alone for as many rounds. {evaluated_on(run)}",
+              "", "| round | accuracy | devices' evaluation: global | personalised | alone | loss | participants | "
               "uplink B | downlink B | seconds |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
               f"| 0 (before the first) | {100 * run['initial_accuracy']:.1f} % | - | - | - | - | - | - | - | - |"]
     for x in rounds:
@@ -284,35 +284,33 @@ def few_samples_lines(few: dict[str, dict[str, int]], run: dict, shown: int = 10
 
 
 def personal_cell(row: dict, key: str = "personal_accuracy") -> str:
-    """A round's accuracy over the devices' held-out parts (`key`: personal_accuracy, global_heldout or
+    """A round's accuracy over the devices' evaluation parts (`key`: personal_accuracy, global_heldout or
     alone_accuracy), "mean / worst tenth", or "-" when it was not measured."""
     if row.get(key) is None:
         return "-"
     return f"{percent(row[key])} / {percent(row[key.removesuffix('_accuracy') + '_worst_tenth'])}"
 
 
-def federation_lines(devices: dict[str, dict], rounds: list[dict]) -> list[str]:
+def federation_lines(run: dict, devices: dict[str, dict], rounds: list[dict]) -> list[str]:
     gains = federation_gains(federation_rows(devices, rounds))
     if not gains:
         return []
     cell = (lambda what, v: points(v) if what.startswith("gain") else percent(v))
-    return ["## What federation and personalisation gain (each device's held-out samples, after the last round)", "",
-            "Every device holds a fifth of its samples out and never trains on them. Personalised: the global model "
-            "after the device's own local steps of the round. Alone: the device trained from the pretrained model "
+    return ["## What federation and personalisation gain (each device's evaluation part, after the last round)", "",
+            f"{evaluated_on(run)} Personalised: the global model after the device's own local steps of the round. Alone: the device trained from the pretrained model "
             "on its own samples only, round after round as the run's rounds (federation.png has every round).", "",
             "| | mean | worst tenth of devices |", "|---|---:|---:|",
             *[f"| {what} | {cell(what, v['mean'])} | {cell(what, v['worst_tenth'])} |" for what, v in gains], ""]
 
 
-def personal_lines(devices: dict[str, dict]) -> list[str]:
+def personal_lines(run: dict, devices: dict[str, dict]) -> list[str]:
     rows = personal_rows(devices)
     if not rows:
         return []
-    return ["## Personalisation (each device's held-out samples)", "",
-            "Each device holds a fifth of its samples out (from 10 samples on) and never trains on them. Its "
-            "personalised model is the global model after its own local steps of a round; it reports that model's "
-            "accuracy on its held-out part in its DELTA, so no sample leaves it.", "",
-            "| model, on each device's held-out part | mean | worst tenth of devices | devices |", "|---|---:|---:|---:|",
+    return ["## Personalisation (each device's evaluation part)", "",
+            f"{evaluated_on(run)} A device's personalised model is the global model after its own local steps of a "
+            "round; it reports that model's accuracy on its evaluation part in its DELTA, so no sample leaves it.", "",
+            "| model, on each device's evaluation part | mean | worst tenth of devices | devices |", "|---|---:|---:|---:|",
             *[f"| {what} | {percent(s['mean'])} | {percent(s['worst_tenth'])} | {s['devices']} |" for what, s in rows],
             ""]
 

@@ -1,6 +1,6 @@
 """What a simulation's report says, from the run's records: the "rounds to X %" targets and their rules, the
 held-out confusion matrix and per-class recall, each device's samples and accuracy before and after, the global
-model against each device's personalised model and the device trained alone (on each device's held-out part), which
+model against each device's personalised model and the device trained alone (on each device's evaluation part), which
 device missed which round and why, and the data-flow manifest. report.py writes them as files and summary.md,
 report_html.py as report.html."""
 
@@ -117,13 +117,14 @@ def few_samples(devices: dict[str, dict]) -> dict[str, dict[str, int]]:
 def device_accuracy(run_dir: Path) -> dict[str, dict]:
     """Per node, from the run folder: its samples per class (nodes/<device>.npz), the accuracy on its own samples
     of the global model before round 1 and after the last round (plan.ftp, the final integers in state.db), the
-    same on the part it holds out (`heldout_before`, `heldout_after`; agent.heldout_split by its seed), and what
-    its last accepted DELTA reported: the accuracy of its model right after its own local training on the samples
-    it trains on (`reported_accuracy`) and on its held-out part (`personal_accuracy`, the personalised model).
-    Classification plans only."""
+    same on its evaluation part (`heldout_before`, `heldout_after`; nodefile.NodeFile.scored_on: its machine's
+    tests, or the part it holds out; `heldout_samples` of them), and what its last accepted DELTA reported: the
+    accuracy of its model right after its own local training on the samples it trains on (`reported_accuracy`) and
+    on its evaluation part (`personal_accuracy`, the personalised model). Classification plans only."""
     from fedtiny.planfile import load_plan
-    from fedtiny_device.agent import heldout_split
     from fedtiny_server.state import StateStore
+
+    from . import nodefile
 
     run = Path(run_dir)
     files = sorted((run / "nodes").glob("*.npz"))
@@ -135,11 +136,12 @@ def device_accuracy(run_dir: Path) -> dict[str, dict]:
         checkpoint, reported = store.load(), store.reply_metrics()
     finally:
         store.close()
-    data = {f.stem: np.load(f) for f in files}
+    data = {f.stem: nodefile.load(f) for f in files}
+    scored = {device: d.scored_on() for device, d in data.items()}
     out = {}
     for device, d in data.items():
-        classes, counts = np.unique(d["y"], return_counts=True)
-        out[device] = dict(samples=int(len(d["y"])),
+        classes, counts = np.unique(d.y, return_counts=True)
+        out[device] = dict(samples=int(len(d.y)),
                            class_counts={str(int(c)): int(n) for c, n in zip(classes, counts)})
         mine = sorted(r for r, dev in reported if dev == device)
         last = reported[mine[-1], device] if mine else {}
@@ -147,27 +149,37 @@ def device_accuracy(run_dir: Path) -> dict[str, dict]:
             out[device].update(reported_accuracy=float(last["accuracy"]), reported_round=mine[-1])
         if last.get("personal_accuracy") is not None:
             out[device].update(personal_accuracy=float(last["personal_accuracy"]))
-        out[device]["heldout_samples"] = len(heldout_split(int(d["seed"]), len(d["y"]))[1])
+        out[device]["heldout_samples"] = len(scored[device][1])
     if plan.loss == "mse" or checkpoint is None:
         return out
-    x = np.concatenate([d["x"] for d in data.values()])
-    y = np.concatenate([d["y"] for d in data.values()])
-    ends = np.cumsum([len(d["y"]) for d in data.values()])
-    states = {"accuracy_before": plan.initial_state(), "accuracy_after": checkpoint.ints}
-    for key, state in states.items():
-        for device, hits in zip(data, np.split(predicted_classes(plan, state, x) == y, ends[:-1])):
-            out[device][key] = float(hits.mean()) if len(hits) else None
-            held = hits[heldout_split(int(data[device]["seed"]), len(hits))[1]]
-            out[device][key.replace("accuracy", "heldout")] = float(held.mean()) if len(held) else None
+    for key, parts in (("accuracy", {device: (d.x, d.y) for device, d in data.items()}), ("heldout", scored)):
+        x = np.concatenate([x for x, _ in parts.values()])
+        y = np.concatenate([y for _, y in parts.values()])
+        ends = np.cumsum([len(y) for _, y in parts.values()])[:-1]
+        for when, state in (("before", plan.initial_state()), ("after", checkpoint.ints)):
+            for device, hits in zip(parts, np.split(predicted_classes(plan, state, x) == y, ends)):
+                out[device][f"{key}_{when}"] = float(hits.mean()) if len(hits) else None
     return out
+
+
+def evaluated_on(run: dict) -> str:
+    """One sentence for the report: what each device's global, personalised and alone accuracies are scored on (the
+    run's `evaluation`, nodefile)."""
+    from .nodefile import MACHINE_TESTS
+
+    if run.get("evaluation") == MACHINE_TESTS:
+        return ("Each device is scored on its machine's held-out windows of every class (what the machine will meet, "
+                "faults its own history never had included), which no device trains on.")
+    return ("Each device is scored on the fifth of its own samples it holds out (from 10 samples on) and never trains "
+            "on: only the classes its own samples have.")
 
 
 def personal_rows(devices: dict[str, dict]) -> list[tuple[str, dict]]:
     """The personalisation table, each row (what, fleet_summary of it over the devices), all on each device's
-    held-out part: the global model before round 1 and after the last round, the device's personalised model (the
+    evaluation part: the global model before round 1 and after the last round, the device's personalised model (the
     global model after its own local steps, as its last DELTA reported it), and the device trained alone from the
-    pretrained model on its own samples, round after round as the run's rounds. Empty when no device holds a part
-    out."""
+    pretrained model on its own samples, round after round as the run's rounds. Empty when no device has an
+    evaluation part."""
     from .personal import fleet_summary
 
     rows = [("global model before round 1", "heldout_before"), ("global model after the last round", "heldout_after"),
@@ -179,7 +191,7 @@ def personal_rows(devices: dict[str, dict]) -> list[tuple[str, dict]]:
 
 
 def federation_rows(devices: dict[str, dict], rounds: list[dict]) -> list[tuple[int, dict, dict, dict]]:
-    """Per round from round 0, on every device's held-out part: (round, global, personalised, alone), each
+    """Per round from round 0, on every device's evaluation part: (round, global, personalised, alone), each
     {mean, worst_tenth} (None where not measured). Round 0 is the pretrained model for all three: every line starts
     from it. Empty when no round has a personalised or alone figure."""
     from .personal import fleet_summary
@@ -198,7 +210,7 @@ def federation_rows(devices: dict[str, dict], rounds: list[dict]) -> list[tuple[
 
 
 def federation_gains(rows: list[tuple[int, dict, dict, dict]]) -> list[tuple[str, dict]]:
-    """After the last round, on the devices' held-out parts: (what, {mean, worst_tenth}) for the global model, the
+    """After the last round, on the devices' evaluation parts: (what, {mean, worst_tenth}) for the global model, the
     personalised one, the device alone, and the gains in points: from federation (personalised - alone: what
     taking part gives a device over training on its own data) and from personalisation (personalised - global)."""
     if not rows:
@@ -323,7 +335,7 @@ def data_flow(coordinator_log: Path, trainable: list[str]) -> list[dict]:
     if not Path(coordinator_log).exists():
         return []
     uplink = ("DELTA: integer changes of " + " ".join(trainable) + "; example count; loss; accuracy; the "
-              "personalised model's accuracy on the device's held-out part (where it holds one)")
+              "personalised model's accuracy on the device's evaluation part (where it has one)")
     masked = ("secure aggregation: round keys (signed), Shamir shares encrypted to its neighbours, masked DELTA (the "
               "integer changes of " + " ".join(trainable) + " plus masks in Z/2^k: the coordinator sees only the "
               "round's sum), shares revealed for unmasking; example count; loss; accuracy")

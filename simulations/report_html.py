@@ -9,9 +9,9 @@ import base64
 from html import escape
 from pathlib import Path
 
-from .report_data import (NODE_MIN_PER_CLASS, class_names, confusion, federation_gains, federation_rows, few_samples,
-                          firmware_table, percent, personal_rows, points, privacy_lines, reached, recall_rows,
-                          stragglers_back)
+from .report_data import (NODE_MIN_PER_CLASS, class_names, confusion, evaluated_on, federation_gains, federation_rows,
+                          few_samples, firmware_table, percent, personal_rows, points, privacy_lines, reached,
+                          recall_rows, stragglers_back)
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -26,7 +26,7 @@ td.ok { color: #1a7f37; } td.miss { color: #b42318; font-weight: bold; } td.idle
 """
 
 PLOT_TITLES = {"accuracy_loss.png": "Held-out accuracy and loss per round (round 0: the model before any round)",
-               "federation.png": "On each device's held-out samples per round: the global model, the device's "
+               "federation.png": "On each device's evaluation part per round: the global model, the device's "
                                  "personalised model and the device trained alone (mean and worst tenth)",
                "recall.png": "Per-class recall of the global model per round",
                "bytes_per_round.png": "Bytes per node per round",
@@ -50,7 +50,7 @@ def html_report(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
     if run.get("privacy"):
         parts += [f"<p>{escape(line)}</p>" for line in privacy_lines(run, rounds) if line]
     parts += _warnings(run, devices)
-    parts += _federation(devices, rounds)
+    parts += _federation(run, devices, rounds)
     parts += _comparison(run, rounds, memory, baseline)
     parts.append("<h2>Plots</h2>")
     for plot in plots:
@@ -58,7 +58,7 @@ def html_report(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
         parts.append(f"<figure><figcaption>{escape(PLOT_TITLES.get(plot.name, plot.name))}</figcaption>"
                      f'<img alt="{escape(plot.name)}" src="data:image/png;base64,{data}"></figure>')
     parts += _rounds(run, rounds)
-    parts += _personal(devices)
+    parts += _personal(run, devices)
     parts += _recall(run, rounds)
     parts += _devices(run, rounds, devices)
     parts += _data_flow(run, flows)
@@ -143,13 +143,13 @@ def _comparison(run: dict, rounds: list[dict], memory: dict, baseline: dict | No
             _table(["", "fedtiny", "Flower + PyTorch fp32"], rows), f"<p>Targets:</p><ul>{rules}</ul>"]
 
 
-def _federation(devices: dict[str, dict], rounds: list[dict]) -> list[str]:
+def _federation(run: dict, devices: dict[str, dict], rounds: list[dict]) -> list[str]:
     gains = federation_gains(federation_rows(devices, rounds))
     if not gains:
         return []
     cell = (lambda what, v: points(v) if what.startswith("gain") else percent(v))
     return ["<h2>What federation and personalisation gain</h2>",
-            "<p>On each device's held-out samples (a fifth of its samples, never trained on), after the last round. "
+            f"<p>On each device's evaluation part, after the last round. {escape(evaluated_on(run))} "
             "Personalised: the global model after the device's own local steps of the round. Alone: the device "
             "trained from the pretrained model on its own samples only, round after round as the run's rounds. The "
             "plot below (federation.png) has every round.</p>",
@@ -165,26 +165,25 @@ def _rounds(run: dict, rounds: list[dict]) -> list[str]:
               percent(x.get("alone_worst_tenth")), f"{x['loss']:.3f}", x["participants"], f"{x['uplink_bytes']:,}",
               f"{x['downlink_bytes']:,}", f"{x['seconds']:.2f}"] for x in rounds]
     return ["<h2>Rounds</h2>",
-            _table(["round", "held-out accuracy (global model)", "devices' held-out: global, mean",
+            _table(["round", "held-out accuracy (global model)", "devices' evaluation: global, mean",
                     "global, worst tenth", "personalised, mean", "personalised, worst tenth", "alone, mean",
                     "alone, worst tenth", "loss", "participants", "uplink B", "downlink B", "seconds"], rows, text=()),
-            '<p class="note">Round 0 is the pretrained int8 model before any round. On the devices\' held-out '
-            "samples: the global model of the round, each device's model after its local steps of the round "
+            '<p class="note">Round 0 is the pretrained int8 model before any round. On the devices\' evaluation '
+            "parts: the global model of the round, each device's model after its local steps of the round "
             "(personalised, over the devices that answered the round with one) and each device trained alone for as "
-            "many rounds (mean, and the mean of the lowest tenth).</p>"]
+            f"many rounds (mean, and the mean of the lowest tenth). {escape(evaluated_on(run))}</p>"]
 
 
-def _personal(devices: dict[str, dict]) -> list[str]:
+def _personal(run: dict, devices: dict[str, dict]) -> list[str]:
     rows = personal_rows(devices)
     if not rows:
         return []
-    return ["<h2>Personalisation (each device's held-out samples)</h2>",
-            "<p>Each device holds a fifth of its samples out (from 10 samples on) and never trains on them. Its "
-            "personalised model is the global model after its own local steps of a round: it costs no memory "
+    return ["<h2>Personalisation (each device's evaluation part)</h2>",
+            f"<p>{escape(evaluated_on(run))} A device's personalised model is the global model after its own local steps of a round: it costs no memory "
             "beyond the round's, and the device reports its accuracy in its DELTA, so no sample leaves it. The "
             "device alone: trained from the pretrained model, on its own samples only, round after round as the "
             "run's rounds.</p>",
-            _table(["model, on each device's held-out part", "mean", "worst tenth of devices", "devices"],
+            _table(["model, on each device's evaluation part", "mean", "worst tenth of devices", "devices"],
                    [[what, percent(s["mean"]), percent(s["worst_tenth"]), s["devices"]] for what, s in rows])]
 
 
@@ -224,12 +223,12 @@ def _devices(run: dict, rounds: list[dict], devices: dict[str, dict]) -> list[st
     parts = ["<h2>Devices</h2>",
              "<p>Accuracy on all of each device's own samples: of the global model before round 1 and after the last "
              "round, computed here from the run's records; and as its last accepted DELTA reported it (its own model "
-             "right after its local training, on the samples it trains on). Then on the part it holds out (none "
-             "below 10 samples): the global model before and after, its personalised model (its last DELTA's "
-             "report) and the device trained alone.</p>",
+             "right after its local training, on the samples it trains on). Then on its evaluation part: the global "
+             "model before and after, its personalised model (its last DELTA's report) and the device trained alone. "
+             f"{escape(evaluated_on(run))}</p>",
              _table(["device", "samples", "samples per class", "global model before", "global model after",
-                     "its own model (last report)", "held out", "held out: global before", "held out: global after",
-                     "held out: personalised", "held out: alone", "rounds answered", "straggler"], rows,
+                     "its own model (last report)", "evaluation samples", "evaluation: global before",
+                     "evaluation: global after", "evaluation: personalised", "evaluation: alone", "rounds answered", "straggler"], rows,
                     text=(0, 2))]
     numbers = [r["round"] for r in rounds]
     if numbers:

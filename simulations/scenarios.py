@@ -8,7 +8,7 @@
               machine's history recorded: healthy running and the one or two fault kinds it has had
               (data.fault_history; a bearing is replaced after a fault, so no machine has had them all). The
               held-out set is a fifth of every fleet machine's windows of all four classes, faults its node never saw
-              included: what each machine will meet (machine_tests gives each node its part). A device alone
+              included: what each machine will meet (Task.machine_tests gives each node its part). A device alone
               cannot learn a fault it has never had; units of its model elsewhere in the fleet have had it
   vision      sklearn digits (8x8 images): mobilenet, nodes by a Dirichlet label split
   medical     sklearn breast cancer (30 features): mlp, nodes by a Dirichlet label split
@@ -38,6 +38,9 @@ class Task:
     nodes: list[Dataset]
     test: Dataset
     standardization: tuple | None = None  # (mean, std) per feature the splits were standardized with, if any
+    # each node's part of the test set: its own machine's windows of every class, what it will meet (the industrial
+    # task's); None where a scenario has no per-machine tests (the Dirichlet splits, a user's file)
+    machine_tests: list[Dataset] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -147,13 +150,8 @@ def industrial_task(n_nodes: int, seed: int = 0, host_machines: int = HOST_MACHI
             own = own.subset(np.flatnonzero(np.isin(own.y, (0,) + data.fault_history(machine, seed))), own.name)
         nodes.append(own)
         held_out.append(test)
-    return Task("industrial", "sensor_cnn", pretrain, nodes, _joined(held_out, "bearing[fleet held-out]"))
-
-
-def machine_tests(task: Task) -> list[Dataset]:
-    """Each node's part of the held-out set: the windows of its own machine (the group its samples come from), of
-    every class. For the industrial task, what each device will meet, faults it has never seen included."""
-    return [task.test.subset(np.flatnonzero(np.isin(task.test.group, np.unique(node.group)))) for node in task.nodes]
+    return Task("industrial", "sensor_cnn", pretrain, nodes, _joined(held_out, "bearing[fleet held-out]"),
+                machine_tests=held_out)
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int):
@@ -265,6 +263,7 @@ def fed_as_model_file(task: Task, graph) -> Task:
     stats = graph.meta.get("input_standardization")
     return replace(task, pretrain=refeed(task.pretrain), nodes=[refeed(d) for d in task.nodes],
                    test=refeed(task.test),
+                   machine_tests=None if task.machine_tests is None else [refeed(d) for d in task.machine_tests],
                    standardization=None if stats is None else (np.asarray(stats["mean"]), np.asarray(stats["std"])))
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import nodefile
 from .scenarios import (Task, check_model, fed_as_model_file, host_split, is_model_file, load_task, pretrained,
                         unseen_halves)
 
@@ -137,14 +138,15 @@ def _worker(run_dir: str, devices: list[str], broker: str, config: dict, stop) -
 
         agents = []
         for device in devices:
-            samples = np.load(run / "nodes" / f"{device}.npz")
-            agent = NodeAgent(device, broker, run / "fleet", plan, samples["x"], samples["y"], fleet="sim",
-                              state_dir=run / "state", seed=int(samples["seed"]), chunk_size=config["chunk_size"],
+            samples = nodefile.load(run / "nodes" / f"{device}.npz")
+            agent = NodeAgent(device, broker, run / "fleet", plan, samples.x, samples.y, fleet="sim",
+                              state_dir=run / "state", seed=samples.seed, chunk_size=config["chunk_size"],
                               trainer_factory=factory, heartbeat_s=HEARTBEAT_S, ack_timeout_s=5.0,
                               faults=_faults(device, config), durable=False,
                               # secagg: its peers' public identities (`fedtiny keys`' peers.json), to check the round
                               # keys the coordinator relays
-                              peers=load_peers(run / "fleet" / "devices" / device) if config.get("secagg") else None)
+                              peers=load_peers(run / "fleet" / "devices" / device) if config.get("secagg") else None,
+                              evaluation=samples.evaluation)
             agents.append(agent.start())
         wait_for_stop(stop)
         for agent in agents:
@@ -460,8 +462,10 @@ def _prepare(config: SimulationConfig, run: Path, task: Task, say):
     save_plan(plan, run / "plan.ftp")
     (run / "nodes").mkdir()
     devices = [device_name(i) for i in range(config.nodes)]
-    for i, (device, ds) in enumerate(zip(devices, task.nodes, strict=True)):
-        np.savez(run / "nodes" / f"{device}.npz", x=quantize_input(graph, ds.X), y=ds.y, seed=node_seed(config, i))
+    tests = task.machine_tests or [None] * len(devices)
+    for i, (device, ds, test) in enumerate(zip(devices, task.nodes, tests, strict=True)):
+        nodefile.save(run / "nodes" / f"{device}.npz", quantize_input(graph, ds.X), ds.y, node_seed(config, i),
+                      None if test is None else (quantize_input(graph, test.X), test.y))
     return model, graph, plan, scheme, devices, host_model_seconds
 
 
@@ -509,7 +513,7 @@ def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, not
     from fedtiny_server.rounds import confusion_matrix
 
     from .report import write_report
-    from .report_data import accuracy_targets
+    from .report_data import accuracy_targets, evaluated_on
 
     if config.trainer == "c" and shutil.which("gcc") is None:
         config.trainer = "python"
@@ -526,6 +530,10 @@ def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, not
             raise ConfigError(f"--secagg: {exc}") from None
     say(f"model {task.model}, update scheme {scheme}: {len(plan.trainable_buffers())} trainable buffers, "
         f"{plan.arena_size:,} B arena per node")
+    # what each device's personalised, global and alone accuracies are scored on (nodefile)
+    evaluation = nodefile.HELDOUT_FIFTH if task.machine_tests is None else nodefile.MACHINE_TESTS
+    if plan.loss != "mse":
+        say(f"personalised accuracy: {evaluated_on(dict(evaluation=evaluation))}")
     if config.dp_epsilon:
         warning = privacy_noise_warning(config, plan)
         if warning:
@@ -575,6 +583,7 @@ def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, not
                    clip_norm=config.clip_norm, clip_rule=config.clip_rule,
                    rounds_seconds=sum(r["seconds"] for r in rounds),  # round 1's start to the last's end
                    privacy=privacy.get("summary"), stopped=privacy.get("stopped"), secure_aggregation=config.secagg,
+                   evaluation=evaluation,
                    alone=dict(fleet_summary([curve[-1] if curve else None for curve in alone.values()]),
                               accuracy={d: curve[-1] if curve else None for d, curve in alone.items()})
                    if alone else None, alone_seconds=time.perf_counter() - alone_started if alone else None)

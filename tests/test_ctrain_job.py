@@ -154,8 +154,11 @@ class JobLibrary:
         self.lib.fedtiny_training_permutation.argtypes = [ctypes.c_uint64] * 3 + [ctypes.c_uint32, ctypes.c_void_p]
         self.lib.fedtiny_training_permutation.restype = None
 
-    def run(self, seed, job: TrainJob, x, y, rng_counter, poll=None, base: bytes | None = None):
+    def run(self, seed, job: TrainJob, x, y, rng_counter, poll=None, base: bytes | None = None, evaluation=None):
         x = np.ascontiguousarray(x, dtype=np.int8)
+        x_eval, y_eval = evaluation if evaluation is not None else (x[:0], y[:0])
+        x_eval = np.ascontiguousarray(x_eval, dtype=np.int8)
+        y_eval = np.ascontiguousarray(y_eval, dtype=np.int32)
         mse = self.plan.loss == "mse"
         y = np.ascontiguousarray(y, dtype=np.int8 if mse else np.int32)
         base = pack_state(self.plan, job.base) if base is None else base
@@ -165,7 +168,7 @@ class JobLibrary:
         callback = POLL(poll) if poll is not None else POLL()
         cjob = CJob(seed & MASK64, job.round, job.epochs, job.steps, rng_counter, ctypes.addressof(base_buf),
                     x.ctypes.data, None if mse else y.ctypes.data, y.ctypes.data if mse else None, len(x),
-                    order.ctypes.data, callback, None)
+                    order.ctypes.data, callback, None, x_eval.ctypes.data, y_eval.ctypes.data, len(y_eval))
         result = CResult()
         status = self.lib.fedtiny_train_job_run(ctypes.byref(cjob), ctypes.addressof(out), ctypes.byref(result))
         return status, result, out.raw
@@ -315,6 +318,57 @@ def test_the_personal_accuracy_is_the_trained_models_on_the_heldout_part():
     predicted = run(plan.graph_with(result.state), x[held]).reshape(len(held), -1).argmax(axis=1)
     assert result.personal_accuracy == float((predicted == y[held]).mean())
     assert result.num_examples == len(train)
+
+
+@pytest.mark.parametrize("name", ["sensor_cnn default", "conformance"])
+def test_an_evaluation_part_scores_the_personalised_model_and_takes_no_training(name, cache):
+    """A device given an evaluation part (its machine's held-out windows of every class) scores its personalised
+    model on those samples, by the C job and by either Python trainer alike, and trains exactly as without one:
+    same state, loss, train accuracy and counter. The part here holds a class the device's own samples lack, as a
+    fault its machine never had; the held-out fifth of its own samples could not score that class."""
+    from fedtiny.interpreter import run
+
+    plan, x, y = case(name)
+    lacking = int(y.max())
+    own = y != lacking
+    x_own, y_own = x[own], y[own]
+    x_eval, y_eval = x[~own][:5], y[~own][:5]
+    x_eval = np.concatenate([x_eval, x_own[:3]])
+    y_eval = np.concatenate([y_eval, y_own[:3]])
+    lib = JobLibrary(plan, cache)
+    job = TrainJob(3, 0, 2, 0, plan.initial_state())
+    for seed in (7, 2**40 + 3):
+        plain = LocalTraining(plan, x_own, y_own, seed, rng_counter=0).run(job)
+        status, c, raw = lib.run(seed, job, x_own, y_own, 0, evaluation=(x_eval, y_eval))
+        for factory in (cruntime.CTrainer, None):
+            expected = LocalTraining(plan, x_own, y_own, seed, factory, 0, (x_eval, y_eval)).run(job)
+            assert_same_result(status, c, unpack_state(plan, raw), expected, plan, f"{name} seed {seed} {factory}")
+        assert (expected.num_examples, expected.loss, expected.accuracy, expected.rng_counter) == \
+               (plain.num_examples, plain.loss, plain.accuracy, plain.rng_counter)
+        assert all(np.array_equal(expected.state[k], plain.state[k]) for k in plain.state)
+        predicted = run(plan.graph_with(expected.state), x_eval).reshape(len(y_eval), -1).argmax(axis=1)
+        assert expected.personal_accuracy == float((predicted == y_eval).mean())
+        assert lacking not in y_own[heldout_split(seed, len(y_own))[1]]  # what the held-out fifth would score
+    # without samples of its own, the device scores the model it was sent
+    status, c, raw = lib.run(5, job, x_own[:0], y_own[:0], 0, evaluation=(x_eval, y_eval))
+    expected = LocalTraining(plan, x_own[:0], y_own[:0], 5, rng_counter=0, evaluation=(x_eval, y_eval)).run(job)
+    assert_same_result(status, c, unpack_state(plan, raw), expected, plan, f"{name}: no samples of its own")
+    assert expected.personal_accuracy is not None
+
+
+def test_a_bad_evaluation_part_is_refused(cache):
+    plan, x, y = case("conformance")
+    lib = JobLibrary(plan, cache)
+    job = TrainJob(2, 0, 1, 0, plan.initial_state())
+    assert lib.run(7, job, x, y, 0, evaluation=(x[:4], np.array([0, 1, 3, 0])))[0] == BAD_INPUT  # 3 classes
+    assert lib.run(7, job, x[:0], y[:0], 0, evaluation=(x[:2], np.array([0, -1])))[0] == BAD_INPUT
+    with pytest.raises(ValueError, match="evaluation part"):
+        LocalTraining(plan, x, y, 7, evaluation=(x[:2], y[:3]))
+    mse, xm, tm = case("mlp mse full")
+    with pytest.raises(ValueError, match="MSE plan"):
+        LocalTraining(mse, xm, tm, 7, evaluation=(xm[:2], np.zeros(2, np.int32)))
+    assert JobLibrary(mse, cache).run(7, TrainJob(2, 0, 1, 0, mse.initial_state()), xm, tm, 0,
+                                      evaluation=(xm[:2], np.zeros(2)))[0] == BAD_INPUT
 
 
 def test_permutations_are_uniform():

@@ -5,7 +5,7 @@ import numpy as np
 
 from fedtiny_sim import data
 from fedtiny_sim.scenarios import (FLEET_FIRST_MACHINE, FLEET_MODELS, FLEET_WINDOWS_PER_CLASS, TEST_FRACTION, halves,
-                                   host_split, industrial_task, load_task, machine_tests, unseen_halves)
+                                   host_split, industrial_task, load_task, unseen_halves)
 
 
 def test_industrial_scores_the_fleet_on_windows_no_node_holds():
@@ -15,7 +15,7 @@ def test_industrial_scores_the_fleet_on_windows_no_node_holds():
     # the held-out set: a fifth of every fleet machine's windows, of every class, none of them a node's own
     assert sorted(np.unique(task.test.group).tolist()) == sorted(fleet)
     per_class = round(TEST_FRACTION * FLEET_WINDOWS_PER_CLASS)
-    for machine, node, test in zip(fleet, task.nodes, machine_tests(task)):
+    for machine, node, test in zip(fleet, task.nodes, task.machine_tests):
         assert (test.group == machine).all() and len(test) == (task.test.group == machine).sum()
         assert np.bincount(test.y, minlength=4).tolist() == [per_class] * 4  # faults the node never saw too
         assert not (test.X[:, None] == node.X[None]).all(axis=(2, 3)).any()

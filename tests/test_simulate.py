@@ -74,7 +74,64 @@ def test_personalised_accuracy_flows_from_the_deltas_to_metrics_and_the_report(m
     assert d["alone_accuracy"] == again.personal_accuracy
     summary, page = (out / "summary.md").read_text(), (out / "report.html").read_text()
     assert "## Personalisation" in summary and "the device alone" in summary
-    assert "personalised, worst tenth" in page and "held out: alone" in page
+    assert "personalised, worst tenth" in page and "evaluation: alone" in page
+    # no per-machine tests in the medical scenario: the devices are scored on the fifth they hold out, and say so
+    assert metrics["run"]["evaluation"] == "heldout_fifth"
+    assert "scored on the fifth of its own samples it holds out" in summary
+    assert "scored on the fifth of its own samples it holds out" in page
+
+
+def test_industrial_devices_are_scored_on_their_machines_tests_of_every_class(tmp_path):
+    """Where the scenario has per-machine tests (the industrial fleet), each node's data file carries its machine's
+    held-out windows of every class (faults its own samples lack included) and the device scores its personalised
+    model on them: the DELTA's figure is the Python reference's on those windows, the host's global and alone
+    lines are measured on the same windows, and the report says what they were scored on. The training samples are
+    those of before: the windows are nobody's training samples."""
+    from fedtiny.interpreter import quantize_input
+    from fedtiny.planfile import load_plan
+    from fedtiny.protocol.device import TrainJob
+    from fedtiny.scheme import REFERENCE_SPARSE
+    from fedtiny_device.agent import LocalTraining, classes
+    from fedtiny_server.state import StateStore
+    from fedtiny_sim import nodefile
+    from fedtiny_sim.personal import fleet_summary
+    from fedtiny_sim.scenarios import load_task, pretrained
+
+    out = tmp_path / "industrial"
+    config = SimulationConfig(nodes=3, rounds=2, lr=0.01, epochs=1, scheme=REFERENCE_SPARSE["sensor_cnn"],
+                              out=str(out), alone=True, workers=2)
+    result = simulate(config)
+    task = load_task("industrial", 3, seed=0)
+    graph = pretrained(task, 0)[1]
+    plan = load_plan(out / "plan.ftp")
+    store = StateStore(out / "state.db")
+    try:
+        replies, final = store.reply_metrics(), store.load().ints
+    finally:
+        store.close()
+    metrics = json.loads((out / "metrics.json").read_text())
+    for i, (node, test) in enumerate(zip(task.nodes, task.machine_tests, strict=True)):
+        device = f"node{i:03d}"
+        d = nodefile.load(out / "nodes" / f"{device}.npz")
+        assert np.array_equal(d.x, quantize_input(graph, node.X)) and np.array_equal(d.y, node.y)  # as before
+        x_eval, y_eval = d.evaluation
+        assert np.array_equal(x_eval, quantize_input(graph, test.X)) and np.array_equal(y_eval, test.y)
+        assert set(y_eval.tolist()) == {0, 1, 2, 3} > set(d.y.tolist())  # faults this machine never had
+        assert not {r.tobytes() for r in x_eval} & {r.tobytes() for n in task.nodes for r in
+                                                    quantize_input(graph, n.X)}  # nobody trains on them
+        # the device's figure: round 2 from the global model of round 1, as the Python reference scores it
+        again = LocalTraining(plan, d.x, d.y, d.seed, rng_counter=None, evaluation=d.evaluation)
+        round_one = again.run(TrainJob(1, 0, 1, 0, plan.initial_state()))
+        assert replies[1, device]["personal_accuracy"] == pytest.approx(round_one.personal_accuracy, abs=1e-7)
+        assert metrics["devices"][device]["heldout_samples"] == len(y_eval)
+        after = float((classes(plan, final, x_eval) == y_eval).mean())
+        assert metrics["devices"][device]["heldout_after"] == after
+    last = metrics["rounds"][-1]
+    assert last["global_heldout"] == pytest.approx(fleet_summary(
+        [metrics["devices"][f"node{i:03d}"]["heldout_after"] for i in range(3)])["mean"])
+    assert metrics["run"]["evaluation"] == "machine_tests" == result["evaluation"]
+    for page in ((out / "summary.md").read_text(), (out / "report.html").read_text()):
+        assert "held-out windows of every class (what the machine will meet" in page
 
 
 def test_same_seed_same_result_and_each_run_keeps_its_own_logs(medical, tmp_path):

@@ -13,5 +13,10 @@ extern const int8_t fedtiny_samples[];  /* (N, H, W, C) int8 */
 extern const uint32_t fedtiny_train_steps, fedtiny_train_seed;
 extern const int8_t fedtiny_targets[];  /* MSE plans: (N, classes) int8 */
 extern const int32_t fedtiny_labels[];  /* classification plans: (N,) class indexes */
+/* The device's evaluation part (agent.evaluation_part): samples of every class it will meet, never trained on;
+ * fedtiny_n_eval_samples = 0 without one (the arrays then hold one unused entry: C has no empty arrays). */
+extern const uint32_t fedtiny_n_eval_samples;
+extern const int8_t fedtiny_eval_samples[];
+extern const int32_t fedtiny_eval_labels[];
 
 #endif

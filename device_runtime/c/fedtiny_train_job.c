@@ -61,6 +61,20 @@ static fedtiny_train_job_status checked(const fedtiny_train_job *job, const uint
         job->n > FEDTINY_TRAIN_JOB_MAX_SAMPLES) {
         return FEDTINY_TRAIN_JOB_BAD_INPUT;
     }
+#if FEDTINY_MODEL_LOSS_MSE
+    if (job->n_eval > 0u) { /* no classes to score */
+        return FEDTINY_TRAIN_JOB_BAD_INPUT;
+    }
+#else
+    if (job->n_eval > 0u && (job->eval_samples == NULL || job->eval_labels == NULL)) {
+        return FEDTINY_TRAIN_JOB_BAD_INPUT;
+    }
+    for (i = 0; i < job->n_eval; i++) {
+        if (job->eval_labels[i] < 0 || job->eval_labels[i] >= (int32_t)FEDTINY_MODEL_OUTPUT_BYTES) {
+            return FEDTINY_TRAIN_JOB_BAD_INPUT;
+        }
+    }
+#endif
     if (job->n == 0u) {
         return FEDTINY_TRAIN_JOB_OK;
     }
@@ -114,24 +128,25 @@ static uint32_t argmax_first(const int8_t *output)
 }
 
 #if !FEDTINY_MODEL_LOSS_MSE
-/* Of samples order[from..to), those the trained model classifies right: argmax of the output (the first maximum)
- * == label. */
-static fedtiny_train_job_status count_correct(const fedtiny_train_job *job, uint32_t from, uint32_t to,
-                                              uint32_t *correct, fedtiny_train_result *result)
+/* Of the samples picked by index[from..to) (every one from `from` on when index is NULL), those the trained model
+ * classifies right: argmax of the output (the first maximum) == label. */
+static fedtiny_train_job_status count_correct(const fedtiny_train_job *job, const int8_t *samples,
+                                              const int32_t *labels, const uint16_t *index, uint32_t from,
+                                              uint32_t to, uint32_t *correct, fedtiny_train_result *result)
 {
     int8_t output[FEDTINY_MODEL_OUTPUT_BYTES];
     uint32_t i;
     *correct = 0;
     for (i = from; i < to; i++) {
-        const uint32_t sample = job->order[i];
+        const uint32_t sample = index != NULL ? index[i] : i;
         if (abandoned(job)) {
             return FEDTINY_TRAIN_JOB_ABANDONED;
         }
-        result->model_status = fedtiny_model_predict(job->samples + (size_t)sample * FEDTINY_MODEL_INPUT_BYTES, output);
+        result->model_status = fedtiny_model_predict(samples + (size_t)sample * FEDTINY_MODEL_INPUT_BYTES, output);
         if (result->model_status != FEDTINY_OK) {
             return FEDTINY_TRAIN_JOB_MODEL_ERROR;
         }
-        *correct += (uint32_t)(argmax_first(output) == (uint32_t)job->labels[sample]);
+        *correct += (uint32_t)(argmax_first(output) == (uint32_t)labels[sample]);
     }
     return FEDTINY_TRAIN_JOB_OK;
 }
@@ -185,18 +200,27 @@ fedtiny_train_job_status fedtiny_train_job_run(const fedtiny_train_job *job, uin
     if (job->n > 0u) {
         uint32_t correct;
         split(job, held, job->order);
-        status = count_correct(job, held, job->n, &correct, result);
+        status = count_correct(job, job->samples, job->labels, job->order, held, job->n, &correct, result);
         if (status != FEDTINY_TRAIN_JOB_OK) {
             return status;
         }
         result->accuracy = (double)correct / (double)n_train;
-        if (held > 0u) { /* the personalised model: the global one after this device's steps, on what it held out */
-            status = count_correct(job, 0u, held, &correct, result);
+        if (job->n_eval == 0u && held > 0u) { /* the personalised model: the global one after this device's
+                                               * steps, on what it held out */
+            status = count_correct(job, job->samples, job->labels, job->order, 0u, held, &correct, result);
             if (status != FEDTINY_TRAIN_JOB_OK) {
                 return status;
             }
             result->personal_accuracy = (double)correct / (double)held;
         }
+    }
+    if (job->n_eval > 0u) { /* ... or on its evaluation part, when it has one */
+        uint32_t correct;
+        status = count_correct(job, job->eval_samples, job->eval_labels, NULL, 0u, job->n_eval, &correct, result);
+        if (status != FEDTINY_TRAIN_JOB_OK) {
+            return status;
+        }
+        result->personal_accuracy = (double)correct / (double)job->n_eval;
     }
 #endif
     fedtiny_model_store_state(state_out);

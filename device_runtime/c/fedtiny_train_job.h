@@ -15,7 +15,10 @@
  *              fedtiny_cross_entropy_loss_q24(label_q15) / 2^24, MSE steps s_y^2 * sum (y - t)^2 / K.
  *   accuracy   correct / (n - h) over T, correct = samples whose output's argmax (first maximum) equals the label,
  *              after training; 0.0 for an MSE plan (no classes), which skips that pass.
- *   personal_accuracy  the same over the held-out samples; -1.0 when h = 0 or for an MSE plan.
+ *   personal_accuracy  the same over the device's evaluation part: the n_eval samples of eval_samples when it has
+ *              them (its machine's held-out windows of every class, what it will meet; never trained on), else
+ *              the held-out samples; -1.0 when that part is empty or for an MSE plan. The split above is the same
+ *              either way: an evaluation part adds samples to score on and takes none from training.
  *   num_examples  distinct samples trained on: min(total steps, n - h).
  *
  * No malloc, no stdio; the caller gives the permutation's work buffer. poll(context) runs before every step and
@@ -40,7 +43,8 @@
 typedef enum {
     FEDTINY_TRAIN_JOB_OK = 0,
     FEDTINY_TRAIN_JOB_ABANDONED = 1,   /* poll returned nonzero; the arena holds a partly trained state */
-    FEDTINY_TRAIN_JOB_BAD_INPUT = 2,   /* a NULL buffer, n > FEDTINY_TRAIN_JOB_MAX_SAMPLES, a label outside 0..K-1 */
+    FEDTINY_TRAIN_JOB_BAD_INPUT = 2,   /* a NULL buffer, n > FEDTINY_TRAIN_JOB_MAX_SAMPLES, a label outside 0..K-1,
+                                        * an evaluation part for an MSE plan */
     FEDTINY_TRAIN_JOB_MODEL_ERROR = 3  /* a kernel failed: result->model_status says how */
 } fedtiny_train_job_status;
 
@@ -61,6 +65,9 @@ typedef struct {
     uint16_t *order;             /* work buffer of n entries (n = 0: may be NULL) */
     fedtiny_train_job_poll poll; /* may be NULL */
     void *poll_context;
+    const int8_t *eval_samples;  /* n_eval * FEDTINY_MODEL_INPUT_BYTES: the evaluation part (n_eval = 0: may be NULL) */
+    const int32_t *eval_labels;  /* n_eval class indexes in 0..FEDTINY_MODEL_OUTPUT_BYTES-1 */
+    uint32_t n_eval;             /* > 0: personal_accuracy is scored on these, not on the held-out samples */
 } fedtiny_train_job;
 
 typedef struct {

@@ -404,6 +404,9 @@ static void train(void)
     params.n = fedtiny_n_samples;
     params.order = order;
     params.poll = poll_during_training;
+    params.eval_samples = fedtiny_eval_samples;
+    params.eval_labels = fedtiny_eval_labels;
+    params.n_eval = fedtiny_n_eval_samples;
     FEDTINY_PROFILE_ENTER(FEDTINY_PART_TRAINING);
     status = fedtiny_train_job_run(&params, TRAINED, &result);
     FEDTINY_PROFILE_LEAVE();
