@@ -352,7 +352,11 @@ class _Instance:
 
 
 _INSTANCES: dict[str, list[_Instance]] = {}
-_POOL = threading.Condition()
+_POOL = threading.Lock()  # guards _INSTANCES and every instance's busy and owner
+# Per library, told when one of its copies is released: one waiter can take it. (One condition for all libraries
+# woke every waiting thread at each release: with a simulation's 25 agents per process training at once on 2
+# copies, a tenth of the process's Python time went into threads that woke and waited again.)
+_RELEASED: dict[str, threading.Condition] = {}
 
 
 def _copy_of(path: str, k: int) -> str:
@@ -375,6 +379,7 @@ def _instance(path: str, arena_size: int, trainer=None):
     one that holds nobody's state, else any free one, else a new copy (up to MAX_COPIES), else wait. Yields
     (instance, whether `trainer`'s state must be loaded into it); the instance's owner is `trainer` from here on."""
     with _POOL:
+        released = _RELEASED.setdefault(path, threading.Condition(_POOL))
         while True:
             pool = _INSTANCES.setdefault(path, [])
             free = [inst for inst in pool if not inst.busy]
@@ -387,7 +392,7 @@ def _instance(path: str, arena_size: int, trainer=None):
                 inst = _Instance(_copy_of(path, len(pool)), arena_size)
                 pool.append(inst)
             else:
-                _POOL.wait()
+                released.wait()
                 continue
             break
         inst.busy = True
@@ -402,7 +407,7 @@ def _instance(path: str, arena_size: int, trainer=None):
     finally:
         with _POOL:
             inst.busy = False
-            _POOL.notify_all()
+            released.notify()
 
 
 class CTrainer:

@@ -364,7 +364,9 @@ def evaluate(model_file: str, data: str, nodes: int, seed: int) -> None:
               help="Run deadlines, --dropout and --stragglers on the wall clock (--engine mqtt): stragglers really "
                    "wait, and a busy machine can make nodes miss rounds. --qemu-nodes run in either mode.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--broker", default=None, help="mqtt(s)://HOST:PORT of a running broker; default: embedded amqtt.")
+@click.option("--broker", default=None,
+              help="mqtt(s)://HOST:PORT of a running broker; default: mosquitto on loopback where installed, else "
+                   "the embedded amqtt.")
 @click.option("--fleet-dir", default=None, help="With --broker: the `fedtiny keys` folder the broker trusts.")
 @click.option("--out", default="runs/latest", show_default=True, help="Report folder.")
 @click.option("--engine", default="mqtt", show_default=True, type=click.Choice(["mqtt", "flower"]),

@@ -25,6 +25,9 @@ FORMAT_VERSION = 1
 _FIXED = struct.Struct("<4sH4sII")
 _DIGEST = 32
 _DTYPES = ("int8", "uint8", "int16", "int32", "int64", "float32", "float64")
+# dtype -> its name in _DTYPES, either byte order: a table, because numpy's dtype.name costs microseconds (tens under
+# load) and a simulated node writes its state of ~50 arrays at every sealed message (device.save_state)
+_NAMES = {np.dtype(name).newbyteorder(order): name for name in _DTYPES for order in "<>"}
 
 
 class FileFormatError(ValueError):
@@ -35,10 +38,11 @@ def dumps(kind: bytes, header: dict, arrays: dict[str, np.ndarray]) -> bytes:
     blob, index = bytearray(), []
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr)
-        if arr.dtype.name not in _DTYPES:
+        dtype = _NAMES.get(arr.dtype)
+        if dtype is None:
             raise ValueError(f"array {name!r} has unsupported dtype {arr.dtype}")
         blob += b"\0" * (-len(blob) % 8)
-        index.append(dict(name=name, dtype=arr.dtype.name, shape=list(arr.shape), offset=len(blob)))
+        index.append(dict(name=name, dtype=dtype, shape=list(arr.shape), offset=len(blob)))
         blob += arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
     head = json.dumps(dict(header, arrays=index), separators=(",", ":")).encode()
     body = _FIXED.pack(MAGIC, FORMAT_VERSION, kind, len(head), len(blob)) + head + bytes(blob)

@@ -5,8 +5,8 @@ node's data. Then one of two engines runs the rounds; both drive the same coordi
 FleetGrid, the Flower strategy) and the same node logic (device_runtime/agent.py: LocalTraining with the C
 trainer when a compiler is present, the DELTA from fleet.encode_update):
 
-    mqtt    (default) the fleet's keys, a broker (the embedded amqtt on loopback in its own process, or
-            --broker), the coordinator in this process and the node agents in worker processes: rounds over MQTT
+    mqtt    (default) the fleet's keys, a broker (mosquitto on loopback where installed, else the embedded
+            amqtt in its own process, or --broker), the coordinator in this process and the node agents in worker processes: rounds over MQTT
             exactly as on devices.
     flower  the devices as ClientApps in Flower's simulation engine on Ray (flower_engine.py), for thousands
             of nodes or a Ray cluster; no MQTT link, so no envelopes.
@@ -571,7 +571,7 @@ def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, not
         alone = train_alone(run, dict(asdict(config), rounds=len(rounds)))
         for row, alone_round in zip(rounds, round_summaries(alone)):
             row.update(alone_accuracy=alone_round["mean"], alone_worst_tenth=alone_round["worst_tenth"])
-    broker = None if config.engine == "flower" else config.broker or "embedded amqtt (loopback)"
+    broker = config.broker or OWN_BROKERS.get(own_broker(config))
     summary = dict(scenario=task.name, nodes=config.nodes, model=task.model, scheme=scheme, strategy=config.strategy,
                    broker=broker, seed=config.seed, dropout=config.dropout, stragglers=config.stragglers,
                    deadline=config.deadline, engine=config.engine, clock=_clock_kind(config), lr=config.lr,
@@ -619,6 +619,41 @@ def _simulate_run(config: SimulationConfig, run: Path, task: Task, progress, not
     return dict(summary, rounds=rounds, baseline=baseline)
 
 
+OWN_BROKERS = {"mosquitto": "mosquitto (loopback, TLS)", "amqtt": "embedded amqtt (loopback)"}
+
+
+def own_broker(config: SimulationConfig) -> str | None:
+    """The broker a run starts for itself on loopback (None: --broker, or the flower engine): mosquitto where it is
+    installed, with the fleet's TLS certificates, passwords and ACL (a C broker: in the default run about 1 s of CPU
+    where the embedded amqtt took 8-10 s, a seventh of the whole run's, for the same metrics); else, and with
+    --capture (an amqtt plugin records the payloads), the embedded amqtt in a process of its own."""
+    from fedtiny.protocol.brokers import mosquitto_binary
+
+    if config.engine != "mqtt" or config.broker:
+        return None
+    return "mosquitto" if mosquitto_binary() and not config.capture else "amqtt"
+
+
+def _start_broker(config: SimulationConfig, run: Path):
+    """(the started broker to stop at the end, or None, and the URL every client connects to)."""
+    kind = own_broker(config)
+    if kind == "mosquitto":
+        from fedtiny.protocol.brokers import MosquittoProcess, free_port, mosquitto_config
+
+        port = free_port()
+        # as root, mosquitto would drop to user `mosquitto`, who cannot read the run folder's 0600 keys
+        (run / "mosquitto.conf").write_text(mosquitto_config(run / "fleet", port, run_as_root=os.geteuid() == 0))
+        return MosquittoProcess(run / "mosquitto.conf", port, log_path=run / "broker.log").start(), \
+            f"mqtts://127.0.0.1:{port}"
+    if kind == "amqtt":
+        from .broker_process import BrokerProcess
+
+        capture = run / "capture.jsonl" if config.capture else None
+        broker = BrokerProcess(run / "fleet", run / "link.log", capture=capture).start()
+        return broker, f"mqtt://127.0.0.1:{broker.port}"
+    return None, config.broker
+
+
 def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coordinate
               ) -> tuple[list[dict], dict[str, dict]]:
     """The fleet's keys, a broker, the coordinator's link, the node agents in worker processes and the firmware
@@ -630,11 +665,7 @@ def _run_mqtt(config: SimulationConfig, run: Path, plan, devices: list[str], coo
         shutil.copytree(config.fleet_dir, run / "fleet")
     else:
         provision_fleet(run / "fleet", "sim", devices)
-    from .broker_process import BrokerProcess
-
-    capture = run / "capture.jsonl" if config.capture else None
-    broker = BrokerProcess(run / "fleet", run / "link.log", capture=capture).start() if config.broker is None else None
-    url = config.broker or f"mqtt://127.0.0.1:{broker.port}"
+    broker, url = _start_broker(config, run)
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
     firmware = None

@@ -43,6 +43,8 @@ def test_state_saved_without_fsync_is_the_same_file(model, tmp_path, monkeypatch
     loaded = load_state(tmp_path / "fast.node", plan)
     assert (loaded.model_version, loaded.rng_counter, loaded.round, loaded.seq) == (3, 77, 5, 12)
     assert all(np.array_equal(loaded.personal[k], v) for k, v in state.personal.items())
+    save_state(tmp_path / "new" / "folder" / "first.node", state, durable=False)  # makes the folder it saves into
+    assert (tmp_path / "new" / "folder" / "first.node").read_bytes() == (tmp_path / "fast.node").read_bytes()
 
 
 def test_session_is_sans_io_and_holds_no_samples(fleet_dir, model, tmp_path):

@@ -152,6 +152,34 @@ def test_ctrainers_training_in_threads_keep_their_own_state(cache):
                           f"thread {seed}")
 
 
+def test_threads_waiting_for_two_libraries_all_get_a_copy(cache, monkeypatch):
+    """More threads than copies, on two libraries at once (one copy each): a released copy wakes a waiter of its own
+    library, so every thread finishes, and each trainer ends where the same trainer alone does."""
+    import threading
+
+    need("gcc", "make")
+    graph, x, labels = make_case("sensor_cnn")
+    plans = [compile_plan(graph, parse(scheme, graph)) for scheme in ("sparse:8:-2@1/2", "bias")]
+    assert len({str(cruntime.build_plan_host(plan, cache_dir=cache)) for plan in plans}) == 2
+    monkeypatch.setattr(cruntime, "MAX_COPIES", 1)
+    trainers = [cruntime.CTrainer(plan, seed, cache_dir=cache) for plan in plans for seed in range(4)]
+
+    def train(trainer):
+        for i in range(0, 40, 4):  # many short calls: many releases and waits
+            trainer.steps(x[i:i + 4], labels[i:i + 4])
+
+    threads = [threading.Thread(target=train, args=(t,), daemon=True) for t in trainers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a thread still waits for a copy that was released"
+    for trainer in trainers:
+        alone = cruntime.CTrainer(trainer.plan, int(trainers.index(trainer) % 4), cache_dir=cache)
+        train(alone)
+        assert_same_state(trainer.trainable_state(), alone.trainable_state(), "threaded against alone")
+
+
 def compiled_constants_training(plan, x, labels, seed: int, cache) -> bytes:
     """The trainable state (fedtiny_wire's layout) after training on x with the plan's update constants compiled
     into the library (codegen.render_plan's default, as the firmware builds it), through bare ctypes."""

@@ -353,3 +353,16 @@ def test_inspect_on_a_bad_file_exits_with_a_one_line_error(data, tmp_path, conte
     assert "Traceback" not in result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and str(path) in lines[0], result.output
+
+
+def test_container_arrays_keep_their_dtype_in_either_byte_order_and_refuse_others():
+    arrays = {f"{name}{order}": np.arange(-3, 4).astype(np.dtype(name).newbyteorder(order))
+              for name in ("int8", "uint8", "int16", "int32", "int64", "float32", "float64") for order in "<>"}
+    arrays = {k: v if not k.startswith("uint8") else np.arange(7, dtype=np.uint8) for k, v in arrays.items()}
+    header, back = fileformat.loads(fileformat.dumps(b"TEST", {}, arrays), b"TEST")
+    for name, values in arrays.items():
+        assert back[name].dtype.name == values.dtype.name and back[name].dtype.isnative
+        np.testing.assert_array_equal(back[name], values)
+    for other in (np.float16, np.bool_, np.uint16, np.complex64):
+        with pytest.raises(ValueError, match="unsupported dtype"):
+            fileformat.dumps(b"TEST", {}, {"x": np.zeros(2, other)})

@@ -183,7 +183,9 @@ def test_dropout_run_still_converges(tmp_path):
 
 
 def test_real_mosquitto_gives_the_embedded_brokers_result(medical, tmp_path):
-    """The same seed through mosquitto (TLS, client certificates, ACL) and through the embedded amqtt broker."""
+    """The same seed through the mosquitto a run starts for itself where it is installed (the default), through
+    the embedded amqtt broker (which --capture needs) and through a user's mosquitto (--broker, TLS, client
+    certificates, ACL): the same metrics."""
     import os
 
     from conftest import require_tool
@@ -191,7 +193,11 @@ def test_real_mosquitto_gives_the_embedded_brokers_result(medical, tmp_path):
     from fedtiny.protocol.keys import provision_fleet
 
     require_tool("mosquitto")
-    result, _ = medical
+    result, out = medical
+    assert result["broker"] == "mosquitto (loopback, TLS)" and (out / "mosquitto.conf").exists()
+    embedded = simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", scheme=MLP_SCHEME, seed=3,
+                                         out=str(tmp_path / "amqtt"), capture=True))
+    assert embedded["broker"] == "embedded amqtt (loopback)" and (tmp_path / "amqtt" / "capture.jsonl").exists()
     fleet = tmp_path / "fleet"
     provision_fleet(fleet, "sim", [f"node{i:03d}" for i in range(4)])
     port = free_port()
@@ -201,8 +207,9 @@ def test_real_mosquitto_gives_the_embedded_brokers_result(medical, tmp_path):
         real = simulate(SimulationConfig(nodes=4, rounds=2, scenario="medical", scheme=MLP_SCHEME,
                                          seed=3, out=str(tmp_path / "run"), broker=f"mqtts://127.0.0.1:{port}",
                                          fleet_dir=str(fleet)))
-    keys = ("accuracy", "loss", "participants")
-    assert [[r[k] for k in keys] for r in real["rounds"]] == [[r[k] for k in keys] for r in result["rounds"]]
+    keys = ("accuracy", "loss", "participants", "uplink_bytes", "downlink_bytes")
+    for other in (embedded, real):
+        assert [[r[k] for k in keys] for r in other["rounds"]] == [[r[k] for k in keys] for r in result["rounds"]]
     assert "mqtts://" in real["broker"]
 
 

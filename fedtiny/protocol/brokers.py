@@ -160,7 +160,8 @@ def mosquitto_config(
     connecting with its client id (mosquitto disconnects the older connection of a client id, and a clean start
     would wipe the coordinator's queued uplinks). Both share the ACL and the CRL (broker/crl.pem: revoked client
     certificates; mosquitto 2.0.11 reads it at start and on SIGHUP, see MosquittoProcess.reload). Mosquitto started
-    as root drops to user `mosquitto`, which cannot read the 0600 key files; run_as_root keeps it root (tests only).
+    as root drops to user `mosquitto`, which cannot read the 0600 key files; run_as_root keeps it root (tests, and
+    `fedtiny simulate` run as root: a broker on loopback for the run's own files).
     `persistence_dir`: keep sessions, subscriptions, queued QoS 1 messages (a sleeping device's downlinks) and
     retained STATUS messages across broker restarts, in DIR/mosquitto.db, saved every `autosave_interval`
     seconds and at a clean shutdown: a broker killed without warning loses what changed since the last save.
@@ -199,6 +200,12 @@ def mosquitto_config(
     return "\n".join(lines) + "\n"
 
 
+def mosquitto_binary() -> str | None:
+    """The mosquitto executable: on PATH, or where Debian installs it (/usr/sbin is not on every user's PATH)."""
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    return found if Path(found).is_file() else None
+
+
 class MosquittoProcess:
     """mosquitto -c CONFIG as a child process; its log goes to log_path."""
 
@@ -212,7 +219,7 @@ class MosquittoProcess:
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
         if self.process is not None and self.process.poll() is None:
             return self  # already running: `with MosquittoProcess(...).start():` must not start a second one
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        binary = mosquitto_binary() or "mosquitto"
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen([binary, "-c", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT)
         log.close()
