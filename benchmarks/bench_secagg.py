@@ -208,8 +208,11 @@ def main():
               "- Projected from the costs measured for the envelope's primitives. The C node runs these steps "
               "(fedtiny_secagg.c, fedtiny_node_secagg.c); its M4 firmware build measured about 250 M instructions "
               "per round at 2,179 trainable elements and 36 neighbours under QEMU (tests/test_firmware_secagg.py, "
-              "issue 13's note), above the projection mostly in the masks' ChaCha20 (about 170 instructions per "
-              "byte there against the 37 here, not explained).",
+              "issue 13's note), above the projection because its mask step computed every X25519 agreement twice "
+              "(once to check all keys before anything changes, once to mask): 86 M of that step's 96 M (52.8 M "
+              "since it keeps the masks' keys in the output buffer between the two); its "
+              "ChaCha20 keystream costs about 26 instructions per byte (19 in the rounds; measured per function "
+              "under QEMU, branch kernels), below the 37 of ChaCha20-Poly1305 used here.",
               "- Per neighbour the node verifies an EdDSA signature of its round keys: that, and the two X25519 "
               "agreements, dominate; the graph's degree grows as 6 ceil(log2 n) (at most 64), not with n.", ""]
     write_section(SECTION, "\n".join(lines))

@@ -236,7 +236,7 @@ def fast_symbols(elf) -> set[str]:
     """The firmware's symbols that only the fast kernels define (fedtiny_kernels_*_fast.c), by name."""
     out = subprocess.run(["arm-none-eabi-nm", str(elf)], capture_output=True, text=True, check=True).stdout
     names = {line.split()[-1] for line in out.splitlines() if line.strip()}
-    fast = ("_fast", "depthwise", "dot_2x2", "dot_4x1", "load_window", "column_run", "one_pixel")
+    fast = ("_fast", "depthwise", "dot_2x2", "dot_4x1", "load_window", "column_run", "one_pixel", "linear_")
     return {name for name in names if any(part in name for part in fast)}
 
 
@@ -282,3 +282,34 @@ def test_fast_conv_in_the_fast_requantization_form_is_the_reference(cache):
         expected = kernels.conv2d(x, weight, bias, **attrs)
         assert_equal_int8(lib.conv2d("fast", x, weight, bias, **attrs), expected,
                           f"case {i} {kind}: x {x.shape} w {weight.shape} {attrs['stride']} {attrs['padding']}")
+
+
+def test_fast_linear_layer_is_the_reference_in_either_form(cache):
+    """A linear layer (a 1 x 1 conv on a 1 x 1 map: fedtiny_kernels_fwd_fast.c's linear_fast) decides each output
+    channel's form on its own: the fast one where the multiplier is >= 0, the shift in -22..-1 and |sum + bias| <
+    2^29, else the reference's requantization. Random widths (odd ones, fewer than four outputs) with every channel
+    drawn from both ranges (shifts -22..-1 and just outside, multipliers of either sign and INT32_MIN, biases up to
+    the int32 edges and near the fast form's bound 2^29) against fedtiny.kernels.conv2d."""
+    from fedtiny import kernels
+    from test_cruntime import assert_equal_int8
+
+    need("gcc", "make")
+    lib = cruntime.KernelLibrary(cache)
+    rng = np.random.default_rng(11)
+    for i in range(200):
+        cin, cout = int(rng.integers(1, 70)), int(rng.integers(1, 23))
+        x = rng.integers(-128, 128, (4, 1, 1, cin), dtype=np.int8)
+        weight = rng.integers(-128, 128, (cout, 1, 1, cin), dtype=np.int8)
+        pick = rng.integers(0, 4, cout)  # each channel's bias from one of four ranges
+        bias = np.select([pick == 0, pick == 1, pick == 2], [rng.integers(-2**20, 2**20, cout),
+                         rng.integers(-2**31, 2**31, cout), 2**29 - rng.integers(0, 2**20, cout)],
+                         -(2**29) + rng.integers(0, 2**20, cout)).astype(np.int32)
+        multiplier = np.where(rng.random(cout) < 0.6, rng.integers(2**30, 2**31, cout),
+                              np.where(rng.random(cout) < 0.7, rng.integers(-2**31, 2**31, cout), -(2**31)))
+        shift = np.where(rng.random(cout) < 0.6, rng.integers(-22, 0, cout), rng.choice([-31, -24, -23, 0, 1, 7], cout))
+        attrs = dict(x_zero_point=int(rng.integers(-128, 128)), y_zero_point=int(rng.integers(-128, 128)),
+                     stride=[1, 1], padding=[0, 0, 0, 0], groups=1,
+                     multiplier=[int(m) for m in multiplier], shift=[int(s) for s in shift],
+                     act_min=int(rng.integers(-128, 0)), act_max=int(rng.integers(0, 128)))
+        assert_equal_int8(lib.conv2d("fast", x, weight, bias, **attrs), kernels.conv2d(x, weight, bias, **attrs),
+                          f"case {i}: {cin} -> {cout}")

@@ -108,7 +108,8 @@ size_t fedtiny_conv2d_scratch_bytes(const fedtiny_conv2d_params *p);
 
 /* Any conv (groups, strides, padding; 1x1 and linear layers too): 2 output pixels x 2 channels per step over
  * two int16 columns (the scratch: 2 x the window rounded up to 4 values, then 16 bytes of requantization per
- * output channel). */
+ * output channel). A linear layer (1 x 1 on a 1 x 1 map, groups 1) takes its own path: one column, four rows per
+ * pass, then each channel's requantization, its form decided per channel (the same scratch holds its sums). */
 fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y, void *scratch);
 size_t fedtiny_conv2d_fast_scratch_bytes(const fedtiny_conv2d_params *p);
 

@@ -600,6 +600,185 @@ static inline __attribute__((always_inline)) void one_pixel(const fedtiny_conv2d
     }
 }
 
+/* ---- conv2d, fast linear: a 1 x 1 conv on a 1 x 1 map, groups 1 (a linear layer) -------------------------- */
+
+/* The input as one int16 column of doubled terms 2 (x - zero point); on the M4 each full block of four in the
+ * order (0, 2, 1, 3) (SXTB16's halves), the last, partial block in order. */
+static void linear_column(const int8_t *x, int32_t n, int32_t zp, int16_t *col)
+{
+#if FAST_DSP
+    const int32_t zp2 = (int32_t)(((uint32_t)zp & 0xFFFFu) | ((uint32_t)zp << 16));
+    const int8_t *end = x + (n & ~3);
+    for (; x != end; x += 4, col += 4) {
+        const int32_t v = read_s8x4(x);
+        const int32_t d02 = __ssub16(__sxtb16(v), zp2), d13 = __ssub16(sxtb16_ror8(v), zp2);
+        write_s16x2(col, __sadd16(d02, d02));
+        write_s16x2(col + 2, __sadd16(d13, d13));
+    }
+    n &= 3;
+#endif
+    for (; n > 0; n--) {
+        *col++ = (int16_t)(2 * (*x++ - zp));
+    }
+}
+
+/* The dot products of four weight rows with the column (len values) -> s[0..3]. */
+static inline __attribute__((always_inline)) void linear_dot4(const int8_t *w0, const int8_t *w1, const int8_t *w2,
+                                                              const int8_t *w3, const int16_t *col, int32_t len,
+                                                              int32_t *s)
+{
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#if FAST_DSP
+    int32_t quads = len >> 2;
+    const int32_t rest = len & 3;
+    if (quads != 0) {
+        /* Written out, as dot_4x1 (14 registers); the column's four values in one LDRD: 23 instructions per 16
+         * MACs. */
+        int32_t x02, x13, w, t;
+        __asm__("1:\n\t"
+                "ldrd %[x02], %[x13], [%[col]], #8\n\t"
+                "ldr %[w], [%[w0]], #4\n\t"
+                "sxtb16 %[t], %[w]\n\t"
+                "sxtb16 %[w], %[w], ror #8\n\t"
+                "smlad %[s0], %[t], %[x02], %[s0]\n\t"
+                "smlad %[s0], %[w], %[x13], %[s0]\n\t"
+                "ldr %[w], [%[w1]], #4\n\t"
+                "sxtb16 %[t], %[w]\n\t"
+                "sxtb16 %[w], %[w], ror #8\n\t"
+                "smlad %[s1], %[t], %[x02], %[s1]\n\t"
+                "smlad %[s1], %[w], %[x13], %[s1]\n\t"
+                "ldr %[w], [%[w2]], #4\n\t"
+                "sxtb16 %[t], %[w]\n\t"
+                "sxtb16 %[w], %[w], ror #8\n\t"
+                "smlad %[s2], %[t], %[x02], %[s2]\n\t"
+                "smlad %[s2], %[w], %[x13], %[s2]\n\t"
+                "ldr %[w], [%[w3]], #4\n\t"
+                "sxtb16 %[t], %[w]\n\t"
+                "sxtb16 %[w], %[w], ror #8\n\t"
+                "smlad %[s3], %[t], %[x02], %[s3]\n\t"
+                "smlad %[s3], %[w], %[x13], %[s3]\n\t"
+                "subs %[n], %[n], #1\n\t"
+                "bne 1b"
+                : [s0] "+r"(s0), [s1] "+r"(s1), [s2] "+r"(s2), [s3] "+r"(s3), [w0] "+r"(w0), [w1] "+r"(w1),
+                  [w2] "+r"(w2), [w3] "+r"(w3), [col] "+r"(col), [n] "+r"(quads), [x02] "=&r"(x02),
+                  [x13] "=&r"(x13), [w] "=&r"(w), [t] "=&r"(t)
+                :
+                : "cc", "memory");
+    }
+    if (rest >= 2) { /* two weights as one halfword: bytes 0 and 2 of h | h << 8 are w[0] and w[1] */
+        const int32_t x = read_s16x2(col);
+        uint16_t h;
+        memcpy(&h, w0, 2);
+        s0 = __smlad(__sxtb16((int32_t)(h | ((uint32_t)h << 8))), x, s0);
+        memcpy(&h, w1, 2);
+        s1 = __smlad(__sxtb16((int32_t)(h | ((uint32_t)h << 8))), x, s1);
+        memcpy(&h, w2, 2);
+        s2 = __smlad(__sxtb16((int32_t)(h | ((uint32_t)h << 8))), x, s2);
+        memcpy(&h, w3, 2);
+        s3 = __smlad(__sxtb16((int32_t)(h | ((uint32_t)h << 8))), x, s3);
+    }
+    if (rest & 1) {
+        const int32_t x = col[rest - 1];
+        s0 += x * w0[rest - 1];
+        s1 += x * w1[rest - 1];
+        s2 += x * w2[rest - 1];
+        s3 += x * w3[rest - 1];
+    }
+#else
+    int32_t i;
+    for (i = 0; i < len; i++) {
+        const int32_t x = col[i];
+        s0 += x * w0[i];
+        s1 += x * w1[i];
+        s2 += x * w2[i];
+        s3 += x * w3[i];
+    }
+#endif
+    s[0] = s0;
+    s[1] = s1;
+    s[2] = s2;
+    s[3] = s3;
+}
+
+static inline int32_t saturating_add(int32_t a, int32_t b)
+{
+#if FAST_DSP
+    return __qadd(a, b);
+#else
+    return (int32_t)fedtiny_clamp_i32_64((int64_t)a + b);
+#endif
+}
+
+/* The reference's requantization of an exact sum (as fedtiny_conv2d), with the zero point, saturated to int8: the
+ * linear layer's channels outside the fast form (out of line: it would take the loop's registers). */
+static __attribute__((noinline)) int32_t requantize_reference(int32_t sum, int32_t bias, int32_t m, int32_t s,
+                                                                 int32_t zero_point)
+{
+    return fedtiny_requantize((int64_t)sum + bias, m, s, zero_point, -128, 127);
+}
+
+/* Output channel (bias b, multiplier m, shift s)'s value from its doubled dot product d2 (no bias yet), with the
+ * output zero point, saturated to int8 (k = 1 + 2 zero point). Each channel decides its form itself, on its own
+ * sum (a linear layer uses each channel once, so a table or a per-layer check would cost as much again): the fast
+ * form when the multiplier is >= 0, r = -s is in [1, 22] and |d2 + 2 b| < 2^30 (saturated: |sum + bias| < 2^29, its
+ * range; the addend is k << (r - 1)); else the reference's requantization of the exact sum d2 / 2 + b, which also
+ * covers a multiplier of INT32_MIN. */
+static inline __attribute__((always_inline)) int32_t linear_output(int32_t d2, int32_t b, int32_t m, int32_t s,
+                                                                   int32_t k, int32_t zero_point)
+{
+    const int32_t rm1 = ~s; /* r - 1 */
+    const int32_t v = saturating_add(d2, saturating_add(b, b));
+    if (__builtin_expect((uint32_t)(rm1 | (m >> 31)) < 22u && (uint32_t)v + 0x40000000u < 0x80000000u, 1)) {
+        return saturate_int8(fedtiny_requantize_doubled(v, m, rm1 + 1, (int32_t)((uint32_t)k << rm1)));
+    }
+    return requantize_reference(d2 >> 1, b, m, s, zero_point);
+}
+
+/* The dot products of `rows` consecutive weight rows from w with the column -> sums[0..rows), four rows per pass;
+ * a partial last pass repeats its last row and writes up to sums[rows + 2]. */
+static void linear_rows(const int8_t *w, int32_t rows, int32_t len, const int16_t *col, int32_t *sums)
+{
+    for (; rows >= 4; rows -= 4, w += 4 * len, sums += 4) {
+        linear_dot4(w, w + len, w + 2 * len, w + 3 * len, col, len, sums);
+    }
+    if (rows > 0) {
+        const int8_t *w1 = rows > 1 ? w + len : w, *w2 = rows > 2 ? w + 2 * len : w1;
+        linear_dot4(w, w1, w2, w2, col, len, sums);
+    }
+}
+
+/* x (1, 1, in_c) -> y (1, 1, out_c): the input's column once; the dot products into the scratch (up to 4 x
+ * (out_c + 3) bytes), then four outputs per pass (clamped and stored as one word; the last ones one by one). */
+static __attribute__((noinline)) void linear_fast(const fedtiny_conv2d_params *p, const int8_t *x, int8_t *y,
+                                                  int16_t *col, int32_t *sums)
+{
+    const int32_t len = p->in_c, n = p->out_c, k = 1 + 2 * p->out_zero_point, zp = p->out_zero_point;
+    const int32_t *bias = p->bias_sram != NULL ? p->bias_sram : p->bias, *mult = p->multiplier, *shift = p->shift;
+    const output_bounds o = output_bounds_of(p);
+    int32_t oc;
+    linear_column(x, len, p->in_zero_point, col);
+    /* the rows in SRAM first: a partial last pass of theirs writes sums that the rows in flash then overwrite */
+    linear_rows(p->weight_sram, min_i32(p->sram_rows, n), len, col, sums);
+    linear_rows(p->weight + max_i32(p->sram_rows, 0) * len, n - max_i32(p->sram_rows, 0), len, col,
+                sums + max_i32(p->sram_rows, 0));
+    for (oc = 0; oc + 4 <= n; oc += 4, sums += 4, bias += 4, mult += 4, shift += 4) {
+        const int32_t v0 = linear_output(sums[0], bias[0], mult[0], shift[0], k, zp);
+        const int32_t v1 = linear_output(sums[1], bias[1], mult[1], shift[1], k, zp);
+        const int32_t v2 = linear_output(sums[2], bias[2], mult[2], shift[2], k, zp);
+        const int32_t v3 = linear_output(sums[3], bias[3], mult[3], shift[3], k, zp);
+        store_u32(y + oc, clamp4(pack4(v0, v1, v2, v3), o.lo4, o.hi4));
+    }
+    for (; oc < n; oc++, sums++, bias++, mult++, shift++) {
+        y[oc] = clamp1(linear_output(sums[0], bias[0], mult[0], shift[0], k, zp), &o);
+    }
+}
+
+static int is_linear(const fedtiny_conv2d_params *p)
+{
+    return p->groups == 1 && p->in_h == 1 && p->in_w == 1 && p->out_h == 1 && p->out_w == 1 && p->kernel_h == 1
+           && p->kernel_w == 1 && p->pad_top == 0 && p->pad_left == 0;
+}
+
 /* The whole conv with the table's form (fast: a constant at each call site, so each form is its own loop). */
 static inline __attribute__((always_inline)) void conv_fast_body(const fedtiny_conv2d_params *p, const int8_t *x,
                                                                  int8_t *y, column *c0, column *c1,
@@ -638,10 +817,18 @@ fedtiny_status fedtiny_conv2d_fast(const fedtiny_conv2d_params *p, const int8_t 
     const int32_t len = p->kernel_h * p->kernel_w * cin_g;
     column c0, c1;
     channel_requant *table;
+    if (is_linear(p) && scratch != NULL && doubled_sums_fit(p->in_c)) {
+        /* the column, then a sum per output channel, rounded up to four (the scratch has 16 bytes per channel) */
+        linear_fast(p, x, y, (int16_t *)scratch, (int32_t *)scratch + column_stride(p) / 2);
+        return FEDTINY_OK;
+    }
     if (p->groups < 1 || cin_g * p->groups != p->in_c || cout_g * p->groups != p->out_c || scratch == NULL) {
         return FEDTINY_ERR_PARAMS;
     }
-    if (any_min_multiplier(p) || !doubled_sums_fit(len)) {
+    if (!doubled_sums_fit(len)) {
+        return fedtiny_conv2d(p, x, y, scratch);
+    }
+    if (any_min_multiplier(p)) {
         return fedtiny_conv2d(p, x, y, scratch);
     }
     c0.col = c1.col = (int16_t *)scratch;

@@ -136,7 +136,9 @@ uint32_t fedtiny_secagg_packed_bytes(const fedtiny_wire_plan *plan, const uint8_
 /* SecAggDevice.masked's values: each of values (fedtiny_wire_uplink_values' layout) clamped to its buffer's
  * [-B, B], plus the self mask, plus the pairwise mask of each neighbour in `neighbours` (whose s_pk are given in
  * the same order; added when this device's id is the smaller, else subtracted), modulo 2^k, packed into `packed`
- * (fedtiny_secagg_packed_bytes). values is clobbered. BAD_KEY for a small-order s_pk (nothing is packed). */
+ * (fedtiny_secagg_packed_bytes). values is clobbered. BAD_KEY for a small-order s_pk (nothing is packed). Where
+ * capacity holds 32 bytes per neighbour, packed also keeps the pairwise masks' keys between checking every
+ * agreement and adding the masks (wiped before packing), so that each X25519 agreement runs once. */
 int fedtiny_secagg_mask(const fedtiny_wire_plan *plan, const fedtiny_secagg_secrets *secrets, const int32_t *bounds,
                         const uint8_t *bits, const uint32_t *neighbours, const uint8_t (*s_pk)[32],
                         unsigned n_neighbours, int32_t *values, uint8_t *packed, size_t capacity, size_t *packed_len);
