@@ -38,7 +38,6 @@ class TorchClientGrid(Grid):
         self.nodes, self.train = nodes, train
         self._replies: list[Message] = []
         self.bytes_up = self.bytes_down = 0
-        self.round = 0  # strategies push one batch of train messages per round
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -54,13 +53,15 @@ class TorchClientGrid(Grid):
         return list(range(1, len(self.nodes) + 1))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        self.round += 1
+        # Flower samples a round's nodes in random order, and FedAvg's float sum depends on the order of its
+        # terms (last bits of the global model): train and reply in node order, so a seed gives one result.
+        messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
         tasks = []
         for msg in messages:
             arrays = msg.content["arrays"]
             self.bytes_down += sum(a.numpy().nbytes for a in arrays.values())
-            tasks.append(({k: a.numpy() for k, a in arrays.items()}, msg.metadata.dst_node_id - 1, self.round))
+            round_ = int(msg.content["config"]["server-round"])
+            tasks.append(({k: a.numpy() for k, a in arrays.items()}, msg.metadata.dst_node_id - 1, round_))
         ids = []
         for msg, (state, n) in zip(messages, self.train(tasks), strict=True):
             trained = ArrayRecord(OrderedDict((k, torch.from_numpy(v)) for k, v in state.items()))

@@ -408,6 +408,32 @@ def test_baseline_in_worker_processes_gives_the_same_rounds_and_says_each_round(
         assert 0 < result["rounds_seconds"] <= result["wall_seconds"]
 
 
+def test_baseline_gives_one_global_model_whatever_order_flower_samples_its_nodes_in():
+    """Flower's FedAvg samples a round's nodes in random order (Python's `random`), and a float sum's last bits
+    depend on the order of its terms: the baseline trains and replies in node order, so the global model is the
+    same bits whatever the sampling order (on this machine 1 of 3 rounds differed in the 7th digit without)."""
+    import random
+
+    import torch
+    from torch import nn
+
+    from fedtiny.datafile import Dataset
+    from fedtiny_sim.baseline import run_baseline
+
+    rng = np.random.default_rng(1)
+    nodes = [Dataset(rng.normal(size=(7, 4)).astype(np.float32), rng.integers(0, 3, 7), np.zeros(7, np.int64),
+                     ("a", "b", "c"), f"n{i}") for i in range(6)]
+    test = nodes[0]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    losses = []
+    for order_seed in range(4):
+        random.seed(order_seed)  # another order of the sampled nodes
+        run = run_baseline(model, nodes, test, rounds=2, lr=0.05, epochs=1, seed=3)
+        losses.append([r["loss"] for r in run["rounds"]])
+    assert all(loss == losses[0] for loss in losses), losses
+
+
 def test_baseline_trains_pytorch_on_one_thread_and_restores_the_setting():
     """The fp32 baseline runs PyTorch at batch 1 on one thread (issue 17: torch's default threads made a step
     10-70x slower on a busy 2-core machine), and leaves torch's thread count as it found it."""
