@@ -208,15 +208,17 @@ def test_training_improves_a_new_machine():
     model = zoo.build("sensor_cnn", (1, 256), 4)
     fit(model, host.X, host.y, epochs=8)
     graph = quantize(model, host.X[:256])
-    local, test = train_test_split(bearing_dataset([300, 301], 40, seed=0), 0.3, seed=0)
+    # 192 test windows (one is 0.5 point): with 96 the gain was +3 points on one torch thread and +11 on two,
+    # as the float fixture's last bits follow the thread count; with 192 it is +16 to +25 on either
+    local, test = train_test_split(bearing_dataset([300, 301], 80, seed=0), 0.3, seed=0)
     before = (predict(graph, test.X) == test.y).mean()
     trainer = Trainer(compile_plan(graph, parse("full", graph), lr=0.01))
     xq = quantize_input(graph, local.X)
-    for epoch in range(3):
+    for epoch in range(2):
         for j in np.random.default_rng(epoch).permutation(len(xq)):
             trainer.step(xq[j], int(local.y[j]))
     after = (predict(trainer.export_graph(), test.X) == test.y).mean()
-    assert after >= before + 0.05, (before, after)
+    assert after >= before + 0.10, (before, after)
 
 
 def test_compile_cli(sensor, tmp_path):
